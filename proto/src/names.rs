@@ -1,0 +1,48 @@
+//! Short lower-case names for enum values, as tables and logs show them.
+
+use crate::v1::{ChangeState, RollbackState, StepState};
+
+impl RollbackState {
+    /// `running`, `paused`, `succeeded`, `failed`, `aborted`.
+    pub fn short_name(self) -> &'static str {
+        match self {
+            Self::Unspecified => "unknown",
+            Self::Running => "running",
+            Self::Paused => "paused",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Aborted => "aborted",
+        }
+    }
+
+    /// True once the rollback can no longer change.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Aborted)
+    }
+}
+
+impl ChangeState {
+    pub fn short_name(self) -> &'static str {
+        match self {
+            Self::Unspecified => "unknown",
+            Self::Capturing => "capturing",
+            Self::Deploying => "deploying",
+            Self::Deployed => "deployed",
+            Self::Failed => "failed",
+            Self::RolledBack => "rolled-back",
+        }
+    }
+}
+
+impl StepState {
+    pub fn short_name(self) -> &'static str {
+        match self {
+            Self::Unspecified => "unknown",
+            Self::Pending => "pending",
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Skipped => "skipped",
+        }
+    }
+}

@@ -1,0 +1,24 @@
+//! What every rewind binary shares, and nothing that serves: identifiers and their validation,
+//! TLS identities (loading, the dev CA, reading a peer's name), tracing set-up, config helpers
+//! and content digests. Depends on no server crate, so `rewindctl` stays small.
+//!
+//! # Layout
+//! - [`errors`]: the crate's error type.
+//! - [`names`]: validation of ids, names and versions, with the field named in every error.
+//! - [`tls`]: PEM files to tonic TLS configs; the caller's identity from its certificate.
+//! - [`dev_ca`]: a throw-away CA and certificates for `--dev` and tests (rcgen).
+//! - [`digest`]: sha256 of bytes and of a directory tree (release artifacts).
+//! - [`config`]: TOML loading that warns about unknown keys, and an error collector.
+//! - [`logging`]: `REWIND_LOG` / `REWIND_LOG_FORMAT` tracing set-up.
+//! - [`time`]: wall-clock milliseconds, for stamping commands outside the state machine.
+
+pub mod config;
+pub mod dev_ca;
+pub mod digest;
+pub mod errors;
+pub mod logging;
+pub mod names;
+pub mod time;
+pub mod tls;
+
+pub use errors::SharedError;

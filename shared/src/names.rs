@@ -1,0 +1,91 @@
+//! Validation of the identifiers people and agents send: every error names the field.
+
+use crate::SharedError;
+
+/// Longest id, name or version accepted anywhere.
+pub const MAX_NAME_LEN: usize = 128;
+
+/// Service names, host ids, flag names: lower-case letters, digits, `-`, `_`, `.`;
+/// starting with a letter or digit.
+pub fn validate_name(field: &str, value: &str) -> Result<(), SharedError> {
+    validate_chars(field, value, |c| {
+        c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.')
+    })
+}
+
+/// Release versions such as `1.4.2`, `v2`, `2026.11.26-rc1+build.7`.
+pub fn validate_version(field: &str, value: &str) -> Result<(), SharedError> {
+    validate_chars(field, value, |c| {
+        c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '+')
+    })
+}
+
+/// Client-chosen request ids: any printable ASCII without spaces, at most 128 bytes.
+/// Empty is allowed and means "no de-duplication".
+pub fn validate_request_id(value: &str) -> Result<(), SharedError> {
+    if value.is_empty() {
+        return Ok(());
+    }
+    validate_chars("request_id", value, |c| c.is_ascii_graphic())
+}
+
+/// A digest as `sha256:<64 lower-case hex digits>`.
+pub fn validate_digest(field: &str, value: &str) -> Result<(), SharedError> {
+    let hex = value.strip_prefix("sha256:").ok_or_else(|| invalid(field, format!("{value:?} must start with \"sha256:\"")))?;
+    if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c)) {
+        return Err(invalid(field, format!("{value:?} must be sha256: followed by 64 lower-case hex digits")));
+    }
+    Ok(())
+}
+
+fn validate_chars(field: &str, value: &str, allowed: impl Fn(char) -> bool) -> Result<(), SharedError> {
+    if value.is_empty() {
+        return Err(invalid(field, "must not be empty".into()));
+    }
+    if value.len() > MAX_NAME_LEN {
+        return Err(invalid(field, format!("is {} bytes, at most {MAX_NAME_LEN} are allowed", value.len())));
+    }
+    if !value.chars().next().is_some_and(|c| c.is_ascii_alphanumeric()) {
+        return Err(invalid(field, format!("{value:?} must start with a letter or digit")));
+    }
+    if let Some(bad) = value.chars().find(|&c| !allowed(c)) {
+        return Err(invalid(field, format!("{value:?} contains {bad:?}, which is not allowed here")));
+    }
+    Ok(())
+}
+
+fn invalid(field: &str, message: String) -> SharedError {
+    SharedError::Invalid { field: field.to_string(), message }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_reject_empty_upper_case_and_path_characters() {
+        assert!(validate_name("service", "web-api_2.eu").is_ok());
+        for bad in ["", "Web", "-web", "a/b", "a b", "../x"] {
+            let error = validate_name("service", bad).unwrap_err().to_string();
+            assert!(error.starts_with("service: "), "{error}");
+        }
+        assert!(validate_name("service", &"a".repeat(129)).is_err());
+    }
+
+    #[test]
+    fn versions_allow_semver_shapes_only() {
+        for good in ["1.2.3", "v2", "2026.11.26-rc1+build.7"] {
+            assert!(validate_version("version", good).is_ok(), "{good}");
+        }
+        for bad in ["", "1 2", "v2/..", "+1"] {
+            assert!(validate_version("version", bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn digests_need_the_sha256_prefix_and_64_hex_digits() {
+        assert!(validate_digest("artifact_digest", &format!("sha256:{}", "a".repeat(64))).is_ok());
+        assert!(validate_digest("artifact_digest", "md5:abc").is_err());
+        assert!(validate_digest("artifact_digest", &format!("sha256:{}", "A".repeat(64))).is_err());
+    }
+}

@@ -1,0 +1,76 @@
+//! Mutual TLS for every connection: PEM files to tonic configs, and the caller's identity.
+//!
+//! The identity of a caller is the common name (CN) of the certificate it presented; the server
+//! only accepts certificates signed by the cluster's CA, so a name cannot be claimed without one.
+
+use std::path::{Path, PathBuf};
+
+use rustls::pki_types::CertificateDer;
+use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use crate::SharedError;
+
+/// Where a component's CA bundle, certificate and private key live.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TlsFiles {
+    /// The layout the dev CA writes: `<dir>/ca.pem`, `<dir>/<name>.pem`, `<dir>/<name>.key`.
+    pub fn in_dir(dir: &Path, name: &str) -> Self {
+        Self {
+            ca: dir.join("ca.pem"),
+            cert: dir.join(format!("{name}.pem")),
+            key: dir.join(format!("{name}.key")),
+        }
+    }
+
+    /// Server side: present our certificate, require one from the client signed by our CA.
+    pub fn server_config(&self) -> Result<ServerTlsConfig, SharedError> {
+        let (ca, cert, key) = self.read_all()?;
+        Ok(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)).client_ca_root(Certificate::from_pem(ca)))
+    }
+
+    /// Client side: trust only our CA, present our certificate. `domain` must be a name in the
+    /// server certificate (the dev CA puts `localhost` and `127.0.0.1` there).
+    pub fn client_config(&self, domain: &str) -> Result<ClientTlsConfig, SharedError> {
+        let (ca, cert, key) = self.read_all()?;
+        Ok(ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(ca))
+            .identity(Identity::from_pem(cert, key))
+            .domain_name(domain))
+    }
+
+    fn read_all(&self) -> Result<(Vec<u8>, Vec<u8>, Vec<u8>), SharedError> {
+        Ok((read(&self.ca)?, read(&self.cert)?, read(&self.key)?))
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, SharedError> {
+    std::fs::read(path).map_err(|source| SharedError::Read { path: path.to_path_buf(), source })
+}
+
+/// The CN of the first (leaf) certificate a peer presented.
+pub fn identity_of(peer_certs: &[CertificateDer<'_>]) -> Result<String, SharedError> {
+    let leaf = peer_certs.first().ok_or_else(|| SharedError::Certificate("the peer presented no certificate".into()))?;
+    let (_, certificate) = X509Certificate::from_der(leaf.as_ref())
+        .map_err(|error| SharedError::Certificate(format!("cannot parse the peer certificate: {error}")))?;
+    let common_name = certificate
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|name| name.as_str().ok())
+        .ok_or_else(|| SharedError::Certificate("the peer certificate has no common name".into()))?;
+    Ok(common_name.to_string())
+}
+
+/// Installs ring as the process-wide rustls provider. Call once at start-up: with two providers
+/// compiled in, rustls refuses to pick one by itself.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
