@@ -1,1 +1,234 @@
-fn main() {}
+//! `rewind-coordinator`: runs one coordinator member.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use rewind_coordinator::config::RawConfig;
+use rewind_coordinator::{api, engine, health, node, sessions, storage};
+use rewind_shared::{dev_ca, tls::TlsFiles};
+use tracing::{error, info, warn};
+
+/// Exit code for bad configuration (EX_USAGE).
+const EXIT_BAD_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(name = "rewind-coordinator", version, about = "The rewind coordinator")]
+struct Cli {
+    /// TOML config file.
+    #[arg(long, env = "REWIND_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on, e.g. 127.0.0.1:7443 (port 0 picks a free one).
+    #[arg(long, env = "REWIND_LISTEN")]
+    listen: Option<String>,
+    /// Directory for the log, snapshots and (with --dev) certificates.
+    #[arg(long, env = "REWIND_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Single-member dev cluster: generates a CA and certificates in <data-dir>/tls.
+    #[arg(long, env = "REWIND_DEV")]
+    dev: bool,
+    /// Write the bound address to this file once listening (for scripts using port 0).
+    #[arg(long)]
+    addr_file: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check a config file, reporting every problem, unknown keys included.
+    CheckConfig { path: PathBuf },
+    /// Issue a certificate from the dev CA in <data-dir>/tls (dev clusters only).
+    IssueCert {
+        #[arg(long, env = "REWIND_DATA_DIR")]
+        data_dir: PathBuf,
+        /// Certificate name: an agent's host id, or an operator's name.
+        #[arg(long)]
+        name: String,
+    },
+}
+
+fn main() -> ExitCode {
+    rewind_shared::logging::init("info");
+    rewind_shared::tls::install_crypto_provider();
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::CheckConfig { ref path }) => check_config(path),
+        Some(Command::IssueCert { ref data_dir, ref name }) => report(issue_cert(data_dir, name)),
+        None => run(cli),
+    }
+}
+
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check_config(path: &std::path::Path) -> ExitCode {
+    let (raw, unknown) = match RawConfig::load(path) {
+        Ok(loaded) => loaded,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    let mut problems: Vec<String> = unknown.iter().map(|key| format!("{key}: unknown key")).collect();
+    if let Err(more) = raw.validate() {
+        problems.extend(more);
+    }
+    if problems.is_empty() {
+        println!("{}: ok", path.display());
+        return ExitCode::SUCCESS;
+    }
+    for problem in &problems {
+        eprintln!("{}: {problem}", path.display());
+    }
+    ExitCode::from(EXIT_BAD_CONFIG)
+}
+
+fn issue_cert(data_dir: &std::path::Path, name: &str) -> anyhow::Result<()> {
+    rewind_shared::names::validate_name("name", name)?;
+    let tls_dir = data_dir.join("tls");
+    let ca = dev_ca::DevCa::load(&tls_dir).context("load the dev CA (start the coordinator with --dev first)")?;
+    let files = ca.write_identity(&tls_dir, name, &[]).context("write the certificate")?;
+    println!("{}\n{}", files.cert.display(), files.key.display());
+    Ok(())
+}
+
+fn run(cli: Cli) -> ExitCode {
+    let mut raw = match &cli.config {
+        Some(path) => match RawConfig::load(path) {
+            Ok((raw, unknown)) => {
+                for key in unknown {
+                    warn!(key, path = %path.display(), "Unknown config key ignored.");
+                }
+                raw
+            }
+            Err(error) => {
+                eprintln!("error: {error}");
+                return ExitCode::from(EXIT_BAD_CONFIG);
+            }
+        },
+        None => RawConfig::default(),
+    };
+    if cli.listen.is_some() {
+        raw.listen = cli.listen.clone();
+    }
+    if cli.data_dir.is_some() {
+        raw.data_dir = cli.data_dir.clone();
+    }
+    if cli.dev {
+        if let Err(error) = prepare_dev(&mut raw) {
+            eprintln!("error: {error:#}");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    }
+    let config = match raw.validate() {
+        Ok(config) => config,
+        Err(problems) => {
+            for problem in problems {
+                eprintln!("config: {problem}");
+            }
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(config, cli.addr_file)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            error!(error = format!("{error:#}"), "Coordinator stopped.");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `--dev`: a data dir under the temp dir unless given, a dev PKI in it, short intervals.
+fn prepare_dev(raw: &mut RawConfig) -> anyhow::Result<()> {
+    let data_dir = raw.data_dir.get_or_insert_with(|| std::env::temp_dir().join("rewind-dev")).clone();
+    let tls_dir = data_dir.join("tls");
+    dev_ca::ensure_dev_pki(&tls_dir).with_context(|| format!("create the dev PKI in {}", tls_dir.display()))?;
+    raw.tls.get_or_insert_with(|| TlsFiles::in_dir(&tls_dir, dev_ca::COORDINATOR));
+    if raw.health.report_interval_ms == RawConfig::default().health.report_interval_ms {
+        raw.health.report_interval_ms = 1000;
+    }
+    info!(data_dir = %data_dir.display(), "Dev mode: single member, certificates in {}.", tls_dir.display());
+    Ok(())
+}
+
+async fn serve(config: rewind_coordinator::config::Config, addr_file: Option<PathBuf>) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir).with_context(|| format!("create data dir {}", config.data_dir.display()))?;
+    let store = storage::SledStore::open(&config.data_dir.join("state")).context("open the state store")?;
+    let node = node::start(store, config.snapshot_every).context("start the node")?;
+    let health = Arc::new(health::HealthBook::default());
+    let sessions = Arc::new(sessions::Sessions::default());
+    let listener = tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("listen on {}", config.listen))?;
+    let bound = listener.local_addr().context("read the bound address")?;
+    if let Some(path) = addr_file {
+        // Written whole then renamed, so a reader never sees half an address.
+        let partial = path.with_extension("partial");
+        std::fs::write(&partial, bound.to_string()).context("write the address file")?;
+        std::fs::rename(&partial, &path).context("write the address file")?;
+    }
+    info!(address = %bound, data_dir = %config.data_dir.display(), "Coordinator listening.");
+
+    let (stop_sender, stop) = tokio::sync::watch::channel(false);
+    let engine = engine::Engine {
+        node: node.clone(),
+        sessions: Arc::clone(&sessions),
+        health: Arc::clone(&health),
+        limits: config.limits.clone(),
+        tick: config.tick,
+    };
+    let mut engine_stop = stop.clone();
+    let engine_task = tokio::spawn(engine.run(async move {
+        let _ = engine_stop.changed().await;
+    }));
+    let context = api::Context {
+        node,
+        health,
+        sessions,
+        default_max_parallel: config.limits.default_max_parallel,
+        health_interval_ms: config.health_interval_ms,
+        health_window_ms: config.health_window_ms,
+    };
+    let mut api_stop = stop.clone();
+    let server = api::serve(listener, &config.tls, context, async move {
+        let _ = api_stop.changed().await;
+    });
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        info!("Shutting down.");
+        let _ = stop_sender.send(true);
+    });
+    server.await.context("serve the API")?;
+    let _ = engine_task.await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+}

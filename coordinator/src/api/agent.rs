@@ -1,0 +1,142 @@
+//! `AgentService`: the stream each agent keeps open.
+//!
+//! The first message must be `Register`, for the host named by the agent's certificate. Then
+//! health reports go to the health book (soft state, no disk write) and step results become
+//! `StepFinished` commands.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use rewind_proto::v1::{self as pb, agent_message, agent_service_server::AgentService, coordinator_message};
+use rewind_shared::names;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::status::invalid;
+use super::{Context, caller, convert};
+use crate::state_machine::{CommandKind, StepTarget};
+
+/// How long an agent has to send `Register` after opening the stream.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most services one host may declare.
+const MAX_SERVICES_PER_HOST: usize = 256;
+/// Longest step detail kept; longer ones are cut.
+const MAX_DETAIL_BYTES: usize = 4096;
+
+pub struct Agents {
+    pub context: Context,
+}
+
+type OutStream = Pin<Box<dyn Stream<Item = Result<pb::CoordinatorMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AgentService for Agents {
+    type SessionStream = OutStream;
+
+    async fn session(&self, request: Request<Streaming<pb::AgentMessage>>) -> Result<Response<OutStream>, Status> {
+        let identity = caller(&request)?;
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.next())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no Register message within 10 s of opening the session"))?
+            .ok_or_else(|| Status::cancelled("the agent closed the session before registering"))??;
+        let Some(agent_message::Body::Register(register)) = first.body else {
+            return Err(invalid("body", "the first message of a session must be Register"));
+        };
+        validate_register(&register, &identity)?;
+        let host_id = register.host_id.clone();
+        let kind = CommandKind::RegisterHost {
+            host_id: host_id.clone(),
+            labels: convert::labels_from(register.labels),
+            services: register.services,
+            agent_version: register.agent_version,
+        };
+        self.context.propose(&identity, "", kind).await?;
+
+        let (generation, outbound) = self.context.sessions.open(&host_id);
+        let registered = pb::CoordinatorMessage {
+            body: Some(coordinator_message::Body::Registered(pb::Registered {
+                host_id: host_id.clone(),
+                health_interval_ms: self.context.health_interval_ms,
+            })),
+        };
+        // The channel is new and empty, so this cannot be full.
+        let _ = self.context.sessions.send(&host_id, registered);
+        info!(host_id, identity, generation, "Agent connected.");
+
+        let context = self.context.clone();
+        let span = info_span!("agent_session", host_id = %host_id, generation);
+        tokio::spawn(
+            async move {
+                read_session(&context, &host_id, inbound).await;
+                context.sessions.close(&host_id, generation);
+                info!("Agent disconnected.");
+            }
+            .instrument(span),
+        );
+        let stream = tokio_stream::wrappers::ReceiverStream::new(outbound).map(Ok);
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+fn validate_register(register: &pb::Register, identity: &str) -> Result<(), Status> {
+    names::validate_name("register.host_id", &register.host_id).map_err(|error| invalid("register.host_id", error.to_string()))?;
+    if register.host_id != identity {
+        return Err(Status::permission_denied(format!(
+            "certificate {identity:?} may not register host {:?}: an agent registers the host its certificate names",
+            register.host_id
+        )));
+    }
+    if register.services.len() > MAX_SERVICES_PER_HOST {
+        return Err(invalid("register.services", format!("names more than {MAX_SERVICES_PER_HOST} services")));
+    }
+    for service in &register.services {
+        names::validate_name("register.services", service).map_err(|error| invalid("register.services", error.to_string()))?;
+    }
+    Ok(())
+}
+
+async fn read_session(context: &Context, host_id: &str, mut inbound: Streaming<pb::AgentMessage>) {
+    while let Some(message) = inbound.next().await {
+        let message = match message {
+            Ok(message) => message,
+            Err(status) => {
+                debug!(%status, "Agent stream ended with an error.");
+                return;
+            }
+        };
+        match message.body {
+            Some(agent_message::Body::Health(report)) => {
+                context.health.record(host_id, report, rewind_shared::time::now_ms());
+            }
+            Some(agent_message::Body::StepResult(result)) => record_step_result(context, host_id, result).await,
+            Some(agent_message::Body::Register(_)) => warn!("Ignored a second Register on the same session."),
+            None => warn!("Ignored an empty agent message."),
+        }
+    }
+}
+
+async fn record_step_result(context: &Context, host_id: &str, result: pb::StepResult) {
+    let Some(step) = StepTarget::parse(&result.step_id) else {
+        warn!(step_id = %result.step_id, "Ignored a result for a step id this coordinator never issues.");
+        return;
+    };
+    if step.host_id() != host_id {
+        warn!(step_id = %result.step_id, "Ignored a result for a step of another host.");
+        return;
+    }
+    let mut detail = result.detail;
+    if detail.len() > MAX_DETAIL_BYTES {
+        let cut = (0..=MAX_DETAIL_BYTES).rev().find(|&index| detail.is_char_boundary(index)).unwrap_or(0);
+        detail.truncate(cut);
+    }
+    if result.replayed {
+        detail = format!("{detail} (answered from the agent's journal)");
+    }
+    let kind = CommandKind::StepFinished { step, ok: result.ok, detail, snapshot_id: result.snapshot_id };
+    if let Err(status) = context.propose(host_id, "", kind).await {
+        // A duplicate result (the step already ended) is expected after redelivery.
+        debug!(%status, step_id = %result.step_id, "Step result not recorded.");
+    }
+}

@@ -1,0 +1,159 @@
+//! Domain values to and from `rewind.v1` messages.
+//!
+//! These live with the API rather than in `proto/` because the domain types are the
+//! coordinator's own; nothing outside the coordinator needs them.
+
+use rewind_proto::v1 as pb;
+
+use crate::state_machine::*;
+
+pub fn labels(labels: &Labels) -> pb::HostLabels {
+    pb::HostLabels { region: labels.region.clone(), zone: labels.zone.clone(), environment: labels.environment.clone() }
+}
+
+pub fn labels_from(labels: Option<pb::HostLabels>) -> Labels {
+    let labels = labels.unwrap_or_default();
+    Labels { region: labels.region, zone: labels.zone, environment: labels.environment }
+}
+
+pub fn host(host: &HostRecord, connected: bool, last_health: Option<pb::HealthReport>) -> pb::Host {
+    pb::Host {
+        host_id: host.host_id.clone(),
+        labels: Some(labels(&host.labels)),
+        services: host.services.clone(),
+        agent_version: host.agent_version.clone(),
+        connected,
+        registered_at_ms: host.registered_at_ms,
+        last_health,
+        identity: host.identity.clone(),
+    }
+}
+
+pub fn policy(policy: &HealthPolicy) -> pb::HealthPolicy {
+    pb::HealthPolicy {
+        max_probe_failure_ratio: policy.max_probe_failure_ratio,
+        for_s: policy.for_s,
+        watch_s: policy.watch_s,
+        auto_rollback: policy.auto_rollback,
+    }
+}
+
+pub fn service(service: &ServiceRecord) -> pb::Service {
+    pb::Service { name: service.name.clone(), depends_on: service.depends_on.clone(), policy: Some(policy(&service.policy)) }
+}
+
+pub fn release(release: &ReleaseRecord) -> pb::Release {
+    pb::Release {
+        service: release.service.clone(),
+        version: release.version.clone(),
+        artifact_digest: release.artifact_digest.clone(),
+        commit: release.commit.clone(),
+        registered_at_ms: release.registered_at_ms,
+    }
+}
+
+pub fn aggregate(aggregate: &HealthAggregate) -> pb::HealthAggregate {
+    pb::HealthAggregate {
+        probe_failure_ratio: aggregate.probe_failure_ratio,
+        samples: aggregate.samples,
+        hosts_reporting: aggregate.hosts_reporting,
+    }
+}
+
+pub fn step_state(status: StepStatus) -> pb::StepState {
+    match status {
+        StepStatus::Pending => pb::StepState::Pending,
+        StepStatus::Running => pb::StepState::Running,
+        StepStatus::Succeeded => pb::StepState::Succeeded,
+        StepStatus::Failed => pb::StepState::Failed,
+        StepStatus::Skipped => pb::StepState::Skipped,
+    }
+}
+
+pub fn change(change: &ChangeRecord) -> pb::Change {
+    let state = match change.status {
+        ChangeStatus::Capturing => pb::ChangeState::Capturing,
+        ChangeStatus::Deploying => pb::ChangeState::Deploying,
+        ChangeStatus::Deployed => pb::ChangeState::Deployed,
+        ChangeStatus::Failed => pb::ChangeState::Failed,
+        ChangeStatus::RolledBack => pb::ChangeState::RolledBack,
+    };
+    pb::Change {
+        change_id: change.id(),
+        service: change.service.clone(),
+        version: change.version.clone(),
+        previous_version: change.previous_version.clone(),
+        state: state.into(),
+        hosts: change
+            .hosts
+            .iter()
+            .map(|host| pb::ChangeHost {
+                host_id: host.host_id.clone(),
+                snapshot_id: host.snapshot_id.clone(),
+                capture: step_state(host.capture.status).into(),
+                activate: step_state(host.activate.status).into(),
+            })
+            .collect(),
+        baseline: Some(aggregate(&change.baseline)),
+        started_at_ms: change.started_at_ms,
+        deployed_at_ms: change.deployed_at_ms,
+        started_by: change.started_by.clone(),
+        reason: change.reason.clone(),
+        rollback_id: if change.rollback == 0 { String::new() } else { rollback_id(change.rollback) },
+    }
+}
+
+pub fn rollback(rollback: &RollbackRecord) -> pb::Rollback {
+    let state = match rollback.status {
+        RollbackStatus::Running => pb::RollbackState::Running,
+        RollbackStatus::Paused => pb::RollbackState::Paused,
+        RollbackStatus::Succeeded => pb::RollbackState::Succeeded,
+        RollbackStatus::Failed => pb::RollbackState::Failed,
+        RollbackStatus::Aborted => pb::RollbackState::Aborted,
+    };
+    pb::Rollback {
+        rollback_id: rollback.id(),
+        change_id: change_id(rollback.change),
+        service: rollback.service.clone(),
+        state: state.into(),
+        trigger: match rollback.trigger {
+            Trigger::Manual => "manual".into(),
+            Trigger::Automatic => "automatic".into(),
+        },
+        reason: rollback.reason.clone(),
+        started_by: rollback.started_by.clone(),
+        started_at_ms: rollback.started_at_ms,
+        finished_at_ms: rollback.finished_at_ms,
+        max_parallel: rollback.max_parallel,
+        steps: rollback
+            .steps
+            .iter()
+            .map(|step| pb::RollbackStep {
+                step_id: StepTarget::Rollback { rollback: rollback.number, host_id: step.host_id.clone(), kind: step.kind }
+                    .step_id(),
+                host_id: step.host_id.clone(),
+                kind: step.kind.name().into(),
+                state: step_state(step.progress.status).into(),
+                attempts: step.progress.attempts,
+                started_at_ms: step.progress.started_at_ms,
+                finished_at_ms: step.progress.finished_at_ms,
+                detail: step.progress.detail.clone(),
+            })
+            .collect(),
+        outcome_detail: rollback.outcome_detail.clone(),
+        failed_hosts: rollback.failed_hosts.clone(),
+    }
+}
+
+pub fn audit_entry(entry: &AuditEntry) -> pb::AuditEntry {
+    pb::AuditEntry {
+        index: entry.index,
+        at_ms: entry.at_ms,
+        identity: entry.identity.clone(),
+        action: entry.action.clone(),
+        target: entry.target.clone(),
+        outcome: entry.outcome.clone(),
+        prev_hash: entry.prev_hash.clone(),
+        hash: entry.hash.clone(),
+    }
+}

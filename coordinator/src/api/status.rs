@@ -1,0 +1,41 @@
+//! The one place coordinator errors become gRPC statuses.
+
+use tonic::{Code, Status};
+
+use crate::errors::CoordinatorError;
+
+/// Metadata key carrying the stable error code, for clients that branch on it.
+pub const ERROR_CODE_KEY: &str = "rewind-error-code";
+
+pub fn to_status(error: CoordinatorError) -> Status {
+    let code = match &error {
+        CoordinatorError::InvalidArgument { .. }
+        | CoordinatorError::DependencyCycle { .. }
+        | CoordinatorError::HostWithoutService { .. } => Code::InvalidArgument,
+        CoordinatorError::UnknownService { .. }
+        | CoordinatorError::UnknownRelease { .. }
+        | CoordinatorError::UnknownChange { .. }
+        | CoordinatorError::UnknownRollback { .. }
+        | CoordinatorError::UnknownHost { .. }
+        | CoordinatorError::UnknownStep { .. } => Code::NotFound,
+        CoordinatorError::ReleaseConflict { .. } | CoordinatorError::AlreadyRolledBack { .. } => Code::AlreadyExists,
+        CoordinatorError::NoHosts { .. }
+        | CoordinatorError::ChangeInProgress { .. }
+        | CoordinatorError::RollbackInProgress { .. }
+        | CoordinatorError::NothingToRevert { .. }
+        | CoordinatorError::RollbackNotControllable { .. }
+        | CoordinatorError::StepNotRunning { .. }
+        | CoordinatorError::StepNotStartable { .. } => Code::FailedPrecondition,
+        CoordinatorError::Storage(_) => Code::Internal,
+        CoordinatorError::ShuttingDown | CoordinatorError::Overloaded(_) => Code::Unavailable,
+    };
+    let mut status = Status::new(code, error.to_string());
+    if let Ok(value) = error.code().parse() {
+        status.metadata_mut().insert(ERROR_CODE_KEY, value);
+    }
+    status
+}
+
+pub fn invalid(field: &str, message: impl Into<String>) -> Status {
+    to_status(CoordinatorError::invalid(field, message))
+}

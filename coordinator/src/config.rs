@@ -1,0 +1,160 @@
+//! Coordinator configuration: TOML file -> [`RawConfig`] -> `validate()` -> [`Config`].
+//!
+//! Precedence: defaults < file < `REWIND_*` environment < flags (the binary applies the last two).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rewind_shared::config::{Problems, load_toml};
+use rewind_shared::tls::TlsFiles;
+use serde::Deserialize;
+
+use crate::engine::EngineLimits;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct RawConfig {
+    pub listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub tls: Option<TlsFiles>,
+    pub engine: RawEngine,
+    pub health: RawHealth,
+    pub storage: RawStorage,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct RawEngine {
+    pub step_timeout_s: u64,
+    pub max_attempts: u32,
+    pub verify_timeout_s: u64,
+    pub default_max_parallel: u32,
+    pub tick_ms: u64,
+}
+
+impl Default for RawEngine {
+    fn default() -> Self {
+        Self { step_timeout_s: 60, max_attempts: 3, verify_timeout_s: 60, default_max_parallel: 1, tick_ms: 250 }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct RawHealth {
+    pub report_interval_ms: u64,
+    pub window_s: u64,
+}
+
+impl Default for RawHealth {
+    fn default() -> Self {
+        Self { report_interval_ms: 2000, window_s: 30 }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct RawStorage {
+    pub snapshot_every: u64,
+}
+
+impl Default for RawStorage {
+    fn default() -> Self {
+        Self { snapshot_every: 1000 }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub tls: TlsFiles,
+    pub limits: EngineLimits,
+    pub tick: Duration,
+    pub health_interval_ms: u64,
+    pub health_window_ms: u64,
+    pub snapshot_every: u64,
+}
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
+
+impl RawConfig {
+    /// Loads a file; unknown keys are returned for the caller to warn about (or reject).
+    pub fn load(path: &Path) -> Result<(Self, Vec<String>), rewind_shared::SharedError> {
+        let loaded = load_toml(path)?;
+        Ok((loaded.value, loaded.unknown_keys))
+    }
+
+    /// Checks everything and reports every problem at once.
+    pub fn validate(self) -> Result<Config, Vec<String>> {
+        let mut problems = Problems::default();
+        let listen_text = self.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+        let listen = listen_text.parse::<SocketAddr>().map_err(|error| problems.add("listen", format!("{listen_text:?}: {error}"))).ok();
+        if self.data_dir.is_none() {
+            problems.add("data-dir", "is required (or use --dev)");
+        }
+        if self.tls.is_none() {
+            problems.add("tls", "is required: ca, cert and key files (or use --dev)");
+        }
+        let engine = &self.engine;
+        check_range(&mut problems, "engine.step-timeout-s", engine.step_timeout_s, 1, 3600);
+        check_range(&mut problems, "engine.max-attempts", u64::from(engine.max_attempts), 1, 10);
+        check_range(&mut problems, "engine.verify-timeout-s", engine.verify_timeout_s, 1, 3600);
+        check_range(&mut problems, "engine.default-max-parallel", u64::from(engine.default_max_parallel), 1, 1000);
+        check_range(&mut problems, "engine.tick-ms", engine.tick_ms, 10, 10_000);
+        check_range(&mut problems, "health.report-interval-ms", self.health.report_interval_ms, 100, 60_000);
+        check_range(&mut problems, "health.window-s", self.health.window_s, 1, 3600);
+        check_range(&mut problems, "storage.snapshot-every", self.storage.snapshot_every, 10, 1_000_000);
+        problems.into_result()?;
+        let (Some(listen), Some(data_dir), Some(tls)) = (listen, self.data_dir, self.tls) else {
+            unreachable!("missing values were reported as problems");
+        };
+        Ok(Config {
+            listen,
+            data_dir,
+            tls,
+            limits: EngineLimits {
+                step_timeout_ms: engine.step_timeout_s * 1000,
+                max_attempts: engine.max_attempts,
+                verify_timeout_ms: engine.verify_timeout_s * 1000,
+                default_max_parallel: engine.default_max_parallel,
+            },
+            tick: Duration::from_millis(engine.tick_ms),
+            health_interval_ms: self.health.report_interval_ms,
+            health_window_ms: self.health.window_s * 1000,
+            snapshot_every: self.storage.snapshot_every,
+        })
+    }
+}
+
+fn check_range(problems: &mut Problems, field: &str, value: u64, min: u64, max: u64) {
+    if !(min..=max).contains(&value) {
+        problems.add(field, format!("is {value}, must be within {min}..={max}"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = "listen = \"nowhere\"\n[engine]\nmax-attempts = 0\ntick-ms = 1\n[health]\nwindow-s = 0\n";
+        let raw: RawConfig = rewind_shared::config::parse_toml(Path::new("c.toml"), text).unwrap().value;
+        let problems = raw.validate().unwrap_err();
+        let joined = problems.join("\n");
+        for field in ["listen", "data-dir", "tls", "engine.max-attempts", "engine.tick-ms", "health.window-s"] {
+            assert!(joined.contains(field), "{field} missing from:\n{joined}");
+        }
+        assert_eq!(problems.len(), 6);
+    }
+
+    #[test]
+    fn unknown_keys_are_collected_not_fatal() {
+        let text = "data-dir = \"/d\"\nfuture-knob = 1\n[engine]\nnew-thing = true\n";
+        let loaded = rewind_shared::config::parse_toml::<RawConfig>(Path::new("c.toml"), text).unwrap();
+        let mut unknown = loaded.unknown_keys;
+        unknown.sort();
+        assert_eq!(unknown, vec!["engine.new-thing".to_string(), "future-knob".to_string()]);
+    }
+}

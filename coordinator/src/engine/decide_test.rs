@@ -1,0 +1,239 @@
+//! Tests of `decide()`: a state built through `apply()`, fake observations, asserted actions.
+
+use std::collections::HashMap;
+
+use super::decide::*;
+use crate::state_machine::*;
+
+#[derive(Default)]
+struct Seen {
+    sessions: HashMap<String, u64>,
+    verdicts: HashMap<String, (bool, String)>,
+    failure_ratio: f64,
+}
+
+impl Observations for Seen {
+    fn session(&self, host_id: &str) -> Option<u64> {
+        self.sessions.get(host_id).copied()
+    }
+    fn verdict_since(&self, host_id: &str, _service: &str, _since_ms: u64) -> Option<(bool, String)> {
+        self.verdicts.get(host_id).cloned()
+    }
+    fn aggregate(&self, _service: &str, hosts: &[String], _since_ms: u64) -> HealthAggregate {
+        HealthAggregate { probe_failure_ratio: self.failure_ratio, samples: 10, hosts_reporting: hosts.len() as u32 }
+    }
+}
+
+const LIMITS: EngineLimits = EngineLimits { step_timeout_ms: 1_000, max_attempts: 2, verify_timeout_ms: 5_000, default_max_parallel: 1 };
+const HOSTS: [&str; 3] = ["web-1", "web-2", "web-3"];
+
+struct World {
+    state: State,
+    index: u64,
+    seen: Seen,
+    memory: EngineMemory,
+}
+
+impl World {
+    fn new() -> Self {
+        let mut world = Self { state: State::default(), index: 0, seen: Seen::default(), memory: EngineMemory::default() };
+        for host in HOSTS {
+            world.apply(CommandKind::RegisterHost {
+                host_id: host.into(),
+                labels: Labels::default(),
+                services: vec!["web".into()],
+                agent_version: String::new(),
+            });
+            world.seen.sessions.insert(host.into(), 1);
+        }
+        let policy = HealthPolicy { max_probe_failure_ratio: 0.5, for_s: 2, watch_s: 60, auto_rollback: true };
+        world.apply(CommandKind::PutService { service: ServiceRecord { name: "web".into(), depends_on: vec![], policy } });
+        world.apply(CommandKind::RegisterRelease {
+            release: ReleaseRecord {
+                service: "web".into(),
+                version: "v2".into(),
+                artifact_digest: format!("sha256:{}", "b".repeat(64)),
+                commit: String::new(),
+                registered_at_ms: 0,
+            },
+        });
+        world
+    }
+
+    fn apply(&mut self, kind: CommandKind) {
+        self.index += 1;
+        let command = Command { at_ms: 1_000, identity: "t".into(), request_id: String::new(), kind };
+        apply(&mut self.state, self.index, &command).expect("applies");
+    }
+
+    fn decide(&mut self, now_ms: u64) -> Vec<Action> {
+        decide(&self.state, &self.seen, &mut self.memory, &LIMITS, now_ms)
+    }
+
+    /// Applies every proposal and returns the sends, the way the runtime would.
+    fn run_tick(&mut self, now_ms: u64) -> Vec<Action> {
+        let actions = self.decide(now_ms);
+        let mut sends = Vec::new();
+        for action in actions {
+            match action {
+                Action::Propose(kind) => self.apply(kind),
+                send => sends.push(send),
+            }
+        }
+        sends
+    }
+
+    /// A deployed change of v2 on every host.
+    fn deployed(&mut self) -> u64 {
+        self.apply(CommandKind::StartChange {
+            service: "web".into(),
+            version: "v2".into(),
+            host_ids: vec![],
+            reason: String::new(),
+            baseline: HealthAggregate::default(),
+        });
+        for phase in ["capture", "activate"] {
+            for host in HOSTS {
+                let step = match phase {
+                    "capture" => StepTarget::Capture { change: 1, host_id: host.into() },
+                    _ => StepTarget::Activate { change: 1, host_id: host.into() },
+                };
+                self.apply(CommandKind::StepStarted { step: step.clone() });
+                self.apply(CommandKind::StepFinished { step, ok: true, detail: String::new(), snapshot_id: format!("snap-{host}") });
+            }
+        }
+        1
+    }
+}
+
+fn sends_of(actions: &[Action]) -> Vec<(String, AgentAction)> {
+    actions
+        .iter()
+        .filter_map(|action| match action {
+            Action::Send { step, action, .. } => Some((step.step_id(), action.clone())),
+            Action::Propose(_) => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_new_change_captures_on_connected_hosts_then_sends_each_step_once() {
+    let mut world = World::new();
+    world.seen.sessions.remove("web-3");
+    world.apply(CommandKind::StartChange {
+        service: "web".into(),
+        version: "v2".into(),
+        host_ids: vec![],
+        reason: String::new(),
+        baseline: HealthAggregate::default(),
+    });
+    assert!(world.run_tick(1_000).is_empty(), "the first tick only records the starts");
+    let sends = sends_of(&world.run_tick(1_000));
+    assert_eq!(sends, vec![("ch-1/capture/web-1".into(), AgentAction::Capture), ("ch-1/capture/web-2".into(), AgentAction::Capture)]);
+    assert!(world.run_tick(1_000).is_empty(), "nothing is sent twice on the same session");
+    world.seen.sessions.insert("web-1".into(), 2);
+    assert_eq!(sends_of(&world.run_tick(1_000)).len(), 1, "a reconnected agent gets its running step again");
+}
+
+#[test]
+fn a_timed_out_step_is_retried_within_bounds_then_failed() {
+    let mut world = World::new();
+    world.apply(CommandKind::StartChange {
+        service: "web".into(),
+        version: "v2".into(),
+        host_ids: vec!["web-1".into()],
+        reason: String::new(),
+        baseline: HealthAggregate::default(),
+    });
+    world.run_tick(1_000);
+    world.run_tick(1_000);
+    world.run_tick(2_500); // attempt 2 (started_at_ms is the command's 1_000)
+    assert_eq!(world.state.changes[&1].hosts[0].capture.attempts, 2);
+    world.run_tick(2_500);
+    assert_eq!(world.state.changes[&1].hosts[0].capture.status, StepStatus::Failed);
+    assert_eq!(world.state.changes[&1].status, ChangeStatus::Failed);
+}
+
+#[test]
+fn a_rollback_reverts_hosts_one_batch_at_a_time_restore_restart_verify() {
+    let mut world = World::new();
+    let change = world.deployed();
+    world.apply(CommandKind::StartRollback { change, reason: String::new(), trigger: Trigger::Manual, max_parallel: 2 });
+    world.run_tick(1_000);
+    let sends = sends_of(&world.run_tick(1_000));
+    assert_eq!(
+        sends,
+        vec![
+            ("rb-1/restore/web-1".into(), AgentAction::Restore { snapshot_id: "snap-web-1".into() }),
+            ("rb-1/restore/web-2".into(), AgentAction::Restore { snapshot_id: "snap-web-2".into() }),
+        ],
+        "two hosts at a time, each restored from its own snapshot"
+    );
+    for host in ["web-1", "web-2"] {
+        let step = StepTarget::Rollback { rollback: 1, host_id: host.into(), kind: RollbackStepKind::Restore };
+        world.apply(CommandKind::StepFinished { step, ok: true, detail: String::new(), snapshot_id: String::new() });
+    }
+    world.run_tick(1_000);
+    assert_eq!(sends_of(&world.run_tick(1_000)).iter().filter(|(_, action)| *action == AgentAction::Restart).count(), 2);
+    for host in ["web-1", "web-2"] {
+        let step = StepTarget::Rollback { rollback: 1, host_id: host.into(), kind: RollbackStepKind::Restart };
+        world.apply(CommandKind::StepFinished { step, ok: true, detail: String::new(), snapshot_id: String::new() });
+    }
+    world.run_tick(1_000); // verify started on web-1 and web-2
+    world.seen.verdicts.insert("web-1".into(), (true, "1 probes pass".into()));
+    world.run_tick(1_000); // web-1 verified
+    world.run_tick(1_000); // so web-3 may begin
+    let rollback = &world.state.rollbacks[&1];
+    let web3_restore = rollback.steps.iter().find(|step| step.host_id == "web-3" && step.kind == RollbackStepKind::Restore).unwrap();
+    assert_eq!(web3_restore.progress.status, StepStatus::Running);
+}
+
+#[test]
+fn a_host_that_stays_unhealthy_fails_verification_after_the_timeout() {
+    let mut world = World::new();
+    let change = world.deployed();
+    world.apply(CommandKind::StartRollback { change, reason: String::new(), trigger: Trigger::Manual, max_parallel: 1 });
+    for kind in [RollbackStepKind::Restore, RollbackStepKind::Restart] {
+        let step = StepTarget::Rollback { rollback: 1, host_id: "web-1".into(), kind };
+        world.apply(CommandKind::StepStarted { step: step.clone() });
+        world.apply(CommandKind::StepFinished { step, ok: true, detail: String::new(), snapshot_id: String::new() });
+    }
+    world.run_tick(1_000);
+    world.seen.verdicts.insert("web-1".into(), (false, "http: status 500".into()));
+    world.run_tick(3_000);
+    assert_eq!(world.state.rollbacks[&1].status, RollbackStatus::Running, "still within the verify timeout");
+    world.run_tick(7_000);
+    let rollback = &world.state.rollbacks[&1];
+    assert_eq!(rollback.status, RollbackStatus::Failed);
+    assert_eq!(rollback.failed_hosts, vec!["web-1".to_string()]);
+    assert!(rollback.outcome_detail.contains("status 500"), "{}", rollback.outcome_detail);
+}
+
+#[test]
+fn the_trigger_fires_once_after_the_breach_lasts_its_window() {
+    let mut world = World::new();
+    world.deployed();
+    world.seen.failure_ratio = 1.0;
+    world.run_tick(1_500);
+    assert!(world.state.rollbacks.is_empty(), "the breach must last for_s");
+    world.run_tick(3_600);
+    let rollback = &world.state.rollbacks[&1];
+    assert_eq!(rollback.trigger, Trigger::Automatic);
+    assert!(rollback.reason.contains("probe failure ratio 1.00 > 0.50"), "{}", rollback.reason);
+    world.run_tick(9_000);
+    assert_eq!(world.state.rollbacks.len(), 1);
+}
+
+#[test]
+fn a_healthy_or_unwatched_service_does_not_trigger() {
+    let mut world = World::new();
+    world.deployed();
+    world.seen.failure_ratio = 0.2;
+    world.run_tick(1_500);
+    world.run_tick(9_000);
+    assert!(world.state.rollbacks.is_empty());
+    world.seen.failure_ratio = 1.0;
+    world.run_tick(70_000);
+    world.run_tick(75_000);
+    assert!(world.state.rollbacks.is_empty(), "past watch_s the policy no longer applies");
+}

@@ -1,0 +1,126 @@
+//! The engine: a leader-only loop that makes the replicated intent true.
+//!
+//! Each tick it reads the state, asks [`decide`] what to do, proposes the resulting commands
+//! (step started / finished, automatic rollbacks) and sends steps to agents. It wakes on every
+//! applied command and at least every tick interval. Everything it decides is recorded through
+//! the node before it acts, so a restarted coordinator resumes from the replicated state.
+
+mod decide;
+#[cfg(test)]
+mod decide_test;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rewind_proto::v1::{self as pb, coordinator_message::Body, step_command};
+use tracing::{debug, info};
+
+pub use decide::{Action, AgentAction, EngineLimits, EngineMemory, Observations, decide};
+
+use crate::health::HealthBook;
+use crate::node::NodeHandle;
+use crate::sessions::Sessions;
+use crate::state_machine::{COORDINATOR_IDENTITY, Command, CommandKind, HealthAggregate};
+
+pub struct Engine {
+    pub node: NodeHandle,
+    pub sessions: Arc<Sessions>,
+    pub health: Arc<HealthBook>,
+    pub limits: EngineLimits,
+    pub tick: Duration,
+}
+
+struct Live<'a> {
+    sessions: &'a Sessions,
+    health: &'a HealthBook,
+}
+
+impl Observations for Live<'_> {
+    fn session(&self, host_id: &str) -> Option<u64> {
+        self.sessions.generation(host_id)
+    }
+
+    fn verdict_since(&self, host_id: &str, service: &str, since_ms: u64) -> Option<(bool, String)> {
+        self.health.verdict_since(host_id, service, since_ms)
+    }
+
+    fn aggregate(&self, service: &str, hosts: &[String], since_ms: u64) -> HealthAggregate {
+        self.health.aggregate(service, hosts, since_ms)
+    }
+}
+
+impl Engine {
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+        let mut applied = self.node.subscribe();
+        let mut memory = EngineMemory::default();
+        tokio::pin!(shutdown);
+        info!(generation = self.node.generation(), "Engine started.");
+        loop {
+            self.tick_once(&mut memory).await;
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = tokio::time::sleep(self.tick) => {}
+                changed = applied.changed() => if changed.is_err() { break },
+            }
+        }
+        info!("Engine stopped.");
+    }
+
+    async fn tick_once(&self, memory: &mut EngineMemory) {
+        let now_ms = rewind_shared::time::now_ms();
+        let seen = Live { sessions: &self.sessions, health: &self.health };
+        let actions = self.node.read(|state| decide(state, &seen, memory, &self.limits, now_ms));
+        for action in actions {
+            match action {
+                Action::Propose(kind) => self.propose(kind).await,
+                Action::Send { step, attempt, service, action } => {
+                    let step_id = step.step_id();
+                    let message = step_message(&step_id, self.node.generation(), &service, self.limits.step_timeout_ms, action);
+                    match self.sessions.send(step.host_id(), message) {
+                        Ok(_) => debug!(step_id, attempt, "Step sent."),
+                        Err(error) => {
+                            // Forget the send so the next tick tries again; the step timeout bounds it.
+                            memory.sent.remove(&step_id);
+                            debug!(%error, step_id, "Step not sent yet.");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn propose(&self, kind: CommandKind) {
+        let action = kind.action();
+        let command = Command {
+            at_ms: rewind_shared::time::now_ms(),
+            identity: COORDINATOR_IDENTITY.to_string(),
+            request_id: String::new(),
+            kind,
+        };
+        if let Err(error) = self.node.propose(command).await {
+            // Losing a race with an agent's result or an operator's abort is normal.
+            debug!(%error, action, "Engine proposal refused.");
+        }
+    }
+}
+
+fn step_message(step_id: &str, term: u64, service: &str, timeout_ms: u64, action: AgentAction) -> pb::CoordinatorMessage {
+    let action = match action {
+        AgentAction::Capture => step_command::Action::Capture(pb::CaptureSnapshot {}),
+        AgentAction::Activate { version, artifact_digest } => {
+            step_command::Action::Activate(pb::ActivateRelease { version, artifact_digest })
+        }
+        AgentAction::Restore { snapshot_id } => step_command::Action::Restore(pb::RestoreSnapshot { snapshot_id }),
+        AgentAction::Restart => step_command::Action::Restart(pb::RestartService {}),
+    };
+    pb::CoordinatorMessage {
+        body: Some(Body::Step(pb::StepCommand {
+            step_id: step_id.to_string(),
+            term,
+            service: service.to_string(),
+            timeout_ms,
+            action: Some(action),
+        })),
+    }
+}
+

@@ -1,0 +1,106 @@
+//! The coordinator's errors. Each knows a stable `code()` and whether a retry can help; the API
+//! layer turns them into `tonic::Status` in one place (`api::status`).
+
+use crate::state_machine::{ChangeStatus, RollbackStatus};
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error("{field}: {message}")]
+    InvalidArgument { field: String, message: String },
+    #[error("no service {service}: known services are {known}")]
+    UnknownService { service: String, known: String },
+    #[error("no release {version} of service {service}: known versions are {known}")]
+    UnknownRelease { service: String, version: String, known: String },
+    #[error("no change {change_id}: known changes are {known}")]
+    UnknownChange { change_id: String, known: String },
+    #[error("no rollback {rollback_id}: known rollbacks are {known}")]
+    UnknownRollback { rollback_id: String, known: String },
+    #[error("no host {host_id} is registered")]
+    UnknownHost { host_id: String },
+    #[error("host {host_id} does not run service {service}")]
+    HostWithoutService { host_id: String, service: String },
+    #[error("no registered host runs service {service}")]
+    NoHosts { service: String },
+    #[error("release {service} {version} is already registered with digest {existing}; a version is immutable")]
+    ReleaseConflict { service: String, version: String, existing: String },
+    #[error("service {service} would depend on itself through {path}")]
+    DependencyCycle { service: String, path: String },
+    #[error("change {change_id} of service {service} is still {status:?}; wait for it or roll it back")]
+    ChangeInProgress { change_id: String, service: String, status: ChangeStatus },
+    #[error("change {change_id} was already rolled back by {rollback_id}")]
+    AlreadyRolledBack { change_id: String, rollback_id: String },
+    #[error("rollback {rollback_id} of change {change_id} is still {status:?}")]
+    RollbackInProgress { rollback_id: String, change_id: String, status: RollbackStatus },
+    #[error("change {change_id} touched no host yet: there is nothing to roll back")]
+    NothingToRevert { change_id: String },
+    #[error("rollback {rollback_id} is {status:?} and cannot {action}")]
+    RollbackNotControllable { rollback_id: String, status: RollbackStatus, action: String },
+    #[error("step {step_id} is not running (it is {status})")]
+    StepNotRunning { step_id: String, status: String },
+    #[error("step {step_id} cannot start: {reason}")]
+    StepNotStartable { step_id: String, reason: String },
+    #[error("no step {step_id}")]
+    UnknownStep { step_id: String },
+    #[error("storage: {0}")]
+    Storage(String),
+    #[error("the coordinator is shutting down")]
+    ShuttingDown,
+    #[error("the coordinator is overloaded: {0}")]
+    Overloaded(String),
+}
+
+impl CoordinatorError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::InvalidArgument { .. } => "invalid_argument",
+            Self::UnknownService { .. } => "unknown_service",
+            Self::UnknownRelease { .. } => "unknown_release",
+            Self::UnknownChange { .. } => "unknown_change",
+            Self::UnknownRollback { .. } => "unknown_rollback",
+            Self::UnknownHost { .. } => "unknown_host",
+            Self::HostWithoutService { .. } => "host_without_service",
+            Self::NoHosts { .. } => "no_hosts",
+            Self::ReleaseConflict { .. } => "release_conflict",
+            Self::DependencyCycle { .. } => "dependency_cycle",
+            Self::ChangeInProgress { .. } => "change_in_progress",
+            Self::AlreadyRolledBack { .. } => "already_rolled_back",
+            Self::RollbackInProgress { .. } => "rollback_in_progress",
+            Self::NothingToRevert { .. } => "nothing_to_revert",
+            Self::RollbackNotControllable { .. } => "rollback_not_controllable",
+            Self::StepNotRunning { .. } => "step_not_running",
+            Self::StepNotStartable { .. } => "step_not_startable",
+            Self::UnknownStep { .. } => "unknown_step",
+            Self::Storage(_) => "storage",
+            Self::ShuttingDown => "shutting_down",
+            Self::Overloaded(_) => "overloaded",
+        }
+    }
+
+    /// True when the same request may succeed later without any change by the caller.
+    pub fn is_retriable(&self) -> bool {
+        matches!(self, Self::Storage(_) | Self::ShuttingDown | Self::Overloaded(_) | Self::ChangeInProgress { .. })
+    }
+
+    pub fn invalid(field: &str, message: impl Into<String>) -> Self {
+        Self::InvalidArgument { field: field.to_string(), message: message.into() }
+    }
+}
+
+impl From<rewind_shared::SharedError> for CoordinatorError {
+    fn from(error: rewind_shared::SharedError) -> Self {
+        match error {
+            rewind_shared::SharedError::Invalid { field, message } => Self::InvalidArgument { field, message },
+            other => Self::Storage(other.to_string()),
+        }
+    }
+}
+
+/// "a, b, c" or "none", at most ten names, for "known ones are ..." hints.
+pub fn known_list<I: IntoIterator<Item = String>>(names: I) -> String {
+    let names: Vec<String> = names.into_iter().collect();
+    match names.len() {
+        0 => "none".to_string(),
+        1..=10 => names.join(", "),
+        more => format!("{} and {} more", names[more - 10..].join(", "), more - 10),
+    }
+}

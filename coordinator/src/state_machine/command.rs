@@ -1,0 +1,173 @@
+//! Commands: the only way replicated state changes.
+//!
+//! A command carries everything `apply()` needs, including the time and who asked, stamped by
+//! the member that proposed it, so applying the same log gives the same state everywhere.
+
+use serde::{Deserialize, Serialize};
+
+use super::state::{
+    HealthAggregate, Labels, ReleaseRecord, RollbackStepKind, ServiceRecord, Trigger, change_id, parse_numbered_id,
+    rollback_id,
+};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Command {
+    pub at_ms: u64,
+    /// Certificate name of the caller, or `coordinator` for the engine's own decisions.
+    pub identity: String,
+    /// Client-chosen id; a repeat returns the recorded outcome. Empty: no de-duplication.
+    pub request_id: String,
+    pub kind: CommandKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum CommandKind {
+    RegisterHost {
+        host_id: String,
+        labels: Labels,
+        services: Vec<String>,
+        agent_version: String,
+    },
+    PutService {
+        service: ServiceRecord,
+    },
+    RegisterRelease {
+        release: ReleaseRecord,
+    },
+    StartChange {
+        service: String,
+        version: String,
+        /// Empty: every registered host that runs the service.
+        host_ids: Vec<String>,
+        reason: String,
+        baseline: HealthAggregate,
+    },
+    StepStarted {
+        step: StepTarget,
+    },
+    StepFinished {
+        step: StepTarget,
+        ok: bool,
+        detail: String,
+        /// Set when a capture step finishes.
+        snapshot_id: String,
+    },
+    StartRollback {
+        change: u64,
+        reason: String,
+        trigger: Trigger,
+        max_parallel: u32,
+    },
+    ControlRollback {
+        rollback: u64,
+        action: RollbackAction,
+        reason: String,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RollbackAction {
+    Pause,
+    Resume,
+    Abort,
+}
+
+impl RollbackAction {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Pause => "pause",
+            Self::Resume => "resume",
+            Self::Abort => "abort",
+        }
+    }
+}
+
+/// Which step a start or a result is about. Its text form is the step id agents journal by.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum StepTarget {
+    Capture { change: u64, host_id: String },
+    Activate { change: u64, host_id: String },
+    Rollback { rollback: u64, host_id: String, kind: RollbackStepKind },
+}
+
+impl StepTarget {
+    /// `ch-3/capture/web-1`, `ch-3/activate/web-1`, `rb-2/restore/web-1`.
+    pub fn step_id(&self) -> String {
+        match self {
+            Self::Capture { change, host_id } => format!("{}/capture/{host_id}", change_id(*change)),
+            Self::Activate { change, host_id } => format!("{}/activate/{host_id}", change_id(*change)),
+            Self::Rollback { rollback, host_id, kind } => format!("{}/{}/{host_id}", rollback_id(*rollback), kind.name()),
+        }
+    }
+
+    pub fn parse(step_id: &str) -> Option<Self> {
+        let mut parts = step_id.splitn(3, '/');
+        let (owner, kind, host_id) = (parts.next()?, parts.next()?, parts.next()?.to_string());
+        if host_id.is_empty() || host_id.contains('/') {
+            return None;
+        }
+        match kind {
+            "capture" => Some(Self::Capture { change: parse_numbered_id("ch", owner)?, host_id }),
+            "activate" => Some(Self::Activate { change: parse_numbered_id("ch", owner)?, host_id }),
+            other => Some(Self::Rollback {
+                rollback: parse_numbered_id("rb", owner)?,
+                host_id,
+                kind: RollbackStepKind::parse(other)?,
+            }),
+        }
+    }
+
+    pub fn host_id(&self) -> &str {
+        match self {
+            Self::Capture { host_id, .. } | Self::Activate { host_id, .. } | Self::Rollback { host_id, .. } => host_id,
+        }
+    }
+}
+
+/// What a successful command produced, returned to the proposer (and to a retried request).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Outcome {
+    Done,
+    Change(u64),
+    Rollback(u64),
+}
+
+impl CommandKind {
+    /// Audit action name.
+    pub fn action(&self) -> &'static str {
+        match self {
+            Self::RegisterHost { .. } => "host.register",
+            Self::PutService { .. } => "service.put",
+            Self::RegisterRelease { .. } => "release.register",
+            Self::StartChange { .. } => "change.start",
+            Self::StepStarted { .. } => "step.start",
+            Self::StepFinished { .. } => "step.finish",
+            Self::StartRollback { .. } => "rollback.start",
+            Self::ControlRollback { action, .. } => match action {
+                RollbackAction::Pause => "rollback.pause",
+                RollbackAction::Resume => "rollback.resume",
+                RollbackAction::Abort => "rollback.abort",
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_ids_round_trip_and_reject_garbage() {
+        let targets = [
+            StepTarget::Capture { change: 3, host_id: "web-1".into() },
+            StepTarget::Activate { change: 3, host_id: "web-1".into() },
+            StepTarget::Rollback { rollback: 12, host_id: "db.eu-1".into(), kind: RollbackStepKind::Verify },
+        ];
+        for target in targets {
+            assert_eq!(StepTarget::parse(&target.step_id()), Some(target));
+        }
+        for bad in ["", "ch-3", "ch-3/capture/", "ch-0/capture/a", "rb-1/explode/a", "ch-x/capture/a", "rb-1/restore/a/b"] {
+            assert_eq!(StepTarget::parse(bad), None, "{bad}");
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! The replicated state machine: [`State`], the [`Command`]s that change it, and the pure
+//! [`apply`] that every member runs on the same log to reach the same state.
+
+mod apply;
+mod audit;
+mod command;
+mod state;
+
+#[cfg(test)]
+mod apply_test;
+
+pub use apply::{COORDINATOR_IDENTITY, apply, current_version, unknown_change, unknown_rollback};
+pub use audit::{AuditEntry, AuditLog, AuditVerification, GENESIS_HASH};
+pub use command::{Command, CommandKind, Outcome, RollbackAction, StepTarget};
+pub use state::*;

@@ -1,0 +1,286 @@
+//! The replicated state: what every coordinator member agrees on.
+//!
+//! Only BTreeMaps and Vecs, so serialisation and iteration order are the same on every member.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+use super::audit::AuditLog;
+use super::command::Outcome;
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    /// Index of the last command applied.
+    pub applied_index: u64,
+    pub hosts: BTreeMap<String, HostRecord>,
+    pub services: BTreeMap<String, ServiceRecord>,
+    /// service -> version -> release.
+    pub releases: BTreeMap<String, BTreeMap<String, ReleaseRecord>>,
+    /// Keyed by the number in `ch-<n>`.
+    pub changes: BTreeMap<u64, ChangeRecord>,
+    /// Keyed by the number in `rb-<n>`.
+    pub rollbacks: BTreeMap<u64, RollbackRecord>,
+    pub audit: AuditLog,
+    pub requests: RequestLog,
+    pub next_change: u64,
+    pub next_rollback: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Labels {
+    pub region: String,
+    pub zone: String,
+    pub environment: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HostRecord {
+    pub host_id: String,
+    pub labels: Labels,
+    pub services: Vec<String>,
+    pub agent_version: String,
+    pub identity: String,
+    pub registered_at_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HealthPolicy {
+    pub max_probe_failure_ratio: f64,
+    pub for_s: u32,
+    pub watch_s: u32,
+    pub auto_rollback: bool,
+}
+
+impl Default for HealthPolicy {
+    /// "probe failure ratio > 0.5 for 10 s, within 10 minutes of a change", automatic.
+    fn default() -> Self {
+        Self { max_probe_failure_ratio: 0.5, for_s: 10, watch_s: 600, auto_rollback: true }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ServiceRecord {
+    pub name: String,
+    pub depends_on: Vec<String>,
+    pub policy: HealthPolicy,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReleaseRecord {
+    pub service: String,
+    pub version: String,
+    pub artifact_digest: String,
+    pub commit: String,
+    pub registered_at_ms: u64,
+}
+
+/// Per-service health figures over the coordinator's window.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HealthAggregate {
+    pub probe_failure_ratio: f64,
+    pub samples: u32,
+    pub hosts_reporting: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StepStatus {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Skipped,
+}
+
+impl StepStatus {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Skipped)
+    }
+}
+
+/// One step's replicated progress. `attempts` counts dispatches, so retries stay bounded
+/// across leader changes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepProgress {
+    pub status: StepStatus,
+    pub attempts: u32,
+    pub started_at_ms: u64,
+    pub finished_at_ms: u64,
+    pub detail: String,
+}
+
+impl Default for StepProgress {
+    fn default() -> Self {
+        Self { status: StepStatus::Pending, attempts: 0, started_at_ms: 0, finished_at_ms: 0, detail: String::new() }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChangeStatus {
+    Capturing,
+    Deploying,
+    Deployed,
+    Failed,
+    RolledBack,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChangeHostRecord {
+    pub host_id: String,
+    pub snapshot_id: String,
+    pub capture: StepProgress,
+    pub activate: StepProgress,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChangeRecord {
+    pub number: u64,
+    pub service: String,
+    pub version: String,
+    pub previous_version: String,
+    pub status: ChangeStatus,
+    pub hosts: Vec<ChangeHostRecord>,
+    pub baseline: HealthAggregate,
+    pub started_at_ms: u64,
+    pub deployed_at_ms: u64,
+    pub started_by: String,
+    pub reason: String,
+    /// Number of the rollback reverting this change, 0 if none.
+    pub rollback: u64,
+}
+
+impl ChangeRecord {
+    pub fn id(&self) -> String {
+        change_id(self.number)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RollbackStatus {
+    Running,
+    Paused,
+    Succeeded,
+    Failed,
+    Aborted,
+}
+
+impl RollbackStatus {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Aborted)
+    }
+}
+
+/// What a rollback step does on its host. `Verify` runs on the coordinator: it waits for a
+/// health report, newer than the restart, in which every probe of the service passes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum RollbackStepKind {
+    Restore,
+    Restart,
+    Verify,
+}
+
+impl RollbackStepKind {
+    pub const ALL: [Self; 3] = [Self::Restore, Self::Restart, Self::Verify];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Restore => "restore",
+            Self::Restart => "restart",
+            Self::Verify => "verify",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|kind| kind.name() == name)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RollbackStepRecord {
+    pub host_id: String,
+    pub kind: RollbackStepKind,
+    pub progress: StepProgress,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Trigger {
+    Manual,
+    Automatic,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RollbackRecord {
+    pub number: u64,
+    pub change: u64,
+    pub service: String,
+    pub status: RollbackStatus,
+    pub trigger: Trigger,
+    pub reason: String,
+    pub started_by: String,
+    pub started_at_ms: u64,
+    pub finished_at_ms: u64,
+    pub max_parallel: u32,
+    /// Per host, in host order: restore, restart, verify.
+    pub steps: Vec<RollbackStepRecord>,
+    pub outcome_detail: String,
+    pub failed_hosts: Vec<String>,
+}
+
+impl RollbackRecord {
+    pub fn id(&self) -> String {
+        rollback_id(self.number)
+    }
+
+    /// Hosts in the order the rollback reverts them.
+    pub fn host_order(&self) -> Vec<&str> {
+        let mut hosts: Vec<&str> = Vec::new();
+        for step in &self.steps {
+            if hosts.last() != Some(&step.host_id.as_str()) {
+                hosts.push(&step.host_id);
+            }
+        }
+        hosts
+    }
+}
+
+pub fn change_id(number: u64) -> String {
+    format!("ch-{number}")
+}
+
+pub fn rollback_id(number: u64) -> String {
+    format!("rb-{number}")
+}
+
+/// Parses `ch-<n>` / `rb-<n>`.
+pub fn parse_numbered_id(prefix: &str, id: &str) -> Option<u64> {
+    id.strip_prefix(prefix)?.strip_prefix('-')?.parse().ok().filter(|&number| number > 0)
+}
+
+/// Outcomes of recent client requests, so a retried request answers the same and acts once.
+/// Bounded: the oldest ids are forgotten first.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RequestLog {
+    outcomes: BTreeMap<String, Outcome>,
+    order: VecDeque<String>,
+}
+
+impl RequestLog {
+    pub const CAPACITY: usize = 10_000;
+
+    pub fn get(&self, request_id: &str) -> Option<&Outcome> {
+        self.outcomes.get(request_id)
+    }
+
+    pub fn remember(&mut self, request_id: &str, outcome: Outcome) {
+        if request_id.is_empty() || self.outcomes.contains_key(request_id) {
+            return;
+        }
+        if self.order.len() >= Self::CAPACITY
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.outcomes.remove(&oldest);
+        }
+        self.order.push_back(request_id.to_string());
+        self.outcomes.insert(request_id.to_string(), outcome);
+    }
+}
