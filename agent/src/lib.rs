@@ -1,1 +1,28 @@
-//! agent
+//! The rewind host agent: captures a service's state before a change into a local
+//! content-addressed store, executes reversion steps exactly once (journaled), reports health,
+//! and keeps one outbound session to a coordinator, reconnecting with backoff.
+//!
+//! # Layout
+//! - [`config`]: the agent's TOML config and its validation.
+//! - [`errors`]: the crate's error type.
+//! - [`paths`]: confinement of every path to a service's declared root.
+//! - [`store`]: sled-backed blobs (by sha256), snapshots, the step journal and fences.
+//! - [`snapshot`]: capture and exact restore of a service's state.
+//! - [`host`]: the [`host::Host`] trait for running commands; [`host::LocalHost`] is the real one.
+//! - [`steps`]: executes step commands idempotently: fence, journal, act, journal.
+//! - [`probes`]: HTTP, TCP and command health probes.
+//! - [`host_metrics`]: CPU, memory, load and disk from sysinfo.
+//! - [`connection`]: the session with the coordinator and the reconnect loop.
+
+pub mod config;
+pub mod connection;
+pub mod errors;
+pub mod host;
+pub mod host_metrics;
+pub mod paths;
+pub mod probes;
+pub mod snapshot;
+pub mod steps;
+pub mod store;
+
+pub use errors::AgentError;

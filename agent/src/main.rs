@@ -1,1 +1,172 @@
-fn main() {}
+//! `rewind-agent`: the host agent.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use rewind_agent::config::{Config, RawConfig};
+use rewind_agent::connection::Agent;
+use rewind_agent::host::LocalHost;
+use rewind_agent::snapshot;
+use rewind_agent::steps::Executor;
+use rewind_agent::store::Store;
+use tracing::warn;
+
+/// Exit code for bad configuration (EX_USAGE).
+const EXIT_BAD_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(name = "rewind-agent", version, about = "The rewind host agent")]
+struct Cli {
+    /// Agent config file.
+    #[arg(long, short, env = "REWIND_AGENT_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent.
+    Run,
+    /// Check the config and report every problem at once (unknown keys too).
+    CheckConfig,
+    /// Inspect the local snapshot store.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+}
+
+#[derive(Subcommand)]
+enum SnapshotCommand {
+    /// List snapshots, oldest first.
+    List,
+    /// Show one snapshot as JSON.
+    Show { id: String },
+    /// What differs between two snapshots, or between one and the live state (`live`).
+    Diff { from: String, to: String },
+}
+
+fn main() -> ExitCode {
+    rewind_shared::logging::init("info");
+    rewind_shared::tls::install_crypto_provider();
+    let cli = Cli::parse();
+    let Some(path) = cli.config.clone() else {
+        eprintln!("error: --config (or REWIND_AGENT_CONFIG) is required");
+        return ExitCode::from(EXIT_BAD_CONFIG);
+    };
+    let strict = matches!(cli.command, Command::CheckConfig);
+    let config = match load_config(&path, strict) {
+        Ok(config) => config,
+        Err(problems) => {
+            for problem in problems {
+                eprintln!("{}: {problem}", path.display());
+            }
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    let result = match cli.command {
+        Command::CheckConfig => {
+            println!("{}: ok ({} services)", path.display(), config.services.len());
+            Ok(())
+        }
+        Command::Run => run(config),
+        Command::Snapshot(command) => inspect(&config, command),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Loads and validates; `strict` also rejects unknown keys (for check-config).
+fn load_config(path: &Path, strict: bool) -> Result<Config, Vec<String>> {
+    let (raw, unknown) = RawConfig::load(path).map_err(|error| vec![error.to_string()])?;
+    let mut problems = Vec::new();
+    for key in unknown {
+        if strict {
+            problems.push(format!("{key}: unknown key"));
+        } else {
+            warn!(key, "Unknown config key ignored.");
+        }
+    }
+    match raw.validate() {
+        Ok(config) if problems.is_empty() => Ok(config),
+        Ok(_) => Err(problems),
+        Err(more) => {
+            problems.extend(more);
+            Err(problems)
+        }
+    }
+}
+
+fn open_store(config: &Config) -> anyhow::Result<Store> {
+    std::fs::create_dir_all(&config.data_dir).with_context(|| format!("create data dir {}", config.data_dir.display()))?;
+    Store::open(&config.data_dir.join("store")).context("open the local store")
+}
+
+fn run(config: Config) -> anyhow::Result<()> {
+    let store = open_store(&config)?;
+    let runtime = tokio::runtime::Runtime::new().context("start the runtime")?;
+    runtime.block_on(async move {
+        let executor = Arc::new(Executor::new(store, config.services.clone(), Arc::new(LocalHost)));
+        let agent = Agent::new(config, executor);
+        agent.run(shutdown_signal()).await;
+    });
+    Ok(())
+}
+
+fn inspect(config: &Config, command: SnapshotCommand) -> anyhow::Result<()> {
+    let store = open_store(config)?;
+    match command {
+        SnapshotCommand::List => {
+            let mut snapshots = store.snapshots()?;
+            snapshots.sort_by_key(|record| record.captured_at_ms);
+            for record in snapshots {
+                let link = record.manifest.release_link.as_deref().unwrap_or("(no link)");
+                println!("{}  {}  {}  current -> {link}  {} files", record.id, record.captured_at_ms, record.manifest.service, record.manifest.files.len());
+            }
+        }
+        SnapshotCommand::Show { id } => println!("{}", serde_json::to_string_pretty(&store.snapshot(&id)?)?),
+        SnapshotCommand::Diff { from, to } => {
+            let from_manifest = store.snapshot(&from)?.manifest;
+            let to_manifest = if to == "live" {
+                let service = config
+                    .services
+                    .iter()
+                    .find(|service| service.name == from_manifest.service)
+                    .with_context(|| format!("service {} is no longer in the config", from_manifest.service))?;
+                snapshot::live_manifest(service)?
+            } else {
+                store.snapshot(&to)?.manifest
+            };
+            let lines = snapshot::diff(&from_manifest, &to_manifest);
+            if lines.is_empty() {
+                println!("no differences");
+            }
+            for line in lines {
+                println!("{line}");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+}

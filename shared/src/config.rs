@@ -44,6 +44,10 @@ impl Problems {
         self.0.push(error.to_string());
     }
 
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }

@@ -1,0 +1,289 @@
+//! Agent configuration: TOML -> [`RawConfig`] -> `validate()` (every problem at once) -> [`Config`].
+//!
+//! ```toml
+//! host-id = "web-1"
+//! coordinators = ["127.0.0.1:7443"]
+//! data-dir = "/var/lib/rewind/agent"
+//! [tls]
+//! ca = "/etc/rewind/ca.pem"
+//! cert = "/etc/rewind/web-1.pem"
+//! key = "/etc/rewind/web-1.key"
+//! [labels]
+//! region = "eu-west"
+//! [[service]]
+//! name = "web"
+//! root = "/srv/web"            # holds releases/<version>/ and the `current` link
+//! config-files = ["shared/config/app.toml"]
+//! restart-command = ["systemctl", "restart", "web"]
+//! [[service.probe]]
+//! name = "health"
+//! http = "http://127.0.0.1:8080/health"
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rewind_shared::config::{Problems, load_toml};
+use rewind_shared::names;
+use rewind_shared::tls::TlsFiles;
+use serde::Deserialize;
+
+use crate::paths::check_relative;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct RawConfig {
+    pub host_id: String,
+    /// Coordinator members as host:port; the agent moves to the next when one fails.
+    pub coordinators: Vec<String>,
+    /// Name in the coordinators' certificate (default `localhost`).
+    pub coordinator_name: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub tls: Option<TlsFiles>,
+    pub labels: RawLabels,
+    /// Report interval used until a coordinator asks for another.
+    pub health_interval_ms: Option<u64>,
+    #[serde(rename = "service")]
+    pub services: Vec<RawService>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct RawLabels {
+    pub region: String,
+    pub zone: String,
+    pub environment: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct RawService {
+    pub name: String,
+    pub root: PathBuf,
+    pub config_files: Vec<String>,
+    pub flags_file: Option<String>,
+    pub restart_command: Vec<String>,
+    pub restart_timeout_s: Option<u64>,
+    #[serde(rename = "probe")]
+    pub probes: Vec<RawProbe>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct RawProbe {
+    pub name: String,
+    /// URL for an HTTP GET.
+    pub http: Option<String>,
+    /// Expected HTTP status (default 200).
+    pub expect_status: Option<u16>,
+    /// host:port for a TCP connect.
+    pub tcp: Option<String>,
+    /// argv of a command that must exit 0.
+    pub command: Option<Vec<String>>,
+    pub timeout_ms: Option<u64>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub host_id: String,
+    pub coordinators: Vec<String>,
+    pub coordinator_name: String,
+    pub data_dir: PathBuf,
+    pub tls: TlsFiles,
+    pub labels: RawLabels,
+    pub health_interval: Duration,
+    pub services: Vec<ServiceConfig>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub root: PathBuf,
+    pub config_files: Vec<String>,
+    pub flags_file: Option<String>,
+    pub restart_command: Vec<String>,
+    pub restart_timeout: Duration,
+    pub probes: Vec<Probe>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum ProbeKind {
+    Http { url: String, expect_status: u16 },
+    Tcp { address: String },
+    Command { argv: Vec<String> },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Probe {
+    pub name: String,
+    pub kind: ProbeKind,
+    pub timeout: Duration,
+}
+
+const MAX_TIMEOUT_MS: u64 = 600_000;
+
+impl RawConfig {
+    pub fn load(path: &Path) -> Result<(Self, Vec<String>), rewind_shared::SharedError> {
+        let loaded = load_toml(path)?;
+        Ok((loaded.value, loaded.unknown_keys))
+    }
+
+    pub fn validate(self) -> Result<Config, Vec<String>> {
+        let mut problems = Problems::default();
+        if let Err(error) = names::validate_name("host-id", &self.host_id) {
+            problems.add_error(error);
+        }
+        if self.coordinators.is_empty() {
+            problems.add("coordinators", "name at least one coordinator address (host:port)");
+        }
+        for address in &self.coordinators {
+            if address.contains("://") || !address.contains(':') {
+                problems.add("coordinators", format!("{address:?} must be host:port"));
+            }
+        }
+        if self.data_dir.is_none() {
+            problems.add("data-dir", "is required");
+        }
+        if self.tls.is_none() {
+            problems.add("tls", "is required: ca, cert and key files");
+        }
+        let interval_ms = self.health_interval_ms.unwrap_or(2000);
+        if !(100..=60_000).contains(&interval_ms) {
+            problems.add("health-interval-ms", format!("is {interval_ms}, must be within 100..=60000"));
+        }
+        let mut services = Vec::new();
+        for (position, raw) in self.services.iter().enumerate() {
+            let field = if raw.name.is_empty() { format!("service[{position}]") } else { format!("service.{}", raw.name) };
+            if let Some(service) = validate_service(&field, raw, &mut problems) {
+                if services.iter().any(|known: &ServiceConfig| known.name == service.name) {
+                    problems.add(&field, "is declared twice");
+                }
+                services.push(service);
+            }
+        }
+        problems.into_result()?;
+        let (Some(data_dir), Some(tls)) = (self.data_dir, self.tls) else {
+            unreachable!("missing values were reported as problems");
+        };
+        Ok(Config {
+            host_id: self.host_id,
+            coordinators: self.coordinators,
+            coordinator_name: self.coordinator_name.unwrap_or_else(|| "localhost".into()),
+            data_dir,
+            tls,
+            labels: self.labels,
+            health_interval: Duration::from_millis(interval_ms),
+            services,
+        })
+    }
+}
+
+fn validate_service(field: &str, raw: &RawService, problems: &mut Problems) -> Option<ServiceConfig> {
+    let before = problems.len();
+    if let Err(error) = names::validate_name(&format!("{field}.name"), &raw.name) {
+        problems.add_error(error);
+    }
+    if !raw.root.is_absolute() {
+        problems.add(format!("{field}.root"), format!("{:?} must be an absolute directory", raw.root));
+    }
+    for path in raw.config_files.iter().chain(raw.flags_file.iter()) {
+        if let Err(error) = check_relative(&raw.name, path) {
+            problems.add(format!("{field}.config-files"), error.to_string());
+        }
+    }
+    if raw.restart_command.is_empty() {
+        problems.add(format!("{field}.restart-command"), "is required (argv list, e.g. [\"systemctl\", \"restart\", \"web\"])");
+    }
+    let restart_timeout_s = raw.restart_timeout_s.unwrap_or(60);
+    if !(1..=3600).contains(&restart_timeout_s) {
+        problems.add(format!("{field}.restart-timeout-s"), format!("is {restart_timeout_s}, must be within 1..=3600"));
+    }
+    let mut probes = Vec::new();
+    for (position, probe) in raw.probes.iter().enumerate() {
+        let probe_field = format!("{field}.probe[{position}]");
+        if let Some(probe) = validate_probe(&probe_field, probe, problems) {
+            probes.push(probe);
+        }
+    }
+    if problems.len() != before {
+        return None;
+    }
+    Some(ServiceConfig {
+        name: raw.name.clone(),
+        root: raw.root.clone(),
+        config_files: raw.config_files.clone(),
+        flags_file: raw.flags_file.clone(),
+        restart_command: raw.restart_command.clone(),
+        restart_timeout: Duration::from_secs(restart_timeout_s),
+        probes,
+    })
+}
+
+fn validate_probe(field: &str, raw: &RawProbe, problems: &mut Problems) -> Option<Probe> {
+    if raw.name.is_empty() {
+        problems.add(format!("{field}.name"), "is required");
+    }
+    let timeout_ms = raw.timeout_ms.unwrap_or(2000);
+    if !(1..=MAX_TIMEOUT_MS).contains(&timeout_ms) {
+        problems.add(format!("{field}.timeout-ms"), format!("is {timeout_ms}, must be within 1..={MAX_TIMEOUT_MS}"));
+    }
+    let kinds = [raw.http.is_some(), raw.tcp.is_some(), raw.command.is_some()].iter().filter(|&&set| set).count();
+    if kinds != 1 {
+        problems.add(field, "set exactly one of http, tcp or command");
+        return None;
+    }
+    let kind = if let Some(url) = &raw.http {
+        if !url.starts_with("http://") {
+            problems.add(format!("{field}.http"), format!("{url:?} must be an http:// URL"));
+        }
+        ProbeKind::Http { url: url.clone(), expect_status: raw.expect_status.unwrap_or(200) }
+    } else if let Some(address) = &raw.tcp {
+        ProbeKind::Tcp { address: address.clone() }
+    } else {
+        let argv = raw.command.clone().unwrap_or_default();
+        if argv.is_empty() {
+            problems.add(format!("{field}.command"), "must name a program");
+        }
+        ProbeKind::Command { argv }
+    };
+    Some(Probe { name: raw.name.clone(), kind, timeout: Duration::from_millis(timeout_ms) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_problem_in_a_bad_config_is_reported_at_once() {
+        let text = r#"
+host-id = "Web 1"
+coordinators = ["https://x"]
+health-interval-ms = 5
+[[service]]
+name = "web"
+root = "relative/dir"
+config-files = ["../etc/passwd", "/abs"]
+[[service.probe]]
+name = "h"
+http = "ftp://x"
+tcp = "127.0.0.1:1"
+"#;
+        let raw: RawConfig = rewind_shared::config::parse_toml(Path::new("a.toml"), text).unwrap().value;
+        let problems = raw.validate().unwrap_err();
+        let joined = problems.join("\n");
+        for expected in [
+            "host-id",
+            "coordinators",
+            "data-dir",
+            "tls",
+            "health-interval-ms",
+            "service.web.root",
+            "'..'",
+            "absolute",
+            "service.web.restart-command",
+            "exactly one of http, tcp or command",
+        ] {
+            assert!(joined.contains(expected), "{expected} missing from:\n{joined}");
+        }
+    }
+}

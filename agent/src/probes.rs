@@ -1,0 +1,62 @@
+//! Health probes: HTTP GET expecting a status, TCP connect, command exit code. Each is bounded by
+//! its own timeout, so a hung service cannot stall the report.
+
+use std::time::Instant;
+
+use rewind_proto::v1::ProbeResult;
+
+use crate::config::{Probe, ProbeKind, ServiceConfig};
+use crate::host::Host;
+
+pub struct Prober {
+    http: reqwest::Client,
+}
+
+impl Default for Prober {
+    fn default() -> Self {
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap_or_else(|_| reqwest::Client::new());
+        Self { http }
+    }
+}
+
+impl Prober {
+    /// Runs every probe of every service concurrently.
+    pub async fn probe_all(&self, host: &dyn Host, services: &[ServiceConfig]) -> Vec<ProbeResult> {
+        let probes = services.iter().flat_map(|service| service.probes.iter().map(move |probe| (service, probe)));
+        let checks = probes.map(|(service, probe)| self.probe(host, &service.name, probe));
+        futures::future::join_all(checks).await
+    }
+
+    pub async fn probe(&self, host: &dyn Host, service: &str, probe: &Probe) -> ProbeResult {
+        let started = Instant::now();
+        let outcome = match tokio::time::timeout(probe.timeout, self.check(host, probe)).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(format!("no answer within {} ms", probe.timeout.as_millis())),
+        };
+        ProbeResult {
+            service: service.to_string(),
+            probe: probe.name.clone(),
+            ok: outcome.is_ok(),
+            latency_ms: started.elapsed().as_millis() as u64,
+            detail: outcome.err().unwrap_or_default(),
+        }
+    }
+
+    async fn check(&self, host: &dyn Host, probe: &Probe) -> Result<(), String> {
+        match &probe.kind {
+            ProbeKind::Http { url, expect_status } => {
+                let response = self.http.get(url).timeout(probe.timeout).send().await.map_err(|error| format!("GET {url}: {error}"))?;
+                let status = response.status().as_u16();
+                if status == *expect_status { Ok(()) } else { Err(format!("GET {url}: status {status}, expected {expect_status}")) }
+            }
+            ProbeKind::Tcp { address } => tokio::net::TcpStream::connect(address)
+                .await
+                .map(drop)
+                .map_err(|error| format!("connect {address}: {error}")),
+            ProbeKind::Command { argv } => host.run(argv, probe.timeout).await.map_err(|error| error.to_string()),
+        }
+    }
+}

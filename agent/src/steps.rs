@@ -1,0 +1,255 @@
+//! Executes step commands exactly once per host.
+//!
+//! For each step: check the fence (a step from an older coordinator term than one already seen
+//! for the same change or rollback is refused), answer from the journal if the step already ran,
+//! otherwise journal "started" (flushed), act, journal the outcome (flushed), and answer. Steps on
+//! one service run one at a time.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rewind_proto::v1::{FlagUpdate, StepCommand, StepResult, step_command::Action};
+use rewind_shared::{names, time::now_ms};
+use tracing::{info, warn};
+
+use crate::AgentError;
+use crate::config::ServiceConfig;
+use crate::host::Host;
+use crate::paths::confined;
+use crate::probes::Prober;
+use crate::snapshot::{self, ProbeState, RELEASES_DIR};
+use crate::store::{JournalRecord, StepOutcome, Store};
+
+/// Longest step id accepted.
+const MAX_STEP_ID_BYTES: usize = 512;
+/// Bound on a step whose command names no timeout.
+const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(300);
+
+pub struct Executor {
+    store: Store,
+    services: BTreeMap<String, ServiceConfig>,
+    host: Arc<dyn Host>,
+    prober: Prober,
+    service_locks: HashMap<String, tokio::sync::Mutex<()>>,
+    in_flight: Mutex<HashSet<String>>,
+}
+
+impl Executor {
+    pub fn new(store: Store, services: Vec<ServiceConfig>, host: Arc<dyn Host>) -> Self {
+        let service_locks = services.iter().map(|service| (service.name.clone(), tokio::sync::Mutex::new(()))).collect();
+        let services = services.into_iter().map(|service| (service.name.clone(), service)).collect();
+        Self { store, services, host, prober: Prober::default(), service_locks, in_flight: Mutex::new(HashSet::new()) }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = &ServiceConfig> {
+        self.services.values()
+    }
+
+    pub fn host(&self) -> &dyn Host {
+        self.host.as_ref()
+    }
+
+    pub fn prober(&self) -> &Prober {
+        &self.prober
+    }
+
+    /// Runs a step and returns its result; `None` when the same step is already running here
+    /// (its result will be sent when it ends).
+    pub async fn execute(&self, command: StepCommand) -> Option<StepResult> {
+        let started_at_ms = now_ms();
+        let step_id = command.step_id.clone();
+        let refuse = |error: AgentError| StepResult {
+            step_id: step_id.clone(),
+            ok: false,
+            detail: error.to_string(),
+            snapshot_id: String::new(),
+            started_at_ms,
+            finished_at_ms: now_ms(),
+            replayed: false,
+        };
+        if let Err(error) = self.check_fence(&command) {
+            return Some(refuse(error));
+        }
+        match self.store.journal(&step_id) {
+            Err(error) => return Some(refuse(error)),
+            Ok(Some(JournalRecord { outcome: Some(outcome), started_at_ms, .. })) => {
+                info!(step_id, "Step already ran; answering from the journal.");
+                return Some(result(&step_id, started_at_ms, outcome, true));
+            }
+            Ok(Some(_)) if self.in_flight_contains(&step_id) => return None,
+            Ok(Some(_)) => warn!(step_id, "Step started before a restart and never ended; running it again (steps are idempotent)."),
+            Ok(None) => {}
+        }
+        self.set_in_flight(&step_id, true);
+        let record = JournalRecord { step_id: step_id.clone(), term: command.term, started_at_ms, outcome: None };
+        if let Err(error) = self.store.put_journal(&record) {
+            self.set_in_flight(&step_id, false);
+            return Some(refuse(error));
+        }
+        let acted = self.act(&command).await;
+        let outcome = match acted {
+            Ok((detail, snapshot_id)) => StepOutcome { ok: true, detail, snapshot_id, finished_at_ms: now_ms() },
+            Err(error) => StepOutcome { ok: false, detail: error.to_string(), snapshot_id: String::new(), finished_at_ms: now_ms() },
+        };
+        let finished = JournalRecord { outcome: Some(outcome.clone()), ..record };
+        if let Err(error) = self.store.put_journal(&finished) {
+            warn!(%error, step_id, "Could not journal the step's outcome.");
+        }
+        self.set_in_flight(&step_id, false);
+        info!(step_id, ok = outcome.ok, detail = %outcome.detail, "Step ended.");
+        Some(result(&step_id, started_at_ms, outcome, false))
+    }
+
+    fn check_fence(&self, command: &StepCommand) -> Result<(), AgentError> {
+        let step_id = &command.step_id;
+        if step_id.is_empty() || step_id.len() > MAX_STEP_ID_BYTES || !step_id.chars().all(|c| c.is_ascii_graphic()) {
+            return Err(AgentError::Invalid(format!("step_id: {:?} is not a valid step id", truncate(step_id, 64))));
+        }
+        let owner = step_id.split('/').next().unwrap_or(step_id);
+        let seen = self.store.raise_fence(owner, command.term)?;
+        if command.term < seen {
+            return Err(AgentError::Fenced { step_id: step_id.clone(), owner: owner.to_string(), term: command.term, seen });
+        }
+        Ok(())
+    }
+
+    async fn act(&self, command: &StepCommand) -> Result<(String, String), AgentError> {
+        let service = self.service(&command.service)?;
+        let action = command.action.as_ref().ok_or_else(|| AgentError::Invalid("step has no action".into()))?;
+        let lock = &self.service_locks[&service.name];
+        let _one_at_a_time = lock.lock().await;
+        let timeout = if command.timeout_ms == 0 { DEFAULT_STEP_TIMEOUT } else { Duration::from_millis(command.timeout_ms) };
+        tokio::time::timeout(timeout, self.act_on(service, action))
+            .await
+            .map_err(|_| AgentError::Command { command: "step".into(), reason: format!("did not finish within {} ms", timeout.as_millis()) })?
+    }
+
+    async fn act_on(&self, service: &ServiceConfig, action: &Action) -> Result<(String, String), AgentError> {
+        match action {
+            Action::Capture(_) => {
+                let probes = self.probe_states(service).await;
+                let (store, owned) = (self.store.clone(), service.clone());
+                let record = blocking(move || snapshot::capture(&store, &owned, probes, now_ms())).await?;
+                let link = record.manifest.release_link.clone().unwrap_or_else(|| "no release link".into());
+                let detail = format!("captured {} ({link}, {} new bytes, {} ms)", record.id, record.new_bytes, record.capture_ms);
+                Ok((detail, record.id))
+            }
+            Action::Activate(activate) => {
+                names::validate_version("version", &activate.version)?;
+                let target = format!("{RELEASES_DIR}/{}", activate.version);
+                let release_dir = confined(&service.name, &service.root, &target)?;
+                if !release_dir.is_dir() {
+                    return Err(AgentError::MissingRelease { service: service.name.clone(), version: activate.version.clone(), path: release_dir });
+                }
+                if !activate.artifact_digest.is_empty() {
+                    let dir = release_dir.clone();
+                    let actual = blocking(move || rewind_shared::digest::tree_digest(&dir).map_err(AgentError::from)).await?;
+                    if actual != activate.artifact_digest {
+                        return Err(AgentError::DigestMismatch {
+                            service: service.name.clone(),
+                            version: activate.version.clone(),
+                            expected: activate.artifact_digest.clone(),
+                            actual,
+                        });
+                    }
+                }
+                let root = service.root.clone();
+                let link_target = target.clone();
+                blocking(move || snapshot::switch_link(&root, &link_target)).await?;
+                self.host.run(&service.restart_command, service.restart_timeout).await?;
+                Ok((format!("current -> {target}, restarted"), String::new()))
+            }
+            Action::Restore(restore) => {
+                names::validate_name("snapshot_id", &restore.snapshot_id)?;
+                let (store, owned, id) = (self.store.clone(), service.clone(), restore.snapshot_id.clone());
+                let record = blocking(move || snapshot::restore(&store, &owned, &id)).await?;
+                let link = record.manifest.release_link.unwrap_or_else(|| "no release link".into());
+                Ok((format!("restored {} (current -> {link}, {} files)", record.id, record.manifest.files.len()), String::new()))
+            }
+            Action::Restart(_) => {
+                self.host.run(&service.restart_command, service.restart_timeout).await?;
+                Ok((format!("ran {}", service.restart_command.join(" ")), String::new()))
+            }
+        }
+    }
+
+    async fn probe_states(&self, service: &ServiceConfig) -> Vec<ProbeState> {
+        let mut states = Vec::with_capacity(service.probes.len());
+        for probe in &service.probes {
+            let result = self.prober.probe(self.host.as_ref(), &service.name, probe).await;
+            states.push(ProbeState { probe: result.probe, ok: result.ok });
+        }
+        states
+    }
+
+    /// Sets one flag in the service's flags file (a JSON object of booleans), atomically.
+    pub fn set_flag(&self, update: &FlagUpdate) -> Result<(), AgentError> {
+        let service = self.service(&update.service)?;
+        names::validate_name("flag", &update.flag)?;
+        let relative = service
+            .flags_file
+            .as_deref()
+            .ok_or_else(|| AgentError::Invalid(format!("service {} has no flags-file configured", service.name)))?;
+        let path = confined(&service.name, &service.root, relative)?;
+        let mut flags: BTreeMap<String, bool> = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|error| AgentError::Invalid(format!("flags file {} is not a JSON object of booleans: {error}", path.display())))?,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(error) => return Err(AgentError::Io { action: "read", path, source: error }),
+        };
+        flags.insert(update.flag.clone(), update.enabled);
+        let bytes = serde_json::to_vec_pretty(&flags).map_err(|error| AgentError::Invalid(error.to_string()))?;
+        snapshot::write_atomically(&path, &bytes, 0o644)
+    }
+
+    fn service(&self, name: &str) -> Result<&ServiceConfig, AgentError> {
+        self.services.get(name).ok_or_else(|| AgentError::UnknownService {
+            service: truncate(name, 128).to_string(),
+            known: self.services.keys().cloned().collect::<Vec<_>>().join(", "),
+        })
+    }
+
+    fn in_flight_contains(&self, step_id: &str) -> bool {
+        self.in_flight.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).contains(step_id)
+    }
+
+    fn set_in_flight(&self, step_id: &str, running: bool) {
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if running {
+            in_flight.insert(step_id.to_string());
+        } else {
+            in_flight.remove(step_id);
+        }
+    }
+}
+
+fn result(step_id: &str, started_at_ms: u64, outcome: StepOutcome, replayed: bool) -> StepResult {
+    StepResult {
+        step_id: step_id.to_string(),
+        ok: outcome.ok,
+        detail: outcome.detail,
+        snapshot_id: outcome.snapshot_id,
+        started_at_ms,
+        finished_at_ms: outcome.finished_at_ms,
+        replayed,
+    }
+}
+
+/// File-system work runs on the blocking pool, off the async workers.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T, AgentError> + Send + 'static) -> Result<T, AgentError> {
+    tokio::task::spawn_blocking(work).await.map_err(|error| AgentError::Invalid(format!("step task failed: {error}")))?
+}
+
+fn truncate(text: &str, max: usize) -> &str {
+    let cut = (0..=max.min(text.len())).rev().find(|&index| text.is_char_boundary(index)).unwrap_or(0);
+    &text[..cut]
+}
+
+#[cfg(test)]
+#[path = "steps_test.rs"]
+mod tests;

@@ -1,0 +1,145 @@
+use std::fs;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use rewind_proto::v1::{ActivateRelease, CaptureSnapshot, RestartService, RestoreSnapshot};
+
+use super::*;
+
+#[derive(Default)]
+struct CountingHost {
+    runs: AtomicUsize,
+}
+
+#[tonic::async_trait]
+impl Host for CountingHost {
+    async fn run(&self, _argv: &[String], _timeout: Duration) -> Result<(), AgentError> {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+struct Fixture {
+    root: tempfile::TempDir,
+    _data: tempfile::TempDir,
+    host: Arc<CountingHost>,
+    executor: Executor,
+}
+
+fn fixture() -> Fixture {
+    let root = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    for version in ["v1", "v2"] {
+        fs::create_dir_all(root.path().join("releases").join(version)).unwrap();
+        fs::write(root.path().join("releases").join(version).join("VERSION"), version).unwrap();
+    }
+    fs::write(root.path().join("app.toml"), b"mode = 'v1'").unwrap();
+    snapshot::switch_link(root.path(), "releases/v1").unwrap();
+    let service = ServiceConfig {
+        name: "web".into(),
+        root: root.path().to_path_buf(),
+        config_files: vec!["app.toml".into()],
+        flags_file: Some("flags.json".into()),
+        restart_command: vec!["restart-web".into()],
+        restart_timeout: Duration::from_secs(5),
+        probes: vec![],
+    };
+    let host = Arc::new(CountingHost::default());
+    let store = Store::open(data.path()).unwrap();
+    let executor = Executor::new(store, vec![service], host.clone());
+    Fixture { root, _data: data, host, executor }
+}
+
+fn step(step_id: &str, term: u64, action: Action) -> StepCommand {
+    StepCommand { step_id: step_id.into(), term, service: "web".into(), timeout_ms: 10_000, action: Some(action) }
+}
+
+fn link(fixture: &Fixture) -> String {
+    fs::read_link(fixture.root.path().join("current")).unwrap().to_string_lossy().into_owned()
+}
+
+#[tokio::test]
+async fn a_step_delivered_twice_acts_once_and_answers_the_same() {
+    let fixture = fixture();
+    let restart = step("rb-1/restart/web-1", 1, Action::Restart(RestartService {}));
+    let first = fixture.executor.execute(restart.clone()).await.unwrap();
+    let second = fixture.executor.execute(restart).await.unwrap();
+    assert!(first.ok && second.ok);
+    assert!(!first.replayed && second.replayed);
+    assert_eq!(first.detail, second.detail);
+    assert_eq!(fixture.host.runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_step_from_an_older_term_is_fenced_and_does_nothing() {
+    let fixture = fixture();
+    fixture.executor.execute(step("rb-1/restore/web-1", 5, Action::Restart(RestartService {}))).await.unwrap();
+    let stale = fixture.executor.execute(step("rb-1/restart/web-1", 4, Action::Restart(RestartService {}))).await.unwrap();
+    assert!(!stale.ok);
+    assert!(stale.detail.contains("fenced"), "{}", stale.detail);
+    assert_eq!(fixture.host.runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn capture_activate_restore_round_trip() {
+    let fixture = fixture();
+    let captured = fixture.executor.execute(step("ch-2/capture/web-1", 1, Action::Capture(CaptureSnapshot {}))).await.unwrap();
+    assert!(captured.ok, "{}", captured.detail);
+    assert!(captured.snapshot_id.starts_with("snap-"));
+
+    let digest = rewind_shared::digest::tree_digest(&fixture.root.path().join("releases/v2")).unwrap();
+    let activate = ActivateRelease { version: "v2".into(), artifact_digest: digest };
+    let activated = fixture.executor.execute(step("ch-2/activate/web-1", 1, Action::Activate(activate))).await.unwrap();
+    assert!(activated.ok, "{}", activated.detail);
+    assert_eq!(link(&fixture), "releases/v2");
+    fs::write(fixture.root.path().join("app.toml"), b"mode = 'v2'").unwrap();
+
+    let restore = RestoreSnapshot { snapshot_id: captured.snapshot_id.clone() };
+    let restored = fixture.executor.execute(step("rb-1/restore/web-1", 1, Action::Restore(restore))).await.unwrap();
+    assert!(restored.ok, "{}", restored.detail);
+    assert_eq!(link(&fixture), "releases/v1");
+    assert_eq!(fs::read(fixture.root.path().join("app.toml")).unwrap(), b"mode = 'v1'");
+}
+
+#[tokio::test]
+async fn activation_refuses_a_release_whose_digest_differs() {
+    let fixture = fixture();
+    let activate = ActivateRelease { version: "v2".into(), artifact_digest: format!("sha256:{}", "0".repeat(64)) };
+    let result = fixture.executor.execute(step("ch-1/activate/web-1", 1, Action::Activate(activate))).await.unwrap();
+    assert!(!result.ok);
+    assert!(result.detail.contains("has digest sha256:"), "{}", result.detail);
+    assert_eq!(link(&fixture), "releases/v1");
+    assert_eq!(fixture.host.runs.load(Ordering::SeqCst), 0);
+
+    let missing = ActivateRelease { version: "v9".into(), artifact_digest: String::new() };
+    let result = fixture.executor.execute(step("ch-3/activate/web-1", 1, Action::Activate(missing))).await.unwrap();
+    assert!(result.detail.contains("release v9 of web is not on this host"), "{}", result.detail);
+}
+
+#[tokio::test]
+async fn bad_commands_fail_with_a_reason_and_change_nothing() {
+    let fixture = fixture();
+    let mut unknown = step("rb-1/restart/web-1", 1, Action::Restart(RestartService {}));
+    unknown.service = "db".into();
+    let result = fixture.executor.execute(unknown).await.unwrap();
+    assert!(result.detail.contains("service db is not managed by this agent: managed services are web"), "{}", result.detail);
+
+    let no_snapshot = step("rb-2/restore/web-1", 1, Action::Restore(RestoreSnapshot { snapshot_id: "snap-nope".into() }));
+    let result = fixture.executor.execute(no_snapshot).await.unwrap();
+    assert!(result.detail.contains("no snapshot snap-nope"), "{}", result.detail);
+
+    let empty = step("", 1, Action::Restart(RestartService {}));
+    assert!(!fixture.executor.execute(empty).await.unwrap().ok);
+    assert_eq!(fixture.host.runs.load(Ordering::SeqCst), 0);
+    assert_eq!(link(&fixture), "releases/v1");
+}
+
+#[test]
+fn flag_updates_rewrite_the_flags_file() {
+    let fixture = fixture();
+    let update = |flag: &str, enabled| FlagUpdate { service: "web".into(), flag: flag.into(), enabled };
+    fixture.executor.set_flag(&update("new-checkout", true)).unwrap();
+    fixture.executor.set_flag(&update("kill-switch", false)).unwrap();
+    let flags: BTreeMap<String, bool> = serde_json::from_slice(&fs::read(fixture.root.path().join("flags.json")).unwrap()).unwrap();
+    assert_eq!(flags, BTreeMap::from([("kill-switch".into(), false), ("new-checkout".into(), true)]));
+    assert!(fixture.executor.set_flag(&update("Bad Flag", true)).is_err());
+}
