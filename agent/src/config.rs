@@ -134,7 +134,10 @@ impl RawConfig {
             problems.add_error(error);
         }
         if self.coordinators.is_empty() {
-            problems.add("coordinators", "name at least one coordinator address (host:port)");
+            problems.add(
+                "coordinators",
+                "name at least one coordinator address (host:port)",
+            );
         }
         for address in &self.coordinators {
             if address.contains("://") || !address.contains(':') {
@@ -149,13 +152,23 @@ impl RawConfig {
         }
         let interval_ms = self.health_interval_ms.unwrap_or(2000);
         if !(100..=60_000).contains(&interval_ms) {
-            problems.add("health-interval-ms", format!("is {interval_ms}, must be within 100..=60000"));
+            problems.add(
+                "health-interval-ms",
+                format!("is {interval_ms}, must be within 100..=60000"),
+            );
         }
         let mut services = Vec::new();
         for (position, raw) in self.services.iter().enumerate() {
-            let field = if raw.name.is_empty() { format!("service[{position}]") } else { format!("service.{}", raw.name) };
+            let field = if raw.name.is_empty() {
+                format!("service[{position}]")
+            } else {
+                format!("service.{}", raw.name)
+            };
             if let Some(service) = validate_service(&field, raw, &mut problems) {
-                if services.iter().any(|known: &ServiceConfig| known.name == service.name) {
+                if services
+                    .iter()
+                    .any(|known: &ServiceConfig| known.name == service.name)
+                {
                     problems.add(&field, "is declared twice");
                 }
                 services.push(service);
@@ -178,13 +191,20 @@ impl RawConfig {
     }
 }
 
-fn validate_service(field: &str, raw: &RawService, problems: &mut Problems) -> Option<ServiceConfig> {
+fn validate_service(
+    field: &str,
+    raw: &RawService,
+    problems: &mut Problems,
+) -> Option<ServiceConfig> {
     let before = problems.len();
     if let Err(error) = names::validate_name(&format!("{field}.name"), &raw.name) {
         problems.add_error(error);
     }
     if !raw.root.is_absolute() {
-        problems.add(format!("{field}.root"), format!("{:?} must be an absolute directory", raw.root));
+        problems.add(
+            format!("{field}.root"),
+            format!("{:?} must be an absolute directory", raw.root),
+        );
     }
     for path in raw.config_files.iter().chain(raw.flags_file.iter()) {
         if let Err(error) = check_relative(&raw.name, path) {
@@ -192,11 +212,17 @@ fn validate_service(field: &str, raw: &RawService, problems: &mut Problems) -> O
         }
     }
     if raw.restart_command.is_empty() {
-        problems.add(format!("{field}.restart-command"), "is required (argv list, e.g. [\"systemctl\", \"restart\", \"web\"])");
+        problems.add(
+            format!("{field}.restart-command"),
+            "is required (argv list, e.g. [\"systemctl\", \"restart\", \"web\"])",
+        );
     }
     let restart_timeout_s = raw.restart_timeout_s.unwrap_or(60);
     if !(1..=3600).contains(&restart_timeout_s) {
-        problems.add(format!("{field}.restart-timeout-s"), format!("is {restart_timeout_s}, must be within 1..=3600"));
+        problems.add(
+            format!("{field}.restart-timeout-s"),
+            format!("is {restart_timeout_s}, must be within 1..=3600"),
+        );
     }
     let mut probes = Vec::new();
     for (position, probe) in raw.probes.iter().enumerate() {
@@ -225,20 +251,34 @@ fn validate_probe(field: &str, raw: &RawProbe, problems: &mut Problems) -> Optio
     }
     let timeout_ms = raw.timeout_ms.unwrap_or(2000);
     if !(1..=MAX_TIMEOUT_MS).contains(&timeout_ms) {
-        problems.add(format!("{field}.timeout-ms"), format!("is {timeout_ms}, must be within 1..={MAX_TIMEOUT_MS}"));
+        problems.add(
+            format!("{field}.timeout-ms"),
+            format!("is {timeout_ms}, must be within 1..={MAX_TIMEOUT_MS}"),
+        );
     }
-    let kinds = [raw.http.is_some(), raw.tcp.is_some(), raw.command.is_some()].iter().filter(|&&set| set).count();
+    let kinds = [raw.http.is_some(), raw.tcp.is_some(), raw.command.is_some()]
+        .iter()
+        .filter(|&&set| set)
+        .count();
     if kinds != 1 {
         problems.add(field, "set exactly one of http, tcp or command");
         return None;
     }
     let kind = if let Some(url) = &raw.http {
         if !url.starts_with("http://") {
-            problems.add(format!("{field}.http"), format!("{url:?} must be an http:// URL"));
+            problems.add(
+                format!("{field}.http"),
+                format!("{url:?} must be an http:// URL"),
+            );
         }
-        ProbeKind::Http { url: url.clone(), expect_status: raw.expect_status.unwrap_or(200) }
+        ProbeKind::Http {
+            url: url.clone(),
+            expect_status: raw.expect_status.unwrap_or(200),
+        }
     } else if let Some(address) = &raw.tcp {
-        ProbeKind::Tcp { address: address.clone() }
+        ProbeKind::Tcp {
+            address: address.clone(),
+        }
     } else {
         let argv = raw.command.clone().unwrap_or_default();
         if argv.is_empty() {
@@ -246,7 +286,11 @@ fn validate_probe(field: &str, raw: &RawProbe, problems: &mut Problems) -> Optio
         }
         ProbeKind::Command { argv }
     };
-    Some(Probe { name: raw.name.clone(), kind, timeout: Duration::from_millis(timeout_ms) })
+    Some(Probe {
+        name: raw.name.clone(),
+        kind,
+        timeout: Duration::from_millis(timeout_ms),
+    })
 }
 
 #[cfg(test)]
@@ -268,7 +312,9 @@ name = "h"
 http = "ftp://x"
 tcp = "127.0.0.1:1"
 "#;
-        let raw: RawConfig = rewind_shared::config::parse_toml(Path::new("a.toml"), text).unwrap().value;
+        let raw: RawConfig = rewind_shared::config::parse_toml(Path::new("a.toml"), text)
+            .unwrap()
+            .value;
         let problems = raw.validate().unwrap_err();
         let joined = problems.join("\n");
         for expected in [
@@ -283,7 +329,10 @@ tcp = "127.0.0.1:1"
             "service.web.restart-command",
             "exactly one of http, tcp or command",
         ] {
-            assert!(joined.contains(expected), "{expected} missing from:\n{joined}");
+            assert!(
+                joined.contains(expected),
+                "{expected} missing from:\n{joined}"
+            );
         }
     }
 }

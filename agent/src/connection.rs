@@ -11,7 +11,9 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use rand::Rng;
 use rewind_proto::MAX_MESSAGE_BYTES;
-use rewind_proto::v1::{self as pb, agent_message, agent_service_client::AgentServiceClient, coordinator_message};
+use rewind_proto::v1::{
+    self as pb, agent_message, agent_service_client::AgentServiceClient, coordinator_message,
+};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
@@ -40,7 +42,13 @@ pub struct Agent {
 impl Agent {
     pub fn new(config: Config, executor: Arc<Executor>) -> Arc<Self> {
         let interval_ms = AtomicU64::new(config.health_interval.as_millis() as u64);
-        Arc::new(Self { config, executor, interval_ms, latest: watch::channel(None).0, history: Mutex::new(VecDeque::new()) })
+        Arc::new(Self {
+            config,
+            executor,
+            interval_ms,
+            latest: watch::channel(None).0,
+            history: Mutex::new(VecDeque::new()),
+        })
     }
 
     /// Runs until `shutdown` resolves: health reporting always, the session whenever it can.
@@ -70,37 +78,54 @@ impl Agent {
             next += 1;
             let span = info_span!("session", coordinator = %address);
             let registered = Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let outcome = self.session(&address, tls.clone(), Arc::clone(&registered)).instrument(span).await;
+            let outcome = self
+                .session(&address, tls.clone(), Arc::clone(&registered))
+                .instrument(span)
+                .await;
             if registered.load(Ordering::SeqCst) {
                 failures = 0;
             }
             match outcome {
                 Ok(()) => info!(coordinator = %address, "Session ended; reconnecting."),
-                Err(error) => warn!(coordinator = %address, error = format!("{error:#}"), "Session failed; reconnecting."),
+                Err(error) => {
+                    warn!(coordinator = %address, error = format!("{error:#}"), "Session failed; reconnecting.")
+                }
             }
             tokio::time::sleep(backoff(failures)).await;
             failures = failures.saturating_add(1);
         }
     }
 
-    async fn session(&self, address: &str, tls: ClientTlsConfig, registered: Arc<std::sync::atomic::AtomicBool>) -> anyhow::Result<()> {
+    async fn session(
+        &self,
+        address: &str,
+        tls: ClientTlsConfig,
+        registered: Arc<std::sync::atomic::AtomicBool>,
+    ) -> anyhow::Result<()> {
         let channel = connect(address, tls).await?;
         let mut client = AgentServiceClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let (outbound, receiver) = mpsc::channel(OUTBOUND_QUEUE);
-        outbound.send(message(agent_message::Body::Register(self.register()))).await.context("queue Register")?;
+        outbound
+            .send(message(agent_message::Body::Register(self.register())))
+            .await
+            .context("queue Register")?;
         let mut inbound = client
             .session(tokio_stream::wrappers::ReceiverStream::new(receiver))
             .await
             .map_err(|status| anyhow::anyhow!("{}: {}", status.code(), status.message()))?
             .into_inner();
-        let first = inbound.next().await.context("the coordinator closed the session before answering")??;
+        let first = inbound
+            .next()
+            .await
+            .context("the coordinator closed the session before answering")??;
         let Some(coordinator_message::Body::Registered(welcome)) = first.body else {
             bail!("the coordinator's first message was not Registered");
         };
         if welcome.health_interval_ms >= 100 {
-            self.interval_ms.store(welcome.health_interval_ms, Ordering::Relaxed);
+            self.interval_ms
+                .store(welcome.health_interval_ms, Ordering::Relaxed);
         }
         registered.store(true, Ordering::SeqCst);
         info!(host_id = %welcome.host_id, interval_ms = welcome.health_interval_ms, "Registered with the coordinator.");
@@ -111,7 +136,11 @@ impl Agent {
         result
     }
 
-    async fn serve_inbound(&self, inbound: &mut tonic::Streaming<pb::CoordinatorMessage>, outbound: &mpsc::Sender<pb::AgentMessage>) -> anyhow::Result<()> {
+    async fn serve_inbound(
+        &self,
+        inbound: &mut tonic::Streaming<pb::CoordinatorMessage>,
+        outbound: &mpsc::Sender<pb::AgentMessage>,
+    ) -> anyhow::Result<()> {
         while let Some(received) = inbound.next().await {
             match received?.body {
                 Some(coordinator_message::Body::Step(step)) => {
@@ -122,17 +151,25 @@ impl Agent {
                         async move {
                             if let Some(result) = executor.execute(step).await {
                                 // If the session died meanwhile, the journal answers the redelivery.
-                                let _ = outbound.send(message(agent_message::Body::StepResult(result))).await;
+                                let _ = outbound
+                                    .send(message(agent_message::Body::StepResult(result)))
+                                    .await;
                             }
                         }
                         .instrument(span),
                     );
                 }
-                Some(coordinator_message::Body::Flag(update)) => match self.executor.set_flag(&update) {
-                    Ok(()) => info!(service = %update.service, flag = %update.flag, enabled = update.enabled, "Flag set."),
-                    Err(error) => warn!(%error, flag = %update.flag, "Flag update refused."),
-                },
-                Some(coordinator_message::Body::Registered(_)) | None => debug!("Ignored an unexpected message."),
+                Some(coordinator_message::Body::Flag(update)) => {
+                    match self.executor.set_flag(&update) {
+                        Ok(()) => {
+                            info!(service = %update.service, flag = %update.flag, enabled = update.enabled, "Flag set.")
+                        }
+                        Err(error) => warn!(%error, flag = %update.flag, "Flag update refused."),
+                    }
+                }
+                Some(coordinator_message::Body::Registered(_)) | None => {
+                    debug!("Ignored an unexpected message.")
+                }
             }
         }
         Ok(())
@@ -142,8 +179,17 @@ impl Agent {
         let labels = &self.config.labels;
         pb::Register {
             host_id: self.config.host_id.clone(),
-            labels: Some(pb::HostLabels { region: labels.region.clone(), zone: labels.zone.clone(), environment: labels.environment.clone() }),
-            services: self.config.services.iter().map(|service| service.name.clone()).collect(),
+            labels: Some(pb::HostLabels {
+                region: labels.region.clone(),
+                zone: labels.zone.clone(),
+                environment: labels.environment.clone(),
+            }),
+            services: self
+                .config
+                .services
+                .iter()
+                .map(|service| service.name.clone())
+                .collect(),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
         }
     }
@@ -153,31 +199,57 @@ impl Agent {
         let mut metrics = MetricsReader::default();
         let services: Vec<_> = self.executor.services().cloned().collect();
         loop {
-            let probes = self.executor.prober().probe_all(self.executor.host(), &services).await;
-            let report = pb::HealthReport { at_ms: rewind_shared::time::now_ms(), metrics: Some(metrics.read()), probes };
+            let probes = self
+                .executor
+                .prober()
+                .probe_all(self.executor.host(), &services)
+                .await;
+            let report = pb::HealthReport {
+                at_ms: rewind_shared::time::now_ms(),
+                metrics: Some(metrics.read()),
+                probes,
+            };
             {
-                let mut history = self.history.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                let mut history = self
+                    .history
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
                 if history.len() >= HEALTH_HISTORY {
                     history.pop_front();
                 }
                 history.push_back(report.clone());
             }
             self.latest.send_replace(Some(report));
-            tokio::time::sleep(Duration::from_millis(self.interval_ms.load(Ordering::Relaxed))).await;
+            tokio::time::sleep(Duration::from_millis(
+                self.interval_ms.load(Ordering::Relaxed),
+            ))
+            .await;
         }
     }
 
     /// Reports kept locally, oldest first.
     pub fn health_history(&self) -> Vec<pb::HealthReport> {
-        self.history.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).iter().cloned().collect()
+        self.history
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .iter()
+            .cloned()
+            .collect()
     }
 }
 
-async fn forward_health(mut latest: watch::Receiver<Option<pb::HealthReport>>, outbound: mpsc::Sender<pb::AgentMessage>) {
+async fn forward_health(
+    mut latest: watch::Receiver<Option<pb::HealthReport>>,
+    outbound: mpsc::Sender<pb::AgentMessage>,
+) {
     while latest.changed().await.is_ok() {
-        let Some(report) = latest.borrow_and_update().clone() else { continue };
+        let Some(report) = latest.borrow_and_update().clone() else {
+            continue;
+        };
         // Health is soft state: when the queue is full a report is dropped, never a step result.
-        if let Err(mpsc::error::TrySendError::Closed(_)) = outbound.try_send(message(agent_message::Body::Health(report))) {
+        if let Err(mpsc::error::TrySendError::Closed(_)) =
+            outbound.try_send(message(agent_message::Body::Health(report)))
+        {
             return;
         }
     }
@@ -192,7 +264,10 @@ async fn connect(address: &str, tls: ClientTlsConfig) -> anyhow::Result<Channel>
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(5))
         .keep_alive_while_idle(true);
-    endpoint.connect().await.with_context(|| format!("connect to {address}"))
+    endpoint
+        .connect()
+        .await
+        .with_context(|| format!("connect to {address}"))
 }
 
 fn message(body: agent_message::Body) -> pb::AgentMessage {
@@ -201,7 +276,9 @@ fn message(body: agent_message::Body) -> pb::AgentMessage {
 
 /// Capped exponential backoff with "equal jitter": half fixed, half random.
 pub fn backoff(failures: u32) -> Duration {
-    let exponential = BACKOFF_BASE.saturating_mul(1u32 << failures.min(16)).min(BACKOFF_CAP);
+    let exponential = BACKOFF_BASE
+        .saturating_mul(1u32 << failures.min(16))
+        .min(BACKOFF_CAP);
     let half = exponential / 2;
     half + Duration::from_millis(rand::rng().random_range(0..=half.as_millis() as u64))
 }
@@ -216,7 +293,10 @@ mod tests {
         assert!(backoff(3) >= BACKOFF_BASE * 4);
         for failures in [10, 20, 1000] {
             let delay = backoff(failures);
-            assert!(delay >= BACKOFF_CAP / 2 && delay <= BACKOFF_CAP, "{delay:?}");
+            assert!(
+                delay >= BACKOFF_CAP / 2 && delay <= BACKOFF_CAP,
+                "{delay:?}"
+            );
         }
     }
 }

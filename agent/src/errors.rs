@@ -5,9 +5,17 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error("path {path:?} of service {service}: {reason}")]
-    UnsafePath { service: String, path: String, reason: String },
+    UnsafePath {
+        service: String,
+        path: String,
+        reason: String,
+    },
     #[error("{action} {path}: {source}")]
-    Io { action: &'static str, path: PathBuf, source: std::io::Error },
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("store: {0}")]
     Store(String),
     #[error("no snapshot {0} in the local store")]
@@ -15,13 +23,29 @@ pub enum AgentError {
     #[error("service {service} is not managed by this agent: managed services are {known}")]
     UnknownService { service: String, known: String },
     #[error("release {version} of {service} is not on this host (looked in {path})")]
-    MissingRelease { service: String, version: String, path: PathBuf },
+    MissingRelease {
+        service: String,
+        version: String,
+        path: PathBuf,
+    },
     #[error("release {version} of {service} has digest {actual}, the change expects {expected}")]
-    DigestMismatch { service: String, version: String, expected: String, actual: String },
+    DigestMismatch {
+        service: String,
+        version: String,
+        expected: String,
+        actual: String,
+    },
     #[error("command {command} failed: {reason}")]
     Command { command: String, reason: String },
-    #[error("step {step_id} is fenced: it carries term {term}, but term {seen} was already seen for {owner}")]
-    Fenced { step_id: String, owner: String, term: u64, seen: u64 },
+    #[error(
+        "step {step_id} is fenced: it carries term {term}, but term {seen} was already seen for {owner}"
+    )]
+    Fenced {
+        step_id: String,
+        owner: String,
+        term: u64,
+        seen: u64,
+    },
     #[error("restore of {service} did not take: {detail}")]
     RestoreMismatch { service: String, detail: String },
     #[error("{0}")]
@@ -47,12 +71,22 @@ impl AgentError {
 
     /// Whether the same step may succeed if tried again.
     pub fn is_retriable(&self) -> bool {
-        matches!(self, Self::Io { .. } | Self::Store(_) | Self::Command { .. })
+        matches!(
+            self,
+            Self::Io { .. } | Self::Store(_) | Self::Command { .. }
+        )
     }
 
-    pub fn io(action: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
+    pub fn io(
+        action: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> Self {
         let path = path.into();
-        move |source| Self::Io { action, path, source }
+        move |source| Self::Io {
+            action,
+            path,
+            source,
+        }
     }
 }
 

@@ -21,7 +21,9 @@ pub struct LocalHost;
 impl Host for LocalHost {
     async fn run(&self, argv: &[String], timeout: Duration) -> Result<(), AgentError> {
         let shown = argv.join(" ");
-        let (program, args) = argv.split_first().ok_or_else(|| AgentError::Invalid("empty command".into()))?;
+        let (program, args) = argv
+            .split_first()
+            .ok_or_else(|| AgentError::Invalid("empty command".into()))?;
         let child = tokio::process::Command::new(program)
             .args(args)
             .stdin(Stdio::null())
@@ -29,20 +31,34 @@ impl Host for LocalHost {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
-            .map_err(|error| AgentError::Command { command: shown.clone(), reason: format!("cannot start: {error}") })?;
+            .map_err(|error| AgentError::Command {
+                command: shown.clone(),
+                reason: format!("cannot start: {error}"),
+            })?;
         let output = tokio::time::timeout(timeout, child.wait_with_output())
             .await
-            .map_err(|_| AgentError::Command { command: shown.clone(), reason: format!("timed out after {} ms and was killed", timeout.as_millis()) })?
-            .map_err(|error| AgentError::Command { command: shown.clone(), reason: error.to_string() })?;
+            .map_err(|_| AgentError::Command {
+                command: shown.clone(),
+                reason: format!("timed out after {} ms and was killed", timeout.as_millis()),
+            })?
+            .map_err(|error| AgentError::Command {
+                command: shown.clone(),
+                reason: error.to_string(),
+            })?;
         if output.status.success() {
             return Ok(());
         }
         let mut stderr = String::from_utf8_lossy(&output.stderr).into_owned();
         if stderr.len() > OUTPUT_TAIL_BYTES {
-            let cut = (stderr.len() - OUTPUT_TAIL_BYTES..stderr.len()).find(|&index| stderr.is_char_boundary(index)).unwrap_or(0);
+            let cut = (stderr.len() - OUTPUT_TAIL_BYTES..stderr.len())
+                .find(|&index| stderr.is_char_boundary(index))
+                .unwrap_or(0);
             stderr = stderr[cut..].to_string();
         }
-        Err(AgentError::Command { command: shown, reason: format!("{}: {}", output.status, stderr.trim()) })
+        Err(AgentError::Command {
+            command: shown,
+            reason: format!("{}: {}", output.status, stderr.trim()),
+        })
     }
 }
 
@@ -53,13 +69,35 @@ mod tests {
     #[tokio::test]
     async fn commands_report_exit_status_stderr_and_timeouts() {
         let host = LocalHost;
-        let argv = |parts: &[&str]| parts.iter().map(|part| part.to_string()).collect::<Vec<_>>();
-        host.run(&argv(&["true"]), Duration::from_secs(5)).await.unwrap();
-        let failed = host.run(&argv(&["sh", "-c", "echo broken >&2; exit 3"]), Duration::from_secs(5)).await.unwrap_err();
-        assert!(failed.to_string().contains("exit status: 3") && failed.to_string().contains("broken"), "{failed}");
-        let slow = host.run(&argv(&["sleep", "5"]), Duration::from_millis(100)).await.unwrap_err();
+        let argv = |parts: &[&str]| {
+            parts
+                .iter()
+                .map(|part| part.to_string())
+                .collect::<Vec<_>>()
+        };
+        host.run(&argv(&["true"]), Duration::from_secs(5))
+            .await
+            .unwrap();
+        let failed = host
+            .run(
+                &argv(&["sh", "-c", "echo broken >&2; exit 3"]),
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            failed.to_string().contains("exit status: 3") && failed.to_string().contains("broken"),
+            "{failed}"
+        );
+        let slow = host
+            .run(&argv(&["sleep", "5"]), Duration::from_millis(100))
+            .await
+            .unwrap_err();
         assert!(slow.to_string().contains("timed out"), "{slow}");
-        let missing = host.run(&argv(&["/nonexistent/program"]), Duration::from_secs(1)).await.unwrap_err();
+        let missing = host
+            .run(&argv(&["/nonexistent/program"]), Duration::from_secs(1))
+            .await
+            .unwrap_err();
         assert!(missing.to_string().contains("cannot start"), "{missing}");
     }
 }

@@ -14,7 +14,10 @@ impl Default for MetricsReader {
         let refresh = RefreshKind::nothing()
             .with_cpu(CpuRefreshKind::nothing().with_usage())
             .with_memory(MemoryRefreshKind::nothing().with_ram());
-        Self { system: System::new_with_specifics(refresh).ok(), disks: Disks::new_with_refreshed_list().ok() }
+        Self {
+            system: System::new_with_specifics(refresh).ok(),
+            disks: Disks::new_with_refreshed_list().ok(),
+        }
     }
 }
 
@@ -34,7 +37,8 @@ impl MetricsReader {
         if let Some(disks) = self.disks.as_mut() {
             disks.refresh(true);
             for disk in disks.iter() {
-                metrics.disk_used_bytes += disk.total_space().saturating_sub(disk.available_space());
+                metrics.disk_used_bytes +=
+                    disk.total_space().saturating_sub(disk.available_space());
                 metrics.disk_total_bytes += disk.total_space();
             }
         }

@@ -68,7 +68,11 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::CheckConfig => {
-            println!("{}: ok ({} services)", path.display(), config.services.len());
+            println!(
+                "{}: ok ({} services)",
+                path.display(),
+                config.services.len()
+            );
             Ok(())
         }
         Command::Run => run(config),
@@ -105,7 +109,8 @@ fn load_config(path: &Path, strict: bool) -> Result<Config, Vec<String>> {
 }
 
 fn open_store(config: &Config) -> anyhow::Result<Store> {
-    std::fs::create_dir_all(&config.data_dir).with_context(|| format!("create data dir {}", config.data_dir.display()))?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("create data dir {}", config.data_dir.display()))?;
     Store::open(&config.data_dir.join("store")).context("open the local store")
 }
 
@@ -113,7 +118,11 @@ fn run(config: Config) -> anyhow::Result<()> {
     let store = open_store(&config)?;
     let runtime = tokio::runtime::Runtime::new().context("start the runtime")?;
     runtime.block_on(async move {
-        let executor = Arc::new(Executor::new(store, config.services.clone(), Arc::new(LocalHost)));
+        let executor = Arc::new(Executor::new(
+            store,
+            config.services.clone(),
+            Arc::new(LocalHost),
+        ));
         let agent = Agent::new(config, executor);
         agent.run(shutdown_signal()).await;
     });
@@ -127,11 +136,23 @@ fn inspect(config: &Config, command: SnapshotCommand) -> anyhow::Result<()> {
             let mut snapshots = store.snapshots()?;
             snapshots.sort_by_key(|record| record.captured_at_ms);
             for record in snapshots {
-                let link = record.manifest.release_link.as_deref().unwrap_or("(no link)");
-                println!("{}  {}  {}  current -> {link}  {} files", record.id, record.captured_at_ms, record.manifest.service, record.manifest.files.len());
+                let link = record
+                    .manifest
+                    .release_link
+                    .as_deref()
+                    .unwrap_or("(no link)");
+                println!(
+                    "{}  {}  {}  current -> {link}  {} files",
+                    record.id,
+                    record.captured_at_ms,
+                    record.manifest.service,
+                    record.manifest.files.len()
+                );
             }
         }
-        SnapshotCommand::Show { id } => println!("{}", serde_json::to_string_pretty(&store.snapshot(&id)?)?),
+        SnapshotCommand::Show { id } => {
+            println!("{}", serde_json::to_string_pretty(&store.snapshot(&id)?)?)
+        }
         SnapshotCommand::Diff { from, to } => {
             let from_manifest = store.snapshot(&from)?.manifest;
             let to_manifest = if to == "live" {
@@ -139,7 +160,12 @@ fn inspect(config: &Config, command: SnapshotCommand) -> anyhow::Result<()> {
                     .services
                     .iter()
                     .find(|service| service.name == from_manifest.service)
-                    .with_context(|| format!("service {} is no longer in the config", from_manifest.service))?;
+                    .with_context(|| {
+                        format!(
+                            "service {} is no longer in the config",
+                            from_manifest.service
+                        )
+                    })?;
                 snapshot::live_manifest(service)?
             } else {
                 store.snapshot(&to)?.manifest

@@ -20,7 +20,9 @@ pub fn check_relative(service: &str, relative: &str) -> Result<(), AgentError> {
         return Err(unsafe_path("is empty"));
     }
     if path.is_absolute() {
-        return Err(unsafe_path("is absolute; paths are relative to the service root"));
+        return Err(unsafe_path(
+            "is absolute; paths are relative to the service root",
+        ));
     }
     for component in path.components() {
         match component {
@@ -36,15 +38,23 @@ pub fn check_relative(service: &str, relative: &str) -> Result<(), AgentError> {
 /// the root. The final component itself may be a symlink: writes replace it, never follow it.
 pub fn confined(service: &str, root: &Path, relative: &str) -> Result<PathBuf, AgentError> {
     check_relative(service, relative)?;
-    let canonical_root = root.canonicalize().map_err(AgentError::io("resolve", root))?;
+    let canonical_root = root
+        .canonicalize()
+        .map_err(AgentError::io("resolve", root))?;
     let joined = canonical_root.join(relative);
     let parent = joined.parent().unwrap_or(&canonical_root);
-    let resolved_parent = parent.canonicalize().map_err(AgentError::io("resolve", parent))?;
+    let resolved_parent = parent
+        .canonicalize()
+        .map_err(AgentError::io("resolve", parent))?;
     if !resolved_parent.starts_with(&canonical_root) {
         return Err(AgentError::UnsafePath {
             service: service.to_string(),
             path: relative.to_string(),
-            reason: format!("resolves to {} outside the service root {}", resolved_parent.display(), canonical_root.display()),
+            reason: format!(
+                "resolves to {} outside the service root {}",
+                resolved_parent.display(),
+                canonical_root.display()
+            ),
         });
     }
     Ok(resolved_parent.join(joined.file_name().unwrap_or_default()))

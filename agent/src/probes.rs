@@ -25,7 +25,9 @@ impl Default for Prober {
 impl Prober {
     /// Runs every probe of every service concurrently.
     pub async fn probe_all(&self, host: &dyn Host, services: &[ServiceConfig]) -> Vec<ProbeResult> {
-        let probes = services.iter().flat_map(|service| service.probes.iter().map(move |probe| (service, probe)));
+        let probes = services
+            .iter()
+            .flat_map(|service| service.probes.iter().map(move |probe| (service, probe)));
         let checks = probes.map(|(service, probe)| self.probe(host, &service.name, probe));
         futures::future::join_all(checks).await
     }
@@ -48,15 +50,30 @@ impl Prober {
     async fn check(&self, host: &dyn Host, probe: &Probe) -> Result<(), String> {
         match &probe.kind {
             ProbeKind::Http { url, expect_status } => {
-                let response = self.http.get(url).timeout(probe.timeout).send().await.map_err(|error| format!("GET {url}: {error}"))?;
+                let response = self
+                    .http
+                    .get(url)
+                    .timeout(probe.timeout)
+                    .send()
+                    .await
+                    .map_err(|error| format!("GET {url}: {error}"))?;
                 let status = response.status().as_u16();
-                if status == *expect_status { Ok(()) } else { Err(format!("GET {url}: status {status}, expected {expect_status}")) }
+                if status == *expect_status {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "GET {url}: status {status}, expected {expect_status}"
+                    ))
+                }
             }
             ProbeKind::Tcp { address } => tokio::net::TcpStream::connect(address)
                 .await
                 .map(drop)
                 .map_err(|error| format!("connect {address}: {error}")),
-            ProbeKind::Command { argv } => host.run(argv, probe.timeout).await.map_err(|error| error.to_string()),
+            ProbeKind::Command { argv } => host
+                .run(argv, probe.timeout)
+                .await
+                .map_err(|error| error.to_string()),
         }
     }
 }

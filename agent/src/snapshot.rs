@@ -67,7 +67,12 @@ impl Manifest {
 }
 
 /// Captures the service's current state into the store and returns the snapshot.
-pub fn capture(store: &Store, service: &ServiceConfig, probes: Vec<ProbeState>, now_ms: u64) -> Result<SnapshotRecord, AgentError> {
+pub fn capture(
+    store: &Store,
+    service: &ServiceConfig,
+    probes: Vec<ProbeState>,
+    now_ms: u64,
+) -> Result<SnapshotRecord, AgentError> {
     let started = std::time::Instant::now();
     let mut new_bytes = 0u64;
     let manifest = read_manifest(service, |bytes| {
@@ -92,25 +97,43 @@ pub fn capture(store: &Store, service: &ServiceConfig, probes: Vec<ProbeState>, 
 
 /// The manifest of the service's live state, storing nothing.
 pub fn live_manifest(service: &ServiceConfig) -> Result<Manifest, AgentError> {
-    read_manifest(service, |bytes| Ok(rewind_shared::digest::sha256_hex(bytes)))
+    read_manifest(service, |bytes| {
+        Ok(rewind_shared::digest::sha256_hex(bytes))
+    })
 }
 
 /// Reads the link and every declared file; `keep` turns each file's bytes into its blob hash.
-fn read_manifest(service: &ServiceConfig, mut keep: impl FnMut(&[u8]) -> Result<String, AgentError>) -> Result<Manifest, AgentError> {
+fn read_manifest(
+    service: &ServiceConfig,
+    mut keep: impl FnMut(&[u8]) -> Result<String, AgentError>,
+) -> Result<Manifest, AgentError> {
     let release_link = read_release_link(service)?;
     let mut files = Vec::with_capacity(service.config_files.len());
     for relative in &service.config_files {
         let path = confined(&service.name, &service.root, relative)?;
         match fs::symlink_metadata(&path) {
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-                files.push(FileState { path: relative.clone(), blob: None, mode: 0, size: 0 });
+                files.push(FileState {
+                    path: relative.clone(),
+                    blob: None,
+                    mode: 0,
+                    size: 0,
+                });
             }
-            Err(error) => return Err(AgentError::Io { action: "inspect", path, source: error }),
+            Err(error) => {
+                return Err(AgentError::Io {
+                    action: "inspect",
+                    path,
+                    source: error,
+                });
+            }
             Ok(metadata) if !metadata.is_file() => {
                 return Err(AgentError::UnsafePath {
                     service: service.name.clone(),
                     path: relative.clone(),
-                    reason: "is not a regular file (a symlink or directory is never captured as config)".into(),
+                    reason:
+                        "is not a regular file (a symlink or directory is never captured as config)"
+                            .into(),
                 });
             }
             Ok(metadata) => {
@@ -124,18 +147,27 @@ fn read_manifest(service: &ServiceConfig, mut keep: impl FnMut(&[u8]) -> Result<
             }
         }
     }
-    Ok(Manifest { service: service.name.clone(), release_link, files })
+    Ok(Manifest {
+        service: service.name.clone(),
+        release_link,
+        files,
+    })
 }
 
 fn read_release_link(service: &ServiceConfig) -> Result<Option<String>, AgentError> {
     let link = service.root.join(CURRENT_LINK);
     match fs::symlink_metadata(&link) {
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(error) => Err(AgentError::Io { action: "inspect", path: link, source: error }),
+        Err(error) => Err(AgentError::Io {
+            action: "inspect",
+            path: link,
+            source: error,
+        }),
         Ok(metadata) if !metadata.is_symlink() => Err(AgentError::UnsafePath {
             service: service.name.clone(),
             path: CURRENT_LINK.into(),
-            reason: "is not a symlink; rewind manages `current` as a link to releases/<version>".into(),
+            reason: "is not a symlink; rewind manages `current` as a link to releases/<version>"
+                .into(),
         }),
         Ok(_) => {
             let target = fs::read_link(&link).map_err(AgentError::io("read link", &link))?;
@@ -155,7 +187,9 @@ fn read_release_link(service: &ServiceConfig) -> Result<Option<String>, AgentErr
 fn check_release_target(service: &str, target: &str) -> Result<(), AgentError> {
     check_relative(service, target)?;
     let mut parts = Path::new(target).components();
-    let is_release = parts.next().is_some_and(|first| first.as_os_str() == RELEASES_DIR)
+    let is_release = parts
+        .next()
+        .is_some_and(|first| first.as_os_str() == RELEASES_DIR)
         && parts.next().is_some()
         && parts.next().is_none();
     if !is_release {
@@ -169,24 +203,39 @@ fn check_release_target(service: &str, target: &str) -> Result<(), AgentError> {
 }
 
 /// Puts back exactly the snapshot's files and link, then checks that it took.
-pub fn restore(store: &Store, service: &ServiceConfig, snapshot_id: &str) -> Result<SnapshotRecord, AgentError> {
+pub fn restore(
+    store: &Store,
+    service: &ServiceConfig,
+    snapshot_id: &str,
+) -> Result<SnapshotRecord, AgentError> {
     let record = store.snapshot(snapshot_id)?;
     let manifest = &record.manifest;
     if manifest.service != service.name {
-        return Err(AgentError::Invalid(format!("snapshot {snapshot_id} belongs to service {}, not {}", manifest.service, service.name)));
+        return Err(AgentError::Invalid(format!(
+            "snapshot {snapshot_id} belongs to service {}, not {}",
+            manifest.service, service.name
+        )));
     }
     // Check everything before writing anything: a bad manifest must not leave a half-restored host.
     let mut writes = Vec::with_capacity(manifest.files.len());
     for file in &manifest.files {
         let path = confined(&service.name, &service.root, &file.path)?;
-        let content = file.blob.as_deref().map(|hash| store.blob(hash)).transpose()?;
+        let content = file
+            .blob
+            .as_deref()
+            .map(|hash| store.blob(hash))
+            .transpose()?;
         writes.push((path, content, file.mode));
     }
     if let Some(target) = &manifest.release_link {
         check_release_target(&service.name, target)?;
         let release_dir = confined(&service.name, &service.root, target)?;
         if !release_dir.is_dir() {
-            return Err(AgentError::MissingRelease { service: service.name.clone(), version: target.clone(), path: release_dir });
+            return Err(AgentError::MissingRelease {
+                service: service.name.clone(),
+                version: target.clone(),
+                path: release_dir,
+            });
         }
     }
     for (path, content, mode) in writes {
@@ -203,7 +252,11 @@ pub fn restore(store: &Store, service: &ServiceConfig, snapshot_id: &str) -> Res
     if after != *manifest {
         return Err(AgentError::RestoreMismatch {
             service: service.name.clone(),
-            detail: format!("expected {}, found {} after writing", manifest.id(), after.id()),
+            detail: format!(
+                "expected {}, found {} after writing",
+                manifest.id(),
+                after.id()
+            ),
         });
     }
     Ok(record)
@@ -214,14 +267,21 @@ pub fn switch_link(root: &Path, target: &str) -> Result<(), AgentError> {
     let link = root.join(CURRENT_LINK);
     let staging = root.join(format!(".{CURRENT_LINK}.rewind-new"));
     remove_if_present(&staging)?;
-    std::os::unix::fs::symlink(target, &staging).map_err(AgentError::io("create link", &staging))?;
+    std::os::unix::fs::symlink(target, &staging)
+        .map_err(AgentError::io("create link", &staging))?;
     fs::rename(&staging, &link).map_err(AgentError::io("replace link", &link))?;
     sync_dir(root)
 }
 
 pub(crate) fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<(), AgentError> {
-    let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
-    let staging = dir.join(format!(".{}.rewind-new", path.file_name().unwrap_or_default().to_string_lossy()));
+    let dir = path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let staging = dir.join(format!(
+        ".{}.rewind-new",
+        path.file_name().unwrap_or_default().to_string_lossy()
+    ));
     let mut file = fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -229,8 +289,10 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<(
         .mode(mode.max(0o600))
         .open(&staging)
         .map_err(AgentError::io("create", &staging))?;
-    file.write_all(bytes).map_err(AgentError::io("write", &staging))?;
-    file.set_permissions(fs::Permissions::from_mode(mode)).map_err(AgentError::io("chmod", &staging))?;
+    file.write_all(bytes)
+        .map_err(AgentError::io("write", &staging))?;
+    file.set_permissions(fs::Permissions::from_mode(mode))
+        .map_err(AgentError::io("chmod", &staging))?;
     file.sync_all().map_err(AgentError::io("sync", &staging))?;
     fs::rename(&staging, path).map_err(AgentError::io("replace", path))?;
     sync_dir(&dir)
@@ -238,20 +300,30 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<(
 
 fn remove_if_present(path: &Path) -> Result<(), AgentError> {
     match fs::remove_file(path) {
-        Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(AgentError::Io { action: "remove", path: path.into(), source: error }),
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(AgentError::Io {
+            action: "remove",
+            path: path.into(),
+            source: error,
+        }),
         _ => Ok(()),
     }
 }
 
 fn sync_dir(dir: &Path) -> Result<(), AgentError> {
-    fs::File::open(dir).and_then(|handle| handle.sync_all()).map_err(AgentError::io("sync", dir))
+    fs::File::open(dir)
+        .and_then(|handle| handle.sync_all())
+        .map_err(AgentError::io("sync", dir))
 }
 
 /// Lines describing how two manifests differ; empty when equal.
 pub fn diff(before: &Manifest, after: &Manifest) -> Vec<String> {
     let mut lines = Vec::new();
     if before.release_link != after.release_link {
-        lines.push(format!("current: {} -> {}", show(&before.release_link), show(&after.release_link)));
+        lines.push(format!(
+            "current: {} -> {}",
+            show(&before.release_link),
+            show(&after.release_link)
+        ));
     }
     for file in &before.files {
         match after.files.iter().find(|other| other.path == file.path) {
@@ -259,15 +331,36 @@ pub fn diff(before: &Manifest, after: &Manifest) -> Vec<String> {
             Some(other) if other.blob != file.blob => lines.push(format!(
                 "{}: {} -> {}",
                 file.path,
-                file.blob.as_deref().map_or("absent".into(), |hash| format!("{} bytes sha256:{}", file.size, &hash[..12])),
-                other.blob.as_deref().map_or("absent".into(), |hash| format!("{} bytes sha256:{}", other.size, &hash[..12])),
+                file.blob.as_deref().map_or("absent".into(), |hash| format!(
+                    "{} bytes sha256:{}",
+                    file.size,
+                    &hash[..12]
+                )),
+                other
+                    .blob
+                    .as_deref()
+                    .map_or("absent".into(), |hash| format!(
+                        "{} bytes sha256:{}",
+                        other.size,
+                        &hash[..12]
+                    )),
             )),
-            Some(other) if other.mode != file.mode => lines.push(format!("{}: mode {:o} -> {:o}", file.path, file.mode, other.mode)),
+            Some(other) if other.mode != file.mode => lines.push(format!(
+                "{}: mode {:o} -> {:o}",
+                file.path, file.mode, other.mode
+            )),
             Some(_) => {}
         }
     }
-    for file in after.files.iter().filter(|file| !before.files.iter().any(|other| other.path == file.path)) {
-        lines.push(format!("{}: only tracked in the second snapshot", file.path));
+    for file in after
+        .files
+        .iter()
+        .filter(|file| !before.files.iter().any(|other| other.path == file.path))
+    {
+        lines.push(format!(
+            "{}: only tracked in the second snapshot",
+            file.path
+        ));
     }
     lines
 }

@@ -19,19 +19,31 @@ fn fixture() -> Fixture {
     }
     fs::create_dir_all(root.path().join("shared/config")).unwrap();
     fs::write(root.path().join("shared/config/app.toml"), b"threads = 4\n").unwrap();
-    fs::set_permissions(root.path().join("shared/config/app.toml"), fs::Permissions::from_mode(0o640)).unwrap();
+    fs::set_permissions(
+        root.path().join("shared/config/app.toml"),
+        fs::Permissions::from_mode(0o640),
+    )
+    .unwrap();
     switch_link(root.path(), "releases/v1").unwrap();
     let service = ServiceConfig {
         name: "web".into(),
         root: root.path().to_path_buf(),
-        config_files: vec!["shared/config/app.toml".into(), "shared/config/extra.toml".into()],
+        config_files: vec![
+            "shared/config/app.toml".into(),
+            "shared/config/extra.toml".into(),
+        ],
         flags_file: None,
         restart_command: vec!["true".into()],
         restart_timeout: Duration::from_secs(5),
         probes: vec![],
     };
     let store = Store::open(store_dir.path()).unwrap();
-    Fixture { root, _store_dir: store_dir, store, service }
+    Fixture {
+        root,
+        _store_dir: store_dir,
+        store,
+        service,
+    }
 }
 
 #[test]
@@ -42,15 +54,32 @@ fn restore_puts_back_exact_bytes_modes_link_and_absence() {
 
     switch_link(root, "releases/v2").unwrap();
     fs::write(root.join("shared/config/app.toml"), b"threads = 64\n").unwrap();
-    fs::set_permissions(root.join("shared/config/app.toml"), fs::Permissions::from_mode(0o666)).unwrap();
+    fs::set_permissions(
+        root.join("shared/config/app.toml"),
+        fs::Permissions::from_mode(0o666),
+    )
+    .unwrap();
     fs::write(root.join("shared/config/extra.toml"), b"new = true\n").unwrap();
 
     restore(&fixture.store, &fixture.service, &snapshot.id).unwrap();
-    assert_eq!(fs::read_link(root.join("current")).unwrap().to_str(), Some("releases/v1"));
-    assert_eq!(fs::read(root.join("shared/config/app.toml")).unwrap(), b"threads = 4\n");
-    let mode = fs::metadata(root.join("shared/config/app.toml")).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(
+        fs::read_link(root.join("current")).unwrap().to_str(),
+        Some("releases/v1")
+    );
+    assert_eq!(
+        fs::read(root.join("shared/config/app.toml")).unwrap(),
+        b"threads = 4\n"
+    );
+    let mode = fs::metadata(root.join("shared/config/app.toml"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o7777;
     assert_eq!(mode, 0o640);
-    assert!(!root.join("shared/config/extra.toml").exists(), "a file absent at capture is absent after restore");
+    assert!(
+        !root.join("shared/config/extra.toml").exists(),
+        "a file absent at capture is absent after restore"
+    );
     assert_eq!(live_manifest(&fixture.service).unwrap(), snapshot.manifest);
 }
 
@@ -74,9 +103,16 @@ fn a_tampered_manifest_with_a_path_escape_restores_nothing() {
         snapshot.manifest.files[0].path = bad.into();
         fixture.store.put_snapshot(&snapshot).unwrap();
         let error = restore(&fixture.store, &fixture.service, &snapshot.id).unwrap_err();
-        assert!(matches!(error, AgentError::UnsafePath { .. }), "{bad}: {error}");
+        assert!(
+            matches!(error, AgentError::UnsafePath { .. }),
+            "{bad}: {error}"
+        );
     }
-    assert_eq!(fs::read_link(root.join("current")).unwrap().to_str(), Some("releases/v2"), "nothing was restored");
+    assert_eq!(
+        fs::read_link(root.join("current")).unwrap().to_str(),
+        Some("releases/v2"),
+        "nothing was restored"
+    );
 }
 
 #[test]
@@ -87,9 +123,14 @@ fn a_config_dir_swapped_for_a_symlink_out_of_the_root_is_refused() {
     let snapshot = capture(&fixture.store, &fixture.service, vec![], 1).unwrap();
     fs::remove_dir_all(root.join("shared/config")).unwrap();
     std::os::unix::fs::symlink(outside.path(), root.join("shared/config")).unwrap();
-    let error = restore(&fixture.store, &fixture.service, &snapshot.id).unwrap_err().to_string();
+    let error = restore(&fixture.store, &fixture.service, &snapshot.id)
+        .unwrap_err()
+        .to_string();
     assert!(error.contains("outside the service root"), "{error}");
-    assert!(fs::read_dir(outside.path()).unwrap().next().is_none(), "nothing was written outside");
+    assert!(
+        fs::read_dir(outside.path()).unwrap().next().is_none(),
+        "nothing was written outside"
+    );
 }
 
 #[test]
@@ -100,8 +141,14 @@ fn a_link_to_a_missing_release_is_refused_before_anything_changes() {
     fs::write(root.join("shared/config/app.toml"), b"changed").unwrap();
     fs::remove_dir(root.join("releases/v1")).unwrap();
     let error = restore(&fixture.store, &fixture.service, &snapshot.id).unwrap_err();
-    assert!(matches!(error, AgentError::MissingRelease { .. }), "{error}");
-    assert_eq!(fs::read(root.join("shared/config/app.toml")).unwrap(), b"changed");
+    assert!(
+        matches!(error, AgentError::MissingRelease { .. }),
+        "{error}"
+    );
+    assert_eq!(
+        fs::read(root.join("shared/config/app.toml")).unwrap(),
+        b"changed"
+    );
 }
 
 #[test]
@@ -109,17 +156,25 @@ fn a_current_that_is_not_a_link_or_points_outside_releases_is_refused() {
     let fixture = fixture();
     let root = fixture.root.path();
     switch_link(root, "../elsewhere").unwrap();
-    assert!(matches!(capture(&fixture.store, &fixture.service, vec![], 1), Err(AgentError::UnsafePath { .. })));
+    assert!(matches!(
+        capture(&fixture.store, &fixture.service, vec![], 1),
+        Err(AgentError::UnsafePath { .. })
+    ));
     fs::remove_file(root.join("current")).unwrap();
     fs::create_dir(root.join("current")).unwrap();
-    assert!(matches!(capture(&fixture.store, &fixture.service, vec![], 1), Err(AgentError::UnsafePath { .. })));
+    assert!(matches!(
+        capture(&fixture.store, &fixture.service, vec![], 1),
+        Err(AgentError::UnsafePath { .. })
+    ));
 }
 
 #[test]
 fn diff_names_what_changed() {
     let fixture = fixture();
     let root = fixture.root.path();
-    let before = capture(&fixture.store, &fixture.service, vec![], 1).unwrap().manifest;
+    let before = capture(&fixture.store, &fixture.service, vec![], 1)
+        .unwrap()
+        .manifest;
     switch_link(root, "releases/v2").unwrap();
     fs::write(root.join("shared/config/app.toml"), b"x").unwrap();
     let lines = diff(&before, &live_manifest(&fixture.service).unwrap());

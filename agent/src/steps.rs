@@ -37,9 +37,22 @@ pub struct Executor {
 
 impl Executor {
     pub fn new(store: Store, services: Vec<ServiceConfig>, host: Arc<dyn Host>) -> Self {
-        let service_locks = services.iter().map(|service| (service.name.clone(), tokio::sync::Mutex::new(()))).collect();
-        let services = services.into_iter().map(|service| (service.name.clone(), service)).collect();
-        Self { store, services, host, prober: Prober::default(), service_locks, in_flight: Mutex::new(HashSet::new()) }
+        let service_locks = services
+            .iter()
+            .map(|service| (service.name.clone(), tokio::sync::Mutex::new(())))
+            .collect();
+        let services = services
+            .into_iter()
+            .map(|service| (service.name.clone(), service))
+            .collect();
+        Self {
+            store,
+            services,
+            host,
+            prober: Prober::default(),
+            service_locks,
+            in_flight: Mutex::new(HashSet::new()),
+        }
     }
 
     pub fn store(&self) -> &Store {
@@ -77,26 +90,51 @@ impl Executor {
         }
         match self.store.journal(&step_id) {
             Err(error) => return Some(refuse(error)),
-            Ok(Some(JournalRecord { outcome: Some(outcome), started_at_ms, .. })) => {
+            Ok(Some(JournalRecord {
+                outcome: Some(outcome),
+                started_at_ms,
+                ..
+            })) => {
                 info!(step_id, "Step already ran; answering from the journal.");
                 return Some(result(&step_id, started_at_ms, outcome, true));
             }
             Ok(Some(_)) if self.in_flight_contains(&step_id) => return None,
-            Ok(Some(_)) => warn!(step_id, "Step started before a restart and never ended; running it again (steps are idempotent)."),
+            Ok(Some(_)) => warn!(
+                step_id,
+                "Step started before a restart and never ended; running it again (steps are idempotent)."
+            ),
             Ok(None) => {}
         }
         self.set_in_flight(&step_id, true);
-        let record = JournalRecord { step_id: step_id.clone(), term: command.term, started_at_ms, outcome: None };
+        let record = JournalRecord {
+            step_id: step_id.clone(),
+            term: command.term,
+            started_at_ms,
+            outcome: None,
+        };
         if let Err(error) = self.store.put_journal(&record) {
             self.set_in_flight(&step_id, false);
             return Some(refuse(error));
         }
         let acted = self.act(&command).await;
         let outcome = match acted {
-            Ok((detail, snapshot_id)) => StepOutcome { ok: true, detail, snapshot_id, finished_at_ms: now_ms() },
-            Err(error) => StepOutcome { ok: false, detail: error.to_string(), snapshot_id: String::new(), finished_at_ms: now_ms() },
+            Ok((detail, snapshot_id)) => StepOutcome {
+                ok: true,
+                detail,
+                snapshot_id,
+                finished_at_ms: now_ms(),
+            },
+            Err(error) => StepOutcome {
+                ok: false,
+                detail: error.to_string(),
+                snapshot_id: String::new(),
+                finished_at_ms: now_ms(),
+            },
         };
-        let finished = JournalRecord { outcome: Some(outcome.clone()), ..record };
+        let finished = JournalRecord {
+            outcome: Some(outcome.clone()),
+            ..record
+        };
         if let Err(error) = self.store.put_journal(&finished) {
             warn!(%error, step_id, "Could not journal the step's outcome.");
         }
@@ -107,36 +145,69 @@ impl Executor {
 
     fn check_fence(&self, command: &StepCommand) -> Result<(), AgentError> {
         let step_id = &command.step_id;
-        if step_id.is_empty() || step_id.len() > MAX_STEP_ID_BYTES || !step_id.chars().all(|c| c.is_ascii_graphic()) {
-            return Err(AgentError::Invalid(format!("step_id: {:?} is not a valid step id", truncate(step_id, 64))));
+        if step_id.is_empty()
+            || step_id.len() > MAX_STEP_ID_BYTES
+            || !step_id.chars().all(|c| c.is_ascii_graphic())
+        {
+            return Err(AgentError::Invalid(format!(
+                "step_id: {:?} is not a valid step id",
+                truncate(step_id, 64)
+            )));
         }
         let owner = step_id.split('/').next().unwrap_or(step_id);
         let seen = self.store.raise_fence(owner, command.term)?;
         if command.term < seen {
-            return Err(AgentError::Fenced { step_id: step_id.clone(), owner: owner.to_string(), term: command.term, seen });
+            return Err(AgentError::Fenced {
+                step_id: step_id.clone(),
+                owner: owner.to_string(),
+                term: command.term,
+                seen,
+            });
         }
         Ok(())
     }
 
     async fn act(&self, command: &StepCommand) -> Result<(String, String), AgentError> {
         let service = self.service(&command.service)?;
-        let action = command.action.as_ref().ok_or_else(|| AgentError::Invalid("step has no action".into()))?;
+        let action = command
+            .action
+            .as_ref()
+            .ok_or_else(|| AgentError::Invalid("step has no action".into()))?;
         let lock = &self.service_locks[&service.name];
         let _one_at_a_time = lock.lock().await;
-        let timeout = if command.timeout_ms == 0 { DEFAULT_STEP_TIMEOUT } else { Duration::from_millis(command.timeout_ms) };
+        let timeout = if command.timeout_ms == 0 {
+            DEFAULT_STEP_TIMEOUT
+        } else {
+            Duration::from_millis(command.timeout_ms)
+        };
         tokio::time::timeout(timeout, self.act_on(service, action))
             .await
-            .map_err(|_| AgentError::Command { command: "step".into(), reason: format!("did not finish within {} ms", timeout.as_millis()) })?
+            .map_err(|_| AgentError::Command {
+                command: "step".into(),
+                reason: format!("did not finish within {} ms", timeout.as_millis()),
+            })?
     }
 
-    async fn act_on(&self, service: &ServiceConfig, action: &Action) -> Result<(String, String), AgentError> {
+    async fn act_on(
+        &self,
+        service: &ServiceConfig,
+        action: &Action,
+    ) -> Result<(String, String), AgentError> {
         match action {
             Action::Capture(_) => {
                 let probes = self.probe_states(service).await;
                 let (store, owned) = (self.store.clone(), service.clone());
-                let record = blocking(move || snapshot::capture(&store, &owned, probes, now_ms())).await?;
-                let link = record.manifest.release_link.clone().unwrap_or_else(|| "no release link".into());
-                let detail = format!("captured {} ({link}, {} new bytes, {} ms)", record.id, record.new_bytes, record.capture_ms);
+                let record =
+                    blocking(move || snapshot::capture(&store, &owned, probes, now_ms())).await?;
+                let link = record
+                    .manifest
+                    .release_link
+                    .clone()
+                    .unwrap_or_else(|| "no release link".into());
+                let detail = format!(
+                    "captured {} ({link}, {} new bytes, {} ms)",
+                    record.id, record.new_bytes, record.capture_ms
+                );
                 Ok((detail, record.id))
             }
             Action::Activate(activate) => {
@@ -144,11 +215,18 @@ impl Executor {
                 let target = format!("{RELEASES_DIR}/{}", activate.version);
                 let release_dir = confined(&service.name, &service.root, &target)?;
                 if !release_dir.is_dir() {
-                    return Err(AgentError::MissingRelease { service: service.name.clone(), version: activate.version.clone(), path: release_dir });
+                    return Err(AgentError::MissingRelease {
+                        service: service.name.clone(),
+                        version: activate.version.clone(),
+                        path: release_dir,
+                    });
                 }
                 if !activate.artifact_digest.is_empty() {
                     let dir = release_dir.clone();
-                    let actual = blocking(move || rewind_shared::digest::tree_digest(&dir).map_err(AgentError::from)).await?;
+                    let actual = blocking(move || {
+                        rewind_shared::digest::tree_digest(&dir).map_err(AgentError::from)
+                    })
+                    .await?;
                     if actual != activate.artifact_digest {
                         return Err(AgentError::DigestMismatch {
                             service: service.name.clone(),
@@ -161,19 +239,40 @@ impl Executor {
                 let root = service.root.clone();
                 let link_target = target.clone();
                 blocking(move || snapshot::switch_link(&root, &link_target)).await?;
-                self.host.run(&service.restart_command, service.restart_timeout).await?;
+                self.host
+                    .run(&service.restart_command, service.restart_timeout)
+                    .await?;
                 Ok((format!("current -> {target}, restarted"), String::new()))
             }
             Action::Restore(restore) => {
                 names::validate_name("snapshot_id", &restore.snapshot_id)?;
-                let (store, owned, id) = (self.store.clone(), service.clone(), restore.snapshot_id.clone());
+                let (store, owned, id) = (
+                    self.store.clone(),
+                    service.clone(),
+                    restore.snapshot_id.clone(),
+                );
                 let record = blocking(move || snapshot::restore(&store, &owned, &id)).await?;
-                let link = record.manifest.release_link.unwrap_or_else(|| "no release link".into());
-                Ok((format!("restored {} (current -> {link}, {} files)", record.id, record.manifest.files.len()), String::new()))
+                let link = record
+                    .manifest
+                    .release_link
+                    .unwrap_or_else(|| "no release link".into());
+                Ok((
+                    format!(
+                        "restored {} (current -> {link}, {} files)",
+                        record.id,
+                        record.manifest.files.len()
+                    ),
+                    String::new(),
+                ))
             }
             Action::Restart(_) => {
-                self.host.run(&service.restart_command, service.restart_timeout).await?;
-                Ok((format!("ran {}", service.restart_command.join(" ")), String::new()))
+                self.host
+                    .run(&service.restart_command, service.restart_timeout)
+                    .await?;
+                Ok((
+                    format!("ran {}", service.restart_command.join(" ")),
+                    String::new(),
+                ))
             }
         }
     }
@@ -181,8 +280,14 @@ impl Executor {
     async fn probe_states(&self, service: &ServiceConfig) -> Vec<ProbeState> {
         let mut states = Vec::with_capacity(service.probes.len());
         for probe in &service.probes {
-            let result = self.prober.probe(self.host.as_ref(), &service.name, probe).await;
-            states.push(ProbeState { probe: result.probe, ok: result.ok });
+            let result = self
+                .prober
+                .probe(self.host.as_ref(), &service.name, probe)
+                .await;
+            states.push(ProbeState {
+                probe: result.probe,
+                ok: result.ok,
+            });
         }
         states
     }
@@ -191,35 +296,56 @@ impl Executor {
     pub fn set_flag(&self, update: &FlagUpdate) -> Result<(), AgentError> {
         let service = self.service(&update.service)?;
         names::validate_name("flag", &update.flag)?;
-        let relative = service
-            .flags_file
-            .as_deref()
-            .ok_or_else(|| AgentError::Invalid(format!("service {} has no flags-file configured", service.name)))?;
+        let relative = service.flags_file.as_deref().ok_or_else(|| {
+            AgentError::Invalid(format!(
+                "service {} has no flags-file configured",
+                service.name
+            ))
+        })?;
         let path = confined(&service.name, &service.root, relative)?;
         let mut flags: BTreeMap<String, bool> = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|error| AgentError::Invalid(format!("flags file {} is not a JSON object of booleans: {error}", path.display())))?,
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|error| {
+                AgentError::Invalid(format!(
+                    "flags file {} is not a JSON object of booleans: {error}",
+                    path.display()
+                ))
+            })?,
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
-            Err(error) => return Err(AgentError::Io { action: "read", path, source: error }),
+            Err(error) => {
+                return Err(AgentError::Io {
+                    action: "read",
+                    path,
+                    source: error,
+                });
+            }
         };
         flags.insert(update.flag.clone(), update.enabled);
-        let bytes = serde_json::to_vec_pretty(&flags).map_err(|error| AgentError::Invalid(error.to_string()))?;
+        let bytes = serde_json::to_vec_pretty(&flags)
+            .map_err(|error| AgentError::Invalid(error.to_string()))?;
         snapshot::write_atomically(&path, &bytes, 0o644)
     }
 
     fn service(&self, name: &str) -> Result<&ServiceConfig, AgentError> {
-        self.services.get(name).ok_or_else(|| AgentError::UnknownService {
-            service: truncate(name, 128).to_string(),
-            known: self.services.keys().cloned().collect::<Vec<_>>().join(", "),
-        })
+        self.services
+            .get(name)
+            .ok_or_else(|| AgentError::UnknownService {
+                service: truncate(name, 128).to_string(),
+                known: self.services.keys().cloned().collect::<Vec<_>>().join(", "),
+            })
     }
 
     fn in_flight_contains(&self, step_id: &str) -> bool {
-        self.in_flight.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).contains(step_id)
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .contains(step_id)
     }
 
     fn set_in_flight(&self, step_id: &str, running: bool) {
-        let mut in_flight = self.in_flight.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut in_flight = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if running {
             in_flight.insert(step_id.to_string());
         } else {
@@ -241,12 +367,19 @@ fn result(step_id: &str, started_at_ms: u64, outcome: StepOutcome, replayed: boo
 }
 
 /// File-system work runs on the blocking pool, off the async workers.
-async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T, AgentError> + Send + 'static) -> Result<T, AgentError> {
-    tokio::task::spawn_blocking(work).await.map_err(|error| AgentError::Invalid(format!("step task failed: {error}")))?
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, AgentError> + Send + 'static,
+) -> Result<T, AgentError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|error| AgentError::Invalid(format!("step task failed: {error}")))?
 }
 
 fn truncate(text: &str, max: usize) -> &str {
-    let cut = (0..=max.min(text.len())).rev().find(|&index| text.is_char_boundary(index)).unwrap_or(0);
+    let cut = (0..=max.min(text.len()))
+        .rev()
+        .find(|&index| text.is_char_boundary(index))
+        .unwrap_or(0);
     &text[..cut]
 }
 

@@ -30,7 +30,11 @@ fn fixture() -> Fixture {
     let data = tempfile::tempdir().unwrap();
     for version in ["v1", "v2"] {
         fs::create_dir_all(root.path().join("releases").join(version)).unwrap();
-        fs::write(root.path().join("releases").join(version).join("VERSION"), version).unwrap();
+        fs::write(
+            root.path().join("releases").join(version).join("VERSION"),
+            version,
+        )
+        .unwrap();
     }
     fs::write(root.path().join("app.toml"), b"mode = 'v1'").unwrap();
     snapshot::switch_link(root.path(), "releases/v1").unwrap();
@@ -46,15 +50,29 @@ fn fixture() -> Fixture {
     let host = Arc::new(CountingHost::default());
     let store = Store::open(data.path()).unwrap();
     let executor = Executor::new(store, vec![service], host.clone());
-    Fixture { root, _data: data, host, executor }
+    Fixture {
+        root,
+        _data: data,
+        host,
+        executor,
+    }
 }
 
 fn step(step_id: &str, term: u64, action: Action) -> StepCommand {
-    StepCommand { step_id: step_id.into(), term, service: "web".into(), timeout_ms: 10_000, action: Some(action) }
+    StepCommand {
+        step_id: step_id.into(),
+        term,
+        service: "web".into(),
+        timeout_ms: 10_000,
+        action: Some(action),
+    }
 }
 
 fn link(fixture: &Fixture) -> String {
-    fs::read_link(fixture.root.path().join("current")).unwrap().to_string_lossy().into_owned()
+    fs::read_link(fixture.root.path().join("current"))
+        .unwrap()
+        .to_string_lossy()
+        .into_owned()
 }
 
 #[tokio::test]
@@ -72,8 +90,24 @@ async fn a_step_delivered_twice_acts_once_and_answers_the_same() {
 #[tokio::test]
 async fn a_step_from_an_older_term_is_fenced_and_does_nothing() {
     let fixture = fixture();
-    fixture.executor.execute(step("rb-1/restore/web-1", 5, Action::Restart(RestartService {}))).await.unwrap();
-    let stale = fixture.executor.execute(step("rb-1/restart/web-1", 4, Action::Restart(RestartService {}))).await.unwrap();
+    fixture
+        .executor
+        .execute(step(
+            "rb-1/restore/web-1",
+            5,
+            Action::Restart(RestartService {}),
+        ))
+        .await
+        .unwrap();
+    let stale = fixture
+        .executor
+        .execute(step(
+            "rb-1/restart/web-1",
+            4,
+            Action::Restart(RestartService {}),
+        ))
+        .await
+        .unwrap();
     assert!(!stale.ok);
     assert!(stale.detail.contains("fenced"), "{}", stale.detail);
     assert_eq!(fixture.host.runs.load(Ordering::SeqCst), 1);
@@ -82,37 +116,86 @@ async fn a_step_from_an_older_term_is_fenced_and_does_nothing() {
 #[tokio::test]
 async fn capture_activate_restore_round_trip() {
     let fixture = fixture();
-    let captured = fixture.executor.execute(step("ch-2/capture/web-1", 1, Action::Capture(CaptureSnapshot {}))).await.unwrap();
+    let captured = fixture
+        .executor
+        .execute(step(
+            "ch-2/capture/web-1",
+            1,
+            Action::Capture(CaptureSnapshot {}),
+        ))
+        .await
+        .unwrap();
     assert!(captured.ok, "{}", captured.detail);
     assert!(captured.snapshot_id.starts_with("snap-"));
 
-    let digest = rewind_shared::digest::tree_digest(&fixture.root.path().join("releases/v2")).unwrap();
-    let activate = ActivateRelease { version: "v2".into(), artifact_digest: digest };
-    let activated = fixture.executor.execute(step("ch-2/activate/web-1", 1, Action::Activate(activate))).await.unwrap();
+    let digest =
+        rewind_shared::digest::tree_digest(&fixture.root.path().join("releases/v2")).unwrap();
+    let activate = ActivateRelease {
+        version: "v2".into(),
+        artifact_digest: digest,
+    };
+    let activated = fixture
+        .executor
+        .execute(step("ch-2/activate/web-1", 1, Action::Activate(activate)))
+        .await
+        .unwrap();
     assert!(activated.ok, "{}", activated.detail);
     assert_eq!(link(&fixture), "releases/v2");
     fs::write(fixture.root.path().join("app.toml"), b"mode = 'v2'").unwrap();
 
-    let restore = RestoreSnapshot { snapshot_id: captured.snapshot_id.clone() };
-    let restored = fixture.executor.execute(step("rb-1/restore/web-1", 1, Action::Restore(restore))).await.unwrap();
+    let restore = RestoreSnapshot {
+        snapshot_id: captured.snapshot_id.clone(),
+    };
+    let restored = fixture
+        .executor
+        .execute(step("rb-1/restore/web-1", 1, Action::Restore(restore)))
+        .await
+        .unwrap();
     assert!(restored.ok, "{}", restored.detail);
     assert_eq!(link(&fixture), "releases/v1");
-    assert_eq!(fs::read(fixture.root.path().join("app.toml")).unwrap(), b"mode = 'v1'");
+    assert_eq!(
+        fs::read(fixture.root.path().join("app.toml")).unwrap(),
+        b"mode = 'v1'"
+    );
 }
 
 #[tokio::test]
 async fn activation_refuses_a_release_whose_digest_differs() {
     let fixture = fixture();
-    let activate = ActivateRelease { version: "v2".into(), artifact_digest: format!("sha256:{}", "0".repeat(64)) };
-    let result = fixture.executor.execute(step("ch-1/activate/web-1", 1, Action::Activate(activate))).await.unwrap();
+    let activate = ActivateRelease {
+        version: "v2".into(),
+        artifact_digest: format!("sha256:{}", "0".repeat(64)),
+    };
+    let result = fixture
+        .executor
+        .execute(step("ch-1/activate/web-1", 1, Action::Activate(activate)))
+        .await
+        .unwrap();
     assert!(!result.ok);
-    assert!(result.detail.contains("has digest sha256:"), "{}", result.detail);
+    assert!(
+        result.detail.contains("has digest sha256:"),
+        "{}",
+        result.detail
+    );
     assert_eq!(link(&fixture), "releases/v1");
     assert_eq!(fixture.host.runs.load(Ordering::SeqCst), 0);
 
-    let missing = ActivateRelease { version: "v9".into(), artifact_digest: String::new() };
-    let result = fixture.executor.execute(step("ch-3/activate/web-1", 1, Action::Activate(missing))).await.unwrap();
-    assert!(result.detail.contains("release v9 of web is not on this host"), "{}", result.detail);
+    let missing = ActivateRelease {
+        version: "v9".into(),
+        artifact_digest: String::new(),
+    };
+    let result = fixture
+        .executor
+        .execute(step("ch-3/activate/web-1", 1, Action::Activate(missing)))
+        .await
+        .unwrap();
+    assert!(
+        result
+            .detail
+            .contains("release v9 of web is not on this host"),
+        "{}",
+        result.detail
+    );
 }
 
 #[tokio::test]
@@ -121,11 +204,27 @@ async fn bad_commands_fail_with_a_reason_and_change_nothing() {
     let mut unknown = step("rb-1/restart/web-1", 1, Action::Restart(RestartService {}));
     unknown.service = "db".into();
     let result = fixture.executor.execute(unknown).await.unwrap();
-    assert!(result.detail.contains("service db is not managed by this agent: managed services are web"), "{}", result.detail);
+    assert!(
+        result
+            .detail
+            .contains("service db is not managed by this agent: managed services are web"),
+        "{}",
+        result.detail
+    );
 
-    let no_snapshot = step("rb-2/restore/web-1", 1, Action::Restore(RestoreSnapshot { snapshot_id: "snap-nope".into() }));
+    let no_snapshot = step(
+        "rb-2/restore/web-1",
+        1,
+        Action::Restore(RestoreSnapshot {
+            snapshot_id: "snap-nope".into(),
+        }),
+    );
     let result = fixture.executor.execute(no_snapshot).await.unwrap();
-    assert!(result.detail.contains("no snapshot snap-nope"), "{}", result.detail);
+    assert!(
+        result.detail.contains("no snapshot snap-nope"),
+        "{}",
+        result.detail
+    );
 
     let empty = step("", 1, Action::Restart(RestartService {}));
     assert!(!fixture.executor.execute(empty).await.unwrap().ok);
@@ -136,10 +235,29 @@ async fn bad_commands_fail_with_a_reason_and_change_nothing() {
 #[test]
 fn flag_updates_rewrite_the_flags_file() {
     let fixture = fixture();
-    let update = |flag: &str, enabled| FlagUpdate { service: "web".into(), flag: flag.into(), enabled };
-    fixture.executor.set_flag(&update("new-checkout", true)).unwrap();
-    fixture.executor.set_flag(&update("kill-switch", false)).unwrap();
-    let flags: BTreeMap<String, bool> = serde_json::from_slice(&fs::read(fixture.root.path().join("flags.json")).unwrap()).unwrap();
-    assert_eq!(flags, BTreeMap::from([("kill-switch".into(), false), ("new-checkout".into(), true)]));
-    assert!(fixture.executor.set_flag(&update("Bad Flag", true)).is_err());
+    let update = |flag: &str, enabled| FlagUpdate {
+        service: "web".into(),
+        flag: flag.into(),
+        enabled,
+    };
+    fixture
+        .executor
+        .set_flag(&update("new-checkout", true))
+        .unwrap();
+    fixture
+        .executor
+        .set_flag(&update("kill-switch", false))
+        .unwrap();
+    let flags: BTreeMap<String, bool> =
+        serde_json::from_slice(&fs::read(fixture.root.path().join("flags.json")).unwrap()).unwrap();
+    assert_eq!(
+        flags,
+        BTreeMap::from([("kill-switch".into(), false), ("new-checkout".into(), true)])
+    );
+    assert!(
+        fixture
+            .executor
+            .set_flag(&update("Bad Flag", true))
+            .is_err()
+    );
 }

@@ -43,7 +43,8 @@ pub struct StepOutcome {
 
 impl Store {
     pub fn open(dir: &Path) -> Result<Self, AgentError> {
-        let db = sled::open(dir).map_err(|error| AgentError::Store(format!("open {}: {error}", dir.display())))?;
+        let db = sled::open(dir)
+            .map_err(|error| AgentError::Store(format!("open {}: {error}", dir.display())))?;
         Ok(Self {
             blobs: db.open_tree("blobs")?,
             snapshots: db.open_tree("snapshots")?,
@@ -62,55 +63,83 @@ impl Store {
     /// Stores `bytes` under their sha256 unless already present; returns (hash, newly stored).
     pub fn put_blob(&self, bytes: &[u8]) -> Result<(String, bool), AgentError> {
         let hash = rewind_shared::digest::sha256_hex(bytes);
-        let inserted = self.blobs.compare_and_swap(hash.as_bytes(), None as Option<&[u8]>, Some(bytes))?.is_ok();
+        let inserted = self
+            .blobs
+            .compare_and_swap(hash.as_bytes(), None as Option<&[u8]>, Some(bytes))?
+            .is_ok();
         Ok((hash, inserted))
     }
 
     pub fn blob(&self, hash: &str) -> Result<Vec<u8>, AgentError> {
-        let bytes = self.blobs.get(hash.as_bytes())?.ok_or_else(|| AgentError::Store(format!("blob {hash} is missing")))?;
+        let bytes = self
+            .blobs
+            .get(hash.as_bytes())?
+            .ok_or_else(|| AgentError::Store(format!("blob {hash} is missing")))?;
         // Content addressing lets us catch a corrupted store before it is restored onto a host.
         let actual = rewind_shared::digest::sha256_hex(&bytes);
         if actual != hash {
-            return Err(AgentError::Store(format!("blob {hash} is corrupt: its content hashes to {actual}")));
+            return Err(AgentError::Store(format!(
+                "blob {hash} is corrupt: its content hashes to {actual}"
+            )));
         }
         Ok(bytes.to_vec())
     }
 
     pub fn put_snapshot(&self, record: &SnapshotRecord) -> Result<(), AgentError> {
-        self.snapshots.insert(record.id.as_bytes(), to_json(record)?)?;
+        self.snapshots
+            .insert(record.id.as_bytes(), to_json(record)?)?;
         Ok(())
     }
 
     pub fn snapshot(&self, id: &str) -> Result<SnapshotRecord, AgentError> {
-        let bytes = self.snapshots.get(id.as_bytes())?.ok_or_else(|| AgentError::UnknownSnapshot(id.to_string()))?;
+        let bytes = self
+            .snapshots
+            .get(id.as_bytes())?
+            .ok_or_else(|| AgentError::UnknownSnapshot(id.to_string()))?;
         from_json(&bytes)
     }
 
     pub fn snapshots(&self) -> Result<Vec<SnapshotRecord>, AgentError> {
-        self.snapshots.iter().values().map(|bytes| from_json(&bytes?)).collect()
+        self.snapshots
+            .iter()
+            .values()
+            .map(|bytes| from_json(&bytes?))
+            .collect()
     }
 
     pub fn journal(&self, step_id: &str) -> Result<Option<JournalRecord>, AgentError> {
-        self.journal.get(step_id.as_bytes())?.map(|bytes| from_json(&bytes)).transpose()
+        self.journal
+            .get(step_id.as_bytes())?
+            .map(|bytes| from_json(&bytes))
+            .transpose()
     }
 
     /// Writes a journal record and flushes: the record is on disk before the caller acts.
     pub fn put_journal(&self, record: &JournalRecord) -> Result<(), AgentError> {
-        self.journal.insert(record.step_id.as_bytes(), to_json(record)?)?;
+        self.journal
+            .insert(record.step_id.as_bytes(), to_json(record)?)?;
         self.flush()
     }
 
     pub fn journal_entries(&self) -> Result<Vec<JournalRecord>, AgentError> {
-        self.journal.iter().values().map(|bytes| from_json(&bytes?)).collect()
+        self.journal
+            .iter()
+            .values()
+            .map(|bytes| from_json(&bytes?))
+            .collect()
     }
 
     /// Records `term` for `owner` unless a higher one was seen; returns the highest seen.
     pub fn raise_fence(&self, owner: &str, term: u64) -> Result<u64, AgentError> {
         let updated = self.fences.update_and_fetch(owner.as_bytes(), |old| {
-            let seen = old.and_then(|bytes| <[u8; 8]>::try_from(bytes).ok()).map_or(0, u64::from_be_bytes);
+            let seen = old
+                .and_then(|bytes| <[u8; 8]>::try_from(bytes).ok())
+                .map_or(0, u64::from_be_bytes);
             Some(seen.max(term).to_be_bytes().to_vec())
         })?;
-        Ok(updated.and_then(|bytes| <[u8; 8]>::try_from(bytes.as_ref()).ok()).map_or(term, u64::from_be_bytes))
+        Ok(updated
+            .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_ref()).ok())
+            .map_or(term, u64::from_be_bytes))
     }
 }
 

@@ -35,7 +35,13 @@ pub struct RawEngine {
 
 impl Default for RawEngine {
     fn default() -> Self {
-        Self { step_timeout_s: 60, max_attempts: 3, verify_timeout_s: 60, default_max_parallel: 1, tick_ms: 250 }
+        Self {
+            step_timeout_s: 60,
+            max_attempts: 3,
+            verify_timeout_s: 60,
+            default_max_parallel: 1,
+            tick_ms: 250,
+        }
     }
 }
 
@@ -48,7 +54,10 @@ pub struct RawHealth {
 
 impl Default for RawHealth {
     fn default() -> Self {
-        Self { report_interval_ms: 2000, window_s: 30 }
+        Self {
+            report_interval_ms: 2000,
+            window_s: 30,
+        }
     }
 }
 
@@ -60,7 +69,9 @@ pub struct RawStorage {
 
 impl Default for RawStorage {
     fn default() -> Self {
-        Self { snapshot_every: 1000 }
+        Self {
+            snapshot_every: 1000,
+        }
     }
 }
 
@@ -89,7 +100,10 @@ impl RawConfig {
     pub fn validate(self) -> Result<Config, Vec<String>> {
         let mut problems = Problems::default();
         let listen_text = self.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_string());
-        let listen = listen_text.parse::<SocketAddr>().map_err(|error| problems.add("listen", format!("{listen_text:?}: {error}"))).ok();
+        let listen = listen_text
+            .parse::<SocketAddr>()
+            .map_err(|error| problems.add("listen", format!("{listen_text:?}: {error}")))
+            .ok();
         if self.data_dir.is_none() {
             problems.add("data-dir", "is required (or use --dev)");
         }
@@ -97,14 +111,56 @@ impl RawConfig {
             problems.add("tls", "is required: ca, cert and key files (or use --dev)");
         }
         let engine = &self.engine;
-        check_range(&mut problems, "engine.step-timeout-s", engine.step_timeout_s, 1, 3600);
-        check_range(&mut problems, "engine.max-attempts", u64::from(engine.max_attempts), 1, 10);
-        check_range(&mut problems, "engine.verify-timeout-s", engine.verify_timeout_s, 1, 3600);
-        check_range(&mut problems, "engine.default-max-parallel", u64::from(engine.default_max_parallel), 1, 1000);
+        check_range(
+            &mut problems,
+            "engine.step-timeout-s",
+            engine.step_timeout_s,
+            1,
+            3600,
+        );
+        check_range(
+            &mut problems,
+            "engine.max-attempts",
+            u64::from(engine.max_attempts),
+            1,
+            10,
+        );
+        check_range(
+            &mut problems,
+            "engine.verify-timeout-s",
+            engine.verify_timeout_s,
+            1,
+            3600,
+        );
+        check_range(
+            &mut problems,
+            "engine.default-max-parallel",
+            u64::from(engine.default_max_parallel),
+            1,
+            1000,
+        );
         check_range(&mut problems, "engine.tick-ms", engine.tick_ms, 10, 10_000);
-        check_range(&mut problems, "health.report-interval-ms", self.health.report_interval_ms, 100, 60_000);
-        check_range(&mut problems, "health.window-s", self.health.window_s, 1, 3600);
-        check_range(&mut problems, "storage.snapshot-every", self.storage.snapshot_every, 10, 1_000_000);
+        check_range(
+            &mut problems,
+            "health.report-interval-ms",
+            self.health.report_interval_ms,
+            100,
+            60_000,
+        );
+        check_range(
+            &mut problems,
+            "health.window-s",
+            self.health.window_s,
+            1,
+            3600,
+        );
+        check_range(
+            &mut problems,
+            "storage.snapshot-every",
+            self.storage.snapshot_every,
+            10,
+            1_000_000,
+        );
         problems.into_result()?;
         let (Some(listen), Some(data_dir), Some(tls)) = (listen, self.data_dir, self.tls) else {
             unreachable!("missing values were reported as problems");
@@ -140,10 +196,19 @@ mod tests {
     #[test]
     fn every_problem_is_reported_at_once() {
         let text = "listen = \"nowhere\"\n[engine]\nmax-attempts = 0\ntick-ms = 1\n[health]\nwindow-s = 0\n";
-        let raw: RawConfig = rewind_shared::config::parse_toml(Path::new("c.toml"), text).unwrap().value;
+        let raw: RawConfig = rewind_shared::config::parse_toml(Path::new("c.toml"), text)
+            .unwrap()
+            .value;
         let problems = raw.validate().unwrap_err();
         let joined = problems.join("\n");
-        for field in ["listen", "data-dir", "tls", "engine.max-attempts", "engine.tick-ms", "health.window-s"] {
+        for field in [
+            "listen",
+            "data-dir",
+            "tls",
+            "engine.max-attempts",
+            "engine.tick-ms",
+            "health.window-s",
+        ] {
             assert!(joined.contains(field), "{field} missing from:\n{joined}");
         }
         assert_eq!(problems.len(), 6);
@@ -152,9 +217,13 @@ mod tests {
     #[test]
     fn unknown_keys_are_collected_not_fatal() {
         let text = "data-dir = \"/d\"\nfuture-knob = 1\n[engine]\nnew-thing = true\n";
-        let loaded = rewind_shared::config::parse_toml::<RawConfig>(Path::new("c.toml"), text).unwrap();
+        let loaded =
+            rewind_shared::config::parse_toml::<RawConfig>(Path::new("c.toml"), text).unwrap();
         let mut unknown = loaded.unknown_keys;
         unknown.sort();
-        assert_eq!(unknown, vec!["engine.new-thing".to_string(), "future-knob".to_string()]);
+        assert_eq!(
+            unknown,
+            vec!["engine.new-thing".to_string(), "future-knob".to_string()]
+        );
     }
 }

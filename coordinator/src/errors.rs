@@ -10,7 +10,11 @@ pub enum CoordinatorError {
     #[error("no service {service}: known services are {known}")]
     UnknownService { service: String, known: String },
     #[error("no release {version} of service {service}: known versions are {known}")]
-    UnknownRelease { service: String, version: String, known: String },
+    UnknownRelease {
+        service: String,
+        version: String,
+        known: String,
+    },
     #[error("no change {change_id}: known changes are {known}")]
     UnknownChange { change_id: String, known: String },
     #[error("no rollback {rollback_id}: known rollbacks are {known}")]
@@ -21,20 +25,43 @@ pub enum CoordinatorError {
     HostWithoutService { host_id: String, service: String },
     #[error("no registered host runs service {service}")]
     NoHosts { service: String },
-    #[error("release {service} {version} is already registered with digest {existing}; a version is immutable")]
-    ReleaseConflict { service: String, version: String, existing: String },
+    #[error(
+        "release {service} {version} is already registered with digest {existing}; a version is immutable"
+    )]
+    ReleaseConflict {
+        service: String,
+        version: String,
+        existing: String,
+    },
     #[error("service {service} would depend on itself through {path}")]
     DependencyCycle { service: String, path: String },
-    #[error("change {change_id} of service {service} is still {status:?}; wait for it or roll it back")]
-    ChangeInProgress { change_id: String, service: String, status: ChangeStatus },
+    #[error(
+        "change {change_id} of service {service} is still {status:?}; wait for it or roll it back"
+    )]
+    ChangeInProgress {
+        change_id: String,
+        service: String,
+        status: ChangeStatus,
+    },
     #[error("change {change_id} was already rolled back by {rollback_id}")]
-    AlreadyRolledBack { change_id: String, rollback_id: String },
+    AlreadyRolledBack {
+        change_id: String,
+        rollback_id: String,
+    },
     #[error("rollback {rollback_id} of change {change_id} is still {status:?}")]
-    RollbackInProgress { rollback_id: String, change_id: String, status: RollbackStatus },
+    RollbackInProgress {
+        rollback_id: String,
+        change_id: String,
+        status: RollbackStatus,
+    },
     #[error("change {change_id} touched no host yet: there is nothing to roll back")]
     NothingToRevert { change_id: String },
     #[error("rollback {rollback_id} is {status:?} and cannot {action}")]
-    RollbackNotControllable { rollback_id: String, status: RollbackStatus, action: String },
+    RollbackNotControllable {
+        rollback_id: String,
+        status: RollbackStatus,
+        action: String,
+    },
     #[error("step {step_id} is not running (it is {status})")]
     StepNotRunning { step_id: String, status: String },
     #[error("step {step_id} cannot start: {reason}")]
@@ -78,18 +105,29 @@ impl CoordinatorError {
 
     /// True when the same request may succeed later without any change by the caller.
     pub fn is_retriable(&self) -> bool {
-        matches!(self, Self::Storage(_) | Self::ShuttingDown | Self::Overloaded(_) | Self::ChangeInProgress { .. })
+        matches!(
+            self,
+            Self::Storage(_)
+                | Self::ShuttingDown
+                | Self::Overloaded(_)
+                | Self::ChangeInProgress { .. }
+        )
     }
 
     pub fn invalid(field: &str, message: impl Into<String>) -> Self {
-        Self::InvalidArgument { field: field.to_string(), message: message.into() }
+        Self::InvalidArgument {
+            field: field.to_string(),
+            message: message.into(),
+        }
     }
 }
 
 impl From<rewind_shared::SharedError> for CoordinatorError {
     fn from(error: rewind_shared::SharedError) -> Self {
         match error {
-            rewind_shared::SharedError::Invalid { field, message } => Self::InvalidArgument { field, message },
+            rewind_shared::SharedError::Invalid { field, message } => {
+                Self::InvalidArgument { field, message }
+            }
             other => Self::Storage(other.to_string()),
         }
     }

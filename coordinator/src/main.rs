@@ -56,7 +56,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::CheckConfig { ref path }) => check_config(path),
-        Some(Command::IssueCert { ref data_dir, ref name }) => report(issue_cert(data_dir, name)),
+        Some(Command::IssueCert {
+            ref data_dir,
+            ref name,
+        }) => report(issue_cert(data_dir, name)),
         None => run(cli),
     }
 }
@@ -79,7 +82,10 @@ fn check_config(path: &std::path::Path) -> ExitCode {
             return ExitCode::from(EXIT_BAD_CONFIG);
         }
     };
-    let mut problems: Vec<String> = unknown.iter().map(|key| format!("{key}: unknown key")).collect();
+    let mut problems: Vec<String> = unknown
+        .iter()
+        .map(|key| format!("{key}: unknown key"))
+        .collect();
     if let Err(more) = raw.validate() {
         problems.extend(more);
     }
@@ -96,8 +102,11 @@ fn check_config(path: &std::path::Path) -> ExitCode {
 fn issue_cert(data_dir: &std::path::Path, name: &str) -> anyhow::Result<()> {
     rewind_shared::names::validate_name("name", name)?;
     let tls_dir = data_dir.join("tls");
-    let ca = dev_ca::DevCa::load(&tls_dir).context("load the dev CA (start the coordinator with --dev first)")?;
-    let files = ca.write_identity(&tls_dir, name, &[]).context("write the certificate")?;
+    let ca = dev_ca::DevCa::load(&tls_dir)
+        .context("load the dev CA (start the coordinator with --dev first)")?;
+    let files = ca
+        .write_identity(&tls_dir, name, &[])
+        .context("write the certificate")?;
     println!("{}\n{}", files.cert.display(), files.key.display());
     Ok(())
 }
@@ -157,24 +166,39 @@ fn run(cli: Cli) -> ExitCode {
 
 /// `--dev`: a data dir under the temp dir unless given, a dev PKI in it, short intervals.
 fn prepare_dev(raw: &mut RawConfig) -> anyhow::Result<()> {
-    let data_dir = raw.data_dir.get_or_insert_with(|| std::env::temp_dir().join("rewind-dev")).clone();
+    let data_dir = raw
+        .data_dir
+        .get_or_insert_with(|| std::env::temp_dir().join("rewind-dev"))
+        .clone();
     let tls_dir = data_dir.join("tls");
-    dev_ca::ensure_dev_pki(&tls_dir).with_context(|| format!("create the dev PKI in {}", tls_dir.display()))?;
-    raw.tls.get_or_insert_with(|| TlsFiles::in_dir(&tls_dir, dev_ca::COORDINATOR));
+    dev_ca::ensure_dev_pki(&tls_dir)
+        .with_context(|| format!("create the dev PKI in {}", tls_dir.display()))?;
+    raw.tls
+        .get_or_insert_with(|| TlsFiles::in_dir(&tls_dir, dev_ca::COORDINATOR));
     if raw.health.report_interval_ms == RawConfig::default().health.report_interval_ms {
         raw.health.report_interval_ms = 1000;
+    }
+    if raw.health.window_s == RawConfig::default().health.window_s {
+        raw.health.window_s = 5;
     }
     info!(data_dir = %data_dir.display(), "Dev mode: single member, certificates in {}.", tls_dir.display());
     Ok(())
 }
 
-async fn serve(config: rewind_coordinator::config::Config, addr_file: Option<PathBuf>) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.data_dir).with_context(|| format!("create data dir {}", config.data_dir.display()))?;
-    let store = storage::SledStore::open(&config.data_dir.join("state")).context("open the state store")?;
+async fn serve(
+    config: rewind_coordinator::config::Config,
+    addr_file: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("create data dir {}", config.data_dir.display()))?;
+    let store =
+        storage::SledStore::open(&config.data_dir.join("state")).context("open the state store")?;
     let node = node::start(store, config.snapshot_every).context("start the node")?;
     let health = Arc::new(health::HealthBook::default());
     let sessions = Arc::new(sessions::Sessions::default());
-    let listener = tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("listen on {}", config.listen))?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listen on {}", config.listen))?;
     let bound = listener.local_addr().context("read the bound address")?;
     if let Some(path) = addr_file {
         // Written whole then renamed, so a reader never sees half an address.

@@ -43,34 +43,53 @@ impl Sessions {
         let mut inner = self.lock();
         inner.next_generation += 1;
         let generation = inner.next_generation;
-        inner.by_host.insert(host_id.to_string(), Session { generation, sender });
+        inner
+            .by_host
+            .insert(host_id.to_string(), Session { generation, sender });
         (generation, receiver)
     }
 
     /// Closes the session if it is still the current one for the host.
     pub fn close(&self, host_id: &str, generation: u64) {
         let mut inner = self.lock();
-        if inner.by_host.get(host_id).is_some_and(|session| session.generation == generation) {
+        if inner
+            .by_host
+            .get(host_id)
+            .is_some_and(|session| session.generation == generation)
+        {
             inner.by_host.remove(host_id);
         }
     }
 
     pub fn generation(&self, host_id: &str) -> Option<u64> {
-        self.lock().by_host.get(host_id).map(|session| session.generation)
+        self.lock()
+            .by_host
+            .get(host_id)
+            .map(|session| session.generation)
     }
 
     /// Queues a message; returns the generation of the session it went to.
     pub fn send(&self, host_id: &str, message: CoordinatorMessage) -> Result<u64, SendError> {
         let inner = self.lock();
-        let session = inner.by_host.get(host_id).ok_or_else(|| SendError::NotConnected(host_id.to_string()))?;
-        session.sender.try_send(message).map_err(|error| match error {
-            mpsc::error::TrySendError::Full(_) => SendError::Busy(host_id.to_string()),
-            mpsc::error::TrySendError::Closed(_) => SendError::NotConnected(host_id.to_string()),
-        })?;
+        let session = inner
+            .by_host
+            .get(host_id)
+            .ok_or_else(|| SendError::NotConnected(host_id.to_string()))?;
+        session
+            .sender
+            .try_send(message)
+            .map_err(|error| match error {
+                mpsc::error::TrySendError::Full(_) => SendError::Busy(host_id.to_string()),
+                mpsc::error::TrySendError::Closed(_) => {
+                    SendError::NotConnected(host_id.to_string())
+                }
+            })?;
         Ok(session.generation)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, SessionsInner> {
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }

@@ -1,1 +1,35 @@
-fn main() {}
+//! `rewindctl`: the command line SREs drive rewind with. Noun-verb commands
+//! (`rewindctl rollback start ch-12`), tables by default, `--output json` everywhere, and an
+//! exit code of 0 only when the operation succeeded.
+
+mod client;
+mod commands;
+mod demo;
+mod output;
+mod watch;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::commands::Cli;
+
+fn main() -> ExitCode {
+    rewind_shared::logging::init("warn");
+    rewind_shared::tls::install_crypto_provider();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(commands::run(cli)) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

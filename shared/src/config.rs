@@ -17,17 +17,32 @@ pub struct LoadedToml<T> {
 
 /// Reads and parses `path`, collecting unknown keys rather than rejecting them.
 pub fn load_toml<T: DeserializeOwned>(path: &Path) -> Result<LoadedToml<T>, SharedError> {
-    let text = std::fs::read_to_string(path).map_err(|source| SharedError::Read { path: path.to_path_buf(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| SharedError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
     parse_toml(path, &text)
 }
 
 /// Parses TOML `text`; `path` only names the source in errors.
-pub fn parse_toml<T: DeserializeOwned>(path: &Path, text: &str) -> Result<LoadedToml<T>, SharedError> {
-    let deserializer = toml::Deserializer::parse(text).map_err(|error| SharedError::Parse { path: path.to_path_buf(), message: error.to_string() })?;
+pub fn parse_toml<T: DeserializeOwned>(
+    path: &Path,
+    text: &str,
+) -> Result<LoadedToml<T>, SharedError> {
+    let deserializer = toml::Deserializer::parse(text).map_err(|error| SharedError::Parse {
+        path: path.to_path_buf(),
+        message: error.to_string(),
+    })?;
     let mut unknown_keys = Vec::new();
     let value = serde_ignored::deserialize(deserializer, |key| unknown_keys.push(key.to_string()))
-        .map_err(|error| SharedError::Parse { path: path.to_path_buf(), message: error.to_string() })?;
-    Ok(LoadedToml { value, unknown_keys })
+        .map_err(|error| SharedError::Parse {
+            path: path.to_path_buf(),
+            message: error.to_string(),
+        })?;
+    Ok(LoadedToml {
+        value,
+        unknown_keys,
+    })
 }
 
 /// Collects every validation problem so a config is reported whole, not one error per run.
@@ -36,7 +51,8 @@ pub struct Problems(Vec<String>);
 
 impl Problems {
     pub fn add(&mut self, field: impl AsRef<str>, message: impl AsRef<str>) {
-        self.0.push(format!("{}: {}", field.as_ref(), message.as_ref()));
+        self.0
+            .push(format!("{}: {}", field.as_ref(), message.as_ref()));
     }
 
     /// Records a `SharedError::Invalid` (or any error) under its own text.
@@ -53,6 +69,10 @@ impl Problems {
     }
 
     pub fn into_result(self) -> Result<(), Vec<String>> {
-        if self.0.is_empty() { Ok(()) } else { Err(self.0) }
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(self.0)
+        }
     }
 }

@@ -31,7 +31,10 @@ pub fn tree_digest(root: &Path) -> Result<String, SharedError> {
 }
 
 fn hash_dir(root: &Path, dir: &Path, listing: &mut Sha256) -> Result<(), SharedError> {
-    let read_error = |source| SharedError::Read { path: dir.to_path_buf(), source };
+    let read_error = |source| SharedError::Read {
+        path: dir.to_path_buf(),
+        source,
+    };
     let mut entries = fs::read_dir(dir)
         .map_err(read_error)?
         .collect::<Result<Vec<_>, _>>()
@@ -39,10 +42,20 @@ fn hash_dir(root: &Path, dir: &Path, listing: &mut Sha256) -> Result<(), SharedE
     entries.sort_by_key(|entry| entry.file_name());
     for entry in entries {
         let path = entry.path();
-        let relative = path.strip_prefix(root).unwrap_or(&path).to_string_lossy().into_owned();
-        let metadata = fs::symlink_metadata(&path).map_err(|source| SharedError::Read { path: path.clone(), source })?;
+        let relative = path
+            .strip_prefix(root)
+            .unwrap_or(&path)
+            .to_string_lossy()
+            .into_owned();
+        let metadata = fs::symlink_metadata(&path).map_err(|source| SharedError::Read {
+            path: path.clone(),
+            source,
+        })?;
         if metadata.is_symlink() {
-            let target = fs::read_link(&path).map_err(|source| SharedError::Read { path: path.clone(), source })?;
+            let target = fs::read_link(&path).map_err(|source| SharedError::Read {
+                path: path.clone(),
+                source,
+            })?;
             listing.update(format!("L {relative} {}\n", target.to_string_lossy()));
         } else if metadata.is_dir() {
             listing.update(format!("D {relative}\n"));
@@ -50,7 +63,10 @@ fn hash_dir(root: &Path, dir: &Path, listing: &mut Sha256) -> Result<(), SharedE
         } else {
             let executable = metadata.permissions().mode() & 0o111 != 0;
             let content = file_sha256(&path)?;
-            listing.update(format!("F {relative} {} {content}\n", if executable { "x" } else { "-" }));
+            listing.update(format!(
+                "F {relative} {} {content}\n",
+                if executable { "x" } else { "-" }
+            ));
         }
     }
     Ok(())
@@ -58,7 +74,10 @@ fn hash_dir(root: &Path, dir: &Path, listing: &mut Sha256) -> Result<(), SharedE
 
 /// Streams a file through sha256, so large artifacts never sit in memory whole.
 pub fn file_sha256(path: &Path) -> Result<String, SharedError> {
-    let read_error = |source| SharedError::Read { path: path.to_path_buf(), source };
+    let read_error = |source| SharedError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
     let mut file = fs::File::open(path).map_err(read_error)?;
     let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; 64 * 1024];

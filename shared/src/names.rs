@@ -31,31 +31,63 @@ pub fn validate_request_id(value: &str) -> Result<(), SharedError> {
 
 /// A digest as `sha256:<64 lower-case hex digits>`.
 pub fn validate_digest(field: &str, value: &str) -> Result<(), SharedError> {
-    let hex = value.strip_prefix("sha256:").ok_or_else(|| invalid(field, format!("{value:?} must start with \"sha256:\"")))?;
-    if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c)) {
-        return Err(invalid(field, format!("{value:?} must be sha256: followed by 64 lower-case hex digits")));
+    let hex = value
+        .strip_prefix("sha256:")
+        .ok_or_else(|| invalid(field, format!("{value:?} must start with \"sha256:\"")))?;
+    if hex.len() != 64
+        || !hex
+            .chars()
+            .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+    {
+        return Err(invalid(
+            field,
+            format!("{value:?} must be sha256: followed by 64 lower-case hex digits"),
+        ));
     }
     Ok(())
 }
 
-fn validate_chars(field: &str, value: &str, allowed: impl Fn(char) -> bool) -> Result<(), SharedError> {
+fn validate_chars(
+    field: &str,
+    value: &str,
+    allowed: impl Fn(char) -> bool,
+) -> Result<(), SharedError> {
     if value.is_empty() {
         return Err(invalid(field, "must not be empty".into()));
     }
     if value.len() > MAX_NAME_LEN {
-        return Err(invalid(field, format!("is {} bytes, at most {MAX_NAME_LEN} are allowed", value.len())));
+        return Err(invalid(
+            field,
+            format!(
+                "is {} bytes, at most {MAX_NAME_LEN} are allowed",
+                value.len()
+            ),
+        ));
     }
-    if !value.chars().next().is_some_and(|c| c.is_ascii_alphanumeric()) {
-        return Err(invalid(field, format!("{value:?} must start with a letter or digit")));
+    if !value
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric())
+    {
+        return Err(invalid(
+            field,
+            format!("{value:?} must start with a letter or digit"),
+        ));
     }
     if let Some(bad) = value.chars().find(|&c| !allowed(c)) {
-        return Err(invalid(field, format!("{value:?} contains {bad:?}, which is not allowed here")));
+        return Err(invalid(
+            field,
+            format!("{value:?} contains {bad:?}, which is not allowed here"),
+        ));
     }
     Ok(())
 }
 
 fn invalid(field: &str, message: String) -> SharedError {
-    SharedError::Invalid { field: field.to_string(), message }
+    SharedError::Invalid {
+        field: field.to_string(),
+        message,
+    }
 }
 
 #[cfg(test)]

@@ -33,7 +33,9 @@ impl TlsFiles {
     /// Server side: present our certificate, require one from the client signed by our CA.
     pub fn server_config(&self) -> Result<ServerTlsConfig, SharedError> {
         let (ca, cert, key) = self.read_all()?;
-        Ok(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)).client_ca_root(Certificate::from_pem(ca)))
+        Ok(ServerTlsConfig::new()
+            .identity(Identity::from_pem(cert, key))
+            .client_ca_root(Certificate::from_pem(ca)))
     }
 
     /// Client side: trust only our CA, present our certificate. `domain` must be a name in the
@@ -52,20 +54,28 @@ impl TlsFiles {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, SharedError> {
-    std::fs::read(path).map_err(|source| SharedError::Read { path: path.to_path_buf(), source })
+    std::fs::read(path).map_err(|source| SharedError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// The CN of the first (leaf) certificate a peer presented.
 pub fn identity_of(peer_certs: &[CertificateDer<'_>]) -> Result<String, SharedError> {
-    let leaf = peer_certs.first().ok_or_else(|| SharedError::Certificate("the peer presented no certificate".into()))?;
-    let (_, certificate) = X509Certificate::from_der(leaf.as_ref())
-        .map_err(|error| SharedError::Certificate(format!("cannot parse the peer certificate: {error}")))?;
+    let leaf = peer_certs
+        .first()
+        .ok_or_else(|| SharedError::Certificate("the peer presented no certificate".into()))?;
+    let (_, certificate) = X509Certificate::from_der(leaf.as_ref()).map_err(|error| {
+        SharedError::Certificate(format!("cannot parse the peer certificate: {error}"))
+    })?;
     let common_name = certificate
         .subject()
         .iter_common_name()
         .next()
         .and_then(|name| name.as_str().ok())
-        .ok_or_else(|| SharedError::Certificate("the peer certificate has no common name".into()))?;
+        .ok_or_else(|| {
+            SharedError::Certificate("the peer certificate has no common name".into())
+        })?;
     Ok(common_name.to_string())
 }
 

@@ -7,7 +7,9 @@
 use std::pin::Pin;
 use std::time::Duration;
 
-use rewind_proto::v1::{self as pb, agent_message, agent_service_server::AgentService, coordinator_message};
+use rewind_proto::v1::{
+    self as pb, agent_message, agent_service_server::AgentService, coordinator_message,
+};
 use rewind_shared::names;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
@@ -34,15 +36,25 @@ type OutStream = Pin<Box<dyn Stream<Item = Result<pb::CoordinatorMessage, Status
 impl AgentService for Agents {
     type SessionStream = OutStream;
 
-    async fn session(&self, request: Request<Streaming<pb::AgentMessage>>) -> Result<Response<OutStream>, Status> {
+    async fn session(
+        &self,
+        request: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<OutStream>, Status> {
         let identity = caller(&request)?;
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.next())
             .await
-            .map_err(|_| Status::deadline_exceeded("no Register message within 10 s of opening the session"))?
-            .ok_or_else(|| Status::cancelled("the agent closed the session before registering"))??;
+            .map_err(|_| {
+                Status::deadline_exceeded("no Register message within 10 s of opening the session")
+            })?
+            .ok_or_else(|| {
+                Status::cancelled("the agent closed the session before registering")
+            })??;
         let Some(agent_message::Body::Register(register)) = first.body else {
-            return Err(invalid("body", "the first message of a session must be Register"));
+            return Err(invalid(
+                "body",
+                "the first message of a session must be Register",
+            ));
         };
         validate_register(&register, &identity)?;
         let host_id = register.host_id.clone();
@@ -81,7 +93,8 @@ impl AgentService for Agents {
 }
 
 fn validate_register(register: &pb::Register, identity: &str) -> Result<(), Status> {
-    names::validate_name("register.host_id", &register.host_id).map_err(|error| invalid("register.host_id", error.to_string()))?;
+    names::validate_name("register.host_id", &register.host_id)
+        .map_err(|error| invalid("register.host_id", error.to_string()))?;
     if register.host_id != identity {
         return Err(Status::permission_denied(format!(
             "certificate {identity:?} may not register host {:?}: an agent registers the host its certificate names",
@@ -89,10 +102,14 @@ fn validate_register(register: &pb::Register, identity: &str) -> Result<(), Stat
         )));
     }
     if register.services.len() > MAX_SERVICES_PER_HOST {
-        return Err(invalid("register.services", format!("names more than {MAX_SERVICES_PER_HOST} services")));
+        return Err(invalid(
+            "register.services",
+            format!("names more than {MAX_SERVICES_PER_HOST} services"),
+        ));
     }
     for service in &register.services {
-        names::validate_name("register.services", service).map_err(|error| invalid("register.services", error.to_string()))?;
+        names::validate_name("register.services", service)
+            .map_err(|error| invalid("register.services", error.to_string()))?;
     }
     Ok(())
 }
@@ -108,10 +125,16 @@ async fn read_session(context: &Context, host_id: &str, mut inbound: Streaming<p
         };
         match message.body {
             Some(agent_message::Body::Health(report)) => {
-                context.health.record(host_id, report, rewind_shared::time::now_ms());
+                context
+                    .health
+                    .record(host_id, report, rewind_shared::time::now_ms());
             }
-            Some(agent_message::Body::StepResult(result)) => record_step_result(context, host_id, result).await,
-            Some(agent_message::Body::Register(_)) => warn!("Ignored a second Register on the same session."),
+            Some(agent_message::Body::StepResult(result)) => {
+                record_step_result(context, host_id, result).await
+            }
+            Some(agent_message::Body::Register(_)) => {
+                warn!("Ignored a second Register on the same session.")
+            }
             None => warn!("Ignored an empty agent message."),
         }
     }
@@ -128,13 +151,21 @@ async fn record_step_result(context: &Context, host_id: &str, result: pb::StepRe
     }
     let mut detail = result.detail;
     if detail.len() > MAX_DETAIL_BYTES {
-        let cut = (0..=MAX_DETAIL_BYTES).rev().find(|&index| detail.is_char_boundary(index)).unwrap_or(0);
+        let cut = (0..=MAX_DETAIL_BYTES)
+            .rev()
+            .find(|&index| detail.is_char_boundary(index))
+            .unwrap_or(0);
         detail.truncate(cut);
     }
     if result.replayed {
         detail = format!("{detail} (answered from the agent's journal)");
     }
-    let kind = CommandKind::StepFinished { step, ok: result.ok, detail, snapshot_id: result.snapshot_id };
+    let kind = CommandKind::StepFinished {
+        step,
+        ok: result.ok,
+        detail,
+        snapshot_id: result.snapshot_id,
+    };
     if let Err(status) = context.propose(host_id, "", kind).await {
         // A duplicate result (the step already ended) is expected after redelivery.
         debug!(%status, step_id = %result.step_id, "Step result not recorded.");

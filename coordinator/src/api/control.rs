@@ -30,7 +30,10 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::GetRollbackResponse, Sta
 
 #[tonic::async_trait]
 impl ControlService for Control {
-    async fn list_hosts(&self, _request: Request<pb::ListHostsRequest>) -> Result<Response<pb::ListHostsResponse>, Status> {
+    async fn list_hosts(
+        &self,
+        _request: Request<pb::ListHostsRequest>,
+    ) -> Result<Response<pb::ListHostsResponse>, Status> {
         let context = &self.context;
         let latest = context.health.latest_all();
         let hosts = context.node.read(|state| {
@@ -46,19 +49,39 @@ impl ControlService for Control {
         Ok(Response::new(pb::ListHostsResponse { hosts }))
     }
 
-    async fn put_service(&self, request: Request<pb::PutServiceRequest>) -> Result<Response<pb::PutServiceResponse>, Status> {
+    async fn put_service(
+        &self,
+        request: Request<pb::PutServiceRequest>,
+    ) -> Result<Response<pb::PutServiceResponse>, Status> {
         let identity = caller(&request)?;
         let request = request.into_inner();
-        let service = request.service.ok_or_else(|| invalid("service", "is required"))?;
+        let service = request
+            .service
+            .ok_or_else(|| invalid("service", "is required"))?;
         let record = validate_service(service)?;
         let name = record.name.clone();
-        self.context.propose(&identity, &request.request_id, CommandKind::PutService { service: record }).await?;
-        let service = self.context.node.read(|state| state.services.get(&name).map(convert::service));
+        self.context
+            .propose(
+                &identity,
+                &request.request_id,
+                CommandKind::PutService { service: record },
+            )
+            .await?;
+        let service = self
+            .context
+            .node
+            .read(|state| state.services.get(&name).map(convert::service));
         Ok(Response::new(pb::PutServiceResponse { service }))
     }
 
-    async fn list_services(&self, _request: Request<pb::ListServicesRequest>) -> Result<Response<pb::ListServicesResponse>, Status> {
-        let services = self.context.node.read(|state| state.services.values().map(convert::service).collect());
+    async fn list_services(
+        &self,
+        _request: Request<pb::ListServicesRequest>,
+    ) -> Result<Response<pb::ListServicesResponse>, Status> {
+        let services = self
+            .context
+            .node
+            .read(|state| state.services.values().map(convert::service).collect());
         Ok(Response::new(pb::ListServicesResponse { services }))
     }
 
@@ -68,12 +91,20 @@ impl ControlService for Control {
     ) -> Result<Response<pb::RegisterReleaseResponse>, Status> {
         let identity = caller(&request)?;
         let request = request.into_inner();
-        let release = request.release.ok_or_else(|| invalid("release", "is required"))?;
+        let release = request
+            .release
+            .ok_or_else(|| invalid("release", "is required"))?;
         names::validate_name("release.service", &release.service).map_err(field_error)?;
         names::validate_version("release.version", &release.version).map_err(field_error)?;
-        names::validate_digest("release.artifact_digest", &release.artifact_digest).map_err(field_error)?;
-        if release.commit.len() > names::MAX_NAME_LEN || !release.commit.chars().all(|c| c.is_ascii_graphic()) {
-            return Err(invalid("release.commit", "must be at most 128 printable characters without spaces"));
+        names::validate_digest("release.artifact_digest", &release.artifact_digest)
+            .map_err(field_error)?;
+        if release.commit.len() > names::MAX_NAME_LEN
+            || !release.commit.chars().all(|c| c.is_ascii_graphic())
+        {
+            return Err(invalid(
+                "release.commit",
+                "must be at most 128 printable characters without spaces",
+            ));
         }
         let record = ReleaseRecord {
             service: release.service.clone(),
@@ -82,14 +113,27 @@ impl ControlService for Control {
             commit: release.commit,
             registered_at_ms: 0,
         };
-        self.context.propose(&identity, &request.request_id, CommandKind::RegisterRelease { release: record }).await?;
+        self.context
+            .propose(
+                &identity,
+                &request.request_id,
+                CommandKind::RegisterRelease { release: record },
+            )
+            .await?;
         let release = self.context.node.read(|state| {
-            state.releases.get(&release.service).and_then(|versions| versions.get(&release.version)).map(convert::release)
+            state
+                .releases
+                .get(&release.service)
+                .and_then(|versions| versions.get(&release.version))
+                .map(convert::release)
         });
         Ok(Response::new(pb::RegisterReleaseResponse { release }))
     }
 
-    async fn list_releases(&self, request: Request<pb::ListReleasesRequest>) -> Result<Response<pb::ListReleasesResponse>, Status> {
+    async fn list_releases(
+        &self,
+        request: Request<pb::ListReleasesRequest>,
+    ) -> Result<Response<pb::ListReleasesResponse>, Status> {
         let service = request.into_inner().service;
         if !service.is_empty() {
             names::validate_name("service", &service).map_err(field_error)?;
@@ -105,13 +149,22 @@ impl ControlService for Control {
         Ok(Response::new(pb::ListReleasesResponse { releases }))
     }
 
-    async fn start_change(&self, request: Request<pb::StartChangeRequest>) -> Result<Response<pb::StartChangeResponse>, Status> {
+    async fn start_change(
+        &self,
+        request: Request<pb::StartChangeRequest>,
+    ) -> Result<Response<pb::StartChangeResponse>, Status> {
         let identity = caller(&request)?;
         let request = request.into_inner();
         names::validate_name("service", &request.service).map_err(field_error)?;
         names::validate_version("version", &request.version).map_err(field_error)?;
         if request.host_ids.len() > MAX_HOSTS_PER_REQUEST {
-            return Err(invalid("host_ids", format!("names {} hosts, at most {MAX_HOSTS_PER_REQUEST} are allowed", request.host_ids.len())));
+            return Err(invalid(
+                "host_ids",
+                format!(
+                    "names {} hosts, at most {MAX_HOSTS_PER_REQUEST} are allowed",
+                    request.host_ids.len()
+                ),
+            ));
         }
         for host_id in &request.host_ids {
             names::validate_name("host_ids", host_id).map_err(field_error)?;
@@ -125,23 +178,42 @@ impl ControlService for Control {
             reason: request.reason,
             baseline,
         };
-        let Outcome::Change(number) = self.context.propose(&identity, &request.request_id, kind).await? else {
+        let Outcome::Change(number) = self
+            .context
+            .propose(&identity, &request.request_id, kind)
+            .await?
+        else {
             return Err(Status::internal("start change produced no change"));
         };
         info!(identity, change_id = change_id(number), "Change started.");
-        let change = self.context.node.read(|state| state.changes.get(&number).map(convert::change));
+        let change = self
+            .context
+            .node
+            .read(|state| state.changes.get(&number).map(convert::change));
         Ok(Response::new(pb::StartChangeResponse { change }))
     }
 
-    async fn get_change(&self, request: Request<pb::GetChangeRequest>) -> Result<Response<pb::GetChangeResponse>, Status> {
+    async fn get_change(
+        &self,
+        request: Request<pb::GetChangeRequest>,
+    ) -> Result<Response<pb::GetChangeResponse>, Status> {
         let number = parse_id("change_id", "ch", &request.into_inner().change_id)?;
         let change = self.context.node.read(|state| {
-            state.changes.get(&number).map(convert::change).ok_or_else(|| to_status(unknown_change(state, number)))
+            state
+                .changes
+                .get(&number)
+                .map(convert::change)
+                .ok_or_else(|| to_status(unknown_change(state, number)))
         })?;
-        Ok(Response::new(pb::GetChangeResponse { change: Some(change) }))
+        Ok(Response::new(pb::GetChangeResponse {
+            change: Some(change),
+        }))
     }
 
-    async fn list_changes(&self, request: Request<pb::ListChangesRequest>) -> Result<Response<pb::ListChangesResponse>, Status> {
+    async fn list_changes(
+        &self,
+        request: Request<pb::ListChangesRequest>,
+    ) -> Result<Response<pb::ListChangesResponse>, Status> {
         let service = request.into_inner().service;
         let changes = self.context.node.read(|state| {
             state
@@ -163,32 +235,73 @@ impl ControlService for Control {
         let change = parse_id("change_id", "ch", &request.change_id)?;
         validate_reason(&request.reason)?;
         if request.max_parallel > 1000 {
-            return Err(invalid("max_parallel", format!("is {}, at most 1000 is allowed", request.max_parallel)));
+            return Err(invalid(
+                "max_parallel",
+                format!("is {}, at most 1000 is allowed", request.max_parallel),
+            ));
         }
-        let max_parallel = if request.max_parallel == 0 { self.context.default_max_parallel } else { request.max_parallel };
-        let reason = if request.reason.is_empty() { "requested by an operator".to_string() } else { request.reason };
-        let kind = CommandKind::StartRollback { change, reason, trigger: Trigger::Manual, max_parallel };
-        let Outcome::Rollback(number) = self.context.propose(&identity, &request.request_id, kind).await? else {
+        let max_parallel = if request.max_parallel == 0 {
+            self.context.default_max_parallel
+        } else {
+            request.max_parallel
+        };
+        let reason = if request.reason.is_empty() {
+            "requested by an operator".to_string()
+        } else {
+            request.reason
+        };
+        let kind = CommandKind::StartRollback {
+            change,
+            reason,
+            trigger: Trigger::Manual,
+            max_parallel,
+        };
+        let Outcome::Rollback(number) = self
+            .context
+            .propose(&identity, &request.request_id, kind)
+            .await?
+        else {
             return Err(Status::internal("start rollback produced no rollback"));
         };
-        info!(identity, rollback_id = rollback_id(number), "Rollback started.");
-        let rollback = self.context.node.read(|state| state.rollbacks.get(&number).map(convert::rollback));
+        info!(
+            identity,
+            rollback_id = rollback_id(number),
+            "Rollback started."
+        );
+        let rollback = self
+            .context
+            .node
+            .read(|state| state.rollbacks.get(&number).map(convert::rollback));
         Ok(Response::new(pb::StartRollbackResponse { rollback }))
     }
 
-    async fn get_rollback(&self, request: Request<pb::GetRollbackRequest>) -> Result<Response<pb::GetRollbackResponse>, Status> {
+    async fn get_rollback(
+        &self,
+        request: Request<pb::GetRollbackRequest>,
+    ) -> Result<Response<pb::GetRollbackResponse>, Status> {
         let number = parse_id("rollback_id", "rb", &request.into_inner().rollback_id)?;
-        Ok(Response::new(pb::GetRollbackResponse { rollback: Some(self.context.rollback(number)?) }))
+        Ok(Response::new(pb::GetRollbackResponse {
+            rollback: Some(self.context.rollback(number)?),
+        }))
     }
 
-    async fn list_rollbacks(&self, _request: Request<pb::ListRollbacksRequest>) -> Result<Response<pb::ListRollbacksResponse>, Status> {
-        let rollbacks = self.context.node.read(|state| state.rollbacks.values().map(convert::rollback).collect());
+    async fn list_rollbacks(
+        &self,
+        _request: Request<pb::ListRollbacksRequest>,
+    ) -> Result<Response<pb::ListRollbacksResponse>, Status> {
+        let rollbacks = self
+            .context
+            .node
+            .read(|state| state.rollbacks.values().map(convert::rollback).collect());
         Ok(Response::new(pb::ListRollbacksResponse { rollbacks }))
     }
 
     type WatchRollbackStream = WatchStream;
 
-    async fn watch_rollback(&self, request: Request<pb::GetRollbackRequest>) -> Result<Response<WatchStream>, Status> {
+    async fn watch_rollback(
+        &self,
+        request: Request<pb::GetRollbackRequest>,
+    ) -> Result<Response<WatchStream>, Status> {
         let number = parse_id("rollback_id", "rb", &request.into_inner().rollback_id)?;
         let first = self.context.rollback(number)?;
         let context = self.context.clone();
@@ -197,8 +310,16 @@ impl ControlService for Control {
             let mut applied = context.node.subscribe();
             let mut last = first;
             loop {
-                let ended = pb::RollbackState::try_from(last.state).is_ok_and(|state| state.is_terminal());
-                if sender.send(Ok(pb::GetRollbackResponse { rollback: Some(last.clone()) })).await.is_err() || ended {
+                let ended =
+                    pb::RollbackState::try_from(last.state).is_ok_and(|state| state.is_terminal());
+                if sender
+                    .send(Ok(pb::GetRollbackResponse {
+                        rollback: Some(last.clone()),
+                    }))
+                    .await
+                    .is_err()
+                    || ended
+                {
                     return;
                 }
                 // Wait for a change of this rollback; a closed client ends the task.
@@ -207,7 +328,9 @@ impl ControlService for Control {
                         changed = applied.changed() => if changed.is_err() { return },
                         _ = sender.closed() => return,
                     }
-                    let Ok(current) = context.rollback(number) else { return };
+                    let Ok(current) = context.rollback(number) else {
+                        return;
+                    };
                     if current != last {
                         last = current;
                         break;
@@ -215,39 +338,65 @@ impl ControlService for Control {
                 }
             }
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(receiver))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(receiver),
+        )))
     }
 
-    async fn pause_rollback(&self, request: Request<pb::RollbackActionRequest>) -> Result<Response<pb::GetRollbackResponse>, Status> {
+    async fn pause_rollback(
+        &self,
+        request: Request<pb::RollbackActionRequest>,
+    ) -> Result<Response<pb::GetRollbackResponse>, Status> {
         self.control(request, RollbackAction::Pause).await
     }
 
-    async fn resume_rollback(&self, request: Request<pb::RollbackActionRequest>) -> Result<Response<pb::GetRollbackResponse>, Status> {
+    async fn resume_rollback(
+        &self,
+        request: Request<pb::RollbackActionRequest>,
+    ) -> Result<Response<pb::GetRollbackResponse>, Status> {
         self.control(request, RollbackAction::Resume).await
     }
 
-    async fn abort_rollback(&self, request: Request<pb::RollbackActionRequest>) -> Result<Response<pb::GetRollbackResponse>, Status> {
+    async fn abort_rollback(
+        &self,
+        request: Request<pb::RollbackActionRequest>,
+    ) -> Result<Response<pb::GetRollbackResponse>, Status> {
         self.control(request, RollbackAction::Abort).await
     }
 
-    async fn list_audit(&self, request: Request<pb::ListAuditRequest>) -> Result<Response<pb::ListAuditResponse>, Status> {
+    async fn list_audit(
+        &self,
+        request: Request<pb::ListAuditRequest>,
+    ) -> Result<Response<pb::ListAuditResponse>, Status> {
         let request = request.into_inner();
         let limit = match request.limit {
             0 => 100,
             limit if limit > MAX_AUDIT_PAGE => {
-                return Err(invalid("limit", format!("is {limit}, at most {MAX_AUDIT_PAGE} entries are returned at once")));
+                return Err(invalid(
+                    "limit",
+                    format!("is {limit}, at most {MAX_AUDIT_PAGE} entries are returned at once"),
+                ));
             }
             limit => limit,
         } as usize;
         let skip = request.from_index.saturating_sub(1) as usize;
-        let entries = self
-            .context
-            .node
-            .read(|state| state.audit.entries().iter().skip(skip).take(limit).map(convert::audit_entry).collect());
+        let entries = self.context.node.read(|state| {
+            state
+                .audit
+                .entries()
+                .iter()
+                .skip(skip)
+                .take(limit)
+                .map(convert::audit_entry)
+                .collect()
+        });
         Ok(Response::new(pb::ListAuditResponse { entries }))
     }
 
-    async fn verify_audit(&self, _request: Request<pb::VerifyAuditRequest>) -> Result<Response<pb::VerifyAuditResponse>, Status> {
+    async fn verify_audit(
+        &self,
+        _request: Request<pb::VerifyAuditRequest>,
+    ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
         let verification = self.context.node.read(|state| state.audit.verify());
         Ok(Response::new(pb::VerifyAuditResponse {
             ok: verification.first_broken.is_none(),
@@ -264,12 +413,18 @@ impl ControlService for Control {
     ) -> Result<Response<pb::GetServiceHealthResponse>, Status> {
         let service = request.into_inner().service;
         names::validate_name("service", &service).map_err(field_error)?;
-        let known = self.context.node.read(|state| state.services.contains_key(&service));
+        let known = self
+            .context
+            .node
+            .read(|state| state.services.contains_key(&service));
         if !known {
-            let error = self.context.node.read(|state| crate::errors::CoordinatorError::UnknownService {
-                service: service.clone(),
-                known: crate::errors::known_list(state.services.keys().cloned()),
-            });
+            let error =
+                self.context
+                    .node
+                    .read(|state| crate::errors::CoordinatorError::UnknownService {
+                        service: service.clone(),
+                        known: crate::errors::known_list(state.services.keys().cloned()),
+                    });
             return Err(to_status(error));
         }
         let current = self.context.service_health(&service);
@@ -281,7 +436,10 @@ impl ControlService for Control {
             .flat_map(|report| report.probes)
             .filter(|probe| probe.service == service)
             .collect();
-        Ok(Response::new(pb::GetServiceHealthResponse { current: Some(convert::aggregate(&current)), latest_probes }))
+        Ok(Response::new(pb::GetServiceHealthResponse {
+            current: Some(convert::aggregate(&current)),
+            latest_probes,
+        }))
     }
 }
 
@@ -295,18 +453,38 @@ impl Control {
         let request = request.into_inner();
         let number = parse_id("rollback_id", "rb", &request.rollback_id)?;
         validate_reason(&request.reason)?;
-        let reason = if request.reason.is_empty() { format!("{} requested by {identity}", action.name()) } else { request.reason };
-        let kind = CommandKind::ControlRollback { rollback: number, action, reason };
-        self.context.propose(&identity, &request.request_id, kind).await?;
-        info!(identity, rollback_id = rollback_id(number), action = action.name(), "Rollback controlled.");
-        Ok(Response::new(pb::GetRollbackResponse { rollback: Some(self.context.rollback(number)?) }))
+        let reason = if request.reason.is_empty() {
+            format!("{} requested by {identity}", action.name())
+        } else {
+            request.reason
+        };
+        let kind = CommandKind::ControlRollback {
+            rollback: number,
+            action,
+            reason,
+        };
+        self.context
+            .propose(&identity, &request.request_id, kind)
+            .await?;
+        info!(
+            identity,
+            rollback_id = rollback_id(number),
+            action = action.name(),
+            "Rollback controlled."
+        );
+        Ok(Response::new(pb::GetRollbackResponse {
+            rollback: Some(self.context.rollback(number)?),
+        }))
     }
 }
 
 fn validate_service(service: pb::Service) -> Result<ServiceRecord, Status> {
     names::validate_name("service.name", &service.name).map_err(field_error)?;
     if service.depends_on.len() > 256 {
-        return Err(invalid("service.depends_on", "names more than 256 services"));
+        return Err(invalid(
+            "service.depends_on",
+            "names more than 256 services",
+        ));
     }
     for provider in &service.depends_on {
         names::validate_name("service.depends_on", provider).map_err(field_error)?;
@@ -315,13 +493,25 @@ fn validate_service(service: pb::Service) -> Result<ServiceRecord, Status> {
         None => HealthPolicy::default(),
         Some(policy) => {
             if !(0.0..=1.0).contains(&policy.max_probe_failure_ratio) {
-                return Err(invalid("service.policy.max_probe_failure_ratio", format!("is {}, must be within 0..=1", policy.max_probe_failure_ratio)));
+                return Err(invalid(
+                    "service.policy.max_probe_failure_ratio",
+                    format!(
+                        "is {}, must be within 0..=1",
+                        policy.max_probe_failure_ratio
+                    ),
+                ));
             }
             if policy.for_s > 3600 {
-                return Err(invalid("service.policy.for_s", format!("is {}, at most 3600 s is allowed", policy.for_s)));
+                return Err(invalid(
+                    "service.policy.for_s",
+                    format!("is {}, at most 3600 s is allowed", policy.for_s),
+                ));
             }
             if policy.watch_s == 0 || policy.watch_s > 7 * 86_400 {
-                return Err(invalid("service.policy.watch_s", format!("is {}, must be within 1..=604800 s", policy.watch_s)));
+                return Err(invalid(
+                    "service.policy.watch_s",
+                    format!("is {}, must be within 1..=604800 s", policy.watch_s),
+                ));
             }
             HealthPolicy {
                 max_probe_failure_ratio: policy.max_probe_failure_ratio,
@@ -331,12 +521,22 @@ fn validate_service(service: pb::Service) -> Result<ServiceRecord, Status> {
             }
         }
     };
-    Ok(ServiceRecord { name: service.name, depends_on: service.depends_on, policy })
+    Ok(ServiceRecord {
+        name: service.name,
+        depends_on: service.depends_on,
+        policy,
+    })
 }
 
 fn validate_reason(reason: &str) -> Result<(), Status> {
     if reason.len() > MAX_REASON_BYTES {
-        return Err(invalid("reason", format!("is {} bytes, at most {MAX_REASON_BYTES} are allowed", reason.len())));
+        return Err(invalid(
+            "reason",
+            format!(
+                "is {} bytes, at most {MAX_REASON_BYTES} are allowed",
+                reason.len()
+            ),
+        ));
     }
     Ok(())
 }
@@ -347,9 +547,13 @@ fn parse_id(field: &str, prefix: &str, id: &str) -> Result<u64, Status> {
         return Err(invalid(field, "must not be empty"));
     }
     if id.len() > names::MAX_NAME_LEN {
-        return Err(invalid(field, format!("is {} bytes, not an id like {prefix}-12", id.len())));
+        return Err(invalid(
+            field,
+            format!("is {} bytes, not an id like {prefix}-12", id.len()),
+        ));
     }
-    parse_numbered_id(prefix, id).ok_or_else(|| invalid(field, format!("{id:?} is not an id like {prefix}-12")))
+    parse_numbered_id(prefix, id)
+        .ok_or_else(|| invalid(field, format!("{id:?} is not an id like {prefix}-12")))
 }
 
 fn field_error(error: rewind_shared::SharedError) -> Status {

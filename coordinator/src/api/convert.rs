@@ -8,12 +8,20 @@ use rewind_proto::v1 as pb;
 use crate::state_machine::*;
 
 pub fn labels(labels: &Labels) -> pb::HostLabels {
-    pb::HostLabels { region: labels.region.clone(), zone: labels.zone.clone(), environment: labels.environment.clone() }
+    pb::HostLabels {
+        region: labels.region.clone(),
+        zone: labels.zone.clone(),
+        environment: labels.environment.clone(),
+    }
 }
 
 pub fn labels_from(labels: Option<pb::HostLabels>) -> Labels {
     let labels = labels.unwrap_or_default();
-    Labels { region: labels.region, zone: labels.zone, environment: labels.environment }
+    Labels {
+        region: labels.region,
+        zone: labels.zone,
+        environment: labels.environment,
+    }
 }
 
 pub fn host(host: &HostRecord, connected: bool, last_health: Option<pb::HealthReport>) -> pb::Host {
@@ -39,7 +47,11 @@ pub fn policy(policy: &HealthPolicy) -> pb::HealthPolicy {
 }
 
 pub fn service(service: &ServiceRecord) -> pb::Service {
-    pb::Service { name: service.name.clone(), depends_on: service.depends_on.clone(), policy: Some(policy(&service.policy)) }
+    pb::Service {
+        name: service.name.clone(),
+        depends_on: service.depends_on.clone(),
+        policy: Some(policy(&service.policy)),
+    }
 }
 
 pub fn release(release: &ReleaseRecord) -> pb::Release {
@@ -99,7 +111,11 @@ pub fn change(change: &ChangeRecord) -> pb::Change {
         deployed_at_ms: change.deployed_at_ms,
         started_by: change.started_by.clone(),
         reason: change.reason.clone(),
-        rollback_id: if change.rollback == 0 { String::new() } else { rollback_id(change.rollback) },
+        rollback_id: if change.rollback == 0 {
+            String::new()
+        } else {
+            rollback_id(change.rollback)
+        },
     }
 }
 
@@ -129,8 +145,12 @@ pub fn rollback(rollback: &RollbackRecord) -> pb::Rollback {
             .steps
             .iter()
             .map(|step| pb::RollbackStep {
-                step_id: StepTarget::Rollback { rollback: rollback.number, host_id: step.host_id.clone(), kind: step.kind }
-                    .step_id(),
+                step_id: StepTarget::Rollback {
+                    rollback: rollback.number,
+                    host_id: step.host_id.clone(),
+                    kind: step.kind,
+                }
+                .step_id(),
                 host_id: step.host_id.clone(),
                 kind: step.kind.name().into(),
                 state: step_state(step.progress.status).into(),

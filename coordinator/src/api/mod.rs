@@ -39,8 +39,14 @@ pub struct Context {
 
 impl Context {
     /// Stamps and proposes a command on behalf of `identity`.
-    async fn propose(&self, identity: &str, request_id: &str, kind: CommandKind) -> Result<Outcome, Status> {
-        rewind_shared::names::validate_request_id(request_id).map_err(|error| status::to_status(error.into()))?;
+    async fn propose(
+        &self,
+        identity: &str,
+        request_id: &str,
+        kind: CommandKind,
+    ) -> Result<Outcome, Status> {
+        rewind_shared::names::validate_request_id(request_id)
+            .map_err(|error| status::to_status(error.into()))?;
         let action = kind.action();
         let command = Command {
             at_ms: rewind_shared::time::now_ms(),
@@ -62,7 +68,9 @@ impl Context {
                 .rollbacks
                 .get(&number)
                 .map(|record: &RollbackRecord| convert::rollback(record))
-                .ok_or_else(|| status::to_status(crate::state_machine::unknown_rollback(state, number)))
+                .ok_or_else(|| {
+                    status::to_status(crate::state_machine::unknown_rollback(state, number))
+                })
         })
     }
 
@@ -83,10 +91,11 @@ impl Context {
 
 /// The caller's identity: the common name of its client certificate.
 fn caller<T>(request: &Request<T>) -> Result<String, Status> {
-    let certificates = request
-        .peer_certs()
-        .ok_or_else(|| Status::unauthenticated("no client certificate: every call needs mutual TLS"))?;
-    rewind_shared::tls::identity_of(&certificates).map_err(|error| Status::unauthenticated(error.to_string()))
+    let certificates = request.peer_certs().ok_or_else(|| {
+        Status::unauthenticated("no client certificate: every call needs mutual TLS")
+    })?;
+    rewind_shared::tls::identity_of(&certificates)
+        .map_err(|error| Status::unauthenticated(error.to_string()))
 }
 
 /// Serves both services on `listener` with mutual TLS until `shutdown` resolves.
@@ -96,10 +105,14 @@ pub async fn serve(
     context: Context,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), CoordinatorError> {
-    let tls_config = tls.server_config().map_err(|error| CoordinatorError::Storage(format!("load TLS files: {error}")))?;
-    let control = ControlServiceServer::new(control::Control { context: context.clone() })
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let tls_config = tls
+        .server_config()
+        .map_err(|error| CoordinatorError::Storage(format!("load TLS files: {error}")))?;
+    let control = ControlServiceServer::new(control::Control {
+        context: context.clone(),
+    })
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let agents = AgentServiceServer::new(agent::Agents { context })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);

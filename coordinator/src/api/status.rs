@@ -18,7 +18,9 @@ pub fn to_status(error: CoordinatorError) -> Status {
         | CoordinatorError::UnknownRollback { .. }
         | CoordinatorError::UnknownHost { .. }
         | CoordinatorError::UnknownStep { .. } => Code::NotFound,
-        CoordinatorError::ReleaseConflict { .. } | CoordinatorError::AlreadyRolledBack { .. } => Code::AlreadyExists,
+        CoordinatorError::ReleaseConflict { .. } | CoordinatorError::AlreadyRolledBack { .. } => {
+            Code::AlreadyExists
+        }
         CoordinatorError::NoHosts { .. }
         | CoordinatorError::ChangeInProgress { .. }
         | CoordinatorError::RollbackInProgress { .. }

@@ -7,8 +7,8 @@
 use std::collections::HashMap;
 
 use crate::state_machine::{
-    ChangeRecord, ChangeStatus, CommandKind, HealthAggregate, RollbackRecord, RollbackStatus, RollbackStepKind, State,
-    StepProgress, StepStatus, StepTarget, Trigger,
+    ChangeRecord, ChangeStatus, CommandKind, HealthAggregate, RollbackRecord, RollbackStatus,
+    RollbackStepKind, State, StepProgress, StepStatus, StepTarget, Trigger,
 };
 
 /// Timing and retry bounds for steps.
@@ -44,23 +44,43 @@ pub struct EngineMemory {
 #[derive(Clone, Debug, PartialEq)]
 pub enum AgentAction {
     Capture,
-    Activate { version: String, artifact_digest: String },
-    Restore { snapshot_id: String },
+    Activate {
+        version: String,
+        artifact_digest: String,
+    },
+    Restore {
+        snapshot_id: String,
+    },
     Restart,
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Action {
     Propose(CommandKind),
-    Send { step: StepTarget, attempt: u32, service: String, action: AgentAction },
+    Send {
+        step: StepTarget,
+        attempt: u32,
+        service: String,
+        action: AgentAction,
+    },
 }
 
-pub fn decide(state: &State, seen: &impl Observations, memory: &mut EngineMemory, limits: &EngineLimits, now_ms: u64) -> Vec<Action> {
+pub fn decide(
+    state: &State,
+    seen: &impl Observations,
+    memory: &mut EngineMemory,
+    limits: &EngineLimits,
+    now_ms: u64,
+) -> Vec<Action> {
     let mut actions = Vec::new();
     for change in state.changes.values() {
         drive_change(state, change, seen, memory, limits, now_ms, &mut actions);
     }
-    for rollback in state.rollbacks.values().filter(|rollback| !rollback.status.is_terminal()) {
+    for rollback in state
+        .rollbacks
+        .values()
+        .filter(|rollback| !rollback.status.is_terminal())
+    {
         drive_rollback(state, rollback, seen, memory, limits, now_ms, &mut actions);
     }
     check_triggers(state, seen, memory, limits, now_ms, &mut actions);
@@ -83,7 +103,14 @@ fn drive_change(
     };
     for host in &change.hosts {
         let (step, progress, action) = if capturing {
-            (StepTarget::Capture { change: change.number, host_id: host.host_id.clone() }, &host.capture, AgentAction::Capture)
+            (
+                StepTarget::Capture {
+                    change: change.number,
+                    host_id: host.host_id.clone(),
+                },
+                &host.capture,
+                AgentAction::Capture,
+            )
         } else {
             let artifact_digest = state
                 .releases
@@ -91,10 +118,30 @@ fn drive_change(
                 .and_then(|versions| versions.get(&change.version))
                 .map(|release| release.artifact_digest.clone())
                 .unwrap_or_default();
-            let action = AgentAction::Activate { version: change.version.clone(), artifact_digest };
-            (StepTarget::Activate { change: change.number, host_id: host.host_id.clone() }, &host.activate, action)
+            let action = AgentAction::Activate {
+                version: change.version.clone(),
+                artifact_digest,
+            };
+            (
+                StepTarget::Activate {
+                    change: change.number,
+                    host_id: host.host_id.clone(),
+                },
+                &host.activate,
+                action,
+            )
         };
-        drive_agent_step(step, progress, &change.service, action, seen, memory, limits, now_ms, actions);
+        drive_agent_step(
+            step,
+            progress,
+            &change.service,
+            action,
+            seen,
+            memory,
+            limits,
+            now_ms,
+            actions,
+        );
     }
 }
 
@@ -114,7 +161,9 @@ fn drive_agent_step(
 ) {
     let session = seen.session(step.host_id());
     match progress.status {
-        StepStatus::Pending if session.is_some() => actions.push(Action::Propose(CommandKind::StepStarted { step })),
+        StepStatus::Pending if session.is_some() => {
+            actions.push(Action::Propose(CommandKind::StepStarted { step }))
+        }
         StepStatus::Running => {
             if now_ms.saturating_sub(progress.started_at_ms) > limits.step_timeout_ms {
                 actions.push(Action::Propose(retry_or_fail(step, progress, limits)));
@@ -124,7 +173,12 @@ fn drive_agent_step(
             let step_id = step.step_id();
             if memory.sent.get(&step_id) != Some(&(progress.attempts, generation)) {
                 memory.sent.insert(step_id, (progress.attempts, generation));
-                actions.push(Action::Send { step, attempt: progress.attempts, service: service.to_string(), action });
+                actions.push(Action::Send {
+                    step,
+                    attempt: progress.attempts,
+                    service: service.to_string(),
+                    action,
+                });
             }
         }
         _ => {}
@@ -138,7 +192,10 @@ fn retry_or_fail(step: StepTarget, progress: &StepProgress, limits: &EngineLimit
     CommandKind::StepFinished {
         step,
         ok: false,
-        detail: format!("no result after {} attempts of {} ms", progress.attempts, limits.step_timeout_ms),
+        detail: format!(
+            "no result after {} attempts of {} ms",
+            progress.attempts, limits.step_timeout_ms
+        ),
         snapshot_id: String::new(),
     }
 }
@@ -152,14 +209,28 @@ fn drive_rollback(
     now_ms: u64,
     actions: &mut Vec<Action>,
 ) {
-    let Some(change) = state.changes.get(&rollback.change) else { return };
-    let any_failed = rollback.steps.iter().any(|step| step.progress.status == StepStatus::Failed);
+    let Some(change) = state.changes.get(&rollback.change) else {
+        return;
+    };
+    let any_failed = rollback
+        .steps
+        .iter()
+        .any(|step| step.progress.status == StepStatus::Failed);
     let may_start = rollback.status == RollbackStatus::Running && !any_failed;
     let mut active_hosts = 0u32;
     for host_id in rollback.host_order() {
-        let steps: Vec<_> = rollback.steps.iter().filter(|step| step.host_id == host_id).collect();
+        let steps: Vec<_> = rollback
+            .steps
+            .iter()
+            .filter(|step| step.host_id == host_id)
+            .collect();
         let started = steps.iter().any(|step| step.progress.attempts > 0);
-        let Some(next) = steps.iter().find(|step| !step.progress.status.is_terminal()) else { continue };
+        let Some(next) = steps
+            .iter()
+            .find(|step| !step.progress.status.is_terminal())
+        else {
+            continue;
+        };
         if !started {
             // A host not yet begun: begin it only within the parallelism bound, and never while
             // the change's own activation may still be running there.
@@ -172,7 +243,11 @@ fn drive_rollback(
             }
         }
         active_hosts += 1;
-        let target = StepTarget::Rollback { rollback: rollback.number, host_id: host_id.to_string(), kind: next.kind };
+        let target = StepTarget::Rollback {
+            rollback: rollback.number,
+            host_id: host_id.to_string(),
+            kind: next.kind,
+        };
         if next.progress.status == StepStatus::Pending {
             if may_start {
                 actions.push(Action::Propose(CommandKind::StepStarted { step: target }));
@@ -181,7 +256,15 @@ fn drive_rollback(
         }
         match next.kind {
             RollbackStepKind::Verify => {
-                verify_host(rollback, target, &next.progress, seen, limits, now_ms, actions);
+                verify_host(
+                    rollback,
+                    target,
+                    &next.progress,
+                    seen,
+                    limits,
+                    now_ms,
+                    actions,
+                );
             }
             RollbackStepKind::Restore => {
                 let snapshot_id = change
@@ -191,11 +274,31 @@ fn drive_rollback(
                     .map(|host| host.snapshot_id.clone())
                     .unwrap_or_default();
                 let action = AgentAction::Restore { snapshot_id };
-                drive_agent_step(target, &next.progress, &rollback.service, action, seen, memory, limits, now_ms, actions);
+                drive_agent_step(
+                    target,
+                    &next.progress,
+                    &rollback.service,
+                    action,
+                    seen,
+                    memory,
+                    limits,
+                    now_ms,
+                    actions,
+                );
             }
             RollbackStepKind::Restart => {
                 let action = AgentAction::Restart;
-                drive_agent_step(target, &next.progress, &rollback.service, action, seen, memory, limits, now_ms, actions);
+                drive_agent_step(
+                    target,
+                    &next.progress,
+                    &rollback.service,
+                    action,
+                    seen,
+                    memory,
+                    limits,
+                    now_ms,
+                    actions,
+                );
             }
         }
     }
@@ -211,12 +314,26 @@ fn verify_host(
     actions: &mut Vec<Action>,
 ) {
     let verdict = seen.verdict_since(step.host_id(), &rollback.service, progress.started_at_ms);
-    let finished = |ok: bool, detail: String| Action::Propose(CommandKind::StepFinished { step: step.clone(), ok, detail, snapshot_id: String::new() });
+    let finished = |ok: bool, detail: String| {
+        Action::Propose(CommandKind::StepFinished {
+            step: step.clone(),
+            ok,
+            detail,
+            snapshot_id: String::new(),
+        })
+    };
     match verdict {
         Some((true, why)) => actions.push(finished(true, why)),
         _ if now_ms.saturating_sub(progress.started_at_ms) > limits.verify_timeout_ms => {
-            let why = verdict.map_or_else(|| "no health report arrived".to_string(), |(_, why)| why);
-            actions.push(finished(false, format!("not healthy {} ms after the restart: {why}", limits.verify_timeout_ms)));
+            let why =
+                verdict.map_or_else(|| "no health report arrived".to_string(), |(_, why)| why);
+            actions.push(finished(
+                false,
+                format!(
+                    "not healthy {} ms after the restart: {why}",
+                    limits.verify_timeout_ms
+                ),
+            ));
         }
         _ => {}
     }
@@ -234,7 +351,11 @@ fn check_triggers(
 ) {
     for service in state.services.values() {
         let policy = &service.policy;
-        let latest = state.changes.values().rev().find(|change| change.service == service.name);
+        let latest = state
+            .changes
+            .values()
+            .rev()
+            .find(|change| change.service == service.name);
         let watched = latest.filter(|change| {
             policy.auto_rollback
                 && change.status == ChangeStatus::Deployed
@@ -245,14 +366,23 @@ fn check_triggers(
             memory.breaches.remove(&service.name);
             continue;
         };
-        let hosts: Vec<String> = change.hosts.iter().map(|host| host.host_id.clone()).collect();
-        let window_start = now_ms.saturating_sub(u64::from(policy.for_s) * 1000).max(change.deployed_at_ms);
+        let hosts: Vec<String> = change
+            .hosts
+            .iter()
+            .map(|host| host.host_id.clone())
+            .collect();
+        let window_start = now_ms
+            .saturating_sub(u64::from(policy.for_s) * 1000)
+            .max(change.deployed_at_ms);
         let health = seen.aggregate(&service.name, &hosts, window_start);
         if health.samples == 0 || health.probe_failure_ratio <= policy.max_probe_failure_ratio {
             memory.breaches.remove(&service.name);
             continue;
         }
-        let since = *memory.breaches.entry(service.name.clone()).or_insert(now_ms);
+        let since = *memory
+            .breaches
+            .entry(service.name.clone())
+            .or_insert(now_ms);
         if now_ms - since < u64::from(policy.for_s) * 1000 {
             continue;
         }

@@ -16,15 +16,29 @@ impl Observations for Seen {
     fn session(&self, host_id: &str) -> Option<u64> {
         self.sessions.get(host_id).copied()
     }
-    fn verdict_since(&self, host_id: &str, _service: &str, _since_ms: u64) -> Option<(bool, String)> {
+    fn verdict_since(
+        &self,
+        host_id: &str,
+        _service: &str,
+        _since_ms: u64,
+    ) -> Option<(bool, String)> {
         self.verdicts.get(host_id).cloned()
     }
     fn aggregate(&self, _service: &str, hosts: &[String], _since_ms: u64) -> HealthAggregate {
-        HealthAggregate { probe_failure_ratio: self.failure_ratio, samples: 10, hosts_reporting: hosts.len() as u32 }
+        HealthAggregate {
+            probe_failure_ratio: self.failure_ratio,
+            samples: 10,
+            hosts_reporting: hosts.len() as u32,
+        }
     }
 }
 
-const LIMITS: EngineLimits = EngineLimits { step_timeout_ms: 1_000, max_attempts: 2, verify_timeout_ms: 5_000, default_max_parallel: 1 };
+const LIMITS: EngineLimits = EngineLimits {
+    step_timeout_ms: 1_000,
+    max_attempts: 2,
+    verify_timeout_ms: 5_000,
+    default_max_parallel: 1,
+};
 const HOSTS: [&str; 3] = ["web-1", "web-2", "web-3"];
 
 struct World {
@@ -36,7 +50,12 @@ struct World {
 
 impl World {
     fn new() -> Self {
-        let mut world = Self { state: State::default(), index: 0, seen: Seen::default(), memory: EngineMemory::default() };
+        let mut world = Self {
+            state: State::default(),
+            index: 0,
+            seen: Seen::default(),
+            memory: EngineMemory::default(),
+        };
         for host in HOSTS {
             world.apply(CommandKind::RegisterHost {
                 host_id: host.into(),
@@ -46,8 +65,19 @@ impl World {
             });
             world.seen.sessions.insert(host.into(), 1);
         }
-        let policy = HealthPolicy { max_probe_failure_ratio: 0.5, for_s: 2, watch_s: 60, auto_rollback: true };
-        world.apply(CommandKind::PutService { service: ServiceRecord { name: "web".into(), depends_on: vec![], policy } });
+        let policy = HealthPolicy {
+            max_probe_failure_ratio: 0.5,
+            for_s: 2,
+            watch_s: 60,
+            auto_rollback: true,
+        };
+        world.apply(CommandKind::PutService {
+            service: ServiceRecord {
+                name: "web".into(),
+                depends_on: vec![],
+                policy,
+            },
+        });
         world.apply(CommandKind::RegisterRelease {
             release: ReleaseRecord {
                 service: "web".into(),
@@ -62,7 +92,12 @@ impl World {
 
     fn apply(&mut self, kind: CommandKind) {
         self.index += 1;
-        let command = Command { at_ms: 1_000, identity: "t".into(), request_id: String::new(), kind };
+        let command = Command {
+            at_ms: 1_000,
+            identity: "t".into(),
+            request_id: String::new(),
+            kind,
+        };
         apply(&mut self.state, self.index, &command).expect("applies");
     }
 
@@ -95,11 +130,22 @@ impl World {
         for phase in ["capture", "activate"] {
             for host in HOSTS {
                 let step = match phase {
-                    "capture" => StepTarget::Capture { change: 1, host_id: host.into() },
-                    _ => StepTarget::Activate { change: 1, host_id: host.into() },
+                    "capture" => StepTarget::Capture {
+                        change: 1,
+                        host_id: host.into(),
+                    },
+                    _ => StepTarget::Activate {
+                        change: 1,
+                        host_id: host.into(),
+                    },
                 };
                 self.apply(CommandKind::StepStarted { step: step.clone() });
-                self.apply(CommandKind::StepFinished { step, ok: true, detail: String::new(), snapshot_id: format!("snap-{host}") });
+                self.apply(CommandKind::StepFinished {
+                    step,
+                    ok: true,
+                    detail: String::new(),
+                    snapshot_id: format!("snap-{host}"),
+                });
             }
         }
         1
@@ -127,12 +173,28 @@ fn a_new_change_captures_on_connected_hosts_then_sends_each_step_once() {
         reason: String::new(),
         baseline: HealthAggregate::default(),
     });
-    assert!(world.run_tick(1_000).is_empty(), "the first tick only records the starts");
+    assert!(
+        world.run_tick(1_000).is_empty(),
+        "the first tick only records the starts"
+    );
     let sends = sends_of(&world.run_tick(1_000));
-    assert_eq!(sends, vec![("ch-1/capture/web-1".into(), AgentAction::Capture), ("ch-1/capture/web-2".into(), AgentAction::Capture)]);
-    assert!(world.run_tick(1_000).is_empty(), "nothing is sent twice on the same session");
+    assert_eq!(
+        sends,
+        vec![
+            ("ch-1/capture/web-1".into(), AgentAction::Capture),
+            ("ch-1/capture/web-2".into(), AgentAction::Capture)
+        ]
+    );
+    assert!(
+        world.run_tick(1_000).is_empty(),
+        "nothing is sent twice on the same session"
+    );
     world.seen.sessions.insert("web-1".into(), 2);
-    assert_eq!(sends_of(&world.run_tick(1_000)).len(), 1, "a reconnected agent gets its running step again");
+    assert_eq!(
+        sends_of(&world.run_tick(1_000)).len(),
+        1,
+        "a reconnected agent gets its running step again"
+    );
 }
 
 #[test]
@@ -150,7 +212,10 @@ fn a_timed_out_step_is_retried_within_bounds_then_failed() {
     world.run_tick(2_500); // attempt 2 (started_at_ms is the command's 1_000)
     assert_eq!(world.state.changes[&1].hosts[0].capture.attempts, 2);
     world.run_tick(2_500);
-    assert_eq!(world.state.changes[&1].hosts[0].capture.status, StepStatus::Failed);
+    assert_eq!(
+        world.state.changes[&1].hosts[0].capture.status,
+        StepStatus::Failed
+    );
     assert_eq!(world.state.changes[&1].status, ChangeStatus::Failed);
 }
 
@@ -158,33 +223,79 @@ fn a_timed_out_step_is_retried_within_bounds_then_failed() {
 fn a_rollback_reverts_hosts_one_batch_at_a_time_restore_restart_verify() {
     let mut world = World::new();
     let change = world.deployed();
-    world.apply(CommandKind::StartRollback { change, reason: String::new(), trigger: Trigger::Manual, max_parallel: 2 });
+    world.apply(CommandKind::StartRollback {
+        change,
+        reason: String::new(),
+        trigger: Trigger::Manual,
+        max_parallel: 2,
+    });
     world.run_tick(1_000);
     let sends = sends_of(&world.run_tick(1_000));
     assert_eq!(
         sends,
         vec![
-            ("rb-1/restore/web-1".into(), AgentAction::Restore { snapshot_id: "snap-web-1".into() }),
-            ("rb-1/restore/web-2".into(), AgentAction::Restore { snapshot_id: "snap-web-2".into() }),
+            (
+                "rb-1/restore/web-1".into(),
+                AgentAction::Restore {
+                    snapshot_id: "snap-web-1".into()
+                }
+            ),
+            (
+                "rb-1/restore/web-2".into(),
+                AgentAction::Restore {
+                    snapshot_id: "snap-web-2".into()
+                }
+            ),
         ],
         "two hosts at a time, each restored from its own snapshot"
     );
     for host in ["web-1", "web-2"] {
-        let step = StepTarget::Rollback { rollback: 1, host_id: host.into(), kind: RollbackStepKind::Restore };
-        world.apply(CommandKind::StepFinished { step, ok: true, detail: String::new(), snapshot_id: String::new() });
+        let step = StepTarget::Rollback {
+            rollback: 1,
+            host_id: host.into(),
+            kind: RollbackStepKind::Restore,
+        };
+        world.apply(CommandKind::StepFinished {
+            step,
+            ok: true,
+            detail: String::new(),
+            snapshot_id: String::new(),
+        });
     }
     world.run_tick(1_000);
-    assert_eq!(sends_of(&world.run_tick(1_000)).iter().filter(|(_, action)| *action == AgentAction::Restart).count(), 2);
+    assert_eq!(
+        sends_of(&world.run_tick(1_000))
+            .iter()
+            .filter(|(_, action)| *action == AgentAction::Restart)
+            .count(),
+        2
+    );
     for host in ["web-1", "web-2"] {
-        let step = StepTarget::Rollback { rollback: 1, host_id: host.into(), kind: RollbackStepKind::Restart };
-        world.apply(CommandKind::StepFinished { step, ok: true, detail: String::new(), snapshot_id: String::new() });
+        let step = StepTarget::Rollback {
+            rollback: 1,
+            host_id: host.into(),
+            kind: RollbackStepKind::Restart,
+        };
+        world.apply(CommandKind::StepFinished {
+            step,
+            ok: true,
+            detail: String::new(),
+            snapshot_id: String::new(),
+        });
     }
     world.run_tick(1_000); // verify started on web-1 and web-2
-    world.seen.verdicts.insert("web-1".into(), (true, "1 probes pass".into()));
+    world
+        .seen
+        .verdicts
+        .insert("web-1".into(), (true, "1 probes pass".into()));
     world.run_tick(1_000); // web-1 verified
     world.run_tick(1_000); // so web-3 may begin
     let rollback = &world.state.rollbacks[&1];
-    let web3_restore = rollback.steps.iter().find(|step| step.host_id == "web-3" && step.kind == RollbackStepKind::Restore).unwrap();
+    let web3_restore = rollback
+        .steps
+        .iter()
+        .find(|step| step.host_id == "web-3" && step.kind == RollbackStepKind::Restore)
+        .unwrap();
     assert_eq!(web3_restore.progress.status, StepStatus::Running);
 }
 
@@ -192,21 +303,46 @@ fn a_rollback_reverts_hosts_one_batch_at_a_time_restore_restart_verify() {
 fn a_host_that_stays_unhealthy_fails_verification_after_the_timeout() {
     let mut world = World::new();
     let change = world.deployed();
-    world.apply(CommandKind::StartRollback { change, reason: String::new(), trigger: Trigger::Manual, max_parallel: 1 });
+    world.apply(CommandKind::StartRollback {
+        change,
+        reason: String::new(),
+        trigger: Trigger::Manual,
+        max_parallel: 1,
+    });
     for kind in [RollbackStepKind::Restore, RollbackStepKind::Restart] {
-        let step = StepTarget::Rollback { rollback: 1, host_id: "web-1".into(), kind };
+        let step = StepTarget::Rollback {
+            rollback: 1,
+            host_id: "web-1".into(),
+            kind,
+        };
         world.apply(CommandKind::StepStarted { step: step.clone() });
-        world.apply(CommandKind::StepFinished { step, ok: true, detail: String::new(), snapshot_id: String::new() });
+        world.apply(CommandKind::StepFinished {
+            step,
+            ok: true,
+            detail: String::new(),
+            snapshot_id: String::new(),
+        });
     }
     world.run_tick(1_000);
-    world.seen.verdicts.insert("web-1".into(), (false, "http: status 500".into()));
+    world
+        .seen
+        .verdicts
+        .insert("web-1".into(), (false, "http: status 500".into()));
     world.run_tick(3_000);
-    assert_eq!(world.state.rollbacks[&1].status, RollbackStatus::Running, "still within the verify timeout");
+    assert_eq!(
+        world.state.rollbacks[&1].status,
+        RollbackStatus::Running,
+        "still within the verify timeout"
+    );
     world.run_tick(7_000);
     let rollback = &world.state.rollbacks[&1];
     assert_eq!(rollback.status, RollbackStatus::Failed);
     assert_eq!(rollback.failed_hosts, vec!["web-1".to_string()]);
-    assert!(rollback.outcome_detail.contains("status 500"), "{}", rollback.outcome_detail);
+    assert!(
+        rollback.outcome_detail.contains("status 500"),
+        "{}",
+        rollback.outcome_detail
+    );
 }
 
 #[test]
@@ -215,11 +351,18 @@ fn the_trigger_fires_once_after_the_breach_lasts_its_window() {
     world.deployed();
     world.seen.failure_ratio = 1.0;
     world.run_tick(1_500);
-    assert!(world.state.rollbacks.is_empty(), "the breach must last for_s");
+    assert!(
+        world.state.rollbacks.is_empty(),
+        "the breach must last for_s"
+    );
     world.run_tick(3_600);
     let rollback = &world.state.rollbacks[&1];
     assert_eq!(rollback.trigger, Trigger::Automatic);
-    assert!(rollback.reason.contains("probe failure ratio 1.00 > 0.50"), "{}", rollback.reason);
+    assert!(
+        rollback.reason.contains("probe failure ratio 1.00 > 0.50"),
+        "{}",
+        rollback.reason
+    );
     world.run_tick(9_000);
     assert_eq!(world.state.rollbacks.len(), 1);
 }
@@ -235,5 +378,8 @@ fn a_healthy_or_unwatched_service_does_not_trigger() {
     world.seen.failure_ratio = 1.0;
     world.run_tick(70_000);
     world.run_tick(75_000);
-    assert!(world.state.rollbacks.is_empty(), "past watch_s the policy no longer applies");
+    assert!(
+        world.state.rollbacks.is_empty(),
+        "past watch_s the policy no longer applies"
+    );
 }

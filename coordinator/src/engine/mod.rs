@@ -68,14 +68,30 @@ impl Engine {
 
     async fn tick_once(&self, memory: &mut EngineMemory) {
         let now_ms = rewind_shared::time::now_ms();
-        let seen = Live { sessions: &self.sessions, health: &self.health };
-        let actions = self.node.read(|state| decide(state, &seen, memory, &self.limits, now_ms));
+        let seen = Live {
+            sessions: &self.sessions,
+            health: &self.health,
+        };
+        let actions = self
+            .node
+            .read(|state| decide(state, &seen, memory, &self.limits, now_ms));
         for action in actions {
             match action {
                 Action::Propose(kind) => self.propose(kind).await,
-                Action::Send { step, attempt, service, action } => {
+                Action::Send {
+                    step,
+                    attempt,
+                    service,
+                    action,
+                } => {
                     let step_id = step.step_id();
-                    let message = step_message(&step_id, self.node.generation(), &service, self.limits.step_timeout_ms, action);
+                    let message = step_message(
+                        &step_id,
+                        self.node.generation(),
+                        &service,
+                        self.limits.step_timeout_ms,
+                        action,
+                    );
                     match self.sessions.send(step.host_id(), message) {
                         Ok(_) => debug!(step_id, attempt, "Step sent."),
                         Err(error) => {
@@ -104,13 +120,25 @@ impl Engine {
     }
 }
 
-fn step_message(step_id: &str, term: u64, service: &str, timeout_ms: u64, action: AgentAction) -> pb::CoordinatorMessage {
+fn step_message(
+    step_id: &str,
+    term: u64,
+    service: &str,
+    timeout_ms: u64,
+    action: AgentAction,
+) -> pb::CoordinatorMessage {
     let action = match action {
         AgentAction::Capture => step_command::Action::Capture(pb::CaptureSnapshot {}),
-        AgentAction::Activate { version, artifact_digest } => {
-            step_command::Action::Activate(pb::ActivateRelease { version, artifact_digest })
+        AgentAction::Activate {
+            version,
+            artifact_digest,
+        } => step_command::Action::Activate(pb::ActivateRelease {
+            version,
+            artifact_digest,
+        }),
+        AgentAction::Restore { snapshot_id } => {
+            step_command::Action::Restore(pb::RestoreSnapshot { snapshot_id })
         }
-        AgentAction::Restore { snapshot_id } => step_command::Action::Restore(pb::RestoreSnapshot { snapshot_id }),
         AgentAction::Restart => step_command::Action::Restart(pb::RestartService {}),
     };
     pb::CoordinatorMessage {
@@ -123,4 +151,3 @@ fn step_message(step_id: &str, term: u64, service: &str, timeout_ms: u64, action
         })),
     }
 }
-

@@ -37,16 +37,23 @@ impl NodeHandle {
     /// Proposes a command and waits until it is durable and applied.
     pub async fn propose(&self, command: Command) -> Result<Outcome, CoordinatorError> {
         let (reply, answer) = oneshot::channel();
-        self.proposals.try_send(Proposal { command, reply }).map_err(|error| match error {
-            mpsc::error::TrySendError::Full(_) => CoordinatorError::Overloaded(format!("{PROPOSAL_QUEUE} proposals are queued")),
-            mpsc::error::TrySendError::Closed(_) => CoordinatorError::ShuttingDown,
-        })?;
+        self.proposals
+            .try_send(Proposal { command, reply })
+            .map_err(|error| match error {
+                mpsc::error::TrySendError::Full(_) => {
+                    CoordinatorError::Overloaded(format!("{PROPOSAL_QUEUE} proposals are queued"))
+                }
+                mpsc::error::TrySendError::Closed(_) => CoordinatorError::ShuttingDown,
+            })?;
         answer.await.map_err(|_| CoordinatorError::ShuttingDown)?
     }
 
     /// Reads the applied state. With one member the local state is the committed state.
     pub fn read<R>(&self, reader: impl FnOnce(&State) -> R) -> R {
-        let state = self.state.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let state = self
+            .state
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         reader(&state)
     }
 
@@ -62,7 +69,10 @@ impl NodeHandle {
 }
 
 /// Recovers the state from `store` (snapshot + log) and starts the node thread.
-pub fn start(mut store: impl LogStore, snapshot_every: u64) -> Result<NodeHandle, CoordinatorError> {
+pub fn start(
+    mut store: impl LogStore,
+    snapshot_every: u64,
+) -> Result<NodeHandle, CoordinatorError> {
     let mut state = store.load_snapshot()?.unwrap_or_default();
     let replayed = store.entries_after(state.applied_index)?;
     let replay_count = replayed.len();
@@ -71,7 +81,10 @@ pub fn start(mut store: impl LogStore, snapshot_every: u64) -> Result<NodeHandle
         let _ = apply(&mut state, entry.index, &entry.command);
     }
     let generation = store.next_generation()?;
-    info!(applied_index = state.applied_index, replay_count, generation, "State recovered.");
+    info!(
+        applied_index = state.applied_index,
+        replay_count, generation, "State recovered."
+    );
 
     let (proposals, receiver) = mpsc::channel(PROPOSAL_QUEUE);
     let (applied_sender, applied) = watch::channel(state.applied_index);
@@ -81,7 +94,12 @@ pub fn start(mut store: impl LogStore, snapshot_every: u64) -> Result<NodeHandle
         .name("rewind-node".into())
         .spawn(move || run(store, node_state, receiver, applied_sender, snapshot_every))
         .map_err(|error| CoordinatorError::Storage(format!("spawn node thread: {error}")))?;
-    Ok(NodeHandle { proposals, state, applied, generation })
+    Ok(NodeHandle {
+        proposals,
+        state,
+        applied,
+        generation,
+    })
 }
 
 fn run(
@@ -102,11 +120,18 @@ fn run(
         }
         // Only this thread changes the state, so the index read here still holds after the flush,
         // and readers are not blocked while the disk syncs.
-        let first_index = state.read().unwrap_or_else(|poisoned| poisoned.into_inner()).applied_index + 1;
+        let first_index = state
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .applied_index
+            + 1;
         let entries: Vec<LogEntry> = batch
             .iter()
             .enumerate()
-            .map(|(offset, proposal)| LogEntry { index: first_index + offset as u64, command: proposal.command.clone() })
+            .map(|(offset, proposal)| LogEntry {
+                index: first_index + offset as u64,
+                command: proposal.command.clone(),
+            })
             .collect();
         if let Err(error) = store.append(&entries) {
             warn!(%error, "Could not persist proposals; refusing them.");
@@ -115,7 +140,9 @@ fn run(
             }
             continue;
         }
-        let mut state_guard = state.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut state_guard = state
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         for (entry, proposal) in entries.iter().zip(batch) {
             let outcome = apply(&mut state_guard, entry.index, &entry.command);
             let _ = proposal.reply.send(outcome);
@@ -124,7 +151,9 @@ fn run(
         if applied_index - last_snapshot >= snapshot_every {
             match store.save_snapshot(&state_guard) {
                 Ok(()) => last_snapshot = applied_index,
-                Err(error) => warn!(%error, applied_index, "Could not save a snapshot; the log keeps growing."),
+                Err(error) => {
+                    warn!(%error, applied_index, "Could not save a snapshot; the log keeps growing.")
+                }
             }
         }
         drop(state_guard);

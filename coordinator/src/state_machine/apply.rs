@@ -16,11 +16,20 @@ pub const COORDINATOR_IDENTITY: &str = "coordinator";
 pub fn apply(state: &mut State, index: u64, command: &Command) -> Result<Outcome> {
     state.applied_index = index;
     let request_key = request_key(command);
-    if let Some(outcome) = request_key.as_deref().and_then(|key| state.requests.get(key)) {
+    if let Some(outcome) = request_key
+        .as_deref()
+        .and_then(|key| state.requests.get(key))
+    {
         return Ok(outcome.clone());
     }
     let (outcome, target, audit_outcome) = apply_kind(state, command)?;
-    state.audit.append(command.at_ms, &command.identity, command.kind.action(), &target, &audit_outcome);
+    state.audit.append(
+        command.at_ms,
+        &command.identity,
+        command.kind.action(),
+        &target,
+        &audit_outcome,
+    );
     if let Some(key) = request_key {
         state.requests.remember(&key, outcome.clone());
     }
@@ -36,7 +45,12 @@ fn request_key(command: &Command) -> Option<String> {
 fn apply_kind(state: &mut State, command: &Command) -> Result<(Outcome, String, String)> {
     let at_ms = command.at_ms;
     match &command.kind {
-        CommandKind::RegisterHost { host_id, labels, services, agent_version } => {
+        CommandKind::RegisterHost {
+            host_id,
+            labels,
+            services,
+            agent_version,
+        } => {
             let host = HostRecord {
                 host_id: host_id.clone(),
                 labels: labels.clone(),
@@ -46,7 +60,11 @@ fn apply_kind(state: &mut State, command: &Command) -> Result<(Outcome, String, 
                 registered_at_ms: at_ms,
             };
             state.hosts.insert(host_id.clone(), host);
-            Ok((Outcome::Done, host_id.clone(), format!("ok: services {}", services.join(","))))
+            Ok((
+                Outcome::Done,
+                host_id.clone(),
+                format!("ok: services {}", services.join(",")),
+            ))
         }
         CommandKind::PutService { service } => {
             check_no_cycle(state, service)?;
@@ -54,30 +72,50 @@ fn apply_kind(state: &mut State, command: &Command) -> Result<(Outcome, String, 
             Ok((Outcome::Done, service.name.clone(), "ok".into()))
         }
         CommandKind::RegisterRelease { release } => register_release(state, release, at_ms),
-        CommandKind::StartChange { service, version, host_ids, reason, baseline } => {
-            start_change(state, command, service, version, host_ids, reason, *baseline)
-        }
+        CommandKind::StartChange {
+            service,
+            version,
+            host_ids,
+            reason,
+            baseline,
+        } => start_change(
+            state, command, service, version, host_ids, reason, *baseline,
+        ),
         CommandKind::StepStarted { step } => start_step(state, step, at_ms),
-        CommandKind::StepFinished { step, ok, detail, snapshot_id } => {
-            finish_step(state, step, *ok, detail, snapshot_id, at_ms)
-        }
-        CommandKind::StartRollback { change, reason, trigger, max_parallel } => {
-            start_rollback(state, command, *change, reason, *trigger, *max_parallel)
-        }
-        CommandKind::ControlRollback { rollback, action, reason } => {
-            control_rollback(state, *rollback, *action, reason, at_ms)
-        }
+        CommandKind::StepFinished {
+            step,
+            ok,
+            detail,
+            snapshot_id,
+        } => finish_step(state, step, *ok, detail, snapshot_id, at_ms),
+        CommandKind::StartRollback {
+            change,
+            reason,
+            trigger,
+            max_parallel,
+        } => start_rollback(state, command, *change, reason, *trigger, *max_parallel),
+        CommandKind::ControlRollback {
+            rollback,
+            action,
+            reason,
+        } => control_rollback(state, *rollback, *action, reason, at_ms),
     }
 }
 
 fn check_no_cycle(state: &State, service: &ServiceRecord) -> Result<()> {
     // Depth-first walk from the new edges; bounded by the number of services.
-    let mut stack: Vec<(String, String)> =
-        service.depends_on.iter().map(|provider| (provider.clone(), format!("{} -> {provider}", service.name))).collect();
+    let mut stack: Vec<(String, String)> = service
+        .depends_on
+        .iter()
+        .map(|provider| (provider.clone(), format!("{} -> {provider}", service.name)))
+        .collect();
     let mut visited = std::collections::BTreeSet::new();
     while let Some((current, path)) = stack.pop() {
         if current == service.name {
-            return Err(CoordinatorError::DependencyCycle { service: service.name.clone(), path });
+            return Err(CoordinatorError::DependencyCycle {
+                service: service.name.clone(),
+                path,
+            });
         }
         if !visited.insert(current.clone()) {
             continue;
@@ -91,12 +129,17 @@ fn check_no_cycle(state: &State, service: &ServiceRecord) -> Result<()> {
     Ok(())
 }
 
-fn register_release(state: &mut State, release: &ReleaseRecord, at_ms: u64) -> Result<(Outcome, String, String)> {
+fn register_release(
+    state: &mut State,
+    release: &ReleaseRecord,
+    at_ms: u64,
+) -> Result<(Outcome, String, String)> {
     require_service(state, &release.service)?;
     let target = format!("{}@{}", release.service, release.version);
     let versions = state.releases.entry(release.service.clone()).or_default();
     if let Some(existing) = versions.get(&release.version) {
-        if existing.artifact_digest == release.artifact_digest && existing.commit == release.commit {
+        if existing.artifact_digest == release.artifact_digest && existing.commit == release.commit
+        {
             return Ok((Outcome::Done, target, "ok: already registered".into()));
         }
         return Err(CoordinatorError::ReleaseConflict {
@@ -105,8 +148,18 @@ fn register_release(state: &mut State, release: &ReleaseRecord, at_ms: u64) -> R
             existing: existing.artifact_digest.clone(),
         });
     }
-    versions.insert(release.version.clone(), ReleaseRecord { registered_at_ms: at_ms, ..release.clone() });
-    Ok((Outcome::Done, target, format!("ok: {}", release.artifact_digest)))
+    versions.insert(
+        release.version.clone(),
+        ReleaseRecord {
+            registered_at_ms: at_ms,
+            ..release.clone()
+        },
+    );
+    Ok((
+        Outcome::Done,
+        target,
+        format!("ok: {}", release.artifact_digest),
+    ))
 }
 
 fn start_change(
@@ -124,15 +177,25 @@ fn start_change(
         return Err(CoordinatorError::UnknownRelease {
             service: service.to_string(),
             version: version.to_string(),
-            known: known_list(versions.into_iter().flat_map(|versions| versions.keys().cloned())),
+            known: known_list(
+                versions
+                    .into_iter()
+                    .flat_map(|versions| versions.keys().cloned()),
+            ),
         });
     }
-    if let Some(active) = state
-        .changes
-        .values()
-        .find(|change| change.service == service && matches!(change.status, ChangeStatus::Capturing | ChangeStatus::Deploying))
-    {
-        return Err(CoordinatorError::ChangeInProgress { change_id: active.id(), service: service.into(), status: active.status });
+    if let Some(active) = state.changes.values().find(|change| {
+        change.service == service
+            && matches!(
+                change.status,
+                ChangeStatus::Capturing | ChangeStatus::Deploying
+            )
+    }) {
+        return Err(CoordinatorError::ChangeInProgress {
+            change_id: active.id(),
+            service: service.into(),
+            status: active.status,
+        });
     }
     let host_ids = select_hosts(state, service, requested_hosts)?;
     let previous_version = current_version(state, service);
@@ -164,7 +227,10 @@ fn start_change(
             rollback: 0,
         },
     );
-    let audit = format!("ok: {service} {previous_version} -> {version} on {}", host_ids.join(","));
+    let audit = format!(
+        "ok: {service} {previous_version} -> {version} on {}",
+        host_ids.join(",")
+    );
     Ok((Outcome::Change(number), change_id(number), audit))
 }
 
@@ -177,15 +243,25 @@ fn select_hosts(state: &State, service: &str, requested: &[String]) -> Result<Ve
             .map(|host| host.host_id.clone())
             .collect();
         if hosts.is_empty() {
-            return Err(CoordinatorError::NoHosts { service: service.to_string() });
+            return Err(CoordinatorError::NoHosts {
+                service: service.to_string(),
+            });
         }
         return Ok(hosts);
     }
     let mut hosts = Vec::with_capacity(requested.len());
     for host_id in requested {
-        let host = state.hosts.get(host_id).ok_or_else(|| CoordinatorError::UnknownHost { host_id: host_id.clone() })?;
+        let host = state
+            .hosts
+            .get(host_id)
+            .ok_or_else(|| CoordinatorError::UnknownHost {
+                host_id: host_id.clone(),
+            })?;
         if !host.services.iter().any(|name| name == service) {
-            return Err(CoordinatorError::HostWithoutService { host_id: host_id.clone(), service: service.to_string() });
+            return Err(CoordinatorError::HostWithoutService {
+                host_id: host_id.clone(),
+                service: service.to_string(),
+            });
         }
         if !hosts.contains(host_id) {
             hosts.push(host_id.clone());
@@ -210,28 +286,56 @@ pub fn current_version(state: &State, service: &str) -> String {
         .unwrap_or_default()
 }
 
-fn start_step(state: &mut State, step: &StepTarget, at_ms: u64) -> Result<(Outcome, String, String)> {
+fn start_step(
+    state: &mut State,
+    step: &StepTarget,
+    at_ms: u64,
+) -> Result<(Outcome, String, String)> {
     let step_id = step.step_id();
-    let not_startable = |reason: String| CoordinatorError::StepNotStartable { step_id: step_id.clone(), reason };
+    let not_startable = |reason: String| CoordinatorError::StepNotStartable {
+        step_id: step_id.clone(),
+        reason,
+    };
     let progress = match step {
         StepTarget::Capture { change, .. } | StepTarget::Activate { change, .. } => {
-            let record = state.changes.get(change).ok_or_else(|| unknown_change(state, *change))?;
-            let wanted = if matches!(step, StepTarget::Capture { .. }) { ChangeStatus::Capturing } else { ChangeStatus::Deploying };
+            let record = state
+                .changes
+                .get(change)
+                .ok_or_else(|| unknown_change(state, *change))?;
+            let wanted = if matches!(step, StepTarget::Capture { .. }) {
+                ChangeStatus::Capturing
+            } else {
+                ChangeStatus::Deploying
+            };
             if record.status != wanted {
-                return Err(not_startable(format!("change {} is {:?}", record.id(), record.status)));
+                return Err(not_startable(format!(
+                    "change {} is {:?}",
+                    record.id(),
+                    record.status
+                )));
             }
             change_step_mut(state, step)?
         }
         StepTarget::Rollback { rollback, .. } => {
-            let record = state.rollbacks.get(rollback).ok_or_else(|| unknown_rollback(state, *rollback))?;
+            let record = state
+                .rollbacks
+                .get(rollback)
+                .ok_or_else(|| unknown_rollback(state, *rollback))?;
             if record.status != RollbackStatus::Running {
-                return Err(not_startable(format!("rollback {} is {:?}", record.id(), record.status)));
+                return Err(not_startable(format!(
+                    "rollback {} is {:?}",
+                    record.id(),
+                    record.status
+                )));
             }
             rollback_step_mut(state, step)?
         }
     };
     if progress.status.is_terminal() {
-        return Err(not_startable(format!("it already ended {:?}", progress.status)));
+        return Err(not_startable(format!(
+            "it already ended {:?}",
+            progress.status
+        )));
     }
     progress.status = StepStatus::Running;
     progress.attempts += 1;
@@ -254,9 +358,16 @@ fn finish_step(
         _ => change_step_mut(state, step)?,
     };
     if progress.status != StepStatus::Running {
-        return Err(CoordinatorError::StepNotRunning { step_id, status: format!("{:?}", progress.status) });
+        return Err(CoordinatorError::StepNotRunning {
+            step_id,
+            status: format!("{:?}", progress.status),
+        });
     }
-    progress.status = if ok { StepStatus::Succeeded } else { StepStatus::Failed };
+    progress.status = if ok {
+        StepStatus::Succeeded
+    } else {
+        StepStatus::Failed
+    };
     progress.finished_at_ms = at_ms;
     progress.detail = detail.to_string();
     match step {
@@ -269,27 +380,52 @@ fn finish_step(
         StepTarget::Activate { change, .. } => settle_change(state, *change, at_ms),
         StepTarget::Rollback { rollback, .. } => settle_rollback(state, *rollback, at_ms),
     }
-    let outcome = if ok { format!("ok: {detail}") } else { format!("failed: {detail}") };
+    let outcome = if ok {
+        format!("ok: {detail}")
+    } else {
+        format!("failed: {detail}")
+    };
     Ok((Outcome::Done, step_id, outcome))
 }
 
 /// Moves a change on once its current phase has ended on every host.
 fn settle_change(state: &mut State, number: u64, at_ms: u64) {
-    let Some(change) = state.changes.get_mut(&number) else { return };
+    let Some(change) = state.changes.get_mut(&number) else {
+        return;
+    };
     let phase = |host: &ChangeHostRecord| match change.status {
         ChangeStatus::Capturing => host.capture.clone(),
         _ => host.activate.clone(),
     };
-    if !matches!(change.status, ChangeStatus::Capturing | ChangeStatus::Deploying) {
+    if !matches!(
+        change.status,
+        ChangeStatus::Capturing | ChangeStatus::Deploying
+    ) {
         return;
     }
-    if let Some(failed) = change.hosts.iter().find(|host| phase(host).status == StepStatus::Failed) {
-        let what = if change.status == ChangeStatus::Capturing { "capture" } else { "activation" };
-        change.reason = format!("{what} failed on {}: {}", failed.host_id, phase(failed).detail);
+    if let Some(failed) = change
+        .hosts
+        .iter()
+        .find(|host| phase(host).status == StepStatus::Failed)
+    {
+        let what = if change.status == ChangeStatus::Capturing {
+            "capture"
+        } else {
+            "activation"
+        };
+        change.reason = format!(
+            "{what} failed on {}: {}",
+            failed.host_id,
+            phase(failed).detail
+        );
         change.status = ChangeStatus::Failed;
         return;
     }
-    if change.hosts.iter().all(|host| phase(host).status == StepStatus::Succeeded) {
+    if change
+        .hosts
+        .iter()
+        .all(|host| phase(host).status == StepStatus::Succeeded)
+    {
         if change.status == ChangeStatus::Capturing {
             change.status = ChangeStatus::Deploying;
         } else {
@@ -301,27 +437,47 @@ fn settle_change(state: &mut State, number: u64, at_ms: u64) {
 
 /// Ends a rollback when every step succeeded, or when a step failed and nothing is running.
 fn settle_rollback(state: &mut State, number: u64, at_ms: u64) {
-    let Some(rollback) = state.rollbacks.get_mut(&number) else { return };
+    let Some(rollback) = state.rollbacks.get_mut(&number) else {
+        return;
+    };
     if rollback.status.is_terminal() {
         return;
     }
     let steps = &rollback.steps;
-    if steps.iter().all(|step| step.progress.status == StepStatus::Succeeded) {
+    if steps
+        .iter()
+        .all(|step| step.progress.status == StepStatus::Succeeded)
+    {
         rollback.status = RollbackStatus::Succeeded;
         rollback.finished_at_ms = at_ms;
-        rollback.outcome_detail = format!("{} hosts reverted and verified healthy", rollback.host_order().len());
+        rollback.outcome_detail = format!(
+            "{} hosts reverted and verified healthy",
+            rollback.host_order().len()
+        );
         if let Some(change) = state.changes.get_mut(&rollback.change) {
             change.status = ChangeStatus::RolledBack;
         }
         return;
     }
-    let failed: Vec<&RollbackStepRecord> = steps.iter().filter(|step| step.progress.status == StepStatus::Failed).collect();
-    if failed.is_empty() || steps.iter().any(|step| step.progress.status == StepStatus::Running) {
+    let failed: Vec<&RollbackStepRecord> = steps
+        .iter()
+        .filter(|step| step.progress.status == StepStatus::Failed)
+        .collect();
+    if failed.is_empty()
+        || steps
+            .iter()
+            .any(|step| step.progress.status == StepStatus::Running)
+    {
         return;
     }
     let mut failed_hosts: Vec<String> = failed.iter().map(|step| step.host_id.clone()).collect();
     failed_hosts.dedup();
-    rollback.outcome_detail = format!("{} on {} failed: {}", failed[0].kind.name(), failed[0].host_id, failed[0].progress.detail);
+    rollback.outcome_detail = format!(
+        "{} on {} failed: {}",
+        failed[0].kind.name(),
+        failed[0].host_id,
+        failed[0].progress.detail
+    );
     rollback.failed_hosts = failed_hosts;
     rollback.status = RollbackStatus::Failed;
     rollback.finished_at_ms = at_ms;
@@ -344,7 +500,10 @@ fn start_rollback(
     trigger: Trigger,
     max_parallel: u32,
 ) -> Result<(Outcome, String, String)> {
-    let change = state.changes.get(&change_number).ok_or_else(|| unknown_change(state, change_number))?;
+    let change = state
+        .changes
+        .get(&change_number)
+        .ok_or_else(|| unknown_change(state, change_number))?;
     if let Some(previous) = state.rollbacks.get(&change.rollback) {
         let in_progress = !previous.status.is_terminal();
         if in_progress {
@@ -356,7 +515,10 @@ fn start_rollback(
         }
         // One automatic rollback per change: after that a person decides.
         if previous.status == RollbackStatus::Succeeded || trigger == Trigger::Automatic {
-            return Err(CoordinatorError::AlreadyRolledBack { change_id: change.id(), rollback_id: previous.id() });
+            return Err(CoordinatorError::AlreadyRolledBack {
+                change_id: change.id(),
+                rollback_id: previous.id(),
+            });
         }
     }
     // Only hosts where activation was attempted changed; the others still run the old release.
@@ -367,7 +529,9 @@ fn start_rollback(
         .map(|host| host.host_id.clone())
         .collect();
     if hosts.is_empty() {
-        return Err(CoordinatorError::NothingToRevert { change_id: change.id() });
+        return Err(CoordinatorError::NothingToRevert {
+            change_id: change.id(),
+        });
     }
     let service = change.service.clone();
     state.next_rollback += 1;
@@ -375,11 +539,13 @@ fn start_rollback(
     let steps = hosts
         .iter()
         .flat_map(|host_id| {
-            RollbackStepKind::ALL.into_iter().map(|kind| RollbackStepRecord {
-                host_id: host_id.clone(),
-                kind,
-                progress: StepProgress::default(),
-            })
+            RollbackStepKind::ALL
+                .into_iter()
+                .map(|kind| RollbackStepRecord {
+                    host_id: host_id.clone(),
+                    kind,
+                    progress: StepProgress::default(),
+                })
         })
         .collect();
     let rollback = RollbackRecord {
@@ -400,12 +566,19 @@ fn start_rollback(
     state.rollbacks.insert(number, rollback);
     if let Some(change) = state.changes.get_mut(&change_number) {
         change.rollback = number;
-        if matches!(change.status, ChangeStatus::Capturing | ChangeStatus::Deploying) {
+        if matches!(
+            change.status,
+            ChangeStatus::Capturing | ChangeStatus::Deploying
+        ) {
             change.status = ChangeStatus::Failed;
             change.reason = format!("interrupted by rollback {}", rollback_id(number));
         }
     }
-    let audit = format!("ok: {trigger:?} rollback of {} on {}: {reason}", change_id(change_number), hosts.join(","));
+    let audit = format!(
+        "ok: {trigger:?} rollback of {} on {}: {reason}",
+        change_id(change_number),
+        hosts.join(",")
+    );
     Ok((Outcome::Rollback(number), rollback_id(number), audit))
 }
 
@@ -417,14 +590,20 @@ fn control_rollback(
     at_ms: u64,
 ) -> Result<(Outcome, String, String)> {
     let known = known_list(state.rollbacks.keys().map(|&number| rollback_id(number)));
-    let rollback = state
-        .rollbacks
-        .get_mut(&number)
-        .ok_or_else(|| CoordinatorError::UnknownRollback { rollback_id: rollback_id(number), known })?;
+    let rollback =
+        state
+            .rollbacks
+            .get_mut(&number)
+            .ok_or_else(|| CoordinatorError::UnknownRollback {
+                rollback_id: rollback_id(number),
+                known,
+            })?;
     let next = match (action, rollback.status) {
         (RollbackAction::Pause, RollbackStatus::Running) => RollbackStatus::Paused,
         (RollbackAction::Resume, RollbackStatus::Paused) => RollbackStatus::Running,
-        (RollbackAction::Abort, RollbackStatus::Running | RollbackStatus::Paused) => RollbackStatus::Aborted,
+        (RollbackAction::Abort, RollbackStatus::Running | RollbackStatus::Paused) => {
+            RollbackStatus::Aborted
+        }
         (_, status) => {
             return Err(CoordinatorError::RollbackNotControllable {
                 rollback_id: rollback.id(),
@@ -439,40 +618,81 @@ fn control_rollback(
         rollback.outcome_detail = format!("aborted: {reason}");
         skip_pending(rollback);
     }
-    Ok((Outcome::Rollback(number), rollback.id(), format!("ok: {reason}")))
+    Ok((
+        Outcome::Rollback(number),
+        rollback.id(),
+        format!("ok: {reason}"),
+    ))
 }
 
 fn change_step_mut<'a>(state: &'a mut State, step: &StepTarget) -> Result<&'a mut StepProgress> {
     let (change, host_id, capture) = match step {
         StepTarget::Capture { change, host_id } => (*change, host_id, true),
         StepTarget::Activate { change, host_id } => (*change, host_id, false),
-        StepTarget::Rollback { .. } => return Err(CoordinatorError::UnknownStep { step_id: step.step_id() }),
+        StepTarget::Rollback { .. } => {
+            return Err(CoordinatorError::UnknownStep {
+                step_id: step.step_id(),
+            });
+        }
     };
-    let host = change_host_mut(state, change, host_id).ok_or_else(|| CoordinatorError::UnknownStep { step_id: step.step_id() })?;
-    Ok(if capture { &mut host.capture } else { &mut host.activate })
+    let host =
+        change_host_mut(state, change, host_id).ok_or_else(|| CoordinatorError::UnknownStep {
+            step_id: step.step_id(),
+        })?;
+    Ok(if capture {
+        &mut host.capture
+    } else {
+        &mut host.activate
+    })
 }
 
-fn change_host_mut<'a>(state: &'a mut State, change: u64, host_id: &str) -> Option<&'a mut ChangeHostRecord> {
-    state.changes.get_mut(&change)?.hosts.iter_mut().find(|host| host.host_id == host_id)
+fn change_host_mut<'a>(
+    state: &'a mut State,
+    change: u64,
+    host_id: &str,
+) -> Option<&'a mut ChangeHostRecord> {
+    state
+        .changes
+        .get_mut(&change)?
+        .hosts
+        .iter_mut()
+        .find(|host| host.host_id == host_id)
 }
 
 fn rollback_step_mut<'a>(state: &'a mut State, step: &StepTarget) -> Result<&'a mut StepProgress> {
-    let StepTarget::Rollback { rollback, host_id, kind } = step else {
-        return Err(CoordinatorError::UnknownStep { step_id: step.step_id() });
+    let StepTarget::Rollback {
+        rollback,
+        host_id,
+        kind,
+    } = step
+    else {
+        return Err(CoordinatorError::UnknownStep {
+            step_id: step.step_id(),
+        });
     };
     state
         .rollbacks
         .get_mut(rollback)
-        .and_then(|record| record.steps.iter_mut().find(|candidate| &candidate.host_id == host_id && candidate.kind == *kind))
+        .and_then(|record| {
+            record
+                .steps
+                .iter_mut()
+                .find(|candidate| &candidate.host_id == host_id && candidate.kind == *kind)
+        })
         .map(|record| &mut record.progress)
-        .ok_or_else(|| CoordinatorError::UnknownStep { step_id: step.step_id() })
+        .ok_or_else(|| CoordinatorError::UnknownStep {
+            step_id: step.step_id(),
+        })
 }
 
 fn require_service(state: &State, service: &str) -> Result<()> {
     if state.services.contains_key(service) {
         return Ok(());
     }
-    Err(CoordinatorError::UnknownService { service: service.to_string(), known: known_list(state.services.keys().cloned()) })
+    Err(CoordinatorError::UnknownService {
+        service: service.to_string(),
+        known: known_list(state.services.keys().cloned()),
+    })
 }
 
 pub fn unknown_change(state: &State, number: u64) -> CoordinatorError {

@@ -10,12 +10,25 @@ struct Harness {
 
 impl Harness {
     fn new() -> Self {
-        Self { state: State::default(), index: 0 }
+        Self {
+            state: State::default(),
+            index: 0,
+        }
     }
 
-    fn run_as(&mut self, identity: &str, request_id: &str, kind: CommandKind) -> Result<Outcome, CoordinatorError> {
+    fn run_as(
+        &mut self,
+        identity: &str,
+        request_id: &str,
+        kind: CommandKind,
+    ) -> Result<Outcome, CoordinatorError> {
         self.index += 1;
-        let command = Command { at_ms: 1_000 * self.index, identity: identity.into(), request_id: request_id.into(), kind };
+        let command = Command {
+            at_ms: 1_000 * self.index,
+            identity: identity.into(),
+            request_id: request_id.into(),
+            kind,
+        };
         apply(&mut self.state, self.index, &command)
     }
 
@@ -39,34 +52,66 @@ impl Harness {
             });
         }
         harness.must(CommandKind::PutService {
-            service: ServiceRecord { name: "web".into(), depends_on: vec![], policy: HealthPolicy::default() },
+            service: ServiceRecord {
+                name: "web".into(),
+                depends_on: vec![],
+                policy: HealthPolicy::default(),
+            },
         });
         for version in ["v1", "v2"] {
-            harness.must(CommandKind::RegisterRelease { release: release(version, 'a') });
+            harness.must(CommandKind::RegisterRelease {
+                release: release(version, 'a'),
+            });
         }
         harness
     }
 
     fn finish(&mut self, step: StepTarget, ok: bool) {
         self.must(CommandKind::StepStarted { step: step.clone() });
-        self.must(CommandKind::StepFinished { step, ok, detail: if ok { "done".into() } else { "boom".into() }, snapshot_id: "snap-1".into() });
+        self.must(CommandKind::StepFinished {
+            step,
+            ok,
+            detail: if ok { "done".into() } else { "boom".into() },
+            snapshot_id: "snap-1".into(),
+        });
     }
 
     /// Starts a change to `version` and runs it to Deployed.
     fn deploy(&mut self, version: &str) -> u64 {
-        let Outcome::Change(change) = self.must(start_change(version)) else { panic!("change outcome") };
+        let Outcome::Change(change) = self.must(start_change(version)) else {
+            panic!("change outcome")
+        };
         for host in ["web-1", "web-2"] {
-            self.finish(StepTarget::Capture { change, host_id: host.into() }, true);
+            self.finish(
+                StepTarget::Capture {
+                    change,
+                    host_id: host.into(),
+                },
+                true,
+            );
         }
         for host in ["web-1", "web-2"] {
-            self.finish(StepTarget::Activate { change, host_id: host.into() }, true);
+            self.finish(
+                StepTarget::Activate {
+                    change,
+                    host_id: host.into(),
+                },
+                true,
+            );
         }
         change
     }
 
     fn must_start_rollback(&mut self, change: u64, trigger: Trigger) -> u64 {
-        let kind = CommandKind::StartRollback { change, reason: "bad".into(), trigger, max_parallel: 1 };
-        let Outcome::Rollback(rollback) = self.must(kind) else { panic!("rollback outcome") };
+        let kind = CommandKind::StartRollback {
+            change,
+            reason: "bad".into(),
+            trigger,
+            max_parallel: 1,
+        };
+        let Outcome::Rollback(rollback) = self.must(kind) else {
+            panic!("rollback outcome")
+        };
         rollback
     }
 }
@@ -92,7 +137,11 @@ fn start_change(version: &str) -> CommandKind {
 }
 
 fn rollback_step(rollback: u64, host: &str, kind: RollbackStepKind) -> StepTarget {
-    StepTarget::Rollback { rollback, host_id: host.into(), kind }
+    StepTarget::Rollback {
+        rollback,
+        host_id: host.into(),
+        kind,
+    }
 }
 
 #[test]
@@ -111,13 +160,31 @@ fn a_change_moves_from_capture_to_deployed_and_records_snapshots() {
 #[test]
 fn a_failed_capture_fails_the_change_and_nothing_is_activated() {
     let mut harness = Harness::with_fleet();
-    let Outcome::Change(change) = harness.must(start_change("v1")) else { panic!() };
-    harness.finish(StepTarget::Capture { change, host_id: "web-1".into() }, false);
+    let Outcome::Change(change) = harness.must(start_change("v1")) else {
+        panic!()
+    };
+    harness.finish(
+        StepTarget::Capture {
+            change,
+            host_id: "web-1".into(),
+        },
+        false,
+    );
     let record = &harness.state.changes[&change];
     assert_eq!(record.status, ChangeStatus::Failed);
-    assert!(record.reason.contains("capture failed on web-1"), "{}", record.reason);
-    let activate = StepTarget::Activate { change, host_id: "web-2".into() };
-    assert!(matches!(harness.run(CommandKind::StepStarted { step: activate }), Err(CoordinatorError::StepNotStartable { .. })));
+    assert!(
+        record.reason.contains("capture failed on web-1"),
+        "{}",
+        record.reason
+    );
+    let activate = StepTarget::Activate {
+        change,
+        host_id: "web-2".into(),
+    };
+    assert!(matches!(
+        harness.run(CommandKind::StepStarted { step: activate }),
+        Err(CoordinatorError::StepNotStartable { .. })
+    ));
 }
 
 #[test]
@@ -128,12 +195,21 @@ fn a_rollback_that_verifies_every_host_succeeds_and_marks_the_change_rolled_back
     let rollback = harness.must_start_rollback(change, Trigger::Manual);
     for host in ["web-1", "web-2"] {
         for kind in RollbackStepKind::ALL {
-            assert_eq!(harness.state.rollbacks[&rollback].status, RollbackStatus::Running);
+            assert_eq!(
+                harness.state.rollbacks[&rollback].status,
+                RollbackStatus::Running
+            );
             harness.finish(rollback_step(rollback, host, kind), true);
         }
     }
-    assert_eq!(harness.state.rollbacks[&rollback].status, RollbackStatus::Succeeded);
-    assert_eq!(harness.state.changes[&change].status, ChangeStatus::RolledBack);
+    assert_eq!(
+        harness.state.rollbacks[&rollback].status,
+        RollbackStatus::Succeeded
+    );
+    assert_eq!(
+        harness.state.changes[&change].status,
+        ChangeStatus::RolledBack
+    );
     assert_eq!(current_version(&harness.state, "web"), "v1");
 }
 
@@ -142,15 +218,23 @@ fn a_failed_step_fails_the_rollback_once_nothing_runs_and_names_the_host() {
     let mut harness = Harness::with_fleet();
     let change = harness.deploy("v2");
     let rollback = harness.must_start_rollback(change, Trigger::Manual);
-    harness.must(CommandKind::StepStarted { step: rollback_step(rollback, "web-1", RollbackStepKind::Restore) });
-    harness.must(CommandKind::StepStarted { step: rollback_step(rollback, "web-2", RollbackStepKind::Restore) });
+    harness.must(CommandKind::StepStarted {
+        step: rollback_step(rollback, "web-1", RollbackStepKind::Restore),
+    });
+    harness.must(CommandKind::StepStarted {
+        step: rollback_step(rollback, "web-2", RollbackStepKind::Restore),
+    });
     harness.must(CommandKind::StepFinished {
         step: rollback_step(rollback, "web-1", RollbackStepKind::Restore),
         ok: false,
         detail: "disk full".into(),
         snapshot_id: String::new(),
     });
-    assert_eq!(harness.state.rollbacks[&rollback].status, RollbackStatus::Running, "web-2 is still running");
+    assert_eq!(
+        harness.state.rollbacks[&rollback].status,
+        RollbackStatus::Running,
+        "web-2 is still running"
+    );
     harness.must(CommandKind::StepFinished {
         step: rollback_step(rollback, "web-2", RollbackStepKind::Restore),
         ok: true,
@@ -161,8 +245,18 @@ fn a_failed_step_fails_the_rollback_once_nothing_runs_and_names_the_host() {
     assert_eq!(record.status, RollbackStatus::Failed);
     assert_eq!(record.failed_hosts, vec!["web-1".to_string()]);
     assert!(record.outcome_detail.contains("disk full"));
-    assert!(record.steps.iter().filter(|step| step.progress.status == StepStatus::Skipped).count() == 4);
-    assert_eq!(harness.state.changes[&change].status, ChangeStatus::Deployed);
+    assert!(
+        record
+            .steps
+            .iter()
+            .filter(|step| step.progress.status == StepStatus::Skipped)
+            .count()
+            == 4
+    );
+    assert_eq!(
+        harness.state.changes[&change].status,
+        ChangeStatus::Deployed
+    );
 }
 
 #[test]
@@ -170,11 +264,31 @@ fn only_one_automatic_rollback_per_change_and_none_while_one_runs() {
     let mut harness = Harness::with_fleet();
     let change = harness.deploy("v2");
     let rollback = harness.must_start_rollback(change, Trigger::Automatic);
-    let again = CommandKind::StartRollback { change, reason: "again".into(), trigger: Trigger::Manual, max_parallel: 1 };
-    assert!(matches!(harness.run(again.clone()), Err(CoordinatorError::RollbackInProgress { .. })));
-    harness.must(CommandKind::ControlRollback { rollback, action: RollbackAction::Abort, reason: "operator".into() });
-    let automatic = CommandKind::StartRollback { change, reason: "x".into(), trigger: Trigger::Automatic, max_parallel: 1 };
-    assert!(matches!(harness.run(automatic), Err(CoordinatorError::AlreadyRolledBack { .. })));
+    let again = CommandKind::StartRollback {
+        change,
+        reason: "again".into(),
+        trigger: Trigger::Manual,
+        max_parallel: 1,
+    };
+    assert!(matches!(
+        harness.run(again.clone()),
+        Err(CoordinatorError::RollbackInProgress { .. })
+    ));
+    harness.must(CommandKind::ControlRollback {
+        rollback,
+        action: RollbackAction::Abort,
+        reason: "operator".into(),
+    });
+    let automatic = CommandKind::StartRollback {
+        change,
+        reason: "x".into(),
+        trigger: Trigger::Automatic,
+        max_parallel: 1,
+    };
+    assert!(matches!(
+        harness.run(automatic),
+        Err(CoordinatorError::AlreadyRolledBack { .. })
+    ));
     // A person may retry after an abort.
     assert!(matches!(harness.run(again), Ok(Outcome::Rollback(2))));
 }
@@ -184,15 +298,30 @@ fn pause_resume_and_abort_follow_the_allowed_transitions() {
     let mut harness = Harness::with_fleet();
     let change = harness.deploy("v2");
     let rollback = harness.must_start_rollback(change, Trigger::Manual);
-    let control = |action| CommandKind::ControlRollback { rollback, action, reason: "r".into() };
+    let control = |action| CommandKind::ControlRollback {
+        rollback,
+        action,
+        reason: "r".into(),
+    };
     assert!(harness.run(control(RollbackAction::Resume)).is_err());
     harness.must(control(RollbackAction::Pause));
-    let start = CommandKind::StepStarted { step: rollback_step(rollback, "web-1", RollbackStepKind::Restore) };
-    assert!(harness.run(start).is_err(), "a paused rollback starts no step");
+    let start = CommandKind::StepStarted {
+        step: rollback_step(rollback, "web-1", RollbackStepKind::Restore),
+    };
+    assert!(
+        harness.run(start).is_err(),
+        "a paused rollback starts no step"
+    );
     harness.must(control(RollbackAction::Resume));
     harness.must(control(RollbackAction::Abort));
-    assert_eq!(harness.state.rollbacks[&rollback].status, RollbackStatus::Aborted);
-    assert!(matches!(harness.run(control(RollbackAction::Pause)), Err(CoordinatorError::RollbackNotControllable { .. })));
+    assert_eq!(
+        harness.state.rollbacks[&rollback].status,
+        RollbackStatus::Aborted
+    );
+    assert!(matches!(
+        harness.run(control(RollbackAction::Pause)),
+        Err(CoordinatorError::RollbackNotControllable { .. })
+    ));
 }
 
 #[test]
@@ -215,16 +344,30 @@ fn rejected_commands_change_nothing_but_the_applied_index() {
             reason: String::new(),
             baseline: HealthAggregate::default(),
         },
-        CommandKind::RegisterRelease { release: release("v1", 'b') },
-        CommandKind::StartRollback { change: 99, reason: String::new(), trigger: Trigger::Manual, max_parallel: 1 },
+        CommandKind::RegisterRelease {
+            release: release("v1", 'b'),
+        },
+        CommandKind::StartRollback {
+            change: 99,
+            reason: String::new(),
+            trigger: Trigger::Manual,
+            max_parallel: 1,
+        },
         CommandKind::StepFinished {
-            step: StepTarget::Capture { change, host_id: "web-1".into() },
+            step: StepTarget::Capture {
+                change,
+                host_id: "web-1".into(),
+            },
             ok: true,
             detail: String::new(),
             snapshot_id: String::new(),
         },
         CommandKind::PutService {
-            service: ServiceRecord { name: "db".into(), depends_on: vec!["db".into()], policy: HealthPolicy::default() },
+            service: ServiceRecord {
+                name: "db".into(),
+                depends_on: vec!["db".into()],
+                policy: HealthPolicy::default(),
+            },
         },
     ];
     for kind in rejected {
@@ -240,23 +383,41 @@ fn rejected_commands_change_nothing_but_the_applied_index() {
 fn errors_name_what_is_known() {
     let mut harness = Harness::with_fleet();
     let error = harness.run(start_change("v9")).unwrap_err().to_string();
-    assert_eq!(error, "no release v9 of service web: known versions are v1, v2");
-    let rollback = CommandKind::StartRollback { change: 7, reason: String::new(), trigger: Trigger::Manual, max_parallel: 1 };
-    assert_eq!(harness.run(rollback).unwrap_err().to_string(), "no change ch-7: known changes are none");
+    assert_eq!(
+        error,
+        "no release v9 of service web: known versions are v1, v2"
+    );
+    let rollback = CommandKind::StartRollback {
+        change: 7,
+        reason: String::new(),
+        trigger: Trigger::Manual,
+        max_parallel: 1,
+    };
+    assert_eq!(
+        harness.run(rollback).unwrap_err().to_string(),
+        "no change ch-7: known changes are none"
+    );
 }
 
 #[test]
 fn a_repeated_request_id_returns_the_first_outcome_and_acts_once() {
     let mut harness = Harness::with_fleet();
-    let first = harness.run_as("operator", "req-1", start_change("v1")).unwrap();
+    let first = harness
+        .run_as("operator", "req-1", start_change("v1"))
+        .unwrap();
     let audit_len = harness.state.audit.len();
-    let second = harness.run_as("operator", "req-1", start_change("v1")).unwrap();
+    let second = harness
+        .run_as("operator", "req-1", start_change("v1"))
+        .unwrap();
     assert_eq!(first, second);
     assert_eq!(harness.state.changes.len(), 1);
     assert_eq!(harness.state.audit.len(), audit_len);
     // Another client's request id does not collide.
     let other = harness.run_as("someone-else", "req-1", start_change("v1"));
-    assert!(matches!(other, Err(CoordinatorError::ChangeInProgress { .. })));
+    assert!(matches!(
+        other,
+        Err(CoordinatorError::ChangeInProgress { .. })
+    ));
 }
 
 #[test]
@@ -265,7 +426,9 @@ fn every_applied_command_is_audited_with_identity_and_the_chain_verifies() {
     harness.deploy("v1");
     let entries = harness.state.audit.entries();
     assert_eq!(entries.len() as u64, harness.index);
-    assert!(entries.iter().any(|entry| entry.action == "change.start" && entry.identity == "operator" && entry.target == "ch-1"));
+    assert!(entries.iter().any(|entry| entry.action == "change.start"
+        && entry.identity == "operator"
+        && entry.target == "ch-1"));
     assert_eq!(harness.state.audit.verify().first_broken, None);
 }
 
@@ -281,6 +444,12 @@ fn dependency_cycles_are_refused_with_the_path() {
     };
     harness.must(service("api", &["db"]));
     harness.must(service("web", &["api"]));
-    let error = harness.run(service("db", &["web"])).unwrap_err().to_string();
-    assert_eq!(error, "service db would depend on itself through db -> web -> api -> db");
+    let error = harness
+        .run(service("db", &["web"]))
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        error,
+        "service db would depend on itself through db -> web -> api -> db"
+    );
 }

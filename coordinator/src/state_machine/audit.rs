@@ -58,8 +58,18 @@ pub struct AuditVerification {
 }
 
 impl AuditLog {
-    pub fn append(&mut self, at_ms: u64, identity: &str, action: &str, target: &str, outcome: &str) {
-        let prev_hash = self.entries.last().map_or_else(|| GENESIS_HASH.to_string(), |last| last.hash.clone());
+    pub fn append(
+        &mut self,
+        at_ms: u64,
+        identity: &str,
+        action: &str,
+        target: &str,
+        outcome: &str,
+    ) {
+        let prev_hash = self
+            .entries
+            .last()
+            .map_or_else(|| GENESIS_HASH.to_string(), |last| last.hash.clone());
         let mut entry = AuditEntry {
             index: self.entries.len() as u64 + 1,
             at_ms,
@@ -92,11 +102,19 @@ impl AuditLog {
         for (position, entry) in self.entries.iter().enumerate() {
             let expected_index = position as u64 + 1;
             let problem = if entry.index != expected_index {
-                Some(format!("entry at position {expected_index} claims index {}", entry.index))
+                Some(format!(
+                    "entry at position {expected_index} claims index {}",
+                    entry.index
+                ))
             } else if entry.prev_hash != expected_prev {
-                Some(format!("entry {expected_index} does not link to the hash of the entry before it"))
+                Some(format!(
+                    "entry {expected_index} does not link to the hash of the entry before it"
+                ))
             } else if entry.hash != entry.compute_hash() {
-                Some(format!("entry {expected_index} ({}) does not match its hash: it was altered", entry.action))
+                Some(format!(
+                    "entry {expected_index} ({}) does not match its hash: it was altered",
+                    entry.action
+                ))
             } else {
                 None
             };
@@ -131,7 +149,13 @@ mod tests {
     fn sample_log() -> AuditLog {
         let mut log = AuditLog::default();
         for index in 0..5 {
-            log.append(1_000 + index, "operator", "change.start", &format!("ch-{index}"), "ok");
+            log.append(
+                1_000 + index,
+                "operator",
+                "change.start",
+                &format!("ch-{index}"),
+                "ok",
+            );
         }
         log
     }

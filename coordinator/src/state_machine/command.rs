@@ -6,8 +6,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::state::{
-    HealthAggregate, Labels, ReleaseRecord, RollbackStepKind, ServiceRecord, Trigger, change_id, parse_numbered_id,
-    rollback_id,
+    HealthAggregate, Labels, ReleaseRecord, RollbackStepKind, ServiceRecord, Trigger, change_id,
+    parse_numbered_id, rollback_id,
 };
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -85,18 +85,36 @@ impl RollbackAction {
 /// Which step a start or a result is about. Its text form is the step id agents journal by.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum StepTarget {
-    Capture { change: u64, host_id: String },
-    Activate { change: u64, host_id: String },
-    Rollback { rollback: u64, host_id: String, kind: RollbackStepKind },
+    Capture {
+        change: u64,
+        host_id: String,
+    },
+    Activate {
+        change: u64,
+        host_id: String,
+    },
+    Rollback {
+        rollback: u64,
+        host_id: String,
+        kind: RollbackStepKind,
+    },
 }
 
 impl StepTarget {
     /// `ch-3/capture/web-1`, `ch-3/activate/web-1`, `rb-2/restore/web-1`.
     pub fn step_id(&self) -> String {
         match self {
-            Self::Capture { change, host_id } => format!("{}/capture/{host_id}", change_id(*change)),
-            Self::Activate { change, host_id } => format!("{}/activate/{host_id}", change_id(*change)),
-            Self::Rollback { rollback, host_id, kind } => format!("{}/{}/{host_id}", rollback_id(*rollback), kind.name()),
+            Self::Capture { change, host_id } => {
+                format!("{}/capture/{host_id}", change_id(*change))
+            }
+            Self::Activate { change, host_id } => {
+                format!("{}/activate/{host_id}", change_id(*change))
+            }
+            Self::Rollback {
+                rollback,
+                host_id,
+                kind,
+            } => format!("{}/{}/{host_id}", rollback_id(*rollback), kind.name()),
         }
     }
 
@@ -107,8 +125,14 @@ impl StepTarget {
             return None;
         }
         match kind {
-            "capture" => Some(Self::Capture { change: parse_numbered_id("ch", owner)?, host_id }),
-            "activate" => Some(Self::Activate { change: parse_numbered_id("ch", owner)?, host_id }),
+            "capture" => Some(Self::Capture {
+                change: parse_numbered_id("ch", owner)?,
+                host_id,
+            }),
+            "activate" => Some(Self::Activate {
+                change: parse_numbered_id("ch", owner)?,
+                host_id,
+            }),
             other => Some(Self::Rollback {
                 rollback: parse_numbered_id("rb", owner)?,
                 host_id,
@@ -119,7 +143,9 @@ impl StepTarget {
 
     pub fn host_id(&self) -> &str {
         match self {
-            Self::Capture { host_id, .. } | Self::Activate { host_id, .. } | Self::Rollback { host_id, .. } => host_id,
+            Self::Capture { host_id, .. }
+            | Self::Activate { host_id, .. }
+            | Self::Rollback { host_id, .. } => host_id,
         }
     }
 }
@@ -159,14 +185,32 @@ mod tests {
     #[test]
     fn step_ids_round_trip_and_reject_garbage() {
         let targets = [
-            StepTarget::Capture { change: 3, host_id: "web-1".into() },
-            StepTarget::Activate { change: 3, host_id: "web-1".into() },
-            StepTarget::Rollback { rollback: 12, host_id: "db.eu-1".into(), kind: RollbackStepKind::Verify },
+            StepTarget::Capture {
+                change: 3,
+                host_id: "web-1".into(),
+            },
+            StepTarget::Activate {
+                change: 3,
+                host_id: "web-1".into(),
+            },
+            StepTarget::Rollback {
+                rollback: 12,
+                host_id: "db.eu-1".into(),
+                kind: RollbackStepKind::Verify,
+            },
         ];
         for target in targets {
             assert_eq!(StepTarget::parse(&target.step_id()), Some(target));
         }
-        for bad in ["", "ch-3", "ch-3/capture/", "ch-0/capture/a", "rb-1/explode/a", "ch-x/capture/a", "rb-1/restore/a/b"] {
+        for bad in [
+            "",
+            "ch-3",
+            "ch-3/capture/",
+            "ch-0/capture/a",
+            "rb-1/explode/a",
+            "ch-x/capture/a",
+            "rb-1/restore/a/b",
+        ] {
             assert_eq!(StepTarget::parse(bad), None, "{bad}");
         }
     }

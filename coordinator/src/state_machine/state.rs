@@ -55,7 +55,12 @@ pub struct HealthPolicy {
 impl Default for HealthPolicy {
     /// "probe failure ratio > 0.5 for 10 s, within 10 minutes of a change", automatic.
     fn default() -> Self {
-        Self { max_probe_failure_ratio: 0.5, for_s: 10, watch_s: 600, auto_rollback: true }
+        Self {
+            max_probe_failure_ratio: 0.5,
+            for_s: 10,
+            watch_s: 600,
+            auto_rollback: true,
+        }
     }
 }
 
@@ -111,7 +116,13 @@ pub struct StepProgress {
 
 impl Default for StepProgress {
     fn default() -> Self {
-        Self { status: StepStatus::Pending, attempts: 0, started_at_ms: 0, finished_at_ms: 0, detail: String::new() }
+        Self {
+            status: StepStatus::Pending,
+            attempts: 0,
+            started_at_ms: 0,
+            finished_at_ms: 0,
+            detail: String::new(),
+        }
     }
 }
 
@@ -253,7 +264,11 @@ pub fn rollback_id(number: u64) -> String {
 
 /// Parses `ch-<n>` / `rb-<n>`.
 pub fn parse_numbered_id(prefix: &str, id: &str) -> Option<u64> {
-    id.strip_prefix(prefix)?.strip_prefix('-')?.parse().ok().filter(|&number| number > 0)
+    id.strip_prefix(prefix)?
+        .strip_prefix('-')?
+        .parse()
+        .ok()
+        .filter(|&number| number > 0)
 }
 
 /// Outcomes of recent client requests, so a retried request answers the same and acts once.

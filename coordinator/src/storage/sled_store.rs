@@ -23,13 +23,20 @@ const GENERATION_KEY: &[u8] = b"generation";
 impl SledStore {
     pub fn open(dir: &Path) -> Result<Self, CoordinatorError> {
         let db = sled::open(dir).map_err(|error| storage_error("open", dir.display(), error))?;
-        let log = db.open_tree("log").map_err(|error| storage_error("open tree", "log", error))?;
-        let meta = db.open_tree("meta").map_err(|error| storage_error("open tree", "meta", error))?;
+        let log = db
+            .open_tree("log")
+            .map_err(|error| storage_error("open tree", "log", error))?;
+        let meta = db
+            .open_tree("meta")
+            .map_err(|error| storage_error("open tree", "meta", error))?;
         Ok(Self { db, log, meta })
     }
 
     fn flush(&self) -> Result<(), CoordinatorError> {
-        self.db.flush().map(|_| ()).map_err(|error| storage_error("flush", "db", error))
+        self.db
+            .flush()
+            .map(|_| ())
+            .map_err(|error| storage_error("flush", "db", error))
     }
 }
 
@@ -37,10 +44,13 @@ impl LogStore for SledStore {
     fn append(&mut self, entries: &[LogEntry]) -> Result<(), CoordinatorError> {
         let mut batch = sled::Batch::default();
         for entry in entries {
-            let bytes = serde_json::to_vec(entry).map_err(|error| storage_error("encode entry", entry.index, error))?;
+            let bytes = serde_json::to_vec(entry)
+                .map_err(|error| storage_error("encode entry", entry.index, error))?;
             batch.insert(&entry.index.to_be_bytes(), bytes);
         }
-        self.log.apply_batch(batch).map_err(|error| storage_error("append", "log", error))?;
+        self.log
+            .apply_batch(batch)
+            .map_err(|error| storage_error("append", "log", error))?;
         self.flush()
     }
 
@@ -50,14 +60,18 @@ impl LogStore for SledStore {
             .range(start..)
             .map(|item| {
                 let (key, value) = item.map_err(|error| storage_error("read", "log", error))?;
-                serde_json::from_slice(&value).map_err(|error| storage_error("decode entry", hex_key(&key), error))
+                serde_json::from_slice(&value)
+                    .map_err(|error| storage_error("decode entry", hex_key(&key), error))
             })
             .collect()
     }
 
     fn save_snapshot(&mut self, state: &State) -> Result<(), CoordinatorError> {
-        let bytes = serde_json::to_vec(state).map_err(|error| storage_error("encode", "snapshot", error))?;
-        self.meta.insert(SNAPSHOT_KEY, bytes).map_err(|error| storage_error("write", "snapshot", error))?;
+        let bytes = serde_json::to_vec(state)
+            .map_err(|error| storage_error("encode", "snapshot", error))?;
+        self.meta
+            .insert(SNAPSHOT_KEY, bytes)
+            .map_err(|error| storage_error("write", "snapshot", error))?;
         self.flush()?;
         // Only after the snapshot is durable may the entries it covers go.
         let covered = state.applied_index.saturating_add(1).to_be_bytes();
@@ -65,15 +79,23 @@ impl LogStore for SledStore {
         for key in self.log.range(..covered).keys() {
             batch.remove(key.map_err(|error| storage_error("read", "log", error))?);
         }
-        self.log.apply_batch(batch).map_err(|error| storage_error("compact", "log", error))?;
+        self.log
+            .apply_batch(batch)
+            .map_err(|error| storage_error("compact", "log", error))?;
         self.flush()
     }
 
     fn load_snapshot(&self) -> Result<Option<State>, CoordinatorError> {
-        let Some(bytes) = self.meta.get(SNAPSHOT_KEY).map_err(|error| storage_error("read", "snapshot", error))? else {
+        let Some(bytes) = self
+            .meta
+            .get(SNAPSHOT_KEY)
+            .map_err(|error| storage_error("read", "snapshot", error))?
+        else {
             return Ok(None);
         };
-        serde_json::from_slice(&bytes).map(Some).map_err(|error| storage_error("decode", "snapshot", error))
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|error| storage_error("decode", "snapshot", error))
     }
 
     fn next_generation(&mut self) -> Result<u64, CoordinatorError> {
@@ -84,17 +106,26 @@ impl LogStore for SledStore {
             .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_ref()).ok())
             .map_or(0, u64::from_be_bytes);
         let next = current + 1;
-        self.meta.insert(GENERATION_KEY, &next.to_be_bytes()).map_err(|error| storage_error("write", "generation", error))?;
+        self.meta
+            .insert(GENERATION_KEY, &next.to_be_bytes())
+            .map_err(|error| storage_error("write", "generation", error))?;
         self.flush()?;
         Ok(next)
     }
 }
 
 fn hex_key(key: &[u8]) -> String {
-    <[u8; 8]>::try_from(key).map_or_else(|_| format!("{key:?}"), |bytes| u64::from_be_bytes(bytes).to_string())
+    <[u8; 8]>::try_from(key).map_or_else(
+        |_| format!("{key:?}"),
+        |bytes| u64::from_be_bytes(bytes).to_string(),
+    )
 }
 
-fn storage_error(action: &str, what: impl std::fmt::Display, error: impl std::fmt::Display) -> CoordinatorError {
+fn storage_error(
+    action: &str,
+    what: impl std::fmt::Display,
+    error: impl std::fmt::Display,
+) -> CoordinatorError {
     CoordinatorError::Storage(format!("{action} {what}: {error}"))
 }
 
@@ -125,16 +156,26 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let mut store = SledStore::open(dir.path()).unwrap();
-            store.append(&(1..=5).map(entry).collect::<Vec<_>>()).unwrap();
+            store
+                .append(&(1..=5).map(entry).collect::<Vec<_>>())
+                .unwrap();
             assert_eq!(store.next_generation().unwrap(), 1);
         }
         let mut store = SledStore::open(dir.path()).unwrap();
         assert_eq!(store.entries_after(0).unwrap().len(), 5);
         assert_eq!(store.next_generation().unwrap(), 2);
-        let state = State { applied_index: 3, ..State::default() };
+        let state = State {
+            applied_index: 3,
+            ..State::default()
+        };
         store.save_snapshot(&state).unwrap();
         assert_eq!(store.load_snapshot().unwrap().unwrap().applied_index, 3);
-        let remaining: Vec<u64> = store.entries_after(0).unwrap().iter().map(|entry| entry.index).collect();
+        let remaining: Vec<u64> = store
+            .entries_after(0)
+            .unwrap()
+            .iter()
+            .map(|entry| entry.index)
+            .collect();
         assert_eq!(remaining, vec![4, 5]);
     }
 }

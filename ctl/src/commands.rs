@@ -1,0 +1,682 @@
+//! The command tree and what each command does.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use rewind_proto::v1 as pb;
+
+use crate::client::{self, ConnectOptions, explain, request_id};
+use crate::output::{self, Format, json, table, time};
+use crate::watch;
+
+/// Exit code when a rollback ended failed or aborted.
+pub const EXIT_ROLLBACK_FAILED: u8 = 3;
+
+#[derive(Parser)]
+#[command(
+    name = "rewindctl",
+    version,
+    about = "Drive rewind: fleets, releases, changes, rollbacks, audit"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub connect: ConnectOptions,
+    /// Output format.
+    #[arg(long, short, global = true, value_enum, default_value_t = Format::Table, env = "REWIND_OUTPUT")]
+    pub output: Format,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Hosts and their agents.
+    #[command(subcommand)]
+    Fleet(FleetCommand),
+    /// Services, their dependencies and health policies.
+    #[command(subcommand)]
+    Service(ServiceCommand),
+    /// Releases (immutable versions with an artifact digest).
+    #[command(subcommand)]
+    Release(ReleaseCommand),
+    /// Changes: a release deployed to hosts, with a snapshot taken first.
+    #[command(subcommand)]
+    Change(ChangeCommand),
+    /// Rollbacks of changes.
+    #[command(subcommand)]
+    Rollback(RollbackCommand),
+    /// The hash-chained audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Run the whole loop on this machine: a dev coordinator, three agents, a bad release,
+    /// an automatic rollback, verified.
+    Demo(crate::demo::DemoArgs),
+}
+
+#[derive(Subcommand)]
+pub enum FleetCommand {
+    /// Registered hosts, whether connected, and their latest health.
+    List,
+}
+
+#[derive(Subcommand)]
+pub enum ServiceCommand {
+    /// Create or replace a service.
+    Set {
+        name: String,
+        /// A service this one calls (repeat for several).
+        #[arg(long = "depends-on")]
+        depends_on: Vec<String>,
+        /// Roll back automatically when more than this share of probes fail...
+        #[arg(long, default_value_t = 0.5)]
+        max_probe_failure_ratio: f64,
+        /// ...for this many seconds...
+        #[arg(long, default_value_t = 10)]
+        for_s: u32,
+        /// ...within this many seconds of a change being deployed.
+        #[arg(long, default_value_t = 600)]
+        watch_s: u32,
+        /// Never roll back automatically.
+        #[arg(long)]
+        no_auto_rollback: bool,
+    },
+    List,
+    /// Current health figures of a service over the coordinator's window.
+    Health {
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ReleaseCommand {
+    /// Register a release; give its digest, or a directory to compute it from.
+    Register {
+        service: String,
+        version: String,
+        #[arg(
+            long,
+            required_unless_present = "from_dir",
+            conflicts_with = "from_dir"
+        )]
+        digest: Option<String>,
+        /// Compute the digest of this release directory.
+        #[arg(long)]
+        from_dir: Option<PathBuf>,
+        #[arg(long, default_value = "")]
+        commit: String,
+    },
+    List {
+        #[arg(long, default_value = "")]
+        service: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ChangeCommand {
+    /// Deploy a release: snapshot every host, then switch it to the release.
+    Start {
+        service: String,
+        version: String,
+        /// Limit to these hosts (repeat); default: every host of the service.
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    Status {
+        change_id: String,
+    },
+    List {
+        #[arg(long, default_value = "")]
+        service: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum RollbackCommand {
+    /// Roll a change back to the state captured before it.
+    Start {
+        change_id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// Hosts reverted at once (default: the coordinator's).
+        #[arg(long, default_value_t = 0)]
+        max_parallel: u32,
+        /// Follow it until it ends.
+        #[arg(long)]
+        watch: bool,
+    },
+    Status {
+        rollback_id: String,
+    },
+    List,
+    /// Follow a rollback live until it ends; exit 0 only if it succeeded.
+    Watch {
+        rollback_id: String,
+    },
+    Pause {
+        rollback_id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    Resume {
+        rollback_id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    Abort {
+        rollback_id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum AuditCommand {
+    List {
+        /// First entry (numbered from 1).
+        #[arg(long, default_value_t = 1)]
+        from: u64,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Recompute the hash chain; exit 0 only if it is intact.
+    Verify,
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Command::Demo(args) = cli.command {
+        return crate::demo::run(args).await;
+    }
+    let mut client = client::connect(&cli.connect).await?;
+    let format = cli.output;
+    match cli.command {
+        Command::Fleet(FleetCommand::List) => fleet_list(&mut client, format).await,
+        Command::Service(command) => service(&mut client, format, command).await,
+        Command::Release(command) => release(&mut client, format, command).await,
+        Command::Change(command) => change(&mut client, format, command).await,
+        Command::Rollback(command) => rollback(&mut client, format, command).await,
+        Command::Audit(command) => audit(&mut client, format, command).await,
+        Command::Demo(_) => unreachable!("handled above"),
+    }
+}
+
+async fn fleet_list(client: &mut client::Client, format: Format) -> anyhow::Result<ExitCode> {
+    let hosts = client
+        .list_hosts(pb::ListHostsRequest {})
+        .await
+        .map_err(explain)?
+        .into_inner();
+    if format == Format::Json {
+        json(&hosts)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows = hosts
+        .hosts
+        .iter()
+        .map(|host| {
+            let labels = host.labels.clone().unwrap_or_default();
+            let health = host.last_health.as_ref().map_or_else(
+                || "-".to_string(),
+                |report| {
+                    let failing = report.probes.iter().filter(|probe| !probe.ok).count();
+                    format!(
+                        "{}/{} probes ok",
+                        report.probes.len() - failing,
+                        report.probes.len()
+                    )
+                },
+            );
+            vec![
+                host.host_id.clone(),
+                if host.connected {
+                    "connected".into()
+                } else {
+                    "disconnected".into()
+                },
+                labels.region,
+                labels.environment,
+                host.services.join(","),
+                health,
+            ]
+        })
+        .collect();
+    table(
+        &["HOST", "AGENT", "REGION", "ENV", "SERVICES", "HEALTH"],
+        rows,
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn service(
+    client: &mut client::Client,
+    format: Format,
+    command: ServiceCommand,
+) -> anyhow::Result<ExitCode> {
+    match command {
+        ServiceCommand::Set {
+            name,
+            depends_on,
+            max_probe_failure_ratio,
+            for_s,
+            watch_s,
+            no_auto_rollback,
+        } => {
+            let service = pb::Service {
+                name,
+                depends_on,
+                policy: Some(pb::HealthPolicy {
+                    max_probe_failure_ratio,
+                    for_s,
+                    watch_s,
+                    auto_rollback: !no_auto_rollback,
+                }),
+            };
+            let request = pb::PutServiceRequest {
+                request_id: request_id(),
+                service: Some(service),
+            };
+            let response = client
+                .put_service(request)
+                .await
+                .map_err(explain)?
+                .into_inner();
+            print_services(format, response.service.into_iter().collect())?;
+        }
+        ServiceCommand::List => {
+            let response = client
+                .list_services(pb::ListServicesRequest {})
+                .await
+                .map_err(explain)?
+                .into_inner();
+            print_services(format, response.services)?;
+        }
+        ServiceCommand::Health { name } => {
+            let response = client
+                .get_service_health(pb::GetServiceHealthRequest { service: name })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            if format == Format::Json {
+                json(&response)?;
+            } else {
+                let current = response.current.unwrap_or_default();
+                println!(
+                    "probe failure ratio {:.2} over {} samples from {} hosts",
+                    current.probe_failure_ratio, current.samples, current.hosts_reporting
+                );
+                let rows = response
+                    .latest_probes
+                    .iter()
+                    .map(|probe| {
+                        vec![
+                            probe.probe.clone(),
+                            probe.ok.to_string(),
+                            probe.latency_ms.to_string(),
+                            probe.detail.clone(),
+                        ]
+                    })
+                    .collect();
+                table(&["PROBE", "OK", "LATENCY MS", "DETAIL"], rows);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_services(format: Format, services: Vec<pb::Service>) -> anyhow::Result<()> {
+    if format == Format::Json {
+        return json(&pb::ListServicesResponse { services });
+    }
+    let rows = services
+        .iter()
+        .map(|service| {
+            let policy = service.policy.clone().unwrap_or_default();
+            let trigger = if policy.auto_rollback {
+                format!(
+                    "probe failures > {:.2} for {} s within {} s of a change",
+                    policy.max_probe_failure_ratio, policy.for_s, policy.watch_s
+                )
+            } else {
+                "manual only".into()
+            };
+            vec![service.name.clone(), service.depends_on.join(","), trigger]
+        })
+        .collect();
+    table(&["SERVICE", "DEPENDS ON", "AUTOMATIC ROLLBACK"], rows);
+    Ok(())
+}
+
+async fn release(
+    client: &mut client::Client,
+    format: Format,
+    command: ReleaseCommand,
+) -> anyhow::Result<ExitCode> {
+    let releases = match command {
+        ReleaseCommand::Register {
+            service,
+            version,
+            digest,
+            from_dir,
+            commit,
+        } => {
+            let artifact_digest = match (digest, from_dir) {
+                (Some(digest), _) => digest,
+                (None, Some(dir)) => rewind_shared::digest::tree_digest(&dir)
+                    .with_context(|| format!("compute the digest of {}", dir.display()))?,
+                (None, None) => unreachable!("clap requires one"),
+            };
+            let release = pb::Release {
+                service,
+                version,
+                artifact_digest,
+                commit,
+                registered_at_ms: 0,
+            };
+            let request = pb::RegisterReleaseRequest {
+                request_id: request_id(),
+                release: Some(release),
+            };
+            client
+                .register_release(request)
+                .await
+                .map_err(explain)?
+                .into_inner()
+                .release
+                .into_iter()
+                .collect()
+        }
+        ReleaseCommand::List { service } => {
+            client
+                .list_releases(pb::ListReleasesRequest { service })
+                .await
+                .map_err(explain)?
+                .into_inner()
+                .releases
+        }
+    };
+    if format == Format::Json {
+        json(&pb::ListReleasesResponse { releases })?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows = releases
+        .iter()
+        .map(|release| {
+            vec![
+                release.service.clone(),
+                release.version.clone(),
+                release.artifact_digest.clone(),
+                release.commit.clone(),
+                time(release.registered_at_ms),
+            ]
+        })
+        .collect();
+    table(
+        &["SERVICE", "VERSION", "DIGEST", "COMMIT", "REGISTERED"],
+        rows,
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn change(
+    client: &mut client::Client,
+    format: Format,
+    command: ChangeCommand,
+) -> anyhow::Result<ExitCode> {
+    let change = match command {
+        ChangeCommand::Start {
+            service,
+            version,
+            hosts,
+            reason,
+        } => {
+            let request = pb::StartChangeRequest {
+                request_id: request_id(),
+                service,
+                version,
+                host_ids: hosts,
+                reason,
+            };
+            client
+                .start_change(request)
+                .await
+                .map_err(explain)?
+                .into_inner()
+                .change
+        }
+        ChangeCommand::Status { change_id } => {
+            client
+                .get_change(pb::GetChangeRequest { change_id })
+                .await
+                .map_err(explain)?
+                .into_inner()
+                .change
+        }
+        ChangeCommand::List { service } => {
+            let changes = client
+                .list_changes(pb::ListChangesRequest { service })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            if format == Format::Json {
+                json(&changes)?;
+            } else {
+                let rows = changes
+                    .changes
+                    .iter()
+                    .map(|change| {
+                        vec![
+                            change.change_id.clone(),
+                            change.service.clone(),
+                            format!("{} -> {}", change.previous_version, change.version),
+                            output::change_state(change).into(),
+                            change.hosts.len().to_string(),
+                            time(change.started_at_ms),
+                            change.rollback_id.clone(),
+                        ]
+                    })
+                    .collect();
+                table(
+                    &[
+                        "CHANGE", "SERVICE", "VERSIONS", "STATE", "HOSTS", "STARTED", "ROLLBACK",
+                    ],
+                    rows,
+                );
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+    let change = change.context("the coordinator answered without a change")?;
+    if format == Format::Json {
+        json(&change)?;
+    } else {
+        output::print_change(&change);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn rollback(
+    client: &mut client::Client,
+    format: Format,
+    command: RollbackCommand,
+) -> anyhow::Result<ExitCode> {
+    let action = |rollback_id: String, reason: String| pb::RollbackActionRequest {
+        request_id: request_id(),
+        rollback_id,
+        reason,
+    };
+    let rollback = match command {
+        RollbackCommand::Start {
+            change_id,
+            reason,
+            max_parallel,
+            watch: follow,
+        } => {
+            let request = pb::StartRollbackRequest {
+                request_id: request_id(),
+                change_id,
+                reason,
+                max_parallel,
+            };
+            let rollback = client
+                .start_rollback(request)
+                .await
+                .map_err(explain)?
+                .into_inner()
+                .rollback
+                .context("no rollback in the answer")?;
+            if follow {
+                return watch::follow(client, format, &rollback.rollback_id).await;
+            }
+            rollback
+        }
+        RollbackCommand::Status { rollback_id } => client
+            .get_rollback(pb::GetRollbackRequest { rollback_id })
+            .await
+            .map_err(explain)?
+            .into_inner()
+            .rollback
+            .context("no rollback in the answer")?,
+        RollbackCommand::List => {
+            let rollbacks = client
+                .list_rollbacks(pb::ListRollbacksRequest {})
+                .await
+                .map_err(explain)?
+                .into_inner();
+            if format == Format::Json {
+                json(&rollbacks)?;
+            } else {
+                let rows = rollbacks
+                    .rollbacks
+                    .iter()
+                    .map(|rollback| {
+                        vec![
+                            rollback.rollback_id.clone(),
+                            rollback.change_id.clone(),
+                            rollback.service.clone(),
+                            output::rollback_state(rollback).into(),
+                            rollback.trigger.clone(),
+                            time(rollback.started_at_ms),
+                            time(rollback.finished_at_ms),
+                        ]
+                    })
+                    .collect();
+                table(
+                    &[
+                        "ROLLBACK", "CHANGE", "SERVICE", "STATE", "TRIGGER", "STARTED", "FINISHED",
+                    ],
+                    rows,
+                );
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        RollbackCommand::Watch { rollback_id } => {
+            return watch::follow(client, format, &rollback_id).await;
+        }
+        RollbackCommand::Pause {
+            rollback_id,
+            reason,
+        } => client
+            .pause_rollback(action(rollback_id, reason))
+            .await
+            .map_err(explain)?
+            .into_inner()
+            .rollback
+            .context("no rollback")?,
+        RollbackCommand::Resume {
+            rollback_id,
+            reason,
+        } => client
+            .resume_rollback(action(rollback_id, reason))
+            .await
+            .map_err(explain)?
+            .into_inner()
+            .rollback
+            .context("no rollback")?,
+        RollbackCommand::Abort {
+            rollback_id,
+            reason,
+        } => client
+            .abort_rollback(action(rollback_id, reason))
+            .await
+            .map_err(explain)?
+            .into_inner()
+            .rollback
+            .context("no rollback")?,
+    };
+    if format == Format::Json {
+        json(&rollback)?;
+    } else {
+        output::print_rollback(&rollback);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn audit(
+    client: &mut client::Client,
+    format: Format,
+    command: AuditCommand,
+) -> anyhow::Result<ExitCode> {
+    match command {
+        AuditCommand::List { from, limit } => {
+            let entries = client
+                .list_audit(pb::ListAuditRequest {
+                    from_index: from,
+                    limit,
+                })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            if format == Format::Json {
+                json(&entries)?;
+            } else {
+                let rows = entries
+                    .entries
+                    .iter()
+                    .map(|entry| {
+                        vec![
+                            entry.index.to_string(),
+                            time(entry.at_ms),
+                            entry.identity.clone(),
+                            entry.action.clone(),
+                            entry.target.clone(),
+                            entry.outcome.clone(),
+                        ]
+                    })
+                    .collect();
+                table(
+                    &["#", "AT", "IDENTITY", "ACTION", "TARGET", "OUTCOME"],
+                    rows,
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditCommand::Verify => {
+            let verification = client
+                .verify_audit(pb::VerifyAuditRequest {})
+                .await
+                .map_err(explain)?
+                .into_inner();
+            if format == Format::Json {
+                json(&verification)?;
+            } else if verification.ok {
+                println!(
+                    "audit chain intact: {} entries, head {}",
+                    verification.entries, verification.head_hash
+                );
+            } else {
+                println!(
+                    "audit chain BROKEN at entry {}: {}",
+                    verification.first_broken_index, verification.detail
+                );
+            }
+            Ok(if verification.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+    }
+}

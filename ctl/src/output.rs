@@ -1,0 +1,139 @@
+//! Tables for people, JSON (protobuf JSON mapping) for scripts.
+
+use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
+use rewind_proto::v1 as pb;
+use serde::Serialize;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    #[default]
+    Table,
+    Json,
+}
+
+pub fn json<T: Serialize>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+pub fn table(header: &[&str], rows: Vec<Vec<String>>) {
+    let mut table = Table::new();
+    table
+        .load_preset(UTF8_BORDERS_ONLY)
+        .set_header(header.iter().map(|title| title.to_string()));
+    for row in rows {
+        table.add_row(row);
+    }
+    println!("{table}");
+}
+
+/// RFC 3339 UTC with milliseconds, or `-` for 0.
+pub fn time(ms: u64) -> String {
+    if ms == 0 {
+        return "-".into();
+    }
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+        .to_string()
+}
+
+pub fn rollback_state(rollback: &pb::Rollback) -> &'static str {
+    pb::RollbackState::try_from(rollback.state)
+        .unwrap_or_default()
+        .short_name()
+}
+
+pub fn change_state(change: &pb::Change) -> &'static str {
+    pb::ChangeState::try_from(change.state)
+        .unwrap_or_default()
+        .short_name()
+}
+
+pub fn step_state(state: i32) -> &'static str {
+    pb::StepState::try_from(state)
+        .unwrap_or_default()
+        .short_name()
+}
+
+pub fn print_rollback(rollback: &pb::Rollback) {
+    println!(
+        "{}  {}  of {} ({})  trigger: {}  started by {} at {}",
+        rollback.rollback_id,
+        rollback_state(rollback),
+        rollback.change_id,
+        rollback.service,
+        rollback.trigger,
+        rollback.started_by,
+        time(rollback.started_at_ms)
+    );
+    println!("reason: {}", rollback.reason);
+    if !rollback.outcome_detail.is_empty() {
+        println!("outcome: {}", rollback.outcome_detail);
+    }
+    let rows = rollback
+        .steps
+        .iter()
+        .map(|step| {
+            vec![
+                step.host_id.clone(),
+                step.kind.clone(),
+                step_state(step.state).to_string(),
+                step.attempts.to_string(),
+                time(step.finished_at_ms),
+                step.detail.clone(),
+            ]
+        })
+        .collect();
+    table(
+        &["HOST", "STEP", "STATE", "ATTEMPTS", "FINISHED", "DETAIL"],
+        rows,
+    );
+}
+
+pub fn print_change(change: &pb::Change) {
+    println!(
+        "{}  {}  {} {} -> {}  started by {} at {}{}",
+        change.change_id,
+        change_state(change),
+        change.service,
+        if change.previous_version.is_empty() {
+            "(none)"
+        } else {
+            &change.previous_version
+        },
+        change.version,
+        change.started_by,
+        time(change.started_at_ms),
+        if change.rollback_id.is_empty() {
+            String::new()
+        } else {
+            format!("  rolled back by {}", change.rollback_id)
+        }
+    );
+    if !change.reason.is_empty() {
+        println!("reason: {}", change.reason);
+    }
+    let rows = change
+        .hosts
+        .iter()
+        .map(|host| {
+            vec![
+                host.host_id.clone(),
+                host.snapshot_id.clone(),
+                step_state(host.capture).into(),
+                step_state(host.activate).into(),
+            ]
+        })
+        .collect();
+    table(&["HOST", "SNAPSHOT", "CAPTURE", "ACTIVATE"], rows);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_are_utc_calendar_dates() {
+        assert_eq!(time(0), "-");
+        assert_eq!(time(1_795_700_587_120), "2026-11-26T11:03:07.120Z");
+    }
+}

@@ -1,0 +1,108 @@
+//! `rollback watch`: a live view of a rollback until it ends.
+
+use std::process::ExitCode;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use rewind_proto::v1 as pb;
+use tokio_stream::StreamExt;
+
+use crate::client::{Client, explain};
+use crate::commands::EXIT_ROLLBACK_FAILED;
+use crate::output::{self, Format};
+
+/// Follows the rollback's server stream; prints each step transition (or JSON snapshots) and
+/// returns 0 only if the rollback succeeded.
+pub async fn follow(
+    client: &mut Client,
+    format: Format,
+    rollback_id: &str,
+) -> anyhow::Result<ExitCode> {
+    let mut stream = client
+        .watch_rollback(pb::GetRollbackRequest {
+            rollback_id: rollback_id.to_string(),
+        })
+        .await
+        .map_err(explain)?
+        .into_inner();
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {prefix} [{bar:30}] {pos}/{len} steps {msg}")?
+            .progress_chars("=> "),
+    );
+    if format == Format::Json {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let mut seen: Vec<(String, i32)> = Vec::new();
+    let mut last = None;
+    while let Some(update) = stream.next().await {
+        let rollback = update.map_err(explain)?.rollback.unwrap_or_default();
+        if format == Format::Json {
+            println!("{}", serde_json::to_string(&rollback)?);
+        } else {
+            report_transitions(&bar, &rollback, &mut seen);
+        }
+        last = Some(rollback);
+    }
+    bar.finish_and_clear();
+    let rollback =
+        last.ok_or_else(|| anyhow::anyhow!("the coordinator closed the watch without an update"))?;
+    if format == Format::Table {
+        println!();
+        output::print_rollback(&rollback);
+    }
+    let state = pb::RollbackState::try_from(rollback.state).unwrap_or_default();
+    if !state.is_terminal() {
+        anyhow::bail!(
+            "the watch ended while {} was still {}",
+            rollback.rollback_id,
+            state.short_name()
+        );
+    }
+    Ok(if state == pb::RollbackState::Succeeded {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_ROLLBACK_FAILED)
+    })
+}
+
+fn report_transitions(bar: &ProgressBar, rollback: &pb::Rollback, seen: &mut Vec<(String, i32)>) {
+    bar.set_length(rollback.steps.len() as u64);
+    bar.set_prefix(format!(
+        "{} {}",
+        rollback.rollback_id,
+        output::rollback_state(rollback)
+    ));
+    let done = rollback.steps.iter().filter(|step| {
+        pb::StepState::try_from(step.state).is_ok_and(|state| {
+            matches!(
+                state,
+                pb::StepState::Succeeded | pb::StepState::Failed | pb::StepState::Skipped
+            )
+        })
+    });
+    bar.set_position(done.count() as u64);
+    for step in &rollback.steps {
+        let key = (step.step_id.clone(), step.state);
+        if seen.contains(&key) || step.state == pb::StepState::Pending as i32 {
+            continue;
+        }
+        seen.push(key);
+        let line = format!(
+            "{}  {:<8} {:<8} {:<10} {}",
+            output::time(if step.finished_at_ms > 0 {
+                step.finished_at_ms
+            } else {
+                step.started_at_ms
+            }),
+            step.host_id,
+            step.kind,
+            output::step_state(step.state),
+            step.detail
+        );
+        if bar.is_hidden() {
+            println!("{line}")
+        } else {
+            bar.println(line)
+        }
+    }
+}
