@@ -1,1 +1,268 @@
-//! Helpers for the integration tests.
+//! Helpers for the integration tests: real `rewind-coordinator` and `rewind-agent` processes on
+//! `127.0.0.1:0`, real mutual TLS from a dev CA, real sled directories.
+//!
+//! Helpers that panic on failure are named `must_*`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use rewind_proto::v1::control_service_client::ControlServiceClient;
+use rewind_shared::dev_ca::{self, DevCa};
+use rewind_shared::tls::TlsFiles;
+use tonic::transport::{Channel, Endpoint};
+
+static BUILD: Once = Once::new();
+
+/// Path of a workspace binary, built (once per test run) with the test profile.
+pub fn must_binary(name: &str) -> PathBuf {
+    BUILD.call_once(|| {
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let status = Command::new(env!("CARGO"))
+            .current_dir(&workspace)
+            .args([
+                "build",
+                "--quiet",
+                "--bin",
+                "rewind-coordinator",
+                "--bin",
+                "rewind-agent",
+            ])
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "cargo build of the binaries failed");
+    });
+    let test_exe = std::env::current_exe().expect("current exe");
+    let profile_dir = test_exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>");
+    let path = profile_dir.join(name);
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}
+
+/// A child process killed (SIGKILL) when dropped.
+pub struct Process {
+    pub child: Child,
+}
+
+impl Process {
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn spawn(binary: &Path, args: &[&str], log: &Path) -> Process {
+    let log_file = std::fs::File::create(log).expect("create log");
+    let child = Command::new(binary)
+        .args(args)
+        .env("REWIND_LOG", "info,sled=warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file)
+        .spawn()
+        .unwrap_or_else(|error| panic!("start {}: {error}", binary.display()));
+    Process { child }
+}
+
+/// A single-member dev coordinator on a free loopback port.
+pub struct Coordinator {
+    pub dir: PathBuf,
+    pub address: String,
+    pub process: Process,
+}
+
+impl Coordinator {
+    pub fn must_start(dir: &Path) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let addr_file = dir.join("addr");
+        let _ = std::fs::remove_file(&addr_file);
+        let data_dir = dir.join("data");
+        let args = [
+            "--dev",
+            "--data-dir",
+            data_dir.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--addr-file",
+            addr_file.to_str().unwrap(),
+        ];
+        let mut process = spawn(
+            &must_binary("rewind-coordinator"),
+            &args,
+            &dir.join("coordinator.log"),
+        );
+        let address = must_wait(Duration::from_secs(30), "the coordinator address", || {
+            if let Ok(Some(status)) = process.child.try_wait() {
+                let log = std::fs::read_to_string(dir.join("coordinator.log")).unwrap_or_default();
+                panic!("the coordinator exited with {status}:\n{log}");
+            }
+            std::fs::read_to_string(&addr_file).ok()
+        });
+        Self {
+            dir: dir.to_path_buf(),
+            address,
+            process,
+        }
+    }
+
+    pub fn tls_dir(&self) -> PathBuf {
+        self.dir.join("data").join("tls")
+    }
+
+    pub fn ca(&self) -> DevCa {
+        DevCa::load(&self.tls_dir()).expect("load dev CA")
+    }
+
+    /// A client authenticated as the dev `operator`.
+    pub async fn must_client(&self) -> ControlServiceClient<Channel> {
+        let files = TlsFiles::in_dir(&self.tls_dir(), dev_ca::OPERATOR);
+        self.client_with(&files).await.expect("connect as operator")
+    }
+
+    /// A client with any TLS files (or an error if the connection fails).
+    pub async fn client_with(
+        &self,
+        files: &TlsFiles,
+    ) -> Result<ControlServiceClient<Channel>, String> {
+        let tls = files
+            .client_config("localhost")
+            .map_err(|error| error.to_string())?;
+        let channel = Endpoint::from_shared(format!("https://{}", self.address))
+            .unwrap()
+            .tls_config(tls)
+            .map_err(|error| error.to_string())?
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .map_err(|error| format!("{error:?}"))?;
+        Ok(ControlServiceClient::new(channel))
+    }
+}
+
+/// A host: a service root with releases, and (once started) its agent.
+pub struct TestHost {
+    pub id: String,
+    pub root: PathBuf,
+    pub config_path: PathBuf,
+    pub agent: Option<Process>,
+}
+
+/// Content of the managed config file as each release's deploy tool would write it.
+pub fn config_for(version: &str) -> String {
+    format!("# config of {version}\nworkers = {}\n", version.len() * 4)
+}
+
+impl TestHost {
+    /// Lays out `<dir>/<id>/srv/web` with releases v1 (healthy) and v2 (unhealthy: its health
+    /// file says 500), and writes the agent config. The probe is a real command that reads the
+    /// health file of the `current` release.
+    pub fn must_prepare(dir: &Path, id: &str, coordinator: &Coordinator) -> Self {
+        let root = dir.join(id).join("srv").join("web");
+        for (version, status) in [("v1", "200"), ("v2", "500")] {
+            let release = root.join("releases").join(version);
+            std::fs::create_dir_all(&release).unwrap();
+            std::fs::write(release.join("VERSION"), version).unwrap();
+            std::fs::write(release.join("health_status"), status).unwrap();
+        }
+        std::fs::create_dir_all(root.join("config")).unwrap();
+        std::fs::write(root.join("config/app.toml"), config_for("v1")).unwrap();
+        coordinator
+            .ca()
+            .write_identity(&coordinator.tls_dir(), id, &[])
+            .unwrap();
+        let tls = coordinator.tls_dir();
+        let config = format!(
+            r#"host-id = "{id}"
+coordinators = ["{address}"]
+data-dir = "{data}"
+health-interval-ms = 300
+[tls]
+ca = "{tls}/ca.pem"
+cert = "{tls}/{id}.pem"
+key = "{tls}/{id}.key"
+[labels]
+region = "test-1"
+[[service]]
+name = "web"
+root = "{root}"
+config-files = ["config/app.toml"]
+restart-command = ["touch", "{root}/restarted"]
+[[service.probe]]
+name = "health-file"
+command = ["grep", "-q", "200", "{root}/current/health_status"]
+timeout-ms = 2000
+"#,
+            address = coordinator.address,
+            data = dir.join(id).join("agent").display(),
+            tls = tls.display(),
+            root = root.display(),
+        );
+        let config_path = dir.join(id).join("agent.toml");
+        std::fs::write(&config_path, config).unwrap();
+        Self {
+            id: id.to_string(),
+            root,
+            config_path,
+            agent: None,
+        }
+    }
+
+    pub fn must_start_agent(&mut self) {
+        let log = self.config_path.with_file_name("agent.log");
+        let args = ["--config", self.config_path.to_str().unwrap(), "run"];
+        self.agent = Some(spawn(&must_binary("rewind-agent"), &args, &log));
+    }
+
+    pub fn current_link(&self) -> String {
+        std::fs::read_link(self.root.join("current"))
+            .map(|target| target.display().to_string())
+            .unwrap_or_default()
+    }
+
+    pub fn config_bytes(&self) -> Vec<u8> {
+        std::fs::read(self.root.join("config/app.toml")).unwrap()
+    }
+}
+
+/// Polls `check` every 100 ms until it returns a value; panics after `limit`.
+pub fn must_wait<T>(limit: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let started = Instant::now();
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Async form of [`must_wait`].
+pub async fn must_wait_async<T, F>(limit: Duration, what: &str, mut check: impl FnMut() -> F) -> T
+where
+    F: std::future::Future<Output = Option<T>>,
+{
+    let started = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

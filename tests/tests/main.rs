@@ -1,1 +1,7 @@
-//! Integration tests.
+//! Integration tests: real binaries, real mutual TLS, real sled directories. One binary, files
+//! numbered by area.
+
+mod t01_rollback_loop;
+mod t02_bad_input;
+mod t03_mutual_tls;
+mod t04_durability;

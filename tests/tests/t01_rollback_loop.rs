@@ -1,0 +1,378 @@
+//! The whole loop: capture, deploy, bad health, automatic rollback, exact restore, audit.
+
+use std::time::Duration;
+
+use rewind_proto::v1 as pb;
+use rewind_tests::{Coordinator, TestHost, config_for, must_wait_async};
+
+const LONG: Duration = Duration::from_secs(60);
+
+async fn must_setup(
+    dir: &std::path::Path,
+    host_ids: &[&str],
+    auto_rollback: bool,
+) -> (
+    Coordinator,
+    Vec<TestHost>,
+    pb::control_service_client::ControlServiceClient<tonic::transport::Channel>,
+) {
+    let coordinator = Coordinator::must_start(&dir.join("coordinator"));
+    let mut hosts: Vec<TestHost> = host_ids
+        .iter()
+        .map(|id| TestHost::must_prepare(dir, id, &coordinator))
+        .collect();
+    for host in &mut hosts {
+        host.must_start_agent();
+    }
+    let mut client = coordinator.must_client().await;
+    must_wait_async(LONG, "agents to connect", || {
+        let mut client = client.clone();
+        async move {
+            let hosts = client
+                .list_hosts(pb::ListHostsRequest {})
+                .await
+                .ok()?
+                .into_inner()
+                .hosts;
+            (hosts.iter().filter(|host| host.connected).count() == host_ids.len()).then_some(())
+        }
+    })
+    .await;
+    let policy = pb::HealthPolicy {
+        max_probe_failure_ratio: 0.5,
+        for_s: 1,
+        watch_s: 120,
+        auto_rollback,
+    };
+    let service = pb::Service {
+        name: "web".into(),
+        depends_on: vec![],
+        policy: Some(policy),
+    };
+    client
+        .put_service(pb::PutServiceRequest {
+            request_id: "svc".into(),
+            service: Some(service),
+        })
+        .await
+        .unwrap();
+    for version in ["v1", "v2"] {
+        let digest =
+            rewind_shared::digest::tree_digest(&hosts[0].root.join("releases").join(version))
+                .unwrap();
+        let release = pb::Release {
+            service: "web".into(),
+            version: version.into(),
+            artifact_digest: digest,
+            commit: "c0ffee".into(),
+            registered_at_ms: 0,
+        };
+        client
+            .register_release(pb::RegisterReleaseRequest {
+                request_id: format!("rel-{version}"),
+                release: Some(release),
+            })
+            .await
+            .unwrap();
+    }
+    (coordinator, hosts, client)
+}
+
+async fn must_change(
+    client: &mut pb::control_service_client::ControlServiceClient<tonic::transport::Channel>,
+    version: &str,
+) -> String {
+    let request = pb::StartChangeRequest {
+        request_id: format!("change-{version}"),
+        service: "web".into(),
+        version: version.into(),
+        host_ids: vec![],
+        reason: "test".into(),
+    };
+    client
+        .start_change(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .change
+        .unwrap()
+        .change_id
+}
+
+async fn must_change_where(
+    client: &pb::control_service_client::ControlServiceClient<tonic::transport::Channel>,
+    change_id: &str,
+    what: &str,
+    done: impl Fn(&pb::Change) -> bool,
+) -> pb::Change {
+    must_wait_async(LONG, what, || {
+        let mut client = client.clone();
+        let change_id = change_id.to_string();
+        let done = &done;
+        async move {
+            let change = client
+                .get_change(pb::GetChangeRequest { change_id })
+                .await
+                .ok()?
+                .into_inner()
+                .change?;
+            done(&change).then_some(change)
+        }
+    })
+    .await
+}
+
+async fn must_rollback_end(
+    client: &pb::control_service_client::ControlServiceClient<tonic::transport::Channel>,
+    rollback_id: &str,
+) -> pb::Rollback {
+    must_wait_async(LONG, "the rollback to end", || {
+        let mut client = client.clone();
+        let rollback_id = rollback_id.to_string();
+        async move {
+            let rollback = client
+                .get_rollback(pb::GetRollbackRequest { rollback_id })
+                .await
+                .ok()?
+                .into_inner()
+                .rollback?;
+            pb::RollbackState::try_from(rollback.state)
+                .ok()?
+                .is_terminal()
+                .then_some(rollback)
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_health_after_a_change_rolls_every_host_back_to_its_exact_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_coordinator, hosts, mut client) = must_setup(dir.path(), &["web-1", "web-2"], true).await;
+
+    let first = must_change(&mut client, "v1").await;
+    must_change_where(&client, &first, "v1 deployed", |change| {
+        change.state == pb::ChangeState::Deployed as i32
+    })
+    .await;
+    let second = must_change(&mut client, "v2").await;
+    must_change_where(&client, &second, "captures done", |change| {
+        change.state != pb::ChangeState::Capturing as i32
+    })
+    .await;
+    for host in &hosts {
+        std::fs::write(host.root.join("config/app.toml"), config_for("v2")).unwrap();
+    }
+    let change = must_change_where(&client, &second, "the automatic rollback", |change| {
+        !change.rollback_id.is_empty()
+    })
+    .await;
+    assert!(
+        change
+            .hosts
+            .iter()
+            .all(|host| host.snapshot_id.starts_with("snap-")),
+        "{change:?}"
+    );
+
+    let rollback = must_rollback_end(&client, &change.rollback_id).await;
+    assert_eq!(
+        rollback.state,
+        pb::RollbackState::Succeeded as i32,
+        "{rollback:?}"
+    );
+    assert_eq!(rollback.trigger, "automatic");
+    assert!(
+        rollback.reason.contains("probe failure ratio"),
+        "{}",
+        rollback.reason
+    );
+    assert_eq!(
+        rollback.steps.len(),
+        6,
+        "restore, restart, verify on each host"
+    );
+    assert!(
+        rollback.steps.iter().all(|step| step.attempts == 1),
+        "no step needed a retry: {rollback:?}"
+    );
+    for host in &hosts {
+        assert_eq!(host.current_link(), "releases/v1", "{}", host.id);
+        assert_eq!(
+            host.config_bytes(),
+            config_for("v1").as_bytes(),
+            "{}",
+            host.id
+        );
+        assert!(
+            host.root.join("restarted").exists(),
+            "{} was restarted",
+            host.id
+        );
+    }
+    let change = client
+        .get_change(pb::GetChangeRequest {
+            change_id: second.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .change
+        .unwrap();
+    assert_eq!(change.state, pb::ChangeState::RolledBack as i32);
+
+    // Only one automatic rollback per change, and a finished one is not repeated.
+    let again = pb::StartRollbackRequest {
+        request_id: "again".into(),
+        change_id: second,
+        reason: String::new(),
+        max_parallel: 0,
+    };
+    let refused = client.start_rollback(again).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::AlreadyExists, "{refused:?}");
+
+    let verification = client
+        .verify_audit(pb::VerifyAuditRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(verification.ok, "{verification:?}");
+    let audit = client
+        .list_audit(pb::ListAuditRequest {
+            from_index: 1,
+            limit: 1000,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    for action in [
+        "change.start",
+        "rollback.start",
+        "step.finish",
+        "host.register",
+    ] {
+        assert!(
+            audit.iter().any(|entry| entry.action == action),
+            "no {action} in the audit log"
+        );
+    }
+    assert!(
+        audit
+            .iter()
+            .any(|entry| entry.action == "change.start" && entry.identity == "operator")
+    );
+    assert!(
+        audit
+            .iter()
+            .any(|entry| entry.action == "step.finish" && entry.identity == "web-1")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operator_rollback_can_be_paused_resumed_and_runs_one_host_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_coordinator, hosts, mut client) =
+        must_setup(dir.path(), &["web-1", "web-2"], false).await;
+    let first = must_change(&mut client, "v1").await;
+    must_change_where(&client, &first, "v1 deployed", |change| {
+        change.state == pb::ChangeState::Deployed as i32
+    })
+    .await;
+    let second = must_change(&mut client, "v2").await;
+    must_change_where(&client, &second, "v2 deployed", |change| {
+        change.state == pb::ChangeState::Deployed as i32
+    })
+    .await;
+
+    let start = pb::StartRollbackRequest {
+        request_id: "rb".into(),
+        change_id: second.clone(),
+        reason: "bad release".into(),
+        max_parallel: 1,
+    };
+    let rollback = client
+        .start_rollback(start.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .rollback
+        .unwrap();
+    // The same request id again returns the same rollback rather than starting another.
+    let retried = client
+        .start_rollback(start)
+        .await
+        .unwrap()
+        .into_inner()
+        .rollback
+        .unwrap();
+    assert_eq!(retried.rollback_id, rollback.rollback_id);
+
+    let action = |request_id: &str| pb::RollbackActionRequest {
+        request_id: request_id.into(),
+        rollback_id: rollback.rollback_id.clone(),
+        reason: "look first".into(),
+    };
+    let paused = client
+        .pause_rollback(action("pause"))
+        .await
+        .unwrap()
+        .into_inner()
+        .rollback
+        .unwrap();
+    assert_eq!(paused.state, pb::RollbackState::Paused as i32);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let still = client
+        .get_rollback(pb::GetRollbackRequest {
+            rollback_id: rollback.rollback_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .rollback
+        .unwrap();
+    let running_hosts: std::collections::BTreeSet<_> = still
+        .steps
+        .iter()
+        .filter(|step| step.attempts > 0)
+        .map(|step| step.host_id.clone())
+        .collect();
+    assert!(
+        running_hosts.len() <= 1,
+        "max_parallel 1 while paused: {still:?}"
+    );
+    client.resume_rollback(action("resume")).await.unwrap();
+
+    let ended = must_rollback_end(&client, &rollback.rollback_id).await;
+    assert_eq!(
+        ended.state,
+        pb::RollbackState::Succeeded as i32,
+        "{ended:?}"
+    );
+    assert_eq!(ended.trigger, "manual");
+    assert_eq!(ended.started_by, "operator");
+    // One host at a time: each host's restore starts after the previous host's verify ended.
+    let verify_web1 = ended
+        .steps
+        .iter()
+        .find(|step| step.host_id == "web-1" && step.kind == "verify")
+        .unwrap();
+    let restore_web2 = ended
+        .steps
+        .iter()
+        .find(|step| step.host_id == "web-2" && step.kind == "restore")
+        .unwrap();
+    assert!(
+        restore_web2.started_at_ms >= verify_web1.finished_at_ms,
+        "{ended:?}"
+    );
+    for host in &hosts {
+        assert_eq!(host.current_link(), "releases/v1");
+    }
+    let aborted = client.abort_rollback(action("abort")).await.unwrap_err();
+    assert_eq!(
+        aborted.code(),
+        tonic::Code::FailedPrecondition,
+        "{aborted:?}"
+    );
+}

@@ -1,0 +1,293 @@
+//! Bad input over gRPC gets a clear status naming what is wrong, and changes nothing.
+
+use rewind_proto::v1 as pb;
+use rewind_tests::Coordinator;
+use tonic::Code;
+
+fn release(service: &str, version: &str, digest: &str) -> pb::RegisterReleaseRequest {
+    pb::RegisterReleaseRequest {
+        request_id: String::new(),
+        release: Some(pb::Release {
+            service: service.into(),
+            version: version.into(),
+            artifact_digest: digest.into(),
+            commit: String::new(),
+            registered_at_ms: 0,
+        }),
+    }
+}
+
+fn assert_status<T: std::fmt::Debug>(
+    result: Result<tonic::Response<T>, tonic::Status>,
+    code: Code,
+    message_start: &str,
+) {
+    let status = result.expect_err("the call must fail");
+    assert_eq!(status.code(), code, "{status:?}");
+    assert!(
+        status.message().starts_with(message_start),
+        "expected a message starting {message_start:?}, got {:?}",
+        status.message()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_requests_are_refused_with_the_field_named_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::must_start(dir.path());
+    let mut client = coordinator.must_client().await;
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    let service = pb::Service {
+        name: "web".into(),
+        depends_on: vec![],
+        policy: None,
+    };
+    client
+        .put_service(pb::PutServiceRequest {
+            request_id: String::new(),
+            service: Some(service),
+        })
+        .await
+        .unwrap();
+    client
+        .register_release(release("web", "v1", &digest))
+        .await
+        .unwrap();
+    let audit_before = client
+        .list_audit(pb::ListAuditRequest {
+            from_index: 1,
+            limit: 1000,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    assert_status(
+        client
+            .put_service(pb::PutServiceRequest {
+                request_id: String::new(),
+                service: None,
+            })
+            .await,
+        Code::InvalidArgument,
+        "service: is required",
+    );
+    let unnamed = pb::Service {
+        name: String::new(),
+        depends_on: vec![],
+        policy: None,
+    };
+    assert_status(
+        client
+            .put_service(pb::PutServiceRequest {
+                request_id: String::new(),
+                service: Some(unnamed),
+            })
+            .await,
+        Code::InvalidArgument,
+        "service.name: must not be empty",
+    );
+    let bad_policy = pb::Service {
+        name: "api".into(),
+        depends_on: vec![],
+        policy: Some(pb::HealthPolicy {
+            max_probe_failure_ratio: 3.0,
+            for_s: 1,
+            watch_s: 1,
+            auto_rollback: true,
+        }),
+    };
+    assert_status(
+        client
+            .put_service(pb::PutServiceRequest {
+                request_id: String::new(),
+                service: Some(bad_policy),
+            })
+            .await,
+        Code::InvalidArgument,
+        "service.policy.max_probe_failure_ratio",
+    );
+
+    assert_status(
+        client
+            .register_release(release("web", "v 2", &digest))
+            .await,
+        Code::InvalidArgument,
+        "release.version:",
+    );
+    assert_status(
+        client
+            .register_release(release("web", "v2", "md5:abc"))
+            .await,
+        Code::InvalidArgument,
+        "release.artifact_digest:",
+    );
+    assert_status(
+        client
+            .register_release(release("nope", "v2", &digest))
+            .await,
+        Code::NotFound,
+        "no service nope: known services are web",
+    );
+    assert_status(
+        client
+            .register_release(release("web", "v1", &format!("sha256:{}", "cd".repeat(32))))
+            .await,
+        Code::AlreadyExists,
+        "release web v1 is already registered",
+    );
+
+    let change = |service: &str, version: &str| pb::StartChangeRequest {
+        request_id: String::new(),
+        service: service.into(),
+        version: version.into(),
+        host_ids: vec![],
+        reason: String::new(),
+    };
+    assert_status(
+        client.start_change(change("web", "v9")).await,
+        Code::NotFound,
+        "no release v9 of service web: known versions are v1",
+    );
+    assert_status(
+        client.start_change(change("", "v1")).await,
+        Code::InvalidArgument,
+        "service: must not be empty",
+    );
+    assert_status(
+        client.start_change(change("web", "v1")).await,
+        Code::FailedPrecondition,
+        "no registered host runs service web",
+    );
+    let mut with_ghost = change("web", "v1");
+    with_ghost.host_ids = vec!["ghost".into()];
+    assert_status(
+        client.start_change(with_ghost).await,
+        Code::NotFound,
+        "no host ghost is registered",
+    );
+
+    assert_status(
+        client
+            .get_change(pb::GetChangeRequest {
+                change_id: String::new(),
+            })
+            .await,
+        Code::InvalidArgument,
+        "change_id: must not be empty",
+    );
+    assert_status(
+        client
+            .get_change(pb::GetChangeRequest {
+                change_id: "banana".into(),
+            })
+            .await,
+        Code::InvalidArgument,
+        "change_id: \"banana\" is not an id like ch-12",
+    );
+    assert_status(
+        client
+            .get_change(pb::GetChangeRequest {
+                change_id: "ch-99".into(),
+            })
+            .await,
+        Code::NotFound,
+        "no change ch-99: known changes are none",
+    );
+    assert_status(
+        client
+            .get_rollback(pb::GetRollbackRequest {
+                rollback_id: "rb-4".into(),
+            })
+            .await,
+        Code::NotFound,
+        "no rollback rb-4",
+    );
+
+    let rollback = |change_id: &str, reason: String| pb::StartRollbackRequest {
+        request_id: String::new(),
+        change_id: change_id.into(),
+        reason,
+        max_parallel: 0,
+    };
+    assert_status(
+        client.start_rollback(rollback("rb-1", String::new())).await,
+        Code::InvalidArgument,
+        "change_id:",
+    );
+    assert_status(
+        client
+            .start_rollback(rollback("ch-1", "x".repeat(2000)))
+            .await,
+        Code::InvalidArgument,
+        "reason: is 2000 bytes, at most 1024",
+    );
+    let mut spaced = rollback("ch-1", String::new());
+    spaced.request_id = "has space".into();
+    assert_status(
+        client.start_rollback(spaced).await,
+        Code::InvalidArgument,
+        "request_id: \"has space\" contains ' '",
+    );
+    let mut spaced = change("web", "v1");
+    spaced.request_id = "has space".into();
+    assert_status(
+        client.start_change(spaced).await,
+        Code::InvalidArgument,
+        "request_id:",
+    );
+    assert_status(
+        client
+            .list_audit(pb::ListAuditRequest {
+                from_index: 1,
+                limit: 5000,
+            })
+            .await,
+        Code::InvalidArgument,
+        "limit: is 5000",
+    );
+
+    // A message over the 4 MiB limit is refused before any handler sees it.
+    let oversize = client
+        .start_rollback(rollback("ch-1", "x".repeat(5 * 1024 * 1024)))
+        .await
+        .expect_err("oversize");
+    assert!(
+        matches!(oversize.code(), Code::OutOfRange | Code::ResourceExhausted),
+        "{oversize:?}"
+    );
+
+    let error_code = client
+        .get_change(pb::GetChangeRequest {
+            change_id: "ch-99".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error_code
+            .metadata()
+            .get("rewind-error-code")
+            .and_then(|value| value.to_str().ok()),
+        Some("unknown_change")
+    );
+
+    let audit_after = client
+        .list_audit(pb::ListAuditRequest {
+            from_index: 1,
+            limit: 1000,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        audit_before, audit_after,
+        "rejected requests must not change the state or its audit log"
+    );
+    let services = client
+        .list_services(pb::ListServicesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .services;
+    assert_eq!(services.len(), 1);
+}
