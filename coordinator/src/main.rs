@@ -133,11 +133,11 @@ fn run(cli: Cli) -> ExitCode {
     if cli.data_dir.is_some() {
         raw.data_dir = cli.data_dir.clone();
     }
-    if cli.dev {
-        if let Err(error) = prepare_dev(&mut raw) {
-            eprintln!("error: {error:#}");
-            return ExitCode::from(EXIT_BAD_CONFIG);
-        }
+    if cli.dev
+        && let Err(error) = prepare_dev(&mut raw)
+    {
+        eprintln!("error: {error:#}");
+        return ExitCode::from(EXIT_BAD_CONFIG);
     }
     let config = match raw.validate() {
         Ok(config) => config,

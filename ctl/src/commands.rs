@@ -333,7 +333,7 @@ fn print_services(format: Format, services: Vec<pb::Service>) -> anyhow::Result<
     let rows = services
         .iter()
         .map(|service| {
-            let policy = service.policy.clone().unwrap_or_default();
+            let policy = service.policy.unwrap_or_default();
             let trigger = if policy.auto_rollback {
                 format!(
                     "probe failures > {:.2} for {} s within {} s of a change",

@@ -329,7 +329,7 @@ async fn run_loop(
             host.id
         );
     }
-    let baseline = triggered.baseline.clone().unwrap_or_default();
+    let baseline = triggered.baseline.unwrap_or_default();
     let recovered = wait_healthy(&client, baseline.probe_failure_ratio).await?;
     let healthy_at = rewind_shared::time::now_ms();
     println!(

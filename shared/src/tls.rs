@@ -32,24 +32,26 @@ impl TlsFiles {
 
     /// Server side: present our certificate, require one from the client signed by our CA.
     pub fn server_config(&self) -> Result<ServerTlsConfig, SharedError> {
-        let (ca, cert, key) = self.read_all()?;
         Ok(ServerTlsConfig::new()
-            .identity(Identity::from_pem(cert, key))
-            .client_ca_root(Certificate::from_pem(ca)))
+            .identity(self.identity()?)
+            .client_ca_root(self.ca_certificate()?))
     }
 
     /// Client side: trust only our CA, present our certificate. `domain` must be a name in the
     /// server certificate (the dev CA puts `localhost` and `127.0.0.1` there).
     pub fn client_config(&self, domain: &str) -> Result<ClientTlsConfig, SharedError> {
-        let (ca, cert, key) = self.read_all()?;
         Ok(ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(ca))
-            .identity(Identity::from_pem(cert, key))
+            .ca_certificate(self.ca_certificate()?)
+            .identity(self.identity()?)
             .domain_name(domain))
     }
 
-    fn read_all(&self) -> Result<(Vec<u8>, Vec<u8>, Vec<u8>), SharedError> {
-        Ok((read(&self.ca)?, read(&self.cert)?, read(&self.key)?))
+    fn ca_certificate(&self) -> Result<Certificate, SharedError> {
+        Ok(Certificate::from_pem(read(&self.ca)?))
+    }
+
+    fn identity(&self) -> Result<Identity, SharedError> {
+        Ok(Identity::from_pem(read(&self.cert)?, read(&self.key)?))
     }
 }
 
