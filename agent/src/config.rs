@@ -335,4 +335,20 @@ tcp = "127.0.0.1:1"
             );
         }
     }
+
+    #[test]
+    fn the_shipped_example_config_loads_without_unknown_keys() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent.toml");
+        let (raw, unknown) = RawConfig::load(&path).unwrap();
+        assert!(unknown.is_empty(), "{unknown:?}");
+        let config = raw.validate().unwrap();
+        assert_eq!(config.services[0].probes.len(), 3);
+        assert_eq!(
+            config.services[0].probes[0].kind,
+            ProbeKind::Http {
+                url: "http://127.0.0.1:8080/health".into(),
+                expect_status: 200
+            }
+        );
+    }
 }

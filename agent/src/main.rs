@@ -124,7 +124,7 @@ fn run(config: Config) -> anyhow::Result<()> {
             Arc::new(LocalHost),
         ));
         let agent = Agent::new(config, executor);
-        agent.run(shutdown_signal()).await;
+        agent.run(rewind_shared::signals::shutdown()).await;
     });
     Ok(())
 }
@@ -180,19 +180,4 @@ fn inspect(config: &Config, command: SnapshotCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate => {}
-    }
 }

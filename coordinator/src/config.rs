@@ -226,4 +226,13 @@ mod tests {
             vec!["engine.new-thing".to_string(), "future-knob".to_string()]
         );
     }
+
+    #[test]
+    fn the_shipped_example_config_loads_without_unknown_keys() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/coordinator.toml");
+        let (raw, unknown) = RawConfig::load(&path).unwrap();
+        assert!(unknown.is_empty(), "{unknown:?}");
+        let config = raw.validate().unwrap();
+        assert_eq!(config.limits.max_attempts, 3);
+    }
 }

@@ -233,26 +233,11 @@ async fn serve(
         let _ = api_stop.changed().await;
     });
     tokio::spawn(async move {
-        shutdown_signal().await;
+        rewind_shared::signals::shutdown().await;
         info!("Shutting down.");
         let _ = stop_sender.send(true);
     });
     server.await.context("serve the API")?;
     let _ = engine_task.await;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate => {}
-    }
 }

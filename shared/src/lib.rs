@@ -10,6 +10,7 @@
 //! - [`digest`]: sha256 of bytes and of a directory tree (release artifacts).
 //! - [`config`]: TOML loading that warns about unknown keys, and an error collector.
 //! - [`logging`]: `REWIND_LOG` / `REWIND_LOG_FORMAT` tracing set-up.
+//! - [`signals`]: shutdown on SIGINT / SIGTERM.
 //! - [`time`]: wall-clock milliseconds, for stamping commands outside the state machine.
 
 pub mod config;
@@ -18,6 +19,7 @@ pub mod digest;
 pub mod errors;
 pub mod logging;
 pub mod names;
+pub mod signals;
 pub mod time;
 pub mod tls;
 
