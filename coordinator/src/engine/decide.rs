@@ -145,8 +145,9 @@ fn drive_change(
     }
 }
 
-/// Starts a pending step once its host is connected; sends a running one to the host's current
-/// session if it has not seen this attempt; retries or fails it when it times out.
+/// Starts a pending step; sends a running one to the host's current session if that session has
+/// not seen this attempt; retries or fails it when it times out. A step whose host stays
+/// disconnected therefore fails after `max_attempts` timeouts instead of waiting forever.
 #[allow(clippy::too_many_arguments)]
 fn drive_agent_step(
     step: StepTarget,
@@ -161,9 +162,7 @@ fn drive_agent_step(
 ) {
     let session = seen.session(step.host_id());
     match progress.status {
-        StepStatus::Pending if session.is_some() => {
-            actions.push(Action::Propose(CommandKind::StepStarted { step }))
-        }
+        StepStatus::Pending => actions.push(Action::Propose(CommandKind::StepStarted { step })),
         StepStatus::Running => {
             if now_ms.saturating_sub(progress.started_at_ms) > limits.step_timeout_ms {
                 actions.push(Action::Propose(retry_or_fail(step, progress, limits)));

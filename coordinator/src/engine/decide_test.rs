@@ -163,7 +163,7 @@ fn sends_of(actions: &[Action]) -> Vec<(String, AgentAction)> {
 }
 
 #[test]
-fn a_new_change_captures_on_connected_hosts_then_sends_each_step_once() {
+fn a_new_change_starts_every_capture_and_sends_each_to_connected_hosts_once() {
     let mut world = World::new();
     world.seen.sessions.remove("web-3");
     world.apply(CommandKind::StartChange {
@@ -194,6 +194,11 @@ fn a_new_change_captures_on_connected_hosts_then_sends_each_step_once() {
         sends_of(&world.run_tick(1_000)).len(),
         1,
         "a reconnected agent gets its running step again"
+    );
+    world.seen.sessions.insert("web-3".into(), 1);
+    assert_eq!(
+        sends_of(&world.run_tick(1_000)),
+        vec![("ch-1/capture/web-3".into(), AgentAction::Capture)]
     );
 }
 
