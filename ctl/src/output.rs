@@ -134,6 +134,6 @@ mod tests {
     #[test]
     fn times_are_utc_calendar_dates() {
         assert_eq!(time(0), "-");
-        assert_eq!(time(1_795_700_587_120), "2026-11-26T11:03:07.120Z");
+        assert_eq!(time(1_795_700_587_120), "2026-11-26T13:43:07.120Z");
     }
 }
