@@ -46,6 +46,8 @@ pub enum AgentError {
         term: u64,
         seen: u64,
     },
+    #[error("step {step_id} is refused: {owner} was superseded by a rollback on this host")]
+    Superseded { step_id: String, owner: String },
     #[error("restore of {service} did not take: {detail}")]
     RestoreMismatch { service: String, detail: String },
     #[error("{0}")]
@@ -64,6 +66,7 @@ impl AgentError {
             Self::DigestMismatch { .. } => "digest_mismatch",
             Self::Command { .. } => "command_failed",
             Self::Fenced { .. } => "fenced",
+            Self::Superseded { .. } => "superseded",
             Self::RestoreMismatch { .. } => "restore_mismatch",
             Self::Invalid(_) => "invalid",
         }

@@ -6,8 +6,9 @@
 //! unchanged service twice yields the same id and stores nothing new.
 
 use std::fs;
+use std::io::Read;
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -30,6 +31,11 @@ pub struct FileState {
     pub blob: Option<String>,
     pub mode: u32,
     pub size: u64,
+    /// Owner and group, restored too (0 for an absent file).
+    #[serde(default)]
+    pub uid: u32,
+    #[serde(default)]
+    pub gid: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,47 +117,69 @@ fn read_manifest(
     let mut files = Vec::with_capacity(service.config_files.len());
     for relative in &service.config_files {
         let path = confined(&service.name, &service.root, relative)?;
-        match fs::symlink_metadata(&path) {
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-                files.push(FileState {
-                    path: relative.clone(),
-                    blob: None,
-                    mode: 0,
-                    size: 0,
-                });
-            }
-            Err(error) => {
-                return Err(AgentError::Io {
-                    action: "inspect",
-                    path,
-                    source: error,
-                });
-            }
-            Ok(metadata) if !metadata.is_file() => {
-                return Err(AgentError::UnsafePath {
-                    service: service.name.clone(),
-                    path: relative.clone(),
-                    reason:
-                        "is not a regular file (a symlink or directory is never captured as config)"
-                            .into(),
-                });
-            }
-            Ok(metadata) => {
-                let bytes = fs::read(&path).map_err(AgentError::io("read", &path))?;
-                files.push(FileState {
-                    path: relative.clone(),
-                    blob: Some(keep(&bytes)?),
-                    mode: metadata.permissions().mode() & 0o7777,
-                    size: bytes.len() as u64,
-                });
-            }
-        }
+        let Some((bytes, metadata)) = read_config_file(&service.name, relative, &path)? else {
+            files.push(FileState {
+                path: relative.clone(),
+                blob: None,
+                mode: 0,
+                size: 0,
+                uid: 0,
+                gid: 0,
+            });
+            continue;
+        };
+        files.push(FileState {
+            path: relative.clone(),
+            blob: Some(keep(&bytes)?),
+            mode: metadata.permissions().mode() & 0o7777,
+            size: bytes.len() as u64,
+            uid: metadata.uid(),
+            gid: metadata.gid(),
+        });
     }
     Ok(Manifest {
         service: service.name.clone(),
         release_link,
         files,
     })
+}
+
+/// Reads a config file without following a symlink in its last component, taking the content
+/// and the metadata from the same open file. `None` when it does not exist.
+fn read_config_file(
+    service: &str,
+    relative: &str,
+    path: &Path,
+) -> Result<Option<(Vec<u8>, fs::Metadata)>, AgentError> {
+    let not_regular = || AgentError::UnsafePath {
+        service: service.to_string(),
+        path: relative.to_string(),
+        reason: "is not a regular file (a symlink or directory is never captured as config)".into(),
+    };
+    let mut file = match fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(file) => file,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(error) if error.raw_os_error() == Some(libc::ELOOP) => return Err(not_regular()),
+        Err(error) => {
+            return Err(AgentError::Io {
+                action: "open",
+                path: path.to_path_buf(),
+                source: error,
+            });
+        }
+    };
+    let metadata = file.metadata().map_err(AgentError::io("inspect", path))?;
+    if !metadata.is_file() {
+        return Err(not_regular());
+    }
+    let mut bytes = Vec::with_capacity(metadata.len() as usize);
+    file.read_to_end(&mut bytes)
+        .map_err(AgentError::io("read", path))?;
+    Ok(Some((bytes, metadata)))
 }
 
 fn read_release_link(service: &ServiceConfig) -> Result<Option<String>, AgentError> {
@@ -225,7 +253,7 @@ pub fn restore(
             .as_deref()
             .map(|hash| store.blob(hash))
             .transpose()?;
-        writes.push((path, content, file.mode));
+        writes.push((path, content, file.mode, (file.uid, file.gid)));
     }
     if let Some(target) = &manifest.release_link {
         check_release_target(&service.name, target)?;
@@ -238,9 +266,9 @@ pub fn restore(
             });
         }
     }
-    for (path, content, mode) in writes {
+    for (path, content, mode, owner) in writes {
         match content {
-            Some(bytes) => write_atomically(&path, &bytes, mode)?,
+            Some(bytes) => write_atomically(&path, &bytes, mode, Some(owner))?,
             None => remove_if_present(&path)?,
         }
     }
@@ -273,7 +301,15 @@ pub fn switch_link(root: &Path, target: &str) -> Result<(), AgentError> {
     sync_dir(root)
 }
 
-pub(crate) fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<(), AgentError> {
+/// Writes `bytes` to `path` through a staging file in the same directory, then renames it over
+/// the target. The staging file is created exclusively (`O_EXCL`), so a symlink planted under its
+/// name makes the write fail instead of redirecting it. Owner and group are set when given.
+pub(crate) fn write_atomically(
+    path: &Path,
+    bytes: &[u8],
+    mode: u32,
+    owner: Option<(u32, u32)>,
+) -> Result<(), AgentError> {
     let dir = path
         .parent()
         .map(Path::to_path_buf)
@@ -282,15 +318,24 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<(
         ".{}.rewind-new",
         path.file_name().unwrap_or_default().to_string_lossy()
     ));
+    remove_if_present(&staging)?;
     let mut file = fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode.max(0o600))
+        .create_new(true)
+        .mode(0o600)
         .open(&staging)
         .map_err(AgentError::io("create", &staging))?;
     file.write_all(bytes)
         .map_err(AgentError::io("write", &staging))?;
+    if let Some((uid, gid)) = owner {
+        let metadata = file
+            .metadata()
+            .map_err(AgentError::io("inspect", &staging))?;
+        if (metadata.uid(), metadata.gid()) != (uid, gid) {
+            std::os::unix::fs::fchown(&file, Some(uid), Some(gid))
+                .map_err(AgentError::io("chown", &staging))?;
+        }
+    }
     file.set_permissions(fs::Permissions::from_mode(mode))
         .map_err(AgentError::io("chmod", &staging))?;
     file.sync_all().map_err(AgentError::io("sync", &staging))?;

@@ -85,10 +85,17 @@ impl Executor {
             finished_at_ms: now_ms(),
             replayed: false,
         };
+        let key = match journal_key(&command) {
+            Ok(key) => key,
+            Err(error) => return Some(refuse(error)),
+        };
+        // Claim the step before looking at the journal, so two deliveries racing each other
+        // cannot both decide to run it.
+        let _claim = self.claim(&key)?;
         if let Err(error) = self.check_fence(&command) {
             return Some(refuse(error));
         }
-        match self.store.journal(&step_id) {
+        match self.store.journal(&key) {
             Err(error) => return Some(refuse(error)),
             Ok(Some(JournalRecord {
                 outcome: Some(outcome),
@@ -98,26 +105,22 @@ impl Executor {
                 info!(step_id, "Step already ran; answering from the journal.");
                 return Some(result(&step_id, started_at_ms, outcome, true));
             }
-            Ok(Some(_)) if self.in_flight_contains(&step_id) => return None,
             Ok(Some(_)) => warn!(
                 step_id,
                 "Step started before a restart and never ended; running it again (steps are idempotent)."
             ),
             Ok(None) => {}
         }
-        self.set_in_flight(&step_id, true);
         let record = JournalRecord {
             step_id: step_id.clone(),
             term: command.term,
             started_at_ms,
             outcome: None,
         };
-        if let Err(error) = self.store.put_journal(&record) {
-            self.set_in_flight(&step_id, false);
+        if let Err(error) = self.store.put_journal(&key, &record) {
             return Some(refuse(error));
         }
-        let acted = self.act(&command).await;
-        let outcome = match acted {
+        let outcome = match self.act(&command).await {
             Ok((detail, snapshot_id)) => StepOutcome {
                 ok: true,
                 detail,
@@ -135,27 +138,26 @@ impl Executor {
             outcome: Some(outcome.clone()),
             ..record
         };
-        if let Err(error) = self.store.put_journal(&finished) {
-            warn!(%error, step_id, "Could not journal the step's outcome.");
+        if let Err(error) = self.store.put_journal(&key, &finished) {
+            warn!(%error, step_id, "Could not journal the step's outcome; a redelivery will run it again.");
         }
-        self.set_in_flight(&step_id, false);
         info!(step_id, ok = outcome.ok, detail = %outcome.detail, "Step ended.");
         Some(result(&step_id, started_at_ms, outcome, false))
     }
 
+    /// Refuses a step from an older term than one seen for the same change or rollback, and any
+    /// step of a change that a restore on this host has superseded. A restore closes its change.
     fn check_fence(&self, command: &StepCommand) -> Result<(), AgentError> {
         let step_id = &command.step_id;
-        if step_id.is_empty()
-            || step_id.len() > MAX_STEP_ID_BYTES
-            || !step_id.chars().all(|c| c.is_ascii_graphic())
-        {
-            return Err(AgentError::Invalid(format!(
-                "step_id: {:?} is not a valid step id",
-                truncate(step_id, 64)
-            )));
-        }
         let owner = step_id.split('/').next().unwrap_or(step_id);
-        let seen = self.store.raise_fence(owner, command.term)?;
+        let owner_key = fence_key(&command.cluster_id, owner);
+        let seen = self.store.raise_fence(&owner_key, command.term)?;
+        if seen == CLOSED {
+            return Err(AgentError::Superseded {
+                step_id: step_id.clone(),
+                owner: owner.to_string(),
+            });
+        }
         if command.term < seen {
             return Err(AgentError::Fenced {
                 step_id: step_id.clone(),
@@ -164,34 +166,40 @@ impl Executor {
                 seen,
             });
         }
+        if let Some(Action::Restore(restore)) = &command.action
+            && !restore.supersedes.is_empty()
+        {
+            names::validate_name("supersedes", &restore.supersedes)?;
+            self.store
+                .raise_fence(&fence_key(&command.cluster_id, &restore.supersedes), CLOSED)?;
+        }
         Ok(())
     }
 
+    /// Acts under the service's lock. The work is never abandoned half-way: commands carry
+    /// their own timeouts (capped by the step's), and file work runs to completion.
     async fn act(&self, command: &StepCommand) -> Result<(String, String), AgentError> {
         let service = self.service(&command.service)?;
         let action = command
             .action
             .as_ref()
             .ok_or_else(|| AgentError::Invalid("step has no action".into()))?;
-        let lock = &self.service_locks[&service.name];
-        let _one_at_a_time = lock.lock().await;
-        let timeout = if command.timeout_ms == 0 {
+        let step_timeout = if command.timeout_ms == 0 {
             DEFAULT_STEP_TIMEOUT
         } else {
             Duration::from_millis(command.timeout_ms)
         };
-        tokio::time::timeout(timeout, self.act_on(service, action))
+        let lock = &self.service_locks[&service.name];
+        let _one_at_a_time = lock.lock().await;
+        self.act_on(service, action, service.restart_timeout.min(step_timeout))
             .await
-            .map_err(|_| AgentError::Command {
-                command: "step".into(),
-                reason: format!("did not finish within {} ms", timeout.as_millis()),
-            })?
     }
 
     async fn act_on(
         &self,
         service: &ServiceConfig,
         action: &Action,
+        restart_timeout: Duration,
     ) -> Result<(String, String), AgentError> {
         match action {
             Action::Capture(_) => {
@@ -240,7 +248,7 @@ impl Executor {
                 let link_target = target.clone();
                 blocking(move || snapshot::switch_link(&root, &link_target)).await?;
                 self.host
-                    .run(&service.restart_command, service.restart_timeout)
+                    .run(&service.restart_command, restart_timeout)
                     .await?;
                 Ok((format!("current -> {target}, restarted"), String::new()))
             }
@@ -267,7 +275,7 @@ impl Executor {
             }
             Action::Restart(_) => {
                 self.host
-                    .run(&service.restart_command, service.restart_timeout)
+                    .run(&service.restart_command, restart_timeout)
                     .await?;
                 Ok((
                     format!("ran {}", service.restart_command.join(" ")),
@@ -322,7 +330,7 @@ impl Executor {
         flags.insert(update.flag.clone(), update.enabled);
         let bytes = serde_json::to_vec_pretty(&flags)
             .map_err(|error| AgentError::Invalid(error.to_string()))?;
-        snapshot::write_atomically(&path, &bytes, 0o644)
+        snapshot::write_atomically(&path, &bytes, 0o644, None)
     }
 
     fn service(&self, name: &str) -> Result<&ServiceConfig, AgentError> {
@@ -334,24 +342,63 @@ impl Executor {
             })
     }
 
-    fn in_flight_contains(&self, step_id: &str) -> bool {
-        self.in_flight
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .contains(step_id)
-    }
-
-    fn set_in_flight(&self, step_id: &str, running: bool) {
+    /// Marks the step as running here; `None` if it already is. The claim ends when dropped.
+    fn claim(&self, key: &str) -> Option<Claim<'_>> {
         let mut in_flight = self
             .in_flight
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if running {
-            in_flight.insert(step_id.to_string());
-        } else {
-            in_flight.remove(step_id);
-        }
+        in_flight.insert(key.to_string()).then(|| Claim {
+            in_flight: &self.in_flight,
+            key: key.to_string(),
+        })
     }
+}
+
+struct Claim<'a> {
+    in_flight: &'a Mutex<HashSet<String>>,
+    key: String,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(&self.key);
+    }
+}
+
+/// Fence value of a change superseded by a restore: no term is ever that high.
+const CLOSED: u64 = u64::MAX;
+
+/// Step ids are unique within one coordinator cluster, so the journal is keyed by both.
+fn journal_key(command: &StepCommand) -> Result<String, AgentError> {
+    let step_id = &command.step_id;
+    if step_id.is_empty()
+        || step_id.len() > MAX_STEP_ID_BYTES
+        || !step_id.chars().all(|c| c.is_ascii_graphic())
+    {
+        return Err(AgentError::Invalid(format!(
+            "step_id: {:?} is not a valid step id",
+            truncate(step_id, 64)
+        )));
+    }
+    if !command.cluster_id.is_empty() {
+        names::validate_name("cluster_id", &command.cluster_id)?;
+    }
+    Ok(fence_key(&command.cluster_id, step_id))
+}
+
+fn fence_key(cluster_id: &str, name: &str) -> String {
+    format!(
+        "{}/{name}",
+        if cluster_id.is_empty() {
+            "-"
+        } else {
+            cluster_id
+        }
+    )
 }
 
 fn result(step_id: &str, started_at_ms: u64, outcome: StepOutcome, replayed: bool) -> StepResult {

@@ -60,6 +60,7 @@ fn fixture() -> Fixture {
 
 fn step(step_id: &str, term: u64, action: Action) -> StepCommand {
     StepCommand {
+        cluster_id: "rw-test".into(),
         step_id: step_id.into(),
         term,
         service: "web".into(),
@@ -144,6 +145,7 @@ async fn capture_activate_restore_round_trip() {
     fs::write(fixture.root.path().join("app.toml"), b"mode = 'v2'").unwrap();
 
     let restore = RestoreSnapshot {
+        supersedes: "ch-2".into(),
         snapshot_id: captured.snapshot_id.clone(),
     };
     let restored = fixture
@@ -216,6 +218,7 @@ async fn bad_commands_fail_with_a_reason_and_change_nothing() {
         "rb-2/restore/web-1",
         1,
         Action::Restore(RestoreSnapshot {
+            supersedes: String::new(),
             snapshot_id: "snap-nope".into(),
         }),
     );
@@ -260,4 +263,78 @@ fn flag_updates_rewrite_the_flags_file() {
             .set_flag(&update("Bad Flag", true))
             .is_err()
     );
+}
+
+#[tokio::test]
+async fn a_restore_closes_its_change_so_a_late_activation_is_refused() {
+    let fixture = fixture();
+    let captured = fixture
+        .executor
+        .execute(step(
+            "ch-2/capture/web-1",
+            1,
+            Action::Capture(CaptureSnapshot {}),
+        ))
+        .await
+        .unwrap();
+    let restore = RestoreSnapshot {
+        snapshot_id: captured.snapshot_id,
+        supersedes: "ch-2".into(),
+    };
+    assert!(
+        fixture
+            .executor
+            .execute(step("rb-1/restore/web-1", 1, Action::Restore(restore)))
+            .await
+            .unwrap()
+            .ok
+    );
+    let late = ActivateRelease {
+        version: "v2".into(),
+        artifact_digest: String::new(),
+    };
+    let refused = fixture
+        .executor
+        .execute(step("ch-2/activate/web-1", 1, Action::Activate(late)))
+        .await
+        .unwrap();
+    assert!(!refused.ok);
+    assert!(
+        refused.detail.contains("ch-2 was superseded by a rollback"),
+        "{}",
+        refused.detail
+    );
+    assert_eq!(link(&fixture), "releases/v1");
+}
+
+#[tokio::test]
+async fn two_deliveries_racing_each_other_act_once() {
+    let fixture = fixture();
+    let restart = step("rb-1/restart/web-1", 1, Action::Restart(RestartService {}));
+    let (first, second) = tokio::join!(
+        fixture.executor.execute(restart.clone()),
+        fixture.executor.execute(restart)
+    );
+    assert_eq!(fixture.host.runs.load(Ordering::SeqCst), 1);
+    // Whichever came second either waited for the first (no answer) or answered from its journal.
+    let acted = [first, second]
+        .into_iter()
+        .flatten()
+        .filter(|result| !result.replayed)
+        .count();
+    assert_eq!(acted, 1);
+}
+
+#[tokio::test]
+async fn the_same_step_id_from_another_cluster_is_a_different_step() {
+    let fixture = fixture();
+    let restart = step("rb-1/restart/web-1", 1, Action::Restart(RestartService {}));
+    fixture.executor.execute(restart.clone()).await.unwrap();
+    let other_cluster = StepCommand {
+        cluster_id: "rw-other".into(),
+        ..restart
+    };
+    let result = fixture.executor.execute(other_cluster).await.unwrap();
+    assert!(result.ok && !result.replayed);
+    assert_eq!(fixture.host.runs.load(Ordering::SeqCst), 2);
 }

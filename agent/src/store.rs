@@ -107,17 +107,17 @@ impl Store {
             .collect()
     }
 
-    pub fn journal(&self, step_id: &str) -> Result<Option<JournalRecord>, AgentError> {
+    pub fn journal(&self, key: &str) -> Result<Option<JournalRecord>, AgentError> {
         self.journal
-            .get(step_id.as_bytes())?
+            .get(key.as_bytes())?
             .map(|bytes| from_json(&bytes))
             .transpose()
     }
 
     /// Writes a journal record and flushes: the record is on disk before the caller acts.
-    pub fn put_journal(&self, record: &JournalRecord) -> Result<(), AgentError> {
-        self.journal
-            .insert(record.step_id.as_bytes(), to_json(record)?)?;
+    /// Writes a journal record and flushes: the record is on disk before the caller acts.
+    pub fn put_journal(&self, key: &str, record: &JournalRecord) -> Result<(), AgentError> {
+        self.journal.insert(key.as_bytes(), to_json(record)?)?;
         self.flush()
     }
 

@@ -54,6 +54,14 @@ pub enum CoordinatorError {
         change_id: String,
         status: RollbackStatus,
     },
+    #[error(
+        "change {change_id} is not the latest change of {service} ({latest} is): roll back {latest} first"
+    )]
+    NotLatestChange {
+        change_id: String,
+        service: String,
+        latest: String,
+    },
     #[error("change {change_id} touched no host yet: there is nothing to roll back")]
     NothingToRevert { change_id: String },
     #[error("rollback {rollback_id} is {status:?} and cannot {action}")]
@@ -93,6 +101,7 @@ impl CoordinatorError {
             Self::AlreadyRolledBack { .. } => "already_rolled_back",
             Self::RollbackInProgress { .. } => "rollback_in_progress",
             Self::NothingToRevert { .. } => "nothing_to_revert",
+            Self::NotLatestChange { .. } => "not_latest_change",
             Self::RollbackNotControllable { .. } => "rollback_not_controllable",
             Self::StepNotRunning { .. } => "step_not_running",
             Self::StepNotStartable { .. } => "step_not_startable",

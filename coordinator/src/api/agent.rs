@@ -17,7 +17,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::status::invalid;
 use super::{Context, caller, convert};
-use crate::state_machine::{CommandKind, StepTarget};
+use crate::state_machine::{CommandKind, RollbackStepKind, StepTarget};
 
 /// How long an agent has to send `Register` after opening the stream.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -124,11 +124,12 @@ async fn read_session(context: &Context, host_id: &str, mut inbound: Streaming<p
             }
         };
         match message.body {
-            Some(agent_message::Body::Health(report)) => {
-                context
+            Some(agent_message::Body::Health(report)) => match check_report(&report) {
+                Ok(()) => context
                     .health
-                    .record(host_id, report, rewind_shared::time::now_ms());
-            }
+                    .record(host_id, report, rewind_shared::time::now_ms()),
+                Err(problem) => warn!(problem, "Dropped a health report."),
+            },
             Some(agent_message::Body::StepResult(result)) => {
                 record_step_result(context, host_id, result).await
             }
@@ -149,25 +150,77 @@ async fn record_step_result(context: &Context, host_id: &str, result: pb::StepRe
         warn!(step_id = %result.step_id, "Ignored a result for a step of another host.");
         return;
     }
-    let mut detail = result.detail;
-    if detail.len() > MAX_DETAIL_BYTES {
-        let cut = (0..=MAX_DETAIL_BYTES)
-            .rev()
-            .find(|&index| detail.is_char_boundary(index))
-            .unwrap_or(0);
-        detail.truncate(cut);
+    if matches!(
+        step,
+        StepTarget::Rollback {
+            kind: RollbackStepKind::Verify,
+            ..
+        }
+    ) {
+        warn!(step_id = %result.step_id, "Ignored a result for a verify step: the coordinator verifies, not the agent.");
+        return;
+    }
+    let mut ok = result.ok;
+    let mut detail = truncate(result.detail, MAX_DETAIL_BYTES);
+    let capture_ok = ok && matches!(step, StepTarget::Capture { .. });
+    if capture_ok && names::validate_name("snapshot_id", &result.snapshot_id).is_err() {
+        // Without a usable snapshot id the host could not be rolled back: fail the capture.
+        ok = false;
+        detail = format!(
+            "the agent reported a capture without a valid snapshot id ({:?})",
+            truncate(result.snapshot_id.clone(), 64)
+        );
     }
     if result.replayed {
         detail = format!("{detail} (answered from the agent's journal)");
     }
+    let snapshot_id = if ok {
+        result.snapshot_id
+    } else {
+        String::new()
+    };
     let kind = CommandKind::StepFinished {
         step,
-        ok: result.ok,
+        ok,
         detail,
-        snapshot_id: result.snapshot_id,
+        snapshot_id,
     };
     if let Err(status) = context.propose(host_id, "", kind).await {
         // A duplicate result (the step already ended) is expected after redelivery.
         debug!(%status, step_id = %result.step_id, "Step result not recorded.");
     }
+}
+
+/// Most probe results one report may carry.
+const MAX_PROBES_PER_REPORT: usize = 256;
+
+/// Health reports are kept in memory, so their size is bounded before they are.
+fn check_report(report: &pb::HealthReport) -> Result<(), String> {
+    if report.probes.len() > MAX_PROBES_PER_REPORT {
+        return Err(format!(
+            "{} probe results, at most {MAX_PROBES_PER_REPORT} are kept",
+            report.probes.len()
+        ));
+    }
+    let oversize = report.probes.iter().find(|probe| {
+        probe.service.len() + probe.probe.len() + probe.detail.len() > MAX_DETAIL_BYTES
+    });
+    match oversize {
+        Some(probe) => Err(format!(
+            "probe {:?} carries more than {MAX_DETAIL_BYTES} bytes of text",
+            truncate(probe.probe.clone(), 64)
+        )),
+        None => Ok(()),
+    }
+}
+
+fn truncate(mut text: String, max_bytes: usize) -> String {
+    if text.len() > max_bytes {
+        let cut = (0..=max_bytes)
+            .rev()
+            .find(|&index| text.is_char_boundary(index))
+            .unwrap_or(0);
+        text.truncate(cut);
+    }
+    text
 }

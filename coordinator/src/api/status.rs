@@ -25,6 +25,7 @@ pub fn to_status(error: CoordinatorError) -> Status {
         | CoordinatorError::ChangeInProgress { .. }
         | CoordinatorError::RollbackInProgress { .. }
         | CoordinatorError::NothingToRevert { .. }
+        | CoordinatorError::NotLatestChange { .. }
         | CoordinatorError::RollbackNotControllable { .. }
         | CoordinatorError::StepNotRunning { .. }
         | CoordinatorError::StepNotStartable { .. } => Code::FailedPrecondition,

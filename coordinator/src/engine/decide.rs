@@ -48,8 +48,11 @@ pub enum AgentAction {
         version: String,
         artifact_digest: String,
     },
+    /// Restore a snapshot; the agent then refuses any further step of the change it
+    /// `supersedes`, so a delayed activation can never land after the restore.
     Restore {
         snapshot_id: String,
+        supersedes: String,
     },
     Restart,
 }
@@ -72,150 +75,187 @@ pub fn decide(
     limits: &EngineLimits,
     now_ms: u64,
 ) -> Vec<Action> {
-    let mut actions = Vec::new();
+    let mut driver = Driver {
+        seen,
+        memory: &mut *memory,
+        limits,
+        now_ms,
+        actions: Vec::new(),
+        running: Vec::new(),
+    };
     for change in state.changes.values() {
-        drive_change(state, change, seen, memory, limits, now_ms, &mut actions);
+        drive_change(state, change, &mut driver);
     }
     for rollback in state
         .rollbacks
         .values()
         .filter(|rollback| !rollback.status.is_terminal())
     {
-        drive_rollback(state, rollback, seen, memory, limits, now_ms, &mut actions);
+        drive_rollback(state, rollback, &mut driver);
     }
+    // Forget sends of steps that are no longer running, so the memory stays bounded.
+    let running = std::mem::take(&mut driver.running);
+    driver
+        .memory
+        .sent
+        .retain(|step_id, _| running.contains(step_id));
+    let mut actions = driver.actions;
     check_triggers(state, seen, memory, limits, now_ms, &mut actions);
     actions
 }
 
-fn drive_change(
-    state: &State,
-    change: &ChangeRecord,
-    seen: &impl Observations,
-    memory: &mut EngineMemory,
-    limits: &EngineLimits,
+/// What to do with a running agent step whose result is overdue.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum OnTimeout {
+    /// Start another attempt, up to `max_attempts`, then fail it.
+    Retry,
+    /// Fail it: its change has ended, so it must not be sent again.
+    Fail,
+    /// Leave it: its rollback is paused; a resume retries it.
+    Wait,
+}
+
+struct Driver<'a, O: Observations> {
+    seen: &'a O,
+    memory: &'a mut EngineMemory,
+    limits: &'a EngineLimits,
     now_ms: u64,
-    actions: &mut Vec<Action>,
-) {
-    let capturing = match change.status {
-        ChangeStatus::Capturing => true,
-        ChangeStatus::Deploying => false,
-        _ => return,
-    };
-    for host in &change.hosts {
-        let (step, progress, action) = if capturing {
-            (
-                StepTarget::Capture {
-                    change: change.number,
-                    host_id: host.host_id.clone(),
-                },
-                &host.capture,
-                AgentAction::Capture,
-            )
-        } else {
-            let artifact_digest = state
-                .releases
-                .get(&change.service)
-                .and_then(|versions| versions.get(&change.version))
-                .map(|release| release.artifact_digest.clone())
-                .unwrap_or_default();
-            let action = AgentAction::Activate {
-                version: change.version.clone(),
-                artifact_digest,
-            };
-            (
-                StepTarget::Activate {
-                    change: change.number,
-                    host_id: host.host_id.clone(),
-                },
-                &host.activate,
-                action,
-            )
+    actions: Vec<Action>,
+    /// Step ids seen running this tick.
+    running: Vec<String>,
+}
+
+impl<O: Observations> Driver<'_, O> {
+    fn propose(&mut self, kind: CommandKind) {
+        self.actions.push(Action::Propose(kind));
+    }
+
+    /// Sends a running step to the host's current session if that session has not seen this
+    /// attempt, and handles its timeout. Pending steps are started by the callers, whether or not
+    /// the host is connected: a host that never answers fails the step after its attempts,
+    /// instead of holding the change or rollback forever.
+    fn drive_running(
+        &mut self,
+        step: StepTarget,
+        progress: &StepProgress,
+        service: &str,
+        action: AgentAction,
+        on_timeout: OnTimeout,
+    ) {
+        let step_id = step.step_id();
+        self.running.push(step_id.clone());
+        if self.now_ms.saturating_sub(progress.started_at_ms) > self.limits.step_timeout_ms {
+            match on_timeout {
+                OnTimeout::Wait => {}
+                OnTimeout::Retry if progress.attempts < self.limits.max_attempts => {
+                    self.propose(CommandKind::StepStarted { step });
+                }
+                OnTimeout::Retry | OnTimeout::Fail => {
+                    let detail = format!(
+                        "no result after {} attempts of {} ms",
+                        progress.attempts, self.limits.step_timeout_ms
+                    );
+                    self.propose(CommandKind::StepFinished {
+                        step,
+                        ok: false,
+                        detail,
+                        snapshot_id: String::new(),
+                    });
+                }
+            }
+            return;
+        }
+        if on_timeout == OnTimeout::Fail {
+            return;
+        }
+        let Some(generation) = self.seen.session(step.host_id()) else {
+            return;
         };
-        drive_agent_step(
-            step,
-            progress,
-            &change.service,
-            action,
-            seen,
-            memory,
-            limits,
-            now_ms,
-            actions,
-        );
+        if self.memory.sent.get(&step_id) != Some(&(progress.attempts, generation)) {
+            self.memory
+                .sent
+                .insert(step_id, (progress.attempts, generation));
+            let service = service.to_string();
+            self.actions.push(Action::Send {
+                step,
+                attempt: progress.attempts,
+                service,
+                action,
+            });
+        }
     }
 }
 
-/// Starts a pending step; sends a running one to the host's current session if that session has
-/// not seen this attempt; retries or fails it when it times out. A step whose host stays
-/// disconnected therefore fails after `max_attempts` timeouts instead of waiting forever.
-#[allow(clippy::too_many_arguments)]
-fn drive_agent_step(
-    step: StepTarget,
-    progress: &StepProgress,
-    service: &str,
-    action: AgentAction,
-    seen: &impl Observations,
-    memory: &mut EngineMemory,
-    limits: &EngineLimits,
-    now_ms: u64,
-    actions: &mut Vec<Action>,
-) {
-    let session = seen.session(step.host_id());
-    match progress.status {
-        StepStatus::Pending => actions.push(Action::Propose(CommandKind::StepStarted { step })),
-        StepStatus::Running => {
-            if now_ms.saturating_sub(progress.started_at_ms) > limits.step_timeout_ms {
-                actions.push(Action::Propose(retry_or_fail(step, progress, limits)));
-                return;
-            }
-            let Some(generation) = session else { return };
-            let step_id = step.step_id();
-            if memory.sent.get(&step_id) != Some(&(progress.attempts, generation)) {
-                memory.sent.insert(step_id, (progress.attempts, generation));
-                actions.push(Action::Send {
-                    step,
-                    attempt: progress.attempts,
-                    service: service.to_string(),
-                    action,
-                });
+fn drive_change(state: &State, change: &ChangeRecord, driver: &mut Driver<'_, impl Observations>) {
+    let active = matches!(
+        change.status,
+        ChangeStatus::Capturing | ChangeStatus::Deploying
+    );
+    for host in &change.hosts {
+        let capture = StepTarget::Capture {
+            change: change.number,
+            host_id: host.host_id.clone(),
+        };
+        let activate = StepTarget::Activate {
+            change: change.number,
+            host_id: host.host_id.clone(),
+        };
+        let artifact_digest = state
+            .releases
+            .get(&change.service)
+            .and_then(|versions| versions.get(&change.version))
+            .map(|release| release.artifact_digest.clone())
+            .unwrap_or_default();
+        let activate_action = AgentAction::Activate {
+            version: change.version.clone(),
+            artifact_digest,
+        };
+        let phases = [
+            (capture, &host.capture, AgentAction::Capture),
+            (activate, &host.activate, activate_action),
+        ];
+        for (step, progress, action) in phases {
+            match progress.status {
+                StepStatus::Pending if active && is_current_phase(change, &step) => {
+                    driver.propose(CommandKind::StepStarted { step });
+                }
+                StepStatus::Running => {
+                    // A step left running by a change that ended (failed, or interrupted by a
+                    // rollback) is never resent, only timed out, so nothing waits on it forever.
+                    let on_timeout = if active {
+                        OnTimeout::Retry
+                    } else {
+                        OnTimeout::Fail
+                    };
+                    driver.drive_running(step, progress, &change.service, action, on_timeout);
+                }
+                _ => {}
             }
         }
-        _ => {}
     }
 }
 
-fn retry_or_fail(step: StepTarget, progress: &StepProgress, limits: &EngineLimits) -> CommandKind {
-    if progress.attempts < limits.max_attempts {
-        return CommandKind::StepStarted { step };
-    }
-    CommandKind::StepFinished {
-        step,
-        ok: false,
-        detail: format!(
-            "no result after {} attempts of {} ms",
-            progress.attempts, limits.step_timeout_ms
-        ),
-        snapshot_id: String::new(),
+fn is_current_phase(change: &ChangeRecord, step: &StepTarget) -> bool {
+    match step {
+        StepTarget::Capture { .. } => change.status == ChangeStatus::Capturing,
+        StepTarget::Activate { .. } => change.status == ChangeStatus::Deploying,
+        StepTarget::Rollback { .. } => false,
     }
 }
 
 fn drive_rollback(
     state: &State,
     rollback: &RollbackRecord,
-    seen: &impl Observations,
-    memory: &mut EngineMemory,
-    limits: &EngineLimits,
-    now_ms: u64,
-    actions: &mut Vec<Action>,
+    driver: &mut Driver<'_, impl Observations>,
 ) {
     let Some(change) = state.changes.get(&rollback.change) else {
         return;
     };
+    let running = rollback.status == RollbackStatus::Running;
     let any_failed = rollback
         .steps
         .iter()
         .any(|step| step.progress.status == StepStatus::Failed);
-    let may_start = rollback.status == RollbackStatus::Running && !any_failed;
     let mut active_hosts = 0u32;
     for host_id in rollback.host_order() {
         let steps: Vec<_> = rollback
@@ -223,24 +263,32 @@ fn drive_rollback(
             .iter()
             .filter(|step| step.host_id == host_id)
             .collect();
-        let started = steps.iter().any(|step| step.progress.attempts > 0);
+        if steps
+            .iter()
+            .any(|step| step.progress.status == StepStatus::Failed)
+        {
+            continue;
+        }
         let Some(next) = steps
             .iter()
             .find(|step| !step.progress.status.is_terminal())
         else {
             continue;
         };
+        let started = steps.iter().any(|step| step.progress.attempts > 0);
         if !started {
-            // A host not yet begun: begin it only within the parallelism bound, and never while
-            // the change's own activation may still be running there.
+            // A host not yet begun starts only within the parallelism bound, never after a
+            // failure, and never while the change's own activation may still run there.
             let activating = change
                 .hosts
                 .iter()
                 .any(|host| host.host_id == host_id && host.activate.status == StepStatus::Running);
-            if !may_start || active_hosts >= rollback.max_parallel || activating {
+            if !running || any_failed || active_hosts >= rollback.max_parallel || activating {
                 continue;
             }
         }
+        // A host already begun is taken to the end of its steps even after another host failed,
+        // so no host is left restored but not restarted.
         active_hosts += 1;
         let target = StepTarget::Rollback {
             rollback: rollback.number,
@@ -248,23 +296,18 @@ fn drive_rollback(
             kind: next.kind,
         };
         if next.progress.status == StepStatus::Pending {
-            if may_start {
-                actions.push(Action::Propose(CommandKind::StepStarted { step: target }));
+            if running {
+                driver.propose(CommandKind::StepStarted { step: target });
             }
             continue;
         }
+        let on_timeout = if running {
+            OnTimeout::Retry
+        } else {
+            OnTimeout::Wait
+        };
         match next.kind {
-            RollbackStepKind::Verify => {
-                verify_host(
-                    rollback,
-                    target,
-                    &next.progress,
-                    seen,
-                    limits,
-                    now_ms,
-                    actions,
-                );
-            }
+            RollbackStepKind::Verify => verify_host(rollback, target, &next.progress, driver),
             RollbackStepKind::Restore => {
                 let snapshot_id = change
                     .hosts
@@ -272,31 +315,25 @@ fn drive_rollback(
                     .find(|host| host.host_id == host_id)
                     .map(|host| host.snapshot_id.clone())
                     .unwrap_or_default();
-                let action = AgentAction::Restore { snapshot_id };
-                drive_agent_step(
+                let action = AgentAction::Restore {
+                    snapshot_id,
+                    supersedes: change.id(),
+                };
+                driver.drive_running(
                     target,
                     &next.progress,
                     &rollback.service,
                     action,
-                    seen,
-                    memory,
-                    limits,
-                    now_ms,
-                    actions,
+                    on_timeout,
                 );
             }
             RollbackStepKind::Restart => {
-                let action = AgentAction::Restart;
-                drive_agent_step(
+                driver.drive_running(
                     target,
                     &next.progress,
                     &rollback.service,
-                    action,
-                    seen,
-                    memory,
-                    limits,
-                    now_ms,
-                    actions,
+                    AgentAction::Restart,
+                    on_timeout,
                 );
             }
         }
@@ -307,35 +344,34 @@ fn verify_host(
     rollback: &RollbackRecord,
     step: StepTarget,
     progress: &StepProgress,
-    seen: &impl Observations,
-    limits: &EngineLimits,
-    now_ms: u64,
-    actions: &mut Vec<Action>,
+    driver: &mut Driver<'_, impl Observations>,
 ) {
-    let verdict = seen.verdict_since(step.host_id(), &rollback.service, progress.started_at_ms);
-    let finished = |ok: bool, detail: String| {
-        Action::Propose(CommandKind::StepFinished {
-            step: step.clone(),
-            ok,
-            detail,
-            snapshot_id: String::new(),
-        })
-    };
-    match verdict {
-        Some((true, why)) => actions.push(finished(true, why)),
-        _ if now_ms.saturating_sub(progress.started_at_ms) > limits.verify_timeout_ms => {
+    let verdict =
+        driver
+            .seen
+            .verdict_since(step.host_id(), &rollback.service, progress.started_at_ms);
+    let waited_ms = driver.now_ms.saturating_sub(progress.started_at_ms);
+    let (ok, detail) = match verdict {
+        Some((true, why)) => (true, why),
+        _ if waited_ms > driver.limits.verify_timeout_ms => {
             let why =
                 verdict.map_or_else(|| "no health report arrived".to_string(), |(_, why)| why);
-            actions.push(finished(
+            (
                 false,
                 format!(
                     "not healthy {} ms after the restart: {why}",
-                    limits.verify_timeout_ms
+                    driver.limits.verify_timeout_ms
                 ),
-            ));
+            )
         }
-        _ => {}
-    }
+        _ => return,
+    };
+    driver.propose(CommandKind::StepFinished {
+        step,
+        ok,
+        detail,
+        snapshot_id: String::new(),
+    });
 }
 
 /// Fires a service's automatic rollback when its policy has been breached for long enough after
@@ -374,7 +410,11 @@ fn check_triggers(
             .saturating_sub(u64::from(policy.for_s) * 1000)
             .max(change.deployed_at_ms);
         let health = seen.aggregate(&service.name, &hosts, window_start);
-        if health.samples == 0 || health.probe_failure_ratio <= policy.max_probe_failure_ratio {
+        // Breached means over the threshold and worse than before the change: a service that was
+        // already this unhealthy is not rolled back for it.
+        let breached = health.probe_failure_ratio > policy.max_probe_failure_ratio
+            && health.probe_failure_ratio > change.baseline.probe_failure_ratio;
+        if health.samples == 0 || !breached {
             memory.breaches.remove(&service.name);
             continue;
         }
@@ -382,7 +422,7 @@ fn check_triggers(
             .breaches
             .entry(service.name.clone())
             .or_insert(now_ms);
-        if now_ms - since < u64::from(policy.for_s) * 1000 {
+        if now_ms.saturating_sub(since) < u64::from(policy.for_s) * 1000 {
             continue;
         }
         let reason = format!(

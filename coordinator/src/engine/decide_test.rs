@@ -242,13 +242,15 @@ fn a_rollback_reverts_hosts_one_batch_at_a_time_restore_restart_verify() {
             (
                 "rb-1/restore/web-1".into(),
                 AgentAction::Restore {
-                    snapshot_id: "snap-web-1".into()
+                    snapshot_id: "snap-web-1".into(),
+                    supersedes: "ch-1".into()
                 }
             ),
             (
                 "rb-1/restore/web-2".into(),
                 AgentAction::Restore {
-                    snapshot_id: "snap-web-2".into()
+                    snapshot_id: "snap-web-2".into(),
+                    supersedes: "ch-1".into()
                 }
             ),
         ],
@@ -386,5 +388,102 @@ fn a_healthy_or_unwatched_service_does_not_trigger() {
     assert!(
         world.state.rollbacks.is_empty(),
         "past watch_s the policy no longer applies"
+    );
+}
+
+#[test]
+fn a_paused_rollback_leaves_an_overdue_step_alone_until_resumed() {
+    let mut world = World::new();
+    let change = world.deployed();
+    world.apply(CommandKind::StartRollback {
+        change,
+        reason: String::new(),
+        trigger: Trigger::Manual,
+        max_parallel: 1,
+    });
+    world.run_tick(1_000);
+    world.apply(CommandKind::ControlRollback {
+        rollback: 1,
+        action: RollbackAction::Pause,
+        reason: String::new(),
+    });
+    let overdue = world.decide(9_000);
+    assert!(
+        !overdue
+            .iter()
+            .any(|action| matches!(action, Action::Propose(_))),
+        "{overdue:?}"
+    );
+    world.apply(CommandKind::ControlRollback {
+        rollback: 1,
+        action: RollbackAction::Resume,
+        reason: String::new(),
+    });
+    world.run_tick(9_000);
+    let restore = &world.state.rollbacks[&1].steps[0];
+    assert_eq!(
+        (restore.progress.status, restore.progress.attempts),
+        (StepStatus::Running, 2),
+        "resumed: retried"
+    );
+}
+
+#[test]
+fn an_activation_left_running_by_an_interrupted_change_is_timed_out_not_resent() {
+    let mut world = World::new();
+    world.apply(CommandKind::StartChange {
+        service: "web".into(),
+        version: "v2".into(),
+        host_ids: vec!["web-1".into()],
+        reason: String::new(),
+        baseline: HealthAggregate::default(),
+    });
+    let capture = StepTarget::Capture {
+        change: 1,
+        host_id: "web-1".into(),
+    };
+    world.apply(CommandKind::StepStarted {
+        step: capture.clone(),
+    });
+    world.apply(CommandKind::StepFinished {
+        step: capture,
+        ok: true,
+        detail: String::new(),
+        snapshot_id: "snap-1".into(),
+    });
+    world.apply(CommandKind::StepStarted {
+        step: StepTarget::Activate {
+            change: 1,
+            host_id: "web-1".into(),
+        },
+    });
+    world.apply(CommandKind::StartRollback {
+        change: 1,
+        reason: String::new(),
+        trigger: Trigger::Manual,
+        max_parallel: 1,
+    });
+    assert!(
+        sends_of(&world.run_tick(1_500)).is_empty(),
+        "neither the activation nor the restore is sent yet"
+    );
+    assert!(
+        world.state.rollbacks[&1]
+            .steps
+            .iter()
+            .all(|step| step.progress.attempts == 0),
+        "the restore waits for the activation"
+    );
+    world.run_tick(2_500);
+    assert_eq!(
+        world.state.changes[&1].hosts[0].activate.status,
+        StepStatus::Failed
+    );
+    world.run_tick(2_500);
+    world.run_tick(2_500);
+    assert_eq!(
+        world.state.rollbacks[&1].steps[0].progress.status,
+        StepStatus::Running,
+        "then the restore goes ahead"
     );
 }

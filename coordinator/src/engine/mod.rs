@@ -56,7 +56,16 @@ impl Engine {
         tokio::pin!(shutdown);
         info!(generation = self.node.generation(), "Engine started.");
         loop {
-            self.tick_once(&mut memory).await;
+            let refused = self.tick_once(&mut memory).await;
+            if refused {
+                // The same decision would be refused again at once: wait a whole tick rather
+                // than spin on the log.
+                tokio::select! {
+                    _ = &mut shutdown => break,
+                    _ = tokio::time::sleep(self.tick) => {}
+                }
+                continue;
+            }
             tokio::select! {
                 _ = &mut shutdown => break,
                 _ = tokio::time::sleep(self.tick) => {}
@@ -66,7 +75,8 @@ impl Engine {
         info!("Engine stopped.");
     }
 
-    async fn tick_once(&self, memory: &mut EngineMemory) {
+    /// Decides and acts once; returns whether any proposal was refused.
+    async fn tick_once(&self, memory: &mut EngineMemory) -> bool {
         let now_ms = rewind_shared::time::now_ms();
         let seen = Live {
             sessions: &self.sessions,
@@ -75,9 +85,15 @@ impl Engine {
         let actions = self
             .node
             .read(|state| decide(state, &seen, memory, &self.limits, now_ms));
+        let envelope = Envelope {
+            cluster_id: self.node.cluster_id(),
+            term: self.node.generation(),
+            timeout_ms: self.limits.step_timeout_ms,
+        };
+        let mut refused = false;
         for action in actions {
             match action {
-                Action::Propose(kind) => self.propose(kind).await,
+                Action::Propose(kind) => refused |= !self.propose(kind).await,
                 Action::Send {
                     step,
                     attempt,
@@ -85,13 +101,7 @@ impl Engine {
                     action,
                 } => {
                     let step_id = step.step_id();
-                    let message = step_message(
-                        &step_id,
-                        self.node.generation(),
-                        &service,
-                        self.limits.step_timeout_ms,
-                        action,
-                    );
+                    let message = step_message(&envelope, &step_id, &service, action);
                     match self.sessions.send(step.host_id(), message) {
                         Ok(_) => debug!(step_id, attempt, "Step sent."),
                         Err(error) => {
@@ -103,9 +113,11 @@ impl Engine {
                 }
             }
         }
+        refused
     }
 
-    async fn propose(&self, kind: CommandKind) {
+    /// Proposes an engine decision; returns whether it was applied.
+    async fn propose(&self, kind: CommandKind) -> bool {
         let action = kind.action();
         let command = Command {
             at_ms: rewind_shared::time::now_ms(),
@@ -113,18 +125,28 @@ impl Engine {
             request_id: String::new(),
             kind,
         };
-        if let Err(error) = self.node.propose(command).await {
-            // Losing a race with an agent's result or an operator's abort is normal.
-            debug!(%error, action, "Engine proposal refused.");
+        match self.node.propose(command).await {
+            Ok(_) => true,
+            Err(error) => {
+                // Losing a race with an agent's result or an operator's abort is normal.
+                debug!(%error, action, "Engine proposal refused.");
+                false
+            }
         }
     }
 }
 
-fn step_message(
-    step_id: &str,
+/// Where and under which fencing token a step is sent.
+struct Envelope<'a> {
+    cluster_id: &'a str,
     term: u64,
-    service: &str,
     timeout_ms: u64,
+}
+
+fn step_message(
+    envelope: &Envelope<'_>,
+    step_id: &str,
+    service: &str,
     action: AgentAction,
 ) -> pb::CoordinatorMessage {
     let action = match action {
@@ -136,17 +158,22 @@ fn step_message(
             version,
             artifact_digest,
         }),
-        AgentAction::Restore { snapshot_id } => {
-            step_command::Action::Restore(pb::RestoreSnapshot { snapshot_id })
-        }
+        AgentAction::Restore {
+            snapshot_id,
+            supersedes,
+        } => step_command::Action::Restore(pb::RestoreSnapshot {
+            snapshot_id,
+            supersedes,
+        }),
         AgentAction::Restart => step_command::Action::Restart(pb::RestartService {}),
     };
     pb::CoordinatorMessage {
         body: Some(Body::Step(pb::StepCommand {
             step_id: step_id.to_string(),
-            term,
+            term: envelope.term,
             service: service.to_string(),
-            timeout_ms,
+            timeout_ms: envelope.timeout_ms,
+            cluster_id: envelope.cluster_id.to_string(),
             action: Some(action),
         })),
     }

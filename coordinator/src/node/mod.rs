@@ -8,7 +8,7 @@
 use std::sync::{Arc, RwLock};
 
 use tokio::sync::{mpsc, oneshot, watch};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::errors::CoordinatorError;
 use crate::state_machine::{Command, Outcome, State, apply};
@@ -31,6 +31,7 @@ pub struct NodeHandle {
     state: Arc<RwLock<State>>,
     applied: watch::Receiver<u64>,
     generation: u64,
+    cluster_id: Arc<str>,
 }
 
 impl NodeHandle {
@@ -66,6 +67,11 @@ impl NodeHandle {
     pub fn generation(&self) -> u64 {
         self.generation
     }
+
+    /// Id of the cluster this node belongs to.
+    pub fn cluster_id(&self) -> &str {
+        &self.cluster_id
+    }
 }
 
 /// Recovers the state from `store` (snapshot + log) and starts the node thread.
@@ -81,6 +87,7 @@ pub fn start(
         let _ = apply(&mut state, entry.index, &entry.command);
     }
     let generation = store.next_generation()?;
+    let cluster_id: Arc<str> = store.cluster_id()?.into();
     info!(
         applied_index = state.applied_index,
         replay_count, generation, "State recovered."
@@ -99,6 +106,7 @@ pub fn start(
         state,
         applied,
         generation,
+        cluster_id,
     })
 }
 
@@ -109,7 +117,7 @@ fn run(
     applied: watch::Sender<u64>,
     snapshot_every: u64,
 ) {
-    let mut last_snapshot = state.read().map(|state| state.applied_index).unwrap_or(0);
+    let mut last_snapshot = read(&state).applied_index;
     while let Some(first) = receiver.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -120,11 +128,7 @@ fn run(
         }
         // Only this thread changes the state, so the index read here still holds after the flush,
         // and readers are not blocked while the disk syncs.
-        let first_index = state
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .applied_index
-            + 1;
+        let first_index = read(&state).applied_index + 1;
         let entries: Vec<LogEntry> = batch
             .iter()
             .enumerate()
@@ -134,30 +138,46 @@ fn run(
             })
             .collect();
         if let Err(error) = store.append(&entries) {
-            warn!(%error, "Could not persist proposals; refusing them.");
+            // The entries may or may not be on disk now; carrying on could apply them twice after
+            // a restart or skip them. Stop taking writes: every later proposal is refused, and a
+            // restart replays exactly what the disk holds.
+            error!(%error, first_index, "Could not persist proposals; the node stops taking writes. Restart the coordinator.");
             for proposal in batch {
                 let _ = proposal.reply.send(Err(error.clone()));
             }
-            continue;
+            break;
         }
-        let mut state_guard = state
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        for (entry, proposal) in entries.iter().zip(batch) {
-            let outcome = apply(&mut state_guard, entry.index, &entry.command);
-            let _ = proposal.reply.send(outcome);
+        let mut any_applied = false;
+        {
+            let mut state_guard = state
+                .write()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            for (entry, proposal) in entries.iter().zip(batch) {
+                let outcome = apply(&mut state_guard, entry.index, &entry.command);
+                any_applied |= outcome.is_ok();
+                let _ = proposal.reply.send(outcome);
+            }
         }
-        let applied_index = state_guard.applied_index;
+        let applied_index = first_index + entries.len() as u64 - 1;
         if applied_index - last_snapshot >= snapshot_every {
-            match store.save_snapshot(&state_guard) {
+            // Serialise a copy outside the lock, so readers wait for a clone, not for the disk.
+            let copy = read(&state).clone();
+            match store.save_snapshot(&copy) {
                 Ok(()) => last_snapshot = applied_index,
                 Err(error) => {
                     warn!(%error, applied_index, "Could not save a snapshot; the log keeps growing.")
                 }
             }
         }
-        drop(state_guard);
-        applied.send_replace(applied_index);
+        if any_applied {
+            applied.send_replace(applied_index);
+        }
     }
     info!("Node stopped.");
+}
+
+fn read(state: &RwLock<State>) -> std::sync::RwLockReadGuard<'_, State> {
+    state
+        .read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

@@ -197,6 +197,17 @@ fn start_change(
             status: active.status,
         });
     }
+    if let Some(rollback) = state
+        .rollbacks
+        .values()
+        .find(|rollback| rollback.service == service && !rollback.status.is_terminal())
+    {
+        return Err(CoordinatorError::RollbackInProgress {
+            rollback_id: rollback.id(),
+            change_id: change_id(rollback.change),
+            status: rollback.status,
+        });
+    }
     let host_ids = select_hosts(state, service, requested_hosts)?;
     let previous_version = current_version(state, service);
     state.next_change += 1;
@@ -463,11 +474,7 @@ fn settle_rollback(state: &mut State, number: u64, at_ms: u64) {
         .iter()
         .filter(|step| step.progress.status == StepStatus::Failed)
         .collect();
-    if failed.is_empty()
-        || steps
-            .iter()
-            .any(|step| step.progress.status == StepStatus::Running)
-    {
+    if failed.is_empty() || hosts_in_progress(rollback) {
         return;
     }
     let mut failed_hosts: Vec<String> = failed.iter().map(|step| step.host_id.clone()).collect();
@@ -482,6 +489,26 @@ fn settle_rollback(state: &mut State, number: u64, at_ms: u64) {
     rollback.status = RollbackStatus::Failed;
     rollback.finished_at_ms = at_ms;
     skip_pending(rollback);
+}
+
+/// Whether a step runs, or a host that began and has not failed still has steps to take (the
+/// engine finishes such hosts even after another host failed).
+fn hosts_in_progress(rollback: &RollbackRecord) -> bool {
+    rollback
+        .steps
+        .iter()
+        .any(|step| step.progress.status == StepStatus::Running)
+        || rollback.host_order().into_iter().any(|host_id| {
+            let steps = || {
+                rollback
+                    .steps
+                    .iter()
+                    .filter(move |step| step.host_id == host_id)
+            };
+            let began = steps().any(|step| step.progress.attempts > 0);
+            let failed = steps().any(|step| step.progress.status == StepStatus::Failed);
+            began && !failed && steps().any(|step| step.progress.status == StepStatus::Pending)
+        })
 }
 
 fn skip_pending(rollback: &mut RollbackRecord) {
@@ -504,6 +531,20 @@ fn start_rollback(
         .changes
         .get(&change_number)
         .ok_or_else(|| unknown_change(state, change_number))?;
+    // A snapshot taken before an older change would also undo every newer one, silently.
+    if let Some(latest) = state
+        .changes
+        .values()
+        .rev()
+        .find(|other| other.service == change.service)
+        && latest.number != change_number
+    {
+        return Err(CoordinatorError::NotLatestChange {
+            change_id: change.id(),
+            service: change.service.clone(),
+            latest: latest.id(),
+        });
+    }
     if let Some(previous) = state.rollbacks.get(&change.rollback) {
         let in_progress = !previous.status.is_terminal();
         if in_progress {

@@ -241,6 +241,19 @@ fn a_failed_step_fails_the_rollback_once_nothing_runs_and_names_the_host() {
         detail: String::new(),
         snapshot_id: String::new(),
     });
+    assert_eq!(
+        harness.state.rollbacks[&rollback].status,
+        RollbackStatus::Running,
+        "web-2 began, so it is taken to the end of its steps"
+    );
+    harness.finish(
+        rollback_step(rollback, "web-2", RollbackStepKind::Restart),
+        true,
+    );
+    harness.finish(
+        rollback_step(rollback, "web-2", RollbackStepKind::Verify),
+        true,
+    );
     let record = &harness.state.rollbacks[&rollback];
     assert_eq!(record.status, RollbackStatus::Failed);
     assert_eq!(record.failed_hosts, vec!["web-1".to_string()]);
@@ -251,7 +264,7 @@ fn a_failed_step_fails_the_rollback_once_nothing_runs_and_names_the_host() {
             .iter()
             .filter(|step| step.progress.status == StepStatus::Skipped)
             .count()
-            == 4
+            == 2
     );
     assert_eq!(
         harness.state.changes[&change].status,
@@ -451,5 +464,29 @@ fn dependency_cycles_are_refused_with_the_path() {
     assert_eq!(
         error,
         "service db would depend on itself through db -> web -> api -> db"
+    );
+}
+
+#[test]
+fn only_the_latest_change_may_be_rolled_back_and_no_change_starts_during_a_rollback() {
+    let mut harness = Harness::with_fleet();
+    let first = harness.deploy("v1");
+    let second = harness.deploy("v2");
+    let older = CommandKind::StartRollback {
+        change: first,
+        reason: String::new(),
+        trigger: Trigger::Manual,
+        max_parallel: 1,
+    };
+    let error = harness.run(older).unwrap_err().to_string();
+    assert_eq!(
+        error,
+        "change ch-1 is not the latest change of web (ch-2 is): roll back ch-2 first"
+    );
+    harness.must_start_rollback(second, Trigger::Manual);
+    let error = harness.run(start_change("v1")).unwrap_err();
+    assert!(
+        matches!(error, CoordinatorError::RollbackInProgress { .. }),
+        "{error}"
     );
 }

@@ -23,6 +23,8 @@ pub trait LogStore: Send + 'static {
     /// Stores `state` durably and drops the log entries it covers.
     fn save_snapshot(&mut self, state: &State) -> Result<(), CoordinatorError>;
     fn load_snapshot(&self) -> Result<Option<State>, CoordinatorError>;
+    /// This cluster's id, created on first use and kept: agents journal step ids per cluster.
+    fn cluster_id(&mut self) -> Result<String, CoordinatorError>;
     /// Increments and returns the generation number that fences steps issued by earlier runs.
     fn next_generation(&mut self) -> Result<u64, CoordinatorError>;
 }

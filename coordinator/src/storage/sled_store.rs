@@ -19,6 +19,7 @@ pub struct SledStore {
 
 const SNAPSHOT_KEY: &[u8] = b"snapshot";
 const GENERATION_KEY: &[u8] = b"generation";
+const CLUSTER_ID_KEY: &[u8] = b"cluster-id";
 
 impl SledStore {
     pub fn open(dir: &Path) -> Result<Self, CoordinatorError> {
@@ -98,6 +99,31 @@ impl LogStore for SledStore {
             .map_err(|error| storage_error("decode", "snapshot", error))
     }
 
+    fn cluster_id(&mut self) -> Result<String, CoordinatorError> {
+        if let Some(bytes) = self
+            .meta
+            .get(CLUSTER_ID_KEY)
+            .map_err(|error| storage_error("read", "cluster id", error))?
+        {
+            return Ok(String::from_utf8_lossy(&bytes).into_owned());
+        }
+        // Unique enough without a random source: the moment, the process and the place.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|elapsed| elapsed.as_nanos())
+            .unwrap_or(0);
+        let seed = format!("{nanos}/{}/{:?}", std::process::id(), self.db.generate_id());
+        let id = format!(
+            "rw-{}",
+            &rewind_shared::digest::sha256_hex(seed.as_bytes())[..16]
+        );
+        self.meta
+            .insert(CLUSTER_ID_KEY, id.as_bytes())
+            .map_err(|error| storage_error("write", "cluster id", error))?;
+        self.flush()?;
+        Ok(id)
+    }
+
     fn next_generation(&mut self) -> Result<u64, CoordinatorError> {
         let current = self
             .meta
@@ -160,10 +186,17 @@ mod tests {
                 .append(&(1..=5).map(entry).collect::<Vec<_>>())
                 .unwrap();
             assert_eq!(store.next_generation().unwrap(), 1);
+            assert!(store.cluster_id().unwrap().starts_with("rw-"));
         }
         let mut store = SledStore::open(dir.path()).unwrap();
         assert_eq!(store.entries_after(0).unwrap().len(), 5);
         assert_eq!(store.next_generation().unwrap(), 2);
+        let cluster_id = store.cluster_id().unwrap();
+        assert_eq!(
+            store.cluster_id().unwrap(),
+            cluster_id,
+            "the cluster id is kept"
+        );
         let state = State {
             applied_index: 3,
             ..State::default()
