@@ -9,7 +9,7 @@
 //! - [`dev_ca`]: a throw-away CA and certificates for `--dev` and tests (rcgen).
 //! - [`digest`]: sha256 of bytes and of a directory tree (release artifacts).
 //! - [`config`]: TOML loading that warns about unknown keys, and an error collector.
-//! - [`logging`]: `REWIND_LOG` / `REWIND_LOG_FORMAT` tracing set-up.
+//! - [`logging`]: `REWIND_LOG` / `REWIND_LOG_FORMAT` tracing set-up, and the slog bridge raft-rs logs through.
 //! - [`signals`]: shutdown on SIGINT / SIGTERM.
 //! - [`time`]: wall-clock milliseconds, for stamping commands outside the state machine.
 

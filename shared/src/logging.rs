@@ -20,3 +20,51 @@ pub fn init(default_filter: &str) {
         builder.try_init()
     };
 }
+
+/// A slog drain that forwards into tracing, so raft-rs (which logs through slog) lands in the
+/// same place, filter and format as everything else. Key-values become one `kv` field.
+pub struct TracingDrain;
+
+impl slog::Drain for TracingDrain {
+    type Ok = ();
+    type Err = slog::Never;
+
+    fn log(
+        &self,
+        record: &slog::Record<'_>,
+        values: &slog::OwnedKVList,
+    ) -> Result<(), slog::Never> {
+        let mut kv = KeyValues(String::new());
+        let _ = slog::KV::serialize(&record.kv(), record, &mut kv);
+        let _ = slog::KV::serialize(values, record, &mut kv);
+        let message = record.msg().to_string();
+        let kv = kv.0;
+        match record.level() {
+            slog::Level::Critical | slog::Level::Error => {
+                tracing::error!(target: "raft", kv, "{message}")
+            }
+            slog::Level::Warning => tracing::warn!(target: "raft", kv, "{message}"),
+            slog::Level::Info => tracing::info!(target: "raft", kv, "{message}"),
+            slog::Level::Debug => tracing::debug!(target: "raft", kv, "{message}"),
+            slog::Level::Trace => tracing::trace!(target: "raft", kv, "{message}"),
+        }
+        Ok(())
+    }
+}
+
+/// A slog logger that writes through [`TracingDrain`].
+pub fn slog_logger() -> slog::Logger {
+    slog::Logger::root(TracingDrain, slog::o!())
+}
+
+struct KeyValues(String);
+
+impl slog::Serializer for KeyValues {
+    fn emit_arguments(&mut self, key: slog::Key, value: &std::fmt::Arguments<'_>) -> slog::Result {
+        if !self.0.is_empty() {
+            self.0.push(' ');
+        }
+        self.0.push_str(&format!("{key}={value}"));
+        Ok(())
+    }
+}

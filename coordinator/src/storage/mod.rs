@@ -1,8 +1,10 @@
 //! Durable storage of the command log and state snapshots, behind [`LogStore`] so the node can be
 //! tested without a disk and the log can later move to another engine.
 
+mod raft_store;
 mod sled_store;
 
+pub use raft_store::RaftStore;
 pub use sled_store::SledStore;
 
 use crate::errors::CoordinatorError;

@@ -1,0 +1,355 @@
+//! raft-rs [`Storage`] on sled: the Raft log, hard state, conf state and the latest snapshot.
+//!
+//! Trees: `raft-log` (big-endian index -> protobuf `Entry`) and `raft-meta` (`hard-state`,
+//! `conf-state`, `snapshot`: protobuf messages; the snapshot's data is the JSON of the replicated
+//! state at its index). Writers call [`RaftStore::flush`] before anything that depends on the
+//! write is sent or acknowledged.
+
+use std::path::Path;
+
+use protobuf::Message as _;
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
+use raft::{GetEntriesContext, RaftState, Storage, StorageError};
+
+use crate::errors::CoordinatorError;
+
+const HARD_STATE_KEY: &[u8] = b"hard-state";
+const CONF_STATE_KEY: &[u8] = b"conf-state";
+const SNAPSHOT_KEY: &[u8] = b"snapshot";
+
+#[derive(Clone)]
+pub struct RaftStore {
+    db: sled::Db,
+    log: sled::Tree,
+    meta: sled::Tree,
+}
+
+impl RaftStore {
+    pub fn open(dir: &Path) -> Result<Self, CoordinatorError> {
+        let db = sled::open(dir).map_err(|error| storage_error("open", dir.display(), error))?;
+        let log = db
+            .open_tree("raft-log")
+            .map_err(|error| storage_error("open tree", "raft-log", error))?;
+        let meta = db
+            .open_tree("raft-meta")
+            .map_err(|error| storage_error("open tree", "raft-meta", error))?;
+        Ok(Self { db, log, meta })
+    }
+
+    /// The underlying database, for trees that live beside the Raft log (generation, cluster id).
+    pub fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
+    /// True once the store holds a membership (bootstrapped, or received from a leader).
+    pub fn is_initialized(&self) -> Result<bool, CoordinatorError> {
+        Ok(!self.conf_state()?.voters.is_empty() || self.snapshot_metadata()?.index > 0)
+    }
+
+    /// Starts a new cluster with these voters. Only for a store that was never initialized.
+    pub fn bootstrap(&self, voters: &[u64]) -> Result<(), CoordinatorError> {
+        let conf_state = ConfState {
+            voters: voters.to_vec(),
+            ..ConfState::default()
+        };
+        self.set_conf_state(&conf_state)?;
+        self.flush()
+    }
+
+    pub fn flush(&self) -> Result<(), CoordinatorError> {
+        self.db
+            .flush()
+            .map(|_| ())
+            .map_err(|error| storage_error("flush", "raft store", error))
+    }
+
+    /// Appends entries, replacing any conflicting suffix. Not durable until [`Self::flush`].
+    pub fn append(&self, entries: &[Entry]) -> Result<(), CoordinatorError> {
+        let Some(first) = entries.first() else {
+            return Ok(());
+        };
+        let mut batch = sled::Batch::default();
+        for key in self.log.range(first.index.to_be_bytes()..).keys() {
+            batch.remove(key.map_err(|error| storage_error("read", "raft-log", error))?);
+        }
+        for entry in entries {
+            let bytes = entry
+                .write_to_bytes()
+                .map_err(|error| storage_error("encode entry", entry.index, error))?;
+            batch.insert(&entry.index.to_be_bytes(), bytes);
+        }
+        self.log
+            .apply_batch(batch)
+            .map_err(|error| storage_error("append", "raft-log", error))
+    }
+
+    pub fn set_hard_state(&self, hard_state: &HardState) -> Result<(), CoordinatorError> {
+        self.put(HARD_STATE_KEY, hard_state)
+    }
+
+    pub fn set_conf_state(&self, conf_state: &ConfState) -> Result<(), CoordinatorError> {
+        self.put(CONF_STATE_KEY, conf_state)
+    }
+
+    /// Installs a snapshot received from the leader: it replaces the whole log.
+    pub fn apply_snapshot(&self, snapshot: &Snapshot) -> Result<(), CoordinatorError> {
+        let metadata = snapshot.get_metadata();
+        let mut hard_state = self.hard_state()?;
+        hard_state.term = hard_state.term.max(metadata.term);
+        hard_state.commit = metadata.index;
+        self.put(SNAPSHOT_KEY, snapshot)?;
+        self.set_hard_state(&hard_state)?;
+        self.set_conf_state(metadata.get_conf_state())?;
+        self.log
+            .clear()
+            .map_err(|error| storage_error("clear", "raft-log", error))
+    }
+
+    /// Records a snapshot of the applied state at `index` and drops the log up to it.
+    pub fn compact(
+        &self,
+        index: u64,
+        conf_state: &ConfState,
+        data: Vec<u8>,
+    ) -> Result<(), CoordinatorError> {
+        let term = self
+            .term(index)
+            .map_err(|error| storage_error("read term of", index, error))?;
+        let mut snapshot = Snapshot::default();
+        snapshot.set_data(data.into());
+        let metadata = snapshot.mut_metadata();
+        metadata.index = index;
+        metadata.term = term;
+        metadata.set_conf_state(conf_state.clone());
+        self.put(SNAPSHOT_KEY, &snapshot)?;
+        self.flush()?;
+        let mut batch = sled::Batch::default();
+        for key in self.log.range(..=index.to_be_bytes()).keys() {
+            batch.remove(key.map_err(|error| storage_error("read", "raft-log", error))?);
+        }
+        self.log
+            .apply_batch(batch)
+            .map_err(|error| storage_error("compact", "raft-log", error))?;
+        self.flush()
+    }
+
+    /// The latest snapshot, with its data, or an empty one.
+    pub fn latest_snapshot(&self) -> Result<Snapshot, CoordinatorError> {
+        self.get(SNAPSHOT_KEY).map(Option::unwrap_or_default)
+    }
+
+    pub fn hard_state(&self) -> Result<HardState, CoordinatorError> {
+        self.get(HARD_STATE_KEY).map(Option::unwrap_or_default)
+    }
+
+    pub fn conf_state(&self) -> Result<ConfState, CoordinatorError> {
+        self.get(CONF_STATE_KEY).map(Option::unwrap_or_default)
+    }
+
+    fn snapshot_metadata(&self) -> Result<raft::eraftpb::SnapshotMetadata, CoordinatorError> {
+        Ok(self.latest_snapshot()?.take_metadata())
+    }
+
+    fn last_log_index(&self) -> Result<Option<u64>, CoordinatorError> {
+        let last = self
+            .log
+            .last()
+            .map_err(|error| storage_error("read", "raft-log", error))?;
+        Ok(last
+            .and_then(|(key, _)| <[u8; 8]>::try_from(key.as_ref()).ok())
+            .map(u64::from_be_bytes))
+    }
+
+    fn entry(&self, index: u64) -> Result<Option<Entry>, CoordinatorError> {
+        let Some(bytes) = self
+            .log
+            .get(index.to_be_bytes())
+            .map_err(|error| storage_error("read", "raft-log", error))?
+        else {
+            return Ok(None);
+        };
+        Entry::parse_from_bytes(&bytes)
+            .map(Some)
+            .map_err(|error| storage_error("decode entry", index, error))
+    }
+
+    fn put(&self, key: &[u8], message: &impl protobuf::Message) -> Result<(), CoordinatorError> {
+        let bytes = message
+            .write_to_bytes()
+            .map_err(|error| storage_error("encode", String::from_utf8_lossy(key), error))?;
+        self.meta
+            .insert(key, bytes)
+            .map(|_| ())
+            .map_err(|error| storage_error("write", String::from_utf8_lossy(key), error))
+    }
+
+    fn get<M: protobuf::Message>(&self, key: &[u8]) -> Result<Option<M>, CoordinatorError> {
+        let Some(bytes) = self
+            .meta
+            .get(key)
+            .map_err(|error| storage_error("read", String::from_utf8_lossy(key), error))?
+        else {
+            return Ok(None);
+        };
+        M::parse_from_bytes(&bytes)
+            .map(Some)
+            .map_err(|error| storage_error("decode", String::from_utf8_lossy(key), error))
+    }
+}
+
+impl Storage for RaftStore {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        Ok(RaftState::new(
+            self.hard_state().map_err(raft_error)?,
+            self.conf_state().map_err(raft_error)?,
+        ))
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        if low < self.first_index()? {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        let mut entries = Vec::with_capacity((high - low) as usize);
+        for item in self.log.range(low.to_be_bytes()..high.to_be_bytes()) {
+            let (_, bytes) =
+                item.map_err(|error| raft_error(storage_error("read", "raft-log", error)))?;
+            entries.push(
+                Entry::parse_from_bytes(&bytes)
+                    .map_err(|error| raft_error(storage_error("decode", "entry", error)))?,
+            );
+        }
+        if entries.len() as u64 != high - low {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        raft::util::limit_size(&mut entries, max_size.into());
+        Ok(entries)
+    }
+
+    fn term(&self, index: u64) -> raft::Result<u64> {
+        let snapshot = self.snapshot_metadata().map_err(raft_error)?;
+        if index == snapshot.index {
+            return Ok(snapshot.term);
+        }
+        if index < snapshot.index {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        match self.entry(index).map_err(raft_error)? {
+            Some(entry) => Ok(entry.term),
+            None => Err(raft::Error::Store(StorageError::Unavailable)),
+        }
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.snapshot_metadata().map_err(raft_error)?.index + 1)
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        let snapshot_index = self.snapshot_metadata().map_err(raft_error)?.index;
+        Ok(self
+            .last_log_index()
+            .map_err(raft_error)?
+            .unwrap_or(snapshot_index)
+            .max(snapshot_index))
+    }
+
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        let snapshot = self.latest_snapshot().map_err(raft_error)?;
+        if snapshot.get_metadata().index < request_index {
+            // The leader compacts only at its own snapshots, so this is a follower far behind
+            // asking before the next one is taken.
+            return Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable,
+            ));
+        }
+        Ok(snapshot)
+    }
+}
+
+fn raft_error(error: CoordinatorError) -> raft::Error {
+    raft::Error::Store(StorageError::Other(Box::new(error)))
+}
+
+fn storage_error(
+    action: &str,
+    what: impl std::fmt::Display,
+    error: impl std::fmt::Display,
+) -> CoordinatorError {
+    CoordinatorError::Storage(format!("{action} {what}: {error}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(index: u64, term: u64) -> Entry {
+        Entry {
+            index,
+            term,
+            data: format!("e{index}").into_bytes().into(),
+            ..Entry::default()
+        }
+    }
+
+    #[test]
+    fn the_log_appends_truncates_conflicts_compacts_and_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = RaftStore::open(dir.path()).unwrap();
+            assert!(!store.is_initialized().unwrap());
+            store.bootstrap(&[1, 2, 3]).unwrap();
+            store
+                .append(&(1..=5).map(|index| entry(index, 1)).collect::<Vec<_>>())
+                .unwrap();
+            // A new leader overwrites a conflicting suffix.
+            store.append(&[entry(4, 2)]).unwrap();
+            store
+                .set_hard_state(&HardState {
+                    term: 2,
+                    vote: 1,
+                    commit: 4,
+                    ..HardState::default()
+                })
+                .unwrap();
+            store.flush().unwrap();
+        }
+        let store = RaftStore::open(dir.path()).unwrap();
+        assert!(store.is_initialized().unwrap());
+        assert_eq!(
+            (store.first_index().unwrap(), store.last_index().unwrap()),
+            (1, 4)
+        );
+        assert_eq!(store.term(4).unwrap(), 2);
+        assert_eq!(store.initial_state().unwrap().hard_state.commit, 4);
+        let entries = store
+            .entries(2, 5, None, GetEntriesContext::empty(false))
+            .unwrap();
+        assert_eq!(
+            entries.iter().map(|entry| entry.index).collect::<Vec<_>>(),
+            vec![2, 3, 4]
+        );
+
+        store
+            .compact(3, &store.conf_state().unwrap(), b"state".to_vec())
+            .unwrap();
+        assert_eq!(
+            (store.first_index().unwrap(), store.last_index().unwrap()),
+            (4, 4)
+        );
+        assert_eq!(
+            store.term(3).unwrap(),
+            1,
+            "the snapshot keeps the term of its index"
+        );
+        assert!(matches!(
+            store.term(2),
+            Err(raft::Error::Store(StorageError::Compacted))
+        ));
+        assert_eq!(store.snapshot(3, 2).unwrap().get_data(), b"state");
+    }
+}
