@@ -76,6 +76,8 @@ pub enum CoordinatorError {
     StepNotStartable { step_id: String, reason: String },
     #[error("no step {step_id}")]
     UnknownStep { step_id: String },
+    #[error("this member is not the leader (the leader is member {leader_id}, 0 if unknown)")]
+    NotLeader { leader_id: u64 },
     #[error("storage: {0}")]
     Storage(String),
     #[error("the coordinator is shutting down")]
@@ -106,6 +108,7 @@ impl CoordinatorError {
             Self::StepNotRunning { .. } => "step_not_running",
             Self::StepNotStartable { .. } => "step_not_startable",
             Self::UnknownStep { .. } => "unknown_step",
+            Self::NotLeader { .. } => "not_leader",
             Self::Storage(_) => "storage",
             Self::ShuttingDown => "shutting_down",
             Self::Overloaded(_) => "overloaded",

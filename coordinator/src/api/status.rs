@@ -30,7 +30,9 @@ pub fn to_status(error: CoordinatorError) -> Status {
         | CoordinatorError::StepNotRunning { .. }
         | CoordinatorError::StepNotStartable { .. } => Code::FailedPrecondition,
         CoordinatorError::Storage(_) => Code::Internal,
-        CoordinatorError::ShuttingDown | CoordinatorError::Overloaded(_) => Code::Unavailable,
+        CoordinatorError::ShuttingDown
+        | CoordinatorError::Overloaded(_)
+        | CoordinatorError::NotLeader { .. } => Code::Unavailable,
     };
     let mut status = Status::new(code, error.to_string());
     if let Ok(value) = error.code().parse() {

@@ -14,6 +14,8 @@ use crate::errors::CoordinatorError;
 use crate::state_machine::{Command, Outcome, State, apply};
 use crate::storage::{LogEntry, LogStore};
 
+pub mod raft;
+
 /// Proposals waiting for the node; more are refused as overloaded.
 const PROPOSAL_QUEUE: usize = 1024;
 /// Largest batch written with one flush.

@@ -1,0 +1,467 @@
+//! The Raft node: one thread owns the raft-rs `RawNode` and the replicated state.
+//!
+//! Proposals (from [`NodeHandle`]) and peers' Raft messages arrive on bounded channels. The
+//! thread ticks raft, and handles each `Ready` in the order raft-rs documents: send `messages`,
+//! install a snapshot, apply committed entries, append new entries and the hard state, **flush**,
+//! and only then send `persisted_messages`; then `advance`, apply and send what that returns.
+//! A proposal is answered when its entry is applied on this member, so nothing is acknowledged
+//! before a majority has it on disk.
+//!
+//! Not wired into the binary yet: the gRPC transport, membership commands, ReadIndex reads and
+//! leader forwarding come next (see issue 3). The single-member node in `mod.rs` still serves.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use protobuf::Message as _;
+use raft::eraftpb::{ConfChangeV2, Entry, EntryType, Message, Snapshot};
+use raft::{RawNode, StateRole};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, error, info, warn};
+
+use super::{NodeHandle, PROPOSAL_QUEUE, Proposal};
+use crate::errors::CoordinatorError;
+use crate::state_machine::{Command, Outcome, State, apply};
+use crate::storage::RaftStore;
+
+/// Raft messages from peers waiting for the node; more are dropped (Raft retransmits).
+const PEER_MESSAGE_QUEUE: usize = 4096;
+
+/// Where outgoing Raft messages go. Must not block: queue or drop (Raft retransmits).
+pub trait Transport: Send + 'static {
+    fn send(&self, messages: Vec<Message>);
+}
+
+#[derive(Clone, Debug)]
+pub struct RaftSettings {
+    pub id: u64,
+    pub tick: Duration,
+    pub election_ticks: usize,
+    pub heartbeat_ticks: usize,
+    /// Applied entries between state snapshots (the log is compacted to each).
+    pub snapshot_every: u64,
+}
+
+impl RaftSettings {
+    pub fn new(id: u64) -> Self {
+        Self {
+            id,
+            tick: Duration::from_millis(100),
+            election_ticks: 10,
+            heartbeat_ticks: 3,
+            snapshot_every: 1000,
+        }
+    }
+}
+
+/// What a member reports about itself.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RaftStatus {
+    pub id: u64,
+    pub leader_id: u64,
+    pub term: u64,
+    pub is_leader: bool,
+    pub applied_index: u64,
+    pub commit_index: u64,
+    /// Snapshots received from a leader since this member started.
+    pub installed_snapshots: u64,
+}
+
+/// The transport's side of a member: deliver peers' messages, watch the status, stop it.
+pub struct RaftMember {
+    pub node: NodeHandle,
+    pub peer_messages: mpsc::Sender<Message>,
+    pub status: watch::Receiver<RaftStatus>,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RaftMember {
+    /// Stops the member's thread and waits for it. What it persisted stays on disk.
+    pub fn stop(mut self) {
+        self.stop_and_join();
+    }
+
+    fn stop_and_join(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for RaftMember {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+/// Opens a member on `store`. A store never initialized is bootstrapped with `initial_voters`
+/// (every founding member passes the same list); otherwise the stored membership wins.
+pub fn start_member(
+    settings: RaftSettings,
+    store: RaftStore,
+    initial_voters: &[u64],
+    transport: impl Transport,
+    cluster_id: Arc<str>,
+) -> Result<RaftMember, CoordinatorError> {
+    if !store.is_initialized()? {
+        store.bootstrap(initial_voters)?;
+    }
+    let snapshot = store.latest_snapshot()?;
+    let state: State = if snapshot.get_data().is_empty() {
+        State::default()
+    } else {
+        serde_json::from_slice(snapshot.get_data()).map_err(|error| {
+            CoordinatorError::Storage(format!("decode the state snapshot: {error}"))
+        })?
+    };
+    let config = raft::Config {
+        id: settings.id,
+        election_tick: settings.election_ticks,
+        heartbeat_tick: settings.heartbeat_ticks,
+        applied: snapshot.get_metadata().index,
+        pre_vote: true,
+        check_quorum: true,
+        max_size_per_msg: 1024 * 1024,
+        max_inflight_msgs: 256,
+        ..raft::Config::default()
+    };
+    config
+        .validate()
+        .map_err(|error| CoordinatorError::Storage(format!("raft config: {error}")))?;
+    let raw = RawNode::new(
+        &config,
+        store.clone(),
+        &rewind_shared::logging::slog_logger(),
+    )
+    .map_err(|error| CoordinatorError::Storage(format!("start raft: {error}")))?;
+    let term = raw.raft.term;
+
+    let (proposals, proposal_receiver) = mpsc::channel(PROPOSAL_QUEUE);
+    let (peer_messages, message_receiver) = mpsc::channel(PEER_MESSAGE_QUEUE);
+    let (applied_sender, applied) = watch::channel(state.applied_index);
+    let (status_sender, status) = watch::channel(RaftStatus {
+        id: settings.id,
+        ..RaftStatus::default()
+    });
+    let (stop, stop_receiver) = oneshot::channel();
+    let state = Arc::new(RwLock::new(state));
+    let driver = Driver {
+        raw,
+        store,
+        settings: settings.clone(),
+        state: Arc::clone(&state),
+        transport,
+        pending: HashMap::new(),
+        next_proposal: 0,
+        last_snapshot: snapshot.get_metadata().index,
+        installed_snapshots: 0,
+        applied: applied_sender,
+        status: status_sender,
+    };
+    let thread = std::thread::Builder::new()
+        .name(format!("rewind-raft-{}", settings.id))
+        .spawn(move || driver.run(proposal_receiver, message_receiver, stop_receiver))
+        .map_err(|error| CoordinatorError::Storage(format!("spawn the raft thread: {error}")))?;
+    let node = NodeHandle {
+        proposals,
+        state,
+        applied,
+        generation: term,
+        cluster_id,
+    };
+    Ok(RaftMember {
+        node,
+        peer_messages,
+        status,
+        stop: Some(stop),
+        thread: Some(thread),
+    })
+}
+
+struct Driver<T: Transport> {
+    raw: RawNode<RaftStore>,
+    store: RaftStore,
+    settings: RaftSettings,
+    state: Arc<RwLock<State>>,
+    transport: T,
+    /// Proposals of this member waiting for their entry to be applied, by proposal number.
+    pending: HashMap<u64, oneshot::Sender<Result<Outcome, CoordinatorError>>>,
+    next_proposal: u64,
+    last_snapshot: u64,
+    installed_snapshots: u64,
+    applied: watch::Sender<u64>,
+    status: watch::Sender<RaftStatus>,
+}
+
+impl<T: Transport> Driver<T> {
+    fn run(
+        mut self,
+        mut proposals: mpsc::Receiver<Proposal>,
+        mut messages: mpsc::Receiver<Message>,
+        mut stop: oneshot::Receiver<()>,
+    ) {
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+        {
+            Ok(runtime) => runtime,
+            Err(error) => {
+                error!(%error, "Cannot start the raft thread's runtime.");
+                return;
+            }
+        };
+        runtime.block_on(async move {
+            let mut ticker = tokio::time::interval(self.settings.tick);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = &mut stop => break,
+                    _ = ticker.tick() => { self.raw.tick(); }
+                    Some(proposal) = proposals.recv() => self.propose(proposal),
+                    Some(message) = messages.recv() => {
+                        if let Err(error) = self.raw.step(message) {
+                            debug!(%error, "Raft refused a message.");
+                        }
+                    }
+                }
+                if let Err(error) = self.handle_ready() {
+                    // The disk failed under Raft: stop rather than risk acting on state that
+                    // is not persisted. A restart recovers from what the disk holds.
+                    error!(%error, "Raft storage failed; this member stops. Restart it.");
+                    break;
+                }
+                self.publish_status();
+            }
+            self.fail_pending(|| CoordinatorError::ShuttingDown);
+            info!(id = self.settings.id, "Raft member stopped.");
+        });
+    }
+
+    fn propose(&mut self, proposal: Proposal) {
+        if self.raw.raft.state != StateRole::Leader {
+            let _ = proposal.reply.send(Err(CoordinatorError::NotLeader {
+                leader_id: self.raw.raft.leader_id,
+            }));
+            return;
+        }
+        let data = match serde_json::to_vec(&proposal.command) {
+            Ok(data) => data,
+            Err(error) => {
+                let _ = proposal.reply.send(Err(CoordinatorError::Storage(format!(
+                    "encode the command: {error}"
+                ))));
+                return;
+            }
+        };
+        self.next_proposal += 1;
+        let context = proposal_context(self.settings.id, self.next_proposal);
+        match self.raw.propose(context, data) {
+            Ok(()) => {
+                self.pending.insert(self.next_proposal, proposal.reply);
+            }
+            Err(error) => {
+                let _ = proposal
+                    .reply
+                    .send(Err(CoordinatorError::Overloaded(format!(
+                        "raft refused the proposal: {error}"
+                    ))));
+            }
+        }
+    }
+
+    /// One `Ready`, in raft-rs's documented order.
+    fn handle_ready(&mut self) -> Result<(), CoordinatorError> {
+        if !self.raw.has_ready() {
+            return Ok(());
+        }
+        let mut ready = self.raw.ready();
+        if !ready.messages().is_empty() {
+            self.transport.send(ready.take_messages());
+        }
+        if !ready.snapshot().is_empty() {
+            self.install_snapshot(ready.snapshot().clone())?;
+        }
+        self.apply_committed(ready.take_committed_entries())?;
+        if !ready.entries().is_empty() {
+            self.store.append(ready.entries())?;
+        }
+        if let Some(hard_state) = ready.hs() {
+            self.store.set_hard_state(hard_state)?;
+        }
+        self.store.flush()?;
+        if !ready.persisted_messages().is_empty() {
+            self.transport.send(ready.take_persisted_messages());
+        }
+        let mut light = self.raw.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            let mut hard_state = self.store.hard_state()?;
+            hard_state.commit = commit;
+            self.store.set_hard_state(&hard_state)?;
+            self.store.flush()?;
+        }
+        self.transport.send(light.take_messages());
+        self.apply_committed(light.take_committed_entries())?;
+        self.raw.advance_apply();
+        self.maybe_snapshot()
+    }
+
+    fn install_snapshot(&mut self, snapshot: Snapshot) -> Result<(), CoordinatorError> {
+        let state: State = serde_json::from_slice(snapshot.get_data()).map_err(|error| {
+            CoordinatorError::Storage(format!("decode a received snapshot: {error}"))
+        })?;
+        let index = snapshot.get_metadata().index;
+        self.store.apply_snapshot(&snapshot)?;
+        self.store.flush()?;
+        *self
+            .state
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = state;
+        self.last_snapshot = index;
+        self.installed_snapshots += 1;
+        self.applied.send_replace(index);
+        info!(index, "Installed a snapshot from the leader.");
+        Ok(())
+    }
+
+    fn apply_committed(&mut self, entries: Vec<Entry>) -> Result<(), CoordinatorError> {
+        let Some(last) = entries.last().map(|entry| entry.index) else {
+            return Ok(());
+        };
+        for entry in entries {
+            match entry.get_entry_type() {
+                EntryType::EntryNormal => self.apply_normal(&entry),
+                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                    self.apply_conf_change(&entry)?
+                }
+            }
+        }
+        self.applied.send_replace(last);
+        Ok(())
+    }
+
+    fn apply_normal(&mut self, entry: &Entry) {
+        let mut state = self
+            .state
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if entry.data.is_empty() {
+            // A new leader's empty entry: nothing to apply, but it is applied.
+            state.applied_index = entry.index;
+            return;
+        }
+        let outcome = match serde_json::from_slice::<Command>(&entry.data) {
+            Ok(command) => apply(&mut state, entry.index, &command),
+            Err(error) => {
+                // Every member skips the same undecodable entry, so they still agree.
+                state.applied_index = entry.index;
+                warn!(%error, index = entry.index, "Skipped a committed entry that does not decode.");
+                Err(CoordinatorError::Storage(format!(
+                    "entry {} does not decode: {error}",
+                    entry.index
+                )))
+            }
+        };
+        drop(state);
+        if let Some(reply) = own_proposal(self.settings.id, &entry.context)
+            .and_then(|number| self.pending.remove(&number))
+        {
+            let _ = reply.send(outcome);
+        }
+    }
+
+    fn apply_conf_change(&mut self, entry: &Entry) -> Result<(), CoordinatorError> {
+        let change = if entry.get_entry_type() == EntryType::EntryConfChangeV2 {
+            ConfChangeV2::parse_from_bytes(&entry.data)
+        } else {
+            raft::eraftpb::ConfChange::parse_from_bytes(&entry.data)
+                .map(raft_proto::ConfChangeI::into_v2)
+        }
+        .map_err(|error| {
+            CoordinatorError::Storage(format!("decode conf change {}: {error}", entry.index))
+        })?;
+        let conf_state = self.raw.apply_conf_change(&change).map_err(|error| {
+            CoordinatorError::Storage(format!("apply conf change {}: {error}", entry.index))
+        })?;
+        self.store.set_conf_state(&conf_state)?;
+        self.state
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .applied_index = entry.index;
+        info!(index = entry.index, voters = ?conf_state.voters, "Membership changed.");
+        Ok(())
+    }
+
+    fn maybe_snapshot(&mut self) -> Result<(), CoordinatorError> {
+        let applied = self.raw.raft.raft_log.applied;
+        if applied.saturating_sub(self.last_snapshot) < self.settings.snapshot_every {
+            return Ok(());
+        }
+        let data = {
+            let state = self
+                .state
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            serde_json::to_vec(&*state)
+                .map_err(|error| CoordinatorError::Storage(format!("encode the state: {error}")))?
+        };
+        let conf_state = self.raw.raft.prs().conf().to_conf_state();
+        self.store.compact(applied, &conf_state, data)?;
+        self.last_snapshot = applied;
+        debug!(applied, "Took a snapshot and compacted the log.");
+        Ok(())
+    }
+
+    fn publish_status(&mut self) {
+        let raft = &self.raw.raft;
+        let is_leader = raft.state == StateRole::Leader;
+        if !is_leader && !self.pending.is_empty() {
+            // They may still commit under the new leader; a retry with the same request id is
+            // answered from the request log and does not act twice.
+            let leader_id = raft.leader_id;
+            self.fail_pending(|| CoordinatorError::NotLeader { leader_id });
+        }
+        let raft = &self.raw.raft;
+        let status = RaftStatus {
+            id: self.settings.id,
+            leader_id: raft.leader_id,
+            term: raft.term,
+            is_leader,
+            applied_index: raft.raft_log.applied,
+            commit_index: raft.raft_log.committed,
+            installed_snapshots: self.installed_snapshots,
+        };
+        self.status.send_if_modified(|current| {
+            let changed = *current != status;
+            *current = status;
+            changed
+        });
+    }
+
+    fn fail_pending(&mut self, error: impl Fn() -> CoordinatorError) {
+        for (_, reply) in self.pending.drain() {
+            let _ = reply.send(Err(error()));
+        }
+    }
+}
+
+/// Entry context: the proposing member and its proposal number, so only that member answers.
+fn proposal_context(member: u64, number: u64) -> Vec<u8> {
+    let mut context = member.to_be_bytes().to_vec();
+    context.extend_from_slice(&number.to_be_bytes());
+    context
+}
+
+fn own_proposal(member: u64, context: &[u8]) -> Option<u64> {
+    let (proposer, number) = context.split_at_checked(8)?;
+    (u64::from_be_bytes(proposer.try_into().ok()?) == member)
+        .then_some(u64::from_be_bytes(number.try_into().ok()?))
+}
+
+#[cfg(test)]
+#[path = "raft_test.rs"]
+mod tests;

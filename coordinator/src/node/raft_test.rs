@@ -1,0 +1,201 @@
+//! Three members on an in-memory network: election, replication through `apply()`, failover,
+//! and a member that was down across a compaction catching up by snapshot.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::state_machine::{CommandKind, Labels};
+
+#[derive(Clone, Default)]
+struct LocalNet {
+    peers: Arc<Mutex<HashMap<u64, mpsc::Sender<Message>>>>,
+}
+
+impl Transport for LocalNet {
+    fn send(&self, messages: Vec<Message>) {
+        let peers = self.peers.lock().unwrap();
+        for message in messages {
+            if let Some(peer) = peers.get(&message.to) {
+                let _ = peer.try_send(message);
+            }
+        }
+    }
+}
+
+struct Cluster {
+    net: LocalNet,
+    dirs: HashMap<u64, tempfile::TempDir>,
+    members: HashMap<u64, RaftMember>,
+}
+
+const VOTERS: [u64; 3] = [1, 2, 3];
+
+fn settings(id: u64) -> RaftSettings {
+    RaftSettings {
+        id,
+        tick: Duration::from_millis(20),
+        election_ticks: 10,
+        heartbeat_ticks: 2,
+        snapshot_every: 5,
+    }
+}
+
+impl Cluster {
+    fn start() -> Self {
+        rewind_shared::logging::init("warn");
+        let mut cluster = Self {
+            net: LocalNet::default(),
+            dirs: HashMap::new(),
+            members: HashMap::new(),
+        };
+        for id in VOTERS {
+            cluster.dirs.insert(id, tempfile::tempdir().unwrap());
+            cluster.start_member(id);
+        }
+        cluster
+    }
+
+    fn start_member(&mut self, id: u64) {
+        let store = RaftStore::open(self.dirs[&id].path()).unwrap();
+        let member = start_member(
+            settings(id),
+            store,
+            &VOTERS,
+            self.net.clone(),
+            Arc::from("rw-test"),
+        )
+        .unwrap();
+        self.net
+            .peers
+            .lock()
+            .unwrap()
+            .insert(id, member.peer_messages.clone());
+        self.members.insert(id, member);
+    }
+
+    fn stop_member(&mut self, id: u64) {
+        self.net.peers.lock().unwrap().remove(&id);
+        self.members.remove(&id).unwrap().stop();
+    }
+
+    async fn leader(&self) -> u64 {
+        let started = Instant::now();
+        loop {
+            let statuses: Vec<RaftStatus> = self
+                .members
+                .values()
+                .map(|member| member.status.borrow().clone())
+                .collect();
+            if let Some(leader) = statuses.iter().find(|status| status.is_leader)
+                && statuses.iter().all(|status| status.leader_id == leader.id)
+            {
+                return leader.id;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "no leader: {statuses:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn propose(&self, id: u64, host: &str) -> Result<Outcome, CoordinatorError> {
+        let command = Command {
+            at_ms: 1,
+            identity: "test".into(),
+            request_id: String::new(),
+            kind: CommandKind::RegisterHost {
+                host_id: host.into(),
+                labels: Labels::default(),
+                services: vec![],
+                agent_version: String::new(),
+            },
+        };
+        self.members[&id].node.propose(command).await
+    }
+
+    /// Waits until every running member holds the same state with at least `hosts` hosts.
+    async fn converged(&self, hosts: usize) -> State {
+        let started = Instant::now();
+        loop {
+            let states: Vec<State> = self
+                .members
+                .values()
+                .map(|member| member.node.read(State::clone))
+                .collect();
+            if states[0].hosts.len() >= hosts && states.iter().all(|state| *state == states[0]) {
+                return states[0].clone();
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "members did not converge on {hosts} hosts"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_three_member_cluster_replicates_fails_over_and_catches_up_by_snapshot() {
+    let mut cluster = Cluster::start();
+    let leader = cluster.leader().await;
+    cluster.propose(leader, "host-1").await.unwrap();
+    let state = cluster.converged(1).await;
+    assert_eq!(state.audit.len(), 1);
+
+    let follower = VOTERS.into_iter().find(|&id| id != leader).unwrap();
+    let refused = cluster.propose(follower, "host-x").await.unwrap_err();
+    assert_eq!(refused, CoordinatorError::NotLeader { leader_id: leader });
+
+    // Lose the leader: the other two elect a new one and keep serving writes; enough of them to
+    // compact the log past everything the old leader has.
+    cluster.stop_member(leader);
+    let new_leader = cluster.leader().await;
+    assert_ne!(new_leader, leader);
+    for index in 2..=12 {
+        cluster
+            .propose(new_leader, &format!("host-{index}"))
+            .await
+            .unwrap();
+    }
+    cluster.converged(12).await;
+
+    // The old leader comes back from its disk and catches up (by snapshot: its log is behind the
+    // compaction) to exactly the same state.
+    cluster.start_member(leader);
+    let state = cluster.converged(12).await;
+    assert_eq!(
+        cluster.members[&leader].status.borrow().installed_snapshots,
+        1,
+        "it caught up by snapshot"
+    );
+    assert_eq!(state.audit.verify().first_broken, None);
+    assert_eq!(state.audit.len(), 12);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_cluster_recovers_every_acknowledged_write_from_disk() {
+    let mut cluster = Cluster::start();
+    let leader = cluster.leader().await;
+    for index in 1..=7 {
+        cluster
+            .propose(leader, &format!("host-{index}"))
+            .await
+            .unwrap();
+    }
+    let before = cluster.converged(7).await;
+    for id in VOTERS {
+        cluster.stop_member(id);
+    }
+    for id in VOTERS {
+        cluster.start_member(id);
+    }
+    let leader = cluster.leader().await;
+    let after = cluster.converged(7).await;
+    assert_eq!(after.hosts, before.hosts);
+    assert_eq!(after.audit, before.audit);
+    cluster.propose(leader, "host-8").await.unwrap();
+    cluster.converged(8).await;
+}
