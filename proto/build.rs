@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "rewind/v1/types.proto",
         "rewind/v1/agent.proto",
         "rewind/v1/control.proto",
+        "rewind/v1/raft.proto",
     ];
     for proto in &protos {
         println!("cargo:rerun-if-changed={proto}");

@@ -31,6 +31,21 @@ const BACKOFF_BASE: Duration = Duration::from_millis(200);
 const BACKOFF_CAP: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Metadata key in which a coordinator member names the leader's address.
+const LEADER_KEY: &str = "rewind-leader";
+
+/// A member that is not the leader refused the session and named the leader's address.
+#[derive(Debug)]
+struct NotLeader(String);
+
+impl std::fmt::Display for NotLeader {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(formatter, "not the leader; the leader is at {}", self.0)
+    }
+}
+
+impl std::error::Error for NotLeader {}
+
 pub struct Agent {
     config: Config,
     executor: Arc<Executor>,
@@ -73,9 +88,12 @@ impl Agent {
         };
         let mut failures = 0u32;
         let mut next = 0usize;
+        let mut redirect: Option<String> = None;
         loop {
-            let address = self.config.coordinators[next % self.config.coordinators.len()].clone();
-            next += 1;
+            let address = redirect.take().unwrap_or_else(|| {
+                next += 1;
+                self.config.coordinators[(next - 1) % self.config.coordinators.len()].clone()
+            });
             let span = info_span!("session", coordinator = %address);
             let registered = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let outcome = self
@@ -87,9 +105,18 @@ impl Agent {
             }
             match outcome {
                 Ok(()) => info!(coordinator = %address, "Session ended; reconnecting."),
-                Err(error) => {
-                    warn!(coordinator = %address, error = format!("{error:#}"), "Session failed; reconnecting.")
-                }
+                Err(error) => match error.downcast_ref::<NotLeader>() {
+                    // Straight to the leader, once, without waiting out a backoff.
+                    Some(NotLeader(leader)) if failures < 2 => {
+                        info!(coordinator = %address, leader = %leader, "Not the leader; moving to it.");
+                        redirect = Some(leader.clone());
+                        failures = failures.saturating_add(1);
+                        continue;
+                    }
+                    _ => {
+                        warn!(coordinator = %address, error = format!("{error:#}"), "Session failed; reconnecting.")
+                    }
+                },
             }
             tokio::time::sleep(backoff(failures)).await;
             failures = failures.saturating_add(1);
@@ -114,7 +141,16 @@ impl Agent {
         let mut inbound = client
             .session(tokio_stream::wrappers::ReceiverStream::new(receiver))
             .await
-            .map_err(|status| anyhow::anyhow!("{}: {}", status.code(), status.message()))?
+            .map_err(|status| {
+                match status
+                    .metadata()
+                    .get(LEADER_KEY)
+                    .and_then(|value| value.to_str().ok())
+                {
+                    Some(leader) => anyhow::Error::new(NotLeader(leader.to_string())),
+                    None => anyhow::anyhow!("{}: {}", status.code(), status.message()),
+                }
+            })?
             .into_inner();
         let first = inbound
             .next()

@@ -21,6 +21,56 @@ pub struct RawConfig {
     pub engine: RawEngine,
     pub health: RawHealth,
     pub storage: RawStorage,
+    pub cluster: RawCluster,
+}
+
+/// Membership at bootstrap. Every founding member lists the same members; later changes are
+/// Raft configuration changes, and the stored membership wins over this list on restart.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct RawCluster {
+    /// Names the cluster; agents journal steps per cluster. Generated for a dev cluster.
+    pub id: Option<String>,
+    /// This member's id; must be one of `member`.
+    pub member_id: Option<u64>,
+    #[serde(rename = "member")]
+    pub members: Vec<RawMember>,
+    pub tick_ms: Option<u64>,
+    pub election_ticks: Option<usize>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct RawMember {
+    pub id: u64,
+    /// host:port other members, agents and rewindctl dial.
+    pub address: String,
+    pub region: String,
+    /// Common name of the member's certificate (default `coordinator-<id>`).
+    pub name: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Member {
+    pub id: u64,
+    pub address: String,
+    pub region: String,
+    pub name: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    pub id: Option<String>,
+    pub member_id: u64,
+    pub members: Vec<Member>,
+    pub tick: Duration,
+    pub election_ticks: usize,
+}
+
+impl ClusterConfig {
+    pub fn member(&self, id: u64) -> Option<&Member> {
+        self.members.iter().find(|member| member.id == id)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -85,6 +135,7 @@ pub struct Config {
     pub health_interval_ms: u64,
     pub health_window_ms: u64,
     pub snapshot_every: u64,
+    pub cluster: ClusterConfig,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
@@ -161,8 +212,11 @@ impl RawConfig {
             10,
             1_000_000,
         );
+        let cluster = validate_cluster(&self.cluster, &mut problems);
         problems.into_result()?;
-        let (Some(listen), Some(data_dir), Some(tls)) = (listen, self.data_dir, self.tls) else {
+        let (Some(listen), Some(data_dir), Some(tls), Some(cluster)) =
+            (listen, self.data_dir, self.tls, cluster)
+        else {
             unreachable!("missing values were reported as problems");
         };
         Ok(Config {
@@ -179,8 +233,77 @@ impl RawConfig {
             health_interval_ms: self.health.report_interval_ms,
             health_window_ms: self.health.window_s * 1000,
             snapshot_every: self.storage.snapshot_every,
+            cluster,
         })
     }
+}
+
+fn validate_cluster(raw: &RawCluster, problems: &mut Problems) -> Option<ClusterConfig> {
+    let before = problems.len();
+    if raw.members.is_empty() {
+        problems.add("cluster.member", "list at least one member (or use --dev)");
+    }
+    let mut members: Vec<Member> = Vec::new();
+    for (position, member) in raw.members.iter().enumerate() {
+        let field = format!("cluster.member[{position}]");
+        if member.id == 0 {
+            problems.add(format!("{field}.id"), "must be a positive number");
+        }
+        if members.iter().any(|known| known.id == member.id) {
+            problems.add(
+                format!("{field}.id"),
+                format!("{} is used twice", member.id),
+            );
+        }
+        if member.address.parse::<SocketAddr>().is_err() && !member.address.contains(':') {
+            problems.add(
+                format!("{field}.address"),
+                format!("{:?} must be host:port", member.address),
+            );
+        }
+        let name = member
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("coordinator-{}", member.id));
+        if let Err(error) = rewind_shared::names::validate_name(&format!("{field}.name"), &name) {
+            problems.add_error(error);
+        }
+        members.push(Member {
+            id: member.id,
+            address: member.address.clone(),
+            region: member.region.clone(),
+            name,
+        });
+    }
+    let member_id = raw.member_id.unwrap_or(0);
+    if !members.iter().any(|member| member.id == member_id) {
+        problems.add(
+            "cluster.member-id",
+            format!("{member_id} is not one of the listed members"),
+        );
+    }
+    if let Some(id) = &raw.id
+        && let Err(error) = rewind_shared::names::validate_name("cluster.id", id)
+    {
+        problems.add_error(error);
+    }
+    let tick_ms = raw.tick_ms.unwrap_or(100);
+    check_range(problems, "cluster.tick-ms", tick_ms, 10, 1000);
+    let election_ticks = raw.election_ticks.unwrap_or(10);
+    check_range(
+        problems,
+        "cluster.election-ticks",
+        election_ticks as u64,
+        5,
+        100,
+    );
+    (problems.len() == before).then(|| ClusterConfig {
+        id: raw.id.clone(),
+        member_id,
+        members,
+        tick: Duration::from_millis(tick_ms),
+        election_ticks,
+    })
 }
 
 fn check_range(problems: &mut Problems, field: &str, value: u64, min: u64, max: u64) {
@@ -211,7 +334,7 @@ mod tests {
         ] {
             assert!(joined.contains(field), "{field} missing from:\n{joined}");
         }
-        assert_eq!(problems.len(), 6);
+        assert_eq!(problems.len(), 8);
     }
 
     #[test]

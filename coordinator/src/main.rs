@@ -181,6 +181,19 @@ fn prepare_dev(raw: &mut RawConfig) -> anyhow::Result<()> {
     if raw.health.window_s == RawConfig::default().health.window_s {
         raw.health.window_s = 5;
     }
+    if raw.cluster.members.is_empty() {
+        let address = raw
+            .listen
+            .clone()
+            .unwrap_or_else(|| rewind_coordinator::config::DEFAULT_LISTEN.to_string());
+        raw.cluster.member_id = Some(1);
+        raw.cluster.members = vec![rewind_coordinator::config::RawMember {
+            id: 1,
+            address,
+            region: "dev".into(),
+            name: Some(dev_ca::COORDINATOR.into()),
+        }];
+    }
     info!(data_dir = %data_dir.display(), "Dev mode: single member, certificates in {}.", tls_dir.display());
     Ok(())
 }
@@ -191,26 +204,71 @@ async fn serve(
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("create data dir {}", config.data_dir.display()))?;
+    let cluster = &config.cluster;
     let store =
-        storage::SledStore::open(&config.data_dir.join("state")).context("open the state store")?;
-    let node = node::start(store, config.snapshot_every).context("start the node")?;
-    let health = Arc::new(health::HealthBook::default());
-    let sessions = Arc::new(sessions::Sessions::default());
+        storage::RaftStore::open(&config.data_dir.join("raft")).context("open the Raft store")?;
+    let cluster_id = store
+        .cluster_id(cluster.id.as_deref())
+        .context("settle the cluster id")?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listen on {}", config.listen))?;
     let bound = listener.local_addr().context("read the bound address")?;
+
+    let peers = cluster
+        .members
+        .iter()
+        .filter(|member| member.id != cluster.member_id)
+        .map(|member| node::transport::Peer {
+            id: member.id,
+            address: member.address.clone(),
+        })
+        .collect();
+    let transport = node::transport::GrpcTransport::start(
+        &tokio::runtime::Handle::current(),
+        peers,
+        &config.tls,
+        cluster_id.clone(),
+        cluster.member_id,
+    )
+    .context("load TLS files for peers")?;
+    let mut settings = node::raft::RaftSettings::new(cluster.member_id);
+    settings.tick = cluster.tick;
+    settings.election_ticks = cluster.election_ticks;
+    settings.snapshot_every = config.snapshot_every;
+    let voters: Vec<u64> = cluster.members.iter().map(|member| member.id).collect();
+    let member = node::raft::start_member(
+        settings,
+        store,
+        &voters,
+        transport,
+        cluster_id.as_str().into(),
+    )
+    .context("start the Raft member")?;
+
+    if voters == [cluster.member_id] {
+        // A single member serves as soon as it leads; scripts waiting on --addr-file can rely on it.
+        let mut status = member.status.clone();
+        let leading = status.wait_for(|status| status.is_leader);
+        tokio::time::timeout(std::time::Duration::from_secs(10), leading)
+            .await
+            .context("become the leader of a single-member cluster")?
+            .context("the Raft member stopped")?;
+    }
     if let Some(path) = addr_file {
         // Written whole then renamed, so a reader never sees half an address.
         let partial = path.with_extension("partial");
         std::fs::write(&partial, bound.to_string()).context("write the address file")?;
         std::fs::rename(&partial, &path).context("write the address file")?;
     }
-    info!(address = %bound, data_dir = %config.data_dir.display(), "Coordinator listening.");
+    info!(address = %bound, member_id = cluster.member_id, cluster_id, data_dir = %config.data_dir.display(), "Coordinator listening.");
 
+    let health = Arc::new(health::HealthBook::default());
+    let sessions = Arc::new(sessions::Sessions::default());
     let (stop_sender, stop) = tokio::sync::watch::channel(false);
     let engine = engine::Engine {
-        node: node.clone(),
+        node: member.node.clone(),
+        status: member.status.clone(),
         sessions: Arc::clone(&sessions),
         health: Arc::clone(&health),
         limits: config.limits.clone(),
@@ -220,16 +278,37 @@ async fn serve(
     let engine_task = tokio::spawn(engine.run(async move {
         let _ = engine_stop.changed().await;
     }));
+    tokio::spawn(close_sessions_on_step_down(
+        member.status.clone(),
+        Arc::clone(&sessions),
+    ));
     let context = api::Context {
-        node,
+        node: member.node.clone(),
+        status: member.status.clone(),
+        members: Arc::new(
+            cluster
+                .members
+                .iter()
+                .map(|member| (member.id, member.address.clone()))
+                .collect(),
+        ),
         health,
         sessions,
         default_max_parallel: config.limits.default_max_parallel,
         health_interval_ms: config.health_interval_ms,
         health_window_ms: config.health_window_ms,
     };
+    let raft_peers = api::raft::RaftPeers {
+        cluster_id: cluster_id.clone(),
+        member_names: cluster
+            .members
+            .iter()
+            .map(|member| (member.id, member.name.clone()))
+            .collect(),
+        inbox: member.peer_messages.clone(),
+    };
     let mut api_stop = stop.clone();
-    let server = api::serve(listener, &config.tls, context, async move {
+    let server = api::serve(listener, &config.tls, context, raft_peers, async move {
         let _ = api_stop.changed().await;
     });
     tokio::spawn(async move {
@@ -239,5 +318,23 @@ async fn serve(
     });
     server.await.context("serve the API")?;
     let _ = engine_task.await;
+    member.stop();
     Ok(())
+}
+
+/// Agents follow the leader: when this member stops leading, its agent sessions are closed so
+/// the agents reconnect and are sent to the new leader.
+async fn close_sessions_on_step_down(
+    mut status: tokio::sync::watch::Receiver<node::raft::RaftStatus>,
+    sessions: Arc<sessions::Sessions>,
+) {
+    let mut was_leader = status.borrow().is_leader;
+    while status.changed().await.is_ok() {
+        let is_leader = status.borrow().is_leader;
+        if was_leader && !is_leader {
+            info!("No longer the leader; closing agent sessions so agents move to the new one.");
+            sessions.close_all();
+        }
+        was_leader = is_leader;
+    }
 }

@@ -61,6 +61,11 @@ impl Sessions {
         }
     }
 
+    /// Ends every session (their agents reconnect).
+    pub fn close_all(&self) {
+        self.lock().by_host.clear();
+    }
+
     pub fn generation(&self, host_id: &str) -> Option<u64> {
         self.lock()
             .by_host

@@ -93,9 +93,38 @@ pub async fn connect(options: &ConnectOptions) -> anyhow::Result<Client> {
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
 }
 
+/// The member answered that another one leads; rewindctl moves there.
+#[derive(Debug)]
+pub struct LeaderElsewhere {
+    pub address: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for LeaderElsewhere {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for LeaderElsewhere {}
+
+/// Metadata key in which a member names the leader's address.
+const LEADER_KEY: &str = "rewind-leader";
+
 /// Turns a status into an error whose text is the coordinator's own explanation.
 pub fn explain(status: tonic::Status) -> anyhow::Error {
     use tonic::Code;
+    if let Some(address) = status
+        .metadata()
+        .get(LEADER_KEY)
+        .and_then(|value| value.to_str().ok())
+    {
+        return LeaderElsewhere {
+            address: address.to_string(),
+            message: status.message().to_string(),
+        }
+        .into();
+    }
     match status.code() {
         Code::Unavailable => anyhow!("the coordinator is unavailable: {}", status.message()),
         Code::Unauthenticated => anyhow!("not authenticated: {}", status.message()),
@@ -119,11 +148,24 @@ fn source_chain(error: &dyn std::error::Error) -> String {
     parts.join(": ")
 }
 
-/// A request id for one invocation: retries of the same call reuse it.
+static REQUEST_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static INVOCATION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// A request id for each mutation of this invocation. When a command is re-run against the
+/// leader, [`restart_request_ids`] makes it send the same ids again, so a request the old member
+/// did accept is not applied twice.
 pub fn request_id() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_nanos())
-        .unwrap_or(0);
-    format!("ctl-{}-{nanos}", std::process::id())
+    let invocation = INVOCATION.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|elapsed| elapsed.as_nanos())
+            .unwrap_or(0);
+        format!("ctl-{}-{nanos}", std::process::id())
+    });
+    let sequence = REQUEST_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{invocation}-{sequence}")
+}
+
+pub fn restart_request_ids() {
+    REQUEST_IDS.store(0, std::sync::atomic::Ordering::Relaxed);
 }

@@ -30,7 +30,7 @@ pub struct Cli {
     pub command: Command,
 }
 
-#[derive(Subcommand)]
+#[derive(Clone, Subcommand)]
 pub enum Command {
     /// Hosts and their agents.
     #[command(subcommand)]
@@ -55,13 +55,13 @@ pub enum Command {
     Demo(crate::demo::DemoArgs),
 }
 
-#[derive(Subcommand)]
+#[derive(Clone, Subcommand)]
 pub enum FleetCommand {
     /// Registered hosts, whether connected, and their latest health.
     List,
 }
 
-#[derive(Subcommand)]
+#[derive(Clone, Subcommand)]
 pub enum ServiceCommand {
     /// Create or replace a service.
     Set {
@@ -89,7 +89,7 @@ pub enum ServiceCommand {
     },
 }
 
-#[derive(Subcommand)]
+#[derive(Clone, Subcommand)]
 pub enum ReleaseCommand {
     /// Register a release; give its digest, or a directory to compute it from.
     Register {
@@ -113,7 +113,7 @@ pub enum ReleaseCommand {
     },
 }
 
-#[derive(Subcommand)]
+#[derive(Clone, Subcommand)]
 pub enum ChangeCommand {
     /// Deploy a release: snapshot every host, then switch it to the release.
     Start {
@@ -134,7 +134,7 @@ pub enum ChangeCommand {
     },
 }
 
-#[derive(Subcommand)]
+#[derive(Clone, Subcommand)]
 pub enum RollbackCommand {
     /// Roll a change back to the state captured before it.
     Start {
@@ -173,7 +173,7 @@ pub enum RollbackCommand {
     },
 }
 
-#[derive(Subcommand)]
+#[derive(Clone, Subcommand)]
 pub enum AuditCommand {
     List {
         /// First entry (numbered from 1).
@@ -186,19 +186,48 @@ pub enum AuditCommand {
     Verify,
 }
 
+/// How many times a command follows a redirect to the leader.
+const MAX_REDIRECTS: usize = 3;
+
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Command::Demo(args) = cli.command {
         return crate::demo::run(args).await;
     }
-    let mut client = client::connect(&cli.connect).await?;
-    let format = cli.output;
-    match cli.command {
-        Command::Fleet(FleetCommand::List) => fleet_list(&mut client, format).await,
-        Command::Service(command) => service(&mut client, format, command).await,
-        Command::Release(command) => release(&mut client, format, command).await,
-        Command::Change(command) => change(&mut client, format, command).await,
-        Command::Rollback(command) => rollback(&mut client, format, command).await,
-        Command::Audit(command) => audit(&mut client, format, command).await,
+    let mut options = cli.connect.clone();
+    let mut redirects = 0;
+    loop {
+        let mut client = client::connect(&options).await?;
+        client::restart_request_ids();
+        let outcome = execute(&mut client, cli.output, cli.command.clone()).await;
+        match outcome {
+            Err(error) if redirects < MAX_REDIRECTS => {
+                match error.downcast_ref::<client::LeaderElsewhere>() {
+                    Some(leader) => {
+                        tracing::info!(from = %options.coordinator, to = %leader.address, "Following the leader.");
+                        options.coordinator = leader.address.clone();
+                        redirects += 1;
+                    }
+                    None => return Err(error),
+                }
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn execute(
+    client: &mut client::Client,
+    format: Format,
+    command: Command,
+) -> anyhow::Result<ExitCode> {
+    let client = &mut *client;
+    match command {
+        Command::Fleet(FleetCommand::List) => fleet_list(client, format).await,
+        Command::Service(command) => service(client, format, command).await,
+        Command::Release(command) => release(client, format, command).await,
+        Command::Change(command) => change(client, format, command).await,
+        Command::Rollback(command) => rollback(client, format, command).await,
+        Command::Audit(command) => audit(client, format, command).await,
         Command::Demo(_) => unreachable!("handled above"),
     }
 }

@@ -5,22 +5,28 @@
 mod agent;
 mod control;
 pub mod convert;
+pub mod raft;
 pub mod status;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use rewind_proto::MAX_MESSAGE_BYTES;
 use rewind_proto::v1::agent_service_server::AgentServiceServer;
 use rewind_proto::v1::control_service_server::ControlServiceServer;
+use rewind_proto::v1::raft_service_server::RaftServiceServer;
 use rewind_shared::tls::TlsFiles;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Status};
 use tracing::warn;
 
 use crate::errors::CoordinatorError;
 use crate::health::HealthBook;
 use crate::node::NodeHandle;
+use crate::node::raft::RaftStatus;
 use crate::sessions::Sessions;
 use crate::state_machine::{Command, CommandKind, HealthAggregate, Outcome, RollbackRecord};
 
@@ -28,6 +34,10 @@ use crate::state_machine::{Command, CommandKind, HealthAggregate, Outcome, Rollb
 #[derive(Clone)]
 pub struct Context {
     pub node: NodeHandle,
+    /// This member's Raft status: only the leader serves agents and people.
+    pub status: watch::Receiver<RaftStatus>,
+    /// member id -> address, to point callers at the leader.
+    pub members: Arc<HashMap<u64, String>>,
     pub health: Arc<HealthBook>,
     pub sessions: Arc<Sessions>,
     pub default_max_parallel: u32,
@@ -55,8 +65,14 @@ impl Context {
             kind,
         };
         self.node.propose(command).await.map_err(|error| {
-            if matches!(error, CoordinatorError::Storage(_)) {
-                warn!(%error, action, identity, "Command failed in storage.");
+            match &error {
+                CoordinatorError::Storage(_) => {
+                    warn!(%error, action, identity, "Command failed in storage.")
+                }
+                CoordinatorError::NotLeader { leader_id } => {
+                    return not_leader(*leader_id, &self.members);
+                }
+                _ => {}
             }
             status::to_status(error)
         })
@@ -89,6 +105,47 @@ impl Context {
     }
 }
 
+/// `UNAVAILABLE` naming the leader, with its address in the `rewind-leader` metadata so clients
+/// can follow it.
+fn not_leader(leader_id: u64, members: &HashMap<u64, String>) -> Status {
+    let address = members.get(&leader_id);
+    let message = match address {
+        Some(address) => {
+            format!("this member is not the leader; the leader is member {leader_id} at {address}")
+        }
+        None => {
+            "this member is not the leader and no leader is known yet; retry shortly".to_string()
+        }
+    };
+    let mut status = Status::unavailable(message);
+    if let Some(value) = address.and_then(|address| address.parse().ok()) {
+        status.metadata_mut().insert(LEADER_KEY, value);
+    }
+    status
+}
+
+/// Metadata key carrying the leader's address on `UNAVAILABLE`.
+pub const LEADER_KEY: &str = "rewind-leader";
+
+/// Lets a call through only on the leader: reads must not be served stale by a follower, and
+/// agents must be connected where the engine runs.
+#[derive(Clone)]
+pub struct LeaderOnly {
+    status: watch::Receiver<RaftStatus>,
+    members: Arc<HashMap<u64, String>>,
+}
+
+impl tonic::service::Interceptor for LeaderOnly {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let status = self.status.borrow();
+        if status.is_leader {
+            Ok(request)
+        } else {
+            Err(not_leader(status.leader_id, &self.members))
+        }
+    }
+}
+
 /// The caller's identity: the common name of its client certificate.
 fn caller<T>(request: &Request<T>) -> Result<String, Status> {
     let certificates = request.peer_certs().ok_or_else(|| {
@@ -98,16 +155,21 @@ fn caller<T>(request: &Request<T>) -> Result<String, Status> {
         .map_err(|error| Status::unauthenticated(error.to_string()))
 }
 
-/// Serves both services on `listener` with mutual TLS until `shutdown` resolves.
+/// Serves the agent, control and Raft services on `listener` with mutual TLS until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
     tls: &TlsFiles,
     context: Context,
+    raft_peers: raft::RaftPeers,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), CoordinatorError> {
     let tls_config = tls
         .server_config()
         .map_err(|error| CoordinatorError::Storage(format!("load TLS files: {error}")))?;
+    let leader_only = LeaderOnly {
+        status: context.status.clone(),
+        members: Arc::clone(&context.members),
+    };
     let control = ControlServiceServer::new(control::Control {
         context: context.clone(),
     })
@@ -116,11 +178,13 @@ pub async fn serve(
     let agents = AgentServiceServer::new(agent::Agents { context })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let raft = RaftServiceServer::new(raft_peers).max_decoding_message_size(MAX_MESSAGE_BYTES);
     tonic::transport::Server::builder()
         .tls_config(tls_config)
         .map_err(|error| CoordinatorError::Storage(format!("configure TLS: {error}")))?
-        .add_service(control)
-        .add_service(agents)
+        .add_service(InterceptedService::new(control, leader_only.clone()))
+        .add_service(InterceptedService::new(agents, leader_only))
+        .add_service(raft)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await
         .map_err(|error| CoordinatorError::Storage(format!("serve: {error}")))

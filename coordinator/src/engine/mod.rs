@@ -13,17 +13,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rewind_proto::v1::{self as pb, coordinator_message::Body, step_command};
+use tokio::sync::watch;
 use tracing::{debug, info};
 
 pub use decide::{Action, AgentAction, EngineLimits, EngineMemory, Observations, decide};
 
 use crate::health::HealthBook;
 use crate::node::NodeHandle;
+use crate::node::raft::RaftStatus;
 use crate::sessions::Sessions;
 use crate::state_machine::{COORDINATOR_IDENTITY, Command, CommandKind, HealthAggregate};
 
 pub struct Engine {
     pub node: NodeHandle,
+    /// Only the leader drives; a member that is not the leader waits for leadership.
+    pub status: watch::Receiver<RaftStatus>,
     pub sessions: Arc<Sessions>,
     pub health: Arc<HealthBook>,
     pub limits: EngineLimits,
@@ -52,10 +56,27 @@ impl Observations for Live<'_> {
 impl Engine {
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
         let mut applied = self.node.subscribe();
+        let mut status = self.status.clone();
         let mut memory = EngineMemory::default();
         tokio::pin!(shutdown);
-        info!(generation = self.node.generation(), "Engine started.");
+        info!("Engine started.");
         loop {
+            if !status.borrow_and_update().is_leader {
+                // A new leader starts with empty memory: it resends every running step (agents
+                // answer from their journals) and re-observes health before any trigger fires.
+                memory = EngineMemory::default();
+                tokio::select! {
+                    _ = &mut shutdown => break,
+                    changed = status.changed() => if changed.is_err() { break },
+                }
+                if status.borrow().is_leader {
+                    info!(
+                        term = self.node.generation(),
+                        "Leading: the engine drives rollbacks."
+                    );
+                }
+                continue;
+            }
             let refused = self.tick_once(&mut memory).await;
             if refused {
                 // The same decision would be refused again at once: wait a whole tick rather

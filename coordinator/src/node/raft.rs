@@ -7,10 +7,10 @@
 //! A proposal is answered when its entry is applied on this member, so nothing is acknowledged
 //! before a majority has it on disk.
 //!
-//! Not wired into the binary yet: the gRPC transport, membership commands, ReadIndex reads and
-//! leader forwarding come next (see issue 3). The single-member node in `mod.rs` still serves.
+//! Still to come (issue 3): membership commands, ReadIndex reads on followers, forwarding writes.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -61,6 +61,7 @@ pub struct RaftStatus {
     pub id: u64,
     pub leader_id: u64,
     pub term: u64,
+    /// Leading, with an entry of its own term committed and everything committed applied.
     pub is_leader: bool,
     pub applied_index: u64,
     pub commit_index: u64,
@@ -139,7 +140,12 @@ pub fn start_member(
         &rewind_shared::logging::slog_logger(),
     )
     .map_err(|error| CoordinatorError::Storage(format!("start raft: {error}")))?;
-    let term = raw.raft.term;
+    let mut raw = raw;
+    if raw.raft.prs().conf().voters().ids().iter().eq([settings.id]) {
+        // Alone in the cluster: no one to wait for, lead at once.
+        raw.campaign().map_err(|error| CoordinatorError::Storage(format!("campaign: {error}")))?;
+    }
+    let term = Arc::new(AtomicU64::new(raw.raft.term));
 
     let (proposals, proposal_receiver) = mpsc::channel(PROPOSAL_QUEUE);
     let (peer_messages, message_receiver) = mpsc::channel(PEER_MESSAGE_QUEUE);
@@ -162,6 +168,7 @@ pub fn start_member(
         installed_snapshots: 0,
         applied: applied_sender,
         status: status_sender,
+        term: Arc::clone(&term),
     };
     let thread = std::thread::Builder::new()
         .name(format!("rewind-raft-{}", settings.id))
@@ -171,7 +178,7 @@ pub fn start_member(
         proposals,
         state,
         applied,
-        generation: term,
+        term,
         cluster_id,
     };
     Ok(RaftMember {
@@ -196,6 +203,7 @@ struct Driver<T: Transport> {
     installed_snapshots: u64,
     applied: watch::Sender<u64>,
     status: watch::Sender<RaftStatus>,
+    term: Arc<AtomicU64>,
 }
 
 impl<T: Transport> Driver<T> {
@@ -418,14 +426,20 @@ impl<T: Transport> Driver<T> {
 
     fn publish_status(&mut self) {
         let raft = &self.raw.raft;
-        let is_leader = raft.state == StateRole::Leader;
-        if !is_leader && !self.pending.is_empty() {
+        // A new leader serves nothing until an entry of its own term is committed and everything
+        // committed is applied here: before that its state may miss writes a past leader
+        // acknowledged.
+        let is_leader = raft.state == StateRole::Leader
+            && raft.commit_to_current_term()
+            && raft.raft_log.applied >= raft.raft_log.committed;
+        if raft.state != StateRole::Leader && !self.pending.is_empty() {
             // They may still commit under the new leader; a retry with the same request id is
             // answered from the request log and does not act twice.
             let leader_id = raft.leader_id;
             self.fail_pending(|| CoordinatorError::NotLeader { leader_id });
         }
         let raft = &self.raw.raft;
+        self.term.store(raft.term, Ordering::Release);
         let status = RaftStatus {
             id: self.settings.id,
             leader_id: raft.leader_id,

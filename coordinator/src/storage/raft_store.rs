@@ -16,6 +16,7 @@ use crate::errors::CoordinatorError;
 const HARD_STATE_KEY: &[u8] = b"hard-state";
 const CONF_STATE_KEY: &[u8] = b"conf-state";
 const SNAPSHOT_KEY: &[u8] = b"snapshot";
+const CLUSTER_ID_KEY: &[u8] = b"cluster-id";
 
 #[derive(Clone)]
 pub struct RaftStore {
@@ -54,6 +55,46 @@ impl RaftStore {
         };
         self.set_conf_state(&conf_state)?;
         self.flush()
+    }
+
+    /// The cluster's id: the stored one, which a configured id must match, else the configured
+    /// one, else a new one (dev clusters). Agents journal steps per cluster id.
+    pub fn cluster_id(&self, configured: Option<&str>) -> Result<String, CoordinatorError> {
+        let stored = self
+            .meta
+            .get(CLUSTER_ID_KEY)
+            .map_err(|error| storage_error("read", "cluster id", error))?;
+        if let Some(stored) = stored.map(|bytes| String::from_utf8_lossy(&bytes).into_owned()) {
+            return match configured {
+                Some(configured) if configured != stored => Err(CoordinatorError::invalid(
+                    "cluster.id",
+                    format!(
+                        "{configured:?} does not match {stored:?}, the id this member's data belongs to"
+                    ),
+                )),
+                _ => Ok(stored),
+            };
+        }
+        let id = match configured {
+            Some(configured) => configured.to_string(),
+            None => {
+                // Unique enough without a random source: the moment, the process and the place.
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|elapsed| elapsed.as_nanos())
+                    .unwrap_or(0);
+                let seed = format!("{nanos}/{}/{:?}", std::process::id(), self.db.generate_id());
+                format!(
+                    "rw-{}",
+                    &rewind_shared::digest::sha256_hex(seed.as_bytes())[..16]
+                )
+            }
+        };
+        self.meta
+            .insert(CLUSTER_ID_KEY, id.as_bytes())
+            .map_err(|error| storage_error("write", "cluster id", error))?;
+        self.flush()?;
+        Ok(id)
     }
 
     pub fn flush(&self) -> Result<(), CoordinatorError> {
@@ -351,5 +392,13 @@ mod tests {
             Err(raft::Error::Store(StorageError::Compacted))
         ));
         assert_eq!(store.snapshot(3, 2).unwrap().get_data(), b"state");
+
+        let generated = store.cluster_id(None).unwrap();
+        assert!(generated.starts_with("rw-"));
+        assert_eq!(store.cluster_id(None).unwrap(), generated, "kept");
+        assert!(
+            store.cluster_id(Some("other")).is_err(),
+            "a different configured id is refused"
+        );
     }
 }
