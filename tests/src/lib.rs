@@ -167,6 +167,25 @@ impl TestHost {
     /// file says 500), and writes the agent config. The probe is a real command that reads the
     /// health file of the `current` release.
     pub fn must_prepare(dir: &Path, id: &str, coordinator: &Coordinator) -> Self {
+        let addresses = [coordinator.address.clone()];
+        Self::must_prepare_for(
+            dir,
+            id,
+            &coordinator.ca(),
+            &coordinator.tls_dir(),
+            &addresses,
+        )
+    }
+
+    /// Like [`TestHost::must_prepare`], for an agent that knows several coordinator members.
+    /// Its restart command appends a line to `<root>/restarts`, so tests can count restarts.
+    pub fn must_prepare_for(
+        dir: &Path,
+        id: &str,
+        ca: &DevCa,
+        tls_dir: &Path,
+        coordinators: &[String],
+    ) -> Self {
         let root = dir.join(id).join("srv").join("web");
         for (version, status) in [("v1", "200"), ("v2", "500")] {
             let release = root.join("releases").join(version);
@@ -176,14 +195,11 @@ impl TestHost {
         }
         std::fs::create_dir_all(root.join("config")).unwrap();
         std::fs::write(root.join("config/app.toml"), config_for("v1")).unwrap();
-        coordinator
-            .ca()
-            .write_identity(&coordinator.tls_dir(), id, &[])
-            .unwrap();
-        let tls = coordinator.tls_dir();
+        ca.write_identity(tls_dir, id, &[]).unwrap();
+        let tls = tls_dir;
         let config = format!(
             r#"host-id = "{id}"
-coordinators = ["{address}"]
+coordinators = [{addresses}]
 data-dir = "{data}"
 health-interval-ms = 300
 [tls]
@@ -196,13 +212,17 @@ region = "test-1"
 name = "web"
 root = "{root}"
 config-files = ["config/app.toml"]
-restart-command = ["touch", "{root}/restarted"]
+restart-command = ["sh", "-c", "echo restarted >> {root}/restarts"]
 [[service.probe]]
 name = "health-file"
 command = ["grep", "-q", "200", "{root}/current/health_status"]
 timeout-ms = 2000
 "#,
-            address = coordinator.address,
+            addresses = coordinators
+                .iter()
+                .map(|address| format!("{address:?}"))
+                .collect::<Vec<_>>()
+                .join(", "),
             data = dir.join(id).join("agent").display(),
             tls = tls.display(),
             root = root.display(),
@@ -227,6 +247,13 @@ timeout-ms = 2000
         std::fs::read_link(self.root.join("current"))
             .map(|target| target.display().to_string())
             .unwrap_or_default()
+    }
+
+    /// How many times the service was restarted (activations and rollback restarts).
+    pub fn restarts(&self) -> usize {
+        std::fs::read_to_string(self.root.join("restarts"))
+            .map(|text| text.lines().count())
+            .unwrap_or(0)
     }
 
     pub fn config_bytes(&self) -> Vec<u8> {
@@ -264,5 +291,147 @@ where
             "timed out after {limit:?} waiting for {what}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A multi-member coordinator cluster of real processes on loopback, with its own CA.
+pub struct ClusterHarness {
+    pub dir: PathBuf,
+    pub tls_dir: PathBuf,
+    pub ca: DevCa,
+    pub addresses: Vec<String>,
+    members: Vec<Option<Process>>,
+}
+
+impl ClusterHarness {
+    /// Starts `size` members (ids 1..=size) that bootstrap one cluster.
+    pub fn must_start(dir: &Path, size: u64) -> Self {
+        let tls_dir = dir.join("tls");
+        std::fs::create_dir_all(&tls_dir).unwrap();
+        let ca = DevCa::generate("test cluster CA").unwrap();
+        ca.save(&tls_dir).unwrap();
+        ca.write_identity(&tls_dir, dev_ca::OPERATOR, &[]).unwrap();
+        // Reserve distinct free ports, then release them for the members to bind.
+        let listeners: Vec<std::net::TcpListener> = (0..size)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let addresses: Vec<String> = listeners
+            .iter()
+            .map(|listener| listener.local_addr().unwrap().to_string())
+            .collect();
+        drop(listeners);
+        let mut harness = Self {
+            dir: dir.to_path_buf(),
+            tls_dir,
+            ca,
+            addresses,
+            members: Vec::new(),
+        };
+        for id in 1..=size {
+            harness
+                .ca
+                .write_identity(
+                    &harness.tls_dir,
+                    &format!("coordinator-{id}"),
+                    &["localhost", "127.0.0.1"],
+                )
+                .unwrap();
+            harness.write_config(id);
+            harness.members.push(None);
+            harness.must_start_member(id);
+        }
+        harness
+    }
+
+    fn config_path(&self, id: u64) -> PathBuf {
+        self.dir.join(format!("member-{id}.toml"))
+    }
+
+    fn write_config(&self, id: u64) {
+        let members: String = self
+            .addresses
+            .iter()
+            .enumerate()
+            .map(|(index, address)| format!("[[cluster.member]]\nid = {}\naddress = \"{address}\"\nregion = \"region-{}\"\n", index + 1, index + 1))
+            .collect();
+        let tls = self.tls_dir.display();
+        let config = format!(
+            r#"listen = "{listen}"
+data-dir = "{data}"
+[tls]
+ca = "{tls}/ca.pem"
+cert = "{tls}/coordinator-{id}.pem"
+key = "{tls}/coordinator-{id}.key"
+[engine]
+step-timeout-s = 5
+verify-timeout-s = 20
+tick-ms = 100
+[health]
+report-interval-ms = 300
+window-s = 3
+[cluster]
+id = "test-cluster"
+member-id = {id}
+tick-ms = 50
+{members}"#,
+            listen = self.addresses[id as usize - 1],
+            data = self.dir.join(format!("member-{id}")).display(),
+        );
+        std::fs::write(self.config_path(id), config).unwrap();
+    }
+
+    pub fn must_start_member(&mut self, id: u64) {
+        let config = self.config_path(id);
+        let log = self.dir.join(format!("member-{id}.log"));
+        let process = spawn(
+            &must_binary("rewind-coordinator"),
+            &["--config", config.to_str().unwrap()],
+            &log,
+        );
+        self.members[id as usize - 1] = Some(process);
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill(&mut self, id: u64) {
+        if let Some(mut process) = self.members[id as usize - 1].take() {
+            process.kill();
+        }
+    }
+
+    pub async fn client_for(&self, address: &str) -> Result<ControlServiceClient<Channel>, String> {
+        let files = TlsFiles::in_dir(&self.tls_dir, dev_ca::OPERATOR);
+        let tls = files
+            .client_config("localhost")
+            .map_err(|error| error.to_string())?;
+        let channel = Endpoint::from_shared(format!("https://{address}"))
+            .unwrap()
+            .tls_config(tls)
+            .map_err(|error| error.to_string())?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .map_err(|error| format!("{error:?}"))?;
+        Ok(ControlServiceClient::new(channel))
+    }
+
+    /// The live member that serves (the caught-up leader), and a client to it.
+    pub async fn must_leader(&self) -> (u64, ControlServiceClient<Channel>) {
+        must_wait_async(Duration::from_secs(30), "a leader", || async {
+            for (index, member) in self.members.iter().enumerate() {
+                if member.is_none() {
+                    continue;
+                }
+                let Ok(mut client) = self.client_for(&self.addresses[index]).await else {
+                    continue;
+                };
+                let request = rewind_proto::v1::ListServicesRequest {};
+                if client.list_services(request).await.is_ok() {
+                    return Some((index as u64 + 1, client));
+                }
+            }
+            None
+        })
+        .await
     }
 }

@@ -5,3 +5,4 @@ mod t01_rollback_loop;
 mod t02_bad_input;
 mod t03_mutual_tls;
 mod t04_durability;
+mod t05_cluster;

@@ -204,9 +204,10 @@ async fn bad_health_after_a_change_rolls_every_host_back_to_its_exact_state() {
             "{}",
             host.id
         );
-        assert!(
-            host.root.join("restarted").exists(),
-            "{} was restarted",
+        assert_eq!(
+            host.restarts(),
+            3,
+            "{}: v1 and v2 activations and one rollback restart",
             host.id
         );
     }
@@ -272,7 +273,7 @@ async fn bad_health_after_a_change_rolls_every_host_back_to_its_exact_state() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_operator_rollback_can_be_paused_resumed_and_runs_one_host_at_a_time() {
     let dir = tempfile::tempdir().unwrap();
-    let (_coordinator, hosts, mut client) =
+    let (_coordinator, mut hosts, mut client) =
         must_setup(dir.path(), &["web-1", "web-2"], false).await;
     let first = must_change(&mut client, "v1").await;
     must_change_where(&client, &first, "v1 deployed", |change| {
@@ -285,6 +286,9 @@ async fn an_operator_rollback_can_be_paused_resumed_and_runs_one_host_at_a_time(
     })
     .await;
 
+    // With web-1's agent down the rollback cannot get past web-1's restore, so the pause below
+    // lands while it runs, and web-2 must not begin (max_parallel 1).
+    hosts[0].agent = None;
     let start = pb::StartRollbackRequest {
         request_id: "rb".into(),
         change_id: second.clone(),
@@ -337,10 +341,13 @@ async fn an_operator_rollback_can_be_paused_resumed_and_runs_one_host_at_a_time(
         .filter(|step| step.attempts > 0)
         .map(|step| step.host_id.clone())
         .collect();
-    assert!(
-        running_hosts.len() <= 1,
-        "max_parallel 1 while paused: {still:?}"
+    assert_eq!(
+        running_hosts.into_iter().collect::<Vec<_>>(),
+        vec!["web-1".to_string()],
+        "max_parallel 1: {still:?}"
     );
+    assert_eq!(still.state, pb::RollbackState::Paused as i32);
+    hosts[0].must_start_agent();
     client.resume_rollback(action("resume")).await.unwrap();
 
     let ended = must_rollback_end(&client, &rollback.rollback_id).await;

@@ -141,9 +141,18 @@ pub fn start_member(
     )
     .map_err(|error| CoordinatorError::Storage(format!("start raft: {error}")))?;
     let mut raw = raw;
-    if raw.raft.prs().conf().voters().ids().iter().eq([settings.id]) {
+    if raw
+        .raft
+        .prs()
+        .conf()
+        .voters()
+        .ids()
+        .iter()
+        .eq([settings.id])
+    {
         // Alone in the cluster: no one to wait for, lead at once.
-        raw.campaign().map_err(|error| CoordinatorError::Storage(format!("campaign: {error}")))?;
+        raw.campaign()
+            .map_err(|error| CoordinatorError::Storage(format!("campaign: {error}")))?;
     }
     let term = Arc::new(AtomicU64::new(raw.raft.term));
 

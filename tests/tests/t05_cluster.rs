@@ -1,0 +1,229 @@
+//! A three-member cluster of real processes: a rollback survives kill -9 of the leader, and no
+//! step runs twice on any host.
+
+use std::time::Duration;
+
+use rewind_proto::v1 as pb;
+use rewind_tests::{ClusterHarness, TestHost, config_for, must_wait_async};
+
+const LONG: Duration = Duration::from_secs(90);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rollback_survives_the_leader_being_killed_and_no_step_runs_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = ClusterHarness::must_start(dir.path(), 3);
+    let (_, mut client) = cluster.must_leader().await;
+
+    // A follower refuses to serve and names the leader.
+    let (leader, _) = cluster.must_leader().await;
+    let follower = (1..=3).find(|&id| id != leader).unwrap();
+    let mut follower_client = cluster
+        .client_for(&cluster.addresses[follower as usize - 1])
+        .await
+        .unwrap();
+    let refused = follower_client
+        .list_services(pb::ListServicesRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable);
+    assert_eq!(
+        refused
+            .metadata()
+            .get("rewind-leader")
+            .and_then(|value| value.to_str().ok()),
+        Some(cluster.addresses[leader as usize - 1].as_str())
+    );
+
+    let mut hosts: Vec<TestHost> = ["web-1", "web-2"]
+        .iter()
+        .map(|id| {
+            TestHost::must_prepare_for(
+                dir.path(),
+                id,
+                &cluster.ca,
+                &cluster.tls_dir,
+                &cluster.addresses,
+            )
+        })
+        .collect();
+    for host in &mut hosts {
+        host.must_start_agent();
+    }
+    must_wait_async(LONG, "agents to connect to the leader", || {
+        let mut client = client.clone();
+        async move {
+            let hosts = client
+                .list_hosts(pb::ListHostsRequest {})
+                .await
+                .ok()?
+                .into_inner()
+                .hosts;
+            (hosts.iter().filter(|host| host.connected).count() == 2).then_some(())
+        }
+    })
+    .await;
+    let policy = pb::HealthPolicy {
+        max_probe_failure_ratio: 0.5,
+        for_s: 1,
+        watch_s: 60,
+        auto_rollback: false,
+    };
+    let service = pb::Service {
+        name: "web".into(),
+        depends_on: vec![],
+        policy: Some(policy),
+    };
+    client
+        .put_service(pb::PutServiceRequest {
+            request_id: "svc".into(),
+            service: Some(service),
+        })
+        .await
+        .unwrap();
+    for version in ["v1", "v2"] {
+        let digest =
+            rewind_shared::digest::tree_digest(&hosts[0].root.join("releases").join(version))
+                .unwrap();
+        let release = pb::Release {
+            service: "web".into(),
+            version: version.into(),
+            artifact_digest: digest,
+            commit: String::new(),
+            registered_at_ms: 0,
+        };
+        client
+            .register_release(pb::RegisterReleaseRequest {
+                request_id: format!("rel-{version}"),
+                release: Some(release),
+            })
+            .await
+            .unwrap();
+    }
+    for version in ["v1", "v2"] {
+        let request = pb::StartChangeRequest {
+            request_id: format!("ch-{version}"),
+            service: "web".into(),
+            version: version.into(),
+            host_ids: vec![],
+            reason: String::new(),
+        };
+        let change_id = client
+            .start_change(request)
+            .await
+            .unwrap()
+            .into_inner()
+            .change
+            .unwrap()
+            .change_id;
+        must_wait_async(LONG, "the change to deploy", || {
+            let mut client = client.clone();
+            let change_id = change_id.clone();
+            async move {
+                let change = client
+                    .get_change(pb::GetChangeRequest { change_id })
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .change?;
+                (change.state == pb::ChangeState::Deployed as i32).then_some(())
+            }
+        })
+        .await;
+    }
+    for host in &hosts {
+        std::fs::write(host.root.join("config/app.toml"), config_for("v2")).unwrap();
+    }
+
+    let start = pb::StartRollbackRequest {
+        request_id: "rb".into(),
+        change_id: "ch-2".into(),
+        reason: "bad".into(),
+        max_parallel: 1,
+    };
+    let rollback_id = client
+        .start_rollback(start)
+        .await
+        .unwrap()
+        .into_inner()
+        .rollback
+        .unwrap()
+        .rollback_id;
+    // Kill the leader once the rollback is under way.
+    must_wait_async(LONG, "the rollback to begin", || {
+        let mut client = client.clone();
+        let rollback_id = rollback_id.clone();
+        async move {
+            let rollback = client
+                .get_rollback(pb::GetRollbackRequest { rollback_id })
+                .await
+                .ok()?
+                .into_inner()
+                .rollback?;
+            rollback
+                .steps
+                .iter()
+                .any(|step| step.attempts > 0)
+                .then_some(())
+        }
+    })
+    .await;
+    let (old_leader, _) = cluster.must_leader().await;
+    cluster.kill(old_leader);
+
+    let (new_leader, client) = cluster.must_leader().await;
+    assert_ne!(new_leader, old_leader);
+    let rollback = must_wait_async(LONG, "the rollback to end under the new leader", || {
+        let client = client.clone();
+        let rollback_id = rollback_id.clone();
+        async move {
+            let mut client = client;
+            let rollback = client
+                .get_rollback(pb::GetRollbackRequest { rollback_id })
+                .await
+                .ok()?
+                .into_inner()
+                .rollback?;
+            pb::RollbackState::try_from(rollback.state)
+                .ok()?
+                .is_terminal()
+                .then_some(rollback)
+        }
+    })
+    .await;
+    assert_eq!(
+        rollback.state,
+        pb::RollbackState::Succeeded as i32,
+        "{rollback:?}"
+    );
+    for host in &hosts {
+        assert_eq!(host.current_link(), "releases/v1", "{}", host.id);
+        assert_eq!(
+            host.config_bytes(),
+            config_for("v1").as_bytes(),
+            "{}",
+            host.id
+        );
+        assert_eq!(
+            host.restarts(),
+            3,
+            "{}: two activations and one rollback restart, none twice",
+            host.id
+        );
+    }
+    let mut client = client;
+    let audit = client
+        .verify_audit(pb::VerifyAuditRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(audit.ok, "{audit:?}");
+
+    // The killed member comes back and rejoins without disturbing the leader.
+    cluster.must_start_member(old_leader);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (leader_after, _) = cluster.must_leader().await;
+    assert_eq!(
+        leader_after, new_leader,
+        "pre-vote keeps a rejoining member from deposing the leader"
+    );
+}
