@@ -285,13 +285,8 @@ async fn serve(
     let context = api::Context {
         node: member.node.clone(),
         status: member.status.clone(),
-        members: Arc::new(
-            cluster
-                .members
-                .iter()
-                .map(|member| (member.id, member.address.clone()))
-                .collect(),
-        ),
+        members: Arc::new(cluster.members.clone()),
+        cluster_id: cluster_id.clone(),
         health,
         sessions,
         default_max_parallel: config.limits.default_max_parallel,

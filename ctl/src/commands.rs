@@ -50,9 +50,18 @@ pub enum Command {
     /// The hash-chained audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// The coordinator's members.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Run the whole loop on this machine: a dev coordinator, three agents, a bad release,
     /// an automatic rollback, verified.
     Demo(crate::demo::DemoArgs),
+}
+
+#[derive(Clone, Subcommand)]
+pub enum ClusterCommand {
+    /// Members with their role and replication lag, as the leader sees them.
+    List,
 }
 
 #[derive(Clone, Subcommand)]
@@ -228,8 +237,51 @@ async fn execute(
         Command::Change(command) => change(client, format, command).await,
         Command::Rollback(command) => rollback(client, format, command).await,
         Command::Audit(command) => audit(client, format, command).await,
+        Command::Cluster(ClusterCommand::List) => cluster_list(client, format).await,
         Command::Demo(_) => unreachable!("handled above"),
     }
+}
+
+async fn cluster_list(client: &mut client::Client, format: Format) -> anyhow::Result<ExitCode> {
+    let members = client
+        .list_members(pb::ListMembersRequest {})
+        .await
+        .map_err(explain)?
+        .into_inner();
+    if format == Format::Json {
+        json(&members)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "cluster {}  term {}  commit index {}",
+        members.cluster_id, members.term, members.commit_index
+    );
+    let rows = members
+        .members
+        .iter()
+        .map(|member| {
+            vec![
+                member.id.to_string(),
+                member.address.clone(),
+                member.region.clone(),
+                member.role.clone(),
+                member.matched_index.to_string(),
+                member.lag.to_string(),
+                if member.recently_active {
+                    "yes".into()
+                } else {
+                    "no".into()
+                },
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ID", "ADDRESS", "REGION", "ROLE", "MATCHED", "LAG", "ACTIVE",
+        ],
+        rows,
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn fleet_list(client: &mut client::Client, format: Format) -> anyhow::Result<ExitCode> {

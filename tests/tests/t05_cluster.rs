@@ -218,9 +218,40 @@ async fn a_rollback_survives_the_leader_being_killed_and_no_step_runs_twice() {
         .into_inner();
     assert!(audit.ok, "{audit:?}");
 
-    // The killed member comes back and rejoins without disturbing the leader.
+    let members = client
+        .list_members(pb::ListMembersRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(members.cluster_id, "test-cluster");
+    let roles: Vec<(u64, String)> = members
+        .members
+        .iter()
+        .map(|member| (member.id, member.role.clone()))
+        .collect();
+    assert_eq!(roles.len(), 3);
+    assert!(
+        roles.contains(&(new_leader, "leader".to_string())),
+        "{roles:?}"
+    );
+
+    // The killed member comes back, catches up, and rejoins without disturbing the leader.
     cluster.must_start_member(old_leader);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    must_wait_async(LONG, "the returning member to catch up", || {
+        let mut client = client.clone();
+        async move {
+            let members = client
+                .list_members(pb::ListMembersRequest {})
+                .await
+                .ok()?
+                .into_inner()
+                .members;
+            let returned = members.into_iter().find(|member| member.id == old_leader)?;
+            (returned.role == "follower" && returned.lag == 0 && returned.recently_active)
+                .then_some(())
+        }
+    })
+    .await;
     let (leader_after, _) = cluster.must_leader().await;
     assert_eq!(
         leader_after, new_leader,

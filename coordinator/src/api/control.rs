@@ -364,6 +364,13 @@ impl ControlService for Control {
         self.control(request, RollbackAction::Abort).await
     }
 
+    async fn list_members(
+        &self,
+        _request: Request<pb::ListMembersRequest>,
+    ) -> Result<Response<pb::ListMembersResponse>, Status> {
+        Ok(Response::new(self.members()))
+    }
+
     async fn list_audit(
         &self,
         request: Request<pb::ListAuditRequest>,
@@ -444,6 +451,40 @@ impl ControlService for Control {
 }
 
 impl Control {
+    fn members(&self) -> pb::ListMembersResponse {
+        let status = self.context.status.borrow().clone();
+        let members = self
+            .context
+            .members
+            .iter()
+            .map(|member| {
+                let progress = status.peers.iter().find(|peer| peer.id == member.id);
+                let matched_index = progress.map_or(0, |peer| peer.matched_index);
+                let role = match progress {
+                    _ if member.id == status.id => "leader",
+                    Some(peer) if peer.is_learner => "learner",
+                    Some(_) => "follower",
+                    None => "unknown",
+                };
+                pb::ClusterMember {
+                    id: member.id,
+                    address: member.address.clone(),
+                    region: member.region.clone(),
+                    role: role.into(),
+                    matched_index,
+                    lag: status.last_index.saturating_sub(matched_index),
+                    recently_active: progress.is_some_and(|peer| peer.recently_active),
+                }
+            })
+            .collect();
+        pb::ListMembersResponse {
+            members,
+            term: status.term,
+            commit_index: status.commit_index,
+            cluster_id: self.context.cluster_id.clone(),
+        }
+    }
+
     async fn control(
         &self,
         request: Request<pb::RollbackActionRequest>,

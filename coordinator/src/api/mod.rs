@@ -8,7 +8,6 @@ pub mod convert;
 pub mod raft;
 pub mod status;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use rewind_proto::MAX_MESSAGE_BYTES;
@@ -23,6 +22,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Status};
 use tracing::warn;
 
+use crate::config::Member;
 use crate::errors::CoordinatorError;
 use crate::health::HealthBook;
 use crate::node::NodeHandle;
@@ -36,8 +36,9 @@ pub struct Context {
     pub node: NodeHandle,
     /// This member's Raft status: only the leader serves agents and people.
     pub status: watch::Receiver<RaftStatus>,
-    /// member id -> address, to point callers at the leader.
-    pub members: Arc<HashMap<u64, String>>,
+    /// The cluster's members, to point callers at the leader and list them.
+    pub members: Arc<Vec<Member>>,
+    pub cluster_id: String,
     pub health: Arc<HealthBook>,
     pub sessions: Arc<Sessions>,
     pub default_max_parallel: u32,
@@ -107,8 +108,11 @@ impl Context {
 
 /// `UNAVAILABLE` naming the leader, with its address in the `rewind-leader` metadata so clients
 /// can follow it.
-fn not_leader(leader_id: u64, members: &HashMap<u64, String>) -> Status {
-    let address = members.get(&leader_id);
+fn not_leader(leader_id: u64, members: &[Member]) -> Status {
+    let address = members
+        .iter()
+        .find(|member| member.id == leader_id)
+        .map(|member| &member.address);
     let message = match address {
         Some(address) => {
             format!("this member is not the leader; the leader is member {leader_id} at {address}")
@@ -132,7 +136,7 @@ pub const LEADER_KEY: &str = "rewind-leader";
 #[derive(Clone)]
 pub struct LeaderOnly {
     status: watch::Receiver<RaftStatus>,
-    members: Arc<HashMap<u64, String>>,
+    members: Arc<Vec<Member>>,
 }
 
 impl tonic::service::Interceptor for LeaderOnly {

@@ -67,6 +67,18 @@ pub struct RaftStatus {
     pub commit_index: u64,
     /// Snapshots received from a leader since this member started.
     pub installed_snapshots: u64,
+    /// Last index in this member's log.
+    pub last_index: u64,
+    /// Followers' replication progress, known on the leader only.
+    pub peers: Vec<PeerProgress>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerProgress {
+    pub id: u64,
+    pub matched_index: u64,
+    pub recently_active: bool,
+    pub is_learner: bool,
 }
 
 /// The transport's side of a member: deliver peers' messages, watch the status, stop it.
@@ -457,6 +469,12 @@ impl<T: Transport> Driver<T> {
             applied_index: raft.raft_log.applied,
             commit_index: raft.raft_log.committed,
             installed_snapshots: self.installed_snapshots,
+            last_index: raft.raft_log.last_index(),
+            peers: if raft.state == StateRole::Leader {
+                peer_progress(raft)
+            } else {
+                Vec::new()
+            },
         };
         self.status.send_if_modified(|current| {
             let changed = *current != status;
@@ -470,6 +488,22 @@ impl<T: Transport> Driver<T> {
             let _ = reply.send(Err(error()));
         }
     }
+}
+
+fn peer_progress(raft: &raft::Raft<RaftStore>) -> Vec<PeerProgress> {
+    let learners = raft.prs().conf().learners().clone();
+    let mut peers: Vec<PeerProgress> = raft
+        .prs()
+        .iter()
+        .map(|(&id, progress)| PeerProgress {
+            id,
+            matched_index: progress.matched,
+            recently_active: progress.recent_active || id == raft.id,
+            is_learner: learners.contains(&id),
+        })
+        .collect();
+    peers.sort_by_key(|peer| peer.id);
+    peers
 }
 
 /// Entry context: the proposing member and its proposal number, so only that member answers.
