@@ -62,6 +62,12 @@ pub enum Command {
 pub enum ClusterCommand {
     /// Members with their role and replication lag, as the leader sees them.
     List,
+    /// Hand leadership to another member (before maintenance on the leader's host).
+    TransferLeader {
+        member_id: u64,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
 }
 
 #[derive(Clone, Subcommand)]
@@ -237,17 +243,42 @@ async fn execute(
         Command::Change(command) => change(client, format, command).await,
         Command::Rollback(command) => rollback(client, format, command).await,
         Command::Audit(command) => audit(client, format, command).await,
-        Command::Cluster(ClusterCommand::List) => cluster_list(client, format).await,
+        Command::Cluster(ClusterCommand::List) => cluster_list(client, format, None).await,
+        Command::Cluster(ClusterCommand::TransferLeader { member_id, reason }) => {
+            let request = pb::TransferLeaderRequest {
+                request_id: request_id(),
+                member_id,
+                reason,
+            };
+            let members = client
+                .transfer_leader(request)
+                .await
+                .map_err(explain)?
+                .into_inner();
+            if format == Format::Table {
+                println!(
+                    "asked member {member_id} to take over; it leads within an election timeout"
+                );
+            }
+            cluster_list(client, format, Some(members)).await
+        }
         Command::Demo(_) => unreachable!("handled above"),
     }
 }
 
-async fn cluster_list(client: &mut client::Client, format: Format) -> anyhow::Result<ExitCode> {
-    let members = client
-        .list_members(pb::ListMembersRequest {})
-        .await
-        .map_err(explain)?
-        .into_inner();
+async fn cluster_list(
+    client: &mut client::Client,
+    format: Format,
+    known: Option<pb::ListMembersResponse>,
+) -> anyhow::Result<ExitCode> {
+    let members = match known {
+        Some(members) => members,
+        None => client
+            .list_members(pb::ListMembersRequest {})
+            .await
+            .map_err(explain)?
+            .into_inner(),
+    };
     if format == Format::Json {
         json(&members)?;
         return Ok(ExitCode::SUCCESS);

@@ -252,9 +252,47 @@ async fn a_rollback_survives_the_leader_being_killed_and_no_step_runs_twice() {
         }
     })
     .await;
-    let (leader_after, _) = cluster.must_leader().await;
+    let (leader_after, mut client) = cluster.must_leader().await;
     assert_eq!(
         leader_after, new_leader,
         "pre-vote keeps a rejoining member from deposing the leader"
+    );
+
+    // Leadership can be handed back on purpose, and the hand-over is audited.
+    let transfer = pb::TransferLeaderRequest {
+        request_id: "transfer".into(),
+        member_id: old_leader,
+        reason: "maintenance".into(),
+    };
+    client.transfer_leader(transfer).await.unwrap();
+    let (handed_to, mut client) = must_wait_async(LONG, "the hand-over", || async {
+        let (leader, client) = cluster.must_leader().await;
+        (leader == old_leader).then_some((leader, client))
+    })
+    .await;
+    assert_eq!(handed_to, old_leader);
+    let audit = client
+        .list_audit(pb::ListAuditRequest {
+            from_index: 1,
+            limit: 1000,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert!(
+        audit
+            .iter()
+            .any(|entry| entry.action == "cluster.transfer-leader"
+                && entry.target == format!("member-{old_leader}"))
+    );
+    let bad = pb::TransferLeaderRequest {
+        request_id: String::new(),
+        member_id: 9,
+        reason: String::new(),
+    };
+    assert_eq!(
+        client.transfer_leader(bad).await.unwrap_err().code(),
+        tonic::Code::InvalidArgument
     );
 }

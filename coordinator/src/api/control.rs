@@ -371,6 +371,50 @@ impl ControlService for Control {
         Ok(Response::new(self.members()))
     }
 
+    async fn transfer_leader(
+        &self,
+        request: Request<pb::TransferLeaderRequest>,
+    ) -> Result<Response<pb::ListMembersResponse>, Status> {
+        let identity = caller(&request)?;
+        let request = request.into_inner();
+        validate_reason(&request.reason)?;
+        let to = request.member_id;
+        if !self.context.members.iter().any(|member| member.id == to) {
+            let known: Vec<String> = self
+                .context
+                .members
+                .iter()
+                .map(|member| member.id.to_string())
+                .collect();
+            return Err(invalid(
+                "member_id",
+                format!("{to} is not a member: members are {}", known.join(", ")),
+            ));
+        }
+        if to == self.context.status.borrow().id {
+            return Err(invalid("member_id", format!("member {to} already leads")));
+        }
+        let reason = if request.reason.is_empty() {
+            format!("requested by {identity}")
+        } else {
+            request.reason
+        };
+        self.context
+            .propose(
+                &identity,
+                &request.request_id,
+                CommandKind::TransferLeader { to, reason },
+            )
+            .await?;
+        self.context
+            .node
+            .transfer_leader(to)
+            .await
+            .map_err(to_status)?;
+        info!(identity, to, "Leadership hand-over requested.");
+        Ok(Response::new(self.members()))
+    }
+
     async fn list_audit(
         &self,
         request: Request<pb::ListAuditRequest>,

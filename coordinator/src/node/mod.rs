@@ -20,15 +20,25 @@ use crate::state_machine::{Command, Outcome, State};
 /// Proposals waiting for the node; more are refused as overloaded.
 const PROPOSAL_QUEUE: usize = 1024;
 
+/// A command waiting for its entry to be applied.
 struct Proposal {
     command: Command,
     reply: oneshot::Sender<Result<Outcome, CoordinatorError>>,
 }
 
+/// What the node's thread is asked to do.
+enum Request {
+    Propose(Proposal),
+    TransferLeader {
+        to: u64,
+        reply: oneshot::Sender<Result<(), CoordinatorError>>,
+    },
+}
+
 /// Cheap to clone; every API handler and the engine hold one.
 #[derive(Clone)]
 pub struct NodeHandle {
-    proposals: mpsc::Sender<Proposal>,
+    requests: mpsc::Sender<Request>,
     state: Arc<RwLock<State>>,
     applied: watch::Receiver<u64>,
     term: Arc<AtomicU64>,
@@ -39,19 +49,31 @@ impl NodeHandle {
     /// Proposes a command and waits until it is committed and applied here.
     pub async fn propose(&self, command: Command) -> Result<Outcome, CoordinatorError> {
         let (reply, answer) = oneshot::channel();
-        self.proposals
-            .try_send(Proposal { command, reply })
-            .map_err(|error| match error {
-                mpsc::error::TrySendError::Full(_) => {
-                    CoordinatorError::Overloaded(format!("{PROPOSAL_QUEUE} proposals are queued"))
-                }
-                mpsc::error::TrySendError::Closed(_) => CoordinatorError::ShuttingDown,
-            })?;
+        self.send(Request::Propose(Proposal { command, reply }))?;
         answer.await.map_err(|_| CoordinatorError::ShuttingDown)?
     }
 
+    /// Asks the leader to hand leadership to member `to` (a voter; the hand-over completes
+    /// within an election timeout or is abandoned).
+    pub async fn transfer_leader(&self, to: u64) -> Result<(), CoordinatorError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Request::TransferLeader { to, reply })?;
+        answer.await.map_err(|_| CoordinatorError::ShuttingDown)?
+    }
+
+    fn send(&self, request: Request) -> Result<(), CoordinatorError> {
+        self.requests
+            .try_send(request)
+            .map_err(|error| match error {
+                mpsc::error::TrySendError::Full(_) => {
+                    CoordinatorError::Overloaded(format!("{PROPOSAL_QUEUE} requests are queued"))
+                }
+                mpsc::error::TrySendError::Closed(_) => CoordinatorError::ShuttingDown,
+            })
+    }
+
     /// Reads the state as applied on this member. Callers that need the committed state serve
-    /// reads on the leader only (see `api::Context::require_leader`).
+    /// reads on the leader only (see `api::LeaderOnly`).
     pub fn read<R>(&self, reader: impl FnOnce(&State) -> R) -> R {
         let state = self
             .state

@@ -20,7 +20,7 @@ use raft::{RawNode, StateRole};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, error, info, warn};
 
-use super::{NodeHandle, PROPOSAL_QUEUE, Proposal};
+use super::{NodeHandle, PROPOSAL_QUEUE, Proposal, Request};
 use crate::errors::CoordinatorError;
 use crate::state_machine::{Command, Outcome, State, apply};
 use crate::storage::RaftStore;
@@ -168,7 +168,7 @@ pub fn start_member(
     }
     let term = Arc::new(AtomicU64::new(raw.raft.term));
 
-    let (proposals, proposal_receiver) = mpsc::channel(PROPOSAL_QUEUE);
+    let (requests, request_receiver) = mpsc::channel(PROPOSAL_QUEUE);
     let (peer_messages, message_receiver) = mpsc::channel(PEER_MESSAGE_QUEUE);
     let (applied_sender, applied) = watch::channel(state.applied_index);
     let (status_sender, status) = watch::channel(RaftStatus {
@@ -193,10 +193,10 @@ pub fn start_member(
     };
     let thread = std::thread::Builder::new()
         .name(format!("rewind-raft-{}", settings.id))
-        .spawn(move || driver.run(proposal_receiver, message_receiver, stop_receiver))
+        .spawn(move || driver.run(request_receiver, message_receiver, stop_receiver))
         .map_err(|error| CoordinatorError::Storage(format!("spawn the raft thread: {error}")))?;
     let node = NodeHandle {
-        proposals,
+        requests,
         state,
         applied,
         term,
@@ -230,7 +230,7 @@ struct Driver<T: Transport> {
 impl<T: Transport> Driver<T> {
     fn run(
         mut self,
-        mut proposals: mpsc::Receiver<Proposal>,
+        mut requests: mpsc::Receiver<Request>,
         mut messages: mpsc::Receiver<Message>,
         mut stop: oneshot::Receiver<()>,
     ) {
@@ -251,7 +251,7 @@ impl<T: Transport> Driver<T> {
                 tokio::select! {
                     _ = &mut stop => break,
                     _ = ticker.tick() => { self.raw.tick(); }
-                    Some(proposal) = proposals.recv() => self.propose(proposal),
+                    Some(request) = requests.recv() => self.handle_request(request),
                     Some(message) = messages.recv() => {
                         if let Err(error) = self.raw.step(message) {
                             debug!(%error, "Raft refused a message.");
@@ -269,6 +269,39 @@ impl<T: Transport> Driver<T> {
             self.fail_pending(|| CoordinatorError::ShuttingDown);
             info!(id = self.settings.id, "Raft member stopped.");
         });
+    }
+
+    fn handle_request(&mut self, request: Request) {
+        match request {
+            Request::Propose(proposal) => self.propose(proposal),
+            Request::TransferLeader { to, reply } => {
+                let _ = reply.send(self.transfer_leader(to));
+            }
+        }
+    }
+
+    fn transfer_leader(&mut self, to: u64) -> Result<(), CoordinatorError> {
+        let raft = &self.raw.raft;
+        if raft.state != StateRole::Leader {
+            return Err(CoordinatorError::NotLeader {
+                leader_id: raft.leader_id,
+            });
+        }
+        if !raft.prs().conf().voters().ids().contains(to) {
+            return Err(CoordinatorError::invalid(
+                "member_id",
+                format!("{to} is not a voting member of this cluster"),
+            ));
+        }
+        if to == raft.id {
+            return Err(CoordinatorError::invalid(
+                "member_id",
+                format!("member {to} already leads"),
+            ));
+        }
+        self.raw.transfer_leader(to);
+        info!(to, "Handing leadership over.");
+        Ok(())
     }
 
     fn propose(&mut self, proposal: Proposal) {

@@ -99,6 +99,11 @@ fn apply_kind(state: &mut State, command: &Command) -> Result<(Outcome, String, 
             action,
             reason,
         } => control_rollback(state, *rollback, *action, reason, at_ms),
+        CommandKind::TransferLeader { to, reason } => Ok((
+            Outcome::Done,
+            format!("member-{to}"),
+            format!("ok: {reason}"),
+        )),
     }
 }
 

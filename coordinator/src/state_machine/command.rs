@@ -63,6 +63,12 @@ pub enum CommandKind {
         action: RollbackAction,
         reason: String,
     },
+    /// Records that leadership is being handed to member `to`. Changes nothing but the audit log:
+    /// the hand-over itself is Raft's.
+    TransferLeader {
+        to: u64,
+        reason: String,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -169,6 +175,7 @@ impl CommandKind {
             Self::StepStarted { .. } => "step.start",
             Self::StepFinished { .. } => "step.finish",
             Self::StartRollback { .. } => "rollback.start",
+            Self::TransferLeader { .. } => "cluster.transfer-leader",
             Self::ControlRollback { action, .. } => match action {
                 RollbackAction::Pause => "rollback.pause",
                 RollbackAction::Resume => "rollback.resume",
