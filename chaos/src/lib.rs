@@ -1,1 +1,32 @@
-//! Placeholder: see README.md for what this crate will hold.
+//! Fault-injection runs against real rewind clusters: real coordinator and agent processes on
+//! loopback, faults injected at seeded moments, invariants checked at the end. Every run prints
+//! its seed; the same seed replays the same schedule of faults (the processes' own timing still
+//! varies, which is the point).
+//!
+//! # Layout
+//! - [`leader_kill`]: kill -9 the leader while a rollback runs, over and over.
+//! - [`invariants`]: the checks every scenario ends with.
+
+pub mod invariants;
+pub mod leader_kill;
+
+/// How a fault ended: installed, skipped (the moment had passed), or indeterminate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultOutcome {
+    Installed,
+    Skipped,
+    Indeterminate,
+}
+
+/// A seed from `REWIND_CHAOS_SEED`, or a fresh one from the clock.
+pub fn seed_from_env() -> u64 {
+    std::env::var("REWIND_CHAOS_SEED")
+        .ok()
+        .and_then(|seed| seed.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|elapsed| elapsed.as_nanos() as u64)
+                .unwrap_or(1)
+        })
+}

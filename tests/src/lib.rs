@@ -399,11 +399,16 @@ tick-ms = 50
     }
 
     pub async fn client_for(&self, address: &str) -> Result<ControlServiceClient<Channel>, String> {
+        Ok(ControlServiceClient::new(self.channel_for(address).await?))
+    }
+
+    /// A channel to one member, authenticated as the operator.
+    pub async fn channel_for(&self, address: &str) -> Result<Channel, String> {
         let files = TlsFiles::in_dir(&self.tls_dir, dev_ca::OPERATOR);
         let tls = files
             .client_config("localhost")
             .map_err(|error| error.to_string())?;
-        let channel = Endpoint::from_shared(format!("https://{address}"))
+        Endpoint::from_shared(format!("https://{address}"))
             .unwrap()
             .tls_config(tls)
             .map_err(|error| error.to_string())?
@@ -411,8 +416,14 @@ tick-ms = 50
             .timeout(Duration::from_secs(5))
             .connect()
             .await
-            .map_err(|error| format!("{error:?}"))?;
-        Ok(ControlServiceClient::new(channel))
+            .map_err(|error| format!("{error:?}"))
+    }
+
+    /// Ids of the members currently running.
+    pub fn live_members(&self) -> Vec<u64> {
+        (1..=self.members.len() as u64)
+            .filter(|&id| self.members[id as usize - 1].is_some())
+            .collect()
     }
 
     /// The live member that serves (the caught-up leader), and a client to it.

@@ -5,6 +5,7 @@
 mod agent;
 mod control;
 pub mod convert;
+mod member;
 pub mod raft;
 pub mod status;
 
@@ -13,6 +14,7 @@ use std::sync::Arc;
 use rewind_proto::MAX_MESSAGE_BYTES;
 use rewind_proto::v1::agent_service_server::AgentServiceServer;
 use rewind_proto::v1::control_service_server::ControlServiceServer;
+use rewind_proto::v1::member_service_server::MemberServiceServer;
 use rewind_proto::v1::raft_service_server::RaftServiceServer;
 use rewind_shared::tls::TlsFiles;
 use tokio::net::TcpListener;
@@ -179,6 +181,9 @@ pub async fn serve(
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let member = MemberServiceServer::new(member::Member {
+        context: context.clone(),
+    });
     let agents = AgentServiceServer::new(agent::Agents { context })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -189,6 +194,7 @@ pub async fn serve(
         .add_service(InterceptedService::new(control, leader_only.clone()))
         .add_service(InterceptedService::new(agents, leader_only))
         .add_service(raft)
+        .add_service(member)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await
         .map_err(|error| CoordinatorError::Storage(format!("serve: {error}")))

@@ -1,0 +1,89 @@
+//! Invariants every scenario ends with, checked against every live member and host.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure};
+use rewind_proto::v1::{self as pb, member_service_client::MemberServiceClient};
+use rewind_tests::{ClusterHarness, TestHost};
+
+/// Waits until every live member has applied the same index, then requires the same state
+/// digest and an intact audit chain on each.
+pub async fn members_agree(
+    cluster: &ClusterHarness,
+    live: &[u64],
+) -> anyhow::Result<pb::MemberStatus> {
+    let started = Instant::now();
+    loop {
+        let mut statuses = Vec::new();
+        for &id in live {
+            match member_status(cluster, id).await {
+                Ok(status) => statuses.push(status),
+                // A member just restarted may not listen yet.
+                Err(error) if started.elapsed() < Duration::from_secs(60) => {
+                    tracing::debug!(
+                        id,
+                        error = format!("{error:#}"),
+                        "Member not answering yet."
+                    );
+                }
+                Err(error) => return Err(error.context(format!("ask member {id}"))),
+            }
+        }
+        if statuses.len() < live.len() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
+        let first = statuses[0].clone();
+        let settled = statuses
+            .iter()
+            .all(|status| status.applied_index == first.applied_index);
+        if settled {
+            for status in &statuses {
+                ensure!(
+                    status.audit_ok,
+                    "member {}: the audit chain does not verify",
+                    status.member_id
+                );
+                ensure!(
+                    status.state_digest == first.state_digest,
+                    "members {} and {} applied index {} but hold different states ({} vs {})",
+                    first.member_id,
+                    status.member_id,
+                    first.applied_index,
+                    first.state_digest,
+                    status.state_digest
+                );
+            }
+            return Ok(first);
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!("members did not settle on one applied index: {statuses:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn member_status(cluster: &ClusterHarness, id: u64) -> anyhow::Result<pb::MemberStatus> {
+    let channel = cluster
+        .channel_for(&cluster.addresses[id as usize - 1])
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let status = MemberServiceClient::new(channel)
+        .get_member_status(pb::GetMemberStatusRequest {})
+        .await?;
+    Ok(status.into_inner())
+}
+
+/// No step ran twice on any host: each host restarted exactly as often as changes and
+/// rollbacks asked it to (the restart command appends a line per run).
+pub fn restarts_exact(hosts: &[TestHost], expected: usize) -> anyhow::Result<()> {
+    for host in hosts {
+        ensure!(
+            host.restarts() == expected,
+            "{} restarted {} times, expected exactly {expected}",
+            host.id,
+            host.restarts()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,251 @@
+//! Invariant: a rollback survives kill -9 of the leader at any moment.
+//!
+//! One three-member cluster and two agents. Each round deploys a bad release, starts its
+//! rollback, kills the leader after a seeded delay, waits for the rollback to end under the new
+//! leader and brings the killed member back. The run ends by checking that every rollback
+//! succeeded and every host is exactly restored, that no step ran twice (restart counts), and
+//! that all members hold the same state with an intact audit chain.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail, ensure};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use rewind_proto::v1 as pb;
+use rewind_tests::{ClusterHarness, TestHost, config_for, must_wait_async};
+use tonic::transport::Channel;
+use tracing::info;
+
+use crate::{FaultOutcome, invariants};
+
+type Client = pb::control_service_client::ControlServiceClient<Channel>;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+#[derive(Debug)]
+pub struct Report {
+    pub seed: u64,
+    pub rounds: usize,
+    pub faults: Vec<FaultOutcome>,
+}
+
+pub async fn run(seed: u64, rounds: usize, dir: &Path) -> anyhow::Result<Report> {
+    let mut random = StdRng::seed_from_u64(seed);
+    let mut cluster = ClusterHarness::must_start(dir, 3);
+    let mut hosts: Vec<TestHost> = ["web-1", "web-2"]
+        .iter()
+        .map(|id| {
+            TestHost::must_prepare_for(dir, id, &cluster.ca, &cluster.tls_dir, &cluster.addresses)
+        })
+        .collect();
+    for host in &mut hosts {
+        host.must_start_agent();
+    }
+    let (_, mut client) = cluster.must_leader().await;
+    setup(&mut client, &hosts).await?;
+    deploy(&cluster, "v1", "first").await?;
+
+    let mut faults = Vec::with_capacity(rounds);
+    for round in 0..rounds {
+        let delay = Duration::from_millis(random.random_range(0..300));
+        let change_id = deploy(&cluster, "v2", &format!("round-{round}")).await?;
+        for host in &hosts {
+            std::fs::write(host.root.join("config/app.toml"), config_for("v2"))
+                .context("rewrite config")?;
+        }
+        let (_, mut client) = cluster.must_leader().await;
+        let start = pb::StartRollbackRequest {
+            request_id: format!("rollback-{round}"),
+            change_id,
+            reason: "chaos".into(),
+            max_parallel: 2,
+        };
+        let rollback_id = client
+            .start_rollback(start)
+            .await?
+            .into_inner()
+            .rollback
+            .context("no rollback")?
+            .rollback_id;
+        tokio::time::sleep(delay).await;
+        let (leader, mut client) = cluster.must_leader().await;
+        let rollback = client
+            .get_rollback(pb::GetRollbackRequest {
+                rollback_id: rollback_id.clone(),
+            })
+            .await?
+            .into_inner()
+            .rollback
+            .unwrap_or_default();
+        let ended_already =
+            pb::RollbackState::try_from(rollback.state).is_ok_and(|state| state.is_terminal());
+        cluster.kill(leader);
+        faults.push(if ended_already {
+            FaultOutcome::Skipped
+        } else {
+            FaultOutcome::Installed
+        });
+        info!(
+            seed,
+            round,
+            leader,
+            delay_ms = delay.as_millis() as u64,
+            ended_already,
+            "Killed the leader."
+        );
+
+        let ended = wait_rollback(&cluster, &rollback_id).await?;
+        ensure!(
+            ended.state == pb::RollbackState::Succeeded as i32,
+            "round {round}: {rollback_id} ended {:?}: {}",
+            ended.state,
+            ended.outcome_detail
+        );
+        for host in &hosts {
+            ensure!(
+                host.current_link() == "releases/v1",
+                "round {round}: {} points at {}",
+                host.id,
+                host.current_link()
+            );
+            ensure!(
+                host.config_bytes() == config_for("v1").as_bytes(),
+                "round {round}: {} config not restored",
+                host.id
+            );
+        }
+        cluster.must_start_member(leader);
+    }
+
+    // v1, then per round one activation and one rollback restart: anything more ran twice.
+    invariants::restarts_exact(&hosts, 1 + 2 * rounds)?;
+    let live = cluster.live_members();
+    let settled = invariants::members_agree(&cluster, &live).await?;
+    info!(
+        seed,
+        rounds,
+        applied_index = settled.applied_index,
+        "All members agree."
+    );
+    Ok(Report {
+        seed,
+        rounds,
+        faults,
+    })
+}
+
+async fn setup(client: &mut Client, hosts: &[TestHost]) -> anyhow::Result<()> {
+    must_wait_async(WAIT, "agents to connect", || {
+        let mut client = client.clone();
+        async move {
+            let hosts = client
+                .list_hosts(pb::ListHostsRequest {})
+                .await
+                .ok()?
+                .into_inner()
+                .hosts;
+            (hosts.iter().filter(|host| host.connected).count() == 2).then_some(())
+        }
+    })
+    .await;
+    let policy = pb::HealthPolicy {
+        max_probe_failure_ratio: 0.5,
+        for_s: 1,
+        watch_s: 60,
+        auto_rollback: false,
+    };
+    let service = pb::Service {
+        name: "web".into(),
+        depends_on: vec![],
+        policy: Some(policy),
+    };
+    client
+        .put_service(pb::PutServiceRequest {
+            request_id: "svc".into(),
+            service: Some(service),
+        })
+        .await?;
+    for version in ["v1", "v2"] {
+        let artifact_digest =
+            rewind_shared::digest::tree_digest(&hosts[0].root.join("releases").join(version))?;
+        let release = pb::Release {
+            service: "web".into(),
+            version: version.into(),
+            artifact_digest,
+            commit: String::new(),
+            registered_at_ms: 0,
+        };
+        client
+            .register_release(pb::RegisterReleaseRequest {
+                request_id: format!("release-{version}"),
+                release: Some(release),
+            })
+            .await?;
+    }
+    Ok(())
+}
+
+/// Starts a change on the current leader and waits until it is deployed.
+async fn deploy(cluster: &ClusterHarness, version: &str, tag: &str) -> anyhow::Result<String> {
+    let (_, mut client) = cluster.must_leader().await;
+    let request = pb::StartChangeRequest {
+        request_id: format!("change-{tag}"),
+        service: "web".into(),
+        version: version.into(),
+        host_ids: vec![],
+        reason: tag.into(),
+    };
+    let change_id = client
+        .start_change(request)
+        .await?
+        .into_inner()
+        .change
+        .context("no change")?
+        .change_id;
+    let change = must_wait_async(WAIT, "the change to deploy", || {
+        let change_id = change_id.clone();
+        async move {
+            let (_, mut client) = cluster.must_leader().await;
+            let change = client
+                .get_change(pb::GetChangeRequest { change_id })
+                .await
+                .ok()?
+                .into_inner()
+                .change?;
+            (change.state != pb::ChangeState::Capturing as i32
+                && change.state != pb::ChangeState::Deploying as i32)
+                .then_some(change)
+        }
+    })
+    .await;
+    if change.state != pb::ChangeState::Deployed as i32 {
+        bail!(
+            "change {change_id} ended {:?}: {}",
+            change.state,
+            change.reason
+        );
+    }
+    Ok(change_id)
+}
+
+async fn wait_rollback(
+    cluster: &ClusterHarness,
+    rollback_id: &str,
+) -> anyhow::Result<pb::Rollback> {
+    Ok(must_wait_async(WAIT, "the rollback to end", || async {
+        let (_, mut client) = cluster.must_leader().await;
+        let rollback = client
+            .get_rollback(pb::GetRollbackRequest {
+                rollback_id: rollback_id.to_string(),
+            })
+            .await
+            .ok()?
+            .into_inner()
+            .rollback?;
+        pb::RollbackState::try_from(rollback.state)
+            .ok()?
+            .is_terminal()
+            .then_some(rollback)
+    })
+    .await)
+}

@@ -1,0 +1,57 @@
+//! `rewind-chaos`: runs a fault-injection scenario against real processes.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "rewind-chaos",
+    about = "Fault injection against real rewind clusters"
+)]
+struct Cli {
+    /// Replays a run (default: from REWIND_CHAOS_SEED, else the clock).
+    #[arg(long)]
+    seed: Option<u64>,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// kill -9 the leader during rollbacks.
+    LeaderKill {
+        #[arg(long, default_value_t = 30)]
+        rounds: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    rewind_shared::logging::init("info,raft=warn");
+    rewind_shared::tls::install_crypto_provider();
+    let cli = Cli::parse();
+    let seed = cli.seed.unwrap_or_else(rewind_chaos::seed_from_env);
+    println!("seed {seed} (replay with --seed {seed})");
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let Scenario::LeaderKill { rounds } = cli.scenario;
+    let result = runtime.block_on(async {
+        let dir = tempfile::tempdir()?;
+        rewind_chaos::leader_kill::run(seed, rounds, dir.path()).await
+    });
+    match result {
+        Ok(report) => {
+            println!("ok: {report:?}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("FAILED with seed {seed}: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,40 @@
+//! `MemberService`: what this member holds, served by every member (no leader check), so
+//! operators and fault-injection runs can compare members. Read-only.
+
+use rewind_proto::v1::{self as pb, member_service_server::MemberService};
+use tonic::{Request, Response, Status};
+
+use super::Context;
+
+pub struct Member {
+    pub context: Context,
+}
+
+#[tonic::async_trait]
+impl MemberService for Member {
+    async fn get_member_status(
+        &self,
+        _request: Request<pb::GetMemberStatusRequest>,
+    ) -> Result<Response<pb::MemberStatus>, Status> {
+        let status = self.context.status.borrow().clone();
+        let (applied_index, state_digest, audit) = self.context.node.read(|state| {
+            let bytes = serde_json::to_vec(state).unwrap_or_default();
+            (
+                state.applied_index,
+                rewind_shared::digest::sha256_digest(&bytes),
+                state.audit.verify(),
+            )
+        });
+        Ok(Response::new(pb::MemberStatus {
+            member_id: status.id,
+            is_leader: status.is_leader,
+            term: status.term,
+            applied_index,
+            commit_index: status.commit_index,
+            state_digest,
+            audit_ok: audit.first_broken.is_none(),
+            audit_entries: audit.entries,
+            cluster_id: self.context.cluster_id.clone(),
+        }))
+    }
+}
