@@ -4,11 +4,11 @@
 //! varies, which is the point).
 //!
 //! # Layout
-//! - [`leader_kill`]: kill -9 the leader while a rollback runs, over and over.
+//! - [`member_crash`]: kill -9 the leader, a follower or every member while a rollback runs.
 //! - [`invariants`]: the checks every scenario ends with.
 
 pub mod invariants;
-pub mod leader_kill;
+pub mod member_crash;
 
 /// How a fault ended: installed, skipped (the moment had passed), or indeterminate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -19,8 +19,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Scenario {
-    /// kill -9 the leader during rollbacks.
-    LeaderKill {
+    /// kill -9 the leader, a follower or every member during rollbacks.
+    MemberCrash {
         #[arg(long, default_value_t = 30)]
         rounds: usize,
     },
@@ -39,10 +39,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let Scenario::LeaderKill { rounds } = cli.scenario;
+    let Scenario::MemberCrash { rounds } = cli.scenario;
     let result = runtime.block_on(async {
         let dir = tempfile::tempdir()?;
-        rewind_chaos::leader_kill::run(seed, rounds, dir.path()).await
+        rewind_chaos::member_crash::run(seed, rounds, dir.path()).await
     });
     match result {
         Ok(report) => {

@@ -34,6 +34,7 @@ impl ControlService for Control {
         &self,
         _request: Request<pb::ListHostsRequest>,
     ) -> Result<Response<pb::ListHostsResponse>, Status> {
+        self.context.current().await?;
         let context = &self.context;
         let latest = context.health.latest_all();
         let hosts = context.node.read(|state| {
@@ -78,6 +79,7 @@ impl ControlService for Control {
         &self,
         _request: Request<pb::ListServicesRequest>,
     ) -> Result<Response<pb::ListServicesResponse>, Status> {
+        self.context.current().await?;
         let services = self
             .context
             .node
@@ -134,6 +136,7 @@ impl ControlService for Control {
         &self,
         request: Request<pb::ListReleasesRequest>,
     ) -> Result<Response<pb::ListReleasesResponse>, Status> {
+        self.context.current().await?;
         let service = request.into_inner().service;
         if !service.is_empty() {
             names::validate_name("service", &service).map_err(field_error)?;
@@ -197,6 +200,7 @@ impl ControlService for Control {
         &self,
         request: Request<pb::GetChangeRequest>,
     ) -> Result<Response<pb::GetChangeResponse>, Status> {
+        self.context.current().await?;
         let number = parse_id("change_id", "ch", &request.into_inner().change_id)?;
         let change = self.context.node.read(|state| {
             state
@@ -214,6 +218,7 @@ impl ControlService for Control {
         &self,
         request: Request<pb::ListChangesRequest>,
     ) -> Result<Response<pb::ListChangesResponse>, Status> {
+        self.context.current().await?;
         let service = request.into_inner().service;
         let changes = self.context.node.read(|state| {
             state
@@ -279,6 +284,7 @@ impl ControlService for Control {
         &self,
         request: Request<pb::GetRollbackRequest>,
     ) -> Result<Response<pb::GetRollbackResponse>, Status> {
+        self.context.current().await?;
         let number = parse_id("rollback_id", "rb", &request.into_inner().rollback_id)?;
         Ok(Response::new(pb::GetRollbackResponse {
             rollback: Some(self.context.rollback(number)?),
@@ -289,6 +295,7 @@ impl ControlService for Control {
         &self,
         _request: Request<pb::ListRollbacksRequest>,
     ) -> Result<Response<pb::ListRollbacksResponse>, Status> {
+        self.context.current().await?;
         let rollbacks = self
             .context
             .node
@@ -302,6 +309,7 @@ impl ControlService for Control {
         &self,
         request: Request<pb::GetRollbackRequest>,
     ) -> Result<Response<WatchStream>, Status> {
+        self.context.current().await?;
         let number = parse_id("rollback_id", "rb", &request.into_inner().rollback_id)?;
         let first = self.context.rollback(number)?;
         let context = self.context.clone();
@@ -419,6 +427,7 @@ impl ControlService for Control {
         &self,
         request: Request<pb::ListAuditRequest>,
     ) -> Result<Response<pb::ListAuditResponse>, Status> {
+        self.context.current().await?;
         let request = request.into_inner();
         let limit = match request.limit {
             0 => 100,
@@ -448,6 +457,7 @@ impl ControlService for Control {
         &self,
         _request: Request<pb::VerifyAuditRequest>,
     ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
+        self.context.current().await?;
         let verification = self.context.node.read(|state| state.audit.verify());
         Ok(Response::new(pb::VerifyAuditResponse {
             ok: verification.first_broken.is_none(),
@@ -462,6 +472,7 @@ impl ControlService for Control {
         &self,
         request: Request<pb::GetServiceHealthRequest>,
     ) -> Result<Response<pb::GetServiceHealthResponse>, Status> {
+        self.context.current().await?;
         let service = request.into_inner().service;
         names::validate_name("service", &service).map_err(field_error)?;
         let known = self

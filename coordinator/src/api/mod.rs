@@ -81,6 +81,19 @@ impl Context {
         })
     }
 
+    /// A read barrier: after it, this member's state holds every write committed before the
+    /// call (ReadIndex), or the call is refused because another member leads.
+    async fn current(&self) -> Result<(), Status> {
+        self.node
+            .read_barrier()
+            .await
+            .map(|_| ())
+            .map_err(|error| match error {
+                CoordinatorError::NotLeader { leader_id } => not_leader(leader_id, &self.members),
+                other => status::to_status(other),
+            })
+    }
+
     fn rollback(&self, number: u64) -> Result<rewind_proto::v1::Rollback, Status> {
         self.node.read(|state| {
             state

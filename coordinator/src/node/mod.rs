@@ -33,6 +33,10 @@ enum Request {
         to: u64,
         reply: oneshot::Sender<Result<(), CoordinatorError>>,
     },
+    /// Answered with a read index once this member has applied it (Raft's ReadIndex).
+    ReadIndex {
+        reply: oneshot::Sender<Result<u64, CoordinatorError>>,
+    },
 }
 
 /// Cheap to clone; every API handler and the engine hold one.
@@ -58,6 +62,15 @@ impl NodeHandle {
     pub async fn transfer_leader(&self, to: u64) -> Result<(), CoordinatorError> {
         let (reply, answer) = oneshot::channel();
         self.send(Request::TransferLeader { to, reply })?;
+        answer.await.map_err(|_| CoordinatorError::ShuttingDown)?
+    }
+
+    /// Waits until this member's state holds every write committed before the call (Raft's
+    /// ReadIndex: the leader confirms with a quorum that it still leads, then waits until it has
+    /// applied its commit index). A deposed leader cannot pass it.
+    pub async fn read_barrier(&self) -> Result<u64, CoordinatorError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Request::ReadIndex { reply })?;
         answer.await.map_err(|_| CoordinatorError::ShuttingDown)?
     }
 

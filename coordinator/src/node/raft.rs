@@ -185,6 +185,9 @@ pub fn start_member(
         transport,
         pending: HashMap::new(),
         next_proposal: 0,
+        pending_reads: HashMap::new(),
+        confirmed_reads: Vec::new(),
+        next_read: 0,
         last_snapshot: snapshot.get_metadata().index,
         installed_snapshots: 0,
         applied: applied_sender,
@@ -220,6 +223,11 @@ struct Driver<T: Transport> {
     /// Proposals of this member waiting for their entry to be applied, by proposal number.
     pending: HashMap<u64, oneshot::Sender<Result<Outcome, CoordinatorError>>>,
     next_proposal: u64,
+    /// ReadIndex requests waiting for the quorum's confirmation, by request number.
+    pending_reads: HashMap<u64, oneshot::Sender<Result<u64, CoordinatorError>>>,
+    /// Confirmed reads waiting for this member to apply their index.
+    confirmed_reads: Vec<(u64, oneshot::Sender<Result<u64, CoordinatorError>>)>,
+    next_read: u64,
     last_snapshot: u64,
     installed_snapshots: u64,
     applied: watch::Sender<u64>,
@@ -277,6 +285,45 @@ impl<T: Transport> Driver<T> {
             Request::TransferLeader { to, reply } => {
                 let _ = reply.send(self.transfer_leader(to));
             }
+            Request::ReadIndex { reply } => self.read_index(reply),
+        }
+    }
+
+    fn read_index(&mut self, reply: oneshot::Sender<Result<u64, CoordinatorError>>) {
+        if self.raw.raft.state != StateRole::Leader {
+            let _ = reply.send(Err(CoordinatorError::NotLeader {
+                leader_id: self.raw.raft.leader_id,
+            }));
+            return;
+        }
+        if self.pending_reads.len() >= PROPOSAL_QUEUE {
+            let _ = reply.send(Err(CoordinatorError::Overloaded(format!(
+                "{PROPOSAL_QUEUE} reads are waiting"
+            ))));
+            return;
+        }
+        self.next_read += 1;
+        self.raw.read_index(self.next_read.to_be_bytes().to_vec());
+        self.pending_reads.insert(self.next_read, reply);
+    }
+
+    /// Moves confirmed reads to wait for their index, and answers those already applied.
+    fn settle_reads(&mut self, read_states: &[raft::ReadState]) {
+        for read_state in read_states {
+            let Ok(bytes) = <[u8; 8]>::try_from(read_state.request_ctx.as_slice()) else {
+                continue;
+            };
+            if let Some(reply) = self.pending_reads.remove(&u64::from_be_bytes(bytes)) {
+                self.confirmed_reads.push((read_state.index, reply));
+            }
+        }
+        let applied = self.raw.raft.raft_log.applied;
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.confirmed_reads)
+            .into_iter()
+            .partition(|(index, _)| *index <= applied);
+        self.confirmed_reads = waiting;
+        for (index, reply) in ready {
+            let _ = reply.send(Ok(index));
         }
     }
 
@@ -349,6 +396,7 @@ impl<T: Transport> Driver<T> {
             self.install_snapshot(ready.snapshot().clone())?;
         }
         self.apply_committed(ready.take_committed_entries())?;
+        let read_states = ready.take_read_states();
         if !ready.entries().is_empty() {
             self.store.append(ready.entries())?;
         }
@@ -369,6 +417,7 @@ impl<T: Transport> Driver<T> {
         self.transport.send(light.take_messages());
         self.apply_committed(light.take_committed_entries())?;
         self.raw.advance_apply();
+        self.settle_reads(&read_states);
         self.maybe_snapshot()
     }
 
@@ -486,7 +535,9 @@ impl<T: Transport> Driver<T> {
         let is_leader = raft.state == StateRole::Leader
             && raft.commit_to_current_term()
             && raft.raft_log.applied >= raft.raft_log.committed;
-        if raft.state != StateRole::Leader && !self.pending.is_empty() {
+        if raft.state != StateRole::Leader
+            && !(self.pending.is_empty() && self.pending_reads.is_empty())
+        {
             // They may still commit under the new leader; a retry with the same request id is
             // answered from the request log and does not act twice.
             let leader_id = raft.leader_id;
@@ -516,8 +567,12 @@ impl<T: Transport> Driver<T> {
         });
     }
 
+    /// Fails proposals and unconfirmed reads waiting on this member.
     fn fail_pending(&mut self, error: impl Fn() -> CoordinatorError) {
         for (_, reply) in self.pending.drain() {
+            let _ = reply.send(Err(error()));
+        }
+        for (_, reply) in self.pending_reads.drain() {
             let _ = reply.send(Err(error()));
         }
     }

@@ -149,6 +149,20 @@ async fn a_three_member_cluster_replicates_fails_over_and_catches_up_by_snapshot
     let refused = cluster.propose(follower, "host-x").await.unwrap_err();
     assert_eq!(refused, CoordinatorError::NotLeader { leader_id: leader });
 
+    // A read barrier passes on the leader at or after the write, and not on a follower.
+    let leader_node = &cluster.members[&leader].node;
+    let read_index = leader_node.read_barrier().await.unwrap();
+    assert!(
+        read_index >= state.applied_index
+            && leader_node.read(|state| state.applied_index) >= read_index
+    );
+    let refused = cluster.members[&follower]
+        .node
+        .read_barrier()
+        .await
+        .unwrap_err();
+    assert_eq!(refused, CoordinatorError::NotLeader { leader_id: leader });
+
     // Lose the leader: the other two elect a new one and keep serving writes; enough of them to
     // compact the log past everything the old leader has.
     cluster.stop_member(leader);

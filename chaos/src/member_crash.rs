@@ -1,8 +1,9 @@
-//! Invariant: a rollback survives kill -9 of the leader at any moment.
+//! Invariant: a rollback survives members crashing at any moment.
 //!
 //! One three-member cluster and two agents. Each round deploys a bad release, starts its
-//! rollback, kills the leader after a seeded delay, waits for the rollback to end under the new
-//! leader and brings the killed member back. The run ends by checking that every rollback
+//! rollback and, after a seeded delay, injects a seeded fault: kill -9 the leader, kill -9 a
+//! follower, or kill -9 every member at once. It waits for the rollback to end (under a new
+//! leader where there is one) and brings the killed members back. The run ends by checking that every rollback
 //! succeeded and every host is exactly restored, that no step ran twice (restart counts), and
 //! that all members hold the same state with an intact audit chain.
 
@@ -22,11 +23,19 @@ type Client = pb::control_service_client::ControlServiceClient<Channel>;
 
 const WAIT: Duration = Duration::from_secs(60);
 
+/// What a round does to the cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    KillLeader,
+    KillFollower,
+    KillAll,
+}
+
 #[derive(Debug)]
 pub struct Report {
     pub seed: u64,
     pub rounds: usize,
-    pub faults: Vec<FaultOutcome>,
+    pub faults: Vec<(Fault, FaultOutcome)>,
 }
 
 pub async fn run(seed: u64, rounds: usize, dir: &Path) -> anyhow::Result<Report> {
@@ -48,51 +57,68 @@ pub async fn run(seed: u64, rounds: usize, dir: &Path) -> anyhow::Result<Report>
     let mut faults = Vec::with_capacity(rounds);
     for round in 0..rounds {
         let delay = Duration::from_millis(random.random_range(0..300));
+        let fault =
+            [Fault::KillLeader, Fault::KillFollower, Fault::KillAll][random.random_range(0..3)];
         let change_id = deploy(&cluster, "v2", &format!("round-{round}")).await?;
         for host in &hosts {
             std::fs::write(host.root.join("config/app.toml"), config_for("v2"))
                 .context("rewrite config")?;
         }
-        let (_, mut client) = cluster.must_leader().await;
         let start = pb::StartRollbackRequest {
             request_id: format!("rollback-{round}"),
             change_id,
             reason: "chaos".into(),
             max_parallel: 2,
         };
-        let rollback_id = client
-            .start_rollback(start)
-            .await?
-            .into_inner()
-            .rollback
-            .context("no rollback")?
-            .rollback_id;
+        let started = on_leader(&cluster, "start the rollback", |mut client| {
+            let start = start.clone();
+            async move { client.start_rollback(start).await }
+        })
+        .await?;
+        let rollback_id = started.rollback.context("no rollback")?.rollback_id;
         tokio::time::sleep(delay).await;
         let (leader, mut client) = cluster.must_leader().await;
+        // Read on the member about to be killed; if it just lost leadership, count it as unknown.
         let rollback = client
             .get_rollback(pb::GetRollbackRequest {
                 rollback_id: rollback_id.clone(),
             })
-            .await?
-            .into_inner()
-            .rollback
+            .await
+            .ok()
+            .and_then(|response| response.into_inner().rollback)
             .unwrap_or_default();
         let ended_already =
             pb::RollbackState::try_from(rollback.state).is_ok_and(|state| state.is_terminal());
-        cluster.kill(leader);
-        faults.push(if ended_already {
-            FaultOutcome::Skipped
-        } else {
-            FaultOutcome::Installed
-        });
+        let killed: Vec<u64> = match fault {
+            Fault::KillLeader => vec![leader],
+            Fault::KillFollower => vec![(1..=3).find(|&id| id != leader).unwrap_or(1)],
+            Fault::KillAll => vec![1, 2, 3],
+        };
+        for &id in &killed {
+            cluster.kill(id);
+        }
+        faults.push((
+            fault,
+            if ended_already {
+                FaultOutcome::Skipped
+            } else {
+                FaultOutcome::Installed
+            },
+        ));
         info!(
             seed,
             round,
-            leader,
+            ?fault,
+            ?killed,
             delay_ms = delay.as_millis() as u64,
             ended_already,
-            "Killed the leader."
+            "Fault injected."
         );
+        if fault == Fault::KillAll {
+            for &id in &killed {
+                cluster.must_start_member(id);
+            }
+        }
 
         let ended = wait_rollback(&cluster, &rollback_id).await?;
         ensure!(
@@ -114,7 +140,11 @@ pub async fn run(seed: u64, rounds: usize, dir: &Path) -> anyhow::Result<Report>
                 host.id
             );
         }
-        cluster.must_start_member(leader);
+        if fault != Fault::KillAll {
+            for &id in &killed {
+                cluster.must_start_member(id);
+            }
+        }
     }
 
     // v1, then per round one activation and one rollback restart: anything more ran twice.
@@ -187,7 +217,6 @@ async fn setup(client: &mut Client, hosts: &[TestHost]) -> anyhow::Result<()> {
 
 /// Starts a change on the current leader and waits until it is deployed.
 async fn deploy(cluster: &ClusterHarness, version: &str, tag: &str) -> anyhow::Result<String> {
-    let (_, mut client) = cluster.must_leader().await;
     let request = pb::StartChangeRequest {
         request_id: format!("change-{tag}"),
         service: "web".into(),
@@ -195,13 +224,12 @@ async fn deploy(cluster: &ClusterHarness, version: &str, tag: &str) -> anyhow::R
         host_ids: vec![],
         reason: tag.into(),
     };
-    let change_id = client
-        .start_change(request)
-        .await?
-        .into_inner()
-        .change
-        .context("no change")?
-        .change_id;
+    let started = on_leader(cluster, "start the change", |mut client| {
+        let request = request.clone();
+        async move { client.start_change(request).await }
+    })
+    .await?;
+    let change_id = started.change.context("no change")?.change_id;
     let change = must_wait_async(WAIT, "the change to deploy", || {
         let change_id = change_id.clone();
         async move {
@@ -248,4 +276,26 @@ async fn wait_rollback(
             .then_some(rollback)
     })
     .await)
+}
+
+/// Calls the leader, finding it again while leadership moves (`UNAVAILABLE`); the requests carry
+/// fixed request ids, so a retry of one that did land acts once.
+async fn on_leader<T, F, Fut>(cluster: &ClusterHarness, what: &str, call: F) -> anyhow::Result<T>
+where
+    F: Fn(Client) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let mut last = None;
+    for _ in 0..50 {
+        let (_, client) = cluster.must_leader().await;
+        match call(client).await {
+            Ok(response) => return Ok(response.into_inner()),
+            Err(status) if status.code() == tonic::Code::Unavailable => {
+                last = Some(status);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(status) => bail!("{what}: {status}"),
+        }
+    }
+    bail!("{what}: no leader answered: {last:?}")
 }

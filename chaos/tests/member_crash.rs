@@ -1,7 +1,7 @@
 //! The chaos runs CI makes: a fresh seed each run (printed; `REWIND_CHAOS_SEED` replays it) and
 //! `REWIND_CHAOS_ROUNDS` rounds (default 30), plus the seeds that once failed, by name.
 
-use rewind_chaos::{FaultOutcome, leader_kill, seed_from_env};
+use rewind_chaos::{FaultOutcome, member_crash, seed_from_env};
 
 fn rounds() -> usize {
     std::env::var("REWIND_CHAOS_ROUNDS")
@@ -11,26 +11,26 @@ fn rounds() -> usize {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn leader_killed_during_rollbacks_with_a_fresh_seed() {
+async fn members_crash_during_rollbacks_with_a_fresh_seed() {
     rewind_shared::logging::init("warn");
     rewind_shared::tls::install_crypto_provider();
     let seed = seed_from_env();
     eprintln!("chaos seed {seed}: replay with REWIND_CHAOS_SEED={seed}");
     let dir = tempfile::tempdir().unwrap();
-    let report = leader_kill::run(seed, rounds(), dir.path())
+    let report = member_crash::run(seed, rounds(), dir.path())
         .await
         .unwrap_or_else(|error| panic!("seed {seed}: {error:#}"));
     let installed = report
         .faults
         .iter()
-        .filter(|fault| **fault == FaultOutcome::Installed)
+        .filter(|(_, outcome)| *outcome == FaultOutcome::Installed)
         .count();
     eprintln!(
-        "seed {seed}: {installed} of {} kills landed during a rollback",
-        report.rounds
+        "seed {seed}: {installed} of {} faults landed during a rollback: {:?}",
+        report.rounds, report.faults
     );
 }
 
 // Seeds that once found a bug go here, one named test each, so they are replayed forever:
 // #[tokio::test(flavor = "multi_thread")]
-// async fn seed_<seed>_<what_it_found>() { ... leader_kill::run(<seed>, <rounds>, ...) ... }
+// async fn seed_<seed>_<what_it_found>() { ... member_crash::run(<seed>, <rounds>, ...) ... }
