@@ -6,9 +6,10 @@
 //! write is sent or acknowledged.
 
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use protobuf::Message as _;
-use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
 
 use crate::errors::CoordinatorError;
@@ -23,6 +24,10 @@ pub struct RaftStore {
     db: sled::Db,
     log: sled::Tree,
     meta: sled::Tree,
+    /// The latest snapshot's index and term, kept in memory: raft-rs asks for the first index
+    /// and terms constantly, and decoding the whole snapshot (the state) each time made commits
+    /// slow once a snapshot existed.
+    snapshot_metadata: Arc<Mutex<SnapshotMetadata>>,
 }
 
 impl RaftStore {
@@ -34,7 +39,15 @@ impl RaftStore {
         let meta = db
             .open_tree("raft-meta")
             .map_err(|error| storage_error("open tree", "raft-meta", error))?;
-        Ok(Self { db, log, meta })
+        let mut store = Self {
+            db,
+            log,
+            meta,
+            snapshot_metadata: Arc::default(),
+        };
+        let metadata = store.latest_snapshot()?.take_metadata();
+        store.snapshot_metadata = Arc::new(Mutex::new(metadata));
+        Ok(store)
     }
 
     /// The underlying database, for trees that live beside the Raft log (generation, cluster id).
@@ -138,7 +151,7 @@ impl RaftStore {
         let mut hard_state = self.hard_state()?;
         hard_state.term = hard_state.term.max(metadata.term);
         hard_state.commit = metadata.index;
-        self.put(SNAPSHOT_KEY, snapshot)?;
+        self.put_snapshot(snapshot)?;
         self.set_hard_state(&hard_state)?;
         self.set_conf_state(metadata.get_conf_state())?;
         self.log
@@ -162,7 +175,7 @@ impl RaftStore {
         metadata.index = index;
         metadata.term = term;
         metadata.set_conf_state(conf_state.clone());
-        self.put(SNAPSHOT_KEY, &snapshot)?;
+        self.put_snapshot(&snapshot)?;
         self.flush()?;
         let mut batch = sled::Batch::default();
         for key in self.log.range(..=index.to_be_bytes()).keys() {
@@ -187,8 +200,22 @@ impl RaftStore {
         self.get(CONF_STATE_KEY).map(Option::unwrap_or_default)
     }
 
-    fn snapshot_metadata(&self) -> Result<raft::eraftpb::SnapshotMetadata, CoordinatorError> {
-        Ok(self.latest_snapshot()?.take_metadata())
+    fn snapshot_metadata(&self) -> Result<SnapshotMetadata, CoordinatorError> {
+        Ok(self
+            .snapshot_metadata
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone())
+    }
+
+    /// Stores a snapshot and remembers its metadata.
+    fn put_snapshot(&self, snapshot: &Snapshot) -> Result<(), CoordinatorError> {
+        self.put(SNAPSHOT_KEY, snapshot)?;
+        *self
+            .snapshot_metadata
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = snapshot.get_metadata().clone();
+        Ok(())
     }
 
     fn last_log_index(&self) -> Result<Option<u64>, CoordinatorError> {
