@@ -13,7 +13,9 @@ use std::time::Duration;
 use anyhow::{Context as _, bail, ensure};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use rewind_proto::v1 as pb;
-use rewind_tests::{ClusterHarness, TestHost, config_for, must_wait_async};
+use rewind_tests::{
+    ClusterHarness, TestHost, config_for, must_agents_connected, must_register_web, must_wait_async,
+};
 use tonic::transport::Channel;
 use tracing::info;
 
@@ -165,53 +167,8 @@ pub async fn run(seed: u64, rounds: usize, dir: &Path) -> anyhow::Result<Report>
 }
 
 async fn setup(client: &mut Client, hosts: &[TestHost]) -> anyhow::Result<()> {
-    must_wait_async(WAIT, "agents to connect", || {
-        let mut client = client.clone();
-        async move {
-            let hosts = client
-                .list_hosts(pb::ListHostsRequest {})
-                .await
-                .ok()?
-                .into_inner()
-                .hosts;
-            (hosts.iter().filter(|host| host.connected).count() == 2).then_some(())
-        }
-    })
-    .await;
-    let policy = pb::HealthPolicy {
-        max_probe_failure_ratio: 0.5,
-        for_s: 1,
-        watch_s: 60,
-        auto_rollback: false,
-    };
-    let service = pb::Service {
-        name: "web".into(),
-        depends_on: vec![],
-        policy: Some(policy),
-    };
-    client
-        .put_service(pb::PutServiceRequest {
-            request_id: "svc".into(),
-            service: Some(service),
-        })
-        .await?;
-    for version in ["v1", "v2"] {
-        let artifact_digest =
-            rewind_shared::digest::tree_digest(&hosts[0].root.join("releases").join(version))?;
-        let release = pb::Release {
-            service: "web".into(),
-            version: version.into(),
-            artifact_digest,
-            commit: String::new(),
-            registered_at_ms: 0,
-        };
-        client
-            .register_release(pb::RegisterReleaseRequest {
-                request_id: format!("release-{version}"),
-                release: Some(release),
-            })
-            .await?;
-    }
+    must_agents_connected(client, hosts.len()).await;
+    must_register_web(client, &hosts[0], false).await;
     Ok(())
 }
 

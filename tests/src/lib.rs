@@ -446,3 +446,68 @@ tick-ms = 50
         .await
     }
 }
+
+/// Waits until `count` agents are connected to the member behind `client`.
+pub async fn must_agents_connected(client: &ControlServiceClient<Channel>, count: usize) {
+    must_wait_async(Duration::from_secs(60), "agents to connect", || {
+        let mut client = client.clone();
+        async move {
+            let hosts = client
+                .list_hosts(rewind_proto::v1::ListHostsRequest {})
+                .await
+                .ok()?
+                .into_inner()
+                .hosts;
+            (hosts.iter().filter(|host| host.connected).count() == count).then_some(())
+        }
+    })
+    .await;
+}
+
+/// Registers service `web` (rolled back automatically when more than half its probes fail for
+/// 1 s, if `auto_rollback`) and its releases v1 and v2, digested from `host`'s release dirs.
+pub async fn must_register_web(
+    client: &mut ControlServiceClient<Channel>,
+    host: &TestHost,
+    auto_rollback: bool,
+) {
+    use rewind_proto::v1 as pb;
+    let policy = pb::HealthPolicy {
+        max_probe_failure_ratio: 0.5,
+        for_s: 1,
+        watch_s: 120,
+        auto_rollback,
+    };
+    let service = pb::Service {
+        name: "web".into(),
+        depends_on: vec![],
+        policy: Some(policy),
+    };
+    client
+        .put_service(pb::PutServiceRequest {
+            request_id: "svc".into(),
+            service: Some(service),
+        })
+        .await
+        .expect("put service");
+    for version in ["v1", "v2"] {
+        let artifact_digest =
+            rewind_shared::digest::tree_digest(&host.root.join("releases").join(version))
+                .expect("digest");
+        let release = pb::Release {
+            service: "web".into(),
+            version: version.into(),
+            artifact_digest,
+            commit: "c0ffee".into(),
+            registered_at_ms: 0,
+        };
+        let request = pb::RegisterReleaseRequest {
+            request_id: format!("release-{version}"),
+            release: Some(release),
+        };
+        client
+            .register_release(request)
+            .await
+            .expect("register release");
+    }
+}

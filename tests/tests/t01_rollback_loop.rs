@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use rewind_proto::v1 as pb;
-use rewind_tests::{Coordinator, TestHost, config_for, must_wait_async};
+use rewind_tests::{
+    Coordinator, TestHost, config_for, must_agents_connected, must_register_web, must_wait_async,
+};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -25,56 +27,8 @@ async fn must_setup(
         host.must_start_agent();
     }
     let mut client = coordinator.must_client().await;
-    must_wait_async(LONG, "agents to connect", || {
-        let mut client = client.clone();
-        async move {
-            let hosts = client
-                .list_hosts(pb::ListHostsRequest {})
-                .await
-                .ok()?
-                .into_inner()
-                .hosts;
-            (hosts.iter().filter(|host| host.connected).count() == host_ids.len()).then_some(())
-        }
-    })
-    .await;
-    let policy = pb::HealthPolicy {
-        max_probe_failure_ratio: 0.5,
-        for_s: 1,
-        watch_s: 120,
-        auto_rollback,
-    };
-    let service = pb::Service {
-        name: "web".into(),
-        depends_on: vec![],
-        policy: Some(policy),
-    };
-    client
-        .put_service(pb::PutServiceRequest {
-            request_id: "svc".into(),
-            service: Some(service),
-        })
-        .await
-        .unwrap();
-    for version in ["v1", "v2"] {
-        let digest =
-            rewind_shared::digest::tree_digest(&hosts[0].root.join("releases").join(version))
-                .unwrap();
-        let release = pb::Release {
-            service: "web".into(),
-            version: version.into(),
-            artifact_digest: digest,
-            commit: "c0ffee".into(),
-            registered_at_ms: 0,
-        };
-        client
-            .register_release(pb::RegisterReleaseRequest {
-                request_id: format!("rel-{version}"),
-                release: Some(release),
-            })
-            .await
-            .unwrap();
-    }
+    must_agents_connected(&client, host_ids.len()).await;
+    must_register_web(&mut client, &hosts[0], auto_rollback).await;
     (coordinator, hosts, client)
 }
 

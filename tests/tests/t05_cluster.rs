@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use rewind_proto::v1 as pb;
-use rewind_tests::{ClusterHarness, TestHost, config_for, must_wait_async};
+use rewind_tests::{
+    ClusterHarness, TestHost, config_for, must_agents_connected, must_register_web, must_wait_async,
+};
 
 const LONG: Duration = Duration::from_secs(90);
 
@@ -49,56 +51,8 @@ async fn a_rollback_survives_the_leader_being_killed_and_no_step_runs_twice() {
     for host in &mut hosts {
         host.must_start_agent();
     }
-    must_wait_async(LONG, "agents to connect to the leader", || {
-        let mut client = client.clone();
-        async move {
-            let hosts = client
-                .list_hosts(pb::ListHostsRequest {})
-                .await
-                .ok()?
-                .into_inner()
-                .hosts;
-            (hosts.iter().filter(|host| host.connected).count() == 2).then_some(())
-        }
-    })
-    .await;
-    let policy = pb::HealthPolicy {
-        max_probe_failure_ratio: 0.5,
-        for_s: 1,
-        watch_s: 60,
-        auto_rollback: false,
-    };
-    let service = pb::Service {
-        name: "web".into(),
-        depends_on: vec![],
-        policy: Some(policy),
-    };
-    client
-        .put_service(pb::PutServiceRequest {
-            request_id: "svc".into(),
-            service: Some(service),
-        })
-        .await
-        .unwrap();
-    for version in ["v1", "v2"] {
-        let digest =
-            rewind_shared::digest::tree_digest(&hosts[0].root.join("releases").join(version))
-                .unwrap();
-        let release = pb::Release {
-            service: "web".into(),
-            version: version.into(),
-            artifact_digest: digest,
-            commit: String::new(),
-            registered_at_ms: 0,
-        };
-        client
-            .register_release(pb::RegisterReleaseRequest {
-                request_id: format!("rel-{version}"),
-                release: Some(release),
-            })
-            .await
-            .unwrap();
-    }
+    must_agents_connected(&client, 2).await;
+    must_register_web(&mut client, &hosts[0], false).await;
     for version in ["v1", "v2"] {
         let request = pb::StartChangeRequest {
             request_id: format!("ch-{version}"),
