@@ -249,6 +249,17 @@ timeout-ms = 2000
             .unwrap_or_default()
     }
 
+    /// Panics unless the host is exactly back on v1: its `current` link and its config bytes.
+    pub fn must_be_restored_to_v1(&self) {
+        assert_eq!(self.current_link(), "releases/v1", "{}", self.id);
+        assert_eq!(
+            self.config_bytes(),
+            config_for("v1").as_bytes(),
+            "{}",
+            self.id
+        );
+    }
+
     /// How many times the service was restarted (activations and rollback restarts).
     pub fn restarts(&self) -> usize {
         std::fs::read_to_string(self.root.join("restarts"))
@@ -510,4 +521,71 @@ pub async fn must_register_web(
             .await
             .expect("register release");
     }
+}
+
+/// Starts a change of `web` to `version` (request id `change-<version>`) and returns its id.
+pub async fn must_change(client: &mut ControlServiceClient<Channel>, version: &str) -> String {
+    let request = rewind_proto::v1::StartChangeRequest {
+        request_id: format!("change-{version}"),
+        service: "web".into(),
+        version: version.into(),
+        host_ids: vec![],
+        reason: "test".into(),
+    };
+    client
+        .start_change(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .change
+        .unwrap()
+        .change_id
+}
+
+/// Waits until the change satisfies `done`.
+pub async fn must_change_where(
+    client: &ControlServiceClient<Channel>,
+    change_id: &str,
+    what: &str,
+    done: impl Fn(&rewind_proto::v1::Change) -> bool,
+) -> rewind_proto::v1::Change {
+    must_wait_async(Duration::from_secs(60), what, || {
+        let mut client = client.clone();
+        let change_id = change_id.to_string();
+        let done = &done;
+        async move {
+            let change = client
+                .get_change(rewind_proto::v1::GetChangeRequest { change_id })
+                .await
+                .ok()?
+                .into_inner()
+                .change?;
+            done(&change).then_some(change)
+        }
+    })
+    .await
+}
+
+/// Waits until the rollback has ended and returns it.
+pub async fn must_rollback_end(
+    client: &ControlServiceClient<Channel>,
+    rollback_id: &str,
+) -> rewind_proto::v1::Rollback {
+    must_wait_async(Duration::from_secs(60), "the rollback to end", || {
+        let mut client = client.clone();
+        let rollback_id = rollback_id.to_string();
+        async move {
+            let rollback = client
+                .get_rollback(rewind_proto::v1::GetRollbackRequest { rollback_id })
+                .await
+                .ok()?
+                .into_inner()
+                .rollback?;
+            rewind_proto::v1::RollbackState::try_from(rollback.state)
+                .ok()?
+                .is_terminal()
+                .then_some(rollback)
+        }
+    })
+    .await
 }

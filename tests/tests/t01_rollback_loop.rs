@@ -4,10 +4,9 @@ use std::time::Duration;
 
 use rewind_proto::v1 as pb;
 use rewind_tests::{
-    Coordinator, TestHost, config_for, must_agents_connected, must_register_web, must_wait_async,
+    Coordinator, TestHost, config_for, must_agents_connected, must_change, must_change_where,
+    must_register_web, must_rollback_end,
 };
-
-const LONG: Duration = Duration::from_secs(60);
 
 async fn must_setup(
     dir: &std::path::Path,
@@ -30,73 +29,6 @@ async fn must_setup(
     must_agents_connected(&client, host_ids.len()).await;
     must_register_web(&mut client, &hosts[0], auto_rollback).await;
     (coordinator, hosts, client)
-}
-
-async fn must_change(
-    client: &mut pb::control_service_client::ControlServiceClient<tonic::transport::Channel>,
-    version: &str,
-) -> String {
-    let request = pb::StartChangeRequest {
-        request_id: format!("change-{version}"),
-        service: "web".into(),
-        version: version.into(),
-        host_ids: vec![],
-        reason: "test".into(),
-    };
-    client
-        .start_change(request)
-        .await
-        .unwrap()
-        .into_inner()
-        .change
-        .unwrap()
-        .change_id
-}
-
-async fn must_change_where(
-    client: &pb::control_service_client::ControlServiceClient<tonic::transport::Channel>,
-    change_id: &str,
-    what: &str,
-    done: impl Fn(&pb::Change) -> bool,
-) -> pb::Change {
-    must_wait_async(LONG, what, || {
-        let mut client = client.clone();
-        let change_id = change_id.to_string();
-        let done = &done;
-        async move {
-            let change = client
-                .get_change(pb::GetChangeRequest { change_id })
-                .await
-                .ok()?
-                .into_inner()
-                .change?;
-            done(&change).then_some(change)
-        }
-    })
-    .await
-}
-
-async fn must_rollback_end(
-    client: &pb::control_service_client::ControlServiceClient<tonic::transport::Channel>,
-    rollback_id: &str,
-) -> pb::Rollback {
-    must_wait_async(LONG, "the rollback to end", || {
-        let mut client = client.clone();
-        let rollback_id = rollback_id.to_string();
-        async move {
-            let rollback = client
-                .get_rollback(pb::GetRollbackRequest { rollback_id })
-                .await
-                .ok()?
-                .into_inner()
-                .rollback?;
-            pb::RollbackState::try_from(rollback.state)
-                .ok()?
-                .is_terminal()
-                .then_some(rollback)
-        }
-    })
-    .await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -151,13 +83,7 @@ async fn bad_health_after_a_change_rolls_every_host_back_to_its_exact_state() {
         "no step needed a retry: {rollback:?}"
     );
     for host in &hosts {
-        assert_eq!(host.current_link(), "releases/v1", "{}", host.id);
-        assert_eq!(
-            host.config_bytes(),
-            config_for("v1").as_bytes(),
-            "{}",
-            host.id
-        );
+        host.must_be_restored_to_v1();
         assert_eq!(
             host.restarts(),
             3,

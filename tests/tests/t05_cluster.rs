@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use rewind_proto::v1 as pb;
 use rewind_tests::{
-    ClusterHarness, TestHost, config_for, must_agents_connected, must_register_web, must_wait_async,
+    ClusterHarness, TestHost, config_for, must_agents_connected, must_change, must_change_where,
+    must_register_web, must_rollback_end, must_wait_async,
 };
 
 const LONG: Duration = Duration::from_secs(90);
@@ -54,33 +55,9 @@ async fn a_rollback_survives_the_leader_being_killed_and_no_step_runs_twice() {
     must_agents_connected(&client, 2).await;
     must_register_web(&mut client, &hosts[0], false).await;
     for version in ["v1", "v2"] {
-        let request = pb::StartChangeRequest {
-            request_id: format!("ch-{version}"),
-            service: "web".into(),
-            version: version.into(),
-            host_ids: vec![],
-            reason: String::new(),
-        };
-        let change_id = client
-            .start_change(request)
-            .await
-            .unwrap()
-            .into_inner()
-            .change
-            .unwrap()
-            .change_id;
-        must_wait_async(LONG, "the change to deploy", || {
-            let mut client = client.clone();
-            let change_id = change_id.clone();
-            async move {
-                let change = client
-                    .get_change(pb::GetChangeRequest { change_id })
-                    .await
-                    .ok()?
-                    .into_inner()
-                    .change?;
-                (change.state == pb::ChangeState::Deployed as i32).then_some(())
-            }
+        let change_id = must_change(&mut client, version).await;
+        must_change_where(&client, &change_id, "the change to deploy", |change| {
+            change.state == pb::ChangeState::Deployed as i32
         })
         .await;
     }
@@ -126,37 +103,14 @@ async fn a_rollback_survives_the_leader_being_killed_and_no_step_runs_twice() {
 
     let (new_leader, client) = cluster.must_leader().await;
     assert_ne!(new_leader, old_leader);
-    let rollback = must_wait_async(LONG, "the rollback to end under the new leader", || {
-        let client = client.clone();
-        let rollback_id = rollback_id.clone();
-        async move {
-            let mut client = client;
-            let rollback = client
-                .get_rollback(pb::GetRollbackRequest { rollback_id })
-                .await
-                .ok()?
-                .into_inner()
-                .rollback?;
-            pb::RollbackState::try_from(rollback.state)
-                .ok()?
-                .is_terminal()
-                .then_some(rollback)
-        }
-    })
-    .await;
+    let rollback = must_rollback_end(&client, &rollback_id).await;
     assert_eq!(
         rollback.state,
         pb::RollbackState::Succeeded as i32,
         "{rollback:?}"
     );
     for host in &hosts {
-        assert_eq!(host.current_link(), "releases/v1", "{}", host.id);
-        assert_eq!(
-            host.config_bytes(),
-            config_for("v1").as_bytes(),
-            "{}",
-            host.id
-        );
+        host.must_be_restored_to_v1();
         assert_eq!(
             host.restarts(),
             3,
