@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use raft::eraftpb::Message;
 use rewind_coordinator::node::raft::{RaftMember, RaftSettings, Transport, start_member};
-use rewind_coordinator::state_machine::{Command, CommandKind, Labels};
+use rewind_coordinator::state_machine::{Command, CommandKind, Labels, MemberRecord};
 use rewind_coordinator::storage::RaftStore;
 use tokio::sync::mpsc;
 
@@ -58,19 +58,26 @@ async fn leader(members: &[RaftMember]) -> usize {
 
 async fn run(size: u64, sequential: usize, concurrent: usize, in_flight: usize) {
     let dirs: Vec<tempfile::TempDir> = (0..size).map(|_| tempfile::tempdir().unwrap()).collect();
-    let voters: Vec<u64> = (1..=size).collect();
+    let voters: Vec<MemberRecord> = (1..=size)
+        .map(|id| MemberRecord {
+            id,
+            address: format!("member-{id}:0"),
+            region: "bench".into(),
+            name: format!("coordinator-{id}"),
+        })
+        .collect();
     let net = LocalNet::default();
     let mut members = Vec::new();
-    for (position, id) in voters.iter().enumerate() {
+    for (position, id) in voters.iter().map(|member| member.id).enumerate() {
         let store = RaftStore::open(dirs[position].path()).unwrap();
-        let mut settings = RaftSettings::new(*id);
+        let mut settings = RaftSettings::new(id);
         settings.tick = Duration::from_millis(20);
         let member =
             start_member(settings, store, &voters, net.clone(), Arc::from("bench")).unwrap();
         net.peers
             .lock()
             .unwrap()
-            .insert(*id, member.peer_messages.clone());
+            .insert(id, member.peer_messages.clone());
         members.push(member);
     }
     let node = members[leader(&members).await].node.clone();

@@ -37,6 +37,9 @@ pub struct RawCluster {
     pub members: Vec<RawMember>,
     pub tick_ms: Option<u64>,
     pub election_ticks: Option<usize>,
+    /// Join a running cluster instead of founding one: `member` lists this member and at
+    /// least one running member to reach; the cluster adds it with `rewindctl cluster add`.
+    pub join: bool,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -50,13 +53,8 @@ pub struct RawMember {
     pub name: Option<String>,
 }
 
-#[derive(Clone, Debug, PartialEq)]
-pub struct Member {
-    pub id: u64,
-    pub address: String,
-    pub region: String,
-    pub name: String,
-}
+/// A member as configured; the same record the replicated registry holds.
+pub use crate::state_machine::MemberRecord as Member;
 
 #[derive(Clone, Debug)]
 pub struct ClusterConfig {
@@ -65,6 +63,8 @@ pub struct ClusterConfig {
     pub members: Vec<Member>,
     pub tick: Duration,
     pub election_ticks: usize,
+    /// Wait to be added by a running cluster rather than bootstrap one.
+    pub join: bool,
 }
 
 impl ClusterConfig {
@@ -287,6 +287,20 @@ fn validate_cluster(raw: &RawCluster, problems: &mut Problems) -> Option<Cluster
     {
         problems.add_error(error);
     }
+    if raw.join {
+        if raw.id.is_none() {
+            problems.add(
+                "cluster.id",
+                "is required to join: it must match the running cluster's id",
+            );
+        }
+        if members.len() < 2 {
+            problems.add(
+                "cluster.member",
+                "to join, list this member and at least one running member to reach",
+            );
+        }
+    }
     let tick_ms = raw.tick_ms.unwrap_or(100);
     check_range(problems, "cluster.tick-ms", tick_ms, 10, 1000);
     let election_ticks = raw.election_ticks.unwrap_or(10);
@@ -303,6 +317,7 @@ fn validate_cluster(raw: &RawCluster, problems: &mut Problems) -> Option<Cluster
         members,
         tick: Duration::from_millis(tick_ms),
         election_ticks,
+        join: raw.join,
     })
 }
 
@@ -335,6 +350,20 @@ mod tests {
             assert!(joined.contains(field), "{field} missing from:\n{joined}");
         }
         assert_eq!(problems.len(), 8);
+    }
+
+    #[test]
+    fn joining_needs_the_cluster_id_and_a_member_to_reach() {
+        let text = "data-dir = \"/d\"\n[tls]\nca = \"a\"\ncert = \"c\"\nkey = \"k\"\n[cluster]\njoin = true\nmember-id = 4\n[[cluster.member]]\nid = 4\naddress = \"h:1\"\nregion = \"r\"\n";
+        let raw: RawConfig = rewind_shared::config::parse_toml(Path::new("c.toml"), text)
+            .unwrap()
+            .value;
+        let joined = raw.validate().unwrap_err().join("\n");
+        assert!(
+            joined.contains("cluster.id: is required to join"),
+            "{joined}"
+        );
+        assert!(joined.contains("at least one running member"), "{joined}");
     }
 
     #[test]

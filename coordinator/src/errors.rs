@@ -78,6 +78,8 @@ pub enum CoordinatorError {
     UnknownStep { step_id: String },
     #[error("this member is not the leader (the leader is member {leader_id}, 0 if unknown)")]
     NotLeader { leader_id: u64 },
+    #[error("membership change refused: {0}")]
+    MembershipConflict(String),
     #[error("storage: {0}")]
     Storage(String),
     #[error("the coordinator is shutting down")]
@@ -109,6 +111,7 @@ impl CoordinatorError {
             Self::StepNotStartable { .. } => "step_not_startable",
             Self::UnknownStep { .. } => "unknown_step",
             Self::NotLeader { .. } => "not_leader",
+            Self::MembershipConflict(_) => "membership_conflict",
             Self::Storage(_) => "storage",
             Self::ShuttingDown => "shutting_down",
             Self::Overloaded(_) => "overloaded",

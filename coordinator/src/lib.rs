@@ -10,6 +10,7 @@
 //! - [`state_machine`]: replicated state, commands, `apply()`, the audit chain. Pure.
 //! - [`storage`]: the Raft log, hard state and snapshots in sled, behind raft-rs's `Storage`.
 //! - [`node`]: the Raft member that owns the state, its handle, and the peer transport.
+//! - [`membership`]: where members are (replicated registry), and keeping Raft routes to them.
 //! - [`health`]: soft state on the leader: recent agent reports and per-service aggregates.
 //! - [`sessions`]: connected agents and the channels to them.
 //! - [`engine`]: the leader loop that dispatches steps, verifies hosts and fires triggers.
@@ -22,6 +23,7 @@ pub mod config;
 pub mod engine;
 pub mod errors;
 pub mod health;
+pub mod membership;
 pub mod node;
 pub mod sessions;
 pub mod state_machine;

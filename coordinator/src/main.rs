@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use rewind_coordinator::config::RawConfig;
+use rewind_coordinator::membership::{self, Directory};
 use rewind_coordinator::{api, engine, health, node, sessions, storage};
 use rewind_shared::{dev_ca, tls::TlsFiles};
 use tracing::{error, info, warn};
@@ -215,38 +216,31 @@ async fn serve(
         .with_context(|| format!("listen on {}", config.listen))?;
     let bound = listener.local_addr().context("read the bound address")?;
 
-    let peers = cluster
-        .members
-        .iter()
-        .filter(|member| member.id != cluster.member_id)
-        .map(|member| node::transport::Peer {
-            id: member.id,
-            address: member.address.clone(),
-        })
-        .collect();
-    let transport = node::transport::GrpcTransport::start(
-        &tokio::runtime::Handle::current(),
-        peers,
-        &config.tls,
+    let transport = node::transport::GrpcTransport::new(
+        tokio::runtime::Handle::current(),
+        config.tls.clone(),
         cluster_id.clone(),
         cluster.member_id,
-    )
-    .context("load TLS files for peers")?;
+    );
     let mut settings = node::raft::RaftSettings::new(cluster.member_id);
     settings.tick = cluster.tick;
     settings.election_ticks = cluster.election_ticks;
     settings.snapshot_every = config.snapshot_every;
-    let voters: Vec<u64> = cluster.members.iter().map(|member| member.id).collect();
+    // A joining member founds nothing: it waits for the cluster to add it.
+    let founding: &[rewind_coordinator::config::Member] =
+        if cluster.join { &[] } else { &cluster.members };
     let member = node::raft::start_member(
         settings,
         store,
-        &voters,
-        transport,
+        founding,
+        transport.clone(),
         cluster_id.as_str().into(),
     )
     .context("start the Raft member")?;
+    let directory = Directory::new(member.node.clone(), cluster.members.clone());
+    tokio::spawn(membership::route_to_members(directory.clone(), transport));
 
-    if voters == [cluster.member_id] {
+    if !cluster.join && cluster.members.len() == 1 {
         // A single member serves as soon as it leads; scripts waiting on --addr-file can rely on it.
         let mut status = member.status.clone();
         let leading = status.wait_for(|status| status.is_leader);
@@ -285,7 +279,7 @@ async fn serve(
     let context = api::Context {
         node: member.node.clone(),
         status: member.status.clone(),
-        members: Arc::new(cluster.members.clone()),
+        directory: directory.clone(),
         cluster_id: cluster_id.clone(),
         health,
         sessions,
@@ -295,11 +289,7 @@ async fn serve(
     };
     let raft_peers = api::raft::RaftPeers {
         cluster_id: cluster_id.clone(),
-        member_names: cluster
-            .members
-            .iter()
-            .map(|member| (member.id, member.name.clone()))
-            .collect(),
+        directory,
         inbox: member.peer_messages.clone(),
     };
     let mut api_stop = stop.clone();

@@ -68,6 +68,34 @@ pub enum ClusterCommand {
         #[arg(long, default_value = "")]
         reason: String,
     },
+    /// Add a member: start it first with `cluster.join = true`. It joins as a learner and is
+    /// promoted to voter once it has caught up; repeat the command to promote a learner.
+    Add {
+        member_id: u64,
+        /// host:port the other members, agents and rewindctl dial.
+        #[arg(long)]
+        address: String,
+        #[arg(long, default_value = "")]
+        region: String,
+        /// Common name of its certificate (default coordinator-<id>).
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Seconds to wait for it to catch up before promoting it (1..=600).
+        #[arg(long, default_value_t = 60)]
+        catch_up_timeout: u32,
+        /// Leave it a learner (it receives the log but does not vote).
+        #[arg(long)]
+        learner_only: bool,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Remove a member that does not lead (hand leadership over first). Stop its process
+    /// afterwards and wipe its data directory before it ever rejoins.
+    Remove {
+        member_id: u64,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
 }
 
 #[derive(Clone, Subcommand)]
@@ -259,6 +287,47 @@ async fn execute(
                 println!(
                     "asked member {member_id} to take over; it leads within an election timeout"
                 );
+            }
+            cluster_list(client, format, Some(members)).await
+        }
+        Command::Cluster(ClusterCommand::Add {
+            member_id,
+            address,
+            region,
+            name,
+            catch_up_timeout,
+            learner_only,
+            reason,
+        }) => {
+            let request = pb::AddMemberRequest {
+                member_id,
+                address,
+                region,
+                name,
+                reason,
+                catch_up_timeout_s: catch_up_timeout,
+                learner_only,
+            };
+            let members = client
+                .add_member(request)
+                .await
+                .map_err(explain)?
+                .into_inner();
+            if format == Format::Table {
+                let role = if learner_only { "learner" } else { "voter" };
+                println!("member {member_id} added as a {role}");
+            }
+            cluster_list(client, format, Some(members)).await
+        }
+        Command::Cluster(ClusterCommand::Remove { member_id, reason }) => {
+            let request = pb::RemoveMemberRequest { member_id, reason };
+            let members = client
+                .remove_member(request)
+                .await
+                .map_err(explain)?
+                .into_inner();
+            if format == Format::Table {
+                println!("member {member_id} removed; stop its process and wipe its data dir");
             }
             cluster_list(client, format, Some(members)).await
         }

@@ -347,7 +347,7 @@ impl ClusterHarness {
                     &["localhost", "127.0.0.1"],
                 )
                 .unwrap();
-            harness.write_config(id);
+            harness.write_config(id, false);
             harness.members.push(None);
             harness.must_start_member(id);
         }
@@ -358,7 +358,40 @@ impl ClusterHarness {
         self.dir.join(format!("member-{id}.toml"))
     }
 
-    fn write_config(&self, id: u64) {
+    /// Starts one more member (the next id) that joins the running cluster: its config sets
+    /// `cluster.join` and lists every member so far. Returns its id; the cluster still has to add
+    /// it (`rewindctl cluster add`).
+    pub fn must_start_joining(&mut self) -> u64 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        self.addresses
+            .push(listener.local_addr().unwrap().to_string());
+        drop(listener);
+        let id = self.addresses.len() as u64;
+        self.ca
+            .write_identity(
+                &self.tls_dir,
+                &format!("coordinator-{id}"),
+                &["localhost", "127.0.0.1"],
+            )
+            .unwrap();
+        self.write_config(id, true);
+        self.members.push(None);
+        self.must_start_member(id);
+        id
+    }
+
+    /// Runs `rewindctl` as the operator against member `id`, and returns what it printed.
+    pub fn rewindctl(&self, id: u64, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(must_binary("rewindctl"))
+            .args(["--coordinator", &self.addresses[id as usize - 1]])
+            .args(args)
+            .env("REWIND_TLS_DIR", &self.tls_dir)
+            .env("REWIND_SERVER_NAME", "localhost")
+            .output()
+            .expect("run rewindctl")
+    }
+
+    fn write_config(&self, id: u64, join: bool) {
         let members: String = self
             .addresses
             .iter()
@@ -384,6 +417,7 @@ window-s = 3
 id = "test-cluster"
 member-id = {id}
 tick-ms = 50
+join = {join}
 {members}"#,
             listen = self.addresses[id as usize - 1],
             data = self.dir.join(format!("member-{id}")).display(),

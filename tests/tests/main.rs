@@ -6,3 +6,4 @@ mod t02_bad_input;
 mod t03_mutual_tls;
 mod t04_durability;
 mod t05_cluster;
+mod t06_membership;

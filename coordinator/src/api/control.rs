@@ -387,10 +387,11 @@ impl ControlService for Control {
         let request = request.into_inner();
         validate_reason(&request.reason)?;
         let to = request.member_id;
-        if !self.context.members.iter().any(|member| member.id == to) {
+        if self.context.directory.get(to).is_none() {
             let known: Vec<String> = self
                 .context
-                .members
+                .directory
+                .members()
                 .iter()
                 .map(|member| member.id.to_string())
                 .collect();
@@ -420,6 +421,24 @@ impl ControlService for Control {
             .await
             .map_err(to_status)?;
         info!(identity, to, "Leadership hand-over requested.");
+        Ok(Response::new(self.members()))
+    }
+
+    async fn add_member(
+        &self,
+        request: Request<pb::AddMemberRequest>,
+    ) -> Result<Response<pb::ListMembersResponse>, Status> {
+        let identity = caller(&request)?;
+        super::cluster::add_member(&self.context, &identity, request.into_inner()).await?;
+        Ok(Response::new(self.members()))
+    }
+
+    async fn remove_member(
+        &self,
+        request: Request<pb::RemoveMemberRequest>,
+    ) -> Result<Response<pb::ListMembersResponse>, Status> {
+        let identity = caller(&request)?;
+        super::cluster::remove_member(&self.context, &identity, request.into_inner()).await?;
         Ok(Response::new(self.members()))
     }
 
@@ -507,37 +526,7 @@ impl ControlService for Control {
 
 impl Control {
     fn members(&self) -> pb::ListMembersResponse {
-        let status = self.context.status.borrow().clone();
-        let members = self
-            .context
-            .members
-            .iter()
-            .map(|member| {
-                let progress = status.peers.iter().find(|peer| peer.id == member.id);
-                let matched_index = progress.map_or(0, |peer| peer.matched_index);
-                let role = match progress {
-                    _ if member.id == status.id => "leader",
-                    Some(peer) if peer.is_learner => "learner",
-                    Some(_) => "follower",
-                    None => "unknown",
-                };
-                pb::ClusterMember {
-                    id: member.id,
-                    address: member.address.clone(),
-                    region: member.region.clone(),
-                    role: role.into(),
-                    matched_index,
-                    lag: status.last_index.saturating_sub(matched_index),
-                    recently_active: progress.is_some_and(|peer| peer.recently_active),
-                }
-            })
-            .collect();
-        pb::ListMembersResponse {
-            members,
-            term: status.term,
-            commit_index: status.commit_index,
-            cluster_id: self.context.cluster_id.clone(),
-        }
+        super::cluster::list(&self.context)
     }
 
     async fn control(
@@ -624,7 +613,7 @@ fn validate_service(service: pb::Service) -> Result<ServiceRecord, Status> {
     })
 }
 
-fn validate_reason(reason: &str) -> Result<(), Status> {
+pub(super) fn validate_reason(reason: &str) -> Result<(), Status> {
     if reason.len() > MAX_REASON_BYTES {
         return Err(invalid(
             "reason",

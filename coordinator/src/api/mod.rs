@@ -3,6 +3,7 @@
 //! This is the only module that knows `tonic::Status`; errors are mapped in [`status`].
 
 mod agent;
+mod cluster;
 mod control;
 pub mod convert;
 mod member;
@@ -24,9 +25,9 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Status};
 use tracing::warn;
 
-use crate::config::Member;
 use crate::errors::CoordinatorError;
 use crate::health::HealthBook;
+use crate::membership::Directory;
 use crate::node::NodeHandle;
 use crate::node::raft::RaftStatus;
 use crate::sessions::Sessions;
@@ -39,7 +40,7 @@ pub struct Context {
     /// This member's Raft status: only the leader serves agents and people.
     pub status: watch::Receiver<RaftStatus>,
     /// The cluster's members, to point callers at the leader and list them.
-    pub members: Arc<Vec<Member>>,
+    pub directory: Directory,
     pub cluster_id: String,
     pub health: Arc<HealthBook>,
     pub sessions: Arc<Sessions>,
@@ -68,17 +69,19 @@ impl Context {
             kind,
         };
         self.node.propose(command).await.map_err(|error| {
-            match &error {
-                CoordinatorError::Storage(_) => {
-                    warn!(%error, action, identity, "Command failed in storage.")
-                }
-                CoordinatorError::NotLeader { leader_id } => {
-                    return not_leader(*leader_id, &self.members);
-                }
-                _ => {}
+            if let CoordinatorError::Storage(_) = &error {
+                warn!(%error, action, identity, "Command failed in storage.");
             }
-            status::to_status(error)
+            self.refusal(error)
         })
+    }
+
+    /// The status for a refused proposal or read: a redirect to the leader, or the error.
+    fn refusal(&self, error: CoordinatorError) -> Status {
+        match error {
+            CoordinatorError::NotLeader { leader_id } => not_leader(leader_id, &self.directory),
+            other => status::to_status(other),
+        }
     }
 
     /// A read barrier: after it, this member's state holds every write committed before the
@@ -88,10 +91,7 @@ impl Context {
             .read_barrier()
             .await
             .map(|_| ())
-            .map_err(|error| match error {
-                CoordinatorError::NotLeader { leader_id } => not_leader(leader_id, &self.members),
-                other => status::to_status(other),
-            })
+            .map_err(|error| self.refusal(error))
     }
 
     fn rollback(&self, number: u64) -> Result<rewind_proto::v1::Rollback, Status> {
@@ -123,11 +123,9 @@ impl Context {
 
 /// `UNAVAILABLE` naming the leader, with its address in the `rewind-leader` metadata so clients
 /// can follow it.
-fn not_leader(leader_id: u64, members: &[Member]) -> Status {
-    let address = members
-        .iter()
-        .find(|member| member.id == leader_id)
-        .map(|member| &member.address);
+fn not_leader(leader_id: u64, directory: &Directory) -> Status {
+    let leader = (leader_id != 0).then(|| directory.get(leader_id)).flatten();
+    let address = leader.as_ref().map(|member| &member.address);
     let message = match address {
         Some(address) => {
             format!("this member is not the leader; the leader is member {leader_id} at {address}")
@@ -151,7 +149,7 @@ pub const LEADER_KEY: &str = "rewind-leader";
 #[derive(Clone)]
 pub struct LeaderOnly {
     status: watch::Receiver<RaftStatus>,
-    members: Arc<Vec<Member>>,
+    directory: Directory,
 }
 
 impl tonic::service::Interceptor for LeaderOnly {
@@ -160,7 +158,9 @@ impl tonic::service::Interceptor for LeaderOnly {
         if status.is_leader {
             Ok(request)
         } else {
-            Err(not_leader(status.leader_id, &self.members))
+            let leader_id = status.leader_id;
+            drop(status);
+            Err(not_leader(leader_id, &self.directory))
         }
     }
 }
@@ -187,7 +187,7 @@ pub async fn serve(
         .map_err(|error| CoordinatorError::Storage(format!("load TLS files: {error}")))?;
     let leader_only = LeaderOnly {
         status: context.status.clone(),
-        members: Arc::clone(&context.members),
+        directory: context.directory.clone(),
     };
     let control = ControlServiceServer::new(control::Control {
         context: context.clone(),

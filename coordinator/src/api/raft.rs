@@ -1,7 +1,5 @@
 //! `RaftService`: Raft messages from peer members, accepted only from their certificates.
 
-use std::collections::HashMap;
-
 use protobuf::Message as _;
 use raft::eraftpb::Message;
 use rewind_proto::v1::{RaftAck, RaftBatch, raft_service_server::RaftService};
@@ -13,8 +11,8 @@ use super::caller;
 
 pub struct RaftPeers {
     pub cluster_id: String,
-    /// member id -> the certificate name that member must present.
-    pub member_names: HashMap<u64, String>,
+    /// Which certificate name each member must present.
+    pub directory: crate::membership::Directory,
     pub inbox: mpsc::Sender<Message>,
 }
 
@@ -29,8 +27,8 @@ impl RaftService for RaftPeers {
                 self.cluster_id, batch.cluster_id
             )));
         }
-        match self.member_names.get(&batch.from_member) {
-            Some(name) if *name == identity => {}
+        match self.directory.get(batch.from_member) {
+            Some(member) if member.name == identity => {}
             _ => {
                 return Err(Status::permission_denied(format!(
                     "certificate {identity:?} is not member {} of this cluster",

@@ -28,7 +28,8 @@ pub fn to_status(error: CoordinatorError) -> Status {
         | CoordinatorError::NotLatestChange { .. }
         | CoordinatorError::RollbackNotControllable { .. }
         | CoordinatorError::StepNotRunning { .. }
-        | CoordinatorError::StepNotStartable { .. } => Code::FailedPrecondition,
+        | CoordinatorError::StepNotStartable { .. }
+        | CoordinatorError::MembershipConflict(_) => Code::FailedPrecondition,
         CoordinatorError::Storage(_) => Code::Internal,
         CoordinatorError::ShuttingDown
         | CoordinatorError::Overloaded(_)

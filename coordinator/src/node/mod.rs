@@ -29,6 +29,8 @@ struct Proposal {
 /// What the node's thread is asked to do.
 enum Request {
     Propose(Proposal),
+    /// A `ChangeMembership` command, proposed as a Raft conf change.
+    ChangeMembership(Proposal),
     TransferLeader {
         to: u64,
         reply: oneshot::Sender<Result<(), CoordinatorError>>,
@@ -54,6 +56,14 @@ impl NodeHandle {
     pub async fn propose(&self, command: Command) -> Result<Outcome, CoordinatorError> {
         let (reply, answer) = oneshot::channel();
         self.send(Request::Propose(Proposal { command, reply }))?;
+        answer.await.map_err(|_| CoordinatorError::ShuttingDown)?
+    }
+
+    /// Proposes a membership change (a `ChangeMembership` command) as a Raft conf change and
+    /// waits until it is applied here.
+    pub async fn change_membership(&self, command: Command) -> Result<Outcome, CoordinatorError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Request::ChangeMembership(Proposal { command, reply }))?;
         answer.await.map_err(|_| CoordinatorError::ShuttingDown)?
     }
 

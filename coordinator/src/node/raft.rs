@@ -7,7 +7,10 @@
 //! A proposal is answered when its entry is applied on this member, so nothing is acknowledged
 //! before a majority has it on disk.
 //!
-//! Still to come (issue 3): membership commands, ReadIndex reads on followers, forwarding writes.
+//! Membership changes are Raft conf changes whose context carries the audited
+//! [`CommandKind::ChangeMembership`]; applying one updates Raft's voters, the replicated member
+//! registry and the audit log together, then takes a snapshot so a member that joins receives
+//! a snapshot that already counts it as a member.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,14 +18,18 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use protobuf::Message as _;
-use raft::eraftpb::{ConfChangeV2, Entry, EntryType, Message, Snapshot};
+use raft::eraftpb::{
+    ConfChange, ConfChangeType, ConfChangeV2, Entry, EntryType, Message, Snapshot,
+};
 use raft::{RawNode, StateRole};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, error, info, warn};
 
 use super::{NodeHandle, PROPOSAL_QUEUE, Proposal, Request};
 use crate::errors::CoordinatorError;
-use crate::state_machine::{Command, Outcome, State, apply};
+use crate::state_machine::{
+    Command, CommandKind, MemberRecord, MembershipChange, Outcome, State, apply, apply_membership,
+};
 use crate::storage::RaftStore;
 
 /// Raft messages from peers waiting for the node; more are dropped (Raft retransmits).
@@ -112,17 +119,30 @@ impl Drop for RaftMember {
     }
 }
 
-/// Opens a member on `store`. A store never initialized is bootstrapped with `initial_voters`
-/// (every founding member passes the same list); otherwise the stored membership wins.
+/// Opens a member on `store`. A store never initialized is bootstrapped with
+/// `founding_members` as voters and as the member registry (every founding member passes the
+/// same list); with none, the member waits for a running cluster to add it. Once initialized,
+/// the stored membership wins.
 pub fn start_member(
     settings: RaftSettings,
     store: RaftStore,
-    initial_voters: &[u64],
+    founding_members: &[MemberRecord],
     transport: impl Transport,
     cluster_id: Arc<str>,
 ) -> Result<RaftMember, CoordinatorError> {
-    if !store.is_initialized()? {
-        store.bootstrap(initial_voters)?;
+    if !store.is_initialized()? && !founding_members.is_empty() {
+        let initial = State {
+            members: founding_members
+                .iter()
+                .map(|member| (member.id, member.clone()))
+                .collect(),
+            ..State::default()
+        };
+        let data = serde_json::to_vec(&initial).map_err(|error| {
+            CoordinatorError::Storage(format!("encode the initial state: {error}"))
+        })?;
+        let voters: Vec<u64> = founding_members.iter().map(|member| member.id).collect();
+        store.bootstrap(&voters, data)?;
     }
     let snapshot = store.latest_snapshot()?;
     let state: State = if snapshot.get_data().is_empty() {
@@ -189,6 +209,7 @@ pub fn start_member(
         confirmed_reads: Vec::new(),
         next_read: 0,
         last_snapshot: snapshot.get_metadata().index,
+        snapshot_due: false,
         installed_snapshots: 0,
         applied: applied_sender,
         status: status_sender,
@@ -229,6 +250,8 @@ struct Driver<T: Transport> {
     confirmed_reads: Vec<(u64, oneshot::Sender<Result<u64, CoordinatorError>>)>,
     next_read: u64,
     last_snapshot: u64,
+    /// Set by a membership change: snapshot now, so a joining member gets one that includes it.
+    snapshot_due: bool,
     installed_snapshots: u64,
     applied: watch::Sender<u64>,
     status: watch::Sender<RaftStatus>,
@@ -282,6 +305,7 @@ impl<T: Transport> Driver<T> {
     fn handle_request(&mut self, request: Request) {
         match request {
             Request::Propose(proposal) => self.propose(proposal),
+            Request::ChangeMembership(proposal) => self.propose_membership(proposal),
             Request::TransferLeader { to, reply } => {
                 let _ = reply.send(self.transfer_leader(to));
             }
@@ -380,6 +404,82 @@ impl<T: Transport> Driver<T> {
                         "raft refused the proposal: {error}"
                     ))));
             }
+        }
+    }
+
+    /// Proposes a conf change carrying `proposal.command` (a `ChangeMembership`). One change at
+    /// a time: raft-rs would silently turn a second pending one into an empty entry.
+    fn propose_membership(&mut self, proposal: Proposal) {
+        let refuse = |proposal: Proposal, error: CoordinatorError| {
+            let _ = proposal.reply.send(Err(error));
+        };
+        let raft = &self.raw.raft;
+        if raft.state != StateRole::Leader {
+            let leader_id = raft.leader_id;
+            return refuse(proposal, CoordinatorError::NotLeader { leader_id });
+        }
+        let (change, member_id) = match &proposal.command.kind {
+            CommandKind::ChangeMembership { change, member, .. } => (*change, member.id),
+            other => {
+                let action = other.action();
+                return refuse(
+                    proposal,
+                    CoordinatorError::invalid(
+                        "command",
+                        format!("{action} is not a membership change"),
+                    ),
+                );
+            }
+        };
+        if raft.has_pending_conf() {
+            return refuse(
+                proposal,
+                CoordinatorError::MembershipConflict(
+                    "another membership change is still being applied; retry when it is".into(),
+                ),
+            );
+        }
+        if change == MembershipChange::Remove && member_id == raft.id {
+            return refuse(
+                proposal,
+                CoordinatorError::invalid(
+                    "member_id",
+                    format!(
+                        "member {member_id} leads; hand leadership over first (cluster transfer-leader)"
+                    ),
+                ),
+            );
+        }
+        let mut conf_change = ConfChange {
+            change_type: match change {
+                MembershipChange::AddLearner => ConfChangeType::AddLearnerNode,
+                MembershipChange::Promote => ConfChangeType::AddNode,
+                MembershipChange::Remove => ConfChangeType::RemoveNode,
+            },
+            node_id: member_id,
+            ..ConfChange::default()
+        };
+        match serde_json::to_vec(&proposal.command) {
+            Ok(context) => conf_change.context = context.into(),
+            Err(error) => {
+                return refuse(
+                    proposal,
+                    CoordinatorError::Storage(format!("encode the command: {error}")),
+                );
+            }
+        }
+        self.next_proposal += 1;
+        let context = proposal_context(self.settings.id, self.next_proposal);
+        match self.raw.propose_conf_change(context, conf_change) {
+            Ok(()) => {
+                self.pending.insert(self.next_proposal, proposal.reply);
+            }
+            Err(error) => refuse(
+                proposal,
+                CoordinatorError::MembershipConflict(format!(
+                    "raft refused the membership change: {error}"
+                )),
+            ),
         }
     }
 
@@ -486,32 +586,60 @@ impl<T: Transport> Driver<T> {
     }
 
     fn apply_conf_change(&mut self, entry: &Entry) -> Result<(), CoordinatorError> {
-        let change = if entry.get_entry_type() == EntryType::EntryConfChangeV2 {
-            ConfChangeV2::parse_from_bytes(&entry.data)
-        } else {
-            raft::eraftpb::ConfChange::parse_from_bytes(&entry.data)
-                .map(raft_proto::ConfChangeI::into_v2)
-        }
-        .map_err(|error| {
-            CoordinatorError::Storage(format!("decode conf change {}: {error}", entry.index))
-        })?;
+        let (change, registry_context) =
+            if entry.get_entry_type() == EntryType::EntryConfChangeV2 {
+                ConfChangeV2::parse_from_bytes(&entry.data).map(|change| {
+                    let context = change.context.to_vec();
+                    (change, context)
+                })
+            } else {
+                ConfChange::parse_from_bytes(&entry.data).map(|change| {
+                    let context = change.context.to_vec();
+                    (raft_proto::ConfChangeI::into_v2(change), context)
+                })
+            }
+            .map_err(|error| {
+                CoordinatorError::Storage(format!("decode conf change {}: {error}", entry.index))
+            })?;
         let conf_state = self.raw.apply_conf_change(&change).map_err(|error| {
             CoordinatorError::Storage(format!("apply conf change {}: {error}", entry.index))
         })?;
         self.store.set_conf_state(&conf_state)?;
-        self.state
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .applied_index = entry.index;
-        info!(index = entry.index, voters = ?conf_state.voters, "Membership changed.");
+        let outcome = {
+            let mut state = self
+                .state
+                .write()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            match serde_json::from_slice::<Command>(&registry_context) {
+                Ok(command) => apply_membership(&mut state, entry.index, &command),
+                Err(error) => {
+                    // Raft's voters changed regardless; every member skips the same context.
+                    state.applied_index = entry.index;
+                    warn!(%error, index = entry.index, "A conf change carried no membership command.");
+                    Err(CoordinatorError::Storage(format!(
+                        "conf change {} carries no membership command: {error}",
+                        entry.index
+                    )))
+                }
+            }
+        };
+        if let Some(reply) = own_proposal(self.settings.id, &entry.context)
+            .and_then(|number| self.pending.remove(&number))
+        {
+            let _ = reply.send(outcome);
+        }
+        self.snapshot_due = true;
+        info!(index = entry.index, voters = ?conf_state.voters, learners = ?conf_state.learners, "Membership changed.");
         Ok(())
     }
 
     fn maybe_snapshot(&mut self) -> Result<(), CoordinatorError> {
         let applied = self.raw.raft.raft_log.applied;
-        if applied.saturating_sub(self.last_snapshot) < self.settings.snapshot_every {
+        let due = self.snapshot_due && applied > self.last_snapshot;
+        if !due && applied.saturating_sub(self.last_snapshot) < self.settings.snapshot_every {
             return Ok(());
         }
+        self.snapshot_due = false;
         let data = {
             let state = self
                 .state

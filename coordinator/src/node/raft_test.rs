@@ -1,12 +1,12 @@
-//! Three members on an in-memory network: election, replication through `apply()`, failover,
-//! and a member that was down across a compaction catching up by snapshot.
+//! Members on an in-memory network: election, replication through `apply()`, failover, a
+//! member that was down across a compaction catching up by snapshot, and membership changes.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::state_machine::{CommandKind, Labels};
+use crate::state_machine::{CommandKind, Labels, MemberRecord, MembershipChange};
 
 #[derive(Clone, Default)]
 struct LocalNet {
@@ -28,6 +28,8 @@ struct Cluster {
     net: LocalNet,
     dirs: HashMap<u64, tempfile::TempDir>,
     members: HashMap<u64, RaftMember>,
+    /// Members that bootstrap the cluster; any other member joins.
+    founding: Vec<u64>,
 }
 
 const VOTERS: [u64; 3] = [1, 2, 3];
@@ -44,25 +46,38 @@ fn settings(id: u64) -> RaftSettings {
 
 impl Cluster {
     fn start() -> Self {
+        Self::start_with(&VOTERS)
+    }
+
+    fn start_with(founding: &[u64]) -> Self {
         rewind_shared::logging::init("warn");
         let mut cluster = Self {
             net: LocalNet::default(),
             dirs: HashMap::new(),
             members: HashMap::new(),
+            founding: founding.to_vec(),
         };
-        for id in VOTERS {
-            cluster.dirs.insert(id, tempfile::tempdir().unwrap());
+        for &id in founding {
             cluster.start_member(id);
         }
         cluster
     }
 
     fn start_member(&mut self, id: u64) {
-        let store = RaftStore::open(self.dirs[&id].path()).unwrap();
+        let dir = self
+            .dirs
+            .entry(id)
+            .or_insert_with(|| tempfile::tempdir().unwrap());
+        let store = RaftStore::open(dir.path()).unwrap();
+        let founding: Vec<MemberRecord> = if self.founding.contains(&id) {
+            self.founding.iter().map(|&id| record(id)).collect()
+        } else {
+            Vec::new()
+        };
         let member = start_member(
             settings(id),
             store,
-            &VOTERS,
+            &founding,
             self.net.clone(),
             Arc::from("rw-test"),
         )
@@ -116,6 +131,25 @@ impl Cluster {
         self.members[&id].node.propose(command).await
     }
 
+    async fn change(
+        &self,
+        via: u64,
+        change: MembershipChange,
+        id: u64,
+    ) -> Result<Outcome, CoordinatorError> {
+        let command = Command {
+            at_ms: 1,
+            identity: "test".into(),
+            request_id: String::new(),
+            kind: CommandKind::ChangeMembership {
+                change,
+                member: record(id),
+                reason: "test".into(),
+            },
+        };
+        self.members[&via].node.change_membership(command).await
+    }
+
     /// Waits until every running member holds the same state with at least `hosts` hosts.
     async fn converged(&self, hosts: usize) -> State {
         let started = Instant::now();
@@ -134,6 +168,15 @@ impl Cluster {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+}
+
+fn record(id: u64) -> MemberRecord {
+    MemberRecord {
+        id,
+        address: format!("127.0.0.1:{}", 7000 + id),
+        region: "test".into(),
+        name: format!("coordinator-{id}"),
     }
 }
 
@@ -212,4 +255,74 @@ async fn a_restarted_cluster_recovers_every_acknowledged_write_from_disk() {
     assert_eq!(after.audit, before.audit);
     cluster.propose(leader, "host-8").await.unwrap();
     cluster.converged(8).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_member_joins_as_learner_is_promoted_and_removed_with_registry_and_audit() {
+    let mut cluster = Cluster::start_with(&[1]);
+    assert_eq!(cluster.leader().await, 1);
+    cluster.propose(1, "host-1").await.unwrap();
+    assert_eq!(
+        cluster.members[&1].node.read(|state| state.members.clone()),
+        [(1, record(1))].into(),
+        "the founding registry is the bootstrap state"
+    );
+
+    // Member 2 starts with an empty store and waits; the cluster adds it, it catches up by a
+    // snapshot that already counts it, and is promoted.
+    cluster.start_member(2);
+    cluster
+        .change(1, MembershipChange::AddLearner, 2)
+        .await
+        .unwrap();
+    cluster
+        .change(1, MembershipChange::Promote, 2)
+        .await
+        .unwrap();
+    for index in 2..=8 {
+        cluster.propose(1, &format!("host-{index}")).await.unwrap();
+    }
+    let state = cluster.converged(8).await;
+    assert_eq!(state.members.keys().copied().collect::<Vec<_>>(), [1, 2]);
+    assert!(cluster.members[&2].status.borrow().installed_snapshots >= 1);
+    // Two voters now: a write needs both, so member 2 really votes (alone, member 1 loses
+    // check-quorum and steps down, or the write waits).
+    cluster.stop_member(2);
+    let alone = tokio::time::timeout(Duration::from_millis(500), cluster.propose(1, "host-x"));
+    assert!(
+        !matches!(alone.await, Ok(Ok(_))),
+        "a write committed without member 2"
+    );
+    cluster.start_member(2);
+    let leader = cluster.leader().await;
+    cluster.propose(leader, "host-9").await.unwrap();
+    cluster.converged(9).await;
+
+    // The leader cannot remove itself; removing the other leaves it committing alone.
+    let other = 3 - leader;
+    let refused = cluster
+        .change(leader, MembershipChange::Remove, leader)
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("transfer-leader"), "{refused}");
+    cluster
+        .change(leader, MembershipChange::Remove, other)
+        .await
+        .unwrap();
+    cluster.stop_member(other);
+    cluster.propose(leader, "host-10").await.unwrap();
+    let state = cluster.members[&leader].node.read(State::clone);
+    assert_eq!(state.members.keys().copied().collect::<Vec<_>>(), [leader]);
+    let actions: Vec<&str> = state
+        .audit
+        .entries()
+        .iter()
+        .map(|entry| entry.action.as_str())
+        .filter(|action| action.starts_with("cluster."))
+        .collect();
+    assert_eq!(
+        actions,
+        ["cluster.add-learner", "cluster.promote", "cluster.remove"]
+    );
+    assert_eq!(state.audit.verify().first_broken, None);
 }

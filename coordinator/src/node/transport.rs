@@ -1,10 +1,12 @@
 //! Raft messages to peers over gRPC (`RaftService.Deliver`), with mutual TLS.
 //!
-//! One task per peer drains a bounded queue into batches. A batch that cannot be delivered is
+//! One task per peer drains a bounded queue into batches. Peers follow the replicated member
+//! registry (see `crate::membership`), so members added or removed at runtime are reached. A batch that cannot be delivered is
 //! dropped: Raft retransmits what matters, and a full queue drops new messages the same way,
 //! so a dead peer costs bounded memory.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use protobuf::Message as _;
@@ -14,7 +16,7 @@ use rewind_proto::v1::{RaftBatch, raft_service_client::RaftServiceClient};
 use rewind_shared::tls::TlsFiles;
 use tokio::sync::mpsc;
 use tonic::transport::{ClientTlsConfig, Endpoint};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::raft::Transport;
 
@@ -25,51 +27,121 @@ const MAX_BATCH: usize = 256;
 /// Pause after a failed delivery, so a dead peer is not hammered.
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
 
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Peer {
     pub id: u64,
     pub address: String,
 }
 
+/// Cheap to clone: the Raft thread sends through one clone, the membership follower updates
+/// the peers through another.
+#[derive(Clone)]
 pub struct GrpcTransport {
-    queues: HashMap<u64, mpsc::Sender<Message>>,
+    routes: Arc<Mutex<Routes>>,
+}
+
+struct Routes {
+    runtime: tokio::runtime::Handle,
+    tls: TlsFiles,
+    cluster_id: String,
+    own_id: u64,
+    /// Peer id -> its address and the queue its sender task drains.
+    peers: HashMap<u64, (String, mpsc::Sender<Message>)>,
 }
 
 impl GrpcTransport {
-    /// Starts one sender task per peer on `runtime`. Each peer's certificate must name the host
-    /// of its address.
-    pub fn start(
-        runtime: &tokio::runtime::Handle,
-        peers: Vec<Peer>,
-        tls: &TlsFiles,
+    /// A transport with no peers yet; see [`Self::set_peers`].
+    pub fn new(
+        runtime: tokio::runtime::Handle,
+        tls: TlsFiles,
         cluster_id: String,
         own_id: u64,
-    ) -> Result<Self, rewind_shared::SharedError> {
-        let mut queues = HashMap::new();
-        for peer in peers {
+    ) -> Self {
+        Self {
+            routes: Arc::new(Mutex::new(Routes {
+                runtime,
+                tls,
+                cluster_id,
+                own_id,
+                peers: HashMap::new(),
+            })),
+        }
+    }
+
+    /// Makes `peers` the members messages go to: starts a sender task per new peer (or per
+    /// changed address) and ends those of peers no longer listed. Each peer's certificate must
+    /// name the host of its address; a peer whose TLS settings cannot be built is skipped with
+    /// a warning (and retried on the next call).
+    pub fn set_peers(&self, peers: &[Peer]) {
+        let mut routes = self
+            .routes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let own_id = routes.own_id;
+        routes.peers.retain(|id, (address, _)| {
+            peers
+                .iter()
+                .any(|peer| peer.id == *id && peer.address == *address)
+        });
+        for peer in peers.iter().filter(|peer| peer.id != own_id) {
+            if routes.peers.contains_key(&peer.id) {
+                continue;
+            }
             let host = peer
                 .address
                 .rsplit_once(':')
                 .map_or(peer.address.as_str(), |(host, _)| host);
-            let peer_tls = tls.client_config(host.trim_start_matches('[').trim_end_matches(']'))?;
+            let peer_tls = match routes
+                .tls
+                .client_config(host.trim_start_matches('[').trim_end_matches(']'))
+            {
+                Ok(tls) => tls,
+                Err(error) => {
+                    warn!(%error, peer = peer.id, "Cannot set up TLS towards a Raft peer.");
+                    continue;
+                }
+            };
             let (sender, receiver) = mpsc::channel(PEER_QUEUE);
-            queues.insert(peer.id, sender);
-            runtime.spawn(deliver_to(
-                peer,
+            routes.peers.insert(peer.id, (peer.address.clone(), sender));
+            info!(peer = peer.id, address = %peer.address, "Raft peer route set.");
+            routes.runtime.spawn(deliver_to(
+                peer.clone(),
                 receiver,
                 peer_tls,
-                cluster_id.clone(),
+                routes.cluster_id.clone(),
                 own_id,
             ));
         }
-        Ok(Self { queues })
+    }
+
+    /// The peers messages go to now.
+    pub fn peers(&self) -> Vec<Peer> {
+        let routes = self
+            .routes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut peers: Vec<Peer> = routes
+            .peers
+            .iter()
+            .map(|(id, (address, _))| Peer {
+                id: *id,
+                address: address.clone(),
+            })
+            .collect();
+        peers.sort_by_key(|peer| peer.id);
+        peers
     }
 }
 
 impl Transport for GrpcTransport {
     fn send(&self, messages: Vec<Message>) {
+        let routes = self
+            .routes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         for message in messages {
-            match self.queues.get(&message.to) {
-                Some(queue) => {
+            match routes.peers.get(&message.to) {
+                Some((_, queue)) => {
                     if queue.try_send(message).is_err() {
                         debug!("A peer's queue is full; dropped a Raft message.");
                     }

@@ -3,7 +3,7 @@
 //! No clock, no randomness, no I/O: everything comes from the command. A rejected command changes
 //! nothing (each handler checks before it mutates) except `applied_index`.
 
-use super::command::{Command, CommandKind, Outcome, RollbackAction, StepTarget};
+use super::command::{Command, CommandKind, MembershipChange, Outcome, RollbackAction, StepTarget};
 use super::state::*;
 use crate::errors::{CoordinatorError, known_list};
 
@@ -14,6 +14,57 @@ pub const COORDINATOR_IDENTITY: &str = "coordinator";
 
 /// Applies the command at log position `index`.
 pub fn apply(state: &mut State, index: u64, command: &Command) -> Result<Outcome> {
+    if let CommandKind::ChangeMembership { .. } = command.kind {
+        state.applied_index = index;
+        return Err(CoordinatorError::invalid(
+            "command",
+            "a membership change travels only as a Raft configuration change",
+        ));
+    }
+    record(state, index, command, apply_kind)
+}
+
+/// Applies the membership command carried by the Raft conf change at `index` (Raft has changed
+/// its own voters already): the member registry follows, and the audit log records who asked.
+pub fn apply_membership(state: &mut State, index: u64, command: &Command) -> Result<Outcome> {
+    record(state, index, command, |state, command| {
+        let CommandKind::ChangeMembership {
+            change,
+            member,
+            reason,
+        } = &command.kind
+        else {
+            return Err(CoordinatorError::invalid(
+                "command",
+                format!("a conf change carried {:?}", command.kind.action()),
+            ));
+        };
+        match change {
+            MembershipChange::AddLearner | MembershipChange::Promote => {
+                state.members.insert(member.id, member.clone());
+            }
+            MembershipChange::Remove => {
+                state.members.remove(&member.id);
+            }
+        }
+        Ok((
+            Outcome::Done,
+            format!("member-{}", member.id),
+            format!(
+                "ok: {} in {} ({}): {reason}",
+                member.address, member.region, member.name
+            ),
+        ))
+    })
+}
+
+/// Runs `kind_apply` unless the request was seen before, then audits and remembers it.
+fn record(
+    state: &mut State,
+    index: u64,
+    command: &Command,
+    kind_apply: impl FnOnce(&mut State, &Command) -> Result<(Outcome, String, String)>,
+) -> Result<Outcome> {
     state.applied_index = index;
     let request_key = request_key(command);
     if let Some(outcome) = request_key
@@ -22,7 +73,7 @@ pub fn apply(state: &mut State, index: u64, command: &Command) -> Result<Outcome
     {
         return Ok(outcome.clone());
     }
-    let (outcome, target, audit_outcome) = apply_kind(state, command)?;
+    let (outcome, target, audit_outcome) = kind_apply(state, command)?;
     state.audit.append(
         command.at_ms,
         &command.identity,
@@ -103,6 +154,11 @@ fn apply_kind(state: &mut State, command: &Command) -> Result<(Outcome, String, 
             Outcome::Done,
             format!("member-{to}"),
             format!("ok: {reason}"),
+        )),
+        // Refused by apply(); kept exhaustive so a new kind is not forgotten here.
+        CommandKind::ChangeMembership { .. } => Err(CoordinatorError::invalid(
+            "command",
+            "a membership change travels only as a Raft configuration change",
         )),
     }
 }

@@ -6,8 +6,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::state::{
-    HealthAggregate, Labels, ReleaseRecord, RollbackStepKind, ServiceRecord, Trigger, change_id,
-    parse_numbered_id, rollback_id,
+    HealthAggregate, Labels, MemberRecord, ReleaseRecord, RollbackStepKind, ServiceRecord, Trigger,
+    change_id, parse_numbered_id, rollback_id,
 };
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -69,6 +69,22 @@ pub enum CommandKind {
         to: u64,
         reason: String,
     },
+    /// Travels in the context of a Raft conf change and is applied with it, never as a normal
+    /// entry: the member registry and Raft's own membership change together.
+    ChangeMembership {
+        change: MembershipChange,
+        member: MemberRecord,
+        reason: String,
+    },
+}
+
+/// A step of a membership change. A member joins as a learner (it receives the log but does not
+/// vote), is promoted to voter once it has caught up, and can be removed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MembershipChange {
+    AddLearner,
+    Promote,
+    Remove,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -176,6 +192,11 @@ impl CommandKind {
             Self::StepFinished { .. } => "step.finish",
             Self::StartRollback { .. } => "rollback.start",
             Self::TransferLeader { .. } => "cluster.transfer-leader",
+            Self::ChangeMembership { change, .. } => match change {
+                MembershipChange::AddLearner => "cluster.add-learner",
+                MembershipChange::Promote => "cluster.promote",
+                MembershipChange::Remove => "cluster.remove",
+            },
             Self::ControlRollback { action, .. } => match action {
                 RollbackAction::Pause => "rollback.pause",
                 RollbackAction::Resume => "rollback.resume",

@@ -9,7 +9,10 @@ mod state;
 #[cfg(test)]
 mod apply_test;
 
-pub use apply::{COORDINATOR_IDENTITY, apply, current_version, unknown_change, unknown_rollback};
+pub use apply::{
+    COORDINATOR_IDENTITY, apply, apply_membership, current_version, unknown_change,
+    unknown_rollback,
+};
 pub use audit::{AuditEntry, AuditLog, AuditVerification, GENESIS_HASH};
-pub use command::{Command, CommandKind, Outcome, RollbackAction, StepTarget};
+pub use command::{Command, CommandKind, MembershipChange, Outcome, RollbackAction, StepTarget};
 pub use state::*;

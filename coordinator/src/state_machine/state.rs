@@ -25,6 +25,20 @@ pub struct State {
     pub requests: RequestLog,
     pub next_change: u64,
     pub next_rollback: u64,
+    /// The coordinator members, by id: how to reach each and which certificate it presents.
+    /// Founding members are written at bootstrap; later ones arrive with Raft conf changes.
+    #[serde(default)]
+    pub members: BTreeMap<u64, MemberRecord>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberRecord {
+    pub id: u64,
+    /// host:port other members, agents and rewindctl dial.
+    pub address: String,
+    pub region: String,
+    /// Common name of the member's certificate.
+    pub name: String,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

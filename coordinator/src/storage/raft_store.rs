@@ -60,12 +60,24 @@ impl RaftStore {
         Ok(!self.conf_state()?.voters.is_empty() || self.snapshot_metadata()?.index > 0)
     }
 
-    /// Starts a new cluster with these voters. Only for a store that was never initialized.
-    pub fn bootstrap(&self, voters: &[u64]) -> Result<(), CoordinatorError> {
+    /// Starts a new cluster with these voters and this initial state (the founding member
+    /// registry). Only for a store that was never initialized; every founding member writes the
+    /// same. The state is kept as the snapshot at index 0, so a restart reads it back like any
+    /// snapshot; Raft never ships it (members that join later get a snapshot taken after the
+    /// conf change that added them).
+    pub fn bootstrap(
+        &self,
+        voters: &[u64],
+        initial_state: Vec<u8>,
+    ) -> Result<(), CoordinatorError> {
         let conf_state = ConfState {
             voters: voters.to_vec(),
             ..ConfState::default()
         };
+        let mut snapshot = Snapshot::default();
+        snapshot.set_data(initial_state.into());
+        snapshot.mut_metadata().set_conf_state(conf_state.clone());
+        self.put_snapshot(&snapshot)?;
         self.set_conf_state(&conf_state)?;
         self.flush()
     }
@@ -370,7 +382,7 @@ mod tests {
         {
             let store = RaftStore::open(dir.path()).unwrap();
             assert!(!store.is_initialized().unwrap());
-            store.bootstrap(&[1, 2, 3]).unwrap();
+            store.bootstrap(&[1, 2, 3], Vec::new()).unwrap();
             store
                 .append(&(1..=5).map(|index| entry(index, 1)).collect::<Vec<_>>())
                 .unwrap();

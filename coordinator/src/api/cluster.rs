@@ -1,0 +1,277 @@
+//! The cluster part of `ControlService`: list members, add, remove, hand leadership over.
+//!
+//! Adding a member is two audited Raft conf changes: it joins as a learner (it receives the log
+//! but does not count toward quorum, so a member that never starts cannot stall the cluster),
+//! and once it has caught up with the commit index it is promoted to voter.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use rewind_proto::v1 as pb;
+use rewind_shared::names;
+use tonic::Status;
+use tracing::info;
+
+use super::Context;
+use super::status::{invalid, to_status};
+use crate::errors::CoordinatorError;
+use crate::state_machine::{Command, CommandKind, MemberRecord, MembershipChange};
+
+/// Catch-up wait when the request does not say, and the most it may ask for.
+const DEFAULT_CATCH_UP_S: u32 = 60;
+const MAX_CATCH_UP_S: u32 = 600;
+/// A learner this close to the leader's commit index counts as caught up.
+const CAUGHT_UP_LAG: u64 = 10;
+const CATCH_UP_POLL: Duration = Duration::from_millis(200);
+
+/// Members with their role and replication progress as this member (the leader) sees them.
+pub fn list(context: &Context) -> pb::ListMembersResponse {
+    let status = context.status.borrow().clone();
+    let members = context
+        .directory
+        .members()
+        .into_iter()
+        .map(|member| {
+            let progress = status.peers.iter().find(|peer| peer.id == member.id);
+            let matched_index = progress.map_or(0, |peer| peer.matched_index);
+            let role = match progress {
+                _ if member.id == status.id => "leader",
+                Some(peer) if peer.is_learner => "learner",
+                Some(_) => "follower",
+                None => "unknown",
+            };
+            pb::ClusterMember {
+                id: member.id,
+                address: member.address,
+                region: member.region,
+                role: role.into(),
+                matched_index,
+                lag: status.last_index.saturating_sub(matched_index),
+                recently_active: progress.is_some_and(|peer| peer.recently_active),
+            }
+        })
+        .collect();
+    pb::ListMembersResponse {
+        members,
+        term: status.term,
+        commit_index: status.commit_index,
+        cluster_id: context.cluster_id.clone(),
+    }
+}
+
+pub async fn add_member(
+    context: &Context,
+    identity: &str,
+    request: pb::AddMemberRequest,
+) -> Result<(), Status> {
+    let member = member_record(&request)?;
+    let catch_up = match request.catch_up_timeout_s {
+        0 => DEFAULT_CATCH_UP_S,
+        seconds if seconds <= MAX_CATCH_UP_S => seconds,
+        seconds => {
+            return Err(invalid(
+                "catch_up_timeout_s",
+                format!("is {seconds}, must be within 1..={MAX_CATCH_UP_S}"),
+            ));
+        }
+    };
+    let reason = reason_or_default(request.reason, identity);
+    let known = context.directory.members();
+    if let Some(clash) = known
+        .iter()
+        .find(|known| known.id != member.id && known.address == member.address)
+    {
+        return Err(invalid(
+            "address",
+            format!(
+                "{} is already member {}'s address",
+                member.address, clash.id
+            ),
+        ));
+    }
+    match known.iter().find(|known| known.id == member.id) {
+        Some(existing) if *existing != member => {
+            return Err(invalid(
+                "member_id",
+                format!(
+                    "member {} is already in the cluster as {} in {} ({}); remove it first to change it",
+                    existing.id, existing.address, existing.region, existing.name
+                ),
+            ));
+        }
+        Some(_) if !is_learner(context, member.id) => {
+            // Already a voter: adding it again changes nothing.
+            return Ok(());
+        }
+        Some(_) => {}
+        None => {
+            propose(
+                context,
+                identity,
+                MembershipChange::AddLearner,
+                &member,
+                &reason,
+            )
+            .await?;
+            info!(identity, id = member.id, address = %member.address, "Member added as a learner.");
+        }
+    }
+    if request.learner_only {
+        return Ok(());
+    }
+    wait_for_catch_up(context, member.id, Duration::from_secs(catch_up.into())).await?;
+    propose(
+        context,
+        identity,
+        MembershipChange::Promote,
+        &member,
+        &reason,
+    )
+    .await?;
+    info!(identity, id = member.id, "Learner promoted to voter.");
+    Ok(())
+}
+
+pub async fn remove_member(
+    context: &Context,
+    identity: &str,
+    request: pb::RemoveMemberRequest,
+) -> Result<(), Status> {
+    super::control::validate_reason(&request.reason)?;
+    let Some(member) = context.directory.get(request.member_id) else {
+        let known: Vec<String> = context
+            .directory
+            .members()
+            .iter()
+            .map(|member| member.id.to_string())
+            .collect();
+        return Err(invalid(
+            "member_id",
+            format!(
+                "{} is not a member: members are {}",
+                request.member_id,
+                known.join(", ")
+            ),
+        ));
+    };
+    let reason = reason_or_default(request.reason, identity);
+    propose(
+        context,
+        identity,
+        MembershipChange::Remove,
+        &member,
+        &reason,
+    )
+    .await?;
+    info!(identity, id = member.id, "Member removed.");
+    Ok(())
+}
+
+/// Validates the request's member, naming the field at fault.
+fn member_record(request: &pb::AddMemberRequest) -> Result<MemberRecord, Status> {
+    if request.member_id == 0 {
+        return Err(invalid("member_id", "must be a positive number"));
+    }
+    let address = &request.address;
+    let port_ok = address
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+    if address.parse::<SocketAddr>().is_err() && !port_ok {
+        return Err(invalid(
+            "address",
+            format!("{address:?} must be host:port (the address peers and agents dial)"),
+        ));
+    }
+    if !request.region.is_empty() {
+        names::validate_name("region", &request.region).map_err(|error| to_status(error.into()))?;
+    }
+    let name = if request.name.is_empty() {
+        format!("coordinator-{}", request.member_id)
+    } else {
+        request.name.clone()
+    };
+    names::validate_name("name", &name).map_err(|error| to_status(error.into()))?;
+    super::control::validate_reason(&request.reason)?;
+    Ok(MemberRecord {
+        id: request.member_id,
+        address: address.clone(),
+        region: request.region.clone(),
+        name,
+    })
+}
+
+fn reason_or_default(reason: String, identity: &str) -> String {
+    if reason.is_empty() {
+        format!("requested by {identity}")
+    } else {
+        reason
+    }
+}
+
+fn is_learner(context: &Context, id: u64) -> bool {
+    context
+        .status
+        .borrow()
+        .peers
+        .iter()
+        .any(|peer| peer.id == id && peer.is_learner)
+}
+
+async fn propose(
+    context: &Context,
+    identity: &str,
+    change: MembershipChange,
+    member: &MemberRecord,
+    reason: &str,
+) -> Result<(), Status> {
+    let command = Command {
+        at_ms: rewind_shared::time::now_ms(),
+        identity: identity.to_string(),
+        request_id: String::new(),
+        kind: CommandKind::ChangeMembership {
+            change,
+            member: member.clone(),
+            reason: reason.to_string(),
+        },
+    };
+    context
+        .node
+        .change_membership(command)
+        .await
+        .map(|_| ())
+        .map_err(|error| context.refusal(error))
+}
+
+/// Waits until learner `id` holds the log up to (nearly) the leader's commit index.
+async fn wait_for_catch_up(context: &Context, id: u64, timeout: Duration) -> Result<(), Status> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let (matched, commit) = {
+            let status = context.status.borrow();
+            if !status.is_leader {
+                let leader_id = status.leader_id;
+                drop(status);
+                return Err(context.refusal(CoordinatorError::NotLeader { leader_id }));
+            }
+            let matched = status
+                .peers
+                .iter()
+                .find(|peer| peer.id == id)
+                .map_or(0, |peer| peer.matched_index);
+            (matched, status.commit_index)
+        };
+        if matched + CAUGHT_UP_LAG >= commit && matched > 0 {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(Status::deadline_exceeded(format!(
+                "member {id} joined as a learner but has not caught up within {}s \
+                 (it holds the log to {matched}, the cluster has committed {commit}); \
+                 check that it runs with cluster.join = true and can reach the leader, \
+                 then repeat the add to promote it",
+                timeout.as_secs()
+            )));
+        }
+        tokio::time::sleep(CATCH_UP_POLL).await;
+    }
+}
