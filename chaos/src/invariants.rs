@@ -87,3 +87,42 @@ pub fn restarts_exact(hosts: &[TestHost], expected: usize) -> anyhow::Result<()>
     }
     Ok(())
 }
+
+/// Every acknowledged change and rollback is in the leader's state, the rollback succeeded and
+/// belongs to its change. With [`members_agree`] (equal state digests) that holds on every member.
+pub async fn acknowledged_present(
+    client: &mut pb::control_service_client::ControlServiceClient<tonic::transport::Channel>,
+    acknowledged: &[(String, String)],
+) -> anyhow::Result<()> {
+    for (change_id, rollback_id) in acknowledged {
+        let change = client
+            .get_change(pb::GetChangeRequest {
+                change_id: change_id.clone(),
+            })
+            .await?
+            .into_inner()
+            .change;
+        ensure!(
+            change.is_some(),
+            "acknowledged change {change_id} is missing"
+        );
+        let rollback = client
+            .get_rollback(pb::GetRollbackRequest {
+                rollback_id: rollback_id.clone(),
+            })
+            .await?
+            .into_inner()
+            .rollback;
+        let Some(rollback) = rollback else {
+            bail!("acknowledged rollback {rollback_id} is missing");
+        };
+        ensure!(
+            rollback.change_id == *change_id
+                && rollback.state == pb::RollbackState::Succeeded as i32,
+            "rollback {rollback_id}: of {} and {:?}, expected a succeeded rollback of {change_id}",
+            rollback.change_id,
+            rollback.state
+        );
+    }
+    Ok(())
+}

@@ -1,14 +1,15 @@
-//! Fault-injection runs against real rewind clusters: real coordinator and agent processes on
-//! loopback, faults injected at seeded moments, invariants checked at the end. Every run prints
+//! Fault-injection runs against real rewind clusters: real coordinator and agent processes (on
+//! loopback, or each member in its own network namespace), faults injected at seeded moments, invariants checked at the end. Every run prints
 //! its seed; the same seed replays the same schedule of faults (the processes' own timing still
 //! varies, which is the point).
 //!
 //! # Layout
-//! - [`member_crash`]: kill -9 the leader, a follower or every member while a rollback runs.
+//! - [`rollback_faults`]: kill -9 the leader, a follower or every member, or partition the
+//!   leader, while a rollback runs.
 //! - [`invariants`]: the checks every scenario ends with.
 
 pub mod invariants;
-pub mod member_crash;
+pub mod rollback_faults;
 
 /// How a fault ended: installed, skipped (the moment had passed), or indeterminate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -19,10 +19,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Scenario {
-    /// kill -9 the leader, a follower or every member during rollbacks.
-    MemberCrash {
+    /// kill -9 the leader, a follower or every member, or partition the leader (unless
+    /// --loopback), during rollbacks.
+    RollbackFaults {
         #[arg(long, default_value_t = 30)]
         rounds: usize,
+        /// Run members on loopback (no root needed; no partitions).
+        #[arg(long)]
+        loopback: bool,
     },
 }
 
@@ -39,10 +43,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let Scenario::MemberCrash { rounds } = cli.scenario;
+    let Scenario::RollbackFaults { rounds, loopback } = cli.scenario;
+    let network = if loopback {
+        rewind_chaos::rollback_faults::Network::Loopback
+    } else {
+        rewind_chaos::rollback_faults::Network::Private
+    };
     let result = runtime.block_on(async {
         let dir = tempfile::tempdir()?;
-        rewind_chaos::member_crash::run(seed, rounds, dir.path()).await
+        rewind_chaos::rollback_faults::run(seed, rounds, dir.path(), network).await
     });
     match result {
         Ok(report) => {

@@ -13,6 +13,9 @@ use rewind_shared::dev_ca::{self, DevCa};
 use rewind_shared::tls::TlsFiles;
 use tonic::transport::{Channel, Endpoint};
 
+pub mod netns;
+pub use netns::PrivateNet;
+
 static BUILD: Once = Once::new();
 
 /// Path of a workspace binary, built (once per test run) with the test profile.
@@ -28,16 +31,21 @@ pub fn must_binary(name: &str) -> PathBuf {
                 "rewind-coordinator",
                 "--bin",
                 "rewind-agent",
+                "--bin",
+                "rewindctl",
             ])
             .status()
             .expect("run cargo build");
         assert!(status.success(), "cargo build of the binaries failed");
     });
     let test_exe = std::env::current_exe().expect("current exe");
-    let profile_dir = test_exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>");
+    // Tests run from target/<profile>/deps, the chaos binary from target/<profile>.
+    let exe_dir = test_exe.parent().expect("target/<profile>");
+    let profile_dir = if exe_dir.ends_with("deps") {
+        exe_dir.parent().expect("target/<profile>")
+    } else {
+        exe_dir
+    };
     let path = profile_dir.join(name);
     assert!(path.exists(), "{} was not built", path.display());
     path
@@ -62,8 +70,22 @@ impl Drop for Process {
 }
 
 fn spawn(binary: &Path, args: &[&str], log: &Path) -> Process {
+    spawn_in(None, binary, args, log)
+}
+
+/// Starts `binary`, inside network namespace `namespace` when given (`ip netns exec` execs it,
+/// so the child's pid is the binary's and a kill reaches it).
+fn spawn_in(namespace: Option<&str>, binary: &Path, args: &[&str], log: &Path) -> Process {
     let log_file = std::fs::File::create(log).expect("create log");
-    let child = Command::new(binary)
+    let mut command = match namespace {
+        Some(namespace) => {
+            let mut command = Command::new("ip");
+            command.args(["netns", "exec", namespace]).arg(binary);
+            command
+        }
+        None => Command::new(binary),
+    };
+    let child = command
         .args(args)
         .env("REWIND_LOG", "info,sled=warn")
         .stdin(Stdio::null())
@@ -312,46 +334,97 @@ pub struct ClusterHarness {
     pub ca: DevCa,
     pub addresses: Vec<String>,
     members: Vec<Option<Process>>,
+    /// Members run in their own network namespaces here, when the cluster can be partitioned.
+    network: Option<PrivateNet>,
+    /// Members cut off from the network right now.
+    cut: Vec<u64>,
 }
 
 impl ClusterHarness {
-    /// Starts `size` members (ids 1..=size) that bootstrap one cluster.
+    /// Starts `size` members (ids 1..=size) that bootstrap one cluster, on loopback.
     pub fn must_start(dir: &Path, size: u64) -> Self {
+        Self::must_start_with(dir, size, None)
+    }
+
+    /// Like [`ClusterHarness::must_start`], each member in its own network namespace on a
+    /// private network, so [`ClusterHarness::cut`] can partition it. Needs root.
+    pub fn must_start_partitionable(dir: &Path, size: u64) -> Self {
+        let network = PrivateNet::create(size)
+            .unwrap_or_else(|error| panic!("build a private network: {error}"));
+        Self::must_start_with(dir, size, Some(network))
+    }
+
+    fn must_start_with(dir: &Path, size: u64, network: Option<PrivateNet>) -> Self {
         let tls_dir = dir.join("tls");
         std::fs::create_dir_all(&tls_dir).unwrap();
         let ca = DevCa::generate("test cluster CA").unwrap();
         ca.save(&tls_dir).unwrap();
         ca.write_identity(&tls_dir, dev_ca::OPERATOR, &[]).unwrap();
-        // Reserve distinct free ports, then release them for the members to bind.
-        let listeners: Vec<std::net::TcpListener> = (0..size)
-            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-            .collect();
-        let addresses: Vec<String> = listeners
-            .iter()
-            .map(|listener| listener.local_addr().unwrap().to_string())
-            .collect();
-        drop(listeners);
+        let addresses: Vec<String> = match &network {
+            Some(network) => (1..=size)
+                .map(|id| format!("{}:7443", network.address(id)))
+                .collect(),
+            None => {
+                // Reserve distinct free ports, then release them for the members to bind.
+                let listeners: Vec<std::net::TcpListener> = (0..size)
+                    .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+                    .collect();
+                listeners
+                    .iter()
+                    .map(|listener| listener.local_addr().unwrap().to_string())
+                    .collect()
+            }
+        };
         let mut harness = Self {
             dir: dir.to_path_buf(),
             tls_dir,
             ca,
             addresses,
             members: Vec::new(),
+            network,
+            cut: Vec::new(),
         };
         for id in 1..=size {
-            harness
-                .ca
-                .write_identity(
-                    &harness.tls_dir,
-                    &format!("coordinator-{id}"),
-                    &["localhost", "127.0.0.1"],
-                )
-                .unwrap();
+            harness.must_write_identity(id);
             harness.write_config(id, false);
             harness.members.push(None);
             harness.must_start_member(id);
         }
         harness
+    }
+
+    /// Member `id`'s certificate: its CN, and the host of its address as a SAN.
+    fn must_write_identity(&self, id: u64) {
+        let host = self.addresses[id as usize - 1]
+            .rsplit_once(':')
+            .map(|(host, _)| host.to_string())
+            .unwrap();
+        self.ca
+            .write_identity(
+                &self.tls_dir,
+                &format!("coordinator-{id}"),
+                &["localhost", "127.0.0.1", &host],
+            )
+            .unwrap();
+    }
+
+    /// Cuts member `id` off from every peer, agent and client (needs a partitionable cluster).
+    pub fn cut(&mut self, id: u64) {
+        let network = self.network.as_ref().expect("a partitionable cluster");
+        network.cut(id).unwrap();
+        self.cut.push(id);
+    }
+
+    /// Reconnects member `id`.
+    pub fn heal(&mut self, id: u64) {
+        let network = self.network.as_ref().expect("a partitionable cluster");
+        network.heal(id).unwrap();
+        self.cut.retain(|&cut| cut != id);
+    }
+
+    /// Members cut off right now.
+    pub fn cut_members(&self) -> &[u64] {
+        &self.cut
     }
 
     fn config_path(&self, id: u64) -> PathBuf {
@@ -362,18 +435,16 @@ impl ClusterHarness {
     /// `cluster.join` and lists every member so far. Returns its id; the cluster still has to add
     /// it (`rewindctl cluster add`).
     pub fn must_start_joining(&mut self) -> u64 {
+        assert!(
+            self.network.is_none(),
+            "a joining member runs on loopback only"
+        );
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         self.addresses
             .push(listener.local_addr().unwrap().to_string());
         drop(listener);
         let id = self.addresses.len() as u64;
-        self.ca
-            .write_identity(
-                &self.tls_dir,
-                &format!("coordinator-{id}"),
-                &["localhost", "127.0.0.1"],
-            )
-            .unwrap();
+        self.must_write_identity(id);
         self.write_config(id, true);
         self.members.push(None);
         self.must_start_member(id);
@@ -428,7 +499,9 @@ join = {join}
     pub fn must_start_member(&mut self, id: u64) {
         let config = self.config_path(id);
         let log = self.dir.join(format!("member-{id}.log"));
-        let process = spawn(
+        let namespace = self.network.as_ref().map(|network| network.namespace(id));
+        let process = spawn_in(
+            namespace.as_deref(),
             &must_binary("rewind-coordinator"),
             &["--config", config.to_str().unwrap()],
             &log,
@@ -475,7 +548,7 @@ join = {join}
     pub async fn must_leader(&self) -> (u64, ControlServiceClient<Channel>) {
         must_wait_async(Duration::from_secs(30), "a leader", || async {
             for (index, member) in self.members.iter().enumerate() {
-                if member.is_none() {
+                if member.is_none() || self.cut.contains(&(index as u64 + 1)) {
                     continue;
                 }
                 let Ok(mut client) = self.client_for(&self.addresses[index]).await else {

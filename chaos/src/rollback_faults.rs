@@ -1,11 +1,12 @@
-//! Invariant: a rollback survives members crashing at any moment.
+//! Invariant: a rollback survives members crashing or being cut off at any moment.
 //!
 //! One three-member cluster and two agents. Each round deploys a bad release, starts its
 //! rollback and, after a seeded delay, injects a seeded fault: kill -9 the leader, kill -9 a
-//! follower, or kill -9 every member at once. It waits for the rollback to end (under a new
-//! leader where there is one) and brings the killed members back. The run ends by checking that every rollback
-//! succeeded and every host is exactly restored, that no step ran twice (restart counts), and
-//! that all members hold the same state with an intact audit chain.
+//! follower, kill -9 every member at once, or (on a private network) cut the leader off from
+//! every peer and agent and heal it after a seeded time. It waits for the rollback to end (under
+//! a new leader where there is one) and brings the killed members back. The run ends by checking
+//! that every rollback succeeded and every host is exactly restored, that no step ran twice
+//! (restart counts), and that all members hold the same state with an intact audit chain.
 
 use std::path::Path;
 use std::time::Duration;
@@ -31,6 +32,17 @@ pub enum Fault {
     KillLeader,
     KillFollower,
     KillAll,
+    /// Cut the leader off from everyone, then heal.
+    PartitionLeader,
+}
+
+/// Where the members run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Network {
+    /// Loopback: no root needed, no partitions.
+    Loopback,
+    /// Each member in its own network namespace, so the leader can be partitioned. Needs root.
+    Private,
 }
 
 #[derive(Debug)]
@@ -40,9 +52,23 @@ pub struct Report {
     pub faults: Vec<(Fault, FaultOutcome)>,
 }
 
-pub async fn run(seed: u64, rounds: usize, dir: &Path) -> anyhow::Result<Report> {
+pub async fn run(seed: u64, rounds: usize, dir: &Path, network: Network) -> anyhow::Result<Report> {
     let mut random = StdRng::seed_from_u64(seed);
-    let mut cluster = ClusterHarness::must_start(dir, 3);
+    let (mut cluster, possible) = match network {
+        Network::Loopback => (
+            ClusterHarness::must_start(dir, 3),
+            &[Fault::KillLeader, Fault::KillFollower, Fault::KillAll][..],
+        ),
+        Network::Private => (
+            ClusterHarness::must_start_partitionable(dir, 3),
+            &[
+                Fault::KillLeader,
+                Fault::KillFollower,
+                Fault::KillAll,
+                Fault::PartitionLeader,
+            ][..],
+        ),
+    };
     let mut hosts: Vec<TestHost> = ["web-1", "web-2"]
         .iter()
         .map(|id| {
@@ -57,10 +83,12 @@ pub async fn run(seed: u64, rounds: usize, dir: &Path) -> anyhow::Result<Report>
     deploy(&cluster, "v1", "first").await?;
 
     let mut faults = Vec::with_capacity(rounds);
+    // Changes and rollbacks whose start was acknowledged: each must survive on every member.
+    let mut acknowledged: Vec<(String, String)> = Vec::with_capacity(rounds);
     for round in 0..rounds {
         let delay = Duration::from_millis(random.random_range(0..300));
-        let fault =
-            [Fault::KillLeader, Fault::KillFollower, Fault::KillAll][random.random_range(0..3)];
+        let fault = possible[random.random_range(0..possible.len())];
+        let heal_after = Duration::from_millis(random.random_range(500..3000));
         let change_id = deploy(&cluster, "v2", &format!("round-{round}")).await?;
         for host in &hosts {
             std::fs::write(host.root.join("config/app.toml"), config_for("v2"))
@@ -68,7 +96,7 @@ pub async fn run(seed: u64, rounds: usize, dir: &Path) -> anyhow::Result<Report>
         }
         let start = pb::StartRollbackRequest {
             request_id: format!("rollback-{round}"),
-            change_id,
+            change_id: change_id.clone(),
             reason: "chaos".into(),
             max_parallel: 2,
         };
@@ -78,6 +106,7 @@ pub async fn run(seed: u64, rounds: usize, dir: &Path) -> anyhow::Result<Report>
         })
         .await?;
         let rollback_id = started.rollback.context("no rollback")?.rollback_id;
+        acknowledged.push((change_id.clone(), rollback_id.clone()));
         tokio::time::sleep(delay).await;
         let (leader, mut client) = cluster.must_leader().await;
         // Read on the member about to be killed; if it just lost leadership, count it as unknown.
@@ -95,9 +124,13 @@ pub async fn run(seed: u64, rounds: usize, dir: &Path) -> anyhow::Result<Report>
             Fault::KillLeader => vec![leader],
             Fault::KillFollower => vec![(1..=3).find(|&id| id != leader).unwrap_or(1)],
             Fault::KillAll => vec![1, 2, 3],
+            Fault::PartitionLeader => vec![],
         };
         for &id in &killed {
             cluster.kill(id);
+        }
+        if fault == Fault::PartitionLeader {
+            cluster.cut(leader);
         }
         faults.push((
             fault,
@@ -116,6 +149,19 @@ pub async fn run(seed: u64, rounds: usize, dir: &Path) -> anyhow::Result<Report>
             ended_already,
             "Fault injected."
         );
+        if fault == Fault::PartitionLeader {
+            // The others elect a leader and the agents move to it meanwhile; the rollback may
+            // end before or after the heal.
+            tokio::time::sleep(heal_after).await;
+            cluster.heal(leader);
+            info!(
+                seed,
+                round,
+                leader,
+                heal_after_ms = heal_after.as_millis() as u64,
+                "Partition healed."
+            );
+        }
         if fault == Fault::KillAll {
             for &id in &killed {
                 cluster.must_start_member(id);
@@ -153,6 +199,8 @@ pub async fn run(seed: u64, rounds: usize, dir: &Path) -> anyhow::Result<Report>
     invariants::restarts_exact(&hosts, 1 + 2 * rounds)?;
     let live = cluster.live_members();
     let settled = invariants::members_agree(&cluster, &live).await?;
+    let (_, mut client) = cluster.must_leader().await;
+    invariants::acknowledged_present(&mut client, &acknowledged).await?;
     info!(
         seed,
         rounds,
