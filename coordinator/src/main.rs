@@ -41,13 +41,20 @@ struct Cli {
 enum Command {
     /// Check a config file, reporting every problem, unknown keys included.
     CheckConfig { path: PathBuf },
-    /// Issue a certificate from the dev CA in <data-dir>/tls (dev clusters only).
+    /// Issue a certificate from the dev CA in <data-dir>/tls (dev and test clusters only).
     IssueCert {
         #[arg(long, env = "REWIND_DATA_DIR")]
         data_dir: PathBuf,
-        /// Certificate name: an agent's host id, or an operator's name.
+        /// Certificate name (CN): an agent's host id, a member's name, or an operator's name.
         #[arg(long)]
         name: String,
+        /// Subject alternative name (DNS name or IP) the certificate is valid for: a member's
+        /// certificate needs the host of its address. Repeatable.
+        #[arg(long)]
+        san: Vec<String>,
+        /// Create the dev CA in <data-dir>/tls first when there is none.
+        #[arg(long)]
+        create_ca: bool,
     },
 }
 
@@ -60,7 +67,9 @@ fn main() -> ExitCode {
         Some(Command::IssueCert {
             ref data_dir,
             ref name,
-        }) => report(issue_cert(data_dir, name)),
+            ref san,
+            create_ca,
+        }) => report(issue_cert(data_dir, name, san, create_ca)),
         None => run(cli),
     }
 }
@@ -100,13 +109,24 @@ fn check_config(path: &std::path::Path) -> ExitCode {
     ExitCode::from(EXIT_BAD_CONFIG)
 }
 
-fn issue_cert(data_dir: &std::path::Path, name: &str) -> anyhow::Result<()> {
+fn issue_cert(
+    data_dir: &std::path::Path,
+    name: &str,
+    sans: &[String],
+    create_ca: bool,
+) -> anyhow::Result<()> {
     rewind_shared::names::validate_name("name", name)?;
     let tls_dir = data_dir.join("tls");
-    let ca = dev_ca::DevCa::load(&tls_dir)
-        .context("load the dev CA (start the coordinator with --dev first)")?;
+    let ca = if create_ca {
+        dev_ca::ensure_dev_pki(&tls_dir).context("create the dev CA")?
+    } else {
+        dev_ca::DevCa::load(&tls_dir).context(
+            "load the dev CA (start the coordinator with --dev first, or pass --create-ca)",
+        )?
+    };
+    let sans: Vec<&str> = sans.iter().map(String::as_str).collect();
     let files = ca
-        .write_identity(&tls_dir, name, &[])
+        .write_identity(&tls_dir, name, &sans)
         .context("write the certificate")?;
     println!("{}\n{}", files.cert.display(), files.key.display());
     Ok(())

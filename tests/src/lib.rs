@@ -522,19 +522,7 @@ join = {join}
 
     /// A channel to one member, authenticated as the operator.
     pub async fn channel_for(&self, address: &str) -> Result<Channel, String> {
-        let files = TlsFiles::in_dir(&self.tls_dir, dev_ca::OPERATOR);
-        let tls = files
-            .client_config("localhost")
-            .map_err(|error| error.to_string())?;
-        Endpoint::from_shared(format!("https://{address}"))
-            .unwrap()
-            .tls_config(tls)
-            .map_err(|error| error.to_string())?
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(5))
-            .connect()
-            .await
-            .map_err(|error| format!("{error:?}"))
+        operator_channel(&self.tls_dir, address).await
     }
 
     /// Ids of the members currently running.
@@ -563,6 +551,24 @@ join = {join}
         })
         .await
     }
+}
+
+/// A channel to a coordinator member at `address`, authenticated as the operator whose
+/// certificate is in `tls_dir`; the member's certificate must name `localhost`.
+pub async fn operator_channel(tls_dir: &Path, address: &str) -> Result<Channel, String> {
+    let files = TlsFiles::in_dir(tls_dir, dev_ca::OPERATOR);
+    let tls = files
+        .client_config("localhost")
+        .map_err(|error| error.to_string())?;
+    Endpoint::from_shared(format!("https://{address}"))
+        .map_err(|error| error.to_string())?
+        .tls_config(tls)
+        .map_err(|error| error.to_string())?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|error| format!("{error:?}"))
 }
 
 /// Waits until `count` agents are connected to the member behind `client`.

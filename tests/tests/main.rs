@@ -7,3 +7,4 @@ mod t03_mutual_tls;
 mod t04_durability;
 mod t05_cluster;
 mod t06_membership;
+mod t07_compose;

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Builds the image `rewind:local` without pulling anything: FROM scratch, holding the three
+# binaries, every shared library they load (found with ldd), and sh + grep for the agents' hook
+# and probe commands. The normal way, where a registry is reachable, is Dockerfile.debian.
+#
+# Usage: deploy/docker/build-image.sh [release|debug]      (default: release)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+profile="${1:-release}"
+case "$profile" in
+  release) cargo build --release --bin rewind-coordinator --bin rewind-agent --bin rewindctl ;;
+  debug) cargo build --bin rewind-coordinator --bin rewind-agent --bin rewindctl ;;
+  *) echo "usage: $0 [release|debug]" >&2; exit 64 ;;
+esac
+
+rootfs=target/docker-rootfs
+rm -rf "$rootfs"
+mkdir -p "$rootfs/usr/local/bin" "$rootfs/bin" "$rootfs/tmp" "$rootfs/var/lib/rewind" "$rootfs/etc"
+chmod 1777 "$rootfs/tmp"
+for binary in rewind-coordinator rewind-agent rewindctl; do
+  # Debug info is most of a debug build's size; the image does not need it.
+  objcopy --strip-debug "target/$profile/$binary" "$rootfs/usr/local/bin/$binary"
+done
+cp /bin/dash "$rootfs/bin/sh"
+cp /bin/grep "$rootfs/bin/grep"
+
+# Each library at the path the dynamic loader will look for it.
+for executable in "$rootfs"/usr/local/bin/* "$rootfs"/bin/*; do
+  ldd "$executable" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }'
+done | sort -u | while read -r library; do
+  mkdir -p "$rootfs$(dirname "$library")"
+  cp -L "$library" "$rootfs$library"
+done
+echo "root:x:0:0:root:/:/bin/sh" > "$rootfs/etc/passwd"
+
+docker build --quiet -t rewind:local -f deploy/docker/Dockerfile.scratch "$rootfs" >/dev/null
+echo "built rewind:local ($profile binaries)"

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Lays out DIR for deploy/docker-compose.yml: a dev CA and certificates (members carry their
+# service name and localhost as SANs), one config per coordinator member and per agent, and for
+# each agent a sample service root with releases v1 (healthy) and v2 (its health file says 500),
+# the Capistrano layout the agent manages. Certificates are issued by the image's own
+# rewind-coordinator, so only docker is needed. tests/tests/t07_compose.rs drives what this makes.
+#
+# Usage: deploy/docker/prepare.sh DIR        (DIR must be empty or absent)
+set -euo pipefail
+[ $# -eq 1 ] || { echo "usage: $0 DIR" >&2; exit 64; }
+mkdir -p "$1"
+dir="$(cd "$1" && pwd)"
+if [ -n "$(ls -A "$dir")" ]; then
+  echo "error: $dir is not empty" >&2
+  exit 64
+fi
+
+issue() { # name [san...]
+  local name="$1"; shift
+  local sans=()
+  for san in "$@"; do sans+=(--san "$san"); done
+  docker run --rm -v "$dir:$dir" rewind:local \
+    rewind-coordinator issue-cert --create-ca --data-dir "$dir" --name "$name" "${sans[@]}" >/dev/null
+}
+
+members=""
+for id in 1 2 3; do
+  members+="
+[[cluster.member]]
+id = $id
+address = \"coordinator-$id:7443\"
+region = \"region-$id\"
+"
+done
+
+for id in 1 2 3; do
+  issue "coordinator-$id" "coordinator-$id" localhost 127.0.0.1
+  cat > "$dir/coordinator-$id.toml" <<TOML
+listen = "0.0.0.0:7443"
+data-dir = "/var/lib/rewind/coordinator"
+[tls]
+ca = "$dir/tls/ca.pem"
+cert = "$dir/tls/coordinator-$id.pem"
+key = "$dir/tls/coordinator-$id.key"
+[engine]
+step-timeout-s = 5
+verify-timeout-s = 20
+tick-ms = 100
+[health]
+report-interval-ms = 500
+window-s = 3
+[cluster]
+id = "compose"
+member-id = $id
+$members
+TOML
+done
+
+for host in web-1 web-2; do
+  issue "$host"
+  root="$dir/$host/srv/web"
+  for version in v1 v2; do
+    mkdir -p "$root/releases/$version"
+    printf '%s' "$version" > "$root/releases/$version/VERSION"
+  done
+  printf '200' > "$root/releases/v1/health_status"
+  printf '500' > "$root/releases/v2/health_status"
+  mkdir -p "$root/config"
+  # What v1's deploy tool writes (the test checks a rollback restores exactly these bytes).
+  printf '# config of v1\nworkers = 8\n' > "$root/config/app.toml"
+  cat > "$dir/$host/agent.toml" <<TOML
+host-id = "$host"
+coordinators = ["coordinator-1:7443", "coordinator-2:7443", "coordinator-3:7443"]
+data-dir = "/var/lib/rewind/agent"
+health-interval-ms = 500
+[tls]
+ca = "$dir/tls/ca.pem"
+cert = "$dir/tls/$host.pem"
+key = "$dir/tls/$host.key"
+[labels]
+region = "region-1"
+[[service]]
+name = "web"
+root = "$root"
+config-files = ["config/app.toml"]
+restart-command = ["sh", "-c", "echo restarted >> $root/restarts"]
+[[service.probe]]
+name = "health-file"
+command = ["grep", "-q", "200", "$root/current/health_status"]
+timeout-ms = 2000
+TOML
+done
+echo "prepared $dir"

@@ -1,0 +1,196 @@
+//! The docker-compose deployment (`deploy/docker-compose.yml`, brought up by
+//! `deploy/docker/up.sh` from a locally built image): three coordinator containers and two agent
+//! containers on a private network. A rollback runs, the leader's container is killed, and the
+//! rollback finishes under the new leader with every host restored once.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use rewind_proto::v1 as pb;
+use rewind_proto::v1::control_service_client::ControlServiceClient;
+use rewind_tests::{
+    TestHost, config_for, must_agents_connected, must_change, must_change_where, must_register_web,
+    must_rollback_end, must_wait_async, operator_channel,
+};
+use tonic::transport::Channel;
+
+/// Host ports the compose file publishes the members on, by member id - 1.
+const MEMBER_PORTS: [u16; 3] = [17441, 17442, 17443];
+const LONG: Duration = Duration::from_secs(90);
+
+/// A compose project, taken down (containers and network) when dropped.
+struct Compose {
+    dir: PathBuf,
+    project: String,
+    stopped: Vec<u64>,
+}
+
+impl Compose {
+    fn must_up(dir: &Path) -> Self {
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let project = format!("rewind-test-{}", std::process::id());
+        let compose = Self {
+            dir: dir.to_path_buf(),
+            project,
+            stopped: Vec::new(),
+        };
+        let output = Command::new(workspace.join("deploy/docker/up.sh"))
+            .arg(dir)
+            .arg("debug")
+            .env("REWIND_COMPOSE_PROJECT", &compose.project)
+            .output()
+            .expect("run deploy/docker/up.sh (is docker installed?)");
+        assert!(
+            output.status.success(),
+            "deploy/docker/up.sh failed:\n{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        compose
+    }
+
+    fn docker_compose(&self, args: &[&str]) -> std::process::Output {
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/docker-compose.yml");
+        Command::new("docker-compose")
+            .arg("-f")
+            .arg(file)
+            .args(["-p", &self.project])
+            .args(args)
+            .env("REWIND_COMPOSE_DIR", &self.dir)
+            .output()
+            .expect("run docker-compose")
+    }
+
+    /// SIGKILL to a member's container.
+    fn kill_member(&mut self, id: u64) {
+        let service = format!("coordinator-{id}");
+        let output = self.docker_compose(&["kill", &service]);
+        assert!(output.status.success(), "{output:?}");
+        self.stopped.push(id);
+    }
+
+    async fn client(&self, id: u64) -> Result<ControlServiceClient<Channel>, String> {
+        let address = format!("127.0.0.1:{}", MEMBER_PORTS[id as usize - 1]);
+        Ok(ControlServiceClient::new(
+            operator_channel(&self.dir.join("tls"), &address).await?,
+        ))
+    }
+
+    /// The running member that serves, and a client to it.
+    async fn must_leader(&self) -> (u64, ControlServiceClient<Channel>) {
+        must_wait_async(LONG, "a leader among the containers", || async {
+            for id in (1..=3).filter(|id| !self.stopped.contains(id)) {
+                let Ok(mut client) = self.client(id).await else {
+                    continue;
+                };
+                if client
+                    .list_services(pb::ListServicesRequest {})
+                    .await
+                    .is_ok()
+                {
+                    return Some((id, client));
+                }
+            }
+            None
+        })
+        .await
+    }
+}
+
+impl Drop for Compose {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let logs = self.docker_compose(&["logs", "--no-color", "--tail", "40"]);
+            eprintln!("{}", String::from_utf8_lossy(&logs.stdout));
+        }
+        let _ = self.docker_compose(&["down", "--timeout", "1"]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rollback_finishes_after_the_leader_container_is_killed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut compose = Compose::must_up(dir.path());
+    let (_, mut client) = compose.must_leader().await;
+    let hosts: Vec<TestHost> = ["web-1", "web-2"]
+        .iter()
+        .map(|id| TestHost {
+            id: id.to_string(),
+            root: dir.path().join(id).join("srv/web"),
+            config_path: dir.path().join(id).join("agent.toml"),
+            agent: None,
+        })
+        .collect();
+    must_agents_connected(&client, 2).await;
+    must_register_web(&mut client, &hosts[0], false).await;
+    for version in ["v1", "v2"] {
+        let change_id = must_change(&mut client, version).await;
+        must_change_where(&client, &change_id, "the change to deploy", |change| {
+            change.state == pb::ChangeState::Deployed as i32
+        })
+        .await;
+    }
+    for host in &hosts {
+        std::fs::write(host.root.join("config/app.toml"), config_for("v2")).unwrap();
+    }
+
+    let start = pb::StartRollbackRequest {
+        request_id: "rb".into(),
+        change_id: "ch-2".into(),
+        reason: "bad release".into(),
+        max_parallel: 1,
+    };
+    let rollback_id = client
+        .start_rollback(start)
+        .await
+        .unwrap()
+        .into_inner()
+        .rollback
+        .unwrap()
+        .rollback_id;
+    must_wait_async(LONG, "the rollback to begin", || {
+        let mut client = client.clone();
+        let rollback_id = rollback_id.clone();
+        async move {
+            let rollback = client
+                .get_rollback(pb::GetRollbackRequest { rollback_id })
+                .await
+                .ok()?
+                .into_inner()
+                .rollback?;
+            rollback
+                .steps
+                .iter()
+                .any(|step| step.attempts > 0)
+                .then_some(())
+        }
+    })
+    .await;
+    let (old_leader, _) = compose.must_leader().await;
+    compose.kill_member(old_leader);
+
+    let (new_leader, mut client) = compose.must_leader().await;
+    assert_ne!(new_leader, old_leader);
+    let rollback = must_rollback_end(&client, &rollback_id).await;
+    assert_eq!(
+        rollback.state,
+        pb::RollbackState::Succeeded as i32,
+        "{rollback:?}"
+    );
+    for host in &hosts {
+        host.must_be_restored_to_v1();
+        assert_eq!(
+            host.restarts(),
+            3,
+            "{}: two activations and one rollback restart, none twice",
+            host.id
+        );
+    }
+    let audit = client
+        .verify_audit(pb::VerifyAuditRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(audit.ok, "{audit:?}");
+}
