@@ -20,6 +20,16 @@ static BUILD: Once = Once::new();
 
 /// Path of a workspace binary, built (once per test run) with the test profile.
 pub fn must_binary(name: &str) -> PathBuf {
+    let test_exe = std::env::current_exe().expect("current exe");
+    // Tests run from target/<profile>/deps, the chaos binary from target/<profile>.
+    let exe_dir = test_exe.parent().expect("target/<profile>");
+    let profile_dir = if exe_dir.ends_with("deps") {
+        exe_dir.parent().expect("target/<profile>")
+    } else {
+        exe_dir
+    };
+    // Benchmarks run from target/release and measure release binaries.
+    let release = profile_dir.ends_with("release");
     BUILD.call_once(|| {
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let status = Command::new(env!("CARGO"))
@@ -34,18 +44,11 @@ pub fn must_binary(name: &str) -> PathBuf {
                 "--bin",
                 "rewindctl",
             ])
+            .args(release.then_some("--release"))
             .status()
             .expect("run cargo build");
         assert!(status.success(), "cargo build of the binaries failed");
     });
-    let test_exe = std::env::current_exe().expect("current exe");
-    // Tests run from target/<profile>/deps, the chaos binary from target/<profile>.
-    let exe_dir = test_exe.parent().expect("target/<profile>");
-    let profile_dir = if exe_dir.ends_with("deps") {
-        exe_dir.parent().expect("target/<profile>")
-    } else {
-        exe_dir
-    };
     let path = profile_dir.join(name);
     assert!(path.exists(), "{} was not built", path.display());
     path

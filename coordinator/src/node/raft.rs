@@ -34,6 +34,8 @@ use crate::storage::RaftStore;
 
 /// Raft messages from peers waiting for the node; more are dropped (Raft retransmits).
 const PEER_MESSAGE_QUEUE: usize = 4096;
+/// Most proposals, and most peer messages, taken into one Ready.
+const MAX_BATCH: usize = 256;
 
 /// Where outgoing Raft messages go. Must not block: queue or drop (Raft retransmits).
 pub trait Transport: Send + 'static {
@@ -283,10 +285,21 @@ impl<T: Transport> Driver<T> {
                     _ = &mut stop => break,
                     _ = ticker.tick() => { self.raw.tick(); }
                     Some(request) = requests.recv() => self.handle_request(request),
-                    Some(message) = messages.recv() => {
-                        if let Err(error) = self.raw.step(message) {
-                            debug!(%error, "Raft refused a message.");
-                        }
+                    Some(message) = messages.recv() => self.step(message),
+                }
+                // Take whatever else is already waiting, so one Ready (one append, one flush,
+                // one round of messages) carries many proposals: batching is what makes
+                // concurrent writes cheap.
+                for _ in 0..MAX_BATCH {
+                    match requests.try_recv() {
+                        Ok(request) => self.handle_request(request),
+                        Err(_) => break,
+                    }
+                }
+                for _ in 0..MAX_BATCH {
+                    match messages.try_recv() {
+                        Ok(message) => self.step(message),
+                        Err(_) => break,
                     }
                 }
                 if let Err(error) = self.handle_ready() {
@@ -300,6 +313,12 @@ impl<T: Transport> Driver<T> {
             self.fail_pending(|| CoordinatorError::ShuttingDown);
             info!(id = self.settings.id, "Raft member stopped.");
         });
+    }
+
+    fn step(&mut self, message: Message) {
+        if let Err(error) = self.raw.step(message) {
+            debug!(%error, "Raft refused a message.");
+        }
     }
 
     fn handle_request(&mut self, request: Request) {
@@ -509,10 +528,12 @@ impl<T: Transport> Driver<T> {
         }
         let mut light = self.raw.advance(ready);
         if let Some(commit) = light.commit_index() {
+            // Recorded but not flushed on its own: a commit index lost in a crash is learned
+            // again from the leader, and nothing is acknowledged on the strength of it (the
+            // entries themselves were flushed above, on a majority).
             let mut hard_state = self.store.hard_state()?;
             hard_state.commit = commit;
             self.store.set_hard_state(&hard_state)?;
-            self.store.flush()?;
         }
         self.transport.send(light.take_messages());
         self.apply_committed(light.take_committed_entries())?;

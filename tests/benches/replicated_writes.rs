@@ -1,0 +1,287 @@
+//! Replicated write latency and throughput on a local three-member cluster of real processes:
+//! rewind (gRPC with mutual TLS, `ControlService.RegisterRelease`, about 256 bytes per request)
+//! and, when Debian's `etcd-server` is installed, etcd (its JSON gateway `/v3/kv/put`, plain
+//! HTTP, 256-byte values) under the same load, side by side. Each does one client writing one
+//! at a time, then 64 clients at once.
+//!
+//! Run: `cargo bench -p rewind-tests --bench replicated_writes`
+//! (`REWIND_BENCH_WRITES` sets the writes per run, default 5000.)
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use prost::Message as _;
+use rewind_proto::v1 as pb;
+use rewind_tests::ClusterHarness;
+use tokio::task::JoinSet;
+
+const CLIENTS: usize = 64;
+const PAYLOAD_BYTES: usize = 256;
+
+struct Figures {
+    p50: Duration,
+    p99: Duration,
+    writes_per_s: f64,
+}
+
+/// Runs `writes` writes from `clients` tasks; `write(n)` performs write number n.
+async fn measure<F, Fut>(clients: usize, writes: usize, write: F) -> Figures
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<(), String>> + Send,
+{
+    let write = Arc::new(write);
+    let started = Instant::now();
+    let mut tasks = JoinSet::new();
+    for client in 0..clients {
+        let write = Arc::clone(&write);
+        tasks.spawn(async move {
+            let mut latencies = Vec::new();
+            for number in (client..writes).step_by(clients) {
+                let begun = Instant::now();
+                if let Err(error) = write(number).await {
+                    panic!("write {number}: {error}");
+                }
+                latencies.push(begun.elapsed());
+            }
+            latencies
+        });
+    }
+    let mut latencies = Vec::with_capacity(writes);
+    while let Some(done) = tasks.join_next().await {
+        latencies.extend(done.expect("a writer panicked"));
+    }
+    let elapsed = started.elapsed();
+    latencies.sort();
+    let at = |share: f64| {
+        latencies[((latencies.len() as f64 * share) as usize).min(latencies.len() - 1)]
+    };
+    Figures {
+        p50: at(0.5),
+        p99: at(0.99),
+        writes_per_s: writes as f64 / elapsed.as_secs_f64(),
+    }
+}
+
+/// A release registration of about `PAYLOAD_BYTES` encoded (run-unique version, sha256 digest,
+/// a commit id and a request id filling the rest).
+fn release_request(run: &str, number: usize) -> pb::RegisterReleaseRequest {
+    let mut request = pb::RegisterReleaseRequest {
+        request_id: format!("{run}-{number}-"),
+        release: Some(pb::Release {
+            service: "bench".into(),
+            version: format!("{run}.{number}"),
+            artifact_digest: format!("sha256:{:064x}", number),
+            commit: format!("{:040x}", number),
+            registered_at_ms: 0,
+        }),
+    };
+    let short = PAYLOAD_BYTES.saturating_sub(request.encoded_len());
+    request.request_id.push_str(&"x".repeat(short));
+    request
+}
+
+async fn bench_rewind(dir: &Path, writes: usize) -> Vec<(usize, Figures)> {
+    let cluster = ClusterHarness::must_start(dir, 3);
+    let (_, mut client) = cluster.must_leader().await;
+    let service = pb::Service {
+        name: "bench".into(),
+        depends_on: vec![],
+        policy: None,
+    };
+    client
+        .put_service(pb::PutServiceRequest {
+            request_id: "bench".into(),
+            service: Some(service),
+        })
+        .await
+        .expect("put the bench service");
+    println!(
+        "rewind request size: {} bytes",
+        release_request("r1", 0).encoded_len()
+    );
+    let mut results = Vec::new();
+    for (run, clients) in [("r1", 1), ("r64", CLIENTS)] {
+        let client = client.clone();
+        let figures = measure(clients, writes, move |number| {
+            let mut client = client.clone();
+            async move {
+                client
+                    .register_release(release_request(run, number))
+                    .await
+                    .map(|_| ())
+                    .map_err(|status| status.to_string())
+            }
+        })
+        .await;
+        results.push((clients, figures));
+    }
+    results
+}
+
+/// A three-member etcd cluster on loopback, stopped when dropped.
+struct Etcd {
+    members: Vec<Child>,
+    client_urls: Vec<String>,
+}
+
+impl Etcd {
+    fn start(dir: &Path) -> Result<Self, String> {
+        let ports = |base: u16| (1..=3).map(move |id| base + id).collect::<Vec<_>>();
+        let peer_ports = ports(23800);
+        let client_ports = ports(23790);
+        let cluster: Vec<String> = peer_ports
+            .iter()
+            .enumerate()
+            .map(|(index, port)| format!("e{}=http://127.0.0.1:{port}", index + 1))
+            .collect();
+        let mut members = Vec::new();
+        for index in 0..3 {
+            let name = format!("e{}", index + 1);
+            let log = std::fs::File::create(dir.join(format!("{name}.log")))
+                .map_err(|error| error.to_string())?;
+            let child = Command::new("etcd")
+                .args(["--name", &name])
+                .arg("--data-dir")
+                .arg(dir.join(&name))
+                .args([
+                    "--listen-client-urls",
+                    &format!("http://127.0.0.1:{}", client_ports[index]),
+                    "--advertise-client-urls",
+                    &format!("http://127.0.0.1:{}", client_ports[index]),
+                    "--listen-peer-urls",
+                    &format!("http://127.0.0.1:{}", peer_ports[index]),
+                    "--initial-advertise-peer-urls",
+                    &format!("http://127.0.0.1:{}", peer_ports[index]),
+                    "--initial-cluster",
+                    &cluster.join(","),
+                    "--initial-cluster-state",
+                    "new",
+                ])
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .map_err(|error| format!("start etcd: {error}"))?;
+            members.push(child);
+        }
+        Ok(Self {
+            members,
+            client_urls: client_ports
+                .iter()
+                .map(|port| format!("http://127.0.0.1:{port}"))
+                .collect(),
+        })
+    }
+
+    /// The leader's client URL, once the cluster has one.
+    async fn leader(&self, http: &reqwest::Client) -> Result<String, String> {
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(30) {
+            for url in &self.client_urls {
+                let Ok(response) = http
+                    .post(format!("{url}/v3/maintenance/status"))
+                    .body("{}")
+                    .send()
+                    .await
+                else {
+                    continue;
+                };
+                let Ok(body) = response.bytes().await else {
+                    continue;
+                };
+                let Ok(status) = serde_json::from_slice::<serde_json::Value>(&body) else {
+                    continue;
+                };
+                let own = &status["header"]["member_id"];
+                if !own.is_null() && *own == status["leader"] {
+                    return Ok(url.clone());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Err("etcd elected no leader within 30 s".into())
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        for member in &mut self.members {
+            let _ = member.kill();
+            let _ = member.wait();
+        }
+    }
+}
+
+async fn bench_etcd(dir: &Path, writes: usize) -> Result<Vec<(usize, Figures)>, String> {
+    let etcd = Etcd::start(dir)?;
+    let http = reqwest::Client::new();
+    let leader = Arc::new(etcd.leader(&http).await?);
+    let value = base64::engine::general_purpose::STANDARD.encode([b'v'; PAYLOAD_BYTES]);
+    let mut results = Vec::new();
+    for (run, clients) in [("r1", 1), ("r64", CLIENTS)] {
+        let (http, leader, value) = (http.clone(), Arc::clone(&leader), value.clone());
+        let figures = measure(clients, writes, move |number| {
+            let key = base64::engine::general_purpose::STANDARD.encode(format!("{run}/{number}"));
+            let body = format!(r#"{{"key":"{key}","value":"{value}"}}"#);
+            let request = http.post(format!("{leader}/v3/kv/put")).body(body);
+            async move {
+                let response = request.send().await.map_err(|error| error.to_string())?;
+                if response.status().is_success() {
+                    Ok(())
+                } else {
+                    Err(format!("etcd answered {}", response.status()))
+                }
+            }
+        })
+        .await;
+        results.push((clients, figures));
+    }
+    Ok(results)
+}
+
+fn print_row(system: &str, clients: usize, figures: &Figures) {
+    println!(
+        "| {system} | {clients} | {:.2} ms | {:.2} ms | {:.0} |",
+        figures.p50.as_secs_f64() * 1000.0,
+        figures.p99.as_secs_f64() * 1000.0,
+        figures.writes_per_s
+    );
+}
+
+fn main() {
+    rewind_shared::tls::install_crypto_provider();
+    let writes: usize = std::env::var("REWIND_BENCH_WRITES")
+        .ok()
+        .and_then(|writes| writes.parse().ok())
+        .unwrap_or(5000);
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    runtime.block_on(async {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let rewind = bench_rewind(&dir.path().join("rewind"), writes).await;
+        let etcd_dir = dir.path().join("etcd");
+        std::fs::create_dir_all(&etcd_dir).expect("etcd dir");
+        let etcd = bench_etcd(&etcd_dir, writes).await;
+        println!("\n{writes} writes per run, 3 members on loopback\n");
+        println!("| system | clients | p50 | p99 | writes/s |\n| --- | --- | --- | --- | --- |");
+        for (clients, figures) in &rewind {
+            print_row("rewind", *clients, figures);
+        }
+        match &etcd {
+            Ok(etcd) => {
+                for (clients, figures) in etcd {
+                    print_row("etcd", *clients, figures);
+                }
+                for ((clients, ours), (_, theirs)) in rewind.iter().zip(etcd) {
+                    println!(
+                        "{clients} client(s): rewind/etcd throughput ratio {:.2}",
+                        ours.writes_per_s / theirs.writes_per_s
+                    );
+                }
+            }
+            Err(error) => println!("etcd not measured: {error} (apt-get install etcd-server)"),
+        }
+    });
+}
