@@ -69,7 +69,7 @@ async fn member_status(cluster: &ClusterHarness, id: u64) -> anyhow::Result<pb::
         .await
         .map_err(anyhow::Error::msg)?;
     let status = MemberServiceClient::new(channel)
-        .get_member_status(pb::GetMemberStatusRequest {})
+        .get_member_status(pb::GetMemberStatusRequest { brief: false })
         .await?;
     Ok(status.into_inner())
 }

@@ -301,6 +301,7 @@ async fn serve(
         status: member.status.clone(),
         directory: directory.clone(),
         cluster_id: cluster_id.clone(),
+        tls: config.tls.clone(),
         health,
         sessions,
         default_max_parallel: config.limits.default_max_parallel,

@@ -366,6 +366,11 @@ async fn cluster_list(
                 member.region.clone(),
                 member.role.clone(),
                 member.matched_index.to_string(),
+                if member.answered {
+                    member.applied_index.to_string()
+                } else {
+                    "?".into()
+                },
                 member.lag.to_string(),
                 if member.recently_active {
                     "yes".into()
@@ -377,7 +382,7 @@ async fn cluster_list(
         .collect();
     table(
         &[
-            "ID", "ADDRESS", "REGION", "ROLE", "MATCHED", "LAG", "ACTIVE",
+            "ID", "ADDRESS", "REGION", "ROLE", "MATCHED", "APPLIED", "LAG", "ACTIVE",
         ],
         rows,
     );

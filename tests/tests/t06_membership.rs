@@ -74,7 +74,11 @@ async fn a_member_joins_is_promoted_and_a_founder_is_removed() {
                 .into_inner()
                 .members;
             let joined = members.into_iter().find(|member| member.id == joining)?;
-            (joined.role == "follower" && joined.lag == 0 && joined.region == "region-4")
+            (joined.role == "follower"
+                && joined.lag == 0
+                && joined.region == "region-4"
+                && joined.answered
+                && joined.applied_index > 0)
                 .then_some(())
         }
     })
@@ -130,6 +134,10 @@ async fn a_member_joins_is_promoted_and_a_founder_is_removed() {
     let mut expected = vec![leader, remaining, joining];
     expected.sort();
     assert_eq!(ids, expected);
+    // The killed member cannot say what it applied; the others can.
+    for member in &members {
+        assert_eq!(member.answered, member.id != remaining, "{member:?}");
+    }
 
     // Member 4 holds exactly the leader's state, and the audit log names every change.
     must_wait_async(LONG, "member 4 to hold the leader's state", || async {
@@ -140,7 +148,7 @@ async fn a_member_joins_is_promoted_and_a_founder_is_removed() {
                 .await
                 .ok()?;
             let status = MemberServiceClient::new(channel)
-                .get_member_status(pb::GetMemberStatusRequest {})
+                .get_member_status(pb::GetMemberStatusRequest { brief: false })
                 .await
                 .ok()?
                 .into_inner();

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use rewind_proto::v1 as pb;
+use rewind_proto::v1::member_service_client::MemberServiceClient;
 use rewind_shared::names;
 use tonic::Status;
 use tracing::info;
@@ -23,15 +24,26 @@ const MAX_CATCH_UP_S: u32 = 600;
 /// A learner this close to the leader's commit index counts as caught up.
 const CAUGHT_UP_LAG: u64 = 10;
 const CATCH_UP_POLL: Duration = Duration::from_millis(200);
+/// How long `cluster list` waits for each member to say what it has applied.
+const ASK_MEMBER_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Members with their role and replication progress as this member (the leader) sees them.
-pub fn list(context: &Context) -> pb::ListMembersResponse {
+/// Members with their role and replication progress as this member (the leader) sees them, and
+/// the applied index each reports when asked (at most a second each, all at once).
+pub async fn list(context: &Context) -> pb::ListMembersResponse {
     let status = context.status.borrow().clone();
-    let members = context
-        .directory
-        .members()
+    let members = context.directory.members();
+    let applied = futures::future::join_all(members.iter().map(|member| async {
+        if member.id == status.id {
+            return Some(status.applied_index);
+        }
+        let asked = tokio::time::timeout(ASK_MEMBER_TIMEOUT, applied_index_of(context, member));
+        asked.await.ok().flatten()
+    }))
+    .await;
+    let members = members
         .into_iter()
-        .map(|member| {
+        .zip(applied)
+        .map(|(member, applied)| {
             let progress = status.peers.iter().find(|peer| peer.id == member.id);
             let matched_index = progress.map_or(0, |peer| peer.matched_index);
             let role = match progress {
@@ -48,6 +60,8 @@ pub fn list(context: &Context) -> pb::ListMembersResponse {
                 matched_index,
                 lag: status.last_index.saturating_sub(matched_index),
                 recently_active: progress.is_some_and(|peer| peer.recently_active),
+                applied_index: applied.unwrap_or(0),
+                answered: applied.is_some(),
             }
         })
         .collect();
@@ -57,6 +71,31 @@ pub fn list(context: &Context) -> pb::ListMembersResponse {
         commit_index: status.commit_index,
         cluster_id: context.cluster_id.clone(),
     }
+}
+
+/// Asks a member for its applied index over `MemberService`, with this member's certificate.
+async fn applied_index_of(context: &Context, member: &MemberRecord) -> Option<u64> {
+    let host = member
+        .address
+        .rsplit_once(':')
+        .map_or(member.address.as_str(), |(host, _)| host);
+    let tls = context
+        .tls
+        .client_config(host.trim_start_matches('[').trim_end_matches(']'))
+        .ok()?;
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{}", member.address))
+        .ok()?
+        .tls_config(tls)
+        .ok()?
+        .connect()
+        .await
+        .ok()?;
+    let status = MemberServiceClient::new(channel)
+        .get_member_status(pb::GetMemberStatusRequest { brief: true })
+        .await
+        .ok()?
+        .into_inner();
+    Some(status.applied_index)
 }
 
 pub async fn add_member(

@@ -376,7 +376,7 @@ impl ControlService for Control {
         &self,
         _request: Request<pb::ListMembersRequest>,
     ) -> Result<Response<pb::ListMembersResponse>, Status> {
-        Ok(Response::new(self.members()))
+        Ok(Response::new(self.members().await))
     }
 
     async fn transfer_leader(
@@ -421,7 +421,7 @@ impl ControlService for Control {
             .await
             .map_err(to_status)?;
         info!(identity, to, "Leadership hand-over requested.");
-        Ok(Response::new(self.members()))
+        Ok(Response::new(self.members().await))
     }
 
     async fn add_member(
@@ -430,7 +430,7 @@ impl ControlService for Control {
     ) -> Result<Response<pb::ListMembersResponse>, Status> {
         let identity = caller(&request)?;
         super::cluster::add_member(&self.context, &identity, request.into_inner()).await?;
-        Ok(Response::new(self.members()))
+        Ok(Response::new(self.members().await))
     }
 
     async fn remove_member(
@@ -439,7 +439,7 @@ impl ControlService for Control {
     ) -> Result<Response<pb::ListMembersResponse>, Status> {
         let identity = caller(&request)?;
         super::cluster::remove_member(&self.context, &identity, request.into_inner()).await?;
-        Ok(Response::new(self.members()))
+        Ok(Response::new(self.members().await))
     }
 
     async fn list_audit(
@@ -525,8 +525,8 @@ impl ControlService for Control {
 }
 
 impl Control {
-    fn members(&self) -> pb::ListMembersResponse {
-        super::cluster::list(&self.context)
+    async fn members(&self) -> pb::ListMembersResponse {
+        super::cluster::list(&self.context).await
     }
 
     async fn control(

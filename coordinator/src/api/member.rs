@@ -14,9 +14,20 @@ pub struct Member {
 impl MemberService for Member {
     async fn get_member_status(
         &self,
-        _request: Request<pb::GetMemberStatusRequest>,
+        request: Request<pb::GetMemberStatusRequest>,
     ) -> Result<Response<pb::MemberStatus>, Status> {
         let status = self.context.status.borrow().clone();
+        if request.into_inner().brief {
+            return Ok(Response::new(pb::MemberStatus {
+                member_id: status.id,
+                is_leader: status.is_leader,
+                term: status.term,
+                applied_index: status.applied_index,
+                commit_index: status.commit_index,
+                cluster_id: self.context.cluster_id.clone(),
+                ..pb::MemberStatus::default()
+            }));
+        }
         let (applied_index, state_digest, audit) = self.context.node.read(|state| {
             let bytes = serde_json::to_vec(state).unwrap_or_default();
             (

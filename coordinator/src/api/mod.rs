@@ -42,6 +42,8 @@ pub struct Context {
     /// The cluster's members, to point callers at the leader and list them.
     pub directory: Directory,
     pub cluster_id: String,
+    /// This member's certificate, to ask other members about themselves.
+    pub tls: TlsFiles,
     pub health: Arc<HealthBook>,
     pub sessions: Arc<Sessions>,
     pub default_max_parallel: u32,
