@@ -36,6 +36,19 @@ enum Command {
     /// Inspect the local snapshot store.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// Inspect the step journal (stop the agent first: the store is locked while it runs).
+    #[command(subcommand)]
+    Journal(JournalCommand),
+}
+
+#[derive(Subcommand)]
+enum JournalCommand {
+    /// Every step this host executed: id, term, runs, outcome. One JSON object per line with
+    /// --json.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -77,6 +90,7 @@ fn main() -> ExitCode {
         }
         Command::Run => run(config),
         Command::Snapshot(command) => inspect(&config, command),
+        Command::Journal(JournalCommand::List { json }) => list_journal(&config, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -126,6 +140,28 @@ fn run(config: Config) -> anyhow::Result<()> {
         let agent = Agent::new(config, executor);
         agent.run(rewind_shared::signals::shutdown()).await;
     });
+    Ok(())
+}
+
+fn list_journal(config: &Config, json: bool) -> anyhow::Result<()> {
+    let store = open_store(config)?;
+    let mut entries = store.journal_entries()?;
+    entries.sort_by_key(|record| record.started_at_ms);
+    for record in entries {
+        if json {
+            println!("{}", serde_json::to_string(&record)?);
+            continue;
+        }
+        let outcome = match &record.outcome {
+            Some(outcome) if outcome.ok => "ok".to_string(),
+            Some(outcome) => format!("failed: {}", outcome.detail),
+            None => "unfinished".to_string(),
+        };
+        println!(
+            "{}  term {}  runs {}  {outcome}",
+            record.step_id, record.term, record.runs
+        );
+    }
     Ok(())
 }
 

@@ -95,7 +95,7 @@ impl Executor {
         if let Err(error) = self.check_fence(&command) {
             return Some(refuse(error));
         }
-        match self.store.journal(&key) {
+        let earlier_runs = match self.store.journal(&key) {
             Err(error) => return Some(refuse(error)),
             Ok(Some(JournalRecord {
                 outcome: Some(outcome),
@@ -105,17 +105,21 @@ impl Executor {
                 info!(step_id, "Step already ran; answering from the journal.");
                 return Some(result(&step_id, started_at_ms, outcome, true));
             }
-            Ok(Some(_)) => warn!(
-                step_id,
-                "Step started before a restart and never ended; running it again (steps are idempotent)."
-            ),
-            Ok(None) => {}
-        }
+            Ok(Some(unfinished)) => {
+                warn!(
+                    step_id,
+                    "Step started before a restart and never ended; running it again (steps are idempotent)."
+                );
+                unfinished.runs
+            }
+            Ok(None) => 0,
+        };
         let record = JournalRecord {
             step_id: step_id.clone(),
             term: command.term,
             started_at_ms,
             outcome: None,
+            runs: earlier_runs + 1,
         };
         if let Err(error) = self.store.put_journal(&key, &record) {
             return Some(refuse(error));

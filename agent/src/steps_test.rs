@@ -338,3 +338,38 @@ async fn the_same_step_id_from_another_cluster_is_a_different_step() {
     assert!(result.ok && !result.replayed);
     assert_eq!(fixture.host.runs.load(Ordering::SeqCst), 2);
 }
+
+#[tokio::test]
+async fn the_journal_counts_runs_and_a_step_cut_off_mid_way_runs_again() {
+    let fixture = fixture();
+    let restart = step("rb-1/restart/web-1", 1, Action::Restart(RestartService {}));
+    let key = journal_key(&restart).unwrap();
+    fixture.executor.execute(restart.clone()).await.unwrap();
+    fixture.executor.execute(restart).await.unwrap();
+    assert_eq!(
+        fixture.executor.store.journal(&key).unwrap().unwrap().runs,
+        1
+    );
+
+    // As if the agent died after journaling "started": the redelivery acts again, and says so.
+    let cut_off = step("rb-1/restore/web-1", 1, Action::Restart(RestartService {}));
+    let key = journal_key(&cut_off).unwrap();
+    let unfinished = JournalRecord {
+        step_id: cut_off.step_id.clone(),
+        term: 1,
+        started_at_ms: 1,
+        outcome: None,
+        runs: 1,
+    };
+    fixture
+        .executor
+        .store
+        .put_journal(&key, &unfinished)
+        .unwrap();
+    let result = fixture.executor.execute(cut_off).await.unwrap();
+    assert!(result.ok && !result.replayed);
+    let record = fixture.executor.store.journal(&key).unwrap().unwrap();
+    assert_eq!(record.runs, 2);
+    assert!(record.outcome.is_some());
+    assert_eq!(fixture.host.runs.load(Ordering::SeqCst), 2);
+}

@@ -31,6 +31,14 @@ pub struct JournalRecord {
     pub started_at_ms: u64,
     /// Set once the step ended.
     pub outcome: Option<StepOutcome>,
+    /// How many times the step began acting on this host: 1, unless the agent stopped mid-step
+    /// and ran it again after a restart (steps are idempotent). Evidence for "nothing ran twice".
+    #[serde(default = "one")]
+    pub runs: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -114,7 +122,6 @@ impl Store {
             .transpose()
     }
 
-    /// Writes a journal record and flushes: the record is on disk before the caller acts.
     /// Writes a journal record and flushes: the record is on disk before the caller acts.
     pub fn put_journal(&self, key: &str, record: &JournalRecord) -> Result<(), AgentError> {
         self.journal.insert(key.as_bytes(), to_json(record)?)?;

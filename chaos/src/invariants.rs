@@ -74,6 +74,39 @@ async fn member_status(cluster: &ClusterHarness, id: u64) -> anyhow::Result<pb::
     Ok(status.into_inner())
 }
 
+/// No step ran twice on any host, from the agents' own journals: each host journaled exactly
+/// `expected_steps` steps, each run once and ended successfully. Stops the agents.
+pub fn journals_show_each_step_once(
+    hosts: &mut [TestHost],
+    expected_steps: usize,
+) -> anyhow::Result<()> {
+    for host in hosts {
+        let journal = host.must_stop_and_read_journal();
+        for record in &journal {
+            let step = record["step_id"].as_str().unwrap_or("?");
+            ensure!(
+                record["runs"] == 1,
+                "{}: step {step} ran {} times",
+                host.id,
+                record["runs"]
+            );
+            ensure!(
+                record["outcome"]["ok"] == true,
+                "{}: step {step} did not end well: {}",
+                host.id,
+                record["outcome"]
+            );
+        }
+        ensure!(
+            journal.len() == expected_steps,
+            "{}: journaled {} steps, expected {expected_steps}",
+            host.id,
+            journal.len()
+        );
+    }
+    Ok(())
+}
+
 /// No step ran twice on any host: each host restarted exactly as often as changes and
 /// rollbacks asked it to (the restart command appends a line per run).
 pub fn restarts_exact(hosts: &[TestHost], expected: usize) -> anyhow::Result<()> {

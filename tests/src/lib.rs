@@ -292,6 +292,30 @@ timeout-ms = 2000
             .unwrap_or(0)
     }
 
+    /// Stops the agent (its store is locked while it runs) and reads its step journal, one
+    /// record per step it executed (`rewind-agent journal list --json`).
+    pub fn must_stop_and_read_journal(&mut self) -> Vec<serde_json::Value> {
+        if let Some(mut agent) = self.agent.take() {
+            agent.kill();
+        }
+        let output = Command::new(must_binary("rewind-agent"))
+            .arg("--config")
+            .arg(&self.config_path)
+            .args(["journal", "list", "--json"])
+            .output()
+            .expect("run rewind-agent journal list");
+        assert!(
+            output.status.success(),
+            "{}: journal list failed: {}",
+            self.id,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("a journal record"))
+            .collect()
+    }
+
     pub fn config_bytes(&self) -> Vec<u8> {
         std::fs::read(self.root.join("config/app.toml")).unwrap()
     }
