@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use prost::Message as _;
 use rewind_proto::v1 as pb;
+use rewind_proto::v1::member_service_client::MemberServiceClient;
 use rewind_tests::ClusterHarness;
 use tokio::task::JoinSet;
 
@@ -102,6 +103,28 @@ async fn bench_rewind(dir: &Path, writes: usize) -> Vec<(usize, Figures)> {
     println!(
         "rewind request size: {} bytes",
         release_request("r1", 0).encoded_len()
+    );
+    // The floor under every write: one gRPC call over mutual TLS that does not touch Raft.
+    let (leader, _) = cluster.must_leader().await;
+    let channel = cluster
+        .channel_for(&cluster.addresses[leader as usize - 1])
+        .await
+        .expect("a channel to the leader");
+    let floor = measure(1, writes, move |_| {
+        let mut member = MemberServiceClient::new(channel.clone());
+        async move {
+            member
+                .get_member_status(pb::GetMemberStatusRequest { brief: true })
+                .await
+                .map(|_| ())
+                .map_err(|status| status.to_string())
+        }
+    })
+    .await;
+    println!(
+        "rewind gRPC+TLS round trip without Raft (MemberService, 1 client): p50 {:.2} ms, p99 {:.2} ms",
+        floor.p50.as_secs_f64() * 1000.0,
+        floor.p99.as_secs_f64() * 1000.0
     );
     let mut results = Vec::new();
     for (run, clients) in [("r1", 1), ("r64", CLIENTS)] {
