@@ -729,3 +729,61 @@ pub async fn must_rollback_end(
     })
     .await
 }
+
+/// Registers `web`, deploys v1 then v2 (ch-1, ch-2) on every host, and has the "deploy tool"
+/// write v2's config on each host: the state a rollback of ch-2 must undo.
+pub async fn must_deploy_v1_then_v2(
+    client: &mut ControlServiceClient<Channel>,
+    hosts: &[TestHost],
+) {
+    must_register_web(client, &hosts[0], false).await;
+    for version in ["v1", "v2"] {
+        let change_id = must_change(client, version).await;
+        must_change_where(client, &change_id, "the change to deploy", |change| {
+            change.state == rewind_proto::v1::ChangeState::Deployed as i32
+        })
+        .await;
+    }
+    for host in hosts {
+        std::fs::write(host.root.join("config/app.toml"), config_for("v2")).unwrap();
+    }
+}
+
+/// Starts a rollback of ch-2 one host at a time and waits until a step has been attempted:
+/// the moment to inject a fault. Returns the rollback id.
+pub async fn must_start_rollback_of_v2(client: &mut ControlServiceClient<Channel>) -> String {
+    use rewind_proto::v1 as pb;
+    let start = pb::StartRollbackRequest {
+        request_id: "rb".into(),
+        change_id: "ch-2".into(),
+        reason: "bad release".into(),
+        max_parallel: 1,
+    };
+    let rollback_id = client
+        .start_rollback(start)
+        .await
+        .unwrap()
+        .into_inner()
+        .rollback
+        .unwrap()
+        .rollback_id;
+    must_wait_async(Duration::from_secs(90), "the rollback to begin", || {
+        let mut client = client.clone();
+        let rollback_id = rollback_id.clone();
+        async move {
+            let rollback = client
+                .get_rollback(pb::GetRollbackRequest { rollback_id })
+                .await
+                .ok()?
+                .into_inner()
+                .rollback?;
+            rollback
+                .steps
+                .iter()
+                .any(|step| step.attempts > 0)
+                .then_some(())
+        }
+    })
+    .await;
+    rollback_id
+}

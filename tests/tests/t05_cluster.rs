@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use rewind_proto::v1 as pb;
 use rewind_tests::{
-    ClusterHarness, TestHost, config_for, must_agents_connected, must_change, must_change_where,
-    must_register_web, must_rollback_end, must_wait_async,
+    ClusterHarness, TestHost, must_agents_connected, must_deploy_v1_then_v2, must_rollback_end,
+    must_start_rollback_of_v2, must_wait_async,
 };
 
 const LONG: Duration = Duration::from_secs(90);
@@ -53,51 +53,8 @@ async fn a_rollback_survives_the_leader_being_killed_and_no_step_runs_twice() {
         host.must_start_agent();
     }
     must_agents_connected(&client, 2).await;
-    must_register_web(&mut client, &hosts[0], false).await;
-    for version in ["v1", "v2"] {
-        let change_id = must_change(&mut client, version).await;
-        must_change_where(&client, &change_id, "the change to deploy", |change| {
-            change.state == pb::ChangeState::Deployed as i32
-        })
-        .await;
-    }
-    for host in &hosts {
-        std::fs::write(host.root.join("config/app.toml"), config_for("v2")).unwrap();
-    }
-
-    let start = pb::StartRollbackRequest {
-        request_id: "rb".into(),
-        change_id: "ch-2".into(),
-        reason: "bad".into(),
-        max_parallel: 1,
-    };
-    let rollback_id = client
-        .start_rollback(start)
-        .await
-        .unwrap()
-        .into_inner()
-        .rollback
-        .unwrap()
-        .rollback_id;
-    // Kill the leader once the rollback is under way.
-    must_wait_async(LONG, "the rollback to begin", || {
-        let mut client = client.clone();
-        let rollback_id = rollback_id.clone();
-        async move {
-            let rollback = client
-                .get_rollback(pb::GetRollbackRequest { rollback_id })
-                .await
-                .ok()?
-                .into_inner()
-                .rollback?;
-            rollback
-                .steps
-                .iter()
-                .any(|step| step.attempts > 0)
-                .then_some(())
-        }
-    })
-    .await;
+    must_deploy_v1_then_v2(&mut client, &hosts).await;
+    let rollback_id = must_start_rollback_of_v2(&mut client).await;
     let (old_leader, _) = cluster.must_leader().await;
     cluster.kill(old_leader);
 

@@ -178,20 +178,7 @@ pub async fn remove_member(
 ) -> Result<(), Status> {
     super::control::validate_reason(&request.reason)?;
     let Some(member) = context.directory.get(request.member_id) else {
-        let known: Vec<String> = context
-            .directory
-            .members()
-            .iter()
-            .map(|member| member.id.to_string())
-            .collect();
-        return Err(invalid(
-            "member_id",
-            format!(
-                "{} is not a member: members are {}",
-                request.member_id,
-                known.join(", ")
-            ),
-        ));
+        return Err(not_a_member(context, request.member_id));
     };
     let reason = reason_or_default(request.reason, identity);
     propose(
@@ -204,6 +191,20 @@ pub async fn remove_member(
     .await?;
     info!(identity, id = member.id, "Member removed.");
     Ok(())
+}
+
+/// `member_id` names no member: say which ones there are.
+pub fn not_a_member(context: &Context, id: u64) -> Status {
+    let known: Vec<String> = context
+        .directory
+        .members()
+        .iter()
+        .map(|member| member.id.to_string())
+        .collect();
+    invalid(
+        "member_id",
+        format!("{id} is not a member: members are {}", known.join(", ")),
+    )
 }
 
 /// Validates the request's member, naming the field at fault.

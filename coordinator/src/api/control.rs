@@ -388,17 +388,7 @@ impl ControlService for Control {
         validate_reason(&request.reason)?;
         let to = request.member_id;
         if self.context.directory.get(to).is_none() {
-            let known: Vec<String> = self
-                .context
-                .directory
-                .members()
-                .iter()
-                .map(|member| member.id.to_string())
-                .collect();
-            return Err(invalid(
-                "member_id",
-                format!("{to} is not a member: members are {}", known.join(", ")),
-            ));
+            return Err(super::cluster::not_a_member(&self.context, to));
         }
         if to == self.context.status.borrow().id {
             return Err(invalid("member_id", format!("member {to} already leads")));
