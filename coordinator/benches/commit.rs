@@ -118,9 +118,13 @@ async fn run(size: u64, sequential: usize, concurrent: usize, in_flight: usize) 
 }
 
 fn main() {
+    // REWIND_LOG=rewind_coordinator=debug shows each snapshot's size and cost.
+    rewind_shared::logging::init("warn");
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         run(1, 500, 5_000, 64).await;
         run(3, 500, 5_000, 64).await;
+        // A longer history: snapshots carry the whole state, audit log included.
+        run(3, 500, 60_000, 64).await;
     });
 }

@@ -120,7 +120,7 @@ pub struct RawStorage {
 impl Default for RawStorage {
     fn default() -> Self {
         Self {
-            snapshot_every: 1000,
+            snapshot_every: 10_000,
         }
     }
 }

@@ -5,7 +5,7 @@
 //! at a time, then 64 clients at once.
 //!
 //! Run: `cargo bench -p rewind-tests --bench replicated_writes`
-//! (`REWIND_BENCH_WRITES` sets the writes per run, default 5000.)
+//! (`REWIND_BENCH_WRITES` sets the writes per run, default 20,000.)
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -279,7 +279,7 @@ fn main() {
     let writes: usize = std::env::var("REWIND_BENCH_WRITES")
         .ok()
         .and_then(|writes| writes.parse().ok())
-        .unwrap_or(5000);
+        .unwrap_or(20_000);
     let runtime = tokio::runtime::Runtime::new().expect("a runtime");
     runtime.block_on(async {
         let dir = tempfile::tempdir().expect("a temp dir");

@@ -511,6 +511,9 @@ tick-ms = 100
 [health]
 report-interval-ms = 300
 window-s = 3
+[storage]
+# Small, so snapshots, compaction and snapshot installs happen during every test and chaos run.
+snapshot-every = 50
 [cluster]
 id = "test-cluster"
 member-id = {id}

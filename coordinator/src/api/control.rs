@@ -127,7 +127,7 @@ impl ControlService for Control {
                 .releases
                 .get(&release.service)
                 .and_then(|versions| versions.get(&release.version))
-                .map(convert::release)
+                .map(|release| convert::release(release))
         });
         Ok(Response::new(pb::RegisterReleaseResponse { release }))
     }
@@ -146,7 +146,9 @@ impl ControlService for Control {
                 .releases
                 .iter()
                 .filter(|(name, _)| service.is_empty() || **name == service)
-                .flat_map(|(_, versions)| versions.values().map(convert::release))
+                .flat_map(|(_, versions)| {
+                    versions.values().map(|release| convert::release(release))
+                })
                 .collect()
         });
         Ok(Response::new(pb::ListReleasesResponse { releases }))
@@ -456,7 +458,7 @@ impl ControlService for Control {
                 .iter()
                 .skip(skip)
                 .take(limit)
-                .map(convert::audit_entry)
+                .map(|entry| convert::audit_entry(entry))
                 .collect()
         });
         Ok(Response::new(pb::ListAuditResponse { entries }))

@@ -59,7 +59,7 @@ impl RaftSettings {
             tick: Duration::from_millis(100),
             election_ticks: 10,
             heartbeat_ticks: 3,
-            snapshot_every: 1000,
+            snapshot_every: 10_000,
         }
     }
 }
@@ -212,6 +212,7 @@ pub fn start_member(
         next_read: 0,
         last_snapshot: snapshot.get_metadata().index,
         snapshot_due: false,
+        snapshot_in_progress: None,
         installed_snapshots: 0,
         applied: applied_sender,
         status: status_sender,
@@ -254,6 +255,9 @@ struct Driver<T: Transport> {
     last_snapshot: u64,
     /// Set by a membership change: snapshot now, so a joining member gets one that includes it.
     snapshot_due: bool,
+    /// A periodic snapshot being encoded and written on its own thread, and the index it covers:
+    /// its cost grows with the state, so it stays off the path of every write.
+    snapshot_in_progress: Option<(u64, std::thread::JoinHandle<Result<(), CoordinatorError>>)>,
     installed_snapshots: u64,
     applied: watch::Sender<u64>,
     status: watch::Sender<RaftStatus>,
@@ -311,6 +315,9 @@ impl<T: Transport> Driver<T> {
                 self.publish_status();
             }
             self.fail_pending(|| CoordinatorError::ShuttingDown);
+            if let Err(error) = self.finish_snapshot() {
+                warn!(%error, "The last snapshot was not written; the log still holds its entries.");
+            }
             info!(id = self.settings.id, "Raft member stopped.");
         });
     }
@@ -655,25 +662,93 @@ impl<T: Transport> Driver<T> {
     }
 
     fn maybe_snapshot(&mut self) -> Result<(), CoordinatorError> {
+        if self
+            .snapshot_in_progress
+            .as_ref()
+            .is_some_and(|(_, thread)| thread.is_finished())
+        {
+            self.finish_snapshot()?;
+        }
         let applied = self.raw.raft.raft_log.applied;
-        let due = self.snapshot_due && applied > self.last_snapshot;
-        if !due && applied.saturating_sub(self.last_snapshot) < self.settings.snapshot_every {
+        if self.snapshot_due && applied > self.last_snapshot {
+            // A membership change: the snapshot a joining member is sent must count it, so it
+            // is taken now, before this Ready's messages lead to one being sent.
+            self.snapshot_due = false;
+            self.finish_snapshot()?;
+            let data = self.encode_state()?;
+            let conf_state = self.raw.raft.prs().conf().to_conf_state();
+            self.store.compact(applied, &conf_state, data)?;
+            self.last_snapshot = applied;
             return Ok(());
         }
-        self.snapshot_due = false;
-        let data = {
-            let state = self
-                .state
-                .read()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            serde_json::to_vec(&*state)
-                .map_err(|error| CoordinatorError::Storage(format!("encode the state: {error}")))?
-        };
+        if self.snapshot_in_progress.is_some()
+            || applied.saturating_sub(self.last_snapshot) < self.settings.snapshot_every
+        {
+            return Ok(());
+        }
+        // A copy of the state is cheap next to encoding and writing it, which happen on their
+        // own thread while this one goes on committing.
+        let copying = std::time::Instant::now();
+        let state = self
+            .state
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        debug!(
+            applied,
+            copy_ms = copying.elapsed().as_millis() as u64,
+            "Copied the state for a snapshot."
+        );
         let conf_state = self.raw.raft.prs().conf().to_conf_state();
-        self.store.compact(applied, &conf_state, data)?;
-        self.last_snapshot = applied;
-        debug!(applied, "Took a snapshot and compacted the log.");
+        let store = self.store.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("rewind-snapshot-{}", self.settings.id))
+            .spawn(move || {
+                let started = std::time::Instant::now();
+                let data = serde_json::to_vec(&state).map_err(|error| {
+                    CoordinatorError::Storage(format!("encode the state: {error}"))
+                })?;
+                let bytes = data.len();
+                store.compact(applied, &conf_state, data)?;
+                debug!(
+                    applied,
+                    bytes,
+                    ms = started.elapsed().as_millis() as u64,
+                    "Took a snapshot and compacted the log."
+                );
+                Ok(())
+            })
+            .map_err(|error| {
+                CoordinatorError::Storage(format!("spawn the snapshot thread: {error}"))
+            })?;
+        self.snapshot_in_progress = Some((applied, thread));
         Ok(())
+    }
+
+    /// Waits for the snapshot being written, if any; its failure is a storage failure.
+    fn finish_snapshot(&mut self) -> Result<(), CoordinatorError> {
+        let Some((index, thread)) = self.snapshot_in_progress.take() else {
+            return Ok(());
+        };
+        match thread.join() {
+            Ok(Ok(())) => {
+                self.last_snapshot = self.last_snapshot.max(index);
+                Ok(())
+            }
+            Ok(Err(error)) => Err(error),
+            Err(_) => Err(CoordinatorError::Storage(
+                "the snapshot thread panicked".into(),
+            )),
+        }
+    }
+
+    fn encode_state(&self) -> Result<Vec<u8>, CoordinatorError> {
+        let state = self
+            .state
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        serde_json::to_vec(&*state)
+            .map_err(|error| CoordinatorError::Storage(format!("encode the state: {error}")))
     }
 
     fn publish_status(&mut self) {

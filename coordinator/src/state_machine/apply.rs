@@ -211,10 +211,10 @@ fn register_release(
     }
     versions.insert(
         release.version.clone(),
-        ReleaseRecord {
+        std::sync::Arc::new(ReleaseRecord {
             registered_at_ms: at_ms,
             ..release.clone()
-        },
+        }),
     );
     Ok((
         Outcome::Done,

@@ -4,6 +4,8 @@
 //! changing, removing or reordering any entry breaks every hash after it. The log is part of the
 //! replicated state: every member holds the same chain and can verify it.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -43,9 +45,12 @@ impl AuditEntry {
     }
 }
 
+/// Entries are immutable once appended, so they are shared (`Arc`): copying the state for a
+/// snapshot then costs a pointer per entry, not a copy of the whole history. Serialised as the
+/// plain list of entries.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct AuditLog {
-    entries: Vec<AuditEntry>,
+    entries: Vec<Arc<AuditEntry>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -81,10 +86,10 @@ impl AuditLog {
             hash: String::new(),
         };
         entry.hash = entry.compute_hash();
-        self.entries.push(entry);
+        self.entries.push(Arc::new(entry));
     }
 
-    pub fn entries(&self) -> &[AuditEntry] {
+    pub fn entries(&self) -> &[Arc<AuditEntry>] {
         &self.entries
     }
 
@@ -137,7 +142,7 @@ impl AuditLog {
     }
 
     #[cfg(test)]
-    pub(crate) fn entries_mut(&mut self) -> &mut Vec<AuditEntry> {
+    pub(crate) fn entries_mut(&mut self) -> &mut Vec<Arc<AuditEntry>> {
         &mut self.entries
     }
 }
@@ -180,7 +185,7 @@ mod tests {
         for position in 0..5 {
             for tamper in tamperings {
                 let mut log = sample_log();
-                tamper(&mut log.entries_mut()[position]);
+                tamper(Arc::make_mut(&mut log.entries_mut()[position]));
                 assert_eq!(log.verify().first_broken, Some(position as u64 + 1));
             }
         }
@@ -198,8 +203,9 @@ mod tests {
 
         // Rehashing a forged entry does not help: the next entry's link breaks.
         let mut forged = sample_log();
-        forged.entries_mut()[1].outcome = "forged".into();
-        forged.entries_mut()[1].hash = forged.entries()[1].compute_hash();
+        Arc::make_mut(&mut forged.entries_mut()[1]).outcome = "forged".into();
+        let rehashed = forged.entries()[1].compute_hash();
+        Arc::make_mut(&mut forged.entries_mut()[1]).hash = rehashed;
         assert_eq!(forged.verify().first_broken, Some(3));
     }
 }

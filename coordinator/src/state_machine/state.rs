@@ -3,6 +3,7 @@
 //! Only BTreeMaps and Vecs, so serialisation and iteration order are the same on every member.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -15,8 +16,8 @@ pub struct State {
     pub applied_index: u64,
     pub hosts: BTreeMap<String, HostRecord>,
     pub services: BTreeMap<String, ServiceRecord>,
-    /// service -> version -> release.
-    pub releases: BTreeMap<String, BTreeMap<String, ReleaseRecord>>,
+    /// service -> version -> release. Releases are immutable, so shared like audit entries.
+    pub releases: BTreeMap<String, BTreeMap<String, Arc<ReleaseRecord>>>,
     /// Keyed by the number in `ch-<n>`.
     pub changes: BTreeMap<u64, ChangeRecord>,
     /// Keyed by the number in `rb-<n>`.

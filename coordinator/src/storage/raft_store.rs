@@ -1,11 +1,13 @@
 //! raft-rs [`Storage`] on sled: the Raft log, hard state, conf state and the latest snapshot.
 //!
 //! Trees: `raft-log` (big-endian index -> protobuf `Entry`) and `raft-meta` (`hard-state`,
-//! `conf-state`, `snapshot`: protobuf messages; the snapshot's data is the JSON of the replicated
-//! state at its index). Writers call [`RaftStore::flush`] before anything that depends on the
-//! write is sent or acknowledged.
+//! `conf-state`, `snapshot`: protobuf messages). The snapshot's data, the JSON of the replicated
+//! state at its index, is a file of its own in `state-snapshots/` (written, fsynced and renamed
+//! before the metadata naming it is stored): a value of many megabytes rewritten into sled
+//! stalled every flush of the log behind it. Writers call [`RaftStore::flush`] before anything
+//! that depends on the write is sent or acknowledged.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use protobuf::Message as _;
@@ -28,6 +30,11 @@ pub struct RaftStore {
     /// and terms constantly, and decoding the whole snapshot (the state) each time made commits
     /// slow once a snapshot existed.
     snapshot_metadata: Arc<Mutex<SnapshotMetadata>>,
+    /// Held while a snapshot is written: the Raft thread installs received snapshots while a
+    /// snapshot of its own may be written on another thread, and the newer one must win.
+    snapshot_writes: Arc<Mutex<()>>,
+    /// Where snapshots' data lives: `<index>.json`, the current one only.
+    snapshot_dir: PathBuf,
 }
 
 impl RaftStore {
@@ -44,8 +51,15 @@ impl RaftStore {
             log,
             meta,
             snapshot_metadata: Arc::default(),
+            snapshot_writes: Arc::default(),
+            snapshot_dir: dir.join("state-snapshots"),
         };
-        let metadata = store.latest_snapshot()?.take_metadata();
+        std::fs::create_dir_all(&store.snapshot_dir)
+            .map_err(|error| storage_error("create", store.snapshot_dir.display(), error))?;
+        let metadata = store
+            .get::<Snapshot>(SNAPSHOT_KEY)?
+            .unwrap_or_default()
+            .take_metadata();
         store.snapshot_metadata = Arc::new(Mutex::new(metadata));
         Ok(store)
     }
@@ -159,6 +173,10 @@ impl RaftStore {
 
     /// Installs a snapshot received from the leader: it replaces the whole log.
     pub fn apply_snapshot(&self, snapshot: &Snapshot) -> Result<(), CoordinatorError> {
+        let _writing = self
+            .snapshot_writes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let metadata = snapshot.get_metadata();
         let mut hard_state = self.hard_state()?;
         hard_state.term = hard_state.term.max(metadata.term);
@@ -171,13 +189,22 @@ impl RaftStore {
             .map_err(|error| storage_error("clear", "raft-log", error))
     }
 
-    /// Records a snapshot of the applied state at `index` and drops the log up to it.
+    /// Records a snapshot of the applied state at `index` and drops the log up to it. May run
+    /// on another thread than the Raft thread; a snapshot no newer than the stored one (a
+    /// leader's snapshot installed meanwhile) is dropped.
     pub fn compact(
         &self,
         index: u64,
         conf_state: &ConfState,
         data: Vec<u8>,
     ) -> Result<(), CoordinatorError> {
+        let _writing = self
+            .snapshot_writes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if index <= self.snapshot_metadata()?.index {
+            return Ok(());
+        }
         let term = self
             .term(index)
             .map_err(|error| storage_error("read term of", index, error))?;
@@ -201,7 +228,50 @@ impl RaftStore {
 
     /// The latest snapshot, with its data, or an empty one.
     pub fn latest_snapshot(&self) -> Result<Snapshot, CoordinatorError> {
-        self.get(SNAPSHOT_KEY).map(Option::unwrap_or_default)
+        let Some(mut snapshot) = self.get::<Snapshot>(SNAPSHOT_KEY)? else {
+            return Ok(Snapshot::default());
+        };
+        if snapshot.get_data().is_empty() {
+            let path = self.snapshot_file(snapshot.get_metadata().index);
+            let data = std::fs::read(&path)
+                .map_err(|error| storage_error("read", path.display(), error))?;
+            snapshot.set_data(data.into());
+        }
+        Ok(snapshot)
+    }
+
+    fn snapshot_file(&self, index: u64) -> PathBuf {
+        self.snapshot_dir.join(format!("{index:020}.json"))
+    }
+
+    /// Writes a snapshot's data to its file durably: a partial file, fsynced, renamed, and the
+    /// directory fsynced, so a crash leaves the old file or the whole new one.
+    fn write_snapshot_file(&self, index: u64, data: &[u8]) -> Result<(), CoordinatorError> {
+        use std::io::Write as _;
+        let path = self.snapshot_file(index);
+        let partial = path.with_extension("partial");
+        let write = || -> std::io::Result<()> {
+            let mut file = std::fs::File::create(&partial)?;
+            file.write_all(data)?;
+            file.sync_all()?;
+            std::fs::rename(&partial, &path)?;
+            std::fs::File::open(&self.snapshot_dir)?.sync_all()
+        };
+        write().map_err(|error| storage_error("write", path.display(), error))
+    }
+
+    /// Removes every snapshot file but the current one's (best effort: a leftover only costs
+    /// disk until the next snapshot).
+    fn remove_other_snapshot_files(&self, keep: u64) {
+        let keep = self.snapshot_file(keep);
+        let Ok(files) = std::fs::read_dir(&self.snapshot_dir) else {
+            return;
+        };
+        for file in files.flatten() {
+            if file.path() != keep {
+                let _ = std::fs::remove_file(file.path());
+            }
+        }
     }
 
     pub fn hard_state(&self) -> Result<HardState, CoordinatorError> {
@@ -220,13 +290,20 @@ impl RaftStore {
             .clone())
     }
 
-    /// Stores a snapshot and remembers its metadata.
+    /// Stores a snapshot (its data in its file, then its metadata in sled, flushed) and
+    /// remembers its metadata; older snapshot files are removed once nothing names them.
     fn put_snapshot(&self, snapshot: &Snapshot) -> Result<(), CoordinatorError> {
-        self.put(SNAPSHOT_KEY, snapshot)?;
+        let index = snapshot.get_metadata().index;
+        self.write_snapshot_file(index, snapshot.get_data())?;
+        let mut metadata_only = Snapshot::default();
+        metadata_only.set_metadata(snapshot.get_metadata().clone());
+        self.put(SNAPSHOT_KEY, &metadata_only)?;
+        self.flush()?;
         *self
             .snapshot_metadata
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = snapshot.get_metadata().clone();
+        self.remove_other_snapshot_files(index);
         Ok(())
     }
 
