@@ -37,8 +37,8 @@ pub struct RawCluster {
     pub members: Vec<RawMember>,
     pub tick_ms: Option<u64>,
     pub election_ticks: Option<usize>,
-    /// Join a running cluster instead of founding one: `member` lists this member and at
-    /// least one running member to reach; the cluster adds it with `rewindctl cluster add`.
+    /// Join a running cluster instead of founding one: `member` lists this member and every
+    /// current member; the cluster adds it with `rewindctl cluster add`.
     pub join: bool,
 }
 

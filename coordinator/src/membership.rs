@@ -55,26 +55,37 @@ impl Directory {
 }
 
 /// Keeps the transport's routes equal to the directory's members, checking after every applied
-/// batch of entries. Runs until the node stops.
+/// batch of entries and every few seconds (a peer skipped for a TLS error is retried). Runs
+/// until the node stops.
 pub async fn route_to_members(directory: Directory, transport: GrpcTransport) {
     let mut applied = directory.node.subscribe();
-    let mut routed: Option<Vec<Peer>> = None;
+    let mut retry = tokio::time::interval(RETRY_ROUTES);
     loop {
-        let wanted: Vec<Peer> = directory
+        let own_id = transport.own_id();
+        let mut wanted: Vec<Peer> = directory
             .members()
             .into_iter()
+            .filter(|member| member.id != own_id)
             .map(|member| Peer {
                 id: member.id,
                 address: member.address,
             })
             .collect();
-        if routed.as_ref() != Some(&wanted) {
+        wanted.sort_by_key(|peer| peer.id);
+        if transport.peers() != wanted {
             transport.set_peers(&wanted);
-            routed = Some(wanted);
         }
-        if applied.changed().await.is_err() {
-            debug!("The node stopped; no more route updates.");
-            return;
+        tokio::select! {
+            changed = applied.changed() => {
+                if changed.is_err() {
+                    debug!("The node stopped; no more route updates.");
+                    return;
+                }
+            }
+            _ = retry.tick() => {}
         }
     }
 }
+
+/// How often routes are compared with the registry even when nothing was applied.
+const RETRY_ROUTES: std::time::Duration = std::time::Duration::from_secs(5);

@@ -264,6 +264,15 @@ async fn propose(
     member: &MemberRecord,
     reason: &str,
 ) -> Result<(), Status> {
+    if context.node.read(|state| state.members.is_empty()) {
+        // Data written before the registry existed: a change would make the new member the
+        // whole registry and cut routes to the others.
+        return Err(to_status(CoordinatorError::MembershipConflict(
+            "this cluster's state has no member registry (written by an older version); \
+             membership changes need one"
+                .into(),
+        )));
+    }
     let command = Command {
         at_ms: rewind_shared::time::now_ms(),
         identity: identity.to_string(),

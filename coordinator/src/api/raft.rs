@@ -5,7 +5,7 @@ use raft::eraftpb::Message;
 use rewind_proto::v1::{RaftAck, RaftBatch, raft_service_server::RaftService};
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::caller;
 
@@ -30,6 +30,13 @@ impl RaftService for RaftPeers {
         match self.directory.get(batch.from_member) {
             Some(member) if member.name == identity => {}
             _ => {
+                // Worth a warning: a joining member whose config does not list the current
+                // leader refuses it here until it holds the member registry.
+                warn!(
+                    identity,
+                    from_member = batch.from_member,
+                    "Refused Raft messages from a certificate that is not that member's."
+                );
                 return Err(Status::permission_denied(format!(
                     "certificate {identity:?} is not member {} of this cluster",
                     batch.from_member

@@ -36,6 +36,8 @@ use crate::storage::RaftStore;
 const PEER_MESSAGE_QUEUE: usize = 4096;
 /// Most proposals, and most peer messages, taken into one Ready.
 const MAX_BATCH: usize = 256;
+/// Readies handled back to back before the thread looks at its queues again.
+const MAX_READIES_PER_WAKE: usize = 4;
 
 /// Where outgoing Raft messages go. Must not block: queue or drop (Raft retransmits).
 pub trait Transport: Send + 'static {
@@ -306,7 +308,19 @@ impl<T: Transport> Driver<T> {
                         Err(_) => break,
                     }
                 }
-                if let Err(error) = self.handle_ready() {
+                // Handling a Ready can make another (applying a conf change advances the
+                // commit and queues messages); take those now rather than at the next tick.
+                let mut failed = None;
+                for _ in 0..MAX_READIES_PER_WAKE {
+                    if !self.raw.has_ready() {
+                        break;
+                    }
+                    if let Err(error) = self.handle_ready() {
+                        failed = Some(error);
+                        break;
+                    }
+                }
+                if let Some(error) = failed {
                     // The disk failed under Raft: stop rather than risk acting on state that
                     // is not persisted. A restart recovers from what the disk holds.
                     error!(%error, "Raft storage failed; this member stops. Restart it.");

@@ -114,7 +114,15 @@ impl GrpcTransport {
         }
     }
 
-    /// The peers messages go to now.
+    /// This member's id (never a peer of itself).
+    pub fn own_id(&self) -> u64 {
+        self.routes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .own_id
+    }
+
+    /// The peers messages go to now, by id.
     pub fn peers(&self) -> Vec<Peer> {
         let routes = self
             .routes

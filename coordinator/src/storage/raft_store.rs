@@ -13,6 +13,8 @@ use std::sync::{Arc, Mutex};
 use protobuf::Message as _;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
+use sled::Transactional as _;
+use sled::transaction::ConflictableTransactionError;
 
 use crate::errors::CoordinatorError;
 
@@ -171,51 +173,82 @@ impl RaftStore {
         self.put(CONF_STATE_KEY, conf_state)
     }
 
-    /// Installs a snapshot received from the leader: it replaces the whole log.
+    /// Installs a snapshot received from the leader: it replaces the whole log. The data goes
+    /// to its own file first (nothing names it yet); then the log's removal and the snapshot
+    /// record, commit index and membership are one sled transaction, so a crash leaves either
+    /// the old store or the new one, never a commit index past the log.
     pub fn apply_snapshot(&self, snapshot: &Snapshot) -> Result<(), CoordinatorError> {
+        let metadata = snapshot.get_metadata();
+        self.write_snapshot_file(metadata.index, snapshot.get_data())?;
         let _writing = self
             .snapshot_writes
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let metadata = snapshot.get_metadata();
         let mut hard_state = self.hard_state()?;
         hard_state.term = hard_state.term.max(metadata.term);
         hard_state.commit = metadata.index;
-        self.put_snapshot(snapshot)?;
-        self.set_hard_state(&hard_state)?;
-        self.set_conf_state(metadata.get_conf_state())?;
-        self.log
-            .clear()
-            .map_err(|error| storage_error("clear", "raft-log", error))
+        let record = encode(SNAPSHOT_KEY, &metadata_only(snapshot))?;
+        let hard_state_bytes = encode(HARD_STATE_KEY, &hard_state)?;
+        let conf_state = encode(CONF_STATE_KEY, metadata.get_conf_state())?;
+        let log_keys = self
+            .log
+            .iter()
+            .keys()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|error| storage_error("read", "raft-log", error))?;
+        (&self.log, &self.meta)
+            .transaction(|(log, meta)| {
+                for key in &log_keys {
+                    log.remove(key.clone())?;
+                }
+                meta.insert(SNAPSHOT_KEY, record.clone())?;
+                meta.insert(HARD_STATE_KEY, hard_state_bytes.clone())?;
+                meta.insert(CONF_STATE_KEY, conf_state.clone())?;
+                Ok::<(), ConflictableTransactionError<()>>(())
+            })
+            .map_err(|error| storage_error("install", "a snapshot", format!("{error:?}")))?;
+        self.flush()?;
+        self.remember_snapshot(metadata);
+        Ok(())
     }
 
     /// Records a snapshot of the applied state at `index` and drops the log up to it. May run
-    /// on another thread than the Raft thread; a snapshot no newer than the stored one (a
-    /// leader's snapshot installed meanwhile) is dropped.
+    /// on another thread than the Raft thread: the data is written to its file first, without
+    /// the lock; a snapshot no newer than the stored one (a leader's snapshot installed
+    /// meanwhile) is then dropped.
     pub fn compact(
         &self,
         index: u64,
         conf_state: &ConfState,
         data: Vec<u8>,
     ) -> Result<(), CoordinatorError> {
+        if index <= self.snapshot_metadata()?.index {
+            return Ok(());
+        }
+        self.write_snapshot_file(index, &data)?;
         let _writing = self
             .snapshot_writes
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if index <= self.snapshot_metadata()?.index {
+        let current = self.snapshot_metadata()?.index;
+        if index <= current {
+            self.remove_other_snapshot_files(current);
             return Ok(());
         }
         let term = self
             .term(index)
             .map_err(|error| storage_error("read term of", index, error))?;
-        let mut snapshot = Snapshot::default();
-        snapshot.set_data(data.into());
-        let metadata = snapshot.mut_metadata();
-        metadata.index = index;
-        metadata.term = term;
+        let mut metadata = SnapshotMetadata {
+            index,
+            term,
+            ..SnapshotMetadata::default()
+        };
         metadata.set_conf_state(conf_state.clone());
-        self.put_snapshot(&snapshot)?;
+        let mut record = Snapshot::default();
+        record.set_metadata(metadata.clone());
+        self.put(SNAPSHOT_KEY, &record)?;
         self.flush()?;
+        self.remember_snapshot(&metadata);
         let mut batch = sled::Batch::default();
         for key in self.log.range(..=index.to_be_bytes()).keys() {
             batch.remove(key.map_err(|error| storage_error("read", "raft-log", error))?);
@@ -226,8 +259,13 @@ impl RaftStore {
         self.flush()
     }
 
-    /// The latest snapshot, with its data, or an empty one.
+    /// The latest snapshot, with its data, or an empty one. Record and file are read under the
+    /// snapshot lock, so a snapshot written meanwhile cannot delete the file between the two.
     pub fn latest_snapshot(&self) -> Result<Snapshot, CoordinatorError> {
+        let _reading = self
+            .snapshot_writes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let Some(mut snapshot) = self.get::<Snapshot>(SNAPSHOT_KEY)? else {
             return Ok(Snapshot::default());
         };
@@ -290,21 +328,25 @@ impl RaftStore {
             .clone())
     }
 
-    /// Stores a snapshot (its data in its file, then its metadata in sled, flushed) and
-    /// remembers its metadata; older snapshot files are removed once nothing names them.
+    /// Stores a snapshot (its data in its file, then its record in sled, flushed). Bootstrap
+    /// only: nothing else runs yet.
     fn put_snapshot(&self, snapshot: &Snapshot) -> Result<(), CoordinatorError> {
-        let index = snapshot.get_metadata().index;
-        self.write_snapshot_file(index, snapshot.get_data())?;
-        let mut metadata_only = Snapshot::default();
-        metadata_only.set_metadata(snapshot.get_metadata().clone());
-        self.put(SNAPSHOT_KEY, &metadata_only)?;
+        let metadata = snapshot.get_metadata();
+        self.write_snapshot_file(metadata.index, snapshot.get_data())?;
+        self.put(SNAPSHOT_KEY, &metadata_only(snapshot))?;
         self.flush()?;
+        self.remember_snapshot(metadata);
+        Ok(())
+    }
+
+    /// Caches the stored snapshot's metadata and removes the files of older snapshots. Call
+    /// with the snapshot lock held, after the record is flushed.
+    fn remember_snapshot(&self, metadata: &SnapshotMetadata) {
         *self
             .snapshot_metadata
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = snapshot.get_metadata().clone();
-        self.remove_other_snapshot_files(index);
-        Ok(())
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = metadata.clone();
+        self.remove_other_snapshot_files(metadata.index);
     }
 
     fn last_log_index(&self) -> Result<Option<u64>, CoordinatorError> {
@@ -382,6 +424,10 @@ impl Storage for RaftStore {
             );
         }
         if entries.len() as u64 != high - low {
+            // A snapshot taken on its own thread may have compacted the range meanwhile.
+            if low < self.first_index()? {
+                return Err(raft::Error::Store(StorageError::Compacted));
+            }
             return Err(raft::Error::Store(StorageError::Unavailable));
         }
         raft::util::limit_size(&mut entries, max_size.into());
@@ -416,7 +462,11 @@ impl Storage for RaftStore {
     }
 
     fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        let snapshot = self.latest_snapshot().map_err(raft_error)?;
+        // raft-rs treats any other error here as fatal; a failed read is retried later.
+        let snapshot = self.latest_snapshot().map_err(|error| {
+            tracing::warn!(%error, "Cannot read the snapshot to send; will retry.");
+            raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable)
+        })?;
         if snapshot.get_metadata().index < request_index {
             // The leader compacts only at its own snapshots, so this is a follower far behind
             // asking before the next one is taken.
@@ -426,6 +476,19 @@ impl Storage for RaftStore {
         }
         Ok(snapshot)
     }
+}
+
+/// A snapshot's record: its metadata, its data being in its file.
+fn metadata_only(snapshot: &Snapshot) -> Snapshot {
+    let mut record = Snapshot::default();
+    record.set_metadata(snapshot.get_metadata().clone());
+    record
+}
+
+fn encode(key: &[u8], message: &impl protobuf::Message) -> Result<Vec<u8>, CoordinatorError> {
+    message
+        .write_to_bytes()
+        .map_err(|error| storage_error("encode", String::from_utf8_lossy(key), error))
 }
 
 fn raft_error(error: CoordinatorError) -> raft::Error {
@@ -516,5 +579,43 @@ mod tests {
             store.cluster_id(Some("other")).is_err(),
             "a different configured id is refused"
         );
+    }
+
+    #[test]
+    fn snapshots_live_in_one_file_and_an_installed_one_replaces_the_log_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RaftStore::open(dir.path()).unwrap();
+        store.bootstrap(&[1], b"founding".to_vec()).unwrap();
+        store
+            .append(&(1..=10).map(|index| entry(index, 1)).collect::<Vec<_>>())
+            .unwrap();
+        let conf_state = store.conf_state().unwrap();
+        store.compact(5, &conf_state, b"state@5".to_vec()).unwrap();
+        // An older snapshot arriving late (written on another thread) changes nothing.
+        store.compact(3, &conf_state, b"state@3".to_vec()).unwrap();
+        let files = |store: &RaftStore| std::fs::read_dir(&store.snapshot_dir).unwrap().count();
+        assert_eq!(files(&store), 1);
+        drop(store);
+
+        let store = RaftStore::open(dir.path()).unwrap();
+        assert_eq!(store.first_index().unwrap(), 6);
+        assert_eq!(store.latest_snapshot().unwrap().get_data(), b"state@5");
+
+        // A leader's snapshot past the whole log: log gone, commit at its index, one file.
+        let mut received = Snapshot::default();
+        received.set_data(b"state@20".to_vec().into());
+        received.mut_metadata().index = 20;
+        received.mut_metadata().term = 3;
+        received.mut_metadata().set_conf_state(conf_state);
+        store.apply_snapshot(&received).unwrap();
+        drop(store);
+        let store = RaftStore::open(dir.path()).unwrap();
+        assert_eq!(
+            (store.first_index().unwrap(), store.last_index().unwrap()),
+            (21, 20)
+        );
+        assert_eq!(store.hard_state().unwrap().commit, 20);
+        assert_eq!(store.latest_snapshot().unwrap().get_data(), b"state@20");
+        assert_eq!(files(&store), 1);
     }
 }
