@@ -86,7 +86,7 @@ fn release_request(run: &str, number: usize) -> pb::RegisterReleaseRequest {
 }
 
 async fn bench_rewind(dir: &Path, writes: usize) -> Vec<(usize, Figures)> {
-    let cluster = ClusterHarness::must_start(dir, 3);
+    let cluster = ClusterHarness::must_start_for_benchmark(dir, 3);
     let (_, mut client) = cluster.must_leader().await;
     let service = pb::Service {
         name: "bench".into(),

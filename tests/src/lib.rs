@@ -365,12 +365,14 @@ pub struct ClusterHarness {
     network: Option<PrivateNet>,
     /// Members cut off from the network right now.
     cut: Vec<u64>,
+    /// `storage.snapshot-every` of every member: small in tests so snapshots happen.
+    snapshot_every: u64,
 }
 
 impl ClusterHarness {
     /// Starts `size` members (ids 1..=size) that bootstrap one cluster, on loopback.
     pub fn must_start(dir: &Path, size: u64) -> Self {
-        Self::must_start_with(dir, size, None)
+        Self::must_start_with(dir, size, None, None)
     }
 
     /// Like [`ClusterHarness::must_start`], each member in its own network namespace on a
@@ -378,10 +380,21 @@ impl ClusterHarness {
     pub fn must_start_partitionable(dir: &Path, size: u64) -> Self {
         let network = PrivateNet::create(size)
             .unwrap_or_else(|error| panic!("build a private network: {error}"));
-        Self::must_start_with(dir, size, Some(network))
+        Self::must_start_with(dir, size, Some(network), None)
     }
 
-    fn must_start_with(dir: &Path, size: u64, network: Option<PrivateNet>) -> Self {
+    /// Like [`ClusterHarness::must_start`] with the production snapshot interval, for
+    /// benchmarks.
+    pub fn must_start_for_benchmark(dir: &Path, size: u64) -> Self {
+        Self::must_start_with(dir, size, None, Some(10_000))
+    }
+
+    fn must_start_with(
+        dir: &Path,
+        size: u64,
+        network: Option<PrivateNet>,
+        snapshot_every: Option<u64>,
+    ) -> Self {
         let tls_dir = dir.join("tls");
         std::fs::create_dir_all(&tls_dir).unwrap();
         let ca = DevCa::generate("test cluster CA").unwrap();
@@ -410,6 +423,8 @@ impl ClusterHarness {
             members: Vec::new(),
             network,
             cut: Vec::new(),
+            // Small, so snapshots, compaction and snapshot installs happen in every test run.
+            snapshot_every: snapshot_every.unwrap_or(50),
         };
         for id in 1..=size {
             harness.must_write_identity(id);
@@ -512,8 +527,7 @@ tick-ms = 100
 report-interval-ms = 300
 window-s = 3
 [storage]
-# Small, so snapshots, compaction and snapshot installs happen during every test and chaos run.
-snapshot-every = 50
+snapshot-every = {snapshot_every}
 [cluster]
 id = "test-cluster"
 member-id = {id}
@@ -521,6 +535,7 @@ tick-ms = 50
 join = {join}
 {members}"#,
             listen = self.addresses[id as usize - 1],
+            snapshot_every = self.snapshot_every,
             data = self.dir.join(format!("member-{id}")).display(),
         );
         std::fs::write(self.config_path(id), config).unwrap();

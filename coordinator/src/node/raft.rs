@@ -215,6 +215,7 @@ pub fn start_member(
         last_snapshot: snapshot.get_metadata().index,
         snapshot_due: false,
         snapshot_in_progress: None,
+        flushed_term_and_vote: (0, 0),
         installed_snapshots: 0,
         applied: applied_sender,
         status: status_sender,
@@ -257,6 +258,9 @@ struct Driver<T: Transport> {
     last_snapshot: u64,
     /// Set by a membership change: snapshot now, so a joining member gets one that includes it.
     snapshot_due: bool,
+    /// Term and vote as last written: a change of either must be flushed before the messages
+    /// that depend on it are sent.
+    flushed_term_and_vote: (u64, u64),
     /// A periodic snapshot being encoded and written on its own thread, and the index it covers:
     /// its cost grows with the state, so it stays off the path of every write.
     snapshot_in_progress: Option<(u64, std::thread::JoinHandle<Result<(), CoordinatorError>>)>,
@@ -537,13 +541,21 @@ impl<T: Transport> Driver<T> {
         }
         self.apply_committed(ready.take_committed_entries())?;
         let read_states = ready.take_read_states();
+        // Flush only what promises depend on: new entries, and a new term or vote. A commit
+        // index alone is learned again from the leader after a crash.
+        let mut must_flush = !ready.entries().is_empty();
         if !ready.entries().is_empty() {
             self.store.append(ready.entries())?;
         }
         if let Some(hard_state) = ready.hs() {
+            let term_and_vote = (hard_state.term, hard_state.vote);
+            must_flush |= term_and_vote != self.flushed_term_and_vote;
             self.store.set_hard_state(hard_state)?;
+            self.flushed_term_and_vote = term_and_vote;
         }
-        self.store.flush()?;
+        if must_flush || !ready.persisted_messages().is_empty() {
+            self.store.flush()?;
+        }
         if !ready.persisted_messages().is_empty() {
             self.transport.send(ready.take_persisted_messages());
         }
