@@ -312,6 +312,11 @@ async fn wait_for_catch_up(context: &Context, id: u64, timeout: Duration) -> Res
         if matched + CAUGHT_UP_LAG >= commit && matched > 0 {
             return Ok(());
         }
+        if context.directory.get(id).is_none() {
+            return Err(to_status(CoordinatorError::MembershipConflict(format!(
+                "member {id} was removed while it was catching up"
+            ))));
+        }
         if tokio::time::Instant::now() >= deadline {
             return Err(Status::deadline_exceeded(format!(
                 "member {id} joined as a learner but has not caught up within {}s \

@@ -476,11 +476,15 @@ impl<T: Transport> Driver<T> {
             }
         };
         if raft.has_pending_conf() {
+            // A new leader counts its whole unapplied log as a possible conf change.
+            let reason = if raft.raft_log.applied < raft.raft_log.committed {
+                "this member has just been elected and is still applying its log; retry shortly"
+            } else {
+                "another membership change is still being applied; retry when it is"
+            };
             return refuse(
                 proposal,
-                CoordinatorError::MembershipConflict(
-                    "another membership change is still being applied; retry when it is".into(),
-                ),
+                CoordinatorError::MembershipConflict(reason.into()),
             );
         }
         if change == MembershipChange::Remove && member_id == raft.id {
