@@ -46,6 +46,13 @@ impl TlsFiles {
             .domain_name(domain))
     }
 
+    /// [`Self::client_config`] for a server dialled at `address` (`host:port`, `[v6]:port`):
+    /// its certificate must name the host.
+    pub fn client_config_for_address(&self, address: &str) -> Result<ClientTlsConfig, SharedError> {
+        let host = address.rsplit_once(':').map_or(address, |(host, _)| host);
+        self.client_config(host.trim_start_matches('[').trim_end_matches(']'))
+    }
+
     fn ca_certificate(&self) -> Result<Certificate, SharedError> {
         Ok(Certificate::from_pem(read(&self.ca)?))
     }

@@ -805,3 +805,35 @@ pub async fn must_start_rollback_of_v2(client: &mut ControlServiceClient<Channel
     .await;
     rollback_id
 }
+
+/// After a failover: the rollback of v2 ended succeeded, every host is back on v1 having
+/// restarted exactly three times (two activations, one rollback: nothing twice), and the audit
+/// chain verifies.
+pub async fn must_have_rolled_back_v2_once(
+    client: &mut ControlServiceClient<Channel>,
+    rollback_id: &str,
+    hosts: &[TestHost],
+) {
+    use rewind_proto::v1 as pb;
+    let rollback = must_rollback_end(client, rollback_id).await;
+    assert_eq!(
+        rollback.state,
+        pb::RollbackState::Succeeded as i32,
+        "{rollback:?}"
+    );
+    for host in hosts {
+        host.must_be_restored_to_v1();
+        assert_eq!(
+            host.restarts(),
+            3,
+            "{}: two activations and one rollback restart, none twice",
+            host.id
+        );
+    }
+    let audit = client
+        .verify_audit(pb::VerifyAuditRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(audit.ok, "{audit:?}");
+}

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use rewind_proto::v1 as pb;
 use rewind_tests::{
-    ClusterHarness, TestHost, must_agents_connected, must_deploy_v1_then_v2, must_rollback_end,
-    must_start_rollback_of_v2, must_wait_async,
+    ClusterHarness, TestHost, must_agents_connected, must_deploy_v1_then_v2,
+    must_have_rolled_back_v2_once, must_start_rollback_of_v2, must_wait_async,
 };
 
 const LONG: Duration = Duration::from_secs(90);
@@ -58,30 +58,9 @@ async fn a_rollback_survives_the_leader_being_killed_and_no_step_runs_twice() {
     let (old_leader, _) = cluster.must_leader().await;
     cluster.kill(old_leader);
 
-    let (new_leader, client) = cluster.must_leader().await;
+    let (new_leader, mut client) = cluster.must_leader().await;
     assert_ne!(new_leader, old_leader);
-    let rollback = must_rollback_end(&client, &rollback_id).await;
-    assert_eq!(
-        rollback.state,
-        pb::RollbackState::Succeeded as i32,
-        "{rollback:?}"
-    );
-    for host in &hosts {
-        host.must_be_restored_to_v1();
-        assert_eq!(
-            host.restarts(),
-            3,
-            "{}: two activations and one rollback restart, none twice",
-            host.id
-        );
-    }
-    let mut client = client;
-    let audit = client
-        .verify_audit(pb::VerifyAuditRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(audit.ok, "{audit:?}");
+    must_have_rolled_back_v2_once(&mut client, &rollback_id, &hosts).await;
 
     let members = client
         .list_members(pb::ListMembersRequest {})

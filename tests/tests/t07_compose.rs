@@ -10,7 +10,7 @@ use std::time::Duration;
 use rewind_proto::v1 as pb;
 use rewind_proto::v1::control_service_client::ControlServiceClient;
 use rewind_tests::{
-    TestHost, must_agents_connected, must_deploy_v1_then_v2, must_rollback_end,
+    TestHost, must_agents_connected, must_deploy_v1_then_v2, must_have_rolled_back_v2_once,
     must_start_rollback_of_v2, must_wait_async, operator_channel,
 };
 use tonic::transport::Channel;
@@ -130,25 +130,5 @@ async fn a_rollback_finishes_after_the_leader_container_is_killed() {
 
     let (new_leader, mut client) = compose.must_leader().await;
     assert_ne!(new_leader, old_leader);
-    let rollback = must_rollback_end(&client, &rollback_id).await;
-    assert_eq!(
-        rollback.state,
-        pb::RollbackState::Succeeded as i32,
-        "{rollback:?}"
-    );
-    for host in &hosts {
-        host.must_be_restored_to_v1();
-        assert_eq!(
-            host.restarts(),
-            3,
-            "{}: two activations and one rollback restart, none twice",
-            host.id
-        );
-    }
-    let audit = client
-        .verify_audit(pb::VerifyAuditRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(audit.ok, "{audit:?}");
+    must_have_rolled_back_v2_once(&mut client, &rollback_id, &hosts).await;
 }

@@ -75,13 +75,9 @@ pub async fn list(context: &Context) -> pb::ListMembersResponse {
 
 /// Asks a member for its applied index over `MemberService`, with this member's certificate.
 async fn applied_index_of(context: &Context, member: &MemberRecord) -> Option<u64> {
-    let host = member
-        .address
-        .rsplit_once(':')
-        .map_or(member.address.as_str(), |(host, _)| host);
     let tls = context
         .tls
-        .client_config(host.trim_start_matches('[').trim_end_matches(']'))
+        .client_config_for_address(&member.address)
         .ok()?;
     let channel = tonic::transport::Endpoint::from_shared(format!("https://{}", member.address))
         .ok()?

@@ -17,16 +17,17 @@ impl MemberService for Member {
         request: Request<pb::GetMemberStatusRequest>,
     ) -> Result<Response<pb::MemberStatus>, Status> {
         let status = self.context.status.borrow().clone();
+        let brief = pb::MemberStatus {
+            member_id: status.id,
+            is_leader: status.is_leader,
+            term: status.term,
+            applied_index: status.applied_index,
+            commit_index: status.commit_index,
+            cluster_id: self.context.cluster_id.clone(),
+            ..pb::MemberStatus::default()
+        };
         if request.into_inner().brief {
-            return Ok(Response::new(pb::MemberStatus {
-                member_id: status.id,
-                is_leader: status.is_leader,
-                term: status.term,
-                applied_index: status.applied_index,
-                commit_index: status.commit_index,
-                cluster_id: self.context.cluster_id.clone(),
-                ..pb::MemberStatus::default()
-            }));
+            return Ok(Response::new(brief));
         }
         let (applied_index, state_digest, audit) = self.context.node.read(|state| {
             let bytes = serde_json::to_vec(state).unwrap_or_default();
@@ -37,15 +38,12 @@ impl MemberService for Member {
             )
         });
         Ok(Response::new(pb::MemberStatus {
-            member_id: status.id,
-            is_leader: status.is_leader,
-            term: status.term,
+            // Applied index and digest from the same read, so they describe the same state.
             applied_index,
-            commit_index: status.commit_index,
             state_digest,
             audit_ok: audit.first_broken.is_none(),
             audit_entries: audit.entries,
-            cluster_id: self.context.cluster_id.clone(),
+            ..brief
         }))
     }
 }

@@ -435,11 +435,10 @@ impl<T: Transport> Driver<T> {
                 return;
             }
         };
-        self.next_proposal += 1;
-        let context = proposal_context(self.settings.id, self.next_proposal);
+        let (number, context) = self.next_proposal_context();
         match self.raw.propose(context, data) {
             Ok(()) => {
-                self.pending.insert(self.next_proposal, proposal.reply);
+                self.pending.insert(number, proposal.reply);
             }
             Err(error) => {
                 let _ = proposal
@@ -516,11 +515,10 @@ impl<T: Transport> Driver<T> {
                 );
             }
         }
-        self.next_proposal += 1;
-        let context = proposal_context(self.settings.id, self.next_proposal);
+        let (number, context) = self.next_proposal_context();
         match self.raw.propose_conf_change(context, conf_change) {
             Ok(()) => {
-                self.pending.insert(self.next_proposal, proposal.reply);
+                self.pending.insert(number, proposal.reply);
             }
             Err(error) => refuse(
                 proposal,
@@ -636,11 +634,25 @@ impl<T: Transport> Driver<T> {
             }
         };
         drop(state);
-        if let Some(reply) = own_proposal(self.settings.id, &entry.context)
+        self.answer(&entry.context, outcome);
+    }
+
+    /// Answers the caller waiting on this entry, if this member proposed it.
+    fn answer(&mut self, entry_context: &[u8], outcome: Result<Outcome, CoordinatorError>) {
+        if let Some(reply) = own_proposal(self.settings.id, entry_context)
             .and_then(|number| self.pending.remove(&number))
         {
             let _ = reply.send(outcome);
         }
+    }
+
+    /// The entry context for this member's next proposal, and its number.
+    fn next_proposal_context(&mut self) -> (u64, Vec<u8>) {
+        self.next_proposal += 1;
+        (
+            self.next_proposal,
+            proposal_context(self.settings.id, self.next_proposal),
+        )
     }
 
     fn apply_conf_change(&mut self, entry: &Entry) -> Result<(), CoordinatorError> {
@@ -681,11 +693,7 @@ impl<T: Transport> Driver<T> {
                 }
             }
         };
-        if let Some(reply) = own_proposal(self.settings.id, &entry.context)
-            .and_then(|number| self.pending.remove(&number))
-        {
-            let _ = reply.send(outcome);
-        }
+        self.answer(&entry.context, outcome);
         self.snapshot_due = true;
         info!(index = entry.index, voters = ?conf_state.voters, learners = ?conf_state.learners, "Membership changed.");
         Ok(())
@@ -705,7 +713,12 @@ impl<T: Transport> Driver<T> {
             // is taken now, before this Ready's messages lead to one being sent.
             self.snapshot_due = false;
             self.finish_snapshot()?;
-            let data = self.encode_state()?;
+            let data = encode_state(
+                &self
+                    .state
+                    .read()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()),
+            )?;
             let conf_state = self.raw.raft.prs().conf().to_conf_state();
             self.store.compact(applied, &conf_state, data)?;
             self.last_snapshot = applied;
@@ -735,9 +748,7 @@ impl<T: Transport> Driver<T> {
             .name(format!("rewind-snapshot-{}", self.settings.id))
             .spawn(move || {
                 let started = std::time::Instant::now();
-                let data = serde_json::to_vec(&state).map_err(|error| {
-                    CoordinatorError::Storage(format!("encode the state: {error}"))
-                })?;
+                let data = encode_state(&state)?;
                 let bytes = data.len();
                 store.compact(applied, &conf_state, data)?;
                 debug!(
@@ -770,15 +781,6 @@ impl<T: Transport> Driver<T> {
                 "the snapshot thread panicked".into(),
             )),
         }
-    }
-
-    fn encode_state(&self) -> Result<Vec<u8>, CoordinatorError> {
-        let state = self
-            .state
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        serde_json::to_vec(&*state)
-            .map_err(|error| CoordinatorError::Storage(format!("encode the state: {error}")))
     }
 
     fn publish_status(&mut self) {
@@ -846,6 +848,12 @@ fn peer_progress(raft: &raft::Raft<RaftStore>) -> Vec<PeerProgress> {
         .collect();
     peers.sort_by_key(|peer| peer.id);
     peers
+}
+
+/// The state as a snapshot's data.
+fn encode_state(state: &State) -> Result<Vec<u8>, CoordinatorError> {
+    serde_json::to_vec(state)
+        .map_err(|error| CoordinatorError::Storage(format!("encode the state: {error}")))
 }
 
 /// Entry context: the proposing member and its proposal number, so only that member answers.

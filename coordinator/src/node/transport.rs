@@ -87,14 +87,7 @@ impl GrpcTransport {
             if routes.peers.contains_key(&peer.id) {
                 continue;
             }
-            let host = peer
-                .address
-                .rsplit_once(':')
-                .map_or(peer.address.as_str(), |(host, _)| host);
-            let peer_tls = match routes
-                .tls
-                .client_config(host.trim_start_matches('[').trim_end_matches(']'))
-            {
+            let peer_tls = match routes.tls.client_config_for_address(&peer.address) {
                 Ok(tls) => tls,
                 Err(error) => {
                     warn!(%error, peer = peer.id, "Cannot set up TLS towards a Raft peer.");

@@ -373,9 +373,7 @@ impl RaftStore {
     }
 
     fn put(&self, key: &[u8], message: &impl protobuf::Message) -> Result<(), CoordinatorError> {
-        let bytes = message
-            .write_to_bytes()
-            .map_err(|error| storage_error("encode", String::from_utf8_lossy(key), error))?;
+        let bytes = encode(key, message)?;
         self.meta
             .insert(key, bytes)
             .map(|_| ())
