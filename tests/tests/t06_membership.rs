@@ -95,6 +95,30 @@ async fn a_member_joins_is_promoted_and_a_founder_is_removed() {
             "already in the cluster",
         ),
         (vec!["cluster", "remove", "9"], "9 is not a member"),
+        (
+            vec![
+                "cluster",
+                "add",
+                "5",
+                "--address",
+                "127.0.0.1:2",
+                "--catch-up-timeout",
+                "601",
+            ],
+            "catch_up_timeout_s: is 601",
+        ),
+        (
+            vec![
+                "cluster",
+                "add",
+                "5",
+                "--address",
+                "127.0.0.1:2",
+                "--region",
+                "EU West",
+            ],
+            "region",
+        ),
     ];
     for (args, expected) in refusals {
         let output = cluster.rewindctl(leader, &args);
