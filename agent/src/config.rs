@@ -66,6 +66,21 @@ pub struct RawService {
     pub restart_timeout_s: Option<u64>,
     #[serde(rename = "probe")]
     pub probes: Vec<RawProbe>,
+    /// Takes the service out of rotation before a rollback reverts it.
+    pub drain: Option<RawHook>,
+    /// Puts it back once it is verified healthy.
+    pub undrain: Option<RawHook>,
+}
+
+/// A drain or undrain hook: a command, or an HTTP POST expecting a 2xx answer.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct RawHook {
+    pub command: Option<Vec<String>>,
+    pub http: Option<String>,
+    pub timeout_ms: Option<u64>,
+    /// Wait after the hook so open sessions can finish (drain only).
+    pub grace_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -104,6 +119,21 @@ pub struct ServiceConfig {
     pub restart_command: Vec<String>,
     pub restart_timeout: Duration,
     pub probes: Vec<Probe>,
+    pub drain: Option<Hook>,
+    pub undrain: Option<Hook>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum HookKind {
+    Command { argv: Vec<String> },
+    HttpPost { url: String },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Hook {
+    pub kind: HookKind,
+    pub timeout: Duration,
+    pub grace: Duration,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -231,6 +261,24 @@ fn validate_service(
             probes.push(probe);
         }
     }
+    let drain = raw
+        .drain
+        .as_ref()
+        .and_then(|hook| validate_hook(&format!("{field}.drain"), hook, problems));
+    let undrain = raw
+        .undrain
+        .as_ref()
+        .and_then(|hook| validate_hook(&format!("{field}.undrain"), hook, problems));
+    if raw
+        .undrain
+        .as_ref()
+        .is_some_and(|hook| hook.grace_ms.is_some())
+    {
+        problems.add(
+            format!("{field}.undrain.grace-ms"),
+            "only a drain waits for sessions; remove it here",
+        );
+    }
     if problems.len() != before {
         return None;
     }
@@ -242,6 +290,51 @@ fn validate_service(
         restart_command: raw.restart_command.clone(),
         restart_timeout: Duration::from_secs(restart_timeout_s),
         probes,
+        drain,
+        undrain,
+    })
+}
+
+fn validate_hook(field: &str, raw: &RawHook, problems: &mut Problems) -> Option<Hook> {
+    let timeout_ms = raw.timeout_ms.unwrap_or(10_000);
+    if !(1..=MAX_TIMEOUT_MS).contains(&timeout_ms) {
+        problems.add(
+            format!("{field}.timeout-ms"),
+            format!("is {timeout_ms}, must be within 1..={MAX_TIMEOUT_MS}"),
+        );
+    }
+    let grace_ms = raw.grace_ms.unwrap_or(0);
+    if grace_ms > MAX_TIMEOUT_MS {
+        problems.add(
+            format!("{field}.grace-ms"),
+            format!("is {grace_ms}, at most {MAX_TIMEOUT_MS} is allowed"),
+        );
+    }
+    let kind = match (&raw.command, &raw.http) {
+        (Some(argv), None) => {
+            if argv.is_empty() {
+                problems.add(format!("{field}.command"), "must name a program");
+            }
+            HookKind::Command { argv: argv.clone() }
+        }
+        (None, Some(url)) => {
+            if !url.starts_with("http://") {
+                problems.add(
+                    format!("{field}.http"),
+                    format!("{url:?} must be an http:// URL"),
+                );
+            }
+            HookKind::HttpPost { url: url.clone() }
+        }
+        _ => {
+            problems.add(field, "set exactly one of command or http");
+            return None;
+        }
+    };
+    Some(Hook {
+        kind,
+        timeout: Duration::from_millis(timeout_ms),
+        grace: Duration::from_millis(grace_ms),
     })
 }
 
@@ -311,6 +404,12 @@ config-files = ["../etc/passwd", "/abs"]
 name = "h"
 http = "ftp://x"
 tcp = "127.0.0.1:1"
+[service.drain]
+command = ["a"]
+http = "http://x"
+[service.undrain]
+http = "http://x"
+grace-ms = 5
 "#;
         let raw: RawConfig = rewind_shared::config::parse_toml(Path::new("a.toml"), text)
             .unwrap()
@@ -328,6 +427,8 @@ tcp = "127.0.0.1:1"
             "absolute",
             "service.web.restart-command",
             "exactly one of http, tcp or command",
+            "service.web.drain: set exactly one of command or http",
+            "service.web.undrain.grace-ms",
         ] {
             assert!(
                 joined.contains(expected),

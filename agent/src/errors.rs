@@ -37,6 +37,12 @@ pub enum AgentError {
     },
     #[error("command {command} failed: {reason}")]
     Command { command: String, reason: String },
+    #[error("{what} hook of {service} failed: {detail}")]
+    Hook {
+        what: String,
+        service: String,
+        detail: String,
+    },
     #[error(
         "step {step_id} is fenced: it carries term {term}, but term {seen} was already seen for {owner}"
     )]
@@ -65,6 +71,7 @@ impl AgentError {
             Self::MissingRelease { .. } => "missing_release",
             Self::DigestMismatch { .. } => "digest_mismatch",
             Self::Command { .. } => "command_failed",
+            Self::Hook { .. } => "hook_failed",
             Self::Fenced { .. } => "fenced",
             Self::Superseded { .. } => "superseded",
             Self::RestoreMismatch { .. } => "restore_mismatch",

@@ -32,6 +32,23 @@ impl Prober {
         futures::future::join_all(checks).await
     }
 
+    /// POSTs an empty body (a drain hook); Ok with the status when it is 2xx.
+    pub async fn post(&self, url: &str, timeout: std::time::Duration) -> Result<u16, String> {
+        let response = self
+            .http
+            .post(url)
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|error| format!("POST {url}: {error}"))?;
+        let status = response.status().as_u16();
+        if response.status().is_success() {
+            Ok(status)
+        } else {
+            Err(format!("POST {url} answered {status}"))
+        }
+    }
+
     pub async fn probe(&self, host: &dyn Host, service: &str, probe: &Probe) -> ProbeResult {
         let started = Instant::now();
         let outcome = match tokio::time::timeout(probe.timeout, self.check(host, probe)).await {

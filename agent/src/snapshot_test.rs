@@ -36,6 +36,8 @@ fn fixture() -> Fixture {
         restart_command: vec!["true".into()],
         restart_timeout: Duration::from_secs(5),
         probes: vec![],
+        drain: None,
+        undrain: None,
     };
     let store = Store::open(store_dir.path()).unwrap();
     Fixture {

@@ -14,7 +14,7 @@ use rewind_shared::{names, time::now_ms};
 use tracing::{info, warn};
 
 use crate::AgentError;
-use crate::config::ServiceConfig;
+use crate::config::{Hook, HookKind, ServiceConfig};
 use crate::host::Host;
 use crate::paths::confined;
 use crate::probes::Prober;
@@ -286,7 +286,60 @@ impl Executor {
                     String::new(),
                 ))
             }
+            Action::Drain(_) => {
+                self.run_hook(service, "drain", service.drain.as_ref())
+                    .await
+            }
+            Action::Undrain(_) => {
+                self.run_hook(service, "undrain", service.undrain.as_ref())
+                    .await
+            }
         }
+    }
+
+    /// Runs a drain or undrain hook, then waits its grace period. No hook: nothing to do.
+    async fn run_hook(
+        &self,
+        service: &ServiceConfig,
+        what: &str,
+        hook: Option<&Hook>,
+    ) -> Result<(String, String), AgentError> {
+        let Some(hook) = hook else {
+            return Ok((
+                format!(
+                    "no {what} hook configured for {}: nothing to {what}",
+                    service.name
+                ),
+                String::new(),
+            ));
+        };
+        let done = match &hook.kind {
+            HookKind::Command { argv } => {
+                self.host.run(argv, hook.timeout).await?;
+                format!("ran {}", argv.join(" "))
+            }
+            HookKind::HttpPost { url } => {
+                let status = self.prober.post(url, hook.timeout).await.map_err(|error| {
+                    AgentError::Hook {
+                        what: what.to_string(),
+                        service: service.name.clone(),
+                        detail: error,
+                    }
+                })?;
+                format!("POST {url} answered {status}")
+            }
+        };
+        if hook.grace.is_zero() {
+            return Ok((done, String::new()));
+        }
+        tokio::time::sleep(hook.grace).await;
+        Ok((
+            format!(
+                "{done}, then waited {} ms for sessions",
+                hook.grace.as_millis()
+            ),
+            String::new(),
+        ))
     }
 
     async fn probe_states(&self, service: &ServiceConfig) -> Vec<ProbeState> {

@@ -46,6 +46,8 @@ fn fixture() -> Fixture {
         restart_command: vec!["restart-web".into()],
         restart_timeout: Duration::from_secs(5),
         probes: vec![],
+        drain: None,
+        undrain: None,
     };
     let host = Arc::new(CountingHost::default());
     let store = Store::open(data.path()).unwrap();
@@ -372,4 +374,85 @@ async fn the_journal_counts_runs_and_a_step_cut_off_mid_way_runs_again() {
     assert_eq!(record.runs, 2);
     assert!(record.outcome.is_some());
     assert_eq!(fixture.host.runs.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn drain_and_undrain_run_their_hooks_and_a_service_without_hooks_has_nothing_to_drain() {
+    use crate::config::{Hook, HookKind};
+    let fixture = fixture();
+    let none = fixture
+        .executor
+        .execute(step(
+            "rb-1/web/drain/h",
+            1,
+            Action::Drain(Default::default()),
+        ))
+        .await
+        .unwrap();
+    assert!(none.ok, "{}", none.detail);
+    assert!(none.detail.contains("nothing to drain"), "{}", none.detail);
+
+    // A real command for drain; an HTTP undrain to a port nobody listens on.
+    let marker = fixture.root.path().join("drained");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed_port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let service = ServiceConfig {
+        name: "web".into(),
+        root: fixture.root.path().to_path_buf(),
+        config_files: vec![],
+        flags_file: None,
+        restart_command: vec!["true".into()],
+        restart_timeout: Duration::from_secs(5),
+        probes: vec![],
+        drain: Some(Hook {
+            kind: HookKind::Command {
+                argv: vec!["touch".into(), marker.display().to_string()],
+            },
+            timeout: Duration::from_secs(5),
+            grace: Duration::from_millis(50),
+        }),
+        undrain: Some(Hook {
+            kind: HookKind::HttpPost {
+                url: format!("http://127.0.0.1:{closed_port}/undrain"),
+            },
+            timeout: Duration::from_secs(2),
+            grace: Duration::ZERO,
+        }),
+    };
+    let data = tempfile::tempdir().unwrap();
+    let executor = Executor::new(
+        Store::open(data.path()).unwrap(),
+        vec![service],
+        Arc::new(crate::host::LocalHost),
+    );
+    let drained = executor
+        .execute(step(
+            "rb-2/web/drain/h",
+            1,
+            Action::Drain(Default::default()),
+        ))
+        .await
+        .unwrap();
+    assert!(drained.ok, "{}", drained.detail);
+    assert!(marker.exists(), "the drain command ran");
+    assert!(
+        drained.detail.contains("waited 50 ms"),
+        "{}",
+        drained.detail
+    );
+    let undrained = executor
+        .execute(step(
+            "rb-2/web/undrain/h",
+            1,
+            Action::Undrain(Default::default()),
+        ))
+        .await
+        .unwrap();
+    assert!(!undrained.ok);
+    assert!(
+        undrained.detail.contains("undrain hook of web failed"),
+        "{}",
+        undrained.detail
+    );
 }

@@ -99,6 +99,7 @@ pub async fn run(seed: u64, rounds: usize, dir: &Path, network: Network) -> anyh
             change_id: change_id.clone(),
             reason: "chaos".into(),
             max_parallel: 2,
+            ..Default::default()
         };
         let started = on_leader(&cluster, "start the rollback", |mut client| {
             let start = start.clone();

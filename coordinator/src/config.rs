@@ -22,6 +22,32 @@ pub struct RawConfig {
     pub health: RawHealth,
     pub storage: RawStorage,
     pub cluster: RawCluster,
+    pub escalation: RawEscalation,
+}
+
+/// Where a paused rollback calls for a person: a webhook signed with HMAC-SHA256.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct RawEscalation {
+    /// http:// URL that receives a JSON POST per escalation.
+    pub webhook_url: Option<String>,
+    /// File holding the shared secret the signature is made with (at least 16 bytes).
+    pub secret_file: Option<PathBuf>,
+}
+
+#[derive(Clone)]
+pub struct EscalationConfig {
+    pub webhook_url: String,
+    pub secret: Vec<u8>,
+}
+
+impl std::fmt::Debug for EscalationConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EscalationConfig")
+            .field("webhook_url", &self.webhook_url)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
 }
 
 /// Membership at bootstrap. Every founding member lists the same members; later changes are
@@ -81,16 +107,24 @@ pub struct RawEngine {
     pub verify_timeout_s: u64,
     pub default_max_parallel: u32,
     pub tick_ms: u64,
+    /// Health gate after each wave, for rollbacks that do not set their own.
+    pub gate_settle_s: u32,
+    pub gate_timeout_s: u32,
+    pub gate_tolerance: f64,
 }
 
 impl Default for RawEngine {
     fn default() -> Self {
+        let gate = crate::state_machine::GateOptions::default();
         Self {
             step_timeout_s: 60,
             max_attempts: 3,
             verify_timeout_s: 60,
             default_max_parallel: 1,
             tick_ms: 250,
+            gate_settle_s: gate.settle_s,
+            gate_timeout_s: gate.timeout_s,
+            gate_tolerance: gate.tolerance,
         }
     }
 }
@@ -136,6 +170,7 @@ pub struct Config {
     pub health_window_ms: u64,
     pub snapshot_every: u64,
     pub cluster: ClusterConfig,
+    pub escalation: Option<EscalationConfig>,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
@@ -193,6 +228,27 @@ impl RawConfig {
         check_range(&mut problems, "engine.tick-ms", engine.tick_ms, 10, 10_000);
         check_range(
             &mut problems,
+            "engine.gate-settle-s",
+            u64::from(engine.gate_settle_s),
+            1,
+            3600,
+        );
+        check_range(
+            &mut problems,
+            "engine.gate-timeout-s",
+            u64::from(engine.gate_timeout_s),
+            u64::from(engine.gate_settle_s),
+            86_400,
+        );
+        if !(0.0..=1.0).contains(&engine.gate_tolerance) {
+            problems.add(
+                "engine.gate-tolerance",
+                format!("is {}, must be within 0..=1", engine.gate_tolerance),
+            );
+        }
+        let escalation = validate_escalation(&self.escalation, &mut problems);
+        check_range(
+            &mut problems,
             "health.report-interval-ms",
             self.health.report_interval_ms,
             100,
@@ -228,14 +284,63 @@ impl RawConfig {
                 max_attempts: engine.max_attempts,
                 verify_timeout_ms: engine.verify_timeout_s * 1000,
                 default_max_parallel: engine.default_max_parallel,
+                default_gate: crate::state_machine::GateOptions {
+                    settle_s: engine.gate_settle_s,
+                    timeout_s: engine.gate_timeout_s,
+                    tolerance: engine.gate_tolerance,
+                },
+                escalation_webhook: escalation.is_some(),
             },
             tick: Duration::from_millis(engine.tick_ms),
             health_interval_ms: self.health.report_interval_ms,
             health_window_ms: self.health.window_s * 1000,
             snapshot_every: self.storage.snapshot_every,
             cluster,
+            escalation,
         })
     }
+}
+
+fn validate_escalation(raw: &RawEscalation, problems: &mut Problems) -> Option<EscalationConfig> {
+    let url = raw.webhook_url.as_ref()?;
+    if !url.starts_with("http://") || url.len() <= "http://".len() {
+        problems.add(
+            "escalation.webhook-url",
+            format!("{url:?} must be an http:// URL (https is not supported yet)"),
+        );
+    }
+    let Some(path) = &raw.secret_file else {
+        problems.add(
+            "escalation.secret-file",
+            "is required with a webhook-url: receivers check the signature made with it",
+        );
+        return None;
+    };
+    let secret = match std::fs::read(path) {
+        Ok(bytes) => bytes.trim_ascii().to_vec(),
+        Err(error) => {
+            problems.add(
+                "escalation.secret-file",
+                format!("cannot read {}: {error}", path.display()),
+            );
+            return None;
+        }
+    };
+    if secret.len() < 16 {
+        problems.add(
+            "escalation.secret-file",
+            format!(
+                "{} holds {} bytes; use a secret of at least 16",
+                path.display(),
+                secret.len()
+            ),
+        );
+        return None;
+    }
+    Some(EscalationConfig {
+        webhook_url: url.clone(),
+        secret,
+    })
 }
 
 fn validate_cluster(raw: &RawCluster, problems: &mut Problems) -> Option<ClusterConfig> {

@@ -64,6 +64,12 @@ pub enum CoordinatorError {
     },
     #[error("change {change_id} touched no host yet: there is nothing to roll back")]
     NothingToRevert { change_id: String },
+    #[error(
+        "the plan changed since it was shown ({shown}, now {now}): look at `rewindctl rollback plan` again"
+    )]
+    PlanChanged { shown: String, now: String },
+    #[error("the plan would break consumers: {problems}")]
+    Incompatible { problems: String },
     #[error("rollback {rollback_id} is {status:?} and cannot {action}")]
     RollbackNotControllable {
         rollback_id: String,
@@ -106,6 +112,8 @@ impl CoordinatorError {
             Self::RollbackInProgress { .. } => "rollback_in_progress",
             Self::NothingToRevert { .. } => "nothing_to_revert",
             Self::NotLatestChange { .. } => "not_latest_change",
+            Self::PlanChanged { .. } => "plan_changed",
+            Self::Incompatible { .. } => "incompatible",
             Self::RollbackNotControllable { .. } => "rollback_not_controllable",
             Self::StepNotRunning { .. } => "step_not_running",
             Self::StepNotStartable { .. } => "step_not_startable",

@@ -25,6 +25,9 @@ pub mod errors;
 pub mod health;
 pub mod membership;
 pub mod node;
+pub mod plan;
+#[cfg(test)]
+mod plan_test;
 pub mod sessions;
 pub mod state_machine;
 pub mod storage;

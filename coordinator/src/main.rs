@@ -287,6 +287,7 @@ async fn serve(
         health: Arc::clone(&health),
         limits: config.limits.clone(),
         tick: config.tick,
+        escalation: config.escalation.clone(),
     };
     let mut engine_stop = stop.clone();
     let engine_task = tokio::spawn(engine.run(async move {

@@ -149,11 +149,27 @@ pub enum ReleaseCommand {
         from_dir: Option<PathBuf>,
         #[arg(long, default_value = "")]
         commit: String,
+        /// API (or message schema) version this release provides.
+        #[arg(long, default_value_t = 0)]
+        api_version: u32,
+        /// PROVIDER=VERSION: the lowest API version of a provider this release needs; repeatable.
+        #[arg(long = "requires", value_name = "PROVIDER=VERSION", value_parser = parse_requirement)]
+        requires: Vec<(String, u32)>,
     },
     List {
         #[arg(long, default_value = "")]
         service: String,
     },
+}
+
+fn parse_requirement(text: &str) -> Result<(String, u32), String> {
+    let (provider, version) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} must be PROVIDER=VERSION, like api=3"))?;
+    let version = version
+        .parse()
+        .map_err(|_| format!("{version:?} in {text:?} is not a whole number"))?;
+    Ok((provider.to_string(), version))
 }
 
 #[derive(Clone, Subcommand)]
@@ -179,17 +195,40 @@ pub enum ChangeCommand {
 
 #[derive(Clone, Subcommand)]
 pub enum RollbackCommand {
-    /// Roll a change back to the state captured before it.
+    /// Show what a rollback would do, without doing it: waves, hosts, steps, gates, readiness.
+    Plan {
+        #[command(flatten)]
+        selection: crate::plans::SelectionArgs,
+        #[command(flatten)]
+        options: crate::plans::PlanArgs,
+    },
+    /// Roll changes back to the state captured before them, as `rollback plan` shows.
     Start {
-        change_id: String,
+        /// One change to roll back (the same as --change).
+        change_id: Option<String>,
+        #[command(flatten)]
+        selection: crate::plans::SelectionArgs,
+        #[command(flatten)]
+        options: crate::plans::PlanArgs,
+        /// Run only if the plan is still the one `rollback plan` showed with this hash.
+        #[arg(long, default_value = "")]
+        plan_hash: String,
         #[arg(long, default_value = "")]
         reason: String,
-        /// Hosts reverted at once (default: the coordinator's).
-        #[arg(long, default_value_t = 0)]
-        max_parallel: u32,
         /// Follow it until it ends.
         #[arg(long)]
         watch: bool,
+    },
+    /// Where a rollback is, why it stopped, the evidence and the commands that move it on.
+    Explain {
+        rollback_id: String,
+    },
+    /// Leave one host unreverted (audited); resume afterwards if the rollback is paused.
+    SkipHost {
+        rollback_id: String,
+        host_id: String,
+        #[arg(long)]
+        reason: String,
     },
     Status {
         rollback_id: String,
@@ -547,6 +586,8 @@ async fn release(
             digest,
             from_dir,
             commit,
+            api_version,
+            requires,
         } => {
             let artifact_digest = match (digest, from_dir) {
                 (Some(digest), _) => digest,
@@ -560,6 +601,8 @@ async fn release(
                 artifact_digest,
                 commit,
                 registered_at_ms: 0,
+                api_version,
+                requires: requires.into_iter().collect(),
             };
             let request = pb::RegisterReleaseRequest {
                 request_id: request_id(),
@@ -692,19 +735,80 @@ async fn rollback(
         request_id: request_id(),
         rollback_id,
         reason,
+        host_id: String::new(),
     };
     let rollback = match command {
+        RollbackCommand::Plan { selection, options } => {
+            let plan = client
+                .plan_rollback(pb::PlanRollbackRequest {
+                    selection: Some(selection.into_selection(None)?),
+                    options: Some(options.into_options()),
+                })
+                .await
+                .map_err(explain)?
+                .into_inner()
+                .plan
+                .context("no plan in the answer")?;
+            if format == Format::Json {
+                json(&plan)?;
+            } else {
+                crate::plans::print_plan(&plan);
+            }
+            return Ok(if plan.runnable {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_ROLLBACK_FAILED)
+            });
+        }
+        RollbackCommand::Explain { rollback_id } => {
+            let answer = client
+                .explain_rollback(pb::GetRollbackRequest { rollback_id })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            if format == Format::Json {
+                json(&answer)?;
+            } else {
+                println!("{}", answer.explanation);
+                if !answer.next_commands.is_empty() {
+                    println!("\nTo move it on:");
+                    for command in &answer.next_commands {
+                        println!("  {command}");
+                    }
+                }
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        RollbackCommand::SkipHost {
+            rollback_id,
+            host_id,
+            reason,
+        } => client
+            .skip_host(pb::RollbackActionRequest {
+                host_id,
+                ..action(rollback_id, reason)
+            })
+            .await
+            .map_err(explain)?
+            .into_inner()
+            .rollback
+            .context("no rollback")?,
         RollbackCommand::Start {
             change_id,
+            selection,
+            options,
+            plan_hash,
             reason,
-            max_parallel,
             watch: follow,
         } => {
             let request = pb::StartRollbackRequest {
                 request_id: request_id(),
-                change_id,
+                change_id: String::new(),
                 reason,
-                max_parallel,
+                max_parallel: 0,
+                selection: Some(selection.into_selection(change_id)?),
+                options: Some(options.into_options()),
+                plan_hash,
             };
             let rollback = client
                 .start_rollback(request)
@@ -740,8 +844,8 @@ async fn rollback(
                     .map(|rollback| {
                         vec![
                             rollback.rollback_id.clone(),
-                            rollback.change_id.clone(),
-                            rollback.service.clone(),
+                            rollback.change_ids.join(","),
+                            rollback.services.join(","),
                             output::rollback_state(rollback).into(),
                             rollback.trigger.clone(),
                             time(rollback.started_at_ms),
@@ -751,7 +855,8 @@ async fn rollback(
                     .collect();
                 table(
                     &[
-                        "ROLLBACK", "CHANGE", "SERVICE", "STATE", "TRIGGER", "STARTED", "FINISHED",
+                        "ROLLBACK", "CHANGES", "SERVICES", "STATE", "TRIGGER", "STARTED",
+                        "FINISHED",
                     ],
                     rows,
                 );

@@ -239,6 +239,7 @@ async fn run_loop(
             artifact_digest,
             commit: format!("demo-{version}"),
             registered_at_ms: 0,
+            ..Default::default()
         };
         client
             .register_release(pb::RegisterReleaseRequest {

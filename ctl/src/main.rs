@@ -6,6 +6,7 @@ mod client;
 mod commands;
 mod demo;
 mod output;
+mod plans;
 mod watch;
 
 use std::process::ExitCode;

@@ -59,21 +59,52 @@ pub fn print_rollback(rollback: &pb::Rollback) {
         "{}  {}  of {} ({})  trigger: {}  started by {} at {}",
         rollback.rollback_id,
         rollback_state(rollback),
-        rollback.change_id,
-        rollback.service,
+        rollback.change_ids.join(", "),
+        rollback.services.join(", "),
         rollback.trigger,
         rollback.started_by,
         time(rollback.started_at_ms)
     );
     println!("reason: {}", rollback.reason);
+    if !rollback.plan_hash.is_empty() {
+        println!("plan: {}", rollback.plan_hash);
+    }
+    if !rollback.paused_reason.is_empty() {
+        println!("PAUSED: {}", rollback.paused_reason);
+    }
     if !rollback.outcome_detail.is_empty() {
         println!("outcome: {}", rollback.outcome_detail);
     }
+    let waves = rollback
+        .waves
+        .iter()
+        .enumerate()
+        .map(|(index, wave)| {
+            vec![
+                (index + 1).to_string(),
+                wave.service.clone(),
+                format!(
+                    "{}{}",
+                    wave.region,
+                    if wave.canary { " (canary)" } else { "" }
+                ),
+                wave.hosts.join(","),
+                step_state(wave.gate).to_string(),
+                wave.gate_detail.clone(),
+            ]
+        })
+        .collect();
+    table(
+        &["WAVE", "SERVICE", "REGION", "HOSTS", "GATE", "EVIDENCE"],
+        waves,
+    );
     let rows = rollback
         .steps
         .iter()
         .map(|step| {
             vec![
+                (step.wave + 1).to_string(),
+                step.service.clone(),
                 step.host_id.clone(),
                 step.kind.clone(),
                 step_state(step.state).to_string(),
@@ -84,7 +115,9 @@ pub fn print_rollback(rollback: &pb::Rollback) {
         })
         .collect();
     table(
-        &["HOST", "STEP", "STATE", "ATTEMPTS", "FINISHED", "DETAIL"],
+        &[
+            "WAVE", "SERVICE", "HOST", "STEP", "STATE", "ATTEMPTS", "FINISHED", "DETAIL",
+        ],
         rows,
     );
 }

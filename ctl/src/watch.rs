@@ -81,6 +81,36 @@ fn report_transitions(bar: &ProgressBar, rollback: &pb::Rollback, seen: &mut Vec
         })
     });
     bar.set_position(done.count() as u64);
+    for (index, wave) in rollback.waves.iter().enumerate() {
+        let key = (format!("gate/{index}"), wave.gate);
+        if seen.contains(&key) || wave.gate == pb::StepState::Pending as i32 {
+            continue;
+        }
+        seen.push(key);
+        let line = format!(
+            "{}  wave {} {} in {}: gate {} {}",
+            output::time(wave.gate_finished_at_ms.max(wave.gate_started_at_ms)),
+            index + 1,
+            wave.service,
+            wave.region,
+            output::step_state(wave.gate),
+            wave.gate_detail
+        );
+        print_line(bar, line);
+    }
+    if !rollback.paused_reason.is_empty() {
+        let key = (format!("paused/{}", rollback.paused_reason), 0);
+        if !seen.contains(&key) {
+            seen.push(key);
+            print_line(
+                bar,
+                format!(
+                    "PAUSED: {} (see: rewindctl rollback explain {})",
+                    rollback.paused_reason, rollback.rollback_id
+                ),
+            );
+        }
+    }
     for step in &rollback.steps {
         let key = (step.step_id.clone(), step.state);
         if seen.contains(&key) || step.state == pb::StepState::Pending as i32 {
@@ -88,21 +118,26 @@ fn report_transitions(bar: &ProgressBar, rollback: &pb::Rollback, seen: &mut Vec
         }
         seen.push(key);
         let line = format!(
-            "{}  {:<8} {:<8} {:<10} {}",
+            "{}  {:<8} {:<8} {:<8} {:<10} {}",
             output::time(if step.finished_at_ms > 0 {
                 step.finished_at_ms
             } else {
                 step.started_at_ms
             }),
+            step.service,
             step.host_id,
             step.kind,
             output::step_state(step.state),
             step.detail
         );
-        if bar.is_hidden() {
-            println!("{line}")
-        } else {
-            bar.println(line)
-        }
+        print_line(bar, line);
+    }
+}
+
+fn print_line(bar: &ProgressBar, line: String) {
+    if bar.is_hidden() {
+        println!("{line}")
+    } else {
+        bar.println(line)
     }
 }

@@ -78,6 +78,7 @@ fn release_request(run: &str, number: usize) -> pb::RegisterReleaseRequest {
             artifact_digest: format!("sha256:{:064x}", number),
             commit: format!("{:040x}", number),
             registered_at_ms: 0,
+            ..Default::default()
         }),
     };
     let short = PAYLOAD_BYTES.saturating_sub(request.encoded_len());

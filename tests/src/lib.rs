@@ -669,6 +669,7 @@ pub async fn must_register_web(
             artifact_digest,
             commit: "c0ffee".into(),
             registered_at_ms: 0,
+            ..Default::default()
         };
         let request = pb::RegisterReleaseRequest {
             request_id: format!("release-{version}"),
@@ -776,6 +777,7 @@ pub async fn must_start_rollback_of_v2(client: &mut ControlServiceClient<Channel
         change_id: "ch-2".into(),
         reason: "bad release".into(),
         max_parallel: 1,
+        ..Default::default()
     };
     let rollback_id = client
         .start_rollback(start)

@@ -75,8 +75,16 @@ async fn bad_health_after_a_change_rolls_every_host_back_to_its_exact_state() {
     );
     assert_eq!(
         rollback.steps.len(),
-        6,
-        "restore, restart, verify on each host"
+        10,
+        "drain, restore, restart, verify, undrain on each host"
+    );
+    assert!(
+        rollback
+            .waves
+            .iter()
+            .all(|wave| wave.gate == pb::StepState::Succeeded as i32),
+        "every wave passed its health gate: {:?}",
+        rollback.waves
     );
     assert!(
         rollback.steps.iter().all(|step| step.attempts == 1),
@@ -108,6 +116,7 @@ async fn bad_health_after_a_change_rolls_every_host_back_to_its_exact_state() {
         change_id: second,
         reason: String::new(),
         max_parallel: 0,
+        ..Default::default()
     };
     let refused = client.start_rollback(again).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::AlreadyExists, "{refused:?}");
@@ -174,6 +183,7 @@ async fn an_operator_rollback_can_be_paused_resumed_and_runs_one_host_at_a_time(
         change_id: second.clone(),
         reason: "bad release".into(),
         max_parallel: 1,
+        ..Default::default()
     };
     let rollback = client
         .start_rollback(start.clone())
@@ -196,6 +206,7 @@ async fn an_operator_rollback_can_be_paused_resumed_and_runs_one_host_at_a_time(
         request_id: request_id.into(),
         rollback_id: rollback.rollback_id.clone(),
         reason: "look first".into(),
+        host_id: String::new(),
     };
     let paused = client
         .pause_rollback(action("pause"))

@@ -13,6 +13,7 @@ fn release(service: &str, version: &str, digest: &str) -> pb::RegisterReleaseReq
             artifact_digest: digest.into(),
             commit: String::new(),
             registered_at_ms: 0,
+            ..Default::default()
         }),
     }
 }
@@ -209,11 +210,56 @@ async fn bad_requests_are_refused_with_the_field_named_and_change_nothing() {
         change_id: change_id.into(),
         reason,
         max_parallel: 0,
+        ..Default::default()
     };
     assert_status(
         client.start_rollback(rollback("rb-1", String::new())).await,
         Code::InvalidArgument,
-        "change_id:",
+        "selection.change_ids: \"rb-1\" is not an id like ch-12",
+    );
+    let mut bad_options = rollback("ch-1", String::new());
+    bad_options.options = Some(pb::PlanOptions {
+        gate: Some(pb::GateOptions {
+            tolerance: 2.0,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    assert_status(
+        client.start_rollback(bad_options).await,
+        Code::InvalidArgument,
+        "options.gate.tolerance: is 2, must be within 0..=1",
+    );
+    let mut bad_hash = rollback("ch-1", String::new());
+    bad_hash.plan_hash = "md5:abc".into();
+    assert_status(
+        client.start_rollback(bad_hash).await,
+        Code::InvalidArgument,
+        "plan_hash:",
+    );
+    assert_status(
+        client
+            .plan_rollback(pb::PlanRollbackRequest {
+                selection: Some(pb::RollbackSelection {
+                    services: vec!["nope".into()],
+                    ..Default::default()
+                }),
+                options: None,
+            })
+            .await,
+        Code::NotFound,
+        "no service nope",
+    );
+    assert_status(
+        client
+            .skip_host(pb::RollbackActionRequest {
+                rollback_id: "rb-1".into(),
+                host_id: "web-1".into(),
+                ..Default::default()
+            })
+            .await,
+        Code::InvalidArgument,
+        "reason: say why the host is left unreverted",
     );
     assert_status(
         client

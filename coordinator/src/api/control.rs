@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 use tracing::info;
 
 use super::status::{invalid, to_status};
-use super::{Context, caller, convert};
+use super::{Context, caller, convert, plans};
 use crate::state_machine::*;
 
 /// Longest free-text reason accepted.
@@ -108,12 +108,20 @@ impl ControlService for Control {
                 "must be at most 128 printable characters without spaces",
             ));
         }
+        if release.requires.len() > 256 {
+            return Err(invalid("release.requires", "names more than 256 providers"));
+        }
+        for provider in release.requires.keys() {
+            names::validate_name("release.requires", provider).map_err(field_error)?;
+        }
         let record = ReleaseRecord {
             service: release.service.clone(),
             version: release.version.clone(),
             artifact_digest: release.artifact_digest,
             commit: release.commit,
             registered_at_ms: 0,
+            api_version: release.api_version,
+            requires: release.requires.into_iter().collect(),
         };
         self.context
             .propose(
@@ -233,35 +241,54 @@ impl ControlService for Control {
         Ok(Response::new(pb::ListChangesResponse { changes }))
     }
 
+    async fn plan_rollback(
+        &self,
+        request: Request<pb::PlanRollbackRequest>,
+    ) -> Result<Response<pb::PlanRollbackResponse>, Status> {
+        self.context.current().await?;
+        let request = request.into_inner();
+        let options = plans::options_from(request.options, 0, self.context.default_max_parallel)?;
+        let sessions = &self.context.sessions;
+        let plan = self.context.node.read(|state| {
+            let changes = plans::selected_changes(state, request.selection, "")?;
+            plans::preview(state, &changes, &options, |host| {
+                sessions.generation(host).is_some()
+            })
+        })?;
+        Ok(Response::new(pb::PlanRollbackResponse { plan: Some(plan) }))
+    }
+
     async fn start_rollback(
         &self,
         request: Request<pb::StartRollbackRequest>,
     ) -> Result<Response<pb::StartRollbackResponse>, Status> {
         let identity = caller(&request)?;
         let request = request.into_inner();
-        let change = parse_id("change_id", "ch", &request.change_id)?;
         validate_reason(&request.reason)?;
-        if request.max_parallel > 1000 {
-            return Err(invalid(
-                "max_parallel",
-                format!("is {}, at most 1000 is allowed", request.max_parallel),
-            ));
+        if !request.plan_hash.is_empty() {
+            names::validate_digest("plan_hash", &request.plan_hash).map_err(field_error)?;
         }
-        let max_parallel = if request.max_parallel == 0 {
-            self.context.default_max_parallel
-        } else {
-            request.max_parallel
-        };
+        let options = plans::options_from(
+            request.options,
+            request.max_parallel,
+            self.context.default_max_parallel,
+        )?;
+        self.context.current().await?;
+        let changes = self
+            .context
+            .node
+            .read(|state| plans::selected_changes(state, request.selection, &request.change_id))?;
         let reason = if request.reason.is_empty() {
             "requested by an operator".to_string()
         } else {
             request.reason
         };
         let kind = CommandKind::StartRollback {
-            change,
+            changes,
+            options,
+            plan_hash: request.plan_hash,
             reason,
             trigger: Trigger::Manual,
-            max_parallel,
         };
         let Outcome::Rollback(number) = self
             .context
@@ -280,6 +307,78 @@ impl ControlService for Control {
             .node
             .read(|state| state.rollbacks.get(&number).map(convert::rollback));
         Ok(Response::new(pb::StartRollbackResponse { rollback }))
+    }
+
+    async fn skip_host(
+        &self,
+        request: Request<pb::RollbackActionRequest>,
+    ) -> Result<Response<pb::GetRollbackResponse>, Status> {
+        let identity = caller(&request)?;
+        let request = request.into_inner();
+        let number = parse_id("rollback_id", "rb", &request.rollback_id)?;
+        names::validate_name("host_id", &request.host_id).map_err(field_error)?;
+        validate_reason(&request.reason)?;
+        if request.reason.trim().is_empty() {
+            return Err(invalid(
+                "reason",
+                "say why the host is left unreverted: it goes into the audit log",
+            ));
+        }
+        let kind = CommandKind::SkipHost {
+            rollback: number,
+            host_id: request.host_id.clone(),
+            reason: request.reason,
+        };
+        self.context
+            .propose(&identity, &request.request_id, kind)
+            .await?;
+        info!(
+            identity,
+            rollback_id = rollback_id(number),
+            host_id = request.host_id,
+            "Host skipped."
+        );
+        Ok(Response::new(pb::GetRollbackResponse {
+            rollback: Some(self.context.rollback(number)?),
+        }))
+    }
+
+    async fn explain_rollback(
+        &self,
+        request: Request<pb::GetRollbackRequest>,
+    ) -> Result<Response<pb::ExplainRollbackResponse>, Status> {
+        self.context.current().await?;
+        let number = parse_id("rollback_id", "rb", &request.into_inner().rollback_id)?;
+        let services = self.context.node.read(|state| {
+            state
+                .rollbacks
+                .get(&number)
+                .map(|record| record.services.clone())
+                .ok_or_else(|| to_status(unknown_rollback(state, number)))
+        })?;
+        // Read outside the state lock: health aggregation reads the state too.
+        let health: std::collections::BTreeMap<String, HealthAggregate> = services
+            .into_iter()
+            .map(|service| {
+                let aggregate = self.context.service_health(&service);
+                (service, aggregate)
+            })
+            .collect();
+        let (rollback, explanation, next_commands) = self.context.node.read(|state| {
+            let record = state
+                .rollbacks
+                .get(&number)
+                .ok_or_else(|| to_status(unknown_rollback(state, number)))?;
+            let (text, next) = plans::explain(state, record, |service| {
+                health.get(service).copied().unwrap_or_default()
+            });
+            Ok::<_, Status>((convert::rollback(record), text, next))
+        })?;
+        Ok(Response::new(pb::ExplainRollbackResponse {
+            rollback: Some(rollback),
+            explanation,
+            next_commands,
+        }))
     }
 
     async fn get_rollback(

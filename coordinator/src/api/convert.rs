@@ -61,6 +61,12 @@ pub fn release(release: &ReleaseRecord) -> pb::Release {
         artifact_digest: release.artifact_digest.clone(),
         commit: release.commit.clone(),
         registered_at_ms: release.registered_at_ms,
+        api_version: release.api_version,
+        requires: release
+            .requires
+            .iter()
+            .map(|(service, version)| (service.clone(), *version))
+            .collect(),
     }
 }
 
@@ -119,6 +125,21 @@ pub fn change(change: &ChangeRecord) -> pb::Change {
     }
 }
 
+pub fn plan_options(options: &PlanOptions) -> pb::PlanOptions {
+    pb::PlanOptions {
+        max_parallel: options.max_parallel,
+        max_unavailable: options.max_unavailable,
+        canary_region: options.canary_region.clone(),
+        force: options.force,
+        gate: Some(pb::GateOptions {
+            settle_s: options.gate.settle_s,
+            timeout_s: options.gate.timeout_s,
+            tolerance: options.gate.tolerance,
+            zero_tolerance: options.gate.tolerance == 0.0,
+        }),
+    }
+}
+
 pub fn rollback(rollback: &RollbackRecord) -> pb::Rollback {
     let state = match rollback.status {
         RollbackStatus::Running => pb::RollbackState::Running,
@@ -127,10 +148,11 @@ pub fn rollback(rollback: &RollbackRecord) -> pb::Rollback {
         RollbackStatus::Failed => pb::RollbackState::Failed,
         RollbackStatus::Aborted => pb::RollbackState::Aborted,
     };
+    let change_ids: Vec<String> = rollback.changes.iter().map(|&n| change_id(n)).collect();
     pb::Rollback {
         rollback_id: rollback.id(),
-        change_id: change_id(rollback.change),
-        service: rollback.service.clone(),
+        change_id: change_ids.first().cloned().unwrap_or_default(),
+        service: rollback.services.first().cloned().unwrap_or_default(),
         state: state.into(),
         trigger: match rollback.trigger {
             Trigger::Manual => "manual".into(),
@@ -140,13 +162,14 @@ pub fn rollback(rollback: &RollbackRecord) -> pb::Rollback {
         started_by: rollback.started_by.clone(),
         started_at_ms: rollback.started_at_ms,
         finished_at_ms: rollback.finished_at_ms,
-        max_parallel: rollback.max_parallel,
+        max_parallel: rollback.options.max_parallel,
         steps: rollback
             .steps
             .iter()
             .map(|step| pb::RollbackStep {
                 step_id: StepTarget::Rollback {
                     rollback: rollback.number,
+                    service: step.service.clone(),
                     host_id: step.host_id.clone(),
                     kind: step.kind,
                 }
@@ -158,10 +181,90 @@ pub fn rollback(rollback: &RollbackRecord) -> pb::Rollback {
                 started_at_ms: step.progress.started_at_ms,
                 finished_at_ms: step.progress.finished_at_ms,
                 detail: step.progress.detail.clone(),
+                wave: step.wave,
+                service: step.service.clone(),
             })
             .collect(),
         outcome_detail: rollback.outcome_detail.clone(),
         failed_hosts: rollback.failed_hosts.clone(),
+        change_ids,
+        services: rollback.services.clone(),
+        options: Some(plan_options(&rollback.options)),
+        plan_hash: rollback.plan_hash.clone(),
+        waves: rollback
+            .waves
+            .iter()
+            .map(|wave| pb::RollbackWave {
+                service: wave.service.clone(),
+                change_id: change_id(wave.change),
+                region: wave.region.clone(),
+                canary: wave.canary,
+                hosts: wave.hosts.clone(),
+                gate: step_state(wave.gate.status).into(),
+                gate_detail: wave.gate.detail.clone(),
+                gate_started_at_ms: wave.gate.started_at_ms,
+                gate_finished_at_ms: wave.gate.finished_at_ms,
+            })
+            .collect(),
+        forced: rollback.forced.clone(),
+        paused_reason: rollback.paused_reason.clone(),
+        escalations: rollback
+            .escalations
+            .iter()
+            .map(|escalation| pb::Escalation {
+                opened_at_ms: escalation.opened_at_ms,
+                wave: escalation.wave,
+                evidence: escalation.evidence.clone(),
+                delivery_attempts: escalation.attempts,
+                delivered: escalation.delivered,
+                delivery_detail: escalation.delivery_detail.clone(),
+            })
+            .collect(),
+        skipped_hosts: rollback.skipped_hosts.clone(),
+        current_wave: rollback
+            .current_wave()
+            .unwrap_or(rollback.waves.len() as u32),
+    }
+}
+
+pub fn plan(plan: &crate::plan::Plan, readiness: &crate::plan::Readiness) -> pb::RollbackPlan {
+    pb::RollbackPlan {
+        change_ids: plan.changes.iter().map(|&n| change_id(n)).collect(),
+        services: plan.services.clone(),
+        options: Some(plan_options(&plan.options)),
+        waves: plan
+            .waves
+            .iter()
+            .map(|wave| pb::PlannedWave {
+                service: wave.service.clone(),
+                change_id: change_id(wave.change),
+                region: wave.region.clone(),
+                canary: wave.canary,
+                batches: wave
+                    .batches
+                    .iter()
+                    .map(|hosts| pb::HostBatch {
+                        hosts: hosts.clone(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+        steps_per_host: plan
+            .steps_per_host
+            .iter()
+            .map(|kind| kind.name().to_string())
+            .collect(),
+        incompatibilities: plan
+            .incompatibilities
+            .iter()
+            .map(|problem| problem.detail.clone())
+            .collect(),
+        notes: plan.notes.clone(),
+        plan_hash: plan.hash.clone(),
+        disconnected_hosts: readiness.disconnected_hosts.clone(),
+        missing_releases: readiness.missing_releases.clone(),
+        expected_duration_ms: readiness.expected_duration_ms,
+        runnable: plan.incompatibilities.is_empty() || plan.options.force,
     }
 }
 

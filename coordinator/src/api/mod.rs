@@ -7,6 +7,7 @@ mod cluster;
 mod control;
 pub mod convert;
 mod member;
+pub(crate) mod plans;
 pub mod raft;
 pub mod status;
 

@@ -27,6 +27,8 @@ pub fn to_status(error: CoordinatorError) -> Status {
         | CoordinatorError::NothingToRevert { .. }
         | CoordinatorError::NotLatestChange { .. }
         | CoordinatorError::RollbackNotControllable { .. }
+        | CoordinatorError::PlanChanged { .. }
+        | CoordinatorError::Incompatible { .. }
         | CoordinatorError::StepNotRunning { .. }
         | CoordinatorError::StepNotStartable { .. }
         | CoordinatorError::MembershipConflict(_) => Code::FailedPrecondition,

@@ -4,12 +4,17 @@
 //! `decide()` returns actions; `engine::run` carries them out. Tests feed states and observations
 //! and assert the actions.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use crate::state_machine::{
-    ChangeRecord, ChangeStatus, CommandKind, HealthAggregate, RollbackRecord, RollbackStatus,
-    RollbackStepKind, State, StepProgress, StepStatus, StepTarget, Trigger,
+    ChangeRecord, ChangeStatus, CommandKind, GateOptions, HealthAggregate, PlanOptions,
+    RollbackRecord, RollbackStatus, RollbackStepKind, State, StepProgress, StepStatus, StepTarget,
+    Trigger,
 };
+
+/// Webhook deliveries tried per escalation, and the wait between two.
+pub const MAX_ESCALATION_ATTEMPTS: u32 = 5;
+pub const ESCALATION_RETRY_MS: u64 = 10_000;
 
 /// Timing and retry bounds for steps.
 #[derive(Clone, Debug)]
@@ -19,6 +24,23 @@ pub struct EngineLimits {
     pub verify_timeout_ms: u64,
     /// Hosts reverted at once by rollbacks that do not say.
     pub default_max_parallel: u32,
+    /// Gate used by automatic rollbacks.
+    pub default_gate: GateOptions,
+    /// Whether escalations are delivered by webhook (one is configured).
+    pub escalation_webhook: bool,
+}
+
+impl EngineLimits {
+    /// Plan options of an automatic rollback.
+    pub fn automatic_plan(&self) -> PlanOptions {
+        PlanOptions {
+            max_parallel: self.default_max_parallel,
+            max_unavailable: self.default_max_parallel,
+            canary_region: String::new(),
+            force: false,
+            gate: self.default_gate.clone(),
+        }
+    }
 }
 
 /// What the leader sees outside the replicated state.
@@ -38,6 +60,10 @@ pub struct EngineMemory {
     pub sent: HashMap<String, (u32, u64)>,
     /// service -> since when its health policy has been breached.
     pub breaches: HashMap<String, u64>,
+    /// (rollback, escalation) -> when its delivery was last tried.
+    pub escalations: HashMap<(u64, u32), u64>,
+    /// Changes whose automatic rollback could not be planned (already logged).
+    pub unplannable: HashSet<u64>,
 }
 
 /// What an agent is asked to do.
@@ -55,6 +81,8 @@ pub enum AgentAction {
         supersedes: String,
     },
     Restart,
+    Drain,
+    Undrain,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -65,6 +93,16 @@ pub enum Action {
         attempt: u32,
         service: String,
         action: AgentAction,
+    },
+    /// Deliver a rollback's escalation by webhook.
+    Escalate {
+        rollback: u64,
+        escalation: u32,
+    },
+    /// An automatic rollback was wanted but cannot be planned; say so once.
+    Unplannable {
+        change: u64,
+        why: String,
     },
 }
 
@@ -100,8 +138,38 @@ pub fn decide(
         .sent
         .retain(|step_id, _| running.contains(step_id));
     let mut actions = driver.actions;
+    if limits.escalation_webhook {
+        escalate(state, memory, now_ms, &mut actions);
+    }
     check_triggers(state, seen, memory, limits, now_ms, &mut actions);
     actions
+}
+
+/// Asks for delivery of every escalation not yet delivered, at most
+/// [`MAX_ESCALATION_ATTEMPTS`] times each, [`ESCALATION_RETRY_MS`] apart.
+fn escalate(state: &State, memory: &mut EngineMemory, now_ms: u64, actions: &mut Vec<Action>) {
+    let mut pending = HashSet::new();
+    for rollback in state.rollbacks.values() {
+        for (index, escalation) in rollback.escalations.iter().enumerate() {
+            if escalation.delivered || escalation.attempts >= MAX_ESCALATION_ATTEMPTS {
+                continue;
+            }
+            let key = (rollback.number, index as u32);
+            pending.insert(key);
+            let due = memory
+                .escalations
+                .get(&key)
+                .is_none_or(|&last| now_ms.saturating_sub(last) >= ESCALATION_RETRY_MS);
+            if due {
+                memory.escalations.insert(key, now_ms);
+                actions.push(Action::Escalate {
+                    rollback: key.0,
+                    escalation: key.1,
+                });
+            }
+        }
+    }
+    memory.escalations.retain(|key, _| pending.contains(key));
 }
 
 /// What to do with a running agent step whose result is overdue.
@@ -239,60 +307,81 @@ fn is_current_phase(change: &ChangeRecord, step: &StepTarget) -> bool {
     match step {
         StepTarget::Capture { .. } => change.status == ChangeStatus::Capturing,
         StepTarget::Activate { .. } => change.status == ChangeStatus::Deploying,
-        StepTarget::Rollback { .. } => false,
+        StepTarget::Rollback { .. } | StepTarget::Gate { .. } => false,
     }
 }
 
+/// Drives the rollback's current wave: hosts start within `max_parallel` and `max_unavailable`,
+/// each goes through its steps, and once all are done the wave's health gate runs.
 fn drive_rollback(
     state: &State,
     rollback: &RollbackRecord,
     driver: &mut Driver<'_, impl Observations>,
 ) {
-    let Some(change) = state.changes.get(&rollback.change) else {
+    let Some(wave_index) = rollback.current_wave() else {
+        return;
+    };
+    let wave = &rollback.waves[wave_index as usize];
+    let Some(change) = state.changes.get(&wave.change) else {
         return;
     };
     let running = rollback.status == RollbackStatus::Running;
-    let any_failed = rollback
-        .steps
+    let steps: Vec<_> = rollback.wave_steps(wave_index).collect();
+    let any_failed = steps
         .iter()
         .any(|step| step.progress.status == StepStatus::Failed);
-    let mut active_hosts = 0u32;
-    for host_id in rollback.host_order() {
-        let steps: Vec<_> = rollback
-            .steps
+    // Hosts of the service already out of service: those that are not connected.
+    let disconnected: BTreeSet<&str> = state
+        .hosts
+        .values()
+        .filter(|host| host.services.contains(&wave.service))
+        .map(|host| host.host_id.as_str())
+        .filter(|host_id| driver.seen.session(host_id).is_none())
+        .collect();
+    let mut in_progress: BTreeSet<&str> = BTreeSet::new();
+    for host_id in &wave.hosts {
+        let host_steps: Vec<_> = steps
             .iter()
-            .filter(|step| step.host_id == host_id)
+            .filter(|step| &step.host_id == host_id)
             .collect();
-        if steps
+        if host_steps
             .iter()
             .any(|step| step.progress.status == StepStatus::Failed)
         {
             continue;
         }
-        let Some(next) = steps
+        let Some(next) = host_steps
             .iter()
             .find(|step| !step.progress.status.is_terminal())
         else {
             continue;
         };
-        let started = steps.iter().any(|step| step.progress.attempts > 0);
+        let started = host_steps.iter().any(|step| step.progress.attempts > 0);
         if !started {
-            // A host not yet begun starts only within the parallelism bound, never after a
-            // failure, and never while the change's own activation may still run there.
-            let activating = change
-                .hosts
-                .iter()
-                .any(|host| host.host_id == host_id && host.activate.status == StepStatus::Running);
-            if !running || any_failed || active_hosts >= rollback.max_parallel || activating {
+            // A host not yet begun starts only within the bounds, never after a failure, and
+            // never while the change's own activation may still run there.
+            let activating = change.hosts.iter().any(|host| {
+                &host.host_id == host_id && host.activate.status == StepStatus::Running
+            });
+            let mut unavailable: BTreeSet<&str> =
+                in_progress.union(&disconnected).copied().collect();
+            unavailable.insert(host_id);
+            if !running
+                || any_failed
+                || activating
+                || in_progress.len() >= rollback.options.max_parallel as usize
+                || unavailable.len() > rollback.options.max_unavailable as usize
+            {
                 continue;
             }
         }
         // A host already begun is taken to the end of its steps even after another host failed,
-        // so no host is left restored but not restarted.
-        active_hosts += 1;
+        // so no host is left drained or restored but not restarted.
+        in_progress.insert(host_id);
         let target = StepTarget::Rollback {
             rollback: rollback.number,
-            host_id: host_id.to_string(),
+            service: wave.service.clone(),
+            host_id: host_id.clone(),
             kind: next.kind,
         };
         if next.progress.status == StepStatus::Pending {
@@ -306,50 +395,131 @@ fn drive_rollback(
         } else {
             OnTimeout::Wait
         };
-        match next.kind {
-            RollbackStepKind::Verify => verify_host(rollback, target, &next.progress, driver),
+        let action = match next.kind {
+            RollbackStepKind::Verify => {
+                verify_host(&wave.service, target, &next.progress, driver);
+                continue;
+            }
             RollbackStepKind::Restore => {
                 let snapshot_id = change
                     .hosts
                     .iter()
-                    .find(|host| host.host_id == host_id)
+                    .find(|host| &host.host_id == host_id)
                     .map(|host| host.snapshot_id.clone())
                     .unwrap_or_default();
-                let action = AgentAction::Restore {
+                AgentAction::Restore {
                     snapshot_id,
                     supersedes: change.id(),
-                };
-                driver.drive_running(
-                    target,
-                    &next.progress,
-                    &rollback.service,
-                    action,
-                    on_timeout,
-                );
+                }
             }
-            RollbackStepKind::Restart => {
-                driver.drive_running(
-                    target,
-                    &next.progress,
-                    &rollback.service,
-                    AgentAction::Restart,
-                    on_timeout,
-                );
-            }
+            RollbackStepKind::Restart => AgentAction::Restart,
+            RollbackStepKind::Drain => AgentAction::Drain,
+            RollbackStepKind::Undrain => AgentAction::Undrain,
+        };
+        driver.drive_running(target, &next.progress, &wave.service, action, on_timeout);
+    }
+    let wave_done = steps.iter().all(|step| {
+        matches!(
+            step.progress.status,
+            StepStatus::Succeeded | StepStatus::Skipped
+        )
+    });
+    if !running || !wave_done {
+        return;
+    }
+    let gate = StepTarget::Gate {
+        rollback: rollback.number,
+        wave: wave_index,
+    };
+    match wave.gate.status {
+        StepStatus::Pending => driver.propose(CommandKind::StepStarted { step: gate }),
+        StepStatus::Running => {
+            let reverted: Vec<String> = wave
+                .hosts
+                .iter()
+                .filter(|host_id| {
+                    steps.iter().any(|step| {
+                        &step.host_id == *host_id && step.progress.status == StepStatus::Succeeded
+                    })
+                })
+                .cloned()
+                .collect();
+            judge_gate(rollback, change, wave_index, &reverted, driver);
         }
+        _ => {}
     }
 }
 
-fn verify_host(
+/// The gate after a wave: the wave's reverted hosts must report a probe failure ratio within
+/// the tolerance of the change's baseline over the last `settle_s`, before `timeout_s` passes.
+fn judge_gate(
     rollback: &RollbackRecord,
+    change: &ChangeRecord,
+    wave: u32,
+    hosts: &[String],
+    driver: &mut Driver<'_, impl Observations>,
+) {
+    let options = &rollback.options.gate;
+    let progress = &rollback.waves[wave as usize].gate;
+    let service = &rollback.waves[wave as usize].service;
+    let waited_ms = driver.now_ms.saturating_sub(progress.started_at_ms);
+    let settle_ms = u64::from(options.settle_s) * 1000;
+    if waited_ms < settle_ms {
+        return;
+    }
+    let window_start = driver
+        .now_ms
+        .saturating_sub(settle_ms)
+        .max(progress.started_at_ms);
+    let health = driver.seen.aggregate(service, hosts, window_start);
+    let limit = change.baseline.probe_failure_ratio + options.tolerance;
+    let figures = format!(
+        "probe failure ratio {:.2} over the last {} s ({} samples from {} of {} hosts); \
+         baseline {:.2}, tolerance {:.2}",
+        health.probe_failure_ratio,
+        options.settle_s,
+        health.samples,
+        health.hosts_reporting,
+        hosts.len(),
+        change.baseline.probe_failure_ratio,
+        options.tolerance
+    );
+    let passed = health.samples > 0 && health.probe_failure_ratio <= limit + f64::EPSILON;
+    let (ok, detail) = if passed {
+        (true, format!("healthy: {figures}"))
+    } else if waited_ms > u64::from(options.timeout_s) * 1000 {
+        let why = if health.samples == 0 {
+            "no health reports".to_string()
+        } else {
+            "not within tolerance of the baseline".to_string()
+        };
+        (
+            false,
+            format!("{why} after {} s: {figures}", options.timeout_s),
+        )
+    } else {
+        return;
+    };
+    driver.propose(CommandKind::StepFinished {
+        step: StepTarget::Gate {
+            rollback: rollback.number,
+            wave,
+        },
+        ok,
+        detail,
+        snapshot_id: String::new(),
+    });
+}
+
+fn verify_host(
+    service: &str,
     step: StepTarget,
     progress: &StepProgress,
     driver: &mut Driver<'_, impl Observations>,
 ) {
-    let verdict =
-        driver
-            .seen
-            .verdict_since(step.host_id(), &rollback.service, progress.started_at_ms);
+    let verdict = driver
+        .seen
+        .verdict_since(step.host_id(), service, progress.started_at_ms);
     let waited_ms = driver.now_ms.saturating_sub(progress.started_at_ms);
     let (ok, detail) = match verdict {
         Some((true, why)) => (true, why),
@@ -437,11 +607,35 @@ fn check_triggers(
             health.hosts_reporting,
         );
         memory.breaches.remove(&service.name);
+        let options = limits.automatic_plan();
+        // Never start what apply would refuse, and never silently: say once why not.
+        let refusal =
+            match crate::plan::build(state, &[change.number], &options, Trigger::Automatic) {
+                Err(error) => Some(error.to_string()),
+                Ok(plan) if !plan.incompatibilities.is_empty() => Some(
+                    plan.incompatibilities
+                        .iter()
+                        .map(|problem| problem.detail.clone())
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                ),
+                Ok(_) => None,
+            };
+        if let Some(why) = refusal {
+            if memory.unplannable.insert(change.number) {
+                actions.push(Action::Unplannable {
+                    change: change.number,
+                    why: format!("{reason}, but {why}"),
+                });
+            }
+            continue;
+        }
         actions.push(Action::Propose(CommandKind::StartRollback {
-            change: change.number,
+            changes: vec![change.number],
+            options,
+            plan_hash: String::new(),
             reason,
             trigger: Trigger::Automatic,
-            max_parallel: limits.default_max_parallel,
         }));
     }
 }

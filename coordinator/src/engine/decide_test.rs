@@ -38,6 +38,12 @@ const LIMITS: EngineLimits = EngineLimits {
     max_attempts: 2,
     verify_timeout_ms: 5_000,
     default_max_parallel: 1,
+    default_gate: GateOptions {
+        settle_s: 2,
+        timeout_s: 10,
+        tolerance: 0.05,
+    },
+    escalation_webhook: true,
 };
 const HOSTS: [&str; 3] = ["web-1", "web-2", "web-3"];
 
@@ -85,6 +91,8 @@ impl World {
                 artifact_digest: format!("sha256:{}", "b".repeat(64)),
                 commit: String::new(),
                 registered_at_ms: 0,
+                api_version: 0,
+                requires: Default::default(),
             },
         });
         world
@@ -99,6 +107,47 @@ impl World {
             kind,
         };
         apply(&mut self.state, self.index, &command).expect("applies");
+    }
+
+    /// Starts the rollback of change 1 with `max_parallel` hosts at a time.
+    fn start_rollback(&mut self, max_parallel: u32) {
+        self.apply(CommandKind::StartRollback {
+            changes: vec![1],
+            options: PlanOptions {
+                max_parallel,
+                max_unavailable: max_parallel,
+                gate: LIMITS.default_gate,
+                ..PlanOptions::default()
+            },
+            plan_hash: String::new(),
+            reason: String::new(),
+            trigger: Trigger::Manual,
+        });
+    }
+
+    /// Runs one rollback step of `host` through start and a result.
+    fn step(&mut self, host: &str, kind: RollbackStepKind, ok: bool) {
+        let step = StepTarget::Rollback {
+            rollback: 1,
+            service: "web".into(),
+            host_id: host.into(),
+            kind,
+        };
+        if self.state.rollbacks[&1].steps.iter().any(|s| {
+            s.host_id == host && s.kind == kind && s.progress.status == StepStatus::Pending
+        }) {
+            self.apply(CommandKind::StepStarted { step: step.clone() });
+        }
+        self.apply(CommandKind::StepFinished {
+            step,
+            ok,
+            detail: if ok {
+                String::new()
+            } else {
+                "http: status 500".into()
+            },
+            snapshot_id: String::new(),
+        });
     }
 
     fn decide(&mut self, now_ms: u64) -> Vec<Action> {
@@ -157,7 +206,7 @@ fn sends_of(actions: &[Action]) -> Vec<(String, AgentAction)> {
         .iter()
         .filter_map(|action| match action {
             Action::Send { step, action, .. } => Some((step.step_id(), action.clone())),
-            Action::Propose(_) => None,
+            _ => None,
         })
         .collect()
 }
@@ -225,70 +274,47 @@ fn a_timed_out_step_is_retried_within_bounds_then_failed() {
 }
 
 #[test]
-fn a_rollback_reverts_hosts_one_batch_at_a_time_restore_restart_verify() {
+fn a_rollback_reverts_hosts_one_batch_at_a_time_drain_to_undrain() {
     let mut world = World::new();
-    let change = world.deployed();
-    world.apply(CommandKind::StartRollback {
-        change,
-        reason: String::new(),
-        trigger: Trigger::Manual,
-        max_parallel: 2,
-    });
+    world.deployed();
+    world.start_rollback(2);
     world.run_tick(1_000);
     let sends = sends_of(&world.run_tick(1_000));
     assert_eq!(
         sends,
         vec![
+            ("rb-1/web/drain/web-1".into(), AgentAction::Drain),
+            ("rb-1/web/drain/web-2".into(), AgentAction::Drain),
+        ],
+        "two hosts at a time, drained first"
+    );
+    for host in ["web-1", "web-2"] {
+        world.step(host, RollbackStepKind::Drain, true);
+    }
+    world.run_tick(1_000);
+    assert_eq!(
+        sends_of(&world.run_tick(1_000)),
+        vec![
             (
-                "rb-1/restore/web-1".into(),
+                "rb-1/web/restore/web-1".into(),
                 AgentAction::Restore {
                     snapshot_id: "snap-web-1".into(),
                     supersedes: "ch-1".into()
                 }
             ),
             (
-                "rb-1/restore/web-2".into(),
+                "rb-1/web/restore/web-2".into(),
                 AgentAction::Restore {
                     snapshot_id: "snap-web-2".into(),
                     supersedes: "ch-1".into()
                 }
             ),
         ],
-        "two hosts at a time, each restored from its own snapshot"
+        "each restored from its own snapshot"
     );
     for host in ["web-1", "web-2"] {
-        let step = StepTarget::Rollback {
-            rollback: 1,
-            host_id: host.into(),
-            kind: RollbackStepKind::Restore,
-        };
-        world.apply(CommandKind::StepFinished {
-            step,
-            ok: true,
-            detail: String::new(),
-            snapshot_id: String::new(),
-        });
-    }
-    world.run_tick(1_000);
-    assert_eq!(
-        sends_of(&world.run_tick(1_000))
-            .iter()
-            .filter(|(_, action)| *action == AgentAction::Restart)
-            .count(),
-        2
-    );
-    for host in ["web-1", "web-2"] {
-        let step = StepTarget::Rollback {
-            rollback: 1,
-            host_id: host.into(),
-            kind: RollbackStepKind::Restart,
-        };
-        world.apply(CommandKind::StepFinished {
-            step,
-            ok: true,
-            detail: String::new(),
-            snapshot_id: String::new(),
-        });
+        world.step(host, RollbackStepKind::Restore, true);
+        world.step(host, RollbackStepKind::Restart, true);
     }
     world.run_tick(1_000); // verify started on web-1 and web-2
     world
@@ -296,39 +322,151 @@ fn a_rollback_reverts_hosts_one_batch_at_a_time_restore_restart_verify() {
         .verdicts
         .insert("web-1".into(), (true, "1 probes pass".into()));
     world.run_tick(1_000); // web-1 verified
-    world.run_tick(1_000); // so web-3 may begin
-    let rollback = &world.state.rollbacks[&1];
-    let web3_restore = rollback
+    world.step("web-1", RollbackStepKind::Undrain, true);
+    assert!(
+        world.state.rollbacks[&1]
+            .steps
+            .iter()
+            .filter(|step| step.host_id == "web-3")
+            .all(|step| step.progress.attempts == 0),
+        "web-3 waits while two hosts are out"
+    );
+    world.run_tick(1_000); // web-1 is done, so web-3 may begin
+    let web3_drain = world.state.rollbacks[&1]
         .steps
         .iter()
-        .find(|step| step.host_id == "web-3" && step.kind == RollbackStepKind::Restore)
+        .find(|step| step.host_id == "web-3" && step.kind == RollbackStepKind::Drain)
         .unwrap();
-    assert_eq!(web3_restore.progress.status, StepStatus::Running);
+    assert_eq!(web3_drain.progress.status, StepStatus::Running);
 }
 
 #[test]
-fn a_host_that_stays_unhealthy_fails_verification_after_the_timeout() {
+fn max_unavailable_counts_hosts_that_are_already_down() {
     let mut world = World::new();
-    let change = world.deployed();
+    world.deployed();
     world.apply(CommandKind::StartRollback {
-        change,
+        changes: vec![1],
+        options: PlanOptions {
+            max_parallel: 3,
+            max_unavailable: 2,
+            ..PlanOptions::default()
+        },
+        plan_hash: String::new(),
         reason: String::new(),
         trigger: Trigger::Manual,
-        max_parallel: 1,
     });
-    for kind in [RollbackStepKind::Restore, RollbackStepKind::Restart] {
-        let step = StepTarget::Rollback {
-            rollback: 1,
-            host_id: "web-1".into(),
-            kind,
-        };
-        world.apply(CommandKind::StepStarted { step: step.clone() });
-        world.apply(CommandKind::StepFinished {
-            step,
-            ok: true,
-            detail: String::new(),
-            snapshot_id: String::new(),
-        });
+    world.seen.sessions.remove("web-3");
+    world.run_tick(1_000);
+    let started: Vec<&str> = world.state.rollbacks[&1]
+        .steps
+        .iter()
+        .filter(|step| step.progress.attempts > 0)
+        .map(|step| step.host_id.as_str())
+        .collect();
+    assert_eq!(
+        started,
+        vec!["web-1", "web-3"],
+        "web-3 is down already, so besides it only one more host may go out; \
+         it is started anyway so that it fails within its attempts instead of holding the wave"
+    );
+}
+
+/// Takes every host of the single wave through its steps.
+fn revert_every_host(world: &mut World) {
+    for host in HOSTS {
+        world.step(host, RollbackStepKind::Drain, true);
+        world.step(host, RollbackStepKind::Restore, true);
+        world.step(host, RollbackStepKind::Restart, true);
+        world.step(host, RollbackStepKind::Verify, true);
+        world.step(host, RollbackStepKind::Undrain, true);
+    }
+}
+
+#[test]
+fn a_wave_passes_its_gate_once_health_settles_near_the_baseline() {
+    let mut world = World::new();
+    world.deployed();
+    world.start_rollback(3);
+    revert_every_host(&mut world);
+    world.seen.failure_ratio = 0.04;
+    world.run_tick(1_000);
+    assert_eq!(
+        world.state.rollbacks[&1].waves[0].gate.status,
+        StepStatus::Running
+    );
+    world.run_tick(2_000);
+    assert_eq!(
+        world.state.rollbacks[&1].status,
+        RollbackStatus::Running,
+        "the gate waits settle_s before judging"
+    );
+    world.run_tick(3_500);
+    let rollback = &world.state.rollbacks[&1];
+    assert_eq!(rollback.status, RollbackStatus::Succeeded);
+    assert!(
+        rollback.waves[0].gate.detail.contains("healthy"),
+        "{}",
+        rollback.waves[0].gate.detail
+    );
+    assert_eq!(world.state.changes[&1].status, ChangeStatus::RolledBack);
+}
+
+#[test]
+fn a_failing_gate_pauses_escalates_once_and_never_loops() {
+    let mut world = World::new();
+    world.deployed();
+    world.start_rollback(3);
+    revert_every_host(&mut world);
+    world.seen.failure_ratio = 0.5;
+    world.run_tick(1_000);
+    world.run_tick(5_000);
+    assert_eq!(world.state.rollbacks[&1].status, RollbackStatus::Running);
+    world.run_tick(12_000);
+    let rollback = &world.state.rollbacks[&1];
+    assert_eq!(rollback.status, RollbackStatus::Paused);
+    assert!(
+        rollback.paused_reason.contains("not within tolerance"),
+        "{}",
+        rollback.paused_reason
+    );
+    assert_eq!(rollback.escalations.len(), 1);
+    let escalate = |actions: &[Action]| {
+        actions
+            .iter()
+            .filter(|action| matches!(action, Action::Escalate { .. }))
+            .count()
+    };
+    assert_eq!(escalate(&world.run_tick(12_000)), 1);
+    assert_eq!(
+        escalate(&world.run_tick(13_000)),
+        0,
+        "not again before the retry interval"
+    );
+    world.apply(CommandKind::EscalationDelivered {
+        rollback: 1,
+        escalation: 0,
+        ok: true,
+        detail: "200 OK".into(),
+    });
+    for now in [30_000, 60_000, 120_000] {
+        let actions = world.run_tick(now);
+        assert_eq!(escalate(&actions), 0);
+        assert!(actions.is_empty(), "a paused rollback waits: {actions:?}");
+    }
+    assert_eq!(world.state.rollbacks[&1].status, RollbackStatus::Paused);
+}
+
+#[test]
+fn a_host_that_stays_unhealthy_pauses_the_rollback_and_can_be_skipped() {
+    let mut world = World::new();
+    world.deployed();
+    world.start_rollback(1);
+    for kind in [
+        RollbackStepKind::Drain,
+        RollbackStepKind::Restore,
+        RollbackStepKind::Restart,
+    ] {
+        world.step("web-1", kind, true);
     }
     world.run_tick(1_000);
     world
@@ -343,13 +481,32 @@ fn a_host_that_stays_unhealthy_fails_verification_after_the_timeout() {
     );
     world.run_tick(7_000);
     let rollback = &world.state.rollbacks[&1];
-    assert_eq!(rollback.status, RollbackStatus::Failed);
+    assert_eq!(rollback.status, RollbackStatus::Paused);
     assert_eq!(rollback.failed_hosts, vec!["web-1".to_string()]);
     assert!(
-        rollback.outcome_detail.contains("status 500"),
+        rollback.paused_reason.contains("status 500"),
         "{}",
-        rollback.outcome_detail
+        rollback.paused_reason
     );
+    world.apply(CommandKind::SkipHost {
+        rollback: 1,
+        host_id: "web-1".into(),
+        reason: "broken disk, replaced later".into(),
+    });
+    world.apply(CommandKind::ControlRollback {
+        rollback: 1,
+        action: RollbackAction::Resume,
+        reason: String::new(),
+    });
+    world.run_tick(7_000);
+    let rollback = &world.state.rollbacks[&1];
+    assert_eq!(rollback.skipped_hosts, vec!["web-1".to_string()]);
+    let web2 = rollback
+        .steps
+        .iter()
+        .find(|step| step.host_id == "web-2" && step.kind == RollbackStepKind::Drain)
+        .unwrap();
+    assert_eq!(web2.progress.status, StepStatus::Running, "web-2 goes on");
 }
 
 #[test]
@@ -395,12 +552,8 @@ fn a_healthy_or_unwatched_service_does_not_trigger() {
 fn a_paused_rollback_leaves_an_overdue_step_alone_until_resumed() {
     let mut world = World::new();
     let change = world.deployed();
-    world.apply(CommandKind::StartRollback {
-        change,
-        reason: String::new(),
-        trigger: Trigger::Manual,
-        max_parallel: 1,
-    });
+    assert_eq!(change, 1);
+    world.start_rollback(1);
     world.run_tick(1_000);
     world.apply(CommandKind::ControlRollback {
         rollback: 1,
@@ -420,9 +573,9 @@ fn a_paused_rollback_leaves_an_overdue_step_alone_until_resumed() {
         reason: String::new(),
     });
     world.run_tick(9_000);
-    let restore = &world.state.rollbacks[&1].steps[0];
+    let first = &world.state.rollbacks[&1].steps[0];
     assert_eq!(
-        (restore.progress.status, restore.progress.attempts),
+        (first.progress.status, first.progress.attempts),
         (StepStatus::Running, 2),
         "resumed: retried"
     );
@@ -457,12 +610,7 @@ fn an_activation_left_running_by_an_interrupted_change_is_timed_out_not_resent()
             host_id: "web-1".into(),
         },
     });
-    world.apply(CommandKind::StartRollback {
-        change: 1,
-        reason: String::new(),
-        trigger: Trigger::Manual,
-        max_parallel: 1,
-    });
+    world.start_rollback(1);
     assert!(
         sends_of(&world.run_tick(1_500)).is_empty(),
         "neither the activation nor the restore is sent yet"

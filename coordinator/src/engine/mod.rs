@@ -8,15 +8,20 @@
 mod decide;
 #[cfg(test)]
 mod decide_test;
+mod escalation;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use rewind_proto::v1::{self as pb, coordinator_message::Body, step_command};
 use tokio::sync::watch;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
-pub use decide::{Action, AgentAction, EngineLimits, EngineMemory, Observations, decide};
+pub use decide::{
+    Action, AgentAction, ESCALATION_RETRY_MS, EngineLimits, EngineMemory, MAX_ESCALATION_ATTEMPTS,
+    Observations, decide,
+};
+pub use escalation::{SIGNATURE_HEADER, TIMESTAMP_HEADER, sign};
 
 use crate::health::HealthBook;
 use crate::node::NodeHandle;
@@ -32,6 +37,8 @@ pub struct Engine {
     pub health: Arc<HealthBook>,
     pub limits: EngineLimits,
     pub tick: Duration,
+    /// Where escalations go; None: they stay visible in `rollback explain` only.
+    pub escalation: Option<crate::config::EscalationConfig>,
 }
 
 struct Live<'a> {
@@ -115,6 +122,29 @@ impl Engine {
         for action in actions {
             match action {
                 Action::Propose(kind) => refused |= !self.propose(kind).await,
+                Action::Escalate {
+                    rollback,
+                    escalation,
+                } => {
+                    if let Some(config) = &self.escalation {
+                        let delivery = escalation::Delivery::new(
+                            &self.node,
+                            &self.health,
+                            config,
+                            rollback,
+                            escalation,
+                        );
+                        if let Some(delivery) = delivery {
+                            tokio::spawn(delivery.run(self.node.clone()));
+                        }
+                    }
+                }
+                Action::Unplannable { change, why } => {
+                    warn!(
+                        change_id = crate::state_machine::change_id(change),
+                        "Automatic rollback not started: {why}"
+                    );
+                }
                 Action::Send {
                     step,
                     attempt,
@@ -187,6 +217,8 @@ fn step_message(
             supersedes,
         }),
         AgentAction::Restart => step_command::Action::Restart(pb::RestartService {}),
+        AgentAction::Drain => step_command::Action::Drain(pb::Drain {}),
+        AgentAction::Undrain => step_command::Action::Undrain(pb::Undrain {}),
     };
     pb::CoordinatorMessage {
         body: Some(Body::Step(pb::StepCommand {

@@ -140,16 +140,30 @@ fn apply_kind(state: &mut State, command: &Command) -> Result<(Outcome, String, 
             snapshot_id,
         } => finish_step(state, step, *ok, detail, snapshot_id, at_ms),
         CommandKind::StartRollback {
-            change,
+            changes,
+            options,
+            plan_hash,
             reason,
             trigger,
-            max_parallel,
-        } => start_rollback(state, command, *change, reason, *trigger, *max_parallel),
+        } => start_rollback(
+            state, command, changes, options, plan_hash, reason, *trigger,
+        ),
+        CommandKind::SkipHost {
+            rollback,
+            host_id,
+            reason,
+        } => skip_host(state, *rollback, host_id, reason, at_ms),
+        CommandKind::EscalationDelivered {
+            rollback,
+            escalation,
+            ok,
+            detail,
+        } => escalation_delivered(state, *rollback, *escalation, *ok, detail),
         CommandKind::ControlRollback {
             rollback,
             action,
             reason,
-        } => control_rollback(state, *rollback, *action, reason, at_ms),
+        } => control_rollback(state, command, *rollback, *action, reason),
         CommandKind::TransferLeader { to, reason } => Ok((
             Outcome::Done,
             format!("member-{to}"),
@@ -258,14 +272,17 @@ fn start_change(
             status: active.status,
         });
     }
-    if let Some(rollback) = state
-        .rollbacks
-        .values()
-        .find(|rollback| rollback.service == service && !rollback.status.is_terminal())
-    {
+    if let Some(rollback) = state.rollbacks.values().find(|rollback| {
+        rollback.services.iter().any(|name| name == service) && !rollback.status.is_terminal()
+    }) {
+        let change = rollback
+            .waves
+            .iter()
+            .find(|wave| wave.service == service)
+            .map_or(0, |wave| wave.change);
         return Err(CoordinatorError::RollbackInProgress {
             rollback_id: rollback.id(),
-            change_id: change_id(rollback.change),
+            change_id: change_id(change),
             status: rollback.status,
         });
     }
@@ -388,7 +405,7 @@ fn start_step(
             }
             change_step_mut(state, step)?
         }
-        StepTarget::Rollback { rollback, .. } => {
+        StepTarget::Rollback { rollback, .. } | StepTarget::Gate { rollback, .. } => {
             let record = state
                 .rollbacks
                 .get(rollback)
@@ -399,6 +416,26 @@ fn start_step(
                     record.id(),
                     record.status
                 )));
+            }
+            if let StepTarget::Gate { wave, .. } = step {
+                if record.current_wave() != Some(*wave) {
+                    return Err(not_startable(format!(
+                        "wave {wave} is not the current wave of {}",
+                        record.id()
+                    )));
+                }
+                if let Some(unfinished) = record.wave_steps(*wave).find(|step| {
+                    step.progress.status != StepStatus::Succeeded
+                        && step.progress.status != StepStatus::Skipped
+                }) {
+                    return Err(not_startable(format!(
+                        "{} {} on {} is {:?}",
+                        unfinished.service,
+                        unfinished.kind.name(),
+                        unfinished.host_id,
+                        unfinished.progress.status
+                    )));
+                }
             }
             rollback_step_mut(state, step)?
         }
@@ -426,7 +463,7 @@ fn finish_step(
 ) -> Result<(Outcome, String, String)> {
     let step_id = step.step_id();
     let progress = match step {
-        StepTarget::Rollback { .. } => rollback_step_mut(state, step)?,
+        StepTarget::Rollback { .. } | StepTarget::Gate { .. } => rollback_step_mut(state, step)?,
         _ => change_step_mut(state, step)?,
     };
     if progress.status != StepStatus::Running {
@@ -451,6 +488,17 @@ fn finish_step(
         }
         StepTarget::Activate { change, .. } => settle_change(state, *change, at_ms),
         StepTarget::Rollback { rollback, .. } => settle_rollback(state, *rollback, at_ms),
+        StepTarget::Gate { rollback, wave } if !ok => {
+            if let Some(record) = state.rollbacks.get_mut(rollback) {
+                let wave_record = &record.waves[*wave as usize];
+                let evidence = format!(
+                    "gate after wave {wave} ({} in {}) failed: {detail}",
+                    wave_record.service, wave_record.region
+                );
+                pause_for_a_person(record, *wave, evidence, at_ms);
+            }
+        }
+        StepTarget::Gate { rollback, .. } => settle_rollback(state, *rollback, at_ms),
     }
     let outcome = if ok {
         format!("ok: {detail}")
@@ -507,7 +555,8 @@ fn settle_change(state: &mut State, number: u64, at_ms: u64) {
     }
 }
 
-/// Ends a rollback when every step succeeded, or when a step failed and nothing is running.
+/// Ends a rollback once every wave passed its gate; pauses it for a person when a host failed
+/// in the current wave and no other host of that wave is still on its way.
 fn settle_rollback(state: &mut State, number: u64, at_ms: u64) {
     let Some(rollback) = state.rollbacks.get_mut(&number) else {
         return;
@@ -515,61 +564,96 @@ fn settle_rollback(state: &mut State, number: u64, at_ms: u64) {
     if rollback.status.is_terminal() {
         return;
     }
-    let steps = &rollback.steps;
-    if steps
-        .iter()
-        .all(|step| step.progress.status == StepStatus::Succeeded)
-    {
+    let Some(wave) = rollback.current_wave() else {
+        let hosts: std::collections::BTreeSet<&str> = rollback
+            .steps
+            .iter()
+            .filter(|step| step.progress.status == StepStatus::Succeeded)
+            .map(|step| step.host_id.as_str())
+            .collect();
+        let mut detail = format!(
+            "{} reverted and verified healthy in {} waves",
+            count(hosts.len(), "host"),
+            rollback.waves.len()
+        );
+        if !rollback.skipped_hosts.is_empty() {
+            detail += &format!(
+                "; left unreverted by an operator: {}",
+                rollback.skipped_hosts.join(", ")
+            );
+        }
         rollback.status = RollbackStatus::Succeeded;
         rollback.finished_at_ms = at_ms;
-        rollback.outcome_detail = format!(
-            "{} hosts reverted and verified healthy",
-            rollback.host_order().len()
-        );
-        if let Some(change) = state.changes.get_mut(&rollback.change) {
-            change.status = ChangeStatus::RolledBack;
+        rollback.outcome_detail = detail;
+        for number in rollback.changes.clone() {
+            if let Some(change) = state.changes.get_mut(&number) {
+                change.status = ChangeStatus::RolledBack;
+            }
         }
         return;
-    }
-    let failed: Vec<&RollbackStepRecord> = steps
-        .iter()
+    };
+    let failed: Vec<&RollbackStepRecord> = rollback
+        .wave_steps(wave)
         .filter(|step| step.progress.status == StepStatus::Failed)
         .collect();
-    if failed.is_empty() || hosts_in_progress(rollback) {
+    if failed.is_empty()
+        || hosts_in_progress(rollback, wave)
+        || rollback.status != RollbackStatus::Running
+    {
         return;
     }
     let mut failed_hosts: Vec<String> = failed.iter().map(|step| step.host_id.clone()).collect();
     failed_hosts.dedup();
-    rollback.outcome_detail = format!(
-        "{} on {} failed: {}",
+    let evidence = format!(
+        "{} {} on {} failed: {}",
+        failed[0].service,
         failed[0].kind.name(),
         failed[0].host_id,
         failed[0].progress.detail
     );
     rollback.failed_hosts = failed_hosts;
-    rollback.status = RollbackStatus::Failed;
-    rollback.finished_at_ms = at_ms;
-    skip_pending(rollback);
+    pause_for_a_person(rollback, wave, evidence, at_ms);
 }
 
-/// Whether a step runs, or a host that began and has not failed still has steps to take (the
-/// engine finishes such hosts even after another host failed).
-fn hosts_in_progress(rollback: &RollbackRecord) -> bool {
-    rollback
-        .steps
+/// Pauses the rollback and opens an escalation; the engine delivers it by webhook.
+fn pause_for_a_person(rollback: &mut RollbackRecord, wave: u32, evidence: String, at_ms: u64) {
+    rollback.status = RollbackStatus::Paused;
+    rollback.paused_reason = evidence.clone();
+    rollback.escalations.push(EscalationRecord {
+        opened_at_ms: at_ms,
+        wave,
+        evidence,
+        attempts: 0,
+        delivered: false,
+        delivery_detail: String::new(),
+    });
+}
+
+/// Whether a step of the wave runs, or a host of it that began and has not failed still has
+/// steps to take (the engine finishes such hosts even after another host failed).
+fn hosts_in_progress(rollback: &RollbackRecord, wave: u32) -> bool {
+    let steps: Vec<&RollbackStepRecord> = rollback.wave_steps(wave).collect();
+    if steps
         .iter()
         .any(|step| step.progress.status == StepStatus::Running)
-        || rollback.host_order().into_iter().any(|host_id| {
-            let steps = || {
-                rollback
-                    .steps
-                    .iter()
-                    .filter(move |step| step.host_id == host_id)
-            };
-            let began = steps().any(|step| step.progress.attempts > 0);
-            let failed = steps().any(|step| step.progress.status == StepStatus::Failed);
-            began && !failed && steps().any(|step| step.progress.status == StepStatus::Pending)
-        })
+    {
+        return true;
+    }
+    let mut hosts: Vec<(&str, &str)> = steps
+        .iter()
+        .map(|step| (step.service.as_str(), step.host_id.as_str()))
+        .collect();
+    hosts.dedup();
+    hosts.into_iter().any(|(service, host_id)| {
+        let of_host = || {
+            steps
+                .iter()
+                .filter(move |step| step.service == service && step.host_id == host_id)
+        };
+        let began = of_host().any(|step| step.progress.attempts > 0);
+        let failed = of_host().any(|step| step.progress.status == StepStatus::Failed);
+        began && !failed && of_host().any(|step| step.progress.status == StepStatus::Pending)
+    })
 }
 
 fn skip_pending(rollback: &mut RollbackRecord) {
@@ -578,119 +662,174 @@ fn skip_pending(rollback: &mut RollbackRecord) {
             step.progress.status = StepStatus::Skipped;
         }
     }
+    for wave in &mut rollback.waves {
+        if wave.gate.status == StepStatus::Pending {
+            wave.gate.status = StepStatus::Skipped;
+        }
+    }
 }
 
 fn start_rollback(
     state: &mut State,
     command: &Command,
-    change_number: u64,
+    changes: &[u64],
+    options: &PlanOptions,
+    plan_hash: &str,
     reason: &str,
     trigger: Trigger,
-    max_parallel: u32,
 ) -> Result<(Outcome, String, String)> {
-    let change = state
-        .changes
-        .get(&change_number)
-        .ok_or_else(|| unknown_change(state, change_number))?;
-    // A snapshot taken before an older change would also undo every newer one, silently.
-    if let Some(latest) = state
-        .changes
-        .values()
-        .rev()
-        .find(|other| other.service == change.service)
-        && latest.number != change_number
-    {
-        return Err(CoordinatorError::NotLatestChange {
-            change_id: change.id(),
-            service: change.service.clone(),
-            latest: latest.id(),
+    let plan = crate::plan::build(state, changes, options, trigger)?;
+    if !plan_hash.is_empty() && plan.hash != plan_hash {
+        return Err(CoordinatorError::PlanChanged {
+            shown: plan_hash.to_string(),
+            now: plan.hash,
         });
     }
-    if let Some(previous) = state.rollbacks.get(&change.rollback) {
-        let in_progress = !previous.status.is_terminal();
-        if in_progress {
-            return Err(CoordinatorError::RollbackInProgress {
-                rollback_id: previous.id(),
-                change_id: change.id(),
-                status: previous.status,
-            });
-        }
-        // One automatic rollback per change: after that a person decides.
-        if previous.status == RollbackStatus::Succeeded || trigger == Trigger::Automatic {
-            return Err(CoordinatorError::AlreadyRolledBack {
-                change_id: change.id(),
-                rollback_id: previous.id(),
-            });
-        }
-    }
-    // Only hosts where activation was attempted changed; the others still run the old release.
-    let hosts: Vec<String> = change
-        .hosts
+    let forced: Vec<String> = plan
+        .incompatibilities
         .iter()
-        .filter(|host| host.activate.status != StepStatus::Pending && !host.snapshot_id.is_empty())
-        .map(|host| host.host_id.clone())
+        .map(|problem| problem.detail.clone())
         .collect();
-    if hosts.is_empty() {
-        return Err(CoordinatorError::NothingToRevert {
-            change_id: change.id(),
+    if !forced.is_empty() && !options.force {
+        return Err(CoordinatorError::Incompatible {
+            problems: forced.join("; "),
         });
     }
-    let service = change.service.clone();
     state.next_rollback += 1;
     let number = state.next_rollback;
-    let steps = hosts
-        .iter()
-        .flat_map(|host_id| {
-            RollbackStepKind::ALL
-                .into_iter()
-                .map(|kind| RollbackStepRecord {
+    let mut steps = Vec::new();
+    let mut waves = Vec::with_capacity(plan.waves.len());
+    for (index, wave) in plan.waves.iter().enumerate() {
+        let hosts = wave.hosts();
+        for host_id in &hosts {
+            for kind in RollbackStepKind::ALL {
+                steps.push(RollbackStepRecord {
+                    wave: index as u32,
+                    service: wave.service.clone(),
                     host_id: host_id.clone(),
                     kind,
                     progress: StepProgress::default(),
-                })
-        })
-        .collect();
+                });
+            }
+        }
+        waves.push(WaveRecord {
+            service: wave.service.clone(),
+            change: wave.change,
+            region: wave.region.clone(),
+            canary: wave.canary,
+            hosts,
+            gate: StepProgress::default(),
+        });
+    }
+    let host_count: std::collections::BTreeSet<&str> =
+        steps.iter().map(|step| step.host_id.as_str()).collect();
+    let mut audit = format!(
+        "ok: {trigger:?} rollback of {} in {} waves on {} (plan {}): {reason}",
+        crate::plan::change_list(&plan.changes),
+        waves.len(),
+        count(host_count.len(), "host"),
+        plan.hash
+    );
+    if !forced.is_empty() {
+        audit += &format!("; forced past: {}", forced.join("; "));
+    }
     let rollback = RollbackRecord {
         number,
-        change: change_number,
-        service,
+        changes: plan.changes.clone(),
+        services: plan.services.clone(),
         status: RollbackStatus::Running,
         trigger,
         reason: reason.to_string(),
         started_by: command.identity.clone(),
         started_at_ms: command.at_ms,
         finished_at_ms: 0,
-        max_parallel: max_parallel.max(1),
+        options: plan.options.clone(),
+        plan_hash: plan.hash.clone(),
+        waves,
         steps,
+        forced,
+        paused_reason: String::new(),
+        escalations: Vec::new(),
         outcome_detail: String::new(),
         failed_hosts: Vec::new(),
+        skipped_hosts: Vec::new(),
     };
     state.rollbacks.insert(number, rollback);
-    if let Some(change) = state.changes.get_mut(&change_number) {
-        change.rollback = number;
-        if matches!(
-            change.status,
-            ChangeStatus::Capturing | ChangeStatus::Deploying
-        ) {
-            change.status = ChangeStatus::Failed;
-            change.reason = format!("interrupted by rollback {}", rollback_id(number));
+    for change_number in &plan.changes {
+        if let Some(change) = state.changes.get_mut(change_number) {
+            change.rollback = number;
+            if matches!(
+                change.status,
+                ChangeStatus::Capturing | ChangeStatus::Deploying
+            ) {
+                change.status = ChangeStatus::Failed;
+                change.reason = format!("interrupted by rollback {}", rollback_id(number));
+            }
         }
     }
-    let audit = format!(
-        "ok: {trigger:?} rollback of {} on {}: {reason}",
-        change_id(change_number),
-        hosts.join(",")
-    );
     Ok((Outcome::Rollback(number), rollback_id(number), audit))
 }
 
 fn control_rollback(
     state: &mut State,
+    command: &Command,
     number: u64,
     action: RollbackAction,
     reason: &str,
-    at_ms: u64,
 ) -> Result<(Outcome, String, String)> {
+    let rollback = live_rollback_mut(state, number, action.name())?;
+    match (action, rollback.status) {
+        (RollbackAction::Pause, RollbackStatus::Running) => {
+            rollback.status = RollbackStatus::Paused;
+            rollback.paused_reason = format!("paused by {}: {reason}", command.identity);
+        }
+        (RollbackAction::Resume, RollbackStatus::Paused) => {
+            // A person looked at what failed: the current wave's failed steps and gate get a
+            // fresh set of attempts. Only a person can do this, so it cannot loop on its own.
+            if let Some(wave) = rollback.current_wave() {
+                let mut retried = Vec::new();
+                for step in rollback.steps.iter_mut().filter(|step| step.wave == wave) {
+                    if step.progress.status == StepStatus::Failed {
+                        retried.push(step.host_id.clone());
+                        step.progress = StepProgress::default();
+                    }
+                }
+                rollback.failed_hosts.retain(|host| !retried.contains(host));
+                let gate = &mut rollback.waves[wave as usize].gate;
+                if gate.status == StepStatus::Failed {
+                    *gate = StepProgress::default();
+                }
+            }
+            rollback.status = RollbackStatus::Running;
+            rollback.paused_reason.clear();
+        }
+        (RollbackAction::Abort, RollbackStatus::Running | RollbackStatus::Paused) => {
+            rollback.status = RollbackStatus::Aborted;
+            rollback.finished_at_ms = command.at_ms;
+            rollback.outcome_detail = format!("aborted: {reason}");
+            skip_pending(rollback);
+        }
+        (_, status) => {
+            return Err(CoordinatorError::RollbackNotControllable {
+                rollback_id: rollback.id(),
+                status,
+                action: action.name().into(),
+            });
+        }
+    }
+    Ok((
+        Outcome::Rollback(number),
+        rollback.id(),
+        format!("ok: {reason}"),
+    ))
+}
+
+/// The rollback, if it has not ended.
+fn live_rollback_mut<'a>(
+    state: &'a mut State,
+    number: u64,
+    action: &str,
+) -> Result<&'a mut RollbackRecord> {
     let known = known_list(state.rollbacks.keys().map(|&number| rollback_id(number)));
     let rollback =
         state
@@ -700,38 +839,122 @@ fn control_rollback(
                 rollback_id: rollback_id(number),
                 known,
             })?;
-    let next = match (action, rollback.status) {
-        (RollbackAction::Pause, RollbackStatus::Running) => RollbackStatus::Paused,
-        (RollbackAction::Resume, RollbackStatus::Paused) => RollbackStatus::Running,
-        (RollbackAction::Abort, RollbackStatus::Running | RollbackStatus::Paused) => {
-            RollbackStatus::Aborted
-        }
-        (_, status) => {
-            return Err(CoordinatorError::RollbackNotControllable {
-                rollback_id: rollback.id(),
-                status,
-                action: action.name().into(),
-            });
-        }
-    };
-    rollback.status = next;
-    if next == RollbackStatus::Aborted {
-        rollback.finished_at_ms = at_ms;
-        rollback.outcome_detail = format!("aborted: {reason}");
-        skip_pending(rollback);
+    if rollback.status.is_terminal() {
+        return Err(CoordinatorError::RollbackNotControllable {
+            rollback_id: rollback.id(),
+            status: rollback.status,
+            action: action.into(),
+        });
     }
+    Ok(rollback)
+}
+
+fn skip_host(
+    state: &mut State,
+    number: u64,
+    host_id: &str,
+    reason: &str,
+    at_ms: u64,
+) -> Result<(Outcome, String, String)> {
+    let rollback = live_rollback_mut(state, number, "skip a host")?;
+    let first_open_wave = rollback.current_wave().unwrap_or(u32::MAX);
+    let mut skipped = 0;
+    for step in rollback
+        .steps
+        .iter_mut()
+        .filter(|step| step.host_id == host_id && step.wave >= first_open_wave)
+    {
+        if step.progress.status != StepStatus::Succeeded {
+            step.progress.status = StepStatus::Skipped;
+            step.progress.detail = format!("skipped by an operator: {reason}");
+            skipped += 1;
+        }
+    }
+    if skipped == 0 {
+        let hosts: std::collections::BTreeSet<String> = rollback
+            .steps
+            .iter()
+            .map(|step| step.host_id.clone())
+            .collect();
+        return Err(CoordinatorError::invalid(
+            "host_id",
+            format!(
+                "{host_id} has nothing left to skip in {}: its hosts are {}",
+                rollback.id(),
+                known_list(hosts)
+            ),
+        ));
+    }
+    rollback.failed_hosts.retain(|host| host != host_id);
+    if !rollback.skipped_hosts.iter().any(|host| host == host_id) {
+        rollback.skipped_hosts.push(host_id.to_string());
+    }
+    // A wave left with no host to revert has nothing for its gate to judge.
+    for (index, wave) in rollback.waves.iter_mut().enumerate() {
+        let all_skipped = rollback
+            .steps
+            .iter()
+            .filter(|step| step.wave == index as u32)
+            .all(|step| step.progress.status == StepStatus::Skipped);
+        if all_skipped && !wave.gate.status.is_terminal() {
+            wave.gate.status = StepStatus::Skipped;
+        }
+    }
+    let id = rollback.id();
+    settle_rollback(state, number, at_ms);
     Ok((
         Outcome::Rollback(number),
-        rollback.id(),
-        format!("ok: {reason}"),
+        id,
+        format!("ok: {host_id} left unreverted ({skipped} steps skipped): {reason}"),
     ))
+}
+
+fn escalation_delivered(
+    state: &mut State,
+    number: u64,
+    escalation: u32,
+    ok: bool,
+    detail: &str,
+) -> Result<(Outcome, String, String)> {
+    let rollback =
+        state
+            .rollbacks
+            .get_mut(&number)
+            .ok_or_else(|| CoordinatorError::UnknownRollback {
+                rollback_id: rollback_id(number),
+                known: String::new(),
+            })?;
+    let id = rollback.id();
+    let record = rollback
+        .escalations
+        .get_mut(escalation as usize)
+        .ok_or_else(|| {
+            CoordinatorError::invalid("escalation", format!("{id} has no escalation {escalation}"))
+        })?;
+    record.attempts += 1;
+    record.delivered = ok;
+    record.delivery_detail = detail.to_string();
+    let outcome = if ok { "delivered" } else { "not delivered" };
+    Ok((
+        Outcome::Done,
+        format!("{id}/escalation/{escalation}"),
+        format!("{outcome}: {detail}"),
+    ))
+}
+
+fn count(count: usize, noun: &str) -> String {
+    if count == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{count} {noun}s")
+    }
 }
 
 fn change_step_mut<'a>(state: &'a mut State, step: &StepTarget) -> Result<&'a mut StepProgress> {
     let (change, host_id, capture) = match step {
         StepTarget::Capture { change, host_id } => (*change, host_id, true),
         StepTarget::Activate { change, host_id } => (*change, host_id, false),
-        StepTarget::Rollback { .. } => {
+        StepTarget::Rollback { .. } | StepTarget::Gate { .. } => {
             return Err(CoordinatorError::UnknownStep {
                 step_id: step.step_id(),
             });
@@ -762,29 +985,35 @@ fn change_host_mut<'a>(
 }
 
 fn rollback_step_mut<'a>(state: &'a mut State, step: &StepTarget) -> Result<&'a mut StepProgress> {
-    let StepTarget::Rollback {
-        rollback,
-        host_id,
-        kind,
-    } = step
-    else {
-        return Err(CoordinatorError::UnknownStep {
-            step_id: step.step_id(),
-        });
+    let unknown = || CoordinatorError::UnknownStep {
+        step_id: step.step_id(),
     };
-    state
-        .rollbacks
-        .get_mut(rollback)
-        .and_then(|record| {
-            record
-                .steps
-                .iter_mut()
-                .find(|candidate| &candidate.host_id == host_id && candidate.kind == *kind)
-        })
-        .map(|record| &mut record.progress)
-        .ok_or_else(|| CoordinatorError::UnknownStep {
-            step_id: step.step_id(),
-        })
+    match step {
+        StepTarget::Rollback {
+            rollback,
+            service,
+            host_id,
+            kind,
+        } => state
+            .rollbacks
+            .get_mut(rollback)
+            .and_then(|record| {
+                record.steps.iter_mut().find(|candidate| {
+                    &candidate.service == service
+                        && &candidate.host_id == host_id
+                        && candidate.kind == *kind
+                })
+            })
+            .map(|record| &mut record.progress)
+            .ok_or_else(unknown),
+        StepTarget::Gate { rollback, wave } => state
+            .rollbacks
+            .get_mut(rollback)
+            .and_then(|record| record.waves.get_mut(*wave as usize))
+            .map(|wave| &mut wave.gate)
+            .ok_or_else(unknown),
+        _ => Err(unknown()),
+    }
 }
 
 fn require_service(state: &State, service: &str) -> Result<()> {

@@ -103,12 +103,7 @@ impl Harness {
     }
 
     fn must_start_rollback(&mut self, change: u64, trigger: Trigger) -> u64 {
-        let kind = CommandKind::StartRollback {
-            change,
-            reason: "bad".into(),
-            trigger,
-            max_parallel: 1,
-        };
+        let kind = rollback_of(change, trigger);
         let Outcome::Rollback(rollback) = self.must(kind) else {
             panic!("rollback outcome")
         };
@@ -123,7 +118,24 @@ fn release(version: &str, digit: char) -> ReleaseRecord {
         artifact_digest: format!("sha256:{}", digit.to_string().repeat(64)),
         commit: "abc".into(),
         registered_at_ms: 0,
+        api_version: 0,
+        requires: Default::default(),
     }
+}
+
+fn rollback_of(change: u64, trigger: Trigger) -> CommandKind {
+    CommandKind::StartRollback {
+        changes: vec![change],
+        options: PlanOptions::default(),
+        plan_hash: String::new(),
+        reason: "bad".into(),
+        trigger,
+    }
+}
+
+/// Passes the gate of `wave` (started and finished healthy).
+fn pass_gate(harness: &mut Harness, rollback: u64, wave: u32) {
+    harness.finish(StepTarget::Gate { rollback, wave }, true);
 }
 
 fn start_change(version: &str) -> CommandKind {
@@ -139,6 +151,7 @@ fn start_change(version: &str) -> CommandKind {
 fn rollback_step(rollback: u64, host: &str, kind: RollbackStepKind) -> StepTarget {
     StepTarget::Rollback {
         rollback,
+        service: "web".into(),
         host_id: host.into(),
         kind,
     }
@@ -204,6 +217,12 @@ fn a_rollback_that_verifies_every_host_succeeds_and_marks_the_change_rolled_back
     }
     assert_eq!(
         harness.state.rollbacks[&rollback].status,
+        RollbackStatus::Running,
+        "the wave's gate has not passed yet"
+    );
+    pass_gate(&mut harness, rollback, 0);
+    assert_eq!(
+        harness.state.rollbacks[&rollback].status,
         RollbackStatus::Succeeded
     );
     assert_eq!(
@@ -214,10 +233,13 @@ fn a_rollback_that_verifies_every_host_succeeds_and_marks_the_change_rolled_back
 }
 
 #[test]
-fn a_failed_step_fails_the_rollback_once_nothing_runs_and_names_the_host() {
+fn a_failed_step_pauses_the_rollback_once_nothing_runs_and_names_the_host() {
     let mut harness = Harness::with_fleet();
     let change = harness.deploy("v2");
     let rollback = harness.must_start_rollback(change, Trigger::Manual);
+    for host in ["web-1", "web-2"] {
+        harness.finish(rollback_step(rollback, host, RollbackStepKind::Drain), true);
+    }
     harness.must(CommandKind::StepStarted {
         step: rollback_step(rollback, "web-1", RollbackStepKind::Restore),
     });
@@ -254,22 +276,116 @@ fn a_failed_step_fails_the_rollback_once_nothing_runs_and_names_the_host() {
         rollback_step(rollback, "web-2", RollbackStepKind::Verify),
         true,
     );
-    let record = &harness.state.rollbacks[&rollback];
-    assert_eq!(record.status, RollbackStatus::Failed);
-    assert_eq!(record.failed_hosts, vec!["web-1".to_string()]);
-    assert!(record.outcome_detail.contains("disk full"));
-    assert!(
-        record
-            .steps
-            .iter()
-            .filter(|step| step.progress.status == StepStatus::Skipped)
-            .count()
-            == 2
+    assert_eq!(
+        harness.state.rollbacks[&rollback].status,
+        RollbackStatus::Running,
+        "web-2 still has to be undrained"
     );
+    harness.finish(
+        rollback_step(rollback, "web-2", RollbackStepKind::Undrain),
+        true,
+    );
+    let record = &harness.state.rollbacks[&rollback];
+    assert_eq!(record.status, RollbackStatus::Paused);
+    assert_eq!(record.failed_hosts, vec!["web-1".to_string()]);
+    assert!(record.paused_reason.contains("disk full"));
+    assert_eq!(record.escalations.len(), 1);
     assert_eq!(
         harness.state.changes[&change].status,
         ChangeStatus::Deployed
     );
+    // A person retries web-1: its failed step starts over with fresh attempts.
+    harness.must(CommandKind::ControlRollback {
+        rollback,
+        action: RollbackAction::Resume,
+        reason: "disk cleaned".into(),
+    });
+    let record = &harness.state.rollbacks[&rollback];
+    assert_eq!(record.status, RollbackStatus::Running);
+    assert!(record.failed_hosts.is_empty());
+    let restore = record
+        .steps
+        .iter()
+        .find(|step| step.host_id == "web-1" && step.kind == RollbackStepKind::Restore)
+        .unwrap();
+    assert_eq!(
+        (restore.progress.status, restore.progress.attempts),
+        (StepStatus::Pending, 0)
+    );
+}
+
+#[test]
+fn skipping_every_host_of_a_wave_skips_its_gate_and_ends_the_rollback() {
+    let mut harness = Harness::with_fleet();
+    let change = harness.deploy("v2");
+    let rollback = harness.must_start_rollback(change, Trigger::Manual);
+    for host in ["web-1", "web-2"] {
+        harness.must(CommandKind::SkipHost {
+            rollback,
+            host_id: host.into(),
+            reason: "keep v2 there".into(),
+        });
+    }
+    let record = &harness.state.rollbacks[&rollback];
+    assert_eq!(record.status, RollbackStatus::Succeeded);
+    assert_eq!(record.waves[0].gate.status, StepStatus::Skipped);
+    assert!(
+        record.outcome_detail.contains("web-1, web-2"),
+        "{}",
+        record.outcome_detail
+    );
+    let error = harness
+        .run(CommandKind::SkipHost {
+            rollback,
+            host_id: "web-1".into(),
+            reason: "again".into(),
+        })
+        .unwrap_err();
+    assert!(
+        matches!(error, CoordinatorError::RollbackNotControllable { .. }),
+        "{error}"
+    );
+}
+
+#[test]
+fn a_rollback_refuses_a_plan_that_changed_since_it_was_shown() {
+    let mut harness = Harness::with_fleet();
+    let change = harness.deploy("v2");
+    let CommandKind::StartRollback {
+        changes, options, ..
+    } = rollback_of(change, Trigger::Manual)
+    else {
+        unreachable!()
+    };
+    let shown = crate::plan::build(&harness.state, &changes, &options, Trigger::Manual)
+        .unwrap()
+        .hash;
+    let wider = PlanOptions {
+        max_parallel: 2,
+        max_unavailable: 2,
+        ..options.clone()
+    };
+    let error = harness
+        .run(CommandKind::StartRollback {
+            changes: changes.clone(),
+            options: wider,
+            plan_hash: shown.clone(),
+            reason: "r".into(),
+            trigger: Trigger::Manual,
+        })
+        .unwrap_err();
+    assert!(
+        matches!(error, CoordinatorError::PlanChanged { .. }),
+        "{error}"
+    );
+    harness.must(CommandKind::StartRollback {
+        changes,
+        options,
+        plan_hash: shown.clone(),
+        reason: "r".into(),
+        trigger: Trigger::Manual,
+    });
+    assert_eq!(harness.state.rollbacks[&1].plan_hash, shown);
 }
 
 #[test]
@@ -277,12 +393,7 @@ fn only_one_automatic_rollback_per_change_and_none_while_one_runs() {
     let mut harness = Harness::with_fleet();
     let change = harness.deploy("v2");
     let rollback = harness.must_start_rollback(change, Trigger::Automatic);
-    let again = CommandKind::StartRollback {
-        change,
-        reason: "again".into(),
-        trigger: Trigger::Manual,
-        max_parallel: 1,
-    };
+    let again = rollback_of(change, Trigger::Manual);
     assert!(matches!(
         harness.run(again.clone()),
         Err(CoordinatorError::RollbackInProgress { .. })
@@ -292,12 +403,7 @@ fn only_one_automatic_rollback_per_change_and_none_while_one_runs() {
         action: RollbackAction::Abort,
         reason: "operator".into(),
     });
-    let automatic = CommandKind::StartRollback {
-        change,
-        reason: "x".into(),
-        trigger: Trigger::Automatic,
-        max_parallel: 1,
-    };
+    let automatic = rollback_of(change, Trigger::Automatic);
     assert!(matches!(
         harness.run(automatic),
         Err(CoordinatorError::AlreadyRolledBack { .. })
@@ -360,12 +466,7 @@ fn rejected_commands_change_nothing_but_the_applied_index() {
         CommandKind::RegisterRelease {
             release: release("v1", 'b'),
         },
-        CommandKind::StartRollback {
-            change: 99,
-            reason: String::new(),
-            trigger: Trigger::Manual,
-            max_parallel: 1,
-        },
+        rollback_of(99, Trigger::Manual),
         CommandKind::StepFinished {
             step: StepTarget::Capture {
                 change,
@@ -400,12 +501,7 @@ fn errors_name_what_is_known() {
         error,
         "no release v9 of service web: known versions are v1, v2"
     );
-    let rollback = CommandKind::StartRollback {
-        change: 7,
-        reason: String::new(),
-        trigger: Trigger::Manual,
-        max_parallel: 1,
-    };
+    let rollback = rollback_of(7, Trigger::Manual);
     assert_eq!(
         harness.run(rollback).unwrap_err().to_string(),
         "no change ch-7: known changes are none"
@@ -472,12 +568,7 @@ fn only_the_latest_change_may_be_rolled_back_and_no_change_starts_during_a_rollb
     let mut harness = Harness::with_fleet();
     let first = harness.deploy("v1");
     let second = harness.deploy("v2");
-    let older = CommandKind::StartRollback {
-        change: first,
-        reason: String::new(),
-        trigger: Trigger::Manual,
-        max_parallel: 1,
-    };
+    let older = rollback_of(first, Trigger::Manual);
     let error = harness.run(older).unwrap_err().to_string();
     assert_eq!(
         error,

@@ -6,8 +6,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::state::{
-    HealthAggregate, Labels, MemberRecord, ReleaseRecord, RollbackStepKind, ServiceRecord, Trigger,
-    change_id, parse_numbered_id, rollback_id,
+    HealthAggregate, Labels, MemberRecord, PlanOptions, ReleaseRecord, RollbackStepKind,
+    ServiceRecord, Trigger, change_id, parse_numbered_id, rollback_id,
 };
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -52,11 +52,28 @@ pub enum CommandKind {
         /// Set when a capture step finishes.
         snapshot_id: String,
     },
+    /// Plans (see `crate::plan`) and starts the rollback of `changes`.
     StartRollback {
-        change: u64,
+        changes: Vec<u64>,
+        options: PlanOptions,
+        /// Hash of the plan the operator was shown; apply refuses a plan that differs.
+        /// Empty: run the plan as it is now (automatic rollbacks).
+        plan_hash: String,
         reason: String,
         trigger: Trigger,
-        max_parallel: u32,
+    },
+    /// Leaves a host unreverted in a rollback: its steps that have not succeeded are skipped.
+    SkipHost {
+        rollback: u64,
+        host_id: String,
+        reason: String,
+    },
+    /// Records a webhook delivery attempt of a rollback's escalation.
+    EscalationDelivered {
+        rollback: u64,
+        escalation: u32,
+        ok: bool,
+        detail: String,
     },
     ControlRollback {
         rollback: u64,
@@ -117,13 +134,19 @@ pub enum StepTarget {
     },
     Rollback {
         rollback: u64,
+        service: String,
         host_id: String,
         kind: RollbackStepKind,
+    },
+    /// The health gate after a rollback's wave; runs on the coordinator.
+    Gate {
+        rollback: u64,
+        wave: u32,
     },
 }
 
 impl StepTarget {
-    /// `ch-3/capture/web-1`, `ch-3/activate/web-1`, `rb-2/restore/web-1`.
+    /// `ch-3/capture/web-1`, `ch-3/activate/web-1`, `rb-2/web/restore/web-1`, `rb-2/gate/0`.
     pub fn step_id(&self) -> String {
         match self {
             Self::Capture { change, host_id } => {
@@ -134,18 +157,42 @@ impl StepTarget {
             }
             Self::Rollback {
                 rollback,
+                service,
                 host_id,
                 kind,
-            } => format!("{}/{}/{host_id}", rollback_id(*rollback), kind.name()),
+            } => format!(
+                "{}/{service}/{}/{host_id}",
+                rollback_id(*rollback),
+                kind.name()
+            ),
+            Self::Gate { rollback, wave } => format!("{}/gate/{wave}", rollback_id(*rollback)),
         }
     }
 
     pub fn parse(step_id: &str) -> Option<Self> {
-        let mut parts = step_id.splitn(3, '/');
-        let (owner, kind, host_id) = (parts.next()?, parts.next()?, parts.next()?.to_string());
-        if host_id.is_empty() || host_id.contains('/') {
+        let parts: Vec<&str> = step_id.split('/').collect();
+        if parts.iter().any(|part| part.is_empty()) {
             return None;
         }
+        match parts[..] {
+            [owner, "gate", wave] => {
+                return Some(Self::Gate {
+                    rollback: parse_numbered_id("rb", owner)?,
+                    wave: wave.parse().ok()?,
+                });
+            }
+            [owner, service, kind, host_id] => {
+                return Some(Self::Rollback {
+                    rollback: parse_numbered_id("rb", owner)?,
+                    service: service.to_string(),
+                    host_id: host_id.to_string(),
+                    kind: RollbackStepKind::parse(kind)?,
+                });
+            }
+            [_, _, _] => {}
+            _ => return None,
+        }
+        let (owner, kind, host_id) = (parts[0], parts[1], parts[2].to_string());
         match kind {
             "capture" => Some(Self::Capture {
                 change: parse_numbered_id("ch", owner)?,
@@ -155,19 +202,17 @@ impl StepTarget {
                 change: parse_numbered_id("ch", owner)?,
                 host_id,
             }),
-            other => Some(Self::Rollback {
-                rollback: parse_numbered_id("rb", owner)?,
-                host_id,
-                kind: RollbackStepKind::parse(other)?,
-            }),
+            _ => None,
         }
     }
 
+    /// The host the step runs on; empty for a gate, which runs on the coordinator.
     pub fn host_id(&self) -> &str {
         match self {
             Self::Capture { host_id, .. }
             | Self::Activate { host_id, .. }
             | Self::Rollback { host_id, .. } => host_id,
+            Self::Gate { .. } => "",
         }
     }
 }
@@ -191,6 +236,8 @@ impl CommandKind {
             Self::StepStarted { .. } => "step.start",
             Self::StepFinished { .. } => "step.finish",
             Self::StartRollback { .. } => "rollback.start",
+            Self::SkipHost { .. } => "rollback.skip-host",
+            Self::EscalationDelivered { .. } => "rollback.escalation",
             Self::TransferLeader { .. } => "cluster.transfer-leader",
             Self::ChangeMembership { change, .. } => match change {
                 MembershipChange::AddLearner => "cluster.add-learner",
@@ -223,8 +270,13 @@ mod tests {
             },
             StepTarget::Rollback {
                 rollback: 12,
+                service: "db".into(),
                 host_id: "db.eu-1".into(),
                 kind: RollbackStepKind::Verify,
+            },
+            StepTarget::Gate {
+                rollback: 12,
+                wave: 3,
             },
         ];
         for target in targets {
@@ -237,7 +289,10 @@ mod tests {
             "ch-0/capture/a",
             "rb-1/explode/a",
             "ch-x/capture/a",
-            "rb-1/restore/a/b",
+            "rb-1/restore/a",
+            "rb-1/web/restore/a/b",
+            "rb-1/gate/x",
+            "rb-1//restore/a",
         ] {
             assert_eq!(StepTarget::parse(bad), None, "{bad}");
         }

@@ -93,6 +93,12 @@ pub struct ReleaseRecord {
     pub artifact_digest: String,
     pub commit: String,
     pub registered_at_ms: u64,
+    /// Version of the API (or message schema) this release provides; 0 when not declared.
+    #[serde(default)]
+    pub api_version: u32,
+    /// Provider service -> the lowest API version of it this release needs.
+    #[serde(default)]
+    pub requires: BTreeMap<String, u32>,
 }
 
 /// Per-service health figures over the coordinator's window.
@@ -196,23 +202,34 @@ impl RollbackStatus {
     }
 }
 
-/// What a rollback step does on its host. `Verify` runs on the coordinator: it waits for a
-/// health report, newer than the restart, in which every probe of the service passes.
+/// What a rollback step does on its host, in this order. `Verify` runs on the coordinator: it
+/// waits for a health report, newer than the restart, in which every probe of the service passes.
+/// `Drain`/`Undrain` run the service's drain hook on the agent (a no-op where none is set).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum RollbackStepKind {
+    Drain,
     Restore,
     Restart,
     Verify,
+    Undrain,
 }
 
 impl RollbackStepKind {
-    pub const ALL: [Self; 3] = [Self::Restore, Self::Restart, Self::Verify];
+    pub const ALL: [Self; 5] = [
+        Self::Drain,
+        Self::Restore,
+        Self::Restart,
+        Self::Verify,
+        Self::Undrain,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
+            Self::Drain => "drain",
             Self::Restore => "restore",
             Self::Restart => "restart",
             Self::Verify => "verify",
+            Self::Undrain => "undrain",
         }
     }
 
@@ -223,6 +240,9 @@ impl RollbackStepKind {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RollbackStepRecord {
+    /// Index into the rollback's waves.
+    pub wave: u32,
+    pub service: String,
     pub host_id: String,
     pub kind: RollbackStepKind,
     pub progress: StepProgress,
@@ -234,22 +254,102 @@ pub enum Trigger {
     Automatic,
 }
 
+/// How a plan is cut into waves and gated. Part of the plan's hash.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PlanOptions {
+    /// Hosts of a wave reverted at once.
+    pub max_parallel: u32,
+    /// Hosts of a service allowed out of service at once, counting ones already down.
+    pub max_unavailable: u32,
+    /// Region reverted first for every service; empty: each service's smallest region.
+    pub canary_region: String,
+    /// Proceed although the plan would break a consumer's API needs (audited).
+    pub force: bool,
+    pub gate: GateOptions,
+}
+
+impl Default for PlanOptions {
+    fn default() -> Self {
+        Self {
+            max_parallel: 1,
+            max_unavailable: 1,
+            canary_region: String::new(),
+            force: false,
+            gate: GateOptions::default(),
+        }
+    }
+}
+
+/// The health gate after each wave: the service's probe failure ratio on the wave's hosts must
+/// stay within `tolerance` of the change's baseline for `settle_s`, within `timeout_s`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GateOptions {
+    pub settle_s: u32,
+    pub timeout_s: u32,
+    pub tolerance: f64,
+}
+
+impl Default for GateOptions {
+    fn default() -> Self {
+        Self {
+            settle_s: 5,
+            timeout_s: 120,
+            tolerance: 0.05,
+        }
+    }
+}
+
+/// One wave of a plan: a batch of one service's hosts in one region, then a gate.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WaveRecord {
+    pub service: String,
+    pub change: u64,
+    pub region: String,
+    /// The first wave of its service.
+    pub canary: bool,
+    pub hosts: Vec<String>,
+    pub gate: StepProgress,
+}
+
+/// A call for a person: the rollback paused and someone must decide.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EscalationRecord {
+    pub opened_at_ms: u64,
+    pub wave: u32,
+    pub evidence: String,
+    /// Webhook deliveries tried, and how the last one went.
+    pub attempts: u32,
+    pub delivered: bool,
+    pub delivery_detail: String,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RollbackRecord {
     pub number: u64,
-    pub change: u64,
-    pub service: String,
+    /// The changes reverted, one per service.
+    pub changes: Vec<u64>,
+    pub services: Vec<String>,
     pub status: RollbackStatus,
     pub trigger: Trigger,
     pub reason: String,
     pub started_by: String,
     pub started_at_ms: u64,
     pub finished_at_ms: u64,
-    pub max_parallel: u32,
-    /// Per host, in host order: restore, restart, verify.
+    pub options: PlanOptions,
+    /// sha256 of the plan it runs, as `rollback plan` showed it.
+    pub plan_hash: String,
+    pub waves: Vec<WaveRecord>,
+    /// Per wave, per host in order: drain, restore, restart, verify, undrain.
     pub steps: Vec<RollbackStepRecord>,
+    /// Compatibility problems overridden with `force`.
+    pub forced: Vec<String>,
+    /// Why it is paused, when it is.
+    pub paused_reason: String,
+    pub escalations: Vec<EscalationRecord>,
     pub outcome_detail: String,
     pub failed_hosts: Vec<String>,
+    /// Hosts an operator chose to leave unreverted.
+    pub skipped_hosts: Vec<String>,
 }
 
 impl RollbackRecord {
@@ -257,15 +357,19 @@ impl RollbackRecord {
         rollback_id(self.number)
     }
 
-    /// Hosts in the order the rollback reverts them.
-    pub fn host_order(&self) -> Vec<&str> {
-        let mut hosts: Vec<&str> = Vec::new();
-        for step in &self.steps {
-            if hosts.last() != Some(&step.host_id.as_str()) {
-                hosts.push(&step.host_id);
-            }
-        }
-        hosts
+    /// The first wave not yet finished (its gate passed, or skipped because an operator skipped
+    /// all its hosts), if any.
+    pub fn current_wave(&self) -> Option<u32> {
+        (0..self.waves.len() as u32).find(|&wave| {
+            !matches!(
+                self.waves[wave as usize].gate.status,
+                StepStatus::Succeeded | StepStatus::Skipped
+            )
+        })
+    }
+
+    pub fn wave_steps(&self, wave: u32) -> impl Iterator<Item = &RollbackStepRecord> {
+        self.steps.iter().filter(move |step| step.wave == wave)
     }
 }
 

@@ -1,0 +1,353 @@
+//! Rollback plans at the edge: reading what to roll back and how from a request, previewing the
+//! plan, and explaining a rollback in words to whoever is on call.
+
+use rewind_proto::v1 as pb;
+use rewind_shared::names;
+use tonic::Status;
+
+use super::status::{invalid, to_status};
+use crate::errors::{CoordinatorError, known_list};
+use crate::plan;
+use crate::state_machine::{
+    GateOptions, PlanOptions, RollbackRecord, RollbackStatus, State, StepStatus, Trigger,
+    change_id, parse_numbered_id,
+};
+
+/// Largest number of changes or services one plan may name.
+const MAX_SELECTED: usize = 256;
+
+/// The plan options a request asks for, validated; zero fields take the defaults.
+pub(super) fn options_from(
+    options: Option<pb::PlanOptions>,
+    legacy_max_parallel: u32,
+    default_max_parallel: u32,
+) -> Result<PlanOptions, Status> {
+    let options = options.unwrap_or_default();
+    let max_parallel = match (options.max_parallel, legacy_max_parallel) {
+        (0, 0) => default_max_parallel,
+        (0, legacy) => legacy,
+        (set, _) => set,
+    };
+    if max_parallel > 1000 {
+        return Err(invalid(
+            "options.max_parallel",
+            format!("is {max_parallel}, at most 1000 is allowed"),
+        ));
+    }
+    if options.max_unavailable > 10_000 {
+        return Err(invalid(
+            "options.max_unavailable",
+            format!("is {}, at most 10000 is allowed", options.max_unavailable),
+        ));
+    }
+    if !options.canary_region.is_empty() {
+        names::validate_name("options.canary_region", &options.canary_region)
+            .map_err(|error| to_status(error.into()))?;
+    }
+    let defaults = GateOptions::default();
+    let gate = options.gate.unwrap_or_default();
+    let settle_s = if gate.settle_s == 0 {
+        defaults.settle_s
+    } else {
+        gate.settle_s
+    };
+    let timeout_s = if gate.timeout_s == 0 {
+        defaults.timeout_s.max(settle_s)
+    } else {
+        gate.timeout_s
+    };
+    if settle_s > 3600 {
+        return Err(invalid(
+            "options.gate.settle_s",
+            format!("is {settle_s}, at most 3600 s is allowed"),
+        ));
+    }
+    if timeout_s < settle_s || timeout_s > 86_400 {
+        return Err(invalid(
+            "options.gate.timeout_s",
+            format!("is {timeout_s}, must be within settle_s ({settle_s})..=86400 s"),
+        ));
+    }
+    let tolerance = if gate.zero_tolerance {
+        0.0
+    } else if gate.tolerance == 0.0 {
+        defaults.tolerance
+    } else {
+        gate.tolerance
+    };
+    if !(0.0..=1.0).contains(&tolerance) {
+        return Err(invalid(
+            "options.gate.tolerance",
+            format!("is {tolerance}, must be within 0..=1"),
+        ));
+    }
+    Ok(PlanOptions {
+        max_parallel: max_parallel.max(1),
+        max_unavailable: if options.max_unavailable == 0 {
+            max_parallel.max(1)
+        } else {
+            options.max_unavailable
+        },
+        canary_region: options.canary_region,
+        force: options.force,
+        gate: GateOptions {
+            settle_s,
+            timeout_s,
+            tolerance,
+        },
+    })
+}
+
+/// The changes a selection names: change ids as given, and each named service's latest change
+/// (rolling it back returns the service to the version it ran before, its last good one).
+pub(super) fn selected_changes(
+    state: &State,
+    selection: Option<pb::RollbackSelection>,
+    legacy_change_id: &str,
+) -> Result<Vec<u64>, Status> {
+    let selection = selection.unwrap_or_default();
+    if selection.change_ids.len() + selection.services.len() > MAX_SELECTED {
+        return Err(invalid(
+            "selection",
+            format!("names more than {MAX_SELECTED} changes and services"),
+        ));
+    }
+    let mut changes = Vec::new();
+    let ids = selection
+        .change_ids
+        .iter()
+        .map(String::as_str)
+        .chain((!legacy_change_id.is_empty()).then_some(legacy_change_id));
+    for id in ids {
+        let number = parse_numbered_id("ch", id).ok_or_else(|| {
+            invalid(
+                "selection.change_ids",
+                format!("{id:?} is not an id like ch-12"),
+            )
+        })?;
+        changes.push(number);
+    }
+    for service in &selection.services {
+        names::validate_name("selection.services", service)
+            .map_err(|error| to_status(error.into()))?;
+        if !state.services.contains_key(service) {
+            return Err(to_status(CoordinatorError::UnknownService {
+                service: service.clone(),
+                known: known_list(state.services.keys().cloned()),
+            }));
+        }
+        let latest = state
+            .changes
+            .values()
+            .rev()
+            .find(|change| &change.service == service)
+            .ok_or_else(|| {
+                invalid(
+                    "selection.services",
+                    format!("service {service} has had no change: there is nothing to roll back"),
+                )
+            })?;
+        changes.push(latest.number);
+    }
+    changes.sort_unstable();
+    changes.dedup();
+    if changes.is_empty() {
+        return Err(invalid(
+            "selection",
+            "name at least one change (--change) or service (--service)",
+        ));
+    }
+    Ok(changes)
+}
+
+/// Builds the plan and its readiness report.
+pub(super) fn preview(
+    state: &State,
+    changes: &[u64],
+    options: &PlanOptions,
+    connected: impl Fn(&str) -> bool,
+) -> Result<pb::RollbackPlan, Status> {
+    let plan = plan::build(state, changes, options, Trigger::Manual).map_err(to_status)?;
+    let readiness = plan::readiness(state, &plan, connected);
+    Ok(super::convert::plan(&plan, &readiness))
+}
+
+/// Where the rollback is, why, the evidence, and the commands that would move it on.
+pub(crate) fn explain(
+    state: &State,
+    rollback: &RollbackRecord,
+    service_health: impl Fn(&str) -> crate::state_machine::HealthAggregate,
+) -> (String, Vec<String>) {
+    let id = rollback.id();
+    let mut lines = Vec::new();
+    let reverted: Vec<String> = rollback
+        .changes
+        .iter()
+        .filter_map(|number| state.changes.get(number))
+        .map(|change| {
+            format!(
+                "{} ({} {} -> {})",
+                change.id(),
+                change.service,
+                change.version,
+                if change.previous_version.is_empty() {
+                    "its previous version"
+                } else {
+                    &change.previous_version
+                }
+            )
+        })
+        .collect();
+    lines.push(format!(
+        "{id} reverts {} in {} waves ({:?}, started by {}): {}",
+        reverted.join(", "),
+        rollback.waves.len(),
+        rollback.trigger,
+        rollback.started_by,
+        rollback.reason
+    ));
+    let mut next = Vec::new();
+    match rollback.status {
+        RollbackStatus::Succeeded | RollbackStatus::Failed | RollbackStatus::Aborted => {
+            lines.push(format!(
+                "It ended {:?}: {}",
+                rollback.status, rollback.outcome_detail
+            ));
+            next.push(format!("rewindctl rollback status {id}"));
+        }
+        RollbackStatus::Running | RollbackStatus::Paused => {
+            describe_current_wave(rollback, &mut lines);
+            if rollback.status == RollbackStatus::Paused {
+                lines.push(format!(
+                    "It is PAUSED and waits for a person: {}",
+                    rollback.paused_reason
+                ));
+                if let Some(escalation) = rollback.escalations.last() {
+                    let delivery = if escalation.delivered {
+                        "delivered".to_string()
+                    } else if escalation.attempts == 0 {
+                        "not sent (no webhook configured, or not yet)".to_string()
+                    } else {
+                        format!(
+                            "not delivered after {} attempts: {}",
+                            escalation.attempts, escalation.delivery_detail
+                        )
+                    };
+                    lines.push(format!("Escalation: {delivery}."));
+                }
+                next.push(format!(
+                    "rewindctl rollback resume {id} --reason \"<what you checked>\"   # retry what failed and go on"
+                ));
+                for host in &rollback.failed_hosts {
+                    next.push(format!(
+                        "rewindctl rollback skip-host {id} {host} --reason \"<why>\"   # leave {host} unreverted, then resume"
+                    ));
+                }
+                next.push(format!(
+                    "rewindctl rollback abort {id} --reason \"<why>\"   # stop here; reverted hosts stay reverted"
+                ));
+            } else {
+                next.push(format!("rewindctl rollback watch {id}"));
+                next.push(format!("rewindctl rollback pause {id} --reason \"<why>\""));
+            }
+            for service in &rollback.services {
+                let health = service_health(service);
+                let baseline = rollback
+                    .changes
+                    .iter()
+                    .filter_map(|number| state.changes.get(number))
+                    .find(|change| &change.service == service)
+                    .map(|change| change.baseline.probe_failure_ratio)
+                    .unwrap_or_default();
+                lines.push(format!(
+                    "Evidence: {service} now has probe failure ratio {:.2} ({} samples from {} hosts); its baseline before the change was {baseline:.2}.",
+                    health.probe_failure_ratio, health.samples, health.hosts_reporting
+                ));
+            }
+        }
+    }
+    if !rollback.skipped_hosts.is_empty() {
+        lines.push(format!(
+            "Left unreverted by an operator: {}.",
+            rollback.skipped_hosts.join(", ")
+        ));
+    }
+    if !rollback.forced.is_empty() {
+        lines.push(format!(
+            "Forced past compatibility problems: {}.",
+            rollback.forced.join("; ")
+        ));
+    }
+    (lines.join("\n"), next)
+}
+
+fn describe_current_wave(rollback: &RollbackRecord, lines: &mut Vec<String>) {
+    let Some(index) = rollback.current_wave() else {
+        lines.push("Every wave is done.".to_string());
+        return;
+    };
+    let wave = &rollback.waves[index as usize];
+    lines.push(format!(
+        "Wave {} of {}: {} ({}) in region {}{}, hosts {}.",
+        index + 1,
+        rollback.waves.len(),
+        wave.service,
+        change_id(wave.change),
+        wave.region,
+        if wave.canary { " (canary)" } else { "" },
+        wave.hosts.join(", ")
+    ));
+    let mut done = Vec::new();
+    let mut active = Vec::new();
+    let mut waiting = Vec::new();
+    for host in &wave.hosts {
+        let steps: Vec<_> = rollback
+            .wave_steps(index)
+            .filter(|step| &step.host_id == host)
+            .collect();
+        if let Some(failed) = steps
+            .iter()
+            .find(|step| step.progress.status == StepStatus::Failed)
+        {
+            lines.push(format!(
+                "  {host}: {} FAILED after {} attempts: {}",
+                failed.kind.name(),
+                failed.progress.attempts,
+                failed.progress.detail
+            ));
+        } else if steps.iter().all(|step| step.progress.status.is_terminal()) {
+            done.push(host.clone());
+        } else if let Some(step) = steps
+            .iter()
+            .find(|step| step.progress.status == StepStatus::Running)
+        {
+            active.push(format!(
+                "{host} ({}, attempt {})",
+                step.kind.name(),
+                step.progress.attempts
+            ));
+        } else {
+            waiting.push(host.clone());
+        }
+    }
+    for (label, hosts) in [
+        ("done", done),
+        ("in progress", active),
+        ("waiting", waiting),
+    ] {
+        if !hosts.is_empty() {
+            lines.push(format!("  {label}: {}", hosts.join(", ")));
+        }
+    }
+    match wave.gate.status {
+        StepStatus::Running => lines.push(format!(
+            "  Health gate: waiting for {} to settle within {:.2} of its baseline for {} s (gives up after {} s).",
+            wave.service,
+            rollback.options.gate.tolerance,
+            rollback.options.gate.settle_s,
+            rollback.options.gate.timeout_s
+        )),
+        StepStatus::Failed => lines.push(format!("  Health gate FAILED: {}", wave.gate.detail)),
+        _ => {}
+    }
+}

@@ -1,0 +1,554 @@
+//! Rollback planning: which changes are reverted, in which order, on which hosts, gated how.
+//!
+//! A plan is a pure function of the replicated state and the request, so the member that shows a
+//! plan and `apply()` on every member compute the same one: `rollback start` carries the hash of
+//! the plan the operator saw and `apply()` refuses to run a different one.
+//!
+//! Order: services in reverse dependency order (a consumer is reverted before the provider it
+//! calls, so nothing still running needs an API that has gone), then per service region by
+//! region (a canary region first), then per region host batches bounded by `max_parallel` and
+//! `max_unavailable`.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::errors::{CoordinatorError, known_list};
+use crate::state_machine::{
+    ChangeRecord, PlanOptions, ReleaseRecord, RollbackStatus, RollbackStepKind, State, StepStatus,
+    Trigger, change_id, current_version, unknown_change,
+};
+
+type Result<T> = std::result::Result<T, CoordinatorError>;
+
+/// Region name used for hosts that carry none.
+pub const DEFAULT_REGION: &str = "default";
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PlannedWave {
+    pub service: String,
+    pub change: u64,
+    pub region: String,
+    pub canary: bool,
+    /// Hosts in the order they are reverted, cut into batches reverted together.
+    pub batches: Vec<Vec<String>>,
+}
+
+impl PlannedWave {
+    pub fn hosts(&self) -> Vec<String> {
+        self.batches.iter().flatten().cloned().collect()
+    }
+}
+
+/// A consumer that the plan would leave needing an API its provider no longer offers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Incompatibility {
+    pub provider: String,
+    pub consumer: String,
+    pub detail: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    /// Changes in the order their services are reverted.
+    pub changes: Vec<u64>,
+    pub services: Vec<String>,
+    pub options: PlanOptions,
+    pub waves: Vec<PlannedWave>,
+    pub steps_per_host: Vec<RollbackStepKind>,
+    /// Refuses the plan unless `options.force`.
+    pub incompatibilities: Vec<Incompatibility>,
+    /// Things the operator should know that do not stop the plan.
+    pub notes: Vec<String>,
+    pub hash: String,
+}
+
+/// Plans the rollback of `changes` (in any order). Refuses unknown or superseded changes, two
+/// changes of one service, changes already being or having been rolled back, and dependency
+/// cycles. Incompatibilities are returned in the plan, not as an error: the caller decides.
+pub fn build(
+    state: &State,
+    changes: &[u64],
+    options: &PlanOptions,
+    trigger: Trigger,
+) -> Result<Plan> {
+    if changes.is_empty() {
+        return Err(CoordinatorError::invalid(
+            "change_ids",
+            "name at least one change to roll back",
+        ));
+    }
+    let mut by_service: BTreeMap<String, &ChangeRecord> = BTreeMap::new();
+    for &number in changes {
+        let change = revertible_change(state, number, trigger)?;
+        if let Some(other) = by_service.insert(change.service.clone(), change)
+            && other.number != number
+        {
+            return Err(CoordinatorError::invalid(
+                "change_ids",
+                format!(
+                    "{} and {} both change service {}: a plan reverts one change per service",
+                    other.id(),
+                    change.id(),
+                    change.service
+                ),
+            ));
+        }
+    }
+    let graph: BTreeMap<String, Vec<String>> = state
+        .services
+        .values()
+        .map(|service| (service.name.clone(), service.depends_on.clone()))
+        .collect();
+    let planned: Vec<String> = by_service.keys().cloned().collect();
+    let order =
+        revert_order(&graph, &planned).map_err(|cycle| CoordinatorError::DependencyCycle {
+            service: cycle[0].clone(),
+            path: cycle.join(" -> "),
+        })?;
+    let canary = options.canary_region.as_str();
+    if !canary.is_empty() {
+        let regions: BTreeSet<String> = by_service
+            .values()
+            .flat_map(|change| revertible_hosts(change))
+            .map(|host| region_of(state, host))
+            .collect();
+        if !regions.contains(canary) {
+            return Err(CoordinatorError::invalid(
+                "canary_region",
+                format!(
+                    "no host of the plan is in region {canary}: its regions are {}",
+                    known_list(regions)
+                ),
+            ));
+        }
+    }
+    let batch = options.max_parallel.min(options.max_unavailable).max(1) as usize;
+    let mut waves = Vec::new();
+    let mut notes = Vec::new();
+    for service in &order {
+        let change = by_service[service];
+        let skipped: Vec<&str> = change
+            .hosts
+            .iter()
+            .filter(|host| host.activate.status == StepStatus::Pending)
+            .map(|host| host.host_id.as_str())
+            .collect();
+        if !skipped.is_empty() {
+            notes.push(format!(
+                "{} never reached {} (they still run the old release): {}",
+                change.id(),
+                plural(skipped.len(), "host"),
+                skipped.join(", ")
+            ));
+        }
+        for (region, hosts, is_canary) in regions_in_order(state, change, canary) {
+            waves.push(PlannedWave {
+                service: service.clone(),
+                change: change.number,
+                region,
+                canary: is_canary,
+                batches: hosts.chunks(batch).map(<[String]>::to_vec).collect(),
+            });
+        }
+    }
+    let incompatibilities = incompatibilities(state, &by_service, &mut notes);
+    let mut plan = Plan {
+        changes: order
+            .iter()
+            .map(|service| by_service[service].number)
+            .collect(),
+        services: order,
+        options: options.clone(),
+        waves,
+        steps_per_host: RollbackStepKind::ALL.to_vec(),
+        incompatibilities,
+        notes,
+        hash: String::new(),
+    };
+    plan.hash = plan_hash(&plan);
+    Ok(plan)
+}
+
+/// The change, if a rollback of it may start now.
+fn revertible_change(state: &State, number: u64, trigger: Trigger) -> Result<&ChangeRecord> {
+    let change = state
+        .changes
+        .get(&number)
+        .ok_or_else(|| unknown_change(state, number))?;
+    // A snapshot taken before an older change would also undo every newer one, silently.
+    if let Some(latest) = state
+        .changes
+        .values()
+        .rev()
+        .find(|other| other.service == change.service)
+        && latest.number != number
+    {
+        return Err(CoordinatorError::NotLatestChange {
+            change_id: change.id(),
+            service: change.service.clone(),
+            latest: latest.id(),
+        });
+    }
+    if let Some(previous) = state.rollbacks.get(&change.rollback) {
+        if !previous.status.is_terminal() {
+            return Err(CoordinatorError::RollbackInProgress {
+                rollback_id: previous.id(),
+                change_id: change.id(),
+                status: previous.status,
+            });
+        }
+        // One automatic rollback per change: after that a person decides.
+        if previous.status == RollbackStatus::Succeeded || trigger == Trigger::Automatic {
+            return Err(CoordinatorError::AlreadyRolledBack {
+                change_id: change.id(),
+                rollback_id: previous.id(),
+            });
+        }
+    }
+    if revertible_hosts(change).next().is_none() {
+        return Err(CoordinatorError::NothingToRevert {
+            change_id: change.id(),
+        });
+    }
+    Ok(change)
+}
+
+/// Hosts a change may have altered: activation was attempted there, after a snapshot.
+fn revertible_hosts(change: &ChangeRecord) -> impl Iterator<Item = &str> {
+    change
+        .hosts
+        .iter()
+        .filter(|host| host.activate.status != StepStatus::Pending && !host.snapshot_id.is_empty())
+        .map(|host| host.host_id.as_str())
+}
+
+pub fn region_of(state: &State, host_id: &str) -> String {
+    state
+        .hosts
+        .get(host_id)
+        .map(|host| host.labels.region.clone())
+        .filter(|region| !region.is_empty())
+        .unwrap_or_else(|| DEFAULT_REGION.to_string())
+}
+
+/// The change's revertible hosts by region: the canary region first (the requested one when the
+/// service has hosts there, else its smallest region), then the others by name.
+fn regions_in_order(
+    state: &State,
+    change: &ChangeRecord,
+    requested_canary: &str,
+) -> Vec<(String, Vec<String>, bool)> {
+    let mut regions: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for host in revertible_hosts(change) {
+        regions
+            .entry(region_of(state, host))
+            .or_default()
+            .push(host.to_string());
+    }
+    for hosts in regions.values_mut() {
+        hosts.sort();
+    }
+    let canary = if regions.contains_key(requested_canary) {
+        requested_canary.to_string()
+    } else {
+        // Smallest blast radius first; ties by name (BTreeMap order, min_by_key keeps the first).
+        regions
+            .iter()
+            .min_by_key(|(_, hosts)| hosts.len())
+            .map(|(region, _)| region.clone())
+            .unwrap_or_default()
+    };
+    let mut ordered = Vec::with_capacity(regions.len());
+    if let Some(hosts) = regions.remove(&canary) {
+        ordered.push((canary, hosts, true));
+    }
+    ordered.extend(
+        regions
+            .into_iter()
+            .map(|(region, hosts)| (region, hosts, false)),
+    );
+    ordered
+}
+
+/// Services of `planned` ordered so that every consumer comes before each provider it depends
+/// on, directly or through services outside the plan; ties by name. A cycle reachable from the
+/// plan is returned as the path that closes it (`[a, b, a]`).
+pub fn revert_order(
+    graph: &BTreeMap<String, Vec<String>>,
+    planned: &[String],
+) -> std::result::Result<Vec<String>, Vec<String>> {
+    if let Some(cycle) = find_cycle(graph, planned) {
+        return Err(cycle);
+    }
+    let planned: BTreeSet<&String> = planned.iter().collect();
+    // provider -> planned consumers that must go before it.
+    let mut must_wait_for: BTreeMap<&String, BTreeSet<&String>> = planned
+        .iter()
+        .map(|&service| (service, BTreeSet::new()))
+        .collect();
+    for &consumer in &planned {
+        for provider in reachable(graph, consumer) {
+            if let Some(waits) = must_wait_for.get_mut(&provider) {
+                waits.insert(consumer);
+            }
+        }
+    }
+    let mut order = Vec::with_capacity(planned.len());
+    while !must_wait_for.is_empty() {
+        // Acyclic, so some service waits for nobody left; take the first by name.
+        let next = *must_wait_for
+            .iter()
+            .find(|(_, waits)| waits.is_empty())
+            .map(|(service, _)| service)
+            .expect("an acyclic graph always has a service with no pending consumer");
+        must_wait_for.remove(next);
+        for waits in must_wait_for.values_mut() {
+            waits.remove(next);
+        }
+        order.push(next.clone());
+    }
+    Ok(order)
+}
+
+/// Every service `from` depends on, directly or not (not `from` itself unless in a cycle).
+fn reachable<'a>(graph: &'a BTreeMap<String, Vec<String>>, from: &str) -> BTreeSet<&'a String> {
+    let mut seen = BTreeSet::new();
+    let mut stack: Vec<&String> = graph.get(from).into_iter().flatten().collect();
+    while let Some(service) = stack.pop() {
+        if seen.insert(service) {
+            stack.extend(graph.get(service).into_iter().flatten());
+        }
+    }
+    seen
+}
+
+/// A dependency cycle reachable from `starts`, as the path that closes it.
+fn find_cycle(graph: &BTreeMap<String, Vec<String>>, starts: &[String]) -> Option<Vec<String>> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mark {
+        OnPath,
+        Done,
+    }
+    let mut marks: BTreeMap<&str, Mark> = BTreeMap::new();
+    for start in starts {
+        if marks.contains_key(start.as_str()) {
+            continue;
+        }
+        // Iterative depth-first walk: (service, index of its next dependency).
+        let mut path: Vec<(&str, usize)> = vec![(start.as_str(), 0)];
+        marks.insert(start, Mark::OnPath);
+        while let Some(&(service, next)) = path.last() {
+            let deps = graph.get(service).map(Vec::as_slice).unwrap_or_default();
+            let Some(dep) = deps.get(next) else {
+                marks.insert(service, Mark::Done);
+                path.pop();
+                continue;
+            };
+            if let Some(top) = path.last_mut() {
+                top.1 += 1;
+            }
+            match marks.get(dep.as_str()) {
+                Some(Mark::OnPath) => {
+                    let from = path.iter().position(|(name, _)| name == dep)?;
+                    let mut cycle: Vec<String> = path[from..]
+                        .iter()
+                        .map(|(name, _)| name.to_string())
+                        .collect();
+                    cycle.push(dep.clone());
+                    return Some(cycle);
+                }
+                Some(Mark::Done) => {}
+                None => {
+                    marks.insert(dep, Mark::OnPath);
+                    path.push((dep, 0));
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Consumers the plan would break: after it, a consumer's release needs a higher API version of
+/// a reverted provider than the provider's release then offers. Unknown API versions are noted.
+fn incompatibilities(
+    state: &State,
+    planned: &BTreeMap<String, &ChangeRecord>,
+    notes: &mut Vec<String>,
+) -> Vec<Incompatibility> {
+    let version_after = |service: &str| match planned.get(service) {
+        Some(change) => change.previous_version.clone(),
+        None => current_version(state, service),
+    };
+    let release = |service: &str, version: &str| -> Option<&ReleaseRecord> {
+        state
+            .releases
+            .get(service)?
+            .get(version)
+            .map(|r| r.as_ref())
+    };
+    let mut found = Vec::new();
+    for consumer in state.services.keys() {
+        let consumer_version = version_after(consumer);
+        let Some(consumer_release) = release(consumer, &consumer_version) else {
+            continue;
+        };
+        for (provider, &needed) in &consumer_release.requires {
+            if !planned.contains_key(provider) {
+                continue;
+            }
+            let provider_version = version_after(provider);
+            let offered = release(provider, &provider_version)
+                .map(|release| release.api_version)
+                .unwrap_or(0);
+            if offered == 0 {
+                notes.push(format!(
+                    "cannot check {consumer} {consumer_version} against {provider}: \
+                     {provider} {} declares no API version",
+                    if provider_version.is_empty() {
+                        "(unknown version)"
+                    } else {
+                        &provider_version
+                    }
+                ));
+                continue;
+            }
+            if offered < needed {
+                found.push(Incompatibility {
+                    provider: provider.clone(),
+                    consumer: consumer.clone(),
+                    detail: format!(
+                        "reverting {provider} to {provider_version} (API {offered}) breaks \
+                         {consumer} {consumer_version}, which needs {provider} API {needed} or \
+                         later: add {consumer}'s change to the plan, or force it"
+                    ),
+                });
+            }
+        }
+    }
+    found
+}
+
+/// sha256 over what the plan does (changes, options, waves), not over notes or readiness.
+pub fn plan_hash(plan: &Plan) -> String {
+    #[derive(Serialize)]
+    struct Hashed<'a> {
+        changes: &'a [u64],
+        options: &'a PlanOptions,
+        waves: &'a [PlannedWave],
+        steps_per_host: &'a [RollbackStepKind],
+    }
+    let bytes = serde_json::to_vec(&Hashed {
+        changes: &plan.changes,
+        options: &plan.options,
+        waves: &plan.waves,
+        steps_per_host: &plan.steps_per_host,
+    })
+    .expect("a plan always serialises");
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+/// What a change advisory review wants to know before the plan runs; needs the leader's view
+/// of which agents are connected, so it is not part of the replicated plan.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Readiness {
+    pub disconnected_hosts: Vec<String>,
+    /// "service version" whose release record is unknown: its artifact may not be retained.
+    pub missing_releases: Vec<String>,
+    pub expected_duration_ms: u64,
+}
+
+/// Per-step durations assumed when the history has none.
+const DEFAULT_STEP_MS: [(RollbackStepKind, u64); 5] = [
+    (RollbackStepKind::Drain, 2_000),
+    (RollbackStepKind::Restore, 2_000),
+    (RollbackStepKind::Restart, 5_000),
+    (RollbackStepKind::Verify, 10_000),
+    (RollbackStepKind::Undrain, 1_000),
+];
+
+pub fn readiness(state: &State, plan: &Plan, connected: impl Fn(&str) -> bool) -> Readiness {
+    let mut disconnected: Vec<String> = plan
+        .waves
+        .iter()
+        .flat_map(PlannedWave::hosts)
+        .filter(|host| !connected(host))
+        .collect();
+    disconnected.sort();
+    disconnected.dedup();
+    let missing_releases = plan
+        .changes
+        .iter()
+        .filter_map(|number| state.changes.get(number))
+        .filter(|change| {
+            change.previous_version.is_empty()
+                || !state
+                    .releases
+                    .get(&change.service)
+                    .is_some_and(|versions| versions.contains_key(&change.previous_version))
+        })
+        .map(|change| {
+            let version = if change.previous_version.is_empty() {
+                "(unknown version)"
+            } else {
+                &change.previous_version
+            };
+            format!("{} {version}", change.service)
+        })
+        .collect();
+    let per_host: u64 = DEFAULT_STEP_MS
+        .iter()
+        .map(|&(kind, default)| typical_step_ms(state, kind).unwrap_or(default))
+        .sum();
+    let gate_ms = u64::from(plan.options.gate.settle_s) * 1000;
+    let expected_duration_ms = plan
+        .waves
+        .iter()
+        .map(|wave| wave.batches.len() as u64 * per_host + gate_ms)
+        .sum();
+    Readiness {
+        disconnected_hosts: disconnected,
+        missing_releases,
+        expected_duration_ms,
+    }
+}
+
+/// Median duration of the last 100 succeeded steps of this kind, if any ran.
+fn typical_step_ms(state: &State, kind: RollbackStepKind) -> Option<u64> {
+    let mut durations: Vec<u64> = state
+        .rollbacks
+        .values()
+        .rev()
+        .flat_map(|rollback| rollback.steps.iter())
+        .filter(|step| step.kind == kind && step.progress.status == StepStatus::Succeeded)
+        .map(|step| {
+            step.progress
+                .finished_at_ms
+                .saturating_sub(step.progress.started_at_ms)
+        })
+        .take(100)
+        .collect();
+    if durations.is_empty() {
+        return None;
+    }
+    durations.sort_unstable();
+    Some(durations[durations.len() / 2])
+}
+
+fn plural(count: usize, noun: &str) -> String {
+    if count == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{count} {noun}s")
+    }
+}
+
+/// `ch-1, ch-2` for messages.
+pub fn change_list(changes: &[u64]) -> String {
+    changes
+        .iter()
+        .map(|&number| change_id(number))
+        .collect::<Vec<_>>()
+        .join(", ")
+}

@@ -1,0 +1,468 @@
+//! Tests of rollback planning: ordering by the dependency graph, regions and batches,
+//! compatibility refusals, and the plan hash. Graph ordering is also checked on generated graphs.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use proptest::prelude::*;
+
+use crate::errors::CoordinatorError;
+use crate::plan::{self, revert_order};
+use crate::state_machine::*;
+
+/// A fleet built through `apply()`, as the coordinator would hold it.
+struct Fleet {
+    state: State,
+    index: u64,
+}
+
+impl Fleet {
+    fn new() -> Self {
+        Self {
+            state: State::default(),
+            index: 0,
+        }
+    }
+
+    fn apply(&mut self, kind: CommandKind) -> Outcome {
+        self.index += 1;
+        let command = Command {
+            at_ms: 1_000 * self.index,
+            identity: "operator".into(),
+            request_id: String::new(),
+            kind,
+        };
+        apply(&mut self.state, self.index, &command).expect("applies")
+    }
+
+    fn service(&mut self, name: &str, depends_on: &[&str]) {
+        self.apply(CommandKind::PutService {
+            service: ServiceRecord {
+                name: name.into(),
+                depends_on: depends_on.iter().map(|name| name.to_string()).collect(),
+                policy: HealthPolicy::default(),
+            },
+        });
+    }
+
+    fn host(&mut self, host_id: &str, region: &str, services: &[&str]) {
+        self.apply(CommandKind::RegisterHost {
+            host_id: host_id.into(),
+            labels: Labels {
+                region: region.into(),
+                ..Labels::default()
+            },
+            services: services.iter().map(|name| name.to_string()).collect(),
+            agent_version: String::new(),
+        });
+    }
+
+    fn release(&mut self, service: &str, version: &str, api: u32, requires: &[(&str, u32)]) {
+        self.apply(CommandKind::RegisterRelease {
+            release: ReleaseRecord {
+                service: service.into(),
+                version: version.into(),
+                artifact_digest: format!("sha256:{}", "a".repeat(64)),
+                commit: String::new(),
+                registered_at_ms: 0,
+                api_version: api,
+                requires: requires
+                    .iter()
+                    .map(|(provider, version)| (provider.to_string(), *version))
+                    .collect(),
+            },
+        });
+    }
+
+    /// Deploys `version` of `service` on all its hosts; returns the change number.
+    fn deploy(&mut self, service: &str, version: &str) -> u64 {
+        let Outcome::Change(change) = self.apply(CommandKind::StartChange {
+            service: service.into(),
+            version: version.into(),
+            host_ids: vec![],
+            reason: String::new(),
+            baseline: HealthAggregate::default(),
+        }) else {
+            panic!("a change")
+        };
+        let hosts: Vec<String> = self.state.changes[&change]
+            .hosts
+            .iter()
+            .map(|host| host.host_id.clone())
+            .collect();
+        for capture in [true, false] {
+            for host_id in &hosts {
+                let step = if capture {
+                    StepTarget::Capture {
+                        change,
+                        host_id: host_id.clone(),
+                    }
+                } else {
+                    StepTarget::Activate {
+                        change,
+                        host_id: host_id.clone(),
+                    }
+                };
+                self.apply(CommandKind::StepStarted { step: step.clone() });
+                self.apply(CommandKind::StepFinished {
+                    step,
+                    ok: true,
+                    detail: String::new(),
+                    snapshot_id: format!("snap-{host_id}"),
+                });
+            }
+        }
+        change
+    }
+
+    fn plan(&self, changes: &[u64], options: &PlanOptions) -> Result<plan::Plan, CoordinatorError> {
+        plan::build(&self.state, changes, options, Trigger::Manual)
+    }
+}
+
+/// web -> api -> db, each on its own hosts, all deployed v1 then v2.
+fn three_tier() -> (Fleet, [u64; 3]) {
+    let mut fleet = Fleet::new();
+    fleet.service("db", &[]);
+    fleet.service("api", &["db"]);
+    fleet.service("web", &["api"]);
+    for (host, service) in [("db-1", "db"), ("api-1", "api"), ("web-1", "web")] {
+        fleet.host(host, "eu", &[service]);
+    }
+    for service in ["db", "api", "web"] {
+        fleet.release(service, "v1", 1, &[]);
+        fleet.release(service, "v2", 2, &[]);
+        fleet.deploy(service, "v1");
+    }
+    let changes = ["db", "api", "web"].map(|service| fleet.deploy(service, "v2"));
+    (fleet, changes)
+}
+
+#[test]
+fn consumers_are_reverted_before_their_providers() {
+    let (fleet, [db, api, web]) = three_tier();
+    let plan = fleet
+        .plan(&[db, web, api], &PlanOptions::default())
+        .unwrap();
+    assert_eq!(plan.services, vec!["web", "api", "db"]);
+    assert_eq!(plan.changes, vec![web, api, db]);
+    let waves: Vec<&str> = plan
+        .waves
+        .iter()
+        .map(|wave| wave.service.as_str())
+        .collect();
+    assert_eq!(waves, vec!["web", "api", "db"]);
+}
+
+#[test]
+fn ordering_follows_dependencies_through_services_outside_the_plan() {
+    let graph: BTreeMap<String, Vec<String>> = [
+        ("web", vec!["gateway"]),
+        ("gateway", vec!["auth"]),
+        ("auth", vec![]),
+        ("batch", vec![]),
+    ]
+    .into_iter()
+    .map(|(name, deps)| {
+        (
+            name.to_string(),
+            deps.into_iter().map(String::from).collect(),
+        )
+    })
+    .collect();
+    let planned = ["auth", "batch", "web"].map(String::from);
+    assert_eq!(
+        revert_order(&graph, &planned).unwrap(),
+        vec!["batch", "web", "auth"],
+        "web reaches auth through gateway; batch is independent and first by name"
+    );
+}
+
+#[test]
+fn a_cycle_is_refused_with_the_cycle_named() {
+    let graph: BTreeMap<String, Vec<String>> = [
+        ("a", vec!["b"]),
+        ("b", vec!["c"]),
+        ("c", vec!["a"]),
+        ("d", vec!["a"]),
+    ]
+    .into_iter()
+    .map(|(name, deps)| {
+        (
+            name.to_string(),
+            deps.into_iter().map(String::from).collect(),
+        )
+    })
+    .collect();
+    let cycle = revert_order(&graph, &["d".to_string()]).unwrap_err();
+    assert_eq!(cycle, vec!["a", "b", "c", "a"]);
+}
+
+fn regional_fleet() -> (Fleet, u64) {
+    let mut fleet = Fleet::new();
+    fleet.service("web", &[]);
+    for (host, region) in [
+        ("eu-1", "eu"),
+        ("eu-2", "eu"),
+        ("eu-3", "eu"),
+        ("us-1", "us"),
+        ("ap-1", "ap"),
+        ("ap-2", "ap"),
+    ] {
+        fleet.host(host, region, &["web"]);
+    }
+    fleet.release("web", "v1", 0, &[]);
+    fleet.release("web", "v2", 0, &[]);
+    fleet.deploy("web", "v1");
+    let change = fleet.deploy("web", "v2");
+    (fleet, change)
+}
+
+#[test]
+fn regions_go_one_by_one_with_the_smallest_as_canary_and_hosts_in_batches() {
+    let (fleet, change) = regional_fleet();
+    let options = PlanOptions {
+        max_parallel: 5,
+        max_unavailable: 2,
+        ..PlanOptions::default()
+    };
+    let plan = fleet.plan(&[change], &options).unwrap();
+    let waves: Vec<(&str, bool, Vec<Vec<String>>)> = plan
+        .waves
+        .iter()
+        .map(|wave| (wave.region.as_str(), wave.canary, wave.batches.clone()))
+        .collect();
+    let batch = |hosts: &[&str]| {
+        hosts
+            .iter()
+            .map(|host| host.to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        waves,
+        vec![
+            ("us", true, vec![batch(&["us-1"])]),
+            ("ap", false, vec![batch(&["ap-1", "ap-2"])]),
+            (
+                "eu",
+                false,
+                vec![batch(&["eu-1", "eu-2"]), batch(&["eu-3"])]
+            ),
+        ],
+        "batches are bounded by the smaller of max_parallel and max_unavailable"
+    );
+}
+
+#[test]
+fn a_chosen_canary_region_goes_first_and_an_unknown_one_is_refused() {
+    let (fleet, change) = regional_fleet();
+    let options = PlanOptions {
+        canary_region: "eu".into(),
+        ..PlanOptions::default()
+    };
+    let plan = fleet.plan(&[change], &options).unwrap();
+    assert_eq!(plan.waves[0].region, "eu");
+    assert!(plan.waves[0].canary);
+    let error = fleet
+        .plan(
+            &[change],
+            &PlanOptions {
+                canary_region: "mars".into(),
+                ..PlanOptions::default()
+            },
+        )
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        error,
+        "canary_region: no host of the plan is in region mars: its regions are ap, eu, us"
+    );
+}
+
+/// `web` v2 needs `api` API 2; both were deployed v1 then v2.
+fn api_consumer() -> (Fleet, u64, u64) {
+    let mut fleet = Fleet::new();
+    fleet.service("api", &[]);
+    fleet.service("web", &["api"]);
+    fleet.host("api-1", "eu", &["api"]);
+    fleet.host("web-1", "eu", &["web"]);
+    fleet.release("api", "v1", 1, &[]);
+    fleet.release("api", "v2", 2, &[]);
+    fleet.release("web", "v1", 0, &[("api", 1)]);
+    fleet.release("web", "v2", 0, &[("api", 2)]);
+    fleet.deploy("api", "v1");
+    fleet.deploy("web", "v1");
+    let api = fleet.deploy("api", "v2");
+    let web = fleet.deploy("web", "v2");
+    (fleet, api, web)
+}
+
+#[test]
+fn reverting_a_provider_under_a_consumer_that_stays_is_refused_unless_forced() {
+    let (mut fleet, api, web) = api_consumer();
+    let plan = fleet.plan(&[api], &PlanOptions::default()).unwrap();
+    assert_eq!(plan.incompatibilities.len(), 1);
+    assert_eq!(
+        plan.incompatibilities[0].detail,
+        "reverting api to v1 (API 1) breaks web v2, which needs api API 2 or later: \
+         add web's change to the plan, or force it"
+    );
+    let start = |options: PlanOptions| CommandKind::StartRollback {
+        changes: vec![api],
+        options,
+        plan_hash: String::new(),
+        reason: "r".into(),
+        trigger: Trigger::Manual,
+    };
+    fleet.index += 1;
+    let command = Command {
+        at_ms: 0,
+        identity: "operator".into(),
+        request_id: String::new(),
+        kind: start(PlanOptions::default()),
+    };
+    let error = apply(&mut fleet.state, fleet.index, &command).unwrap_err();
+    assert!(
+        matches!(error, CoordinatorError::Incompatible { .. }),
+        "{error}"
+    );
+
+    let together = fleet.plan(&[api, web], &PlanOptions::default()).unwrap();
+    assert!(
+        together.incompatibilities.is_empty(),
+        "{:?}",
+        together.incompatibilities
+    );
+    assert_eq!(together.services, vec!["web", "api"]);
+
+    fleet.apply(start(PlanOptions {
+        force: true,
+        ..PlanOptions::default()
+    }));
+    let rollback = &fleet.state.rollbacks[&1];
+    assert_eq!(rollback.forced.len(), 1);
+    let audit = fleet.state.audit.entries().last().unwrap().outcome.clone();
+    assert!(audit.contains("forced past: reverting api"), "{audit}");
+}
+
+#[test]
+fn two_changes_of_one_service_and_superseded_changes_are_refused() {
+    let (mut fleet, change) = regional_fleet();
+    let older = change - 1;
+    let error = fleet.plan(&[older, change], &PlanOptions::default());
+    assert!(error.is_err());
+    let newest = fleet.deploy("web", "v1");
+    let error = fleet.plan(&[change], &PlanOptions::default()).unwrap_err();
+    assert!(
+        matches!(error, CoordinatorError::NotLatestChange { .. }),
+        "{error}"
+    );
+    assert!(fleet.plan(&[newest], &PlanOptions::default()).is_ok());
+}
+
+#[test]
+fn the_hash_covers_what_the_plan_does_and_nothing_else() {
+    let (fleet, change) = regional_fleet();
+    let options = PlanOptions::default();
+    let first = fleet.plan(&[change], &options).unwrap();
+    let again = fleet.plan(&[change], &options).unwrap();
+    assert_eq!(first.hash, again.hash);
+    assert!(first.hash.starts_with("sha256:"));
+    let wider = fleet
+        .plan(
+            &[change],
+            &PlanOptions {
+                max_parallel: 3,
+                max_unavailable: 3,
+                ..options
+            },
+        )
+        .unwrap();
+    assert_ne!(first.hash, wider.hash);
+}
+
+#[test]
+fn readiness_names_disconnected_hosts_and_estimates_the_duration() {
+    let (fleet, change) = regional_fleet();
+    let plan = fleet.plan(&[change], &PlanOptions::default()).unwrap();
+    let readiness = plan::readiness(&fleet.state, &plan, |host| host != "eu-2");
+    assert_eq!(readiness.disconnected_hosts, vec!["eu-2"]);
+    assert!(readiness.missing_releases.is_empty());
+    // 6 batches of one host at the default 20 s per host, plus 3 gates of 5 s.
+    assert_eq!(readiness.expected_duration_ms, 6 * 20_000 + 3 * 5_000);
+}
+
+/// A random acyclic graph over `n` services: edges only go from a lower to a higher index.
+fn acyclic_graph() -> impl Strategy<Value = (BTreeMap<String, Vec<String>>, Vec<String>)> {
+    (2usize..12).prop_flat_map(|n| {
+        let edges = proptest::collection::vec((0..n, 0..n), 0..(n * 2));
+        let planned = proptest::collection::btree_set(0..n, 1..=n);
+        (Just(n), edges, planned).prop_map(|(n, edges, planned)| {
+            let mut graph: BTreeMap<String, Vec<String>> =
+                (0..n).map(|i| (format!("s{i:02}"), Vec::new())).collect();
+            for (from, to) in edges {
+                if from < to {
+                    graph
+                        .get_mut(&format!("s{from:02}"))
+                        .unwrap()
+                        .push(format!("s{to:02}"));
+                }
+            }
+            let planned = planned.into_iter().map(|i| format!("s{i:02}")).collect();
+            (graph, planned)
+        })
+    })
+}
+
+fn depends_on(graph: &BTreeMap<String, Vec<String>>, from: &str, to: &str) -> bool {
+    let mut seen = BTreeSet::new();
+    let mut stack = vec![from.to_string()];
+    while let Some(service) = stack.pop() {
+        for next in &graph[&service] {
+            if next == to {
+                return true;
+            }
+            if seen.insert(next.clone()) {
+                stack.push(next.clone());
+            }
+        }
+    }
+    false
+}
+
+proptest! {
+    #[test]
+    fn every_consumer_comes_before_every_provider_it_reaches((graph, planned) in acyclic_graph()) {
+        let order = revert_order(&graph, &planned).expect("acyclic");
+        let sorted: BTreeSet<&String> = order.iter().collect();
+        prop_assert_eq!(sorted, planned.iter().collect::<BTreeSet<_>>());
+        for (i, earlier) in order.iter().enumerate() {
+            for later in &order[i + 1..] {
+                prop_assert!(
+                    !depends_on(&graph, later, earlier),
+                    "{} depends on {} but comes after it: {:?}", later, earlier, order
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_reported_cycle_is_made_of_real_edges(
+        (mut graph, planned) in acyclic_graph(),
+        back in (0usize..12, 0usize..12),
+    ) {
+        // Add one edge that may close a cycle.
+        let n = graph.len();
+        let (from, to) = (format!("s{:02}", back.0 % n), format!("s{:02}", back.1 % n));
+        graph.get_mut(&from).unwrap().push(to);
+        match revert_order(&graph, &planned) {
+            Ok(order) => prop_assert_eq!(order.len(), planned.len()),
+            Err(cycle) => {
+                prop_assert!(cycle.len() >= 2);
+                prop_assert_eq!(cycle.first(), cycle.last());
+                for pair in cycle.windows(2) {
+                    prop_assert!(graph[&pair[0]].contains(&pair[1]), "{:?}", cycle);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! `rollback plan` / `rollback start` arguments, and printing a plan for a change review.
+
+use clap::Args;
+use rewind_proto::v1 as pb;
+
+use crate::output::table;
+
+/// What to roll back.
+#[derive(Clone, Debug, Args)]
+pub struct SelectionArgs {
+    /// A change to roll back; repeat for several (one per service).
+    #[arg(long = "change", value_name = "CHANGE_ID")]
+    pub changes: Vec<String>,
+    /// A service to take back to its last good version (before its latest change); repeatable.
+    #[arg(long = "service", value_name = "SERVICE")]
+    pub services: Vec<String>,
+    /// Where --service goes: only `last-good` exists.
+    #[arg(long, value_name = "TARGET")]
+    pub to: Option<String>,
+}
+
+impl SelectionArgs {
+    pub fn into_selection(
+        self,
+        positional: Option<String>,
+    ) -> anyhow::Result<pb::RollbackSelection> {
+        if let Some(target) = &self.to
+            && target != "last-good"
+        {
+            anyhow::bail!("--to {target:?}: only `last-good` is supported");
+        }
+        if !self.services.is_empty() && self.to.is_none() {
+            anyhow::bail!("--service needs --to last-good (the version before its latest change)");
+        }
+        let mut change_ids = self.changes;
+        change_ids.extend(positional);
+        Ok(pb::RollbackSelection {
+            change_ids,
+            services: self.services,
+        })
+    }
+}
+
+/// How the plan is cut into waves and gated; 0 keeps the coordinator's default.
+#[derive(Clone, Debug, Args)]
+pub struct PlanArgs {
+    /// Hosts of a wave reverted at once.
+    #[arg(long, default_value_t = 0)]
+    pub max_parallel: u32,
+    /// Hosts of a service out of service at once, counting ones already down.
+    #[arg(long, default_value_t = 0)]
+    pub max_unavailable: u32,
+    /// Region reverted first (default: each service's smallest region).
+    #[arg(long, default_value = "")]
+    pub canary_region: String,
+    /// Proceed although consumers would break (audited).
+    #[arg(long)]
+    pub force: bool,
+    /// Seconds a wave's health must stay near the baseline before the next wave.
+    #[arg(long, default_value_t = 0)]
+    pub gate_settle_s: u32,
+    /// Seconds after which a gate that has not passed pauses the rollback.
+    #[arg(long, default_value_t = 0)]
+    pub gate_timeout_s: u32,
+    /// How far above the baseline probe failure ratio a wave may be (0..=1).
+    #[arg(long)]
+    pub gate_tolerance: Option<f64>,
+}
+
+impl PlanArgs {
+    pub fn into_options(self) -> pb::PlanOptions {
+        pb::PlanOptions {
+            max_parallel: self.max_parallel,
+            max_unavailable: self.max_unavailable,
+            canary_region: self.canary_region,
+            force: self.force,
+            gate: Some(pb::GateOptions {
+                settle_s: self.gate_settle_s,
+                timeout_s: self.gate_timeout_s,
+                tolerance: self.gate_tolerance.unwrap_or(0.0),
+                zero_tolerance: self.gate_tolerance == Some(0.0),
+            }),
+        }
+    }
+}
+
+pub fn print_plan(plan: &pb::RollbackPlan) {
+    let options = plan.options.clone().unwrap_or_default();
+    let gate = options.gate.unwrap_or_default();
+    println!(
+        "Plan {}: revert {} ({}), in {} waves",
+        plan.plan_hash,
+        plan.change_ids.join(", "),
+        plan.services.join(" then "),
+        plan.waves.len()
+    );
+    println!(
+        "max parallel {}, max unavailable {}; gate after each wave: within {:.2} of baseline for {} s (timeout {} s)",
+        options.max_parallel,
+        options.max_unavailable,
+        gate.tolerance,
+        gate.settle_s,
+        gate.timeout_s
+    );
+    println!("steps per host: {}", plan.steps_per_host.join(" -> "));
+    let rows = plan
+        .waves
+        .iter()
+        .enumerate()
+        .map(|(index, wave)| {
+            vec![
+                (index + 1).to_string(),
+                wave.service.clone(),
+                wave.change_id.clone(),
+                format!(
+                    "{}{}",
+                    wave.region,
+                    if wave.canary { " (canary)" } else { "" }
+                ),
+                wave.batches
+                    .iter()
+                    .map(|batch| batch.hosts.join(","))
+                    .collect::<Vec<_>>()
+                    .join(" | "),
+            ]
+        })
+        .collect();
+    table(
+        &["WAVE", "SERVICE", "CHANGE", "REGION", "HOST BATCHES"],
+        rows,
+    );
+    println!("\nReadiness:");
+    let lines = [
+        ("hosts not connected", plan.disconnected_hosts.join(", ")),
+        ("releases not registered", plan.missing_releases.join(", ")),
+    ];
+    for (label, value) in lines {
+        println!(
+            "  {label}: {}",
+            if value.is_empty() { "none" } else { &value }
+        );
+    }
+    println!(
+        "  expected duration: about {}",
+        humantime::format_duration(std::time::Duration::from_secs(
+            plan.expected_duration_ms.div_ceil(1000)
+        ))
+    );
+    for note in &plan.notes {
+        println!("  note: {note}");
+    }
+    if plan.incompatibilities.is_empty() {
+        println!("  consumers that would break: none");
+    } else {
+        println!("  consumers that would break:");
+        for problem in &plan.incompatibilities {
+            println!("    {problem}");
+        }
+    }
+    if plan.runnable {
+        println!(
+            "\nRun exactly this plan: rewindctl rollback start --plan-hash {} <same selection and options>",
+            plan.plan_hash
+        );
+    } else {
+        println!("\nREFUSED: fix the incompatibilities above, or add --force (audited).");
+    }
+}
