@@ -108,12 +108,21 @@ pub struct Coordinator {
 
 impl Coordinator {
     pub fn must_start(dir: &Path) -> Self {
+        Self::must_start_with(dir, "")
+    }
+
+    /// A dev coordinator whose config file holds `config` (TOML), e.g. an `[escalation]`.
+    pub fn must_start_with(dir: &Path, config: &str) -> Self {
         std::fs::create_dir_all(dir).unwrap();
+        let config_path = dir.join("coordinator.toml");
+        std::fs::write(&config_path, config).unwrap();
         let addr_file = dir.join("addr");
         let _ = std::fs::remove_file(&addr_file);
         let data_dir = dir.join("data");
         let args = [
             "--dev",
+            "--config",
+            config_path.to_str().unwrap(),
             "--data-dir",
             data_dir.to_str().unwrap(),
             "--listen",
@@ -142,6 +151,17 @@ impl Coordinator {
 
     pub fn tls_dir(&self) -> PathBuf {
         self.dir.join("data").join("tls")
+    }
+
+    /// Runs `rewindctl` against this coordinator as the dev operator.
+    pub fn rewindctl(&self, args: &[&str]) -> std::process::Output {
+        Command::new(must_binary("rewindctl"))
+            .args(["--coordinator", &self.address])
+            .args(args)
+            .env("REWIND_TLS_DIR", self.tls_dir())
+            .env("REWIND_SERVER_NAME", "localhost")
+            .output()
+            .expect("run rewindctl")
     }
 
     pub fn ca(&self) -> DevCa {
@@ -211,15 +231,51 @@ impl TestHost {
         tls_dir: &Path,
         coordinators: &[String],
     ) -> Self {
-        let root = dir.join(id).join("srv").join("web");
-        for (version, status) in [("v1", "200"), ("v2", "500")] {
-            let release = root.join("releases").join(version);
-            std::fs::create_dir_all(&release).unwrap();
-            std::fs::write(release.join("VERSION"), version).unwrap();
-            std::fs::write(release.join("health_status"), status).unwrap();
+        Self::must_prepare_services(dir, id, ca, tls_dir, coordinators, "test-1", &["web"])
+    }
+
+    /// A host in `region` running `services`, each laid out like `web` in
+    /// [`TestHost::must_prepare`] under `<dir>/<id>/srv/<service>`; `root` is the first one's.
+    /// Drain and undrain hooks append `drain`/`undrain` to `<root>/rotation`; the undrain hook
+    /// then runs `<root>/on-undrain` if a test put an executable there.
+    pub fn must_prepare_services(
+        dir: &Path,
+        id: &str,
+        ca: &DevCa,
+        tls_dir: &Path,
+        coordinators: &[String],
+        region: &str,
+        services: &[&str],
+    ) -> Self {
+        let mut blocks = String::new();
+        for service in services {
+            let root = dir.join(id).join("srv").join(service);
+            for (version, status) in [("v1", "200"), ("v2", "500")] {
+                let release = root.join("releases").join(version);
+                std::fs::create_dir_all(&release).unwrap();
+                std::fs::write(release.join("VERSION"), version).unwrap();
+                std::fs::write(release.join("health_status"), status).unwrap();
+            }
+            std::fs::create_dir_all(root.join("config")).unwrap();
+            std::fs::write(root.join("config/app.toml"), config_for("v1")).unwrap();
+            blocks += &format!(
+                r#"[[service]]
+name = "{service}"
+root = "{root}"
+config-files = ["config/app.toml"]
+restart-command = ["sh", "-c", "echo restarted >> {root}/restarts"]
+[service.drain]
+command = ["sh", "-c", "echo drain >> {root}/rotation"]
+[service.undrain]
+command = ["sh", "-c", "echo undrain >> {root}/rotation; if [ -x {root}/on-undrain ]; then {root}/on-undrain; fi"]
+[[service.probe]]
+name = "health-file"
+command = ["grep", "-q", "200", "{root}/current/health_status"]
+timeout-ms = 2000
+"#,
+                root = root.display(),
+            );
         }
-        std::fs::create_dir_all(root.join("config")).unwrap();
-        std::fs::write(root.join("config/app.toml"), config_for("v1")).unwrap();
         ca.write_identity(tls_dir, id, &[]).unwrap();
         let tls = tls_dir;
         let config = format!(
@@ -232,17 +288,8 @@ ca = "{tls}/ca.pem"
 cert = "{tls}/{id}.pem"
 key = "{tls}/{id}.key"
 [labels]
-region = "test-1"
-[[service]]
-name = "web"
-root = "{root}"
-config-files = ["config/app.toml"]
-restart-command = ["sh", "-c", "echo restarted >> {root}/restarts"]
-[[service.probe]]
-name = "health-file"
-command = ["grep", "-q", "200", "{root}/current/health_status"]
-timeout-ms = 2000
-"#,
+region = "{region}"
+{blocks}"#,
             addresses = coordinators
                 .iter()
                 .map(|address| format!("{address:?}"))
@@ -250,13 +297,12 @@ timeout-ms = 2000
                 .join(", "),
             data = dir.join(id).join("agent").display(),
             tls = tls.display(),
-            root = root.display(),
         );
         let config_path = dir.join(id).join("agent.toml");
         std::fs::write(&config_path, config).unwrap();
         Self {
             id: id.to_string(),
-            root,
+            root: dir.join(id).join("srv").join(services[0]),
             config_path,
             agent: None,
         }

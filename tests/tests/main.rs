@@ -8,3 +8,4 @@ mod t04_durability;
 mod t05_cluster;
 mod t06_membership;
 mod t07_compose;
+mod t08_plans;

@@ -491,9 +491,12 @@ fn finish_step(
         StepTarget::Gate { rollback, wave } if !ok => {
             if let Some(record) = state.rollbacks.get_mut(rollback) {
                 let wave_record = &record.waves[*wave as usize];
+                // Waves are numbered from 1 for people, as `explain` and `watch` show them.
                 let evidence = format!(
-                    "gate after wave {wave} ({} in {}) failed: {detail}",
-                    wave_record.service, wave_record.region
+                    "gate after wave {} ({} in {}) failed: {detail}",
+                    wave + 1,
+                    wave_record.service,
+                    wave_record.region
                 );
                 pause_for_a_person(record, *wave, evidence, at_ms);
             }
