@@ -23,6 +23,126 @@ pub struct RawConfig {
     pub storage: RawStorage,
     pub cluster: RawCluster,
     pub escalation: RawEscalation,
+    pub throttle: RawThrottle,
+    pub http: RawHttp,
+    pub alertmanager: RawAlertmanager,
+}
+
+/// The HTTP edge: /metrics and the monitoring webhooks. Off unless `listen` is set.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct RawHttp {
+    pub listen: Option<String>,
+    /// Bearer token Alertmanager sends (its `http_config.authorization.credentials_file`).
+    pub alertmanager_token_file: Option<PathBuf>,
+    /// HMAC secret generic webhooks are signed with.
+    pub webhook_secret_file: Option<PathBuf>,
+}
+
+#[derive(Clone)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+    pub alertmanager_token: Option<Vec<u8>>,
+    pub webhook_secret: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for HttpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpConfig")
+            .field("listen", &self.listen)
+            .field(
+                "alertmanager_token",
+                &self.alertmanager_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field(
+                "webhook_secret",
+                &self.webhook_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
+}
+
+/// The Alertmanager rewind silences alerts in while a rollback runs.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct RawAlertmanager {
+    /// Base URL, e.g. http://127.0.0.1:9093; silences are off without it.
+    pub url: Option<String>,
+    /// How long each silence lasts; it is renewed while the rollback runs.
+    pub silence_lease_s: Option<u64>,
+}
+
+#[derive(Clone, Debug)]
+pub struct AlertmanagerConfig {
+    pub url: String,
+    pub silence_lease: Duration,
+}
+
+/// Bounds on automatic rollbacks; see `ThrottleLimits`.
+#[derive(Debug, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct RawThrottle {
+    pub budget: u32,
+    pub budget_window_s: u32,
+    pub cooldown_s: u32,
+    pub flap_rollbacks: u32,
+    pub flap_window_s: u32,
+    pub breaker_services: u32,
+    pub breaker_window_s: u32,
+}
+
+impl Default for RawThrottle {
+    fn default() -> Self {
+        let limits = crate::state_machine::ThrottleLimits::default();
+        Self {
+            budget: limits.budget,
+            budget_window_s: limits.budget_window_s,
+            cooldown_s: limits.cooldown_s,
+            flap_rollbacks: limits.flap_rollbacks,
+            flap_window_s: limits.flap_window_s,
+            breaker_services: limits.breaker_services,
+            breaker_window_s: limits.breaker_window_s,
+        }
+    }
+}
+
+impl RawThrottle {
+    fn limits(&self) -> crate::state_machine::ThrottleLimits {
+        crate::state_machine::ThrottleLimits {
+            budget: self.budget,
+            budget_window_s: self.budget_window_s,
+            cooldown_s: self.cooldown_s,
+            flap_rollbacks: self.flap_rollbacks,
+            flap_window_s: self.flap_window_s,
+            breaker_services: self.breaker_services,
+            breaker_window_s: self.breaker_window_s,
+        }
+    }
+
+    fn check(&self, problems: &mut Problems) {
+        let week = 7 * 86_400;
+        for (field, value, min, max) in [
+            ("throttle.budget", self.budget, 1, 10_000),
+            ("throttle.budget-window-s", self.budget_window_s, 1, week),
+            ("throttle.cooldown-s", self.cooldown_s, 0, week),
+            ("throttle.flap-rollbacks", self.flap_rollbacks, 1, 1000),
+            ("throttle.flap-window-s", self.flap_window_s, 1, week),
+            (
+                "throttle.breaker-services",
+                self.breaker_services,
+                2,
+                10_000,
+            ),
+            (
+                "throttle.breaker-window-s",
+                self.breaker_window_s,
+                1,
+                86_400,
+            ),
+        ] {
+            check_range(problems, field, u64::from(value), min, max);
+        }
+    }
 }
 
 /// Where a paused rollback calls for a person: a webhook signed with HMAC-SHA256.
@@ -171,6 +291,8 @@ pub struct Config {
     pub snapshot_every: u64,
     pub cluster: ClusterConfig,
     pub escalation: Option<EscalationConfig>,
+    pub http: Option<HttpConfig>,
+    pub alertmanager: Option<AlertmanagerConfig>,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
@@ -247,6 +369,9 @@ impl RawConfig {
             );
         }
         let escalation = validate_escalation(&self.escalation, &mut problems);
+        let http = validate_http(&self.http, &mut problems);
+        let alertmanager = validate_alertmanager(&self.alertmanager, &mut problems);
+        self.throttle.check(&mut problems);
         check_range(
             &mut problems,
             "health.report-interval-ms",
@@ -290,6 +415,7 @@ impl RawConfig {
                     tolerance: engine.gate_tolerance,
                 },
                 escalation_webhook: escalation.is_some(),
+                throttle: self.throttle.limits(),
             },
             tick: Duration::from_millis(engine.tick_ms),
             health_interval_ms: self.health.report_interval_ms,
@@ -297,7 +423,79 @@ impl RawConfig {
             snapshot_every: self.storage.snapshot_every,
             cluster,
             escalation,
+            http,
+            alertmanager,
         })
+    }
+}
+
+fn validate_http(raw: &RawHttp, problems: &mut Problems) -> Option<HttpConfig> {
+    let Some(listen_text) = &raw.listen else {
+        if raw.alertmanager_token_file.is_some() || raw.webhook_secret_file.is_some() {
+            problems.add("http.listen", "is required for the webhook receivers");
+        }
+        return None;
+    };
+    let listen = listen_text
+        .parse::<SocketAddr>()
+        .map_err(|error| problems.add("http.listen", format!("{listen_text:?}: {error}")))
+        .ok();
+    let alertmanager_token = raw
+        .alertmanager_token_file
+        .as_ref()
+        .and_then(|path| read_secret("http.alertmanager-token-file", path, problems));
+    let webhook_secret = raw
+        .webhook_secret_file
+        .as_ref()
+        .and_then(|path| read_secret("http.webhook-secret-file", path, problems));
+    Some(HttpConfig {
+        listen: listen?,
+        alertmanager_token,
+        webhook_secret,
+    })
+}
+
+fn validate_alertmanager(
+    raw: &RawAlertmanager,
+    problems: &mut Problems,
+) -> Option<AlertmanagerConfig> {
+    let url = raw.url.as_ref()?;
+    if !url.starts_with("http://") || url.len() <= "http://".len() {
+        problems.add(
+            "alertmanager.url",
+            format!("{url:?} must be an http:// URL (https is not supported yet)"),
+        );
+    }
+    let lease = raw.silence_lease_s.unwrap_or(300);
+    check_range(problems, "alertmanager.silence-lease-s", lease, 30, 86_400);
+    Some(AlertmanagerConfig {
+        url: url.trim_end_matches('/').to_string(),
+        silence_lease: Duration::from_secs(lease),
+    })
+}
+
+/// Reads a secret file (trimmed); at least 16 bytes.
+fn read_secret(field: &str, path: &Path, problems: &mut Problems) -> Option<Vec<u8>> {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let secret = bytes.trim_ascii().to_vec();
+            if secret.len() < 16 {
+                problems.add(
+                    field,
+                    format!(
+                        "{} holds {} bytes; use a secret of at least 16",
+                        path.display(),
+                        secret.len()
+                    ),
+                );
+                return None;
+            }
+            Some(secret)
+        }
+        Err(error) => {
+            problems.add(field, format!("cannot read {}: {error}", path.display()));
+            None
+        }
     }
 }
 
@@ -316,27 +514,7 @@ fn validate_escalation(raw: &RawEscalation, problems: &mut Problems) -> Option<E
         );
         return None;
     };
-    let secret = match std::fs::read(path) {
-        Ok(bytes) => bytes.trim_ascii().to_vec(),
-        Err(error) => {
-            problems.add(
-                "escalation.secret-file",
-                format!("cannot read {}: {error}", path.display()),
-            );
-            return None;
-        }
-    };
-    if secret.len() < 16 {
-        problems.add(
-            "escalation.secret-file",
-            format!(
-                "{} holds {} bytes; use a secret of at least 16",
-                path.display(),
-                secret.len()
-            ),
-        );
-        return None;
-    }
+    let secret = read_secret("escalation.secret-file", path, problems)?;
     Some(EscalationConfig {
         webhook_url: url.clone(),
         secret,

@@ -23,6 +23,7 @@ pub mod config;
 pub mod engine;
 pub mod errors;
 pub mod health;
+pub mod http;
 pub mod membership;
 pub mod node;
 pub mod plan;
@@ -31,3 +32,7 @@ mod plan_test;
 pub mod sessions;
 pub mod state_machine;
 pub mod storage;
+#[cfg(test)]
+mod test_fleet;
+#[cfg(test)]
+mod trigger_test;

@@ -33,6 +33,12 @@ struct Cli {
     /// Write the bound address to this file once listening (for scripts using port 0).
     #[arg(long)]
     addr_file: Option<PathBuf>,
+    /// Address for /metrics and the webhooks (overrides http.listen), e.g. 127.0.0.1:9443.
+    #[arg(long, env = "REWIND_HTTP_LISTEN")]
+    http_listen: Option<String>,
+    /// Write the bound HTTP address to this file once listening.
+    #[arg(long)]
+    http_addr_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -154,6 +160,9 @@ fn run(cli: Cli) -> ExitCode {
     if cli.data_dir.is_some() {
         raw.data_dir = cli.data_dir.clone();
     }
+    if cli.http_listen.is_some() {
+        raw.http.listen = cli.http_listen.clone();
+    }
     if cli.dev
         && let Err(error) = prepare_dev(&mut raw)
     {
@@ -176,7 +185,7 @@ fn run(cli: Cli) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(config, cli.addr_file)) {
+    match runtime.block_on(serve(config, cli.addr_file, cli.http_addr_file)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             error!(error = format!("{error:#}"), "Coordinator stopped.");
@@ -222,6 +231,7 @@ fn prepare_dev(raw: &mut RawConfig) -> anyhow::Result<()> {
 async fn serve(
     config: rewind_coordinator::config::Config,
     addr_file: Option<PathBuf>,
+    http_addr_file: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("create data dir {}", config.data_dir.display()))?;
@@ -269,11 +279,20 @@ async fn serve(
             .context("become the leader of a single-member cluster")?
             .context("the Raft member stopped")?;
     }
+    let http_listener = match &config.http {
+        Some(http) => {
+            let listener = tokio::net::TcpListener::bind(http.listen)
+                .await
+                .with_context(|| format!("listen for HTTP on {}", http.listen))?;
+            if let Some(path) = &http_addr_file {
+                write_address(path, listener.local_addr()?)?;
+            }
+            Some(listener)
+        }
+        None => None,
+    };
     if let Some(path) = addr_file {
-        // Written whole then renamed, so a reader never sees half an address.
-        let partial = path.with_extension("partial");
-        std::fs::write(&partial, bound.to_string()).context("write the address file")?;
-        std::fs::rename(&partial, &path).context("write the address file")?;
+        write_address(&path, bound)?;
     }
     info!(address = %bound, member_id = cluster.member_id, cluster_id, data_dir = %config.data_dir.display(), "Coordinator listening.");
 
@@ -293,6 +312,33 @@ async fn serve(
     let engine_task = tokio::spawn(engine.run(async move {
         let _ = engine_stop.changed().await;
     }));
+    if let Some(alertmanager) = &config.alertmanager {
+        let silencer = engine::silences::Silencer {
+            node: member.node.clone(),
+            status: member.status.clone(),
+            config: alertmanager.clone(),
+        };
+        tokio::spawn(silencer.run(stop.clone()));
+    }
+    if let (Some(listener), Some(http)) = (http_listener, &config.http) {
+        let state = rewind_coordinator::http::HttpState {
+            node: member.node.clone(),
+            status: member.status.clone(),
+            sessions: Arc::clone(&sessions),
+            limits: config.limits.clone(),
+            alertmanager_token: http.alertmanager_token.clone().map(Arc::new),
+            webhook_secret: http.webhook_secret.clone().map(Arc::new),
+        };
+        let mut http_stop = stop.clone();
+        tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = http_stop.changed().await;
+            };
+            if let Err(error) = rewind_coordinator::http::serve(listener, state, shutdown).await {
+                error!(%error, "The HTTP server stopped.");
+            }
+        });
+    }
     tokio::spawn(close_sessions_on_step_down(
         member.status.clone(),
         Arc::clone(&sessions),
@@ -326,6 +372,14 @@ async fn serve(
     server.await.context("serve the API")?;
     let _ = engine_task.await;
     member.stop();
+    Ok(())
+}
+
+/// Writes an address whole then renames it, so a reader never sees half of one.
+fn write_address(path: &std::path::Path, address: std::net::SocketAddr) -> anyhow::Result<()> {
+    let partial = path.with_extension("partial");
+    std::fs::write(&partial, address.to_string()).context("write the address file")?;
+    std::fs::rename(&partial, path).context("write the address file")?;
     Ok(())
 }
 

@@ -224,6 +224,17 @@ fn revertible_hosts(change: &ChangeRecord) -> impl Iterator<Item = &str> {
         .map(|host| host.host_id.as_str())
 }
 
+/// The environment a change ran in: that of its first host that names one, else `default`.
+pub fn environment_of(state: &State, change: &ChangeRecord) -> String {
+    change
+        .hosts
+        .iter()
+        .filter_map(|host| state.hosts.get(&host.host_id))
+        .map(|host| host.labels.environment.clone())
+        .find(|environment| !environment.is_empty())
+        .unwrap_or_else(|| DEFAULT_REGION.to_string())
+}
+
 pub fn region_of(state: &State, host_id: &str) -> String {
     state
         .hosts

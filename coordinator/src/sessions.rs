@@ -66,6 +66,11 @@ impl Sessions {
         self.lock().by_host.clear();
     }
 
+    /// How many agents have a session.
+    pub fn connected(&self) -> usize {
+        self.lock().by_host.len()
+    }
+
     pub fn generation(&self, host_id: &str) -> Option<u64> {
         self.lock()
             .by_host

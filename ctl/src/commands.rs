@@ -47,6 +47,9 @@ pub enum Command {
     /// Rollbacks of changes.
     #[command(subcommand)]
     Rollback(RollbackCommand),
+    /// Requests for automatic rollbacks (policies, Alertmanager, webhooks) and the breaker.
+    #[command(subcommand)]
+    Trigger(TriggerCommand),
     /// The hash-chained audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -256,6 +259,20 @@ pub enum RollbackCommand {
 }
 
 #[derive(Clone, Subcommand)]
+pub enum TriggerCommand {
+    /// Recent requests for an automatic rollback and what became of each.
+    List {
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Close the global breaker so automatic rollbacks may start again (audited).
+    ResetBreaker {
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+#[derive(Clone, Subcommand)]
 pub enum AuditCommand {
     List {
         /// First entry (numbered from 1).
@@ -310,6 +327,7 @@ async fn execute(
         Command::Change(command) => change(client, format, command).await,
         Command::Rollback(command) => rollback(client, format, command).await,
         Command::Audit(command) => audit(client, format, command).await,
+        Command::Trigger(command) => trigger(client, format, command).await,
         Command::Cluster(ClusterCommand::List) => cluster_list(client, format, None).await,
         Command::Cluster(ClusterCommand::TransferLeader { member_id, reason }) => {
             let request = pb::TransferLeaderRequest {
@@ -902,6 +920,65 @@ async fn rollback(
     } else {
         output::print_rollback(&rollback);
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn trigger(
+    client: &mut client::Client,
+    format: Format,
+    command: TriggerCommand,
+) -> anyhow::Result<ExitCode> {
+    let answer = match command {
+        TriggerCommand::List { limit } => client
+            .list_triggers(pb::ListTriggersRequest { limit })
+            .await
+            .map_err(explain)?
+            .into_inner(),
+        TriggerCommand::ResetBreaker { reason } => client
+            .reset_breaker(pb::ResetBreakerRequest {
+                request_id: request_id(),
+                reason,
+            })
+            .await
+            .map_err(explain)?
+            .into_inner(),
+    };
+    if format == Format::Json {
+        json(&answer)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if answer.breaker_open {
+        println!(
+            "GLOBAL BREAKER OPEN since {} ({} triggered together): no automatic rollback starts \
+             until `rewindctl trigger reset-breaker --reason ...`",
+            time(answer.breaker_tripped_at_ms),
+            answer.breaker_services.join(", ")
+        );
+    } else {
+        println!("global breaker: closed");
+    }
+    let rows = answer
+        .triggers
+        .iter()
+        .map(|event| {
+            vec![
+                time(event.at_ms),
+                event.service.clone(),
+                event.environment.clone(),
+                event.source.clone(),
+                event.outcome.clone(),
+                event.change_id.clone(),
+                event.rollback_id.clone(),
+                event.detail.clone(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "AT", "SERVICE", "ENV", "SOURCE", "OUTCOME", "CHANGE", "ROLLBACK", "DETAIL",
+        ],
+        rows,
+    );
     Ok(ExitCode::SUCCESS)
 }
 

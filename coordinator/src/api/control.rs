@@ -302,10 +302,12 @@ impl ControlService for Control {
             rollback_id = rollback_id(number),
             "Rollback started."
         );
-        let rollback = self
-            .context
-            .node
-            .read(|state| state.rollbacks.get(&number).map(convert::rollback));
+        let rollback = self.context.node.read(|state| {
+            state
+                .rollbacks
+                .get(&number)
+                .map(|record| convert::rollback(state, record))
+        });
         Ok(Response::new(pb::StartRollbackResponse { rollback }))
     }
 
@@ -372,7 +374,7 @@ impl ControlService for Control {
             let (text, next) = plans::explain(state, record, |service| {
                 health.get(service).copied().unwrap_or_default()
             });
-            Ok::<_, Status>((convert::rollback(record), text, next))
+            Ok::<_, Status>((convert::rollback(state, record), text, next))
         })?;
         Ok(Response::new(pb::ExplainRollbackResponse {
             rollback: Some(rollback),
@@ -397,10 +399,13 @@ impl ControlService for Control {
         _request: Request<pb::ListRollbacksRequest>,
     ) -> Result<Response<pb::ListRollbacksResponse>, Status> {
         self.context.current().await?;
-        let rollbacks = self
-            .context
-            .node
-            .read(|state| state.rollbacks.values().map(convert::rollback).collect());
+        let rollbacks = self.context.node.read(|state| {
+            state
+                .rollbacks
+                .values()
+                .map(|record| convert::rollback(state, record))
+                .collect()
+        });
         Ok(Response::new(pb::ListRollbacksResponse { rollbacks }))
     }
 
@@ -471,6 +476,52 @@ impl ControlService for Control {
         request: Request<pb::RollbackActionRequest>,
     ) -> Result<Response<pb::GetRollbackResponse>, Status> {
         self.control(request, RollbackAction::Abort).await
+    }
+
+    async fn list_triggers(
+        &self,
+        request: Request<pb::ListTriggersRequest>,
+    ) -> Result<Response<pb::ListTriggersResponse>, Status> {
+        self.context.current().await?;
+        let limit = match request.into_inner().limit {
+            0 => 100,
+            limit => limit.min(1000),
+        } as usize;
+        Ok(Response::new(
+            self.context
+                .node
+                .read(|state| convert::triggers(state, limit)),
+        ))
+    }
+
+    async fn reset_breaker(
+        &self,
+        request: Request<pb::ResetBreakerRequest>,
+    ) -> Result<Response<pb::ListTriggersResponse>, Status> {
+        let identity = caller(&request)?;
+        let request = request.into_inner();
+        validate_reason(&request.reason)?;
+        if request.reason.trim().is_empty() {
+            return Err(invalid(
+                "reason",
+                "say why monitoring can be trusted again: it goes into the audit log",
+            ));
+        }
+        self.context
+            .propose(
+                &identity,
+                &request.request_id,
+                CommandKind::ResetBreaker {
+                    reason: request.reason,
+                },
+            )
+            .await?;
+        info!(identity, "Global breaker reset.");
+        Ok(Response::new(
+            self.context
+                .node
+                .read(|state| convert::triggers(state, 100)),
+        ))
     }
 
     async fn list_members(

@@ -140,8 +140,8 @@ pub fn plan_options(options: &PlanOptions) -> pb::PlanOptions {
     }
 }
 
-pub fn rollback(rollback: &RollbackRecord) -> pb::Rollback {
-    let state = match rollback.status {
+pub fn rollback(state: &State, rollback: &RollbackRecord) -> pb::Rollback {
+    let status = match rollback.status {
         RollbackStatus::Running => pb::RollbackState::Running,
         RollbackStatus::Paused => pb::RollbackState::Paused,
         RollbackStatus::Succeeded => pb::RollbackState::Succeeded,
@@ -153,7 +153,7 @@ pub fn rollback(rollback: &RollbackRecord) -> pb::Rollback {
         rollback_id: rollback.id(),
         change_id: change_ids.first().cloned().unwrap_or_default(),
         service: rollback.services.first().cloned().unwrap_or_default(),
-        state: state.into(),
+        state: status.into(),
         trigger: match rollback.trigger {
             Trigger::Manual => "manual".into(),
             Trigger::Automatic => "automatic".into(),
@@ -211,6 +211,7 @@ pub fn rollback(rollback: &RollbackRecord) -> pb::Rollback {
         escalations: rollback
             .escalations
             .iter()
+            .filter_map(|id| state.escalations.get(id))
             .map(|escalation| pb::Escalation {
                 opened_at_ms: escalation.opened_at_ms,
                 wave: escalation.wave,
@@ -278,5 +279,46 @@ pub fn audit_entry(entry: &AuditEntry) -> pb::AuditEntry {
         outcome: entry.outcome.clone(),
         prev_hash: entry.prev_hash.clone(),
         hash: entry.hash.clone(),
+    }
+}
+
+/// The newest `limit` trigger records, oldest first, and the breaker.
+pub fn triggers(state: &State, limit: usize) -> pb::ListTriggersResponse {
+    let skip = state.triggers.len().saturating_sub(limit);
+    pb::ListTriggersResponse {
+        triggers: state
+            .triggers
+            .iter()
+            .skip(skip)
+            .map(|record| pb::TriggerEvent {
+                at_ms: record.at_ms,
+                service: record.service.clone(),
+                environment: record.environment.clone(),
+                source: record.source.name().into(),
+                reason: record.reason.clone(),
+                outcome: record.outcome.name().into(),
+                detail: record.detail.clone(),
+                rollback_id: if record.rollback == 0 {
+                    String::new()
+                } else {
+                    rollback_id(record.rollback)
+                },
+                change_id: if record.change == 0 {
+                    String::new()
+                } else {
+                    change_id(record.change)
+                },
+            })
+            .collect(),
+        breaker_open: state.breaker.is_some(),
+        breaker_tripped_at_ms: state
+            .breaker
+            .as_ref()
+            .map_or(0, |breaker| breaker.tripped_at_ms),
+        breaker_services: state
+            .breaker
+            .as_ref()
+            .map(|breaker| breaker.services.clone())
+            .unwrap_or_default(),
     }
 }

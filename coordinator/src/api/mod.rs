@@ -102,7 +102,7 @@ impl Context {
             state
                 .rollbacks
                 .get(&number)
-                .map(|record: &RollbackRecord| convert::rollback(record))
+                .map(|record: &RollbackRecord| convert::rollback(state, record))
                 .ok_or_else(|| {
                     status::to_status(crate::state_machine::unknown_rollback(state, number))
                 })

@@ -222,7 +222,11 @@ pub(crate) fn explain(
                     "It is PAUSED and waits for a person: {}",
                     rollback.paused_reason
                 ));
-                if let Some(escalation) = rollback.escalations.last() {
+                if let Some(escalation) = rollback
+                    .escalations
+                    .last()
+                    .and_then(|id| state.escalations.get(id))
+                {
                     let delivery = if escalation.delivered {
                         "delivered".to_string()
                     } else if escalation.attempts == 0 {

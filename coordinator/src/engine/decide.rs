@@ -9,11 +9,11 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use crate::state_machine::{
     ChangeRecord, ChangeStatus, CommandKind, GateOptions, HealthAggregate, PlanOptions,
     RollbackRecord, RollbackStatus, RollbackStepKind, State, StepProgress, StepStatus, StepTarget,
-    Trigger,
+    ThrottleLimits, TriggerSource,
 };
 
-/// Webhook deliveries tried per escalation, and the wait between two.
-pub const MAX_ESCALATION_ATTEMPTS: u32 = 5;
+pub use crate::state_machine::MAX_ESCALATION_ATTEMPTS;
+/// Wait between two deliveries of one escalation.
 pub const ESCALATION_RETRY_MS: u64 = 10_000;
 
 /// Timing and retry bounds for steps.
@@ -28,6 +28,8 @@ pub struct EngineLimits {
     pub default_gate: GateOptions,
     /// Whether escalations are delivered by webhook (one is configured).
     pub escalation_webhook: bool,
+    /// Bounds on automatic rollbacks.
+    pub throttle: ThrottleLimits,
 }
 
 impl EngineLimits {
@@ -60,10 +62,10 @@ pub struct EngineMemory {
     pub sent: HashMap<String, (u32, u64)>,
     /// service -> since when its health policy has been breached.
     pub breaches: HashMap<String, u64>,
-    /// (rollback, escalation) -> when its delivery was last tried.
-    pub escalations: HashMap<(u64, u32), u64>,
-    /// Changes whose automatic rollback could not be planned (already logged).
-    pub unplannable: HashSet<u64>,
+    /// escalation id -> when its delivery was last tried.
+    pub escalations: HashMap<u64, u64>,
+    /// Changes whose policy breach was already reported as a trigger: one per change.
+    pub triggered: HashSet<u64>,
 }
 
 /// What an agent is asked to do.
@@ -96,13 +98,7 @@ pub enum Action {
     },
     /// Deliver a rollback's escalation by webhook.
     Escalate {
-        rollback: u64,
-        escalation: u32,
-    },
-    /// An automatic rollback was wanted but cannot be planned; say so once.
-    Unplannable {
-        change: u64,
-        why: String,
+        escalation: u64,
     },
 }
 
@@ -149,27 +145,23 @@ pub fn decide(
 /// [`MAX_ESCALATION_ATTEMPTS`] times each, [`ESCALATION_RETRY_MS`] apart.
 fn escalate(state: &State, memory: &mut EngineMemory, now_ms: u64, actions: &mut Vec<Action>) {
     let mut pending = HashSet::new();
-    for rollback in state.rollbacks.values() {
-        for (index, escalation) in rollback.escalations.iter().enumerate() {
-            if escalation.delivered || escalation.attempts >= MAX_ESCALATION_ATTEMPTS {
-                continue;
-            }
-            let key = (rollback.number, index as u32);
-            pending.insert(key);
-            let due = memory
-                .escalations
-                .get(&key)
-                .is_none_or(|&last| now_ms.saturating_sub(last) >= ESCALATION_RETRY_MS);
-            if due {
-                memory.escalations.insert(key, now_ms);
-                actions.push(Action::Escalate {
-                    rollback: key.0,
-                    escalation: key.1,
-                });
-            }
+    for escalation in state.escalations.values() {
+        if escalation.delivered || escalation.attempts >= MAX_ESCALATION_ATTEMPTS {
+            continue;
+        }
+        pending.insert(escalation.id);
+        let due = memory
+            .escalations
+            .get(&escalation.id)
+            .is_none_or(|&last| now_ms.saturating_sub(last) >= ESCALATION_RETRY_MS);
+        if due {
+            memory.escalations.insert(escalation.id, now_ms);
+            actions.push(Action::Escalate {
+                escalation: escalation.id,
+            });
         }
     }
-    memory.escalations.retain(|key, _| pending.contains(key));
+    memory.escalations.retain(|id, _| pending.contains(id));
 }
 
 /// What to do with a running agent step whose result is overdue.
@@ -607,35 +599,24 @@ fn check_triggers(
             health.hosts_reporting,
         );
         memory.breaches.remove(&service.name);
-        let options = limits.automatic_plan();
-        // Never start what apply would refuse, and never silently: say once why not.
-        let refusal =
-            match crate::plan::build(state, &[change.number], &options, Trigger::Automatic) {
-                Err(error) => Some(error.to_string()),
-                Ok(plan) if !plan.incompatibilities.is_empty() => Some(
-                    plan.incompatibilities
-                        .iter()
-                        .map(|problem| problem.detail.clone())
-                        .collect::<Vec<_>>()
-                        .join("; "),
-                ),
-                Ok(_) => None,
-            };
-        if let Some(why) = refusal {
-            if memory.unplannable.insert(change.number) {
-                actions.push(Action::Unplannable {
-                    change: change.number,
-                    why: format!("{reason}, but {why}"),
-                });
-            }
+        // One request per change: what became of it (started, throttled) is recorded, and a
+        // throttled change is not asked about again.
+        if !memory.triggered.insert(change.number) {
             continue;
         }
-        actions.push(Action::Propose(CommandKind::StartRollback {
-            changes: vec![change.number],
-            options,
-            plan_hash: String::new(),
+        actions.push(Action::Propose(CommandKind::AutoTrigger {
+            service: service.name.clone(),
+            environment: crate::plan::environment_of(state, change),
+            source: TriggerSource::Policy,
             reason,
-            trigger: Trigger::Automatic,
+            options: limits.automatic_plan(),
+            throttle: limits.throttle.clone(),
         }));
     }
+    memory.triggered.retain(|number| {
+        state
+            .changes
+            .get(number)
+            .is_some_and(|change| change.rollback == 0)
+    });
 }

@@ -44,6 +44,15 @@ const LIMITS: EngineLimits = EngineLimits {
         tolerance: 0.05,
     },
     escalation_webhook: true,
+    throttle: ThrottleLimits {
+        budget: 5,
+        budget_window_s: 3600,
+        cooldown_s: 600,
+        flap_rollbacks: 3,
+        flap_window_s: 86_400,
+        breaker_services: 4,
+        breaker_window_s: 120,
+    },
 };
 const HOSTS: [&str; 3] = ["web-1", "web-2", "web-3"];
 
@@ -443,8 +452,7 @@ fn a_failing_gate_pauses_escalates_once_and_never_loops() {
         "not again before the retry interval"
     );
     world.apply(CommandKind::EscalationDelivered {
-        rollback: 1,
-        escalation: 0,
+        escalation: 1,
         ok: true,
         detail: "200 OK".into(),
     });

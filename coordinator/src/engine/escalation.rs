@@ -15,7 +15,7 @@ use tracing::{info, warn};
 use crate::config::EscalationConfig;
 use crate::health::HealthBook;
 use crate::node::NodeHandle;
-use crate::state_machine::{COORDINATOR_IDENTITY, Command, CommandKind, rollback_id};
+use crate::state_machine::{COORDINATOR_IDENTITY, Command, CommandKind};
 
 pub const SIGNATURE_HEADER: &str = "x-rewind-signature";
 pub const TIMESTAMP_HEADER: &str = "x-rewind-timestamp";
@@ -34,14 +34,17 @@ pub fn sign(secret: &[u8], timestamp_ms: u64, body: &[u8]) -> String {
 struct Payload {
     kind: &'static str,
     cluster_id: String,
+    escalation: u64,
+    /// The paused rollback, empty when a trigger was refused.
     rollback_id: String,
-    escalation: u32,
     state: String,
     service: String,
     region: String,
+    /// Wave of the rollback, numbered from 1; 0 without a rollback.
     wave: u32,
     evidence: String,
     opened_at_ms: u64,
+    /// Command that explains the rollback, empty without one.
     explain: String,
     explanation: String,
     next_commands: Vec<String>,
@@ -50,8 +53,7 @@ struct Payload {
 pub struct Delivery {
     url: String,
     secret: Vec<u8>,
-    rollback: u64,
-    escalation: u32,
+    escalation: u64,
     payload: Payload,
 }
 
@@ -61,11 +63,14 @@ impl Delivery {
         node: &NodeHandle,
         health: &HealthBook,
         config: &EscalationConfig,
-        rollback: u64,
-        escalation: u32,
+        escalation: u64,
     ) -> Option<Self> {
         let services = node.read(|state| {
-            let record = state.rollbacks.get(&rollback)?;
+            let opened = state.escalations.get(&escalation)?;
+            let services = state.rollbacks.get(&opened.rollback).map_or_else(
+                || vec![opened.service.clone()],
+                |record| record.services.clone(),
+            );
             let hosts = |service: &String| -> Vec<String> {
                 state
                     .hosts
@@ -75,8 +80,7 @@ impl Delivery {
                     .collect()
             };
             Some(
-                record
-                    .services
+                services
                     .iter()
                     .map(|service| (service.clone(), hosts(service)))
                     .collect::<Vec<_>>(),
@@ -89,33 +93,50 @@ impl Delivery {
             .collect();
         let cluster_id = node.cluster_id().to_string();
         let payload = node.read(|state| {
-            let record = state.rollbacks.get(&rollback)?;
-            let opened = record.escalations.get(escalation as usize)?;
-            let wave = record.waves.get(opened.wave as usize)?;
-            let (explanation, next_commands) =
-                crate::api::plans::explain(state, record, |service| {
-                    aggregates.get(service).copied().unwrap_or_default()
-                });
-            Some(Payload {
+            let opened = state.escalations.get(&escalation)?;
+            let mut payload = Payload {
                 kind: "rewind.escalation",
                 cluster_id,
-                rollback_id: record.id(),
                 escalation,
-                state: format!("{:?}", record.status).to_lowercase(),
-                service: wave.service.clone(),
-                region: wave.region.clone(),
-                wave: opened.wave,
+                rollback_id: String::new(),
+                state: "throttled".into(),
+                service: opened.service.clone(),
+                region: String::new(),
+                wave: 0,
                 evidence: opened.evidence.clone(),
                 opened_at_ms: opened.opened_at_ms,
-                explain: format!("rewindctl rollback explain {}", record.id()),
-                explanation,
-                next_commands,
-            })
+                explain: String::new(),
+                explanation: opened.evidence.clone(),
+                next_commands: vec![
+                    format!(
+                        "rewindctl rollback plan --service {} --to last-good",
+                        opened.service
+                    ),
+                    "rewindctl trigger list".to_string(),
+                ],
+            };
+            if let Some(record) = state.rollbacks.get(&opened.rollback) {
+                let (explanation, next_commands) =
+                    crate::api::plans::explain(state, record, |service| {
+                        aggregates.get(service).copied().unwrap_or_default()
+                    });
+                payload.rollback_id = record.id();
+                payload.state = format!("{:?}", record.status).to_lowercase();
+                payload.region = record
+                    .waves
+                    .get(opened.wave as usize)
+                    .map(|wave| wave.region.clone())
+                    .unwrap_or_default();
+                payload.wave = opened.wave + 1;
+                payload.explain = format!("rewindctl rollback explain {}", record.id());
+                payload.explanation = explanation;
+                payload.next_commands = next_commands;
+            }
+            Some(payload)
         })?;
         Some(Self {
             url: config.webhook_url.clone(),
             secret: config.secret.clone(),
-            rollback,
             escalation,
             payload,
         })
@@ -124,7 +145,7 @@ impl Delivery {
     /// Posts once and records the attempt; the engine asks again later if it failed.
     pub async fn run(self, node: NodeHandle) {
         let (ok, detail) = self.post().await;
-        let id = rollback_id(self.rollback);
+        let id = self.payload.rollback_id.as_str();
         if ok {
             info!(
                 rollback_id = id,
@@ -144,14 +165,13 @@ impl Delivery {
             identity: COORDINATOR_IDENTITY.to_string(),
             request_id: String::new(),
             kind: CommandKind::EscalationDelivered {
-                rollback: self.rollback,
                 escalation: self.escalation,
                 ok,
                 detail,
             },
         };
         if let Err(error) = node.propose(command).await {
-            warn!(%error, rollback_id = id, "Could not record the escalation delivery.");
+            warn!(%error, escalation = self.escalation, "Could not record the escalation delivery.");
         }
     }
 

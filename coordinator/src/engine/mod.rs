@@ -9,13 +9,14 @@ mod decide;
 #[cfg(test)]
 mod decide_test;
 mod escalation;
+pub mod silences;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use rewind_proto::v1::{self as pb, coordinator_message::Body, step_command};
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 pub use decide::{
     Action, AgentAction, ESCALATION_RETRY_MS, EngineLimits, EngineMemory, MAX_ESCALATION_ATTEMPTS,
@@ -122,28 +123,14 @@ impl Engine {
         for action in actions {
             match action {
                 Action::Propose(kind) => refused |= !self.propose(kind).await,
-                Action::Escalate {
-                    rollback,
-                    escalation,
-                } => {
+                Action::Escalate { escalation } => {
                     if let Some(config) = &self.escalation {
-                        let delivery = escalation::Delivery::new(
-                            &self.node,
-                            &self.health,
-                            config,
-                            rollback,
-                            escalation,
-                        );
+                        let delivery =
+                            escalation::Delivery::new(&self.node, &self.health, config, escalation);
                         if let Some(delivery) = delivery {
                             tokio::spawn(delivery.run(self.node.clone()));
                         }
                     }
-                }
-                Action::Unplannable { change, why } => {
-                    warn!(
-                        change_id = crate::state_machine::change_id(change),
-                        "Automatic rollback not started: {why}"
-                    );
                 }
                 Action::Send {
                     step,

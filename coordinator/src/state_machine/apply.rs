@@ -154,11 +154,44 @@ fn apply_kind(state: &mut State, command: &Command) -> Result<(Outcome, String, 
             reason,
         } => skip_host(state, *rollback, host_id, reason, at_ms),
         CommandKind::EscalationDelivered {
-            rollback,
             escalation,
             ok,
             detail,
-        } => escalation_delivered(state, *rollback, *escalation, *ok, detail),
+        } => escalation_delivered(state, *escalation, *ok, detail),
+        CommandKind::AutoTrigger {
+            service,
+            environment,
+            source,
+            reason,
+            options,
+            throttle,
+        } => auto_trigger(
+            state,
+            command,
+            service,
+            environment,
+            *source,
+            reason,
+            options,
+            throttle,
+        ),
+        CommandKind::ResetBreaker { reason } => {
+            let Some(breaker) = state.breaker.take() else {
+                return Err(CoordinatorError::invalid(
+                    "breaker",
+                    "the global breaker is not open",
+                ));
+            };
+            Ok((
+                Outcome::Done,
+                "breaker".into(),
+                format!(
+                    "ok: closed (open since {} ms for {}): {reason}",
+                    breaker.tripped_at_ms,
+                    breaker.services.join(", ")
+                ),
+            ))
+        }
         CommandKind::ControlRollback {
             rollback,
             action,
@@ -489,7 +522,7 @@ fn finish_step(
         StepTarget::Activate { change, .. } => settle_change(state, *change, at_ms),
         StepTarget::Rollback { rollback, .. } => settle_rollback(state, *rollback, at_ms),
         StepTarget::Gate { rollback, wave } if !ok => {
-            if let Some(record) = state.rollbacks.get_mut(rollback) {
+            if let Some(record) = state.rollbacks.get(rollback) {
                 let wave_record = &record.waves[*wave as usize];
                 // Waves are numbered from 1 for people, as `explain` and `watch` show them.
                 let evidence = format!(
@@ -498,7 +531,7 @@ fn finish_step(
                     wave_record.service,
                     wave_record.region
                 );
-                pause_for_a_person(record, *wave, evidence, at_ms);
+                pause_for_a_person(state, *rollback, *wave, evidence, at_ms);
             }
         }
         StepTarget::Gate { rollback, .. } => settle_rollback(state, *rollback, at_ms),
@@ -615,21 +648,25 @@ fn settle_rollback(state: &mut State, number: u64, at_ms: u64) {
         failed[0].progress.detail
     );
     rollback.failed_hosts = failed_hosts;
-    pause_for_a_person(rollback, wave, evidence, at_ms);
+    pause_for_a_person(state, number, wave, evidence, at_ms);
 }
 
 /// Pauses the rollback and opens an escalation; the engine delivers it by webhook.
-fn pause_for_a_person(rollback: &mut RollbackRecord, wave: u32, evidence: String, at_ms: u64) {
-    rollback.status = RollbackStatus::Paused;
-    rollback.paused_reason = evidence.clone();
-    rollback.escalations.push(EscalationRecord {
-        opened_at_ms: at_ms,
-        wave,
-        evidence,
-        attempts: 0,
-        delivered: false,
-        delivery_detail: String::new(),
-    });
+fn pause_for_a_person(state: &mut State, number: u64, wave: u32, evidence: String, at_ms: u64) {
+    let Some(service) = state
+        .rollbacks
+        .get(&number)
+        .and_then(|rollback| rollback.waves.get(wave as usize))
+        .map(|wave| wave.service.clone())
+    else {
+        return;
+    };
+    let escalation = state.escalate(at_ms, number, wave, &service, evidence.clone());
+    if let Some(rollback) = state.rollbacks.get_mut(&number) {
+        rollback.status = RollbackStatus::Paused;
+        rollback.paused_reason = evidence;
+        rollback.escalations.push(escalation);
+    }
 }
 
 /// Whether a step of the wave runs, or a host of it that began and has not failed still has
@@ -914,35 +951,258 @@ fn skip_host(
 
 fn escalation_delivered(
     state: &mut State,
-    number: u64,
-    escalation: u32,
+    id: u64,
     ok: bool,
     detail: &str,
 ) -> Result<(Outcome, String, String)> {
-    let rollback =
-        state
-            .rollbacks
-            .get_mut(&number)
-            .ok_or_else(|| CoordinatorError::UnknownRollback {
-                rollback_id: rollback_id(number),
-                known: String::new(),
-            })?;
-    let id = rollback.id();
-    let record = rollback
-        .escalations
-        .get_mut(escalation as usize)
-        .ok_or_else(|| {
-            CoordinatorError::invalid("escalation", format!("{id} has no escalation {escalation}"))
-        })?;
+    let record = state.escalations.get_mut(&id).ok_or_else(|| {
+        CoordinatorError::invalid("escalation", format!("no escalation {id} is kept"))
+    })?;
     record.attempts += 1;
     record.delivered = ok;
     record.delivery_detail = detail.to_string();
     let outcome = if ok { "delivered" } else { "not delivered" };
     Ok((
         Outcome::Done,
-        format!("{id}/escalation/{escalation}"),
+        format!("escalation-{id}"),
         format!("{outcome}: {detail}"),
     ))
+}
+
+/// Judges a request for an automatic rollback: start it, or record why not. Refuses (as an
+/// error, recording nothing) only a service that does not exist.
+fn auto_trigger(
+    state: &mut State,
+    command: &Command,
+    service: &str,
+    environment: &str,
+    source: TriggerSource,
+    reason: &str,
+    options: &PlanOptions,
+    throttle: &ThrottleLimits,
+) -> Result<(Outcome, String, String)> {
+    require_service(state, service)?;
+    let at_ms = command.at_ms;
+    let latest = state
+        .changes
+        .values()
+        .rev()
+        .find(|change| change.service == service)
+        .map(|change| change.number);
+    let verdict = match latest {
+        None => Verdict::Ignored(format!("{service} has had no change to roll back")),
+        Some(change) => judge_trigger(
+            state,
+            at_ms,
+            service,
+            environment,
+            change,
+            options,
+            throttle,
+        ),
+    };
+    let change = latest.unwrap_or(0);
+    let (outcome, detail, rollback) = match verdict {
+        Verdict::Ignored(why) => (TriggerOutcome::Ignored, why, 0),
+        Verdict::Throttled { why, call_a_person } => {
+            if call_a_person {
+                let evidence = format!(
+                    "automatic rollback of {service} ({}) refused: {why}. Asked by {}: {reason}",
+                    change_id(change),
+                    source.name()
+                );
+                state.escalate(at_ms, 0, 0, service, evidence);
+            }
+            (TriggerOutcome::Throttled, why, 0)
+        }
+        Verdict::Start => {
+            let (Outcome::Rollback(number), _, _) = start_rollback(
+                state,
+                command,
+                &[change],
+                options,
+                "",
+                reason,
+                Trigger::Automatic,
+            )?
+            else {
+                unreachable!("start_rollback answers with a rollback");
+            };
+            (
+                TriggerOutcome::Started,
+                format!("started {}", rollback_id(number)),
+                number,
+            )
+        }
+    };
+    state.triggers.push_back(TriggerRecord {
+        at_ms,
+        service: service.to_string(),
+        environment: environment.to_string(),
+        source,
+        reason: reason.to_string(),
+        outcome,
+        detail: detail.clone(),
+        rollback,
+        change,
+    });
+    while state.triggers.len() > MAX_TRIGGERS {
+        state.triggers.pop_front();
+    }
+    *state
+        .trigger_totals
+        .entry(format!("{}/{}", source.name(), outcome.name()))
+        .or_default() += 1;
+    Ok((
+        Outcome::Triggered {
+            outcome,
+            rollback,
+            detail: detail.clone(),
+        },
+        service.to_string(),
+        format!(
+            "{}: {detail} (asked by {}: {reason})",
+            outcome.name(),
+            source.name()
+        ),
+    ))
+}
+
+enum Verdict {
+    Start,
+    Ignored(String),
+    Throttled { why: String, call_a_person: bool },
+}
+
+/// The throttles, cheapest first. Trips the breaker as a side effect.
+fn judge_trigger(
+    state: &mut State,
+    at_ms: u64,
+    service: &str,
+    environment: &str,
+    change_number: u64,
+    options: &PlanOptions,
+    throttle: &ThrottleLimits,
+) -> Verdict {
+    let change = &state.changes[&change_number];
+    if let Some(rollback) = state.rollbacks.get(&change.rollback) {
+        return Verdict::Ignored(format!(
+            "{} is already being or was rolled back by {} ({:?})",
+            change.id(),
+            rollback.id(),
+            rollback.status
+        ));
+    }
+    if let Some(refused) = state
+        .triggers
+        .iter()
+        .rev()
+        .find(|old| old.change == change_number && old.outcome == TriggerOutcome::Throttled)
+    {
+        return Verdict::Ignored(format!(
+            "an automatic rollback of {} was already refused ({}); a person decides",
+            change.id(),
+            refused.detail
+        ));
+    }
+    if let Some(breaker) = &state.breaker {
+        return Verdict::Throttled {
+            why: format!(
+                "the global breaker is open since {} ms ({} triggered together); reset it with                  `rewindctl trigger reset-breaker` once monitoring is trusted",
+                breaker.tripped_at_ms,
+                breaker.services.join(", ")
+            ),
+            call_a_person: false,
+        };
+    }
+    let within = |since_s: u32| at_ms.saturating_sub(u64::from(since_s) * 1000);
+    let mut recent: std::collections::BTreeSet<String> = state
+        .triggers
+        .iter()
+        .filter(|old| old.at_ms >= within(throttle.breaker_window_s))
+        .map(|old| old.service.clone())
+        .collect();
+    recent.insert(service.to_string());
+    if recent.len() as u32 >= throttle.breaker_services {
+        let services: Vec<String> = recent.into_iter().collect();
+        let why = format!(
+            "{} services asked for an automatic rollback within {} s ({}): that smells like a              monitoring fault, so the global breaker is now open",
+            services.len(),
+            throttle.breaker_window_s,
+            services.join(", ")
+        );
+        state.breaker = Some(BreakerRecord {
+            tripped_at_ms: at_ms,
+            services,
+        });
+        return Verdict::Throttled {
+            why,
+            call_a_person: true,
+        };
+    }
+    let rollbacks_of_service = state
+        .rollbacks
+        .values()
+        .filter(|old| old.services.iter().any(|name| name == service));
+    let flaps = rollbacks_of_service
+        .clone()
+        .filter(|old| old.started_at_ms >= within(throttle.flap_window_s))
+        .count() as u32;
+    if flaps >= throttle.flap_rollbacks {
+        return Verdict::Throttled {
+            why: format!(
+                "{service} is flapping: rolled back {flaps} times within {} s; it is no longer                  rolled back automatically",
+                throttle.flap_window_s
+            ),
+            call_a_person: true,
+        };
+    }
+    if let Some(last) = rollbacks_of_service
+        .filter(|old| old.trigger == Trigger::Automatic)
+        .map(|old| old.started_at_ms)
+        .max()
+        && last >= within(throttle.cooldown_s)
+    {
+        return Verdict::Throttled {
+            why: format!(
+                "{service} was rolled back automatically {} s ago, within its {} s cooldown",
+                at_ms.saturating_sub(last) / 1000,
+                throttle.cooldown_s
+            ),
+            call_a_person: true,
+        };
+    }
+    let spent = state
+        .triggers
+        .iter()
+        .filter(|old| {
+            old.outcome == TriggerOutcome::Started
+                && old.environment == environment
+                && old.at_ms >= within(throttle.budget_window_s)
+        })
+        .count() as u32;
+    if spent >= throttle.budget {
+        return Verdict::Throttled {
+            why: format!(
+                "the budget of {} automatic rollbacks per {} s in environment {environment} is spent",
+                throttle.budget, throttle.budget_window_s
+            ),
+            call_a_person: true,
+        };
+    }
+    match crate::plan::build(state, &[change_number], options, Trigger::Automatic) {
+        Err(error) => Verdict::Ignored(error.to_string()),
+        Ok(plan) if !plan.incompatibilities.is_empty() => Verdict::Throttled {
+            why: plan
+                .incompatibilities
+                .iter()
+                .map(|problem| problem.detail.clone())
+                .collect::<Vec<_>>()
+                .join("; "),
+            call_a_person: true,
+        },
+        Ok(_) => Verdict::Start,
+    }
 }
 
 fn count(count: usize, noun: &str) -> String {

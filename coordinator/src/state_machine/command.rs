@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use super::state::{
     HealthAggregate, Labels, MemberRecord, PlanOptions, ReleaseRecord, RollbackStepKind,
-    ServiceRecord, Trigger, change_id, parse_numbered_id, rollback_id,
+    ServiceRecord, ThrottleLimits, Trigger, TriggerOutcome, TriggerSource, change_id,
+    parse_numbered_id, rollback_id,
 };
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -62,6 +63,20 @@ pub enum CommandKind {
         reason: String,
         trigger: Trigger,
     },
+    /// Asks for an automatic rollback of the service's latest change. `apply()` records what
+    /// became of it: started, ignored (nothing to do) or throttled (and a person called).
+    AutoTrigger {
+        service: String,
+        environment: String,
+        source: TriggerSource,
+        reason: String,
+        options: PlanOptions,
+        throttle: ThrottleLimits,
+    },
+    /// Closes the global breaker so automatic rollbacks may start again.
+    ResetBreaker {
+        reason: String,
+    },
     /// Leaves a host unreverted in a rollback: its steps that have not succeeded are skipped.
     SkipHost {
         rollback: u64,
@@ -70,8 +85,7 @@ pub enum CommandKind {
     },
     /// Records a webhook delivery attempt of a rollback's escalation.
     EscalationDelivered {
-        rollback: u64,
-        escalation: u32,
+        escalation: u64,
         ok: bool,
         detail: String,
     },
@@ -223,6 +237,12 @@ pub enum Outcome {
     Done,
     Change(u64),
     Rollback(u64),
+    Triggered {
+        outcome: TriggerOutcome,
+        /// The rollback started, 0 if none.
+        rollback: u64,
+        detail: String,
+    },
 }
 
 impl CommandKind {
@@ -237,6 +257,8 @@ impl CommandKind {
             Self::StepFinished { .. } => "step.finish",
             Self::StartRollback { .. } => "rollback.start",
             Self::SkipHost { .. } => "rollback.skip-host",
+            Self::AutoTrigger { .. } => "trigger",
+            Self::ResetBreaker { .. } => "trigger.reset-breaker",
             Self::EscalationDelivered { .. } => "rollback.escalation",
             Self::TransferLeader { .. } => "cluster.transfer-leader",
             Self::ChangeMembership { change, .. } => match change {

@@ -30,6 +30,117 @@ pub struct State {
     /// Founding members are written at bootstrap; later ones arrive with Raft conf changes.
     #[serde(default)]
     pub members: BTreeMap<u64, MemberRecord>,
+    /// Calls for a person (paused rollbacks, throttled triggers), by id; bounded.
+    #[serde(default)]
+    pub escalations: BTreeMap<u64, EscalationRecord>,
+    #[serde(default)]
+    pub next_escalation: u64,
+    /// Recent requests for an automatic rollback and what became of them; bounded.
+    #[serde(default)]
+    pub triggers: VecDeque<TriggerRecord>,
+    /// Requests for an automatic rollback since the cluster began, by outcome (for /metrics).
+    #[serde(default)]
+    pub trigger_totals: BTreeMap<String, u64>,
+    /// Set when many services asked for an automatic rollback at once: none starts until a
+    /// person resets it (that smells like a monitoring fault, not N bad releases).
+    #[serde(default)]
+    pub breaker: Option<BreakerRecord>,
+}
+
+/// Where a request for an automatic rollback came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TriggerSource {
+    /// The service's health policy, judged by the engine.
+    Policy,
+    /// A Prometheus Alertmanager webhook.
+    Alertmanager,
+    /// A signed generic webhook.
+    Webhook,
+}
+
+impl TriggerSource {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Policy => "policy",
+            Self::Alertmanager => "alertmanager",
+            Self::Webhook => "webhook",
+        }
+    }
+}
+
+/// What became of a request for an automatic rollback.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TriggerOutcome {
+    /// A rollback started.
+    Started,
+    /// Nothing to do (no change, or already being rolled back).
+    Ignored,
+    /// A throttle refused it; a person was called when that needs one.
+    Throttled,
+}
+
+impl TriggerOutcome {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Started => "started",
+            Self::Ignored => "ignored",
+            Self::Throttled => "throttled",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TriggerRecord {
+    pub at_ms: u64,
+    pub service: String,
+    pub environment: String,
+    pub source: TriggerSource,
+    pub reason: String,
+    pub outcome: TriggerOutcome,
+    /// Why it was ignored or throttled, or which rollback started.
+    pub detail: String,
+    /// The rollback it started, 0 if none.
+    pub rollback: u64,
+    /// The change it asked to roll back, 0 if the service had none.
+    pub change: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BreakerRecord {
+    pub tripped_at_ms: u64,
+    pub services: Vec<String>,
+}
+
+/// Bounds on automatic rollbacks. Stamped into each trigger command by the member that proposes
+/// it, so every member judges the trigger the same way.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ThrottleLimits {
+    /// Automatic rollbacks per environment per `budget_window_s`.
+    pub budget: u32,
+    pub budget_window_s: u32,
+    /// No second automatic rollback of a service within this.
+    pub cooldown_s: u32,
+    /// A service rolled back this many times within `flap_window_s` is flapping: it is no longer
+    /// rolled back automatically, a person is called instead.
+    pub flap_rollbacks: u32,
+    pub flap_window_s: u32,
+    /// This many distinct services triggering within `breaker_window_s` trips the breaker.
+    pub breaker_services: u32,
+    pub breaker_window_s: u32,
+}
+
+impl Default for ThrottleLimits {
+    fn default() -> Self {
+        Self {
+            budget: 5,
+            budget_window_s: 3600,
+            cooldown_s: 600,
+            flap_rollbacks: 3,
+            flap_window_s: 86_400,
+            breaker_services: 4,
+            breaker_window_s: 120,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -311,11 +422,17 @@ pub struct WaveRecord {
     pub gate: StepProgress,
 }
 
-/// A call for a person: the rollback paused and someone must decide.
+/// A call for a person: a rollback paused, or an automatic rollback was refused, and someone
+/// must decide.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EscalationRecord {
+    pub id: u64,
     pub opened_at_ms: u64,
+    /// The paused rollback, 0 when the escalation is about a refused trigger.
+    pub rollback: u64,
+    /// Wave of that rollback.
     pub wave: u32,
+    pub service: String,
     pub evidence: String,
     /// Webhook deliveries tried, and how the last one went.
     pub attempts: u32,
@@ -345,7 +462,8 @@ pub struct RollbackRecord {
     pub forced: Vec<String>,
     /// Why it is paused, when it is.
     pub paused_reason: String,
-    pub escalations: Vec<EscalationRecord>,
+    /// Ids of its escalations in `State::escalations`.
+    pub escalations: Vec<u64>,
     pub outcome_detail: String,
     pub failed_hosts: Vec<String>,
     /// Hosts an operator chose to leave unreverted.
@@ -396,6 +514,54 @@ pub fn parse_numbered_id(prefix: &str, id: &str) -> Option<u64> {
 pub struct RequestLog {
     outcomes: BTreeMap<String, Outcome>,
     order: VecDeque<String>,
+}
+
+/// Most escalations kept; the oldest settled ones (delivered or given up) go first.
+pub const MAX_ESCALATIONS: usize = 1000;
+/// Webhook deliveries tried per escalation.
+pub const MAX_ESCALATION_ATTEMPTS: u32 = 5;
+/// Most trigger records kept.
+pub const MAX_TRIGGERS: usize = 1000;
+
+impl State {
+    /// Opens an escalation and returns its id.
+    pub fn escalate(
+        &mut self,
+        at_ms: u64,
+        rollback: u64,
+        wave: u32,
+        service: &str,
+        evidence: String,
+    ) -> u64 {
+        self.next_escalation += 1;
+        let id = self.next_escalation;
+        self.escalations.insert(
+            id,
+            EscalationRecord {
+                id,
+                opened_at_ms: at_ms,
+                rollback,
+                wave,
+                service: service.to_string(),
+                evidence,
+                attempts: 0,
+                delivered: false,
+                delivery_detail: String::new(),
+            },
+        );
+        while self.escalations.len() > MAX_ESCALATIONS {
+            let settled = self
+                .escalations
+                .values()
+                .find(|old| old.delivered || old.attempts >= MAX_ESCALATION_ATTEMPTS)
+                .map(|old| old.id);
+            let oldest = settled.or_else(|| self.escalations.keys().next().copied());
+            if let Some(oldest) = oldest {
+                self.escalations.remove(&oldest);
+            }
+        }
+        id
+    }
 }
 
 impl RequestLog {

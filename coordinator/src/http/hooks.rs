@@ -1,0 +1,418 @@
+//! Monitoring webhooks that ask for automatic rollbacks.
+//!
+//! - `POST /v1/alertmanager`: Prometheus Alertmanager's webhook (payload version 4), with the
+//!   bearer token from `http.alertmanager-token-file` (Alertmanager's
+//!   `http_config.authorization.credentials_file`). Each firing alert labelled `service` (and
+//!   optionally `environment`) asks for a rollback of that service's latest change.
+//! - `POST /v1/webhook`: `{"service", "environment", "reason"}` from any other monitor, signed
+//!   like rewind's own escalations: `X-Rewind-Timestamp` (ms) and `X-Rewind-Signature:
+//!   sha256=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>`, at most five minutes old.
+//!
+//! Every request for a rollback goes through the replicated throttles (`AutoTrigger`). A bad,
+//! unsigned or unauthorised request gets a 4xx with the reason and changes nothing.
+
+use std::collections::BTreeMap;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State as Extract;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tracing::info;
+
+use super::HttpState;
+use crate::engine::{SIGNATURE_HEADER, TIMESTAMP_HEADER};
+use crate::errors::CoordinatorError;
+use crate::state_machine::{Command, CommandKind, Outcome, TriggerSource, rollback_id};
+
+/// Oldest signed webhook accepted, against replays.
+const MAX_WEBHOOK_AGE_MS: u64 = 5 * 60 * 1000;
+/// Most distinct services one Alertmanager notification may ask about.
+const MAX_SERVICES_PER_NOTIFICATION: usize = 64;
+
+/// Alertmanager's webhook payload, version 4. Fields rewind does not use are ignored.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AlertmanagerPayload {
+    pub version: String,
+    #[serde(default)]
+    pub status: String,
+    #[serde(default)]
+    pub receiver: String,
+    #[serde(default)]
+    pub group_key: String,
+    #[serde(default)]
+    pub external_url: String,
+    pub alerts: Vec<Alert>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Alert {
+    pub status: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+    #[serde(default)]
+    pub starts_at: String,
+    #[serde(default)]
+    pub fingerprint: String,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookRequest {
+    pub service: String,
+    #[serde(default)]
+    pub environment: String,
+    pub reason: String,
+}
+
+/// What became of one request for a rollback.
+#[derive(Debug, Serialize)]
+struct TriggerAnswer {
+    service: String,
+    outcome: String,
+    rollback_id: String,
+    detail: String,
+}
+
+fn refuse(status: StatusCode, reason: impl Into<String>) -> Response {
+    let reason = reason.into();
+    info!(%status, reason, "Webhook refused.");
+    (status, Json(serde_json::json!({ "error": reason }))).into_response()
+}
+
+pub async fn alertmanager(
+    Extract(http): Extract<HttpState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some(token) = &http.alertmanager_token else {
+        return refuse(
+            StatusCode::NOT_FOUND,
+            "the Alertmanager receiver is off: set http.alertmanager-token-file",
+        );
+    };
+    let presented = headers
+        .get("authorization")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "));
+    let Some(presented) = presented else {
+        return refuse(
+            StatusCode::UNAUTHORIZED,
+            "missing `Authorization: Bearer <token>` (Alertmanager http_config.authorization)",
+        );
+    };
+    // Compare digests so the comparison time says nothing about the token.
+    if Sha256::digest(presented.as_bytes()) != Sha256::digest(token.as_slice()) {
+        return refuse(
+            StatusCode::UNAUTHORIZED,
+            "the bearer token is not the configured one",
+        );
+    }
+    let payload: AlertmanagerPayload = match serde_json::from_slice(&body) {
+        Ok(payload) => payload,
+        Err(error) => {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                format!("not an Alertmanager webhook payload: {error}"),
+            );
+        }
+    };
+    if payload.version != "4" {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "Alertmanager payload version {:?} is not supported: version \"4\" is",
+                payload.version
+            ),
+        );
+    }
+    // One request per service, from its first firing alert.
+    let mut wanted: BTreeMap<String, (String, String)> = BTreeMap::new();
+    let mut skipped = Vec::new();
+    for alert in payload
+        .alerts
+        .iter()
+        .filter(|alert| alert.status == "firing")
+    {
+        let name = alert
+            .labels
+            .get("alertname")
+            .map_or("(unnamed alert)", String::as_str);
+        let Some(service) = alert.labels.get("service") else {
+            skipped.push(format!("{name}: no `service` label"));
+            continue;
+        };
+        if let Err(error) = rewind_shared::names::validate_name("labels.service", service) {
+            return refuse(StatusCode::BAD_REQUEST, format!("alert {name}: {error}"));
+        }
+        let environment = alert.labels.get("environment").cloned().unwrap_or_default();
+        if !environment.is_empty()
+            && let Err(error) =
+                rewind_shared::names::validate_name("labels.environment", &environment)
+        {
+            return refuse(StatusCode::BAD_REQUEST, format!("alert {name}: {error}"));
+        }
+        let summary = alert
+            .annotations
+            .get("summary")
+            .map(|summary| format!(": {summary}"))
+            .unwrap_or_default();
+        let reason = format!(
+            "Alertmanager alert {name} firing since {}{summary}",
+            alert.starts_at
+        );
+        wanted
+            .entry(service.clone())
+            .or_insert((environment, truncate(reason)));
+    }
+    if wanted.len() > MAX_SERVICES_PER_NOTIFICATION {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "the notification names {} services, at most {MAX_SERVICES_PER_NOTIFICATION} are accepted",
+                wanted.len()
+            ),
+        );
+    }
+    let mut answers = Vec::new();
+    for (service, (environment, reason)) in wanted {
+        match trigger(
+            &http,
+            "alertmanager",
+            TriggerSource::Alertmanager,
+            &service,
+            &environment,
+            reason,
+        )
+        .await
+        {
+            Ok(answer) => answers.push(answer),
+            Err(response) => return response,
+        }
+    }
+    (
+        StatusCode::OK,
+        Json(serde_json::json!({ "triggers": answers, "skipped": skipped })),
+    )
+        .into_response()
+}
+
+pub async fn webhook(
+    Extract(http): Extract<HttpState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some(secret) = &http.webhook_secret else {
+        return refuse(
+            StatusCode::NOT_FOUND,
+            "the generic webhook is off: set http.webhook-secret-file",
+        );
+    };
+    if let Err(reason) = check_signature(secret, &headers, &body, rewind_shared::time::now_ms()) {
+        return refuse(StatusCode::UNAUTHORIZED, reason);
+    }
+    let request: WebhookRequest = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(error) => {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                format!("expected {{\"service\", \"environment\", \"reason\"}}: {error}"),
+            );
+        }
+    };
+    for (field, value) in [
+        ("service", &request.service),
+        ("environment", &request.environment),
+    ] {
+        if (field == "service" || !value.is_empty())
+            && let Err(error) = rewind_shared::names::validate_name(field, value)
+        {
+            return refuse(StatusCode::BAD_REQUEST, error.to_string());
+        }
+    }
+    if request.reason.trim().is_empty() || request.reason.len() > 1024 {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "reason: say why, in at most 1024 bytes: it goes into the audit log",
+        );
+    }
+    let reason = format!("webhook: {}", request.reason);
+    match trigger(
+        &http,
+        "webhook",
+        TriggerSource::Webhook,
+        &request.service,
+        &request.environment,
+        reason,
+    )
+    .await
+    {
+        Ok(answer) => (StatusCode::OK, Json(answer)).into_response(),
+        Err(response) => response,
+    }
+}
+
+/// Checks a generic webhook's timestamp and signature.
+fn check_signature(
+    secret: &[u8],
+    headers: &HeaderMap,
+    body: &[u8],
+    now_ms: u64,
+) -> Result<(), String> {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|value| value.to_str().ok())
+            .ok_or_else(|| format!("missing header {name}"))
+    };
+    let timestamp: u64 = header(TIMESTAMP_HEADER)?
+        .parse()
+        .map_err(|_| format!("{TIMESTAMP_HEADER} must be milliseconds since the epoch"))?;
+    if now_ms.abs_diff(timestamp) > MAX_WEBHOOK_AGE_MS {
+        return Err(format!(
+            "{TIMESTAMP_HEADER} is more than five minutes from now: refused as a possible replay"
+        ));
+    }
+    let signature = header(SIGNATURE_HEADER)?
+        .strip_prefix("sha256=")
+        .and_then(|hex_text| hex::decode(hex_text).ok())
+        .ok_or_else(|| format!("{SIGNATURE_HEADER} must be sha256=<hex>"))?;
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes a key of any length");
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    mac.verify_slice(&signature)
+        .map_err(|_| "the signature does not match the body and the shared secret".to_string())
+}
+
+/// Proposes one `AutoTrigger`; a refusal that is the caller's fault becomes a 4xx, a member
+/// that does not lead a 503 (monitors retry 5xx, and may list every member).
+async fn trigger(
+    http: &HttpState,
+    identity: &str,
+    source: TriggerSource,
+    service: &str,
+    environment: &str,
+    reason: String,
+) -> Result<TriggerAnswer, Response> {
+    let environment = if environment.is_empty() {
+        crate::plan::DEFAULT_REGION.to_string()
+    } else {
+        environment.to_string()
+    };
+    let command = Command {
+        at_ms: rewind_shared::time::now_ms(),
+        identity: identity.to_string(),
+        request_id: String::new(),
+        kind: CommandKind::AutoTrigger {
+            service: service.to_string(),
+            environment,
+            source,
+            reason,
+            options: http.limits.automatic_plan(),
+            throttle: http.limits.throttle.clone(),
+        },
+    };
+    match http.node.propose(command).await {
+        Ok(Outcome::Triggered {
+            outcome,
+            rollback,
+            detail,
+        }) => Ok(TriggerAnswer {
+            service: service.to_string(),
+            outcome: outcome.name().to_string(),
+            rollback_id: if rollback == 0 {
+                String::new()
+            } else {
+                rollback_id(rollback)
+            },
+            detail,
+        }),
+        Ok(other) => Err(refuse(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("unexpected outcome {other:?}"),
+        )),
+        Err(error @ CoordinatorError::UnknownService { .. }) => {
+            Err(refuse(StatusCode::UNPROCESSABLE_ENTITY, error.to_string()))
+        }
+        Err(CoordinatorError::NotLeader { leader_id }) => Err(refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("this member does not lead; member {leader_id} does (0: unknown yet)"),
+        )),
+        Err(error) if error.is_retriable() => {
+            Err(refuse(StatusCode::SERVICE_UNAVAILABLE, error.to_string()))
+        }
+        Err(error) => Err(refuse(StatusCode::BAD_REQUEST, error.to_string())),
+    }
+}
+
+fn truncate(mut text: String) -> String {
+    if text.len() > 1024 {
+        let mut end = 1024;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signed(secret: &[u8], at: u64, body: &[u8]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(TIMESTAMP_HEADER, at.to_string().parse().unwrap());
+        headers.insert(
+            SIGNATURE_HEADER,
+            crate::engine::sign(secret, at, body).parse().unwrap(),
+        );
+        headers
+    }
+
+    #[test]
+    fn signatures_are_checked_against_body_secret_and_age() {
+        let body = br#"{"service":"web","reason":"x"}"#;
+        let now = 1_800_000_000_000;
+        assert_eq!(
+            check_signature(b"secret", &signed(b"secret", now, body), body, now),
+            Ok(())
+        );
+        let wrong_secret = check_signature(b"other", &signed(b"secret", now, body), body, now);
+        assert!(wrong_secret.unwrap_err().contains("does not match"));
+        let tampered = check_signature(b"secret", &signed(b"secret", now, body), b"{}", now);
+        assert!(tampered.is_err());
+        let old = check_signature(
+            b"secret",
+            &signed(b"secret", now - MAX_WEBHOOK_AGE_MS - 1, body),
+            body,
+            now,
+        );
+        assert!(old.unwrap_err().contains("replay"));
+        let missing = check_signature(b"secret", &HeaderMap::new(), body, now);
+        assert!(missing.unwrap_err().contains("missing header"));
+    }
+
+    #[test]
+    fn the_real_alertmanager_payload_parses() {
+        // As Alertmanager 0.25 sends it.
+        let body = r#"{"receiver":"rewind","status":"firing","alerts":[{"status":"firing",
+            "labels":{"alertname":"HighErrorRate","service":"web","environment":"prod"},
+            "annotations":{"summary":"5xx above 5%"},"startsAt":"2026-11-27T03:00:00Z",
+            "endsAt":"0001-01-01T00:00:00Z","generatorURL":"http://prom/graph","fingerprint":"a1"}],
+            "groupLabels":{"service":"web"},"commonLabels":{"service":"web"},
+            "commonAnnotations":{},"externalURL":"http://am:9093","version":"4",
+            "groupKey":"{}:{service=\"web\"}","truncatedAlerts":0}"#;
+        let payload: AlertmanagerPayload = serde_json::from_str(body).unwrap();
+        assert_eq!(payload.version, "4");
+        assert_eq!(payload.alerts[0].labels["service"], "web");
+    }
+}

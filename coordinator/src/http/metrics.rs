@@ -1,0 +1,185 @@
+//! `/metrics` in the Prometheus text format. Rollback figures are computed from the replicated
+//! state at each scrape, so every member reports the same history and a new leader loses none.
+
+use axum::extract::State as Extract;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use super::HttpState;
+use crate::state_machine::{State, StepProgress, StepStatus};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RollbackLabels {
+    outcome: String,
+    trigger: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StepLabels {
+    kind: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TriggerLabels {
+    source: String,
+    outcome: String,
+}
+
+/// Bucket bounds in seconds for step and gate durations: 0.1 s to about 27 minutes.
+fn duration_buckets() -> impl Iterator<Item = f64> {
+    prometheus_client::metrics::histogram::exponential_buckets(0.1, 2.0, 15)
+}
+
+pub async fn serve(Extract(http): Extract<HttpState>) -> impl IntoResponse {
+    let status = http.status.borrow().clone();
+    let connected = http.sessions.connected() as i64;
+    let text = http.node.read(|state| render(state, &status, connected));
+    match text {
+        Ok(text) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(error) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot encode metrics: {error}\n"),
+        )
+            .into_response(),
+    }
+}
+
+fn render(
+    state: &State,
+    status: &crate::node::raft::RaftStatus,
+    agents_connected: i64,
+) -> Result<String, std::fmt::Error> {
+    let mut registry = Registry::with_prefix("rewind");
+
+    let rollbacks = Family::<RollbackLabels, Counter>::default();
+    let active = Gauge::<i64>::default();
+    let steps =
+        Family::<StepLabels, Histogram>::new_with_constructor(
+            || Histogram::new(duration_buckets()),
+        );
+    let gates =
+        Family::<StepLabels, Histogram>::new_with_constructor(
+            || Histogram::new(duration_buckets()),
+        );
+    for rollback in state.rollbacks.values() {
+        rollbacks
+            .get_or_create(&RollbackLabels {
+                outcome: format!("{:?}", rollback.status).to_lowercase(),
+                trigger: format!("{:?}", rollback.trigger).to_lowercase(),
+            })
+            .inc();
+        if !rollback.status.is_terminal() {
+            active.inc();
+        }
+        for step in &rollback.steps {
+            observe(&steps, step.kind.name(), &step.progress);
+        }
+        for wave in &rollback.waves {
+            observe(&gates, "gate", &wave.gate);
+        }
+    }
+    registry.register(
+        "rollbacks",
+        "Rollbacks by how they ended (running and paused ones too) and what started them",
+        rollbacks,
+    );
+    registry.register("rollbacks_active", "Rollbacks running or paused", active);
+    registry.register(
+        "rollback_step_duration_seconds",
+        "Time from a rollback step's last start to its result",
+        steps,
+    );
+    registry.register(
+        "gate_wait_seconds",
+        "Time a wave waited at its health gate",
+        gates,
+    );
+
+    let triggers = Family::<TriggerLabels, Counter>::default();
+    for (key, count) in &state.trigger_totals {
+        let (source, outcome) = key.split_once('/').unwrap_or((key, ""));
+        triggers
+            .get_or_create(&TriggerLabels {
+                source: source.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .inc_by(*count);
+    }
+    registry.register(
+        "triggers",
+        "Requests for an automatic rollback, by source and outcome",
+        triggers,
+    );
+    let open = Gauge::<i64>::default();
+    open.set(
+        state
+            .escalations
+            .values()
+            .filter(|escalation| !escalation.delivered)
+            .count() as i64,
+    );
+    registry.register(
+        "escalations_undelivered",
+        "Escalations whose webhook has not been delivered",
+        open,
+    );
+    let breaker = Gauge::<i64>::default();
+    breaker.set(i64::from(state.breaker.is_some()));
+    registry.register(
+        "breaker_open",
+        "1 while the global breaker stops automatic rollbacks",
+        breaker,
+    );
+    let leader = Gauge::<i64>::default();
+    leader.set(i64::from(status.is_leader));
+    registry.register("is_leader", "1 on the member that leads", leader);
+    let term = Gauge::<i64>::default();
+    term.set(status.term as i64);
+    registry.register("raft_term", "Raft term", term);
+    let applied = Gauge::<i64>::default();
+    applied.set(status.applied_index as i64);
+    registry.register("raft_applied_index", "Last applied log index", applied);
+    let agents = Gauge::<i64>::default();
+    agents.set(agents_connected);
+    registry.register(
+        "agents_connected",
+        "Agents with a session on this member",
+        agents,
+    );
+
+    let mut text = String::new();
+    encode(&mut text, &registry)?;
+    Ok(text)
+}
+
+fn observe(family: &Family<StepLabels, Histogram>, kind: &str, progress: &StepProgress) {
+    if !matches!(progress.status, StepStatus::Succeeded | StepStatus::Failed) {
+        return;
+    }
+    let seconds = progress
+        .finished_at_ms
+        .saturating_sub(progress.started_at_ms) as f64
+        / 1000.0;
+    family
+        .get_or_create(&StepLabels {
+            kind: kind.to_string(),
+            outcome: format!("{:?}", progress.status).to_lowercase(),
+        })
+        .observe(seconds);
+}

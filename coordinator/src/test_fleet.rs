@@ -1,0 +1,136 @@
+//! A fleet built through `apply()` for planning and trigger tests.
+
+use crate::errors::CoordinatorError;
+use crate::plan;
+use crate::state_machine::*;
+
+/// A fleet built through `apply()`, as the coordinator would hold it.
+pub struct Fleet {
+    pub state: State,
+    pub index: u64,
+}
+
+impl Fleet {
+    pub fn new() -> Self {
+        Self {
+            state: State::default(),
+            index: 0,
+        }
+    }
+
+    pub fn apply(&mut self, kind: CommandKind) -> Outcome {
+        self.index += 1;
+        let command = Command {
+            at_ms: 1_000 * self.index,
+            identity: "operator".into(),
+            request_id: String::new(),
+            kind,
+        };
+        apply(&mut self.state, self.index, &command).expect("applies")
+    }
+
+    /// Applies at a chosen time; the error when it is refused.
+    pub fn apply_at(&mut self, at_ms: u64, kind: CommandKind) -> Result<Outcome, CoordinatorError> {
+        self.index += 1;
+        let command = Command {
+            at_ms,
+            identity: "operator".into(),
+            request_id: String::new(),
+            kind,
+        };
+        apply(&mut self.state, self.index, &command)
+    }
+
+    pub fn service(&mut self, name: &str, depends_on: &[&str]) {
+        self.apply(CommandKind::PutService {
+            service: ServiceRecord {
+                name: name.into(),
+                depends_on: depends_on.iter().map(|name| name.to_string()).collect(),
+                policy: HealthPolicy::default(),
+            },
+        });
+    }
+
+    pub fn host(&mut self, host_id: &str, region: &str, services: &[&str]) {
+        self.host_in(host_id, region, "", services);
+    }
+
+    pub fn host_in(&mut self, host_id: &str, region: &str, environment: &str, services: &[&str]) {
+        self.apply(CommandKind::RegisterHost {
+            host_id: host_id.into(),
+            labels: Labels {
+                region: region.into(),
+                environment: environment.into(),
+                ..Labels::default()
+            },
+            services: services.iter().map(|name| name.to_string()).collect(),
+            agent_version: String::new(),
+        });
+    }
+
+    pub fn release(&mut self, service: &str, version: &str, api: u32, requires: &[(&str, u32)]) {
+        self.apply(CommandKind::RegisterRelease {
+            release: ReleaseRecord {
+                service: service.into(),
+                version: version.into(),
+                artifact_digest: format!("sha256:{}", "a".repeat(64)),
+                commit: String::new(),
+                registered_at_ms: 0,
+                api_version: api,
+                requires: requires
+                    .iter()
+                    .map(|(provider, version)| (provider.to_string(), *version))
+                    .collect(),
+            },
+        });
+    }
+
+    /// Deploys `version` of `service` on all its hosts; returns the change number.
+    pub fn deploy(&mut self, service: &str, version: &str) -> u64 {
+        let Outcome::Change(change) = self.apply(CommandKind::StartChange {
+            service: service.into(),
+            version: version.into(),
+            host_ids: vec![],
+            reason: String::new(),
+            baseline: HealthAggregate::default(),
+        }) else {
+            panic!("a change")
+        };
+        let hosts: Vec<String> = self.state.changes[&change]
+            .hosts
+            .iter()
+            .map(|host| host.host_id.clone())
+            .collect();
+        for capture in [true, false] {
+            for host_id in &hosts {
+                let step = if capture {
+                    StepTarget::Capture {
+                        change,
+                        host_id: host_id.clone(),
+                    }
+                } else {
+                    StepTarget::Activate {
+                        change,
+                        host_id: host_id.clone(),
+                    }
+                };
+                self.apply(CommandKind::StepStarted { step: step.clone() });
+                self.apply(CommandKind::StepFinished {
+                    step,
+                    ok: true,
+                    detail: String::new(),
+                    snapshot_id: format!("snap-{host_id}"),
+                });
+            }
+        }
+        change
+    }
+
+    pub fn plan(
+        &self,
+        changes: &[u64],
+        options: &PlanOptions,
+    ) -> Result<plan::Plan, CoordinatorError> {
+        plan::build(&self.state, changes, options, Trigger::Manual)
+    }
+}
