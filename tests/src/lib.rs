@@ -103,6 +103,8 @@ fn spawn_in(namespace: Option<&str>, binary: &Path, args: &[&str], log: &Path) -
 pub struct Coordinator {
     pub dir: PathBuf,
     pub address: String,
+    /// host:port of /metrics and the webhooks, empty unless its config has `[http]`.
+    pub http_address: String,
     pub process: Process,
 }
 
@@ -118,6 +120,8 @@ impl Coordinator {
         std::fs::write(&config_path, config).unwrap();
         let addr_file = dir.join("addr");
         let _ = std::fs::remove_file(&addr_file);
+        let http_addr_file = dir.join("http-addr");
+        let _ = std::fs::remove_file(&http_addr_file);
         let data_dir = dir.join("data");
         let args = [
             "--dev",
@@ -129,6 +133,8 @@ impl Coordinator {
             "127.0.0.1:0",
             "--addr-file",
             addr_file.to_str().unwrap(),
+            "--http-addr-file",
+            http_addr_file.to_str().unwrap(),
         ];
         let mut process = spawn(
             &must_binary("rewind-coordinator"),
@@ -142,9 +148,12 @@ impl Coordinator {
             }
             std::fs::read_to_string(&addr_file).ok()
         });
+        // Written before the gRPC address, so it is there by now if HTTP is on.
+        let http_address = std::fs::read_to_string(&http_addr_file).unwrap_or_default();
         Self {
             dir: dir.to_path_buf(),
             address,
+            http_address,
             process,
         }
     }
@@ -192,6 +201,76 @@ impl Coordinator {
             .map_err(|error| format!("{error:?}"))?;
         Ok(ControlServiceClient::new(channel))
     }
+}
+
+/// `sha256=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>`: how rewind signs its escalations
+/// and checks generic webhooks, computed here independently of the coordinator's code.
+pub fn webhook_signature(secret: &[u8], timestamp_ms: u64, body: &[u8]) -> String {
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret).unwrap();
+    mac.update(timestamp_ms.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// A free loopback port (bound then released: another process could take it in between, which
+/// on a test machine does not happen in practice).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A real Prometheus Alertmanager (Debian's `prometheus-alertmanager`) on `port`, routing every
+/// alert grouped by service to `webhook_url` with the bearer token in `token_file`, quickly.
+pub fn must_start_alertmanager(
+    dir: &Path,
+    port: u16,
+    webhook_url: &str,
+    token_file: &Path,
+) -> Process {
+    let binary = ["/usr/bin/prometheus-alertmanager", "/usr/bin/alertmanager"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|path| path.exists())
+        .expect("Alertmanager is not installed: apt-get install prometheus-alertmanager");
+    std::fs::create_dir_all(dir).unwrap();
+    let config = format!(
+        r#"route:
+  receiver: rewind
+  group_by: ['service']
+  group_wait: 1s
+  group_interval: 1s
+  repeat_interval: 1h
+receivers:
+  - name: rewind
+    webhook_configs:
+      - url: {webhook_url}
+        send_resolved: false
+        http_config:
+          authorization:
+            type: Bearer
+            credentials_file: {token}
+"#,
+        token = token_file.display()
+    );
+    let config_path = dir.join("alertmanager.yml");
+    std::fs::write(&config_path, config).unwrap();
+    let listen = format!("--web.listen-address=127.0.0.1:{port}");
+    let config_arg = format!("--config.file={}", config_path.display());
+    let storage = format!("--storage.path={}", dir.join("data").display());
+    let process = spawn(
+        &binary,
+        &[&config_arg, &storage, &listen, "--cluster.listen-address="],
+        &dir.join("alertmanager.log"),
+    );
+    must_wait(Duration::from_secs(30), "Alertmanager to listen", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+    process
 }
 
 /// A host: a service root with releases, and (once started) its agent.

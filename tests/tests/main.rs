@@ -9,3 +9,4 @@ mod t05_cluster;
 mod t06_membership;
 mod t07_compose;
 mod t08_plans;
+mod t09_alertmanager;

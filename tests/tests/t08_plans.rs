@@ -9,11 +9,9 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode};
-use hmac::{Hmac, Mac};
 use rewind_proto::v1 as pb;
 use rewind_proto::v1::control_service_client::ControlServiceClient;
 use rewind_tests::*;
-use sha2::Sha256;
 use tonic::transport::Channel;
 
 const SECRET: &str = "a-shared-secret-for-the-test-hook";
@@ -140,11 +138,7 @@ fn run_ok(output: &std::process::Output) -> String {
 fn verify_signature(headers: &HeaderMap, body: &[u8]) {
     let timestamp = headers["x-rewind-timestamp"].to_str().unwrap();
     let signature = headers["x-rewind-signature"].to_str().unwrap();
-    let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
-    mac.update(timestamp.as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    let expected = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+    let expected = webhook_signature(SECRET.as_bytes(), timestamp.parse().unwrap(), body);
     assert_eq!(
         signature, expected,
         "the escalation is signed with the secret"

@@ -158,23 +158,7 @@ fn apply_kind(state: &mut State, command: &Command) -> Result<(Outcome, String, 
             ok,
             detail,
         } => escalation_delivered(state, *escalation, *ok, detail),
-        CommandKind::AutoTrigger {
-            service,
-            environment,
-            source,
-            reason,
-            options,
-            throttle,
-        } => auto_trigger(
-            state,
-            command,
-            service,
-            environment,
-            *source,
-            reason,
-            options,
-            throttle,
-        ),
+        CommandKind::AutoTrigger { .. } => auto_trigger(state, command),
         CommandKind::ResetBreaker { reason } => {
             let Some(breaker) = state.breaker.take() else {
                 return Err(CoordinatorError::invalid(
@@ -971,16 +955,19 @@ fn escalation_delivered(
 
 /// Judges a request for an automatic rollback: start it, or record why not. Refuses (as an
 /// error, recording nothing) only a service that does not exist.
-fn auto_trigger(
-    state: &mut State,
-    command: &Command,
-    service: &str,
-    environment: &str,
-    source: TriggerSource,
-    reason: &str,
-    options: &PlanOptions,
-    throttle: &ThrottleLimits,
-) -> Result<(Outcome, String, String)> {
+fn auto_trigger(state: &mut State, command: &Command) -> Result<(Outcome, String, String)> {
+    let CommandKind::AutoTrigger {
+        service,
+        environment,
+        source,
+        reason,
+        options,
+        throttle,
+    } = &command.kind
+    else {
+        unreachable!("called for AutoTrigger commands only");
+    };
+    let (service, environment, source) = (service.as_str(), environment.as_str(), *source);
     require_service(state, service)?;
     let at_ms = command.at_ms;
     let latest = state
