@@ -203,6 +203,19 @@ impl Agent {
                         Err(error) => warn!(%error, flag = %update.flag, "Flag update refused."),
                     }
                 }
+                Some(coordinator_message::Body::Flags(snapshot)) => {
+                    match self
+                        .executor
+                        .replace_flags(&snapshot.service, &snapshot.flags)
+                    {
+                        Ok(()) => {
+                            info!(service = %snapshot.service, flags = snapshot.flags.len(), "Flags file written.")
+                        }
+                        Err(error) => {
+                            warn!(%error, service = %snapshot.service, "Flag snapshot refused.")
+                        }
+                    }
+                }
                 Some(coordinator_message::Body::Registered(_)) | None => {
                     debug!("Ignored an unexpected message.")
                 }

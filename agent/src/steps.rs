@@ -359,15 +359,8 @@ impl Executor {
 
     /// Sets one flag in the service's flags file (a JSON object of booleans), atomically.
     pub fn set_flag(&self, update: &FlagUpdate) -> Result<(), AgentError> {
-        let service = self.service(&update.service)?;
         names::validate_name("flag", &update.flag)?;
-        let relative = service.flags_file.as_deref().ok_or_else(|| {
-            AgentError::Invalid(format!(
-                "service {} has no flags-file configured",
-                service.name
-            ))
-        })?;
-        let path = confined(&service.name, &service.root, relative)?;
+        let path = self.flags_path(&update.service)?;
         let mut flags: BTreeMap<String, bool> = match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|error| {
                 AgentError::Invalid(format!(
@@ -385,9 +378,32 @@ impl Executor {
             }
         };
         flags.insert(update.flag.clone(), update.enabled);
-        let bytes = serde_json::to_vec_pretty(&flags)
-            .map_err(|error| AgentError::Invalid(error.to_string()))?;
-        snapshot::write_atomically(&path, &bytes, 0o644, None)
+        write_flags(&path, &flags)
+    }
+
+    /// Replaces the service's flags file with exactly `flags`, atomically.
+    pub fn replace_flags(
+        &self,
+        service: &str,
+        flags: &std::collections::HashMap<String, bool>,
+    ) -> Result<(), AgentError> {
+        for name in flags.keys() {
+            names::validate_name("flag", name)?;
+        }
+        let path = self.flags_path(service)?;
+        let sorted: BTreeMap<&String, &bool> = flags.iter().collect();
+        write_flags(&path, &sorted)
+    }
+
+    fn flags_path(&self, service: &str) -> Result<std::path::PathBuf, AgentError> {
+        let service = self.service(service)?;
+        let relative = service.flags_file.as_deref().ok_or_else(|| {
+            AgentError::Invalid(format!(
+                "service {} has no flags-file configured",
+                service.name
+            ))
+        })?;
+        confined(&service.name, &service.root, relative)
     }
 
     fn service(&self, name: &str) -> Result<&ServiceConfig, AgentError> {
@@ -430,6 +446,12 @@ impl Drop for Claim<'_> {
 const CLOSED: u64 = u64::MAX;
 
 /// Step ids are unique within one coordinator cluster, so the journal is keyed by both.
+fn write_flags(path: &std::path::Path, flags: &impl serde::Serialize) -> Result<(), AgentError> {
+    let bytes =
+        serde_json::to_vec_pretty(flags).map_err(|error| AgentError::Invalid(error.to_string()))?;
+    snapshot::write_atomically(path, &bytes, 0o644, None)
+}
+
 fn journal_key(command: &StepCommand) -> Result<String, AgentError> {
     let step_id = &command.step_id;
     if step_id.is_empty()

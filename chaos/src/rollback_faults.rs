@@ -232,6 +232,7 @@ async fn deploy(cluster: &ClusterHarness, version: &str, tag: &str) -> anyhow::R
         version: version.into(),
         host_ids: vec![],
         reason: tag.into(),
+        flags_on: vec![],
     };
     let started = on_leader(cluster, "start the change", |mut client| {
         let request = request.clone();

@@ -22,6 +22,7 @@ pub mod api;
 pub mod config;
 pub mod engine;
 pub mod errors;
+pub mod flags;
 pub mod health;
 pub mod http;
 pub mod membership;

@@ -312,6 +312,12 @@ async fn serve(
     let engine_task = tokio::spawn(engine.run(async move {
         let _ = engine_stop.changed().await;
     }));
+    tokio::spawn(rewind_coordinator::flags::push_changes(
+        member.node.clone(),
+        member.status.clone(),
+        Arc::clone(&sessions),
+        stop.clone(),
+    ));
     if let Some(alertmanager) = &config.alertmanager {
         let silencer = engine::silences::Silencer {
             node: member.node.clone(),

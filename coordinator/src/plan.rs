@@ -24,6 +24,8 @@ type Result<T> = std::result::Result<T, CoordinatorError>;
 
 /// Region name used for hosts that carry none.
 pub const DEFAULT_REGION: &str = "default";
+/// Environment name used for hosts that carry none.
+pub const DEFAULT_ENVIRONMENT: &str = "default";
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PlannedWave {
@@ -56,6 +58,8 @@ pub struct Plan {
     pub services: Vec<String>,
     pub options: PlanOptions,
     pub waves: Vec<PlannedWave>,
+    /// Flags turned back before any wave: `environment/service/flag -> on|off`.
+    pub flags: Vec<String>,
     pub steps_per_host: Vec<RollbackStepKind>,
     /// Refuses the plan unless `options.force`.
     pub incompatibilities: Vec<Incompatibility>,
@@ -154,6 +158,25 @@ pub fn build(
         }
     }
     let incompatibilities = incompatibilities(state, &by_service, &mut notes);
+    let flags = order
+        .iter()
+        .flat_map(|service| {
+            let change = by_service[service];
+            change.flags.iter().map(move |flag| {
+                format!(
+                    "{}/{}/{} -> {}",
+                    change.environment,
+                    change.service,
+                    flag.name,
+                    if flag.before.unwrap_or(false) {
+                        "on"
+                    } else {
+                        "off"
+                    }
+                )
+            })
+        })
+        .collect();
     let mut plan = Plan {
         changes: order
             .iter()
@@ -162,6 +185,7 @@ pub fn build(
         services: order,
         options: options.clone(),
         waves,
+        flags,
         steps_per_host: RollbackStepKind::ALL.to_vec(),
         incompatibilities,
         notes,
@@ -226,13 +250,25 @@ fn revertible_hosts(change: &ChangeRecord) -> impl Iterator<Item = &str> {
 
 /// The environment a change ran in: that of its first host that names one, else `default`.
 pub fn environment_of(state: &State, change: &ChangeRecord) -> String {
-    change
+    if !change.environment.is_empty() {
+        return change.environment.clone();
+    }
+    let hosts: Vec<String> = change
         .hosts
         .iter()
-        .filter_map(|host| state.hosts.get(&host.host_id))
+        .map(|host| host.host_id.clone())
+        .collect();
+    environment_of_hosts(state, &hosts)
+}
+
+/// The environment of the first of `hosts` that names one, else `default`.
+pub fn environment_of_hosts(state: &State, hosts: &[String]) -> String {
+    hosts
+        .iter()
+        .filter_map(|host_id| state.hosts.get(host_id))
         .map(|host| host.labels.environment.clone())
         .find(|environment| !environment.is_empty())
-        .unwrap_or_else(|| DEFAULT_REGION.to_string())
+        .unwrap_or_else(|| DEFAULT_ENVIRONMENT.to_string())
 }
 
 pub fn region_of(state: &State, host_id: &str) -> String {
@@ -448,12 +484,14 @@ pub fn plan_hash(plan: &Plan) -> String {
         changes: &'a [u64],
         options: &'a PlanOptions,
         waves: &'a [PlannedWave],
+        flags: &'a [String],
         steps_per_host: &'a [RollbackStepKind],
     }
     let bytes = serde_json::to_vec(&Hashed {
         changes: &plan.changes,
         options: &plan.options,
         waves: &plan.waves,
+        flags: &plan.flags,
         steps_per_host: &plan.steps_per_host,
     })
     .expect("a plan always serialises");

@@ -93,6 +93,7 @@ impl Fleet {
             host_ids: vec![],
             reason: String::new(),
             baseline: HealthAggregate::default(),
+            flags_on: vec![],
         }) else {
             panic!("a change")
         };

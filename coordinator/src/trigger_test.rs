@@ -234,3 +234,125 @@ fn many_services_at_once_trip_the_breaker_until_a_person_resets_it() {
     fleet.deploy("b", "v1");
     assert_eq!(ask(&mut fleet, 9_300_000, "b").0, TriggerOutcome::Started);
 }
+
+#[test]
+fn a_change_turns_its_flags_on_and_its_rollback_turns_them_back_first() {
+    let mut fleet = fleet();
+    fleet.apply(CommandKind::SetFlag {
+        environment: "prod".into(),
+        service: "a".into(),
+        name: "old-ui".into(),
+        enabled: false,
+        kill: false,
+        reason: "retired".into(),
+    });
+    fleet.apply(CommandKind::StartChange {
+        service: "a".into(),
+        version: "v2".into(),
+        host_ids: vec![],
+        reason: "new checkout".into(),
+        baseline: HealthAggregate::default(),
+        flags_on: vec!["new-checkout".into(), "old-ui".into()],
+    });
+    let change = *fleet.state.changes.keys().last().unwrap();
+    let record = &fleet.state.changes[&change];
+    assert_eq!(record.environment, "prod");
+    assert_eq!(
+        record.flags,
+        vec![
+            FlagChangeRecord {
+                name: "new-checkout".into(),
+                before: None
+            },
+            FlagChangeRecord {
+                name: "old-ui".into(),
+                before: Some(false)
+            },
+        ]
+    );
+    assert!(
+        fleet
+            .state
+            .flag("prod", "a", "new-checkout")
+            .unwrap()
+            .enabled
+    );
+    // Capture and activate so there is something to revert.
+    for kind in ["capture", "activate"] {
+        let step = if kind == "capture" {
+            StepTarget::Capture {
+                change,
+                host_id: "a-1".into(),
+            }
+        } else {
+            StepTarget::Activate {
+                change,
+                host_id: "a-1".into(),
+            }
+        };
+        fleet.apply(CommandKind::StepStarted { step: step.clone() });
+        fleet.apply(CommandKind::StepFinished {
+            step,
+            ok: true,
+            detail: String::new(),
+            snapshot_id: "snap-1".into(),
+        });
+    }
+    let plan = fleet.plan(&[change], &PlanOptions::default()).unwrap();
+    assert_eq!(
+        plan.flags,
+        vec!["prod/a/new-checkout -> off", "prod/a/old-ui -> off"]
+    );
+    let index_before = fleet.state.applied_index;
+    fleet.apply(CommandKind::StartRollback {
+        changes: vec![change],
+        options: PlanOptions::default(),
+        plan_hash: plan.hash,
+        reason: "bad".into(),
+        trigger: Trigger::Manual,
+    });
+    let rollback = fleet.state.rollbacks.values().last().unwrap();
+    assert_eq!(rollback.flags_reverted, plan.flags);
+    assert!(
+        rollback
+            .steps
+            .iter()
+            .all(|step| step.progress.attempts == 0),
+        "flags go back before any host is touched"
+    );
+    let reverted = fleet.state.flag("prod", "a", "new-checkout").unwrap();
+    assert!(!reverted.enabled);
+    assert!(reverted.changed_at_index > index_before);
+    // Pushed to the hosts of that service and environment only.
+    let updates = crate::flags::updates_since(&fleet.state, index_before);
+    let hosts: Vec<&str> = updates.iter().map(|(host, _)| host.as_str()).collect();
+    assert_eq!(hosts, vec!["a-1", "a-1"]);
+}
+
+#[test]
+fn a_kill_switch_turns_off_and_cannot_turn_on() {
+    let mut fleet = fleet();
+    let kill = |enabled| CommandKind::SetFlag {
+        environment: "staging".into(),
+        service: "d".into(),
+        name: "payments".into(),
+        enabled,
+        kill: true,
+        reason: "incident 42".into(),
+    };
+    assert!(fleet.apply_at(1, kill(true)).is_err());
+    fleet.apply(kill(false));
+    let flag = fleet.state.flag("staging", "d", "payments").unwrap();
+    assert!(!flag.enabled && flag.killed);
+    assert_eq!(
+        fleet.state.audit.entries().last().unwrap().action,
+        "flag.kill"
+    );
+    let snapshots = crate::flags::snapshots_for(&fleet.state, "d-1");
+    assert_eq!(snapshots.len(), 1);
+    assert_eq!(snapshots[0].flags.get("payments"), Some(&false));
+    assert!(
+        crate::flags::snapshots_for(&fleet.state, "a-1").is_empty(),
+        "another environment's flags are not sent"
+    );
+}

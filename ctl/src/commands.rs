@@ -47,6 +47,9 @@ pub enum Command {
     /// Rollbacks of changes.
     #[command(subcommand)]
     Rollback(RollbackCommand),
+    /// Feature flags per environment and service, pushed to agents' flags files.
+    #[command(subcommand)]
+    Flag(crate::flags::FlagCommand),
     /// Requests for automatic rollbacks (policies, Alertmanager, webhooks) and the breaker.
     #[command(subcommand)]
     Trigger(TriggerCommand),
@@ -186,6 +189,9 @@ pub enum ChangeCommand {
         hosts: Vec<String>,
         #[arg(long, default_value = "")]
         reason: String,
+        /// A flag of the service this change turns on (repeat); its rollback turns it back first.
+        #[arg(long = "flag-on", value_name = "FLAG")]
+        flags_on: Vec<String>,
     },
     Status {
         change_id: String,
@@ -328,6 +334,7 @@ async fn execute(
         Command::Rollback(command) => rollback(client, format, command).await,
         Command::Audit(command) => audit(client, format, command).await,
         Command::Trigger(command) => trigger(client, format, command).await,
+        Command::Flag(command) => crate::flags::run(client, format, command).await,
         Command::Cluster(ClusterCommand::List) => cluster_list(client, format, None).await,
         Command::Cluster(ClusterCommand::TransferLeader { member_id, reason }) => {
             let request = pb::TransferLeaderRequest {
@@ -678,6 +685,7 @@ async fn change(
             version,
             hosts,
             reason,
+            flags_on,
         } => {
             let request = pb::StartChangeRequest {
                 request_id: request_id(),
@@ -685,6 +693,7 @@ async fn change(
                 version,
                 host_ids: hosts,
                 reason,
+                flags_on,
             };
             client
                 .start_change(request)

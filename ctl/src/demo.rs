@@ -506,6 +506,7 @@ async fn start_change(client: &mut Client, version: &str, reason: &str) -> anyho
         version: version.into(),
         host_ids: vec![],
         reason: reason.into(),
+        flags_on: vec![],
     };
     let change = client
         .start_change(request)

@@ -5,6 +5,7 @@
 mod client;
 mod commands;
 mod demo;
+mod flags;
 mod output;
 mod plans;
 mod watch;

@@ -102,6 +102,9 @@ pub fn print_plan(plan: &pb::RollbackPlan) {
         gate.settle_s,
         gate.timeout_s
     );
+    if !plan.flags.is_empty() {
+        println!("flags turned back first: {}", plan.flags.join(", "));
+    }
     println!("steps per host: {}", plan.steps_per_host.join(" -> "));
     let rows = plan
         .waves

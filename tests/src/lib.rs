@@ -342,6 +342,7 @@ impl TestHost {
 name = "{service}"
 root = "{root}"
 config-files = ["config/app.toml"]
+flags-file = "config/flags.json"
 restart-command = ["sh", "-c", "echo restarted >> {root}/restarts"]
 [service.drain]
 command = ["sh", "-c", "echo drain >> {root}/rotation"]
@@ -439,6 +440,13 @@ region = "{region}"
             .lines()
             .map(|line| serde_json::from_str(line).expect("a journal record"))
             .collect()
+    }
+
+    /// The service's flags file as the agent wrote it (empty when it has not).
+    pub fn flags(&self) -> std::collections::BTreeMap<String, bool> {
+        std::fs::read(self.root.join("config/flags.json"))
+            .map(|bytes| serde_json::from_slice(&bytes).expect("a JSON object of booleans"))
+            .unwrap_or_default()
     }
 
     pub fn config_bytes(&self) -> Vec<u8> {
@@ -815,6 +823,7 @@ pub async fn must_change(client: &mut ControlServiceClient<Channel>, version: &s
         version: version.into(),
         host_ids: vec![],
         reason: "test".into(),
+        flags_on: vec![],
     };
     client
         .start_change(request)

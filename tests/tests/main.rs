@@ -10,3 +10,4 @@ mod t06_membership;
 mod t07_compose;
 mod t08_plans;
 mod t09_alertmanager;
+mod t10_flags;

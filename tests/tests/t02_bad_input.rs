@@ -144,6 +144,7 @@ async fn bad_requests_are_refused_with_the_field_named_and_change_nothing() {
         version: version.into(),
         host_ids: vec![],
         reason: String::new(),
+        flags_on: vec![],
     };
     assert_status(
         client.start_change(change("web", "v9")).await,

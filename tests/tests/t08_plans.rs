@@ -112,6 +112,7 @@ async fn must_deploy(client: &mut ControlServiceClient<Channel>, service: &str, 
             version: version.into(),
             host_ids: vec![],
             reason: "test".into(),
+            flags_on: vec![],
         })
         .await
         .unwrap()

@@ -75,6 +75,23 @@ impl AgentService for Agents {
         };
         // The channel is new and empty, so this cannot be full.
         let _ = self.context.sessions.send(&host_id, registered);
+        // Then every flag of its services, so a reconnecting agent converges; changes after
+        // this are pushed by the flag broadcaster.
+        for snapshot in self
+            .context
+            .node
+            .read(|state| crate::flags::snapshots_for(state, &host_id))
+        {
+            let message = pb::CoordinatorMessage {
+                body: Some(coordinator_message::Body::Flags(snapshot)),
+            };
+            if self.context.sessions.send(&host_id, message).is_err() {
+                warn!(
+                    host_id,
+                    "Could not queue the flag snapshot; the agent keeps its file."
+                );
+            }
+        }
         info!(host_id, identity, generation, "Agent connected.");
 
         let context = self.context.clone();

@@ -19,6 +19,8 @@ use crate::state_machine::*;
 const MAX_REASON_BYTES: usize = 1024;
 /// Most hosts one change may name explicitly.
 const MAX_HOSTS_PER_REQUEST: usize = 10_000;
+/// Most flags one change may turn on.
+const MAX_FLAGS_PER_CHANGE: usize = 64;
 /// Most audit entries one call returns.
 const MAX_AUDIT_PAGE: u32 = 1000;
 
@@ -183,6 +185,15 @@ impl ControlService for Control {
             names::validate_name("host_ids", host_id).map_err(field_error)?;
         }
         validate_reason(&request.reason)?;
+        if request.flags_on.len() > MAX_FLAGS_PER_CHANGE {
+            return Err(invalid(
+                "flags_on",
+                format!("names more than {MAX_FLAGS_PER_CHANGE} flags"),
+            ));
+        }
+        for flag in &request.flags_on {
+            names::validate_name("flags_on", flag).map_err(field_error)?;
+        }
         let baseline = self.context.service_health(&request.service);
         let kind = CommandKind::StartChange {
             service: request.service,
@@ -190,6 +201,7 @@ impl ControlService for Control {
             host_ids: request.host_ids,
             reason: request.reason,
             baseline,
+            flags_on: request.flags_on,
         };
         let Outcome::Change(number) = self
             .context
@@ -476,6 +488,81 @@ impl ControlService for Control {
         request: Request<pb::RollbackActionRequest>,
     ) -> Result<Response<pb::GetRollbackResponse>, Status> {
         self.control(request, RollbackAction::Abort).await
+    }
+
+    async fn set_flag(
+        &self,
+        request: Request<pb::SetFlagRequest>,
+    ) -> Result<Response<pb::Flag>, Status> {
+        let identity = caller(&request)?;
+        let request = request.into_inner();
+        let environment = if request.environment.is_empty() {
+            crate::plan::DEFAULT_ENVIRONMENT.to_string()
+        } else {
+            request.environment
+        };
+        names::validate_name("environment", &environment).map_err(field_error)?;
+        names::validate_name("service", &request.service).map_err(field_error)?;
+        names::validate_name("name", &request.name).map_err(field_error)?;
+        validate_reason(&request.reason)?;
+        if request.kill && request.enabled {
+            return Err(invalid("enabled", "a kill switch turns a flag off"));
+        }
+        let kind = CommandKind::SetFlag {
+            environment: environment.clone(),
+            service: request.service.clone(),
+            name: request.name.clone(),
+            enabled: request.enabled,
+            kill: request.kill,
+            reason: request.reason,
+        };
+        self.context
+            .propose(&identity, &request.request_id, kind)
+            .await?;
+        info!(
+            identity,
+            environment,
+            service = request.service,
+            flag = request.name,
+            enabled = request.enabled,
+            kill = request.kill,
+            "Flag set."
+        );
+        let flag = self.context.node.read(|state| {
+            state
+                .flag(&environment, &request.service, &request.name)
+                .map(|record| {
+                    convert::flag([&environment, &request.service, &request.name], record)
+                })
+        });
+        flag.map(Response::new)
+            .ok_or_else(|| Status::internal("the flag was set but is not in the state"))
+    }
+
+    async fn list_flags(
+        &self,
+        request: Request<pb::ListFlagsRequest>,
+    ) -> Result<Response<pb::ListFlagsResponse>, Status> {
+        self.context.current().await?;
+        let request = request.into_inner();
+        let flags = self.context.node.read(|state| {
+            let mut flags = Vec::new();
+            for (environment, services) in &state.flags {
+                if !request.environment.is_empty() && *environment != request.environment {
+                    continue;
+                }
+                for (service, named) in services {
+                    if !request.service.is_empty() && *service != request.service {
+                        continue;
+                    }
+                    for (name, record) in named {
+                        flags.push(convert::flag([environment, service, name], record));
+                    }
+                }
+            }
+            flags
+        });
+        Ok(Response::new(pb::ListFlagsResponse { flags }))
     }
 
     async fn list_triggers(

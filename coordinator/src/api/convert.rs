@@ -122,6 +122,34 @@ pub fn change(change: &ChangeRecord) -> pb::Change {
         } else {
             rollback_id(change.rollback)
         },
+        environment: change.environment.clone(),
+        flags: change
+            .flags
+            .iter()
+            .map(|flag| pb::FlagChange {
+                name: flag.name.clone(),
+                before: match flag.before {
+                    Some(true) => "on",
+                    Some(false) => "off",
+                    None => "unset",
+                }
+                .into(),
+            })
+            .collect(),
+    }
+}
+
+pub fn flag(key: [&str; 3], record: &FlagRecord) -> pb::Flag {
+    let [environment, service, name] = key;
+    pb::Flag {
+        environment: environment.to_string(),
+        service: service.to_string(),
+        name: name.to_string(),
+        enabled: record.enabled,
+        killed: record.killed,
+        updated_at_ms: record.updated_at_ms,
+        updated_by: record.updated_by.clone(),
+        reason: record.reason.clone(),
     }
 }
 
@@ -225,6 +253,7 @@ pub fn rollback(state: &State, rollback: &RollbackRecord) -> pb::Rollback {
         current_wave: rollback
             .current_wave()
             .unwrap_or(rollback.waves.len() as u32),
+        flags_reverted: rollback.flags_reverted.clone(),
     }
 }
 
@@ -266,6 +295,7 @@ pub fn plan(plan: &crate::plan::Plan, readiness: &crate::plan::Readiness) -> pb:
         missing_releases: readiness.missing_releases.clone(),
         expected_duration_ms: readiness.expected_duration_ms,
         runnable: plan.incompatibilities.is_empty() || plan.options.force,
+        flags: plan.flags.clone(),
     }
 }
 

@@ -184,6 +184,7 @@ impl World {
             host_ids: vec![],
             reason: String::new(),
             baseline: HealthAggregate::default(),
+            flags_on: vec![],
         });
         for phase in ["capture", "activate"] {
             for host in HOSTS {
@@ -230,6 +231,7 @@ fn a_new_change_starts_every_capture_and_sends_each_to_connected_hosts_once() {
         host_ids: vec![],
         reason: String::new(),
         baseline: HealthAggregate::default(),
+        flags_on: vec![],
     });
     assert!(
         world.run_tick(1_000).is_empty(),
@@ -269,6 +271,7 @@ fn a_timed_out_step_is_retried_within_bounds_then_failed() {
         host_ids: vec!["web-1".into()],
         reason: String::new(),
         baseline: HealthAggregate::default(),
+        flags_on: vec![],
     });
     world.run_tick(1_000);
     world.run_tick(1_000);
@@ -598,6 +601,7 @@ fn an_activation_left_running_by_an_interrupted_change_is_timed_out_not_resent()
         host_ids: vec!["web-1".into()],
         reason: String::new(),
         baseline: HealthAggregate::default(),
+        flags_on: vec![],
     });
     let capture = StepTarget::Capture {
         change: 1,

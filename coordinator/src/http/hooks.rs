@@ -303,7 +303,7 @@ async fn trigger(
     reason: String,
 ) -> Result<TriggerAnswer, Response> {
     let environment = if environment.is_empty() {
-        crate::plan::DEFAULT_REGION.to_string()
+        crate::plan::DEFAULT_ENVIRONMENT.to_string()
     } else {
         environment.to_string()
     };

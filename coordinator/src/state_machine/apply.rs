@@ -123,15 +123,36 @@ fn apply_kind(state: &mut State, command: &Command) -> Result<(Outcome, String, 
             Ok((Outcome::Done, service.name.clone(), "ok".into()))
         }
         CommandKind::RegisterRelease { release } => register_release(state, release, at_ms),
-        CommandKind::StartChange {
+        CommandKind::StartChange { .. } => start_change(state, command),
+        CommandKind::SetFlag {
+            environment,
             service,
-            version,
-            host_ids,
+            name,
+            enabled,
+            kill,
             reason,
-            baseline,
-        } => start_change(
-            state, command, service, version, host_ids, reason, *baseline,
-        ),
+        } => {
+            require_service(state, service)?;
+            if *kill && *enabled {
+                return Err(CoordinatorError::invalid(
+                    "enabled",
+                    "a kill switch turns a flag off",
+                ));
+            }
+            state.put_flag(
+                [environment, service, name],
+                *enabled,
+                *kill,
+                at_ms,
+                &command.identity,
+                reason,
+            );
+            Ok((
+                Outcome::Done,
+                format!("{environment}/{service}/{name}"),
+                format!("ok: {}: {reason}", if *enabled { "on" } else { "off" }),
+            ))
+        }
         CommandKind::StepStarted { step } => start_step(state, step, at_ms),
         CommandKind::StepFinished {
             step,
@@ -254,15 +275,19 @@ fn register_release(
     ))
 }
 
-fn start_change(
-    state: &mut State,
-    command: &Command,
-    service: &str,
-    version: &str,
-    requested_hosts: &[String],
-    reason: &str,
-    baseline: HealthAggregate,
-) -> Result<(Outcome, String, String)> {
+fn start_change(state: &mut State, command: &Command) -> Result<(Outcome, String, String)> {
+    let CommandKind::StartChange {
+        service,
+        version,
+        host_ids: requested_hosts,
+        reason,
+        baseline,
+        flags_on,
+    } = &command.kind
+    else {
+        unreachable!("called for StartChange commands only");
+    };
+    let (service, version, baseline) = (service.as_str(), version.as_str(), *baseline);
     require_service(state, service)?;
     let versions = state.releases.get(service);
     if !versions.is_some_and(|versions| versions.contains_key(version)) {
@@ -307,6 +332,25 @@ fn start_change(
     let previous_version = current_version(state, service);
     state.next_change += 1;
     let number = state.next_change;
+    let environment = crate::plan::environment_of_hosts(state, &host_ids);
+    let mut flags = Vec::with_capacity(flags_on.len());
+    for name in flags_on {
+        let before = state
+            .flag(&environment, service, name)
+            .map(|flag| flag.enabled);
+        flags.push(FlagChangeRecord {
+            name: name.clone(),
+            before,
+        });
+        state.put_flag(
+            [&environment, service, name],
+            true,
+            false,
+            command.at_ms,
+            &command.identity,
+            &format!("turned on by {}", change_id(number)),
+        );
+    }
     let hosts = host_ids
         .iter()
         .map(|host_id| ChangeHostRecord {
@@ -331,6 +375,8 @@ fn start_change(
             started_by: command.identity.clone(),
             reason: reason.to_string(),
             rollback: 0,
+            environment,
+            flags,
         },
     );
     let audit = format!(
@@ -777,8 +823,37 @@ fn start_rollback(
         outcome_detail: String::new(),
         failed_hosts: Vec::new(),
         skipped_hosts: Vec::new(),
+        flags_reverted: Vec::new(),
     };
     state.rollbacks.insert(number, rollback);
+    // Flags first: a kill switch takes effect before any host is touched.
+    let mut flags_reverted = Vec::new();
+    for change_number in &plan.changes {
+        let Some(change) = state.changes.get(change_number).cloned() else {
+            continue;
+        };
+        for flag in &change.flags {
+            let value = flag.before.unwrap_or(false);
+            state.put_flag(
+                [&change.environment, &change.service, &flag.name],
+                value,
+                false,
+                command.at_ms,
+                &command.identity,
+                &format!("turned back by {} before any wave", rollback_id(number)),
+            );
+            flags_reverted.push(format!(
+                "{}/{}/{} -> {}",
+                change.environment,
+                change.service,
+                flag.name,
+                if value { "on" } else { "off" }
+            ));
+        }
+    }
+    if let Some(rollback) = state.rollbacks.get_mut(&number) {
+        rollback.flags_reverted = flags_reverted;
+    }
     for change_number in &plan.changes {
         if let Some(change) = state.changes.get_mut(change_number) {
             change.rollback = number;

@@ -145,6 +145,7 @@ fn start_change(version: &str) -> CommandKind {
         host_ids: vec![],
         reason: "release".into(),
         baseline: HealthAggregate::default(),
+        flags_on: vec![],
     }
 }
 
@@ -455,6 +456,7 @@ fn rejected_commands_change_nothing_but_the_applied_index() {
             host_ids: vec![],
             reason: String::new(),
             baseline: HealthAggregate::default(),
+            flags_on: vec![],
         },
         CommandKind::StartChange {
             service: "web".into(),
@@ -462,6 +464,7 @@ fn rejected_commands_change_nothing_but_the_applied_index() {
             host_ids: vec!["ghost".into()],
             reason: String::new(),
             baseline: HealthAggregate::default(),
+            flags_on: vec![],
         },
         CommandKind::RegisterRelease {
             release: release("v1", 'b'),

@@ -42,6 +42,18 @@ pub enum CommandKind {
         host_ids: Vec<String>,
         reason: String,
         baseline: HealthAggregate,
+        /// Flags of the service the change turns on.
+        #[serde(default)]
+        flags_on: Vec<String>,
+    },
+    /// Sets a feature flag; `kill` marks an emergency off (a kill switch).
+    SetFlag {
+        environment: String,
+        service: String,
+        name: String,
+        enabled: bool,
+        kill: bool,
+        reason: String,
     },
     StepStarted {
         step: StepTarget,
@@ -258,6 +270,8 @@ impl CommandKind {
             Self::StartRollback { .. } => "rollback.start",
             Self::SkipHost { .. } => "rollback.skip-host",
             Self::AutoTrigger { .. } => "trigger",
+            Self::SetFlag { kill: true, .. } => "flag.kill",
+            Self::SetFlag { .. } => "flag.set",
             Self::ResetBreaker { .. } => "trigger.reset-breaker",
             Self::EscalationDelivered { .. } => "rollback.escalation",
             Self::TransferLeader { .. } => "cluster.transfer-leader",

@@ -45,6 +45,28 @@ pub struct State {
     /// person resets it (that smells like a monitoring fault, not N bad releases).
     #[serde(default)]
     pub breaker: Option<BreakerRecord>,
+    /// Feature flags: environment -> service -> flag.
+    #[serde(default)]
+    pub flags: BTreeMap<String, BTreeMap<String, BTreeMap<String, FlagRecord>>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FlagRecord {
+    pub enabled: bool,
+    /// Last set by a kill switch.
+    pub killed: bool,
+    pub updated_at_ms: u64,
+    pub updated_by: String,
+    pub reason: String,
+    /// Log index of its last change: the leader pushes flags changed after what it pushed.
+    pub changed_at_index: u64,
+}
+
+/// A flag a change turned on, and its value before (None: it did not exist).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FlagChangeRecord {
+    pub name: String,
+    pub before: Option<bool>,
 }
 
 /// Where a request for an automatic rollback came from.
@@ -290,6 +312,12 @@ pub struct ChangeRecord {
     pub reason: String,
     /// Number of the rollback reverting this change, 0 if none.
     pub rollback: u64,
+    /// Environment of its hosts; flags it turns on live there.
+    #[serde(default)]
+    pub environment: String,
+    /// Flags it turned on; its rollback turns them back before any wave.
+    #[serde(default)]
+    pub flags: Vec<FlagChangeRecord>,
 }
 
 impl ChangeRecord {
@@ -468,6 +496,9 @@ pub struct RollbackRecord {
     pub failed_hosts: Vec<String>,
     /// Hosts an operator chose to leave unreverted.
     pub skipped_hosts: Vec<String>,
+    /// Flags turned back when it started: `environment/service/flag -> on|off`.
+    #[serde(default)]
+    pub flags_reverted: Vec<String>,
 }
 
 impl RollbackRecord {
@@ -524,6 +555,40 @@ pub const MAX_ESCALATION_ATTEMPTS: u32 = 5;
 pub const MAX_TRIGGERS: usize = 1000;
 
 impl State {
+    pub fn flag(&self, environment: &str, service: &str, name: &str) -> Option<&FlagRecord> {
+        self.flags.get(environment)?.get(service)?.get(name)
+    }
+
+    /// Sets a flag, stamped with who, when, why and the current log index.
+    pub fn put_flag(
+        &mut self,
+        key: [&str; 3],
+        enabled: bool,
+        killed: bool,
+        at_ms: u64,
+        by: &str,
+        reason: &str,
+    ) {
+        let [environment, service, name] = key;
+        let index = self.applied_index;
+        self.flags
+            .entry(environment.to_string())
+            .or_default()
+            .entry(service.to_string())
+            .or_default()
+            .insert(
+                name.to_string(),
+                FlagRecord {
+                    enabled,
+                    killed,
+                    updated_at_ms: at_ms,
+                    updated_by: by.to_string(),
+                    reason: reason.to_string(),
+                    changed_at_index: index,
+                },
+            );
+    }
+
     /// Opens an escalation and returns its id.
     pub fn escalate(
         &mut self,
