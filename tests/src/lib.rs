@@ -14,6 +14,7 @@ use rewind_shared::tls::TlsFiles;
 use tonic::transport::{Channel, Endpoint};
 
 pub mod netns;
+pub mod sim;
 pub use netns::PrivateNet;
 
 static BUILD: Once = Once::new();

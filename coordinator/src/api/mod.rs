@@ -21,7 +21,6 @@ use rewind_proto::v1::raft_service_server::RaftServiceServer;
 use rewind_shared::tls::TlsFiles;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Status};
 use tracing::warn;
@@ -211,7 +210,12 @@ pub async fn serve(
         .add_service(InterceptedService::new(agents, leader_only))
         .add_service(raft)
         .add_service(member)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        // No Nagle: a response larger than one segment would otherwise wait for the client's
+        // delayed ACK (40 ms on Linux) before its last part is sent.
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
         .await
         .map_err(|error| CoordinatorError::Storage(format!("serve: {error}")))
 }
