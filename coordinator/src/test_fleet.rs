@@ -47,6 +47,7 @@ impl Fleet {
                 name: name.into(),
                 depends_on: depends_on.iter().map(|name| name.to_string()).collect(),
                 policy: HealthPolicy::default(),
+                synthetics: vec![],
             },
         });
     }

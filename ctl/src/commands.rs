@@ -130,6 +130,10 @@ pub enum ServiceCommand {
         /// Never roll back automatically.
         #[arg(long)]
         no_auto_rollback: bool,
+        /// A synthetic check a rollback's gate runs after each wave (repeatable), as
+        /// `name=N,url=http://...[,method=POST][,body=...][,expect-status=200][,body-contains=TEXT][,max-latency-ms=2000]`.
+        #[arg(long = "synthetic", value_name = "CHECK", value_parser = parse_synthetic)]
+        synthetics: Vec<pb::SyntheticCheck>,
     },
     List,
     /// Current health figures of a service over the coordinator's window.
@@ -166,6 +170,38 @@ pub enum ReleaseCommand {
         #[arg(long, default_value = "")]
         service: String,
     },
+}
+
+fn parse_synthetic(text: &str) -> Result<pb::SyntheticCheck, String> {
+    let mut check = pb::SyntheticCheck::default();
+    for part in text.split(',') {
+        let (key, value) = part
+            .split_once('=')
+            .ok_or_else(|| format!("{part:?} must be key=value"))?;
+        let number = |value: &str| {
+            value
+                .parse::<u32>()
+                .map_err(|_| format!("{key}: {value:?} is not a whole number"))
+        };
+        match key {
+            "name" => check.name = value.into(),
+            "url" => check.url = value.into(),
+            "method" => check.method = value.into(),
+            "body" => check.body = value.into(),
+            "expect-status" => check.expect_status = number(value)?,
+            "body-contains" => check.body_contains = value.into(),
+            "max-latency-ms" => check.max_latency_ms = number(value)?,
+            other => {
+                return Err(format!(
+                    "unknown key {other:?}: use name, url, method, body, expect-status, body-contains, max-latency-ms"
+                ));
+            }
+        }
+    }
+    if check.name.is_empty() || check.url.is_empty() {
+        return Err("name= and url= are required".into());
+    }
+    Ok(check)
 }
 
 fn parse_requirement(text: &str) -> Result<(String, u32), String> {
@@ -513,6 +549,7 @@ async fn service(
             for_s,
             watch_s,
             no_auto_rollback,
+            synthetics,
         } => {
             let service = pb::Service {
                 name,
@@ -523,6 +560,7 @@ async fn service(
                     watch_s,
                     auto_rollback: !no_auto_rollback,
                 }),
+                synthetics,
             };
             let request = pb::PutServiceRequest {
                 request_id: request_id(),

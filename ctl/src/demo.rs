@@ -221,6 +221,7 @@ async fn run_loop(
         name: SERVICE.into(),
         depends_on: vec![],
         policy: Some(policy),
+        synthetics: vec![],
     };
     client
         .put_service(pb::PutServiceRequest {

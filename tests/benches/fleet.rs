@@ -106,6 +106,7 @@ async fn rollback_of_a_fleet(
                     watch_s: 600,
                     auto_rollback: false,
                 }),
+                synthetics: vec![],
             }),
         })
         .await
@@ -186,7 +187,10 @@ async fn rollback_of_a_fleet(
     let mut read_times = Vec::new();
     for _ in 0..20 {
         let begun = Instant::now();
-        client.list_services(pb::ListServicesRequest {}).await.unwrap();
+        client
+            .list_services(pb::ListServicesRequest {})
+            .await
+            .unwrap();
         read_times.push(begun.elapsed());
     }
     read_times.sort();

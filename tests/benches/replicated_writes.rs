@@ -93,6 +93,7 @@ async fn bench_rewind(dir: &Path, writes: usize) -> Vec<(usize, Figures)> {
         name: "bench".into(),
         depends_on: vec![],
         policy: None,
+        synthetics: vec![],
     };
     client
         .put_service(pb::PutServiceRequest {

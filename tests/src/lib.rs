@@ -785,6 +785,7 @@ pub async fn must_register_web(
         name: "web".into(),
         depends_on: vec![],
         policy: Some(policy),
+        synthetics: vec![],
     };
     client
         .put_service(pb::PutServiceRequest {

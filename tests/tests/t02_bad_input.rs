@@ -42,6 +42,7 @@ async fn bad_requests_are_refused_with_the_field_named_and_change_nothing() {
         name: "web".into(),
         depends_on: vec![],
         policy: None,
+        synthetics: vec![],
     };
     client
         .put_service(pb::PutServiceRequest {
@@ -77,6 +78,7 @@ async fn bad_requests_are_refused_with_the_field_named_and_change_nothing() {
         name: String::new(),
         depends_on: vec![],
         policy: None,
+        synthetics: vec![],
     };
     assert_status(
         client
@@ -97,6 +99,7 @@ async fn bad_requests_are_refused_with_the_field_named_and_change_nothing() {
             watch_s: 1,
             auto_rollback: true,
         }),
+        synthetics: vec![],
     };
     assert_status(
         client

@@ -67,6 +67,7 @@ async fn clients_without_a_certificate_or_from_another_ca_are_refused() {
         name: "web".into(),
         depends_on: vec![],
         policy: None,
+        synthetics: vec![],
     };
     client
         .put_service(pb::PutServiceRequest {

@@ -13,6 +13,7 @@ async fn acknowledged_writes_survive_kill_9_and_the_audit_chain_still_verifies()
             name: format!("svc-{index}"),
             depends_on: vec![],
             policy: None,
+            synthetics: vec![],
         };
         client
             .put_service(pb::PutServiceRequest {
@@ -51,6 +52,7 @@ async fn acknowledged_writes_survive_kill_9_and_the_audit_chain_still_verifies()
         name: "svc-0".into(),
         depends_on: vec!["svc-1".into()],
         policy: None,
+        synthetics: vec![],
     };
     client
         .put_service(pb::PutServiceRequest {

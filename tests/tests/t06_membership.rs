@@ -17,6 +17,7 @@ fn put_service(name: &str) -> pb::PutServiceRequest {
             name: name.into(),
             depends_on: vec![],
             policy: None,
+            synthetics: vec![],
         }),
     }
 }

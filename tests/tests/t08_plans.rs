@@ -26,16 +26,22 @@ impl Receiver {
     async fn start() -> Self {
         let received: Arc<Mutex<Vec<(HeaderMap, Bytes)>>> = Arc::default();
         let store = Arc::clone(&received);
-        let app = axum::Router::new().route(
-            "/hooks/rewind",
-            axum::routing::post(move |headers: HeaderMap, body: Bytes| {
-                let store = Arc::clone(&store);
-                async move {
-                    store.lock().unwrap().push((headers, body));
-                    StatusCode::OK
-                }
-            }),
-        );
+        let app = axum::Router::new()
+            .route(
+                "/hooks/rewind",
+                axum::routing::post(move |headers: HeaderMap, body: Bytes| {
+                    let store = Arc::clone(&store);
+                    async move {
+                        store.lock().unwrap().push((headers, body));
+                        StatusCode::OK
+                    }
+                }),
+            )
+            // A synthetic journey for web's gates to run.
+            .route(
+                "/journey/checkout",
+                axum::routing::get(|| async { "checkout ok" }),
+            );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
         tokio::spawn(async move { axum::serve(listener, app).await });
@@ -53,7 +59,11 @@ const FLEET: [(&str, &str, &str); 5] = [
     ("db-eu", "eu", "db"),
 ];
 
-async fn must_register(client: &mut ControlServiceClient<Channel>, hosts: &[TestHost]) {
+async fn must_register(
+    client: &mut ControlServiceClient<Channel>,
+    hosts: &[TestHost],
+    journey: &str,
+) {
     for (service, depends_on) in [("db", vec![]), ("api", vec!["db"]), ("web", vec!["api"])] {
         client
             .put_service(pb::PutServiceRequest {
@@ -67,6 +77,16 @@ async fn must_register(client: &mut ControlServiceClient<Channel>, hosts: &[Test
                         watch_s: 600,
                         auto_rollback: false,
                     }),
+                    synthetics: if service == "web" {
+                        vec![pb::SyntheticCheck {
+                            name: "checkout".into(),
+                            url: journey.to_string(),
+                            body_contains: "checkout ok".into(),
+                            ..Default::default()
+                        }]
+                    } else {
+                        vec![]
+                    },
                 }),
             })
             .await
@@ -201,7 +221,8 @@ async fn a_plan_reverts_consumers_first_region_by_region_and_a_failing_gate_esca
     }
     let mut client = coordinator.must_client().await;
     must_agents_connected(&client, hosts.len()).await;
-    must_register(&mut client, &hosts).await;
+    let journey = format!("http://{}/journey/checkout", receiver.address);
+    must_register(&mut client, &hosts, &journey).await;
     for version in ["v1", "v2"] {
         for service in ["db", "api", "web"] {
             must_deploy(&mut client, service, version).await;
@@ -334,7 +355,7 @@ async fn a_plan_reverts_consumers_first_region_by_region_and_a_failing_gate_esca
     assert!(
         paused
             .paused_reason
-            .starts_with("gate after wave 5 (db in eu) failed: not within tolerance"),
+            .starts_with("gate after wave 5 (db in eu) failed: after 5 s, not within tolerance"),
         "{}",
         paused.paused_reason
     );
@@ -378,6 +399,14 @@ async fn a_plan_reverts_consumers_first_region_by_region_and_a_failing_gate_esca
         "{rollback:?}"
     );
     assert_eq!(rollback.escalations.len(), 1, "one pause, one escalation");
+    for wave in rollback.waves.iter().filter(|wave| wave.service == "web") {
+        assert!(
+            wave.gate_detail
+                .contains("synthetic checks pass: checkout: 200 in"),
+            "web's gates ran its journey: {}",
+            wave.gate_detail
+        );
+    }
 
     // The agents' journals show the plan's order: each wave starts after the previous ended,
     // and on each host drain, restore, restart and undrain ran once, in that order.

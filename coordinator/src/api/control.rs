@@ -19,6 +19,8 @@ use crate::state_machine::*;
 const MAX_REASON_BYTES: usize = 1024;
 /// Most hosts one change may name explicitly.
 const MAX_HOSTS_PER_REQUEST: usize = 10_000;
+/// Most synthetic checks one service may have.
+const MAX_SYNTHETICS: usize = 16;
 /// Most flags one change may turn on.
 const MAX_FLAGS_PER_CHANGE: usize = 64;
 /// Most audit entries one call returns.
@@ -835,10 +837,81 @@ fn validate_service(service: pb::Service) -> Result<ServiceRecord, Status> {
             }
         }
     };
+    if service.synthetics.len() > MAX_SYNTHETICS {
+        return Err(invalid(
+            "service.synthetics",
+            format!("names more than {MAX_SYNTHETICS} checks"),
+        ));
+    }
+    let synthetics = service
+        .synthetics
+        .into_iter()
+        .map(validate_synthetic)
+        .collect::<Result<Vec<_>, Status>>()?;
     Ok(ServiceRecord {
         name: service.name,
         depends_on: service.depends_on,
         policy,
+        synthetics,
+    })
+}
+
+fn validate_synthetic(check: pb::SyntheticCheck) -> Result<SyntheticCheck, Status> {
+    names::validate_name("service.synthetics.name", &check.name).map_err(field_error)?;
+    let field = |what: &str| format!("service.synthetics[{}].{what}", check.name);
+    if !check.url.starts_with("http://") || check.url.len() > 2048 {
+        return Err(invalid(
+            &field("url"),
+            format!(
+                "{:?} must be an http:// URL of at most 2048 bytes",
+                check.url
+            ),
+        ));
+    }
+    let method = match check.method.to_ascii_uppercase().as_str() {
+        "" | "GET" => "GET",
+        "POST" => "POST",
+        other => {
+            return Err(invalid(
+                &field("method"),
+                format!("{other:?} is not GET or POST"),
+            ));
+        }
+    };
+    if check.body.len() > 65_536 || check.body_contains.len() > 1024 {
+        return Err(invalid(
+            &field("body"),
+            "at most 64 KiB of body and 1 KiB of expected text",
+        ));
+    }
+    let expect_status = match check.expect_status {
+        0 => 200,
+        status @ 100..=599 => status as u16,
+        other => {
+            return Err(invalid(
+                &field("expect_status"),
+                format!("{other} is not an HTTP status"),
+            ));
+        }
+    };
+    let max_latency_ms = match check.max_latency_ms {
+        0 => 2000,
+        latency @ 1..=60_000 => latency,
+        other => {
+            return Err(invalid(
+                &field("max_latency_ms"),
+                format!("is {other}, must be within 1..=60000"),
+            ));
+        }
+    };
+    Ok(SyntheticCheck {
+        name: check.name,
+        url: check.url,
+        method: method.to_string(),
+        body: check.body,
+        expect_status,
+        body_contains: check.body_contains,
+        max_latency_ms,
     })
 }
 

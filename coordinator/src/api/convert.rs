@@ -51,6 +51,19 @@ pub fn service(service: &ServiceRecord) -> pb::Service {
         name: service.name.clone(),
         depends_on: service.depends_on.clone(),
         policy: Some(policy(&service.policy)),
+        synthetics: service
+            .synthetics
+            .iter()
+            .map(|check| pb::SyntheticCheck {
+                name: check.name.clone(),
+                url: check.url.clone(),
+                method: check.method.clone(),
+                body: check.body.clone(),
+                expect_status: u32::from(check.expect_status),
+                body_contains: check.body_contains.clone(),
+                max_latency_ms: check.max_latency_ms,
+            })
+            .collect(),
     }
 }
 

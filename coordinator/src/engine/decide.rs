@@ -9,7 +9,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use crate::state_machine::{
     ChangeRecord, ChangeStatus, CommandKind, GateOptions, HealthAggregate, PlanOptions,
     RollbackRecord, RollbackStatus, RollbackStepKind, State, StepProgress, StepStatus, StepTarget,
-    ThrottleLimits, TriggerSource,
+    SyntheticCheck, ThrottleLimits, TriggerSource,
 };
 
 pub use crate::state_machine::MAX_ESCALATION_ATTEMPTS;
@@ -52,7 +52,23 @@ pub trait Observations {
     /// First report after `since_ms`: do all of the service's probes pass, and why.
     fn verdict_since(&self, host_id: &str, service: &str, since_ms: u64) -> Option<(bool, String)>;
     fn aggregate(&self, service: &str, hosts: &[String], since_ms: u64) -> HealthAggregate;
+    /// The latest result of the synthetic checks run for this gate since `since_ms`.
+    fn synthetics(&self, rollback: u64, wave: u32, since_ms: u64) -> Option<SyntheticVerdict>;
 }
+
+/// How a run of a service's synthetic checks went.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SyntheticVerdict {
+    pub ok: bool,
+    /// One phrase per check.
+    pub detail: String,
+    /// When the run began.
+    pub at_ms: u64,
+}
+
+/// Wait before running failing synthetic checks again, and before giving a run up as lost.
+pub const SYNTHETIC_RETRY_MS: u64 = 2_000;
+pub const SYNTHETIC_LOST_MS: u64 = 60_000;
 
 /// The engine's memory: not replicated, rebuilt empty by a new leader (which then resends
 /// running steps; agents answer those from their journals).
@@ -66,6 +82,8 @@ pub struct EngineMemory {
     pub escalations: HashMap<u64, u64>,
     /// Changes whose policy breach was already reported as a trigger: one per change.
     pub triggered: HashSet<u64>,
+    /// (rollback, wave) -> when its gate last asked for the synthetic checks.
+    pub synthetics: HashMap<(u64, u32), u64>,
 }
 
 /// What an agent is asked to do.
@@ -96,9 +114,15 @@ pub enum Action {
         service: String,
         action: AgentAction,
     },
-    /// Deliver a rollback's escalation by webhook.
+    /// Deliver an escalation by webhook.
     Escalate {
         escalation: u64,
+    },
+    /// Run a gate's synthetic checks; the result comes back through `Observations::synthetics`.
+    RunSynthetics {
+        rollback: u64,
+        wave: u32,
+        checks: Vec<SyntheticCheck>,
     },
 }
 
@@ -127,6 +151,15 @@ pub fn decide(
     {
         drive_rollback(state, rollback, &mut driver);
     }
+    // Forget synthetic runs of gates that are no longer running.
+    driver.memory.synthetics.retain(|(rollback, wave), _| {
+        state.rollbacks.get(rollback).is_some_and(|record| {
+            record
+                .waves
+                .get(*wave as usize)
+                .is_some_and(|gate| gate.gate.status == StepStatus::Running)
+        })
+    });
     // Forget sends of steps that are no longer running, so the memory stays bounded.
     let running = std::mem::take(&mut driver.running);
     driver
@@ -436,21 +469,36 @@ fn drive_rollback(
                 })
                 .cloned()
                 .collect();
-            judge_gate(rollback, change, wave_index, &reverted, driver);
+            let checks = state
+                .services
+                .get(&wave.service)
+                .map(|service| service.synthetics.as_slice())
+                .unwrap_or_default();
+            let gate = GateTarget {
+                wave: wave_index,
+                hosts: &reverted,
+                checks,
+            };
+            judge_gate(rollback, change, gate, driver);
         }
         _ => {}
     }
 }
 
 /// The gate after a wave: the wave's reverted hosts must report a probe failure ratio within
-/// the tolerance of the change's baseline over the last `settle_s`, before `timeout_s` passes.
+/// the tolerance of the change's baseline over the last `settle_s`, and the service's synthetic
+/// checks (if any) must pass after that, before `timeout_s` passes.
 fn judge_gate(
     rollback: &RollbackRecord,
     change: &ChangeRecord,
-    wave: u32,
-    hosts: &[String],
+    gate: GateTarget<'_>,
     driver: &mut Driver<'_, impl Observations>,
 ) {
+    let GateTarget {
+        wave,
+        hosts,
+        checks,
+    } = gate;
     let options = &rollback.options.gate;
     let progress = &rollback.waves[wave as usize].gate;
     let service = &rollback.waves[wave as usize].service;
@@ -476,21 +524,59 @@ fn judge_gate(
         change.baseline.probe_failure_ratio,
         options.tolerance
     );
-    let passed = health.samples > 0 && health.probe_failure_ratio <= limit + f64::EPSILON;
-    let (ok, detail) = if passed {
-        (true, format!("healthy: {figures}"))
-    } else if waited_ms > u64::from(options.timeout_s) * 1000 {
-        let why = if health.samples == 0 {
-            "no health reports".to_string()
-        } else {
-            "not within tolerance of the baseline".to_string()
-        };
-        (
-            false,
-            format!("{why} after {} s: {figures}", options.timeout_s),
-        )
+    let healthy = health.samples > 0 && health.probe_failure_ratio <= limit + f64::EPSILON;
+    // Synthetic checks run once health has settled, and again while they fail.
+    let synthetic = if checks.is_empty() {
+        Some(SyntheticVerdict {
+            ok: true,
+            detail: String::new(),
+            at_ms: driver.now_ms,
+        })
     } else {
-        return;
+        driver
+            .seen
+            .synthetics(rollback.number, wave, progress.started_at_ms)
+    };
+    if healthy && !synthetic.as_ref().is_some_and(|verdict| verdict.ok) {
+        let key = (rollback.number, wave);
+        let due = match (&synthetic, driver.memory.synthetics.get(&key)) {
+            (_, None) => true,
+            // A failed run is tried again after a pause; a lost one after a long one.
+            (Some(_), Some(&asked)) => driver.now_ms.saturating_sub(asked) >= SYNTHETIC_RETRY_MS,
+            (None, Some(&asked)) => driver.now_ms.saturating_sub(asked) >= SYNTHETIC_LOST_MS,
+        };
+        if due {
+            driver.memory.synthetics.insert(key, driver.now_ms);
+            driver.actions.push(Action::RunSynthetics {
+                rollback: rollback.number,
+                wave,
+                checks: checks.to_vec(),
+            });
+        }
+    }
+    let (ok, detail) = match &synthetic {
+        Some(verdict) if healthy && verdict.ok => {
+            let synthetic = if verdict.detail.is_empty() {
+                String::new()
+            } else {
+                format!("; synthetic checks pass: {}", verdict.detail)
+            };
+            (true, format!("healthy: {figures}{synthetic}"))
+        }
+        _ if waited_ms > u64::from(options.timeout_s) * 1000 => {
+            let why = if health.samples == 0 {
+                format!("no health reports: {figures}")
+            } else if !healthy {
+                format!("not within tolerance of the baseline: {figures}")
+            } else {
+                match &synthetic {
+                    Some(verdict) => format!("synthetic checks fail: {}", verdict.detail),
+                    None => "the synthetic checks gave no result".to_string(),
+                }
+            };
+            (false, format!("after {} s, {why}", options.timeout_s))
+        }
+        _ => return,
     };
     driver.propose(CommandKind::StepFinished {
         step: StepTarget::Gate {
@@ -501,6 +587,13 @@ fn judge_gate(
         detail,
         snapshot_id: String::new(),
     });
+}
+
+/// What a gate judges: the wave, its reverted hosts, the service's synthetic checks.
+struct GateTarget<'a> {
+    wave: u32,
+    hosts: &'a [String],
+    checks: &'a [SyntheticCheck],
 }
 
 fn verify_host(

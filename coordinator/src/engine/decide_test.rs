@@ -10,6 +10,7 @@ struct Seen {
     sessions: HashMap<String, u64>,
     verdicts: HashMap<String, (bool, String)>,
     failure_ratio: f64,
+    synthetic: Option<SyntheticVerdict>,
 }
 
 impl Observations for Seen {
@@ -30,6 +31,11 @@ impl Observations for Seen {
             samples: 10,
             hosts_reporting: hosts.len() as u32,
         }
+    }
+    fn synthetics(&self, _rollback: u64, _wave: u32, since_ms: u64) -> Option<SyntheticVerdict> {
+        self.synthetic
+            .clone()
+            .filter(|verdict| verdict.at_ms >= since_ms)
     }
 }
 
@@ -91,6 +97,7 @@ impl World {
                 name: "web".into(),
                 depends_on: vec![],
                 policy,
+                synthetics: vec![],
             },
         });
         world.apply(CommandKind::RegisterRelease {
@@ -421,6 +428,103 @@ fn a_wave_passes_its_gate_once_health_settles_near_the_baseline() {
         rollback.waves[0].gate.detail
     );
     assert_eq!(world.state.changes[&1].status, ChangeStatus::RolledBack);
+}
+
+#[test]
+fn a_gate_with_synthetic_checks_runs_them_after_health_settles_and_needs_them_to_pass() {
+    let mut world = World::new();
+    let mut service = world.state.services["web"].clone();
+    service.synthetics = vec![SyntheticCheck {
+        name: "checkout".into(),
+        url: "http://127.0.0.1:1/checkout".into(),
+        method: "GET".into(),
+        body: String::new(),
+        expect_status: 200,
+        body_contains: "ok".into(),
+        max_latency_ms: 500,
+    }];
+    world.apply(CommandKind::PutService { service });
+    world.deployed();
+    world.start_rollback(3);
+    revert_every_host(&mut world);
+    world.run_tick(1_000); // the gate starts
+    let runs = |actions: &[Action]| {
+        actions
+            .iter()
+            .filter(|action| matches!(action, Action::RunSynthetics { .. }))
+            .count()
+    };
+    assert_eq!(runs(&world.run_tick(3_500)), 1, "asked once health settled");
+    assert_eq!(
+        runs(&world.run_tick(4_000)),
+        0,
+        "not again while the run is under way"
+    );
+    assert_eq!(world.state.rollbacks[&1].status, RollbackStatus::Running);
+    world.seen.synthetic = Some(SyntheticVerdict {
+        ok: false,
+        detail: "checkout: expected 200, got 503".into(),
+        at_ms: 3_500,
+    });
+    assert_eq!(
+        runs(&world.run_tick(5_000)),
+        0,
+        "a failed run waits before the next"
+    );
+    assert_eq!(runs(&world.run_tick(5_600)), 1, "then runs again");
+    world.seen.synthetic = Some(SyntheticVerdict {
+        ok: true,
+        detail: "checkout: 200 in 12 ms".into(),
+        at_ms: 5_600,
+    });
+    world.run_tick(6_000);
+    let rollback = &world.state.rollbacks[&1];
+    assert_eq!(rollback.status, RollbackStatus::Succeeded);
+    assert!(
+        rollback.waves[0]
+            .gate
+            .detail
+            .contains("synthetic checks pass: checkout: 200 in 12 ms"),
+        "{}",
+        rollback.waves[0].gate.detail
+    );
+}
+
+#[test]
+fn failing_synthetic_checks_fail_the_gate_at_its_timeout() {
+    let mut world = World::new();
+    let mut service = world.state.services["web"].clone();
+    service.synthetics = vec![SyntheticCheck {
+        name: "login".into(),
+        url: "http://127.0.0.1:1/login".into(),
+        method: "POST".into(),
+        body: "{}".into(),
+        expect_status: 200,
+        body_contains: String::new(),
+        max_latency_ms: 500,
+    }];
+    world.apply(CommandKind::PutService { service });
+    world.deployed();
+    world.start_rollback(3);
+    revert_every_host(&mut world);
+    world.run_tick(1_000);
+    world.seen.synthetic = Some(SyntheticVerdict {
+        ok: false,
+        detail: "login: expected 200, got 500".into(),
+        at_ms: 3_000,
+    });
+    world.run_tick(5_000);
+    assert_eq!(world.state.rollbacks[&1].status, RollbackStatus::Running);
+    world.run_tick(12_000);
+    let rollback = &world.state.rollbacks[&1];
+    assert_eq!(rollback.status, RollbackStatus::Paused);
+    assert!(
+        rollback
+            .paused_reason
+            .contains("synthetic checks fail: login: expected 200, got 500"),
+        "{}",
+        rollback.paused_reason
+    );
 }
 
 #[test]

@@ -10,6 +10,7 @@ mod decide;
 mod decide_test;
 mod escalation;
 pub mod silences;
+mod synthetics;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,7 +21,7 @@ use tracing::{debug, info};
 
 pub use decide::{
     Action, AgentAction, ESCALATION_RETRY_MS, EngineLimits, EngineMemory, MAX_ESCALATION_ATTEMPTS,
-    Observations, decide,
+    Observations, SyntheticVerdict, decide,
 };
 pub use escalation::{SIGNATURE_HEADER, TIMESTAMP_HEADER, sign};
 
@@ -45,6 +46,7 @@ pub struct Engine {
 struct Live<'a> {
     sessions: &'a Sessions,
     health: &'a HealthBook,
+    synthetics: &'a synthetics::SyntheticRuns,
 }
 
 impl Observations for Live<'_> {
@@ -59,6 +61,10 @@ impl Observations for Live<'_> {
     fn aggregate(&self, service: &str, hosts: &[String], since_ms: u64) -> HealthAggregate {
         self.health.aggregate(service, hosts, since_ms)
     }
+
+    fn synthetics(&self, rollback: u64, wave: u32, since_ms: u64) -> Option<SyntheticVerdict> {
+        self.synthetics.latest(rollback, wave, since_ms)
+    }
 }
 
 impl Engine {
@@ -66,6 +72,7 @@ impl Engine {
         let mut applied = self.node.subscribe();
         let mut status = self.status.clone();
         let mut memory = EngineMemory::default();
+        let synthetics = Arc::new(synthetics::SyntheticRuns::default());
         tokio::pin!(shutdown);
         info!("Engine started.");
         loop {
@@ -85,7 +92,7 @@ impl Engine {
                 }
                 continue;
             }
-            let refused = self.tick_once(&mut memory).await;
+            let refused = self.tick_once(&mut memory, &synthetics).await;
             if refused {
                 // The same decision would be refused again at once: wait a whole tick rather
                 // than spin on the log.
@@ -105,11 +112,16 @@ impl Engine {
     }
 
     /// Decides and acts once; returns whether any proposal was refused.
-    async fn tick_once(&self, memory: &mut EngineMemory) -> bool {
+    async fn tick_once(
+        &self,
+        memory: &mut EngineMemory,
+        synthetics: &Arc<synthetics::SyntheticRuns>,
+    ) -> bool {
         let now_ms = rewind_shared::time::now_ms();
         let seen = Live {
             sessions: &self.sessions,
             health: &self.health,
+            synthetics,
         };
         let actions = self
             .node
@@ -119,10 +131,17 @@ impl Engine {
             term: self.node.generation(),
             timeout_ms: self.limits.step_timeout_ms,
         };
+        // Keep results only for gates the memory still tracks (those still running).
+        synthetics.retain(|rollback, wave| memory.synthetics.contains_key(&(rollback, wave)));
         let mut refused = false;
         for action in actions {
             match action {
                 Action::Propose(kind) => refused |= !self.propose(kind).await,
+                Action::RunSynthetics {
+                    rollback,
+                    wave,
+                    checks,
+                } => synthetics.spawn_run(rollback, wave, checks),
                 Action::Escalate { escalation } => {
                     if let Some(config) = &self.escalation {
                         let delivery =

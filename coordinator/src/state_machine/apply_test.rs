@@ -56,6 +56,7 @@ impl Harness {
                 name: "web".into(),
                 depends_on: vec![],
                 policy: HealthPolicy::default(),
+                synthetics: vec![],
             },
         });
         for version in ["v1", "v2"] {
@@ -484,6 +485,7 @@ fn rejected_commands_change_nothing_but_the_applied_index() {
                 name: "db".into(),
                 depends_on: vec!["db".into()],
                 policy: HealthPolicy::default(),
+                synthetics: vec![],
             },
         },
     ];
@@ -552,6 +554,7 @@ fn dependency_cycles_are_refused_with_the_path() {
             name: name.into(),
             depends_on: depends_on.iter().map(|name| name.to_string()).collect(),
             policy: HealthPolicy::default(),
+            synthetics: vec![],
         },
     };
     harness.must(service("api", &["db"]));

@@ -217,6 +217,23 @@ pub struct ServiceRecord {
     pub name: String,
     pub depends_on: Vec<String>,
     pub policy: HealthPolicy,
+    /// Journeys a rollback's gate runs after each wave of this service.
+    #[serde(default)]
+    pub synthetics: Vec<SyntheticCheck>,
+}
+
+/// A synthetic transaction: one HTTP request and what its answer must be.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SyntheticCheck {
+    pub name: String,
+    pub url: String,
+    /// `GET` or `POST`.
+    pub method: String,
+    pub body: String,
+    pub expect_status: u16,
+    /// Empty: any body.
+    pub body_contains: String,
+    pub max_latency_ms: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -1,0 +1,134 @@
+//! Synthetic transactions for health gates: the leader makes each configured HTTP request and
+//! checks the status, the body and the latency. Results are kept per gate in memory (a new leader
+//! runs them again) and read by `decide()` through `Observations::synthetics`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tracing::{debug, info};
+
+use super::decide::SyntheticVerdict;
+use crate::state_machine::{SyntheticCheck, rollback_id};
+
+/// Most bytes of an answer's body read to look for the expected text.
+const MAX_BODY_BYTES: usize = 1 << 20;
+
+#[derive(Default)]
+pub struct SyntheticRuns {
+    results: Mutex<HashMap<(u64, u32), SyntheticVerdict>>,
+}
+
+impl SyntheticRuns {
+    fn results(&self) -> std::sync::MutexGuard<'_, HashMap<(u64, u32), SyntheticVerdict>> {
+        self.results
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The latest run for this gate that began at or after `since_ms`.
+    pub fn latest(&self, rollback: u64, wave: u32, since_ms: u64) -> Option<SyntheticVerdict> {
+        self.results()
+            .get(&(rollback, wave))
+            .filter(|verdict| verdict.at_ms >= since_ms)
+            .cloned()
+    }
+
+    /// Keeps only the results `keep` wants (gates still running), so memory stays bounded.
+    pub fn retain(&self, keep: impl Fn(u64, u32) -> bool) {
+        self.results()
+            .retain(|(rollback, wave), _| keep(*rollback, *wave));
+    }
+
+    /// Runs every check at once, in the background, and records the verdict.
+    pub fn spawn_run(self: &Arc<Self>, rollback: u64, wave: u32, checks: Vec<SyntheticCheck>) {
+        let runs = Arc::clone(self);
+        tokio::spawn(async move {
+            let at_ms = rewind_shared::time::now_ms();
+            let client = match reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+            {
+                Ok(client) => client,
+                Err(error) => {
+                    let verdict = SyntheticVerdict {
+                        ok: false,
+                        detail: format!("cannot build an HTTP client: {error}"),
+                        at_ms,
+                    };
+                    runs.results().insert((rollback, wave), verdict);
+                    return;
+                }
+            };
+            let outcomes =
+                futures::future::join_all(checks.iter().map(|check| run_check(&client, check)))
+                    .await;
+            let ok = outcomes.iter().all(Result::is_ok);
+            let detail = outcomes
+                .into_iter()
+                .map(|outcome| outcome.unwrap_or_else(|failure| failure))
+                .collect::<Vec<_>>()
+                .join("; ");
+            if ok {
+                debug!(
+                    rollback_id = rollback_id(rollback),
+                    wave, detail, "Synthetic checks pass."
+                );
+            } else {
+                info!(
+                    rollback_id = rollback_id(rollback),
+                    wave, detail, "Synthetic checks fail."
+                );
+            }
+            runs.results()
+                .insert((rollback, wave), SyntheticVerdict { ok, detail, at_ms });
+        });
+    }
+}
+
+/// One check: Ok with what passed, Err with what did not, each naming the check.
+async fn run_check(client: &reqwest::Client, check: &SyntheticCheck) -> Result<String, String> {
+    let name = &check.name;
+    let limit = Duration::from_millis(u64::from(check.max_latency_ms));
+    let request = if check.method == "POST" {
+        client.post(&check.url).body(check.body.clone())
+    } else {
+        client.get(&check.url)
+    };
+    let started = Instant::now();
+    // A little past the limit, so a slow answer is reported as slow rather than as a timeout.
+    let response = request
+        .timeout(limit + Duration::from_secs(1))
+        .send()
+        .await
+        .map_err(|error| format!("{name}: {} {}: {error}", check.method, check.url))?;
+    let status = response.status().as_u16();
+    let mut body = Vec::new();
+    let mut response = response;
+    while let Ok(Some(chunk)) = response.chunk().await {
+        body.extend_from_slice(&chunk);
+        if body.len() >= MAX_BODY_BYTES {
+            break;
+        }
+    }
+    let took = started.elapsed();
+    if status != check.expect_status {
+        return Err(format!(
+            "{name}: expected {}, got {status}",
+            check.expect_status
+        ));
+    }
+    if !check.body_contains.is_empty()
+        && !String::from_utf8_lossy(&body).contains(&check.body_contains)
+    {
+        return Err(format!("{name}: the body lacks {:?}", check.body_contains));
+    }
+    if took > limit {
+        return Err(format!(
+            "{name}: {status} in {} ms, slower than {} ms",
+            took.as_millis(),
+            check.max_latency_ms
+        ));
+    }
+    Ok(format!("{name}: {status} in {} ms", took.as_millis()))
+}
