@@ -177,6 +177,10 @@ impl Agent {
         inbound: &mut tonic::Streaming<pb::CoordinatorMessage>,
         outbound: &mpsc::Sender<pb::AgentMessage>,
     ) -> anyhow::Result<()> {
+        // (service, flag) -> (enabled, log index) of each update this session applied: a
+        // snapshot read before an update must not undo it.
+        let mut updated: std::collections::HashMap<(String, String), (bool, u64)> =
+            std::collections::HashMap::new();
         while let Some(received) = inbound.next().await {
             match received?.body {
                 Some(coordinator_message::Body::Step(step)) => {
@@ -196,6 +200,10 @@ impl Agent {
                     );
                 }
                 Some(coordinator_message::Body::Flag(update)) => {
+                    updated.insert(
+                        (update.service.clone(), update.flag.clone()),
+                        (update.enabled, update.index),
+                    );
                     match self.executor.set_flag(&update) {
                         Ok(()) => {
                             info!(service = %update.service, flag = %update.flag, enabled = update.enabled, "Flag set.")
@@ -203,7 +211,12 @@ impl Agent {
                         Err(error) => warn!(%error, flag = %update.flag, "Flag update refused."),
                     }
                 }
-                Some(coordinator_message::Body::Flags(snapshot)) => {
+                Some(coordinator_message::Body::Flags(mut snapshot)) => {
+                    for ((service, flag), (enabled, index)) in &updated {
+                        if *service == snapshot.service && *index > snapshot.index {
+                            snapshot.flags.insert(flag.clone(), *enabled);
+                        }
+                    }
                     match self
                         .executor
                         .replace_flags(&snapshot.service, &snapshot.flags)

@@ -244,6 +244,7 @@ fn flag_updates_rewrite_the_flags_file() {
         service: "web".into(),
         flag: flag.into(),
         enabled,
+        index: 0,
     };
     fixture
         .executor

@@ -7,12 +7,12 @@ use std::sync::Arc;
 
 use rewind_proto::v1::{self as pb, coordinator_message};
 use tokio::sync::watch;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::node::NodeHandle;
 use crate::node::raft::RaftStatus;
 use crate::plan::DEFAULT_ENVIRONMENT;
-use crate::sessions::Sessions;
+use crate::sessions::{SendError, Sessions};
 use crate::state_machine::State;
 
 fn environment(state: &State, host_id: &str) -> String {
@@ -42,6 +42,7 @@ pub fn snapshots_for(state: &State, host_id: &str) -> Vec<pb::FlagSnapshot> {
                     .iter()
                     .map(|(name, flag)| (name.clone(), flag.enabled))
                     .collect(),
+                index: state.applied_index,
             })
         })
         .collect()
@@ -49,15 +50,18 @@ pub fn snapshots_for(state: &State, host_id: &str) -> Vec<pb::FlagSnapshot> {
 
 /// Flag changes after `after_index`, as (host, update) pairs for every host they concern.
 pub fn updates_since(state: &State, after_index: u64) -> Vec<(String, pb::FlagUpdate)> {
-    let mut changed: BTreeMap<(&str, &str), Vec<(&str, bool)>> = BTreeMap::new();
+    // (environment, service) -> (flag, enabled, log index of the change)
+    type Changed<'a> = BTreeMap<(&'a str, &'a str), Vec<(&'a str, bool, u64)>>;
+    let mut changed: Changed<'_> = BTreeMap::new();
     for (environment, services) in &state.flags {
         for (service, flags) in services {
             for (name, flag) in flags {
                 if flag.changed_at_index > after_index {
-                    changed
-                        .entry((environment, service))
-                        .or_default()
-                        .push((name, flag.enabled));
+                    changed.entry((environment, service)).or_default().push((
+                        name,
+                        flag.enabled,
+                        flag.changed_at_index,
+                    ));
                 }
             }
         }
@@ -72,13 +76,14 @@ pub fn updates_since(state: &State, after_index: u64) -> Vec<(String, pb::FlagUp
             let Some(flags) = changed.get(&(host_environment.as_str(), service.as_str())) else {
                 continue;
             };
-            for (name, enabled) in flags {
+            for (name, enabled, index) in flags {
                 updates.push((
                     host.host_id.clone(),
                     pb::FlagUpdate {
                         service: service.clone(),
                         flag: name.to_string(),
                         enabled: *enabled,
+                        index: *index,
                     },
                 ));
             }
@@ -107,9 +112,18 @@ pub async fn push_changes(
                 let message = pb::CoordinatorMessage {
                     body: Some(coordinator_message::Body::Flag(update)),
                 };
-                if let Err(error) = sessions.send(&host_id, message) {
+                match sessions.send(&host_id, message) {
+                    Ok(_) => {}
                     // A disconnected agent gets the snapshot when it registers again.
-                    debug!(%error, host_id, "Flag update not sent.");
+                    Err(SendError::NotConnected(_)) => {
+                        debug!(host_id, "Flag update not sent: the agent is not connected.");
+                    }
+                    // Never leave an agent with a stale flag: end its session, so it
+                    // reconnects and gets every flag afresh.
+                    Err(error @ SendError::Busy(_)) => {
+                        warn!(%error, host_id, "Flag update not queued; closing the session so the agent resyncs.");
+                        sessions.drop_host(&host_id);
+                    }
                 }
             }
             if count > 0 {

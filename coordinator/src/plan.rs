@@ -162,19 +162,29 @@ pub fn build(
         .iter()
         .flat_map(|service| {
             let change = by_service[service];
-            change.flags.iter().map(move |flag| {
-                format!(
-                    "{}/{}/{} -> {}",
-                    change.environment,
-                    change.service,
-                    flag.name,
-                    if flag.before.unwrap_or(false) {
-                        "on"
-                    } else {
-                        "off"
-                    }
-                )
-            })
+            // Only flags the change still owns: a later kill switch or person's choice stays.
+            let owned = move |name: &str| {
+                state
+                    .flag(&change.environment, &change.service, name)
+                    .is_some_and(|current| current.by_change == change.number)
+            };
+            change
+                .flags
+                .iter()
+                .filter(move |flag| owned(&flag.name))
+                .map(move |flag| {
+                    format!(
+                        "{}/{}/{} -> {}",
+                        change.environment,
+                        change.service,
+                        flag.name,
+                        if flag.before.unwrap_or(false) {
+                            "on"
+                        } else {
+                            "off"
+                        }
+                    )
+                })
         })
         .collect();
     let mut plan = Plan {
@@ -201,13 +211,20 @@ fn revertible_change(state: &State, number: u64, trigger: Trigger) -> Result<&Ch
         .changes
         .get(&number)
         .ok_or_else(|| unknown_change(state, number))?;
-    // A snapshot taken before an older change would also undo every newer one, silently.
-    if let Some(latest) = state
-        .changes
-        .values()
-        .rev()
-        .find(|other| other.service == change.service)
-        && latest.number != number
+    // A snapshot taken before an older change would also undo every newer one on the same
+    // hosts, silently. (A newer change elsewhere, say in another environment, does not count.)
+    let hosts: BTreeSet<&str> = change
+        .hosts
+        .iter()
+        .map(|host| host.host_id.as_str())
+        .collect();
+    if let Some(latest) = state.changes.values().rev().find(|other| {
+        other.service == change.service
+            && other
+                .hosts
+                .iter()
+                .any(|host| hosts.contains(host.host_id.as_str()))
+    }) && latest.number != number
     {
         return Err(CoordinatorError::NotLatestChange {
             change_id: change.id(),
@@ -477,7 +494,8 @@ fn incompatibilities(
     found
 }
 
-/// sha256 over what the plan does (changes, options, waves), not over notes or readiness.
+/// sha256 over what the plan does (changes, options, waves, flags) and the problems it would be
+/// forced past, not over notes or readiness.
 pub fn plan_hash(plan: &Plan) -> String {
     #[derive(Serialize)]
     struct Hashed<'a> {
@@ -486,6 +504,8 @@ pub fn plan_hash(plan: &Plan) -> String {
         waves: &'a [PlannedWave],
         flags: &'a [String],
         steps_per_host: &'a [RollbackStepKind],
+        /// So `--force` overrides only the problems the operator was shown.
+        incompatibilities: &'a [Incompatibility],
     }
     let bytes = serde_json::to_vec(&Hashed {
         changes: &plan.changes,
@@ -493,6 +513,7 @@ pub fn plan_hash(plan: &Plan) -> String {
         waves: &plan.waves,
         flags: &plan.flags,
         steps_per_host: &plan.steps_per_host,
+        incompatibilities: &plan.incompatibilities,
     })
     .expect("a plan always serialises");
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))

@@ -61,6 +61,11 @@ impl Sessions {
         }
     }
 
+    /// Ends the host's session, whatever its generation (its agent reconnects).
+    pub fn drop_host(&self, host_id: &str) {
+        self.lock().by_host.remove(host_id);
+    }
+
     /// Ends every session (their agents reconnect).
     pub fn close_all(&self) {
         self.lock().by_host.clear();

@@ -298,21 +298,35 @@ fn a_change_turns_its_flags_on_and_its_rollback_turns_them_back_first() {
             snapshot_id: "snap-1".into(),
         });
     }
-    let plan = fleet.plan(&[change], &PlanOptions::default()).unwrap();
     assert_eq!(
-        plan.flags,
+        fleet
+            .plan(&[change], &PlanOptions::default())
+            .unwrap()
+            .flags,
         vec!["prod/a/new-checkout -> off", "prod/a/old-ui -> off"]
     );
+    // A kill switch thrown after the change is the operator's: the rollback leaves it alone.
+    fleet.apply(CommandKind::SetFlag {
+        environment: "prod".into(),
+        service: "a".into(),
+        name: "old-ui".into(),
+        enabled: false,
+        kill: true,
+        reason: "incident".into(),
+    });
+    let plan = fleet.plan(&[change], &PlanOptions::default()).unwrap();
+    assert_eq!(plan.flags, vec!["prod/a/new-checkout -> off"]);
     let index_before = fleet.state.applied_index;
     fleet.apply(CommandKind::StartRollback {
         changes: vec![change],
         options: PlanOptions::default(),
-        plan_hash: plan.hash,
+        plan_hash: String::new(),
         reason: "bad".into(),
         trigger: Trigger::Manual,
     });
     let rollback = fleet.state.rollbacks.values().last().unwrap();
-    assert_eq!(rollback.flags_reverted, plan.flags);
+    assert_eq!(rollback.flags_reverted, vec!["prod/a/new-checkout -> off"]);
+    assert!(fleet.state.flag("prod", "a", "old-ui").unwrap().killed);
     assert!(
         rollback
             .steps
@@ -326,7 +340,7 @@ fn a_change_turns_its_flags_on_and_its_rollback_turns_them_back_first() {
     // Pushed to the hosts of that service and environment only.
     let updates = crate::flags::updates_since(&fleet.state, index_before);
     let hosts: Vec<&str> = updates.iter().map(|(host, _)| host.as_str()).collect();
-    assert_eq!(hosts, vec!["a-1", "a-1"]);
+    assert_eq!(hosts, vec!["a-1"]);
 }
 
 #[test]

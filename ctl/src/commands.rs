@@ -275,6 +275,14 @@ pub enum RollbackCommand {
         #[arg(long)]
         reason: String,
     },
+    /// Circuit breaker: drain every host of a failing service instead of reverting it (audited);
+    /// the rollback goes on with its other services.
+    Isolate {
+        rollback_id: String,
+        service: String,
+        #[arg(long)]
+        reason: String,
+    },
     Status {
         rollback_id: String,
     },
@@ -801,6 +809,7 @@ async fn rollback(
         rollback_id,
         reason,
         host_id: String::new(),
+        service: String::new(),
     };
     let rollback = match command {
         RollbackCommand::Plan { selection, options } => {
@@ -851,6 +860,20 @@ async fn rollback(
         } => client
             .skip_host(pb::RollbackActionRequest {
                 host_id,
+                ..action(rollback_id, reason)
+            })
+            .await
+            .map_err(explain)?
+            .into_inner()
+            .rollback
+            .context("no rollback")?,
+        RollbackCommand::Isolate {
+            rollback_id,
+            service,
+            reason,
+        } => client
+            .isolate_service(pb::RollbackActionRequest {
+                service,
                 ..action(rollback_id, reason)
             })
             .await

@@ -206,7 +206,7 @@ async fn an_operator_rollback_can_be_paused_resumed_and_runs_one_host_at_a_time(
         request_id: request_id.into(),
         rollback_id: rollback.rollback_id.clone(),
         reason: "look first".into(),
-        host_id: String::new(),
+        ..Default::default()
     };
     let paused = client
         .pause_rollback(action("pause"))

@@ -359,6 +359,40 @@ impl ControlService for Control {
         }))
     }
 
+    async fn isolate_service(
+        &self,
+        request: Request<pb::RollbackActionRequest>,
+    ) -> Result<Response<pb::GetRollbackResponse>, Status> {
+        let identity = caller(&request)?;
+        let request = request.into_inner();
+        let number = parse_id("rollback_id", "rb", &request.rollback_id)?;
+        names::validate_name("service", &request.service).map_err(field_error)?;
+        validate_reason(&request.reason)?;
+        if request.reason.trim().is_empty() {
+            return Err(invalid(
+                "reason",
+                "say why the service is isolated instead of reverted: it goes into the audit log",
+            ));
+        }
+        let kind = CommandKind::IsolateService {
+            rollback: number,
+            service: request.service.clone(),
+            reason: request.reason,
+        };
+        self.context
+            .propose(&identity, &request.request_id, kind)
+            .await?;
+        info!(
+            identity,
+            rollback_id = rollback_id(number),
+            service = request.service,
+            "Service isolated."
+        );
+        Ok(Response::new(pb::GetRollbackResponse {
+            rollback: Some(self.context.rollback(number)?),
+        }))
+    }
+
     async fn explain_rollback(
         &self,
         request: Request<pb::GetRollbackRequest>,

@@ -245,6 +245,7 @@ pub fn rollback(state: &State, rollback: &RollbackRecord) -> pb::Rollback {
                 gate_detail: wave.gate.detail.clone(),
                 gate_started_at_ms: wave.gate.started_at_ms,
                 gate_finished_at_ms: wave.gate.finished_at_ms,
+                isolation: wave.isolation,
             })
             .collect(),
         forced: rollback.forced.clone(),
@@ -267,6 +268,7 @@ pub fn rollback(state: &State, rollback: &RollbackRecord) -> pb::Rollback {
             .current_wave()
             .unwrap_or(rollback.waves.len() as u32),
         flags_reverted: rollback.flags_reverted.clone(),
+        isolated: rollback.isolated.clone(),
     }
 }
 

@@ -247,6 +247,16 @@ pub(crate) fn explain(
                         "rewindctl rollback skip-host {id} {host} --reason \"<why>\"   # leave {host} unreverted, then resume"
                     ));
                 }
+                if let Some(wave) = rollback
+                    .current_wave()
+                    .and_then(|wave| rollback.waves.get(wave as usize))
+                    .filter(|wave| !rollback.isolated.contains(&wave.service))
+                {
+                    next.push(format!(
+                        "rewindctl rollback isolate {id} {} --reason \"<why>\"   # drain every {} host instead of reverting it; the rest goes on",
+                        wave.service, wave.service
+                    ));
+                }
                 next.push(format!(
                     "rewindctl rollback abort {id} --reason \"<why>\"   # stop here; reverted hosts stay reverted"
                 ));
@@ -274,6 +284,12 @@ pub(crate) fn explain(
         lines.push(format!(
             "Left unreverted by an operator: {}.",
             rollback.skipped_hosts.join(", ")
+        ));
+    }
+    if !rollback.isolated.is_empty() {
+        lines.push(format!(
+            "Isolated (drained, not reverted): {}.",
+            rollback.isolated.join(", ")
         ));
     }
     if !rollback.forced.is_empty() {

@@ -66,6 +66,9 @@ pub struct SyntheticVerdict {
     pub at_ms: u64,
 }
 
+/// Wait before proposing a policy trigger again when the last proposal did not commit.
+pub const TRIGGER_RETRY_MS: u64 = 30_000;
+
 /// Wait before running failing synthetic checks again, and before giving a run up as lost.
 pub const SYNTHETIC_RETRY_MS: u64 = 2_000;
 pub const SYNTHETIC_LOST_MS: u64 = 60_000;
@@ -80,8 +83,8 @@ pub struct EngineMemory {
     pub breaches: HashMap<String, u64>,
     /// escalation id -> when its delivery was last tried.
     pub escalations: HashMap<u64, u64>,
-    /// Changes whose policy breach was already reported as a trigger: one per change.
-    pub triggered: HashSet<u64>,
+    /// change -> when its policy breach was proposed as a trigger (one per change).
+    pub triggered: HashMap<u64, u64>,
     /// (rollback, wave) -> when its gate last asked for the synthetic checks.
     pub synthetics: HashMap<(u64, u32), u64>,
 }
@@ -355,15 +358,17 @@ fn drive_rollback(
     let any_failed = steps
         .iter()
         .any(|step| step.progress.status == StepStatus::Failed);
-    // Hosts of the service already out of service: those that are not connected.
-    let disconnected: BTreeSet<&str> = state
-        .hosts
-        .values()
-        .filter(|host| host.services.contains(&wave.service))
-        .map(|host| host.host_id.as_str())
+    // Hosts of the service already out of service: those of the plan that are not connected
+    // (a registered host outside the plan may be long gone; it does not hold the plan up).
+    let disconnected: BTreeSet<&str> = rollback
+        .waves
+        .iter()
+        .filter(|other| other.service == wave.service)
+        .flat_map(|other| other.hosts.iter().map(String::as_str))
         .filter(|host_id| driver.seen.session(host_id).is_none())
         .collect();
     let mut in_progress: BTreeSet<&str> = BTreeSet::new();
+    let mut held_by_unavailable = false;
     for host_id in &wave.hosts {
         let host_steps: Vec<_> = steps
             .iter()
@@ -391,12 +396,14 @@ fn drive_rollback(
             let mut unavailable: BTreeSet<&str> =
                 in_progress.union(&disconnected).copied().collect();
             unavailable.insert(host_id);
-            if !running
-                || any_failed
-                || activating
-                || in_progress.len() >= rollback.options.max_parallel as usize
-                || unavailable.len() > rollback.options.max_unavailable as usize
-            {
+            // An isolation takes the whole service out of rotation at once: that is its point.
+            let bounded = !wave.isolation;
+            let over_unavailable =
+                bounded && unavailable.len() > rollback.options.max_unavailable as usize;
+            let over_parallel =
+                bounded && in_progress.len() >= rollback.options.max_parallel as usize;
+            if !running || any_failed || activating || over_parallel || over_unavailable {
+                held_by_unavailable |= over_unavailable && running && !any_failed && !activating;
                 continue;
             }
         }
@@ -438,10 +445,30 @@ fn drive_rollback(
                 }
             }
             RollbackStepKind::Restart => AgentAction::Restart,
-            RollbackStepKind::Drain => AgentAction::Drain,
+            RollbackStepKind::Drain | RollbackStepKind::Isolate => AgentAction::Drain,
             RollbackStepKind::Undrain => AgentAction::Undrain,
         };
         driver.drive_running(target, &next.progress, &wave.service, action, on_timeout);
+    }
+    if held_by_unavailable && in_progress.is_empty() {
+        // Nothing runs and nothing may start: hosts of the plan that are down already use the
+        // whole max_unavailable. Waiting would wait forever, so a person is called instead.
+        let down: Vec<&str> = disconnected.iter().copied().collect();
+        driver.propose(CommandKind::Stall {
+            rollback: rollback.number,
+            evidence: format!(
+                "wave {} ({} in {}) cannot begin another host: {} of the plan's hosts of {} are \
+                 down ({}) and max_unavailable is {}",
+                wave_index + 1,
+                wave.service,
+                wave.region,
+                down.len(),
+                wave.service,
+                down.join(", "),
+                rollback.options.max_unavailable
+            ),
+        });
+        return;
     }
     let wave_done = steps.iter().all(|step| {
         matches!(
@@ -459,12 +486,16 @@ fn drive_rollback(
     match wave.gate.status {
         StepStatus::Pending => driver.propose(CommandKind::StepStarted { step: gate }),
         StepStatus::Running => {
+            // Judged on the hosts that were reverted, not on ones an operator skipped.
             let reverted: Vec<String> = wave
                 .hosts
                 .iter()
+                .filter(|host_id| !rollback.skipped_hosts.contains(host_id))
                 .filter(|host_id| {
                     steps.iter().any(|step| {
-                        &step.host_id == *host_id && step.progress.status == StepStatus::Succeeded
+                        &step.host_id == *host_id
+                            && step.kind == RollbackStepKind::Restore
+                            && step.progress.status == StepStatus::Succeeded
                     })
                 })
                 .cloned()
@@ -539,11 +570,21 @@ fn judge_gate(
     };
     if healthy && !synthetic.as_ref().is_some_and(|verdict| verdict.ok) {
         let key = (rollback.number, wave);
-        let due = match (&synthetic, driver.memory.synthetics.get(&key)) {
-            (_, None) => true,
-            // A failed run is tried again after a pause; a lost one after a long one.
-            (Some(_), Some(&asked)) => driver.now_ms.saturating_sub(asked) >= SYNTHETIC_RETRY_MS,
-            (None, Some(&asked)) => driver.now_ms.saturating_sub(asked) >= SYNTHETIC_LOST_MS,
+        let due = match driver.memory.synthetics.get(&key) {
+            None => true,
+            Some(&asked) => {
+                let since = driver.now_ms.saturating_sub(asked);
+                // One run at a time: a finished, failed run is tried again after a pause; one
+                // that never reported, after a long one.
+                let finished = synthetic
+                    .as_ref()
+                    .is_some_and(|verdict| verdict.at_ms >= asked);
+                if finished {
+                    since >= SYNTHETIC_RETRY_MS
+                } else {
+                    since >= SYNTHETIC_LOST_MS
+                }
+            }
         };
         if due {
             driver.memory.synthetics.insert(key, driver.now_ms);
@@ -693,10 +734,21 @@ fn check_triggers(
         );
         memory.breaches.remove(&service.name);
         // One request per change: what became of it (started, throttled) is recorded, and a
-        // throttled change is not asked about again.
-        if !memory.triggered.insert(change.number) {
+        // throttled change is not asked about again. A request that did not commit (its
+        // proposal failed) is made again after a while.
+        let recorded = state
+            .triggers
+            .iter()
+            .any(|trigger| trigger.change == change.number)
+            || change.auto_refused;
+        let asked_lately = memory
+            .triggered
+            .get(&change.number)
+            .is_some_and(|&asked| now_ms.saturating_sub(asked) < TRIGGER_RETRY_MS);
+        if recorded || asked_lately {
             continue;
         }
+        memory.triggered.insert(change.number, now_ms);
         actions.push(Action::Propose(CommandKind::AutoTrigger {
             service: service.name.clone(),
             environment: crate::plan::environment_of(state, change),
@@ -706,7 +758,7 @@ fn check_triggers(
             throttle: limits.throttle.clone(),
         }));
     }
-    memory.triggered.retain(|number| {
+    memory.triggered.retain(|number, _| {
         state
             .changes
             .get(number)

@@ -616,6 +616,19 @@ fn a_host_that_stays_unhealthy_pauses_the_rollback_and_can_be_skipped() {
     world.run_tick(7_000);
     let rollback = &world.state.rollbacks[&1];
     assert_eq!(rollback.skipped_hosts, vec!["web-1".to_string()]);
+    let undrain = rollback
+        .steps
+        .iter()
+        .find(|step| step.host_id == "web-1" && step.kind == RollbackStepKind::Undrain)
+        .unwrap();
+    assert_eq!(
+        undrain.progress.status,
+        StepStatus::Running,
+        "web-1 was drained, so it is put back into rotation first"
+    );
+    world.step("web-1", RollbackStepKind::Undrain, true);
+    world.run_tick(7_000);
+    let rollback = &world.state.rollbacks[&1];
     let web2 = rollback
         .steps
         .iter()
@@ -749,5 +762,128 @@ fn an_activation_left_running_by_an_interrupted_change_is_timed_out_not_resent()
         world.state.rollbacks[&1].steps[0].progress.status,
         StepStatus::Running,
         "then the restore goes ahead"
+    );
+}
+
+/// web-1 alone in region `aa`, so the plan is wave 0 = web-1, wave 1 = web-2 and web-3.
+fn two_region_world() -> World {
+    let mut world = World::new();
+    world.apply(CommandKind::RegisterHost {
+        host_id: "web-1".into(),
+        labels: Labels {
+            region: "aa".into(),
+            ..Labels::default()
+        },
+        services: vec!["web".into()],
+        agent_version: String::new(),
+    });
+    world.deployed();
+    world
+}
+
+#[test]
+fn a_wave_that_can_never_start_a_host_pauses_instead_of_waiting_forever() {
+    let mut world = two_region_world();
+    world.start_rollback(1);
+    world.seen.sessions.remove("web-3"); // down, in the second wave
+    world.run_tick(1_000);
+    let rollback = &world.state.rollbacks[&1];
+    assert_eq!(rollback.status, RollbackStatus::Paused);
+    assert!(
+        rollback
+            .paused_reason
+            .contains("1 of the plan's hosts of web are down (web-3) and max_unavailable is 1"),
+        "{}",
+        rollback.paused_reason
+    );
+    assert!(
+        rollback
+            .steps
+            .iter()
+            .all(|step| step.progress.attempts == 0),
+        "nothing was started"
+    );
+    assert!(
+        world
+            .run_tick(2_000)
+            .iter()
+            .all(|action| matches!(action, Action::Escalate { .. })),
+        "and it waits for a person"
+    );
+}
+
+#[test]
+fn skipping_a_drained_host_still_puts_it_back_into_rotation() {
+    let mut world = World::new();
+    world.deployed();
+    world.start_rollback(1);
+    world.step("web-1", RollbackStepKind::Drain, true);
+    world.step("web-1", RollbackStepKind::Restore, false);
+    assert_eq!(world.state.rollbacks[&1].status, RollbackStatus::Paused);
+    world.apply(CommandKind::SkipHost {
+        rollback: 1,
+        host_id: "web-1".into(),
+        reason: "disk gone".into(),
+    });
+    world.apply(CommandKind::ControlRollback {
+        rollback: 1,
+        action: RollbackAction::Resume,
+        reason: String::new(),
+    });
+    world.run_tick(1_000);
+    let undrain = world.state.rollbacks[&1]
+        .steps
+        .iter()
+        .find(|step| step.host_id == "web-1" && step.kind == RollbackStepKind::Undrain)
+        .unwrap();
+    assert_eq!(
+        undrain.progress.status,
+        StepStatus::Running,
+        "web-1 is undrained"
+    );
+}
+
+#[test]
+fn isolating_a_failing_service_drains_all_its_hosts_instead_of_reverting_them() {
+    let mut world = two_region_world();
+    world.start_rollback(1);
+    world.step("web-1", RollbackStepKind::Drain, true);
+    world.step("web-1", RollbackStepKind::Restore, false);
+    assert_eq!(world.state.rollbacks[&1].status, RollbackStatus::Paused);
+    world.apply(CommandKind::IsolateService {
+        rollback: 1,
+        service: "web".into(),
+        reason: "v1 cannot start either: take web out".into(),
+    });
+    let rollback = &world.state.rollbacks[&1];
+    assert_eq!(rollback.status, RollbackStatus::Running);
+    assert!(rollback.waves[0].isolation, "the isolation comes first");
+    assert_eq!(rollback.waves.len(), 3);
+    world.run_tick(1_000);
+    let sends = sends_of(&world.run_tick(1_000));
+    assert_eq!(
+        sends,
+        HOSTS
+            .iter()
+            .map(|host| (format!("rb-1/web/isolate/{host}"), AgentAction::Drain))
+            .collect::<Vec<_>>(),
+        "every host of web is drained at once"
+    );
+    for host in HOSTS {
+        world.step(host, RollbackStepKind::Isolate, true);
+    }
+    let rollback = &world.state.rollbacks[&1];
+    assert_eq!(rollback.status, RollbackStatus::Succeeded, "{rollback:?}");
+    assert!(
+        rollback
+            .outcome_detail
+            .contains("isolated (drained, not reverted): web"),
+        "{}",
+        rollback.outcome_detail
+    );
+    assert_eq!(
+        world.state.changes[&1].status,
+        ChangeStatus::Deployed,
+        "an isolated change is not rolled back"
     );
 }

@@ -14,6 +14,7 @@ use tracing::{debug, info, warn};
 use crate::config::AlertmanagerConfig;
 use crate::node::NodeHandle;
 use crate::node::raft::RaftStatus;
+use crate::state_machine::RollbackStatus;
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -70,22 +71,34 @@ impl Silencer {
     }
 
     async fn reconcile(&self, client: &reqwest::Client, held: &mut BTreeMap<(u64, String), Held>) {
-        let wanted: Vec<(u64, String, String)> = self.node.read(|state| {
+        // Only while a rollback runs: a paused one waits for a person, whom alerts should reach.
+        let wanted: Vec<(u64, String, String, String)> = self.node.read(|state| {
             state
                 .rollbacks
                 .values()
-                .filter(|rollback| !rollback.status.is_terminal())
+                .filter(|rollback| rollback.status == RollbackStatus::Running)
                 .flat_map(|rollback| {
-                    rollback
-                        .services
-                        .iter()
-                        .map(|service| (rollback.number, service.clone(), rollback.id()))
+                    rollback.waves.iter().map(|wave| {
+                        let environment = state
+                            .changes
+                            .get(&wave.change)
+                            .map(|change| crate::plan::environment_of(state, change))
+                            .unwrap_or_default();
+                        (
+                            rollback.number,
+                            wave.service.clone(),
+                            environment,
+                            rollback.id(),
+                        )
+                    })
                 })
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
                 .collect()
         });
         let ended: Vec<(u64, String)> = held
             .keys()
-            .filter(|key| !wanted.iter().any(|(n, s, _)| (n, s) == (&key.0, &key.1)))
+            .filter(|key| !wanted.iter().any(|(n, s, _, _)| (n, s) == (&key.0, &key.1)))
             .cloned()
             .collect();
         for key in ended {
@@ -94,15 +107,22 @@ impl Silencer {
             }
         }
         let now = SystemTime::now();
-        for (number, service, rollback_id) in wanted {
+        for (number, service, environment, rollback_id) in wanted {
             let key = (number, service.clone());
             let previous = held.get(&key);
             if previous.is_some_and(|silence| silence.renew_at > now) {
                 continue;
             }
+            // Scoped to the environment the change ran in, so staging never silences prod.
+            let mut matchers = vec![
+                json!({"name": "service", "value": service, "isRegex": false, "isEqual": true}),
+            ];
+            if environment != crate::plan::DEFAULT_ENVIRONMENT && !environment.is_empty() {
+                matchers.push(json!({"name": "environment", "value": environment, "isRegex": false, "isEqual": true}));
+            }
             let body = json!({
                 "id": previous.map(|silence| silence.id.clone()),
-                "matchers": [{"name": "service", "value": service, "isRegex": false, "isEqual": true}],
+                "matchers": matchers,
                 "startsAt": humantime::format_rfc3339_seconds(now).to_string(),
                 "endsAt": humantime::format_rfc3339_seconds(now + self.config.silence_lease).to_string(),
                 "createdBy": "rewind",

@@ -80,8 +80,14 @@ impl SyntheticRuns {
                     wave, detail, "Synthetic checks fail."
                 );
             }
-            runs.results()
-                .insert((rollback, wave), SyntheticVerdict { ok, detail, at_ms });
+            // A run that began earlier than the one recorded never replaces it.
+            let mut results = runs.results();
+            let newer = results
+                .get(&(rollback, wave))
+                .is_none_or(|recorded| recorded.at_ms <= at_ms);
+            if newer {
+                results.insert((rollback, wave), SyntheticVerdict { ok, detail, at_ms });
+            }
         });
     }
 }

@@ -30,6 +30,8 @@ use crate::state_machine::{Command, CommandKind, Outcome, TriggerSource, rollbac
 
 /// Oldest signed webhook accepted, against replays.
 const MAX_WEBHOOK_AGE_MS: u64 = 5 * 60 * 1000;
+/// Longest request id (the signature is cut to it).
+const MAX_REQUEST_ID: usize = 128;
 /// Most distinct services one Alertmanager notification may ask about.
 const MAX_SERVICES_PER_NOTIFICATION: usize = 64;
 
@@ -145,19 +147,23 @@ pub async fn alertmanager(
             .labels
             .get("alertname")
             .map_or("(unnamed alert)", String::as_str);
+        // One unusable alert never stops the others of the notification: it is skipped and
+        // reported, and Alertmanager (which does not retry a 4xx) still gets its 200.
         let Some(service) = alert.labels.get("service") else {
             skipped.push(format!("{name}: no `service` label"));
             continue;
         };
         if let Err(error) = rewind_shared::names::validate_name("labels.service", service) {
-            return refuse(StatusCode::BAD_REQUEST, format!("alert {name}: {error}"));
+            skipped.push(format!("{name}: {error}"));
+            continue;
         }
         let environment = alert.labels.get("environment").cloned().unwrap_or_default();
         if !environment.is_empty()
             && let Err(error) =
                 rewind_shared::names::validate_name("labels.environment", &environment)
         {
-            return refuse(StatusCode::BAD_REQUEST, format!("alert {name}: {error}"));
+            skipped.push(format!("{name}: {error}"));
+            continue;
         }
         let summary = alert
             .annotations
@@ -183,18 +189,20 @@ pub async fn alertmanager(
     }
     let mut answers = Vec::new();
     for (service, (environment, reason)) in wanted {
-        match trigger(
-            &http,
-            "alertmanager",
-            TriggerSource::Alertmanager,
-            &service,
-            &environment,
-            reason,
-        )
-        .await
-        {
+        let asked = Asked {
+            identity: "alertmanager",
+            source: TriggerSource::Alertmanager,
+            service: &service,
+            environment: &environment,
+            request_id: String::new(),
+        };
+        match trigger(&http, asked, reason).await {
             Ok(answer) => answers.push(answer),
-            Err(response) => return response,
+            // An unknown service is this alert's problem only.
+            Err(Refusal::Unknown(why)) => skipped.push(why),
+            // Not the leader, or overloaded: Alertmanager retries the whole notification,
+            // and the triggers already recorded answer `ignored` the second time.
+            Err(Refusal::Response(response)) => return response,
         }
     }
     (
@@ -244,18 +252,23 @@ pub async fn webhook(
         );
     }
     let reason = format!("webhook: {}", request.reason);
-    match trigger(
-        &http,
-        "webhook",
-        TriggerSource::Webhook,
-        &request.service,
-        &request.environment,
-        reason,
-    )
-    .await
-    {
+    // The signature names this exact request: a replay within the five minutes is answered
+    // from the request log and acts once.
+    let signature = headers
+        .get(SIGNATURE_HEADER)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default();
+    let asked = Asked {
+        identity: "webhook",
+        source: TriggerSource::Webhook,
+        service: &request.service,
+        environment: &request.environment,
+        request_id: signature.chars().take(MAX_REQUEST_ID).collect(),
+    };
+    match trigger(&http, asked, reason).await {
         Ok(answer) => (StatusCode::OK, Json(answer)).into_response(),
-        Err(response) => response,
+        Err(Refusal::Unknown(why)) => refuse(StatusCode::UNPROCESSABLE_ENTITY, why),
+        Err(Refusal::Response(response)) => response,
     }
 }
 
@@ -292,29 +305,38 @@ fn check_signature(
         .map_err(|_| "the signature does not match the body and the shared secret".to_string())
 }
 
-/// Proposes one `AutoTrigger`; a refusal that is the caller's fault becomes a 4xx, a member
-/// that does not lead a 503 (monitors retry 5xx, and may list every member).
+/// Who asks for a rollback of what.
+struct Asked<'a> {
+    identity: &'static str,
+    source: TriggerSource,
+    service: &'a str,
+    environment: &'a str,
+    /// Empty: no de-duplication.
+    request_id: String,
+}
+
+enum Refusal {
+    /// The service is unknown: the caller's problem, named.
+    Unknown(String),
+    Response(Response),
+}
+
+/// Proposes one `AutoTrigger`; a member that does not lead answers 503 (monitors retry 5xx, and
+/// may list every member).
 async fn trigger(
     http: &HttpState,
-    identity: &str,
-    source: TriggerSource,
-    service: &str,
-    environment: &str,
+    asked: Asked<'_>,
     reason: String,
-) -> Result<TriggerAnswer, Response> {
-    let environment = if environment.is_empty() {
-        crate::plan::DEFAULT_ENVIRONMENT.to_string()
-    } else {
-        environment.to_string()
-    };
+) -> Result<TriggerAnswer, Refusal> {
     let command = Command {
         at_ms: rewind_shared::time::now_ms(),
-        identity: identity.to_string(),
-        request_id: String::new(),
+        identity: asked.identity.to_string(),
+        request_id: asked.request_id,
         kind: CommandKind::AutoTrigger {
-            service: service.to_string(),
-            environment,
-            source,
+            service: asked.service.to_string(),
+            // Empty: the service's latest change, wherever it ran.
+            environment: asked.environment.to_string(),
+            source: asked.source,
             reason,
             options: http.limits.automatic_plan(),
             throttle: http.limits.throttle.clone(),
@@ -326,7 +348,7 @@ async fn trigger(
             rollback,
             detail,
         }) => Ok(TriggerAnswer {
-            service: service.to_string(),
+            service: asked.service.to_string(),
             outcome: outcome.name().to_string(),
             rollback_id: if rollback == 0 {
                 String::new()
@@ -335,21 +357,25 @@ async fn trigger(
             },
             detail,
         }),
-        Ok(other) => Err(refuse(
+        Ok(other) => Err(Refusal::Response(refuse(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("unexpected outcome {other:?}"),
-        )),
+        ))),
         Err(error @ CoordinatorError::UnknownService { .. }) => {
-            Err(refuse(StatusCode::UNPROCESSABLE_ENTITY, error.to_string()))
+            Err(Refusal::Unknown(error.to_string()))
         }
-        Err(CoordinatorError::NotLeader { leader_id }) => Err(refuse(
+        Err(CoordinatorError::NotLeader { leader_id }) => Err(Refusal::Response(refuse(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("this member does not lead; member {leader_id} does (0: unknown yet)"),
-        )),
-        Err(error) if error.is_retriable() => {
-            Err(refuse(StatusCode::SERVICE_UNAVAILABLE, error.to_string()))
-        }
-        Err(error) => Err(refuse(StatusCode::BAD_REQUEST, error.to_string())),
+        ))),
+        Err(error) if error.is_retriable() => Err(Refusal::Response(refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            error.to_string(),
+        ))),
+        Err(error) => Err(Refusal::Response(refuse(
+            StatusCode::BAD_REQUEST,
+            error.to_string(),
+        ))),
     }
 }
 

@@ -68,7 +68,7 @@ fn render(
     let mut registry = Registry::with_prefix("rewind");
 
     let rollbacks = Family::<RollbackLabels, Counter>::default();
-    let active = Gauge::<i64>::default();
+    let active = Family::<RollbackLabels, Gauge<i64>>::default();
     let steps =
         Family::<StepLabels, Histogram>::new_with_constructor(
             || Histogram::new(duration_buckets()),
@@ -78,14 +78,15 @@ fn render(
             || Histogram::new(duration_buckets()),
         );
     for rollback in state.rollbacks.values() {
-        rollbacks
-            .get_or_create(&RollbackLabels {
-                outcome: format!("{:?}", rollback.status).to_lowercase(),
-                trigger: format!("{:?}", rollback.trigger).to_lowercase(),
-            })
-            .inc();
-        if !rollback.status.is_terminal() {
-            active.inc();
+        let labels = RollbackLabels {
+            outcome: format!("{:?}", rollback.status).to_lowercase(),
+            trigger: format!("{:?}", rollback.trigger).to_lowercase(),
+        };
+        // A counter only counts what cannot change again; running and paused are a gauge.
+        if rollback.status.is_terminal() {
+            rollbacks.get_or_create(&labels).inc();
+        } else {
+            active.get_or_create(&labels).inc();
         }
         for step in &rollback.steps {
             observe(&steps, step.kind.name(), &step.progress);
@@ -96,10 +97,14 @@ fn render(
     }
     registry.register(
         "rollbacks",
-        "Rollbacks by how they ended (running and paused ones too) and what started them",
+        "Rollbacks that ended, by outcome and what started them",
         rollbacks,
     );
-    registry.register("rollbacks_active", "Rollbacks running or paused", active);
+    registry.register(
+        "rollbacks_active",
+        "Rollbacks running or paused (outcome label: running or paused)",
+        active,
+    );
     registry.register(
         "rollback_step_duration_seconds",
         "Time from a rollback step's last start to its result",

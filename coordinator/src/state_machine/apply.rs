@@ -141,11 +141,15 @@ fn apply_kind(state: &mut State, command: &Command) -> Result<(Outcome, String, 
             }
             state.put_flag(
                 [environment, service, name],
-                *enabled,
-                *kill,
-                at_ms,
-                &command.identity,
-                reason,
+                FlagRecord {
+                    enabled: *enabled,
+                    killed: *kill,
+                    updated_at_ms: at_ms,
+                    updated_by: command.identity.clone(),
+                    reason: reason.to_string(),
+                    changed_at_index: 0,
+                    by_change: 0,
+                },
             );
             Ok((
                 Outcome::Done,
@@ -174,6 +178,29 @@ fn apply_kind(state: &mut State, command: &Command) -> Result<(Outcome, String, 
             host_id,
             reason,
         } => skip_host(state, *rollback, host_id, reason, at_ms),
+        CommandKind::IsolateService {
+            rollback,
+            service,
+            reason,
+        } => isolate_service(state, *rollback, service, reason, at_ms),
+        CommandKind::Stall { rollback, evidence } => {
+            let record = live_rollback_mut(state, *rollback, "stall")?;
+            if record.status != RollbackStatus::Running {
+                return Err(CoordinatorError::RollbackNotControllable {
+                    rollback_id: record.id(),
+                    status: record.status,
+                    action: "stall".into(),
+                });
+            }
+            let wave = record.current_wave().unwrap_or(0);
+            let id = record.id();
+            pause_for_a_person(state, *rollback, wave, evidence.clone(), at_ms);
+            Ok((
+                Outcome::Rollback(*rollback),
+                id,
+                format!("paused: {evidence}"),
+            ))
+        }
         CommandKind::EscalationDelivered {
             escalation,
             ok,
@@ -344,11 +371,15 @@ fn start_change(state: &mut State, command: &Command) -> Result<(Outcome, String
         });
         state.put_flag(
             [&environment, service, name],
-            true,
-            false,
-            command.at_ms,
-            &command.identity,
-            &format!("turned on by {}", change_id(number)),
+            FlagRecord {
+                enabled: true,
+                killed: false,
+                updated_at_ms: command.at_ms,
+                updated_by: command.identity.clone(),
+                reason: format!("turned on by {}", change_id(number)),
+                changed_at_index: 0,
+                by_change: number,
+            },
         );
     }
     let hosts = host_ids
@@ -377,6 +408,7 @@ fn start_change(state: &mut State, command: &Command) -> Result<(Outcome, String
             rollback: 0,
             environment,
             flags,
+            auto_refused: false,
         },
     );
     let audit = format!(
@@ -552,7 +584,12 @@ fn finish_step(
         StepTarget::Activate { change, .. } => settle_change(state, *change, at_ms),
         StepTarget::Rollback { rollback, .. } => settle_rollback(state, *rollback, at_ms),
         StepTarget::Gate { rollback, wave } if !ok => {
-            if let Some(record) = state.rollbacks.get(rollback) {
+            // A result that lands after an abort changes nothing more.
+            if let Some(record) = state
+                .rollbacks
+                .get(rollback)
+                .filter(|record| !record.status.is_terminal())
+            {
                 let wave_record = &record.waves[*wave as usize];
                 // Waves are numbered from 1 for people, as `explain` and `watch` show them.
                 let evidence = format!(
@@ -648,12 +685,24 @@ fn settle_rollback(state: &mut State, number: u64, at_ms: u64) {
                 rollback.skipped_hosts.join(", ")
             );
         }
+        if !rollback.isolated.is_empty() {
+            detail += &format!(
+                "; isolated (drained, not reverted): {}",
+                rollback.isolated.join(", ")
+            );
+        }
         rollback.status = RollbackStatus::Succeeded;
         rollback.finished_at_ms = at_ms;
         rollback.outcome_detail = detail;
+        let isolated = rollback.isolated.clone();
+        let id = rollback.id();
         for number in rollback.changes.clone() {
             if let Some(change) = state.changes.get_mut(&number) {
-                change.status = ChangeStatus::RolledBack;
+                if isolated.contains(&change.service) {
+                    change.reason = format!("isolated by {id}: drained, not reverted");
+                } else {
+                    change.status = ChangeStatus::RolledBack;
+                }
             }
         }
         return;
@@ -726,6 +775,31 @@ fn hosts_in_progress(rollback: &RollbackRecord, wave: u32) -> bool {
     })
 }
 
+/// Hosts drained by the rollback and not (yet) undrained, as `service/host`.
+fn drained_hosts(rollback: &RollbackRecord) -> Vec<String> {
+    rollback
+        .steps
+        .iter()
+        .filter(|step| {
+            matches!(
+                step.kind,
+                RollbackStepKind::Drain | RollbackStepKind::Isolate
+            ) && step.progress.status == StepStatus::Succeeded
+        })
+        .filter(|drain| {
+            drain.kind == RollbackStepKind::Drain
+                && !rollback.steps.iter().any(|step| {
+                    step.kind == RollbackStepKind::Undrain
+                        && step.wave == drain.wave
+                        && step.host_id == drain.host_id
+                        && step.service == drain.service
+                        && step.progress.status == StepStatus::Succeeded
+                })
+        })
+        .map(|step| format!("{}/{}", step.service, step.host_id))
+        .collect()
+}
+
 fn skip_pending(rollback: &mut RollbackRecord) {
     for step in &mut rollback.steps {
         if step.progress.status == StepStatus::Pending {
@@ -789,6 +863,7 @@ fn start_rollback(
             canary: wave.canary,
             hosts,
             gate: StepProgress::default(),
+            isolation: false,
         });
     }
     let host_count: std::collections::BTreeSet<&str> =
@@ -824,6 +899,7 @@ fn start_rollback(
         failed_hosts: Vec::new(),
         skipped_hosts: Vec::new(),
         flags_reverted: Vec::new(),
+        isolated: Vec::new(),
     };
     state.rollbacks.insert(number, rollback);
     // Flags first: a kill switch takes effect before any host is touched.
@@ -833,14 +909,25 @@ fn start_rollback(
             continue;
         };
         for flag in &change.flags {
+            // Only a flag the change still owns: a kill switch or a person's later choice stays.
+            let owned = state
+                .flag(&change.environment, &change.service, &flag.name)
+                .is_some_and(|current| current.by_change == change.number);
+            if !owned {
+                continue;
+            }
             let value = flag.before.unwrap_or(false);
             state.put_flag(
                 [&change.environment, &change.service, &flag.name],
-                value,
-                false,
-                command.at_ms,
-                &command.identity,
-                &format!("turned back by {} before any wave", rollback_id(number)),
+                FlagRecord {
+                    enabled: value,
+                    killed: false,
+                    updated_at_ms: command.at_ms,
+                    updated_by: command.identity.clone(),
+                    reason: format!("turned back by {} before any wave", rollback_id(number)),
+                    changed_at_index: 0,
+                    by_change: 0,
+                },
             );
             flags_reverted.push(format!(
                 "{}/{}/{} -> {}",
@@ -905,7 +992,15 @@ fn control_rollback(
         (RollbackAction::Abort, RollbackStatus::Running | RollbackStatus::Paused) => {
             rollback.status = RollbackStatus::Aborted;
             rollback.finished_at_ms = command.at_ms;
-            rollback.outcome_detail = format!("aborted: {reason}");
+            let drained = drained_hosts(rollback);
+            rollback.outcome_detail = if drained.is_empty() {
+                format!("aborted: {reason}")
+            } else {
+                format!(
+                    "aborted: {reason}; still out of rotation (drained, not undrained): {}",
+                    drained.join(", ")
+                )
+            };
             skip_pending(rollback);
         }
         (_, status) => {
@@ -958,11 +1053,35 @@ fn skip_host(
     let rollback = live_rollback_mut(state, number, "skip a host")?;
     let first_open_wave = rollback.current_wave().unwrap_or(u32::MAX);
     let mut skipped = 0;
+    // A host taken out of rotation is put back: its undrain stays to be run.
+    let drained = |steps: &[RollbackStepRecord], service: &str| {
+        steps.iter().any(|step| {
+            step.host_id == host_id
+                && step.service == service
+                && step.kind == RollbackStepKind::Drain
+                && step.progress.status == StepStatus::Succeeded
+        })
+    };
+    let keep_undrain: Vec<(u32, String)> = rollback
+        .steps
+        .iter()
+        .filter(|step| step.host_id == host_id && step.kind == RollbackStepKind::Undrain)
+        .filter(|step| drained(&rollback.steps, &step.service))
+        .map(|step| (step.wave, step.service.clone()))
+        .collect();
     for step in rollback
         .steps
         .iter_mut()
         .filter(|step| step.host_id == host_id && step.wave >= first_open_wave)
     {
+        let undrain = step.kind == RollbackStepKind::Undrain
+            && keep_undrain.contains(&(step.wave, step.service.clone()));
+        if undrain {
+            if step.progress.status == StepStatus::Failed {
+                step.progress = StepProgress::default();
+            }
+            continue;
+        }
         if step.progress.status != StepStatus::Succeeded {
             step.progress.status = StepStatus::Skipped;
             step.progress.detail = format!("skipped by an operator: {reason}");
@@ -1008,6 +1127,118 @@ fn skip_host(
     ))
 }
 
+fn isolate_service(
+    state: &mut State,
+    number: u64,
+    service: &str,
+    reason: &str,
+    at_ms: u64,
+) -> Result<(Outcome, String, String)> {
+    let hosts: Vec<String> = state
+        .hosts
+        .values()
+        .filter(|host| host.services.iter().any(|name| name == service))
+        .map(|host| host.host_id.clone())
+        .collect();
+    let rollback = live_rollback_mut(state, number, "isolate a service")?;
+    let id = rollback.id();
+    if !rollback.services.iter().any(|name| name == service) {
+        return Err(CoordinatorError::invalid(
+            "service",
+            format!(
+                "{id} does not revert {service}: it reverts {}",
+                rollback.services.join(", ")
+            ),
+        ));
+    }
+    if rollback.isolated.iter().any(|name| name == service) {
+        return Err(CoordinatorError::invalid(
+            "service",
+            format!("{service} is already isolated in {id}"),
+        ));
+    }
+    let Some(first_open) = rollback.current_wave() else {
+        return Err(CoordinatorError::invalid(
+            "service",
+            format!("every wave of {id} is done: there is nothing left to isolate"),
+        ));
+    };
+    let change = rollback
+        .waves
+        .iter()
+        .find(|wave| wave.service == service)
+        .map_or(0, |wave| wave.change);
+    // Stop reverting the service: its steps and gates not yet done are skipped.
+    for step in rollback
+        .steps
+        .iter_mut()
+        .filter(|step| step.service == service && step.wave >= first_open)
+    {
+        if !step.progress.status.is_terminal() || step.progress.status == StepStatus::Failed {
+            step.progress.status = StepStatus::Skipped;
+            step.progress.detail = format!("isolated instead: {reason}");
+        }
+    }
+    for wave in rollback
+        .waves
+        .iter_mut()
+        .skip(first_open as usize)
+        .filter(|wave| wave.service == service)
+    {
+        if !wave.gate.status.is_terminal() || wave.gate.status == StepStatus::Failed {
+            wave.gate.status = StepStatus::Skipped;
+            wave.gate.detail = format!("isolated instead: {reason}");
+        }
+    }
+    // Then drain all its hosts, before anything else the rollback still has to do.
+    for step in rollback
+        .steps
+        .iter_mut()
+        .filter(|step| step.wave >= first_open)
+    {
+        step.wave += 1;
+    }
+    let skipped_gate = StepProgress {
+        status: StepStatus::Skipped,
+        detail: "an isolation is not gated".into(),
+        ..StepProgress::default()
+    };
+    rollback.waves.insert(
+        first_open as usize,
+        WaveRecord {
+            service: service.to_string(),
+            change,
+            region: "all".into(),
+            canary: false,
+            hosts: hosts.clone(),
+            gate: skipped_gate,
+            isolation: true,
+        },
+    );
+    rollback
+        .steps
+        .extend(hosts.iter().map(|host_id| RollbackStepRecord {
+            wave: first_open,
+            service: service.to_string(),
+            host_id: host_id.clone(),
+            kind: RollbackStepKind::Isolate,
+            progress: StepProgress::default(),
+        }));
+    rollback.isolated.push(service.to_string());
+    rollback.failed_hosts.clear();
+    rollback.paused_reason.clear();
+    rollback.status = RollbackStatus::Running;
+    settle_rollback(state, number, at_ms);
+    Ok((
+        Outcome::Rollback(number),
+        id,
+        format!(
+            "ok: {service} isolated: {} drained instead of reverted: {reason}",
+            count(hosts.len(), "host")
+        ),
+    ))
+}
+
 fn escalation_delivered(
     state: &mut State,
     id: u64,
@@ -1045,14 +1276,33 @@ fn auto_trigger(state: &mut State, command: &Command) -> Result<(Outcome, String
     let (service, environment, source) = (service.as_str(), environment.as_str(), *source);
     require_service(state, service)?;
     let at_ms = command.at_ms;
+    // The latest change of the service in the alert's environment (any, when it names none).
     let latest = state
         .changes
         .values()
         .rev()
-        .find(|change| change.service == service)
+        .find(|change| {
+            change.service == service
+                && (environment.is_empty()
+                    || crate::plan::environment_of(state, change) == environment)
+        })
         .map(|change| change.number);
+    let environment = match latest {
+        Some(number) if environment.is_empty() => {
+            crate::plan::environment_of(state, &state.changes[&number])
+        }
+        _ => environment.to_string(),
+    };
+    let environment = environment.as_str();
     let verdict = match latest {
-        None => Verdict::Ignored(format!("{service} has had no change to roll back")),
+        None => Verdict::Ignored(format!(
+            "{service} has had no change{} to roll back",
+            if environment.is_empty() {
+                String::new()
+            } else {
+                format!(" in environment {environment}")
+            }
+        )),
         Some(change) => judge_trigger(
             state,
             at_ms,
@@ -1067,6 +1317,9 @@ fn auto_trigger(state: &mut State, command: &Command) -> Result<(Outcome, String
     let (outcome, detail, rollback) = match verdict {
         Verdict::Ignored(why) => (TriggerOutcome::Ignored, why, 0),
         Verdict::Throttled { why, call_a_person } => {
+            if let Some(refused) = state.changes.get_mut(&change) {
+                refused.auto_refused = true;
+            }
             if call_a_person {
                 let evidence = format!(
                     "automatic rollback of {service} ({}) refused: {why}. Asked by {}: {reason}",
@@ -1078,7 +1331,7 @@ fn auto_trigger(state: &mut State, command: &Command) -> Result<(Outcome, String
             (TriggerOutcome::Throttled, why, 0)
         }
         Verdict::Start => {
-            let (Outcome::Rollback(number), _, _) = start_rollback(
+            let (Outcome::Rollback(number), target, started) = start_rollback(
                 state,
                 command,
                 &[change],
@@ -1090,6 +1343,14 @@ fn auto_trigger(state: &mut State, command: &Command) -> Result<(Outcome, String
             else {
                 unreachable!("start_rollback answers with a rollback");
             };
+            // The rollback's own entry, as for one a person starts; the trigger's follows.
+            state.audit.append(
+                at_ms,
+                &command.identity,
+                "rollback.start",
+                &target,
+                &started,
+            );
             (
                 TriggerOutcome::Started,
                 format!("started {}", rollback_id(number)),
@@ -1155,22 +1416,16 @@ fn judge_trigger(
             rollback.status
         ));
     }
-    if let Some(refused) = state
-        .triggers
-        .iter()
-        .rev()
-        .find(|old| old.change == change_number && old.outcome == TriggerOutcome::Throttled)
-    {
+    if change.auto_refused {
         return Verdict::Ignored(format!(
-            "an automatic rollback of {} was already refused ({}); a person decides",
-            change.id(),
-            refused.detail
+            "an automatic rollback of {} was already refused; a person decides",
+            change.id()
         ));
     }
     if let Some(breaker) = &state.breaker {
         return Verdict::Throttled {
             why: format!(
-                "the global breaker is open since {} ms ({} triggered together); reset it with                  `rewindctl trigger reset-breaker` once monitoring is trusted",
+                "the global breaker is open since {} ms ({} triggered together); reset it with `rewindctl trigger reset-breaker` once monitoring is trusted",
                 breaker.tripped_at_ms,
                 breaker.services.join(", ")
             ),
@@ -1188,7 +1443,7 @@ fn judge_trigger(
     if recent.len() as u32 >= throttle.breaker_services {
         let services: Vec<String> = recent.into_iter().collect();
         let why = format!(
-            "{} services asked for an automatic rollback within {} s ({}): that smells like a              monitoring fault, so the global breaker is now open",
+            "{} services asked for an automatic rollback within {} s ({}): that smells like a monitoring fault, so the global breaker is now open",
             services.len(),
             throttle.breaker_window_s,
             services.join(", ")
@@ -1213,7 +1468,7 @@ fn judge_trigger(
     if flaps >= throttle.flap_rollbacks {
         return Verdict::Throttled {
             why: format!(
-                "{service} is flapping: rolled back {flaps} times within {} s; it is no longer                  rolled back automatically",
+                "{service} is flapping: rolled back {flaps} times within {} s; it is no longer rolled back automatically",
                 throttle.flap_window_s
             ),
             call_a_person: true,
@@ -1234,13 +1489,18 @@ fn judge_trigger(
             call_a_person: true,
         };
     }
+    // Counted from the rollbacks themselves, which are never forgotten.
     let spent = state
-        .triggers
-        .iter()
+        .rollbacks
+        .values()
         .filter(|old| {
-            old.outcome == TriggerOutcome::Started
-                && old.environment == environment
-                && old.at_ms >= within(throttle.budget_window_s)
+            old.trigger == Trigger::Automatic
+                && old.started_at_ms >= within(throttle.budget_window_s)
+                && old
+                    .changes
+                    .first()
+                    .and_then(|number| state.changes.get(number))
+                    .is_some_and(|change| crate::plan::environment_of(state, change) == environment)
         })
         .count() as u32;
     if spent >= throttle.budget {

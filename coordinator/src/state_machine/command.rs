@@ -89,6 +89,19 @@ pub enum CommandKind {
     ResetBreaker {
         reason: String,
     },
+    /// The circuit breaker: drains every host of `service` and stops reverting it, instead of
+    /// reverting everything; the rollback goes on with its other services.
+    IsolateService {
+        rollback: u64,
+        service: String,
+        reason: String,
+    },
+    /// The engine found a wave that can neither go on nor fail (max_unavailable is used up by
+    /// hosts that are down): the rollback pauses and calls a person.
+    Stall {
+        rollback: u64,
+        evidence: String,
+    },
     /// Leaves a host unreverted in a rollback: its steps that have not succeeded are skipped.
     SkipHost {
         rollback: u64,
@@ -269,6 +282,8 @@ impl CommandKind {
             Self::StepFinished { .. } => "step.finish",
             Self::StartRollback { .. } => "rollback.start",
             Self::SkipHost { .. } => "rollback.skip-host",
+            Self::IsolateService { .. } => "rollback.isolate",
+            Self::Stall { .. } => "rollback.stall",
             Self::AutoTrigger { .. } => "trigger",
             Self::SetFlag { kill: true, .. } => "flag.kill",
             Self::SetFlag { .. } => "flag.set",

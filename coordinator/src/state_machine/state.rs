@@ -60,6 +60,10 @@ pub struct FlagRecord {
     pub reason: String,
     /// Log index of its last change: the leader pushes flags changed after what it pushed.
     pub changed_at_index: u64,
+    /// The change that last set it, 0 when a person did: a rollback turns back only the flags
+    /// its change still owns, never a later kill switch.
+    #[serde(default)]
+    pub by_change: u64,
 }
 
 /// A flag a change turned on, and its value before (None: it did not exist).
@@ -335,6 +339,9 @@ pub struct ChangeRecord {
     /// Flags it turned on; its rollback turns them back before any wave.
     #[serde(default)]
     pub flags: Vec<FlagChangeRecord>,
+    /// An automatic rollback of it was refused by a throttle: a person decides from now on.
+    #[serde(default)]
+    pub auto_refused: bool,
 }
 
 impl ChangeRecord {
@@ -368,6 +375,9 @@ pub enum RollbackStepKind {
     Restart,
     Verify,
     Undrain,
+    /// Takes a host out of rotation for good: the circuit breaker of `rollback isolate`, which
+    /// drains a failing service instead of reverting it.
+    Isolate,
 }
 
 impl RollbackStepKind {
@@ -386,11 +396,15 @@ impl RollbackStepKind {
             Self::Restart => "restart",
             Self::Verify => "verify",
             Self::Undrain => "undrain",
+            Self::Isolate => "isolate",
         }
     }
 
     pub fn parse(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|kind| kind.name() == name)
+        Self::ALL
+            .into_iter()
+            .chain([Self::Isolate])
+            .find(|kind| kind.name() == name)
     }
 }
 
@@ -465,6 +479,9 @@ pub struct WaveRecord {
     pub canary: bool,
     pub hosts: Vec<String>,
     pub gate: StepProgress,
+    /// A wave added by `rollback isolate`: its hosts are drained, not reverted, and not gated.
+    #[serde(default)]
+    pub isolation: bool,
 }
 
 /// A call for a person: a rollback paused, or an automatic rollback was refused, and someone
@@ -516,6 +533,9 @@ pub struct RollbackRecord {
     /// Flags turned back when it started: `environment/service/flag -> on|off`.
     #[serde(default)]
     pub flags_reverted: Vec<String>,
+    /// Services an operator isolated (drained) instead of reverting.
+    #[serde(default)]
+    pub isolated: Vec<String>,
 }
 
 impl RollbackRecord {
@@ -523,14 +543,18 @@ impl RollbackRecord {
         rollback_id(self.number)
     }
 
-    /// The first wave not yet finished (its gate passed, or skipped because an operator skipped
-    /// all its hosts), if any.
+    /// The first wave not yet finished: its steps have not all ended, or its gate has not
+    /// passed (a gate is skipped when an operator skipped all its hosts, and for isolation).
     pub fn current_wave(&self) -> Option<u32> {
         (0..self.waves.len() as u32).find(|&wave| {
-            !matches!(
+            let gate_done = matches!(
                 self.waves[wave as usize].gate.status,
                 StepStatus::Succeeded | StepStatus::Skipped
-            )
+            );
+            !gate_done
+                || self
+                    .wave_steps(wave)
+                    .any(|step| !step.progress.status.is_terminal())
         })
     }
 
@@ -576,34 +600,16 @@ impl State {
         self.flags.get(environment)?.get(service)?.get(name)
     }
 
-    /// Sets a flag, stamped with who, when, why and the current log index.
-    pub fn put_flag(
-        &mut self,
-        key: [&str; 3],
-        enabled: bool,
-        killed: bool,
-        at_ms: u64,
-        by: &str,
-        reason: &str,
-    ) {
+    /// Sets a flag; its `changed_at_index` is stamped with the current log index.
+    pub fn put_flag(&mut self, key: [&str; 3], mut record: FlagRecord) {
         let [environment, service, name] = key;
-        let index = self.applied_index;
+        record.changed_at_index = self.applied_index;
         self.flags
             .entry(environment.to_string())
             .or_default()
             .entry(service.to_string())
             .or_default()
-            .insert(
-                name.to_string(),
-                FlagRecord {
-                    enabled,
-                    killed,
-                    updated_at_ms: at_ms,
-                    updated_by: by.to_string(),
-                    reason: reason.to_string(),
-                    changed_at_index: index,
-                },
-            );
+            .insert(name.to_string(), record);
     }
 
     /// Opens an escalation and returns its id.
