@@ -408,6 +408,25 @@ async fn a_plan_reverts_consumers_first_region_by_region_and_a_failing_gate_esca
         );
     }
 
+    // After it, the report compares each service with its baseline (db's window still holds
+    // its failing reports for a few seconds).
+    must_wait(
+        Duration::from_secs(30),
+        "every service back near its baseline",
+        || {
+            let report = run_ok(&coordinator.rewindctl(&["rollback", "explain", "rb-1"]));
+            ["web", "api", "db"]
+                .iter()
+                .all(|service| {
+                    report.lines().any(|line| {
+                        line.starts_with(&format!("Report: {service} has probe failure ratio"))
+                            && line.contains("back within 0.05 of its baseline")
+                    })
+                })
+                .then_some(())
+        },
+    );
+
     // The agents' journals show the plan's order: each wave starts after the previous ended,
     // and on each host drain, restore, restart and undrain ran once, in that order.
     let mut previous_wave_end = 0;

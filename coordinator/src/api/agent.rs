@@ -202,9 +202,17 @@ async fn record_step_result(context: &Context, host_id: &str, result: pb::StepRe
         detail,
         snapshot_id,
     };
-    if let Err(status) = context.propose(host_id, "", kind).await {
+    let rollback_id = match &kind {
+        CommandKind::StepFinished {
+            step: StepTarget::Rollback { rollback, .. },
+            ..
+        } => Some(crate::state_machine::rollback_id(*rollback)),
+        _ => None,
+    };
+    match context.propose(host_id, "", kind).await {
+        Ok(_) => info!(step_id = %result.step_id, ok, rollback_id, "Step result recorded."),
         // A duplicate result (the step already ended) is expected after redelivery.
-        debug!(%status, step_id = %result.step_id, "Step result not recorded.");
+        Err(status) => debug!(%status, step_id = %result.step_id, "Step result not recorded."),
     }
 }
 

@@ -213,6 +213,44 @@ pub(crate) fn explain(
                 "It ended {:?}: {}",
                 rollback.status, rollback.outcome_detail
             ));
+            // The report: each service now, against the baseline from before its change.
+            for service in &rollback.services {
+                let Some(change) = rollback
+                    .changes
+                    .iter()
+                    .filter_map(|number| state.changes.get(number))
+                    .find(|change| &change.service == service)
+                else {
+                    continue;
+                };
+                let now = service_health(service);
+                let baseline = change.baseline.probe_failure_ratio;
+                let tolerance = rollback.options.gate.tolerance;
+                let verdict = if now.samples == 0 {
+                    "no health reports in the window".to_string()
+                } else if now.probe_failure_ratio <= baseline + tolerance + f64::EPSILON {
+                    format!("back within {tolerance:.2} of its baseline")
+                } else {
+                    format!(
+                        "still {:.2} above its baseline",
+                        now.probe_failure_ratio - baseline
+                    )
+                };
+                let last_gate = rollback
+                    .waves
+                    .iter()
+                    .rev()
+                    .find(|wave| &wave.service == service && !wave.gate.detail.is_empty())
+                    .map(|wave| format!("; at its last gate: {}", wave.gate.detail))
+                    .unwrap_or_default();
+                lines.push(format!(
+                    "Report: {service} has probe failure ratio {:.2} now ({} samples from {} hosts) against {baseline:.2} before {}: {verdict}{last_gate}.",
+                    now.probe_failure_ratio,
+                    now.samples,
+                    now.hosts_reporting,
+                    change.id()
+                ));
+            }
             next.push(format!("rewindctl rollback status {id}"));
         }
         RollbackStatus::Running | RollbackStatus::Paused => {

@@ -29,7 +29,9 @@ use crate::health::HealthBook;
 use crate::node::NodeHandle;
 use crate::node::raft::RaftStatus;
 use crate::sessions::Sessions;
-use crate::state_machine::{COORDINATOR_IDENTITY, Command, CommandKind, HealthAggregate};
+use crate::state_machine::{
+    COORDINATOR_IDENTITY, Command, CommandKind, HealthAggregate, StepTarget,
+};
 
 pub struct Engine {
     pub node: NodeHandle,
@@ -176,6 +178,9 @@ impl Engine {
     /// Proposes an engine decision; returns whether it was applied.
     async fn propose(&self, kind: CommandKind) -> bool {
         let action = kind.action();
+        // Every line about a rollback carries its id, so one grep follows it.
+        let rollback_id = rollback_of(&kind).map(crate::state_machine::rollback_id);
+        let said = describe(&kind);
         let command = Command {
             at_ms: rewind_shared::time::now_ms(),
             identity: COORDINATOR_IDENTITY.to_string(),
@@ -183,13 +188,48 @@ impl Engine {
             kind,
         };
         match self.node.propose(command).await {
-            Ok(_) => true,
+            Ok(_) => {
+                if let (Some(rollback_id), Some(said)) = (&rollback_id, said) {
+                    info!(rollback_id, action, "{said}");
+                }
+                true
+            }
             Err(error) => {
                 // Losing a race with an agent's result or an operator's abort is normal.
-                debug!(%error, action, "Engine proposal refused.");
+                debug!(%error, action, rollback_id, "Engine proposal refused.");
                 false
             }
         }
+    }
+}
+
+/// The rollback an engine decision is about, if any.
+fn rollback_of(kind: &CommandKind) -> Option<u64> {
+    match kind {
+        CommandKind::StepStarted { step } | CommandKind::StepFinished { step, .. } => match step {
+            StepTarget::Rollback { rollback, .. } | StepTarget::Gate { rollback, .. } => {
+                Some(*rollback)
+            }
+            _ => None,
+        },
+        CommandKind::Stall { rollback, .. } => Some(*rollback),
+        _ => None,
+    }
+}
+
+/// A log line for the decisions worth one at info level.
+fn describe(kind: &CommandKind) -> Option<String> {
+    match kind {
+        CommandKind::StepStarted { step } => Some(format!("Started {}.", step.step_id())),
+        CommandKind::StepFinished {
+            step, ok, detail, ..
+        } => Some(format!(
+            "{} {}: {detail}",
+            step.step_id(),
+            if *ok { "succeeded" } else { "FAILED" }
+        )),
+        CommandKind::Stall { evidence, .. } => Some(format!("Paused: {evidence}")),
+        _ => None,
     }
 }
 
