@@ -329,68 +329,36 @@ impl ControlService for Control {
         &self,
         request: Request<pb::RollbackActionRequest>,
     ) -> Result<Response<pb::GetRollbackResponse>, Status> {
-        let identity = caller(&request)?;
-        let request = request.into_inner();
-        let number = parse_id("rollback_id", "rb", &request.rollback_id)?;
-        names::validate_name("host_id", &request.host_id).map_err(field_error)?;
-        validate_reason(&request.reason)?;
-        if request.reason.trim().is_empty() {
-            return Err(invalid(
-                "reason",
-                "say why the host is left unreverted: it goes into the audit log",
-            ));
-        }
-        let kind = CommandKind::SkipHost {
-            rollback: number,
-            host_id: request.host_id.clone(),
-            reason: request.reason,
-        };
-        self.context
-            .propose(&identity, &request.request_id, kind)
-            .await?;
-        info!(
-            identity,
-            rollback_id = rollback_id(number),
-            host_id = request.host_id,
-            "Host skipped."
-        );
-        Ok(Response::new(pb::GetRollbackResponse {
-            rollback: Some(self.context.rollback(number)?),
-        }))
+        let named = |request: &pb::RollbackActionRequest| request.host_id.clone();
+        self.decide_for(
+            request,
+            ("host_id", named),
+            "say why the host is left unreverted: it goes into the audit log",
+            |rollback, host_id, reason| CommandKind::SkipHost {
+                rollback,
+                host_id,
+                reason,
+            },
+        )
+        .await
     }
 
     async fn isolate_service(
         &self,
         request: Request<pb::RollbackActionRequest>,
     ) -> Result<Response<pb::GetRollbackResponse>, Status> {
-        let identity = caller(&request)?;
-        let request = request.into_inner();
-        let number = parse_id("rollback_id", "rb", &request.rollback_id)?;
-        names::validate_name("service", &request.service).map_err(field_error)?;
-        validate_reason(&request.reason)?;
-        if request.reason.trim().is_empty() {
-            return Err(invalid(
-                "reason",
-                "say why the service is isolated instead of reverted: it goes into the audit log",
-            ));
-        }
-        let kind = CommandKind::IsolateService {
-            rollback: number,
-            service: request.service.clone(),
-            reason: request.reason,
-        };
-        self.context
-            .propose(&identity, &request.request_id, kind)
-            .await?;
-        info!(
-            identity,
-            rollback_id = rollback_id(number),
-            service = request.service,
-            "Service isolated."
-        );
-        Ok(Response::new(pb::GetRollbackResponse {
-            rollback: Some(self.context.rollback(number)?),
-        }))
+        let named = |request: &pb::RollbackActionRequest| request.service.clone();
+        self.decide_for(
+            request,
+            ("service", named),
+            "say why the service is isolated instead of reverted: it goes into the audit log",
+            |rollback, service, reason| CommandKind::IsolateService {
+                rollback,
+                service,
+                reason,
+            },
+        )
+        .await
     }
 
     async fn explain_rollback(
@@ -790,6 +758,41 @@ impl ControlService for Control {
 }
 
 impl Control {
+    /// A person's decision about one named thing (a host, a service) in a rollback; the reason
+    /// is required, since it goes into the audit log.
+    async fn decide_for(
+        &self,
+        request: Request<pb::RollbackActionRequest>,
+        (field, named): (&str, fn(&pb::RollbackActionRequest) -> String),
+        reason_needed: &str,
+        kind: impl FnOnce(u64, String, String) -> CommandKind,
+    ) -> Result<Response<pb::GetRollbackResponse>, Status> {
+        let identity = caller(&request)?;
+        let request = request.into_inner();
+        let number = parse_id("rollback_id", "rb", &request.rollback_id)?;
+        let name = named(&request);
+        names::validate_name(field, &name).map_err(field_error)?;
+        validate_reason(&request.reason)?;
+        if request.reason.trim().is_empty() {
+            return Err(invalid("reason", reason_needed));
+        }
+        let kind = kind(number, name.clone(), request.reason);
+        let action = kind.action();
+        self.context
+            .propose(&identity, &request.request_id, kind)
+            .await?;
+        info!(
+            identity,
+            rollback_id = rollback_id(number),
+            action,
+            name,
+            "Rollback decision recorded."
+        );
+        Ok(Response::new(pb::GetRollbackResponse {
+            rollback: Some(self.context.rollback(number)?),
+        }))
+    }
+
     async fn members(&self) -> pb::ListMembersResponse {
         super::cluster::list(&self.context).await
     }
