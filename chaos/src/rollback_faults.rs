@@ -202,9 +202,9 @@ pub async fn run(seed: u64, rounds: usize, dir: &Path, network: Network) -> anyh
     let settled = invariants::members_agree(&cluster, &live).await?;
     let (_, mut client) = cluster.must_leader().await;
     invariants::acknowledged_present(&mut client, &acknowledged).await?;
-    // Per host: capture + activate for v1, then per round capture + activate + restore +
-    // restart (verify runs on the coordinator).
-    invariants::journals_show_each_step_once(&mut hosts, 2 + 4 * rounds)?;
+    // Per host: capture + activate for v1, then per round capture + activate + drain + restore
+    // + restart + undrain (verify and the wave's gate run on the coordinator).
+    invariants::journals_show_each_step_once(&mut hosts, 2 + 6 * rounds)?;
     info!(
         seed,
         rounds,

@@ -866,7 +866,8 @@ pub async fn must_rollback_end(
     client: &ControlServiceClient<Channel>,
     rollback_id: &str,
 ) -> rewind_proto::v1::Rollback {
-    must_wait_async(Duration::from_secs(60), "the rollback to end", || {
+    // Generous: rollbacks now pass a health gate per wave, and CI is loaded.
+    must_wait_async(Duration::from_secs(180), "the rollback to end", || {
         let mut client = client.clone();
         let rollback_id = rollback_id.to_string();
         async move {

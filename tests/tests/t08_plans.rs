@@ -336,7 +336,8 @@ async fn a_plan_reverts_consumers_first_region_by_region_and_a_failing_gate_esca
         ),
     );
 
-    let paused = must_wait_async(Duration::from_secs(120), "the rollback to pause", || {
+    // Generous: CI runs this beside clusters and containers on two cores.
+    let paused = must_wait_async(Duration::from_secs(300), "the rollback to pause", || {
         let mut client = client.clone();
         async move {
             let rollback = client
@@ -411,7 +412,7 @@ async fn a_plan_reverts_consumers_first_region_by_region_and_a_failing_gate_esca
     // After it, the report compares each service with its baseline (db's window still holds
     // its failing reports for a few seconds).
     must_wait(
-        Duration::from_secs(30),
+        Duration::from_secs(90),
         "every service back near its baseline",
         || {
             let report = run_ok(&coordinator.rewindctl(&["rollback", "explain", "rb-1"]));

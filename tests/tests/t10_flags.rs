@@ -13,7 +13,7 @@ fn must_see_flags(hosts: &[TestHost], expected: &[(&str, bool)], what: &str) {
         .iter()
         .map(|(name, on)| (name.to_string(), *on))
         .collect();
-    must_wait(Duration::from_secs(30), what, || {
+    must_wait(Duration::from_secs(90), what, || {
         hosts
             .iter()
             .all(|host| host.flags() == expected)
