@@ -139,6 +139,23 @@ pub fn build(
             .filter(|host| host.activate.status == StepStatus::Pending)
             .map(|host| host.host_id.as_str())
             .collect();
+        let unrestorable: Vec<&str> = change
+            .hosts
+            .iter()
+            .filter(|host| {
+                host.activate.status != StepStatus::Pending && host.snapshot_id.is_empty()
+            })
+            .map(|host| host.host_id.as_str())
+            .collect();
+        if !unrestorable.is_empty() {
+            notes.push(format!(
+                "{} has no usable snapshot on {} (its capture did not finish), so they cannot be \
+                 restored and are left out: {}",
+                change.id(),
+                plural(unrestorable.len(), "host"),
+                unrestorable.join(", ")
+            ));
+        }
         if !skipped.is_empty() {
             notes.push(format!(
                 "{} never reached {} (they still run the old release): {}",

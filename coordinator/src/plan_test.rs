@@ -357,3 +357,54 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn hosts_without_a_usable_snapshot_are_named_and_left_out() {
+    let mut fleet = Fleet::new();
+    fleet.service("web", &[]);
+    fleet.host("web-1", "eu", &["web"]);
+    fleet.host("web-2", "eu", &["web"]);
+    fleet.release("web", "v1", 0, &[]);
+    let Outcome::Change(change) = fleet.apply(CommandKind::StartChange {
+        service: "web".into(),
+        version: "v1".into(),
+        host_ids: vec![],
+        reason: String::new(),
+        baseline: HealthAggregate::default(),
+        flags_on: vec![],
+    }) else {
+        panic!("a change")
+    };
+    // Capture everywhere (web-2's finishes without a snapshot id), then activate everywhere.
+    for capture in [true, false] {
+        for (host, snapshot) in [("web-1", "snap-1"), ("web-2", "")] {
+            let step = if capture {
+                StepTarget::Capture {
+                    change,
+                    host_id: host.into(),
+                }
+            } else {
+                StepTarget::Activate {
+                    change,
+                    host_id: host.into(),
+                }
+            };
+            fleet.apply(CommandKind::StepStarted { step: step.clone() });
+            fleet.apply(CommandKind::StepFinished {
+                step,
+                ok: true,
+                detail: String::new(),
+                snapshot_id: snapshot.into(),
+            });
+        }
+    }
+    let plan = fleet.plan(&[change], &PlanOptions::default()).unwrap();
+    assert_eq!(plan.waves[0].hosts(), vec!["web-1"]);
+    assert!(
+        plan.notes
+            .iter()
+            .any(|note| note.contains("no usable snapshot on 1 host") && note.ends_with("web-2")),
+        "{:?}",
+        plan.notes
+    );
+}

@@ -28,6 +28,17 @@ struct StepLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ActiveStepLabels {
+    rollback_id: String,
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ActiveLabels {
+    rollback_id: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TriggerLabels {
     source: String,
     outcome: String,
@@ -104,6 +115,40 @@ fn render(
         "rollbacks_active",
         "Rollbacks running or paused (outcome label: running or paused)",
         active,
+    );
+    // Per rollback, only while it runs or is paused, so the series stay few.
+    let active_steps = Family::<ActiveStepLabels, Gauge<i64>>::default();
+    let active_wave = Family::<ActiveLabels, Gauge<i64>>::default();
+    for rollback in state
+        .rollbacks
+        .values()
+        .filter(|rollback| !rollback.status.is_terminal())
+    {
+        for step in &rollback.steps {
+            active_steps
+                .get_or_create(&ActiveStepLabels {
+                    rollback_id: rollback.id(),
+                    state: format!("{:?}", step.progress.status).to_lowercase(),
+                })
+                .inc();
+        }
+        active_wave
+            .get_or_create(&ActiveLabels {
+                rollback_id: rollback.id(),
+            })
+            .set(i64::from(
+                rollback.current_wave().map_or(0, |wave| wave + 1),
+            ));
+    }
+    registry.register(
+        "rollback_steps",
+        "Steps of each running or paused rollback, by state",
+        active_steps,
+    );
+    registry.register(
+        "rollback_current_wave",
+        "Wave (from 1) each running or paused rollback is on",
+        active_wave,
     );
     registry.register(
         "rollback_step_duration_seconds",
@@ -187,4 +232,53 @@ fn observe(family: &Family<StepLabels, Histogram>, kind: &str, progress: &StepPr
             outcome: format!("{:?}", progress.status).to_lowercase(),
         })
         .observe(seconds);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state_machine::{CommandKind, PlanOptions, Trigger};
+    use crate::test_fleet::Fleet;
+
+    #[test]
+    fn a_running_rollback_has_series_of_its_own_and_an_ended_one_is_counted() {
+        let mut fleet = Fleet::new();
+        fleet.service("web", &[]);
+        fleet.host("web-1", "eu", &["web"]);
+        fleet.release("web", "v1", 0, &[]);
+        fleet.release("web", "v2", 0, &[]);
+        fleet.deploy("web", "v1");
+        let change = fleet.deploy("web", "v2");
+        fleet.apply(CommandKind::StartRollback {
+            changes: vec![change],
+            options: PlanOptions::default(),
+            plan_hash: String::new(),
+            reason: "test".into(),
+            trigger: Trigger::Manual,
+        });
+        let status = crate::node::raft::RaftStatus::default();
+        let text = render(&fleet.state, &status, 1).unwrap();
+        for expected in [
+            r#"rewind_rollback_steps{rollback_id="rb-1",state="pending"} 5"#,
+            r#"rewind_rollback_current_wave{rollback_id="rb-1"} 1"#,
+            r#"rewind_rollbacks_active{outcome="running",trigger="manual"} 1"#,
+            "rewind_agents_connected 1",
+        ] {
+            assert!(text.contains(expected), "{expected} in:\n{text}");
+        }
+        fleet.apply(CommandKind::ControlRollback {
+            rollback: 1,
+            action: crate::state_machine::RollbackAction::Abort,
+            reason: "test".into(),
+        });
+        let text = render(&fleet.state, &status, 1).unwrap();
+        assert!(
+            text.contains(r#"rewind_rollbacks_total{outcome="aborted",trigger="manual"} 1"#),
+            "{text}"
+        );
+        assert!(
+            !text.contains("rb-1"),
+            "an ended rollback has no series of its own"
+        );
+    }
 }
