@@ -623,7 +623,8 @@ fn typical_step_ms(state: &State, kind: RollbackStepKind) -> Option<u64> {
     Some(durations[durations.len() / 2])
 }
 
-fn plural(count: usize, noun: &str) -> String {
+/// "1 host", "3 hosts".
+pub fn plural(count: usize, noun: &str) -> String {
     if count == 1 {
         format!("1 {noun}")
     } else {

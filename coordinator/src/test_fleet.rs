@@ -103,29 +103,38 @@ impl Fleet {
             .iter()
             .map(|host| host.host_id.clone())
             .collect();
+        let snapshots: Vec<(&str, String)> = hosts
+            .iter()
+            .map(|host_id| (host_id.as_str(), format!("snap-{host_id}")))
+            .collect();
+        let snapshots: Vec<(&str, &str)> = snapshots
+            .iter()
+            .map(|(host, snapshot)| (*host, snapshot.as_str()))
+            .collect();
+        self.capture_and_activate(change, &snapshots);
+        change
+    }
+
+    /// Captures on every host (recording its snapshot id, which may be empty), then activates
+    /// everywhere, each step succeeding.
+    pub fn capture_and_activate(&mut self, change: u64, snapshots: &[(&str, &str)]) {
         for capture in [true, false] {
-            for host_id in &hosts {
+            for (host_id, snapshot_id) in snapshots {
+                let host_id = host_id.to_string();
                 let step = if capture {
-                    StepTarget::Capture {
-                        change,
-                        host_id: host_id.clone(),
-                    }
+                    StepTarget::Capture { change, host_id }
                 } else {
-                    StepTarget::Activate {
-                        change,
-                        host_id: host_id.clone(),
-                    }
+                    StepTarget::Activate { change, host_id }
                 };
                 self.apply(CommandKind::StepStarted { step: step.clone() });
                 self.apply(CommandKind::StepFinished {
                     step,
                     ok: true,
                     detail: String::new(),
-                    snapshot_id: format!("snap-{host_id}"),
+                    snapshot_id: snapshot_id.to_string(),
                 });
             }
         }
-        change
     }
 
     pub fn plan(

@@ -278,26 +278,7 @@ fn a_change_turns_its_flags_on_and_its_rollback_turns_them_back_first() {
             .enabled
     );
     // Capture and activate so there is something to revert.
-    for kind in ["capture", "activate"] {
-        let step = if kind == "capture" {
-            StepTarget::Capture {
-                change,
-                host_id: "a-1".into(),
-            }
-        } else {
-            StepTarget::Activate {
-                change,
-                host_id: "a-1".into(),
-            }
-        };
-        fleet.apply(CommandKind::StepStarted { step: step.clone() });
-        fleet.apply(CommandKind::StepFinished {
-            step,
-            ok: true,
-            detail: String::new(),
-            snapshot_id: "snap-1".into(),
-        });
-    }
+    fleet.capture_and_activate(change, &[("a-1", "snap-1")]);
     assert_eq!(
         fleet
             .plan(&[change], &PlanOptions::default())

@@ -676,7 +676,7 @@ fn settle_rollback(state: &mut State, number: u64, at_ms: u64) {
             .collect();
         let mut detail = format!(
             "{} reverted and verified healthy in {} waves",
-            count(hosts.len(), "host"),
+            crate::plan::plural(hosts.len(), "host"),
             rollback.waves.len()
         );
         if !rollback.skipped_hosts.is_empty() {
@@ -872,7 +872,7 @@ fn start_rollback(
         "ok: {trigger:?} rollback of {} in {} waves on {} (plan {}): {reason}",
         crate::plan::change_list(&plan.changes),
         waves.len(),
-        count(host_count.len(), "host"),
+        crate::plan::plural(host_count.len(), "host"),
         plan.hash
     );
     if !forced.is_empty() {
@@ -1234,7 +1234,7 @@ fn isolate_service(
         id,
         format!(
             "ok: {service} isolated: {} drained instead of reverted: {reason}",
-            count(hosts.len(), "host")
+            crate::plan::plural(hosts.len(), "host")
         ),
     ))
 }
@@ -1524,14 +1524,6 @@ fn judge_trigger(
             call_a_person: true,
         },
         Ok(_) => Verdict::Start,
-    }
-}
-
-fn count(count: usize, noun: &str) -> String {
-    if count == 1 {
-        format!("1 {noun}")
-    } else {
-        format!("{count} {noun}s")
     }
 }
 
