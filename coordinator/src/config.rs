@@ -636,6 +636,56 @@ mod tests {
     }
 
     #[test]
+    fn bad_monitoring_throttle_and_gate_settings_are_each_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let short = dir.path().join("short.secret");
+        std::fs::write(&short, "too short").unwrap();
+        let text = format!(
+            r#"[engine]
+gate-tolerance = 2.0
+gate-settle-s = 10
+gate-timeout-s = 5
+[throttle]
+budget = 0
+breaker-services = 1
+[escalation]
+webhook-url = "https://pager.example"
+[http]
+listen = "nowhere"
+alertmanager-token-file = "{short}"
+webhook-secret-file = "/nonexistent/secret"
+[alertmanager]
+url = "ftp://am"
+silence-lease-s = 1
+"#,
+            short = short.display()
+        );
+        let raw: RawConfig = rewind_shared::config::parse_toml(Path::new("c.toml"), &text)
+            .unwrap()
+            .value;
+        let joined = raw.validate().unwrap_err().join("\n");
+        for expected in [
+            "engine.gate-tolerance: is 2, must be within 0..=1",
+            "engine.gate-timeout-s: is 5, must be within 10..=86400",
+            "throttle.budget: is 0",
+            "throttle.breaker-services: is 1",
+            "escalation.webhook-url",
+            "escalation.secret-file: is required with a webhook-url",
+            "http.listen",
+            "http.alertmanager-token-file",
+            "use a secret of at least 16",
+            "http.webhook-secret-file: cannot read /nonexistent/secret",
+            "alertmanager.url",
+            "alertmanager.silence-lease-s: is 1",
+        ] {
+            assert!(
+                joined.contains(expected),
+                "{expected} missing from:\n{joined}"
+            );
+        }
+    }
+
+    #[test]
     fn joining_needs_the_cluster_id_and_a_member_to_reach() {
         let text = "data-dir = \"/d\"\n[tls]\nca = \"a\"\ncert = \"c\"\nkey = \"k\"\n[cluster]\njoin = true\nmember-id = 4\n[[cluster.member]]\nid = 4\naddress = \"h:1\"\nregion = \"r\"\n";
         let raw: RawConfig = rewind_shared::config::parse_toml(Path::new("c.toml"), text)

@@ -1118,3 +1118,51 @@ async fn audit(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn release_requirements_and_synthetic_checks_parse_or_say_what_is_wrong() {
+        assert_eq!(parse_requirement("api=3"), Ok(("api".to_string(), 3)));
+        assert!(
+            parse_requirement("api")
+                .unwrap_err()
+                .contains("PROVIDER=VERSION")
+        );
+        assert!(
+            parse_requirement("api=x")
+                .unwrap_err()
+                .contains("not a whole number")
+        );
+
+        let check = parse_synthetic(
+            "name=checkout,url=http://h/c,method=POST,expect-status=201,body-contains=ok,max-latency-ms=500",
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                check.name.as_str(),
+                check.expect_status,
+                check.max_latency_ms
+            ),
+            ("checkout", 201, 500)
+        );
+        assert!(
+            parse_synthetic("url=http://h")
+                .unwrap_err()
+                .contains("name= and url=")
+        );
+        assert!(
+            parse_synthetic("name=a,colour=red")
+                .unwrap_err()
+                .contains("unknown key \"colour\"")
+        );
+        assert!(
+            parse_synthetic("name=a,url")
+                .unwrap_err()
+                .contains("key=value")
+        );
+    }
+}

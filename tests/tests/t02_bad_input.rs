@@ -111,6 +111,67 @@ async fn bad_requests_are_refused_with_the_field_named_and_change_nothing() {
         Code::InvalidArgument,
         "service.policy.max_probe_failure_ratio",
     );
+    let synthetic = |check: pb::SyntheticCheck| pb::PutServiceRequest {
+        request_id: String::new(),
+        service: Some(pb::Service {
+            name: "api".into(),
+            depends_on: vec![],
+            policy: None,
+            synthetics: vec![check],
+        }),
+    };
+    for (check, expected) in [
+        (
+            pb::SyntheticCheck {
+                name: "login".into(),
+                url: "https://x".into(),
+                ..Default::default()
+            },
+            "service.synthetics[login].url",
+        ),
+        (
+            pb::SyntheticCheck {
+                name: "login".into(),
+                url: "http://x".into(),
+                method: "DELETE".into(),
+                ..Default::default()
+            },
+            "service.synthetics[login].method: \"DELETE\" is not GET or POST",
+        ),
+        (
+            pb::SyntheticCheck {
+                name: "login".into(),
+                url: "http://x".into(),
+                expect_status: 99,
+                ..Default::default()
+            },
+            "service.synthetics[login].expect_status: 99 is not an HTTP status",
+        ),
+        (
+            pb::SyntheticCheck {
+                name: "login".into(),
+                url: "http://x".into(),
+                max_latency_ms: 70_000,
+                ..Default::default()
+            },
+            "service.synthetics[login].max_latency_ms: is 70000",
+        ),
+    ] {
+        assert_status(
+            client.put_service(synthetic(check)).await,
+            Code::InvalidArgument,
+            expected,
+        );
+    }
+    let mut needs_bad_provider = release("web", "v9", &digest);
+    if let Some(release) = needs_bad_provider.release.as_mut() {
+        release.requires.insert("Not A Name".into(), 2);
+    }
+    assert_status(
+        client.register_release(needs_bad_provider).await,
+        Code::InvalidArgument,
+        "release.requires:",
+    );
 
     assert_status(
         client
