@@ -18,6 +18,10 @@
 //! [[service.probe]]
 //! name = "health"
 //! http = "http://127.0.0.1:8080/health"
+//! [service.metrics]                   # the service's own Prometheus text endpoint
+//! url = "http://127.0.0.1:8080/metrics"
+//! requests = "http_requests_total"    # counter; samples whose `code` starts with 5 are errors
+//! latency = "http_request_duration_seconds"   # histogram
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -70,6 +74,25 @@ pub struct RawService {
     pub drain: Option<RawHook>,
     /// Puts it back once it is verified healthy.
     pub undrain: Option<RawHook>,
+    /// The service's own Prometheus endpoint, for error ratio and latency.
+    pub metrics: Option<RawMetrics>,
+}
+
+/// Where and what to scrape: a requests counter whose samples are errors when a label's value
+/// starts with one of `error-values`, and optionally a latency histogram.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct RawMetrics {
+    pub url: String,
+    pub requests: String,
+    /// Label telling a failed request (default `code`).
+    pub error_label: Option<String>,
+    /// Prefixes of that label's value counted as errors (default `["5"]`).
+    pub error_values: Option<Vec<String>>,
+    pub latency: Option<String>,
+    /// `seconds` (default, as Prometheus recommends) or `milliseconds`.
+    pub latency_unit: Option<String>,
+    pub timeout_ms: Option<u64>,
 }
 
 /// A drain or undrain hook: a command, or an HTTP POST expecting a 2xx answer.
@@ -121,6 +144,19 @@ pub struct ServiceConfig {
     pub probes: Vec<Probe>,
     pub drain: Option<Hook>,
     pub undrain: Option<Hook>,
+    pub metrics: Option<MetricsConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct MetricsConfig {
+    pub url: String,
+    pub requests: String,
+    pub error_label: String,
+    pub error_prefixes: Vec<String>,
+    pub latency: Option<String>,
+    /// Milliseconds per unit of the histogram's bucket bounds.
+    pub latency_unit_ms: f64,
+    pub timeout: Duration,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -279,6 +315,10 @@ fn validate_service(
             "only a drain waits for sessions; remove it here",
         );
     }
+    let metrics = raw
+        .metrics
+        .as_ref()
+        .and_then(|metrics| validate_metrics(&format!("{field}.metrics"), metrics, problems));
     if problems.len() != before {
         return None;
     }
@@ -292,6 +332,81 @@ fn validate_service(
         probes,
         drain,
         undrain,
+        metrics,
+    })
+}
+
+/// Prometheus metric names: `[a-zA-Z_:][a-zA-Z0-9_:]*`.
+fn is_metric_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|first| first.is_ascii_alphabetic() || first == '_' || first == ':')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+}
+
+fn validate_metrics(
+    field: &str,
+    raw: &RawMetrics,
+    problems: &mut Problems,
+) -> Option<MetricsConfig> {
+    if !raw.url.starts_with("http://") {
+        problems.add(
+            format!("{field}.url"),
+            format!("{:?} must be an http:// URL", raw.url),
+        );
+    }
+    for (key, name) in [
+        ("requests", Some(&raw.requests)),
+        ("latency", raw.latency.as_ref()),
+    ] {
+        if let Some(name) = name.filter(|name| !is_metric_name(name)) {
+            problems.add(
+                format!("{field}.{key}"),
+                format!("{name:?} is not a Prometheus metric name"),
+            );
+        }
+    }
+    let error_label = raw.error_label.clone().unwrap_or_else(|| "code".into());
+    if !is_metric_name(&error_label) || error_label.contains(':') {
+        problems.add(
+            format!("{field}.error-label"),
+            format!("{error_label:?} is not a Prometheus label name"),
+        );
+    }
+    let error_prefixes = raw.error_values.clone().unwrap_or_else(|| vec!["5".into()]);
+    if error_prefixes.is_empty() || error_prefixes.iter().any(String::is_empty) {
+        problems.add(
+            format!("{field}.error-values"),
+            "name at least one non-empty value prefix (e.g. [\"5\"])",
+        );
+    }
+    let latency_unit_ms = match raw.latency_unit.as_deref() {
+        None | Some("seconds") => 1000.0,
+        Some("milliseconds") => 1.0,
+        Some(other) => {
+            problems.add(
+                format!("{field}.latency-unit"),
+                format!("{other:?} must be seconds or milliseconds"),
+            );
+            1000.0
+        }
+    };
+    let timeout_ms = raw.timeout_ms.unwrap_or(2000);
+    if !(1..=60_000).contains(&timeout_ms) {
+        problems.add(
+            format!("{field}.timeout-ms"),
+            format!("is {timeout_ms}, must be within 1..=60000"),
+        );
+    }
+    Some(MetricsConfig {
+        url: raw.url.clone(),
+        requests: raw.requests.clone(),
+        error_label,
+        error_prefixes,
+        latency: raw.latency.clone(),
+        latency_unit_ms,
+        timeout: Duration::from_millis(timeout_ms),
     })
 }
 
@@ -410,6 +525,13 @@ http = "http://x"
 [service.undrain]
 http = "http://x"
 grace-ms = 5
+[service.metrics]
+url = "https://x/metrics"
+requests = "9requests"
+error-label = "a-b"
+error-values = []
+latency-unit = "minutes"
+timeout-ms = 0
 "#;
         let raw: RawConfig = rewind_shared::config::parse_toml(Path::new("a.toml"), text)
             .unwrap()
@@ -429,6 +551,12 @@ grace-ms = 5
             "exactly one of http, tcp or command",
             "service.web.drain: set exactly one of command or http",
             "service.web.undrain.grace-ms",
+            "service.web.metrics.url",
+            "service.web.metrics.requests: \"9requests\" is not a Prometheus metric name",
+            "service.web.metrics.error-label",
+            "service.web.metrics.error-values",
+            "service.web.metrics.latency-unit",
+            "service.web.metrics.timeout-ms",
         ] {
             assert!(
                 joined.contains(expected),

@@ -19,6 +19,7 @@ use tokio_stream::StreamExt;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::app_metrics::AppScraper;
 use crate::config::Config;
 use crate::host_metrics::MetricsReader;
 use crate::steps::Executor;
@@ -259,17 +260,20 @@ impl Agent {
     /// Probes and measures every interval, connected or not, keeping a bounded history.
     async fn report_health(self: Arc<Self>) {
         let mut metrics = MetricsReader::default();
+        let mut app = AppScraper::new(self.executor.prober().http_client());
         let services: Vec<_> = self.executor.services().cloned().collect();
         loop {
-            let probes = self
-                .executor
-                .prober()
-                .probe_all(self.executor.host(), &services)
-                .await;
+            let (probes, app) = tokio::join!(
+                self.executor
+                    .prober()
+                    .probe_all(self.executor.host(), &services),
+                app.scrape_all(&services)
+            );
             let report = pb::HealthReport {
                 at_ms: rewind_shared::time::now_ms(),
                 metrics: Some(metrics.read()),
                 probes,
+                app,
             };
             {
                 let mut history = self

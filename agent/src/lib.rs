@@ -11,9 +11,11 @@
 //! - [`host`]: the [`host::Host`] trait for running commands; [`host::LocalHost`] is the real one.
 //! - [`steps`]: executes step commands idempotently: fence, journal, act, journal.
 //! - [`probes`]: HTTP, TCP and command health probes.
+//! - [`app_metrics`]: the service's own Prometheus figures (requests, errors, latency).
 //! - [`host_metrics`]: CPU, memory, load and disk from sysinfo.
 //! - [`connection`]: the session with the coordinator and the reconnect loop.
 
+pub mod app_metrics;
 pub mod config;
 pub mod connection;
 pub mod errors;

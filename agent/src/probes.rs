@@ -23,6 +23,11 @@ impl Default for Prober {
 }
 
 impl Prober {
+    /// The HTTP client (no redirects), shared with the metrics scraper.
+    pub fn http_client(&self) -> reqwest::Client {
+        self.http.clone()
+    }
+
     /// Runs every probe of every service concurrently.
     pub async fn probe_all(&self, host: &dyn Host, services: &[ServiceConfig]) -> Vec<ProbeResult> {
         let probes = services

@@ -38,6 +38,7 @@ fn fixture() -> Fixture {
         probes: vec![],
         drain: None,
         undrain: None,
+        metrics: None,
     };
     let store = Store::open(store_dir.path()).unwrap();
     Fixture {

@@ -48,6 +48,7 @@ fn fixture() -> Fixture {
         probes: vec![],
         drain: None,
         undrain: None,
+        metrics: None,
     };
     let host = Arc::new(CountingHost::default());
     let store = Store::open(data.path()).unwrap();
@@ -420,6 +421,7 @@ async fn drain_and_undrain_run_their_hooks_and_a_service_without_hooks_has_nothi
             timeout: Duration::from_secs(2),
             grace: Duration::ZERO,
         }),
+        metrics: None,
     };
     let data = tempfile::tempdir().unwrap();
     let executor = Executor::new(

@@ -91,6 +91,7 @@ impl SimAgent {
                                 latency_ms: 0,
                                 detail: String::new(),
                             }],
+                            app: vec![],
                         };
                         if outbound.send(message(agent_message::Body::Health(health))).await.is_err() {
                             return;
