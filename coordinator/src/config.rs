@@ -231,6 +231,7 @@ pub struct RawEngine {
     pub gate_settle_s: u32,
     pub gate_timeout_s: u32,
     pub gate_tolerance: f64,
+    pub gate_latency_tolerance: f64,
 }
 
 impl Default for RawEngine {
@@ -245,6 +246,7 @@ impl Default for RawEngine {
             gate_settle_s: gate.settle_s,
             gate_timeout_s: gate.timeout_s,
             gate_tolerance: gate.tolerance,
+            gate_latency_tolerance: gate.latency_tolerance,
         }
     }
 }
@@ -362,6 +364,15 @@ impl RawConfig {
             u64::from(engine.gate_settle_s),
             86_400,
         );
+        if !(0.0..=10.0).contains(&engine.gate_latency_tolerance) {
+            problems.add(
+                "engine.gate-latency-tolerance",
+                format!(
+                    "is {}, must be within 0..=10 (a fraction: 0.25 is 25 % above the baseline)",
+                    engine.gate_latency_tolerance
+                ),
+            );
+        }
         if !(0.0..=1.0).contains(&engine.gate_tolerance) {
             problems.add(
                 "engine.gate-tolerance",
@@ -413,6 +424,7 @@ impl RawConfig {
                     settle_s: engine.gate_settle_s,
                     timeout_s: engine.gate_timeout_s,
                     tolerance: engine.gate_tolerance,
+                    latency_tolerance: engine.gate_latency_tolerance,
                 },
                 escalation_webhook: escalation.is_some(),
                 throttle: self.throttle.limits(),
@@ -643,6 +655,7 @@ mod tests {
         let text = format!(
             r#"[engine]
 gate-tolerance = 2.0
+gate-latency-tolerance = -1.0
 gate-settle-s = 10
 gate-timeout-s = 5
 [throttle]
@@ -666,6 +679,7 @@ silence-lease-s = 1
         let joined = raw.validate().unwrap_err().join("\n");
         for expected in [
             "engine.gate-tolerance: is 2, must be within 0..=1",
+            "engine.gate-latency-tolerance: is -1",
             "engine.gate-timeout-s: is 5, must be within 10..=86400",
             "throttle.budget: is 0",
             "throttle.breaker-services: is 1",

@@ -7,7 +7,7 @@ use std::sync::Mutex;
 
 use rewind_proto::v1::HealthReport;
 
-use crate::state_machine::HealthAggregate;
+use crate::state_machine::{GateOptions, HealthAggregate, HealthFigure};
 
 /// Reports kept per host; at one report a second that is more than any window we use.
 const MAX_REPORTS_PER_HOST: usize = 256;
@@ -57,14 +57,18 @@ impl HealthBook {
             .map(|received| received.report.clone())
     }
 
-    /// Failed probe results of `service` over all probe results received from `hosts` at or
-    /// after `since_ms`.
+    /// `service`'s figures from the reports `hosts` sent at or after `since_ms`: failed probe
+    /// results over all probe results, and from its own metrics, failed requests over requests
+    /// and the p99 of the summed latency histograms (as `histogram_quantile(0.99, sum by (le))`).
     pub fn aggregate(&self, service: &str, hosts: &[String], since_ms: u64) -> HealthAggregate {
         let book = self
             .hosts
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let (mut total, mut failed, mut hosts_reporting) = (0u32, 0u32, 0u32);
+        let (mut requests, mut errors) = (0.0f64, 0.0f64);
+        // Cumulative count per bucket bound (as bits: non-negative floats sort like them).
+        let mut latency: BTreeMap<u64, f64> = BTreeMap::new();
         for host_id in hosts {
             let Some(reports) = book.get(host_id) else {
                 continue;
@@ -84,9 +88,26 @@ impl HealthBook {
                     failed += u32::from(!probe.ok);
                     reported = true;
                 }
+                for app in received
+                    .report
+                    .app
+                    .iter()
+                    .filter(|app| app.service == service && app.error.is_empty())
+                {
+                    requests += app.requests;
+                    errors += app.errors;
+                    for bucket in &app.latency {
+                        *latency.entry(bucket.le_ms.to_bits()).or_default() += bucket.count;
+                    }
+                    reported = true;
+                }
             }
             hosts_reporting += u32::from(reported);
         }
+        let buckets: Vec<(f64, f64)> = latency
+            .into_iter()
+            .map(|(bits, count)| (f64::from_bits(bits), count))
+            .collect();
         HealthAggregate {
             probe_failure_ratio: if total == 0 {
                 0.0
@@ -95,6 +116,9 @@ impl HealthBook {
             },
             samples: total,
             hosts_reporting,
+            error_ratio: (requests > 0.0).then(|| (errors / requests).clamp(0.0, 1.0)),
+            p99_latency_ms: quantile(0.99, &buckets),
+            requests,
         }
     }
 
@@ -148,10 +172,128 @@ impl HealthBook {
     }
 }
 
+/// How a service's figures now compare with its baseline under a gate's tolerances: probe
+/// failure and error ratios may exceed the baseline by `tolerance`, p99 latency by the fraction
+/// `latency_tolerance`. A figure nothing measured now is not judged; one without a baseline is
+/// judged against zero (ratios) or not at all (latency).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Comparison {
+    /// Every figure, for evidence: `probe failure ratio 0.00 (baseline 0.00, 12 samples); ...`.
+    pub figures: String,
+    /// The figures outside their tolerance, with their limits; empty when within.
+    pub outside: Vec<String>,
+}
+
+impl Comparison {
+    pub fn within(&self) -> bool {
+        self.outside.is_empty()
+    }
+}
+
+pub fn compare(
+    now: &HealthAggregate,
+    baseline: &HealthAggregate,
+    gate: &GateOptions,
+) -> Comparison {
+    let mut figures = Vec::new();
+    let mut outside = Vec::new();
+    let ratio = HealthFigure::ProbeFailureRatio;
+    if now.samples > 0 {
+        let limit = baseline.probe_failure_ratio + gate.tolerance;
+        figures.push(format!(
+            "probe failure ratio {} (baseline {}, {} samples)",
+            ratio.format(now.probe_failure_ratio),
+            ratio.format(baseline.probe_failure_ratio),
+            now.samples
+        ));
+        if now.probe_failure_ratio > limit + f64::EPSILON {
+            outside.push(format!(
+                "probe failure ratio {} > {}",
+                ratio.format(now.probe_failure_ratio),
+                ratio.format(limit)
+            ));
+        }
+    }
+    let errors = HealthFigure::ErrorRatio;
+    match (now.error_ratio, baseline.error_ratio) {
+        (Some(value), before) => {
+            let limit = before.unwrap_or(0.0) + gate.tolerance;
+            figures.push(format!(
+                "error ratio {} (baseline {}, {:.0} requests)",
+                errors.format(value),
+                errors.format_option(before),
+                now.requests
+            ));
+            if value > limit + f64::EPSILON {
+                outside.push(format!(
+                    "error ratio {} > {}",
+                    errors.format(value),
+                    errors.format(limit)
+                ));
+            }
+        }
+        (None, Some(_)) => figures.push("error ratio unknown (no requests counted)".into()),
+        (None, None) => {}
+    }
+    let latency = HealthFigure::P99LatencyMs;
+    if let Some(value) = now.p99_latency_ms {
+        figures.push(format!(
+            "p99 latency {} (baseline {})",
+            latency.format(value),
+            latency.format_option(baseline.p99_latency_ms)
+        ));
+        if let Some(before) = baseline.p99_latency_ms {
+            let limit = before * (1.0 + gate.latency_tolerance);
+            if value > limit + f64::EPSILON {
+                outside.push(format!(
+                    "p99 latency {} > {}",
+                    latency.format(value),
+                    latency.format(limit)
+                ));
+            }
+        }
+    }
+    if now.hosts_reporting == 0 {
+        outside.push("no health reports".into());
+    }
+    let figures = if figures.is_empty() {
+        "nothing measured".to_string()
+    } else {
+        figures.join("; ")
+    };
+    Comparison { figures, outside }
+}
+
+/// The `q` quantile of a cumulative histogram (bounds ascending, the last +Inf), interpolating
+/// linearly inside the bucket it falls in, as Prometheus's `histogram_quantile` does: `None`
+/// without observations; the highest finite bound when it falls in the +Inf bucket.
+pub fn quantile(q: f64, buckets: &[(f64, f64)]) -> Option<f64> {
+    let observed = buckets.last()?.1;
+    if observed <= 0.0 || !(0.0..=1.0).contains(&q) {
+        return None;
+    }
+    let rank = q * observed;
+    let (mut lower_bound, mut below) = (0.0, 0.0);
+    for &(bound, cumulative) in buckets {
+        if cumulative >= rank {
+            if bound.is_infinite() {
+                return Some(lower_bound);
+            }
+            let inside = cumulative - below;
+            if inside <= 0.0 {
+                return Some(bound);
+            }
+            return Some(lower_bound + (bound - lower_bound) * (rank - below) / inside);
+        }
+        (lower_bound, below) = (bound, cumulative);
+    }
+    Some(lower_bound)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rewind_proto::v1::ProbeResult;
+    use rewind_proto::v1::{AppMetrics, LatencyBucket, ProbeResult};
 
     fn report(ok: &[bool]) -> HealthReport {
         HealthReport {
@@ -187,6 +329,64 @@ mod tests {
         assert_eq!((aggregate.samples, aggregate.hosts_reporting), (2, 1));
         assert!((aggregate.probe_failure_ratio - 0.5).abs() < 1e-9);
         assert_eq!(book.aggregate("other", &hosts, 0).samples, 0);
+    }
+
+    fn app(requests: f64, errors: f64, latency: &[(f64, f64)]) -> HealthReport {
+        HealthReport {
+            app: vec![AppMetrics {
+                service: "web".into(),
+                requests,
+                errors,
+                latency: latency
+                    .iter()
+                    .map(|&(le_ms, count)| LatencyBucket { le_ms, count })
+                    .collect(),
+                error: String::new(),
+            }],
+            ..report(&[])
+        }
+    }
+
+    #[test]
+    fn error_ratio_and_p99_come_from_summed_counters_and_histograms() {
+        let book = HealthBook::default();
+        let inf = f64::INFINITY;
+        book.record(
+            "a",
+            app(100.0, 10.0, &[(100.0, 90.0), (500.0, 100.0), (inf, 100.0)]),
+            200,
+        );
+        book.record(
+            "b",
+            app(100.0, 0.0, &[(100.0, 100.0), (500.0, 100.0), (inf, 100.0)]),
+            200,
+        );
+        // A failed scrape counts for nothing.
+        let mut broken = app(1000.0, 1000.0, &[]);
+        broken.app[0].error = "GET http://x: refused".into();
+        book.record("b", broken, 200);
+        let hosts = vec!["a".to_string(), "b".to_string()];
+        let health = book.aggregate("web", &hosts, 0);
+        assert_eq!(health.requests, 200.0);
+        assert_eq!(health.error_ratio, Some(0.05));
+        // 198th of 200: 190 at or under 100 ms, so 8/10 of the way into (100, 500].
+        assert!(
+            (health.p99_latency_ms.unwrap() - 420.0).abs() < 1e-9,
+            "{health:?}"
+        );
+        assert_eq!(health.hosts_reporting, 2);
+        let quiet = book.aggregate("web", &hosts, 300);
+        assert_eq!((quiet.error_ratio, quiet.p99_latency_ms), (None, None));
+    }
+
+    #[test]
+    fn quantiles_follow_prometheus_histogram_quantile() {
+        let inf = f64::INFINITY;
+        assert_eq!(quantile(0.5, &[(10.0, 0.0), (inf, 0.0)]), None);
+        assert_eq!(quantile(0.5, &[(10.0, 4.0), (inf, 4.0)]), Some(5.0));
+        // Above the highest finite bound: that bound.
+        assert_eq!(quantile(0.99, &[(10.0, 1.0), (inf, 100.0)]), Some(10.0));
+        assert_eq!(quantile(1.5, &[(10.0, 1.0), (inf, 1.0)]), None);
     }
 
     #[test]

@@ -130,6 +130,11 @@ pub enum ServiceCommand {
         /// Never roll back automatically.
         #[arg(long)]
         no_auto_rollback: bool,
+        /// Another trigger condition (repeatable), over the service's own metrics or probes:
+        /// `error_ratio > 0.05 for 30s`, `p99_latency_ms > 2x baseline for 60s`,
+        /// `probe_failure_ratio > 0.2 for 10s`.
+        #[arg(long = "condition", value_name = "CONDITION", value_parser = parse_condition)]
+        conditions: Vec<pb::PolicyCondition>,
         /// A synthetic check a rollback's gate runs after each wave (repeatable), as
         /// `name=N,url=http://...[,method=POST][,body=...][,expect-status=200][,body-contains=TEXT][,max-latency-ms=2000]`.
         #[arg(long = "synthetic", value_name = "CHECK", value_parser = parse_synthetic)]
@@ -202,6 +207,55 @@ fn parse_synthetic(text: &str) -> Result<pb::SyntheticCheck, String> {
         return Err("name= and url= are required".into());
     }
     Ok(check)
+}
+
+/// `FIGURE > NUMBER[x baseline] for Ns`.
+fn parse_condition(text: &str) -> Result<pb::PolicyCondition, String> {
+    let usage = "write FIGURE > LIMIT for Ns, e.g. `error_ratio > 0.05 for 30s` or `p99_latency_ms > 2x baseline for 60s`";
+    let (figure, rest) = text
+        .split_once('>')
+        .ok_or_else(|| format!("{text:?} has no '>': {usage}"))?;
+    let figure = match figure.trim() {
+        "probe_failure_ratio" => pb::HealthFigure::ProbeFailureRatio,
+        "error_ratio" => pb::HealthFigure::ErrorRatio,
+        "p99_latency_ms" => pb::HealthFigure::P99LatencyMs,
+        other => {
+            return Err(format!(
+                "unknown figure {other:?}: use probe_failure_ratio, error_ratio or p99_latency_ms"
+            ));
+        }
+    };
+    let (limit, window) = rest
+        .split_once(" for ")
+        .ok_or_else(|| format!("{text:?} has no `for Ns` window: {usage}"))?;
+    let limit = limit.trim();
+    let (number, relative_to_baseline) = match limit.strip_suffix("baseline") {
+        Some(multiple) => {
+            let multiple = multiple.trim_end();
+            let number = multiple.strip_suffix('x').ok_or_else(|| {
+                format!("{limit:?}: a limit relative to the baseline is written like `2x baseline`")
+            })?;
+            (number.trim(), true)
+        }
+        None => (limit, false),
+    };
+    let threshold: f64 = number
+        .parse()
+        .ok()
+        .filter(|value: &f64| value.is_finite())
+        .ok_or_else(|| format!("{number:?} in {text:?} is not a number"))?;
+    let window = window.trim();
+    let for_s = window
+        .strip_suffix('s')
+        .and_then(|seconds| seconds.parse::<u32>().ok())
+        .filter(|&seconds| seconds > 0)
+        .ok_or_else(|| format!("{window:?} must be whole seconds like 30s"))?;
+    Ok(pb::PolicyCondition {
+        figure: figure.into(),
+        threshold,
+        relative_to_baseline,
+        for_s,
+    })
 }
 
 fn parse_requirement(text: &str) -> Result<(String, u32), String> {
@@ -558,6 +612,7 @@ async fn service(
             watch_s,
             no_auto_rollback,
             synthetics,
+            conditions,
         } => {
             let service = pb::Service {
                 name,
@@ -567,6 +622,7 @@ async fn service(
                     for_s,
                     watch_s,
                     auto_rollback: !no_auto_rollback,
+                    conditions,
                 }),
                 synthetics,
             };
@@ -600,9 +656,18 @@ async fn service(
             } else {
                 let current = response.current.unwrap_or_default();
                 println!(
-                    "probe failure ratio {:.2} over {} samples from {} hosts",
+                    "probe failure ratio {:.3} over {} samples from {} hosts",
                     current.probe_failure_ratio, current.samples, current.hosts_reporting
                 );
+                match (current.error_ratio, current.p99_latency_ms) {
+                    (None, None) => {}
+                    (error_ratio, p99) => println!(
+                        "from its own metrics: error ratio {} over {:.0} requests, p99 latency {}",
+                        error_ratio.map_or("-".into(), |ratio| format!("{ratio:.3}")),
+                        current.requests,
+                        p99.map_or("-".into(), |ms| format!("{ms:.0} ms")),
+                    ),
+                }
                 let rows = response
                     .latest_probes
                     .iter()
@@ -622,6 +687,22 @@ async fn service(
     Ok(ExitCode::SUCCESS)
 }
 
+/// A condition as `--condition` takes it.
+fn describe_condition(condition: &pb::PolicyCondition) -> String {
+    let figure = match condition.figure() {
+        pb::HealthFigure::ProbeFailureRatio => "probe_failure_ratio",
+        pb::HealthFigure::ErrorRatio => "error_ratio",
+        pb::HealthFigure::P99LatencyMs => "p99_latency_ms",
+        pb::HealthFigure::Unspecified => "?",
+    };
+    let limit = if condition.relative_to_baseline {
+        format!("{}x baseline", condition.threshold)
+    } else {
+        condition.threshold.to_string()
+    };
+    format!("{figure} > {limit} for {}s", condition.for_s)
+}
+
 fn print_services(format: Format, services: Vec<pb::Service>) -> anyhow::Result<()> {
     if format == Format::Json {
         return json(&pb::ListServicesResponse { services });
@@ -629,11 +710,17 @@ fn print_services(format: Format, services: Vec<pb::Service>) -> anyhow::Result<
     let rows = services
         .iter()
         .map(|service| {
-            let policy = service.policy.unwrap_or_default();
+            let policy = service.policy.clone().unwrap_or_default();
             let trigger = if policy.auto_rollback {
+                let mut conditions = vec![format!(
+                    "probe_failure_ratio > {} for {}s",
+                    policy.max_probe_failure_ratio, policy.for_s
+                )];
+                conditions.extend(policy.conditions.iter().map(describe_condition));
                 format!(
-                    "probe failures > {:.2} for {} s within {} s of a change",
-                    policy.max_probe_failure_ratio, policy.for_s, policy.watch_s
+                    "{} (within {} s of a change)",
+                    conditions.join(" or "),
+                    policy.watch_s
                 )
             } else {
                 "manual only".into()
@@ -1122,6 +1209,32 @@ async fn audit(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn conditions_parse_back_to_what_was_written_or_say_what_is_wrong() {
+        for text in [
+            "error_ratio > 0.05 for 30s",
+            "p99_latency_ms > 2x baseline for 60s",
+            "probe_failure_ratio > 0.2 for 10s",
+        ] {
+            let condition = parse_condition(text).unwrap();
+            assert_eq!(describe_condition(&condition), text);
+        }
+        let relative = parse_condition("p99_latency_ms>1.5x baseline for 5s").unwrap();
+        assert!(relative.relative_to_baseline && relative.threshold == 1.5);
+        for (bad, why) in [
+            ("error_ratio 0.05 for 30s", "no '>'"),
+            ("errors > 0.05 for 30s", "unknown figure \"errors\""),
+            ("error_ratio > 0.05", "no `for Ns` window"),
+            ("error_ratio > lots for 30s", "\"lots\" in"),
+            ("error_ratio > 2 baseline for 30s", "like `2x baseline`"),
+            ("error_ratio > 0.05 for 0s", "whole seconds"),
+            ("error_ratio > 0.05 for 1m", "whole seconds"),
+        ] {
+            let error = parse_condition(bad).unwrap_err();
+            assert!(error.contains(why), "{bad}: {error}");
+        }
+    }
 
     #[test]
     fn release_requirements_and_synthetic_checks_parse_or_say_what_is_wrong() {

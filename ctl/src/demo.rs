@@ -216,6 +216,7 @@ async fn run_loop(
         for_s: 3,
         watch_s: 300,
         auto_rollback: true,
+        ..Default::default()
     };
     let service = pb::Service {
         name: SERVICE.into(),

@@ -62,9 +62,12 @@ pub struct PlanArgs {
     /// Seconds after which a gate that has not passed pauses the rollback.
     #[arg(long, default_value_t = 0)]
     pub gate_timeout_s: u32,
-    /// How far above the baseline probe failure ratio a wave may be (0..=1).
+    /// How far above the baseline probe failure and error ratios a wave may be (0..=1).
     #[arg(long)]
     pub gate_tolerance: Option<f64>,
+    /// How far above the baseline p99 latency a wave may be, as a fraction (0.25: 25 % slower).
+    #[arg(long, default_value_t = 0.0)]
+    pub gate_latency_tolerance: f64,
 }
 
 impl PlanArgs {
@@ -79,6 +82,7 @@ impl PlanArgs {
                 timeout_s: self.gate_timeout_s,
                 tolerance: self.gate_tolerance.unwrap_or(0.0),
                 zero_tolerance: self.gate_tolerance == Some(0.0),
+                latency_tolerance: self.gate_latency_tolerance,
             }),
         }
     }
@@ -95,10 +99,11 @@ pub fn print_plan(plan: &pb::RollbackPlan) {
         plan.waves.len()
     );
     println!(
-        "max parallel {}, max unavailable {}; gate after each wave: within {:.2} of baseline for {} s (timeout {} s)",
+        "max parallel {}, max unavailable {}; gate after each wave: ratios within {:.2} and p99 within {:.0} % of baseline for {} s (timeout {} s)",
         options.max_parallel,
         options.max_unavailable,
         gate.tolerance,
+        gate.latency_tolerance * 100.0,
         gate.settle_s,
         gate.timeout_s
     );

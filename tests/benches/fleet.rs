@@ -105,6 +105,7 @@ async fn rollback_of_a_fleet(
                     for_s: 10,
                     watch_s: 600,
                     auto_rollback: false,
+                    ..Default::default()
                 }),
                 synthetics: vec![],
             }),

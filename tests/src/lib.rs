@@ -780,6 +780,7 @@ pub async fn must_register_web(
         for_s: 1,
         watch_s: 120,
         auto_rollback,
+        conditions: vec![],
     };
     let service = pb::Service {
         name: "web".into(),

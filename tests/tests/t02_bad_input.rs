@@ -98,6 +98,7 @@ async fn bad_requests_are_refused_with_the_field_named_and_change_nothing() {
             for_s: 1,
             watch_s: 1,
             auto_rollback: true,
+            ..Default::default()
         }),
         synthetics: vec![],
     };
@@ -111,6 +112,66 @@ async fn bad_requests_are_refused_with_the_field_named_and_change_nothing() {
         Code::InvalidArgument,
         "service.policy.max_probe_failure_ratio",
     );
+    let condition = |condition: pb::PolicyCondition| pb::PutServiceRequest {
+        request_id: String::new(),
+        service: Some(pb::Service {
+            name: "api".into(),
+            depends_on: vec![],
+            policy: Some(pb::HealthPolicy {
+                max_probe_failure_ratio: 0.5,
+                for_s: 1,
+                watch_s: 60,
+                auto_rollback: true,
+                conditions: vec![condition],
+            }),
+            synthetics: vec![],
+        }),
+    };
+    let error_ratio = pb::HealthFigure::ErrorRatio as i32;
+    for (bad, expected) in [
+        (
+            pb::PolicyCondition {
+                figure: 0,
+                threshold: 0.1,
+                for_s: 5,
+                ..Default::default()
+            },
+            "service.policy.conditions[0].figure",
+        ),
+        (
+            pb::PolicyCondition {
+                figure: error_ratio,
+                threshold: 1.5,
+                for_s: 5,
+                ..Default::default()
+            },
+            "service.policy.conditions[0].threshold: is 1.5; as a ratio it must be within 0..=1",
+        ),
+        (
+            pb::PolicyCondition {
+                figure: error_ratio,
+                threshold: 0.0,
+                relative_to_baseline: true,
+                for_s: 5,
+            },
+            "as a multiple of the baseline",
+        ),
+        (
+            pb::PolicyCondition {
+                figure: error_ratio,
+                threshold: 0.1,
+                for_s: 0,
+                ..Default::default()
+            },
+            "service.policy.conditions[0].for_s: is 0, must be within 1..=3600 s",
+        ),
+    ] {
+        assert_status(
+            client.put_service(condition(bad)).await,
+            Code::InvalidArgument,
+            expected,
+        );
+    }
     let synthetic = |check: pb::SyntheticCheck| pb::PutServiceRequest {
         request_id: String::new(),
         service: Some(pb::Service {

@@ -76,6 +76,7 @@ async fn must_register(
                         for_s: 1,
                         watch_s: 600,
                         auto_rollback: false,
+                        ..Default::default()
                     }),
                     synthetics: if service == "web" {
                         vec![pb::SyntheticCheck {
@@ -420,8 +421,9 @@ async fn a_plan_reverts_consumers_first_region_by_region_and_a_failing_gate_esca
                 .iter()
                 .all(|service| {
                     report.lines().any(|line| {
-                        line.starts_with(&format!("Report: {service} has probe failure ratio"))
-                            && line.contains("back within 0.05 of its baseline")
+                        line.starts_with(&format!("Report: {service} now"))
+                            && line.contains("probe failure ratio 0.000")
+                            && line.contains("back within the gate's tolerance")
                     })
                 })
                 .then_some(())

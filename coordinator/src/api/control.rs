@@ -831,6 +831,59 @@ impl Control {
     }
 }
 
+const MAX_CONDITIONS: usize = 8;
+
+fn validate_condition(
+    position: usize,
+    condition: &pb::PolicyCondition,
+) -> Result<PolicyCondition, Status> {
+    let field = |name: &str| format!("service.policy.conditions[{position}].{name}");
+    let figure = match pb::HealthFigure::try_from(condition.figure) {
+        Ok(pb::HealthFigure::ProbeFailureRatio) => HealthFigure::ProbeFailureRatio,
+        Ok(pb::HealthFigure::ErrorRatio) => HealthFigure::ErrorRatio,
+        Ok(pb::HealthFigure::P99LatencyMs) => HealthFigure::P99LatencyMs,
+        _ => {
+            return Err(invalid(
+                &field("figure"),
+                "name one: probe_failure_ratio, error_ratio or p99_latency_ms",
+            ));
+        }
+    };
+    let threshold = condition.threshold;
+    let allowed = if condition.relative_to_baseline {
+        (threshold > 0.0 && threshold <= 1000.0)
+            .then_some(())
+            .ok_or("as a multiple of the baseline it must be within (0, 1000]")
+    } else if figure == HealthFigure::P99LatencyMs {
+        (threshold > 0.0 && threshold <= 3_600_000.0)
+            .then_some(())
+            .ok_or("as milliseconds it must be within (0, 3600000]")
+    } else {
+        (0.0..=1.0)
+            .contains(&threshold)
+            .then_some(())
+            .ok_or("as a ratio it must be within 0..=1")
+    };
+    if let Err(why) = allowed {
+        return Err(invalid(
+            &field("threshold"),
+            format!("is {threshold}; {why}"),
+        ));
+    }
+    if condition.for_s == 0 || condition.for_s > 3600 {
+        return Err(invalid(
+            &field("for_s"),
+            format!("is {}, must be within 1..=3600 s", condition.for_s),
+        ));
+    }
+    Ok(PolicyCondition {
+        figure,
+        threshold,
+        relative_to_baseline: condition.relative_to_baseline,
+        for_s: condition.for_s,
+    })
+}
+
 fn validate_service(service: pb::Service) -> Result<ServiceRecord, Status> {
     names::validate_name("service.name", &service.name).map_err(field_error)?;
     if service.depends_on.len() > 256 {
@@ -866,11 +919,24 @@ fn validate_service(service: pb::Service) -> Result<ServiceRecord, Status> {
                     format!("is {}, must be within 1..=604800 s", policy.watch_s),
                 ));
             }
+            if policy.conditions.len() > MAX_CONDITIONS {
+                return Err(invalid(
+                    "service.policy.conditions",
+                    format!("names more than {MAX_CONDITIONS} conditions"),
+                ));
+            }
+            let conditions = policy
+                .conditions
+                .iter()
+                .enumerate()
+                .map(|(position, condition)| validate_condition(position, condition))
+                .collect::<Result<Vec<_>, Status>>()?;
             HealthPolicy {
                 max_probe_failure_ratio: policy.max_probe_failure_ratio,
                 for_s: policy.for_s,
                 watch_s: policy.watch_s,
                 auto_rollback: policy.auto_rollback,
+                conditions,
             }
         }
     };

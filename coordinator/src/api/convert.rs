@@ -43,6 +43,24 @@ pub fn policy(policy: &HealthPolicy) -> pb::HealthPolicy {
         for_s: policy.for_s,
         watch_s: policy.watch_s,
         auto_rollback: policy.auto_rollback,
+        conditions: policy.conditions.iter().map(condition).collect(),
+    }
+}
+
+pub fn condition(condition: &PolicyCondition) -> pb::PolicyCondition {
+    pb::PolicyCondition {
+        figure: figure(condition.figure).into(),
+        threshold: condition.threshold,
+        relative_to_baseline: condition.relative_to_baseline,
+        for_s: condition.for_s,
+    }
+}
+
+pub fn figure(figure: HealthFigure) -> pb::HealthFigure {
+    match figure {
+        HealthFigure::ProbeFailureRatio => pb::HealthFigure::ProbeFailureRatio,
+        HealthFigure::ErrorRatio => pb::HealthFigure::ErrorRatio,
+        HealthFigure::P99LatencyMs => pb::HealthFigure::P99LatencyMs,
     }
 }
 
@@ -88,6 +106,9 @@ pub fn aggregate(aggregate: &HealthAggregate) -> pb::HealthAggregate {
         probe_failure_ratio: aggregate.probe_failure_ratio,
         samples: aggregate.samples,
         hosts_reporting: aggregate.hosts_reporting,
+        error_ratio: aggregate.error_ratio,
+        p99_latency_ms: aggregate.p99_latency_ms,
+        requests: aggregate.requests,
     }
 }
 
@@ -177,6 +198,7 @@ pub fn plan_options(options: &PlanOptions) -> pb::PlanOptions {
             timeout_s: options.gate.timeout_s,
             tolerance: options.gate.tolerance,
             zero_tolerance: options.gate.tolerance == 0.0,
+            latency_tolerance: options.gate.latency_tolerance,
         }),
     }
 }

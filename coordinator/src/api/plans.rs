@@ -81,6 +81,19 @@ pub(super) fn options_from(
             format!("is {tolerance}, must be within 0..=1"),
         ));
     }
+    let latency_tolerance = if gate.latency_tolerance == 0.0 {
+        defaults.latency_tolerance
+    } else {
+        gate.latency_tolerance
+    };
+    if !(0.0..=10.0).contains(&latency_tolerance) {
+        return Err(invalid(
+            "options.gate.latency_tolerance",
+            format!(
+                "is {latency_tolerance}, must be within 0..=10 (0.25: p99 up to 25 % above the baseline)"
+            ),
+        ));
+    }
     Ok(PlanOptions {
         max_parallel: max_parallel.max(1),
         max_unavailable: if options.max_unavailable == 0 {
@@ -94,6 +107,7 @@ pub(super) fn options_from(
             settle_s,
             timeout_s,
             tolerance,
+            latency_tolerance,
         },
     })
 }
@@ -224,17 +238,12 @@ pub(crate) fn explain(
                     continue;
                 };
                 let now = service_health(service);
-                let baseline = change.baseline.probe_failure_ratio;
-                let tolerance = rollback.options.gate.tolerance;
-                let verdict = if now.samples == 0 {
-                    "no health reports in the window".to_string()
-                } else if now.probe_failure_ratio <= baseline + tolerance + f64::EPSILON {
-                    format!("back within {tolerance:.2} of its baseline")
+                let comparison =
+                    crate::health::compare(&now, &change.baseline, &rollback.options.gate);
+                let verdict = if comparison.within() {
+                    "back within the gate's tolerance of its baseline".to_string()
                 } else {
-                    format!(
-                        "still {:.2} above its baseline",
-                        now.probe_failure_ratio - baseline
-                    )
+                    format!("still outside it: {}", comparison.outside.join(", "))
                 };
                 let last_gate = rollback
                     .waves
@@ -244,11 +253,10 @@ pub(crate) fn explain(
                     .map(|wave| format!("; at its last gate: {}", wave.gate.detail))
                     .unwrap_or_default();
                 lines.push(format!(
-                    "Report: {service} has probe failure ratio {:.2} now ({} samples from {} hosts) against {baseline:.2} before {}: {verdict}{last_gate}.",
-                    now.probe_failure_ratio,
-                    now.samples,
+                    "Report: {service} now, from {} hosts, against its baseline before {}: {}. Verdict: {verdict}{last_gate}.",
                     now.hosts_reporting,
-                    change.id()
+                    change.id(),
+                    comparison.figures,
                 ));
             }
             next.push(format!("rewindctl rollback status {id}"));
@@ -309,11 +317,12 @@ pub(crate) fn explain(
                     .iter()
                     .filter_map(|number| state.changes.get(number))
                     .find(|change| &change.service == service)
-                    .map(|change| change.baseline.probe_failure_ratio)
+                    .map(|change| change.baseline)
                     .unwrap_or_default();
+                let comparison = crate::health::compare(&health, &baseline, &rollback.options.gate);
                 lines.push(format!(
-                    "Evidence: {service} now has probe failure ratio {:.2} ({} samples from {} hosts); its baseline before the change was {baseline:.2}.",
-                    health.probe_failure_ratio, health.samples, health.hosts_reporting
+                    "Evidence: {service} now, from {} hosts, against its baseline before the change: {}.",
+                    health.hosts_reporting, comparison.figures
                 ));
             }
         }

@@ -79,8 +79,8 @@ pub const SYNTHETIC_LOST_MS: u64 = 60_000;
 pub struct EngineMemory {
     /// step id -> (attempt, session generation) it was last sent on.
     pub sent: HashMap<String, (u32, u64)>,
-    /// service -> since when its health policy has been breached.
-    pub breaches: HashMap<String, u64>,
+    /// (service, condition index) -> since when that condition of its policy has been breached.
+    pub breaches: HashMap<(String, usize), u64>,
     /// escalation id -> when its delivery was last tried.
     pub escalations: HashMap<u64, u64>,
     /// change -> when its policy breach was proposed as a trigger (one per change).
@@ -543,19 +543,17 @@ fn judge_gate(
         .saturating_sub(settle_ms)
         .max(progress.started_at_ms);
     let health = driver.seen.aggregate(service, hosts, window_start);
-    let limit = change.baseline.probe_failure_ratio + options.tolerance;
+    let comparison = crate::health::compare(&health, &change.baseline, options);
     let figures = format!(
-        "probe failure ratio {:.2} over the last {} s ({} samples from {} of {} hosts); \
-         baseline {:.2}, tolerance {:.2}",
-        health.probe_failure_ratio,
+        "over the last {} s from {} of {} hosts: {}; tolerance {:.2}, latency {:.0} %",
         options.settle_s,
-        health.samples,
         health.hosts_reporting,
         hosts.len(),
-        change.baseline.probe_failure_ratio,
-        options.tolerance
+        comparison.figures,
+        options.tolerance,
+        options.latency_tolerance * 100.0
     );
-    let healthy = health.samples > 0 && health.probe_failure_ratio <= limit + f64::EPSILON;
+    let healthy = comparison.within();
     // Synthetic checks run once health has settled, and again while they fail.
     let synthetic = if checks.is_empty() {
         Some(SyntheticVerdict {
@@ -605,10 +603,11 @@ fn judge_gate(
             (true, format!("healthy: {figures}{synthetic}"))
         }
         _ if waited_ms > u64::from(options.timeout_s) * 1000 => {
-            let why = if health.samples == 0 {
-                format!("no health reports: {figures}")
-            } else if !healthy {
-                format!("not within tolerance of the baseline: {figures}")
+            let why = if !healthy {
+                format!(
+                    "not within tolerance of the baseline ({}): {figures}",
+                    comparison.outside.join(", ")
+                )
             } else {
                 match &synthetic {
                     Some(verdict) => format!("synthetic checks fail: {}", verdict.detail),
@@ -670,8 +669,9 @@ fn verify_host(
     });
 }
 
-/// Fires a service's automatic rollback when its policy has been breached for long enough after
-/// its latest change was deployed. At most one automatic rollback per change (apply refuses more).
+/// Fires a service's automatic rollback when a condition of its policy has been breached for its
+/// window after its latest change was deployed. At most one automatic rollback per change (apply
+/// refuses more).
 fn check_triggers(
     state: &State,
     seen: &impl Observations,
@@ -694,7 +694,7 @@ fn check_triggers(
                 && now_ms <= change.deployed_at_ms + u64::from(policy.watch_s) * 1000
         });
         let Some(change) = watched else {
-            memory.breaches.remove(&service.name);
+            memory.breaches.retain(|(name, _), _| name != &service.name);
             continue;
         };
         let hosts: Vec<String> = change
@@ -702,37 +702,38 @@ fn check_triggers(
             .iter()
             .map(|host| host.host_id.clone())
             .collect();
-        let window_start = now_ms
-            .saturating_sub(u64::from(policy.for_s) * 1000)
-            .max(change.deployed_at_ms);
-        let health = seen.aggregate(&service.name, &hosts, window_start);
-        // Breached means over the threshold and worse than before the change: a service that was
-        // already this unhealthy is not rolled back for it.
-        let breached = health.probe_failure_ratio > policy.max_probe_failure_ratio
-            && health.probe_failure_ratio > change.baseline.probe_failure_ratio;
-        if health.samples == 0 || !breached {
-            memory.breaches.remove(&service.name);
-            continue;
+        let mut fired = None;
+        for (index, condition) in policy.all_conditions().into_iter().enumerate() {
+            let key = (service.name.clone(), index);
+            let window_ms = u64::from(condition.for_s) * 1000;
+            let window_start = now_ms.saturating_sub(window_ms).max(change.deployed_at_ms);
+            let health = seen.aggregate(&service.name, &hosts, window_start);
+            // Breached means over the limit and worse than before the change: a service that
+            // was already this unhealthy is not rolled back for it.
+            if !condition.breached(&health, &change.baseline) {
+                memory.breaches.remove(&key);
+                continue;
+            }
+            let since = *memory.breaches.entry(key).or_insert(now_ms);
+            if now_ms.saturating_sub(since) >= window_ms && fired.is_none() {
+                fired = Some((condition, health));
+            }
         }
-        let since = *memory
-            .breaches
-            .entry(service.name.clone())
-            .or_insert(now_ms);
-        if now_ms.saturating_sub(since) < u64::from(policy.for_s) * 1000 {
+        let Some((condition, health)) = fired else {
             continue;
-        }
+        };
+        let figure = condition.figure;
         let reason = format!(
-            "probe failure ratio {:.2} > {:.2} for {} s after {} deployed {} (baseline {:.2}; {} samples from {} hosts)",
-            health.probe_failure_ratio,
-            policy.max_probe_failure_ratio,
-            policy.for_s,
+            "{} {} breached `{condition}` (limit {}) after {} deployed {} (baseline {}; {} hosts reporting)",
+            figure.name(),
+            figure.format_option(figure.of(&health)),
+            figure.format_option(condition.limit(&change.baseline)),
             change.id(),
             change.version,
-            change.baseline.probe_failure_ratio,
-            health.samples,
+            figure.format_option(figure.of(&change.baseline)),
             health.hosts_reporting,
         );
-        memory.breaches.remove(&service.name);
+        memory.breaches.retain(|(name, _), _| name != &service.name);
         // One request per change: what became of it (started, throttled) is recorded, and a
         // throttled change is not asked about again. A request that did not commit (its
         // proposal failed) is made again after a while.

@@ -10,6 +10,8 @@ struct Seen {
     sessions: HashMap<String, u64>,
     verdicts: HashMap<String, (bool, String)>,
     failure_ratio: f64,
+    error_ratio: Option<f64>,
+    p99_latency_ms: Option<f64>,
     synthetic: Option<SyntheticVerdict>,
 }
 
@@ -30,6 +32,13 @@ impl Observations for Seen {
             probe_failure_ratio: self.failure_ratio,
             samples: 10,
             hosts_reporting: hosts.len() as u32,
+            error_ratio: self.error_ratio,
+            p99_latency_ms: self.p99_latency_ms,
+            requests: if self.error_ratio.is_some() {
+                100.0
+            } else {
+                0.0
+            },
         }
     }
     fn synthetics(&self, _rollback: u64, _wave: u32, since_ms: u64) -> Option<SyntheticVerdict> {
@@ -48,6 +57,7 @@ const LIMITS: EngineLimits = EngineLimits {
         settle_s: 2,
         timeout_s: 10,
         tolerance: 0.05,
+        latency_tolerance: 0.25,
     },
     escalation_webhook: true,
     throttle: ThrottleLimits {
@@ -91,6 +101,7 @@ impl World {
             for_s: 2,
             watch_s: 60,
             auto_rollback: true,
+            conditions: vec![],
         };
         world.apply(CommandKind::PutService {
             service: ServiceRecord {
@@ -185,12 +196,17 @@ impl World {
 
     /// A deployed change of v2 on every host.
     fn deployed(&mut self) -> u64 {
+        self.deployed_from(HealthAggregate::default())
+    }
+
+    /// A deployed change of v2 on every host, whose service had `baseline` before it.
+    fn deployed_from(&mut self, baseline: HealthAggregate) -> u64 {
         self.apply(CommandKind::StartChange {
             service: "web".into(),
             version: "v2".into(),
             host_ids: vec![],
             reason: String::new(),
-            baseline: HealthAggregate::default(),
+            baseline,
             flags_on: vec![],
         });
         for phase in ["capture", "activate"] {
@@ -651,7 +667,9 @@ fn the_trigger_fires_once_after_the_breach_lasts_its_window() {
     let rollback = &world.state.rollbacks[&1];
     assert_eq!(rollback.trigger, Trigger::Automatic);
     assert!(
-        rollback.reason.contains("probe failure ratio 1.00 > 0.50"),
+        rollback.reason.contains(
+            "probe_failure_ratio 1.000 breached `probe_failure_ratio > 0.5 for 2s` (limit 0.500)"
+        ),
         "{}",
         rollback.reason
     );
@@ -885,5 +903,133 @@ fn isolating_a_failing_service_drains_all_its_hosts_instead_of_reverting_them() 
         world.state.changes[&1].status,
         ChangeStatus::Deployed,
         "an isolated change is not rolled back"
+    );
+}
+
+/// A baseline measured before the change: healthy probes, 1 % errors, p99 200 ms.
+fn app_baseline() -> HealthAggregate {
+    HealthAggregate {
+        probe_failure_ratio: 0.0,
+        samples: 10,
+        hosts_reporting: 3,
+        error_ratio: Some(0.01),
+        p99_latency_ms: Some(200.0),
+        requests: 1000.0,
+    }
+}
+
+fn with_conditions(world: &mut World, conditions: Vec<PolicyCondition>) {
+    let mut service = world.state.services["web"].clone();
+    service.policy.conditions = conditions;
+    world.apply(CommandKind::PutService { service });
+}
+
+#[test]
+fn an_error_ratio_condition_relative_to_the_baseline_fires_only_above_its_multiple() {
+    let mut world = World::new();
+    with_conditions(
+        &mut world,
+        vec![PolicyCondition {
+            figure: HealthFigure::ErrorRatio,
+            threshold: 3.0,
+            relative_to_baseline: true,
+            for_s: 2,
+        }],
+    );
+    world.deployed_from(app_baseline());
+    // Probes pass; errors at 2x the baseline are under the 3x limit.
+    world.seen.error_ratio = Some(0.02);
+    world.run_tick(1_500);
+    world.run_tick(5_000);
+    assert!(world.state.rollbacks.is_empty(), "2x is within 3x");
+    world.seen.error_ratio = Some(0.08);
+    world.run_tick(6_000);
+    assert!(
+        world.state.rollbacks.is_empty(),
+        "the breach must last for_s"
+    );
+    world.run_tick(8_100);
+    let rollback = &world.state.rollbacks[&1];
+    assert_eq!(rollback.trigger, Trigger::Automatic);
+    assert!(
+        rollback.reason.contains(
+            "error_ratio 0.080 breached `error_ratio > 3x baseline for 2s` (limit 0.030)"
+        ) && rollback.reason.contains("baseline 0.010"),
+        "{}",
+        rollback.reason
+    );
+}
+
+#[test]
+fn a_p99_latency_condition_fires_and_is_not_judged_without_figures() {
+    let mut world = World::new();
+    with_conditions(
+        &mut world,
+        vec![PolicyCondition {
+            figure: HealthFigure::P99LatencyMs,
+            threshold: 300.0,
+            relative_to_baseline: false,
+            for_s: 2,
+        }],
+    );
+    world.deployed_from(app_baseline());
+    // No histogram reported: nothing to judge, nothing fires.
+    world.run_tick(1_500);
+    world.run_tick(5_000);
+    assert!(world.state.rollbacks.is_empty());
+    world.seen.p99_latency_ms = Some(450.0);
+    world.run_tick(6_000);
+    world.run_tick(8_100);
+    let rollback = &world.state.rollbacks[&1];
+    assert!(
+        rollback
+            .reason
+            .contains("p99_latency_ms 450 ms breached `p99_latency_ms > 300 for 2s`"),
+        "{}",
+        rollback.reason
+    );
+}
+
+#[test]
+fn a_gate_holds_error_ratio_and_p99_latency_to_the_baseline() {
+    for (error_ratio, p99, expected) in [
+        (Some(0.2), Some(210.0), "error ratio 0.200 > 0.060"),
+        (Some(0.01), Some(400.0), "p99 latency 400 ms > 250 ms"),
+    ] {
+        let mut world = World::new();
+        world.deployed_from(app_baseline());
+        world.start_rollback(3);
+        revert_every_host(&mut world);
+        world.seen.error_ratio = error_ratio;
+        world.seen.p99_latency_ms = p99;
+        world.run_tick(1_000); // the gate starts
+        world.run_tick(4_000);
+        assert_eq!(
+            world.state.rollbacks[&1].status,
+            RollbackStatus::Running,
+            "probes pass, but {expected}"
+        );
+        world.run_tick(12_000);
+        let rollback = &world.state.rollbacks[&1];
+        assert_eq!(rollback.status, RollbackStatus::Paused);
+        let detail = &rollback.waves[0].gate.detail;
+        assert!(detail.contains(expected), "{detail}");
+    }
+    // Within both tolerances, the gate passes.
+    let mut world = World::new();
+    world.deployed_from(app_baseline());
+    world.start_rollback(3);
+    revert_every_host(&mut world);
+    (world.seen.error_ratio, world.seen.p99_latency_ms) = (Some(0.03), Some(240.0));
+    world.run_tick(1_000);
+    world.run_tick(3_500);
+    let rollback = &world.state.rollbacks[&1];
+    assert_eq!(rollback.status, RollbackStatus::Succeeded);
+    assert!(
+        rollback.waves[0].gate.detail.contains(
+            "error ratio 0.030 (baseline 0.010, 100 requests); p99 latency 240 ms (baseline 200 ms)"
+        ),
+        "{}",
+        rollback.waves[0].gate.detail
     );
 }

@@ -196,12 +196,123 @@ pub struct HostRecord {
     pub registered_at_ms: u64,
 }
 
+/// When a service's latest change is rolled back automatically: the probe failure ratio above
+/// `max_probe_failure_ratio` for `for_s`, or any of `conditions` breached for its own window,
+/// within `watch_s` of the change.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct HealthPolicy {
     pub max_probe_failure_ratio: f64,
     pub for_s: u32,
     pub watch_s: u32,
     pub auto_rollback: bool,
+    #[serde(default)]
+    pub conditions: Vec<PolicyCondition>,
+}
+
+impl HealthPolicy {
+    /// Every condition, the probe failure ratio one first.
+    pub fn all_conditions(&self) -> Vec<PolicyCondition> {
+        let probes = PolicyCondition {
+            figure: HealthFigure::ProbeFailureRatio,
+            threshold: self.max_probe_failure_ratio,
+            relative_to_baseline: false,
+            for_s: self.for_s,
+        };
+        std::iter::once(probes)
+            .chain(self.conditions.iter().cloned())
+            .collect()
+    }
+}
+
+/// A figure health is judged by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HealthFigure {
+    ProbeFailureRatio,
+    /// Failed requests over requests, from the service's own metrics.
+    ErrorRatio,
+    /// 99th percentile request latency, from the service's own histogram.
+    P99LatencyMs,
+}
+
+impl HealthFigure {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::ProbeFailureRatio => "probe_failure_ratio",
+            Self::ErrorRatio => "error_ratio",
+            Self::P99LatencyMs => "p99_latency_ms",
+        }
+    }
+
+    /// A value of this figure for people: ratios with 3 decimals, latency in whole ms.
+    pub fn format(self, value: f64) -> String {
+        match self {
+            Self::ProbeFailureRatio | Self::ErrorRatio => format!("{value:.3}"),
+            Self::P99LatencyMs => format!("{value:.0} ms"),
+        }
+    }
+
+    pub fn format_option(self, value: Option<f64>) -> String {
+        value.map_or_else(|| "unmeasured".to_string(), |value| self.format(value))
+    }
+
+    /// This figure in `health`; `None` when nothing measured it (no requests, no histogram).
+    pub fn of(self, health: &HealthAggregate) -> Option<f64> {
+        match self {
+            Self::ProbeFailureRatio => (health.samples > 0).then_some(health.probe_failure_ratio),
+            Self::ErrorRatio => health.error_ratio,
+            Self::P99LatencyMs => health.p99_latency_ms,
+        }
+    }
+}
+
+/// `figure > threshold` (or `> threshold x baseline`) for `for_s` seconds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PolicyCondition {
+    pub figure: HealthFigure,
+    pub threshold: f64,
+    pub relative_to_baseline: bool,
+    pub for_s: u32,
+}
+
+impl PolicyCondition {
+    /// The limit the figure must exceed; `None` for a relative condition without a baseline
+    /// figure (nothing measured it before the change, so nothing to compare with).
+    pub fn limit(&self, baseline: &HealthAggregate) -> Option<f64> {
+        if self.relative_to_baseline {
+            self.figure
+                .of(baseline)
+                .map(|before| before * self.threshold)
+        } else {
+            Some(self.threshold)
+        }
+    }
+
+    /// Whether `now` breaches this condition: above its limit, and (for the probe failure ratio,
+    /// which has no explicit baseline) worse than before the change.
+    pub fn breached(&self, now: &HealthAggregate, baseline: &HealthAggregate) -> bool {
+        let (Some(value), Some(limit)) = (self.figure.of(now), self.limit(baseline)) else {
+            return false;
+        };
+        let worse_than_before = self.figure.of(baseline).is_none_or(|before| value > before);
+        value > limit && worse_than_before
+    }
+}
+
+impl std::fmt::Display for PolicyCondition {
+    /// As `rewindctl service set --condition` takes it: `error_ratio > 2x baseline for 30s`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let threshold = if self.relative_to_baseline {
+            format!("{}x baseline", self.threshold)
+        } else {
+            self.threshold.to_string()
+        };
+        write!(
+            f,
+            "{} > {threshold} for {}s",
+            self.figure.name(),
+            self.for_s
+        )
+    }
 }
 
 impl Default for HealthPolicy {
@@ -212,6 +323,7 @@ impl Default for HealthPolicy {
             for_s: 10,
             watch_s: 600,
             auto_rollback: true,
+            conditions: Vec::new(),
         }
     }
 }
@@ -261,6 +373,13 @@ pub struct HealthAggregate {
     pub probe_failure_ratio: f64,
     pub samples: u32,
     pub hosts_reporting: u32,
+    /// From the services' own metrics; `None` while no request was counted.
+    #[serde(default)]
+    pub error_ratio: Option<f64>,
+    #[serde(default)]
+    pub p99_latency_ms: Option<f64>,
+    #[serde(default)]
+    pub requests: f64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -450,13 +569,22 @@ impl Default for PlanOptions {
     }
 }
 
-/// The health gate after each wave: the service's probe failure ratio on the wave's hosts must
-/// stay within `tolerance` of the change's baseline for `settle_s`, within `timeout_s`.
+/// The health gate after each wave: the service's probe failure ratio and error ratio on the
+/// wave's hosts must stay within `tolerance` of the change's baseline, and their p99 latency
+/// within `latency_tolerance` (a fraction) above it, for `settle_s`, within `timeout_s`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GateOptions {
     pub settle_s: u32,
     pub timeout_s: u32,
     pub tolerance: f64,
+    #[serde(default = "default_latency_tolerance")]
+    pub latency_tolerance: f64,
+}
+
+pub const DEFAULT_LATENCY_TOLERANCE: f64 = 0.25;
+
+fn default_latency_tolerance() -> f64 {
+    DEFAULT_LATENCY_TOLERANCE
 }
 
 impl Default for GateOptions {
@@ -465,6 +593,7 @@ impl Default for GateOptions {
             settle_s: 5,
             timeout_s: 120,
             tolerance: 0.05,
+            latency_tolerance: DEFAULT_LATENCY_TOLERANCE,
         }
     }
 }
