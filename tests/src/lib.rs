@@ -389,6 +389,18 @@ region = "{region}"
         }
     }
 
+    /// Has the agent scrape `url` for the service's own figures (`http_requests_total` with a
+    /// `code` label, `http_request_duration_seconds`), through a `[service.metrics]` section
+    /// for its first (with one service, only) service.
+    pub fn must_scrape_metrics(&self, url: &str) {
+        let mut config = std::fs::read_to_string(&self.config_path).unwrap();
+        config += &format!(
+            "[service.metrics]\nurl = \"{url}\"\nrequests = \"http_requests_total\"\n\
+             latency = \"http_request_duration_seconds\"\ntimeout-ms = 1000\n"
+        );
+        std::fs::write(&self.config_path, config).unwrap();
+    }
+
     pub fn must_start_agent(&mut self) {
         let log = self.config_path.with_file_name("agent.log");
         let args = ["--config", self.config_path.to_str().unwrap(), "run"];

@@ -11,3 +11,4 @@ mod t07_compose;
 mod t08_plans;
 mod t09_alertmanager;
 mod t10_flags;
+mod t11_app_metrics;
