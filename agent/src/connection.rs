@@ -274,6 +274,13 @@ impl Agent {
                 metrics: Some(metrics.read()),
                 probes,
                 app,
+                retained: services
+                    .iter()
+                    .map(|service| pb::RetainedReleases {
+                        service: service.name.clone(),
+                        versions: crate::snapshot::retained_releases(&service.root),
+                    })
+                    .collect(),
             };
             {
                 let mut history = self

@@ -211,6 +211,25 @@ fn read_release_link(service: &ServiceConfig) -> Result<Option<String>, AgentErr
     }
 }
 
+/// Most release names reported per service; a root holding more is reported truncated.
+const MAX_RETAINED_REPORTED: usize = 256;
+
+/// The release directories under `<root>/releases`, sorted, at most 256: what a rollback can
+/// still point `current` at. Empty when the directory cannot be read.
+pub fn retained_releases(root: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(root.join(RELEASES_DIR)) else {
+        return Vec::new();
+    };
+    let mut versions: Vec<String> = entries
+        .filter_map(Result::ok)
+        .filter(|entry| entry.file_type().is_ok_and(|kind| kind.is_dir()))
+        .filter_map(|entry| entry.file_name().into_string().ok())
+        .collect();
+    versions.sort();
+    versions.truncate(MAX_RETAINED_REPORTED);
+    versions
+}
+
 /// A release link must point at `releases/<name>` inside the root.
 fn check_release_target(service: &str, target: &str) -> Result<(), AgentError> {
     check_relative(service, target)?;

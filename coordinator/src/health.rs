@@ -315,6 +315,7 @@ mod tests {
                 })
                 .collect(),
             app: vec![],
+            retained: vec![],
         }
     }
 

@@ -543,6 +543,9 @@ pub struct Readiness {
     pub disconnected_hosts: Vec<String>,
     /// "service version" whose release record is unknown: its artifact may not be retained.
     pub missing_releases: Vec<String>,
+    /// "host: service release V is gone": the release a host's restore would point `current`
+    /// at, which the host's agent last reported it no longer holds.
+    pub missing_artifacts: Vec<String>,
     pub expected_duration_ms: u64,
 }
 
@@ -555,7 +558,15 @@ const DEFAULT_STEP_MS: [(RollbackStepKind, u64); 5] = [
     (RollbackStepKind::Undrain, 1_000),
 ];
 
-pub fn readiness(state: &State, plan: &Plan, connected: impl Fn(&str) -> bool) -> Readiness {
+/// What the answering member knows of a host beyond the replicated state.
+pub trait HostView {
+    fn connected(&self, host_id: &str) -> bool;
+    /// Release versions the host last reported holding for `service`; `None` without a report.
+    fn retained(&self, host_id: &str, service: &str) -> Option<Vec<String>>;
+}
+
+pub fn readiness(state: &State, plan: &Plan, view: &impl HostView) -> Readiness {
+    let connected = |host: &str| view.connected(host);
     let mut disconnected: Vec<String> = plan
         .waves
         .iter()
@@ -584,6 +595,26 @@ pub fn readiness(state: &State, plan: &Plan, connected: impl Fn(&str) -> bool) -
             format!("{} {version}", change.service)
         })
         .collect();
+    let mut missing_artifacts = Vec::new();
+    for wave in &plan.waves {
+        let Some(change) = state.changes.get(&wave.change) else {
+            continue;
+        };
+        if change.previous_version.is_empty() {
+            continue;
+        }
+        for host in wave.hosts() {
+            let gone = view
+                .retained(&host, &wave.service)
+                .is_some_and(|versions| !versions.contains(&change.previous_version));
+            if gone {
+                missing_artifacts.push(format!(
+                    "{host}: {} release {} is gone",
+                    wave.service, change.previous_version
+                ));
+            }
+        }
+    }
     let per_host: u64 = DEFAULT_STEP_MS
         .iter()
         .map(|&(kind, default)| typical_step_ms(state, kind).unwrap_or(default))
@@ -597,6 +628,7 @@ pub fn readiness(state: &State, plan: &Plan, connected: impl Fn(&str) -> bool) -
     Readiness {
         disconnected_hosts: disconnected,
         missing_releases,
+        missing_artifacts,
         expected_duration_ms,
     }
 }

@@ -275,9 +275,27 @@ fn the_hash_covers_what_the_plan_does_and_nothing_else() {
 fn readiness_names_disconnected_hosts_and_estimates_the_duration() {
     let (fleet, change) = regional_fleet();
     let plan = fleet.plan(&[change], &PlanOptions::default()).unwrap();
-    let readiness = plan::readiness(&fleet.state, &plan, |host| host != "eu-2");
+    struct View;
+    impl plan::HostView for View {
+        fn connected(&self, host: &str) -> bool {
+            host != "eu-2"
+        }
+        fn retained(&self, host: &str, _service: &str) -> Option<Vec<String>> {
+            match host {
+                // Pruned v1: its restore would point at nothing.
+                "eu-1" => Some(vec!["v2".into()]),
+                "eu-2" => None,
+                _ => Some(vec!["v1".into(), "v2".into()]),
+            }
+        }
+    }
+    let readiness = plan::readiness(&fleet.state, &plan, &View);
     assert_eq!(readiness.disconnected_hosts, vec!["eu-2"]);
     assert!(readiness.missing_releases.is_empty());
+    assert_eq!(
+        readiness.missing_artifacts,
+        vec!["eu-1: web release v1 is gone"]
+    );
     // 6 batches of one host at the default 20 s per host, plus 3 gates of 5 s.
     assert_eq!(readiness.expected_duration_ms, 6 * 20_000 + 3 * 5_000);
 }

@@ -141,6 +141,10 @@ pub fn print_plan(plan: &pb::RollbackPlan) {
     let lines = [
         ("hosts not connected", plan.disconnected_hosts.join(", ")),
         ("releases not registered", plan.missing_releases.join(", ")),
+        (
+            "artifacts no longer retained",
+            plan.missing_artifacts.join(", "),
+        ),
     ];
     for (label, value) in lines {
         println!(

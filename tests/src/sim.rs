@@ -92,6 +92,7 @@ impl SimAgent {
                                 detail: String::new(),
                             }],
                             app: vec![],
+                            retained: vec![],
                         };
                         if outbound.send(message(agent_message::Body::Health(health))).await.is_err() {
                             return;

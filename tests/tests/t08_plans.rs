@@ -295,6 +295,23 @@ async fn a_plan_reverts_consumers_first_region_by_region_and_a_failing_gate_esca
         table.contains(&hash) && table.contains("expected duration"),
         "{table}"
     );
+    // A host that pruned the release its restore would point at is named in the readiness.
+    let pruned = hosts[1].root.join("releases/v1");
+    let aside = hosts[1].root.join("v1-aside");
+    std::fs::rename(&pruned, &aside).unwrap();
+    must_wait(
+        Duration::from_secs(30),
+        "the pruned release in the readiness",
+        || {
+            let table = run_ok(
+                &coordinator.rewindctl(&[&["rollback", "plan"][..], &selection[..]].concat()),
+            );
+            table
+                .contains("artifacts no longer retained: web-eu: web release v1 is gone")
+                .then_some(())
+        },
+    );
+    std::fs::rename(&aside, &pruned).unwrap();
 
     // The last wave's service breaks once it is back in rotation: its gate must fail.
     let db = &hosts[4];

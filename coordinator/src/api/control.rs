@@ -262,12 +262,13 @@ impl ControlService for Control {
         self.context.current().await?;
         let request = request.into_inner();
         let options = plans::options_from(request.options, 0, self.context.default_max_parallel)?;
-        let sessions = &self.context.sessions;
+        let view = plans::LiveHosts {
+            sessions: &self.context.sessions,
+            health: &self.context.health,
+        };
         let plan = self.context.node.read(|state| {
             let changes = plans::selected_changes(state, request.selection, "")?;
-            plans::preview(state, &changes, &options, |host| {
-                sessions.generation(host).is_some()
-            })
+            plans::preview(state, &changes, &options, &view)
         })?;
         Ok(Response::new(pb::PlanRollbackResponse { plan: Some(plan) }))
     }

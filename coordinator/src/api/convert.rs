@@ -330,6 +330,7 @@ pub fn plan(plan: &crate::plan::Plan, readiness: &crate::plan::Readiness) -> pb:
         plan_hash: plan.hash.clone(),
         disconnected_hosts: readiness.disconnected_hosts.clone(),
         missing_releases: readiness.missing_releases.clone(),
+        missing_artifacts: readiness.missing_artifacts.clone(),
         expected_duration_ms: readiness.expected_duration_ms,
         runnable: plan.incompatibilities.is_empty() || plan.options.force,
         flags: plan.flags.clone(),

@@ -174,15 +174,36 @@ pub(super) fn selected_changes(
     Ok(changes)
 }
 
+/// Hosts as this member sees them: connected sessions and their latest health reports.
+pub(super) struct LiveHosts<'a> {
+    pub sessions: &'a crate::sessions::Sessions,
+    pub health: &'a crate::health::HealthBook,
+}
+
+impl plan::HostView for LiveHosts<'_> {
+    fn connected(&self, host_id: &str) -> bool {
+        self.sessions.generation(host_id).is_some()
+    }
+
+    fn retained(&self, host_id: &str, service: &str) -> Option<Vec<String>> {
+        let report = self.health.latest(host_id)?;
+        report
+            .retained
+            .into_iter()
+            .find(|retained| retained.service == service)
+            .map(|retained| retained.versions)
+    }
+}
+
 /// Builds the plan and its readiness report.
 pub(super) fn preview(
     state: &State,
     changes: &[u64],
     options: &PlanOptions,
-    connected: impl Fn(&str) -> bool,
+    view: &impl plan::HostView,
 ) -> Result<pb::RollbackPlan, Status> {
     let plan = plan::build(state, changes, options, Trigger::Manual).map_err(to_status)?;
-    let readiness = plan::readiness(state, &plan, connected);
+    let readiness = plan::readiness(state, &plan, view);
     Ok(super::convert::plan(&plan, &readiness))
 }
 
