@@ -1,5 +1,8 @@
-//! `/metrics` in the Prometheus text format. Rollback figures are computed from the replicated
+//! `/metrics` in the OpenMetrics text format. Rollback figures are computed from the replicated
 //! state at each scrape, so every member reports the same history and a new leader loses none.
+//! Series stay few: a rollback's id is a label only while it is active; in the step and gate
+//! duration histograms it rides as each bucket's exemplar (the latest rollback that landed
+//! there), so a slow bucket leads to the rollback that filled it.
 
 use axum::extract::State as Extract;
 use axum::http::{StatusCode, header};
@@ -7,9 +10,9 @@ use axum::response::IntoResponse;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::exemplar::HistogramWithExemplars;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use super::HttpState;
@@ -80,14 +83,12 @@ fn render(
 
     let rollbacks = Family::<RollbackLabels, Counter>::default();
     let active = Family::<RollbackLabels, Gauge<i64>>::default();
-    let steps =
-        Family::<StepLabels, Histogram>::new_with_constructor(
-            || Histogram::new(duration_buckets()),
-        );
-    let gates =
-        Family::<StepLabels, Histogram>::new_with_constructor(
-            || Histogram::new(duration_buckets()),
-        );
+    let steps = Family::<StepLabels, Durations>::new_with_constructor(|| {
+        HistogramWithExemplars::new(duration_buckets())
+    });
+    let gates = Family::<StepLabels, Durations>::new_with_constructor(|| {
+        HistogramWithExemplars::new(duration_buckets())
+    });
     for rollback in state.rollbacks.values() {
         let labels = RollbackLabels {
             outcome: format!("{:?}", rollback.status).to_lowercase(),
@@ -99,11 +100,14 @@ fn render(
         } else {
             active.get_or_create(&labels).inc();
         }
+        let id = ActiveLabels {
+            rollback_id: rollback.id(),
+        };
         for step in &rollback.steps {
-            observe(&steps, step.kind.name(), &step.progress);
+            observe(&steps, step.kind.name(), &step.progress, &id);
         }
         for wave in &rollback.waves {
-            observe(&gates, "gate", &wave.gate);
+            observe(&gates, "gate", &wave.gate, &id);
         }
     }
     registry.register(
@@ -218,7 +222,15 @@ fn render(
     Ok(text)
 }
 
-fn observe(family: &Family<StepLabels, Histogram>, kind: &str, progress: &StepProgress) {
+/// Durations with the rollback id as exemplar.
+type Durations = HistogramWithExemplars<ActiveLabels>;
+
+fn observe(
+    family: &Family<StepLabels, Durations>,
+    kind: &str,
+    progress: &StepProgress,
+    rollback: &ActiveLabels,
+) {
     if !matches!(progress.status, StepStatus::Succeeded | StepStatus::Failed) {
         return;
     }
@@ -231,7 +243,11 @@ fn observe(family: &Family<StepLabels, Histogram>, kind: &str, progress: &StepPr
             kind: kind.to_string(),
             outcome: format!("{:?}", progress.status).to_lowercase(),
         })
-        .observe(seconds);
+        .observe(
+            seconds,
+            Some(rollback.clone()),
+            Some(std::time::UNIX_EPOCH + std::time::Duration::from_millis(progress.finished_at_ms)),
+        );
 }
 
 #[cfg(test)]
@@ -256,10 +272,26 @@ mod tests {
             reason: "test".into(),
             trigger: Trigger::Manual,
         });
+        let drain = crate::state_machine::StepTarget::Rollback {
+            rollback: 1,
+            service: "web".into(),
+            host_id: "web-1".into(),
+            kind: crate::state_machine::RollbackStepKind::Drain,
+        };
+        fleet.apply(CommandKind::StepStarted {
+            step: drain.clone(),
+        });
+        fleet.apply(CommandKind::StepFinished {
+            step: drain,
+            ok: true,
+            detail: String::new(),
+            snapshot_id: String::new(),
+        });
         let status = crate::node::raft::RaftStatus::default();
         let text = render(&fleet.state, &status, 1).unwrap();
         for expected in [
-            r#"rewind_rollback_steps{rollback_id="rb-1",state="pending"} 5"#,
+            r#"rewind_rollback_steps{rollback_id="rb-1",state="pending"} 4"#,
+            r#"rewind_rollback_steps{rollback_id="rb-1",state="succeeded"} 1"#,
             r#"rewind_rollback_current_wave{rollback_id="rb-1"} 1"#,
             r#"rewind_rollbacks_active{outcome="running",trigger="manual"} 1"#,
             "rewind_agents_connected 1",
@@ -276,9 +308,13 @@ mod tests {
             text.contains(r#"rewind_rollbacks_total{outcome="aborted",trigger="manual"} 1"#),
             "{text}"
         );
-        assert!(
-            !text.contains("rb-1"),
-            "an ended rollback has no series of its own"
+        // Its id stays only as the exemplar of the bucket its drain landed in (1 s here).
+        let exemplar = r#"rewind_rollback_step_duration_seconds_bucket{le="1.6",kind="drain",outcome="succeeded"} 1 # {rollback_id="rb-1"} 1.0"#;
+        assert!(text.contains(exemplar), "{exemplar} in:\n{text}");
+        assert_eq!(
+            text.matches("rb-1").count(),
+            1,
+            "an ended rollback has no series of its own:\n{text}"
         );
     }
 }
