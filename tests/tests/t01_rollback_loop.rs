@@ -69,7 +69,9 @@ async fn bad_health_after_a_change_rolls_every_host_back_to_its_exact_state() {
     );
     assert_eq!(rollback.trigger, "automatic");
     assert!(
-        rollback.reason.contains("probe failure ratio"),
+        rollback
+            .reason
+            .starts_with("probe_failure_ratio 1.000 breached"),
         "{}",
         rollback.reason
     );

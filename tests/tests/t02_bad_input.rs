@@ -154,7 +154,7 @@ async fn bad_requests_are_refused_with_the_field_named_and_change_nothing() {
                 relative_to_baseline: true,
                 for_s: 5,
             },
-            "as a multiple of the baseline",
+            "service.policy.conditions[0].threshold: is 0; as a multiple of the baseline",
         ),
         (
             pb::PolicyCondition {
