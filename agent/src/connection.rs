@@ -276,9 +276,11 @@ impl Agent {
                 app,
                 retained: services
                     .iter()
-                    .map(|service| pb::RetainedReleases {
-                        service: service.name.clone(),
-                        versions: crate::snapshot::retained_releases(&service.root),
+                    .filter_map(|service| {
+                        Some(pb::RetainedReleases {
+                            service: service.name.clone(),
+                            versions: crate::snapshot::retained_releases(&service.root)?,
+                        })
                     })
                     .collect(),
             };

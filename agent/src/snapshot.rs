@@ -214,20 +214,23 @@ fn read_release_link(service: &ServiceConfig) -> Result<Option<String>, AgentErr
 /// Most release names reported per service; a root holding more is reported truncated.
 const MAX_RETAINED_REPORTED: usize = 256;
 
-/// The release directories under `<root>/releases`, sorted, at most 256: what a rollback can
-/// still point `current` at. Empty when the directory cannot be read.
-pub fn retained_releases(root: &Path) -> Vec<String> {
-    let Ok(entries) = std::fs::read_dir(root.join(RELEASES_DIR)) else {
-        return Vec::new();
-    };
-    let mut versions: Vec<String> = entries
-        .filter_map(Result::ok)
-        .filter(|entry| entry.file_type().is_ok_and(|kind| kind.is_dir()))
-        .filter_map(|entry| entry.file_name().into_string().ok())
-        .collect();
+/// The release directories under `<root>/releases` (a link to a directory counts, as restore
+/// follows it), sorted: what a rollback can still point `current` at. `None` when the directory
+/// cannot be read or holds more than 256 entries: the coordinator then assumes nothing.
+pub fn retained_releases(root: &Path) -> Option<Vec<String>> {
+    let releases = root.join(RELEASES_DIR);
+    let mut versions = Vec::new();
+    for entry in std::fs::read_dir(&releases).ok()? {
+        let entry = entry.ok()?;
+        if versions.len() == MAX_RETAINED_REPORTED {
+            return None;
+        }
+        if fs::metadata(entry.path()).is_ok_and(|metadata| metadata.is_dir()) {
+            versions.push(entry.file_name().into_string().ok()?);
+        }
+    }
     versions.sort();
-    versions.truncate(MAX_RETAINED_REPORTED);
-    versions
+    Some(versions)
 }
 
 /// A release link must point at `releases/<name>` inside the root.

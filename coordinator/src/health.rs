@@ -11,6 +11,9 @@ use crate::state_machine::{GateOptions, HealthAggregate, HealthFigure};
 
 /// Reports kept per host; at one report a second that is more than any window we use.
 const MAX_REPORTS_PER_HOST: usize = 256;
+/// Fewest requests (and latency observations) an error ratio (a p99) is computed from: one
+/// failure among three requests is noise, not a 33 % error ratio.
+pub const MIN_REQUESTS: f64 = 20.0;
 
 struct ReceivedReport {
     received_at_ms: u64,
@@ -66,9 +69,9 @@ impl HealthBook {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let (mut total, mut failed, mut hosts_reporting) = (0u32, 0u32, 0u32);
-        let (mut requests, mut errors) = (0.0f64, 0.0f64);
-        // Cumulative count per bucket bound (as bits: non-negative floats sort like them).
-        let mut latency: BTreeMap<u64, f64> = BTreeMap::new();
+        let (mut requests, mut errors, mut scrape_failures) = (0.0f64, 0.0f64, 0u32);
+        let mut histograms: Vec<&[(f64, f64)]> = Vec::new();
+        let mut buckets_of_reports: Vec<Vec<(f64, f64)>> = Vec::new();
         for host_id in hosts {
             let Some(reports) = book.get(host_id) else {
                 continue;
@@ -92,22 +95,39 @@ impl HealthBook {
                     .report
                     .app
                     .iter()
-                    .filter(|app| app.service == service && app.error.is_empty())
+                    .filter(|app| app.service == service)
                 {
+                    reported = true;
+                    if !app.error.is_empty() {
+                        scrape_failures += 1;
+                        continue;
+                    }
+                    let buckets: Vec<(f64, f64)> = app
+                        .latency
+                        .iter()
+                        .map(|bucket| (bucket.le_ms, bucket.count))
+                        .collect();
+                    // Figures no counter can produce come from a broken agent: not counted.
+                    let counted = app.requests.is_finite()
+                        && app.errors.is_finite()
+                        && (0.0..=app.requests).contains(&app.errors)
+                        && rewind_shared::histogram::is_valid(&buckets);
+                    if !counted {
+                        scrape_failures += 1;
+                        continue;
+                    }
                     requests += app.requests;
                     errors += app.errors;
-                    for bucket in &app.latency {
-                        *latency.entry(bucket.le_ms.to_bits()).or_default() += bucket.count;
+                    if !buckets.is_empty() {
+                        buckets_of_reports.push(buckets);
                     }
-                    reported = true;
                 }
             }
             hosts_reporting += u32::from(reported);
         }
-        let buckets: Vec<(f64, f64)> = latency
-            .into_iter()
-            .map(|(bits, count)| (f64::from_bits(bits), count))
-            .collect();
+        histograms.extend(buckets_of_reports.iter().map(Vec::as_slice));
+        let latency = rewind_shared::histogram::merge(histograms);
+        let observed = latency.last().map_or(0.0, |&(_, count)| count);
         HealthAggregate {
             probe_failure_ratio: if total == 0 {
                 0.0
@@ -116,9 +136,14 @@ impl HealthBook {
             },
             samples: total,
             hosts_reporting,
-            error_ratio: (requests > 0.0).then(|| (errors / requests).clamp(0.0, 1.0)),
-            p99_latency_ms: quantile(0.99, &buckets),
+            error_ratio: (requests >= MIN_REQUESTS).then(|| (errors / requests).clamp(0.0, 1.0)),
+            p99_latency_ms: if observed >= MIN_REQUESTS {
+                rewind_shared::histogram::quantile(0.99, &latency)
+            } else {
+                None
+            },
             requests,
+            scrape_failures,
         }
     }
 
@@ -253,6 +278,15 @@ pub fn compare(
             }
         }
     }
+    if now.scrape_failures > 0 {
+        figures.push(format!("{} failed metrics scrapes", now.scrape_failures));
+        if now.requests == 0.0 {
+            outside.push(format!(
+                "the service's metrics could not be read ({} failed scrapes)",
+                now.scrape_failures
+            ));
+        }
+    }
     if now.hosts_reporting == 0 {
         outside.push("no health reports".into());
     }
@@ -262,32 +296,6 @@ pub fn compare(
         figures.join("; ")
     };
     Comparison { figures, outside }
-}
-
-/// The `q` quantile of a cumulative histogram (bounds ascending, the last +Inf), interpolating
-/// linearly inside the bucket it falls in, as Prometheus's `histogram_quantile` does: `None`
-/// without observations; the highest finite bound when it falls in the +Inf bucket.
-pub fn quantile(q: f64, buckets: &[(f64, f64)]) -> Option<f64> {
-    let observed = buckets.last()?.1;
-    if observed <= 0.0 || !(0.0..=1.0).contains(&q) {
-        return None;
-    }
-    let rank = q * observed;
-    let (mut lower_bound, mut below) = (0.0, 0.0);
-    for &(bound, cumulative) in buckets {
-        if cumulative >= rank {
-            if bound.is_infinite() {
-                return Some(lower_bound);
-            }
-            let inside = cumulative - below;
-            if inside <= 0.0 {
-                return Some(bound);
-            }
-            return Some(lower_bound + (bound - lower_bound) * (rank - below) / inside);
-        }
-        (lower_bound, below) = (bound, cumulative);
-    }
-    Some(lower_bound)
 }
 
 #[cfg(test)]
@@ -376,18 +384,55 @@ mod tests {
             "{health:?}"
         );
         assert_eq!(health.hosts_reporting, 2);
+        assert_eq!(health.scrape_failures, 1);
         let quiet = book.aggregate("web", &hosts, 300);
         assert_eq!((quiet.error_ratio, quiet.p99_latency_ms), (None, None));
     }
 
     #[test]
-    fn quantiles_follow_prometheus_histogram_quantile() {
+    fn few_requests_or_impossible_figures_are_not_judged() {
+        let book = HealthBook::default();
         let inf = f64::INFINITY;
-        assert_eq!(quantile(0.5, &[(10.0, 0.0), (inf, 0.0)]), None);
-        assert_eq!(quantile(0.5, &[(10.0, 4.0), (inf, 4.0)]), Some(5.0));
-        // Above the highest finite bound: that bound.
-        assert_eq!(quantile(0.99, &[(10.0, 1.0), (inf, 100.0)]), Some(10.0));
-        assert_eq!(quantile(1.5, &[(10.0, 1.0), (inf, 1.0)]), None);
+        // Three requests, one failed: too few for a ratio.
+        book.record("a", app(3.0, 1.0, &[(10.0, 3.0), (inf, 3.0)]), 100);
+        let few = book.aggregate("web", &["a".to_string()], 0);
+        assert_eq!((few.error_ratio, few.p99_latency_ms), (None, None));
+        assert_eq!(few.requests, 3.0);
+        // From the network: NaN, more errors than requests, a negative bucket.
+        book.record("b", app(f64::NAN, 0.0, &[]), 100);
+        book.record("b", app(50.0, 60.0, &[]), 100);
+        book.record("b", app(50.0, 1.0, &[(-1.0, 2.0), (inf, 2.0)]), 100);
+        let broken = book.aggregate("web", &["b".to_string()], 0);
+        assert_eq!((broken.requests, broken.scrape_failures), (0.0, 3));
+        let comparison = compare(
+            &broken,
+            &HealthAggregate::default(),
+            &GateOptions::default(),
+        );
+        assert!(
+            comparison.outside.contains(
+                &"the service's metrics could not be read (3 failed scrapes)".to_string()
+            ),
+            "{comparison:?}"
+        );
+    }
+
+    #[test]
+    fn hosts_with_different_bucket_layouts_merge_into_one_histogram() {
+        let book = HealthBook::default();
+        let inf = f64::INFINITY;
+        book.record("a", app(100.0, 0.0, &[(100.0, 100.0), (inf, 100.0)]), 100);
+        book.record(
+            "b",
+            app(100.0, 0.0, &[(50.0, 0.0), (1000.0, 100.0), (inf, 100.0)]),
+            100,
+        );
+        let health = book.aggregate("web", &["a".to_string(), "b".to_string()], 0);
+        // 200 observations: 100 by 100 ms, all by 1 s; p99 (the 198th) is 98/100 into (100, 1000].
+        assert!(
+            (health.p99_latency_ms.unwrap() - 982.0).abs() < 1e-9,
+            "{health:?}"
+        );
     }
 
     #[test]

@@ -215,16 +215,12 @@ fn parse_condition(text: &str) -> Result<pb::PolicyCondition, String> {
     let (figure, rest) = text
         .split_once('>')
         .ok_or_else(|| format!("{text:?} has no '>': {usage}"))?;
-    let figure = match figure.trim() {
-        "probe_failure_ratio" => pb::HealthFigure::ProbeFailureRatio,
-        "error_ratio" => pb::HealthFigure::ErrorRatio,
-        "p99_latency_ms" => pb::HealthFigure::P99LatencyMs,
-        other => {
-            return Err(format!(
-                "unknown figure {other:?}: use probe_failure_ratio, error_ratio or p99_latency_ms"
-            ));
-        }
-    };
+    let figure = pb::HealthFigure::from_short_name(figure.trim()).ok_or_else(|| {
+        format!(
+            "unknown figure {:?}: use probe_failure_ratio, error_ratio or p99_latency_ms",
+            figure.trim()
+        )
+    })?;
     let (limit, window) = rest
         .split_once(" for ")
         .ok_or_else(|| format!("{text:?} has no `for Ns` window: {usage}"))?;
@@ -659,14 +655,21 @@ async fn service(
                     "probe failure ratio {:.3} over {} samples from {} hosts",
                     current.probe_failure_ratio, current.samples, current.hosts_reporting
                 );
-                match (current.error_ratio, current.p99_latency_ms) {
-                    (None, None) => {}
-                    (error_ratio, p99) => println!(
-                        "from its own metrics: error ratio {} over {:.0} requests, p99 latency {}",
-                        error_ratio.map_or("-".into(), |ratio| format!("{ratio:.3}")),
+                if current.requests > 0.0 || current.scrape_failures > 0 {
+                    println!(
+                        "from its own metrics: error ratio {} over {:.0} requests, p99 latency {}, {} failed scrapes",
+                        current
+                            .error_ratio
+                            .map_or("- (too few requests)".into(), |ratio| format!("{ratio:.3}")),
                         current.requests,
-                        p99.map_or("-".into(), |ms| format!("{ms:.0} ms")),
-                    ),
+                        current
+                            .p99_latency_ms
+                            .map_or("-".into(), |ms| format!("{ms:.0} ms")),
+                        current.scrape_failures,
+                    );
+                }
+                for error in &response.scrape_errors {
+                    println!("metrics scrape failed on {error}");
                 }
                 let rows = response
                     .latest_probes
@@ -689,12 +692,7 @@ async fn service(
 
 /// A condition as `--condition` takes it.
 fn describe_condition(condition: &pb::PolicyCondition) -> String {
-    let figure = match condition.figure() {
-        pb::HealthFigure::ProbeFailureRatio => "probe_failure_ratio",
-        pb::HealthFigure::ErrorRatio => "error_ratio",
-        pb::HealthFigure::P99LatencyMs => "p99_latency_ms",
-        pb::HealthFigure::Unspecified => "?",
-    };
+    let figure = condition.figure().short_name();
     let limit = if condition.relative_to_baseline {
         format!("{}x baseline", condition.threshold)
     } else {

@@ -66,8 +66,8 @@ pub struct PlanArgs {
     #[arg(long)]
     pub gate_tolerance: Option<f64>,
     /// How far above the baseline p99 latency a wave may be, as a fraction (0.25: 25 % slower).
-    #[arg(long, default_value_t = 0.0)]
-    pub gate_latency_tolerance: f64,
+    #[arg(long)]
+    pub gate_latency_tolerance: Option<f64>,
 }
 
 impl PlanArgs {
@@ -82,7 +82,8 @@ impl PlanArgs {
                 timeout_s: self.gate_timeout_s,
                 tolerance: self.gate_tolerance.unwrap_or(0.0),
                 zero_tolerance: self.gate_tolerance == Some(0.0),
-                latency_tolerance: self.gate_latency_tolerance,
+                latency_tolerance: self.gate_latency_tolerance.unwrap_or(0.0),
+                zero_latency_tolerance: self.gate_latency_tolerance == Some(0.0),
             }),
         }
     }

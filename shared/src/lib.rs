@@ -8,6 +8,7 @@
 //! - [`tls`]: PEM files to tonic TLS configs; the caller's identity from its certificate.
 //! - [`dev_ca`]: a throw-away CA and certificates for `--dev` and tests (rcgen).
 //! - [`digest`]: sha256 of bytes and of a directory tree (release artifacts).
+//! - [`histogram`]: cumulative histograms: merging different bucket layouts, quantiles.
 //! - [`config`]: TOML loading that warns about unknown keys, and an error collector.
 //! - [`logging`]: `REWIND_LOG` / `REWIND_LOG_FORMAT` tracing set-up, and the slog bridge raft-rs logs through.
 //! - [`signals`]: shutdown on SIGINT / SIGTERM.
@@ -17,6 +18,7 @@ pub mod config;
 pub mod dev_ca;
 pub mod digest;
 pub mod errors;
+pub mod histogram;
 pub mod logging;
 pub mod names;
 pub mod signals;

@@ -743,10 +743,18 @@ impl ControlService for Control {
             return Err(to_status(error));
         }
         let current = self.context.service_health(&service);
-        let latest_probes = self
-            .context
-            .health
-            .latest_all()
+        let latest = self.context.health.latest_all();
+        let scrape_errors = latest
+            .iter()
+            .flat_map(|(host, report)| {
+                report
+                    .app
+                    .iter()
+                    .filter(|app| app.service == service && !app.error.is_empty())
+                    .map(move |app| format!("{host}: {}", app.error))
+            })
+            .collect();
+        let latest_probes = latest
             .into_values()
             .flat_map(|report| report.probes)
             .filter(|probe| probe.service == service)
@@ -754,6 +762,7 @@ impl ControlService for Control {
         Ok(Response::new(pb::GetServiceHealthResponse {
             current: Some(convert::aggregate(&current)),
             latest_probes,
+            scrape_errors,
         }))
     }
 }

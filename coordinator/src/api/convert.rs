@@ -49,18 +49,10 @@ pub fn policy(policy: &HealthPolicy) -> pb::HealthPolicy {
 
 pub fn condition(condition: &PolicyCondition) -> pb::PolicyCondition {
     pb::PolicyCondition {
-        figure: figure(condition.figure).into(),
+        figure: pb::HealthFigure::from(condition.figure).into(),
         threshold: condition.threshold,
         relative_to_baseline: condition.relative_to_baseline,
         for_s: condition.for_s,
-    }
-}
-
-pub fn figure(figure: HealthFigure) -> pb::HealthFigure {
-    match figure {
-        HealthFigure::ProbeFailureRatio => pb::HealthFigure::ProbeFailureRatio,
-        HealthFigure::ErrorRatio => pb::HealthFigure::ErrorRatio,
-        HealthFigure::P99LatencyMs => pb::HealthFigure::P99LatencyMs,
     }
 }
 
@@ -109,6 +101,7 @@ pub fn aggregate(aggregate: &HealthAggregate) -> pb::HealthAggregate {
         error_ratio: aggregate.error_ratio,
         p99_latency_ms: aggregate.p99_latency_ms,
         requests: aggregate.requests,
+        scrape_failures: aggregate.scrape_failures,
     }
 }
 
@@ -199,6 +192,7 @@ pub fn plan_options(options: &PlanOptions) -> pb::PlanOptions {
             tolerance: options.gate.tolerance,
             zero_tolerance: options.gate.tolerance == 0.0,
             latency_tolerance: options.gate.latency_tolerance,
+            zero_latency_tolerance: options.gate.latency_tolerance == 0.0,
         }),
     }
 }

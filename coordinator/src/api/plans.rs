@@ -81,7 +81,9 @@ pub(super) fn options_from(
             format!("is {tolerance}, must be within 0..=1"),
         ));
     }
-    let latency_tolerance = if gate.latency_tolerance == 0.0 {
+    let latency_tolerance = if gate.zero_latency_tolerance {
+        0.0
+    } else if gate.latency_tolerance == 0.0 {
         defaults.latency_tolerance
     } else {
         gate.latency_tolerance

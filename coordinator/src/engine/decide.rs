@@ -79,8 +79,10 @@ pub const SYNTHETIC_LOST_MS: u64 = 60_000;
 pub struct EngineMemory {
     /// step id -> (attempt, session generation) it was last sent on.
     pub sent: HashMap<String, (u32, u64)>,
-    /// (service, condition index) -> since when that condition of its policy has been breached.
-    pub breaches: HashMap<(String, usize), u64>,
+    /// (service, condition as written) -> since when that condition of its policy has been
+    /// breached. Keyed by the condition itself, so editing a policy never moves a running timer
+    /// onto another condition.
+    pub breaches: HashMap<(String, String), u64>,
     /// escalation id -> when its delivery was last tried.
     pub escalations: HashMap<u64, u64>,
     /// change -> when its policy breach was proposed as a trigger (one per change).
@@ -703,8 +705,8 @@ fn check_triggers(
             .map(|host| host.host_id.clone())
             .collect();
         let mut fired = None;
-        for (index, condition) in policy.all_conditions().into_iter().enumerate() {
-            let key = (service.name.clone(), index);
+        for condition in policy.all_conditions() {
+            let key = (service.name.clone(), condition.to_string());
             let window_ms = u64::from(condition.for_s) * 1000;
             let window_start = now_ms.saturating_sub(window_ms).max(change.deployed_at_ms);
             let health = seen.aggregate(&service.name, &hosts, window_start);

@@ -39,6 +39,7 @@ impl Observations for Seen {
             } else {
                 0.0
             },
+            scrape_failures: 0,
         }
     }
     fn synthetics(&self, _rollback: u64, _wave: u32, since_ms: u64) -> Option<SyntheticVerdict> {
@@ -915,6 +916,7 @@ fn app_baseline() -> HealthAggregate {
         error_ratio: Some(0.01),
         p99_latency_ms: Some(200.0),
         requests: 1000.0,
+        scrape_failures: 0,
     }
 }
 
@@ -1031,5 +1033,59 @@ fn a_gate_holds_error_ratio_and_p99_latency_to_the_baseline() {
         ),
         "{}",
         rollback.waves[0].gate.detail
+    );
+}
+
+#[test]
+fn a_relative_condition_over_a_zero_baseline_needs_a_real_margin() {
+    let mut world = World::new();
+    with_conditions(
+        &mut world,
+        vec![PolicyCondition {
+            figure: HealthFigure::ErrorRatio,
+            threshold: 5.0,
+            relative_to_baseline: true,
+            for_s: 2,
+        }],
+    );
+    world.deployed_from(HealthAggregate {
+        error_ratio: Some(0.0),
+        ..app_baseline()
+    });
+    // 5x zero is zero, but the limit is at least the baseline plus one point of ratio.
+    world.seen.error_ratio = Some(0.005);
+    world.run_tick(1_500);
+    world.run_tick(5_000);
+    assert!(
+        world.state.rollbacks.is_empty(),
+        "0.5 % errors over a 0 % baseline"
+    );
+    world.seen.error_ratio = Some(0.03);
+    world.run_tick(6_000);
+    world.run_tick(8_100);
+    assert!(
+        world.state.rollbacks[&1].reason.contains("(limit 0.010)"),
+        "{}",
+        world.state.rollbacks[&1].reason
+    );
+}
+
+#[test]
+fn plan_options_at_the_default_latency_tolerance_serialize_as_before_it_existed() {
+    // Plan hashes cover the options' JSON: rollbacks started before the field existed must
+    // hash the same when their entries are replayed.
+    let json = serde_json::to_string(&PlanOptions::default()).unwrap();
+    assert!(!json.contains("latency_tolerance"), "{json}");
+    let old: GateOptions =
+        serde_json::from_str(r#"{"settle_s":5,"timeout_s":120,"tolerance":0.05}"#).unwrap();
+    assert_eq!(old, GateOptions::default());
+    let strict = GateOptions {
+        latency_tolerance: 0.0,
+        ..GateOptions::default()
+    };
+    assert!(
+        serde_json::to_string(&strict)
+            .unwrap()
+            .contains("latency_tolerance")
     );
 }

@@ -234,13 +234,20 @@ pub enum HealthFigure {
     P99LatencyMs,
 }
 
-impl HealthFigure {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::ProbeFailureRatio => "probe_failure_ratio",
-            Self::ErrorRatio => "error_ratio",
-            Self::P99LatencyMs => "p99_latency_ms",
+impl From<HealthFigure> for rewind_proto::v1::HealthFigure {
+    fn from(figure: HealthFigure) -> Self {
+        match figure {
+            HealthFigure::ProbeFailureRatio => Self::ProbeFailureRatio,
+            HealthFigure::ErrorRatio => Self::ErrorRatio,
+            HealthFigure::P99LatencyMs => Self::P99LatencyMs,
         }
+    }
+}
+
+impl HealthFigure {
+    /// As rewindctl writes it: `error_ratio`.
+    pub fn name(self) -> &'static str {
+        rewind_proto::v1::HealthFigure::from(self).short_name()
     }
 
     /// A value of this figure for people: ratios with 3 decimals, latency in whole ms.
@@ -248,6 +255,14 @@ impl HealthFigure {
         match self {
             Self::ProbeFailureRatio | Self::ErrorRatio => format!("{value:.3}"),
             Self::P99LatencyMs => format!("{value:.0} ms"),
+        }
+    }
+
+    /// Least margin above the baseline a relative limit allows.
+    pub fn floor(self) -> f64 {
+        match self {
+            Self::ProbeFailureRatio | Self::ErrorRatio => 0.01,
+            Self::P99LatencyMs => 5.0,
         }
     }
 
@@ -279,9 +294,11 @@ impl PolicyCondition {
     /// figure (nothing measured it before the change, so nothing to compare with).
     pub fn limit(&self, baseline: &HealthAggregate) -> Option<f64> {
         if self.relative_to_baseline {
+            // A multiple of a baseline near zero is near zero: a single error would breach
+            // it. The limit is at least the baseline plus a floor (1 point of ratio, 5 ms).
             self.figure
                 .of(baseline)
-                .map(|before| before * self.threshold)
+                .map(|before| (before * self.threshold).max(before + self.figure.floor()))
         } else {
             Some(self.threshold)
         }
@@ -380,6 +397,13 @@ pub struct HealthAggregate {
     pub p99_latency_ms: Option<f64>,
     #[serde(default)]
     pub requests: f64,
+    /// Scrapes of the services' own metrics that failed in the window.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub scrape_failures: u32,
+}
+
+fn is_zero(value: &u32) -> bool {
+    *value == 0
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -577,7 +601,12 @@ pub struct GateOptions {
     pub settle_s: u32,
     pub timeout_s: u32,
     pub tolerance: f64,
-    #[serde(default = "default_latency_tolerance")]
+    /// Left out of the JSON at its default, so plan hashes of rollbacks started before it
+    /// existed (replayed from the log) come out as they did then.
+    #[serde(
+        default = "default_latency_tolerance",
+        skip_serializing_if = "is_default_latency_tolerance"
+    )]
     pub latency_tolerance: f64,
 }
 
@@ -585,6 +614,10 @@ pub const DEFAULT_LATENCY_TOLERANCE: f64 = 0.25;
 
 fn default_latency_tolerance() -> f64 {
     DEFAULT_LATENCY_TOLERANCE
+}
+
+fn is_default_latency_tolerance(value: &f64) -> bool {
+    *value == DEFAULT_LATENCY_TOLERANCE
 }
 
 impl Default for GateOptions {
