@@ -12,3 +12,4 @@ mod t08_plans;
 mod t09_alertmanager;
 mod t10_flags;
 mod t11_app_metrics;
+mod t12_packaging;
