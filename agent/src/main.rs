@@ -130,7 +130,12 @@ fn open_store(config: &Config) -> anyhow::Result<Store> {
 
 fn run(config: Config) -> anyhow::Result<()> {
     let store = open_store(&config)?;
-    let runtime = tokio::runtime::Runtime::new().context("start the runtime")?;
+    // One thread drives the session, probes and steps (heavy work goes to the blocking pool):
+    // the agent's job is waiting, and every extra worker is idle memory.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start the runtime")?;
     runtime.block_on(async move {
         let executor = Arc::new(Executor::new(
             store,

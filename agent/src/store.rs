@@ -51,7 +51,14 @@ pub struct StepOutcome {
 
 impl Store {
     pub fn open(dir: &Path) -> Result<Self, AgentError> {
-        let db = sled::open(dir)
+        // Every write that matters is flushed by its caller (journal, snapshot, fence), so sled's
+        // periodic flusher, which wakes every 500 ms, is off: an idle agent does nothing. A small
+        // page cache keeps the idle footprint small; blobs are read once per restore.
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(4 << 20)
+            .flush_every_ms(None)
+            .open()
             .map_err(|error| AgentError::Store(format!("open {}: {error}", dir.display())))?;
         Ok(Self {
             blobs: db.open_tree("blobs")?,
@@ -144,6 +151,7 @@ impl Store {
                 .map_or(0, u64::from_be_bytes);
             Some(seen.max(term).to_be_bytes().to_vec())
         })?;
+        self.flush()?;
         Ok(updated
             .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_ref()).ok())
             .map_or(term, u64::from_be_bytes))

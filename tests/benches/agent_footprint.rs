@@ -1,0 +1,129 @@
+//! The agent's footprint, measured from `/proc` on a real release `rewind-agent` connected to a
+//! real dev coordinator over mutual TLS, reporting every 5 s (probing one service and reading
+//! host metrics each time):
+//!
+//! 1. Idle: resident memory (VmRSS, sampled every second) and CPU time (utime + stime) over
+//!    `REWIND_BENCH_IDLE_S` seconds (default 60) after a 15 s warm-up.
+//! 2. During a change: peak resident memory while the agent captures a snapshot and activates
+//!    a release, and the CPU it spent on that.
+//!
+//! Run: `cargo bench -p rewind-tests --bench agent_footprint`
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use rewind_proto::v1 as pb;
+use rewind_tests::*;
+
+/// (resident KiB, CPU ticks so far) of a process.
+fn sample(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the agent runs");
+    let rss_kib = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status");
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the agent runs");
+    // Fields after the command name (which may hold spaces) start at field 3; utime and stime
+    // are fields 14 and 15.
+    let after_name = &stat[stat.rfind(')').expect("a stat line") + 2..];
+    let fields: Vec<u64> = after_name
+        .split_whitespace()
+        .map(|field| field.parse().unwrap_or(0))
+        .collect();
+    (rss_kib, fields[11] + fields[12])
+}
+
+fn clock_ticks_per_second() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|output| String::from_utf8(output.stdout).ok())
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+#[tokio::main]
+async fn main() {
+    let idle_s: u64 = std::env::var("REWIND_BENCH_IDLE_S")
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(60);
+    let ticks = clock_ticks_per_second();
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::must_start_with(
+        &dir.path().join("coordinator"),
+        "[health]\nreport-interval-ms = 5000\n",
+    );
+    let mut host = TestHost::must_prepare(dir.path(), "web-1", &coordinator);
+    host.must_start_agent();
+    let pid = host.agent.as_ref().expect("started").child.id();
+    let mut client = coordinator.must_client().await;
+    must_agents_connected(&client, 1).await;
+    must_register_web(&mut client, &host, false).await;
+
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let (_, cpu_before) = sample(pid);
+    let started = Instant::now();
+    let mut rss = Vec::new();
+    while started.elapsed() < Duration::from_secs(idle_s) {
+        rss.push(sample(pid).0);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let (_, cpu_after) = sample(pid);
+    let cpu_percent =
+        (cpu_after - cpu_before) as f64 / ticks / started.elapsed().as_secs_f64() * 100.0;
+    rss.sort_unstable();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .map_or(String::from("?"), |value| value.trim().to_string())
+    };
+    println!("Agent footprint, idle, 5 s reports, over {idle_s} s:");
+    println!(
+        "  now: heap and other anonymous memory {}, mapped files (the binary's pages) {}, {} threads",
+        field("RssAnon:"),
+        field("RssFile:"),
+        field("Threads:")
+    );
+    println!(
+        "  resident memory: median {:.1} MiB, max {:.1} MiB",
+        mib(rss[rss.len() / 2]),
+        mib(*rss.last().unwrap())
+    );
+    println!("  CPU: {cpu_percent:.3} % of one core");
+
+    // A change: capture then activate, resident memory watched every 20 ms.
+    let (_, cpu_before) = sample(pid);
+    let peak = Arc::new(AtomicU64::new(0));
+    let watched = Arc::clone(&peak);
+    let watch = tokio::spawn(async move {
+        loop {
+            watched.fetch_max(sample(pid).0, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    let started = Instant::now();
+    let change = must_change(&mut client, "v1").await;
+    must_change_where(&client, &change, "the change to deploy", |change| {
+        change.state == pb::ChangeState::Deployed as i32
+    })
+    .await;
+    let took = started.elapsed();
+    watch.abort();
+    let (_, cpu_after) = sample(pid);
+    println!("During a change (capture + activate, {took:.1?} end to end):");
+    println!(
+        "  resident memory peak: {:.1} MiB; CPU spent: {:.0} ms",
+        mib(peak.load(Ordering::Relaxed)),
+        (cpu_after - cpu_before) as f64 / ticks * 1000.0
+    );
+}
