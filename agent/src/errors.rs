@@ -28,7 +28,7 @@ pub enum AgentError {
         version: String,
         path: PathBuf,
     },
-    #[error("release {version} of {service} has digest {actual}, the change expects {expected}")]
+    #[error("release {version} of {service} has digest {actual}, expected {expected}")]
     DigestMismatch {
         service: String,
         version: String,

@@ -207,7 +207,7 @@ fn inspect(config: &Config, command: SnapshotCommand) -> anyhow::Result<()> {
                             from_manifest.service
                         )
                     })?;
-                snapshot::live_manifest(service)?
+                snapshot::live_manifest(service, Some(&store))?
             } else {
                 store.snapshot(&to)?.manifest
             };

@@ -1,9 +1,13 @@
 //! Capture and exact restore of a service's state.
 //!
-//! A snapshot holds the target of the service's `current` link, the bytes and mode of each
-//! declared config file (as blobs in the store; a file that did not exist is recorded as absent),
-//! and the probe results at capture time. Its id is derived from its content, so capturing an
-//! unchanged service twice yields the same id and stores nothing new.
+//! A snapshot holds the target of the service's `current` link and the tree digest of the release
+//! it points at, the bytes and mode of each declared config file (as blobs in the store; a file
+//! that did not exist is recorded as absent), and the probe results at capture time. Its id is
+//! derived from its content, so capturing an unchanged service twice yields the same id and
+//! stores nothing new. The release tree is not copied (releases are immutable artifacts kept on
+//! the host); its digest is, and a restore refuses to point `current` at a release that no
+//! longer matches it. Hashing the tree is incremental: a file whose size, mtime and inode are
+//! those it had when last hashed is not read again.
 
 use std::fs;
 use std::io::Read;
@@ -16,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::AgentError;
 use crate::config::ServiceConfig;
 use crate::paths::{check_relative, confined};
-use crate::store::Store;
+use crate::store::{CachedHash, Store, TreeHashes};
 
 /// Name of the release link inside a service root (the Capistrano layout).
 pub const CURRENT_LINK: &str = "current";
@@ -50,6 +54,10 @@ pub struct Manifest {
     pub service: String,
     /// Target of `current`, relative to the root (`releases/v1`), `None` when there was no link.
     pub release_link: Option<String>,
+    /// `sha256:` tree digest of that release directory (as `rewindctl release register` computes
+    /// it); `None` without a link, or in snapshots taken before digests were captured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release_digest: Option<String>,
     pub files: Vec<FileState>,
 }
 
@@ -63,6 +71,13 @@ pub struct SnapshotRecord {
     /// Bytes newly stored by this capture (0 when every blob was already there).
     pub new_bytes: u64,
     pub capture_ms: u64,
+    /// The release tree: its files and bytes, and how many of them this capture had to read.
+    #[serde(default)]
+    pub release_files: u64,
+    #[serde(default)]
+    pub release_bytes: u64,
+    #[serde(default)]
+    pub hashed_files: u64,
 }
 
 impl Manifest {
@@ -81,7 +96,7 @@ pub fn capture(
 ) -> Result<SnapshotRecord, AgentError> {
     let started = std::time::Instant::now();
     let mut new_bytes = 0u64;
-    let manifest = read_manifest(service, |bytes| {
+    let (manifest, tree) = read_manifest(service, Some(store), |bytes| {
         let (hash, inserted) = store.put_blob(bytes)?;
         if inserted {
             new_bytes += bytes.len() as u64;
@@ -95,25 +110,112 @@ pub fn capture(
         probes,
         new_bytes,
         capture_ms: started.elapsed().as_millis() as u64,
+        release_files: tree.files,
+        release_bytes: tree.bytes,
+        hashed_files: tree.hashed_files,
     };
     store.put_snapshot(&record)?;
     store.flush()?;
     Ok(record)
 }
 
-/// The manifest of the service's live state, storing nothing.
-pub fn live_manifest(service: &ServiceConfig) -> Result<Manifest, AgentError> {
-    read_manifest(service, |bytes| {
+/// The manifest of the service's live state, storing nothing but, with a store, the release
+/// tree's file hashes for the next time.
+pub fn live_manifest(
+    service: &ServiceConfig,
+    store: Option<&Store>,
+) -> Result<Manifest, AgentError> {
+    let (manifest, _) = read_manifest(service, store, |bytes| {
         Ok(rewind_shared::digest::sha256_hex(bytes))
-    })
+    })?;
+    Ok(manifest)
 }
 
-/// Reads the link and every declared file; `keep` turns each file's bytes into its blob hash.
+/// What hashing a release tree read.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct TreeStats {
+    pub files: u64,
+    pub bytes: u64,
+    /// Files whose content was read (the rest came from the cache).
+    pub hashed_files: u64,
+}
+
+/// Tree digest of `<root>/<target>` (a release directory), reusing and then replacing the
+/// store's cached hashes for it when a store is given.
+pub fn release_digest(
+    service: &ServiceConfig,
+    target: &str,
+    store: Option<&Store>,
+) -> Result<(String, TreeStats), AgentError> {
+    check_release_target(&service.name, target)?;
+    let dir = confined(&service.name, &service.root, target)?;
+    let key = format!("{}/{target}", service.name);
+    let cached = match store {
+        Some(store) => store.tree_hashes(&key)?,
+        None => TreeHashes::default(),
+    };
+    let mut fresh = TreeHashes::default();
+    let mut stats = TreeStats::default();
+    let digest = rewind_shared::digest::tree_digest_with(&dir, &mut |path, metadata| {
+        let relative = path
+            .strip_prefix(&dir)
+            .unwrap_or(path)
+            .to_string_lossy()
+            .into_owned();
+        stats.files += 1;
+        stats.bytes += metadata.len();
+        let now = CachedHash {
+            size: metadata.len(),
+            mtime_ns: metadata.mtime() * 1_000_000_000 + metadata.mtime_nsec(),
+            inode: metadata.ino(),
+            sha256: String::new(),
+        };
+        let sha256 = match cached.files.get(&relative) {
+            Some(known)
+                if (known.size, known.mtime_ns, known.inode)
+                    == (now.size, now.mtime_ns, now.inode) =>
+            {
+                known.sha256.clone()
+            }
+            _ => {
+                stats.hashed_files += 1;
+                rewind_shared::digest::file_sha256(path)?
+            }
+        };
+        fresh.files.insert(
+            relative,
+            CachedHash {
+                sha256: sha256.clone(),
+                ..now
+            },
+        );
+        Ok(sha256)
+    })?;
+    if let Some(store) = store {
+        store.put_tree_hashes(&key, &fresh)?;
+    }
+    Ok((digest, stats))
+}
+
+/// Reads the link, the release's digest and every declared file; `keep` turns each file's
+/// bytes into its blob hash.
 fn read_manifest(
     service: &ServiceConfig,
+    store: Option<&Store>,
     mut keep: impl FnMut(&[u8]) -> Result<String, AgentError>,
-) -> Result<Manifest, AgentError> {
+) -> Result<(Manifest, TreeStats), AgentError> {
     let release_link = read_release_link(service)?;
+    // A link to a release that is not there (or not a release) has no digest to record.
+    let (release_digest, tree) = match &release_link {
+        Some(target)
+            if check_release_target(&service.name, target).is_ok()
+                && confined(&service.name, &service.root, target).is_ok_and(|dir| dir.is_dir()) =>
+        {
+            let (digest, stats) = release_digest(service, target, store)?;
+            (Some(digest), stats)
+        }
+        _ => (None, TreeStats::default()),
+    };
     let mut files = Vec::with_capacity(service.config_files.len());
     for relative in &service.config_files {
         let path = confined(&service.name, &service.root, relative)?;
@@ -137,11 +239,15 @@ fn read_manifest(
             gid: metadata.gid(),
         });
     }
-    Ok(Manifest {
-        service: service.name.clone(),
-        release_link,
-        files,
-    })
+    Ok((
+        Manifest {
+            service: service.name.clone(),
+            release_link,
+            release_digest,
+            files,
+        },
+        tree,
+    ))
 }
 
 /// Reads a config file without following a symlink in its last component, taking the content
@@ -287,6 +393,19 @@ pub fn restore(
                 path: release_dir,
             });
         }
+        // The release must still be the one captured: never point `current` at a tree that was
+        // modified (or replaced) since.
+        if let Some(expected) = &manifest.release_digest {
+            let (actual, _) = release_digest(service, target, Some(store))?;
+            if &actual != expected {
+                return Err(AgentError::DigestMismatch {
+                    service: service.name.clone(),
+                    version: target.clone(),
+                    expected: format!("{expected} as captured before the change"),
+                    actual,
+                });
+            }
+        }
     }
     for (path, content, mode, owner) in writes {
         match content {
@@ -298,7 +417,7 @@ pub fn restore(
         Some(target) => switch_link(&service.root, target)?,
         None => remove_if_present(&service.root.join(CURRENT_LINK))?,
     }
-    let after = live_manifest(service)?;
+    let after = live_manifest(service, Some(store))?;
     if after != *manifest {
         return Err(AgentError::RestoreMismatch {
             service: service.name.clone(),
@@ -390,6 +509,13 @@ pub fn diff(before: &Manifest, after: &Manifest) -> Vec<String> {
             "current: {} -> {}",
             show(&before.release_link),
             show(&after.release_link)
+        ));
+    } else if before.release_digest != after.release_digest {
+        lines.push(format!(
+            "{}: digest {} -> {}",
+            show(&before.release_link),
+            show(&before.release_digest),
+            show(&after.release_digest)
         ));
     }
     for file in &before.files {

@@ -15,7 +15,10 @@ fn fixture() -> Fixture {
     let root = tempfile::tempdir().unwrap();
     let store_dir = tempfile::tempdir().unwrap();
     for version in ["v1", "v2"] {
-        fs::create_dir_all(root.path().join("releases").join(version)).unwrap();
+        let release = root.path().join("releases").join(version);
+        fs::create_dir_all(release.join("bin")).unwrap();
+        fs::write(release.join("bin/app"), format!("app {version}")).unwrap();
+        fs::write(release.join("VERSION"), version).unwrap();
     }
     fs::create_dir_all(root.path().join("shared/config")).unwrap();
     fs::write(root.path().join("shared/config/app.toml"), b"threads = 4\n").unwrap();
@@ -83,7 +86,78 @@ fn restore_puts_back_exact_bytes_modes_link_and_absence() {
         !root.join("shared/config/extra.toml").exists(),
         "a file absent at capture is absent after restore"
     );
-    assert_eq!(live_manifest(&fixture.service).unwrap(), snapshot.manifest);
+    assert_eq!(
+        live_manifest(&fixture.service, None).unwrap(),
+        snapshot.manifest
+    );
+}
+
+#[test]
+fn the_release_tree_digest_is_captured_and_rehashed_only_where_files_changed() {
+    let fixture = fixture();
+    let root = fixture.root.path();
+    let first = capture(&fixture.store, &fixture.service, vec![], 1).unwrap();
+    assert_eq!(
+        first.manifest.release_digest.as_deref(),
+        Some(
+            rewind_shared::digest::tree_digest(&root.join("releases/v1"))
+                .unwrap()
+                .as_str()
+        ),
+        "the digest `release register --from-dir` computes"
+    );
+    assert_eq!((first.release_files, first.hashed_files), (2, 2));
+    let again = capture(&fixture.store, &fixture.service, vec![], 2).unwrap();
+    assert_eq!(
+        (again.release_files, again.hashed_files),
+        (2, 0),
+        "nothing changed"
+    );
+    // A changed file (new content, so new size) is read again, and changes the digest.
+    fs::write(root.join("releases/v1/VERSION"), "v1-patched").unwrap();
+    let patched = capture(&fixture.store, &fixture.service, vec![], 3).unwrap();
+    assert_eq!(patched.hashed_files, 1);
+    assert_ne!(
+        patched.manifest.release_digest,
+        first.manifest.release_digest
+    );
+    assert!(
+        diff(&first.manifest, &patched.manifest)
+            .iter()
+            .any(|line| line.starts_with("releases/v1: digest sha256:")),
+        "{:?}",
+        diff(&first.manifest, &patched.manifest)
+    );
+}
+
+#[test]
+fn a_release_modified_since_capture_is_never_restored() {
+    let fixture = fixture();
+    let root = fixture.root.path();
+    let snapshot = capture(&fixture.store, &fixture.service, vec![], 1).unwrap();
+    switch_link(root, "releases/v2").unwrap();
+    fs::write(
+        root.join("shared/config/app.toml"),
+        b"threads = 64
+",
+    )
+    .unwrap();
+    fs::write(root.join("releases/v1/bin/app"), "tampered").unwrap();
+    let error = restore(&fixture.store, &fixture.service, &snapshot.id).unwrap_err();
+    assert!(
+        matches!(error, AgentError::DigestMismatch { .. })
+            && error.to_string().contains("as captured"),
+        "{error}"
+    );
+    // Nothing was written.
+    assert_eq!(
+        fs::read_link(root.join("current")).unwrap().to_str(),
+        Some("releases/v2")
+    );
+    assert_eq!(
+        fs::read(root.join("shared/config/app.toml")).unwrap(),
+        b"threads = 64\n"
+    );
 }
 
 #[test]
@@ -142,7 +216,7 @@ fn a_link_to_a_missing_release_is_refused_before_anything_changes() {
     let root = fixture.root.path();
     let snapshot = capture(&fixture.store, &fixture.service, vec![], 1).unwrap();
     fs::write(root.join("shared/config/app.toml"), b"changed").unwrap();
-    fs::remove_dir(root.join("releases/v1")).unwrap();
+    fs::remove_dir_all(root.join("releases/v1")).unwrap();
     let error = restore(&fixture.store, &fixture.service, &snapshot.id).unwrap_err();
     assert!(
         matches!(error, AgentError::MissingRelease { .. }),
@@ -180,7 +254,7 @@ fn diff_names_what_changed() {
         .manifest;
     switch_link(root, "releases/v2").unwrap();
     fs::write(root.join("shared/config/app.toml"), b"x").unwrap();
-    let lines = diff(&before, &live_manifest(&fixture.service).unwrap());
+    let lines = diff(&before, &live_manifest(&fixture.service, None).unwrap());
     assert_eq!(lines.len(), 2, "{lines:?}");
     assert!(lines[0].contains("releases/v1 -> releases/v2"));
     assert!(lines[1].starts_with("shared/config/app.toml:"));

@@ -6,6 +6,7 @@
 //! - `journal`: step id -> JSON [`JournalRecord`]: written (and flushed) before a step acts and
 //!   after it ends, so a redelivered step answers from here instead of acting twice.
 //! - `fences`: owner (change or rollback id) -> highest term seen.
+//! - `tree-hashes`: release tree -> JSON [`TreeHashes`], the file hashes capture reuses.
 
 use std::path::Path;
 
@@ -21,6 +22,8 @@ pub struct Store {
     snapshots: sled::Tree,
     journal: sled::Tree,
     fences: sled::Tree,
+    /// Release tree path -> [`TreeHashes`]: what capture need not hash again.
+    tree_hashes: sled::Tree,
 }
 
 /// A step's journal entry.
@@ -65,6 +68,7 @@ impl Store {
             snapshots: db.open_tree("snapshots")?,
             journal: db.open_tree("journal")?,
             fences: db.open_tree("fences")?,
+            tree_hashes: db.open_tree("tree-hashes")?,
             db,
         })
     }
@@ -143,6 +147,20 @@ impl Store {
             .collect()
     }
 
+    /// The file hashes last computed for a release tree (`service/releases/v1`); empty if none.
+    pub fn tree_hashes(&self, tree: &str) -> Result<TreeHashes, AgentError> {
+        self.tree_hashes
+            .get(tree.as_bytes())?
+            .map_or(Ok(TreeHashes::default()), |bytes| from_json(&bytes))
+    }
+
+    /// Replaces a tree's file hashes (so entries of deleted files go with it). Not flushed: a
+    /// lost cache only costs a re-hash.
+    pub fn put_tree_hashes(&self, tree: &str, hashes: &TreeHashes) -> Result<(), AgentError> {
+        self.tree_hashes.insert(tree.as_bytes(), to_json(hashes)?)?;
+        Ok(())
+    }
+
     /// Records `term` for `owner` unless a higher one was seen; returns the highest seen.
     pub fn raise_fence(&self, owner: &str, term: u64) -> Result<u64, AgentError> {
         let updated = self.fences.update_and_fetch(owner.as_bytes(), |old| {
@@ -156,6 +174,21 @@ impl Store {
             .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_ref()).ok())
             .map_or(term, u64::from_be_bytes))
     }
+}
+
+/// Content hashes of a release tree's files, with the size, mtime and inode each had when it
+/// was hashed: a file still matching all three is not read again.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TreeHashes {
+    pub files: std::collections::BTreeMap<String, CachedHash>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CachedHash {
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub inode: u64,
+    pub sha256: String,
 }
 
 fn to_json<T: Serialize>(value: &T) -> Result<Vec<u8>, AgentError> {

@@ -25,12 +25,30 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 /// `sha256:<hex>` over the tree rooted at `root` (see the module docs).
 pub fn tree_digest(root: &Path) -> Result<String, SharedError> {
+    tree_digest_with(root, &mut |path, _| file_sha256(path))
+}
+
+/// Hashes a regular file of a tree: its path and metadata, to its content's sha256 hex.
+pub type FileHasher<'a> = dyn FnMut(&Path, &fs::Metadata) -> Result<String, SharedError> + 'a;
+
+/// [`tree_digest`] with the files' content hashes from `file_hash`, which may answer from a
+/// cache (the agent skips files whose size and mtime are unchanged). Same result for the same
+/// content.
+pub fn tree_digest_with(
+    root: &Path,
+    file_hash: &mut FileHasher<'_>,
+) -> Result<String, SharedError> {
     let mut listing = Sha256::new();
-    hash_dir(root, root, &mut listing)?;
+    hash_dir(root, root, &mut listing, file_hash)?;
     Ok(format!("sha256:{}", hex::encode(listing.finalize())))
 }
 
-fn hash_dir(root: &Path, dir: &Path, listing: &mut Sha256) -> Result<(), SharedError> {
+fn hash_dir(
+    root: &Path,
+    dir: &Path,
+    listing: &mut Sha256,
+    file_hash: &mut FileHasher<'_>,
+) -> Result<(), SharedError> {
     let read_error = |source| SharedError::Read {
         path: dir.to_path_buf(),
         source,
@@ -59,10 +77,10 @@ fn hash_dir(root: &Path, dir: &Path, listing: &mut Sha256) -> Result<(), SharedE
             listing.update(format!("L {relative} {}\n", target.to_string_lossy()));
         } else if metadata.is_dir() {
             listing.update(format!("D {relative}\n"));
-            hash_dir(root, &path, listing)?;
+            hash_dir(root, &path, listing, file_hash)?;
         } else {
             let executable = metadata.permissions().mode() & 0o111 != 0;
-            let content = file_sha256(&path)?;
+            let content = file_hash(&path, &metadata)?;
             listing.update(format!(
                 "F {relative} {} {content}\n",
                 if executable { "x" } else { "-" }
