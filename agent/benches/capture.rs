@@ -57,6 +57,9 @@ fn main() {
         drain: None,
         undrain: None,
         metrics: None,
+        unit: None,
+        packages: vec![],
+        container: None,
     };
     let store_dir = tempfile::tempdir().unwrap();
     let store = Store::open(store_dir.path()).unwrap();

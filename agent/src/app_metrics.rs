@@ -385,6 +385,9 @@ other_metric 7
             drain: None,
             undrain: None,
             metrics: Some(config()),
+            unit: None,
+            packages: vec![],
+            container: None,
         };
         let reports = scraper.scrape_all(&[service]).await;
         assert_eq!(reports.len(), 1);

@@ -76,6 +76,10 @@ pub struct RawService {
     pub undrain: Option<RawHook>,
     /// The service's own Prometheus endpoint, for error ratio and latency.
     pub metrics: Option<RawMetrics>,
+    /// Its systemd unit, packages and container: recorded in snapshots (not restored).
+    pub unit: Option<String>,
+    pub packages: Vec<String>,
+    pub container: Option<String>,
 }
 
 /// Where and what to scrape: a requests counter whose samples are errors when a label's value
@@ -145,6 +149,12 @@ pub struct ServiceConfig {
     pub drain: Option<Hook>,
     pub undrain: Option<Hook>,
     pub metrics: Option<MetricsConfig>,
+    /// systemd unit whose `is-active`/`is-enabled` snapshots record.
+    pub unit: Option<String>,
+    /// Packages whose installed versions snapshots record.
+    pub packages: Vec<String>,
+    /// Container whose image snapshots record.
+    pub container: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -319,6 +329,29 @@ fn validate_service(
         .metrics
         .as_ref()
         .and_then(|metrics| validate_metrics(&format!("{field}.metrics"), metrics, problems));
+    // Handed to systemctl, dpkg-query/rpm and docker as single arguments: names, not options.
+    let fact_name = |name: &str| {
+        !name.is_empty()
+            && !name.starts_with('-')
+            && name.len() <= 255
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-:@+".contains(c))
+    };
+    for (key, name) in [("unit", &raw.unit), ("container", &raw.container)] {
+        if let Some(name) = name.as_ref().filter(|name| !fact_name(name)) {
+            problems.add(
+                format!("{field}.{key}"),
+                format!("{name:?} is not a {key} name (letters, digits, . _ - : @ +)"),
+            );
+        }
+    }
+    for package in raw.packages.iter().filter(|package| !fact_name(package)) {
+        problems.add(
+            format!("{field}.packages"),
+            format!("{package:?} is not a package name"),
+        );
+    }
     if problems.len() != before {
         return None;
     }
@@ -333,6 +366,9 @@ fn validate_service(
         drain,
         undrain,
         metrics,
+        unit: raw.unit.clone(),
+        packages: raw.packages.clone(),
+        container: raw.container.clone(),
     })
 }
 
@@ -515,6 +551,7 @@ health-interval-ms = 5
 name = "web"
 root = "relative/dir"
 config-files = ["../etc/passwd", "/abs"]
+packages = ["--all"]
 [[service.probe]]
 name = "h"
 http = "ftp://x"
@@ -557,6 +594,7 @@ timeout-ms = 0
             "service.web.metrics.error-values",
             "service.web.metrics.latency-unit",
             "service.web.metrics.timeout-ms",
+            "service.web.packages: \"--all\" is not a package name",
         ] {
             assert!(
                 joined.contains(expected),

@@ -10,6 +10,7 @@
 //! - [`snapshot`]: capture and exact restore of a service's state.
 //! - [`host`]: the [`host::Host`] trait for running commands; [`host::LocalHost`] is the real one.
 //! - [`steps`]: executes step commands idempotently: fence, journal, act, journal.
+//! - [`facts`]: unit state, package versions and container image, recorded in snapshots.
 //! - [`probes`]: HTTP, TCP and command health probes.
 //! - [`app_metrics`]: the service's own Prometheus figures (requests, errors, latency).
 //! - [`host_metrics`]: CPU, memory, load and disk from sysinfo.
@@ -19,6 +20,7 @@ pub mod app_metrics;
 pub mod config;
 pub mod connection;
 pub mod errors;
+pub mod facts;
 pub mod host;
 pub mod host_metrics;
 pub mod paths;

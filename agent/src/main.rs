@@ -195,8 +195,9 @@ fn inspect(config: &Config, command: SnapshotCommand) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&store.snapshot(&id)?)?)
         }
         SnapshotCommand::Diff { from, to } => {
-            let from_manifest = store.snapshot(&from)?.manifest;
-            let to_manifest = if to == "live" {
+            let from_record = store.snapshot(&from)?;
+            let from_manifest = from_record.manifest;
+            let (to_manifest, to_facts) = if to == "live" {
                 let service = config
                     .services
                     .iter()
@@ -207,11 +208,16 @@ fn inspect(config: &Config, command: SnapshotCommand) -> anyhow::Result<()> {
                             from_manifest.service
                         )
                     })?;
-                snapshot::live_manifest(service, Some(&store))?
+                (
+                    snapshot::live_manifest(service, Some(&store))?,
+                    rewind_agent::facts::collect(service),
+                )
             } else {
-                store.snapshot(&to)?.manifest
+                let record = store.snapshot(&to)?;
+                (record.manifest, record.facts)
             };
-            let lines = snapshot::diff(&from_manifest, &to_manifest);
+            let mut lines = snapshot::diff(&from_manifest, &to_manifest);
+            lines.extend(rewind_agent::facts::diff(&from_record.facts, &to_facts));
             if lines.is_empty() {
                 println!("no differences");
             }

@@ -71,6 +71,9 @@ pub struct SnapshotRecord {
     /// Bytes newly stored by this capture (0 when every blob was already there).
     pub new_bytes: u64,
     pub capture_ms: u64,
+    /// Unit state, package versions, container image at capture: informative, not restored.
+    #[serde(default)]
+    pub facts: crate::facts::ServiceFacts,
     /// The release tree: its files and bytes, and how many of them this capture had to read.
     #[serde(default)]
     pub release_files: u64,
@@ -95,6 +98,7 @@ pub fn capture(
     now_ms: u64,
 ) -> Result<SnapshotRecord, AgentError> {
     let started = std::time::Instant::now();
+    let facts = crate::facts::collect(service);
     let mut new_bytes = 0u64;
     let (manifest, tree) = read_manifest(service, Some(store), |bytes| {
         let (hash, inserted) = store.put_blob(bytes)?;
@@ -110,6 +114,7 @@ pub fn capture(
         probes,
         new_bytes,
         capture_ms: started.elapsed().as_millis() as u64,
+        facts,
         release_files: tree.files,
         release_bytes: tree.bytes,
         hashed_files: tree.hashed_files,

@@ -42,6 +42,9 @@ fn fixture() -> Fixture {
         drain: None,
         undrain: None,
         metrics: None,
+        unit: None,
+        packages: vec![],
+        container: None,
     };
     let store = Store::open(store_dir.path()).unwrap();
     Fixture {

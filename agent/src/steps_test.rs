@@ -49,6 +49,9 @@ fn fixture() -> Fixture {
         drain: None,
         undrain: None,
         metrics: None,
+        unit: None,
+        packages: vec![],
+        container: None,
     };
     let host = Arc::new(CountingHost::default());
     let store = Store::open(data.path()).unwrap();
@@ -422,6 +425,9 @@ async fn drain_and_undrain_run_their_hooks_and_a_service_without_hooks_has_nothi
             grace: Duration::ZERO,
         }),
         metrics: None,
+        unit: None,
+        packages: vec![],
+        container: None,
     };
     let data = tempfile::tempdir().unwrap();
     let executor = Executor::new(
