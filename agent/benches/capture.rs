@@ -60,6 +60,7 @@ fn main() {
         unit: None,
         packages: vec![],
         container: None,
+        keep_releases: None,
     };
     let store_dir = tempfile::tempdir().unwrap();
     let store = Store::open(store_dir.path()).unwrap();

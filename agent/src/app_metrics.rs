@@ -388,6 +388,7 @@ other_metric 7
             unit: None,
             packages: vec![],
             container: None,
+            keep_releases: None,
         };
         let reports = scraper.scrape_all(&[service]).await;
         assert_eq!(reports.len(), 1);

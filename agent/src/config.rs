@@ -80,6 +80,8 @@ pub struct RawService {
     pub unit: Option<String>,
     pub packages: Vec<String>,
     pub container: Option<String>,
+    /// Releases kept in `releases/` (see `retention`); absent: all.
+    pub keep_releases: Option<u32>,
 }
 
 /// Where and what to scrape: a requests counter whose samples are errors when a label's value
@@ -155,6 +157,8 @@ pub struct ServiceConfig {
     pub packages: Vec<String>,
     /// Container whose image snapshots record.
     pub container: Option<String>,
+    /// How many recently live releases to keep besides the protected ones; `None` keeps all.
+    pub keep_releases: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -346,6 +350,12 @@ fn validate_service(
             );
         }
     }
+    if let Some(keep) = raw.keep_releases.filter(|keep| !(1..=1000).contains(keep)) {
+        problems.add(
+            format!("{field}.keep-releases"),
+            format!("is {keep}, must be within 1..=1000"),
+        );
+    }
     for package in raw.packages.iter().filter(|package| !fact_name(package)) {
         problems.add(
             format!("{field}.packages"),
@@ -369,6 +379,7 @@ fn validate_service(
         unit: raw.unit.clone(),
         packages: raw.packages.clone(),
         container: raw.container.clone(),
+        keep_releases: raw.keep_releases,
     })
 }
 
@@ -552,6 +563,7 @@ name = "web"
 root = "relative/dir"
 config-files = ["../etc/passwd", "/abs"]
 packages = ["--all"]
+keep-releases = 0
 [[service.probe]]
 name = "h"
 http = "ftp://x"
@@ -595,6 +607,7 @@ timeout-ms = 0
             "service.web.metrics.latency-unit",
             "service.web.metrics.timeout-ms",
             "service.web.packages: \"--all\" is not a package name",
+            "service.web.keep-releases: is 0",
         ] {
             assert!(
                 joined.contains(expected),

@@ -191,6 +191,7 @@ mod tests {
             unit: None,
             packages: vec![],
             container: None,
+            keep_releases: None,
         }
     }
 

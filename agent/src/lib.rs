@@ -12,6 +12,7 @@
 //! - [`steps`]: executes step commands idempotently: fence, journal, act, journal.
 //! - [`facts`]: unit state, package versions and container image, recorded in snapshots.
 //! - [`probes`]: HTTP, TCP and command health probes.
+//! - [`retention`]: which releases a service root keeps (`keep-releases`), and pruning.
 //! - [`app_metrics`]: the service's own Prometheus figures (requests, errors, latency).
 //! - [`host_metrics`]: CPU, memory, load and disk from sysinfo.
 //! - [`connection`]: the session with the coordinator and the reconnect loop.
@@ -25,6 +26,7 @@ pub mod host;
 pub mod host_metrics;
 pub mod paths;
 pub mod probes;
+pub mod retention;
 pub mod snapshot;
 pub mod steps;
 pub mod store;

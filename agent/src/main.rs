@@ -39,6 +39,17 @@ enum Command {
     /// Inspect the step journal (stop the agent first: the store is locked while it runs).
     #[command(subcommand)]
     Journal(JournalCommand),
+    /// The releases each service root holds and what `keep-releases` does with them.
+    #[command(subcommand)]
+    Releases(ReleasesCommand),
+}
+
+#[derive(Subcommand)]
+enum ReleasesCommand {
+    /// Each release and whether retention keeps it, and why.
+    List,
+    /// Remove the releases retention does not keep (the agent does this after each activation).
+    Prune,
 }
 
 #[derive(Subcommand)]
@@ -91,6 +102,7 @@ fn main() -> ExitCode {
         Command::Run => run(config),
         Command::Snapshot(command) => inspect(&config, command),
         Command::Journal(JournalCommand::List { json }) => list_journal(&config, json),
+        Command::Releases(command) => releases(&config, command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -99,6 +111,39 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn releases(config: &Config, command: ReleasesCommand) -> anyhow::Result<()> {
+    let store = open_store(config)?;
+    for service in &config.services {
+        match command {
+            ReleasesCommand::List => match rewind_agent::retention::plan(service, &store)? {
+                None => println!("{}: keeps every release (no keep-releases)", service.name),
+                Some(verdicts) => {
+                    for (version, verdict) in verdicts {
+                        let shown = match verdict {
+                            rewind_agent::retention::Verdict::Remove => "would be removed",
+                            kept => kept.describe(),
+                        };
+                        println!("{} {version}: {shown}", service.name);
+                    }
+                }
+            },
+            ReleasesCommand::Prune => {
+                let removed = rewind_agent::retention::prune(service, &store)?;
+                println!(
+                    "{}: removed {}",
+                    service.name,
+                    if removed.is_empty() {
+                        "nothing".to_string()
+                    } else {
+                        removed.join(", ")
+                    }
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Loads and validates; `strict` also rejects unknown keys (for check-config).

@@ -45,6 +45,7 @@ fn fixture() -> Fixture {
         unit: None,
         packages: vec![],
         container: None,
+        keep_releases: None,
     };
     let store = Store::open(store_dir.path()).unwrap();
     Fixture {

@@ -254,7 +254,20 @@ impl Executor {
                 self.host
                     .run(&service.restart_command, restart_timeout)
                     .await?;
-                Ok((format!("current -> {target}, restarted"), String::new()))
+                // Retention after the switch: the release just left is now the last known good.
+                let (store, owned) = (self.store.clone(), service.clone());
+                let pruned = match blocking(move || crate::retention::prune(&owned, &store)).await {
+                    Ok(removed) if removed.is_empty() => String::new(),
+                    Ok(removed) => format!("; pruned {}", removed.join(", ")),
+                    Err(error) => {
+                        warn!(%error, service = %service.name, "Could not prune old releases.");
+                        format!("; pruning failed: {error}")
+                    }
+                };
+                Ok((
+                    format!("current -> {target}, restarted{pruned}"),
+                    String::new(),
+                ))
             }
             Action::Restore(restore) => {
                 names::validate_name("snapshot_id", &restore.snapshot_id)?;

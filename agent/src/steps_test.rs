@@ -52,6 +52,7 @@ fn fixture() -> Fixture {
         unit: None,
         packages: vec![],
         container: None,
+        keep_releases: None,
     };
     let host = Arc::new(CountingHost::default());
     let store = Store::open(data.path()).unwrap();
@@ -428,6 +429,7 @@ async fn drain_and_undrain_run_their_hooks_and_a_service_without_hooks_has_nothi
         unit: None,
         packages: vec![],
         container: None,
+        keep_releases: None,
     };
     let data = tempfile::tempdir().unwrap();
     let executor = Executor::new(
