@@ -175,9 +175,11 @@ fn open_store(config: &Config) -> anyhow::Result<Store> {
 
 fn run(config: Config) -> anyhow::Result<()> {
     let store = open_store(&config)?;
-    // One thread drives the session, probes and steps (heavy work goes to the blocking pool):
-    // the agent's job is waiting, and every extra worker is idle memory.
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    // Two workers whatever the host's size: the agent's job is waiting, and every extra worker is
+    // idle memory; but one is not enough, since journal writes flush (fsync) on the worker, and
+    // a slow disk must not stall the session and health reports behind them.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
         .context("start the runtime")?;
