@@ -47,20 +47,8 @@ fn main() {
     std::fs::write(root.path().join("config/app.toml"), "threads = 4\n").unwrap();
     switch_link(root.path(), "releases/v1").unwrap();
     let service = ServiceConfig {
-        name: "web".into(),
-        root: root.path().to_path_buf(),
         config_files: vec!["config/app.toml".into()],
-        flags_file: None,
-        restart_command: vec!["true".into()],
-        restart_timeout: Duration::from_secs(5),
-        probes: vec![],
-        drain: None,
-        undrain: None,
-        metrics: None,
-        unit: None,
-        packages: vec![],
-        container: None,
-        keep_releases: None,
+        ..ServiceConfig::bare("web", root.path())
     };
     let store_dir = tempfile::tempdir().unwrap();
     let store = Store::open(store_dir.path()).unwrap();

@@ -375,20 +375,9 @@ other_metric 7
     async fn an_unreachable_endpoint_is_reported_not_fatal() {
         let mut scraper = AppScraper::new(reqwest::Client::new());
         let service = ServiceConfig {
-            name: "web".into(),
-            root: "/srv/web".into(),
-            config_files: vec![],
-            flags_file: None,
-            restart_command: vec!["true".into()],
             restart_timeout: Duration::from_secs(1),
-            probes: vec![],
-            drain: None,
-            undrain: None,
             metrics: Some(config()),
-            unit: None,
-            packages: vec![],
-            container: None,
-            keep_releases: None,
+            ..ServiceConfig::bare("web", std::path::Path::new("/srv/web"))
         };
         let reports = scraper.scrape_all(&[service]).await;
         assert_eq!(reports.len(), 1);

@@ -161,6 +161,29 @@ pub struct ServiceConfig {
     pub keep_releases: Option<u32>,
 }
 
+impl ServiceConfig {
+    /// A service at `root` with no config files, probes, hooks, metrics or facts, restarted by
+    /// `true` within 5 s: the base tests and benchmarks add to.
+    pub fn bare(name: &str, root: &Path) -> Self {
+        Self {
+            name: name.to_string(),
+            root: root.to_path_buf(),
+            config_files: vec![],
+            flags_file: None,
+            restart_command: vec!["true".into()],
+            restart_timeout: Duration::from_secs(5),
+            probes: vec![],
+            drain: None,
+            undrain: None,
+            metrics: None,
+            unit: None,
+            packages: vec![],
+            container: None,
+            keep_releases: None,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct MetricsConfig {
     pub url: String,

@@ -178,20 +178,8 @@ mod tests {
 
     fn service() -> ServiceConfig {
         ServiceConfig {
-            name: "web".into(),
-            root: "/srv/web".into(),
-            config_files: vec![],
-            flags_file: None,
-            restart_command: vec!["true".into()],
             restart_timeout: Duration::from_secs(1),
-            probes: vec![],
-            drain: None,
-            undrain: None,
-            metrics: None,
-            unit: None,
-            packages: vec![],
-            container: None,
-            keep_releases: None,
+            ..ServiceConfig::bare("web", std::path::Path::new("/srv/web"))
         }
     }
 

@@ -148,20 +148,8 @@ mod tests {
             std::fs::write(dir.join("VERSION"), version).unwrap();
         }
         let mut service = ServiceConfig {
-            name: "web".into(),
-            root: root.path().to_path_buf(),
-            config_files: vec![],
-            flags_file: None,
-            restart_command: vec!["true".into()],
             restart_timeout: Duration::from_secs(1),
-            probes: vec![],
-            drain: None,
-            undrain: None,
-            metrics: None,
-            unit: None,
-            packages: vec![],
-            container: None,
-            keep_releases: None,
+            ..ServiceConfig::bare("web", root.path())
         };
         // v1, v2, v3 were each live at a capture (a change's "before"); v4 is live now; v5 was
         // unpacked for a deploy that has not happened.

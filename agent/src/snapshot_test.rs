@@ -1,6 +1,5 @@
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::time::Duration;
 
 use super::*;
 
@@ -29,23 +28,11 @@ fn fixture() -> Fixture {
     .unwrap();
     switch_link(root.path(), "releases/v1").unwrap();
     let service = ServiceConfig {
-        name: "web".into(),
-        root: root.path().to_path_buf(),
         config_files: vec![
             "shared/config/app.toml".into(),
             "shared/config/extra.toml".into(),
         ],
-        flags_file: None,
-        restart_command: vec!["true".into()],
-        restart_timeout: Duration::from_secs(5),
-        probes: vec![],
-        drain: None,
-        undrain: None,
-        metrics: None,
-        unit: None,
-        packages: vec![],
-        container: None,
-        keep_releases: None,
+        ..ServiceConfig::bare("web", root.path())
     };
     let store = Store::open(store_dir.path()).unwrap();
     Fixture {

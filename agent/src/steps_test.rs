@@ -39,20 +39,10 @@ fn fixture() -> Fixture {
     fs::write(root.path().join("app.toml"), b"mode = 'v1'").unwrap();
     snapshot::switch_link(root.path(), "releases/v1").unwrap();
     let service = ServiceConfig {
-        name: "web".into(),
-        root: root.path().to_path_buf(),
         config_files: vec!["app.toml".into()],
         flags_file: Some("flags.json".into()),
         restart_command: vec!["restart-web".into()],
-        restart_timeout: Duration::from_secs(5),
-        probes: vec![],
-        drain: None,
-        undrain: None,
-        metrics: None,
-        unit: None,
-        packages: vec![],
-        container: None,
-        keep_releases: None,
+        ..ServiceConfig::bare("web", root.path())
     };
     let host = Arc::new(CountingHost::default());
     let store = Store::open(data.path()).unwrap();
@@ -404,13 +394,6 @@ async fn drain_and_undrain_run_their_hooks_and_a_service_without_hooks_has_nothi
     let closed_port = closed.local_addr().unwrap().port();
     drop(closed);
     let service = ServiceConfig {
-        name: "web".into(),
-        root: fixture.root.path().to_path_buf(),
-        config_files: vec![],
-        flags_file: None,
-        restart_command: vec!["true".into()],
-        restart_timeout: Duration::from_secs(5),
-        probes: vec![],
         drain: Some(Hook {
             kind: HookKind::Command {
                 argv: vec!["touch".into(), marker.display().to_string()],
@@ -425,11 +408,7 @@ async fn drain_and_undrain_run_their_hooks_and_a_service_without_hooks_has_nothi
             timeout: Duration::from_secs(2),
             grace: Duration::ZERO,
         }),
-        metrics: None,
-        unit: None,
-        packages: vec![],
-        container: None,
-        keep_releases: None,
+        ..ServiceConfig::bare("web", fixture.root.path())
     };
     let data = tempfile::tempdir().unwrap();
     let executor = Executor::new(
