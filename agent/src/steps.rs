@@ -234,11 +234,13 @@ impl Executor {
                     });
                 }
                 if !activate.artifact_digest.is_empty() {
-                    let dir = release_dir.clone();
-                    let actual = blocking(move || {
-                        rewind_shared::digest::tree_digest(&dir).map_err(AgentError::from)
-                    })
-                    .await?;
+                    // Through the capture's hash cache: the capture just before hashed the
+                    // live release, and the next one will hash this one without reading it.
+                    let (store, owned, release) =
+                        (self.store.clone(), service.clone(), target.clone());
+                    let (actual, _) =
+                        blocking(move || snapshot::release_digest(&owned, &release, Some(&store)))
+                            .await?;
                     if actual != activate.artifact_digest {
                         return Err(AgentError::DigestMismatch {
                             service: service.name.clone(),

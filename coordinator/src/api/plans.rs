@@ -68,34 +68,21 @@ pub(super) fn options_from(
             format!("is {timeout_s}, must be within settle_s ({settle_s})..=86400 s"),
         ));
     }
-    let tolerance = if gate.zero_tolerance {
-        0.0
-    } else if gate.tolerance == 0.0 {
-        defaults.tolerance
-    } else {
-        gate.tolerance
-    };
-    if !(0.0..=1.0).contains(&tolerance) {
-        return Err(invalid(
-            "options.gate.tolerance",
-            format!("is {tolerance}, must be within 0..=1"),
-        ));
-    }
-    let latency_tolerance = if gate.zero_latency_tolerance {
-        0.0
-    } else if gate.latency_tolerance == 0.0 {
-        defaults.latency_tolerance
-    } else {
-        gate.latency_tolerance
-    };
-    if !(0.0..=10.0).contains(&latency_tolerance) {
-        return Err(invalid(
+    let tolerance = tolerance_or_default(
+        ("options.gate.tolerance", "0..=1"),
+        (gate.tolerance, gate.zero_tolerance),
+        defaults.tolerance,
+        1.0,
+    )?;
+    let latency_tolerance = tolerance_or_default(
+        (
             "options.gate.latency_tolerance",
-            format!(
-                "is {latency_tolerance}, must be within 0..=10 (0.25: p99 up to 25 % above the baseline)"
-            ),
-        ));
-    }
+            "0..=10 (0.25: p99 up to 25 % above the baseline)",
+        ),
+        (gate.latency_tolerance, gate.zero_latency_tolerance),
+        defaults.latency_tolerance,
+        10.0,
+    )?;
     Ok(PlanOptions {
         max_parallel: max_parallel.max(1),
         max_unavailable: if options.max_unavailable == 0 {
@@ -112,6 +99,28 @@ pub(super) fn options_from(
             latency_tolerance,
         },
     })
+}
+
+/// A tolerance as proto3 carries it: 0 means the default unless the `zero` flag says 0 exactly;
+/// refused outside `0..=max`.
+fn tolerance_or_default(
+    (field, range): (&str, &str),
+    (given, zero): (f64, bool),
+    default: f64,
+    max: f64,
+) -> Result<f64, Status> {
+    let value = match (zero, given == 0.0) {
+        (true, _) => 0.0,
+        (false, true) => default,
+        (false, false) => given,
+    };
+    if !(0.0..=max).contains(&value) {
+        return Err(invalid(
+            field,
+            format!("is {value}, must be within {range}"),
+        ));
+    }
+    Ok(value)
 }
 
 /// The changes a selection names: change ids as given, and each named service's latest change
