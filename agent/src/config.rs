@@ -32,6 +32,9 @@ use rewind_shared::names;
 use rewind_shared::tls::TlsFiles;
 use serde::Deserialize;
 
+use crate::catalogue::{
+    Catalogue, RawCheck, RawCommand, RawJobs, RawPurge, RawScaleUp, RawSections,
+};
 use crate::paths::check_relative;
 
 #[derive(Debug, Default, Deserialize)]
@@ -82,6 +85,16 @@ pub struct RawService {
     pub container: Option<String>,
     /// Releases kept in `releases/` (see `retention`); absent: all.
     pub keep_releases: Option<u32>,
+    /// The optional steps of the reversion catalogue (see `catalogue`).
+    pub reload_command: Option<Vec<String>>,
+    #[serde(rename = "command")]
+    pub commands: Vec<RawCommand>,
+    pub jobs: Option<RawJobs>,
+    #[serde(rename = "purge")]
+    pub purges: Vec<RawPurge>,
+    pub scale_up: Option<RawScaleUp>,
+    #[serde(rename = "check")]
+    pub checks: Vec<RawCheck>,
 }
 
 /// Where and what to scrape: a requests counter whose samples are errors when a label's value
@@ -159,6 +172,8 @@ pub struct ServiceConfig {
     pub container: Option<String>,
     /// How many recently live releases to keep besides the protected ones; `None` keeps all.
     pub keep_releases: Option<u32>,
+    /// What the optional reversion steps run on this host.
+    pub catalogue: Catalogue,
 }
 
 impl ServiceConfig {
@@ -180,6 +195,7 @@ impl ServiceConfig {
             packages: vec![],
             container: None,
             keep_releases: None,
+            catalogue: Catalogue::default(),
         }
     }
 }
@@ -385,6 +401,19 @@ fn validate_service(
             format!("{package:?} is not a package name"),
         );
     }
+    let catalogue = crate::catalogue::validate(
+        field,
+        &raw.root,
+        RawSections {
+            reload_command: raw.reload_command.as_ref(),
+            commands: &raw.commands,
+            jobs: raw.jobs.as_ref(),
+            purges: &raw.purges,
+            scale_up: raw.scale_up.as_ref(),
+            checks: &raw.checks,
+        },
+        problems,
+    );
     if problems.len() != before {
         return None;
     }
@@ -403,6 +432,7 @@ fn validate_service(
         packages: raw.packages.clone(),
         container: raw.container.clone(),
         keep_releases: raw.keep_releases,
+        catalogue,
     })
 }
 
@@ -480,7 +510,7 @@ fn validate_metrics(
     })
 }
 
-fn validate_hook(field: &str, raw: &RawHook, problems: &mut Problems) -> Option<Hook> {
+pub(crate) fn validate_hook(field: &str, raw: &RawHook, problems: &mut Problems) -> Option<Hook> {
     let timeout_ms = raw.timeout_ms.unwrap_or(10_000);
     if !(1..=MAX_TIMEOUT_MS).contains(&timeout_ms) {
         problems.add(

@@ -58,6 +58,9 @@ pub enum AgentError {
     RestoreMismatch { service: String, detail: String },
     #[error("{0}")]
     Invalid(String),
+    /// A step the host's config does not allow, or one that found the service unwell.
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl AgentError {
@@ -76,6 +79,7 @@ impl AgentError {
             Self::Superseded { .. } => "superseded",
             Self::RestoreMismatch { .. } => "restore_mismatch",
             Self::Invalid(_) => "invalid",
+            Self::Refused(_) => "refused",
         }
     }
 

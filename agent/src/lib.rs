@@ -10,6 +10,7 @@
 //! - [`snapshot`]: capture and exact restore of a service's state.
 //! - [`host`]: the [`host::Host`] trait for running commands; [`host::LocalHost`] is the real one.
 //! - [`steps`]: executes step commands idempotently: fence, journal, act, journal.
+//! - [`catalogue`]: the optional steps (reload, named commands, jobs, purges, scale-up, checks).
 //! - [`facts`]: unit state, package versions and container image, recorded in snapshots.
 //! - [`probes`]: HTTP, TCP and command health probes.
 //! - [`retention`]: which releases a service root keeps (`keep-releases`), and pruning.
@@ -18,6 +19,7 @@
 //! - [`connection`]: the session with the coordinator and the reconnect loop.
 
 pub mod app_metrics;
+pub mod catalogue;
 pub mod config;
 pub mod connection;
 pub mod errors;

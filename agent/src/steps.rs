@@ -10,11 +10,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rewind_proto::v1::{FlagUpdate, StepCommand, StepResult, step_command::Action};
-use rewind_shared::{names, time::now_ms};
+use rewind_shared::names::{self, truncate};
+use rewind_shared::time::now_ms;
 use tracing::{info, warn};
 
 use crate::AgentError;
-use crate::config::{Hook, HookKind, ServiceConfig};
+use crate::catalogue;
+use crate::config::{Hook, ServiceConfig};
 use crate::host::Host;
 use crate::paths::confined;
 use crate::probes::Prober;
@@ -302,18 +304,55 @@ impl Executor {
                 ))
             }
             Action::Drain(_) => {
-                self.run_hook(service, "drain", service.drain.as_ref())
+                self.run_optional_hook(service, "drain", service.drain.as_ref())
                     .await
             }
             Action::Undrain(_) => {
-                self.run_hook(service, "undrain", service.undrain.as_ref())
+                self.run_optional_hook(service, "undrain", service.undrain.as_ref())
                     .await
             }
+            Action::Reload(_) => {
+                let argv = service.catalogue.reload_command.as_ref().ok_or_else(|| {
+                    AgentError::Refused(format!(
+                        "service {} has no reload-command on this host",
+                        service.name
+                    ))
+                })?;
+                self.host.run(argv, restart_timeout).await?;
+                Ok((format!("ran {}", argv.join(" ")), String::new()))
+            }
+            Action::Run(run) => {
+                let (argv, timeout) = catalogue::render_command(service, &run.name, &run.args)?;
+                self.host.run(&argv, timeout).await?;
+                Ok((format!("ran {}", argv.join(" ")), String::new()))
+            }
+            Action::PauseJobs(_) => {
+                let done =
+                    catalogue::pause_jobs(self.host(), &self.prober, &self.store, service).await?;
+                Ok((done, String::new()))
+            }
+            Action::ResumeJobs(_) => {
+                let done =
+                    catalogue::resume_jobs(self.host(), &self.prober, &self.store, service).await?;
+                Ok((done, String::new()))
+            }
+            Action::PurgeCache(_) => Ok((
+                catalogue::purge(&self.prober, service).await?,
+                String::new(),
+            )),
+            Action::ScaleUp(_) => Ok((
+                catalogue::scale_up(self.host(), &self.prober, service).await?,
+                String::new(),
+            )),
+            Action::Checks(_) => Ok((
+                catalogue::run_checks(&self.prober, service).await?,
+                String::new(),
+            )),
         }
     }
 
     /// Runs a drain or undrain hook, then waits its grace period. No hook: nothing to do.
-    async fn run_hook(
+    async fn run_optional_hook(
         &self,
         service: &ServiceConfig,
         what: &str,
@@ -328,33 +367,8 @@ impl Executor {
                 String::new(),
             ));
         };
-        let done = match &hook.kind {
-            HookKind::Command { argv } => {
-                self.host.run(argv, hook.timeout).await?;
-                format!("ran {}", argv.join(" "))
-            }
-            HookKind::HttpPost { url } => {
-                let status = self.prober.post(url, hook.timeout).await.map_err(|error| {
-                    AgentError::Hook {
-                        what: what.to_string(),
-                        service: service.name.clone(),
-                        detail: error,
-                    }
-                })?;
-                format!("POST {url} answered {status}")
-            }
-        };
-        if hook.grace.is_zero() {
-            return Ok((done, String::new()));
-        }
-        tokio::time::sleep(hook.grace).await;
-        Ok((
-            format!(
-                "{done}, then waited {} ms for sessions",
-                hook.grace.as_millis()
-            ),
-            String::new(),
-        ))
+        let done = catalogue::run_hook(self.host(), &self.prober, service, what, hook).await?;
+        Ok((done, String::new()))
     }
 
     async fn probe_states(&self, service: &ServiceConfig) -> Vec<ProbeState> {
@@ -514,14 +528,6 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(work)
         .await
         .map_err(|error| AgentError::Invalid(format!("step task failed: {error}")))?
-}
-
-fn truncate(text: &str, max: usize) -> &str {
-    let cut = (0..=max.min(text.len()))
-        .rev()
-        .find(|&index| text.is_char_boundary(index))
-        .unwrap_or(0);
-    &text[..cut]
 }
 
 #[cfg(test)]

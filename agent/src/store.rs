@@ -24,6 +24,8 @@ pub struct Store {
     fences: sled::Tree,
     /// Release tree path -> [`TreeHashes`]: what capture need not hash again.
     tree_hashes: sled::Tree,
+    /// Service -> its job checkpoint as kept at pause (see `catalogue::pause_jobs`).
+    checkpoints: sled::Tree,
 }
 
 /// A step's journal entry.
@@ -69,6 +71,7 @@ impl Store {
             journal: db.open_tree("journal")?,
             fences: db.open_tree("fences")?,
             tree_hashes: db.open_tree("tree-hashes")?,
+            checkpoints: db.open_tree("checkpoints")?,
             db,
         })
     }
@@ -159,6 +162,35 @@ impl Store {
     pub fn put_tree_hashes(&self, tree: &str, hashes: &TreeHashes) -> Result<(), AgentError> {
         self.tree_hashes.insert(tree.as_bytes(), to_json(hashes)?)?;
         Ok(())
+    }
+
+    /// Keeps a service's job checkpoint as it was when its processors were paused (`None`:
+    /// there was no checkpoint file yet).
+    pub fn put_checkpoint(&self, service: &str, bytes: Option<&[u8]>) -> Result<(), AgentError> {
+        // One marker byte tells an absent file (0) from a kept one (1, then its bytes).
+        let stored = match bytes {
+            None => vec![0],
+            Some(bytes) => [&[1], bytes].concat(),
+        };
+        self.checkpoints.insert(service.as_bytes(), stored)?;
+        self.flush()
+    }
+
+    /// The checkpoint kept at pause: `None` when no pause is outstanding, `Some(None)` when the
+    /// file did not exist at pause.
+    pub fn checkpoint(&self, service: &str) -> Result<Option<Option<Vec<u8>>>, AgentError> {
+        Ok(self
+            .checkpoints
+            .get(service.as_bytes())?
+            .map(|stored| match stored.split_first() {
+                Some((1, bytes)) => Some(bytes.to_vec()),
+                _ => None,
+            }))
+    }
+
+    pub fn remove_checkpoint(&self, service: &str) -> Result<(), AgentError> {
+        self.checkpoints.remove(service.as_bytes())?;
+        self.flush()
     }
 
     /// Records `term` for `owner` unless a higher one was seen; returns the highest seen.

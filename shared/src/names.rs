@@ -5,6 +5,16 @@ use crate::SharedError;
 /// Longest id, name or version accepted anywhere.
 pub const MAX_NAME_LEN: usize = 128;
 
+/// The longest prefix of `text` of at most `max_bytes` that ends on a character boundary: for
+/// quoting untrusted input in errors and bounding what is kept.
+pub fn truncate(text: &str, max_bytes: usize) -> &str {
+    let cut = (0..=max_bytes.min(text.len()))
+        .rev()
+        .find(|&index| text.is_char_boundary(index))
+        .unwrap_or(0);
+    &text[..cut]
+}
+
 /// Service names, host ids, flag names: lower-case letters, digits, `-`, `_`, `.`;
 /// starting with a letter or digit.
 pub fn validate_name(field: &str, value: &str) -> Result<(), SharedError> {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use rewind_proto::v1::{
     self as pb, agent_message, agent_service_server::AgentService, coordinator_message,
 };
-use rewind_shared::names;
+use rewind_shared::names::{self, truncate};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -178,14 +178,14 @@ async fn record_step_result(context: &Context, host_id: &str, result: pb::StepRe
         return;
     }
     let mut ok = result.ok;
-    let mut detail = truncate(result.detail, MAX_DETAIL_BYTES);
+    let mut detail = truncate(&result.detail, MAX_DETAIL_BYTES).to_string();
     let capture_ok = ok && matches!(step, StepTarget::Capture { .. });
     if capture_ok && names::validate_name("snapshot_id", &result.snapshot_id).is_err() {
         // Without a usable snapshot id the host could not be rolled back: fail the capture.
         ok = false;
         detail = format!(
             "the agent reported a capture without a valid snapshot id ({:?})",
-            truncate(result.snapshot_id.clone(), 64)
+            truncate(&result.snapshot_id, 64).to_string()
         );
     }
     if result.replayed {
@@ -233,19 +233,8 @@ fn check_report(report: &pb::HealthReport) -> Result<(), String> {
     match oversize {
         Some(probe) => Err(format!(
             "probe {:?} carries more than {MAX_DETAIL_BYTES} bytes of text",
-            truncate(probe.probe.clone(), 64)
+            truncate(&probe.probe, 64).to_string()
         )),
         None => Ok(()),
     }
-}
-
-fn truncate(mut text: String, max_bytes: usize) -> String {
-    if text.len() > max_bytes {
-        let cut = (0..=max_bytes)
-            .rev()
-            .find(|&index| text.is_char_boundary(index))
-            .unwrap_or(0);
-        text.truncate(cut);
-    }
-    text
 }

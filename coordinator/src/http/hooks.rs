@@ -174,9 +174,10 @@ pub async fn alertmanager(
             "Alertmanager alert {name} firing since {}{summary}",
             alert.starts_at
         );
-        wanted
-            .entry(service.clone())
-            .or_insert((environment, truncate(reason)));
+        wanted.entry(service.clone()).or_insert((
+            environment,
+            rewind_shared::names::truncate(&reason, 1024).to_string(),
+        ));
     }
     if wanted.len() > MAX_SERVICES_PER_NOTIFICATION {
         return refuse(
@@ -377,17 +378,6 @@ async fn trigger(
             error.to_string(),
         ))),
     }
-}
-
-fn truncate(mut text: String) -> String {
-    if text.len() > 1024 {
-        let mut end = 1024;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-    }
-    text
 }
 
 #[cfg(test)]

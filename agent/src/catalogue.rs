@@ -1,0 +1,812 @@
+//! The optional steps of the agent's reversion catalogue: reload, named commands, job
+//! processor pause/resume with a checkpoint, cache purges, stepped scale-up and synthetic checks.
+//!
+//! Everything a step executes comes from this host's config: the coordinator names a step (and,
+//! for a named command, argument values each checked against the pattern the config declares),
+//! never a program, URL or path. No step runs anything from inside a release: a rollback must not
+//! depend on the code it is rolling away from.
+//!
+//! ```toml
+//! [[service]]
+//! name = "web"
+//! reload-command = ["systemctl", "reload", "web"]
+//! [[service.command]]
+//! name = "warm-cache"
+//! argv = ["/usr/local/bin/warm-cache", "--region", "{region}"]
+//! args = { region = "[a-z]+-[a-z]+" }       # anchored: the whole value must match
+//! [service.jobs]
+//! pause = { command = ["/usr/local/bin/jobs", "pause"] }
+//! resume = { http = "http://127.0.0.1:8080/jobs/resume" }
+//! checkpoint-file = "shared/jobs.checkpoint"
+//! [[service.purge]]
+//! url = "http://127.0.0.1:6081/"
+//! method = "BAN"
+//! headers = { "X-Ban-Url" = "^/api/" }
+//! [service.scale-up]
+//! command = ["/usr/local/bin/set-capacity", "{percent}"]
+//! stages = [25, 50, 100]
+//! wait-ms = 10000
+//! [[service.check]]
+//! name = "cart"
+//! url = "http://127.0.0.1:8080/api/cart"
+//! body-contains = "items"
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use regex::Regex;
+use rewind_shared::config::Problems;
+use rewind_shared::names::{self, truncate};
+use serde::Deserialize;
+
+use crate::AgentError;
+use crate::config::{Hook, HookKind, RawHook, ServiceConfig, validate_hook};
+use crate::host::Host;
+use crate::probes::Prober;
+use crate::store::Store;
+
+/// Bounds on what a config may declare, so one step stays bounded in time and memory.
+const MAX_COMMANDS: usize = 32;
+const MAX_ARG_BYTES: usize = 256;
+const MAX_PURGES: usize = 32;
+const MAX_CHECKS: usize = 32;
+const MAX_STAGES: usize = 10;
+const MAX_WAIT_MS: u64 = 600_000;
+const MAX_CHECKPOINT_BYTES: u64 = 64 * 1024;
+const MAX_CHECK_BODY_BYTES: usize = 1 << 20;
+/// Attempts of one HTTP request (purge, check) before the step fails.
+const MAX_HTTP_ATTEMPTS_LIMIT: u32 = 10;
+const RETRY_BACKOFF: Duration = Duration::from_millis(500);
+
+/// Config of a service's optional steps, as written.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct RawCommand {
+    pub name: String,
+    pub argv: Vec<String>,
+    /// Placeholder -> pattern its value must match in full.
+    pub args: BTreeMap<String, String>,
+    pub timeout_ms: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct RawJobs {
+    pub pause: Option<RawHook>,
+    pub resume: Option<RawHook>,
+    /// Where the processors record completed work, relative to the service root.
+    pub checkpoint_file: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct RawPurge {
+    pub url: String,
+    /// `PURGE` (default) or `BAN`.
+    pub method: Option<String>,
+    pub headers: BTreeMap<String, String>,
+    pub timeout_ms: Option<u64>,
+    /// Attempts before the step fails (default 3).
+    pub attempts: Option<u32>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct RawScaleUp {
+    /// argv with `{percent}`, run once per stage.
+    pub command: Vec<String>,
+    pub stages: Vec<u32>,
+    /// Wait after each stage before probing.
+    pub wait_ms: Option<u64>,
+    pub timeout_ms: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct RawCheck {
+    pub name: String,
+    pub url: String,
+    /// `GET` (default) or `POST`.
+    pub method: Option<String>,
+    pub body: Option<String>,
+    pub expect_status: Option<u16>,
+    pub body_contains: Option<String>,
+    pub max_latency_ms: Option<u64>,
+    pub timeout_ms: Option<u64>,
+    pub attempts: Option<u32>,
+}
+
+/// A service's optional steps, validated.
+#[derive(Clone, Debug, Default)]
+pub struct Catalogue {
+    pub reload_command: Option<Vec<String>>,
+    pub commands: BTreeMap<String, NamedCommand>,
+    pub jobs: Option<Jobs>,
+    pub purges: Vec<Purge>,
+    pub scale_up: Option<ScaleUp>,
+    pub checks: Vec<Check>,
+}
+
+#[derive(Clone, Debug)]
+pub struct NamedCommand {
+    pub argv: Vec<String>,
+    pub args: BTreeMap<String, Regex>,
+    pub timeout: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct Jobs {
+    pub pause: Hook,
+    pub resume: Hook,
+    pub checkpoint_file: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Purge {
+    pub url: String,
+    pub method: reqwest::Method,
+    pub headers: BTreeMap<String, String>,
+    pub timeout: Duration,
+    pub attempts: u32,
+}
+
+#[derive(Clone, Debug)]
+pub struct ScaleUp {
+    pub command: Vec<String>,
+    pub stages: Vec<u32>,
+    pub wait: Duration,
+    pub timeout: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct Check {
+    pub name: String,
+    pub url: String,
+    pub post_body: Option<String>,
+    pub expect_status: u16,
+    pub body_contains: Option<String>,
+    pub max_latency: Option<Duration>,
+    pub timeout: Duration,
+    pub attempts: u32,
+}
+
+/// The optional-step sections of one service, as the config file holds them.
+pub struct RawSections<'a> {
+    pub reload_command: Option<&'a Vec<String>>,
+    pub commands: &'a [RawCommand],
+    pub jobs: Option<&'a RawJobs>,
+    pub purges: &'a [RawPurge],
+    pub scale_up: Option<&'a RawScaleUp>,
+    pub checks: &'a [RawCheck],
+}
+
+/// Validates a service's optional steps, adding every problem found.
+pub fn validate(
+    field: &str,
+    root: &Path,
+    raw: RawSections<'_>,
+    problems: &mut Problems,
+) -> Catalogue {
+    let mut catalogue = Catalogue::default();
+    if let Some(argv) = raw.reload_command {
+        check_program(&format!("{field}.reload-command"), root, argv, problems);
+        catalogue.reload_command = Some(argv.clone());
+    }
+    if raw.commands.len() > MAX_COMMANDS {
+        problems.add(
+            format!("{field}.command"),
+            format!("{} commands, at most {MAX_COMMANDS}", raw.commands.len()),
+        );
+    }
+    for (position, command) in raw.commands.iter().enumerate() {
+        let command_field = format!("{field}.command[{position}]");
+        if let Err(error) = names::validate_name(&format!("{command_field}.name"), &command.name) {
+            problems.add_error(error);
+        }
+        if catalogue.commands.contains_key(&command.name) {
+            problems.add(
+                &command_field,
+                format!("{:?} is declared twice", command.name),
+            );
+        }
+        check_program(
+            &format!("{command_field}.argv"),
+            root,
+            &command.argv,
+            problems,
+        );
+        let mut args = BTreeMap::new();
+        for (name, pattern) in &command.args {
+            match Regex::new(&format!("^(?:{pattern})$")) {
+                Ok(regex) => {
+                    args.insert(name.clone(), regex);
+                }
+                Err(error) => problems.add(
+                    format!("{command_field}.args.{name}"),
+                    format!("{pattern:?} is not a valid pattern: {error}"),
+                ),
+            }
+        }
+        let used = placeholders(&command.argv);
+        for name in used.iter().filter(|name| !command.args.contains_key(*name)) {
+            problems.add(
+                format!("{command_field}.argv"),
+                format!("uses {{{name}}}, which args does not declare"),
+            );
+        }
+        for name in command.args.keys().filter(|name| !used.contains(name)) {
+            problems.add(
+                format!("{command_field}.args.{name}"),
+                "is declared but argv never uses it",
+            );
+        }
+        let timeout = bounded_ms(
+            &format!("{command_field}.timeout-ms"),
+            command.timeout_ms,
+            60_000,
+            problems,
+        );
+        catalogue.commands.insert(
+            command.name.clone(),
+            NamedCommand {
+                argv: command.argv.clone(),
+                args,
+                timeout,
+            },
+        );
+    }
+    if let Some(jobs) = raw.jobs {
+        catalogue.jobs = validate_jobs(&format!("{field}.jobs"), root, jobs, problems);
+    }
+    if raw.purges.len() > MAX_PURGES {
+        problems.add(
+            format!("{field}.purge"),
+            format!("{} purges, at most {MAX_PURGES}", raw.purges.len()),
+        );
+    }
+    for (position, purge) in raw.purges.iter().enumerate() {
+        let purge_field = format!("{field}.purge[{position}]");
+        check_url(&format!("{purge_field}.url"), &purge.url, problems);
+        let method = match purge.method.as_deref().unwrap_or("PURGE") {
+            "PURGE" => reqwest::Method::from_bytes(b"PURGE"),
+            "BAN" => reqwest::Method::from_bytes(b"BAN"),
+            other => {
+                problems.add(
+                    format!("{purge_field}.method"),
+                    format!("{other:?} must be PURGE or BAN"),
+                );
+                reqwest::Method::from_bytes(b"PURGE")
+            }
+        }
+        .expect("PURGE and BAN are valid method tokens");
+        for (name, value) in &purge.headers {
+            if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err()
+                || reqwest::header::HeaderValue::from_str(value).is_err()
+            {
+                problems.add(
+                    format!("{purge_field}.headers.{name}"),
+                    "is not a valid HTTP header (name and visible ASCII value)",
+                );
+            }
+        }
+        catalogue.purges.push(Purge {
+            url: purge.url.clone(),
+            method,
+            headers: purge.headers.clone(),
+            timeout: bounded_ms(
+                &format!("{purge_field}.timeout-ms"),
+                purge.timeout_ms,
+                5_000,
+                problems,
+            ),
+            attempts: attempts(&format!("{purge_field}.attempts"), purge.attempts, problems),
+        });
+    }
+    if let Some(scale) = raw.scale_up {
+        let scale_field = format!("{field}.scale-up");
+        check_program(
+            &format!("{scale_field}.command"),
+            root,
+            &scale.command,
+            problems,
+        );
+        if placeholders(&scale.command) != ["percent"] {
+            problems.add(
+                format!("{scale_field}.command"),
+                "must use {percent} (and no other placeholder)",
+            );
+        }
+        let rising = scale.stages.windows(2).all(|pair| pair[0] < pair[1]);
+        if scale.stages.is_empty()
+            || scale.stages.len() > MAX_STAGES
+            || !rising
+            || scale.stages.iter().any(|stage| !(1..=100).contains(stage))
+        {
+            problems.add(
+                format!("{scale_field}.stages"),
+                format!(
+                    "{:?} must be 1 to {MAX_STAGES} rising percentages within 1..=100",
+                    scale.stages
+                ),
+            );
+        }
+        let wait_ms = scale.wait_ms.unwrap_or(10_000);
+        if wait_ms > MAX_WAIT_MS {
+            problems.add(
+                format!("{scale_field}.wait-ms"),
+                format!("is {wait_ms}, at most {MAX_WAIT_MS}"),
+            );
+        }
+        catalogue.scale_up = Some(ScaleUp {
+            command: scale.command.clone(),
+            stages: scale.stages.clone(),
+            wait: Duration::from_millis(wait_ms),
+            timeout: bounded_ms(
+                &format!("{scale_field}.timeout-ms"),
+                scale.timeout_ms,
+                60_000,
+                problems,
+            ),
+        });
+    }
+    if raw.checks.len() > MAX_CHECKS {
+        problems.add(
+            format!("{field}.check"),
+            format!("{} checks, at most {MAX_CHECKS}", raw.checks.len()),
+        );
+    }
+    for (position, check) in raw.checks.iter().enumerate() {
+        let check_field = format!("{field}.check[{position}]");
+        if let Err(error) = names::validate_name(&format!("{check_field}.name"), &check.name) {
+            problems.add_error(error);
+        }
+        check_url(&format!("{check_field}.url"), &check.url, problems);
+        let post_body = match (check.method.as_deref().unwrap_or("GET"), &check.body) {
+            ("GET", None) => None,
+            ("GET", Some(_)) => {
+                problems.add(format!("{check_field}.body"), "only a POST sends a body");
+                None
+            }
+            ("POST", body) => Some(body.clone().unwrap_or_default()),
+            (other, _) => {
+                problems.add(
+                    format!("{check_field}.method"),
+                    format!("{other:?} must be GET or POST"),
+                );
+                None
+            }
+        };
+        catalogue.checks.push(Check {
+            name: check.name.clone(),
+            url: check.url.clone(),
+            post_body,
+            expect_status: check.expect_status.unwrap_or(200),
+            body_contains: check.body_contains.clone(),
+            max_latency: check.max_latency_ms.map(Duration::from_millis),
+            timeout: bounded_ms(
+                &format!("{check_field}.timeout-ms"),
+                check.timeout_ms,
+                5_000,
+                problems,
+            ),
+            attempts: attempts(&format!("{check_field}.attempts"), check.attempts, problems),
+        });
+    }
+    catalogue
+}
+
+fn validate_jobs(field: &str, root: &Path, raw: &RawJobs, problems: &mut Problems) -> Option<Jobs> {
+    let mut hook = |key: &str, hook: Option<&RawHook>| {
+        let Some(hook) = hook else {
+            problems.add(format!("{field}.{key}"), "is required (command or http)");
+            return None;
+        };
+        if let Some(argv) = &hook.command {
+            check_program(&format!("{field}.{key}.command"), root, argv, problems);
+        }
+        validate_hook(&format!("{field}.{key}"), hook, problems)
+    };
+    let pause = hook("pause", raw.pause.as_ref());
+    let resume = hook("resume", raw.resume.as_ref());
+    if let Some(path) = &raw.checkpoint_file
+        && let Err(error) = crate::paths::check_relative("jobs", path)
+    {
+        problems.add(format!("{field}.checkpoint-file"), error.to_string());
+    }
+    Some(Jobs {
+        pause: pause?,
+        resume: resume?,
+        checkpoint_file: raw.checkpoint_file.clone(),
+    })
+}
+
+/// An argv must name a program, and never one inside the service's releases: the agent reverts
+/// with its own code and the host's, not with scripts shipped by the release being reverted.
+pub fn check_program(field: &str, root: &Path, argv: &[String], problems: &mut Problems) {
+    let Some(program) = argv.first() else {
+        problems.add(field, "must name a program");
+        return;
+    };
+    let program = Path::new(program);
+    let inside_release = [crate::snapshot::RELEASES_DIR, crate::snapshot::CURRENT_LINK]
+        .iter()
+        .any(|dir| program.starts_with(root.join(dir)));
+    if inside_release || program.is_relative() && program.components().count() > 1 {
+        problems.add(
+            field,
+            format!(
+                "{:?} runs a program from inside a release (or a relative path): a rollback \
+                 must not run the code it reverts; name a program installed on the host",
+                program.display()
+            ),
+        );
+    }
+}
+
+fn check_url(field: &str, url: &str, problems: &mut Problems) {
+    if !url.starts_with("http://") || reqwest::Url::parse(url).is_err() {
+        problems.add(field, format!("{url:?} must be an http:// URL"));
+    }
+}
+
+fn bounded_ms(field: &str, value: Option<u64>, default: u64, problems: &mut Problems) -> Duration {
+    let ms = value.unwrap_or(default);
+    if !(1..=MAX_WAIT_MS).contains(&ms) {
+        problems.add(field, format!("is {ms}, must be within 1..={MAX_WAIT_MS}"));
+    }
+    Duration::from_millis(ms)
+}
+
+fn attempts(field: &str, value: Option<u32>, problems: &mut Problems) -> u32 {
+    let attempts = value.unwrap_or(3);
+    if !(1..=MAX_HTTP_ATTEMPTS_LIMIT).contains(&attempts) {
+        problems.add(
+            field,
+            format!("is {attempts}, must be within 1..={MAX_HTTP_ATTEMPTS_LIMIT}"),
+        );
+    }
+    attempts
+}
+
+/// `{name}` placeholders used in an argv, sorted and deduplicated.
+fn placeholders(argv: &[String]) -> Vec<String> {
+    let mut found: Vec<String> = argv
+        .iter()
+        .flat_map(|part| {
+            part.split('{')
+                .skip(1)
+                .filter_map(|rest| rest.split_once('}').map(|(name, _)| name.to_string()))
+        })
+        .collect();
+    found.sort();
+    found.dedup();
+    found
+}
+
+fn substitute(argv: &[String], values: &HashMap<String, String>) -> Vec<String> {
+    argv.iter()
+        .map(|part| {
+            values.iter().fold(part.clone(), |part, (name, value)| {
+                part.replace(&format!("{{{name}}}"), value)
+            })
+        })
+        .collect()
+}
+
+/// The argv of a named command with `args` filled in, after checking every value against its
+/// declared pattern. Unlisted commands, unknown or missing arguments and bad values are refused.
+pub fn render_command(
+    service: &ServiceConfig,
+    name: &str,
+    args: &HashMap<String, String>,
+) -> Result<(Vec<String>, Duration), AgentError> {
+    let command = service.catalogue.commands.get(name).ok_or_else(|| {
+        let known: Vec<&str> = service
+            .catalogue
+            .commands
+            .keys()
+            .map(String::as_str)
+            .collect();
+        AgentError::Refused(format!(
+            "command {:?} is not in the allow-list of {} (allowed: {})",
+            truncate(name, 64),
+            service.name,
+            if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            }
+        ))
+    })?;
+    for given in args.keys().filter(|key| !command.args.contains_key(*key)) {
+        return Err(AgentError::Refused(format!(
+            "command {name} takes no argument {:?}",
+            truncate(given, 64)
+        )));
+    }
+    for (arg, pattern) in &command.args {
+        let value = args
+            .get(arg)
+            .ok_or_else(|| AgentError::Refused(format!("command {name} needs argument {arg}")))?;
+        let matches = pattern.is_match(value);
+        if !matches || value.len() > MAX_ARG_BYTES || value.contains(['\0', '\n']) {
+            return Err(AgentError::Refused(format!(
+                "argument {arg}={:?} of command {name} does not match {}",
+                truncate(value, 64),
+                pattern.as_str()
+            )));
+        }
+    }
+    Ok((substitute(&command.argv, args), command.timeout))
+}
+
+/// Runs the stages of a stepped scale-up: the command at each percentage, a wait, then every
+/// probe of the service, which must pass before the next stage.
+pub async fn scale_up(
+    host: &dyn Host,
+    prober: &Prober,
+    service: &ServiceConfig,
+) -> Result<String, AgentError> {
+    let scale = not_configured(service, "scale-up", service.catalogue.scale_up.as_ref())?;
+    for stage in &scale.stages {
+        let values = HashMap::from([("percent".to_string(), stage.to_string())]);
+        host.run(&substitute(&scale.command, &values), scale.timeout)
+            .await?;
+        tokio::time::sleep(scale.wait).await;
+        for probe in &service.probes {
+            let result = prober.probe(host, &service.name, probe).await;
+            if !result.ok {
+                return Err(AgentError::Refused(format!(
+                    "scale-up stopped at {stage}%: probe {} failed: {}",
+                    result.probe, result.detail
+                )));
+            }
+        }
+    }
+    let shown: Vec<String> = scale
+        .stages
+        .iter()
+        .map(|stage| format!("{stage}%"))
+        .collect();
+    Ok(format!(
+        "scaled up in {} stages ({}), probes passing after each",
+        scale.stages.len(),
+        shown.join(" -> ")
+    ))
+}
+
+/// Sends every configured purge, each retried up to its attempts.
+pub async fn purge(prober: &Prober, service: &ServiceConfig) -> Result<String, AgentError> {
+    let purges = &service.catalogue.purges;
+    if purges.is_empty() {
+        return Err(AgentError::Refused(format!(
+            "service {} has no purge configured",
+            service.name
+        )));
+    }
+    let client = prober.http_client();
+    let mut done = Vec::new();
+    for purge in purges {
+        let status = with_attempts(purge.attempts, || async {
+            let mut request = client
+                .request(purge.method.clone(), &purge.url)
+                .timeout(purge.timeout);
+            for (name, value) in &purge.headers {
+                request = request.header(name, value);
+            }
+            let response = request
+                .send()
+                .await
+                .map_err(|error| format!("{} {}: {error}", purge.method, purge.url))?;
+            let status = response.status();
+            if status.is_success() {
+                Ok(status.as_u16())
+            } else {
+                Err(format!("{} {} answered {status}", purge.method, purge.url))
+            }
+        })
+        .await
+        .map_err(AgentError::Refused)?;
+        done.push(format!("{} {} -> {status}", purge.method, purge.url));
+    }
+    Ok(done.join("; "))
+}
+
+/// Runs every configured synthetic check; fails naming each one that failed.
+pub async fn run_checks(prober: &Prober, service: &ServiceConfig) -> Result<String, AgentError> {
+    let checks = &service.catalogue.checks;
+    if checks.is_empty() {
+        return Err(AgentError::Refused(format!(
+            "service {} has no check configured",
+            service.name
+        )));
+    }
+    let client = prober.http_client();
+    let mut passed = Vec::new();
+    let mut failed = Vec::new();
+    for check in checks {
+        match with_attempts(check.attempts, || run_check(&client, check)).await {
+            Ok(latency_ms) => passed.push(format!("{} ({latency_ms} ms)", check.name)),
+            Err(error) => failed.push(format!("{}: {error}", check.name)),
+        }
+    }
+    if failed.is_empty() {
+        Ok(format!("checks passed: {}", passed.join(", ")))
+    } else {
+        Err(AgentError::Refused(format!(
+            "checks failed: {}",
+            failed.join("; ")
+        )))
+    }
+}
+
+async fn run_check(client: &reqwest::Client, check: &Check) -> Result<u128, String> {
+    let started = Instant::now();
+    let request = match &check.post_body {
+        Some(body) => client.post(&check.url).body(body.clone()),
+        None => client.get(&check.url),
+    };
+    let mut response = request
+        .timeout(check.timeout)
+        .send()
+        .await
+        .map_err(|error| format!("{}: {error}", check.url))?;
+    let status = response.status().as_u16();
+    if status != check.expect_status {
+        return Err(format!("status {status}, expected {}", check.expect_status));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|error| error.to_string())? {
+        body.extend_from_slice(&chunk);
+        if body.len() > MAX_CHECK_BODY_BYTES {
+            return Err(format!("body larger than {MAX_CHECK_BODY_BYTES} bytes"));
+        }
+    }
+    let latency = started.elapsed();
+    if let Some(wanted) = &check.body_contains
+        && !String::from_utf8_lossy(&body).contains(wanted.as_str())
+    {
+        return Err(format!("body does not contain {wanted:?}"));
+    }
+    if let Some(max) = check.max_latency.filter(|max| latency > *max) {
+        return Err(format!(
+            "took {} ms, more than {} ms",
+            latency.as_millis(),
+            max.as_millis()
+        ));
+    }
+    Ok(latency.as_millis())
+}
+
+/// Pauses the job processors, then keeps a copy of their checkpoint.
+pub async fn pause_jobs(
+    host: &dyn Host,
+    prober: &Prober,
+    store: &Store,
+    service: &ServiceConfig,
+) -> Result<String, AgentError> {
+    let jobs = not_configured(service, "jobs", service.catalogue.jobs.as_ref())?;
+    let ran = run_hook(host, prober, service, "jobs.pause", &jobs.pause).await?;
+    let Some(relative) = &jobs.checkpoint_file else {
+        return Ok(ran);
+    };
+    let path = crate::paths::confined(&service.name, &service.root, relative)?;
+    let checkpoint = match std::fs::metadata(&path) {
+        Ok(meta) if meta.len() > MAX_CHECKPOINT_BYTES => {
+            return Err(AgentError::Refused(format!(
+                "checkpoint {} is {} bytes, more than {MAX_CHECKPOINT_BYTES}",
+                path.display(),
+                meta.len()
+            )));
+        }
+        Ok(_) => Some(std::fs::read(&path).map_err(AgentError::io("read", &path))?),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
+        Err(error) => return Err(AgentError::io("read", &path)(error)),
+    };
+    store.put_checkpoint(&service.name, checkpoint.as_deref())?;
+    Ok(match checkpoint {
+        Some(bytes) => format!("{ran}; kept checkpoint {relative} ({} bytes)", bytes.len()),
+        None => format!("{ran}; no checkpoint at {relative} yet (kept as absent)"),
+    })
+}
+
+/// Puts back the checkpoint kept at pause when the file differs from it (a restore rolled it
+/// back, or it was removed), then resumes the processors.
+pub async fn resume_jobs(
+    host: &dyn Host,
+    prober: &Prober,
+    store: &Store,
+    service: &ServiceConfig,
+) -> Result<String, AgentError> {
+    let jobs = not_configured(service, "jobs", service.catalogue.jobs.as_ref())?;
+    let mut restored = String::new();
+    if let (Some(relative), Some(kept)) = (&jobs.checkpoint_file, store.checkpoint(&service.name)?)
+    {
+        let path = crate::paths::confined(&service.name, &service.root, relative)?;
+        let now = std::fs::read(&path).ok();
+        if now != kept {
+            match &kept {
+                Some(bytes) => crate::snapshot::write_atomically(&path, bytes, 0o644, None)?,
+                None => std::fs::remove_file(&path).map_err(AgentError::io("remove", &path))?,
+            }
+            restored = format!("put back the checkpoint kept at pause into {relative}; ");
+        }
+    }
+    let ran = run_hook(host, prober, service, "jobs.resume", &jobs.resume).await?;
+    store.remove_checkpoint(&service.name)?;
+    Ok(format!("{restored}{ran}"))
+}
+
+/// Runs a hook (command or HTTP POST), then waits its grace period.
+pub async fn run_hook(
+    host: &dyn Host,
+    prober: &Prober,
+    service: &ServiceConfig,
+    what: &str,
+    hook: &Hook,
+) -> Result<String, AgentError> {
+    let done = match &hook.kind {
+        HookKind::Command { argv } => {
+            host.run(argv, hook.timeout).await?;
+            format!("ran {}", argv.join(" "))
+        }
+        HookKind::HttpPost { url } => {
+            let status =
+                prober
+                    .post(url, hook.timeout)
+                    .await
+                    .map_err(|detail| AgentError::Hook {
+                        what: what.to_string(),
+                        service: service.name.clone(),
+                        detail,
+                    })?;
+            format!("POST {url} answered {status}")
+        }
+    };
+    if hook.grace.is_zero() {
+        return Ok(done);
+    }
+    tokio::time::sleep(hook.grace).await;
+    Ok(format!(
+        "{done}, then waited {} ms for sessions",
+        hook.grace.as_millis()
+    ))
+}
+
+fn not_configured<'a, T>(
+    service: &ServiceConfig,
+    what: &str,
+    section: Option<&'a T>,
+) -> Result<&'a T, AgentError> {
+    section.ok_or_else(|| {
+        AgentError::Refused(format!(
+            "service {} has no {what} configured on this host",
+            service.name
+        ))
+    })
+}
+
+/// Tries `attempt` up to `attempts` times, 500 ms apart; the last error if all fail.
+async fn with_attempts<T, F, Fut>(attempts: u32, mut attempt: F) -> Result<T, String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let mut last = String::new();
+    for tried in 1..=attempts.max(1) {
+        match attempt().await {
+            Ok(value) => return Ok(value),
+            Err(error) => last = format!("{error} (attempt {tried} of {attempts})"),
+        }
+        if tried < attempts {
+            tokio::time::sleep(RETRY_BACKOFF).await;
+        }
+    }
+    Err(last)
+}
+
+#[cfg(test)]
+#[path = "catalogue_test.rs"]
+mod tests;

@@ -1,0 +1,446 @@
+//! The optional steps against a real directory tree, real processes and a real HTTP server.
+
+use std::collections::VecDeque;
+use std::fs;
+use std::sync::{Arc, Mutex};
+
+use rewind_proto::v1::{StepCommand, step_command::Action};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::*;
+use crate::config::RawConfig;
+use crate::steps::Executor;
+
+/// The agent config for one service at `root`, with `sections` appended to its table.
+fn service_from_toml(root: &Path, sections: &str) -> Result<ServiceConfig, Vec<String>> {
+    let text = format!(
+        r#"
+host-id = "h1"
+coordinators = ["127.0.0.1:1"]
+data-dir = "/tmp/unused"
+[tls]
+ca = "ca.pem"
+cert = "c.pem"
+key = "k.pem"
+[[service]]
+name = "web"
+root = "{root}"
+restart-command = ["true"]
+{sections}
+"#,
+        root = root.display()
+    );
+    let raw: RawConfig = rewind_shared::config::parse_toml(Path::new("agent.toml"), &text)
+        .unwrap()
+        .value;
+    raw.validate().map(|config| config.services[0].clone())
+}
+
+fn executor_for(service: ServiceConfig) -> (Executor, tempfile::TempDir) {
+    let data = tempfile::tempdir().unwrap();
+    let store = Store::open(data.path()).unwrap();
+    let executor = Executor::new(store, vec![service], Arc::new(crate::host::LocalHost));
+    (executor, data)
+}
+
+async fn run_step(executor: &Executor, id: &str, action: Action) -> rewind_proto::v1::StepResult {
+    executor
+        .execute(StepCommand {
+            step_id: id.into(),
+            term: 1,
+            service: "web".into(),
+            timeout_ms: 30_000,
+            cluster_id: "rw-test".into(),
+            action: Some(action),
+        })
+        .await
+        .expect("not already running")
+}
+
+/// An HTTP server on loopback answering each request with the next scripted status (200 once
+/// the script is used up), recording each request's method, path and headers.
+struct ScriptedServer {
+    url: String,
+    seen: Arc<Mutex<Vec<String>>>,
+}
+
+async fn scripted_server(statuses: &[u16], body: &'static str) -> ScriptedServer {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let script = Arc::new(Mutex::new(
+        statuses.iter().copied().collect::<VecDeque<_>>(),
+    ));
+    let recorded = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && socket.read(&mut byte).await.unwrap_or(0) == 1 {
+                head.push(byte[0]);
+            }
+            recorded
+                .lock()
+                .unwrap()
+                .push(String::from_utf8_lossy(&head).into_owned());
+            let status = script.lock().unwrap().pop_front().unwrap_or(200);
+            let answer = format!(
+                "HTTP/1.1 {status} X\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = socket.write_all(answer.as_bytes()).await;
+        }
+    });
+    ScriptedServer { url, seen }
+}
+
+#[test]
+fn every_problem_in_the_catalogue_sections_is_reported_at_once() {
+    let root = tempfile::tempdir().unwrap();
+    let sections = format!(
+        r#"
+reload-command = ["{root}/current/bin/reload"]
+[[service.command]]
+name = "warm"
+argv = ["/usr/bin/warm", "{{region}}", "{{zone}}"]
+args = {{ region = "[a-z", unused = "x" }}
+[[service.command]]
+name = "warm"
+argv = ["releases/v1/migrate.sh"]
+[service.jobs]
+pause = {{ command = ["/usr/bin/jobs", "pause"] }}
+checkpoint-file = "../outside"
+[[service.purge]]
+url = "https://cdn"
+method = "DELETE"
+headers = {{ "bad header" = "x" }}
+attempts = 0
+[service.scale-up]
+command = ["/usr/bin/capacity"]
+stages = [50, 25, 200]
+[[service.check]]
+name = "cart"
+url = "http://127.0.0.1:1/cart"
+body = "x"
+"#,
+        root = root.path().display()
+    );
+    let problems = service_from_toml(root.path(), &sections).unwrap_err();
+    let joined = problems.join("\n");
+    for expected in [
+        "service.web.reload-command: ",
+        "runs a program from inside a release",
+        "service.web.command[0].args.region: \"[a-z\" is not a valid pattern",
+        "service.web.command[0].argv: uses {zone}, which args does not declare",
+        "service.web.command[0].args.unused: is declared but argv never uses it",
+        "service.web.command[1]: \"warm\" is declared twice",
+        "service.web.command[1].argv: \"releases/v1/migrate.sh\" runs a program",
+        "service.web.jobs.resume: is required",
+        "service.web.jobs.checkpoint-file",
+        "service.web.purge[0].url",
+        "service.web.purge[0].method: \"DELETE\" must be PURGE or BAN",
+        "service.web.purge[0].headers.bad header",
+        "service.web.purge[0].attempts: is 0",
+        "service.web.scale-up.command: must use {percent}",
+        "service.web.scale-up.stages: [50, 25, 200]",
+        "service.web.check[0].body: only a POST sends a body",
+    ] {
+        assert!(
+            joined.contains(expected),
+            "{expected} missing from:\n{joined}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn only_allow_listed_commands_run_and_only_with_arguments_their_patterns_accept() {
+    let root = tempfile::tempdir().unwrap();
+    let out = root.path().join("warmed");
+    let sections = format!(
+        r#"
+[[service.command]]
+name = "warm-cache"
+argv = ["sh", "-c", "echo $0 >> {out}", "{{region}}"]
+args = {{ region = "[a-z]+-[a-z]+" }}
+"#,
+        out = out.display()
+    );
+    let service = service_from_toml(root.path(), &sections).unwrap();
+    let (executor, _data) = executor_for(service);
+    let run = |id: &'static str, name: &'static str, args: &[(&str, &str)]| {
+        let action = Action::Run(rewind_proto::v1::RunCommand {
+            name: name.into(),
+            args: args
+                .iter()
+                .map(|(key, value)| (key.to_string(), value.to_string()))
+                .collect(),
+        });
+        run_step(&executor, id, action)
+    };
+
+    let refused = [
+        (
+            "rb-1/web/run-1/h",
+            "rm",
+            vec![("region", "eu-west")],
+            "not in the allow-list",
+        ),
+        (
+            "rb-2/web/run-1/h",
+            "warm-cache",
+            vec![],
+            "needs argument region",
+        ),
+        (
+            "rb-3/web/run-1/h",
+            "warm-cache",
+            vec![("region", "eu-west; rm -rf /")],
+            "does not match",
+        ),
+        (
+            "rb-4/web/run-1/h",
+            "warm-cache",
+            vec![("region", "-rf")],
+            "does not match",
+        ),
+        (
+            "rb-5/web/run-1/h",
+            "warm-cache",
+            vec![("region", "eu-west"), ("path", "/")],
+            "takes no argument \"path\"",
+        ),
+    ];
+    for (id, name, args, why) in refused {
+        let result = run(id, name, &args).await;
+        assert!(!result.ok, "{id} ran");
+        assert!(result.detail.contains(why), "{id}: {}", result.detail);
+    }
+    assert!(!out.exists(), "nothing refused may run");
+
+    let ran = run("rb-6/web/run-1/h", "warm-cache", &[("region", "eu-west")]).await;
+    assert!(ran.ok, "{}", ran.detail);
+    assert_eq!(fs::read_to_string(&out).unwrap(), "eu-west\n");
+}
+
+#[tokio::test]
+async fn resume_puts_back_the_checkpoint_a_restore_rolled_back_so_no_work_is_replayed() {
+    let root = tempfile::tempdir().unwrap();
+    fs::create_dir_all(root.path().join("shared")).unwrap();
+    let checkpoint = root.path().join("shared/jobs.checkpoint");
+    let log = root.path().join("jobs.log");
+    let sections = format!(
+        r#"
+[service.jobs]
+pause = {{ command = ["sh", "-c", "echo pause >> {log}"] }}
+resume = {{ command = ["sh", "-c", "echo resume-from-$(cat {checkpoint}) >> {log}"] }}
+checkpoint-file = "shared/jobs.checkpoint"
+"#,
+        log = log.display(),
+        checkpoint = checkpoint.display()
+    );
+    let service = service_from_toml(root.path(), &sections).unwrap();
+    let (executor, _data) = executor_for(service);
+    fs::write(&checkpoint, "job-42").unwrap();
+
+    let paused = run_step(
+        &executor,
+        "rb-1/web/pause-jobs/h",
+        Action::PauseJobs(Default::default()),
+    )
+    .await;
+    assert!(paused.ok, "{}", paused.detail);
+    assert!(
+        paused.detail.contains("kept checkpoint"),
+        "{}",
+        paused.detail
+    );
+    // The restore puts back the file as captured before the change: an older checkpoint.
+    fs::write(&checkpoint, "job-17").unwrap();
+
+    let resumed = run_step(
+        &executor,
+        "rb-1/web/resume-jobs/h",
+        Action::ResumeJobs(Default::default()),
+    )
+    .await;
+    assert!(resumed.ok, "{}", resumed.detail);
+    assert!(
+        resumed.detail.contains("put back the checkpoint"),
+        "{}",
+        resumed.detail
+    );
+    assert_eq!(fs::read_to_string(&checkpoint).unwrap(), "job-42");
+    assert_eq!(
+        fs::read_to_string(&log).unwrap(),
+        "pause\nresume-from-job-42\n"
+    );
+
+    // Redelivered, the resume answers from the journal and does not resume twice.
+    let again = run_step(
+        &executor,
+        "rb-1/web/resume-jobs/h",
+        Action::ResumeJobs(Default::default()),
+    )
+    .await;
+    assert!(again.replayed);
+    assert_eq!(fs::read_to_string(&log).unwrap().lines().count(), 2);
+}
+
+#[tokio::test]
+async fn purges_are_retried_up_to_their_attempts_and_send_the_configured_method_and_headers() {
+    let flaky = scripted_server(&[503], "").await;
+    let down = scripted_server(&[503, 503, 503], "").await;
+    let root = tempfile::tempdir().unwrap();
+    let sections = format!(
+        r#"
+[[service.purge]]
+url = "{flaky}/"
+method = "BAN"
+headers = {{ "X-Ban-Url" = "^/api/" }}
+attempts = 2
+"#,
+        flaky = flaky.url
+    );
+    let service = service_from_toml(root.path(), &sections).unwrap();
+    let (executor, _data) = executor_for(service);
+    let purged = run_step(
+        &executor,
+        "rb-1/web/purge-cache/h",
+        Action::PurgeCache(Default::default()),
+    )
+    .await;
+    assert!(purged.ok, "{}", purged.detail);
+    let seen = flaky.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "one failure, one retry");
+    assert!(seen[1].starts_with("BAN / HTTP/1.1"), "{}", seen[1]);
+    assert!(
+        seen[1].to_lowercase().contains("x-ban-url: ^/api/"),
+        "{}",
+        seen[1]
+    );
+
+    let sections = format!("[[service.purge]]\nurl = \"{}/\"\nattempts = 3\n", down.url);
+    let service = service_from_toml(root.path(), &sections).unwrap();
+    let (executor, _data) = executor_for(service);
+    let failed = run_step(
+        &executor,
+        "rb-2/web/purge-cache/h",
+        Action::PurgeCache(Default::default()),
+    )
+    .await;
+    assert!(!failed.ok);
+    assert!(
+        failed.detail.contains("answered 503") && failed.detail.contains("attempt 3 of 3"),
+        "{}",
+        failed.detail
+    );
+    assert_eq!(
+        down.seen.lock().unwrap().len(),
+        3,
+        "bounded: three attempts, no more"
+    );
+}
+
+#[tokio::test]
+async fn scale_up_goes_stage_by_stage_and_stops_at_the_first_unhealthy_stage() {
+    let root = tempfile::tempdir().unwrap();
+    let capacity = root.path().join("capacity");
+    let healthy = root.path().join("healthy");
+    let sections = format!(
+        r#"
+[[service.probe]]
+name = "up"
+command = ["test", "-f", "{healthy}"]
+[service.scale-up]
+command = ["sh", "-c", "echo $0 >> {capacity}", "{{percent}}"]
+stages = [25, 50, 100]
+wait-ms = 10
+"#,
+        healthy = healthy.display(),
+        capacity = capacity.display()
+    );
+    let service = service_from_toml(root.path(), &sections).unwrap();
+    let (executor, _data) = executor_for(service);
+
+    let stopped = run_step(
+        &executor,
+        "rb-1/web/scale-up/h",
+        Action::ScaleUp(Default::default()),
+    )
+    .await;
+    assert!(!stopped.ok);
+    assert!(
+        stopped.detail.contains("stopped at 25%"),
+        "{}",
+        stopped.detail
+    );
+    assert_eq!(fs::read_to_string(&capacity).unwrap(), "25\n");
+
+    fs::write(&healthy, "").unwrap();
+    fs::remove_file(&capacity).unwrap();
+    let scaled = run_step(
+        &executor,
+        "rb-2/web/scale-up/h",
+        Action::ScaleUp(Default::default()),
+    )
+    .await;
+    assert!(scaled.ok, "{}", scaled.detail);
+    assert_eq!(fs::read_to_string(&capacity).unwrap(), "25\n50\n100\n");
+}
+
+#[tokio::test]
+async fn checks_and_reload_name_what_failed_or_what_is_missing() {
+    let server = scripted_server(&[], "{\"items\": []}").await;
+    let root = tempfile::tempdir().unwrap();
+    let sections = format!(
+        r#"
+[[service.check]]
+name = "cart"
+url = "{url}/cart"
+body-contains = "items"
+[[service.check]]
+name = "login"
+url = "{url}/login"
+method = "POST"
+body = "{{}}"
+body-contains = "token"
+attempts = 1
+"#,
+        url = server.url
+    );
+    let service = service_from_toml(root.path(), &sections).unwrap();
+    let (executor, _data) = executor_for(service);
+    let checked = run_step(
+        &executor,
+        "rb-1/web/check/h",
+        Action::Checks(Default::default()),
+    )
+    .await;
+    assert!(!checked.ok);
+    assert!(
+        checked
+            .detail
+            .contains("login: body does not contain \"token\"")
+            && !checked.detail.contains("cart:"),
+        "{}",
+        checked.detail
+    );
+    let seen = server.seen.lock().unwrap().clone();
+    assert!(
+        seen.iter()
+            .any(|request| request.starts_with("POST /login"))
+    );
+
+    let reload = run_step(
+        &executor,
+        "rb-1/web/reload/h",
+        Action::Reload(Default::default()),
+    )
+    .await;
+    assert!(!reload.ok);
+    assert!(
+        reload.detail.contains("no reload-command"),
+        "{}",
+        reload.detail
+    );
+}
