@@ -520,7 +520,7 @@ pub fn render_command(
             }
         ))
     })?;
-    for given in args.keys().filter(|key| !command.args.contains_key(*key)) {
+    if let Some(given) = args.keys().find(|key| !command.args.contains_key(*key)) {
         return Err(AgentError::Refused(format!(
             "command {name} takes no argument {:?}",
             truncate(given, 64)

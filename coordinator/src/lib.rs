@@ -13,6 +13,7 @@
 //! - [`membership`]: where members are (replicated registry), and keeping Raft routes to them.
 //! - [`health`]: soft state on the leader: recent agent reports and per-service aggregates.
 //! - [`sessions`]: connected agents and the channels to them.
+//! - [`recipe`]: the steps each host of a service goes through in a rollback.
 //! - [`engine`]: the leader loop that dispatches steps, verifies hosts and fires triggers.
 //! - [`api`]: tonic services (control, agent, Raft peers, member status); the only place
 //!   `tonic::Status` appears.
@@ -30,6 +31,7 @@ pub mod node;
 pub mod plan;
 #[cfg(test)]
 mod plan_test;
+pub mod recipe;
 pub mod sessions;
 pub mod state_machine;
 pub mod storage;

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::errors::{CoordinatorError, known_list};
+use crate::recipe::RecipeStep;
 use crate::state_machine::{
     ChangeRecord, PlanOptions, ReleaseRecord, RollbackStatus, RollbackStepKind, State, StepStatus,
     Trigger, change_id, current_version, unknown_change,
@@ -60,7 +61,10 @@ pub struct Plan {
     pub waves: Vec<PlannedWave>,
     /// Flags turned back before any wave: `environment/service/flag -> on|off`.
     pub flags: Vec<String>,
+    /// The default recipe's steps.
     pub steps_per_host: Vec<RollbackStepKind>,
+    /// Services of the plan with their own recipe.
+    pub recipes: BTreeMap<String, Vec<RecipeStep>>,
     /// Refuses the plan unless `options.force`.
     pub incompatibilities: Vec<Incompatibility>,
     /// Things the operator should know that do not stop the plan.
@@ -175,6 +179,13 @@ pub fn build(
         }
     }
     let incompatibilities = incompatibilities(state, &by_service, &mut notes);
+    let recipes: BTreeMap<String, Vec<RecipeStep>> = order
+        .iter()
+        .filter_map(|service| {
+            let recipe = &state.services.get(service)?.rollback_steps;
+            (!recipe.is_empty()).then(|| (service.clone(), recipe.clone()))
+        })
+        .collect();
     let flags = order
         .iter()
         .flat_map(|service| {
@@ -214,6 +225,7 @@ pub fn build(
         waves,
         flags,
         steps_per_host: RollbackStepKind::ALL.to_vec(),
+        recipes,
         incompatibilities,
         notes,
         hash: String::new(),
@@ -521,6 +533,10 @@ pub fn plan_hash(plan: &Plan) -> String {
         waves: &'a [PlannedWave],
         flags: &'a [String],
         steps_per_host: &'a [RollbackStepKind],
+        /// Left out when empty, so plans of services on the default recipe hash as before
+        /// recipes existed (rollbacks replayed from the log must hash the same).
+        #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+        recipes: &'a BTreeMap<String, Vec<RecipeStep>>,
         /// So `--force` overrides only the problems the operator was shown.
         incompatibilities: &'a [Incompatibility],
     }
@@ -530,6 +546,7 @@ pub fn plan_hash(plan: &Plan) -> String {
         waves: &plan.waves,
         flags: &plan.flags,
         steps_per_host: &plan.steps_per_host,
+        recipes: &plan.recipes,
         incompatibilities: &plan.incompatibilities,
     })
     .expect("a plan always serialises");

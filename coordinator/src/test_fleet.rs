@@ -48,6 +48,7 @@ impl Fleet {
                 depends_on: depends_on.iter().map(|name| name.to_string()).collect(),
                 policy: HealthPolicy::default(),
                 synthetics: vec![],
+                rollback_steps: Vec::new(),
             },
         });
     }

@@ -139,6 +139,12 @@ pub enum ServiceCommand {
         /// `name=N,url=http://...[,method=POST][,body=...][,expect-status=200][,body-contains=TEXT][,max-latency-ms=2000]`.
         #[arg(long = "synthetic", value_name = "CHECK", value_parser = parse_synthetic)]
         synthetics: Vec<pb::SyntheticCheck>,
+        /// A step each host goes through in a rollback, in order (repeat for each); none: drain,
+        /// restore, restart, verify, undrain. From the agents' catalogue: drain, restore,
+        /// restart, reload, verify, undrain, pause-jobs, resume-jobs, purge-cache, scale-up,
+        /// check, and `run:COMMAND ARG=VALUE...` for a command the agents' allow-list names.
+        #[arg(long = "rollback-step", value_name = "STEP")]
+        rollback_steps: Vec<String>,
     },
     List,
     /// Current health figures of a service over the coordinator's window.
@@ -609,6 +615,7 @@ async fn service(
             no_auto_rollback,
             synthetics,
             conditions,
+            rollback_steps,
         } => {
             let service = pb::Service {
                 name,
@@ -621,6 +628,7 @@ async fn service(
                     conditions,
                 }),
                 synthetics,
+                rollback_steps,
             };
             let request = pb::PutServiceRequest {
                 request_id: request_id(),
@@ -723,10 +731,28 @@ fn print_services(format: Format, services: Vec<pb::Service>) -> anyhow::Result<
             } else {
                 "manual only".into()
             };
-            vec![service.name.clone(), service.depends_on.join(","), trigger]
+            let steps = if service.rollback_steps.is_empty() {
+                "default".to_string()
+            } else {
+                service.rollback_steps.join(" -> ")
+            };
+            vec![
+                service.name.clone(),
+                service.depends_on.join(","),
+                trigger,
+                steps,
+            ]
         })
         .collect();
-    table(&["SERVICE", "DEPENDS ON", "AUTOMATIC ROLLBACK"], rows);
+    table(
+        &[
+            "SERVICE",
+            "DEPENDS ON",
+            "AUTOMATIC ROLLBACK",
+            "ROLLBACK STEPS",
+        ],
+        rows,
+    );
     Ok(())
 }
 

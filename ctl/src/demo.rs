@@ -223,6 +223,7 @@ async fn run_loop(
         depends_on: vec![],
         policy: Some(policy),
         synthetics: vec![],
+        rollback_steps: vec![],
     };
     client
         .put_service(pb::PutServiceRequest {

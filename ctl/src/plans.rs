@@ -112,6 +112,13 @@ pub fn print_plan(plan: &pb::RollbackPlan) {
         println!("flags turned back first: {}", plan.flags.join(", "));
     }
     println!("steps per host: {}", plan.steps_per_host.join(" -> "));
+    for recipe in &plan.recipes {
+        println!(
+            "steps per host of {}: {}",
+            recipe.service,
+            recipe.steps.join(" -> ")
+        );
+    }
     let rows = plan
         .waves
         .iter()

@@ -108,6 +108,7 @@ async fn rollback_of_a_fleet(
                     ..Default::default()
                 }),
                 synthetics: vec![],
+                rollback_steps: Vec::new(),
             }),
         })
         .await

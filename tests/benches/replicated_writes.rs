@@ -94,6 +94,7 @@ async fn bench_rewind(dir: &Path, writes: usize) -> Vec<(usize, Figures)> {
         depends_on: vec![],
         policy: None,
         synthetics: vec![],
+        rollback_steps: Vec::new(),
     };
     client
         .put_service(pb::PutServiceRequest {

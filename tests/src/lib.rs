@@ -799,6 +799,7 @@ pub async fn must_register_web(
         depends_on: vec![],
         policy: Some(policy),
         synthetics: vec![],
+        rollback_steps: vec![],
     };
     client
         .put_service(pb::PutServiceRequest {

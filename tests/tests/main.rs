@@ -13,3 +13,4 @@ mod t09_alertmanager;
 mod t10_flags;
 mod t11_app_metrics;
 mod t12_packaging;
+mod t13_catalogue;

@@ -43,6 +43,7 @@ async fn bad_requests_are_refused_with_the_field_named_and_change_nothing() {
         depends_on: vec![],
         policy: None,
         synthetics: vec![],
+        rollback_steps: Vec::new(),
     };
     client
         .put_service(pb::PutServiceRequest {
@@ -79,6 +80,7 @@ async fn bad_requests_are_refused_with_the_field_named_and_change_nothing() {
         depends_on: vec![],
         policy: None,
         synthetics: vec![],
+        rollback_steps: Vec::new(),
     };
     assert_status(
         client
@@ -101,6 +103,7 @@ async fn bad_requests_are_refused_with_the_field_named_and_change_nothing() {
             ..Default::default()
         }),
         synthetics: vec![],
+        rollback_steps: Vec::new(),
     };
     assert_status(
         client
@@ -125,6 +128,7 @@ async fn bad_requests_are_refused_with_the_field_named_and_change_nothing() {
                 conditions: vec![condition],
             }),
             synthetics: vec![],
+            rollback_steps: Vec::new(),
         }),
     };
     let error_ratio = pb::HealthFigure::ErrorRatio as i32;
@@ -179,6 +183,7 @@ async fn bad_requests_are_refused_with_the_field_named_and_change_nothing() {
             depends_on: vec![],
             policy: None,
             synthetics: vec![check],
+            rollback_steps: Vec::new(),
         }),
     };
     for (check, expected) in [

@@ -68,6 +68,7 @@ async fn clients_without_a_certificate_or_from_another_ca_are_refused() {
         depends_on: vec![],
         policy: None,
         synthetics: vec![],
+        rollback_steps: Vec::new(),
     };
     client
         .put_service(pb::PutServiceRequest {

@@ -14,6 +14,7 @@ async fn acknowledged_writes_survive_kill_9_and_the_audit_chain_still_verifies()
             depends_on: vec![],
             policy: None,
             synthetics: vec![],
+            rollback_steps: Vec::new(),
         };
         client
             .put_service(pb::PutServiceRequest {
@@ -53,6 +54,7 @@ async fn acknowledged_writes_survive_kill_9_and_the_audit_chain_still_verifies()
         depends_on: vec!["svc-1".into()],
         policy: None,
         synthetics: vec![],
+        rollback_steps: Vec::new(),
     };
     client
         .put_service(pb::PutServiceRequest {

@@ -18,6 +18,7 @@ fn put_service(name: &str) -> pb::PutServiceRequest {
             depends_on: vec![],
             policy: None,
             synthetics: vec![],
+            rollback_steps: Vec::new(),
         }),
     }
 }

@@ -88,6 +88,7 @@ async fn must_register(
                     } else {
                         vec![]
                     },
+                    rollback_steps: Vec::new(),
                 }),
             })
             .await

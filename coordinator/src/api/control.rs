@@ -961,11 +961,14 @@ fn validate_service(service: pb::Service) -> Result<ServiceRecord, Status> {
         .into_iter()
         .map(validate_synthetic)
         .collect::<Result<Vec<_>, Status>>()?;
+    let rollback_steps = crate::recipe::parse(&service.rollback_steps)
+        .map_err(|problem| invalid("service.rollback_steps", problem))?;
     Ok(ServiceRecord {
         name: service.name,
         depends_on: service.depends_on,
         policy,
         synthetics,
+        rollback_steps,
     })
 }
 

@@ -74,7 +74,12 @@ pub fn service(service: &ServiceRecord) -> pb::Service {
                 max_latency_ms: check.max_latency_ms,
             })
             .collect(),
+        rollback_steps: recipe_texts(&service.rollback_steps),
     }
+}
+
+fn recipe_texts(recipe: &[crate::recipe::RecipeStep]) -> Vec<String> {
+    recipe.iter().map(ToString::to_string).collect()
 }
 
 pub fn release(release: &ReleaseRecord) -> pb::Release {
@@ -314,6 +319,14 @@ pub fn plan(plan: &crate::plan::Plan, readiness: &crate::plan::Readiness) -> pb:
             .steps_per_host
             .iter()
             .map(|kind| kind.name().to_string())
+            .collect(),
+        recipes: plan
+            .recipes
+            .iter()
+            .map(|(service, recipe)| pb::ServiceRecipe {
+                service: service.clone(),
+                steps: recipe_texts(recipe),
+            })
             .collect(),
         incompatibilities: plan
             .incompatibilities

@@ -4,7 +4,7 @@
 //! `decide()` returns actions; `engine::run` carries them out. Tests feed states and observations
 //! and assert the actions.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use crate::state_machine::{
     ChangeRecord, ChangeStatus, CommandKind, GateOptions, HealthAggregate, PlanOptions,
@@ -108,6 +108,17 @@ pub enum AgentAction {
     Restart,
     Drain,
     Undrain,
+    Reload,
+    PauseJobs,
+    ResumeJobs,
+    PurgeCache,
+    ScaleUp,
+    Checks,
+    /// A command of the agent's allow-list, by name, with argument values.
+    Run {
+        command: String,
+        args: BTreeMap<String, String>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -449,6 +460,29 @@ fn drive_rollback(
             RollbackStepKind::Restart => AgentAction::Restart,
             RollbackStepKind::Drain | RollbackStepKind::Isolate => AgentAction::Drain,
             RollbackStepKind::Undrain => AgentAction::Undrain,
+            RollbackStepKind::Reload => AgentAction::Reload,
+            RollbackStepKind::PauseJobs => AgentAction::PauseJobs,
+            RollbackStepKind::ResumeJobs => AgentAction::ResumeJobs,
+            RollbackStepKind::PurgeCache => AgentAction::PurgeCache,
+            RollbackStepKind::ScaleUp => AgentAction::ScaleUp,
+            RollbackStepKind::Check => AgentAction::Checks,
+            RollbackStepKind::Run(_) => {
+                let run = rollback
+                    .recipes
+                    .get(&wave.service)
+                    .and_then(|recipe| recipe.iter().find(|step| step.kind == next.kind))
+                    .and_then(|step| step.run.clone())
+                    .unwrap_or_else(|| crate::recipe::RunSpec {
+                        // Cannot happen: run steps are made from the recipe. The agent refuses
+                        // an empty name, so the step fails visibly rather than hanging.
+                        command: String::new(),
+                        args: BTreeMap::new(),
+                    });
+                AgentAction::Run {
+                    command: run.command,
+                    args: run.args,
+                }
+            }
         };
         driver.drive_running(target, &next.progress, &wave.service, action, on_timeout);
     }

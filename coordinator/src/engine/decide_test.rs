@@ -110,6 +110,7 @@ impl World {
                 depends_on: vec![],
                 policy,
                 synthetics: vec![],
+                rollback_steps: Vec::new(),
             },
         });
         world.apply(CommandKind::RegisterRelease {
@@ -1088,4 +1089,65 @@ fn plan_options_at_the_default_latency_tolerance_serialize_as_before_it_existed(
             .unwrap()
             .contains("latency_tolerance")
     );
+}
+
+#[test]
+fn a_service_recipe_sets_each_hosts_steps_and_a_run_step_carries_its_command() {
+    let mut world = World::new();
+    let recipe = crate::recipe::parse(&[
+        "pause-jobs".to_string(),
+        "restore".into(),
+        "reload".into(),
+        "run:warm-cache region=eu-west".into(),
+        "resume-jobs".into(),
+    ])
+    .unwrap();
+    let mut service = world.state.services["web"].clone();
+    service.rollback_steps = recipe;
+    world.apply(CommandKind::PutService { service });
+    world.deployed();
+    world.start_rollback(1);
+    let kinds: Vec<RollbackStepKind> = world.state.rollbacks[&1]
+        .steps
+        .iter()
+        .filter(|step| step.host_id == "web-1")
+        .map(|step| step.kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            RollbackStepKind::PauseJobs,
+            RollbackStepKind::Restore,
+            RollbackStepKind::Reload,
+            RollbackStepKind::Run(1),
+            RollbackStepKind::ResumeJobs
+        ]
+    );
+    let mut sent = Vec::new();
+    for kind in kinds {
+        world.run_tick(1_000);
+        let sends = sends_of(&world.run_tick(1_000));
+        assert_eq!(sends.len(), 1, "one host at a time, one step at a time");
+        let (step_id, action) = sends[0].clone();
+        assert_eq!(
+            StepTarget::parse(&step_id).map(|target| target.step_id()),
+            Some(step_id.clone()),
+            "{step_id} round-trips"
+        );
+        sent.push((step_id, action));
+        world.step("web-1", kind, true);
+    }
+    assert_eq!(
+        sent[3],
+        (
+            "rb-1/web/run-1/web-1".to_string(),
+            AgentAction::Run {
+                command: "warm-cache".into(),
+                args: [("region".to_string(), "eu-west".to_string())].into()
+            }
+        )
+    );
+    assert_eq!(sent[0].1, AgentAction::PauseJobs);
+    assert_eq!(sent[2].1, AgentAction::Reload);
+    assert_eq!(sent[4].1, AgentAction::ResumeJobs);
 }

@@ -265,6 +265,16 @@ fn step_message(
         AgentAction::Restart => step_command::Action::Restart(pb::RestartService {}),
         AgentAction::Drain => step_command::Action::Drain(pb::Drain {}),
         AgentAction::Undrain => step_command::Action::Undrain(pb::Undrain {}),
+        AgentAction::Reload => step_command::Action::Reload(pb::Reload {}),
+        AgentAction::PauseJobs => step_command::Action::PauseJobs(pb::PauseJobs {}),
+        AgentAction::ResumeJobs => step_command::Action::ResumeJobs(pb::ResumeJobs {}),
+        AgentAction::PurgeCache => step_command::Action::PurgeCache(pb::PurgeCache {}),
+        AgentAction::ScaleUp => step_command::Action::ScaleUp(pb::ScaleUp {}),
+        AgentAction::Checks => step_command::Action::Checks(pb::RunChecks {}),
+        AgentAction::Run { command, args } => step_command::Action::Run(pb::RunCommand {
+            name: command,
+            args: args.into_iter().collect(),
+        }),
     };
     pb::CoordinatorMessage {
         body: Some(Body::Step(pb::StepCommand {

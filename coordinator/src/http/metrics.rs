@@ -104,7 +104,7 @@ fn render(
             rollback_id: rollback.id(),
         };
         for step in &rollback.steps {
-            observe(&steps, step.kind.name(), &step.progress, &id);
+            observe(&steps, &step.kind.name(), &step.progress, &id);
         }
         for wave in &rollback.waves {
             observe(&gates, "gate", &wave.gate, &id);

@@ -845,8 +845,12 @@ fn start_rollback(
     let mut waves = Vec::with_capacity(plan.waves.len());
     for (index, wave) in plan.waves.iter().enumerate() {
         let hosts = wave.hosts();
+        let kinds: Vec<RollbackStepKind> = match plan.recipes.get(&wave.service) {
+            Some(recipe) => recipe.iter().map(|step| step.kind).collect(),
+            None => RollbackStepKind::ALL.to_vec(),
+        };
         for host_id in &hosts {
-            for kind in RollbackStepKind::ALL {
+            for &kind in &kinds {
                 steps.push(RollbackStepRecord {
                     wave: index as u32,
                     service: wave.service.clone(),
@@ -900,6 +904,7 @@ fn start_rollback(
         skipped_hosts: Vec::new(),
         flags_reverted: Vec::new(),
         isolated: Vec::new(),
+        recipes: plan.recipes.clone(),
     };
     state.rollbacks.insert(number, rollback);
     // Flags first: a kill switch takes effect before any host is touched.
@@ -1053,30 +1058,24 @@ fn skip_host(
     let rollback = live_rollback_mut(state, number, "skip a host")?;
     let first_open_wave = rollback.current_wave().unwrap_or(u32::MAX);
     let mut skipped = 0;
-    // A host taken out of rotation is put back: its undrain stays to be run.
-    let drained = |steps: &[RollbackStepRecord], service: &str| {
-        steps.iter().any(|step| {
-            step.host_id == host_id
-                && step.service == service
-                && step.kind == RollbackStepKind::Drain
-                && step.progress.status == StepStatus::Succeeded
-        })
-    };
-    let keep_undrain: Vec<(u32, String)> = rollback
+    // A host taken out of rotation is put back, and job processors paused are resumed: the
+    // step closing each one that succeeded stays to be run.
+    let keep_closing: Vec<(u32, String, RollbackStepKind)> = rollback
         .steps
         .iter()
-        .filter(|step| step.host_id == host_id && step.kind == RollbackStepKind::Undrain)
-        .filter(|step| drained(&rollback.steps, &step.service))
-        .map(|step| (step.wave, step.service.clone()))
+        .filter(|step| step.host_id == host_id && step.progress.status == StepStatus::Succeeded)
+        .filter_map(|opened| {
+            let closing = opened.kind.closed_by()?;
+            Some((opened.wave, opened.service.clone(), closing))
+        })
         .collect();
     for step in rollback
         .steps
         .iter_mut()
         .filter(|step| step.host_id == host_id && step.wave >= first_open_wave)
     {
-        let undrain = step.kind == RollbackStepKind::Undrain
-            && keep_undrain.contains(&(step.wave, step.service.clone()));
-        if undrain {
+        let closing = keep_closing.contains(&(step.wave, step.service.clone(), step.kind));
+        if closing {
             if step.progress.status == StepStatus::Failed {
                 step.progress = StepProgress::default();
             }

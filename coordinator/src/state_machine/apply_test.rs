@@ -57,6 +57,7 @@ impl Harness {
                 depends_on: vec![],
                 policy: HealthPolicy::default(),
                 synthetics: vec![],
+                rollback_steps: Vec::new(),
             },
         });
         for version in ["v1", "v2"] {
@@ -486,6 +487,7 @@ fn rejected_commands_change_nothing_but_the_applied_index() {
                 depends_on: vec!["db".into()],
                 policy: HealthPolicy::default(),
                 synthetics: vec![],
+                rollback_steps: Vec::new(),
             },
         },
     ];
@@ -555,6 +557,7 @@ fn dependency_cycles_are_refused_with_the_path() {
             depends_on: depends_on.iter().map(|name| name.to_string()).collect(),
             policy: HealthPolicy::default(),
             synthetics: vec![],
+            rollback_steps: Vec::new(),
         },
     };
     harness.must(service("api", &["db"]));

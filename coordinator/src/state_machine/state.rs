@@ -353,6 +353,9 @@ pub struct ServiceRecord {
     /// Journeys a rollback's gate runs after each wave of this service.
     #[serde(default)]
     pub synthetics: Vec<SyntheticCheck>,
+    /// The steps each host goes through in a rollback; empty: the default recipe.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rollback_steps: Vec<crate::recipe::RecipeStep>,
 }
 
 /// A synthetic transaction: one HTTP request and what its answer must be.
@@ -521,9 +524,19 @@ pub enum RollbackStepKind {
     /// Takes a host out of rotation for good: the circuit breaker of `rollback isolate`, which
     /// drains a failing service instead of reverting it.
     Isolate,
+    // The rest of the agent's catalogue, for services whose recipe names them (see `recipe`).
+    Reload,
+    PauseJobs,
+    ResumeJobs,
+    PurgeCache,
+    ScaleUp,
+    Check,
+    /// The n-th (from 1) `run:` step of the service's recipe, which holds its command.
+    Run(u8),
 }
 
 impl RollbackStepKind {
+    /// The default recipe.
     pub const ALL: [Self; 5] = [
         Self::Drain,
         Self::Restore,
@@ -532,19 +545,58 @@ impl RollbackStepKind {
         Self::Undrain,
     ];
 
-    pub fn name(self) -> &'static str {
-        match self {
+    /// Every step a recipe may name (besides `run:`).
+    pub const CATALOGUE: [Self; 11] = [
+        Self::Drain,
+        Self::Restore,
+        Self::Restart,
+        Self::Reload,
+        Self::Verify,
+        Self::Undrain,
+        Self::PauseJobs,
+        Self::ResumeJobs,
+        Self::PurgeCache,
+        Self::ScaleUp,
+        Self::Check,
+    ];
+
+    pub fn name(self) -> std::borrow::Cow<'static, str> {
+        std::borrow::Cow::Borrowed(match self {
             Self::Drain => "drain",
             Self::Restore => "restore",
             Self::Restart => "restart",
             Self::Verify => "verify",
             Self::Undrain => "undrain",
             Self::Isolate => "isolate",
+            Self::Reload => "reload",
+            Self::PauseJobs => "pause-jobs",
+            Self::ResumeJobs => "resume-jobs",
+            Self::PurgeCache => "purge-cache",
+            Self::ScaleUp => "scale-up",
+            Self::Check => "check",
+            Self::Run(n) => return std::borrow::Cow::Owned(format!("run-{n}")),
+        })
+    }
+
+    /// The step a host must still go through after this one, whatever else is skipped, so it
+    /// is not left out of rotation or with its job processors paused.
+    pub fn closed_by(self) -> Option<Self> {
+        match self {
+            Self::Drain => Some(Self::Undrain),
+            Self::PauseJobs => Some(Self::ResumeJobs),
+            _ => None,
         }
     }
 
     pub fn parse(name: &str) -> Option<Self> {
-        Self::ALL
+        if let Some(n) = name.strip_prefix("run-") {
+            return n
+                .parse()
+                .ok()
+                .filter(|n| (1..=crate::recipe::MAX_RUN_STEPS as u8).contains(n))
+                .map(Self::Run);
+        }
+        Self::CATALOGUE
             .into_iter()
             .chain([Self::Isolate])
             .find(|kind| kind.name() == name)
@@ -680,7 +732,8 @@ pub struct RollbackRecord {
     /// sha256 of the plan it runs, as `rollback plan` showed it.
     pub plan_hash: String,
     pub waves: Vec<WaveRecord>,
-    /// Per wave, per host in order: drain, restore, restart, verify, undrain.
+    /// Per wave, per host, the steps of the service's recipe in order (by default drain,
+    /// restore, restart, verify, undrain).
     pub steps: Vec<RollbackStepRecord>,
     /// Compatibility problems overridden with `force`.
     pub forced: Vec<String>,
@@ -698,6 +751,10 @@ pub struct RollbackRecord {
     /// Services an operator isolated (drained) instead of reverting.
     #[serde(default)]
     pub isolated: Vec<String>,
+    /// Services with their own recipe, as it was when the rollback started; the others ran
+    /// the default one.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub recipes: BTreeMap<String, Vec<crate::recipe::RecipeStep>>,
 }
 
 impl RollbackRecord {

@@ -1,0 +1,220 @@
+//! A service's own rollback recipe end to end: `rewindctl service set --rollback-step` names
+//! steps of the agent's catalogue, and a real agent runs them in that order with what its own
+//! config allows: job processors paused and resumed from the checkpoint kept at pause (not the
+//! older one the restore put back), a reload instead of a restart, a BAN sent to a cache, a
+//! synthetic check, a stepped scale-up and an allow-listed command with a validated argument.
+
+use std::sync::{Arc, Mutex};
+
+use axum::http::{HeaderMap, Method, Uri};
+use rewind_proto::v1 as pb;
+use rewind_tests::*;
+
+/// A cache and an application endpoint on loopback; records every request as `METHOD path`
+/// with its `x-ban-url` header when one is sent.
+async fn start_cache_and_app() -> (String, Arc<Mutex<Vec<String>>>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let recorded = seen.clone();
+    let app = axum::Router::new().fallback(move |method: Method, uri: Uri, headers: HeaderMap| {
+        let recorded = recorded.clone();
+        async move {
+            let ban = headers
+                .get("x-ban-url")
+                .and_then(|value| value.to_str().ok())
+                .map(|value| format!(" x-ban-url={value}"))
+                .unwrap_or_default();
+            recorded
+                .lock()
+                .unwrap()
+                .push(format!("{method} {}{ban}", uri.path()));
+            "cart: 3 items"
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, seen)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_services_recipe_runs_each_catalogue_step_in_order_with_what_the_host_allows() {
+    let (endpoint, requests) = start_cache_and_app().await;
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::must_start(&dir.path().join("coordinator"));
+    let mut host = TestHost::must_prepare(dir.path(), "web-1", &coordinator);
+    let root = host.root.display().to_string();
+    // The job checkpoint is a config file, so the restore puts back the one captured before v2.
+    std::fs::write(host.root.join("config/jobs.checkpoint"), "job-1").unwrap();
+    let config = std::fs::read_to_string(&host.config_path)
+        .unwrap()
+        .replace(
+            "config-files = [\"config/app.toml\"]",
+            "config-files = [\"config/app.toml\", \"config/jobs.checkpoint\"]",
+        )
+        .replace(
+            "restart-command = [",
+            &format!("reload-command = [\"sh\", \"-c\", \"echo reload >> {root}/steps.log\"]\nrestart-command = ["),
+        );
+    let catalogue = format!(
+        r#"
+[[service.command]]
+name = "warm-cache"
+argv = ["sh", "-c", "echo warm-cache $0 >> {root}/steps.log", "{{region}}"]
+args = {{ region = "[a-z]+-[a-z]+" }}
+[service.jobs]
+pause = {{ command = ["sh", "-c", "echo pause-jobs >> {root}/steps.log"] }}
+resume = {{ command = ["sh", "-c", "echo resume-jobs-from-$(cat {root}/config/jobs.checkpoint) >> {root}/steps.log"] }}
+checkpoint-file = "config/jobs.checkpoint"
+[[service.purge]]
+url = "{endpoint}/"
+method = "BAN"
+headers = {{ "X-Ban-Url" = "^/api/" }}
+[service.scale-up]
+command = ["sh", "-c", "echo scale-up $0 >> {root}/steps.log", "{{percent}}"]
+stages = [50, 100]
+wait-ms = 50
+[[service.check]]
+name = "cart"
+url = "{endpoint}/api/cart"
+body-contains = "items"
+"#
+    );
+    std::fs::write(&host.config_path, config + &catalogue).unwrap();
+    host.must_start_agent();
+    let mut client = coordinator.must_client().await;
+    must_agents_connected(&client, 1).await;
+    must_deploy_v1_then_v2(&mut client, std::slice::from_ref(&host)).await;
+    // Jobs processed under v2 moved the checkpoint on.
+    std::fs::write(host.root.join("config/jobs.checkpoint"), "job-9").unwrap();
+
+    let recipe = [
+        "pause-jobs",
+        "drain",
+        "restore",
+        "reload",
+        "verify",
+        "purge-cache",
+        "check",
+        "scale-up",
+        "run:warm-cache region=eu-west",
+        "undrain",
+        "resume-jobs",
+    ];
+    let mut args = vec!["service", "set", "web", "--no-auto-rollback"];
+    for step in recipe {
+        args.extend(["--rollback-step", step]);
+    }
+    let set = coordinator.rewindctl(&args);
+    assert!(
+        set.status.success(),
+        "{}",
+        String::from_utf8_lossy(&set.stderr)
+    );
+
+    let plan = coordinator.rewindctl(&["rollback", "plan", "--change", "ch-2"]);
+    let shown = String::from_utf8_lossy(&plan.stdout);
+    assert!(
+        plan.status.success(),
+        "{}",
+        String::from_utf8_lossy(&plan.stderr)
+    );
+    assert!(
+        shown.contains(
+            "steps per host of web: pause-jobs -> drain -> restore -> reload -> verify -> \
+             purge-cache -> check -> scale-up -> run:warm-cache region=eu-west -> undrain -> resume-jobs"
+        ),
+        "{shown}"
+    );
+
+    let rollback_id = must_start_rollback_of_v2(&mut client).await;
+    let rollback = must_rollback_end(&client, &rollback_id).await;
+    assert_eq!(
+        rollback.state,
+        pb::RollbackState::Succeeded as i32,
+        "{rollback:?}"
+    );
+    assert_eq!(host.current_link(), "releases/v1");
+    assert_eq!(
+        host.restarts(),
+        2,
+        "two activations; the rollback reloaded instead"
+    );
+    let steps_log = std::fs::read_to_string(host.root.join("steps.log")).unwrap();
+    assert_eq!(
+        steps_log.lines().collect::<Vec<_>>(),
+        [
+            "pause-jobs",
+            "reload",
+            "scale-up 50",
+            "scale-up 100",
+            "warm-cache eu-west",
+            "resume-jobs-from-job-9",
+        ],
+        "in the recipe's order; jobs resume from the checkpoint kept at pause, not job-1"
+    );
+    let requests = requests.lock().unwrap().clone();
+    assert_eq!(
+        requests,
+        ["BAN / x-ban-url=^/api/", "GET /api/cart"],
+        "the purge before the check"
+    );
+    let rotation = std::fs::read_to_string(host.root.join("rotation")).unwrap();
+    assert_eq!(rotation.lines().collect::<Vec<_>>(), ["drain", "undrain"]);
+
+    // The agent journaled each step once, under the recipe's step names.
+    let journal = host.must_stop_and_read_journal();
+    let rollback_steps: Vec<String> = journal
+        .iter()
+        .filter_map(|record| record["step_id"].as_str())
+        .filter(|id| id.starts_with(&format!("{rollback_id}/")))
+        .map(|id| id.split('/').nth(2).unwrap_or_default().to_string())
+        .collect();
+    for name in [
+        "pause-jobs",
+        "drain",
+        "restore",
+        "reload",
+        "purge-cache",
+        "check",
+        "scale-up",
+        "run-1",
+        "undrain",
+        "resume-jobs",
+    ] {
+        assert_eq!(
+            rollback_steps.iter().filter(|step| *step == name).count(),
+            1,
+            "{name} in {rollback_steps:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_recipe_that_cannot_roll_back_safely_is_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::must_start(&dir.path().join("coordinator"));
+    for (steps, reason) in [
+        (vec!["drain", "restart"], "must restore"),
+        (vec!["drain", "restore", "restart"], "drain needs undrain"),
+        (
+            vec!["restore", "reboot"],
+            "\"reboot\" is not a rollback step",
+        ),
+        (
+            vec!["restore", "run:warm-cache region"],
+            "must be ARG=VALUE",
+        ),
+    ] {
+        let mut args = vec!["service", "set", "web"];
+        for step in &steps {
+            args.extend(["--rollback-step", step]);
+        }
+        let output = coordinator.rewindctl(&args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{steps:?} was accepted");
+        assert!(
+            stderr.contains("service.rollback_steps") && stderr.contains(reason),
+            "{steps:?}: {stderr}"
+        );
+    }
+}
