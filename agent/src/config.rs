@@ -36,6 +36,7 @@ use crate::catalogue::{
     Catalogue, RawCheck, RawCommand, RawJobs, RawPurge, RawScaleUp, RawSections,
 };
 use crate::paths::check_relative;
+use crate::self_revert::SelfRevertPolicy;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(default, rename_all = "kebab-case")]
@@ -95,6 +96,15 @@ pub struct RawService {
     pub scale_up: Option<RawScaleUp>,
     #[serde(rename = "check")]
     pub checks: Vec<RawCheck>,
+    /// Revert on its own while no coordinator answers (see `self_revert`); absent: never.
+    pub self_revert: Option<RawSelfRevert>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct RawSelfRevert {
+    pub failing_for_s: Option<u64>,
+    pub offline_for_s: Option<u64>,
 }
 
 /// Where and what to scrape: a requests counter whose samples are errors when a label's value
@@ -174,6 +184,8 @@ pub struct ServiceConfig {
     pub keep_releases: Option<u32>,
     /// What the optional reversion steps run on this host.
     pub catalogue: Catalogue,
+    /// When the host may revert the service on its own, offline; `None`: never.
+    pub self_revert: Option<SelfRevertPolicy>,
 }
 
 impl ServiceConfig {
@@ -196,6 +208,7 @@ impl ServiceConfig {
             container: None,
             keep_releases: None,
             catalogue: Catalogue::default(),
+            self_revert: None,
         }
     }
 }
@@ -414,6 +427,31 @@ fn validate_service(
         },
         problems,
     );
+    let self_revert = raw.self_revert.as_ref().map(|policy| {
+        let failing_for_s = policy.failing_for_s.unwrap_or(60);
+        let offline_for_s = policy.offline_for_s.unwrap_or(failing_for_s);
+        for (key, value) in [
+            ("failing-for-s", failing_for_s),
+            ("offline-for-s", offline_for_s),
+        ] {
+            if !(1..=86_400).contains(&value) {
+                problems.add(
+                    format!("{field}.self-revert.{key}"),
+                    format!("is {value}, must be within 1..=86400"),
+                );
+            }
+        }
+        if raw.probes.is_empty() {
+            problems.add(
+                format!("{field}.self-revert"),
+                "needs at least one probe: it acts on failing probes",
+            );
+        }
+        SelfRevertPolicy {
+            failing_for: Duration::from_secs(failing_for_s),
+            offline_for: Duration::from_secs(offline_for_s),
+        }
+    });
     if problems.len() != before {
         return None;
     }
@@ -433,6 +471,7 @@ fn validate_service(
         container: raw.container.clone(),
         keep_releases: raw.keep_releases,
         catalogue,
+        self_revert,
     })
 }
 

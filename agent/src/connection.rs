@@ -53,6 +53,10 @@ pub struct Agent {
     interval_ms: AtomicU64,
     latest: watch::Sender<Option<pb::HealthReport>>,
     history: Mutex<VecDeque<pb::HealthReport>>,
+    /// When the agent last lost its session, or started without one; 0 while registered.
+    offline_since_ms: AtomicU64,
+    /// The live session's outbound queue, for reporting a self-revert that ends mid-session.
+    outbound: Mutex<Option<mpsc::Sender<pb::AgentMessage>>>,
 }
 
 impl Agent {
@@ -64,6 +68,8 @@ impl Agent {
             interval_ms,
             latest: watch::channel(None).0,
             history: Mutex::new(VecDeque::new()),
+            offline_since_ms: AtomicU64::new(rewind_shared::time::now_ms()),
+            outbound: Mutex::new(None),
         })
     }
 
@@ -103,6 +109,9 @@ impl Agent {
                 .await;
             if registered.load(Ordering::SeqCst) {
                 failures = 0;
+                self.offline_since_ms
+                    .store(rewind_shared::time::now_ms(), Ordering::SeqCst);
+                *lock(&self.outbound) = None;
             }
             match outcome {
                 Ok(()) => info!(coordinator = %address, "Session ended; reconnecting."),
@@ -165,7 +174,17 @@ impl Agent {
                 .store(welcome.health_interval_ms, Ordering::Relaxed);
         }
         registered.store(true, Ordering::SeqCst);
+        self.offline_since_ms.store(0, Ordering::SeqCst);
         info!(host_id = %welcome.host_id, interval_ms = welcome.health_interval_ms, "Registered with the coordinator.");
+        // What this host did on its own while offline, until the coordinator has recorded it.
+        for record in self.executor.store().self_reverts()? {
+            info!(id = %record.id, service = %record.service, "Reporting a self-revert.");
+            outbound
+                .send(message(agent_message::Body::SelfRevert(record.to_proto())))
+                .await
+                .context("queue a self-revert report")?;
+        }
+        *lock(&self.outbound) = Some(outbound.clone());
 
         let forwarder = tokio::spawn(forward_health(self.latest.subscribe(), outbound.clone()));
         let result = self.serve_inbound(&mut inbound, &outbound).await;
@@ -230,6 +249,16 @@ impl Agent {
                         }
                     }
                 }
+                Some(coordinator_message::Body::SelfRevertRecorded(recorded)) => {
+                    match self.executor.store().forget_self_revert(&recorded.id) {
+                        Ok(()) => {
+                            info!(id = %recorded.id, "The coordinator recorded the self-revert.")
+                        }
+                        Err(error) => {
+                            warn!(%error, id = %recorded.id, "Could not mark the self-revert reported; it will be reported again.")
+                        }
+                    }
+                }
                 Some(coordinator_message::Body::Registered(_)) | None => {
                     debug!("Ignored an unexpected message.")
                 }
@@ -262,6 +291,7 @@ impl Agent {
         let mut metrics = MetricsReader::default();
         let mut app = AppScraper::new(self.executor.prober().http_client());
         let services: Vec<_> = self.executor.services().cloned().collect();
+        let mut offline_watch = crate::self_revert::Watch::default();
         loop {
             let (probes, app) = tokio::join!(
                 self.executor
@@ -294,11 +324,78 @@ impl Agent {
                 }
                 history.push_back(report.clone());
             }
+            self.consider_self_revert(&mut offline_watch, &services, &report)
+                .await;
             self.latest.send_replace(Some(report));
             tokio::time::sleep(Duration::from_millis(
                 self.interval_ms.load(Ordering::Relaxed),
             ))
             .await;
+        }
+    }
+
+    /// Feeds a report to the offline watch and reverts a service whose policy says so.
+    async fn consider_self_revert(
+        &self,
+        offline_watch: &mut crate::self_revert::Watch,
+        services: &[crate::config::ServiceConfig],
+        report: &pb::HealthReport,
+    ) {
+        let offline_since =
+            Some(self.offline_since_ms.load(Ordering::SeqCst)).filter(|since| *since != 0);
+        for service in services
+            .iter()
+            .filter(|service| service.self_revert.is_some())
+        {
+            let failing: Vec<String> = report
+                .probes
+                .iter()
+                .filter(|probe| probe.service == service.name && !probe.ok)
+                .map(|probe| format!("{}: {}", probe.probe, probe.detail))
+                .collect();
+            let failure = (!failing.is_empty()).then(|| failing.join("; "));
+            let Some(evidence) =
+                offline_watch.observe(service, failure, offline_since, report.at_ms)
+            else {
+                continue;
+            };
+            offline_watch.reset(&service.name);
+            let host_id = &self.config.host_id;
+            let change = match crate::self_revert::last_revertible_change(
+                &self.executor,
+                service,
+                host_id,
+            ) {
+                Ok(Some(change)) => change,
+                Ok(None) => continue,
+                Err(error) => {
+                    warn!(%error, service = %service.name, "Cannot tell what to self-revert.");
+                    continue;
+                }
+            };
+            let reverted = crate::self_revert::revert(
+                &self.executor,
+                service,
+                host_id,
+                change,
+                evidence,
+                offline_since.unwrap_or_default(),
+                rewind_shared::time::now_ms(),
+            )
+            .await;
+            match reverted {
+                Ok(record) => {
+                    let live = lock(&self.outbound).clone();
+                    if let Some(outbound) = live {
+                        let _ = outbound
+                            .send(message(agent_message::Body::SelfRevert(record.to_proto())))
+                            .await;
+                    }
+                }
+                Err(error) => {
+                    warn!(%error, service = %service.name, "Could not record the self-revert.")
+                }
+            }
         }
     }
 
@@ -343,6 +440,12 @@ async fn connect(address: &str, tls: ClientTlsConfig) -> anyhow::Result<Channel>
         .connect()
         .await
         .with_context(|| format!("connect to {address}"))
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn message(body: agent_message::Body) -> pb::AgentMessage {

@@ -16,6 +16,7 @@
 //! - [`retention`]: which releases a service root keeps (`keep-releases`), and pruning.
 //! - [`app_metrics`]: the service's own Prometheus figures (requests, errors, latency).
 //! - [`host_metrics`]: CPU, memory, load and disk from sysinfo.
+//! - [`self_revert`]: reverting a failing service's latest change while no coordinator answers.
 //! - [`connection`]: the session with the coordinator and the reconnect loop.
 
 pub mod app_metrics;
@@ -29,6 +30,7 @@ pub mod host_metrics;
 pub mod paths;
 pub mod probes;
 pub mod retention;
+pub mod self_revert;
 pub mod snapshot;
 pub mod steps;
 pub mod store;

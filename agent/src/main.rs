@@ -42,6 +42,9 @@ enum Command {
     /// The releases each service root holds and what `keep-releases` does with them.
     #[command(subcommand)]
     Releases(ReleasesCommand),
+    /// Reverts this host did on its own while offline that no coordinator has recorded yet
+    /// (stop the agent first).
+    SelfReverts,
 }
 
 #[derive(Subcommand)]
@@ -103,6 +106,7 @@ fn main() -> ExitCode {
         Command::Snapshot(command) => inspect(&config, command),
         Command::Journal(JournalCommand::List { json }) => list_journal(&config, json),
         Command::Releases(command) => releases(&config, command),
+        Command::SelfReverts => list_self_reverts(&config),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -192,6 +196,26 @@ fn run(config: Config) -> anyhow::Result<()> {
         let agent = Agent::new(config, executor);
         agent.run(rewind_shared::signals::shutdown()).await;
     });
+    Ok(())
+}
+
+fn list_self_reverts(config: &Config) -> anyhow::Result<()> {
+    let records = open_store(config)?.self_reverts()?;
+    if records.is_empty() {
+        println!("no self-revert waiting to be reported");
+    }
+    for record in records {
+        println!(
+            "{}  {}  {} -> {}  {}  {}; {}",
+            record.id,
+            record.service,
+            record.change_id,
+            record.snapshot_id,
+            if record.ok { "ok" } else { "failed" },
+            record.evidence,
+            record.detail
+        );
+    }
     Ok(())
 }
 

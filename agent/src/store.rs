@@ -12,6 +12,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::self_revert::SelfRevertRecord;
+
 use crate::AgentError;
 use crate::snapshot::SnapshotRecord;
 
@@ -26,6 +28,8 @@ pub struct Store {
     tree_hashes: sled::Tree,
     /// Service -> its job checkpoint as kept at pause (see `catalogue::pause_jobs`).
     checkpoints: sled::Tree,
+    /// Self-reverts not yet recorded by a coordinator (see `self_revert`).
+    self_reverts: sled::Tree,
 }
 
 /// A step's journal entry.
@@ -72,6 +76,7 @@ impl Store {
             fences: db.open_tree("fences")?,
             tree_hashes: db.open_tree("tree-hashes")?,
             checkpoints: db.open_tree("checkpoints")?,
+            self_reverts: db.open_tree("self-reverts")?,
             db,
         })
     }
@@ -148,6 +153,53 @@ impl Store {
             .values()
             .map(|bytes| from_json(&bytes?))
             .collect()
+    }
+
+    /// Journal records with their keys (`cluster/step_id`).
+    pub fn journal_with_keys(&self) -> Result<Vec<(String, JournalRecord)>, AgentError> {
+        self.journal
+            .iter()
+            .map(|entry| {
+                let (key, bytes) = entry?;
+                Ok((
+                    String::from_utf8_lossy(&key).into_owned(),
+                    from_json(&bytes)?,
+                ))
+            })
+            .collect()
+    }
+
+    /// The highest term seen for `owner` (0 when none; `u64::MAX` once a restore closed it).
+    pub fn fence(&self, owner: &str) -> Result<u64, AgentError> {
+        Ok(self
+            .fences
+            .get(owner.as_bytes())?
+            .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_ref()).ok())
+            .map_or(0, u64::from_be_bytes))
+    }
+
+    pub fn put_self_revert(&self, record: &SelfRevertRecord) -> Result<(), AgentError> {
+        self.self_reverts
+            .insert(record.id.as_bytes(), to_json(record)?)?;
+        self.flush()
+    }
+
+    /// Self-reverts no coordinator has recorded yet, oldest first.
+    pub fn self_reverts(&self) -> Result<Vec<SelfRevertRecord>, AgentError> {
+        let mut records: Vec<SelfRevertRecord> = self
+            .self_reverts
+            .iter()
+            .values()
+            .map(|bytes| from_json(&bytes?))
+            .collect::<Result<_, _>>()?;
+        records.sort_by_key(|record| record.at_ms);
+        Ok(records)
+    }
+
+    /// A coordinator recorded the self-revert: it need not be reported again.
+    pub fn forget_self_revert(&self, id: &str) -> Result<(), AgentError> {
+        self.self_reverts.remove(id.as_bytes())?;
+        self.flush()
     }
 
     /// The file hashes last computed for a release tree (`service/releases/v1`); empty if none.

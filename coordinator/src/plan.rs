@@ -168,6 +168,23 @@ pub fn build(
                 skipped.join(", ")
             ));
         }
+        let self_reverted: Vec<String> = change
+            .hosts
+            .iter()
+            .filter_map(|host| {
+                let note = host.self_reverted.as_ref()?;
+                Some(format!("{} ({})", host.host_id, note.id))
+            })
+            .collect();
+        if !self_reverted.is_empty() {
+            notes.push(format!(
+                "{} was already reverted by {} on their own while offline; their restore \
+                 repeats it (idempotent): {}",
+                change.id(),
+                plural(self_reverted.len(), "host"),
+                self_reverted.join(", ")
+            ));
+        }
         for (region, hosts, is_canary) in regions_in_order(state, change, canary) {
             waves.push(PlannedWave {
                 service: service.clone(),

@@ -158,6 +158,16 @@ pub fn print_change(change: &pb::Change) {
         })
         .collect();
     table(&["HOST", "SNAPSHOT", "CAPTURE", "ACTIVATE"], rows);
+    for host in change
+        .hosts
+        .iter()
+        .filter(|host| !host.self_reverted.is_empty())
+    {
+        println!(
+            "{} reverted itself while offline: {}",
+            host.host_id, host.self_reverted
+        );
+    }
 }
 
 #[cfg(test)]

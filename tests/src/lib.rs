@@ -116,6 +116,17 @@ impl Coordinator {
 
     /// A dev coordinator whose config file holds `config` (TOML), e.g. an `[escalation]`.
     pub fn must_start_with(dir: &Path, config: &str) -> Self {
+        Self::must_start_listening(dir, config, "127.0.0.1:0")
+    }
+
+    /// Starts this coordinator again (after `process.kill()`) on the same data and address,
+    /// so agents configured with it find it.
+    pub fn must_restart(&mut self) {
+        let config = std::fs::read_to_string(self.dir.join("coordinator.toml")).unwrap();
+        *self = Self::must_start_listening(&self.dir.clone(), &config, &self.address.clone());
+    }
+
+    fn must_start_listening(dir: &Path, config: &str, listen: &str) -> Self {
         std::fs::create_dir_all(dir).unwrap();
         let config_path = dir.join("coordinator.toml");
         std::fs::write(&config_path, config).unwrap();
@@ -131,7 +142,7 @@ impl Coordinator {
             "--data-dir",
             data_dir.to_str().unwrap(),
             "--listen",
-            "127.0.0.1:0",
+            listen,
             "--addr-file",
             addr_file.to_str().unwrap(),
             "--http-addr-file",

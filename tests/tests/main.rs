@@ -14,3 +14,4 @@ mod t10_flags;
 mod t11_app_metrics;
 mod t12_packaging;
 mod t13_catalogue;
+mod t14_self_revert;

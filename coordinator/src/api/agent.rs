@@ -150,6 +150,9 @@ async fn read_session(context: &Context, host_id: &str, mut inbound: Streaming<p
             Some(agent_message::Body::StepResult(result)) => {
                 record_step_result(context, host_id, result).await
             }
+            Some(agent_message::Body::SelfRevert(report)) => {
+                record_self_revert(context, host_id, report).await
+            }
             Some(agent_message::Body::Register(_)) => {
                 warn!("Ignored a second Register on the same session.")
             }
@@ -214,6 +217,68 @@ async fn record_step_result(context: &Context, host_id: &str, result: pb::StepRe
         // A duplicate result (the step already ended) is expected after redelivery.
         Err(status) => debug!(%status, step_id = %result.step_id, "Step result not recorded."),
     }
+}
+
+/// Records (audits) a self-revert the agent did offline, then tells the agent so it stops
+/// reporting it. A report that is malformed is refused by name and never acknowledged.
+async fn record_self_revert(context: &Context, host_id: &str, report: pb::SelfRevert) {
+    let checked = check_self_revert(&report);
+    if let Err(problem) = checked {
+        warn!(problem, "Refused a self-revert report.");
+        return;
+    }
+    let id = report.id.clone();
+    let note = crate::state_machine::SelfRevertNote {
+        id: report.id,
+        service: report.service,
+        change_id: report.change_id,
+        snapshot_id: report.snapshot_id,
+        at_ms: report.at_ms,
+        offline_since_ms: report.offline_since_ms,
+        ok: report.ok,
+        detail: truncate(&report.detail, MAX_DETAIL_BYTES).to_string(),
+        evidence: truncate(&report.evidence, MAX_DETAIL_BYTES).to_string(),
+    };
+    let kind = CommandKind::RecordSelfRevert {
+        host_id: host_id.to_string(),
+        report: note,
+    };
+    // The request id makes a report sent again (the acknowledgement was lost) a no-op.
+    let request_id = format!("self-revert/{id}");
+    match context.propose(host_id, &request_id, kind).await {
+        Ok(_) => {
+            info!(id, "Self-revert recorded.");
+            let recorded = pb::CoordinatorMessage {
+                body: Some(coordinator_message::Body::SelfRevertRecorded(
+                    pb::SelfRevertRecorded { id },
+                )),
+            };
+            let _ = context.sessions.send(host_id, recorded);
+        }
+        Err(status) => {
+            warn!(%status, id, "Self-revert not recorded; the agent will report it again.")
+        }
+    }
+}
+
+fn check_self_revert(report: &pb::SelfRevert) -> Result<(), String> {
+    let numbered = report.id.strip_prefix("sr-").is_some_and(|digits| {
+        !digits.is_empty() && digits.len() <= 20 && digits.bytes().all(|b| b.is_ascii_digit())
+    });
+    if !numbered {
+        return Err(format!(
+            "id {:?} is not sr-<digits>",
+            truncate(&report.id, 64)
+        ));
+    }
+    for (field, value) in [
+        ("service", &report.service),
+        ("change_id", &report.change_id),
+        ("snapshot_id", &report.snapshot_id),
+    ] {
+        names::validate_name(field, value).map_err(|error| error.to_string())?;
+    }
+    Ok(())
 }
 
 /// Most probe results one report may carry.

@@ -142,6 +142,20 @@ pub fn change(change: &ChangeRecord) -> pb::Change {
                 snapshot_id: host.snapshot_id.clone(),
                 capture: step_state(host.capture.status).into(),
                 activate: step_state(host.activate.status).into(),
+                self_reverted: host
+                    .self_reverted
+                    .as_ref()
+                    .map(|note| {
+                        format!(
+                            "{} at {} ms: {}: {}; {}",
+                            note.id,
+                            note.at_ms,
+                            if note.ok { "reverted" } else { "failed" },
+                            note.evidence,
+                            note.detail
+                        )
+                    })
+                    .unwrap_or_default(),
             })
             .collect(),
         baseline: Some(aggregate(&change.baseline)),

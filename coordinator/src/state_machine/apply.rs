@@ -178,6 +178,9 @@ fn apply_kind(state: &mut State, command: &Command) -> Result<(Outcome, String, 
             host_id,
             reason,
         } => skip_host(state, *rollback, host_id, reason, at_ms),
+        CommandKind::RecordSelfRevert { host_id, report } => {
+            record_self_revert(state, host_id, report)
+        }
         CommandKind::IsolateService {
             rollback,
             service,
@@ -389,6 +392,7 @@ fn start_change(state: &mut State, command: &Command) -> Result<(Outcome, String
             snapshot_id: String::new(),
             capture: StepProgress::default(),
             activate: StepProgress::default(),
+            self_reverted: None,
         })
         .collect();
     state.changes.insert(
@@ -1046,6 +1050,46 @@ fn live_rollback_mut<'a>(
         });
     }
     Ok(rollback)
+}
+
+/// Records a host's offline self-revert on the change it reverted (once per report id) and
+/// audits it. A report of a change this cluster does not know is audited all the same.
+fn record_self_revert(
+    state: &mut State,
+    host_id: &str,
+    report: &SelfRevertNote,
+) -> Result<(Outcome, String, String)> {
+    if !state.hosts.contains_key(host_id) {
+        return Err(CoordinatorError::invalid(
+            "host_id",
+            format!("{host_id} is not a registered host"),
+        ));
+    }
+    let outcome = if report.ok {
+        "reverted"
+    } else {
+        "tried to revert"
+    };
+    let mut message = format!(
+        "ok: {host_id} {outcome} {} of {} to {} on its own ({}); {}",
+        report.change_id, report.service, report.snapshot_id, report.evidence, report.detail
+    );
+    let change = parse_numbered_id("ch", &report.change_id)
+        .and_then(|number| state.changes.get_mut(&number))
+        .filter(|change| change.service == report.service);
+    match change.and_then(|change| change.hosts.iter_mut().find(|host| host.host_id == host_id)) {
+        Some(host)
+            if host
+                .self_reverted
+                .as_ref()
+                .is_some_and(|known| known.id == report.id) =>
+        {
+            message += " (already recorded)";
+        }
+        Some(host) => host.self_reverted = Some(report.clone()),
+        None => message += "; this cluster has no such change on that host",
+    }
+    Ok((Outcome::Done, format!("{host_id}/{}", report.id), message))
 }
 
 fn skip_host(

@@ -590,3 +590,71 @@ fn only_the_latest_change_may_be_rolled_back_and_no_change_starts_during_a_rollb
         "{error}"
     );
 }
+
+#[test]
+fn an_offline_self_revert_is_recorded_on_its_change_once_and_audited() {
+    let mut harness = Harness::with_fleet();
+    harness.deploy("v1");
+    let change = harness.deploy("v2");
+    let note = SelfRevertNote {
+        id: "sr-5000".into(),
+        service: "web".into(),
+        change_id: change_id(change),
+        snapshot_id: "snap-1".into(),
+        at_ms: 5_000,
+        offline_since_ms: 1_000,
+        ok: true,
+        detail: "restore: restored snap-1".into(),
+        evidence: "probes failing in 3 reports over 60 s".into(),
+    };
+    let report = || CommandKind::RecordSelfRevert {
+        host_id: "web-1".into(),
+        report: note.clone(),
+    };
+    harness
+        .run_as("web-1", "self-revert/sr-5000", report())
+        .unwrap();
+    let host = &harness.state.changes[&change].hosts[0];
+    assert_eq!(host.self_reverted.as_ref(), Some(&note));
+    assert!(
+        harness.state.changes[&change].hosts[1]
+            .self_reverted
+            .is_none()
+    );
+    // Sent again after a lost acknowledgement: the request log answers, nothing changes.
+    let audited = harness.state.audit.len();
+    harness
+        .run_as("web-1", "self-revert/sr-5000", report())
+        .unwrap();
+    assert_eq!(harness.state.audit.len(), audited);
+    let entry = harness.state.audit.entries().last().unwrap().clone();
+    assert_eq!(entry.action, "host.self-revert");
+    assert!(
+        entry
+            .outcome
+            .contains("web-1 reverted ch-2 of web to snap-1 on its own"),
+        "{}",
+        entry.outcome
+    );
+    // The plan of a later fleet rollback says so.
+    let plan = crate::plan::build(
+        &harness.state,
+        &[change],
+        &PlanOptions::default(),
+        Trigger::Manual,
+    )
+    .unwrap();
+    assert!(
+        plan.notes
+            .iter()
+            .any(|note| note.contains("already reverted by 1 host on their own")),
+        "{:?}",
+        plan.notes
+    );
+    // A host that is not registered cannot report one.
+    let stranger = CommandKind::RecordSelfRevert {
+        host_id: "db-9".into(),
+        report: note,
+    };
+    assert!(harness.run_as("db-9", "", stranger).is_err());
+}

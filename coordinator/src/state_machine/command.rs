@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use super::state::{
     HealthAggregate, Labels, MemberRecord, PlanOptions, ReleaseRecord, RollbackStepKind,
-    ServiceRecord, ThrottleLimits, Trigger, TriggerOutcome, TriggerSource, change_id,
-    parse_numbered_id, rollback_id,
+    SelfRevertNote, ServiceRecord, ThrottleLimits, Trigger, TriggerOutcome, TriggerSource,
+    change_id, parse_numbered_id, rollback_id,
 };
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -101,6 +101,12 @@ pub enum CommandKind {
     Stall {
         rollback: u64,
         evidence: String,
+    },
+    /// A host reverted a service on its own while it could not reach a coordinator (its local
+    /// policy allowed it); recorded on the change it reverted, and audited.
+    RecordSelfRevert {
+        host_id: String,
+        report: SelfRevertNote,
     },
     /// Leaves a host unreverted in a rollback: its steps that have not succeeded are skipped.
     SkipHost {
@@ -282,6 +288,7 @@ impl CommandKind {
             Self::StepFinished { .. } => "step.finish",
             Self::StartRollback { .. } => "rollback.start",
             Self::SkipHost { .. } => "rollback.skip-host",
+            Self::RecordSelfRevert { .. } => "host.self-revert",
             Self::IsolateService { .. } => "rollback.isolate",
             Self::Stall { .. } => "rollback.stall",
             Self::AutoTrigger { .. } => "trigger",

@@ -462,6 +462,24 @@ pub struct ChangeHostRecord {
     pub snapshot_id: String,
     pub capture: StepProgress,
     pub activate: StepProgress,
+    /// Set when the host reverted this change on its own while offline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub self_reverted: Option<SelfRevertNote>,
+}
+
+/// What an agent reported of a revert it did on its own, offline.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SelfRevertNote {
+    /// `sr-<ms>`, unique per host.
+    pub id: String,
+    pub service: String,
+    pub change_id: String,
+    pub snapshot_id: String,
+    pub at_ms: u64,
+    pub offline_since_ms: u64,
+    pub ok: bool,
+    pub detail: String,
+    pub evidence: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
