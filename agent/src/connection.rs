@@ -249,6 +249,16 @@ impl Agent {
                         }
                     }
                 }
+                Some(coordinator_message::Body::Inspect(request)) => {
+                    let executor = Arc::clone(&self.executor);
+                    let outbound = outbound.clone();
+                    tokio::spawn(async move {
+                        let answer = inspect(&executor, request).await;
+                        let _ = outbound
+                            .send(message(agent_message::Body::Inspected(answer)))
+                            .await;
+                    });
+                }
                 Some(coordinator_message::Body::SelfRevertRecorded(recorded)) => {
                     match self.executor.store().forget_self_revert(&recorded.id) {
                         Ok(()) => {
@@ -407,6 +417,28 @@ impl Agent {
             .iter()
             .cloned()
             .collect()
+    }
+}
+
+/// Answers an inspect request from the blocking pool (it reads files and runs fact commands).
+async fn inspect(executor: &Arc<Executor>, request: pb::InspectRequest) -> pb::InspectAnswer {
+    let store = executor.store().clone();
+    let services: Vec<_> = executor.services().cloned().collect();
+    let mode = request.mode();
+    let service = request.service.clone();
+    let described = tokio::task::spawn_blocking(move || {
+        crate::inspect::inspect(&store, &services, &service, mode)
+    })
+    .await;
+    let (services, error) = match described {
+        Ok(Ok(services)) => (services, String::new()),
+        Ok(Err(error)) => (Vec::new(), error.to_string()),
+        Err(error) => (Vec::new(), format!("inspect task failed: {error}")),
+    };
+    pb::InspectAnswer {
+        request_id: request.request_id,
+        services,
+        error,
     }
 }
 

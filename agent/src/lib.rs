@@ -11,6 +11,7 @@
 //! - [`host`]: the [`host::Host`] trait for running commands; [`host::LocalHost`] is the real one.
 //! - [`steps`]: executes step commands idempotently: fence, journal, act, journal.
 //! - [`catalogue`]: the optional steps (reload, named commands, jobs, purges, scale-up, checks).
+//! - [`inspect`]: describing services for `rewindctl host diff` and `host drift`.
 //! - [`facts`]: unit state, package versions and container image, recorded in snapshots.
 //! - [`probes`]: HTTP, TCP and command health probes.
 //! - [`retention`]: which releases a service root keeps (`keep-releases`), and pruning.
@@ -27,6 +28,7 @@ pub mod errors;
 pub mod facts;
 pub mod host;
 pub mod host_metrics;
+pub mod inspect;
 pub mod paths;
 pub mod probes;
 pub mod retention;

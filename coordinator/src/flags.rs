@@ -120,7 +120,7 @@ pub async fn push_changes(
                     }
                     // Never leave an agent with a stale flag: end its session, so it
                     // reconnects and gets every flag afresh.
-                    Err(error @ SendError::Busy(_)) => {
+                    Err(error) => {
                         warn!(%error, host_id, "Flag update not queued; closing the session so the agent resyncs.");
                         sessions.drop_host(&host_id);
                     }

@@ -6,11 +6,15 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use rewind_proto::v1::CoordinatorMessage;
-use tokio::sync::mpsc;
+use rewind_proto::v1::{
+    CoordinatorMessage, InspectAnswer, InspectMode, InspectRequest, coordinator_message,
+};
+use tokio::sync::{mpsc, oneshot};
 
 /// Messages queued to one agent before sends fail as "busy".
 pub const SESSION_QUEUE: usize = 256;
+/// Inspect requests awaiting an answer, over all agents.
+pub const MAX_PENDING_INSPECTS: usize = 64;
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum SendError {
@@ -18,6 +22,10 @@ pub enum SendError {
     NotConnected(String),
     #[error("agent {0} is not keeping up: {SESSION_QUEUE} messages are queued")]
     Busy(String),
+    #[error("{MAX_PENDING_INSPECTS} inspections are already waiting for agents; try again")]
+    TooManyInspections,
+    #[error("agent {0} did not answer within {1} ms")]
+    NoAnswer(String, u64),
 }
 
 struct Session {
@@ -34,6 +42,9 @@ pub struct Sessions {
 struct SessionsInner {
     by_host: HashMap<String, Session>,
     next_generation: u64,
+    /// request id -> (host asked, where its answer goes).
+    inspects: HashMap<u64, (String, oneshot::Sender<InspectAnswer>)>,
+    next_inspect: u64,
 }
 
 impl Sessions {
@@ -100,6 +111,66 @@ impl Sessions {
                 }
             })?;
         Ok(session.generation)
+    }
+
+    /// Asks a connected agent to describe its services and waits for its answer, at most
+    /// `timeout`.
+    pub async fn inspect(
+        &self,
+        host_id: &str,
+        service: &str,
+        mode: InspectMode,
+        timeout: std::time::Duration,
+    ) -> Result<InspectAnswer, SendError> {
+        let (sender, receiver) = oneshot::channel();
+        let request_id = {
+            let mut inner = self.lock();
+            if inner.inspects.len() >= MAX_PENDING_INSPECTS {
+                return Err(SendError::TooManyInspections);
+            }
+            inner.next_inspect += 1;
+            let request_id = inner.next_inspect;
+            inner
+                .inspects
+                .insert(request_id, (host_id.to_string(), sender));
+            request_id
+        };
+        let request = CoordinatorMessage {
+            body: Some(coordinator_message::Body::Inspect(InspectRequest {
+                request_id,
+                service: service.to_string(),
+                mode: mode.into(),
+            })),
+        };
+        let answer = match self.send(host_id, request) {
+            Ok(_) => tokio::time::timeout(timeout, receiver).await,
+            Err(error) => {
+                self.lock().inspects.remove(&request_id);
+                return Err(error);
+            }
+        };
+        self.lock().inspects.remove(&request_id);
+        match answer {
+            Ok(Ok(answer)) => Ok(answer),
+            // The session ended (its sender was dropped) or the time ran out.
+            _ => Err(SendError::NoAnswer(
+                host_id.to_string(),
+                timeout.as_millis() as u64,
+            )),
+        }
+    }
+
+    /// Hands an agent's answer to the request waiting for it; answers to requests this member
+    /// never sent that host (or that gave up) are dropped.
+    pub fn answered(&self, host_id: &str, answer: InspectAnswer) {
+        let mut inner = self.lock();
+        let asked_this_host = inner
+            .inspects
+            .get(&answer.request_id)
+            .is_some_and(|(asked, _)| asked == host_id);
+        if asked_this_host && let Some((_, sender)) = inner.inspects.remove(&answer.request_id) {
+            let _ = sender.send(answer);
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, SessionsInner> {

@@ -35,6 +35,9 @@ pub enum Command {
     /// Hosts and their agents.
     #[command(subcommand)]
     Fleet(FleetCommand),
+    /// Compare hosts' captured or live state, and show drift from the last snapshot.
+    #[command(subcommand)]
+    Host(crate::hosts::HostCommand),
     /// Services, their dependencies and health policies.
     #[command(subcommand)]
     Service(ServiceCommand),
@@ -428,6 +431,7 @@ async fn execute(
     let client = &mut *client;
     match command {
         Command::Fleet(FleetCommand::List) => fleet_list(client, format).await,
+        Command::Host(command) => crate::hosts::run(client, format, command).await,
         Command::Service(command) => service(client, format, command).await,
         Command::Release(command) => release(client, format, command).await,
         Command::Change(command) => change(client, format, command).await,

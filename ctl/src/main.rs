@@ -6,6 +6,7 @@ mod client;
 mod commands;
 mod demo;
 mod flags;
+mod hosts;
 mod output;
 mod plans;
 mod watch;

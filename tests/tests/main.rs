@@ -15,3 +15,4 @@ mod t11_app_metrics;
 mod t12_packaging;
 mod t13_catalogue;
 mod t14_self_revert;
+mod t15_host_diff;

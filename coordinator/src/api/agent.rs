@@ -150,6 +150,9 @@ async fn read_session(context: &Context, host_id: &str, mut inbound: Streaming<p
             Some(agent_message::Body::StepResult(result)) => {
                 record_step_result(context, host_id, result).await
             }
+            Some(agent_message::Body::Inspected(answer)) => {
+                context.sessions.answered(host_id, answer)
+            }
             Some(agent_message::Body::SelfRevert(report)) => {
                 record_self_revert(context, host_id, report).await
             }

@@ -721,6 +721,54 @@ impl ControlService for Control {
         }))
     }
 
+    async fn inspect_host(
+        &self,
+        request: Request<pb::InspectHostRequest>,
+    ) -> Result<Response<pb::InspectHostResponse>, Status> {
+        self.context.current().await?;
+        let request = request.into_inner();
+        names::validate_name("host_id", &request.host_id).map_err(field_error)?;
+        if !request.service.is_empty() {
+            names::validate_name("service", &request.service).map_err(field_error)?;
+        }
+        let mode = pb::InspectMode::try_from(request.mode)
+            .map_err(|_| invalid("mode", format!("{} is not an inspect mode", request.mode)))?;
+        let known = self
+            .context
+            .node
+            .read(|state| state.hosts.contains_key(&request.host_id));
+        if !known {
+            return Err(Status::not_found(format!(
+                "host {} is not registered",
+                request.host_id
+            )));
+        }
+        let answer = self
+            .context
+            .sessions
+            .inspect(&request.host_id, &request.service, mode, INSPECT_TIMEOUT)
+            .await
+            .map_err(|error| match error {
+                crate::sessions::SendError::NotConnected(_) => Status::failed_precondition(
+                    format!("{error}: only a connected agent can describe its host"),
+                ),
+                crate::sessions::SendError::NoAnswer(..) => {
+                    Status::deadline_exceeded(error.to_string())
+                }
+                _ => Status::resource_exhausted(error.to_string()),
+            })?;
+        if !answer.error.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "agent {}: {}",
+                request.host_id, answer.error
+            )));
+        }
+        Ok(Response::new(pb::InspectHostResponse {
+            host_id: request.host_id,
+            services: answer.services,
+        }))
+    }
+
     async fn get_service_health(
         &self,
         request: Request<pb::GetServiceHealthRequest>,
@@ -1058,6 +1106,9 @@ fn parse_id(field: &str, prefix: &str, id: &str) -> Result<u64, Status> {
     parse_numbered_id(prefix, id)
         .ok_or_else(|| invalid(field, format!("{id:?} is not an id like {prefix}-12")))
 }
+
+/// How long an agent has to describe its host (it may hash a release tree).
+const INSPECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 fn field_error(error: rewind_shared::SharedError) -> Status {
     to_status(error.into())

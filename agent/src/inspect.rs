@@ -1,0 +1,184 @@
+//! Describing a host's services for the coordinator: the latest snapshot, the live state, or
+//! the drift between them (`rewindctl host diff` and `rewindctl host drift`).
+
+use rewind_proto::v1::{self as pb, InspectMode};
+
+use crate::AgentError;
+use crate::config::ServiceConfig;
+use crate::facts::ServiceFacts;
+use crate::snapshot::{self, Manifest, SnapshotRecord};
+use crate::store::Store;
+
+/// Describes `service` (empty: every service) in `mode`. Reads files and runs the fact
+/// commands, so callers run it on the blocking pool.
+pub fn inspect(
+    store: &Store,
+    services: &[ServiceConfig],
+    service: &str,
+    mode: InspectMode,
+) -> Result<Vec<pb::ServiceState>, AgentError> {
+    let chosen: Vec<&ServiceConfig> = services
+        .iter()
+        .filter(|candidate| service.is_empty() || candidate.name == service)
+        .collect();
+    if chosen.is_empty() {
+        return Err(AgentError::UnknownService {
+            service: rewind_shared::names::truncate(service, 128).to_string(),
+            known: services
+                .iter()
+                .map(|service| service.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        });
+    }
+    let snapshots = store.snapshots()?;
+    chosen
+        .into_iter()
+        .map(|service| {
+            let latest = snapshots
+                .iter()
+                .filter(|record| record.manifest.service == service.name)
+                .max_by_key(|record| record.captured_at_ms);
+            describe(store, service, latest, mode)
+        })
+        .collect()
+}
+
+fn describe(
+    store: &Store,
+    service: &ServiceConfig,
+    latest: Option<&SnapshotRecord>,
+    mode: InspectMode,
+) -> Result<pb::ServiceState, AgentError> {
+    let no_snapshot = || pb::ServiceState {
+        service: service.name.clone(),
+        note: "no snapshot captured yet: nothing to compare with".into(),
+        ..Default::default()
+    };
+    match mode {
+        InspectMode::InspectCaptured => Ok(latest.map_or_else(no_snapshot, |record| {
+            let mut state = state_of(&service.name, &record.manifest, &record.facts);
+            state.snapshot_id = record.id.clone();
+            state.captured_at_ms = record.captured_at_ms;
+            state
+        })),
+        InspectMode::InspectLive => {
+            let manifest = snapshot::live_manifest(service, Some(store))?;
+            Ok(state_of(
+                &service.name,
+                &manifest,
+                &crate::facts::collect(service),
+            ))
+        }
+        InspectMode::InspectDrift => {
+            let Some(record) = latest else {
+                return Ok(no_snapshot());
+            };
+            let live = snapshot::live_manifest(service, Some(store))?;
+            let live_facts = crate::facts::collect(service);
+            let mut state = state_of(&service.name, &live, &live_facts);
+            state.snapshot_id = record.id.clone();
+            state.captured_at_ms = record.captured_at_ms;
+            state.drift = snapshot::diff(&record.manifest, &live);
+            state
+                .drift
+                .extend(crate::facts::diff(&record.facts, &live_facts));
+            Ok(state)
+        }
+    }
+}
+
+fn state_of(service: &str, manifest: &Manifest, facts: &ServiceFacts) -> pb::ServiceState {
+    pb::ServiceState {
+        service: service.to_string(),
+        release_link: manifest.release_link.clone().unwrap_or_default(),
+        release_digest: manifest.release_digest.clone().unwrap_or_default(),
+        files: manifest
+            .files
+            .iter()
+            .map(|file| pb::ManagedFile {
+                path: file.path.clone(),
+                sha256: file.blob.clone().unwrap_or_default(),
+                mode: file.mode,
+                uid: file.uid,
+                gid: file.gid,
+                size: file.size,
+            })
+            .collect(),
+        facts: fact_lines(facts),
+        ..Default::default()
+    }
+}
+
+/// Facts as `key: value` lines, so two hosts' can be compared by key.
+fn fact_lines(facts: &ServiceFacts) -> Vec<String> {
+    let mut lines = Vec::new();
+    if let Some(unit) = &facts.unit {
+        lines.push(format!(
+            "unit {}: {}, {}",
+            unit.name, unit.active, unit.enabled
+        ));
+    }
+    for (package, version) in &facts.packages {
+        lines.push(format!("package {package}: {version}"));
+    }
+    if let Some(image) = &facts.container_image {
+        lines.push(format!("container image: {image}"));
+    }
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+
+    use super::*;
+
+    #[test]
+    fn drift_names_what_changed_since_the_latest_snapshot() {
+        let root = tempfile::tempdir().unwrap();
+        let data = tempfile::tempdir().unwrap();
+        for version in ["v1", "v2"] {
+            fs::create_dir_all(root.path().join("releases").join(version)).unwrap();
+        }
+        fs::write(root.path().join("app.toml"), "workers = 4").unwrap();
+        snapshot::switch_link(root.path(), "releases/v1").unwrap();
+        let service = ServiceConfig {
+            config_files: vec!["app.toml".into()],
+            ..ServiceConfig::bare("web", root.path())
+        };
+        let store = Store::open(data.path()).unwrap();
+        let services = [service.clone()];
+        let drift = |store: &Store| {
+            inspect(store, &services, "web", InspectMode::InspectDrift).unwrap()[0].clone()
+        };
+        assert!(drift(&store).note.contains("no snapshot captured yet"));
+
+        let record = snapshot::capture(&store, &service, vec![], 1_000).unwrap();
+        let clean = drift(&store);
+        assert_eq!(clean.snapshot_id, record.id);
+        assert!(clean.drift.is_empty(), "{:?}", clean.drift);
+
+        fs::write(root.path().join("app.toml"), "workers = 64").unwrap();
+        snapshot::switch_link(root.path(), "releases/v2").unwrap();
+        let drifted = drift(&store);
+        let joined = drifted.drift.join("\n");
+        assert!(
+            joined.contains("releases/v1") && joined.contains("releases/v2"),
+            "{joined}"
+        );
+        assert!(joined.contains("app.toml"), "{joined}");
+
+        let captured = inspect(&store, &services, "", InspectMode::InspectCaptured).unwrap();
+        assert_eq!(captured[0].release_link, "releases/v1");
+        let live = inspect(&store, &services, "", InspectMode::InspectLive).unwrap();
+        assert_eq!(live[0].release_link, "releases/v2");
+        assert_ne!(captured[0].files[0].sha256, live[0].files[0].sha256);
+
+        let unknown = inspect(&store, &services, "api", InspectMode::InspectLive).unwrap_err();
+        assert!(
+            unknown.to_string().contains("managed services are web"),
+            "{unknown}"
+        );
+    }
+}

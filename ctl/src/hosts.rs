@@ -1,0 +1,334 @@
+//! `rewindctl host`: compare captured state between hosts (staging against production
+//! parity, two replicas) and show where a host has drifted from its last snapshot.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::ExitCode;
+
+use clap::Subcommand;
+use rewind_proto::v1 as pb;
+
+use crate::client::{Client, explain};
+use crate::output::{Format, json, time};
+
+#[derive(Clone, Subcommand)]
+pub enum HostCommand {
+    /// Compare two hosts' services: release, release digest, config files (content, mode,
+    /// owner) and facts (unit, packages, container image). Exit 1 when they differ.
+    Diff {
+        first: String,
+        second: String,
+        /// Only this service.
+        #[arg(long, default_value = "")]
+        service: String,
+        /// Compare the state on disk now instead of the latest snapshots.
+        #[arg(long)]
+        live: bool,
+    },
+    /// What changed on a host since its latest snapshot of each service (the state before the
+    /// latest change). Exit 1 when something drifted.
+    Drift {
+        host: String,
+        #[arg(long, default_value = "")]
+        service: String,
+    },
+}
+
+pub async fn run(
+    client: &mut Client,
+    format: Format,
+    command: HostCommand,
+) -> anyhow::Result<ExitCode> {
+    match command {
+        HostCommand::Diff {
+            first,
+            second,
+            service,
+            live,
+        } => {
+            let mode = if live {
+                pb::InspectMode::InspectLive
+            } else {
+                pb::InspectMode::InspectCaptured
+            };
+            let left = inspect(client, &first, &service, mode).await?;
+            let right = inspect(client, &second, &service, mode).await?;
+            if format == Format::Json {
+                json(&vec![left.clone(), right.clone()])?;
+            }
+            let lines = diff_hosts(&left, &right);
+            if format != Format::Json {
+                let what = if live {
+                    "live state"
+                } else {
+                    "latest snapshots"
+                };
+                if lines.is_empty() {
+                    println!("{first} and {second} match ({what})");
+                }
+                for line in &lines {
+                    println!("{line}");
+                }
+            }
+            Ok(exit_for(lines.is_empty()))
+        }
+        HostCommand::Drift { host, service } => {
+            let answer = inspect(client, &host, &service, pb::InspectMode::InspectDrift).await?;
+            if format == Format::Json {
+                json(&answer)?;
+            }
+            let drifted = answer.services.iter().any(|state| !state.drift.is_empty());
+            if format != Format::Json {
+                for state in &answer.services {
+                    if !state.note.is_empty() {
+                        println!("{}: {}", state.service, state.note);
+                    } else if state.drift.is_empty() {
+                        println!(
+                            "{}: no drift since {} (captured {})",
+                            state.service,
+                            state.snapshot_id,
+                            time(state.captured_at_ms)
+                        );
+                    } else {
+                        println!(
+                            "{}: drifted since {} (captured {}):",
+                            state.service,
+                            state.snapshot_id,
+                            time(state.captured_at_ms)
+                        );
+                        for line in &state.drift {
+                            println!("  {line}");
+                        }
+                    }
+                }
+            }
+            Ok(exit_for(!drifted))
+        }
+    }
+}
+
+fn exit_for(same: bool) -> ExitCode {
+    if same {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+async fn inspect(
+    client: &mut Client,
+    host_id: &str,
+    service: &str,
+    mode: pb::InspectMode,
+) -> anyhow::Result<pb::InspectHostResponse> {
+    Ok(client
+        .inspect_host(pb::InspectHostRequest {
+            host_id: host_id.to_string(),
+            service: service.to_string(),
+            mode: mode.into(),
+        })
+        .await
+        .map_err(explain)?
+        .into_inner())
+}
+
+/// One line per difference between two hosts' services, `service: what`.
+pub fn diff_hosts(left: &pb::InspectHostResponse, right: &pb::InspectHostResponse) -> Vec<String> {
+    let by_service = |answer: &pb::InspectHostResponse| -> BTreeMap<String, pb::ServiceState> {
+        answer
+            .services
+            .iter()
+            .map(|state| (state.service.clone(), state.clone()))
+            .collect()
+    };
+    let (left_services, right_services) = (by_service(left), by_service(right));
+    let (a, b) = (&left.host_id, &right.host_id);
+    let mut lines = Vec::new();
+    let names: BTreeSet<&String> = left_services.keys().chain(right_services.keys()).collect();
+    for name in names {
+        match (left_services.get(name), right_services.get(name)) {
+            (Some(_), None) => lines.push(format!("{name}: only on {a}")),
+            (None, Some(_)) => lines.push(format!("{name}: only on {b}")),
+            (Some(left), Some(right)) => lines.extend(
+                diff_service(left, right, a, b)
+                    .into_iter()
+                    .map(|line| format!("{name}: {line}")),
+            ),
+            (None, None) => {}
+        }
+    }
+    lines
+}
+
+fn diff_service(
+    left: &pb::ServiceState,
+    right: &pb::ServiceState,
+    a: &str,
+    b: &str,
+) -> Vec<String> {
+    let mut lines = Vec::new();
+    for (host, state) in [(a, left), (b, right)] {
+        if !state.note.is_empty() {
+            lines.push(format!("{host}: {}", state.note));
+        }
+    }
+    if !lines.is_empty() {
+        return lines;
+    }
+    let shown = |text: &str| {
+        if text.is_empty() {
+            "(none)".to_string()
+        } else {
+            text.to_string()
+        }
+    };
+    if left.release_link != right.release_link {
+        lines.push(format!(
+            "current -> {} on {a}, {} on {b}",
+            shown(&left.release_link),
+            shown(&right.release_link)
+        ));
+    }
+    if left.release_digest != right.release_digest {
+        lines.push(format!(
+            "release digest {} on {a}, {} on {b}",
+            shown(&left.release_digest),
+            shown(&right.release_digest)
+        ));
+    }
+    let files = |state: &pb::ServiceState| -> BTreeMap<String, pb::ManagedFile> {
+        state
+            .files
+            .iter()
+            .map(|file| (file.path.clone(), file.clone()))
+            .collect()
+    };
+    let (left_files, right_files) = (files(left), files(right));
+    let paths: BTreeSet<&String> = left_files.keys().chain(right_files.keys()).collect();
+    for path in paths {
+        let present = |file: Option<&'_ pb::ManagedFile>| -> Option<pb::ManagedFile> {
+            file.filter(|file| !file.sha256.is_empty()).cloned()
+        };
+        match (
+            present(left_files.get(path)),
+            present(right_files.get(path)),
+        ) {
+            (Some(_), None) => lines.push(format!("{path}: only on {a}")),
+            (None, Some(_)) => lines.push(format!("{path}: only on {b}")),
+            (Some(left), Some(right)) => {
+                if left.sha256 != right.sha256 {
+                    lines.push(format!(
+                        "{path}: content differs ({} bytes on {a}, {} bytes on {b})",
+                        left.size, right.size
+                    ));
+                }
+                if left.mode != right.mode {
+                    lines.push(format!(
+                        "{path}: mode {:o} on {a}, {:o} on {b}",
+                        left.mode, right.mode
+                    ));
+                }
+                if (left.uid, left.gid) != (right.uid, right.gid) {
+                    lines.push(format!(
+                        "{path}: owner {}:{} on {a}, {}:{} on {b}",
+                        left.uid, left.gid, right.uid, right.gid
+                    ));
+                }
+            }
+            (None, None) => {}
+        }
+    }
+    let facts = |state: &pb::ServiceState| -> BTreeMap<String, String> {
+        state
+            .facts
+            .iter()
+            .map(|line| match line.split_once(": ") {
+                Some((key, value)) => (key.to_string(), value.to_string()),
+                None => (line.clone(), String::new()),
+            })
+            .collect()
+    };
+    let (left_facts, right_facts) = (facts(left), facts(right));
+    let keys: BTreeSet<&String> = left_facts.keys().chain(right_facts.keys()).collect();
+    for key in keys {
+        let (l, r) = (left_facts.get(key), right_facts.get(key));
+        if l != r {
+            lines.push(format!(
+                "{key}: {} on {a}, {} on {b}",
+                l.map_or("(none)", String::as_str),
+                r.map_or("(none)", String::as_str)
+            ));
+        }
+    }
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(path: &str, sha: &str, mode: u32) -> pb::ManagedFile {
+        pb::ManagedFile {
+            path: path.into(),
+            sha256: sha.into(),
+            mode,
+            uid: 0,
+            gid: 0,
+            size: 10,
+        }
+    }
+
+    fn host(id: &str, services: Vec<pb::ServiceState>) -> pb::InspectHostResponse {
+        pb::InspectHostResponse {
+            host_id: id.into(),
+            services,
+        }
+    }
+
+    #[test]
+    fn a_diff_names_every_difference_and_nothing_else() {
+        let web = |link: &str, files: Vec<pb::ManagedFile>, facts: &[&str]| pb::ServiceState {
+            service: "web".into(),
+            release_link: link.into(),
+            release_digest: format!("sha256:{link}"),
+            files,
+            facts: facts.iter().map(|fact| fact.to_string()).collect(),
+            ..Default::default()
+        };
+        let staging = host(
+            "stage-1",
+            vec![web(
+                "releases/v2",
+                vec![file("app.toml", "aa", 0o644), file("env", "cc", 0o600)],
+                &["package nginx: 1.22", "unit web.service: active, enabled"],
+            )],
+        );
+        let production = host(
+            "prod-1",
+            vec![
+                web(
+                    "releases/v1",
+                    vec![file("app.toml", "bb", 0o640), file("env", "", 0)],
+                    &["package nginx: 1.24", "unit web.service: active, enabled"],
+                ),
+                pb::ServiceState {
+                    service: "api".into(),
+                    ..Default::default()
+                },
+            ],
+        );
+        let lines = diff_hosts(&staging, &production);
+        assert_eq!(
+            lines,
+            [
+                "api: only on prod-1",
+                "web: current -> releases/v2 on stage-1, releases/v1 on prod-1",
+                "web: release digest sha256:releases/v2 on stage-1, sha256:releases/v1 on prod-1",
+                "web: app.toml: content differs (10 bytes on stage-1, 10 bytes on prod-1)",
+                "web: app.toml: mode 644 on stage-1, 640 on prod-1",
+                "web: env: only on stage-1",
+                "web: package nginx: 1.22 on stage-1, 1.24 on prod-1",
+            ]
+        );
+        assert!(diff_hosts(&staging, &staging).is_empty());
+    }
+}
