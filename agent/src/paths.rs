@@ -36,6 +36,8 @@ pub fn check_relative(service: &str, relative: &str) -> Result<(), AgentError> {
 
 /// Resolves `relative` under `root`, refusing anything whose parent directory resolves outside
 /// the root. The final component itself may be a symlink: writes replace it, never follow it.
+/// Directories that do not exist yet are resolved through their nearest existing ancestor (a
+/// file may be declared, and captured as absent, before its directory exists).
 pub fn confined(service: &str, root: &Path, relative: &str) -> Result<PathBuf, AgentError> {
     check_relative(service, relative)?;
     let canonical_root = root
@@ -43,9 +45,25 @@ pub fn confined(service: &str, root: &Path, relative: &str) -> Result<PathBuf, A
         .map_err(AgentError::io("resolve", root))?;
     let joined = canonical_root.join(relative);
     let parent = joined.parent().unwrap_or(&canonical_root);
-    let resolved_parent = parent
-        .canonicalize()
-        .map_err(AgentError::io("resolve", parent))?;
+    let mut existing = parent.to_path_buf();
+    let mut missing = Vec::new();
+    let resolved_parent = loop {
+        match existing.canonicalize() {
+            Ok(resolved) => {
+                break missing
+                    .iter()
+                    .rev()
+                    .fold(resolved, |path, name| path.join(name));
+            }
+            Err(error)
+                if error.kind() == std::io::ErrorKind::NotFound && existing != canonical_root =>
+            {
+                missing.push(existing.file_name().unwrap_or_default().to_os_string());
+                existing.pop();
+            }
+            Err(error) => return Err(AgentError::io("resolve", parent)(error)),
+        }
+    };
     if !resolved_parent.starts_with(&canonical_root) {
         return Err(AgentError::UnsafePath {
             service: service.to_string(),
@@ -72,12 +90,15 @@ mod tests {
         std::os::unix::fs::symlink(outside.path(), root.path().join("escape")).unwrap();
 
         assert!(confined("web", root.path(), "config/app.toml").is_ok());
+        let not_yet = confined("web", root.path(), "new/dir/app.toml").unwrap();
+        assert!(not_yet.starts_with(root.path().canonicalize().unwrap()));
         for (path, why) in [
             ("../etc/passwd", "'..'"),
             ("config/../../x", "'..'"),
             ("/etc/passwd", "absolute"),
             ("", "empty"),
             ("escape/app.toml", "outside the service root"),
+            ("escape/new/app.toml", "outside the service root"),
         ] {
             let error = confined("web", root.path(), path).unwrap_err().to_string();
             assert!(error.contains(why), "{path}: {error}");

@@ -460,6 +460,9 @@ pub(crate) fn write_atomically(
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
+    // The directory may be gone since capture (or never have existed): put it back. Its path
+    // was confined to the service root by the caller.
+    fs::create_dir_all(&dir).map_err(AgentError::io("create", &dir))?;
     let staging = dir.join(format!(
         ".{}.rewind-new",
         path.file_name().unwrap_or_default().to_string_lossy()
