@@ -69,6 +69,9 @@ pub struct RawService {
     pub name: String,
     pub root: PathBuf,
     pub config_files: Vec<String>,
+    /// Environment files (`KEY=value`, often with secrets): captured and restored like config
+    /// files, shown as their own category, never with a content hash.
+    pub env_files: Vec<String>,
     pub flags_file: Option<String>,
     pub restart_command: Vec<String>,
     pub restart_timeout_s: Option<u64>,
@@ -167,6 +170,7 @@ pub struct ServiceConfig {
     pub name: String,
     pub root: PathBuf,
     pub config_files: Vec<String>,
+    pub env_files: Vec<String>,
     pub flags_file: Option<String>,
     pub restart_command: Vec<String>,
     pub restart_timeout: Duration,
@@ -196,6 +200,7 @@ impl ServiceConfig {
             name: name.to_string(),
             root: root.to_path_buf(),
             config_files: vec![],
+            env_files: vec![],
             flags_file: None,
             restart_command: vec!["true".into()],
             restart_timeout: Duration::from_secs(5),
@@ -338,10 +343,31 @@ fn validate_service(
             format!("{:?} must be an absolute directory", raw.root),
         );
     }
-    for path in raw.config_files.iter().chain(raw.flags_file.iter()) {
-        if let Err(error) = check_relative(&raw.name, path) {
-            problems.add(format!("{field}.config-files"), error.to_string());
+    for (key, paths) in [
+        (
+            "config-files",
+            raw.config_files
+                .iter()
+                .chain(raw.flags_file.iter())
+                .collect::<Vec<_>>(),
+        ),
+        ("env-files", raw.env_files.iter().collect()),
+    ] {
+        for path in paths {
+            if let Err(error) = check_relative(&raw.name, path) {
+                problems.add(format!("{field}.{key}"), error.to_string());
+            }
         }
+    }
+    if let Some(both) = raw
+        .env_files
+        .iter()
+        .find(|path| raw.config_files.contains(path))
+    {
+        problems.add(
+            format!("{field}.env-files"),
+            format!("{both:?} is also in config-files; list it once"),
+        );
     }
     if raw.restart_command.is_empty() {
         problems.add(
@@ -459,6 +485,7 @@ fn validate_service(
         name: raw.name.clone(),
         root: raw.root.clone(),
         config_files: raw.config_files.clone(),
+        env_files: raw.env_files.clone(),
         flags_file: raw.flags_file.clone(),
         restart_command: raw.restart_command.clone(),
         restart_timeout: Duration::from_secs(restart_timeout_s),

@@ -103,6 +103,7 @@ fn state_of(service: &str, manifest: &Manifest, facts: &ServiceFacts) -> pb::Ser
                 uid: file.uid,
                 gid: file.gid,
                 size: file.size,
+                env: file.env,
             })
             .collect(),
         facts: fact_lines(facts),

@@ -40,6 +40,10 @@ pub struct FileState {
     pub uid: u32,
     #[serde(default)]
     pub gid: u32,
+    /// An environment file (`env-files`): often holds secrets, so diffs never show a hash of it.
+    /// Left out of the JSON when false, so snapshot ids of config-only services are unchanged.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub env: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -221,8 +225,10 @@ fn read_manifest(
         }
         _ => (None, TreeStats::default()),
     };
-    let mut files = Vec::with_capacity(service.config_files.len());
-    for relative in &service.config_files {
+    let mut files = Vec::with_capacity(service.config_files.len() + service.env_files.len());
+    let declared = (service.config_files.iter().map(|path| (path, false)))
+        .chain(service.env_files.iter().map(|path| (path, true)));
+    for (relative, env) in declared {
         let path = confined(&service.name, &service.root, relative)?;
         let Some((bytes, metadata)) = read_config_file(&service.name, relative, &path)? else {
             files.push(FileState {
@@ -232,6 +238,7 @@ fn read_manifest(
                 size: 0,
                 uid: 0,
                 gid: 0,
+                env,
             });
             continue;
         };
@@ -242,6 +249,7 @@ fn read_manifest(
             size: bytes.len() as u64,
             uid: metadata.uid(),
             gid: metadata.gid(),
+            env,
         });
     }
     Ok((
@@ -526,30 +534,33 @@ pub fn diff(before: &Manifest, after: &Manifest) -> Vec<String> {
             show(&after.release_digest)
         ));
     }
+    // Env files often hold secrets: their changes are named, never hashed on screen.
+    let describe = |file: &FileState| match file.blob.as_deref() {
+        None => "absent".to_string(),
+        Some(_) if file.env => format!("{} bytes", file.size),
+        Some(hash) => format!("{} bytes sha256:{}", file.size, &hash[..12]),
+    };
     for file in &before.files {
+        let label = if file.env {
+            format!("env {}", file.path)
+        } else {
+            file.path.clone()
+        };
         match after.files.iter().find(|other| other.path == file.path) {
-            None => lines.push(format!("{}: not tracked in the second snapshot", file.path)),
+            None => lines.push(format!("{label}: not tracked in the second snapshot")),
             Some(other) if other.blob != file.blob => lines.push(format!(
-                "{}: {} -> {}",
-                file.path,
-                file.blob.as_deref().map_or("absent".into(), |hash| format!(
-                    "{} bytes sha256:{}",
-                    file.size,
-                    &hash[..12]
-                )),
-                other
-                    .blob
-                    .as_deref()
-                    .map_or("absent".into(), |hash| format!(
-                        "{} bytes sha256:{}",
-                        other.size,
-                        &hash[..12]
-                    )),
+                "{label}: {} -> {}{}",
+                describe(file),
+                describe(other),
+                if file.env && file.blob.is_some() && other.blob.is_some() {
+                    " (content changed)"
+                } else {
+                    ""
+                }
             )),
-            Some(other) if other.mode != file.mode => lines.push(format!(
-                "{}: mode {:o} -> {:o}",
-                file.path, file.mode, other.mode
-            )),
+            Some(other) if other.mode != file.mode => {
+                lines.push(format!("{label}: mode {:o} -> {:o}", file.mode, other.mode))
+            }
             Some(_) => {}
         }
     }

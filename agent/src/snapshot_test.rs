@@ -364,3 +364,39 @@ mod round_trip {
         }
     }
 }
+
+#[test]
+fn env_files_are_their_own_category_and_diffs_never_show_their_hash() {
+    let fixture = fixture();
+    let root = fixture.root.path();
+    fs::write(root.join("shared/config/env"), b"DB_PASSWORD=hunter2\n").unwrap();
+    let service = ServiceConfig {
+        env_files: vec!["shared/config/env".into()],
+        ..fixture.service.clone()
+    };
+    let before = capture(&fixture.store, &service, vec![], 1).unwrap();
+    let env = before.manifest.files.iter().find(|file| file.env).unwrap();
+    assert_eq!(env.path, "shared/config/env");
+    assert!(before.manifest.files.iter().filter(|file| file.env).count() == 1);
+
+    fs::write(
+        root.join("shared/config/env"),
+        b"DB_PASSWORD=correct-horse\n",
+    )
+    .unwrap();
+    let after = live_manifest(&service, Some(&fixture.store)).unwrap();
+    let lines = diff(&before.manifest, &after);
+    assert_eq!(
+        lines,
+        ["env shared/config/env: 20 bytes -> 26 bytes (content changed)"]
+    );
+    restore(&fixture.store, &service, &before.id).unwrap();
+    assert_eq!(
+        fs::read(root.join("shared/config/env")).unwrap(),
+        b"DB_PASSWORD=hunter2\n"
+    );
+    // A service without env files keeps the snapshot id it always had: `env` is left out.
+    let plain = capture(&fixture.store, &fixture.service, vec![], 2).unwrap();
+    let json = serde_json::to_string(&plain.manifest).unwrap();
+    assert!(!json.contains("\"env\""), "{json}");
+}

@@ -205,6 +205,14 @@ fn diff_service(
     let (left_files, right_files) = (files(left), files(right));
     let paths: BTreeSet<&String> = left_files.keys().chain(right_files.keys()).collect();
     for path in paths {
+        let env = [&left_files, &right_files]
+            .iter()
+            .any(|files| files.get(path).is_some_and(|file| file.env));
+        let label = if env {
+            format!("env {path}")
+        } else {
+            path.clone()
+        };
         let present = |file: Option<&'_ pb::ManagedFile>| -> Option<pb::ManagedFile> {
             file.filter(|file| !file.sha256.is_empty()).cloned()
         };
@@ -212,24 +220,24 @@ fn diff_service(
             present(left_files.get(path)),
             present(right_files.get(path)),
         ) {
-            (Some(_), None) => lines.push(format!("{path}: only on {a}")),
-            (None, Some(_)) => lines.push(format!("{path}: only on {b}")),
+            (Some(_), None) => lines.push(format!("{label}: only on {a}")),
+            (None, Some(_)) => lines.push(format!("{label}: only on {b}")),
             (Some(left), Some(right)) => {
                 if left.sha256 != right.sha256 {
                     lines.push(format!(
-                        "{path}: content differs ({} bytes on {a}, {} bytes on {b})",
+                        "{label}: content differs ({} bytes on {a}, {} bytes on {b})",
                         left.size, right.size
                     ));
                 }
                 if left.mode != right.mode {
                     lines.push(format!(
-                        "{path}: mode {:o} on {a}, {:o} on {b}",
+                        "{label}: mode {:o} on {a}, {:o} on {b}",
                         left.mode, right.mode
                     ));
                 }
                 if (left.uid, left.gid) != (right.uid, right.gid) {
                     lines.push(format!(
-                        "{path}: owner {}:{} on {a}, {}:{} on {b}",
+                        "{label}: owner {}:{} on {a}, {}:{} on {b}",
                         left.uid, left.gid, right.uid, right.gid
                     ));
                 }
@@ -274,6 +282,7 @@ mod tests {
             uid: 0,
             gid: 0,
             size: 10,
+            env: false,
         }
     }
 
