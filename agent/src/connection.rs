@@ -174,7 +174,22 @@ impl Agent {
                 .store(welcome.health_interval_ms, Ordering::Relaxed);
         }
         registered.store(true, Ordering::SeqCst);
-        self.offline_since_ms.store(0, Ordering::SeqCst);
+        let offline_since = self.offline_since_ms.swap(0, Ordering::SeqCst);
+        if offline_since != 0 {
+            let history = self.health_history();
+            let now = rewind_shared::time::now_ms();
+            if let Some(summary) = crate::offline::summary(&history, offline_since, now) {
+                info!(
+                    reports = summary.reports,
+                    failing = summary.failing_reports,
+                    "Reporting the health history kept while offline."
+                );
+                outbound
+                    .send(message(agent_message::Body::OfflineHealth(summary)))
+                    .await
+                    .context("queue the offline health summary")?;
+            }
+        }
         info!(host_id = %welcome.host_id, interval_ms = welcome.health_interval_ms, "Registered with the coordinator.");
         // What this host did on its own while offline, until the coordinator has recorded it.
         for record in self.executor.store().self_reverts()? {

@@ -17,6 +17,7 @@
 //! - [`retention`]: which releases a service root keeps (`keep-releases`), and pruning.
 //! - [`app_metrics`]: the service's own Prometheus figures (requests, errors, latency).
 //! - [`host_metrics`]: CPU, memory, load and disk from sysinfo.
+//! - [`offline`]: the summary of the health history kept while no coordinator answered.
 //! - [`self_revert`]: reverting a failing service's latest change while no coordinator answers.
 //! - [`connection`]: the session with the coordinator and the reconnect loop.
 
@@ -29,6 +30,7 @@ pub mod facts;
 pub mod host;
 pub mod host_metrics;
 pub mod inspect;
+pub mod offline;
 pub mod paths;
 pub mod probes;
 pub mod retention;

@@ -601,6 +601,13 @@ async fn fleet_list(client: &mut client::Client, format: Format) -> anyhow::Resu
         &["HOST", "AGENT", "REGION", "ENV", "SERVICES", "HEALTH"],
         rows,
     );
+    for host in hosts
+        .hosts
+        .iter()
+        .filter(|host| !host.last_offline.is_empty())
+    {
+        println!("{} was {}", host.host_id, host.last_offline);
+    }
     Ok(ExitCode::SUCCESS)
 }
 

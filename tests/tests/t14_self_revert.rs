@@ -82,6 +82,26 @@ async fn an_agent_cut_off_from_its_coordinator_reverts_a_failing_change_and_repo
         "{:?}",
         entries[0]
     );
+    // And what its health history recorded meanwhile: v2's failing probe, until the revert.
+    let offline = must_wait(Duration::from_secs(30), "the offline summary", || {
+        let fleet = coordinator.rewindctl(&["fleet", "list"]);
+        let shown = String::from_utf8_lossy(&fleet.stdout).into_owned();
+        shown.contains("web-1 was offline").then_some(shown)
+    });
+    assert!(offline.contains("web/health-file failed"), "{offline}");
+    let audit = client
+        .list_audit(pb::ListAuditRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        audit
+            .entries
+            .iter()
+            .any(|entry| entry.action == "host.offline-health"),
+        "{:?}",
+        audit.entries
+    );
 
     // Once recorded, the agent stops reporting it; and it did not revert twice.
     let plan = coordinator.rewindctl(&["rollback", "plan", "--change", "ch-2"]);

@@ -153,6 +153,9 @@ async fn read_session(context: &Context, host_id: &str, mut inbound: Streaming<p
             Some(agent_message::Body::Inspected(answer)) => {
                 context.sessions.answered(host_id, answer)
             }
+            Some(agent_message::Body::OfflineHealth(summary)) => {
+                record_offline_health(context, host_id, summary).await
+            }
             Some(agent_message::Body::SelfRevert(report)) => {
                 record_self_revert(context, host_id, report).await
             }
@@ -261,6 +264,49 @@ async fn record_self_revert(context: &Context, host_id: &str, report: pb::SelfRe
         Err(status) => {
             warn!(%status, id, "Self-revert not recorded; the agent will report it again.")
         }
+    }
+}
+
+/// Most probes named in an offline summary.
+const MAX_OFFLINE_PROBES: usize = 64;
+
+/// Audits what an agent recorded while it had no coordinator, and keeps it on the host.
+async fn record_offline_health(context: &Context, host_id: &str, summary: pb::OfflineHealth) {
+    if summary.probes.len() > MAX_OFFLINE_PROBES || summary.to_ms < summary.from_ms {
+        warn!(
+            probes = summary.probes.len(),
+            "Refused an offline health summary: more than 64 probes, or a window that ends before it starts."
+        );
+        return;
+    }
+    let mut text = format!(
+        "offline {} s from {} ms: {} reports, {} with a failing probe",
+        (summary.to_ms - summary.from_ms) / 1000,
+        summary.from_ms,
+        summary.reports,
+        summary.failing_reports
+    );
+    for outage in &summary.probes {
+        text += &format!(
+            "; {}/{} failed {} times ({} s to {} s into the window), last: {}",
+            truncate(&outage.service, 64),
+            truncate(&outage.probe, 64),
+            outage.failed,
+            outage.first_failed_at_ms.saturating_sub(summary.from_ms) / 1000,
+            outage.last_failed_at_ms.saturating_sub(summary.from_ms) / 1000,
+            truncate(&outage.last_detail, 256)
+        );
+    }
+    let kind = CommandKind::RecordOfflineHealth {
+        host_id: host_id.to_string(),
+        summary: truncate(&text, MAX_DETAIL_BYTES).to_string(),
+    };
+    match context.propose(host_id, "", kind).await {
+        Ok(_) => info!(
+            reports = summary.reports,
+            "Offline health summary recorded."
+        ),
+        Err(status) => warn!(%status, "Offline health summary not recorded."),
     }
 }
 

@@ -34,6 +34,7 @@ pub fn host(host: &HostRecord, connected: bool, last_health: Option<pb::HealthRe
         registered_at_ms: host.registered_at_ms,
         last_health,
         identity: host.identity.clone(),
+        last_offline: host.last_offline.clone().unwrap_or_default(),
     }
 }
 

@@ -109,6 +109,10 @@ fn apply_kind(state: &mut State, command: &Command) -> Result<(Outcome, String, 
                 agent_version: agent_version.clone(),
                 identity: command.identity.clone(),
                 registered_at_ms: at_ms,
+                last_offline: state
+                    .hosts
+                    .get(host_id)
+                    .and_then(|known| known.last_offline.clone()),
             };
             state.hosts.insert(host_id.clone(), host);
             Ok((
@@ -180,6 +184,13 @@ fn apply_kind(state: &mut State, command: &Command) -> Result<(Outcome, String, 
         } => skip_host(state, *rollback, host_id, reason, at_ms),
         CommandKind::RecordSelfRevert { host_id, report } => {
             record_self_revert(state, host_id, report)
+        }
+        CommandKind::RecordOfflineHealth { host_id, summary } => {
+            let host = state.hosts.get_mut(host_id).ok_or_else(|| {
+                CoordinatorError::invalid("host_id", format!("{host_id} is not a registered host"))
+            })?;
+            host.last_offline = Some(summary.clone());
+            Ok((Outcome::Done, host_id.clone(), format!("ok: {summary}")))
         }
         CommandKind::IsolateService {
             rollback,

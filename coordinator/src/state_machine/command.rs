@@ -108,6 +108,12 @@ pub enum CommandKind {
         host_id: String,
         report: SelfRevertNote,
     },
+    /// What a host's agent recorded while it had no coordinator (a summary of its health
+    /// history), kept on the host and audited.
+    RecordOfflineHealth {
+        host_id: String,
+        summary: String,
+    },
     /// Leaves a host unreverted in a rollback: its steps that have not succeeded are skipped.
     SkipHost {
         rollback: u64,
@@ -289,6 +295,7 @@ impl CommandKind {
             Self::StartRollback { .. } => "rollback.start",
             Self::SkipHost { .. } => "rollback.skip-host",
             Self::RecordSelfRevert { .. } => "host.self-revert",
+            Self::RecordOfflineHealth { .. } => "host.offline-health",
             Self::IsolateService { .. } => "rollback.isolate",
             Self::Stall { .. } => "rollback.stall",
             Self::AutoTrigger { .. } => "trigger",

@@ -194,6 +194,9 @@ pub struct HostRecord {
     pub agent_version: String,
     pub identity: String,
     pub registered_at_ms: u64,
+    /// What its agent reported of its latest window without a coordinator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_offline: Option<String>,
 }
 
 /// When a service's latest change is rolled back automatically: the probe failure ratio above
