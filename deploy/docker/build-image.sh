@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the image `rewind:local` without pulling anything: FROM scratch, holding the three
-# binaries, every shared library they load (found with ldd), and sh + grep for the agents' hook
-# and probe commands. The normal way, where a registry is reachable, is Dockerfile.debian.
+# binaries, every shared library they load (found with ldd), sh + grep for the agents' hook
+# and probe commands, and the docker CLI (for an agent managing containers through the host's
+# docker socket). The normal way, where a registry is reachable, is Dockerfile.debian.
 #
 # Usage: deploy/docker/build-image.sh [release|debug]      (default: release)
 set -euo pipefail
@@ -24,6 +25,11 @@ for binary in rewind-coordinator rewind-agent rewindctl; do
 done
 cp /bin/dash "$rootfs/bin/sh"
 cp /bin/grep "$rootfs/bin/grep"
+# The docker CLI, when this machine has one: an agent running as a container on a container
+# host restarts and inspects the service containers through the mounted docker socket.
+if command -v docker >/dev/null; then
+  cp "$(command -v docker)" "$rootfs/bin/docker"
+fi
 
 # Each library at the path the dynamic loader will look for it.
 for executable in "$rootfs"/usr/local/bin/* "$rootfs"/bin/*; do

@@ -2,6 +2,9 @@
 //! real dev coordinator over mutual TLS, reporting every 5 s (probing one service and reading
 //! host metrics each time):
 //!
+//! The agent is the one shipped: built with the workspace's `agent` profile (opt-level "s",
+//! fat LTO, one codegen unit, symbols stripped), as the .deb is.
+//!
 //! 1. Idle: resident memory (VmRSS, sampled every second) and CPU time (utime + stime) over
 //!    `REWIND_BENCH_IDLE_S` seconds (default 60) after a 15 s warm-up.
 //! 2. During a change: peak resident memory while the agent captures a snapshot and activates
@@ -45,6 +48,31 @@ fn clock_ticks_per_second() -> f64 {
         .unwrap_or(100.0)
 }
 
+/// The agent as shipped: built with the `agent` profile (size-optimised, LTO), which the .deb
+/// uses too.
+fn shipped_agent() -> std::path::PathBuf {
+    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let status = std::process::Command::new(env!("CARGO"))
+        .current_dir(&workspace)
+        .args([
+            "build",
+            "--quiet",
+            "--profile",
+            "agent",
+            "-p",
+            "rewind-agent",
+            "--bin",
+            "rewind-agent",
+        ])
+        .status()
+        .expect("run cargo build");
+    assert!(status.success(), "cargo build --profile agent failed");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| workspace.join("target"));
+    target.join("agent").join("rewind-agent")
+}
+
 fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
@@ -62,7 +90,7 @@ async fn main() {
         "[health]\nreport-interval-ms = 5000\n",
     );
     let mut host = TestHost::must_prepare(dir.path(), "web-1", &coordinator);
-    host.must_start_agent();
+    host.must_start_agent_from(&shipped_agent());
     let pid = host.agent.as_ref().expect("started").child.id();
     let mut client = coordinator.must_client().await;
     must_agents_connected(&client, 1).await;

@@ -413,9 +413,15 @@ region = "{region}"
     }
 
     pub fn must_start_agent(&mut self) {
+        self.must_start_agent_from(&must_binary("rewind-agent"));
+    }
+
+    /// Starts the agent from a given build of it (the footprint benchmark measures the one
+    /// built with the `agent` profile, as shipped).
+    pub fn must_start_agent_from(&mut self, binary: &Path) {
         let log = self.config_path.with_file_name("agent.log");
         let args = ["--config", self.config_path.to_str().unwrap(), "run"];
-        self.agent = Some(spawn(&must_binary("rewind-agent"), &args, &log));
+        self.agent = Some(spawn(binary, &args, &log));
     }
 
     pub fn current_link(&self) -> String {
