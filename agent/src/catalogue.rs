@@ -45,7 +45,8 @@ use crate::AgentError;
 use crate::config::{Hook, HookKind, RawHook, ServiceConfig, validate_hook};
 use crate::host::Host;
 use crate::probes::Prober;
-use crate::store::Store;
+use crate::store::{KeptFile, Store};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
 /// Bounds on what a config may declare, so one step stays bounded in time and memory.
 const MAX_COMMANDS: usize = 32;
@@ -680,12 +681,15 @@ async fn run_check(client: &reqwest::Client, check: &Check) -> Result<u128, Stri
     Ok(latency.as_millis())
 }
 
-/// Pauses the job processors, then keeps a copy of their checkpoint.
+/// Pauses the job processors, then keeps a copy of their checkpoint (bytes, mode and owner)
+/// for `owner`, the rollback doing it. The file is read without following a symlink and must
+/// be a regular file: a release cannot point the agent at another file.
 pub async fn pause_jobs(
     host: &dyn Host,
     prober: &Prober,
     store: &Store,
     service: &ServiceConfig,
+    owner: &str,
 ) -> Result<String, AgentError> {
     let jobs = not_configured(service, "jobs", service.catalogue.jobs.as_ref())?;
     let ran = run_hook(host, prober, service, "jobs.pause", &jobs.pause).await?;
@@ -693,49 +697,65 @@ pub async fn pause_jobs(
         return Ok(ran);
     };
     let path = crate::paths::confined(&service.name, &service.root, relative)?;
-    let checkpoint = match std::fs::metadata(&path) {
-        Ok(meta) if meta.len() > MAX_CHECKPOINT_BYTES => {
+    let kept = match crate::snapshot::read_config_file(&service.name, relative, &path)? {
+        Some((bytes, _)) if bytes.len() as u64 > MAX_CHECKPOINT_BYTES => {
             return Err(AgentError::Refused(format!(
                 "checkpoint {} is {} bytes, more than {MAX_CHECKPOINT_BYTES}",
                 path.display(),
-                meta.len()
+                bytes.len()
             )));
         }
-        Ok(_) => Some(std::fs::read(&path).map_err(AgentError::io("read", &path))?),
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
-        Err(error) => return Err(AgentError::io("read", &path)(error)),
+        Some((bytes, metadata)) => Some(KeptFile {
+            bytes,
+            mode: metadata.permissions().mode() & 0o7777,
+            uid: metadata.uid(),
+            gid: metadata.gid(),
+        }),
+        None => None,
     };
-    store.put_checkpoint(&service.name, checkpoint.as_deref())?;
-    Ok(match checkpoint {
-        Some(bytes) => format!("{ran}; kept checkpoint {relative} ({} bytes)", bytes.len()),
+    store.put_checkpoint(&service.name, owner, kept.as_ref())?;
+    Ok(match kept {
+        Some(kept) => format!(
+            "{ran}; kept checkpoint {relative} ({} bytes)",
+            kept.bytes.len()
+        ),
         None => format!("{ran}; no checkpoint at {relative} yet (kept as absent)"),
     })
 }
 
-/// Puts back the checkpoint kept at pause when the file differs from it (a restore rolled it
-/// back, or it was removed), then resumes the processors.
+/// Puts back the checkpoint `owner` kept at pause when the file differs from it (a restore
+/// rolled it back, or it was removed), with its mode and owner, then resumes the processors.
 pub async fn resume_jobs(
     host: &dyn Host,
     prober: &Prober,
     store: &Store,
     service: &ServiceConfig,
+    owner: &str,
 ) -> Result<String, AgentError> {
     let jobs = not_configured(service, "jobs", service.catalogue.jobs.as_ref())?;
     let mut restored = String::new();
-    if let (Some(relative), Some(kept)) = (&jobs.checkpoint_file, store.checkpoint(&service.name)?)
-    {
+    if let (Some(relative), Some(kept)) = (
+        &jobs.checkpoint_file,
+        store.checkpoint(&service.name, owner)?,
+    ) {
         let path = crate::paths::confined(&service.name, &service.root, relative)?;
-        let now = std::fs::read(&path).ok();
-        if now != kept {
+        let now = crate::snapshot::read_config_file(&service.name, relative, &path)?
+            .map(|(bytes, _)| bytes);
+        if now != kept.as_ref().map(|kept| kept.bytes.clone()) {
             match &kept {
-                Some(bytes) => crate::snapshot::write_atomically(&path, bytes, 0o644, None)?,
+                Some(kept) => crate::snapshot::write_atomically(
+                    &path,
+                    &kept.bytes,
+                    kept.mode,
+                    Some((kept.uid, kept.gid)),
+                )?,
                 None => std::fs::remove_file(&path).map_err(AgentError::io("remove", &path))?,
             }
             restored = format!("put back the checkpoint kept at pause into {relative}; ");
         }
     }
     let ran = run_hook(host, prober, service, "jobs.resume", &jobs.resume).await?;
-    store.remove_checkpoint(&service.name)?;
+    store.remove_checkpoint(&service.name, owner)?;
     Ok(format!("{restored}{ran}"))
 }
 

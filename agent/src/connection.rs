@@ -398,6 +398,7 @@ impl Agent {
                     continue;
                 }
             };
+            let still_offline = || self.offline_since_ms.load(Ordering::SeqCst) != 0;
             let reverted = crate::self_revert::revert(
                 &self.executor,
                 service,
@@ -406,10 +407,12 @@ impl Agent {
                 evidence,
                 offline_since.unwrap_or_default(),
                 rewind_shared::time::now_ms(),
+                &still_offline,
             )
             .await;
             match reverted {
-                Ok(record) => {
+                Ok(None) => {}
+                Ok(Some(record)) => {
                     let live = lock(&self.outbound).clone();
                     if let Some(outbound) = live {
                         let _ = outbound

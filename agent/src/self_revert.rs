@@ -198,8 +198,12 @@ pub fn last_revertible_change(
     Ok(None)
 }
 
-/// Reverts `service` to the snapshot of `change` through the executor (journaled, fenced, the
-/// change closed by the restore) and records what happened for the next session.
+/// Reverts `service` to the snapshot of `change` through the executor (journaled, fenced) and
+/// records what happened for the next session. Coordinator steps of the service wait while it
+/// runs; if a session came back before it could begin (`still_offline` says no), it does
+/// nothing and answers `None`. The change is closed on this host before the first step, so it
+/// is tried once; a host it drained is undrained even when the restore fails.
+#[allow(clippy::too_many_arguments)]
 pub async fn revert(
     executor: &Executor,
     service: &ServiceConfig,
@@ -208,43 +212,74 @@ pub async fn revert(
     evidence: String,
     offline_since_ms: u64,
     now_ms: u64,
-) -> Result<SelfRevertRecord, AgentError> {
-    let id = format!("sr-{now_ms}");
+    still_offline: &(dyn Fn() -> bool + Send + Sync),
+) -> Result<Option<SelfRevertRecord>, AgentError> {
+    let _exclusive = executor.exclude_coordinator_steps(&service.name).await;
+    if !still_offline() {
+        info!(service = %service.name, "A coordinator answered again: leaving the decision to it.");
+        return Ok(None);
+    }
+    let store = executor.store();
+    let cluster = if change.cluster_id.is_empty() {
+        "-"
+    } else {
+        change.cluster_id.as_str()
+    };
+    store.raise_fence(&format!("{cluster}/{}", change.change_id), u64::MAX)?;
+    // Ids are wall-clock based: step past any id already used (a clock stepped back, or two
+    // services in the same millisecond), so no step is answered from an old journal entry.
+    let known: Vec<String> = store
+        .self_reverts()?
+        .into_iter()
+        .map(|record| record.id)
+        .collect();
+    let mut at = now_ms;
+    let id = loop {
+        let candidate = format!("sr-{at}");
+        let journaled = store
+            .journal(&format!(
+                "{cluster}/{candidate}/{}/restore/{host_id}",
+                service.name
+            ))?
+            .is_some();
+        if !journaled && !known.contains(&candidate) {
+            break candidate;
+        }
+        at += 1;
+    };
     warn!(service = %service.name, change = %change.change_id, snapshot = %change.snapshot_id, %evidence, "Reverting this host on its own: the coordinator is unreachable and the service is failing.");
-    let steps = [
-        ("drain", Action::Drain(pb::Drain {})),
-        (
-            "restore",
-            Action::Restore(pb::RestoreSnapshot {
-                snapshot_id: change.snapshot_id.clone(),
-                supersedes: change.change_id.clone(),
-            }),
-        ),
-        ("restart", Action::Restart(pb::RestartService {})),
-        ("undrain", Action::Undrain(pb::Undrain {})),
-    ];
+    let step = |name: &str, action: Action| StepCommand {
+        step_id: format!("{id}/{}/{name}/{host_id}", service.name),
+        term: 0,
+        service: service.name.clone(),
+        timeout_ms: 0,
+        cluster_id: change.cluster_id.clone(),
+        action: Some(action),
+    };
     let mut done = Vec::new();
-    let mut ok = true;
-    for (name, action) in steps {
-        let command = StepCommand {
-            step_id: format!("{id}/{}/{name}/{host_id}", service.name),
-            term: 0,
-            service: service.name.clone(),
-            timeout_ms: 0,
-            cluster_id: change.cluster_id.clone(),
-            action: Some(action),
-        };
-        let Some(result) = executor.execute(command).await else {
-            continue;
-        };
-        done.push(format!("{name}: {}", result.detail));
-        // After a failed drain or restore, stop; a failed restart or undrain is reported.
-        if !result.ok {
-            ok = false;
-            if matches!(name, "drain" | "restore") {
-                break;
+    let mut run = async |name: &str, action: Action| -> bool {
+        match executor.execute_unguarded(step(name, action)).await {
+            Some(result) => {
+                done.push(format!("{name}: {}", result.detail));
+                result.ok
+            }
+            None => {
+                done.push(format!("{name}: already running"));
+                false
             }
         }
+    };
+    let drained = run("drain", Action::Drain(pb::Drain {})).await;
+    let mut ok = drained;
+    if drained {
+        let restore = Action::Restore(pb::RestoreSnapshot {
+            snapshot_id: change.snapshot_id.clone(),
+            supersedes: change.change_id.clone(),
+        });
+        ok = run("restore", restore).await
+            && run("restart", Action::Restart(pb::RestartService {})).await;
+        // Back into rotation whatever happened: a drained host serves nobody.
+        ok &= run("undrain", Action::Undrain(pb::Undrain {})).await;
     }
     let record = SelfRevertRecord {
         id,
@@ -257,9 +292,9 @@ pub async fn revert(
         detail: rewind_shared::names::truncate(&done.join("; "), 4096).to_string(),
         evidence,
     };
-    executor.store().put_self_revert(&record)?;
+    store.put_self_revert(&record)?;
     info!(service = %record.service, ok, detail = %record.detail, "Self-revert done; it will be reported at the next session.");
-    Ok(record)
+    Ok(Some(record))
 }
 
 #[cfg(test)]

@@ -147,9 +147,11 @@ async fn a_self_revert_restores_the_last_known_good_state_once_and_closes_the_ch
         "probes failing".into(),
         1_000,
         2_000,
+        &|| true,
     )
     .await
-    .unwrap();
+    .unwrap()
+    .expect("offline: it reverts");
     assert!(record.ok, "{}", record.detail);
     assert_eq!(
         fs::read_link(host.root.path().join("current")).unwrap(),
@@ -217,5 +219,38 @@ async fn no_self_revert_to_a_state_that_was_not_healthy_when_captured() {
         last_revertible_change(&host.executor, &service, "web-1").unwrap(),
         None,
         "the snapshot before ch-1 had a failing probe: not a last known good state"
+    );
+}
+
+#[tokio::test]
+async fn a_self_revert_that_finds_the_coordinator_back_does_nothing() {
+    let host = host_after_change(policy_service).await;
+    let service = host.executor.services().next().unwrap().clone();
+    let change = last_revertible_change(&host.executor, &service, "web-1")
+        .unwrap()
+        .unwrap();
+    let outcome = revert(
+        &host.executor,
+        &service,
+        "web-1",
+        change,
+        "probes failing".into(),
+        1_000,
+        2_000,
+        &|| false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(outcome, None);
+    assert_eq!(
+        fs::read_link(host.root.path().join("current")).unwrap(),
+        std::path::Path::new("releases/v2"),
+        "left to the coordinator"
+    );
+    assert!(
+        last_revertible_change(&host.executor, &service, "web-1")
+            .unwrap()
+            .is_some(),
+        "the change stays open"
     );
 }

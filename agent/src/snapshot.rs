@@ -265,7 +265,7 @@ fn read_manifest(
 
 /// Reads a config file without following a symlink in its last component, taking the content
 /// and the metadata from the same open file. `None` when it does not exist.
-fn read_config_file(
+pub(crate) fn read_config_file(
     service: &str,
     relative: &str,
     path: &Path,

@@ -35,6 +35,9 @@ pub struct Executor {
     prober: Prober,
     service_locks: HashMap<String, tokio::sync::Mutex<()>>,
     in_flight: Mutex<HashSet<String>>,
+    /// Per service: coordinator steps hold it shared, a self-revert exclusively, so none of
+    /// them runs between the self-revert's steps.
+    self_revert_locks: HashMap<String, tokio::sync::RwLock<()>>,
 }
 
 impl Executor {
@@ -42,6 +45,10 @@ impl Executor {
         let service_locks = services
             .iter()
             .map(|service| (service.name.clone(), tokio::sync::Mutex::new(())))
+            .collect();
+        let self_revert_locks = services
+            .iter()
+            .map(|service| (service.name.clone(), tokio::sync::RwLock::new(())))
             .collect();
         let services = services
             .into_iter()
@@ -54,6 +61,7 @@ impl Executor {
             prober: Prober::default(),
             service_locks,
             in_flight: Mutex::new(HashSet::new()),
+            self_revert_locks,
         }
     }
 
@@ -74,8 +82,28 @@ impl Executor {
     }
 
     /// Runs a step and returns its result; `None` when the same step is already running here
-    /// (its result will be sent when it ends).
+    /// (its result will be sent when it ends). Waits for a self-revert of the service to end.
     pub async fn execute(&self, command: StepCommand) -> Option<StepResult> {
+        let _no_self_revert = match self.self_revert_locks.get(&command.service) {
+            Some(lock) => Some(lock.read().await),
+            None => None,
+        };
+        self.execute_unguarded(command).await
+    }
+
+    /// Holds off every coordinator step of `service` while the guard lives.
+    pub(crate) async fn exclude_coordinator_steps(
+        &self,
+        service: &str,
+    ) -> Option<tokio::sync::RwLockWriteGuard<'_, ()>> {
+        match self.self_revert_locks.get(service) {
+            Some(lock) => Some(lock.write().await),
+            None => None,
+        }
+    }
+
+    /// [`Executor::execute`] for a self-revert, which holds the service's exclusive guard.
+    pub(crate) async fn execute_unguarded(&self, command: StepCommand) -> Option<StepResult> {
         let started_at_ms = now_ms();
         let step_id = command.step_id.clone();
         let refuse = |error: AgentError| StepResult {
@@ -197,8 +225,26 @@ impl Executor {
         };
         let lock = &self.service_locks[&service.name];
         let _one_at_a_time = lock.lock().await;
-        self.act_on(service, action, service.restart_timeout.min(step_timeout))
+        let owner = command.step_id.split('/').next().unwrap_or_default();
+        let act = self.act_on(
+            service,
+            action,
+            service.restart_timeout.min(step_timeout),
+            owner,
+        );
+        if !is_catalogue_step(action) {
+            return act.await;
+        }
+        // The catalogue's own steps (scale-up waits, checks and purges retry) are bounded by
+        // the step's timeout as a whole; a command still running then is killed.
+        tokio::time::timeout(step_timeout, act)
             .await
+            .unwrap_or_else(|_| {
+                Err(AgentError::Refused(format!(
+                    "did not finish within the step's {} ms and was stopped",
+                    step_timeout.as_millis()
+                )))
+            })
     }
 
     async fn act_on(
@@ -206,6 +252,7 @@ impl Executor {
         service: &ServiceConfig,
         action: &Action,
         restart_timeout: Duration,
+        owner: &str,
     ) -> Result<(String, String), AgentError> {
         match action {
             Action::Capture(_) => {
@@ -328,12 +375,14 @@ impl Executor {
             }
             Action::PauseJobs(_) => {
                 let done =
-                    catalogue::pause_jobs(self.host(), &self.prober, &self.store, service).await?;
+                    catalogue::pause_jobs(self.host(), &self.prober, &self.store, service, owner)
+                        .await?;
                 Ok((done, String::new()))
             }
             Action::ResumeJobs(_) => {
                 let done =
-                    catalogue::resume_jobs(self.host(), &self.prober, &self.store, service).await?;
+                    catalogue::resume_jobs(self.host(), &self.prober, &self.store, service, owner)
+                        .await?;
                 Ok((done, String::new()))
             }
             Action::PurgeCache(_) => Ok((
@@ -479,6 +528,19 @@ fn write_flags(path: &std::path::Path, flags: &impl serde::Serialize) -> Result<
     let bytes =
         serde_json::to_vec_pretty(flags).map_err(|error| AgentError::Invalid(error.to_string()))?;
     snapshot::write_atomically(path, &bytes, 0o644, None)
+}
+
+/// Steps of the optional catalogue, bounded as a whole by the step's timeout.
+fn is_catalogue_step(action: &Action) -> bool {
+    matches!(
+        action,
+        Action::Run(_)
+            | Action::PauseJobs(_)
+            | Action::ResumeJobs(_)
+            | Action::PurgeCache(_)
+            | Action::ScaleUp(_)
+            | Action::Checks(_)
+    )
 }
 
 fn journal_key(command: &StepCommand) -> Result<String, AgentError> {

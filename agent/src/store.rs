@@ -216,32 +216,34 @@ impl Store {
         Ok(())
     }
 
-    /// Keeps a service's job checkpoint as it was when its processors were paused (`None`:
-    /// there was no checkpoint file yet).
-    pub fn put_checkpoint(&self, service: &str, bytes: Option<&[u8]>) -> Result<(), AgentError> {
-        // One marker byte tells an absent file (0) from a kept one (1, then its bytes).
-        let stored = match bytes {
-            None => vec![0],
-            Some(bytes) => [&[1], bytes].concat(),
-        };
-        self.checkpoints.insert(service.as_bytes(), stored)?;
+    /// Keeps a service's job checkpoint as it was when `owner` (a rollback) paused its
+    /// processors (`None`: there was no checkpoint file yet).
+    pub fn put_checkpoint(
+        &self,
+        service: &str,
+        owner: &str,
+        kept: Option<&KeptFile>,
+    ) -> Result<(), AgentError> {
+        self.checkpoints
+            .insert(checkpoint_key(service, owner), to_json(&kept)?)?;
         self.flush()
     }
 
-    /// The checkpoint kept at pause: `None` when no pause is outstanding, `Some(None)` when the
-    /// file did not exist at pause.
-    pub fn checkpoint(&self, service: &str) -> Result<Option<Option<Vec<u8>>>, AgentError> {
-        Ok(self
-            .checkpoints
-            .get(service.as_bytes())?
-            .map(|stored| match stored.split_first() {
-                Some((1, bytes)) => Some(bytes.to_vec()),
-                _ => None,
-            }))
+    /// The checkpoint `owner` kept at pause: `None` when it paused nothing, `Some(None)` when
+    /// the file did not exist at pause.
+    pub fn checkpoint(
+        &self,
+        service: &str,
+        owner: &str,
+    ) -> Result<Option<Option<KeptFile>>, AgentError> {
+        self.checkpoints
+            .get(checkpoint_key(service, owner))?
+            .map(|stored| from_json(&stored))
+            .transpose()
     }
 
-    pub fn remove_checkpoint(&self, service: &str) -> Result<(), AgentError> {
-        self.checkpoints.remove(service.as_bytes())?;
+    pub fn remove_checkpoint(&self, service: &str, owner: &str) -> Result<(), AgentError> {
+        self.checkpoints.remove(checkpoint_key(service, owner))?;
         self.flush()
     }
 
@@ -273,6 +275,33 @@ pub struct CachedHash {
     pub mtime_ns: i64,
     pub inode: u64,
     pub sha256: String,
+}
+
+/// A file's bytes with the mode and owner it had, to be written back exactly.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeptFile {
+    #[serde(with = "hex_bytes")]
+    pub bytes: Vec<u8>,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+mod hex_bytes {
+    pub fn serialize<S: serde::Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&hex::encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Vec<u8>, D::Error> {
+        let text: String = serde::Deserialize::deserialize(deserializer)?;
+        hex::decode(text).map_err(serde::de::Error::custom)
+    }
+}
+
+fn checkpoint_key(service: &str, owner: &str) -> Vec<u8> {
+    format!("{service}/{owner}").into_bytes()
 }
 
 fn to_json<T: Serialize>(value: &T) -> Result<Vec<u8>, AgentError> {

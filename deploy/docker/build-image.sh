@@ -33,7 +33,8 @@ fi
 
 # Each library at the path the dynamic loader will look for it.
 for executable in "$rootfs"/usr/local/bin/* "$rootfs"/bin/*; do
-  ldd "$executable" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }'
+  # A static executable (the docker CLI is one) has no libraries to copy.
+  { ldd "$executable" 2>/dev/null || true; } | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }'
 done | sort -u | while read -r library; do
   mkdir -p "$rootfs$(dirname "$library")"
   cp -L "$library" "$rootfs$library"
