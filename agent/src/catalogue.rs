@@ -220,6 +220,15 @@ pub fn validate(
         );
         let mut args = BTreeMap::new();
         for (name, pattern) in &command.args {
+            // The pattern must stand on its own, so wrapping it cannot change what it means
+            // (`a)|(.*` would otherwise escape the anchors).
+            if let Err(error) = Regex::new(pattern) {
+                problems.add(
+                    format!("{command_field}.args.{name}"),
+                    format!("{pattern:?} is not a valid pattern: {error}"),
+                );
+                continue;
+            }
             match Regex::new(&format!("^(?:{pattern})$")) {
                 Ok(regex) => {
                     args.insert(name.clone(), regex);
@@ -423,24 +432,48 @@ fn validate_jobs(field: &str, root: &Path, raw: &RawJobs, problems: &mut Problem
     })
 }
 
-/// An argv must name a program, and never one inside the service's releases: the agent reverts
-/// with its own code and the host's, not with scripts shipped by the release being reverted.
+/// An argv must name a program, and nothing in it may point inside the service's releases (not
+/// the program, nor a script handed to an interpreter): the agent reverts with its own code and
+/// the host's, never with what the release being reverted shipped. Paths are compared after
+/// resolving links where they exist, so a symlinked root or program does not hide one.
 pub fn check_program(field: &str, root: &Path, argv: &[String], problems: &mut Problems) {
     let Some(program) = argv.first() else {
         problems.add(field, "must name a program");
         return;
     };
-    let program = Path::new(program);
-    let inside_release = [crate::snapshot::RELEASES_DIR, crate::snapshot::CURRENT_LINK]
+    if program.contains('{') {
+        problems.add(
+            field,
+            format!("{program:?}: the program itself cannot be a placeholder"),
+        );
+    }
+    let resolved_root = root.canonicalize().unwrap_or_else(|_| root.to_path_buf());
+    let release_dirs: Vec<std::path::PathBuf> = [root, resolved_root.as_path()]
         .iter()
-        .any(|dir| program.starts_with(root.join(dir)));
-    if inside_release || program.is_relative() && program.components().count() > 1 {
+        .flat_map(|root| {
+            [crate::snapshot::RELEASES_DIR, crate::snapshot::CURRENT_LINK].map(|dir| root.join(dir))
+        })
+        .collect();
+    let inside_release = |text: &str| {
+        // Any absolute path in the element, e.g. `/srv/web/current/x.sh` or `--file=/srv/...`.
+        text.split(['=', ':', ' '])
+            .filter(|part| part.starts_with('/'))
+            .map(Path::new)
+            .any(|path| {
+                let resolved = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+                release_dirs
+                    .iter()
+                    .any(|dir| path.starts_with(dir) || resolved.starts_with(dir))
+            })
+    };
+    let relative_program = Path::new(program).is_relative() && program.contains('/');
+    if relative_program || argv.iter().any(|part| inside_release(part)) {
         problems.add(
             field,
             format!(
-                "{:?} runs a program from inside a release (or a relative path): a rollback \
-                 must not run the code it reverts; name a program installed on the host",
-                program.display()
+                "{:?} runs or reads something from inside a release (or a relative path): a \
+                 rollback must not run the code it reverts; name a program installed on the host",
+                argv.join(" ")
             ),
         );
     }
@@ -486,12 +519,28 @@ fn placeholders(argv: &[String]) -> Vec<String> {
     found
 }
 
+/// Fills `{name}` placeholders in one pass, left to right: a value is never expanded again.
 fn substitute(argv: &[String], values: &HashMap<String, String>) -> Vec<String> {
     argv.iter()
         .map(|part| {
-            values.iter().fold(part.clone(), |part, (name, value)| {
-                part.replace(&format!("{{{name}}}"), value)
-            })
+            let mut out = String::with_capacity(part.len());
+            let mut rest = part.as_str();
+            while let Some(open) = rest.find('{') {
+                out.push_str(&rest[..open]);
+                let after = &rest[open + 1..];
+                match after.split_once('}') {
+                    Some((name, tail)) if values.contains_key(name) => {
+                        out.push_str(&values[name]);
+                        rest = tail;
+                    }
+                    _ => {
+                        out.push('{');
+                        rest = after;
+                    }
+                }
+            }
+            out.push_str(rest);
+            out
         })
         .collect()
 }
@@ -531,12 +580,19 @@ pub fn render_command(
         let value = args
             .get(arg)
             .ok_or_else(|| AgentError::Refused(format!("command {name} needs argument {arg}")))?;
-        let matches = pattern.is_match(value);
-        if !matches || value.len() > MAX_ARG_BYTES || value.contains(['\0', '\n']) {
+        let problem = if value.len() > MAX_ARG_BYTES {
+            Some(format!("is longer than {MAX_ARG_BYTES} bytes"))
+        } else if value.contains(['\0', '\n']) {
+            Some("contains a NUL or a newline".to_string())
+        } else if !pattern.is_match(value) {
+            Some(format!("does not match {}", pattern.as_str()))
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
             return Err(AgentError::Refused(format!(
-                "argument {arg}={:?} of command {name} does not match {}",
-                truncate(value, 64),
-                pattern.as_str()
+                "argument {arg}={:?} of command {name} {problem}",
+                truncate(value, 64)
             )));
         }
     }

@@ -129,12 +129,12 @@ body = "x"
     let joined = problems.join("\n");
     for expected in [
         "service.web.reload-command: ",
-        "runs a program from inside a release",
+        "runs or reads something from inside a release",
         "service.web.command[0].args.region: \"[a-z\" is not a valid pattern",
         "service.web.command[0].argv: uses {zone}, which args does not declare",
         "service.web.command[0].args.unused: is declared but argv never uses it",
         "service.web.command[1]: \"warm\" is declared twice",
-        "service.web.command[1].argv: \"releases/v1/migrate.sh\" runs a program",
+        "service.web.command[1].argv: \"releases/v1/migrate.sh\" runs or reads",
         "service.web.jobs.resume: is required",
         "service.web.jobs.checkpoint-file",
         "service.web.purge[0].url",
@@ -443,4 +443,38 @@ attempts = 1
         "{}",
         reload.detail
     );
+}
+
+#[test]
+fn substitution_is_one_pass_and_patterns_cannot_escape_their_anchors() {
+    let values = HashMap::from([
+        ("a".to_string(), "{b}".to_string()),
+        ("b".to_string(), "x".to_string()),
+    ]);
+    assert_eq!(
+        substitute(&["--{a}={b}".into(), "{c}".into()], &values),
+        ["--{b}=x", "{c}"],
+        "a value is never expanded again; unknown placeholders stay"
+    );
+    let root = tempfile::tempdir().unwrap();
+    let problems = service_from_toml(
+        root.path(),
+        "[[service.command]]\nname = \"x\"\nargv = [\"/bin/echo\", \"{v}\"]\nargs = { v = \"a)|(.*\" }\n\
+         [[service.command]]\nname = \"y\"\nargv = [\"{prog}\"]\nargs = { prog = \".*\" }\n\
+         [[service.command]]\nname = \"z\"\nargv = [\"bash\", \"/srv/x\", \"--script=ROOT/current/run.sh\"]\n"
+            .replace("ROOT", &root.path().display().to_string())
+            .as_str(),
+    )
+    .unwrap_err()
+    .join("\n");
+    for expected in [
+        "service.web.command[0].args.v: \"a)|(.*\" is not a valid pattern",
+        "service.web.command[1].argv: \"{prog}\": the program itself cannot be a placeholder",
+        "service.web.command[2].argv: \"bash /srv/x --script=",
+    ] {
+        assert!(
+            problems.contains(expected),
+            "{expected} missing from:\n{problems}"
+        );
+    }
 }

@@ -374,6 +374,23 @@ fn validate_service(
             format!("{field}.restart-command"),
             "is required (argv list, e.g. [\"systemctl\", \"restart\", \"web\"])",
         );
+    } else {
+        crate::catalogue::check_program(
+            &format!("{field}.restart-command"),
+            &raw.root,
+            &raw.restart_command,
+            problems,
+        );
+    }
+    for (key, hook) in [("drain", &raw.drain), ("undrain", &raw.undrain)] {
+        if let Some(argv) = hook.as_ref().and_then(|hook| hook.command.as_ref()) {
+            crate::catalogue::check_program(
+                &format!("{field}.{key}.command"),
+                &raw.root,
+                argv,
+                problems,
+            );
+        }
     }
     let restart_timeout_s = raw.restart_timeout_s.unwrap_or(60);
     if !(1..=3600).contains(&restart_timeout_s) {

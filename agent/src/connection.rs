@@ -31,6 +31,8 @@ const HEALTH_HISTORY: usize = 720;
 const BACKOFF_BASE: Duration = Duration::from_millis(200);
 const BACKOFF_CAP: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Inspections (host diff, drift) running at once.
+const MAX_INSPECTIONS: usize = 2;
 
 /// Metadata key in which a coordinator member names the leader's address.
 const LEADER_KEY: &str = "rewind-leader";
@@ -57,6 +59,8 @@ pub struct Agent {
     offline_since_ms: AtomicU64,
     /// The live session's outbound queue, for reporting a self-revert that ends mid-session.
     outbound: Mutex<Option<mpsc::Sender<pb::AgentMessage>>>,
+    /// Inspections may hash release trees: a few at a time.
+    inspections: Arc<tokio::sync::Semaphore>,
 }
 
 impl Agent {
@@ -70,6 +74,7 @@ impl Agent {
             history: Mutex::new(VecDeque::new()),
             offline_since_ms: AtomicU64::new(rewind_shared::time::now_ms()),
             outbound: Mutex::new(None),
+            inspections: Arc::new(tokio::sync::Semaphore::new(MAX_INSPECTIONS)),
         })
     }
 
@@ -267,8 +272,20 @@ impl Agent {
                 Some(coordinator_message::Body::Inspect(request)) => {
                     let executor = Arc::clone(&self.executor);
                     let outbound = outbound.clone();
+                    let Ok(permit) = Arc::clone(&self.inspections).try_acquire_owned() else {
+                        let busy = pb::InspectAnswer {
+                            request_id: request.request_id,
+                            services: Vec::new(),
+                            error: format!(
+                                "busy: {MAX_INSPECTIONS} inspections are already running here"
+                            ),
+                        };
+                        let _ = outbound.try_send(message(agent_message::Body::Inspected(busy)));
+                        continue;
+                    };
                     tokio::spawn(async move {
                         let answer = inspect(&executor, request).await;
+                        drop(permit);
                         let _ = outbound
                             .send(message(agent_message::Body::Inspected(answer)))
                             .await;
@@ -444,8 +461,9 @@ async fn inspect(executor: &Arc<Executor>, request: pb::InspectRequest) -> pb::I
     let services: Vec<_> = executor.services().cloned().collect();
     let mode = request.mode();
     let service = request.service.clone();
+    let env_key = request.env_key.clone();
     let described = tokio::task::spawn_blocking(move || {
-        crate::inspect::inspect(&store, &services, &service, mode)
+        crate::inspect::inspect(&store, &services, &service, mode, &env_key)
     })
     .await;
     let (services, error) = match described {

@@ -16,7 +16,15 @@ pub fn inspect(
     services: &[ServiceConfig],
     service: &str,
     mode: InspectMode,
+    env_key: &[u8],
 ) -> Result<Vec<pb::ServiceState>, AgentError> {
+    let random_key: [u8; 32];
+    let env_key = if env_key.is_empty() {
+        random_key = rand::random();
+        &random_key[..]
+    } else {
+        env_key
+    };
     let chosen: Vec<&ServiceConfig> = services
         .iter()
         .filter(|candidate| service.is_empty() || candidate.name == service)
@@ -39,7 +47,7 @@ pub fn inspect(
                 .iter()
                 .filter(|record| record.manifest.service == service.name)
                 .max_by_key(|record| record.captured_at_ms);
-            describe(store, service, latest, mode)
+            describe(store, service, latest, mode, env_key)
         })
         .collect()
 }
@@ -49,6 +57,7 @@ fn describe(
     service: &ServiceConfig,
     latest: Option<&SnapshotRecord>,
     mode: InspectMode,
+    env_key: &[u8],
 ) -> Result<pb::ServiceState, AgentError> {
     let no_snapshot = || pb::ServiceState {
         service: service.name.clone(),
@@ -57,7 +66,7 @@ fn describe(
     };
     match mode {
         InspectMode::InspectCaptured => Ok(latest.map_or_else(no_snapshot, |record| {
-            let mut state = state_of(&service.name, &record.manifest, &record.facts);
+            let mut state = state_of(&service.name, &record.manifest, &record.facts, env_key);
             state.snapshot_id = record.id.clone();
             state.captured_at_ms = record.captured_at_ms;
             state
@@ -68,6 +77,7 @@ fn describe(
                 &service.name,
                 &manifest,
                 &crate::facts::collect(service),
+                env_key,
             ))
         }
         InspectMode::InspectDrift => {
@@ -76,7 +86,7 @@ fn describe(
             };
             let live = snapshot::live_manifest(service, Some(store))?;
             let live_facts = crate::facts::collect(service);
-            let mut state = state_of(&service.name, &live, &live_facts);
+            let mut state = state_of(&service.name, &live, &live_facts, env_key);
             state.snapshot_id = record.id.clone();
             state.captured_at_ms = record.captured_at_ms;
             state.drift = snapshot::diff(&record.manifest, &live);
@@ -88,7 +98,12 @@ fn describe(
     }
 }
 
-fn state_of(service: &str, manifest: &Manifest, facts: &ServiceFacts) -> pb::ServiceState {
+fn state_of(
+    service: &str,
+    manifest: &Manifest,
+    facts: &ServiceFacts,
+    env_key: &[u8],
+) -> pb::ServiceState {
     pb::ServiceState {
         service: service.to_string(),
         release_link: manifest.release_link.clone().unwrap_or_default(),
@@ -98,7 +113,11 @@ fn state_of(service: &str, manifest: &Manifest, facts: &ServiceFacts) -> pb::Ser
             .iter()
             .map(|file| pb::ManagedFile {
                 path: file.path.clone(),
-                sha256: file.blob.clone().unwrap_or_default(),
+                sha256: match (&file.blob, file.env) {
+                    (None, _) => String::new(),
+                    (Some(hash), false) => hash.clone(),
+                    (Some(hash), true) => keyed_digest(env_key, hash),
+                },
                 mode: file.mode,
                 uid: file.uid,
                 gid: file.gid,
@@ -109,6 +128,17 @@ fn state_of(service: &str, manifest: &Manifest, facts: &ServiceFacts) -> pb::Ser
         facts: fact_lines(facts),
         ..Default::default()
     }
+}
+
+/// An environment file's digest as it leaves the host: HMAC-SHA256 under the request's key of
+/// its content hash, so two hosts asked with one key compare, and nobody can test guesses of a
+/// secret against it without the key.
+fn keyed_digest(key: &[u8], content_hash: &str) -> String {
+    use hmac::Mac;
+    let mut mac =
+        hmac::Hmac::<sha2::Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(content_hash.as_bytes());
+    format!("hmac:{}", hex::encode(mac.finalize().into_bytes()))
 }
 
 /// Facts as `key: value` lines, so two hosts' can be compared by key.
@@ -151,7 +181,7 @@ mod tests {
         let store = Store::open(data.path()).unwrap();
         let services = [service.clone()];
         let drift = |store: &Store| {
-            inspect(store, &services, "web", InspectMode::InspectDrift).unwrap()[0].clone()
+            inspect(store, &services, "web", InspectMode::InspectDrift, b"k").unwrap()[0].clone()
         };
         assert!(drift(&store).note.contains("no snapshot captured yet"));
 
@@ -170,13 +200,14 @@ mod tests {
         );
         assert!(joined.contains("app.toml"), "{joined}");
 
-        let captured = inspect(&store, &services, "", InspectMode::InspectCaptured).unwrap();
+        let captured = inspect(&store, &services, "", InspectMode::InspectCaptured, b"k").unwrap();
         assert_eq!(captured[0].release_link, "releases/v1");
-        let live = inspect(&store, &services, "", InspectMode::InspectLive).unwrap();
+        let live = inspect(&store, &services, "", InspectMode::InspectLive, b"k").unwrap();
         assert_eq!(live[0].release_link, "releases/v2");
         assert_ne!(captured[0].files[0].sha256, live[0].files[0].sha256);
 
-        let unknown = inspect(&store, &services, "api", InspectMode::InspectLive).unwrap_err();
+        let unknown =
+            inspect(&store, &services, "api", InspectMode::InspectLive, b"k").unwrap_err();
         assert!(
             unknown.to_string().contains("managed services are web"),
             "{unknown}"

@@ -58,6 +58,15 @@ pub fn confined(service: &str, root: &Path, relative: &str) -> Result<PathBuf, A
             Err(error)
                 if error.kind() == std::io::ErrorKind::NotFound && existing != canonical_root =>
             {
+                // Missing, or a dangling link (which would lead wherever it points once its
+                // target appears): only a truly absent directory is resolved through its parent.
+                if existing.symlink_metadata().is_ok() {
+                    return Err(AgentError::UnsafePath {
+                        service: service.to_string(),
+                        path: relative.to_string(),
+                        reason: format!("{} is a dangling symbolic link", existing.display()),
+                    });
+                }
                 missing.push(existing.file_name().unwrap_or_default().to_os_string());
                 existing.pop();
             }
@@ -88,6 +97,8 @@ mod tests {
         let outside = tempfile::tempdir().unwrap();
         std::fs::create_dir(root.path().join("config")).unwrap();
         std::os::unix::fs::symlink(outside.path(), root.path().join("escape")).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("not-yet"), root.path().join("dangling"))
+            .unwrap();
 
         assert!(confined("web", root.path(), "config/app.toml").is_ok());
         let not_yet = confined("web", root.path(), "new/dir/app.toml").unwrap();
@@ -99,6 +110,7 @@ mod tests {
             ("", "empty"),
             ("escape/app.toml", "outside the service root"),
             ("escape/new/app.toml", "outside the service root"),
+            ("dangling/app.toml", "dangling symbolic link"),
         ] {
             let error = confined("web", root.path(), path).unwrap_err().to_string();
             assert!(error.contains(why), "{path}: {error}");

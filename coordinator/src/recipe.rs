@@ -5,9 +5,9 @@
 //! check, scale-up, undrain, resume-jobs, run:warm-cache region=eu-west`. The recipe names steps;
 //! what each one executes is configured on the agents (the coordinator never sends a program).
 //!
-//! Rules, checked when the service is stored: exactly one `restore`; `verify` after it and after
-//! the restart or reload; a `drain` needs an `undrain` after the restore, a `pause-jobs` a
-//! `resume-jobs` after it; each step other than `run:` at most once.
+//! Rules, checked when the service is stored: exactly one `restore`, followed by a `restart` or
+//! `reload`; `verify` after those; `drain` and `undrain`, `pause-jobs` and `resume-jobs` come in
+//! pairs around the restore; each step other than `run:` at most once.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -137,6 +137,17 @@ fn check_order(steps: &[RecipeStep]) -> Result<(), String> {
         (RollbackStepKind::Drain, RollbackStepKind::Undrain),
         (RollbackStepKind::PauseJobs, RollbackStepKind::ResumeJobs),
     ];
+    let restarted = [RollbackStepKind::Restart, RollbackStepKind::Reload]
+        .into_iter()
+        .filter_map(position)
+        .any(|at| at > restore);
+    if !restarted {
+        return Err(
+            "restore needs a restart or reload after it, or the service keeps running the code \
+             it is rolling away from"
+                .into(),
+        );
+    }
     for (opening, closing) in pairs {
         match (position(opening), position(closing)) {
             (Some(_), None) => {
@@ -144,6 +155,13 @@ fn check_order(steps: &[RecipeStep]) -> Result<(), String> {
                     "{} needs {} after restore, or hosts stay that way",
                     opening.name(),
                     closing.name()
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(format!(
+                    "{} needs {} before restore: there is nothing to put back",
+                    closing.name(),
+                    opening.name()
                 ));
             }
             (_, Some(at)) if at < restore => {
@@ -231,26 +249,45 @@ mod tests {
             (vec!["restore", "isolate"], "is not a rollback step"),
             (vec!["restore", "run-1"], "is not a rollback step"),
             (
-                vec!["restore", "drain", "undrain"],
+                vec!["restore", "verify"],
+                "restore needs a restart or reload",
+            ),
+            (
+                vec!["restart", "restore"],
+                "restore needs a restart or reload",
+            ),
+            (
+                vec!["restore", "restart", "drain", "undrain"],
                 "drain must come before restore",
             ),
             (vec!["drain", "restore", "restart"], "drain needs undrain"),
             (
-                vec!["pause-jobs", "resume-jobs", "restore"],
+                vec!["restore", "restart", "resume-jobs"],
+                "resume-jobs needs pause-jobs",
+            ),
+            (
+                vec!["pause-jobs", "resume-jobs", "restore", "restart"],
                 "resume-jobs must come after restore",
             ),
             (
                 vec!["restore", "verify", "restart"],
                 "verify must come after restart",
             ),
-            (vec!["restore", "run:Bad"], "run: command"),
-            (vec!["restore", "run:warm region"], "must be ARG=VALUE"),
-            (vec!["restore", "run:warm a=1 a=2"], "a is given twice"),
+            (vec!["restore", "restart", "run:Bad"], "run: command"),
+            (
+                vec!["restore", "restart", "run:warm region"],
+                "must be ARG=VALUE",
+            ),
+            (
+                vec!["restore", "restart", "run:warm a=1 a=2"],
+                "a is given twice",
+            ),
         ] {
             let error = parse(&texts(&recipe)).unwrap_err();
             assert!(error.contains(expected), "{recipe:?}: {error}");
         }
-        let too_many: Vec<String> = std::iter::once("restore".to_string())
+        let too_many: Vec<String> = ["restore".to_string(), "restart".to_string()]
+            .into_iter()
             .chain((0..9).map(|n| format!("run:c{n}")))
             .collect();
         assert!(

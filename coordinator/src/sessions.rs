@@ -60,7 +60,8 @@ impl Sessions {
         (generation, receiver)
     }
 
-    /// Closes the session if it is still the current one for the host.
+    /// Closes the session if it is still the current one for the host; inspections waiting on
+    /// it end at once.
     pub fn close(&self, host_id: &str, generation: u64) {
         let mut inner = self.lock();
         if inner
@@ -69,6 +70,7 @@ impl Sessions {
             .is_some_and(|session| session.generation == generation)
         {
             inner.by_host.remove(host_id);
+            inner.inspects.retain(|_, (asked, _)| asked != host_id);
         }
     }
 
@@ -120,6 +122,7 @@ impl Sessions {
         host_id: &str,
         service: &str,
         mode: InspectMode,
+        env_key: Vec<u8>,
         timeout: std::time::Duration,
     ) -> Result<InspectAnswer, SendError> {
         let (sender, receiver) = oneshot::channel();
@@ -135,24 +138,24 @@ impl Sessions {
                 .insert(request_id, (host_id.to_string(), sender));
             request_id
         };
+        // Whatever ends this call (an answer, the timeout, the caller going away), its entry
+        // goes with it.
+        let _forget = ForgetInspect {
+            sessions: self,
+            request_id,
+        };
         let request = CoordinatorMessage {
             body: Some(coordinator_message::Body::Inspect(InspectRequest {
                 request_id,
                 service: service.to_string(),
                 mode: mode.into(),
+                env_key,
             })),
         };
-        let answer = match self.send(host_id, request) {
-            Ok(_) => tokio::time::timeout(timeout, receiver).await,
-            Err(error) => {
-                self.lock().inspects.remove(&request_id);
-                return Err(error);
-            }
-        };
-        self.lock().inspects.remove(&request_id);
-        match answer {
+        self.send(host_id, request)?;
+        match tokio::time::timeout(timeout, receiver).await {
             Ok(Ok(answer)) => Ok(answer),
-            // The session ended (its sender was dropped) or the time ran out.
+            // The session ended (`close` dropped the sender) or the time ran out.
             _ => Err(SendError::NoAnswer(
                 host_id.to_string(),
                 timeout.as_millis() as u64,
@@ -177,5 +180,17 @@ impl Sessions {
         self.inner
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Removes an inspection's entry when the call that made it ends, however it ends.
+struct ForgetInspect<'a> {
+    sessions: &'a Sessions,
+    request_id: u64,
+}
+
+impl Drop for ForgetInspect<'_> {
+    fn drop(&mut self) {
+        self.sessions.lock().inspects.remove(&self.request_id);
     }
 }

@@ -50,8 +50,10 @@ pub async fn run(
             } else {
                 pb::InspectMode::InspectCaptured
             };
-            let left = inspect(client, &first, &service, mode).await?;
-            let right = inspect(client, &second, &service, mode).await?;
+            // One key for both, so their environment files' keyed digests compare.
+            let env_key: [u8; 32] = rand::random();
+            let left = inspect(client, &first, &service, mode, &env_key).await?;
+            let right = inspect(client, &second, &service, mode, &env_key).await?;
             if format == Format::Json {
                 json(&vec![left.clone(), right.clone()])?;
             }
@@ -72,7 +74,8 @@ pub async fn run(
             Ok(exit_for(lines.is_empty()))
         }
         HostCommand::Drift { host, service } => {
-            let answer = inspect(client, &host, &service, pb::InspectMode::InspectDrift).await?;
+            let answer =
+                inspect(client, &host, &service, pb::InspectMode::InspectDrift, &[]).await?;
             if format == Format::Json {
                 json(&answer)?;
             }
@@ -119,12 +122,14 @@ async fn inspect(
     host_id: &str,
     service: &str,
     mode: pb::InspectMode,
+    env_key: &[u8],
 ) -> anyhow::Result<pb::InspectHostResponse> {
     Ok(client
         .inspect_host(pb::InspectHostRequest {
             host_id: host_id.to_string(),
             service: service.to_string(),
             mode: mode.into(),
+            env_key: env_key.to_vec(),
         })
         .await
         .map_err(explain)?

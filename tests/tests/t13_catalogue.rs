@@ -197,11 +197,11 @@ async fn a_recipe_that_cannot_roll_back_safely_is_refused_with_the_reason() {
         (vec!["drain", "restart"], "must restore"),
         (vec!["drain", "restore", "restart"], "drain needs undrain"),
         (
-            vec!["restore", "reboot"],
+            vec!["restore", "restart", "reboot"],
             "\"reboot\" is not a rollback step",
         ),
         (
-            vec!["restore", "run:warm-cache region"],
+            vec!["restore", "restart", "run:warm-cache region"],
             "must be ARG=VALUE",
         ),
     ] {

@@ -733,6 +733,9 @@ impl ControlService for Control {
         }
         let mode = pb::InspectMode::try_from(request.mode)
             .map_err(|_| invalid("mode", format!("{} is not an inspect mode", request.mode)))?;
+        if request.env_key.len() > 64 {
+            return Err(invalid("env_key", "is longer than 64 bytes"));
+        }
         let known = self
             .context
             .node
@@ -746,7 +749,13 @@ impl ControlService for Control {
         let answer = self
             .context
             .sessions
-            .inspect(&request.host_id, &request.service, mode, INSPECT_TIMEOUT)
+            .inspect(
+                &request.host_id,
+                &request.service,
+                mode,
+                request.env_key,
+                INSPECT_TIMEOUT,
+            )
             .await
             .map_err(|error| match error {
                 crate::sessions::SendError::NotConnected(_) => Status::failed_precondition(

@@ -705,6 +705,13 @@ fn settle_rollback(state: &mut State, number: u64, at_ms: u64) {
                 "; isolated (drained, not reverted): {}",
                 rollback.isolated.join(", ")
             );
+            let paused: Vec<String> = left_open(rollback)
+                .into_iter()
+                .filter(|host| host.ends_with("(jobs paused)"))
+                .collect();
+            if !paused.is_empty() {
+                detail += &format!("; left with jobs paused: {}", paused.join(", "));
+            }
         }
         rollback.status = RollbackStatus::Succeeded;
         rollback.finished_at_ms = at_ms;
@@ -790,28 +797,32 @@ fn hosts_in_progress(rollback: &RollbackRecord, wave: u32) -> bool {
     })
 }
 
-/// Hosts drained by the rollback and not (yet) undrained, as `service/host`.
-fn drained_hosts(rollback: &RollbackRecord) -> Vec<String> {
+/// Hosts the rollback drained or paused the job processors of (a step that opens something was
+/// attempted) and did not put back, as `service/host (drained)` or `service/host (jobs
+/// paused)`.
+fn left_open(rollback: &RollbackRecord) -> Vec<String> {
     rollback
         .steps
         .iter()
-        .filter(|step| {
-            matches!(
-                step.kind,
-                RollbackStepKind::Drain | RollbackStepKind::Isolate
-            ) && step.progress.status == StepStatus::Succeeded
+        .filter(|opened| opened.progress.attempts > 0)
+        .filter_map(|opened| Some((opened, opened.kind.closed_by()?)))
+        .filter(|(opened, closing)| {
+            !rollback.steps.iter().any(|step| {
+                step.kind == *closing
+                    && step.wave == opened.wave
+                    && step.host_id == opened.host_id
+                    && step.service == opened.service
+                    && step.progress.status == StepStatus::Succeeded
+            })
         })
-        .filter(|drain| {
-            drain.kind == RollbackStepKind::Drain
-                && !rollback.steps.iter().any(|step| {
-                    step.kind == RollbackStepKind::Undrain
-                        && step.wave == drain.wave
-                        && step.host_id == drain.host_id
-                        && step.service == drain.service
-                        && step.progress.status == StepStatus::Succeeded
-                })
+        .map(|(opened, _)| {
+            let what = if opened.kind == RollbackStepKind::PauseJobs {
+                "jobs paused"
+            } else {
+                "drained"
+            };
+            format!("{}/{} ({what})", opened.service, opened.host_id)
         })
-        .map(|step| format!("{}/{}", step.service, step.host_id))
         .collect()
 }
 
@@ -1012,13 +1023,13 @@ fn control_rollback(
         (RollbackAction::Abort, RollbackStatus::Running | RollbackStatus::Paused) => {
             rollback.status = RollbackStatus::Aborted;
             rollback.finished_at_ms = command.at_ms;
-            let drained = drained_hosts(rollback);
-            rollback.outcome_detail = if drained.is_empty() {
+            let open = left_open(rollback);
+            rollback.outcome_detail = if open.is_empty() {
                 format!("aborted: {reason}")
             } else {
                 format!(
-                    "aborted: {reason}; still out of rotation (drained, not undrained): {}",
-                    drained.join(", ")
+                    "aborted: {reason}; left drained or with jobs paused (not put back): {}",
+                    open.join(", ")
                 )
             };
             skip_pending(rollback);
@@ -1118,7 +1129,9 @@ fn skip_host(
     let keep_closing: Vec<(u32, String, RollbackStepKind)> = rollback
         .steps
         .iter()
-        .filter(|step| step.host_id == host_id && step.progress.status == StepStatus::Succeeded)
+        // Attempted, not only succeeded: a pause that failed half-way may have paused anyway,
+        // and putting back is idempotent.
+        .filter(|step| step.host_id == host_id && step.progress.attempts > 0)
         .filter_map(|opened| {
             let closing = opened.kind.closed_by()?;
             Some((opened.wave, opened.service.clone(), closing))

@@ -505,6 +505,21 @@ fn storage_error(
 mod tests {
     use super::*;
 
+    /// Opens the store, waiting out sled's file lock: a dropped store's background threads
+    /// release it a moment later (a real restart is a new process, which never waits).
+    fn reopen(dir: &std::path::Path) -> RaftStore {
+        for _ in 0..100 {
+            match RaftStore::open(dir) {
+                Ok(store) => return store,
+                Err(error) if error.to_string().contains("could not acquire lock") => {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
+                Err(error) => panic!("open {}: {error}", dir.display()),
+            }
+        }
+        panic!("{} stayed locked for 2 s", dir.display())
+    }
+
     fn entry(index: u64, term: u64) -> Entry {
         Entry {
             index,
@@ -518,7 +533,7 @@ mod tests {
     fn the_log_appends_truncates_conflicts_compacts_and_survives_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store = RaftStore::open(dir.path()).unwrap();
+            let store = reopen(dir.path());
             assert!(!store.is_initialized().unwrap());
             store.bootstrap(&[1, 2, 3], Vec::new()).unwrap();
             store
@@ -536,7 +551,7 @@ mod tests {
                 .unwrap();
             store.flush().unwrap();
         }
-        let store = RaftStore::open(dir.path()).unwrap();
+        let store = reopen(dir.path());
         assert!(store.is_initialized().unwrap());
         assert_eq!(
             (store.first_index().unwrap(), store.last_index().unwrap()),
@@ -582,7 +597,7 @@ mod tests {
     #[test]
     fn snapshots_live_in_one_file_and_an_installed_one_replaces_the_log_whole() {
         let dir = tempfile::tempdir().unwrap();
-        let store = RaftStore::open(dir.path()).unwrap();
+        let store = reopen(dir.path());
         store.bootstrap(&[1], b"founding".to_vec()).unwrap();
         store
             .append(&(1..=10).map(|index| entry(index, 1)).collect::<Vec<_>>())
@@ -595,7 +610,7 @@ mod tests {
         assert_eq!(files(&store), 1);
         drop(store);
 
-        let store = RaftStore::open(dir.path()).unwrap();
+        let store = reopen(dir.path());
         assert_eq!(store.first_index().unwrap(), 6);
         assert_eq!(store.latest_snapshot().unwrap().get_data(), b"state@5");
 
@@ -607,7 +622,7 @@ mod tests {
         received.mut_metadata().set_conf_state(conf_state);
         store.apply_snapshot(&received).unwrap();
         drop(store);
-        let store = RaftStore::open(dir.path()).unwrap();
+        let store = reopen(dir.path());
         assert_eq!(
             (store.first_index().unwrap(), store.last_index().unwrap()),
             (21, 20)
