@@ -101,6 +101,16 @@ pub struct RawService {
     pub checks: Vec<RawCheck>,
     /// Revert on its own while no coordinator answers (see `self_revert`); absent: never.
     pub self_revert: Option<RawSelfRevert>,
+    /// The service's database, whose schema version snapshots record (see `schema`).
+    pub database: Option<RawDatabase>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct RawDatabase {
+    /// libpq connection string (`host=... port=... user=... dbname=...`).
+    pub postgres: String,
+    pub history_table: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -190,6 +200,8 @@ pub struct ServiceConfig {
     pub catalogue: Catalogue,
     /// When the host may revert the service on its own, offline; `None`: never.
     pub self_revert: Option<SelfRevertPolicy>,
+    /// Its database, whose schema version snapshots record.
+    pub database: Option<crate::schema::DatabaseConfig>,
 }
 
 impl ServiceConfig {
@@ -214,6 +226,7 @@ impl ServiceConfig {
             keep_releases: None,
             catalogue: Catalogue::default(),
             self_revert: None,
+            database: None,
         }
     }
 }
@@ -495,6 +508,11 @@ fn validate_service(
             offline_for: Duration::from_secs(offline_for_s),
         }
     });
+    let database = raw.database.as_ref().and_then(|database| {
+        crate::schema::validate(&database.postgres, database.history_table.as_deref())
+            .map_err(|problem| problems.add(format!("{field}.database"), problem))
+            .ok()
+    });
     if problems.len() != before {
         return None;
     }
@@ -516,6 +534,7 @@ fn validate_service(
         keep_releases: raw.keep_releases,
         catalogue,
         self_revert,
+        database,
     })
 }
 

@@ -32,6 +32,9 @@ pub struct ServiceFacts {
     /// The image id the service's container runs, when one is configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container_image: Option<String>,
+    /// The latest applied migration of its database, when one is configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema_version: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,10 +128,12 @@ pub fn collect(service: &ServiceConfig) -> ServiceFacts {
                 .map_err(|why| format!("no container {name}: {why}")),
         )
     });
+    let schema_version = service.database.as_ref().map(crate::schema::schema_version);
     ServiceFacts {
         unit,
         packages,
         container_image,
+        schema_version,
     }
 }
 
@@ -161,6 +166,13 @@ pub fn diff(before: &ServiceFacts, after: &ServiceFacts) -> Vec<String> {
                 now.map_or("not recorded", String::as_str)
             ));
         }
+    }
+    if before.schema_version != after.schema_version {
+        lines.push(format!(
+            "schema version: {} -> {}",
+            before.schema_version.as_deref().unwrap_or("none"),
+            after.schema_version.as_deref().unwrap_or("none")
+        ));
     }
     if before.container_image != after.container_image {
         lines.push(format!(

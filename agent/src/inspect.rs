@@ -156,6 +156,9 @@ fn fact_lines(facts: &ServiceFacts) -> Vec<String> {
     if let Some(image) = &facts.container_image {
         lines.push(format!("container image: {image}"));
     }
+    if let Some(version) = &facts.schema_version {
+        lines.push(format!("schema version: {version}"));
+    }
     lines
 }
 

@@ -12,6 +12,7 @@
 //! - [`steps`]: executes step commands idempotently: fence, journal, act, journal.
 //! - [`catalogue`]: the optional steps (reload, named commands, jobs, purges, scale-up, checks).
 //! - [`inspect`]: describing services for `rewindctl host diff` and `host drift`.
+//! - [`schema`]: the schema version of a service's database, from its schema history table.
 //! - [`facts`]: unit state, package versions and container image, recorded in snapshots.
 //! - [`probes`]: HTTP, TCP and command health probes.
 //! - [`retention`]: which releases a service root keeps (`keep-releases`), and pruning.
@@ -34,6 +35,7 @@ pub mod offline;
 pub mod paths;
 pub mod probes;
 pub mod retention;
+pub mod schema;
 pub mod self_revert;
 pub mod snapshot;
 pub mod steps;

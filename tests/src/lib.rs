@@ -14,8 +14,10 @@ use rewind_shared::tls::TlsFiles;
 use tonic::transport::{Channel, Endpoint};
 
 pub mod netns;
+pub mod pg;
 pub mod sim;
 pub use netns::PrivateNet;
+pub use pg::Postgres;
 
 static BUILD: Once = Once::new();
 

@@ -16,3 +16,4 @@ mod t12_packaging;
 mod t13_catalogue;
 mod t14_self_revert;
 mod t15_host_diff;
+mod t16_schema_version;

@@ -1,0 +1,124 @@
+//! The schema version of a database a service owns (a shard of it, say), read from the schema
+//! history table on that database and recorded in snapshots as a fact: a restore never changes a
+//! schema (migrations do), but a snapshot diff or `rewindctl host drift` shows when one changed.
+//!
+//! ```toml
+//! [service.database]
+//! postgres = "host=127.0.0.1 port=5432 user=rewind dbname=orders"   # credentials stay here
+//! history-table = "rewind_schema_history"                           # the default
+//! ```
+//!
+//! The version is the latest applied and not reverted migration: `version (checksum)`.
+
+use std::time::Duration;
+
+/// Bound on connecting and on the query.
+const TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_HISTORY_TABLE: &str = "rewind_schema_history";
+
+#[derive(Clone, Debug)]
+pub struct DatabaseConfig {
+    pub postgres: postgres::Config,
+    pub history_table: String,
+}
+
+/// Checks a `[service.database]` section; the problem when it is wrong.
+pub fn validate(connection: &str, history_table: Option<&str>) -> Result<DatabaseConfig, String> {
+    let mut postgres: postgres::Config = connection
+        .parse()
+        .map_err(|error| format!("postgres: not a libpq connection string: {error}"))?;
+    postgres.connect_timeout(TIMEOUT);
+    let history_table = history_table.unwrap_or(DEFAULT_HISTORY_TABLE).to_string();
+    if !is_table_name(&history_table) {
+        return Err(format!(
+            "history-table: {history_table:?} must be a table name (lower-case letters, digits, _; \
+             optionally schema.table)"
+        ));
+    }
+    Ok(DatabaseConfig {
+        postgres,
+        history_table,
+    })
+}
+
+fn is_table_name(name: &str) -> bool {
+    let part = |part: &str| {
+        !part.is_empty()
+            && part.len() <= 63
+            && part.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+            && part
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    };
+    let parts: Vec<&str> = name.split('.').collect();
+    parts.len() <= 2 && parts.iter().all(|name| part(name))
+}
+
+/// `version (checksum)` of the latest applied, not reverted migration; or why there is none.
+/// Blocking (the `postgres` client runs its own small runtime): call from blocking code.
+pub fn schema_version(database: &DatabaseConfig) -> String {
+    read(database).unwrap_or_else(|why| why)
+}
+
+fn read(database: &DatabaseConfig) -> Result<String, String> {
+    let mut client = database
+        .postgres
+        .connect(postgres::NoTls)
+        .map_err(|error| format!("cannot connect: {error}"))?;
+    let query = |error: postgres::Error| format!("cannot read the schema history: {error}");
+    client
+        .batch_execute(&format!("SET statement_timeout = {}", TIMEOUT.as_millis()))
+        .map_err(query)?;
+    let exists: bool = client
+        .query_one(
+            "SELECT to_regclass($1) IS NOT NULL",
+            &[&database.history_table],
+        )
+        .map_err(query)?
+        .get(0);
+    if !exists {
+        return Err(format!(
+            "no schema history table {}",
+            database.history_table
+        ));
+    }
+    // The table name was checked to be a plain identifier when the config was loaded.
+    let latest = client
+        .query_opt(
+            &format!(
+                "SELECT version, checksum FROM {} WHERE reverted_at IS NULL \
+                 ORDER BY applied_at DESC, version DESC LIMIT 1",
+                database.history_table
+            ),
+            &[],
+        )
+        .map_err(query)?;
+    Ok(match latest {
+        Some(row) => format!("{} ({})", row.get::<_, String>(0), row.get::<_, String>(1)),
+        None => "no migration applied".to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_database_sections_say_what_is_wrong() {
+        assert!(
+            validate("host=db port=notaport", None)
+                .unwrap_err()
+                .contains("not a libpq connection string")
+        );
+        for table in ["history; DROP TABLE x", "A", "a.b.c", ""] {
+            assert!(
+                validate("host=db", Some(table))
+                    .unwrap_err()
+                    .contains("must be a table name"),
+                "{table}"
+            );
+        }
+        let ok = validate("host=db user=rewind dbname=orders", Some("ops.history")).unwrap();
+        assert_eq!(ok.history_table, "ops.history");
+    }
+}
