@@ -35,6 +35,11 @@ pub struct ServiceFacts {
     /// The latest applied migration of its database, when one is configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schema_version: Option<String>,
+    /// The flags file's flags (`name=on|off`, sorted), when one is configured. Recorded, not
+    /// restored: flags belong to the coordinator, which turns a change's flags back itself and
+    /// must never see a restore undo a later kill switch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flags: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -129,12 +134,39 @@ pub fn collect(service: &ServiceConfig) -> ServiceFacts {
         )
     });
     let schema_version = service.database.as_ref().map(crate::schema::schema_version);
+    let flags = service
+        .flags_file
+        .as_ref()
+        .map(|relative| read_flags(service, relative));
     ServiceFacts {
         unit,
         packages,
         container_image,
         schema_version,
+        flags,
     }
+}
+
+/// The flags file as `a=on, b=off`, or why it could not be read.
+fn read_flags(service: &ServiceConfig, relative: &str) -> String {
+    let read = || -> Result<String, String> {
+        let path = crate::paths::confined(&service.name, &service.root, relative)
+            .map_err(|error| error.to_string())?;
+        let Some((bytes, _)) = crate::snapshot::read_config_file(&service.name, relative, &path)
+            .map_err(|error| error.to_string())?
+        else {
+            return Ok("no flags file".to_string());
+        };
+        let flags: BTreeMap<String, bool> = serde_json::from_slice(&bytes)
+            .map_err(|error| format!("not a JSON object of booleans: {error}"))?;
+        Ok(flags
+            .iter()
+            .map(|(name, on)| format!("{name}={}", if *on { "on" } else { "off" }))
+            .collect::<Vec<_>>()
+            .join(", "))
+    };
+    let text = read().unwrap_or_else(|why| why);
+    rewind_shared::names::truncate(&text, MAX_OUTPUT).to_string()
 }
 
 /// What differs between two sets of facts, one line each.
@@ -166,6 +198,13 @@ pub fn diff(before: &ServiceFacts, after: &ServiceFacts) -> Vec<String> {
                 now.map_or("not recorded", String::as_str)
             ));
         }
+    }
+    if before.flags != after.flags {
+        lines.push(format!(
+            "flags: {} -> {}",
+            before.flags.as_deref().unwrap_or("none"),
+            after.flags.as_deref().unwrap_or("none")
+        ));
     }
     if before.schema_version != after.schema_version {
         lines.push(format!(
@@ -238,5 +277,40 @@ mod tests {
     fn a_command_that_hangs_is_cut_off() {
         let error = first_line(&["sleep", "30"]).unwrap_err();
         assert!(error.contains("sleep 30: no answer within 5s"), "{error}");
+    }
+}
+
+#[cfg(test)]
+mod flag_tests {
+    use super::*;
+
+    #[test]
+    fn the_flags_file_is_recorded_as_a_fact_and_its_changes_diffed() {
+        let root = tempfile::tempdir().unwrap();
+        let service = ServiceConfig {
+            flags_file: Some("flags.json".into()),
+            ..ServiceConfig::bare("web", root.path())
+        };
+        assert_eq!(collect(&service).flags.as_deref(), Some("no flags file"));
+        std::fs::write(
+            root.path().join("flags.json"),
+            r#"{"new-ui": true, "beta": false}"#,
+        )
+        .unwrap();
+        let before = collect(&service);
+        assert_eq!(before.flags.as_deref(), Some("beta=off, new-ui=on"));
+        std::fs::write(root.path().join("flags.json"), r#"{"new-ui": false}"#).unwrap();
+        let after = collect(&service);
+        assert_eq!(
+            diff(&before, &after),
+            ["flags: beta=off, new-ui=on -> new-ui=off"]
+        );
+        std::fs::write(root.path().join("flags.json"), "not json").unwrap();
+        assert!(
+            collect(&service)
+                .flags
+                .unwrap()
+                .starts_with("not a JSON object of booleans")
+        );
     }
 }

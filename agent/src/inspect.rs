@@ -159,6 +159,9 @@ fn fact_lines(facts: &ServiceFacts) -> Vec<String> {
     if let Some(version) = &facts.schema_version {
         lines.push(format!("schema version: {version}"));
     }
+    if let Some(flags) = &facts.flags {
+        lines.push(format!("flags: {flags}"));
+    }
     lines
 }
 
