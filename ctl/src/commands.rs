@@ -44,6 +44,9 @@ pub enum Command {
     /// Releases (immutable versions with an artifact digest).
     #[command(subcommand)]
     Release(ReleaseCommand),
+    /// Schema migrations of databases (up, down and verify scripts, checksummed).
+    #[command(subcommand)]
+    Migration(crate::migrations::MigrationCommand),
     /// Changes: a release deployed to hosts, with a snapshot taken first.
     #[command(subcommand)]
     Change(ChangeCommand),
@@ -434,6 +437,7 @@ async fn execute(
         Command::Host(command) => crate::hosts::run(client, format, command).await,
         Command::Service(command) => service(client, format, command).await,
         Command::Release(command) => release(client, format, command).await,
+        Command::Migration(command) => crate::migrations::run(client, format, command).await,
         Command::Change(command) => change(client, format, command).await,
         Command::Rollback(command) => rollback(client, format, command).await,
         Command::Audit(command) => audit(client, format, command).await,

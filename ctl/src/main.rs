@@ -7,6 +7,7 @@ mod commands;
 mod demo;
 mod flags;
 mod hosts;
+mod migrations;
 mod output;
 mod plans;
 mod watch;

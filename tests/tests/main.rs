@@ -17,3 +17,4 @@ mod t13_catalogue;
 mod t14_self_revert;
 mod t15_host_diff;
 mod t16_schema_version;
+mod t17_migrations;

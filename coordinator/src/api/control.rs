@@ -91,6 +91,57 @@ impl ControlService for Control {
         Ok(Response::new(pb::ListServicesResponse { services }))
     }
 
+    async fn register_migration(
+        &self,
+        request: Request<pb::RegisterMigrationRequest>,
+    ) -> Result<Response<pb::RegisterMigrationResponse>, Status> {
+        let identity = caller(&request)?;
+        let request = request.into_inner();
+        let migration = request
+            .migration
+            .ok_or_else(|| invalid("migration", "is required"))?;
+        let record = validate_migration(migration)?;
+        let (database, version) = (record.database.clone(), record.version.clone());
+        self.context
+            .propose(
+                &identity,
+                &request.request_id,
+                CommandKind::RegisterMigration { migration: record },
+            )
+            .await?;
+        let migration = self.context.node.read(|state| {
+            state
+                .migrations
+                .get(&database)
+                .and_then(|versions| versions.get(&version))
+                .map(|record| convert::migration(record, true))
+        });
+        Ok(Response::new(pb::RegisterMigrationResponse { migration }))
+    }
+
+    async fn list_migrations(
+        &self,
+        request: Request<pb::ListMigrationsRequest>,
+    ) -> Result<Response<pb::ListMigrationsResponse>, Status> {
+        self.context.current().await?;
+        let request = request.into_inner();
+        if !request.database.is_empty() {
+            names::validate_name("database", &request.database).map_err(field_error)?;
+        }
+        let migrations = self.context.node.read(|state| {
+            state
+                .migrations
+                .iter()
+                .filter(|(database, _)| {
+                    request.database.is_empty() || **database == request.database
+                })
+                .flat_map(|(_, versions)| versions.values())
+                .map(|record| convert::migration(record, request.with_scripts))
+                .collect()
+        });
+        Ok(Response::new(pb::ListMigrationsResponse { migrations }))
+    }
+
     async fn register_release(
         &self,
         request: Request<pb::RegisterReleaseRequest>,
@@ -1026,6 +1077,65 @@ fn validate_service(service: pb::Service) -> Result<ServiceRecord, Status> {
         policy,
         synthetics,
         rollback_steps,
+    })
+}
+
+/// Largest script a migration may carry.
+const MAX_SCRIPT_BYTES: usize = 256 * 1024;
+
+fn validate_migration(migration: pb::Migration) -> Result<MigrationRecord, Status> {
+    names::validate_name("migration.database", &migration.database).map_err(field_error)?;
+    names::validate_version("migration.version", &migration.version).map_err(field_error)?;
+    let class = match pb::MigrationClass::try_from(migration.class) {
+        Ok(pb::MigrationClass::Expand) => MigrationClass::Expand,
+        Ok(pb::MigrationClass::Contract) => MigrationClass::Contract,
+        Ok(pb::MigrationClass::Data) => MigrationClass::Data,
+        _ => {
+            return Err(invalid(
+                "migration.class",
+                "must be expand, contract or data",
+            ));
+        }
+    };
+    for (field, script) in [
+        ("migration.up_sql", &migration.up_sql),
+        ("migration.down_sql", &migration.down_sql),
+        ("migration.verify_sql", &migration.verify_sql),
+    ] {
+        if script.len() > MAX_SCRIPT_BYTES {
+            return Err(invalid(
+                field,
+                format!("is {} bytes, at most {MAX_SCRIPT_BYTES}", script.len()),
+            ));
+        }
+    }
+    if migration.up_sql.trim().is_empty() {
+        return Err(invalid("migration.up_sql", "is empty"));
+    }
+    if migration.down_sql.trim().is_empty() {
+        return Err(invalid(
+            "migration.down_sql",
+            format!(
+                "{}@{} has no down script: a migration that cannot be undone is refused",
+                migration.database, migration.version
+            ),
+        ));
+    }
+    let checksum = migration_checksum(
+        &migration.up_sql,
+        &migration.down_sql,
+        &migration.verify_sql,
+    );
+    Ok(MigrationRecord {
+        database: migration.database,
+        version: migration.version,
+        class,
+        up_sql: migration.up_sql,
+        down_sql: migration.down_sql,
+        verify_sql: migration.verify_sql,
+        checksum,
+        registered_at_ms: 0,
+        registered_by: String::new(),
     })
 }
 

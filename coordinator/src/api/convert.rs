@@ -83,6 +83,32 @@ fn recipe_texts(recipe: &[crate::recipe::RecipeStep]) -> Vec<String> {
     recipe.iter().map(ToString::to_string).collect()
 }
 
+pub fn migration(migration: &MigrationRecord, with_scripts: bool) -> pb::Migration {
+    let script = |text: &String| {
+        if with_scripts {
+            text.clone()
+        } else {
+            String::new()
+        }
+    };
+    pb::Migration {
+        database: migration.database.clone(),
+        version: migration.version.clone(),
+        class: match migration.class {
+            MigrationClass::Expand => pb::MigrationClass::Expand,
+            MigrationClass::Contract => pb::MigrationClass::Contract,
+            MigrationClass::Data => pb::MigrationClass::Data,
+        }
+        .into(),
+        up_sql: script(&migration.up_sql),
+        down_sql: script(&migration.down_sql),
+        verify_sql: script(&migration.verify_sql),
+        checksum: migration.checksum.clone(),
+        registered_at_ms: migration.registered_at_ms,
+        registered_by: migration.registered_by.clone(),
+    }
+}
+
 pub fn release(release: &ReleaseRecord) -> pb::Release {
     pb::Release {
         service: release.service.clone(),

@@ -127,6 +127,9 @@ fn apply_kind(state: &mut State, command: &Command) -> Result<(Outcome, String, 
             Ok((Outcome::Done, service.name.clone(), "ok".into()))
         }
         CommandKind::RegisterRelease { release } => register_release(state, release, at_ms),
+        CommandKind::RegisterMigration { migration } => {
+            register_migration(state, migration, &command.identity, at_ms)
+        }
         CommandKind::StartChange { .. } => start_change(state, command),
         CommandKind::SetFlag {
             environment,
@@ -281,6 +284,68 @@ fn check_no_cycle(state: &State, service: &ServiceRecord) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Registers a migration once; the same one again is a no-op, a different one under a version
+/// already taken is refused (registered migrations are immutable: give it a new version).
+fn register_migration(
+    state: &mut State,
+    migration: &MigrationRecord,
+    identity: &str,
+    at_ms: u64,
+) -> Result<(Outcome, String, String)> {
+    let target = format!("{}@{}", migration.database, migration.version);
+    if migration.down_sql.trim().is_empty() {
+        return Err(CoordinatorError::invalid(
+            "migration.down_sql",
+            format!("{target} has no down script: a migration that cannot be undone is refused"),
+        ));
+    }
+    let checksum = migration_checksum(
+        &migration.up_sql,
+        &migration.down_sql,
+        &migration.verify_sql,
+    );
+    if migration.checksum != checksum {
+        return Err(CoordinatorError::invalid(
+            "migration.checksum",
+            format!(
+                "{target}: {} does not match its scripts ({checksum})",
+                migration.checksum
+            ),
+        ));
+    }
+    let versions = state
+        .migrations
+        .entry(migration.database.clone())
+        .or_default();
+    if let Some(existing) = versions.get(&migration.version) {
+        if existing.checksum == migration.checksum && existing.class == migration.class {
+            return Ok((Outcome::Done, target, "ok: already registered".into()));
+        }
+        return Err(CoordinatorError::invalid(
+            "migration.version",
+            format!(
+                "{target} is already registered with checksum {} ({}): a registered migration \
+                 never changes; register the new scripts under a new version",
+                existing.checksum,
+                existing.class.name()
+            ),
+        ));
+    }
+    versions.insert(
+        migration.version.clone(),
+        std::sync::Arc::new(MigrationRecord {
+            registered_at_ms: at_ms,
+            registered_by: identity.to_string(),
+            ..migration.clone()
+        }),
+    );
+    Ok((
+        Outcome::Done,
+        target,
+        format!("ok: {} {}", migration.class.name(), migration.checksum),
+    ))
 }
 
 fn register_release(

@@ -658,3 +658,68 @@ fn an_offline_self_revert_is_recorded_on_its_change_once_and_audited() {
     };
     assert!(harness.run_as("db-9", "", stranger).is_err());
 }
+
+#[test]
+fn migrations_are_registered_once_immutable_and_never_without_a_down_script() {
+    let mut harness = Harness::new();
+    let migration = |down: &str| {
+        let (up, verify) = ("ALTER TABLE t ADD COLUMN c int", "");
+        MigrationRecord {
+            database: "orders".into(),
+            version: "0042".into(),
+            class: MigrationClass::Expand,
+            up_sql: up.into(),
+            down_sql: down.into(),
+            verify_sql: verify.into(),
+            checksum: migration_checksum(up, down, verify),
+            registered_at_ms: 0,
+            registered_by: String::new(),
+        }
+    };
+    let down = "ALTER TABLE t DROP COLUMN c";
+    harness.must(CommandKind::RegisterMigration {
+        migration: migration(down),
+    });
+    let kept = &harness.state.migrations["orders"]["0042"];
+    assert_eq!(
+        (kept.registered_by.as_str(), kept.registered_at_ms),
+        ("operator", 1_000)
+    );
+    // The same again is a no-op; other scripts under the same version are refused.
+    harness.must(CommandKind::RegisterMigration {
+        migration: migration(down),
+    });
+    let changed = harness
+        .run(CommandKind::RegisterMigration {
+            migration: migration("DROP TABLE t"),
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(
+        changed.contains("orders@0042 is already registered"),
+        "{changed}"
+    );
+    let no_down = harness
+        .run(CommandKind::RegisterMigration {
+            migration: MigrationRecord {
+                version: "0043".into(),
+                ..migration("  ")
+            },
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(no_down.contains("has no down script"), "{no_down}");
+    let mut forged = migration(down);
+    forged.version = "0044".into();
+    forged.checksum = "sha256:00".into();
+    let error = harness
+        .run(CommandKind::RegisterMigration { migration: forged })
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("does not match its scripts"), "{error}");
+    // The checksum separates the scripts: moving text from one to the next changes it.
+    assert_ne!(
+        migration_checksum("ab", "c", ""),
+        migration_checksum("a", "bc", "")
+    );
+}

@@ -6,9 +6,9 @@
 use serde::{Deserialize, Serialize};
 
 use super::state::{
-    HealthAggregate, Labels, MemberRecord, PlanOptions, ReleaseRecord, RollbackStepKind,
-    SelfRevertNote, ServiceRecord, ThrottleLimits, Trigger, TriggerOutcome, TriggerSource,
-    change_id, parse_numbered_id, rollback_id,
+    HealthAggregate, Labels, MemberRecord, MigrationRecord, PlanOptions, ReleaseRecord,
+    RollbackStepKind, SelfRevertNote, ServiceRecord, ThrottleLimits, Trigger, TriggerOutcome,
+    TriggerSource, change_id, parse_numbered_id, rollback_id,
 };
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -34,6 +34,10 @@ pub enum CommandKind {
     },
     RegisterRelease {
         release: ReleaseRecord,
+    },
+    /// Registers a schema migration (checksum computed by the caller, checked by apply).
+    RegisterMigration {
+        migration: MigrationRecord,
     },
     StartChange {
         service: String,
@@ -289,6 +293,7 @@ impl CommandKind {
             Self::RegisterHost { .. } => "host.register",
             Self::PutService { .. } => "service.put",
             Self::RegisterRelease { .. } => "release.register",
+            Self::RegisterMigration { .. } => "migration.register",
             Self::StartChange { .. } => "change.start",
             Self::StepStarted { .. } => "step.start",
             Self::StepFinished { .. } => "step.finish",

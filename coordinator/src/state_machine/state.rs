@@ -48,6 +48,53 @@ pub struct State {
     /// Feature flags: environment -> service -> flag.
     #[serde(default)]
     pub flags: BTreeMap<String, BTreeMap<String, BTreeMap<String, FlagRecord>>>,
+    /// Schema migrations: database -> version -> migration. Immutable once registered.
+    #[serde(default)]
+    pub migrations: BTreeMap<String, BTreeMap<String, Arc<MigrationRecord>>>,
+}
+
+/// Whether the application version before a migration still works after it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MigrationClass {
+    Expand,
+    Contract,
+    Data,
+}
+
+impl MigrationClass {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Expand => "expand",
+            Self::Contract => "contract",
+            Self::Data => "data",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MigrationRecord {
+    pub database: String,
+    pub version: String,
+    pub class: MigrationClass,
+    pub up_sql: String,
+    pub down_sql: String,
+    pub verify_sql: String,
+    /// `sha256:` over up, down and verify (see [`migration_checksum`]).
+    pub checksum: String,
+    pub registered_at_ms: u64,
+    pub registered_by: String,
+}
+
+/// The checksum the schema history records for a migration: sha256 over the three scripts,
+/// each preceded by its length, so no script's end can be moved into the next.
+pub fn migration_checksum(up_sql: &str, down_sql: &str, verify_sql: &str) -> String {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    for script in [up_sql, down_sql, verify_sql] {
+        hasher.update((script.len() as u64).to_be_bytes());
+        hasher.update(script.as_bytes());
+    }
+    format!("sha256:{}", hex::encode(hasher.finalize()))
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
