@@ -12,6 +12,7 @@
 //! - [`steps`]: executes step commands idempotently: fence, journal, act, journal.
 //! - [`catalogue`]: the optional steps (reload, named commands, jobs, purges, scale-up, checks).
 //! - [`inspect`]: describing services for `rewindctl host diff` and `host drift`.
+//! - [`migrate`]: applying and reverting schema migrations, recorded in the history table.
 //! - [`schema`]: the schema version of a service's database, from its schema history table.
 //! - [`facts`]: unit state, package versions and container image, recorded in snapshots.
 //! - [`probes`]: HTTP, TCP and command health probes.
@@ -31,6 +32,7 @@ pub mod facts;
 pub mod host;
 pub mod host_metrics;
 pub mod inspect;
+pub mod migrate;
 pub mod offline;
 pub mod paths;
 pub mod probes;

@@ -18,3 +18,4 @@ mod t14_self_revert;
 mod t15_host_diff;
 mod t16_schema_version;
 mod t17_migrations;
+mod t18_migrate;
