@@ -31,12 +31,25 @@ fn failed(what: &str) -> impl Fn(postgres::Error) -> AgentError + '_ {
     }
 }
 
-/// Creates the schema history table if it is missing.
-fn ensure_history(
-    transaction: &mut postgres::Transaction<'_>,
-    table: &str,
-) -> Result<(), AgentError> {
-    // The table name was checked to be a plain identifier when the config was loaded.
+/// Key space of rewind's advisory locks (the first of the two keys), so they never collide with
+/// the application's own single-key locks.
+const LOCK_SPACE: i32 = 0x7265_7764; // "rewd"
+
+/// Takes the database's migration lock (one migration at a time, whatever else runs), bounds
+/// how long a statement may wait for a table lock, then creates the schema history table if it
+/// is missing.
+fn prepare(transaction: &mut postgres::Transaction<'_>, table: &str) -> Result<(), AgentError> {
+    transaction
+        .execute(
+            "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+            &[&LOCK_SPACE, &table],
+        )
+        .map_err(failed("lock the schema history"))?;
+    // An ALTER waiting behind a long transaction would queue every query on its table.
+    transaction
+        .batch_execute("SET LOCAL lock_timeout = '10s'")
+        .map_err(failed("set lock_timeout"))?;
+    let table = crate::schema::quoted_table(table);
     transaction
         .batch_execute(&format!(
             "CREATE TABLE IF NOT EXISTS {table} (version text PRIMARY KEY, checksum text NOT NULL, \
@@ -58,10 +71,6 @@ fn recorded(
     table: &str,
     migration: &Migration,
 ) -> Result<Recorded, AgentError> {
-    // One migration at a time per database, whatever else runs against it.
-    transaction
-        .execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&table])
-        .map_err(failed("lock the schema history"))?;
     let row = transaction
         .query_opt(
             &format!("SELECT checksum, reverted_at IS NOT NULL FROM {table} WHERE version = $1"),
@@ -86,6 +95,46 @@ fn recorded(
     })
 }
 
+/// Refuses scripts that are not the registered ones: their checksum is computed here again.
+fn check_scripts(migration: &Migration) -> Result<(), AgentError> {
+    let actual = rewind_shared::digest::migration_checksum(
+        &migration.up_sql,
+        &migration.down_sql,
+        &migration.verify_sql,
+    );
+    if actual != migration.checksum {
+        return Err(refused(format!(
+            "migration {}: its scripts hash to {actual}, not to the registered {}",
+            migration.version, migration.checksum
+        )));
+    }
+    Ok(())
+}
+
+/// Runs a script inside the migration's transaction and checks it did not end that transaction
+/// itself (a COMMIT or ROLLBACK in the script would leave part of it applied on its own).
+fn run_script(
+    transaction: &mut postgres::Transaction<'_>,
+    what: &str,
+    script: &str,
+) -> Result<(), AgentError> {
+    let txid = |transaction: &mut postgres::Transaction<'_>| -> Result<i64, AgentError> {
+        Ok(transaction
+            .query_one("SELECT txid_current()", &[])
+            .map_err(failed(what))?
+            .get(0))
+    };
+    let before = txid(transaction)?;
+    transaction.batch_execute(script).map_err(failed(what))?;
+    if txid(transaction)? != before {
+        return Err(refused(format!(
+            "{what} ended the migration's transaction itself (COMMIT or ROLLBACK in the script): \
+             what ran before that is applied; check the database by hand"
+        )));
+    }
+    Ok(())
+}
+
 fn connect(database: &DatabaseConfig) -> Result<postgres::Client, AgentError> {
     database
         .postgres
@@ -99,17 +148,20 @@ pub fn apply(
     migration: &Migration,
     by: &str,
 ) -> Result<String, AgentError> {
-    let table = &database.history_table;
+    check_scripts(migration)?;
+    let table = &crate::schema::quoted_table(&database.history_table);
     let mut client = connect(database)?;
     let mut transaction = client.transaction().map_err(failed("begin"))?;
-    ensure_history(&mut transaction, table)?;
+    prepare(&mut transaction, &database.history_table)?;
     let state = recorded(&mut transaction, table, migration)?;
     if let Recorded::Applied = state {
         return Ok(format!("{} already applied", migration.version));
     }
-    transaction
-        .batch_execute(&migration.up_sql)
-        .map_err(failed(&format!("up script of {}", migration.version)))?;
+    run_script(
+        &mut transaction,
+        &format!("up script of {}", migration.version),
+        &migration.up_sql,
+    )?;
     let recorded = match state {
         Recorded::Reverted => transaction.execute(
             &format!(
@@ -144,10 +196,11 @@ pub fn revert(
     migration: &Migration,
     by: &str,
 ) -> Result<String, AgentError> {
-    let table = &database.history_table;
+    check_scripts(migration)?;
+    let table = &crate::schema::quoted_table(&database.history_table);
     let mut client = connect(database)?;
     let mut transaction = client.transaction().map_err(failed("begin"))?;
-    ensure_history(&mut transaction, table)?;
+    prepare(&mut transaction, &database.history_table)?;
     match recorded(&mut transaction, table, migration)? {
         Recorded::Never => {
             return Err(refused(format!(
@@ -158,16 +211,35 @@ pub fn revert(
         Recorded::Reverted => return Ok(format!("{} already reverted", migration.version)),
         Recorded::Applied => {}
     }
-    transaction
-        .batch_execute(&migration.down_sql)
-        .map_err(failed(&format!("down script of {}", migration.version)))?;
+    // Newest first: a migration applied after this one and still applied must go before it.
+    let later: Option<String> = transaction
+        .query_opt(
+            &format!(
+                "SELECT version FROM {table} WHERE reverted_at IS NULL AND version <> $1 AND \
+                 applied_at > (SELECT applied_at FROM {table} WHERE version = $1) \
+                 ORDER BY applied_at LIMIT 1"
+            ),
+            &[&migration.version],
+        )
+        .map_err(failed("read the schema history"))?
+        .map(|row| row.get(0));
+    if let Some(later) = later {
+        return Err(refused(format!(
+            "migration {later} was applied after {} and is still applied: revert it first",
+            migration.version
+        )));
+    }
+    run_script(
+        &mut transaction,
+        &format!("down script of {}", migration.version),
+        &migration.down_sql,
+    )?;
     if !migration.verify_sql.trim().is_empty() {
-        transaction
-            .batch_execute(&migration.verify_sql)
-            .map_err(failed(&format!(
-                "verify script of {} after down",
-                migration.version
-            )))?;
+        run_script(
+            &mut transaction,
+            &format!("verify script of {} after down", migration.version),
+            &migration.verify_sql,
+        )?;
     }
     transaction
         .execute(

@@ -28,6 +28,9 @@ pub fn validate(connection: &str, history_table: Option<&str>) -> Result<Databas
         .parse()
         .map_err(|error| format!("postgres: not a libpq connection string: {error}"))?;
     postgres.connect_timeout(TIMEOUT);
+    // A peer that stops answering mid-session fails the session instead of hanging it.
+    postgres.tcp_user_timeout(TIMEOUT * 6);
+    postgres.keepalives_idle(TIMEOUT * 6);
     let history_table = history_table.unwrap_or(DEFAULT_HISTORY_TABLE).to_string();
     if !is_table_name(&history_table) {
         return Err(format!(
@@ -39,6 +42,15 @@ pub fn validate(connection: &str, history_table: Option<&str>) -> Result<Databas
         postgres,
         history_table,
     })
+}
+
+/// The history table as SQL: each part quoted, so a name that is also a keyword (`order`)
+/// still works. The parts were checked to be plain lower-case identifiers.
+pub fn quoted_table(name: &str) -> String {
+    name.split('.')
+        .map(|part| format!("\"{part}\""))
+        .collect::<Vec<_>>()
+        .join(".")
 }
 
 fn is_table_name(name: &str) -> bool {
@@ -88,7 +100,7 @@ fn read(database: &DatabaseConfig) -> Result<String, String> {
             &format!(
                 "SELECT version, checksum FROM {} WHERE reverted_at IS NULL \
                  ORDER BY applied_at DESC, version DESC LIMIT 1",
-                database.history_table
+                quoted_table(&database.history_table)
             ),
             &[],
         )

@@ -35,7 +35,7 @@ pub enum MigrationCommand {
         /// File holding the down script (required: what cannot be undone is refused).
         #[arg(long)]
         down: PathBuf,
-        /// File holding a verify script, run after up and after down.
+        /// File holding a verify script, run after the down script (an error undoes the revert).
         #[arg(long)]
         verify: Option<PathBuf>,
     },

@@ -19,6 +19,19 @@ pub fn sha256_digest(bytes: &[u8]) -> String {
 }
 
 /// Lower-case hex sha256 of `bytes`, without a prefix.
+/// The checksum the schema history records for a migration: sha256 over the three scripts,
+/// each preceded by its length, so no script's end can be moved into the next. Computed by the
+/// coordinator at registration and again by the agent before it runs them.
+pub fn migration_checksum(up_sql: &str, down_sql: &str, verify_sql: &str) -> String {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    for script in [up_sql, down_sql, verify_sql] {
+        hasher.update((script.len() as u64).to_be_bytes());
+        hasher.update(script.as_bytes());
+    }
+    format!("sha256:{}", hex::encode(hasher.finalize()))
+}
+
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }

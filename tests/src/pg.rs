@@ -77,10 +77,16 @@ impl Postgres {
         );
         let port = crate::free_port();
         let options = format!(
-            "-p {port} -k {socket} -c listen_addresses=127.0.0.1 -c max_prepared_transactions=16 \
+            "-p {port} -k '{socket}' -c listen_addresses=127.0.0.1 -c max_prepared_transactions=16 \
              -c fsync=off -c shared_buffers=16MB",
             socket = dir.display()
         );
+        // The guard exists before the server starts, so a start that times out is stopped too.
+        let server = Self {
+            port,
+            data_dir: data_dir.clone(),
+            bin_dir: bin_dir.clone(),
+        };
         let output = as_postgres(&bin_dir.join("pg_ctl"))
             .args(["-w", "-t", "60", "-D"])
             .arg(&data_dir)
@@ -95,11 +101,6 @@ impl Postgres {
             String::from_utf8_lossy(&output.stderr),
             std::fs::read_to_string(dir.join("postgres.log")).unwrap_or_default()
         );
-        let server = Self {
-            port,
-            data_dir,
-            bin_dir,
-        };
         crate::must_wait(
             Duration::from_secs(30),
             "PostgreSQL to accept connections",

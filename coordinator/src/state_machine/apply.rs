@@ -315,6 +315,28 @@ fn register_migration(
             ),
         ));
     }
+    let script_bytes = |record: &MigrationRecord| {
+        record.up_sql.len() + record.down_sql.len() + record.verify_sql.len()
+    };
+    let held: usize = state
+        .migrations
+        .values()
+        .flat_map(|versions| versions.values())
+        .map(|record| script_bytes(record))
+        .sum();
+    let already = state
+        .migrations
+        .get(&migration.database)
+        .is_some_and(|versions| versions.contains_key(&migration.version));
+    if !already && held + script_bytes(migration) > MAX_REGISTRY_SCRIPT_BYTES {
+        return Err(CoordinatorError::invalid(
+            "migration",
+            format!(
+                "{target}: the registry already holds {held} bytes of scripts and takes at most \
+                 {MAX_REGISTRY_SCRIPT_BYTES} (it is replicated state)"
+            ),
+        ));
+    }
     let versions = state
         .migrations
         .entry(migration.database.clone())

@@ -85,17 +85,11 @@ pub struct MigrationRecord {
     pub registered_by: String,
 }
 
-/// The checksum the schema history records for a migration: sha256 over the three scripts,
-/// each preceded by its length, so no script's end can be moved into the next.
-pub fn migration_checksum(up_sql: &str, down_sql: &str, verify_sql: &str) -> String {
-    use sha2::Digest;
-    let mut hasher = sha2::Sha256::new();
-    for script in [up_sql, down_sql, verify_sql] {
-        hasher.update((script.len() as u64).to_be_bytes());
-        hasher.update(script.as_bytes());
-    }
-    format!("sha256:{}", hex::encode(hasher.finalize()))
-}
+pub use rewind_shared::digest::migration_checksum;
+
+/// Most script bytes the registry holds over every database: the registry is replicated state,
+/// and a state snapshot travels to a new member as one message (4 MiB).
+pub const MAX_REGISTRY_SCRIPT_BYTES: usize = 2 << 20;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct FlagRecord {
