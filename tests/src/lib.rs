@@ -870,14 +870,15 @@ pub async fn must_change(client: &mut ControlServiceClient<Channel>, version: &s
         .change_id
 }
 
-/// Waits until the change satisfies `done`.
+/// Waits until the change satisfies `done`: up to 180 s, as a loaded CI machine runs four
+/// integration tests at once on two cores (60 s was once too short for an automatic rollback).
 pub async fn must_change_where(
     client: &ControlServiceClient<Channel>,
     change_id: &str,
     what: &str,
     done: impl Fn(&rewind_proto::v1::Change) -> bool,
 ) -> rewind_proto::v1::Change {
-    must_wait_async(Duration::from_secs(60), what, || {
+    must_wait_async(Duration::from_secs(180), what, || {
         let mut client = client.clone();
         let change_id = change_id.to_string();
         let done = &done;
