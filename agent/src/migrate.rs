@@ -142,50 +142,63 @@ fn connect(database: &DatabaseConfig) -> Result<postgres::Client, AgentError> {
         .map_err(|error| refused(format!("cannot connect to the database: {error}")))
 }
 
+/// Runs `act` in one transaction on the database, after checking the scripts, taking the
+/// migration lock and reading where the migration stands; commits when `act` succeeds.
+fn in_history_transaction(
+    database: &DatabaseConfig,
+    migration: &Migration,
+    act: impl FnOnce(&mut postgres::Transaction<'_>, &str, Recorded) -> Result<String, AgentError>,
+) -> Result<String, AgentError> {
+    check_scripts(migration)?;
+    let table = crate::schema::quoted_table(&database.history_table);
+    let mut client = connect(database)?;
+    let mut transaction = client.transaction().map_err(failed("begin"))?;
+    prepare(&mut transaction, &database.history_table)?;
+    let state = recorded(&mut transaction, &table, migration)?;
+    let done = act(&mut transaction, &table, state)?;
+    transaction.commit().map_err(failed("commit"))?;
+    Ok(done)
+}
+
 /// Runs the up script and records it; a migration already applied answers so.
 pub fn apply(
     database: &DatabaseConfig,
     migration: &Migration,
     by: &str,
 ) -> Result<String, AgentError> {
-    check_scripts(migration)?;
-    let table = &crate::schema::quoted_table(&database.history_table);
-    let mut client = connect(database)?;
-    let mut transaction = client.transaction().map_err(failed("begin"))?;
-    prepare(&mut transaction, &database.history_table)?;
-    let state = recorded(&mut transaction, table, migration)?;
-    if let Recorded::Applied = state {
-        return Ok(format!("{} already applied", migration.version));
-    }
-    run_script(
-        &mut transaction,
-        &format!("up script of {}", migration.version),
-        &migration.up_sql,
-    )?;
-    let recorded = match state {
-        Recorded::Reverted => transaction.execute(
-            &format!(
-                "UPDATE {table} SET applied_at = now(), applied_by = $2, reverted_at = NULL, \
-                 reverted_by = NULL WHERE version = $1"
+    in_history_transaction(database, migration, |transaction, table, state| {
+        if let Recorded::Applied = state {
+            return Ok(format!("{} already applied", migration.version));
+        }
+        run_script(
+            transaction,
+            &format!("up script of {}", migration.version),
+            &migration.up_sql,
+        )?;
+        let recorded = match state {
+            Recorded::Reverted => transaction.execute(
+                &format!(
+                    "UPDATE {table} SET applied_at = now(), applied_by = $2, reverted_at = NULL, \
+                     reverted_by = NULL WHERE version = $1"
+                ),
+                &[&migration.version, &by],
             ),
-            &[&migration.version, &by],
-        ),
-        _ => transaction.execute(
-            &format!(
-                "INSERT INTO {table} (version, applied_by, checksum, class, applied_at) \
-                 VALUES ($1, $2, $3, $4, now())"
+            _ => transaction.execute(
+                &format!(
+                    "INSERT INTO {table} (version, applied_by, checksum, class, applied_at) \
+                     VALUES ($1, $2, $3, $4, now())"
+                ),
+                &[
+                    &migration.version,
+                    &by,
+                    &migration.checksum,
+                    &migration.class,
+                ],
             ),
-            &[
-                &migration.version,
-                &by,
-                &migration.checksum,
-                &migration.class,
-            ],
-        ),
-    };
-    recorded.map_err(failed("record the migration"))?;
-    transaction.commit().map_err(failed("commit"))?;
-    Ok(format!("applied {}", migration.version))
+        };
+        recorded.map_err(failed("record the migration"))?;
+        Ok(format!("applied {}", migration.version))
+    })
 }
 
 /// Runs the down script, then the verify script (which checks the database is consistent once
@@ -196,57 +209,55 @@ pub fn revert(
     migration: &Migration,
     by: &str,
 ) -> Result<String, AgentError> {
-    check_scripts(migration)?;
-    let table = &crate::schema::quoted_table(&database.history_table);
-    let mut client = connect(database)?;
-    let mut transaction = client.transaction().map_err(failed("begin"))?;
-    prepare(&mut transaction, &database.history_table)?;
-    match recorded(&mut transaction, table, migration)? {
-        Recorded::Never => {
+    in_history_transaction(database, migration, |transaction, table, state| {
+        match state {
+            Recorded::Never => {
+                return Err(refused(format!(
+                    "migration {} never ran on this database: there is nothing to revert",
+                    migration.version
+                )));
+            }
+            Recorded::Reverted => return Ok(format!("{} already reverted", migration.version)),
+            Recorded::Applied => {}
+        }
+        // Newest first: a migration applied after this one and still applied must go first.
+        let later: Option<String> = transaction
+            .query_opt(
+                &format!(
+                    "SELECT version FROM {table} WHERE reverted_at IS NULL AND version <> $1 AND \
+                     applied_at > (SELECT applied_at FROM {table} WHERE version = $1) \
+                     ORDER BY applied_at LIMIT 1"
+                ),
+                &[&migration.version],
+            )
+            .map_err(failed("read the schema history"))?
+            .map(|row| row.get(0));
+        if let Some(later) = later {
             return Err(refused(format!(
-                "migration {} never ran on this database: there is nothing to revert",
+                "migration {later} was applied after {} and is still applied: revert it first",
                 migration.version
             )));
         }
-        Recorded::Reverted => return Ok(format!("{} already reverted", migration.version)),
-        Recorded::Applied => {}
-    }
-    // Newest first: a migration applied after this one and still applied must go before it.
-    let later: Option<String> = transaction
-        .query_opt(
-            &format!(
-                "SELECT version FROM {table} WHERE reverted_at IS NULL AND version <> $1 AND \
-                 applied_at > (SELECT applied_at FROM {table} WHERE version = $1) \
-                 ORDER BY applied_at LIMIT 1"
-            ),
-            &[&migration.version],
-        )
-        .map_err(failed("read the schema history"))?
-        .map(|row| row.get(0));
-    if let Some(later) = later {
-        return Err(refused(format!(
-            "migration {later} was applied after {} and is still applied: revert it first",
-            migration.version
-        )));
-    }
-    run_script(
-        &mut transaction,
-        &format!("down script of {}", migration.version),
-        &migration.down_sql,
-    )?;
-    if !migration.verify_sql.trim().is_empty() {
         run_script(
-            &mut transaction,
-            &format!("verify script of {} after down", migration.version),
-            &migration.verify_sql,
+            transaction,
+            &format!("down script of {}", migration.version),
+            &migration.down_sql,
         )?;
-    }
-    transaction
-        .execute(
-            &format!("UPDATE {table} SET reverted_at = now(), reverted_by = $2 WHERE version = $1"),
-            &[&migration.version, &by],
-        )
-        .map_err(failed("record the revert"))?;
-    transaction.commit().map_err(failed("commit"))?;
-    Ok(format!("reverted {}", migration.version))
+        if !migration.verify_sql.trim().is_empty() {
+            run_script(
+                transaction,
+                &format!("verify script of {} after down", migration.version),
+                &migration.verify_sql,
+            )?;
+        }
+        transaction
+            .execute(
+                &format!(
+                    "UPDATE {table} SET reverted_at = now(), reverted_by = $2 WHERE version = $1"
+                ),
+                &[&migration.version, &by],
+            )
+            .map_err(failed("record the revert"))?;
+        Ok(format!("reverted {}", migration.version))
+    })
 }

@@ -781,6 +781,25 @@ pub async fn operator_channel(tls_dir: &Path, address: &str) -> Result<Channel, 
         .map_err(|error| format!("{error:?}"))
 }
 
+/// Prepares a host for each of `ids` (see [`TestHost::must_prepare`]), starts their agents and
+/// waits until all are connected; returns them with a client of the coordinator.
+pub async fn must_start_hosts(
+    dir: &Path,
+    coordinator: &Coordinator,
+    ids: &[&str],
+) -> (Vec<TestHost>, ControlServiceClient<Channel>) {
+    let mut hosts: Vec<TestHost> = ids
+        .iter()
+        .map(|id| TestHost::must_prepare(dir, id, coordinator))
+        .collect();
+    for host in &mut hosts {
+        host.must_start_agent();
+    }
+    let client = coordinator.must_client().await;
+    must_agents_connected(&client, ids.len()).await;
+    (hosts, client)
+}
+
 /// Waits until `count` agents are connected to the member behind `client`.
 pub async fn must_agents_connected(client: &ControlServiceClient<Channel>, count: usize) {
     must_wait_async(Duration::from_secs(60), "agents to connect", || {

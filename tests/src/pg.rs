@@ -28,7 +28,7 @@ fn server_bin_dir() -> PathBuf {
 
 /// Runs a server binary as the `postgres` user when we are root, as ourselves otherwise.
 fn as_postgres(program: &Path) -> Command {
-    if unsafe_is_root() {
+    if running_as_root() {
         let mut command = Command::new("runuser");
         command.args(["-u", "postgres", "--"]).arg(program);
         command
@@ -37,7 +37,7 @@ fn as_postgres(program: &Path) -> Command {
     }
 }
 
-fn unsafe_is_root() -> bool {
+fn running_as_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|status| {
@@ -55,7 +55,7 @@ impl Postgres {
     pub fn must_start(dir: &Path) -> Self {
         let bin_dir = server_bin_dir();
         std::fs::create_dir_all(dir).unwrap();
-        if unsafe_is_root() {
+        if running_as_root() {
             let status = Command::new("chown")
                 .args(["-R", "postgres:postgres"])
                 .arg(dir)

@@ -102,15 +102,7 @@ silence-lease-s = 30
         &format!("{http}/v1/alertmanager"),
         &token,
     );
-    let mut hosts: Vec<TestHost> = ["web-1", "web-2"]
-        .iter()
-        .map(|id| TestHost::must_prepare(dir.path(), id, &coordinator))
-        .collect();
-    for host in &mut hosts {
-        host.must_start_agent();
-    }
-    let mut client = coordinator.must_client().await;
-    must_agents_connected(&client, 2).await;
+    let (hosts, mut client) = must_start_hosts(dir.path(), &coordinator, &["web-1", "web-2"]).await;
     must_deploy_v1_then_v2(&mut client, &hosts).await;
 
     // Bad and unsigned requests: a 4xx with the reason, and no trigger recorded.

@@ -34,15 +34,8 @@ fn must_run(coordinator: &Coordinator, args: &[&str]) {
 async fn flags_reach_every_agent_and_a_rollback_turns_a_changes_flags_back_first() {
     let dir = tempfile::tempdir().unwrap();
     let coordinator = Coordinator::must_start(&dir.path().join("coordinator"));
-    let mut hosts: Vec<TestHost> = ["web-1", "web-2"]
-        .iter()
-        .map(|id| TestHost::must_prepare(dir.path(), id, &coordinator))
-        .collect();
-    for host in &mut hosts {
-        host.must_start_agent();
-    }
-    let mut client = coordinator.must_client().await;
-    must_agents_connected(&client, 2).await;
+    let (mut hosts, mut client) =
+        must_start_hosts(dir.path(), &coordinator, &["web-1", "web-2"]).await;
     must_register_web(&mut client, &hosts[0], false).await;
 
     must_run(

@@ -12,15 +12,8 @@ fn stdout(output: &std::process::Output) -> String {
 async fn host_diff_and_drift_compare_real_hosts() {
     let dir = tempfile::tempdir().unwrap();
     let coordinator = Coordinator::must_start(&dir.path().join("coordinator"));
-    let mut hosts: Vec<TestHost> = ["web-1", "web-2"]
-        .iter()
-        .map(|id| TestHost::must_prepare(dir.path(), id, &coordinator))
-        .collect();
-    for host in &mut hosts {
-        host.must_start_agent();
-    }
-    let mut client = coordinator.must_client().await;
-    must_agents_connected(&client, 2).await;
+    let (mut hosts, mut client) =
+        must_start_hosts(dir.path(), &coordinator, &["web-1", "web-2"]).await;
     must_deploy_v1_then_v2(&mut client, &hosts).await;
 
     let same = coordinator.rewindctl(&["host", "diff", "web-1", "web-2"]);

@@ -189,9 +189,13 @@ fn apply_kind(state: &mut State, command: &Command) -> Result<(Outcome, String, 
             record_self_revert(state, host_id, report)
         }
         CommandKind::RecordOfflineHealth { host_id, summary } => {
-            let host = state.hosts.get_mut(host_id).ok_or_else(|| {
-                CoordinatorError::invalid("host_id", format!("{host_id} is not a registered host"))
-            })?;
+            let host =
+                state
+                    .hosts
+                    .get_mut(host_id)
+                    .ok_or_else(|| CoordinatorError::UnknownHost {
+                        host_id: host_id.clone(),
+                    })?;
             host.last_offline = Some(summary.clone());
             Ok((Outcome::Done, host_id.clone(), format!("ok: {summary}")))
         }
@@ -888,11 +892,7 @@ fn hosts_in_progress(rollback: &RollbackRecord, wave: u32) -> bool {
 /// attempted) and did not put back, as `service/host (drained)` or `service/host (jobs
 /// paused)`.
 fn left_open(rollback: &RollbackRecord) -> Vec<String> {
-    rollback
-        .steps
-        .iter()
-        .filter(|opened| opened.progress.attempts > 0)
-        .filter_map(|opened| Some((opened, opened.kind.closed_by()?)))
+    attempted_openings(rollback)
         .filter(|(opened, closing)| {
             !rollback.steps.iter().any(|step| {
                 step.kind == *closing
@@ -911,6 +911,19 @@ fn left_open(rollback: &RollbackRecord) -> Vec<String> {
             format!("{}/{} ({what})", opened.service, opened.host_id)
         })
         .collect()
+}
+
+/// Steps that opened something (a drain, a pause) and were attempted, with the step closing
+/// each. Attempted, not only succeeded: one that failed half-way may have acted anyway, and
+/// putting back is idempotent.
+fn attempted_openings(
+    rollback: &RollbackRecord,
+) -> impl Iterator<Item = (&RollbackStepRecord, RollbackStepKind)> {
+    rollback
+        .steps
+        .iter()
+        .filter(|opened| opened.progress.attempts > 0)
+        .filter_map(|opened| Some((opened, opened.kind.closed_by()?)))
 }
 
 fn skip_pending(rollback: &mut RollbackRecord) {
@@ -1169,10 +1182,9 @@ fn record_self_revert(
     report: &SelfRevertNote,
 ) -> Result<(Outcome, String, String)> {
     if !state.hosts.contains_key(host_id) {
-        return Err(CoordinatorError::invalid(
-            "host_id",
-            format!("{host_id} is not a registered host"),
-        ));
+        return Err(CoordinatorError::UnknownHost {
+            host_id: host_id.to_string(),
+        });
     }
     let outcome = if report.ok {
         "reverted"
@@ -1212,17 +1224,10 @@ fn skip_host(
     let first_open_wave = rollback.current_wave().unwrap_or(u32::MAX);
     let mut skipped = 0;
     // A host taken out of rotation is put back, and job processors paused are resumed: the
-    // step closing each one that succeeded stays to be run.
-    let keep_closing: Vec<(u32, String, RollbackStepKind)> = rollback
-        .steps
-        .iter()
-        // Attempted, not only succeeded: a pause that failed half-way may have paused anyway,
-        // and putting back is idempotent.
-        .filter(|step| step.host_id == host_id && step.progress.attempts > 0)
-        .filter_map(|opened| {
-            let closing = opened.kind.closed_by()?;
-            Some((opened.wave, opened.service.clone(), closing))
-        })
+    // step closing each one attempted stays to be run.
+    let keep_closing: Vec<(u32, String, RollbackStepKind)> = attempted_openings(rollback)
+        .filter(|(opened, _)| opened.host_id == host_id)
+        .map(|(opened, closing)| (opened.wave, opened.service.clone(), closing))
         .collect();
     for step in rollback
         .steps
