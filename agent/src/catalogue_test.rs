@@ -478,3 +478,23 @@ fn substitution_is_one_pass_and_patterns_cannot_escape_their_anchors() {
         );
     }
 }
+
+#[test]
+fn a_self_revert_policy_without_probes_is_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let problems = service_from_toml(
+        root.path(),
+        "[service.self-revert]\noffline-for-s = 100000\n",
+    )
+    .unwrap_err()
+    .join("\n");
+    for expected in [
+        "service.web.self-revert.offline-for-s: is 100000, must be within 1..=86400",
+        "service.web.self-revert: needs at least one probe",
+    ] {
+        assert!(
+            problems.contains(expected),
+            "{expected} missing from:\n{problems}"
+        );
+    }
+}

@@ -719,6 +719,11 @@ root = "relative/dir"
 config-files = ["../etc/passwd", "/abs"]
 packages = ["--all"]
 keep-releases = 0
+env-files = ["/etc/env", "/abs"]
+[service.self-revert]
+failing-for-s = 0
+[service.database]
+postgres = "port=notaport"
 [[service.probe]]
 name = "h"
 http = "ftp://x"
@@ -763,6 +768,10 @@ timeout-ms = 0
             "service.web.metrics.timeout-ms",
             "service.web.packages: \"--all\" is not a package name",
             "service.web.keep-releases: is 0",
+            "service.web.env-files: path \"/etc/env\"",
+            "service.web.env-files: \"/abs\" is also in config-files",
+            "service.web.self-revert.failing-for-s: is 0",
+            "service.web.database: postgres: not a libpq connection string",
         ] {
             assert!(
                 joined.contains(expected),

@@ -2,6 +2,7 @@
 //! state matches across replicas, live state shows a hand-edited config, drift shows what the
 //! latest change did, and a host that is unknown or not connected is named in the error.
 
+use rewind_proto::v1 as pb;
 use rewind_tests::*;
 
 fn stdout(output: &std::process::Output) -> String {
@@ -49,6 +50,35 @@ async fn host_diff_and_drift_compare_real_hosts() {
     );
     assert!(shown.contains("config/app.toml"), "{shown}");
 
+    for (request, why) in [
+        (
+            pb::InspectHostRequest {
+                host_id: "web-1".into(),
+                mode: 7,
+                ..Default::default()
+            },
+            "7 is not an inspect mode",
+        ),
+        (
+            pb::InspectHostRequest {
+                host_id: "web-1".into(),
+                env_key: vec![0; 65],
+                ..Default::default()
+            },
+            "env_key: is longer than 64 bytes",
+        ),
+        (
+            pb::InspectHostRequest {
+                host_id: "web-1".into(),
+                service: "api".into(),
+                ..Default::default()
+            },
+            "managed services are web",
+        ),
+    ] {
+        let status = client.inspect_host(request).await.unwrap_err();
+        assert!(status.message().contains(why), "{why}: {status:?}");
+    }
     let unknown = coordinator.rewindctl(&["host", "drift", "db-9"]);
     assert!(!unknown.status.success());
     assert!(

@@ -272,11 +272,8 @@ const MAX_OFFLINE_PROBES: usize = 64;
 
 /// Audits what an agent recorded while it had no coordinator, and keeps it on the host.
 async fn record_offline_health(context: &Context, host_id: &str, summary: pb::OfflineHealth) {
-    if summary.probes.len() > MAX_OFFLINE_PROBES || summary.to_ms < summary.from_ms {
-        warn!(
-            probes = summary.probes.len(),
-            "Refused an offline health summary: more than 64 probes, or a window that ends before it starts."
-        );
+    if let Err(problem) = check_offline_summary(&summary) {
+        warn!(problem, "Refused an offline health summary.");
         return;
     }
     let mut text = format!(
@@ -308,6 +305,22 @@ async fn record_offline_health(context: &Context, host_id: &str, summary: pb::Of
         ),
         Err(status) => warn!(%status, "Offline health summary not recorded."),
     }
+}
+
+fn check_offline_summary(summary: &pb::OfflineHealth) -> Result<(), String> {
+    if summary.probes.len() > MAX_OFFLINE_PROBES {
+        return Err(format!(
+            "{} probes, at most {MAX_OFFLINE_PROBES}",
+            summary.probes.len()
+        ));
+    }
+    if summary.to_ms < summary.from_ms {
+        return Err(format!(
+            "the window ends ({}) before it starts ({})",
+            summary.to_ms, summary.from_ms
+        ));
+    }
+    Ok(())
 }
 
 fn check_self_revert(report: &pb::SelfRevert) -> Result<(), String> {
@@ -350,5 +363,74 @@ fn check_report(report: &pb::HealthReport) -> Result<(), String> {
             truncate(&probe.probe, 64).to_string()
         )),
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn malformed_self_revert_reports_and_offline_summaries_are_refused_by_name() {
+        let good = pb::SelfRevert {
+            id: "sr-1700".into(),
+            service: "web".into(),
+            change_id: "ch-2".into(),
+            snapshot_id: "snap-1".into(),
+            ..Default::default()
+        };
+        assert_eq!(check_self_revert(&good), Ok(()));
+        for (report, why) in [
+            (
+                pb::SelfRevert {
+                    id: "sr-x".into(),
+                    ..good.clone()
+                },
+                "is not sr-<digits>",
+            ),
+            (
+                pb::SelfRevert {
+                    id: "rb-1".into(),
+                    ..good.clone()
+                },
+                "is not sr-<digits>",
+            ),
+            (
+                pb::SelfRevert {
+                    service: "Web!".into(),
+                    ..good.clone()
+                },
+                "service",
+            ),
+            (
+                pb::SelfRevert {
+                    change_id: String::new(),
+                    ..good.clone()
+                },
+                "change_id",
+            ),
+        ] {
+            let problem = check_self_revert(&report).unwrap_err();
+            assert!(problem.contains(why), "{problem}");
+        }
+        let backwards = pb::OfflineHealth {
+            from_ms: 10,
+            to_ms: 5,
+            ..Default::default()
+        };
+        assert!(
+            check_offline_summary(&backwards)
+                .unwrap_err()
+                .contains("ends (5) before it starts (10)")
+        );
+        let crowded = pb::OfflineHealth {
+            probes: vec![pb::ProbeOutage::default(); MAX_OFFLINE_PROBES + 1],
+            ..Default::default()
+        };
+        assert!(
+            check_offline_summary(&crowded)
+                .unwrap_err()
+                .contains("65 probes, at most 64")
+        );
     }
 }

@@ -1232,3 +1232,70 @@ const INSPECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 fn field_error(error: rewind_shared::SharedError) -> Status {
     to_status(error.into())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_migrations_are_refused_naming_the_field() {
+        let good = pb::Migration {
+            database: "orders".into(),
+            version: "0001".into(),
+            class: pb::MigrationClass::Expand.into(),
+            up_sql: "ALTER TABLE t ADD COLUMN c int".into(),
+            down_sql: "ALTER TABLE t DROP COLUMN c".into(),
+            ..Default::default()
+        };
+        let record = validate_migration(good.clone()).unwrap();
+        assert_eq!(
+            record.checksum,
+            migration_checksum(&good.up_sql, &good.down_sql, "")
+        );
+        for (migration, why) in [
+            (
+                pb::Migration {
+                    class: 0,
+                    ..good.clone()
+                },
+                "migration.class",
+            ),
+            (
+                pb::Migration {
+                    database: "Orders".into(),
+                    ..good.clone()
+                },
+                "migration.database",
+            ),
+            (
+                pb::Migration {
+                    up_sql: " ".into(),
+                    ..good.clone()
+                },
+                "migration.up_sql",
+            ),
+            (
+                pb::Migration {
+                    down_sql: String::new(),
+                    ..good.clone()
+                },
+                "has no down script",
+            ),
+            (
+                pb::Migration {
+                    verify_sql: "x".repeat(MAX_SCRIPT_BYTES + 1),
+                    ..good.clone()
+                },
+                "migration.verify_sql",
+            ),
+        ] {
+            let status = validate_migration(migration).unwrap_err();
+            assert_eq!(status.code(), tonic::Code::InvalidArgument);
+            assert!(
+                status.message().contains(why),
+                "{why}: {}",
+                status.message()
+            );
+        }
+    }
+}
