@@ -17,11 +17,21 @@ pub struct Migration {
     pub verify_sql: String,
 }
 
-fn refused(detail: String) -> AgentError {
+/// The class name the history table records, from the wire's enum.
+pub fn class_name(class: i32) -> &'static str {
+    match rewind_proto::v1::MigrationClass::try_from(class) {
+        Ok(rewind_proto::v1::MigrationClass::Expand) => "expand",
+        Ok(rewind_proto::v1::MigrationClass::Contract) => "contract",
+        Ok(rewind_proto::v1::MigrationClass::Data) => "data",
+        _ => "unknown",
+    }
+}
+
+pub(crate) fn refused(detail: String) -> AgentError {
     AgentError::Refused(detail)
 }
 
-fn failed(what: &str) -> impl Fn(postgres::Error) -> AgentError + '_ {
+pub(crate) fn failed(what: &str) -> impl Fn(postgres::Error) -> AgentError + '_ {
     move |error| {
         let detail = error.as_db_error().map_or_else(
             || error.to_string(),
@@ -38,7 +48,10 @@ const LOCK_SPACE: i32 = 0x7265_7764; // "rewd"
 /// Takes the database's migration lock (one migration at a time, whatever else runs), bounds
 /// how long a statement may wait for a table lock, then creates the schema history table if it
 /// is missing.
-fn prepare(transaction: &mut postgres::Transaction<'_>, table: &str) -> Result<(), AgentError> {
+pub(crate) fn lock_history(
+    transaction: &mut impl postgres::GenericClient,
+    table: &str,
+) -> Result<(), AgentError> {
     transaction
         .execute(
             "SELECT pg_advisory_xact_lock($1, hashtext($2))",
@@ -60,14 +73,14 @@ fn prepare(transaction: &mut postgres::Transaction<'_>, table: &str) -> Result<(
 }
 
 /// Where a migration stands in the history table: never run, applied, or applied then reverted.
-enum Recorded {
+pub(crate) enum Recorded {
     Never,
     Applied,
     Reverted,
 }
 
-fn recorded(
-    transaction: &mut postgres::Transaction<'_>,
+pub(crate) fn recorded(
+    transaction: &mut impl postgres::GenericClient,
     table: &str,
     migration: &Migration,
 ) -> Result<Recorded, AgentError> {
@@ -96,7 +109,7 @@ fn recorded(
 }
 
 /// Refuses scripts that are not the registered ones: their checksum is computed here again.
-fn check_scripts(migration: &Migration) -> Result<(), AgentError> {
+pub(crate) fn check_scripts(migration: &Migration) -> Result<(), AgentError> {
     let actual = rewind_shared::digest::migration_checksum(
         &migration.up_sql,
         &migration.down_sql,
@@ -114,19 +127,13 @@ fn check_scripts(migration: &Migration) -> Result<(), AgentError> {
 /// Runs a script inside the migration's transaction and checks it did not end that transaction
 /// itself (a COMMIT or ROLLBACK in the script would leave part of it applied on its own).
 fn run_script(
-    transaction: &mut postgres::Transaction<'_>,
+    transaction: &mut impl postgres::GenericClient,
     what: &str,
     script: &str,
 ) -> Result<(), AgentError> {
-    let txid = |transaction: &mut postgres::Transaction<'_>| -> Result<i64, AgentError> {
-        Ok(transaction
-            .query_one("SELECT txid_current()", &[])
-            .map_err(failed(what))?
-            .get(0))
-    };
-    let before = txid(transaction)?;
+    let before = txid(transaction, what)?;
     transaction.batch_execute(script).map_err(failed(what))?;
-    if txid(transaction)? != before {
+    if txid(transaction, what)? != before {
         return Err(refused(format!(
             "{what} ended the migration's transaction itself (COMMIT or ROLLBACK in the script): \
              what ran before that is applied; check the database by hand"
@@ -135,7 +142,18 @@ fn run_script(
     Ok(())
 }
 
-fn connect(database: &DatabaseConfig) -> Result<postgres::Client, AgentError> {
+/// The current transaction's id: a script that ended the transaction leaves another one.
+pub(crate) fn txid(
+    transaction: &mut impl postgres::GenericClient,
+    what: &str,
+) -> Result<i64, AgentError> {
+    Ok(transaction
+        .query_one("SELECT txid_current()", &[])
+        .map_err(failed(what))?
+        .get(0))
+}
+
+pub(crate) fn connect(database: &DatabaseConfig) -> Result<postgres::Client, AgentError> {
     database
         .postgres
         .connect(postgres::NoTls)
@@ -153,7 +171,7 @@ fn in_history_transaction(
     let table = crate::schema::quoted_table(&database.history_table);
     let mut client = connect(database)?;
     let mut transaction = client.transaction().map_err(failed("begin"))?;
-    prepare(&mut transaction, &database.history_table)?;
+    lock_history(&mut transaction, &database.history_table)?;
     let state = recorded(&mut transaction, &table, migration)?;
     let done = act(&mut transaction, &table, state)?;
     transaction.commit().map_err(failed("commit"))?;

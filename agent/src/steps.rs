@@ -9,7 +9,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rewind_proto::v1::{FlagUpdate, StepCommand, StepResult, step_command::Action};
+use rewind_proto::v1::{
+    FlagUpdate, SchemaPhase, SchemaStep, StepCommand, StepResult, step_command::Action,
+};
 use rewind_shared::names::{self, truncate};
 use rewind_shared::time::now_ms;
 use tracing::{info, warn};
@@ -20,6 +22,7 @@ use crate::config::{Hook, ServiceConfig};
 use crate::host::Host;
 use crate::paths::confined;
 use crate::probes::Prober;
+use crate::shard;
 use crate::snapshot::{self, ProbeState, RELEASES_DIR};
 use crate::store::{JournalRecord, StepOutcome, Store};
 
@@ -114,6 +117,7 @@ impl Executor {
             started_at_ms,
             finished_at_ms: now_ms(),
             replayed: false,
+            schema: None,
         };
         let key = match journal_key(&command) {
             Ok(key) => key,
@@ -155,17 +159,23 @@ impl Executor {
             return Some(refuse(error));
         }
         let outcome = match self.act(&command).await {
-            Ok((detail, snapshot_id)) => StepOutcome {
+            Ok(Acted {
+                detail,
+                snapshot_id,
+                schema,
+            }) => StepOutcome {
                 ok: true,
                 detail,
                 snapshot_id,
                 finished_at_ms: now_ms(),
+                schema,
             },
             Err(error) => StepOutcome {
                 ok: false,
                 detail: error.to_string(),
                 snapshot_id: String::new(),
                 finished_at_ms: now_ms(),
+                schema: None,
             },
         };
         let finished = JournalRecord {
@@ -212,7 +222,7 @@ impl Executor {
 
     /// Acts under the service's lock. The work is never abandoned half-way: commands carry
     /// their own timeouts (capped by the step's), and file work runs to completion.
-    async fn act(&self, command: &StepCommand) -> Result<(String, String), AgentError> {
+    async fn act(&self, command: &StepCommand) -> Result<Acted, AgentError> {
         let service = self.service(&command.service)?;
         let action = command
             .action
@@ -225,7 +235,15 @@ impl Executor {
         };
         let lock = &self.service_locks[&service.name];
         let _one_at_a_time = lock.lock().await;
+        if let Action::Schema(step) = action {
+            return self.act_on_shard(service, command, step).await;
+        }
         let owner = command.step_id.split('/').next().unwrap_or_default();
+        let acted = |(detail, snapshot_id)| Acted {
+            detail,
+            snapshot_id,
+            schema: None,
+        };
         let act = self.act_on(
             service,
             action,
@@ -233,7 +251,7 @@ impl Executor {
             owner,
         );
         if !is_catalogue_step(action) {
-            return act.await;
+            return act.await.map(acted);
         }
         // The catalogue's own steps (scale-up waits, checks and purges retry) are bounded by
         // the step's timeout as a whole; a command still running then is killed.
@@ -245,6 +263,63 @@ impl Executor {
                     step_timeout.as_millis()
                 )))
             })
+            .map(acted)
+    }
+
+    /// A schema transaction's step on this host's database (see `shard`). Not cut short by a
+    /// timeout: a transaction abandoned half-way is rolled back by PostgreSQL anyway, and one
+    /// being prepared must finish or fail, never be left behind by its step.
+    async fn act_on_shard(
+        &self,
+        service: &ServiceConfig,
+        command: &StepCommand,
+        step: &SchemaStep,
+    ) -> Result<Acted, AgentError> {
+        let database = service.database.clone().ok_or_else(|| {
+            AgentError::Refused(format!(
+                "service {} has no [service.database] on this host: it is not a shard",
+                service.name
+            ))
+        })?;
+        names::validate_name("txn_id", &step.txn_id)?;
+        let migrations = step
+            .migrations
+            .iter()
+            .map(|migration| crate::migrate::Migration {
+                version: migration.version.clone(),
+                checksum: migration.checksum.clone(),
+                class: crate::migrate::class_name(migration.class).to_string(),
+                up_sql: migration.up_sql.clone(),
+                down_sql: migration.down_sql.clone(),
+                verify_sql: migration.verify_sql.clone(),
+            })
+            .collect();
+        let shard_step = shard::ShardStep {
+            txn_id: step.txn_id.clone(),
+            down: step.down,
+            migrations,
+            commit: step.commit,
+            accept_data_loss: step.accept_data_loss,
+            by: step.by.clone(),
+        };
+        let prepared = shard::prepared_name(&command.cluster_id, &step.txn_id);
+        let phase = SchemaPhase::try_from(step.phase).unwrap_or(SchemaPhase::Unspecified);
+        let store = self.store.clone();
+        let (detail, report) = blocking(move || match phase {
+            SchemaPhase::Check => shard::check(&database, &shard_step),
+            SchemaPhase::Prepare => shard::prepare(&database, &shard_step, &prepared, &store),
+            SchemaPhase::Resolve => shard::resolve(&database, &shard_step, &prepared, &store),
+            SchemaPhase::Verify => shard::verify(&database),
+            SchemaPhase::Unspecified => Err(AgentError::Invalid(
+                "schema step names no phase".to_string(),
+            )),
+        })
+        .await?;
+        Ok(Acted {
+            detail,
+            snapshot_id: String::new(),
+            schema: Some(report),
+        })
     }
 
     async fn act_on(
@@ -396,6 +471,10 @@ impl Executor {
             Action::Checks(_) => Ok((
                 catalogue::run_checks(&self.prober, service).await?,
                 String::new(),
+            )),
+            // Taken by `act` to `act_on_shard` before this is reached.
+            Action::Schema(_) => Err(AgentError::Invalid(
+                "a schema step reached the service step path".into(),
             )),
         }
     }
@@ -580,7 +659,17 @@ fn result(step_id: &str, started_at_ms: u64, outcome: StepOutcome, replayed: boo
         started_at_ms,
         finished_at_ms: outcome.finished_at_ms,
         replayed,
+        schema: outcome.schema,
     }
+}
+
+/// What a step did, when it succeeded.
+struct Acted {
+    detail: String,
+    /// Set by a capture.
+    snapshot_id: String,
+    /// Set by a schema step.
+    schema: Option<rewind_proto::v1::ShardReport>,
 }
 
 /// File-system work runs on the blocking pool, off the async workers.

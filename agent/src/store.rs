@@ -7,6 +7,11 @@
 //!   after it ends, so a redelivered step answers from here instead of acting twice.
 //! - `fences`: owner (change or rollback id) -> highest term seen.
 //! - `tree-hashes`: release tree -> JSON [`TreeHashes`], the file hashes capture reuses.
+//! - `schema`: per schema transaction of this host's database, the report of its prepared
+//!   transaction (written before `PREPARE TRANSACTION`, so a prepare redelivered after a crash
+//!   answers with it) and whether it was resolved (a resolved transaction is never prepared).
+//!
+//! Rows exported before a down migration destroys them are files under `<data-dir>/exports`.
 
 use std::path::Path;
 
@@ -30,6 +35,10 @@ pub struct Store {
     checkpoints: sled::Tree,
     /// Self-reverts not yet recorded by a coordinator (see `self_revert`).
     self_reverts: sled::Tree,
+    /// Schema transactions' prepared reports and resolutions (see `shard`).
+    schema: sled::Tree,
+    /// `<data-dir>/exports`.
+    exports_dir: std::path::PathBuf,
 }
 
 /// A step's journal entry.
@@ -56,6 +65,9 @@ pub struct StepOutcome {
     pub detail: String,
     pub snapshot_id: String,
     pub finished_at_ms: u64,
+    /// What a schema step found on its shard.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<rewind_proto::v1::ShardReport>,
 }
 
 impl Store {
@@ -77,6 +89,10 @@ impl Store {
             tree_hashes: db.open_tree("tree-hashes")?,
             checkpoints: db.open_tree("checkpoints")?,
             self_reverts: db.open_tree("self-reverts")?,
+            schema: db.open_tree("schema")?,
+            exports_dir: dir
+                .parent()
+                .map_or_else(|| dir.join("exports"), |data_dir| data_dir.join("exports")),
             db,
         })
     }
@@ -245,6 +261,42 @@ impl Store {
     pub fn remove_checkpoint(&self, service: &str, owner: &str) -> Result<(), AgentError> {
         self.checkpoints.remove(checkpoint_key(service, owner))?;
         self.flush()
+    }
+
+    /// Where rows a down migration would destroy are exported: `<data-dir>/exports`.
+    pub fn exports_dir(&self) -> &Path {
+        &self.exports_dir
+    }
+
+    /// Keeps (flushed) the report of a transaction about to be prepared.
+    pub fn put_prepared_report(
+        &self,
+        key: &str,
+        report: &rewind_proto::v1::ShardReport,
+    ) -> Result<(), AgentError> {
+        self.schema
+            .insert(format!("prepared/{key}"), to_json(report)?)?;
+        self.flush()
+    }
+
+    pub fn prepared_report(
+        &self,
+        key: &str,
+    ) -> Result<Option<rewind_proto::v1::ShardReport>, AgentError> {
+        match self.schema.get(format!("prepared/{key}"))? {
+            Some(bytes) => Ok(Some(from_json(&bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Marks a transaction resolved (flushed): it is never prepared again.
+    pub fn mark_resolved(&self, key: &str) -> Result<(), AgentError> {
+        self.schema.insert(format!("resolved/{key}"), &[1u8])?;
+        self.flush()
+    }
+
+    pub fn is_resolved(&self, key: &str) -> Result<bool, AgentError> {
+        Ok(self.schema.contains_key(format!("resolved/{key}"))?)
     }
 
     /// Records `term` for `owner` unless a higher one was seen; returns the highest seen.

@@ -233,6 +233,7 @@ async fn deploy(cluster: &ClusterHarness, version: &str, tag: &str) -> anyhow::R
         host_ids: vec![],
         reason: tag.into(),
         flags_on: vec![],
+        migrations: vec![],
     };
     let started = on_leader(cluster, "start the change", |mut client| {
         let request = request.clone();

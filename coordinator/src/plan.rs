@@ -17,8 +17,9 @@ use sha2::{Digest, Sha256};
 use crate::errors::{CoordinatorError, known_list};
 use crate::recipe::RecipeStep;
 use crate::state_machine::{
-    ChangeRecord, PlanOptions, ReleaseRecord, RollbackStatus, RollbackStepKind, State, StepStatus,
-    Trigger, change_id, current_version, unknown_change,
+    ChangeRecord, MigrationClass, PlanOptions, ReleaseRecord, RollbackStatus, RollbackStepKind,
+    SchemaStage, SchemaTxnRecord, State, StepStatus, Trigger, change_id, current_version,
+    unknown_change,
 };
 
 type Result<T> = std::result::Result<T, CoordinatorError>;
@@ -69,6 +70,8 @@ pub struct Plan {
     pub incompatibilities: Vec<Incompatibility>,
     /// Things the operator should know that do not stop the plan.
     pub notes: Vec<String>,
+    /// Schema reverts after every wave, one database at a time (see `schema_reverts`).
+    pub schema: Vec<SchemaStage>,
     pub hash: String,
 }
 
@@ -196,6 +199,10 @@ pub fn build(
         }
     }
     let incompatibilities = incompatibilities(state, &by_service, &mut notes);
+    let schema: Vec<SchemaStage> = order
+        .iter()
+        .flat_map(|service| schema_reverts(state, by_service[service], options, &mut notes))
+        .collect();
     let recipes: BTreeMap<String, Vec<RecipeStep>> = order
         .iter()
         .filter_map(|service| {
@@ -245,10 +252,94 @@ pub fn build(
         recipes,
         incompatibilities,
         notes,
+        schema,
         hash: String::new(),
     };
     plan.hash = plan_hash(&plan);
     Ok(plan)
+}
+
+/// The migrations a change applied that its rollback reverts, per database, newest first,
+/// after every app wave (an app version that needs a contract migration is gone by then).
+/// Expand migrations stay unless `revert_expand`: the old app works with them, and the plan
+/// says so. Each stage expects the fingerprint recorded before the first of the change's
+/// stages it undoes in full; it only checks agreement when it undoes part of one.
+fn schema_reverts(
+    state: &State,
+    change: &ChangeRecord,
+    options: &PlanOptions,
+    notes: &mut Vec<String>,
+) -> Vec<SchemaStage> {
+    let mut databases: Vec<&str> = Vec::new();
+    for stage in &change.schema {
+        if !databases.contains(&stage.database.as_str()) {
+            databases.push(&stage.database);
+        }
+    }
+    let mut reverts = Vec::new();
+    for database in databases {
+        // The change's committed stages on this database, in the order they ran.
+        let applied: Vec<(&SchemaStage, &SchemaTxnRecord)> = change
+            .schema
+            .iter()
+            .filter(|stage| stage.database == database)
+            .filter_map(|stage| Some((stage, state.schema_txns.get(&stage.txn)?)))
+            .filter(|(_, txn)| txn.committed)
+            .collect();
+        let is_expand = |version: &str| {
+            state
+                .migrations
+                .get(database)
+                .and_then(|versions| versions.get(version))
+                .is_some_and(|migration| migration.class == MigrationClass::Expand)
+        };
+        let versions: Vec<String> = applied
+            .iter()
+            .flat_map(|(stage, _)| stage.versions.iter())
+            .rev()
+            .filter(|version| options.revert_expand || !is_expand(version))
+            .cloned()
+            .collect();
+        let kept: Vec<&str> = applied
+            .iter()
+            .flat_map(|(stage, _)| stage.versions.iter())
+            .filter(|version| !options.revert_expand && is_expand(version))
+            .map(String::as_str)
+            .collect();
+        if !kept.is_empty() {
+            notes.push(format!(
+                "expand migration{} {} of {database} ({}) stay{}: the old app works with them, so \
+                 reverting the app is enough (--revert-expand reverts them too)",
+                if kept.len() == 1 { "" } else { "s" },
+                kept.join(", "),
+                change.id(),
+                if kept.len() == 1 { "s" } else { "" },
+            ));
+        }
+        if versions.is_empty() {
+            continue;
+        }
+        let reverted: BTreeSet<&str> = versions.iter().map(String::as_str).collect();
+        let expected_fingerprint = (0..applied.len())
+            .find(|&first| {
+                let undone: BTreeSet<&str> = applied[first..]
+                    .iter()
+                    .flat_map(|(stage, _)| stage.versions.iter().map(String::as_str))
+                    .collect();
+                undone == reverted
+            })
+            .map(|first| applied[first].1.fingerprint_before.clone())
+            .unwrap_or_default();
+        reverts.push(SchemaStage {
+            database: database.to_string(),
+            versions,
+            down: true,
+            after_activation: true,
+            txn: 0,
+            expected_fingerprint,
+        });
+    }
+    reverts
 }
 
 /// The change, if a rollback of it may start now.
@@ -556,6 +647,9 @@ pub fn plan_hash(plan: &Plan) -> String {
         recipes: &'a BTreeMap<String, Vec<RecipeStep>>,
         /// So `--force` overrides only the problems the operator was shown.
         incompatibilities: &'a [Incompatibility],
+        /// Left out when empty, as recipes are.
+        #[serde(skip_serializing_if = "<[SchemaStage]>::is_empty")]
+        schema: &'a [SchemaStage],
     }
     let bytes = serde_json::to_vec(&Hashed {
         changes: &plan.changes,
@@ -565,6 +659,7 @@ pub fn plan_hash(plan: &Plan) -> String {
         steps_per_host: &plan.steps_per_host,
         recipes: &plan.recipes,
         incompatibilities: &plan.incompatibilities,
+        schema: &plan.schema,
     })
     .expect("a plan always serialises");
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))

@@ -390,6 +390,7 @@ fn hosts_without_a_usable_snapshot_are_named_and_left_out() {
         reason: String::new(),
         baseline: HealthAggregate::default(),
         flags_on: vec![],
+        migrations: vec![],
     }) else {
         panic!("a change")
     };

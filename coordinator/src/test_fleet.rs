@@ -96,6 +96,7 @@ impl Fleet {
             reason: String::new(),
             baseline: HealthAggregate::default(),
             flags_on: vec![],
+            migrations: vec![],
         }) else {
             panic!("a change")
         };

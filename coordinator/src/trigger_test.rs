@@ -253,6 +253,7 @@ fn a_change_turns_its_flags_on_and_its_rollback_turns_them_back_first() {
         reason: "new checkout".into(),
         baseline: HealthAggregate::default(),
         flags_on: vec!["new-checkout".into(), "old-ui".into()],
+        migrations: vec![],
     });
     let change = *fleet.state.changes.keys().last().unwrap();
     let record = &fleet.state.changes[&change];

@@ -47,6 +47,10 @@ pub enum Command {
     /// Schema migrations of databases (up, down and verify scripts, checksummed).
     #[command(subcommand)]
     Migration(crate::migrations::MigrationCommand),
+    /// Schema transactions: migrations applied or reverted on every shard of a database, all
+    /// or nothing (check, prepare, decide, resolve, verify).
+    #[command(subcommand)]
+    Schema(crate::migrations::SchemaCommand),
     /// Changes: a release deployed to hosts, with a snapshot taken first.
     #[command(subcommand)]
     Change(ChangeCommand),
@@ -290,6 +294,10 @@ pub enum ChangeCommand {
         /// A flag of the service this change turns on (repeat); its rollback turns it back first.
         #[arg(long = "flag-on", value_name = "FLAG")]
         flags_on: Vec<String>,
+        /// A registered migration it applies, as database@version (repeat, in order): expand
+        /// ones on every shard before activation, contract and data ones after, all or nothing.
+        #[arg(long = "migration", value_name = "DATABASE@VERSION")]
+        migrations: Vec<String>,
     },
     Status {
         change_id: String,
@@ -438,6 +446,7 @@ async fn execute(
         Command::Service(command) => service(client, format, command).await,
         Command::Release(command) => release(client, format, command).await,
         Command::Migration(command) => crate::migrations::run(client, format, command).await,
+        Command::Schema(command) => crate::migrations::schema(client, format, command).await,
         Command::Change(command) => change(client, format, command).await,
         Command::Rollback(command) => rollback(client, format, command).await,
         Command::Audit(command) => audit(client, format, command).await,
@@ -858,6 +867,7 @@ async fn change(
             hosts,
             reason,
             flags_on,
+            migrations,
         } => {
             let request = pb::StartChangeRequest {
                 request_id: request_id(),
@@ -866,6 +876,7 @@ async fn change(
                 host_ids: hosts,
                 reason,
                 flags_on,
+                migrations,
             };
             client
                 .start_change(request)

@@ -510,6 +510,7 @@ async fn start_change(client: &mut Client, version: &str, reason: &str) -> anyho
         host_ids: vec![],
         reason: reason.into(),
         flags_on: vec![],
+        migrations: vec![],
     };
     let change = client
         .start_change(request)

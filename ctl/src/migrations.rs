@@ -1,5 +1,6 @@
 //! `rewindctl migration`: register a database's schema migrations (up, down, optional verify
-//! scripts, classified expand, contract or data) and list them.
+//! scripts, classified expand, contract or data) and list them; `rewindctl schema`: the schema
+//! transactions that apply and revert them across a database's shards.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -142,4 +143,149 @@ pub async fn run(
         rows,
     );
     Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Clone, Subcommand)]
+pub enum SchemaCommand {
+    /// Schema transactions, newest first.
+    List,
+    /// One transaction: its decision, each shard's phases, versions and fingerprints, data at
+    /// risk and exports, and every statement it ran with the rows affected.
+    Show { txn_id: String },
+}
+
+pub async fn schema(
+    client: &mut Client,
+    format: Format,
+    command: SchemaCommand,
+) -> anyhow::Result<ExitCode> {
+    let (txn_id, detailed) = match command {
+        SchemaCommand::List => (String::new(), false),
+        SchemaCommand::Show { txn_id } => (txn_id, true),
+    };
+    let txns = client
+        .list_schema_txns(pb::ListSchemaTxnsRequest { txn_id, detailed })
+        .await
+        .map_err(explain)?
+        .into_inner()
+        .txns;
+    if format == Format::Json {
+        json(&pb::ListSchemaTxnsResponse { txns })?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !detailed {
+        let rows = txns
+            .iter()
+            .map(|txn| {
+                vec![
+                    txn.txn_id.clone(),
+                    txn.owner.clone(),
+                    format!("{} {}", txn.direction, txn.versions.join(", ")),
+                    txn.database.clone(),
+                    txn.shards.len().to_string(),
+                    txn.status.clone(),
+                    if txn.decision.is_empty() {
+                        "-".into()
+                    } else {
+                        txn.decision.clone()
+                    },
+                    txn.detail.clone(),
+                ]
+            })
+            .collect();
+        table(
+            &[
+                "TXN",
+                "OWNER",
+                "MIGRATIONS",
+                "DATABASE",
+                "SHARDS",
+                "STATUS",
+                "DECISION",
+                "DETAIL",
+            ],
+            rows,
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    for txn in &txns {
+        println!(
+            "{}  {} {} on {} ({}) for {}: {}",
+            txn.txn_id,
+            txn.direction,
+            txn.versions.join(", "),
+            txn.database,
+            txn.environment,
+            txn.owner,
+            txn.status
+        );
+        if !txn.decision.is_empty() {
+            println!("decision: {}: {}", txn.decision, txn.decision_reason);
+        }
+        if !txn.detail.is_empty() {
+            println!("outcome: {}", txn.detail);
+        }
+        println!("fingerprint before: {}", or_none(&txn.fingerprint_before));
+        if !txn.expected_fingerprint.is_empty() {
+            println!("expected after: {}", txn.expected_fingerprint);
+        }
+        if !txn.accept_data_loss.is_empty() {
+            println!("data loss accepted: {}", txn.accept_data_loss);
+        }
+        let rows = txn
+            .shards
+            .iter()
+            .map(|shard| {
+                let mut row = vec![shard.host_id.clone()];
+                row.extend(shard.steps.iter().map(|step| {
+                    let state = pb::StepState::try_from(step.state)
+                        .map(|state| {
+                            state
+                                .as_str_name()
+                                .trim_start_matches("STEP_STATE_")
+                                .to_lowercase()
+                        })
+                        .unwrap_or_default();
+                    format!("{state} ({})", step.attempts)
+                }));
+                row.push(format!(
+                    "{} -> {}",
+                    or_none(&shard.version_before),
+                    or_none(&shard.version_after)
+                ));
+                row
+            })
+            .collect();
+        table(
+            &["SHARD", "CHECK", "PREPARE", "RESOLVE", "VERIFY", "VERSION"],
+            rows,
+        );
+        for shard in &txn.shards {
+            for step in &shard.steps {
+                if !step.detail.is_empty() {
+                    println!("  {} {}: {}", shard.host_id, step.kind, step.detail);
+                }
+            }
+            for loss in &shard.data_loss {
+                println!("  {} data at risk: {loss}", shard.host_id);
+            }
+            for file in &shard.exported {
+                println!("  {} exported to {file}", shard.host_id);
+            }
+            for statement in &shard.statements {
+                println!(
+                    "  {} {}: {} ({} rows)",
+                    shard.host_id, statement.script, statement.statement, statement.rows
+                );
+            }
+            for gid in &shard.in_doubt {
+                println!("  {} prepared transaction still open: {gid}", shard.host_id);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn or_none(text: &str) -> &str {
+    if text.is_empty() { "(none)" } else { text }
 }

@@ -75,6 +75,9 @@ pub fn print_rollback(rollback: &pb::Rollback) {
     if !rollback.outcome_detail.is_empty() {
         println!("outcome: {}", rollback.outcome_detail);
     }
+    for stage in &rollback.schema {
+        println!("schema: {stage}");
+    }
     let waves = rollback
         .waves
         .iter()
@@ -144,6 +147,9 @@ pub fn print_change(change: &pb::Change) {
     );
     if !change.reason.is_empty() {
         println!("reason: {}", change.reason);
+    }
+    for stage in &change.schema {
+        println!("migrations: {stage}");
     }
     let rows = change
         .hosts

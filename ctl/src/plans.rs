@@ -68,6 +68,14 @@ pub struct PlanArgs {
     /// How far above the baseline p99 latency a wave may be, as a fraction (0.25: 25 % slower).
     #[arg(long)]
     pub gate_latency_tolerance: Option<f64>,
+    /// Revert the changes' expand migrations too (by default they stay: the old app works
+    /// with them).
+    #[arg(long)]
+    pub revert_expand: bool,
+    /// Proceed with a schema revert that destroys data written under the new schema, saying
+    /// why (audited); the rows are exported to each shard agent's store first.
+    #[arg(long, value_name = "REASON", default_value = "")]
+    pub accept_data_loss: String,
 }
 
 impl PlanArgs {
@@ -77,6 +85,8 @@ impl PlanArgs {
             max_unavailable: self.max_unavailable,
             canary_region: self.canary_region,
             force: self.force,
+            revert_expand: self.revert_expand,
+            accept_data_loss: self.accept_data_loss,
             gate: Some(pb::GateOptions {
                 settle_s: self.gate_settle_s,
                 timeout_s: self.gate_timeout_s,
@@ -145,6 +155,28 @@ pub fn print_plan(plan: &pb::RollbackPlan) {
         &["WAVE", "SERVICE", "CHANGE", "REGION", "HOST BATCHES"],
         rows,
     );
+    for revert in &plan.schema {
+        println!(
+            "then revert {} on {} ({} of {}), all or nothing across its shards {}; expects fingerprint {}",
+            revert.versions.join(", "),
+            revert.database,
+            if revert.versions.len() == 1 {
+                "migration"
+            } else {
+                "migrations"
+            },
+            revert.change_id,
+            revert.shards.join(", "),
+            if revert.expected_fingerprint.is_empty() {
+                "(agreement only)"
+            } else {
+                &revert.expected_fingerprint
+            }
+        );
+    }
+    if !options.accept_data_loss.is_empty() {
+        println!("data loss accepted: {}", options.accept_data_loss);
+    }
     println!("\nReadiness:");
     let lines = [
         ("hosts not connected", plan.disconnected_hosts.join(", ")),

@@ -13,15 +13,19 @@
 //! - [`logging`]: `REWIND_LOG` / `REWIND_LOG_FORMAT` tracing set-up, and the slog bridge raft-rs logs through.
 //! - [`signals`]: shutdown on SIGINT / SIGTERM.
 //! - [`time`]: wall-clock milliseconds, for stamping commands outside the state machine.
+//! - [`sql`]: splitting PostgreSQL scripts into statements; finding transaction control.
+//! - [`failpoint`]: `REWIND_FAILPOINTS` crash points for recovery tests.
 
 pub mod config;
 pub mod dev_ca;
 pub mod digest;
 pub mod errors;
+pub mod failpoint;
 pub mod histogram;
 pub mod logging;
 pub mod names;
 pub mod signals;
+pub mod sql;
 pub mod time;
 pub mod tls;
 

@@ -136,6 +136,7 @@ async fn rollback_of_a_fleet(
             host_ids: vec![],
             reason: "bench".into(),
             flags_on: vec![],
+            migrations: vec![],
         })
         .await
         .unwrap()

@@ -878,6 +878,7 @@ pub async fn must_change(client: &mut ControlServiceClient<Channel>, version: &s
         host_ids: vec![],
         reason: "test".into(),
         flags_on: vec![],
+        migrations: vec![],
     };
     client
         .start_change(request)

@@ -112,6 +112,7 @@ impl SimAgent {
                                     started_at_ms: now,
                                     finished_at_ms: now,
                                     replayed: false,
+                                    schema: None,
                                 };
                                 if outbound.send(message(agent_message::Body::StepResult(result))).await.is_err() {
                                     return;

@@ -275,6 +275,7 @@ async fn bad_requests_are_refused_with_the_field_named_and_change_nothing() {
         host_ids: vec![],
         reason: String::new(),
         flags_on: vec![],
+        migrations: vec![],
     };
     assert_status(
         client.start_change(change("web", "v9")).await,

@@ -135,6 +135,7 @@ async fn must_deploy(client: &mut ControlServiceClient<Channel>, service: &str, 
             host_ids: vec![],
             reason: "test".into(),
             flags_on: vec![],
+            migrations: vec![],
         })
         .await
         .unwrap()

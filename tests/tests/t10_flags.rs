@@ -84,6 +84,7 @@ async fn flags_reach_every_agent_and_a_rollback_turns_a_changes_flags_back_first
             host_ids: vec![],
             reason: "new checkout".into(),
             flags_on: vec!["checkout-v2".into()],
+            migrations: vec![],
         })
         .await
         .unwrap()

@@ -17,7 +17,9 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::status::invalid;
 use super::{Context, caller, convert};
-use crate::state_machine::{CommandKind, RollbackStepKind, StepTarget};
+use crate::state_machine::{
+    CommandKind, RollbackStepKind, ShardReportRecord, StatementRecord, StepTarget,
+};
 
 /// How long an agent has to send `Register` after opening the stream.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -205,11 +207,20 @@ async fn record_step_result(context: &Context, host_id: &str, result: pb::StepRe
     } else {
         String::new()
     };
-    let kind = CommandKind::StepFinished {
-        step,
-        ok,
-        detail,
-        snapshot_id,
+    let kind = if let StepTarget::Schema { .. } = step {
+        CommandKind::SchemaStepFinished {
+            step,
+            ok,
+            detail,
+            report: shard_report(result.schema.unwrap_or_default()),
+        }
+    } else {
+        CommandKind::StepFinished {
+            step,
+            ok,
+            detail,
+            snapshot_id,
+        }
     };
     let rollback_id = match &kind {
         CommandKind::StepFinished {
@@ -222,6 +233,36 @@ async fn record_step_result(context: &Context, host_id: &str, result: pb::StepRe
         Ok(_) => info!(step_id = %result.step_id, ok, rollback_id, "Step result recorded."),
         // A duplicate result (the step already ended) is expected after redelivery.
         Err(status) => debug!(%status, step_id = %result.step_id, "Step result not recorded."),
+    }
+}
+
+/// A shard's report as the log keeps it: every list and text bounded, so a report cannot
+/// bloat the replicated state (the agent already cuts statements at 64 and 200 bytes).
+fn shard_report(report: pb::ShardReport) -> ShardReportRecord {
+    const MAX_ITEMS: usize = 65;
+    let texts = |items: Vec<String>| -> Vec<String> {
+        items
+            .into_iter()
+            .take(MAX_ITEMS)
+            .map(|item| truncate(&item, 512).to_string())
+            .collect()
+    };
+    ShardReportRecord {
+        version: truncate(&report.version, 128).to_string(),
+        fingerprint: truncate(&report.fingerprint, 80).to_string(),
+        data_loss: texts(report.data_loss),
+        statements: report
+            .statements
+            .into_iter()
+            .take(MAX_ITEMS)
+            .map(|log| StatementRecord {
+                script: truncate(&log.script, 128).to_string(),
+                statement: truncate(&log.statement, 256).to_string(),
+                rows: log.rows,
+            })
+            .collect(),
+        exported: texts(report.exported),
+        in_doubt: texts(report.in_doubt),
     }
 }
 

@@ -119,6 +119,36 @@ impl ControlService for Control {
         Ok(Response::new(pb::RegisterMigrationResponse { migration }))
     }
 
+    async fn list_schema_txns(
+        &self,
+        request: Request<pb::ListSchemaTxnsRequest>,
+    ) -> Result<Response<pb::ListSchemaTxnsResponse>, Status> {
+        let request = request.into_inner();
+        let wanted = if request.txn_id.is_empty() {
+            None
+        } else {
+            Some(parse_id("txn_id", "st", &request.txn_id)?)
+        };
+        self.context.current().await?;
+        let txns: Vec<pb::SchemaTxn> = self.context.node.read(|state| {
+            state
+                .schema_txns
+                .values()
+                .rev()
+                .filter(|txn| wanted.is_none_or(|number| txn.number == number))
+                .take(MAX_LISTED_SCHEMA_TXNS)
+                .map(|txn| convert::schema_txn(txn, request.detailed))
+                .collect()
+        });
+        if let (Some(number), true) = (wanted, txns.is_empty()) {
+            return Err(Status::not_found(format!(
+                "no schema transaction {}",
+                schema_txn_id(number)
+            )));
+        }
+        Ok(Response::new(pb::ListSchemaTxnsResponse { txns }))
+    }
+
     async fn list_migrations(
         &self,
         request: Request<pb::ListMigrationsRequest>,
@@ -247,8 +277,27 @@ impl ControlService for Control {
         for flag in &request.flags_on {
             names::validate_name("flags_on", flag).map_err(field_error)?;
         }
+        if request.migrations.len() > MAX_MIGRATIONS_PER_CHANGE {
+            return Err(invalid(
+                "migrations",
+                format!("names more than {MAX_MIGRATIONS_PER_CHANGE} migrations"),
+            ));
+        }
+        let mut migrations = Vec::with_capacity(request.migrations.len());
+        for named in &request.migrations {
+            let Some((database, version)) = named.split_once('@') else {
+                return Err(invalid(
+                    "migrations",
+                    format!("{named:?} is not database@version (e.g. orders-db@0004)"),
+                ));
+            };
+            names::validate_name("migrations", database).map_err(field_error)?;
+            names::validate_version("migrations", version).map_err(field_error)?;
+            migrations.push((database.to_string(), version.to_string()));
+        }
         let baseline = self.context.service_health(&request.service);
         let kind = CommandKind::StartChange {
+            migrations,
             service: request.service,
             version: request.version,
             host_ids: request.host_ids,
@@ -1080,6 +1129,12 @@ fn validate_service(service: pb::Service) -> Result<ServiceRecord, Status> {
     })
 }
 
+/// Most schema transactions one list answers (newest first).
+const MAX_LISTED_SCHEMA_TXNS: usize = 200;
+
+/// Most migrations one change may apply.
+const MAX_MIGRATIONS_PER_CHANGE: usize = 64;
+
 /// Largest script a migration may carry.
 const MAX_SCRIPT_BYTES: usize = 256 * 1024;
 
@@ -1106,6 +1161,18 @@ fn validate_migration(migration: pb::Migration) -> Result<MigrationRecord, Statu
             return Err(invalid(
                 field,
                 format!("is {} bytes, at most {MAX_SCRIPT_BYTES}", script.len()),
+            ));
+        }
+        // rewind runs every script inside its own transaction (prepared, across shards): a
+        // script that commits on its own would escape the all-or-nothing.
+        if let Some(statement) = rewind_shared::sql::transaction_control(script) {
+            return Err(invalid(
+                field,
+                format!(
+                    "ends or begins a transaction ({}): rewind runs the script inside its own \
+                     transaction; remove the transaction control",
+                    rewind_shared::names::truncate(&statement, 60)
+                ),
             ));
         }
     }

@@ -156,6 +156,27 @@ pub fn change(change: &ChangeRecord) -> pb::Change {
         ChangeStatus::RolledBack => pb::ChangeState::RolledBack,
     };
     pb::Change {
+        schema: change
+            .schema
+            .iter()
+            .map(|stage| {
+                let when = if stage.after_activation {
+                    "after activation"
+                } else {
+                    "before activation"
+                };
+                let txn = if stage.txn == 0 {
+                    "not begun".to_string()
+                } else {
+                    schema_txn_id(stage.txn)
+                };
+                format!(
+                    "{}: {} ({when}) -> {txn}",
+                    stage.database,
+                    stage.versions.join(", ")
+                )
+            })
+            .collect(),
         change_id: change.id(),
         service: change.service.clone(),
         version: change.version.clone(),
@@ -232,6 +253,8 @@ pub fn plan_options(options: &PlanOptions) -> pb::PlanOptions {
         max_unavailable: options.max_unavailable,
         canary_region: options.canary_region.clone(),
         force: options.force,
+        revert_expand: options.revert_expand,
+        accept_data_loss: options.accept_data_loss.clone(),
         gate: Some(pb::GateOptions {
             settle_s: options.gate.settle_s,
             timeout_s: options.gate.timeout_s,
@@ -331,10 +354,133 @@ pub fn rollback(state: &State, rollback: &RollbackRecord) -> pb::Rollback {
             .unwrap_or(rollback.waves.len() as u32),
         flags_reverted: rollback.flags_reverted.clone(),
         isolated: rollback.isolated.clone(),
+        schema: rollback
+            .schema
+            .iter()
+            .map(|stage| schema_stage(state, stage))
+            .collect(),
     }
 }
 
-pub fn plan(plan: &crate::plan::Plan, readiness: &crate::plan::Readiness) -> pb::RollbackPlan {
+/// "orders-db: 0003, 0002 (revert) -> st-4 done, committed and verified".
+fn schema_stage(state: &State, stage: &SchemaStage) -> String {
+    let direction = if stage.down { "revert" } else { "apply" };
+    let mut text = format!(
+        "{}: {} ({direction})",
+        stage.database,
+        stage.versions.join(", ")
+    );
+    match state.schema_txns.get(&stage.txn) {
+        None => text += ": not begun",
+        Some(txn) => {
+            text += &format!(" -> {} {}", txn.id(), schema_status(txn));
+            if !txn.detail.is_empty() {
+                text += &format!(": {}", txn.detail);
+            }
+        }
+    }
+    text
+}
+
+fn schema_status(txn: &SchemaTxnRecord) -> &'static str {
+    match txn.status {
+        SchemaTxnStatus::Checking => "checking",
+        SchemaTxnStatus::Preparing => "preparing",
+        SchemaTxnStatus::Resolving => "resolving",
+        SchemaTxnStatus::Verifying => "verifying",
+        SchemaTxnStatus::Done => "done",
+    }
+}
+
+pub fn schema_txn(txn: &SchemaTxnRecord, detailed: bool) -> pb::SchemaTxn {
+    let owner = match txn.owner {
+        SchemaOwner::Change { change, .. } => change_id(change),
+        SchemaOwner::Rollback { rollback, .. } => rollback_id(rollback),
+    };
+    let (decision, decision_reason) = match &txn.decision {
+        None => (String::new(), String::new()),
+        Some(decision) => (
+            if decision.commit { "commit" } else { "abort" }.to_string(),
+            decision.reason.clone(),
+        ),
+    };
+    pb::SchemaTxn {
+        txn_id: txn.id(),
+        database: txn.database.clone(),
+        environment: txn.environment.clone(),
+        direction: if txn.down { "revert" } else { "apply" }.into(),
+        versions: txn.migrations.clone(),
+        owner,
+        status: schema_status(txn).into(),
+        decision,
+        decision_reason,
+        committed: txn.committed,
+        verified: txn.verified,
+        detail: txn.detail.clone(),
+        fingerprint_before: txn.fingerprint_before.clone(),
+        expected_fingerprint: txn.expected_fingerprint.clone(),
+        accept_data_loss: txn.accept_data_loss.clone(),
+        started_at_ms: txn.started_at_ms,
+        finished_at_ms: txn.finished_at_ms,
+        shards: txn
+            .shards
+            .iter()
+            .map(|shard| pb::SchemaShard {
+                host_id: shard.host_id.clone(),
+                steps: ShardPhase::ALL
+                    .into_iter()
+                    .map(|phase| {
+                        let progress = shard.step(phase);
+                        pb::RollbackStep {
+                            step_id: StepTarget::Schema {
+                                txn: txn.number,
+                                phase,
+                                host_id: shard.host_id.clone(),
+                            }
+                            .step_id(),
+                            host_id: shard.host_id.clone(),
+                            kind: phase.name().into(),
+                            state: step_state(progress.status).into(),
+                            attempts: progress.attempts,
+                            started_at_ms: progress.started_at_ms,
+                            finished_at_ms: progress.finished_at_ms,
+                            detail: progress.detail.clone(),
+                            wave: 0,
+                            service: txn.database.clone(),
+                        }
+                    })
+                    .collect(),
+                version_before: shard.before.version.clone(),
+                fingerprint_before: shard.before.fingerprint.clone(),
+                version_after: shard.after.version.clone(),
+                fingerprint_after: shard.after.fingerprint.clone(),
+                data_loss: shard.before.data_loss.clone(),
+                exported: shard.prepared.exported.clone(),
+                statements: if detailed {
+                    shard
+                        .prepared
+                        .statements
+                        .iter()
+                        .map(|log| pb::StatementLog {
+                            script: log.script.clone(),
+                            statement: log.statement.clone(),
+                            rows: log.rows,
+                        })
+                        .collect()
+                } else {
+                    Vec::new()
+                },
+                in_doubt: shard.after.in_doubt.clone(),
+            })
+            .collect(),
+    }
+}
+
+pub fn plan(
+    state: &State,
+    plan: &crate::plan::Plan,
+    readiness: &crate::plan::Readiness,
+) -> pb::RollbackPlan {
     pb::RollbackPlan {
         change_ids: plan.changes.iter().map(|&n| change_id(n)).collect(),
         services: plan.services.clone(),
@@ -375,6 +521,39 @@ pub fn plan(plan: &crate::plan::Plan, readiness: &crate::plan::Readiness) -> pb:
             .map(|problem| problem.detail.clone())
             .collect(),
         notes: plan.notes.clone(),
+        schema: plan
+            .schema
+            .iter()
+            .map(|stage| pb::PlannedSchemaRevert {
+                database: stage.database.clone(),
+                change_id: plan
+                    .changes
+                    .iter()
+                    .filter_map(|number| state.changes.get(number))
+                    .find(|change| {
+                        change
+                            .schema
+                            .iter()
+                            .any(|applied| applied.database == stage.database)
+                    })
+                    .map(|change| change.id())
+                    .unwrap_or_default(),
+                versions: stage.versions.clone(),
+                expected_fingerprint: stage.expected_fingerprint.clone(),
+                shards: plan
+                    .changes
+                    .first()
+                    .and_then(|number| state.changes.get(number))
+                    .map(|change| {
+                        crate::state_machine::schema::shards_of(
+                            state,
+                            &stage.database,
+                            &change.environment,
+                        )
+                    })
+                    .unwrap_or_default(),
+            })
+            .collect(),
         plan_hash: plan.hash.clone(),
         disconnected_hosts: readiness.disconnected_hosts.clone(),
         missing_releases: readiness.missing_releases.clone(),

@@ -98,7 +98,27 @@ pub(super) fn options_from(
             tolerance,
             latency_tolerance,
         },
+        revert_expand: options.revert_expand,
+        accept_data_loss: accept_data_loss(options.accept_data_loss)?,
     })
+}
+
+/// The reason given for accepting data loss: audited, so it must say something.
+fn accept_data_loss(reason: String) -> Result<String, Status> {
+    let field = "options.accept_data_loss";
+    if reason.len() > 1024 {
+        return Err(invalid(
+            field,
+            format!("is {} bytes, at most 1024", reason.len()),
+        ));
+    }
+    if !reason.is_empty() && reason.trim().len() < 3 {
+        return Err(invalid(
+            field,
+            "say why losing that data is acceptable (it is audited)",
+        ));
+    }
+    Ok(reason.trim().to_string())
 }
 
 /// A tolerance as proto3 carries it: 0 means the default unless the `zero` flag says 0 exactly;
@@ -215,7 +235,7 @@ pub(super) fn preview(
 ) -> Result<pb::RollbackPlan, Status> {
     let plan = plan::build(state, changes, options, Trigger::Manual).map_err(to_status)?;
     let readiness = plan::readiness(state, &plan, view);
-    Ok(super::convert::plan(&plan, &readiness))
+    Ok(super::convert::plan(state, &plan, &readiness))
 }
 
 /// Where the rollback is, why, the evidence, and the commands that would move it on.

@@ -6,10 +6,12 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
+use crate::state_machine::schema::{self, StagesState};
 use crate::state_machine::{
-    ChangeRecord, ChangeStatus, CommandKind, GateOptions, HealthAggregate, PlanOptions,
-    RollbackRecord, RollbackStatus, RollbackStepKind, State, StepProgress, StepStatus, StepTarget,
-    SyntheticCheck, ThrottleLimits, TriggerSource,
+    ChangeRecord, ChangeStatus, CommandKind, GateOptions, HealthAggregate, MigrationRecord,
+    PlanOptions, RollbackRecord, RollbackStatus, RollbackStepKind, SchemaOwner, SchemaTxnRecord,
+    SchemaTxnStatus, ShardPhase, State, StepProgress, StepStatus, StepTarget, SyntheticCheck,
+    ThrottleLimits, TriggerSource,
 };
 
 pub use crate::state_machine::MAX_ESCALATION_ATTEMPTS;
@@ -41,6 +43,8 @@ impl EngineLimits {
             canary_region: String::new(),
             force: false,
             gate: self.default_gate.clone(),
+            revert_expand: false,
+            accept_data_loss: String::new(),
         }
     }
 }
@@ -89,6 +93,10 @@ pub struct EngineMemory {
     pub triggered: HashMap<u64, u64>,
     /// (rollback, wave) -> when its gate last asked for the synthetic checks.
     pub synthetics: HashMap<(u64, u32), u64>,
+    /// Schema transactions this leader saw being checked. One found preparing that is not here
+    /// began its prepare under another leader (or before a restart): without a recorded
+    /// decision it is aborted, never committed.
+    pub schema_checked: HashSet<u64>,
 }
 
 /// What an agent is asked to do.
@@ -118,6 +126,16 @@ pub enum AgentAction {
     Run {
         command: String,
         args: BTreeMap<String, String>,
+    },
+    /// A shard's step of a schema transaction, with the migrations' scripts.
+    Schema {
+        txn_id: String,
+        phase: ShardPhase,
+        down: bool,
+        migrations: Vec<std::sync::Arc<MigrationRecord>>,
+        commit: bool,
+        accept_data_loss: bool,
+        by: String,
     },
 }
 
@@ -167,6 +185,20 @@ pub fn decide(
     {
         drive_rollback(state, rollback, &mut driver);
     }
+    // Schema transactions run to their end whatever their owner does (an abort decides them).
+    for txn in state
+        .schema_txns
+        .values()
+        .filter(|txn| txn.status != SchemaTxnStatus::Done)
+    {
+        drive_schema_txn(state, txn, &mut driver);
+    }
+    driver.memory.schema_checked.retain(|number| {
+        state
+            .schema_txns
+            .get(number)
+            .is_some_and(|txn| txn.status != SchemaTxnStatus::Done)
+    });
     // Forget synthetic runs of gates that are no longer running.
     driver.memory.synthetics.retain(|(rollback, wave), _| {
         state.rollbacks.get(rollback).is_some_and(|record| {
@@ -342,13 +374,168 @@ fn drive_change(state: &State, change: &ChangeRecord, driver: &mut Driver<'_, im
             }
         }
     }
+    if active {
+        begin_change_schema(state, change, driver);
+    }
+}
+
+/// Begins the schema stage a change waits for: its expand migrations once every host is
+/// captured, the rest once every host is activated.
+fn begin_change_schema(
+    state: &State,
+    change: &ChangeRecord,
+    driver: &mut Driver<'_, impl Observations>,
+) {
+    let after_activation = match change.status {
+        ChangeStatus::Capturing => false,
+        ChangeStatus::Deploying => true,
+        _ => return,
+    };
+    let phase_done = change.hosts.iter().all(|host| {
+        let step = if after_activation {
+            &host.activate
+        } else {
+            &host.capture
+        };
+        step.status == StepStatus::Succeeded
+    });
+    if !phase_done {
+        return;
+    }
+    let stages = change
+        .schema
+        .iter()
+        .enumerate()
+        .filter(|(_, stage)| stage.after_activation == after_activation);
+    if let StagesState::Waiting {
+        stage,
+        begun: false,
+    } = schema::stages_state(state, stages)
+    {
+        driver.propose(CommandKind::StartSchemaTxn {
+            owner: SchemaOwner::Change {
+                change: change.number,
+                stage,
+            },
+        });
+    }
+}
+
+/// Drives a schema transaction through its phases (see `state_machine::schema`).
+fn drive_schema_txn(
+    state: &State,
+    txn: &SchemaTxnRecord,
+    driver: &mut Driver<'_, impl Observations>,
+) {
+    let current = match txn.status {
+        SchemaTxnStatus::Checking => {
+            driver.memory.schema_checked.insert(txn.number);
+            ShardPhase::Check
+        }
+        SchemaTxnStatus::Preparing => {
+            if !driver.memory.schema_checked.contains(&txn.number) {
+                driver.propose(CommandKind::DecideSchemaTxn {
+                    txn: txn.number,
+                    commit: false,
+                    reason: "the coordinator restarted or changed leader while shards were \
+                             preparing, before a decision was recorded"
+                        .into(),
+                });
+                return;
+            }
+            if let Some(failed) = txn
+                .shards
+                .iter()
+                .find(|shard| shard.prepare.status == StepStatus::Failed)
+            {
+                driver.propose(CommandKind::DecideSchemaTxn {
+                    txn: txn.number,
+                    commit: false,
+                    reason: format!(
+                        "prepare failed on {}: {}",
+                        failed.host_id, failed.prepare.detail
+                    ),
+                });
+                return;
+            }
+            if txn
+                .shards
+                .iter()
+                .all(|shard| shard.prepare.status == StepStatus::Succeeded)
+            {
+                rewind_shared::failpoint::crash_if_armed("coordinator.before-decision");
+                driver.propose(CommandKind::DecideSchemaTxn {
+                    txn: txn.number,
+                    commit: true,
+                    reason: format!("all {} shards prepared", txn.shards.len()),
+                });
+                return;
+            }
+            ShardPhase::Prepare
+        }
+        SchemaTxnStatus::Resolving => {
+            rewind_shared::failpoint::crash_if_armed("coordinator.after-decision");
+            ShardPhase::Resolve
+        }
+        SchemaTxnStatus::Verifying => ShardPhase::Verify,
+        SchemaTxnStatus::Done => return,
+    };
+    let migrations: Vec<std::sync::Arc<MigrationRecord>> = txn
+        .migrations
+        .iter()
+        .filter_map(|version| {
+            state
+                .migrations
+                .get(&txn.database)
+                .and_then(|versions| versions.get(version))
+                .cloned()
+        })
+        .collect();
+    for shard in &txn.shards {
+        for phase in ShardPhase::ALL {
+            let progress = shard.step(phase);
+            let step = StepTarget::Schema {
+                txn: txn.number,
+                phase,
+                host_id: shard.host_id.clone(),
+            };
+            match progress.status {
+                StepStatus::Pending if phase == current => {
+                    driver.propose(CommandKind::StepStarted { step });
+                }
+                StepStatus::Running => {
+                    // A step of a phase that is over (a prepare still out when the decision was
+                    // taken) is never resent, only timed out.
+                    let on_timeout = if phase == current {
+                        OnTimeout::Retry
+                    } else {
+                        OnTimeout::Fail
+                    };
+                    let action = AgentAction::Schema {
+                        txn_id: txn.id(),
+                        phase,
+                        down: txn.down,
+                        migrations: migrations.clone(),
+                        commit: txn
+                            .decision
+                            .as_ref()
+                            .is_some_and(|decision| decision.commit),
+                        accept_data_loss: !txn.accept_data_loss.is_empty(),
+                        by: txn.by.clone(),
+                    };
+                    driver.drive_running(step, progress, &txn.database, action, on_timeout);
+                }
+                _ => {}
+            }
+        }
+    }
 }
 
 fn is_current_phase(change: &ChangeRecord, step: &StepTarget) -> bool {
     match step {
         StepTarget::Capture { .. } => change.status == ChangeStatus::Capturing,
         StepTarget::Activate { .. } => change.status == ChangeStatus::Deploying,
-        StepTarget::Rollback { .. } | StepTarget::Gate { .. } => false,
+        StepTarget::Rollback { .. } | StepTarget::Gate { .. } | StepTarget::Schema { .. } => false,
     }
 }
 
@@ -360,6 +547,20 @@ fn drive_rollback(
     driver: &mut Driver<'_, impl Observations>,
 ) {
     let Some(wave_index) = rollback.current_wave() else {
+        // Every wave is done: the schema reverts follow, one database at a time.
+        if rollback.status == RollbackStatus::Running
+            && let StagesState::Waiting {
+                stage,
+                begun: false,
+            } = schema::stages_state(state, rollback.schema.iter().enumerate())
+        {
+            driver.propose(CommandKind::StartSchemaTxn {
+                owner: SchemaOwner::Rollback {
+                    rollback: rollback.number,
+                    stage,
+                },
+            });
+        }
         return;
     };
     let wave = &rollback.waves[wave_index as usize];

@@ -210,6 +210,7 @@ impl World {
             reason: String::new(),
             baseline,
             flags_on: vec![],
+            migrations: vec![],
         });
         for phase in ["capture", "activate"] {
             for host in HOSTS {
@@ -257,6 +258,7 @@ fn a_new_change_starts_every_capture_and_sends_each_to_connected_hosts_once() {
         reason: String::new(),
         baseline: HealthAggregate::default(),
         flags_on: vec![],
+        migrations: vec![],
     });
     assert!(
         world.run_tick(1_000).is_empty(),
@@ -297,6 +299,7 @@ fn a_timed_out_step_is_retried_within_bounds_then_failed() {
         reason: String::new(),
         baseline: HealthAggregate::default(),
         flags_on: vec![],
+        migrations: vec![],
     });
     world.run_tick(1_000);
     world.run_tick(1_000);
@@ -739,6 +742,7 @@ fn an_activation_left_running_by_an_interrupted_change_is_timed_out_not_resent()
         reason: String::new(),
         baseline: HealthAggregate::default(),
         flags_on: vec![],
+        migrations: vec![],
     });
     let capture = StepTarget::Capture {
         change: 1,

@@ -30,7 +30,7 @@ use crate::node::NodeHandle;
 use crate::node::raft::RaftStatus;
 use crate::sessions::Sessions;
 use crate::state_machine::{
-    COORDINATOR_IDENTITY, Command, CommandKind, HealthAggregate, StepTarget,
+    COORDINATOR_IDENTITY, Command, CommandKind, HealthAggregate, ShardPhase, StepTarget,
 };
 
 pub struct Engine {
@@ -274,6 +274,32 @@ fn step_message(
         AgentAction::Run { command, args } => step_command::Action::Run(pb::RunCommand {
             name: command,
             args: args.into_iter().collect(),
+        }),
+        AgentAction::Schema {
+            txn_id,
+            phase,
+            down,
+            migrations,
+            commit,
+            accept_data_loss,
+            by,
+        } => step_command::Action::Schema(pb::SchemaStep {
+            txn_id,
+            phase: match phase {
+                ShardPhase::Check => pb::SchemaPhase::Check,
+                ShardPhase::Prepare => pb::SchemaPhase::Prepare,
+                ShardPhase::Resolve => pb::SchemaPhase::Resolve,
+                ShardPhase::Verify => pb::SchemaPhase::Verify,
+            }
+            .into(),
+            down,
+            migrations: migrations
+                .iter()
+                .map(|migration| crate::api::convert::migration(migration, true))
+                .collect(),
+            commit,
+            accept_data_loss,
+            by,
         }),
     };
     pb::CoordinatorMessage {

@@ -165,6 +165,22 @@ fn apply_kind(state: &mut State, command: &Command) -> Result<(Outcome, String, 
             ))
         }
         CommandKind::StepStarted { step } => start_step(state, step, at_ms),
+        CommandKind::StartSchemaTxn { owner } => start_schema_txn(state, command, *owner),
+        CommandKind::DecideSchemaTxn {
+            txn,
+            commit,
+            reason,
+        } => {
+            let outcome = super::schema::decide(state, *txn, *commit, reason, at_ms)?;
+            settle_schema_owner(state, *txn, at_ms);
+            Ok((Outcome::Done, schema_txn_id(*txn), format!("ok: {outcome}")))
+        }
+        CommandKind::SchemaStepFinished {
+            step,
+            ok,
+            detail,
+            report,
+        } => finish_schema_step(state, step, *ok, detail, report.clone(), at_ms),
         CommandKind::StepFinished {
             step,
             ok,
@@ -415,6 +431,7 @@ fn start_change(state: &mut State, command: &Command) -> Result<(Outcome, String
         reason,
         baseline,
         flags_on,
+        migrations,
     } = &command.kind
     else {
         unreachable!("called for StartChange commands only");
@@ -461,10 +478,11 @@ fn start_change(state: &mut State, command: &Command) -> Result<(Outcome, String
         });
     }
     let host_ids = select_hosts(state, service, requested_hosts)?;
+    let environment = crate::plan::environment_of_hosts(state, &host_ids);
+    let schema = change_schema_stages(state, migrations, &environment)?;
     let previous_version = current_version(state, service);
     state.next_change += 1;
     let number = state.next_change;
-    let environment = crate::plan::environment_of_hosts(state, &host_ids);
     let mut flags = Vec::with_capacity(flags_on.len());
     for name in flags_on {
         let before = state
@@ -515,12 +533,20 @@ fn start_change(state: &mut State, command: &Command) -> Result<(Outcome, String
             environment,
             flags,
             auto_refused: false,
+            schema,
         },
     );
-    let audit = format!(
+    let mut audit = format!(
         "ok: {service} {previous_version} -> {version} on {}",
         host_ids.join(",")
     );
+    if !migrations.is_empty() {
+        let named: Vec<String> = migrations
+            .iter()
+            .map(|(database, version)| format!("{database}@{version}"))
+            .collect();
+        audit += &format!("; migrations {}", named.join(", "));
+    }
     Ok((Outcome::Change(number), change_id(number), audit))
 }
 
@@ -640,6 +666,14 @@ fn start_step(
             }
             rollback_step_mut(state, step)?
         }
+        StepTarget::Schema {
+            txn,
+            phase,
+            host_id,
+        } => {
+            super::schema::startable(state, *txn, *phase)?;
+            super::schema::step_mut(state, *txn, *phase, host_id)?
+        }
     };
     if progress.status.is_terminal() {
         return Err(not_startable(format!(
@@ -662,6 +696,10 @@ fn finish_step(
     snapshot_id: &str,
     at_ms: u64,
 ) -> Result<(Outcome, String, String)> {
+    if let StepTarget::Schema { .. } = step {
+        // The engine's timeout of a shard's step: no report.
+        return finish_schema_step(state, step, ok, detail, ShardReportRecord::default(), at_ms);
+    }
     let step_id = step.step_id();
     let progress = match step {
         StepTarget::Rollback { .. } | StepTarget::Gate { .. } => rollback_step_mut(state, step)?,
@@ -708,6 +746,7 @@ fn finish_step(
             }
         }
         StepTarget::Gate { rollback, .. } => settle_rollback(state, *rollback, at_ms),
+        StepTarget::Schema { .. } => {}
     }
     let outcome = if ok {
         format!("ok: {detail}")
@@ -755,11 +794,31 @@ fn settle_change(state: &mut State, number: u64, at_ms: u64) {
         .iter()
         .all(|host| phase(host).status == StepStatus::Succeeded)
     {
-        if change.status == ChangeStatus::Capturing {
-            change.status = ChangeStatus::Deploying;
-        } else {
-            change.status = ChangeStatus::Deployed;
-            change.deployed_at_ms = at_ms;
+        // The phase's migrations (expand ones after capture, the rest after activation) must
+        // have committed too.
+        let after_activation = change.status == ChangeStatus::Deploying;
+        let own = change.schema.clone();
+        let stages = own
+            .iter()
+            .enumerate()
+            .filter(|(_, stage)| stage.after_activation == after_activation);
+        let stages = super::schema::stages_state(state, stages);
+        let Some(change) = state.changes.get_mut(&number) else {
+            return;
+        };
+        match stages {
+            super::schema::StagesState::Waiting { .. } => {}
+            super::schema::StagesState::Failed { detail, .. } => {
+                change.reason = format!("migrations failed: {detail}");
+                change.status = ChangeStatus::Failed;
+            }
+            super::schema::StagesState::Done if change.status == ChangeStatus::Capturing => {
+                change.status = ChangeStatus::Deploying;
+            }
+            super::schema::StagesState::Done => {
+                change.status = ChangeStatus::Deployed;
+                change.deployed_at_ms = at_ms;
+            }
         }
     }
 }
@@ -774,6 +833,38 @@ fn settle_rollback(state: &mut State, number: u64, at_ms: u64) {
         return;
     }
     let Some(wave) = rollback.current_wave() else {
+        // Every wave is done: then the schema reverts, one database at a time.
+        let own = rollback.schema.clone();
+        let last_wave = rollback.waves.len().saturating_sub(1) as u32;
+        let running = rollback.status == RollbackStatus::Running;
+        let stages = super::schema::stages_state(state, own.iter().enumerate());
+        match stages {
+            super::schema::StagesState::Done => {}
+            super::schema::StagesState::Waiting { .. } => return,
+            super::schema::StagesState::Failed { detail, .. } => {
+                if running {
+                    let evidence = format!(
+                        "schema revert failed, the app is reverted: {detail}; resume retries it"
+                    );
+                    pause_for_a_person(state, number, last_wave, evidence, at_ms);
+                }
+                return;
+            }
+        }
+        let Some(rollback) = state.rollbacks.get_mut(&number) else {
+            return;
+        };
+        let schema_detail: Vec<String> = rollback
+            .schema
+            .iter()
+            .map(|stage| {
+                format!(
+                    "{} reverted on every shard ({})",
+                    stage.database,
+                    stage.versions.join(", ")
+                )
+            })
+            .collect();
         let hosts: std::collections::BTreeSet<&str> = rollback
             .steps
             .iter()
@@ -803,6 +894,9 @@ fn settle_rollback(state: &mut State, number: u64, at_ms: u64) {
             if !paused.is_empty() {
                 detail += &format!("; left with jobs paused: {}", paused.join(", "));
             }
+        }
+        if !schema_detail.is_empty() {
+            detail += &format!("; {}", schema_detail.join("; "));
         }
         rollback.status = RollbackStatus::Succeeded;
         rollback.finished_at_ms = at_ms;
@@ -1008,6 +1102,16 @@ fn start_rollback(
     if !forced.is_empty() {
         audit += &format!("; forced past: {}", forced.join("; "));
     }
+    for stage in &plan.schema {
+        audit += &format!(
+            "; then reverts {} on {}",
+            stage.versions.join(", "),
+            stage.database
+        );
+    }
+    if !options.accept_data_loss.is_empty() {
+        audit += &format!("; data loss accepted: {}", options.accept_data_loss);
+    }
     let rollback = RollbackRecord {
         number,
         changes: plan.changes.clone(),
@@ -1031,6 +1135,7 @@ fn start_rollback(
         flags_reverted: Vec::new(),
         isolated: Vec::new(),
         recipes: plan.recipes.clone(),
+        schema: plan.schema.clone(),
     };
     state.rollbacks.insert(number, rollback);
     // Flags first: a kill switch takes effect before any host is touched.
@@ -1119,6 +1224,15 @@ fn control_rollback(
             }
             rollback.status = RollbackStatus::Running;
             rollback.paused_reason.clear();
+            if rollback.current_wave().is_none() {
+                let mut stages = std::mem::take(&mut rollback.schema);
+                for stage in &mut stages {
+                    super::schema::retry_stage(state, stage);
+                }
+                if let Some(rollback) = state.rollbacks.get_mut(&number) {
+                    rollback.schema = stages;
+                }
+            }
         }
         (RollbackAction::Abort, RollbackStatus::Running | RollbackStatus::Paused) => {
             rollback.status = RollbackStatus::Aborted;
@@ -1133,6 +1247,25 @@ fn control_rollback(
                 )
             };
             skip_pending(rollback);
+            // A schema transaction not yet decided is aborted with it (one decided finishes).
+            let stage_txns: Vec<u64> = rollback.schema.iter().map(|stage| stage.txn).collect();
+            let undecided: Vec<u64> = stage_txns
+                .into_iter()
+                .filter(|txn| {
+                    state.schema_txns.get(txn).is_some_and(|txn| {
+                        txn.decision.is_none() && txn.status != SchemaTxnStatus::Done
+                    })
+                })
+                .collect();
+            for txn in undecided {
+                let _ = super::schema::decide(
+                    state,
+                    txn,
+                    false,
+                    "the rollback was aborted",
+                    command.at_ms,
+                );
+            }
         }
         (_, status) => {
             return Err(CoordinatorError::RollbackNotControllable {
@@ -1144,7 +1277,7 @@ fn control_rollback(
     }
     Ok((
         Outcome::Rollback(number),
-        rollback.id(),
+        rollback_id(number),
         format!("ok: {reason}"),
     ))
 }
@@ -1686,11 +1819,250 @@ fn judge_trigger(
     }
 }
 
+/// A change's schema stages from the migrations it names: per database, its expand migrations
+/// in one stage before activation, its contract and data ones in one after.
+fn change_schema_stages(
+    state: &State,
+    migrations: &[(String, String)],
+    environment: &str,
+) -> Result<Vec<SchemaStage>> {
+    let mut stages: Vec<SchemaStage> = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for (database, version) in migrations {
+        let field = "migrations";
+        let registered = state.migrations.get(database);
+        let migration = registered
+            .and_then(|versions| versions.get(version))
+            .ok_or_else(|| {
+                CoordinatorError::invalid(
+                    field,
+                    format!(
+                        "{database}@{version} is not registered (known for {database}: {})",
+                        known_list(
+                            registered
+                                .into_iter()
+                                .flat_map(|versions| versions.keys().cloned())
+                        )
+                    ),
+                )
+            })?;
+        if !seen.insert((database, version)) {
+            return Err(CoordinatorError::invalid(
+                field,
+                format!("{database}@{version} is named twice"),
+            ));
+        }
+        if super::schema::shards_of(state, database, environment).is_empty() {
+            return Err(CoordinatorError::invalid(
+                field,
+                format!(
+                    "no host in environment {environment:?} runs {database}: it has no shard to \
+                     migrate"
+                ),
+            ));
+        }
+        let after_activation = migration.class != MigrationClass::Expand;
+        match stages
+            .iter_mut()
+            .find(|stage| &stage.database == database && stage.after_activation == after_activation)
+        {
+            Some(stage) => stage.versions.push(version.clone()),
+            None => stages.push(SchemaStage {
+                database: database.clone(),
+                versions: vec![version.clone()],
+                down: false,
+                after_activation,
+                txn: 0,
+                expected_fingerprint: String::new(),
+            }),
+        }
+    }
+    Ok(stages)
+}
+
+/// Begins the transaction of the stage its owner is waiting for.
+fn start_schema_txn(
+    state: &mut State,
+    command: &Command,
+    owner: SchemaOwner,
+) -> Result<(Outcome, String, String)> {
+    let not_due = |why: String| CoordinatorError::invalid("owner", why);
+    let (stage, environment, accept_data_loss) = match owner {
+        SchemaOwner::Change { change, stage } => {
+            let record = state
+                .changes
+                .get(&change)
+                .ok_or_else(|| unknown_change(state, change))?;
+            let point = match record.status {
+                ChangeStatus::Capturing => false,
+                ChangeStatus::Deploying => true,
+                status => return Err(not_due(format!("{} is {status:?}", record.id()))),
+            };
+            let phase_done = record.hosts.iter().all(|host| {
+                let step = if point { &host.activate } else { &host.capture };
+                step.status == StepStatus::Succeeded
+            });
+            let stages = record
+                .schema
+                .iter()
+                .enumerate()
+                .filter(|(_, stage)| stage.after_activation == point);
+            let waiting = super::schema::stages_state(state, stages);
+            if !phase_done
+                || waiting
+                    != (super::schema::StagesState::Waiting {
+                        stage,
+                        begun: false,
+                    })
+            {
+                return Err(not_due(format!(
+                    "stage {stage} of {} is not due ({waiting:?})",
+                    record.id()
+                )));
+            }
+            (
+                record.schema[stage].clone(),
+                record.environment.clone(),
+                String::new(),
+            )
+        }
+        SchemaOwner::Rollback { rollback, stage } => {
+            let record = state
+                .rollbacks
+                .get(&rollback)
+                .ok_or_else(|| unknown_rollback(state, rollback))?;
+            let waiting = super::schema::stages_state(state, record.schema.iter().enumerate());
+            if record.status != RollbackStatus::Running
+                || record.current_wave().is_some()
+                || waiting
+                    != (super::schema::StagesState::Waiting {
+                        stage,
+                        begun: false,
+                    })
+            {
+                return Err(not_due(format!(
+                    "stage {stage} of {} is not due ({:?}, {waiting:?})",
+                    record.id(),
+                    record.status
+                )));
+            }
+            let environment = state
+                .changes
+                .values()
+                .find(|change| change.rollback == rollback)
+                .map(|change| change.environment.clone())
+                .unwrap_or_default();
+            (
+                record.schema[stage].clone(),
+                environment,
+                record.options.accept_data_loss.clone(),
+            )
+        }
+    };
+    let by = match owner {
+        SchemaOwner::Change { change, .. } => change_id(change),
+        SchemaOwner::Rollback { rollback, .. } => rollback_id(rollback),
+    };
+    let number = super::schema::begin(
+        state,
+        owner,
+        &stage,
+        &environment,
+        &accept_data_loss,
+        &format!("{by} ({})", command.identity),
+        command.at_ms,
+    )?;
+    let slot = match owner {
+        SchemaOwner::Change { change, stage } => state
+            .changes
+            .get_mut(&change)
+            .and_then(|record| record.schema.get_mut(stage)),
+        SchemaOwner::Rollback { rollback, stage } => state
+            .rollbacks
+            .get_mut(&rollback)
+            .and_then(|record| record.schema.get_mut(stage)),
+    };
+    if let Some(slot) = slot {
+        slot.txn = number;
+    }
+    let txn = &state.schema_txns[&number];
+    Ok((
+        Outcome::Done,
+        txn.id(),
+        format!(
+            "ok: {} {} on {} shards of {} for {by}",
+            if stage.down { "revert" } else { "apply" },
+            stage.versions.join(", "),
+            txn.shards.len(),
+            stage.database
+        ),
+    ))
+}
+
+/// A shard's schema step ended: record it and what it reported, then move the transaction and
+/// its owner on.
+fn finish_schema_step(
+    state: &mut State,
+    step: &StepTarget,
+    ok: bool,
+    detail: &str,
+    report: ShardReportRecord,
+    at_ms: u64,
+) -> Result<(Outcome, String, String)> {
+    let StepTarget::Schema {
+        txn,
+        phase,
+        host_id,
+    } = step
+    else {
+        return Err(CoordinatorError::UnknownStep {
+            step_id: step.step_id(),
+        });
+    };
+    let step_id = step.step_id();
+    let progress = super::schema::step_mut(state, *txn, *phase, host_id)?;
+    if progress.status != StepStatus::Running {
+        return Err(CoordinatorError::StepNotRunning {
+            step_id,
+            status: format!("{:?}", progress.status),
+        });
+    }
+    progress.status = if ok {
+        StepStatus::Succeeded
+    } else {
+        StepStatus::Failed
+    };
+    progress.finished_at_ms = at_ms;
+    progress.detail = detail.to_string();
+    let statements = report.statements.len();
+    let rows: u64 = report.statements.iter().map(|log| log.rows).sum();
+    super::schema::record_report(state, *txn, *phase, host_id, report);
+    super::schema::settle(state, *txn, at_ms);
+    settle_schema_owner(state, *txn, at_ms);
+    let mut outcome = if ok {
+        format!("ok: {detail}")
+    } else {
+        format!("failed: {detail}")
+    };
+    if statements > 0 {
+        outcome += &format!(" [{statements} statements, {rows} rows]");
+    }
+    Ok((Outcome::Done, step_id, outcome))
+}
+
+fn settle_schema_owner(state: &mut State, txn: u64, at_ms: u64) {
+    match state.schema_txns.get(&txn).map(|txn| txn.owner) {
+        Some(SchemaOwner::Change { change, .. }) => settle_change(state, change, at_ms),
+        Some(SchemaOwner::Rollback { rollback, .. }) => settle_rollback(state, rollback, at_ms),
+        None => {}
+    }
+}
+
 fn change_step_mut<'a>(state: &'a mut State, step: &StepTarget) -> Result<&'a mut StepProgress> {
     let (change, host_id, capture) = match step {
         StepTarget::Capture { change, host_id } => (*change, host_id, true),
         StepTarget::Activate { change, host_id } => (*change, host_id, false),
-        StepTarget::Rollback { .. } | StepTarget::Gate { .. } => {
+        StepTarget::Rollback { .. } | StepTarget::Gate { .. } | StepTarget::Schema { .. } => {
             return Err(CoordinatorError::UnknownStep {
                 step_id: step.step_id(),
             });

@@ -148,6 +148,7 @@ fn start_change(version: &str) -> CommandKind {
         reason: "release".into(),
         baseline: HealthAggregate::default(),
         flags_on: vec![],
+        migrations: vec![],
     }
 }
 
@@ -459,6 +460,7 @@ fn rejected_commands_change_nothing_but_the_applied_index() {
             reason: String::new(),
             baseline: HealthAggregate::default(),
             flags_on: vec![],
+            migrations: vec![],
         },
         CommandKind::StartChange {
             service: "web".into(),
@@ -467,6 +469,7 @@ fn rejected_commands_change_nothing_but_the_applied_index() {
             reason: String::new(),
             baseline: HealthAggregate::default(),
             flags_on: vec![],
+            migrations: vec![],
         },
         CommandKind::RegisterRelease {
             release: release("v1", 'b'),

@@ -7,8 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use super::state::{
     HealthAggregate, Labels, MemberRecord, MigrationRecord, PlanOptions, ReleaseRecord,
-    RollbackStepKind, SelfRevertNote, ServiceRecord, ThrottleLimits, Trigger, TriggerOutcome,
-    TriggerSource, change_id, parse_numbered_id, rollback_id,
+    RollbackStepKind, SchemaOwner, SelfRevertNote, ServiceRecord, ShardPhase, ShardReportRecord,
+    ThrottleLimits, Trigger, TriggerOutcome, TriggerSource, change_id, parse_numbered_id,
+    rollback_id, schema_txn_id,
 };
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -49,6 +50,29 @@ pub enum CommandKind {
         /// Flags of the service the change turns on.
         #[serde(default)]
         flags_on: Vec<String>,
+        /// Registered migrations it applies: (database, version), in order per database.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        migrations: Vec<(String, String)>,
+    },
+    /// Begins the schema transaction of a change's or a rollback's stage (the engine asks when
+    /// the stage is due).
+    StartSchemaTxn {
+        owner: SchemaOwner,
+    },
+    /// Records a schema transaction's decision: commit once every shard prepared, abort
+    /// otherwise. The shards then resolve their prepared transactions as recorded here.
+    DecideSchemaTxn {
+        txn: u64,
+        commit: bool,
+        reason: String,
+    },
+    /// A shard's schema step ended, with what it reported (statements run and rows affected,
+    /// version, fingerprint, data at risk, exports): kept in the log for a manual recovery.
+    SchemaStepFinished {
+        step: StepTarget,
+        ok: bool,
+        detail: String,
+        report: ShardReportRecord,
     },
     /// Sets a feature flag; `kill` marks an emergency off (a kill switch).
     SetFlag {
@@ -198,6 +222,12 @@ pub enum StepTarget {
         rollback: u64,
         wave: u32,
     },
+    /// A shard's step of a schema transaction.
+    Schema {
+        txn: u64,
+        phase: ShardPhase,
+        host_id: String,
+    },
 }
 
 impl StepTarget {
@@ -221,6 +251,11 @@ impl StepTarget {
                 kind.name()
             ),
             Self::Gate { rollback, wave } => format!("{}/gate/{wave}", rollback_id(*rollback)),
+            Self::Schema {
+                txn,
+                phase,
+                host_id,
+            } => format!("{}/{}/{host_id}", schema_txn_id(*txn), phase.name()),
         }
     }
 
@@ -248,6 +283,13 @@ impl StepTarget {
             _ => return None,
         }
         let (owner, kind, host_id) = (parts[0], parts[1], parts[2].to_string());
+        if owner.starts_with("st-") {
+            return Some(Self::Schema {
+                txn: parse_numbered_id("st", owner)?,
+                phase: ShardPhase::parse(kind)?,
+                host_id,
+            });
+        }
         match kind {
             "capture" => Some(Self::Capture {
                 change: parse_numbered_id("ch", owner)?,
@@ -266,7 +308,8 @@ impl StepTarget {
         match self {
             Self::Capture { host_id, .. }
             | Self::Activate { host_id, .. }
-            | Self::Rollback { host_id, .. } => host_id,
+            | Self::Rollback { host_id, .. }
+            | Self::Schema { host_id, .. } => host_id,
             Self::Gate { .. } => "",
         }
     }
@@ -295,6 +338,10 @@ impl CommandKind {
             Self::RegisterRelease { .. } => "release.register",
             Self::RegisterMigration { .. } => "migration.register",
             Self::StartChange { .. } => "change.start",
+            Self::StartSchemaTxn { .. } => "schema.start",
+            Self::DecideSchemaTxn { commit: true, .. } => "schema.commit",
+            Self::DecideSchemaTxn { .. } => "schema.abort",
+            Self::SchemaStepFinished { .. } => "schema.step",
             Self::StepStarted { .. } => "step.start",
             Self::StepFinished { .. } => "step.finish",
             Self::StartRollback { .. } => "rollback.start",
@@ -348,6 +395,11 @@ mod tests {
                 rollback: 12,
                 wave: 3,
             },
+            StepTarget::Schema {
+                txn: 4,
+                phase: ShardPhase::Prepare,
+                host_id: "orders-db-2".into(),
+            },
         ];
         for target in targets {
             assert_eq!(StepTarget::parse(&target.step_id()), Some(target));
@@ -363,6 +415,8 @@ mod tests {
             "rb-1/web/restore/a/b",
             "rb-1/gate/x",
             "rb-1//restore/a",
+            "st-1/explode/a",
+            "st-0/check/a",
         ] {
             assert_eq!(StepTarget::parse(bad), None, "{bad}");
         }

@@ -4,6 +4,7 @@
 mod apply;
 mod audit;
 mod command;
+pub mod schema;
 mod state;
 
 #[cfg(test)]

@@ -51,7 +51,17 @@ pub struct State {
     /// Schema migrations: database -> version -> migration. Immutable once registered.
     #[serde(default)]
     pub migrations: BTreeMap<String, BTreeMap<String, Arc<MigrationRecord>>>,
+    /// Schema transactions across a database's shards, keyed by the number in `st-<n>`.
+    #[serde(default)]
+    pub schema_txns: BTreeMap<u64, SchemaTxnRecord>,
+    #[serde(default)]
+    pub next_schema_txn: u64,
 }
+
+pub use super::schema::{
+    SchemaDecision, SchemaOwner, SchemaStage, SchemaTxnRecord, SchemaTxnStatus, ShardPhase,
+    ShardRecord, ShardReportRecord, StatementRecord, schema_txn_id,
+};
 
 /// Whether the application version before a migration still works after it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -550,6 +560,10 @@ pub struct ChangeRecord {
     /// An automatic rollback of it was refused by a throttle: a person decides from now on.
     #[serde(default)]
     pub auto_refused: bool,
+    /// Migrations it applies, per database: expand ones before its hosts are activated,
+    /// contract and data ones after.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub schema: Vec<SchemaStage>,
 }
 
 impl ChangeRecord {
@@ -693,6 +707,14 @@ pub struct PlanOptions {
     /// Proceed although the plan would break a consumer's API needs (audited).
     pub force: bool,
     pub gate: GateOptions,
+    /// Revert the changes' expand migrations too (by default they stay: the old app works
+    /// with them). Left out of the JSON when false, so older plan hashes replay unchanged.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub revert_expand: bool,
+    /// Why losing data a schema revert destroys is accepted (those rows are exported first);
+    /// empty: a revert that would destroy data is refused.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub accept_data_loss: String,
 }
 
 impl Default for PlanOptions {
@@ -703,6 +725,8 @@ impl Default for PlanOptions {
             canary_region: String::new(),
             force: false,
             gate: GateOptions::default(),
+            revert_expand: false,
+            accept_data_loss: String::new(),
         }
     }
 }
@@ -817,6 +841,9 @@ pub struct RollbackRecord {
     /// the default one.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub recipes: BTreeMap<String, Vec<crate::recipe::RecipeStep>>,
+    /// Migrations it reverts, per database, once every wave is done.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub schema: Vec<SchemaStage>,
 }
 
 impl RollbackRecord {

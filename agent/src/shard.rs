@@ -1,0 +1,774 @@
+//! This host's part of a schema transaction: the coordinator applies or reverts a set of
+//! migrations on every shard of a database, all or nothing, in four phases, and each phase is one
+//! step here.
+//!
+//! - **check** (read only): every migration stands where the transaction expects (applied, for a
+//!   revert, with the checksum its scripts hash to; nothing later still applied), the schema
+//!   fingerprint before, and for a revert what data it would destroy. A revert that would destroy
+//!   data is refused unless the operator accepted the loss.
+//! - **prepare**: in one transaction, run every script statement by statement (each logged with
+//!   the rows it affected), each verify script after its down script, a foreign-key check, and
+//!   the history rows; then `PREPARE TRANSACTION`. Rows a revert destroys are first exported to
+//!   `<data-dir>/exports/<txn>/` as CSV. The report is kept in the store before the prepare, so a
+//!   prepare redelivered after a crash answers with it.
+//! - **resolve**: `COMMIT PREPARED` or `ROLLBACK PREPARED`, as the coordinator recorded. The
+//!   transaction is marked resolved first, and steps of one service run one at a time, so a
+//!   prepare arriving late can never leave a transaction prepared after its resolution.
+//! - **verify** (read only): version, fingerprint, and any of rewind's prepared transactions
+//!   still open on this database.
+
+use std::io::Write;
+use std::path::Path;
+
+use postgres::{Client, GenericClient, SimpleQueryMessage};
+use rewind_proto::v1::{ShardReport, StatementLog};
+use rewind_shared::names::truncate;
+
+use crate::AgentError;
+use crate::migrate::{self, Migration, Recorded, failed, refused};
+use crate::schema::{DatabaseConfig, quoted_table};
+use crate::store::Store;
+
+/// A schema transaction as this shard sees it.
+#[derive(Clone, Debug)]
+pub struct ShardStep {
+    pub txn_id: String,
+    pub down: bool,
+    /// In the order they run: newest first for a revert.
+    pub migrations: Vec<Migration>,
+    pub commit: bool,
+    pub accept_data_loss: bool,
+    pub by: String,
+}
+
+/// Statements logged per prepare; the rest are counted.
+const MAX_LOGGED_STATEMENTS: usize = 64;
+/// Longest statement text kept in a log entry.
+const MAX_STATEMENT_BYTES: usize = 200;
+
+/// The prepared transaction's name: unique per coordinator cluster and transaction, made only of
+/// characters that need no quoting.
+pub fn prepared_name(cluster_id: &str, txn_id: &str) -> String {
+    let cluster = rewind_shared::digest::sha256_hex(cluster_id.as_bytes());
+    format!("rewind-{}-{txn_id}", &cluster[..12])
+}
+
+/// Read only: where the migrations stand, the fingerprint, and what a revert would destroy.
+pub fn check(
+    database: &DatabaseConfig,
+    step: &ShardStep,
+) -> Result<(String, ShardReport), AgentError> {
+    let mut client = migrate::connect(database)?;
+    let mut transaction = client.transaction().map_err(failed("begin"))?;
+    migrate::lock_history(&mut transaction, &database.history_table)?;
+    let table = quoted_table(&database.history_table);
+    check_standing(&mut transaction, &table, step)?;
+    let mut report = describe(&mut transaction, &table)?;
+    if step.down {
+        let at_risk = data_at_risk(&mut transaction, &table, step)?;
+        report.data_loss = at_risk.iter().map(Finding::describe).collect();
+        refuse_unaccepted_loss(step, &report.data_loss)?;
+    }
+    transaction.rollback().map_err(failed("end the check"))?;
+    let mut detail = format!(
+        "ready to {} {} at version {}; fingerprint {}",
+        if step.down { "revert" } else { "apply" },
+        versions(step),
+        display_version(&report.version),
+        short(&report.fingerprint)
+    );
+    if !report.data_loss.is_empty() {
+        detail += &format!(
+            "; will destroy (accepted, exported first): {}",
+            report.data_loss.join("; ")
+        );
+    }
+    Ok((detail, report))
+}
+
+/// Runs the scripts in one transaction and prepares it (see the module docs).
+pub fn prepare(
+    database: &DatabaseConfig,
+    step: &ShardStep,
+    prepared: &str,
+    store: &Store,
+) -> Result<(String, ShardReport), AgentError> {
+    if store.is_resolved(prepared)? {
+        return Err(refused(format!(
+            "{} was already resolved on this host: it is never prepared again",
+            step.txn_id
+        )));
+    }
+    let mut client = migrate::connect(database)?;
+    if is_prepared(&mut client, prepared)? {
+        // Prepared before a crash or a lost answer: the report was kept before the prepare.
+        let report = store.prepared_report(prepared)?.unwrap_or_default();
+        return Ok((format!("{} was already prepared here", step.txn_id), report));
+    }
+    client.batch_execute("BEGIN").map_err(failed("begin"))?;
+    let report = match run_in_open_transaction(&mut client, database, step, store) {
+        Ok(report) => report,
+        Err(error) => {
+            // Whatever ran is undone; the connection closes right after anyway.
+            let _ = client.batch_execute("ROLLBACK");
+            return Err(error);
+        }
+    };
+    store.put_prepared_report(prepared, &report)?;
+    client
+        .batch_execute(&format!("PREPARE TRANSACTION '{prepared}'"))
+        .map_err(failed("prepare the transaction"))?;
+    rewind_shared::failpoint::crash_if_armed("agent.after-prepare");
+    let detail = format!(
+        "prepared {} of {} ({} statements, {} rows); fingerprint after {}",
+        if step.down { "the revert" } else { "the apply" },
+        versions(step),
+        report.statements.len(),
+        report.statements.iter().map(|log| log.rows).sum::<u64>(),
+        short(&report.fingerprint)
+    );
+    Ok((detail, report))
+}
+
+fn run_in_open_transaction(
+    client: &mut Client,
+    database: &DatabaseConfig,
+    step: &ShardStep,
+    store: &Store,
+) -> Result<ShardReport, AgentError> {
+    migrate::lock_history(client, &database.history_table)?;
+    let table = quoted_table(&database.history_table);
+    check_standing(client, &table, step)?;
+    let mut report = ShardReport::default();
+    if step.down {
+        let at_risk = data_at_risk(client, &table, step)?;
+        report.data_loss = at_risk.iter().map(Finding::describe).collect();
+        refuse_unaccepted_loss(step, &report.data_loss)?;
+        if !at_risk.is_empty() {
+            let dir = store.exports_dir().join(&step.txn_id);
+            report.exported = export(client, &at_risk, &dir)?;
+        }
+    }
+    let mut unlogged = 0;
+    for migration in &step.migrations {
+        let (label, script) = if step.down {
+            ("down", &migration.down_sql)
+        } else {
+            ("up", &migration.up_sql)
+        };
+        let label = format!("{label} {}", migration.version);
+        run_logged(
+            client,
+            &label,
+            script,
+            &mut report.statements,
+            &mut unlogged,
+        )?;
+        if step.down && !migration.verify_sql.trim().is_empty() {
+            let label = format!("verify {}", migration.version);
+            run_logged(
+                client,
+                &label,
+                &migration.verify_sql,
+                &mut report.statements,
+                &mut unlogged,
+            )?;
+        }
+        record_history(client, &table, step, migration)?;
+    }
+    if unlogged > 0 {
+        report.statements.push(StatementLog {
+            script: "...".into(),
+            statement: format!("{unlogged} more statements, not logged"),
+            rows: 0,
+        });
+    }
+    if step.down {
+        let broken = foreign_key_violations(client)?;
+        if !broken.is_empty() {
+            return Err(refused(format!(
+                "after the revert, foreign keys do not hold: {}",
+                broken.join("; ")
+            )));
+        }
+    }
+    let described = describe(client, &table)?;
+    report.version = described.version;
+    report.fingerprint = described.fingerprint;
+    Ok(report)
+}
+
+/// Commits or rolls back the prepared transaction, as recorded. Idempotent.
+pub fn resolve(
+    database: &DatabaseConfig,
+    step: &ShardStep,
+    prepared: &str,
+    store: &Store,
+) -> Result<(String, ShardReport), AgentError> {
+    // First, so a prepare of this transaction that arrives later is refused.
+    store.mark_resolved(prepared)?;
+    let mut client = migrate::connect(database)?;
+    let detail = if is_prepared(&mut client, prepared)? {
+        let statement = if step.commit { "COMMIT" } else { "ROLLBACK" };
+        client
+            .batch_execute(&format!("{statement} PREPARED '{prepared}'"))
+            .map_err(failed("resolve the prepared transaction"))?;
+        if step.commit {
+            format!("committed {}", step.txn_id)
+        } else {
+            format!("rolled {} back", step.txn_id)
+        }
+    } else if step.commit {
+        // Committed by an earlier delivery, or never prepared here: the history tells.
+        let table = quoted_table(&database.history_table);
+        if !has_taken_effect(&mut client, &table, step)? {
+            return Err(refused(format!(
+                "no prepared transaction {prepared} on this database, and the schema history does \
+                 not show {} done: check this shard by hand",
+                step.txn_id
+            )));
+        }
+        format!("{} was already committed", step.txn_id)
+    } else {
+        format!("nothing of {} was prepared here", step.txn_id)
+    };
+    let table = quoted_table(&database.history_table);
+    let report = describe(&mut client, &table)?;
+    Ok((detail, report))
+}
+
+/// Read only: the version and fingerprint now, and rewind's prepared transactions still open.
+pub fn verify(database: &DatabaseConfig) -> Result<(String, ShardReport), AgentError> {
+    let mut client = migrate::connect(database)?;
+    let table = quoted_table(&database.history_table);
+    let mut report = describe(&mut client, &table)?;
+    report.in_doubt = client
+        .query(
+            "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() \
+             AND gid LIKE 'rewind-%' ORDER BY gid",
+            &[],
+        )
+        .map_err(failed("list prepared transactions"))?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let mut detail = format!(
+        "at version {}; fingerprint {}",
+        display_version(&report.version),
+        short(&report.fingerprint)
+    );
+    if !report.in_doubt.is_empty() {
+        detail += &format!(
+            "; prepared transactions open: {}",
+            report.in_doubt.join(", ")
+        );
+    }
+    Ok((detail, report))
+}
+
+fn versions(step: &ShardStep) -> String {
+    step.migrations
+        .iter()
+        .map(|migration| migration.version.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn display_version(version: &str) -> &str {
+    if version.is_empty() {
+        "(none)"
+    } else {
+        version
+    }
+}
+
+fn short(fingerprint: &str) -> &str {
+    truncate(fingerprint, 19)
+}
+
+fn refuse_unaccepted_loss(step: &ShardStep, data_loss: &[String]) -> Result<(), AgentError> {
+    if data_loss.is_empty() || step.accept_data_loss {
+        return Ok(());
+    }
+    Err(refused(format!(
+        "reverting {} would destroy data written under the new schema: {}; rerun with \
+         --accept-data-loss and a reason to export those rows to the agent's store and proceed",
+        versions(step),
+        data_loss.join("; ")
+    )))
+}
+
+fn is_prepared(client: &mut Client, prepared: &str) -> Result<bool, AgentError> {
+    Ok(client
+        .query_opt(
+            "SELECT 1 FROM pg_prepared_xacts WHERE gid = $1 AND database = current_database()",
+            &[&prepared],
+        )
+        .map_err(failed("list prepared transactions"))?
+        .is_some())
+}
+
+/// Refuses unless every migration stands where the transaction expects.
+fn check_standing(
+    client: &mut impl GenericClient,
+    table: &str,
+    step: &ShardStep,
+) -> Result<(), AgentError> {
+    if step.migrations.is_empty() {
+        return Err(refused(format!("{} names no migration", step.txn_id)));
+    }
+    for migration in &step.migrations {
+        migrate::check_scripts(migration)?;
+        let version = &migration.version;
+        match (step.down, migrate::recorded(client, table, migration)?) {
+            (true, Recorded::Applied) | (false, Recorded::Never | Recorded::Reverted) => {}
+            (true, Recorded::Never) => {
+                return Err(refused(format!("{version} never ran on this shard")));
+            }
+            (true, Recorded::Reverted) => {
+                return Err(refused(format!(
+                    "{version} is already reverted on this shard"
+                )));
+            }
+            (false, Recorded::Applied) => {
+                return Err(refused(format!(
+                    "{version} is already applied on this shard"
+                )));
+            }
+        }
+    }
+    if step.down {
+        // Newest first: nothing applied after the oldest one reverted may stay applied.
+        let oldest = &step.migrations[step.migrations.len() - 1].version;
+        let reverted: Vec<&str> = step.migrations.iter().map(|m| m.version.as_str()).collect();
+        let later: Option<String> = client
+            .query_opt(
+                &format!(
+                    "SELECT version FROM {table} WHERE reverted_at IS NULL AND NOT version = ANY($2) \
+                     AND applied_at > (SELECT applied_at FROM {table} WHERE version = $1) \
+                     ORDER BY applied_at LIMIT 1"
+                ),
+                &[oldest, &reverted],
+            )
+            .map_err(failed("read the schema history"))?
+            .map(|row| row.get(0));
+        if let Some(later) = later {
+            return Err(refused(format!(
+                "{later} was applied after {oldest} and is not part of this rollback: it would \
+                 have to be reverted first"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Whether the transaction's migrations all stand as it leaves them.
+fn has_taken_effect(
+    client: &mut impl GenericClient,
+    table: &str,
+    step: &ShardStep,
+) -> Result<bool, AgentError> {
+    for migration in &step.migrations {
+        let state = migrate::recorded(client, table, migration)?;
+        let done = match state {
+            Recorded::Reverted => step.down,
+            Recorded::Applied => !step.down,
+            Recorded::Never => false,
+        };
+        if !done {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+fn record_history(
+    client: &mut impl GenericClient,
+    table: &str,
+    step: &ShardStep,
+    migration: &Migration,
+) -> Result<(), AgentError> {
+    // clock_timestamp, not now(): several migrations in one transaction keep their order.
+    let statement = if step.down {
+        format!(
+            "UPDATE {table} SET reverted_at = clock_timestamp(), reverted_by = $2 WHERE version = $1"
+        )
+    } else {
+        format!(
+            "INSERT INTO {table} (version, applied_by, checksum, class, applied_at) \
+             VALUES ($1, $2, $3, $4, clock_timestamp()) ON CONFLICT (version) DO UPDATE SET \
+             applied_at = clock_timestamp(), applied_by = $2, reverted_at = NULL, reverted_by = NULL"
+        )
+    };
+    let result = if step.down {
+        client.execute(&statement, &[&migration.version, &step.by])
+    } else {
+        client.execute(
+            &statement,
+            &[
+                &migration.version,
+                &step.by,
+                &migration.checksum,
+                &migration.class,
+            ],
+        )
+    };
+    result.map_err(failed("record the migration in the schema history"))?;
+    Ok(())
+}
+
+/// Runs a script one statement at a time, logging each with the rows it affected, and refuses a
+/// script that ended the transaction itself.
+fn run_logged(
+    client: &mut impl GenericClient,
+    label: &str,
+    script: &str,
+    log: &mut Vec<StatementLog>,
+    unlogged: &mut usize,
+) -> Result<(), AgentError> {
+    let before = migrate::txid(client, label)?;
+    for statement in rewind_shared::sql::statements(script) {
+        let what = format!("{label}: {}", truncate(&statement, 80));
+        let messages = client.simple_query(&statement).map_err(failed(&what))?;
+        let rows = messages
+            .iter()
+            .map(|message| match message {
+                SimpleQueryMessage::CommandComplete(rows) => *rows,
+                _ => 0,
+            })
+            .sum();
+        if log.len() < MAX_LOGGED_STATEMENTS {
+            log.push(StatementLog {
+                script: label.to_string(),
+                statement: truncate(&statement, MAX_STATEMENT_BYTES).to_string(),
+                rows,
+            });
+        } else {
+            *unlogged += 1;
+        }
+    }
+    if migrate::txid(client, label)? != before {
+        return Err(refused(format!(
+            "{label} ended the transaction itself (COMMIT or ROLLBACK in the script)"
+        )));
+    }
+    Ok(())
+}
+
+/// Schemas that hold the database's own objects, not PostgreSQL's.
+const USER_SCHEMAS: &str = "n.nspname NOT IN ('pg_catalog', 'information_schema') \
+    AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%'";
+
+/// The latest applied, not reverted version and the schema fingerprint.
+fn describe(client: &mut impl GenericClient, table: &str) -> Result<ShardReport, AgentError> {
+    let version = client
+        .query_opt(
+            &format!(
+                "SELECT version FROM {table} WHERE reverted_at IS NULL \
+                 ORDER BY applied_at DESC, version DESC LIMIT 1"
+            ),
+            &[],
+        )
+        .map_err(failed("read the schema history"))?
+        .map(|row| row.get(0))
+        .unwrap_or_default();
+    Ok(ShardReport {
+        version,
+        fingerprint: fingerprint(client, table)?,
+        ..ShardReport::default()
+    })
+}
+
+/// `sha256:` over the catalog's description of every table, column (by name, not position, so
+/// a column dropped and added again fingerprints the same), default, index, constraint and view,
+/// leaving out the schema history table.
+pub fn fingerprint(client: &mut impl GenericClient, table: &str) -> Result<String, AgentError> {
+    let own = "c.oid IS DISTINCT FROM to_regclass($1)";
+    let query = format!(
+        "SELECT 'table ' || c.oid::regclass::text || ' ' || c.relkind \
+           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+           WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f') AND {USER_SCHEMAS} AND {own} \
+         UNION ALL \
+         SELECT 'column ' || c.oid::regclass::text || '.' || quote_ident(a.attname) || ' ' \
+                || format_type(a.atttypid, a.atttypmod) \
+                || CASE WHEN a.attnotnull THEN ' not null' ELSE '' END \
+                || coalesce(' default ' || pg_get_expr(d.adbin, d.adrelid), '') \
+           FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid \
+           JOIN pg_namespace n ON n.oid = c.relnamespace \
+           LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
+           WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f') AND a.attnum > 0 AND NOT a.attisdropped \
+             AND {USER_SCHEMAS} AND {own} \
+         UNION ALL \
+         SELECT 'index ' || pg_get_indexdef(i.indexrelid) \
+           FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid \
+           JOIN pg_namespace n ON n.oid = c.relnamespace WHERE {USER_SCHEMAS} AND {own} \
+         UNION ALL \
+         SELECT 'constraint ' || c.oid::regclass::text || ' ' || quote_ident(con.conname) || ' ' \
+                || pg_get_constraintdef(con.oid) \
+           FROM pg_constraint con JOIN pg_class c ON c.oid = con.conrelid \
+           JOIN pg_namespace n ON n.oid = c.relnamespace WHERE {USER_SCHEMAS} AND {own} \
+         UNION ALL \
+         SELECT 'view ' || c.oid::regclass::text || ' ' || pg_get_viewdef(c.oid) \
+           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+           WHERE c.relkind IN ('v', 'm') AND {USER_SCHEMAS}"
+    );
+    let mut lines: Vec<String> = client
+        .query(&query, &[&table])
+        .map_err(failed("read the catalog"))?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    lines.sort();
+    Ok(format!(
+        "sha256:{}",
+        rewind_shared::digest::sha256_hex(lines.join("\n").as_bytes())
+    ))
+}
+
+/// Data a revert would destroy, found by running its down scripts under a savepoint and
+/// comparing the columns before and after.
+struct Finding {
+    table: String,
+    /// `None`: the whole table is dropped.
+    column: Option<String>,
+    /// Selects the rows at risk.
+    condition: String,
+    rows: i64,
+    what: &'static str,
+}
+
+impl Finding {
+    fn describe(&self) -> String {
+        match &self.column {
+            None => format!("table {}: {} rows", self.table, self.rows),
+            Some(column) => format!("{}.{column}: {} {}", self.table, self.rows, self.what),
+        }
+    }
+}
+
+/// (table, column) -> type of every column of the database's own tables, but the history's.
+fn columns(
+    client: &mut impl GenericClient,
+    table: &str,
+) -> Result<std::collections::BTreeMap<(String, String), String>, AgentError> {
+    let query = format!(
+        "SELECT c.oid::regclass::text, quote_ident(a.attname), format_type(a.atttypid, a.atttypmod) \
+           FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid \
+           JOIN pg_namespace n ON n.oid = c.relnamespace \
+           WHERE c.relkind IN ('r', 'p') AND a.attnum > 0 AND NOT a.attisdropped \
+             AND {USER_SCHEMAS} AND c.oid IS DISTINCT FROM to_regclass($1)"
+    );
+    Ok(client
+        .query(&query, &[&table])
+        .map_err(failed("read the catalog"))?
+        .iter()
+        .map(|row| ((row.get(0), row.get(1)), row.get(2)))
+        .collect())
+}
+
+fn data_at_risk(
+    client: &mut impl GenericClient,
+    table: &str,
+    step: &ShardStep,
+) -> Result<Vec<Finding>, AgentError> {
+    let before = columns(client, table)?;
+    client
+        .batch_execute("SAVEPOINT rewind_probe")
+        .map_err(failed("probe the revert"))?;
+    let mut probe = || {
+        let (mut ignored, mut unlogged) = (Vec::new(), 0);
+        for migration in &step.migrations {
+            let label = format!("down {} (trial run)", migration.version);
+            run_logged(
+                client,
+                &label,
+                &migration.down_sql,
+                &mut ignored,
+                &mut unlogged,
+            )?;
+        }
+        columns(client, table)
+    };
+    let after = probe();
+    client
+        .batch_execute("ROLLBACK TO SAVEPOINT rewind_probe")
+        .map_err(failed("undo the trial run"))?;
+    let after = after?;
+    let tables_after: std::collections::BTreeSet<&str> =
+        after.keys().map(|(table, _)| table.as_str()).collect();
+    let mut findings = Vec::new();
+    let mut dropped_tables = std::collections::BTreeSet::new();
+    for ((table, column), kind) in &before {
+        let finding = if !tables_after.contains(table.as_str()) {
+            if !dropped_tables.insert(table.clone()) {
+                continue;
+            }
+            Finding {
+                table: table.clone(),
+                column: None,
+                condition: "true".into(),
+                rows: 0,
+                what: "rows",
+            }
+        } else {
+            match after.get(&(table.clone(), column.clone())) {
+                None => Finding {
+                    table: table.clone(),
+                    column: Some(column.clone()),
+                    condition: format!("{column} IS NOT NULL"),
+                    rows: 0,
+                    what: "non-null values",
+                },
+                Some(narrower) if narrower != kind => Finding {
+                    table: table.clone(),
+                    column: Some(column.clone()),
+                    condition: format!(
+                        "{column} IS NOT NULL AND {column} IS DISTINCT FROM ({column})::{narrower}"
+                    ),
+                    rows: 0,
+                    what: "values that change or do not fit as the old type",
+                },
+                Some(_) => continue,
+            }
+        };
+        findings.push(finding);
+    }
+    for finding in &mut findings {
+        finding.rows = count_rows(client, finding)?;
+    }
+    findings.retain(|finding| finding.rows > 0);
+    Ok(findings)
+}
+
+/// Rows matching a finding; a cast that fails for some value counts every non-null value.
+fn count_rows(client: &mut impl GenericClient, finding: &mut Finding) -> Result<i64, AgentError> {
+    match count_where(client, &finding.table, &finding.condition) {
+        Ok(rows) => Ok(rows),
+        Err(_) if finding.column.is_some() => {
+            // The old type cannot hold some value at all.
+            let column = finding.column.clone().unwrap_or_default();
+            finding.condition = format!("{column} IS NOT NULL");
+            finding.what = "values, some of which do not fit the old type";
+            count_where(client, &finding.table, &finding.condition)
+                .map_err(failed("count rows at risk"))
+        }
+        Err(error) => Err(failed("count rows at risk")(error)),
+    }
+}
+
+/// `count(*)` under a savepoint, so a failing cast leaves the transaction usable.
+fn count_where(
+    client: &mut impl GenericClient,
+    table: &str,
+    condition: &str,
+) -> Result<i64, postgres::Error> {
+    client.batch_execute("SAVEPOINT rewind_count")?;
+    let result = client
+        .query_one(
+            &format!("SELECT count(*) FROM {table} WHERE {condition}"),
+            &[],
+        )
+        .map(|row| row.get::<_, i64>(0));
+    client.batch_execute(if result.is_ok() {
+        "RELEASE SAVEPOINT rewind_count"
+    } else {
+        "ROLLBACK TO SAVEPOINT rewind_count"
+    })?;
+    result
+}
+
+/// Writes the rows at risk as CSV files (with a header) under `dir`, fsynced; their paths.
+fn export(
+    client: &mut impl GenericClient,
+    findings: &[Finding],
+    dir: &Path,
+) -> Result<Vec<String>, AgentError> {
+    std::fs::create_dir_all(dir).map_err(AgentError::io("create", dir))?;
+    let mut files = Vec::new();
+    for finding in findings {
+        let mut name = file_safe(&finding.table);
+        if let Some(column) = &finding.column {
+            name += &format!(".{}", file_safe(column));
+        }
+        let path = dir.join(format!("{name}.csv"));
+        let mut file = std::fs::File::create(&path).map_err(AgentError::io("create", &path))?;
+        let mut rows = client
+            .copy_out(&format!(
+                "COPY (SELECT * FROM {} WHERE {}) TO STDOUT WITH (FORMAT csv, HEADER)",
+                finding.table, finding.condition
+            ))
+            .map_err(failed("export the rows at risk"))?;
+        std::io::copy(&mut rows, &mut file).map_err(AgentError::io("write", &path))?;
+        drop(rows);
+        file.flush().map_err(AgentError::io("write", &path))?;
+        file.sync_all().map_err(AgentError::io("sync", &path))?;
+        files.push(path.display().to_string());
+    }
+    std::fs::File::open(dir)
+        .and_then(|handle| handle.sync_all())
+        .map_err(AgentError::io("sync", dir))?;
+    Ok(files)
+}
+
+fn file_safe(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// Foreign keys whose rows reference nothing (PostgreSQL keeps them, but a script can disable
+/// triggers or add a key `NOT VALID`): `name on table: n rows`.
+fn foreign_key_violations(client: &mut impl GenericClient) -> Result<Vec<String>, AgentError> {
+    let keys = client
+        .query(
+            "SELECT quote_ident(con.conname), con.conrelid::regclass::text, \
+                    con.confrelid::regclass::text, \
+                    ARRAY(SELECT quote_ident(a.attname) FROM unnest(con.conkey) WITH ORDINALITY \
+                          AS k(attnum, n) JOIN pg_attribute a ON a.attrelid = con.conrelid \
+                          AND a.attnum = k.attnum ORDER BY k.n), \
+                    ARRAY(SELECT quote_ident(a.attname) FROM unnest(con.confkey) WITH ORDINALITY \
+                          AS k(attnum, n) JOIN pg_attribute a ON a.attrelid = con.confrelid \
+                          AND a.attnum = k.attnum ORDER BY k.n) \
+               FROM pg_constraint con WHERE con.contype = 'f' ORDER BY 1",
+            &[],
+        )
+        .map_err(failed("read the foreign keys"))?;
+    let mut broken = Vec::new();
+    for key in keys {
+        let (name, child, parent): (String, String, String) = (key.get(0), key.get(1), key.get(2));
+        let (from, to): (Vec<String>, Vec<String>) = (key.get(3), key.get(4));
+        let present: Vec<String> = from
+            .iter()
+            .map(|column| format!("c.{column} IS NOT NULL"))
+            .collect();
+        let matches: Vec<String> = from
+            .iter()
+            .zip(&to)
+            .map(|(from, to)| format!("p.{to} = c.{from}"))
+            .collect();
+        let orphans: i64 = client
+            .query_one(
+                &format!(
+                    "SELECT count(*) FROM {child} c WHERE {} AND NOT EXISTS \
+                     (SELECT 1 FROM {parent} p WHERE {})",
+                    present.join(" AND "),
+                    matches.join(" AND ")
+                ),
+                &[],
+            )
+            .map_err(failed("check a foreign key"))?
+            .get(0);
+        if orphans > 0 {
+            broken.push(format!(
+                "{name} on {child}: {orphans} rows reference missing {parent} rows"
+            ));
+        }
+    }
+    Ok(broken)
+}

@@ -1,0 +1,662 @@
+//! Schema transactions (`st-<n>`): a set of migrations applied or reverted on every shard of a
+//! database, all or nothing, in four phases whose every transition is a log entry.
+//!
+//! 1. **Check** on every shard (read only). A shard whose migrations do not stand as expected,
+//!    whose scripts do not match their checksums, or whose revert would destroy data the operator
+//!    did not accept losing, fails its check: the transaction ends aborted, nothing changed.
+//!    Shards whose fingerprints disagree end it the same way.
+//! 2. **Prepare** on every shard: the scripts run in one transaction per shard, which is then
+//!    `PREPARE TRANSACTION`ed. Each shard's report (statements with rows affected, exported
+//!    files, fingerprint after) is recorded with its step.
+//! 3. **Decide**: the engine proposes `DecideSchemaTxn`, commit only once every shard is
+//!    prepared, abort as soon as one failed. A leader that finds a transaction preparing which it
+//!    did not see being checked (it took over, or the cluster restarted) decides abort: without a
+//!    recorded decision, nobody may commit. Then every shard that may hold a prepared transaction
+//!    resolves it as decided, retried until it answers.
+//! 4. **Verify** (after a commit): every shard reports version and fingerprint; all must agree,
+//!    and equal the fingerprint the transaction expects (for a revert, the one recorded before
+//!    the change it undoes), with no prepared transaction of it left.
+
+use serde::{Deserialize, Serialize};
+
+use super::state::{State, StepProgress, StepStatus};
+use crate::errors::CoordinatorError;
+
+type Result<T> = std::result::Result<T, CoordinatorError>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum ShardPhase {
+    Check,
+    Prepare,
+    Resolve,
+    Verify,
+}
+
+impl ShardPhase {
+    pub const ALL: [Self; 4] = [Self::Check, Self::Prepare, Self::Resolve, Self::Verify];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Check => "check",
+            Self::Prepare => "prepare",
+            Self::Resolve => "resolve",
+            Self::Verify => "verify",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|phase| phase.name() == name)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SchemaTxnStatus {
+    Checking,
+    Preparing,
+    Resolving,
+    Verifying,
+    Done,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SchemaDecision {
+    pub commit: bool,
+    pub at_ms: u64,
+    pub reason: String,
+}
+
+/// A statement a shard ran, with the rows it affected: what a person needs to finish by hand.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StatementRecord {
+    pub script: String,
+    pub statement: String,
+    pub rows: u64,
+}
+
+/// What a shard's step reported (see the agent's `shard` module).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ShardReportRecord {
+    pub version: String,
+    pub fingerprint: String,
+    pub data_loss: Vec<String>,
+    pub statements: Vec<StatementRecord>,
+    pub exported: Vec<String>,
+    pub in_doubt: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ShardRecord {
+    pub host_id: String,
+    pub check: StepProgress,
+    pub prepare: StepProgress,
+    pub resolve: StepProgress,
+    pub verify: StepProgress,
+    /// As checked, before anything ran.
+    pub before: ShardReportRecord,
+    /// As prepared: the statements and exports, and the fingerprint inside the transaction.
+    pub prepared: ShardReportRecord,
+    /// As verified after the commit.
+    pub after: ShardReportRecord,
+}
+
+impl ShardRecord {
+    pub fn step(&self, phase: ShardPhase) -> &StepProgress {
+        match phase {
+            ShardPhase::Check => &self.check,
+            ShardPhase::Prepare => &self.prepare,
+            ShardPhase::Resolve => &self.resolve,
+            ShardPhase::Verify => &self.verify,
+        }
+    }
+
+    fn step_mut(&mut self, phase: ShardPhase) -> &mut StepProgress {
+        match phase {
+            ShardPhase::Check => &mut self.check,
+            ShardPhase::Prepare => &mut self.prepare,
+            ShardPhase::Resolve => &mut self.resolve,
+            ShardPhase::Verify => &mut self.verify,
+        }
+    }
+}
+
+/// Who a schema transaction belongs to: a stage of a change (applying) or of a rollback.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SchemaOwner {
+    Change { change: u64, stage: usize },
+    Rollback { rollback: u64, stage: usize },
+}
+
+/// One database's migrations a change applies or a rollback reverts, and the transaction that
+/// does it (0 until it begins; a resumed rollback begins a new one after an abort).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SchemaStage {
+    pub database: String,
+    /// In the order they run: a revert's newest first.
+    pub versions: Vec<String>,
+    pub down: bool,
+    /// A change's contract and data migrations run after its hosts are activated; expand ones
+    /// before. Always true for a rollback's (app reverts come first).
+    pub after_activation: bool,
+    pub txn: u64,
+    /// The fingerprint every shard must have afterwards; empty: they must only agree.
+    #[serde(default)]
+    pub expected_fingerprint: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SchemaTxnRecord {
+    pub number: u64,
+    pub database: String,
+    pub environment: String,
+    pub down: bool,
+    pub migrations: Vec<String>,
+    pub owner: SchemaOwner,
+    /// Who asked (recorded in each shard's history table).
+    pub by: String,
+    /// Why the operator accepted losing data a revert destroys; empty: not accepted.
+    pub accept_data_loss: String,
+    pub expected_fingerprint: String,
+    pub status: SchemaTxnStatus,
+    pub decision: Option<SchemaDecision>,
+    pub shards: Vec<ShardRecord>,
+    /// The fingerprint every shard agreed on at check.
+    pub fingerprint_before: String,
+    pub started_at_ms: u64,
+    pub finished_at_ms: u64,
+    pub committed: bool,
+    /// Committed and every shard verified as expected.
+    pub verified: bool,
+    pub detail: String,
+}
+
+impl SchemaTxnRecord {
+    pub fn id(&self) -> String {
+        schema_txn_id(self.number)
+    }
+
+    pub fn ok(&self) -> bool {
+        self.status == SchemaTxnStatus::Done && self.committed && self.verified
+    }
+
+    /// A resolve that ran out of attempts: prepared transactions may hold locks on that shard
+    /// until a person resumes (which retries it).
+    pub fn stuck_resolving(&self) -> Option<&ShardRecord> {
+        (self.status == SchemaTxnStatus::Resolving)
+            .then(|| {
+                self.shards
+                    .iter()
+                    .find(|shard| shard.resolve.status == StepStatus::Failed)
+            })
+            .flatten()
+    }
+}
+
+pub fn schema_txn_id(number: u64) -> String {
+    format!("st-{number}")
+}
+
+/// Begins the transaction of a stage: a check step per shard (the hosts of `environment` that
+/// run the database's service).
+pub fn begin(
+    state: &mut State,
+    owner: SchemaOwner,
+    stage: &SchemaStage,
+    environment: &str,
+    accept_data_loss: &str,
+    by: &str,
+    at_ms: u64,
+) -> Result<u64> {
+    let shards = shards_of(state, &stage.database, environment);
+    if shards.is_empty() {
+        return Err(CoordinatorError::invalid(
+            "database",
+            format!(
+                "no host in environment {environment:?} runs {}: it has no shard to migrate",
+                stage.database
+            ),
+        ));
+    }
+    let number = state.next_schema_txn.max(1);
+    state.next_schema_txn = number + 1;
+    state.schema_txns.insert(
+        number,
+        SchemaTxnRecord {
+            number,
+            database: stage.database.clone(),
+            environment: environment.to_string(),
+            down: stage.down,
+            migrations: stage.versions.clone(),
+            owner,
+            by: by.to_string(),
+            accept_data_loss: accept_data_loss.to_string(),
+            expected_fingerprint: stage.expected_fingerprint.clone(),
+            status: SchemaTxnStatus::Checking,
+            decision: None,
+            shards: shards
+                .into_iter()
+                .map(|host_id| ShardRecord {
+                    host_id,
+                    ..ShardRecord::default()
+                })
+                .collect(),
+            fingerprint_before: String::new(),
+            started_at_ms: at_ms,
+            finished_at_ms: 0,
+            committed: false,
+            verified: false,
+            detail: String::new(),
+        },
+    );
+    Ok(number)
+}
+
+/// Hosts of `environment` that run `database` (its shards), in id order.
+pub fn shards_of(state: &State, database: &str, environment: &str) -> Vec<String> {
+    state
+        .hosts
+        .values()
+        .filter(|host| host.labels.environment == environment)
+        .filter(|host| host.services.iter().any(|service| service == database))
+        .map(|host| host.host_id.clone())
+        .collect()
+}
+
+fn unknown(number: u64) -> CoordinatorError {
+    CoordinatorError::invalid(
+        "step",
+        format!("no schema transaction {}", schema_txn_id(number)),
+    )
+}
+
+/// The progress of one shard's step, for start and finish.
+pub fn step_mut<'a>(
+    state: &'a mut State,
+    number: u64,
+    phase: ShardPhase,
+    host_id: &str,
+) -> Result<&'a mut StepProgress> {
+    let txn = state
+        .schema_txns
+        .get_mut(&number)
+        .ok_or_else(|| unknown(number))?;
+    let id = txn.id();
+    let shard = txn
+        .shards
+        .iter_mut()
+        .find(|shard| shard.host_id == host_id)
+        .ok_or_else(|| {
+            CoordinatorError::invalid("step", format!("{host_id} is not a shard of {id}"))
+        })?;
+    Ok(shard.step_mut(phase))
+}
+
+/// Whether a shard's step of this phase may start now.
+pub fn startable(state: &State, number: u64, phase: ShardPhase) -> Result<()> {
+    let txn = state
+        .schema_txns
+        .get(&number)
+        .ok_or_else(|| unknown(number))?;
+    let current = match txn.status {
+        SchemaTxnStatus::Checking => Some(ShardPhase::Check),
+        SchemaTxnStatus::Preparing => Some(ShardPhase::Prepare),
+        SchemaTxnStatus::Resolving => Some(ShardPhase::Resolve),
+        SchemaTxnStatus::Verifying => Some(ShardPhase::Verify),
+        SchemaTxnStatus::Done => None,
+    };
+    if current != Some(phase) {
+        return Err(CoordinatorError::StepNotStartable {
+            step_id: format!("{}/{}", txn.id(), phase.name()),
+            reason: format!("{} is {:?}", txn.id(), txn.status),
+        });
+    }
+    Ok(())
+}
+
+/// Keeps what a shard reported with its step.
+pub fn record_report(
+    state: &mut State,
+    number: u64,
+    phase: ShardPhase,
+    host_id: &str,
+    report: ShardReportRecord,
+) {
+    let Some(shard) = state
+        .schema_txns
+        .get_mut(&number)
+        .and_then(|txn| txn.shards.iter_mut().find(|shard| shard.host_id == host_id))
+    else {
+        return;
+    };
+    match phase {
+        ShardPhase::Check => shard.before = report,
+        ShardPhase::Prepare => shard.prepared = report,
+        ShardPhase::Resolve => {}
+        ShardPhase::Verify => shard.after = report,
+    }
+}
+
+/// Records the decision (see the module docs). Commit only when every shard is prepared.
+pub fn decide(
+    state: &mut State,
+    number: u64,
+    commit: bool,
+    reason: &str,
+    at_ms: u64,
+) -> Result<String> {
+    let txn = state
+        .schema_txns
+        .get_mut(&number)
+        .ok_or_else(|| unknown(number))?;
+    if txn.decision.is_some()
+        || !matches!(
+            txn.status,
+            SchemaTxnStatus::Checking | SchemaTxnStatus::Preparing
+        )
+    {
+        return Err(CoordinatorError::invalid(
+            "decision",
+            format!("{} is {:?} and decided already", txn.id(), txn.status),
+        ));
+    }
+    if commit {
+        if let Some(shard) = txn
+            .shards
+            .iter()
+            .find(|shard| shard.prepare.status != StepStatus::Succeeded)
+        {
+            return Err(CoordinatorError::invalid(
+                "decision",
+                format!(
+                    "{} cannot commit: {} is not prepared ({:?})",
+                    txn.id(),
+                    shard.host_id,
+                    shard.prepare.status
+                ),
+            ));
+        }
+    }
+    txn.decision = Some(SchemaDecision {
+        commit,
+        at_ms,
+        reason: reason.to_string(),
+    });
+    // Every shard that may hold a prepared transaction resolves it; one whose prepare never
+    // began holds none.
+    let mut resolving = 0;
+    for shard in &mut txn.shards {
+        if shard.prepare.attempts > 0 {
+            shard.resolve = StepProgress::default();
+            resolving += 1;
+        } else {
+            shard.resolve.status = StepStatus::Skipped;
+        }
+    }
+    if resolving == 0 {
+        finish(
+            txn,
+            false,
+            format!("aborted before any shard prepared: {reason}"),
+            at_ms,
+        );
+    } else {
+        txn.status = SchemaTxnStatus::Resolving;
+    }
+    let word = if commit { "commit" } else { "abort" };
+    Ok(format!("{word}: {reason}"))
+}
+
+fn finish(txn: &mut SchemaTxnRecord, committed: bool, detail: String, at_ms: u64) {
+    txn.status = SchemaTxnStatus::Done;
+    txn.committed = committed;
+    txn.finished_at_ms = at_ms;
+    txn.detail = detail;
+}
+
+/// Moves a transaction on after one of its steps ended.
+pub fn settle(state: &mut State, number: u64, at_ms: u64) {
+    let Some(txn) = state.schema_txns.get_mut(&number) else {
+        return;
+    };
+    let all = |txn: &SchemaTxnRecord, phase: ShardPhase, status: StepStatus| {
+        txn.shards
+            .iter()
+            .all(|shard| shard.step(phase).status == status)
+    };
+    match txn.status {
+        SchemaTxnStatus::Checking => {
+            if let Some(failed) = txn
+                .shards
+                .iter()
+                .find(|shard| shard.check.status == StepStatus::Failed)
+            {
+                let detail = format!(
+                    "check failed on {}, nothing changed: {}",
+                    failed.host_id, failed.check.detail
+                );
+                txn.decision = Some(SchemaDecision {
+                    commit: false,
+                    at_ms,
+                    reason: detail.clone(),
+                });
+                finish(txn, false, detail, at_ms);
+                return;
+            }
+            if !all(txn, ShardPhase::Check, StepStatus::Succeeded) {
+                return;
+            }
+            if let Some(odd) = disagreement(&txn.shards, |shard| &shard.before.fingerprint) {
+                let detail = format!("shards disagree before anything changed: {odd}");
+                txn.decision = Some(SchemaDecision {
+                    commit: false,
+                    at_ms,
+                    reason: detail.clone(),
+                });
+                finish(txn, false, detail, at_ms);
+                return;
+            }
+            txn.fingerprint_before = txn.shards[0].before.fingerprint.clone();
+            txn.status = SchemaTxnStatus::Preparing;
+        }
+        // The engine decides; see `decide`.
+        SchemaTxnStatus::Preparing | SchemaTxnStatus::Done => {}
+        SchemaTxnStatus::Resolving => {
+            let resolved = txn.shards.iter().all(|shard| {
+                matches!(
+                    shard.resolve.status,
+                    StepStatus::Succeeded | StepStatus::Skipped
+                )
+            });
+            if !resolved {
+                return;
+            }
+            let decision = txn.decision.clone().unwrap_or(SchemaDecision {
+                commit: false,
+                at_ms,
+                reason: String::new(),
+            });
+            if decision.commit {
+                txn.status = SchemaTxnStatus::Verifying;
+            } else {
+                finish(
+                    txn,
+                    false,
+                    format!("aborted, every shard rolled back: {}", decision.reason),
+                    at_ms,
+                );
+            }
+        }
+        SchemaTxnStatus::Verifying => {
+            if txn
+                .shards
+                .iter()
+                .any(|shard| !shard.verify.status.is_terminal())
+            {
+                return;
+            }
+            let problems = verification_problems(txn);
+            txn.verified = problems.is_empty();
+            let detail = if problems.is_empty() {
+                format!(
+                    "committed on {} shards; all at version {} with fingerprint {}",
+                    txn.shards.len(),
+                    display(&txn.shards[0].after.version),
+                    short(&txn.shards[0].after.fingerprint)
+                )
+            } else {
+                format!(
+                    "committed, but verification failed: {}",
+                    problems.join("; ")
+                )
+            };
+            finish(txn, true, detail, at_ms);
+        }
+    }
+}
+
+fn verification_problems(txn: &SchemaTxnRecord) -> Vec<String> {
+    let mut problems = Vec::new();
+    for shard in &txn.shards {
+        if shard.verify.status != StepStatus::Succeeded {
+            problems.push(format!(
+                "{} did not verify: {}",
+                shard.host_id, shard.verify.detail
+            ));
+        }
+        let own = format!("-{}", txn.id());
+        if shard.after.in_doubt.iter().any(|gid| gid.ends_with(&own)) {
+            problems.push(format!(
+                "{} still holds a prepared transaction of {}",
+                shard.host_id,
+                txn.id()
+            ));
+        }
+    }
+    if !problems.is_empty() {
+        return problems;
+    }
+    if let Some(odd) = disagreement(&txn.shards, |shard| &shard.after.fingerprint) {
+        problems.push(format!("fingerprints disagree: {odd}"));
+    }
+    if let Some(odd) = disagreement(&txn.shards, |shard| &shard.after.version) {
+        problems.push(format!("versions disagree: {odd}"));
+    }
+    let after = &txn.shards[0].after.fingerprint;
+    if problems.is_empty()
+        && !txn.expected_fingerprint.is_empty()
+        && after != &txn.expected_fingerprint
+    {
+        problems.push(format!(
+            "every shard has fingerprint {}, not {} as recorded before the change",
+            short(after),
+            short(&txn.expected_fingerprint)
+        ));
+    }
+    problems
+}
+
+/// `None` when every shard has the same value, else who has what.
+fn disagreement(shards: &[ShardRecord], value: impl Fn(&ShardRecord) -> &String) -> Option<String> {
+    let first = value(&shards[0]);
+    if shards.iter().all(|shard| value(shard) == first) {
+        return None;
+    }
+    Some(
+        shards
+            .iter()
+            .map(|shard| format!("{} has {}", shard.host_id, short(value(shard))))
+            .collect::<Vec<_>>()
+            .join(", "),
+    )
+}
+
+fn display(version: &str) -> &str {
+    if version.is_empty() {
+        "(none)"
+    } else {
+        version
+    }
+}
+
+pub fn short(fingerprint: &str) -> &str {
+    rewind_shared::names::truncate(fingerprint, 19)
+}
+
+/// Restarts what a person's resume can retry: an aborted transaction's stage begins afresh
+/// (its `txn` goes back to 0), a resolve that ran out of attempts is tried again, and a
+/// verification that failed runs again.
+pub fn retry_stage(state: &mut State, stage: &mut SchemaStage) {
+    let Some(txn) = state.schema_txns.get_mut(&stage.txn) else {
+        return;
+    };
+    if txn.stuck_resolving().is_some() {
+        for shard in &mut txn.shards {
+            if shard.resolve.status == StepStatus::Failed {
+                shard.resolve = StepProgress::default();
+            }
+        }
+    } else if txn.status == SchemaTxnStatus::Done && !txn.committed {
+        stage.txn = 0;
+    } else if txn.status == SchemaTxnStatus::Done && !txn.verified {
+        txn.status = SchemaTxnStatus::Verifying;
+        txn.detail.clear();
+        for shard in &mut txn.shards {
+            shard.verify = StepProgress::default();
+        }
+    }
+}
+
+/// Where the stages of one point (a change's before or after activation, a rollback's) stand.
+#[derive(Debug, PartialEq)]
+pub enum StagesState {
+    /// Every stage's transaction committed and verified.
+    Done,
+    /// The first stage not yet done, and whether its transaction began.
+    Waiting { stage: usize, begun: bool },
+    /// A transaction ended without committing, or committed but did not verify, or a resolve
+    /// ran out of attempts: why.
+    Failed { stage: usize, detail: String },
+}
+
+pub fn stages_state<'a>(
+    state: &State,
+    stages: impl Iterator<Item = (usize, &'a SchemaStage)>,
+) -> StagesState {
+    for (index, stage) in stages {
+        let Some(txn) = state.schema_txns.get(&stage.txn) else {
+            return StagesState::Waiting {
+                stage: index,
+                begun: false,
+            };
+        };
+        if txn.ok() {
+            continue;
+        }
+        if let Some(shard) = txn.stuck_resolving() {
+            return StagesState::Failed {
+                stage: index,
+                detail: format!(
+                    "{} of {} could not resolve its prepared transaction ({}): {}",
+                    txn.id(),
+                    stage.database,
+                    if txn.decision.as_ref().is_some_and(|d| d.commit) {
+                        "commit"
+                    } else {
+                        "abort"
+                    },
+                    shard.resolve.detail
+                ),
+            };
+        }
+        if txn.status == SchemaTxnStatus::Done {
+            return StagesState::Failed {
+                stage: index,
+                detail: format!("{} of {}: {}", txn.id(), stage.database, txn.detail),
+            };
+        }
+        return StagesState::Waiting {
+            stage: index,
+            begun: true,
+        };
+    }
+    StagesState::Done
+}
