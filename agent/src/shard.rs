@@ -485,7 +485,7 @@ fn describe(client: &mut impl GenericClient, table: &str) -> Result<ShardReport,
 pub fn fingerprint(client: &mut impl GenericClient, table: &str) -> Result<String, AgentError> {
     let own = "c.oid IS DISTINCT FROM to_regclass($1)";
     let query = format!(
-        "SELECT 'table ' || c.oid::regclass::text || ' ' || c.relkind \
+        "SELECT 'table ' || c.oid::regclass::text || ' ' || c.relkind::text \
            FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
            WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f') AND {USER_SCHEMAS} AND {own} \
          UNION ALL \
@@ -546,13 +546,21 @@ impl Finding {
     }
 }
 
-/// (table, column) -> type of every column of the database's own tables, but the history's.
-fn columns(
-    client: &mut impl GenericClient,
-    table: &str,
-) -> Result<std::collections::BTreeMap<(String, String), String>, AgentError> {
+/// A column as the catalog names it, keyed by (table oid, column number): a rename keeps both,
+/// so a renamed column is not mistaken for a dropped one.
+struct Column {
+    table: String,
+    name: String,
+    kind: String,
+}
+
+type Columns = std::collections::BTreeMap<(i64, i32), Column>;
+
+/// Every column of the database's own tables, but the history table's.
+fn columns(client: &mut impl GenericClient, table: &str) -> Result<Columns, AgentError> {
     let query = format!(
-        "SELECT c.oid::regclass::text, quote_ident(a.attname), format_type(a.atttypid, a.atttypmod) \
+        "SELECT c.oid::int8, a.attnum::int4, c.oid::regclass::text, quote_ident(a.attname), \
+                format_type(a.atttypid, a.atttypmod) \
            FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid \
            JOIN pg_namespace n ON n.oid = c.relnamespace \
            WHERE c.relkind IN ('r', 'p') AND a.attnum > 0 AND NOT a.attisdropped \
@@ -562,7 +570,14 @@ fn columns(
         .query(&query, &[&table])
         .map_err(failed("read the catalog"))?
         .iter()
-        .map(|row| ((row.get(0), row.get(1)), row.get(2)))
+        .map(|row| {
+            let column = Column {
+                table: row.get(2),
+                name: row.get(3),
+                kind: row.get(4),
+            };
+            ((row.get(0), row.get(1)), column)
+        })
         .collect())
 }
 
@@ -594,36 +609,37 @@ fn data_at_risk(
         .batch_execute("ROLLBACK TO SAVEPOINT rewind_probe")
         .map_err(failed("undo the trial run"))?;
     let after = after?;
-    let tables_after: std::collections::BTreeSet<&str> =
-        after.keys().map(|(table, _)| table.as_str()).collect();
+    let tables_after: std::collections::BTreeSet<i64> = after.keys().map(|(oid, _)| *oid).collect();
     let mut findings = Vec::new();
     let mut dropped_tables = std::collections::BTreeSet::new();
-    for ((table, column), kind) in &before {
-        let finding = if !tables_after.contains(table.as_str()) {
-            if !dropped_tables.insert(table.clone()) {
+    for ((oid, attnum), column) in &before {
+        let finding = if !tables_after.contains(oid) {
+            if !dropped_tables.insert(*oid) {
                 continue;
             }
             Finding {
-                table: table.clone(),
+                table: column.table.clone(),
                 column: None,
                 condition: "true".into(),
                 rows: 0,
                 what: "rows",
             }
         } else {
-            match after.get(&(table.clone(), column.clone())) {
+            let name = &column.name;
+            match after.get(&(*oid, *attnum)) {
                 None => Finding {
-                    table: table.clone(),
-                    column: Some(column.clone()),
-                    condition: format!("{column} IS NOT NULL"),
+                    table: column.table.clone(),
+                    column: Some(name.clone()),
+                    condition: format!("{name} IS NOT NULL"),
                     rows: 0,
                     what: "non-null values",
                 },
-                Some(narrower) if narrower != kind => Finding {
-                    table: table.clone(),
-                    column: Some(column.clone()),
+                Some(narrower) if narrower.kind != column.kind => Finding {
+                    table: column.table.clone(),
+                    column: Some(name.clone()),
                     condition: format!(
-                        "{column} IS NOT NULL AND {column} IS DISTINCT FROM ({column})::{narrower}"
+                        "{name} IS NOT NULL AND {name} IS DISTINCT FROM ({name})::{}",
+                        narrower.kind
                     ),
                     rows: 0,
                     what: "values that change or do not fit as the old type",

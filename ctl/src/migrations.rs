@@ -274,8 +274,12 @@ pub async fn schema(
             }
             for statement in &shard.statements {
                 println!(
-                    "  {} {}: {} ({} rows)",
-                    shard.host_id, statement.script, statement.statement, statement.rows
+                    "  {} {}: {} ({} row{})",
+                    shard.host_id,
+                    statement.script,
+                    statement.statement,
+                    statement.rows,
+                    if statement.rows == 1 { "" } else { "s" }
                 );
             }
             for gid in &shard.in_doubt {

@@ -79,10 +79,26 @@ fn spawn(binary: &Path, args: &[&str], log: &Path) -> Process {
     spawn_in(None, binary, args, log)
 }
 
-/// Starts `binary`, inside network namespace `namespace` when given (`ip netns exec` execs it,
-/// so the child's pid is the binary's and a kill reaches it).
 fn spawn_in(namespace: Option<&str>, binary: &Path, args: &[&str], log: &Path) -> Process {
-    let log_file = std::fs::File::create(log).expect("create log");
+    spawn_with(namespace, binary, args, log, "")
+}
+
+/// Starts `binary`, inside network namespace `namespace` when given (`ip netns exec` execs it,
+/// so the child's pid is the binary's and a kill reaches it), with `REWIND_FAILPOINTS` set to
+/// `failpoints` (crash points, see `rewind_shared::failpoint`). The log is appended to, so a
+/// restarted process's log follows the one before.
+fn spawn_with(
+    namespace: Option<&str>,
+    binary: &Path,
+    args: &[&str],
+    log: &Path,
+    failpoints: &str,
+) -> Process {
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("create log");
     let mut command = match namespace {
         Some(namespace) => {
             let mut command = Command::new("ip");
@@ -94,6 +110,7 @@ fn spawn_in(namespace: Option<&str>, binary: &Path, args: &[&str], log: &Path) -
     let child = command
         .args(args)
         .env("REWIND_LOG", "info,sled=warn")
+        .env("REWIND_FAILPOINTS", failpoints)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log_file)
@@ -124,11 +141,33 @@ impl Coordinator {
     /// Starts this coordinator again (after `process.kill()`) on the same data and address,
     /// so agents configured with it find it.
     pub fn must_restart(&mut self) {
+        self.must_restart_with_failpoints("");
+    }
+
+    /// [`Coordinator::must_restart`] with crash points armed (`REWIND_FAILPOINTS`).
+    pub fn must_restart_with_failpoints(&mut self, failpoints: &str) {
+        self.process.kill();
         let config = std::fs::read_to_string(self.dir.join("coordinator.toml")).unwrap();
-        *self = Self::must_start_listening(&self.dir.clone(), &config, &self.address.clone());
+        *self = Self::must_start_listening_with(
+            &self.dir.clone(),
+            &config,
+            &self.address.clone(),
+            failpoints,
+        );
+    }
+
+    /// Waits for the process to exit on its own (a crash point): up to `limit`.
+    pub fn must_exit_within(&mut self, limit: Duration) {
+        must_wait(limit, "the coordinator to crash at its failpoint", || {
+            self.process.child.try_wait().ok().flatten()
+        });
     }
 
     fn must_start_listening(dir: &Path, config: &str, listen: &str) -> Self {
+        Self::must_start_listening_with(dir, config, listen, "")
+    }
+
+    fn must_start_listening_with(dir: &Path, config: &str, listen: &str, failpoints: &str) -> Self {
         std::fs::create_dir_all(dir).unwrap();
         let config_path = dir.join("coordinator.toml");
         std::fs::write(&config_path, config).unwrap();
@@ -150,10 +189,12 @@ impl Coordinator {
             "--http-addr-file",
             http_addr_file.to_str().unwrap(),
         ];
-        let mut process = spawn(
+        let mut process = spawn_with(
+            None,
             &must_binary("rewind-coordinator"),
             &args,
             &dir.join("coordinator.log"),
+            failpoints,
         );
         let address = must_wait(Duration::from_secs(30), "the coordinator address", || {
             if let Ok(Some(status)) = process.child.try_wait() {
@@ -421,9 +462,29 @@ region = "{region}"
     /// Starts the agent from a given build of it (the footprint benchmark measures the one
     /// built with the `agent` profile, as shipped).
     pub fn must_start_agent_from(&mut self, binary: &Path) {
+        self.must_start_agent_with_failpoints_from(binary, "");
+    }
+
+    /// Starts the agent with crash points armed (`REWIND_FAILPOINTS`).
+    pub fn must_start_agent_with_failpoints(&mut self, failpoints: &str) {
+        self.must_start_agent_with_failpoints_from(&must_binary("rewind-agent"), failpoints);
+    }
+
+    fn must_start_agent_with_failpoints_from(&mut self, binary: &Path, failpoints: &str) {
+        if let Some(mut agent) = self.agent.take() {
+            agent.kill();
+        }
         let log = self.config_path.with_file_name("agent.log");
         let args = ["--config", self.config_path.to_str().unwrap(), "run"];
-        self.agent = Some(spawn(binary, &args, &log));
+        self.agent = Some(spawn_with(None, binary, &args, &log, failpoints));
+    }
+
+    /// Adds a `[service.database]` section to the host's (last) service: it is a shard of
+    /// that database.
+    pub fn must_be_shard_of(&self, server: &Postgres) {
+        let config = std::fs::read_to_string(&self.config_path).unwrap()
+            + &format!("[service.database]\npostgres = \"{}\"\n", server.url());
+        std::fs::write(&self.config_path, config).unwrap();
     }
 
     pub fn current_link(&self) -> String {

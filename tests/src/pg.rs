@@ -9,6 +9,7 @@ use std::time::Duration;
 /// One running PostgreSQL server; stopped (immediate mode) when dropped.
 pub struct Postgres {
     pub port: u16,
+    dir: PathBuf,
     data_dir: PathBuf,
     bin_dir: PathBuf,
 }
@@ -53,6 +54,11 @@ impl Postgres {
     /// Initialises and starts a server in `dir` (created, and handed to `postgres` when root)
     /// on a free loopback port, trusting local connections as user `postgres`.
     pub fn must_start(dir: &Path) -> Self {
+        Self::must_start_with(dir, "")
+    }
+
+    /// [`Postgres::must_start`] with more server options (`-c name=value ...`).
+    pub fn must_start_with(dir: &Path, extra_options: &str) -> Self {
         let bin_dir = server_bin_dir();
         std::fs::create_dir_all(dir).unwrap();
         if running_as_root() {
@@ -76,20 +82,40 @@ impl Postgres {
             String::from_utf8_lossy(&output.stderr)
         );
         let port = crate::free_port();
-        let options = format!(
-            "-p {port} -k '{socket}' -c listen_addresses=127.0.0.1 -c max_prepared_transactions=16 \
-             -c fsync=off -c shared_buffers=16MB",
-            socket = dir.display()
-        );
         // The guard exists before the server starts, so a start that times out is stopped too.
         let server = Self {
             port,
-            data_dir: data_dir.clone(),
-            bin_dir: bin_dir.clone(),
+            dir: dir.to_path_buf(),
+            data_dir,
+            bin_dir,
         };
+        server.must_run(extra_options);
+        server
+    }
+
+    /// Stops the server and starts it again on the same data and port with `extra_options`
+    /// (e.g. `-c max_prepared_transactions=0`); prepared transactions survive, as in a crash.
+    pub fn must_restart_with(&self, extra_options: &str) {
+        let output = as_postgres(&self.bin_dir.join("pg_ctl"))
+            .args(["-w", "-D"])
+            .arg(&self.data_dir)
+            .args(["-m", "fast", "stop"])
+            .output()
+            .expect("run pg_ctl stop");
+        assert!(output.status.success(), "pg_ctl stop: {output:?}");
+        self.must_run(extra_options);
+    }
+
+    fn must_run(&self, extra_options: &str) {
+        let (dir, port, bin_dir, data_dir) = (&self.dir, self.port, &self.bin_dir, &self.data_dir);
+        let options = format!(
+            "-p {port} -k '{socket}' -c listen_addresses=127.0.0.1 -c max_prepared_transactions=16 \
+             -c fsync=off -c shared_buffers=16MB {extra_options}",
+            socket = dir.display()
+        );
         let output = as_postgres(&bin_dir.join("pg_ctl"))
             .args(["-w", "-t", "60", "-D"])
-            .arg(&data_dir)
+            .arg(data_dir)
             .args(["-l"])
             .arg(dir.join("postgres.log"))
             .args(["-o", &options, "start"])
@@ -106,7 +132,21 @@ impl Postgres {
             "PostgreSQL to accept connections",
             || std::net::TcpStream::connect(("127.0.0.1", port)).ok(),
         );
-        server
+    }
+
+    /// Runs `sql` with psql (stopping at the first error) and returns its unaligned output.
+    pub fn must_sql(&self, sql: &str) -> String {
+        let output = Command::new("psql")
+            .arg(self.url())
+            .args(["-v", "ON_ERROR_STOP=1", "-q", "-A", "-t", "-c", sql])
+            .output()
+            .expect("run psql");
+        assert!(
+            output.status.success(),
+            "psql {sql}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).trim().to_string()
     }
 
     /// A libpq connection string for database `postgres` as user `postgres`.

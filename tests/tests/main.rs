@@ -19,3 +19,4 @@ mod t15_host_diff;
 mod t16_schema_version;
 mod t17_migrations;
 mod t18_migrate;
+mod t19_sharded_rollback;

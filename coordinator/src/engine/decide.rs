@@ -471,6 +471,9 @@ fn drive_schema_txn(
                 });
                 return;
             }
+            if txn.shards.iter().all(|shard| shard.prepare.attempts == 0) {
+                rewind_shared::failpoint::crash_if_armed("coordinator.before-prepare");
+            }
             ShardPhase::Prepare
         }
         SchemaTxnStatus::Resolving => {

@@ -255,7 +255,10 @@ pub fn shards_of(state: &State, database: &str, environment: &str) -> Vec<String
     state
         .hosts
         .values()
-        .filter(|host| host.labels.environment == environment)
+        .filter(|host| {
+            crate::plan::environment_of_hosts(state, std::slice::from_ref(&host.host_id))
+                == environment
+        })
         .filter(|host| host.services.iter().any(|service| service == database))
         .map(|host| host.host_id.clone())
         .collect()
@@ -358,22 +361,21 @@ pub fn decide(
             format!("{} is {:?} and decided already", txn.id(), txn.status),
         ));
     }
-    if commit {
-        if let Some(shard) = txn
+    if commit
+        && let Some(shard) = txn
             .shards
             .iter()
             .find(|shard| shard.prepare.status != StepStatus::Succeeded)
-        {
-            return Err(CoordinatorError::invalid(
-                "decision",
-                format!(
-                    "{} cannot commit: {} is not prepared ({:?})",
-                    txn.id(),
-                    shard.host_id,
-                    shard.prepare.status
-                ),
-            ));
-        }
+    {
+        return Err(CoordinatorError::invalid(
+            "decision",
+            format!(
+                "{} cannot commit: {} is not prepared ({:?})",
+                txn.id(),
+                shard.host_id,
+                shard.prepare.status
+            ),
+        ));
     }
     txn.decision = Some(SchemaDecision {
         commit,

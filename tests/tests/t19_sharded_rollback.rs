@@ -1,0 +1,591 @@
+//! Sharded database rollbacks against real PostgreSQL servers, one per shard, each with its own
+//! agent: a change applies migrations on every shard (expand before activation, contract after),
+//! and its rollback reverts them after the app, all or nothing: check, PREPARE TRANSACTION on
+//! every shard, the decision in the Raft log, COMMIT or ROLLBACK PREPARED, verify fingerprints.
+
+use std::time::Duration;
+
+use rewind_proto::v1 as pb;
+use rewind_proto::v1::control_service_client::ControlServiceClient;
+use rewind_tests::*;
+use tonic::transport::Channel;
+
+const DB: &str = "orders-db";
+
+const BASE_SCHEMA: &str = "CREATE TABLE customers (id int PRIMARY KEY, name text NOT NULL); \
+    CREATE TABLE orders (id int PRIMARY KEY, customer_id int REFERENCES customers (id), \
+    total numeric(10, 2)); \
+    INSERT INTO customers VALUES (1, 'ada'), (2, 'bob'); \
+    INSERT INTO orders VALUES (1, 1, 10.50), (2, 2, 20.00);";
+
+/// (version, class, up, down, verify)
+const MIGRATIONS: [(&str, pb::MigrationClass, &str, &str, &str); 2] = [
+    (
+        "0001",
+        pb::MigrationClass::Expand,
+        "ALTER TABLE orders ADD COLUMN discount numeric(10, 2); \
+         CREATE INDEX orders_discount ON orders (discount);",
+        "DROP INDEX orders_discount; ALTER TABLE orders DROP COLUMN discount;",
+        "",
+    ),
+    (
+        "0002",
+        pb::MigrationClass::Contract,
+        "ALTER TABLE orders RENAME COLUMN total TO amount;",
+        "ALTER TABLE orders RENAME COLUMN amount TO total;",
+        "SELECT total FROM orders LIMIT 1;",
+    ),
+];
+
+/// A coordinator, and a shard host per PostgreSQL server running service `orders-db`.
+struct Shards {
+    dir: tempfile::TempDir,
+    coordinator: Coordinator,
+    servers: Vec<Postgres>,
+    hosts: Vec<TestHost>,
+    client: ControlServiceClient<Channel>,
+}
+
+impl Shards {
+    async fn must_start(count: usize) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let coordinator = Coordinator::must_start(&dir.path().join("coordinator"));
+        let mut servers = Vec::new();
+        let mut hosts = Vec::new();
+        for n in 1..=count {
+            let server = Postgres::must_start(&dir.path().join(format!("pg-{n}")));
+            server.must_sql(BASE_SCHEMA);
+            let mut host = TestHost::must_prepare_services(
+                dir.path(),
+                &format!("db-{n}"),
+                &coordinator.ca(),
+                &coordinator.tls_dir(),
+                std::slice::from_ref(&coordinator.address),
+                "test-1",
+                &[DB],
+            );
+            host.must_be_shard_of(&server);
+            host.must_start_agent();
+            servers.push(server);
+            hosts.push(host);
+        }
+        let mut client = coordinator.must_client().await;
+        must_agents_connected(&client, count).await;
+        must_register(&mut client, &hosts[0]).await;
+        Self {
+            dir,
+            coordinator,
+            servers,
+            hosts,
+            client,
+        }
+    }
+
+    /// Starts a change of orders-db to `version` applying `migrations` and waits for `done`.
+    async fn must_change(&mut self, version: &str, migrations: &[&str]) -> pb::Change {
+        let change_id = self
+            .client
+            .start_change(pb::StartChangeRequest {
+                request_id: String::new(),
+                service: DB.into(),
+                version: version.into(),
+                host_ids: vec![],
+                reason: "test".into(),
+                flags_on: vec![],
+                migrations: migrations
+                    .iter()
+                    .map(|version| format!("{DB}@{version}"))
+                    .collect(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .change
+            .unwrap()
+            .change_id;
+        must_change_where(&self.client, &change_id, "the change to end", |change| {
+            change.state == pb::ChangeState::Deployed as i32
+                || change.state == pb::ChangeState::Failed as i32
+        })
+        .await
+    }
+
+    async fn must_start_rollback(&mut self, change_id: &str, options: pb::PlanOptions) -> String {
+        self.client
+            .start_rollback(pb::StartRollbackRequest {
+                change_id: change_id.into(),
+                reason: "bad release".into(),
+                options: Some(pb::PlanOptions {
+                    max_parallel: 4,
+                    max_unavailable: 4,
+                    ..options
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .rollback
+            .unwrap()
+            .rollback_id
+    }
+
+    async fn must_rollback_where(
+        &self,
+        rollback_id: &str,
+        what: &str,
+        done: impl Fn(&pb::Rollback) -> bool,
+    ) -> pb::Rollback {
+        must_wait_async(Duration::from_secs(180), what, || {
+            let mut client = self.client.clone();
+            let rollback_id = rollback_id.to_string();
+            let done = &done;
+            async move {
+                let rollback = client
+                    .get_rollback(pb::GetRollbackRequest { rollback_id })
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .rollback?;
+                done(&rollback).then_some(rollback)
+            }
+        })
+        .await
+    }
+
+    async fn must_pause(&self, rollback_id: &str) -> pb::Rollback {
+        self.must_rollback_where(rollback_id, "the rollback to pause", |rollback| {
+            rollback.state == pb::RollbackState::Paused as i32
+        })
+        .await
+    }
+
+    async fn must_succeed(&self, rollback_id: &str) -> pb::Rollback {
+        let rollback = must_rollback_end(&self.client, rollback_id).await;
+        assert_eq!(
+            rollback.state,
+            pb::RollbackState::Succeeded as i32,
+            "{rollback:#?}\n{}",
+            self.rewindctl(&["schema", "list"])
+        );
+        rollback
+    }
+
+    async fn must_control(&mut self, rollback_id: &str, action: &str) {
+        let request = pb::RollbackActionRequest {
+            rollback_id: rollback_id.into(),
+            reason: format!("test {action}"),
+            ..Default::default()
+        };
+        let result = match action {
+            "resume" => self.client.resume_rollback(request).await,
+            _ => self.client.abort_rollback(request).await,
+        };
+        result.unwrap_or_else(|status| panic!("{action} {rollback_id}: {status}"));
+    }
+
+    async fn must_schema_txn(&mut self, txn_id: &str) -> pb::SchemaTxn {
+        self.client
+            .list_schema_txns(pb::ListSchemaTxnsRequest {
+                txn_id: txn_id.into(),
+                detailed: true,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .txns
+            .remove(0)
+    }
+
+    fn rewindctl(&self, args: &[&str]) -> String {
+        let output = self.coordinator.rewindctl(args);
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    }
+
+    /// Every shard's orders columns, as one string per shard.
+    fn columns(&self) -> Vec<String> {
+        self.servers
+            .iter()
+            .map(|server| {
+                server.must_sql(
+                    "SELECT string_agg(column_name, ',' ORDER BY column_name) FROM \
+                     information_schema.columns WHERE table_name = 'orders'",
+                )
+            })
+            .collect()
+    }
+
+    /// Asserts no shard holds a prepared transaction (none is left holding locks).
+    fn must_have_nothing_prepared(&self) {
+        for (n, server) in self.servers.iter().enumerate() {
+            assert_eq!(
+                server.must_sql("SELECT count(*) FROM pg_prepared_xacts"),
+                "0",
+                "db-{} holds a prepared transaction",
+                n + 1
+            );
+        }
+    }
+
+    fn history(&self, shard: usize, version: &str) -> String {
+        self.servers[shard].must_sql(&format!(
+            "SELECT CASE WHEN reverted_at IS NULL THEN 'applied' ELSE 'reverted' END \
+             FROM rewind_schema_history WHERE version = '{version}'"
+        ))
+    }
+}
+
+async fn must_register(client: &mut ControlServiceClient<Channel>, host: &TestHost) {
+    client
+        .put_service(pb::PutServiceRequest {
+            request_id: String::new(),
+            service: Some(pb::Service {
+                name: DB.into(),
+                policy: Some(pb::HealthPolicy {
+                    max_probe_failure_ratio: 0.5,
+                    for_s: 1,
+                    watch_s: 120,
+                    auto_rollback: false,
+                    conditions: vec![],
+                }),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    for version in ["v1", "v2"] {
+        let artifact_digest =
+            rewind_shared::digest::tree_digest(&host.root.join("releases").join(version)).unwrap();
+        client
+            .register_release(pb::RegisterReleaseRequest {
+                request_id: String::new(),
+                release: Some(pb::Release {
+                    service: DB.into(),
+                    version: version.into(),
+                    artifact_digest,
+                    ..Default::default()
+                }),
+            })
+            .await
+            .unwrap();
+    }
+    for (version, class, up, down, verify) in MIGRATIONS {
+        client
+            .register_migration(pb::RegisterMigrationRequest {
+                request_id: String::new(),
+                migration: Some(pb::Migration {
+                    database: DB.into(),
+                    version: version.into(),
+                    class: class.into(),
+                    up_sql: up.into(),
+                    down_sql: down.into(),
+                    verify_sql: verify.into(),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .unwrap();
+    }
+}
+
+fn audit_position(audit: &[pb::AuditEntry], action: &str, target: &str) -> usize {
+    audit
+        .iter()
+        .position(|entry| entry.action == action && entry.target == target)
+        .unwrap_or_else(|| panic!("no audit entry {action} {target}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_change_applies_migrations_on_four_shards_and_its_rollback_reverts_them_all() {
+    let mut shards = Shards::must_start(4).await;
+    let first = shards.must_change("v1", &[]).await;
+    assert_eq!(first.state, pb::ChangeState::Deployed as i32, "{first:?}");
+    let change = shards.must_change("v2", &["0001", "0002"]).await;
+    assert_eq!(change.state, pb::ChangeState::Deployed as i32, "{change:?}");
+    assert_eq!(
+        change.schema,
+        [
+            "orders-db: 0001 (before activation) -> st-1",
+            "orders-db: 0002 (after activation) -> st-2"
+        ]
+    );
+    for columns in shards.columns() {
+        assert_eq!(columns, "amount,customer_id,discount,id");
+    }
+    // Expand before the hosts run the new release, contract after.
+    let audit = shards
+        .client
+        .list_audit(pb::ListAuditRequest {
+            from_index: 0,
+            limit: 1000,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    let expand_committed = audit_position(&audit, "schema.commit", "st-1");
+    let contract_started = audit_position(&audit, "schema.start", "st-2");
+    for host in ["db-1", "db-2", "db-3", "db-4"] {
+        let activated = audit_position(&audit, "step.finish", &format!("ch-2/activate/{host}"));
+        assert!(expand_committed < activated && activated < contract_started);
+    }
+
+    let plan = shards.rewindctl(&["rollback", "plan", "--change", "ch-2"]);
+    assert!(
+        plan.contains("then revert 0002 on orders-db (migration of ch-2), all or nothing"),
+        "{plan}"
+    );
+    assert!(
+        plan.contains("expand migration 0001 of orders-db (ch-2) stays"),
+        "{plan}"
+    );
+    let rollback_id = shards
+        .must_start_rollback("ch-2", pb::PlanOptions::default())
+        .await;
+    let rollback = shards.must_succeed(&rollback_id).await;
+    assert!(
+        rollback
+            .outcome_detail
+            .contains("orders-db reverted on every shard (0002)"),
+        "{rollback:?}"
+    );
+    // The contract migration is undone everywhere; the expand one stays, as planned.
+    for columns in shards.columns() {
+        assert_eq!(columns, "customer_id,discount,id,total");
+    }
+    for shard in 0..4 {
+        assert_eq!(shards.history(shard, "0002"), "reverted");
+        assert_eq!(shards.history(shard, "0001"), "applied");
+    }
+    shards.must_have_nothing_prepared();
+
+    let txn = shards.must_schema_txn("st-3").await;
+    assert_eq!(
+        (txn.direction.as_str(), txn.decision.as_str()),
+        ("revert", "commit")
+    );
+    assert!(txn.committed && txn.verified, "{txn:#?}");
+    // The fingerprint every shard has now is the one recorded before the contract migration.
+    let before_contract = shards.must_schema_txn("st-2").await.fingerprint_before;
+    assert_eq!(txn.expected_fingerprint, before_contract);
+    for shard in &txn.shards {
+        assert_eq!(shard.fingerprint_after, before_contract);
+        assert_eq!(shard.version_after, "0001");
+    }
+    let shown = shards.rewindctl(&["schema", "show", "st-3"]);
+    for expected in [
+        "decision: commit: all 4 shards prepared",
+        "db-3 down 0002: ALTER TABLE orders RENAME COLUMN amount TO total (0 rows)",
+        "db-3 verify 0002: SELECT total FROM orders LIMIT 1 (1 row)",
+        "committed on 4 shards; all at version 0001",
+    ] {
+        assert!(shown.contains(expected), "{expected}:\n{shown}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shard_failing_to_prepare_leaves_every_shard_unchanged() {
+    let mut shards = Shards::must_start(3).await;
+    shards.must_change("v1", &[]).await;
+    shards.must_change("v2", &["0002"]).await;
+    // db-3 comes back with two-phase commit disabled: its prepare fails after its scripts ran.
+    shards.servers[2].must_restart_with("-c max_prepared_transactions=0");
+    let rollback_id = shards
+        .must_start_rollback("ch-2", pb::PlanOptions::default())
+        .await;
+    let paused = shards.must_pause(&rollback_id).await;
+    assert!(
+        paused.paused_reason.contains("prepare failed on db-3")
+            && paused
+                .paused_reason
+                .contains("prepared transactions are disabled"),
+        "{}",
+        paused.paused_reason
+    );
+    // The shards that had prepared rolled back: none changed, nothing is left prepared.
+    for columns in shards.columns() {
+        assert_eq!(columns, "amount,customer_id,id");
+    }
+    for shard in 0..3 {
+        assert_eq!(shards.history(shard, "0002"), "applied");
+    }
+    shards.must_have_nothing_prepared();
+    let txn = shards.must_schema_txn("st-2").await;
+    assert_eq!(txn.decision, "abort", "{txn:#?}");
+    assert!(!txn.committed);
+
+    // Fixed, a resume begins a new transaction, which commits everywhere.
+    shards.servers[2].must_restart_with("");
+    shards.must_control(&rollback_id, "resume").await;
+    shards.must_succeed(&rollback_id).await;
+    for columns in shards.columns() {
+        assert_eq!(columns, "customer_id,id,total");
+    }
+    shards.must_have_nothing_prepared();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn edited_scripts_and_data_loss_are_refused_before_anything_changes() {
+    let mut shards = Shards::must_start(2).await;
+    shards.must_change("v1", &[]).await;
+    shards.must_change("v2", &["0001", "0002"]).await;
+    // 0002 as db-2 recorded it is not the registered script: it was edited after it ran.
+    let registered = shards.servers[1]
+        .must_sql("SELECT checksum FROM rewind_schema_history WHERE version = '0002'");
+    shards.servers[1].must_sql(
+        "UPDATE rewind_schema_history SET checksum = 'sha256:edited' WHERE version = '0002'",
+    );
+    let revert_all = pb::PlanOptions {
+        revert_expand: true,
+        ..Default::default()
+    };
+    let rollback_id = shards.must_start_rollback("ch-2", revert_all.clone()).await;
+    let paused = shards.must_pause(&rollback_id).await;
+    assert!(
+        paused.paused_reason.contains("check failed on db-2")
+            && paused.paused_reason.contains("edited after it ran"),
+        "{}",
+        paused.paused_reason
+    );
+
+    // Put right; now db-1 holds data in the column the expand migration's revert drops.
+    shards.servers[1].must_sql(&format!(
+        "UPDATE rewind_schema_history SET checksum = '{registered}' WHERE version = '0002'"
+    ));
+    shards.servers[0].must_sql("UPDATE orders SET discount = 1.25 WHERE id = 2");
+    shards.must_control(&rollback_id, "resume").await;
+    let paused = shards
+        .must_rollback_where(&rollback_id, "the data-loss refusal", |rollback| {
+            rollback.paused_reason.contains("would destroy data")
+        })
+        .await;
+    assert!(
+        paused.paused_reason.contains("check failed on db-1")
+            && paused
+                .paused_reason
+                .contains("orders.discount: 1 non-null values")
+            && paused.paused_reason.contains("--accept-data-loss"),
+        "{}",
+        paused.paused_reason
+    );
+    for columns in shards.columns() {
+        assert_eq!(columns, "amount,customer_id,discount,id");
+    }
+    shards.must_have_nothing_prepared();
+    shards.must_control(&rollback_id, "abort").await;
+
+    // Accepted (with a reason, audited): the rows are exported first, then the revert runs.
+    let accepted = pb::PlanOptions {
+        accept_data_loss: "discounts were a test campaign".into(),
+        ..revert_all
+    };
+    let rollback_id = shards.must_start_rollback("ch-2", accepted).await;
+    shards.must_succeed(&rollback_id).await;
+    for columns in shards.columns() {
+        assert_eq!(columns, "customer_id,id,total");
+    }
+    let exported = shards
+        .dir
+        .path()
+        .join("db-1/agent/exports")
+        .read_dir()
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path()
+        .join("orders.discount.csv");
+    let rows = std::fs::read_to_string(&exported).unwrap();
+    assert_eq!(
+        rows, "id,customer_id,amount,discount\n2,2,20.00,1.25\n",
+        "{rows}"
+    );
+    let audit = shards.rewindctl(&["audit", "list"]);
+    assert!(
+        audit.contains("data loss accepted: discounts were a test campaign"),
+        "{audit}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn crashes_at_each_phase_boundary_leave_no_transaction_in_doubt() {
+    let mut shards = Shards::must_start(2).await;
+    shards.must_change("v1", &[]).await;
+
+    // The coordinator dies at a boundary; restarted, it resolves what is in doubt from the log.
+    for (round, (failpoint, committed)) in [
+        ("coordinator.before-prepare", false),
+        ("coordinator.before-decision", false),
+        ("coordinator.after-decision", true),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let change = shards.must_change("v2", &["0002"]).await;
+        assert_eq!(change.state, pb::ChangeState::Deployed as i32, "{change:?}");
+        shards.coordinator.must_restart_with_failpoints(failpoint);
+        shards.client = shards.coordinator.must_client().await;
+        must_agents_connected(&shards.client, 2).await;
+        let rollback_id = shards
+            .must_start_rollback(&change.change_id, pb::PlanOptions::default())
+            .await;
+        shards
+            .coordinator
+            .must_exit_within(Duration::from_secs(120));
+        shards.coordinator.must_restart();
+        shards.client = shards.coordinator.must_client().await;
+        if committed {
+            shards.must_succeed(&rollback_id).await;
+        } else {
+            // No decision was recorded: the new leader aborts, and nothing changed.
+            let paused = shards.must_pause(&rollback_id).await;
+            assert!(
+                paused.paused_reason.contains("restarted or changed leader"),
+                "round {round}: {}",
+                paused.paused_reason
+            );
+            for columns in shards.columns() {
+                assert_eq!(columns, "amount,customer_id,id", "round {round}");
+            }
+            shards.must_have_nothing_prepared();
+            shards.must_control(&rollback_id, "resume").await;
+            shards.must_succeed(&rollback_id).await;
+        }
+        for columns in shards.columns() {
+            assert_eq!(columns, "customer_id,id,total", "round {round}");
+        }
+        shards.must_have_nothing_prepared();
+    }
+
+    // A shard's agent dies right after PREPARE TRANSACTION; restarted, it answers the
+    // redelivered prepare from what it kept, and the transaction commits.
+    let change = shards.must_change("v2", &["0002"]).await;
+    shards.hosts[1].must_start_agent_with_failpoints("agent.after-prepare");
+    must_agents_connected(&shards.client, 2).await;
+    let rollback_id = shards
+        .must_start_rollback(&change.change_id, pb::PlanOptions::default())
+        .await;
+    must_wait(
+        Duration::from_secs(120),
+        "the agent to crash after PREPARE",
+        || {
+            let agent = shards.hosts[1].agent.as_mut()?;
+            agent.child.try_wait().ok().flatten()
+        },
+    );
+    assert_eq!(
+        shards.servers[1].must_sql("SELECT count(*) FROM pg_prepared_xacts"),
+        "1",
+        "the crashed agent's shard holds its prepared transaction"
+    );
+    shards.hosts[1].must_start_agent();
+    shards.must_succeed(&rollback_id).await;
+    for columns in shards.columns() {
+        assert_eq!(columns, "customer_id,id,total");
+    }
+    shards.must_have_nothing_prepared();
+}
