@@ -51,6 +51,9 @@ pub enum Command {
     /// or nothing (check, prepare, decide, resolve, verify).
     #[command(subcommand)]
     Schema(crate::migrations::SchemaCommand),
+    /// Drills: rehearse a change's reversion elsewhere before it is needed.
+    #[command(subcommand)]
+    Drill(crate::migrations::DrillCommand),
     /// Changes: a release deployed to hosts, with a snapshot taken first.
     #[command(subcommand)]
     Change(ChangeCommand),
@@ -447,6 +450,7 @@ async fn execute(
         Command::Release(command) => release(client, format, command).await,
         Command::Migration(command) => crate::migrations::run(client, format, command).await,
         Command::Schema(command) => crate::migrations::schema(client, format, command).await,
+        Command::Drill(command) => crate::migrations::drill(client, format, command).await,
         Command::Change(command) => change(client, format, command).await,
         Command::Rollback(command) => rollback(client, format, command).await,
         Command::Audit(command) => audit(client, format, command).await,

@@ -293,3 +293,155 @@ pub async fn schema(
 fn or_none(text: &str) -> &str {
     if text.is_empty() { "(none)" } else { text }
 }
+
+#[derive(Clone, Subcommand)]
+pub enum DrillCommand {
+    /// Apply a change's migrations, revert them and apply them again on another environment's
+    /// shards (staging), each step all or nothing, checking the schema fingerprint after each:
+    /// the revert must give back the schema before, the second apply the schema after the
+    /// first. Prints the timings; exits 1 when the drill fails.
+    Migrations {
+        /// The change whose migrations to drill.
+        #[arg(long = "change", value_name = "CHANGE_ID")]
+        change: String,
+        /// The environment whose shards to drill on.
+        #[arg(long = "env", value_name = "ENVIRONMENT")]
+        environment: String,
+        /// Start it and print its id without waiting for the end.
+        #[arg(long)]
+        no_wait: bool,
+    },
+}
+
+/// Longest a drill is waited for.
+const DRILL_WAIT: std::time::Duration = std::time::Duration::from_secs(3600);
+
+pub async fn drill(
+    client: &mut Client,
+    format: Format,
+    command: DrillCommand,
+) -> anyhow::Result<ExitCode> {
+    let DrillCommand::Migrations {
+        change,
+        environment,
+        no_wait,
+    } = command;
+    let mut drill = client
+        .start_drill(pb::StartDrillRequest {
+            request_id: request_id(),
+            change_id: change,
+            environment,
+        })
+        .await
+        .map_err(explain)?
+        .into_inner()
+        .drill
+        .context("the coordinator answered without the drill")?;
+    let started = std::time::Instant::now();
+    while !no_wait && drill.status == "running" {
+        if started.elapsed() > DRILL_WAIT {
+            anyhow::bail!(
+                "{} still runs after {} s; see rewindctl schema list",
+                drill.drill_id,
+                DRILL_WAIT.as_secs()
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        drill = client
+            .get_drill(pb::GetDrillRequest {
+                drill_id: drill.drill_id.clone(),
+            })
+            .await
+            .map_err(explain)?
+            .into_inner()
+            .drill
+            .context("the coordinator answered without the drill")?;
+    }
+    let failed = drill.status == "failed";
+    if format == Format::Json {
+        json(&pb::DrillResponse { drill: Some(drill) })?;
+    } else {
+        print_drill(&drill);
+    }
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn print_drill(drill: &pb::Drill) {
+    println!(
+        "{}  {} of {} on {}: {}",
+        drill.drill_id, drill.status, drill.change_id, drill.environment, drill.detail
+    );
+    let rows = drill
+        .steps
+        .iter()
+        .enumerate()
+        .map(|(index, txn)| {
+            let mut row = vec![
+                (index + 1).to_string(),
+                format!("{} {}", txn.direction, txn.versions.join(", ")),
+                txn.database.clone(),
+                txn.txn_id.clone(),
+                txn.shards.len().to_string(),
+                milliseconds(txn.finished_at_ms.saturating_sub(txn.started_at_ms)),
+            ];
+            // Each phase from its first shard's start to its last shard's end.
+            for phase in 0..4 {
+                let steps = txn.shards.iter().filter_map(|shard| shard.steps.get(phase));
+                let begun = steps
+                    .clone()
+                    .map(|step| step.started_at_ms)
+                    .filter(|&at| at > 0)
+                    .min();
+                let ended = steps.map(|step| step.finished_at_ms).max();
+                row.push(match (begun, ended) {
+                    (Some(begun), Some(ended)) if ended >= begun => milliseconds(ended - begun),
+                    _ => "-".into(),
+                });
+            }
+            row.push(if txn.verified {
+                format!(
+                    "ok {}",
+                    short(
+                        &txn.shards
+                            .first()
+                            .map(|shard| shard.fingerprint_after.clone())
+                            .unwrap_or_default()
+                    )
+                )
+            } else if txn.status == "done" {
+                format!("FAILED: {}", txn.detail)
+            } else {
+                txn.status.clone()
+            });
+            row
+        })
+        .collect();
+    table(
+        &[
+            "STEP",
+            "MIGRATIONS",
+            "DATABASE",
+            "TXN",
+            "SHARDS",
+            "TOTAL",
+            "CHECK",
+            "PREPARE",
+            "RESOLVE",
+            "VERIFY",
+            "FINGERPRINT",
+        ],
+        rows,
+    );
+}
+
+fn milliseconds(ms: u64) -> String {
+    format!("{ms} ms")
+}
+
+fn short(fingerprint: &str) -> &str {
+    rewind_shared::names::truncate(fingerprint, 19)
+}

@@ -18,8 +18,8 @@ const BASE_SCHEMA: &str = "CREATE TABLE customers (id int PRIMARY KEY, name text
     INSERT INTO customers VALUES (1, 'ada'), (2, 'bob'); \
     INSERT INTO orders VALUES (1, 1, 10.50), (2, 2, 20.00);";
 
-/// (version, class, up, down, verify)
-const MIGRATIONS: [(&str, pb::MigrationClass, &str, &str, &str); 2] = [
+/// (version, class, up, down, verify). 0003's down does not undo its up: a drill catches that.
+const MIGRATIONS: [(&str, pb::MigrationClass, &str, &str, &str); 3] = [
     (
         "0001",
         pb::MigrationClass::Expand,
@@ -35,6 +35,13 @@ const MIGRATIONS: [(&str, pb::MigrationClass, &str, &str, &str); 2] = [
         "ALTER TABLE orders RENAME COLUMN amount TO total;",
         "SELECT total FROM orders LIMIT 1;",
     ),
+    (
+        "0003",
+        pb::MigrationClass::Expand,
+        "CREATE TABLE audit_log (id int PRIMARY KEY, entry text);",
+        "ALTER TABLE audit_log RENAME TO audit_log_old;",
+        "",
+    ),
 ];
 
 /// A coordinator, and a shard host per PostgreSQL server running service `orders-db`.
@@ -44,41 +51,57 @@ struct Shards {
     servers: Vec<Postgres>,
     hosts: Vec<TestHost>,
     client: ControlServiceClient<Channel>,
+    /// Hosts changes run on; empty: every host of orders-db.
+    change_hosts: Vec<String>,
 }
 
 impl Shards {
     async fn must_start(count: usize) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let coordinator = Coordinator::must_start(&dir.path().join("coordinator"));
-        let mut servers = Vec::new();
-        let mut hosts = Vec::new();
-        for n in 1..=count {
-            let server = Postgres::must_start(&dir.path().join(format!("pg-{n}")));
-            server.must_sql(BASE_SCHEMA);
-            let mut host = TestHost::must_prepare_services(
-                dir.path(),
-                &format!("db-{n}"),
-                &coordinator.ca(),
-                &coordinator.tls_dir(),
-                std::slice::from_ref(&coordinator.address),
-                "test-1",
-                &[DB],
-            );
-            host.must_be_shard_of(&server);
-            host.must_start_agent();
-            servers.push(server);
-            hosts.push(host);
-        }
-        let mut client = coordinator.must_client().await;
-        must_agents_connected(&client, count).await;
-        must_register(&mut client, &hosts[0]).await;
-        Self {
+        let client = coordinator.must_client().await;
+        let mut shards = Self {
             dir,
             coordinator,
-            servers,
-            hosts,
+            servers: Vec::new(),
+            hosts: Vec::new(),
             client,
+            change_hosts: Vec::new(),
+        };
+        for _ in 0..count {
+            shards.must_add_shard("");
         }
+        must_agents_connected(&shards.client, count).await;
+        must_register(&mut shards.client, &shards.hosts[0]).await;
+        shards
+    }
+
+    /// Another shard host `db-<n>`, with its own PostgreSQL server holding the base schema, in
+    /// `environment` (empty: none, the default one).
+    fn must_add_shard(&mut self, environment: &str) {
+        let n = self.hosts.len() + 1;
+        let server = Postgres::must_start(&self.dir.path().join(format!("pg-{n}")));
+        server.must_sql(BASE_SCHEMA);
+        let mut host = TestHost::must_prepare_services(
+            self.dir.path(),
+            &format!("db-{n}"),
+            &self.coordinator.ca(),
+            &self.coordinator.tls_dir(),
+            std::slice::from_ref(&self.coordinator.address),
+            "test-1",
+            &[DB],
+        );
+        if !environment.is_empty() {
+            let config = std::fs::read_to_string(&host.config_path).unwrap().replace(
+                "[labels]\n",
+                &format!("[labels]\nenvironment = \"{environment}\"\n"),
+            );
+            std::fs::write(&host.config_path, config).unwrap();
+        }
+        host.must_be_shard_of(&server);
+        host.must_start_agent();
+        self.servers.push(server);
+        self.hosts.push(host);
     }
 
     /// Starts a change of orders-db to `version` applying `migrations` and waits for `done`.
@@ -89,7 +112,7 @@ impl Shards {
                 request_id: String::new(),
                 service: DB.into(),
                 version: version.into(),
-                host_ids: vec![],
+                host_ids: self.change_hosts.clone(),
                 reason: "test".into(),
                 flags_on: vec![],
                 migrations: migrations
@@ -588,4 +611,88 @@ async fn crashes_at_each_phase_boundary_leave_no_transaction_in_doubt() {
         assert_eq!(columns, "customer_id,id,total");
     }
     shards.must_have_nothing_prepared();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_drill_applies_reverts_and_applies_again_on_staging_and_catches_a_bad_down_script() {
+    let mut shards = Shards::must_start(2).await;
+    shards.must_change("v1", &[]).await;
+    let change = shards.must_change("v2", &["0001", "0002"]).await;
+    assert_eq!(change.state, pb::ChangeState::Deployed as i32, "{change:?}");
+    shards.must_add_shard("staging");
+    shards.must_add_shard("staging");
+    must_agents_connected(&shards.client, 4).await;
+    shards.change_hosts = vec!["db-1".into(), "db-2".into()];
+
+    let output = shards.coordinator.rewindctl(&[
+        "drill",
+        "migrations",
+        "--change",
+        "ch-2",
+        "--env",
+        "staging",
+    ]);
+    let shown = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{shown}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(shown.contains("dr-1  passed of ch-2 on staging"), "{shown}");
+    for step in ["apply 0001, 0002", "revert 0002, 0001"] {
+        assert!(shown.contains(step), "{step}: {shown}");
+    }
+    // Staging ends as production: both applied (the second time), and production untouched.
+    for shard in [2, 3] {
+        assert_eq!(shards.history(shard, "0001"), "applied");
+        assert_eq!(
+            shards.servers[shard]
+                .must_sql("SELECT count(*) FROM rewind_schema_history WHERE reverted_at IS NULL"),
+            "2"
+        );
+    }
+    for columns in shards.columns() {
+        assert_eq!(columns, "amount,customer_id,discount,id");
+    }
+    shards.must_have_nothing_prepared();
+
+    // 0003's down leaves a renamed table behind: the revert step's fingerprint gives it away.
+    let change = shards.must_change("v1", &["0003"]).await;
+    assert_eq!(change.state, pb::ChangeState::Deployed as i32, "{change:?}");
+    let output = shards.coordinator.rewindctl(&[
+        "drill",
+        "migrations",
+        "--change",
+        &change.change_id,
+        "--env",
+        "staging",
+    ]);
+    let shown = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{shown}");
+    assert!(
+        shown.contains("failed of ch-3 on staging: revert failed") && shown.contains("not sha256:"),
+        "{shown}"
+    );
+    // A drill is refused where there is no shard, and for a change without migrations.
+    let refused = shards.rewindctl(&[
+        "drill",
+        "migrations",
+        "--change",
+        "ch-2",
+        "--env",
+        "nowhere",
+    ]);
+    assert!(
+        refused.contains("no host in environment \"nowhere\" runs orders-db"),
+        "{refused}"
+    );
+    let refused = shards.rewindctl(&[
+        "drill",
+        "migrations",
+        "--change",
+        "ch-1",
+        "--env",
+        "staging",
+    ]);
+    assert!(refused.contains("ch-1 applies no migrations"), "{refused}");
 }

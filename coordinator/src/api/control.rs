@@ -149,6 +149,58 @@ impl ControlService for Control {
         Ok(Response::new(pb::ListSchemaTxnsResponse { txns }))
     }
 
+    async fn start_drill(
+        &self,
+        request: Request<pb::StartDrillRequest>,
+    ) -> Result<Response<pb::DrillResponse>, Status> {
+        let identity = caller(&request)?;
+        let request = request.into_inner();
+        let change = parse_id("change_id", "ch", &request.change_id)?;
+        names::validate_name("environment", &request.environment).map_err(field_error)?;
+        let kind = CommandKind::StartDrill {
+            change,
+            environment: request.environment,
+        };
+        let Outcome::Drill(number) = self
+            .context
+            .propose(&identity, &request.request_id, kind)
+            .await?
+        else {
+            return Err(Status::internal("start drill produced no drill"));
+        };
+        info!(
+            identity,
+            drill_id = drill_id(number),
+            "Migration drill started."
+        );
+        let drill = self.context.node.read(|state| {
+            state
+                .drills
+                .get(&number)
+                .map(|drill| convert::drill(state, drill))
+        });
+        Ok(Response::new(pb::DrillResponse { drill }))
+    }
+
+    async fn get_drill(
+        &self,
+        request: Request<pb::GetDrillRequest>,
+    ) -> Result<Response<pb::DrillResponse>, Status> {
+        let number = parse_id("drill_id", "dr", &request.into_inner().drill_id)?;
+        self.context.current().await?;
+        let drill = self
+            .context
+            .node
+            .read(|state| {
+                state
+                    .drills
+                    .get(&number)
+                    .map(|drill| convert::drill(state, drill))
+            })
+            .ok_or_else(|| Status::not_found(format!("no drill {}", drill_id(number))))?;
+        Ok(Response::new(pb::DrillResponse { drill: Some(drill) }))
+    }
+
     async fn list_migrations(
         &self,
         request: Request<pb::ListMigrationsRequest>,

@@ -396,6 +396,7 @@ pub fn schema_txn(txn: &SchemaTxnRecord, detailed: bool) -> pb::SchemaTxn {
     let owner = match txn.owner {
         SchemaOwner::Change { change, .. } => change_id(change),
         SchemaOwner::Rollback { rollback, .. } => rollback_id(rollback),
+        SchemaOwner::Drill { drill, .. } => drill_id(drill),
     };
     let (decision, decision_reason) = match &txn.decision {
         None => (String::new(), String::new()),
@@ -615,5 +616,29 @@ pub fn triggers(state: &State, limit: usize) -> pb::ListTriggersResponse {
             .as_ref()
             .map(|breaker| breaker.services.clone())
             .unwrap_or_default(),
+    }
+}
+
+pub fn drill(state: &State, drill: &DrillRecord) -> pb::Drill {
+    pb::Drill {
+        drill_id: drill.id(),
+        change_id: change_id(drill.change),
+        environment: drill.environment.clone(),
+        status: match drill.status {
+            DrillStatus::Running => "running",
+            DrillStatus::Passed => "passed",
+            DrillStatus::Failed => "failed",
+        }
+        .into(),
+        detail: drill.detail.clone(),
+        started_by: drill.started_by.clone(),
+        started_at_ms: drill.started_at_ms,
+        finished_at_ms: drill.finished_at_ms,
+        steps: drill
+            .stages
+            .iter()
+            .filter_map(|stage| state.schema_txns.get(&stage.txn))
+            .map(|txn| schema_txn(txn, false))
+            .collect(),
     }
 }

@@ -8,10 +8,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use crate::state_machine::schema::{self, StagesState};
 use crate::state_machine::{
-    ChangeRecord, ChangeStatus, CommandKind, GateOptions, HealthAggregate, MigrationRecord,
-    PlanOptions, RollbackRecord, RollbackStatus, RollbackStepKind, SchemaOwner, SchemaTxnRecord,
-    SchemaTxnStatus, ShardPhase, State, StepProgress, StepStatus, StepTarget, SyntheticCheck,
-    ThrottleLimits, TriggerSource,
+    ChangeRecord, ChangeStatus, CommandKind, DrillStatus, GateOptions, HealthAggregate,
+    MigrationRecord, PlanOptions, RollbackRecord, RollbackStatus, RollbackStepKind, SchemaOwner,
+    SchemaTxnRecord, SchemaTxnStatus, ShardPhase, State, StepProgress, StepStatus, StepTarget,
+    SyntheticCheck, ThrottleLimits, TriggerSource,
 };
 
 pub use crate::state_machine::MAX_ESCALATION_ATTEMPTS;
@@ -184,6 +184,24 @@ pub fn decide(
         .filter(|rollback| !rollback.status.is_terminal())
     {
         drive_rollback(state, rollback, &mut driver);
+    }
+    for drill in state
+        .drills
+        .values()
+        .filter(|drill| drill.status == DrillStatus::Running)
+    {
+        if let StagesState::Waiting {
+            stage,
+            begun: false,
+        } = schema::stages_state(state, drill.stages.iter().enumerate())
+        {
+            driver.propose(CommandKind::StartSchemaTxn {
+                owner: SchemaOwner::Drill {
+                    drill: drill.number,
+                    stage,
+                },
+            });
+        }
     }
     // Schema transactions run to their end whatever their owner does (an abort decides them).
     for txn in state

@@ -166,6 +166,18 @@ fn apply_kind(state: &mut State, command: &Command) -> Result<(Outcome, String, 
         }
         CommandKind::StepStarted { step } => start_step(state, step, at_ms),
         CommandKind::StartSchemaTxn { owner } => start_schema_txn(state, command, *owner),
+        CommandKind::StartDrill {
+            change,
+            environment,
+        } => {
+            let (number, summary) =
+                super::schema::start_drill(state, *change, environment, &command.identity, at_ms)?;
+            Ok((
+                Outcome::Drill(number),
+                drill_id(number),
+                format!("ok: {} on {environment}: {summary}", change_id(*change)),
+            ))
+        }
         CommandKind::DecideSchemaTxn {
             txn,
             commit,
@@ -1958,10 +1970,32 @@ fn start_schema_txn(
                 record.options.accept_data_loss.clone(),
             )
         }
+        SchemaOwner::Drill { drill, stage } => {
+            let record = state.drills.get(&drill).ok_or_else(|| {
+                CoordinatorError::invalid("owner", format!("no drill {}", drill_id(drill)))
+            })?;
+            let waiting = super::schema::stages_state(state, record.stages.iter().enumerate());
+            if record.status != DrillStatus::Running
+                || waiting
+                    != (super::schema::StagesState::Waiting {
+                        stage,
+                        begun: false,
+                    })
+            {
+                return Err(not_due(format!(
+                    "stage {stage} of {} is not due ({waiting:?})",
+                    record.id()
+                )));
+            }
+            let mut planned = record.stages[stage].clone();
+            planned.expected_fingerprint = super::schema::drill_expectation(state, record, stage);
+            (planned, record.environment.clone(), String::new())
+        }
     };
     let by = match owner {
         SchemaOwner::Change { change, .. } => change_id(change),
         SchemaOwner::Rollback { rollback, .. } => rollback_id(rollback),
+        SchemaOwner::Drill { drill, .. } => drill_id(drill),
     };
     let number = super::schema::begin(
         state,
@@ -1981,6 +2015,10 @@ fn start_schema_txn(
             .rollbacks
             .get_mut(&rollback)
             .and_then(|record| record.schema.get_mut(stage)),
+        SchemaOwner::Drill { drill, stage } => state
+            .drills
+            .get_mut(&drill)
+            .and_then(|record| record.stages.get_mut(stage)),
     };
     if let Some(slot) = slot {
         slot.txn = number;
@@ -2054,6 +2092,7 @@ fn settle_schema_owner(state: &mut State, txn: u64, at_ms: u64) {
     match state.schema_txns.get(&txn).map(|txn| txn.owner) {
         Some(SchemaOwner::Change { change, .. }) => settle_change(state, change, at_ms),
         Some(SchemaOwner::Rollback { rollback, .. }) => settle_rollback(state, rollback, at_ms),
+        Some(SchemaOwner::Drill { drill, .. }) => super::schema::settle_drill(state, drill, at_ms),
         None => {}
     }
 }

@@ -54,6 +54,12 @@ pub enum CommandKind {
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         migrations: Vec<(String, String)>,
     },
+    /// Drills a change's migrations on another environment's shards: up, down, up, with the
+    /// fingerprints checked at each step.
+    StartDrill {
+        change: u64,
+        environment: String,
+    },
     /// Begins the schema transaction of a change's or a rollback's stage (the engine asks when
     /// the stage is due).
     StartSchemaTxn {
@@ -321,6 +327,7 @@ pub enum Outcome {
     Done,
     Change(u64),
     Rollback(u64),
+    Drill(u64),
     Triggered {
         outcome: TriggerOutcome,
         /// The rollback started, 0 if none.
@@ -339,6 +346,7 @@ impl CommandKind {
             Self::RegisterMigration { .. } => "migration.register",
             Self::StartChange { .. } => "change.start",
             Self::StartSchemaTxn { .. } => "schema.start",
+            Self::StartDrill { .. } => "drill.start",
             Self::DecideSchemaTxn { commit: true, .. } => "schema.commit",
             Self::DecideSchemaTxn { .. } => "schema.abort",
             Self::SchemaStepFinished { .. } => "schema.step",

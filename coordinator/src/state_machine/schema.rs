@@ -119,11 +119,197 @@ impl ShardRecord {
     }
 }
 
-/// Who a schema transaction belongs to: a stage of a change (applying) or of a rollback.
+/// Who a schema transaction belongs to: a stage of a change (applying), of a rollback
+/// (reverting) or of a drill (both, on another environment's shards).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SchemaOwner {
     Change { change: u64, stage: usize },
     Rollback { rollback: u64, stage: usize },
+    Drill { drill: u64, stage: usize },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DrillStatus {
+    Running,
+    Passed,
+    Failed,
+}
+
+/// `dr-<n>`: a change's migrations applied, reverted and applied again on the shards of
+/// another environment (staging), each step one schema transaction whose verify checks the
+/// fingerprint: after the revert it must be the one before the first apply, after the second
+/// apply the one after the first (Liquibase's update-testing-rollback, across shards).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DrillRecord {
+    pub number: u64,
+    pub change: u64,
+    pub environment: String,
+    /// Per database: up, down, up.
+    pub stages: Vec<SchemaStage>,
+    pub status: DrillStatus,
+    pub started_by: String,
+    pub started_at_ms: u64,
+    pub finished_at_ms: u64,
+    pub detail: String,
+}
+
+impl DrillRecord {
+    pub fn id(&self) -> String {
+        drill_id(self.number)
+    }
+}
+
+pub fn drill_id(number: u64) -> String {
+    format!("dr-{number}")
+}
+
+/// Begins a drill of `change`'s migrations on `environment`'s shards.
+pub fn start_drill(
+    state: &mut State,
+    change: u64,
+    environment: &str,
+    by: &str,
+    at_ms: u64,
+) -> Result<(u64, String)> {
+    let record = state.changes.get(&change).ok_or_else(|| {
+        CoordinatorError::invalid(
+            "change_id",
+            format!("no change {}", super::state::change_id(change)),
+        )
+    })?;
+    let mut databases: Vec<(String, Vec<String>)> = Vec::new();
+    for stage in &record.schema {
+        match databases
+            .iter_mut()
+            .find(|(database, _)| *database == stage.database)
+        {
+            Some((_, versions)) => versions.extend(stage.versions.iter().cloned()),
+            None => databases.push((stage.database.clone(), stage.versions.clone())),
+        }
+    }
+    if databases.is_empty() {
+        return Err(CoordinatorError::invalid(
+            "change_id",
+            format!(
+                "{} applies no migrations: there is nothing to drill",
+                record.id()
+            ),
+        ));
+    }
+    let mut stages = Vec::new();
+    for (database, versions) in databases {
+        if shards_of(state, &database, environment).is_empty() {
+            return Err(CoordinatorError::invalid(
+                "environment",
+                format!(
+                    "no host in environment {environment:?} runs {database}: no shard to drill on"
+                ),
+            ));
+        }
+        if let Some(busy) = state.schema_txns.values().find(|txn| {
+            txn.database == database
+                && txn.environment == environment
+                && txn.status != SchemaTxnStatus::Done
+        }) {
+            return Err(CoordinatorError::invalid(
+                "environment",
+                format!(
+                    "{} is still running on {database} in {environment}",
+                    busy.id()
+                ),
+            ));
+        }
+        let reversed: Vec<String> = versions.iter().rev().cloned().collect();
+        for (down, versions) in [
+            (false, versions.clone()),
+            (true, reversed),
+            (false, versions),
+        ] {
+            stages.push(SchemaStage {
+                database: database.clone(),
+                versions,
+                down,
+                after_activation: false,
+                txn: 0,
+                expected_fingerprint: String::new(),
+            });
+        }
+    }
+    let number = state.next_drill.max(1);
+    state.next_drill = number + 1;
+    let summary = stages
+        .iter()
+        .step_by(3)
+        .map(|stage| format!("{} ({})", stage.database, stage.versions.join(", ")))
+        .collect::<Vec<_>>()
+        .join("; ");
+    state.drills.insert(
+        number,
+        DrillRecord {
+            number,
+            change,
+            environment: environment.to_string(),
+            stages,
+            status: DrillStatus::Running,
+            started_by: by.to_string(),
+            started_at_ms: at_ms,
+            finished_at_ms: 0,
+            detail: String::new(),
+        },
+    );
+    Ok((number, summary))
+}
+
+/// The fingerprint a drill's stage must leave: after the revert, the one before the first
+/// apply; after the second apply, the one the revert began from.
+pub fn drill_expectation(state: &State, drill: &DrillRecord, stage: usize) -> String {
+    if stage % 3 == 0 {
+        return String::new();
+    }
+    drill
+        .stages
+        .get(stage - 1)
+        .and_then(|previous| state.schema_txns.get(&previous.txn))
+        .map(|txn| txn.fingerprint_before.clone())
+        .unwrap_or_default()
+}
+
+/// Ends a drill once its stages are done, or one failed.
+pub fn settle_drill(state: &mut State, number: u64, at_ms: u64) {
+    let Some(drill) = state.drills.get(&number) else {
+        return;
+    };
+    if drill.status != DrillStatus::Running {
+        return;
+    }
+    let outcome = stages_state(state, drill.stages.iter().enumerate());
+    let shards: usize = drill
+        .stages
+        .iter()
+        .filter_map(|stage| state.schema_txns.get(&stage.txn))
+        .map(|txn| txn.shards.len())
+        .max()
+        .unwrap_or(0);
+    let Some(drill) = state.drills.get_mut(&number) else {
+        return;
+    };
+    match outcome {
+        StagesState::Waiting { .. } => return,
+        StagesState::Done => {
+            drill.status = DrillStatus::Passed;
+            drill.detail = format!(
+                "up, down and up again on {shards} shards in {}: the fingerprint after the \
+                 revert matched the one before, and after the second apply the first's",
+                drill.environment
+            );
+        }
+        StagesState::Failed { stage, detail } => {
+            drill.status = DrillStatus::Failed;
+            let step = ["first apply", "revert", "second apply"][stage % 3];
+            drill.detail = format!("{step} failed: {detail}");
+        }
+    }
+    drill.finished_at_ms = at_ms;
 }
 
 /// One database's migrations a change applies or a rollback reverts, and the transaction that

@@ -56,11 +56,17 @@ pub struct State {
     pub schema_txns: BTreeMap<u64, SchemaTxnRecord>,
     #[serde(default)]
     pub next_schema_txn: u64,
+    /// Migration drills, keyed by the number in `dr-<n>`.
+    #[serde(default)]
+    pub drills: BTreeMap<u64, DrillRecord>,
+    #[serde(default)]
+    pub next_drill: u64,
 }
 
 pub use super::schema::{
-    SchemaDecision, SchemaOwner, SchemaStage, SchemaTxnRecord, SchemaTxnStatus, ShardPhase,
-    ShardRecord, ShardReportRecord, StatementRecord, schema_txn_id,
+    DrillRecord, DrillStatus, SchemaDecision, SchemaOwner, SchemaStage, SchemaTxnRecord,
+    SchemaTxnStatus, ShardPhase, ShardRecord, ShardReportRecord, StatementRecord, drill_id,
+    schema_txn_id,
 };
 
 /// Whether the application version before a migration still works after it.
