@@ -263,7 +263,7 @@ pub fn start_drill(
 /// The fingerprint a drill's stage must leave: after the revert, the one before the first
 /// apply; after the second apply, the one the revert began from.
 pub fn drill_expectation(state: &State, drill: &DrillRecord, stage: usize) -> String {
-    if stage % 3 == 0 {
+    if stage.is_multiple_of(3) {
         return String::new();
     }
     drill
