@@ -15,6 +15,7 @@ use tonic::transport::{Channel, Endpoint};
 
 pub mod netns;
 pub mod pg;
+pub mod shards;
 pub mod sim;
 pub use netns::PrivateNet;
 pub use pg::Postgres;
