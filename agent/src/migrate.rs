@@ -52,16 +52,21 @@ pub(crate) fn lock_history(
     transaction: &mut impl postgres::GenericClient,
     table: &str,
 ) -> Result<(), AgentError> {
+    // Before any lock: an ALTER waiting behind a long transaction would queue every query on
+    // its table, and a wait for the migration lock (held by another migration, or by a
+    // prepared transaction not yet resolved) must end too.
+    transaction
+        .batch_execute("SET LOCAL lock_timeout = '10s'")
+        .map_err(failed("set lock_timeout"))?;
     transaction
         .execute(
             "SELECT pg_advisory_xact_lock($1, hashtext($2))",
             &[&LOCK_SPACE, &table],
         )
-        .map_err(failed("lock the schema history"))?;
-    // An ALTER waiting behind a long transaction would queue every query on its table.
-    transaction
-        .batch_execute("SET LOCAL lock_timeout = '10s'")
-        .map_err(failed("set lock_timeout"))?;
+        .map_err(failed(
+            "take the migration lock (another migration, or a prepared transaction not yet \
+             resolved, holds it)",
+        ))?;
     let table = crate::schema::quoted_table(table);
     transaction
         .batch_execute(&format!(

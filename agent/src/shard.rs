@@ -49,8 +49,13 @@ const MAX_STATEMENT_BYTES: usize = 200;
 /// The prepared transaction's name: unique per coordinator cluster and transaction, made only of
 /// characters that need no quoting.
 pub fn prepared_name(cluster_id: &str, txn_id: &str) -> String {
+    format!("{}{txn_id}", prepared_prefix(cluster_id))
+}
+
+/// The start of every prepared transaction name of one coordinator cluster.
+pub fn prepared_prefix(cluster_id: &str) -> String {
     let cluster = rewind_shared::digest::sha256_hex(cluster_id.as_bytes());
-    format!("rewind-{}-{txn_id}", &cluster[..12])
+    format!("rewind-{}-", &cluster[..12])
 }
 
 /// Read only: where the migrations stand, the fingerprint, and what a revert would destroy.
@@ -59,6 +64,8 @@ pub fn check(
     step: &ShardStep,
 ) -> Result<(String, ShardReport), AgentError> {
     let mut client = migrate::connect(database)?;
+    let identity = database_identity(&mut client);
+    check_prepare_capacity(&mut client)?;
     let mut transaction = client.transaction().map_err(failed("begin"))?;
     migrate::lock_history(&mut transaction, &database.history_table)?;
     let table = quoted_table(&database.history_table);
@@ -70,6 +77,7 @@ pub fn check(
         refuse_unaccepted_loss(step, &report.data_loss)?;
     }
     transaction.rollback().map_err(failed("end the check"))?;
+    report.database_identity = identity;
     let mut detail = format!(
         "ready to {} {} at version {}; fingerprint {}",
         if step.down { "revert" } else { "apply" },
@@ -106,7 +114,7 @@ pub fn prepare(
         return Ok((format!("{} was already prepared here", step.txn_id), report));
     }
     client.batch_execute("BEGIN").map_err(failed("begin"))?;
-    let report = match run_in_open_transaction(&mut client, database, step, store) {
+    let report = match run_in_open_transaction(&mut client, database, step, store, prepared) {
         Ok(report) => report,
         Err(error) => {
             // Whatever ran is undone; the connection closes right after anyway.
@@ -135,6 +143,7 @@ fn run_in_open_transaction(
     database: &DatabaseConfig,
     step: &ShardStep,
     store: &Store,
+    prepared: &str,
 ) -> Result<ShardReport, AgentError> {
     migrate::lock_history(client, &database.history_table)?;
     let table = quoted_table(&database.history_table);
@@ -145,7 +154,11 @@ fn run_in_open_transaction(
         report.data_loss = at_risk.iter().map(Finding::describe).collect();
         refuse_unaccepted_loss(step, &report.data_loss)?;
         if !at_risk.is_empty() {
-            let dir = store.exports_dir().join(&step.txn_id);
+            // Named by the prepared transaction (cluster and transaction) and the time, so no
+            // export ever overwrites another: each may be the only copy of those rows.
+            let dir = store
+                .exports_dir()
+                .join(format!("{prepared}-{}", rewind_shared::time::now_ms()));
             report.exported = export(client, &at_risk, &dir)?;
         }
     }
@@ -237,16 +250,20 @@ pub fn resolve(
     Ok((detail, report))
 }
 
-/// Read only: the version and fingerprint now, and rewind's prepared transactions still open.
-pub fn verify(database: &DatabaseConfig) -> Result<(String, ShardReport), AgentError> {
+/// Read only: the version and fingerprint now, and this cluster's prepared transactions still
+/// open (`prefix` is the start of their names, see [`prepared_name`]).
+pub fn verify(
+    database: &DatabaseConfig,
+    prefix: &str,
+) -> Result<(String, ShardReport), AgentError> {
     let mut client = migrate::connect(database)?;
     let table = quoted_table(&database.history_table);
     let mut report = describe(&mut client, &table)?;
     report.in_doubt = client
         .query(
             "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() \
-             AND gid LIKE 'rewind-%' ORDER BY gid",
-            &[],
+             AND starts_with(gid, $1) ORDER BY gid",
+            &[&prefix],
         )
         .map_err(failed("list prepared transactions"))?
         .iter()
@@ -296,6 +313,47 @@ fn refuse_unaccepted_loss(step: &ShardStep, data_loss: &[String]) -> Result<(), 
         versions(step),
         data_loss.join("; ")
     )))
+}
+
+/// Which database this is, whatever the host calls it: `<system identifier>/<database>`, so
+/// two shards configured with the same database are caught. Empty when the server does not let
+/// this user read its control data.
+fn database_identity(client: &mut Client) -> String {
+    client
+        .query_one(
+            "SELECT (SELECT system_identifier::text FROM pg_control_system()) || '/' || \
+             current_database()",
+            &[],
+        )
+        .ok()
+        .and_then(|row| row.get::<_, Option<String>>(0))
+        .unwrap_or_default()
+}
+
+/// Refuses, before anything runs, a server that cannot prepare one more transaction.
+fn check_prepare_capacity(client: &mut Client) -> Result<(), AgentError> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('max_prepared_transactions')::int, \
+             (SELECT count(*) FROM pg_prepared_xacts)::int",
+            &[],
+        )
+        .map_err(failed("read max_prepared_transactions"))?;
+    let (slots, taken): (i32, i32) = (row.get(0), row.get(1));
+    if slots == 0 {
+        return Err(refused(
+            "prepared transactions are disabled on this shard (max_prepared_transactions = 0): \
+             set it above 0 and restart PostgreSQL"
+                .into(),
+        ));
+    }
+    if taken >= slots {
+        return Err(refused(format!(
+            "all {slots} prepared transaction slots of this shard are taken (see \
+             pg_prepared_xacts): resolve them or raise max_prepared_transactions"
+        )));
+    }
+    Ok(())
 }
 
 fn is_prepared(client: &mut Client, prepared: &str) -> Result<bool, AgentError> {
@@ -428,6 +486,12 @@ fn run_logged(
 ) -> Result<(), AgentError> {
     let before = migrate::txid(client, label)?;
     for statement in rewind_shared::sql::statements(script) {
+        if rewind_shared::sql::transaction_control(&statement).is_some() {
+            return Err(refused(format!(
+                "{label} ends or begins a transaction itself ({}): rewind runs it inside its own",
+                truncate(&statement, 80)
+            )));
+        }
         let what = format!("{label}: {}", truncate(&statement, 80));
         let messages = client.simple_query(&statement).map_err(failed(&what))?;
         let rows = messages
@@ -479,45 +543,99 @@ fn describe(client: &mut impl GenericClient, table: &str) -> Result<ShardReport,
     })
 }
 
-/// `sha256:` over the catalog's description of every table, column (by name, not position, so
-/// a column dropped and added again fingerprints the same), default, index, constraint and view,
-/// leaving out the schema history table.
+/// `sha256:` over the catalog's description of the database's own objects: tables, views and
+/// sequences; columns (by name, not position, so a column dropped and added again fingerprints
+/// the same) with type, nullability, identity and default; indexes; constraints; triggers;
+/// functions and procedures (by signature and source); enum types with their labels; row
+/// security policies. Leaves out the schema history table, PostgreSQL's own schemas and what
+/// extensions own. Names print schema-qualified whatever the session's search_path.
 pub fn fingerprint(client: &mut impl GenericClient, table: &str) -> Result<String, AgentError> {
     let own = "c.oid IS DISTINCT FROM to_regclass($1)";
+    let not_extension = |catalog: &str, oid: &str| {
+        format!(
+            "NOT EXISTS (SELECT 1 FROM pg_depend e WHERE e.classid = '{catalog}'::regclass \
+             AND e.objid = {oid} AND e.deptype = 'e')"
+        )
+    };
+    let relation = not_extension("pg_class", "c.oid");
+    let function = not_extension("pg_proc", "p.oid");
+    let enum_type = not_extension("pg_type", "t.oid");
     let query = format!(
-        "SELECT 'table ' || c.oid::regclass::text || ' ' || c.relkind::text \
+        "SELECT 'relation ' || c.oid::regclass::text || ' ' || c.relkind::text \
+                || ' ' || c.relpersistence::text \
            FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-           WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f') AND {USER_SCHEMAS} AND {own} \
+           WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S') AND {USER_SCHEMAS} AND {own} \
+             AND {relation} \
          UNION ALL \
          SELECT 'column ' || c.oid::regclass::text || '.' || quote_ident(a.attname) || ' ' \
                 || format_type(a.atttypid, a.atttypmod) \
                 || CASE WHEN a.attnotnull THEN ' not null' ELSE '' END \
+                || CASE WHEN a.attidentity <> '' THEN ' identity' ELSE '' END \
+                || CASE WHEN a.attgenerated <> '' THEN ' generated' ELSE '' END \
                 || coalesce(' default ' || pg_get_expr(d.adbin, d.adrelid), '') \
            FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid \
            JOIN pg_namespace n ON n.oid = c.relnamespace \
            LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
            WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f') AND a.attnum > 0 AND NOT a.attisdropped \
-             AND {USER_SCHEMAS} AND {own} \
+             AND {USER_SCHEMAS} AND {own} AND {relation} \
          UNION ALL \
          SELECT 'index ' || pg_get_indexdef(i.indexrelid) \
            FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid \
-           JOIN pg_namespace n ON n.oid = c.relnamespace WHERE {USER_SCHEMAS} AND {own} \
+           JOIN pg_namespace n ON n.oid = c.relnamespace \
+           WHERE {USER_SCHEMAS} AND {own} AND {relation} \
          UNION ALL \
          SELECT 'constraint ' || c.oid::regclass::text || ' ' || quote_ident(con.conname) || ' ' \
                 || pg_get_constraintdef(con.oid) \
            FROM pg_constraint con JOIN pg_class c ON c.oid = con.conrelid \
-           JOIN pg_namespace n ON n.oid = c.relnamespace WHERE {USER_SCHEMAS} AND {own} \
+           JOIN pg_namespace n ON n.oid = c.relnamespace \
+           WHERE {USER_SCHEMAS} AND {own} AND {relation} \
          UNION ALL \
          SELECT 'view ' || c.oid::regclass::text || ' ' || pg_get_viewdef(c.oid) \
            FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-           WHERE c.relkind IN ('v', 'm') AND {USER_SCHEMAS}"
+           WHERE c.relkind IN ('v', 'm') AND {USER_SCHEMAS} AND {relation} \
+         UNION ALL \
+         SELECT 'trigger ' || pg_get_triggerdef(t.oid) \
+           FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid \
+           JOIN pg_namespace n ON n.oid = c.relnamespace \
+           WHERE NOT t.tgisinternal AND {USER_SCHEMAS} AND {relation} \
+         UNION ALL \
+         SELECT 'function ' || quote_ident(n.nspname) || '.' || quote_ident(p.proname) || '(' \
+                || pg_get_function_identity_arguments(p.oid) || ') ' || p.prokind::text || ' ' \
+                || md5(coalesce(p.prosrc, '') || coalesce(pg_get_function_result(p.oid), '')) \
+           FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+           WHERE {USER_SCHEMAS} AND {function} \
+         UNION ALL \
+         SELECT 'enum ' || t.oid::regtype::text || ' ' \
+                || string_agg(quote_literal(e.enumlabel), ',' ORDER BY e.enumsortorder) \
+           FROM pg_type t JOIN pg_enum e ON e.enumtypid = t.oid \
+           JOIN pg_namespace n ON n.oid = t.typnamespace \
+           WHERE {USER_SCHEMAS} AND {enum_type} GROUP BY t.oid \
+         UNION ALL \
+         SELECT 'policy ' || c.oid::regclass::text || ' ' || quote_ident(pol.polname) || ' ' \
+                || pol.polcmd::text || ' ' || coalesce(pg_get_expr(pol.polqual, pol.polrelid), '') \
+                || ' ' || coalesce(pg_get_expr(pol.polwithcheck, pol.polrelid), '') \
+           FROM pg_policy pol JOIN pg_class c ON c.oid = pol.polrelid \
+           JOIN pg_namespace n ON n.oid = c.relnamespace WHERE {USER_SCHEMAS}"
     );
-    let mut lines: Vec<String> = client
+    // Names print schema-qualified under this search_path, so shards whose sessions differ
+    // fingerprint alike; the session's own is put back for whatever runs next.
+    let search_path: String = client
+        .query_one("SELECT current_setting('search_path')", &[])
+        .map_err(failed("read search_path"))?
+        .get(0);
+    client
+        .execute("SELECT set_config('search_path', 'pg_catalog', false)", &[])
+        .map_err(failed("pin search_path"))?;
+    let lines = client
         .query(&query, &[&table])
-        .map_err(failed("read the catalog"))?
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
+        .map_err(failed("read the catalog for the fingerprint"))?;
+    client
+        .execute(
+            "SELECT set_config('search_path', $1, false)",
+            &[&search_path],
+        )
+        .map_err(failed("restore search_path"))?;
+    let mut lines: Vec<String> = lines.iter().map(|row| row.get(0)).collect();
     lines.sort();
     Ok(format!(
         "sha256:{}",
@@ -649,6 +767,17 @@ fn data_at_risk(
         };
         findings.push(finding);
     }
+    // The trial run's locks went with its savepoint: hold writers off the tables at risk until
+    // the end of the transaction, so no row lands between the count (and export) and the drop.
+    let at_risk: std::collections::BTreeSet<String> = findings
+        .iter()
+        .map(|finding| finding.table.clone())
+        .collect();
+    for table in at_risk {
+        client
+            .batch_execute(&format!("LOCK TABLE {table} IN SHARE MODE"))
+            .map_err(failed(&format!("lock {table} against writes")))?;
+    }
     for finding in &mut findings {
         finding.rows = count_rows(client, finding)?;
     }
@@ -666,9 +795,11 @@ fn count_rows(client: &mut impl GenericClient, finding: &mut Finding) -> Result<
             finding.condition = format!("{column} IS NOT NULL");
             finding.what = "values, some of which do not fit the old type";
             count_where(client, &finding.table, &finding.condition)
-                .map_err(failed("count rows at risk"))
+                .map_err(failed(&format!("count rows at risk in {}", finding.table)))
         }
-        Err(error) => Err(failed("count rows at risk")(error)),
+        Err(error) => Err(failed(&format!("count rows at risk in {}", finding.table))(
+            error,
+        )),
     }
 }
 
@@ -707,13 +838,20 @@ fn export(
             name += &format!(".{}", file_safe(column));
         }
         let path = dir.join(format!("{name}.csv"));
-        let mut file = std::fs::File::create(&path).map_err(AgentError::io("create", &path))?;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(AgentError::io("create", &path))?;
         let mut rows = client
             .copy_out(&format!(
                 "COPY (SELECT * FROM {} WHERE {}) TO STDOUT WITH (FORMAT csv, HEADER)",
                 finding.table, finding.condition
             ))
-            .map_err(failed("export the rows at risk"))?;
+            .map_err(failed(&format!(
+                "export the rows at risk in {}",
+                finding.table
+            )))?;
         std::io::copy(&mut rows, &mut file).map_err(AgentError::io("write", &path))?;
         drop(rows);
         file.flush().map_err(AgentError::io("write", &path))?;
@@ -778,7 +916,7 @@ fn foreign_key_violations(client: &mut impl GenericClient) -> Result<Vec<String>
                 ),
                 &[],
             )
-            .map_err(failed("check a foreign key"))?
+            .map_err(failed(&format!("check foreign key {name} on {child}")))?
             .get(0);
         if orphans > 0 {
             broken.push(format!(

@@ -135,9 +135,20 @@ impl Executor {
                 outcome: Some(outcome),
                 started_at_ms,
                 ..
-            })) => {
+            })) if outcome.ok || !is_retried_after_failure(&command) => {
                 info!(step_id, "Step already ran; answering from the journal.");
                 return Some(result(&step_id, started_at_ms, outcome, true));
+            }
+            Ok(Some(JournalRecord {
+                outcome: Some(_),
+                runs,
+                ..
+            })) => {
+                info!(
+                    step_id,
+                    "Step failed before; it is safe to run again, so it does."
+                );
+                runs
             }
             Ok(Some(unfinished)) => {
                 warn!(
@@ -303,13 +314,14 @@ impl Executor {
             by: step.by.clone(),
         };
         let prepared = shard::prepared_name(&command.cluster_id, &step.txn_id);
+        let prefix = shard::prepared_prefix(&command.cluster_id);
         let phase = SchemaPhase::try_from(step.phase).unwrap_or(SchemaPhase::Unspecified);
         let store = self.store.clone();
         let (detail, report) = blocking(move || match phase {
             SchemaPhase::Check => shard::check(&database, &shard_step),
             SchemaPhase::Prepare => shard::prepare(&database, &shard_step, &prepared, &store),
             SchemaPhase::Resolve => shard::resolve(&database, &shard_step, &prepared, &store),
-            SchemaPhase::Verify => shard::verify(&database),
+            SchemaPhase::Verify => shard::verify(&database, &prefix),
             SchemaPhase::Unspecified => Err(AgentError::Invalid(
                 "schema step names no phase".to_string(),
             )),
@@ -610,6 +622,16 @@ fn write_flags(path: &std::path::Path, flags: &impl serde::Serialize) -> Result<
 }
 
 /// Steps of the optional catalogue, bounded as a whole by the step's timeout.
+/// Steps run again when asked again after they failed, instead of answering the failure from
+/// the journal: a schema transaction's check, resolve and verify are idempotent, and a resolve
+/// must eventually succeed (a prepared transaction holds its locks until then).
+fn is_retried_after_failure(command: &StepCommand) -> bool {
+    matches!(
+        &command.action,
+        Some(Action::Schema(step)) if step.phase != SchemaPhase::Prepare as i32
+    )
+}
+
 fn is_catalogue_step(action: &Action) -> bool {
     matches!(
         action,

@@ -18,8 +18,8 @@ use crate::errors::{CoordinatorError, known_list};
 use crate::recipe::RecipeStep;
 use crate::state_machine::{
     ChangeRecord, MigrationClass, PlanOptions, ReleaseRecord, RollbackStatus, RollbackStepKind,
-    SchemaStage, SchemaTxnRecord, State, StepStatus, Trigger, change_id, current_version,
-    unknown_change,
+    SchemaOwner, SchemaStage, SchemaTxnRecord, State, StepStatus, Trigger, change_id,
+    current_version, unknown_change,
 };
 
 type Result<T> = std::result::Result<T, CoordinatorError>;
@@ -199,10 +199,12 @@ pub fn build(
         }
     }
     let incompatibilities = incompatibilities(state, &by_service, &mut notes);
-    let schema: Vec<SchemaStage> = order
+    let mut schema: Vec<SchemaStage> = order
         .iter()
         .flat_map(|service| schema_reverts(state, by_service[service], options, &mut notes))
         .collect();
+    // Two changes' migrations on one database: the newer change's are reverted first.
+    schema.sort_by_key(|stage| std::cmp::Reverse(stage.change));
     let recipes: BTreeMap<String, Vec<RecipeStep>> = order
         .iter()
         .filter_map(|service| {
@@ -278,13 +280,33 @@ fn schema_reverts(
     }
     let mut reverts = Vec::new();
     for database in databases {
-        // The change's committed stages on this database, in the order they ran.
+        // The change's stages on this database decided to commit (done, or still resolving:
+        // the revert waits for it), in the order they ran.
         let applied: Vec<(&SchemaStage, &SchemaTxnRecord)> = change
             .schema
             .iter()
             .filter(|stage| stage.database == database)
             .filter_map(|stage| Some((stage, state.schema_txns.get(&stage.txn)?)))
-            .filter(|(_, txn)| txn.committed)
+            .filter(|(_, txn)| {
+                txn.decision
+                    .as_ref()
+                    .is_some_and(|decision| decision.commit)
+            })
+            .collect();
+        // What an earlier rollback of this change (aborted after its schema revert committed)
+        // already reverted is not reverted again.
+        let already: BTreeSet<&str> = state
+            .schema_txns
+            .values()
+            .filter(|txn| txn.down && txn.database == database && txn.committed)
+            .filter(|txn| match txn.owner {
+                SchemaOwner::Rollback { rollback, .. } => state
+                    .rollbacks
+                    .get(&rollback)
+                    .is_some_and(|record| record.changes.contains(&change.number)),
+                _ => false,
+            })
+            .flat_map(|txn| txn.migrations.iter().map(String::as_str))
             .collect();
         let is_expand = |version: &str| {
             state
@@ -298,6 +320,7 @@ fn schema_reverts(
             .flat_map(|(stage, _)| stage.versions.iter())
             .rev()
             .filter(|version| options.revert_expand || !is_expand(version))
+            .filter(|version| !already.contains(version.as_str()))
             .cloned()
             .collect();
         let kept: Vec<&str> = applied
@@ -332,6 +355,9 @@ fn schema_reverts(
             .unwrap_or_default();
         reverts.push(SchemaStage {
             database: database.to_string(),
+            change: change.number,
+            service: change.service.clone(),
+            environment: environment_of(state, change),
             versions,
             down: true,
             after_activation: true,

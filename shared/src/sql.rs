@@ -4,18 +4,23 @@
 //!
 //! This is a lexer, not a parser: it knows where strings (`'...'`, `E'...'`), quoted identifiers,
 //! dollar quotes (`$tag$...$tag$`) and comments (`--`, nested `/* */`) begin and end, and splits
-//! at every other `;`. That is all PostgreSQL's own `psql` does to split input.
+//! at every other `;` outside parentheses and `BEGIN ATOMIC ... END` bodies, as `psql` does.
 
-/// The statements of `script`, trimmed, without their `;`, comments-only pieces left out.
+/// The statements of `script`, without their `;` and without the comments and whitespace
+/// before them; pieces holding only comments are left out.
 pub fn statements(script: &str) -> Vec<String> {
     let bytes = script.as_bytes();
     let mut statements = Vec::new();
-    let mut start = 0;
+    // Where the current statement's first code byte is, once it has one.
+    let mut code_start: Option<usize> = None;
     let mut i = 0;
-    // Whether the piece since `start` has anything but whitespace and comments.
-    let mut has_code = false;
+    // `;` inside parentheses (a rule's `DO (a; b)`) or a `BEGIN ATOMIC ... END` body does not
+    // end the statement.
+    let mut parens = 0usize;
+    let mut atomic = 0usize;
     while i < bytes.len() {
-        match bytes[i] {
+        let byte = bytes[i];
+        match byte {
             b'-' if bytes.get(i + 1) == Some(&b'-') => {
                 i = script[i..]
                     .find('\n')
@@ -26,48 +31,89 @@ pub fn statements(script: &str) -> Vec<String> {
                 i = skip_block_comment(bytes, i);
                 continue;
             }
+            _ if byte.is_ascii_whitespace() => {
+                i += 1;
+                continue;
+            }
+            b';' if code_start.is_none() => {
+                i += 1;
+                continue;
+            }
+            _ => {}
+        }
+        code_start.get_or_insert(i);
+        match byte {
             b'\'' => {
                 let escapes =
                     i > 0 && matches!(bytes[i - 1], b'E' | b'e') && !is_ident(bytes, i - 1);
                 i = skip_quoted(bytes, i, b'\'', escapes);
-                has_code = true;
-                continue;
             }
-            b'"' => {
-                i = skip_quoted(bytes, i, b'"', false);
-                has_code = true;
-                continue;
+            b'"' => i = skip_quoted(bytes, i, b'"', false),
+            b'$' => i = skip_dollar_quote(script, i).unwrap_or(i + 1),
+            b'(' => {
+                parens += 1;
+                i += 1;
             }
-            b'$' => {
-                if let Some(end) = skip_dollar_quote(script, i) {
-                    i = end;
-                    has_code = true;
-                    continue;
+            b')' => {
+                parens = parens.saturating_sub(1);
+                i += 1;
+            }
+            b';' if parens == 0 && atomic == 0 => {
+                if let Some(start) = code_start.take() {
+                    statements.push(script[start..i].trim_end().to_string());
                 }
+                i += 1;
             }
-            b';' => {
-                push(&mut statements, &script[start..i], has_code);
-                start = i + 1;
-                has_code = false;
+            _ if is_word_start(bytes, i) => {
+                let end = i + bytes[i..]
+                    .iter()
+                    .position(|&b| !(b.is_ascii_alphanumeric() || b == b'_' || b >= 0x80))
+                    .unwrap_or(bytes.len() - i);
+                let word = &script[i..end];
+                let opens = (word.eq_ignore_ascii_case("atomic")
+                    && previous_word_is_begin(script, i))
+                    || (atomic > 0 && word.eq_ignore_ascii_case("case"));
+                if opens {
+                    atomic += 1;
+                } else if atomic > 0 && word.eq_ignore_ascii_case("end") {
+                    atomic -= 1;
+                }
+                i = end;
             }
-            byte if !byte.is_ascii_whitespace() => has_code = true,
-            _ => {}
+            _ => i += 1,
         }
-        i += 1;
     }
-    push(&mut statements, &script[start..], has_code);
+    if let Some(start) = code_start {
+        let rest = script[start..].trim_end();
+        if !rest.is_empty() {
+            statements.push(rest.to_string());
+        }
+    }
     statements
 }
 
-fn push(statements: &mut Vec<String>, piece: &str, has_code: bool) {
-    if has_code {
-        statements.push(piece.trim().to_string());
-    }
+/// Whether a word (identifier or keyword) starts at `at`.
+fn is_word_start(bytes: &[u8], at: usize) -> bool {
+    let byte = bytes[at];
+    (byte.is_ascii_alphabetic() || byte == b'_' || byte >= 0x80) && !is_ident(bytes, at)
 }
 
-/// Whether the byte at `at` continues an identifier (so `E` in `TABLE'` is not an escape prefix).
+/// Whether the word before the one at `at` is `BEGIN` (so this one opens `BEGIN ATOMIC`).
+fn previous_word_is_begin(script: &str, at: usize) -> bool {
+    let before = script[..at].trim_end();
+    before.len() >= 5
+        && before[before.len() - 5..].eq_ignore_ascii_case("begin")
+        && !is_ident(before.as_bytes(), before.len() - 5)
+}
+
+/// Whether the byte before `at` is part of an identifier (so `E` in `TABLE'` is not an escape
+/// prefix, and `$` in `a$b` opens no dollar quote). Non-ASCII bytes count: identifiers may
+/// hold any letter.
 fn is_ident(bytes: &[u8], at: usize) -> bool {
-    at > 0 && (bytes[at - 1].is_ascii_alphanumeric() || bytes[at - 1] == b'_')
+    at > 0 && {
+        let byte = bytes[at - 1];
+        byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'$' || byte >= 0x80
+    }
 }
 
 /// Index just past the closing quote (a doubled quote is part of the text), or the end.
@@ -178,13 +224,27 @@ mod tests {
             statements(script),
             vec![
                 "CREATE TABLE t (a text DEFAULT 'x;y')",
-                "-- a comment; with a semicolon\nINSERT INTO \"we;ird\" VALUES (E'it\\'s; fine', 'o''k;')",
-                "/* outer /* nested; */ still; */\nCREATE FUNCTION f() RETURNS int AS $body$ SELECT 1; $body$ LANGUAGE sql",
+                "INSERT INTO \"we;ird\" VALUES (E'it\\'s; fine', 'o''k;')",
+                "CREATE FUNCTION f() RETURNS int AS $body$ SELECT 1; $body$ LANGUAGE sql",
                 "DO $$ BEGIN PERFORM 1; END $$",
                 "SELECT $1",
             ]
         );
         assert!(statements("  -- nothing\n/* at all */ ").is_empty());
+        assert_eq!(
+            statements(
+                "CREATE RULE r AS ON INSERT TO t DO ALSO (INSERT INTO a VALUES (1); INSERT INTO b VALUES (2));\n\
+                 CREATE FUNCTION g(x int) RETURNS int LANGUAGE sql BEGIN ATOMIC \
+                 SELECT CASE WHEN x > 0 THEN 1 ELSE 0 END; SELECT 2; END;\n\
+                 SELECT é$x$; SELECT 3"
+            ),
+            vec![
+                "CREATE RULE r AS ON INSERT TO t DO ALSO (INSERT INTO a VALUES (1); INSERT INTO b VALUES (2))",
+                "CREATE FUNCTION g(x int) RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT CASE WHEN x > 0 THEN 1 ELSE 0 END; SELECT 2; END",
+                "SELECT é$x$",
+                "SELECT 3",
+            ]
+        );
         // An unterminated string runs to the end rather than being split inside.
         assert_eq!(statements("SELECT 'a;b"), vec!["SELECT 'a;b"]);
     }
@@ -199,6 +259,8 @@ mod tests {
             "start transaction isolation level serializable",
             "PREPARE TRANSACTION 'x'",
             "COMMIT PREPARED 'x'",
+            "-- done\nCOMMIT",
+            "/* sneaky */ ROLLBACK",
         ] {
             assert!(transaction_control(script).is_some(), "{script}");
         }

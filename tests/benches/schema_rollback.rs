@@ -30,16 +30,20 @@ fn setting(name: &str, default: usize) -> usize {
 fn phase_times(txn: &pb::SchemaTxn) -> [u64; 4] {
     let mut times = [0; 4];
     for (phase, time) in times.iter_mut().enumerate() {
-        let steps = txn
-            .shards
-            .iter()
-            .filter_map(|shard| shard.steps.get(phase));
-        let begun = steps.clone().map(|step| step.started_at_ms).min().unwrap_or(0);
+        let steps = txn.shards.iter().filter_map(|shard| shard.steps.get(phase));
+        let begun = steps
+            .clone()
+            .map(|step| step.started_at_ms)
+            .min()
+            .unwrap_or(0);
         let ended = steps.map(|step| step.finished_at_ms).max().unwrap_or(0);
         *time = ended.saturating_sub(begun);
     }
     times
 }
+
+/// One round: each phase's time, the schema transaction's and the whole rollback's, in ms.
+type Round = ([u64; 4], u64, u64);
 
 fn median(mut values: Vec<u64>) -> u64 {
     values.sort_unstable();
@@ -68,7 +72,7 @@ async fn main() {
         "{:>5} {:>9} {:>9} {:>9} {:>9} {:>12} {:>14}",
         "round", "check", "prepare", "resolve", "verify", "schema txn", "whole rollback"
     );
-    let mut results: Vec<([u64; 4], u64, u64)> = Vec::new();
+    let mut results: Vec<Round> = Vec::new();
     for round in 1..=rounds {
         let change = shards.must_change("v2", &["0001"]).await;
         assert_eq!(change.state, pb::ChangeState::Deployed as i32, "{change:?}");
@@ -101,9 +105,7 @@ async fn main() {
         );
         results.push((times, total, whole));
     }
-    let column = |pick: &dyn Fn(&([u64; 4], u64, u64)) -> u64| {
-        median(results.iter().map(pick).collect())
-    };
+    let column = |pick: &dyn Fn(&Round) -> u64| median(results.iter().map(pick).collect());
     println!(
         "{:>5} {:>6} ms {:>6} ms {:>6} ms {:>6} ms {:>9} ms {:>11} ms",
         "p50",

@@ -119,7 +119,11 @@ impl Shards {
         .await
     }
 
-    pub async fn must_start_rollback(&mut self, change_id: &str, options: pb::PlanOptions) -> String {
+    pub async fn must_start_rollback(
+        &mut self,
+        change_id: &str,
+        options: pb::PlanOptions,
+    ) -> String {
         self.client
             .start_rollback(pb::StartRollbackRequest {
                 change_id: change_id.into(),
@@ -304,4 +308,3 @@ async fn must_register(
             .unwrap();
     }
 }
-

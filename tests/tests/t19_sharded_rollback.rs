@@ -24,7 +24,9 @@ const MIGRATIONS: [Migration; 3] = [
         pb::MigrationClass::Contract,
         "ALTER TABLE orders RENAME COLUMN total TO amount;",
         "ALTER TABLE orders RENAME COLUMN amount TO total;",
-        "SELECT total FROM orders LIMIT 1;",
+        // Run after the down script on each shard: no order may be left with a negative total.
+        "DO $$ BEGIN IF EXISTS (SELECT 1 FROM orders WHERE total < 0) THEN \
+         RAISE EXCEPTION 'negative totals'; END IF; END $$;",
     ),
     (
         "0003",
@@ -123,7 +125,7 @@ async fn a_change_applies_migrations_on_four_shards_and_its_rollback_reverts_the
     for expected in [
         "decision: commit: all 4 shards prepared",
         "db-3 down 0002: ALTER TABLE orders RENAME COLUMN amount TO total (0 rows)",
-        "db-3 verify 0002: SELECT total FROM orders LIMIT 1 (1 row)",
+        "db-3 verify 0002: DO $$ BEGIN IF EXISTS",
         "committed on 4 shards; all at version 0001",
     ] {
         assert!(shown.contains(expected), "{expected}:\n{shown}");
@@ -135,17 +137,16 @@ async fn a_shard_failing_to_prepare_leaves_every_shard_unchanged() {
     let mut shards = Shards::must_start(3, &MIGRATIONS).await;
     shards.must_change("v1", &[]).await;
     shards.must_change("v2", &["0002"]).await;
-    // db-3 comes back with two-phase commit disabled: its prepare fails after its scripts ran.
-    shards.servers[2].must_restart_with("-c max_prepared_transactions=0");
+    // db-3 holds an order the verify script refuses: its prepare fails after its down script
+    // ran, while the other shards have prepared.
+    shards.servers[2].must_sql("INSERT INTO orders VALUES (3, 1, -1.00)");
     let rollback_id = shards
         .must_start_rollback("ch-2", pb::PlanOptions::default())
         .await;
     let paused = shards.must_pause(&rollback_id).await;
     assert!(
         paused.paused_reason.contains("prepare failed on db-3")
-            && paused
-                .paused_reason
-                .contains("prepared transactions are disabled"),
+            && paused.paused_reason.contains("negative totals"),
         "{}",
         paused.paused_reason
     );
@@ -160,6 +161,36 @@ async fn a_shard_failing_to_prepare_leaves_every_shard_unchanged() {
     let txn = shards.must_schema_txn("st-2").await;
     assert_eq!(txn.decision, "abort", "{txn:#?}");
     assert!(!txn.committed);
+    assert_eq!(
+        txn.shards
+            .iter()
+            .map(|shard| pb::StepState::try_from(shard.steps[1].state).unwrap())
+            .collect::<Vec<_>>(),
+        [
+            pb::StepState::Succeeded,
+            pb::StepState::Succeeded,
+            pb::StepState::Failed
+        ],
+        "db-1 and db-2 prepared, db-3 did not"
+    );
+
+    // A shard that cannot prepare at all is caught by the check, before anything runs.
+    shards.servers[2].must_sql("DELETE FROM orders WHERE id = 3");
+    shards.servers[2].must_restart_with("-c max_prepared_transactions=0");
+    shards.must_control(&rollback_id, "resume").await;
+    let paused = shards
+        .must_rollback_where(&rollback_id, "the check to refuse db-3", |rollback| {
+            rollback.paused_reason.contains("st-3")
+        })
+        .await;
+    assert!(
+        paused.paused_reason.contains("check failed on db-3")
+            && paused
+                .paused_reason
+                .contains("prepared transactions are disabled"),
+        "{}",
+        paused.paused_reason
+    );
 
     // Fixed, a resume begins a new transaction, which commits everywhere.
     shards.servers[2].must_restart_with("");

@@ -248,6 +248,7 @@ fn shard_report(report: pb::ShardReport) -> ShardReportRecord {
             .collect()
     };
     ShardReportRecord {
+        database_identity: truncate(&report.database_identity, 128).to_string(),
         version: truncate(&report.version, 128).to_string(),
         fingerprint: truncate(&report.fingerprint, 80).to_string(),
         data_loss: texts(report.data_loss),

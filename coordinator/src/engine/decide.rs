@@ -10,8 +10,8 @@ use crate::state_machine::schema::{self, StagesState};
 use crate::state_machine::{
     ChangeRecord, ChangeStatus, CommandKind, DrillStatus, GateOptions, HealthAggregate,
     MigrationRecord, PlanOptions, RollbackRecord, RollbackStatus, RollbackStepKind, SchemaOwner,
-    SchemaTxnRecord, SchemaTxnStatus, ShardPhase, State, StepProgress, StepStatus, StepTarget,
-    SyntheticCheck, ThrottleLimits, TriggerSource,
+    SchemaStage, SchemaTxnRecord, SchemaTxnStatus, ShardPhase, State, StepProgress, StepStatus,
+    StepTarget, SyntheticCheck, ThrottleLimits, TriggerSource,
 };
 
 pub use crate::state_machine::MAX_ESCALATION_ATTEMPTS;
@@ -194,6 +194,7 @@ pub fn decide(
             stage,
             begun: false,
         } = schema::stages_state(state, drill.stages.iter().enumerate())
+            && may_begin(state, &drill.stages[stage])
         {
             driver.propose(CommandKind::StartSchemaTxn {
                 owner: SchemaOwner::Drill {
@@ -429,6 +430,7 @@ fn begin_change_schema(
         stage,
         begun: false,
     } = schema::stages_state(state, stages)
+        && may_begin(state, &change.schema[stage])
     {
         driver.propose(CommandKind::StartSchemaTxn {
             owner: SchemaOwner::Change {
@@ -437,6 +439,12 @@ fn begin_change_schema(
             },
         });
     }
+}
+
+/// Whether a stage's transaction may begin now: no other runs on its database and environment
+/// (it waits for that one to end).
+fn may_begin(state: &State, stage: &SchemaStage) -> bool {
+    schema::busy(state, &stage.database, &stage.environment).is_none()
 }
 
 /// Drives a schema transaction through its phases (see `state_machine::schema`).
@@ -482,10 +490,14 @@ fn drive_schema_txn(
                 .all(|shard| shard.prepare.status == StepStatus::Succeeded)
             {
                 rewind_shared::failpoint::crash_if_armed("coordinator.before-decision");
+                let (commit, reason) = match schema::prepared_problems(txn) {
+                    None => (true, format!("all {} shards prepared", txn.shards.len())),
+                    Some(problem) => (false, format!("every shard prepared, but {problem}")),
+                };
                 driver.propose(CommandKind::DecideSchemaTxn {
                     txn: txn.number,
-                    commit: true,
-                    reason: format!("all {} shards prepared", txn.shards.len()),
+                    commit,
+                    reason,
                 });
                 return;
             }
@@ -520,8 +532,16 @@ fn drive_schema_txn(
                 phase,
                 host_id: shard.host_id.clone(),
             };
+            let retry_resolve = phase == ShardPhase::Resolve
+                && current == ShardPhase::Resolve
+                && progress.status == StepStatus::Failed
+                && driver.now_ms.saturating_sub(progress.finished_at_ms)
+                    >= schema::RESOLVE_RETRY_MS;
             match progress.status {
                 StepStatus::Pending if phase == current => {
+                    driver.propose(CommandKind::StepStarted { step });
+                }
+                StepStatus::Failed if retry_resolve => {
                     driver.propose(CommandKind::StepStarted { step });
                 }
                 StepStatus::Running => {
@@ -573,14 +593,30 @@ fn drive_rollback(
             && let StagesState::Waiting {
                 stage,
                 begun: false,
-            } = schema::stages_state(state, rollback.schema.iter().enumerate())
+            } = schema::stages_state(state, rollback.schema_stages())
+            && may_begin(state, &rollback.schema[stage])
         {
-            driver.propose(CommandKind::StartSchemaTxn {
-                owner: SchemaOwner::Rollback {
+            let planned = &rollback.schema[stage];
+            if schema::shards_of(state, &planned.database, &planned.environment).is_empty() {
+                // Proposing again would be refused again: a person must look.
+                driver.propose(CommandKind::Stall {
                     rollback: rollback.number,
-                    stage,
-                },
-            });
+                    evidence: format!(
+                        "no host in environment {:?} runs {} any more: its schema revert ({}) \
+                         has no shard to run on",
+                        planned.environment,
+                        planned.database,
+                        planned.versions.join(", ")
+                    ),
+                });
+            } else {
+                driver.propose(CommandKind::StartSchemaTxn {
+                    owner: SchemaOwner::Rollback {
+                        rollback: rollback.number,
+                        stage,
+                    },
+                });
+            }
         }
         return;
     };

@@ -491,7 +491,12 @@ fn start_change(state: &mut State, command: &Command) -> Result<(Outcome, String
     }
     let host_ids = select_hosts(state, service, requested_hosts)?;
     let environment = crate::plan::environment_of_hosts(state, &host_ids);
-    let schema = change_schema_stages(state, migrations, &environment)?;
+    let schema = change_schema_stages(
+        state,
+        migrations,
+        (state.next_change + 1, service),
+        &environment,
+    )?;
     let previous_version = current_version(state, service);
     state.next_change += 1;
     let number = state.next_change;
@@ -684,7 +689,13 @@ fn start_step(
             host_id,
         } => {
             super::schema::startable(state, *txn, *phase)?;
-            super::schema::step_mut(state, *txn, *phase, host_id)?
+            let progress = super::schema::step_mut(state, *txn, *phase, host_id)?;
+            // A resolve that failed is tried again (see `schema::RESOLVE_RETRY_MS`): the
+            // shard holds its prepared transaction until one succeeds.
+            if *phase == ShardPhase::Resolve && progress.status == StepStatus::Failed {
+                progress.status = StepStatus::Pending;
+            }
+            progress
         }
     };
     if progress.status.is_terminal() {
@@ -819,7 +830,9 @@ fn settle_change(state: &mut State, number: u64, at_ms: u64) {
             return;
         };
         match stages {
-            super::schema::StagesState::Waiting { .. } => {}
+            // A stuck resolve is retried until it succeeds; the change waits for it.
+            super::schema::StagesState::Waiting { .. }
+            | super::schema::StagesState::Stuck { .. } => {}
             super::schema::StagesState::Failed { detail, .. } => {
                 change.reason = format!("migrations failed: {detail}");
                 change.status = ChangeStatus::Failed;
@@ -846,14 +859,19 @@ fn settle_rollback(state: &mut State, number: u64, at_ms: u64) {
     }
     let Some(wave) = rollback.current_wave() else {
         // Every wave is done: then the schema reverts, one database at a time.
-        let own = rollback.schema.clone();
+        let own: Vec<(usize, SchemaStage)> = rollback
+            .schema_stages()
+            .map(|(index, stage)| (index, stage.clone()))
+            .collect();
         let last_wave = rollback.waves.len().saturating_sub(1) as u32;
         let running = rollback.status == RollbackStatus::Running;
-        let stages = super::schema::stages_state(state, own.iter().enumerate());
+        let stages =
+            super::schema::stages_state(state, own.iter().map(|(index, stage)| (*index, stage)));
         match stages {
             super::schema::StagesState::Done => {}
             super::schema::StagesState::Waiting { .. } => return,
-            super::schema::StagesState::Failed { detail, .. } => {
+            super::schema::StagesState::Failed { detail, .. }
+            | super::schema::StagesState::Stuck { detail, .. } => {
                 if running {
                     let evidence = format!(
                         "schema revert failed, the app is reverted: {detail}; resume retries it"
@@ -870,11 +888,20 @@ fn settle_rollback(state: &mut State, number: u64, at_ms: u64) {
             .schema
             .iter()
             .map(|stage| {
-                format!(
-                    "{} reverted on every shard ({})",
-                    stage.database,
-                    stage.versions.join(", ")
-                )
+                if rollback.isolated.contains(&stage.service) {
+                    format!(
+                        "{} not reverted ({}): {} was isolated",
+                        stage.database,
+                        stage.versions.join(", "),
+                        stage.service
+                    )
+                } else {
+                    format!(
+                        "{} reverted on every shard ({})",
+                        stage.database,
+                        stage.versions.join(", ")
+                    )
+                }
             })
             .collect();
         let hosts: std::collections::BTreeSet<&str> = rollback
@@ -1150,6 +1177,28 @@ fn start_rollback(
         schema: plan.schema.clone(),
     };
     state.rollbacks.insert(number, rollback);
+    // A change's migrations not yet decided are aborted: the plan reverts only what was decided
+    // to commit, so nothing may commit underneath the rollback.
+    let undecided: Vec<u64> =
+        plan.changes
+            .iter()
+            .filter_map(|number| state.changes.get(number))
+            .flat_map(|change| change.schema.iter().map(|stage| stage.txn))
+            .filter(|txn| {
+                state.schema_txns.get(txn).is_some_and(|txn| {
+                    txn.decision.is_none() && txn.status != SchemaTxnStatus::Done
+                })
+            })
+            .collect();
+    for txn in undecided {
+        let _ = super::schema::decide(
+            state,
+            txn,
+            false,
+            &format!("{} began before it was decided", rollback_id(number)),
+            command.at_ms,
+        );
+    }
     // Flags first: a kill switch takes effect before any host is touched.
     let mut flags_reverted = Vec::new();
     for change_number in &plan.changes {
@@ -1836,6 +1885,7 @@ fn judge_trigger(
 fn change_schema_stages(
     state: &State,
     migrations: &[(String, String)],
+    (change, service): (u64, &str),
     environment: &str,
 ) -> Result<Vec<SchemaStage>> {
     let mut stages: Vec<SchemaStage> = Vec::new();
@@ -1881,6 +1931,9 @@ fn change_schema_stages(
             Some(stage) => stage.versions.push(version.clone()),
             None => stages.push(SchemaStage {
                 database: database.clone(),
+                change,
+                service: service.to_string(),
+                environment: environment.to_string(),
                 versions: vec![version.clone()],
                 down: false,
                 after_activation,
@@ -1943,7 +1996,7 @@ fn start_schema_txn(
                 .rollbacks
                 .get(&rollback)
                 .ok_or_else(|| unknown_rollback(state, rollback))?;
-            let waiting = super::schema::stages_state(state, record.schema.iter().enumerate());
+            let waiting = super::schema::stages_state(state, record.schema_stages());
             if record.status != RollbackStatus::Running
                 || record.current_wave().is_some()
                 || waiting
@@ -1958,12 +2011,7 @@ fn start_schema_txn(
                     record.status
                 )));
             }
-            let environment = state
-                .changes
-                .values()
-                .find(|change| change.rollback == rollback)
-                .map(|change| change.environment.clone())
-                .unwrap_or_default();
+            let environment = record.schema[stage].environment.clone();
             (
                 record.schema[stage].clone(),
                 environment,

@@ -726,3 +726,216 @@ fn migrations_are_registered_once_immutable_and_never_without_a_down_script() {
         migration_checksum("a", "bc", "")
     );
 }
+
+/// Hosts db-1 and db-2 running orders-db (the shards), its releases, a contract migration, and
+/// a change applying it; returns the change's number once it waits for its migration.
+fn sharded_change() -> (Harness, u64) {
+    let mut harness = Harness::new();
+    for host in ["db-1", "db-2"] {
+        harness.must(CommandKind::RegisterHost {
+            host_id: host.into(),
+            labels: Labels::default(),
+            services: vec!["orders-db".into()],
+            agent_version: "test".into(),
+        });
+    }
+    harness.must(CommandKind::PutService {
+        service: ServiceRecord {
+            name: "orders-db".into(),
+            depends_on: vec![],
+            policy: HealthPolicy::default(),
+            synthetics: vec![],
+            rollback_steps: Vec::new(),
+        },
+    });
+    harness.must(CommandKind::RegisterRelease {
+        release: ReleaseRecord {
+            service: "orders-db".into(),
+            ..release("v2", 'a')
+        },
+    });
+    let (up, down) = ("ALTER TABLE t RENAME a TO b", "ALTER TABLE t RENAME b TO a");
+    harness.must(CommandKind::RegisterMigration {
+        migration: MigrationRecord {
+            database: "orders-db".into(),
+            version: "0002".into(),
+            class: MigrationClass::Contract,
+            up_sql: up.into(),
+            down_sql: down.into(),
+            verify_sql: String::new(),
+            checksum: migration_checksum(up, down, ""),
+            registered_at_ms: 0,
+            registered_by: String::new(),
+        },
+    });
+    let Outcome::Change(change) = harness.must(CommandKind::StartChange {
+        service: "orders-db".into(),
+        version: "v2".into(),
+        host_ids: vec![],
+        reason: "test".into(),
+        baseline: HealthAggregate::default(),
+        flags_on: vec![],
+        migrations: vec![("orders-db".into(), "0002".into())],
+    }) else {
+        panic!("no change");
+    };
+    for capture in [true, false] {
+        for host in ["db-1", "db-2"] {
+            let host_id = host.to_string();
+            harness.finish(
+                if capture {
+                    StepTarget::Capture { change, host_id }
+                } else {
+                    StepTarget::Activate { change, host_id }
+                },
+                true,
+            );
+        }
+    }
+    // A contract migration runs after activation: the change waits for it.
+    assert_eq!(
+        harness.state.changes[&change].status,
+        ChangeStatus::Deploying
+    );
+    harness.must(CommandKind::StartSchemaTxn {
+        owner: SchemaOwner::Change { change, stage: 0 },
+    });
+    (harness, change)
+}
+
+impl Harness {
+    fn shard_step(&mut self, phase: ShardPhase, host: &str, ok: bool, report: ShardReportRecord) {
+        let step = StepTarget::Schema {
+            txn: 1,
+            phase,
+            host_id: host.into(),
+        };
+        self.must(CommandKind::StepStarted { step: step.clone() });
+        self.must(CommandKind::SchemaStepFinished {
+            step,
+            ok,
+            detail: if ok { "done".into() } else { "boom".into() },
+            report,
+        });
+    }
+}
+
+fn report(identity: &str, fingerprint: &str) -> ShardReportRecord {
+    ShardReportRecord {
+        database_identity: identity.into(),
+        fingerprint: fingerprint.into(),
+        version: "0002".into(),
+        ..ShardReportRecord::default()
+    }
+}
+
+#[test]
+fn a_schema_transaction_commits_only_when_every_shard_prepared_alike() {
+    let (mut harness, change) = sharded_change();
+    // One transaction at a time per database and environment.
+    let busy = harness
+        .run(CommandKind::StartSchemaTxn {
+            owner: SchemaOwner::Change { change, stage: 0 },
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(busy.contains("not due"), "{busy}");
+    for host in ["db-1", "db-2"] {
+        harness.shard_step(ShardPhase::Check, host, true, report(host, "sha256:before"));
+    }
+    assert_eq!(
+        harness.state.schema_txns[&1].status,
+        SchemaTxnStatus::Preparing
+    );
+    let commit = CommandKind::DecideSchemaTxn {
+        txn: 1,
+        commit: true,
+        reason: "too early".into(),
+    };
+    let refused = harness.run(commit.clone()).unwrap_err().to_string();
+    assert!(refused.contains("db-1 is not prepared"), "{refused}");
+    harness.shard_step(
+        ShardPhase::Prepare,
+        "db-1",
+        true,
+        report("db-1", "sha256:after"),
+    );
+    harness.shard_step(
+        ShardPhase::Prepare,
+        "db-2",
+        true,
+        report("db-2", "sha256:other"),
+    );
+    let problem = schema::prepared_problems(&harness.state.schema_txns[&1]).unwrap();
+    assert!(
+        problem.contains(
+            "shards would disagree after it: db-1 has sha256:after, db-2 has sha256:other"
+        ),
+        "{problem}"
+    );
+    harness.must(CommandKind::DecideSchemaTxn {
+        txn: 1,
+        commit: false,
+        reason: problem,
+    });
+    // A resolve that fails is tried again (the shard holds its prepared transaction); the
+    // change waits meanwhile instead of failing.
+    harness.shard_step(
+        ShardPhase::Resolve,
+        "db-1",
+        false,
+        ShardReportRecord::default(),
+    );
+    assert!(harness.state.schema_txns[&1].stuck_resolving().is_some());
+    assert_eq!(
+        harness.state.changes[&change].status,
+        ChangeStatus::Deploying
+    );
+    harness.shard_step(
+        ShardPhase::Resolve,
+        "db-1",
+        true,
+        ShardReportRecord::default(),
+    );
+    harness.shard_step(
+        ShardPhase::Resolve,
+        "db-2",
+        true,
+        ShardReportRecord::default(),
+    );
+    let txn = &harness.state.schema_txns[&1];
+    assert_eq!(txn.status, SchemaTxnStatus::Done);
+    assert!(!txn.committed && txn.detail.contains("aborted, every shard rolled back"));
+    let record = &harness.state.changes[&change];
+    assert_eq!(record.status, ChangeStatus::Failed);
+    assert!(
+        record.reason.contains("migrations failed: st-1"),
+        "{}",
+        record.reason
+    );
+}
+
+#[test]
+fn two_shards_on_one_database_are_refused_at_check() {
+    let (mut harness, _) = sharded_change();
+    harness.shard_step(
+        ShardPhase::Check,
+        "db-1",
+        true,
+        report("7123/orders", "sha256:x"),
+    );
+    harness.shard_step(
+        ShardPhase::Check,
+        "db-2",
+        true,
+        report("7123/orders", "sha256:x"),
+    );
+    let txn = &harness.state.schema_txns[&1];
+    assert_eq!(txn.status, SchemaTxnStatus::Done);
+    assert!(
+        txn.detail
+            .contains("db-1 and db-2 are the same database (7123/orders)"),
+        "{}",
+        txn.detail
+    );
+}

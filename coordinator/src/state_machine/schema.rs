@@ -9,10 +9,15 @@
 //!    `PREPARE TRANSACTION`ed. Each shard's report (statements with rows affected, exported
 //!    files, fingerprint after) is recorded with its step.
 //! 3. **Decide**: the engine proposes `DecideSchemaTxn`, commit only once every shard is
-//!    prepared, abort as soon as one failed. A leader that finds a transaction preparing which it
-//!    did not see being checked (it took over, or the cluster restarted) decides abort: without a
-//!    recorded decision, nobody may commit. Then every shard that may hold a prepared transaction
-//!    resolves it as decided, retried until it answers.
+//!    prepared with the same fingerprint and version (and the one expected, if any), abort as
+//!    soon as one failed or they disagree. A leader that finds a transaction preparing which it
+//!    did not see being checked (it took over, or the cluster restarted) decides abort: without
+//!    a recorded decision, nobody may commit. Then every shard that may hold a prepared
+//!    transaction resolves it as decided: a resolve that fails is tried again every
+//!    [`RESOLVE_RETRY_MS`] for as long as it takes (its owner calls a person meanwhile), since a
+//!    prepared transaction holds its locks until it is resolved.
+//!
+//! One transaction at a time per database and environment: a second waits for the first.
 //! 4. **Verify** (after a commit): every shard reports version and fingerprint; all must agree,
 //!    and equal the fingerprint the transaction expects (for a revert, the one recorded before
 //!    the change it undoes), with no prepared transaction of it left.
@@ -76,6 +81,8 @@ pub struct StatementRecord {
 /// What a shard's step reported (see the agent's `shard` module).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ShardReportRecord {
+    #[serde(default)]
+    pub database_identity: String,
     pub version: String,
     pub fingerprint: String,
     pub data_loss: Vec<String>,
@@ -227,6 +234,9 @@ pub fn start_drill(
         ] {
             stages.push(SchemaStage {
                 database: database.clone(),
+                change,
+                service: String::new(),
+                environment: environment.to_string(),
                 versions,
                 down,
                 after_activation: false,
@@ -294,7 +304,7 @@ pub fn settle_drill(state: &mut State, number: u64, at_ms: u64) {
         return;
     };
     match outcome {
-        StagesState::Waiting { .. } => return,
+        StagesState::Waiting { .. } | StagesState::Stuck { .. } => return,
         StagesState::Done => {
             drill.status = DrillStatus::Passed;
             drill.detail = format!(
@@ -317,6 +327,14 @@ pub fn settle_drill(state: &mut State, number: u64, at_ms: u64) {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SchemaStage {
     pub database: String,
+    /// The change whose migrations these are, and its service and environment (a rollback's
+    /// stage runs on the shards of the change's environment; an isolated service's is skipped).
+    #[serde(default)]
+    pub change: u64,
+    #[serde(default)]
+    pub service: String,
+    #[serde(default)]
+    pub environment: String,
     /// In the order they run: a revert's newest first.
     pub versions: Vec<String>,
     pub down: bool,
@@ -381,6 +399,45 @@ pub fn schema_txn_id(number: u64) -> String {
     format!("st-{number}")
 }
 
+/// How long after a failed resolve it is tried again.
+pub const RESOLVE_RETRY_MS: u64 = 30_000;
+
+/// Done transactions whose statement logs are kept; older ones keep the rest of their record.
+const KEEP_STATEMENTS_OF: usize = 64;
+
+/// The transaction not yet done on this database and environment, if any: one runs at a time.
+pub fn busy<'a>(
+    state: &'a State,
+    database: &str,
+    environment: &str,
+) -> Option<&'a SchemaTxnRecord> {
+    state.schema_txns.values().find(|txn| {
+        txn.database == database
+            && txn.environment == environment
+            && txn.status != SchemaTxnStatus::Done
+    })
+}
+
+/// Why every shard prepared but the transaction must not commit: their fingerprints or
+/// versions as prepared disagree, or differ from what it expects. Checked before the decision,
+/// while it can still be rolled back.
+pub fn prepared_problems(txn: &SchemaTxnRecord) -> Option<String> {
+    if let Some(odd) = disagreement(&txn.shards, |shard| &shard.prepared.fingerprint) {
+        return Some(format!("shards would disagree after it: {odd}"));
+    }
+    if let Some(odd) = disagreement(&txn.shards, |shard| &shard.prepared.version) {
+        return Some(format!("shards would be at different versions: {odd}"));
+    }
+    let after = &txn.shards.first()?.prepared.fingerprint;
+    (!txn.expected_fingerprint.is_empty() && after != &txn.expected_fingerprint).then(|| {
+        format!(
+            "every shard would have fingerprint {}, not {} as recorded before the change",
+            short(after),
+            short(&txn.expected_fingerprint)
+        )
+    })
+}
+
 /// Begins the transaction of a stage: a check step per shard (the hosts of `environment` that
 /// run the database's service).
 pub fn begin(
@@ -392,6 +449,16 @@ pub fn begin(
     by: &str,
     at_ms: u64,
 ) -> Result<u64> {
+    if let Some(other) = busy(state, &stage.database, environment) {
+        return Err(CoordinatorError::invalid(
+            "database",
+            format!(
+                "{} still runs on {} in {environment}: one schema transaction at a time",
+                other.id(),
+                stage.database
+            ),
+        ));
+    }
     let shards = shards_of(state, &stage.database, environment);
     if shards.is_empty() {
         return Err(CoordinatorError::invalid(
@@ -404,6 +471,20 @@ pub fn begin(
     }
     let number = state.next_schema_txn.max(1);
     state.next_schema_txn = number + 1;
+    // Statement logs are for a manual recovery soon after; old ones go, the records stay.
+    let done: Vec<u64> = state
+        .schema_txns
+        .values()
+        .filter(|txn| txn.status == SchemaTxnStatus::Done)
+        .map(|txn| txn.number)
+        .collect();
+    for old in done.iter().rev().skip(KEEP_STATEMENTS_OF) {
+        if let Some(txn) = state.schema_txns.get_mut(old) {
+            for shard in &mut txn.shards {
+                shard.prepared.statements.clear();
+            }
+        }
+    }
     state.schema_txns.insert(
         number,
         SchemaTxnRecord {
@@ -642,6 +723,15 @@ pub fn settle(state: &mut State, number: u64, at_ms: u64) {
                 finish(txn, false, detail, at_ms);
                 return;
             }
+            if let Some(detail) = same_database(&txn.shards) {
+                txn.decision = Some(SchemaDecision {
+                    commit: false,
+                    at_ms,
+                    reason: detail.clone(),
+                });
+                finish(txn, false, detail, at_ms);
+                return;
+            }
             txn.fingerprint_before = txn.shards[0].before.fingerprint.clone();
             txn.status = SchemaTxnStatus::Preparing;
         }
@@ -699,6 +789,25 @@ pub fn settle(state: &mut State, number: u64, at_ms: u64) {
             finish(txn, true, detail, at_ms);
         }
     }
+}
+
+/// Two shards that are one database (as their servers identify it): each would prepare the
+/// same change, the second waiting on the first's lock.
+fn same_database(shards: &[ShardRecord]) -> Option<String> {
+    let mut seen: std::collections::BTreeMap<&str, &str> = std::collections::BTreeMap::new();
+    for shard in shards {
+        let identity = shard.before.database_identity.as_str();
+        if identity.is_empty() {
+            continue;
+        }
+        if let Some(first) = seen.insert(identity, &shard.host_id) {
+            return Some(format!(
+                "{first} and {} are the same database ({identity}): each shard must be its own",
+                shard.host_id
+            ));
+        }
+    }
+    None
 }
 
 fn verification_problems(txn: &SchemaTxnRecord) -> Vec<String> {
@@ -800,9 +909,11 @@ pub enum StagesState {
     Done,
     /// The first stage not yet done, and whether its transaction began.
     Waiting { stage: usize, begun: bool },
-    /// A transaction ended without committing, or committed but did not verify, or a resolve
-    /// ran out of attempts: why.
+    /// A transaction ended without committing, or committed but did not verify: why.
     Failed { stage: usize, detail: String },
+    /// A resolve keeps failing: the shard holds its prepared transaction (and its locks) until
+    /// one succeeds; it is tried again meanwhile.
+    Stuck { stage: usize, detail: String },
 }
 
 pub fn stages_state<'a>(
@@ -820,10 +931,11 @@ pub fn stages_state<'a>(
             continue;
         }
         if let Some(shard) = txn.stuck_resolving() {
-            return StagesState::Failed {
+            return StagesState::Stuck {
                 stage: index,
                 detail: format!(
-                    "{} of {} could not resolve its prepared transaction ({}): {}",
+                    "{} of {} could not yet resolve its prepared transaction ({}) on {}, \
+                     tried again every {} s: {}",
                     txn.id(),
                     stage.database,
                     if txn.decision.as_ref().is_some_and(|d| d.commit) {
@@ -831,6 +943,8 @@ pub fn stages_state<'a>(
                     } else {
                         "abort"
                     },
+                    shard.host_id,
+                    RESOLVE_RETRY_MS / 1000,
                     shard.resolve.detail
                 ),
             };

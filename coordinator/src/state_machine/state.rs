@@ -875,6 +875,15 @@ impl RollbackRecord {
     pub fn wave_steps(&self, wave: u32) -> impl Iterator<Item = &RollbackStepRecord> {
         self.steps.iter().filter(move |step| step.wave == wave)
     }
+
+    /// Its schema stages (with their index) that still run: not those of a service an
+    /// operator isolated, whose app was not reverted.
+    pub fn schema_stages(&self) -> impl Iterator<Item = (usize, &SchemaStage)> {
+        self.schema
+            .iter()
+            .enumerate()
+            .filter(|(_, stage)| !self.isolated.contains(&stage.service))
+    }
 }
 
 pub fn change_id(number: u64) -> String {
