@@ -109,7 +109,9 @@ pub struct RawService {
 #[serde(default, rename_all = "kebab-case")]
 pub struct RawDatabase {
     /// libpq connection string (`host=... port=... user=... dbname=...`).
-    pub postgres: String,
+    pub postgres: Option<String>,
+    /// Or an SQLite database file (absolute path).
+    pub sqlite: Option<String>,
     pub history_table: Option<String>,
 }
 
@@ -509,9 +511,14 @@ fn validate_service(
         }
     });
     let database = raw.database.as_ref().and_then(|database| {
-        crate::schema::validate(&database.postgres, database.history_table.as_deref())
-            .map_err(|problem| problems.add(format!("{field}.database"), problem))
-            .ok()
+        let history_table = database.history_table.as_deref();
+        match (&database.postgres, &database.sqlite) {
+            (Some(connection), None) => crate::schema::validate(connection, history_table),
+            (None, Some(path)) => crate::schema::validate_sqlite(path, history_table),
+            _ => Err("set one of postgres (a libpq connection string) or sqlite (a file)".into()),
+        }
+        .map_err(|problem| problems.add(format!("{field}.database"), problem))
+        .ok()
     });
     if problems.len() != before {
         return None;
@@ -741,6 +748,13 @@ error-label = "a-b"
 error-values = []
 latency-unit = "minutes"
 timeout-ms = 0
+[[service]]
+name = "twice"
+root = "/srv/twice"
+restart-command = ["true"]
+[service.database]
+postgres = "host=db"
+sqlite = "/var/lib/twice.db"
 "#;
         let raw: RawConfig = rewind_shared::config::parse_toml(Path::new("a.toml"), text)
             .unwrap()
@@ -772,6 +786,7 @@ timeout-ms = 0
             "service.web.env-files: \"/abs\" is also in config-files",
             "service.web.self-revert.failing-for-s: is 0",
             "service.web.database: postgres: not a libpq connection string",
+            "service.twice.database: set one of postgres (a libpq connection string) or sqlite",
         ] {
             assert!(
                 joined.contains(expected),

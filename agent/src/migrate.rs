@@ -160,7 +160,8 @@ pub(crate) fn txid(
 
 pub(crate) fn connect(database: &DatabaseConfig) -> Result<postgres::Client, AgentError> {
     database
-        .postgres
+        .postgres()
+        .ok_or_else(|| refused("this database is SQLite, not PostgreSQL".into()))?
         .connect(postgres::NoTls)
         .map_err(|error| refused(format!("cannot connect to the database: {error}")))
 }

@@ -18,11 +18,55 @@ pub const DEFAULT_HISTORY_TABLE: &str = "rewind_schema_history";
 
 #[derive(Clone, Debug)]
 pub struct DatabaseConfig {
-    pub postgres: postgres::Config,
+    pub engine: Engine,
     pub history_table: String,
 }
 
-/// Checks a `[service.database]` section; the problem when it is wrong.
+/// Where the database is and what it runs.
+#[derive(Clone, Debug)]
+pub enum Engine {
+    Postgres(Box<postgres::Config>),
+    /// A database file, for small setups and the demo (see `shard_sqlite`).
+    Sqlite(std::path::PathBuf),
+}
+
+impl DatabaseConfig {
+    /// The PostgreSQL connection settings; `None` for SQLite.
+    pub fn postgres(&self) -> Option<&postgres::Config> {
+        match &self.engine {
+            Engine::Postgres(config) => Some(config),
+            Engine::Sqlite(_) => None,
+        }
+    }
+}
+
+/// Checks a `[service.database]` section with `sqlite = "/path/to/file.db"`.
+pub fn validate_sqlite(path: &str, history_table: Option<&str>) -> Result<DatabaseConfig, String> {
+    let file = std::path::PathBuf::from(path);
+    if !file.is_absolute() {
+        return Err(format!(
+            "sqlite: {path:?} must be an absolute path to the database file"
+        ));
+    }
+    Ok(DatabaseConfig {
+        engine: Engine::Sqlite(file),
+        history_table: checked_table(history_table)?,
+    })
+}
+
+fn checked_table(history_table: Option<&str>) -> Result<String, String> {
+    let history_table = history_table.unwrap_or(DEFAULT_HISTORY_TABLE).to_string();
+    if !is_table_name(&history_table) {
+        return Err(format!(
+            "history-table: {history_table:?} must be a table name (lower-case letters, digits, _; \
+             optionally schema.table)"
+        ));
+    }
+    Ok(history_table)
+}
+
+/// Checks a `[service.database]` section with `postgres = "<libpq string>"`; the problem when
+/// it is wrong.
 pub fn validate(connection: &str, history_table: Option<&str>) -> Result<DatabaseConfig, String> {
     let mut postgres: postgres::Config = connection
         .parse()
@@ -31,16 +75,9 @@ pub fn validate(connection: &str, history_table: Option<&str>) -> Result<Databas
     // A peer that stops answering mid-session fails the session instead of hanging it.
     postgres.tcp_user_timeout(TIMEOUT * 6);
     postgres.keepalives_idle(TIMEOUT * 6);
-    let history_table = history_table.unwrap_or(DEFAULT_HISTORY_TABLE).to_string();
-    if !is_table_name(&history_table) {
-        return Err(format!(
-            "history-table: {history_table:?} must be a table name (lower-case letters, digits, _; \
-             optionally schema.table)"
-        ));
-    }
     Ok(DatabaseConfig {
-        postgres,
-        history_table,
+        engine: Engine::Postgres(Box::new(postgres)),
+        history_table: checked_table(history_table)?,
     })
 }
 
@@ -73,8 +110,13 @@ pub fn schema_version(database: &DatabaseConfig) -> String {
 }
 
 fn read(database: &DatabaseConfig) -> Result<String, String> {
-    let mut client = database
-        .postgres
+    let postgres = match &database.engine {
+        Engine::Postgres(postgres) => postgres,
+        Engine::Sqlite(path) => {
+            return crate::shard_sqlite::schema_version(path, &database.history_table);
+        }
+    };
+    let mut client = postgres
         .connect(postgres::NoTls)
         .map_err(|error| format!("cannot connect: {error}"))?;
     let query = |error: postgres::Error| format!("cannot read the schema history: {error}");
@@ -132,5 +174,12 @@ mod tests {
         }
         let ok = validate("host=db user=rewind dbname=orders", Some("ops.history")).unwrap();
         assert_eq!(ok.history_table, "ops.history");
+        assert!(
+            validate_sqlite("orders.db", None)
+                .unwrap_err()
+                .contains("sqlite: \"orders.db\" must be an absolute path")
+        );
+        let sqlite = validate_sqlite("/var/lib/app/orders.db", None).unwrap();
+        assert!(sqlite.postgres().is_none());
     }
 }

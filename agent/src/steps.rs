@@ -22,7 +22,9 @@ use crate::config::{Hook, ServiceConfig};
 use crate::host::Host;
 use crate::paths::confined;
 use crate::probes::Prober;
+use crate::schema::Engine;
 use crate::shard;
+use crate::shard_sqlite;
 use crate::snapshot::{self, ProbeState, RELEASES_DIR};
 use crate::store::{JournalRecord, StepOutcome, Store};
 
@@ -317,14 +319,39 @@ impl Executor {
         let prefix = shard::prepared_prefix(&command.cluster_id);
         let phase = SchemaPhase::try_from(step.phase).unwrap_or(SchemaPhase::Unspecified);
         let store = self.store.clone();
-        let (detail, report) = blocking(move || match phase {
-            SchemaPhase::Check => shard::check(&database, &shard_step),
-            SchemaPhase::Prepare => shard::prepare(&database, &shard_step, &prepared, &store),
-            SchemaPhase::Resolve => shard::resolve(&database, &shard_step, &prepared, &store),
-            SchemaPhase::Verify => shard::verify(&database, &prefix),
-            SchemaPhase::Unspecified => Err(AgentError::Invalid(
-                "schema step names no phase".to_string(),
-            )),
+        if phase == SchemaPhase::Unspecified {
+            return Err(AgentError::Invalid("schema step names no phase".into()));
+        }
+        let (detail, report) = blocking(move || match &database.engine {
+            Engine::Postgres(_) => match phase {
+                SchemaPhase::Check => shard::check(&database, &shard_step),
+                SchemaPhase::Prepare => shard::prepare(&database, &shard_step, &prepared, &store),
+                SchemaPhase::Resolve => shard::resolve(&database, &shard_step, &prepared, &store),
+                _ => shard::verify(&database, &prefix),
+            },
+            Engine::Sqlite(file) => {
+                let history = &database.history_table;
+                match phase {
+                    SchemaPhase::Check => shard_sqlite::check(file, history, &shard_step),
+                    SchemaPhase::Prepare => {
+                        shard_sqlite::prepare(file, history, &shard_step, &prepared, &store)
+                    }
+                    SchemaPhase::Resolve => {
+                        let exports = store
+                            .exports_dir()
+                            .join(format!("{prepared}-{}", rewind_shared::time::now_ms()));
+                        shard_sqlite::resolve(
+                            file,
+                            history,
+                            &shard_step,
+                            &prepared,
+                            &store,
+                            &exports,
+                        )
+                    }
+                    _ => shard_sqlite::verify(file, history),
+                }
+            }
         })
         .await?;
         Ok(Acted {

@@ -252,7 +252,7 @@ impl Shards {
     }
 }
 
-async fn must_register(
+pub async fn must_register(
     client: &mut ControlServiceClient<Channel>,
     host: &TestHost,
     migrations: &[Migration],

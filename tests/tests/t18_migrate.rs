@@ -9,7 +9,11 @@ use rewind_shared::digest::migration_checksum;
 use rewind_tests::*;
 
 fn columns(database: &schema::DatabaseConfig) -> Vec<String> {
-    let mut client = database.postgres.connect(postgres::NoTls).unwrap();
+    let mut client = database
+        .postgres()
+        .unwrap()
+        .connect(postgres::NoTls)
+        .unwrap();
     client
         .query(
             "SELECT column_name::text FROM information_schema.columns \
@@ -39,7 +43,11 @@ fn migrations_apply_and_revert_once_each_and_edited_scripts_are_refused() {
     let server = Postgres::must_start(&dir.path().join("pg"));
     // A history table whose name is also a keyword still works (names are quoted).
     let database = schema::validate(&server.url(), Some("order")).unwrap();
-    let mut client = database.postgres.connect(postgres::NoTls).unwrap();
+    let mut client = database
+        .postgres()
+        .unwrap()
+        .connect(postgres::NoTls)
+        .unwrap();
     client
         .batch_execute("CREATE TABLE orders (id int PRIMARY KEY)")
         .unwrap();
@@ -124,7 +132,11 @@ fn migrations_apply_and_revert_once_each_and_edited_scripts_are_refused() {
         "ALTER TABLE orders DROP COLUMN note; SELECT 1/0",
         "",
     );
-    let mut client = database.postgres.connect(postgres::NoTls).unwrap();
+    let mut client = database
+        .postgres()
+        .unwrap()
+        .connect(postgres::NoTls)
+        .unwrap();
     client
         .execute(
             "UPDATE \"order\" SET checksum = $1 WHERE version = '0001'",

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use rewind_proto::v1 as pb;
-use rewind_tests::shards::{Migration, Shards};
+use rewind_tests::shards::{self, Migration, Shards};
 use rewind_tests::*;
 
 /// 0003's down does not undo its up: a drill catches that.
@@ -446,4 +446,132 @@ async fn a_drill_applies_reverts_and_applies_again_on_staging_and_catches_a_bad_
         "staging",
     ]);
     assert!(refused.contains("ch-1 applies no migrations"), "{refused}");
+}
+
+/// The same migrations in SQLite's dialect.
+const SQLITE_MIGRATIONS: [Migration; 2] = [
+    (
+        "0001",
+        pb::MigrationClass::Expand,
+        "ALTER TABLE orders ADD COLUMN discount NUMERIC; \
+         CREATE INDEX orders_discount ON orders (discount);",
+        "DROP INDEX orders_discount; ALTER TABLE orders DROP COLUMN discount;",
+        "",
+    ),
+    (
+        "0002",
+        pb::MigrationClass::Contract,
+        "ALTER TABLE orders RENAME COLUMN total TO amount;",
+        "ALTER TABLE orders RENAME COLUMN amount TO total;",
+        "SELECT total FROM orders LIMIT 1;",
+    ),
+];
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_sqlite_database_is_migrated_and_reverted_with_the_same_guards() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::must_start(&dir.path().join("coordinator"));
+    let file = dir.path().join("orders.db");
+    let database = rusqlite::Connection::open(&file).unwrap();
+    database
+        .execute_batch(
+            "CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT NOT NULL); \
+             CREATE TABLE orders (id INTEGER PRIMARY KEY, customer_id INTEGER REFERENCES customers (id), \
+             total NUMERIC); \
+             INSERT INTO customers VALUES (1, 'ada'), (2, 'bob'); \
+             INSERT INTO orders VALUES (1, 1, 10.5), (2, 2, 20);",
+        )
+        .unwrap();
+    let columns = || -> String {
+        let mut names: Vec<String> = database
+            .prepare("SELECT name FROM pragma_table_info('orders')")
+            .unwrap()
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        names.sort();
+        names.join(",")
+    };
+    let mut host = TestHost::must_prepare_services(
+        dir.path(),
+        "db-1",
+        &coordinator.ca(),
+        &coordinator.tls_dir(),
+        std::slice::from_ref(&coordinator.address),
+        "test-1",
+        &[shards::DB],
+    );
+    let config = std::fs::read_to_string(&host.config_path).unwrap()
+        + &format!("[service.database]\nsqlite = \"{}\"\n", file.display());
+    std::fs::write(&host.config_path, config).unwrap();
+    host.must_start_agent();
+    let mut client = coordinator.must_client().await;
+    must_agents_connected(&client, 1).await;
+    shards::must_register(&mut client, &host, &SQLITE_MIGRATIONS).await;
+    let mut shards = Shards {
+        dir,
+        coordinator,
+        servers: Vec::new(),
+        hosts: vec![host],
+        client,
+        change_hosts: Vec::new(),
+    };
+    shards.must_change("v1", &[]).await;
+    let change = shards.must_change("v2", &["0001", "0002"]).await;
+    assert_eq!(change.state, pb::ChangeState::Deployed as i32, "{change:?}");
+    assert_eq!(columns(), "amount,customer_id,discount,id");
+
+    // Data in the column the expand migration's revert drops: refused, then accepted.
+    database
+        .execute("UPDATE orders SET discount = 1.25 WHERE id = 2", [])
+        .unwrap();
+    let revert_all = pb::PlanOptions {
+        revert_expand: true,
+        ..Default::default()
+    };
+    let rollback_id = shards.must_start_rollback("ch-2", revert_all.clone()).await;
+    let paused = shards.must_pause(&rollback_id).await;
+    assert!(
+        paused
+            .paused_reason
+            .contains("orders.discount: 1 non-null values"),
+        "{}",
+        paused.paused_reason
+    );
+    assert_eq!(columns(), "amount,customer_id,discount,id");
+    shards.must_control(&rollback_id, "abort").await;
+    let accepted = pb::PlanOptions {
+        accept_data_loss: "test discounts".into(),
+        ..revert_all
+    };
+    let rollback_id = shards.must_start_rollback("ch-2", accepted).await;
+    shards.must_succeed(&rollback_id).await;
+    assert_eq!(columns(), "customer_id,id,total");
+    let reverted: i64 = database
+        .query_row(
+            "SELECT count(*) FROM rewind_schema_history WHERE reverted_at IS NOT NULL",
+            [],
+            |row| row.get(0),
+        )
+        .unwrap();
+    assert_eq!(reverted, 2);
+    let export_dir = shards
+        .dir
+        .path()
+        .join("db-1/agent/exports")
+        .read_dir()
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let rows = std::fs::read_to_string(export_dir.join("orders.discount.jsonl")).unwrap();
+    assert!(
+        rows.contains("\"discount\":1.25") && rows.contains("\"id\":2"),
+        "{rows}"
+    );
+    // st-3 was the refused revert; st-4 the accepted one.
+    let txn = shards.must_schema_txn("st-4").await;
+    assert!(txn.committed && txn.verified, "{txn:#?}");
 }
