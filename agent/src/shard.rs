@@ -101,12 +101,7 @@ pub fn prepare(
     prepared: &str,
     store: &Store,
 ) -> Result<(String, ShardReport), AgentError> {
-    if store.is_resolved(prepared)? {
-        return Err(refused(format!(
-            "{} was already resolved on this host: it is never prepared again",
-            step.txn_id
-        )));
-    }
+    refuse_if_resolved(store, prepared, step)?;
     let mut client = migrate::connect(database)?;
     if is_prepared(&mut client, prepared)? {
         // Prepared before a crash or a lost answer: the report was kept before the prepare.
@@ -291,7 +286,7 @@ fn versions(step: &ShardStep) -> String {
         .join(", ")
 }
 
-fn display_version(version: &str) -> &str {
+pub(crate) fn display_version(version: &str) -> &str {
     if version.is_empty() {
         "(none)"
     } else {
@@ -299,11 +294,14 @@ fn display_version(version: &str) -> &str {
     }
 }
 
-fn short(fingerprint: &str) -> &str {
+pub(crate) fn short(fingerprint: &str) -> &str {
     truncate(fingerprint, 19)
 }
 
-fn refuse_unaccepted_loss(step: &ShardStep, data_loss: &[String]) -> Result<(), AgentError> {
+pub(crate) fn refuse_unaccepted_loss(
+    step: &ShardStep,
+    data_loss: &[String],
+) -> Result<(), AgentError> {
     if data_loss.is_empty() || step.accept_data_loss {
         return Ok(());
     }
@@ -351,6 +349,21 @@ fn check_prepare_capacity(client: &mut Client) -> Result<(), AgentError> {
         return Err(refused(format!(
             "all {slots} prepared transaction slots of this shard are taken (see \
              pg_prepared_xacts): resolve them or raise max_prepared_transactions"
+        )));
+    }
+    Ok(())
+}
+
+/// A transaction resolved here is never prepared again (a prepare delivered late).
+pub(crate) fn refuse_if_resolved(
+    store: &Store,
+    prepared: &str,
+    step: &ShardStep,
+) -> Result<(), AgentError> {
+    if store.is_resolved(prepared)? {
+        return Err(refused(format!(
+            "{} was already resolved on this host: it is never prepared again",
+            step.txn_id
         )));
     }
     Ok(())

@@ -20,7 +20,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use crate::AgentError;
 use crate::migrate::Migration;
 use crate::schema::quoted_table;
-use crate::shard::ShardStep;
+use crate::shard::{ShardStep, display_version, refuse_if_resolved, refuse_unaccepted_loss, short};
 use crate::store::Store;
 
 /// How long a statement waits for another writer of the file.
@@ -471,14 +471,7 @@ fn run(
     if step.down {
         let at_risk = data_at_risk(connection, table, step)?;
         report.data_loss = describe_loss(&at_risk);
-        if !report.data_loss.is_empty() && !step.accept_data_loss {
-            return Err(refused(format!(
-                "reverting would destroy data written under the new schema: {}; rerun with \
-                 --accept-data-loss and a reason to export those rows to the agent's store and \
-                 proceed",
-                report.data_loss.join("; ")
-            )));
-        }
+        refuse_unaccepted_loss(step, &report.data_loss)?;
         if let (Some(dir), false) = (export_dir, at_risk.is_empty()) {
             report.exported = export(connection, &at_risk, dir)?;
         }
@@ -542,22 +535,12 @@ pub fn check(
     })();
     let _ = connection.execute_batch("ROLLBACK");
     let mut report = result?;
-    if !report.data_loss.is_empty() && !step.accept_data_loss {
-        return Err(refused(format!(
-            "reverting would destroy data written under the new schema: {}; rerun with \
-             --accept-data-loss and a reason to export those rows to the agent's store and proceed",
-            report.data_loss.join("; ")
-        )));
-    }
+    refuse_unaccepted_loss(step, &report.data_loss)?;
     report.database_identity = format!("sqlite:{}", path.display());
     let detail = format!(
         "ready at version {}; fingerprint {}",
-        if report.version.is_empty() {
-            "(none)"
-        } else {
-            &report.version
-        },
-        truncate(&report.fingerprint, 19)
+        display_version(&report.version),
+        short(&report.fingerprint)
     );
     Ok((detail, report))
 }
@@ -570,12 +553,7 @@ pub fn prepare(
     key: &str,
     store: &Store,
 ) -> Result<(String, ShardReport), AgentError> {
-    if store.is_resolved(key)? {
-        return Err(refused(format!(
-            "{} was already resolved on this host",
-            step.txn_id
-        )));
-    }
+    refuse_if_resolved(store, key, step)?;
     let table = quoted_table(history);
     let connection = open(path)?;
     connection
@@ -648,12 +626,8 @@ pub fn verify(path: &Path, history: &str) -> Result<(String, ShardReport), Agent
     let report = describe(&connection, &table)?;
     let detail = format!(
         "at version {}; fingerprint {}",
-        if report.version.is_empty() {
-            "(none)"
-        } else {
-            &report.version
-        },
-        truncate(&report.fingerprint, 19)
+        display_version(&report.version),
+        short(&report.fingerprint)
     );
     Ok((detail, report))
 }

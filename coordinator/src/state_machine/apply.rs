@@ -728,19 +728,7 @@ fn finish_step(
         StepTarget::Rollback { .. } | StepTarget::Gate { .. } => rollback_step_mut(state, step)?,
         _ => change_step_mut(state, step)?,
     };
-    if progress.status != StepStatus::Running {
-        return Err(CoordinatorError::StepNotRunning {
-            step_id,
-            status: format!("{:?}", progress.status),
-        });
-    }
-    progress.status = if ok {
-        StepStatus::Succeeded
-    } else {
-        StepStatus::Failed
-    };
-    progress.finished_at_ms = at_ms;
-    progress.detail = detail.to_string();
+    end_step(progress, &step_id, ok, detail, at_ms)?;
     match step {
         StepTarget::Capture { change, host_id } => {
             if let Some(host) = change_host_mut(state, *change, host_id) {
@@ -777,6 +765,31 @@ fn finish_step(
         format!("failed: {detail}")
     };
     Ok((Outcome::Done, step_id, outcome))
+}
+
+/// Records how a running step ended; refused for a step that is not running (a late or
+/// duplicate result).
+fn end_step(
+    progress: &mut StepProgress,
+    step_id: &str,
+    ok: bool,
+    detail: &str,
+    at_ms: u64,
+) -> Result<()> {
+    if progress.status != StepStatus::Running {
+        return Err(CoordinatorError::StepNotRunning {
+            step_id: step_id.to_string(),
+            status: format!("{:?}", progress.status),
+        });
+    }
+    progress.status = if ok {
+        StepStatus::Succeeded
+    } else {
+        StepStatus::Failed
+    };
+    progress.finished_at_ms = at_ms;
+    progress.detail = detail.to_string();
+    Ok(())
 }
 
 /// Moves a change on once its current phase has ended on every host.
@@ -2107,19 +2120,7 @@ fn finish_schema_step(
     };
     let step_id = step.step_id();
     let progress = super::schema::step_mut(state, *txn, *phase, host_id)?;
-    if progress.status != StepStatus::Running {
-        return Err(CoordinatorError::StepNotRunning {
-            step_id,
-            status: format!("{:?}", progress.status),
-        });
-    }
-    progress.status = if ok {
-        StepStatus::Succeeded
-    } else {
-        StepStatus::Failed
-    };
-    progress.finished_at_ms = at_ms;
-    progress.detail = detail.to_string();
+    end_step(progress, &step_id, ok, detail, at_ms)?;
     let statements = report.statements.len();
     let rows: u64 = report.statements.iter().map(|log| log.rows).sum();
     super::schema::record_report(state, *txn, *phase, host_id, report);
