@@ -48,9 +48,15 @@ pub fn validate_sqlite(path: &str, history_table: Option<&str>) -> Result<Databa
             "sqlite: {path:?} must be an absolute path to the database file"
         ));
     }
+    let history_table = checked_table(history_table)?;
+    if history_table.contains('.') {
+        return Err(format!(
+            "history-table: {history_table:?}: SQLite has no schemas, name a table alone"
+        ));
+    }
     Ok(DatabaseConfig {
         engine: Engine::Sqlite(file),
-        history_table: checked_table(history_table)?,
+        history_table,
     })
 }
 

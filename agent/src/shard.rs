@@ -563,7 +563,9 @@ fn describe(client: &mut impl GenericClient, table: &str) -> Result<ShardReport,
 /// security policies. Leaves out the schema history table, PostgreSQL's own schemas and what
 /// extensions own. Names print schema-qualified whatever the session's search_path.
 pub fn fingerprint(client: &mut impl GenericClient, table: &str) -> Result<String, AgentError> {
-    let own = "c.oid IS DISTINCT FROM to_regclass($1)";
+    // The history table's oid, looked up before search_path is pinned below (its name resolves
+    // only under the session's own path).
+    let own = "c.oid::int8 IS DISTINCT FROM $1";
     let not_extension = |catalog: &str, oid: &str| {
         format!(
             "NOT EXISTS (SELECT 1 FROM pg_depend e WHERE e.classid = '{catalog}'::regclass \
@@ -632,6 +634,10 @@ pub fn fingerprint(client: &mut impl GenericClient, table: &str) -> Result<Strin
     );
     // Names print schema-qualified under this search_path, so shards whose sessions differ
     // fingerprint alike; the session's own is put back for whatever runs next.
+    let history: Option<i64> = client
+        .query_one("SELECT to_regclass($1)::oid::int8", &[&table])
+        .map_err(failed("find the schema history table"))?
+        .get(0);
     let search_path: String = client
         .query_one("SELECT current_setting('search_path')", &[])
         .map_err(failed("read search_path"))?
@@ -640,7 +646,7 @@ pub fn fingerprint(client: &mut impl GenericClient, table: &str) -> Result<Strin
         .execute("SELECT set_config('search_path', 'pg_catalog', false)", &[])
         .map_err(failed("pin search_path"))?;
     let lines = client
-        .query(&query, &[&table])
+        .query(&query, &[&history])
         .map_err(failed("read the catalog for the fingerprint"))?;
     client
         .execute(
@@ -850,7 +856,7 @@ fn export(
         if let Some(column) = &finding.column {
             name += &format!(".{}", file_safe(column));
         }
-        let path = dir.join(format!("{name}.csv"));
+        let path = crate::shard_sqlite::unique_path(dir, &name, "csv");
         let mut file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)

@@ -34,16 +34,32 @@ fn failed(what: &str) -> impl Fn(rusqlite::Error) -> AgentError + '_ {
     move |error| AgentError::Refused(format!("{what}: {error}"))
 }
 
+/// Opens the database file, which must exist (a wrong path must not create an empty database
+/// that every migration then "succeeds" on). Foreign keys stay off, as SQLite's own table
+/// rebuild procedure needs (a `DROP TABLE` would otherwise cascade into child rows); the
+/// foreign-key check compares violations before and after instead.
 fn open(path: &Path) -> Result<Connection, AgentError> {
-    let connection = Connection::open(path)
-        .map_err(|error| refused(format!("cannot open {}: {error}", path.display())))?;
+    let connection = Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|error| refused(format!("cannot open {}: {error}", path.display())))?;
     connection
         .busy_timeout(BUSY_TIMEOUT)
         .map_err(failed("set the busy timeout"))?;
     connection
-        .execute_batch("PRAGMA foreign_keys = ON")
-        .map_err(failed("enable foreign keys"))?;
+        .execute_batch("PRAGMA foreign_keys = OFF")
+        .map_err(failed("turn foreign keys off"))?;
     Ok(connection)
+}
+
+/// Rows that reference a missing row, over the whole database.
+fn foreign_key_violations(connection: &Connection) -> Result<i64, AgentError> {
+    connection
+        .query_row("SELECT count(*) FROM pragma_foreign_key_check", [], |row| {
+            row.get(0)
+        })
+        .map_err(failed("check foreign keys"))
 }
 
 fn create_history(connection: &Connection, table: &str) -> Result<(), AgentError> {
@@ -169,7 +185,7 @@ fn columns(connection: &Connection, table: &str) -> Result<Columns, AgentError> 
     let mut statement = connection
         .prepare(
             "SELECT m.name, c.name, c.cid, c.type FROM sqlite_master m, pragma_table_info(m.name) c \
-             WHERE m.type = 'table' AND m.name NOT LIKE 'sqlite_%' AND m.name <> ?1",
+             WHERE m.type = 'table' AND m.name NOT LIKE 'sqlite\\_%' ESCAPE '\\' AND m.name <> ?1",
         )
         .map_err(failed("read the catalog"))?;
     let rows = statement
@@ -194,11 +210,11 @@ fn fingerprint(connection: &Connection, table: &str) -> Result<String, AgentErro
                     coalesce(' default ' || c.dflt_value, '') || \
                     CASE WHEN c.pk > 0 THEN ' pk ' || c.pk ELSE '' END \
                FROM sqlite_master m, pragma_table_info(m.name) c \
-              WHERE m.type = 'table' AND m.name NOT LIKE 'sqlite_%' AND m.name <> ?1 \
+              WHERE m.type = 'table' AND m.name NOT LIKE 'sqlite\\_%' ESCAPE '\\' AND m.name <> ?1 \
              UNION ALL \
              SELECT m.type || ' ' || m.name || ' on ' || m.tbl_name || ' ' || coalesce(m.sql, '') \
                FROM sqlite_master m \
-              WHERE m.type IN ('index', 'view', 'trigger') AND m.name NOT LIKE 'sqlite_%' \
+              WHERE m.type IN ('index', 'view', 'trigger') AND m.name NOT LIKE 'sqlite\\_%' ESCAPE '\\' \
                 AND m.tbl_name <> ?1",
         )
         .map_err(failed("read the catalog for the fingerprint"))?;
@@ -274,6 +290,13 @@ fn run_logged(
             }
             count
         };
+        drop(prepared);
+        if connection.is_autocommit() {
+            return Err(refused(format!(
+                "{what} ended the transaction itself: what ran before it is kept; check the \
+                 database by hand"
+            )));
+        }
         if log.len() < 64 {
             log.push(StatementLog {
                 script: label.to_string(),
@@ -362,6 +385,17 @@ fn describe_loss(at_risk: &[(String, Option<String>, i64)]) -> Vec<String> {
         .collect()
 }
 
+/// `dir/name.ext`, or `dir/name-2.ext`... when two tables or columns map to one file name.
+pub(crate) fn unique_path(dir: &Path, name: &str, extension: &str) -> std::path::PathBuf {
+    let mut path = dir.join(format!("{name}.{extension}"));
+    let mut n = 2;
+    while path.exists() {
+        path = dir.join(format!("{name}-{n}.{extension}"));
+        n += 1;
+    }
+    path
+}
+
 /// Writes the rows at risk as JSON lines, one object per row, fsynced; their paths.
 fn export(
     connection: &Connection,
@@ -389,7 +423,7 @@ fn export(
                 }
             })
             .collect();
-        let path = dir.join(format!("{safe}.jsonl"));
+        let path = unique_path(dir, &safe, "jsonl");
         let mut file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -467,6 +501,8 @@ fn run(
 ) -> Result<ShardReport, AgentError> {
     create_history(connection, table)?;
     check_standing(connection, table, step)?;
+    // Orphans that were there before are the app's business; new ones are the scripts'.
+    let violations_before = foreign_key_violations(connection)?;
     let mut report = ShardReport::default();
     if step.down {
         let at_risk = data_at_risk(connection, table, step)?;
@@ -499,11 +535,7 @@ fn run(
         }
         record_history(connection, table, step, migration)?;
     }
-    let broken: i64 = connection
-        .query_row("SELECT count(*) FROM pragma_foreign_key_check", [], |row| {
-            row.get(0)
-        })
-        .map_err(failed("check foreign keys"))?;
+    let broken = foreign_key_violations(connection)? - violations_before;
     if broken > 0 {
         return Err(refused(format!(
             "foreign keys do not hold afterwards: {broken} rows reference missing rows"
@@ -523,7 +555,10 @@ pub fn check(
 ) -> Result<(String, ShardReport), AgentError> {
     let table = quoted_table(history);
     let connection = open(path)?;
-    connection.execute_batch("BEGIN").map_err(failed("begin"))?;
+    // Immediate: a revert's trial writes, and must wait for the app's writers, not fail.
+    connection
+        .execute_batch("BEGIN IMMEDIATE")
+        .map_err(failed("begin"))?;
     let result = (|| {
         create_history(&connection, &table)?;
         check_standing(&connection, &table, step)?;
@@ -534,9 +569,10 @@ pub fn check(
         Ok::<_, AgentError>(report)
     })();
     let _ = connection.execute_batch("ROLLBACK");
-    let mut report = result?;
+    let report = result?;
     refuse_unaccepted_loss(step, &report.data_loss)?;
-    report.database_identity = format!("sqlite:{}", path.display());
+    // No identity: every host names its own file, usually by the same path, so a path would
+    // look like one database shared by every shard.
     let detail = format!(
         "ready at version {}; fingerprint {}",
         display_version(&report.version),

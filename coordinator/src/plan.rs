@@ -298,7 +298,12 @@ fn schema_reverts(
         let already: BTreeSet<&str> = state
             .schema_txns
             .values()
-            .filter(|txn| txn.down && txn.database == database && txn.committed)
+            .filter(|txn| txn.down && txn.database == database)
+            .filter(|txn| {
+                txn.decision
+                    .as_ref()
+                    .is_some_and(|decision| decision.commit)
+            })
             .filter(|txn| match txn.owner {
                 SchemaOwner::Rollback { rollback, .. } => state
                     .rollbacks

@@ -18,6 +18,9 @@ pub fn statements(script: &str) -> Vec<String> {
     // end the statement.
     let mut parens = 0usize;
     let mut atomic = 0usize;
+    // The statement's first words, upper-cased: SQLite's `CREATE TRIGGER ... BEGIN ...; END`
+    // has a body like `BEGIN ATOMIC`'s.
+    let mut leading: Vec<String> = Vec::new();
     while i < bytes.len() {
         let byte = bytes[i];
         match byte {
@@ -62,6 +65,7 @@ pub fn statements(script: &str) -> Vec<String> {
                 if let Some(start) = code_start.take() {
                     statements.push(script[start..i].trim_end().to_string());
                 }
+                leading.clear();
                 i += 1;
             }
             _ if is_word_start(bytes, i) => {
@@ -70,9 +74,15 @@ pub fn statements(script: &str) -> Vec<String> {
                     .position(|&b| !(b.is_ascii_alphanumeric() || b == b'_' || b >= 0x80))
                     .unwrap_or(bytes.len() - i);
                 let word = &script[i..end];
-                let opens = (word.eq_ignore_ascii_case("atomic")
-                    && previous_word_is_begin(script, i))
+                let trigger_body = word.eq_ignore_ascii_case("begin")
+                    && leading.first().is_some_and(|first| first == "CREATE")
+                    && leading.iter().any(|word| word == "TRIGGER");
+                let opens = trigger_body
+                    || (word.eq_ignore_ascii_case("atomic") && previous_word_is_begin(script, i))
                     || (atomic > 0 && word.eq_ignore_ascii_case("case"));
+                if leading.len() < 4 {
+                    leading.push(word.to_ascii_uppercase());
+                }
                 if opens {
                     atomic += 1;
                 } else if atomic > 0 && word.eq_ignore_ascii_case("end") {
@@ -100,10 +110,11 @@ fn is_word_start(bytes: &[u8], at: usize) -> bool {
 
 /// Whether the word before the one at `at` is `BEGIN` (so this one opens `BEGIN ATOMIC`).
 fn previous_word_is_begin(script: &str, at: usize) -> bool {
-    let before = script[..at].trim_end();
+    // Bytes, not a str slice: the text before may end in a multi-byte character.
+    let before = script[..at].trim_end().as_bytes();
     before.len() >= 5
-        && before[before.len() - 5..].eq_ignore_ascii_case("begin")
-        && !is_ident(before.as_bytes(), before.len() - 5)
+        && before[before.len() - 5..].eq_ignore_ascii_case(b"begin")
+        && !is_ident(before, before.len() - 5)
 }
 
 /// Whether the byte before `at` is part of an identifier (so `E` in `TABLE'` is not an escape
@@ -190,20 +201,47 @@ fn skip_dollar_quote(script: &str, open: usize) -> Option<usize> {
 /// fine: they stay inside it.
 pub fn transaction_control(script: &str) -> Option<String> {
     statements(script).into_iter().find(|statement| {
-        let words: Vec<String> = statement
-            .split_whitespace()
-            .take(2)
-            .map(|word| word.trim_end_matches(';').to_ascii_uppercase())
-            .collect();
-        let first = words.first().map(String::as_str).unwrap_or_default();
-        let second = words.get(1).map(String::as_str).unwrap_or_default();
-        match first {
+        let words = first_words(statement, 3);
+        let word = |n: usize| words.get(n).map(String::as_str).unwrap_or_default();
+        match word(0) {
             "BEGIN" | "COMMIT" | "END" | "ABORT" => true,
-            "START" | "PREPARE" => second == "TRANSACTION",
-            "ROLLBACK" => !matches!(second, "TO"),
+            "START" | "PREPARE" => word(1) == "TRANSACTION",
+            // `ROLLBACK [WORK | TRANSACTION] TO [SAVEPOINT] s` stays inside the transaction.
+            "ROLLBACK" => {
+                !(word(1) == "TO" || (matches!(word(1), "WORK" | "TRANSACTION") && word(2) == "TO"))
+            }
             _ => false,
         }
     })
+}
+
+/// A statement's first `count` words, upper-cased, comments skipped (`COMMIT/*x*/` is COMMIT).
+fn first_words(statement: &str, count: usize) -> Vec<String> {
+    let bytes = statement.as_bytes();
+    let mut words = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() && words.len() < count {
+        if bytes[i] == b'-' && bytes.get(i + 1) == Some(&b'-') {
+            i = statement[i..]
+                .find('\n')
+                .map_or(bytes.len(), |end| i + end + 1);
+        } else if bytes[i] == b'/' && bytes.get(i + 1) == Some(&b'*') {
+            i = skip_block_comment(bytes, i);
+        } else if bytes[i].is_ascii_alphabetic() {
+            let end = i + bytes[i..]
+                .iter()
+                .position(|b| !b.is_ascii_alphanumeric() && *b != b'_')
+                .unwrap_or(bytes.len() - i);
+            words.push(statement[i..end].to_ascii_uppercase());
+            i = end;
+        } else if bytes[i].is_ascii_whitespace() || bytes[i] == b';' {
+            i += 1;
+        } else {
+            // Anything else (a quote, a parenthesis) ends the keywords that matter here.
+            break;
+        }
+    }
+    words
 }
 
 #[cfg(test)]
@@ -261,12 +299,19 @@ mod tests {
             "COMMIT PREPARED 'x'",
             "-- done\nCOMMIT",
             "/* sneaky */ ROLLBACK",
+            "COMMIT/*x*/",
+            "END--x",
         ] {
             assert!(transaction_control(script).is_some(), "{script}");
         }
         for script in [
             "SAVEPOINT s; ROLLBACK TO s; RELEASE s",
             "ROLLBACK TO SAVEPOINT s",
+            "ROLLBACK WORK TO s",
+            "ROLLBACK TRANSACTION TO SAVEPOINT s",
+            "ROLLBACK /*c*/ TO s",
+            "CREATE TRIGGER t AFTER INSERT ON a BEGIN INSERT INTO b VALUES (1); UPDATE c SET d = 1; END",
+            "-- 識別子\nSELECT 1 AS atomic",
             "DO $$ BEGIN PERFORM 1; END $$",
             "SELECT 'COMMIT'; -- COMMIT\n",
             "PREPARE q AS SELECT 1",

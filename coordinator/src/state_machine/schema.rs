@@ -9,8 +9,8 @@
 //!    `PREPARE TRANSACTION`ed. Each shard's report (statements with rows affected, exported
 //!    files, fingerprint after) is recorded with its step.
 //! 3. **Decide**: the engine proposes `DecideSchemaTxn`, commit only once every shard is
-//!    prepared with the same fingerprint and version (and the one expected, if any), abort as
-//!    soon as one failed or they disagree. A leader that finds a transaction preparing which it
+//!    prepared with the same fingerprint and version, abort as soon as one failed or they
+//!    disagree. A leader that finds a transaction preparing which it
 //!    did not see being checked (it took over, or the cluster restarted) decides abort: without
 //!    a recorded decision, nobody may commit. Then every shard that may hold a prepared
 //!    transaction resolves it as decided: a resolve that fails is tried again every
@@ -370,6 +370,9 @@ pub struct SchemaTxnRecord {
     pub committed: bool,
     /// Committed and every shard verified as expected.
     pub verified: bool,
+    /// Committed, did not verify, and a person resumed its owner: accepted as it is.
+    #[serde(default)]
+    pub accepted: bool,
     pub detail: String,
 }
 
@@ -379,7 +382,7 @@ impl SchemaTxnRecord {
     }
 
     pub fn ok(&self) -> bool {
-        self.status == SchemaTxnStatus::Done && self.committed && self.verified
+        self.status == SchemaTxnStatus::Done && self.committed && (self.verified || self.accepted)
     }
 
     /// A resolve that ran out of attempts: prepared transactions may hold locks on that shard
@@ -419,23 +422,16 @@ pub fn busy<'a>(
 }
 
 /// Why every shard prepared but the transaction must not commit: their fingerprints or
-/// versions as prepared disagree, or differ from what it expects. Checked before the decision,
-/// while it can still be rolled back.
+/// versions as prepared disagree. Checked before the decision, while it can still be rolled
+/// back. (A schema that agrees everywhere but differs from the one recorded before the change,
+/// say an index someone added by hand since, is committed and then reported by verify, for a
+/// person to accept on resume: refusing it would leave no way to revert at all.)
 pub fn prepared_problems(txn: &SchemaTxnRecord) -> Option<String> {
     if let Some(odd) = disagreement(&txn.shards, |shard| &shard.prepared.fingerprint) {
         return Some(format!("shards would disagree after it: {odd}"));
     }
-    if let Some(odd) = disagreement(&txn.shards, |shard| &shard.prepared.version) {
-        return Some(format!("shards would be at different versions: {odd}"));
-    }
-    let after = &txn.shards.first()?.prepared.fingerprint;
-    (!txn.expected_fingerprint.is_empty() && after != &txn.expected_fingerprint).then(|| {
-        format!(
-            "every shard would have fingerprint {}, not {} as recorded before the change",
-            short(after),
-            short(&txn.expected_fingerprint)
-        )
-    })
+    disagreement(&txn.shards, |shard| &shard.prepared.version)
+        .map(|odd| format!("shards would be at different versions: {odd}"))
 }
 
 /// Begins the transaction of a stage: a check step per shard (the hosts of `environment` that
@@ -511,6 +507,7 @@ pub fn begin(
             finished_at_ms: 0,
             committed: false,
             verified: false,
+            accepted: false,
             detail: String::new(),
         },
     );
@@ -879,8 +876,8 @@ pub fn short(fingerprint: &str) -> &str {
 }
 
 /// Restarts what a person's resume can retry: an aborted transaction's stage begins afresh
-/// (its `txn` goes back to 0), a resolve that ran out of attempts is tried again, and a
-/// verification that failed runs again.
+/// (its `txn` goes back to 0), a resolve that keeps failing is tried again now, and a committed
+/// transaction that did not verify is accepted as it is.
 pub fn retry_stage(state: &mut State, stage: &mut SchemaStage) {
     let Some(txn) = state.schema_txns.get_mut(&stage.txn) else {
         return;
@@ -894,11 +891,10 @@ pub fn retry_stage(state: &mut State, stage: &mut SchemaStage) {
     } else if txn.status == SchemaTxnStatus::Done && !txn.committed {
         stage.txn = 0;
     } else if txn.status == SchemaTxnStatus::Done && !txn.verified {
-        txn.status = SchemaTxnStatus::Verifying;
-        txn.detail.clear();
-        for shard in &mut txn.shards {
-            shard.verify = StepProgress::default();
-        }
+        // Committed, so it cannot be undone: the person resuming has looked at what verify
+        // found and accepts it (audited with the resume).
+        txn.accepted = true;
+        txn.detail += "; accepted as it is by the resume";
     }
 }
 
