@@ -2144,6 +2144,38 @@ fn settle_schema_owner(state: &mut State, txn: u64, at_ms: u64) {
         Some(SchemaOwner::Drill { drill, .. }) => super::schema::settle_drill(state, drill, at_ms),
         None => {}
     }
+    // A rollback pauses (and escalates) on a stuck resolve; a change or a drill only waits, so
+    // a person is called once: the shard holds its prepared transaction's locks until then.
+    let stuck = state
+        .schema_txns
+        .get(&txn)
+        .filter(|txn| !txn.escalated && !matches!(txn.owner, SchemaOwner::Rollback { .. }))
+        .and_then(|txn| {
+            let shard = txn.stuck_resolving()?;
+            let decision = if txn.decision.as_ref().is_some_and(|d| d.commit) {
+                "commit"
+            } else {
+                "abort"
+            };
+            Some((
+                txn.database.clone(),
+                format!(
+                    "{} of {} cannot resolve its prepared transaction ({decision}) on {}: {}; \
+                     tried again every {} s, and the shard holds its locks until it succeeds",
+                    txn.id(),
+                    txn.database,
+                    shard.host_id,
+                    shard.resolve.detail,
+                    super::schema::RESOLVE_RETRY_MS / 1000
+                ),
+            ))
+        });
+    if let Some((database, evidence)) = stuck {
+        state.escalate(at_ms, 0, 0, &database, evidence);
+        if let Some(record) = state.schema_txns.get_mut(&txn) {
+            record.escalated = true;
+        }
+    }
 }
 
 fn change_step_mut<'a>(state: &'a mut State, step: &StepTarget) -> Result<&'a mut StepProgress> {

@@ -891,6 +891,19 @@ fn a_schema_transaction_commits_only_when_every_shard_prepared_alike() {
         harness.state.changes[&change].status,
         ChangeStatus::Deploying
     );
+    // A person is called once: the shard holds its locks until a resolve succeeds.
+    let called: Vec<&str> = harness
+        .state
+        .escalations
+        .values()
+        .map(|escalation| escalation.evidence.as_str())
+        .collect();
+    assert_eq!(called.len(), 1, "{called:?}");
+    assert!(
+        called[0]
+            .contains("st-1 of orders-db cannot resolve its prepared transaction (abort) on db-1"),
+        "{called:?}"
+    );
     harness.shard_step(
         ShardPhase::Resolve,
         "db-1",

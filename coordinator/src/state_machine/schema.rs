@@ -373,6 +373,10 @@ pub struct SchemaTxnRecord {
     /// Committed, did not verify, and a person resumed its owner: accepted as it is.
     #[serde(default)]
     pub accepted: bool,
+    /// A person was called about a resolve that keeps failing (changes and drills; a
+    /// rollback pauses instead).
+    #[serde(default)]
+    pub escalated: bool,
     pub detail: String,
 }
 
@@ -508,6 +512,7 @@ pub fn begin(
             committed: false,
             verified: false,
             accepted: false,
+            escalated: false,
             detail: String::new(),
         },
     );
