@@ -100,17 +100,22 @@ pub(crate) fn recorded(
     };
     let checksum: String = row.get(0);
     if checksum != migration.checksum {
-        return Err(refused(format!(
-            "migration {} ran here with checksum {checksum}, but its registered scripts have {}: \
-             they were edited after it ran",
-            migration.version, migration.checksum
-        )));
+        return Err(edited_after_it_ran(migration, &checksum));
     }
     Ok(if row.get::<_, bool>(1) {
         Recorded::Reverted
     } else {
         Recorded::Applied
     })
+}
+
+/// The history recorded `checksum` for a migration whose registered scripts hash otherwise.
+pub(crate) fn edited_after_it_ran(migration: &Migration, checksum: &str) -> AgentError {
+    refused(format!(
+        "migration {} ran here with checksum {checksum}, but its registered scripts have {}: \
+         they were edited after it ran",
+        migration.version, migration.checksum
+    ))
 }
 
 /// Refuses scripts that are not the registered ones: their checksum is computed here again.

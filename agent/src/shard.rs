@@ -385,13 +385,40 @@ fn check_standing(
     table: &str,
     step: &ShardStep,
 ) -> Result<(), AgentError> {
+    let recorded =
+        |client: &mut _, migration: &Migration| migrate::recorded(client, table, migration);
+    expect_standing(client, step, recorded, |client, oldest, reverted| {
+        Ok(client
+            .query_opt(
+                &format!(
+                    "SELECT version FROM {table} WHERE reverted_at IS NULL AND NOT version = ANY($2) \
+                     AND applied_at > (SELECT applied_at FROM {table} WHERE version = $1) \
+                     ORDER BY applied_at LIMIT 1"
+                ),
+                &[&oldest, &reverted],
+            )
+            .map_err(failed("read the schema history"))?
+            .map(|row| row.get(0)))
+    })
+}
+
+/// The standing rules, whatever the database: each migration's scripts hash to their checksum
+/// and it is applied (for a revert) or not (for an apply), and, newest first, nothing applied
+/// after the oldest one reverted may stay applied. `recorded` reads where a migration stands;
+/// `applied_later` names a migration applied after `oldest` that is not among `reverted`.
+pub(crate) fn expect_standing<C>(
+    connection: &mut C,
+    step: &ShardStep,
+    mut recorded: impl FnMut(&mut C, &Migration) -> Result<Recorded, AgentError>,
+    applied_later: impl FnOnce(&mut C, &str, Vec<&str>) -> Result<Option<String>, AgentError>,
+) -> Result<(), AgentError> {
     if step.migrations.is_empty() {
         return Err(refused(format!("{} names no migration", step.txn_id)));
     }
     for migration in &step.migrations {
         migrate::check_scripts(migration)?;
         let version = &migration.version;
-        match (step.down, migrate::recorded(client, table, migration)?) {
+        match (step.down, recorded(connection, migration)?) {
             (true, Recorded::Applied) | (false, Recorded::Never | Recorded::Reverted) => {}
             (true, Recorded::Never) => {
                 return Err(refused(format!("{version} never ran on this shard")));
@@ -409,21 +436,9 @@ fn check_standing(
         }
     }
     if step.down {
-        // Newest first: nothing applied after the oldest one reverted may stay applied.
         let oldest = &step.migrations[step.migrations.len() - 1].version;
         let reverted: Vec<&str> = step.migrations.iter().map(|m| m.version.as_str()).collect();
-        let later: Option<String> = client
-            .query_opt(
-                &format!(
-                    "SELECT version FROM {table} WHERE reverted_at IS NULL AND NOT version = ANY($2) \
-                     AND applied_at > (SELECT applied_at FROM {table} WHERE version = $1) \
-                     ORDER BY applied_at LIMIT 1"
-                ),
-                &[oldest, &reverted],
-            )
-            .map_err(failed("read the schema history"))?
-            .map(|row| row.get(0));
-        if let Some(later) = later {
+        if let Some(later) = applied_later(connection, oldest, reverted)? {
             return Err(refused(format!(
                 "{later} was applied after {oldest} and is not part of this rollback: it would \
                  have to be reverted first"
@@ -439,9 +454,18 @@ fn has_taken_effect(
     table: &str,
     step: &ShardStep,
 ) -> Result<bool, AgentError> {
+    all_taken_effect(step, |migration| {
+        migrate::recorded(client, table, migration)
+    })
+}
+
+/// Whether `recorded` shows every migration of the step as it leaves them.
+pub(crate) fn all_taken_effect(
+    step: &ShardStep,
+    mut recorded: impl FnMut(&Migration) -> Result<Recorded, AgentError>,
+) -> Result<bool, AgentError> {
     for migration in &step.migrations {
-        let state = migrate::recorded(client, table, migration)?;
-        let done = match state {
+        let done = match recorded(migration)? {
             Recorded::Reverted => step.down,
             Recorded::Applied => !step.down,
             Recorded::Never => false,
@@ -856,7 +880,7 @@ fn export(
         if let Some(column) = &finding.column {
             name += &format!(".{}", file_safe(column));
         }
-        let path = crate::shard_sqlite::unique_path(dir, &name, "csv");
+        let path = unique_path(dir, &name, "csv");
         let mut file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -883,7 +907,18 @@ fn export(
     Ok(files)
 }
 
-fn file_safe(name: &str) -> String {
+/// `dir/name.ext`, or `dir/name-2.ext`... when two tables or columns map to one file name.
+pub(crate) fn unique_path(dir: &Path, name: &str, extension: &str) -> std::path::PathBuf {
+    let mut path = dir.join(format!("{name}.{extension}"));
+    let mut n = 2;
+    while path.exists() {
+        path = dir.join(format!("{name}-{n}.{extension}"));
+        n += 1;
+    }
+    path
+}
+
+pub(crate) fn file_safe(name: &str) -> String {
     name.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '_' || c == '.' {

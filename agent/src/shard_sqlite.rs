@@ -19,8 +19,12 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::AgentError;
 use crate::migrate::Migration;
+use crate::migrate::Recorded;
 use crate::schema::quoted_table;
-use crate::shard::{ShardStep, display_version, refuse_if_resolved, refuse_unaccepted_loss, short};
+use crate::shard::{
+    ShardStep, all_taken_effect, display_version, expect_standing, file_safe, refuse_if_resolved,
+    refuse_unaccepted_loss, short, unique_path,
+};
 use crate::store::Store;
 
 /// How long a statement waits for another writer of the file.
@@ -77,7 +81,7 @@ fn standing(
     connection: &Connection,
     table: &str,
     migration: &Migration,
-) -> Result<Option<bool>, AgentError> {
+) -> Result<Recorded, AgentError> {
     let row: Option<(String, bool)> = connection
         .query_row(
             &format!("SELECT checksum, reverted_at IS NOT NULL FROM {table} WHERE version = ?1"),
@@ -86,72 +90,47 @@ fn standing(
         )
         .optional()
         .map_err(failed("read the schema history"))?;
-    let Some((checksum, reverted)) = row else {
-        return Ok(None);
-    };
-    if checksum != migration.checksum {
-        return Err(refused(format!(
-            "migration {} ran here with checksum {checksum}, but its registered scripts have {}: \
-             they were edited after it ran",
-            migration.version, migration.checksum
-        )));
+    match row {
+        None => Ok(Recorded::Never),
+        Some((checksum, _)) if checksum != migration.checksum => {
+            Err(crate::migrate::edited_after_it_ran(migration, &checksum))
+        }
+        Some((_, true)) => Ok(Recorded::Reverted),
+        Some((_, false)) => Ok(Recorded::Applied),
     }
-    Ok(Some(!reverted))
 }
 
-/// Refuses unless every migration stands where the step expects (as on PostgreSQL).
+/// Refuses unless every migration stands where the step expects (the rules are the shared ones).
 fn check_standing(
     connection: &Connection,
     table: &str,
     step: &ShardStep,
 ) -> Result<(), AgentError> {
-    if step.migrations.is_empty() {
-        return Err(refused(format!("{} names no migration", step.txn_id)));
-    }
-    for migration in &step.migrations {
-        crate::migrate::check_scripts(migration)?;
-        let version = &migration.version;
-        match (step.down, standing(connection, table, migration)?) {
-            (true, Some(true)) | (false, None | Some(false)) => {}
-            (true, None) => return Err(refused(format!("{version} never ran on this shard"))),
-            (true, Some(false)) => {
-                return Err(refused(format!(
-                    "{version} is already reverted on this shard"
-                )));
-            }
-            (false, Some(true)) => {
-                return Err(refused(format!(
-                    "{version} is already applied on this shard"
-                )));
-            }
-        }
-    }
-    if step.down {
-        let oldest = &step.migrations[step.migrations.len() - 1].version;
-        let reverted: Vec<&str> = step.migrations.iter().map(|m| m.version.as_str()).collect();
-        let mut statement = connection
-            .prepare(&format!(
-                "SELECT version FROM {table} WHERE reverted_at IS NULL AND \
-                 applied_at > (SELECT applied_at FROM {table} WHERE version = ?1) \
-                 ORDER BY applied_at"
-            ))
-            .map_err(failed("read the schema history"))?;
-        let later: Vec<String> = statement
-            .query_map(params![oldest], |row| row.get(0))
-            .map_err(failed("read the schema history"))?
-            .collect::<Result<_, _>>()
-            .map_err(failed("read the schema history"))?;
-        if let Some(later) = later
-            .iter()
-            .find(|version| !reverted.contains(&version.as_str()))
-        {
-            return Err(refused(format!(
-                "{later} was applied after {oldest} and is not part of this rollback: it would \
-                 have to be reverted first"
-            )));
-        }
-    }
-    Ok(())
+    let recorded = |connection: &mut &Connection, migration: &Migration| {
+        standing(connection, table, migration)
+    };
+    expect_standing(
+        &mut &*connection,
+        step,
+        recorded,
+        |connection, oldest, reverted| {
+            let mut statement = connection
+                .prepare(&format!(
+                    "SELECT version FROM {table} WHERE reverted_at IS NULL AND \
+                     applied_at > (SELECT applied_at FROM {table} WHERE version = ?1) \
+                     ORDER BY applied_at"
+                ))
+                .map_err(failed("read the schema history"))?;
+            let later: Vec<String> = statement
+                .query_map(params![oldest], |row| row.get(0))
+                .map_err(failed("read the schema history"))?
+                .collect::<Result<_, _>>()
+                .map_err(failed("read the schema history"))?;
+            Ok(later
+                .into_iter()
+                .find(|version| !reverted.contains(&version.as_str())))
+        },
+    )
 }
 
 fn has_taken_effect(
@@ -159,12 +138,7 @@ fn has_taken_effect(
     table: &str,
     step: &ShardStep,
 ) -> Result<bool, AgentError> {
-    for migration in &step.migrations {
-        if standing(connection, table, migration)? != Some(!step.down) {
-            return Ok(false);
-        }
-    }
-    Ok(true)
+    all_taken_effect(step, |migration| standing(connection, table, migration))
 }
 
 /// Columns of every table but the history: (table, column) -> (position, declared type).
@@ -385,17 +359,6 @@ fn describe_loss(at_risk: &[(String, Option<String>, i64)]) -> Vec<String> {
         .collect()
 }
 
-/// `dir/name.ext`, or `dir/name-2.ext`... when two tables or columns map to one file name.
-pub(crate) fn unique_path(dir: &Path, name: &str, extension: &str) -> std::path::PathBuf {
-    let mut path = dir.join(format!("{name}.{extension}"));
-    let mut n = 2;
-    while path.exists() {
-        path = dir.join(format!("{name}-{n}.{extension}"));
-        n += 1;
-    }
-    path
-}
-
 /// Writes the rows at risk as JSON lines, one object per row, fsynced; their paths.
 fn export(
     connection: &Connection,
@@ -413,17 +376,7 @@ fn export(
                 format!("\"{}\" IS NOT NULL", column.replace('"', "\"\"")),
             ),
         };
-        let safe: String = name
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '_' || c == '.' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        let path = unique_path(dir, &safe, "jsonl");
+        let path = unique_path(dir, &file_safe(&name), "jsonl");
         let mut file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)

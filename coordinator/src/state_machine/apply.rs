@@ -1192,26 +1192,18 @@ fn start_rollback(
     state.rollbacks.insert(number, rollback);
     // A change's migrations not yet decided are aborted: the plan reverts only what was decided
     // to commit, so nothing may commit underneath the rollback.
-    let undecided: Vec<u64> =
-        plan.changes
-            .iter()
-            .filter_map(|number| state.changes.get(number))
-            .flat_map(|change| change.schema.iter().map(|stage| stage.txn))
-            .filter(|txn| {
-                state.schema_txns.get(txn).is_some_and(|txn| {
-                    txn.decision.is_none() && txn.status != SchemaTxnStatus::Done
-                })
-            })
-            .collect();
-    for txn in undecided {
-        let _ = super::schema::decide(
-            state,
-            txn,
-            false,
-            &format!("{} began before it was decided", rollback_id(number)),
-            command.at_ms,
-        );
-    }
+    let change_txns: Vec<u64> = plan
+        .changes
+        .iter()
+        .filter_map(|number| state.changes.get(number))
+        .flat_map(|change| change.schema.iter().map(|stage| stage.txn))
+        .collect();
+    super::schema::abort_undecided(
+        state,
+        change_txns,
+        &format!("{} began before it was decided", rollback_id(number)),
+        command.at_ms,
+    );
     // Flags first: a kill switch takes effect before any host is touched.
     let mut flags_reverted = Vec::new();
     for change_number in &plan.changes {
@@ -1323,23 +1315,12 @@ fn control_rollback(
             skip_pending(rollback);
             // A schema transaction not yet decided is aborted with it (one decided finishes).
             let stage_txns: Vec<u64> = rollback.schema.iter().map(|stage| stage.txn).collect();
-            let undecided: Vec<u64> = stage_txns
-                .into_iter()
-                .filter(|txn| {
-                    state.schema_txns.get(txn).is_some_and(|txn| {
-                        txn.decision.is_none() && txn.status != SchemaTxnStatus::Done
-                    })
-                })
-                .collect();
-            for txn in undecided {
-                let _ = super::schema::decide(
-                    state,
-                    txn,
-                    false,
-                    "the rollback was aborted",
-                    command.at_ms,
-                );
-            }
+            super::schema::abort_undecided(
+                state,
+                stage_txns,
+                "the rollback was aborted",
+                command.at_ms,
+            );
         }
         (_, status) => {
             return Err(CoordinatorError::RollbackNotControllable {

@@ -676,6 +676,25 @@ pub fn decide(
     Ok(format!("{word}: {reason}"))
 }
 
+/// Records abort for each of `txns` not yet decided (one decided runs to its end).
+pub fn abort_undecided(
+    state: &mut State,
+    txns: impl IntoIterator<Item = u64>,
+    reason: &str,
+    at_ms: u64,
+) {
+    for number in txns {
+        let undecided = state
+            .schema_txns
+            .get(&number)
+            .is_some_and(|txn| txn.decision.is_none() && txn.status != SchemaTxnStatus::Done);
+        if undecided {
+            // Cannot fail: the transaction exists and is undecided.
+            let _ = decide(state, number, false, reason, at_ms);
+        }
+    }
+}
+
 fn finish(txn: &mut SchemaTxnRecord, committed: bool, detail: String, at_ms: u64) {
     txn.status = SchemaTxnStatus::Done;
     txn.committed = committed;
