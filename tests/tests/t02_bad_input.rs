@@ -362,6 +362,74 @@ async fn bad_requests_are_refused_with_the_field_named_and_change_nothing() {
         Code::InvalidArgument,
         "options.gate.tolerance: is 2, must be within 0..=1",
     );
+    let mut unexplained = rollback("ch-1", String::new());
+    unexplained.options = Some(pb::PlanOptions {
+        accept_data_loss: " x ".into(),
+        ..Default::default()
+    });
+    assert_status(
+        client.start_rollback(unexplained).await,
+        Code::InvalidArgument,
+        "options.accept_data_loss: say why losing that data is acceptable",
+    );
+    let mut bad_migration = change("web", "v1");
+    bad_migration.migrations = vec!["orders-0042".into()];
+    assert_status(
+        client.start_change(bad_migration).await,
+        Code::InvalidArgument,
+        "migrations: \"orders-0042\" is not database@version",
+    );
+    assert_status(
+        client
+            .list_schema_txns(pb::ListSchemaTxnsRequest {
+                txn_id: "tx-1".into(),
+                detailed: false,
+            })
+            .await,
+        Code::InvalidArgument,
+        "txn_id: \"tx-1\" is not an id like st-12",
+    );
+    assert_status(
+        client
+            .list_schema_txns(pb::ListSchemaTxnsRequest {
+                txn_id: "st-9".into(),
+                detailed: true,
+            })
+            .await,
+        Code::NotFound,
+        "no schema transaction st-9",
+    );
+    assert_status(
+        client
+            .get_drill(pb::GetDrillRequest {
+                drill_id: "dr-9".into(),
+            })
+            .await,
+        Code::NotFound,
+        "no drill dr-9",
+    );
+    assert_status(
+        client
+            .start_drill(pb::StartDrillRequest {
+                request_id: String::new(),
+                change_id: "ch-9".into(),
+                environment: "staging".into(),
+            })
+            .await,
+        Code::InvalidArgument,
+        "change_id: no change ch-9",
+    );
+    assert_status(
+        client
+            .start_drill(pb::StartDrillRequest {
+                request_id: String::new(),
+                change_id: "ch-1".into(),
+                environment: "bad env".into(),
+            })
+            .await,
+        Code::InvalidArgument,
+        "environment:",
+    );
     let mut bad_hash = rollback("ch-1", String::new());
     bad_hash.plan_hash = "md5:abc".into();
     assert_status(
