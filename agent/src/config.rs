@@ -51,6 +51,8 @@ pub struct RawConfig {
     pub labels: RawLabels,
     /// Report interval used until a coordinator asks for another.
     pub health_interval_ms: Option<u64>,
+    /// How often the agent hands back the code pages it no longer runs (`resident.rs`); 0 never.
+    pub code_release_interval_s: Option<u64>,
     #[serde(rename = "service")]
     pub services: Vec<RawService>,
 }
@@ -174,6 +176,8 @@ pub struct Config {
     pub tls: TlsFiles,
     pub labels: RawLabels,
     pub health_interval: Duration,
+    /// `None` when code pages are never released.
+    pub code_release_interval: Option<Duration>,
     pub services: Vec<ServiceConfig>,
 }
 
@@ -309,6 +313,13 @@ impl RawConfig {
                 format!("is {interval_ms}, must be within 100..=60000"),
             );
         }
+        let release_s = self.code_release_interval_s.unwrap_or(300);
+        if release_s != 0 && !(10..=86_400).contains(&release_s) {
+            problems.add(
+                "code-release-interval-s",
+                format!("is {release_s}, must be 0 (never) or within 10..=86400"),
+            );
+        }
         let mut services = Vec::new();
         for (position, raw) in self.services.iter().enumerate() {
             let field = if raw.name.is_empty() {
@@ -338,6 +349,7 @@ impl RawConfig {
             tls,
             labels: self.labels,
             health_interval: Duration::from_millis(interval_ms),
+            code_release_interval: (release_s != 0).then(|| Duration::from_secs(release_s)),
             services,
         })
     }
@@ -720,6 +732,7 @@ mod tests {
 host-id = "Web 1"
 coordinators = ["https://x"]
 health-interval-ms = 5
+code-release-interval-s = 5
 [[service]]
 name = "web"
 root = "relative/dir"
@@ -767,6 +780,7 @@ sqlite = "/var/lib/twice.db"
             "data-dir",
             "tls",
             "health-interval-ms",
+            "code-release-interval-s: is 5, must be 0 (never) or within 10..=86400",
             "service.web.root",
             "'..'",
             "absolute",

@@ -188,6 +188,9 @@ fn run(config: Config) -> anyhow::Result<()> {
         .build()
         .context("start the runtime")?;
     runtime.block_on(async move {
+        if let Some(interval) = config.code_release_interval {
+            tokio::spawn(rewind_agent::resident::release_code_pages_every(interval));
+        }
         let executor = Arc::new(Executor::new(
             store,
             config.services.clone(),

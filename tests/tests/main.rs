@@ -20,3 +20,4 @@ mod t16_schema_version;
 mod t17_migrations;
 mod t18_migrate;
 mod t19_sharded_rollback;
+mod t20_code_release;
