@@ -164,11 +164,11 @@ pub(crate) fn txid(
 }
 
 pub(crate) fn connect(database: &DatabaseConfig) -> Result<postgres::Client, AgentError> {
-    database
+    let postgres = database
         .postgres()
-        .ok_or_else(|| refused("this database is SQLite, not PostgreSQL".into()))?
-        .connect(postgres::NoTls)
-        .map_err(|error| refused(format!("cannot connect to the database: {error}")))
+        .ok_or_else(|| refused("this database is SQLite, not PostgreSQL".into()))?;
+    crate::schema::connect_within(postgres, crate::schema::HANDSHAKE_TIMEOUT)
+        .map_err(|why| refused(format!("database: {why}")))
 }
 
 /// Runs `act` in one transaction on the database, after checking the scripts, taking the

@@ -12,8 +12,17 @@
 
 use std::time::Duration;
 
-/// Bound on connecting and on the query.
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Bound on the TCP connect and on the query that reads the version.
 const TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on the whole connection: TCP, then the startup and authentication exchange, which the
+/// client's own `connect_timeout` does not cover (a server that accepts and then never answers).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Connection attempts may outlive their [`HANDSHAKE_TIMEOUT`] (the blocking client cannot be
+/// interrupted); beyond this many at once the agent stops trying instead of piling up threads.
+const MAX_CONNECTING: usize = 4;
+static CONNECTING: AtomicUsize = AtomicUsize::new(0);
 pub const DEFAULT_HISTORY_TABLE: &str = "rewind_schema_history";
 
 #[derive(Clone, Debug)]
@@ -87,6 +96,46 @@ pub fn validate(connection: &str, history_table: Option<&str>) -> Result<Databas
     })
 }
 
+/// Connects to a PostgreSQL database within `within`, handshake included: the blocking
+/// client runs on a thread of its own, and a server that never answers is given up on (the
+/// thread ends when the server or the TCP timeouts close the socket).
+pub fn connect_within(
+    postgres: &postgres::Config,
+    within: Duration,
+) -> Result<postgres::Client, String> {
+    if CONNECTING.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTING {
+        CONNECTING.fetch_sub(1, Ordering::SeqCst);
+        return Err(format!(
+            "cannot connect: {MAX_CONNECTING} earlier connection attempts are still waiting for \
+             an answer from a database; not starting another"
+        ));
+    }
+    let (sender, receiver) = std::sync::mpsc::sync_channel(1);
+    let config = postgres.clone();
+    let spawned = std::thread::Builder::new()
+        .name("postgres-connect".into())
+        .spawn(move || {
+            let connected = config.connect(postgres::NoTls);
+            CONNECTING.fetch_sub(1, Ordering::SeqCst);
+            // Nobody listening means the caller gave up: dropping the client disconnects.
+            let _ = sender.send(connected);
+        });
+    if let Err(error) = spawned {
+        CONNECTING.fetch_sub(1, Ordering::SeqCst);
+        return Err(format!("cannot connect: no thread to connect on: {error}"));
+    }
+    match receiver.recv_timeout(within) {
+        Ok(connected) => connected.map_err(|error| format!("cannot connect: {error}")),
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(format!(
+            "cannot connect: the database did not complete the connection handshake within {} ms",
+            within.as_millis()
+        )),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            Err("cannot connect: the connecting thread failed".into())
+        }
+    }
+}
+
 /// The history table as SQL: each part quoted, so a name that is also a keyword (`order`)
 /// still works. The parts were checked to be plain lower-case identifiers.
 pub fn quoted_table(name: &str) -> String {
@@ -122,9 +171,7 @@ fn read(database: &DatabaseConfig) -> Result<String, String> {
             return crate::shard_sqlite::schema_version(path, &database.history_table);
         }
     };
-    let mut client = postgres
-        .connect(postgres::NoTls)
-        .map_err(|error| format!("cannot connect: {error}"))?;
+    let mut client = connect_within(postgres, HANDSHAKE_TIMEOUT)?;
     let query = |error: postgres::Error| format!("cannot read the schema history: {error}");
     client
         .batch_execute(&format!("SET statement_timeout = {}", TIMEOUT.as_millis()))
@@ -187,5 +234,23 @@ mod tests {
         );
         let sqlite = validate_sqlite("/var/lib/app/orders.db", None).unwrap();
         assert!(sqlite.postgres().is_none());
+    }
+
+    #[test]
+    fn a_server_that_accepts_and_never_answers_is_given_up_on() {
+        // The kernel completes the TCP handshake from the listen backlog: the connection is
+        // accepted, and the startup message is never answered.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = silent.local_addr().unwrap().port();
+        let database = validate(&format!("host=127.0.0.1 port={port} user=rewind"), None).unwrap();
+        let error = connect_within(database.postgres().unwrap(), Duration::from_millis(300))
+            .err()
+            .expect("nothing answered");
+        assert_eq!(
+            error,
+            "cannot connect: the database did not complete the connection handshake within 300 ms"
+        );
+        // Closing the listener resets the connection, which ends the connecting thread.
+        drop(silent);
     }
 }
