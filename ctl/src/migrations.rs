@@ -152,6 +152,18 @@ pub enum SchemaCommand {
     /// One transaction: its decision, each shard's phases, versions and fingerprints, data at
     /// risk and exports, and every statement it ran with the rows affected.
     Show { txn_id: String },
+    /// Say that a shard whose resolve keeps failing was resolved by hand (its prepared
+    /// transaction committed or rolled back as decided, from psql say): the resolve stops being
+    /// retried and verify judges the shard as it is.
+    Resolved {
+        txn_id: String,
+        /// The shard's host.
+        #[arg(long)]
+        shard: String,
+        /// What was done, and by whom (audited).
+        #[arg(long)]
+        reason: String,
+    },
 }
 
 pub async fn schema(
@@ -162,6 +174,28 @@ pub async fn schema(
     let (txn_id, detailed) = match command {
         SchemaCommand::List => (String::new(), false),
         SchemaCommand::Show { txn_id } => (txn_id, true),
+        SchemaCommand::Resolved {
+            txn_id,
+            shard,
+            reason,
+        } => {
+            let txn = client
+                .resolved_by_hand(pb::ResolvedByHandRequest {
+                    request_id: request_id(),
+                    txn_id,
+                    host_id: shard,
+                    reason,
+                })
+                .await
+                .map_err(explain)?
+                .into_inner()
+                .txn;
+            match format {
+                Format::Json => json(&pb::SchemaTxnResponse { txn })?,
+                Format::Table => txn.iter().for_each(print_txn),
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
     };
     let txns = client
         .list_schema_txns(pb::ListSchemaTxnsRequest { txn_id, detailed })
@@ -208,86 +242,89 @@ pub async fn schema(
         );
         return Ok(ExitCode::SUCCESS);
     }
-    for txn in &txns {
-        println!(
-            "{}  {} {} on {} ({}) for {}: {}",
-            txn.txn_id,
-            txn.direction,
-            txn.versions.join(", "),
-            txn.database,
-            txn.environment,
-            txn.owner,
-            txn.status
-        );
-        if !txn.decision.is_empty() {
-            println!("decision: {}: {}", txn.decision, txn.decision_reason);
+    txns.iter().for_each(print_txn);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One transaction in full: the decision, each shard's phases and every statement run.
+fn print_txn(txn: &pb::SchemaTxn) {
+    println!(
+        "{}  {} {} on {} ({}) for {}: {}",
+        txn.txn_id,
+        txn.direction,
+        txn.versions.join(", "),
+        txn.database,
+        txn.environment,
+        txn.owner,
+        txn.status
+    );
+    if !txn.decision.is_empty() {
+        println!("decision: {}: {}", txn.decision, txn.decision_reason);
+    }
+    if !txn.detail.is_empty() {
+        println!("outcome: {}", txn.detail);
+    }
+    println!("fingerprint before: {}", or_none(&txn.fingerprint_before));
+    if !txn.expected_fingerprint.is_empty() {
+        println!("expected after: {}", txn.expected_fingerprint);
+    }
+    if !txn.accept_data_loss.is_empty() {
+        println!("data loss accepted: {}", txn.accept_data_loss);
+    }
+    let rows = txn
+        .shards
+        .iter()
+        .map(|shard| {
+            let mut row = vec![shard.host_id.clone()];
+            row.extend(shard.steps.iter().map(|step| {
+                let state = pb::StepState::try_from(step.state)
+                    .map(|state| {
+                        state
+                            .as_str_name()
+                            .trim_start_matches("STEP_STATE_")
+                            .to_lowercase()
+                    })
+                    .unwrap_or_default();
+                format!("{state} ({})", step.attempts)
+            }));
+            row.push(format!(
+                "{} -> {}",
+                or_none(&shard.version_before),
+                or_none(&shard.version_after)
+            ));
+            row
+        })
+        .collect();
+    table(
+        &["SHARD", "CHECK", "PREPARE", "RESOLVE", "VERIFY", "VERSION"],
+        rows,
+    );
+    for shard in &txn.shards {
+        for step in &shard.steps {
+            if !step.detail.is_empty() {
+                println!("  {} {}: {}", shard.host_id, step.kind, step.detail);
+            }
         }
-        if !txn.detail.is_empty() {
-            println!("outcome: {}", txn.detail);
+        for loss in &shard.data_loss {
+            println!("  {} data at risk: {loss}", shard.host_id);
         }
-        println!("fingerprint before: {}", or_none(&txn.fingerprint_before));
-        if !txn.expected_fingerprint.is_empty() {
-            println!("expected after: {}", txn.expected_fingerprint);
+        for file in &shard.exported {
+            println!("  {} exported to {file}", shard.host_id);
         }
-        if !txn.accept_data_loss.is_empty() {
-            println!("data loss accepted: {}", txn.accept_data_loss);
+        for statement in &shard.statements {
+            println!(
+                "  {} {}: {} ({} row{})",
+                shard.host_id,
+                statement.script,
+                statement.statement,
+                statement.rows,
+                if statement.rows == 1 { "" } else { "s" }
+            );
         }
-        let rows = txn
-            .shards
-            .iter()
-            .map(|shard| {
-                let mut row = vec![shard.host_id.clone()];
-                row.extend(shard.steps.iter().map(|step| {
-                    let state = pb::StepState::try_from(step.state)
-                        .map(|state| {
-                            state
-                                .as_str_name()
-                                .trim_start_matches("STEP_STATE_")
-                                .to_lowercase()
-                        })
-                        .unwrap_or_default();
-                    format!("{state} ({})", step.attempts)
-                }));
-                row.push(format!(
-                    "{} -> {}",
-                    or_none(&shard.version_before),
-                    or_none(&shard.version_after)
-                ));
-                row
-            })
-            .collect();
-        table(
-            &["SHARD", "CHECK", "PREPARE", "RESOLVE", "VERIFY", "VERSION"],
-            rows,
-        );
-        for shard in &txn.shards {
-            for step in &shard.steps {
-                if !step.detail.is_empty() {
-                    println!("  {} {}: {}", shard.host_id, step.kind, step.detail);
-                }
-            }
-            for loss in &shard.data_loss {
-                println!("  {} data at risk: {loss}", shard.host_id);
-            }
-            for file in &shard.exported {
-                println!("  {} exported to {file}", shard.host_id);
-            }
-            for statement in &shard.statements {
-                println!(
-                    "  {} {}: {} ({} row{})",
-                    shard.host_id,
-                    statement.script,
-                    statement.statement,
-                    statement.rows,
-                    if statement.rows == 1 { "" } else { "s" }
-                );
-            }
-            for gid in &shard.in_doubt {
-                println!("  {} prepared transaction still open: {gid}", shard.host_id);
-            }
+        for gid in &shard.in_doubt {
+            println!("  {} prepared transaction still open: {gid}", shard.host_id);
         }
     }
-    Ok(ExitCode::SUCCESS)
 }
 
 fn or_none(text: &str) -> &str {

@@ -96,6 +96,13 @@ impl Postgres {
     /// Stops the server and starts it again on the same data and port with `extra_options`
     /// (e.g. `-c max_prepared_transactions=0`); prepared transactions survive, as in a crash.
     pub fn must_restart_with(&self, extra_options: &str) {
+        self.must_stop();
+        self.must_run(extra_options);
+    }
+
+    /// Stops the server (a database host that went away); [`Self::must_start_again`] brings it
+    /// back on the same data and port.
+    pub fn must_stop(&self) {
         let output = as_postgres(&self.bin_dir.join("pg_ctl"))
             .args(["-w", "-D"])
             .arg(&self.data_dir)
@@ -103,7 +110,10 @@ impl Postgres {
             .output()
             .expect("run pg_ctl stop");
         assert!(output.status.success(), "pg_ctl stop: {output:?}");
-        self.must_run(extra_options);
+    }
+
+    pub fn must_start_again(&self) {
+        self.must_run("");
     }
 
     fn must_run(&self, extra_options: &str) {

@@ -197,6 +197,16 @@ impl Shards {
         result.unwrap_or_else(|status| panic!("{action} {rollback_id}: {status}"));
     }
 
+    /// Every schema transaction, newest first.
+    pub async fn must_schema_txns(&mut self) -> Vec<pb::SchemaTxn> {
+        self.client
+            .list_schema_txns(pb::ListSchemaTxnsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .txns
+    }
+
     pub async fn must_schema_txn(&mut self, txn_id: &str) -> pb::SchemaTxn {
         self.client
             .list_schema_txns(pb::ListSchemaTxnsRequest {

@@ -399,6 +399,33 @@ async fn bad_requests_are_refused_with_the_field_named_and_change_nothing() {
         Code::NotFound,
         "no schema transaction st-9",
     );
+    let by_hand = |txn_id: &str, host_id: &str, reason: &str| pb::ResolvedByHandRequest {
+        request_id: String::new(),
+        txn_id: txn_id.into(),
+        host_id: host_id.into(),
+        reason: reason.into(),
+    };
+    for (request, expected) in [
+        (
+            by_hand("tx-1", "db-1", "done"),
+            "txn_id: \"tx-1\" is not an id like st-12",
+        ),
+        (by_hand("st-1", "bad host", "done"), "host_id:"),
+        (
+            by_hand("st-1", "db-1", " "),
+            "reason: say what was done to the shard",
+        ),
+        (
+            by_hand("st-9", "db-1", "done"),
+            "txn_id: no schema transaction st-9",
+        ),
+    ] {
+        assert_status(
+            client.resolved_by_hand(request).await,
+            Code::InvalidArgument,
+            expected,
+        );
+    }
     assert_status(
         client
             .get_drill(pb::GetDrillRequest {

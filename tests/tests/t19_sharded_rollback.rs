@@ -365,6 +365,81 @@ async fn crashes_at_each_phase_boundary_leave_no_transaction_in_doubt() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_shard_that_cannot_resolve_is_resolved_by_hand_and_then_verified() {
+    let mut shards = Shards::must_start(2, &MIGRATIONS).await;
+    shards.must_change("v1", &[]).await;
+    let change = shards.must_change("v2", &["0002"]).await;
+    assert_eq!(change.state, pb::ChangeState::Deployed as i32, "{change:?}");
+
+    // The revert is decided (commit), the coordinator dies before any shard resolves, and
+    // db-2's server goes away: its resolve fails, and keeps failing.
+    shards
+        .coordinator
+        .must_restart_with_failpoints("coordinator.after-decision");
+    shards.client = shards.coordinator.must_client().await;
+    must_agents_connected(&shards.client, 2).await;
+    let rollback_id = shards
+        .must_start_rollback(&change.change_id, pb::PlanOptions::default())
+        .await;
+    shards
+        .coordinator
+        .must_exit_within(Duration::from_secs(120));
+    shards.servers[1].must_stop();
+    shards.coordinator.must_restart();
+    shards.client = shards.coordinator.must_client().await;
+    let paused = shards.must_pause(&rollback_id).await;
+    let txn_id = shards
+        .must_schema_txns()
+        .await
+        .into_iter()
+        .next()
+        .expect("the revert's transaction")
+        .txn_id;
+    assert!(
+        paused.paused_reason.contains(&format!(
+            "once resolved by hand: rewindctl schema resolved {txn_id} --shard db-2"
+        )),
+        "{}",
+        paused.paused_reason
+    );
+
+    // A person brings the server back and commits the prepared transaction from psql, as
+    // decided, then says so (before the next automatic attempt, due 30 s after the last).
+    shards.servers[1].must_start_again();
+    let gid = shards.servers[1].must_sql("SELECT gid FROM pg_prepared_xacts");
+    assert!(gid.starts_with("rewind-"), "{gid}");
+    shards.servers[1].must_sql(&format!("COMMIT PREPARED '{gid}'"));
+    let refused = shards.rewindctl(&[
+        "schema", "resolved", &txn_id, "--shard", "db-9", "--reason", "x",
+    ]);
+    assert!(refused.contains("db-9 is not a shard of"), "{refused}");
+    let shown = shards.rewindctl(&[
+        "schema",
+        "resolved",
+        &txn_id,
+        "--shard",
+        "db-2",
+        "--reason",
+        "COMMIT PREPARED from psql by the test",
+    ]);
+    assert!(
+        shown.contains("resolved by hand by") && shown.contains("COMMIT PREPARED from psql"),
+        "{shown}"
+    );
+
+    // Verify judges both shards as they are; the resumed rollback then ends.
+    shards.must_control(&rollback_id, "resume").await;
+    shards.must_succeed(&rollback_id).await;
+    let txn = shards.must_schema_txn(&txn_id).await;
+    assert_eq!(txn.status, "done", "{txn:?}");
+    assert!(txn.detail.starts_with("committed on 2 shards"), "{txn:?}");
+    for columns in shards.columns() {
+        assert_eq!(columns, "customer_id,id,total");
+    }
+    shards.must_have_nothing_prepared();
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_drill_applies_reverts_and_applies_again_on_staging_and_catches_a_bad_down_script() {
     let mut shards = Shards::must_start(2, &MIGRATIONS).await;
     shards.must_change("v1", &[]).await;

@@ -149,6 +149,44 @@ impl ControlService for Control {
         Ok(Response::new(pb::ListSchemaTxnsResponse { txns }))
     }
 
+    async fn resolved_by_hand(
+        &self,
+        request: Request<pb::ResolvedByHandRequest>,
+    ) -> Result<Response<pb::SchemaTxnResponse>, Status> {
+        let identity = caller(&request)?;
+        let request = request.into_inner();
+        let number = parse_id("txn_id", "st", &request.txn_id)?;
+        names::validate_name("host_id", &request.host_id).map_err(field_error)?;
+        validate_reason(&request.reason)?;
+        if request.reason.trim().is_empty() {
+            return Err(invalid(
+                "reason",
+                "say what was done to the shard, and by whom: it goes into the audit log",
+            ));
+        }
+        let kind = CommandKind::ResolvedByHand {
+            txn: number,
+            host_id: request.host_id.clone(),
+            reason: request.reason,
+        };
+        self.context
+            .propose(&identity, &request.request_id, kind)
+            .await?;
+        info!(
+            identity,
+            txn_id = schema_txn_id(number),
+            host_id = request.host_id,
+            "Shard resolved by hand."
+        );
+        let txn = self.context.node.read(|state| {
+            state
+                .schema_txns
+                .get(&number)
+                .map(|txn| convert::schema_txn(txn, true))
+        });
+        Ok(Response::new(pb::SchemaTxnResponse { txn }))
+    }
+
     async fn start_drill(
         &self,
         request: Request<pb::StartDrillRequest>,

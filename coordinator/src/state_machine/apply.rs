@@ -213,6 +213,20 @@ fn apply_kind(state: &mut State, command: &Command) -> Result<(Outcome, String, 
             host_id,
             reason,
         } => skip_host(state, *rollback, host_id, reason, at_ms),
+        CommandKind::ResolvedByHand {
+            txn,
+            host_id,
+            reason,
+        } => {
+            super::schema::resolved_by_hand(state, *txn, host_id, reason, &command.identity)?;
+            super::schema::settle(state, *txn, at_ms);
+            settle_schema_owner(state, *txn, at_ms);
+            Ok((
+                Outcome::Done,
+                format!("{}/resolve/{host_id}", schema_txn_id(*txn)),
+                format!("ok: {reason}"),
+            ))
+        }
         CommandKind::RecordSelfRevert { host_id, report } => {
             record_self_revert(state, host_id, report)
         }
@@ -2142,12 +2156,15 @@ fn settle_schema_owner(state: &mut State, txn: u64, at_ms: u64) {
                 txn.database.clone(),
                 format!(
                     "{} of {} cannot resolve its prepared transaction ({decision}) on {}: {}; \
-                     tried again every {} s, and the shard holds its locks until it succeeds",
+                     tried again every {} s, and the shard holds its locks until it succeeds \
+                     (once resolved by hand: rewindctl schema resolved {} --shard {} --reason ...)",
                     txn.id(),
                     txn.database,
                     shard.host_id,
                     shard.resolve.detail,
-                    super::schema::RESOLVE_RETRY_MS / 1000
+                    super::schema::RESOLVE_RETRY_MS / 1000,
+                    txn.id(),
+                    shard.host_id
                 ),
             ))
         });

@@ -929,6 +929,86 @@ fn a_schema_transaction_commits_only_when_every_shard_prepared_alike() {
 }
 
 #[test]
+fn a_shard_resolved_by_hand_is_no_longer_retried_and_verify_judges_it() {
+    let (mut harness, change) = sharded_change();
+    let by_hand = |host: &str| CommandKind::ResolvedByHand {
+        txn: 1,
+        host_id: host.into(),
+        reason: "COMMIT PREPARED run from psql by ana".into(),
+    };
+    let refused = harness.run(by_hand("db-2")).unwrap_err().to_string();
+    assert!(
+        refused.contains("st-1 is Checking: a shard is resolved by hand only while"),
+        "{refused}"
+    );
+    for host in ["db-1", "db-2"] {
+        harness.shard_step(ShardPhase::Check, host, true, report(host, "sha256:before"));
+    }
+    for host in ["db-1", "db-2"] {
+        harness.shard_step(
+            ShardPhase::Prepare,
+            host,
+            true,
+            report(host, "sha256:after"),
+        );
+    }
+    harness.must(CommandKind::DecideSchemaTxn {
+        txn: 1,
+        commit: true,
+        reason: "all 2 shards prepared".into(),
+    });
+    harness.shard_step(
+        ShardPhase::Resolve,
+        "db-1",
+        true,
+        ShardReportRecord::default(),
+    );
+    harness.shard_step(
+        ShardPhase::Resolve,
+        "db-2",
+        false,
+        ShardReportRecord::default(),
+    );
+    for (host, expected) in [
+        (
+            "db-9",
+            "db-9 is not a shard of st-1: its shards are db-1, db-2",
+        ),
+        (
+            "db-1",
+            "the resolve of st-1 on db-1 has not failed (Succeeded)",
+        ),
+    ] {
+        let refused = harness.run(by_hand(host)).unwrap_err().to_string();
+        assert!(refused.contains(expected), "{refused}");
+    }
+    harness.must(by_hand("db-2"));
+    let txn = &harness.state.schema_txns[&1];
+    assert_eq!(txn.status, SchemaTxnStatus::Verifying);
+    let resolve = &txn.shards[1].resolve;
+    assert_eq!(resolve.status, StepStatus::Skipped);
+    assert!(
+        resolve.detail.starts_with(
+            "resolved by hand by operator: COMMIT PREPARED run from psql by ana (the last attempt: boom)"
+        ),
+        "{}",
+        resolve.detail
+    );
+    // Never retried: the engine restarts failed resolves only.
+    let refused = harness.run(by_hand("db-2")).unwrap_err().to_string();
+    assert!(refused.contains("st-1 is Verifying"), "{refused}");
+    for host in ["db-1", "db-2"] {
+        harness.shard_step(ShardPhase::Verify, host, true, report(host, "sha256:after"));
+    }
+    let txn = &harness.state.schema_txns[&1];
+    assert!(txn.ok(), "{txn:?}");
+    assert_eq!(
+        harness.state.changes[&change].status,
+        ChangeStatus::Deployed
+    );
+}
+
+#[test]
 fn two_shards_on_one_database_are_refused_at_check() {
     let (mut harness, _) = sharded_change();
     harness.shard_step(

@@ -148,6 +148,13 @@ pub enum CommandKind {
         host_id: String,
         summary: String,
     },
+    /// A person resolved a shard's prepared transaction by hand after its resolve kept
+    /// failing: the resolve is no longer retried, and verify judges the shard.
+    ResolvedByHand {
+        txn: u64,
+        host_id: String,
+        reason: String,
+    },
     /// Leaves a host unreverted in a rollback: its steps that have not succeeded are skipped.
     SkipHost {
         rollback: u64,
@@ -350,6 +357,7 @@ impl CommandKind {
             Self::DecideSchemaTxn { commit: true, .. } => "schema.commit",
             Self::DecideSchemaTxn { .. } => "schema.abort",
             Self::SchemaStepFinished { .. } => "schema.step",
+            Self::ResolvedByHand { .. } => "schema.resolved-by-hand",
             Self::StepStarted { .. } => "step.start",
             Self::StepFinished { .. } => "step.finish",
             Self::StartRollback { .. } => "rollback.start",

@@ -584,6 +584,79 @@ pub fn startable(state: &State, number: u64, phase: ShardPhase) -> Result<()> {
     Ok(())
 }
 
+/// A person says they resolved a shard's prepared transaction by hand, its resolve having
+/// failed (the database was restored, the transaction finished from psql, the host is being
+/// rebuilt): the resolve is marked skipped and no longer retried, and the transaction moves on
+/// to verify, which judges every shard as it is, so a shard left wrong still fails the check.
+pub fn resolved_by_hand(
+    state: &mut State,
+    number: u64,
+    host_id: &str,
+    reason: &str,
+    by: &str,
+) -> Result<()> {
+    let txn = state.schema_txns.get_mut(&number).ok_or_else(|| {
+        CoordinatorError::invalid(
+            "txn_id",
+            format!("no schema transaction {}", schema_txn_id(number)),
+        )
+    })?;
+    let id = txn.id();
+    if txn.status != SchemaTxnStatus::Resolving {
+        return Err(CoordinatorError::invalid(
+            "txn_id",
+            format!(
+                "{id} is {:?}: a shard is resolved by hand only while its transaction is resolving",
+                txn.status
+            ),
+        ));
+    }
+    let shards: Vec<String> = txn
+        .shards
+        .iter()
+        .map(|shard| shard.host_id.clone())
+        .collect();
+    let shard = txn
+        .shards
+        .iter_mut()
+        .find(|shard| shard.host_id == host_id)
+        .ok_or_else(|| {
+            CoordinatorError::invalid(
+                "host_id",
+                format!(
+                    "{host_id} is not a shard of {id}: its shards are {}",
+                    shards.join(", ")
+                ),
+            )
+        })?;
+    match shard.resolve.status {
+        StepStatus::Failed => {}
+        StepStatus::Running => {
+            return Err(CoordinatorError::invalid(
+                "host_id",
+                format!(
+                    "a resolve of {id} is running on {host_id} now: wait for it to end                      (rewindctl schema show {id})"
+                ),
+            ));
+        }
+        _ => {
+            return Err(CoordinatorError::invalid(
+                "host_id",
+                format!(
+                    "the resolve of {id} on {host_id} has not failed ({:?}): only a failed one                      is resolved by hand",
+                    shard.resolve.status
+                ),
+            ));
+        }
+    }
+    shard.resolve.status = StepStatus::Skipped;
+    shard.resolve.detail = format!(
+        "resolved by hand by {by}: {reason} (the last attempt: {})",
+        shard.resolve.detail
+    );
+    Ok(())
+}
+
 /// Keeps what a shard reported with its step.
 pub fn record_report(
     state: &mut State,
@@ -955,7 +1028,8 @@ pub fn stages_state<'a>(
                 stage: index,
                 detail: format!(
                     "{} of {} could not yet resolve its prepared transaction ({}) on {}, \
-                     tried again every {} s: {}",
+                     tried again every {} s: {} (once resolved by hand: rewindctl schema \
+                     resolved {} --shard {} --reason ...)",
                     txn.id(),
                     stage.database,
                     if txn.decision.as_ref().is_some_and(|d| d.commit) {
@@ -965,7 +1039,9 @@ pub fn stages_state<'a>(
                     },
                     shard.host_id,
                     RESOLVE_RETRY_MS / 1000,
-                    shard.resolve.detail
+                    shard.resolve.detail,
+                    txn.id(),
+                    shard.host_id
                 ),
             };
         }
