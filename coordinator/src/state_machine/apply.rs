@@ -2080,6 +2080,11 @@ fn start_schema_txn(
         slot.txn = number;
     }
     let txn = &state.schema_txns[&number];
+    if txn.status == SchemaTxnStatus::Done {
+        let outcome = (Outcome::Done, txn.id(), format!("failed: {}", txn.detail));
+        settle_schema_owner(state, number, command.at_ms);
+        return Ok(outcome);
+    }
     Ok((
         Outcome::Done,
         txn.id(),

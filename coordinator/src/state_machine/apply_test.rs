@@ -729,7 +729,7 @@ fn migrations_are_registered_once_immutable_and_never_without_a_down_script() {
 
 /// Hosts db-1 and db-2 running orders-db (the shards), its releases, a contract migration, and
 /// a change applying it; returns the change's number once it waits for its migration.
-fn sharded_change() -> (Harness, u64) {
+fn activated_sharded_change() -> (Harness, u64) {
     let mut harness = Harness::new();
     for host in ["db-1", "db-2"] {
         harness.must(CommandKind::RegisterHost {
@@ -797,10 +797,52 @@ fn sharded_change() -> (Harness, u64) {
         harness.state.changes[&change].status,
         ChangeStatus::Deploying
     );
+    (harness, change)
+}
+
+fn sharded_change() -> (Harness, u64) {
+    let (mut harness, change) = activated_sharded_change();
     harness.must(CommandKind::StartSchemaTxn {
         owner: SchemaOwner::Change { change, stage: 0 },
     });
     (harness, change)
+}
+
+#[test]
+fn a_change_whose_database_lost_its_shards_fails_its_stage_instead_of_asking_again() {
+    let (mut harness, change) = activated_sharded_change();
+    // Both hosts came back without the database (a config change): nothing to migrate.
+    for host in ["db-1", "db-2"] {
+        harness.must(CommandKind::RegisterHost {
+            host_id: host.into(),
+            labels: Labels::default(),
+            services: vec!["web".into()],
+            agent_version: "test".into(),
+        });
+    }
+    harness.must(CommandKind::StartSchemaTxn {
+        owner: SchemaOwner::Change { change, stage: 0 },
+    });
+    let txn = &harness.state.schema_txns[&1];
+    assert_eq!(txn.status, SchemaTxnStatus::Done);
+    assert!(txn.shards.is_empty() && !txn.committed);
+    let record = &harness.state.changes[&change];
+    assert_eq!(record.status, ChangeStatus::Failed);
+    assert!(
+        record
+            .reason
+            .contains("st-1 of orders-db: no host in environment \"default\" runs orders-db"),
+        "{}",
+        record.reason
+    );
+    // Nothing is due any more: the engine has nothing to ask again.
+    let refused = harness
+        .run(CommandKind::StartSchemaTxn {
+            owner: SchemaOwner::Change { change, stage: 0 },
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("is Failed"), "{refused}");
 }
 
 impl Harness {

@@ -460,14 +460,15 @@ pub fn begin(
         ));
     }
     let shards = shards_of(state, &stage.database, environment);
-    if shards.is_empty() {
-        return Err(CoordinatorError::invalid(
-            "database",
-            format!(
-                "no host in environment {environment:?} runs {}: it has no shard to migrate",
-                stage.database
-            ),
-        ));
+    let no_shard = format!(
+        "no host in environment {environment:?} runs {}: it has no shard to migrate",
+        stage.database
+    );
+    // A rollback stalls before asking (the engine checks): a person must look, and resuming
+    // asks again. A change's or drill's stage ends failed with the reason, rather than being
+    // asked for and refused again at every engine tick.
+    if shards.is_empty() && matches!(owner, SchemaOwner::Rollback { .. }) {
+        return Err(CoordinatorError::invalid("database", no_shard));
     }
     let number = state.next_schema_txn.max(1);
     state.next_schema_txn = number + 1;
@@ -516,6 +517,11 @@ pub fn begin(
             detail: String::new(),
         },
     );
+    if let Some(txn) = state.schema_txns.get_mut(&number)
+        && txn.shards.is_empty()
+    {
+        finish(txn, false, no_shard, at_ms);
+    }
     Ok(number)
 }
 
