@@ -12,12 +12,13 @@ mod escalation;
 pub mod silences;
 mod synthetics;
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use rewind_proto::v1::{self as pb, coordinator_message::Body, step_command};
 use tokio::sync::watch;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 pub use decide::{
     Action, AgentAction, ESCALATION_RETRY_MS, EngineLimits, EngineMemory, MAX_ESCALATION_ATTEMPTS,
@@ -25,6 +26,7 @@ pub use decide::{
 };
 pub use escalation::{SIGNATURE_HEADER, TIMESTAMP_HEADER, sign};
 
+use crate::errors::CoordinatorError;
 use crate::health::HealthBook;
 use crate::node::NodeHandle;
 use crate::node::raft::RaftStatus;
@@ -43,6 +45,56 @@ pub struct Engine {
     pub tick: Duration,
     /// Where escalations go; None: they stay visible in `rollback explain` only.
     pub escalation: Option<crate::config::EscalationConfig>,
+}
+
+/// Engine proposals the state machine refused, by their exact command. Losing a race is normal
+/// and the next tick decides anew; but a decision the state keeps producing and refusing would
+/// be proposed at every tick, each time a Raft log entry. So the same command refused again is
+/// proposed less and less often (1 s, doubling, at most a minute), and said once at warn.
+#[derive(Default)]
+struct RefusedProposals {
+    by_command: HashMap<String, Refused>,
+}
+
+struct Refused {
+    times: u32,
+    next_at_ms: u64,
+}
+
+const REFUSED_FIRST_BACKOFF_MS: u64 = 1_000;
+const REFUSED_MAX_BACKOFF_MS: u64 = 60_000;
+
+impl RefusedProposals {
+    fn key(kind: &CommandKind) -> String {
+        serde_json::to_string(kind).unwrap_or_default()
+    }
+
+    fn due(&self, key: &str, now_ms: u64) -> bool {
+        self.by_command
+            .get(key)
+            .is_none_or(|refused| now_ms >= refused.next_at_ms)
+    }
+
+    /// Records a refusal; returns how many times in a row this command was refused.
+    fn refused(&mut self, key: String, now_ms: u64) -> u32 {
+        let refused = self.by_command.entry(key).or_insert(Refused {
+            times: 0,
+            next_at_ms: 0,
+        });
+        refused.times += 1;
+        // The first repeat goes at the next tick, as a lost race should.
+        let backoff = match refused.times {
+            1 => 0,
+            times => (REFUSED_FIRST_BACKOFF_MS << (times - 2).min(6)).min(REFUSED_MAX_BACKOFF_MS),
+        };
+        refused.next_at_ms = now_ms + backoff;
+        refused.times
+    }
+
+    /// Forgets commands no longer decided (the state moved on) and accepted ones.
+    fn keep_only(&mut self, decided: &HashSet<String>) {
+        self.by_command.retain(|key, _| decided.contains(key));
+    }
 }
 
 struct Live<'a> {
@@ -74,6 +126,7 @@ impl Engine {
         let mut applied = self.node.subscribe();
         let mut status = self.status.clone();
         let mut memory = EngineMemory::default();
+        let mut refusals = RefusedProposals::default();
         let synthetics = Arc::new(synthetics::SyntheticRuns::default());
         tokio::pin!(shutdown);
         info!("Engine started.");
@@ -82,6 +135,7 @@ impl Engine {
                 // A new leader starts with empty memory: it resends every running step (agents
                 // answer from their journals) and re-observes health before any trigger fires.
                 memory = EngineMemory::default();
+                refusals = RefusedProposals::default();
                 tokio::select! {
                     _ = &mut shutdown => break,
                     changed = status.changed() => if changed.is_err() { break },
@@ -94,7 +148,9 @@ impl Engine {
                 }
                 continue;
             }
-            let refused = self.tick_once(&mut memory, &synthetics).await;
+            let refused = self
+                .tick_once(&mut memory, &mut refusals, &synthetics)
+                .await;
             if refused {
                 // The same decision would be refused again at once: wait a whole tick rather
                 // than spin on the log.
@@ -117,6 +173,7 @@ impl Engine {
     async fn tick_once(
         &self,
         memory: &mut EngineMemory,
+        refusals: &mut RefusedProposals,
         synthetics: &Arc<synthetics::SyntheticRuns>,
     ) -> bool {
         let now_ms = rewind_shared::time::now_ms();
@@ -136,9 +193,32 @@ impl Engine {
         // Keep results only for gates the memory still tracks (those still running).
         synthetics.retain(|rollback, wave| memory.synthetics.contains_key(&(rollback, wave)));
         let mut refused = false;
+        let mut decided = HashSet::new();
         for action in actions {
             match action {
-                Action::Propose(kind) => refused |= !self.propose(kind).await,
+                Action::Propose(kind) => {
+                    let key = RefusedProposals::key(&kind);
+                    if !refusals.due(&key, now_ms) {
+                        decided.insert(key);
+                        continue;
+                    }
+                    let action = kind.action();
+                    match self.propose(kind).await {
+                        Ok(()) => {}
+                        Err(error) => {
+                            refused = true;
+                            if refusals.refused(key.clone(), now_ms) == 3 {
+                                warn!(
+                                    %error,
+                                    action,
+                                    "The engine keeps deciding a command that is refused; \
+                                     it tries again less and less often."
+                                );
+                            }
+                            decided.insert(key);
+                        }
+                    }
+                }
                 Action::RunSynthetics {
                     rollback,
                     wave,
@@ -172,11 +252,12 @@ impl Engine {
                 }
             }
         }
+        refusals.keep_only(&decided);
         refused
     }
 
-    /// Proposes an engine decision; returns whether it was applied.
-    async fn propose(&self, kind: CommandKind) -> bool {
+    /// Proposes an engine decision; the refusal when it was not applied.
+    async fn propose(&self, kind: CommandKind) -> Result<(), CoordinatorError> {
         let action = kind.action();
         // Every line about a rollback carries its id, so one grep follows it.
         let rollback_id = rollback_of(&kind).map(crate::state_machine::rollback_id);
@@ -192,12 +273,12 @@ impl Engine {
                 if let (Some(rollback_id), Some(said)) = (&rollback_id, said) {
                     info!(rollback_id, action, "{said}");
                 }
-                true
+                Ok(())
             }
             Err(error) => {
                 // Losing a race with an agent's result or an operator's abort is normal.
                 debug!(%error, action, rollback_id, "Engine proposal refused.");
-                false
+                Err(error)
             }
         }
     }
@@ -311,5 +392,42 @@ fn step_message(
             cluster_id: envelope.cluster_id.to_string(),
             action: Some(action),
         })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_command_refused_again_and_again_is_proposed_less_and_less_often() {
+        let mut refusals = RefusedProposals::default();
+        let kind = CommandKind::Stall {
+            rollback: 1,
+            evidence: "x".into(),
+        };
+        let key = RefusedProposals::key(&kind);
+        assert!(refusals.due(&key, 0));
+        // A lost race: tried again at the next tick.
+        assert_eq!(refusals.refused(key.clone(), 0), 1);
+        assert!(refusals.due(&key, 0));
+        let mut now = 0;
+        let mut waits = Vec::new();
+        for _ in 0..9 {
+            refusals.refused(key.clone(), now);
+            let next = refusals.by_command[&key].next_at_ms;
+            assert!(!refusals.due(&key, next - 1) && refusals.due(&key, next));
+            waits.push(next - now);
+            now = next;
+        }
+        assert_eq!(
+            waits,
+            [
+                1_000, 2_000, 4_000, 8_000, 16_000, 32_000, 60_000, 60_000, 60_000
+            ]
+        );
+        // Once the state no longer leads to it, it is forgotten.
+        refusals.keep_only(&HashSet::new());
+        assert!(refusals.by_command.is_empty());
     }
 }
