@@ -164,6 +164,28 @@ impl ControlService for Control {
                 "say what was done to the shard, and by whom: it goes into the audit log",
             ));
         }
+        self.context.current().await?;
+        // A resolve running on a connected agent may still succeed: wait for it. One whose agent
+        // is away (the host is being rebuilt) can be taken over.
+        let running = self.context.node.read(|state| {
+            state.schema_txns.get(&number).is_some_and(|txn| {
+                txn.shards.iter().any(|shard| {
+                    shard.host_id == request.host_id && shard.resolve.status == StepStatus::Running
+                })
+            })
+        });
+        if running && self.context.sessions.generation(&request.host_id).is_some() {
+            return Err(invalid(
+                "host_id",
+                format!(
+                    "a resolve of {} is running on {} now and its agent is connected: wait for \
+                     it to end (rewindctl schema show {})",
+                    schema_txn_id(number),
+                    request.host_id,
+                    schema_txn_id(number)
+                ),
+            ));
+        }
         let kind = CommandKind::ResolvedByHand {
             txn: number,
             host_id: request.host_id.clone(),

@@ -1051,6 +1051,66 @@ fn a_shard_resolved_by_hand_is_no_longer_retried_and_verify_judges_it() {
 }
 
 #[test]
+fn an_abort_with_a_shard_resolved_by_hand_is_verified_too() {
+    let (mut harness, change) = sharded_change();
+    for host in ["db-1", "db-2"] {
+        harness.shard_step(ShardPhase::Check, host, true, report(host, "sha256:before"));
+    }
+    for host in ["db-1", "db-2"] {
+        harness.shard_step(
+            ShardPhase::Prepare,
+            host,
+            true,
+            report(host, "sha256:after"),
+        );
+    }
+    harness.must(CommandKind::DecideSchemaTxn {
+        txn: 1,
+        commit: false,
+        reason: "an operator aborted".into(),
+    });
+    harness.shard_step(
+        ShardPhase::Resolve,
+        "db-1",
+        false,
+        ShardReportRecord::default(),
+    );
+    harness.shard_step(
+        ShardPhase::Resolve,
+        "db-2",
+        true,
+        ShardReportRecord::default(),
+    );
+    harness.must(CommandKind::ResolvedByHand {
+        txn: 1,
+        host_id: "db-1".into(),
+        reason: "said ROLLBACK PREPARED, but did not".into(),
+    });
+    assert_eq!(
+        harness.state.schema_txns[&1].status,
+        SchemaTxnStatus::Verifying
+    );
+    let mut left = report("db-1", "sha256:before");
+    left.in_doubt = vec!["rewind-abc-st-1".into()];
+    harness.shard_step(ShardPhase::Verify, "db-1", true, left);
+    harness.shard_step(
+        ShardPhase::Verify,
+        "db-2",
+        true,
+        report("db-2", "sha256:before"),
+    );
+    let txn = &harness.state.schema_txns[&1];
+    assert_eq!(txn.status, SchemaTxnStatus::Done);
+    assert!(!txn.committed);
+    assert_eq!(
+        txn.detail,
+        "aborted, but after db-1 resolved by hand verification found: db-1 still holds a \
+         prepared transaction of st-1"
+    );
+    assert_eq!(harness.state.changes[&change].status, ChangeStatus::Failed);
+}
+
+#[test]
 fn two_shards_on_one_database_are_refused_at_check() {
     let (mut harness, _) = sharded_change();
     harness.shard_step(

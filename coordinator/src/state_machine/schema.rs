@@ -104,6 +104,9 @@ pub struct ShardRecord {
     pub prepared: ShardReportRecord,
     /// As verified after the commit.
     pub after: ShardReportRecord,
+    /// A person resolved its prepared transaction by hand (`resolved_by_hand`).
+    #[serde(default)]
+    pub resolved_by_hand: bool,
 }
 
 impl ShardRecord {
@@ -635,26 +638,22 @@ pub fn resolved_by_hand(
                 ),
             )
         })?;
-    match shard.resolve.status {
-        StepStatus::Failed => {}
-        StepStatus::Running => {
-            return Err(CoordinatorError::invalid(
-                "host_id",
-                format!(
-                    "a resolve of {id} is running on {host_id} now: wait for it to end                      (rewindctl schema show {id})"
-                ),
-            ));
-        }
-        _ => {
-            return Err(CoordinatorError::invalid(
-                "host_id",
-                format!(
-                    "the resolve of {id} on {host_id} has not failed ({:?}): only a failed one                      is resolved by hand",
-                    shard.resolve.status
-                ),
-            ));
-        }
+    // A running resolve is taken over only when its agent is away (the API checks the session);
+    // its late report is refused, as the step is no longer running, and verify judges anyway.
+    if !matches!(
+        shard.resolve.status,
+        StepStatus::Failed | StepStatus::Running
+    ) {
+        return Err(CoordinatorError::invalid(
+            "host_id",
+            format!(
+                "the resolve of {id} on {host_id} has not failed ({:?}): only a failed one is \
+                 resolved by hand",
+                shard.resolve.status
+            ),
+        ));
     }
+    shard.resolved_by_hand = true;
     shard.resolve.status = StepStatus::Skipped;
     shard.resolve.detail = format!(
         "resolved by hand by {by}: {reason} (the last attempt: {})",
@@ -852,7 +851,9 @@ pub fn settle(state: &mut State, number: u64, at_ms: u64) {
                 at_ms,
                 reason: String::new(),
             });
-            if decision.commit {
+            // An abort is checked too when a person resolved a shard: their word is not proof
+            // that nothing is left prepared or changed.
+            if decision.commit || txn.shards.iter().any(|shard| shard.resolved_by_hand) {
                 txn.status = SchemaTxnStatus::Verifying;
             } else {
                 finish(
@@ -869,6 +870,34 @@ pub fn settle(state: &mut State, number: u64, at_ms: u64) {
                 .iter()
                 .any(|shard| !shard.verify.status.is_terminal())
             {
+                return;
+            }
+            if !txn
+                .decision
+                .as_ref()
+                .is_some_and(|decision| decision.commit)
+            {
+                let problems = abort_problems(txn);
+                let by_hand: Vec<&str> = txn
+                    .shards
+                    .iter()
+                    .filter(|shard| shard.resolved_by_hand)
+                    .map(|shard| shard.host_id.as_str())
+                    .collect();
+                let detail = if problems.is_empty() {
+                    format!(
+                        "aborted, every shard rolled back and checked unchanged ({} resolved by \
+                         hand)",
+                        by_hand.join(", ")
+                    )
+                } else {
+                    format!(
+                        "aborted, but after {} resolved by hand verification found: {}",
+                        by_hand.join(", "),
+                        problems.join("; ")
+                    )
+                };
+                finish(txn, false, detail, at_ms);
                 return;
             }
             let problems = verification_problems(txn);
@@ -947,6 +976,37 @@ fn verification_problems(txn: &SchemaTxnRecord) -> Vec<String> {
             short(after),
             short(&txn.expected_fingerprint)
         ));
+    }
+    problems
+}
+
+/// What an aborted transaction left behind: a shard that did not verify, still holds its
+/// prepared transaction, or whose schema is not the one checked before.
+fn abort_problems(txn: &SchemaTxnRecord) -> Vec<String> {
+    let own = format!("-{}", txn.id());
+    let mut problems = Vec::new();
+    for shard in &txn.shards {
+        if shard.verify.status != StepStatus::Succeeded {
+            problems.push(format!(
+                "{} did not verify: {}",
+                shard.host_id, shard.verify.detail
+            ));
+        } else if shard.after.in_doubt.iter().any(|gid| gid.ends_with(&own)) {
+            problems.push(format!(
+                "{} still holds a prepared transaction of {}",
+                shard.host_id,
+                txn.id()
+            ));
+        } else if !txn.fingerprint_before.is_empty()
+            && shard.after.fingerprint != txn.fingerprint_before
+        {
+            problems.push(format!(
+                "{} has fingerprint {}, not {} as checked before",
+                shard.host_id,
+                short(&shard.after.fingerprint),
+                short(&txn.fingerprint_before)
+            ));
+        }
     }
     problems
 }
