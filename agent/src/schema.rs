@@ -12,7 +12,8 @@
 
 use std::time::Duration;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::BTreeMap;
+use std::sync::Mutex;
 
 /// Bound on the TCP connect and on the query that reads the version.
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -20,9 +21,9 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 /// client's own `connect_timeout` does not cover (a server that accepts and then never answers).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Connection attempts may outlive their [`HANDSHAKE_TIMEOUT`] (the blocking client cannot be
-/// interrupted); beyond this many at once the agent stops trying instead of piling up threads.
+/// interrupted); beyond this many at once to one server the agent stops trying instead of
+/// piling up threads.
 const MAX_CONNECTING: usize = 4;
-static CONNECTING: AtomicUsize = AtomicUsize::new(0);
 pub const DEFAULT_HISTORY_TABLE: &str = "rewind_schema_history";
 
 #[derive(Clone, Debug)]
@@ -96,34 +97,71 @@ pub fn validate(connection: &str, history_table: Option<&str>) -> Result<Databas
     })
 }
 
-/// Connects to a PostgreSQL database within `within`, handshake included: the blocking
-/// client runs on a thread of its own, and a server that never answers is given up on (the
-/// thread ends when the server or the TCP timeouts close the socket).
+/// Connection attempts to one server still running (see [`connect_within`]), by server.
+static CONNECTING: Mutex<BTreeMap<String, usize>> = Mutex::new(BTreeMap::new());
+
+/// Counts one attempt against its server for as long as it lives, panics included.
+struct Attempt(String);
+
+impl Attempt {
+    fn begin(server: String) -> Result<Self, String> {
+        let mut connecting = CONNECTING
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let running = connecting.entry(server.clone()).or_default();
+        if *running >= MAX_CONNECTING {
+            return Err(format!(
+                "cannot connect: {MAX_CONNECTING} earlier connection attempts to {server} are \
+                 still waiting for it to answer; not starting another"
+            ));
+        }
+        *running += 1;
+        Ok(Self(server))
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        let mut connecting = CONNECTING
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(running) = connecting.get_mut(&self.0) {
+            *running -= 1;
+            if *running == 0 {
+                connecting.remove(&self.0);
+            }
+        }
+    }
+}
+
+/// Connects to a PostgreSQL database within `within`, handshake included. The blocking client
+/// cannot be interrupted, so it runs on a thread of its own, and the caller gives up at the
+/// deadline. The thread ends when the server answers or closes the connection: a server that
+/// accepted and then stopped (a frozen postmaster, whose kernel still acknowledges) may hold it
+/// for ever, so at most [`MAX_CONNECTING`] attempts per server run at once, and more are refused
+/// at once; other databases are not affected.
 pub fn connect_within(
     postgres: &postgres::Config,
     within: Duration,
 ) -> Result<postgres::Client, String> {
-    if CONNECTING.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTING {
-        CONNECTING.fetch_sub(1, Ordering::SeqCst);
-        return Err(format!(
-            "cannot connect: {MAX_CONNECTING} earlier connection attempts are still waiting for \
-             an answer from a database; not starting another"
-        ));
-    }
+    let server = format!(
+        "{:?} port {:?} database {}",
+        postgres.get_hosts(),
+        postgres.get_ports(),
+        postgres.get_dbname().unwrap_or("(default)")
+    );
+    let attempt = Attempt::begin(server)?;
     let (sender, receiver) = std::sync::mpsc::sync_channel(1);
     let config = postgres.clone();
-    let spawned = std::thread::Builder::new()
+    std::thread::Builder::new()
         .name("postgres-connect".into())
         .spawn(move || {
+            let _attempt = attempt;
             let connected = config.connect(postgres::NoTls);
-            CONNECTING.fetch_sub(1, Ordering::SeqCst);
             // Nobody listening means the caller gave up: dropping the client disconnects.
             let _ = sender.send(connected);
-        });
-    if let Err(error) = spawned {
-        CONNECTING.fetch_sub(1, Ordering::SeqCst);
-        return Err(format!("cannot connect: no thread to connect on: {error}"));
-    }
+        })
+        .map_err(|error| format!("cannot connect: no thread to connect on: {error}"))?;
     match receiver.recv_timeout(within) {
         Ok(connected) => connected.map_err(|error| format!("cannot connect: {error}")),
         Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(format!(
@@ -250,7 +288,30 @@ mod tests {
             error,
             "cannot connect: the database did not complete the connection handshake within 300 ms"
         );
-        // Closing the listener resets the connection, which ends the connecting thread.
+        // Each attempt's thread still waits; beyond four, no more are started for this server.
+        for _ in 0..3 {
+            assert!(
+                connect_within(database.postgres().unwrap(), Duration::from_millis(50)).is_err()
+            );
+        }
+        let refused = connect_within(database.postgres().unwrap(), Duration::from_millis(50))
+            .err()
+            .expect("refused");
+        assert!(
+            refused.starts_with("cannot connect: 4 earlier connection attempts to"),
+            "{refused}"
+        );
+        // Closing the listener resets the connections, which ends the connecting threads and
+        // frees their places.
         drop(silent);
+        let ours = |server: &String| server.contains(&format!("port [{port}]"));
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while CONNECTING.lock().unwrap().keys().any(ours) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the attempts did not end"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
