@@ -199,12 +199,11 @@ pub fn build(
         }
     }
     let incompatibilities = incompatibilities(state, &by_service, &mut notes);
-    let mut schema: Vec<SchemaStage> = order
+    let applied: Vec<Applied<'_>> = order
         .iter()
-        .flat_map(|service| schema_reverts(state, by_service[service], options, &mut notes))
+        .flat_map(|service| applied_migrations(state, by_service[service], options, &mut notes))
         .collect();
-    // Two changes' migrations on one database: the newer change's are reverted first.
-    schema.sort_by_key(|stage| std::cmp::Reverse(stage.change));
+    let schema = schema_reverts(state, &applied);
     let recipes: BTreeMap<String, Vec<RecipeStep>> = order
         .iter()
         .filter_map(|service| {
@@ -261,28 +260,36 @@ pub fn build(
     Ok(plan)
 }
 
-/// The migrations a change applied that its rollback reverts, per database, newest first,
-/// after every app wave (an app version that needs a contract migration is gone by then).
-/// Expand migrations stay unless `revert_expand`: the old app works with them, and the plan
-/// says so. Each stage expects the fingerprint recorded before the first of the change's
-/// stages it undoes in full; it only checks agreement when it undoes part of one.
-fn schema_reverts(
-    state: &State,
-    change: &ChangeRecord,
+/// What one change applied on one database and its rollback may revert: its committed stages
+/// there in the order they ran, what each reverts, and what the plan notes.
+struct Applied<'a> {
+    change: &'a ChangeRecord,
+    database: &'a str,
+    /// The change's stages on this database that decided to commit (done, or still resolving:
+    /// the revert waits for it), oldest first, with their transactions.
+    stages: Vec<(&'a SchemaStage, &'a SchemaTxnRecord)>,
+    /// The versions to revert (expand ones kept unless asked, and none an earlier rollback of
+    /// the change already reverted).
+    reverted: BTreeSet<&'a str>,
+}
+
+/// The migrations a change applied that its rollback reverts, per database. Expand migrations
+/// stay unless `revert_expand`: the old app works with them, and the plan says so.
+fn applied_migrations<'a>(
+    state: &'a State,
+    change: &'a ChangeRecord,
     options: &PlanOptions,
     notes: &mut Vec<String>,
-) -> Vec<SchemaStage> {
+) -> Vec<Applied<'a>> {
     let mut databases: Vec<&str> = Vec::new();
     for stage in &change.schema {
         if !databases.contains(&stage.database.as_str()) {
             databases.push(&stage.database);
         }
     }
-    let mut reverts = Vec::new();
+    let mut found = Vec::new();
     for database in databases {
-        // The change's stages on this database decided to commit (done, or still resolving:
-        // the revert waits for it), in the order they ran.
-        let applied: Vec<(&SchemaStage, &SchemaTxnRecord)> = change
+        let stages: Vec<(&SchemaStage, &SchemaTxnRecord)> = change
             .schema
             .iter()
             .filter(|stage| stage.database == database)
@@ -320,17 +327,14 @@ fn schema_reverts(
                 .and_then(|versions| versions.get(version))
                 .is_some_and(|migration| migration.class == MigrationClass::Expand)
         };
-        let versions: Vec<String> = applied
-            .iter()
-            .flat_map(|(stage, _)| stage.versions.iter())
-            .rev()
+        let all = stages.iter().flat_map(|(stage, _)| stage.versions.iter());
+        let reverted: BTreeSet<&str> = all
+            .clone()
             .filter(|version| options.revert_expand || !is_expand(version))
             .filter(|version| !already.contains(version.as_str()))
-            .cloned()
+            .map(String::as_str)
             .collect();
-        let kept: Vec<&str> = applied
-            .iter()
-            .flat_map(|(stage, _)| stage.versions.iter())
+        let kept: Vec<&str> = all
             .filter(|version| !options.revert_expand && is_expand(version))
             .map(String::as_str)
             .collect();
@@ -344,33 +348,135 @@ fn schema_reverts(
                 if kept.len() == 1 { "s" } else { "" },
             ));
         }
-        if versions.is_empty() {
-            continue;
-        }
-        let reverted: BTreeSet<&str> = versions.iter().map(String::as_str).collect();
-        let expected_fingerprint = (0..applied.len())
-            .find(|&first| {
-                let undone: BTreeSet<&str> = applied[first..]
-                    .iter()
-                    .flat_map(|(stage, _)| stage.versions.iter().map(String::as_str))
-                    .collect();
-                undone == reverted
-            })
-            .map(|first| applied[first].1.fingerprint_before.clone())
-            .unwrap_or_default();
-        reverts.push(SchemaStage {
-            database: database.to_string(),
-            change: change.number,
-            service: change.service.clone(),
-            environment: environment_of(state, change),
-            versions,
-            down: true,
-            after_activation: true,
-            txn: 0,
-            expected_fingerprint,
+        found.push(Applied {
+            change,
+            database,
+            stages,
+            reverted,
         });
     }
-    reverts
+    found
+}
+
+/// The schema stages of a rollback, after every app wave (an app version that needs a contract
+/// migration is gone by then): per database, what was applied last is reverted first. Usually
+/// that is one stage per change and database, newer changes first, each reverting the change's
+/// migrations there newest first in one transaction. When changes' migrations on a database
+/// interleaved (one change's contract ran after another change's migrations), each change's
+/// stages are cut where another change's ran, so the reverts still go newest first.
+fn schema_reverts(state: &State, applied: &[Applied<'_>]) -> Vec<SchemaStage> {
+    // Runs of stages to revert together: (position of the change and database, stages).
+    let mut runs: Vec<(usize, Vec<(&SchemaStage, &SchemaTxnRecord)>)> = Vec::new();
+    let mut databases: Vec<&str> = applied.iter().map(|each| each.database).collect();
+    databases.sort_unstable();
+    databases.dedup();
+    for database in databases {
+        let here: Vec<(usize, &Applied<'_>)> = applied
+            .iter()
+            .enumerate()
+            .filter(|(_, each)| each.database == database)
+            .collect();
+        let span = |each: &Applied<'_>| {
+            let numbers = each.stages.iter().map(|(_, txn)| txn.number);
+            (numbers.clone().min(), numbers.max())
+        };
+        let interleaved = here.iter().enumerate().any(|(i, (_, one))| {
+            here[i + 1..].iter().any(|(_, other)| {
+                let ((Some(a0), Some(a1)), (Some(b0), Some(b1))) = (span(one), span(other)) else {
+                    return false;
+                };
+                a0 <= b1 && b0 <= a1
+            })
+        });
+        if !interleaved {
+            runs.extend(here.iter().map(|(at, each)| (*at, each.stages.clone())));
+            continue;
+        }
+        // Newest first across the changes, cut wherever the change differs.
+        let mut stages: Vec<(usize, (&SchemaStage, &SchemaTxnRecord))> = here
+            .iter()
+            .flat_map(|(at, each)| each.stages.iter().map(move |stage| (*at, *stage)))
+            .collect();
+        stages.sort_by_key(|(_, (_, txn))| std::cmp::Reverse(txn.number));
+        let mut cut: Vec<(usize, Vec<(&SchemaStage, &SchemaTxnRecord)>)> = Vec::new();
+        for (at, stage) in stages {
+            match cut.last_mut() {
+                Some((last, run)) if *last == at => run.insert(0, stage),
+                _ => cut.push((at, vec![stage])),
+            }
+        }
+        runs.extend(cut);
+    }
+    let mut reverts: Vec<(usize, u64, SchemaStage)> = runs
+        .into_iter()
+        .filter_map(|(at, run)| {
+            let newest = run.iter().map(|(_, txn)| txn.number).max()?;
+            Some((at, newest, revert_stage(state, &applied[at], &run)?))
+        })
+        .collect();
+    // Newer changes first (each change's databases in the order it used them); then, within
+    // each database, whatever was applied last goes first.
+    reverts.sort_by_key(|(at, _, _)| (std::cmp::Reverse(applied[*at].change.number), *at));
+    let mut by_database: BTreeMap<String, Vec<(u64, SchemaStage)>> = BTreeMap::new();
+    let mut slots = Vec::new();
+    for (_, newest, stage) in reverts {
+        slots.push(stage.database.clone());
+        by_database
+            .entry(stage.database.clone())
+            .or_default()
+            .push((newest, stage));
+    }
+    for stages in by_database.values_mut() {
+        // Stable, and reversed so popping takes the newest first.
+        stages.sort_by_key(|(newest, _)| *newest);
+    }
+    slots
+        .into_iter()
+        .filter_map(|database| Some(by_database.get_mut(&database)?.pop()?.1))
+        .collect()
+}
+
+/// One revert of `run`, some of a change's stages on a database (oldest first): their versions
+/// newest first, less those kept. It expects the fingerprint recorded before the first stage it
+/// undoes in full; it only checks agreement when it undoes part of one.
+fn revert_stage(
+    state: &State,
+    applied: &Applied<'_>,
+    run: &[(&SchemaStage, &SchemaTxnRecord)],
+) -> Option<SchemaStage> {
+    let versions: Vec<String> = run
+        .iter()
+        .flat_map(|(stage, _)| stage.versions.iter())
+        .rev()
+        .filter(|version| applied.reverted.contains(version.as_str()))
+        .cloned()
+        .collect();
+    if versions.is_empty() {
+        return None;
+    }
+    let reverted: BTreeSet<&str> = versions.iter().map(String::as_str).collect();
+    let expected_fingerprint = (0..run.len())
+        .find(|&first| {
+            let undone: BTreeSet<&str> = run[first..]
+                .iter()
+                .flat_map(|(stage, _)| stage.versions.iter().map(String::as_str))
+                .collect();
+            undone == reverted
+        })
+        .map(|first| run[first].1.fingerprint_before.clone())
+        .unwrap_or_default();
+    let change = applied.change;
+    Some(SchemaStage {
+        database: applied.database.to_string(),
+        change: change.number,
+        service: change.service.clone(),
+        environment: environment_of(state, change),
+        versions,
+        down: true,
+        after_activation: true,
+        txn: 0,
+        expected_fingerprint,
+    })
 }
 
 /// The change, if a rollback of it may start now.

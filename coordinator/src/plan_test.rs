@@ -406,3 +406,99 @@ fn hosts_without_a_usable_snapshot_are_named_and_left_out() {
         plan.notes
     );
 }
+
+/// Records that `change` applied `versions` on orders-db in schema transaction `txn`, committed,
+/// as if its stage had run (the transaction's phases are tested in apply_test).
+fn applied_on_orders_db(fleet: &mut Fleet, change: u64, txn: u64, versions: &[&str]) {
+    let record = fleet.state.changes.get_mut(&change).unwrap();
+    record.schema.push(SchemaStage {
+        database: "orders-db".into(),
+        change,
+        service: record.service.clone(),
+        environment: "default".into(),
+        versions: versions.iter().map(|version| version.to_string()).collect(),
+        down: false,
+        after_activation: true,
+        txn,
+        expected_fingerprint: String::new(),
+    });
+    fleet.state.schema_txns.insert(
+        txn,
+        SchemaTxnRecord {
+            number: txn,
+            database: "orders-db".into(),
+            environment: "default".into(),
+            down: false,
+            migrations: versions.iter().map(|version| version.to_string()).collect(),
+            owner: SchemaOwner::Change { change, stage: 0 },
+            by: String::new(),
+            accept_data_loss: String::new(),
+            expected_fingerprint: String::new(),
+            status: SchemaTxnStatus::Done,
+            decision: Some(SchemaDecision {
+                commit: true,
+                at_ms: 0,
+                reason: String::new(),
+            }),
+            shards: Vec::new(),
+            fingerprint_before: format!("sha256:before-st-{txn}"),
+            started_at_ms: 0,
+            finished_at_ms: 0,
+            committed: true,
+            verified: true,
+            accepted: false,
+            escalated: false,
+            detail: String::new(),
+        },
+    );
+}
+
+#[test]
+fn interleaved_migrations_of_two_changes_are_reverted_newest_first() {
+    let mut fleet = Fleet::new();
+    for service in ["orders", "billing"] {
+        fleet.service(service, &[]);
+        fleet.host(&format!("{service}-1"), "eu", &[service]);
+        fleet.release(service, "v1", 1, &[]);
+        fleet.release(service, "v2", 1, &[]);
+        fleet.deploy(service, "v1");
+    }
+    let orders = fleet.deploy("orders", "v2");
+    let billing = fleet.deploy("billing", "v2");
+    // orders' expand ran, then billing's migration, then orders' contract.
+    applied_on_orders_db(&mut fleet, orders, 1, &["0001"]);
+    applied_on_orders_db(&mut fleet, billing, 2, &["0002"]);
+    applied_on_orders_db(&mut fleet, orders, 3, &["0003"]);
+    let options = PlanOptions {
+        revert_expand: true,
+        ..PlanOptions::default()
+    };
+    let stages = |plan: plan::Plan| -> Vec<(u64, Vec<String>, String)> {
+        plan.schema
+            .into_iter()
+            .map(|stage| (stage.change, stage.versions, stage.expected_fingerprint))
+            .collect()
+    };
+    let both = stages(fleet.plan(&[orders, billing], &options).unwrap());
+    let expect = |change: u64, versions: &[&str], txn: u64| {
+        (
+            change,
+            versions.iter().map(|version| version.to_string()).collect(),
+            format!("sha256:before-st-{txn}"),
+        )
+    };
+    assert_eq!(
+        both,
+        vec![
+            expect(orders, &["0003"], 3),
+            expect(billing, &["0002"], 2),
+            expect(orders, &["0001"], 1),
+        ],
+        "each revert undoes exactly one transaction, the last applied first"
+    );
+    // Alone, a change's migrations on a database are reverted in one transaction.
+    assert_eq!(
+        stages(fleet.plan(&[orders], &options).unwrap()),
+        vec![expect(orders, &["0003", "0001"], 1)]
+    );
+}
