@@ -846,6 +846,20 @@ fn a_change_whose_database_lost_its_shards_fails_its_stage_instead_of_asking_aga
 }
 
 impl Harness {
+    /// Both shards check at `sha256:before` and prepare to `sha256:after`.
+    fn check_and_prepare_both(&mut self) {
+        for phase in [ShardPhase::Check, ShardPhase::Prepare] {
+            for host in ["db-1", "db-2"] {
+                let fingerprint = if phase == ShardPhase::Check {
+                    "sha256:before"
+                } else {
+                    "sha256:after"
+                };
+                self.shard_step(phase, host, true, report(host, fingerprint));
+            }
+        }
+    }
+
     fn shard_step(&mut self, phase: ShardPhase, host: &str, ok: bool, report: ShardReportRecord) {
         let step = StepTarget::Schema {
             txn: 1,
@@ -983,17 +997,7 @@ fn a_shard_resolved_by_hand_is_no_longer_retried_and_verify_judges_it() {
         refused.contains("st-1 is Checking: a shard is resolved by hand only while"),
         "{refused}"
     );
-    for host in ["db-1", "db-2"] {
-        harness.shard_step(ShardPhase::Check, host, true, report(host, "sha256:before"));
-    }
-    for host in ["db-1", "db-2"] {
-        harness.shard_step(
-            ShardPhase::Prepare,
-            host,
-            true,
-            report(host, "sha256:after"),
-        );
-    }
+    harness.check_and_prepare_both();
     harness.must(CommandKind::DecideSchemaTxn {
         txn: 1,
         commit: true,
@@ -1053,17 +1057,7 @@ fn a_shard_resolved_by_hand_is_no_longer_retried_and_verify_judges_it() {
 #[test]
 fn an_abort_with_a_shard_resolved_by_hand_is_verified_too() {
     let (mut harness, change) = sharded_change();
-    for host in ["db-1", "db-2"] {
-        harness.shard_step(ShardPhase::Check, host, true, report(host, "sha256:before"));
-    }
-    for host in ["db-1", "db-2"] {
-        harness.shard_step(
-            ShardPhase::Prepare,
-            host,
-            true,
-            report(host, "sha256:after"),
-        );
-    }
+    harness.check_and_prepare_both();
     harness.must(CommandKind::DecideSchemaTxn {
         txn: 1,
         commit: false,

@@ -939,7 +939,9 @@ fn same_database(shards: &[ShardRecord]) -> Option<String> {
     None
 }
 
-fn verification_problems(txn: &SchemaTxnRecord) -> Vec<String> {
+/// Shards that did not verify, or still hold this transaction prepared.
+fn leftover_problems(txn: &SchemaTxnRecord) -> Vec<String> {
+    let own = format!("-{}", txn.id());
     let mut problems = Vec::new();
     for shard in &txn.shards {
         if shard.verify.status != StepStatus::Succeeded {
@@ -948,7 +950,6 @@ fn verification_problems(txn: &SchemaTxnRecord) -> Vec<String> {
                 shard.host_id, shard.verify.detail
             ));
         }
-        let own = format!("-{}", txn.id());
         if shard.after.in_doubt.iter().any(|gid| gid.ends_with(&own)) {
             problems.push(format!(
                 "{} still holds a prepared transaction of {}",
@@ -957,6 +958,11 @@ fn verification_problems(txn: &SchemaTxnRecord) -> Vec<String> {
             ));
         }
     }
+    problems
+}
+
+fn verification_problems(txn: &SchemaTxnRecord) -> Vec<String> {
+    let mut problems = leftover_problems(txn);
     if !problems.is_empty() {
         return problems;
     }
@@ -983,29 +989,17 @@ fn verification_problems(txn: &SchemaTxnRecord) -> Vec<String> {
 /// What an aborted transaction left behind: a shard that did not verify, still holds its
 /// prepared transaction, or whose schema is not the one checked before.
 fn abort_problems(txn: &SchemaTxnRecord) -> Vec<String> {
-    let own = format!("-{}", txn.id());
-    let mut problems = Vec::new();
-    for shard in &txn.shards {
-        if shard.verify.status != StepStatus::Succeeded {
-            problems.push(format!(
-                "{} did not verify: {}",
-                shard.host_id, shard.verify.detail
-            ));
-        } else if shard.after.in_doubt.iter().any(|gid| gid.ends_with(&own)) {
-            problems.push(format!(
-                "{} still holds a prepared transaction of {}",
-                shard.host_id,
-                txn.id()
-            ));
-        } else if !txn.fingerprint_before.is_empty()
-            && shard.after.fingerprint != txn.fingerprint_before
-        {
-            problems.push(format!(
-                "{} has fingerprint {}, not {} as checked before",
-                shard.host_id,
-                short(&shard.after.fingerprint),
-                short(&txn.fingerprint_before)
-            ));
+    let mut problems = leftover_problems(txn);
+    if problems.is_empty() && !txn.fingerprint_before.is_empty() {
+        for shard in &txn.shards {
+            if shard.after.fingerprint != txn.fingerprint_before {
+                problems.push(format!(
+                    "{} has fingerprint {}, not {} as checked before",
+                    shard.host_id,
+                    short(&shard.after.fingerprint),
+                    short(&txn.fingerprint_before)
+                ));
+            }
         }
     }
     problems
