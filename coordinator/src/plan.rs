@@ -367,6 +367,8 @@ fn applied_migrations<'a>(
 fn schema_reverts(state: &State, applied: &[Applied<'_>]) -> Vec<SchemaStage> {
     // Runs of stages to revert together: (position of the change and database, stages).
     let mut runs: Vec<(usize, Vec<(&SchemaStage, &SchemaTxnRecord)>)> = Vec::new();
+    // Databases whose reverts do not simply follow change order.
+    let mut reordered: BTreeSet<&str> = BTreeSet::new();
     let mut databases: Vec<&str> = applied.iter().map(|each| each.database).collect();
     databases.sort_unstable();
     databases.dedup();
@@ -380,14 +382,24 @@ fn schema_reverts(state: &State, applied: &[Applied<'_>]) -> Vec<SchemaStage> {
             let numbers = each.stages.iter().map(|(_, txn)| txn.number);
             (numbers.clone().min(), numbers.max())
         };
-        let interleaved = here.iter().enumerate().any(|(i, (_, one))| {
-            here[i + 1..].iter().any(|(_, other)| {
+        // Two changes' transactions overlap (interleaved), or an older change's all ran after a
+        // newer one's (out of order): either way, change order is not the order to revert in.
+        let (mut interleaved, mut out_of_order) = (false, false);
+        for (i, (_, one)) in here.iter().enumerate() {
+            for (_, other) in &here[i + 1..] {
                 let ((Some(a0), Some(a1)), (Some(b0), Some(b1))) = (span(one), span(other)) else {
-                    return false;
+                    continue;
                 };
-                a0 <= b1 && b0 <= a1
-            })
-        });
+                if a0 <= b1 && b0 <= a1 {
+                    interleaved = true;
+                } else if (one.change.number > other.change.number) != (a0 > b1) {
+                    out_of_order = true;
+                }
+            }
+        }
+        if interleaved || out_of_order {
+            reordered.insert(database);
+        }
         if !interleaved {
             runs.extend(here.iter().map(|(at, each)| (*at, each.stages.clone())));
             continue;
@@ -414,8 +426,8 @@ fn schema_reverts(state: &State, applied: &[Applied<'_>]) -> Vec<SchemaStage> {
             Some((at, newest, revert_stage(state, &applied[at], &run)?))
         })
         .collect();
-    // Newer changes first (each change's databases in the order it used them); then, within
-    // each database, whatever was applied last goes first.
+    // Newer changes first (each change's databases in the order it used them), as plans always
+    // were; then, within each reordered database, whatever was applied last goes first.
     reverts.sort_by_key(|(at, _, _)| (std::cmp::Reverse(applied[*at].change.number), *at));
     let mut by_database: BTreeMap<String, Vec<(u64, SchemaStage)>> = BTreeMap::new();
     let mut slots = Vec::new();
@@ -426,9 +438,14 @@ fn schema_reverts(state: &State, applied: &[Applied<'_>]) -> Vec<SchemaStage> {
             .or_default()
             .push((newest, stage));
     }
-    for stages in by_database.values_mut() {
-        // Stable, and reversed so popping takes the newest first.
-        stages.sort_by_key(|(newest, _)| *newest);
+    for (database, stages) in by_database.iter_mut() {
+        if reordered.contains(database.as_str()) {
+            // Popping takes the newest first.
+            stages.sort_by_key(|(newest, _)| *newest);
+        } else {
+            // Popping keeps the change order.
+            stages.reverse();
+        }
     }
     slots
         .into_iter()

@@ -410,9 +410,13 @@ fn hosts_without_a_usable_snapshot_are_named_and_left_out() {
 /// Records that `change` applied `versions` on orders-db in schema transaction `txn`, committed,
 /// as if its stage had run (the transaction's phases are tested in apply_test).
 fn applied_on_orders_db(fleet: &mut Fleet, change: u64, txn: u64, versions: &[&str]) {
+    applied_on(fleet, "orders-db", change, txn, versions);
+}
+
+fn applied_on(fleet: &mut Fleet, database: &str, change: u64, txn: u64, versions: &[&str]) {
     let record = fleet.state.changes.get_mut(&change).unwrap();
     record.schema.push(SchemaStage {
-        database: "orders-db".into(),
+        database: database.into(),
         change,
         service: record.service.clone(),
         environment: "default".into(),
@@ -426,7 +430,7 @@ fn applied_on_orders_db(fleet: &mut Fleet, change: u64, txn: u64, versions: &[&s
         txn,
         SchemaTxnRecord {
             number: txn,
-            database: "orders-db".into(),
+            database: database.into(),
             environment: "default".into(),
             down: false,
             migrations: versions.iter().map(|version| version.to_string()).collect(),
@@ -453,8 +457,8 @@ fn applied_on_orders_db(fleet: &mut Fleet, change: u64, txn: u64, versions: &[&s
     );
 }
 
-#[test]
-fn interleaved_migrations_of_two_changes_are_reverted_newest_first() {
+/// orders and billing, each deployed v1 then v2 (orders' change first).
+fn two_services() -> (Fleet, u64, u64) {
     let mut fleet = Fleet::new();
     for service in ["orders", "billing"] {
         fleet.service(service, &[]);
@@ -465,6 +469,55 @@ fn interleaved_migrations_of_two_changes_are_reverted_newest_first() {
     }
     let orders = fleet.deploy("orders", "v2");
     let billing = fleet.deploy("billing", "v2");
+    (fleet, orders, billing)
+}
+
+fn schema_order(plan: plan::Plan) -> Vec<(u64, String, Vec<String>)> {
+    plan.schema
+        .into_iter()
+        .map(|stage| (stage.change, stage.database, stage.versions))
+        .collect()
+}
+
+#[test]
+fn migrations_applied_in_change_order_are_reverted_newest_change_first_as_always() {
+    let (mut fleet, orders, billing) = two_services();
+    applied_on(&mut fleet, "a-db", orders, 1, &["a1"]);
+    applied_on(&mut fleet, "b-db", orders, 2, &["b1"]);
+    applied_on(&mut fleet, "b-db", billing, 3, &["b2"]);
+    applied_on(&mut fleet, "a-db", billing, 4, &["a2"]);
+    let plan = fleet
+        .plan(&[orders, billing], &PlanOptions::default())
+        .unwrap();
+    let stage = |change: u64, database: &str, version: &str| {
+        (change, database.to_string(), vec![version.to_string()])
+    };
+    // The newer change first, each change's databases in the order it used them.
+    assert_eq!(
+        schema_order(plan),
+        vec![
+            stage(billing, "b-db", "b2"),
+            stage(billing, "a-db", "a2"),
+            stage(orders, "a-db", "a1"),
+            stage(orders, "b-db", "b1"),
+        ]
+    );
+    // An older change whose migration ran after the newer one's is reverted first.
+    let (mut fleet, orders, billing) = two_services();
+    applied_on(&mut fleet, "a-db", billing, 1, &["a2"]);
+    applied_on(&mut fleet, "a-db", orders, 2, &["a1"]);
+    let plan = fleet
+        .plan(&[orders, billing], &PlanOptions::default())
+        .unwrap();
+    assert_eq!(
+        schema_order(plan),
+        vec![stage(orders, "a-db", "a1"), stage(billing, "a-db", "a2")]
+    );
+}
+
+#[test]
+fn interleaved_migrations_of_two_changes_are_reverted_newest_first() {
+    let (mut fleet, orders, billing) = two_services();
     // orders' expand ran, then billing's migration, then orders' contract.
     applied_on_orders_db(&mut fleet, orders, 1, &["0001"]);
     applied_on_orders_db(&mut fleet, billing, 2, &["0002"]);

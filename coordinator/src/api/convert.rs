@@ -527,32 +527,16 @@ pub fn plan(
             .iter()
             .map(|stage| pb::PlannedSchemaRevert {
                 database: stage.database.clone(),
-                change_id: plan
-                    .changes
-                    .iter()
-                    .filter_map(|number| state.changes.get(number))
-                    .find(|change| {
-                        change
-                            .schema
-                            .iter()
-                            .any(|applied| applied.database == stage.database)
-                    })
-                    .map(|change| change.id())
-                    .unwrap_or_default(),
+                // Each stage names the change whose migrations it reverts (two changes' stages
+                // on one database may alternate) and that change's environment.
+                change_id: change_id(stage.change),
                 versions: stage.versions.clone(),
                 expected_fingerprint: stage.expected_fingerprint.clone(),
-                shards: plan
-                    .changes
-                    .first()
-                    .and_then(|number| state.changes.get(number))
-                    .map(|change| {
-                        crate::state_machine::schema::shards_of(
-                            state,
-                            &stage.database,
-                            &change.environment,
-                        )
-                    })
-                    .unwrap_or_default(),
+                shards: crate::state_machine::schema::shards_of(
+                    state,
+                    &stage.database,
+                    &stage.environment,
+                ),
             })
             .collect(),
         plan_hash: plan.hash.clone(),

@@ -50,7 +50,9 @@ pub struct Engine {
 /// Engine proposals the state machine refused, by their exact command. Losing a race is normal
 /// and the next tick decides anew; but a decision the state keeps producing and refusing would
 /// be proposed at every tick, each time a Raft log entry. So the same command refused again is
-/// proposed less and less often (1 s, doubling, at most a minute), and said once at warn.
+/// proposed less and less often (1 s, doubling, at most 10 s), and said once at warn. Only the
+/// state machine's refusals count: a full queue, a lost leadership or a storage error says
+/// nothing about the command.
 #[derive(Default)]
 struct RefusedProposals {
     by_command: HashMap<String, Refused>,
@@ -62,7 +64,7 @@ struct Refused {
 }
 
 const REFUSED_FIRST_BACKOFF_MS: u64 = 1_000;
-const REFUSED_MAX_BACKOFF_MS: u64 = 60_000;
+const REFUSED_MAX_BACKOFF_MS: u64 = 10_000;
 
 impl RefusedProposals {
     fn key(kind: &CommandKind) -> String {
@@ -207,6 +209,11 @@ impl Engine {
                         Ok(()) => {}
                         Err(error) => {
                             refused = true;
+                            let by_the_state = !error.is_retriable()
+                                && !matches!(error, CoordinatorError::NotLeader { .. });
+                            if !by_the_state {
+                                continue;
+                            }
                             if refusals.refused(key.clone(), now_ms) == 3 {
                                 warn!(
                                     %error,
@@ -423,7 +430,7 @@ mod tests {
         assert_eq!(
             waits,
             [
-                1_000, 2_000, 4_000, 8_000, 16_000, 32_000, 60_000, 60_000, 60_000
+                1_000, 2_000, 4_000, 8_000, 10_000, 10_000, 10_000, 10_000, 10_000
             ]
         );
         // Once the state no longer leads to it, it is forgotten.

@@ -939,30 +939,32 @@ fn same_database(shards: &[ShardRecord]) -> Option<String> {
     None
 }
 
-/// Shards that did not verify, or still hold this transaction prepared.
-fn leftover_problems(txn: &SchemaTxnRecord) -> Vec<String> {
-    let own = format!("-{}", txn.id());
+/// Whether a shard did not verify, or still holds this transaction prepared.
+fn leftovers(txn: &SchemaTxnRecord, shard: &ShardRecord) -> Vec<String> {
     let mut problems = Vec::new();
-    for shard in &txn.shards {
-        if shard.verify.status != StepStatus::Succeeded {
-            problems.push(format!(
-                "{} did not verify: {}",
-                shard.host_id, shard.verify.detail
-            ));
-        }
-        if shard.after.in_doubt.iter().any(|gid| gid.ends_with(&own)) {
-            problems.push(format!(
-                "{} still holds a prepared transaction of {}",
-                shard.host_id,
-                txn.id()
-            ));
-        }
+    if shard.verify.status != StepStatus::Succeeded {
+        problems.push(format!(
+            "{} did not verify: {}",
+            shard.host_id, shard.verify.detail
+        ));
+    }
+    let own = format!("-{}", txn.id());
+    if shard.after.in_doubt.iter().any(|gid| gid.ends_with(&own)) {
+        problems.push(format!(
+            "{} still holds a prepared transaction of {}",
+            shard.host_id,
+            txn.id()
+        ));
     }
     problems
 }
 
 fn verification_problems(txn: &SchemaTxnRecord) -> Vec<String> {
-    let mut problems = leftover_problems(txn);
+    let mut problems: Vec<String> = txn
+        .shards
+        .iter()
+        .flat_map(|shard| leftovers(txn, shard))
+        .collect();
     if !problems.is_empty() {
         return problems;
     }
@@ -989,17 +991,20 @@ fn verification_problems(txn: &SchemaTxnRecord) -> Vec<String> {
 /// What an aborted transaction left behind: a shard that did not verify, still holds its
 /// prepared transaction, or whose schema is not the one checked before.
 fn abort_problems(txn: &SchemaTxnRecord) -> Vec<String> {
-    let mut problems = leftover_problems(txn);
-    if problems.is_empty() && !txn.fingerprint_before.is_empty() {
-        for shard in &txn.shards {
-            if shard.after.fingerprint != txn.fingerprint_before {
-                problems.push(format!(
-                    "{} has fingerprint {}, not {} as checked before",
-                    shard.host_id,
-                    short(&shard.after.fingerprint),
-                    short(&txn.fingerprint_before)
-                ));
-            }
+    let mut problems = Vec::new();
+    for shard in &txn.shards {
+        let left = leftovers(txn, shard);
+        if !left.is_empty() {
+            problems.extend(left);
+        } else if !txn.fingerprint_before.is_empty()
+            && shard.after.fingerprint != txn.fingerprint_before
+        {
+            problems.push(format!(
+                "{} has fingerprint {}, not {} as checked before",
+                shard.host_id,
+                short(&shard.after.fingerprint),
+                short(&txn.fingerprint_before)
+            ));
         }
     }
     problems
