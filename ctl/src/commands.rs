@@ -305,10 +305,31 @@ pub enum ChangeCommand {
     Status {
         change_id: String,
     },
+    /// Changes, newest first, a page at a time.
     List {
         #[arg(long, default_value = "")]
         service: String,
+        #[command(flatten)]
+        page: PageArgs,
     },
+}
+
+/// A page of a list: how many, and where it starts.
+#[derive(Clone, clap::Args)]
+pub struct PageArgs {
+    /// At most this many (at most 1000).
+    #[arg(long, default_value_t = 100)]
+    limit: u32,
+    /// Only those older than this id (the previous page's last, as the list says).
+    #[arg(long, default_value = "")]
+    before: String,
+}
+
+/// Says how to get the next page, when there is one.
+fn next_page(command: &str, next_before: &str) {
+    if !next_before.is_empty() {
+        println!("(more: rewindctl {command} --before {next_before})");
+    }
 }
 
 #[derive(Clone, Subcommand)]
@@ -359,7 +380,11 @@ pub enum RollbackCommand {
     Status {
         rollback_id: String,
     },
-    List,
+    /// Rollbacks, newest first, a page at a time (`status` shows one's steps).
+    List {
+        #[command(flatten)]
+        page: PageArgs,
+    },
     /// Follow a rollback live until it ends; exit 0 only if it succeeded.
     Watch {
         rollback_id: String,
@@ -897,9 +922,13 @@ async fn change(
                 .into_inner()
                 .change
         }
-        ChangeCommand::List { service } => {
+        ChangeCommand::List { service, page } => {
             let changes = client
-                .list_changes(pb::ListChangesRequest { service })
+                .list_changes(pb::ListChangesRequest {
+                    service,
+                    limit: page.limit,
+                    before: page.before,
+                })
                 .await
                 .map_err(explain)?
                 .into_inner();
@@ -927,6 +956,7 @@ async fn change(
                     ],
                     rows,
                 );
+                next_page("change list", &changes.next_before);
             }
             return Ok(ExitCode::SUCCESS);
         }
@@ -1058,9 +1088,12 @@ async fn rollback(
             .into_inner()
             .rollback
             .context("no rollback in the answer")?,
-        RollbackCommand::List => {
+        RollbackCommand::List { page } => {
             let rollbacks = client
-                .list_rollbacks(pb::ListRollbacksRequest {})
+                .list_rollbacks(pb::ListRollbacksRequest {
+                    limit: page.limit,
+                    before: page.before,
+                })
                 .await
                 .map_err(explain)?
                 .into_inner();
@@ -1089,6 +1122,7 @@ async fn rollback(
                     ],
                     rows,
                 );
+                next_page("rollback list", &rollbacks.next_before);
             }
             return Ok(ExitCode::SUCCESS);
         }

@@ -115,13 +115,41 @@ async fn bad_health_after_a_change_rolls_every_host_back_to_its_exact_state() {
     // Only one automatic rollback per change, and a finished one is not repeated.
     let again = pb::StartRollbackRequest {
         request_id: "again".into(),
-        change_id: second,
+        change_id: second.clone(),
         reason: String::new(),
         max_parallel: 0,
         ..Default::default()
     };
     let refused = client.start_rollback(again).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::AlreadyExists, "{refused:?}");
+
+    // Lists go newest first, a page at a time; a listed rollback comes without its steps.
+    let mut pages = Vec::new();
+    let mut before = String::new();
+    loop {
+        let page = client
+            .list_changes(pb::ListChangesRequest {
+                service: "web".into(),
+                limit: 1,
+                before: before.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pages.extend(page.changes.into_iter().map(|change| change.change_id));
+        if page.next_before.is_empty() {
+            break;
+        }
+        before = page.next_before;
+    }
+    assert_eq!(pages, vec![second.clone(), first.clone()]);
+    let listed = client
+        .list_rollbacks(pb::ListRollbacksRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.rollbacks.len(), 1);
+    assert!(listed.rollbacks[0].steps.is_empty() && listed.next_before.is_empty());
 
     let verification = client
         .verify_audit(pb::VerifyAuditRequest {})

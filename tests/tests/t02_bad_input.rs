@@ -399,6 +399,26 @@ async fn bad_requests_are_refused_with_the_field_named_and_change_nothing() {
         Code::NotFound,
         "no schema transaction st-9",
     );
+    assert_status(
+        client
+            .list_changes(pb::ListChangesRequest {
+                limit: 1001,
+                ..Default::default()
+            })
+            .await,
+        Code::InvalidArgument,
+        "limit: is 1001, at most 1000 are returned at once",
+    );
+    assert_status(
+        client
+            .list_rollbacks(pb::ListRollbacksRequest {
+                limit: 0,
+                before: "ch-3".into(),
+            })
+            .await,
+        Code::InvalidArgument,
+        "before: \"ch-3\" is not an id like rb-12",
+    );
     let by_hand = |txn_id: &str, host_id: &str, reason: &str| pb::ResolvedByHandRequest {
         request_id: String::new(),
         txn_id: txn_id.into(),

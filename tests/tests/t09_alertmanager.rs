@@ -204,7 +204,7 @@ silence-lease-s = 30
             let mut client = client.clone();
             async move {
                 client
-                    .list_rollbacks(pb::ListRollbacksRequest {})
+                    .list_rollbacks(pb::ListRollbacksRequest::default())
                     .await
                     .ok()?
                     .into_inner()

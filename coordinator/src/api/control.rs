@@ -25,6 +25,8 @@ const MAX_SYNTHETICS: usize = 16;
 const MAX_FLAGS_PER_CHANGE: usize = 64;
 /// Most audit entries one call returns.
 const MAX_AUDIT_PAGE: u32 = 1000;
+/// The most changes or rollbacks one list answer holds.
+const MAX_LIST_PAGE: u32 = 1000;
 
 pub struct Control {
     pub context: Context,
@@ -454,17 +456,29 @@ impl ControlService for Control {
         &self,
         request: Request<pb::ListChangesRequest>,
     ) -> Result<Response<pb::ListChangesResponse>, Status> {
+        let request = request.into_inner();
+        let (limit, before) = page(request.limit, "ch", &request.before)?;
         self.context.current().await?;
-        let service = request.into_inner().service;
-        let changes = self.context.node.read(|state| {
-            state
+        let service = request.service;
+        let (changes, more) = self.context.node.read(|state| {
+            let mut matching = state
                 .changes
-                .values()
-                .filter(|change| service.is_empty() || change.service == service)
-                .map(convert::change)
-                .collect()
+                .range(..before)
+                .rev()
+                .map(|(_, change)| change)
+                .filter(|change| service.is_empty() || change.service == service);
+            let changes: Vec<pb::Change> =
+                matching.by_ref().take(limit).map(convert::change).collect();
+            (changes, matching.next().is_some())
         });
-        Ok(Response::new(pb::ListChangesResponse { changes }))
+        let next_before = match changes.last() {
+            Some(last) if more => last.change_id.clone(),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListChangesResponse {
+            changes,
+            next_before,
+        }))
     }
 
     async fn plan_rollback(
@@ -625,17 +639,31 @@ impl ControlService for Control {
 
     async fn list_rollbacks(
         &self,
-        _request: Request<pb::ListRollbacksRequest>,
+        request: Request<pb::ListRollbacksRequest>,
     ) -> Result<Response<pb::ListRollbacksResponse>, Status> {
+        let request = request.into_inner();
+        let (limit, before) = page(request.limit, "rb", &request.before)?;
         self.context.current().await?;
-        let rollbacks = self.context.node.read(|state| {
-            state
-                .rollbacks
-                .values()
-                .map(|record| convert::rollback(state, record))
-                .collect()
+        let (rollbacks, more) = self.context.node.read(|state| {
+            let mut older = state.rollbacks.range(..before).rev();
+            let rollbacks: Vec<pb::Rollback> = older
+                .by_ref()
+                .take(limit)
+                .map(|(_, record)| pb::Rollback {
+                    steps: Vec::new(),
+                    ..convert::rollback(state, record)
+                })
+                .collect();
+            (rollbacks, older.next().is_some())
         });
-        Ok(Response::new(pb::ListRollbacksResponse { rollbacks }))
+        let next_before = match rollbacks.last() {
+            Some(last) if more => last.rollback_id.clone(),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListRollbacksResponse {
+            rollbacks,
+            next_before,
+        }))
     }
 
     type WatchRollbackStream = WatchStream;
@@ -1388,6 +1416,27 @@ pub(super) fn validate_reason(reason: &str) -> Result<(), Status> {
         ));
     }
     Ok(())
+}
+
+/// A list page's size (0: 100, at most 1000) and the number below which it starts (`before`,
+/// an id like `ch-12`; empty: from the newest).
+fn page(limit: u32, prefix: &str, before: &str) -> Result<(usize, u64), Status> {
+    let limit = match limit {
+        0 => 100,
+        limit if limit > MAX_LIST_PAGE => {
+            return Err(invalid(
+                "limit",
+                format!("is {limit}, at most {MAX_LIST_PAGE} are returned at once"),
+            ));
+        }
+        limit => limit,
+    } as usize;
+    let before = if before.is_empty() {
+        u64::MAX
+    } else {
+        parse_id("before", prefix, before)?
+    };
+    Ok((limit, before))
 }
 
 /// Parses `ch-12` / `rb-3`, naming the field and the expected shape when it is not one.
