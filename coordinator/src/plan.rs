@@ -203,7 +203,7 @@ pub fn build(
         .iter()
         .flat_map(|service| applied_migrations(state, by_service[service], options, &mut notes))
         .collect();
-    let schema = schema_reverts(state, &applied);
+    let schema = schema_reverts(state, &applied, &mut notes);
     let recipes: BTreeMap<String, Vec<RecipeStep>> = order
         .iter()
         .filter_map(|service| {
@@ -364,7 +364,11 @@ fn applied_migrations<'a>(
 /// migrations there newest first in one transaction. When changes' migrations on a database
 /// interleaved (one change's contract ran after another change's migrations), each change's
 /// stages are cut where another change's ran, so the reverts still go newest first.
-fn schema_reverts(state: &State, applied: &[Applied<'_>]) -> Vec<SchemaStage> {
+fn schema_reverts(
+    state: &State,
+    applied: &[Applied<'_>],
+    notes: &mut Vec<String>,
+) -> Vec<SchemaStage> {
     // Runs of stages to revert together: (position of the change and database, stages).
     let mut runs: Vec<(usize, Vec<(&SchemaStage, &SchemaTxnRecord)>)> = Vec::new();
     // Databases whose reverts do not simply follow change order.
@@ -423,7 +427,7 @@ fn schema_reverts(state: &State, applied: &[Applied<'_>]) -> Vec<SchemaStage> {
         .into_iter()
         .filter_map(|(at, run)| {
             let newest = run.iter().map(|(_, txn)| txn.number).max()?;
-            Some((at, newest, revert_stage(state, &applied[at], &run)?))
+            Some((at, newest, revert_stage(state, &applied[at], &run, notes)?))
         })
         .collect();
     // Newer changes first (each change's databases in the order it used them), as plans always
@@ -460,6 +464,7 @@ fn revert_stage(
     state: &State,
     applied: &Applied<'_>,
     run: &[(&SchemaStage, &SchemaTxnRecord)],
+    notes: &mut Vec<String>,
 ) -> Option<SchemaStage> {
     let versions: Vec<String> = run
         .iter()
@@ -472,17 +477,53 @@ fn revert_stage(
         return None;
     }
     let reverted: BTreeSet<&str> = versions.iter().map(String::as_str).collect();
-    let expected_fingerprint = (0..run.len())
-        .find(|&first| {
-            let undone: BTreeSet<&str> = run[first..]
-                .iter()
-                .flat_map(|(stage, _)| stage.versions.iter().map(String::as_str))
-                .collect();
-            undone == reverted
-        })
+    let first_undone = (0..run.len()).find(|&first| {
+        let undone: BTreeSet<&str> = run[first..]
+            .iter()
+            .flat_map(|(stage, _)| stage.versions.iter().map(String::as_str))
+            .collect();
+        undone == reverted
+    });
+    let mut expected_fingerprint = first_undone
         .map(|first| run[first].1.fingerprint_before.clone())
         .unwrap_or_default();
     let change = applied.change;
+    // Another change's migrations that ran in between and stay (it is not rolled back) keep
+    // the schema from returning to that fingerprint: the shards can only be asked to agree.
+    if let (Some(first), Some((_, last))) = (first_undone, run.last())
+        && run[first].1.number < last.number
+    {
+        let ours: BTreeSet<u64> = run.iter().map(|(_, txn)| txn.number).collect();
+        // Both ends are ours, and left out below.
+        let between: Vec<String> = state
+            .schema_txns
+            .range(run[first].1.number..last.number)
+            .map(|(_, txn)| txn)
+            .filter(|txn| {
+                !txn.down
+                    && txn.database == applied.database
+                    && txn.environment == last.environment
+                    && !ours.contains(&txn.number)
+                    && txn
+                        .decision
+                        .as_ref()
+                        .is_some_and(|decision| decision.commit)
+            })
+            .map(|txn| format!("{} ({})", txn.migrations.join(", "), txn.id()))
+            .collect();
+        if !between.is_empty() {
+            expected_fingerprint.clear();
+            notes.push(format!(
+                "{} of {} ran between {}'s migrations there and stay{}: reverting {} cannot \
+                 bring back the schema from before it, so the shards are only checked to agree",
+                between.join(" and "),
+                applied.database,
+                change.id(),
+                if between.len() == 1 { "s" } else { "" },
+                versions.join(", ")
+            ));
+        }
+    }
     Some(SchemaStage {
         database: applied.database.to_string(),
         change: change.number,
