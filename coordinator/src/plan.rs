@@ -10,6 +10,7 @@
 //! `max_unavailable`.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -289,7 +290,7 @@ fn applied_migrations<'a>(
     }
     let mut found = Vec::new();
     for database in databases {
-        let stages: Vec<(&SchemaStage, &SchemaTxnRecord)> = change
+        let mut stages: Vec<(&SchemaStage, &SchemaTxnRecord)> = change
             .schema
             .iter()
             .filter(|stage| stage.database == database)
@@ -300,6 +301,9 @@ fn applied_migrations<'a>(
                     .is_some_and(|decision| decision.commit)
             })
             .collect();
+        // In the order they ran (a change's stages are kept in the order its migrations were
+        // named, and an expand stage runs before a contract one named earlier).
+        stages.sort_by_key(|(_, txn)| txn.number);
         // What an earlier rollback of this change (aborted after its schema revert committed)
         // already reverted is not reverted again.
         let already: BTreeSet<&str> = state
@@ -427,7 +431,14 @@ fn schema_reverts(
         .into_iter()
         .filter_map(|(at, run)| {
             let newest = run.iter().map(|(_, txn)| txn.number).max()?;
-            Some((at, newest, revert_stage(state, &applied[at], &run, notes)?))
+            // Everything this plan reverts on the run's database, whichever change applied it.
+            let planned: BTreeSet<&str> = applied
+                .iter()
+                .filter(|each| each.database == applied[at].database)
+                .flat_map(|each| each.reverted.iter().copied())
+                .collect();
+            let stage = revert_stage(state, &applied[at], &run, &planned, notes)?;
+            Some((at, newest, stage))
         })
         .collect();
     // Newer changes first (each change's databases in the order it used them), as plans always
@@ -464,6 +475,7 @@ fn revert_stage(
     state: &State,
     applied: &Applied<'_>,
     run: &[(&SchemaStage, &SchemaTxnRecord)],
+    planned: &BTreeSet<&str>,
     notes: &mut Vec<String>,
 ) -> Option<SchemaStage> {
     let versions: Vec<String> = run
@@ -484,43 +496,63 @@ fn revert_stage(
             .collect();
         undone == reverted
     });
-    let mut expected_fingerprint = first_undone
+    let expected_fingerprint = first_undone
         .map(|first| run[first].1.fingerprint_before.clone())
         .unwrap_or_default();
     let change = applied.change;
-    // Another change's migrations that ran in between and stay (it is not rolled back) keep
-    // the schema from returning to that fingerprint: the shards can only be asked to agree.
-    if let (Some(first), Some((_, last))) = (first_undone, run.last())
-        && run[first].1.number < last.number
-    {
-        let ours: BTreeSet<u64> = run.iter().map(|(_, txn)| txn.number).collect();
-        // Both ends are ours, and left out below.
-        let between: Vec<String> = state
-            .schema_txns
-            .range(run[first].1.number..last.number)
-            .map(|(_, txn)| txn)
-            .filter(|txn| {
-                !txn.down
-                    && txn.database == applied.database
-                    && txn.environment == last.environment
-                    && !ours.contains(&txn.number)
-                    && txn
-                        .decision
-                        .as_ref()
-                        .is_some_and(|decision| decision.commit)
-            })
-            .map(|txn| format!("{} ({})", txn.migrations.join(", "), txn.id()))
-            .collect();
-        if !between.is_empty() {
-            expected_fingerprint.clear();
+    // A migration applied after the oldest one reverted here that this plan leaves applied
+    // (another change's, not rolled back, or an expand kept) makes every shard refuse the
+    // revert at check: say so in the plan, before anyone starts it.
+    let oldest = run
+        .iter()
+        .find(|(stage, _)| {
+            stage
+                .versions
+                .iter()
+                .any(|version| reverted.contains(version.as_str()))
+        })
+        .map(|(_, txn)| txn.number);
+    if let (Some(oldest), Some((_, last))) = (oldest, run.last()) {
+        // Version -> the transaction that applied it, as it stands after `oldest`.
+        let mut staying: BTreeMap<&str, String> = BTreeMap::new();
+        let after = (Bound::Excluded(oldest), Bound::Unbounded);
+        for (_, txn) in state.schema_txns.range(after) {
+            let committed = txn
+                .decision
+                .as_ref()
+                .is_some_and(|decision| decision.commit);
+            if !committed || txn.database != applied.database || txn.environment != last.environment
+            {
+                continue;
+            }
+            for version in &txn.migrations {
+                if txn.down {
+                    staying.remove(version.as_str());
+                } else {
+                    staying.insert(version, txn.id());
+                }
+            }
+        }
+        staying.retain(|version, _| !planned.contains(version));
+        if !staying.is_empty() {
+            let named: Vec<String> = staying
+                .iter()
+                .map(|(version, txn)| format!("{version} ({txn})"))
+                .collect();
             notes.push(format!(
-                "{} of {} ran between {}'s migrations there and stay{}: reverting {} cannot \
-                 bring back the schema from before it, so the shards are only checked to agree",
-                between.join(" and "),
+                "{} of {} {} applied after {}'s {} and stay{}: every shard will refuse that \
+                 revert until {} reverted first",
+                named.join(", "),
                 applied.database,
+                if named.len() == 1 { "was" } else { "were" },
                 change.id(),
-                if between.len() == 1 { "s" } else { "" },
-                versions.join(", ")
+                versions.join(", "),
+                if named.len() == 1 { "s" } else { "" },
+                if named.len() == 1 {
+                    "it is"
+                } else {
+                    "they are"
+                },
             ));
         }
     }

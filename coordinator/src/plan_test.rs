@@ -550,22 +550,24 @@ fn interleaved_migrations_of_two_changes_are_reverted_newest_first() {
         "each revert undoes exactly one transaction, the last applied first"
     );
     // Alone, a change's migrations on a database are reverted in one transaction; billing's,
-    // which ran between them, stays, so that revert cannot bring back the schema from before
-    // and the shards are only checked to agree.
+    // which ran between them, stays, and the plan warns that every shard will refuse that.
     let alone = fleet.plan(&[orders], &options).unwrap();
     assert!(
         alone.notes.iter().any(|note| note
             == &format!(
-                "0002 (st-2) of orders-db ran between {}'s migrations there and stays: reverting \
-                 0003, 0001 cannot bring back the schema from before it, so the shards are only \
-                 checked to agree",
+                "0002 (st-2) of orders-db was applied after {}'s 0003, 0001 and stays: every \
+                 shard will refuse that revert until it is reverted first",
                 change_id(orders)
             )),
         "{:?}",
         alone.notes
     );
-    assert_eq!(
-        stages(alone),
-        vec![(orders, vec!["0003".into(), "0001".into()], String::new())]
+    assert_eq!(stages(alone), vec![expect(orders, &["0003", "0001"], 1)]);
+    // Rolled back with billing, nothing is left in the way: no warning.
+    let both = fleet.plan(&[orders, billing], &options).unwrap();
+    assert!(
+        !both.notes.iter().any(|note| note.contains("will refuse")),
+        "{:?}",
+        both.notes
     );
 }

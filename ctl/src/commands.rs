@@ -325,10 +325,10 @@ pub struct PageArgs {
     before: String,
 }
 
-/// Says how to get the next page, when there is one.
-fn next_page(command: &str, next_before: &str) {
+/// Says how to get the next page, when there is one: the same command, filters and limit.
+fn next_page(command: &str, limit: u32, next_before: &str) {
     if !next_before.is_empty() {
-        println!("(more: rewindctl {command} --before {next_before})");
+        println!("(more: rewindctl {command} --limit {limit} --before {next_before})");
     }
 }
 
@@ -923,6 +923,11 @@ async fn change(
                 .change
         }
         ChangeCommand::List { service, page } => {
+            let command = if service.is_empty() {
+                "change list".to_string()
+            } else {
+                format!("change list --service {service}")
+            };
             let changes = client
                 .list_changes(pb::ListChangesRequest {
                     service,
@@ -956,7 +961,7 @@ async fn change(
                     ],
                     rows,
                 );
-                next_page("change list", &changes.next_before);
+                next_page(&command, page.limit, &changes.next_before);
             }
             return Ok(ExitCode::SUCCESS);
         }
@@ -1122,7 +1127,7 @@ async fn rollback(
                     ],
                     rows,
                 );
-                next_page("rollback list", &rollbacks.next_before);
+                next_page("rollback list", page.limit, &rollbacks.next_before);
             }
             return Ok(ExitCode::SUCCESS);
         }
