@@ -23,9 +23,7 @@ const MAX_HOSTS_PER_REQUEST: usize = 10_000;
 const MAX_SYNTHETICS: usize = 16;
 /// Most flags one change may turn on.
 const MAX_FLAGS_PER_CHANGE: usize = 64;
-/// Most audit entries one call returns.
-const MAX_AUDIT_PAGE: u32 = 1000;
-/// The most changes or rollbacks one list answer holds.
+/// The most audit entries, changes or rollbacks one list answer holds.
 const MAX_LIST_PAGE: u32 = 1000;
 
 pub struct Control {
@@ -922,16 +920,7 @@ impl ControlService for Control {
     ) -> Result<Response<pb::ListAuditResponse>, Status> {
         self.context.current().await?;
         let request = request.into_inner();
-        let limit = match request.limit {
-            0 => 100,
-            limit if limit > MAX_AUDIT_PAGE => {
-                return Err(invalid(
-                    "limit",
-                    format!("is {limit}, at most {MAX_AUDIT_PAGE} entries are returned at once"),
-                ));
-            }
-            limit => limit,
-        } as usize;
+        let limit = page_limit(request.limit)?;
         let skip = request.from_index.saturating_sub(1) as usize;
         let entries = self.context.node.read(|state| {
             state
@@ -1421,22 +1410,25 @@ pub(super) fn validate_reason(reason: &str) -> Result<(), Status> {
 /// A list page's size (0: 100, at most 1000) and the number below which it starts (`before`,
 /// an id like `ch-12`; empty: from the newest).
 fn page(limit: u32, prefix: &str, before: &str) -> Result<(usize, u64), Status> {
-    let limit = match limit {
-        0 => 100,
-        limit if limit > MAX_LIST_PAGE => {
-            return Err(invalid(
-                "limit",
-                format!("is {limit}, at most {MAX_LIST_PAGE} are returned at once"),
-            ));
-        }
-        limit => limit,
-    } as usize;
+    let limit = page_limit(limit)?;
     let before = if before.is_empty() {
         u64::MAX
     } else {
         parse_id("before", prefix, before)?
     };
     Ok((limit, before))
+}
+
+/// A page's size: 0 means 100, at most [`MAX_LIST_PAGE`] (audit entries, changes, rollbacks).
+fn page_limit(limit: u32) -> Result<usize, Status> {
+    match limit {
+        0 => Ok(100),
+        limit if limit > MAX_LIST_PAGE => Err(invalid(
+            "limit",
+            format!("is {limit}, at most {MAX_LIST_PAGE} are returned at once"),
+        )),
+        limit => Ok(limit as usize),
+    }
 }
 
 /// Parses `ch-12` / `rb-3`, naming the field and the expected shape when it is not one.

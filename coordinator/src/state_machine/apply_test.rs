@@ -40,16 +40,21 @@ impl Harness {
         self.run(kind).expect("command applies")
     }
 
+    /// Registers (or re-registers) `host` running one service, with no labels.
+    fn register_host(&mut self, host: &str, service: &str) {
+        self.must(CommandKind::RegisterHost {
+            host_id: host.into(),
+            labels: Labels::default(),
+            services: vec![service.into()],
+            agent_version: "test".into(),
+        });
+    }
+
     /// A service `web` with a release v1 and v2 and hosts web-1, web-2.
     fn with_fleet() -> Self {
         let mut harness = Self::new();
         for host in ["web-1", "web-2"] {
-            harness.must(CommandKind::RegisterHost {
-                host_id: host.into(),
-                labels: Labels::default(),
-                services: vec!["web".into()],
-                agent_version: "test".into(),
-            });
+            harness.register_host(host, "web");
         }
         harness.must(CommandKind::PutService {
             service: ServiceRecord {
@@ -732,12 +737,7 @@ fn migrations_are_registered_once_immutable_and_never_without_a_down_script() {
 fn activated_sharded_change() -> (Harness, u64) {
     let mut harness = Harness::new();
     for host in ["db-1", "db-2"] {
-        harness.must(CommandKind::RegisterHost {
-            host_id: host.into(),
-            labels: Labels::default(),
-            services: vec!["orders-db".into()],
-            agent_version: "test".into(),
-        });
+        harness.register_host(host, "orders-db");
     }
     harness.must(CommandKind::PutService {
         service: ServiceRecord {
@@ -813,12 +813,7 @@ fn a_change_whose_database_lost_its_shards_fails_its_stage_instead_of_asking_aga
     let (mut harness, change) = activated_sharded_change();
     // Both hosts came back without the database (a config change): nothing to migrate.
     for host in ["db-1", "db-2"] {
-        harness.must(CommandKind::RegisterHost {
-            host_id: host.into(),
-            labels: Labels::default(),
-            services: vec!["web".into()],
-            agent_version: "test".into(),
-        });
+        harness.register_host(host, "web");
     }
     harness.must(CommandKind::StartSchemaTxn {
         owner: SchemaOwner::Change { change, stage: 0 },

@@ -780,6 +780,16 @@ fn finish(txn: &mut SchemaTxnRecord, committed: bool, detail: String, at_ms: u64
     txn.detail = detail;
 }
 
+/// Ends a transaction that the check refused: aborted, with nothing prepared anywhere.
+fn abort_at_check(txn: &mut SchemaTxnRecord, detail: String, at_ms: u64) {
+    txn.decision = Some(SchemaDecision {
+        commit: false,
+        at_ms,
+        reason: detail.clone(),
+    });
+    finish(txn, false, detail, at_ms);
+}
+
 /// Moves a transaction on after one of its steps ended.
 pub fn settle(state: &mut State, number: u64, at_ms: u64) {
     let Some(txn) = state.schema_txns.get_mut(&number) else {
@@ -801,12 +811,7 @@ pub fn settle(state: &mut State, number: u64, at_ms: u64) {
                     "check failed on {}, nothing changed: {}",
                     failed.host_id, failed.check.detail
                 );
-                txn.decision = Some(SchemaDecision {
-                    commit: false,
-                    at_ms,
-                    reason: detail.clone(),
-                });
-                finish(txn, false, detail, at_ms);
+                abort_at_check(txn, detail, at_ms);
                 return;
             }
             if !all(txn, ShardPhase::Check, StepStatus::Succeeded) {
@@ -814,21 +819,11 @@ pub fn settle(state: &mut State, number: u64, at_ms: u64) {
             }
             if let Some(odd) = disagreement(&txn.shards, |shard| &shard.before.fingerprint) {
                 let detail = format!("shards disagree before anything changed: {odd}");
-                txn.decision = Some(SchemaDecision {
-                    commit: false,
-                    at_ms,
-                    reason: detail.clone(),
-                });
-                finish(txn, false, detail, at_ms);
+                abort_at_check(txn, detail, at_ms);
                 return;
             }
             if let Some(detail) = same_database(&txn.shards) {
-                txn.decision = Some(SchemaDecision {
-                    commit: false,
-                    at_ms,
-                    reason: detail.clone(),
-                });
-                finish(txn, false, detail, at_ms);
+                abort_at_check(txn, detail, at_ms);
                 return;
             }
             txn.fingerprint_before = txn.shards[0].before.fingerprint.clone();
