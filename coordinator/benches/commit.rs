@@ -72,8 +72,16 @@ async fn run(size: u64, sequential: usize, concurrent: usize, in_flight: usize) 
         let store = RaftStore::open(dirs[position].path()).unwrap();
         let mut settings = RaftSettings::new(id);
         settings.tick = Duration::from_millis(20);
-        let member =
-            start_member(settings, store, &voters, net.clone(), Arc::from("bench")).unwrap();
+        let (_, reports) = rewind_coordinator::node::peer_report_channel();
+        let member = start_member(
+            settings,
+            store,
+            &voters,
+            net.clone(),
+            reports,
+            Arc::from("bench"),
+        )
+        .unwrap();
         net.peers
             .lock()
             .unwrap()

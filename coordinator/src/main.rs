@@ -246,11 +246,16 @@ async fn serve(
         .with_context(|| format!("listen on {}", config.listen))?;
     let bound = listener.local_addr().context("read the bound address")?;
 
+    let incoming_snapshots = store.incoming_snapshot_dir();
+    let snapshot_stats = Arc::new(node::transport::SnapshotStats::default());
+    let (peer_reports, peer_report_receiver) = node::peer_report_channel();
     let transport = node::transport::GrpcTransport::new(
         tokio::runtime::Handle::current(),
         config.tls.clone(),
         cluster_id.clone(),
         cluster.member_id,
+        peer_reports,
+        Arc::clone(&snapshot_stats),
     );
     let mut settings = node::raft::RaftSettings::new(cluster.member_id);
     settings.tick = cluster.tick;
@@ -264,6 +269,7 @@ async fn serve(
         store,
         founding,
         transport.clone(),
+        peer_report_receiver,
         cluster_id.as_str().into(),
     )
     .context("start the Raft member")?;
@@ -334,6 +340,7 @@ async fn serve(
             limits: config.limits.clone(),
             alertmanager_token: http.alertmanager_token.clone().map(Arc::new),
             webhook_secret: http.webhook_secret.clone().map(Arc::new),
+            snapshots: Arc::clone(&snapshot_stats),
         };
         let mut http_stop = stop.clone();
         tokio::spawn(async move {
@@ -361,11 +368,13 @@ async fn serve(
         health_interval_ms: config.health_interval_ms,
         health_window_ms: config.health_window_ms,
     };
-    let raft_peers = api::raft::RaftPeers {
-        cluster_id: cluster_id.clone(),
+    let raft_peers = api::raft::RaftPeers::new(
+        cluster_id.clone(),
         directory,
-        inbox: member.peer_messages.clone(),
-    };
+        member.peer_messages.clone(),
+        incoming_snapshots,
+        snapshot_stats,
+    );
     let mut api_stop = stop.clone();
     let server = api::serve(listener, &config.tls, context, raft_peers, async move {
         let _ = api_stop.changed().await;

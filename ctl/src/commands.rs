@@ -587,12 +587,17 @@ async fn cluster_list(
                 } else {
                     "no".into()
                 },
+                if member.snapshot_in_flight {
+                    "sending".into()
+                } else {
+                    "-".into()
+                },
             ]
         })
         .collect();
     table(
         &[
-            "ID", "ADDRESS", "REGION", "ROLE", "MATCHED", "APPLIED", "LAG", "ACTIVE",
+            "ID", "ADDRESS", "REGION", "ROLE", "MATCHED", "APPLIED", "LAG", "ACTIVE", "SNAPSHOT",
         ],
         rows,
     );

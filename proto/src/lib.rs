@@ -17,3 +17,10 @@ pub mod v1 {
 
 /// Largest gRPC message either side accepts; larger ones fail with a clear status.
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+/// Largest batch of Raft messages between members: a single log entry holds a command of up to
+/// [`MAX_MESSAGE_BYTES`] plus its encoding, so peers accept more than clients may send.
+pub const MAX_RAFT_BATCH_BYTES: usize = 4 * MAX_MESSAGE_BYTES;
+/// Data bytes in one `SnapshotChunk`.
+pub const SNAPSHOT_CHUNK_BYTES: usize = 1024 * 1024;
+/// Largest state snapshot a member sends or accepts (its encoded, compressed data).
+pub const MAX_SNAPSHOT_BYTES: u64 = 4 << 30;

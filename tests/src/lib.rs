@@ -15,6 +15,7 @@ use tonic::transport::{Channel, Endpoint};
 
 pub mod netns;
 pub mod pg;
+pub mod proxy;
 pub mod shards;
 pub mod sim;
 pub use netns::PrivateNet;
@@ -581,12 +582,46 @@ where
     }
 }
 
+/// How a [`ClusterHarness`] is set up.
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    /// `storage.snapshot-every` of every member.
+    pub snapshot_every: u64,
+    /// A member that listens apart from the address the others dial (a proxy the test runs in
+    /// front of it). Loopback clusters only.
+    pub listen_apart: Option<ListenApart>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ListenApart {
+    pub member: u64,
+    /// Where it listens.
+    pub listen: String,
+    /// What peers, agents and clients dial.
+    pub advertised: String,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        Self {
+            // Small, so snapshots, compaction and snapshot installs happen in every test run.
+            snapshot_every: 50,
+            listen_apart: None,
+        }
+    }
+}
+
 /// A multi-member coordinator cluster of real processes on loopback, with its own CA.
 pub struct ClusterHarness {
     pub dir: PathBuf,
     pub tls_dir: PathBuf,
     pub ca: DevCa,
+    /// What peers, agents and clients dial, by member (id - 1).
     pub addresses: Vec<String>,
+    /// Where each member listens: its address, unless the test put something in between.
+    listens: Vec<String>,
+    /// Each member's `/metrics` and webhooks (plain HTTP).
+    pub http_addresses: Vec<String>,
     members: Vec<Option<Process>>,
     /// Members run in their own network namespaces here, when the cluster can be partitioned.
     network: Option<PrivateNet>,
@@ -599,7 +634,12 @@ pub struct ClusterHarness {
 impl ClusterHarness {
     /// Starts `size` members (ids 1..=size) that bootstrap one cluster, on loopback.
     pub fn must_start(dir: &Path, size: u64) -> Self {
-        Self::must_start_with(dir, size, None, None)
+        Self::must_start_with(dir, size, None, ClusterOptions::default())
+    }
+
+    /// Like [`ClusterHarness::must_start`], with these options.
+    pub fn must_start_with_options(dir: &Path, size: u64, options: ClusterOptions) -> Self {
+        Self::must_start_with(dir, size, None, options)
     }
 
     /// Like [`ClusterHarness::must_start`], each member in its own network namespace on a
@@ -607,20 +647,24 @@ impl ClusterHarness {
     pub fn must_start_partitionable(dir: &Path, size: u64) -> Self {
         let network = PrivateNet::create(size)
             .unwrap_or_else(|error| panic!("build a private network: {error}"));
-        Self::must_start_with(dir, size, Some(network), None)
+        Self::must_start_with(dir, size, Some(network), ClusterOptions::default())
     }
 
     /// Like [`ClusterHarness::must_start`] with the production snapshot interval, for
     /// benchmarks.
     pub fn must_start_for_benchmark(dir: &Path, size: u64) -> Self {
-        Self::must_start_with(dir, size, None, Some(10_000))
+        let options = ClusterOptions {
+            snapshot_every: 10_000,
+            ..ClusterOptions::default()
+        };
+        Self::must_start_with(dir, size, None, options)
     }
 
     fn must_start_with(
         dir: &Path,
         size: u64,
         network: Option<PrivateNet>,
-        snapshot_every: Option<u64>,
+        options: ClusterOptions,
     ) -> Self {
         let tls_dir = dir.join("tls");
         std::fs::create_dir_all(&tls_dir).unwrap();
@@ -642,16 +686,32 @@ impl ClusterHarness {
                     .collect()
             }
         };
+        let mut listens = addresses.clone();
+        let mut addresses = addresses;
+        if let Some(apart) = options.listen_apart {
+            addresses[apart.member as usize - 1] = apart.advertised;
+            listens[apart.member as usize - 1] = apart.listen;
+        }
+        let http_addresses = listens
+            .iter()
+            .map(|listen| {
+                let host = listen
+                    .rsplit_once(':')
+                    .map_or("127.0.0.1", |(host, _)| host);
+                format!("{host}:{}", free_port())
+            })
+            .collect();
         let mut harness = Self {
             dir: dir.to_path_buf(),
             tls_dir,
             ca,
             addresses,
+            listens,
+            http_addresses,
             members: Vec::new(),
             network,
             cut: Vec::new(),
-            // Small, so snapshots, compaction and snapshot installs happen in every test run.
-            snapshot_every: snapshot_every.unwrap_or(50),
+            snapshot_every: options.snapshot_every,
         };
         for id in 1..=size {
             harness.must_write_identity(id);
@@ -709,9 +769,12 @@ impl ClusterHarness {
             "a joining member runs on loopback only"
         );
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        self.addresses
-            .push(listener.local_addr().unwrap().to_string());
+        let address = listener.local_addr().unwrap().to_string();
         drop(listener);
+        self.addresses.push(address.clone());
+        self.listens.push(address);
+        self.http_addresses
+            .push(format!("127.0.0.1:{}", free_port()));
         let id = self.addresses.len() as u64;
         self.must_write_identity(id);
         self.write_config(id, true);
@@ -755,13 +818,16 @@ report-interval-ms = 300
 window-s = 3
 [storage]
 snapshot-every = {snapshot_every}
+[http]
+listen = "{http}"
 [cluster]
 id = "test-cluster"
 member-id = {id}
 tick-ms = 50
 join = {join}
 {members}"#,
-            listen = self.addresses[id as usize - 1],
+            listen = self.listens[id as usize - 1],
+            http = self.http_addresses[id as usize - 1],
             snapshot_every = self.snapshot_every,
             data = self.dir.join(format!("member-{id}")).display(),
         );
@@ -804,6 +870,58 @@ join = {join}
             .collect()
     }
 
+    /// Member `id`'s latest state snapshot on disk: the index it covers and its size in bytes.
+    pub fn latest_snapshot(&self, id: u64) -> Option<(u64, u64)> {
+        let dir = self
+            .dir
+            .join(format!("member-{id}"))
+            .join("raft")
+            .join("state-snapshots");
+        std::fs::read_dir(dir)
+            .ok()?
+            .flatten()
+            .filter_map(|file| {
+                let name = file.file_name().into_string().ok()?;
+                let index = name.strip_suffix(".state")?.parse().ok()?;
+                Some((index, file.metadata().ok()?.len()))
+            })
+            .max()
+    }
+
+    /// What member `id` holds (`MemberService`, with the state digest), or why it did not say.
+    pub async fn member_status(&self, id: u64) -> Result<rewind_proto::v1::MemberStatus, String> {
+        use rewind_proto::v1::member_service_client::MemberServiceClient;
+        let channel = self.channel_for(&self.addresses[id as usize - 1]).await?;
+        MemberServiceClient::new(channel)
+            .get_member_status(rewind_proto::v1::GetMemberStatusRequest { brief: false })
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|status| status.to_string())
+    }
+
+    /// Waits until member `id` has applied at least what member `leader` has applied now and
+    /// holds the same state (digest) at the same index; returns that index.
+    pub async fn must_catch_up(&self, id: u64, leader: u64, limit: Duration) -> u64 {
+        let target = self
+            .member_status(leader)
+            .await
+            .unwrap_or_else(|error| panic!("ask the leader, member {leader}: {error}"))
+            .applied_index;
+        must_wait_async(
+            limit,
+            &format!("member {id} to reach index {target} with the leader's state"),
+            || async {
+                let behind = self.member_status(id).await.ok()?;
+                let ahead = self.member_status(leader).await.ok()?;
+                (behind.applied_index >= target
+                    && behind.applied_index == ahead.applied_index
+                    && behind.state_digest == ahead.state_digest)
+                    .then_some(behind.applied_index)
+            },
+        )
+        .await
+    }
+
     /// The live member that serves (the caught-up leader), and a client to it.
     pub async fn must_leader(&self) -> (u64, ControlServiceClient<Channel>) {
         must_wait_async(Duration::from_secs(30), "a leader", || async {
@@ -823,6 +941,101 @@ join = {join}
         })
         .await
     }
+}
+
+/// Grows the replicated state until the leader's latest snapshot file is larger than `bytes`:
+/// registers releases of a service `big` whose `requires` name 256 providers each, 120
+/// random-looking characters a name (about 30 KiB a write, which compresses little), four
+/// writers at once, through whichever member leads. Returns the number of writes.
+pub async fn must_grow_state_past(cluster: &ClusterHarness, bytes: u64) -> u64 {
+    use rewind_proto::v1 as pb;
+    let service = pb::Service {
+        name: "big".into(),
+        policy: Some(pb::HealthPolicy {
+            max_probe_failure_ratio: 0.5,
+            for_s: 1,
+            watch_s: 60,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let started = Instant::now();
+    let mut writes: u64 = 0;
+    loop {
+        let (leader, client) = cluster.must_leader().await;
+        if cluster
+            .latest_snapshot(leader)
+            .is_some_and(|(_, size)| size > bytes)
+        {
+            return writes;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "the leader's snapshot stayed under {bytes} bytes after {writes} writes"
+        );
+        let mut batch = tokio::task::JoinSet::new();
+        // Numbered across calls, so a later call adds releases rather than repeating them.
+        let first_of_batch = NEXT_LARGE_RELEASE.fetch_add(100, std::sync::atomic::Ordering::SeqCst);
+        for writer in 0..4 {
+            let mut client = client.clone();
+            let first = first_of_batch + writer * 25;
+            let service = service.clone();
+            batch.spawn(async move {
+                let put = pb::PutServiceRequest {
+                    request_id: "big".into(),
+                    service: Some(service),
+                };
+                client.put_service(put).await?;
+                for number in first..first + 25 {
+                    let release = pb::Release {
+                        service: "big".into(),
+                        version: format!("big-{number}"),
+                        artifact_digest: format!(
+                            "sha256:{}",
+                            rewind_shared::digest::sha256_hex(&number.to_be_bytes())
+                        ),
+                        commit: "c0ffee".into(),
+                        requires: (0..256)
+                            .map(|provider| (random_name(number, provider), 1))
+                            .collect(),
+                        ..Default::default()
+                    };
+                    client
+                        .register_release(pb::RegisterReleaseRequest {
+                            request_id: format!("big-{number}"),
+                            release: Some(release),
+                        })
+                        .await?;
+                }
+                Ok::<(), tonic::Status>(())
+            });
+        }
+        while let Some(done) = batch.join_next().await {
+            match done.expect("a writer") {
+                Ok(()) => {}
+                // Leadership moved: the next round writes through the new leader.
+                Err(status) if status.code() == tonic::Code::Unavailable => {}
+                Err(status) => panic!("register a large release: {status}"),
+            }
+        }
+        writes += 100;
+    }
+}
+
+static NEXT_LARGE_RELEASE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// 120 characters of `[a-z0-9]` that depend on both numbers and repeat nothing: a provider
+/// name that compresses about as little as a name can.
+fn random_name(release: u64, provider: u64) -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    (0u64..4)
+        .flat_map(|part| {
+            let seed = [release, provider, part].map(u64::to_be_bytes).concat();
+            hex::decode(rewind_shared::digest::sha256_hex(&seed)).unwrap_or_default()
+        })
+        .take(120)
+        .map(|byte| ALPHABET[usize::from(byte) % ALPHABET.len()] as char)
+        .collect()
 }
 
 /// A channel to a coordinator member at `address`, authenticated as the operator whose

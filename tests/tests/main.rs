@@ -21,3 +21,4 @@ mod t17_migrations;
 mod t18_migrate;
 mod t19_sharded_rollback;
 mod t20_code_release;
+mod t21_snapshot_transfer;

@@ -62,6 +62,7 @@ pub async fn list(context: &Context) -> pb::ListMembersResponse {
                 recently_active: progress.is_some_and(|peer| peer.recently_active),
                 applied_index: applied.unwrap_or(0),
                 answered: applied.is_some(),
+                snapshot_in_flight: progress.is_some_and(|peer| peer.snapshot_in_flight),
             }
         })
         .collect();

@@ -202,7 +202,8 @@ pub async fn serve(
     let agents = AgentServiceServer::new(agent::Agents { context })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let raft = RaftServiceServer::new(raft_peers).max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let raft = RaftServiceServer::new(raft_peers)
+        .max_decoding_message_size(rewind_proto::MAX_RAFT_BATCH_BYTES);
     tonic::transport::Server::builder()
         .tls_config(tls_config)
         .map_err(|error| CoordinatorError::Storage(format!("configure TLS: {error}")))?

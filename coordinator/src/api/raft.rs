@@ -1,19 +1,159 @@
-//! `RaftService`: Raft messages from peer members, accepted only from their certificates.
+//! `RaftService`: Raft messages and snapshots from peer members, accepted only from their
+//! certificates.
+//!
+//! A snapshot arrives as a stream of chunks. Its data goes to a temporary file (so a slow or
+//! stalled sender holds disk, not memory), is checked against the size and sha256 its header
+//! declared and decoded once as a state, and only then is the Raft message, data restored,
+//! handed to the member, which installs it atomically (see `RaftStore::apply_snapshot`). A
+//! stream cut short leaves nothing behind: the file is removed.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use protobuf::Message as _;
-use raft::eraftpb::Message;
-use rewind_proto::v1::{RaftAck, RaftBatch, raft_service_server::RaftService};
-use tokio::sync::mpsc;
-use tonic::{Request, Response, Status};
-use tracing::{debug, warn};
+use raft::eraftpb::{Message, MessageType};
+use rewind_proto::MAX_SNAPSHOT_BYTES;
+use rewind_proto::v1::{
+    RaftAck, RaftBatch, SnapshotChunk, SnapshotHeader, raft_service_server::RaftService,
+};
+use sha2::Digest as _;
+use tokio::io::AsyncWriteExt as _;
+use tokio::sync::{Semaphore, mpsc};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info, warn};
 
 use super::caller;
+use crate::node::transport::SnapshotStats;
+use crate::storage::snapshot_codec;
+
+/// Snapshots this member receives at once; more are refused (the sender retries later).
+const MAX_CONCURRENT_SNAPSHOT_RECEIVES: usize = 2;
+/// Longest wait for a snapshot's next chunk before the transfer is abandoned.
+const CHUNK_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest wait for the member to take a received snapshot.
+const INBOX_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct RaftPeers {
-    pub cluster_id: String,
+    cluster_id: String,
     /// Which certificate name each member must present.
-    pub directory: crate::membership::Directory,
-    pub inbox: mpsc::Sender<Message>,
+    directory: crate::membership::Directory,
+    inbox: mpsc::Sender<Message>,
+    /// Where snapshots being received are written (emptied at start).
+    incoming_dir: PathBuf,
+    receiving: Arc<Semaphore>,
+    stats: Arc<SnapshotStats>,
+}
+
+impl RaftPeers {
+    pub fn new(
+        cluster_id: String,
+        directory: crate::membership::Directory,
+        inbox: mpsc::Sender<Message>,
+        incoming_dir: PathBuf,
+        stats: Arc<SnapshotStats>,
+    ) -> Self {
+        Self {
+            cluster_id,
+            directory,
+            inbox,
+            incoming_dir,
+            receiving: Arc::new(Semaphore::new(MAX_CONCURRENT_SNAPSHOT_RECEIVES)),
+            stats,
+        }
+    }
+
+    /// The sender is a member of this cluster and presents that member's certificate.
+    fn check_sender(
+        &self,
+        identity: &str,
+        cluster_id: &str,
+        from_member: u64,
+    ) -> Result<(), Status> {
+        if cluster_id != self.cluster_id {
+            return Err(Status::failed_precondition(format!(
+                "cluster_id: this member belongs to cluster {:?}, not {:?}",
+                self.cluster_id, cluster_id
+            )));
+        }
+        match self.directory.get(from_member) {
+            Some(member) if member.name == identity => Ok(()),
+            _ => {
+                // Worth a warning: a joining member whose config does not list the current
+                // leader refuses it here until it holds the member registry.
+                warn!(
+                    identity,
+                    from_member,
+                    "Refused Raft traffic from a certificate that is not that member's."
+                );
+                Err(Status::permission_denied(format!(
+                    "certificate {identity:?} is not member {from_member} of this cluster"
+                )))
+            }
+        }
+    }
+
+    /// Receives one snapshot's data into a file, checks it, and returns the Raft message with
+    /// its data restored.
+    async fn receive_snapshot(
+        &self,
+        identity: &str,
+        chunks: &mut Streaming<SnapshotChunk>,
+    ) -> Result<Message, Status> {
+        let header = next_chunk(chunks)
+            .await?
+            .and_then(|chunk| chunk.header)
+            .ok_or_else(|| {
+                Status::invalid_argument("header: the first chunk must carry the header")
+            })?;
+        self.check_sender(identity, &header.cluster_id, header.from_member)?;
+        let mut message = snapshot_message(&header)?;
+        let index = message.get_snapshot().get_metadata().index;
+        let path = self
+            .incoming_dir
+            .join(format!("from-{}-at-{index}.partial", header.from_member));
+        let mut file = IncomingFile::create(path).await?;
+        let mut hasher = sha2::Sha256::new();
+        let mut received: u64 = 0;
+        while let Some(chunk) = next_chunk(chunks).await? {
+            if chunk.header.is_some() {
+                return Err(Status::invalid_argument(
+                    "header: only the first chunk carries one",
+                ));
+            }
+            received += chunk.data.len() as u64;
+            if received > header.data_bytes {
+                return Err(Status::invalid_argument(format!(
+                    "data: more than the {} bytes the header declared",
+                    header.data_bytes
+                )));
+            }
+            hasher.update(&chunk.data);
+            file.write(&chunk.data).await?;
+        }
+        if received != header.data_bytes {
+            return Err(Status::aborted(format!(
+                "data: {received} of the {} bytes the header declared arrived",
+                header.data_bytes
+            )));
+        }
+        let checksum = hex::encode(hasher.finalize());
+        if checksum != header.data_sha256 {
+            return Err(Status::data_loss(format!(
+                "data: sha256 {checksum} is not the {} the header declared",
+                header.data_sha256
+            )));
+        }
+        let data = file.read_back().await?;
+        // Decoded once here so a snapshot this binary cannot read is refused to its sender,
+        // rather than stopping this member when raft-rs hands it over for installing.
+        let data = tokio::task::spawn_blocking(move || snapshot_codec::decode(&data).map(|_| data))
+            .await
+            .map_err(|error| Status::internal(format!("decode the snapshot: {error}")))?
+            .map_err(|error| Status::invalid_argument(format!("data: {error}")))?;
+        message.mut_snapshot().set_data(data.into());
+        Ok(message)
+    }
 }
 
 #[tonic::async_trait]
@@ -21,28 +161,7 @@ impl RaftService for RaftPeers {
     async fn deliver(&self, request: Request<RaftBatch>) -> Result<Response<RaftAck>, Status> {
         let identity = caller(&request)?;
         let batch = request.into_inner();
-        if batch.cluster_id != self.cluster_id {
-            return Err(Status::failed_precondition(format!(
-                "cluster_id: this member belongs to cluster {:?}, not {:?}",
-                self.cluster_id, batch.cluster_id
-            )));
-        }
-        match self.directory.get(batch.from_member) {
-            Some(member) if member.name == identity => {}
-            _ => {
-                // Worth a warning: a joining member whose config does not list the current
-                // leader refuses it here until it holds the member registry.
-                warn!(
-                    identity,
-                    from_member = batch.from_member,
-                    "Refused Raft messages from a certificate that is not that member's."
-                );
-                return Err(Status::permission_denied(format!(
-                    "certificate {identity:?} is not member {} of this cluster",
-                    batch.from_member
-                )));
-            }
-        }
+        self.check_sender(&identity, &batch.cluster_id, batch.from_member)?;
         for bytes in batch.messages {
             let message = Message::parse_from_bytes(&bytes).map_err(|error| {
                 Status::invalid_argument(format!("messages: not a Raft message: {error}"))
@@ -53,10 +172,161 @@ impl RaftService for RaftPeers {
                     message.from, batch.from_member
                 )));
             }
+            if message.get_msg_type() == MessageType::MsgSnapshot {
+                return Err(Status::invalid_argument(
+                    "messages: a snapshot travels by SendSnapshot, not in a batch",
+                ));
+            }
             if self.inbox.try_send(message).is_err() {
                 debug!("The Raft inbox is full; dropped a message (Raft retransmits).");
             }
         }
         Ok(Response::new(RaftAck {}))
     }
+
+    async fn send_snapshot(
+        &self,
+        request: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<RaftAck>, Status> {
+        let identity = caller(&request)?;
+        let Ok(_slot) = self.receiving.try_acquire() else {
+            return Err(Status::resource_exhausted(format!(
+                "this member is already receiving {MAX_CONCURRENT_SNAPSHOT_RECEIVES} snapshots; retry later"
+            )));
+        };
+        let started = std::time::Instant::now();
+        let received = self
+            .receive_snapshot(&identity, &mut request.into_inner())
+            .await;
+        let message = match received {
+            Ok(message) => message,
+            Err(status) => {
+                SnapshotStats::outcome(&self.stats.receives, "failed");
+                warn!(identity, %status, "A snapshot from a peer did not arrive whole; the peer will send it again.");
+                return Err(status);
+            }
+        };
+        let metadata = message.get_snapshot().get_metadata();
+        let (index, bytes) = (metadata.index, message.get_snapshot().get_data().len());
+        match tokio::time::timeout(INBOX_TIMEOUT, self.inbox.send(message)).await {
+            Ok(Ok(())) => {}
+            _ => {
+                SnapshotStats::outcome(&self.stats.receives, "failed");
+                return Err(Status::unavailable(
+                    "this member did not take the snapshot in time; send it again",
+                ));
+            }
+        }
+        SnapshotStats::outcome(&self.stats.receives, "received");
+        self.stats.received_bytes.inc_by(bytes as u64);
+        info!(
+            identity,
+            index,
+            bytes,
+            ms = started.elapsed().as_millis() as u64,
+            "Received a snapshot from the leader."
+        );
+        Ok(Response::new(RaftAck {}))
+    }
+}
+
+/// The next chunk, `None` at the end of the stream; a sender silent for
+/// [`CHUNK_IDLE_TIMEOUT`] ends the transfer.
+async fn next_chunk(
+    chunks: &mut Streaming<SnapshotChunk>,
+) -> Result<Option<SnapshotChunk>, Status> {
+    tokio::time::timeout(CHUNK_IDLE_TIMEOUT, chunks.message())
+        .await
+        .map_err(|_| {
+            Status::deadline_exceeded(format!(
+                "no snapshot chunk for {} s",
+                CHUNK_IDLE_TIMEOUT.as_secs()
+            ))
+        })?
+}
+
+/// The header's Raft message, checked: a snapshot from the sender, of a size this member takes.
+fn snapshot_message(header: &SnapshotHeader) -> Result<Message, Status> {
+    let message = Message::parse_from_bytes(&header.message).map_err(|error| {
+        Status::invalid_argument(format!("header.message: not a Raft message: {error}"))
+    })?;
+    if message.get_msg_type() != MessageType::MsgSnapshot {
+        return Err(Status::invalid_argument(format!(
+            "header.message: a {:?}, not a snapshot",
+            message.get_msg_type()
+        )));
+    }
+    if message.from != header.from_member {
+        return Err(Status::invalid_argument(format!(
+            "header.message: from member {}, in a stream from member {}",
+            message.from, header.from_member
+        )));
+    }
+    if !message.get_snapshot().get_data().is_empty() {
+        return Err(Status::invalid_argument(
+            "header.message: carries data; the data follows in the chunks",
+        ));
+    }
+    if header.data_bytes > MAX_SNAPSHOT_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "header.data_bytes: {} is more than the {MAX_SNAPSHOT_BYTES} a member accepts",
+            header.data_bytes
+        )));
+    }
+    let is_sha256 = header.data_sha256.len() == 64
+        && header
+            .data_sha256
+            .bytes()
+            .all(|byte| matches!(byte, b'0'..=b'9' | b'a'..=b'f'));
+    if !is_sha256 {
+        return Err(Status::invalid_argument(
+            "header.data_sha256: must be 64 lowercase hex digits",
+        ));
+    }
+    Ok(message)
+}
+
+/// A snapshot being received: removed when dropped, whether it arrived whole or not.
+struct IncomingFile {
+    path: PathBuf,
+    file: tokio::fs::File,
+}
+
+impl IncomingFile {
+    async fn create(path: PathBuf) -> Result<Self, Status> {
+        let file = tokio::fs::File::create(&path)
+            .await
+            .map_err(|error| disk_error("create", &path, error))?;
+        Ok(Self { path, file })
+    }
+
+    async fn write(&mut self, data: &[u8]) -> Result<(), Status> {
+        self.file
+            .write_all(data)
+            .await
+            .map_err(|error| disk_error("write", &self.path, error))
+    }
+
+    async fn read_back(mut self) -> Result<Vec<u8>, Status> {
+        self.file
+            .flush()
+            .await
+            .map_err(|error| disk_error("write", &self.path, error))?;
+        tokio::fs::read(&self.path)
+            .await
+            .map_err(|error| disk_error("read", &self.path, error))
+    }
+}
+
+impl Drop for IncomingFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn disk_error(action: &str, path: &Path, error: std::io::Error) -> Status {
+    warn!(%error, path = %path.display(), "Cannot {action} a snapshot being received.");
+    Status::unavailable(format!(
+        "the receiving member cannot {action} the snapshot on its disk"
+    ))
 }

@@ -16,6 +16,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use super::HttpState;
+use crate::node::transport::SnapshotStats;
 use crate::state_machine::{State, StepProgress, StepStatus};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -55,7 +56,9 @@ fn duration_buckets() -> impl Iterator<Item = f64> {
 pub async fn serve(Extract(http): Extract<HttpState>) -> impl IntoResponse {
     let status = http.status.borrow().clone();
     let connected = http.sessions.connected() as i64;
-    let text = http.node.read(|state| render(state, &status, connected));
+    let text = http
+        .node
+        .read(|state| render(state, &status, connected, &http.snapshots));
     match text {
         Ok(text) => (
             StatusCode::OK,
@@ -78,6 +81,7 @@ fn render(
     state: &State,
     status: &crate::node::raft::RaftStatus,
     agents_connected: i64,
+    snapshots: &SnapshotStats,
 ) -> Result<String, std::fmt::Error> {
     let mut registry = Registry::with_prefix("rewind");
 
@@ -216,10 +220,71 @@ fn render(
         "Agents with a session on this member",
         agents,
     );
+    register_replication(&mut registry, status, snapshots);
 
     let mut text = String::new();
     encode(&mut text, &registry)?;
     Ok(text)
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MemberLabels {
+    member: String,
+}
+
+/// Followers' progress (on the leader) and the snapshots this member sent and received.
+fn register_replication(
+    registry: &mut Registry,
+    status: &crate::node::raft::RaftStatus,
+    snapshots: &SnapshotStats,
+) {
+    let lag = Family::<MemberLabels, Gauge<i64>>::default();
+    let in_flight = Family::<MemberLabels, Gauge<i64>>::default();
+    for peer in status.peers.iter().filter(|peer| peer.id != status.id) {
+        let labels = MemberLabels {
+            member: peer.id.to_string(),
+        };
+        lag.get_or_create(&labels)
+            .set(status.last_index.saturating_sub(peer.matched_index) as i64);
+        in_flight
+            .get_or_create(&labels)
+            .set(i64::from(peer.snapshot_in_flight));
+    }
+    registry.register(
+        "raft_follower_lag_entries",
+        "Log entries each follower is behind the leader's log (on the leader only)",
+        lag,
+    );
+    registry.register(
+        "raft_snapshot_in_flight",
+        "1 while the leader is sending a follower a snapshot (on the leader only)",
+        in_flight,
+    );
+    registry.register(
+        "raft_snapshot_sends",
+        "Snapshots this member streamed to a follower, by outcome (sent, failed)",
+        snapshots.sends.clone(),
+    );
+    registry.register(
+        "raft_snapshot_sent_bytes",
+        "Bytes of snapshots this member streamed to followers that received them whole",
+        snapshots.sent_bytes.clone(),
+    );
+    registry.register(
+        "raft_snapshot_send_seconds",
+        "Time each snapshot send took, successful or not",
+        snapshots.send_seconds.clone(),
+    );
+    registry.register(
+        "raft_snapshot_receives",
+        "Snapshots this member received from a leader, by outcome (received, failed)",
+        snapshots.receives.clone(),
+    );
+    registry.register(
+        "raft_snapshot_received_bytes",
+        "Bytes of snapshots this member received whole",
+        snapshots.received_bytes.clone(),
+    );
 }
 
 /// Durations with the rollback id as exemplar.
@@ -288,7 +353,7 @@ mod tests {
             snapshot_id: String::new(),
         });
         let status = crate::node::raft::RaftStatus::default();
-        let text = render(&fleet.state, &status, 1).unwrap();
+        let text = render(&fleet.state, &status, 1, &SnapshotStats::default()).unwrap();
         for expected in [
             r#"rewind_rollback_steps{rollback_id="rb-1",state="pending"} 4"#,
             r#"rewind_rollback_steps{rollback_id="rb-1",state="succeeded"} 1"#,
@@ -303,7 +368,7 @@ mod tests {
             action: crate::state_machine::RollbackAction::Abort,
             reason: "test".into(),
         });
-        let text = render(&fleet.state, &status, 1).unwrap();
+        let text = render(&fleet.state, &status, 1, &SnapshotStats::default()).unwrap();
         assert!(
             text.contains(r#"rewind_rollbacks_total{outcome="aborted",trigger="manual"} 1"#),
             "{text}"

@@ -35,6 +35,8 @@ pub struct HttpState {
     pub alertmanager_token: Option<Arc<Vec<u8>>>,
     /// HMAC secret generic webhooks are signed with; None: the receiver is off.
     pub webhook_secret: Option<Arc<Vec<u8>>>,
+    /// Snapshots this member sent and received.
+    pub snapshots: Arc<crate::node::transport::SnapshotStats>,
 }
 
 pub fn router(state: HttpState) -> Router {

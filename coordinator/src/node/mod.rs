@@ -19,6 +19,24 @@ use crate::state_machine::{Command, Outcome, State};
 
 /// Proposals waiting for the node; more are refused as overloaded.
 const PROPOSAL_QUEUE: usize = 1024;
+/// Transport reports waiting for the node. Few are ever in flight: one per snapshot sent, and
+/// one per failed delivery to a peer (which pauses before it tries again).
+const PEER_REPORT_QUEUE: usize = 1024;
+
+/// What the transport tells raft-rs about a peer, so it retries rather than waits for ever.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerReport {
+    /// Messages to this peer could not be delivered (`report_unreachable`).
+    Unreachable { peer: u64 },
+    /// A snapshot sent to this peer arrived whole (`report_snapshot(Finish)`) or did not
+    /// (`Failure`): raft-rs sends the peer nothing else until told.
+    Snapshot { peer: u64, delivered: bool },
+}
+
+/// The channel the transport reports on and the Raft member reads.
+pub fn peer_report_channel() -> (mpsc::Sender<PeerReport>, mpsc::Receiver<PeerReport>) {
+    mpsc::channel(PEER_REPORT_QUEUE)
+}
 
 /// A command waiting for its entry to be applied.
 struct Proposal {

@@ -21,16 +21,16 @@ use protobuf::Message as _;
 use raft::eraftpb::{
     ConfChange, ConfChangeType, ConfChangeV2, Entry, EntryType, Message, Snapshot,
 };
-use raft::{RawNode, StateRole};
+use raft::{ProgressState, RawNode, SnapshotStatus, StateRole};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, error, info, warn};
 
-use super::{NodeHandle, PROPOSAL_QUEUE, Proposal, Request};
+use super::{NodeHandle, PROPOSAL_QUEUE, PeerReport, Proposal, Request};
 use crate::errors::CoordinatorError;
 use crate::state_machine::{
     Command, CommandKind, MemberRecord, MembershipChange, Outcome, State, apply, apply_membership,
 };
-use crate::storage::RaftStore;
+use crate::storage::{RaftStore, snapshot_codec};
 
 /// Raft messages from peers waiting for the node; more are dropped (Raft retransmits).
 const PEER_MESSAGE_QUEUE: usize = 4096;
@@ -38,6 +38,9 @@ const PEER_MESSAGE_QUEUE: usize = 4096;
 const MAX_BATCH: usize = 256;
 /// Readies handled back to back before the thread looks at its queues again.
 const MAX_READIES_PER_WAKE: usize = 4;
+/// A follower whose matched index has not moved for this long while it is behind is logged at
+/// ERROR (once per episode): it is down, cut off, or cannot take what it is sent.
+const STUCK_FOLLOWER_AFTER: Duration = Duration::from_secs(60);
 
 /// Where outgoing Raft messages go. Must not block: queue or drop (Raft retransmits).
 pub trait Transport: Send + 'static {
@@ -90,6 +93,8 @@ pub struct PeerProgress {
     pub matched_index: u64,
     pub recently_active: bool,
     pub is_learner: bool,
+    /// The leader is sending it a snapshot (and sends it nothing else until that ends).
+    pub snapshot_in_flight: bool,
 }
 
 /// The transport's side of a member: deliver peers' messages, watch the status, stop it.
@@ -132,6 +137,7 @@ pub fn start_member(
     store: RaftStore,
     founding_members: &[MemberRecord],
     transport: impl Transport,
+    peer_reports: mpsc::Receiver<PeerReport>,
     cluster_id: Arc<str>,
 ) -> Result<RaftMember, CoordinatorError> {
     if !store.is_initialized()? && !founding_members.is_empty() {
@@ -142,9 +148,7 @@ pub fn start_member(
                 .collect(),
             ..State::default()
         };
-        let data = serde_json::to_vec(&initial).map_err(|error| {
-            CoordinatorError::Storage(format!("encode the initial state: {error}"))
-        })?;
+        let data = snapshot_codec::encode(&initial)?;
         let voters: Vec<u64> = founding_members.iter().map(|member| member.id).collect();
         store.bootstrap(&voters, data)?;
     }
@@ -152,9 +156,7 @@ pub fn start_member(
     let state: State = if snapshot.get_data().is_empty() {
         State::default()
     } else {
-        serde_json::from_slice(snapshot.get_data()).map_err(|error| {
-            CoordinatorError::Storage(format!("decode the state snapshot: {error}"))
-        })?
+        snapshot_codec::decode(snapshot.get_data())?
     };
     let config = raft::Config {
         id: settings.id,
@@ -217,13 +219,21 @@ pub fn start_member(
         snapshot_in_progress: None,
         flushed_term_and_vote: (0, 0),
         installed_snapshots: 0,
+        stuck_watch: HashMap::new(),
         applied: applied_sender,
         status: status_sender,
         term: Arc::clone(&term),
     };
     let thread = std::thread::Builder::new()
         .name(format!("rewind-raft-{}", settings.id))
-        .spawn(move || driver.run(request_receiver, message_receiver, stop_receiver))
+        .spawn(move || {
+            driver.run(
+                request_receiver,
+                message_receiver,
+                peer_reports,
+                stop_receiver,
+            )
+        })
         .map_err(|error| CoordinatorError::Storage(format!("spawn the raft thread: {error}")))?;
     let node = NodeHandle {
         requests,
@@ -265,6 +275,9 @@ struct Driver<T: Transport> {
     /// its cost grows with the state, so it stays off the path of every write.
     snapshot_in_progress: Option<(u64, std::thread::JoinHandle<Result<(), CoordinatorError>>)>,
     installed_snapshots: u64,
+    /// Per follower, on the leader: its matched index, since when it has not moved, and whether
+    /// that was already logged.
+    stuck_watch: HashMap<u64, StuckWatch>,
     applied: watch::Sender<u64>,
     status: watch::Sender<RaftStatus>,
     term: Arc<AtomicU64>,
@@ -275,6 +288,7 @@ impl<T: Transport> Driver<T> {
         mut self,
         mut requests: mpsc::Receiver<Request>,
         mut messages: mpsc::Receiver<Message>,
+        mut peer_reports: mpsc::Receiver<PeerReport>,
         mut stop: oneshot::Receiver<()>,
     ) {
         let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -296,6 +310,7 @@ impl<T: Transport> Driver<T> {
                     _ = ticker.tick() => { self.raw.tick(); }
                     Some(request) = requests.recv() => self.handle_request(request),
                     Some(message) = messages.recv() => self.step(message),
+                    Some(report) = peer_reports.recv() => self.take_report(report),
                 }
                 // Take whatever else is already waiting, so one Ready (one append, one flush,
                 // one round of messages) carries many proposals: batching is what makes
@@ -338,6 +353,21 @@ impl<T: Transport> Driver<T> {
             }
             info!(id = self.settings.id, "Raft member stopped.");
         });
+    }
+
+    /// Tells raft-rs what the transport found, so it retries a peer rather than wait for it.
+    fn take_report(&mut self, report: PeerReport) {
+        match report {
+            PeerReport::Unreachable { peer } => self.raw.report_unreachable(peer),
+            PeerReport::Snapshot { peer, delivered } => {
+                let status = if delivered {
+                    SnapshotStatus::Finish
+                } else {
+                    SnapshotStatus::Failure
+                };
+                self.raw.report_snapshot(peer, status);
+            }
+        }
     }
 
     fn step(&mut self, message: Message) {
@@ -578,9 +608,7 @@ impl<T: Transport> Driver<T> {
     }
 
     fn install_snapshot(&mut self, snapshot: Snapshot) -> Result<(), CoordinatorError> {
-        let state: State = serde_json::from_slice(snapshot.get_data()).map_err(|error| {
-            CoordinatorError::Storage(format!("decode a received snapshot: {error}"))
-        })?;
+        let state = snapshot_codec::decode(snapshot.get_data())?;
         let index = snapshot.get_metadata().index;
         self.store.apply_snapshot(&snapshot)?;
         self.store.flush()?;
@@ -713,7 +741,7 @@ impl<T: Transport> Driver<T> {
             // is taken now, before this Ready's messages lead to one being sent.
             self.snapshot_due = false;
             self.finish_snapshot()?;
-            let data = encode_state(
+            let data = snapshot_codec::encode(
                 &self
                     .state
                     .read()
@@ -748,7 +776,7 @@ impl<T: Transport> Driver<T> {
             .name(format!("rewind-snapshot-{}", self.settings.id))
             .spawn(move || {
                 let started = std::time::Instant::now();
-                let data = encode_state(&state)?;
+                let data = snapshot_codec::encode(&state)?;
                 let bytes = data.len();
                 store.compact(applied, &conf_state, data)?;
                 debug!(
@@ -816,11 +844,52 @@ impl<T: Transport> Driver<T> {
                 Vec::new()
             },
         };
+        self.watch_for_stuck_followers(&status);
         self.status.send_if_modified(|current| {
             let changed = *current != status;
             *current = status;
             changed
         });
+    }
+
+    /// Logs, at ERROR and once per episode, a follower that has been behind without making
+    /// progress for [`STUCK_FOLLOWER_AFTER`]; and at INFO when it moves again.
+    fn watch_for_stuck_followers(&mut self, status: &RaftStatus) {
+        let now = std::time::Instant::now();
+        self.stuck_watch
+            .retain(|id, _| status.peers.iter().any(|peer| peer.id == *id));
+        for peer in status.peers.iter().filter(|peer| peer.id != status.id) {
+            let watch = self.stuck_watch.entry(peer.id).or_insert(StuckWatch {
+                matched_index: peer.matched_index,
+                since: now,
+                reported: false,
+            });
+            let behind = peer.matched_index < status.last_index;
+            if peer.matched_index != watch.matched_index || !behind {
+                if watch.reported {
+                    info!(
+                        peer = peer.id,
+                        matched_index = peer.matched_index,
+                        "A follower that was stuck makes progress again."
+                    );
+                }
+                *watch = StuckWatch {
+                    matched_index: peer.matched_index,
+                    since: now,
+                    reported: false,
+                };
+            } else if !watch.reported && now.duration_since(watch.since) >= STUCK_FOLLOWER_AFTER {
+                watch.reported = true;
+                error!(
+                    peer = peer.id,
+                    matched_index = peer.matched_index,
+                    last_index = status.last_index,
+                    snapshot_in_flight = peer.snapshot_in_flight,
+                    stuck_s = STUCK_FOLLOWER_AFTER.as_secs(),
+                    "A follower has not caught up for a minute: it is down, cut off, or cannot take what it is sent. The cluster has lost a member's redundancy; check it."
+                );
+            }
+        }
     }
 
     /// Fails proposals and unconfirmed reads waiting on this member.
@@ -834,6 +903,12 @@ impl<T: Transport> Driver<T> {
     }
 }
 
+struct StuckWatch {
+    matched_index: u64,
+    since: std::time::Instant,
+    reported: bool,
+}
+
 fn peer_progress(raft: &raft::Raft<RaftStore>) -> Vec<PeerProgress> {
     let learners = raft.prs().conf().learners().clone();
     let mut peers: Vec<PeerProgress> = raft
@@ -844,16 +919,11 @@ fn peer_progress(raft: &raft::Raft<RaftStore>) -> Vec<PeerProgress> {
             matched_index: progress.matched,
             recently_active: progress.recent_active || id == raft.id,
             is_learner: learners.contains(&id),
+            snapshot_in_flight: progress.state == ProgressState::Snapshot,
         })
         .collect();
     peers.sort_by_key(|peer| peer.id);
     peers
-}
-
-/// The state as a snapshot's data.
-fn encode_state(state: &State) -> Result<Vec<u8>, CoordinatorError> {
-    serde_json::to_vec(state)
-        .map_err(|error| CoordinatorError::Storage(format!("encode the state: {error}")))
 }
 
 /// Entry context: the proposing member and its proposal number, so only that member answers.

@@ -79,6 +79,8 @@ impl Cluster {
             store,
             &founding,
             self.net.clone(),
+            // The in-process network loses nothing, so it has nothing to report.
+            crate::node::peer_report_channel().1,
             Arc::from("rw-test"),
         )
         .unwrap();

@@ -2,5 +2,6 @@
 //! in sled behind raft-rs's `Storage` trait.
 
 mod raft_store;
+pub mod snapshot_codec;
 
 pub use raft_store::RaftStore;

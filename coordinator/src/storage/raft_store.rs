@@ -1,8 +1,8 @@
 //! raft-rs [`Storage`] on sled: the Raft log, hard state, conf state and the latest snapshot.
 //!
 //! Trees: `raft-log` (big-endian index -> protobuf `Entry`) and `raft-meta` (`hard-state`,
-//! `conf-state`, `snapshot`: protobuf messages). The snapshot's data, the JSON of the replicated
-//! state at its index, is a file of its own in `state-snapshots/` (written, fsynced and renamed
+//! `conf-state`, `snapshot`: protobuf messages). The snapshot's data, the replicated state at its
+//! index (encoded by [`super::snapshot_codec`]), is a file of its own in `state-snapshots/` (written, fsynced and renamed
 //! before the metadata naming it is stored): a value of many megabytes rewritten into sled
 //! stalled every flush of the log behind it. Writers call [`RaftStore::flush`] before anything
 //! that depends on the write is sent or acknowledged.
@@ -35,7 +35,7 @@ pub struct RaftStore {
     /// Held while a snapshot is written: the Raft thread installs received snapshots while a
     /// snapshot of its own may be written on another thread, and the newer one must win.
     snapshot_writes: Arc<Mutex<()>>,
-    /// Where snapshots' data lives: `<index>.json`, the current one only.
+    /// Where snapshots' data lives: `<index>.state`, the current one only.
     snapshot_dir: PathBuf,
 }
 
@@ -58,12 +58,26 @@ impl RaftStore {
         };
         std::fs::create_dir_all(&store.snapshot_dir)
             .map_err(|error| storage_error("create", store.snapshot_dir.display(), error))?;
+        // Snapshots that were being received when the member stopped are of no use now.
+        let incoming = store.incoming_snapshot_dir();
+        if incoming.exists() {
+            std::fs::remove_dir_all(&incoming)
+                .map_err(|error| storage_error("empty", incoming.display(), error))?;
+        }
+        std::fs::create_dir_all(&incoming)
+            .map_err(|error| storage_error("create", incoming.display(), error))?;
         let metadata = store
             .get::<Snapshot>(SNAPSHOT_KEY)?
             .unwrap_or_default()
             .take_metadata();
         store.snapshot_metadata = Arc::new(Mutex::new(metadata));
         Ok(store)
+    }
+
+    /// Where snapshots streamed from the leader are written while they arrive (the transport's;
+    /// emptied at every open).
+    pub fn incoming_snapshot_dir(&self) -> PathBuf {
+        self.snapshot_dir.with_file_name("incoming-snapshots")
     }
 
     /// The underlying database, for trees that live beside the Raft log (generation, cluster id).
@@ -270,7 +284,11 @@ impl RaftStore {
             return Ok(Snapshot::default());
         };
         if snapshot.get_data().is_empty() {
-            let path = self.snapshot_file(snapshot.get_metadata().index);
+            let index = snapshot.get_metadata().index;
+            let mut path = self.snapshot_file(index);
+            if !path.exists() && self.legacy_snapshot_file(index).exists() {
+                path = self.legacy_snapshot_file(index);
+            }
             let data = std::fs::read(&path)
                 .map_err(|error| storage_error("read", path.display(), error))?;
             snapshot.set_data(data.into());
@@ -279,6 +297,12 @@ impl RaftStore {
     }
 
     fn snapshot_file(&self, index: u64) -> PathBuf {
+        self.snapshot_dir.join(format!("{index:020}.state"))
+    }
+
+    /// Where a snapshot's data was kept before the encoding was versioned (its JSON), read when
+    /// no file of the current name exists: a member restarted on a newer binary starts from it.
+    fn legacy_snapshot_file(&self, index: u64) -> PathBuf {
         self.snapshot_dir.join(format!("{index:020}.json"))
     }
 

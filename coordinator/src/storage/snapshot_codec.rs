@@ -1,0 +1,145 @@
+//! How a snapshot of the replicated state is encoded: on disk and on the wire to a member that
+//! needs one.
+//!
+//! Version 1: the magic `RWSNAP`, a version byte, then one zstd frame of the state in
+//! MessagePack with named fields (self-describing, so fields added with `#[serde(default)]` still
+//! decode, as with JSON). Snapshots written before it were the state's JSON; those still decode,
+//! so a member restarts on the snapshot an older binary left.
+//!
+//! Measured by `cargo bench -p rewind-coordinator --bench snapshot` (numbers in the README):
+//! on a state of 60,000 commands it is 5x smaller than the JSON, at about the same encode and
+//! decode time.
+
+use std::io::Read as _;
+
+use crate::errors::CoordinatorError;
+use crate::state_machine::State;
+
+const MAGIC: &[u8; 6] = b"RWSNAP";
+const VERSION: u8 = 1;
+/// zstd's fastest level: on the benchmark's state it was also smaller than level 3 (the
+/// state's digests and hashes do not compress, the rest compresses well at any level).
+const ZSTD_LEVEL: i32 = 1;
+/// Most bytes a snapshot may decode to: a snapshot that says it is larger is refused rather
+/// than allowed to exhaust memory (a zstd frame of a few KiB can decompress to gigabytes).
+pub const MAX_DECODED_STATE_BYTES: u64 = 8 << 30;
+
+/// The state as snapshot data, in the current encoding.
+pub fn encode(state: &State) -> Result<Vec<u8>, CoordinatorError> {
+    let mut data = Vec::with_capacity(1 << 20);
+    data.extend_from_slice(MAGIC);
+    data.push(VERSION);
+    let encoder = zstd::Encoder::new(data, ZSTD_LEVEL)
+        .map_err(|error| encoding_error("start compressing the state", error))?;
+    // MessagePack writes many small pieces; zstd is much faster fed in large ones.
+    let mut buffered = std::io::BufWriter::with_capacity(1 << 20, encoder);
+    rmp_serde::encode::write_named(&mut buffered, state)
+        .map_err(|error| encoding_error("encode the state", error))?;
+    buffered
+        .into_inner()
+        .map_err(|error| encoding_error("compress the state", error.error()))?
+        .finish()
+        .map_err(|error| encoding_error("compress the state", error))
+}
+
+/// Decodes snapshot data in any encoding this binary knows (the current one, and the JSON of
+/// earlier versions), naming what is wrong with data it cannot read.
+pub fn decode(data: &[u8]) -> Result<State, CoordinatorError> {
+    if let Some(rest) = data.strip_prefix(MAGIC) {
+        let Some((&version, frame)) = rest.split_first() else {
+            return Err(decoding_error("it ends after its magic"));
+        };
+        if version != VERSION {
+            return Err(decoding_error(format!(
+                "it is encoded as version {version}; this binary reads version {VERSION} \
+                 (upgrade it to the version that wrote the snapshot)"
+            )));
+        }
+        let mut plain = Vec::new();
+        zstd::Decoder::new(frame)
+            .map_err(|error| decoding_error(format!("start decompressing: {error}")))?
+            .take(MAX_DECODED_STATE_BYTES + 1)
+            .read_to_end(&mut plain)
+            .map_err(|error| decoding_error(format!("decompress: {error}")))?;
+        if plain.len() as u64 > MAX_DECODED_STATE_BYTES {
+            return Err(decoding_error(format!(
+                "it decompresses to more than {MAX_DECODED_STATE_BYTES} bytes"
+            )));
+        }
+        return rmp_serde::from_slice(&plain)
+            .map_err(|error| decoding_error(format!("decode the state: {error}")));
+    }
+    if data.first() == Some(&b'{') {
+        return serde_json::from_slice(data)
+            .map_err(|error| decoding_error(format!("decode the JSON state: {error}")));
+    }
+    Err(decoding_error(
+        "it starts with neither the snapshot magic nor JSON",
+    ))
+}
+
+fn encoding_error(action: &str, error: impl std::fmt::Display) -> CoordinatorError {
+    CoordinatorError::Storage(format!("{action}: {error}"))
+}
+
+fn decoding_error(message: impl std::fmt::Display) -> CoordinatorError {
+    CoordinatorError::Storage(format!("snapshot data does not decode: {message}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state_machine::MemberRecord;
+
+    fn sample_state() -> State {
+        let mut state = State {
+            applied_index: 42,
+            ..State::default()
+        };
+        state.members.insert(
+            1,
+            MemberRecord {
+                id: 1,
+                address: "10.0.0.1:7443".into(),
+                region: "eu".into(),
+                name: "coordinator-1".into(),
+            },
+        );
+        state
+    }
+
+    #[test]
+    fn the_state_round_trips_and_the_data_says_its_encoding() {
+        let state = sample_state();
+        let data = encode(&state).unwrap();
+        assert!(data.starts_with(b"RWSNAP\x01"));
+        assert_eq!(decode(&data).unwrap(), state);
+    }
+
+    #[test]
+    fn json_snapshots_of_earlier_versions_still_decode() {
+        let state = sample_state();
+        let json = serde_json::to_vec(&state).unwrap();
+        assert_eq!(decode(&json).unwrap(), state);
+    }
+
+    #[test]
+    fn unknown_or_damaged_data_is_refused_with_the_reason() {
+        let mut newer = encode(&sample_state()).unwrap();
+        newer[MAGIC.len()] = 9;
+        let error = decode(&newer).unwrap_err().to_string();
+        assert!(error.contains("version 9"), "{error}");
+
+        let mut truncated = encode(&sample_state()).unwrap();
+        truncated.truncate(truncated.len() - 4);
+        let error = decode(&truncated).unwrap_err().to_string();
+        assert!(
+            error.contains("decompress") || error.contains("decode"),
+            "{error}"
+        );
+
+        let error = decode(b"\x00garbage").unwrap_err().to_string();
+        assert!(error.contains("neither"), "{error}");
+        assert!(decode(b"RWSNAP").unwrap_err().to_string().contains("magic"));
+    }
+}
