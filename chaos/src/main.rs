@@ -27,6 +27,10 @@ enum Scenario {
         /// Run members on loopback (no root needed; no partitions).
         #[arg(long)]
         loopback: bool,
+        /// Grow the state until the leader's snapshot is over 16 MiB before the faults, and
+        /// bring killed members back behind a compaction (they catch up by snapshot).
+        #[arg(long)]
+        large_state: bool,
     },
 }
 
@@ -43,7 +47,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let Scenario::RollbackFaults { rounds, loopback } = cli.scenario;
+    let Scenario::RollbackFaults {
+        rounds,
+        loopback,
+        large_state,
+    } = cli.scenario;
+    let size = if large_state {
+        rewind_chaos::rollback_faults::StateSize::Large
+    } else {
+        rewind_chaos::rollback_faults::StateSize::Small
+    };
     let network = if loopback {
         rewind_chaos::rollback_faults::Network::Loopback
     } else {
@@ -51,7 +64,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         let dir = tempfile::tempdir()?;
-        rewind_chaos::rollback_faults::run(seed, rounds, dir.path(), network).await
+        rewind_chaos::rollback_faults::run(seed, rounds, dir.path(), network, size).await
     });
     match result {
         Ok(report) => {

@@ -7,6 +7,11 @@
 //! a new leader where there is one) and brings the killed members back. The run ends by checking
 //! that every rollback succeeded and every host is exactly restored, that no step ran twice
 //! (restart counts), and that all members hold the same state with an intact audit chain.
+//!
+//! Every member brought back must reach the leader's applied index within [`CATCH_UP_BOUND`].
+//! In the large-state mode ([`StateSize::Large`]) the state first grows until the leader's
+//! snapshot is over 16 MiB, and each member kept down is left behind a compaction before it
+//! comes back, so it can only catch up by being sent the large snapshot.
 
 use std::path::Path;
 use std::time::Duration;
@@ -15,7 +20,8 @@ use anyhow::{Context as _, bail, ensure};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use rewind_proto::v1 as pb;
 use rewind_tests::{
-    ClusterHarness, TestHost, config_for, must_agents_connected, must_register_web, must_wait_async,
+    ClusterHarness, TestHost, config_for, must_agents_connected, must_grow_state_past,
+    must_register_web, must_wait_async,
 };
 use tonic::transport::Channel;
 use tracing::info;
@@ -25,6 +31,22 @@ use crate::{FaultOutcome, invariants};
 type Client = pb::control_service_client::ControlServiceClient<Channel>;
 
 const WAIT: Duration = Duration::from_secs(60);
+/// A member brought back must reach the leader's applied index within this.
+pub const CATCH_UP_BOUND: Duration = Duration::from_secs(60);
+/// The large-state mode grows the state until the leader's snapshot is larger than this.
+pub const LARGE_STATE_BYTES: u64 = 16 << 20;
+/// Writes that carry the log past a compaction (the harness snapshots every 50 entries).
+const WRITES_PAST_A_COMPACTION: usize = 60;
+
+/// How much state the cluster holds when the faults begin.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StateSize {
+    /// Only what the rounds write.
+    Small,
+    /// Grown past [`LARGE_STATE_BYTES`] of snapshot first; killed members return behind a
+    /// compaction.
+    Large,
+}
 
 /// What a round does to the cluster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,9 +72,17 @@ pub struct Report {
     pub seed: u64,
     pub rounds: usize,
     pub faults: Vec<(Fault, FaultOutcome)>,
+    /// Snapshots members installed from a leader (from their logs).
+    pub snapshots_installed: usize,
 }
 
-pub async fn run(seed: u64, rounds: usize, dir: &Path, network: Network) -> anyhow::Result<Report> {
+pub async fn run(
+    seed: u64,
+    rounds: usize,
+    dir: &Path,
+    network: Network,
+    size: StateSize,
+) -> anyhow::Result<Report> {
     let mut random = StdRng::seed_from_u64(seed);
     let (mut cluster, possible) = match network {
         Network::Loopback => (
@@ -81,6 +111,10 @@ pub async fn run(seed: u64, rounds: usize, dir: &Path, network: Network) -> anyh
     let (_, mut client) = cluster.must_leader().await;
     setup(&mut client, &hosts).await?;
     deploy(&cluster, "v1", "first").await?;
+    if size == StateSize::Large {
+        let writes = must_grow_state_past(&cluster, LARGE_STATE_BYTES).await;
+        info!(seed, writes, "The state is large.");
+    }
 
     let mut faults = Vec::with_capacity(rounds);
     // Changes and rollbacks whose start was acknowledged: each must survive on every member.
@@ -168,6 +202,7 @@ pub async fn run(seed: u64, rounds: usize, dir: &Path, network: Network) -> anyh
                 cluster.must_start_member(id);
             }
         }
+        let restarted_at_once = fault == Fault::KillAll;
 
         let ended = wait_rollback(&cluster, &rollback_id).await?;
         ensure!(
@@ -189,10 +224,18 @@ pub async fn run(seed: u64, rounds: usize, dir: &Path, network: Network) -> anyh
                 host.id
             );
         }
-        if fault != Fault::KillAll {
+        if !restarted_at_once && !killed.is_empty() {
+            if size == StateSize::Large {
+                write_past_a_compaction(&cluster, round).await?;
+            }
             for &id in &killed {
                 cluster.must_start_member(id);
             }
+        }
+        for &id in &killed {
+            invariants::catches_up(&cluster, id, CATCH_UP_BOUND)
+                .await
+                .with_context(|| format!("round {round}: member {id} after its restart"))?;
         }
     }
 
@@ -215,7 +258,47 @@ pub async fn run(seed: u64, rounds: usize, dir: &Path, network: Network) -> anyh
         seed,
         rounds,
         faults,
+        snapshots_installed: snapshots_installed(&cluster),
     })
+}
+
+/// Registers small releases until the leader's log has passed a compaction, so a member that
+/// was down meanwhile can only catch up by being sent a snapshot.
+async fn write_past_a_compaction(cluster: &ClusterHarness, round: usize) -> anyhow::Result<()> {
+    for number in 0..WRITES_PAST_A_COMPACTION {
+        let release = pb::Release {
+            service: "web".into(),
+            version: format!("filler-{round}-{number}"),
+            artifact_digest: format!(
+                "sha256:{}",
+                rewind_shared::digest::sha256_hex(format!("{round}/{number}").as_bytes())
+            ),
+            commit: "c0ffee".into(),
+            ..Default::default()
+        };
+        let request = pb::RegisterReleaseRequest {
+            request_id: format!("filler-{round}-{number}"),
+            release: Some(release),
+        };
+        on_leader(cluster, "register a filler release", |mut client| {
+            let request = request.clone();
+            async move { client.register_release(request).await }
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+/// Snapshots the members installed from a leader, counted in their logs.
+fn snapshots_installed(cluster: &ClusterHarness) -> usize {
+    (1..=3)
+        .map(|id| {
+            std::fs::read_to_string(cluster.dir.join(format!("member-{id}.log")))
+                .unwrap_or_default()
+                .matches("Installed a snapshot from the leader")
+                .count()
+        })
+        .sum()
 }
 
 async fn setup(client: &mut Client, hosts: &[TestHost]) -> anyhow::Result<()> {

@@ -2,14 +2,14 @@
 //! `REWIND_CHAOS_ROUNDS` rounds (default 30), plus the seeds that once failed, by name. Members
 //! run in network namespaces so the leader can be partitioned: this needs root (CI has it).
 
-use rewind_chaos::rollback_faults::{self, Network};
+use rewind_chaos::rollback_faults::{self, Network, StateSize};
 use rewind_chaos::{FaultOutcome, seed_from_env};
 
-fn rounds() -> usize {
-    std::env::var("REWIND_CHAOS_ROUNDS")
+fn rounds(variable: &str, default: usize) -> usize {
+    std::env::var(variable)
         .ok()
         .and_then(|rounds| rounds.parse().ok())
-        .unwrap_or(30)
+        .unwrap_or(default)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -19,7 +19,8 @@ async fn members_crash_or_the_leader_is_partitioned_during_rollbacks_with_a_fres
     let seed = seed_from_env();
     eprintln!("chaos seed {seed}: replay with REWIND_CHAOS_SEED={seed}");
     let dir = tempfile::tempdir().unwrap();
-    let report = rollback_faults::run(seed, rounds(), dir.path(), Network::Private)
+    let rounds = rounds("REWIND_CHAOS_ROUNDS", 30);
+    let report = rollback_faults::run(seed, rounds, dir.path(), Network::Private, StateSize::Small)
         .await
         .unwrap_or_else(|error| panic!("seed {seed}: {error:#}"));
     let installed = report
@@ -30,6 +31,41 @@ async fn members_crash_or_the_leader_is_partitioned_during_rollbacks_with_a_fres
     eprintln!(
         "seed {seed}: {installed} of {} faults landed during a rollback: {:?}",
         report.rounds, report.faults
+    );
+}
+
+/// The large-state mode: the leader's snapshot is over 16 MiB before the faults, and every
+/// member killed comes back behind a compaction, so it must be sent that snapshot and reach the
+/// leader's applied index within a minute (the run fails otherwise). `REWIND_CHAOS_LARGE_ROUNDS`
+/// rounds (default 4: each grows and ships a snapshot of over 16 MiB).
+#[tokio::test(flavor = "multi_thread")]
+async fn members_crash_with_a_large_state_and_catch_up_by_snapshot_with_a_fresh_seed() {
+    rewind_shared::logging::init("warn");
+    rewind_shared::tls::install_crypto_provider();
+    let seed = seed_from_env();
+    eprintln!("large-state chaos seed {seed}: replay with REWIND_CHAOS_SEED={seed}");
+    let dir = tempfile::tempdir().unwrap();
+    let rounds = rounds("REWIND_CHAOS_LARGE_ROUNDS", 4);
+    let report = rollback_faults::run(seed, rounds, dir.path(), Network::Private, StateSize::Large)
+        .await
+        .unwrap_or_else(|error| panic!("seed {seed}: {error:#}"));
+    eprintln!(
+        "seed {seed}: {} snapshots installed over {} rounds: {:?}",
+        report.snapshots_installed, report.rounds, report.faults
+    );
+    let restarts = report
+        .faults
+        .iter()
+        .filter(|(fault, _)| {
+            matches!(
+                fault,
+                rollback_faults::Fault::KillLeader | rollback_faults::Fault::KillFollower
+            )
+        })
+        .count();
+    assert!(
+        restarts == 0 || report.snapshots_installed > 0,
+        "seed {seed}: a member was brought back behind a compaction {restarts} times, yet none installed a snapshot"
     );
 }
 

@@ -104,7 +104,7 @@ pub struct MigrationRecord {
 pub use rewind_shared::digest::migration_checksum;
 
 /// Most script bytes the registry holds over every database: the registry is replicated state,
-/// and a state snapshot travels to a new member as one message (4 MiB).
+/// held in memory by every member and in every snapshot.
 pub const MAX_REGISTRY_SCRIPT_BYTES: usize = 2 << 20;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
