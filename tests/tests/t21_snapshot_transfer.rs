@@ -1,10 +1,16 @@
 //! A member that was down while the leader compacted its log comes back and is sent the state
 //! as a streamed snapshot, however large: three real members, a state whose snapshot is over
 //! 16 MiB (four times what one gRPC message may carry), and a snapshot stream cut part-way by a
-//! proxy, which the leader reports to raft-rs and sends again.
+//! proxy, which the leader reports to raft-rs and sends again. And a member refuses snapshot
+//! streams that are not a peer's, not whole or not a state, naming what is wrong.
 
 use std::time::Duration;
 
+use protobuf::Message as _;
+use raft_proto::eraftpb::{Message, MessageType};
+use rewind_proto::v1 as pb;
+use rewind_proto::v1::raft_service_client::RaftServiceClient;
+use rewind_shared::tls::TlsFiles;
 use rewind_tests::proxy::CuttingProxy;
 use rewind_tests::{ClusterHarness, ClusterOptions, ListenApart, free_port, must_grow_state_past};
 
@@ -146,4 +152,183 @@ async fn a_member_down_across_a_compaction_of_a_large_state_catches_up_by_a_stre
     let behind_log =
         std::fs::read_to_string(dir.path().join(format!("member-{BEHIND}.log"))).unwrap();
     assert!(behind_log.contains("Installed a snapshot from the leader"));
+}
+
+/// A stream of snapshot chunks: `header` first (if any), then `data` in pieces.
+fn chunks(
+    header: Option<pb::SnapshotHeader>,
+    data: &[&[u8]],
+) -> impl tokio_stream::Stream<Item = pb::SnapshotChunk> + use<> {
+    let mut chunks: Vec<pb::SnapshotChunk> = header
+        .map(|header| pb::SnapshotChunk {
+            header: Some(header),
+            data: Vec::new(),
+        })
+        .into_iter()
+        .collect();
+    chunks.extend(data.iter().map(|piece| pb::SnapshotChunk {
+        header: None,
+        data: piece.to_vec(),
+    }));
+    tokio_stream::iter(chunks)
+}
+
+/// A raft-rs message of this type from member 1, encoded, with no snapshot data.
+fn raft_message(kind: MessageType) -> Vec<u8> {
+    let mut message = Message::default();
+    message.set_msg_type(kind);
+    message.from = 1;
+    message.to = 1;
+    message.mut_snapshot().mut_metadata().index = 5;
+    message.write_to_bytes().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_snapshot_streams_are_refused_with_the_reason_and_leave_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = ClusterHarness::must_start(dir.path(), 1);
+    cluster.must_leader().await;
+    let client_as = |identity: &str| {
+        let files = TlsFiles::in_dir(&cluster.tls_dir, identity);
+        let address = cluster.addresses[0].clone();
+        async move {
+            let channel = tonic::transport::Endpoint::from_shared(format!("https://{address}"))
+                .unwrap()
+                .tls_config(files.client_config("localhost").unwrap())
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            RaftServiceClient::new(channel)
+        }
+    };
+    let data = b"not a state".as_slice();
+    let header = |cluster_id: &str| pb::SnapshotHeader {
+        cluster_id: cluster_id.into(),
+        from_member: 1,
+        message: raft_message(MessageType::MsgSnapshot),
+        data_bytes: data.len() as u64,
+        data_sha256: rewind_shared::digest::sha256_hex(data),
+    };
+    let refused = |answer: Result<tonic::Response<pb::RaftAck>, tonic::Status>| {
+        let status = answer.expect_err("a hostile stream was accepted");
+        (status.code(), status.message().to_string())
+    };
+
+    let mut operator = client_as(rewind_shared::dev_ca::OPERATOR).await;
+    let (code, _) = refused(
+        operator
+            .send_snapshot(chunks(Some(header("test-cluster")), &[data]))
+            .await,
+    );
+    assert_eq!(
+        code,
+        tonic::Code::PermissionDenied,
+        "only a member sends snapshots"
+    );
+
+    let mut member = client_as("coordinator-1").await;
+    // What is wrong, the stream, and the code and words it is refused with.
+    type Case<'a> = (
+        &'a str,
+        pb::SnapshotHeader,
+        Vec<&'a [u8]>,
+        tonic::Code,
+        &'a str,
+    );
+    let mut cases: Vec<Case> = vec![
+        (
+            "another cluster",
+            header("other-cluster"),
+            vec![data],
+            tonic::Code::FailedPrecondition,
+            "cluster_id",
+        ),
+        (
+            "not a snapshot",
+            pb::SnapshotHeader {
+                message: raft_message(MessageType::MsgHeartbeat),
+                ..header("test-cluster")
+            },
+            vec![data],
+            tonic::Code::InvalidArgument,
+            "header.message",
+        ),
+        (
+            "too large",
+            pb::SnapshotHeader {
+                data_bytes: rewind_proto::MAX_SNAPSHOT_BYTES + 1,
+                ..header("test-cluster")
+            },
+            vec![],
+            tonic::Code::InvalidArgument,
+            "header.data_bytes",
+        ),
+        (
+            "no checksum",
+            pb::SnapshotHeader {
+                data_sha256: "abc".into(),
+                ..header("test-cluster")
+            },
+            vec![data],
+            tonic::Code::InvalidArgument,
+            "header.data_sha256",
+        ),
+        (
+            "more data than declared",
+            header("test-cluster"),
+            vec![data, b"more"],
+            tonic::Code::InvalidArgument,
+            "more than",
+        ),
+        (
+            "less data than declared",
+            header("test-cluster"),
+            vec![&data[..4]],
+            tonic::Code::Aborted,
+            "of the 11 bytes",
+        ),
+        (
+            "checksum mismatch",
+            pb::SnapshotHeader {
+                data_sha256: rewind_shared::digest::sha256_hex(b"other"),
+                ..header("test-cluster")
+            },
+            vec![data],
+            tonic::Code::DataLoss,
+            "sha256",
+        ),
+        (
+            "not a state",
+            header("test-cluster"),
+            vec![data],
+            tonic::Code::InvalidArgument,
+            "does not decode",
+        ),
+    ];
+    for (case, header, data, code, names) in cases.drain(..) {
+        let (got, message) = refused(member.send_snapshot(chunks(Some(header), &data)).await);
+        assert_eq!(got, code, "{case}: {message}");
+        assert!(message.contains(names), "{case}: {message} names {names}");
+    }
+    let (code, message) = refused(member.send_snapshot(chunks(None, &[data])).await);
+    assert_eq!(code, tonic::Code::InvalidArgument);
+    assert!(message.contains("header"), "{message}");
+    let batch = pb::RaftBatch {
+        cluster_id: "test-cluster".into(),
+        from_member: 1,
+        messages: vec![raft_message(MessageType::MsgSnapshot)],
+    };
+    let (code, message) = refused(member.deliver(batch).await);
+    assert_eq!(code, tonic::Code::InvalidArgument);
+    assert!(message.contains("SendSnapshot"), "{message}");
+
+    let incoming = dir.path().join("member-1/raft/incoming-snapshots");
+    assert_eq!(
+        std::fs::read_dir(&incoming).unwrap().count(),
+        0,
+        "refused streams leave no file in {}",
+        incoming.display()
+    );
+    cluster.must_leader().await;
 }
