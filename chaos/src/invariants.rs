@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure};
-use rewind_proto::v1::{self as pb, member_service_client::MemberServiceClient};
+use rewind_proto::v1 as pb;
 use rewind_tests::{ClusterHarness, TestHost};
 
 /// Waits until every live member has applied the same index, then requires the same state
@@ -64,45 +64,22 @@ pub async fn members_agree(
 }
 
 async fn member_status(cluster: &ClusterHarness, id: u64) -> anyhow::Result<pb::MemberStatus> {
-    ask_member(cluster, id, false).await
-}
-
-/// Member `id`'s status; `brief` leaves out the state digest and the audit check.
-async fn ask_member(
-    cluster: &ClusterHarness,
-    id: u64,
-    brief: bool,
-) -> anyhow::Result<pb::MemberStatus> {
-    let channel = cluster
-        .channel_for(&cluster.addresses[id as usize - 1])
+    cluster
+        .member_status(id, false)
         .await
-        .map_err(anyhow::Error::msg)?;
-    let status = MemberServiceClient::new(channel)
-        .get_member_status(pb::GetMemberStatusRequest { brief })
-        .await?;
-    Ok(status.into_inner())
+        .map_err(anyhow::Error::msg)
 }
 
 /// Member `id`, just brought back, reaches within `bound` the index the leader had applied
-/// when it was asked (after the restart).
+/// when this was asked (right after the restart, or once the rollback after a restart of every
+/// member ended).
 pub async fn catches_up(cluster: &ClusterHarness, id: u64, bound: Duration) -> anyhow::Result<()> {
-    let started = Instant::now();
     let (leader, _) = cluster.must_leader().await;
-    let target = ask_member(cluster, leader, true).await?.applied_index;
-    let mut reached = 0;
-    while started.elapsed() < bound {
-        if let Ok(status) = ask_member(cluster, id, true).await {
-            reached = status.applied_index;
-            if reached >= target {
-                return Ok(());
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    bail!(
-        "member {id} reached index {reached}, not the leader's {target}, within {} s of its restart",
-        bound.as_secs()
-    )
+    cluster
+        .catch_up(id, leader, bound, false)
+        .await
+        .map(|_| ())
+        .map_err(anyhow::Error::msg)
 }
 
 /// No step ran twice on any host, from the agents' own journals: each host journaled exactly

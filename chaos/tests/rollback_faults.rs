@@ -5,6 +5,10 @@
 use rewind_chaos::rollback_faults::{self, Network, StateSize};
 use rewind_chaos::{FaultOutcome, seed_from_env};
 
+/// The two runs take turns: each keeps two cores busy on its own, and at once they would
+/// measure the machine rather than rewind (their bounds are in seconds).
+static ONE_RUN_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn rounds(variable: &str, default: usize) -> usize {
     std::env::var(variable)
         .ok()
@@ -14,6 +18,7 @@ fn rounds(variable: &str, default: usize) -> usize {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn members_crash_or_the_leader_is_partitioned_during_rollbacks_with_a_fresh_seed() {
+    let _turn = ONE_RUN_AT_A_TIME.lock().await;
     rewind_shared::logging::init("warn");
     rewind_shared::tls::install_crypto_provider();
     let seed = seed_from_env();
@@ -40,6 +45,7 @@ async fn members_crash_or_the_leader_is_partitioned_during_rollbacks_with_a_fres
 /// rounds (default 4: each grows and ships a snapshot of over 16 MiB).
 #[tokio::test(flavor = "multi_thread")]
 async fn members_crash_with_a_large_state_and_catch_up_by_snapshot_with_a_fresh_seed() {
+    let _turn = ONE_RUN_AT_A_TIME.lock().await;
     rewind_shared::logging::init("warn");
     rewind_shared::tls::install_crypto_provider();
     let seed = seed_from_env();

@@ -8,21 +8,31 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use raft::eraftpb::Message;
+use raft::eraftpb::{Message, MessageType};
 use rewind_coordinator::node::raft::{RaftMember, RaftSettings, Transport, start_member};
 use rewind_coordinator::state_machine::{Command, CommandKind, Labels, MemberRecord};
-use rewind_coordinator::storage::RaftStore;
+use rewind_coordinator::storage::{RaftStore, SnapshotFiles};
 use tokio::sync::mpsc;
 
+/// Members' inboxes, and their snapshot files: raft-rs's `MsgSnapshot` carries metadata only,
+/// and a follower that falls behind a compaction is sent the data from the leader's file.
 #[derive(Clone, Default)]
 struct LocalNet {
     peers: Arc<Mutex<HashMap<u64, mpsc::Sender<Message>>>>,
+    files: Arc<Mutex<HashMap<u64, SnapshotFiles>>>,
 }
 
 impl Transport for LocalNet {
     fn send(&self, messages: Vec<Message>) {
         let peers = self.peers.lock().unwrap();
-        for message in messages {
+        for mut message in messages {
+            if message.get_msg_type() == MessageType::MsgSnapshot {
+                let index = message.get_snapshot().get_metadata().index;
+                let mut data = Vec::new();
+                let files = self.files.lock().unwrap()[&message.from].clone();
+                std::io::Read::read_to_end(&mut files.open(index).unwrap(), &mut data).unwrap();
+                message.mut_snapshot().set_data(data.into());
+            }
             if let Some(peer) = peers.get(&message.to) {
                 let _ = peer.try_send(message);
             }
@@ -70,6 +80,7 @@ async fn run(size: u64, sequential: usize, concurrent: usize, in_flight: usize) 
     let mut members = Vec::new();
     for (position, id) in voters.iter().map(|member| member.id).enumerate() {
         let store = RaftStore::open(dirs[position].path()).unwrap();
+        net.files.lock().unwrap().insert(id, store.snapshot_files());
         let mut settings = RaftSettings::new(id);
         settings.tick = Duration::from_millis(20);
         let (_, reports) = rewind_coordinator::node::peer_report_channel();

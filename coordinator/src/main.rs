@@ -255,6 +255,7 @@ async fn serve(
         cluster_id.clone(),
         cluster.member_id,
         peer_reports,
+        store.snapshot_files(),
         Arc::clone(&snapshot_stats),
     );
     let mut settings = node::raft::RaftSettings::new(cluster.member_id);

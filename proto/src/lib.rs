@@ -23,4 +23,4 @@ pub const MAX_RAFT_BATCH_BYTES: usize = 4 * MAX_MESSAGE_BYTES;
 /// Data bytes in one `SnapshotChunk`.
 pub const SNAPSHOT_CHUNK_BYTES: usize = 1024 * 1024;
 /// Largest state snapshot a member sends or accepts (its encoded, compressed data).
-pub const MAX_SNAPSHOT_BYTES: u64 = 4 << 30;
+pub const MAX_SNAPSHOT_BYTES: u64 = 1 << 30;

@@ -888,38 +888,70 @@ join = {join}
             .max()
     }
 
-    /// What member `id` holds (`MemberService`, with the state digest), or why it did not say.
-    pub async fn member_status(&self, id: u64) -> Result<rewind_proto::v1::MemberStatus, String> {
+    /// What member `id` holds (`MemberService`; `brief` leaves out the state digest and the
+    /// audit check), or why it did not say.
+    pub async fn member_status(
+        &self,
+        id: u64,
+        brief: bool,
+    ) -> Result<rewind_proto::v1::MemberStatus, String> {
         use rewind_proto::v1::member_service_client::MemberServiceClient;
         let channel = self.channel_for(&self.addresses[id as usize - 1]).await?;
         MemberServiceClient::new(channel)
-            .get_member_status(rewind_proto::v1::GetMemberStatusRequest { brief: false })
+            .get_member_status(rewind_proto::v1::GetMemberStatusRequest { brief })
             .await
             .map(tonic::Response::into_inner)
             .map_err(|status| status.to_string())
     }
 
-    /// Waits until member `id` has applied at least what member `leader` has applied now and
-    /// holds the same state (digest) at the same index; returns that index.
-    pub async fn must_catch_up(&self, id: u64, leader: u64, limit: Duration) -> u64 {
+    /// Waits up to `limit` until member `id` has applied at least what member `leader` had
+    /// applied when asked; with `same_state`, until both are at one index with one state
+    /// digest. Returns the index reached, or says how far it got.
+    pub async fn catch_up(
+        &self,
+        id: u64,
+        leader: u64,
+        limit: Duration,
+        same_state: bool,
+    ) -> Result<u64, String> {
+        let started = Instant::now();
         let target = self
-            .member_status(leader)
+            .member_status(leader, true)
             .await
-            .unwrap_or_else(|error| panic!("ask the leader, member {leader}: {error}"))
+            .map_err(|error| format!("ask the leader, member {leader}: {error}"))?
             .applied_index;
-        must_wait_async(
-            limit,
-            &format!("member {id} to reach index {target} with the leader's state"),
-            || async {
-                let behind = self.member_status(id).await.ok()?;
-                let ahead = self.member_status(leader).await.ok()?;
-                (behind.applied_index >= target
-                    && behind.applied_index == ahead.applied_index
-                    && behind.state_digest == ahead.state_digest)
-                    .then_some(behind.applied_index)
-            },
-        )
-        .await
+        let mut reached = 0;
+        while started.elapsed() < limit {
+            if let Ok(behind) = self.member_status(id, !same_state).await {
+                reached = behind.applied_index;
+                let agrees = || async {
+                    let ahead = self.member_status(leader, false).await.ok()?;
+                    (ahead.applied_index == behind.applied_index
+                        && ahead.state_digest == behind.state_digest)
+                        .then_some(())
+                };
+                if reached >= target && (!same_state || agrees().await.is_some()) {
+                    return Ok(reached);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Err(format!(
+            "member {id} reached index {reached} within {} s, not the leader's {target}{}",
+            limit.as_secs(),
+            if same_state {
+                " with the leader's state"
+            } else {
+                ""
+            }
+        ))
+    }
+
+    /// [`ClusterHarness::catch_up`] to the leader's index and state, or panics.
+    pub async fn must_catch_up(&self, id: u64, leader: u64, limit: Duration) -> u64 {
+        self.catch_up(id, leader, limit, true)
+            .await
+            .unwrap_or_else(|error| panic!("{error}"))
     }
 
     /// The live member that serves (the caught-up leader), and a client to it.

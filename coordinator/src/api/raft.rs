@@ -1,14 +1,17 @@
 //! `RaftService`: Raft messages and snapshots from peer members, accepted only from their
 //! certificates.
 //!
-//! A snapshot arrives as a stream of chunks. Its data goes to a temporary file (so a slow or
-//! stalled sender holds disk, not memory), is checked against the size and sha256 its header
-//! declared and decoded once as a state, and only then is the Raft message, data restored,
-//! handed to the member, which installs it atomically (see `RaftStore::apply_snapshot`). A
-//! stream cut short leaves nothing behind: the file is removed.
+//! A snapshot arrives as a stream of chunks, from a member's certificate only, one stream per
+//! sending member and two at most. Its data goes to a temporary file of its own (so a slow or
+//! stalled sender holds disk, not memory); once whole it is read back, checked against the size
+//! and sha256 its header declared and decoded once as a state, and only then is the Raft
+//! message, data restored, handed to the member, which installs it atomically (see
+//! `RaftStore::apply_snapshot`). A stream cut short leaves nothing behind: the file is removed.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use protobuf::Message as _;
@@ -17,7 +20,6 @@ use rewind_proto::MAX_SNAPSHOT_BYTES;
 use rewind_proto::v1::{
     RaftAck, RaftBatch, SnapshotChunk, SnapshotHeader, raft_service_server::RaftService,
 };
-use sha2::Digest as _;
 use tokio::io::AsyncWriteExt as _;
 use tokio::sync::{Semaphore, mpsc};
 use tonic::{Request, Response, Status, Streaming};
@@ -29,6 +31,8 @@ use crate::storage::snapshot_codec;
 
 /// Snapshots this member receives at once; more are refused (the sender retries later).
 const MAX_CONCURRENT_SNAPSHOT_RECEIVES: usize = 2;
+/// Longest wait for a snapshot stream's header, which says who sends it.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest wait for a snapshot's next chunk before the transfer is abandoned.
 const CHUNK_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest wait for the member to take a received snapshot.
@@ -42,6 +46,10 @@ pub struct RaftPeers {
     /// Where snapshots being received are written (emptied at start).
     incoming_dir: PathBuf,
     receiving: Arc<Semaphore>,
+    /// Members a snapshot is being received from now.
+    receiving_from: Arc<Mutex<HashSet<u64>>>,
+    /// Numbers each received snapshot's file.
+    next_file: AtomicU64,
     stats: Arc<SnapshotStats>,
 }
 
@@ -59,6 +67,8 @@ impl RaftPeers {
             inbox,
             incoming_dir,
             receiving: Arc::new(Semaphore::new(MAX_CONCURRENT_SNAPSHOT_RECEIVES)),
+            receiving_from: Arc::default(),
+            next_file: AtomicU64::new(0),
             stats,
         }
     }
@@ -97,25 +107,19 @@ impl RaftPeers {
     /// its data restored.
     async fn receive_snapshot(
         &self,
-        identity: &str,
+        header: SnapshotHeader,
         chunks: &mut Streaming<SnapshotChunk>,
     ) -> Result<Message, Status> {
-        let header = next_chunk(chunks)
-            .await?
-            .and_then(|chunk| chunk.header)
-            .ok_or_else(|| {
-                Status::invalid_argument("header: the first chunk must carry the header")
-            })?;
-        self.check_sender(identity, &header.cluster_id, header.from_member)?;
         let mut message = snapshot_message(&header)?;
         let index = message.get_snapshot().get_metadata().index;
-        let path = self
-            .incoming_dir
-            .join(format!("from-{}-at-{index}.partial", header.from_member));
+        let number = self.next_file.fetch_add(1, Ordering::Relaxed);
+        let path = self.incoming_dir.join(format!(
+            "from-{}-at-{index}-{number}.partial",
+            header.from_member
+        ));
         let mut file = IncomingFile::create(path).await?;
-        let mut hasher = sha2::Sha256::new();
         let mut received: u64 = 0;
-        while let Some(chunk) = next_chunk(chunks).await? {
+        while let Some(chunk) = next_chunk(chunks, CHUNK_IDLE_TIMEOUT).await? {
             if chunk.header.is_some() {
                 return Err(Status::invalid_argument(
                     "header: only the first chunk carries one",
@@ -128,7 +132,6 @@ impl RaftPeers {
                     header.data_bytes
                 )));
             }
-            hasher.update(&chunk.data);
             file.write(&chunk.data).await?;
         }
         if received != header.data_bytes {
@@ -137,23 +140,70 @@ impl RaftPeers {
                 header.data_bytes
             )));
         }
-        let checksum = hex::encode(hasher.finalize());
-        if checksum != header.data_sha256 {
-            return Err(Status::data_loss(format!(
-                "data: sha256 {checksum} is not the {} the header declared",
-                header.data_sha256
-            )));
-        }
         let data = file.read_back().await?;
-        // Decoded once here so a snapshot this binary cannot read is refused to its sender,
-        // rather than stopping this member when raft-rs hands it over for installing.
-        let data = tokio::task::spawn_blocking(move || snapshot_codec::decode(&data).map(|_| data))
+        let expected = header.data_sha256;
+        // Hashed as read back, so the checksum covers the bytes installed; decoded once here so
+        // a snapshot this binary cannot read is refused to its sender, rather than stopping this
+        // member when raft-rs hands it over for installing.
+        let data = tokio::task::spawn_blocking(move || check_snapshot_data(data, &expected))
             .await
-            .map_err(|error| Status::internal(format!("decode the snapshot: {error}")))?
-            .map_err(|error| Status::invalid_argument(format!("data: {error}")))?;
+            .map_err(|error| Status::internal(format!("check the snapshot: {error}")))??;
         message.mut_snapshot().set_data(data.into());
         Ok(message)
     }
+
+    /// Takes the received snapshot's place for member `from`: refused while one from it is
+    /// being received, or while [`MAX_CONCURRENT_SNAPSHOT_RECEIVES`] are.
+    fn claim_receive(&self, from: u64) -> Result<ReceiveClaim, Status> {
+        let slot = Arc::clone(&self.receiving).try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "this member is already receiving {MAX_CONCURRENT_SNAPSHOT_RECEIVES} snapshots; retry later"
+            ))
+        })?;
+        let mut receiving = self
+            .receiving_from
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if !receiving.insert(from) {
+            return Err(Status::resource_exhausted(format!(
+                "this member is already receiving a snapshot from member {from}"
+            )));
+        }
+        Ok(ReceiveClaim {
+            from,
+            receiving_from: Arc::clone(&self.receiving_from),
+            _slot: slot,
+        })
+    }
+}
+
+/// A snapshot being received from a member: frees its places when dropped.
+struct ReceiveClaim {
+    from: u64,
+    receiving_from: Arc<Mutex<HashSet<u64>>>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for ReceiveClaim {
+    fn drop(&mut self) {
+        self.receiving_from
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(&self.from);
+    }
+}
+
+/// Snapshot data whose sha256 is `expected` and that decodes as a state, or why not.
+fn check_snapshot_data(data: Vec<u8>, expected: &str) -> Result<Vec<u8>, Status> {
+    let checksum = rewind_shared::digest::sha256_hex(&data);
+    if checksum != expected {
+        return Err(Status::data_loss(format!(
+            "data: sha256 {checksum} is not the {expected} the header declared"
+        )));
+    }
+    snapshot_codec::decode(&data)
+        .map_err(|error| Status::invalid_argument(format!("data: {error}")))?;
+    Ok(data)
 }
 
 #[tonic::async_trait]
@@ -173,9 +223,15 @@ impl RaftService for RaftPeers {
                 )));
             }
             if message.get_msg_type() == MessageType::MsgSnapshot {
-                return Err(Status::invalid_argument(
-                    "messages: a snapshot travels by SendSnapshot, not in a batch",
-                ));
+                // A leader of an earlier version sends its snapshot inside a batch: taken only
+                // if it decodes, and never dropped on a full inbox (raft-rs would wait for it).
+                let data = message.get_snapshot().get_data().to_vec();
+                let data_sha256 = rewind_shared::digest::sha256_hex(&data);
+                tokio::task::spawn_blocking(move || check_snapshot_data(data, &data_sha256))
+                    .await
+                    .map_err(|error| Status::internal(format!("check the snapshot: {error}")))??;
+                self.take_snapshot(message).await?;
+                continue;
             }
             if self.inbox.try_send(message).is_err() {
                 debug!("The Raft inbox is full; dropped a message (Raft retransmits).");
@@ -189,36 +245,38 @@ impl RaftService for RaftPeers {
         request: Request<Streaming<SnapshotChunk>>,
     ) -> Result<Response<RaftAck>, Status> {
         let identity = caller(&request)?;
-        let Ok(_slot) = self.receiving.try_acquire() else {
-            return Err(Status::resource_exhausted(format!(
-                "this member is already receiving {MAX_CONCURRENT_SNAPSHOT_RECEIVES} snapshots; retry later"
+        // Who sends is settled before anything is held for the stream.
+        if !self
+            .directory
+            .members()
+            .iter()
+            .any(|member| member.name == identity)
+        {
+            return Err(Status::permission_denied(format!(
+                "certificate {identity:?} is not a member of this cluster: only members send snapshots"
             )));
-        };
+        }
+        let mut chunks = request.into_inner();
+        let header = next_chunk(&mut chunks, HEADER_TIMEOUT)
+            .await?
+            .and_then(|chunk| chunk.header)
+            .ok_or_else(|| {
+                Status::invalid_argument("header: the first chunk must carry the header")
+            })?;
+        self.check_sender(&identity, &header.cluster_id, header.from_member)?;
+        let _claim = self.claim_receive(header.from_member)?;
         let started = std::time::Instant::now();
-        let received = self
-            .receive_snapshot(&identity, &mut request.into_inner())
-            .await;
-        let message = match received {
+        let message = match self.receive_snapshot(header, &mut chunks).await {
             Ok(message) => message,
             Err(status) => {
                 SnapshotStats::outcome(&self.stats.receives, "failed");
-                warn!(identity, %status, "A snapshot from a peer did not arrive whole; the peer will send it again.");
+                warn!(identity, %status, "A snapshot from a peer was refused or did not arrive whole; the peer will send it again.");
                 return Err(status);
             }
         };
         let metadata = message.get_snapshot().get_metadata();
         let (index, bytes) = (metadata.index, message.get_snapshot().get_data().len());
-        match tokio::time::timeout(INBOX_TIMEOUT, self.inbox.send(message)).await {
-            Ok(Ok(())) => {}
-            _ => {
-                SnapshotStats::outcome(&self.stats.receives, "failed");
-                return Err(Status::unavailable(
-                    "this member did not take the snapshot in time; send it again",
-                ));
-            }
-        }
-        SnapshotStats::outcome(&self.stats.receives, "received");
-        self.stats.received_bytes.inc_by(bytes as u64);
+        self.take_snapshot(message).await?;
         info!(
             identity,
             index,
@@ -230,18 +288,36 @@ impl RaftService for RaftPeers {
     }
 }
 
+impl RaftPeers {
+    /// Hands a checked snapshot to the member, waiting for room in its inbox (a dropped
+    /// snapshot would leave raft-rs waiting for it), and counts it.
+    async fn take_snapshot(&self, message: Message) -> Result<(), Status> {
+        let bytes = message.get_snapshot().get_data().len() as u64;
+        if !matches!(
+            tokio::time::timeout(INBOX_TIMEOUT, self.inbox.send(message)).await,
+            Ok(Ok(()))
+        ) {
+            SnapshotStats::outcome(&self.stats.receives, "failed");
+            return Err(Status::unavailable(
+                "this member did not take the snapshot in time; send it again",
+            ));
+        }
+        SnapshotStats::outcome(&self.stats.receives, "received");
+        self.stats.received_bytes.inc_by(bytes);
+        Ok(())
+    }
+}
+
 /// The next chunk, `None` at the end of the stream; a sender silent for
 /// [`CHUNK_IDLE_TIMEOUT`] ends the transfer.
 async fn next_chunk(
     chunks: &mut Streaming<SnapshotChunk>,
+    timeout: Duration,
 ) -> Result<Option<SnapshotChunk>, Status> {
-    tokio::time::timeout(CHUNK_IDLE_TIMEOUT, chunks.message())
+    tokio::time::timeout(timeout, chunks.message())
         .await
         .map_err(|_| {
-            Status::deadline_exceeded(format!(
-                "no snapshot chunk for {} s",
-                CHUNK_IDLE_TIMEOUT.as_secs()
-            ))
+            Status::deadline_exceeded(format!("no snapshot chunk for {} s", timeout.as_secs()))
         })?
 }
 

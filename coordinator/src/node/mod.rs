@@ -20,7 +20,8 @@ use crate::state_machine::{Command, Outcome, State};
 /// Proposals waiting for the node; more are refused as overloaded.
 const PROPOSAL_QUEUE: usize = 1024;
 /// Transport reports waiting for the node. Few are ever in flight: one per snapshot sent, and
-/// one per failed delivery to a peer (which pauses before it tries again).
+/// one per failed delivery to a peer (which pauses before it tries again). Snapshot reports
+/// wait for room rather than be dropped; the node drains the queue at every wake.
 const PEER_REPORT_QUEUE: usize = 1024;
 
 /// What the transport tells raft-rs about a peer, so it retries rather than waits for ever.
@@ -28,9 +29,14 @@ const PEER_REPORT_QUEUE: usize = 1024;
 pub enum PeerReport {
     /// Messages to this peer could not be delivered (`report_unreachable`).
     Unreachable { peer: u64 },
-    /// A snapshot sent to this peer arrived whole (`report_snapshot(Finish)`) or did not
-    /// (`Failure`): raft-rs sends the peer nothing else until told.
-    Snapshot { peer: u64, delivered: bool },
+    /// The snapshot at `index` sent to this peer arrived whole (`report_snapshot(Finish)`) or
+    /// did not (`Failure`): raft-rs sends the peer nothing else until told. A report about
+    /// another snapshot than the one raft-rs waits for is ignored.
+    Snapshot {
+        peer: u64,
+        index: u64,
+        delivered: bool,
+    },
 }
 
 /// The channel the transport reports on and the Raft member reads.

@@ -327,6 +327,12 @@ impl<T: Transport> Driver<T> {
                         Err(_) => break,
                     }
                 }
+                for _ in 0..MAX_BATCH {
+                    match peer_reports.try_recv() {
+                        Ok(report) => self.take_report(report),
+                        Err(_) => break,
+                    }
+                }
                 // Handling a Ready can make another (applying a conf change advances the
                 // commit and queues messages); take those now rather than at the next tick.
                 let mut failed = None;
@@ -359,7 +365,23 @@ impl<T: Transport> Driver<T> {
     fn take_report(&mut self, report: PeerReport) {
         match report {
             PeerReport::Unreachable { peer } => self.raw.report_unreachable(peer),
-            PeerReport::Snapshot { peer, delivered } => {
+            PeerReport::Snapshot {
+                peer,
+                index,
+                delivered,
+            } => {
+                // raft-rs applies a report to whatever snapshot it waits for; one about an
+                // older send (before leadership moved, or overtaken) must not finish a newer one.
+                let awaited = self.raw.raft.prs().get(peer).is_some_and(|progress| {
+                    progress.state == ProgressState::Snapshot && progress.pending_snapshot == index
+                });
+                if !awaited {
+                    debug!(
+                        peer,
+                        index, delivered, "Ignored a report about a snapshot no longer awaited."
+                    );
+                    return;
+                }
                 let status = if delivered {
                     SnapshotStatus::Finish
                 } else {

@@ -8,19 +8,64 @@ use std::time::{Duration, Instant};
 use super::*;
 use crate::state_machine::{CommandKind, Labels, MemberRecord, MembershipChange};
 
+/// Members' inboxes, and what a snapshot send needs: each member's snapshot files (raft-rs's
+/// `MsgSnapshot` carries metadata only, as over gRPC) and its report channel. Messages to a
+/// member not running, or whose inbox is full, are dropped.
 #[derive(Clone, Default)]
 struct LocalNet {
     peers: Arc<Mutex<HashMap<u64, mpsc::Sender<Message>>>>,
+    files: Arc<Mutex<HashMap<u64, crate::storage::SnapshotFiles>>>,
+    reports: Arc<Mutex<HashMap<u64, mpsc::Sender<PeerReport>>>>,
+    /// Snapshot sends still to lose (reported as failed), as a cut connection would.
+    snapshots_to_lose: Arc<std::sync::atomic::AtomicUsize>,
+    snapshots_lost: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Transport for LocalNet {
     fn send(&self, messages: Vec<Message>) {
         let peers = self.peers.lock().unwrap();
-        for message in messages {
+        for mut message in messages {
+            if message.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
+                let index = message.get_snapshot().get_metadata().index;
+                let delivered = self.fill_snapshot(&mut message) && peers.contains_key(&message.to);
+                if let Some(reports) = self.reports.lock().unwrap().get(&message.from) {
+                    let report = PeerReport::Snapshot {
+                        peer: message.to,
+                        index,
+                        delivered,
+                    };
+                    reports.try_send(report).unwrap();
+                }
+                if !delivered {
+                    continue;
+                }
+            }
             if let Some(peer) = peers.get(&message.to) {
                 let _ = peer.try_send(message);
             }
         }
+    }
+}
+
+impl LocalNet {
+    /// Puts the sender's snapshot data into a `MsgSnapshot`; false when it is lost instead.
+    fn fill_snapshot(&self, message: &mut Message) -> bool {
+        use std::sync::atomic::Ordering;
+        let lose =
+            self.snapshots_to_lose
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| {
+                    left.checked_sub(1)
+                });
+        if lose.is_ok() {
+            self.snapshots_lost.fetch_add(1, Ordering::SeqCst);
+            return false;
+        }
+        let index = message.get_snapshot().get_metadata().index;
+        let files = self.files.lock().unwrap()[&message.from].clone();
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut files.open(index).unwrap(), &mut data).unwrap();
+        message.mut_snapshot().set_data(data.into());
+        true
     }
 }
 
@@ -69,6 +114,13 @@ impl Cluster {
             .entry(id)
             .or_insert_with(|| tempfile::tempdir().unwrap());
         let store = RaftStore::open(dir.path()).unwrap();
+        self.net
+            .files
+            .lock()
+            .unwrap()
+            .insert(id, store.snapshot_files());
+        let (reports, report_receiver) = crate::node::peer_report_channel();
+        self.net.reports.lock().unwrap().insert(id, reports);
         let founding: Vec<MemberRecord> = if self.founding.contains(&id) {
             self.founding.iter().map(|&id| record(id)).collect()
         } else {
@@ -79,8 +131,7 @@ impl Cluster {
             store,
             &founding,
             self.net.clone(),
-            // The in-process network loses nothing, so it has nothing to report.
-            crate::node::peer_report_channel().1,
+            report_receiver,
             Arc::from("rw-test"),
         )
         .unwrap();
@@ -223,12 +274,25 @@ async fn a_three_member_cluster_replicates_fails_over_and_catches_up_by_snapshot
 
     // The old leader comes back from its disk and catches up (by snapshot: its log is behind the
     // compaction) to exactly the same state.
+    // Its first snapshot is lost on the way: the leader is told, and sends it again.
+    cluster
+        .net
+        .snapshots_to_lose
+        .store(1, std::sync::atomic::Ordering::SeqCst);
     cluster.start_member(leader);
     let state = cluster.converged(12).await;
     assert_eq!(
         cluster.members[&leader].status.borrow().installed_snapshots,
         1,
         "it caught up by snapshot"
+    );
+    assert_eq!(
+        cluster
+            .net
+            .snapshots_lost
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "a snapshot was lost and sent again"
     );
     assert_eq!(state.audit.verify().first_broken, None);
     assert_eq!(state.audit.len(), 12);

@@ -8,19 +8,25 @@
 //!
 //! The other streams state snapshots (`SendSnapshot`) over a connection of its own, in chunks,
 //! so a snapshot of any size reaches a member that missed a compaction without holding up the
-//! heartbeats. At most [`MAX_CONCURRENT_SNAPSHOT_SENDS`] run at once per leader. Every snapshot
-//! ends with a report to raft-rs (`Finish` or `Failure`): raft-rs sends a peer nothing else
-//! until it hears, so a send that failed unreported would lose the member for good. After a
-//! failure the next send to that peer waits (1 s, doubling to a minute). Failures are logged at
-//! WARN once per episode, with the peer and the reason.
+//! heartbeats. raft-rs's `MsgSnapshot` carries only the snapshot's metadata (see
+//! `RaftStore::snapshot`); this task reads the data from the snapshot's file, hashes it and
+//! streams it, so neither the Raft thread nor a queue ever holds it. A peer has one snapshot
+//! slot: a newer `MsgSnapshot` replaces one not yet sent. At most
+//! [`MAX_CONCURRENT_SNAPSHOT_SENDS`] run at once on this member. Every send ends with a report
+//! to raft-rs (`Finish` or `Failure`, naming the snapshot's index): raft-rs sends a peer nothing
+//! else until it hears, so a send that failed unreported would lose the member for good. After
+//! a failure the next send to that peer waits (1 s, doubling to a minute). Failures are logged
+//! at WARN once per episode, with the peer and the reason.
 //!
 //! Peers follow the replicated member registry (see `crate::membership`), so members added or
 //! removed at runtime are reached.
 
 use std::collections::HashMap;
+use std::io::{Read as _, Seek as _};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt as _;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -32,20 +38,23 @@ use rewind_proto::v1::{
 };
 use rewind_proto::{MAX_RAFT_BATCH_BYTES, MAX_SNAPSHOT_BYTES, SNAPSHOT_CHUNK_BYTES};
 use rewind_shared::tls::TlsFiles;
-use tokio::sync::{Semaphore, mpsc};
+use sha2::Digest as _;
+use tokio::io::AsyncReadExt as _;
+use tokio::sync::{Semaphore, mpsc, watch};
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tracing::{debug, info, warn};
 
 use super::PeerReport;
 use super::raft::Transport;
+use crate::storage::SnapshotFiles;
 
 /// Messages queued per peer before new ones are dropped.
 const PEER_QUEUE: usize = 4096;
 /// Most messages in one delivery.
 const MAX_BATCH: usize = 256;
-/// Most bytes of messages in one delivery: a batch is cut before it would pass this, so it
-/// always fits what the peer accepts (a single message larger than this goes alone).
-const MAX_BATCH_BYTES: usize = MAX_RAFT_BATCH_BYTES / 2;
+/// Most bytes of messages in one delivery: a batch is cut before it would pass this (a single
+/// message larger than this goes alone). Under the 4 MiB that members of earlier versions take.
+const MAX_BATCH_BYTES: usize = 3 * 1024 * 1024;
 /// Pause after a failed delivery, so a dead peer is not hammered.
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
 /// Snapshots being sent at once by this member, to all peers together: each holds the whole
@@ -79,14 +88,16 @@ struct Routes {
     peers: HashMap<u64, PeerRoute>,
     reports: mpsc::Sender<PeerReport>,
     snapshot_slots: Arc<Semaphore>,
+    snapshot_files: SnapshotFiles,
     stats: Arc<SnapshotStats>,
 }
 
 struct PeerRoute {
     address: String,
     messages: mpsc::Sender<Message>,
-    /// Room for one: raft-rs sends a peer one snapshot at a time.
-    snapshots: mpsc::Sender<Message>,
+    /// The latest `MsgSnapshot` for this peer (metadata only): a newer one replaces one not
+    /// yet sent. Dropping the route ends its sender task.
+    snapshot: watch::Sender<Option<Message>>,
 }
 
 /// Snapshots sent and received by this member, for `/metrics`. The metric handles are shared,
@@ -139,6 +150,7 @@ impl GrpcTransport {
         cluster_id: String,
         own_id: u64,
         reports: mpsc::Sender<PeerReport>,
+        snapshot_files: SnapshotFiles,
         stats: Arc<SnapshotStats>,
     ) -> Self {
         Self {
@@ -150,6 +162,7 @@ impl GrpcTransport {
                 peers: HashMap::new(),
                 reports,
                 snapshot_slots: Arc::new(Semaphore::new(MAX_CONCURRENT_SNAPSHOT_SENDS)),
+                snapshot_files,
                 stats,
             })),
         }
@@ -182,13 +195,13 @@ impl GrpcTransport {
                 }
             };
             let (messages, message_queue) = mpsc::channel(PEER_QUEUE);
-            let (snapshots, snapshot_queue) = mpsc::channel(1);
+            let (snapshot, snapshot_slot) = watch::channel(None);
             routes.peers.insert(
                 peer.id,
                 PeerRoute {
                     address: peer.address.clone(),
                     messages,
-                    snapshots,
+                    snapshot,
                 },
             );
             info!(peer = peer.id, address = %peer.address, "Raft peer route set.");
@@ -211,9 +224,12 @@ impl GrpcTransport {
             routes.runtime.spawn(sender.send_snapshots(
                 // A connection of its own, so a long transfer does not hold up heartbeats.
                 endpoint.connect_lazy(),
-                snapshot_queue,
-                Arc::clone(&routes.snapshot_slots),
-                Arc::clone(&routes.stats),
+                snapshot_slot,
+                SnapshotSending {
+                    slots: Arc::clone(&routes.snapshot_slots),
+                    files: routes.snapshot_files.clone(),
+                    stats: Arc::clone(&routes.stats),
+                },
             ));
         }
     }
@@ -253,27 +269,35 @@ impl Transport for GrpcTransport {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         for message in messages {
             let to = message.to;
-            let is_snapshot = message.get_msg_type() == MessageType::MsgSnapshot;
-            let queued = match routes.peers.get(&to) {
-                Some(route) if is_snapshot => route.snapshots.try_send(message).is_ok(),
-                Some(route) => route.messages.try_send(message).is_ok(),
-                None => false,
-            };
-            if queued {
+            if message.get_msg_type() == MessageType::MsgSnapshot {
+                match routes.peers.get(&to) {
+                    Some(route) => {
+                        route.snapshot.send_replace(Some(message));
+                    }
+                    None => {
+                        // raft-rs waits for every snapshot's outcome: one that never leaves
+                        // must be reported too, or the peer is never sent another. Reported
+                        // from a task, which waits for room rather than drop it.
+                        warn!(peer = to, "No route to a peer that needs a snapshot.");
+                        let reports = routes.reports.clone();
+                        let index = message.get_snapshot().get_metadata().index;
+                        routes.runtime.spawn(async move {
+                            let failed = PeerReport::Snapshot {
+                                peer: to,
+                                index,
+                                delivered: false,
+                            };
+                            let _ = reports.send(failed).await;
+                        });
+                    }
+                }
                 continue;
             }
-            if is_snapshot {
-                // raft-rs waits for every snapshot's outcome: one that never leaves must be
-                // reported too, or the peer is never sent another.
-                warn!(
-                    peer = to,
-                    "A snapshot for a peer could not be queued (no route, or one is already being sent)."
-                );
-                let _ = routes.reports.try_send(PeerReport::Snapshot {
-                    peer: to,
-                    delivered: false,
-                });
-            } else {
+            let queued = routes
+                .peers
+                .get(&to)
+                .is_some_and(|route| route.messages.try_send(message).is_ok());
+            if !queued {
                 debug!(
                     to,
                     "No route to a Raft peer, or its queue is full; dropped a message."
@@ -292,6 +316,13 @@ fn endpoint(tls: &TlsFiles, address: &str) -> Result<Endpoint, String> {
         .and_then(|endpoint| endpoint.tls_config(peer_tls))
         .map(|endpoint| endpoint.connect_timeout(Duration::from_secs(2)))
         .map_err(|error| error.to_string())
+}
+
+/// What every snapshot send of this member shares.
+struct SnapshotSending {
+    slots: Arc<Semaphore>,
+    files: SnapshotFiles,
+    stats: Arc<SnapshotStats>,
 }
 
 /// What a peer's sender tasks share.
@@ -358,9 +389,8 @@ impl PeerSender {
     async fn send_snapshots(
         self,
         channel: Channel,
-        mut queue: mpsc::Receiver<Message>,
-        slots: Arc<Semaphore>,
-        stats: Arc<SnapshotStats>,
+        mut slot: watch::Receiver<Option<Message>>,
+        sending: SnapshotSending,
     ) {
         let mut client = RaftServiceClient::new(channel)
             .max_decoding_message_size(MAX_RAFT_BATCH_BYTES)
@@ -368,23 +398,31 @@ impl PeerSender {
         let mut episode = FailureEpisode::default();
         let mut retry_wait = SNAPSHOT_RETRY_FIRST;
         let mut not_before = tokio::time::Instant::now();
-        while let Some(message) = queue.recv().await {
+        // Ends when the route is dropped (the peer left the registry or moved).
+        while slot.changed().await.is_ok() {
             // raft-rs waits for this snapshot's report, so waiting here is what bounds the
             // rate of retries to a peer that keeps failing.
             tokio::time::sleep_until(not_before).await;
-            let Ok(_slot) = slots.acquire().await else {
+            let Ok(_slot) = sending.slots.acquire().await else {
                 return;
+            };
+            // The latest: one queued while this task waited replaces the older.
+            let Some(message) = slot.borrow_and_update().clone() else {
+                continue;
             };
             let index = message.get_snapshot().get_metadata().index;
             let started = Instant::now();
-            let sent = self.stream_snapshot(&mut client, message).await;
+            let sent = self
+                .stream_snapshot(&mut client, message, &sending.files)
+                .await;
             let seconds = started.elapsed().as_secs_f64();
+            let stats = &sending.stats;
+            stats.send_seconds.observe(seconds);
             let delivered = sent.is_ok();
             match sent {
                 Ok(bytes) => {
                     SnapshotStats::outcome(&stats.sends, "sent");
                     stats.sent_bytes.inc_by(bytes);
-                    stats.send_seconds.observe(seconds);
                     retry_wait = SNAPSHOT_RETRY_FIRST;
                     episode.ended(&self.peer, "Snapshots reach a peer again.");
                     info!(
@@ -397,7 +435,6 @@ impl PeerSender {
                 }
                 Err(reason) => {
                     SnapshotStats::outcome(&stats.sends, "failed");
-                    stats.send_seconds.observe(seconds);
                     episode.failed(&self.peer, "send a snapshot", &reason);
                     debug!(peer = self.peer.id, index, %reason, retry_in_ms = retry_wait.as_millis() as u64, "A snapshot send failed; it will be retried.");
                     not_before = tokio::time::Instant::now() + retry_wait;
@@ -405,42 +442,45 @@ impl PeerSender {
                 }
             }
             // Never dropped: raft-rs sends this peer nothing more until it hears.
-            if self
-                .reports
-                .send(PeerReport::Snapshot {
-                    peer: self.peer.id,
-                    delivered,
-                })
-                .await
-                .is_err()
-            {
+            let report = PeerReport::Snapshot {
+                peer: self.peer.id,
+                index,
+                delivered,
+            };
+            if self.reports.send(report).await.is_err() {
                 return;
             }
         }
     }
 
-    /// Streams one snapshot: a header (the Raft message without its data, the data's size and
-    /// checksum), then the data in chunks. Returns the data's size once the peer has it whole.
+    /// Streams one snapshot: a header (the Raft message, the data's size and checksum), then
+    /// the data from its file in chunks. Returns the data's size once the peer has it whole.
     async fn stream_snapshot(
         &self,
         client: &mut RaftServiceClient<Channel>,
-        mut message: Message,
+        message: Message,
+        files: &SnapshotFiles,
     ) -> Result<u64, String> {
-        let data: Vec<u8> = message.mut_snapshot().take_data().into();
-        let data_bytes = data.len() as u64;
-        if data_bytes > MAX_SNAPSHOT_BYTES {
-            return Err(format!(
-                "the snapshot is {data_bytes} bytes, more than the {MAX_SNAPSHOT_BYTES} a member accepts"
-            ));
-        }
-        // Hashing a large snapshot takes a while: off the runtime's threads, so the heartbeats
-        // and appends this member sends meanwhile are not held up.
-        let (data, data_sha256) = tokio::task::spawn_blocking(move || {
-            let checksum = rewind_shared::digest::sha256_hex(&data);
-            (data, checksum)
+        let index = message.get_snapshot().get_metadata().index;
+        let files = files.clone();
+        // Opened and hashed off the runtime's threads (a large file takes a while). The open
+        // file stays readable if a newer snapshot removes it meanwhile.
+        let (file, data_bytes, data_sha256) = tokio::task::spawn_blocking(move || {
+            let mut file = files.open(index)?;
+            let mut hasher = sha2::Sha256::new();
+            let data_bytes =
+                std::io::copy(&mut (&mut file).take(MAX_SNAPSHOT_BYTES + 1), &mut hasher)?;
+            file.rewind()?;
+            Ok::<_, std::io::Error>((file, data_bytes, hex::encode(hasher.finalize())))
         })
         .await
-        .map_err(|error| format!("hash the snapshot: {error}"))?;
+        .map_err(|error| format!("read the snapshot at {index}: {error}"))?
+        .map_err(|error| format!("read the snapshot at {index}: {error}"))?;
+        if data_bytes > MAX_SNAPSHOT_BYTES {
+            return Err(format!(
+                "the snapshot at {index} is more than the {MAX_SNAPSHOT_BYTES} bytes a member accepts"
+            ));
+        }
         let header = SnapshotHeader {
             cluster_id: self.cluster_id.clone(),
             from_member: self.own_id,
@@ -454,17 +494,18 @@ impl PeerSender {
             header: Some(header),
             data: Vec::new(),
         };
-        let chunk_count = data.len().div_ceil(SNAPSHOT_CHUNK_BYTES);
-        let chunks = (0..chunk_count).map(move |chunk| {
-            let start = chunk * SNAPSHOT_CHUNK_BYTES;
-            let end = (start + SNAPSHOT_CHUNK_BYTES).min(data.len());
-            SnapshotChunk {
-                header: None,
-                data: data[start..end].to_vec(),
+        // A read that fails part-way ends the stream short, which the peer refuses.
+        let file = tokio::fs::File::from_std(file);
+        let chunks = futures::stream::unfold((file, data_bytes), |(mut file, left)| async move {
+            if left == 0 {
+                return None;
             }
+            let mut data = vec![0; (SNAPSHOT_CHUNK_BYTES as u64).min(left) as usize];
+            file.read_exact(&mut data).await.ok()?;
+            let left = left - data.len() as u64;
+            Some((SnapshotChunk { header: None, data }, (file, left)))
         });
-        let mut request =
-            tonic::Request::new(futures::stream::iter(std::iter::once(first).chain(chunks)));
+        let mut request = tonic::Request::new(futures::stream::iter([first]).chain(chunks));
         request.set_timeout(
             SNAPSHOT_SEND_BASE_TIMEOUT + Duration::from_secs(data_bytes.div_ceil(1 << 20)),
         );

@@ -4,4 +4,4 @@
 mod raft_store;
 pub mod snapshot_codec;
 
-pub use raft_store::RaftStore;
+pub use raft_store::{RaftStore, SnapshotFiles};

@@ -70,7 +70,15 @@ impl RaftStore {
             .get::<Snapshot>(SNAPSHOT_KEY)?
             .unwrap_or_default()
             .take_metadata();
+        let current = metadata.index;
         store.snapshot_metadata = Arc::new(Mutex::new(metadata));
+        if store.is_initialized()? {
+            // Partial files of writes a crash interrupted.
+            let has_current = store.snapshot_file(current).exists();
+            if has_current {
+                store.remove_other_snapshot_files(current, true);
+            }
+        }
         Ok(store)
     }
 
@@ -246,7 +254,8 @@ impl RaftStore {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let current = self.snapshot_metadata()?.index;
         if index <= current {
-            self.remove_other_snapshot_files(current);
+            // The file just written is older than the stored snapshot: not needed.
+            let _ = std::fs::remove_file(self.snapshot_file(index));
             return Ok(());
         }
         let term = self
@@ -285,12 +294,11 @@ impl RaftStore {
         };
         if snapshot.get_data().is_empty() {
             let index = snapshot.get_metadata().index;
-            let mut path = self.snapshot_file(index);
-            if !path.exists() && self.legacy_snapshot_file(index).exists() {
-                path = self.legacy_snapshot_file(index);
-            }
-            let data = std::fs::read(&path)
-                .map_err(|error| storage_error("read", path.display(), error))?;
+            let mut data = Vec::new();
+            self.snapshot_files()
+                .open(index)
+                .and_then(|mut file| std::io::Read::read_to_end(&mut file, &mut data))
+                .map_err(|error| storage_error("read the snapshot at", index, error))?;
             snapshot.set_data(data.into());
         }
         Ok(snapshot)
@@ -300,10 +308,11 @@ impl RaftStore {
         self.snapshot_dir.join(format!("{index:020}.state"))
     }
 
-    /// Where a snapshot's data was kept before the encoding was versioned (its JSON), read when
-    /// no file of the current name exists: a member restarted on a newer binary starts from it.
-    fn legacy_snapshot_file(&self, index: u64) -> PathBuf {
-        self.snapshot_dir.join(format!("{index:020}.json"))
+    /// Opens stored snapshots' data by index, off the Raft thread (the transport streams it).
+    pub fn snapshot_files(&self) -> SnapshotFiles {
+        SnapshotFiles {
+            dir: self.snapshot_dir.clone(),
+        }
     }
 
     /// Writes a snapshot's data to its file durably: a partial file, fsynced, renamed, and the
@@ -323,15 +332,21 @@ impl RaftStore {
     }
 
     /// Removes every snapshot file but the current one's (best effort: a leftover only costs
-    /// disk until the next snapshot).
-    fn remove_other_snapshot_files(&self, keep: u64) {
+    /// disk until the next snapshot). With `partial_too`, also the partial files of writes
+    /// that never finished (only at open: otherwise one may be a write in progress on the
+    /// snapshot thread, or of a snapshot being installed).
+    fn remove_other_snapshot_files(&self, keep: u64, partial_too: bool) {
         let keep = self.snapshot_file(keep);
         let Ok(files) = std::fs::read_dir(&self.snapshot_dir) else {
             return;
         };
         for file in files.flatten() {
-            if file.path() != keep {
-                let _ = std::fs::remove_file(file.path());
+            let path = file.path();
+            let partial = path
+                .extension()
+                .is_some_and(|extension| extension == "partial");
+            if path != keep && (partial_too || !partial) {
+                let _ = std::fs::remove_file(path);
             }
         }
     }
@@ -370,7 +385,7 @@ impl RaftStore {
             .snapshot_metadata
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = metadata.clone();
-        self.remove_other_snapshot_files(metadata.index);
+        self.remove_other_snapshot_files(metadata.index, false);
     }
 
     fn last_log_index(&self) -> Result<Option<u64>, CoordinatorError> {
@@ -483,12 +498,15 @@ impl Storage for RaftStore {
             .max(snapshot_index))
     }
 
+    /// The latest snapshot's metadata only: its data stays in its file, which the transport
+    /// streams to the peer off the Raft thread (see `SnapshotFiles`).
     fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        // raft-rs treats any other error here as fatal; a failed read is retried later.
-        let snapshot = self.latest_snapshot().map_err(|error| {
-            tracing::warn!(%error, "Cannot read the snapshot to send; will retry.");
-            raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable)
-        })?;
+        // raft-rs treats any other error here as fatal.
+        let metadata = self
+            .snapshot_metadata()
+            .map_err(|_| raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))?;
+        let mut snapshot = Snapshot::default();
+        snapshot.set_metadata(metadata);
         if snapshot.get_metadata().index < request_index {
             // The leader compacts only at its own snapshots, so this is a follower far behind
             // asking before the next one is taken.
@@ -497,6 +515,25 @@ impl Storage for RaftStore {
             ));
         }
         Ok(snapshot)
+    }
+}
+
+/// Opens the data of stored snapshots, by index: cheap to clone, for use off the Raft thread.
+#[derive(Clone, Debug)]
+pub struct SnapshotFiles {
+    dir: PathBuf,
+}
+
+impl SnapshotFiles {
+    /// The data of the snapshot at `index`, in its current name or, for a snapshot an earlier
+    /// version wrote, its JSON. An open file stays readable after a newer snapshot removes it.
+    pub fn open(&self, index: u64) -> std::io::Result<std::fs::File> {
+        match std::fs::File::open(self.dir.join(format!("{index:020}.state"))) {
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::File::open(self.dir.join(format!("{index:020}.json")))
+            }
+            opened => opened,
+        }
     }
 }
 
@@ -607,7 +644,16 @@ mod tests {
             store.term(2),
             Err(raft::Error::Store(StorageError::Compacted))
         ));
-        assert_eq!(store.snapshot(3, 2).unwrap().get_data(), b"state");
+        let sent = store.snapshot(3, 2).unwrap();
+        assert_eq!(sent.get_metadata().index, 3);
+        assert!(
+            sent.get_data().is_empty(),
+            "raft-rs is given the metadata only"
+        );
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut store.snapshot_files().open(3).unwrap(), &mut data)
+            .unwrap();
+        assert_eq!(data, b"state");
 
         let generated = store.cluster_id(None).unwrap();
         assert!(generated.starts_with("rw-"));

@@ -20,9 +20,10 @@ const VERSION: u8 = 1;
 /// zstd's fastest level: on the benchmark's state it was also smaller than level 3 (the
 /// state's digests and hashes do not compress, the rest compresses well at any level).
 const ZSTD_LEVEL: i32 = 1;
-/// Most bytes a snapshot may decode to: a snapshot that says it is larger is refused rather
-/// than allowed to exhaust memory (a zstd frame of a few KiB can decompress to gigabytes).
-pub const MAX_DECODED_STATE_BYTES: u64 = 8 << 30;
+/// Most bytes a snapshot may decode to (a state this large needs several times as much memory
+/// on every member): more is refused rather than allowed to exhaust memory, since a zstd frame
+/// of a few KiB can decompress to gigabytes.
+pub const MAX_DECODED_STATE_BYTES: u64 = 4 << 30;
 
 /// The state as snapshot data, in the current encoding.
 pub fn encode(state: &State) -> Result<Vec<u8>, CoordinatorError> {
