@@ -29,6 +29,22 @@ async fn leaders_metric(cluster: &ClusterHarness, series: &str) -> f64 {
     total
 }
 
+/// Snapshot sends of the members that may lead: (sent, failed).
+async fn snapshot_sends(cluster: &ClusterHarness) -> (f64, f64) {
+    (
+        leaders_metric(
+            cluster,
+            r#"rewind_raft_snapshot_sends_total{outcome="sent"}"#,
+        )
+        .await,
+        leaders_metric(
+            cluster,
+            r#"rewind_raft_snapshot_sends_total{outcome="failed"}"#,
+        )
+        .await,
+    )
+}
+
 /// A counter or gauge from member `id`'s `/metrics` (0 when the series is not there yet).
 async fn metric(cluster: &ClusterHarness, id: u64, series: &str) -> f64 {
     let url = format!("http://{}/metrics", cluster.http_addresses[id as usize - 1]);
@@ -71,11 +87,7 @@ async fn a_member_down_across_a_compaction_of_a_large_state_catches_up_by_a_stre
     cluster.must_start_member(BEHIND);
     let caught_up = cluster.must_catch_up(BEHIND, leader, CATCH_UP).await;
     assert!(caught_up >= snapshot_index);
-    let sent = leaders_metric(
-        &cluster,
-        r#"rewind_raft_snapshot_sends_total{outcome="sent"}"#,
-    )
-    .await;
+    let (sent, _) = snapshot_sends(&cluster).await;
     let sent_bytes = leaders_metric(&cluster, "rewind_raft_snapshot_sent_bytes_total").await;
     assert!(sent >= 1.0, "the leader counts the snapshot it sent");
     assert!(
@@ -103,16 +115,7 @@ async fn a_member_down_across_a_compaction_of_a_large_state_catches_up_by_a_stre
         after > before.max(caught_up),
         "the leader compacted past member {BEHIND}'s log"
     );
-    let failed_before = leaders_metric(
-        &cluster,
-        r#"rewind_raft_snapshot_sends_total{outcome="failed"}"#,
-    )
-    .await;
-    let sent_before = leaders_metric(
-        &cluster,
-        r#"rewind_raft_snapshot_sends_total{outcome="sent"}"#,
-    )
-    .await;
+    let (sent_before, failed_before) = snapshot_sends(&cluster).await;
     let logs_before: Vec<usize> = leaders_logs(&cluster).iter().map(String::len).collect();
     proxy.cut_next_connection_after(4 << 20);
     cluster.must_start_member(BEHIND);
@@ -122,16 +125,7 @@ async fn a_member_down_across_a_compaction_of_a_large_state_catches_up_by_a_stre
         1,
         "the proxy cut one snapshot stream part-way"
     );
-    let failed = leaders_metric(
-        &cluster,
-        r#"rewind_raft_snapshot_sends_total{outcome="failed"}"#,
-    )
-    .await;
-    let sent_again = leaders_metric(
-        &cluster,
-        r#"rewind_raft_snapshot_sends_total{outcome="sent"}"#,
-    )
-    .await;
+    let (sent_again, failed) = snapshot_sends(&cluster).await;
     assert!(
         failed > failed_before,
         "the cut send is counted as failed ({failed})"
