@@ -112,7 +112,7 @@ impl Drop for PrivateNet {
 fn ip(args: &[&str]) -> Result<(), String> {
     let output = Command::new("ip").args(args).output().map_err(|error| {
         format!(
-            "run ip {}: {error} (is iproute2 installed?)",
+            "run ip {}: {error} (iproute2 is needed, and root: apt-get install iproute2)",
             args.join(" ")
         )
     })?;

@@ -17,7 +17,7 @@ pub struct Postgres {
 /// Where Debian's server binaries are (`/usr/lib/postgresql/<major>/bin`), newest first.
 fn server_bin_dir() -> PathBuf {
     let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .expect("PostgreSQL is not installed: apt-get install postgresql (.ci/run does)")
+        .expect("PostgreSQL is not installed: apt-get install postgresql (tests/run-all does)")
         .filter_map(|entry| entry.ok().map(|entry| entry.path().join("bin")))
         .filter(|bin| bin.join("initdb").exists())
         .collect();

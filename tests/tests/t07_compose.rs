@@ -50,23 +50,30 @@ impl Compose {
         compose
     }
 
-    fn docker_compose(&self, args: &[&str]) -> std::process::Output {
+    /// Runs compose (the v1 binary, else the `docker compose` plugin) on this project.
+    fn docker_compose(&self, args: &[&str]) -> Result<std::process::Output, String> {
         let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/docker-compose.yml");
-        Command::new("docker-compose")
+        let mut command = compose_command().ok_or(
+            "docker-compose is needed: apt-get install docker-compose (or the docker compose plugin)",
+        )?;
+        command
             .arg("-f")
             .arg(file)
             .args(["-p", &self.project])
             .args(args)
             .env("REWIND_COMPOSE_DIR", &self.dir)
             .output()
-            .expect("run docker-compose")
+            .map_err(|error| format!("run compose: {error}"))
     }
 
     /// SIGKILL to a member's container.
     fn kill_member(&mut self, id: u64) {
         let service = format!("coordinator-{id}");
         let output = self.docker_compose(&["kill", &service]);
-        assert!(output.status.success(), "{output:?}");
+        assert!(
+            output.as_ref().is_ok_and(|output| output.status.success()),
+            "{output:?}"
+        );
         self.stopped.push(id);
     }
 
@@ -98,13 +105,41 @@ impl Compose {
     }
 }
 
+/// Clean-up never panics (a panic inside the test's panic would abort the whole test binary):
+/// what fails is said and left.
 impl Drop for Compose {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            let logs = self.docker_compose(&["logs", "--no-color", "--tail", "40"]);
-            eprintln!("{}", String::from_utf8_lossy(&logs.stdout));
+            match self.docker_compose(&["logs", "--no-color", "--tail", "40"]) {
+                Ok(logs) => eprintln!("{}", String::from_utf8_lossy(&logs.stdout)),
+                Err(error) => eprintln!("no container logs: {error}"),
+            }
         }
-        let _ = self.docker_compose(&["down", "--timeout", "1"]);
+        if let Err(error) = self.docker_compose(&["down", "--timeout", "1"]) {
+            eprintln!(
+                "could not take the compose project {} down: {error}",
+                self.project
+            );
+        }
+    }
+}
+
+/// The compose v1 binary if it is here, else `docker compose` if the plugin is.
+fn compose_command() -> Option<Command> {
+    let answers = |program: &str, args: &[&str]| {
+        Command::new(program)
+            .args(args)
+            .output()
+            .is_ok_and(|output| output.status.success())
+    };
+    if answers("docker-compose", &["--version"]) {
+        Some(Command::new("docker-compose"))
+    } else if answers("docker", &["compose", "version"]) {
+        let mut command = Command::new("docker");
+        command.arg("compose");
+        Some(command)
+    } else {
+        None
     }
 }
 

@@ -129,4 +129,48 @@ async fn flags_reach_every_agent_and_a_rollback_turns_a_changes_flags_back_first
         pb::RollbackState::Succeeded as i32,
         "{ended:?}"
     );
+
+    // "Before touching any host": the flag was turned back, and every agent had written it to
+    // its flags file, before the rollback's first step began on that host (its own journal).
+    let flag = client
+        .list_flags(pb::ListFlagsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .flags
+        .into_iter()
+        .find(|flag| flag.name == "checkout-v2")
+        .unwrap();
+    assert!(!flag.enabled);
+    for host in &mut hosts {
+        let flags_written_ms = std::fs::metadata(host.root.join("config/flags.json"))
+            .unwrap()
+            .modified()
+            .unwrap()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let first_step_ms = host
+            .must_stop_and_read_journal()
+            .iter()
+            .filter(|record| {
+                record["step_id"]
+                    .as_str()
+                    .is_some_and(|id| id.starts_with(&format!("{}/", rollback.rollback_id)))
+            })
+            .filter_map(|record| record["started_at_ms"].as_u64())
+            .min()
+            .unwrap_or_else(|| panic!("{}: no step of the rollback journaled", host.id));
+        assert!(
+            flag.updated_at_ms <= first_step_ms,
+            "{}: the flag turned back at {} ms, after the first step began at {first_step_ms} ms",
+            host.id,
+            flag.updated_at_ms
+        );
+        assert!(
+            flags_written_ms <= first_step_ms,
+            "{}: the flags file was written at {flags_written_ms} ms, after the first step began at {first_step_ms} ms",
+            host.id
+        );
+    }
 }

@@ -1,7 +1,8 @@
 //! Packaging: the agent's .deb (built by cargo-deb from the test build's binary) holds what an
 //! install needs, its unit passes `systemd-analyze verify`, its binary runs from the unpacked
 //! tree and checks configs, and the Ansible role renders a config that agent accepts.
-//! `.ci/run` installs cargo-deb and ansible-core.
+//! `tests/run-all` installs cargo-deb, ansible-core and systemd-analyze; without one, the test
+//! fails with the line that installs it.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -155,28 +156,27 @@ fn the_deb_holds_a_hardened_unit_a_working_binary_and_its_config() {
         );
     }
 
-    // systemd's own check, where systemd-analyze exists, on the unit pointed at the unpacked
-    // binary (it checks that ExecStart is executable).
-    if Command::new("systemd-analyze")
-        .arg("--version")
-        .output()
-        .is_ok_and(|output| output.status.success())
-    {
-        let checked = dir.path().join("rewind-agent.service");
-        std::fs::write(
-            &checked,
-            unit.replace("/usr/bin/rewind-agent", binary.to_str().unwrap()),
-        )
-        .unwrap();
-        let output = run(
-            Command::new("systemd-analyze").arg("verify").arg(&checked),
-            "systemd-analyze verify",
-        );
-        let warnings = String::from_utf8_lossy(&output.stderr);
-        assert!(warnings.trim().is_empty(), "systemd-analyze: {warnings}");
-    } else {
-        eprintln!("systemd-analyze is not installed here: the unit was not verified by systemd");
-    }
+    // systemd's own check on the unit pointed at the unpacked binary (it checks that
+    // ExecStart is executable).
+    assert!(
+        Command::new("systemd-analyze")
+            .arg("--version")
+            .output()
+            .is_ok_and(|output| output.status.success()),
+        "systemd-analyze is needed to verify the unit: apt-get install systemd"
+    );
+    let checked = dir.path().join("rewind-agent.service");
+    std::fs::write(
+        &checked,
+        unit.replace("/usr/bin/rewind-agent", binary.to_str().unwrap()),
+    )
+    .unwrap();
+    let output = run(
+        Command::new("systemd-analyze").arg("verify").arg(&checked),
+        "systemd-analyze verify",
+    );
+    let warnings = String::from_utf8_lossy(&output.stderr);
+    assert!(warnings.trim().is_empty(), "systemd-analyze: {warnings}");
 }
 
 #[test]

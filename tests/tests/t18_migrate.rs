@@ -99,20 +99,6 @@ fn migrations_apply_and_revert_once_each_and_edited_scripts_are_refused() {
 
     // Newest first.
     migrate::apply(&database, &second, "rb-test").unwrap();
-    for row in client
-        .query(
-            "SELECT version, applied_at::text, reverted_at::text FROM \"order\"",
-            &[],
-        )
-        .unwrap()
-    {
-        eprintln!(
-            "ROW {:?} {:?} {:?}",
-            row.get::<_, String>(0),
-            row.get::<_, String>(1),
-            row.get::<_, Option<String>>(2)
-        );
-    }
     let refused = migrate::revert(&database, &first, "rb-test")
         .unwrap_err()
         .to_string();
