@@ -22,3 +22,4 @@ mod t18_migrate;
 mod t19_sharded_rollback;
 mod t20_code_release;
 mod t21_snapshot_transfer;
+mod t22_demo;
