@@ -23,3 +23,4 @@ mod t19_sharded_rollback;
 mod t20_code_release;
 mod t21_snapshot_transfer;
 mod t22_demo;
+mod t23_five_members;
