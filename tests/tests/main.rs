@@ -24,3 +24,4 @@ mod t20_code_release;
 mod t21_snapshot_transfer;
 mod t22_demo;
 mod t23_five_members;
+mod t24_webhook_throttles;
