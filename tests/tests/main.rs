@@ -25,3 +25,4 @@ mod t21_snapshot_transfer;
 mod t22_demo;
 mod t23_five_members;
 mod t24_webhook_throttles;
+mod t25_skip_isolate_watch;

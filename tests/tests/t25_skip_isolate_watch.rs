@@ -1,0 +1,232 @@
+//! What a person does to a rollback in flight, on real agents: pause it, leave one host
+//! unreverted (`skip-host`), follow it to its end with `rollback watch`; and on the next one,
+//! take the service out of rotation instead of reverting it (`isolate`, the circuit breaker).
+
+use std::time::Duration;
+
+use rewind_proto::v1 as pb;
+use rewind_proto::v1::control_service_client::ControlServiceClient;
+use rewind_tests::{
+    Coordinator, TestHost, must_change_where, must_deploy_v1_then_v2, must_rollback_end,
+    must_start_hosts, must_wait_async,
+};
+use tonic::transport::Channel;
+
+const HOSTS: [&str; 3] = ["web-1", "web-2", "web-3"];
+
+/// Starts a rollback of `change` one host at a time and pauses it at once; returns it paused.
+async fn must_start_paused(
+    client: &mut ControlServiceClient<Channel>,
+    change: &str,
+    tag: &str,
+) -> pb::Rollback {
+    let rollback = client
+        .start_rollback(pb::StartRollbackRequest {
+            request_id: format!("rollback-{tag}"),
+            change_id: change.into(),
+            reason: format!("test {tag}"),
+            max_parallel: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .rollback
+        .unwrap();
+    client
+        .pause_rollback(action(&rollback.rollback_id, &format!("pause-{tag}")))
+        .await
+        .unwrap();
+    must_wait_async(Duration::from_secs(60), "the rollback to pause", || {
+        let mut client = client.clone();
+        let rollback_id = rollback.rollback_id.clone();
+        async move {
+            let rollback = client
+                .get_rollback(pb::GetRollbackRequest { rollback_id })
+                .await
+                .ok()?
+                .into_inner()
+                .rollback?;
+            let quiet = rollback
+                .steps
+                .iter()
+                .all(|step| step.state != pb::StepState::Running as i32);
+            (rollback.state == pb::RollbackState::Paused as i32 && quiet).then_some(rollback)
+        }
+    })
+    .await
+}
+
+fn action(rollback_id: &str, request_id: &str) -> pb::RollbackActionRequest {
+    pb::RollbackActionRequest {
+        request_id: request_id.into(),
+        rollback_id: rollback_id.into(),
+        reason: "the on-call engineer decides".into(),
+        ..Default::default()
+    }
+}
+
+/// A host none of whose steps has begun, the last in the plan's order.
+fn untouched_host(rollback: &pb::Rollback) -> String {
+    HOSTS
+        .iter()
+        .rev()
+        .find(|host| {
+            rollback
+                .steps
+                .iter()
+                .filter(|step| step.host_id == **host)
+                .all(|step| step.state == pb::StepState::Pending as i32)
+        })
+        .unwrap_or_else(|| panic!("every host began before the pause: {rollback:?}"))
+        .to_string()
+}
+
+fn rotation(host: &TestHost) -> Vec<String> {
+    std::fs::read_to_string(host.root.join("rotation"))
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_person_skips_a_host_watches_the_rollback_end_and_isolates_a_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::must_start(&dir.path().join("coordinator"));
+    let (hosts, mut client) = must_start_hosts(dir.path(), &coordinator, &HOSTS).await;
+    must_deploy_v1_then_v2(&mut client, &hosts).await;
+
+    // Skip a host that has not begun; resume; watch the rollback to its end.
+    let paused = must_start_paused(&mut client, "ch-2", "skip").await;
+    let skipped = untouched_host(&paused);
+    client
+        .skip_host(pb::RollbackActionRequest {
+            host_id: skipped.clone(),
+            ..action(&paused.rollback_id, "skip")
+        })
+        .await
+        .unwrap();
+    client
+        .resume_rollback(action(&paused.rollback_id, "resume"))
+        .await
+        .unwrap();
+    let watched = {
+        let coordinator_tls = coordinator.tls_dir();
+        let address = coordinator.address.clone();
+        let rollback_id = paused.rollback_id.clone();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(rewind_tests::must_binary("rewindctl"))
+                .args(["--coordinator", &address, "rollback", "watch", &rollback_id])
+                .env("REWIND_TLS_DIR", coordinator_tls)
+                .env("REWIND_SERVER_NAME", "localhost")
+                .output()
+                .expect("run rewindctl rollback watch")
+        })
+        .await
+        .unwrap()
+    };
+    let watch_output = String::from_utf8_lossy(&watched.stdout);
+    assert!(
+        watched.status.success(),
+        "rollback watch exits 0 when the rollback succeeds:\n{watch_output}\n{}",
+        String::from_utf8_lossy(&watched.stderr)
+    );
+    for host in HOSTS {
+        assert!(watch_output.contains(host), "{host} in:\n{watch_output}");
+    }
+    assert!(
+        watch_output.to_lowercase().contains("succeeded"),
+        "{watch_output}"
+    );
+    let ended = must_rollback_end(&client, &paused.rollback_id).await;
+    assert_eq!(
+        ended.state,
+        pb::RollbackState::Succeeded as i32,
+        "{ended:?}"
+    );
+    for host in &hosts {
+        if host.id == skipped {
+            assert_eq!(
+                host.current_link(),
+                "releases/v2",
+                "{} was skipped",
+                host.id
+            );
+            assert!(
+                ended
+                    .steps
+                    .iter()
+                    .filter(|step| step.host_id == skipped)
+                    .all(|step| step.state == pb::StepState::Skipped as i32),
+                "{ended:?}"
+            );
+            assert!(
+                rotation(host).last().is_none_or(|last| last == "undrain"),
+                "{} left in rotation",
+                host.id
+            );
+        } else {
+            host.must_be_restored_to_v1();
+        }
+    }
+    let audit = client
+        .list_audit(pb::ListAuditRequest {
+            from_index: 1,
+            limit: 1000,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert!(
+        audit
+            .iter()
+            .any(|entry| entry.action == "rollback.skip-host"
+                && format!("{entry:?}").contains(&skipped)),
+        "the skip is audited"
+    );
+
+    // Isolate: every host of web is drained through its hook and none is reverted further.
+    let change = client
+        .start_change(pb::StartChangeRequest {
+            request_id: "v2-again".into(),
+            service: "web".into(),
+            version: "v2".into(),
+            reason: "v2 again".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .change
+        .unwrap()
+        .change_id;
+    must_change_where(&client, &change, "v2 deployed again", |change| {
+        change.state == pb::ChangeState::Deployed as i32
+    })
+    .await;
+    let paused = must_start_paused(&mut client, &change, "isolate").await;
+    let untouched = untouched_host(&paused);
+    client
+        .isolate_service(pb::RollbackActionRequest {
+            service: "web".into(),
+            ..action(&paused.rollback_id, "isolate")
+        })
+        .await
+        .unwrap();
+    // Isolating goes on by itself with what is left (here, nothing).
+    let ended = must_rollback_end(&client, &paused.rollback_id).await;
+    for host in &hosts {
+        must_wait_async(Duration::from_secs(60), "the drain hook", || async {
+            (rotation(host).last().map(String::as_str) == Some("drain")).then_some(())
+        })
+        .await;
+    }
+    let untouched = hosts.iter().find(|host| host.id == untouched).unwrap();
+    assert_eq!(
+        untouched.current_link(),
+        "releases/v2",
+        "an isolated service is not reverted further: {ended:?}"
+    );
+}
