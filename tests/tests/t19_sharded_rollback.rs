@@ -655,3 +655,155 @@ async fn an_sqlite_database_is_migrated_and_reverted_with_the_same_guards() {
     let txn = shards.must_schema_txn("st-4").await;
     assert!(txn.committed && txn.verified, "{txn:#?}");
 }
+
+/// The app and its database are different services: `web` runs on its own hosts, and its
+/// change carries migrations of `orders-db`, whose hosts are the shards. The rollback reverts
+/// the app's hosts first, then the database on every shard, all or nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_change_of_an_app_migrates_another_services_database_and_its_rollback_reverts_both() {
+    let mut shards = Shards::must_start(2, &MIGRATIONS).await;
+    let mut web_hosts: Vec<TestHost> = ["web-1", "web-2"]
+        .iter()
+        .map(|id| TestHost::must_prepare(shards.dir.path(), id, &shards.coordinator))
+        .collect();
+    for host in &mut web_hosts {
+        host.must_start_agent();
+    }
+    must_agents_connected(&shards.client, 4).await;
+    must_register_web(&mut shards.client, &web_hosts[0], false).await;
+    let first = must_change(&mut shards.client, "v1").await;
+    must_change_where(&shards.client, &first, "web v1", |change| {
+        change.state == pb::ChangeState::Deployed as i32
+    })
+    .await;
+    let change = shards
+        .client
+        .start_change(pb::StartChangeRequest {
+            request_id: "web-v2-with-schema".into(),
+            service: "web".into(),
+            version: "v2".into(),
+            reason: "v2 needs 0001 and 0002".into(),
+            migrations: vec![
+                format!("{}@0001", shards::DB),
+                format!("{}@0002", shards::DB),
+            ],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .change
+        .unwrap();
+    let change = must_change_where(&shards.client, &change.change_id, "web v2", |change| {
+        change.state == pb::ChangeState::Deployed as i32
+            || change.state == pb::ChangeState::Failed as i32
+    })
+    .await;
+    assert_eq!(change.state, pb::ChangeState::Deployed as i32, "{change:?}");
+    for columns in shards.columns() {
+        assert_eq!(columns, "amount,customer_id,discount,id");
+    }
+    for host in &web_hosts {
+        assert_eq!(host.current_link(), "releases/v2");
+    }
+
+    let rollback_id = shards
+        .must_start_rollback(&change.change_id, pb::PlanOptions::default())
+        .await;
+    let ended = shards.must_succeed(&rollback_id).await;
+    for host in &web_hosts {
+        host.must_be_restored_to_v1();
+    }
+    for columns in shards.columns() {
+        assert_eq!(
+            columns, "customer_id,discount,id,total",
+            "0002 reverted, 0001 kept"
+        );
+    }
+    for shard in 0..2 {
+        assert_eq!(shards.history(shard, "0002"), "reverted");
+    }
+    shards.must_have_nothing_prepared();
+    assert!(
+        ended.schema.iter().any(|line| line.contains("0002")
+            && line.contains(shards::DB)
+            && line.contains("committed")),
+        "{:?}",
+        ended.schema
+    );
+    // The app's hosts were reverted before the database.
+    let audit = shards
+        .client
+        .list_audit(pb::ListAuditRequest {
+            from_index: 0,
+            limit: 1000,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    // The rollback's schema transaction is the last one started.
+    let schema_started = audit
+        .iter()
+        .rposition(|entry| entry.action == "schema.start")
+        .unwrap();
+    for host in ["web-1", "web-2"] {
+        let restored = audit
+            .iter()
+            .position(|entry| {
+                entry.action == "step.finish"
+                    && entry.target.contains(&rollback_id)
+                    && entry.target.contains("/restore/")
+                    && entry.target.ends_with(host)
+            })
+            .unwrap_or_else(|| panic!("no restore of {host} audited"));
+        assert!(
+            restored < schema_started,
+            "{host} restored before the schema revert"
+        );
+    }
+}
+
+/// A down script that leaves rows pointing at nothing (it re-adds a foreign key `NOT VALID`,
+/// over rows written while the key was gone) is refused in prepare by the foreign-key check:
+/// the rollback pauses naming the key, and no shard changed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_revert_that_breaks_a_foreign_key_is_refused_in_prepare_and_changes_nothing() {
+    const LOOSEN: [Migration; 1] = [(
+        "0004",
+        pb::MigrationClass::Contract,
+        "ALTER TABLE orders DROP CONSTRAINT orders_customer_id_fkey;",
+        "ALTER TABLE orders ADD CONSTRAINT orders_customer_id_fkey \
+         FOREIGN KEY (customer_id) REFERENCES customers (id) NOT VALID;",
+        "",
+    )];
+    let mut shards = Shards::must_start(2, &LOOSEN).await;
+    shards.must_change("v1", &[]).await;
+    let change = shards.must_change("v2", &["0004"]).await;
+    assert_eq!(change.state, pb::ChangeState::Deployed as i32, "{change:?}");
+    // Written under the new schema: an order of a customer that does not exist.
+    shards.servers[1].must_sql("INSERT INTO orders VALUES (9, 99, 1.00)");
+    let rollback_id = shards
+        .must_start_rollback(&change.change_id, pb::PlanOptions::default())
+        .await;
+    let paused = shards.must_pause(&rollback_id).await;
+    assert!(
+        paused.paused_reason.contains("foreign keys do not hold")
+            && paused.paused_reason.contains("orders_customer_id_fkey")
+            && paused.paused_reason.contains("db-2"),
+        "{}",
+        paused.paused_reason
+    );
+    for shard in 0..2 {
+        assert_eq!(shards.history(shard, "0004"), "applied", "db-{}", shard + 1);
+        assert_eq!(
+            shards.servers[shard].must_sql(
+                "SELECT count(*) FROM pg_constraint WHERE conname = 'orders_customer_id_fkey'"
+            ),
+            "0",
+            "db-{}: the key is still gone",
+            shard + 1
+        );
+    }
+    shards.must_have_nothing_prepared();
+}
