@@ -26,3 +26,4 @@ mod t22_demo;
 mod t23_five_members;
 mod t24_webhook_throttles;
 mod t25_skip_isolate_watch;
+mod t26_retention;
