@@ -66,20 +66,24 @@ fn action(rollback_id: &str, request_id: &str) -> pb::RollbackActionRequest {
     }
 }
 
-/// A host none of whose steps has begun, the last in the plan's order.
-fn untouched_host(rollback: &pb::Rollback) -> String {
-    HOSTS
+/// The hosts none of whose steps has begun (of `candidates`), in the plan's order.
+fn untouched_hosts(rollback: &pb::Rollback, candidates: &[&str]) -> Vec<String> {
+    let untouched: Vec<String> = candidates
         .iter()
-        .rev()
-        .find(|host| {
+        .filter(|host| {
             rollback
                 .steps
                 .iter()
                 .filter(|step| step.host_id == **host)
                 .all(|step| step.state == pb::StepState::Pending as i32)
         })
-        .unwrap_or_else(|| panic!("every host began before the pause: {rollback:?}"))
-        .to_string()
+        .map(|host| host.to_string())
+        .collect();
+    assert!(
+        !untouched.is_empty(),
+        "every host began before the pause: {rollback:?}"
+    );
+    untouched
 }
 
 fn rotation(host: &TestHost) -> Vec<String> {
@@ -99,7 +103,7 @@ async fn a_person_skips_a_host_watches_the_rollback_end_and_isolates_a_service()
 
     // Skip a host that has not begun; resume; watch the rollback to its end.
     let paused = must_start_paused(&mut client, "ch-2", "skip").await;
-    let skipped = untouched_host(&paused);
+    let skipped = untouched_hosts(&paused, &HOSTS).pop().unwrap();
     client
         .skip_host(pb::RollbackActionRequest {
             host_id: skipped.clone(),
@@ -107,25 +111,31 @@ async fn a_person_skips_a_host_watches_the_rollback_end_and_isolates_a_service()
         })
         .await
         .unwrap();
+    // Watch from before the resume: it shows the pause, then follows the rollback to its end.
+    let watch = tokio::process::Command::new(rewind_tests::must_binary("rewindctl"))
+        .args([
+            "--coordinator",
+            &coordinator.address,
+            "rollback",
+            "watch",
+            &paused.rollback_id,
+        ])
+        .env("REWIND_TLS_DIR", coordinator.tls_dir())
+        .env("REWIND_SERVER_NAME", "localhost")
+        .kill_on_drop(true)
+        .output();
+    let watch = tokio::spawn(async move {
+        tokio::time::timeout(Duration::from_secs(180), watch)
+            .await
+            .expect("rollback watch ends when the rollback does")
+            .expect("run rewindctl rollback watch")
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
     client
         .resume_rollback(action(&paused.rollback_id, "resume"))
         .await
         .unwrap();
-    let watched = {
-        let coordinator_tls = coordinator.tls_dir();
-        let address = coordinator.address.clone();
-        let rollback_id = paused.rollback_id.clone();
-        tokio::task::spawn_blocking(move || {
-            std::process::Command::new(rewind_tests::must_binary("rewindctl"))
-                .args(["--coordinator", &address, "rollback", "watch", &rollback_id])
-                .env("REWIND_TLS_DIR", coordinator_tls)
-                .env("REWIND_SERVER_NAME", "localhost")
-                .output()
-                .expect("run rewindctl rollback watch")
-        })
-        .await
-        .unwrap()
-    };
+    let watched = watch.await.unwrap();
     let watch_output = String::from_utf8_lossy(&watched.stdout);
     assert!(
         watched.status.success(),
@@ -136,8 +146,8 @@ async fn a_person_skips_a_host_watches_the_rollback_end_and_isolates_a_service()
         assert!(watch_output.contains(host), "{host} in:\n{watch_output}");
     }
     assert!(
-        watch_output.to_lowercase().contains("succeeded"),
-        "{watch_output}"
+        watch_output.contains("PAUSED:") && watch_output.to_lowercase().contains("succeeded"),
+        "the watch saw the pause and the end:\n{watch_output}"
     );
     let ended = must_rollback_end(&client, &paused.rollback_id).await;
     assert_eq!(
@@ -206,8 +216,15 @@ async fn a_person_skips_a_host_watches_the_rollback_end_and_isolates_a_service()
         change.state == pb::ChangeState::Deployed as i32
     })
     .await;
+    // Hosts whose state before this change is v1: a revert would put them back on v1.
     let paused = must_start_paused(&mut client, &change, "isolate").await;
-    let untouched = untouched_host(&paused);
+    let reverts_to_v1: Vec<&str> = HOSTS
+        .iter()
+        .copied()
+        .filter(|host| *host != skipped)
+        .collect();
+    let untouched = untouched_hosts(&paused, &reverts_to_v1);
+    let restarts_before: Vec<usize> = hosts.iter().map(TestHost::restarts).collect();
     client
         .isolate_service(pb::RollbackActionRequest {
             service: "web".into(),
@@ -217,16 +234,36 @@ async fn a_person_skips_a_host_watches_the_rollback_end_and_isolates_a_service()
         .unwrap();
     // Isolating goes on by itself with what is left (here, nothing).
     let ended = must_rollback_end(&client, &paused.rollback_id).await;
+    assert_eq!(
+        ended.state,
+        pb::RollbackState::Succeeded as i32,
+        "{ended:?}"
+    );
     for host in &hosts {
         must_wait_async(Duration::from_secs(60), "the drain hook", || async {
             (rotation(host).last().map(String::as_str) == Some("drain")).then_some(())
         })
         .await;
     }
-    let untouched = hosts.iter().find(|host| host.id == untouched).unwrap();
-    assert_eq!(
-        untouched.current_link(),
-        "releases/v2",
-        "an isolated service is not reverted further: {ended:?}"
-    );
+    for (host, restarts) in hosts.iter().zip(restarts_before) {
+        if !untouched.contains(&host.id) {
+            continue;
+        }
+        assert_eq!(
+            host.current_link(),
+            "releases/v2",
+            "{}: an isolated service is not reverted further: {ended:?}",
+            host.id
+        );
+        assert_eq!(host.restarts(), restarts, "{} was not restarted", host.id);
+        assert!(
+            ended
+                .steps
+                .iter()
+                .filter(|step| step.host_id == host.id && step.kind == "restore")
+                .all(|step| step.state != pb::StepState::Succeeded as i32),
+            "{}: no restore: {ended:?}",
+            host.id
+        );
+    }
 }
