@@ -151,10 +151,17 @@ pub async fn run(
             })
             .await
             .ok()
-            .and_then(|response| response.into_inner().rollback)
-            .unwrap_or_default();
-        let ended_already =
-            pb::RollbackState::try_from(rollback.state).is_ok_and(|state| state.is_terminal());
+            .and_then(|response| response.into_inner().rollback);
+        let outcome = match rollback {
+            None => FaultOutcome::Indeterminate,
+            Some(rollback)
+                if pb::RollbackState::try_from(rollback.state)
+                    .is_ok_and(|state| state.is_terminal()) =>
+            {
+                FaultOutcome::Skipped
+            }
+            Some(_) => FaultOutcome::Installed,
+        };
         let killed: Vec<u64> = match fault {
             Fault::KillLeader => vec![leader],
             Fault::KillFollower => vec![(1..=3).find(|&id| id != leader).unwrap_or(1)],
@@ -167,21 +174,14 @@ pub async fn run(
         if fault == Fault::PartitionLeader {
             cluster.cut(leader);
         }
-        faults.push((
-            fault,
-            if ended_already {
-                FaultOutcome::Skipped
-            } else {
-                FaultOutcome::Installed
-            },
-        ));
+        faults.push((fault, outcome));
         info!(
             seed,
             round,
             ?fault,
             ?killed,
             delay_ms = delay.as_millis() as u64,
-            ended_already,
+            ?outcome,
             "Fault injected."
         );
         if fault == Fault::PartitionLeader {

@@ -12,7 +12,7 @@ set -euo pipefail
 [ $# -ge 1 ] || { echo "usage: $0 DIR [release|debug]" >&2; exit 64; }
 here="$(cd "$(dirname "$0")" && pwd)"
 # The compose v1 binary or the `docker compose` plugin, whichever is here.
-if command -v docker-compose >/dev/null 2>&1; then
+if docker-compose version >/dev/null 2>&1; then
   compose=(docker-compose)
 elif docker compose version >/dev/null 2>&1; then
   compose=(docker compose)

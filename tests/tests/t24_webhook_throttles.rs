@@ -127,7 +127,10 @@ flap-window-s = 3600
     let (_, answer) = ask_for_a_rollback(&http, "again").await;
     let (outcome, detail) = latest_trigger(&mut client).await;
     assert_eq!(outcome, "throttled", "{answer}");
-    assert!(detail.contains("cooldown"), "{detail}");
+    assert!(
+        detail.contains(&format!("within its {COOLDOWN_S} s cooldown")),
+        "{detail}"
+    );
     let refused = client
         .get_change(pb::GetChangeRequest {
             change_id: change.clone(),
@@ -151,7 +154,10 @@ flap-window-s = 3600
     ask_for_a_rollback(&http, "and again").await;
     let (outcome, detail) = latest_trigger(&mut client).await;
     assert_eq!(outcome, "throttled");
-    assert!(detail.contains("budget"), "{detail}");
+    assert!(
+        detail.contains("budget of 1 automatic rollbacks per 3600 s"),
+        "{detail}"
+    );
     must_roll_back_by_hand(&mut client, &change).await;
 
     // Three rollbacks of web within the flap window: web is flapping, a person decides.
@@ -160,7 +166,7 @@ flap-window-s = 3600
     let (outcome, detail) = latest_trigger(&mut client).await;
     assert_eq!(outcome, "throttled");
     assert!(
-        detail.contains("flapping") && detail.contains("rolled back 3 times"),
+        detail.contains("flapping") && detail.contains("rolled back 3 times within 3600 s"),
         "{detail}"
     );
     let rollbacks = client
