@@ -981,16 +981,7 @@ join = {join}
 /// writers at once, through whichever member leads. Returns the number of writes.
 pub async fn must_grow_state_past(cluster: &ClusterHarness, bytes: u64) -> u64 {
     use rewind_proto::v1 as pb;
-    let service = pb::Service {
-        name: "big".into(),
-        policy: Some(pb::HealthPolicy {
-            max_probe_failure_ratio: 0.5,
-            for_s: 1,
-            watch_s: 60,
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    let service = plain_service("big");
     let started = Instant::now();
     let mut writes: u64 = 0;
     loop {
@@ -1052,6 +1043,36 @@ pub async fn must_grow_state_past(cluster: &ClusterHarness, bytes: u64) -> u64 {
         }
         writes += 100;
     }
+}
+
+/// A service with no hosts' hooks and no automatic rollback: enough to register releases of it.
+pub fn plain_service(name: &str) -> rewind_proto::v1::Service {
+    rewind_proto::v1::Service {
+        name: name.into(),
+        policy: Some(rewind_proto::v1::HealthPolicy {
+            max_probe_failure_ratio: 0.5,
+            for_s: 1,
+            watch_s: 60,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The audit log's first 1000 entries.
+pub async fn must_list_audit(
+    client: &ControlServiceClient<Channel>,
+) -> Vec<rewind_proto::v1::AuditEntry> {
+    client
+        .clone()
+        .list_audit(rewind_proto::v1::ListAuditRequest {
+            from_index: 0,
+            limit: 1000,
+        })
+        .await
+        .expect("list the audit log")
+        .into_inner()
+        .entries
 }
 
 static NEXT_LARGE_RELEASE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

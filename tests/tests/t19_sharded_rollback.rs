@@ -732,16 +732,7 @@ async fn a_change_of_an_app_migrates_another_services_database_and_its_rollback_
         ended.schema
     );
     // The app's hosts were reverted before the database.
-    let audit = shards
-        .client
-        .list_audit(pb::ListAuditRequest {
-            from_index: 0,
-            limit: 1000,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .entries;
+    let audit = must_list_audit(&shards.client).await;
     // The rollback's schema transaction is the last one started.
     let schema_started = audit
         .iter()

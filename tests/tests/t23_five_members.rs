@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use rewind_proto::v1 as pb;
-use rewind_tests::{ClusterHarness, must_wait_async};
+use rewind_tests::{ClusterHarness, must_wait_async, plain_service};
 
 const LONG: Duration = Duration::from_secs(90);
 
@@ -31,16 +31,7 @@ async fn five_members_lose_two_including_the_leader_and_lose_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let mut cluster = ClusterHarness::must_start(dir.path(), 5);
     let (leader, mut client) = cluster.must_leader().await;
-    let service = pb::Service {
-        name: "web".into(),
-        policy: Some(pb::HealthPolicy {
-            max_probe_failure_ratio: 0.5,
-            for_s: 1,
-            watch_s: 60,
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    let service = plain_service("web");
     client
         .put_service(pb::PutServiceRequest {
             request_id: "web".into(),

@@ -7,8 +7,8 @@ use std::time::Duration;
 use rewind_proto::v1 as pb;
 use rewind_proto::v1::control_service_client::ControlServiceClient;
 use rewind_tests::{
-    Coordinator, TestHost, must_change_where, must_deploy_v1_then_v2, must_rollback_end,
-    must_start_hosts, must_wait_async,
+    Coordinator, TestHost, must_change_where, must_deploy_v1_then_v2, must_list_audit,
+    must_rollback_end, must_start_hosts, must_wait_async,
 };
 use tonic::transport::Channel;
 
@@ -180,15 +180,7 @@ async fn a_person_skips_a_host_watches_the_rollback_end_and_isolates_a_service()
             host.must_be_restored_to_v1();
         }
     }
-    let audit = client
-        .list_audit(pb::ListAuditRequest {
-            from_index: 1,
-            limit: 1000,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .entries;
+    let audit = must_list_audit(&client).await;
     assert!(
         audit
             .iter()
