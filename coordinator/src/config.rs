@@ -26,6 +26,26 @@ pub struct RawConfig {
     pub throttle: RawThrottle,
     pub http: RawHttp,
     pub alertmanager: RawAlertmanager,
+    pub access: RawAccess,
+}
+
+/// Who may do what (see `crate::access`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct RawAccess {
+    /// The policy a new cluster starts with: applied by the first leader while the cluster has
+    /// none, ignored after. Without one, a new cluster refuses every person until a member that
+    /// has one leads.
+    pub bootstrap_policy_file: Option<PathBuf>,
+    /// Accept certificates without a `rewind://` identity, taken as the kind each service
+    /// expects (as before kinds existed). For one release, to upgrade and re-enroll; logged.
+    pub legacy_certificates: bool,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct AccessConfig {
+    pub bootstrap_policy: Option<crate::access::Policy>,
+    pub legacy_certificates: bool,
 }
 
 /// The HTTP edge: /metrics and the monitoring webhooks. Off unless `listen` is set.
@@ -295,6 +315,7 @@ pub struct Config {
     pub escalation: Option<EscalationConfig>,
     pub http: Option<HttpConfig>,
     pub alertmanager: Option<AlertmanagerConfig>,
+    pub access: AccessConfig,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
@@ -382,6 +403,7 @@ impl RawConfig {
         let escalation = validate_escalation(&self.escalation, &mut problems);
         let http = validate_http(&self.http, &mut problems);
         let alertmanager = validate_alertmanager(&self.alertmanager, &mut problems);
+        let access = validate_access(&self.access, &mut problems);
         self.throttle.check(&mut problems);
         check_range(
             &mut problems,
@@ -437,7 +459,28 @@ impl RawConfig {
             escalation,
             http,
             alertmanager,
+            access,
         })
+    }
+}
+
+fn validate_access(raw: &RawAccess, problems: &mut Problems) -> AccessConfig {
+    let bootstrap_policy = raw.bootstrap_policy_file.as_ref().and_then(|path| {
+        let field = "access.bootstrap-policy-file";
+        let text = std::fs::read_to_string(path)
+            .map_err(|error| problems.add(field, format!("{}: {error}", path.display())))
+            .ok()?;
+        crate::access::Policy::from_toml(&text)
+            .map_err(|found| {
+                for problem in found {
+                    problems.add(field, format!("{}: {problem}", path.display()));
+                }
+            })
+            .ok()
+    });
+    AccessConfig {
+        bootstrap_policy,
+        legacy_certificates: raw.legacy_certificates,
     }
 }
 

@@ -68,6 +68,10 @@ pub enum CoordinatorError {
         "the plan changed since it was shown ({shown}, now {now}): look at `rewindctl rollback plan` again"
     )]
     PlanChanged { shown: String, now: String },
+    #[error(
+        "the access policy changed since you read it (expected sha256 {expected}, it is {actual}): show it again and reapply"
+    )]
+    PolicyChanged { expected: String, actual: String },
     #[error("the plan would break consumers: {problems}")]
     Incompatible { problems: String },
     #[error("rollback {rollback_id} is {status:?} and cannot {action}")]
@@ -113,6 +117,7 @@ impl CoordinatorError {
             Self::NothingToRevert { .. } => "nothing_to_revert",
             Self::NotLatestChange { .. } => "not_latest_change",
             Self::PlanChanged { .. } => "plan_changed",
+            Self::PolicyChanged { .. } => "policy_changed",
             Self::Incompatible { .. } => "incompatible",
             Self::RollbackNotControllable { .. } => "rollback_not_controllable",
             Self::StepNotRunning { .. } => "step_not_running",

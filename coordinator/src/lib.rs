@@ -7,6 +7,7 @@
 //! leader only, reads that state and turns intent into steps sent to agents.
 //!
 //! # Layout
+//! - [`access`]: identities, the replicated access policy, and the table of every RPC's permission.
 //! - [`state_machine`]: replicated state, commands, `apply()`, the audit chain. Pure.
 //! - [`storage`]: the Raft log, hard state and snapshots in sled, behind raft-rs's `Storage`.
 //! - [`node`]: the Raft member that owns the state, its handle, and the peer transport.
@@ -19,6 +20,7 @@
 //!   `tonic::Status` appears.
 //! - [`config`], [`errors`]: configuration and the error type.
 
+pub mod access;
 pub mod api;
 pub mod config;
 pub mod engine;

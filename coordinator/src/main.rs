@@ -51,9 +51,21 @@ enum Command {
     IssueCert {
         #[arg(long, env = "REWIND_DATA_DIR")]
         data_dir: PathBuf,
-        /// Certificate name (CN): an agent's host id, a member's name, or an operator's name.
+        /// What the holder is: member, agent, user or automation. Each may call only its own
+        /// service (members Raft, agents the agent service, users and automation the control
+        /// service, as the access policy allows).
+        #[arg(long)]
+        kind: String,
+        /// The holder's name, also the certificate's common name and file name: an agent's host
+        /// id, a person's or tool's name, a member's name.
         #[arg(long)]
         name: String,
+        /// A member's id (its certificate names it `rewind://member/<id>`); members only.
+        #[arg(long)]
+        member_id: Option<u64>,
+        /// A group the holder is in (written as the subject's O, then OU); at most two.
+        #[arg(long)]
+        group: Vec<String>,
         /// Subject alternative name (DNS name or IP) the certificate is valid for: a member's
         /// certificate needs the host of its address. Repeatable.
         #[arg(long)]
@@ -72,10 +84,16 @@ fn main() -> ExitCode {
         Some(Command::CheckConfig { ref path }) => check_config(path),
         Some(Command::IssueCert {
             ref data_dir,
+            ref kind,
             ref name,
+            member_id,
+            ref group,
             ref san,
             create_ca,
-        }) => report(issue_cert(data_dir, name, san, create_ca)),
+        }) => report(
+            subject(kind, name, member_id, group)
+                .and_then(|subject| issue_cert(data_dir, &subject, san, create_ca)),
+        ),
         None => run(cli),
     }
 }
@@ -115,13 +133,32 @@ fn check_config(path: &std::path::Path) -> ExitCode {
     ExitCode::from(EXIT_BAD_CONFIG)
 }
 
+/// The subject `issue-cert` was asked for.
+fn subject(
+    kind: &str,
+    name: &str,
+    member_id: Option<u64>,
+    groups: &[String],
+) -> anyhow::Result<dev_ca::Subject> {
+    use rewind_shared::identity::Kind;
+    rewind_shared::names::validate_name("name", name)?;
+    let kind = Kind::parse(kind)?;
+    let subject = match (kind, member_id) {
+        (Kind::Member, Some(id)) if id > 0 => dev_ca::Subject::member(id, name),
+        (Kind::Member, _) => anyhow::bail!("--kind member needs --member-id N (above 0)"),
+        (_, Some(_)) => anyhow::bail!("--member-id is for --kind member only"),
+        (kind, None) => dev_ca::Subject::new(kind, name),
+    };
+    let groups: Vec<&str> = groups.iter().map(String::as_str).collect();
+    Ok(subject.with_groups(&groups))
+}
+
 fn issue_cert(
     data_dir: &std::path::Path,
-    name: &str,
+    subject: &dev_ca::Subject,
     sans: &[String],
     create_ca: bool,
 ) -> anyhow::Result<()> {
-    rewind_shared::names::validate_name("name", name)?;
     let tls_dir = data_dir.join("tls");
     let ca = if create_ca {
         dev_ca::ensure_dev_pki(&tls_dir).context("create the dev CA")?
@@ -132,7 +169,7 @@ fn issue_cert(
     };
     let sans: Vec<&str> = sans.iter().map(String::as_str).collect();
     let files = ca
-        .write_identity(&tls_dir, name, &sans)
+        .write_identity(&tls_dir, subject, &sans)
         .context("write the certificate")?;
     println!("{}\n{}", files.cert.display(), files.key.display());
     Ok(())
@@ -211,6 +248,18 @@ fn prepare_dev(raw: &mut RawConfig) -> anyhow::Result<()> {
     if raw.health.window_s == RawConfig::default().health.window_s {
         raw.health.window_s = 5;
     }
+    if raw.access.bootstrap_policy_file.is_none() {
+        let path = data_dir.join("dev-policy.toml");
+        let policy =
+            rewind_coordinator::access::Policy::admin_only(&format!("user:{}", dev_ca::OPERATOR));
+        std::fs::write(&path, policy.to_toml())
+            .with_context(|| format!("write {}", path.display()))?;
+        raw.access.bootstrap_policy_file = Some(path);
+    }
+    warn!(
+        certificate = %tls_dir.join(format!("{}.pem", dev_ca::OPERATOR)).display(),
+        "DEV MODE: the `operator` certificate is ADMIN OF EVERYTHING and its key sits in the data dir. Never use --dev for a real fleet."
+    );
     if raw.cluster.members.is_empty() {
         let address = raw
             .listen
@@ -357,6 +406,23 @@ async fn serve(
         member.status.clone(),
         Arc::clone(&sessions),
     ));
+    tokio::spawn(rewind_coordinator::access::bootstrap::run(
+        member.node.clone(),
+        member.status.clone(),
+        config.access.bootstrap_policy.clone().map(Arc::new),
+        stop.clone(),
+    ));
+    if config.access.legacy_certificates {
+        warn!(
+            "access.legacy-certificates is on: certificates without a rewind:// identity are accepted as the kind each service expects. Re-enroll them; the switch goes away in the next release."
+        );
+    }
+    let gate = api::gate::Gate::new(
+        member.node.clone(),
+        member.status.clone(),
+        directory.clone(),
+        config.access.legacy_certificates,
+    );
     let context = api::Context {
         node: member.node.clone(),
         status: member.status.clone(),
@@ -368,6 +434,7 @@ async fn serve(
         default_max_parallel: config.limits.default_max_parallel,
         health_interval_ms: config.health_interval_ms,
         health_window_ms: config.health_window_ms,
+        gate,
     };
     let raft_peers = api::raft::RaftPeers::new(
         cluster_id.clone(),

@@ -72,6 +72,9 @@ pub enum Command {
     /// The coordinator's members.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Who may do what: the access policy, and checking one identity's access.
+    #[command(subcommand)]
+    Access(crate::access::AccessCommand),
     /// Run the whole loop on this machine: a dev coordinator, three agents, a bad release,
     /// an automatic rollback, verified.
     Demo(crate::demo::DemoArgs),
@@ -481,6 +484,7 @@ async fn execute(
         Command::Audit(command) => audit(client, format, command).await,
         Command::Trigger(command) => trigger(client, format, command).await,
         Command::Flag(command) => crate::flags::run(client, format, command).await,
+        Command::Access(command) => crate::access::run(client, format, command).await,
         Command::Cluster(ClusterCommand::List) => cluster_list(client, format, None).await,
         Command::Cluster(ClusterCommand::TransferLeader { member_id, reason }) => {
             let request = pb::TransferLeaderRequest {

@@ -162,7 +162,9 @@ async fn run_loop(
     for number in 1..=host_count {
         let host = prepare_host(dir, number)?;
         let port = serve_sample_app(host.root.clone()).await?;
-        ca.write_identity(&tls_dir, &host.id, &[])
+        let subject =
+            rewind_shared::dev_ca::Subject::new(rewind_shared::identity::Kind::Agent, &host.id);
+        ca.write_identity(&tls_dir, &subject, &[])
             .with_context(|| format!("issue a certificate for {}", host.id))?;
         let config_path = write_agent_config(dir, &host, number, &address, &tls_dir, port)?;
         processes.spawn(

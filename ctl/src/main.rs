@@ -2,6 +2,7 @@
 //! (`rewindctl rollback start ch-12`), tables by default, `--output json` everywhere, and an
 //! exit code of 0 only when the operation succeeded.
 
+mod access;
 mod client;
 mod commands;
 mod demo;

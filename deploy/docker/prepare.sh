@@ -15,13 +15,20 @@ if [ -n "$(ls -A "$dir")" ]; then
   exit 64
 fi
 
-issue() { # name [san...]
-  local name="$1"; shift
-  local sans=()
-  for san in "$@"; do sans+=(--san "$san"); done
+issue() { # kind name [--member-id N] [--san SAN...]
+  local kind="$1" name="$2"; shift 2
   docker run --rm -v "$dir:$dir" rewind:local \
-    rewind-coordinator issue-cert --create-ca --data-dir "$dir" --name "$name" "${sans[@]}" >/dev/null
+    rewind-coordinator issue-cert --create-ca --data-dir "$dir" --kind "$kind" --name "$name" "$@" >/dev/null
 }
+
+# Who may do what: the dev CA's `operator` (a user certificate) administers this cluster.
+cat > "$dir/policy.toml" <<TOML
+[[binding]]
+name = "operator-admin"
+role = "admin"
+identities = ["user:operator"]
+scopes = ["*"]
+TOML
 
 members=""
 for id in 1 2 3; do
@@ -34,7 +41,7 @@ region = \"region-$id\"
 done
 
 for id in 1 2 3; do
-  issue "coordinator-$id" "coordinator-$id" localhost 127.0.0.1
+  issue member "coordinator-$id" --member-id "$id" --san "coordinator-$id" --san localhost --san 127.0.0.1
   cat > "$dir/coordinator-$id.toml" <<TOML
 listen = "0.0.0.0:7443"
 data-dir = "/var/lib/rewind/coordinator"
@@ -49,6 +56,8 @@ tick-ms = 100
 [health]
 report-interval-ms = 500
 window-s = 3
+[access]
+bootstrap-policy-file = "$dir/policy.toml"
 [cluster]
 id = "compose"
 member-id = $id
@@ -57,7 +66,7 @@ TOML
 done
 
 for host in web-1 web-2; do
-  issue "$host"
+  issue agent "$host"
   root="$dir/$host/srv/web"
   for version in v1 v2; do
     mkdir -p "$root/releases/$version"

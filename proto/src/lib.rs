@@ -15,6 +15,11 @@ pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/rewind.v1.serde.rs"));
 }
 
+/// The encoded `FileDescriptorSet` of the protocol: every service and method, for checks that
+/// must cover all of them.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/rewind_descriptor.bin"));
+
 /// Largest gRPC message either side accepts; larger ones fail with a clear status.
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 /// Largest batch of Raft messages between members: a single log entry holds a command of up to

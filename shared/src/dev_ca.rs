@@ -6,16 +6,65 @@ use std::path::Path;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 
 use crate::SharedError;
+use crate::identity::Kind;
 use crate::tls::TlsFiles;
 
 /// Name of the coordinator's server certificate in a dev PKI directory.
 pub const COORDINATOR: &str = "coordinator";
 /// Name of the operator (rewindctl) client certificate in a dev PKI directory.
 pub const OPERATOR: &str = "operator";
+
+/// Whom a certificate names: a kind and name (its `rewind://` URI), a common name (also its file
+/// name in a PKI directory) and up to two groups (its O and OU).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Subject {
+    /// `None`: a certificate as issued before kinds existed, with a common name only.
+    pub kind: Option<Kind>,
+    pub name: String,
+    pub common_name: String,
+    pub groups: Vec<String>,
+}
+
+impl Subject {
+    /// `kind` named `name`, with `name` as its common name.
+    pub fn new(kind: Kind, name: &str) -> Self {
+        Self {
+            kind: Some(kind),
+            name: name.to_string(),
+            common_name: name.to_string(),
+            groups: Vec::new(),
+        }
+    }
+
+    /// Coordinator member `id`, whose certificate (and files) are called `common_name`.
+    pub fn member(id: u64, common_name: &str) -> Self {
+        Self::new(Kind::Member, &id.to_string()).with_common_name(common_name)
+    }
+
+    /// A certificate without kind, as issued before kinds existed.
+    pub fn legacy(common_name: &str) -> Self {
+        Self {
+            kind: None,
+            name: common_name.to_string(),
+            common_name: common_name.to_string(),
+            groups: Vec::new(),
+        }
+    }
+
+    pub fn with_common_name(mut self, common_name: &str) -> Self {
+        self.common_name = common_name.to_string();
+        self
+    }
+
+    pub fn with_groups(mut self, groups: &[&str]) -> Self {
+        self.groups = groups.iter().map(|group| group.to_string()).collect();
+        self
+    }
+}
 
 pub struct DevCa {
     issuer: Issuer<'static, KeyPair>,
@@ -63,11 +112,11 @@ impl DevCa {
         )
     }
 
-    /// Issues a leaf certificate with CN `name`, usable as server and client, valid for the
+    /// Issues a leaf certificate for `subject`, usable as server and client, valid for the
     /// given DNS names and IP addresses. Returns (certificate PEM, key PEM).
     pub fn issue(
         &self,
-        name_cn: &str,
+        subject: &Subject,
         subject_alt_names: &[&str],
     ) -> Result<(String, String), SharedError> {
         let key = KeyPair::generate().map_err(certificate_error)?;
@@ -76,7 +125,30 @@ impl DevCa {
             .map(|san| san.to_string())
             .collect::<Vec<_>>();
         let mut params = CertificateParams::new(sans).map_err(certificate_error)?;
-        params.distinguished_name = name(name_cn);
+        if let Some(kind) = subject.kind {
+            let uri = kind.uri(&subject.name);
+            let uri = uri
+                .clone()
+                .try_into()
+                .map_err(|_| SharedError::Certificate(format!("{uri:?} is not an ASCII URI")))?;
+            params.subject_alt_names.push(SanType::URI(uri));
+        }
+        params.distinguished_name = name(&subject.common_name);
+        // rcgen holds one value per attribute, so the dev CA writes two groups at most.
+        if subject.groups.len() > 2 {
+            return Err(SharedError::Certificate(format!(
+                "the dev CA writes at most two groups (as O and OU), not {}",
+                subject.groups.len()
+            )));
+        }
+        for (group, attribute) in subject
+            .groups
+            .iter()
+            .zip([DnType::OrganizationName, DnType::OrganizationalUnitName])
+        {
+            crate::identity::validate_group(group)?;
+            params.distinguished_name.push(attribute, group.as_str());
+        }
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
@@ -91,15 +163,15 @@ impl DevCa {
         Ok((certificate.pem(), key.serialize_pem()))
     }
 
-    /// Issues `name` and writes `<dir>/<name>.pem` and `<dir>/<name>.key`, next to `ca.pem`.
+    /// Issues `subject` and writes `<dir>/<common name>.pem` and `.key`, next to `ca.pem`.
     pub fn write_identity(
         &self,
         dir: &Path,
-        name_cn: &str,
+        subject: &Subject,
         subject_alt_names: &[&str],
     ) -> Result<TlsFiles, SharedError> {
-        let (cert, key) = self.issue(name_cn, subject_alt_names)?;
-        let files = TlsFiles::in_dir(dir, name_cn);
+        let (cert, key) = self.issue(subject, subject_alt_names)?;
+        let files = TlsFiles::in_dir(dir, &subject.common_name);
         write(&files.cert, &cert, 0o644)?;
         write(&files.key, &key, 0o600)?;
         if !files.ca.exists() {
@@ -109,8 +181,8 @@ impl DevCa {
     }
 }
 
-/// Creates (once) a dev PKI in `dir`: a CA, the coordinator's server certificate for
-/// `localhost`/`127.0.0.1`, and an `operator` client certificate. Existing files are kept, so a
+/// Creates (once) a dev PKI in `dir`: a CA, the coordinator's certificate (member 1) for
+/// `localhost`/`127.0.0.1`, and the `operator` user's client certificate. Existing files are kept, so a
 /// restarted dev coordinator keeps its identity.
 pub fn ensure_dev_pki(dir: &Path) -> Result<DevCa, SharedError> {
     std::fs::create_dir_all(dir).map_err(|source| SharedError::Write {
@@ -122,8 +194,12 @@ pub fn ensure_dev_pki(dir: &Path) -> Result<DevCa, SharedError> {
     }
     let ca = DevCa::generate("rewind dev CA")?;
     ca.save(dir)?;
-    ca.write_identity(dir, COORDINATOR, &["localhost", "127.0.0.1"])?;
-    ca.write_identity(dir, OPERATOR, &[])?;
+    ca.write_identity(
+        dir,
+        &Subject::member(1, COORDINATOR),
+        &["localhost", "127.0.0.1"],
+    )?;
+    ca.write_identity(dir, &Subject::new(Kind::User, OPERATOR), &[])?;
     Ok(ca)
 }
 
@@ -165,7 +241,7 @@ fn write(path: &Path, contents: &str, mode: u32) -> Result<(), SharedError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tls::identity_of;
+    use crate::identity::peer_identity;
     use rustls::pki_types::{CertificateDer, pem::PemObject};
 
     #[test]
@@ -173,9 +249,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         ensure_dev_pki(dir.path()).unwrap();
         let reloaded = ensure_dev_pki(dir.path()).unwrap();
-        let files = reloaded.write_identity(dir.path(), "host-7", &[]).unwrap();
+        let files = reloaded
+            .write_identity(dir.path(), &Subject::new(Kind::Agent, "host-7"), &[])
+            .unwrap();
         let pem = std::fs::read(&files.cert).unwrap();
         let der = CertificateDer::from_pem_slice(&pem).unwrap();
-        assert_eq!(identity_of(&[der]).unwrap(), "host-7");
+        assert_eq!(peer_identity(&[der]).unwrap().principal(), "agent:host-7");
     }
 }

@@ -6,6 +6,7 @@
 //! - [`errors`]: the crate's error type.
 //! - [`names`]: validation of ids, names and versions, with the field named in every error.
 //! - [`tls`]: PEM files to tonic TLS configs; the caller's identity from its certificate.
+//! - [`identity`]: who a caller is: its kind, name and groups, read from its certificate.
 //! - [`dev_ca`]: a throw-away CA and certificates for `--dev` and tests (rcgen).
 //! - [`digest`]: sha256 of bytes and of a directory tree (release artifacts).
 //! - [`histogram`]: cumulative histograms: merging different bucket layouts, quantiles.
@@ -22,6 +23,7 @@ pub mod digest;
 pub mod errors;
 pub mod failpoint;
 pub mod histogram;
+pub mod identity;
 pub mod logging;
 pub mod names;
 pub mod signals;

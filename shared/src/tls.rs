@@ -1,13 +1,11 @@
-//! Mutual TLS for every connection: PEM files to tonic configs, and the caller's identity.
+//! Mutual TLS for every connection: PEM files to tonic configs.
 //!
-//! The identity of a caller is the common name (CN) of the certificate it presented; the server
-//! only accepts certificates signed by the cluster's CA, so a name cannot be claimed without one.
+//! The server only accepts certificates signed by the cluster's CA, so an identity (see
+//! [`crate::identity`]) cannot be claimed without one.
 
 use std::path::{Path, PathBuf};
 
-use rustls::pki_types::CertificateDer;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
-use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::SharedError;
 
@@ -67,25 +65,6 @@ fn read(path: &Path) -> Result<Vec<u8>, SharedError> {
         path: path.to_path_buf(),
         source,
     })
-}
-
-/// The CN of the first (leaf) certificate a peer presented.
-pub fn identity_of(peer_certs: &[CertificateDer<'_>]) -> Result<String, SharedError> {
-    let leaf = peer_certs
-        .first()
-        .ok_or_else(|| SharedError::Certificate("the peer presented no certificate".into()))?;
-    let (_, certificate) = X509Certificate::from_der(leaf.as_ref()).map_err(|error| {
-        SharedError::Certificate(format!("cannot parse the peer certificate: {error}"))
-    })?;
-    let common_name = certificate
-        .subject()
-        .iter_common_name()
-        .next()
-        .and_then(|name| name.as_str().ok())
-        .ok_or_else(|| {
-            SharedError::Certificate("the peer certificate has no common name".into())
-        })?;
-    Ok(common_name.to_string())
 }
 
 /// Installs ring as the process-wide rustls provider. Call once at start-up: with two providers

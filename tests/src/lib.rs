@@ -9,7 +9,8 @@ use std::sync::Once;
 use std::time::{Duration, Instant};
 
 use rewind_proto::v1::control_service_client::ControlServiceClient;
-use rewind_shared::dev_ca::{self, DevCa};
+use rewind_shared::dev_ca::{self, DevCa, Subject};
+use rewind_shared::identity::Kind;
 use rewind_shared::tls::TlsFiles;
 use tonic::transport::{Channel, Endpoint};
 
@@ -413,7 +414,8 @@ timeout-ms = 2000
                 root = root.display(),
             );
         }
-        ca.write_identity(tls_dir, id, &[]).unwrap();
+        ca.write_identity(tls_dir, &Subject::new(Kind::Agent, id), &[])
+            .unwrap();
         let tls = tls_dir;
         let config = format!(
             r#"host-id = "{id}"
@@ -670,7 +672,14 @@ impl ClusterHarness {
         std::fs::create_dir_all(&tls_dir).unwrap();
         let ca = DevCa::generate("test cluster CA").unwrap();
         ca.save(&tls_dir).unwrap();
-        ca.write_identity(&tls_dir, dev_ca::OPERATOR, &[]).unwrap();
+        ca.write_identity(&tls_dir, &Subject::new(Kind::User, dev_ca::OPERATOR), &[])
+            .unwrap();
+        // The operator administers the cluster, as `--dev` makes it.
+        let policy = format!(
+            "[[binding]]\nname = \"operator-admin\"\nrole = \"admin\"\nidentities = [\"user:{}\"]\nscopes = [\"*\"]\n",
+            dev_ca::OPERATOR
+        );
+        std::fs::write(dir.join("policy.toml"), policy).unwrap();
         let addresses: Vec<String> = match &network {
             Some(network) => (1..=size)
                 .map(|id| format!("{}:7443", network.address(id)))
@@ -731,7 +740,7 @@ impl ClusterHarness {
         self.ca
             .write_identity(
                 &self.tls_dir,
-                &format!("coordinator-{id}"),
+                &Subject::member(id, &format!("coordinator-{id}")),
                 &["localhost", "127.0.0.1", &host],
             )
             .unwrap();
@@ -820,6 +829,8 @@ window-s = 3
 snapshot-every = {snapshot_every}
 [http]
 listen = "{http}"
+[access]
+bootstrap-policy-file = "{policy}"
 [cluster]
 id = "test-cluster"
 member-id = {id}
@@ -830,6 +841,7 @@ join = {join}
             http = self.http_addresses[id as usize - 1],
             snapshot_every = self.snapshot_every,
             data = self.dir.join(format!("member-{id}")).display(),
+            policy = self.dir.join("policy.toml").display(),
         );
         std::fs::write(self.config_path(id), config).unwrap();
     }
@@ -896,7 +908,9 @@ join = {join}
         brief: bool,
     ) -> Result<rewind_proto::v1::MemberStatus, String> {
         use rewind_proto::v1::member_service_client::MemberServiceClient;
-        let channel = self.channel_for(&self.addresses[id as usize - 1]).await?;
+        // Only members ask members about themselves: this is member 1's certificate.
+        let files = TlsFiles::in_dir(&self.tls_dir, "coordinator-1");
+        let channel = tls_channel(&files, &self.addresses[id as usize - 1]).await?;
         MemberServiceClient::new(channel)
             .get_member_status(rewind_proto::v1::GetMemberStatusRequest { brief })
             .await
@@ -1094,7 +1108,11 @@ fn random_name(release: u64, provider: u64) -> String {
 /// A channel to a coordinator member at `address`, authenticated as the operator whose
 /// certificate is in `tls_dir`; the member's certificate must name `localhost`.
 pub async fn operator_channel(tls_dir: &Path, address: &str) -> Result<Channel, String> {
-    let files = TlsFiles::in_dir(tls_dir, dev_ca::OPERATOR);
+    tls_channel(&TlsFiles::in_dir(tls_dir, dev_ca::OPERATOR), address).await
+}
+
+/// A channel to a coordinator member at `address` with these certificate files.
+pub async fn tls_channel(files: &TlsFiles, address: &str) -> Result<Channel, String> {
     let tls = files
         .client_config("localhost")
         .map_err(|error| error.to_string())?;

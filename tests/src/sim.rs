@@ -42,7 +42,11 @@ impl SimAgent {
         flags: FlagLog,
     ) -> Result<Self, String> {
         let files = ca
-            .write_identity(tls_dir, host_id, &[])
+            .write_identity(
+                tls_dir,
+                &rewind_shared::dev_ca::Subject::new(rewind_shared::identity::Kind::Agent, host_id),
+                &[],
+            )
             .map_err(|error| error.to_string())?;
         let tls = files
             .client_config("localhost")

@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use rewind_proto::v1 as pb;
-use rewind_shared::dev_ca::DevCa;
+use rewind_shared::dev_ca::{DevCa, Subject};
+use rewind_shared::identity::Kind;
 use rewind_shared::tls::TlsFiles;
 use rewind_tests::Coordinator;
 
@@ -45,7 +46,7 @@ async fn clients_without_a_certificate_or_from_another_ca_are_refused() {
     let other_ca = DevCa::generate("someone else's CA").unwrap();
     other_ca.save(&other_dir).unwrap();
     let forged = other_ca
-        .write_identity(&other_dir, "operator", &[])
+        .write_identity(&other_dir, &Subject::new(Kind::User, "operator"), &[])
         .unwrap();
     let files = TlsFiles {
         ca: coordinator.tls_dir().join("ca.pem"),
@@ -61,7 +62,8 @@ async fn clients_without_a_certificate_or_from_another_ca_are_refused() {
         "a certificate from another CA was accepted"
     );
 
-    // The real operator certificate works, and its name is the identity in the audit log.
+    // The real operator certificate works, and its kind and name are the identity in the audit
+    // log.
     let mut client = coordinator.must_client().await;
     let service = pb::Service {
         name: "web".into(),
@@ -88,7 +90,7 @@ async fn clients_without_a_certificate_or_from_another_ca_are_refused() {
         .entries;
     assert_eq!(
         audit.last().map(|entry| entry.identity.as_str()),
-        Some("operator")
+        Some("user:operator")
     );
 }
 
@@ -98,7 +100,11 @@ async fn an_agent_may_only_register_the_host_its_certificate_names() {
     let coordinator = Coordinator::must_start(dir.path());
     let files = coordinator
         .ca()
-        .write_identity(&coordinator.tls_dir(), "web-1", &[])
+        .write_identity(
+            &coordinator.tls_dir(),
+            &Subject::new(Kind::Agent, "web-1"),
+            &[],
+        )
         .unwrap();
     let channel =
         tonic::transport::Endpoint::from_shared(format!("https://{}", coordinator.address))

@@ -15,8 +15,9 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use super::gate::caller;
 use super::status::invalid;
-use super::{Context, caller, convert};
+use super::{Context, convert};
 use crate::state_machine::{
     CommandKind, RollbackStepKind, ShardReportRecord, StatementRecord, StepTarget,
 };
@@ -42,7 +43,8 @@ impl AgentService for Agents {
         &self,
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<OutStream>, Status> {
-        let identity = caller(&request)?;
+        let caller = caller(&request)?;
+        let identity = caller.id();
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.next())
             .await
@@ -58,7 +60,7 @@ impl AgentService for Agents {
                 "the first message of a session must be Register",
             ));
         };
-        validate_register(&register, &identity)?;
+        validate_register(&register, &caller.principal.name)?;
         let host_id = register.host_id.clone();
         let kind = CommandKind::RegisterHost {
             host_id: host_id.clone(),
@@ -111,12 +113,13 @@ impl AgentService for Agents {
     }
 }
 
-fn validate_register(register: &pb::Register, identity: &str) -> Result<(), Status> {
+/// `host_name`: the host the agent's certificate names.
+fn validate_register(register: &pb::Register, host_name: &str) -> Result<(), Status> {
     names::validate_name("register.host_id", &register.host_id)
         .map_err(|error| invalid("register.host_id", error.to_string()))?;
-    if register.host_id != identity {
+    if register.host_id != host_name {
         return Err(Status::permission_denied(format!(
-            "certificate {identity:?} may not register host {:?}: an agent registers the host its certificate names",
+            "certificate agent:{host_name} may not register host {:?}: an agent registers the host its certificate names",
             register.host_id
         )));
     }

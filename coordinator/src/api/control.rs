@@ -11,8 +11,10 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use tracing::info;
 
+use super::gate::caller;
 use super::status::{invalid, to_status};
-use super::{Context, caller, convert, plans};
+use super::{Context, convert, plans, targets};
+use crate::access::Target;
 use crate::state_machine::*;
 
 /// Longest free-text reason accepted.
@@ -36,8 +38,9 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::GetRollbackResponse, Sta
 impl ControlService for Control {
     async fn list_hosts(
         &self,
-        _request: Request<pb::ListHostsRequest>,
+        request: Request<pb::ListHostsRequest>,
     ) -> Result<Response<pb::ListHostsResponse>, Status> {
+        let caller = caller(&request)?;
         self.context.current().await?;
         let context = &self.context;
         let latest = context.health.latest_all();
@@ -45,6 +48,7 @@ impl ControlService for Control {
             state
                 .hosts
                 .values()
+                .filter(|host| caller.may_see(&targets::host(host)))
                 .map(|host| {
                     let connected = context.sessions.generation(&host.host_id).is_some();
                     convert::host(host, connected, latest.get(&host.host_id).cloned())
@@ -58,7 +62,7 @@ impl ControlService for Control {
         &self,
         request: Request<pb::PutServiceRequest>,
     ) -> Result<Response<pb::PutServiceResponse>, Status> {
-        let identity = caller(&request)?;
+        let caller = caller(&request)?;
         let request = request.into_inner();
         let service = request
             .service
@@ -66,8 +70,10 @@ impl ControlService for Control {
         let record = validate_service(service)?;
         let name = record.name.clone();
         self.context
+            .authorize(&caller, &[Target::Service(name.clone())])?;
+        self.context
             .propose(
-                &identity,
+                &caller.id(),
                 &request.request_id,
                 CommandKind::PutService { service: record },
             )
@@ -81,13 +87,18 @@ impl ControlService for Control {
 
     async fn list_services(
         &self,
-        _request: Request<pb::ListServicesRequest>,
+        request: Request<pb::ListServicesRequest>,
     ) -> Result<Response<pb::ListServicesResponse>, Status> {
+        let caller = caller(&request)?;
         self.context.current().await?;
-        let services = self
-            .context
-            .node
-            .read(|state| state.services.values().map(convert::service).collect());
+        let services = self.context.node.read(|state| {
+            state
+                .services
+                .values()
+                .filter(|service| caller.may_see(&[Target::Service(service.name.clone())]))
+                .map(convert::service)
+                .collect()
+        });
         Ok(Response::new(pb::ListServicesResponse { services }))
     }
 
@@ -95,7 +106,8 @@ impl ControlService for Control {
         &self,
         request: Request<pb::RegisterMigrationRequest>,
     ) -> Result<Response<pb::RegisterMigrationResponse>, Status> {
-        let identity = caller(&request)?;
+        let caller = caller(&request)?;
+        let identity = caller.id();
         let request = request.into_inner();
         let migration = request
             .migration
@@ -123,6 +135,7 @@ impl ControlService for Control {
         &self,
         request: Request<pb::ListSchemaTxnsRequest>,
     ) -> Result<Response<pb::ListSchemaTxnsResponse>, Status> {
+        let caller = caller(&request)?;
         let request = request.into_inner();
         let wanted = if request.txn_id.is_empty() {
             None
@@ -136,6 +149,7 @@ impl ControlService for Control {
                 .values()
                 .rev()
                 .filter(|txn| wanted.is_none_or(|number| txn.number == number))
+                .filter(|txn| caller.may_see(&targets::schema_txn(state, txn.number)))
                 .take(MAX_LISTED_SCHEMA_TXNS)
                 .map(|txn| convert::schema_txn(txn, request.detailed))
                 .collect()
@@ -153,7 +167,8 @@ impl ControlService for Control {
         &self,
         request: Request<pb::ResolvedByHandRequest>,
     ) -> Result<Response<pb::SchemaTxnResponse>, Status> {
-        let identity = caller(&request)?;
+        let caller = caller(&request)?;
+        let identity = caller.id();
         let request = request.into_inner();
         let number = parse_id("txn_id", "st", &request.txn_id)?;
         names::validate_name("host_id", &request.host_id).map_err(field_error)?;
@@ -213,10 +228,16 @@ impl ControlService for Control {
         &self,
         request: Request<pb::StartDrillRequest>,
     ) -> Result<Response<pb::DrillResponse>, Status> {
-        let identity = caller(&request)?;
+        let caller = caller(&request)?;
+        let identity = caller.id();
         let request = request.into_inner();
         let change = parse_id("change_id", "ch", &request.change_id)?;
         names::validate_name("environment", &request.environment).map_err(field_error)?;
+        let targets = self
+            .context
+            .node
+            .read(|state| targets::drill_of(state, change, &request.environment));
+        self.context.authorize(&caller, &targets)?;
         let kind = CommandKind::StartDrill {
             change,
             environment: request.environment,
@@ -246,8 +267,14 @@ impl ControlService for Control {
         &self,
         request: Request<pb::GetDrillRequest>,
     ) -> Result<Response<pb::DrillResponse>, Status> {
+        let caller = caller(&request)?;
         let number = parse_id("drill_id", "dr", &request.into_inner().drill_id)?;
         self.context.current().await?;
+        let targets = self
+            .context
+            .node
+            .read(|state| targets::drill(state, number));
+        self.context.authorize(&caller, &targets)?;
         let drill = self
             .context
             .node
@@ -288,7 +315,8 @@ impl ControlService for Control {
         &self,
         request: Request<pb::RegisterReleaseRequest>,
     ) -> Result<Response<pb::RegisterReleaseResponse>, Status> {
-        let identity = caller(&request)?;
+        let caller = caller(&request)?;
+        let identity = caller.id();
         let request = request.into_inner();
         let release = request
             .release
@@ -321,6 +349,8 @@ impl ControlService for Control {
             requires: release.requires.into_iter().collect(),
         };
         self.context
+            .authorize(&caller, &[Target::Service(release.service.clone())])?;
+        self.context
             .propose(
                 &identity,
                 &request.request_id,
@@ -341,6 +371,7 @@ impl ControlService for Control {
         &self,
         request: Request<pb::ListReleasesRequest>,
     ) -> Result<Response<pb::ListReleasesResponse>, Status> {
+        let caller = caller(&request)?;
         self.context.current().await?;
         let service = request.into_inner().service;
         if !service.is_empty() {
@@ -351,6 +382,7 @@ impl ControlService for Control {
                 .releases
                 .iter()
                 .filter(|(name, _)| service.is_empty() || **name == service)
+                .filter(|(name, _)| caller.may_see(&[Target::Service(name.to_string())]))
                 .flat_map(|(_, versions)| {
                     versions.values().map(|release| convert::release(release))
                 })
@@ -363,7 +395,8 @@ impl ControlService for Control {
         &self,
         request: Request<pb::StartChangeRequest>,
     ) -> Result<Response<pb::StartChangeResponse>, Status> {
-        let identity = caller(&request)?;
+        let caller = caller(&request)?;
+        let identity = caller.id();
         let request = request.into_inner();
         names::validate_name("service", &request.service).map_err(field_error)?;
         names::validate_version("version", &request.version).map_err(field_error)?;
@@ -407,6 +440,11 @@ impl ControlService for Control {
             names::validate_version("migrations", version).map_err(field_error)?;
             migrations.push((database.to_string(), version.to_string()));
         }
+        let targets = self
+            .context
+            .node
+            .read(|state| targets::new_change(state, &request.service, &request.host_ids));
+        self.context.authorize(&caller, &targets)?;
         let baseline = self.context.service_health(&request.service);
         let kind = CommandKind::StartChange {
             migrations,
@@ -436,8 +474,14 @@ impl ControlService for Control {
         &self,
         request: Request<pb::GetChangeRequest>,
     ) -> Result<Response<pb::GetChangeResponse>, Status> {
+        let caller = caller(&request)?;
         self.context.current().await?;
         let number = parse_id("change_id", "ch", &request.into_inner().change_id)?;
+        let targets = self
+            .context
+            .node
+            .read(|state| targets::change(state, number));
+        self.context.authorize(&caller, &targets)?;
         let change = self.context.node.read(|state| {
             state
                 .changes
@@ -454,6 +498,7 @@ impl ControlService for Control {
         &self,
         request: Request<pb::ListChangesRequest>,
     ) -> Result<Response<pb::ListChangesResponse>, Status> {
+        let caller = caller(&request)?;
         let request = request.into_inner();
         let (limit, before) = page(request.limit, "ch", &request.before)?;
         self.context.current().await?;
@@ -464,7 +509,8 @@ impl ControlService for Control {
                 .range(..before)
                 .rev()
                 .map(|(_, change)| change)
-                .filter(|change| service.is_empty() || change.service == service);
+                .filter(|change| service.is_empty() || change.service == service)
+                .filter(|change| caller.may_see(&targets::change(state, change.number)));
             let changes: Vec<pb::Change> =
                 matching.by_ref().take(limit).map(convert::change).collect();
             (changes, matching.next().is_some())
@@ -483,6 +529,7 @@ impl ControlService for Control {
         &self,
         request: Request<pb::PlanRollbackRequest>,
     ) -> Result<Response<pb::PlanRollbackResponse>, Status> {
+        let caller = caller(&request)?;
         self.context.current().await?;
         let request = request.into_inner();
         let options = plans::options_from(request.options, 0, self.context.default_max_parallel)?;
@@ -492,6 +539,8 @@ impl ControlService for Control {
         };
         let plan = self.context.node.read(|state| {
             let changes = plans::selected_changes(state, request.selection, "")?;
+            self.context
+                .authorize(&caller, &targets::changes(state, &changes))?;
             plans::preview(state, &changes, &options, &view)
         })?;
         Ok(Response::new(pb::PlanRollbackResponse { plan: Some(plan) }))
@@ -501,7 +550,8 @@ impl ControlService for Control {
         &self,
         request: Request<pb::StartRollbackRequest>,
     ) -> Result<Response<pb::StartRollbackResponse>, Status> {
-        let identity = caller(&request)?;
+        let caller = caller(&request)?;
+        let identity = caller.id();
         let request = request.into_inner();
         validate_reason(&request.reason)?;
         if !request.plan_hash.is_empty() {
@@ -513,10 +563,12 @@ impl ControlService for Control {
             self.context.default_max_parallel,
         )?;
         self.context.current().await?;
-        let changes = self
-            .context
-            .node
-            .read(|state| plans::selected_changes(state, request.selection, &request.change_id))?;
+        let (changes, targets) = self.context.node.read(|state| {
+            let changes = plans::selected_changes(state, request.selection, &request.change_id)?;
+            let targets = targets::changes(state, &changes);
+            Ok::<_, Status>((changes, targets))
+        })?;
+        self.context.authorize(&caller, &targets)?;
         let reason = if request.reason.is_empty() {
             "requested by an operator".to_string()
         } else {
@@ -590,8 +642,7 @@ impl ControlService for Control {
         &self,
         request: Request<pb::GetRollbackRequest>,
     ) -> Result<Response<pb::ExplainRollbackResponse>, Status> {
-        self.context.current().await?;
-        let number = parse_id("rollback_id", "rb", &request.into_inner().rollback_id)?;
+        let number = self.visible_rollback(request).await?;
         let services = self.context.node.read(|state| {
             state
                 .rollbacks
@@ -628,8 +679,7 @@ impl ControlService for Control {
         &self,
         request: Request<pb::GetRollbackRequest>,
     ) -> Result<Response<pb::GetRollbackResponse>, Status> {
-        self.context.current().await?;
-        let number = parse_id("rollback_id", "rb", &request.into_inner().rollback_id)?;
+        let number = self.visible_rollback(request).await?;
         Ok(Response::new(pb::GetRollbackResponse {
             rollback: Some(self.context.rollback(number)?),
         }))
@@ -639,11 +689,16 @@ impl ControlService for Control {
         &self,
         request: Request<pb::ListRollbacksRequest>,
     ) -> Result<Response<pb::ListRollbacksResponse>, Status> {
+        let caller = caller(&request)?;
         let request = request.into_inner();
         let (limit, before) = page(request.limit, "rb", &request.before)?;
         self.context.current().await?;
         let (rollbacks, more) = self.context.node.read(|state| {
-            let mut older = state.rollbacks.range(..before).rev();
+            let mut older = state
+                .rollbacks
+                .range(..before)
+                .rev()
+                .filter(|(number, _)| caller.may_see(&targets::rollback(state, **number)));
             let rollbacks: Vec<pb::Rollback> = older
                 .by_ref()
                 .take(limit)
@@ -670,8 +725,7 @@ impl ControlService for Control {
         &self,
         request: Request<pb::GetRollbackRequest>,
     ) -> Result<Response<WatchStream>, Status> {
-        self.context.current().await?;
-        let number = parse_id("rollback_id", "rb", &request.into_inner().rollback_id)?;
+        let number = self.visible_rollback(request).await?;
         let first = self.context.rollback(number)?;
         let context = self.context.clone();
         let (sender, receiver) = tokio::sync::mpsc::channel(16);
@@ -737,7 +791,8 @@ impl ControlService for Control {
         &self,
         request: Request<pb::SetFlagRequest>,
     ) -> Result<Response<pb::Flag>, Status> {
-        let identity = caller(&request)?;
+        let caller = caller(&request)?;
+        let identity = caller.id();
         let request = request.into_inner();
         let environment = if request.environment.is_empty() {
             crate::plan::DEFAULT_ENVIRONMENT.to_string()
@@ -751,6 +806,8 @@ impl ControlService for Control {
         if request.kill && request.enabled {
             return Err(invalid("enabled", "a kill switch turns a flag off"));
         }
+        self.context
+            .authorize(&caller, &[Target::scoped(&environment, &request.service)])?;
         let kind = CommandKind::SetFlag {
             environment: environment.clone(),
             service: request.service.clone(),
@@ -786,6 +843,7 @@ impl ControlService for Control {
         &self,
         request: Request<pb::ListFlagsRequest>,
     ) -> Result<Response<pb::ListFlagsResponse>, Status> {
+        let caller = caller(&request)?;
         self.context.current().await?;
         let request = request.into_inner();
         let flags = self.context.node.read(|state| {
@@ -796,6 +854,9 @@ impl ControlService for Control {
                 }
                 for (service, named) in services {
                     if !request.service.is_empty() && *service != request.service {
+                        continue;
+                    }
+                    if !caller.may_see(&[Target::scoped(environment, service)]) {
                         continue;
                     }
                     for (name, record) in named {
@@ -812,23 +873,28 @@ impl ControlService for Control {
         &self,
         request: Request<pb::ListTriggersRequest>,
     ) -> Result<Response<pb::ListTriggersResponse>, Status> {
+        let caller = caller(&request)?;
         self.context.current().await?;
         let limit = match request.into_inner().limit {
             0 => 100,
             limit => limit.min(1000),
         } as usize;
-        Ok(Response::new(
-            self.context
-                .node
-                .read(|state| convert::triggers(state, limit)),
-        ))
+        let mut answer = self
+            .context
+            .node
+            .read(|state| convert::triggers(state, limit));
+        answer.triggers.retain(|trigger| {
+            caller.may_see(&[Target::scoped(&trigger.environment, &trigger.service)])
+        });
+        Ok(Response::new(answer))
     }
 
     async fn reset_breaker(
         &self,
         request: Request<pb::ResetBreakerRequest>,
     ) -> Result<Response<pb::ListTriggersResponse>, Status> {
-        let identity = caller(&request)?;
+        let caller = caller(&request)?;
+        let identity = caller.id();
         let request = request.into_inner();
         validate_reason(&request.reason)?;
         if request.reason.trim().is_empty() {
@@ -865,7 +931,8 @@ impl ControlService for Control {
         &self,
         request: Request<pb::TransferLeaderRequest>,
     ) -> Result<Response<pb::ListMembersResponse>, Status> {
-        let identity = caller(&request)?;
+        let caller = caller(&request)?;
+        let identity = caller.id();
         let request = request.into_inner();
         validate_reason(&request.reason)?;
         let to = request.member_id;
@@ -900,7 +967,8 @@ impl ControlService for Control {
         &self,
         request: Request<pb::AddMemberRequest>,
     ) -> Result<Response<pb::ListMembersResponse>, Status> {
-        let identity = caller(&request)?;
+        let caller = caller(&request)?;
+        let identity = caller.id();
         super::cluster::add_member(&self.context, &identity, request.into_inner()).await?;
         Ok(Response::new(self.members().await))
     }
@@ -909,7 +977,8 @@ impl ControlService for Control {
         &self,
         request: Request<pb::RemoveMemberRequest>,
     ) -> Result<Response<pb::ListMembersResponse>, Status> {
-        let identity = caller(&request)?;
+        let caller = caller(&request)?;
+        let identity = caller.id();
         super::cluster::remove_member(&self.context, &identity, request.into_inner()).await?;
         Ok(Response::new(self.members().await))
     }
@@ -954,6 +1023,7 @@ impl ControlService for Control {
         &self,
         request: Request<pb::InspectHostRequest>,
     ) -> Result<Response<pb::InspectHostResponse>, Status> {
+        let caller = caller(&request)?;
         self.context.current().await?;
         let request = request.into_inner();
         names::validate_name("host_id", &request.host_id).map_err(field_error)?;
@@ -965,16 +1035,17 @@ impl ControlService for Control {
         if request.env_key.len() > 64 {
             return Err(invalid("env_key", "is longer than 64 bytes"));
         }
-        let known = self
+        let Some(targets) = self
             .context
             .node
-            .read(|state| state.hosts.contains_key(&request.host_id));
-        if !known {
+            .read(|state| state.hosts.get(&request.host_id).map(targets::host))
+        else {
             return Err(Status::not_found(format!(
                 "host {} is not registered",
                 request.host_id
             )));
-        }
+        };
+        self.context.authorize(&caller, &targets)?;
         let answer = self
             .context
             .sessions
@@ -1007,13 +1078,46 @@ impl ControlService for Control {
         }))
     }
 
+    async fn get_policy(
+        &self,
+        _request: Request<pb::GetPolicyRequest>,
+    ) -> Result<Response<pb::Policy>, Status> {
+        self.context.current().await?;
+        Ok(Response::new(super::policy::show(&self.context)))
+    }
+
+    async fn apply_policy(
+        &self,
+        request: Request<pb::ApplyPolicyRequest>,
+    ) -> Result<Response<pb::Policy>, Status> {
+        let caller = caller(&request)?;
+        let policy = super::policy::apply(&self.context, &caller, request.into_inner()).await?;
+        info!(
+            identity = caller.id(),
+            version = policy.version,
+            "Access policy applied."
+        );
+        Ok(Response::new(policy))
+    }
+
+    async fn check_access(
+        &self,
+        request: Request<pb::CheckAccessRequest>,
+    ) -> Result<Response<pb::CheckAccessResponse>, Status> {
+        self.context.current().await?;
+        super::policy::check(&self.context, request.get_ref()).map(Response::new)
+    }
+
     async fn get_service_health(
         &self,
         request: Request<pb::GetServiceHealthRequest>,
     ) -> Result<Response<pb::GetServiceHealthResponse>, Status> {
+        let caller = caller(&request)?;
         self.context.current().await?;
         let service = request.into_inner().service;
         names::validate_name("service", &service).map_err(field_error)?;
+        self.context
+            .authorize(&caller, &[Target::Service(service.clone())])?;
         let known = self
             .context
             .node
@@ -1063,7 +1167,8 @@ impl Control {
         reason_needed: &str,
         kind: impl FnOnce(u64, String, String) -> CommandKind,
     ) -> Result<Response<pb::GetRollbackResponse>, Status> {
-        let identity = caller(&request)?;
+        let caller = caller(&request)?;
+        let identity = caller.id();
         let request = request.into_inner();
         let number = parse_id("rollback_id", "rb", &request.rollback_id)?;
         let name = named(&request);
@@ -1072,6 +1177,7 @@ impl Control {
         if request.reason.trim().is_empty() {
             return Err(invalid("reason", reason_needed));
         }
+        self.authorize_rollback(&caller, number)?;
         let kind = kind(number, name.clone(), request.reason);
         let action = kind.action();
         self.context
@@ -1089,6 +1195,30 @@ impl Control {
         }))
     }
 
+    /// The rollback a read names, once the caller may see it.
+    async fn visible_rollback(
+        &self,
+        request: Request<pb::GetRollbackRequest>,
+    ) -> Result<u64, Status> {
+        let caller = caller(&request)?;
+        self.context.current().await?;
+        let number = parse_id("rollback_id", "rb", &request.into_inner().rollback_id)?;
+        self.authorize_rollback(&caller, number)?;
+        Ok(number)
+    }
+
+    fn authorize_rollback(
+        &self,
+        caller: &crate::access::Caller,
+        number: u64,
+    ) -> Result<(), Status> {
+        let targets = self
+            .context
+            .node
+            .read(|state| targets::rollback(state, number));
+        self.context.authorize(caller, &targets)
+    }
+
     async fn members(&self) -> pb::ListMembersResponse {
         super::cluster::list(&self.context).await
     }
@@ -1098,7 +1228,8 @@ impl Control {
         request: Request<pb::RollbackActionRequest>,
         action: RollbackAction,
     ) -> Result<Response<pb::GetRollbackResponse>, Status> {
-        let identity = caller(&request)?;
+        let caller = caller(&request)?;
+        let identity = caller.id();
         let request = request.into_inner();
         let number = parse_id("rollback_id", "rb", &request.rollback_id)?;
         validate_reason(&request.reason)?;
@@ -1107,6 +1238,7 @@ impl Control {
         } else {
             request.reason
         };
+        self.authorize_rollback(&caller, number)?;
         let kind = CommandKind::ControlRollback {
             rollback: number,
             action,

@@ -6,10 +6,13 @@ mod agent;
 mod cluster;
 mod control;
 pub mod convert;
+pub mod gate;
 mod member;
 pub(crate) mod plans;
+mod policy;
 pub mod raft;
 pub mod status;
+mod targets;
 
 use std::sync::Arc;
 
@@ -21,10 +24,10 @@ use rewind_proto::v1::raft_service_server::RaftServiceServer;
 use rewind_shared::tls::TlsFiles;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tonic::service::interceptor::InterceptedService;
-use tonic::{Request, Status};
+use tonic::Status;
 use tracing::warn;
 
+use crate::access::{Caller, Target};
 use crate::errors::CoordinatorError;
 use crate::health::HealthBook;
 use crate::membership::Directory;
@@ -51,9 +54,19 @@ pub struct Context {
     pub health_interval_ms: u64,
     /// Window over which service health is aggregated.
     pub health_window_ms: u64,
+    /// Audits refusals; its checks ran before the handler.
+    pub gate: gate::Gate,
 }
 
 impl Context {
+    /// Allows the caller's action on every target, or refuses (audited), naming the first
+    /// target no binding allows.
+    fn authorize(&self, caller: &Caller, targets: &[Target]) -> Result<(), Status> {
+        caller
+            .authorize_all(targets)
+            .map_err(|refusal| self.gate.refuse(refusal))
+    }
+
     /// Stamps and proposes a command on behalf of `identity`.
     async fn propose(
         &self,
@@ -146,36 +159,6 @@ fn not_leader(leader_id: u64, directory: &Directory) -> Status {
 /// Metadata key carrying the leader's address on `UNAVAILABLE`.
 pub const LEADER_KEY: &str = "rewind-leader";
 
-/// Lets a call through only on the leader: reads must not be served stale by a follower, and
-/// agents must be connected where the engine runs.
-#[derive(Clone)]
-pub struct LeaderOnly {
-    status: watch::Receiver<RaftStatus>,
-    directory: Directory,
-}
-
-impl tonic::service::Interceptor for LeaderOnly {
-    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        let status = self.status.borrow();
-        if status.is_leader {
-            Ok(request)
-        } else {
-            let leader_id = status.leader_id;
-            drop(status);
-            Err(not_leader(leader_id, &self.directory))
-        }
-    }
-}
-
-/// The caller's identity: the common name of its client certificate.
-fn caller<T>(request: &Request<T>) -> Result<String, Status> {
-    let certificates = request.peer_certs().ok_or_else(|| {
-        Status::unauthenticated("no client certificate: every call needs mutual TLS")
-    })?;
-    rewind_shared::tls::identity_of(&certificates)
-        .map_err(|error| Status::unauthenticated(error.to_string()))
-}
-
 /// Serves the agent, control and Raft services on `listener` with mutual TLS until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
@@ -187,9 +170,8 @@ pub async fn serve(
     let tls_config = tls
         .server_config()
         .map_err(|error| CoordinatorError::Storage(format!("load TLS files: {error}")))?;
-    let leader_only = LeaderOnly {
-        status: context.status.clone(),
-        directory: context.directory.clone(),
+    let gate = gate::GateLayer {
+        gate: context.gate.clone(),
     };
     let control = ControlServiceServer::new(control::Control {
         context: context.clone(),
@@ -207,8 +189,11 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .tls_config(tls_config)
         .map_err(|error| CoordinatorError::Storage(format!("configure TLS: {error}")))?
-        .add_service(InterceptedService::new(control, leader_only.clone()))
-        .add_service(InterceptedService::new(agents, leader_only))
+        // Every call passes the gate first: its method's permission, the caller's kind and
+        // policy, and the leader for agents and people.
+        .layer(gate)
+        .add_service(control)
+        .add_service(agents)
         .add_service(raft)
         .add_service(member)
         // No Nagle: a response larger than one segment would otherwise wait for the client's

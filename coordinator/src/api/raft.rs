@@ -25,7 +25,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
-use super::caller;
+use super::gate::caller;
 use crate::node::transport::SnapshotStats;
 use crate::storage::snapshot_codec;
 
@@ -74,9 +74,12 @@ impl RaftPeers {
     }
 
     /// The sender is a member of this cluster and presents that member's certificate.
+    /// The sender is member `from_member` of this cluster: its certificate is of kind member
+    /// and names that id (the gate let only member certificates through), and the id is in the
+    /// current configuration.
     fn check_sender(
         &self,
-        identity: &str,
+        caller: &crate::access::Caller,
         cluster_id: &str,
         from_member: u64,
     ) -> Result<(), Status> {
@@ -86,21 +89,22 @@ impl RaftPeers {
                 self.cluster_id, cluster_id
             )));
         }
-        match self.directory.get(from_member) {
-            Some(member) if member.name == identity => Ok(()),
-            _ => {
-                // Worth a warning: a joining member whose config does not list the current
-                // leader refuses it here until it holds the member registry.
-                warn!(
-                    identity,
-                    from_member,
-                    "Refused Raft traffic from a certificate that is not that member's."
-                );
-                Err(Status::permission_denied(format!(
-                    "certificate {identity:?} is not member {from_member} of this cluster"
-                )))
-            }
+        let identity = caller.id();
+        let named = caller.principal.name == from_member.to_string();
+        if named && self.directory.get(from_member).is_some() {
+            return Ok(());
         }
+        // Worth a warning: a joining member whose config does not list the current leader
+        // refuses it here until it holds the member registry.
+        warn!(
+            identity,
+            from_member, "Refused Raft traffic from a certificate that is not that member's."
+        );
+        Err(Status::permission_denied(if named {
+            format!("member {from_member} is not in this cluster's configuration")
+        } else {
+            format!("certificate {identity} is not member {from_member}'s")
+        }))
     }
 
     /// Receives one snapshot's data into a file, checks it, and returns the Raft message with
@@ -209,9 +213,9 @@ fn check_snapshot_data(data: Vec<u8>, expected: &str) -> Result<Vec<u8>, Status>
 #[tonic::async_trait]
 impl RaftService for RaftPeers {
     async fn deliver(&self, request: Request<RaftBatch>) -> Result<Response<RaftAck>, Status> {
-        let identity = caller(&request)?;
+        let caller = caller(&request)?;
         let batch = request.into_inner();
-        self.check_sender(&identity, &batch.cluster_id, batch.from_member)?;
+        self.check_sender(&caller, &batch.cluster_id, batch.from_member)?;
         for bytes in batch.messages {
             let message = Message::parse_from_bytes(&bytes).map_err(|error| {
                 Status::invalid_argument(format!("messages: not a Raft message: {error}"))
@@ -244,16 +248,13 @@ impl RaftService for RaftPeers {
         &self,
         request: Request<Streaming<SnapshotChunk>>,
     ) -> Result<Response<RaftAck>, Status> {
-        let identity = caller(&request)?;
+        let caller = caller(&request)?;
+        let identity = caller.id();
         // Who sends is settled before anything is held for the stream.
-        if !self
-            .directory
-            .members()
-            .iter()
-            .any(|member| member.name == identity)
-        {
+        let sender: Option<u64> = caller.principal.name.parse().ok();
+        if sender.is_none_or(|id| self.directory.get(id).is_none()) {
             return Err(Status::permission_denied(format!(
-                "certificate {identity:?} is not a member of this cluster: only members send snapshots"
+                "{identity} is not a member of this cluster: only members send snapshots"
             )));
         }
         let mut chunks = request.into_inner();
@@ -263,7 +264,7 @@ impl RaftService for RaftPeers {
             .ok_or_else(|| {
                 Status::invalid_argument("header: the first chunk must carry the header")
             })?;
-        self.check_sender(&identity, &header.cluster_id, header.from_member)?;
+        self.check_sender(&caller, &header.cluster_id, header.from_member)?;
         let _claim = self.claim_receive(header.from_member)?;
         let started = std::time::Instant::now();
         let message = match self.receive_snapshot(header, &mut chunks).await {

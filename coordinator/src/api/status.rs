@@ -28,6 +28,7 @@ pub fn to_status(error: CoordinatorError) -> Status {
         | CoordinatorError::NotLatestChange { .. }
         | CoordinatorError::RollbackNotControllable { .. }
         | CoordinatorError::PlanChanged { .. }
+        | CoordinatorError::PolicyChanged { .. }
         | CoordinatorError::Incompatible { .. }
         | CoordinatorError::StepNotRunning { .. }
         | CoordinatorError::StepNotStartable { .. }

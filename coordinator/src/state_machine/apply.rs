@@ -297,12 +297,80 @@ fn apply_kind(state: &mut State, command: &Command) -> Result<(Outcome, String, 
             format!("member-{to}"),
             format!("ok: {reason}"),
         )),
+        CommandKind::ApplyPolicy {
+            policy,
+            bootstrap,
+            expected_hash,
+            reason,
+        } => apply_policy(state, policy, *bootstrap, expected_hash, reason),
+        CommandKind::RecordRefusal {
+            action,
+            target,
+            reason,
+        } => Ok((
+            Outcome::Done,
+            target.clone(),
+            format!("refused: {action}: {reason}"),
+        )),
         // Refused by apply(); kept exhaustive so a new kind is not forgotten here.
         CommandKind::ChangeMembership { .. } => Err(CoordinatorError::invalid(
             "command",
             "a membership change travels only as a Raft configuration change",
         )),
     }
+}
+
+/// Puts `policy` in force, audited with the hashes before and after and what changed.
+fn apply_policy(
+    state: &mut State,
+    policy: &crate::access::Policy,
+    bootstrap: bool,
+    expected_hash: &str,
+    reason: &str,
+) -> Result<(Outcome, String, String)> {
+    let before = state.access.policy.clone();
+    if bootstrap && before.is_some() {
+        // Every member proposes its bootstrap policy when it first leads; the first one wins.
+        return Ok((
+            Outcome::Done,
+            "access-policy".into(),
+            "ignored: the cluster has a policy already".into(),
+        ));
+    }
+    let before_hash = before
+        .as_ref()
+        .map(|policy| policy.hash())
+        .unwrap_or_default();
+    if !expected_hash.is_empty() && expected_hash != before_hash {
+        return Err(CoordinatorError::PolicyChanged {
+            expected: expected_hash.to_string(),
+            actual: before_hash,
+        });
+    }
+    // Checked again here so no log entry can leave the cluster without an administrator.
+    if let Err(problems) = policy.validate() {
+        return Err(CoordinatorError::invalid("policy", problems.join("; ")));
+    }
+    let summary = match &before {
+        Some(before) => crate::access::policy::summarize_change(before, policy),
+        None => "the first policy".to_string(),
+    };
+    state.access.policy = Some(std::sync::Arc::new(policy.clone()));
+    state.access.version += 1;
+    Ok((
+        Outcome::Done,
+        "access-policy".into(),
+        format!(
+            "ok: version {}, sha256 {} -> {}: {summary}: {reason}",
+            state.access.version,
+            if before_hash.is_empty() {
+                "none"
+            } else {
+                &before_hash[..12]
+            },
+            &policy.hash()[..12],
+        ),
+    ))
 }
 
 fn check_no_cycle(state: &State, service: &ServiceRecord) -> Result<()> {

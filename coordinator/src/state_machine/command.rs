@@ -178,6 +178,21 @@ pub enum CommandKind {
         to: u64,
         reason: String,
     },
+    /// Puts an access policy in force. `bootstrap`: the policy from a member's config, applied
+    /// only while the cluster has none. Otherwise applied only if the policy in force still
+    /// hashes to `expected_hash` (empty: whatever is in force).
+    ApplyPolicy {
+        policy: crate::access::Policy,
+        bootstrap: bool,
+        expected_hash: String,
+        reason: String,
+    },
+    /// Records a refused call in the audit log; changes nothing else.
+    RecordRefusal {
+        action: String,
+        target: String,
+        reason: String,
+    },
     /// Travels in the context of a Raft conf change and is applied with it, never as a normal
     /// entry: the member registry and Raft's own membership change together.
     ChangeMembership {
@@ -372,6 +387,11 @@ impl CommandKind {
             Self::ResetBreaker { .. } => "trigger.reset-breaker",
             Self::EscalationDelivered { .. } => "rollback.escalation",
             Self::TransferLeader { .. } => "cluster.transfer-leader",
+            Self::ApplyPolicy {
+                bootstrap: true, ..
+            } => "policy.bootstrap",
+            Self::ApplyPolicy { .. } => "policy.apply",
+            Self::RecordRefusal { .. } => "access.refused",
             Self::ChangeMembership { change, .. } => match change {
                 MembershipChange::AddLearner => "cluster.add-learner",
                 MembershipChange::Promote => "cluster.promote",

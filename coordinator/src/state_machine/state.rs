@@ -24,6 +24,9 @@ pub struct State {
     pub rollbacks: BTreeMap<u64, RollbackRecord>,
     pub audit: AuditLog,
     pub requests: RequestLog,
+    /// The access policy in force.
+    #[serde(default)]
+    pub access: crate::access::AccessState,
     pub next_change: u64,
     pub next_rollback: u64,
     /// The coordinator members, by id: how to reach each and which certificate it presents.

@@ -1,0 +1,253 @@
+//! The one table of what every RPC needs: which kind of certificate may call it, and for the
+//! control service, the action it is audited as, the level it needs, and what it acts on.
+//!
+//! A call whose method is not in the table is refused before any handler runs, and a test walks
+//! every method of the generated descriptors against it, so a new RPC cannot be served without a
+//! permission.
+
+use rewind_shared::identity::Kind;
+
+use super::policy::Level;
+
+/// What a method acts on, and so how its target is found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reach {
+    /// The whole cluster: decided at the gate.
+    Cluster,
+    /// A service shared by every environment: the handler names it.
+    Service,
+    /// A service in an environment: the handler finds which (a change's, a rollback's, a flag's).
+    Scoped,
+    /// A list: allowed to anyone with the level somewhere; the handler keeps what they may see.
+    Listed,
+}
+
+/// What one RPC needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Permission {
+    /// `/rewind.v1.ControlService/StartRollback`.
+    pub method: &'static str,
+    /// Which kind of certificate may call it.
+    pub kind: CallerKind,
+    /// How it is audited and named in refusals, e.g. `rollback.start`.
+    pub action: &'static str,
+    pub level: Level,
+    pub reach: Reach,
+}
+
+/// Which certificates may call a method.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallerKind {
+    /// Coordinator members (the Raft and member services).
+    Member,
+    /// Agents, each as its own host.
+    Agent,
+    /// People and automation, as the policy allows.
+    Person,
+}
+
+impl CallerKind {
+    pub fn admits(self, kind: Kind) -> bool {
+        match self {
+            Self::Member => kind == Kind::Member,
+            Self::Agent => kind == Kind::Agent,
+            Self::Person => matches!(kind, Kind::User | Kind::Automation),
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Member => "member certificates",
+            Self::Agent => "agent certificates",
+            Self::Person => "user and automation certificates",
+        }
+    }
+}
+
+const fn control(
+    name: &'static str,
+    action: &'static str,
+    level: Level,
+    reach: Reach,
+) -> Permission {
+    Permission {
+        method: name,
+        kind: CallerKind::Person,
+        action,
+        level,
+        reach,
+    }
+}
+
+const fn peer(name: &'static str, kind: CallerKind, action: &'static str) -> Permission {
+    Permission {
+        method: name,
+        kind,
+        action,
+        // Members and agents are not bound to roles: their kind is their permission.
+        level: Level::Operate,
+        reach: Reach::Cluster,
+    }
+}
+
+const C: &str = "/rewind.v1.ControlService/";
+
+macro_rules! control_table {
+    ($(($method:literal, $action:literal, $level:ident, $reach:ident)),* $(,)?) => {
+        &[$(control(concat!("/rewind.v1.ControlService/", $method), $action, Level::$level, Reach::$reach)),*]
+    };
+}
+
+const CONTROL: &[Permission] = control_table![
+    ("ListHosts", "host.list", Read, Listed),
+    ("InspectHost", "host.inspect", Read, Scoped),
+    ("PutService", "service.put", Operate, Service),
+    ("ListServices", "service.list", Read, Listed),
+    ("GetServiceHealth", "service.health", Read, Service),
+    ("RegisterRelease", "release.register", Operate, Service),
+    ("ListReleases", "release.list", Read, Service),
+    ("RegisterMigration", "migration.register", Operate, Cluster),
+    ("ListMigrations", "migration.list", Read, Listed),
+    ("ListSchemaTxns", "schema-txn.list", Read, Listed),
+    (
+        "ResolvedByHand",
+        "schema-txn.resolved-by-hand",
+        Administer,
+        Cluster
+    ),
+    ("StartDrill", "drill.start", Operate, Scoped),
+    ("GetDrill", "drill.get", Read, Scoped),
+    ("StartChange", "change.start", Operate, Scoped),
+    ("GetChange", "change.get", Read, Scoped),
+    ("ListChanges", "change.list", Read, Listed),
+    ("PlanRollback", "rollback.plan", Read, Scoped),
+    ("StartRollback", "rollback.start", Operate, Scoped),
+    ("GetRollback", "rollback.get", Read, Scoped),
+    ("ListRollbacks", "rollback.list", Read, Listed),
+    ("WatchRollback", "rollback.watch", Read, Scoped),
+    ("ExplainRollback", "rollback.explain", Read, Scoped),
+    ("PauseRollback", "rollback.pause", Operate, Scoped),
+    ("ResumeRollback", "rollback.resume", Operate, Scoped),
+    ("AbortRollback", "rollback.abort", Operate, Scoped),
+    ("SkipHost", "rollback.skip-host", Operate, Scoped),
+    ("IsolateService", "rollback.isolate", Operate, Scoped),
+    ("ListTriggers", "trigger.list", Read, Listed),
+    ("ResetBreaker", "breaker.reset", Administer, Cluster),
+    ("SetFlag", "flag.set", Operate, Scoped),
+    ("ListFlags", "flag.list", Read, Listed),
+    ("ListAudit", "audit.list", Read, Cluster),
+    ("VerifyAudit", "audit.verify", Read, Cluster),
+    ("ListMembers", "cluster.list", Read, Listed),
+    (
+        "TransferLeader",
+        "cluster.transfer-leader",
+        Administer,
+        Cluster
+    ),
+    ("AddMember", "cluster.add", Administer, Cluster),
+    ("RemoveMember", "cluster.remove", Administer, Cluster),
+    ("GetPolicy", "policy.show", Read, Cluster),
+    ("ApplyPolicy", "policy.apply", Administer, Cluster),
+    ("CheckAccess", "policy.check", Read, Cluster),
+];
+
+const PEERS: &[Permission] = &[
+    peer(
+        "/rewind.v1.AgentService/Session",
+        CallerKind::Agent,
+        "agent.session",
+    ),
+    peer(
+        "/rewind.v1.RaftService/Deliver",
+        CallerKind::Member,
+        "raft.deliver",
+    ),
+    peer(
+        "/rewind.v1.RaftService/SendSnapshot",
+        CallerKind::Member,
+        "raft.send-snapshot",
+    ),
+    peer(
+        "/rewind.v1.MemberService/GetMemberStatus",
+        CallerKind::Member,
+        "member.status",
+    ),
+];
+
+/// What `method` (a gRPC path) needs, or `None` for a method nobody may call.
+pub fn permission(method: &str) -> Option<&'static Permission> {
+    if method.starts_with(C) {
+        CONTROL
+            .iter()
+            .find(|permission| permission.method == method)
+    } else {
+        PEERS.iter().find(|permission| permission.method == method)
+    }
+}
+
+/// Every permission, for the test that checks the table against the protocol.
+pub fn all() -> impl Iterator<Item = &'static Permission> {
+    CONTROL.iter().chain(PEERS)
+}
+
+/// Every control action's name, in table order.
+pub fn actions() -> impl Iterator<Item = &'static str> {
+    CONTROL.iter().map(|permission| permission.action)
+}
+
+/// The permission of a control action (`rollback.start`), for `access check`.
+pub fn by_action(action: &str) -> Option<&'static Permission> {
+    CONTROL
+        .iter()
+        .find(|permission| permission.action == action)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    /// Every method of every service in the protocol, from the generated descriptors.
+    fn protocol_methods() -> Vec<String> {
+        let set = prost_types::FileDescriptorSet::decode(rewind_proto::FILE_DESCRIPTOR_SET)
+            .expect("decode the descriptor set");
+        let mut methods = Vec::new();
+        for file in set.file {
+            for service in &file.service {
+                for method in &service.method {
+                    methods.push(format!(
+                        "/{}.{}/{}",
+                        file.package(),
+                        service.name(),
+                        method.name()
+                    ));
+                }
+            }
+        }
+        methods
+    }
+
+    #[test]
+    fn every_method_of_the_protocol_has_exactly_one_permission() {
+        let methods = protocol_methods();
+        assert!(methods.len() > 40, "read {} methods", methods.len());
+        for method in &methods {
+            let found = all()
+                .filter(|permission| permission.method == method)
+                .count();
+            assert_eq!(found, 1, "{method} has {found} permissions in the table");
+        }
+        for permission in all() {
+            assert!(
+                methods.contains(&permission.method.to_string()),
+                "{} is in the table but not in the protocol",
+                permission.method
+            );
+        }
+        let mut actions: Vec<_> = all().map(|permission| permission.action).collect();
+        actions.sort();
+        let before = actions.len();
+        actions.dedup();
+        assert_eq!(actions.len(), before, "two methods share an action name");
+    }
+}

@@ -1,0 +1,349 @@
+//! The gate every call passes before a handler runs (a tower layer around every service).
+//!
+//! It finds the method's permission in [`crate::access::permissions`], reads the caller from its
+//! certificate, and refuses: a method not in the table; a certificate whose kind the method is
+//! not for (an agent's key calling `ControlService`, a person's calling `RaftService`); an
+//! identity on the deny list; a person no binding allows the method's level (on the cluster for
+//! whole-cluster methods, anywhere for the rest, whose handlers then check their target). It
+//! also sends agents and people to the leader. A refusal answers `PERMISSION_DENIED` naming the
+//! identity, the action and why, and is audited.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context as TaskContext, Poll};
+use std::time::{Duration, Instant};
+
+use rewind_shared::identity::{Kind, PeerIdentity};
+use tokio::sync::watch;
+use tonic::Status;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+use tracing::{debug, warn};
+
+use crate::access::permissions::{self, CallerKind, Reach};
+use crate::access::{Caller, Principal, Refusal, Target};
+use crate::membership::Directory;
+use crate::node::NodeHandle;
+use crate::node::raft::RaftStatus;
+use crate::state_machine::{Command, CommandKind};
+
+/// Refusals audited per identity per minute; more are counted in the log, not audited, so a
+/// hostile certificate cannot fill the replicated log.
+const AUDITED_REFUSALS_PER_MINUTE: u32 = 5;
+/// Identities whose refusals are being counted at once; past it, the count starts over.
+const MAX_COUNTED_IDENTITIES: usize = 1024;
+
+/// What the gate reads and where it sends refusals. Cheap to clone.
+#[derive(Clone)]
+pub struct Gate {
+    node: NodeHandle,
+    status: watch::Receiver<RaftStatus>,
+    directory: Directory,
+    /// Accept certificates without a kind, as the kind the method expects.
+    legacy_certificates: bool,
+    refusals: Arc<Mutex<RefusalCounts>>,
+}
+
+#[derive(Default)]
+struct RefusalCounts {
+    by_identity: HashMap<String, (Instant, u32)>,
+    /// Legacy identities already warned about.
+    legacy_warned: std::collections::HashSet<String>,
+}
+
+impl Gate {
+    pub fn new(
+        node: NodeHandle,
+        status: watch::Receiver<RaftStatus>,
+        directory: Directory,
+        legacy_certificates: bool,
+    ) -> Self {
+        Self {
+            node,
+            status,
+            directory,
+            legacy_certificates,
+            refusals: Arc::default(),
+        }
+    }
+
+    /// Decides one call: the caller to hand the handler, or the status to answer with.
+    pub fn admit<B>(&self, request: &http::Request<B>) -> Result<Caller, Status> {
+        let method = request.uri().path();
+        let permission = permissions::permission(method).ok_or_else(|| {
+            Status::unimplemented(format!(
+                "{:?} is not a method of this coordinator",
+                rewind_shared::names::truncate(method, 128)
+            ))
+        })?;
+        let certificates = request
+            .extensions()
+            .get::<TlsConnectInfo<TcpConnectInfo>>()
+            .and_then(|info| info.peer_certs())
+            .ok_or_else(|| {
+                Status::unauthenticated("no client certificate: every call needs mutual TLS")
+            })?;
+        let identity = rewind_shared::identity::peer_identity(&certificates)
+            .map_err(|error| Status::unauthenticated(error.to_string()))?;
+        let principal = self.principal(&identity, permission.kind)?;
+        if !matches!(permission.kind, CallerKind::Member) {
+            self.leader_only()?;
+        }
+        let policy = self.node.read(|state| state.access.policy.clone());
+        let caller = Caller {
+            principal,
+            permission,
+            policy,
+        };
+        if !permission.kind.admits(caller.principal.kind) {
+            let service = method
+                .trim_start_matches('/')
+                .split('/')
+                .next()
+                .unwrap_or_default();
+            let refusal = Refusal {
+                identity: caller.id(),
+                action: permission.action,
+                target: service.to_string(),
+                reason: format!(
+                    "it presents {} certificate, and {service} takes {} only",
+                    article(caller.principal.kind),
+                    permission.kind.describe()
+                ),
+            };
+            return Err(self.refuse(refusal));
+        }
+        if let Some(policy) = &caller.policy
+            && policy.is_denied(&caller.principal)
+        {
+            let refusal = Refusal {
+                identity: caller.id(),
+                action: permission.action,
+                target: "this cluster".into(),
+                reason: "it is on the policy's deny list (revoked)".into(),
+            };
+            return Err(self.refuse(refusal));
+        }
+        if permission.kind == CallerKind::Person {
+            let target = match permission.reach {
+                Reach::Cluster => Target::Cluster,
+                Reach::Service | Reach::Scoped | Reach::Listed => Target::Anywhere,
+            };
+            caller
+                .authorize(&target)
+                .map_err(|refusal| self.refuse(refusal))?;
+        }
+        Ok(caller)
+    }
+
+    /// The principal a certificate names. One without a kind is taken as the kind the method
+    /// expects only behind the compatibility switch, and logged once per identity.
+    fn principal(
+        &self,
+        identity: &PeerIdentity,
+        expected: CallerKind,
+    ) -> Result<Principal, Status> {
+        let kind = match identity.kind {
+            Some(kind) => kind,
+            None if self.legacy_certificates => {
+                let kind = match expected {
+                    CallerKind::Member => Kind::Member,
+                    CallerKind::Agent => Kind::Agent,
+                    CallerKind::Person => Kind::User,
+                };
+                self.warn_legacy(identity, kind);
+                if kind == Kind::Member {
+                    // A member's legacy certificate names it by its registered name.
+                    let member = self
+                        .directory
+                        .members()
+                        .into_iter()
+                        .find(|member| member.name == identity.name)
+                        .ok_or_else(|| {
+                            Status::permission_denied(format!(
+                                "legacy certificate {:?} names no member of this cluster",
+                                identity.name
+                            ))
+                        })?;
+                    return Ok(Principal::new(Kind::Member, &member.id.to_string()));
+                }
+                kind
+            }
+            None => {
+                return Err(Status::permission_denied(format!(
+                    "certificate {:?} has no rewind:// identity (it was issued before kinds \
+                     existed): re-enroll it, or set access.legacy-certificates for this release",
+                    identity.name
+                )));
+            }
+        };
+        Ok(Principal {
+            kind,
+            name: identity.name.clone(),
+            groups: identity.groups.clone(),
+        })
+    }
+
+    fn warn_legacy(&self, identity: &PeerIdentity, kind: Kind) {
+        let mut counts = self
+            .refusals
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if counts.legacy_warned.len() >= MAX_COUNTED_IDENTITIES {
+            counts.legacy_warned.clear();
+        }
+        if counts.legacy_warned.insert(identity.name.clone()) {
+            warn!(
+                common_name = identity.name,
+                taken_as = %kind,
+                "A certificate without a rewind:// identity was accepted (access.legacy-certificates); re-enroll it before the next release."
+            );
+        }
+    }
+
+    /// Agents and people are served by the leader only.
+    fn leader_only(&self) -> Result<(), Status> {
+        let status = self.status.borrow();
+        if status.is_leader {
+            return Ok(());
+        }
+        let leader_id = status.leader_id;
+        drop(status);
+        Err(super::not_leader(leader_id, &self.directory))
+    }
+
+    /// `PERMISSION_DENIED` for `refusal`, audited unless this identity was refused too often
+    /// this minute.
+    pub fn refuse(&self, refusal: Refusal) -> Status {
+        let message = refusal.to_string();
+        if self.count_refusal(&refusal.identity) {
+            warn!(
+                identity = refusal.identity,
+                action = refusal.action,
+                reason = refusal.reason,
+                "Refused a call."
+            );
+            let node = self.node.clone();
+            let leading = self.status.borrow().is_leader;
+            if leading {
+                tokio::spawn(async move {
+                    let command = Command {
+                        at_ms: rewind_shared::time::now_ms(),
+                        identity: refusal.identity,
+                        request_id: String::new(),
+                        kind: CommandKind::RecordRefusal {
+                            action: refusal.action.to_string(),
+                            target: refusal.target,
+                            reason: refusal.reason,
+                        },
+                    };
+                    if let Err(error) = node.propose(command).await {
+                        debug!(%error, "Could not audit a refused call.");
+                    }
+                });
+            }
+        } else {
+            debug!(
+                identity = refusal.identity,
+                action = refusal.action,
+                "Refused a call (not audited: too many this minute)."
+            );
+        }
+        Status::permission_denied(message)
+    }
+
+    /// Counts a refusal; true when it is to be audited.
+    fn count_refusal(&self, identity: &str) -> bool {
+        let mut counts = self
+            .refusals
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let now = Instant::now();
+        if counts.by_identity.len() >= MAX_COUNTED_IDENTITIES
+            && !counts.by_identity.contains_key(identity)
+        {
+            counts.by_identity.clear();
+        }
+        let (since, count) = counts
+            .by_identity
+            .entry(identity.to_string())
+            .or_insert((now, 0));
+        if now.duration_since(*since) >= Duration::from_secs(60) {
+            (*since, *count) = (now, 0);
+        }
+        *count += 1;
+        *count <= AUDITED_REFUSALS_PER_MINUTE
+    }
+}
+
+/// "an agent", "a member".
+fn article(kind: Kind) -> String {
+    match kind {
+        Kind::Agent | Kind::Automation => format!("an {kind}"),
+        Kind::Member | Kind::User => format!("a {kind}"),
+    }
+}
+
+/// [`Gate`] as a tower layer.
+#[derive(Clone)]
+pub struct GateLayer {
+    pub gate: Gate,
+}
+
+impl<S> tower::Layer<S> for GateLayer {
+    type Service = Gated<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Gated {
+            inner,
+            gate: self.gate.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Gated<S> {
+    inner: S,
+    gate: Gate,
+}
+
+type BoxFuture<T, E> = Pin<Box<dyn std::future::Future<Output = Result<T, E>> + Send>>;
+
+impl<S, B, R> tower::Service<http::Request<B>> for Gated<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    B: Send + 'static,
+    R: Default + Send + 'static,
+{
+    type Response = http::Response<R>;
+    type Error = S::Error;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, context: &mut TaskContext<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(context)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        match self.gate.admit(&request) {
+            Ok(caller) => {
+                request.extensions_mut().insert(caller);
+                // The clone is fresh and not ready; the ready one serves this call.
+                let clone = self.inner.clone();
+                let mut ready = std::mem::replace(&mut self.inner, clone);
+                Box::pin(ready.call(request))
+            }
+            Err(status) => Box::pin(std::future::ready(Ok(status.into_http()))),
+        }
+    }
+}
+
+/// The caller the gate admitted, for a handler.
+pub fn caller<T>(request: &tonic::Request<T>) -> Result<Caller, Status> {
+    request
+        .extensions()
+        .get::<Caller>()
+        .cloned()
+        .ok_or_else(|| Status::internal("the call did not pass the access gate"))
+}

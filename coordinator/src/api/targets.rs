@@ -1,0 +1,99 @@
+//! What a call acts on, as access targets: the environments and services of a change, a
+//! rollback, a drill, a schema transaction, a host. Something unknown has no targets; its
+//! handler then answers `NOT_FOUND` as before.
+
+use crate::access::Target;
+use crate::state_machine::{HostRecord, SchemaOwner, State};
+
+/// A change's service in its environment.
+pub fn change(state: &State, number: u64) -> Vec<Target> {
+    state
+        .changes
+        .get(&number)
+        .map(|change| vec![Target::scoped(&change.environment, &change.service)])
+        .unwrap_or_default()
+}
+
+/// Every change a rollback reverts.
+pub fn rollback(state: &State, number: u64) -> Vec<Target> {
+    state
+        .rollbacks
+        .get(&number)
+        .map(|record| changes(state, &record.changes))
+        .unwrap_or_default()
+}
+
+pub fn changes(state: &State, numbers: &[u64]) -> Vec<Target> {
+    numbers
+        .iter()
+        .flat_map(|&number| change(state, number))
+        .collect()
+}
+
+/// A drill's change, and its service in the environment drilled.
+pub fn drill(state: &State, number: u64) -> Vec<Target> {
+    let Some(drill) = state.drills.get(&number) else {
+        return Vec::new();
+    };
+    drill_of(state, drill.change, &drill.environment)
+}
+
+/// Drilling `change`'s migrations in `environment`.
+pub fn drill_of(state: &State, change: u64, environment: &str) -> Vec<Target> {
+    let mut targets = self::change(state, change);
+    if let Some(record) = state.changes.get(&change) {
+        targets.push(Target::scoped(environment, &record.service));
+    }
+    targets
+}
+
+/// What a schema transaction belongs to.
+pub fn schema_txn(state: &State, number: u64) -> Vec<Target> {
+    match state.schema_txns.get(&number).map(|txn| txn.owner) {
+        Some(SchemaOwner::Change { change, .. }) => self::change(state, change),
+        Some(SchemaOwner::Rollback { rollback, .. }) => self::rollback(state, rollback),
+        Some(SchemaOwner::Drill { drill, .. }) => self::drill(state, drill),
+        None => Vec::new(),
+    }
+}
+
+/// A host's services in its environment; a host that runs none, its whole environment.
+pub fn host(host: &HostRecord) -> Vec<Target> {
+    let environment = &host.labels.environment;
+    if host.services.is_empty() {
+        return vec![Target::scoped(
+            environment,
+            crate::access::policy::ScopePattern::ANY,
+        )];
+    }
+    host.services
+        .iter()
+        .map(|service| Target::scoped(environment, service))
+        .collect()
+}
+
+/// Where a change of `service` to `host_ids` (empty: every host of the service) would run.
+/// With no such host, the service everywhere: the change will be refused anyway.
+pub fn new_change(state: &State, service: &str, host_ids: &[String]) -> Vec<Target> {
+    let mut environments: Vec<&str> = state
+        .hosts
+        .values()
+        .filter(|host| {
+            if host_ids.is_empty() {
+                host.services.iter().any(|name| name == service)
+            } else {
+                host_ids.contains(&host.host_id)
+            }
+        })
+        .map(|host| host.labels.environment.as_str())
+        .collect();
+    environments.sort_unstable();
+    environments.dedup();
+    if environments.is_empty() {
+        return vec![Target::Service(service.to_string())];
+    }
+    environments
+        .into_iter()
+        .map(|environment| Target::scoped(environment, service))
+        .collect()
+}
