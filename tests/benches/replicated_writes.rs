@@ -110,7 +110,7 @@ async fn bench_rewind(dir: &Path, writes: usize) -> Vec<(usize, Figures)> {
     // The floor under every write: one gRPC call over mutual TLS that does not touch Raft.
     let (leader, _) = cluster.must_leader().await;
     let channel = cluster
-        .channel_for(&cluster.addresses[leader as usize - 1])
+        .member_channel_for(&cluster.addresses[leader as usize - 1])
         .await
         .expect("a channel to the leader");
     let floor = measure(1, writes, move |_| {

@@ -875,6 +875,12 @@ join = {join}
         operator_channel(&self.tls_dir, address).await
     }
 
+    /// A channel to one member with member 1's certificate: only members call
+    /// `MemberService` and `RaftService`.
+    pub async fn member_channel_for(&self, address: &str) -> Result<Channel, String> {
+        tls_channel(&TlsFiles::in_dir(&self.tls_dir, "coordinator-1"), address).await
+    }
+
     /// Ids of the members currently running.
     pub fn live_members(&self) -> Vec<u64> {
         (1..=self.members.len() as u64)
@@ -908,9 +914,9 @@ join = {join}
         brief: bool,
     ) -> Result<rewind_proto::v1::MemberStatus, String> {
         use rewind_proto::v1::member_service_client::MemberServiceClient;
-        // Only members ask members about themselves: this is member 1's certificate.
-        let files = TlsFiles::in_dir(&self.tls_dir, "coordinator-1");
-        let channel = tls_channel(&files, &self.addresses[id as usize - 1]).await?;
+        let channel = self
+            .member_channel_for(&self.addresses[id as usize - 1])
+            .await?;
         MemberServiceClient::new(channel)
             .get_member_status(rewind_proto::v1::GetMemberStatusRequest { brief })
             .await

@@ -27,3 +27,4 @@ mod t23_five_members;
 mod t24_webhook_throttles;
 mod t25_skip_isolate_watch;
 mod t26_retention;
+mod t27_access;

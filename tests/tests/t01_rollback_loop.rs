@@ -180,12 +180,12 @@ async fn bad_health_after_a_change_rolls_every_host_back_to_its_exact_state() {
     assert!(
         audit
             .iter()
-            .any(|entry| entry.action == "change.start" && entry.identity == "operator")
+            .any(|entry| entry.action == "change.start" && entry.identity == "user:operator")
     );
     assert!(
         audit
             .iter()
-            .any(|entry| entry.action == "step.finish" && entry.identity == "web-1")
+            .any(|entry| entry.action == "step.finish" && entry.identity == "agent:web-1")
     );
 }
 
@@ -278,7 +278,7 @@ async fn an_operator_rollback_can_be_paused_resumed_and_runs_one_host_at_a_time(
         "{ended:?}"
     );
     assert_eq!(ended.trigger, "manual");
-    assert_eq!(ended.started_by, "operator");
+    assert_eq!(ended.started_by, "user:operator");
     // One host at a time: each host's restore starts after the previous host's verify ended.
     let verify_web1 = ended
         .steps

@@ -170,7 +170,7 @@ async fn a_member_joins_is_promoted_and_a_founder_is_removed() {
         let mut digests = Vec::new();
         for id in [leader, joining] {
             let channel = cluster
-                .channel_for(&cluster.addresses[id as usize - 1])
+                .member_channel_for(&cluster.addresses[id as usize - 1])
                 .await
                 .ok()?;
             let status = MemberServiceClient::new(channel)

@@ -88,5 +88,5 @@ async fn migrations_register_from_files_and_bad_ones_are_refused_with_the_reason
         migrations[0]["downSql"],
         "ALTER TABLE orders DROP COLUMN note;"
     );
-    assert_eq!(migrations[0]["registeredBy"], "operator");
+    assert_eq!(migrations[0]["registeredBy"], "user:operator");
 }

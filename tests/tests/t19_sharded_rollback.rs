@@ -278,7 +278,7 @@ async fn edited_scripts_and_data_loss_are_refused_before_anything_changes() {
         rows, "id,customer_id,amount,discount\n2,2,20.00,1.25\n",
         "{rows}"
     );
-    let audit = shards.rewindctl(&["audit", "list"]);
+    let audit = shards.rewindctl(&["audit", "list", "--limit", "1000"]);
     assert!(
         audit.contains("data loss accepted: discounts were a test campaign"),
         "{audit}"

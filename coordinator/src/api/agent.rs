@@ -113,6 +113,11 @@ impl AgentService for Agents {
     }
 }
 
+/// How a host's agent is named in commands and the audit log (as its certificate names it).
+fn agent_identity(host_id: &str) -> String {
+    format!("{}:{host_id}", rewind_shared::identity::Kind::Agent)
+}
+
 /// `host_name`: the host the agent's certificate names.
 fn validate_register(register: &pb::Register, host_name: &str) -> Result<(), Status> {
     names::validate_name("register.host_id", &register.host_id)
@@ -232,7 +237,7 @@ async fn record_step_result(context: &Context, host_id: &str, result: pb::StepRe
         } => Some(crate::state_machine::rollback_id(*rollback)),
         _ => None,
     };
-    match context.propose(host_id, "", kind).await {
+    match context.propose(&agent_identity(host_id), "", kind).await {
         Ok(_) => info!(step_id = %result.step_id, ok, rollback_id, "Step result recorded."),
         // A duplicate result (the step already ended) is expected after redelivery.
         Err(status) => debug!(%status, step_id = %result.step_id, "Step result not recorded."),
@@ -296,7 +301,10 @@ async fn record_self_revert(context: &Context, host_id: &str, report: pb::SelfRe
     };
     // The request id makes a report sent again (the acknowledgement was lost) a no-op.
     let request_id = format!("self-revert/{id}");
-    match context.propose(host_id, &request_id, kind).await {
+    match context
+        .propose(&agent_identity(host_id), &request_id, kind)
+        .await
+    {
         Ok(_) => {
             info!(id, "Self-revert recorded.");
             let recorded = pb::CoordinatorMessage {
@@ -343,7 +351,7 @@ async fn record_offline_health(context: &Context, host_id: &str, summary: pb::Of
         host_id: host_id.to_string(),
         summary: truncate(&text, MAX_DETAIL_BYTES).to_string(),
     };
-    match context.propose(host_id, "", kind).await {
+    match context.propose(&agent_identity(host_id), "", kind).await {
         Ok(_) => info!(
             reports = summary.reports,
             "Offline health summary recorded."
