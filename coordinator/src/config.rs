@@ -40,12 +40,30 @@ pub struct RawAccess {
     /// Accept certificates without a `rewind://` identity, taken as the kind each service
     /// expects (as before kinds existed). For one release, to upgrade and re-enroll; logged.
     pub legacy_certificates: bool,
+    /// The automation identity Alertmanager's notifications act as (`automation:<name>`): the
+    /// policy must let it operate where it asks for rollbacks. Default `alertmanager`.
+    pub alertmanager_identity: Option<String>,
+    /// The automation identity signed webhooks act as. Default `webhook`.
+    pub webhook_identity: Option<String>,
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct AccessConfig {
     pub bootstrap_policy: Option<crate::access::Policy>,
     pub legacy_certificates: bool,
+    pub alertmanager_identity: String,
+    pub webhook_identity: String,
+}
+
+impl Default for AccessConfig {
+    fn default() -> Self {
+        Self {
+            bootstrap_policy: None,
+            legacy_certificates: false,
+            alertmanager_identity: "alertmanager".into(),
+            webhook_identity: "webhook".into(),
+        }
+    }
 }
 
 /// The HTTP edge: /metrics and the monitoring webhooks. Off unless `listen` is set.
@@ -478,9 +496,31 @@ fn validate_access(raw: &RawAccess, problems: &mut Problems) -> AccessConfig {
             })
             .ok()
     });
+    let defaults = AccessConfig::default();
+    let mut automation = |field: &str, value: &Option<String>, default: String| match value {
+        Some(name) => {
+            if let Err(error) = rewind_shared::names::validate_name(field, name) {
+                problems.add_error(error);
+            }
+            name.clone()
+        }
+        None => default,
+    };
+    let alertmanager_identity = automation(
+        "access.alertmanager-identity",
+        &raw.alertmanager_identity,
+        defaults.alertmanager_identity,
+    );
+    let webhook_identity = automation(
+        "access.webhook-identity",
+        &raw.webhook_identity,
+        defaults.webhook_identity,
+    );
     AccessConfig {
         bootstrap_policy,
         legacy_certificates: raw.legacy_certificates,
+        alertmanager_identity,
+        webhook_identity,
     }
 }
 

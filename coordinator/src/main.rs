@@ -250,15 +250,14 @@ fn prepare_dev(raw: &mut RawConfig) -> anyhow::Result<()> {
     }
     if raw.access.bootstrap_policy_file.is_none() {
         let path = data_dir.join("dev-policy.toml");
-        let policy =
-            rewind_coordinator::access::Policy::admin_only(&format!("user:{}", dev_ca::OPERATOR));
+        let policy = rewind_coordinator::access::Policy::dev(&format!("user:{}", dev_ca::OPERATOR));
         std::fs::write(&path, policy.to_toml())
             .with_context(|| format!("write {}", path.display()))?;
         raw.access.bootstrap_policy_file = Some(path);
     }
     warn!(
         certificate = %tls_dir.join(format!("{}.pem", dev_ca::OPERATOR)).display(),
-        "DEV MODE: the `operator` certificate is ADMIN OF EVERYTHING and its key sits in the data dir. Never use --dev for a real fleet."
+        "DEV MODE: the `operator` certificate is ADMIN OF EVERYTHING, its key sits in the data dir, and the webhooks may roll back anything. Never use --dev for a real fleet."
     );
     if raw.cluster.members.is_empty() {
         let address = raw
@@ -391,6 +390,8 @@ async fn serve(
             alertmanager_token: http.alertmanager_token.clone().map(Arc::new),
             webhook_secret: http.webhook_secret.clone().map(Arc::new),
             snapshots: Arc::clone(&snapshot_stats),
+            alertmanager_identity: config.access.alertmanager_identity.as_str().into(),
+            webhook_identity: config.access.webhook_identity.as_str().into(),
         };
         let mut http_stop = stop.clone();
         tokio::spawn(async move {

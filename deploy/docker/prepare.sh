@@ -28,6 +28,13 @@ name = "operator-admin"
 role = "admin"
 identities = ["user:operator"]
 scopes = ["*"]
+
+# What Alertmanager and signed webhooks act as: they may roll back anything.
+[[binding]]
+name = "monitoring"
+role = "operator"
+identities = ["automation:alertmanager", "automation:webhook"]
+scopes = ["*"]
 TOML
 
 members=""

@@ -676,7 +676,9 @@ impl ClusterHarness {
             .unwrap();
         // The operator administers the cluster, as `--dev` makes it.
         let policy = format!(
-            "[[binding]]\nname = \"operator-admin\"\nrole = \"admin\"\nidentities = [\"user:{}\"]\nscopes = [\"*\"]\n",
+            "[[binding]]\nname = \"operator-admin\"\nrole = \"admin\"\nidentities = [\"user:{}\"]\nscopes = [\"*\"]\n\n\
+             [[binding]]\nname = \"monitoring\"\nrole = \"operator\"\n\
+             identities = [\"automation:alertmanager\", \"automation:webhook\"]\nscopes = [\"*\"]\n",
             dev_ca::OPERATOR
         );
         std::fs::write(dir.join("policy.toml"), policy).unwrap();

@@ -515,3 +515,89 @@ async fn only_a_member_in_the_configuration_speaks_raft_and_only_as_itself() {
         .await
         .expect("member 1's certificate speaks for member 1");
 }
+
+/// A signed webhook acts as its automation identity, held to its binding like a person.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_webhook_acts_as_its_automation_identity_and_only_where_bound() {
+    const SECRET: &str = "webhook secret of t27";
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("webhook.secret");
+    std::fs::write(&secret, SECRET).unwrap();
+    let coordinator = Coordinator::must_start_with(
+        &dir.path().join("coordinator"),
+        &format!(
+            "[http]\nlisten = \"127.0.0.1:0\"\nwebhook-secret-file = \"{}\"\n[access]\nwebhook-identity = \"pager\"\n",
+            secret.display()
+        ),
+    );
+    let mut admin = coordinator.must_client().await;
+    let policy = format!(
+        "{POLICY}\n[[binding]]\nname = \"pager\"\nrole = \"operator\"\nidentities = [\"automation:pager\"]\nscopes = [\"staging/*\"]\n"
+    );
+    admin
+        .apply_policy(pb::ApplyPolicyRequest {
+            toml: policy,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    admin
+        .put_service(pb::PutServiceRequest {
+            request_id: String::new(),
+            service: Some(rewind_tests::plain_service("web")),
+        })
+        .await
+        .unwrap();
+    let ask = |environment: &'static str| {
+        let http = format!("http://{}", coordinator.http_address);
+        async move {
+            let body = serde_json::json!({"service": "web", "environment": environment, "reason": "burning"})
+                .to_string();
+            let now = rewind_shared::time::now_ms();
+            let response = reqwest::Client::new()
+                .post(format!("{http}/v1/webhook"))
+                .header("content-type", "application/json")
+                .header("x-rewind-timestamp", now.to_string())
+                .header(
+                    "x-rewind-signature",
+                    rewind_tests::webhook_signature(SECRET.as_bytes(), now, body.as_bytes()),
+                )
+                .body(body)
+                .send()
+                .await
+                .expect("the coordinator answers HTTP");
+            (
+                response.status().as_u16(),
+                response.text().await.unwrap_or_default(),
+            )
+        }
+    };
+    let (status, answer) = ask("prod").await;
+    assert_eq!(status, 403, "{answer}");
+    assert!(
+        answer.contains("automation:pager may not trigger a rollback of prod/web: no binding allows automation:pager to operate prod/web"),
+        "{answer}"
+    );
+    let (status, answer) = ask("staging").await;
+    assert_eq!(status, 200, "{answer}");
+    let triggers = admin
+        .list_triggers(pb::ListTriggersRequest { limit: 10 })
+        .await
+        .unwrap()
+        .into_inner()
+        .triggers;
+    assert_eq!(
+        triggers.len(),
+        1,
+        "only staging's request was recorded: {triggers:?}"
+    );
+    let audit = rewind_tests::must_list_audit(&admin).await;
+    assert!(
+        audit
+            .iter()
+            .any(|entry| entry.identity == "automation:pager"
+                && entry.action == "access.refused"
+                && entry.target == "prod/web"),
+        "the refusal is audited"
+    );
+}

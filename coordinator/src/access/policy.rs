@@ -567,17 +567,28 @@ impl Policy {
             .unwrap_or_default()
     }
 
-    /// A policy that makes `principal` admin of everything: `--dev` and a first start without a
-    /// policy file of its own.
-    pub fn admin_only(principal: &str) -> Self {
+    /// `--dev`'s policy: `principal` administers everything, and the webhook receivers'
+    /// default automation identities may roll back anything.
+    pub fn dev(principal: &str) -> Self {
+        let binding = |name: &str, role, identities: &[&str]| Binding {
+            name: name.into(),
+            role,
+            identities: identities
+                .iter()
+                .map(|identity| identity.to_string())
+                .collect(),
+            groups: Vec::new(),
+            scopes: vec![ScopePattern::everything()],
+        };
         Self {
-            bindings: vec![Binding {
-                name: "bootstrap-admin".into(),
-                role: Role::Admin,
-                identities: vec![principal.into()],
-                groups: Vec::new(),
-                scopes: vec![ScopePattern::everything()],
-            }],
+            bindings: vec![
+                binding("dev-admin", Role::Admin, &[principal]),
+                binding(
+                    "dev-monitoring",
+                    Role::Operator,
+                    &["automation:alertmanager", "automation:webhook"],
+                ),
+            ],
             ..Self::default()
         }
     }

@@ -23,7 +23,10 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tracing::info;
 
+use rewind_shared::identity::Kind;
+
 use super::HttpState;
+use crate::access::{Level, Principal, Target};
 use crate::engine::{SIGNATURE_HEADER, TIMESTAMP_HEADER};
 use crate::errors::CoordinatorError;
 use crate::state_machine::{Command, CommandKind, Outcome, TriggerSource, rollback_id};
@@ -191,7 +194,7 @@ pub async fn alertmanager(
     let mut answers = Vec::new();
     for (service, (environment, reason)) in wanted {
         let asked = Asked {
-            identity: "alertmanager",
+            identity: &http.alertmanager_identity,
             source: TriggerSource::Alertmanager,
             service: &service,
             environment: &environment,
@@ -260,7 +263,7 @@ pub async fn webhook(
         .and_then(|value| value.to_str().ok())
         .unwrap_or_default();
     let asked = Asked {
-        identity: "webhook",
+        identity: &http.webhook_identity,
         source: TriggerSource::Webhook,
         service: &request.service,
         environment: &request.environment,
@@ -308,7 +311,8 @@ fn check_signature(
 
 /// Who asks for a rollback of what.
 struct Asked<'a> {
-    identity: &'static str,
+    /// The automation identity's name.
+    identity: &'a str,
     source: TriggerSource,
     service: &'a str,
     environment: &'a str,
@@ -329,9 +333,11 @@ async fn trigger(
     asked: Asked<'_>,
     reason: String,
 ) -> Result<TriggerAnswer, Refusal> {
+    let principal = Principal::new(Kind::Automation, asked.identity);
+    authorize(http, &principal, asked.service, asked.environment).await?;
     let command = Command {
         at_ms: rewind_shared::time::now_ms(),
-        identity: asked.identity.to_string(),
+        identity: principal.id(),
         request_id: asked.request_id,
         kind: CommandKind::AutoTrigger {
             service: asked.service.to_string(),
@@ -378,6 +384,62 @@ async fn trigger(
             error.to_string(),
         ))),
     }
+}
+
+/// The receiver's automation identity must be allowed to operate the service where the rollback
+/// would run: the environment asked, or that of the service's latest change. A refusal answers
+/// 403 naming why, and is audited.
+async fn authorize(
+    http: &HttpState,
+    principal: &Principal,
+    service: &str,
+    environment: &str,
+) -> Result<(), Refusal> {
+    let (target, decision) = http.node.read(|state| {
+        let environment = if environment.is_empty() {
+            state
+                .changes
+                .values()
+                .rev()
+                .find(|change| change.service == service)
+                .map(|change| change.environment.clone())
+                .unwrap_or_default()
+        } else {
+            environment.to_string()
+        };
+        let target = Target::scoped(&environment, service);
+        let decision = crate::access::decide(
+            state.access.policy.as_deref(),
+            principal,
+            Level::Operate,
+            &target,
+        );
+        (target, decision)
+    });
+    if decision.allowed {
+        return Ok(());
+    }
+    let command = Command {
+        at_ms: rewind_shared::time::now_ms(),
+        identity: principal.id(),
+        request_id: String::new(),
+        kind: CommandKind::RecordRefusal {
+            action: "trigger".into(),
+            target: target.to_string(),
+            reason: decision.reason.clone(),
+        },
+    };
+    if let Err(error) = http.node.propose(command).await {
+        tracing::debug!(%error, "Could not audit a refused trigger.");
+    }
+    Err(Refusal::Response(refuse(
+        StatusCode::FORBIDDEN,
+        format!(
+            "{} may not trigger a rollback of {target}: {}",
+            principal.id(),
+            decision.reason
+        ),
+    )))
 }
 
 #[cfg(test)]
