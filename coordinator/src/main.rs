@@ -413,6 +413,11 @@ async fn serve(
         config.access.bootstrap_policy.clone().map(Arc::new),
         stop.clone(),
     ));
+    tokio::spawn(sessions::close_revoked(
+        member.node.clone(),
+        Arc::clone(&sessions),
+        stop.clone(),
+    ));
     if config.access.legacy_certificates {
         warn!(
             "access.legacy-certificates is on: certificates without a rewind:// identity are accepted as the kind each service expects. Re-enroll them; the switch goes away in the next release."

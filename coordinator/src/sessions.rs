@@ -84,6 +84,11 @@ impl Sessions {
         self.lock().by_host.clear();
     }
 
+    /// The hosts with a session now.
+    pub fn hosts(&self) -> Vec<String> {
+        self.lock().by_host.keys().cloned().collect()
+    }
+
     /// How many agents have a session.
     pub fn connected(&self) -> usize {
         self.lock().by_host.len()
@@ -192,5 +197,41 @@ struct ForgetInspect<'a> {
 impl Drop for ForgetInspect<'_> {
     fn drop(&mut self) {
         self.sessions.lock().inspects.remove(&self.request_id);
+    }
+}
+
+/// Ends the session of every agent the access policy's deny list names, each time the policy
+/// changes: a revoked host is cut off at once, not at its next reconnect (which the gate then
+/// refuses).
+pub async fn close_revoked(
+    node: crate::node::NodeHandle,
+    sessions: std::sync::Arc<Sessions>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut applied = node.subscribe();
+    let mut seen_version = 0;
+    loop {
+        let (version, policy) =
+            node.read(|state| (state.access.version, state.access.policy.clone()));
+        if version != seen_version
+            && let Some(policy) = policy
+        {
+            seen_version = version;
+            for host_id in sessions.hosts() {
+                let agent =
+                    crate::access::Principal::new(rewind_shared::identity::Kind::Agent, &host_id);
+                if policy.is_denied(&agent) {
+                    tracing::warn!(
+                        host_id,
+                        "The access policy denies this agent now; closing its session."
+                    );
+                    sessions.drop_host(&host_id);
+                }
+            }
+        }
+        tokio::select! {
+            changed = applied.changed() => if changed.is_err() { return },
+            _ = stop.changed() => return,
+        }
     }
 }

@@ -601,3 +601,63 @@ async fn a_webhook_acts_as_its_automation_identity_and_only_where_bound() {
         "the refusal is audited"
     );
 }
+
+/// Revocation is immediate: an agent the deny list names loses its open session, and its
+/// reconnects are refused (and audited).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_revoked_agent_is_cut_off_at_once_and_cannot_reconnect() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::must_start(&dir.path().join("coordinator"));
+    let (_hosts, mut admin) =
+        rewind_tests::must_start_hosts(dir.path(), &coordinator, &["web-1", "web-2"]).await;
+    let policy = admin
+        .get_policy(pb::GetPolicyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let revoked = format!("deny = [\"agent:web-1\"]\n{}", policy.toml);
+    let applied = admin
+        .apply_policy(pb::ApplyPolicyRequest {
+            toml: revoked,
+            reason: "web-1's key leaked".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(applied.summary, "deny added: agent:web-1");
+    rewind_tests::must_wait_async(Duration::from_secs(30), "web-1 to be cut off", || {
+        let mut admin = admin.clone();
+        async move {
+            let hosts = admin
+                .list_hosts(pb::ListHostsRequest {})
+                .await
+                .ok()?
+                .into_inner()
+                .hosts;
+            let connected: Vec<&str> = hosts
+                .iter()
+                .filter(|host| host.connected)
+                .map(|host| host.host_id.as_str())
+                .collect();
+            (connected == ["web-2"]).then_some(())
+        }
+    })
+    .await;
+    // Its agent keeps trying; every try is refused at the gate.
+    rewind_tests::must_wait_async(Duration::from_secs(30), "web-1's reconnect refused", || {
+        let admin = admin.clone();
+        async move {
+            let audit = rewind_tests::must_list_audit(&admin).await;
+            audit
+                .iter()
+                .any(|entry| {
+                    entry.identity == "agent:web-1"
+                        && entry.action == "access.refused"
+                        && entry.outcome.contains("deny list")
+                })
+                .then_some(())
+        }
+    })
+    .await;
+}
