@@ -441,6 +441,7 @@ async fn serve(
         health_interval_ms: config.health_interval_ms,
         health_window_ms: config.health_window_ms,
         gate,
+        env_key_secret: Arc::new(rand::random()),
     };
     let raft_peers = api::raft::RaftPeers::new(
         cluster_id.clone(),

@@ -51,9 +51,10 @@ pub async fn run(
                 pb::InspectMode::InspectCaptured
             };
             // One key for both, so their environment files' keyed digests compare.
-            let env_key: [u8; 32] = rand::random();
-            let left = inspect(client, &first, &service, mode, &env_key).await?;
-            let right = inspect(client, &second, &service, mode, &env_key).await?;
+            // One token for both: the coordinator keys both hosts' digests alike.
+            let compare_token: [u8; 32] = rand::random();
+            let left = inspect(client, &first, &service, mode, &compare_token).await?;
+            let right = inspect(client, &second, &service, mode, &compare_token).await?;
             if format == Format::Json {
                 json(&vec![left.clone(), right.clone()])?;
             }
@@ -122,14 +123,14 @@ async fn inspect(
     host_id: &str,
     service: &str,
     mode: pb::InspectMode,
-    env_key: &[u8],
+    compare_token: &[u8],
 ) -> anyhow::Result<pb::InspectHostResponse> {
     Ok(client
         .inspect_host(pb::InspectHostRequest {
             host_id: host_id.to_string(),
             service: service.to_string(),
             mode: mode.into(),
-            env_key: env_key.to_vec(),
+            compare_token: compare_token.to_vec(),
         })
         .await
         .map_err(explain)?

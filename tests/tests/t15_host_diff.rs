@@ -62,10 +62,10 @@ async fn host_diff_and_drift_compare_real_hosts() {
         (
             pb::InspectHostRequest {
                 host_id: "web-1".into(),
-                env_key: vec![0; 65],
+                compare_token: vec![0; 65],
                 ..Default::default()
             },
-            "env_key: is longer than 64 bytes",
+            "compare_token: is longer than 64 bytes",
         ),
         (
             pb::InspectHostRequest {

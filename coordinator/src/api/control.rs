@@ -25,6 +25,8 @@ const MAX_HOSTS_PER_REQUEST: usize = 10_000;
 const MAX_SYNTHETICS: usize = 16;
 /// Most flags one change may turn on.
 const MAX_FLAGS_PER_CHANGE: usize = 64;
+/// Longest `InspectHostRequest.compare_token`.
+const MAX_COMPARE_TOKEN_BYTES: usize = 64;
 /// The most audit entries, changes or rollbacks one list answer holds.
 const MAX_LIST_PAGE: u32 = 1000;
 
@@ -1032,8 +1034,11 @@ impl ControlService for Control {
         }
         let mode = pb::InspectMode::try_from(request.mode)
             .map_err(|_| invalid("mode", format!("{} is not an inspect mode", request.mode)))?;
-        if request.env_key.len() > 64 {
-            return Err(invalid("env_key", "is longer than 64 bytes"));
+        if request.compare_token.len() > MAX_COMPARE_TOKEN_BYTES {
+            return Err(invalid(
+                "compare_token",
+                format!("is longer than {MAX_COMPARE_TOKEN_BYTES} bytes"),
+            ));
         }
         let Some(targets) = self
             .context
@@ -1053,7 +1058,7 @@ impl ControlService for Control {
                 &request.host_id,
                 &request.service,
                 mode,
-                request.env_key,
+                self.context.env_key(&caller.id(), &request.compare_token),
                 INSPECT_TIMEOUT,
             )
             .await

@@ -56,6 +56,8 @@ pub struct Context {
     pub health_window_ms: u64,
     /// Audits refusals; its checks ran before the handler.
     pub gate: gate::Gate,
+    /// This member's secret for the keys of environment-file digests (random at start).
+    pub env_key_secret: Arc<[u8; 32]>,
 }
 
 impl Context {
@@ -65,6 +67,24 @@ impl Context {
         caller
             .authorize_all(targets)
             .map_err(|refusal| self.gate.refuse(refusal))
+    }
+
+    /// The key an agent digests environment files with for `identity`'s inspection: derived
+    /// from this member's secret, so no caller can test guesses of a file's contents; the same
+    /// token gives the same key, so one caller's two inspections compare. An empty token gets a
+    /// key of its own.
+    fn env_key(&self, identity: &str, compare_token: &[u8]) -> Vec<u8> {
+        use hmac::{Hmac, Mac};
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(self.env_key_secret.as_slice())
+            .expect("HMAC takes a key of any length");
+        mac.update(identity.as_bytes());
+        mac.update(&[0]);
+        if compare_token.is_empty() {
+            mac.update(&rand::random::<[u8; 16]>());
+        } else {
+            mac.update(compare_token);
+        }
+        mac.finalize().into_bytes().to_vec()
     }
 
     /// Stamps and proposes a command on behalf of `identity`.
