@@ -44,8 +44,12 @@ pub struct RawConfig {
     pub host_id: String,
     /// Coordinator members as host:port; the agent moves to the next when one fails.
     pub coordinators: Vec<String>,
-    /// Name in the coordinators' certificate (default `localhost`).
+    /// A name every coordinator's certificate must carry instead of the host dialled (older
+    /// setups). Unset: each member's certificate must name the host the agent dials.
     pub coordinator_name: Option<String>,
+    /// Accept coordinator certificates without a `rewind://member/<id>` identity (issued before
+    /// kinds), for one release, to upgrade and re-enroll. Logged.
+    pub legacy_certificates: bool,
     pub data_dir: Option<PathBuf>,
     pub tls: Option<TlsFiles>,
     pub labels: RawLabels,
@@ -171,7 +175,8 @@ pub struct RawProbe {
 pub struct Config {
     pub host_id: String,
     pub coordinators: Vec<String>,
-    pub coordinator_name: String,
+    pub coordinator_name: Option<String>,
+    pub legacy_certificates: bool,
     pub data_dir: PathBuf,
     pub tls: TlsFiles,
     pub labels: RawLabels,
@@ -344,7 +349,8 @@ impl RawConfig {
         Ok(Config {
             host_id: self.host_id,
             coordinators: self.coordinators,
-            coordinator_name: self.coordinator_name.unwrap_or_else(|| "localhost".into()),
+            coordinator_name: self.coordinator_name,
+            legacy_certificates: self.legacy_certificates,
             data_dir,
             tls,
             labels: self.labels,

@@ -14,9 +14,10 @@ use rewind_proto::MAX_MESSAGE_BYTES;
 use rewind_proto::v1::{
     self as pb, agent_message, agent_service_client::AgentServiceClient, coordinator_message,
 };
+use rewind_shared::member_tls::MemberConnector;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Channel, Endpoint};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::app_metrics::AppScraper;
@@ -91,7 +92,12 @@ impl Agent {
     }
 
     async fn stay_connected(self: Arc<Self>) {
-        let tls = match self.config.tls.client_config(&self.config.coordinator_name) {
+        let connector = rewind_shared::member_tls::MemberConnector::new(
+            &self.config.tls,
+            self.config.legacy_certificates,
+        )
+        .map(|connector| connector.with_server_name(self.config.coordinator_name.as_deref()));
+        let tls = match connector {
             Ok(tls) => tls,
             Err(error) => {
                 warn!(%error, "Cannot load TLS files; the agent cannot connect.");
@@ -141,7 +147,7 @@ impl Agent {
     async fn session(
         &self,
         address: &str,
-        tls: ClientTlsConfig,
+        tls: MemberConnector,
         registered: Arc<std::sync::atomic::AtomicBool>,
     ) -> anyhow::Result<()> {
         let channel = connect(address, tls).await?;
@@ -495,17 +501,16 @@ async fn forward_health(
     }
 }
 
-async fn connect(address: &str, tls: ClientTlsConfig) -> anyhow::Result<Channel> {
-    let endpoint = Endpoint::from_shared(format!("https://{address}"))
+/// Dials a member over TLS that accepts only a member's certificate naming `address`'s host.
+async fn connect(address: &str, tls: MemberConnector) -> anyhow::Result<Channel> {
+    let endpoint = Endpoint::from_shared(format!("http://{address}"))
         .with_context(|| format!("coordinator address {address:?}"))?
-        .tls_config(tls)
-        .context("configure TLS")?
         .connect_timeout(CONNECT_TIMEOUT)
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(5))
         .keep_alive_while_idle(true);
     endpoint
-        .connect()
+        .connect_with_connector(tls)
         .await
         .with_context(|| format!("connect to {address}"))
 }

@@ -7,6 +7,7 @@
 //! - [`names`]: validation of ids, names and versions, with the field named in every error.
 //! - [`tls`]: PEM files to tonic TLS configs; the caller's identity from its certificate.
 //! - [`identity`]: who a caller is: its kind, name and groups, read from its certificate.
+//! - [`member_tls`]: dialling coordinator members over TLS that accepts only a member's certificate.
 //! - [`dev_ca`]: a throw-away CA and certificates for `--dev` and tests (rcgen).
 //! - [`digest`]: sha256 of bytes and of a directory tree (release artifacts).
 //! - [`histogram`]: cumulative histograms: merging different bucket layouts, quantiles.
@@ -25,6 +26,7 @@ pub mod failpoint;
 pub mod histogram;
 pub mod identity;
 pub mod logging;
+pub mod member_tls;
 pub mod names;
 pub mod signals;
 pub mod sql;
