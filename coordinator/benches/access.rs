@@ -21,7 +21,11 @@ fn policy() -> Policy {
         "[[binding]]\nname = \"admin\"\nrole = \"admin\"\nidentities = [\"user:root\"]\nscopes = [\"*\"]\n",
     );
     for index in 0..199 {
-        let who = if index == 198 { "carol".to_string() } else { format!("user-{index}") };
+        let who = if index == 198 {
+            "carol".to_string()
+        } else {
+            format!("user-{index}")
+        };
         text += &format!(
             "[[binding]]\nname = \"b{index}\"\nrole = \"operator\"\nidentities = [\"user:{who}\"]\nscopes = [\"staging/*\", \"prod/payments\"]\n"
         );
@@ -47,7 +51,11 @@ fn main() {
             groups: identity.groups,
         };
         // The gate's coarse check, then the handler's scoped one.
-        allowed += u32::from(policy.decide(&principal, Level::Operate, &Target::Anywhere).allowed);
+        allowed += u32::from(
+            policy
+                .decide(&principal, Level::Operate, &Target::Anywhere)
+                .allowed,
+        );
         allowed += u32::from(policy.decide(&principal, Level::Operate, &target).allowed);
     }
     let elapsed = started.elapsed();

@@ -74,9 +74,12 @@ impl Sessions {
         }
     }
 
-    /// Ends the host's session, whatever its generation (its agent reconnects).
+    /// Ends the host's session, whatever its generation (its agent reconnects); inspections
+    /// waiting on it end at once.
     pub fn drop_host(&self, host_id: &str) {
-        self.lock().by_host.remove(host_id);
+        let mut inner = self.lock();
+        inner.by_host.remove(host_id);
+        inner.inspects.retain(|_, (asked, _)| asked != host_id);
     }
 
     /// Ends every session (their agents reconnect).

@@ -661,3 +661,152 @@ async fn a_revoked_agent_is_cut_off_at_once_and_cannot_reconnect() {
     })
     .await;
 }
+
+/// Starts a change of `web` to v1 on `host_ids` and waits until it is deployed.
+async fn must_deploy(
+    admin: &pb::control_service_client::ControlServiceClient<Channel>,
+    host_ids: &[&str],
+) -> String {
+    let request = pb::StartChangeRequest {
+        service: "web".into(),
+        version: "v1".into(),
+        host_ids: host_ids.iter().map(|id| id.to_string()).collect(),
+        reason: "test".into(),
+        ..Default::default()
+    };
+    let change_id = admin
+        .clone()
+        .start_change(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .change
+        .unwrap()
+        .change_id;
+    rewind_tests::must_wait_async(Duration::from_secs(60), "the change deployed", || {
+        let mut admin = admin.clone();
+        let change_id = change_id.clone();
+        async move {
+            let change = admin
+                .get_change(pb::GetChangeRequest { change_id })
+                .await
+                .ok()?
+                .into_inner()
+                .change?;
+            (pb::ChangeState::try_from(change.state).ok()? == pb::ChangeState::Deployed)
+                .then_some(())
+        }
+    })
+    .await;
+    change_id
+}
+
+/// With real hosts in staging and prod: a staging operator sees and changes staging only, a
+/// change that spans both environments is out of its reach, and guessing the id of something
+/// that does not exist yet gets `NOT_FOUND`, not a pass.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_staging_operator_neither_sees_nor_reverts_prod_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::must_start(&dir.path().join("coordinator"));
+    let mut hosts: Vec<rewind_tests::TestHost> = [("web-1", "staging"), ("web-2", "prod")]
+        .into_iter()
+        .map(|(id, environment)| {
+            let host = rewind_tests::TestHost::must_prepare(dir.path(), id, &coordinator);
+            let config = std::fs::read_to_string(&host.config_path).unwrap();
+            let labelled = config.replace(
+                "[labels]\n",
+                &format!("[labels]\nenvironment = \"{environment}\"\n"),
+            );
+            std::fs::write(&host.config_path, labelled).unwrap();
+            host
+        })
+        .collect();
+    for host in &mut hosts {
+        host.must_start_agent();
+    }
+    let mut admin = coordinator.must_client().await;
+    rewind_tests::must_agents_connected(&admin, 2).await;
+    must_apply_policy(&mut admin).await;
+    rewind_tests::must_register_web(&mut admin, &hosts[0], false).await;
+    let staging = must_deploy(&admin, &["web-1"]).await;
+    let prod = must_deploy(&admin, &["web-2"]).await;
+
+    let sol = channel_as(&coordinator, &Subject::new(Kind::User, "sol")).await;
+    let mut sol = pb::control_service_client::ControlServiceClient::new(sol);
+    let get = |change_id: &str| pb::GetChangeRequest {
+        change_id: change_id.into(),
+    };
+    sol.get_change(get(&staging))
+        .await
+        .expect("staging's change");
+    let denied = sol.get_change(get(&prod)).await.unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    let listed: Vec<String> = sol
+        .list_changes(pb::ListChangesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .changes
+        .into_iter()
+        .map(|change| change.change_id)
+        .collect();
+    assert_eq!(listed, std::slice::from_ref(&staging));
+    let hosts_seen: Vec<String> = sol
+        .list_hosts(pb::ListHostsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .hosts
+        .into_iter()
+        .map(|host| host.host_id)
+        .collect();
+    assert_eq!(hosts_seen, ["web-1"]);
+    let inspect = sol
+        .inspect_host(pb::InspectHostRequest {
+            host_id: "web-2".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(inspect.code(), Code::PermissionDenied, "{inspect:?}");
+    let rollback = |change_id: &str| pb::StartRollbackRequest {
+        change_id: change_id.into(),
+        reason: "test".into(),
+        ..Default::default()
+    };
+    let refused = sol.start_rollback(rollback(&prod)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("prod/web"), "{refused:?}");
+
+    // A change to every host of web spans both environments: staging's operator may neither
+    // start one nor see or revert the one an admin starts.
+    let everywhere = pb::StartChangeRequest {
+        service: "web".into(),
+        version: "v2".into(),
+        reason: "test".into(),
+        ..Default::default()
+    };
+    let refused = sol.start_change(everywhere.clone()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    let spanning = admin
+        .start_change(everywhere)
+        .await
+        .unwrap()
+        .into_inner()
+        .change
+        .unwrap()
+        .change_id;
+    let hidden = sol.get_change(get(&spanning)).await.unwrap_err();
+    assert_eq!(hidden.code(), Code::PermissionDenied, "{hidden:?}");
+
+    // An id that does not exist yet is not found, whoever asks.
+    let ahead = sol
+        .abort_rollback(pb::RollbackActionRequest {
+            rollback_id: "rb-99".into(),
+            reason: "guess".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(ahead.code(), Code::NotFound, "{ahead:?}");
+}

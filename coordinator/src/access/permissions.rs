@@ -107,7 +107,7 @@ const CONTROL: &[Permission] = control_table![
     ("RegisterRelease", "release.register", Operate, Service),
     ("ListReleases", "release.list", Read, Service),
     ("RegisterMigration", "migration.register", Operate, Cluster),
-    ("ListMigrations", "migration.list", Read, Listed),
+    ("ListMigrations", "migration.list", Read, Cluster),
     ("ListSchemaTxns", "schema-txn.list", Read, Listed),
     (
         "ResolvedByHand",
@@ -137,7 +137,7 @@ const CONTROL: &[Permission] = control_table![
     ("ListFlags", "flag.list", Read, Listed),
     ("ListAudit", "audit.list", Read, Cluster),
     ("VerifyAudit", "audit.verify", Read, Cluster),
-    ("ListMembers", "cluster.list", Read, Listed),
+    ("ListMembers", "cluster.list", Read, Cluster),
     (
         "TransferLeader",
         "cluster.transfer-leader",

@@ -364,9 +364,11 @@ impl Policy {
         toml::to_string(self).unwrap_or_else(|error| format!("# cannot render: {error}\n"))
     }
 
-    /// sha256 of the policy's canonical rendering.
+    /// sha256 of the policy's canonical JSON (fields in declaration order, maps sorted), which
+    /// `apply()` compares: it must not depend on how a TOML library lays a file out.
     pub fn hash(&self) -> String {
-        rewind_shared::digest::sha256_hex(self.to_toml().as_bytes())
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        rewind_shared::digest::sha256_hex(&json)
     }
 
     /// Every problem at once.
@@ -472,8 +474,11 @@ impl Policy {
         }
     }
 
-    /// The bindings that give admin over the whole cluster to someone not denied.
+    /// The bindings that give admin over the whole cluster to someone who is certainly there:
+    /// an identity not denied, or a group listed in the policy with a member not denied. A
+    /// group only certificates carry does not count: nothing shows anyone holds one.
     pub fn administrators(&self) -> Vec<&Binding> {
+        let present = |identity: &String| !self.deny.contains(identity);
         self.bindings
             .iter()
             .filter(|binding| {
@@ -482,11 +487,12 @@ impl Policy {
                         .scopes
                         .iter()
                         .any(|scope| scope.covers(&Target::Cluster, Level::Administer))
-                    && (binding
-                        .identities
-                        .iter()
-                        .any(|identity| !self.deny.contains(identity))
-                        || !binding.groups.is_empty())
+                    && (binding.identities.iter().any(present)
+                        || binding.groups.iter().any(|group| {
+                            self.groups
+                                .get(group)
+                                .is_some_and(|members| members.iter().any(present))
+                        }))
             })
             .collect()
     }
@@ -814,6 +820,14 @@ approvals = 2
                 .iter()
                 .any(|problem| problem.contains("no binding gives anyone admin"))
         );
+        // Admins only through a group whose every member is denied, or one nobody lists.
+        let denied_group = EXAMPLE.replace(
+            "deny = [\"user:mallory\"]",
+            "deny = [\"user:mallory\", \"user:alice\", \"user:bob\"]",
+        );
+        assert!(Policy::from_toml(&denied_group).is_err());
+        let unlisted_group = EXAMPLE.replace("groups = [\"sre\"]", "groups = [\"sres\"]");
+        assert!(Policy::from_toml(&unlisted_group).is_err());
         let misspelt = EXAMPLE.replace("scopes = [\"*\"]", "scope = [\"*\"]");
         let problems = Policy::from_toml(&misspelt).unwrap_err();
         assert!(problems[0].contains("scope"), "{problems:?}");

@@ -102,7 +102,7 @@ impl AgentService for Agents {
         let span = info_span!("agent_session", host_id = %host_id, generation);
         tokio::spawn(
             async move {
-                read_session(&context, &host_id, inbound).await;
+                read_session(&context, &host_id, generation, inbound).await;
                 context.sessions.close(&host_id, generation);
                 info!("Agent disconnected.");
             }
@@ -128,6 +128,13 @@ fn validate_register(register: &pb::Register, host_name: &str) -> Result<(), Sta
             register.host_id
         )));
     }
+    // The environment label decides who may see and change this host.
+    if let Some(labels) = &register.labels
+        && !labels.environment.is_empty()
+    {
+        names::validate_name("register.labels.environment", &labels.environment)
+            .map_err(|error| invalid("register.labels.environment", error.to_string()))?;
+    }
     if register.services.len() > MAX_SERVICES_PER_HOST {
         return Err(invalid(
             "register.services",
@@ -141,7 +148,14 @@ fn validate_register(register: &pb::Register, host_name: &str) -> Result<(), Sta
     Ok(())
 }
 
-async fn read_session(context: &Context, host_id: &str, mut inbound: Streaming<pb::AgentMessage>) {
+/// Reads what an agent sends while its session is the host's current one: once it is replaced
+/// (the agent reconnected) or closed (its identity was revoked), nothing more it sends counts.
+async fn read_session(
+    context: &Context,
+    host_id: &str,
+    generation: u64,
+    mut inbound: Streaming<pb::AgentMessage>,
+) {
     while let Some(message) = inbound.next().await {
         let message = match message {
             Ok(message) => message,
@@ -150,6 +164,10 @@ async fn read_session(context: &Context, host_id: &str, mut inbound: Streaming<p
                 return;
             }
         };
+        if context.sessions.generation(host_id) != Some(generation) {
+            debug!("The session was replaced or closed; ending it.");
+            return;
+        }
         match message.body {
             Some(agent_message::Body::Health(report)) => match check_report(&report) {
                 Ok(()) => context

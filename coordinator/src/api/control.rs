@@ -71,6 +71,7 @@ impl ControlService for Control {
             .ok_or_else(|| invalid("service", "is required"))?;
         let record = validate_service(service)?;
         let name = record.name.clone();
+        self.context.current().await?;
         self.context
             .authorize(&caller, &[Target::Service(name.clone())])?;
         self.context
@@ -235,11 +236,14 @@ impl ControlService for Control {
         let request = request.into_inner();
         let change = parse_id("change_id", "ch", &request.change_id)?;
         names::validate_name("environment", &request.environment).map_err(field_error)?;
+        self.context.current().await?;
         let targets = self
             .context
             .node
             .read(|state| targets::drill_of(state, change, &request.environment));
-        self.context.authorize(&caller, &targets)?;
+        self.context.authorize_found(&caller, &targets, || {
+            Status::not_found(format!("no change {}", change_id(change)))
+        })?;
         let kind = CommandKind::StartDrill {
             change,
             environment: request.environment,
@@ -276,7 +280,9 @@ impl ControlService for Control {
             .context
             .node
             .read(|state| targets::drill(state, number));
-        self.context.authorize(&caller, &targets)?;
+        self.context.authorize_found(&caller, &targets, || {
+            Status::not_found(format!("no drill {}", drill_id(number)))
+        })?;
         let drill = self
             .context
             .node
@@ -350,6 +356,7 @@ impl ControlService for Control {
             api_version: release.api_version,
             requires: release.requires.into_iter().collect(),
         };
+        self.context.current().await?;
         self.context
             .authorize(&caller, &[Target::Service(release.service.clone())])?;
         self.context
@@ -442,6 +449,7 @@ impl ControlService for Control {
             names::validate_version("migrations", version).map_err(field_error)?;
             migrations.push((database.to_string(), version.to_string()));
         }
+        self.context.current().await?;
         let targets = self
             .context
             .node
@@ -483,7 +491,11 @@ impl ControlService for Control {
             .context
             .node
             .read(|state| targets::change(state, number));
-        self.context.authorize(&caller, &targets)?;
+        self.context.authorize_found(&caller, &targets, || {
+            self.context
+                .node
+                .read(|state| to_status(unknown_change(state, number)))
+        })?;
         let change = self.context.node.read(|state| {
             state
                 .changes
@@ -808,6 +820,7 @@ impl ControlService for Control {
         if request.kill && request.enabled {
             return Err(invalid("enabled", "a kill switch turns a flag off"));
         }
+        self.context.current().await?;
         self.context
             .authorize(&caller, &[Target::scoped(&environment, &request.service)])?;
         let kind = CommandKind::SetFlag {
@@ -888,6 +901,10 @@ impl ControlService for Control {
         answer.triggers.retain(|trigger| {
             caller.may_see(&[Target::scoped(&trigger.environment, &trigger.service)])
         });
+        // Which services tripped the breaker is the whole cluster's business.
+        if !caller.may_see(&[Target::Cluster]) {
+            answer.breaker_services.clear();
+        }
         Ok(Response::new(answer))
     }
 
@@ -1182,7 +1199,7 @@ impl Control {
         if request.reason.trim().is_empty() {
             return Err(invalid("reason", reason_needed));
         }
-        self.authorize_rollback(&caller, number)?;
+        self.authorize_rollback(&caller, number).await?;
         let kind = kind(number, name.clone(), request.reason);
         let action = kind.action();
         self.context
@@ -1206,22 +1223,28 @@ impl Control {
         request: Request<pb::GetRollbackRequest>,
     ) -> Result<u64, Status> {
         let caller = caller(&request)?;
-        self.context.current().await?;
         let number = parse_id("rollback_id", "rb", &request.into_inner().rollback_id)?;
-        self.authorize_rollback(&caller, number)?;
+        self.authorize_rollback(&caller, number).await?;
         Ok(number)
     }
 
-    fn authorize_rollback(
+    /// Allows the caller's action on rollback `number` (after a read barrier, so a rollback
+    /// committed before the call is seen), or answers `NOT_FOUND` / `PERMISSION_DENIED`.
+    async fn authorize_rollback(
         &self,
         caller: &crate::access::Caller,
         number: u64,
     ) -> Result<(), Status> {
+        self.context.current().await?;
         let targets = self
             .context
             .node
             .read(|state| targets::rollback(state, number));
-        self.context.authorize(caller, &targets)
+        self.context.authorize_found(caller, &targets, || {
+            self.context
+                .node
+                .read(|state| to_status(unknown_rollback(state, number)))
+        })
     }
 
     async fn members(&self) -> pb::ListMembersResponse {
@@ -1243,7 +1266,7 @@ impl Control {
         } else {
             request.reason
         };
-        self.authorize_rollback(&caller, number)?;
+        self.authorize_rollback(&caller, number).await?;
         let kind = CommandKind::ControlRollback {
             rollback: number,
             action,

@@ -180,7 +180,13 @@ impl Gate {
         Ok(Principal {
             kind,
             name: identity.name.clone(),
-            groups: identity.groups.clone(),
+            // A certificate without kind may be an agent's: its O/OU must not reach a binding
+            // meant for people. It is bound by name only.
+            groups: if identity.kind.is_some() {
+                identity.groups.clone()
+            } else {
+                Vec::new()
+            },
         })
     }
 

@@ -87,6 +87,20 @@ impl Context {
         mac.finalize().into_bytes().to_vec()
     }
 
+    /// Like [`Self::authorize`] for something named by id: no targets means it does not exist
+    /// (answered with `missing`), never that nothing needs allowing.
+    fn authorize_found(
+        &self,
+        caller: &Caller,
+        targets: &[Target],
+        missing: impl FnOnce() -> Status,
+    ) -> Result<(), Status> {
+        if targets.is_empty() {
+            return Err(missing());
+        }
+        self.authorize(caller, targets)
+    }
+
     /// Stamps and proposes a command on behalf of `identity`.
     async fn propose(
         &self,

@@ -1,17 +1,44 @@
 //! What a call acts on, as access targets: the environments and services of a change, a
-//! rollback, a drill, a schema transaction, a host. Something unknown has no targets; its
-//! handler then answers `NOT_FOUND` as before.
+//! rollback, a drill, a schema transaction, a host. Something unknown has no targets: handlers
+//! answer `NOT_FOUND` for it before anything is proposed (an empty list would allow anything).
 
 use crate::access::Target;
+use crate::plan::DEFAULT_ENVIRONMENT;
 use crate::state_machine::{HostRecord, SchemaOwner, State};
 
-/// A change's service in its environment.
+/// The environment a host's label names; a host without one is in `default`, as plans and
+/// flags count it.
+pub fn environment_of(host: &HostRecord) -> &str {
+    if host.labels.environment.is_empty() {
+        DEFAULT_ENVIRONMENT
+    } else {
+        &host.labels.environment
+    }
+}
+
+/// A change's service in every environment its hosts are in (a change may span several; its
+/// recorded environment is only the first), and in its recorded one.
 pub fn change(state: &State, number: u64) -> Vec<Target> {
-    state
-        .changes
-        .get(&number)
-        .map(|change| vec![Target::scoped(&change.environment, &change.service)])
-        .unwrap_or_default()
+    let Some(change) = state.changes.get(&number) else {
+        return Vec::new();
+    };
+    let mut environments: Vec<&str> = change
+        .hosts
+        .iter()
+        .filter_map(|host| state.hosts.get(&host.host_id))
+        .map(environment_of)
+        .collect();
+    environments.push(if change.environment.is_empty() {
+        DEFAULT_ENVIRONMENT
+    } else {
+        &change.environment
+    });
+    environments.sort_unstable();
+    environments.dedup();
+    environments
+        .into_iter()
+        .map(|environment| Target::scoped(environment, &change.service))
+        .collect()
 }
 
 /// Every change a rollback reverts.
@@ -59,7 +86,7 @@ pub fn schema_txn(state: &State, number: u64) -> Vec<Target> {
 
 /// A host's services in its environment; a host that runs none, its whole environment.
 pub fn host(host: &HostRecord) -> Vec<Target> {
-    let environment = &host.labels.environment;
+    let environment = environment_of(host);
     if host.services.is_empty() {
         return vec![Target::scoped(
             environment,
@@ -85,7 +112,7 @@ pub fn new_change(state: &State, service: &str, host_ids: &[String]) -> Vec<Targ
                 host_ids.contains(&host.host_id)
             }
         })
-        .map(|host| host.labels.environment.as_str())
+        .map(environment_of)
         .collect();
     environments.sort_unstable();
     environments.dedup();
