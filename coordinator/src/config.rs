@@ -811,10 +811,19 @@ silence-lease-s = 1
 
     #[test]
     fn the_shipped_example_config_loads_without_unknown_keys() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/coordinator.toml");
+        let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+        // Its policy file is installed at /etc/rewind; here it is the shipped example.
+        let text = std::fs::read_to_string(deploy.join("coordinator.toml")).unwrap();
+        let policy = deploy.join("policy.toml");
+        let text = text.replace("/etc/rewind/policy.toml", policy.to_str().unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("coordinator.toml");
+        std::fs::write(&path, text).unwrap();
         let (raw, unknown) = RawConfig::load(&path).unwrap();
         assert!(unknown.is_empty(), "{unknown:?}");
         let config = raw.validate().unwrap();
         assert_eq!(config.limits.max_attempts, 3);
+        let policy = config.access.bootstrap_policy.expect("the example policy");
+        assert_eq!(policy.administrators()[0].name, "sre-admins");
     }
 }

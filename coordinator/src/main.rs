@@ -381,6 +381,13 @@ async fn serve(
         };
         tokio::spawn(silencer.run(stop.clone()));
     }
+    // Refusals of gRPC calls and of webhooks are counted (and audited) in one place.
+    let gate = api::gate::Gate::new(
+        member.node.clone(),
+        member.status.clone(),
+        directory.clone(),
+        config.access.legacy_certificates,
+    );
     if let (Some(listener), Some(http)) = (http_listener, &config.http) {
         let state = rewind_coordinator::http::HttpState {
             node: member.node.clone(),
@@ -390,6 +397,7 @@ async fn serve(
             alertmanager_token: http.alertmanager_token.clone().map(Arc::new),
             webhook_secret: http.webhook_secret.clone().map(Arc::new),
             snapshots: Arc::clone(&snapshot_stats),
+            gate: gate.clone(),
             alertmanager_identity: config.access.alertmanager_identity.as_str().into(),
             webhook_identity: config.access.webhook_identity.as_str().into(),
         };
@@ -423,12 +431,6 @@ async fn serve(
             "access.legacy-certificates is on: certificates without a rewind:// identity are accepted as the kind each service expects. Re-enroll them; the switch goes away in the next release."
         );
     }
-    let gate = api::gate::Gate::new(
-        member.node.clone(),
-        member.status.clone(),
-        directory.clone(),
-        config.access.legacy_certificates,
-    );
     let context = api::Context {
         node: member.node.clone(),
         status: member.status.clone(),

@@ -20,6 +20,29 @@ pub mod v1 {
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/rewind_descriptor.bin"));
 
+/// Every method of every service of the protocol, as gRPC paths (`/rewind.v1.ControlService/
+/// StartRollback`), read from [`FILE_DESCRIPTOR_SET`]: what a check that must cover every RPC
+/// walks, so a new RPC is covered without anyone listing it.
+pub fn methods() -> Vec<String> {
+    use prost::Message as _;
+    let set = prost_types::FileDescriptorSet::decode(FILE_DESCRIPTOR_SET)
+        .expect("the descriptor set built with this crate decodes");
+    let mut methods = Vec::new();
+    for file in &set.file {
+        for service in &file.service {
+            for method in &service.method {
+                methods.push(format!(
+                    "/{}.{}/{}",
+                    file.package(),
+                    service.name(),
+                    method.name()
+                ));
+            }
+        }
+    }
+    methods
+}
+
 /// Largest gRPC message either side accepts; larger ones fail with a clear status.
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 /// Largest batch of Raft messages between members: a single log entry holds a command of up to

@@ -3,34 +3,12 @@
 
 use std::time::Duration;
 
-use prost::Message as _;
 use rewind_proto::v1 as pb;
 use rewind_shared::dev_ca::Subject;
 use rewind_shared::identity::Kind;
 use rewind_tests::{Coordinator, tls_channel};
 use tonic::Code;
 use tonic::transport::Channel;
-
-/// Every method of the protocol, from the generated descriptors: a new RPC is covered by this
-/// test without anyone adding it here.
-fn protocol_methods() -> Vec<String> {
-    let set = prost_types::FileDescriptorSet::decode(rewind_proto::FILE_DESCRIPTOR_SET)
-        .expect("decode the descriptor set");
-    let mut methods = Vec::new();
-    for file in set.file {
-        for service in &file.service {
-            for method in &service.method {
-                methods.push(format!(
-                    "/{}.{}/{}",
-                    file.package(),
-                    service.name(),
-                    method.name()
-                ));
-            }
-        }
-    }
-    methods
-}
 
 /// Calls `method` with an empty request (every field at its default; a stream of one empty
 /// message for streaming methods) and returns the status code it ends with.
@@ -221,7 +199,9 @@ async fn every_rpc_admits_only_its_kind_and_the_roles_that_grant_its_level() {
             levels: &[],
         },
     ];
-    let methods = protocol_methods();
+    // Every method of the protocol, from the generated descriptors: a new RPC is covered
+    // without anyone adding it here.
+    let methods = rewind_proto::methods();
     assert!(methods.len() > 40, "the descriptors list {}", methods.len());
     let mut wrong = Vec::new();
     for caller in &callers {

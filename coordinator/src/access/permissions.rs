@@ -205,31 +205,9 @@ pub fn by_action(action: &str) -> Option<&'static Permission> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use prost::Message;
-
-    /// Every method of every service in the protocol, from the generated descriptors.
-    fn protocol_methods() -> Vec<String> {
-        let set = prost_types::FileDescriptorSet::decode(rewind_proto::FILE_DESCRIPTOR_SET)
-            .expect("decode the descriptor set");
-        let mut methods = Vec::new();
-        for file in set.file {
-            for service in &file.service {
-                for method in &service.method {
-                    methods.push(format!(
-                        "/{}.{}/{}",
-                        file.package(),
-                        service.name(),
-                        method.name()
-                    ));
-                }
-            }
-        }
-        methods
-    }
-
     #[test]
     fn every_method_of_the_protocol_has_exactly_one_permission() {
-        let methods = protocol_methods();
+        let methods = rewind_proto::methods();
         assert!(methods.len() > 40, "read {} methods", methods.len());
         for method in &methods {
             let found = all()

@@ -222,40 +222,47 @@ impl Gate {
     /// this minute.
     pub fn refuse(&self, refusal: Refusal) -> Status {
         let message = refusal.to_string();
-        if self.count_refusal(&refusal.identity) {
-            warn!(
-                identity = refusal.identity,
-                action = refusal.action,
-                reason = refusal.reason,
-                "Refused a call."
-            );
-            let node = self.node.clone();
-            let leading = self.status.borrow().is_leader;
-            if leading {
-                tokio::spawn(async move {
-                    let command = Command {
-                        at_ms: rewind_shared::time::now_ms(),
-                        identity: refusal.identity,
-                        request_id: String::new(),
-                        kind: CommandKind::RecordRefusal {
-                            action: refusal.action.to_string(),
-                            target: refusal.target,
-                            reason: refusal.reason,
-                        },
-                    };
-                    if let Err(error) = node.propose(command).await {
-                        debug!(%error, "Could not audit a refused call.");
-                    }
-                });
-            }
-        } else {
+        self.audit(refusal);
+        Status::permission_denied(message)
+    }
+
+    /// Records a refusal in the audit log (on the leader), unless this identity was refused
+    /// more than [`AUDITED_REFUSALS_PER_MINUTE`] times this minute: a hostile caller cannot
+    /// fill the replicated log.
+    pub fn audit(&self, refusal: Refusal) {
+        if !self.count_refusal(&refusal.identity) {
             debug!(
                 identity = refusal.identity,
                 action = refusal.action,
-                "Refused a call (not audited: too many this minute)."
+                "Refused (not audited: too many this minute)."
             );
+            return;
         }
-        Status::permission_denied(message)
+        warn!(
+            identity = refusal.identity,
+            action = refusal.action,
+            reason = refusal.reason,
+            "Refused."
+        );
+        if !self.status.borrow().is_leader {
+            return;
+        }
+        let node = self.node.clone();
+        tokio::spawn(async move {
+            let command = Command {
+                at_ms: rewind_shared::time::now_ms(),
+                identity: refusal.identity,
+                request_id: String::new(),
+                kind: CommandKind::RecordRefusal {
+                    action: refusal.action.to_string(),
+                    target: refusal.target,
+                    reason: refusal.reason,
+                },
+            };
+            if let Err(error) = node.propose(command).await {
+                debug!(%error, "Could not audit a refusal.");
+            }
+        });
     }
 
     /// Counts a refusal; true when it is to be audited.

@@ -419,19 +419,12 @@ async fn authorize(
     if decision.allowed {
         return Ok(());
     }
-    let command = Command {
-        at_ms: rewind_shared::time::now_ms(),
+    http.gate.audit(crate::access::Refusal {
         identity: principal.id(),
-        request_id: String::new(),
-        kind: CommandKind::RecordRefusal {
-            action: "trigger".into(),
-            target: target.to_string(),
-            reason: decision.reason.clone(),
-        },
-    };
-    if let Err(error) = http.node.propose(command).await {
-        tracing::debug!(%error, "Could not audit a refused trigger.");
-    }
+        action: "trigger",
+        target: target.to_string(),
+        reason: decision.reason.clone(),
+    });
     Err(Refusal::Response(refuse(
         StatusCode::FORBIDDEN,
         format!(

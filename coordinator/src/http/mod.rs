@@ -37,6 +37,8 @@ pub struct HttpState {
     pub webhook_secret: Option<Arc<Vec<u8>>>,
     /// Snapshots this member sent and received.
     pub snapshots: Arc<crate::node::transport::SnapshotStats>,
+    /// Audits refused webhooks like refused calls (rate-limited per identity).
+    pub gate: crate::api::gate::Gate,
     /// The automation identities the receivers act as (names of `automation:<name>`).
     pub alertmanager_identity: Arc<str>,
     pub webhook_identity: Arc<str>,
