@@ -334,6 +334,20 @@ async fn serve(
             .context("become the leader of a single-member cluster")?
             .context("the Raft member stopped")?;
     }
+    let (stop_sender, stop) = tokio::sync::watch::channel(false);
+    let bootstrap = tokio::spawn(rewind_coordinator::access::bootstrap::run(
+        member.node.clone(),
+        member.status.clone(),
+        config.access.bootstrap_policy.clone().map(Arc::new),
+        stop.clone(),
+    ));
+    if !cluster.join && cluster.members.len() == 1 && config.access.bootstrap_policy.is_some() {
+        // ... and with its policy in force, so the first call is not refused for want of one.
+        tokio::time::timeout(std::time::Duration::from_secs(10), bootstrap)
+            .await
+            .context("apply the bootstrap access policy")?
+            .context("the bootstrap task stopped")?;
+    }
     let http_listener = match &config.http {
         Some(http) => {
             let listener = tokio::net::TcpListener::bind(http.listen)
@@ -353,7 +367,6 @@ async fn serve(
 
     let health = Arc::new(health::HealthBook::default());
     let sessions = Arc::new(sessions::Sessions::default());
-    let (stop_sender, stop) = tokio::sync::watch::channel(false);
     let engine = engine::Engine {
         node: member.node.clone(),
         status: member.status.clone(),
@@ -388,6 +401,7 @@ async fn serve(
         directory.clone(),
         config.access.legacy_certificates,
     );
+    tokio::spawn(gate.clone().follow_policy());
     if let (Some(listener), Some(http)) = (http_listener, &config.http) {
         let state = rewind_coordinator::http::HttpState {
             node: member.node.clone(),
@@ -414,12 +428,6 @@ async fn serve(
     tokio::spawn(close_sessions_on_step_down(
         member.status.clone(),
         Arc::clone(&sessions),
-    ));
-    tokio::spawn(rewind_coordinator::access::bootstrap::run(
-        member.node.clone(),
-        member.status.clone(),
-        config.access.bootstrap_policy.clone().map(Arc::new),
-        stop.clone(),
     ));
     tokio::spawn(sessions::close_revoked(
         member.node.clone(),

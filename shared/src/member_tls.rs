@@ -27,6 +27,8 @@ struct MemberVerifier {
     inner: Arc<WebPkiServerVerifier>,
     /// Also accept a certificate without a kind (issued before kinds), for one release.
     accept_legacy: bool,
+    /// Accept only this member's certificate (adding a member checks it is who it claims).
+    expected_member: Option<u64>,
 }
 
 impl ServerCertVerifier for MemberVerifier {
@@ -48,6 +50,17 @@ impl ServerCertVerifier for MemberVerifier {
         let identity = certificate_identity(end_entity.as_ref())
             .map_err(|error| rustls::Error::General(error.to_string()))?;
         match identity.kind {
+            Some(Kind::Member)
+                if self
+                    .expected_member
+                    .is_some_and(|id| identity.name != id.to_string()) =>
+            {
+                Err(rustls::Error::General(format!(
+                    "the server presents {}'s certificate, not member {}'s",
+                    identity.principal(),
+                    self.expected_member.unwrap_or_default()
+                )))
+            }
             Some(Kind::Member) => Ok(ServerCertVerified::assertion()),
             None if self.accept_legacy => {
                 tracing::warn!(
@@ -100,6 +113,19 @@ impl MemberConnector {
     /// Trusts `files.ca`, presents `files.cert`; accepts only member certificates (and, with
     /// `accept_legacy`, certificates without a kind).
     pub fn new(files: &TlsFiles, accept_legacy: bool) -> Result<Self, SharedError> {
+        Self::build(files, accept_legacy, None)
+    }
+
+    /// Like [`Self::new`], accepting only member `id`'s certificate.
+    pub fn expecting_member(files: &TlsFiles, id: u64) -> Result<Self, SharedError> {
+        Self::build(files, false, Some(id))
+    }
+
+    fn build(
+        files: &TlsFiles,
+        accept_legacy: bool,
+        expected_member: Option<u64>,
+    ) -> Result<Self, SharedError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = rustls::RootCertStore::empty();
         for certificate in pem_certificates(&files.ca)? {
@@ -121,6 +147,7 @@ impl MemberConnector {
             .with_custom_certificate_verifier(Arc::new(MemberVerifier {
                 inner,
                 accept_legacy,
+                expected_member,
             }))
             .with_client_auth_cert(pem_certificates(&files.cert)?, key)
             .map_err(|error| {

@@ -494,6 +494,29 @@ async fn only_a_member_in_the_configuration_speaks_raft_and_only_as_itself() {
     deliver(itself, 1)
         .await
         .expect("member 1's certificate speaks for member 1");
+
+    // Even an admin cannot add a member whose address does not answer with that member's
+    // certificate: here the address is member 1's own.
+    let mut admin = coordinator.must_client().await;
+    let refused = admin
+        .add_member(pb::AddMemberRequest {
+            member_id: 7,
+            address: coordinator.address.clone(),
+            learner_only: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("must be running and present a certificate rewind://member/7")
+            && refused
+                .message()
+                .contains("member:1's certificate, not member 7's"),
+        "{refused:?}"
+    );
 }
 
 /// A signed webhook acts as its automation identity, held to its binding like a person.
@@ -642,14 +665,16 @@ async fn a_revoked_agent_is_cut_off_at_once_and_cannot_reconnect() {
     .await;
 }
 
-/// Starts a change of `web` to v1 on `host_ids` and waits until it is deployed.
+/// Starts a change of `web` to `version` on `host_ids` (empty: every host of web) and waits
+/// until it is deployed.
 async fn must_deploy(
     admin: &pb::control_service_client::ControlServiceClient<Channel>,
+    version: &str,
     host_ids: &[&str],
 ) -> String {
     let request = pb::StartChangeRequest {
         service: "web".into(),
-        version: "v1".into(),
+        version: version.into(),
         host_ids: host_ids.iter().map(|id| id.to_string()).collect(),
         reason: "test".into(),
         ..Default::default()
@@ -708,8 +733,8 @@ async fn a_staging_operator_neither_sees_nor_reverts_prod_changes() {
     rewind_tests::must_agents_connected(&admin, 2).await;
     must_apply_policy(&mut admin).await;
     rewind_tests::must_register_web(&mut admin, &hosts[0], false).await;
-    let staging = must_deploy(&admin, &["web-1"]).await;
-    let prod = must_deploy(&admin, &["web-2"]).await;
+    let staging = must_deploy(&admin, "v1", &["web-1"]).await;
+    let prod = must_deploy(&admin, "v1", &["web-2"]).await;
 
     let sol = channel_as(&coordinator, &Subject::new(Kind::User, "sol")).await;
     let mut sol = pb::control_service_client::ControlServiceClient::new(sol);
@@ -768,14 +793,7 @@ async fn a_staging_operator_neither_sees_nor_reverts_prod_changes() {
     };
     let refused = sol.start_change(everywhere.clone()).await.unwrap_err();
     assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
-    let spanning = admin
-        .start_change(everywhere)
-        .await
-        .unwrap()
-        .into_inner()
-        .change
-        .unwrap()
-        .change_id;
+    let spanning = must_deploy(&admin, "v2", &[]).await;
     let hidden = sol.get_change(get(&spanning)).await.unwrap_err();
     assert_eq!(hidden.code(), Code::PermissionDenied, "{hidden:?}");
 
@@ -789,4 +807,56 @@ async fn a_staging_operator_neither_sees_nor_reverts_prod_changes() {
         .await
         .unwrap_err();
     assert_eq!(ahead.code(), Code::NotFound, "{ahead:?}");
+
+    // A watch started while allowed ends when the watcher is revoked. web-1's agent is stopped
+    // first, so the rollback waits for it and is still running when the policy changes.
+    drop(hosts[0].agent.take());
+    let rollback = admin
+        .clone()
+        .start_rollback(pb::StartRollbackRequest {
+            change_id: spanning.clone(),
+            reason: "test".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .rollback
+        .unwrap()
+        .rollback_id;
+    let vic = channel_as(
+        &coordinator,
+        &Subject::new(Kind::User, "vic").with_groups(&["auditors"]),
+    )
+    .await;
+    let mut watch = pb::control_service_client::ControlServiceClient::new(vic)
+        .watch_rollback(pb::GetRollbackRequest {
+            rollback_id: rollback,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    watch.message().await.unwrap().expect("the first state");
+    let policy = format!("deny = [\"user:vic\"]\n{POLICY}");
+    admin
+        .clone()
+        .apply_policy(pb::ApplyPolicyRequest {
+            toml: policy,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match watch.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the watch ends");
+    let status = ended.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("deny list"), "{status:?}");
 }

@@ -141,6 +141,7 @@ pub async fn add_member(
         }
         Some(_) => {}
         None => {
+            check_member_certificate(context, &member).await?;
             propose(
                 context,
                 identity,
@@ -205,6 +206,44 @@ pub fn not_a_member(context: &Context, id: u64) -> Status {
 }
 
 /// Validates the request's member, naming the field at fault.
+/// The member being added must already run at its address and present a certificate of kind
+/// member for its own id: a certificate of another kind, or another member's, is refused before
+/// anything is proposed.
+async fn check_member_certificate(context: &Context, member: &MemberRecord) -> Result<(), Status> {
+    let refused = |why: String| {
+        Status::failed_precondition(format!(
+            "member {} at {} must be running and present a certificate rewind://member/{}: {why}",
+            member.id, member.address, member.id
+        ))
+    };
+    let connector =
+        rewind_shared::member_tls::MemberConnector::expecting_member(&context.tls, member.id)
+            .map_err(|error| Status::internal(format!("this member's TLS files: {error}")))?;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", member.address))
+        .map_err(|error| invalid("address", error.to_string()))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(5))
+        .connect_with_connector(connector)
+        .await
+        .map_err(|error| refused(error_chain(&error)))?;
+    MemberServiceClient::new(channel)
+        .get_member_status(pb::GetMemberStatusRequest { brief: true })
+        .await
+        .map_err(|status| refused(status.message().to_string()))?;
+    Ok(())
+}
+
+/// An error and its sources, for a message that names the TLS reason under "transport error".
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text += &format!(": {cause}");
+        source = cause.source();
+    }
+    text
+}
+
 fn member_record(request: &pb::AddMemberRequest) -> Result<MemberRecord, Status> {
     if request.member_id == 0 {
         return Err(invalid("member_id", "must be a positive number"));

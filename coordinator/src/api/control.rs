@@ -71,7 +71,7 @@ impl ControlService for Control {
             .ok_or_else(|| invalid("service", "is required"))?;
         let record = validate_service(service)?;
         let name = record.name.clone();
-        self.context.current().await?;
+        // The target is the request's own: no read barrier (a quorum round per write).
         self.context
             .authorize(&caller, &[Target::Service(name.clone())])?;
         self.context
@@ -356,7 +356,7 @@ impl ControlService for Control {
             api_version: release.api_version,
             requires: release.requires.into_iter().collect(),
         };
-        self.context.current().await?;
+        // The target is the request's own: no read barrier (a quorum round per write).
         self.context
             .authorize(&caller, &[Target::Service(release.service.clone())])?;
         self.context
@@ -739,6 +739,7 @@ impl ControlService for Control {
         &self,
         request: Request<pb::GetRollbackRequest>,
     ) -> Result<Response<WatchStream>, Status> {
+        let watcher = caller(&request)?;
         let number = self.visible_rollback(request).await?;
         let first = self.context.rollback(number)?;
         let context = self.context.clone();
@@ -764,6 +765,12 @@ impl ControlService for Control {
                     tokio::select! {
                         changed = applied.changed() => if changed.is_err() { return },
                         _ = sender.closed() => return,
+                    }
+                    // The policy may have changed since the watch began: a watcher revoked or
+                    // moved out of this rollback's scope stops seeing it.
+                    if let Err(refusal) = still_allowed(&context, &watcher, number) {
+                        let _ = sender.send(Err(context.gate.refuse(refusal))).await;
+                        return;
                     }
                     let Ok(current) = context.rollback(number) else {
                         return;
@@ -820,7 +827,7 @@ impl ControlService for Control {
         if request.kill && request.enabled {
             return Err(invalid("enabled", "a kill switch turns a flag off"));
         }
-        self.context.current().await?;
+        // The target is the request's own: no read barrier (a quorum round per write).
         self.context
             .authorize(&caller, &[Target::scoped(&environment, &request.service)])?;
         let kind = CommandKind::SetFlag {
@@ -1177,6 +1184,23 @@ impl ControlService for Control {
             scrape_errors,
         }))
     }
+}
+
+/// Whether `caller` may still do its call's action on rollback `number` under the policy in
+/// force now (not the one its call was admitted under).
+fn still_allowed(
+    context: &Context,
+    caller: &crate::access::Caller,
+    number: u64,
+) -> Result<(), crate::access::Refusal> {
+    context.node.read(|state| {
+        let now = crate::access::Caller {
+            policy: state.access.policy.clone(),
+            ..caller.clone()
+        };
+        // The policy's decision refuses a denied identity first.
+        now.authorize_all(&targets::rollback(state, number))
+    })
 }
 
 impl Control {

@@ -32,6 +32,8 @@ use crate::state_machine::{Command, CommandKind};
 const AUDITED_REFUSALS_PER_MINUTE: u32 = 5;
 /// Identities whose refusals are being counted at once; past it, the count starts over.
 const MAX_COUNTED_IDENTITIES: usize = 1024;
+/// Certificates whose identity is kept parsed; past it, the cache starts over.
+const MAX_CACHED_CERTIFICATES: usize = 4096;
 
 /// What the gate reads and where it sends refusals. Cheap to clone.
 #[derive(Clone)]
@@ -42,6 +44,17 @@ pub struct Gate {
     /// Accept certificates without a kind, as the kind the method expects.
     legacy_certificates: bool,
     refusals: Arc<Mutex<RefusalCounts>>,
+    /// The policy in force, kept here so a call never waits on the state lock the Raft thread
+    /// holds while it applies (Raft's own messages pass the gate too).
+    policy: Arc<std::sync::RwLock<CachedPolicy>>,
+    /// Identities of certificates seen, by their DER: parsing X.509 on every call is waste.
+    identities: Arc<Mutex<HashMap<Vec<u8>, PeerIdentity>>>,
+}
+
+#[derive(Default)]
+struct CachedPolicy {
+    version: u64,
+    policy: Option<Arc<crate::access::Policy>>,
 }
 
 #[derive(Default)]
@@ -64,7 +77,67 @@ impl Gate {
             directory,
             legacy_certificates,
             refusals: Arc::default(),
+            policy: Arc::default(),
+            identities: Arc::default(),
         }
+    }
+
+    /// Takes the policy in force from the state if it changed. Run after every applied batch
+    /// by [`Gate::follow_policy`], and by `ApplyPolicy` before it answers, so the caller's next
+    /// call is judged by the policy it just applied.
+    pub fn refresh_policy(&self) {
+        let cached = self
+            .policy
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .version;
+        let (version, policy) = self
+            .node
+            .read(|state| (state.access.version, state.access.policy.clone()));
+        if version != cached {
+            *self
+                .policy
+                .write()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()) =
+                CachedPolicy { version, policy };
+        }
+    }
+
+    /// Keeps the cached policy current until the node stops.
+    pub async fn follow_policy(self) {
+        let mut applied = self.node.subscribe();
+        loop {
+            self.refresh_policy();
+            if applied.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn current_policy(&self) -> Option<Arc<crate::access::Policy>> {
+        self.policy
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .policy
+            .clone()
+    }
+
+    /// The identity `certificate` names, parsed once per certificate.
+    fn identity(&self, certificate: &[u8]) -> Result<PeerIdentity, Status> {
+        let mut cache = self
+            .identities
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(identity) = cache.get(certificate) {
+            return Ok(identity.clone());
+        }
+        let identity = rewind_shared::identity::certificate_identity(certificate)
+            .map_err(|error| Status::unauthenticated(error.to_string()))?;
+        if cache.len() >= MAX_CACHED_CERTIFICATES {
+            cache.clear();
+        }
+        cache.insert(certificate.to_vec(), identity.clone());
+        Ok(identity)
     }
 
     /// Decides one call: the caller to hand the handler, or the status to answer with.
@@ -83,13 +156,15 @@ impl Gate {
             .ok_or_else(|| {
                 Status::unauthenticated("no client certificate: every call needs mutual TLS")
             })?;
-        let identity = rewind_shared::identity::peer_identity(&certificates)
-            .map_err(|error| Status::unauthenticated(error.to_string()))?;
+        let leaf = certificates.first().ok_or_else(|| {
+            Status::unauthenticated("no client certificate: every call needs mutual TLS")
+        })?;
+        let identity = self.identity(leaf.as_ref())?;
         let principal = self.principal(&identity, permission.kind)?;
         if !matches!(permission.kind, CallerKind::Member) {
             self.leader_only()?;
         }
-        let policy = self.node.read(|state| state.access.policy.clone());
+        let policy = self.current_policy();
         let caller = Caller {
             principal,
             permission,

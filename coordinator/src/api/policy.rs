@@ -88,6 +88,8 @@ pub async fn apply(
     context
         .propose(&caller.id(), &request.request_id, kind)
         .await?;
+    // The next call, this caller's or anyone's, is judged by the policy just applied.
+    context.gate.refresh_policy();
     let mut shown = show(context);
     if let (Some(before), Some(after)) = (
         before,
