@@ -399,6 +399,7 @@ async fn serve(
         member.node.clone(),
         member.status.clone(),
         directory.clone(),
+        Arc::clone(&sessions),
         config.access.legacy_certificates,
     );
     tokio::spawn(gate.clone().follow_policy());
@@ -428,11 +429,6 @@ async fn serve(
     tokio::spawn(close_sessions_on_step_down(
         member.status.clone(),
         Arc::clone(&sessions),
-    ));
-    tokio::spawn(sessions::close_revoked(
-        member.node.clone(),
-        Arc::clone(&sessions),
-        stop.clone(),
     ));
     if config.access.legacy_certificates {
         warn!(

@@ -203,38 +203,18 @@ impl Drop for ForgetInspect<'_> {
     }
 }
 
-/// Ends the session of every agent the access policy's deny list names, each time the policy
-/// changes: a revoked host is cut off at once, not at its next reconnect (which the gate then
-/// refuses).
-pub async fn close_revoked(
-    node: crate::node::NodeHandle,
-    sessions: std::sync::Arc<Sessions>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
-    let mut applied = node.subscribe();
-    let mut seen_version = 0;
-    loop {
-        let (version, policy) =
-            node.read(|state| (state.access.version, state.access.policy.clone()));
-        if version != seen_version
-            && let Some(policy) = policy
-        {
-            seen_version = version;
-            for host_id in sessions.hosts() {
-                let agent =
-                    crate::access::Principal::new(rewind_shared::identity::Kind::Agent, &host_id);
-                if policy.is_denied(&agent) {
-                    tracing::warn!(
-                        host_id,
-                        "The access policy denies this agent now; closing its session."
-                    );
-                    sessions.drop_host(&host_id);
-                }
-            }
-        }
-        tokio::select! {
-            changed = applied.changed() => if changed.is_err() { return },
-            _ = stop.changed() => return,
+/// Ends the session of every agent `policy`'s deny list names: a revoked host is cut off at
+/// once, not at its next reconnect (which the gate then refuses). The gate calls it whenever
+/// the policy changes.
+pub fn close_revoked(sessions: &Sessions, policy: &crate::access::Policy) {
+    for host_id in sessions.hosts() {
+        let agent = crate::access::Principal::new(rewind_shared::identity::Kind::Agent, &host_id);
+        if policy.is_denied(&agent) {
+            tracing::warn!(
+                host_id,
+                "The access policy denies this agent now; closing its session."
+            );
+            sessions.drop_host(&host_id);
         }
     }
 }

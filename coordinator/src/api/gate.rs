@@ -41,6 +41,8 @@ pub struct Gate {
     node: NodeHandle,
     status: watch::Receiver<RaftStatus>,
     directory: Directory,
+    /// Agents' sessions: those of agents a new policy denies are closed.
+    sessions: Arc<crate::sessions::Sessions>,
     /// Accept certificates without a kind, as the kind the method expects.
     legacy_certificates: bool,
     refusals: Arc<Mutex<RefusalCounts>>,
@@ -69,12 +71,14 @@ impl Gate {
         node: NodeHandle,
         status: watch::Receiver<RaftStatus>,
         directory: Directory,
+        sessions: Arc<crate::sessions::Sessions>,
         legacy_certificates: bool,
     ) -> Self {
         Self {
             node,
             status,
             directory,
+            sessions,
             legacy_certificates,
             refusals: Arc::default(),
             policy: Arc::default(),
@@ -82,9 +86,10 @@ impl Gate {
         }
     }
 
-    /// Takes the policy in force from the state if it changed. Run after every applied batch
-    /// by [`Gate::follow_policy`], and by `ApplyPolicy` before it answers, so the caller's next
-    /// call is judged by the policy it just applied.
+    /// Takes the policy in force from the state if it changed, and closes the sessions of
+    /// agents it denies. Run after every applied batch by [`Gate::follow_policy`], and by
+    /// `ApplyPolicy` before it answers, so the caller's next call is judged by the policy it
+    /// just applied.
     pub fn refresh_policy(&self) {
         let cached = self
             .policy
@@ -95,6 +100,9 @@ impl Gate {
             .node
             .read(|state| (state.access.version, state.access.policy.clone()));
         if version != cached {
+            if let Some(policy) = &policy {
+                crate::sessions::close_revoked(&self.sessions, policy);
+            }
             *self
                 .policy
                 .write()
