@@ -206,6 +206,9 @@ pub fn not_a_member(context: &Context, id: u64) -> Status {
 }
 
 /// Validates the request's member, naming the field at fault.
+/// How long `cluster add` waits for the new member to answer.
+const MEMBER_CHECK_WAIT: Duration = Duration::from_secs(10);
+
 /// The member being added must already run at its address and present a certificate of kind
 /// member for its own id: a certificate of another kind, or another member's, is refused before
 /// anything is proposed.
@@ -219,18 +222,27 @@ async fn check_member_certificate(context: &Context, member: &MemberRecord) -> R
     let connector =
         rewind_shared::member_tls::MemberConnector::expecting_member(&context.tls, member.id)
             .map_err(|error| Status::internal(format!("this member's TLS files: {error}")))?;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", member.address))
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", member.address))
         .map_err(|error| invalid("address", error.to_string()))?
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(5))
-        .connect_with_connector(connector)
-        .await
-        .map_err(|error| refused(error_chain(&error)))?;
-    MemberServiceClient::new(channel)
-        .get_member_status(pb::GetMemberStatusRequest { brief: true })
-        .await
-        .map_err(|status| refused(status.message().to_string()))?;
-    Ok(())
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(5));
+    // A member started just before `cluster add` may not listen yet: a few tries, bounded.
+    let deadline = tokio::time::Instant::now() + MEMBER_CHECK_WAIT;
+    loop {
+        let answer = match endpoint.connect_with_connector(connector.clone()).await {
+            Ok(channel) => MemberServiceClient::new(channel)
+                .get_member_status(pb::GetMemberStatusRequest { brief: true })
+                .await
+                .map(|_| ())
+                .map_err(|status| status.message().to_string()),
+            Err(error) => Err(error_chain(&error)),
+        };
+        match answer {
+            Ok(()) => return Ok(()),
+            Err(why) if tokio::time::Instant::now() >= deadline => return Err(refused(why)),
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
 }
 
 /// An error and its sources, for a message that names the TLS reason under "transport error".

@@ -242,7 +242,7 @@ impl ControlService for Control {
             .node
             .read(|state| targets::drill_of(state, change, &request.environment));
         self.context.authorize_found(&caller, &targets, || {
-            Status::not_found(format!("no change {}", change_id(change)))
+            invalid("change_id", format!("no change {}", change_id(change)))
         })?;
         let kind = CommandKind::StartDrill {
             change,
