@@ -272,6 +272,26 @@ pub fn webhook_signature(secret: &[u8], timestamp_ms: u64, body: &[u8]) -> Strin
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
 
+/// POSTs `body` to the generic webhook at `http` (`http://host:port`), signed with `secret` now;
+/// returns the status code and the answer's text.
+pub async fn post_signed_webhook(http: &str, secret: &[u8], body: String) -> (u16, String) {
+    let now = rewind_shared::time::now_ms();
+    let response = reqwest::Client::new()
+        .post(format!("{http}/v1/webhook"))
+        .header("content-type", "application/json")
+        .header("x-rewind-timestamp", now.to_string())
+        .header(
+            "x-rewind-signature",
+            webhook_signature(secret, now, body.as_bytes()),
+        )
+        .body(body)
+        .send()
+        .await
+        .expect("the coordinator answers HTTP");
+    let status = response.status().as_u16();
+    (status, response.text().await.unwrap_or_default())
+}
+
 /// A free loopback port (bound then released: another process could take it in between, which
 /// on a test machine does not happen in practice).
 pub fn free_port() -> u16 {

@@ -9,7 +9,7 @@ use rewind_proto::v1 as pb;
 use rewind_proto::v1::control_service_client::ControlServiceClient;
 use rewind_tests::{
     Coordinator, must_change_where, must_deploy_v1_then_v2, must_rollback_end, must_start_hosts,
-    webhook_signature,
+    post_signed_webhook,
 };
 use tonic::transport::Channel;
 
@@ -20,21 +20,7 @@ const COOLDOWN_S: u64 = 45;
 /// answer.
 async fn ask_for_a_rollback(http: &str, reason: &str) -> (u16, serde_json::Value) {
     let body = serde_json::json!({"service": "web", "reason": reason}).to_string();
-    let now = rewind_shared::time::now_ms();
-    let response = reqwest::Client::new()
-        .post(format!("{http}/v1/webhook"))
-        .header("content-type", "application/json")
-        .header("x-rewind-timestamp", now.to_string())
-        .header(
-            "x-rewind-signature",
-            webhook_signature(SECRET.as_bytes(), now, body.as_bytes()),
-        )
-        .body(body)
-        .send()
-        .await
-        .expect("the coordinator answers HTTP");
-    let status = response.status().as_u16();
-    let text = response.text().await.unwrap_or_default();
+    let (status, text) = post_signed_webhook(http, SECRET.as_bytes(), body).await;
     let answer = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
     (status, answer)
 }

@@ -551,29 +551,12 @@ async fn a_webhook_acts_as_its_automation_identity_and_only_where_bound() {
         })
         .await
         .unwrap();
+    let http = format!("http://{}", coordinator.http_address);
     let ask = |environment: &'static str| {
-        let http = format!("http://{}", coordinator.http_address);
-        async move {
-            let body = serde_json::json!({"service": "web", "environment": environment, "reason": "burning"})
+        let body =
+            serde_json::json!({"service": "web", "environment": environment, "reason": "burning"})
                 .to_string();
-            let now = rewind_shared::time::now_ms();
-            let response = reqwest::Client::new()
-                .post(format!("{http}/v1/webhook"))
-                .header("content-type", "application/json")
-                .header("x-rewind-timestamp", now.to_string())
-                .header(
-                    "x-rewind-signature",
-                    rewind_tests::webhook_signature(SECRET.as_bytes(), now, body.as_bytes()),
-                )
-                .body(body)
-                .send()
-                .await
-                .expect("the coordinator answers HTTP");
-            (
-                response.status().as_u16(),
-                response.text().await.unwrap_or_default(),
-            )
-        }
+        rewind_tests::post_signed_webhook(&http, SECRET.as_bytes(), body)
     };
     let (status, answer) = ask("prod").await;
     assert_eq!(status, 403, "{answer}");

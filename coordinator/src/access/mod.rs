@@ -20,8 +20,6 @@ pub mod policy;
 
 use std::sync::Arc;
 
-use rewind_shared::identity::Kind;
-
 pub use permissions::{Permission, Reach};
 pub use policy::{Decision, Level, Policy, Principal, Target};
 
@@ -100,11 +98,6 @@ impl Caller {
     /// Whether a list may show an item with these targets (all of them).
     pub fn may_see(&self, targets: &[Target]) -> bool {
         targets.iter().all(|target| self.decide(target).allowed)
-    }
-
-    /// Whether this caller is a member or an agent (no policy applies to them).
-    pub fn is_peer(&self) -> bool {
-        matches!(self.principal.kind, Kind::Member | Kind::Agent)
     }
 }
 
