@@ -60,9 +60,12 @@ pub fn must_binary(name: &str) -> PathBuf {
     path
 }
 
-/// A child process killed (SIGKILL) when dropped.
+/// A child process killed (SIGKILL) when dropped. Dropped while its test panics, it prints the
+/// tail of its log: the temporary directory holding the log goes with the test, and a failure
+/// seen once in CI must be explainable from CI's output alone.
 pub struct Process {
     pub child: Child,
+    log: PathBuf,
 }
 
 impl Process {
@@ -72,9 +75,23 @@ impl Process {
     }
 }
 
+/// How many of a process's last log lines a failing test prints.
+const LOG_TAIL_ON_FAILURE: usize = 60;
+
 impl Drop for Process {
     fn drop(&mut self) {
         self.kill();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(LOG_TAIL_ON_FAILURE)..];
+            eprintln!(
+                "--- last {} lines of {} ---\n{}",
+                tail.len(),
+                self.log.display(),
+                tail.join("\n")
+            );
+        }
     }
 }
 
@@ -119,7 +136,10 @@ fn spawn_with(
         .stderr(log_file)
         .spawn()
         .unwrap_or_else(|error| panic!("start {}: {error}", binary.display()));
-    Process { child }
+    Process {
+        child,
+        log: log.to_path_buf(),
+    }
 }
 
 /// A single-member dev coordinator on a free loopback port.
@@ -569,6 +589,17 @@ region = "{region}"
     pub fn config_bytes(&self) -> Vec<u8> {
         std::fs::read(self.root.join("config/app.toml")).unwrap()
     }
+}
+
+/// The stdout of a `rewindctl` run that must have succeeded.
+pub fn run_ok(output: &std::process::Output) -> String {
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    assert!(
+        output.status.success(),
+        "rewindctl failed: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
 }
 
 /// Polls `check` every 100 ms until it returns a value; panics after `limit`.

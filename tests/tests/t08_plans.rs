@@ -149,16 +149,6 @@ async fn must_deploy(client: &mut ControlServiceClient<Channel>, service: &str, 
     .await;
 }
 
-fn run_ok(output: &std::process::Output) -> String {
-    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
-    assert!(
-        output.status.success(),
-        "rewindctl failed: {stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
-}
-
 fn verify_signature(headers: &HeaderMap, body: &[u8]) {
     let timestamp = headers["x-rewind-timestamp"].to_str().unwrap();
     let signature = headers["x-rewind-signature"].to_str().unwrap();
