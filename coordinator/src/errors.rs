@@ -72,6 +72,14 @@ pub enum CoordinatorError {
         "the access policy changed since you read it (expected sha256 {expected}, it is {actual}): show it again and reapply"
     )]
     PolicyChanged { expected: String, actual: String },
+    #[error("no request {request_id} for approval")]
+    UnknownRequest { request_id: String },
+    #[error("{request_id}: {why}")]
+    RequestRefused { request_id: String, why: String },
+    #[error(
+        "{request_id} already asks to roll back {changes}: approve or deny it (rewindctl request show {request_id})"
+    )]
+    AlreadyRequested { request_id: String, changes: String },
     #[error("the plan would break consumers: {problems}")]
     Incompatible { problems: String },
     #[error("rollback {rollback_id} is {status:?} and cannot {action}")]
@@ -119,6 +127,9 @@ impl CoordinatorError {
             Self::PlanChanged { .. } => "plan_changed",
             Self::PolicyChanged { .. } => "policy_changed",
             Self::Incompatible { .. } => "incompatible",
+            Self::UnknownRequest { .. } => "unknown_request",
+            Self::RequestRefused { .. } => "request_refused",
+            Self::AlreadyRequested { .. } => "already_requested",
             Self::RollbackNotControllable { .. } => "rollback_not_controllable",
             Self::StepNotRunning { .. } => "step_not_running",
             Self::StepNotStartable { .. } => "step_not_startable",

@@ -22,6 +22,8 @@
 
 pub mod access;
 pub mod api;
+#[cfg(test)]
+mod approvals_test;
 pub mod config;
 pub mod engine;
 pub mod errors;

@@ -18,9 +18,9 @@ use sha2::{Digest, Sha256};
 use crate::errors::{CoordinatorError, known_list};
 use crate::recipe::RecipeStep;
 use crate::state_machine::{
-    ChangeRecord, MigrationClass, PlanOptions, ReleaseRecord, RollbackStatus, RollbackStepKind,
-    SchemaOwner, SchemaStage, SchemaTxnRecord, State, StepStatus, Trigger, change_id,
-    current_version, unknown_change,
+    ChangeRecord, HostRecord, MigrationClass, PlanOptions, ReleaseRecord, RollbackStatus,
+    RollbackStepKind, SchemaOwner, SchemaStage, SchemaTxnRecord, State, StepStatus, Trigger,
+    change_id, current_version, unknown_change,
 };
 
 type Result<T> = std::result::Result<T, CoordinatorError>;
@@ -630,6 +630,35 @@ fn revertible_hosts(change: &ChangeRecord) -> impl Iterator<Item = &str> {
 }
 
 /// The environment a change ran in: that of its first host that names one, else `default`.
+/// The environment a host's label names; a host without one is in `default`, as plans and
+/// flags count it.
+pub fn host_environment(host: &HostRecord) -> &str {
+    if host.labels.environment.is_empty() {
+        DEFAULT_ENVIRONMENT
+    } else {
+        &host.labels.environment
+    }
+}
+
+/// Every environment a change touches, sorted: its hosts' (a change may span several; its
+/// recorded environment is only the first) and its recorded one. Access is judged on all.
+pub fn change_environments<'a>(state: &'a State, change: &'a ChangeRecord) -> Vec<&'a str> {
+    let mut environments: Vec<&str> = change
+        .hosts
+        .iter()
+        .filter_map(|host| state.hosts.get(&host.host_id))
+        .map(host_environment)
+        .collect();
+    environments.push(if change.environment.is_empty() {
+        DEFAULT_ENVIRONMENT
+    } else {
+        &change.environment
+    });
+    environments.sort_unstable();
+    environments.dedup();
+    environments
+}
+
 pub fn environment_of(state: &State, change: &ChangeRecord) -> String {
     if !change.environment.is_empty() {
         return change.environment.clone();

@@ -203,6 +203,7 @@ fn reverting_a_provider_under_a_consumer_that_stays_is_refused_unless_forced() {
         plan_hash: String::new(),
         reason: "r".into(),
         trigger: Trigger::Manual,
+        break_glass: false,
     };
     fleet.index += 1;
     let command = Command {

@@ -31,10 +31,20 @@ impl Fleet {
 
     /// Applies at a chosen time; the error when it is refused.
     pub fn apply_at(&mut self, at_ms: u64, kind: CommandKind) -> Result<Outcome, CoordinatorError> {
+        self.apply_as("operator", at_ms, kind)
+    }
+
+    /// Applies as `identity` at a chosen time.
+    pub fn apply_as(
+        &mut self,
+        identity: &str,
+        at_ms: u64,
+        kind: CommandKind,
+    ) -> Result<Outcome, CoordinatorError> {
         self.index += 1;
         let command = Command {
             at_ms,
-            identity: "operator".into(),
+            identity: identity.into(),
             request_id: String::new(),
             kind,
         };

@@ -305,6 +305,7 @@ fn a_change_turns_its_flags_on_and_its_rollback_turns_them_back_first() {
         plan_hash: String::new(),
         reason: "bad".into(),
         trigger: Trigger::Manual,
+        break_glass: false,
     });
     let rollback = fleet.state.rollbacks.values().last().unwrap();
     assert_eq!(rollback.flags_reverted, vec!["prod/a/new-checkout -> off"]);

@@ -149,6 +149,11 @@ const CONTROL: &[Permission] = control_table![
     ("GetPolicy", "policy.show", Read, Cluster),
     ("ApplyPolicy", "policy.apply", Administer, Cluster),
     ("CheckAccess", "policy.check", Read, Cluster),
+    ("ListRequests", "request.list", Read, Listed),
+    ("GetRequest", "request.show", Read, Scoped),
+    ("ApproveRequest", "request.approve", Approve, Scoped),
+    ("DenyRequest", "request.deny", Approve, Scoped),
+    ("ReviewRequest", "request.review", Approve, Scoped),
 ];
 
 const PEERS: &[Permission] = &[

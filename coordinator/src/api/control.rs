@@ -582,6 +582,12 @@ impl ControlService for Control {
             let targets = targets::changes(state, &changes);
             Ok::<_, Status>((changes, targets))
         })?;
+        if request.break_glass && request.reason.trim().is_empty() {
+            return Err(invalid(
+                "reason",
+                "break-glass needs a reason: it goes into the escalation and the review",
+            ));
+        }
         self.context.authorize(&caller, &targets)?;
         let reason = if request.reason.is_empty() {
             "requested by an operator".to_string()
@@ -594,26 +600,50 @@ impl ControlService for Control {
             plan_hash: request.plan_hash,
             reason,
             trigger: Trigger::Manual,
+            break_glass: request.break_glass,
         };
-        let Outcome::Rollback(number) = self
+        match self
             .context
             .propose(&identity, &request.request_id, kind)
             .await?
-        else {
-            return Err(Status::internal("start rollback produced no rollback"));
-        };
-        info!(
-            identity,
-            rollback_id = rollback_id(number),
-            "Rollback started."
-        );
-        let rollback = self.context.node.read(|state| {
-            state
-                .rollbacks
-                .get(&number)
-                .map(|record| convert::rollback(state, record))
-        });
-        Ok(Response::new(pb::StartRollbackResponse { rollback }))
+        {
+            Outcome::Rollback(number) => {
+                info!(
+                    identity,
+                    rollback_id = rollback_id(number),
+                    break_glass = request.break_glass,
+                    "Rollback started."
+                );
+                let rollback = self.context.node.read(|state| {
+                    state
+                        .rollbacks
+                        .get(&number)
+                        .map(|record| convert::rollback(state, record))
+                });
+                Ok(Response::new(pb::StartRollbackResponse {
+                    rollback,
+                    request: None,
+                }))
+            }
+            Outcome::Request(number) => {
+                info!(
+                    identity,
+                    request_id = request_id(number),
+                    "Rollback waits for approval."
+                );
+                let request = self.context.node.read(|state| {
+                    state
+                        .approval_requests
+                        .get(&number)
+                        .map(|record| convert::approval_request(state, record))
+                });
+                Ok(Response::new(pb::StartRollbackResponse {
+                    rollback: None,
+                    request,
+                }))
+            }
+            _ => Err(Status::internal("start rollback produced no rollback")),
+        }
     }
 
     async fn skip_host(
@@ -1137,6 +1167,47 @@ impl ControlService for Control {
         super::policy::check(&self.context, request.get_ref()).map(Response::new)
     }
 
+    async fn list_requests(
+        &self,
+        request: Request<pb::ListRequestsRequest>,
+    ) -> Result<Response<pb::ListRequestsResponse>, Status> {
+        let caller = caller(&request)?;
+        super::requests::list(&self.context, &caller, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn get_request(
+        &self,
+        request: Request<pb::GetRequestRequest>,
+    ) -> Result<Response<pb::ApprovalRequest>, Status> {
+        let caller = caller(&request)?;
+        super::requests::get(&self.context, &caller, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn approve_request(
+        &self,
+        request: Request<pb::RequestDecision>,
+    ) -> Result<Response<pb::ApprovalRequest>, Status> {
+        self.decide_request(request, RequestDecision::Approve).await
+    }
+
+    async fn deny_request(
+        &self,
+        request: Request<pb::RequestDecision>,
+    ) -> Result<Response<pb::ApprovalRequest>, Status> {
+        self.decide_request(request, RequestDecision::Deny).await
+    }
+
+    async fn review_request(
+        &self,
+        request: Request<pb::RequestDecision>,
+    ) -> Result<Response<pb::ApprovalRequest>, Status> {
+        self.decide_request(request, RequestDecision::Review).await
+    }
+
     async fn get_service_health(
         &self,
         request: Request<pb::GetServiceHealthRequest>,
@@ -1239,6 +1310,28 @@ impl Control {
         Ok(Response::new(pb::GetRollbackResponse {
             rollback: Some(self.context.rollback(number)?),
         }))
+    }
+
+    async fn decide_request(
+        &self,
+        request: Request<pb::RequestDecision>,
+        decision: RequestDecision,
+    ) -> Result<Response<pb::ApprovalRequest>, Status> {
+        let caller = caller(&request)?;
+        let decided =
+            super::requests::decide(&self.context, &caller, decision, request.into_inner()).await?;
+        info!(
+            identity = caller.id(),
+            request_id = decided.request_id,
+            status = decided.status,
+            "Request {}.",
+            match decision {
+                RequestDecision::Approve => "approved",
+                RequestDecision::Deny => "denied",
+                RequestDecision::Review => "reviewed",
+            }
+        );
+        Ok(Response::new(decided))
     }
 
     /// The rollback a read names, once the caller may see it.
@@ -1588,6 +1681,13 @@ pub(super) fn validate_reason(reason: &str) -> Result<(), Status> {
             ),
         ));
     }
+    // Reasons are shown on terminals and in the audit log: no escape sequences, one line.
+    if reason.chars().any(char::is_control) {
+        return Err(invalid(
+            "reason",
+            "must not hold control characters (newlines, tabs, escapes)",
+        ));
+    }
     Ok(())
 }
 
@@ -1616,7 +1716,7 @@ fn page_limit(limit: u32) -> Result<usize, Status> {
 }
 
 /// Parses `ch-12` / `rb-3`, naming the field and the expected shape when it is not one.
-fn parse_id(field: &str, prefix: &str, id: &str) -> Result<u64, Status> {
+pub(super) fn parse_id(field: &str, prefix: &str, id: &str) -> Result<u64, Status> {
     if id.is_empty() {
         return Err(invalid(field, "must not be empty"));
     }

@@ -359,6 +359,74 @@ pub fn rollback(state: &State, rollback: &RollbackRecord) -> pb::Rollback {
             .iter()
             .map(|stage| schema_stage(state, stage))
             .collect(),
+        approved_by: rollback.approved_by.clone(),
+        request_id: if rollback.request == 0 {
+            String::new()
+        } else {
+            request_id(rollback.request)
+        },
+        break_glass: rollback.break_glass,
+    }
+}
+
+fn approval(approval: &Approval) -> pb::Approval {
+    pb::Approval {
+        identity: approval.identity.clone(),
+        at_ms: approval.at_ms,
+        reason: approval.reason.clone(),
+    }
+}
+
+/// A request for approval. A pending one past its time reads as expired (the log records that
+/// at the next decision), and says whether its plan is still the one requested.
+pub fn approval_request(state: &State, request: &ApprovalRequest) -> pb::ApprovalRequest {
+    let overdue = request.status == RequestStatus::Pending
+        && rewind_shared::time::now_ms() > request.expires_at_ms;
+    let (status, detail) = if overdue {
+        (
+            RequestStatus::Expired.name(),
+            format!(
+                "expired with {} of {} approvals",
+                request.approvals.len(),
+                request.needed
+            ),
+        )
+    } else {
+        (request.status.name(), request.detail.clone())
+    };
+    let plan_now = if request.status == RequestStatus::Pending && !overdue {
+        crate::state_machine::approvals::plan_drift(state, request).unwrap_or_default()
+    } else {
+        String::new()
+    };
+    pb::ApprovalRequest {
+        request_id: request.id(),
+        status: status.into(),
+        detail,
+        requester: request.requester.clone(),
+        trigger: match request.trigger {
+            Trigger::Manual => "manual".into(),
+            Trigger::Automatic => "automatic".into(),
+        },
+        reason: request.reason.clone(),
+        change_ids: request.changes.iter().map(|&n| change_id(n)).collect(),
+        services: request.services.clone(),
+        environments: request.environments.clone(),
+        plan_hash: request.plan_hash.clone(),
+        plan: request.plan.clone(),
+        approvals_needed: request.needed,
+        approvals: request.approvals.iter().map(approval).collect(),
+        created_at_ms: request.created_at_ms,
+        expires_at_ms: request.expires_at_ms,
+        decided_at_ms: request.decided_at_ms,
+        rollback_id: if request.rollback == 0 {
+            String::new()
+        } else {
+            rollback_id(request.rollback)
+        },
+        break_glass: request.break_glass,
+        review: request.review.as_ref().map(approval),
+        plan_now,
     }
 }
 

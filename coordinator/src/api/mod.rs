@@ -11,6 +11,7 @@ mod member;
 pub(crate) mod plans;
 mod policy;
 pub mod raft;
+mod requests;
 pub mod status;
 mod targets;
 

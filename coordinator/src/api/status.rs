@@ -17,10 +17,11 @@ pub fn to_status(error: CoordinatorError) -> Status {
         | CoordinatorError::UnknownChange { .. }
         | CoordinatorError::UnknownRollback { .. }
         | CoordinatorError::UnknownHost { .. }
-        | CoordinatorError::UnknownStep { .. } => Code::NotFound,
-        CoordinatorError::ReleaseConflict { .. } | CoordinatorError::AlreadyRolledBack { .. } => {
-            Code::AlreadyExists
-        }
+        | CoordinatorError::UnknownStep { .. }
+        | CoordinatorError::UnknownRequest { .. } => Code::NotFound,
+        CoordinatorError::ReleaseConflict { .. }
+        | CoordinatorError::AlreadyRolledBack { .. }
+        | CoordinatorError::AlreadyRequested { .. } => Code::AlreadyExists,
         CoordinatorError::NoHosts { .. }
         | CoordinatorError::ChangeInProgress { .. }
         | CoordinatorError::RollbackInProgress { .. }
@@ -30,6 +31,7 @@ pub fn to_status(error: CoordinatorError) -> Status {
         | CoordinatorError::PlanChanged { .. }
         | CoordinatorError::PolicyChanged { .. }
         | CoordinatorError::Incompatible { .. }
+        | CoordinatorError::RequestRefused { .. }
         | CoordinatorError::StepNotRunning { .. }
         | CoordinatorError::StepNotStartable { .. }
         | CoordinatorError::MembershipConflict(_) => Code::FailedPrecondition,

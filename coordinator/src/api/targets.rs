@@ -3,39 +3,16 @@
 //! answer `NOT_FOUND` for it before anything is proposed (an empty list would allow anything).
 
 use crate::access::Target;
-use crate::plan::DEFAULT_ENVIRONMENT;
 use crate::state_machine::{HostRecord, SchemaOwner, State};
 
-/// The environment a host's label names; a host without one is in `default`, as plans and
-/// flags count it.
-pub fn environment_of(host: &HostRecord) -> &str {
-    if host.labels.environment.is_empty() {
-        DEFAULT_ENVIRONMENT
-    } else {
-        &host.labels.environment
-    }
-}
+pub use crate::plan::host_environment as environment_of;
 
-/// A change's service in every environment its hosts are in (a change may span several; its
-/// recorded environment is only the first), and in its recorded one.
+/// A change's service in every environment it touches (see [`crate::plan::change_environments`]).
 pub fn change(state: &State, number: u64) -> Vec<Target> {
     let Some(change) = state.changes.get(&number) else {
         return Vec::new();
     };
-    let mut environments: Vec<&str> = change
-        .hosts
-        .iter()
-        .filter_map(|host| state.hosts.get(&host.host_id))
-        .map(environment_of)
-        .collect();
-    environments.push(if change.environment.is_empty() {
-        DEFAULT_ENVIRONMENT
-    } else {
-        &change.environment
-    });
-    environments.sort_unstable();
-    environments.dedup();
-    environments
+    crate::plan::change_environments(state, change)
         .into_iter()
         .map(|environment| Target::scoped(environment, &change.service))
         .collect()

@@ -151,6 +151,7 @@ impl World {
             plan_hash: String::new(),
             reason: String::new(),
             trigger: Trigger::Manual,
+            break_glass: false,
         });
     }
 
@@ -394,6 +395,7 @@ fn max_unavailable_counts_hosts_that_are_already_down() {
         plan_hash: String::new(),
         reason: String::new(),
         trigger: Trigger::Manual,
+        break_glass: false,
     });
     world.seen.sessions.remove("web-3");
     world.run_tick(1_000);

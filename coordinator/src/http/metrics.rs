@@ -336,6 +336,7 @@ mod tests {
             plan_hash: String::new(),
             reason: "test".into(),
             trigger: Trigger::Manual,
+            break_glass: false,
         });
         let drain = crate::state_machine::StepTarget::Rollback {
             rollback: 1,

@@ -3,6 +3,7 @@
 //! No clock, no randomness, no I/O: everything comes from the command. A rejected command changes
 //! nothing (each handler checks before it mutates) except `applied_index`.
 
+use super::approvals;
 use super::command::{Command, CommandKind, MembershipChange, Outcome, RollbackAction, StepTarget};
 use super::state::*;
 use crate::errors::{CoordinatorError, known_list};
@@ -205,9 +206,23 @@ fn apply_kind(state: &mut State, command: &Command) -> Result<(Outcome, String, 
             plan_hash,
             reason,
             trigger,
-        } => start_rollback(
-            state, command, changes, options, plan_hash, reason, *trigger,
+            break_glass,
+        } => request_rollback(
+            state,
+            command,
+            changes,
+            options,
+            plan_hash,
+            reason,
+            *trigger,
+            *break_glass,
         ),
+        CommandKind::DecideRequest {
+            request,
+            decision,
+            plan_hash,
+            reason,
+        } => decide_request(state, command, *request, *decision, plan_hash, reason),
         CommandKind::SkipHost {
             rollback,
             host_id,
@@ -1167,6 +1182,186 @@ fn skip_pending(rollback: &mut RollbackRecord) {
     }
 }
 
+/// A person's rollback: at once where the policy asks for no approvals, as a request for them
+/// where it does, or at once anyway by break-glass (escalated, and left for a review).
+#[allow(clippy::too_many_arguments)]
+fn request_rollback(
+    state: &mut State,
+    command: &Command,
+    changes: &[u64],
+    options: &PlanOptions,
+    plan_hash: &str,
+    reason: &str,
+    trigger: Trigger,
+    break_glass: bool,
+) -> Result<(Outcome, String, String)> {
+    let requirement = approvals::requirement(state, changes);
+    if requirement.approvals == 0 {
+        return start_rollback(state, command, changes, options, plan_hash, reason, trigger);
+    }
+    if !break_glass {
+        let plan = checked_plan(state, changes, options, plan_hash, trigger)?;
+        return approvals::file(state, command, &plan, &requirement, reason, trigger);
+    }
+    if !requirement.break_glass {
+        return Err(CoordinatorError::invalid(
+            "break_glass",
+            format!(
+                "the policy of {} does not allow break-glass: ask for the {} approvals it requires",
+                requirement.environments.join(", "),
+                requirement.approvals
+            ),
+        ));
+    }
+    let plan = checked_plan(state, changes, options, plan_hash, trigger)?;
+    let (outcome, target, audit) =
+        start_rollback(state, command, changes, options, plan_hash, reason, trigger)?;
+    let Outcome::Rollback(number) = outcome else {
+        unreachable!("start_rollback answers with a rollback");
+    };
+    let request =
+        approvals::record_break_glass(state, command, &plan, &requirement, reason, number);
+    let service = plan.services.first().cloned().unwrap_or_default();
+    if let Some(rollback) = state.rollbacks.get_mut(&number) {
+        rollback.break_glass = true;
+        rollback.request = request;
+    }
+    let evidence = format!(
+        "break-glass: {} started {} without the {} approvals {} requires ({} to review: rewindctl request review {}): {reason}",
+        command.identity,
+        rollback_id(number),
+        requirement.approvals,
+        requirement.environments.join(", "),
+        approvals::request_id(request),
+        approvals::request_id(request),
+    );
+    let escalation = state.escalate(command.at_ms, number, 0, &service, evidence);
+    if let Some(rollback) = state.rollbacks.get_mut(&number) {
+        rollback.escalations.push(escalation);
+    }
+    Ok((
+        outcome,
+        target,
+        format!(
+            "break-glass ({} to review): {}",
+            approvals::request_id(request),
+            audit
+        ),
+    ))
+}
+
+/// A person's decision on a request; the last approval needed starts its rollback, run as the
+/// requester's with the approvers named.
+fn decide_request(
+    state: &mut State,
+    command: &Command,
+    number: u64,
+    decision: approvals::Decision,
+    plan_hash: &str,
+    reason: &str,
+) -> Result<(Outcome, String, String)> {
+    let target = approvals::request_id(number);
+    match approvals::decide(state, command, number, decision, plan_hash, reason)? {
+        approvals::Decided::Recorded(text) => {
+            Ok((Outcome::Request(number), target, format!("ok: {text}")))
+        }
+        approvals::Decided::Refused(why) => Ok((
+            Outcome::RequestRefused {
+                request: number,
+                why: why.clone(),
+            },
+            target,
+            format!("refused: {why}"),
+        )),
+        approvals::Decided::Approved => {
+            let request = state.approval_requests[&number].clone();
+            let (_, rollback_target, started) = start_rollback(
+                state,
+                command,
+                &request.changes,
+                &request.options,
+                &request.plan_hash,
+                &request.reason,
+                request.trigger,
+            )?;
+            let rollback = state.next_rollback;
+            let mut approved_by: Vec<String> = request
+                .approvals
+                .iter()
+                .map(|approval| approval.identity.clone())
+                .collect();
+            approved_by.push(command.identity.clone());
+            if let Some(record) = state.rollbacks.get_mut(&rollback) {
+                record.started_by = request.requester.clone();
+                record.approved_by = approved_by.clone();
+                record.request = number;
+            }
+            if let Some(record) = state.approval_requests.get_mut(&number) {
+                record.approvals.push(approvals::Approval {
+                    identity: command.identity.clone(),
+                    at_ms: command.at_ms,
+                    reason: reason.to_string(),
+                });
+                record.status = approvals::RequestStatus::Approved;
+                record.decided_at_ms = command.at_ms;
+                record.rollback = rollback;
+                record.detail = format!(
+                    "approved by {}: started {}",
+                    approved_by.join(", "),
+                    rollback_id(rollback)
+                );
+            }
+            // The rollback's own entry names who asked for it; the approval's follows.
+            state.audit.append(
+                command.at_ms,
+                &request.requester,
+                "rollback.start",
+                &rollback_target,
+                &format!("{started}; approved by {}", approved_by.join(", ")),
+            );
+            Ok((
+                Outcome::Request(number),
+                target,
+                format!(
+                    "ok: approval {} of {}: started {}",
+                    approved_by.len(),
+                    request.needed,
+                    rollback_id(rollback)
+                ),
+            ))
+        }
+    }
+}
+
+/// The plan of `changes` as it is now, refused if it is not the one shown (`plan_hash`, when
+/// given) or would break consumers without `force`.
+fn checked_plan(
+    state: &State,
+    changes: &[u64],
+    options: &PlanOptions,
+    plan_hash: &str,
+    trigger: Trigger,
+) -> Result<crate::plan::Plan> {
+    let plan = crate::plan::build(state, changes, options, trigger)?;
+    if !plan_hash.is_empty() && plan.hash != plan_hash {
+        return Err(CoordinatorError::PlanChanged {
+            shown: plan_hash.to_string(),
+            now: plan.hash,
+        });
+    }
+    if !plan.incompatibilities.is_empty() && !options.force {
+        return Err(CoordinatorError::Incompatible {
+            problems: plan
+                .incompatibilities
+                .iter()
+                .map(|problem| problem.detail.clone())
+                .collect::<Vec<_>>()
+                .join("; "),
+        });
+    }
+    Ok(plan)
+}
+
 fn start_rollback(
     state: &mut State,
     command: &Command,
@@ -1176,23 +1371,12 @@ fn start_rollback(
     reason: &str,
     trigger: Trigger,
 ) -> Result<(Outcome, String, String)> {
-    let plan = crate::plan::build(state, changes, options, trigger)?;
-    if !plan_hash.is_empty() && plan.hash != plan_hash {
-        return Err(CoordinatorError::PlanChanged {
-            shown: plan_hash.to_string(),
-            now: plan.hash,
-        });
-    }
+    let plan = checked_plan(state, changes, options, plan_hash, trigger)?;
     let forced: Vec<String> = plan
         .incompatibilities
         .iter()
         .map(|problem| problem.detail.clone())
         .collect();
-    if !forced.is_empty() && !options.force {
-        return Err(CoordinatorError::Incompatible {
-            problems: forced.join("; "),
-        });
-    }
     state.next_rollback += 1;
     let number = state.next_rollback;
     let mut steps = Vec::new();
@@ -1270,6 +1454,9 @@ fn start_rollback(
         isolated: Vec::new(),
         recipes: plan.recipes.clone(),
         schema: plan.schema.clone(),
+        approved_by: Vec::new(),
+        request: 0,
+        break_glass: false,
     };
     state.rollbacks.insert(number, rollback);
     // A change's migrations not yet decided are aborted: the plan reverts only what was decided
@@ -1760,31 +1947,71 @@ fn auto_trigger(state: &mut State, command: &Command) -> Result<(Outcome, String
             (TriggerOutcome::Throttled, why, 0)
         }
         Verdict::Start => {
-            let (Outcome::Rollback(number), target, started) = start_rollback(
-                state,
-                command,
-                &[change],
-                options,
-                "",
-                reason,
-                Trigger::Automatic,
-            )?
-            else {
-                unreachable!("start_rollback answers with a rollback");
-            };
-            // The rollback's own entry, as for one a person starts; the trigger's follows.
-            state.audit.append(
-                at_ms,
-                &command.identity,
-                "rollback.start",
-                &target,
-                &started,
-            );
-            (
-                TriggerOutcome::Started,
-                format!("started {}", rollback_id(number)),
-                number,
-            )
+            let requirement = approvals::requirement(state, &[change]);
+            if requirement.approvals > 0 && !requirement.automatic_at_once {
+                let plan = checked_plan(state, &[change], options, "", Trigger::Automatic)?;
+                let (Outcome::Request(number), target, filed) = approvals::file(
+                    state,
+                    command,
+                    &plan,
+                    &requirement,
+                    reason,
+                    Trigger::Automatic,
+                )?
+                else {
+                    unreachable!("approvals::file answers with a request");
+                };
+                state
+                    .audit
+                    .append(at_ms, &command.identity, "rollback.start", &target, &filed);
+                (
+                    TriggerOutcome::AwaitingApproval,
+                    format!(
+                        "waits for approval as {} ({} requires {} approvals for automatic rollbacks)",
+                        approvals::request_id(number),
+                        requirement.environments.join(", "),
+                        requirement.approvals
+                    ),
+                    0,
+                )
+            } else {
+                let (Outcome::Rollback(number), target, mut started) = start_rollback(
+                    state,
+                    command,
+                    &[change],
+                    options,
+                    "",
+                    reason,
+                    Trigger::Automatic,
+                )?
+                else {
+                    unreachable!("start_rollback answers with a rollback");
+                };
+                if requirement.approvals > 0 {
+                    // Mitigation does not wait for a meeting: the policy approved it.
+                    let by_policy = format!(
+                        "policy: automatic rollbacks run at once in {}",
+                        requirement.environments.join(", ")
+                    );
+                    started += &format!("; approved by {by_policy}");
+                    if let Some(record) = state.rollbacks.get_mut(&number) {
+                        record.approved_by = vec![by_policy];
+                    }
+                }
+                // The rollback's own entry, as for one a person starts; the trigger's follows.
+                state.audit.append(
+                    at_ms,
+                    &command.identity,
+                    "rollback.start",
+                    &target,
+                    &started,
+                );
+                (
+                    TriggerOutcome::Started,
+                    format!("started {}", rollback_id(number)),
+                    number,
+                )
+            }
         }
     };
     state.triggers.push_back(TriggerRecord {

@@ -137,6 +137,7 @@ fn rollback_of(change: u64, trigger: Trigger) -> CommandKind {
         plan_hash: String::new(),
         reason: "bad".into(),
         trigger,
+        break_glass: false,
     }
 }
 
@@ -381,6 +382,7 @@ fn a_rollback_refuses_a_plan_that_changed_since_it_was_shown() {
             plan_hash: shown.clone(),
             reason: "r".into(),
             trigger: Trigger::Manual,
+            break_glass: false,
         })
         .unwrap_err();
     assert!(
@@ -393,6 +395,7 @@ fn a_rollback_refuses_a_plan_that_changed_since_it_was_shown() {
         plan_hash: shown.clone(),
         reason: "r".into(),
         trigger: Trigger::Manual,
+        break_glass: false,
     });
     assert_eq!(harness.state.rollbacks[&1].plan_hash, shown);
 }

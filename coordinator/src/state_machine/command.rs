@@ -108,6 +108,17 @@ pub enum CommandKind {
         plan_hash: String,
         reason: String,
         trigger: Trigger,
+        /// Run at once where the policy would ask for approvals (escalated, reviewed later).
+        #[serde(default)]
+        break_glass: bool,
+    },
+    /// A person approves, denies or (after break-glass) reviews a request for approval.
+    DecideRequest {
+        request: u64,
+        decision: super::approvals::Decision,
+        /// The plan hash the approver was shown; an approval must name the request's.
+        plan_hash: String,
+        reason: String,
     },
     /// Asks for an automatic rollback of the service's latest change. `apply()` records what
     /// became of it: started, ignored (nothing to do) or throttled (and a person called).
@@ -350,6 +361,13 @@ pub enum Outcome {
     Change(u64),
     Rollback(u64),
     Drill(u64),
+    /// A request for approval was filed or decided (`req-<n>`).
+    Request(u64),
+    /// A decision found the request lapsed or expired, and recorded that.
+    RequestRefused {
+        request: u64,
+        why: String,
+    },
     Triggered {
         outcome: TriggerOutcome,
         /// The rollback started, 0 if none.
@@ -376,6 +394,7 @@ impl CommandKind {
             Self::StepStarted { .. } => "step.start",
             Self::StepFinished { .. } => "step.finish",
             Self::StartRollback { .. } => "rollback.start",
+            Self::DecideRequest { decision, .. } => decision.action(),
             Self::SkipHost { .. } => "rollback.skip-host",
             Self::RecordSelfRevert { .. } => "host.self-revert",
             Self::RecordOfflineHealth { .. } => "host.offline-health",

@@ -2,6 +2,7 @@
 //! [`apply`] that every member runs on the same log to reach the same state.
 
 mod apply;
+pub mod approvals;
 mod audit;
 mod command;
 pub mod schema;

@@ -64,7 +64,16 @@ pub struct State {
     pub drills: BTreeMap<u64, DrillRecord>,
     #[serde(default)]
     pub next_drill: u64,
+    /// Requests for approval, keyed by the number in `req-<n>`; bounded.
+    #[serde(default)]
+    pub approval_requests: BTreeMap<u64, ApprovalRequest>,
+    #[serde(default)]
+    pub next_request: u64,
 }
+
+pub use super::approvals::{
+    Approval, ApprovalRequest, Decision as RequestDecision, RequestStatus, request_id,
+};
 
 pub use super::schema::{
     DrillRecord, DrillStatus, SchemaDecision, SchemaOwner, SchemaStage, SchemaTxnRecord,
@@ -161,6 +170,8 @@ pub enum TriggerOutcome {
     Started,
     /// Nothing to do (no change, or already being rolled back).
     Ignored,
+    /// The environment's policy makes automatic rollbacks wait for approval: a request was filed.
+    AwaitingApproval,
     /// A throttle refused it; a person was called when that needs one.
     Throttled,
 }
@@ -170,6 +181,7 @@ impl TriggerOutcome {
         match self {
             Self::Started => "started",
             Self::Ignored => "ignored",
+            Self::AwaitingApproval => "awaiting-approval",
             Self::Throttled => "throttled",
         }
     }
@@ -853,6 +865,15 @@ pub struct RollbackRecord {
     /// Migrations it reverts, per database, once every wave is done.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub schema: Vec<SchemaStage>,
+    /// Approvers of its request, or the policy that let an automatic rollback run at once.
+    #[serde(default)]
+    pub approved_by: Vec<String>,
+    /// The request it ran from (`req-<n>`), 0 if none.
+    #[serde(default)]
+    pub request: u64,
+    /// Ran without the approvals its environments require.
+    #[serde(default)]
+    pub break_glass: bool,
 }
 
 impl RollbackRecord {

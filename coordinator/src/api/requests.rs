@@ -1,0 +1,129 @@
+//! Requests for approval over RPC: list, show, approve, deny, review. Who may decide is the
+//! gate's and [`Context::authorize`]'s (an approver on every environment and service of the
+//! request); what a decision may do (not the requester's, once per person, the exact plan) is
+//! `apply()`'s, so every member judges alike.
+
+use rewind_proto::v1 as pb;
+use tonic::Status;
+
+use super::control::{parse_id, validate_reason};
+use super::status::{invalid, to_status};
+use super::{Context, convert, targets};
+use crate::access::Caller;
+use crate::errors::CoordinatorError;
+use crate::state_machine::{
+    ApprovalRequest, CommandKind, Outcome, RequestDecision, State, request_id,
+};
+
+/// Most requests one list answers (the newest).
+const MAX_LISTED: usize = 200;
+
+/// Everything a request acts on: the environments and services of its changes.
+fn request_targets(state: &State, number: u64) -> Vec<crate::access::Target> {
+    state
+        .approval_requests
+        .get(&number)
+        .map(|request| targets::changes(state, &request.changes))
+        .unwrap_or_default()
+}
+
+fn unknown(number: u64) -> Status {
+    to_status(CoordinatorError::UnknownRequest {
+        request_id: request_id(number),
+    })
+}
+
+fn converted(state: &State, record: &ApprovalRequest) -> pb::ApprovalRequest {
+    convert::approval_request(state, record)
+}
+
+pub async fn list(
+    context: &Context,
+    caller: &Caller,
+    request: pb::ListRequestsRequest,
+) -> Result<pb::ListRequestsResponse, Status> {
+    context.current().await?;
+    let requests = context.node.read(|state| {
+        state
+            .approval_requests
+            .values()
+            .rev()
+            .filter(|record| !request.open_only || record.is_open())
+            .filter(|record| caller.may_see(&targets::changes(state, &record.changes)))
+            .take(MAX_LISTED)
+            .map(|record| converted(state, record))
+            .collect()
+    });
+    Ok(pb::ListRequestsResponse { requests })
+}
+
+pub async fn get(
+    context: &Context,
+    caller: &Caller,
+    request: pb::GetRequestRequest,
+) -> Result<pb::ApprovalRequest, Status> {
+    let number = parse_id("request_id", "req", &request.request_id)?;
+    context.current().await?;
+    let targets = context.node.read(|state| request_targets(state, number));
+    context.authorize_found(caller, &targets, || unknown(number))?;
+    context.node.read(|state| {
+        state
+            .approval_requests
+            .get(&number)
+            .map(|record| converted(state, record))
+            .ok_or_else(|| unknown(number))
+    })
+}
+
+/// Approves, denies or reviews; answers the request as it is after. An approval that found the
+/// request lapsed or expired is refused with why (and the request records it).
+pub async fn decide(
+    context: &Context,
+    caller: &Caller,
+    decision: RequestDecision,
+    request: pb::RequestDecision,
+) -> Result<pb::ApprovalRequest, Status> {
+    let number = parse_id("request_id", "req", &request.request_id)?;
+    validate_reason(&request.reason)?;
+    if request.reason.trim().is_empty() && decision != RequestDecision::Approve {
+        return Err(invalid(
+            "reason",
+            "say why: it goes into the audit log and the request",
+        ));
+    }
+    if decision == RequestDecision::Approve {
+        if request.plan_hash.is_empty() {
+            return Err(invalid(
+                "plan_hash",
+                "name the plan you approve (its hash from `rewindctl request show`)",
+            ));
+        }
+        rewind_shared::names::validate_digest("plan_hash", &request.plan_hash)
+            .map_err(|error| to_status(error.into()))?;
+    }
+    context.current().await?;
+    let targets = context.node.read(|state| request_targets(state, number));
+    context.authorize_found(caller, &targets, || unknown(number))?;
+    let kind = CommandKind::DecideRequest {
+        request: number,
+        decision,
+        plan_hash: request.plan_hash,
+        reason: request.reason,
+    };
+    let outcome = context
+        .propose(&caller.id(), &request.idempotency_key, kind)
+        .await?;
+    if let Outcome::RequestRefused { why, .. } = outcome {
+        return Err(to_status(CoordinatorError::RequestRefused {
+            request_id: request_id(number),
+            why,
+        }));
+    }
+    context.node.read(|state| {
+        state
+            .approval_requests
+            .get(&number)
+            .map(|record| converted(state, record))
+            .ok_or_else(|| unknown(number))
+    })
+}

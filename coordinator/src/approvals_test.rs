@@ -1,0 +1,293 @@
+//! Tests of requests for approval as `apply()` decides them: who may approve, the exact plan,
+//! lapse, expiry, break-glass, and automatic rollbacks under each environment's rule.
+
+use std::sync::Arc;
+
+use crate::access::Policy;
+use crate::errors::CoordinatorError;
+use crate::state_machine::*;
+use crate::test_fleet::Fleet;
+
+const POLICY: &str = r#"
+[[binding]]
+name = "admins"
+role = "admin"
+identities = ["user:ada"]
+scopes = ["*"]
+
+[environment.prod]
+approvals = 2
+request-ttl-s = 600
+
+[environment.locked]
+approvals = 1
+break-glass = false
+automatic-rollbacks = "await-approval"
+"#;
+
+/// Service `web` on web-1 (prod, eu) and web-2 (prod, us), deployed v1 then v2 (ch-2); and
+/// `api` on api-1 in `locked`, deployed v1 then v2 (ch-4).
+fn fleet() -> Fleet {
+    let mut fleet = Fleet::new();
+    fleet.state.access.policy = Some(Arc::new(Policy::from_toml(POLICY).unwrap()));
+    fleet.service("web", &[]);
+    fleet.host_in("web-1", "eu", "prod", &["web"]);
+    fleet.host_in("web-2", "us", "prod", &["web"]);
+    fleet.service("api", &[]);
+    fleet.host_in("api-1", "eu", "locked", &["api"]);
+    for service in ["web", "api"] {
+        fleet.release(service, "v1", 0, &[]);
+        fleet.release(service, "v2", 0, &[]);
+        fleet.deploy(service, "v1");
+        fleet.deploy(service, "v2");
+    }
+    fleet
+}
+
+fn rollback_of(change: u64, break_glass: bool) -> CommandKind {
+    CommandKind::StartRollback {
+        changes: vec![change],
+        options: PlanOptions::default(),
+        plan_hash: String::new(),
+        reason: "bad v2".into(),
+        trigger: Trigger::Manual,
+        break_glass,
+    }
+}
+
+fn decide(decision: RequestDecision, plan_hash: &str) -> CommandKind {
+    CommandKind::DecideRequest {
+        request: 1,
+        decision,
+        plan_hash: plan_hash.into(),
+        reason: "looked at it".into(),
+    }
+}
+
+fn refusal(result: Result<Outcome, CoordinatorError>) -> String {
+    match result {
+        Err(CoordinatorError::RequestRefused { why, .. }) => why,
+        Ok(Outcome::RequestRefused { why, .. }) => why,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+const AT: u64 = 1_000_000;
+
+#[test]
+fn a_prod_rollback_runs_only_after_two_approvers_other_than_the_requester_approve_its_plan() {
+    let mut fleet = fleet();
+    let filed = fleet.apply_as("user:alice", AT, rollback_of(2, false));
+    assert!(matches!(filed, Ok(Outcome::Request(1))), "{filed:?}");
+    assert!(fleet.state.rollbacks.is_empty(), "nothing runs yet");
+    let request = fleet.state.approval_requests[&1].clone();
+    assert_eq!(request.status, RequestStatus::Pending);
+    assert_eq!(request.environments, ["prod"]);
+    assert_eq!((request.needed, request.expires_at_ms), (2, AT + 600_000));
+    let hash = request.plan_hash.clone();
+
+    let again = fleet.apply_as("user:alice", AT, rollback_of(2, false));
+    assert!(
+        matches!(again, Err(CoordinatorError::AlreadyRequested { .. })),
+        "{again:?}"
+    );
+    let own = refusal(fleet.apply_as(
+        "user:alice",
+        AT + 1,
+        decide(RequestDecision::Approve, &hash),
+    ));
+    assert!(own.contains("requester cannot approve"), "{own}");
+    let stale = format!("sha256:{}", "0".repeat(64));
+    let stale =
+        refusal(fleet.apply_as("user:bob", AT + 2, decide(RequestDecision::Approve, &stale)));
+    assert!(stale.contains("the approval names plan"), "{stale}");
+
+    let first = fleet.apply_as("user:bob", AT + 3, decide(RequestDecision::Approve, &hash));
+    assert!(matches!(first, Ok(Outcome::Request(1))), "{first:?}");
+    assert!(fleet.state.rollbacks.is_empty(), "one approval of two");
+    let twice =
+        refusal(fleet.apply_as("user:bob", AT + 4, decide(RequestDecision::Approve, &hash)));
+    assert!(twice.contains("user:bob approved it already"), "{twice}");
+
+    fleet
+        .apply_as(
+            "user:carol",
+            AT + 5,
+            decide(RequestDecision::Approve, &hash),
+        )
+        .expect("the second approval applies");
+    let rollback = fleet.state.rollbacks.values().next().expect("it started");
+    assert_eq!(rollback.started_by, "user:alice");
+    assert_eq!(rollback.approved_by, ["user:bob", "user:carol"]);
+    assert_eq!(
+        (rollback.request, rollback.plan_hash.as_str()),
+        (1, hash.as_str())
+    );
+    let request = &fleet.state.approval_requests[&1];
+    assert_eq!(request.status, RequestStatus::Approved);
+    assert_eq!(request.rollback, rollback.number);
+    let late = refusal(fleet.apply_as("user:dan", AT + 6, decide(RequestDecision::Approve, &hash)));
+    assert!(late.starts_with("it is approved"), "{late}");
+    let audit: Vec<(String, String)> = fleet
+        .state
+        .audit
+        .entries()
+        .iter()
+        .map(|entry| (entry.identity.clone(), entry.action.clone()))
+        .filter(|(_, action)| action.starts_with("request.") || action == "rollback.start")
+        .collect();
+    let expected: Vec<(String, String)> = [
+        ("user:alice", "rollback.start"),
+        ("user:bob", "request.approve"),
+        ("user:alice", "rollback.start"),
+        ("user:carol", "request.approve"),
+    ]
+    .iter()
+    .map(|(who, what)| (who.to_string(), what.to_string()))
+    .collect();
+    assert_eq!(audit, expected, "filed, approved, started, approved");
+}
+
+#[test]
+fn a_request_lapses_when_its_plan_changes_and_expires_after_its_time() {
+    let mut fleet = fleet();
+    fleet
+        .apply_as("user:alice", AT, rollback_of(2, false))
+        .unwrap();
+    let hash = fleet.state.approval_requests[&1].plan_hash.clone();
+    fleet
+        .apply_as("user:bob", AT + 1, decide(RequestDecision::Approve, &hash))
+        .unwrap();
+    // web-2 moves region: the waves differ, so the approvals given do not carry over.
+    fleet.host_in("web-2", "ap", "prod", &["web"]);
+    let why = refusal(fleet.apply_as(
+        "user:carol",
+        AT + 2,
+        decide(RequestDecision::Approve, &hash),
+    ));
+    assert!(
+        why.starts_with("lapsed with 1 of 2 approvals: the plan changed"),
+        "{why}"
+    );
+    assert!(
+        why.contains("in us: web-2") && why.contains("in ap: web-2"),
+        "{why}"
+    );
+    assert_eq!(
+        fleet.state.approval_requests[&1].status,
+        RequestStatus::Lapsed
+    );
+    assert!(fleet.state.rollbacks.is_empty());
+
+    // A new request for the new plan, left past its time.
+    fleet
+        .apply_as("user:alice", AT + 3, rollback_of(2, false))
+        .unwrap();
+    let hash = fleet.state.approval_requests[&2].plan_hash.clone();
+    let late = CommandKind::DecideRequest {
+        request: 2,
+        decision: RequestDecision::Approve,
+        plan_hash: hash,
+        reason: String::new(),
+    };
+    let why = refusal(fleet.apply_as("user:bob", AT + 3 + 600_001, late));
+    assert!(why.contains("expired with 0 of 2 approvals"), "{why}");
+    assert_eq!(
+        fleet.state.approval_requests[&2].status,
+        RequestStatus::Expired
+    );
+}
+
+#[test]
+fn a_denied_request_never_runs_and_break_glass_runs_at_once_escalated_for_review() {
+    let mut fleet = fleet();
+    fleet
+        .apply_as("user:alice", AT, rollback_of(2, false))
+        .unwrap();
+    let hash = fleet.state.approval_requests[&1].plan_hash.clone();
+    fleet
+        .apply_as("user:carol", AT + 1, decide(RequestDecision::Deny, ""))
+        .unwrap();
+    let why = refusal(fleet.apply_as("user:bob", AT + 2, decide(RequestDecision::Approve, &hash)));
+    assert!(
+        why.starts_with("it is denied: denied by user:carol"),
+        "{why}"
+    );
+
+    let Outcome::Rollback(number) = fleet
+        .apply_as("user:alice", AT + 3, rollback_of(2, true))
+        .unwrap()
+    else {
+        panic!("break-glass starts a rollback")
+    };
+    let rollback = &fleet.state.rollbacks[&number];
+    assert!(rollback.break_glass);
+    assert_eq!(rollback.request, 2);
+    let escalation = fleet.state.escalations.values().last().unwrap();
+    assert_eq!(escalation.rollback, number);
+    assert!(
+        escalation
+            .evidence
+            .starts_with("break-glass: user:alice started"),
+        "{}",
+        escalation.evidence
+    );
+    let review = |request| CommandKind::DecideRequest {
+        request,
+        decision: RequestDecision::Review,
+        plan_hash: String::new(),
+        reason: "it was down".into(),
+    };
+    let own = refusal(fleet.apply_as("user:alice", AT + 4, review(2)));
+    assert!(own.contains("cannot review their own"), "{own}");
+    fleet.apply_as("user:bob", AT + 5, review(2)).unwrap();
+    assert!(!fleet.state.approval_requests[&2].is_open());
+
+    // Where the policy forbids it, break-glass is refused and nothing starts.
+    let refused = fleet.apply_as("user:alice", AT + 6, rollback_of(4, true));
+    assert!(
+        matches!(&refused, Err(CoordinatorError::InvalidArgument { message, .. }) if message.contains("does not allow break-glass")),
+        "{refused:?}"
+    );
+}
+
+#[test]
+fn automatic_rollbacks_run_at_once_approved_by_policy_unless_the_environment_says_wait() {
+    let mut fleet = fleet();
+    let ask = |service: &str, environment: &str| CommandKind::AutoTrigger {
+        service: service.into(),
+        environment: environment.into(),
+        source: TriggerSource::Alertmanager,
+        reason: "HighErrorRate".into(),
+        options: PlanOptions::default(),
+        throttle: ThrottleLimits::default(),
+    };
+    let Ok(Outcome::Triggered {
+        outcome, rollback, ..
+    }) = fleet.apply_as("automation:alertmanager", AT, ask("web", "prod"))
+    else {
+        panic!("a trigger outcome")
+    };
+    assert_eq!(outcome, TriggerOutcome::Started);
+    assert_eq!(
+        fleet.state.rollbacks[&rollback].approved_by,
+        ["policy: automatic rollbacks run at once in prod"]
+    );
+
+    let Ok(Outcome::Triggered {
+        outcome, detail, ..
+    }) = fleet.apply_as("automation:alertmanager", AT + 1, ask("api", "locked"))
+    else {
+        panic!("a trigger outcome")
+    };
+    assert_eq!(outcome, TriggerOutcome::AwaitingApproval, "{detail}");
+    assert!(
+        detail.starts_with("waits for approval as req-1"),
+        "{detail}"
+    );
+    let request = &fleet.state.approval_requests[&1];
+    assert_eq!(
+        (request.trigger, request.requester.as_str()),
+        (Trigger::Automatic, "automation:alertmanager")
+    );
+}
