@@ -75,6 +75,10 @@ pub enum Command {
     /// Who may do what: the access policy, and checking one identity's access.
     #[command(subcommand)]
     Access(crate::access::AccessCommand),
+    /// Rollbacks waiting for approval where the policy requires it, and break-glass rollbacks
+    /// to review.
+    #[command(subcommand)]
+    Request(crate::requests::RequestCommand),
     /// Run the whole loop on this machine: a dev coordinator, three agents, a bad release,
     /// an automatic rollback, verified.
     Demo(crate::demo::DemoArgs),
@@ -357,6 +361,10 @@ pub enum RollbackCommand {
         plan_hash: String,
         #[arg(long, default_value = "")]
         reason: String,
+        /// Run at once where the policy requires approvals (needs --reason): escalated, marked
+        /// in the audit and every listing, and left for an approver to review.
+        #[arg(long, requires = "reason")]
+        break_glass: bool,
         /// Follow it until it ends.
         #[arg(long)]
         watch: bool,
@@ -485,6 +493,7 @@ async fn execute(
         Command::Trigger(command) => trigger(client, format, command).await,
         Command::Flag(command) => crate::flags::run(client, format, command).await,
         Command::Access(command) => crate::access::run(client, format, command).await,
+        Command::Request(command) => crate::requests::run(client, format, command).await,
         Command::Cluster(ClusterCommand::List) => cluster_list(client, format, None).await,
         Command::Cluster(ClusterCommand::TransferLeader { member_id, reason }) => {
             let request = pb::TransferLeaderRequest {
@@ -1072,6 +1081,7 @@ async fn rollback(
             options,
             plan_hash,
             reason,
+            break_glass,
             watch: follow,
         } => {
             let request = pb::StartRollbackRequest {
@@ -1082,14 +1092,21 @@ async fn rollback(
                 selection: Some(selection.into_selection(change_id)?),
                 options: Some(options.into_options()),
                 plan_hash,
+                break_glass,
             };
-            let rollback = client
+            let answer = client
                 .start_rollback(request)
                 .await
                 .map_err(explain)?
-                .into_inner()
-                .rollback
-                .context("no rollback in the answer")?;
+                .into_inner();
+            let Some(rollback) = answer.rollback else {
+                if format == Format::Json {
+                    json(&answer)?;
+                } else {
+                    crate::requests::print_filed(answer.request)?;
+                }
+                return Ok(ExitCode::SUCCESS);
+            };
             if follow {
                 return watch::follow(client, format, &rollback.rollback_id).await;
             }
@@ -1123,7 +1140,7 @@ async fn rollback(
                             rollback.change_ids.join(","),
                             rollback.services.join(","),
                             output::rollback_state(rollback).into(),
-                            rollback.trigger.clone(),
+                            output::trigger_of(rollback),
                             time(rollback.started_at_ms),
                             time(rollback.finished_at_ms),
                         ]

@@ -11,6 +11,7 @@ mod hosts;
 mod migrations;
 mod output;
 mod plans;
+mod requests;
 mod watch;
 
 use std::process::ExitCode;

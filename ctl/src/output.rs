@@ -54,6 +54,15 @@ pub fn step_state(state: i32) -> &'static str {
         .short_name()
 }
 
+/// "manual", "automatic", or "manual, BREAK-GLASS" for one that ran without its approvals.
+pub fn trigger_of(rollback: &pb::Rollback) -> String {
+    if rollback.break_glass {
+        format!("{}, BREAK-GLASS", rollback.trigger)
+    } else {
+        rollback.trigger.clone()
+    }
+}
+
 pub fn print_rollback(rollback: &pb::Rollback) {
     println!(
         "{}  {}  of {} ({})  trigger: {}  started by {} at {}",
@@ -61,11 +70,28 @@ pub fn print_rollback(rollback: &pb::Rollback) {
         rollback_state(rollback),
         rollback.change_ids.join(", "),
         rollback.services.join(", "),
-        rollback.trigger,
+        trigger_of(rollback),
         rollback.started_by,
         time(rollback.started_at_ms)
     );
     println!("reason: {}", rollback.reason);
+    if !rollback.approved_by.is_empty() {
+        println!(
+            "approved by {}{}",
+            rollback.approved_by.join(", "),
+            if rollback.request_id.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", rollback.request_id)
+            }
+        );
+    }
+    if rollback.break_glass {
+        println!(
+            "BREAK-GLASS: ran without its approvals; review: rewindctl request show {}",
+            rollback.request_id
+        );
+    }
     if !rollback.plan_hash.is_empty() {
         println!("plan: {}", rollback.plan_hash);
     }

@@ -28,3 +28,4 @@ mod t24_webhook_throttles;
 mod t25_skip_isolate_watch;
 mod t26_retention;
 mod t27_access;
+mod t28_approvals;

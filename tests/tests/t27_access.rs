@@ -46,6 +46,7 @@ struct Caller {
 
 const READ: &str = "read";
 const OPERATE: &str = "operate";
+const APPROVE: &str = "approve";
 const ADMINISTER: &str = "administer";
 
 const POLICY: &str = r#"
@@ -123,11 +124,14 @@ fn level_of(method: &str) -> &'static str {
         "RemoveMember",
         "ApplyPolicy",
     ];
+    let approvals = ["ApproveRequest", "DenyRequest", "ReviewRequest"];
     let reads = [
         "List", "Get", "Plan", "Watch", "Explain", "Verify", "Inspect", "Check",
     ];
     if administer.contains(&name) {
         ADMINISTER
+    } else if approvals.contains(&name) {
+        APPROVE
     } else if reads.iter().any(|prefix| name.starts_with(prefix)) {
         READ
     } else {
@@ -178,7 +182,7 @@ async fn every_rpc_admits_only_its_kind_and_the_roles_that_grant_its_level() {
             label: "approver",
             subject: Subject::new(Kind::User, "apu"),
             service: people,
-            levels: &[READ],
+            levels: &[READ, APPROVE],
         },
         Caller {
             label: "admin",
