@@ -291,3 +291,45 @@ fn automatic_rollbacks_run_at_once_approved_by_policy_unless_the_environment_say
         (Trigger::Automatic, "automation:alertmanager")
     );
 }
+
+#[test]
+fn a_pending_request_lapses_when_another_rollback_reverts_its_change_or_the_policy_tightens() {
+    let mut fleet = fleet();
+    fleet
+        .apply_as("user:alice", AT, rollback_of(2, false))
+        .unwrap();
+    let hash = fleet.state.approval_requests[&1].plan_hash.clone();
+    fleet
+        .apply_as("user:bob", AT + 1, rollback_of(2, true))
+        .expect("break-glass runs");
+    let request = &fleet.state.approval_requests[&1];
+    assert_eq!(request.status, RequestStatus::Lapsed);
+    assert!(
+        request.detail.contains("rb-1 reverts its changes"),
+        "{}",
+        request.detail
+    );
+    let late = refusal(fleet.apply_as(
+        "user:carol",
+        AT + 2,
+        decide(RequestDecision::Approve, &hash),
+    ));
+    assert!(late.starts_with("it is lapsed"), "{late}");
+
+    // Filed under approvals = 1, approved after prod asks for 3: judged by the rules in force.
+    let mut fleet = self::fleet();
+    let loose = POLICY.replace("approvals = 2", "approvals = 1");
+    fleet.state.access.policy = Some(Arc::new(Policy::from_toml(&loose).unwrap()));
+    fleet
+        .apply_as("user:alice", AT, rollback_of(2, false))
+        .unwrap();
+    let hash = fleet.state.approval_requests[&1].plan_hash.clone();
+    let strict = POLICY.replace("approvals = 2", "approvals = 3");
+    fleet.state.access.policy = Some(Arc::new(Policy::from_toml(&strict).unwrap()));
+    let why = refusal(fleet.apply_as("user:bob", AT + 1, decide(RequestDecision::Approve, &hash)));
+    assert!(
+        why.contains("the access policy changed since it was requested (1 approvals in prod then, 3 in prod now)"),
+        "{why}"
+    );
+    assert!(fleet.state.rollbacks.is_empty());
+}

@@ -455,7 +455,7 @@ impl ControlService for Control {
             .node
             .read(|state| targets::new_change(state, &request.service, &request.host_ids));
         self.context.authorize(&caller, &targets)?;
-        let baseline = self.context.service_health(&request.service);
+        let baseline = self.context.change_baseline(&request.service);
         let kind = CommandKind::StartChange {
             migrations,
             service: request.service,
@@ -635,7 +635,7 @@ impl ControlService for Control {
                     state
                         .approval_requests
                         .get(&number)
-                        .map(|record| convert::approval_request(state, record))
+                        .map(|record| convert::approval_request(state, record, true))
                 });
                 Ok(Response::new(pb::StartRollbackResponse {
                     rollback: None,

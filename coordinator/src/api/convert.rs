@@ -369,6 +369,12 @@ pub fn rollback(state: &State, rollback: &RollbackRecord) -> pb::Rollback {
     }
 }
 
+/// Pending past its time: it reads as expired (the log records that at the next decision).
+pub fn is_overdue(request: &ApprovalRequest) -> bool {
+    request.status == RequestStatus::Pending
+        && rewind_shared::time::now_ms() > request.expires_at_ms
+}
+
 fn approval(approval: &Approval) -> pb::Approval {
     pb::Approval {
         identity: approval.identity.clone(),
@@ -379,9 +385,14 @@ fn approval(approval: &Approval) -> pb::Approval {
 
 /// A request for approval. A pending one past its time reads as expired (the log records that
 /// at the next decision), and says whether its plan is still the one requested.
-pub fn approval_request(state: &State, request: &ApprovalRequest) -> pb::ApprovalRequest {
-    let overdue = request.status == RequestStatus::Pending
-        && rewind_shared::time::now_ms() > request.expires_at_ms;
+/// `plan_now` is filled only when `check_plan` (it builds the plan: one request at a time, not
+/// under a list).
+pub fn approval_request(
+    state: &State,
+    request: &ApprovalRequest,
+    check_plan: bool,
+) -> pb::ApprovalRequest {
+    let overdue = is_overdue(request);
     let (status, detail) = if overdue {
         (
             RequestStatus::Expired.name(),
@@ -394,7 +405,7 @@ pub fn approval_request(state: &State, request: &ApprovalRequest) -> pb::Approva
     } else {
         (request.status.name(), request.detail.clone())
     };
-    let plan_now = if request.status == RequestStatus::Pending && !overdue {
+    let plan_now = if check_plan && request.status == RequestStatus::Pending && !overdue {
         crate::state_machine::approvals::plan_drift(state, request).unwrap_or_default()
     } else {
         String::new()

@@ -169,6 +169,37 @@ impl Context {
         let since = rewind_shared::time::now_ms().saturating_sub(self.health_window_ms);
         self.health.aggregate(service, &hosts, since)
     }
+
+    /// The health a new change of `service` is judged against: the service's health over the
+    /// window, counting only what was reported since its last change or rollback ended. Reports
+    /// from before that describe another version (or none yet, on a new host) and would make a
+    /// broken release look no worse than "before"; with no report since, there is no baseline
+    /// and the policy's absolute limits alone apply.
+    fn change_baseline(&self, service: &str) -> HealthAggregate {
+        let (hosts, last_version_change_ms) = self.node.read(|state| {
+            let hosts: Vec<String> = state
+                .hosts
+                .values()
+                .filter(|host| host.services.iter().any(|name| name == service))
+                .map(|host| host.host_id.clone())
+                .collect();
+            let deployed = state
+                .changes
+                .values()
+                .filter(|change| change.service == service)
+                .map(|change| change.deployed_at_ms);
+            let reverted = state
+                .rollbacks
+                .values()
+                .filter(|rollback| rollback.services.iter().any(|name| name == service))
+                .map(|rollback| rollback.finished_at_ms);
+            (hosts, deployed.chain(reverted).max().unwrap_or(0))
+        });
+        let since = rewind_shared::time::now_ms()
+            .saturating_sub(self.health_window_ms)
+            .max(last_version_change_ms + 1);
+        self.health.aggregate(service, &hosts, since)
+    }
 }
 
 /// `UNAVAILABLE` naming the leader, with its address in the `rewind-leader` metadata so clients

@@ -34,7 +34,7 @@ fn unknown(number: u64) -> Status {
 }
 
 fn converted(state: &State, record: &ApprovalRequest) -> pb::ApprovalRequest {
-    convert::approval_request(state, record)
+    convert::approval_request(state, record, true)
 }
 
 pub async fn list(
@@ -48,10 +48,12 @@ pub async fn list(
             .approval_requests
             .values()
             .rev()
-            .filter(|record| !request.open_only || record.is_open())
+            .filter(|record| {
+                !request.open_only || (record.is_open() && !convert::is_overdue(record))
+            })
             .filter(|record| caller.may_see(&targets::changes(state, &record.changes)))
             .take(MAX_LISTED)
-            .map(|record| converted(state, record))
+            .map(|record| convert::approval_request(state, record, false))
             .collect()
     });
     Ok(pb::ListRequestsResponse { requests })

@@ -1459,6 +1459,7 @@ fn start_rollback(
         break_glass: false,
     };
     state.rollbacks.insert(number, rollback);
+    approvals::supersede(state, &plan.changes, number, command.at_ms);
     // A change's migrations not yet decided are aborted: the plan reverts only what was decided
     // to commit, so nothing may commit underneath the rollback.
     let change_txns: Vec<u64> = plan
@@ -1948,7 +1949,20 @@ fn auto_trigger(state: &mut State, command: &Command) -> Result<(Outcome, String
         }
         Verdict::Start => {
             let requirement = approvals::requirement(state, &[change]);
-            if requirement.approvals > 0 && !requirement.automatic_at_once {
+            approvals::expire(state, at_ms);
+            let waits = requirement.approvals > 0 && !requirement.automatic_at_once;
+            // Where automatic rollbacks wait, a repeated alert does not ask twice; where they
+            // run at once, they run, and a person's pending request lapses.
+            if let Some(pending) = approvals::pending_for(state, change).filter(|_| waits) {
+                (
+                    TriggerOutcome::Ignored,
+                    format!(
+                        "{} already waits for approval to roll it back",
+                        approvals::request_id(pending)
+                    ),
+                    0,
+                )
+            } else if waits {
                 let plan = checked_plan(state, &[change], options, "", Trigger::Automatic)?;
                 let (Outcome::Request(number), target, filed) = approvals::file(
                     state,

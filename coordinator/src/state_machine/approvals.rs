@@ -190,8 +190,10 @@ pub fn plan_drift(state: &State, request: &ApprovalRequest) -> Option<String> {
         }
     }
     if differences.is_empty() {
-        differences
-            .push("the waves are the same; health, flags, recipes or schema steps differ".into());
+        differences.push(
+            "the waves are the same; its options, flags, recipes, schema steps or compatibility differ"
+                .into(),
+        );
     }
     Some(format!(
         "the plan changed since it was requested (sha256 {} -> {}): {}",
@@ -201,15 +203,60 @@ pub fn plan_drift(state: &State, request: &ApprovalRequest) -> Option<String> {
     ))
 }
 
+/// Why the policy's rules for a request's changes are no longer those it was filed under (more
+/// or fewer approvals, other environments), or `None`. A request is judged by the rules in force
+/// when it is approved, never by older, looser ones.
+fn requirement_drift(state: &State, request: &ApprovalRequest) -> Option<String> {
+    let now = requirement(state, &request.changes);
+    (now.approvals != request.needed || now.environments != request.environments).then(|| {
+        format!(
+            "the access policy changed since it was requested ({} approvals in {} then, {} in {} now)",
+            request.needed,
+            request.environments.join(", "),
+            now.approvals,
+            if now.environments.is_empty() {
+                "none".to_string()
+            } else {
+                now.environments.join(", ")
+            }
+        )
+    })
+}
+
 fn short(hash: &str) -> &str {
     let digits = hash.strip_prefix("sha256:").unwrap_or(hash);
     &digits[..digits.len().min(12)]
 }
 
+/// A person said no to an automatic rollback of `changes` (or let it expire): the next alert
+/// must not ask again, as after a throttle.
+fn refuse_automatic(state: &mut State, changes: &[u64]) {
+    for change in changes {
+        if let Some(record) = state.changes.get_mut(change) {
+            record.auto_refused = true;
+        }
+    }
+}
+
+/// The pending request that already asks to roll back `change`, if any.
+pub fn pending_for(state: &State, change: u64) -> Option<u64> {
+    state
+        .approval_requests
+        .values()
+        .find(|request| {
+            request.status == RequestStatus::Pending && request.changes.contains(&change)
+        })
+        .map(|request| request.number)
+}
+
 /// Marks pending requests whose time ran out as expired (at `at_ms`, the command's time).
 pub fn expire(state: &mut State, at_ms: u64) {
+    let mut refused = Vec::new();
     for request in state.approval_requests.values_mut() {
         if request.status == RequestStatus::Pending && at_ms > request.expires_at_ms {
+            if request.trigger == Trigger::Automatic {
+                refused.extend(request.changes.iter().copied());
+            }
             request.status = RequestStatus::Expired;
             request.decided_at_ms = request.expires_at_ms;
             request.detail = format!(
@@ -219,6 +266,7 @@ pub fn expire(state: &mut State, at_ms: u64) {
             );
         }
     }
+    refuse_automatic(state, &refused);
 }
 
 /// Files a request for a rollback of `plan` that `requirement` says needs approvals.
@@ -232,16 +280,36 @@ pub fn file(
 ) -> Result<(Outcome, String, String)> {
     let at_ms = command.at_ms;
     expire(state, at_ms);
-    if let Some(open) = state.approval_requests.values().find(|request| {
-        request.status == RequestStatus::Pending
-            && request
-                .changes
-                .iter()
-                .any(|change| plan.changes.contains(change))
-    }) {
+    let overlapping: Vec<u64> = state
+        .approval_requests
+        .values()
+        .filter(|request| {
+            request.status == RequestStatus::Pending
+                && request
+                    .changes
+                    .iter()
+                    .any(|change| plan.changes.contains(change))
+        })
+        .map(|request| request.number)
+        .collect();
+    for number in overlapping {
+        let request = &state.approval_requests[&number];
+        // One that can no longer be approved does not block a request for the plan as it is.
+        if let Some(drift) =
+            plan_drift(state, request).or_else(|| requirement_drift(state, request))
+        {
+            lapse(state, number, at_ms, &drift);
+            continue;
+        }
+        let shared: Vec<u64> = request
+            .changes
+            .iter()
+            .copied()
+            .filter(|change| plan.changes.contains(change))
+            .collect();
         return Err(CoordinatorError::AlreadyRequested {
-            request_id: open.id(),
-            changes: crate::plan::change_list(&open.changes),
+            request_id: request_id(number),
+            changes: crate::plan::change_list(&shared),
         });
     }
     let pending = state
@@ -335,18 +403,57 @@ pub fn record_break_glass(
     number
 }
 
-/// Drops the oldest settled requests beyond [`MAX_REQUESTS`] (open ones are kept).
+/// Records a pending request as lapsed: its approvals do not carry over to another plan.
+fn lapse(state: &mut State, number: u64, at_ms: u64, why: &str) {
+    if let Some(request) = state.approval_requests.get_mut(&number) {
+        request.status = RequestStatus::Lapsed;
+        request.decided_at_ms = at_ms;
+        request.detail = format!(
+            "lapsed with {} of {} approvals: {why}",
+            request.approvals.len(),
+            request.needed
+        );
+    }
+}
+
+/// A rollback started for some of a pending request's changes: the request can never run as
+/// approved, so it lapses, naming the rollback.
+pub fn supersede(state: &mut State, changes: &[u64], rollback: u64, at_ms: u64) {
+    let superseded: Vec<u64> = state
+        .approval_requests
+        .values()
+        .filter(|request| {
+            request.status == RequestStatus::Pending
+                && request
+                    .changes
+                    .iter()
+                    .any(|change| changes.contains(change))
+        })
+        .map(|request| request.number)
+        .collect();
+    for number in superseded {
+        let why = format!("{} reverts its changes", super::rollback_id(rollback));
+        lapse(state, number, at_ms, &why);
+    }
+}
+
+/// Drops the oldest requests beyond [`MAX_REQUESTS`]: settled ones first, then break-glass
+/// ones still unreviewed (their rollbacks keep the mark); pending ones are bounded apart.
 fn prune(state: &mut State) {
     while state.approval_requests.len() > MAX_REQUESTS {
-        let Some(settled) = state
-            .approval_requests
-            .values()
-            .find(|request| !request.is_open())
-            .map(|request| request.number)
-        else {
+        let oldest = |settled: bool| {
+            state
+                .approval_requests
+                .values()
+                .find(|request| {
+                    request.status != RequestStatus::Pending && (!settled || !request.is_open())
+                })
+                .map(|request| request.number)
+        };
+        let Some(number) = oldest(true).or_else(|| oldest(false)) else {
             break;
         };
-        state.approval_requests.remove(&settled);
+        state.approval_requests.remove(&number);
     }
 }
 
@@ -390,9 +497,12 @@ pub fn decide(
 ) -> Result<Decided> {
     let at_ms = command.at_ms;
     expire(state, at_ms);
-    let drift = match state.approval_requests.get(&number) {
-        Some(request) if decision == Decision::Approve => plan_drift(state, request),
-        _ => None,
+    let (drift, policy_drift) = match state.approval_requests.get(&number) {
+        Some(request) if decision == Decision::Approve => (
+            plan_drift(state, request),
+            requirement_drift(state, request),
+        ),
+        _ => (None, None),
     };
     let Some(request) = state.approval_requests.get_mut(&number) else {
         return Err(CoordinatorError::UnknownRequest {
@@ -442,7 +552,12 @@ pub fn decide(
         request.status = RequestStatus::Denied;
         request.decided_at_ms = at_ms;
         request.detail = format!("denied by {identity}: {reason}");
-        return Ok(Decided::Recorded(request.detail.clone()));
+        let detail = request.detail.clone();
+        if request.trigger == Trigger::Automatic {
+            let changes = request.changes.clone();
+            refuse_automatic(state, &changes);
+        }
+        return Ok(Decided::Recorded(detail));
     }
     if identity == &request.requester {
         return refuse("the requester cannot approve their own request".into());
@@ -460,7 +575,7 @@ pub fn decide(
             request.plan_hash
         ));
     }
-    if let Some(drift) = drift {
+    if let Some(drift) = drift.or(policy_drift) {
         request.status = RequestStatus::Lapsed;
         request.decided_at_ms = at_ms;
         request.detail = format!(
