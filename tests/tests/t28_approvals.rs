@@ -251,7 +251,6 @@ async fn a_prod_rollback_waits_for_two_other_approvers_and_break_glass_escalates
     for (who, action) in [
         ("user:bob", "request.approve"),
         ("user:carol", "request.approve"),
-        ("user:alice", "rollback.start"),
     ] {
         assert!(
             audit
@@ -260,6 +259,13 @@ async fn a_prod_rollback_waits_for_two_other_approvers_and_break_glass_escalates
             "{who} {action} in the audit log"
         );
     }
+    assert!(
+        audit.iter().any(|entry| entry.identity == "user:alice"
+            && entry.action == "rollback.start"
+            && entry.target == "rb-1"
+            && entry.outcome.contains("approved by user:bob, user:carol")),
+        "the start of rb-1, as alice's, naming its approvers"
+    );
 
     // A request whose plan changes before it is approved lapses, and says why.
     let again = must_change(&admin, "v2").await;
@@ -333,6 +339,26 @@ async fn a_prod_rollback_waits_for_two_other_approvers_and_break_glass_escalates
         ),
         "--reason",
     );
+    let blank = coordinator
+        .client_with(&rewind_shared::tls::TlsFiles::in_dir(
+            &coordinator.tls_dir(),
+            "alice",
+        ))
+        .await
+        .unwrap()
+        .start_rollback(pb::StartRollbackRequest {
+            change_id: latest.clone(),
+            reason: " ".into(),
+            break_glass: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(blank.code(), Code::InvalidArgument, "{blank:?}");
+    assert!(
+        blank.message().contains("break-glass needs a reason"),
+        "{blank:?}"
+    );
     let started = run_ok(&rewindctl_as(
         &coordinator,
         "alice",
@@ -400,7 +426,7 @@ async fn a_prod_rollback_waits_for_two_other_approvers_and_break_glass_escalates
     ));
     assert!(!open.contains("req-4"), "{open}");
 
-    // Approvals are refused to the wrong kinds and roles before anything is proposed.
+    // An approver of another environment cannot even read a prod request.
     let sam = coordinator
         .client_with(&rewind_shared::tls::TlsFiles::in_dir(
             &coordinator.tls_dir(),
