@@ -1118,6 +1118,48 @@ pub async fn must_grow_state_past(cluster: &ClusterHarness, bytes: u64) -> u64 {
     }
 }
 
+/// Starts a change of `web` to `version` on `host_ids` (empty: every host of web) and waits
+/// until it is deployed.
+pub async fn must_deploy_web(
+    admin: &ControlServiceClient<Channel>,
+    version: &str,
+    host_ids: &[&str],
+) -> String {
+    let request = rewind_proto::v1::StartChangeRequest {
+        service: "web".into(),
+        version: version.into(),
+        host_ids: host_ids.iter().map(|id| id.to_string()).collect(),
+        reason: "test".into(),
+        ..Default::default()
+    };
+    let change_id = admin
+        .clone()
+        .start_change(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .change
+        .unwrap()
+        .change_id;
+    must_wait_async(Duration::from_secs(120), "the change deployed", || {
+        let mut admin = admin.clone();
+        let change_id = change_id.clone();
+        async move {
+            let change = admin
+                .get_change(rewind_proto::v1::GetChangeRequest { change_id })
+                .await
+                .ok()?
+                .into_inner()
+                .change?;
+            (rewind_proto::v1::ChangeState::try_from(change.state).ok()?
+                == rewind_proto::v1::ChangeState::Deployed)
+                .then_some(())
+        }
+    })
+    .await;
+    change_id
+}
+
 /// A service with no hosts' hooks and no automatic rollback: enough to register releases of it.
 pub fn plain_service(name: &str) -> rewind_proto::v1::Service {
     rewind_proto::v1::Service {

@@ -652,47 +652,6 @@ async fn a_revoked_agent_is_cut_off_at_once_and_cannot_reconnect() {
     .await;
 }
 
-/// Starts a change of `web` to `version` on `host_ids` (empty: every host of web) and waits
-/// until it is deployed.
-async fn must_deploy(
-    admin: &pb::control_service_client::ControlServiceClient<Channel>,
-    version: &str,
-    host_ids: &[&str],
-) -> String {
-    let request = pb::StartChangeRequest {
-        service: "web".into(),
-        version: version.into(),
-        host_ids: host_ids.iter().map(|id| id.to_string()).collect(),
-        reason: "test".into(),
-        ..Default::default()
-    };
-    let change_id = admin
-        .clone()
-        .start_change(request)
-        .await
-        .unwrap()
-        .into_inner()
-        .change
-        .unwrap()
-        .change_id;
-    rewind_tests::must_wait_async(Duration::from_secs(60), "the change deployed", || {
-        let mut admin = admin.clone();
-        let change_id = change_id.clone();
-        async move {
-            let change = admin
-                .get_change(pb::GetChangeRequest { change_id })
-                .await
-                .ok()?
-                .into_inner()
-                .change?;
-            (pb::ChangeState::try_from(change.state).ok()? == pb::ChangeState::Deployed)
-                .then_some(())
-        }
-    })
-    .await;
-    change_id
-}
-
 /// With real hosts in staging and prod: a staging operator sees and changes staging only, a
 /// change that spans both environments is out of its reach, and guessing the id of something
 /// that does not exist yet gets `NOT_FOUND`, not a pass.
@@ -720,8 +679,8 @@ async fn a_staging_operator_neither_sees_nor_reverts_prod_changes() {
     rewind_tests::must_agents_connected(&admin, 2).await;
     must_apply_policy(&mut admin).await;
     rewind_tests::must_register_web(&mut admin, &hosts[0], false).await;
-    let staging = must_deploy(&admin, "v1", &["web-1"]).await;
-    let prod = must_deploy(&admin, "v1", &["web-2"]).await;
+    let staging = rewind_tests::must_deploy_web(&admin, "v1", &["web-1"]).await;
+    let prod = rewind_tests::must_deploy_web(&admin, "v1", &["web-2"]).await;
 
     let sol = channel_as(&coordinator, &Subject::new(Kind::User, "sol")).await;
     let mut sol = pb::control_service_client::ControlServiceClient::new(sol);
@@ -780,7 +739,7 @@ async fn a_staging_operator_neither_sees_nor_reverts_prod_changes() {
     };
     let refused = sol.start_change(everywhere.clone()).await.unwrap_err();
     assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
-    let spanning = must_deploy(&admin, "v2", &[]).await;
+    let spanning = rewind_tests::must_deploy_web(&admin, "v2", &[]).await;
     let hidden = sol.get_change(get(&spanning)).await.unwrap_err();
     assert_eq!(hidden.code(), Code::PermissionDenied, "{hidden:?}");
 

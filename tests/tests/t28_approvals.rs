@@ -77,41 +77,6 @@ fn must_fail_with(output: &std::process::Output, expected: &str) {
     );
 }
 
-async fn must_change(
-    admin: &pb::control_service_client::ControlServiceClient<tonic::transport::Channel>,
-    version: &str,
-) -> String {
-    let change_id = admin
-        .clone()
-        .start_change(pb::StartChangeRequest {
-            service: "web".into(),
-            version: version.into(),
-            reason: "test".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .change
-        .unwrap()
-        .change_id;
-    must_wait_async(Duration::from_secs(120), "the change deployed", || {
-        let mut admin = admin.clone();
-        let change_id = change_id.clone();
-        async move {
-            let change = admin
-                .get_change(pb::GetChangeRequest { change_id })
-                .await
-                .ok()?
-                .into_inner()
-                .change?;
-            (change.state == pb::ChangeState::Deployed as i32).then_some(())
-        }
-    })
-    .await;
-    change_id
-}
-
 fn request_json(coordinator: &Coordinator, who: &str, id: &str) -> serde_json::Value {
     serde_json::from_str(&run_ok(&rewindctl_as(
         coordinator,
@@ -164,8 +129,8 @@ async fn a_prod_rollback_waits_for_two_other_approvers_and_break_glass_escalates
             .unwrap();
     }
     must_register_web(&mut admin, &hosts[0], false).await;
-    must_change(&admin, "v1").await;
-    let bad = must_change(&admin, "v2").await;
+    must_deploy_web(&admin, "v1", &[]).await;
+    let bad = must_deploy_web(&admin, "v2", &[]).await;
 
     // alice asks: nothing runs, a request waits.
     let filed = run_ok(&rewindctl_as(
@@ -268,7 +233,7 @@ async fn a_prod_rollback_waits_for_two_other_approvers_and_break_glass_escalates
     );
 
     // A request whose plan changes before it is approved lapses, and says why.
-    let again = must_change(&admin, "v2").await;
+    let again = must_deploy_web(&admin, "v2", &[]).await;
     run_ok(&rewindctl_as(
         &coordinator,
         "alice",
@@ -278,7 +243,7 @@ async fn a_prod_rollback_waits_for_two_other_approvers_and_break_glass_escalates
         .as_str()
         .unwrap()
         .to_string();
-    must_change(&admin, "v1").await;
+    must_deploy_web(&admin, "v1", &[]).await;
     let shown = run_ok(&rewindctl_as(
         &coordinator,
         "bob",
@@ -300,7 +265,7 @@ async fn a_prod_rollback_waits_for_two_other_approvers_and_break_glass_escalates
     );
 
     // A denied request never runs.
-    let latest = must_change(&admin, "v2").await;
+    let latest = must_deploy_web(&admin, "v2", &[]).await;
     run_ok(&rewindctl_as(
         &coordinator,
         "alice",

@@ -89,6 +89,40 @@ pub struct ApprovalRequest {
 }
 
 impl ApprovalRequest {
+    /// A pending request by `command`'s caller for `plan`, numbered next.
+    fn new(
+        state: &mut State,
+        command: &Command,
+        plan: &Plan,
+        requirement: &Requirement,
+        reason: &str,
+        trigger: Trigger,
+    ) -> Self {
+        state.next_request += 1;
+        Self {
+            number: state.next_request,
+            status: RequestStatus::Pending,
+            detail: String::new(),
+            requester: command.identity.clone(),
+            trigger,
+            reason: reason.to_string(),
+            changes: plan.changes.clone(),
+            services: plan.services.clone(),
+            options: plan.options.clone(),
+            environments: requirement.environments.clone(),
+            plan_hash: plan.hash.clone(),
+            plan: outline(plan),
+            needed: requirement.approvals,
+            approvals: Vec::new(),
+            created_at_ms: command.at_ms,
+            expires_at_ms: command.at_ms.saturating_add(requirement.ttl_ms),
+            decided_at_ms: 0,
+            rollback: 0,
+            break_glass: false,
+            review: None,
+        }
+    }
+
     pub fn id(&self) -> String {
         request_id(self.number)
     }
@@ -322,30 +356,8 @@ pub fn file(
             "{pending} requests wait for approval already (at most {MAX_PENDING_REQUESTS}): approve, deny or let some expire"
         )));
     }
-    state.next_request += 1;
-    let number = state.next_request;
-    let request = ApprovalRequest {
-        number,
-        status: RequestStatus::Pending,
-        detail: String::new(),
-        requester: command.identity.clone(),
-        trigger,
-        reason: reason.to_string(),
-        changes: plan.changes.clone(),
-        services: plan.services.clone(),
-        options: plan.options.clone(),
-        environments: requirement.environments.clone(),
-        plan_hash: plan.hash.clone(),
-        plan: outline(plan),
-        needed: requirement.approvals,
-        approvals: Vec::new(),
-        created_at_ms: at_ms,
-        expires_at_ms: at_ms.saturating_add(requirement.ttl_ms),
-        decided_at_ms: 0,
-        rollback: 0,
-        break_glass: false,
-        review: None,
-    };
+    let request = ApprovalRequest::new(state, command, plan, requirement, reason, trigger);
+    let number = request.number;
     let audit = format!(
         "ok: rollback of {} in {} waits for {} approvals (plan {}): {reason}",
         crate::plan::change_list(&plan.changes),
@@ -367,38 +379,22 @@ pub fn record_break_glass(
     reason: &str,
     rollback: u64,
 ) -> u64 {
-    state.next_request += 1;
-    let number = state.next_request;
-    state.approval_requests.insert(
-        number,
-        ApprovalRequest {
-            number,
-            status: RequestStatus::BreakGlass,
-            detail: format!(
-                "ran at once without the {} approvals {} requires: {}",
-                requirement.approvals,
-                requirement.environments.join(", "),
-                super::rollback_id(rollback)
-            ),
-            requester: command.identity.clone(),
-            trigger: Trigger::Manual,
-            reason: reason.to_string(),
-            changes: plan.changes.clone(),
-            services: plan.services.clone(),
-            options: plan.options.clone(),
-            environments: requirement.environments.clone(),
-            plan_hash: plan.hash.clone(),
-            plan: outline(plan),
-            needed: requirement.approvals,
-            approvals: Vec::new(),
-            created_at_ms: command.at_ms,
-            expires_at_ms: command.at_ms,
-            decided_at_ms: command.at_ms,
-            rollback,
-            break_glass: true,
-            review: None,
-        },
-    );
+    let request = ApprovalRequest {
+        status: RequestStatus::BreakGlass,
+        detail: format!(
+            "ran at once without the {} approvals {} requires: {}",
+            requirement.approvals,
+            requirement.environments.join(", "),
+            super::rollback_id(rollback)
+        ),
+        expires_at_ms: command.at_ms,
+        decided_at_ms: command.at_ms,
+        rollback,
+        break_glass: true,
+        ..ApprovalRequest::new(state, command, plan, requirement, reason, Trigger::Manual)
+    };
+    let number = request.number;
+    state.approval_requests.insert(number, request);
     prune(state);
     number
 }
