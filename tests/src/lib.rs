@@ -1141,20 +1141,8 @@ pub async fn must_deploy_web(
         .change
         .unwrap()
         .change_id;
-    must_wait_async(Duration::from_secs(120), "the change deployed", || {
-        let mut admin = admin.clone();
-        let change_id = change_id.clone();
-        async move {
-            let change = admin
-                .get_change(rewind_proto::v1::GetChangeRequest { change_id })
-                .await
-                .ok()?
-                .into_inner()
-                .change?;
-            (rewind_proto::v1::ChangeState::try_from(change.state).ok()?
-                == rewind_proto::v1::ChangeState::Deployed)
-                .then_some(())
-        }
+    must_change_where(admin, &change_id, "the change deployed", |change| {
+        change.state == rewind_proto::v1::ChangeState::Deployed as i32
     })
     .await;
     change_id

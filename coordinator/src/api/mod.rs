@@ -158,16 +158,7 @@ impl Context {
 
     /// The service's health now, over every registered host that runs it.
     fn service_health(&self, service: &str) -> HealthAggregate {
-        let hosts: Vec<String> = self.node.read(|state| {
-            state
-                .hosts
-                .values()
-                .filter(|host| host.services.iter().any(|name| name == service))
-                .map(|host| host.host_id.clone())
-                .collect()
-        });
-        let since = rewind_shared::time::now_ms().saturating_sub(self.health_window_ms);
-        self.health.aggregate(service, &hosts, since)
+        self.health_since(service, |_| 0)
     }
 
     /// The health a new change of `service` is judged against: the service's health over the
@@ -176,13 +167,7 @@ impl Context {
     /// broken release look no worse than "before"; with no report since, there is no baseline
     /// and the policy's absolute limits alone apply.
     fn change_baseline(&self, service: &str) -> HealthAggregate {
-        let (hosts, last_version_change_ms) = self.node.read(|state| {
-            let hosts: Vec<String> = state
-                .hosts
-                .values()
-                .filter(|host| host.services.iter().any(|name| name == service))
-                .map(|host| host.host_id.clone())
-                .collect();
+        self.health_since(service, |state| {
             let deployed = state
                 .changes
                 .values()
@@ -193,11 +178,29 @@ impl Context {
                 .values()
                 .filter(|rollback| rollback.services.iter().any(|name| name == service))
                 .map(|rollback| rollback.finished_at_ms);
-            (hosts, deployed.chain(reverted).max().unwrap_or(0))
+            deployed.chain(reverted).max().map_or(0, |last| last + 1)
+        })
+    }
+
+    /// The service's health over the window on every host that runs it, from no earlier than
+    /// what `not_before_ms` reads off the state.
+    fn health_since(
+        &self,
+        service: &str,
+        not_before_ms: impl FnOnce(&crate::state_machine::State) -> u64,
+    ) -> HealthAggregate {
+        let (hosts, not_before_ms) = self.node.read(|state| {
+            let hosts: Vec<String> = state
+                .hosts
+                .values()
+                .filter(|host| host.services.iter().any(|name| name == service))
+                .map(|host| host.host_id.clone())
+                .collect();
+            (hosts, not_before_ms(state))
         });
         let since = rewind_shared::time::now_ms()
             .saturating_sub(self.health_window_ms)
-            .max(last_version_change_ms + 1);
+            .max(not_before_ms);
         self.health.aggregate(service, &hosts, since)
     }
 }

@@ -1214,8 +1214,7 @@ fn request_rollback(
         ));
     }
     let plan = checked_plan(state, changes, options, plan_hash, trigger)?;
-    let (outcome, target, audit) =
-        start_rollback(state, command, changes, options, plan_hash, reason, trigger)?;
+    let (outcome, target, audit) = start_planned(state, command, &plan, reason, trigger);
     let Outcome::Rollback(number) = outcome else {
         unreachable!("start_rollback answers with a rollback");
     };
@@ -1275,7 +1274,9 @@ fn decide_request(
         )),
         approvals::Decided::Approved => {
             let request = state.approval_requests[&number].clone();
-            let (_, rollback_target, started) = start_rollback(
+            // Starting it lapses every pending request over its changes, this one too; it is
+            // recorded as approved just after.
+            let (Outcome::Rollback(rollback), rollback_target, started) = start_rollback(
                 state,
                 command,
                 &request.changes,
@@ -1283,8 +1284,10 @@ fn decide_request(
                 &request.plan_hash,
                 &request.reason,
                 request.trigger,
-            )?;
-            let rollback = state.next_rollback;
+            )?
+            else {
+                unreachable!("start_rollback answers with a rollback");
+            };
             let mut approved_by: Vec<String> = request
                 .approvals
                 .iter()
@@ -1372,6 +1375,18 @@ fn start_rollback(
     trigger: Trigger,
 ) -> Result<(Outcome, String, String)> {
     let plan = checked_plan(state, changes, options, plan_hash, trigger)?;
+    Ok(start_planned(state, command, &plan, reason, trigger))
+}
+
+/// Starts the rollback of a plan [`checked_plan`] accepted.
+fn start_planned(
+    state: &mut State,
+    command: &Command,
+    plan: &crate::plan::Plan,
+    reason: &str,
+    trigger: Trigger,
+) -> (Outcome, String, String) {
+    let options = &plan.options;
     let forced: Vec<String> = plan
         .incompatibilities
         .iter()
@@ -1525,7 +1540,7 @@ fn start_rollback(
             }
         }
     }
-    Ok((Outcome::Rollback(number), rollback_id(number), audit))
+    (Outcome::Rollback(number), rollback_id(number), audit)
 }
 
 fn control_rollback(

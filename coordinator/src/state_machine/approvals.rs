@@ -274,13 +274,23 @@ fn refuse_automatic(state: &mut State, changes: &[u64]) {
 
 /// The pending request that already asks to roll back `change`, if any.
 pub fn pending_for(state: &State, change: u64) -> Option<u64> {
+    pending_over(state, &[change]).first().copied()
+}
+
+/// Pending requests that ask to roll back any of `changes`, oldest first.
+fn pending_over(state: &State, changes: &[u64]) -> Vec<u64> {
     state
         .approval_requests
         .values()
-        .find(|request| {
-            request.status == RequestStatus::Pending && request.changes.contains(&change)
+        .filter(|request| {
+            request.status == RequestStatus::Pending
+                && request
+                    .changes
+                    .iter()
+                    .any(|change| changes.contains(change))
         })
         .map(|request| request.number)
+        .collect()
 }
 
 /// Marks pending requests whose time ran out as expired (at `at_ms`, the command's time).
@@ -314,19 +324,7 @@ pub fn file(
 ) -> Result<(Outcome, String, String)> {
     let at_ms = command.at_ms;
     expire(state, at_ms);
-    let overlapping: Vec<u64> = state
-        .approval_requests
-        .values()
-        .filter(|request| {
-            request.status == RequestStatus::Pending
-                && request
-                    .changes
-                    .iter()
-                    .any(|change| plan.changes.contains(change))
-        })
-        .map(|request| request.number)
-        .collect();
-    for number in overlapping {
+    for number in pending_over(state, &plan.changes) {
         let request = &state.approval_requests[&number];
         // One that can no longer be approved does not block a request for the plan as it is.
         if let Some(drift) =
@@ -415,20 +413,8 @@ fn lapse(state: &mut State, number: u64, at_ms: u64, why: &str) {
 /// A rollback started for some of a pending request's changes: the request can never run as
 /// approved, so it lapses, naming the rollback.
 pub fn supersede(state: &mut State, changes: &[u64], rollback: u64, at_ms: u64) {
-    let superseded: Vec<u64> = state
-        .approval_requests
-        .values()
-        .filter(|request| {
-            request.status == RequestStatus::Pending
-                && request
-                    .changes
-                    .iter()
-                    .any(|change| changes.contains(change))
-        })
-        .map(|request| request.number)
-        .collect();
-    for number in superseded {
-        let why = format!("{} reverts its changes", super::rollback_id(rollback));
+    let why = format!("{} reverts its changes", super::rollback_id(rollback));
+    for number in pending_over(state, changes) {
         lapse(state, number, at_ms, &why);
     }
 }
