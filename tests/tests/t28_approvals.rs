@@ -405,4 +405,60 @@ async fn a_prod_rollback_waits_for_two_other_approvers_and_break_glass_escalates
         .await
         .unwrap_err();
     assert_eq!(sam.code(), Code::PermissionDenied, "{sam:?}");
+
+    // Bad input is refused naming the field, before anything is proposed.
+    let mut bob = coordinator
+        .client_with(&rewind_shared::tls::TlsFiles::in_dir(
+            &coordinator.tls_dir(),
+            "bob",
+        ))
+        .await
+        .unwrap();
+    let decision = |request_id: &str, plan_hash: &str, reason: &str| pb::RequestDecision {
+        request_id: request_id.into(),
+        plan_hash: plan_hash.into(),
+        reason: reason.into(),
+        ..Default::default()
+    };
+    let cases = [
+        (
+            bob.approve_request(decision("req-1", "", "ok")).await,
+            Code::InvalidArgument,
+            "plan_hash",
+        ),
+        (
+            bob.approve_request(decision("req-1", "not-a-hash", "ok"))
+                .await,
+            Code::InvalidArgument,
+            "plan_hash",
+        ),
+        (
+            bob.deny_request(decision("req-1", "", " ")).await,
+            Code::InvalidArgument,
+            "reason",
+        ),
+        (
+            bob.deny_request(decision("req-1", "", "two\nlines")).await,
+            Code::InvalidArgument,
+            "control characters",
+        ),
+        (
+            bob.review_request(decision("request-one", "", "ok")).await,
+            Code::InvalidArgument,
+            "request_id",
+        ),
+        (
+            bob.get_request(pb::GetRequestRequest {
+                request_id: "req-99".into(),
+            })
+            .await,
+            Code::NotFound,
+            "req-99",
+        ),
+    ];
+    for (answer, code, named) in cases {
+        let refused = answer.unwrap_err();
+        assert_eq!(refused.code(), code, "{refused:?}");
+        assert!(refused.message().contains(named), "{named}: {refused:?}");
+    }
 }
