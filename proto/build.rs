@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "rewind/v1/agent.proto",
         "rewind/v1/control.proto",
         "rewind/v1/raft.proto",
+        "rewind/v1/join.proto",
     ];
     for proto in &protos {
         println!("cargo:rerun-if-changed={proto}");

@@ -4,9 +4,10 @@
 //! host-id = "web-1"
 //! coordinators = ["127.0.0.1:7443"]
 //! data-dir = "/var/lib/rewind/agent"
+//! join-token-file = "/etc/rewind/join-token"   # first start: join with it (see README)
 //! [tls]
 //! ca = "/etc/rewind/ca.pem"
-//! cert = "/etc/rewind/web-1.pem"
+//! cert = "/etc/rewind/web-1.pem"   # written by the join, renewed before it expires
 //! key = "/etc/rewind/web-1.key"
 //! [labels]
 //! region = "eu-west"
@@ -52,6 +53,9 @@ pub struct RawConfig {
     pub legacy_certificates: bool,
     pub data_dir: Option<PathBuf>,
     pub tls: Option<TlsFiles>,
+    /// A file holding a one-time join token: when the certificate in `tls` does not exist yet,
+    /// the agent joins the cluster with it (its own key, a CSR, signed by a member) first.
+    pub join_token_file: Option<PathBuf>,
     pub labels: RawLabels,
     /// Report interval used until a coordinator asks for another.
     pub health_interval_ms: Option<u64>,
@@ -179,6 +183,7 @@ pub struct Config {
     pub legacy_certificates: bool,
     pub data_dir: PathBuf,
     pub tls: TlsFiles,
+    pub join_token_file: Option<PathBuf>,
     pub labels: RawLabels,
     pub health_interval: Duration,
     /// `None` when code pages are never released.
@@ -353,6 +358,7 @@ impl RawConfig {
             legacy_certificates: self.legacy_certificates,
             data_dir,
             tls,
+            join_token_file: self.join_token_file,
             labels: self.labels,
             health_interval: Duration::from_millis(interval_ms),
             code_release_interval: (release_s != 0).then(|| Duration::from_secs(release_s)),

@@ -29,8 +29,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the agent.
+    /// Run the agent (joining the cluster first if its certificate does not exist yet and
+    /// join-token-file is set).
     Run,
+    /// Join the cluster with a one-time join token: make this host's key and a CSR, have a
+    /// coordinator member sign it, and write both where [tls] says.
+    Join {
+        /// The file holding the token (default: the config's join-token-file).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+    },
     /// Check the config and report every problem at once (unknown keys too).
     CheckConfig,
     /// Inspect the local snapshot store.
@@ -103,6 +111,7 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Run => run(config),
+        Command::Join { token_file } => join(&config, token_file),
         Command::Snapshot(command) => inspect(&config, command),
         Command::Journal(JournalCommand::List { json }) => list_journal(&config, json),
         Command::Releases(command) => releases(&config, command),
@@ -188,6 +197,8 @@ fn run(config: Config) -> anyhow::Result<()> {
         .build()
         .context("start the runtime")?;
     runtime.block_on(async move {
+        rewind_agent::enroll::join_if_needed(&config).await?;
+        tokio::spawn(rewind_agent::enroll::renew_when_due(config.clone()));
         if let Some(interval) = config.code_release_interval {
             tokio::spawn(rewind_agent::resident::release_code_pages_every(interval));
         }
@@ -198,7 +209,26 @@ fn run(config: Config) -> anyhow::Result<()> {
         ));
         let agent = Agent::new(config, executor);
         agent.run(rewind_shared::signals::shutdown()).await;
-    });
+        Ok::<(), anyhow::Error>(())
+    })
+}
+
+fn join(config: &Config, token_file: Option<PathBuf>) -> anyhow::Result<()> {
+    let Some(path) = token_file.or_else(|| config.join_token_file.clone()) else {
+        anyhow::bail!("name the token's file: --token-file, or join-token-file in the config");
+    };
+    let token = rewind_agent::enroll::read_token(&path)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start the runtime")?;
+    let enrolled = runtime.block_on(rewind_agent::enroll::join(config, &token))?;
+    println!(
+        "joined as {}; certificate {} valid until {} (unix seconds)",
+        enrolled.identity,
+        config.tls.cert.display(),
+        enrolled.not_after_s
+    );
     Ok(())
 }
 

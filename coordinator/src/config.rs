@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rewind_shared::config::{Problems, load_toml};
@@ -27,6 +28,37 @@ pub struct RawConfig {
     pub http: RawHttp,
     pub alertmanager: RawAlertmanager,
     pub access: RawAccess,
+    pub issuer: RawIssuer,
+}
+
+/// The issuing CA this member signs joins and renewals with (an intermediate of the cluster's
+/// root CA; its key lives only on the members). Without it, this member refuses joins.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct RawIssuer {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// How long issued certificates are valid, e.g. "14d", "12h".
+    pub agent_lifetime: Option<String>,
+    pub user_lifetime: Option<String>,
+    pub automation_lifetime: Option<String>,
+    pub member_lifetime: Option<String>,
+}
+
+/// The issuing CA, loaded, and the lifetimes it issues.
+#[derive(Clone)]
+pub struct IssuerConfig {
+    pub issuing: Arc<rewind_shared::pki::IssuingCa>,
+    pub lifetimes: rewind_shared::pki::Lifetimes,
+}
+
+impl std::fmt::Debug for IssuerConfig {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("IssuerConfig")
+            .field("lifetimes", &self.lifetimes)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Who may do what (see `crate::access`).
@@ -334,6 +366,7 @@ pub struct Config {
     pub http: Option<HttpConfig>,
     pub alertmanager: Option<AlertmanagerConfig>,
     pub access: AccessConfig,
+    pub issuer: Option<IssuerConfig>,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
@@ -422,6 +455,7 @@ impl RawConfig {
         let http = validate_http(&self.http, &mut problems);
         let alertmanager = validate_alertmanager(&self.alertmanager, &mut problems);
         let access = validate_access(&self.access, &mut problems);
+        let issuer = validate_issuer(&self.issuer, &mut problems);
         self.throttle.check(&mut problems);
         check_range(
             &mut problems,
@@ -478,7 +512,59 @@ impl RawConfig {
             http,
             alertmanager,
             access,
+            issuer,
         })
+    }
+}
+
+fn validate_issuer(raw: &RawIssuer, problems: &mut Problems) -> Option<IssuerConfig> {
+    let defaults = rewind_shared::pki::Lifetimes::default();
+    let mut lifetime = |field: &str, value: &Option<String>, default: u64| match value {
+        Some(text) => humantime::parse_duration(text)
+            .map(|duration| duration.as_secs())
+            .map_err(|error| problems.add(field, format!("{text:?}: {error} (e.g. \"14d\")")))
+            .unwrap_or(default),
+        None => default,
+    };
+    let lifetimes = rewind_shared::pki::Lifetimes {
+        agent_s: lifetime(
+            "issuer.agent-lifetime",
+            &raw.agent_lifetime,
+            defaults.agent_s,
+        ),
+        user_s: lifetime("issuer.user-lifetime", &raw.user_lifetime, defaults.user_s),
+        automation_s: lifetime(
+            "issuer.automation-lifetime",
+            &raw.automation_lifetime,
+            defaults.automation_s,
+        ),
+        member_s: lifetime(
+            "issuer.member-lifetime",
+            &raw.member_lifetime,
+            defaults.member_s,
+        ),
+    };
+    if let Err(found) = lifetimes.validate() {
+        for problem in found {
+            problems.add("issuer", problem);
+        }
+    }
+    match (&raw.cert, &raw.key) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => match rewind_shared::pki::IssuingCa::load(cert, key) {
+            Ok(issuing) => Some(IssuerConfig {
+                issuing: Arc::new(issuing),
+                lifetimes,
+            }),
+            Err(error) => {
+                problems.add("issuer", error.to_string());
+                None
+            }
+        },
+        _ => {
+            problems.add("issuer", "needs both cert and key");
+            None
+        }
     }
 }
 

@@ -76,6 +76,10 @@ pub enum CoordinatorError {
     UnknownRequest { request_id: String },
     #[error("{request_id}: {why}")]
     RequestRefused { request_id: String, why: String },
+    #[error("join refused ({token_id}): {why}")]
+    JoinRefused { token_id: String, why: String },
+    #[error("no join token {token_id}")]
+    UnknownJoinToken { token_id: String },
     #[error(
         "{request_id} already asks to roll back {changes}: approve or deny it (rewindctl request show {request_id})"
     )]
@@ -129,6 +133,8 @@ impl CoordinatorError {
             Self::Incompatible { .. } => "incompatible",
             Self::UnknownRequest { .. } => "unknown_request",
             Self::RequestRefused { .. } => "request_refused",
+            Self::JoinRefused { .. } => "join_refused",
+            Self::UnknownJoinToken { .. } => "unknown_join_token",
             Self::AlreadyRequested { .. } => "already_requested",
             Self::RollbackNotControllable { .. } => "rollback_not_controllable",
             Self::StepNotRunning { .. } => "step_not_running",

@@ -70,6 +70,19 @@ enum Command {
         /// certificate needs the host of its address. Repeatable.
         #[arg(long)]
         san: Vec<String>,
+        /// How long it is valid, e.g. "30d" (default: 14d for agents and automation, 7d for
+        /// users, 90d for members).
+        #[arg(long)]
+        lifetime: Option<String>,
+        /// Create the dev CA in <data-dir>/tls first when there is none.
+        #[arg(long)]
+        create_ca: bool,
+    },
+    /// Write an issuing CA under the dev CA as <data-dir>/tls/issuer.pem and issuer.key: the
+    /// members sign joins and renewals with it (config [issuer]).
+    IssueIssuingCa {
+        #[arg(long, env = "REWIND_DATA_DIR")]
+        data_dir: PathBuf,
         /// Create the dev CA in <data-dir>/tls first when there is none.
         #[arg(long)]
         create_ca: bool,
@@ -89,11 +102,15 @@ fn main() -> ExitCode {
             member_id,
             ref group,
             ref san,
+            ref lifetime,
             create_ca,
-        }) => report(
-            subject(kind, name, member_id, group)
-                .and_then(|subject| issue_cert(data_dir, &subject, san, create_ca)),
-        ),
+        }) => report(subject(kind, name, member_id, group).and_then(|subject| {
+            issue_cert(data_dir, &subject, san, lifetime.as_deref(), create_ca)
+        })),
+        Some(Command::IssueIssuingCa {
+            ref data_dir,
+            create_ca,
+        }) => report(issue_issuing_ca(data_dir, create_ca)),
         None => run(cli),
     }
 }
@@ -153,24 +170,55 @@ fn subject(
     Ok(subject.with_groups(&groups))
 }
 
+fn dev_ca_in(tls_dir: &std::path::Path, create_ca: bool) -> anyhow::Result<dev_ca::DevCa> {
+    if create_ca {
+        dev_ca::ensure_dev_pki(tls_dir).context("create the dev CA")
+    } else {
+        dev_ca::DevCa::load(tls_dir).context(
+            "load the dev CA (start the coordinator with --dev first, or pass --create-ca)",
+        )
+    }
+}
+
 fn issue_cert(
     data_dir: &std::path::Path,
     subject: &dev_ca::Subject,
     sans: &[String],
+    lifetime: Option<&str>,
     create_ca: bool,
 ) -> anyhow::Result<()> {
-    let tls_dir = data_dir.join("tls");
-    let ca = if create_ca {
-        dev_ca::ensure_dev_pki(&tls_dir).context("create the dev CA")?
-    } else {
-        dev_ca::DevCa::load(&tls_dir).context(
-            "load the dev CA (start the coordinator with --dev first, or pass --create-ca)",
-        )?
+    let lifetime_s = match lifetime {
+        Some(text) => {
+            let seconds = humantime::parse_duration(text)
+                .with_context(|| format!("--lifetime {text:?} (e.g. \"30d\")"))?
+                .as_secs();
+            let kind = subject.kind.unwrap_or(rewind_shared::identity::Kind::User);
+            let max = rewind_shared::pki::max_lifetime_s(kind);
+            anyhow::ensure!(
+                (rewind_shared::pki::MIN_LIFETIME_S..=max).contains(&seconds),
+                "--lifetime {text:?}: a {kind} certificate lives {} s to {} days",
+                rewind_shared::pki::MIN_LIFETIME_S,
+                max / rewind_shared::pki::DAY_S
+            );
+            seconds
+        }
+        None => subject.default_lifetime_s(),
     };
+    let tls_dir = data_dir.join("tls");
+    let ca = dev_ca_in(&tls_dir, create_ca)?;
     let sans: Vec<&str> = sans.iter().map(String::as_str).collect();
     let files = ca
-        .write_identity(&tls_dir, subject, &sans)
+        .write_identity_for(&tls_dir, subject, &sans, lifetime_s)
         .context("write the certificate")?;
+    println!("{}\n{}", files.cert.display(), files.key.display());
+    Ok(())
+}
+
+fn issue_issuing_ca(data_dir: &std::path::Path, create_ca: bool) -> anyhow::Result<()> {
+    let tls_dir = data_dir.join("tls");
+    let files = dev_ca_in(&tls_dir, create_ca)?
+        .write_issuing_ca(&tls_dir)
+        .context("write the issuing CA")?;
     println!("{}\n{}", files.cert.display(), files.key.display());
     Ok(())
 }
@@ -242,6 +290,11 @@ fn prepare_dev(raw: &mut RawConfig) -> anyhow::Result<()> {
         .with_context(|| format!("create the dev PKI in {}", tls_dir.display()))?;
     raw.tls
         .get_or_insert_with(|| TlsFiles::in_dir(&tls_dir, dev_ca::COORDINATOR));
+    if raw.issuer.cert.is_none() && raw.issuer.key.is_none() {
+        let issuer = TlsFiles::in_dir(&tls_dir, dev_ca::ISSUER);
+        raw.issuer.cert = Some(issuer.cert);
+        raw.issuer.key = Some(issuer.key);
+    }
     if raw.health.report_interval_ms == RawConfig::default().health.report_interval_ms {
         raw.health.report_interval_ms = 1000;
     }
@@ -299,7 +352,10 @@ async fn serve(
     let (peer_reports, peer_report_receiver) = node::peer_report_channel();
     let transport = node::transport::GrpcTransport::new(
         tokio::runtime::Handle::current(),
-        config.tls.clone(),
+        node::transport::PeerTls {
+            files: config.tls.clone(),
+            accept_legacy: config.access.legacy_certificates,
+        },
         cluster_id.clone(),
         cluster.member_id,
         peer_reports,
@@ -448,6 +504,7 @@ async fn serve(
         health_window_ms: config.health_window_ms,
         gate,
         env_key_secret: Arc::new(rand::random()),
+        issuer: config.issuer.clone(),
     };
     let raft_peers = api::raft::RaftPeers::new(
         cluster_id.clone(),

@@ -79,6 +79,12 @@ pub enum Command {
     /// to review.
     #[command(subcommand)]
     Request(crate::requests::RequestCommand),
+    /// One-time tokens hosts and people join the cluster with (admin).
+    #[command(subcommand)]
+    JoinToken(crate::join::JoinTokenCommand),
+    /// Your own certificate: get one with a join token, renew it.
+    #[command(subcommand)]
+    Cert(crate::join::CertCommand),
     /// Run the whole loop on this machine: a dev coordinator, three agents, a bad release,
     /// an automatic rollback, verified.
     Demo(crate::demo::DemoArgs),
@@ -448,8 +454,10 @@ pub enum AuditCommand {
 const MAX_REDIRECTS: usize = 3;
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    if let Command::Demo(args) = cli.command {
-        return crate::demo::run(args).await;
+    match cli.command {
+        Command::Demo(args) => return crate::demo::run(args).await,
+        Command::Cert(command) => return crate::join::run_cert(&cli.connect, command).await,
+        _ => {}
     }
     let mut options = cli.connect.clone();
     let mut redirects = 0;
@@ -494,6 +502,7 @@ async fn execute(
         Command::Flag(command) => crate::flags::run(client, format, command).await,
         Command::Access(command) => crate::access::run(client, format, command).await,
         Command::Request(command) => crate::requests::run(client, format, command).await,
+        Command::JoinToken(command) => crate::join::run_tokens(client, format, command).await,
         Command::Cluster(ClusterCommand::List) => cluster_list(client, format, None).await,
         Command::Cluster(ClusterCommand::TransferLeader { member_id, reason }) => {
             let request = pb::TransferLeaderRequest {
@@ -554,7 +563,7 @@ async fn execute(
             }
             cluster_list(client, format, Some(members)).await
         }
-        Command::Demo(_) => unreachable!("handled above"),
+        Command::Demo(_) | Command::Cert(_) => unreachable!("handled above"),
     }
 }
 

@@ -8,6 +8,7 @@ mod commands;
 mod demo;
 mod flags;
 mod hosts;
+mod join;
 mod migrations;
 mod output;
 mod plans;

@@ -5,66 +5,28 @@
 use std::path::Path;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
 };
 
 use crate::SharedError;
 use crate::identity::Kind;
+use crate::pki::{DAY_S, IssuingCa, certificate_error, leaf_params, read_string, set_validity};
 use crate::tls::TlsFiles;
+
+/// Names of the issuing CA's files in a dev PKI directory (the members sign joins with it).
+pub const ISSUER: &str = "issuer";
+/// How long the dev root CA is valid.
+const ROOT_LIFETIME_S: u64 = 10 * 365 * DAY_S;
+/// How long the dev issuing CA is valid.
+const ISSUING_LIFETIME_S: u64 = 5 * 365 * DAY_S;
 
 /// Name of the coordinator's server certificate in a dev PKI directory.
 pub const COORDINATOR: &str = "coordinator";
 /// Name of the operator (rewindctl) client certificate in a dev PKI directory.
 pub const OPERATOR: &str = "operator";
 
-/// Whom a certificate names: a kind and name (its `rewind://` URI), a common name (also its file
-/// name in a PKI directory) and up to two groups (its O and OU).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Subject {
-    /// `None`: a certificate as issued before kinds existed, with a common name only.
-    pub kind: Option<Kind>,
-    pub name: String,
-    pub common_name: String,
-    pub groups: Vec<String>,
-}
-
-impl Subject {
-    /// `kind` named `name`, with `name` as its common name.
-    pub fn new(kind: Kind, name: &str) -> Self {
-        Self {
-            kind: Some(kind),
-            name: name.to_string(),
-            common_name: name.to_string(),
-            groups: Vec::new(),
-        }
-    }
-
-    /// Coordinator member `id`, whose certificate (and files) are called `common_name`.
-    pub fn member(id: u64, common_name: &str) -> Self {
-        Self::new(Kind::Member, &id.to_string()).with_common_name(common_name)
-    }
-
-    /// A certificate without kind, as issued before kinds existed.
-    pub fn legacy(common_name: &str) -> Self {
-        Self {
-            kind: None,
-            name: common_name.to_string(),
-            common_name: common_name.to_string(),
-            groups: Vec::new(),
-        }
-    }
-
-    pub fn with_common_name(mut self, common_name: &str) -> Self {
-        self.common_name = common_name.to_string();
-        self
-    }
-
-    pub fn with_groups(mut self, groups: &[&str]) -> Self {
-        self.groups = groups.iter().map(|group| group.to_string()).collect();
-        self
-    }
-}
+pub use crate::pki::Subject;
 
 pub struct DevCa {
     issuer: Issuer<'static, KeyPair>,
@@ -74,19 +36,45 @@ pub struct DevCa {
 impl DevCa {
     pub fn generate(common_name: &str) -> Result<Self, SharedError> {
         let key = KeyPair::generate().map_err(certificate_error)?;
-        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(certificate_error)?;
-        params.distinguished_name = name(common_name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        let params = ca_params(
+            common_name,
+            BasicConstraints::Unconstrained,
+            ROOT_LIFETIME_S,
+        )?;
         let cert_pem = params.self_signed(&key).map_err(certificate_error)?.pem();
         Ok(Self {
             issuer: Issuer::new(params, key),
             cert_pem,
         })
+    }
+
+    /// An issuing CA under this root (it may sign leaves only), as the members hold it.
+    pub fn issuing_ca(&self, common_name: &str) -> Result<IssuingCa, SharedError> {
+        let (cert_pem, key) = self.issue_issuing_ca(common_name)?;
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(certificate_error)?;
+        Ok(IssuingCa::from_parts(issuer, cert_pem))
+    }
+
+    fn issue_issuing_ca(&self, common_name: &str) -> Result<(String, KeyPair), SharedError> {
+        let key = KeyPair::generate().map_err(certificate_error)?;
+        let params = ca_params(
+            common_name,
+            BasicConstraints::Constrained(0),
+            ISSUING_LIFETIME_S,
+        )?;
+        let certificate = params
+            .signed_by(&key, &self.issuer)
+            .map_err(certificate_error)?;
+        Ok((certificate.pem(), key))
+    }
+
+    /// Writes an issuing CA under this root as `<dir>/issuer.pem` and `.key` (mode 0600).
+    pub fn write_issuing_ca(&self, dir: &Path) -> Result<TlsFiles, SharedError> {
+        let (cert_pem, key) = self.issue_issuing_ca("rewind issuing CA")?;
+        let files = TlsFiles::in_dir(dir, ISSUER);
+        write(&files.key, &key.serialize_pem(), 0o600)?;
+        write(&files.cert, &cert_pem, 0o644)?;
+        Ok(files)
     }
 
     /// Loads `ca.pem` and `ca.key` from `dir`.
@@ -113,50 +101,29 @@ impl DevCa {
     }
 
     /// Issues a leaf certificate for `subject`, usable as server and client, valid for the
-    /// given DNS names and IP addresses. Returns (certificate PEM, key PEM).
+    /// given DNS names and IP addresses for the subject kind's default lifetime. Returns
+    /// (certificate PEM, key PEM).
     pub fn issue(
         &self,
         subject: &Subject,
         subject_alt_names: &[&str],
     ) -> Result<(String, String), SharedError> {
+        self.issue_for(subject, subject_alt_names, subject.default_lifetime_s())
+    }
+
+    /// [`Self::issue`] valid for `lifetime_s`.
+    pub fn issue_for(
+        &self,
+        subject: &Subject,
+        subject_alt_names: &[&str],
+        lifetime_s: u64,
+    ) -> Result<(String, String), SharedError> {
         let key = KeyPair::generate().map_err(certificate_error)?;
-        let sans = subject_alt_names
+        let sans: Vec<String> = subject_alt_names
             .iter()
             .map(|san| san.to_string())
-            .collect::<Vec<_>>();
-        let mut params = CertificateParams::new(sans).map_err(certificate_error)?;
-        if let Some(kind) = subject.kind {
-            let uri = kind.uri(&subject.name);
-            let uri = uri
-                .clone()
-                .try_into()
-                .map_err(|_| SharedError::Certificate(format!("{uri:?} is not an ASCII URI")))?;
-            params.subject_alt_names.push(SanType::URI(uri));
-        }
-        params.distinguished_name = name(&subject.common_name);
-        // rcgen holds one value per attribute, so the dev CA writes two groups at most.
-        if subject.groups.len() > 2 {
-            return Err(SharedError::Certificate(format!(
-                "the dev CA writes at most two groups (as O and OU), not {}",
-                subject.groups.len()
-            )));
-        }
-        for (group, attribute) in subject
-            .groups
-            .iter()
-            .zip([DnType::OrganizationName, DnType::OrganizationalUnitName])
-        {
-            crate::identity::validate_group(group)?;
-            params.distinguished_name.push(attribute, group.as_str());
-        }
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+            .collect();
+        let params = leaf_params(subject, &sans, crate::time::now_s(), lifetime_s)?;
         let certificate = params
             .signed_by(&key, &self.issuer)
             .map_err(certificate_error)?;
@@ -170,7 +137,23 @@ impl DevCa {
         subject: &Subject,
         subject_alt_names: &[&str],
     ) -> Result<TlsFiles, SharedError> {
-        let (cert, key) = self.issue(subject, subject_alt_names)?;
+        self.write_identity_for(
+            dir,
+            subject,
+            subject_alt_names,
+            subject.default_lifetime_s(),
+        )
+    }
+
+    /// [`Self::write_identity`] valid for `lifetime_s`.
+    pub fn write_identity_for(
+        &self,
+        dir: &Path,
+        subject: &Subject,
+        subject_alt_names: &[&str],
+        lifetime_s: u64,
+    ) -> Result<TlsFiles, SharedError> {
+        let (cert, key) = self.issue_for(subject, subject_alt_names, lifetime_s)?;
         let files = TlsFiles::in_dir(dir, &subject.common_name);
         write(&files.cert, &cert, 0o644)?;
         write(&files.key, &key, 0o600)?;
@@ -181,43 +164,56 @@ impl DevCa {
     }
 }
 
-/// Creates (once) a dev PKI in `dir`: a CA, the coordinator's certificate (member 1) for
-/// `localhost`/`127.0.0.1`, and the `operator` user's client certificate. Existing files are kept, so a
-/// restarted dev coordinator keeps its identity.
+/// Creates (once) a dev PKI in `dir`: a CA, its issuing CA (`issuer.pem`, which signs joins),
+/// the coordinator's certificate (member 1) for `localhost`/`127.0.0.1`, and the `operator`
+/// user's client certificate. Existing files are kept, so a restarted dev coordinator keeps its
+/// identity; the two certificates are re-issued once a third of their life is left, so a dev
+/// data dir does not stop working when they expire.
 pub fn ensure_dev_pki(dir: &Path) -> Result<DevCa, SharedError> {
     std::fs::create_dir_all(dir).map_err(|source| SharedError::Write {
         path: dir.to_path_buf(),
         source,
     })?;
-    if dir.join("ca.pem").exists() && dir.join("ca.key").exists() {
-        return DevCa::load(dir);
+    let ca = if dir.join("ca.pem").exists() && dir.join("ca.key").exists() {
+        DevCa::load(dir)?
+    } else {
+        let ca = DevCa::generate("rewind dev CA")?;
+        ca.save(dir)?;
+        ca
+    };
+    if !TlsFiles::in_dir(dir, ISSUER).cert.exists() {
+        ca.write_issuing_ca(dir)?;
     }
-    let ca = DevCa::generate("rewind dev CA")?;
-    ca.save(dir)?;
-    ca.write_identity(
-        dir,
-        &Subject::member(1, COORDINATOR),
-        &["localhost", "127.0.0.1"],
-    )?;
-    ca.write_identity(dir, &Subject::new(Kind::User, OPERATOR), &[])?;
+    let own: [(Subject, &[&str]); 2] = [
+        (Subject::member(1, COORDINATOR), &["localhost", "127.0.0.1"]),
+        (Subject::new(Kind::User, OPERATOR), &[]),
+    ];
+    for (subject, sans) in own {
+        let files = TlsFiles::in_dir(dir, &subject.common_name);
+        if crate::enroll::renewal_due(&files).0 {
+            ca.write_identity(dir, &subject, sans)?;
+        }
+    }
     Ok(ca)
 }
 
-fn name(common_name: &str) -> DistinguishedName {
+fn ca_params(
+    common_name: &str,
+    constraints: BasicConstraints,
+    lifetime_s: u64,
+) -> Result<CertificateParams, SharedError> {
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(certificate_error)?;
     let mut name = DistinguishedName::new();
     name.push(DnType::CommonName, common_name);
-    name
-}
-
-fn certificate_error(error: rcgen::Error) -> SharedError {
-    SharedError::Certificate(error.to_string())
-}
-
-fn read_string(path: &Path) -> Result<String, SharedError> {
-    std::fs::read_to_string(path).map_err(|source| SharedError::Read {
-        path: path.to_path_buf(),
-        source,
-    })
+    params.distinguished_name = name;
+    params.is_ca = IsCa::Ca(constraints);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    set_validity(&mut params, crate::time::now_s(), lifetime_s)?;
+    Ok(params)
 }
 
 fn write(path: &Path, contents: &str, mode: u32) -> Result<(), SharedError> {

@@ -85,7 +85,8 @@ pub struct PeerIdentity {
     pub common_name: String,
     /// The subject's O and OU values.
     pub groups: Vec<String>,
-    /// When the certificate stops being valid, seconds since the epoch.
+    /// When the certificate became and stops being valid, seconds since the epoch.
+    pub not_before_s: i64,
     pub not_after_s: i64,
 }
 
@@ -151,11 +152,12 @@ pub fn certificate_identity(der: &[u8]) -> Result<PeerIdentity, SharedError> {
         name,
         common_name,
         groups,
+        not_before_s: certificate.validity().not_before.timestamp(),
         not_after_s: certificate.validity().not_after.timestamp(),
     })
 }
 
-fn parse_uri_rest(uri: &str, rest: &str) -> Result<(Kind, String), SharedError> {
+pub(crate) fn parse_uri_rest(uri: &str, rest: &str) -> Result<(Kind, String), SharedError> {
     let (kind, name) = rest.split_once('/').ok_or_else(|| {
         SharedError::Certificate(format!("URI {uri:?} must be rewind://<kind>/<name>"))
     })?;
@@ -206,7 +208,8 @@ pub fn validate_group(group: &str) -> Result<(), SharedError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dev_ca::{DevCa, Subject};
+    use crate::dev_ca::DevCa;
+    use crate::pki::Subject;
     use rustls::pki_types::pem::PemObject;
 
     fn identity_of(subject: &Subject) -> Result<PeerIdentity, SharedError> {

@@ -8,6 +8,8 @@
 //! - [`tls`]: PEM files to tonic TLS configs; the caller's identity from its certificate.
 //! - [`identity`]: who a caller is: its kind, name and groups, read from its certificate.
 //! - [`member_tls`]: dialling coordinator members over TLS that accepts only a member's certificate.
+//! - [`pki`]: certificates the cluster issues itself: CSRs, the members' issuing CA, lifetimes.
+//! - [`enroll`]: getting a certificate from the cluster with a join token, and renewing it.
 //! - [`dev_ca`]: a throw-away CA and certificates for `--dev` and tests (rcgen).
 //! - [`digest`]: sha256 of bytes and of a directory tree (release artifacts).
 //! - [`histogram`]: cumulative histograms: merging different bucket layouts, quantiles.
@@ -21,6 +23,7 @@
 pub mod config;
 pub mod dev_ca;
 pub mod digest;
+pub mod enroll;
 pub mod errors;
 pub mod failpoint;
 pub mod histogram;
@@ -28,6 +31,7 @@ pub mod identity;
 pub mod logging;
 pub mod member_tls;
 pub mod names;
+pub mod pki;
 pub mod signals;
 pub mod sql;
 pub mod time;

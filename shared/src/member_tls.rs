@@ -100,62 +100,75 @@ impl ServerCertVerifier for MemberVerifier {
 }
 
 /// Connects to coordinator members over TCP and TLS, for `Endpoint::connect_with_connector`
-/// (the endpoint's URI is `http://host:port`: TLS is done here).
+/// (the endpoint's URI is `http://host:port`: TLS is done here). The TLS files are read again
+/// for a connection made after they changed, so a renewed certificate is used without a
+/// restart.
 #[derive(Clone)]
 pub struct MemberConnector {
-    config: Arc<rustls::ClientConfig>,
+    settings: Arc<Settings>,
+    config: Arc<std::sync::Mutex<Loaded>>,
     /// The name every member's certificate must carry instead of the host dialled (an older
     /// setting); `None`: the host dialled.
     server_name: Option<Arc<str>>,
+}
+
+struct Settings {
+    ca: std::path::PathBuf,
+    /// `None`: present no certificate (a host joining the cluster has none yet).
+    identity: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    accept_legacy: bool,
+    expected_member: Option<u64>,
+}
+
+struct Loaded {
+    config: Arc<rustls::ClientConfig>,
+    stamp: Vec<Option<std::time::SystemTime>>,
 }
 
 impl MemberConnector {
     /// Trusts `files.ca`, presents `files.cert`; accepts only member certificates (and, with
     /// `accept_legacy`, certificates without a kind).
     pub fn new(files: &TlsFiles, accept_legacy: bool) -> Result<Self, SharedError> {
-        Self::build(files, accept_legacy, None)
+        Self::build(Settings {
+            ca: files.ca.clone(),
+            identity: Some((files.cert.clone(), files.key.clone())),
+            accept_legacy,
+            expected_member: None,
+        })
     }
 
     /// Like [`Self::new`], accepting only member `id`'s certificate.
     pub fn expecting_member(files: &TlsFiles, id: u64) -> Result<Self, SharedError> {
-        Self::build(files, false, Some(id))
+        Self::for_member(files, id, false)
     }
 
-    fn build(
-        files: &TlsFiles,
-        accept_legacy: bool,
-        expected_member: Option<u64>,
-    ) -> Result<Self, SharedError> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut roots = rustls::RootCertStore::empty();
-        for certificate in pem_certificates(&files.ca)? {
-            roots.add(certificate).map_err(|error| {
-                SharedError::Certificate(format!("{}: {error}", files.ca.display()))
-            })?;
-        }
-        let inner =
-            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
-                .build()
-                .map_err(|error| SharedError::Certificate(format!("the CA bundle: {error}")))?;
-        let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|error| {
-            SharedError::Certificate(format!("{}: {error}", files.key.display()))
-        })?;
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|error| SharedError::Certificate(error.to_string()))?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(MemberVerifier {
-                inner,
-                accept_legacy,
-                expected_member,
-            }))
-            .with_client_auth_cert(pem_certificates(&files.cert)?, key)
-            .map_err(|error| {
-                SharedError::Certificate(format!("{}: {error}", files.cert.display()))
-            })?;
-        config.alpn_protocols = vec![b"h2".to_vec()];
+    /// Like [`Self::expecting_member`], also accepting a certificate without a kind when
+    /// `accept_legacy` (the compatibility switch).
+    pub fn for_member(files: &TlsFiles, id: u64, accept_legacy: bool) -> Result<Self, SharedError> {
+        Self::build(Settings {
+            ca: files.ca.clone(),
+            identity: Some((files.cert.clone(), files.key.clone())),
+            accept_legacy,
+            expected_member: Some(id),
+        })
+    }
+
+    /// Trusts the CA in `ca` and presents no certificate: for joining, which is how a host gets
+    /// its first one.
+    pub fn anonymous(ca: &std::path::Path) -> Result<Self, SharedError> {
+        Self::build(Settings {
+            ca: ca.to_path_buf(),
+            identity: None,
+            accept_legacy: false,
+            expected_member: None,
+        })
+    }
+
+    fn build(settings: Settings) -> Result<Self, SharedError> {
+        let loaded = settings.load()?;
         Ok(Self {
-            config: Arc::new(config),
+            settings: Arc::new(settings),
+            config: Arc::new(std::sync::Mutex::new(loaded)),
             server_name: None,
         })
     }
@@ -165,9 +178,96 @@ impl MemberConnector {
         self.server_name = name.map(Arc::from);
         self
     }
+
+    /// The TLS settings for the next connection: read again if the files changed since; the
+    /// last good ones if they cannot be read now (a renewal half written, say).
+    fn current(&self) -> Arc<rustls::ClientConfig> {
+        let mut loaded = self
+            .config
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if self.settings.stamp() != loaded.stamp {
+            match self.settings.load() {
+                Ok(fresh) => {
+                    tracing::info!(certificate = ?self.settings.identity.as_ref().map(|(cert, _)| cert), "TLS files changed; connecting with them from now on.");
+                    *loaded = fresh;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "TLS files changed but cannot be loaded; keeping the ones loaded before.");
+                }
+            }
+        }
+        Arc::clone(&loaded.config)
+    }
 }
 
-fn pem_certificates(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, SharedError> {
+impl Settings {
+    fn paths(&self) -> Vec<&std::path::Path> {
+        let mut paths = vec![self.ca.as_path()];
+        if let Some((cert, key)) = &self.identity {
+            paths.extend([cert.as_path(), key.as_path()]);
+        }
+        paths
+    }
+
+    /// When each file was last changed, to notice a renewal.
+    fn stamp(&self) -> Vec<Option<std::time::SystemTime>> {
+        self.paths()
+            .into_iter()
+            .map(|path| {
+                std::fs::metadata(path)
+                    .and_then(|meta| meta.modified())
+                    .ok()
+            })
+            .collect()
+    }
+
+    fn load(&self) -> Result<Loaded, SharedError> {
+        let stamp = self.stamp();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        for certificate in pem_certificates(&self.ca)? {
+            roots.add(certificate).map_err(|error| {
+                SharedError::Certificate(format!("{}: {error}", self.ca.display()))
+            })?;
+        }
+        let inner =
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
+                .build()
+                .map_err(|error| SharedError::Certificate(format!("the CA bundle: {error}")))?;
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|error| SharedError::Certificate(error.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(MemberVerifier {
+                inner,
+                accept_legacy: self.accept_legacy,
+                expected_member: self.expected_member,
+            }));
+        let mut config = match &self.identity {
+            Some((cert, key)) => {
+                let private_key = PrivateKeyDer::from_pem_file(key).map_err(|error| {
+                    SharedError::Certificate(format!("{}: {error}", key.display()))
+                })?;
+                builder
+                    .with_client_auth_cert(pem_certificates(cert)?, private_key)
+                    .map_err(|error| {
+                        SharedError::Certificate(format!("{}: {error}", cert.display()))
+                    })?
+            }
+            None => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Loaded {
+            config: Arc::new(config),
+            stamp,
+        })
+    }
+}
+
+pub fn pem_certificates(
+    path: &std::path::Path,
+) -> Result<Vec<CertificateDer<'static>>, SharedError> {
     let certificates: Result<Vec<_>, _> = CertificateDer::pem_file_iter(path)
         .map_err(|error| SharedError::Certificate(format!("{}: {error}", path.display())))?
         .collect();
@@ -195,7 +295,7 @@ impl tower::Service<http::Uri> for MemberConnector {
     }
 
     fn call(&mut self, uri: http::Uri) -> Self::Future {
-        let config = Arc::clone(&self.config);
+        let config = self.current();
         let fixed_name = self.server_name.clone();
         Box::pin(async move {
             let host = uri

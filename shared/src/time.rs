@@ -11,3 +11,8 @@ pub fn now_ms() -> u64 {
         .map(|elapsed| elapsed.as_millis() as u64)
         .unwrap_or(0)
 }
+
+/// Wall-clock seconds since the Unix epoch.
+pub fn now_s() -> i64 {
+    i64::try_from(now_ms() / 1000).unwrap_or(i64::MAX)
+}

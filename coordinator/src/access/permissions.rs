@@ -44,6 +44,11 @@ pub enum CallerKind {
     Agent,
     /// People and automation, as the policy allows.
     Person,
+    /// Agents, people and automation, each about its own certificate (renewal).
+    Holder,
+    /// Anyone, with or without a certificate: the request itself carries the credential (a
+    /// join token).
+    Anyone,
 }
 
 impl CallerKind {
@@ -52,6 +57,8 @@ impl CallerKind {
             Self::Member => kind == Kind::Member,
             Self::Agent => kind == Kind::Agent,
             Self::Person => matches!(kind, Kind::User | Kind::Automation),
+            Self::Holder => matches!(kind, Kind::Agent | Kind::User | Kind::Automation),
+            Self::Anyone => true,
         }
     }
 
@@ -60,6 +67,8 @@ impl CallerKind {
             Self::Member => "member certificates",
             Self::Agent => "agent certificates",
             Self::Person => "user and automation certificates",
+            Self::Holder => "agent, user and automation certificates",
+            Self::Anyone => "anyone",
         }
     }
 }
@@ -154,6 +163,9 @@ const CONTROL: &[Permission] = control_table![
     ("ApproveRequest", "request.approve", Approve, Scoped),
     ("DenyRequest", "request.deny", Approve, Scoped),
     ("ReviewRequest", "request.review", Approve, Scoped),
+    ("CreateJoinToken", "join-token.create", Administer, Cluster),
+    ("ListJoinTokens", "join-token.list", Administer, Cluster),
+    ("RevokeJoinToken", "join-token.revoke", Administer, Cluster),
 ];
 
 const PEERS: &[Permission] = &[
@@ -176,6 +188,13 @@ const PEERS: &[Permission] = &[
         "/rewind.v1.MemberService/GetMemberStatus",
         CallerKind::Member,
         "member.status",
+    ),
+    // The token in the request is the credential: a joining host has no certificate yet.
+    peer("/rewind.v1.JoinService/Join", CallerKind::Anyone, "join"),
+    peer(
+        "/rewind.v1.JoinService/Renew",
+        CallerKind::Holder,
+        "certificate.renew",
     ),
 ];
 

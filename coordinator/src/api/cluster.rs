@@ -76,15 +76,16 @@ pub async fn list(context: &Context) -> pb::ListMembersResponse {
 
 /// Asks a member for its applied index over `MemberService`, with this member's certificate.
 async fn applied_index_of(context: &Context, member: &MemberRecord) -> Option<u64> {
-    let tls = context
-        .tls
-        .client_config_for_address(&member.address)
-        .ok()?;
-    let channel = tonic::transport::Endpoint::from_shared(format!("https://{}", member.address))
+    let connector = rewind_shared::member_tls::MemberConnector::for_member(
+        &context.tls,
+        member.id,
+        context.gate.accepts_legacy(),
+    )
+    .ok()?;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", member.address))
         .ok()?
-        .tls_config(tls)
-        .ok()?
-        .connect()
+        .connect_timeout(Duration::from_secs(2))
+        .connect_with_connector(connector)
         .await
         .ok()?;
     let status = MemberServiceClient::new(channel)

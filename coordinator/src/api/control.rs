@@ -1187,6 +1187,43 @@ impl ControlService for Control {
             .map(Response::new)
     }
 
+    async fn create_join_token(
+        &self,
+        request: Request<pb::CreateJoinTokenRequest>,
+    ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
+        let caller = caller(&request)?;
+        let created =
+            super::join::create_token(&self.context, &caller, request.into_inner()).await?;
+        info!(
+            identity = caller.id(),
+            token = created
+                .details
+                .as_ref()
+                .map(|token| token.token_id.as_str()),
+            "Join token created."
+        );
+        Ok(Response::new(created))
+    }
+
+    async fn list_join_tokens(
+        &self,
+        _request: Request<pb::ListJoinTokensRequest>,
+    ) -> Result<Response<pb::ListJoinTokensResponse>, Status> {
+        super::join::list_tokens(&self.context)
+            .await
+            .map(Response::new)
+    }
+
+    async fn revoke_join_token(
+        &self,
+        request: Request<pb::RevokeJoinTokenRequest>,
+    ) -> Result<Response<pb::JoinToken>, Status> {
+        let caller = caller(&request)?;
+        super::join::revoke_token(&self.context, &caller, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
     async fn approve_request(
         &self,
         request: Request<pb::RequestDecision>,

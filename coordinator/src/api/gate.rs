@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 use rewind_shared::identity::{Kind, PeerIdentity};
 use tokio::sync::watch;
 use tonic::Status;
-use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tracing::{debug, warn};
 
 use crate::access::permissions::{self, CallerKind, Reach};
@@ -148,8 +147,14 @@ impl Gate {
         Ok(identity)
     }
 
-    /// Decides one call: the caller to hand the handler, or the status to answer with.
-    pub fn admit<B>(&self, request: &http::Request<B>) -> Result<Caller, Status> {
+    /// Whether certificates without a kind are accepted (the compatibility switch).
+    pub fn accepts_legacy(&self) -> bool {
+        self.legacy_certificates
+    }
+
+    /// Decides one call: the caller to hand the handler (none for a method anyone may call), or
+    /// the status to answer with.
+    pub fn admit<B>(&self, request: &http::Request<B>) -> Result<Option<Caller>, Status> {
         let method = request.uri().path();
         let permission = permissions::permission(method).ok_or_else(|| {
             Status::unimplemented(format!(
@@ -157,10 +162,14 @@ impl Gate {
                 rewind_shared::names::truncate(method, 128)
             ))
         })?;
+        if permission.kind == CallerKind::Anyone {
+            self.leader_only()?;
+            return Ok(None);
+        }
         let certificates = request
             .extensions()
-            .get::<TlsConnectInfo<TcpConnectInfo>>()
-            .and_then(|info| info.peer_certs())
+            .get::<super::listener::PeerInfo>()
+            .and_then(|info| info.certificates.clone())
             .ok_or_else(|| {
                 Status::unauthenticated("no client certificate: every call needs mutual TLS")
             })?;
@@ -216,7 +225,7 @@ impl Gate {
                 .authorize(&target)
                 .map_err(|refusal| self.refuse(refusal))?;
         }
-        Ok(caller)
+        Ok(Some(caller))
     }
 
     /// The principal a certificate names. One without a kind is taken as the kind the method
@@ -233,6 +242,13 @@ impl Gate {
                     CallerKind::Member => Kind::Member,
                     CallerKind::Agent => Kind::Agent,
                     CallerKind::Person => Kind::User,
+                    CallerKind::Holder | CallerKind::Anyone => {
+                        return Err(Status::permission_denied(format!(
+                            "certificate {:?} has no rewind:// identity, so it cannot be \
+                             renewed: join with a token for a new one",
+                            identity.name
+                        )));
+                    }
                 };
                 self.warn_legacy(identity, kind);
                 if kind == Kind::Member {
@@ -424,7 +440,9 @@ where
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         match self.gate.admit(&request) {
             Ok(caller) => {
-                request.extensions_mut().insert(caller);
+                if let Some(caller) = caller {
+                    request.extensions_mut().insert(caller);
+                }
                 // The clone is fresh and not ready; the ready one serves this call.
                 let clone = self.inner.clone();
                 let mut ready = std::mem::replace(&mut self.inner, clone);

@@ -7,6 +7,8 @@ mod cluster;
 mod control;
 pub mod convert;
 pub mod gate;
+mod join;
+pub mod listener;
 mod member;
 pub(crate) mod plans;
 mod policy;
@@ -59,6 +61,8 @@ pub struct Context {
     pub gate: gate::Gate,
     /// This member's secret for the keys of environment-file digests (random at start).
     pub env_key_secret: Arc<[u8; 32]>,
+    /// The issuing CA joins and renewals are signed with; `None`: this member signs none.
+    pub issuer: Option<crate::config::IssuerConfig>,
 }
 
 impl Context {
@@ -236,9 +240,7 @@ pub async fn serve(
     raft_peers: raft::RaftPeers,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), CoordinatorError> {
-    let tls_config = tls
-        .server_config()
-        .map_err(|error| CoordinatorError::Storage(format!("load TLS files: {error}")))?;
+    let tls_config = listener::server_config(tls)?;
     let gate = gate::GateLayer {
         gate: context.gate.clone(),
     };
@@ -247,6 +249,9 @@ pub async fn serve(
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let joins = rewind_proto::v1::join_service_server::JoinServiceServer::new(join::Joins {
+        context: context.clone(),
+    });
     let member = MemberServiceServer::new(member::Member {
         context: context.clone(),
     });
@@ -256,8 +261,6 @@ pub async fn serve(
     let raft = RaftServiceServer::new(raft_peers)
         .max_decoding_message_size(rewind_proto::MAX_RAFT_BATCH_BYTES);
     tonic::transport::Server::builder()
-        .tls_config(tls_config)
-        .map_err(|error| CoordinatorError::Storage(format!("configure TLS: {error}")))?
         // Every call passes the gate first: its method's permission, the caller's kind and
         // policy, and the leader for agents and people.
         .layer(gate)
@@ -265,12 +268,8 @@ pub async fn serve(
         .add_service(agents)
         .add_service(raft)
         .add_service(member)
-        // No Nagle: a response larger than one segment would otherwise wait for the client's
-        // delayed ACK (40 ms on Linux) before its last part is sent.
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
-        )
+        .add_service(joins)
+        .serve_with_incoming_shutdown(listener::incoming(listener, tls_config), shutdown)
         .await
         .map_err(|error| CoordinatorError::Storage(format!("serve: {error}")))
 }

@@ -18,7 +18,9 @@ pub fn to_status(error: CoordinatorError) -> Status {
         | CoordinatorError::UnknownRollback { .. }
         | CoordinatorError::UnknownHost { .. }
         | CoordinatorError::UnknownStep { .. }
-        | CoordinatorError::UnknownRequest { .. } => Code::NotFound,
+        | CoordinatorError::UnknownRequest { .. }
+        | CoordinatorError::UnknownJoinToken { .. } => Code::NotFound,
+        CoordinatorError::JoinRefused { .. } => Code::PermissionDenied,
         CoordinatorError::ReleaseConflict { .. }
         | CoordinatorError::AlreadyRolledBack { .. }
         | CoordinatorError::AlreadyRequested { .. } => Code::AlreadyExists,

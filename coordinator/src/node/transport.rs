@@ -37,11 +37,12 @@ use rewind_proto::v1::{
     RaftBatch, SnapshotChunk, SnapshotHeader, raft_service_client::RaftServiceClient,
 };
 use rewind_proto::{MAX_RAFT_BATCH_BYTES, MAX_SNAPSHOT_BYTES, SNAPSHOT_CHUNK_BYTES};
+use rewind_shared::member_tls::MemberConnector;
 use rewind_shared::tls::TlsFiles;
 use sha2::Digest as _;
 use tokio::io::AsyncReadExt as _;
 use tokio::sync::{Semaphore, mpsc, watch};
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, warn};
 
 use super::PeerReport;
@@ -79,9 +80,17 @@ pub struct GrpcTransport {
     routes: Arc<Mutex<Routes>>,
 }
 
+/// This member's TLS files, and whether peers' certificates without a kind are accepted (the
+/// compatibility switch).
+#[derive(Clone, Debug)]
+pub struct PeerTls {
+    pub files: TlsFiles,
+    pub accept_legacy: bool,
+}
+
 struct Routes {
     runtime: tokio::runtime::Handle,
-    tls: TlsFiles,
+    tls: PeerTls,
     cluster_id: String,
     own_id: u64,
     /// Peer id -> its address and the queues its sender tasks drain.
@@ -146,7 +155,7 @@ impl GrpcTransport {
     /// to `reports`, which the Raft member reads.
     pub fn new(
         runtime: tokio::runtime::Handle,
-        tls: TlsFiles,
+        tls: PeerTls,
         cluster_id: String,
         own_id: u64,
         reports: mpsc::Sender<PeerReport>,
@@ -187,7 +196,7 @@ impl GrpcTransport {
             if routes.peers.contains_key(&peer.id) {
                 continue;
             }
-            let endpoint = match endpoint(&routes.tls, &peer.address) {
+            let endpoint = match endpoint(&routes.tls, peer) {
                 Ok(endpoint) => endpoint,
                 Err(error) => {
                     warn!(%error, peer = peer.id, address = %peer.address, "Cannot set up a route to a Raft peer.");
@@ -215,22 +224,25 @@ impl GrpcTransport {
                 sender.clone().deliver(
                     // Lazy: the first delivery connects, and a failed connection is retried.
                     endpoint
-                        .clone()
-                        .timeout(Duration::from_secs(5))
-                        .connect_lazy(),
+                        .messages
+                        .connect_with_connector_lazy(endpoint.connector.clone()),
                     message_queue,
                 ),
             );
-            routes.runtime.spawn(sender.send_snapshots(
-                // A connection of its own, so a long transfer does not hold up heartbeats.
-                endpoint.connect_lazy(),
-                snapshot_slot,
-                SnapshotSending {
-                    slots: Arc::clone(&routes.snapshot_slots),
-                    files: routes.snapshot_files.clone(),
-                    stats: Arc::clone(&routes.stats),
-                },
-            ));
+            routes.runtime.spawn(
+                sender.send_snapshots(
+                    // A connection of its own, so a long transfer does not hold up heartbeats.
+                    endpoint
+                        .snapshots
+                        .connect_with_connector_lazy(endpoint.connector),
+                    snapshot_slot,
+                    SnapshotSending {
+                        slots: Arc::clone(&routes.snapshot_slots),
+                        files: routes.snapshot_files.clone(),
+                        stats: Arc::clone(&routes.stats),
+                    },
+                ),
+            );
         }
     }
 
@@ -307,15 +319,25 @@ impl Transport for GrpcTransport {
     }
 }
 
-/// A gRPC endpoint for a peer's address, with its TLS settings.
-fn endpoint(tls: &TlsFiles, address: &str) -> Result<Endpoint, String> {
-    let peer_tls: ClientTlsConfig = tls
-        .client_config_for_address(address)
+/// How to reach a peer: its address, and TLS that accepts only that member's certificate (read
+/// again on each connection, so renewed certificates are used without a restart).
+struct PeerEndpoint {
+    messages: Endpoint,
+    snapshots: Endpoint,
+    connector: MemberConnector,
+}
+
+fn endpoint(tls: &PeerTls, peer: &Peer) -> Result<PeerEndpoint, String> {
+    let connector = MemberConnector::for_member(&tls.files, peer.id, tls.accept_legacy)
         .map_err(|error| error.to_string())?;
-    Endpoint::from_shared(format!("https://{address}"))
-        .and_then(|endpoint| endpoint.tls_config(peer_tls))
+    let snapshots = Endpoint::from_shared(format!("http://{}", peer.address))
         .map(|endpoint| endpoint.connect_timeout(Duration::from_secs(2)))
-        .map_err(|error| error.to_string())
+        .map_err(|error| error.to_string())?;
+    Ok(PeerEndpoint {
+        messages: snapshots.clone().timeout(Duration::from_secs(5)),
+        snapshots,
+        connector,
+    })
 }
 
 /// What every snapshot send of this member shares.

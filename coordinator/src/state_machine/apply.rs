@@ -103,6 +103,7 @@ fn apply_kind(state: &mut State, command: &Command) -> Result<(Outcome, String, 
             services,
             agent_version,
         } => {
+            super::join_tokens::check_enrollment(&state.enrollments, host_id, &labels.environment)?;
             let host = HostRecord {
                 host_id: host_id.clone(),
                 labels: labels.clone(),
@@ -326,6 +327,32 @@ fn apply_kind(state: &mut State, command: &Command) -> Result<(Outcome, String, 
             Outcome::Done,
             target.clone(),
             format!("refused: {action}: {reason}"),
+        )),
+        CommandKind::CreateJoinToken {
+            secret_sha256,
+            scope,
+            reason,
+        } => super::join_tokens::create(
+            state,
+            &command.identity,
+            secret_sha256,
+            scope,
+            reason,
+            at_ms,
+        ),
+        CommandKind::UseJoinToken {
+            token,
+            secret_sha256,
+            kind,
+            name,
+        } => super::join_tokens::use_token(state, *token, secret_sha256, kind, name, at_ms),
+        CommandKind::RevokeJoinToken { token, reason } => {
+            super::join_tokens::revoke(state, *token, reason)
+        }
+        CommandKind::CertificateRenewed { not_after_s } => Ok((
+            Outcome::Done,
+            command.identity.clone(),
+            format!("ok: valid until {not_after_s} s"),
         )),
         // Refused by apply(); kept exhaustive so a new kind is not forgotten here.
         CommandKind::ChangeMembership { .. } => Err(CoordinatorError::invalid(

@@ -198,6 +198,28 @@ pub enum CommandKind {
         expected_hash: String,
         reason: String,
     },
+    /// Creates a one-time join token; only the hash of its secret is replicated.
+    CreateJoinToken {
+        secret_sha256: String,
+        scope: super::join_tokens::TokenScope,
+        reason: String,
+    },
+    /// Counts one use of a join token by the identity a CSR asks for (checked here, so every
+    /// member agrees); the member that proposed it then signs the CSR.
+    UseJoinToken {
+        token: u64,
+        secret_sha256: String,
+        kind: String,
+        name: String,
+    },
+    RevokeJoinToken {
+        token: u64,
+        reason: String,
+    },
+    /// The proposer renewed its caller's certificate, valid until `not_after_s`; audit only.
+    CertificateRenewed {
+        not_after_s: i64,
+    },
     /// Records a refused call in the audit log; changes nothing else.
     RecordRefusal {
         action: String,
@@ -363,6 +385,8 @@ pub enum Outcome {
     Drill(u64),
     /// A request for approval was filed or decided (`req-<n>`).
     Request(u64),
+    /// A join token was created or revoked (`jt-<n>`).
+    JoinToken(u64),
     /// A decision found the request lapsed or expired, and recorded that.
     RequestRefused {
         request: u64,
@@ -411,6 +435,10 @@ impl CommandKind {
             } => "policy.bootstrap",
             Self::ApplyPolicy { .. } => "policy.apply",
             Self::RecordRefusal { .. } => "access.refused",
+            Self::CreateJoinToken { .. } => "join-token.create",
+            Self::UseJoinToken { .. } => "join-token.use",
+            Self::RevokeJoinToken { .. } => "join-token.revoke",
+            Self::CertificateRenewed { .. } => "certificate.renew",
             Self::ChangeMembership { change, .. } => match change {
                 MembershipChange::AddLearner => "cluster.add-learner",
                 MembershipChange::Promote => "cluster.promote",

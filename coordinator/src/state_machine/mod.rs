@@ -5,6 +5,7 @@ mod apply;
 pub mod approvals;
 mod audit;
 mod command;
+pub mod join_tokens;
 pub mod schema;
 mod state;
 

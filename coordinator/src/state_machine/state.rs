@@ -69,7 +69,17 @@ pub struct State {
     pub approval_requests: BTreeMap<u64, ApprovalRequest>,
     #[serde(default)]
     pub next_request: u64,
+    /// One-time join tokens, keyed by the number in `jt-<n>`; bounded.
+    #[serde(default)]
+    pub join_tokens: BTreeMap<u64, JoinTokenRecord>,
+    #[serde(default)]
+    pub next_join_token: u64,
+    /// Hosts that joined with a token naming an environment: they may register only in it.
+    #[serde(default)]
+    pub enrollments: BTreeMap<String, Enrollment>,
 }
+
+pub use super::join_tokens::{Enrollment, JoinTokenRecord, TokenScope, TokenStatus, join_token_id};
 
 pub use super::approvals::{
     Approval, ApprovalRequest, Decision as RequestDecision, RequestStatus, request_id,

@@ -1,0 +1,367 @@
+//! One-time join tokens: how a host or person gets its first certificate without the CA's key.
+//!
+//! An admin creates a token scoped to a kind, a name pattern and (for agents) an environment,
+//! good for a short time and a number of uses. Only the sha256 of its secret is replicated; the
+//! secret is shown once. A join presents the secret with a CSR; `apply()` decides whether the
+//! token allows that identity and counts the use, so every member agrees on what was used. A
+//! host that joined for an environment may only register in it.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::command::Outcome;
+use super::state::State;
+use crate::errors::CoordinatorError;
+
+/// Tokens kept: past it, the oldest finished ones (used up, expired, revoked) are dropped, and
+/// a create is refused if every kept token is still usable.
+pub const MAX_JOIN_TOKENS: usize = 1000;
+/// Longest a token may be good for.
+pub const MAX_TOKEN_TTL_MS: u64 = 24 * 3600 * 1000;
+/// Default life of a token.
+pub const DEFAULT_TOKEN_TTL_MS: u64 = 15 * 60 * 1000;
+/// Most joins one token allows.
+pub const MAX_TOKEN_USES: u32 = 1000;
+/// Hosts whose joined-for environment is remembered.
+pub const MAX_ENROLLMENTS: usize = 100_000;
+
+/// `jt-<n>`.
+pub fn join_token_id(number: u64) -> String {
+    format!("jt-{number}")
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JoinTokenRecord {
+    pub number: u64,
+    /// sha256 of the secret, hex.
+    pub secret_sha256: String,
+    /// `agent`, `user`, `automation` or `member`.
+    pub kind: String,
+    /// Exact name, or a prefix ending in `*`.
+    pub name_pattern: String,
+    /// Agents: the environment a host that joins must report; empty: any.
+    pub environment: String,
+    /// Groups the certificates issued carry (users and automation).
+    pub groups: Vec<String>,
+    pub created_by: String,
+    pub created_at_ms: u64,
+    pub expires_at_ms: u64,
+    pub uses: u32,
+    /// Principals that joined with it, in order.
+    pub used_by: Vec<String>,
+    pub revoked: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenStatus {
+    Usable,
+    Used,
+    Expired,
+    Revoked,
+}
+
+impl TokenStatus {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Usable => "usable",
+            Self::Used => "used",
+            Self::Expired => "expired",
+            Self::Revoked => "revoked",
+        }
+    }
+}
+
+impl JoinTokenRecord {
+    pub fn id(&self) -> String {
+        join_token_id(self.number)
+    }
+
+    pub fn status(&self, now_ms: u64) -> TokenStatus {
+        if self.revoked {
+            TokenStatus::Revoked
+        } else if self.used_by.len() >= self.uses as usize {
+            TokenStatus::Used
+        } else if now_ms >= self.expires_at_ms {
+            TokenStatus::Expired
+        } else {
+            TokenStatus::Usable
+        }
+    }
+
+    pub fn allows_name(&self, name: &str) -> bool {
+        match self.name_pattern.strip_suffix('*') {
+            Some(prefix) => name.starts_with(prefix),
+            None => name == self.name_pattern,
+        }
+    }
+}
+
+/// Where a host joined: the environment its token named.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Enrollment {
+    pub environment: String,
+    pub token: u64,
+    pub at_ms: u64,
+}
+
+/// What a new token allows; the handler has validated each field.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TokenScope {
+    pub kind: String,
+    pub name_pattern: String,
+    pub environment: String,
+    pub groups: Vec<String>,
+    pub ttl_ms: u64,
+    pub uses: u32,
+}
+
+pub fn create(
+    state: &mut State,
+    identity: &str,
+    secret_sha256: &str,
+    scope: &TokenScope,
+    reason: &str,
+    at_ms: u64,
+) -> Result<(Outcome, String, String), CoordinatorError> {
+    if scope.ttl_ms == 0 || scope.ttl_ms > MAX_TOKEN_TTL_MS {
+        return Err(CoordinatorError::invalid(
+            "ttl_s",
+            format!("must be 1 to {} seconds", MAX_TOKEN_TTL_MS / 1000),
+        ));
+    }
+    if scope.uses == 0 || scope.uses > MAX_TOKEN_USES {
+        return Err(CoordinatorError::invalid(
+            "uses",
+            format!("must be 1 to {MAX_TOKEN_USES}"),
+        ));
+    }
+    prune(state, at_ms);
+    if state.join_tokens.len() >= MAX_JOIN_TOKENS {
+        return Err(CoordinatorError::invalid(
+            "token",
+            format!("{MAX_JOIN_TOKENS} join tokens are usable already; revoke some first"),
+        ));
+    }
+    state.next_join_token += 1;
+    let number = state.next_join_token;
+    let record = JoinTokenRecord {
+        number,
+        secret_sha256: secret_sha256.to_string(),
+        kind: scope.kind.clone(),
+        name_pattern: scope.name_pattern.clone(),
+        environment: scope.environment.clone(),
+        groups: scope.groups.clone(),
+        created_by: identity.to_string(),
+        created_at_ms: at_ms,
+        expires_at_ms: at_ms.saturating_add(scope.ttl_ms),
+        uses: scope.uses,
+        used_by: Vec::new(),
+        revoked: false,
+    };
+    let summary = format!(
+        "ok: {} {}{} for {} use(s) until {} ms: {reason}",
+        record.kind,
+        record.name_pattern,
+        if record.environment.is_empty() {
+            String::new()
+        } else {
+            format!(" in {}", record.environment)
+        },
+        record.uses,
+        record.expires_at_ms
+    );
+    state.join_tokens.insert(number, record);
+    Ok((Outcome::JoinToken(number), join_token_id(number), summary))
+}
+
+/// Drops the oldest finished tokens once more than [`MAX_JOIN_TOKENS`] are kept.
+fn prune(state: &mut State, now_ms: u64) {
+    let excess = (state.join_tokens.len() + 1).saturating_sub(MAX_JOIN_TOKENS);
+    let finished: Vec<u64> = state
+        .join_tokens
+        .values()
+        .filter(|token| token.status(now_ms) != TokenStatus::Usable)
+        .map(|token| token.number)
+        .take(excess)
+        .collect();
+    for number in finished {
+        state.join_tokens.remove(&number);
+    }
+}
+
+/// Counts one use of token `number` by `kind:name`, if the secret and scope allow it.
+pub fn use_token(
+    state: &mut State,
+    number: u64,
+    secret_sha256: &str,
+    kind: &str,
+    name: &str,
+    at_ms: u64,
+) -> Result<(Outcome, String, String), CoordinatorError> {
+    let refused = |why: String| CoordinatorError::JoinRefused {
+        token_id: join_token_id(number),
+        why,
+    };
+    // An unknown token and a wrong secret answer alike, so tokens cannot be probed.
+    let token = state
+        .join_tokens
+        .get_mut(&number)
+        .filter(|token| token.secret_sha256 == secret_sha256)
+        .ok_or_else(|| refused("no such token, or the secret does not match".into()))?;
+    match token.status(at_ms) {
+        TokenStatus::Usable => {}
+        status => return Err(refused(format!("the token is {}", status.name()))),
+    }
+    if token.kind != kind {
+        return Err(refused(format!(
+            "the token is for {} certificates, not {kind}",
+            token.kind
+        )));
+    }
+    if !token.allows_name(name) {
+        return Err(refused(format!(
+            "the token allows names {:?}, not {name:?}",
+            token.name_pattern
+        )));
+    }
+    let environment = token.environment.clone();
+    let enrolls = kind == "agent" && !environment.is_empty();
+    if enrolls
+        && state.enrollments.len() >= MAX_ENROLLMENTS
+        && !state.enrollments.contains_key(name)
+    {
+        return Err(refused(format!(
+            "{MAX_ENROLLMENTS} hosts are enrolled already"
+        )));
+    }
+    let principal = format!("{kind}:{name}");
+    token.used_by.push(principal.clone());
+    if enrolls {
+        state.enrollments.insert(
+            name.to_string(),
+            Enrollment {
+                environment: environment.clone(),
+                token: number,
+                at_ms,
+            },
+        );
+    }
+    Ok((
+        Outcome::Done,
+        join_token_id(number),
+        format!(
+            "ok: {principal} joined{}",
+            if environment.is_empty() {
+                String::new()
+            } else {
+                format!(" for {environment}")
+            }
+        ),
+    ))
+}
+
+pub fn revoke(
+    state: &mut State,
+    number: u64,
+    reason: &str,
+) -> Result<(Outcome, String, String), CoordinatorError> {
+    let token =
+        state
+            .join_tokens
+            .get_mut(&number)
+            .ok_or_else(|| CoordinatorError::UnknownJoinToken {
+                token_id: join_token_id(number),
+            })?;
+    token.revoked = true;
+    Ok((
+        Outcome::JoinToken(number),
+        join_token_id(number),
+        format!("ok: revoked: {reason}"),
+    ))
+}
+
+/// Refuses a host that joined for one environment registering in another.
+pub fn check_enrollment(
+    enrollments: &BTreeMap<String, Enrollment>,
+    host_id: &str,
+    environment: &str,
+) -> Result<(), CoordinatorError> {
+    match enrollments.get(host_id) {
+        Some(enrollment) if enrollment.environment != environment => {
+            Err(CoordinatorError::invalid(
+                "labels.environment",
+                format!(
+                    "host {host_id} joined for environment {:?} (token {}), and reports {environment:?}",
+                    enrollment.environment,
+                    join_token_id(enrollment.token)
+                ),
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scope(kind: &str, pattern: &str, environment: &str) -> TokenScope {
+        TokenScope {
+            kind: kind.into(),
+            name_pattern: pattern.into(),
+            environment: environment.into(),
+            groups: Vec::new(),
+            ttl_ms: 60_000,
+            uses: 1,
+        }
+    }
+
+    #[test]
+    fn a_token_admits_its_kind_and_names_once_before_it_expires() {
+        let mut state = State::default();
+        create(
+            &mut state,
+            "user:ada",
+            "h",
+            &scope("agent", "web-*", "prod"),
+            "r",
+            1_000,
+        )
+        .unwrap();
+        let before = state.clone();
+        for (secret, kind, name, at, why) in [
+            ("x", "agent", "web-1", 2_000, "secret does not match"),
+            ("h", "user", "web-1", 2_000, "not user"),
+            ("h", "agent", "db-1", 2_000, "not \"db-1\""),
+            ("h", "agent", "web-1", 61_000, "expired"),
+        ] {
+            let error = use_token(&mut state, 1, secret, kind, name, at).unwrap_err();
+            assert!(error.to_string().contains(why), "{error}");
+            assert_eq!(state, before, "a refused join changes nothing");
+        }
+        use_token(&mut state, 1, "h", "agent", "web-1", 2_000).unwrap();
+        assert_eq!(state.join_tokens[&1].used_by, ["agent:web-1"]);
+        assert_eq!(state.enrollments["web-1"].environment, "prod");
+        let error = use_token(&mut state, 1, "h", "agent", "web-2", 2_000).unwrap_err();
+        assert!(error.to_string().contains("the token is used"), "{error}");
+        assert!(check_enrollment(&state.enrollments, "web-1", "prod").is_ok());
+        assert!(check_enrollment(&state.enrollments, "web-9", "staging").is_ok());
+        let error = check_enrollment(&state.enrollments, "web-1", "staging").unwrap_err();
+        assert!(error.to_string().contains("jt-1"), "{error}");
+    }
+
+    #[test]
+    fn finished_tokens_make_room_and_usable_ones_are_never_dropped() {
+        let mut state = State::default();
+        for _ in 0..MAX_JOIN_TOKENS {
+            create(&mut state, "user:ada", "h", &scope("user", "a", ""), "r", 0).unwrap();
+        }
+        let error = create(&mut state, "user:ada", "h", &scope("user", "a", ""), "r", 0);
+        assert!(error.is_err(), "every kept token is usable");
+        revoke(&mut state, 7, "r").unwrap();
+        create(&mut state, "user:ada", "h", &scope("user", "a", ""), "r", 0).unwrap();
+        assert!(!state.join_tokens.contains_key(&7));
+        assert_eq!(state.join_tokens.len(), MAX_JOIN_TOKENS);
+    }
+}
