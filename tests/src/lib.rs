@@ -1216,6 +1216,20 @@ pub async fn tls_channel(files: &TlsFiles, address: &str) -> Result<Channel, Str
         .map_err(|error| format!("{error:?}"))
 }
 
+/// A channel to a coordinator member presenting no certificate (as a host that has not joined
+/// yet), trusting the CA in `ca` and only a member's certificate.
+pub async fn anonymous_channel(ca: &Path, address: &str) -> Result<Channel, String> {
+    let connector = rewind_shared::member_tls::MemberConnector::anonymous(ca)
+        .map_err(|error| error.to_string())?;
+    Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|error| error.to_string())?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(10))
+        .connect_with_connector(connector)
+        .await
+        .map_err(|error| format!("{error:?}"))
+}
+
 /// Prepares a host for each of `ids` (see [`TestHost::must_prepare`]), starts their agents and
 /// waits until all are connected; returns them with a client of the coordinator.
 pub async fn must_start_hosts(

@@ -29,3 +29,4 @@ mod t25_skip_isolate_watch;
 mod t26_retention;
 mod t27_access;
 mod t28_approvals;
+mod t29_join;

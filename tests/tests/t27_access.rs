@@ -37,11 +37,14 @@ async fn call(channel: Channel, method: &str) -> Code {
 /// Who calls, and what it should be allowed.
 struct Caller {
     label: &'static str,
-    subject: Subject,
+    /// `None`: no certificate at all (as a host before it joins).
+    subject: Option<Subject>,
     /// Which service's methods it may call at all.
     service: &'static str,
     /// For people: the levels its role grants.
     levels: &'static [&'static str],
+    /// May renew its own certificate (agents, people and automation, whatever their role).
+    renews: bool,
 }
 
 const READ: &str = "read";
@@ -117,6 +120,9 @@ async fn channel_as(coordinator: &Coordinator, subject: &Subject) -> Channel {
 fn level_of(method: &str) -> &'static str {
     let name = method.rsplit('/').next().unwrap();
     let administer = [
+        "CreateJoinToken",
+        "ListJoinTokens",
+        "RevokeJoinToken",
         "ResolvedByHand",
         "ResetBreaker",
         "TransferLeader",
@@ -150,57 +156,73 @@ async fn every_rpc_admits_only_its_kind_and_the_roles_that_grant_its_level() {
     let callers = [
         Caller {
             label: "member",
-            subject: Subject::member(1, "coordinator"),
+            subject: Some(Subject::member(1, "coordinator")),
             service: "MemberService|RaftService",
             levels: &[],
+            renews: false,
         },
         Caller {
             label: "agent",
-            subject: Subject::new(Kind::Agent, "web-1"),
+            subject: Some(Subject::new(Kind::Agent, "web-1")),
             service: "AgentService",
             levels: &[],
+            renews: true,
         },
         Caller {
             label: "viewer (by group)",
-            subject: Subject::new(Kind::User, "vic").with_groups(&["auditors"]),
+            subject: Some(Subject::new(Kind::User, "vic").with_groups(&["auditors"])),
             service: people,
             levels: &[READ],
+            renews: true,
         },
         Caller {
             label: "operator",
-            subject: Subject::new(Kind::User, "otto"),
+            subject: Some(Subject::new(Kind::User, "otto")),
             service: people,
             levels: &[READ, OPERATE],
+            renews: true,
         },
         Caller {
             label: "automation operator",
-            subject: Subject::new(Kind::Automation, "ci"),
+            subject: Some(Subject::new(Kind::Automation, "ci")),
             service: people,
             levels: &[READ, OPERATE],
+            renews: true,
         },
         Caller {
             label: "approver",
-            subject: Subject::new(Kind::User, "apu"),
+            subject: Some(Subject::new(Kind::User, "apu")),
             service: people,
             levels: &[READ, APPROVE],
+            renews: true,
         },
         Caller {
             label: "admin",
-            subject: Subject::new(Kind::User, "ada"),
+            subject: Some(Subject::new(Kind::User, "ada")),
             service: people,
             levels: &[READ, OPERATE, ADMINISTER],
+            renews: true,
         },
         Caller {
             label: "user without a binding",
-            subject: Subject::new(Kind::User, "nobody"),
+            subject: Some(Subject::new(Kind::User, "nobody")),
             service: people,
             levels: &[],
+            renews: true,
         },
         Caller {
             label: "certificate without a kind",
-            subject: Subject::legacy("old-operator"),
+            subject: Some(Subject::legacy("old-operator")),
             service: "none",
             levels: &[],
+            renews: false,
+        },
+        Caller {
+            label: "no certificate",
+            subject: None,
+            service: "none",
+            levels: &[],
+            renews: false,
         },
     ];
     // Every method of the protocol, from the generated descriptors: a new RPC is covered
@@ -209,7 +231,15 @@ async fn every_rpc_admits_only_its_kind_and_the_roles_that_grant_its_level() {
     assert!(methods.len() > 40, "the descriptors list {}", methods.len());
     let mut wrong = Vec::new();
     for caller in &callers {
-        let channel = channel_as(&coordinator, &caller.subject).await;
+        let channel = match &caller.subject {
+            Some(subject) => channel_as(&coordinator, subject).await,
+            None => rewind_tests::anonymous_channel(
+                &coordinator.tls_dir().join("ca.pem"),
+                &coordinator.address,
+            )
+            .await
+            .unwrap(),
+        };
         for method in &methods {
             let service = method
                 .split('/')
@@ -219,8 +249,17 @@ async fn every_rpc_admits_only_its_kind_and_the_roles_that_grant_its_level() {
                 .next()
                 .unwrap();
             let kind_fits = caller.service.split('|').any(|fits| fits == service);
-            let allowed = kind_fits
-                && (service != "ControlService" || caller.levels.contains(&level_of(method)));
+            // Joining needs no certificate (the token is the credential); renewing needs one's
+            // own, and no role.
+            let allowed = match service {
+                "JoinService" if method.ends_with("/Join") => true,
+                "JoinService" => caller.renews,
+                _ => {
+                    kind_fits
+                        && (service != "ControlService"
+                            || caller.levels.contains(&level_of(method)))
+                }
+            };
             let code = tokio::time::timeout(Duration::from_secs(20), call(channel.clone(), method))
                 .await
                 .unwrap_or(Code::DeadlineExceeded);
