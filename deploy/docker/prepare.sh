@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Lays out DIR for deploy/docker-compose.yml: a dev CA and certificates (members carry their
-# service name and localhost as SANs), one config per coordinator member and per agent, and for
-# each agent a sample service root with releases v1 (healthy) and v2 (its health file says 500),
-# the Capistrano layout the agent manages. Certificates are issued by the image's own
-# rewind-coordinator, so only docker is needed. tests/tests/t07_compose.rs drives what this makes.
+# Lays out DIR for deploy/docker-compose.yml: a dev CA, the members' certificates (carrying their
+# service name and localhost as SANs) and the issuing CA they sign joins with, one config per
+# coordinator member and per agent, and for each agent a sample service root with releases v1
+# (healthy) and v2 (its health file says 500), the Capistrano layout the agent manages. Agents
+# get no certificate here: up.sh hands each a one-time join token, and the agent makes its own
+# key. Agents see only their own directory and DIR/public (the CA certificate). Certificates are
+# issued by the image's own rewind-coordinator, so only docker is needed.
+# tests/tests/t07_compose.rs drives what this makes.
 #
 # Usage: deploy/docker/prepare.sh DIR        (DIR must be empty or absent)
 set -euo pipefail
@@ -37,6 +40,11 @@ identities = ["automation:alertmanager", "automation:webhook"]
 scopes = ["*"]
 TOML
 
+docker run --rm -v "$dir:$dir" rewind:local \
+  rewind-coordinator issue-issuing-ca --create-ca --data-dir "$dir" >/dev/null
+mkdir -p "$dir/public"
+cp "$dir/tls/ca.pem" "$dir/public/ca.pem"
+
 members=""
 for id in 1 2 3; do
   members+="
@@ -65,6 +73,9 @@ report-interval-ms = 500
 window-s = 3
 [access]
 bootstrap-policy-file = "$dir/policy.toml"
+[issuer]
+cert = "$dir/tls/issuer.pem"
+key = "$dir/tls/issuer.key"
 [cluster]
 id = "compose"
 member-id = $id
@@ -73,7 +84,6 @@ TOML
 done
 
 for host in web-1 web-2; do
-  issue agent "$host"
   root="$dir/$host/srv/web"
   for version in v1 v2; do
     mkdir -p "$root/releases/$version"
@@ -89,10 +99,12 @@ host-id = "$host"
 coordinators = ["coordinator-1:7443", "coordinator-2:7443", "coordinator-3:7443"]
 data-dir = "/var/lib/rewind/agent"
 health-interval-ms = 500
+# Written by up.sh once the members run; the agent joins with it on first start.
+join-token-file = "$dir/$host/join-token"
 [tls]
-ca = "$dir/tls/ca.pem"
-cert = "$dir/tls/$host.pem"
-key = "$dir/tls/$host.key"
+ca = "$dir/public/ca.pem"
+cert = "$dir/$host/tls/$host.pem"
+key = "$dir/$host/tls/$host.key"
 [labels]
 region = "region-1"
 [[service]]

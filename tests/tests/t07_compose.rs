@@ -1,7 +1,8 @@
 //! The docker-compose deployment (`deploy/docker-compose.yml`, brought up by
 //! `deploy/docker/up.sh` from a locally built image): three coordinator containers and two agent
-//! containers on a private network. A rollback runs, the leader's container is killed, and the
-//! rollback finishes under the new leader with every host restored once.
+//! containers on a private network. The agents join with one-time tokens; a rollback runs, the
+//! leader's container is killed, and the rollback finishes under the new leader with every host
+//! restored once.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -158,6 +159,18 @@ async fn a_rollback_finishes_after_the_leader_container_is_killed() {
         })
         .collect();
     must_agents_connected(&client, 2).await;
+    // The agents joined with their tokens: keys made in their containers, certificates signed
+    // by the members' issuing CA; none was issued beside the CA.
+    for id in ["web-1", "web-2"] {
+        assert!(!dir.path().join("tls").join(format!("{id}.pem")).exists());
+        let chain = rewind_shared::member_tls::pem_certificates(
+            &dir.path().join(id).join("tls").join(format!("{id}.pem")),
+        )
+        .unwrap();
+        assert_eq!(chain.len(), 2, "{id}: the leaf and the issuing CA");
+        let identity = rewind_shared::identity::certificate_identity(chain[0].as_ref()).unwrap();
+        assert_eq!(identity.principal(), format!("agent:{id}"));
+    }
     must_deploy_v1_then_v2(&mut client, &hosts).await;
     let rollback_id = must_start_rollback_of_v2(&mut client).await;
     let (old_leader, _) = compose.must_leader().await;

@@ -216,7 +216,8 @@ fn the_ansible_role_parses_and_renders_a_config_the_agent_accepts() {
     assert!(
         config.contains("host-id = \"web-1\"")
             && config.contains("region = \"eu-west\"")
-            && config.contains("[service.metrics]"),
+            && config.contains("[service.metrics]")
+            && config.contains("join-token-file = \"/etc/rewind/join-token\""),
         "{config}"
     );
 }
