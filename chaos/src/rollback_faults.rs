@@ -317,6 +317,7 @@ async fn deploy(cluster: &ClusterHarness, version: &str, tag: &str) -> anyhow::R
         reason: tag.into(),
         flags_on: vec![],
         migrations: vec![],
+        break_glass: false,
     };
     let started = on_leader(cluster, "start the change", |mut client| {
         let request = request.clone();

@@ -29,7 +29,6 @@ automatic-rollbacks = "await-approval"
 /// `api` on api-1 in `locked`, deployed v1 then v2 (ch-4).
 fn fleet() -> Fleet {
     let mut fleet = Fleet::new();
-    fleet.state.access.policy = Some(Arc::new(Policy::from_toml(POLICY).unwrap()));
     fleet.service("web", &[]);
     fleet.host_in("web-1", "eu", "prod", &["web"]);
     fleet.host_in("web-2", "us", "prod", &["web"]);
@@ -41,6 +40,8 @@ fn fleet() -> Fleet {
         fleet.deploy(service, "v1");
         fleet.deploy(service, "v2");
     }
+    // In force from here: the deploys above ran before it.
+    fleet.state.access.policy = Some(Arc::new(Policy::from_toml(POLICY).unwrap()));
     fleet
 }
 
@@ -57,6 +58,7 @@ fn rollback_of(change: u64, break_glass: bool) -> CommandKind {
 
 fn decide(decision: RequestDecision, plan_hash: &str) -> CommandKind {
     CommandKind::DecideRequest {
+        baseline: None,
         request: 1,
         decision,
         plan_hash: plan_hash.into(),
@@ -185,6 +187,7 @@ fn a_request_lapses_when_its_plan_changes_and_expires_after_its_time() {
         .unwrap();
     let hash = fleet.state.approval_requests[&2].plan_hash.clone();
     let late = CommandKind::DecideRequest {
+        baseline: None,
         request: 2,
         decision: RequestDecision::Approve,
         plan_hash: hash,
@@ -233,6 +236,7 @@ fn a_denied_request_never_runs_and_break_glass_runs_at_once_escalated_for_review
         escalation.evidence
     );
     let review = |request| CommandKind::DecideRequest {
+        baseline: None,
         request,
         decision: RequestDecision::Review,
         plan_hash: String::new(),
@@ -332,4 +336,136 @@ fn a_pending_request_lapses_when_another_rollback_reverts_its_change_or_the_poli
         "{why}"
     );
     assert!(fleet.state.rollbacks.is_empty());
+}
+
+fn deploy_of(service: &str, version: &str, break_glass: bool) -> CommandKind {
+    CommandKind::StartChange {
+        service: service.into(),
+        version: version.into(),
+        host_ids: vec![],
+        reason: "ship it".into(),
+        baseline: HealthAggregate::default(),
+        flags_on: vec![],
+        migrations: vec![],
+        break_glass,
+    }
+}
+
+#[test]
+fn a_prod_deploy_waits_for_two_approvals_of_its_exact_plan_and_lapses_when_its_hosts_change() {
+    let mut fleet = fleet();
+    fleet.release("web", "v3", 0, &[]);
+    let changes_before = fleet.state.changes.len();
+    let filed = fleet.apply_as("user:alice", AT, deploy_of("web", "v3", false));
+    assert!(matches!(filed, Ok(Outcome::Request(1))), "{filed:?}");
+    assert_eq!(
+        fleet.state.changes.len(),
+        changes_before,
+        "nothing runs yet"
+    );
+    let request = fleet.state.approval_requests[&1].clone();
+    assert_eq!(request.plan, ["deploy web v2 -> v3 on web-1, web-2"]);
+    assert_eq!(
+        (request.needed, request.environments.as_slice()),
+        (2, &["prod".to_string()][..])
+    );
+    let hash = request.plan_hash.clone();
+    let again = fleet.apply_as("user:alice", AT, deploy_of("web", "v3", false));
+    assert!(
+        matches!(again, Err(CoordinatorError::AlreadyRequested { .. })),
+        "{again:?}"
+    );
+
+    let own = refusal(fleet.apply_as(
+        "user:alice",
+        AT + 1,
+        decide(RequestDecision::Approve, &hash),
+    ));
+    assert!(own.contains("requester cannot approve"), "{own}");
+    fleet
+        .apply_as("user:bob", AT + 2, decide(RequestDecision::Approve, &hash))
+        .unwrap();
+    assert_eq!(
+        fleet.state.changes.len(),
+        changes_before,
+        "one approval of two"
+    );
+    fleet
+        .apply_as(
+            "user:carol",
+            AT + 3,
+            decide(RequestDecision::Approve, &hash),
+        )
+        .unwrap();
+    let change = fleet.state.changes.values().last().unwrap();
+    assert_eq!(
+        (change.version.as_str(), change.started_by.as_str()),
+        ("v3", "user:alice")
+    );
+    assert_eq!(change.approved_by, ["user:bob", "user:carol"]);
+    assert_eq!(change.request, 1);
+    let request = &fleet.state.approval_requests[&1];
+    assert_eq!(
+        (request.status, request.change),
+        (RequestStatus::Approved, change.number)
+    );
+
+    // Another deploy request, then a host joins the service: approvals of the old host list
+    // do not carry over.
+    fleet.release("web", "v4", 0, &[]);
+    let number = fleet.state.changes.len() as u64;
+    fleet.capture_and_activate(number, &[("web-1", "s1"), ("web-2", "s2")]);
+    let Ok(Outcome::Request(second)) =
+        fleet.apply_as("user:alice", AT + 10, deploy_of("web", "v4", false))
+    else {
+        panic!("a request");
+    };
+    let hash = fleet.state.approval_requests[&second].plan_hash.clone();
+    fleet.host_in("web-3", "eu", "prod", &["web"]);
+    let lapsed = refusal(fleet.apply_as(
+        "user:bob",
+        AT + 11,
+        CommandKind::DecideRequest {
+            request: second,
+            decision: RequestDecision::Approve,
+            plan_hash: hash,
+            reason: "ok".into(),
+            baseline: None,
+        },
+    ));
+    assert!(
+        lapsed.contains("its hosts were web-1, web-2 and are now web-1, web-2, web-3"),
+        "{lapsed}"
+    );
+}
+
+#[test]
+fn a_break_glass_deploy_runs_at_once_escalated_and_only_where_the_policy_allows() {
+    let mut fleet = fleet();
+    fleet.release("web", "v3", 0, &[]);
+    fleet.release("api", "v3", 0, &[]);
+    let started = fleet.apply_as("user:alice", AT, deploy_of("web", "v3", true));
+    let Ok(Outcome::Change(number)) = started else {
+        panic!("{started:?}");
+    };
+    let change = &fleet.state.changes[&number];
+    assert!(change.break_glass);
+    let request = &fleet.state.approval_requests[&change.request];
+    assert_eq!(
+        (request.status, request.change),
+        (RequestStatus::BreakGlass, number)
+    );
+    let escalation = fleet.state.escalations.values().last().unwrap();
+    assert!(
+        escalation.evidence.contains("break-glass"),
+        "{}",
+        escalation.evidence
+    );
+    let refused = fleet.apply_as("user:alice", AT, deploy_of("api", "v3", true));
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|error| error.to_string().contains("does not allow break-glass")),
+        "{refused:?}"
+    );
 }

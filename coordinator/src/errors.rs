@@ -81,9 +81,9 @@ pub enum CoordinatorError {
     #[error("no join token {token_id}")]
     UnknownJoinToken { token_id: String },
     #[error(
-        "{request_id} already asks to roll back {changes}: approve or deny it (rewindctl request show {request_id})"
+        "{request_id} already asks for {what}: approve or deny it (rewindctl request show {request_id})"
     )]
-    AlreadyRequested { request_id: String, changes: String },
+    AlreadyRequested { request_id: String, what: String },
     #[error("the plan would break consumers: {problems}")]
     Incompatible { problems: String },
     #[error("rollback {rollback_id} is {status:?} and cannot {action}")]

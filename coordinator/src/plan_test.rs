@@ -385,6 +385,7 @@ fn hosts_without_a_usable_snapshot_are_named_and_left_out() {
     fleet.host("web-2", "eu", &["web"]);
     fleet.release("web", "v1", 0, &[]);
     let Outcome::Change(change) = fleet.apply(CommandKind::StartChange {
+        break_glass: false,
         service: "web".into(),
         version: "v1".into(),
         host_ids: vec![],

@@ -100,6 +100,7 @@ impl Fleet {
     /// Deploys `version` of `service` on all its hosts; returns the change number.
     pub fn deploy(&mut self, service: &str, version: &str) -> u64 {
         let Outcome::Change(change) = self.apply(CommandKind::StartChange {
+            break_glass: false,
             service: service.into(),
             version: version.into(),
             host_ids: vec![],

@@ -247,6 +247,7 @@ fn a_change_turns_its_flags_on_and_its_rollback_turns_them_back_first() {
         reason: "retired".into(),
     });
     fleet.apply(CommandKind::StartChange {
+        break_glass: false,
         service: "a".into(),
         version: "v2".into(),
         host_ids: vec![],

@@ -314,6 +314,10 @@ pub enum ChangeCommand {
         /// ones on every shard before activation, contract and data ones after, all or nothing.
         #[arg(long = "migration", value_name = "DATABASE@VERSION")]
         migrations: Vec<String>,
+        /// Deploy at once where the policy asks for approvals (if it allows break-glass; needs
+        /// --reason): escalated, and marked until someone else reviews it.
+        #[arg(long)]
+        break_glass: bool,
     },
     Status {
         change_id: String,
@@ -924,6 +928,7 @@ async fn change(
             reason,
             flags_on,
             migrations,
+            break_glass,
         } => {
             let request = pb::StartChangeRequest {
                 request_id: request_id(),
@@ -933,13 +938,22 @@ async fn change(
                 reason,
                 flags_on,
                 migrations,
+                break_glass,
             };
-            client
+            let answer = client
                 .start_change(request)
                 .await
                 .map_err(explain)?
-                .into_inner()
-                .change
+                .into_inner();
+            if answer.change.is_none() {
+                if format == Format::Json {
+                    json(&answer)?;
+                } else {
+                    crate::requests::print_filed(answer.request)?;
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            answer.change
         }
         ChangeCommand::Status { change_id } => {
             client

@@ -506,6 +506,7 @@ async fn serve_sample_app(root: PathBuf) -> anyhow::Result<u16> {
 
 async fn start_change(client: &mut Client, version: &str, reason: &str) -> anyhow::Result<String> {
     let request = pb::StartChangeRequest {
+        break_glass: false,
         request_id: request_id(),
         service: SERVICE.into(),
         version: version.into(),

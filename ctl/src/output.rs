@@ -174,6 +174,19 @@ pub fn print_change(change: &pb::Change) {
     if !change.reason.is_empty() {
         println!("reason: {}", change.reason);
     }
+    if !change.approved_by.is_empty() {
+        println!(
+            "approved by {} ({})",
+            change.approved_by.join(", "),
+            change.request_id
+        );
+    }
+    if change.break_glass {
+        println!(
+            "BREAK-GLASS: ran without its approvals; review: rewindctl request show {}",
+            change.request_id
+        );
+    }
     for stage in &change.schema {
         println!("migrations: {stage}");
     }

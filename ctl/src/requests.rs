@@ -71,12 +71,16 @@ pub async fn run(
                         vec![
                             request.request_id.clone(),
                             status_of(request),
-                            request.change_ids.join(","),
+                            if request.kind == "deploy" {
+                                format!("deploy {}", request.services.join(","))
+                            } else {
+                                format!("rollback {}", request.change_ids.join(","))
+                            },
                             request.environments.join(","),
                             format!("{}/{}", request.approvals.len(), request.approvals_needed),
                             request.requester.clone(),
                             time(request.created_at_ms),
-                            request.rollback_id.clone(),
+                            format!("{}{}", request.rollback_id, request.change_id),
                         ]
                     })
                     .collect();
@@ -84,12 +88,12 @@ pub async fn run(
                     &[
                         "REQUEST",
                         "STATUS",
-                        "CHANGES",
+                        "FOR",
                         "ENVIRONMENTS",
                         "APPROVALS",
                         "REQUESTER",
                         "CREATED",
-                        "ROLLBACK",
+                        "STARTED",
                     ],
                     rows,
                 );
@@ -139,12 +143,19 @@ fn status_of(request: &pb::ApprovalRequest) -> String {
 }
 
 pub fn print_request(request: &pb::ApprovalRequest) {
+    let what = if request.kind == "deploy" {
+        format!("deploy of {}", request.services.join(", "))
+    } else {
+        format!(
+            "rollback of {} ({})",
+            request.change_ids.join(", "),
+            request.services.join(", ")
+        )
+    };
     println!(
-        "{}  {}  rollback of {} ({}) in {}",
+        "{}  {}  {what} in {}",
         request.request_id,
         status_of(request),
-        request.change_ids.join(", "),
-        request.services.join(", "),
         request.environments.join(", ")
     );
     println!(
@@ -201,11 +212,14 @@ pub fn print_request(request: &pb::ApprovalRequest) {
     if !request.rollback_id.is_empty() {
         println!("rollback: {}", request.rollback_id);
     }
+    if !request.change_id.is_empty() {
+        println!("change: {}", request.change_id);
+    }
 }
 
-/// What `rollback start` says when the rollback waits for approval.
+/// What `rollback start` and `change start` say when they wait for approval.
 pub fn print_filed(request: Option<pb::ApprovalRequest>) -> anyhow::Result<()> {
-    let request = request.context("the answer holds neither a rollback nor a request")?;
+    let request = request.context("the answer holds neither what started nor a request")?;
     println!(
         "{} waits for {} approvals ({} requires them); approvers run:\n  rewindctl request show {}",
         request.request_id,

@@ -130,6 +130,7 @@ async fn rollback_of_a_fleet(
     let started = Instant::now();
     let change = client
         .start_change(pb::StartChangeRequest {
+            break_glass: false,
             request_id: "change".into(),
             service: "web".into(),
             version: "v2".into(),

@@ -1328,6 +1328,7 @@ pub async fn must_change(client: &mut ControlServiceClient<Channel>, version: &s
         reason: "test".into(),
         flags_on: vec![],
         migrations: vec![],
+        break_glass: false,
     };
     client
         .start_change(request)

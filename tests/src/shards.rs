@@ -101,6 +101,7 @@ impl Shards {
                 host_ids: self.change_hosts.clone(),
                 reason: "test".into(),
                 flags_on: vec![],
+                break_glass: false,
                 migrations: migrations
                     .iter()
                     .map(|version| format!("{DB}@{version}"))

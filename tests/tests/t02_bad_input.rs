@@ -269,6 +269,7 @@ async fn bad_requests_are_refused_with_the_field_named_and_change_nothing() {
     );
 
     let change = |service: &str, version: &str| pb::StartChangeRequest {
+        break_glass: false,
         request_id: String::new(),
         service: service.into(),
         version: version.into(),

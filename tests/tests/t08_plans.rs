@@ -129,6 +129,7 @@ async fn must_register(
 async fn must_deploy(client: &mut ControlServiceClient<Channel>, service: &str, version: &str) {
     let change_id = client
         .start_change(pb::StartChangeRequest {
+            break_glass: false,
             request_id: format!("change-{service}-{version}"),
             service: service.into(),
             version: version.into(),

@@ -78,6 +78,7 @@ async fn flags_reach_every_agent_and_a_rollback_turns_a_changes_flags_back_first
     .await;
     let second = client
         .start_change(pb::StartChangeRequest {
+            break_glass: false,
             request_id: "v2-with-flag".into(),
             service: "web".into(),
             version: "v2".into(),

@@ -679,6 +679,7 @@ async fn a_change_of_an_app_migrates_another_services_database_and_its_rollback_
     let change = shards
         .client
         .start_change(pb::StartChangeRequest {
+            break_glass: false,
             request_id: "web-v2-with-schema".into(),
             service: "web".into(),
             version: "v2".into(),

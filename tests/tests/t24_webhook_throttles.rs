@@ -29,6 +29,7 @@ async fn ask_for_a_rollback(http: &str, reason: &str) -> (u16, serde_json::Value
 async fn must_redeploy_v2(client: &mut ControlServiceClient<Channel>, round: u32) -> String {
     let change = client
         .start_change(pb::StartChangeRequest {
+            break_glass: false,
             request_id: format!("redeploy-{round}"),
             service: "web".into(),
             version: "v2".into(),

@@ -64,6 +64,69 @@ async fn start_receiver() -> (String, Arc<Mutex<Vec<Bytes>>>) {
     (address, received)
 }
 
+/// Deploys `version` of web to prod as alice: the deploy waits as a request bound to its plan,
+/// bob and carol approve that plan (after alice's own approval is refused, with
+/// `check_refusals`), and it runs as alice's, naming them. Returns the change's id once deployed.
+async fn must_deploy_approved(
+    coordinator: &Coordinator,
+    admin: &pb::control_service_client::ControlServiceClient<tonic::transport::Channel>,
+    version: &str,
+    check_refusals: bool,
+) -> String {
+    let filed: serde_json::Value = serde_json::from_str(&run_ok(&rewindctl_as(
+        coordinator,
+        "alice",
+        &[
+            "--output", "json", "change", "start", "web", version, "--reason", "ship it",
+        ],
+    )))
+    .unwrap();
+    assert!(filed["change"].is_null(), "a prod deploy waits: {filed}");
+    let request = &filed["request"];
+    assert_eq!(request["kind"], "deploy", "{filed}");
+    let id = request["requestId"].as_str().unwrap().to_string();
+    let hash = request["planHash"].as_str().unwrap().to_string();
+    if check_refusals {
+        let own = rewindctl_as(
+            coordinator,
+            "alice",
+            &["request", "approve", &id, "--plan-hash", &hash],
+        );
+        must_fail_with(&own, "the requester cannot approve");
+    }
+    for approver in ["bob", "carol"] {
+        run_ok(&rewindctl_as(
+            coordinator,
+            approver,
+            &["request", "approve", &id, "--plan-hash", &hash],
+        ));
+    }
+    let change_id = request_json(coordinator, "bob", &id)["changeId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    must_change_where(
+        admin,
+        &change_id,
+        "the approved deploy to finish",
+        |change| change.state == pb::ChangeState::Deployed as i32,
+    )
+    .await;
+    if check_refusals {
+        let shown = run_ok(&rewindctl_as(
+            coordinator,
+            "alice",
+            &["change", "status", &change_id],
+        ));
+        assert!(
+            shown.contains("started by user:alice")
+                && shown.contains("approved by user:bob, user:carol"),
+            "{shown}"
+        );
+    }
+    change_id
+}
+
 /// `rewindctl` as `who` (whose certificate the test issued into the coordinator's TLS dir).
 fn rewindctl_as(coordinator: &Coordinator, who: &str, args: &[&str]) -> std::process::Output {
     coordinator.rewindctl(&[&["--identity", who][..], args].concat())
@@ -114,14 +177,6 @@ async fn a_prod_rollback_waits_for_two_other_approvers_and_break_glass_escalates
     }
     let mut admin = coordinator.must_client().await;
     must_agents_connected(&admin, 2).await;
-    admin
-        .apply_policy(pb::ApplyPolicyRequest {
-            toml: POLICY.into(),
-            reason: "prod needs two approvals".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("apply the policy");
     for name in ["alice", "bob", "carol", "sam"] {
         coordinator
             .ca()
@@ -130,7 +185,16 @@ async fn a_prod_rollback_waits_for_two_other_approvers_and_break_glass_escalates
     }
     must_register_web(&mut admin, &hosts[0], false).await;
     must_deploy_web(&admin, "v1", &[]).await;
-    let bad = must_deploy_web(&admin, "v2", &[]).await;
+    // From here prod's deploys and rollbacks wait for two approvals.
+    admin
+        .apply_policy(pb::ApplyPolicyRequest {
+            toml: POLICY.into(),
+            reason: "prod needs two approvals".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("apply the policy");
+    let bad = must_deploy_approved(&coordinator, &admin, "v2", true).await;
 
     // alice asks: nothing runs, a request waits.
     let filed = run_ok(&rewindctl_as(
@@ -139,7 +203,7 @@ async fn a_prod_rollback_waits_for_two_other_approvers_and_break_glass_escalates
         &["rollback", "start", &bad, "--reason", "v2 breaks checkout"],
     ));
     assert!(
-        filed.contains("req-1 waits for 2 approvals (prod requires them)"),
+        filed.contains("req-2 waits for 2 approvals (prod requires them)"),
         "{filed}"
     );
     let listed = admin
@@ -148,7 +212,7 @@ async fn a_prod_rollback_waits_for_two_other_approvers_and_break_glass_escalates
         .unwrap()
         .into_inner();
     assert!(listed.rollbacks.is_empty(), "{listed:?}");
-    let request = request_json(&coordinator, "bob", "req-1");
+    let request = request_json(&coordinator, "bob", "req-2");
     let hash = request["planHash"].as_str().unwrap().to_string();
     assert_eq!(request["status"], "pending");
     assert_eq!(request["requester"], "user:alice");
@@ -162,7 +226,7 @@ async fn a_prod_rollback_waits_for_two_other_approvers_and_break_glass_escalates
             &[
                 "request",
                 "approve",
-                "req-1",
+                "req-2",
                 "--plan-hash",
                 plan_hash,
                 "--reason",
@@ -210,7 +274,7 @@ async fn a_prod_rollback_waits_for_two_other_approvers_and_break_glass_escalates
     assert_eq!(rollback.approved_by, ["user:bob", "user:carol"]);
     assert_eq!(
         (rollback.request_id.as_str(), rollback.plan_hash.as_str()),
-        ("req-1", hash.as_str())
+        ("req-2", hash.as_str())
     );
     let audit = must_list_audit(&admin).await;
     for (who, action) in [
@@ -233,21 +297,21 @@ async fn a_prod_rollback_waits_for_two_other_approvers_and_break_glass_escalates
     );
 
     // A request whose plan changes before it is approved lapses, and says why.
-    let again = must_deploy_web(&admin, "v2", &[]).await;
+    let again = must_deploy_approved(&coordinator, &admin, "v2", false).await;
     run_ok(&rewindctl_as(
         &coordinator,
         "alice",
         &["rollback", "start", &again, "--reason", "v2 again"],
     ));
-    let hash = request_json(&coordinator, "bob", "req-2")["planHash"]
+    let hash = request_json(&coordinator, "bob", "req-4")["planHash"]
         .as_str()
         .unwrap()
         .to_string();
-    must_deploy_web(&admin, "v1", &[]).await;
+    must_deploy_approved(&coordinator, &admin, "v1", false).await;
     let shown = run_ok(&rewindctl_as(
         &coordinator,
         "bob",
-        &["request", "show", "req-2"],
+        &["request", "show", "req-4"],
     ));
     assert!(
         shown.contains("NOT APPROVABLE: it can no longer be planned"),
@@ -256,22 +320,22 @@ async fn a_prod_rollback_waits_for_two_other_approvers_and_break_glass_escalates
     let lapsed = rewindctl_as(
         &coordinator,
         "bob",
-        &["request", "approve", "req-2", "--plan-hash", &hash],
+        &["request", "approve", "req-4", "--plan-hash", &hash],
     );
     must_fail_with(&lapsed, "lapsed with 0 of 2 approvals");
     assert_eq!(
-        request_json(&coordinator, "bob", "req-2")["status"],
+        request_json(&coordinator, "bob", "req-4")["status"],
         "lapsed"
     );
 
     // A denied request never runs.
-    let latest = must_deploy_web(&admin, "v2", &[]).await;
+    let latest = must_deploy_approved(&coordinator, &admin, "v2", false).await;
     run_ok(&rewindctl_as(
         &coordinator,
         "alice",
         &["rollback", "start", &latest, "--reason", "v2 misbehaves"],
     ));
-    let hash = request_json(&coordinator, "carol", "req-3")["planHash"]
+    let hash = request_json(&coordinator, "carol", "req-7")["planHash"]
         .as_str()
         .unwrap()
         .to_string();
@@ -281,7 +345,7 @@ async fn a_prod_rollback_waits_for_two_other_approvers_and_break_glass_escalates
         &[
             "request",
             "deny",
-            "req-3",
+            "req-7",
             "--reason",
             "v1 is fine, look at the database",
         ],
@@ -290,7 +354,7 @@ async fn a_prod_rollback_waits_for_two_other_approvers_and_break_glass_escalates
         &rewindctl_as(
             &coordinator,
             "bob",
-            &["request", "approve", "req-3", "--plan-hash", &hash],
+            &["request", "approve", "req-7", "--plan-hash", &hash],
         ),
         "it is denied: denied by user:carol",
     );
@@ -339,7 +403,7 @@ async fn a_prod_rollback_waits_for_two_other_approvers_and_break_glass_escalates
     assert!(started.contains("BREAK-GLASS"), "{started}");
     let rollback = must_rollback_end(&admin, "rb-2").await;
     assert!(
-        rollback.break_glass && rollback.request_id == "req-4",
+        rollback.break_glass && rollback.request_id == "req-8",
         "{rollback:?}"
     );
     let escalation = must_wait(
@@ -363,7 +427,7 @@ async fn a_prod_rollback_waits_for_two_other_approvers_and_break_glass_escalates
         &["request", "list", "--open"],
     ));
     assert!(
-        open.contains("req-4") && open.contains("NOT REVIEWED"),
+        open.contains("req-8") && open.contains("NOT REVIEWED"),
         "{open}"
     );
     let review = |who: &str| {
@@ -373,7 +437,7 @@ async fn a_prod_rollback_waits_for_two_other_approvers_and_break_glass_escalates
             &[
                 "request",
                 "review",
-                "req-4",
+                "req-8",
                 "--reason",
                 "checkout was down; right call",
             ],
@@ -389,7 +453,7 @@ async fn a_prod_rollback_waits_for_two_other_approvers_and_break_glass_escalates
         "bob",
         &["request", "list", "--open"],
     ));
-    assert!(!open.contains("req-4"), "{open}");
+    assert!(!open.contains("req-8"), "{open}");
 
     // An approver of another environment cannot even read a prod request.
     let sam = coordinator
@@ -400,7 +464,7 @@ async fn a_prod_rollback_waits_for_two_other_approvers_and_break_glass_escalates
         .await
         .unwrap()
         .get_request(pb::GetRequestRequest {
-            request_id: "req-1".into(),
+            request_id: "req-2".into(),
         })
         .await
         .unwrap_err();
@@ -422,23 +486,23 @@ async fn a_prod_rollback_waits_for_two_other_approvers_and_break_glass_escalates
     };
     let cases = [
         (
-            bob.approve_request(decision("req-1", "", "ok")).await,
+            bob.approve_request(decision("req-2", "", "ok")).await,
             Code::InvalidArgument,
             "plan_hash",
         ),
         (
-            bob.approve_request(decision("req-1", "not-a-hash", "ok"))
+            bob.approve_request(decision("req-2", "not-a-hash", "ok"))
                 .await,
             Code::InvalidArgument,
             "plan_hash",
         ),
         (
-            bob.deny_request(decision("req-1", "", " ")).await,
+            bob.deny_request(decision("req-2", "", " ")).await,
             Code::InvalidArgument,
             "reason",
         ),
         (
-            bob.deny_request(decision("req-1", "", "two\nlines")).await,
+            bob.deny_request(decision("req-2", "", "two\nlines")).await,
             Code::InvalidArgument,
             "control characters",
         ),

@@ -455,8 +455,15 @@ impl ControlService for Control {
             .node
             .read(|state| targets::new_change(state, &request.service, &request.host_ids));
         self.context.authorize(&caller, &targets)?;
+        if request.break_glass && request.reason.trim().is_empty() {
+            return Err(invalid(
+                "reason",
+                "say why break-glass is needed: it goes into the escalation and the audit log",
+            ));
+        }
         let baseline = self.context.change_baseline(&request.service);
         let kind = CommandKind::StartChange {
+            break_glass: request.break_glass,
             migrations,
             service: request.service,
             version: request.version,
@@ -465,19 +472,42 @@ impl ControlService for Control {
             baseline,
             flags_on: request.flags_on,
         };
-        let Outcome::Change(number) = self
+        let number = match self
             .context
             .propose(&identity, &request.request_id, kind)
             .await?
-        else {
-            return Err(Status::internal("start change produced no change"));
+        {
+            Outcome::Change(number) => number,
+            Outcome::Request(number) => {
+                info!(
+                    identity,
+                    request_id = crate::state_machine::request_id(number),
+                    "Deploy waits for approval."
+                );
+                let request = self.context.node.read(|state| {
+                    state
+                        .approval_requests
+                        .get(&number)
+                        .map(|record| convert::approval_request(state, record, false))
+                });
+                return Ok(Response::new(pb::StartChangeResponse {
+                    change: None,
+                    request,
+                }));
+            }
+            other => {
+                return Err(Status::internal(format!("start change produced {other:?}")));
+            }
         };
         info!(identity, change_id = change_id(number), "Change started.");
         let change = self
             .context
             .node
             .read(|state| state.changes.get(&number).map(convert::change));
-        Ok(Response::new(pb::StartChangeResponse { change }))
+        Ok(Response::new(pb::StartChangeResponse {
+            change,
+            request: None,
+        }))
     }
 
     async fn get_change(

@@ -217,6 +217,13 @@ pub fn change(change: &ChangeRecord) -> pb::Change {
             rollback_id(change.rollback)
         },
         environment: change.environment.clone(),
+        approved_by: change.approved_by.clone(),
+        request_id: if change.request == 0 {
+            String::new()
+        } else {
+            crate::state_machine::request_id(change.request)
+        },
+        break_glass: change.break_glass,
         flags: change
             .flags
             .iter()
@@ -438,6 +445,16 @@ pub fn approval_request(
         break_glass: request.break_glass,
         review: request.review.as_ref().map(approval),
         plan_now,
+        kind: if request.deploy.is_some() {
+            "deploy".into()
+        } else {
+            "rollback".into()
+        },
+        change_id: if request.change == 0 {
+            String::new()
+        } else {
+            change_id(request.change)
+        },
     }
 }
 

@@ -18,12 +18,12 @@ use crate::state_machine::{
 /// Most requests one list answers (the newest).
 const MAX_LISTED: usize = 200;
 
-/// Everything a request acts on: the environments and services of its changes.
+/// Everything a request acts on (see [`targets::request`]).
 fn request_targets(state: &State, number: u64) -> Vec<crate::access::Target> {
     state
         .approval_requests
         .get(&number)
-        .map(|request| targets::changes(state, &request.changes))
+        .map(|request| targets::request(state, request))
         .unwrap_or_default()
 }
 
@@ -51,7 +51,7 @@ pub async fn list(
             .filter(|record| {
                 !request.open_only || (record.is_open() && !convert::is_overdue(record))
             })
-            .filter(|record| caller.may_see(&targets::changes(state, &record.changes)))
+            .filter(|record| caller.may_see(&targets::request(state, record)))
             .take(MAX_LISTED)
             .map(|record| convert::approval_request(state, record, false))
             .collect()
@@ -106,11 +106,24 @@ pub async fn decide(
     context.current().await?;
     let targets = context.node.read(|state| request_targets(state, number));
     context.authorize_found(caller, &targets, || unknown(number))?;
+    // A deploy starts from the health as it is when it is approved, not when it was asked for.
+    let deploy_service = context.node.read(|state| {
+        state
+            .approval_requests
+            .get(&number)
+            .and_then(|record| record.deploy.as_ref())
+            .map(|spec| spec.service.clone())
+    });
+    let baseline = match (&deploy_service, decision) {
+        (Some(service), RequestDecision::Approve) => Some(context.change_baseline(service)),
+        _ => None,
+    };
     let kind = CommandKind::DecideRequest {
         request: number,
         decision,
         plan_hash: request.plan_hash,
         reason: request.reason,
+        baseline,
     };
     let outcome = context
         .propose(&caller.id(), &request.idempotency_key, kind)

@@ -34,6 +34,15 @@ pub fn changes(state: &State, numbers: &[u64]) -> Vec<Target> {
         .collect()
 }
 
+/// What a request for approval acts on: its deploy's service in its hosts' environments, or the
+/// environments and services of the changes it rolls back.
+pub fn request(state: &State, record: &crate::state_machine::ApprovalRequest) -> Vec<Target> {
+    match &record.deploy {
+        Some(spec) => new_change(state, &spec.service, &spec.hosts),
+        None => changes(state, &record.changes),
+    }
+}
+
 /// A drill's change, and its service in the environment drilled.
 pub fn drill(state: &State, number: u64) -> Vec<Target> {
     let Some(drill) = state.drills.get(&number) else {

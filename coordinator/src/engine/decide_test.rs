@@ -205,6 +205,7 @@ impl World {
     /// A deployed change of v2 on every host, whose service had `baseline` before it.
     fn deployed_from(&mut self, baseline: HealthAggregate) -> u64 {
         self.apply(CommandKind::StartChange {
+            break_glass: false,
             service: "web".into(),
             version: "v2".into(),
             host_ids: vec![],
@@ -253,6 +254,7 @@ fn a_new_change_starts_every_capture_and_sends_each_to_connected_hosts_once() {
     let mut world = World::new();
     world.seen.sessions.remove("web-3");
     world.apply(CommandKind::StartChange {
+        break_glass: false,
         service: "web".into(),
         version: "v2".into(),
         host_ids: vec![],
@@ -294,6 +296,7 @@ fn a_new_change_starts_every_capture_and_sends_each_to_connected_hosts_once() {
 fn a_timed_out_step_is_retried_within_bounds_then_failed() {
     let mut world = World::new();
     world.apply(CommandKind::StartChange {
+        break_glass: false,
         service: "web".into(),
         version: "v2".into(),
         host_ids: vec!["web-1".into()],
@@ -738,6 +741,7 @@ fn a_paused_rollback_leaves_an_overdue_step_alone_until_resumed() {
 fn an_activation_left_running_by_an_interrupted_change_is_timed_out_not_resent() {
     let mut world = World::new();
     world.apply(CommandKind::StartChange {
+        break_glass: false,
         service: "web".into(),
         version: "v2".into(),
         host_ids: vec!["web-1".into()],

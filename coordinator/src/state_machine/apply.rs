@@ -132,7 +132,7 @@ fn apply_kind(state: &mut State, command: &Command) -> Result<(Outcome, String, 
         CommandKind::RegisterMigration { migration } => {
             register_migration(state, migration, &command.identity, at_ms)
         }
-        CommandKind::StartChange { .. } => start_change(state, command),
+        CommandKind::StartChange { .. } => request_change(state, command),
         CommandKind::SetFlag {
             environment,
             service,
@@ -223,7 +223,10 @@ fn apply_kind(state: &mut State, command: &Command) -> Result<(Outcome, String, 
             decision,
             plan_hash,
             reason,
-        } => decide_request(state, command, *request, *decision, plan_hash, reason),
+            baseline,
+        } => decide_request(
+            state, command, *request, *decision, plan_hash, reason, *baseline,
+        ),
         CommandKind::SkipHost {
             rollback,
             host_id,
@@ -568,24 +571,13 @@ fn start_change(state: &mut State, command: &Command) -> Result<(Outcome, String
         baseline,
         flags_on,
         migrations,
+        break_glass: _,
     } = &command.kind
     else {
         unreachable!("called for StartChange commands only");
     };
     let (service, version, baseline) = (service.as_str(), version.as_str(), *baseline);
-    require_service(state, service)?;
-    let versions = state.releases.get(service);
-    if !versions.is_some_and(|versions| versions.contains_key(version)) {
-        return Err(CoordinatorError::UnknownRelease {
-            service: service.to_string(),
-            version: version.to_string(),
-            known: known_list(
-                versions
-                    .into_iter()
-                    .flat_map(|versions| versions.keys().cloned()),
-            ),
-        });
-    }
+    require_release(state, service, version)?;
     if let Some(active) = state.changes.values().find(|change| {
         change.service == service
             && matches!(
@@ -675,6 +667,9 @@ fn start_change(state: &mut State, command: &Command) -> Result<(Outcome, String
             flags,
             auto_refused: false,
             schema,
+            approved_by: Vec::new(),
+            request: 0,
+            break_glass: false,
         },
     );
     let mut audit = format!(
@@ -691,7 +686,108 @@ fn start_change(state: &mut State, command: &Command) -> Result<(Outcome, String
     Ok((Outcome::Change(number), change_id(number), audit))
 }
 
-fn select_hosts(state: &State, service: &str, requested: &[String]) -> Result<Vec<String>> {
+/// The service and its release `version` are registered.
+fn require_release(state: &State, service: &str, version: &str) -> Result<()> {
+    require_service(state, service)?;
+    let versions = state.releases.get(service);
+    if !versions.is_some_and(|versions| versions.contains_key(version)) {
+        return Err(CoordinatorError::UnknownRelease {
+            service: service.to_string(),
+            version: version.to_string(),
+            known: known_list(
+                versions
+                    .into_iter()
+                    .flat_map(|versions| versions.keys().cloned()),
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// A deploy: started at once where the hosts' environments ask for no approvals; otherwise
+/// filed as a request bound to its plan, or run at once by break-glass where allowed.
+fn request_change(state: &mut State, command: &Command) -> Result<(Outcome, String, String)> {
+    let CommandKind::StartChange {
+        service,
+        version,
+        host_ids: requested_hosts,
+        reason,
+        baseline,
+        flags_on,
+        migrations,
+        break_glass,
+    } = &command.kind
+    else {
+        unreachable!("called for StartChange commands only");
+    };
+    require_release(state, service, version)?;
+    let spec = approvals::DeploySpec {
+        service: service.clone(),
+        version: version.clone(),
+        previous_version: current_version(state, service),
+        requested_hosts: requested_hosts.clone(),
+        hosts: select_hosts(state, service, requested_hosts)?,
+        flags_on: flags_on.clone(),
+        migrations: migrations.clone(),
+        baseline: *baseline,
+    };
+    let requirement = approvals::deploy_requirement(state, &spec);
+    if requirement.approvals == 0 {
+        return start_change(state, command);
+    }
+    if !break_glass {
+        return approvals::file_deploy(state, command, spec, &requirement, reason);
+    }
+    if !requirement.break_glass {
+        return Err(no_break_glass(&requirement));
+    }
+    let (outcome, target, audit) = start_change(state, command)?;
+    let Outcome::Change(number) = outcome else {
+        unreachable!("start_change answers with a change");
+    };
+    let request =
+        approvals::record_break_glass_deploy(state, command, spec, &requirement, reason, number);
+    if let Some(change) = state.changes.get_mut(&number) {
+        change.break_glass = true;
+        change.request = request;
+    }
+    let evidence = format!(
+        "break-glass: {} started {} without the {} approvals {} requires ({} to review: rewindctl request review {}): {reason}",
+        command.identity,
+        change_id(number),
+        requirement.approvals,
+        requirement.environments.join(", "),
+        approvals::request_id(request),
+        approvals::request_id(request),
+    );
+    state.escalate(command.at_ms, 0, 0, service, evidence);
+    Ok((
+        outcome,
+        target,
+        format!(
+            "break-glass ({} to review): {}",
+            approvals::request_id(request),
+            audit
+        ),
+    ))
+}
+
+fn no_break_glass(requirement: &approvals::Requirement) -> CoordinatorError {
+    CoordinatorError::invalid(
+        "break_glass",
+        format!(
+            "the policy of {} does not allow break-glass: ask for the {} approvals it requires",
+            requirement.environments.join(", "),
+            requirement.approvals
+        ),
+    )
+}
+
+pub(super) fn select_hosts(
+    state: &State,
+    service: &str,
+    requested: &[String],
+) -> Result<Vec<String>> {
     if requested.is_empty() {
         let hosts: Vec<String> = state
             .hosts
@@ -1231,14 +1327,7 @@ fn request_rollback(
         return approvals::file(state, command, &plan, &requirement, reason, trigger);
     }
     if !requirement.break_glass {
-        return Err(CoordinatorError::invalid(
-            "break_glass",
-            format!(
-                "the policy of {} does not allow break-glass: ask for the {} approvals it requires",
-                requirement.environments.join(", "),
-                requirement.approvals
-            ),
-        ));
+        return Err(no_break_glass(&requirement));
     }
     let plan = checked_plan(state, changes, options, plan_hash, trigger)?;
     let (outcome, target, audit) = start_planned(state, command, &plan, reason, trigger);
@@ -1285,6 +1374,7 @@ fn decide_request(
     decision: approvals::Decision,
     plan_hash: &str,
     reason: &str,
+    baseline: Option<HealthAggregate>,
 ) -> Result<(Outcome, String, String)> {
     let target = approvals::request_id(number);
     match approvals::decide(state, command, number, decision, plan_hash, reason)? {
@@ -1299,6 +1389,9 @@ fn decide_request(
             target,
             format!("refused: {why}"),
         )),
+        approvals::Decided::Approved if state.approval_requests[&number].deploy.is_some() => {
+            approve_deploy(state, command, number, baseline, reason)
+        }
         approvals::Decided::Approved => {
             let request = state.approval_requests[&number].clone();
             // Starting it lapses every pending request over its changes, this one too; it is
@@ -1361,6 +1454,82 @@ fn decide_request(
             ))
         }
     }
+}
+
+/// The last approval of a deploy request: the deploy starts as the requester's, with the
+/// baseline measured now (when given), and the request records who approved it.
+fn approve_deploy(
+    state: &mut State,
+    command: &Command,
+    number: u64,
+    baseline: Option<HealthAggregate>,
+    reason: &str,
+) -> Result<(Outcome, String, String)> {
+    let request = state.approval_requests[&number].clone();
+    let Some(spec) = &request.deploy else {
+        unreachable!("called for deploy requests only");
+    };
+    let start = Command {
+        at_ms: command.at_ms,
+        identity: request.requester.clone(),
+        request_id: String::new(),
+        kind: CommandKind::StartChange {
+            service: spec.service.clone(),
+            version: spec.version.clone(),
+            host_ids: spec.requested_hosts.clone(),
+            reason: request.reason.clone(),
+            baseline: baseline.unwrap_or(spec.baseline),
+            flags_on: spec.flags_on.clone(),
+            migrations: spec.migrations.clone(),
+            break_glass: false,
+        },
+    };
+    let (Outcome::Change(change), change_target, started) = start_change(state, &start)? else {
+        unreachable!("start_change answers with a change");
+    };
+    let mut approved_by: Vec<String> = request
+        .approvals
+        .iter()
+        .map(|approval| approval.identity.clone())
+        .collect();
+    approved_by.push(command.identity.clone());
+    if let Some(record) = state.changes.get_mut(&change) {
+        record.approved_by = approved_by.clone();
+        record.request = number;
+    }
+    if let Some(record) = state.approval_requests.get_mut(&number) {
+        record.approvals.push(approvals::Approval {
+            identity: command.identity.clone(),
+            at_ms: command.at_ms,
+            reason: reason.to_string(),
+        });
+        record.status = approvals::RequestStatus::Approved;
+        record.decided_at_ms = command.at_ms;
+        record.change = change;
+        record.detail = format!(
+            "approved by {}: started {}",
+            approved_by.join(", "),
+            change_id(change)
+        );
+    }
+    // The change's own entry names who asked for it; the approval's follows.
+    state.audit.append(
+        command.at_ms,
+        &request.requester,
+        "change.start",
+        &change_target,
+        &format!("{started}; approved by {}", approved_by.join(", ")),
+    );
+    Ok((
+        Outcome::Request(number),
+        approvals::request_id(number),
+        format!(
+            "ok: approval {} of {}: started {}",
+            approved_by.len(),
+            request.needed,
+            change_id(change)
+        ),
+    ))
 }
 
 /// The plan of `changes` as it is now, refused if it is not the one shown (`plan_hash`, when

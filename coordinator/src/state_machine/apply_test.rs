@@ -148,6 +148,7 @@ fn pass_gate(harness: &mut Harness, rollback: u64, wave: u32) {
 
 fn start_change(version: &str) -> CommandKind {
     CommandKind::StartChange {
+        break_glass: false,
         service: "web".into(),
         version: version.into(),
         host_ids: vec![],
@@ -462,6 +463,7 @@ fn rejected_commands_change_nothing_but_the_applied_index() {
     let rejected = [
         start_change("v9"),
         CommandKind::StartChange {
+            break_glass: false,
             service: "nope".into(),
             version: "v1".into(),
             host_ids: vec![],
@@ -471,6 +473,7 @@ fn rejected_commands_change_nothing_but_the_applied_index() {
             migrations: vec![],
         },
         CommandKind::StartChange {
+            break_glass: false,
             service: "web".into(),
             version: "v1".into(),
             host_ids: vec!["ghost".into()],
@@ -772,6 +775,7 @@ fn activated_sharded_change() -> (Harness, u64) {
         },
     });
     let Outcome::Change(change) = harness.must(CommandKind::StartChange {
+        break_glass: false,
         service: "orders-db".into(),
         version: "v2".into(),
         host_ids: vec![],

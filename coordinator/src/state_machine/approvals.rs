@@ -1,8 +1,8 @@
-//! Requests for approval. A rollback in an environment whose policy requires approvals starts as
-//! a request bound to its plan's hash; it runs once enough approvers other than the requester
-//! approve that exact hash. If the plan changes meanwhile (hosts, health, another change) the
-//! request lapses and says why; it expires after the environment's `request-ttl-s`. Break-glass
-//! runs at once and leaves a request to review afterwards.
+//! Requests for approval. A rollback or a deploy in an environment whose policy requires
+//! approvals starts as a request bound to its plan's hash; it runs once enough approvers other
+//! than the requester approve that exact hash. If the plan changes meanwhile (hosts, health,
+//! another change) the request lapses and says why; it expires after the environment's
+//! `request-ttl-s`. Break-glass runs at once and leaves a request to review afterwards.
 //!
 //! Everything here runs inside `apply()`: the clock is the command's, the policy is the
 //! replicated one, so every member decides alike.
@@ -10,7 +10,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::command::{Command, Outcome};
-use super::state::{PlanOptions, State, Trigger};
+use super::state::{HealthAggregate, PlanOptions, State, Trigger};
 use crate::access::policy::AutomaticRollbacks;
 use crate::errors::CoordinatorError;
 use crate::plan::Plan;
@@ -86,6 +86,101 @@ pub struct ApprovalRequest {
     pub rollback: u64,
     pub break_glass: bool,
     pub review: Option<Approval>,
+    /// A deploy, not a rollback: what it runs once approved.
+    #[serde(default)]
+    pub deploy: Option<DeploySpec>,
+    /// The change a deploy request started.
+    #[serde(default)]
+    pub change: u64,
+}
+
+/// A deploy (`StartChange`) as requested, hosts resolved.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeploySpec {
+    pub service: String,
+    pub version: String,
+    /// What the service ran when requested: a deploy approved after another one is refused.
+    pub previous_version: String,
+    /// As asked: empty means every host that runs the service.
+    pub requested_hosts: Vec<String>,
+    /// As resolved when requested.
+    pub hosts: Vec<String>,
+    pub flags_on: Vec<String>,
+    pub migrations: Vec<(String, String)>,
+    pub baseline: HealthAggregate,
+}
+
+impl DeploySpec {
+    /// What an approver approves: the service, the release (by digest), the hosts, the flags
+    /// and the migrations (by checksum), as a hash.
+    pub fn hash(&self, state: &State) -> String {
+        use sha2::Digest;
+        let release = state
+            .releases
+            .get(&self.service)
+            .and_then(|versions| versions.get(&self.version))
+            .map(|release| release.artifact_digest.clone())
+            .unwrap_or_default();
+        let migrations: Vec<String> = self
+            .migrations
+            .iter()
+            .map(|(database, version)| {
+                let checksum = state
+                    .migrations
+                    .get(database)
+                    .and_then(|versions| versions.get(version))
+                    .map(|migration| migration.checksum.clone())
+                    .unwrap_or_default();
+                format!("{database}@{version}={checksum}")
+            })
+            .collect();
+        let text = format!(
+            "deploy\n{}\n{} -> {}\n{release}\n{}\n{}\n{}",
+            self.service,
+            self.previous_version,
+            self.version,
+            self.hosts.join(","),
+            self.flags_on.join(","),
+            migrations.join(",")
+        );
+        format!(
+            "sha256:{}",
+            hex::encode(sha2::Sha256::digest(text.as_bytes()))
+        )
+    }
+
+    /// The plan's one line: `deploy web v1 -> v2 on web-1, web-2`, with flags and migrations.
+    pub fn outline(&self) -> Vec<String> {
+        let mut lines = vec![format!(
+            "deploy {} {} -> {} on {}",
+            self.service,
+            self.previous_version,
+            self.version,
+            self.hosts.join(", ")
+        )];
+        if !self.flags_on.is_empty() {
+            lines.push(format!("turn on flags {}", self.flags_on.join(", ")));
+        }
+        for (database, version) in &self.migrations {
+            lines.push(format!("migrate {database} to {version}"));
+        }
+        lines
+    }
+
+    /// The environments its hosts are in.
+    fn environments<'a>(&self, state: &'a State) -> Vec<&'a str> {
+        self.hosts
+            .iter()
+            .filter_map(|host| state.hosts.get(host))
+            .map(|host| {
+                if host.labels.environment.is_empty() {
+                    crate::plan::DEFAULT_ENVIRONMENT
+                } else {
+                    host.labels.environment.as_str()
+                }
+            })
+            .collect()
+    }
 }
 
 impl ApprovalRequest {
@@ -120,6 +215,8 @@ impl ApprovalRequest {
             rollback: 0,
             break_glass: false,
             review: None,
+            deploy: None,
+            change: 0,
         }
     }
 
@@ -151,14 +248,24 @@ pub struct Requirement {
 
 /// The approvals a rollback of `changes` needs under the policy in force.
 pub fn requirement(state: &State, changes: &[u64]) -> Requirement {
-    let Some(policy) = state.access.policy.as_deref() else {
-        return Requirement::default();
-    };
-    let mut environments: Vec<&str> = changes
+    let environments: Vec<&str> = changes
         .iter()
         .filter_map(|number| state.changes.get(number))
         .flat_map(|change| crate::plan::change_environments(state, change))
         .collect();
+    requirement_in(state, environments)
+}
+
+/// The approvals a deploy of `spec` needs under the policy in force.
+pub fn deploy_requirement(state: &State, spec: &DeploySpec) -> Requirement {
+    requirement_in(state, spec.environments(state))
+}
+
+/// The strictest of the rules of `environments`.
+fn requirement_in(state: &State, mut environments: Vec<&str>) -> Requirement {
+    let Some(policy) = state.access.policy.as_deref() else {
+        return Requirement::default();
+    };
     environments.sort_unstable();
     environments.dedup();
     let mut requirement = Requirement {
@@ -183,6 +290,14 @@ pub fn requirement(state: &State, changes: &[u64]) -> Requirement {
     requirement
 }
 
+/// What a request needs now: its deploy's or its changes' rules.
+fn requirement_of(state: &State, request: &ApprovalRequest) -> Requirement {
+    match &request.deploy {
+        Some(spec) => deploy_requirement(state, spec),
+        None => requirement(state, &request.changes),
+    }
+}
+
 /// One line per wave: `2. api in eu: web-1, web-2`.
 pub fn outline(plan: &Plan) -> Vec<String> {
     plan.waves
@@ -203,6 +318,9 @@ pub fn outline(plan: &Plan) -> Vec<String> {
 
 /// Why the plan of `request` is not the plan it was requested with, or `None` if it still is.
 pub fn plan_drift(state: &State, request: &ApprovalRequest) -> Option<String> {
+    if let Some(spec) = &request.deploy {
+        return deploy_drift(state, request, spec);
+    }
     let plan = match crate::plan::build(state, &request.changes, &request.options, request.trigger)
     {
         Ok(plan) => plan,
@@ -241,7 +359,7 @@ pub fn plan_drift(state: &State, request: &ApprovalRequest) -> Option<String> {
 /// or fewer approvals, other environments), or `None`. A request is judged by the rules in force
 /// when it is approved, never by older, looser ones.
 fn requirement_drift(state: &State, request: &ApprovalRequest) -> Option<String> {
-    let now = requirement(state, &request.changes);
+    let now = requirement_of(state, request);
     (now.approvals != request.needed || now.environments != request.environments).then(|| {
         format!(
             "the access policy changed since it was requested ({} approvals in {} then, {} in {} now)",
@@ -255,6 +373,43 @@ fn requirement_drift(state: &State, request: &ApprovalRequest) -> Option<String>
             }
         )
     })
+}
+
+/// Why a deploy request's plan is no longer the one requested: its hosts (as selected now),
+/// its release or migrations.
+fn deploy_drift(state: &State, request: &ApprovalRequest, spec: &DeploySpec) -> Option<String> {
+    let hosts = match super::apply::select_hosts(state, &spec.service, &spec.requested_hosts) {
+        Ok(hosts) => hosts,
+        Err(error) => return Some(format!("it can no longer be planned: {error}")),
+    };
+    let now = DeploySpec {
+        hosts,
+        previous_version: super::current_version(state, &spec.service),
+        ..spec.clone()
+    };
+    let hash = now.hash(state);
+    if hash == request.plan_hash {
+        return None;
+    }
+    let why = if now.previous_version != spec.previous_version {
+        format!(
+            "{} ran {} when it was requested and runs {} now",
+            spec.service, spec.previous_version, now.previous_version
+        )
+    } else if now.hosts != spec.hosts {
+        format!(
+            "its hosts were {} and are now {}",
+            spec.hosts.join(", "),
+            now.hosts.join(", ")
+        )
+    } else {
+        "its release or migrations differ".into()
+    };
+    Some(format!(
+        "the plan changed since it was requested (sha256 {} -> {}): {why}",
+        short(&request.plan_hash),
+        short(&hash)
+    ))
 }
 
 fn short(hash: &str) -> &str {
@@ -341,19 +496,10 @@ pub fn file(
             .collect();
         return Err(CoordinatorError::AlreadyRequested {
             request_id: request_id(number),
-            changes: crate::plan::change_list(&shared),
+            what: format!("the rollback of {}", crate::plan::change_list(&shared)),
         });
     }
-    let pending = state
-        .approval_requests
-        .values()
-        .filter(|request| request.status == RequestStatus::Pending)
-        .count();
-    if pending >= MAX_PENDING_REQUESTS {
-        return Err(CoordinatorError::Overloaded(format!(
-            "{pending} requests wait for approval already (at most {MAX_PENDING_REQUESTS}): approve, deny or let some expire"
-        )));
-    }
+    check_pending_room(state)?;
     let request = ApprovalRequest::new(state, command, plan, requirement, reason, trigger);
     let number = request.number;
     let audit = format!(
@@ -366,6 +512,137 @@ pub fn file(
     state.approval_requests.insert(number, request);
     prune(state);
     Ok((Outcome::Request(number), request_id(number), audit))
+}
+
+/// Files a request for a deploy that `requirement` says needs approvals; one pending request
+/// per service at a time (a drifted one lapses instead of blocking).
+pub fn file_deploy(
+    state: &mut State,
+    command: &Command,
+    spec: DeploySpec,
+    requirement: &Requirement,
+    reason: &str,
+) -> Result<(Outcome, String, String)> {
+    let at_ms = command.at_ms;
+    expire(state, at_ms);
+    let pending: Vec<u64> = state
+        .approval_requests
+        .values()
+        .filter(|request| {
+            request.status == RequestStatus::Pending
+                && request
+                    .deploy
+                    .as_ref()
+                    .is_some_and(|other| other.service == spec.service)
+        })
+        .map(|request| request.number)
+        .collect();
+    for number in pending {
+        let request = &state.approval_requests[&number];
+        if let Some(drift) =
+            plan_drift(state, request).or_else(|| requirement_drift(state, request))
+        {
+            lapse(state, number, at_ms, &drift);
+            continue;
+        }
+        return Err(CoordinatorError::AlreadyRequested {
+            request_id: request_id(number),
+            what: format!("a deploy of {}", spec.service),
+        });
+    }
+    check_pending_room(state)?;
+    let request = deploy_request(state, command, spec, requirement, reason);
+    let number = request.number;
+    let audit = format!(
+        "ok: {} waits for {} approvals in {} (plan {}): {reason}",
+        request.plan.join("; "),
+        requirement.approvals,
+        requirement.environments.join(", "),
+        request.plan_hash
+    );
+    state.approval_requests.insert(number, request);
+    prune(state);
+    Ok((Outcome::Request(number), request_id(number), audit))
+}
+
+/// A pending request for `spec`, numbered next.
+fn deploy_request(
+    state: &mut State,
+    command: &Command,
+    spec: DeploySpec,
+    requirement: &Requirement,
+    reason: &str,
+) -> ApprovalRequest {
+    let plan_hash = spec.hash(state);
+    let plan = spec.outline();
+    state.next_request += 1;
+    ApprovalRequest {
+        number: state.next_request,
+        status: RequestStatus::Pending,
+        detail: String::new(),
+        requester: command.identity.clone(),
+        trigger: Trigger::Manual,
+        reason: reason.to_string(),
+        changes: Vec::new(),
+        services: vec![spec.service.clone()],
+        options: PlanOptions::default(),
+        environments: requirement.environments.clone(),
+        plan_hash,
+        plan,
+        needed: requirement.approvals,
+        approvals: Vec::new(),
+        created_at_ms: command.at_ms,
+        expires_at_ms: command.at_ms.saturating_add(requirement.ttl_ms),
+        decided_at_ms: 0,
+        rollback: 0,
+        break_glass: false,
+        review: None,
+        deploy: Some(spec),
+        change: 0,
+    }
+}
+
+/// Records a break-glass deploy, already started as `change`, as a request to review.
+pub fn record_break_glass_deploy(
+    state: &mut State,
+    command: &Command,
+    spec: DeploySpec,
+    requirement: &Requirement,
+    reason: &str,
+    change: u64,
+) -> u64 {
+    let request = ApprovalRequest {
+        status: RequestStatus::BreakGlass,
+        detail: format!(
+            "ran at once without the {} approvals {} requires: {}",
+            requirement.approvals,
+            requirement.environments.join(", "),
+            super::change_id(change)
+        ),
+        expires_at_ms: command.at_ms,
+        decided_at_ms: command.at_ms,
+        change,
+        break_glass: true,
+        ..deploy_request(state, command, spec, requirement, reason)
+    };
+    let number = request.number;
+    state.approval_requests.insert(number, request);
+    prune(state);
+    number
+}
+
+fn check_pending_room(state: &State) -> Result<()> {
+    let pending = state
+        .approval_requests
+        .values()
+        .filter(|request| request.status == RequestStatus::Pending)
+        .count();
+    if pending >= MAX_PENDING_REQUESTS {
+        return Err(CoordinatorError::Overloaded(format!(
+            "{pending} requests wait for approval already (at most {MAX_PENDING_REQUESTS}): approve, deny or let some expire"
+        )));
+    }
+    Ok(())
 }
 
 /// Records a break-glass rollback, already started as `rollback`, as a request to review.

@@ -53,6 +53,9 @@ pub enum CommandKind {
         /// Registered migrations it applies: (database, version), in order per database.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         migrations: Vec<(String, String)>,
+        /// Run at once where the policy would ask for approvals (escalated, reviewed later).
+        #[serde(default)]
+        break_glass: bool,
     },
     /// Drills a change's migrations on another environment's shards: up, down, up, with the
     /// fingerprints checked at each step.
@@ -119,6 +122,10 @@ pub enum CommandKind {
         /// The plan hash the approver was shown; an approval must name the request's.
         plan_hash: String,
         reason: String,
+        /// A deploy request's baseline, measured when the last approval is given (its health then,
+        /// not when it was requested); `None` keeps the requested one.
+        #[serde(default)]
+        baseline: Option<HealthAggregate>,
     },
     /// Asks for an automatic rollback of the service's latest change. `apply()` records what
     /// became of it: started, ignored (nothing to do) or throttled (and a person called).

@@ -595,6 +595,15 @@ pub struct ChangeRecord {
     /// contract and data ones after.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub schema: Vec<SchemaStage>,
+    /// Who approved it, where its environment's policy asked for approvals.
+    #[serde(default)]
+    pub approved_by: Vec<String>,
+    /// The request it ran from (`req-<n>`), 0 if none.
+    #[serde(default)]
+    pub request: u64,
+    /// Ran without the approvals its environment requires.
+    #[serde(default)]
+    pub break_glass: bool,
 }
 
 impl ChangeRecord {
