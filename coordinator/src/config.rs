@@ -546,7 +546,7 @@ fn validate_issuer(raw: &RawIssuer, problems: &mut Problems) -> Option<IssuerCon
     };
     if let Err(found) = lifetimes.validate() {
         for problem in found {
-            problems.add("issuer", problem);
+            problems.add_error(problem);
         }
     }
     match (&raw.cert, &raw.key) {
@@ -557,12 +557,16 @@ fn validate_issuer(raw: &RawIssuer, problems: &mut Problems) -> Option<IssuerCon
                 lifetimes,
             }),
             Err(error) => {
-                problems.add("issuer", error.to_string());
+                problems.add("issuer.cert", error.to_string());
                 None
             }
         },
-        _ => {
-            problems.add("issuer", "needs both cert and key");
+        (Some(_), None) => {
+            problems.add("issuer.key", "is required with issuer.cert");
+            None
+        }
+        (None, Some(_)) => {
+            problems.add("issuer.cert", "is required with issuer.key");
             None
         }
     }

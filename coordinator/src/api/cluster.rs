@@ -236,7 +236,7 @@ async fn check_member_certificate(context: &Context, member: &MemberRecord) -> R
                 .await
                 .map(|_| ())
                 .map_err(|status| status.message().to_string()),
-            Err(error) => Err(error_chain(&error)),
+            Err(error) => Err(rewind_shared::errors::error_chain(&error)),
         };
         match answer {
             Ok(()) => return Ok(()),
@@ -244,17 +244,6 @@ async fn check_member_certificate(context: &Context, member: &MemberRecord) -> R
             Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
         }
     }
-}
-
-/// An error and its sources, for a message that names the TLS reason under "transport error".
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text += &format!(": {cause}");
-        source = cause.source();
-    }
-    text
 }
 
 fn member_record(request: &pb::AddMemberRequest) -> Result<MemberRecord, Status> {

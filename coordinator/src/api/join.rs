@@ -95,8 +95,12 @@ fn sign(
         .map_err(|error| Status::internal(format!("sign the certificate: {error}")))
 }
 
+/// Joins: the token and CSR checked here first (a wrong secret or a token that cannot admit the
+/// CSR is refused without touching the log, and audited at a bounded rate per address), then
+/// judged and counted by `apply()`, then signed.
 pub async fn join(
     context: &Context,
+    remote: Option<std::net::SocketAddr>,
     request: pb::JoinRequest,
 ) -> Result<pb::IssuedCertificate, Status> {
     let (number, secret) = parse_token(&request.token)?;
@@ -108,25 +112,44 @@ pub async fn join(
         secret_sha256: secret_hash(secret),
         kind: csr.kind.as_str().to_string(),
         name: csr.name.clone(),
+        key_sha256: csr.key_sha256(),
     };
-    context.propose(&principal, "", kind).await?;
-    let groups = context
-        .node
-        .read(|state| {
-            state
-                .join_tokens
-                .get(&number)
-                .map(|token| token.groups.clone())
-        })
-        .unwrap_or_default();
+    // The judgement apply() makes, asked first: a refusal needs no log entry.
+    let precheck = context.node.read(|state| {
+        crate::state_machine::join_tokens::judge_use(
+            state,
+            number,
+            &secret_hash(secret),
+            csr.kind.as_str(),
+            &csr.name,
+            &csr.key_sha256(),
+            rewind_shared::time::now_ms(),
+        )
+    });
+    if let Err(error) = precheck {
+        let refusal = crate::access::Refusal {
+            identity: format!(
+                "joining {principal} from {}",
+                remote.map_or_else(|| "?".to_string(), |remote| remote.ip().to_string())
+            ),
+            action: "join",
+            target: join_token_id(number),
+            reason: error.to_string(),
+        };
+        context.gate.audit(refusal);
+        return Err(to_status(error));
+    }
+    let outcome = context.propose(&principal, "", kind).await?;
+    let Outcome::Joined { groups } = outcome else {
+        return Err(Status::internal(format!("a join answered {outcome:?}")));
+    };
     let subject = Subject {
         kind: Some(csr.kind),
         name: csr.name.clone(),
         common_name: csr.name.clone(),
         groups,
     };
-    let sans = csr.sans.clone();
-    let certificate = sign(context, &csr, subject, sans)?;
+    let certificate = sign(context, &csr, subject, Vec::new())?;
     tracing::info!(
         identity = principal,
         token = join_token_id(number),
@@ -201,6 +224,20 @@ fn scope(request: &pb::CreateJoinTokenRequest) -> Result<TokenScope, Status> {
         return Err(invalid(
             "name_pattern",
             "name the holders it is for: a name, or a prefix ending in '*' (\"web-*\")",
+        ));
+    }
+    if kind == Kind::Member {
+        return Err(invalid(
+            "kind",
+            "members are not enrolled with join tokens: issue a member's certificate from your \
+             PKI (it names the member's id and its address), and add it with `cluster add`",
+        ));
+    }
+    if request.name_pattern.ends_with('*') && kind != Kind::Agent {
+        return Err(invalid(
+            "name_pattern",
+            "a person's or a tool's token names exactly one identity (a pattern would let its \
+             holder pick any matching name, an admin's too)",
         ));
     }
     if !prefix.is_empty() {
@@ -385,7 +422,11 @@ impl pb::join_service_server::JoinService for Joins {
         &self,
         request: tonic::Request<pb::JoinRequest>,
     ) -> Result<tonic::Response<pb::IssuedCertificate>, Status> {
-        join(&self.context, request.into_inner())
+        let remote = request
+            .extensions()
+            .get::<super::listener::PeerInfo>()
+            .and_then(|info| info.remote);
+        join(&self.context, remote, request.into_inner())
             .await
             .map(tonic::Response::new)
     }

@@ -7,6 +7,7 @@
 //! when its files change, so a renewed certificate is served without a restart. Handshakes are
 //! bounded in time and in number, so idle or slow connections cannot hold the port.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -33,6 +34,12 @@ use crate::errors::CoordinatorError;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most handshakes in progress at once; further connections wait to be accepted.
 pub const MAX_HANDSHAKES: usize = 256;
+/// Most connections open at once (each agent holds one); further ones wait to be accepted.
+pub const MAX_CONNECTIONS: usize = 16_384;
+/// Most connections without a client certificate open at once (hosts joining).
+pub const MAX_ANONYMOUS_CONNECTIONS: usize = 64;
+/// How long a connection without a client certificate may stay open: long enough to join.
+pub const ANONYMOUS_CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
 /// Connections whose handshake is done and that the server has not taken yet.
 const ACCEPTED_QUEUE: usize = 64;
 /// How often the certificate files are checked for a change.
@@ -46,10 +53,30 @@ pub struct PeerInfo {
     pub certificates: Option<Arc<Vec<CertificateDer<'static>>>>,
 }
 
-/// One accepted connection after its TLS handshake.
+/// One accepted connection after its TLS handshake. It holds its place among the connections
+/// (and the anonymous ones) until it is dropped; one without a certificate ends at its deadline.
 pub struct TlsConnection {
     stream: tokio_rustls::server::TlsStream<TcpStream>,
     info: PeerInfo,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    _anonymous_slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl TlsConnection {
+    /// Past its deadline, the connection reads and writes nothing more.
+    fn expired(&mut self, context: &mut Context<'_>) -> bool {
+        self.deadline
+            .as_mut()
+            .is_some_and(|deadline| deadline.as_mut().poll(context).is_ready())
+    }
+}
+
+fn closed() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        "a connection without a client certificate lives 30 s",
+    )
 }
 
 impl Connected for TlsConnection {
@@ -66,6 +93,9 @@ impl AsyncRead for TlsConnection {
         context: &mut Context<'_>,
         buffer: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if self.expired(context) {
+            return Poll::Ready(Err(closed()));
+        }
         Pin::new(&mut self.stream).poll_read(context, buffer)
     }
 }
@@ -76,6 +106,9 @@ impl AsyncWrite for TlsConnection {
         context: &mut Context<'_>,
         buffer: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if self.expired(context) {
+            return Poll::Ready(Err(closed()));
+        }
         Pin::new(&mut self.stream).poll_write(context, buffer)
     }
 
@@ -92,6 +125,9 @@ impl AsyncWrite for TlsConnection {
         context: &mut Context<'_>,
         buffers: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if self.expired(context) {
+            return Poll::Ready(Err(closed()));
+        }
         Pin::new(&mut self.stream).poll_write_vectored(context, buffers)
     }
 
@@ -106,6 +142,9 @@ struct ReloadingCertificate {
     cert: PathBuf,
     key: PathBuf,
     current: RwLock<(Arc<CertifiedKey>, Stamp)>,
+    /// The files as last found unloadable, and how many checks found them so, to warn once
+    /// per change.
+    failed: std::sync::Mutex<Option<(Stamp, u32)>>,
 }
 
 type Stamp = [Option<SystemTime>; 2];
@@ -130,6 +169,7 @@ impl ReloadingCertificate {
             cert: files.cert.clone(),
             key: files.key.clone(),
             current: RwLock::new((key, stamp)),
+            failed: std::sync::Mutex::new(None),
         })
     }
 
@@ -155,7 +195,20 @@ impl ReloadingCertificate {
                     .unwrap_or_else(|poisoned| poisoned.into_inner()) = (key, now);
             }
             Err(error) => {
-                debug!(%error, "The coordinator's certificate files changed but do not load yet.");
+                let mut failed = self
+                    .failed
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                // A renewal half written loads at the next check; one that stays broken is said,
+                // once.
+                let checks = match *failed {
+                    Some((stamp, checks)) if stamp == now => checks + 1,
+                    _ => 1,
+                };
+                *failed = Some((now, checks));
+                if checks == 2 {
+                    warn!(%error, certificate = %self.cert.display(), "The coordinator's certificate files changed and do not load; still serving the previous certificate.");
+                }
             }
         }
     }
@@ -218,9 +271,10 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, Coor
     Ok(config)
 }
 
-/// Accepts connections on `listener` and hands over those whose TLS handshake completed, at
-/// most [`MAX_HANDSHAKES`] in progress, each within [`HANDSHAKE_TIMEOUT`]. Stops accepting when
-/// the returned stream is dropped.
+/// Accepts connections on `listener` and hands over those whose TLS handshake completed: at
+/// most [`MAX_CONNECTIONS`] open and [`MAX_HANDSHAKES`] in progress, each handshake within
+/// [`HANDSHAKE_TIMEOUT`], at most [`MAX_ANONYMOUS_CONNECTIONS`] without a certificate, each for
+/// [`ANONYMOUS_CONNECTION_LIFETIME`]. Stops accepting when the returned stream is dropped.
 pub fn incoming(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
@@ -228,9 +282,14 @@ pub fn incoming(
     let (sender, receiver) = mpsc::channel(ACCEPTED_QUEUE);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let anonymous = Arc::new(Semaphore::new(MAX_ANONYMOUS_CONNECTIONS));
     tokio::spawn(async move {
         loop {
-            let Ok(permit) = Arc::clone(&handshakes).acquire_owned().await else {
+            let (Ok(slot), Ok(handshake)) = (
+                Arc::clone(&connections).acquire_owned().await,
+                Arc::clone(&handshakes).acquire_owned().await,
+            ) else {
                 return;
             };
             let (tcp, remote) = tokio::select! {
@@ -250,10 +309,11 @@ pub fn incoming(
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let sender = sender.clone();
+            let anonymous = Arc::clone(&anonymous);
             tokio::spawn(async move {
-                let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
-                drop(permit);
-                let stream = match handshake {
+                let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                drop(handshake);
+                let stream = match accepted {
                     Ok(Ok(stream)) => stream,
                     Ok(Err(error)) => {
                         debug!(%remote, %error, "TLS handshake refused.");
@@ -264,17 +324,37 @@ pub fn incoming(
                         return;
                     }
                 };
-                let certificates = stream
+                let certificates: Option<Arc<Vec<CertificateDer<'static>>>> = stream
                     .get_ref()
                     .1
                     .peer_certificates()
                     .filter(|chain| !chain.is_empty())
                     .map(|chain| Arc::new(chain.iter().map(|c| c.clone().into_owned()).collect()));
-                let info = PeerInfo {
-                    remote: Some(remote),
-                    certificates,
+                let (anonymous_slot, deadline) = if certificates.is_some() {
+                    (None, None)
+                } else {
+                    let Ok(permit) = anonymous.try_acquire_owned() else {
+                        debug!(%remote, "Too many connections without a certificate; closed.");
+                        return;
+                    };
+                    (
+                        Some(permit),
+                        Some(Box::pin(tokio::time::sleep(ANONYMOUS_CONNECTION_LIFETIME))),
+                    )
                 };
-                let _ = sender.send(Ok(TlsConnection { stream, info })).await;
+                let connection = TlsConnection {
+                    stream,
+                    info: PeerInfo {
+                        remote: Some(remote),
+                        certificates,
+                    },
+                    _slot: slot,
+                    _anonymous_slot: anonymous_slot,
+                    deadline,
+                };
+                // Bounded: the server takes connections as fast as they come; if it stopped,
+                // this ends with it.
+                let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, sender.send(Ok(connection))).await;
             });
         }
     });

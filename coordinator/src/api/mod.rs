@@ -230,7 +230,7 @@ fn not_leader(leader_id: u64, directory: &Directory) -> Status {
 }
 
 /// Metadata key carrying the leader's address on `UNAVAILABLE`.
-pub const LEADER_KEY: &str = "rewind-leader";
+pub use rewind_shared::LEADER_METADATA_KEY as LEADER_KEY;
 
 /// Serves the agent, control and Raft services on `listener` with mutual TLS until `shutdown`.
 pub async fn serve(
@@ -249,9 +249,12 @@ pub async fn serve(
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    // Join is the one call anyone may make: its message is a token and a CSR, bounded here
+    // before it is decoded whole.
     let joins = rewind_proto::v1::join_service_server::JoinServiceServer::new(join::Joins {
         context: context.clone(),
-    });
+    })
+    .max_decoding_message_size(rewind_shared::pki::MAX_CSR_BYTES + 1024);
     let member = MemberServiceServer::new(member::Member {
         context: context.clone(),
     });
@@ -261,6 +264,9 @@ pub async fn serve(
     let raft = RaftServiceServer::new(raft_peers)
         .max_decoding_message_size(rewind_proto::MAX_RAFT_BATCH_BYTES);
     tonic::transport::Server::builder()
+        // A peer that stops answering is noticed and its connection closed.
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
         // Every call passes the gate first: its method's permission, the caller's kind and
         // policy, and the leader for agents and people.
         .layer(gate)

@@ -348,7 +348,16 @@ fn apply_kind(state: &mut State, command: &Command) -> Result<(Outcome, String, 
             secret_sha256,
             kind,
             name,
-        } => super::join_tokens::use_token(state, *token, secret_sha256, kind, name, at_ms),
+            key_sha256,
+        } => super::join_tokens::use_token(
+            state,
+            *token,
+            secret_sha256,
+            kind,
+            name,
+            key_sha256,
+            at_ms,
+        ),
         CommandKind::RevokeJoinToken { token, reason } => {
             super::join_tokens::revoke(state, *token, reason)
         }
@@ -1408,31 +1417,17 @@ fn decide_request(
             else {
                 unreachable!("start_rollback answers with a rollback");
             };
-            let mut approved_by: Vec<String> = request
-                .approvals
-                .iter()
-                .map(|approval| approval.identity.clone())
-                .collect();
-            approved_by.push(command.identity.clone());
+            let approved_by = approvals::record_approved(
+                state,
+                command,
+                number,
+                reason,
+                approvals::Started::Rollback(rollback),
+            );
             if let Some(record) = state.rollbacks.get_mut(&rollback) {
                 record.started_by = request.requester.clone();
                 record.approved_by = approved_by.clone();
                 record.request = number;
-            }
-            if let Some(record) = state.approval_requests.get_mut(&number) {
-                record.approvals.push(approvals::Approval {
-                    identity: command.identity.clone(),
-                    at_ms: command.at_ms,
-                    reason: reason.to_string(),
-                });
-                record.status = approvals::RequestStatus::Approved;
-                record.decided_at_ms = command.at_ms;
-                record.rollback = rollback;
-                record.detail = format!(
-                    "approved by {}: started {}",
-                    approved_by.join(", "),
-                    rollback_id(rollback)
-                );
             }
             // The rollback's own entry names who asked for it; the approval's follows.
             state.audit.append(
@@ -1487,30 +1482,16 @@ fn approve_deploy(
     let (Outcome::Change(change), change_target, started) = start_change(state, &start)? else {
         unreachable!("start_change answers with a change");
     };
-    let mut approved_by: Vec<String> = request
-        .approvals
-        .iter()
-        .map(|approval| approval.identity.clone())
-        .collect();
-    approved_by.push(command.identity.clone());
+    let approved_by = approvals::record_approved(
+        state,
+        command,
+        number,
+        reason,
+        approvals::Started::Change(change),
+    );
     if let Some(record) = state.changes.get_mut(&change) {
         record.approved_by = approved_by.clone();
         record.request = number;
-    }
-    if let Some(record) = state.approval_requests.get_mut(&number) {
-        record.approvals.push(approvals::Approval {
-            identity: command.identity.clone(),
-            at_ms: command.at_ms,
-            reason: reason.to_string(),
-        });
-        record.status = approvals::RequestStatus::Approved;
-        record.decided_at_ms = command.at_ms;
-        record.change = change;
-        record.detail = format!(
-            "approved by {}: started {}",
-            approved_by.join(", "),
-            change_id(change)
-        );
     }
     // The change's own entry names who asked for it; the approval's follows.
     state.audit.append(

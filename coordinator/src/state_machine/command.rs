@@ -218,6 +218,9 @@ pub enum CommandKind {
         secret_sha256: String,
         kind: String,
         name: String,
+        /// sha256 of the key the CSR asks to certify.
+        #[serde(default)]
+        key_sha256: String,
     },
     RevokeJoinToken {
         token: u64,
@@ -394,6 +397,10 @@ pub enum Outcome {
     Request(u64),
     /// A join token was created or revoked (`jt-<n>`).
     JoinToken(u64),
+    /// A join token admitted a CSR: the groups its certificate carries.
+    Joined {
+        groups: Vec<String>,
+    },
     /// A decision found the request lapsed or expired, and recorded that.
     RequestRefused {
         request: u64,

@@ -50,6 +50,10 @@ pub struct JoinTokenRecord {
     pub uses: u32,
     /// Principals that joined with it, in order.
     pub used_by: Vec<String>,
+    /// The sha256 of the key each joined with, in the same order: the same key asking again
+    /// (its answer was lost) is answered again without another use.
+    #[serde(default)]
+    pub used_keys: Vec<String>,
     pub revoked: bool,
 }
 
@@ -97,7 +101,7 @@ impl JoinTokenRecord {
     }
 }
 
-/// Where a host joined: the environment its token named.
+/// A host that joined, and the environment its token named (empty: any).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Enrollment {
     pub environment: String,
@@ -136,13 +140,18 @@ pub fn create(
             format!("must be 1 to {MAX_TOKEN_USES}"),
         ));
     }
-    prune(state, at_ms);
-    if state.join_tokens.len() >= MAX_JOIN_TOKENS {
+    let usable = state
+        .join_tokens
+        .values()
+        .filter(|token| token.status(at_ms) == TokenStatus::Usable)
+        .count();
+    if usable >= MAX_JOIN_TOKENS {
         return Err(CoordinatorError::invalid(
             "token",
             format!("{MAX_JOIN_TOKENS} join tokens are usable already; revoke some first"),
         ));
     }
+    prune(state, at_ms);
     state.next_join_token += 1;
     let number = state.next_join_token;
     let record = JoinTokenRecord {
@@ -157,6 +166,7 @@ pub fn create(
         expires_at_ms: at_ms.saturating_add(scope.ttl_ms),
         uses: scope.uses,
         used_by: Vec::new(),
+        used_keys: Vec::new(),
         revoked: false,
     };
     let summary = format!(
@@ -190,25 +200,62 @@ fn prune(state: &mut State, now_ms: u64) {
     }
 }
 
-/// Counts one use of token `number` by `kind:name`, if the secret and scope allow it.
-pub fn use_token(
-    state: &mut State,
+/// A join as [`judge_use`] found it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Admission {
+    /// The same key asked before: answer again, count nothing.
+    pub repeat: bool,
+    /// Groups the certificate carries.
+    pub groups: Vec<String>,
+    /// The environment an agent joining with it is enrolled for, if the token names one.
+    pub environment: String,
+}
+
+/// Whether token `number` admits `kind:name` with the key hashing to `key_sha256` at `at_ms`;
+/// changes nothing (the API asks before proposing, `apply()` asks again). A name an agent
+/// already holds (registered or enrolled) is taken only by a token for exactly that name, so a
+/// token for `web-*` cannot take over `web-1`.
+pub fn judge_use(
+    state: &State,
     number: u64,
     secret_sha256: &str,
     kind: &str,
     name: &str,
+    key_sha256: &str,
     at_ms: u64,
-) -> Result<(Outcome, String, String), CoordinatorError> {
+) -> Result<Admission, CoordinatorError> {
     let refused = |why: String| CoordinatorError::JoinRefused {
         token_id: join_token_id(number),
         why,
     };
+    let principal = format!("{kind}:{name}");
     // An unknown token and a wrong secret answer alike, so tokens cannot be probed.
     let token = state
         .join_tokens
-        .get_mut(&number)
+        .get(&number)
         .filter(|token| token.secret_sha256 == secret_sha256)
         .ok_or_else(|| refused("no such token, or the secret does not match".into()))?;
+    let admission = Admission {
+        repeat: false,
+        groups: token.groups.clone(),
+        environment: if kind == "agent" {
+            token.environment.clone()
+        } else {
+            String::new()
+        },
+    };
+    let repeat = !key_sha256.is_empty()
+        && token
+            .used_by
+            .iter()
+            .zip(&token.used_keys)
+            .any(|(used_by, key)| used_by == &principal && key == key_sha256);
+    if repeat && !token.revoked {
+        return Ok(Admission {
+            repeat: true,
+            ..admission
+        });
+    }
     match token.status(at_ms) {
         TokenStatus::Usable => {}
         status => return Err(refused(format!("the token is {}", status.name()))),
@@ -225,9 +272,14 @@ pub fn use_token(
             token.name_pattern
         )));
     }
-    let environment = token.environment.clone();
-    let enrolls = kind == "agent" && !environment.is_empty();
-    if enrolls
+    let held =
+        kind == "agent" && (state.hosts.contains_key(name) || state.enrollments.contains_key(name));
+    if held && token.name_pattern != name {
+        return Err(refused(format!(
+            "agent {name} exists already: only a token for exactly {name:?} re-enrols it"
+        )));
+    }
+    if kind == "agent"
         && state.enrollments.len() >= MAX_ENROLLMENTS
         && !state.enrollments.contains_key(name)
     {
@@ -235,9 +287,39 @@ pub fn use_token(
             "{MAX_ENROLLMENTS} hosts are enrolled already"
         )));
     }
+    Ok(admission)
+}
+
+/// Counts one use of token `number` by `kind:name`, if [`judge_use`] admits it; answers the
+/// groups the certificate is to carry.
+pub fn use_token(
+    state: &mut State,
+    number: u64,
+    secret_sha256: &str,
+    kind: &str,
+    name: &str,
+    key_sha256: &str,
+    at_ms: u64,
+) -> Result<(Outcome, String, String), CoordinatorError> {
+    let admission = judge_use(state, number, secret_sha256, kind, name, key_sha256, at_ms)?;
     let principal = format!("{kind}:{name}");
-    token.used_by.push(principal.clone());
-    if enrolls {
+    let Admission {
+        repeat,
+        groups,
+        environment,
+    } = admission;
+    if repeat {
+        return Ok((
+            Outcome::Joined { groups },
+            join_token_id(number),
+            format!("ok: {principal} asked again with the same key (not another use)"),
+        ));
+    }
+    if let Some(token) = state.join_tokens.get_mut(&number) {
+        token.used_by.push(principal.clone());
+        token.used_keys.push(key_sha256.to_string());
+    }
+    if kind == "agent" {
         state.enrollments.insert(
             name.to_string(),
             Enrollment {
@@ -248,7 +330,7 @@ pub fn use_token(
         );
     }
     Ok((
-        Outcome::Done,
+        Outcome::Joined { groups },
         join_token_id(number),
         format!(
             "ok: {principal} joined{}",
@@ -288,7 +370,9 @@ pub fn check_enrollment(
     environment: &str,
 ) -> Result<(), CoordinatorError> {
     match enrollments.get(host_id) {
-        Some(enrollment) if enrollment.environment != environment => {
+        Some(enrollment)
+            if !enrollment.environment.is_empty() && enrollment.environment != environment =>
+        {
             Err(CoordinatorError::invalid(
                 "labels.environment",
                 format!(
@@ -336,14 +420,16 @@ mod tests {
             ("h", "agent", "db-1", 2_000, "not \"db-1\""),
             ("h", "agent", "web-1", 61_000, "expired"),
         ] {
-            let error = use_token(&mut state, 1, secret, kind, name, at).unwrap_err();
+            let error = use_token(&mut state, 1, secret, kind, name, "k1", at).unwrap_err();
             assert!(error.to_string().contains(why), "{error}");
             assert_eq!(state, before, "a refused join changes nothing");
         }
-        use_token(&mut state, 1, "h", "agent", "web-1", 2_000).unwrap();
+        use_token(&mut state, 1, "h", "agent", "web-1", "k1", 2_000).unwrap();
+        // The same key asking again (its answer lost) is answered without another use.
+        use_token(&mut state, 1, "h", "agent", "web-1", "k1", 2_500).unwrap();
         assert_eq!(state.join_tokens[&1].used_by, ["agent:web-1"]);
         assert_eq!(state.enrollments["web-1"].environment, "prod");
-        let error = use_token(&mut state, 1, "h", "agent", "web-2", 2_000).unwrap_err();
+        let error = use_token(&mut state, 1, "h", "agent", "web-2", "k2", 2_000).unwrap_err();
         assert!(error.to_string().contains("the token is used"), "{error}");
         assert!(check_enrollment(&state.enrollments, "web-1", "prod").is_ok());
         assert!(check_enrollment(&state.enrollments, "web-9", "staging").is_ok());

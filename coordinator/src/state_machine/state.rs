@@ -74,7 +74,8 @@ pub struct State {
     pub join_tokens: BTreeMap<u64, JoinTokenRecord>,
     #[serde(default)]
     pub next_join_token: u64,
-    /// Hosts that joined with a token naming an environment: they may register only in it.
+    /// Agents that joined with a token, and the environment it named: a host may register only
+    /// in it.
     #[serde(default)]
     pub enrollments: BTreeMap<String, Enrollment>,
 }
