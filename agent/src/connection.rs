@@ -35,8 +35,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Inspections (host diff, drift) running at once.
 const MAX_INSPECTIONS: usize = 2;
 
-/// Metadata key in which a coordinator member names the leader's address.
-const LEADER_KEY: &str = "rewind-leader";
+use rewind_shared::LEADER_METADATA_KEY as LEADER_KEY;
 
 /// A member that is not the leader refused the session and named the leader's address.
 #[derive(Debug)]

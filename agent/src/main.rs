@@ -217,7 +217,7 @@ fn join(config: &Config, token_file: Option<PathBuf>) -> anyhow::Result<()> {
     let Some(path) = token_file.or_else(|| config.join_token_file.clone()) else {
         anyhow::bail!("name the token's file: --token-file, or join-token-file in the config");
     };
-    let token = rewind_agent::enroll::read_token(&path)?;
+    let token = rewind_shared::enroll::read_token_file(&path)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

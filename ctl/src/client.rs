@@ -87,7 +87,7 @@ pub async fn connect(options: &ConnectOptions) -> anyhow::Result<Client> {
     let channel = endpoint
         .connect()
         .await
-        .map_err(|error| anyhow!("cannot reach the coordinator at {}: {} (is it running? set --coordinator or REWIND_COORDINATOR)", options.coordinator, source_chain(&error)))?;
+        .map_err(|error| anyhow!("cannot reach the coordinator at {}: {} (is it running? set --coordinator or REWIND_COORDINATOR)", options.coordinator, rewind_shared::errors::error_chain(&error)))?;
     Ok(ControlServiceClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
@@ -108,8 +108,7 @@ impl std::fmt::Display for LeaderElsewhere {
 
 impl std::error::Error for LeaderElsewhere {}
 
-/// Metadata key in which a member names the leader's address.
-const LEADER_KEY: &str = "rewind-leader";
+use rewind_shared::LEADER_METADATA_KEY as LEADER_KEY;
 
 /// Turns a status into an error whose text is the coordinator's own explanation.
 pub fn explain(status: tonic::Status) -> anyhow::Error {
@@ -135,17 +134,6 @@ pub fn explain(status: tonic::Status) -> anyhow::Error {
         ),
         _ => anyhow!("{}", status.message()),
     }
-}
-
-fn source_chain(error: &dyn std::error::Error) -> String {
-    let mut parts = vec![error.to_string()];
-    let mut source = error.source();
-    while let Some(next) = source {
-        parts.push(next.to_string());
-        source = next.source();
-    }
-    parts.dedup();
-    parts.join(": ")
 }
 
 static REQUEST_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

@@ -7,12 +7,13 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Subcommand;
 use rewind_proto::v1 as pb;
-use rewind_shared::enroll::{Credential, enroll};
+use rewind_shared::enroll::{Credential, Enrolment, KeyAndCsr, enroll};
 use rewind_shared::identity::Kind;
 use rewind_shared::pki::Subject;
 
 use crate::client::{Client, ConnectOptions, explain, request_id};
 use crate::output::{Format, json, table, time};
+use rewind_shared::names::printable;
 
 #[derive(Clone, Subcommand)]
 pub enum JoinTokenCommand {
@@ -67,13 +68,17 @@ pub async fn run_tokens(
             let ttl_s = humantime::parse_duration(&ttl)
                 .with_context(|| format!("--ttl {ttl:?} (e.g. 15m)"))?
                 .as_secs();
+            anyhow::ensure!(
+                ttl_s > 0,
+                "--ttl {ttl:?}: a token must live at least a second"
+            );
             let created = client
                 .create_join_token(pb::CreateJoinTokenRequest {
                     request_id: request_id(),
                     kind,
                     name_pattern: name,
                     environment,
-                    ttl_s: ttl_s.max(1),
+                    ttl_s,
                     uses,
                     groups: group,
                     reason,
@@ -109,7 +114,7 @@ pub async fn run_tokens(
                     .tokens
                     .iter()
                     .map(|token| {
-                        vec![
+                        [
                             token.token_id.clone(),
                             token.status.clone(),
                             token.kind.clone(),
@@ -120,6 +125,9 @@ pub async fn run_tokens(
                             token.created_by.clone(),
                             time(token.expires_at_ms),
                         ]
+                        .iter()
+                        .map(|cell| printable(cell, 256))
+                        .collect()
                     })
                     .collect();
                 table(
@@ -186,12 +194,9 @@ pub async fn run_cert(options: &ConnectOptions, command: CertCommand) -> anyhow:
                     &mut text,
                 )
                 .context("read the token from standard input")?;
-                text.trim().to_string()
+                rewind_shared::enroll::parse_token_text(&text).map_err(anyhow::Error::msg)?
             } else {
-                std::fs::read_to_string(token_file)
-                    .with_context(|| format!("read {}", token_file.display()))?
-                    .trim()
-                    .to_string()
+                rewind_shared::enroll::read_token_file(token_file)?
             };
             (kind, options.identity.clone(), Some(token))
         }
@@ -210,14 +215,14 @@ pub async fn run_cert(options: &ConnectOptions, command: CertCommand) -> anyhow:
         Some(token) => Credential::Token(token),
         None => Credential::Current,
     };
-    let enrolled = enroll(
-        std::slice::from_ref(&options.coordinator),
-        Some(&options.server_name),
-        &files,
-        &subject,
-        credential,
-    )
-    .await?;
+    let enrolment = Enrolment {
+        addresses: std::slice::from_ref(&options.coordinator),
+        server_name: Some(&options.server_name),
+        files: &files,
+        subject: &subject,
+        accept_legacy: false,
+    };
+    let enrolled = enroll(&enrolment, credential, &KeyAndCsr::new(&subject)?).await?;
     println!(
         "{}: {} valid until {}",
         enrolled.identity,

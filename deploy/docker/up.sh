@@ -25,7 +25,8 @@ fi
 "$here/prepare.sh" "$1"
 export REWIND_COMPOSE_DIR="$(cd "$1" && pwd)"
 dir="$REWIND_COMPOSE_DIR"
-project="${REWIND_COMPOSE_PROJECT:-rewind}"
+# Compose lower-cases a project name; the network is named after it.
+project="$(printf '%s' "${REWIND_COMPOSE_PROJECT:-rewind}" | tr '[:upper:]' '[:lower:]')"
 "${compose[@]}" -f "$here/../docker-compose.yml" -p "$project" up -d \
   coordinator-1 coordinator-2 coordinator-3
 # The members elect a leader and apply the bootstrap policy; until then token creation fails.

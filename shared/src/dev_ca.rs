@@ -51,8 +51,7 @@ impl DevCa {
     /// An issuing CA under this root (it may sign leaves only), as the members hold it.
     pub fn issuing_ca(&self, common_name: &str) -> Result<IssuingCa, SharedError> {
         let (cert_pem, key) = self.issue_issuing_ca(common_name)?;
-        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(certificate_error)?;
-        Ok(IssuingCa::from_parts(issuer, cert_pem))
+        IssuingCa::from_parts_checked(&cert_pem, key).map_err(SharedError::Certificate)
     }
 
     fn issue_issuing_ca(&self, common_name: &str) -> Result<(String, KeyPair), SharedError> {
@@ -217,21 +216,7 @@ fn ca_params(
 }
 
 fn write(path: &Path, contents: &str, mode: u32) -> Result<(), SharedError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let write_error = |source| SharedError::Write {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(path)
-        .map_err(write_error)?;
-    file.write_all(contents.as_bytes()).map_err(write_error)?;
-    file.sync_all().map_err(write_error)
+    crate::pki::write_replacing(path, contents, mode)
 }
 
 #[cfg(test)]

@@ -13,13 +13,12 @@ use rewind_proto::v1::join_service_client::JoinServiceClient;
 use tonic::transport::Endpoint;
 
 use crate::SharedError;
+use crate::errors::error_chain;
 use crate::identity::certificate_identity;
 use crate::member_tls::MemberConnector;
 use crate::pki::{Subject, install, make_csr};
 use crate::tls::TlsFiles;
 
-/// Metadata key in which a member that is not the leader names the leader's address.
-pub const LEADER_METADATA_KEY: &str = "rewind-leader";
 /// Longest one attempt (connect and call) may take.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most "the leader is elsewhere" answers followed in one enrolment.
@@ -55,43 +54,68 @@ pub struct Enrolled {
     pub not_after_s: i64,
 }
 
-/// Gets a certificate for `subject` from the first member of `addresses` that can issue it
-/// (following the leader), and writes it and its new key to `files` (the CA file must hold the
-/// cluster's CA already: it is what the members are checked against).
+/// Where and as whom to enrol.
+#[derive(Clone, Debug)]
+pub struct Enrolment<'a> {
+    /// Coordinator members, host:port.
+    pub addresses: &'a [String],
+    /// A name every member's certificate must carry instead of the host dialled.
+    pub server_name: Option<&'a str>,
+    /// Where the certificate and key go; the CA file must hold the cluster's CA already.
+    pub files: &'a TlsFiles,
+    pub subject: &'a Subject,
+    /// Accept members' certificates without a kind (the compatibility switch).
+    pub accept_legacy: bool,
+}
+
+/// A new key and a CSR for it: made once and reused across retries, so a join whose answer was
+/// lost is asked again with the same key (and the cluster counts it once).
+pub struct KeyAndCsr {
+    csr_pem: String,
+    key_pem: String,
+}
+
+impl KeyAndCsr {
+    pub fn new(subject: &Subject) -> Result<Self, SharedError> {
+        let (csr_pem, key_pem) = make_csr(subject, &[])?;
+        Ok(Self { csr_pem, key_pem })
+    }
+}
+
+/// Gets a certificate for the enrolment's subject from the first member that can issue it
+/// (following the leader), and writes it and `key`'s key to the enrolment's files.
 pub async fn enroll(
-    addresses: &[String],
-    server_name: Option<&str>,
-    files: &TlsFiles,
-    subject: &Subject,
+    enrolment: &Enrolment<'_>,
     credential: Credential<'_>,
+    key: &KeyAndCsr,
 ) -> Result<Enrolled, EnrollError> {
-    if addresses.is_empty() {
+    if enrolment.addresses.is_empty() {
         return Err(EnrollError::Unreachable(
             "no coordinator address to enrol with".into(),
         ));
     }
-    let (csr_pem, key_pem) = make_csr(subject, &[])?;
     let connector = match credential {
-        Credential::Token(_) => MemberConnector::anonymous(&files.ca)?,
-        Credential::Current => MemberConnector::new(files, false)?,
+        Credential::Token(_) => MemberConnector::anonymous(&enrolment.files.ca)?,
+        Credential::Current => MemberConnector::new(enrolment.files, enrolment.accept_legacy)?,
     }
-    .with_server_name(server_name);
-    let mut queue: std::collections::VecDeque<String> = addresses.iter().cloned().collect();
+    .with_server_name(enrolment.server_name);
+    let mut queue: std::collections::VecDeque<String> =
+        enrolment.addresses.iter().cloned().collect();
     let mut redirects = 0;
     let mut errors = Vec::new();
     while let Some(address) = queue.pop_front() {
         let attempt = tokio::time::timeout(
             ATTEMPT_TIMEOUT,
-            ask(&address, connector.clone(), &csr_pem, credential),
+            ask(&address, connector.clone(), &key.csr_pem, credential),
         )
         .await
         .unwrap_or_else(|_| Err(Answer::Unreachable("timed out".into())));
         match attempt {
             Ok(issued) => {
-                check_issued(&issued, subject)?;
-                install(files, &issued.certificate_chain_pem, &key_pem)?;
+                check_issued(&issued, enrolment.subject)?;
+                install(enrolment.files, &issued.certificate_chain_pem, &key.key_pem)?;
                 return Ok(Enrolled {
-                    identity: issued.identity,
+                    identity: crate::names::printable(&issued.identity, 128),
                     not_after_s: issued.not_after_s,
                 });
             }
@@ -108,6 +132,41 @@ pub async fn enroll(
         }
     }
     Err(EnrollError::Unreachable(errors.join("; ")))
+}
+
+/// Most bytes of a join token file.
+const MAX_TOKEN_FILE_BYTES: u64 = 1024;
+
+/// Reads a join token file: one line, the token.
+pub fn read_token_file(path: &std::path::Path) -> Result<String, SharedError> {
+    let invalid = |message: String| SharedError::Invalid {
+        field: path.display().to_string(),
+        message,
+    };
+    let size = std::fs::metadata(path)
+        .map_err(|source| SharedError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .len();
+    if size > MAX_TOKEN_FILE_BYTES {
+        return Err(invalid(format!(
+            "{size} bytes is not a join token (at most {MAX_TOKEN_FILE_BYTES})"
+        )));
+    }
+    let text = crate::pki::read_string(path)?;
+    parse_token_text(&text).map_err(invalid)
+}
+
+/// A token as typed or read: one line of printable ASCII.
+pub fn parse_token_text(text: &str) -> Result<String, String> {
+    let token = text.trim();
+    if token.is_empty() || !token.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(
+            "expected one line holding the token `rewindctl join-token create` printed".into(),
+        );
+    }
+    Ok(token.to_string())
 }
 
 enum Answer {
@@ -149,7 +208,7 @@ async fn ask(
     answer.map(tonic::Response::into_inner).map_err(|status| {
         if let Some(leader) = status
             .metadata()
-            .get(LEADER_METADATA_KEY)
+            .get(crate::LEADER_METADATA_KEY)
             .and_then(|value| value.to_str().ok())
         {
             return Answer::Leader(leader.to_string());
@@ -159,7 +218,7 @@ async fn ask(
             tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded => {
                 Answer::Unreachable(message)
             }
-            _ => Answer::Refused(message),
+            _ => Answer::Refused(crate::names::printable(&message, 512)),
         }
     })
 }
@@ -177,17 +236,6 @@ fn check_issued(issued: &pb::IssuedCertificate, subject: &Subject) -> Result<(),
         )));
     }
     Ok(())
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// Whether the certificate in `files` should be renewed now: unreadable, or in the last third of

@@ -34,3 +34,16 @@ impl SharedError {
         }
     }
 }
+
+/// An error and its sources, `a: b: c` (repeats dropped), for a message that names the TLS
+/// reason under "transport error".
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut parts = vec![error.to_string()];
+    let mut source = error.source();
+    while let Some(next) = source {
+        parts.push(next.to_string());
+        source = next.source();
+    }
+    parts.dedup();
+    parts.join(": ")
+}

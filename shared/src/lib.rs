@@ -38,3 +38,6 @@ pub mod time;
 pub mod tls;
 
 pub use errors::SharedError;
+
+/// gRPC metadata key in which a member that is not the leader names the leader's address.
+pub const LEADER_METADATA_KEY: &str = "rewind-leader";

@@ -123,6 +123,8 @@ struct Settings {
 struct Loaded {
     config: Arc<rustls::ClientConfig>,
     stamp: Vec<Option<std::time::SystemTime>>,
+    /// The files as last found unloadable, to warn once per change.
+    failed: Option<Vec<Option<std::time::SystemTime>>>,
 }
 
 impl MemberConnector {
@@ -186,7 +188,8 @@ impl MemberConnector {
             .config
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if self.settings.stamp() != loaded.stamp {
+        let stamp = self.settings.stamp();
+        if stamp != loaded.stamp && loaded.failed.as_ref() != Some(&stamp) {
             match self.settings.load() {
                 Ok(fresh) => {
                     tracing::info!(certificate = ?self.settings.identity.as_ref().map(|(cert, _)| cert), "TLS files changed; connecting with them from now on.");
@@ -194,6 +197,7 @@ impl MemberConnector {
                 }
                 Err(error) => {
                     tracing::warn!(%error, "TLS files changed but cannot be loaded; keeping the ones loaded before.");
+                    loaded.failed = Some(stamp);
                 }
             }
         }
@@ -261,6 +265,7 @@ impl Settings {
         Ok(Loaded {
             config: Arc::new(config),
             stamp,
+            failed: None,
         })
     }
 }

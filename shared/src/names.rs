@@ -15,6 +15,24 @@ pub fn truncate(text: &str, max_bytes: usize) -> &str {
     &text[..cut]
 }
 
+/// `text` as it may reach a terminal: control characters (escape sequences, newlines) shown as
+/// `\u{..}`, and at most `max_bytes` of it.
+pub fn printable(text: &str, max_bytes: usize) -> String {
+    let text = truncate(text, max_bytes);
+    if !text.chars().any(char::is_control) {
+        return text.to_string();
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 /// Service names, host ids, flag names: lower-case letters, digits, `-`, `_`, `.`;
 /// starting with a letter or digit.
 pub fn validate_name(field: &str, value: &str) -> Result<(), SharedError> {

@@ -35,7 +35,7 @@ pub const MAX_CSR_SANS: usize = 8;
 /// Longest DNS name in a CSR.
 const MAX_DNS_NAME_LEN: usize = 253;
 /// Certificates are dated this far back, so a holder whose clock is a little behind accepts them.
-const BACKDATE_S: i64 = 300;
+pub const BACKDATE_S: i64 = 300;
 
 /// How long the certificates the cluster issues are valid, by kind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,7 +77,7 @@ impl Lifetimes {
                 let lifetime = self.of(kind);
                 (!(MIN_LIFETIME_S..=max).contains(&lifetime)).then(|| {
                     format!(
-                        "the {kind} certificate lifetime is {lifetime} s; it must be {MIN_LIFETIME_S} s to {} days",
+                        "issuer.{kind}-lifetime: is {lifetime} s; it must be {MIN_LIFETIME_S} s to {} days",
                         max / DAY_S
                     )
                 })
@@ -100,9 +100,16 @@ pub fn max_lifetime_s(kind: Kind) -> u64 {
 }
 
 /// Whether a certificate valid from `not_before_s` to `not_after_s` should be renewed at
-/// `now_s`: when less than a third of its life is left.
+/// `now_s`: when less than a third of its life is left. Life counts from when it was issued:
+/// a certificate long enough to have been back-dated ([`BACKDATE_S`]) is counted from
+/// `not_before_s + BACKDATE_S`, or a short one would always look due.
 pub fn renewal_due(not_before_s: i64, not_after_s: i64, now_s: i64) -> bool {
-    let total = (not_after_s - not_before_s).max(1);
+    let issued = if not_after_s - not_before_s > BACKDATE_S {
+        not_before_s + BACKDATE_S
+    } else {
+        not_before_s
+    };
+    let total = (not_after_s - issued).max(1);
     (not_after_s - now_s) * 3 < total
 }
 
@@ -253,6 +260,16 @@ pub struct CsrRequest {
     parsed: CertificateSigningRequestParams,
 }
 
+impl CsrRequest {
+    /// sha256 of the public key asked to be certified, hex: the same key asking again is the
+    /// same request.
+    pub fn key_sha256(&self) -> String {
+        use rcgen::PublicKeyData;
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(self.parsed.public_key.der_bytes()))
+    }
+}
+
 /// Reads a PEM CSR, checks it is signed by the key it carries, and what identity it asks for:
 /// exactly one `rewind://` URI, and DNS names or addresses only for a member.
 pub fn read_csr(pem: &str) -> Result<CsrRequest, SharedError> {
@@ -300,8 +317,10 @@ pub fn read_csr(pem: &str) -> Result<CsrRequest, SharedError> {
             }
             SanType::IpAddress(address) => sans.push(address.to_string()),
             other => {
+                let shown = format!("{other:?}");
                 return Err(SharedError::Certificate(format!(
-                    "the CSR asks for a name of a kind rewind does not issue ({other:?})"
+                    "the CSR asks for a name of a kind rewind does not issue ({})",
+                    crate::names::printable(&shown, 96)
                 )));
             }
         }
@@ -363,21 +382,52 @@ pub struct Issued {
 pub struct IssuingCa {
     issuer: Issuer<'static, KeyPair>,
     cert_pem: String,
+    /// No certificate it issues outlives it.
+    not_after_s: i64,
 }
 
 impl IssuingCa {
-    /// Loads the issuing CA's certificate and key.
+    /// Loads the issuing CA's certificate and key: the certificate must be a CA's, valid now,
+    /// and for this key.
     pub fn load(cert: &Path, key: &Path) -> Result<Self, SharedError> {
         let cert_pem = read_string(cert)?;
         let key = KeyPair::from_pem(&read_string(key)?)
             .map_err(|error| SharedError::Certificate(format!("{}: {error}", key.display())))?;
-        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)
-            .map_err(|error| SharedError::Certificate(format!("{}: {error}", cert.display())))?;
-        Ok(Self { issuer, cert_pem })
+        Self::from_parts_checked(&cert_pem, key)
+            .map_err(|error| SharedError::Certificate(format!("{}: {error}", cert.display())))
     }
 
-    pub(crate) fn from_parts(issuer: Issuer<'static, KeyPair>, cert_pem: String) -> Self {
-        Self { issuer, cert_pem }
+    pub(crate) fn from_parts_checked(cert_pem: &str, key: KeyPair) -> Result<Self, String> {
+        use rustls::pki_types::{CertificateDer, pem::PemObject};
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .map_err(|error| error.to_string())?;
+        let (_, certificate) =
+            X509Certificate::from_der(der.as_ref()).map_err(|error| error.to_string())?;
+        if !certificate.is_ca() {
+            return Err("is not a CA certificate (basic constraints CA:TRUE)".into());
+        }
+        if certificate.public_key().raw
+            != rcgen::PublicKeyData::subject_public_key_info(&key).as_slice()
+        {
+            return Err("is not the certificate of the key given beside it".into());
+        }
+        let now = crate::time::now_s();
+        let validity = certificate.validity();
+        if validity.not_after.timestamp() <= now || validity.not_before.timestamp() > now {
+            return Err(format!(
+                "is not valid now (valid from {} to {}, unix seconds)",
+                validity.not_before.timestamp(),
+                validity.not_after.timestamp()
+            ));
+        }
+        let not_after_s = validity.not_after.timestamp();
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(|error| error.to_string())?;
+        Ok(Self {
+            issuer,
+            cert_pem: cert_pem.to_string(),
+            not_after_s,
+        })
     }
 
     /// Signs `request`'s public key for what `grant` says, nothing the request itself asked.
@@ -387,7 +437,16 @@ impl IssuingCa {
         grant: &Grant,
         now_s: i64,
     ) -> Result<Issued, SharedError> {
-        let params = leaf_params(&grant.subject, &grant.sans, now_s, grant.lifetime_s)?;
+        let lifetime_s = grant
+            .lifetime_s
+            .min(u64::try_from(self.not_after_s - now_s).unwrap_or(0));
+        if lifetime_s < MIN_LIFETIME_S {
+            return Err(SharedError::Certificate(format!(
+                "the issuing CA expires at {} (unix seconds): renew it",
+                self.not_after_s
+            )));
+        }
+        let params = leaf_params(&grant.subject, &grant.sans, now_s, lifetime_s)?;
         let not_after_s = params.not_after.unix_timestamp();
         let signing = CertificateSigningRequestParams {
             params,
@@ -406,32 +465,81 @@ impl IssuingCa {
 /// written first: a new key with the old certificate is refused and retried by readers, never
 /// served.
 pub fn install(files: &TlsFiles, chain_pem: &str, key_pem: &str) -> Result<(), SharedError> {
+    check_pair(chain_pem, key_pem)?;
     write_replacing(&files.key, key_pem, 0o600)?;
     write_replacing(&files.cert, chain_pem, 0o644)
 }
 
-/// Writes `contents` to a file beside `path` and renames it over `path`.
+/// The chain's leaf is for this key (a certificate issued for another key is never installed
+/// over a working pair).
+pub fn check_pair(chain_pem: &str, key_pem: &str) -> Result<(), SharedError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|error| SharedError::Certificate(format!("the certificate chain: {error}")))?;
+    if chain.is_empty() {
+        return Err(SharedError::Certificate(
+            "the certificate chain holds no certificate".into(),
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|error| SharedError::Certificate(format!("the key: {error}")))?;
+    let provider = rustls::crypto::ring::default_provider();
+    let certified = rustls::sign::CertifiedKey::from_der(chain, key, &provider)
+        .map_err(|error| SharedError::Certificate(format!("the key and certificate: {error}")))?;
+    certified.keys_match().map_err(|error| {
+        SharedError::Certificate(format!("the certificate is not for this key ({error})"))
+    })
+}
+
+/// Whether `files` hold a pair an agent or person can connect with: both there, the leaf for
+/// the key, not expired. `Err` says what is wrong.
+pub fn check_files(files: &TlsFiles) -> Result<(), SharedError> {
+    let chain = read_string(&files.cert)?;
+    let key = read_string(&files.key)?;
+    check_pair(&chain, &key)?;
+    let leaf = crate::member_tls::pem_certificates(&files.cert)?;
+    let identity = crate::identity::certificate_identity(leaf[0].as_ref())?;
+    if identity.not_after_s <= crate::time::now_s() {
+        return Err(SharedError::Certificate(format!(
+            "{} expired at {} (unix seconds)",
+            files.cert.display(),
+            identity.not_after_s
+        )));
+    }
+    Ok(())
+}
+
+/// Writes `contents` to a new file of its own beside `path` (created with `mode`, so a key is
+/// never readable by others even for a moment), syncs it and renames it over `path`, so readers
+/// see the old file or the new one, whole.
 pub fn write_replacing(path: &Path, contents: &str, mode: u32) -> Result<(), SharedError> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let partial = path.with_extension("partial");
+    use std::os::unix::fs::PermissionsExt;
     let write_error = |source| SharedError::Write {
         path: path.to_path_buf(),
         source,
     };
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(write_error)?;
-    }
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&partial)
+    let parent = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(parent).map_err(write_error)?;
+    let mut file = tempfile::Builder::new()
+        .prefix(".rewind-")
+        .suffix(".partial")
+        .permissions(std::fs::Permissions::from_mode(mode))
+        .tempfile_in(parent)
         .map_err(write_error)?;
     file.write_all(contents.as_bytes()).map_err(write_error)?;
-    file.sync_all().map_err(write_error)?;
-    std::fs::rename(&partial, path).map_err(write_error)
+    file.as_file().sync_all().map_err(write_error)?;
+    file.persist(path)
+        .map_err(|error| write_error(error.error))?;
+    if let Ok(directory) = std::fs::File::open(parent) {
+        let _ = directory.sync_all();
+    }
+    Ok(())
 }
 
 pub(crate) fn certificate_error(error: rcgen::Error) -> SharedError {
@@ -513,10 +621,15 @@ mod tests {
     }
 
     #[test]
-    fn renewal_is_due_in_the_last_third() {
+    fn renewal_is_due_in_the_last_third_of_the_life_since_issue() {
         assert!(!renewal_due(0, 300, 150));
         assert!(!renewal_due(0, 300, 199));
         assert!(renewal_due(0, 300, 201));
         assert!(renewal_due(0, 300, 400));
+        // Issued at 1000 for 45 s, back-dated 300 s: due after 30 s, not at once.
+        let (not_before, not_after) = (1000 - BACKDATE_S, 1045);
+        assert!(!renewal_due(not_before, not_after, 1001));
+        assert!(!renewal_due(not_before, not_after, 1029));
+        assert!(renewal_due(not_before, not_after, 1031));
     }
 }

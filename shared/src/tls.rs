@@ -1,11 +1,9 @@
-//! Mutual TLS for every connection: PEM files to tonic configs.
-//!
-//! The server only accepts certificates signed by the cluster's CA, so an identity (see
-//! [`crate::identity`]) cannot be claimed without one.
+//! Mutual TLS for every connection: PEM files to tonic client configs (the coordinator's own
+//! listener is `coordinator/src/api/listener.rs`; agents dial through [`crate::member_tls`]).
 
 use std::path::{Path, PathBuf};
 
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 use crate::SharedError;
 
@@ -26,13 +24,6 @@ impl TlsFiles {
             cert: dir.join(format!("{name}.pem")),
             key: dir.join(format!("{name}.key")),
         }
-    }
-
-    /// Server side: present our certificate, require one from the client signed by our CA.
-    pub fn server_config(&self) -> Result<ServerTlsConfig, SharedError> {
-        Ok(ServerTlsConfig::new()
-            .identity(self.identity()?)
-            .client_ca_root(self.ca_certificate()?))
     }
 
     /// Client side: trust only our CA, present our certificate. `domain` must be a name in the

@@ -161,6 +161,13 @@ async fn an_agent_joins_with_a_token_and_renews_before_expiry_without_a_restart(
         (identity.not_after_s > first.not_after_s).then_some(identity)
     });
     assert_eq!(renewed.principal(), "agent:web-1");
+    // Not before two thirds of its life: both are back-dated alike, so their starts differ by
+    // how long the first one served.
+    assert!(
+        renewed.not_before_s - first.not_before_s >= 29,
+        "renewed after {} s of a 45 s life",
+        renewed.not_before_s - first.not_before_s
+    );
     // Once the first certificate has expired, only the renewed one can connect: restart the
     // coordinator so the agent must, and it comes back without having been restarted.
     must_wait(
@@ -266,6 +273,40 @@ async fn joins_outside_a_tokens_scope_or_life_are_refused_naming_why() {
         "the token is used",
     );
 
+    // A pattern does not reach names already taken: web-1 joined (with a token for it), so a
+    // token for web-* cannot mint another web-1.
+    let exact = create_token(
+        &mut admin,
+        pb::CreateJoinTokenRequest {
+            kind: "agent".into(),
+            name_pattern: "web-1".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    join_as(&coordinator, &exact, &Subject::new(Kind::Agent, "web-1"))
+        .await
+        .expect("web-1 joins");
+    let pattern = create_token(
+        &mut admin,
+        pb::CreateJoinTokenRequest {
+            kind: "agent".into(),
+            name_pattern: "web-*".into(),
+            environment: "staging".into(),
+            uses: 5,
+            ..Default::default()
+        },
+    )
+    .await;
+    must_refuse(
+        join_as(&coordinator, &pattern, &Subject::new(Kind::Agent, "web-1")).await,
+        Code::PermissionDenied,
+        "agent web-1 exists already",
+    );
+    join_as(&coordinator, &pattern, &Subject::new(Kind::Agent, "web-2"))
+        .await
+        .expect("a new name joins with the pattern");
+
     // Past its life, or revoked, a token admits nobody.
     let short = create_token(
         &mut admin,
@@ -312,6 +353,8 @@ async fn joins_outside_a_tokens_scope_or_life_are_refused_naming_why() {
         (("agent", "", ""), "name_pattern"),
         (("agent", "Web!", ""), "name_pattern"),
         (("user", "alice", "prod"), "environment"),
+        (("member", "4", ""), "kind"),
+        (("user", "a*", ""), "exactly one identity"),
     ] {
         let ((kind, name_pattern, environment), field) = (request, field);
         let status = admin

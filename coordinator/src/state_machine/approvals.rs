@@ -193,6 +193,25 @@ impl ApprovalRequest {
         reason: &str,
         trigger: Trigger,
     ) -> Self {
+        Self {
+            changes: plan.changes.clone(),
+            services: plan.services.clone(),
+            options: plan.options.clone(),
+            plan_hash: plan.hash.clone(),
+            plan: outline(plan),
+            ..Self::numbered(state, command, requirement, reason, trigger)
+        }
+    }
+
+    /// A pending request by `command`'s caller under `requirement`, numbered next, its plan
+    /// left for the caller to fill in.
+    fn numbered(
+        state: &mut State,
+        command: &Command,
+        requirement: &Requirement,
+        reason: &str,
+        trigger: Trigger,
+    ) -> Self {
         state.next_request += 1;
         Self {
             number: state.next_request,
@@ -201,12 +220,12 @@ impl ApprovalRequest {
             requester: command.identity.clone(),
             trigger,
             reason: reason.to_string(),
-            changes: plan.changes.clone(),
-            services: plan.services.clone(),
-            options: plan.options.clone(),
+            changes: Vec::new(),
+            services: Vec::new(),
+            options: PlanOptions::default(),
             environments: requirement.environments.clone(),
-            plan_hash: plan.hash.clone(),
-            plan: outline(plan),
+            plan_hash: String::new(),
+            plan: Vec::new(),
             needed: requirement.approvals,
             approvals: Vec::new(),
             created_at_ms: command.at_ms,
@@ -573,32 +592,12 @@ fn deploy_request(
     requirement: &Requirement,
     reason: &str,
 ) -> ApprovalRequest {
-    let plan_hash = spec.hash(state);
-    let plan = spec.outline();
-    state.next_request += 1;
     ApprovalRequest {
-        number: state.next_request,
-        status: RequestStatus::Pending,
-        detail: String::new(),
-        requester: command.identity.clone(),
-        trigger: Trigger::Manual,
-        reason: reason.to_string(),
-        changes: Vec::new(),
         services: vec![spec.service.clone()],
-        options: PlanOptions::default(),
-        environments: requirement.environments.clone(),
-        plan_hash,
-        plan,
-        needed: requirement.approvals,
-        approvals: Vec::new(),
-        created_at_ms: command.at_ms,
-        expires_at_ms: command.at_ms.saturating_add(requirement.ttl_ms),
-        decided_at_ms: 0,
-        rollback: 0,
-        break_glass: false,
-        review: None,
+        plan_hash: spec.hash(state),
+        plan: spec.outline(),
         deploy: Some(spec),
-        change: 0,
+        ..ApprovalRequest::numbered(state, command, requirement, reason, Trigger::Manual)
     }
 }
 
@@ -714,6 +713,51 @@ fn prune(state: &mut State) {
         };
         state.approval_requests.remove(&number);
     }
+}
+
+/// What the last approval of a request started.
+#[derive(Clone, Copy, Debug)]
+pub enum Started {
+    Rollback(u64),
+    Change(u64),
+}
+
+/// Records the last approval of request `number` (by `command`'s caller), which started
+/// `started`; answers everyone who approved it, in order.
+pub fn record_approved(
+    state: &mut State,
+    command: &Command,
+    number: u64,
+    reason: &str,
+    started: Started,
+) -> Vec<String> {
+    let Some(record) = state.approval_requests.get_mut(&number) else {
+        return Vec::new();
+    };
+    record.approvals.push(Approval {
+        identity: command.identity.clone(),
+        at_ms: command.at_ms,
+        reason: reason.to_string(),
+    });
+    let approved_by: Vec<String> = record
+        .approvals
+        .iter()
+        .map(|approval| approval.identity.clone())
+        .collect();
+    record.status = RequestStatus::Approved;
+    record.decided_at_ms = command.at_ms;
+    let id = match started {
+        Started::Rollback(rollback) => {
+            record.rollback = rollback;
+            super::rollback_id(rollback)
+        }
+        Started::Change(change) => {
+            record.change = change;
+            super::change_id(change)
+        }
+    };
+    record.detail = format!("approved by {}: started {id}", approved_by.join(", "));
+    approved_by
 }
 
 /// What a person decides about a request.
