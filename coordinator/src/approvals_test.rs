@@ -469,3 +469,69 @@ fn a_break_glass_deploy_runs_at_once_escalated_and_only_where_the_policy_allows(
         "{refused:?}"
     );
 }
+
+#[test]
+fn approvals_by_identities_revoked_since_no_longer_count() {
+    let mut fleet = fleet();
+    fleet
+        .apply_as("user:alice", AT, rollback_of(2, false))
+        .unwrap();
+    let hash = fleet.state.approval_requests[&1].plan_hash.clone();
+    fleet
+        .apply_as("user:bob", AT + 1, decide(RequestDecision::Approve, &hash))
+        .unwrap();
+    // bob is revoked: carol's approval is the first that counts, and nothing runs yet.
+    let mut policy = (**fleet.state.access.policy.as_ref().unwrap()).clone();
+    policy.deny.push("user:bob".into());
+    fleet.state.access.policy = Some(Arc::new(policy.clone()));
+    fleet
+        .apply_as(
+            "user:carol",
+            AT + 2,
+            decide(RequestDecision::Approve, &hash),
+        )
+        .unwrap();
+    assert!(
+        fleet.state.rollbacks.is_empty(),
+        "bob's approval no longer counts"
+    );
+    let approvers: Vec<&str> = fleet.state.approval_requests[&1]
+        .approvals
+        .iter()
+        .map(|approval| approval.identity.as_str())
+        .collect();
+    assert_eq!(approvers, ["user:carol"]);
+    fleet
+        .apply_as("user:dan", AT + 3, decide(RequestDecision::Approve, &hash))
+        .unwrap();
+    assert_eq!(
+        fleet.state.rollbacks.values().next().unwrap().approved_by,
+        ["user:carol", "user:dan"]
+    );
+
+    // A revoked requester loses a pending request.
+    fleet.release("web", "v3", 0, &[]);
+    let Ok(Outcome::Request(number)) =
+        fleet.apply_as("user:eve", AT + 10, deploy_of("web", "v3", false))
+    else {
+        panic!("a request");
+    };
+    let hash = fleet.state.approval_requests[&number].plan_hash.clone();
+    policy.deny.push("user:eve".into());
+    fleet.state.access.policy = Some(Arc::new(policy));
+    let lapsed = refusal(fleet.apply_as(
+        "user:carol",
+        AT + 11,
+        CommandKind::DecideRequest {
+            request: number,
+            decision: RequestDecision::Approve,
+            plan_hash: hash,
+            reason: "ok".into(),
+            baseline: None,
+        },
+    ));
+    assert!(
+        lapsed.contains("user:eve is on the policy's deny list"),
+        "{lapsed}"
+    );
+}

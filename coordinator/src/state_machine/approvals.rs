@@ -731,9 +731,13 @@ pub fn record_approved(
     reason: &str,
     started: Started,
 ) -> Vec<String> {
+    let revoked = revoked_identities(state);
     let Some(record) = state.approval_requests.get_mut(&number) else {
         return Vec::new();
     };
+    record
+        .approvals
+        .retain(|approval| !revoked.contains(&approval.identity));
     record.approvals.push(Approval {
         identity: command.identity.clone(),
         at_ms: command.at_ms,
@@ -807,6 +811,7 @@ pub fn decide(
         ),
         _ => (None, None),
     };
+    let revoked = revoked_identities(state);
     let Some(request) = state.approval_requests.get_mut(&number) else {
         return Err(CoordinatorError::UnknownRequest {
             request_id: request_id(number),
@@ -888,15 +893,50 @@ pub fn decide(
         );
         return Ok(Decided::Refused(request.detail.clone()));
     }
+    // Revoked since: a requester on the deny list loses the request; an approver on it, their
+    // approval.
+    if revoked.contains(&request.requester) {
+        request.status = RequestStatus::Lapsed;
+        request.decided_at_ms = at_ms;
+        request.detail = format!(
+            "lapsed: its requester {} is on the policy's deny list",
+            request.requester
+        );
+        return Ok(Decided::Refused(request.detail.clone()));
+    }
+    let counted = request
+        .approvals
+        .iter()
+        .filter(|approval| !revoked.contains(&approval.identity))
+        .count();
     // The last approval is recorded by `apply()` once the rollback has started, so a start
     // that fails leaves the request as it was.
-    if request.approvals.len() as u32 + 1 >= request.needed {
+    if counted as u32 + 1 >= request.needed {
         return Ok(Decided::Approved);
     }
+    let dropped = request.approvals.len() - counted;
+    request
+        .approvals
+        .retain(|approval| !revoked.contains(&approval.identity));
     request.approvals.push(approval);
     Ok(Decided::Recorded(format!(
-        "approval {} of {}",
+        "approval {} of {}{}",
         request.approvals.len(),
-        request.needed
+        request.needed,
+        if dropped > 0 {
+            format!(" ({dropped} by identities revoked since no longer count)")
+        } else {
+            String::new()
+        }
     )))
+}
+
+/// Identities on the policy's deny list: their approvals no longer count.
+fn revoked_identities(state: &State) -> Vec<String> {
+    state
+        .access
+        .policy
+        .as_ref()
+        .map(|policy| policy.deny.clone())
+        .unwrap_or_default()
 }
