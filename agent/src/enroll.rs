@@ -74,6 +74,11 @@ pub async fn join_if_needed(config: &Config) -> anyhow::Result<()> {
         warn!(%problem, "The agent's certificate is not usable and no join-token-file is set.");
         return Ok(());
     };
+    if !path.exists() && config.tls.cert.exists() {
+        // The token was used and removed (as the Ansible role does): nothing to join with.
+        warn!(%problem, token_file = %path.display(), "The agent's certificate is not usable and its join token is gone: create one for exactly this host.");
+        return Ok(());
+    }
     info!(%problem, "Joining the cluster.");
     let token = read_token_file(path)?;
     join(config, &token).await.map(|_| ())

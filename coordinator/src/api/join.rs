@@ -127,14 +127,15 @@ pub async fn join(
         )
     });
     if let Err(error) = precheck {
+        // Counted per address, not per name asked for: the caller chooses names.
         let refusal = crate::access::Refusal {
             identity: format!(
-                "joining {principal} from {}",
+                "anonymous@{}",
                 remote.map_or_else(|| "?".to_string(), |remote| remote.ip().to_string())
             ),
             action: "join",
             target: join_token_id(number),
-            reason: error.to_string(),
+            reason: format!("as {principal}: {error}"),
         };
         context.gate.audit(refusal);
         return Err(to_status(error));

@@ -38,7 +38,21 @@ pub fn changes(state: &State, numbers: &[u64]) -> Vec<Target> {
 /// environments and services of the changes it rolls back.
 pub fn request(state: &State, record: &crate::state_machine::ApprovalRequest) -> Vec<Target> {
     match &record.deploy {
-        Some(spec) => new_change(state, &spec.service, &spec.hosts),
+        // The environments it was filed for, and those its hosts are in now: neither a
+        // relabelled nor a removed host widens who may see or approve it.
+        Some(spec) => {
+            let mut targets: Vec<Target> = record
+                .environments
+                .iter()
+                .map(|environment| Target::scoped(environment, &spec.service))
+                .collect();
+            targets.extend(
+                new_change(state, &spec.service, &spec.hosts)
+                    .into_iter()
+                    .filter(|target| !matches!(target, Target::Service(_))),
+            );
+            targets
+        }
         None => changes(state, &record.changes),
     }
 }

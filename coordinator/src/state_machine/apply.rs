@@ -745,6 +745,15 @@ fn request_change(state: &mut State, command: &Command) -> Result<(Outcome, Stri
         return start_change(state, command);
     }
     if !break_glass {
+        // What start_change would refuse about its migrations is refused now, not after the
+        // approvals (a change or rollback in progress only makes it wait).
+        let environment = crate::plan::environment_of_hosts(state, &spec.hosts);
+        change_schema_stages(
+            state,
+            migrations,
+            (state.next_change + 1, service),
+            &environment,
+        )?;
         return approvals::file_deploy(state, command, spec, &requirement, reason);
     }
     if !requirement.break_glass {

@@ -228,6 +228,12 @@ pub fn judge_use(
         token_id: join_token_id(number),
         why,
     };
+    if kind == "member" {
+        return Err(refused(
+            "members are not enrolled with join tokens: issue their certificates from your PKI"
+                .into(),
+        ));
+    }
     let principal = format!("{kind}:{name}");
     // An unknown token and a wrong secret answer alike, so tokens cannot be probed.
     let token = state
@@ -244,13 +250,16 @@ pub fn judge_use(
             String::new()
         },
     };
+    // A repeat is the same name with the same key, while the token lives (uses recorded before
+    // keys were, with no key beside them, never match).
     let repeat = !key_sha256.is_empty()
+        && token.used_keys.len() == token.used_by.len()
         && token
             .used_by
             .iter()
             .zip(&token.used_keys)
             .any(|(used_by, key)| used_by == &principal && key == key_sha256);
-    if repeat && !token.revoked {
+    if repeat && !token.revoked && at_ms < token.expires_at_ms {
         return Ok(Admission {
             repeat: true,
             ..admission
@@ -320,10 +329,15 @@ pub fn use_token(
         token.used_keys.push(key_sha256.to_string());
     }
     if kind == "agent" {
+        // A token without an environment keeps the one the host was pinned to.
+        let environment = match state.enrollments.get(name) {
+            Some(pinned) if environment.is_empty() => pinned.environment.clone(),
+            _ => environment.clone(),
+        };
         state.enrollments.insert(
             name.to_string(),
             Enrollment {
-                environment: environment.clone(),
+                environment,
                 token: number,
                 at_ms,
             },
@@ -435,6 +449,37 @@ mod tests {
         assert!(check_enrollment(&state.enrollments, "web-9", "staging").is_ok());
         let error = check_enrollment(&state.enrollments, "web-1", "staging").unwrap_err();
         assert!(error.to_string().contains("jt-1"), "{error}");
+
+        // After the token's life the same key is not answered again.
+        let error = use_token(&mut state, 1, "h", "agent", "web-1", "k1", 61_000).unwrap_err();
+        assert!(error.to_string().contains("the token is used"), "{error}");
+        // Re-enrolled with a token for exactly web-1 naming no environment: still pinned.
+        create(
+            &mut state,
+            "user:ada",
+            "h2",
+            &scope("agent", "web-1", ""),
+            "r",
+            70_000,
+        )
+        .unwrap();
+        use_token(&mut state, 2, "h2", "agent", "web-1", "k3", 70_001).unwrap();
+        assert_eq!(state.enrollments["web-1"].environment, "prod");
+        // Member tokens (made before they were refused at creation) admit nobody.
+        create(
+            &mut state,
+            "user:ada",
+            "h3",
+            &scope("member", "4", ""),
+            "r",
+            70_000,
+        )
+        .unwrap();
+        let error = use_token(&mut state, 3, "h3", "member", "4", "k4", 70_001).unwrap_err();
+        assert!(
+            error.to_string().contains("members are not enrolled"),
+            "{error}"
+        );
     }
 
     #[test]
