@@ -1480,7 +1480,8 @@ fn approve_deploy(
         kind: CommandKind::StartChange {
             service: spec.service.clone(),
             version: spec.version.clone(),
-            host_ids: spec.requested_hosts.clone(),
+            // The hosts approved (the drift check above found them unchanged).
+            host_ids: spec.hosts.clone(),
             reason: request.reason.clone(),
             baseline: baseline.unwrap_or(spec.baseline),
             flags_on: spec.flags_on.clone(),

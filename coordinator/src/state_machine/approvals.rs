@@ -131,7 +131,10 @@ impl DeploySpec {
                     .and_then(|versions| versions.get(version))
                     .map(|migration| migration.checksum.clone())
                     .unwrap_or_default();
-                format!("{database}@{version}={checksum}")
+                // The shards it runs on are part of what is approved.
+                let environment = crate::plan::environment_of_hosts(state, &self.hosts);
+                let shards = super::schema::shards_of(state, database, &environment);
+                format!("{database}@{version}={checksum} on {}", shards.join("+"))
             })
             .collect();
         let text = format!(
@@ -422,7 +425,7 @@ fn deploy_drift(state: &State, request: &ApprovalRequest, spec: &DeploySpec) -> 
             now.hosts.join(", ")
         )
     } else {
-        "its release or migrations differ".into()
+        "its release, its migrations or the shards they run on differ".into()
     };
     Some(format!(
         "the plan changed since it was requested (sha256 {} -> {}): {why}",
