@@ -769,25 +769,50 @@ fn request_change(state: &mut State, command: &Command) -> Result<(Outcome, Stri
         change.break_glass = true;
         change.request = request;
     }
+    escalate_break_glass(
+        state,
+        command,
+        &requirement,
+        request,
+        approvals::Started::Change(number),
+        service,
+        reason,
+    );
+    Ok((outcome, target, break_glass_audit(request, &audit)))
+}
+
+/// Opens the escalation of a break-glass start (`started`, recorded as `request`); answers the
+/// escalation's id.
+fn escalate_break_glass(
+    state: &mut State,
+    command: &Command,
+    requirement: &approvals::Requirement,
+    request: u64,
+    started: approvals::Started,
+    service: &str,
+    reason: &str,
+) -> u64 {
+    let review = approvals::request_id(request);
     let evidence = format!(
-        "break-glass: {} started {} without the {} approvals {} requires ({} to review: rewindctl request review {}): {reason}",
+        "break-glass: {} started {} without the {} approvals {} requires ({review} to review: rewindctl request review {review}): {reason}",
         command.identity,
-        change_id(number),
+        started.id(),
         requirement.approvals,
         requirement.environments.join(", "),
-        approvals::request_id(request),
-        approvals::request_id(request),
     );
-    state.escalate(command.at_ms, 0, 0, service, evidence);
-    Ok((
-        outcome,
-        target,
-        format!(
-            "break-glass ({} to review): {}",
-            approvals::request_id(request),
-            audit
-        ),
-    ))
+    let rollback = match started {
+        approvals::Started::Rollback(rollback) => rollback,
+        approvals::Started::Change(_) => 0,
+    };
+    state.escalate(command.at_ms, rollback, 0, service, evidence)
+}
+
+/// The audit outcome of a break-glass start.
+fn break_glass_audit(request: u64, audit: &str) -> String {
+    format!(
+        "break-glass ({} to review): {audit}",
+        approvals::request_id(request)
+    )
 }
 
 fn no_break_glass(requirement: &approvals::Requirement) -> CoordinatorError {
@@ -1359,28 +1384,19 @@ fn request_rollback(
         rollback.break_glass = true;
         rollback.request = request;
     }
-    let evidence = format!(
-        "break-glass: {} started {} without the {} approvals {} requires ({} to review: rewindctl request review {}): {reason}",
-        command.identity,
-        rollback_id(number),
-        requirement.approvals,
-        requirement.environments.join(", "),
-        approvals::request_id(request),
-        approvals::request_id(request),
+    let escalation = escalate_break_glass(
+        state,
+        command,
+        &requirement,
+        request,
+        approvals::Started::Rollback(number),
+        &service,
+        reason,
     );
-    let escalation = state.escalate(command.at_ms, number, 0, &service, evidence);
     if let Some(rollback) = state.rollbacks.get_mut(&number) {
         rollback.escalations.push(escalation);
     }
-    Ok((
-        outcome,
-        target,
-        format!(
-            "break-glass ({} to review): {}",
-            approvals::request_id(request),
-            audit
-        ),
-    ))
+    Ok((outcome, target, break_glass_audit(request, &audit)))
 }
 
 /// A person's decision on a request; the last approval needed starts its rollback, run as the
@@ -1438,23 +1454,13 @@ fn decide_request(
                 record.approved_by = approved_by.clone();
                 record.request = number;
             }
-            // The rollback's own entry names who asked for it; the approval's follows.
-            state.audit.append(
-                command.at_ms,
-                &request.requester,
-                "rollback.start",
-                &rollback_target,
-                &format!("{started}; approved by {}", approved_by.join(", ")),
-            );
-            Ok((
-                Outcome::Request(number),
-                target,
-                format!(
-                    "ok: approval {} of {}: started {}",
-                    approved_by.len(),
-                    request.needed,
-                    rollback_id(rollback)
-                ),
+            Ok(audit_approved_start(
+                state,
+                command,
+                &request,
+                ("rollback.start", &rollback_target, &started),
+                &approved_by,
+                approvals::Started::Rollback(rollback),
             ))
         }
     }
@@ -1503,24 +1509,44 @@ fn approve_deploy(
         record.approved_by = approved_by.clone();
         record.request = number;
     }
-    // The change's own entry names who asked for it; the approval's follows.
+    Ok(audit_approved_start(
+        state,
+        command,
+        &request,
+        ("change.start", &change_target, &started),
+        &approved_by,
+        approvals::Started::Change(change),
+    ))
+}
+
+/// The audit of what a last approval started: its own entry (`action` on `target`, with the
+/// `started` outcome) in the requester's name, naming the approvers; the approval's entry
+/// (the answer) follows.
+fn audit_approved_start(
+    state: &mut State,
+    command: &Command,
+    request: &approvals::ApprovalRequest,
+    (action, target, started): (&str, &str, &str),
+    approved_by: &[String],
+    what: approvals::Started,
+) -> (Outcome, String, String) {
     state.audit.append(
         command.at_ms,
         &request.requester,
-        "change.start",
-        &change_target,
+        action,
+        target,
         &format!("{started}; approved by {}", approved_by.join(", ")),
     );
-    Ok((
-        Outcome::Request(number),
-        approvals::request_id(number),
+    (
+        Outcome::Request(request.number),
+        request.id(),
         format!(
             "ok: approval {} of {}: started {}",
             approved_by.len(),
             request.needed,
-            change_id(change)
+            what.id()
         ),
-    ))
+    )
 }
 
 /// The plan of `changes` as it is now, refused if it is not the one shown (`plan_hash`, when

@@ -613,24 +613,14 @@ pub fn record_break_glass_deploy(
     reason: &str,
     change: u64,
 ) -> u64 {
-    let request = ApprovalRequest {
-        status: RequestStatus::BreakGlass,
-        detail: format!(
-            "ran at once without the {} approvals {} requires: {}",
-            requirement.approvals,
-            requirement.environments.join(", "),
-            super::change_id(change)
-        ),
-        expires_at_ms: command.at_ms,
-        decided_at_ms: command.at_ms,
-        change,
-        break_glass: true,
-        ..deploy_request(state, command, spec, requirement, reason)
-    };
-    let number = request.number;
-    state.approval_requests.insert(number, request);
-    prune(state);
-    number
+    let request = deploy_request(state, command, spec, requirement, reason);
+    insert_break_glass(
+        state,
+        command,
+        requirement,
+        request,
+        Started::Change(change),
+    )
 }
 
 fn check_pending_room(state: &State) -> Result<()> {
@@ -656,19 +646,42 @@ pub fn record_break_glass(
     reason: &str,
     rollback: u64,
 ) -> u64 {
+    let request = ApprovalRequest::new(state, command, plan, requirement, reason, Trigger::Manual);
+    insert_break_glass(
+        state,
+        command,
+        requirement,
+        request,
+        Started::Rollback(rollback),
+    )
+}
+
+/// Keeps `request` as a break-glass one: it ran at once as `started`, and waits for a review.
+fn insert_break_glass(
+    state: &mut State,
+    command: &Command,
+    requirement: &Requirement,
+    request: ApprovalRequest,
+    started: Started,
+) -> u64 {
+    let (rollback, change) = match started {
+        Started::Rollback(rollback) => (rollback, request.change),
+        Started::Change(change) => (request.rollback, change),
+    };
     let request = ApprovalRequest {
         status: RequestStatus::BreakGlass,
         detail: format!(
             "ran at once without the {} approvals {} requires: {}",
             requirement.approvals,
             requirement.environments.join(", "),
-            super::rollback_id(rollback)
+            started.id()
         ),
         expires_at_ms: command.at_ms,
         decided_at_ms: command.at_ms,
         rollback,
+        change,
         break_glass: true,
-        ..ApprovalRequest::new(state, command, plan, requirement, reason, Trigger::Manual)
+        ..request
     };
     let number = request.number;
     state.approval_requests.insert(number, request);
@@ -718,11 +731,21 @@ fn prune(state: &mut State) {
     }
 }
 
-/// What the last approval of a request started.
+/// What an approved (or break-glass) request started.
 #[derive(Clone, Copy, Debug)]
 pub enum Started {
     Rollback(u64),
     Change(u64),
+}
+
+impl Started {
+    /// `rb-3`, `ch-7`.
+    pub fn id(self) -> String {
+        match self {
+            Self::Rollback(rollback) => super::rollback_id(rollback),
+            Self::Change(change) => super::change_id(change),
+        }
+    }
 }
 
 /// Records the last approval of request `number` (by `command`'s caller), which started
@@ -753,17 +776,15 @@ pub fn record_approved(
         .collect();
     record.status = RequestStatus::Approved;
     record.decided_at_ms = command.at_ms;
-    let id = match started {
-        Started::Rollback(rollback) => {
-            record.rollback = rollback;
-            super::rollback_id(rollback)
-        }
-        Started::Change(change) => {
-            record.change = change;
-            super::change_id(change)
-        }
-    };
-    record.detail = format!("approved by {}: started {id}", approved_by.join(", "));
+    match started {
+        Started::Rollback(rollback) => record.rollback = rollback,
+        Started::Change(change) => record.change = change,
+    }
+    record.detail = format!(
+        "approved by {}: started {}",
+        approved_by.join(", "),
+        started.id()
+    );
     approved_by
 }
 
