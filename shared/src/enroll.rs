@@ -257,3 +257,27 @@ pub fn renewal_due(files: &TlsFiles) -> (bool, Option<i64>) {
         None => (true, None),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_file_must_hold_one_printable_line_of_bounded_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "jt-3.abc\n").unwrap();
+        assert_eq!(read_token_file(&path).unwrap(), "jt-3.abc");
+        for (contents, says) in [
+            ("x".repeat(2048), "is not a join token"),
+            ("  \n".to_string(), "expected one line"),
+            ("jt-3.\u{1b}[2Jabc".to_string(), "expected one line"),
+        ] {
+            std::fs::write(&path, contents).unwrap();
+            let error = read_token_file(&path).unwrap_err().to_string();
+            assert!(error.contains(says) && error.contains("token"), "{error}");
+        }
+        let missing = read_token_file(&dir.path().join("none")).unwrap_err();
+        assert!(missing.to_string().contains("none"), "{missing}");
+    }
+}

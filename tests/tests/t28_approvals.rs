@@ -194,6 +194,15 @@ async fn a_prod_rollback_waits_for_two_other_approvers_and_break_glass_escalates
         })
         .await
         .expect("apply the policy");
+    // Break-glass needs a reason: it goes into the escalation and the audit log.
+    must_fail_with(
+        &rewindctl_as(
+            &coordinator,
+            "alice",
+            &["change", "start", "web", "v2", "--break-glass"],
+        ),
+        "say why break-glass is needed",
+    );
     let bad = must_deploy_approved(&coordinator, &admin, "v2", true).await;
 
     // alice asks: nothing runs, a request waits.

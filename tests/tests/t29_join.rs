@@ -430,6 +430,21 @@ async fn a_person_joins_and_renews_with_rewindctl_and_a_revoked_one_cannot_renew
         "--ttl",
         "5m",
     ]));
+    let zero = coordinator.rewindctl(&[
+        "join-token",
+        "create",
+        "--kind",
+        "user",
+        "--name",
+        "carol",
+        "--ttl",
+        "0s",
+    ]);
+    assert!(
+        !zero.status.success()
+            && String::from_utf8_lossy(&zero.stderr).contains("at least a second"),
+        "{zero:?}"
+    );
     let token_file = dir.path().join("carol-token");
     std::fs::write(&token_file, created.trim()).unwrap();
     // Carol's own directory: the cluster's CA (public) and nothing else.
