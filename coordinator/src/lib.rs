@@ -7,6 +7,7 @@
 //! leader only, reads that state and turns intent into steps sent to agents.
 //!
 //! # Layout
+//! - [`admission`]: bounds on connections before anyone is authenticated, on both ports.
 //! - [`access`]: identities, the replicated access policy, and the table of every RPC's permission.
 //! - [`state_machine`]: replicated state, commands, `apply()`, the audit chain. Pure.
 //! - [`storage`]: the Raft log, hard state and snapshots in sled, behind raft-rs's `Storage`.
@@ -21,6 +22,7 @@
 //! - [`config`], [`errors`]: configuration and the error type.
 
 pub mod access;
+pub mod admission;
 pub mod api;
 #[cfg(test)]
 mod approvals_test;

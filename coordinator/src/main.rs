@@ -336,6 +336,16 @@ async fn serve(
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("create data dir {}", config.data_dir.display()))?;
+    let budget = rewind_coordinator::admission::ConnectionBudget::from_open_files(
+        rewind_coordinator::admission::raise_open_files_limit(),
+    );
+    info!(
+        open_files = budget.open_files,
+        grpc_connections = budget.grpc,
+        http_connections = budget.http,
+        "Connection bounds set from the open-files limit."
+    );
+    let connection_stats = rewind_coordinator::admission::ConnectionStats::default();
     let cluster = &config.cluster;
     let store =
         storage::RaftStore::open(&config.data_dir.join("raft")).context("open the Raft store")?;
@@ -471,13 +481,16 @@ async fn serve(
             gate: gate.clone(),
             alertmanager_identity: config.access.alertmanager_identity.as_str().into(),
             webhook_identity: config.access.webhook_identity.as_str().into(),
+            connections: connection_stats.clone(),
         };
         let mut http_stop = stop.clone();
+        let stats = connection_stats.clone();
         tokio::spawn(async move {
             let shutdown = async move {
                 let _ = http_stop.changed().await;
             };
-            if let Err(error) = rewind_coordinator::http::serve(listener, state, shutdown).await {
+            let served = rewind_coordinator::http::serve(listener, state, budget, stats, shutdown);
+            if let Err(error) = served.await {
                 error!(%error, "The HTTP server stopped.");
             }
         });
@@ -514,9 +527,17 @@ async fn serve(
         snapshot_stats,
     );
     let mut api_stop = stop.clone();
-    let server = api::serve(listener, &config.tls, context, raft_peers, async move {
-        let _ = api_stop.changed().await;
-    });
+    let server = api::serve(
+        listener,
+        &config.tls,
+        context,
+        raft_peers,
+        budget,
+        connection_stats,
+        async move {
+            let _ = api_stop.changed().await;
+        },
+    );
     tokio::spawn(async move {
         rewind_shared::signals::shutdown().await;
         info!("Shutting down.");

@@ -103,6 +103,16 @@ fn spawn_in(namespace: Option<&str>, binary: &Path, args: &[&str], log: &Path) -
     spawn_with(namespace, binary, args, log, "")
 }
 
+/// How a process is started: directly, inside a network namespace, or under an open-files limit.
+#[derive(Clone, Copy, Debug, Default)]
+enum Launch<'a> {
+    #[default]
+    Direct,
+    InNamespace(&'a str),
+    /// `prlimit --nofile=N:N`: soft and hard limit both, so the process cannot raise it.
+    WithOpenFiles(u64),
+}
+
 /// Starts `binary`, inside network namespace `namespace` when given (`ip netns exec` execs it,
 /// so the child's pid is the binary's and a kill reaches it), with `REWIND_FAILPOINTS` set to
 /// `failpoints` (crash points, see `rewind_shared::failpoint`). The log is appended to, so a
@@ -114,18 +124,37 @@ fn spawn_with(
     log: &Path,
     failpoints: &str,
 ) -> Process {
+    let launch = namespace.map_or(Launch::Direct, Launch::InNamespace);
+    spawn_launched(launch, binary, args, log, failpoints)
+}
+
+fn spawn_launched(
+    launch: Launch<'_>,
+    binary: &Path,
+    args: &[&str],
+    log: &Path,
+    failpoints: &str,
+) -> Process {
     let log_file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .expect("create log");
-    let mut command = match namespace {
-        Some(namespace) => {
+    let mut command = match launch {
+        Launch::InNamespace(namespace) => {
             let mut command = Command::new("ip");
             command.args(["netns", "exec", namespace]).arg(binary);
             command
         }
-        None => Command::new(binary),
+        Launch::WithOpenFiles(limit) => {
+            let mut command = Command::new("prlimit");
+            command
+                .arg(format!("--nofile={limit}:{limit}"))
+                .arg("--")
+                .arg(binary);
+            command
+        }
+        Launch::Direct => Command::new(binary),
     };
     let child = command
         .args(args)
@@ -190,7 +219,28 @@ impl Coordinator {
         Self::must_start_listening_with(dir, config, listen, "")
     }
 
+    /// A dev coordinator that may hold at most `open_files` descriptors (hard limit too).
+    pub fn must_start_with_open_files(dir: &Path, config: &str, open_files: u64) -> Self {
+        Self::must_start_launched(
+            dir,
+            config,
+            "127.0.0.1:0",
+            "",
+            Launch::WithOpenFiles(open_files),
+        )
+    }
+
     fn must_start_listening_with(dir: &Path, config: &str, listen: &str, failpoints: &str) -> Self {
+        Self::must_start_launched(dir, config, listen, failpoints, Launch::Direct)
+    }
+
+    fn must_start_launched(
+        dir: &Path,
+        config: &str,
+        listen: &str,
+        failpoints: &str,
+        launch: Launch<'_>,
+    ) -> Self {
         std::fs::create_dir_all(dir).unwrap();
         let config_path = dir.join("coordinator.toml");
         std::fs::write(&config_path, config).unwrap();
@@ -212,8 +262,8 @@ impl Coordinator {
             "--http-addr-file",
             http_addr_file.to_str().unwrap(),
         ];
-        let mut process = spawn_with(
-            None,
+        let mut process = spawn_launched(
+            launch,
             &must_binary("rewind-coordinator"),
             &args,
             &dir.join("coordinator.log"),

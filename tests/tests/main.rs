@@ -30,3 +30,4 @@ mod t26_retention;
 mod t27_access;
 mod t28_approvals;
 mod t29_join;
+mod t30_connection_bounds;

@@ -5,7 +5,8 @@
 //! permission, and every method but `JoinService/Join` does. A presented certificate must chain
 //! to the cluster's CA, or the handshake fails. The coordinator's own certificate is read again
 //! when its files change, so a renewed certificate is served without a restart. Handshakes are
-//! bounded in time and in number, so idle or slow connections cannot hold the port.
+//! bounded in time, in number and per address (see [`crate::admission`]), so idle or slow
+//! connections cannot hold the port.
 
 use std::future::Future;
 use std::io;
@@ -26,16 +27,15 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tonic::transport::server::Connected;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
+use crate::admission::{
+    self, Admission, Admitted, ConnectionBudget, ConnectionStats, Refusal, Refusals,
+};
 use crate::errors::CoordinatorError;
 
 /// Longest a TLS handshake may take before the connection is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Most handshakes in progress at once; further connections wait to be accepted.
-pub const MAX_HANDSHAKES: usize = 256;
-/// Most connections open at once (each agent holds one); further ones wait to be accepted.
-pub const MAX_CONNECTIONS: usize = 16_384;
 /// Most connections without a client certificate open at once (hosts joining).
 pub const MAX_ANONYMOUS_CONNECTIONS: usize = 64;
 /// How long a connection without a client certificate may stay open: long enough to join.
@@ -59,7 +59,7 @@ pub struct TlsConnection {
     stream: tokio_rustls::server::TlsStream<TcpStream>,
     info: PeerInfo,
     _slot: tokio::sync::OwnedSemaphorePermit,
-    _anonymous_slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    _anonymous_slot: Option<Admitted>,
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
@@ -278,24 +278,27 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, Coor
 }
 
 /// Accepts connections on `listener` and hands over those whose TLS handshake completed: at
-/// most [`MAX_CONNECTIONS`] open and [`MAX_HANDSHAKES`] in progress, each handshake within
-/// [`HANDSHAKE_TIMEOUT`], at most [`MAX_ANONYMOUS_CONNECTIONS`] without a certificate, each for
+/// most `budget.grpc` open (further ones wait in the kernel's backlog), at most
+/// [`admission::MAX_HANDSHAKES`] in their handshake and [`admission::HANDSHAKES_PER_ADDRESS`]
+/// from one address (further ones are closed at once), each handshake within
+/// [`HANDSHAKE_TIMEOUT`], at most [`MAX_ANONYMOUS_CONNECTIONS`] without a certificate
+/// ([`admission::ANONYMOUS_PER_ADDRESS`] per address), each for
 /// [`ANONYMOUS_CONNECTION_LIFETIME`]. Stops accepting when the returned stream is dropped.
 pub fn incoming(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
+    budget: ConnectionBudget,
+    stats: ConnectionStats,
 ) -> tokio_stream::wrappers::ReceiverStream<io::Result<TlsConnection>> {
     let (sender, receiver) = mpsc::channel(ACCEPTED_QUEUE);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
-    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let anonymous = Arc::new(Semaphore::new(MAX_ANONYMOUS_CONNECTIONS));
+    let connections = Arc::new(Semaphore::new(budget.grpc));
+    let handshakes = Admission::new(admission::MAX_HANDSHAKES, admission::HANDSHAKES_PER_ADDRESS);
+    let anonymous = Admission::new(MAX_ANONYMOUS_CONNECTIONS, admission::ANONYMOUS_PER_ADDRESS);
+    let refusals = Arc::new(Refusals::new("grpc", stats));
     tokio::spawn(async move {
         loop {
-            let (Ok(slot), Ok(handshake)) = (
-                Arc::clone(&connections).acquire_owned().await,
-                Arc::clone(&handshakes).acquire_owned().await,
-            ) else {
+            let Ok(slot) = Arc::clone(&connections).acquire_owned().await else {
                 return;
             };
             let (tcp, remote) = tokio::select! {
@@ -310,23 +313,31 @@ pub fn incoming(
                     }
                 },
             };
+            let handshake = match handshakes.try_admit(remote.ip()) {
+                Ok(handshake) => handshake,
+                Err(refusal) => {
+                    refusals.refuse(refusal, remote.ip(), "too many TLS handshakes in progress");
+                    continue;
+                }
+            };
             // No Nagle: a response larger than one segment would otherwise wait for the
             // client's delayed ACK (40 ms on Linux) before its last part is sent.
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let sender = sender.clone();
             let anonymous = Arc::clone(&anonymous);
+            let refusals = Arc::clone(&refusals);
             tokio::spawn(async move {
                 let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
                 drop(handshake);
                 let stream = match accepted {
                     Ok(Ok(stream)) => stream,
                     Ok(Err(error)) => {
-                        debug!(%remote, %error, "TLS handshake refused.");
+                        refusals.refuse(Refusal::Handshake, remote.ip(), &error.to_string());
                         return;
                     }
                     Err(_) => {
-                        debug!(%remote, "TLS handshake timed out.");
+                        refusals.refuse(Refusal::HandshakeTimeout, remote.ip(), "");
                         return;
                     }
                 };
@@ -339,14 +350,20 @@ pub fn incoming(
                 let (anonymous_slot, deadline) = if certificates.is_some() {
                     (None, None)
                 } else {
-                    let Ok(permit) = anonymous.try_acquire_owned() else {
-                        debug!(%remote, "Too many connections without a certificate; closed.");
-                        return;
-                    };
-                    (
-                        Some(permit),
-                        Some(Box::pin(tokio::time::sleep(ANONYMOUS_CONNECTION_LIFETIME))),
-                    )
+                    match anonymous.try_admit(remote.ip()) {
+                        Ok(admitted) => (
+                            Some(admitted),
+                            Some(Box::pin(tokio::time::sleep(ANONYMOUS_CONNECTION_LIFETIME))),
+                        ),
+                        Err(refusal) => {
+                            refusals.refuse(
+                                refusal,
+                                remote.ip(),
+                                "too many connections without a client certificate",
+                            );
+                            return;
+                        }
+                    }
                 };
                 let connection = TlsConnection {
                     stream,

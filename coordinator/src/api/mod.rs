@@ -229,6 +229,9 @@ fn not_leader(leader_id: u64, directory: &Directory) -> Status {
     status
 }
 
+/// Most concurrent streams (calls) one connection may have open on the gRPC port.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 128;
+
 /// Metadata key carrying the leader's address on `UNAVAILABLE`.
 pub use rewind_shared::LEADER_METADATA_KEY as LEADER_KEY;
 
@@ -238,6 +241,8 @@ pub async fn serve(
     tls: &TlsFiles,
     context: Context,
     raft_peers: raft::RaftPeers,
+    budget: crate::admission::ConnectionBudget,
+    stats: crate::admission::ConnectionStats,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), CoordinatorError> {
     let tls_config = listener::server_config(tls)?;
@@ -267,6 +272,9 @@ pub async fn serve(
         // A peer that stops answering is noticed and its connection closed.
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+        // Advertised to every client: an agent holds one stream and makes a few calls, a
+        // person's command a few; more than this at once is a client misbehaving.
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         // Every call passes the gate first: its method's permission, the caller's kind and
         // policy, and the leader for agents and people.
         .layer(gate)
@@ -275,7 +283,10 @@ pub async fn serve(
         .add_service(raft)
         .add_service(member)
         .add_service(joins)
-        .serve_with_incoming_shutdown(listener::incoming(listener, tls_config), shutdown)
+        .serve_with_incoming_shutdown(
+            listener::incoming(listener, tls_config, budget, stats),
+            shutdown,
+        )
         .await
         .map_err(|error| CoordinatorError::Storage(format!("serve: {error}")))
 }

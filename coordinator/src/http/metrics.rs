@@ -58,7 +58,7 @@ pub async fn serve(Extract(http): Extract<HttpState>) -> impl IntoResponse {
     let connected = http.sessions.connected() as i64;
     let text = http
         .node
-        .read(|state| render(state, &status, connected, &http.snapshots));
+        .read(|state| render(state, &status, connected, &http.snapshots, &http.connections));
     match text {
         Ok(text) => (
             StatusCode::OK,
@@ -82,8 +82,14 @@ fn render(
     status: &crate::node::raft::RaftStatus,
     agents_connected: i64,
     snapshots: &SnapshotStats,
+    connections: &crate::admission::ConnectionStats,
 ) -> Result<String, std::fmt::Error> {
     let mut registry = Registry::with_prefix("rewind");
+    registry.register(
+        "connections_refused",
+        "Connections closed before they were served, by port (grpc, http) and reason",
+        connections.refused.clone(),
+    );
 
     let rollbacks = Family::<RollbackLabels, Counter>::default();
     let active = Family::<RollbackLabels, Gauge<i64>>::default();
@@ -354,7 +360,13 @@ mod tests {
             snapshot_id: String::new(),
         });
         let status = crate::node::raft::RaftStatus::default();
-        let text = render(&fleet.state, &status, 1, &SnapshotStats::default()).unwrap();
+        let text = render(
+            &fleet.state,
+            &status,
+            1,
+            &SnapshotStats::default(),
+            &Default::default(),
+        ).unwrap();
         for expected in [
             r#"rewind_rollback_steps{rollback_id="rb-1",state="pending"} 4"#,
             r#"rewind_rollback_steps{rollback_id="rb-1",state="succeeded"} 1"#,
@@ -369,7 +381,13 @@ mod tests {
             action: crate::state_machine::RollbackAction::Abort,
             reason: "test".into(),
         });
-        let text = render(&fleet.state, &status, 1, &SnapshotStats::default()).unwrap();
+        let text = render(
+            &fleet.state,
+            &status,
+            1,
+            &SnapshotStats::default(),
+            &Default::default(),
+        ).unwrap();
         assert!(
             text.contains(r#"rewind_rollbacks_total{outcome="aborted",trigger="manual"} 1"#),
             "{text}"

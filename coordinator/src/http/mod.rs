@@ -7,12 +7,15 @@ mod metrics;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{info, warn};
+
+use crate::admission::{self, Admission, ConnectionBudget, ConnectionStats, Refusals};
 
 use crate::engine::EngineLimits;
 use crate::node::NodeHandle;
@@ -42,6 +45,8 @@ pub struct HttpState {
     /// The automation identities the receivers act as (names of `automation:<name>`).
     pub alertmanager_identity: Arc<str>,
     pub webhook_identity: Arc<str>,
+    /// Connections refused before they were served, on both ports.
+    pub connections: ConnectionStats,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -54,15 +59,70 @@ pub fn router(state: HttpState) -> Router {
         .with_state(state)
 }
 
-/// Serves until `shutdown` resolves.
+/// Longest a client may take to send a request's headers, and longest a kept-alive connection
+/// may sit idle between requests.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a request may take from its headers to its answer, body read included.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Serves until `shutdown` resolves: at most `budget.http` connections, at most
+/// [`admission::HTTP_CONNECTIONS_PER_ADDRESS`] from one address (further ones are closed at
+/// once), headers within [`HEADER_READ_TIMEOUT`], each request within [`REQUEST_TIMEOUT`].
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: HttpState,
+    budget: ConnectionBudget,
+    stats: ConnectionStats,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let address: Option<SocketAddr> = listener.local_addr().ok();
     info!(address = ?address, "HTTP listening (/metrics, /v1/alertmanager, /v1/webhook).");
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let router = router(state).layer(tower_http::timeout::TimeoutLayer::with_status_code(
+        http::StatusCode::REQUEST_TIMEOUT,
+        REQUEST_TIMEOUT,
+    ));
+    let service = hyper_util::service::TowerToHyperService::new(router);
+    let connections = Admission::new(budget.http, admission::HTTP_CONNECTIONS_PER_ADDRESS);
+    let refusals = Refusals::new("http", stats);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, remote) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors, say: wait rather than spin.
+                    warn!(%error, "Cannot accept an HTTP connection.");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let admitted = match connections.try_admit(remote.ip()) {
+            Ok(admitted) => admitted,
+            Err(refusal) => {
+                refusals.refuse(refusal, remote.ip(), "too many HTTP connections");
+                continue;
+            }
+        };
+        let connection = graceful.watch(
+            builder.serve_connection(hyper_util::rt::TokioIo::new(tcp), service.clone()),
+        );
+        tokio::spawn(async move {
+            // Timeouts and clients that go away end here; neither is worth a line.
+            let _ = connection.await;
+            drop(admitted);
+        });
+    }
+    // Requests in flight finish; idle connections close at once.
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(REQUEST_TIMEOUT) => {}
+    }
+    Ok(())
 }

@@ -1,0 +1,288 @@
+//! Admitting connections before anyone is authenticated.
+//!
+//! A connection costs a file descriptor and a task from the moment it is accepted, long before
+//! its caller has shown a certificate or a token. So each port bounds how many connections may
+//! be at that stage at once, and how many of those one address may hold: a flood of idle or
+//! half-open connections from one address is closed at once instead of crowding out an operator
+//! or an agent arriving from another. The bounds follow the process's open-files limit, which
+//! is raised to its hard limit at start. Refusals are counted for `/metrics` and logged, at most
+//! one line per port and reason every [`LOG_EVERY`].
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::warn;
+
+/// How often a port says again that it is refusing connections for one reason.
+pub const LOG_EVERY: Duration = Duration::from_secs(10);
+/// Descriptors kept for everything but client connections: the stores, Raft peers, snapshots.
+pub const RESERVED_FILES: u64 = 128;
+/// Most connections open on the gRPC port (each agent holds one).
+pub const MAX_GRPC_CONNECTIONS: u64 = 16_384;
+/// Most connections open on the HTTP port (Prometheus, Alertmanager, webhooks).
+pub const MAX_HTTP_CONNECTIONS: u64 = 256;
+/// Most TLS handshakes one address may have in progress on the gRPC port.
+pub const HANDSHAKES_PER_ADDRESS: usize = 16;
+/// Most TLS handshakes in progress on the gRPC port.
+pub const MAX_HANDSHAKES: usize = 256;
+/// Most connections one address may hold open on the HTTP port.
+pub const HTTP_CONNECTIONS_PER_ADDRESS: usize = 32;
+/// Most connections without a client certificate (hosts joining) one address may hold.
+pub const ANONYMOUS_PER_ADDRESS: usize = 4;
+
+/// How many connections each port may hold, from the open-files limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectionBudget {
+    pub open_files: u64,
+    pub grpc: usize,
+    pub http: usize,
+}
+
+impl ConnectionBudget {
+    /// Splits what the open-files limit leaves after [`RESERVED_FILES`]: an eighth (at most
+    /// [`MAX_HTTP_CONNECTIONS`]) to the HTTP port, the rest (at most [`MAX_GRPC_CONNECTIONS`])
+    /// to gRPC; at least a few each, so a tiny limit still serves.
+    pub fn from_open_files(open_files: u64) -> Self {
+        let available = open_files.saturating_sub(RESERVED_FILES).max(32);
+        let http = (available / 8).clamp(8, MAX_HTTP_CONNECTIONS);
+        let grpc = (available - http).clamp(16, MAX_GRPC_CONNECTIONS);
+        Self {
+            open_files,
+            grpc: grpc as usize,
+            http: http as usize,
+        }
+    }
+}
+
+/// Raises this process's soft open-files limit to its hard limit (as Go and systemd services
+/// do) and returns the limit now in force.
+pub fn raise_open_files_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 1024;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+    }
+    limit.rlim_cur
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    pub port: String,
+    pub reason: String,
+}
+
+/// Connections refused before authentication, by port and reason, for `/metrics`.
+#[derive(Clone, Debug, Default)]
+pub struct ConnectionStats {
+    pub refused: Family<RefusedLabels, Counter>,
+}
+
+/// Why a connection was closed before it was served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Refusal {
+    /// The port holds as many connections at this stage as it may.
+    PortFull,
+    /// This address holds as many as one address may.
+    AddressFull,
+    /// The TLS handshake failed (a certificate not of this cluster, not TLS at all).
+    Handshake,
+    /// The TLS handshake did not finish in time.
+    HandshakeTimeout,
+}
+
+impl Refusal {
+    fn as_str(self) -> &'static str {
+        match self {
+            Refusal::PortFull => "port_full",
+            Refusal::AddressFull => "address_full",
+            Refusal::Handshake => "handshake_failed",
+            Refusal::HandshakeTimeout => "handshake_timeout",
+        }
+    }
+
+    fn explain(self) -> &'static str {
+        match self {
+            Refusal::PortFull => "the port holds as many connections at this stage as it may",
+            Refusal::AddressFull => "the address holds as many connections as one address may",
+            Refusal::Handshake => "the TLS handshake failed",
+            Refusal::HandshakeTimeout => "the TLS handshake did not finish in time",
+        }
+    }
+}
+
+/// Counts and logs refusals on one port: every refusal is counted, one line per reason is
+/// logged every [`LOG_EVERY`] with how many were not logged since.
+#[derive(Debug)]
+pub struct Refusals {
+    port: &'static str,
+    stats: ConnectionStats,
+    last_logged: Mutex<HashMap<Refusal, (Instant, u64)>>,
+}
+
+impl Refusals {
+    pub fn new(port: &'static str, stats: ConnectionStats) -> Self {
+        Self {
+            port,
+            stats,
+            last_logged: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn refuse(&self, refusal: Refusal, remote: IpAddr, detail: &str) {
+        self.stats
+            .refused
+            .get_or_create(&RefusedLabels {
+                port: self.port.to_string(),
+                reason: refusal.as_str().to_string(),
+            })
+            .inc();
+        let now = Instant::now();
+        let mut last_logged = self
+            .last_logged
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let unlogged = match last_logged.get_mut(&refusal) {
+            Some((at, unlogged)) if now.duration_since(*at) < LOG_EVERY => {
+                *unlogged += 1;
+                return;
+            }
+            Some((_, unlogged)) => *unlogged,
+            None => 0,
+        };
+        last_logged.insert(refusal, (now, 0));
+        drop(last_logged);
+        warn!(
+            port = self.port,
+            %remote,
+            reason = refusal.as_str(),
+            detail,
+            unlogged_since_last = unlogged,
+            "Connection closed before it was served: {}.",
+            refusal.explain()
+        );
+    }
+}
+
+/// A bound on connections at one stage: so many in all, so many per address.
+#[derive(Debug)]
+pub struct Admission {
+    total: Arc<Semaphore>,
+    per_address_max: usize,
+    per_address: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// A connection's place at a stage; given back when dropped.
+#[derive(Debug)]
+pub struct Admitted {
+    _permit: OwnedSemaphorePermit,
+    address: IpAddr,
+    admission: Arc<Admission>,
+}
+
+impl Admission {
+    pub fn new(total: usize, per_address_max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            total: Arc::new(Semaphore::new(total)),
+            per_address_max,
+            per_address: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A place for a connection from `address`, or why there is none. Never waits.
+    pub fn try_admit(self: &Arc<Self>, address: IpAddr) -> Result<Admitted, Refusal> {
+        let mut per_address = self
+            .per_address
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if per_address.get(&address).copied().unwrap_or(0) >= self.per_address_max {
+            return Err(Refusal::AddressFull);
+        }
+        let permit = Arc::clone(&self.total)
+            .try_acquire_owned()
+            .map_err(|_| Refusal::PortFull)?;
+        *per_address.entry(address).or_insert(0) += 1;
+        Ok(Admitted {
+            _permit: permit,
+            address,
+            admission: Arc::clone(self),
+        })
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut per_address = self
+            .admission
+            .per_address
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(held) = per_address.get_mut(&self.address) {
+            *held -= 1;
+            if *held == 0 {
+                per_address.remove(&self.address);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_address_cannot_take_every_place() {
+        let admission = Admission::new(3, 2);
+        let attacker: IpAddr = "127.0.0.2".parse().unwrap();
+        let operator: IpAddr = "127.0.0.1".parse().unwrap();
+        let first = admission.try_admit(attacker).unwrap();
+        let _second = admission.try_admit(attacker).unwrap();
+        assert_eq!(
+            admission.try_admit(attacker).unwrap_err(),
+            Refusal::AddressFull
+        );
+        let _operator = admission.try_admit(operator).unwrap();
+        assert_eq!(admission.try_admit(operator).unwrap_err(), Refusal::PortFull);
+        drop(first);
+        assert!(admission.try_admit(attacker).is_ok());
+        // A place given back, or refused, leaves no entry behind for its address.
+        let admission = Admission::new(1, 2);
+        let held = admission.try_admit(attacker).unwrap();
+        assert!(admission.try_admit(operator).is_err());
+        drop(held);
+        assert!(admission.per_address.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_budget_follows_the_open_files_limit() {
+        let small = ConnectionBudget::from_open_files(512);
+        assert_eq!((small.grpc, small.http), (336, 48));
+        assert!(small.grpc as u64 + small.http as u64 + RESERVED_FILES <= 512);
+        let large = ConnectionBudget::from_open_files(1 << 20);
+        assert_eq!(
+            (large.grpc as u64, large.http as u64),
+            (MAX_GRPC_CONNECTIONS, MAX_HTTP_CONNECTIONS)
+        );
+        let tiny = ConnectionBudget::from_open_files(64);
+        assert!(tiny.grpc >= 16 && tiny.http >= 8);
+    }
+}
