@@ -346,14 +346,23 @@ pub fn webhook_signature(secret: &[u8], timestamp_ms: u64, body: &[u8]) -> Strin
 /// returns the status code and the answer's text.
 pub async fn post_signed_webhook(http: &str, secret: &[u8], body: String) -> (u16, String) {
     let now = rewind_shared::time::now_ms();
+    let signature = webhook_signature(secret, now, body.as_bytes());
+    post_webhook_as_signed(http, now, &signature, body).await
+}
+
+/// POSTs a generic webhook with the timestamp and signature headers given as they are (to
+/// send a request again, or spelled another way).
+pub async fn post_webhook_as_signed(
+    http: &str,
+    timestamp_ms: u64,
+    signature: &str,
+    body: String,
+) -> (u16, String) {
     let response = reqwest::Client::new()
         .post(format!("{http}/v1/webhook"))
         .header("content-type", "application/json")
-        .header("x-rewind-timestamp", now.to_string())
-        .header(
-            "x-rewind-signature",
-            webhook_signature(secret, now, body.as_bytes()),
-        )
+        .header("x-rewind-timestamp", timestamp_ms.to_string())
+        .header("x-rewind-signature", signature)
         .body(body)
         .send()
         .await
@@ -1305,7 +1314,7 @@ pub async fn must_agents_connected(client: &ControlServiceClient<Channel>, count
         let mut client = client.clone();
         async move {
             let hosts = client
-                .list_hosts(rewind_proto::v1::ListHostsRequest {})
+                .list_hosts(rewind_proto::v1::ListHostsRequest::default())
                 .await
                 .ok()?
                 .into_inner()

@@ -9,20 +9,33 @@ use rewind_proto::v1 as pb;
 use rewind_proto::v1::control_service_client::ControlServiceClient;
 use rewind_tests::{
     Coordinator, must_change_where, must_deploy_v1_then_v2, must_rollback_end, must_start_hosts,
-    post_signed_webhook,
+    post_webhook_as_signed, webhook_signature,
 };
 use tonic::transport::Channel;
 
 const SECRET: &str = "webhook secret of t24";
 const COOLDOWN_S: u64 = 45;
 
-/// POSTs a signed generic webhook asking for a rollback of `web`; returns its status and
-/// answer.
-async fn ask_for_a_rollback(http: &str, reason: &str) -> (u16, serde_json::Value) {
+/// A signed generic webhook asking for a rollback of `web`: its body, timestamp and signature.
+fn rollback_request(reason: &str) -> (String, u64, String) {
     let body = serde_json::json!({"service": "web", "reason": reason}).to_string();
-    let (status, text) = post_signed_webhook(http, SECRET.as_bytes(), body).await;
+    let now = rewind_shared::time::now_ms();
+    let signature = webhook_signature(SECRET.as_bytes(), now, body.as_bytes());
+    (body, now, signature)
+}
+
+/// POSTs a request; returns its status and answer.
+async fn post(
+    http: &str,
+    (body, at_ms, signature): (String, u64, String),
+) -> (u16, serde_json::Value) {
+    let (status, text) = post_webhook_as_signed(http, at_ms, &signature, body).await;
     let answer = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
     (status, answer)
+}
+
+async fn ask_for_a_rollback(http: &str, reason: &str) -> (u16, serde_json::Value) {
+    post(http, rollback_request(reason)).await
 }
 
 /// Deploys v2 again (a new change from v1), as a deploy tool would.
@@ -89,7 +102,8 @@ flap-window-s = 3600
     must_deploy_v1_then_v2(&mut client, &hosts).await;
 
     // The webhook starts the rollback of web's latest change, which restores every host.
-    let (status, answer) = ask_for_a_rollback(&http, "error budget burning").await;
+    let first = rollback_request("error budget burning");
+    let (status, answer) = post(&http, first.clone()).await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["outcome"], "started", "{answer}");
     let rollback_id = answer["rollback_id"]
@@ -111,6 +125,36 @@ flap-window-s = 3600
     // Within the cooldown: refused, the reason recorded, nothing started. A person rolls it
     // back (that counts towards flapping).
     let change = must_redeploy_v2(&mut client, 1).await;
+
+    // The first request sent again, its signature's hex upper-cased: the same request (the
+    // same MAC), answered from the request log, judging nothing anew against the new change.
+    let triggers_before = client
+        .list_triggers(pb::ListTriggersRequest { limit: 1000 })
+        .await
+        .unwrap()
+        .into_inner()
+        .triggers
+        .len();
+    let (body, at_ms, signature) = first;
+    let shouted = format!(
+        "sha256={}",
+        signature.trim_start_matches("sha256=").to_uppercase()
+    );
+    let (status, replayed) = post(&http, (body, at_ms, shouted)).await;
+    assert_eq!(status, 200, "{replayed}");
+    assert_eq!(replayed["rollback_id"], rollback_id.as_str(), "{replayed}");
+    let triggers_after = client
+        .list_triggers(pb::ListTriggersRequest { limit: 1000 })
+        .await
+        .unwrap()
+        .into_inner()
+        .triggers
+        .len();
+    assert_eq!(
+        triggers_after, triggers_before,
+        "the replay recorded nothing"
+    );
+
     let (_, answer) = ask_for_a_rollback(&http, "again").await;
     let (outcome, detail) = latest_trigger(&mut client).await;
     assert_eq!(outcome, "throttled", "{answer}");

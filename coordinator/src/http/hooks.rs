@@ -33,8 +33,6 @@ use crate::state_machine::{Command, CommandKind, Outcome, TriggerSource, rollbac
 
 /// Oldest signed webhook accepted, against replays.
 const MAX_WEBHOOK_AGE_MS: u64 = 5 * 60 * 1000;
-/// Longest request id (the signature is cut to it).
-const MAX_REQUEST_ID: usize = 128;
 /// Most distinct services one Alertmanager notification may ask about.
 const MAX_SERVICES_PER_NOTIFICATION: usize = 64;
 
@@ -227,9 +225,10 @@ pub async fn webhook(
             "the generic webhook is off: set http.webhook-secret-file",
         );
     };
-    if let Err(reason) = check_signature(secret, &headers, &body, rewind_shared::time::now_ms()) {
-        return refuse(StatusCode::UNAUTHORIZED, reason);
-    }
+    let mac = match check_signature(secret, &headers, &body, rewind_shared::time::now_ms()) {
+        Ok(mac) => mac,
+        Err(reason) => return refuse(StatusCode::UNAUTHORIZED, reason),
+    };
     let request: WebhookRequest = match serde_json::from_slice(&body) {
         Ok(request) => request,
         Err(error) => {
@@ -256,18 +255,15 @@ pub async fn webhook(
         );
     }
     let reason = format!("webhook: {}", request.reason);
-    // The signature names this exact request: a replay within the five minutes is answered
-    // from the request log and acts once.
-    let signature = headers
-        .get(SIGNATURE_HEADER)
-        .and_then(|value| value.to_str().ok())
-        .unwrap_or_default();
+    // The verified MAC names this exact request (its timestamp and body): a replay within the
+    // five minutes, however its header is spelled (upper-case hex, a zero-padded timestamp),
+    // is answered from the request log and acts once.
     let asked = Asked {
         identity: &http.webhook_identity,
         source: TriggerSource::Webhook,
         service: &request.service,
         environment: &request.environment,
-        request_id: signature.chars().take(MAX_REQUEST_ID).collect(),
+        request_id: format!("webhook-{}", hex::encode(mac)),
     };
     match trigger(&http, asked, reason).await {
         Ok(answer) => (StatusCode::OK, Json(answer)).into_response(),
@@ -276,13 +272,13 @@ pub async fn webhook(
     }
 }
 
-/// Checks a generic webhook's timestamp and signature.
+/// Checks a generic webhook's timestamp and signature; the verified MAC's bytes on success.
 fn check_signature(
     secret: &[u8],
     headers: &HeaderMap,
     body: &[u8],
     now_ms: u64,
-) -> Result<(), String> {
+) -> Result<Vec<u8>, String> {
     let header = |name: &str| {
         headers
             .get(name)
@@ -306,7 +302,8 @@ fn check_signature(
     mac.update(b".");
     mac.update(body);
     mac.verify_slice(&signature)
-        .map_err(|_| "the signature does not match the body and the shared secret".to_string())
+        .map_err(|_| "the signature does not match the body and the shared secret".to_string())?;
+    Ok(signature)
 }
 
 /// Who asks for a rollback of what.
@@ -453,10 +450,17 @@ mod tests {
     fn signatures_are_checked_against_body_secret_and_age() {
         let body = br#"{"service":"web","reason":"x"}"#;
         let now = 1_800_000_000_000;
-        assert_eq!(
-            check_signature(b"secret", &signed(b"secret", now, body), body, now),
-            Ok(())
-        );
+        let mac = check_signature(b"secret", &signed(b"secret", now, body), body, now).unwrap();
+        // The same request with its hex upper-cased is the same request: the replay guard
+        // keys on these bytes, not on the header's text.
+        let mut shouted = signed(b"secret", now, body);
+        let upper = shouted[SIGNATURE_HEADER]
+            .to_str()
+            .unwrap()
+            .replace("sha256=", "")
+            .to_uppercase();
+        shouted.insert(SIGNATURE_HEADER, format!("sha256={upper}").parse().unwrap());
+        assert_eq!(check_signature(b"secret", &shouted, body, now), Ok(mac));
         let wrong_secret = check_signature(b"other", &signed(b"secret", now, body), body, now);
         assert!(wrong_secret.unwrap_err().contains("does not match"));
         let tampered = check_signature(b"secret", &signed(b"secret", now, body), b"{}", now);
