@@ -310,6 +310,26 @@ impl RawConfig {
                 problems.add("coordinators", format!("{address:?} must be host:port"));
             }
         }
+        for (field, value) in [
+            ("labels.region", &self.labels.region),
+            ("labels.zone", &self.labels.zone),
+            ("labels.environment", &self.labels.environment),
+        ] {
+            if value.len() > rewind_shared::bounds::MAX_LABEL_BYTES {
+                problems.add(
+                    field,
+                    format!(
+                        "is {} bytes, at most {}",
+                        value.len(),
+                        rewind_shared::bounds::MAX_LABEL_BYTES
+                    ),
+                );
+            } else if !value.is_empty()
+                && let Err(error) = names::validate_name(field, value)
+            {
+                problems.add_error(error);
+            }
+        }
         if self.data_dir.is_none() {
             problems.add("data-dir", "is required");
         }
@@ -345,6 +365,25 @@ impl RawConfig {
                     problems.add(&field, "is declared twice");
                 }
                 services.push(service);
+            }
+        }
+        let bounds = [
+            (
+                "service",
+                services.len(),
+                rewind_shared::bounds::MAX_SERVICES_PER_HOST,
+                "services",
+            ),
+            (
+                "service.probe",
+                services.iter().map(|service| service.probes.len()).sum(),
+                rewind_shared::bounds::MAX_PROBES_PER_REPORT,
+                "probes in all",
+            ),
+        ];
+        for (field, count, max, what) in bounds {
+            if count > max {
+                problems.add(field, format!("{count} {what}, at most {max}"));
             }
         }
         problems.into_result()?;
@@ -689,6 +728,9 @@ pub(crate) fn validate_hook(field: &str, raw: &RawHook, problems: &mut Problems)
 fn validate_probe(field: &str, raw: &RawProbe, problems: &mut Problems) -> Option<Probe> {
     if raw.name.is_empty() {
         problems.add(format!("{field}.name"), "is required");
+    } else if let Err(error) = names::validate_name(&format!("{field}.name"), &raw.name) {
+        // Probe names travel in every health report, which the coordinator bounds.
+        problems.add_error(error);
     }
     let timeout_ms = raw.timeout_ms.unwrap_or(2000);
     if !(1..=MAX_TIMEOUT_MS).contains(&timeout_ms) {

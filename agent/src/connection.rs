@@ -346,7 +346,7 @@ impl Agent {
                     .probe_all(self.executor.host(), &services),
                 app.scrape_all(&services)
             );
-            let report = pb::HealthReport {
+            let mut report = pb::HealthReport {
                 at_ms: rewind_shared::time::now_ms(),
                 metrics: Some(metrics.read()),
                 probes,
@@ -361,6 +361,8 @@ impl Agent {
                     })
                     .collect(),
             };
+            // Cut to what the coordinator accepts, so a long error is shortened, not refused.
+            rewind_shared::bounds::fit_health_report(&mut report);
             {
                 let mut history = self
                     .history

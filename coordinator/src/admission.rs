@@ -261,7 +261,10 @@ mod tests {
             Refusal::AddressFull
         );
         let _operator = admission.try_admit(operator).unwrap();
-        assert_eq!(admission.try_admit(operator).unwrap_err(), Refusal::PortFull);
+        assert_eq!(
+            admission.try_admit(operator).unwrap_err(),
+            Refusal::PortFull
+        );
         drop(first);
         assert!(admission.try_admit(attacker).is_ok());
         // A place given back, or refused, leaves no entry behind for its address.

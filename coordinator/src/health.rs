@@ -7,6 +7,8 @@ use std::sync::Mutex;
 
 use rewind_proto::v1::HealthReport;
 
+use rewind_shared::bounds::MAX_HEALTH_HISTORY_BYTES_PER_HOST;
+
 use crate::state_machine::{GateOptions, HealthAggregate, HealthFigure};
 
 /// Reports kept per host; at one report a second that is more than any window we use.
@@ -17,12 +19,22 @@ pub const MIN_REQUESTS: f64 = 20.0;
 
 struct ReceivedReport {
     received_at_ms: u64,
+    /// Its encoded size, counted against the host's history.
+    bytes: usize,
     report: HealthReport,
+}
+
+/// One host's recent reports, oldest first: at most [`MAX_REPORTS_PER_HOST`] and at most
+/// [`MAX_HEALTH_HISTORY_BYTES_PER_HOST`] encoded bytes.
+#[derive(Default)]
+struct History {
+    reports: VecDeque<ReceivedReport>,
+    bytes: usize,
 }
 
 #[derive(Default)]
 pub struct HealthBook {
-    hosts: Mutex<HashMap<String, VecDeque<ReceivedReport>>>,
+    hosts: Mutex<HashMap<String, History>>,
 }
 
 impl HealthBook {
@@ -31,14 +43,22 @@ impl HealthBook {
             .hosts
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let reports = hosts.entry(host_id.to_string()).or_default();
-        if reports.len() >= MAX_REPORTS_PER_HOST {
-            reports.pop_front();
-        }
-        reports.push_back(ReceivedReport {
+        let history = hosts.entry(host_id.to_string()).or_default();
+        let bytes = prost::Message::encoded_len(&report);
+        history.bytes += bytes;
+        history.reports.push_back(ReceivedReport {
             received_at_ms,
+            bytes,
             report,
         });
+        // The oldest go first; the latest always stays.
+        while history.reports.len() > MAX_REPORTS_PER_HOST
+            || (history.bytes > MAX_HEALTH_HISTORY_BYTES_PER_HOST && history.reports.len() > 1)
+        {
+            if let Some(oldest) = history.reports.pop_front() {
+                history.bytes -= oldest.bytes;
+            }
+        }
     }
 
     /// Forgets a host (it was removed from the fleet).
@@ -56,6 +76,7 @@ impl HealthBook {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         hosts
             .get(host_id)?
+            .reports
             .back()
             .map(|received| received.report.clone())
     }
@@ -73,7 +94,7 @@ impl HealthBook {
         let mut histograms: Vec<&[(f64, f64)]> = Vec::new();
         let mut buckets_of_reports: Vec<Vec<(f64, f64)>> = Vec::new();
         for host_id in hosts {
-            let Some(reports) = book.get(host_id) else {
+            let Some(reports) = book.get(host_id).map(|history| &history.reports) else {
                 continue;
             };
             let mut reported = false;
@@ -161,6 +182,7 @@ impl HealthBook {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let received = book
             .get(host_id)?
+            .reports
             .iter()
             .rev()
             .find(|received| received.received_at_ms > since_ms)?;
@@ -192,7 +214,9 @@ impl HealthBook {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         book.iter()
-            .filter_map(|(host, reports)| Some((host.clone(), reports.back()?.report.clone())))
+            .filter_map(|(host, history)| {
+                Some((host.clone(), history.reports.back()?.report.clone()))
+            })
             .collect()
     }
 }
@@ -325,6 +349,26 @@ mod tests {
             app: vec![],
             retained: vec![],
         }
+    }
+
+    #[test]
+    fn a_hosts_history_is_bounded_in_bytes_and_keeps_the_latest() {
+        let book = HealthBook::default();
+        let mut large = report(&[false]);
+        large.probes[0].detail = "x".repeat(400 * 1024);
+        for at in 0..20 {
+            book.record("a", large.clone(), at);
+        }
+        let hosts = book.hosts.lock().unwrap();
+        let history = &hosts["a"];
+        assert!(history.bytes <= MAX_HEALTH_HISTORY_BYTES_PER_HOST);
+        assert_eq!(history.reports.len(), 5, "2 MiB holds five 400 KiB reports");
+        assert_eq!(history.reports.back().unwrap().received_at_ms, 19);
+        drop(hosts);
+        // One report larger than the whole budget is still kept, alone, as the latest.
+        large.probes[0].detail = "x".repeat(3 << 20);
+        book.record("a", large, 20);
+        assert_eq!(book.hosts.lock().unwrap()["a"].reports.len(), 1);
     }
 
     #[test]

@@ -173,7 +173,13 @@ impl Sessions {
 
     /// Hands an agent's answer to the request waiting for it; answers to requests this member
     /// never sent that host (or that gave up) are dropped.
-    pub fn answered(&self, host_id: &str, answer: InspectAnswer) {
+    pub fn answered(&self, host_id: &str, mut answer: InspectAnswer) {
+        let kept = rewind_shared::names::truncate(
+            &answer.error,
+            rewind_shared::bounds::MAX_INSPECT_ERROR_BYTES,
+        )
+        .len();
+        answer.error.truncate(kept);
         let mut inner = self.lock();
         let asked_this_host = inner
             .inspects

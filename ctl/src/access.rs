@@ -60,8 +60,8 @@ pub async fn run(
             if format == Format::Json {
                 json(&policy)?;
             } else {
-                println!("# version {}, sha256 {}", policy.version, policy.hash);
-                print!("{}", policy.toml);
+                say!("# version {}, sha256 {}", policy.version, policy.hash);
+                say_inline!("{}", policy.toml);
             }
         }
         AccessCommand::Policy(PolicyCommand::Diff { file }) => {
@@ -74,7 +74,7 @@ pub async fn run(
             if format == Format::Json {
                 json(&proposed)?;
             } else {
-                println!("# {}", proposed.summary);
+                say!("# {}", proposed.summary);
                 print_diff(&current.toml, &proposed.toml);
             }
         }
@@ -87,9 +87,11 @@ pub async fn run(
             if format == Format::Json {
                 json(&applied)?;
             } else {
-                println!(
+                say!(
                     "applied: version {}, sha256 {}\n{}",
-                    applied.version, applied.hash, applied.summary
+                    applied.version,
+                    applied.hash,
+                    applied.summary
                 );
             }
         }
@@ -113,7 +115,7 @@ pub async fn run(
                 json(&answer)?;
             } else {
                 let verdict = if answer.allowed { "allowed" } else { "denied" };
-                println!("{verdict}: {}", answer.reason);
+                say!("{verdict}: {}", answer.reason);
             }
             if !answer.allowed {
                 return Ok(ExitCode::FAILURE);
@@ -155,6 +157,6 @@ fn print_diff(current: &str, proposed: &str) {
             similar::ChangeTag::Insert => "+",
             similar::ChangeTag::Equal => " ",
         };
-        print!("{sign}{change}");
+        say_inline!("{sign}{change}");
     }
 }

@@ -345,7 +345,7 @@ pub struct PageArgs {
 /// Says how to get the next page, when there is one: the same command, filters and limit.
 fn next_page(command: &str, limit: u32, next_before: &str) {
     if !next_before.is_empty() {
-        println!("(more: rewindctl {command} --limit {limit} --before {next_before})");
+        say!("(more: rewindctl {command} --limit {limit} --before {next_before})");
     }
 }
 
@@ -520,9 +520,7 @@ async fn execute(
                 .map_err(explain)?
                 .into_inner();
             if format == Format::Table {
-                println!(
-                    "asked member {member_id} to take over; it leads within an election timeout"
-                );
+                say!("asked member {member_id} to take over; it leads within an election timeout");
             }
             cluster_list(client, format, Some(members)).await
         }
@@ -551,7 +549,7 @@ async fn execute(
                 .into_inner();
             if format == Format::Table {
                 let role = if learner_only { "learner" } else { "voter" };
-                println!("member {member_id} added as a {role}");
+                say!("member {member_id} added as a {role}");
             }
             cluster_list(client, format, Some(members)).await
         }
@@ -563,7 +561,7 @@ async fn execute(
                 .map_err(explain)?
                 .into_inner();
             if format == Format::Table {
-                println!("member {member_id} removed; stop its process and wipe its data dir");
+                say!("member {member_id} removed; stop its process and wipe its data dir");
             }
             cluster_list(client, format, Some(members)).await
         }
@@ -588,9 +586,11 @@ async fn cluster_list(
         json(&members)?;
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
+    say!(
         "cluster {}  term {}  commit index {}",
-        members.cluster_id, members.term, members.commit_index
+        members.cluster_id,
+        members.term,
+        members.commit_index
     );
     let rows = members
         .members
@@ -631,11 +631,22 @@ async fn cluster_list(
 }
 
 async fn fleet_list(client: &mut client::Client, format: Format) -> anyhow::Result<ExitCode> {
-    let hosts = client
-        .list_hosts(pb::ListHostsRequest {})
-        .await
-        .map_err(explain)?
-        .into_inner();
+    let mut hosts = pb::ListHostsResponse::default();
+    loop {
+        let page = client
+            .list_hosts(pb::ListHostsRequest {
+                page_token: hosts.next_page_token.clone(),
+                page_size: 0,
+            })
+            .await
+            .map_err(explain)?
+            .into_inner();
+        hosts.hosts.extend(page.hosts);
+        hosts.next_page_token = page.next_page_token;
+        if hosts.next_page_token.is_empty() {
+            break;
+        }
+    }
     if format == Format::Json {
         json(&hosts)?;
         return Ok(ExitCode::SUCCESS);
@@ -679,7 +690,7 @@ async fn fleet_list(client: &mut client::Client, format: Format) -> anyhow::Resu
         .iter()
         .filter(|host| !host.last_offline.is_empty())
     {
-        println!("{} was {}", host.host_id, host.last_offline);
+        say!("{} was {}", host.host_id, host.last_offline);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -743,12 +754,14 @@ async fn service(
                 json(&response)?;
             } else {
                 let current = response.current.unwrap_or_default();
-                println!(
+                say!(
                     "probe failure ratio {:.3} over {} samples from {} hosts",
-                    current.probe_failure_ratio, current.samples, current.hosts_reporting
+                    current.probe_failure_ratio,
+                    current.samples,
+                    current.hosts_reporting
                 );
                 if current.requests > 0.0 || current.scrape_failures > 0 {
-                    println!(
+                    say!(
                         "from its own metrics: error ratio {} over {:.0} requests, p99 latency {}, {} failed scrapes",
                         current
                             .error_ratio
@@ -761,7 +774,7 @@ async fn service(
                     );
                 }
                 for error in &response.scrape_errors {
-                    println!("metrics scrape failed on {error}");
+                    say!("metrics scrape failed on {error}");
                 }
                 let rows = response
                     .latest_probes
@@ -1060,11 +1073,11 @@ async fn rollback(
             if format == Format::Json {
                 json(&answer)?;
             } else {
-                println!("{}", answer.explanation);
+                say!("{}", answer.explanation);
                 if !answer.next_commands.is_empty() {
-                    println!("\nTo move it on:");
+                    say!("\nTo move it on:");
                     for command in &answer.next_commands {
-                        println!("  {command}");
+                        say!("  {command}");
                     }
                 }
             }
@@ -1247,14 +1260,14 @@ async fn trigger(
         return Ok(ExitCode::SUCCESS);
     }
     if answer.breaker_open {
-        println!(
+        say!(
             "GLOBAL BREAKER OPEN since {} ({} triggered together): no automatic rollback starts \
              until `rewindctl trigger reset-breaker --reason ...`",
             time(answer.breaker_tripped_at_ms),
             answer.breaker_services.join(", ")
         );
     } else {
-        println!("global breaker: closed");
+        say!("global breaker: closed");
     }
     let rows = answer
         .triggers
@@ -1329,14 +1342,16 @@ async fn audit(
             if format == Format::Json {
                 json(&verification)?;
             } else if verification.ok {
-                println!(
+                say!(
                     "audit chain intact: {} entries, head {}",
-                    verification.entries, verification.head_hash
+                    verification.entries,
+                    verification.head_hash
                 );
             } else {
-                println!(
+                say!(
                     "audit chain BROKEN at entry {}: {}",
-                    verification.first_broken_index, verification.detail
+                    verification.first_broken_index,
+                    verification.detail
                 );
             }
             Ok(if verification.ok {

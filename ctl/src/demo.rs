@@ -107,11 +107,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     drop(processes);
     match outcome {
         Ok(()) => {
-            println!("\nData, logs and certificates are in {}", dir.display());
+            say!("\nData, logs and certificates are in {}", dir.display());
             Ok(ExitCode::SUCCESS)
         }
         Err(error) => {
-            eprintln!("\nDemo FAILED: {error:#}\nLogs are in {}", logs.display());
+            say_err!("\nDemo FAILED: {error:#}\nLogs are in {}", logs.display());
             Ok(ExitCode::FAILURE)
         }
     }
@@ -150,7 +150,7 @@ async fn run_loop(
     .await?;
     let tls_dir = coordinator_dir.join("tls");
     let ca = DevCa::load(&tls_dir).context("load the dev CA")?;
-    println!(
+    say!(
         "  coordinator at {address}, certificates in {}",
         tls_dir.display()
     );
@@ -173,7 +173,7 @@ async fn run_loop(
             &["--config", path_str(&config_path)?, "run"],
             &logs.join(format!("{}.log", host.id)),
         )?;
-        println!(
+        say!(
             "  {}: service root {}, app on 127.0.0.1:{port}",
             host.id,
             host.root.display()
@@ -197,7 +197,7 @@ async fn run_loop(
         async move {
             alive?;
             let hosts = client
-                .list_hosts(pb::ListHostsRequest {})
+                .list_hosts(pb::ListHostsRequest::default())
                 .await
                 .map_err(explain)?
                 .into_inner()
@@ -237,7 +237,7 @@ async fn run_loop(
     for version in ["v1", "v2"] {
         let artifact_digest =
             rewind_shared::digest::tree_digest(&hosts[0].root.join("releases").join(version))?;
-        println!("  {SERVICE} {version}: {artifact_digest}");
+        say!("  {SERVICE} {version}: {artifact_digest}");
         let release = pb::Release {
             service: SERVICE.into(),
             version: version.into(),
@@ -262,9 +262,10 @@ async fn run_loop(
     })
     .await?;
     let healthy = wait_healthy(&client, 0.0).await?;
-    println!(
+    say!(
         "  v1 deployed on every host; probe failure ratio {:.2} over {} samples",
-        healthy.probe_failure_ratio, healthy.samples
+        healthy.probe_failure_ratio,
+        healthy.samples
     );
 
     say("Deploying v2 (its /health answers 500)");
@@ -277,12 +278,12 @@ async fn run_loop(
         // What a deploy tool would do alongside the release: rewrite the app's config.
         std::fs::write(host.root.join(CONFIG_FILE), V2_CONFIG)?;
     }
-    println!("  the deploy tool rewrote {CONFIG_FILE} on every host");
+    say!("  the deploy tool rewrote {CONFIG_FILE} on every host");
     let deployed = wait_for_change(&client, &second, |change| {
         change.deployed_at_ms > 0 || !change.rollback_id.is_empty()
     })
     .await?;
-    println!(
+    say!(
         "  v2 deployed at {}; waiting for the health policy to fire",
         time(deployed.deployed_at_ms)
     );
@@ -330,7 +331,7 @@ async fn run_loop(
             "{}: {CONFIG_FILE} was not restored byte for byte",
             host.id
         );
-        println!(
+        say!(
             "  {}: current -> releases/v1, {CONFIG_FILE} restored byte for byte",
             host.id
         );
@@ -338,9 +339,10 @@ async fn run_loop(
     let baseline = triggered.baseline.unwrap_or_default();
     let recovered = wait_healthy(&client, baseline.probe_failure_ratio).await?;
     let healthy_at = rewind_shared::time::now_ms();
-    println!(
+    say!(
         "  health back to baseline: probe failure ratio {:.2} (baseline {:.2})",
-        recovered.probe_failure_ratio, baseline.probe_failure_ratio
+        recovered.probe_failure_ratio,
+        baseline.probe_failure_ratio
     );
 
     let audit = client
@@ -362,19 +364,19 @@ async fn run_loop(
             ms.saturating_sub(deployed.deployed_at_ms) as f64 / 1000.0
         )
     };
-    println!(
+    say!(
         "  {}  v2 deployed on {} hosts",
         time(deployed.deployed_at_ms),
         deployed.hosts.len()
     );
-    println!(
+    say!(
         "  {}  {since_start}  bad health detected, rollback started: {}",
         time(rollback.started_at_ms),
         rollback.reason,
         since_start = since(rollback.started_at_ms)
     );
     for step in rollback.steps.iter().filter(|step| step.kind == "verify") {
-        println!(
+        say!(
             "  {}  {}  {} reverted and verified healthy ({})",
             time(step.finished_at_ms),
             since(step.finished_at_ms),
@@ -382,22 +384,23 @@ async fn run_loop(
             step.detail
         );
     }
-    println!(
+    say!(
         "  {}  {}  rollback {} succeeded",
         time(rollback.finished_at_ms),
         since(rollback.finished_at_ms),
         rollback.rollback_id
     );
-    println!(
+    say!(
         "  {}  {}  service health back to baseline",
         time(healthy_at),
         since(healthy_at)
     );
-    println!(
+    say!(
         "\nAudit: {} entries, hash chain intact (head {})",
-        audit.entries, audit.head_hash
+        audit.entries,
+        audit.head_hash
     );
-    println!(
+    say!(
         "The demo stops its processes now. To look around afterwards:\n  rewind-coordinator --dev --data-dir {} --listen 127.0.0.1:7443 &\n  rewindctl --tls-dir {} audit list",
         coordinator_dir.display(),
         tls_dir.display()
@@ -406,7 +409,7 @@ async fn run_loop(
 }
 
 fn say(text: &str) {
-    println!("\n==> {text}");
+    say!("\n==> {text}");
 }
 
 fn path_str(path: &Path) -> anyhow::Result<&str> {
@@ -522,7 +525,7 @@ async fn start_change(client: &mut Client, version: &str, reason: &str) -> anyho
         .into_inner()
         .change
         .context("no change in the answer")?;
-    println!(
+    say!(
         "  {} started: snapshot every host, then switch to {version}",
         change.change_id
     );

@@ -66,10 +66,10 @@ pub async fn run(
                     "latest snapshots"
                 };
                 if lines.is_empty() {
-                    println!("{first} and {second} match ({what})");
+                    say!("{first} and {second} match ({what})");
                 }
                 for line in &lines {
-                    println!("{line}");
+                    say!("{line}");
                 }
             }
             Ok(exit_for(lines.is_empty()))
@@ -84,23 +84,23 @@ pub async fn run(
             if format != Format::Json {
                 for state in &answer.services {
                     if !state.note.is_empty() {
-                        println!("{}: {}", state.service, state.note);
+                        say!("{}: {}", state.service, state.note);
                     } else if state.drift.is_empty() {
-                        println!(
+                        say!(
                             "{}: no drift since {} (captured {})",
                             state.service,
                             state.snapshot_id,
                             time(state.captured_at_ms)
                         );
                     } else {
-                        println!(
+                        say!(
                             "{}: drifted since {} (captured {}):",
                             state.service,
                             state.snapshot_id,
                             time(state.captured_at_ms)
                         );
                         for line in &state.drift {
-                            println!("  {line}");
+                            say!("  {line}");
                         }
                     }
                 }

@@ -90,7 +90,7 @@ pub async fn run_tokens(
                 json(&created)?;
             } else {
                 let details = created.details.unwrap_or_default();
-                eprintln!(
+                say_err!(
                     "{}: {} {} for {} use(s) until {} (shown once; keep it secret)",
                     details.token_id,
                     details.kind,
@@ -98,7 +98,7 @@ pub async fn run_tokens(
                     details.uses,
                     time(details.expires_at_ms)
                 );
-                println!("{}", created.token);
+                say!("{}", created.token);
             }
         }
         JoinTokenCommand::List => {
@@ -152,7 +152,7 @@ pub async fn run_tokens(
             if format == Format::Json {
                 json(&token)?;
             } else {
-                println!("{} revoked", token.token_id);
+                say!("{} revoked", token.token_id);
             }
         }
     }
@@ -223,7 +223,7 @@ pub async fn run_cert(options: &ConnectOptions, command: CertCommand) -> anyhow:
         accept_legacy: false,
     };
     let enrolled = enroll(&enrolment, credential, &KeyAndCsr::new(&subject)?).await?;
-    println!(
+    say!(
         "{}: {} valid until {}",
         enrolled.identity,
         files.cert.display(),

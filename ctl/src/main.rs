@@ -2,6 +2,8 @@
 //! (`rewindctl rollback start ch-12`), tables by default, `--output json` everywhere, and an
 //! exit code of 0 only when the operation succeeded.
 
+#[macro_use]
+mod output;
 mod access;
 mod client;
 mod commands;
@@ -10,7 +12,6 @@ mod flags;
 mod hosts;
 mod join;
 mod migrations;
-mod output;
 mod plans;
 mod requests;
 mod watch;
@@ -28,14 +29,14 @@ fn main() -> ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
-            eprintln!("error: start the runtime: {error}");
+            say_err!("error: start the runtime: {error}");
             return ExitCode::FAILURE;
         }
     };
     match runtime.block_on(commands::run(cli)) {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            say_err!("error: {error:#}");
             ExitCode::FAILURE
         }
     }

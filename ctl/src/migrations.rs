@@ -248,7 +248,7 @@ pub async fn schema(
 
 /// One transaction in full: the decision, each shard's phases and every statement run.
 fn print_txn(txn: &pb::SchemaTxn) {
-    println!(
+    say!(
         "{}  {} {} on {} ({}) for {}: {}",
         txn.txn_id,
         txn.direction,
@@ -259,17 +259,17 @@ fn print_txn(txn: &pb::SchemaTxn) {
         txn.status
     );
     if !txn.decision.is_empty() {
-        println!("decision: {}: {}", txn.decision, txn.decision_reason);
+        say!("decision: {}: {}", txn.decision, txn.decision_reason);
     }
     if !txn.detail.is_empty() {
-        println!("outcome: {}", txn.detail);
+        say!("outcome: {}", txn.detail);
     }
-    println!("fingerprint before: {}", or_none(&txn.fingerprint_before));
+    say!("fingerprint before: {}", or_none(&txn.fingerprint_before));
     if !txn.expected_fingerprint.is_empty() {
-        println!("expected after: {}", txn.expected_fingerprint);
+        say!("expected after: {}", txn.expected_fingerprint);
     }
     if !txn.accept_data_loss.is_empty() {
-        println!("data loss accepted: {}", txn.accept_data_loss);
+        say!("data loss accepted: {}", txn.accept_data_loss);
     }
     let rows = txn
         .shards
@@ -302,17 +302,17 @@ fn print_txn(txn: &pb::SchemaTxn) {
     for shard in &txn.shards {
         for step in &shard.steps {
             if !step.detail.is_empty() {
-                println!("  {} {}: {}", shard.host_id, step.kind, step.detail);
+                say!("  {} {}: {}", shard.host_id, step.kind, step.detail);
             }
         }
         for loss in &shard.data_loss {
-            println!("  {} data at risk: {loss}", shard.host_id);
+            say!("  {} data at risk: {loss}", shard.host_id);
         }
         for file in &shard.exported {
-            println!("  {} exported to {file}", shard.host_id);
+            say!("  {} exported to {file}", shard.host_id);
         }
         for statement in &shard.statements {
-            println!(
+            say!(
                 "  {} {}: {} ({} row{})",
                 shard.host_id,
                 statement.script,
@@ -322,7 +322,7 @@ fn print_txn(txn: &pb::SchemaTxn) {
             );
         }
         for gid in &shard.in_doubt {
-            println!("  {} prepared transaction still open: {gid}", shard.host_id);
+            say!("  {} prepared transaction still open: {gid}", shard.host_id);
         }
     }
 }
@@ -408,9 +408,13 @@ pub async fn drill(
 }
 
 fn print_drill(drill: &pb::Drill) {
-    println!(
+    say!(
         "{}  {} of {} on {}: {}",
-        drill.drill_id, drill.status, drill.change_id, drill.environment, drill.detail
+        drill.drill_id,
+        drill.status,
+        drill.change_id,
+        drill.environment,
+        drill.detail
     );
     let rows = drill
         .steps

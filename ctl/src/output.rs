@@ -1,4 +1,33 @@
 //! Tables for people, JSON (protobuf JSON mapping) for scripts.
+//!
+//! Everything rewindctl prints goes through [`say!`], [`say_inline!`], [`say_err!`] or
+//! [`table`], which escape what a terminal would act on (escape sequences, other control
+//! characters, bidirectional overrides): region labels, reasons, step details and errors come
+//! from agents and other people, and must not reach a terminal raw.
+
+/// `println!` for whatever may hold text from outside: see the module's documentation.
+macro_rules! say {
+    () => {
+        println!()
+    };
+    ($($arg:tt)*) => {
+        println!("{}", rewind_shared::names::for_terminal(&format!($($arg)*)))
+    };
+}
+
+/// `print!`, escaped as [`say!`] is.
+macro_rules! say_inline {
+    ($($arg:tt)*) => {
+        print!("{}", rewind_shared::names::for_terminal(&format!($($arg)*)))
+    };
+}
+
+/// `eprintln!`, escaped as [`say!`] is.
+macro_rules! say_err {
+    ($($arg:tt)*) => {
+        eprintln!("{}", rewind_shared::names::for_terminal(&format!($($arg)*)))
+    };
+}
 
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
 use rewind_proto::v1 as pb;
@@ -12,7 +41,8 @@ pub enum Format {
 }
 
 pub fn json<T: Serialize>(value: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+    // JSON escapes every control character itself.
+    say!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
 
@@ -22,9 +52,12 @@ pub fn table(header: &[&str], rows: Vec<Vec<String>>) {
         .load_preset(UTF8_BORDERS_ONLY)
         .set_header(header.iter().map(|title| title.to_string()));
     for row in rows {
-        table.add_row(row);
+        table.add_row(
+            row.iter()
+                .map(|cell| rewind_shared::names::for_terminal(cell).into_owned()),
+        );
     }
-    println!("{table}");
+    say!("{table}");
 }
 
 /// RFC 3339 UTC with milliseconds, or `-` for 0.
@@ -64,7 +97,7 @@ pub fn trigger_of(rollback: &pb::Rollback) -> String {
 }
 
 pub fn print_rollback(rollback: &pb::Rollback) {
-    println!(
+    say!(
         "{}  {}  of {} ({})  trigger: {}  started by {} at {}",
         rollback.rollback_id,
         rollback_state(rollback),
@@ -74,9 +107,9 @@ pub fn print_rollback(rollback: &pb::Rollback) {
         rollback.started_by,
         time(rollback.started_at_ms)
     );
-    println!("reason: {}", rollback.reason);
+    say!("reason: {}", rollback.reason);
     if !rollback.approved_by.is_empty() {
-        println!(
+        say!(
             "approved by {}{}",
             rollback.approved_by.join(", "),
             if rollback.request_id.is_empty() {
@@ -87,22 +120,22 @@ pub fn print_rollback(rollback: &pb::Rollback) {
         );
     }
     if rollback.break_glass {
-        println!(
+        say!(
             "BREAK-GLASS: ran without its approvals; review: rewindctl request show {}",
             rollback.request_id
         );
     }
     if !rollback.plan_hash.is_empty() {
-        println!("plan: {}", rollback.plan_hash);
+        say!("plan: {}", rollback.plan_hash);
     }
     if !rollback.paused_reason.is_empty() {
-        println!("PAUSED: {}", rollback.paused_reason);
+        say!("PAUSED: {}", rollback.paused_reason);
     }
     if !rollback.outcome_detail.is_empty() {
-        println!("outcome: {}", rollback.outcome_detail);
+        say!("outcome: {}", rollback.outcome_detail);
     }
     for stage in &rollback.schema {
-        println!("schema: {stage}");
+        say!("schema: {stage}");
     }
     let waves = rollback
         .waves
@@ -152,7 +185,7 @@ pub fn print_rollback(rollback: &pb::Rollback) {
 }
 
 pub fn print_change(change: &pb::Change) {
-    println!(
+    say!(
         "{}  {}  {} {} -> {}  started by {} at {}{}",
         change.change_id,
         change_state(change),
@@ -172,23 +205,23 @@ pub fn print_change(change: &pb::Change) {
         }
     );
     if !change.reason.is_empty() {
-        println!("reason: {}", change.reason);
+        say!("reason: {}", change.reason);
     }
     if !change.approved_by.is_empty() {
-        println!(
+        say!(
             "approved by {} ({})",
             change.approved_by.join(", "),
             change.request_id
         );
     }
     if change.break_glass {
-        println!(
+        say!(
             "BREAK-GLASS: ran without its approvals; review: rewindctl request show {}",
             change.request_id
         );
     }
     for stage in &change.schema {
-        println!("migrations: {stage}");
+        say!("migrations: {stage}");
     }
     let rows = change
         .hosts
@@ -208,9 +241,10 @@ pub fn print_change(change: &pb::Change) {
         .iter()
         .filter(|host| !host.self_reverted.is_empty())
     {
-        println!(
+        say!(
             "{} reverted itself while offline: {}",
-            host.host_id, host.self_reverted
+            host.host_id,
+            host.self_reverted
         );
     }
 }

@@ -102,14 +102,14 @@ impl PlanArgs {
 pub fn print_plan(plan: &pb::RollbackPlan) {
     let options = plan.options.clone().unwrap_or_default();
     let gate = options.gate.unwrap_or_default();
-    println!(
+    say!(
         "Plan {}: revert {} ({}), in {} waves",
         plan.plan_hash,
         plan.change_ids.join(", "),
         plan.services.join(" then "),
         plan.waves.len()
     );
-    println!(
+    say!(
         "max parallel {}, max unavailable {}; gate after each wave: ratios within {:.2} and p99 within {:.0} % of baseline for {} s (timeout {} s)",
         options.max_parallel,
         options.max_unavailable,
@@ -119,11 +119,11 @@ pub fn print_plan(plan: &pb::RollbackPlan) {
         gate.timeout_s
     );
     if !plan.flags.is_empty() {
-        println!("flags turned back first: {}", plan.flags.join(", "));
+        say!("flags turned back first: {}", plan.flags.join(", "));
     }
-    println!("steps per host: {}", plan.steps_per_host.join(" -> "));
+    say!("steps per host: {}", plan.steps_per_host.join(" -> "));
     for recipe in &plan.recipes {
-        println!(
+        say!(
             "steps per host of {}: {}",
             recipe.service,
             recipe.steps.join(" -> ")
@@ -156,7 +156,7 @@ pub fn print_plan(plan: &pb::RollbackPlan) {
         rows,
     );
     for revert in &plan.schema {
-        println!(
+        say!(
             "then revert {} on {} ({} of {}), all or nothing across its shards {}; expects fingerprint {}",
             revert.versions.join(", "),
             revert.database,
@@ -175,9 +175,9 @@ pub fn print_plan(plan: &pb::RollbackPlan) {
         );
     }
     if !options.accept_data_loss.is_empty() {
-        println!("data loss accepted: {}", options.accept_data_loss);
+        say!("data loss accepted: {}", options.accept_data_loss);
     }
-    println!("\nReadiness:");
+    say!("\nReadiness:");
     let lines = [
         ("hosts not connected", plan.disconnected_hosts.join(", ")),
         ("releases not registered", plan.missing_releases.join(", ")),
@@ -187,34 +187,34 @@ pub fn print_plan(plan: &pb::RollbackPlan) {
         ),
     ];
     for (label, value) in lines {
-        println!(
+        say!(
             "  {label}: {}",
             if value.is_empty() { "none" } else { &value }
         );
     }
-    println!(
+    say!(
         "  expected duration: about {}",
         humantime::format_duration(std::time::Duration::from_secs(
             plan.expected_duration_ms.div_ceil(1000)
         ))
     );
     for note in &plan.notes {
-        println!("  note: {note}");
+        say!("  note: {note}");
     }
     if plan.incompatibilities.is_empty() {
-        println!("  consumers that would break: none");
+        say!("  consumers that would break: none");
     } else {
-        println!("  consumers that would break:");
+        say!("  consumers that would break:");
         for problem in &plan.incompatibilities {
-            println!("    {problem}");
+            say!("    {problem}");
         }
     }
     if plan.runnable {
-        println!(
+        say!(
             "\nRun exactly this plan: rewindctl rollback start --plan-hash {} <same selection and options>",
             plan.plan_hash
         );
     } else {
-        println!("\nREFUSED: fix the incompatibilities above, or add --force (audited).");
+        say!("\nREFUSED: fix the incompatibilities above, or add --force (audited).");
     }
 }

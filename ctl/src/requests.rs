@@ -152,13 +152,13 @@ pub fn print_request(request: &pb::ApprovalRequest) {
             request.services.join(", ")
         )
     };
-    println!(
+    say!(
         "{}  {}  {what} in {}",
         request.request_id,
         status_of(request),
         request.environments.join(", ")
     );
-    println!(
+    say!(
         "requested by {} ({}) at {}: {}",
         request.requester,
         request.trigger,
@@ -166,22 +166,22 @@ pub fn print_request(request: &pb::ApprovalRequest) {
         request.reason
     );
     if !request.detail.is_empty() {
-        println!("{}", request.detail);
+        say!("{}", request.detail);
     }
-    println!("plan: {}", request.plan_hash);
+    say!("plan: {}", request.plan_hash);
     for wave in &request.plan {
-        println!("  {wave}");
+        say!("  {wave}");
     }
     if !request.plan_now.is_empty() {
-        println!("NOT APPROVABLE: {}", request.plan_now);
+        say!("NOT APPROVABLE: {}", request.plan_now);
     }
-    println!(
+    say!(
         "approvals: {} of {}",
         request.approvals.len(),
         request.approvals_needed
     );
     for approval in &request.approvals {
-        println!(
+        say!(
             "  {} at {}: {}",
             approval.identity,
             time(approval.at_ms),
@@ -189,7 +189,7 @@ pub fn print_request(request: &pb::ApprovalRequest) {
         );
     }
     if request.status == "pending" {
-        println!(
+        say!(
             "expires at {}; approve with: rewindctl request approve {} --plan-hash {}",
             time(request.expires_at_ms),
             request.request_id,
@@ -197,30 +197,30 @@ pub fn print_request(request: &pb::ApprovalRequest) {
         );
     }
     if let Some(review) = &request.review {
-        println!(
+        say!(
             "reviewed by {} at {}: {}",
             review.identity,
             time(review.at_ms),
             review.reason
         );
     } else if request.break_glass {
-        println!(
+        say!(
             "needs a review: rewindctl request review {} --reason TEXT",
             request.request_id
         );
     }
     if !request.rollback_id.is_empty() {
-        println!("rollback: {}", request.rollback_id);
+        say!("rollback: {}", request.rollback_id);
     }
     if !request.change_id.is_empty() {
-        println!("change: {}", request.change_id);
+        say!("change: {}", request.change_id);
     }
 }
 
 /// What `rollback start` and `change start` say when they wait for approval.
 pub fn print_filed(request: Option<pb::ApprovalRequest>) -> anyhow::Result<()> {
     let request = request.context("the answer holds neither what started nor a request")?;
-    println!(
+    say!(
         "{} waits for {} approvals ({} requires them); approvers run:\n  rewindctl request show {}",
         request.request_id,
         request.approvals_needed,

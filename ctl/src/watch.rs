@@ -37,7 +37,7 @@ pub async fn follow(
     while let Some(update) = stream.next().await {
         let rollback = update.map_err(explain)?.rollback.unwrap_or_default();
         if format == Format::Json {
-            println!("{}", serde_json::to_string(&rollback)?);
+            say!("{}", serde_json::to_string(&rollback)?);
         } else {
             report_transitions(&bar, &rollback, &mut seen);
         }
@@ -47,7 +47,7 @@ pub async fn follow(
     let rollback =
         last.ok_or_else(|| anyhow::anyhow!("the coordinator closed the watch without an update"))?;
     if format == Format::Table {
-        println!();
+        say!();
         output::print_rollback(&rollback);
     }
     let state = pb::RollbackState::try_from(rollback.state).unwrap_or_default();
@@ -136,8 +136,8 @@ fn report_transitions(bar: &ProgressBar, rollback: &pb::Rollback, seen: &mut Vec
 
 fn print_line(bar: &ProgressBar, line: String) {
     if bar.is_hidden() {
-        println!("{line}")
+        say!("{line}")
     } else {
-        bar.println(line)
+        bar.println(rewind_shared::names::for_terminal(&line))
     }
 }

@@ -20,6 +20,7 @@
 //! - [`sql`]: splitting PostgreSQL scripts into statements; finding transaction control.
 //! - [`failpoint`]: `REWIND_FAILPOINTS` crash points for recovery tests.
 
+pub mod bounds;
 pub mod config;
 pub mod dev_ca;
 pub mod digest;

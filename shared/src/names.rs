@@ -15,22 +15,42 @@ pub fn truncate(text: &str, max_bytes: usize) -> &str {
     &text[..cut]
 }
 
-/// `text` as it may reach a terminal: control characters (escape sequences, newlines) shown as
-/// `\u{..}`, and at most `max_bytes` of it.
+/// `text` as it may reach a terminal: control characters (escape sequences, newlines) and
+/// bidirectional overrides shown as `\u{..}`, and at most `max_bytes` of it.
 pub fn printable(text: &str, max_bytes: usize) -> String {
-    let text = truncate(text, max_bytes);
-    if !text.chars().any(char::is_control) {
-        return text.to_string();
+    escape(truncate(text, max_bytes), |_| false).into_owned()
+}
+
+/// A whole message as it may reach a terminal: like [`printable`], but its own line breaks and
+/// tabs kept, so what a program meant to print prints as meant and what came from outside
+/// cannot move the cursor, recolour, retitle or reorder anything.
+pub fn for_terminal(text: &str) -> std::borrow::Cow<'_, str> {
+    escape(text, |c| matches!(c, '\n' | '\t'))
+}
+
+/// Characters that change how a terminal shows what follows: C0 and C1 controls (ESC starts
+/// every escape sequence) and the Unicode bidirectional controls (which can show text in
+/// another order than it is).
+fn unsafe_on_terminal(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+fn escape(text: &str, keep: impl Fn(char) -> bool) -> std::borrow::Cow<'_, str> {
+    let escaped = |c: char| unsafe_on_terminal(c) && !keep(c);
+    if !text.chars().any(escaped) {
+        return std::borrow::Cow::Borrowed(text);
     }
     text.chars()
         .map(|c| {
-            if c.is_control() {
+            if escaped(c) {
                 c.escape_unicode().to_string()
             } else {
                 c.to_string()
             }
         })
-        .collect()
+        .collect::<String>()
+        .into()
 }
 
 /// Service names, host ids, flag names: lower-case letters, digits, `-`, `_`, `.`;
@@ -121,6 +141,20 @@ fn invalid(field: &str, message: String) -> SharedError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn terminal_text_has_no_escapes_or_reordering() {
+        let hostile = "eu\u{1b}]52;c;cm0gLXJm\u{7}\u{1b}[2J\u{202e}gnp.exe\nrow\tcell\u{9b}";
+        assert_eq!(
+            for_terminal(hostile),
+            "eu\\u{1b}]52;c;cm0gLXJm\\u{7}\\u{1b}[2J\\u{202e}gnp.exe\nrow\tcell\\u{9b}"
+        );
+        assert_eq!(printable("a\nb\u{2066}", 64), "a\\u{a}b\\u{2066}");
+        assert!(matches!(
+            for_terminal("plain, ünïcode"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+    }
 
     #[test]
     fn names_reject_empty_upper_case_and_path_characters() {

@@ -78,7 +78,7 @@ async fn must_connected(client: &ControlServiceClient<Channel>, count: usize) {
         let mut client = client.clone();
         async move {
             let hosts = client
-                .list_hosts(pb::ListHostsRequest {})
+                .list_hosts(pb::ListHostsRequest::default())
                 .await
                 .ok()?
                 .into_inner()

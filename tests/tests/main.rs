@@ -31,3 +31,4 @@ mod t27_access;
 mod t28_approvals;
 mod t29_join;
 mod t30_connection_bounds;
+mod t31_hostile_agent;

@@ -30,7 +30,7 @@ async fn clients_without_a_certificate_or_from_another_ca_are_refused() {
         .await
     {
         Ok(channel) => pb::control_service_client::ControlServiceClient::new(channel)
-            .list_hosts(pb::ListHostsRequest {})
+            .list_hosts(pb::ListHostsRequest::default())
             .await
             .err(),
         Err(error) => Some(tonic::Status::unavailable(error.to_string())),
@@ -54,7 +54,10 @@ async fn clients_without_a_certificate_or_from_another_ca_are_refused() {
         key: forged.key,
     };
     let refused = match coordinator.client_with(&files).await {
-        Ok(mut client) => client.list_hosts(pb::ListHostsRequest {}).await.err(),
+        Ok(mut client) => client
+            .list_hosts(pb::ListHostsRequest::default())
+            .await
+            .err(),
         Err(error) => Some(tonic::Status::unavailable(error)),
     };
     assert!(

@@ -659,7 +659,7 @@ async fn a_revoked_agent_is_cut_off_at_once_and_cannot_reconnect() {
         let mut admin = admin.clone();
         async move {
             let hosts = admin
-                .list_hosts(pb::ListHostsRequest {})
+                .list_hosts(pb::ListHostsRequest::default())
                 .await
                 .ok()?
                 .into_inner()
@@ -742,7 +742,7 @@ async fn a_staging_operator_neither_sees_nor_reverts_prod_changes() {
         .collect();
     assert_eq!(listed, std::slice::from_ref(&staging));
     let hosts_seen: Vec<String> = sol
-        .list_hosts(pb::ListHostsRequest {})
+        .list_hosts(pb::ListHostsRequest::default())
         .await
         .unwrap()
         .into_inner()

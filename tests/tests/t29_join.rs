@@ -126,7 +126,7 @@ async fn an_agent_joins_with_a_token_and_renews_before_expiry_without_a_restart(
     assert_eq!(chain, 2, "the leaf and the issuing CA");
     assert!(first.not_after_s - first.not_before_s <= 45 + 300 + 5);
     let hosts = admin
-        .list_hosts(pb::ListHostsRequest {})
+        .list_hosts(pb::ListHostsRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -408,7 +408,7 @@ async fn a_host_that_joined_for_prod_cannot_register_elsewhere() {
         },
     );
     let hosts = admin
-        .list_hosts(pb::ListHostsRequest {})
+        .list_hosts(pb::ListHostsRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -575,7 +575,7 @@ async fn the_coordinator_serves_its_renewed_certificate_without_a_restart() {
         "the new certificate is served"
     );
     admin
-        .list_hosts(pb::ListHostsRequest {})
+        .list_hosts(pb::ListHostsRequest::default())
         .await
         .expect("calls keep working");
 }

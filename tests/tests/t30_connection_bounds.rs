@@ -89,7 +89,7 @@ async fn a_flood_of_idle_connections_does_not_stop_an_operator_or_a_scrape() {
         .expect("an operator connects while the gRPC port is flooded");
     tokio::time::timeout(
         Duration::from_secs(20),
-        operator.list_hosts(pb::ListHostsRequest {}),
+        operator.list_hosts(pb::ListHostsRequest::default()),
     )
     .await
     .expect("an operator's call is answered while the gRPC port is flooded")
@@ -161,12 +161,16 @@ async fn idle_connections_are_closed_and_bad_handshakes_logged() {
         .unwrap();
     must_be_closed_within(&mut plain, limit, "a connection that is not TLS").await;
     let log_path = dir.path().join("coordinator.log");
-    must_wait(Duration::from_secs(10), "the refused handshake logged", || {
-        let log = std::fs::read_to_string(&log_path).unwrap();
-        log.lines()
-            .any(|line| line.contains("handshake_failed") && line.contains("127.0.0.4"))
-            .then_some(())
-    });
+    must_wait(
+        Duration::from_secs(10),
+        "the refused handshake logged",
+        || {
+            let log = std::fs::read_to_string(&log_path).unwrap();
+            log.lines()
+                .any(|line| line.contains("handshake_failed") && line.contains("127.0.0.4"))
+                .then_some(())
+        },
+    );
     let metrics = scrape(&coordinator.http_address).await;
     assert!(refused_count(&metrics, "grpc", "handshake_failed") >= 1.0);
     assert!(refused_count(&metrics, "grpc", "handshake_timeout") >= 1.0);
@@ -204,9 +208,8 @@ async fn advertised_max_streams(coordinator: &Coordinator) -> Option<u32> {
         // A SETTINGS frame that is not an acknowledgement.
         if header[3] == 0x4 && header[4] & 0x1 == 0 {
             return payload.chunks_exact(6).find_map(|setting| {
-                (u16::from_be_bytes([setting[0], setting[1]]) == 0x3).then(|| {
-                    u32::from_be_bytes([setting[2], setting[3], setting[4], setting[5]])
-                })
+                (u16::from_be_bytes([setting[0], setting[1]]) == 0x3)
+                    .then(|| u32::from_be_bytes([setting[2], setting[3], setting[4], setting[5]]))
             });
         }
     }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use rewind_proto::v1::{
     self as pb, agent_message, agent_service_server::AgentService, coordinator_message,
 };
+use rewind_shared::bounds::{self, MAX_DETAIL_BYTES, MAX_OFFLINE_PROBES};
 use rewind_shared::names::{self, truncate};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
@@ -24,10 +25,8 @@ use crate::state_machine::{
 
 /// How long an agent has to send `Register` after opening the stream.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
-/// Most services one host may declare.
-const MAX_SERVICES_PER_HOST: usize = 256;
-/// Longest step detail kept; longer ones are cut.
-const MAX_DETAIL_BYTES: usize = 4096;
+/// After the first refused health report of a session, only every this many is logged.
+const LOG_REFUSED_REPORT_EVERY: u64 = 100;
 
 pub struct Agents {
     pub context: Context,
@@ -62,6 +61,8 @@ impl AgentService for Agents {
         };
         validate_register(&register, &caller.principal.name)?;
         let host_id = register.host_id.clone();
+        // Health reports of this session may speak only for the services it registered.
+        let services = register.services.clone();
         let kind = CommandKind::RegisterHost {
             host_id: host_id.clone(),
             labels: convert::labels_from(register.labels),
@@ -102,7 +103,7 @@ impl AgentService for Agents {
         let span = info_span!("agent_session", host_id = %host_id, generation);
         tokio::spawn(
             async move {
-                read_session(&context, &host_id, generation, inbound).await;
+                read_session(&context, &host_id, &services, generation, inbound).await;
                 context.sessions.close(&host_id, generation);
                 info!("Agent disconnected.");
             }
@@ -118,32 +119,15 @@ fn agent_identity(host_id: &str) -> String {
     format!("{}:{host_id}", rewind_shared::identity::Kind::Agent)
 }
 
-/// `host_name`: the host the agent's certificate names.
+/// `host_name`: the host the agent's certificate names. Every field within its bound
+/// ([`rewind_shared::bounds`]): what is registered goes into the replicated log.
 fn validate_register(register: &pb::Register, host_name: &str) -> Result<(), Status> {
-    names::validate_name("register.host_id", &register.host_id)
-        .map_err(|error| invalid("register.host_id", error.to_string()))?;
+    bounds::check_register(register).map_err(|refused| invalid(&refused.field, refused.problem))?;
     if register.host_id != host_name {
         return Err(Status::permission_denied(format!(
             "certificate agent:{host_name} may not register host {:?}: an agent registers the host its certificate names",
             register.host_id
         )));
-    }
-    // The environment label decides who may see and change this host.
-    if let Some(labels) = &register.labels
-        && !labels.environment.is_empty()
-    {
-        names::validate_name("register.labels.environment", &labels.environment)
-            .map_err(|error| invalid("register.labels.environment", error.to_string()))?;
-    }
-    if register.services.len() > MAX_SERVICES_PER_HOST {
-        return Err(invalid(
-            "register.services",
-            format!("names more than {MAX_SERVICES_PER_HOST} services"),
-        ));
-    }
-    for service in &register.services {
-        names::validate_name("register.services", service)
-            .map_err(|error| invalid("register.services", error.to_string()))?;
     }
     Ok(())
 }
@@ -153,9 +137,11 @@ fn validate_register(register: &pb::Register, host_name: &str) -> Result<(), Sta
 async fn read_session(
     context: &Context,
     host_id: &str,
+    services: &[String],
     generation: u64,
     mut inbound: Streaming<pb::AgentMessage>,
 ) {
+    let mut refused_reports = 0u64;
     while let Some(message) = inbound.next().await {
         let message = match message {
             Ok(message) => message,
@@ -169,12 +155,23 @@ async fn read_session(
             return;
         }
         match message.body {
-            Some(agent_message::Body::Health(report)) => match check_report(&report) {
-                Ok(()) => context
-                    .health
-                    .record(host_id, report, rewind_shared::time::now_ms()),
-                Err(problem) => warn!(problem, "Dropped a health report."),
-            },
+            Some(agent_message::Body::Health(report)) => {
+                match bounds::check_health_report(&report, services) {
+                    Ok(()) => context
+                        .health
+                        .record(host_id, report, rewind_shared::time::now_ms()),
+                    Err(refused) => {
+                        if refused_reports.is_multiple_of(LOG_REFUSED_REPORT_EVERY) {
+                            warn!(
+                                problem = %refused,
+                                refused_in_session = refused_reports + 1,
+                                "Dropped a health report that does not fit its bounds."
+                            );
+                        }
+                        refused_reports += 1;
+                    }
+                }
+            }
             Some(agent_message::Body::StepResult(result)) => {
                 record_step_result(context, host_id, result).await
             }
@@ -215,7 +212,7 @@ async fn record_step_result(context: &Context, host_id: &str, result: pb::StepRe
         return;
     }
     let mut ok = result.ok;
-    let mut detail = truncate(&result.detail, MAX_DETAIL_BYTES).to_string();
+    let mut detail = bounds::kept(&result.detail, MAX_DETAIL_BYTES);
     let capture_ok = ok && matches!(step, StepTarget::Capture { .. });
     if capture_ok && names::validate_name("snapshot_id", &result.snapshot_id).is_err() {
         // Without a usable snapshot id the host could not be rolled back: fail the capture.
@@ -270,21 +267,21 @@ fn shard_report(report: pb::ShardReport) -> ShardReportRecord {
         items
             .into_iter()
             .take(MAX_ITEMS)
-            .map(|item| truncate(&item, 512).to_string())
+            .map(|item| bounds::kept(&item, 512))
             .collect()
     };
     ShardReportRecord {
-        database_identity: truncate(&report.database_identity, 128).to_string(),
-        version: truncate(&report.version, 128).to_string(),
-        fingerprint: truncate(&report.fingerprint, 80).to_string(),
+        database_identity: bounds::kept(&report.database_identity, 128),
+        version: bounds::kept(&report.version, 128),
+        fingerprint: bounds::kept(&report.fingerprint, 80),
         data_loss: texts(report.data_loss),
         statements: report
             .statements
             .into_iter()
             .take(MAX_ITEMS)
             .map(|log| StatementRecord {
-                script: truncate(&log.script, 128).to_string(),
-                statement: truncate(&log.statement, 256).to_string(),
+                script: bounds::kept(&log.script, 128),
+                statement: bounds::kept(&log.statement, 256),
                 rows: log.rows,
             })
             .collect(),
@@ -310,8 +307,8 @@ async fn record_self_revert(context: &Context, host_id: &str, report: pb::SelfRe
         at_ms: report.at_ms,
         offline_since_ms: report.offline_since_ms,
         ok: report.ok,
-        detail: truncate(&report.detail, MAX_DETAIL_BYTES).to_string(),
-        evidence: truncate(&report.evidence, MAX_DETAIL_BYTES).to_string(),
+        detail: bounds::kept(&report.detail, MAX_DETAIL_BYTES),
+        evidence: bounds::kept(&report.evidence, MAX_DETAIL_BYTES),
     };
     let kind = CommandKind::RecordSelfRevert {
         host_id: host_id.to_string(),
@@ -338,9 +335,6 @@ async fn record_self_revert(context: &Context, host_id: &str, report: pb::SelfRe
     }
 }
 
-/// Most probes named in an offline summary.
-const MAX_OFFLINE_PROBES: usize = 64;
-
 /// Audits what an agent recorded while it had no coordinator, and keeps it on the host.
 async fn record_offline_health(context: &Context, host_id: &str, summary: pb::OfflineHealth) {
     if let Err(problem) = check_offline_summary(&summary) {
@@ -357,17 +351,17 @@ async fn record_offline_health(context: &Context, host_id: &str, summary: pb::Of
     for outage in &summary.probes {
         text += &format!(
             "; {}/{} failed {} times ({} s to {} s into the window), last: {}",
-            truncate(&outage.service, 64),
-            truncate(&outage.probe, 64),
+            bounds::kept(&outage.service, 64),
+            bounds::kept(&outage.probe, 64),
             outage.failed,
             outage.first_failed_at_ms.saturating_sub(summary.from_ms) / 1000,
             outage.last_failed_at_ms.saturating_sub(summary.from_ms) / 1000,
-            truncate(&outage.last_detail, 256)
+            bounds::kept(&outage.last_detail, 256)
         );
     }
     let kind = CommandKind::RecordOfflineHealth {
         host_id: host_id.to_string(),
-        summary: truncate(&text, MAX_DETAIL_BYTES).to_string(),
+        summary: bounds::kept(&text, MAX_DETAIL_BYTES),
     };
     match context.propose(&agent_identity(host_id), "", kind).await {
         Ok(_) => info!(
@@ -412,29 +406,6 @@ fn check_self_revert(report: &pb::SelfRevert) -> Result<(), String> {
         names::validate_name(field, value).map_err(|error| error.to_string())?;
     }
     Ok(())
-}
-
-/// Most probe results one report may carry.
-const MAX_PROBES_PER_REPORT: usize = 256;
-
-/// Health reports are kept in memory, so their size is bounded before they are.
-fn check_report(report: &pb::HealthReport) -> Result<(), String> {
-    if report.probes.len() > MAX_PROBES_PER_REPORT {
-        return Err(format!(
-            "{} probe results, at most {MAX_PROBES_PER_REPORT} are kept",
-            report.probes.len()
-        ));
-    }
-    let oversize = report.probes.iter().find(|probe| {
-        probe.service.len() + probe.probe.len() + probe.detail.len() > MAX_DETAIL_BYTES
-    });
-    match oversize {
-        Some(probe) => Err(format!(
-            "probe {:?} carries more than {MAX_DETAIL_BYTES} bytes of text",
-            truncate(&probe.probe, 64).to_string()
-        )),
-        None => Ok(()),
-    }
 }
 
 #[cfg(test)]

@@ -29,6 +29,11 @@ const MAX_FLAGS_PER_CHANGE: usize = 64;
 const MAX_COMPARE_TOKEN_BYTES: usize = 64;
 /// The most audit entries, changes or rollbacks one list answer holds.
 const MAX_LIST_PAGE: u32 = 1000;
+/// The most hosts one `ListHosts` page holds.
+const MAX_HOSTS_PER_PAGE: usize = 1000;
+/// About the most bytes one `ListHosts` page holds (a single host larger than this still
+/// gets a page of its own: its report is bounded well under the message limit).
+const MAX_LIST_PAGE_BYTES: usize = 2 << 20;
 
 pub struct Control {
     pub context: Context,
@@ -44,20 +49,53 @@ impl ControlService for Control {
     ) -> Result<Response<pb::ListHostsResponse>, Status> {
         let caller = caller(&request)?;
         self.context.current().await?;
+        let request = request.into_inner();
+        let page_size = match request.page_size {
+            0 => MAX_HOSTS_PER_PAGE,
+            size => (size as usize).min(MAX_HOSTS_PER_PAGE),
+        };
+        if !request.page_token.is_empty() {
+            names::validate_name("page_token", &request.page_token)
+                .map_err(|error| invalid("page_token", error.to_string()))?;
+        }
         let context = &self.context;
-        let latest = context.health.latest_all();
-        let hosts = context.node.read(|state| {
+        let visible: Vec<crate::state_machine::HostRecord> = context.node.read(|state| {
+            use std::ops::Bound;
+            let after = match request.page_token.as_str() {
+                "" => Bound::Unbounded,
+                last => Bound::Excluded(last.to_string()),
+            };
             state
                 .hosts
-                .values()
+                .range((after, Bound::Unbounded))
+                .map(|(_, host)| host)
                 .filter(|host| caller.may_see(&targets::host(host)))
-                .map(|host| {
-                    let connected = context.sessions.generation(&host.host_id).is_some();
-                    convert::host(host, connected, latest.get(&host.host_id).cloned())
-                })
+                .take(page_size + 1)
+                .cloned()
                 .collect()
         });
-        Ok(Response::new(pb::ListHostsResponse { hosts }))
+        let mut hosts = Vec::new();
+        let mut bytes = 0;
+        let mut next_page_token = String::new();
+        for host in &visible {
+            let connected = context.sessions.generation(&host.host_id).is_some();
+            let listed = convert::host(host, connected, context.health.latest(&host.host_id));
+            let size = prost::Message::encoded_len(&listed);
+            let full = hosts.len() == page_size || bytes + size > MAX_LIST_PAGE_BYTES;
+            if full && !hosts.is_empty() {
+                next_page_token = hosts
+                    .last()
+                    .map(|last: &pb::Host| last.host_id.clone())
+                    .unwrap_or_default();
+                break;
+            }
+            bytes += size;
+            hosts.push(listed);
+        }
+        Ok(Response::new(pb::ListHostsResponse {
+            hosts,
+            next_page_token,
+        }))
     }
 
     async fn put_service(

@@ -10,9 +10,6 @@ use crate::access::policy::{MAX_POLICY_BYTES, ScopePattern};
 use crate::access::{Caller, Policy, Principal, Target};
 use crate::state_machine::CommandKind;
 
-/// Longest reason for a policy change.
-const MAX_REASON_BYTES: usize = 1024;
-
 /// The policy in force (an empty one with version 0 before the bootstrap policy).
 pub fn show(context: &Context) -> pb::Policy {
     context.node.read(|state| {
@@ -44,12 +41,8 @@ pub async fn apply(
             ),
         ));
     }
-    if request.reason.len() > MAX_REASON_BYTES {
-        return Err(invalid(
-            "reason",
-            format!("is longer than {MAX_REASON_BYTES} bytes"),
-        ));
-    }
+    // One check for every reason: it reaches terminals and the audit log.
+    super::control::validate_reason(&request.reason)?;
     if !request.expected_hash.is_empty()
         && (request.expected_hash.len() != 64
             || !request.expected_hash.chars().all(|c| c.is_ascii_hexdigit()))

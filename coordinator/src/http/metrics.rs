@@ -56,9 +56,15 @@ fn duration_buckets() -> impl Iterator<Item = f64> {
 pub async fn serve(Extract(http): Extract<HttpState>) -> impl IntoResponse {
     let status = http.status.borrow().clone();
     let connected = http.sessions.connected() as i64;
-    let text = http
-        .node
-        .read(|state| render(state, &status, connected, &http.snapshots, &http.connections));
+    let text = http.node.read(|state| {
+        render(
+            state,
+            &status,
+            connected,
+            &http.snapshots,
+            &http.connections,
+        )
+    });
     match text {
         Ok(text) => (
             StatusCode::OK,
@@ -366,7 +372,8 @@ mod tests {
             1,
             &SnapshotStats::default(),
             &Default::default(),
-        ).unwrap();
+        )
+        .unwrap();
         for expected in [
             r#"rewind_rollback_steps{rollback_id="rb-1",state="pending"} 4"#,
             r#"rewind_rollback_steps{rollback_id="rb-1",state="succeeded"} 1"#,
@@ -387,7 +394,8 @@ mod tests {
             1,
             &SnapshotStats::default(),
             &Default::default(),
-        ).unwrap();
+        )
+        .unwrap();
         assert!(
             text.contains(r#"rewind_rollbacks_total{outcome="aborted",trigger="manual"} 1"#),
             "{text}"

@@ -110,9 +110,8 @@ pub async fn serve(
                 continue;
             }
         };
-        let connection = graceful.watch(
-            builder.serve_connection(hyper_util::rt::TokioIo::new(tcp), service.clone()),
-        );
+        let connection = graceful
+            .watch(builder.serve_connection(hyper_util::rt::TokioIo::new(tcp), service.clone()));
         tokio::spawn(async move {
             // Timeouts and clients that go away end here; neither is worth a line.
             let _ = connection.await;
