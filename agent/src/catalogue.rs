@@ -752,12 +752,12 @@ pub async fn pause_jobs(
     let Some(relative) = &jobs.checkpoint_file else {
         return Ok(ran);
     };
-    let path = crate::paths::confined(&service.name, &service.root, relative)?;
-    let kept = match crate::snapshot::read_config_file(&service.name, relative, &path)? {
+    let root = crate::paths::ServiceRoot::open(service)?;
+    let kept = match root.read_regular(relative)? {
         Some((bytes, _)) if bytes.len() as u64 > MAX_CHECKPOINT_BYTES => {
             return Err(AgentError::Refused(format!(
                 "checkpoint {} is {} bytes, more than {MAX_CHECKPOINT_BYTES}",
-                path.display(),
+                root.path().join(relative).display(),
                 bytes.len()
             )));
         }
@@ -794,18 +794,17 @@ pub async fn resume_jobs(
         &jobs.checkpoint_file,
         store.checkpoint(&service.name, owner)?,
     ) {
-        let path = crate::paths::confined(&service.name, &service.root, relative)?;
-        let now = crate::snapshot::read_config_file(&service.name, relative, &path)?
-            .map(|(bytes, _)| bytes);
+        let root = crate::paths::ServiceRoot::open(service)?;
+        let now = root.read_regular(relative)?.map(|(bytes, _)| bytes);
         if now != kept.as_ref().map(|kept| kept.bytes.clone()) {
             match &kept {
-                Some(kept) => crate::snapshot::write_atomically(
-                    &path,
+                Some(kept) => root.write_atomically(
+                    relative,
                     &kept.bytes,
                     kept.mode,
                     Some((kept.uid, kept.gid)),
                 )?,
-                None => std::fs::remove_file(&path).map_err(AgentError::io("remove", &path))?,
+                None => root.remove_file(relative)?,
             }
             restored = format!("put back the checkpoint kept at pause into {relative}; ");
         }

@@ -150,9 +150,8 @@ pub fn collect(service: &ServiceConfig) -> ServiceFacts {
 /// The flags file as `a=on, b=off`, or why it could not be read.
 fn read_flags(service: &ServiceConfig, relative: &str) -> String {
     let read = || -> Result<String, String> {
-        let path = crate::paths::confined(&service.name, &service.root, relative)
-            .map_err(|error| error.to_string())?;
-        let Some((bytes, _)) = crate::snapshot::read_config_file(&service.name, relative, &path)
+        let Some((bytes, _)) = crate::paths::ServiceRoot::open(service)
+            .and_then(|root| root.read_regular(relative))
             .map_err(|error| error.to_string())?
         else {
             return Ok("no flags file".to_string());

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use crate::AgentError;
 use crate::config::ServiceConfig;
-use crate::paths::confined;
+
 use crate::snapshot::{CURRENT_LINK, RELEASES_DIR, retained_releases};
 use crate::store::Store;
 
@@ -115,16 +115,13 @@ pub fn prune(service: &ServiceConfig, store: &Store) -> Result<Vec<String>, Agen
         return Ok(Vec::new());
     };
     let mut removed = Vec::new();
+    let root = crate::paths::ServiceRoot::open(service)?;
     for (version, verdict) in plan {
         if verdict != Verdict::Remove {
             continue;
         }
-        let dir = confined(
-            &service.name,
-            &service.root,
-            &format!("{RELEASES_DIR}/{version}"),
-        )?;
-        std::fs::remove_dir_all(&dir).map_err(AgentError::io("remove release", &dir))?;
+        // Never through a link: a `releases` swapped for one cannot make this delete elsewhere.
+        root.remove_tree(&format!("{RELEASES_DIR}/{version}"))?;
         removed.push(version);
     }
     Ok(removed)

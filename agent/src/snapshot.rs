@@ -10,16 +10,14 @@
 //! those it had when last hashed is not read again.
 
 use std::fs;
-use std::io::Read;
-use std::io::Write;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use crate::AgentError;
 use crate::config::ServiceConfig;
-use crate::paths::{check_relative, confined};
+use crate::paths::{ServiceRoot, check_relative};
 use crate::store::{CachedHash, Store, TreeHashes};
 
 /// Name of the release link inside a service root (the Capistrano layout).
@@ -157,7 +155,7 @@ pub fn release_digest(
     store: Option<&Store>,
 ) -> Result<(String, TreeStats), AgentError> {
     check_release_target(&service.name, target)?;
-    let dir = confined(&service.name, &service.root, target)?;
+    let release = ServiceRoot::open(service)?.open_release(target)?;
     let key = format!("{}/{target}", service.name);
     let cached = match store {
         Some(store) => store.tree_hashes(&key)?,
@@ -165,45 +163,47 @@ pub fn release_digest(
     };
     let mut fresh = TreeHashes::default();
     let mut stats = TreeStats::default();
-    let digest = rewind_shared::digest::tree_digest_with(&dir, &mut |path, metadata| {
-        let relative = path
-            .strip_prefix(&dir)
-            .unwrap_or(path)
-            .to_string_lossy()
-            .into_owned();
-        stats.files += 1;
-        stats.bytes += metadata.len();
-        let now = CachedHash {
-            size: metadata.len(),
-            mtime_ns: metadata.mtime() * 1_000_000_000 + metadata.mtime_nsec(),
-            inode: metadata.ino(),
-            sha256: String::new(),
-        };
-        let sha256 = match cached.files.get(&relative) {
-            Some(known)
-                if (known.size, known.mtime_ns, known.inode)
-                    == (now.size, now.mtime_ns, now.inode) =>
-            {
-                known.sha256.clone()
-            }
-            _ => {
-                stats.hashed_files += 1;
-                rewind_shared::digest::file_sha256(path)?
-            }
-        };
-        fresh.files.insert(
-            relative,
-            CachedHash {
-                sha256: sha256.clone(),
-                ..now
-            },
-        );
-        Ok(sha256)
-    })?;
+    let digest = rewind_shared::digest::tree_digest_at(
+        release.dir,
+        &release.shown,
+        &mut |relative, facts, file| {
+            let relative = relative.to_string_lossy().into_owned();
+            stats.files += 1;
+            stats.bytes += facts.size;
+            let (sha256, hashed_at_ns) = match cached.files.get(&relative) {
+                Some(known) if known.holds_for(facts) => (known.sha256.clone(), known.hashed_at_ns),
+                _ => {
+                    stats.hashed_files += 1;
+                    let hashed_at_ns = now_ns();
+                    (rewind_shared::digest::file_sha256_of(file)?, hashed_at_ns)
+                }
+            };
+            fresh.files.insert(
+                relative,
+                CachedHash {
+                    size: facts.size,
+                    mtime_ns: facts.mtime_ns,
+                    inode: facts.inode,
+                    ctime_ns: facts.ctime_ns,
+                    device: facts.device,
+                    hashed_at_ns,
+                    sha256: sha256.clone(),
+                },
+            );
+            Ok(sha256)
+        },
+    )?;
     if let Some(store) = store {
         store.put_tree_hashes(&key, &fresh)?;
     }
     Ok((digest, stats))
+}
+
+/// The wall clock in nanoseconds, as file times are kept.
+fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_nanos() as i64)
 }
 
 /// Reads the link, the release's digest and every declared file; `keep` turns each file's
@@ -213,12 +213,13 @@ fn read_manifest(
     store: Option<&Store>,
     mut keep: impl FnMut(&[u8]) -> Result<String, AgentError>,
 ) -> Result<(Manifest, TreeStats), AgentError> {
+    let root = ServiceRoot::open(service)?;
     let release_link = read_release_link(service)?;
     // A link to a release that is not there (or not a release) has no digest to record.
     let (release_digest, tree) = match &release_link {
         Some(target)
             if check_release_target(&service.name, target).is_ok()
-                && confined(&service.name, &service.root, target).is_ok_and(|dir| dir.is_dir()) =>
+                && root.release_exists(target) =>
         {
             let (digest, stats) = release_digest(service, target, store)?;
             (Some(digest), stats)
@@ -229,8 +230,7 @@ fn read_manifest(
     let declared = (service.config_files.iter().map(|path| (path, false)))
         .chain(service.env_files.iter().map(|path| (path, true)));
     for (relative, env) in declared {
-        let path = confined(&service.name, &service.root, relative)?;
-        let Some((bytes, metadata)) = read_config_file(&service.name, relative, &path)? else {
+        let Some((bytes, metadata)) = root.read_regular(relative)? else {
             files.push(FileState {
                 path: relative.clone(),
                 blob: None,
@@ -261,44 +261,6 @@ fn read_manifest(
         },
         tree,
     ))
-}
-
-/// Reads a config file without following a symlink in its last component, taking the content
-/// and the metadata from the same open file. `None` when it does not exist.
-pub(crate) fn read_config_file(
-    service: &str,
-    relative: &str,
-    path: &Path,
-) -> Result<Option<(Vec<u8>, fs::Metadata)>, AgentError> {
-    let not_regular = || AgentError::UnsafePath {
-        service: service.to_string(),
-        path: relative.to_string(),
-        reason: "is not a regular file (a symlink or directory is never captured as config)".into(),
-    };
-    let mut file = match fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-    {
-        Ok(file) => file,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(error) if error.raw_os_error() == Some(libc::ELOOP) => return Err(not_regular()),
-        Err(error) => {
-            return Err(AgentError::Io {
-                action: "open",
-                path: path.to_path_buf(),
-                source: error,
-            });
-        }
-    };
-    let metadata = file.metadata().map_err(AgentError::io("inspect", path))?;
-    if !metadata.is_file() {
-        return Err(not_regular());
-    }
-    let mut bytes = Vec::with_capacity(metadata.len() as usize);
-    file.read_to_end(&mut bytes)
-        .map_err(AgentError::io("read", path))?;
-    Ok(Some((bytes, metadata)))
 }
 
 fn read_release_link(service: &ServiceConfig) -> Result<Option<String>, AgentError> {
@@ -333,8 +295,8 @@ fn read_release_link(service: &ServiceConfig) -> Result<Option<String>, AgentErr
 /// Most release names reported per service; a root holding more is reported truncated.
 const MAX_RETAINED_REPORTED: usize = 256;
 
-/// The release directories under `<root>/releases` (a link to a directory counts, as restore
-/// follows it), sorted: what a rollback can still point `current` at. `None` when the directory
+/// The release directories under `<root>/releases` (real directories: a link is never
+/// followed, so it cannot be rolled back to), sorted: what a rollback can still point `current` at. `None` when the directory
 /// cannot be read or holds more than 256 entries: the coordinator then assumes nothing.
 pub fn retained_releases(root: &Path) -> Option<Vec<String>> {
     let releases = root.join(RELEASES_DIR);
@@ -344,7 +306,7 @@ pub fn retained_releases(root: &Path) -> Option<Vec<String>> {
         if versions.len() == MAX_RETAINED_REPORTED {
             return None;
         }
-        if fs::metadata(entry.path()).is_ok_and(|metadata| metadata.is_dir()) {
+        if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
             versions.push(entry.file_name().into_string().ok()?);
         }
     }
@@ -385,27 +347,24 @@ pub fn restore(
             manifest.service, service.name
         )));
     }
-    // Check everything before writing anything: a bad manifest must not leave a half-restored host.
+    // Check everything before writing anything: a bad manifest must not leave a half-restored
+    // host. Every write goes through the root opened once, so a directory swapped for a link
+    // while the release is hashed below cannot redirect it.
+    let root = ServiceRoot::open(service)?;
     let mut writes = Vec::with_capacity(manifest.files.len());
     for file in &manifest.files {
-        let path = confined(&service.name, &service.root, &file.path)?;
+        check_relative(&service.name, &file.path)?;
         let content = file
             .blob
             .as_deref()
             .map(|hash| store.blob(hash))
             .transpose()?;
-        writes.push((path, content, file.mode, (file.uid, file.gid)));
+        writes.push((file.path.as_str(), content, file.mode, (file.uid, file.gid)));
     }
     if let Some(target) = &manifest.release_link {
         check_release_target(&service.name, target)?;
-        let release_dir = confined(&service.name, &service.root, target)?;
-        if !release_dir.is_dir() {
-            return Err(AgentError::MissingRelease {
-                service: service.name.clone(),
-                version: target.clone(),
-                path: release_dir,
-            });
-        }
+        // Missing (or not a real directory): refused by name.
+        drop(root.open_release(target)?);
         // The release must still be the one captured: never point `current` at a tree that was
         // modified (or replaced) since.
         if let Some(expected) = &manifest.release_digest {
@@ -420,15 +379,15 @@ pub fn restore(
             }
         }
     }
-    for (path, content, mode, owner) in writes {
+    for (relative, content, mode, owner) in writes {
         match content {
-            Some(bytes) => write_atomically(&path, &bytes, mode, Some(owner))?,
-            None => remove_if_present(&path)?,
+            Some(bytes) => root.write_atomically(relative, &bytes, mode, Some(owner))?,
+            None => root.remove_file(relative)?,
         }
     }
     match &manifest.release_link {
-        Some(target) => switch_link(&service.root, target)?,
-        None => remove_if_present(&service.root.join(CURRENT_LINK))?,
+        Some(target) => root.switch_link(CURRENT_LINK, target)?,
+        None => root.remove_file(CURRENT_LINK)?,
     }
     let after = live_manifest(service, Some(store))?;
     if after != *manifest {
@@ -446,75 +405,7 @@ pub fn restore(
 
 /// Points `<root>/current` at `target` atomically (a new link renamed over the old one).
 pub fn switch_link(root: &Path, target: &str) -> Result<(), AgentError> {
-    let link = root.join(CURRENT_LINK);
-    let staging = root.join(format!(".{CURRENT_LINK}.rewind-new"));
-    remove_if_present(&staging)?;
-    std::os::unix::fs::symlink(target, &staging)
-        .map_err(AgentError::io("create link", &staging))?;
-    fs::rename(&staging, &link).map_err(AgentError::io("replace link", &link))?;
-    sync_dir(root)
-}
-
-/// Writes `bytes` to `path` through a staging file in the same directory, then renames it over
-/// the target. The staging file is created exclusively (`O_EXCL`), so a symlink planted under its
-/// name makes the write fail instead of redirecting it. Owner and group are set when given.
-pub(crate) fn write_atomically(
-    path: &Path,
-    bytes: &[u8],
-    mode: u32,
-    owner: Option<(u32, u32)>,
-) -> Result<(), AgentError> {
-    let dir = path
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."));
-    // The directory may be gone since capture (or never have existed): put it back. Its path
-    // was confined to the service root by the caller.
-    fs::create_dir_all(&dir).map_err(AgentError::io("create", &dir))?;
-    let staging = dir.join(format!(
-        ".{}.rewind-new",
-        path.file_name().unwrap_or_default().to_string_lossy()
-    ));
-    remove_if_present(&staging)?;
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&staging)
-        .map_err(AgentError::io("create", &staging))?;
-    file.write_all(bytes)
-        .map_err(AgentError::io("write", &staging))?;
-    if let Some((uid, gid)) = owner {
-        let metadata = file
-            .metadata()
-            .map_err(AgentError::io("inspect", &staging))?;
-        if (metadata.uid(), metadata.gid()) != (uid, gid) {
-            std::os::unix::fs::fchown(&file, Some(uid), Some(gid))
-                .map_err(AgentError::io("chown", &staging))?;
-        }
-    }
-    file.set_permissions(fs::Permissions::from_mode(mode))
-        .map_err(AgentError::io("chmod", &staging))?;
-    file.sync_all().map_err(AgentError::io("sync", &staging))?;
-    fs::rename(&staging, path).map_err(AgentError::io("replace", path))?;
-    sync_dir(&dir)
-}
-
-fn remove_if_present(path: &Path) -> Result<(), AgentError> {
-    match fs::remove_file(path) {
-        Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(AgentError::Io {
-            action: "remove",
-            path: path.into(),
-            source: error,
-        }),
-        _ => Ok(()),
-    }
-}
-
-fn sync_dir(dir: &Path) -> Result<(), AgentError> {
-    fs::File::open(dir)
-        .and_then(|handle| handle.sync_all())
-        .map_err(AgentError::io("sync", dir))
+    ServiceRoot::open_at("", root)?.switch_link(CURRENT_LINK, target)
 }
 
 /// Lines describing how two manifests differ; empty when equal.

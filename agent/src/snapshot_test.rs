@@ -1,5 +1,6 @@
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
 use super::*;
 
@@ -98,6 +99,10 @@ fn the_release_tree_digest_is_captured_and_rehashed_only_where_files_changed() {
         "the digest `release register --from-dir` computes"
     );
     assert_eq!((first.release_files, first.hashed_files), (2, 2));
+    // Hashed in the same clock tick as they were written, the files are hashed again (a change
+    // within that tick would not show); after that, their cached hashes hold.
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    capture(&fixture.store, &fixture.service, vec![], 2).unwrap();
     let again = capture(&fixture.store, &fixture.service, vec![], 2).unwrap();
     assert_eq!(
         (again.release_files, again.hashed_files),
@@ -118,6 +123,38 @@ fn the_release_tree_digest_is_captured_and_rehashed_only_where_files_changed() {
             .any(|line| line.starts_with("releases/v1: digest sha256:")),
         "{:?}",
         diff(&first.manifest, &patched.manifest)
+    );
+}
+
+#[test]
+fn a_file_rewritten_in_place_with_its_mtime_reset_is_hashed_again() {
+    let fixture = fixture();
+    let root = fixture.root.path();
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    let first = capture(&fixture.store, &fixture.service, vec![], 1).unwrap();
+    let file = root.join("releases/v1/VERSION");
+    let before = fs::metadata(&file).unwrap();
+    let original = fs::read(&file).unwrap();
+    // Same size, same inode, mtime put back: only ctime tells.
+    let tampered: Vec<u8> = original.iter().map(|byte| byte ^ 0x20).collect();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .write_all(&tampered)
+        .unwrap();
+    let mtime = fs::File::open(&file).unwrap();
+    mtime.set_modified(before.modified().unwrap()).unwrap();
+    let after = fs::metadata(&file).unwrap();
+    assert_eq!(
+        (after.len(), after.ino(), after.modified().unwrap()),
+        (before.len(), before.ino(), before.modified().unwrap())
+    );
+    let second = capture(&fixture.store, &fixture.service, vec![], 2).unwrap();
+    assert_eq!(second.hashed_files, 1, "the tampered file was read again");
+    assert_ne!(
+        second.manifest.release_digest,
+        first.manifest.release_digest
     );
 }
 
@@ -198,6 +235,53 @@ fn a_config_dir_swapped_for_a_symlink_out_of_the_root_is_refused() {
     assert!(
         fs::read_dir(outside.path()).unwrap().next().is_none(),
         "nothing was written outside"
+    );
+}
+
+#[test]
+fn a_config_dir_swapped_for_a_link_while_the_release_is_hashed_gets_nothing_written_outside() {
+    let fixture = fixture();
+    let root = fixture.root.path().to_path_buf();
+    // A release large enough that hashing it leaves a window between the checks and the writes.
+    for index in 0..400 {
+        fs::write(
+            root.join(format!("releases/v1/bin/part-{index}")),
+            [index as u8; 4096],
+        )
+        .unwrap();
+    }
+    let snapshot = capture(&fixture.store, &fixture.service, vec![], 1).unwrap();
+    fs::write(root.join("shared/config/app.toml"), b"changed").unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let swapper = {
+        let (root, outside, stop) = (root.clone(), outside.path().to_path_buf(), stop.clone());
+        std::thread::spawn(move || {
+            let config = root.join("shared/config");
+            let real = root.join("shared/config.real");
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                fs::rename(&config, &real).unwrap();
+                std::os::unix::fs::symlink(&outside, &config).unwrap();
+                std::thread::sleep(std::time::Duration::from_micros(300));
+                fs::remove_file(&config).unwrap();
+                fs::rename(&real, &config).unwrap();
+                std::thread::sleep(std::time::Duration::from_micros(300));
+            }
+        })
+    };
+    let (mut restored, mut refused) = (0, 0);
+    for _ in 0..40 {
+        match restore(&fixture.store, &fixture.service, &snapshot.id) {
+            Ok(_) => restored += 1,
+            Err(_) => refused += 1,
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    swapper.join().unwrap();
+    assert_eq!(restored + refused, 40);
+    assert!(
+        fs::read_dir(outside.path()).unwrap().next().is_none(),
+        "nothing was ever written through the link"
     );
 }
 
@@ -359,7 +443,7 @@ mod round_trip {
             prop_assert_eq!(observed(root.path(), &paths), expected);
             prop_assert_eq!(
                 fs::read_link(root.path().join("current")).unwrap(),
-                PathBuf::from("releases/v1")
+                std::path::PathBuf::from("releases/v1")
             );
         }
     }

@@ -20,7 +20,7 @@ use crate::AgentError;
 use crate::catalogue;
 use crate::config::{Hook, ServiceConfig};
 use crate::host::Host;
-use crate::paths::confined;
+use crate::paths::ServiceRoot;
 use crate::probes::Prober;
 use crate::schema::Engine;
 use crate::shard;
@@ -388,14 +388,8 @@ impl Executor {
             Action::Activate(activate) => {
                 names::validate_version("version", &activate.version)?;
                 let target = format!("{RELEASES_DIR}/{}", activate.version);
-                let release_dir = confined(&service.name, &service.root, &target)?;
-                if !release_dir.is_dir() {
-                    return Err(AgentError::MissingRelease {
-                        service: service.name.clone(),
-                        version: activate.version.clone(),
-                        path: release_dir,
-                    });
-                }
+                // Missing (or not a real directory): refused by name.
+                drop(crate::paths::ServiceRoot::open(service)?.open_release(&target)?);
                 if !activate.artifact_digest.is_empty() {
                     // Through the capture's hash cache: the capture just before hashed the
                     // live release, and the next one will hash this one without reading it.
@@ -556,25 +550,19 @@ impl Executor {
     /// Sets one flag in the service's flags file (a JSON object of booleans), atomically.
     pub fn set_flag(&self, update: &FlagUpdate) -> Result<(), AgentError> {
         names::validate_name("flag", &update.flag)?;
-        let path = self.flags_path(&update.service)?;
-        let mut flags: BTreeMap<String, bool> = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|error| {
+        let (root, relative) = self.flags_file(&update.service)?;
+        // Read without following a link or opening a FIFO: it runs on the session's loop.
+        let mut flags: BTreeMap<String, bool> = match root.read_regular(relative)? {
+            Some((bytes, _)) => serde_json::from_slice(&bytes).map_err(|error| {
                 AgentError::Invalid(format!(
                     "flags file {} is not a JSON object of booleans: {error}",
-                    path.display()
+                    root.path().join(relative).display()
                 ))
             })?,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
-            Err(error) => {
-                return Err(AgentError::Io {
-                    action: "read",
-                    path,
-                    source: error,
-                });
-            }
+            None => BTreeMap::new(),
         };
         flags.insert(update.flag.clone(), update.enabled);
-        write_flags(&path, &flags)
+        write_flags(&root, relative, &flags)
     }
 
     /// Replaces the service's flags file with exactly `flags`, atomically.
@@ -586,12 +574,13 @@ impl Executor {
         for name in flags.keys() {
             names::validate_name("flag", name)?;
         }
-        let path = self.flags_path(service)?;
+        let (root, relative) = self.flags_file(service)?;
         let sorted: BTreeMap<&String, &bool> = flags.iter().collect();
-        write_flags(&path, &sorted)
+        write_flags(&root, relative, &sorted)
     }
 
-    fn flags_path(&self, service: &str) -> Result<std::path::PathBuf, AgentError> {
+    /// The service's root, opened, and its flags file's path within it.
+    fn flags_file(&self, service: &str) -> Result<(ServiceRoot, &str), AgentError> {
         let service = self.service(service)?;
         let relative = service.flags_file.as_deref().ok_or_else(|| {
             AgentError::Invalid(format!(
@@ -599,7 +588,7 @@ impl Executor {
                 service.name
             ))
         })?;
-        confined(&service.name, &service.root, relative)
+        Ok((ServiceRoot::open(service)?, relative))
     }
 
     fn service(&self, name: &str) -> Result<&ServiceConfig, AgentError> {
@@ -642,10 +631,14 @@ impl Drop for Claim<'_> {
 const CLOSED: u64 = u64::MAX;
 
 /// Step ids are unique within one coordinator cluster, so the journal is keyed by both.
-fn write_flags(path: &std::path::Path, flags: &impl serde::Serialize) -> Result<(), AgentError> {
+fn write_flags(
+    root: &ServiceRoot,
+    relative: &str,
+    flags: &impl serde::Serialize,
+) -> Result<(), AgentError> {
     let bytes =
         serde_json::to_vec_pretty(flags).map_err(|error| AgentError::Invalid(error.to_string()))?;
-    snapshot::write_atomically(path, &bytes, 0o644, None)
+    root.write_atomically(relative, &bytes, 0o644, None)
 }
 
 /// Steps of the optional catalogue, bounded as a whole by the step's timeout.

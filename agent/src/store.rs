@@ -321,12 +321,44 @@ pub struct TreeHashes {
     pub files: std::collections::BTreeMap<String, CachedHash>,
 }
 
+/// A file's content hash and what its open file said of it when hashed. The hash is reused only
+/// while all of it is unchanged, ctime included (the kernel sets it on every change and nothing
+/// can set it back), and only if the file had not changed within 100 ms before being hashed (a
+/// change in the same timestamp tick, which the kernel's coarse clock makes up to a jiffy,
+/// would leave every field as it was).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CachedHash {
     pub size: u64,
     pub mtime_ns: i64,
     pub inode: u64,
+    /// Entries written before ctime was kept have 0 here, which no file matches: re-hashed.
+    #[serde(default)]
+    pub ctime_ns: i64,
+    #[serde(default)]
+    pub device: u64,
+    #[serde(default)]
+    pub hashed_at_ns: i64,
     pub sha256: String,
+}
+
+impl CachedHash {
+    /// Whether this hash still holds for a file whose open file says `facts`.
+    pub fn holds_for(&self, facts: &rewind_shared::digest::FileFacts) -> bool {
+        const SAME_TICK_NS: i64 = 100_000_000;
+        (
+            self.size,
+            self.mtime_ns,
+            self.ctime_ns,
+            self.inode,
+            self.device,
+        ) == (
+            facts.size,
+            facts.mtime_ns,
+            facts.ctime_ns,
+            facts.inode,
+            facts.device,
+        ) && facts.ctime_ns < self.hashed_at_ns.saturating_sub(SAME_TICK_NS)
+    }
 }
 
 /// A file's bytes with the mode and owner it had, to be written back exactly.
