@@ -79,30 +79,29 @@ impl Agent {
     }
 
     /// Runs until `shutdown` resolves: health reporting always, the session whenever it can.
-    pub async fn run(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
+    /// Fails if it can never connect (its TLS files cannot be loaded).
+    pub async fn run(
+        self: Arc<Self>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<()> {
         let reporter = tokio::spawn(Arc::clone(&self).report_health());
         tokio::pin!(shutdown);
-        tokio::select! {
-            _ = &mut shutdown => {}
-            _ = Arc::clone(&self).stay_connected() => {}
-        }
+        let result = tokio::select! {
+            _ = &mut shutdown => Ok(()),
+            stopped = Arc::clone(&self).stay_connected() => stopped,
+        };
         reporter.abort();
         info!("Agent stopped.");
+        result
     }
 
-    async fn stay_connected(self: Arc<Self>) {
-        let connector = rewind_shared::member_tls::MemberConnector::new(
+    async fn stay_connected(self: Arc<Self>) -> anyhow::Result<()> {
+        let tls = rewind_shared::member_tls::MemberConnector::new(
             &self.config.tls,
             self.config.legacy_certificates,
         )
-        .map(|connector| connector.with_server_name(self.config.coordinator_name.as_deref()));
-        let tls = match connector {
-            Ok(tls) => tls,
-            Err(error) => {
-                warn!(%error, "Cannot load TLS files; the agent cannot connect.");
-                return;
-            }
-        };
+        .map(|connector| connector.with_server_name(self.config.coordinator_name.as_deref()))
+        .map_err(|error| anyhow::anyhow!("cannot load the TLS files (tls.*): {error}"))?;
         let mut failures = 0u32;
         let mut next = 0usize;
         let mut redirect: Option<String> = None;

@@ -39,8 +39,13 @@ enum Command {
         #[arg(long)]
         token_file: Option<PathBuf>,
     },
-    /// Check the config and report every problem at once (unknown keys too).
-    CheckConfig,
+    /// Check the config and report every problem at once (unknown keys too), and the files it
+    /// names (data directory, TLS files).
+    CheckConfig {
+        /// Check the config alone, not the files it names (before they are installed).
+        #[arg(long)]
+        no_files: bool,
+    },
     /// Inspect the local snapshot store.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
@@ -91,18 +96,19 @@ fn main() -> ExitCode {
         eprintln!("error: --config (or REWIND_AGENT_CONFIG) is required");
         return ExitCode::from(EXIT_BAD_CONFIG);
     };
-    let strict = matches!(cli.command, Command::CheckConfig);
-    let config = match load_config(&path, strict) {
-        Ok(config) => config,
-        Err(problems) => {
-            for problem in problems {
-                eprintln!("{}: {problem}", path.display());
+    let strict = matches!(cli.command, Command::CheckConfig { .. });
+    let config =
+        match load_config(&path, strict).and_then(|config| files_usable(config, &cli.command)) {
+            Ok(config) => config,
+            Err(problems) => {
+                for problem in problems {
+                    eprintln!("{}: {problem}", path.display());
+                }
+                return ExitCode::from(EXIT_BAD_CONFIG);
             }
-            return ExitCode::from(EXIT_BAD_CONFIG);
-        }
-    };
+        };
     let result = match cli.command {
-        Command::CheckConfig => {
+        Command::CheckConfig { .. } => {
             println!(
                 "{}: ok ({} services)",
                 path.display(),
@@ -180,6 +186,37 @@ fn load_config(path: &Path, strict: bool) -> Result<Config, Vec<String>> {
     }
 }
 
+/// The files the command needs, checked before anything is created: the data directory always,
+/// the TLS files for running (the CA only when the agent will join with its token first).
+fn files_usable(config: Config, command: &Command) -> Result<Config, Vec<String>> {
+    use rewind_shared::tls::{Needed, check_tls_files};
+    let mut problems: Vec<String> =
+        rewind_shared::config::data_dir_problem("data-dir", &config.data_dir)
+            .into_iter()
+            .collect();
+    let joining = config
+        .join_token_file
+        .as_ref()
+        .is_some_and(|token| token.exists());
+    if let Command::CheckConfig { no_files: true } = command {
+        return Ok(config);
+    }
+    let needed = match command {
+        Command::Run | Command::CheckConfig { .. } if joining => Some(Needed::CaOnly),
+        Command::Run | Command::CheckConfig { .. } => Some(Needed::All),
+        Command::Join { .. } => Some(Needed::CaOnly),
+        _ => None,
+    };
+    if let Some(needed) = needed {
+        problems.extend(check_tls_files("tls", &config.tls, needed));
+    }
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(problems)
+    }
+}
+
 fn open_store(config: &Config) -> anyhow::Result<Store> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("create data dir {}", config.data_dir.display()))?;
@@ -208,8 +245,7 @@ fn run(config: Config) -> anyhow::Result<()> {
             Arc::new(LocalHost),
         ));
         let agent = Agent::new(config, executor);
-        agent.run(rewind_shared::signals::shutdown()).await;
-        Ok::<(), anyhow::Error>(())
+        agent.run(rewind_shared::signals::shutdown()).await
     })
 }
 

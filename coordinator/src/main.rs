@@ -45,8 +45,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Check a config file, reporting every problem, unknown keys included.
-    CheckConfig { path: PathBuf },
+    /// Check a config file, reporting every problem, unknown keys included, and the files it
+    /// names (data directory, TLS files).
+    CheckConfig {
+        path: PathBuf,
+        /// Check the config alone, not the files it names (before they are installed).
+        #[arg(long)]
+        no_files: bool,
+    },
     /// Issue a certificate from the dev CA in <data-dir>/tls (dev and test clusters only).
     IssueCert {
         #[arg(long, env = "REWIND_DATA_DIR")]
@@ -77,6 +83,9 @@ enum Command {
         /// Create the dev CA in <data-dir>/tls first when there is none.
         #[arg(long)]
         create_ca: bool,
+        /// Replace the holder's certificate and key if they exist (a renewal by hand).
+        #[arg(long)]
+        force: bool,
     },
     /// Write an issuing CA under the dev CA as <data-dir>/tls/issuer.pem and issuer.key: the
     /// members sign joins and renewals with it (config [issuer]).
@@ -94,7 +103,7 @@ fn main() -> ExitCode {
     rewind_shared::tls::install_crypto_provider();
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::CheckConfig { ref path }) => check_config(path),
+        Some(Command::CheckConfig { ref path, no_files }) => check_config(path, no_files),
         Some(Command::IssueCert {
             ref data_dir,
             ref kind,
@@ -104,8 +113,15 @@ fn main() -> ExitCode {
             ref san,
             ref lifetime,
             create_ca,
+            force,
         }) => report(subject(kind, name, member_id, group).and_then(|subject| {
-            issue_cert(data_dir, &subject, san, lifetime.as_deref(), create_ca)
+            let asked = Issue {
+                sans: san,
+                lifetime: lifetime.as_deref(),
+                create_ca,
+                force,
+            };
+            issue_cert(data_dir, &subject, &asked)
         })),
         Some(Command::IssueIssuingCa {
             ref data_dir,
@@ -125,7 +141,7 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
     }
 }
 
-fn check_config(path: &std::path::Path) -> ExitCode {
+fn check_config(path: &std::path::Path, no_files: bool) -> ExitCode {
     let (raw, unknown) = match RawConfig::load(path) {
         Ok(loaded) => loaded,
         Err(error) => {
@@ -137,8 +153,10 @@ fn check_config(path: &std::path::Path) -> ExitCode {
         .iter()
         .map(|key| format!("{key}: unknown key"))
         .collect();
-    if let Err(more) = raw.validate() {
-        problems.extend(more);
+    match raw.validate() {
+        Ok(config) if !no_files => problems.extend(files_problems(&config)),
+        Ok(_) => {}
+        Err(more) => problems.extend(more),
     }
     if problems.is_empty() {
         println!("{}: ok", path.display());
@@ -148,6 +166,19 @@ fn check_config(path: &std::path::Path) -> ExitCode {
         eprintln!("{}: {problem}", path.display());
     }
     ExitCode::from(EXIT_BAD_CONFIG)
+}
+
+/// What the config names on disk that cannot be used: the TLS files and the data directory,
+/// each named with its path and problem. Checked before anything is created or bound, so a bad
+/// file changes nothing.
+fn files_problems(config: &rewind_coordinator::config::Config) -> Vec<String> {
+    let mut problems =
+        rewind_shared::tls::check_tls_files("tls", &config.tls, rewind_shared::tls::Needed::All);
+    problems.extend(rewind_shared::config::data_dir_problem(
+        "data-dir",
+        &config.data_dir,
+    ));
+    problems
 }
 
 /// The subject `issue-cert` was asked for.
@@ -180,14 +211,43 @@ fn dev_ca_in(tls_dir: &std::path::Path, create_ca: bool) -> anyhow::Result<dev_c
     }
 }
 
+/// How `issue-cert` was asked to issue.
+struct Issue<'a> {
+    sans: &'a [String],
+    lifetime: Option<&'a str>,
+    create_ca: bool,
+    force: bool,
+}
+
+/// Names whose files are the CA's own (`ca.pem`, `issuer.pem`): a holder of that name would
+/// overwrite them.
+const RESERVED_NAMES: [&str; 2] = ["ca", dev_ca::ISSUER];
+
 fn issue_cert(
     data_dir: &std::path::Path,
     subject: &dev_ca::Subject,
-    sans: &[String],
-    lifetime: Option<&str>,
-    create_ca: bool,
+    asked: &Issue<'_>,
 ) -> anyhow::Result<()> {
-    let lifetime_s = match lifetime {
+    anyhow::ensure!(
+        !RESERVED_NAMES.contains(&subject.common_name.as_str()),
+        "--name {}: the dev CA's own files are named so; choose another name",
+        subject.common_name
+    );
+    let tls_dir = data_dir.join("tls");
+    let files = rewind_shared::tls::TlsFiles::in_dir(&tls_dir, &subject.common_name);
+    if !asked.force {
+        let existing: Vec<String> = [&files.cert, &files.key]
+            .into_iter()
+            .filter(|path| path.symlink_metadata().is_ok())
+            .map(|path| path.display().to_string())
+            .collect();
+        anyhow::ensure!(
+            existing.is_empty(),
+            "{} already exist(s): pass --force to replace them",
+            existing.join(" and ")
+        );
+    }
+    let lifetime_s = match asked.lifetime {
         Some(text) => {
             let seconds = humantime::parse_duration(text)
                 .with_context(|| format!("--lifetime {text:?} (e.g. \"30d\")"))?
@@ -204,9 +264,8 @@ fn issue_cert(
         }
         None => subject.default_lifetime_s(),
     };
-    let tls_dir = data_dir.join("tls");
-    let ca = dev_ca_in(&tls_dir, create_ca)?;
-    let sans: Vec<&str> = sans.iter().map(String::as_str).collect();
+    let ca = dev_ca_in(&tls_dir, asked.create_ca)?;
+    let sans: Vec<&str> = asked.sans.iter().map(String::as_str).collect();
     let files = ca
         .write_identity_for(&tls_dir, subject, &sans, lifetime_s)
         .context("write the certificate")?;
@@ -263,6 +322,13 @@ fn run(cli: Cli) -> ExitCode {
             return ExitCode::from(EXIT_BAD_CONFIG);
         }
     };
+    let problems = files_problems(&config);
+    if !problems.is_empty() {
+        for problem in problems {
+            eprintln!("config: {problem}");
+        }
+        return ExitCode::from(EXIT_BAD_CONFIG);
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {

@@ -76,3 +76,34 @@ impl Problems {
         }
     }
 }
+
+/// Why `path` cannot be a data directory (it exists and is not a directory, or its nearest
+/// existing ancestor is not a directory), naming the setting and the path; `None` if it can.
+pub fn data_dir_problem(field: &str, path: &std::path::Path) -> Option<String> {
+    let mut existing = path;
+    loop {
+        match std::fs::metadata(existing) {
+            Ok(metadata) if metadata.is_dir() => return None,
+            Ok(_) if existing == path => {
+                return Some(format!("{field}: {}: is not a directory", path.display()));
+            }
+            Ok(_) => {
+                return Some(format!(
+                    "{field}: {}: cannot be created, {} is not a directory",
+                    path.display(),
+                    existing.display()
+                ));
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => match existing.parent() {
+                Some(parent) if !parent.as_os_str().is_empty() => existing = parent,
+                _ => return None,
+            },
+            Err(error) => {
+                return Some(format!(
+                    "{field}: {}: cannot be inspected ({error})",
+                    existing.display()
+                ));
+            }
+        }
+    }
+}

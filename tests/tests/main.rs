@@ -32,3 +32,4 @@ mod t28_approvals;
 mod t29_join;
 mod t30_connection_bounds;
 mod t31_hostile_agent;
+mod t32_bad_files;

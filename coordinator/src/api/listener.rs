@@ -241,7 +241,8 @@ fn load_certified_key(
 /// The server's TLS settings from `files`, and a task that reloads its certificate when the
 /// files change (it ends when the returned config is dropped).
 pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, CoordinatorError> {
-    let tls_error = |error: String| CoordinatorError::Storage(format!("load TLS files: {error}"));
+    let tls_error =
+        |error: String| CoordinatorError::invalid("tls", format!("load TLS files: {error}"));
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     for certificate in pem_certificates(&files.ca).map_err(|error| tls_error(error.to_string()))? {
