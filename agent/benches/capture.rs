@@ -51,7 +51,7 @@ fn main() {
         ..ServiceConfig::bare("web", root.path())
     };
     let store_dir = tempfile::tempdir().unwrap();
-    let store = Store::open(store_dir.path()).unwrap();
+    let store = Store::open(&store_dir.path().join("store")).unwrap();
     println!(
         "Capturing a service whose release holds {files} files, {} MB (files in the page cache):",
         total_bytes / 1_000_000

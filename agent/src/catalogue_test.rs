@@ -38,7 +38,7 @@ restart-command = ["true"]
 
 fn executor_for(service: ServiceConfig) -> (Executor, tempfile::TempDir) {
     let data = tempfile::tempdir().unwrap();
-    let store = Store::open(data.path()).unwrap();
+    let store = Store::open(&data.path().join("store")).unwrap();
     let executor = Executor::new(store, vec![service], Arc::new(crate::host::LocalHost));
     (executor, data)
 }

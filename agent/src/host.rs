@@ -24,7 +24,15 @@ impl Host for LocalHost {
         let (program, args) = argv
             .split_first()
             .ok_or_else(|| AgentError::Invalid("empty command".into()))?;
-        let child = tokio::process::Command::new(program)
+        let mut command = tokio::process::Command::new(program);
+        // SAFETY: the closure only calls umask, which is async-signal-safe.
+        unsafe {
+            command.pre_exec(|| {
+                rewind_shared::config::usual_umask();
+                Ok(())
+            });
+        }
+        let child = command
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

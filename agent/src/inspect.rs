@@ -184,7 +184,7 @@ mod tests {
             config_files: vec!["app.toml".into()],
             ..ServiceConfig::bare("web", root.path())
         };
-        let store = Store::open(data.path()).unwrap();
+        let store = Store::open(&data.path().join("store")).unwrap();
         let services = [service.clone()];
         let drift = |store: &Store| {
             inspect(store, &services, "web", InspectMode::InspectDrift, b"k").unwrap()[0].clone()

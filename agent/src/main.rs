@@ -89,6 +89,7 @@ enum SnapshotCommand {
 }
 
 fn main() -> ExitCode {
+    rewind_shared::config::private_umask();
     rewind_shared::logging::init("info");
     rewind_shared::tls::install_crypto_provider();
     let cli = Cli::parse();
@@ -218,8 +219,9 @@ fn files_usable(config: Config, command: &Command) -> Result<Config, Vec<String>
 }
 
 fn open_store(config: &Config) -> anyhow::Result<Store> {
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("create data dir {}", config.data_dir.display()))?;
+    // The store holds env files (encrypted) and config files: nobody else may read it.
+    rewind_shared::config::make_private(&config.data_dir, 3)
+        .with_context(|| format!("make data dir {} private", config.data_dir.display()))?;
     Store::open(&config.data_dir.join("store")).context("open the local store")
 }
 

@@ -138,7 +138,7 @@ mod tests {
     fn retention_keeps_recent_current_last_good_and_never_live_releases() {
         let root = tempfile::tempdir().unwrap();
         let store_dir = tempfile::tempdir().unwrap();
-        let store = Store::open(store_dir.path()).unwrap();
+        let store = Store::open(&store_dir.path().join("store")).unwrap();
         for version in ["v1", "v2", "v3", "v4", "v5"] {
             let dir = root.path().join(RELEASES_DIR).join(version);
             std::fs::create_dir_all(&dir).unwrap();

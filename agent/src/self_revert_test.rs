@@ -94,7 +94,7 @@ async fn host_after_change(service: impl Fn(&std::path::Path) -> ServiceConfig) 
     fs::write(root.path().join("app.toml"), "v1 config").unwrap();
     crate::snapshot::switch_link(root.path(), "releases/v1").unwrap();
     let executor = Executor::new(
-        Store::open(data.path()).unwrap(),
+        Store::open(&data.path().join("store")).unwrap(),
         vec![service(root.path())],
         Arc::new(crate::host::LocalHost),
     );

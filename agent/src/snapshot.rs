@@ -102,8 +102,8 @@ pub fn capture(
     let started = std::time::Instant::now();
     let facts = crate::facts::collect(service);
     let mut new_bytes = 0u64;
-    let (manifest, tree) = read_manifest(service, Some(store), |bytes| {
-        let (hash, inserted) = store.put_blob(bytes)?;
+    let (manifest, tree) = read_manifest(service, Some(store), |bytes, env| {
+        let (hash, inserted) = store.put_blob(bytes, env)?;
         if inserted {
             new_bytes += bytes.len() as u64;
         }
@@ -132,7 +132,7 @@ pub fn live_manifest(
     service: &ServiceConfig,
     store: Option<&Store>,
 ) -> Result<Manifest, AgentError> {
-    let (manifest, _) = read_manifest(service, store, |bytes| {
+    let (manifest, _) = read_manifest(service, store, |bytes, _| {
         Ok(rewind_shared::digest::sha256_hex(bytes))
     })?;
     Ok(manifest)
@@ -207,11 +207,11 @@ fn now_ns() -> i64 {
 }
 
 /// Reads the link, the release's digest and every declared file; `keep` turns each file's
-/// bytes into its blob hash.
+/// bytes (and whether it is an env file) into its blob hash.
 fn read_manifest(
     service: &ServiceConfig,
     store: Option<&Store>,
-    mut keep: impl FnMut(&[u8]) -> Result<String, AgentError>,
+    mut keep: impl FnMut(&[u8], bool) -> Result<String, AgentError>,
 ) -> Result<(Manifest, TreeStats), AgentError> {
     let root = ServiceRoot::open(service)?;
     let release_link = read_release_link(service)?;
@@ -244,7 +244,7 @@ fn read_manifest(
         };
         files.push(FileState {
             path: relative.clone(),
-            blob: Some(keep(&bytes)?),
+            blob: Some(keep(&bytes, env)?),
             mode: metadata.permissions().mode() & 0o7777,
             size: bytes.len() as u64,
             uid: metadata.uid(),

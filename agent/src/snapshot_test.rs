@@ -1,6 +1,7 @@
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
 
 use super::*;
 
@@ -35,7 +36,7 @@ fn fixture() -> Fixture {
         ],
         ..ServiceConfig::bare("web", root.path())
     };
-    let store = Store::open(store_dir.path()).unwrap();
+    let store = Store::open(&store_dir.path().join("store")).unwrap();
     Fixture {
         root,
         _store_dir: store_dir,
@@ -430,7 +431,7 @@ mod round_trip {
                 config_files: paths.clone(),
                 ..ServiceConfig::bare("web", root.path())
             };
-            let store = Store::open(store_dir.path()).unwrap();
+            let store = Store::open(&store_dir.path().join("store")).unwrap();
             let expected = observed(root.path(), &paths);
             let snapshot = capture(&store, &service, vec![], 1).unwrap();
 
@@ -447,6 +448,50 @@ mod round_trip {
             );
         }
     }
+}
+
+/// Whether `needle` appears in any file under `dir`.
+fn found_under(dir: &Path, needle: &[u8]) -> bool {
+    fs::read_dir(dir).unwrap().any(|entry| {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            found_under(&path, needle)
+        } else {
+            fs::read(&path)
+                .unwrap()
+                .windows(needle.len())
+                .any(|window| window == needle)
+        }
+    })
+}
+
+#[test]
+fn env_files_are_kept_encrypted_and_restored_exactly() {
+    let fixture = fixture();
+    let root = fixture.root.path();
+    let secret = b"DB_PASSWORD=s3cret-that-must-not-be-at-rest\n";
+    let config_marker = b"threads = 4";
+    fs::write(root.join("shared/config/env"), secret).unwrap();
+    let service = ServiceConfig {
+        env_files: vec!["shared/config/env".into()],
+        ..fixture.service.clone()
+    };
+    let snapshot = capture(&fixture.store, &service, vec![], 1).unwrap();
+    fixture.store.flush().unwrap();
+    let data_dir = fixture._store_dir.path();
+    assert!(
+        found_under(data_dir, config_marker),
+        "the search would find plain bytes"
+    );
+    assert!(
+        !found_under(data_dir, b"s3cret-that-must-not-be-at-rest"),
+        "the env file is not stored in plain text"
+    );
+    let key = fs::metadata(data_dir.join("store.key")).unwrap();
+    assert_eq!((key.len(), key.permissions().mode() & 0o777), (32, 0o600));
+    fs::write(root.join("shared/config/env"), b"DB_PASSWORD=changed\n").unwrap();
+    restore(&fixture.store, &service, &snapshot.id).unwrap();
+    assert_eq!(fs::read(root.join("shared/config/env")).unwrap(), secret);
 }
 
 #[test]

@@ -45,7 +45,7 @@ fn fixture() -> Fixture {
         ..ServiceConfig::bare("web", root.path())
     };
     let host = Arc::new(CountingHost::default());
-    let store = Store::open(data.path()).unwrap();
+    let store = Store::open(&data.path().join("store")).unwrap();
     let executor = Executor::new(store, vec![service], host.clone());
     Fixture {
         root,
@@ -412,7 +412,7 @@ async fn drain_and_undrain_run_their_hooks_and_a_service_without_hooks_has_nothi
     };
     let data = tempfile::tempdir().unwrap();
     let executor = Executor::new(
-        Store::open(data.path()).unwrap(),
+        Store::open(&data.path().join("store")).unwrap(),
         vec![service],
         Arc::new(crate::host::LocalHost),
     );

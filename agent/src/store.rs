@@ -1,7 +1,10 @@
 //! The agent's local store, in sled under `<data-dir>/store`.
 //!
 //! Trees:
-//! - `blobs`: sha256 hex -> bytes. Identical content is stored once, across snapshots.
+//! - `blobs`: sha256 hex -> bytes. Identical content is stored once, across snapshots. The
+//!   bytes of env files (secrets, often) are kept encrypted with the host's store key
+//!   (`<data-dir>/store.key`, 32 random bytes made at first start, mode 0600):
+//!   ChaCha20-Poly1305, a random nonce each, the content hash as associated data.
 //! - `snapshots`: snapshot id -> JSON [`SnapshotRecord`].
 //! - `journal`: step id -> JSON [`JournalRecord`]: written (and flushed) before a step acts and
 //!   after it ends, so a redelivered step answers from here instead of acting twice.
@@ -39,6 +42,51 @@ pub struct Store {
     schema: sled::Tree,
     /// `<data-dir>/exports`.
     exports_dir: std::path::PathBuf,
+    /// Encrypts the bytes of env files at rest.
+    secrets: ring::aead::LessSafeKey,
+}
+
+/// How an encrypted blob begins: then a 12-byte nonce, then ciphertext and tag.
+const ENCRYPTED_BLOB: &[u8] = b"rewind-enc1:";
+/// The store key's file, beside the store.
+const STORE_KEY_FILE: &str = "store.key";
+
+/// The host's store key, made (with 32 random bytes, mode 0600, never replaced) on first use.
+fn store_key(data_dir: &Path) -> Result<ring::aead::LessSafeKey, AgentError> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data_dir.join(STORE_KEY_FILE);
+    let mut bytes = [0u8; 32];
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+    {
+        Ok(mut file) => {
+            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+                .map_err(|_| AgentError::Store("no randomness for the store key".into()))?;
+            file.write_all(&bytes)
+                .and_then(|()| file.sync_all())
+                .map_err(AgentError::io("write", &path))?;
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
+            let mut file = std::fs::File::open(&path).map_err(AgentError::io("open", &path))?;
+            let read = file
+                .read(&mut bytes)
+                .map_err(AgentError::io("read", &path))?;
+            if read != bytes.len() {
+                return Err(AgentError::Store(format!(
+                    "{} holds {read} bytes, not the 32 of a store key",
+                    path.display()
+                )));
+            }
+        }
+        Err(error) => return Err(AgentError::io("create", &path)(error)),
+    }
+    let key = ring::aead::UnboundKey::new(&ring::aead::CHACHA20_POLY1305, &bytes)
+        .map_err(|_| AgentError::Store("the store key is not a ChaCha20 key".into()))?;
+    Ok(ring::aead::LessSafeKey::new(key))
 }
 
 /// A step's journal entry.
@@ -93,6 +141,7 @@ impl Store {
             exports_dir: dir
                 .parent()
                 .map_or_else(|| dir.join("exports"), |data_dir| data_dir.join("exports")),
+            secrets: store_key(dir.parent().unwrap_or(dir))?,
             db,
         })
     }
@@ -103,21 +152,72 @@ impl Store {
         Ok(())
     }
 
-    /// Stores `bytes` under their sha256 unless already present; returns (hash, newly stored).
-    pub fn put_blob(&self, bytes: &[u8]) -> Result<(String, bool), AgentError> {
+    /// Stores `bytes` under their sha256 unless already present, encrypted if `secret`;
+    /// returns (hash, newly stored).
+    pub fn put_blob(&self, bytes: &[u8], secret: bool) -> Result<(String, bool), AgentError> {
         let hash = rewind_shared::digest::sha256_hex(bytes);
+        if self.blobs.contains_key(hash.as_bytes())? {
+            return Ok((hash, false));
+        }
+        let stored = if secret {
+            self.encrypt(&hash, bytes)?
+        } else {
+            bytes.to_vec()
+        };
         let inserted = self
             .blobs
-            .compare_and_swap(hash.as_bytes(), None as Option<&[u8]>, Some(bytes))?
+            .compare_and_swap(hash.as_bytes(), None as Option<&[u8]>, Some(stored))?
             .is_ok();
         Ok((hash, inserted))
     }
 
+    fn encrypt(&self, hash: &str, bytes: &[u8]) -> Result<Vec<u8>, AgentError> {
+        let mut nonce = [0u8; ring::aead::NONCE_LEN];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
+            .map_err(|_| AgentError::Store("no randomness for a nonce".into()))?;
+        let mut sealed = bytes.to_vec();
+        self.secrets
+            .seal_in_place_append_tag(
+                ring::aead::Nonce::assume_unique_for_key(nonce),
+                ring::aead::Aad::from(hash.as_bytes()),
+                &mut sealed,
+            )
+            .map_err(|_| AgentError::Store(format!("cannot encrypt blob {hash}")))?;
+        Ok([ENCRYPTED_BLOB, &nonce[..], &sealed].concat())
+    }
+
+    fn decrypt(&self, hash: &str, stored: &[u8]) -> Result<Vec<u8>, AgentError> {
+        let unreadable = || {
+            AgentError::Store(format!(
+                "blob {hash} does not decrypt with this host's store key ({STORE_KEY_FILE} \
+                 replaced or the blob damaged)"
+            ))
+        };
+        let rest = &stored[ENCRYPTED_BLOB.len()..];
+        if rest.len() < ring::aead::NONCE_LEN {
+            return Err(unreadable());
+        }
+        let (nonce, sealed) = rest.split_at(ring::aead::NONCE_LEN);
+        let nonce =
+            ring::aead::Nonce::try_assume_unique_for_key(nonce).map_err(|_| unreadable())?;
+        let mut opened = sealed.to_vec();
+        let plain = self
+            .secrets
+            .open_in_place(nonce, ring::aead::Aad::from(hash.as_bytes()), &mut opened)
+            .map_err(|_| unreadable())?;
+        Ok(plain.to_vec())
+    }
+
     pub fn blob(&self, hash: &str) -> Result<Vec<u8>, AgentError> {
-        let bytes = self
+        let stored = self
             .blobs
             .get(hash.as_bytes())?
             .ok_or_else(|| AgentError::Store(format!("blob {hash} is missing")))?;
+        let bytes = if stored.starts_with(ENCRYPTED_BLOB) {
+            self.decrypt(hash, &stored)?
+        } else {
+            stored.to_vec()
+        };
         // Content addressing lets us catch a corrupted store before it is restored onto a host.
         let actual = rewind_shared::digest::sha256_hex(&bytes);
         if actual != hash {

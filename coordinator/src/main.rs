@@ -99,6 +99,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    rewind_shared::config::private_umask();
     rewind_shared::logging::init("info");
     rewind_shared::tls::install_crypto_provider();
     let cli = Cli::parse();
@@ -400,8 +401,9 @@ async fn serve(
     addr_file: Option<PathBuf>,
     http_addr_file: Option<PathBuf>,
 ) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("create data dir {}", config.data_dir.display()))?;
+    // The log, snapshots and the dev CA's keys: nobody else may read them.
+    rewind_shared::config::make_private(&config.data_dir, 3)
+        .with_context(|| format!("make data dir {} private", config.data_dir.display()))?;
     let budget = rewind_coordinator::admission::ConnectionBudget::from_open_files(
         rewind_coordinator::admission::raise_open_files_limit(),
     );

@@ -107,3 +107,53 @@ pub fn data_dir_problem(field: &str, path: &std::path::Path) -> Option<String> {
         }
     }
 }
+
+/// Makes this process create its files private to its user whatever umask it was started with
+/// (0700 directories, 0600 files): the data directories hold keys, snapshots of env files and
+/// the replicated log. Programs it starts get the usual 022 back (see [`usual_umask`]).
+pub fn private_umask() {
+    // SAFETY: umask only swaps the process's file mode creation mask.
+    unsafe {
+        libc::umask(0o077);
+    }
+}
+
+/// For a child process about to exec a program that is not ours (a restart command, a hook):
+/// the umask a program expects, rather than the agent's own private one.
+pub fn usual_umask() {
+    // SAFETY: as in private_umask; async-signal-safe, so callable between fork and exec.
+    unsafe {
+        libc::umask(0o022);
+    }
+}
+
+/// Creates `dir` if needed and makes it and everything in it, to `depth` levels, private to
+/// this user (0700 directories, 0600 files): data directories created before this rule, or
+/// under another umask, are tightened at start. Links are left alone.
+pub fn make_private(dir: &std::path::Path, depth: usize) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    if depth == 0 {
+        return Ok(());
+    }
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            make_private(&entry.path(), depth - 1)?;
+        } else if kind.is_file() {
+            let mode = entry.metadata()?.permissions().mode() & 0o7777;
+            if mode & 0o077 != 0 {
+                std::fs::set_permissions(
+                    entry.path(),
+                    std::fs::Permissions::from_mode(mode & 0o700),
+                )?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -7,7 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use rewind_tests::must_binary;
+use rewind_tests::{Coordinator, TestHost, must_binary, must_wait};
 
 const EXIT_BAD_CONFIG: i32 = 64;
 
@@ -295,4 +295,65 @@ fn issue_cert_never_silently_replaces_an_identity_or_the_ca() {
             stderr(&refused)
         );
     }
+}
+
+/// Every file (but a certificate) under `dir` that others than its owner may read or enter,
+/// with its mode.
+fn not_private(dir: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        let metadata = entry.metadata().unwrap();
+        let mode = metadata.permissions().mode() & 0o777;
+        if metadata.is_dir() {
+            if mode != 0o700 {
+                found.push(format!("{} {mode:o}", entry.path().display()));
+            }
+            found.extend(not_private(&entry.path()));
+        } else if mode & 0o077 != 0
+            // Certificates are public; their keys, the stores and everything else are not.
+            && entry.path().extension().is_none_or(|extension| extension != "pem")
+        {
+            found.push(format!("{} {mode:o}", entry.path().display()));
+        }
+    }
+    found
+}
+
+#[test]
+fn data_directories_are_private_whatever_the_umask() {
+    let dir = tempfile::tempdir().unwrap();
+    // A data directory made before this rule, open to all.
+    let agent_data = dir.path().join("web-1").join("agent");
+    std::fs::create_dir_all(&agent_data).unwrap();
+    std::fs::set_permissions(&agent_data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(agent_data.join("left-over"), "x").unwrap();
+    std::fs::set_permissions(
+        agent_data.join("left-over"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    // SAFETY: umask only swaps this process's mask; the children started below inherit it.
+    let previous = unsafe { libc_umask(0o002) };
+    let coordinator = Coordinator::must_start(&dir.path().join("coordinator"));
+    let mut host = TestHost::must_prepare(dir.path(), "web-1", &coordinator);
+    host.must_start_agent();
+    unsafe { libc_umask(previous) };
+    must_wait(
+        std::time::Duration::from_secs(20),
+        "the agent's store",
+        || agent_data.join("store.key").exists().then_some(()),
+    );
+    let data_mode = std::fs::metadata(&agent_data).unwrap().permissions().mode() & 0o777;
+    assert_eq!(data_mode, 0o700);
+    assert_eq!(not_private(&agent_data), Vec::<String>::new());
+    assert_eq!(
+        not_private(&dir.path().join("coordinator").join("data")),
+        Vec::<String>::new()
+    );
+}
+
+unsafe extern "C" {
+    #[link_name = "umask"]
+    fn libc_umask(mask: u32) -> u32;
 }
