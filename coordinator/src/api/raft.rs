@@ -16,10 +16,10 @@ use std::time::Duration;
 
 use protobuf::Message as _;
 use raft::eraftpb::{Message, MessageType};
-use rewind_proto::MAX_SNAPSHOT_BYTES;
 use rewind_proto::v1::{
     RaftAck, RaftBatch, SnapshotChunk, SnapshotHeader, raft_service_server::RaftService,
 };
+use rewind_proto::{MAX_RAFT_BATCH_BYTES, MAX_SNAPSHOT_BYTES};
 use tokio::io::AsyncWriteExt as _;
 use tokio::sync::{Semaphore, mpsc};
 use tonic::{Request, Response, Status, Streaming};
@@ -210,6 +210,36 @@ fn check_snapshot_data(data: Vec<u8>, expected: &str) -> Result<Vec<u8>, Status>
     Ok(data)
 }
 
+/// Most nesting a Raft message is decoded through: eraftpb nests three deep (Message, Snapshot,
+/// SnapshotMetadata, ConfState); anything deeper is not a Raft message.
+const MAX_RAFT_MESSAGE_DEPTH: u32 = 8;
+/// Largest Raft message inside a snapshot stream's header (the snapshot's data travels in
+/// chunks; the header holds its metadata).
+const MAX_SNAPSHOT_HEADER_MESSAGE_BYTES: usize = 1 << 20;
+
+/// Decodes a Raft message from a member, bounded: raft-rs's codec is protobuf 2, unmaintained,
+/// with an advisory (RUSTSEC-2024-0437, recursion on crafted input). Only an authenticated
+/// member reaches this (its certificate checked against the sender it claims, by the gate and
+/// `check_sender`), its size is bounded before decoding, and so is the nesting.
+fn decode_raft_message(bytes: &[u8], max_bytes: usize, field: &str) -> Result<Message, Status> {
+    if bytes.len() > max_bytes {
+        return Err(Status::invalid_argument(format!(
+            "{field}: a Raft message of {} bytes, at most {max_bytes}",
+            bytes.len()
+        )));
+    }
+    let mut input = protobuf::CodedInputStream::from_bytes(bytes);
+    input.set_recursion_limit(MAX_RAFT_MESSAGE_DEPTH);
+    let mut message = Message::new();
+    message
+        .merge_from(&mut input)
+        .and_then(|()| input.check_eof())
+        .map_err(|error| {
+            Status::invalid_argument(format!("{field}: not a Raft message: {error}"))
+        })?;
+    Ok(message)
+}
+
 #[tonic::async_trait]
 impl RaftService for RaftPeers {
     async fn deliver(&self, request: Request<RaftBatch>) -> Result<Response<RaftAck>, Status> {
@@ -217,9 +247,7 @@ impl RaftService for RaftPeers {
         let batch = request.into_inner();
         self.check_sender(&caller, &batch.cluster_id, batch.from_member)?;
         for bytes in batch.messages {
-            let message = Message::parse_from_bytes(&bytes).map_err(|error| {
-                Status::invalid_argument(format!("messages: not a Raft message: {error}"))
-            })?;
+            let message = decode_raft_message(&bytes, MAX_RAFT_BATCH_BYTES, "messages")?;
             if message.from != batch.from_member {
                 return Err(Status::invalid_argument(format!(
                     "messages: a message from member {} in a batch from member {}",
@@ -324,9 +352,11 @@ async fn next_chunk(
 
 /// The header's Raft message, checked: a snapshot from the sender, of a size this member takes.
 fn snapshot_message(header: &SnapshotHeader) -> Result<Message, Status> {
-    let message = Message::parse_from_bytes(&header.message).map_err(|error| {
-        Status::invalid_argument(format!("header.message: not a Raft message: {error}"))
-    })?;
+    let message = decode_raft_message(
+        &header.message,
+        MAX_SNAPSHOT_HEADER_MESSAGE_BYTES,
+        "header.message",
+    )?;
     if message.get_msg_type() != MessageType::MsgSnapshot {
         return Err(Status::invalid_argument(format!(
             "header.message: a {:?}, not a snapshot",
@@ -406,4 +436,63 @@ fn disk_error(action: &str, path: &Path, error: std::io::Error) -> Status {
     Status::unavailable(format!(
         "the receiving member cannot {action} the snapshot on its disk"
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A field of `number` holding `inner` as a length-delimited message.
+    fn nested(number: u32, inner: &[u8]) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        let varint = |mut value: u64, out: &mut Vec<u8>| loop {
+            let byte = (value & 0x7f) as u8;
+            value >>= 7;
+            if value == 0 {
+                out.push(byte);
+                break;
+            }
+            out.push(byte | 0x80);
+        };
+        varint(u64::from(number << 3 | 2), &mut bytes);
+        varint(inner.len() as u64, &mut bytes);
+        bytes.extend_from_slice(inner);
+        bytes
+    }
+
+    #[test]
+    fn raft_messages_from_peers_are_bounded_before_and_while_decoding() {
+        let mut good = Message::new();
+        good.set_msg_type(MessageType::MsgHeartbeat);
+        good.from = 2;
+        let bytes = good.write_to_bytes().unwrap();
+        assert_eq!(decode_raft_message(&bytes, 1024, "messages").unwrap(), good);
+        let refused = decode_raft_message(&vec![0; 2048], 1024, "messages").unwrap_err();
+        assert!(refused.message().contains("2048 bytes, at most 1024"));
+        // A real snapshot message nests as deep as eraftpb goes (snapshot, metadata, conf
+        // state) and decodes.
+        let mut snapshot = Message::new();
+        snapshot.set_msg_type(MessageType::MsgSnapshot);
+        snapshot
+            .mut_snapshot()
+            .mut_metadata()
+            .mut_conf_state()
+            .voters = vec![1, 2, 3];
+        let bytes = snapshot.write_to_bytes().unwrap();
+        assert_eq!(decode_raft_message(&bytes, 1 << 20, "m").unwrap(), snapshot);
+        // Groups opened 100,000 deep in an unknown field (the advisory's shape): refused, and
+        // the stack survives.
+        let mut bomb = nested(9, &[]);
+        for _ in 0..100_000 {
+            bomb.extend_from_slice(&[0xa3, 0x01]); // field 20, start group
+        }
+        let refused = decode_raft_message(&bomb, 1 << 20, "messages").unwrap_err();
+        assert!(
+            refused.message().contains("not a Raft message"),
+            "{}",
+            refused.message()
+        );
+        let garbage = decode_raft_message(&[0xff; 16], 1024, "messages").unwrap_err();
+        assert!(garbage.message().contains("messages: not a Raft message"));
+    }
 }
