@@ -123,6 +123,8 @@ impl Store {
         // Every write that matters is flushed by its caller (journal, snapshot, fence), so sled's
         // periodic flusher, which wakes every 500 ms, is off: an idle agent does nothing. A small
         // page cache keeps the idle footprint small; blobs are read once per restore.
+        rewind_shared::config::remove_unfinished_sled_snapshots(dir)
+            .map_err(AgentError::io("clean", dir))?;
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(4 << 20)

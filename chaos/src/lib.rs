@@ -6,8 +6,10 @@
 //! # Layout
 //! - [`rollback_faults`]: kill -9 the leader, a follower or every member, or partition the
 //!   leader, while a rollback runs.
+//! - [`disk_faults`]: a member's disk fills, fails (EIO) or stalls.
 //! - [`invariants`]: the checks every scenario ends with.
 
+pub mod disk_faults;
 pub mod invariants;
 pub mod rollback_faults;
 

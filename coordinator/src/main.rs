@@ -456,6 +456,25 @@ async fn serve(
         cluster_id.as_str().into(),
     )
     .context("start the Raft member")?;
+    // A failed write or fsync stopped the Raft member: the process goes too (never retrying the
+    // fsync, never serving on without a log), so its supervisor restarts it from what the disk
+    // holds.
+    let mut storage = member.status.clone();
+    let data_dir = config.data_dir.clone();
+    tokio::spawn(async move {
+        if let Ok(status) = storage
+            .wait_for(|status| status.storage_failed.is_some())
+            .await
+        {
+            error!(
+                data_dir = %data_dir.display(),
+                error = status.storage_failed.as_deref().unwrap_or_default(),
+                "The Raft store failed; exiting ({}). Start the member again once its disk is healthy: it recovers from what the disk holds.",
+                rewind_shared::config::EXIT_STORAGE_FAILED
+            );
+            std::process::exit(i32::from(rewind_shared::config::EXIT_STORAGE_FAILED));
+        }
+    });
     let directory = Directory::new(member.node.clone(), cluster.members.clone());
     tokio::spawn(membership::route_to_members(directory.clone(), transport));
 

@@ -157,3 +157,28 @@ pub fn make_private(dir: &std::path::Path, depth: usize) -> std::io::Result<()> 
     }
     Ok(())
 }
+
+/// Removes the snapshot files sled was still writing when its disk filled or the process died
+/// (`snap.<lsn>.generating`): sled 0.34 reads one as its latest snapshot at the next open and
+/// refuses to start (sled issue 1527), though its log holds everything it needs.
+pub fn remove_unfinished_sled_snapshots(dir: &std::path::Path) -> std::io::Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(error) => return Err(error),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// The exit status of a process whose store failed to write (`EX_IOERR`): it stopped rather
+/// than carry on after a failed write or fsync, and recovers from what its disk holds when
+/// started again.
+pub const EXIT_STORAGE_FAILED: u8 = 74;

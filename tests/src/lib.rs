@@ -971,6 +971,14 @@ join = {join}
         self.members[id as usize - 1] = Some(process);
     }
 
+    /// If member `id` exited on its own: its status (and it counts as stopped from now on).
+    pub fn exited(&mut self, id: u64) -> Option<std::process::ExitStatus> {
+        let slot = &mut self.members[id as usize - 1];
+        let status = slot.as_mut()?.child.try_wait().ok().flatten()?;
+        *slot = None;
+        Some(status)
+    }
+
     /// SIGKILL, as a crash.
     pub fn kill(&mut self, id: u64) {
         if let Some(mut process) = self.members[id as usize - 1].take() {

@@ -85,6 +85,9 @@ pub struct RaftStatus {
     pub last_index: u64,
     /// Followers' replication progress, known on the leader only.
     pub peers: Vec<PeerProgress>,
+    /// Set when the Raft store failed (a write or fsync): the member has stopped and the
+    /// process must exit, to restart from what the disk holds.
+    pub storage_failed: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -346,9 +349,14 @@ impl<T: Transport> Driver<T> {
                     }
                 }
                 if let Some(error) = failed {
-                    // The disk failed under Raft: stop rather than risk acting on state that
-                    // is not persisted. A restart recovers from what the disk holds.
-                    error!(%error, "Raft storage failed; this member stops. Restart it.");
+                    // The disk failed under Raft: stop rather than retry (after a failed fsync
+                    // the kernel may have dropped the pages it did not write) and rather than
+                    // act on state that is not persisted. A restart recovers from what the disk
+                    // holds; the process exits on this status.
+                    error!(%error, "Raft storage failed; this member stops.");
+                    let failure = error.to_string();
+                    self.status
+                        .send_modify(|status| status.storage_failed = Some(failure));
                     break;
                 }
                 self.publish_status();
@@ -725,6 +733,8 @@ impl<T: Transport> Driver<T> {
             CoordinatorError::Storage(format!("apply conf change {}: {error}", entry.index))
         })?;
         self.store.set_conf_state(&conf_state)?;
+        // Durable now: the store is flushed only when asked (sled's own flusher is off).
+        self.store.flush()?;
         let outcome = {
             let mut state = self
                 .state
@@ -865,6 +875,7 @@ impl<T: Transport> Driver<T> {
             } else {
                 Vec::new()
             },
+            storage_failed: None,
         };
         self.watch_for_stuck_followers(&status);
         self.status.send_if_modified(|current| {

@@ -41,7 +41,16 @@ pub struct RaftStore {
 
 impl RaftStore {
     pub fn open(dir: &Path) -> Result<Self, CoordinatorError> {
-        let db = sled::open(dir).map_err(|error| storage_error("open", dir.display(), error))?;
+        rewind_shared::config::remove_unfinished_sled_snapshots(dir)
+            .map_err(|error| storage_error("clean", dir.display(), error))?;
+        // Flushed only when asked, after each Ready and each record that must be durable:
+        // sled's own flusher (every 500 ms) would report a failed fsync only in its log, and
+        // could take the kernel's one report of it from the write path's next flush.
+        let db = sled::Config::new()
+            .path(dir)
+            .flush_every_ms(None)
+            .open()
+            .map_err(|error| storage_error("open", dir.display(), error))?;
         let log = db
             .open_tree("raft-log")
             .map_err(|error| storage_error("open tree", "raft-log", error))?;
@@ -161,10 +170,19 @@ impl RaftStore {
     }
 
     pub fn flush(&self) -> Result<(), CoordinatorError> {
-        self.db
-            .flush()
-            .map(|_| ())
-            .map_err(|error| storage_error("flush", "raft store", error))
+        self.db.flush().map(|_| ()).map_err(|error| {
+            storage_error(
+                "flush",
+                format!(
+                    "the Raft store in {}",
+                    self.snapshot_dir
+                        .parent()
+                        .unwrap_or(&self.snapshot_dir)
+                        .display()
+                ),
+                error,
+            )
+        })
     }
 
     /// Appends entries, replacing any conflicting suffix. Not durable until [`Self::flush`].
