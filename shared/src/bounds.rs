@@ -143,7 +143,7 @@ pub fn check_health_report(
             Err(out_of_bounds(
                 field,
                 format!(
-                    "{:?} is not a service this host registered",
+                    "{:?} is not one of this host's services (registered, and assigned by the policy)",
                     truncate(service, 64)
                 ),
             ))
@@ -327,7 +327,7 @@ mod tests {
             ),
             (
                 Box::new(|r| r.probes[0].service = "payments".into()),
-                "health.probes.service: \"payments\" is not a service this host registered",
+                "health.probes.service: \"payments\" is not one of this host's services",
             ),
             (
                 Box::new(|r| r.app[0].service = "payments".into()),

@@ -61,6 +61,24 @@ pub fn validate_name(field: &str, value: &str) -> Result<(), SharedError> {
     })
 }
 
+/// Whether `name` matches `pattern`: a name, or a prefix ending in `*` (`web-*`; `*` alone
+/// matches every name).
+pub fn matches_pattern(pattern: &str, name: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => name.starts_with(prefix),
+        None => name == pattern,
+    }
+}
+
+/// A name pattern (see [`matches_pattern`]): its name or prefix a valid name, or `*`.
+pub fn validate_pattern(field: &str, pattern: &str) -> Result<(), SharedError> {
+    match pattern.strip_suffix('*') {
+        Some("") => Ok(()),
+        Some(prefix) => validate_name(field, prefix),
+        None => validate_name(field, pattern),
+    }
+}
+
 /// Release versions such as `1.4.2`, `v2`, `2026.11.26-rc1+build.7`.
 pub fn validate_version(field: &str, value: &str) -> Result<(), SharedError> {
     validate_chars(field, value, |c| {

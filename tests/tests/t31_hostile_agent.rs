@@ -178,7 +178,7 @@ async fn health_reports_are_bounded_and_speak_only_for_the_hosts_services() {
     let log_path = dir.path().join("coordinator.log");
     must_wait(Duration::from_secs(20), "both refusals logged", || {
         let log = std::fs::read_to_string(&log_path).unwrap();
-        (log.contains("health: 3900") && log.contains("is not a service this host registered"))
+        (log.contains("health: 3900") && log.contains("is not one of this host's services"))
             .then_some(())
     });
     for host in ["web-1", "web-2"] {
@@ -327,4 +327,87 @@ async fn what_a_host_says_reaches_a_terminal_without_escape_sequences() {
         assert!(stdout.contains("\\u{1b}"), "{args:?}: {stdout}");
     }
     answering.abort();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_host_may_run_only_the_services_the_policy_assigns_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::must_start(dir.path());
+    let mut admin = coordinator.must_client().await;
+    let policy = admin
+        .get_policy(pb::GetPolicyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let assign = |rules: &str| pb::ApplyPolicyRequest {
+        toml: format!("{}\n{rules}", policy.toml),
+        reason: "assign services to hosts".into(),
+        ..Default::default()
+    };
+    admin
+        .apply_policy(assign(
+            "[[hosts]]\nnames = [\"web-*\"]\nservices = [\"web\"]\n",
+        ))
+        .await
+        .unwrap();
+    // The gate follows the policy as it is applied: wait until it refuses.
+    let refused = must_wait_async(Duration::from_secs(20), "the rule in force", || async {
+        open(&coordinator, register("web-1", &["web", "payments"]))
+            .await
+            .err()
+    })
+    .await;
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("host web-1 may not run service payments"),
+        "{}",
+        refused.message()
+    );
+    let other = open(&coordinator, register("db-1", &["web"]))
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        other
+            .message()
+            .contains("host db-1 may not run service web")
+    );
+    let web = open(&coordinator, register("web-2", &["web"]))
+        .await
+        .unwrap();
+
+    // Reassigned while connected: its reports for web are no longer kept.
+    let mut latest = web_report("");
+    latest.at_ms = 1;
+    web.send(pb::agent_message::Body::Health(latest)).await;
+    must_wait_async(Duration::from_secs(20), "the first report kept", || async {
+        host_listed(&coordinator, "web-2")
+            .await?
+            .last_health
+            .map(|_| ())
+    })
+    .await;
+    admin
+        .apply_policy(pb::ApplyPolicyRequest {
+            expected_hash: String::new(),
+            ..assign("[[hosts]]\nnames = [\"web-1\"]\nservices = [\"web\"]\n")
+        })
+        .await
+        .unwrap();
+    let log_path = dir.path().join("coordinator.log");
+    must_wait_async(Duration::from_secs(20), "the report refused", || async {
+        let mut report = web_report("");
+        report.at_ms = 2;
+        web.send(pb::agent_message::Body::Health(report)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        std::fs::read_to_string(&log_path)
+            .unwrap()
+            .contains("is not one of this host's services")
+            .then_some(())
+    })
+    .await;
+    let kept = host_listed(&coordinator, "web-2").await.unwrap();
+    assert_eq!(kept.last_health.unwrap().at_ms, 1, "no later report kept");
 }

@@ -23,6 +23,10 @@
 //!
 //! [environment.prod]
 //! approvals = 2
+//!
+//! [[hosts]]
+//! names = ["web-*"]
+//! services = ["web", "web-static"]
 //! ```
 
 use std::collections::BTreeMap;
@@ -299,6 +303,36 @@ pub struct Policy {
         skip_serializing_if = "BTreeMap::is_empty"
     )]
     pub environments: BTreeMap<String, EnvironmentRules>,
+    /// Which services which hosts may run. None: any host may run any service.
+    #[serde(default, rename = "hosts", skip_serializing_if = "Vec::is_empty")]
+    pub host_rules: Vec<HostRule>,
+}
+
+/// Hosts whose ids match one of `names` may run (register, and report for) the services that
+/// match one of `services`. Patterns are names or prefixes ending in `*`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct HostRule {
+    pub names: Vec<String>,
+    pub services: Vec<String>,
+}
+
+impl Policy {
+    /// Whether host `host` may run `service`: always when the policy has no host rules (the
+    /// services are the agents' to declare), else only as a rule assigns them.
+    pub fn may_run(&self, host: &str, service: &str) -> bool {
+        use rewind_shared::names::matches_pattern;
+        self.host_rules.is_empty()
+            || self.host_rules.iter().any(|rule| {
+                rule.names
+                    .iter()
+                    .any(|pattern| matches_pattern(pattern, host))
+                    && rule
+                        .services
+                        .iter()
+                        .any(|pattern| matches_pattern(pattern, service))
+            })
+    }
 }
 
 /// Who asks, as the policy sees it.
@@ -383,6 +417,23 @@ impl Policy {
         bound("groups", self.groups.len());
         bound("bindings", self.bindings.len());
         bound("environments", self.environments.len());
+        bound("hosts", self.host_rules.len());
+        for (index, rule) in self.host_rules.iter().enumerate() {
+            let at = format!("hosts {}", index + 1);
+            for (what, patterns) in [("names", &rule.names), ("services", &rule.services)] {
+                if patterns.is_empty() {
+                    problems.push(format!("{at}: {what} is empty (\"*\" for any)"));
+                }
+                if patterns.len() > MAX_POLICY_ITEMS {
+                    problems.push(format!("{at}: {what}: more than {MAX_POLICY_ITEMS}"));
+                }
+                for pattern in patterns.iter() {
+                    if let Err(error) = rewind_shared::names::validate_pattern(what, pattern) {
+                        problems.push(format!("{at}: {error}"));
+                    }
+                }
+            }
+        }
         for identity in &self.deny {
             if let Err(problem) = Principal::parse(identity) {
                 problems.push(format!("deny: {problem}"));
@@ -719,6 +770,36 @@ approvals = 2
 
     fn user(name: &str) -> Principal {
         Principal::new(Kind::User, name)
+    }
+
+    #[test]
+    fn host_rules_assign_services_to_hosts_and_none_leave_it_to_the_agents() {
+        assert!(policy().may_run("anything", "payments"), "no rules: open");
+        let ruled = Policy::from_toml(&format!(
+            "{EXAMPLE}\n[[hosts]]\nnames = [\"web-*\", \"edge-1\"]\nservices = [\"web\", \"web-*\"]\n\
+             [[hosts]]\nnames = [\"*\"]\nservices = [\"node-exporter\"]\n"
+        ))
+        .unwrap();
+        assert!(ruled.may_run("web-7", "web"));
+        assert!(ruled.may_run("edge-1", "web-static"));
+        assert!(ruled.may_run("db-1", "node-exporter"));
+        assert!(!ruled.may_run("web-7", "payments"));
+        assert!(!ruled.may_run("edge-2", "web"));
+        assert_eq!(
+            ruled.hash(),
+            Policy::from_toml(&ruled.to_toml()).unwrap().hash()
+        );
+        // Without rules the hash is what it was before host rules existed.
+        assert!(!policy().to_toml().contains("hosts"));
+        let problems = Policy::from_toml(&format!(
+            "{EXAMPLE}\n[[hosts]]\nnames = []\nservices = [\"Web!\"]\n"
+        ))
+        .unwrap_err()
+        .join("; ");
+        assert!(
+            problems.contains("hosts 1: names is empty") && problems.contains("hosts 1: services"),
+            "{problems}"
+        );
     }
 
     #[test]

@@ -60,6 +60,10 @@ impl AgentService for Agents {
             ));
         };
         validate_register(&register, &caller.principal.name)?;
+        if let Some(refused) = self.unassigned(&register.host_id, &register.services) {
+            warn!(host_id = %register.host_id, "Refused a registration: {refused}");
+            return Err(Status::permission_denied(refused));
+        }
         let host_id = register.host_id.clone();
         // Health reports of this session may speak only for the services it registered.
         let services = register.services.clone();
@@ -114,6 +118,20 @@ impl AgentService for Agents {
     }
 }
 
+impl Agents {
+    /// Why `host` may not run one of `services` under the access policy's host rules, if so.
+    fn unassigned(&self, host: &str, services: &[String]) -> Option<String> {
+        let policy = self.context.gate.current_policy()?;
+        let service = services
+            .iter()
+            .find(|service| !policy.may_run(host, service))?;
+        Some(format!(
+            "host {host} may not run service {service}: no [[hosts]] rule of the access policy \
+             assigns it (an admin adds one, or the agent's config drops the service)"
+        ))
+    }
+}
+
 /// How a host's agent is named in commands and the audit log (as its certificate names it).
 fn agent_identity(host_id: &str) -> String {
     format!("{}:{host_id}", rewind_shared::identity::Kind::Agent)
@@ -156,7 +174,17 @@ async fn read_session(
         }
         match message.body {
             Some(agent_message::Body::Health(report)) => {
-                match bounds::check_health_report(&report, services) {
+                // The policy may have changed since the host registered: a service it no longer
+                // assigns to this host is not this host's to report on.
+                let assigned: Vec<String> = match context.gate.current_policy() {
+                    Some(policy) => services
+                        .iter()
+                        .filter(|service| policy.may_run(host_id, service))
+                        .cloned()
+                        .collect(),
+                    None => services.to_vec(),
+                };
+                match bounds::check_health_report(&report, &assigned) {
                     Ok(()) => context
                         .health
                         .record(host_id, report, rewind_shared::time::now_ms()),

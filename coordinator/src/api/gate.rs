@@ -121,7 +121,8 @@ impl Gate {
         }
     }
 
-    fn current_policy(&self) -> Option<Arc<crate::access::Policy>> {
+    /// The access policy in force here (as last applied), if the cluster has one.
+    pub(crate) fn current_policy(&self) -> Option<Arc<crate::access::Policy>> {
         self.policy
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())

@@ -94,10 +94,7 @@ impl JoinTokenRecord {
     }
 
     pub fn allows_name(&self, name: &str) -> bool {
-        match self.name_pattern.strip_suffix('*') {
-            Some(prefix) => name.starts_with(prefix),
-            None => name == self.name_pattern,
-        }
+        rewind_shared::names::matches_pattern(&self.name_pattern, name)
     }
 }
 
