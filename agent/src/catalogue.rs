@@ -753,7 +753,7 @@ pub async fn pause_jobs(
         return Ok(ran);
     };
     let root = crate::paths::ServiceRoot::open(service)?;
-    let kept = match root.read_regular(relative)? {
+    let kept = match root.read_regular(relative, MAX_CHECKPOINT_BYTES)? {
         Some((bytes, _)) if bytes.len() as u64 > MAX_CHECKPOINT_BYTES => {
             return Err(AgentError::Refused(format!(
                 "checkpoint {} is {} bytes, more than {MAX_CHECKPOINT_BYTES}",
@@ -795,7 +795,9 @@ pub async fn resume_jobs(
         store.checkpoint(&service.name, owner)?,
     ) {
         let root = crate::paths::ServiceRoot::open(service)?;
-        let now = root.read_regular(relative)?.map(|(bytes, _)| bytes);
+        let now = root
+            .read_regular(relative, MAX_CHECKPOINT_BYTES)?
+            .map(|(bytes, _)| bytes);
         if now != kept.as_ref().map(|kept| kept.bytes.clone()) {
             match &kept {
                 Some(kept) => root.write_atomically(

@@ -112,7 +112,7 @@ impl From<sled::Error> for AgentError {
         if let sled::Error::Io(_) = &error {
             tracing::error!(
                 %error,
-                "The agent's store failed to write; exiting ({}). It recovers from what the disk holds when started again.",
+                "The agent's store failed (a read or write of its disk); exiting ({}). It recovers from what the disk holds when started again.",
                 rewind_shared::config::EXIT_STORAGE_FAILED
             );
             std::process::exit(i32::from(rewind_shared::config::EXIT_STORAGE_FAILED));

@@ -151,7 +151,7 @@ pub fn collect(service: &ServiceConfig) -> ServiceFacts {
 fn read_flags(service: &ServiceConfig, relative: &str) -> String {
     let read = || -> Result<String, String> {
         let Some((bytes, _)) = crate::paths::ServiceRoot::open(service)
-            .and_then(|root| root.read_regular(relative))
+            .and_then(|root| root.read_regular(relative, crate::paths::MAX_SERVICE_FILE_BYTES))
             .map_err(|error| error.to_string())?
         else {
             return Ok("no flags file".to_string());

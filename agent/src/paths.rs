@@ -64,6 +64,8 @@ pub struct OpenRelease {
 
 /// Permissions of directories a restore creates (a config directory removed since capture).
 const CREATED_DIR_MODE: u32 = 0o755;
+/// Largest config, env or flags file rewind captures or reads: config, not data.
+pub const MAX_SERVICE_FILE_BYTES: u64 = 16 << 20;
 
 impl ServiceRoot {
     pub fn open(service: &ServiceConfig) -> Result<Self, AgentError> {
@@ -129,7 +131,12 @@ impl ServiceRoot {
                         Ok(()) | Err(Errno::EXIST) => {}
                         Err(errno) => return Err(self.io("create", relative, errno)),
                     }
-                    rustix::fs::openat(&current, *name, flags, Mode::empty())
+                    // The agent's own umask (077) narrowed the mode: the service must be able
+                    // to read what is restored into it.
+                    rustix::fs::openat(&current, *name, flags, Mode::empty()).and_then(|created| {
+                        rustix::fs::fchmod(&created, Mode::from_raw_mode(CREATED_DIR_MODE))?;
+                        Ok(created)
+                    })
                 }
                 other => other,
             };
@@ -211,12 +218,14 @@ impl ServiceRoot {
         self.open_release(target).is_ok()
     }
 
-    /// Reads a regular file, taking the content and the metadata from the same open file;
-    /// `None` when it (or a directory above it) does not exist. A link, FIFO, socket or device
-    /// is refused without being opened for long or read.
+    /// Reads a regular file of at most `max_bytes`, taking the content and the metadata from the
+    /// same open file; `None` when it (or a directory above it) does not exist. A link, FIFO,
+    /// socket or device is refused without being opened for long or read, and so is a file
+    /// larger than `max_bytes` (it is never read into memory).
     pub fn read_regular(
         &self,
         relative: &str,
+        max_bytes: u64,
     ) -> Result<Option<(Vec<u8>, fs::Metadata)>, AgentError> {
         let Some((parent, name)) = self.parent_of(relative, false)? else {
             return Ok(None);
@@ -241,9 +250,25 @@ impl ServiceRoot {
             Err(error) => return Err(AgentError::Invalid(error.to_string())),
         };
         let metadata = file.metadata().map_err(AgentError::io("inspect", &shown))?;
+        if metadata.len() > max_bytes {
+            return Err(AgentError::Refused(format!(
+                "{} is {} bytes, more than the {max_bytes} rewind reads",
+                shown.display(),
+                metadata.len()
+            )));
+        }
         let mut bytes = Vec::with_capacity(metadata.len() as usize);
-        file.read_to_end(&mut bytes)
+        // Bounded again while reading: the file may grow under us.
+        (&mut file)
+            .take(max_bytes + 1)
+            .read_to_end(&mut bytes)
             .map_err(AgentError::io("read", &shown))?;
+        if bytes.len() as u64 > max_bytes {
+            return Err(AgentError::Refused(format!(
+                "{} grew past {max_bytes} bytes while it was read",
+                shown.display()
+            )));
+        }
         Ok(Some((bytes, metadata)))
     }
 
@@ -414,13 +439,20 @@ mod tests {
         );
         // Reading is confined the same way.
         std::fs::write(outside.path().join("secret"), b"s").unwrap();
-        assert!(service.read_regular("escape/secret").is_err());
+        assert!(
+            service
+                .read_regular("escape/secret", MAX_SERVICE_FILE_BYTES)
+                .is_err()
+        );
         std::os::unix::fs::symlink(
             outside.path().join("secret"),
             root.path().join("config/link"),
         )
         .unwrap();
-        let refused = service.read_regular("config/link").unwrap_err().to_string();
+        let refused = service
+            .read_regular("config/link", MAX_SERVICE_FILE_BYTES)
+            .unwrap_err()
+            .to_string();
         assert!(refused.contains("not a regular file"), "{refused}");
     }
 

@@ -217,12 +217,17 @@ fn read_manifest(
     let release_link = read_release_link(service)?;
     // A link to a release that is not there (or not a release) has no digest to record.
     let (release_digest, tree) = match &release_link {
-        Some(target)
-            if check_release_target(&service.name, target).is_ok()
-                && root.release_exists(target) =>
-        {
-            let (digest, stats) = release_digest(service, target, store)?;
-            (Some(digest), stats)
+        Some(target) if check_release_target(&service.name, target).is_ok() => {
+            match root.open_release(target) {
+                Ok(_) => {
+                    let (digest, stats) = release_digest(service, target, store)?;
+                    (Some(digest), stats)
+                }
+                // A link to a release that is not on the host: nothing to record.
+                Err(AgentError::MissingRelease { .. }) => (None, TreeStats::default()),
+                // A link, or not a directory: a restore could never point `current` at it.
+                Err(error) => return Err(error),
+            }
         }
         _ => (None, TreeStats::default()),
     };
@@ -230,7 +235,9 @@ fn read_manifest(
     let declared = (service.config_files.iter().map(|path| (path, false)))
         .chain(service.env_files.iter().map(|path| (path, true)));
     for (relative, env) in declared {
-        let Some((bytes, metadata)) = root.read_regular(relative)? else {
+        let Some((bytes, metadata)) =
+            root.read_regular(relative, crate::paths::MAX_SERVICE_FILE_BYTES)?
+        else {
             files.push(FileState {
                 path: relative.clone(),
                 blob: None,

@@ -552,15 +552,16 @@ impl Executor {
         names::validate_name("flag", &update.flag)?;
         let (root, relative) = self.flags_file(&update.service)?;
         // Read without following a link or opening a FIFO: it runs on the session's loop.
-        let mut flags: BTreeMap<String, bool> = match root.read_regular(relative)? {
-            Some((bytes, _)) => serde_json::from_slice(&bytes).map_err(|error| {
-                AgentError::Invalid(format!(
-                    "flags file {} is not a JSON object of booleans: {error}",
-                    root.path().join(relative).display()
-                ))
-            })?,
-            None => BTreeMap::new(),
-        };
+        let mut flags: BTreeMap<String, bool> =
+            match root.read_regular(relative, crate::paths::MAX_SERVICE_FILE_BYTES)? {
+                Some((bytes, _)) => serde_json::from_slice(&bytes).map_err(|error| {
+                    AgentError::Invalid(format!(
+                        "flags file {} is not a JSON object of booleans: {error}",
+                        root.path().join(relative).display()
+                    ))
+                })?,
+                None => BTreeMap::new(),
+            };
         flags.insert(update.flag.clone(), update.enabled);
         write_flags(&root, relative, &flags)
     }

@@ -51,39 +51,55 @@ const ENCRYPTED_BLOB: &[u8] = b"rewind-enc1:";
 /// The store key's file, beside the store.
 const STORE_KEY_FILE: &str = "store.key";
 
-/// The host's store key, made (with 32 random bytes, mode 0600, never replaced) on first use.
+/// The host's store key, made (with 32 random bytes, mode 0600, never replaced) on first use:
+/// written to a file of its own, synced, then linked into place, so a crash leaves either no key
+/// or a whole one.
 fn store_key(data_dir: &Path) -> Result<ring::aead::LessSafeKey, AgentError> {
     use std::io::{Read, Write};
     use std::os::unix::fs::OpenOptionsExt;
     let path = data_dir.join(STORE_KEY_FILE);
     let mut bytes = [0u8; 32];
-    match std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-    {
-        Ok(mut file) => {
-            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
-                .map_err(|_| AgentError::Store("no randomness for the store key".into()))?;
-            file.write_all(&bytes)
-                .and_then(|()| file.sync_all())
-                .map_err(AgentError::io("write", &path))?;
-        }
-        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
-            let mut file = std::fs::File::open(&path).map_err(AgentError::io("open", &path))?;
-            let read = file
-                .read(&mut bytes)
-                .map_err(AgentError::io("read", &path))?;
-            if read != bytes.len() {
-                return Err(AgentError::Store(format!(
-                    "{} holds {read} bytes, not the 32 of a store key",
-                    path.display()
-                )));
+    if !path.exists() {
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+            .map_err(|_| AgentError::Store("no randomness for the store key".into()))?;
+        let staged = data_dir.join(format!(".store-key-{}", std::process::id()));
+        let _ = std::fs::remove_file(&staged);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&staged)
+            .map_err(AgentError::io("create", &staged))?;
+        file.write_all(&bytes)
+            .and_then(|()| file.sync_all())
+            .map_err(AgentError::io("write", &staged))?;
+        // A link never replaces: a key another process made meanwhile stays.
+        let linked = std::fs::hard_link(&staged, &path);
+        let _ = std::fs::remove_file(&staged);
+        match linked {
+            Ok(()) => {
+                if let Ok(dir) = std::fs::File::open(data_dir) {
+                    let _ = dir.sync_all();
+                }
             }
+            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(error) => return Err(AgentError::io("create", &path)(error)),
         }
-        Err(error) => return Err(AgentError::io("create", &path)(error)),
     }
+    let mut file = std::fs::File::open(&path).map_err(AgentError::io("open", &path))?;
+    let mut read = Vec::with_capacity(33);
+    std::io::Read::by_ref(&mut file)
+        .take(33)
+        .read_to_end(&mut read)
+        .map_err(AgentError::io("read", &path))?;
+    if read.len() != bytes.len() {
+        return Err(AgentError::Store(format!(
+            "{} holds {} bytes, not the 32 of a store key",
+            path.display(),
+            read.len()
+        )));
+    }
+    bytes.copy_from_slice(&read);
     let key = ring::aead::UnboundKey::new(&ring::aead::CHACHA20_POLY1305, &bytes)
         .map_err(|_| AgentError::Store("the store key is not a ChaCha20 key".into()))?;
     Ok(ring::aead::LessSafeKey::new(key))
@@ -123,14 +139,25 @@ impl Store {
         // Every write that matters is flushed by its caller (journal, snapshot, fence), so sled's
         // periodic flusher, which wakes every 500 ms, is off: an idle agent does nothing. A small
         // page cache keeps the idle footprint small; blobs are read once per restore.
-        rewind_shared::config::remove_unfinished_sled_snapshots(dir)
-            .map_err(AgentError::io("clean", dir))?;
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(4 << 20)
-            .flush_every_ms(None)
-            .open()
-            .map_err(|error| AgentError::Store(format!("open {}: {error}", dir.display())))?;
+        let open = || {
+            sled::Config::new()
+                .path(dir)
+                .cache_capacity(4 << 20)
+                .flush_every_ms(None)
+                .open()
+        };
+        let db = match open() {
+            // A snapshot sled left half written (a full disk) reads as corruption: without it,
+            // sled recovers from its log.
+            Err(sled::Error::Corruption { .. })
+                if rewind_shared::config::remove_unfinished_sled_snapshots(dir)
+                    .map_err(AgentError::io("clean", dir))? =>
+            {
+                open()
+            }
+            opened => opened,
+        }
+        .map_err(|error| AgentError::Store(format!("open {}: {error}", dir.display())))?;
         Ok(Self {
             blobs: db.open_tree("blobs")?,
             snapshots: db.open_tree("snapshots")?,
@@ -158,7 +185,13 @@ impl Store {
     /// returns (hash, newly stored).
     pub fn put_blob(&self, bytes: &[u8], secret: bool) -> Result<(String, bool), AgentError> {
         let hash = rewind_shared::digest::sha256_hex(bytes);
-        if self.blobs.contains_key(hash.as_bytes())? {
+        if let Some(stored) = self.blobs.get(hash.as_bytes())? {
+            // Kept in the clear before env files were encrypted (or as a config file of the
+            // same content): encrypted from now on.
+            if secret && !stored.starts_with(ENCRYPTED_BLOB) {
+                self.blobs
+                    .insert(hash.as_bytes(), self.encrypt(&hash, bytes)?)?;
+            }
             return Ok((hash, false));
         }
         let stored = if secret {

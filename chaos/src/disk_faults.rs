@@ -5,7 +5,8 @@
 //! What must hold: a member whose disk fails exits (status 74) rather than retry or serve on;
 //! the others keep acknowledging writes; nothing acknowledged is lost; and once the disk is
 //! healthy again the member, started again, catches up to the same state. A stalled disk on one
-//! member does not stall the others. Needs root (loop devices, mount), as CI has.
+//! member does not stall the others. An agent whose store's disk fills exits the same way and
+//! finishes its steps once there is room. Needs root (loop devices, mount), as CI has.
 
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -386,5 +387,95 @@ pub async fn disk_stalls(seed: u64, dir: &Path) -> anyhow::Result<()> {
             .map_err(anyhow::Error::msg)?;
     }
     must_hold_every_write(&cluster, &written).await?;
+    Ok(())
+}
+
+/// One run: a host's agent keeps its store on a disk that fills in the middle of a rollback.
+/// The agent must exit (74) rather than act on what it could not journal, the rollback must not
+/// record that host's step as done, and once the space returns the agent, started again,
+/// finishes the rollback (only the step interrupted began twice, from the journal's counts).
+pub async fn agent_disk_fills(dir: &Path) -> anyhow::Result<()> {
+    use rewind_tests::{
+        Coordinator, must_deploy_v1_then_v2, must_rollback_end, must_start_hosts, must_wait_async,
+    };
+    let created = Disk::create(&dir.join("agent.img"), &dir.join("web-1").join("agent"))?;
+    // A step with no result is sent again after 5 s: the restarted agent gets it soon.
+    let coordinator =
+        Coordinator::must_start_with(&dir.join("coordinator"), "[engine]\nstep-timeout-s = 5\n");
+    let (mut hosts, mut client) = must_start_hosts(dir, &coordinator, &["web-1"]).await;
+    let disk = created;
+    must_deploy_v1_then_v2(&mut client, &hosts).await;
+    let change = client
+        .list_changes(pb::ListChangesRequest {
+            service: "web".into(),
+            limit: 1,
+            before: String::new(),
+        })
+        .await?
+        .into_inner()
+        .changes
+        .into_iter()
+        .next()
+        .context("the v2 change")?;
+
+    disk.fill()?;
+    let rollback = client
+        .start_rollback(pb::StartRollbackRequest {
+            request_id: "rb-disk-full".into(),
+            change_id: change.change_id.clone(),
+            reason: "the agent's disk fills".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .rollback
+        .context("a rollback")?;
+    let host = &mut hosts[0];
+    let status = must_wait_async(EXIT_WITHIN, "the agent to exit on its full disk", || {
+        let exited = host
+            .agent
+            .as_mut()
+            .and_then(|agent| agent.child.try_wait().ok().flatten());
+        async move { exited }
+    })
+    .await;
+    if status.code() != Some(i32::from(rewind_shared::config::EXIT_STORAGE_FAILED)) {
+        bail!("the agent exited with {status}, not 74");
+    }
+    let during = client
+        .get_rollback(pb::GetRollbackRequest {
+            rollback_id: rollback.rollback_id.clone(),
+        })
+        .await?
+        .into_inner()
+        .rollback
+        .context("the rollback")?;
+    if during.state == pb::RollbackState::Succeeded as i32 {
+        bail!("the rollback succeeded while its host could not write its journal");
+    }
+
+    disk.free()?;
+    host.must_start_agent();
+    let ended = must_rollback_end(&client, &rollback.rollback_id).await;
+    if ended.state != pb::RollbackState::Succeeded as i32 {
+        bail!(
+            "the rollback ended {:?} after the disk recovered",
+            ended.state
+        );
+    }
+    host.must_be_restored_to_v1();
+    // Only the step in flight when the store failed may have begun twice (its outcome could
+    // not be journalled; steps are idempotent): every other ran once.
+    let journal = host.must_stop_and_read_journal();
+    let again: Vec<&serde_json::Value> = journal
+        .iter()
+        .filter(|entry| entry["runs"].as_u64().unwrap_or(1) > 1)
+        .collect();
+    if again.len() > 1 || again.iter().any(|entry| entry["runs"].as_u64() > Some(2)) {
+        bail!("steps began more than once beyond the one interrupted: {again:?}");
+    }
+    drop(hosts);
+    drop(coordinator);
+    drop(disk);
     Ok(())
 }

@@ -33,3 +33,14 @@ async fn a_stalled_disk_on_one_member_does_not_stall_the_cluster() {
         .await
         .unwrap_or_else(|error| panic!("seed {seed}: {error:#}"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_whose_disk_fills_mid_rollback_exits_and_finishes_it_once_there_is_room() {
+    let _turn = ONE_RUN_AT_A_TIME.lock().await;
+    rewind_shared::tls::install_crypto_provider();
+    disk_faults::must_have_tools();
+    let dir = tempfile::tempdir().unwrap();
+    disk_faults::agent_disk_fills(dir.path())
+        .await
+        .unwrap_or_else(|error| panic!("{error:#}"));
+}

@@ -210,20 +210,60 @@ impl Admission {
 
     /// A place for a connection from `address`, or why there is none. Never waits.
     pub fn try_admit(self: &Arc<Self>, address: IpAddr) -> Result<Admitted, Refusal> {
+        let permit = Arc::clone(&self.total)
+            .try_acquire_owned()
+            .map_err(|_| Refusal::PortFull)?;
+        self.admit_with(address, permit)
+    }
+
+    /// Like [`Admission::try_admit`], but waits up to `wait` for a place when the port is full
+    /// (not when the address is): a burst from many addresses delays a newcomer, it does not
+    /// turn it away.
+    pub async fn admit(
+        self: &Arc<Self>,
+        address: IpAddr,
+        wait: Duration,
+    ) -> Result<Admitted, Refusal> {
+        if self.held_by(address) >= self.per_address_max {
+            return Err(Refusal::AddressFull);
+        }
+        let permit = tokio::time::timeout(wait, Arc::clone(&self.total).acquire_owned())
+            .await
+            .map_err(|_| Refusal::PortFull)?
+            .map_err(|_| Refusal::PortFull)?;
+        self.admit_with(address, permit)
+    }
+
+    fn held_by(&self, address: IpAddr) -> usize {
+        self.per_address
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(&address_key(address))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn admit_with(
+        self: &Arc<Self>,
+        address: IpAddr,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<Admitted, Refusal> {
+        let key = address_key(address);
         let mut per_address = self
             .per_address
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if per_address.get(&address).copied().unwrap_or(0) >= self.per_address_max {
+        let held = per_address.entry(key).or_insert(0);
+        if *held >= self.per_address_max {
+            if *held == 0 {
+                per_address.remove(&key);
+            }
             return Err(Refusal::AddressFull);
         }
-        let permit = Arc::clone(&self.total)
-            .try_acquire_owned()
-            .map_err(|_| Refusal::PortFull)?;
-        *per_address.entry(address).or_insert(0) += 1;
+        *held += 1;
         Ok(Admitted {
             _permit: permit,
-            address,
+            address: key,
             admission: Arc::clone(self),
         })
     }
@@ -242,6 +282,20 @@ impl Drop for Admitted {
                 per_address.remove(&self.address);
             }
         }
+    }
+}
+
+/// What counts as one address: an IPv4 address, or an IPv6 /64 (what one subscriber or one
+/// host is given, so a hostile one cannot take a new address per connection).
+fn address_key(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V4(_) => address,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(
+                u128::from(v6) & !((1u128 << 64) - 1),
+            )),
+        },
     }
 }
 
@@ -273,6 +327,52 @@ mod tests {
         assert!(admission.try_admit(operator).is_err());
         drop(held);
         assert!(admission.per_address.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_ipv6_64_is_one_address() {
+        let admission = Admission::new(10, 1);
+        let first: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let same_64: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let other_64: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        let _held = admission.try_admit(first).unwrap();
+        assert_eq!(
+            admission.try_admit(same_64).unwrap_err(),
+            Refusal::AddressFull
+        );
+        assert!(admission.try_admit(other_64).is_ok());
+        let mapped: IpAddr = "::ffff:127.0.0.2".parse().unwrap();
+        let _v4 = admission.try_admit("127.0.0.2".parse().unwrap()).unwrap();
+        assert_eq!(
+            admission.try_admit(mapped).unwrap_err(),
+            Refusal::AddressFull
+        );
+    }
+
+    #[tokio::test]
+    async fn a_full_port_makes_a_newcomer_wait_not_leave() {
+        let admission = Admission::new(1, 4);
+        let held = admission.try_admit("10.0.0.1".parse().unwrap()).unwrap();
+        let waiting = {
+            let admission = Arc::clone(&admission);
+            tokio::spawn(async move {
+                admission
+                    .admit("10.0.0.2".parse().unwrap(), Duration::from_secs(30))
+                    .await
+                    .map(drop)
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(held);
+        assert_eq!(waiting.await.unwrap(), Ok(()));
+        let _held = admission.try_admit("10.0.0.1".parse().unwrap()).unwrap();
+        assert_eq!(
+            admission
+                .admit("10.0.0.3".parse().unwrap(), Duration::from_millis(10))
+                .await
+                .unwrap_err(),
+            Refusal::PortFull
+        );
     }
 
     #[test]

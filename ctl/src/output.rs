@@ -41,9 +41,26 @@ pub enum Format {
 }
 
 pub fn json<T: Serialize>(value: &T) -> anyhow::Result<()> {
-    // JSON escapes every control character itself.
-    say!("{}", serde_json::to_string_pretty(value)?);
+    println!(
+        "{}",
+        json_for_terminal(&serde_json::to_string_pretty(value)?)
+    );
     Ok(())
+}
+
+/// JSON as it may reach a terminal and still parse: serde_json escapes C0 controls itself; the
+/// rest a terminal acts on (DEL, C1 controls, bidirectional overrides), which can only appear
+/// inside strings, become `\uXXXX` escapes there.
+pub fn json_for_terminal(json: &str) -> String {
+    json.chars()
+        .map(|c| {
+            if rewind_shared::names::unsafe_on_terminal(c) {
+                format!("\\u{:04x}", u32::from(c))
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 pub fn table(header: &[&str], rows: Vec<Vec<String>>) {
@@ -257,5 +274,17 @@ mod tests {
     fn times_are_utc_calendar_dates() {
         assert_eq!(time(0), "-");
         assert_eq!(time(1_795_700_587_120), "2026-11-26T13:43:07.120Z");
+    }
+
+    #[test]
+    fn json_for_a_terminal_still_parses_and_holds_no_escapes() {
+        let hostile = serde_json::json!({"reason": "a\u{9b}31m \u{202e}txt\u{7f} \u{1b}[2J"});
+        let shown = json_for_terminal(&serde_json::to_string(&hostile).unwrap());
+        assert!(
+            !shown.chars().any(rewind_shared::names::unsafe_on_terminal),
+            "{shown}"
+        );
+        let parsed: serde_json::Value = serde_json::from_str(&shown).unwrap();
+        assert_eq!(parsed, hostile);
     }
 }

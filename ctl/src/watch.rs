@@ -37,7 +37,10 @@ pub async fn follow(
     while let Some(update) = stream.next().await {
         let rollback = update.map_err(explain)?.rollback.unwrap_or_default();
         if format == Format::Json {
-            say!("{}", serde_json::to_string(&rollback)?);
+            println!(
+                "{}",
+                output::json_for_terminal(&serde_json::to_string(&rollback)?)
+            );
         } else {
             report_transitions(&bar, &rollback, &mut seen);
         }

@@ -40,6 +40,14 @@ pub const MAX_DETAIL_BYTES: usize = 4096;
 pub const MAX_OFFLINE_PROBES: usize = 64;
 /// Longest text in an answer to an inspection (an error); longer ones are cut.
 pub const MAX_INSPECT_ERROR_BYTES: usize = 4096;
+/// Most requests (and errors, and observations in one latency bucket) one report may count: a
+/// busy service does thousands a second, and a larger number could only drown the other
+/// hosts' figures.
+pub const MAX_REQUESTS_PER_REPORT: f64 = 1e9;
+/// Most offline summaries one session may send (an agent sends one as it reconnects).
+pub const MAX_OFFLINE_SUMMARIES_PER_SESSION: u32 = 4;
+/// Most self-revert reports one session may send: each goes into the replicated log.
+pub const MAX_SELF_REVERTS_PER_SESSION: u32 = 64;
 
 /// A field that does not fit its bound: which one, and how.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -174,6 +182,30 @@ pub fn check_health_report(
     for app in &report.app {
         own("health.app.service", &app.service)?;
         text_at_most("health.app.error", &app.error, MAX_SCRAPE_ERROR_BYTES)?;
+        let counts = [
+            ("health.app.requests", app.requests),
+            ("health.app.errors", app.errors),
+        ]
+        .into_iter()
+        .chain(
+            app.latency
+                .iter()
+                .map(|bucket| ("health.app.latency.count", bucket.count)),
+        );
+        for (field, count) in counts {
+            if !(0.0..=MAX_REQUESTS_PER_REPORT).contains(&count) {
+                return Err(out_of_bounds(
+                    field,
+                    format!("{count:e}, must be within 0 to {MAX_REQUESTS_PER_REPORT:e}"),
+                ));
+            }
+        }
+        if app.errors > app.requests {
+            return Err(out_of_bounds(
+                "health.app.errors",
+                format!("{} errors among {} requests", app.errors, app.requests),
+            ));
+        }
         at_most(
             "health.app.latency",
             app.latency.len(),
@@ -219,6 +251,11 @@ pub fn fit_health_report(report: &mut pb::HealthReport) {
     }
     report.retained.truncate(MAX_SERVICES_PER_HOST);
     for retained in &mut report.retained {
+        // A stray directory under releases/ (`old copy`) is no release: left out, so it cannot
+        // cost the host its whole report.
+        retained
+            .versions
+            .retain(|version| names::validate_version("version", version).is_ok());
         retained.versions.truncate(MAX_RETAINED_PER_SERVICE);
     }
     if report.encoded_len() > MAX_HEALTH_REPORT_BYTES {
@@ -345,6 +382,14 @@ mod tests {
                 Box::new(|r| r.app[0].latency = vec![pb::LatencyBucket::default(); 65]),
                 "health.app.latency: 65 latency buckets, at most 64",
             ),
+            (
+                Box::new(|r| r.app[0].requests = 1e300),
+                "health.app.requests: 1e300, must be within",
+            ),
+            (
+                Box::new(|r| r.app[0].errors = f64::NAN),
+                "health.app.errors: NaN",
+            ),
         ];
         for (change, expected) in cases {
             let mut message = report();
@@ -362,6 +407,10 @@ mod tests {
         let mut big = report();
         big.probes[0].detail = "é".repeat(1000);
         big.app[0].error = "x".repeat(10_000);
+        let mut with_stray = report();
+        with_stray.retained[0].versions.push("old copy".into());
+        fit_health_report(&mut with_stray);
+        assert_eq!(check_health_report(&with_stray, &services), Ok(()));
         big.retained = (0..MAX_SERVICES_PER_HOST)
             .map(|_| pb::RetainedReleases {
                 service: "web".into(),

@@ -131,11 +131,23 @@ pub fn usual_umask() {
 /// this user (0700 directories, 0600 files): data directories created before this rule, or
 /// under another umask, are tightened at start. Links are left alone.
 pub fn make_private(dir: &std::path::Path, depth: usize) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)?;
+    let metadata = std::fs::metadata(dir)?;
+    // Never tighten a directory others share (`/tmp`, a parent given by mistake).
+    // SAFETY: geteuid only reads this process's effective user id.
+    let user = unsafe { libc::geteuid() };
+    if metadata.mode() & 0o1000 != 0 || metadata.uid() != user {
+        return Err(std::io::Error::other(format!(
+            "{} is shared (sticky, or owned by uid {}, not {user}): give the data a directory \
+             of its own",
+            dir.display(),
+            metadata.uid()
+        )));
+    }
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     if depth == 0 {
         return Ok(());
@@ -160,11 +172,14 @@ pub fn make_private(dir: &std::path::Path, depth: usize) -> std::io::Result<()> 
 
 /// Removes the snapshot files sled was still writing when its disk filled or the process died
 /// (`snap.<lsn>.generating`): sled 0.34 reads one as its latest snapshot at the next open and
-/// refuses to start (sled issue 1527), though its log holds everything it needs.
-pub fn remove_unfinished_sled_snapshots(dir: &std::path::Path) -> std::io::Result<()> {
+/// refuses to start (sled issue 1527), though its log holds everything it needs. Call it only
+/// after sled refused to open as corrupt (it then holds no lock, and nobody is writing them);
+/// whether it removed any.
+pub fn remove_unfinished_sled_snapshots(dir: &std::path::Path) -> std::io::Result<bool> {
+    let mut removed = false;
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(false),
         Err(error) => return Err(error),
     };
     for entry in entries {
@@ -173,9 +188,10 @@ pub fn remove_unfinished_sled_snapshots(dir: &std::path::Path) -> std::io::Resul
         let name = name.to_string_lossy();
         if name.starts_with("snap.") && name.ends_with(".generating") {
             std::fs::remove_file(entry.path())?;
+            removed = true;
         }
     }
-    Ok(())
+    Ok(removed)
 }
 
 /// The exit status of a process whose store failed to write (`EX_IOERR`): it stopped rather

@@ -114,12 +114,15 @@ impl Walk<'_, '_> {
     fn dir(&mut self, dir: OwnedFd, relative_dir: &Path) -> Result<(), SharedError> {
         let shown = self.shown(relative_dir);
         let mut names = Vec::new();
-        let mut entries = Dir::read_from(&dir).map_err(|errno| read_error(&shown, errno))?;
-        for entry in &mut entries {
-            let entry = entry.map_err(|errno| read_error(&shown, errno))?;
-            let name = entry.file_name().to_bytes();
-            if name != b"." && name != b".." {
-                names.push(OsStr::from_bytes(name).to_os_string());
+        // Listed, then closed before descending: one descriptor per level, not two.
+        {
+            let mut entries = Dir::read_from(&dir).map_err(|errno| read_error(&shown, errno))?;
+            for entry in &mut entries {
+                let entry = entry.map_err(|errno| read_error(&shown, errno))?;
+                let name = entry.file_name().to_bytes();
+                if name != b"." && name != b".." {
+                    names.push(OsStr::from_bytes(name).to_os_string());
+                }
             }
         }
         names.sort();

@@ -31,7 +31,7 @@ pub fn for_terminal(text: &str) -> std::borrow::Cow<'_, str> {
 /// Characters that change how a terminal shows what follows: C0 and C1 controls (ESC starts
 /// every escape sequence) and the Unicode bidirectional controls (which can show text in
 /// another order than it is).
-fn unsafe_on_terminal(c: char) -> bool {
+pub fn unsafe_on_terminal(c: char) -> bool {
     c.is_control()
         || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }

@@ -532,6 +532,11 @@ pub fn write_replacing(path: &Path, contents: &str, mode: u32) -> Result<(), Sha
         .permissions(std::fs::Permissions::from_mode(mode))
         .tempfile_in(parent)
         .map_err(write_error)?;
+    // Set again on the open file: the mode asked at creation is narrowed by the umask (077 in
+    // rewind's own processes), and a certificate must stay readable by others.
+    file.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(write_error)?;
     file.write_all(contents.as_bytes()).map_err(write_error)?;
     file.as_file().sync_all().map_err(write_error)?;
     file.persist(path)

@@ -160,6 +160,11 @@ async fn read_session(
     mut inbound: Streaming<pb::AgentMessage>,
 ) {
     let mut refused_reports = 0u64;
+    // A host's reports are weighed by how many it sends: no faster than half the interval it
+    // was asked for, or one host could outweigh the fleet in its services' figures.
+    let min_gap = Duration::from_millis(context.health_interval_ms / 2);
+    let mut last_kept: Option<tokio::time::Instant> = None;
+    let (mut offline_summaries, mut self_reverts) = (0u32, 0u32);
     while let Some(message) = inbound.next().await {
         let message = match message {
             Ok(message) => message,
@@ -184,10 +189,20 @@ async fn read_session(
                         .collect(),
                     None => services.to_vec(),
                 };
+                if last_kept.is_some_and(|kept| kept.elapsed() < min_gap) {
+                    debug!(
+                        min_gap_ms = min_gap.as_millis() as u64,
+                        "Dropped a health report sent too soon after the last one."
+                    );
+                    continue;
+                }
                 match bounds::check_health_report(&report, &assigned) {
-                    Ok(()) => context
-                        .health
-                        .record(host_id, report, rewind_shared::time::now_ms()),
+                    Ok(()) => {
+                        last_kept = Some(tokio::time::Instant::now());
+                        context
+                            .health
+                            .record(host_id, report, rewind_shared::time::now_ms())
+                    }
                     Err(refused) => {
                         if refused_reports.is_multiple_of(LOG_REFUSED_REPORT_EVERY) {
                             warn!(
@@ -206,11 +221,30 @@ async fn read_session(
             Some(agent_message::Body::Inspected(answer)) => {
                 context.sessions.answered(host_id, answer)
             }
+            // Both go into the replicated log: a few per session, no more.
             Some(agent_message::Body::OfflineHealth(summary)) => {
-                record_offline_health(context, host_id, summary).await
+                offline_summaries += 1;
+                if offline_summaries > bounds::MAX_OFFLINE_SUMMARIES_PER_SESSION {
+                    warn!(
+                        "Refused an offline summary: more than {} in one session.",
+                        bounds::MAX_OFFLINE_SUMMARIES_PER_SESSION
+                    );
+                } else {
+                    record_offline_health(context, host_id, summary).await
+                }
             }
             Some(agent_message::Body::SelfRevert(report)) => {
-                record_self_revert(context, host_id, report).await
+                self_reverts += 1;
+                if self_reverts > bounds::MAX_SELF_REVERTS_PER_SESSION {
+                    warn!(
+                        "Refused a self-revert report: more than {} in one session.",
+                        bounds::MAX_SELF_REVERTS_PER_SESSION
+                    );
+                } else if !services.contains(&report.service) {
+                    warn!(service = %bounds::kept(&report.service, 64), "Refused a self-revert report for a service this host did not register.");
+                } else {
+                    record_self_revert(context, host_id, report).await
+                }
             }
             Some(agent_message::Body::Register(_)) => {
                 warn!("Ignored a second Register on the same session.")

@@ -36,6 +36,8 @@ use crate::errors::CoordinatorError;
 
 /// Longest a TLS handshake may take before the connection is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a new connection waits for a handshake place when every place is taken.
+const HANDSHAKE_PLACE_WAIT: Duration = Duration::from_secs(2);
 /// Most connections without a client certificate open at once (hosts joining).
 pub const MAX_ANONYMOUS_CONNECTIONS: usize = 64;
 /// How long a connection without a client certificate may stay open: long enough to join.
@@ -314,13 +316,6 @@ pub fn incoming(
                     }
                 },
             };
-            let handshake = match handshakes.try_admit(remote.ip()) {
-                Ok(handshake) => handshake,
-                Err(refusal) => {
-                    refusals.refuse(refusal, remote.ip(), "too many TLS handshakes in progress");
-                    continue;
-                }
-            };
             // No Nagle: a response larger than one segment would otherwise wait for the
             // client's delayed ACK (40 ms on Linux) before its last part is sent.
             let _ = tcp.set_nodelay(true);
@@ -328,7 +323,21 @@ pub fn incoming(
             let sender = sender.clone();
             let anonymous = Arc::clone(&anonymous);
             let refusals = Arc::clone(&refusals);
+            let handshakes = Arc::clone(&handshakes);
             tokio::spawn(async move {
+                // Over its address's share: closed at once. All handshake places taken: waits
+                // a moment for one (it holds only its connection slot meanwhile).
+                let handshake = match handshakes.admit(remote.ip(), HANDSHAKE_PLACE_WAIT).await {
+                    Ok(handshake) => handshake,
+                    Err(refusal) => {
+                        refusals.refuse(
+                            refusal,
+                            remote.ip(),
+                            "too many TLS handshakes in progress",
+                        );
+                        return;
+                    }
+                };
                 let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
                 drop(handshake);
                 let stream = match accepted {

@@ -175,10 +175,10 @@ pub async fn alertmanager(
             "Alertmanager alert {name} firing since {}{summary}",
             alert.starts_at
         );
-        wanted.entry(service.clone()).or_insert((
-            environment,
-            rewind_shared::names::truncate(&reason, 1024).to_string(),
-        ));
+        // Escaped: an alert's summary is anyone's text, and it reaches the audit log.
+        wanted
+            .entry(service.clone())
+            .or_insert((environment, rewind_shared::bounds::kept(&reason, 1024)));
     }
     if wanted.len() > MAX_SERVICES_PER_NOTIFICATION {
         return refuse(
@@ -254,7 +254,10 @@ pub async fn webhook(
             "reason: say why, in at most 1024 bytes: it goes into the audit log",
         );
     }
-    let reason = format!("webhook: {}", request.reason);
+    let reason = format!(
+        "webhook: {}",
+        rewind_shared::bounds::kept(&request.reason, 1024)
+    );
     // The verified MAC names this exact request (its timestamp and body): a replay within the
     // five minutes, however its header is spelled (upper-case hex, a zero-padded timestamp),
     // is answered from the request log and acts once.

@@ -41,16 +41,22 @@ pub struct RaftStore {
 
 impl RaftStore {
     pub fn open(dir: &Path) -> Result<Self, CoordinatorError> {
-        rewind_shared::config::remove_unfinished_sled_snapshots(dir)
-            .map_err(|error| storage_error("clean", dir.display(), error))?;
         // Flushed only when asked, after each Ready and each record that must be durable:
         // sled's own flusher (every 500 ms) would report a failed fsync only in its log, and
         // could take the kernel's one report of it from the write path's next flush.
-        let db = sled::Config::new()
-            .path(dir)
-            .flush_every_ms(None)
-            .open()
-            .map_err(|error| storage_error("open", dir.display(), error))?;
+        let open = || sled::Config::new().path(dir).flush_every_ms(None).open();
+        let db = match open() {
+            // A snapshot sled left half written (a full disk) reads as corruption: without it,
+            // sled recovers from its log.
+            Err(sled::Error::Corruption { .. })
+                if rewind_shared::config::remove_unfinished_sled_snapshots(dir)
+                    .map_err(|error| storage_error("clean", dir.display(), error))? =>
+            {
+                open()
+            }
+            opened => opened,
+        }
+        .map_err(|error| storage_error("open", dir.display(), error))?;
         let log = db
             .open_tree("raft-log")
             .map_err(|error| storage_error("open tree", "raft-log", error))?;
