@@ -54,7 +54,9 @@ pub fn json<T: Serialize>(value: &T) -> anyhow::Result<()> {
 pub fn json_for_terminal(json: &str) -> String {
     json.chars()
         .map(|c| {
-            if rewind_shared::names::unsafe_on_terminal(c) {
+            // C0 controls appear raw only as JSON's own whitespace (serde_json escapes them
+            // inside strings): what remains is DEL and above.
+            if u32::from(c) >= 0x7f && rewind_shared::names::unsafe_on_terminal(c) {
                 format!("\\u{:04x}", u32::from(c))
             } else {
                 c.to_string()
@@ -279,12 +281,19 @@ mod tests {
     #[test]
     fn json_for_a_terminal_still_parses_and_holds_no_escapes() {
         let hostile = serde_json::json!({"reason": "a\u{9b}31m \u{202e}txt\u{7f} \u{1b}[2J"});
-        let shown = json_for_terminal(&serde_json::to_string(&hostile).unwrap());
-        assert!(
-            !shown.chars().any(rewind_shared::names::unsafe_on_terminal),
-            "{shown}"
-        );
-        let parsed: serde_json::Value = serde_json::from_str(&shown).unwrap();
-        assert_eq!(parsed, hostile);
+        for json in [
+            serde_json::to_string(&hostile).unwrap(),
+            serde_json::to_string_pretty(&hostile).unwrap(),
+        ] {
+            let shown = json_for_terminal(&json);
+            assert!(
+                !shown
+                    .chars()
+                    .any(|c| rewind_shared::names::unsafe_on_terminal(c) && !c.is_whitespace()),
+                "{shown}"
+            );
+            let parsed: serde_json::Value = serde_json::from_str(&shown).unwrap();
+            assert_eq!(parsed, hostile);
+        }
     }
 }
