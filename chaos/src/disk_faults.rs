@@ -297,6 +297,17 @@ async fn write_until_it_exits(
     }
 }
 
+/// Starts `member` again, as its supervisor would, and waits for it to reach the leader's state.
+async fn restart_and_catch_up(cluster: &mut ClusterHarness, member: u64) -> anyhow::Result<()> {
+    cluster.must_start_member(member);
+    let (leader, _) = cluster.must_leader().await;
+    cluster
+        .catch_up(member, leader, CATCH_UP_WITHIN, true)
+        .await
+        .map(drop)
+        .map_err(anyhow::Error::msg)
+}
+
 /// One run: `member` (chosen by the seed) gets its own disk; it is filled, then shut down, and
 /// each time the member must exit, the others carry on, and it recovers once the disk does.
 pub async fn disk_fills_then_fails(seed: u64, dir: &Path) -> anyhow::Result<u64> {
@@ -320,23 +331,13 @@ pub async fn disk_fills_then_fails(seed: u64, dir: &Path) -> anyhow::Result<u64>
     disk.fill()?;
     write_until_it_exits(&mut cluster, member, &mut written, "full").await?;
     disk.free()?;
-    cluster.must_start_member(member);
-    let (leader, _) = cluster.must_leader().await;
-    cluster
-        .catch_up(member, leader, CATCH_UP_WITHIN, true)
-        .await
-        .map_err(anyhow::Error::msg)?;
+    restart_and_catch_up(&mut cluster, member).await?;
 
     // A dying disk: every write and fsync fails with EIO.
     disk.shut_down()?;
     write_until_it_exits(&mut cluster, member, &mut written, "failed").await?;
     disk.repair()?;
-    cluster.must_start_member(member);
-    let (leader, _) = cluster.must_leader().await;
-    cluster
-        .catch_up(member, leader, CATCH_UP_WITHIN, true)
-        .await
-        .map_err(anyhow::Error::msg)?;
+    restart_and_catch_up(&mut cluster, member).await?;
     must_hold_every_write(&cluster, &written).await?;
     Ok(member)
 }

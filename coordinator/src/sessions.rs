@@ -9,6 +9,7 @@ use std::sync::Mutex;
 use rewind_proto::v1::{
     CoordinatorMessage, InspectAnswer, InspectMode, InspectRequest, coordinator_message,
 };
+use rewind_shared::bounds::MAX_SESSIONS_PER_HOST_PER_MINUTE;
 use tokio::sync::{mpsc, oneshot};
 
 /// Messages queued to one agent before sends fail as "busy".
@@ -45,9 +46,29 @@ struct SessionsInner {
     /// request id -> (host asked, where its answer goes).
     inspects: HashMap<u64, (String, oneshot::Sender<InspectAnswer>)>,
     next_inspect: u64,
+    /// Sessions each host opened in its current minute, and when that minute began.
+    opened: HashMap<String, (std::time::Instant, u32)>,
 }
 
+/// The window [`Sessions::may_open`] counts sessions in.
+const OPEN_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+
 impl Sessions {
+    /// Counts a session `host_id` opens now; false once it has opened
+    /// [`MAX_SESSIONS_PER_HOST_PER_MINUTE`] this minute (a hostile or broken agent reconnecting
+    /// in a loop would otherwise write the log and the audit on every connection).
+    pub fn may_open(&self, host_id: &str) -> bool {
+        let now = std::time::Instant::now();
+        let mut inner = self.lock();
+        // Forget hosts whose minute is over, so the map holds only recent openers.
+        inner
+            .opened
+            .retain(|_, (since, _)| now.duration_since(*since) < OPEN_WINDOW);
+        let (_, count) = inner.opened.entry(host_id.to_string()).or_insert((now, 0));
+        *count += 1;
+        *count <= MAX_SESSIONS_PER_HOST_PER_MINUTE
+    }
+
     /// Opens a session for `host_id`, replacing any earlier one.
     pub fn open(&self, host_id: &str) -> (u64, mpsc::Receiver<CoordinatorMessage>) {
         let (sender, receiver) = mpsc::channel(SESSION_QUEUE);
@@ -222,5 +243,23 @@ pub fn close_revoked(sessions: &Sessions, policy: &crate::access::Policy) {
             );
             sessions.drop_host(&host_id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_host_opens_a_bounded_number_of_sessions_a_minute() {
+        let sessions = Sessions::default();
+        for _ in 0..MAX_SESSIONS_PER_HOST_PER_MINUTE {
+            assert!(sessions.may_open("web-1"));
+        }
+        assert!(
+            !sessions.may_open("web-1"),
+            "one more this minute is refused"
+        );
+        assert!(sessions.may_open("web-2"), "other hosts are not");
     }
 }

@@ -48,6 +48,9 @@ pub const MAX_REQUESTS_PER_REPORT: f64 = 1e9;
 pub const MAX_OFFLINE_SUMMARIES_PER_SESSION: u32 = 4;
 /// Most self-revert reports one session may send: each goes into the replicated log.
 pub const MAX_SELF_REVERTS_PER_SESSION: u32 = 64;
+/// Most sessions one host may open in a minute (an agent reconnects after a leader change or a
+/// network blip, a few times at most): more is refused until the minute has passed.
+pub const MAX_SESSIONS_PER_HOST_PER_MINUTE: u32 = 12;
 
 /// A field that does not fit its bound: which one, and how.
 #[derive(Debug, Clone, PartialEq, Eq)]

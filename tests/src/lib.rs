@@ -311,6 +311,28 @@ impl Coordinator {
         self.client_with(&files).await.expect("connect as operator")
     }
 
+    /// The agent service as `host`'s agent would reach it (a certificate issued for it now),
+    /// to speak its protocol by hand.
+    pub async fn must_agent_client(
+        &self,
+        host: &str,
+    ) -> rewind_proto::v1::agent_service_client::AgentServiceClient<Channel> {
+        let files = self
+            .ca()
+            .write_identity(&self.tls_dir(), &Subject::new(Kind::Agent, host), &[])
+            .unwrap();
+        let channel = Endpoint::from_shared(format!("https://{}", self.address))
+            .unwrap()
+            .tls_config(files.client_config("localhost").unwrap())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        rewind_proto::v1::agent_service_client::AgentServiceClient::new(channel)
+            .max_decoding_message_size(rewind_proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(rewind_proto::MAX_MESSAGE_BYTES)
+    }
+
     /// A client with any TLS files (or an error if the connection fails).
     pub async fn client_with(
         &self,

@@ -101,23 +101,7 @@ async fn clients_without_a_certificate_or_from_another_ca_are_refused() {
 async fn an_agent_may_only_register_the_host_its_certificate_names() {
     let dir = tempfile::tempdir().unwrap();
     let coordinator = Coordinator::must_start(dir.path());
-    let files = coordinator
-        .ca()
-        .write_identity(
-            &coordinator.tls_dir(),
-            &Subject::new(Kind::Agent, "web-1"),
-            &[],
-        )
-        .unwrap();
-    let channel =
-        tonic::transport::Endpoint::from_shared(format!("https://{}", coordinator.address))
-            .unwrap()
-            .tls_config(files.client_config("localhost").unwrap())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-    let mut agents = pb::agent_service_client::AgentServiceClient::new(channel);
+    let mut agents = coordinator.must_agent_client("web-1").await;
     let register = pb::AgentMessage {
         body: Some(pb::agent_message::Body::Register(pb::Register {
             host_id: "web-2".into(),

@@ -61,6 +61,17 @@ async fn must_redeploy_v2(client: &mut ControlServiceClient<Channel>, round: u32
     change.change_id
 }
 
+/// How many triggers are recorded.
+async fn trigger_count(client: &mut ControlServiceClient<Channel>) -> usize {
+    client
+        .list_triggers(pb::ListTriggersRequest { limit: 1000 })
+        .await
+        .unwrap()
+        .into_inner()
+        .triggers
+        .len()
+}
+
 /// The latest recorded trigger's outcome and detail.
 async fn latest_trigger(client: &mut ControlServiceClient<Channel>) -> (String, String) {
     let triggers = client
@@ -128,13 +139,7 @@ flap-window-s = 3600
 
     // The first request sent again, its signature's hex upper-cased: the same request (the
     // same MAC), answered from the request log, judging nothing anew against the new change.
-    let triggers_before = client
-        .list_triggers(pb::ListTriggersRequest { limit: 1000 })
-        .await
-        .unwrap()
-        .into_inner()
-        .triggers
-        .len();
+    let triggers_before = trigger_count(&mut client).await;
     let (body, at_ms, signature) = first;
     let shouted = format!(
         "sha256={}",
@@ -143,13 +148,7 @@ flap-window-s = 3600
     let (status, replayed) = post(&http, (body, at_ms, shouted)).await;
     assert_eq!(status, 200, "{replayed}");
     assert_eq!(replayed["rollback_id"], rollback_id.as_str(), "{replayed}");
-    let triggers_after = client
-        .list_triggers(pb::ListTriggersRequest { limit: 1000 })
-        .await
-        .unwrap()
-        .into_inner()
-        .triggers
-        .len();
+    let triggers_after = trigger_count(&mut client).await;
     assert_eq!(
         triggers_after, triggers_before,
         "the replay recorded nothing"

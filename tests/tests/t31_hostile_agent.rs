@@ -6,8 +6,6 @@
 use std::time::Duration;
 
 use rewind_proto::v1 as pb;
-use rewind_shared::dev_ca::Subject;
-use rewind_shared::identity::Kind;
 use rewind_tests::{Coordinator, must_wait, must_wait_async, run_ok};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
@@ -18,31 +16,6 @@ use tonic::Streaming;
 struct HostileAgent {
     outbound: mpsc::Sender<pb::AgentMessage>,
     inbound: Streaming<pb::CoordinatorMessage>,
-}
-
-async fn agents_client(
-    coordinator: &Coordinator,
-    host: &str,
-) -> pb::agent_service_client::AgentServiceClient<tonic::transport::Channel> {
-    let files = coordinator
-        .ca()
-        .write_identity(
-            &coordinator.tls_dir(),
-            &Subject::new(Kind::Agent, host),
-            &[],
-        )
-        .unwrap();
-    let channel =
-        tonic::transport::Endpoint::from_shared(format!("https://{}", coordinator.address))
-            .unwrap()
-            .tls_config(files.client_config("localhost").unwrap())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-    pb::agent_service_client::AgentServiceClient::new(channel)
-        .max_decoding_message_size(rewind_proto::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(rewind_proto::MAX_MESSAGE_BYTES)
 }
 
 fn register(host: &str, services: &[&str]) -> pb::Register {
@@ -66,7 +39,7 @@ async fn open(
     coordinator: &Coordinator,
     registered: pb::Register,
 ) -> Result<HostileAgent, tonic::Status> {
-    let mut agents = agents_client(coordinator, &registered.host_id).await;
+    let mut agents = coordinator.must_agent_client(&registered.host_id).await;
     let (outbound, receiver) = mpsc::channel(16);
     outbound
         .send(message(pb::agent_message::Body::Register(registered)))

@@ -60,6 +60,13 @@ impl AgentService for Agents {
             ));
         };
         validate_register(&register, &caller.principal.name)?;
+        if !self.context.sessions.may_open(&register.host_id) {
+            return Err(Status::resource_exhausted(format!(
+                "host {} opened more than {} sessions in the last minute: wait before reconnecting",
+                register.host_id,
+                bounds::MAX_SESSIONS_PER_HOST_PER_MINUTE
+            )));
+        }
         if let Some(refused) = self.unassigned(&register.host_id, &register.services) {
             warn!(host_id = %register.host_id, "Refused a registration: {refused}");
             return Err(Status::permission_denied(refused));
@@ -67,13 +74,26 @@ impl AgentService for Agents {
         let host_id = register.host_id.clone();
         // Health reports of this session may speak only for the services it registered.
         let services = register.services.clone();
-        let kind = CommandKind::RegisterHost {
-            host_id: host_id.clone(),
-            labels: convert::labels_from(register.labels),
-            services: register.services,
-            agent_version: register.agent_version,
-        };
-        self.context.propose(&identity, "", kind).await?;
+        let labels = convert::labels_from(register.labels);
+        // A reconnect that changes nothing writes nothing: the log and the audit record a
+        // host's registration when it is new or different.
+        let unchanged = self.context.node.read(|state| {
+            state.hosts.get(&host_id).is_some_and(|known| {
+                known.labels == labels
+                    && known.services == register.services
+                    && known.agent_version == register.agent_version
+                    && known.identity == identity
+            })
+        });
+        if !unchanged {
+            let kind = CommandKind::RegisterHost {
+                host_id: host_id.clone(),
+                labels,
+                services: register.services,
+                agent_version: register.agent_version,
+            };
+            self.context.propose(&identity, "", kind).await?;
+        }
 
         let (generation, outbound) = self.context.sessions.open(&host_id);
         let registered = pb::CoordinatorMessage {
