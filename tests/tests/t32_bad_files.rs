@@ -357,3 +357,59 @@ unsafe extern "C" {
     #[link_name = "umask"]
     fn libc_umask(mask: u32) -> u32;
 }
+
+/// A FIFO in a release: the real agent's activation fails at once naming it (it hung a change
+/// for over 40 s before), and `release register --from-dir` refuses it instead of hanging.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fifo_in_a_release_fails_the_step_by_name_instead_of_hanging() {
+    use rewind_proto::v1 as pb;
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::must_start(&dir.path().join("coordinator"));
+    let (hosts, mut client) =
+        rewind_tests::must_start_hosts(dir.path(), &coordinator, &["web-1"]).await;
+    rewind_tests::must_register_web(&mut client, &hosts[0], false).await;
+    let release = hosts[0].root.join("releases").join("v2");
+    let fifo = release.join("pipe");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(
+        made.success(),
+        "mkfifo is needed: apt-get install coreutils"
+    );
+
+    let change = rewind_tests::must_change(&mut client, "v2").await;
+    let failed =
+        rewind_tests::must_change_where(&client, &change, "the change to fail", |change| {
+            change.state == pb::ChangeState::Failed as i32
+        })
+        .await;
+    assert_eq!(failed.hosts[0].activate, pb::StepState::Failed as i32);
+    let log = std::fs::read_to_string(hosts[0].config_path.with_file_name("agent.log")).unwrap();
+    assert!(
+        log.contains("pipe") && log.contains("is a FIFO"),
+        "the agent names the FIFO:\n{log}"
+    );
+    assert_ne!(
+        hosts[0].current_link(),
+        "releases/v2",
+        "nothing was activated"
+    );
+
+    let mut register = Command::new(must_binary("rewindctl"))
+        .args(["--coordinator", &coordinator.address])
+        .args(["release", "register", "web", "v9", "--from-dir"])
+        .arg(&release)
+        .env("REWIND_TLS_DIR", coordinator.tls_dir())
+        .env("REWIND_SERVER_NAME", "localhost")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = must_wait(
+        std::time::Duration::from_secs(30),
+        "release register to end",
+        || register.try_wait().unwrap(),
+    );
+    assert!(!status.success());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(register.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(stderr.contains("is a FIFO"), "{stderr}");
+}
