@@ -7,11 +7,10 @@ use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
-use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use rustix::io::Errno;
 
 use crate::AgentError;
@@ -366,14 +365,8 @@ impl ServiceRoot {
                 Mode::empty(),
             )
             .map_err(|errno| self.io("open", shown, errno))?;
-            let mut names = Vec::new();
-            for entry in Dir::read_from(&child).map_err(|errno| self.io("list", shown, errno))? {
-                let entry = entry.map_err(|errno| self.io("list", shown, errno))?;
-                let entry_name = entry.file_name().to_bytes();
-                if entry_name != b"." && entry_name != b".." {
-                    names.push(OsStr::from_bytes(entry_name).to_os_string());
-                }
-            }
+            let names = rewind_shared::digest::list_names(&child)
+                .map_err(|errno| self.io("list", shown, errno))?;
             for entry_name in names {
                 self.remove_entry(&child, &entry_name, shown)?;
             }

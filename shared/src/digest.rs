@@ -113,18 +113,7 @@ impl Walk<'_, '_> {
 
     fn dir(&mut self, dir: OwnedFd, relative_dir: &Path) -> Result<(), SharedError> {
         let shown = self.shown(relative_dir);
-        let mut names = Vec::new();
-        // Listed, then closed before descending: one descriptor per level, not two.
-        {
-            let mut entries = Dir::read_from(&dir).map_err(|errno| read_error(&shown, errno))?;
-            for entry in &mut entries {
-                let entry = entry.map_err(|errno| read_error(&shown, errno))?;
-                let name = entry.file_name().to_bytes();
-                if name != b"." && name != b".." {
-                    names.push(OsStr::from_bytes(name).to_os_string());
-                }
-            }
-        }
+        let mut names = list_names(&dir).map_err(|errno| read_error(&shown, errno))?;
         names.sort();
         for name in names {
             let relative = relative_dir.join(&name);
@@ -164,6 +153,20 @@ impl Walk<'_, '_> {
         }
         Ok(())
     }
+}
+
+/// The names in the open directory `dir` (without `.` and `..`), in no order. The listing is
+/// closed when this returns, so a walk that descends holds one descriptor per level.
+pub fn list_names(dir: &OwnedFd) -> Result<Vec<std::ffi::OsString>, rustix::io::Errno> {
+    let mut names = Vec::new();
+    for entry in Dir::read_from(dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_bytes();
+        if name != b"." && name != b".." {
+            names.push(OsStr::from_bytes(name).to_os_string());
+        }
+    }
+    Ok(names)
 }
 
 /// Opens `name` in `dir` for reading if, and only if, it is a regular file: never following a

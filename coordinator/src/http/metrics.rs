@@ -366,14 +366,17 @@ mod tests {
             snapshot_id: String::new(),
         });
         let status = crate::node::raft::RaftStatus::default();
-        let text = render(
-            &fleet.state,
-            &status,
-            1,
-            &SnapshotStats::default(),
-            &Default::default(),
-        )
-        .unwrap();
+        let rendered = |state: &State| {
+            render(
+                state,
+                &status,
+                1,
+                &SnapshotStats::default(),
+                &Default::default(),
+            )
+            .unwrap()
+        };
+        let text = rendered(&fleet.state);
         for expected in [
             r#"rewind_rollback_steps{rollback_id="rb-1",state="pending"} 4"#,
             r#"rewind_rollback_steps{rollback_id="rb-1",state="succeeded"} 1"#,
@@ -388,14 +391,7 @@ mod tests {
             action: crate::state_machine::RollbackAction::Abort,
             reason: "test".into(),
         });
-        let text = render(
-            &fleet.state,
-            &status,
-            1,
-            &SnapshotStats::default(),
-            &Default::default(),
-        )
-        .unwrap();
+        let text = rendered(&fleet.state);
         assert!(
             text.contains(r#"rewind_rollbacks_total{outcome="aborted",trigger="manual"} 1"#),
             "{text}"
