@@ -565,6 +565,18 @@ async fn bad_requests_are_refused_with_the_field_named_and_change_nothing() {
         Some("unknown_change")
     );
 
+    // A page token is the last host id of the previous page: anything else is named.
+    assert_status(
+        client
+            .list_hosts(pb::ListHostsRequest {
+                page_token: "Web 1!".into(),
+                page_size: 0,
+            })
+            .await,
+        Code::InvalidArgument,
+        "page_token",
+    );
+
     let audit_after = client
         .list_audit(pb::ListAuditRequest {
             from_index: 1,
