@@ -948,11 +948,49 @@ pub fn parse_numbered_id(prefix: &str, id: &str) -> Option<u64> {
 }
 
 /// Outcomes of recent client requests, so a retried request answers the same and acts once.
-/// Bounded: the oldest ids are forgotten first.
+/// Bounded: when full, the oldest id of the identity holding the most is forgotten, so one
+/// identity sending many requests (a webhook sender, a script) forgets its own, not others'.
+/// Keys are `identity/request_id`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(from = "StoredRequestLog", into = "StoredRequestLog")]
 pub struct RequestLog {
     outcomes: BTreeMap<String, Outcome>,
     order: VecDeque<String>,
+    /// Derived from `order` (never stored): identity -> its keys, oldest first.
+    by_identity: BTreeMap<String, VecDeque<String>>,
+}
+
+/// How a request log is stored in snapshots (the same as before it kept identities apart).
+#[derive(Clone, Default, Serialize, Deserialize)]
+struct StoredRequestLog {
+    outcomes: BTreeMap<String, Outcome>,
+    order: VecDeque<String>,
+}
+
+impl From<StoredRequestLog> for RequestLog {
+    fn from(stored: StoredRequestLog) -> Self {
+        let mut by_identity: BTreeMap<String, VecDeque<String>> = BTreeMap::new();
+        for key in &stored.order {
+            by_identity
+                .entry(RequestLog::identity_of(key).to_string())
+                .or_default()
+                .push_back(key.clone());
+        }
+        Self {
+            outcomes: stored.outcomes,
+            order: stored.order,
+            by_identity,
+        }
+    }
+}
+
+impl From<RequestLog> for StoredRequestLog {
+    fn from(log: RequestLog) -> Self {
+        Self {
+            outcomes: log.outcomes,
+            order: log.order,
+        }
+    }
 }
 
 /// Most escalations kept; the oldest settled ones (delivered or given up) go first.
@@ -1026,16 +1064,95 @@ impl RequestLog {
         self.outcomes.get(request_id)
     }
 
+    /// The identity part of a key (`identity/request_id`).
+    fn identity_of(key: &str) -> &str {
+        key.split_once('/').map_or(key, |(identity, _)| identity)
+    }
+
     pub fn remember(&mut self, request_id: &str, outcome: Outcome) {
         if request_id.is_empty() || self.outcomes.contains_key(request_id) {
             return;
         }
-        if self.order.len() >= Self::CAPACITY
-            && let Some(oldest) = self.order.pop_front()
-        {
-            self.outcomes.remove(&oldest);
+        if self.order.len() >= Self::CAPACITY {
+            self.forget_one();
         }
         self.order.push_back(request_id.to_string());
+        self.by_identity
+            .entry(Self::identity_of(request_id).to_string())
+            .or_default()
+            .push_back(request_id.to_string());
         self.outcomes.insert(request_id.to_string(), outcome);
+    }
+
+    /// Forgets the oldest key of the identity holding the most (the first such identity by
+    /// name on a tie, so every member forgets the same).
+    fn forget_one(&mut self) {
+        let Some(identity) = self
+            .by_identity
+            .iter()
+            .max_by(|(a_name, a), (b_name, b)| a.len().cmp(&b.len()).then(b_name.cmp(a_name)))
+            .map(|(identity, _)| identity.clone())
+        else {
+            return;
+        };
+        let keys = self.by_identity.get_mut(&identity).expect("just found");
+        let oldest = keys.pop_front().expect("identities hold at least one key");
+        if keys.is_empty() {
+            self.by_identity.remove(&identity);
+        }
+        self.outcomes.remove(&oldest);
+        if let Some(position) = self.order.iter().position(|key| *key == oldest) {
+            self.order.remove(position);
+        }
+    }
+}
+
+#[cfg(test)]
+mod request_log_tests {
+    use super::*;
+
+    #[test]
+    fn one_identity_flooding_the_request_log_forgets_only_its_own_ids() {
+        let mut log = RequestLog::default();
+        log.remember("user:alice/r-1", Outcome::Done);
+        log.remember("automation:pager/r-1", Outcome::Done);
+        for n in 0..RequestLog::CAPACITY * 2 {
+            log.remember(&format!("agent:web-1/flood-{n}"), Outcome::Done);
+        }
+        assert_eq!(log.order.len(), RequestLog::CAPACITY);
+        assert!(
+            log.get("user:alice/r-1").is_some(),
+            "alice's id was evicted"
+        );
+        assert!(log.get("automation:pager/r-1").is_some());
+        assert!(
+            log.get("agent:web-1/flood-0").is_none(),
+            "the flood's oldest stays"
+        );
+        let last = format!("agent:web-1/flood-{}", RequestLog::CAPACITY * 2 - 1);
+        assert!(log.get(&last).is_some());
+    }
+
+    #[test]
+    fn a_request_log_reads_back_the_same_from_its_stored_form() {
+        let mut log = RequestLog::default();
+        for n in 0..50 {
+            log.remember(&format!("user:u{}/r-{n}", n % 3), Outcome::Done);
+        }
+        let bytes = serde_json::to_vec(&log).unwrap();
+        let stored: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(
+            stored.as_object().unwrap().keys().collect::<Vec<_>>(),
+            ["order", "outcomes"],
+            "the stored form is the one older members read"
+        );
+        let mut read: RequestLog = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(read, log);
+        // Both forget the same ids from here on.
+        for n in 0..RequestLog::CAPACITY {
+            log.remember(&format!("user:u9/x-{n}"), Outcome::Done);
+            read.remember(&format!("user:u9/x-{n}"), Outcome::Done);
+        }
+        assert_eq!(read, log);
     }
 }
