@@ -21,6 +21,10 @@ pub enum CoordinatorError {
     UnknownRollback { rollback_id: String, known: String },
     #[error("no host {host_id} is registered")]
     UnknownHost { host_id: String },
+    #[error(
+        "host {host_id} is in {by}, still in progress: let it finish or abort it before forgetting the host"
+    )]
+    HostInUse { host_id: String, by: String },
     #[error("host {host_id} does not run service {service}")]
     HostWithoutService { host_id: String, service: String },
     #[error("no registered host runs service {service}")]
@@ -120,6 +124,7 @@ impl CoordinatorError {
             Self::UnknownRollback { .. } => "unknown_rollback",
             Self::UnknownHost { .. } => "unknown_host",
             Self::HostWithoutService { .. } => "host_without_service",
+            Self::HostInUse { .. } => "host_in_use",
             Self::NoHosts { .. } => "no_hosts",
             Self::ReleaseConflict { .. } => "release_conflict",
             Self::DependencyCycle { .. } => "dependency_cycle",

@@ -31,6 +31,15 @@ pub enum HostCommand {
         #[arg(long, default_value = "")]
         service: String,
     },
+    /// Remove a host from the fleet's record (admin): it stops being a default target, may
+    /// register anew with other services, and its name may be joined again. Refused while a
+    /// change or rollback in progress names it.
+    Forget {
+        host: String,
+        /// Why (required: audited).
+        #[arg(long)]
+        reason: String,
+    },
 }
 
 pub async fn run(
@@ -73,6 +82,36 @@ pub async fn run(
                 }
             }
             Ok(exit_for(lines.is_empty()))
+        }
+        HostCommand::Forget { host, reason } => {
+            let forgotten = client
+                .forget_host(pb::ForgetHostRequest {
+                    request_id: crate::client::request_id(),
+                    host_id: host,
+                    reason,
+                })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            if format == Format::Json {
+                json(&forgotten)?;
+            } else {
+                let services = if forgotten.services.is_empty() {
+                    "none".to_string()
+                } else {
+                    forgotten.services.join(",")
+                };
+                let enrollment = if forgotten.enrollment_removed {
+                    "; its name may be joined again"
+                } else {
+                    ""
+                };
+                say!(
+                    "{} forgotten (it ran {services}){enrollment}",
+                    forgotten.host_id
+                );
+            }
+            Ok(ExitCode::SUCCESS)
         }
         HostCommand::Drift { host, service } => {
             let answer =

@@ -123,6 +123,7 @@ fn level_of(method: &str) -> &'static str {
         "CreateJoinToken",
         "ListJoinTokens",
         "RevokeJoinToken",
+        "ForgetHost",
         "ResolvedByHand",
         "ResetBreaker",
         "TransferLeader",

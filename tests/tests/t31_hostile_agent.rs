@@ -384,3 +384,75 @@ async fn a_host_may_run_only_the_services_the_policy_assigns_it() {
     let kept = host_listed(&coordinator, "web-2").await.unwrap();
     assert_eq!(kept.last_health.unwrap().at_ms, 1, "no later report kept");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_host_rules_a_host_keeps_its_services_until_an_admin_forgets_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::must_start(dir.path());
+    let first = open(&coordinator, register("web-1", &["web"]))
+        .await
+        .unwrap();
+    drop(first);
+    // Taken over, the host declares another service: refused, naming the way out.
+    let refused = open(&coordinator, register("web-1", &["web", "payments"]))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("host web-1 is registered with services web and may not add payments")
+            && refused.message().contains("rewindctl host forget web-1"),
+        "{}",
+        refused.message()
+    );
+    assert_eq!(
+        host_listed(&coordinator, "web-1").await.unwrap().services,
+        ["web"]
+    );
+
+    // Forgetting needs a reason, names unknown hosts, and is audited.
+    let no_reason = coordinator.rewindctl(&["host", "forget", "web-1", "--reason", " "]);
+    assert!(!no_reason.status.success());
+    assert!(
+        String::from_utf8_lossy(&no_reason.stderr).contains("reason"),
+        "{}",
+        String::from_utf8_lossy(&no_reason.stderr)
+    );
+    let unknown = coordinator.rewindctl(&["host", "forget", "web-9", "--reason", "retired"]);
+    assert!(!unknown.status.success());
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("no host web-9 is registered"),
+        "{}",
+        String::from_utf8_lossy(&unknown.stderr)
+    );
+    let forgotten = run_ok(&coordinator.rewindctl(&[
+        "host",
+        "forget",
+        "web-1",
+        "--reason",
+        "rebuilt to run payments",
+    ]));
+    assert!(
+        forgotten.contains("web-1 forgotten (it ran web)"),
+        "{forgotten}"
+    );
+    assert!(host_listed(&coordinator, "web-1").await.is_none());
+    let audit = run_ok(&coordinator.rewindctl(&["audit", "list"]));
+    assert!(
+        audit.contains("host.forget") && audit.contains("rebuilt to run payments"),
+        "{audit}"
+    );
+
+    // Registered anew, it is judged as a new host.
+    let _again = open(&coordinator, register("web-1", &["web", "payments"]))
+        .await
+        .unwrap();
+    must_wait_async(Duration::from_secs(20), "web-1 registered anew", || async {
+        host_listed(&coordinator, "web-1")
+            .await
+            .filter(|host| host.services == ["web", "payments"])
+    })
+    .await;
+}

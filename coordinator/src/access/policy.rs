@@ -318,8 +318,9 @@ pub struct HostRule {
 }
 
 impl Policy {
-    /// Whether host `host` may run `service`: always when the policy has no host rules (the
-    /// services are the agents' to declare), else only as a rule assigns them.
+    /// Whether host `host` may run `service`: always when the policy has no host rules (then a
+    /// host keeps the services it registered with, judged at `Register`), else only as a rule
+    /// assigns them.
     pub fn may_run(&self, host: &str, service: &str) -> bool {
         use rewind_shared::names::matches_pattern;
         self.host_rules.is_empty()

@@ -139,15 +139,40 @@ impl AgentService for Agents {
 }
 
 impl Agents {
-    /// Why `host` may not run one of `services` under the access policy's host rules, if so.
+    /// Why `host` may not run one of `services`, if so. With `[[hosts]]` rules in the access
+    /// policy, the rules assign services; without, a host keeps the services it registered
+    /// with: a taken-over host cannot claim another service's health figures by declaring it.
     fn unassigned(&self, host: &str, services: &[String]) -> Option<String> {
-        let policy = self.context.gate.current_policy()?;
+        if let Some(policy) = self
+            .context
+            .gate
+            .current_policy()
+            .filter(|policy| !policy.host_rules.is_empty())
+        {
+            let service = services
+                .iter()
+                .find(|service| !policy.may_run(host, service))?;
+            return Some(format!(
+                "host {host} may not run service {service}: no [[hosts]] rule of the access \
+                 policy assigns it (an admin adds one, or the agent's config drops the service)"
+            ));
+        }
+        let registered = self
+            .context
+            .node
+            .read(|state| state.hosts.get(host).map(|record| record.services.clone()))?;
         let service = services
             .iter()
-            .find(|service| !policy.may_run(host, service))?;
+            .find(|service| !registered.contains(service))?;
         Some(format!(
-            "host {host} may not run service {service}: no [[hosts]] rule of the access policy \
-             assigns it (an admin adds one, or the agent's config drops the service)"
+            "host {host} is registered with services {} and may not add {service}: an admin \
+             forgets the host so it registers anew (rewindctl host forget {host} --reason ...) \
+             or assigns services with [[hosts]] rules in the access policy",
+            if registered.is_empty() {
+                "none".to_string()
+            } else {
+                registered.join(",")
+            }
         ))
     }
 }

@@ -98,6 +98,56 @@ impl ControlService for Control {
         }))
     }
 
+    async fn forget_host(
+        &self,
+        request: Request<pb::ForgetHostRequest>,
+    ) -> Result<Response<pb::ForgetHostResponse>, Status> {
+        let caller = caller(&request)?;
+        let request = request.into_inner();
+        names::validate_name("host_id", &request.host_id).map_err(field_error)?;
+        validate_reason(&request.reason)?;
+        if request.reason.trim().is_empty() {
+            return Err(invalid(
+                "reason",
+                "say why the host leaves the fleet's record: it goes into the audit log",
+            ));
+        }
+        self.context.current().await?;
+        let (services, enrolled) = self.context.node.read(|state| {
+            (
+                state
+                    .hosts
+                    .get(&request.host_id)
+                    .map(|host| host.services.clone())
+                    .unwrap_or_default(),
+                state.enrollments.contains_key(&request.host_id),
+            )
+        });
+        self.context
+            .propose(
+                &caller.id(),
+                &request.request_id,
+                CommandKind::ForgetHost {
+                    host_id: request.host_id.clone(),
+                    reason: request.reason,
+                },
+            )
+            .await?;
+        // Its agent, if it still runs, registers anew (and is judged as a new host).
+        self.context.sessions.drop_host(&request.host_id);
+        self.context.health.forget(&request.host_id);
+        info!(
+            identity = caller.id(),
+            host_id = request.host_id,
+            "Host forgotten."
+        );
+        Ok(Response::new(pb::ForgetHostResponse {
+            host_id: request.host_id,
+            services,
+            enrollment_removed: enrolled,
+        }))
+    }
+
     async fn put_service(
         &self,
         request: Request<pb::PutServiceRequest>,

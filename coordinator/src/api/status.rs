@@ -26,6 +26,7 @@ pub fn to_status(error: CoordinatorError) -> Status {
         | CoordinatorError::AlreadyRequested { .. } => Code::AlreadyExists,
         CoordinatorError::NoHosts { .. }
         | CoordinatorError::ChangeInProgress { .. }
+        | CoordinatorError::HostInUse { .. }
         | CoordinatorError::RollbackInProgress { .. }
         | CoordinatorError::NothingToRevert { .. }
         | CoordinatorError::NotLatestChange { .. }

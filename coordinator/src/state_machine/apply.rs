@@ -123,6 +123,7 @@ fn apply_kind(state: &mut State, command: &Command) -> Result<(Outcome, String, 
                 format!("ok: services {}", services.join(",")),
             ))
         }
+        CommandKind::ForgetHost { host_id, reason } => forget_host(state, host_id, reason),
         CommandKind::PutService { service } => {
             check_no_cycle(state, service)?;
             state.services.insert(service.name.clone(), service.clone());
@@ -1858,6 +1859,62 @@ fn live_rollback_mut<'a>(
         });
     }
     Ok(rollback)
+}
+
+/// Removes `host_id` from the fleet's record and its enrollment, unless a change or rollback in
+/// progress names it. Finished changes keep their records of the host (history).
+fn forget_host(
+    state: &mut State,
+    host_id: &str,
+    reason: &str,
+) -> Result<(Outcome, String, String)> {
+    let record = state.hosts.get(host_id);
+    let enrolled = state.enrollments.contains_key(host_id);
+    if record.is_none() && !enrolled {
+        return Err(CoordinatorError::UnknownHost {
+            host_id: host_id.to_string(),
+        });
+    }
+    let in_change = state.changes.values().find(|change| {
+        matches!(
+            change.status,
+            ChangeStatus::Capturing | ChangeStatus::Deploying
+        ) && change.hosts.iter().any(|host| host.host_id == host_id)
+    });
+    if let Some(change) = in_change {
+        return Err(CoordinatorError::HostInUse {
+            host_id: host_id.to_string(),
+            by: format!("change {}", change_id(change.number)),
+        });
+    }
+    let in_rollback = state.rollbacks.values().find(|rollback| {
+        !rollback.status.is_terminal()
+            && rollback
+                .waves
+                .iter()
+                .any(|wave| wave.hosts.iter().any(|host| host == host_id))
+    });
+    if let Some(rollback) = in_rollback {
+        return Err(CoordinatorError::HostInUse {
+            host_id: host_id.to_string(),
+            by: format!("rollback {}", rollback_id(rollback.number)),
+        });
+    }
+    let services = record
+        .map(|host| host.services.join(","))
+        .unwrap_or_default();
+    state.hosts.remove(host_id);
+    state.enrollments.remove(host_id);
+    let enrollment = if enrolled {
+        "; its enrollment removed"
+    } else {
+        ""
+    };
+    Ok((
+        Outcome::Done,
+        host_id.to_string(),
+        format!("ok: forgotten (services {services}){enrollment}: {reason}"),
+    ))
 }
 
 /// Records a host's offline self-revert on the change it reverted (once per report id) and

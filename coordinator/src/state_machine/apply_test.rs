@@ -1130,3 +1130,67 @@ fn two_shards_on_one_database_are_refused_at_check() {
         txn.detail
     );
 }
+
+#[test]
+fn a_host_is_forgotten_only_when_nothing_in_progress_names_it() {
+    let forget = |host: &str| CommandKind::ForgetHost {
+        host_id: host.into(),
+        reason: "retired".into(),
+    };
+    let mut harness = Harness::with_fleet();
+    harness.deploy("v1");
+    let Outcome::Change(change) = harness.must(start_change("v2")) else {
+        panic!("change outcome")
+    };
+    let busy = harness.run(forget("web-1")).unwrap_err();
+    assert!(
+        matches!(&busy, CoordinatorError::HostInUse { by, .. } if by.ends_with(&change_id(change))),
+        "{busy}"
+    );
+    for kind in [
+        StepTarget::Capture {
+            change,
+            host_id: "web-1".into(),
+        },
+        StepTarget::Capture {
+            change,
+            host_id: "web-2".into(),
+        },
+    ] {
+        harness.finish(kind, true);
+    }
+    for host in ["web-1", "web-2"] {
+        harness.finish(
+            StepTarget::Activate {
+                change,
+                host_id: host.into(),
+            },
+            true,
+        );
+    }
+    let rollback = harness.must_start_rollback(change, Trigger::Manual);
+    let busy = harness.run(forget("web-2")).unwrap_err();
+    assert!(busy.to_string().contains(&rollback_id(rollback)), "{busy}");
+    harness.must(CommandKind::ControlRollback {
+        rollback,
+        action: RollbackAction::Abort,
+        reason: "enough".into(),
+    });
+    harness.must(forget("web-2"));
+    assert!(!harness.state.hosts.contains_key("web-2"));
+    assert!(harness.state.hosts.contains_key("web-1"));
+    let last = harness.state.audit.entries().last().unwrap();
+    assert_eq!(last.action, "host.forget");
+    assert!(last.outcome.contains("services web") && last.outcome.contains("retired"));
+    // Finished changes keep their record of the host.
+    assert!(
+        harness.state.changes[&change]
+            .hosts
+            .iter()
+            .any(|host| host.host_id == "web-2")
+    );
+    assert!(matches!(
+        harness.run(forget("web-2")),
+        Err(CoordinatorError::UnknownHost { .. })
+    ));
+}

@@ -230,6 +230,11 @@ pub enum CommandKind {
     CertificateRenewed {
         not_after_s: i64,
     },
+    /// Removes a host from the fleet's record and its join enrollment (an admin's call).
+    ForgetHost {
+        host_id: String,
+        reason: String,
+    },
     /// Records a refused call in the audit log; changes nothing else.
     RecordRefusal {
         action: String,
@@ -435,6 +440,7 @@ impl CommandKind {
             Self::DecideRequest { decision, .. } => decision.action(),
             Self::SkipHost { .. } => "rollback.skip-host",
             Self::RecordSelfRevert { .. } => "host.self-revert",
+            Self::ForgetHost { .. } => "host.forget",
             Self::RecordOfflineHealth { .. } => "host.offline-health",
             Self::IsolateService { .. } => "rollback.isolate",
             Self::Stall { .. } => "rollback.stall",
