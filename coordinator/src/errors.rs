@@ -21,9 +21,7 @@ pub enum CoordinatorError {
     UnknownRollback { rollback_id: String, known: String },
     #[error("no host {host_id} is registered")]
     UnknownHost { host_id: String },
-    #[error(
-        "host {host_id} is in {by}, still in progress: let it finish or abort it before forgetting the host"
-    )]
+    #[error("host {host_id} cannot be forgotten: it is in {by}")]
     HostInUse { host_id: String, by: String },
     #[error("host {host_id} does not run service {service}")]
     HostWithoutService { host_id: String, service: String },
@@ -108,6 +106,16 @@ pub enum CoordinatorError {
     MembershipConflict(String),
     #[error("storage: {0}")]
     Storage(String),
+    #[error("entry {index} cannot be applied by this member: {why}")]
+    CannotApply { index: u64, why: String },
+    #[error(
+        "{what} needs cluster version {needed}, and the cluster runs version {running}: once every member runs a release that supports it, an admin raises it with `rewindctl cluster upgrade-finalize`"
+    )]
+    NeedsClusterVersion {
+        what: String,
+        needed: u32,
+        running: u32,
+    },
     #[error("the coordinator is shutting down")]
     ShuttingDown,
     #[error("the coordinator is overloaded: {0}")]
@@ -148,6 +156,8 @@ impl CoordinatorError {
             Self::NotLeader { .. } => "not_leader",
             Self::MembershipConflict(_) => "membership_conflict",
             Self::Storage(_) => "storage",
+            Self::CannotApply { .. } => "cannot_apply",
+            Self::NeedsClusterVersion { .. } => "needs_cluster_version",
             Self::ShuttingDown => "shutting_down",
             Self::Overloaded(_) => "overloaded",
         }

@@ -463,9 +463,17 @@ async fn serve(
     let data_dir = config.data_dir.clone();
     tokio::spawn(async move {
         if let Ok(status) = storage
-            .wait_for(|status| status.storage_failed.is_some())
+            .wait_for(|status| status.storage_failed.is_some() || status.cannot_apply.is_some())
             .await
         {
+            if let Some(why) = status.cannot_apply.as_deref() {
+                error!(
+                    error = why,
+                    "This member cannot apply the cluster's log; exiting ({}).",
+                    rewind_shared::config::EXIT_CANNOT_APPLY
+                );
+                std::process::exit(i32::from(rewind_shared::config::EXIT_CANNOT_APPLY));
+            }
             error!(
                 data_dir = %data_dir.display(),
                 error = status.storage_failed.as_deref().unwrap_or_default(),

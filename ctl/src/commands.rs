@@ -128,6 +128,19 @@ pub enum ClusterCommand {
         #[arg(long, default_value = "")]
         reason: String,
     },
+    /// The cluster version the members apply the log at, and the versions each member's
+    /// binary supports.
+    Version,
+    /// Raise the cluster version once every member runs a release that supports it (after a
+    /// rolling upgrade); refused while a member is older or does not answer.
+    UpgradeFinalize {
+        /// The version to raise to (default: the highest every member supports).
+        #[arg(long, default_value_t = 0)]
+        to: u32,
+        /// Why (required: audited).
+        #[arg(long)]
+        reason: String,
+    },
 }
 
 #[derive(Clone, Subcommand)]
@@ -564,6 +577,10 @@ async fn execute(
                 say!("member {member_id} removed; stop its process and wipe its data dir");
             }
             cluster_list(client, format, Some(members)).await
+        }
+        Command::Cluster(ClusterCommand::Version) => crate::upgrade::show(client, format).await,
+        Command::Cluster(ClusterCommand::UpgradeFinalize { to, reason }) => {
+            crate::upgrade::finalize(client, format, to, reason).await
         }
         Command::Demo(_) | Command::Cert(_) => unreachable!("handled above"),
     }

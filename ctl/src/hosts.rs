@@ -31,14 +31,19 @@ pub enum HostCommand {
         #[arg(long, default_value = "")]
         service: String,
     },
-    /// Remove a host from the fleet's record (admin): it stops being a default target, may
-    /// register anew with other services, and its name may be joined again. Refused while a
-    /// change or rollback in progress names it.
+    /// Remove a host from the fleet's record (admin): it stops being a default target and may
+    /// register anew with other services. Its certificate stays valid (revoke it with the
+    /// policy's deny list). Refused while a change, rollback or schema transaction could still
+    /// act on it by name.
     Forget {
         host: String,
         /// Why (required: audited).
         #[arg(long)]
         reason: String,
+        /// Also remove its join enrollment (and so the environment it is pinned to), so the
+        /// name may be joined anew with a pattern token.
+        #[arg(long)]
+        release_name: bool,
     },
 }
 
@@ -83,12 +88,17 @@ pub async fn run(
             }
             Ok(exit_for(lines.is_empty()))
         }
-        HostCommand::Forget { host, reason } => {
+        HostCommand::Forget {
+            host,
+            reason,
+            release_name,
+        } => {
             let forgotten = client
                 .forget_host(pb::ForgetHostRequest {
                     request_id: crate::client::request_id(),
                     host_id: host,
                     reason,
+                    release_name,
                 })
                 .await
                 .map_err(explain)?
@@ -101,8 +111,8 @@ pub async fn run(
                 } else {
                     forgotten.services.join(",")
                 };
-                let enrollment = if forgotten.enrollment_removed {
-                    "; its name may be joined again"
+                let enrollment = if forgotten.name_released {
+                    "; its name may be joined anew"
                 } else {
                     ""
                 };

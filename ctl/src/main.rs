@@ -14,6 +14,7 @@ mod join;
 mod migrations;
 mod plans;
 mod requests;
+mod upgrade;
 mod watch;
 
 use std::process::ExitCode;

@@ -198,3 +198,7 @@ pub fn remove_unfinished_sled_snapshots(dir: &std::path::Path) -> std::io::Resul
 /// than carry on after a failed write or fsync, and recovers from what its disk holds when
 /// started again.
 pub const EXIT_STORAGE_FAILED: u8 = 74;
+
+/// The exit status of a coordinator member that met a log entry its binary cannot apply
+/// (`EX_PROTOCOL`): written at a newer cluster version. Run a newer release on it.
+pub const EXIT_CANNOT_APPLY: u8 = 76;

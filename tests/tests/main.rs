@@ -33,3 +33,4 @@ mod t29_join;
 mod t30_connection_bounds;
 mod t31_hostile_agent;
 mod t32_bad_files;
+mod t33_cluster_version;

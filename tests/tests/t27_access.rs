@@ -124,6 +124,7 @@ fn level_of(method: &str) -> &'static str {
         "ListJoinTokens",
         "RevokeJoinToken",
         "ForgetHost",
+        "FinalizeUpgrade",
         "ResolvedByHand",
         "ResetBreaker",
         "TransferLeader",

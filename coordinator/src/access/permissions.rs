@@ -156,6 +156,13 @@ const CONTROL: &[Permission] = control_table![
     ),
     ("AddMember", "cluster.add", Administer, Cluster),
     ("RemoveMember", "cluster.remove", Administer, Cluster),
+    ("GetClusterVersion", "cluster.version", Read, Cluster),
+    (
+        "FinalizeUpgrade",
+        "cluster.upgrade-finalize",
+        Administer,
+        Cluster
+    ),
     ("GetPolicy", "policy.show", Read, Cluster),
     ("ApplyPolicy", "policy.apply", Administer, Cluster),
     ("CheckAccess", "policy.check", Read, Cluster),

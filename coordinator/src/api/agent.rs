@@ -222,6 +222,11 @@ async fn read_session(
             debug!("The session was replaced or closed; ending it.");
             return;
         }
+        // Forgotten while connected (even in a race with its registration): it registers anew.
+        if !context.node.read(|state| state.hosts.contains_key(host_id)) {
+            info!("The host was forgotten; ending its session.");
+            return;
+        }
         match message.body {
             Some(agent_message::Body::Health(report)) => {
                 // The policy may have changed since the host registered: a service it no longer

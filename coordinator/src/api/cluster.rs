@@ -25,7 +25,7 @@ const MAX_CATCH_UP_S: u32 = 600;
 const CAUGHT_UP_LAG: u64 = 10;
 const CATCH_UP_POLL: Duration = Duration::from_millis(200);
 /// How long `cluster list` waits for each member to say what it has applied.
-const ASK_MEMBER_TIMEOUT: Duration = Duration::from_secs(1);
+pub(super) const ASK_MEMBER_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Members with their role and replication progress as this member (the leader) sees them, and
 /// the applied index each reports when asked (at most a second each, all at once).
@@ -76,6 +76,16 @@ pub async fn list(context: &Context) -> pb::ListMembersResponse {
 
 /// Asks a member for its applied index over `MemberService`, with this member's certificate.
 async fn applied_index_of(context: &Context, member: &MemberRecord) -> Option<u64> {
+    member_status(context, member)
+        .await
+        .map(|status| status.applied_index)
+}
+
+/// Asks a member for its brief status over `MemberService`, with this member's certificate.
+pub(super) async fn member_status(
+    context: &Context,
+    member: &MemberRecord,
+) -> Option<pb::MemberStatus> {
     let connector = rewind_shared::member_tls::MemberConnector::for_member(
         &context.tls,
         member.id,
@@ -88,12 +98,11 @@ async fn applied_index_of(context: &Context, member: &MemberRecord) -> Option<u6
         .connect_with_connector(connector)
         .await
         .ok()?;
-    let status = MemberServiceClient::new(channel)
+    MemberServiceClient::new(channel)
         .get_member_status(pb::GetMemberStatusRequest { brief: true })
         .await
-        .ok()?
-        .into_inner();
-    Some(status.applied_index)
+        .ok()
+        .map(tonic::Response::into_inner)
 }
 
 pub async fn add_member(

@@ -112,30 +112,37 @@ impl ControlService for Control {
                 "say why the host leaves the fleet's record: it goes into the audit log",
             ));
         }
-        self.context.current().await?;
-        let (services, enrolled) = self.context.node.read(|state| {
-            (
-                state
-                    .hosts
-                    .get(&request.host_id)
-                    .map(|host| host.services.clone())
-                    .unwrap_or_default(),
-                state.enrollments.contains_key(&request.host_id),
-            )
-        });
-        self.context
+        let outcome = self
+            .context
             .propose(
                 &caller.id(),
                 &request.request_id,
                 CommandKind::ForgetHost {
                     host_id: request.host_id.clone(),
+                    release_name: request.release_name,
                     reason: request.reason,
                 },
             )
             .await?;
-        // Its agent, if it still runs, registers anew (and is judged as a new host).
-        self.context.sessions.drop_host(&request.host_id);
-        self.context.health.forget(&request.host_id);
+        let Outcome::HostForgotten {
+            services,
+            name_released,
+        } = outcome
+        else {
+            return Err(Status::internal(format!(
+                "host.forget answered {outcome:?}"
+            )));
+        };
+        // Its agent, if it still runs, registers anew and is judged as a new host; unless it
+        // did already (this is a retry answered from the request log).
+        if !self
+            .context
+            .node
+            .read(|state| state.hosts.contains_key(&request.host_id))
+        {
+            self.context.sessions.drop_host(&request.host_id);
+            self.context.health.forget(&request.host_id);
+        }
         info!(
             identity = caller.id(),
             host_id = request.host_id,
@@ -144,7 +151,7 @@ impl ControlService for Control {
         Ok(Response::new(pb::ForgetHostResponse {
             host_id: request.host_id,
             services,
-            enrollment_removed: enrolled,
+            name_released,
         }))
     }
 
@@ -1155,6 +1162,24 @@ impl ControlService for Control {
         let identity = caller.id();
         super::cluster::remove_member(&self.context, &identity, request.into_inner()).await?;
         Ok(Response::new(self.members().await))
+    }
+
+    async fn get_cluster_version(
+        &self,
+        _request: Request<pb::GetClusterVersionRequest>,
+    ) -> Result<Response<pb::ClusterVersion>, Status> {
+        self.context.current().await?;
+        Ok(Response::new(super::upgrade::show(&self.context).await))
+    }
+
+    async fn finalize_upgrade(
+        &self,
+        request: Request<pb::FinalizeUpgradeRequest>,
+    ) -> Result<Response<pb::ClusterVersion>, Status> {
+        let caller = caller(&request)?;
+        super::upgrade::finalize(&self.context, &caller.id(), request.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn list_audit(

@@ -5,6 +5,7 @@ use rewind_proto::v1::{self as pb, member_service_server::MemberService};
 use tonic::{Request, Response, Status};
 
 use super::Context;
+use crate::state_machine::version;
 
 pub struct Member {
     pub context: Context,
@@ -24,6 +25,10 @@ impl MemberService for Member {
             applied_index: status.applied_index,
             commit_index: status.commit_index,
             cluster_id: self.context.cluster_id.clone(),
+            min_cluster_version: version::LEGACY,
+            max_cluster_version: version::CURRENT,
+            release: env!("CARGO_PKG_VERSION").into(),
+            cluster_version: self.context.node.read(|state| state.cluster_version()),
             ..pb::MemberStatus::default()
         };
         if request.into_inner().brief {

@@ -16,6 +16,7 @@ pub mod raft;
 mod requests;
 pub mod status;
 mod targets;
+mod upgrade;
 
 use std::sync::Arc;
 

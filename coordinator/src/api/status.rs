@@ -37,8 +37,9 @@ pub fn to_status(error: CoordinatorError) -> Status {
         | CoordinatorError::RequestRefused { .. }
         | CoordinatorError::StepNotRunning { .. }
         | CoordinatorError::StepNotStartable { .. }
+        | CoordinatorError::NeedsClusterVersion { .. }
         | CoordinatorError::MembershipConflict(_) => Code::FailedPrecondition,
-        CoordinatorError::Storage(_) => Code::Internal,
+        CoordinatorError::Storage(_) | CoordinatorError::CannotApply { .. } => Code::Internal,
         CoordinatorError::ShuttingDown
         | CoordinatorError::Overloaded(_)
         | CoordinatorError::NotLeader { .. } => Code::Unavailable,

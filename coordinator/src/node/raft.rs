@@ -27,8 +27,9 @@ use tracing::{debug, error, info, warn};
 
 use super::{NodeHandle, PROPOSAL_QUEUE, PeerReport, Proposal, Request};
 use crate::errors::CoordinatorError;
+use crate::state_machine::version::{self, Decoded};
 use crate::state_machine::{
-    Command, CommandKind, MemberRecord, MembershipChange, Outcome, State, apply, apply_membership,
+    CommandKind, MemberRecord, MembershipChange, Outcome, State, apply, apply_membership,
 };
 use crate::storage::{RaftStore, snapshot_codec};
 
@@ -88,6 +89,9 @@ pub struct RaftStatus {
     /// Set when the Raft store failed (a write or fsync): the member has stopped and the
     /// process must exit, to restart from what the disk holds.
     pub storage_failed: Option<String>,
+    /// Set when a committed entry cannot be applied by this binary (written at a newer cluster
+    /// version): the member has stopped and the process must exit.
+    pub cannot_apply: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -144,11 +148,13 @@ pub fn start_member(
     cluster_id: Arc<str>,
 ) -> Result<RaftMember, CoordinatorError> {
     if !store.is_initialized()? && !founding_members.is_empty() {
+        // A new cluster starts at this binary's version: its founders run one release.
         let initial = State {
             members: founding_members
                 .iter()
                 .map(|member| (member.id, member.clone()))
                 .collect(),
+            cluster_version: version::CURRENT,
             ..State::default()
         };
         let data = snapshot_codec::encode(&initial)?;
@@ -159,7 +165,9 @@ pub fn start_member(
     let state: State = if snapshot.get_data().is_empty() {
         State::default()
     } else {
-        snapshot_codec::decode(snapshot.get_data())?
+        let state = snapshot_codec::decode(snapshot.get_data())?;
+        version::check_state(&state, snapshot.get_metadata().index)?;
+        state
     };
     let config = raft::Config {
         id: settings.id,
@@ -348,6 +356,15 @@ impl<T: Transport> Driver<T> {
                         break;
                     }
                 }
+                if let Some(error @ CoordinatorError::CannotApply { .. }) = failed {
+                    // An entry from a newer release: applying part of the log and skipping the
+                    // rest would drift from the other members. The process exits on this status.
+                    error!(%error, "This member cannot apply the log; it stops.");
+                    let failure = error.to_string();
+                    self.status
+                        .send_modify(|status| status.cannot_apply = Some(failure));
+                    break;
+                }
                 if let Some(error) = failed {
                     // The disk failed under Raft: stop rather than retry (after a failed fsync
                     // the kernel may have dropped the pages it did not write) and rather than
@@ -486,12 +503,10 @@ impl<T: Transport> Driver<T> {
             }));
             return;
         }
-        let data = match serde_json::to_vec(&proposal.command) {
+        let data = match version::encode_entry(&proposal.command, self.cluster_version()) {
             Ok(data) => data,
             Err(error) => {
-                let _ = proposal.reply.send(Err(CoordinatorError::Storage(format!(
-                    "encode the command: {error}"
-                ))));
+                let _ = proposal.reply.send(Err(error));
                 return;
             }
         };
@@ -566,14 +581,9 @@ impl<T: Transport> Driver<T> {
             node_id: member_id,
             ..ConfChange::default()
         };
-        match serde_json::to_vec(&proposal.command) {
+        match version::encode_entry(&proposal.command, self.cluster_version()) {
             Ok(context) => conf_change.context = context.into(),
-            Err(error) => {
-                return refuse(
-                    proposal,
-                    CoordinatorError::Storage(format!("encode the command: {error}")),
-                );
-            }
+            Err(error) => return refuse(proposal, error),
         }
         let (number, context) = self.next_proposal_context();
         match self.raw.propose_conf_change(context, conf_change) {
@@ -640,6 +650,7 @@ impl<T: Transport> Driver<T> {
     fn install_snapshot(&mut self, snapshot: Snapshot) -> Result<(), CoordinatorError> {
         let state = snapshot_codec::decode(snapshot.get_data())?;
         let index = snapshot.get_metadata().index;
+        version::check_state(&state, index)?;
         self.store.apply_snapshot(&snapshot)?;
         self.store.flush()?;
         *self
@@ -659,7 +670,7 @@ impl<T: Transport> Driver<T> {
         };
         for entry in entries {
             match entry.get_entry_type() {
-                EntryType::EntryNormal => self.apply_normal(&entry),
+                EntryType::EntryNormal => self.apply_normal(&entry)?,
                 EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
                     self.apply_conf_change(&entry)?
                 }
@@ -669,7 +680,9 @@ impl<T: Transport> Driver<T> {
         Ok(())
     }
 
-    fn apply_normal(&mut self, entry: &Entry) {
+    /// Applies a normal entry. One this binary cannot read (written at a newer cluster version)
+    /// is an error: the member stops rather than skip it and drift from the others.
+    fn apply_normal(&mut self, entry: &Entry) -> Result<(), CoordinatorError> {
         let mut state = self
             .state
             .write()
@@ -677,12 +690,15 @@ impl<T: Transport> Driver<T> {
         if entry.data.is_empty() {
             // A new leader's empty entry: nothing to apply, but it is applied.
             state.applied_index = entry.index;
-            return;
+            return Ok(());
         }
-        let outcome = match serde_json::from_slice::<Command>(&entry.data) {
-            Ok(command) => apply(&mut state, entry.index, &command),
-            Err(error) => {
-                // Every member skips the same undecodable entry, so they still agree.
+        let outcome = match version::decode_entry(entry.index, &entry.data)? {
+            Decoded::Command(command) => {
+                version::check_command(&command, entry.index)?;
+                apply(&mut state, entry.index, &command)
+            }
+            Decoded::SkipLegacy(error) => {
+                // Members of the legacy release skipped such an entry; so does this one.
                 state.applied_index = entry.index;
                 warn!(%error, index = entry.index, "Skipped a committed entry that does not decode.");
                 Err(CoordinatorError::Storage(format!(
@@ -693,6 +709,14 @@ impl<T: Transport> Driver<T> {
         };
         drop(state);
         self.answer(&entry.context, outcome);
+        Ok(())
+    }
+
+    fn cluster_version(&self) -> u32 {
+        self.state
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .cluster_version()
     }
 
     /// Answers the caller waiting on this entry, if this member proposed it.
@@ -729,6 +753,8 @@ impl<T: Transport> Driver<T> {
             .map_err(|error| {
                 CoordinatorError::Storage(format!("decode conf change {}: {error}", entry.index))
             })?;
+        // Read before Raft's voters change: a member that cannot read it stops before either.
+        let decoded = version::decode_entry(entry.index, &registry_context)?;
         let conf_state = self.raw.apply_conf_change(&change).map_err(|error| {
             CoordinatorError::Storage(format!("apply conf change {}: {error}", entry.index))
         })?;
@@ -740,9 +766,9 @@ impl<T: Transport> Driver<T> {
                 .state
                 .write()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
-            match serde_json::from_slice::<Command>(&registry_context) {
-                Ok(command) => apply_membership(&mut state, entry.index, &command),
-                Err(error) => {
+            match decoded {
+                Decoded::Command(command) => apply_membership(&mut state, entry.index, &command),
+                Decoded::SkipLegacy(error) => {
                     // Raft's voters changed regardless; every member skips the same context.
                     state.applied_index = entry.index;
                     warn!(%error, index = entry.index, "A conf change carried no membership command.");
@@ -876,6 +902,7 @@ impl<T: Transport> Driver<T> {
                 Vec::new()
             },
             storage_failed: None,
+            cannot_apply: None,
         };
         self.watch_for_stuck_followers(&status);
         self.status.send_if_modified(|current| {

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::state_machine::{CommandKind, Labels, MemberRecord, MembershipChange};
+use crate::state_machine::{Command, CommandKind, Labels, MemberRecord, MembershipChange};
 
 /// Members' inboxes, and what a snapshot send needs: each member's snapshot files (raft-rs's
 /// `MsgSnapshot` carries metadata only, as over gRPC) and its report channel. Messages to a

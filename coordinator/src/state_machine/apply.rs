@@ -6,6 +6,7 @@
 use super::approvals;
 use super::command::{Command, CommandKind, MembershipChange, Outcome, RollbackAction, StepTarget};
 use super::state::*;
+use super::version;
 use crate::errors::{CoordinatorError, known_list};
 
 type Result<T> = std::result::Result<T, CoordinatorError>;
@@ -83,7 +84,8 @@ fn record(
         &audit_outcome,
     );
     if let Some(key) = request_key {
-        state.requests.remember(&key, outcome.clone());
+        let fair = state.cluster_version() >= 2;
+        state.requests.remember(&key, outcome.clone(), fair);
     }
     Ok(outcome)
 }
@@ -104,6 +106,9 @@ fn apply_kind(state: &mut State, command: &Command) -> Result<(Outcome, String, 
             agent_version,
         } => {
             super::join_tokens::check_enrollment(&state.enrollments, host_id, &labels.environment)?;
+            if state.cluster_version() >= 2 {
+                check_service_pin(state, host_id, services)?;
+            }
             let host = HostRecord {
                 host_id: host_id.clone(),
                 labels: labels.clone(),
@@ -123,7 +128,14 @@ fn apply_kind(state: &mut State, command: &Command) -> Result<(Outcome, String, 
                 format!("ok: services {}", services.join(",")),
             ))
         }
-        CommandKind::ForgetHost { host_id, reason } => forget_host(state, host_id, reason),
+        CommandKind::ForgetHost {
+            host_id,
+            release_name,
+            reason,
+        } => {
+            version::require(state, 2, "host.forget")?;
+            forget_host(state, host_id, *release_name, reason)
+        }
         CommandKind::PutService { service } => {
             check_no_cycle(state, service)?;
             state.services.insert(service.name.clone(), service.clone());
@@ -322,7 +334,15 @@ fn apply_kind(state: &mut State, command: &Command) -> Result<(Outcome, String, 
             bootstrap,
             expected_hash,
             reason,
-        } => apply_policy(state, policy, *bootstrap, expected_hash, reason),
+        } => {
+            if !policy.host_rules.is_empty() {
+                version::require(state, 2, "[[hosts]] rules in the access policy")?;
+            }
+            apply_policy(state, policy, *bootstrap, expected_hash, reason)
+        }
+        CommandKind::SetClusterVersion { version, reason } => {
+            set_cluster_version(state, *version, reason)
+        }
         CommandKind::RecordRefusal {
             action,
             target,
@@ -1861,31 +1881,103 @@ fn live_rollback_mut<'a>(
     Ok(rollback)
 }
 
-/// Removes `host_id` from the fleet's record and its enrollment, unless a change or rollback in
-/// progress names it. Finished changes keep their records of the host (history).
+/// Without `[[hosts]]` rules a host keeps the services it registered with (the leader says so
+/// first, with the way out; this holds it on every member, whatever the leader read).
+fn check_service_pin(state: &State, host_id: &str, services: &[String]) -> Result<()> {
+    let ruled = state
+        .access
+        .policy
+        .as_ref()
+        .is_some_and(|policy| !policy.host_rules.is_empty());
+    let Some(known) = state.hosts.get(host_id).filter(|_| !ruled) else {
+        return Ok(());
+    };
+    match services
+        .iter()
+        .find(|service| !known.services.contains(service))
+    {
+        Some(service) => Err(CoordinatorError::invalid(
+            "services",
+            format!(
+                "host {host_id} is registered with services {} and may not add {service}: an \
+                 admin forgets the host first (rewindctl host forget {host_id})",
+                known.services.join(",")
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Raises the cluster version. A version this binary cannot apply never gets here: the member
+/// stops before applying the entry (`version::check_command`).
+fn set_cluster_version(
+    state: &mut State,
+    to: u32,
+    reason: &str,
+) -> Result<(Outcome, String, String)> {
+    let running = state.cluster_version();
+    if to <= running {
+        return Err(CoordinatorError::invalid(
+            "version",
+            format!("the cluster already runs version {running}; a version is only raised"),
+        ));
+    }
+    state.cluster_version = to;
+    Ok((
+        Outcome::Done,
+        "cluster".into(),
+        format!("ok: cluster version {running} -> {to}: {reason}"),
+    ))
+}
+
+/// Removes `host_id` from the fleet's record (and, with `release_name`, its enrollment), unless
+/// something could still act on it by name: a change in progress or the latest change of one of
+/// its services while that can still be rolled back (a rollback would restore it, judged
+/// without its environment), a rollback in progress, or a schema transaction or drill on it.
 fn forget_host(
     state: &mut State,
     host_id: &str,
+    release_name: bool,
     reason: &str,
 ) -> Result<(Outcome, String, String)> {
     let record = state.hosts.get(host_id);
     let enrolled = state.enrollments.contains_key(host_id);
-    if record.is_none() && !enrolled {
+    if record.is_none() && !(release_name && enrolled) {
         return Err(CoordinatorError::UnknownHost {
             host_id: host_id.to_string(),
         });
     }
-    let in_change = state.changes.values().find(|change| {
-        matches!(
-            change.status,
-            ChangeStatus::Capturing | ChangeStatus::Deploying
-        ) && change.hosts.iter().any(|host| host.host_id == host_id)
-    });
-    if let Some(change) = in_change {
-        return Err(CoordinatorError::HostInUse {
-            host_id: host_id.to_string(),
-            by: format!("change {}", change_id(change.number)),
-        });
+    let in_use = |by: String| CoordinatorError::HostInUse {
+        host_id: host_id.to_string(),
+        by,
+    };
+    let mut services_seen = std::collections::BTreeSet::new();
+    for change in state.changes.values().rev() {
+        let Some(host) = change.hosts.iter().find(|host| host.host_id == host_id) else {
+            continue;
+        };
+        if !services_seen.insert(change.service.as_str()) {
+            continue;
+        }
+        let revertible = match change.status {
+            ChangeStatus::Capturing | ChangeStatus::Deploying => {
+                return Err(in_use(format!(
+                    "change {}, still in progress: let it finish",
+                    change_id(change.number)
+                )));
+            }
+            ChangeStatus::Deployed => true,
+            ChangeStatus::Failed => host.activate.status == StepStatus::Succeeded,
+            ChangeStatus::RolledBack => false,
+        };
+        if revertible {
+            return Err(in_use(format!(
+                "change {}, the latest of {} on it, which a rollback would still restore there: \
+                 roll it back, or deploy a change that leaves the host out",
+                change_id(change.number),
+                change.service
+            )));
+        }
     }
     let in_rollback = state.rollbacks.values().find(|rollback| {
         !rollback.status.is_terminal()
@@ -1895,25 +1987,41 @@ fn forget_host(
                 .any(|wave| wave.hosts.iter().any(|host| host == host_id))
     });
     if let Some(rollback) = in_rollback {
-        return Err(CoordinatorError::HostInUse {
-            host_id: host_id.to_string(),
-            by: format!("rollback {}", rollback_id(rollback.number)),
-        });
+        return Err(in_use(format!(
+            "rollback {}, still in progress: let it finish or abort it",
+            rollback_id(rollback.number)
+        )));
     }
-    let services = record
-        .map(|host| host.services.join(","))
-        .unwrap_or_default();
+    let in_schema = state.schema_txns.values().find(|txn| {
+        txn.status != SchemaTxnStatus::Done
+            && txn.shards.iter().any(|shard| shard.host_id == host_id)
+    });
+    if let Some(txn) = in_schema {
+        return Err(in_use(format!(
+            "schema transaction {}, still in progress: let it finish or resolve it by hand",
+            schema_txn_id(txn.number)
+        )));
+    }
+    let services = record.map(|host| host.services.clone()).unwrap_or_default();
     state.hosts.remove(host_id);
-    state.enrollments.remove(host_id);
-    let enrollment = if enrolled {
-        "; its enrollment removed"
+    let released = release_name && state.enrollments.remove(host_id).is_some();
+    let listed = if services.is_empty() {
+        "none".to_string()
+    } else {
+        services.join(",")
+    };
+    let name = if released {
+        "; its name released for joining anew"
     } else {
         ""
     };
     Ok((
-        Outcome::Done,
+        Outcome::HostForgotten {
+            services,
+            name_released: released,
+        },
         host_id.to_string(),
-        format!("ok: forgotten (services {services}){enrollment}: {reason}"),
+        format!("ok: forgotten (services {listed}){name}: {reason}"),
     ))
 }
 

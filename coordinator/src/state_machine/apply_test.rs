@@ -3,20 +3,27 @@
 use super::*;
 use crate::errors::CoordinatorError;
 
-struct Harness {
-    state: State,
+pub(super) struct Harness {
+    pub(super) state: State,
     index: u64,
+    /// Every command run, as the log would hold it: the golden log is written from this.
+    pub(super) log: Vec<(u64, Vec<u8>)>,
 }
 
 impl Harness {
+    /// A new cluster: at this binary's cluster version, as a bootstrapped one starts.
     fn new() -> Self {
         Self {
-            state: State::default(),
+            state: State {
+                cluster_version: version::CURRENT,
+                ..State::default()
+            },
             index: 0,
+            log: Vec::new(),
         }
     }
 
-    fn run_as(
+    pub(super) fn run_as(
         &mut self,
         identity: &str,
         request_id: &str,
@@ -29,19 +36,22 @@ impl Harness {
             request_id: request_id.into(),
             kind,
         };
+        let entry =
+            version::encode_entry(&command, self.state.cluster_version()).expect("commands encode");
+        self.log.push((self.index, entry));
         apply(&mut self.state, self.index, &command)
     }
 
-    fn run(&mut self, kind: CommandKind) -> Result<Outcome, CoordinatorError> {
+    pub(super) fn run(&mut self, kind: CommandKind) -> Result<Outcome, CoordinatorError> {
         self.run_as("operator", "", kind)
     }
 
-    fn must(&mut self, kind: CommandKind) -> Outcome {
+    pub(super) fn must(&mut self, kind: CommandKind) -> Outcome {
         self.run(kind).expect("command applies")
     }
 
     /// Registers (or re-registers) `host` running one service, with no labels.
-    fn register_host(&mut self, host: &str, service: &str) {
+    pub(super) fn register_host(&mut self, host: &str, service: &str) {
         self.must(CommandKind::RegisterHost {
             host_id: host.into(),
             labels: Labels::default(),
@@ -51,7 +61,7 @@ impl Harness {
     }
 
     /// A service `web` with a release v1 and v2 and hosts web-1, web-2.
-    fn with_fleet() -> Self {
+    pub(super) fn with_fleet() -> Self {
         let mut harness = Self::new();
         for host in ["web-1", "web-2"] {
             harness.register_host(host, "web");
@@ -73,7 +83,7 @@ impl Harness {
         harness
     }
 
-    fn finish(&mut self, step: StepTarget, ok: bool) {
+    pub(super) fn finish(&mut self, step: StepTarget, ok: bool) {
         self.must(CommandKind::StepStarted { step: step.clone() });
         self.must(CommandKind::StepFinished {
             step,
@@ -84,7 +94,7 @@ impl Harness {
     }
 
     /// Starts a change to `version` and runs it to Deployed.
-    fn deploy(&mut self, version: &str) -> u64 {
+    pub(super) fn deploy(&mut self, version: &str) -> u64 {
         let Outcome::Change(change) = self.must(start_change(version)) else {
             panic!("change outcome")
         };
@@ -109,7 +119,7 @@ impl Harness {
         change
     }
 
-    fn must_start_rollback(&mut self, change: u64, trigger: Trigger) -> u64 {
+    pub(super) fn must_start_rollback(&mut self, change: u64, trigger: Trigger) -> u64 {
         let kind = rollback_of(change, trigger);
         let Outcome::Rollback(rollback) = self.must(kind) else {
             panic!("rollback outcome")
@@ -118,7 +128,7 @@ impl Harness {
     }
 }
 
-fn release(version: &str, digit: char) -> ReleaseRecord {
+pub(super) fn release(version: &str, digit: char) -> ReleaseRecord {
     ReleaseRecord {
         service: "web".into(),
         version: version.into(),
@@ -130,7 +140,7 @@ fn release(version: &str, digit: char) -> ReleaseRecord {
     }
 }
 
-fn rollback_of(change: u64, trigger: Trigger) -> CommandKind {
+pub(super) fn rollback_of(change: u64, trigger: Trigger) -> CommandKind {
     CommandKind::StartRollback {
         changes: vec![change],
         options: PlanOptions::default(),
@@ -142,11 +152,11 @@ fn rollback_of(change: u64, trigger: Trigger) -> CommandKind {
 }
 
 /// Passes the gate of `wave` (started and finished healthy).
-fn pass_gate(harness: &mut Harness, rollback: u64, wave: u32) {
+pub(super) fn pass_gate(harness: &mut Harness, rollback: u64, wave: u32) {
     harness.finish(StepTarget::Gate { rollback, wave }, true);
 }
 
-fn start_change(version: &str) -> CommandKind {
+pub(super) fn start_change(version: &str) -> CommandKind {
     CommandKind::StartChange {
         break_glass: false,
         service: "web".into(),
@@ -159,7 +169,7 @@ fn start_change(version: &str) -> CommandKind {
     }
 }
 
-fn rollback_step(rollback: u64, host: &str, kind: RollbackStepKind) -> StepTarget {
+pub(super) fn rollback_step(rollback: u64, host: &str, kind: RollbackStepKind) -> StepTarget {
     StepTarget::Rollback {
         rollback,
         service: "web".into(),
@@ -820,7 +830,12 @@ fn a_change_whose_database_lost_its_shards_fails_its_stage_instead_of_asking_aga
     let (mut harness, change) = activated_sharded_change();
     // Both hosts came back without the database (a config change): nothing to migrate.
     for host in ["db-1", "db-2"] {
-        harness.register_host(host, "web");
+        harness.must(CommandKind::RegisterHost {
+            host_id: host.into(),
+            labels: Labels::default(),
+            services: vec![],
+            agent_version: "test".into(),
+        });
     }
     harness.must(CommandKind::StartSchemaTxn {
         owner: SchemaOwner::Change { change, stage: 0 },
@@ -1132,65 +1147,167 @@ fn two_shards_on_one_database_are_refused_at_check() {
 }
 
 #[test]
-fn a_host_is_forgotten_only_when_nothing_in_progress_names_it() {
+fn a_host_is_forgotten_only_when_nothing_can_still_act_on_it_by_name() {
     let forget = |host: &str| CommandKind::ForgetHost {
         host_id: host.into(),
+        release_name: false,
         reason: "retired".into(),
     };
     let mut harness = Harness::with_fleet();
     harness.deploy("v1");
-    let Outcome::Change(change) = harness.must(start_change("v2")) else {
+    // The latest change of web could still be rolled back on web-2.
+    let busy = harness.run(forget("web-2")).unwrap_err();
+    assert!(
+        busy.to_string().contains("change ch-1, the latest of web"),
+        "{busy}"
+    );
+    // A change leaving web-2 out: in progress, it holds web-1 only.
+    let mut only_web_1 = start_change("v2");
+    if let CommandKind::StartChange { host_ids, .. } = &mut only_web_1 {
+        *host_ids = vec!["web-1".into()];
+    }
+    let Outcome::Change(change) = harness.must(only_web_1) else {
         panic!("change outcome")
     };
     let busy = harness.run(forget("web-1")).unwrap_err();
-    assert!(
-        matches!(&busy, CoordinatorError::HostInUse { by, .. } if by.ends_with(&change_id(change))),
-        "{busy}"
-    );
-    for kind in [
+    assert!(busy.to_string().contains("still in progress"), "{busy}");
+    for target in [
         StepTarget::Capture {
             change,
             host_id: "web-1".into(),
         },
-        StepTarget::Capture {
+        StepTarget::Activate {
             change,
-            host_id: "web-2".into(),
+            host_id: "web-1".into(),
         },
     ] {
-        harness.finish(kind, true);
-    }
-    for host in ["web-1", "web-2"] {
-        harness.finish(
-            StepTarget::Activate {
-                change,
-                host_id: host.into(),
-            },
-            true,
-        );
+        harness.finish(target, true);
     }
     let rollback = harness.must_start_rollback(change, Trigger::Manual);
-    let busy = harness.run(forget("web-2")).unwrap_err();
-    assert!(busy.to_string().contains(&rollback_id(rollback)), "{busy}");
+    let busy = harness.run(forget("web-1")).unwrap_err();
+    assert!(busy.to_string().contains(&change_id(change)), "{busy}");
+    // web-2's latest change of web is ch-1 still: a rollback of ch-1 would restore it.
+    assert!(harness.run(forget("web-2")).is_err());
     harness.must(CommandKind::ControlRollback {
         rollback,
         action: RollbackAction::Abort,
         reason: "enough".into(),
     });
-    harness.must(forget("web-2"));
+
+    // A host only the earlier, rolled-back history names is forgotten.
+    let mut harness = Harness::with_fleet();
+    let first = harness.deploy("v1");
+    let rollback = harness.must_start_rollback(first, Trigger::Manual);
+    for host in ["web-1", "web-2"] {
+        for kind in RollbackStepKind::ALL {
+            harness.finish(rollback_step(rollback, host, kind), true);
+        }
+    }
+    pass_gate(&mut harness, rollback, 0);
+    assert_eq!(
+        harness.state.changes[&first].status,
+        ChangeStatus::RolledBack
+    );
+    harness.state.enrollments.insert(
+        "web-2".into(),
+        Enrollment {
+            environment: "prod".into(),
+            token: 1,
+            at_ms: 1,
+        },
+    );
+    let Outcome::HostForgotten {
+        services,
+        name_released,
+    } = harness.must(forget("web-2"))
+    else {
+        panic!("forgotten")
+    };
+    assert_eq!((services, name_released), (vec!["web".to_string()], false));
     assert!(!harness.state.hosts.contains_key("web-2"));
-    assert!(harness.state.hosts.contains_key("web-1"));
+    assert!(
+        harness.state.enrollments.contains_key("web-2"),
+        "the name stays pinned unless released"
+    );
     let last = harness.state.audit.entries().last().unwrap();
     assert_eq!(last.action, "host.forget");
     assert!(last.outcome.contains("services web") && last.outcome.contains("retired"));
     // Finished changes keep their record of the host.
     assert!(
-        harness.state.changes[&change]
+        harness.state.changes[&first]
             .hosts
             .iter()
             .any(|host| host.host_id == "web-2")
     );
+    // Only the enrollment is left: released on request.
     assert!(matches!(
         harness.run(forget("web-2")),
         Err(CoordinatorError::UnknownHost { .. })
     ));
+    let released = harness.must(CommandKind::ForgetHost {
+        host_id: "web-2".into(),
+        release_name: true,
+        reason: "retired".into(),
+    });
+    assert!(matches!(
+        released,
+        Outcome::HostForgotten {
+            name_released: true,
+            ..
+        }
+    ));
+    assert!(!harness.state.enrollments.contains_key("web-2"));
+}
+
+#[test]
+fn version_2_commands_are_refused_at_version_1_and_applied_after_it_is_raised() {
+    let mut harness = Harness::with_fleet();
+    harness.state.cluster_version = 0; // a cluster from before versions
+    let forget = CommandKind::ForgetHost {
+        host_id: "web-1".into(),
+        release_name: false,
+        reason: "retired".into(),
+    };
+    let refused = harness.run(forget.clone()).unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            CoordinatorError::NeedsClusterVersion {
+                needed: 2,
+                running: 1,
+                ..
+            }
+        ),
+        "{refused}"
+    );
+    // At version 1 a host may still register new services (as that release allowed).
+    harness.must(CommandKind::RegisterHost {
+        host_id: "web-1".into(),
+        labels: Labels::default(),
+        services: vec!["web".into(), "payments".into()],
+        agent_version: "test".into(),
+    });
+    let raise = |version| CommandKind::SetClusterVersion {
+        version,
+        reason: "upgraded".into(),
+    };
+    harness.must(raise(2));
+    assert_eq!(harness.state.cluster_version(), 2);
+    let last = harness.state.audit.entries().last().unwrap();
+    assert_eq!(last.action, "cluster.upgrade-finalize");
+    assert!(last.outcome.contains("1 -> 2"), "{}", last.outcome);
+    assert!(harness.run(raise(2)).is_err(), "a version is only raised");
+    // At version 2 the pin holds in apply() too.
+    let pinned = harness
+        .run(CommandKind::RegisterHost {
+            host_id: "web-2".into(),
+            labels: Labels::default(),
+            services: vec!["web".into(), "payments".into()],
+            agent_version: "test".into(),
+        })
+        .unwrap_err();
+    assert!(
+        pinned.to_string().contains("may not add payments"),
+        "{pinned}"
+    );
 }

@@ -230,9 +230,18 @@ pub enum CommandKind {
     CertificateRenewed {
         not_after_s: i64,
     },
-    /// Removes a host from the fleet's record and its join enrollment (an admin's call).
+    /// Raises the cluster version `apply()` follows (an admin's call, once every member's binary
+    /// supports it).
+    SetClusterVersion {
+        version: u32,
+        reason: String,
+    },
+    /// Removes a host from the fleet's record (an admin's call); with `release_name`, also its
+    /// join enrollment, so the name may be joined anew.
     ForgetHost {
         host_id: String,
+        #[serde(default)]
+        release_name: bool,
         reason: String,
     },
     /// Records a refused call in the audit log; changes nothing else.
@@ -411,6 +420,11 @@ pub enum Outcome {
         request: u64,
         why: String,
     },
+    /// A host left the fleet's record: the services it had, and whether its name was released.
+    HostForgotten {
+        services: Vec<String>,
+        name_released: bool,
+    },
     Triggered {
         outcome: TriggerOutcome,
         /// The rollback started, 0 if none.
@@ -441,6 +455,7 @@ impl CommandKind {
             Self::SkipHost { .. } => "rollback.skip-host",
             Self::RecordSelfRevert { .. } => "host.self-revert",
             Self::ForgetHost { .. } => "host.forget",
+            Self::SetClusterVersion { .. } => "cluster.upgrade-finalize",
             Self::RecordOfflineHealth { .. } => "host.offline-health",
             Self::IsolateService { .. } => "rollback.isolate",
             Self::Stall { .. } => "rollback.stall",

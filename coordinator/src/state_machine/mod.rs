@@ -8,9 +8,12 @@ mod command;
 pub mod join_tokens;
 pub mod schema;
 mod state;
+pub mod version;
 
 #[cfg(test)]
 mod apply_test;
+#[cfg(test)]
+mod golden_test;
 
 pub use apply::{
     COORDINATOR_IDENTITY, apply, apply_membership, current_version, unknown_change,

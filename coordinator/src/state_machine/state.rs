@@ -78,6 +78,17 @@ pub struct State {
     /// in it.
     #[serde(default)]
     pub enrollments: BTreeMap<String, Enrollment>,
+    /// The cluster version `apply()` follows (see `version.rs`); 0 in states from before
+    /// versions existed, read as [`super::version::LEGACY`].
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cluster_version: u32,
+}
+
+impl State {
+    /// The cluster version in force.
+    pub fn cluster_version(&self) -> u32 {
+        self.cluster_version.max(super::version::LEGACY)
+    }
 }
 
 pub use super::join_tokens::{Enrollment, JoinTokenRecord, TokenScope, TokenStatus, join_token_id};
@@ -1069,12 +1080,18 @@ impl RequestLog {
         key.split_once('/').map_or(key, |(identity, _)| identity)
     }
 
-    pub fn remember(&mut self, request_id: &str, outcome: Outcome) {
+    /// Remembers an outcome. `fair` (cluster version 2 on): when full, forget the busiest
+    /// identity's oldest id; else the oldest id of all, as version 1 did.
+    pub fn remember(&mut self, request_id: &str, outcome: Outcome, fair: bool) {
         if request_id.is_empty() || self.outcomes.contains_key(request_id) {
             return;
         }
         if self.order.len() >= Self::CAPACITY {
-            self.forget_one();
+            if fair {
+                self.forget_busiest();
+            } else {
+                self.forget_oldest();
+            }
         }
         self.order.push_back(request_id.to_string());
         self.by_identity
@@ -1084,9 +1101,23 @@ impl RequestLog {
         self.outcomes.insert(request_id.to_string(), outcome);
     }
 
+    fn forget_oldest(&mut self) {
+        let Some(oldest) = self.order.pop_front() else {
+            return;
+        };
+        self.outcomes.remove(&oldest);
+        let identity = Self::identity_of(&oldest).to_string();
+        if let Some(keys) = self.by_identity.get_mut(&identity) {
+            keys.pop_front();
+            if keys.is_empty() {
+                self.by_identity.remove(&identity);
+            }
+        }
+    }
+
     /// Forgets the oldest key of the identity holding the most (the first such identity by
     /// name on a tie, so every member forgets the same).
-    fn forget_one(&mut self) {
+    fn forget_busiest(&mut self) {
         let Some(identity) = self
             .by_identity
             .iter()
@@ -1114,10 +1145,10 @@ mod request_log_tests {
     #[test]
     fn one_identity_flooding_the_request_log_forgets_only_its_own_ids() {
         let mut log = RequestLog::default();
-        log.remember("user:alice/r-1", Outcome::Done);
-        log.remember("automation:pager/r-1", Outcome::Done);
+        log.remember("user:alice/r-1", Outcome::Done, true);
+        log.remember("automation:pager/r-1", Outcome::Done, true);
         for n in 0..RequestLog::CAPACITY * 2 {
-            log.remember(&format!("agent:web-1/flood-{n}"), Outcome::Done);
+            log.remember(&format!("agent:web-1/flood-{n}"), Outcome::Done, true);
         }
         assert_eq!(log.order.len(), RequestLog::CAPACITY);
         assert!(
@@ -1131,13 +1162,23 @@ mod request_log_tests {
         );
         let last = format!("agent:web-1/flood-{}", RequestLog::CAPACITY * 2 - 1);
         assert!(log.get(&last).is_some());
+
+        // Cluster version 1 forgets the oldest of all, as its release did.
+        let mut legacy = RequestLog::default();
+        legacy.remember("user:alice/r-1", Outcome::Done, false);
+        for n in 0..RequestLog::CAPACITY {
+            legacy.remember(&format!("agent:web-1/flood-{n}"), Outcome::Done, false);
+        }
+        assert!(legacy.get("user:alice/r-1").is_none());
+        assert!(legacy.get("agent:web-1/flood-0").is_some());
+        assert_eq!(legacy.by_identity.len(), 1, "the index follows");
     }
 
     #[test]
     fn a_request_log_reads_back_the_same_from_its_stored_form() {
         let mut log = RequestLog::default();
         for n in 0..50 {
-            log.remember(&format!("user:u{}/r-{n}", n % 3), Outcome::Done);
+            log.remember(&format!("user:u{}/r-{n}", n % 3), Outcome::Done, true);
         }
         let bytes = serde_json::to_vec(&log).unwrap();
         let stored: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
@@ -1150,8 +1191,8 @@ mod request_log_tests {
         assert_eq!(read, log);
         // Both forget the same ids from here on.
         for n in 0..RequestLog::CAPACITY {
-            log.remember(&format!("user:u9/x-{n}"), Outcome::Done);
-            read.remember(&format!("user:u9/x-{n}"), Outcome::Done);
+            log.remember(&format!("user:u9/x-{n}"), Outcome::Done, true);
+            read.remember(&format!("user:u9/x-{n}"), Outcome::Done, true);
         }
         assert_eq!(read, log);
     }

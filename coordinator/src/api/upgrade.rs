@@ -1,0 +1,142 @@
+//! `cluster version` and `cluster upgrade-finalize`: the cluster version rises only once every
+//! member's binary supports it, so no member meets an entry it cannot apply.
+
+use rewind_proto::v1 as pb;
+use tonic::Status;
+use tracing::info;
+
+use super::Context;
+use super::control::validate_reason;
+use super::status::invalid;
+use crate::state_machine::{CommandKind, version};
+
+/// The cluster version, what each member supports (asked now, a second at most each), and the
+/// highest version all of them support.
+pub async fn show(context: &Context) -> pb::ClusterVersion {
+    let own_id = context.status.borrow().id;
+    let members = context.directory.members();
+    let answers = futures::future::join_all(members.iter().map(|member| async move {
+        if member.id == own_id {
+            return Some((
+                version::LEGACY,
+                version::CURRENT,
+                env!("CARGO_PKG_VERSION").into(),
+            ));
+        }
+        let asked = tokio::time::timeout(
+            super::cluster::ASK_MEMBER_TIMEOUT,
+            super::cluster::member_status(context, member),
+        );
+        asked.await.ok().flatten().map(|status| {
+            // A release from before versions answers zeros: it applies version 1 only.
+            let max = status.max_cluster_version.max(version::LEGACY);
+            let min = status.min_cluster_version.max(version::LEGACY);
+            let release = if status.release.is_empty() {
+                "before cluster versions".to_string()
+            } else {
+                status.release
+            };
+            (min, max, release)
+        })
+    }))
+    .await;
+    let finalizable_to = answers
+        .iter()
+        .map(|answer| answer.as_ref().map_or(0, |(_, max, _)| *max))
+        .min()
+        .unwrap_or(0);
+    let members = members
+        .into_iter()
+        .zip(answers)
+        .map(|(member, answer)| {
+            let (min, max, release) = answer.clone().unwrap_or_default();
+            pb::MemberVersion {
+                id: member.id,
+                address: member.address,
+                answered: answer.is_some(),
+                min_cluster_version: min,
+                max_cluster_version: max,
+                release,
+            }
+        })
+        .collect();
+    pb::ClusterVersion {
+        cluster_version: context.node.read(|state| state.cluster_version()),
+        finalizable_to,
+        members,
+        changes: version::CHANGES
+            .iter()
+            .map(|(version, summary)| pb::VersionChange {
+                version: *version,
+                summary: summary.to_string(),
+            })
+            .collect(),
+    }
+}
+
+/// Raises the cluster version to `request.version` (0: the highest every member supports),
+/// refused while a member does not answer or runs a binary that does not support it.
+pub async fn finalize(
+    context: &Context,
+    identity: &str,
+    request: pb::FinalizeUpgradeRequest,
+) -> Result<pb::ClusterVersion, Status> {
+    validate_reason(&request.reason)?;
+    if request.reason.trim().is_empty() {
+        return Err(invalid(
+            "reason",
+            "say why the cluster's version is raised now: it goes into the audit log",
+        ));
+    }
+    context.current().await?;
+    let before = show(context).await;
+    if let Some(silent) = before.members.iter().find(|member| !member.answered) {
+        return Err(Status::failed_precondition(format!(
+            "member {} ({}) did not answer: every member must say which versions its binary \
+             supports before the cluster's version is raised",
+            silent.id, silent.address
+        )));
+    }
+    let target = match request.version {
+        0 => before.finalizable_to,
+        asked => asked,
+    };
+    if target <= before.cluster_version {
+        return Err(invalid(
+            "version",
+            format!(
+                "the cluster already runs version {} and the members support up to {}: nothing \
+                 to raise",
+                before.cluster_version, before.finalizable_to
+            ),
+        ));
+    }
+    if let Some(older) = before
+        .members
+        .iter()
+        .find(|member| member.max_cluster_version < target)
+    {
+        return Err(Status::failed_precondition(format!(
+            "member {} ({}) runs release {}, which applies cluster versions up to {}: upgrade it \
+             before raising the cluster to version {target}",
+            older.id, older.address, older.release, older.max_cluster_version
+        )));
+    }
+    context
+        .propose(
+            identity,
+            &request.request_id,
+            CommandKind::SetClusterVersion {
+                version: target,
+                reason: request.reason,
+            },
+        )
+        .await?;
+    info!(
+        identity,
+        from = before.cluster_version,
+        to = target,
+        "Cluster version raised."
+    );
+    Ok(show(context).await)
+}

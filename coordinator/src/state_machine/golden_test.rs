@@ -1,0 +1,208 @@
+//! Golden logs: a log written by a release, with the state digest and audit head it replays
+//! to, checked in under `coordinator/tests/golden/`. Every build replays each of them; a change
+//! to how `apply()` treats a command that is not gated on a new cluster version alters a
+//! replay and fails here. Files are added with each release and never edited.
+//!
+//! `REWIND_WRITE_GOLDEN=1 cargo test -p rewind-coordinator golden` writes the current
+//! release's file (`v<cluster version>.json.zst`, JSON compressed with zstd: `zstd -d` reads
+//! it) when it does not exist yet. `v1.json.zst` was
+//! written by the release before cluster versions (commit f2b3436, its own `Harness`), so it
+//! checks that this binary applies a version-1 log as that release did.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::apply_test::{Harness, pass_gate, rollback_of, rollback_step};
+use super::*;
+use crate::access::Policy;
+
+#[derive(Serialize, Deserialize)]
+struct GoldenLog {
+    /// The release that wrote it.
+    release: String,
+    /// The cluster version the log starts at (entries may raise it).
+    initial_cluster_version: u32,
+    /// Entries as the log holds them: each entry's bytes, which are JSON text.
+    entries: Vec<GoldenEntry>,
+    state_digest: String,
+    audit_head: String,
+    audit_entries: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct GoldenEntry {
+    index: u64,
+    data: String,
+}
+
+fn golden_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden")
+}
+
+/// What a member that applied `entries` from a state at `initial_cluster_version` holds: the
+/// state's digest (as `MemberStatus` reports it), the audit head and its length.
+fn replay(initial_cluster_version: u32, entries: &[GoldenEntry]) -> (String, String, u64) {
+    let mut state = State {
+        cluster_version: initial_cluster_version,
+        ..State::default()
+    };
+    for entry in entries {
+        // As the Raft member does: refused commands are outcomes, not failures.
+        match version::decode_entry(entry.index, entry.data.as_bytes()).expect("entry reads") {
+            version::Decoded::Command(command) => {
+                version::check_command(&command, entry.index).expect("entry applies");
+                let _ = apply(&mut state, entry.index, &command);
+            }
+            version::Decoded::SkipLegacy(_) => state.applied_index = entry.index,
+        }
+    }
+    let audit = state.audit.verify();
+    assert!(audit.first_broken.is_none(), "{}", audit.detail);
+    (
+        rewind_shared::digest::sha256_digest(&serde_json::to_vec(&state).unwrap()),
+        audit.head_hash,
+        audit.entries,
+    )
+}
+
+/// The current release's scenario: a fleet deploys twice, flips a flag, rolls back with every
+/// step and gate, retries a request, applies a policy with host rules, forgets a host, and is
+/// refused along the way (refusals are in the log too).
+fn current_release_log() -> Harness {
+    let mut harness = Harness::with_fleet();
+    harness.deploy("v1");
+    let change = harness.deploy("v2");
+    harness.must(CommandKind::SetFlag {
+        environment: "default".into(),
+        service: "web".into(),
+        name: "new-checkout".into(),
+        enabled: true,
+        kill: false,
+        reason: "launch".into(),
+    });
+    // A retried request acts once.
+    for _ in 0..2 {
+        let _ = harness.run_as(
+            "user:ada",
+            "req-1",
+            CommandKind::ResetBreaker {
+                reason: "nothing tripped".into(),
+            },
+        );
+    }
+    let rollback = harness.must_start_rollback(change, Trigger::Manual);
+    for host in ["web-1", "web-2"] {
+        for kind in RollbackStepKind::ALL {
+            harness.finish(rollback_step(rollback, host, kind), true);
+        }
+    }
+    pass_gate(&mut harness, rollback, 0);
+    // Refused: the change was rolled back already.
+    let _ = harness.run(rollback_of(change, Trigger::Automatic));
+    let policy = Policy::from_toml(
+        "[[binding]]\nname = \"admins\"\nrole = \"admin\"\nidentities = [\"user:ada\"]\n\
+         scopes = [\"*\"]\n\n[[hosts]]\nnames = [\"web-*\"]\nservices = [\"web\"]\n",
+    )
+    .expect("the scenario's policy");
+    harness.must(CommandKind::ApplyPolicy {
+        policy,
+        bootstrap: false,
+        expected_hash: String::new(),
+        reason: "host rules".into(),
+    });
+    harness.register_host("web-3", "web");
+    harness.must(CommandKind::ForgetHost {
+        host_id: "web-3".into(),
+        release_name: false,
+        reason: "retired".into(),
+    });
+    // Refused: unknown now.
+    let _ = harness.run(CommandKind::ForgetHost {
+        host_id: "web-3".into(),
+        release_name: false,
+        reason: "again".into(),
+    });
+    // Refused: web-1 is pinned to web by the host rules.
+    let _ = harness.run(CommandKind::RegisterHost {
+        host_id: "web-1".into(),
+        labels: Labels::default(),
+        services: vec!["web".into(), "payments".into()],
+        agent_version: "test".into(),
+    });
+    // One identity floods the request log past its capacity: from version 2 it forgets its
+    // own ids, so bob's retry is answered from the log and acts once.
+    let noted = |reason: &str| CommandKind::RecordRefusal {
+        action: "rollback.start".into(),
+        target: "web".into(),
+        reason: reason.into(),
+    };
+    let _ = harness.run_as("user:bob", "bob-1", noted("b"));
+    for n in 0..(RequestLog::CAPACITY + 5) {
+        let _ = harness.run_as("automation:pager", &format!("page-{n}"), noted("p"));
+    }
+    let _ = harness.run_as("user:bob", "bob-1", noted("b"));
+    harness
+}
+
+#[test]
+fn every_golden_log_replays_to_its_recorded_state_and_audit_head() {
+    let current = golden_dir().join(format!("v{}.json.zst", version::CURRENT));
+    if std::env::var_os("REWIND_WRITE_GOLDEN").is_some() && !current.exists() {
+        let harness = current_release_log();
+        let entries: Vec<GoldenEntry> = harness
+            .log
+            .iter()
+            .map(|(index, data)| GoldenEntry {
+                index: *index,
+                data: String::from_utf8(data.clone()).expect("entries are JSON text"),
+            })
+            .collect();
+        let (state_digest, audit_head, audit_entries) = replay(version::CURRENT, &entries);
+        let golden = GoldenLog {
+            release: env!("CARGO_PKG_VERSION").into(),
+            initial_cluster_version: version::CURRENT,
+            entries,
+            state_digest,
+            audit_head,
+            audit_entries,
+        };
+        std::fs::create_dir_all(golden_dir()).unwrap();
+        let text = serde_json::to_string_pretty(&golden).unwrap() + "\n";
+        std::fs::write(&current, zstd::encode_all(text.as_bytes(), 19).unwrap()).unwrap();
+    }
+    assert!(
+        current.exists(),
+        "no golden log for cluster version {} ({}): write it with REWIND_WRITE_GOLDEN=1 \
+         cargo test -p rewind-coordinator golden, and commit it",
+        version::CURRENT,
+        current.display()
+    );
+    let mut replayed = 0;
+    for file in std::fs::read_dir(golden_dir()).unwrap() {
+        let path = file.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let bytes = std::fs::read(&path).unwrap();
+        let text = if name.ends_with(".json.zst") {
+            // Large logs (the request log's capacity crossed) are kept compressed.
+            zstd::decode_all(bytes.as_slice()).unwrap()
+        } else if name.ends_with(".json") {
+            bytes
+        } else {
+            continue;
+        };
+        let golden: GoldenLog = serde_json::from_slice(&text).unwrap();
+        let (state_digest, audit_head, audit_entries) =
+            replay(golden.initial_cluster_version, &golden.entries);
+        assert_eq!(
+            (state_digest, audit_head, audit_entries),
+            (golden.state_digest, golden.audit_head, golden.audit_entries),
+            "{} (written by release {}) replays differently: a change to apply() must be gated \
+             on a new cluster version",
+            path.display(),
+            golden.release
+        );
+        replayed += 1;
+    }
+    assert!(replayed >= 2, "the v1 and current golden logs");
+}
