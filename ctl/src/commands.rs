@@ -134,7 +134,7 @@ pub enum ClusterCommand {
     /// Raise the cluster version once every member runs a release that supports it (after a
     /// rolling upgrade); refused while a member is older or does not answer.
     UpgradeFinalize {
-        /// The version to raise to (default: the highest every member supports).
+        /// The version to raise to (default: the highest the leader's release supports).
         #[arg(long, default_value_t = 0)]
         to: u32,
         /// Why (required: audited).

@@ -724,6 +724,8 @@ pub struct ClusterOptions {
     /// A member that listens apart from the address the others dial (a proxy the test runs in
     /// front of it). Loopback clusters only.
     pub listen_apart: Option<ListenApart>,
+    /// The coordinator binary members start from (another release's); this build's if None.
+    pub coordinator_binary: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug)]
@@ -741,6 +743,7 @@ impl Default for ClusterOptions {
             // Small, so snapshots, compaction and snapshot installs happen in every test run.
             snapshot_every: 50,
             listen_apart: None,
+            coordinator_binary: None,
         }
     }
 }
@@ -763,6 +766,8 @@ pub struct ClusterHarness {
     cut: Vec<u64>,
     /// `storage.snapshot-every` of every member: small in tests so snapshots happen.
     snapshot_every: u64,
+    /// The binary each member (id - 1) starts from.
+    binaries: Vec<PathBuf>,
 }
 
 impl ClusterHarness {
@@ -855,11 +860,16 @@ impl ClusterHarness {
             network,
             cut: Vec::new(),
             snapshot_every: options.snapshot_every,
+            binaries: Vec::new(),
         };
+        let binary = options
+            .coordinator_binary
+            .unwrap_or_else(|| must_binary("rewind-coordinator"));
         for id in 1..=size {
             harness.must_write_identity(id);
             harness.write_config(id, false);
             harness.members.push(None);
+            harness.binaries.push(binary.clone());
             harness.must_start_member(id);
         }
         harness
@@ -922,6 +932,7 @@ impl ClusterHarness {
         self.must_write_identity(id);
         self.write_config(id, true);
         self.members.push(None);
+        self.binaries.push(must_binary("rewind-coordinator"));
         self.must_start_member(id);
         id
     }
@@ -986,11 +997,18 @@ join = {join}
         let namespace = self.network.as_ref().map(|network| network.namespace(id));
         let process = spawn_in(
             namespace.as_deref(),
-            &must_binary("rewind-coordinator"),
+            &self.binaries[id as usize - 1],
             &["--config", config.to_str().unwrap()],
             &log,
         );
         self.members[id as usize - 1] = Some(process);
+    }
+
+    /// Starts member `id` from `binary` (another release's), as it will be started from now on:
+    /// an upgrade in place when it ran another binary on the same data directory.
+    pub fn must_start_member_from(&mut self, id: u64, binary: &Path) {
+        self.binaries[id as usize - 1] = binary.to_path_buf();
+        self.must_start_member(id);
     }
 
     /// If member `id` exited on its own: its status (and it counts as stopped from now on).

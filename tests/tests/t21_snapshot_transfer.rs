@@ -72,6 +72,7 @@ async fn a_member_down_across_a_compaction_of_a_large_state_catches_up_by_a_stre
             listen,
             advertised: proxy.address.clone(),
         }),
+        ..ClusterOptions::default()
     };
     let mut cluster = ClusterHarness::must_start_with_options(dir.path(), 3, options);
     cluster.must_leader().await;

@@ -74,7 +74,7 @@ pub async fn show(context: &Context) -> pb::ClusterVersion {
     }
 }
 
-/// Raises the cluster version to `request.version` (0: the highest every member supports),
+/// Raises the cluster version to `request.version` (0: the highest this binary supports),
 /// refused while a member does not answer or runs a binary that does not support it.
 pub async fn finalize(
     context: &Context,
@@ -98,16 +98,15 @@ pub async fn finalize(
         )));
     }
     let target = match request.version {
-        0 => before.finalizable_to,
+        0 => version::CURRENT,
         asked => asked,
     };
     if target <= before.cluster_version {
         return Err(invalid(
             "version",
             format!(
-                "the cluster already runs version {} and the members support up to {}: nothing \
-                 to raise",
-                before.cluster_version, before.finalizable_to
+                "the cluster already runs version {}: nothing to raise",
+                before.cluster_version
             ),
         ));
     }
