@@ -38,7 +38,7 @@ pub enum CoordinatorError {
     #[error("service {service} would depend on itself through {path}")]
     DependencyCycle { service: String, path: String },
     #[error(
-        "change {change_id} of service {service} is still {status:?}; wait for it or roll it back"
+        "change {change_id} of service {service} is still {status}; wait for it or roll it back"
     )]
     ChangeInProgress {
         change_id: String,
@@ -50,7 +50,7 @@ pub enum CoordinatorError {
         change_id: String,
         rollback_id: String,
     },
-    #[error("rollback {rollback_id} of change {change_id} is still {status:?}")]
+    #[error("rollback {rollback_id} of change {change_id} is still {status}")]
     RollbackInProgress {
         rollback_id: String,
         change_id: String,
@@ -88,7 +88,7 @@ pub enum CoordinatorError {
     AlreadyRequested { request_id: String, what: String },
     #[error("the plan would break consumers: {problems}")]
     Incompatible { problems: String },
-    #[error("rollback {rollback_id} is {status:?} and cannot {action}")]
+    #[error("rollback {rollback_id} is {status} and cannot {action}")]
     RollbackNotControllable {
         rollback_id: String,
         status: RollbackStatus,

@@ -926,7 +926,7 @@ fn start_step(
             };
             if record.status != wanted {
                 return Err(not_startable(format!(
-                    "change {} is {:?}",
+                    "change {} is {}",
                     record.id(),
                     record.status
                 )));
@@ -940,7 +940,7 @@ fn start_step(
                 .ok_or_else(|| unknown_rollback(state, *rollback))?;
             if record.status != RollbackStatus::Running {
                 return Err(not_startable(format!(
-                    "rollback {} is {:?}",
+                    "rollback {} is {}",
                     record.id(),
                     record.status
                 )));
@@ -957,7 +957,7 @@ fn start_step(
                         && step.progress.status != StepStatus::Skipped
                 }) {
                     return Err(not_startable(format!(
-                        "{} {} on {} is {:?}",
+                        "{} {} on {} is {}",
                         unfinished.service,
                         unfinished.kind.name(),
                         unfinished.host_id,
@@ -984,7 +984,7 @@ fn start_step(
     };
     if progress.status.is_terminal() {
         return Err(not_startable(format!(
-            "it already ended {:?}",
+            "it already ended {}",
             progress.status
         )));
     }
@@ -1063,7 +1063,7 @@ fn end_step(
     if progress.status != StepStatus::Running {
         return Err(CoordinatorError::StepNotRunning {
             step_id: step_id.to_string(),
-            status: format!("{:?}", progress.status),
+            status: progress.status.to_string(),
         });
     }
     progress.status = if ok {
@@ -1660,7 +1660,7 @@ fn start_planned(
     let host_count: std::collections::BTreeSet<&str> =
         steps.iter().map(|step| step.host_id.as_str()).collect();
     let mut audit = format!(
-        "ok: {trigger:?} rollback of {} in {} waves on {} (plan {}): {reason}",
+        "ok: {trigger} rollback of {} in {} waves on {} (plan {}): {reason}",
         crate::plan::change_list(&plan.changes),
         waves.len(),
         crate::plan::plural(host_count.len(), "host"),
@@ -2473,7 +2473,7 @@ fn judge_trigger(
     let change = &state.changes[&change_number];
     if let Some(rollback) = state.rollbacks.get(&change.rollback) {
         return Verdict::Ignored(format!(
-            "{} is already being or was rolled back by {} ({:?})",
+            "{} is already being or was rolled back by {} ({})",
             change.id(),
             rollback.id(),
             rollback.status
@@ -2671,7 +2671,7 @@ fn start_schema_txn(
             let point = match record.status {
                 ChangeStatus::Capturing => false,
                 ChangeStatus::Deploying => true,
-                status => return Err(not_due(format!("{} is {status:?}", record.id()))),
+                status => return Err(not_due(format!("{} is {status}", record.id()))),
             };
             let phase_done = record.hosts.iter().all(|host| {
                 let step = if point { &host.activate } else { &host.capture };
@@ -2716,7 +2716,7 @@ fn start_schema_txn(
                     })
             {
                 return Err(not_due(format!(
-                    "stage {stage} of {} is not due ({:?}, {waiting:?})",
+                    "stage {stage} of {} is not due ({}, {waiting:?})",
                     record.id(),
                     record.status
                 )));

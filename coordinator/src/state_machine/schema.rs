@@ -63,6 +63,14 @@ pub enum SchemaTxnStatus {
     Done,
 }
 
+super::state::stable_names!(SchemaTxnStatus {
+    Checking => "Checking",
+    Preparing => "Preparing",
+    Resolving => "Resolving",
+    Verifying => "Verifying",
+    Done => "Done",
+});
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SchemaDecision {
     pub commit: bool,
@@ -587,7 +595,7 @@ pub fn startable(state: &State, number: u64, phase: ShardPhase) -> Result<()> {
     if current != Some(phase) {
         return Err(CoordinatorError::StepNotStartable {
             step_id: format!("{}/{}", txn.id(), phase.name()),
-            reason: format!("{} is {:?}", txn.id(), txn.status),
+            reason: format!("{} is {}", txn.id(), txn.status),
         });
     }
     Ok(())
@@ -615,7 +623,7 @@ pub fn resolved_by_hand(
         return Err(CoordinatorError::invalid(
             "txn_id",
             format!(
-                "{id} is {:?}: a shard is resolved by hand only while its transaction is resolving",
+                "{id} is {}: a shard is resolved by hand only while its transaction is resolving",
                 txn.status
             ),
         ));
@@ -647,7 +655,7 @@ pub fn resolved_by_hand(
         return Err(CoordinatorError::invalid(
             "host_id",
             format!(
-                "the resolve of {id} on {host_id} has not failed ({:?}): only a failed one is \
+                "the resolve of {id} on {host_id} has not failed ({}): only a failed one is \
                  resolved by hand",
                 shard.resolve.status
             ),
@@ -705,7 +713,7 @@ pub fn decide(
     {
         return Err(CoordinatorError::invalid(
             "decision",
-            format!("{} is {:?} and decided already", txn.id(), txn.status),
+            format!("{} is {} and decided already", txn.id(), txn.status),
         ));
     }
     if commit
@@ -717,7 +725,7 @@ pub fn decide(
         return Err(CoordinatorError::invalid(
             "decision",
             format!(
-                "{} cannot commit: {} is not prepared ({:?})",
+                "{} cannot commit: {} is not prepared ({})",
                 txn.id(),
                 shard.host_id,
                 shard.prepare.status

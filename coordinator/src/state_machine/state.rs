@@ -10,6 +10,28 @@ use serde::{Deserialize, Serialize};
 use super::audit::AuditLog;
 use super::command::Outcome;
 
+/// Names an enum's values for audit text, errors and records, spelled out here rather than taken
+/// from `Debug`: what reaches the replicated state and the audit chain must not change with a
+/// refactor (a renamed variant), and these spellings are the ones logs already hold.
+macro_rules! stable_names {
+    ($type:ty { $($variant:ident => $name:literal),* $(,)? }) => {
+        impl $type {
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $name),*
+                }
+            }
+        }
+
+        impl std::fmt::Display for $type {
+            fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                formatter.write_str(self.name())
+            }
+        }
+    };
+}
+pub(crate) use stable_names;
+
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct State {
     /// Index of the last command applied.
@@ -515,6 +537,27 @@ pub enum StepStatus {
     Skipped,
 }
 
+stable_names!(StepStatus {
+    Pending => "Pending",
+    Running => "Running",
+    Succeeded => "Succeeded",
+    Failed => "Failed",
+    Skipped => "Skipped",
+});
+
+stable_names!(ChangeStatus {
+    Capturing => "Capturing",
+    Deploying => "Deploying",
+    Deployed => "Deployed",
+    Failed => "Failed",
+    RolledBack => "RolledBack",
+});
+
+stable_names!(Trigger {
+    Manual => "Manual",
+    Automatic => "Automatic",
+});
+
 impl StepStatus {
     pub fn is_terminal(self) -> bool {
         matches!(self, Self::Succeeded | Self::Failed | Self::Skipped)
@@ -632,6 +675,14 @@ pub enum RollbackStatus {
     Failed,
     Aborted,
 }
+
+stable_names!(RollbackStatus {
+    Running => "Running",
+    Paused => "Paused",
+    Succeeded => "Succeeded",
+    Failed => "Failed",
+    Aborted => "Aborted",
+});
 
 impl RollbackStatus {
     pub fn is_terminal(self) -> bool {
