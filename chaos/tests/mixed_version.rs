@@ -183,4 +183,26 @@ async fn a_cluster_upgraded_member_by_member_during_a_rollback_ends_with_one_sta
         digests.push((id, index, status.state_digest));
     }
     eprintln!("after the upgrade, members at one index and digest: {digests:?}");
+
+    // A member of the previous release can no longer be added: it would skip what it is sent.
+    let joining = cluster.must_start_joining_from(&previous.join("rewind-coordinator"));
+    let address = cluster.addresses[joining as usize - 1].clone();
+    let refused = cluster.rewindctl(
+        leader,
+        &[
+            "cluster",
+            "add",
+            &joining.to_string(),
+            "--address",
+            &address,
+            "--reason",
+            "grow",
+        ],
+    );
+    assert!(
+        stderr_of(&refused)
+            .contains("applies cluster versions up to 1, and the cluster runs version 2"),
+        "{}",
+        stderr_of(&refused)
+    );
 }

@@ -917,6 +917,11 @@ impl ClusterHarness {
     /// `cluster.join` and lists every member so far. Returns its id; the cluster still has to add
     /// it (`rewindctl cluster add`).
     pub fn must_start_joining(&mut self) -> u64 {
+        self.must_start_joining_from(&must_binary("rewind-coordinator"))
+    }
+
+    /// Like [`ClusterHarness::must_start_joining`], from `binary` (another release's).
+    pub fn must_start_joining_from(&mut self, binary: &Path) -> u64 {
         assert!(
             self.network.is_none(),
             "a joining member runs on loopback only"
@@ -932,7 +937,7 @@ impl ClusterHarness {
         self.must_write_identity(id);
         self.write_config(id, true);
         self.members.push(None);
-        self.binaries.push(must_binary("rewind-coordinator"));
+        self.binaries.push(binary.to_path_buf());
         self.must_start_member(id);
         id
     }

@@ -16,7 +16,7 @@ use tracing::info;
 use super::Context;
 use super::status::{invalid, to_status};
 use crate::errors::CoordinatorError;
-use crate::state_machine::{Command, CommandKind, MemberRecord, MembershipChange};
+use crate::state_machine::{Command, CommandKind, MemberRecord, MembershipChange, version};
 
 /// Catch-up wait when the request does not say, and the most it may ask for.
 const DEFAULT_CATCH_UP_S: u32 = 60;
@@ -222,7 +222,32 @@ const MEMBER_CHECK_WAIT: Duration = Duration::from_secs(10);
 /// The member being added must already run at its address and present a certificate of kind
 /// member for its own id: a certificate of another kind, or another member's, is refused before
 /// anything is proposed.
+/// Checks the member runs, presents its certificate, and applies the cluster's version: one that
+/// cannot would skip (an older release) or stop at (a newer one) the entries it is sent.
 async fn check_member_certificate(context: &Context, member: &MemberRecord) -> Result<(), Status> {
+    let status = member_answer(context, member).await?;
+    let running = context.node.read(|state| state.cluster_version());
+    let supported = status.max_cluster_version.max(version::LEGACY);
+    if supported < running {
+        let release = if status.release.is_empty() {
+            "from before cluster versions"
+        } else {
+            status.release.as_str()
+        };
+        return Err(Status::failed_precondition(format!(
+            "member {} at {} runs release {release}, which applies cluster versions up to \
+             {supported}, and the cluster runs version {running}: start it from this release",
+            member.id, member.address
+        )));
+    }
+    Ok(())
+}
+
+/// The member's brief status over its certificate, waiting a little for it to listen.
+async fn member_answer(
+    context: &Context,
+    member: &MemberRecord,
+) -> Result<pb::MemberStatus, Status> {
     let refused = |why: String| {
         Status::failed_precondition(format!(
             "member {} at {} must be running and present a certificate rewind://member/{}: {why}",
@@ -243,12 +268,12 @@ async fn check_member_certificate(context: &Context, member: &MemberRecord) -> R
             Ok(channel) => MemberServiceClient::new(channel)
                 .get_member_status(pb::GetMemberStatusRequest { brief: true })
                 .await
-                .map(|_| ())
+                .map(tonic::Response::into_inner)
                 .map_err(|status| status.message().to_string()),
             Err(error) => Err(rewind_shared::errors::error_chain(&error)),
         };
         match answer {
-            Ok(()) => return Ok(()),
+            Ok(status) => return Ok(status),
             Err(why) if tokio::time::Instant::now() >= deadline => return Err(refused(why)),
             Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
         }
