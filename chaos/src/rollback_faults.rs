@@ -99,12 +99,7 @@ pub async fn run(
             ][..],
         ),
     };
-    let mut hosts: Vec<TestHost> = ["web-1", "web-2"]
-        .iter()
-        .map(|id| {
-            TestHost::must_prepare_for(dir, id, &cluster.ca, &cluster.tls_dir, &cluster.addresses)
-        })
-        .collect();
+    let mut hosts = cluster.must_prepare_hosts(dir, &["web-1", "web-2"]);
     for host in &mut hosts {
         host.must_start_agent();
     }

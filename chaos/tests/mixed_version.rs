@@ -12,9 +12,8 @@ use std::time::Duration;
 
 use rewind_proto::v1 as pb;
 use rewind_tests::{
-    ClusterHarness, ClusterOptions, TestHost, must_agents_connected, must_binary,
-    must_deploy_v1_then_v2, must_have_rolled_back_v2_once, must_start_rollback_of_v2,
-    must_wait_async, run_ok,
+    ClusterHarness, ClusterOptions, must_agents_connected, must_binary, must_deploy_v1_then_v2,
+    must_have_rolled_back_v2_once, must_start_rollback_of_v2, must_wait_async, run_ok,
 };
 
 const LONG: Duration = Duration::from_secs(120);
@@ -62,18 +61,7 @@ async fn a_cluster_upgraded_member_by_member_during_a_rollback_ends_with_one_sta
     let (_, mut client) = cluster.must_leader().await;
 
     // The previous release's agents too: agents are upgraded on their own schedule.
-    let mut hosts: Vec<TestHost> = ["web-1", "web-2"]
-        .iter()
-        .map(|id| {
-            TestHost::must_prepare_for(
-                dir.path(),
-                id,
-                &cluster.ca,
-                &cluster.tls_dir,
-                &cluster.addresses,
-            )
-        })
-        .collect();
+    let mut hosts = cluster.must_prepare_hosts(dir.path(), &["web-1", "web-2"]);
     for host in &mut hosts {
         host.must_start_agent_from(&previous.join("rewind-agent"));
     }

@@ -890,6 +890,13 @@ impl ClusterHarness {
             .unwrap();
     }
 
+    /// Prepares a host for each of `ids` whose agent dials this cluster's members (not started).
+    pub fn must_prepare_hosts(&self, dir: &Path, ids: &[&str]) -> Vec<TestHost> {
+        ids.iter()
+            .map(|id| TestHost::must_prepare_for(dir, id, &self.ca, &self.tls_dir, &self.addresses))
+            .collect()
+    }
+
     /// Cuts member `id` off from every peer, agent and client (needs a partitionable cluster).
     pub fn cut(&mut self, id: u64) {
         let network = self.network.as_ref().expect("a partitionable cluster");

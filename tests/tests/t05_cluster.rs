@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use rewind_proto::v1 as pb;
 use rewind_tests::{
-    ClusterHarness, TestHost, must_agents_connected, must_deploy_v1_then_v2,
-    must_have_rolled_back_v2_once, must_start_rollback_of_v2, must_wait_async,
+    ClusterHarness, must_agents_connected, must_deploy_v1_then_v2, must_have_rolled_back_v2_once,
+    must_start_rollback_of_v2, must_wait_async,
 };
 
 const LONG: Duration = Duration::from_secs(90);
@@ -37,18 +37,7 @@ async fn a_rollback_survives_the_leader_being_killed_and_no_step_runs_twice() {
         Some(cluster.addresses[leader as usize - 1].as_str())
     );
 
-    let mut hosts: Vec<TestHost> = ["web-1", "web-2"]
-        .iter()
-        .map(|id| {
-            TestHost::must_prepare_for(
-                dir.path(),
-                id,
-                &cluster.ca,
-                &cluster.tls_dir,
-                &cluster.addresses,
-            )
-        })
-        .collect();
+    let mut hosts = cluster.must_prepare_hosts(dir.path(), &["web-1", "web-2"]);
     for host in &mut hosts {
         host.must_start_agent();
     }
