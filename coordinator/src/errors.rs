@@ -106,8 +106,8 @@ pub enum CoordinatorError {
     MembershipConflict(String),
     #[error("storage: {0}")]
     Storage(String),
-    #[error("entry {index} cannot be applied by this member: {why}")]
-    CannotApply { index: u64, why: String },
+    #[error("{what} cannot be applied by this member: {why}")]
+    CannotApply { what: String, why: String },
     #[error(
         "{what} needs cluster version {needed}, and the cluster runs version {running}: once every member runs a release that supports it, an admin raises it with `rewindctl cluster upgrade-finalize`"
     )]

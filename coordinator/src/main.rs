@@ -447,15 +447,21 @@ async fn serve(
     // A joining member founds nothing: it waits for the cluster to add it.
     let founding: &[rewind_coordinator::config::Member] =
         if cluster.join { &[] } else { &cluster.members };
-    let member = node::raft::start_member(
+    let member = match node::raft::start_member(
         settings,
         store,
         founding,
         transport.clone(),
         peer_report_receiver,
         cluster_id.as_str().into(),
-    )
-    .context("start the Raft member")?;
+    ) {
+        Ok(member) => member,
+        Err(error @ rewind_coordinator::errors::CoordinatorError::CannotApply { .. }) => {
+            error!(%error, "This member cannot apply what its data directory holds; exiting ({}).", rewind_shared::config::EXIT_CANNOT_APPLY);
+            std::process::exit(i32::from(rewind_shared::config::EXIT_CANNOT_APPLY));
+        }
+        Err(error) => return Err(error).context("start the Raft member"),
+    };
     // A failed write or fsync stopped the Raft member: the process goes too (never retrying the
     // fsync, never serving on without a log), so its supervisor restarts it from what the disk
     // holds.

@@ -570,7 +570,11 @@ fn revert_stage(
 }
 
 /// The change, if a rollback of it may start now.
-fn revertible_change(state: &State, number: u64, trigger: Trigger) -> Result<&ChangeRecord> {
+pub(crate) fn revertible_change(
+    state: &State,
+    number: u64,
+    trigger: Trigger,
+) -> Result<&ChangeRecord> {
     let change = state
         .changes
         .get(&number)
@@ -621,7 +625,7 @@ fn revertible_change(state: &State, number: u64, trigger: Trigger) -> Result<&Ch
 }
 
 /// Hosts a change may have altered: activation was attempted there, after a snapshot.
-fn revertible_hosts(change: &ChangeRecord) -> impl Iterator<Item = &str> {
+pub(crate) fn revertible_hosts(change: &ChangeRecord) -> impl Iterator<Item = &str> {
     change
         .hosts
         .iter()

@@ -157,10 +157,13 @@ impl Agents {
                  policy assigns it (an admin adds one, or the agent's config drops the service)"
             ));
         }
-        let registered = self
-            .context
-            .node
-            .read(|state| state.hosts.get(host).map(|record| record.services.clone()))?;
+        // At cluster version 1 hosts still declare services freely, as the release before
+        // versions let them (and the ways to change a pinned host need version 2).
+        let registered = self.context.node.read(|state| {
+            (state.cluster_version() >= 2)
+                .then(|| state.hosts.get(host).map(|record| record.services.clone()))
+                .flatten()
+        })?;
         let service = services
             .iter()
             .find(|service| !registered.contains(service))?;

@@ -112,6 +112,11 @@ impl ControlService for Control {
                 "say why the host leaves the fleet's record: it goes into the audit log",
             ));
         }
+        // Checked before proposing too: a member of an older release could not read it.
+        self.context
+            .node
+            .read(|state| version::require(state, 2, "host.forget"))
+            .map_err(to_status)?;
         let outcome = self
             .context
             .propose(

@@ -4,11 +4,11 @@ use rewind_proto::v1 as pb;
 use tonic::Status;
 
 use super::Context;
-use super::status::invalid;
+use super::status::{invalid, to_status};
 use crate::access::permissions;
 use crate::access::policy::{MAX_POLICY_BYTES, ScopePattern};
 use crate::access::{Caller, Policy, Principal, Target};
-use crate::state_machine::CommandKind;
+use crate::state_machine::{CommandKind, version};
 
 /// The policy in force (an empty one with version 0 before the bootstrap policy).
 pub fn show(context: &Context) -> pb::Policy {
@@ -54,6 +54,13 @@ pub async fn apply(
     }
     let policy = Policy::from_toml(&request.toml)
         .map_err(|problems| invalid("toml", problems.join("; ")))?;
+    if !policy.host_rules.is_empty() {
+        // Checked before proposing too: a member of an older release could not read it.
+        context
+            .node
+            .read(|state| version::require(state, 2, "[[hosts]] rules in the access policy"))
+            .map_err(to_status)?;
+    }
     if request.dry_run {
         let summary = context.node.read(|state| match &state.access.policy {
             Some(before) => crate::access::policy::summarize_change(before, &policy),

@@ -113,12 +113,21 @@ pub async fn finalize(
     if let Some(older) = before
         .members
         .iter()
-        .find(|member| member.max_cluster_version < target)
+        .find(|member| member.max_cluster_version < target || member.min_cluster_version > target)
     {
+        let fix = if older.max_cluster_version < target {
+            "upgrade it before raising the cluster to"
+        } else {
+            "it cannot run at"
+        };
         return Err(Status::failed_precondition(format!(
-            "member {} ({}) runs release {}, which applies cluster versions up to {}: upgrade it \
-             before raising the cluster to version {target}",
-            older.id, older.address, older.release, older.max_cluster_version
+            "member {} ({}) runs release {}, which applies cluster versions {} up to {}: {fix} \
+             version {target}",
+            older.id,
+            older.address,
+            older.release,
+            older.min_cluster_version,
+            older.max_cluster_version
         )));
     }
     context
@@ -127,6 +136,7 @@ pub async fn finalize(
             &request.request_id,
             CommandKind::SetClusterVersion {
                 version: target,
+                members: before.members.iter().map(|member| member.id).collect(),
                 reason: request.reason,
             },
         )

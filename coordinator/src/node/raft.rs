@@ -165,9 +165,7 @@ pub fn start_member(
     let state: State = if snapshot.get_data().is_empty() {
         State::default()
     } else {
-        let state = snapshot_codec::decode(snapshot.get_data())?;
-        version::check_state(&state, snapshot.get_metadata().index)?;
-        state
+        snapshot_codec::decode(snapshot.get_data())?
     };
     let config = raft::Config {
         id: settings.id,
@@ -650,7 +648,6 @@ impl<T: Transport> Driver<T> {
     fn install_snapshot(&mut self, snapshot: Snapshot) -> Result<(), CoordinatorError> {
         let state = snapshot_codec::decode(snapshot.get_data())?;
         let index = snapshot.get_metadata().index;
-        version::check_state(&state, index)?;
         self.store.apply_snapshot(&snapshot)?;
         self.store.flush()?;
         *self

@@ -340,9 +340,11 @@ fn apply_kind(state: &mut State, command: &Command) -> Result<(Outcome, String, 
             }
             apply_policy(state, policy, *bootstrap, expected_hash, reason)
         }
-        CommandKind::SetClusterVersion { version, reason } => {
-            set_cluster_version(state, *version, reason)
-        }
+        CommandKind::SetClusterVersion {
+            version,
+            members,
+            reason,
+        } => set_cluster_version(state, *version, members, reason),
         CommandKind::RecordRefusal {
             action,
             target,
@@ -1881,15 +1883,31 @@ fn live_rollback_mut<'a>(
     Ok(rollback)
 }
 
-/// Without `[[hosts]]` rules a host keeps the services it registered with (the leader says so
-/// first, with the way out; this holds it on every member, whatever the leader read).
+/// The services a host may register: with `[[hosts]]` rules, those they assign; without, those
+/// it registered with before. The leader says so first, with the way out; this holds it on
+/// every member, whatever state the leader read.
 fn check_service_pin(state: &State, host_id: &str, services: &[String]) -> Result<()> {
-    let ruled = state
+    if let Some(policy) = state
         .access
         .policy
         .as_ref()
-        .is_some_and(|policy| !policy.host_rules.is_empty());
-    let Some(known) = state.hosts.get(host_id).filter(|_| !ruled) else {
+        .filter(|policy| !policy.host_rules.is_empty())
+    {
+        return match services
+            .iter()
+            .find(|service| !policy.may_run(host_id, service))
+        {
+            Some(service) => Err(CoordinatorError::invalid(
+                "services",
+                format!(
+                    "host {host_id} may not run service {service}: no [[hosts]] rule of the \
+                     access policy assigns it"
+                ),
+            )),
+            None => Ok(()),
+        };
+    }
+    let Some(known) = state.hosts.get(host_id) else {
         return Ok(());
     };
     match services
@@ -1900,7 +1918,7 @@ fn check_service_pin(state: &State, host_id: &str, services: &[String]) -> Resul
             "services",
             format!(
                 "host {host_id} is registered with services {} and may not add {service}: an \
-                 admin forgets the host first (rewindctl host forget {host_id})",
+                 admin forgets the host first (rewindctl host forget {host_id} --reason ...)",
                 known.services.join(",")
             ),
         )),
@@ -1913,8 +1931,19 @@ fn check_service_pin(state: &State, host_id: &str, services: &[String]) -> Resul
 fn set_cluster_version(
     state: &mut State,
     to: u32,
+    asked: &[u64],
     reason: &str,
 ) -> Result<(Outcome, String, String)> {
+    let members: Vec<u64> = state.members.keys().copied().collect();
+    if asked != members {
+        return Err(CoordinatorError::invalid(
+            "members",
+            format!(
+                "the members changed since they were asked (asked {asked:?}, now {members:?}): \
+                 ask again"
+            ),
+        ));
+    }
     let running = state.cluster_version();
     if to <= running {
         return Err(CoordinatorError::invalid(
@@ -1951,30 +1980,29 @@ fn forget_host(
         host_id: host_id.to_string(),
         by,
     };
-    let mut services_seen = std::collections::BTreeSet::new();
-    for change in state.changes.values().rev() {
-        let Some(host) = change.hosts.iter().find(|host| host.host_id == host_id) else {
-            continue;
-        };
-        if !services_seen.insert(change.service.as_str()) {
+    for change in state.changes.values() {
+        if !change.hosts.iter().any(|host| host.host_id == host_id) {
             continue;
         }
-        let revertible = match change.status {
-            ChangeStatus::Capturing | ChangeStatus::Deploying => {
-                return Err(in_use(format!(
-                    "change {}, still in progress: let it finish",
-                    change_id(change.number)
-                )));
-            }
-            ChangeStatus::Deployed => true,
-            ChangeStatus::Failed => host.activate.status == StepStatus::Succeeded,
-            ChangeStatus::RolledBack => false,
-        };
-        if revertible {
+        if matches!(
+            change.status,
+            ChangeStatus::Capturing | ChangeStatus::Deploying
+        ) {
             return Err(in_use(format!(
-                "change {}, the latest of {} on it, which a rollback would still restore there: \
-                 roll it back, or deploy a change that leaves the host out",
+                "change {}, still in progress: let it finish",
+                change_id(change.number)
+            )));
+        }
+        // As the planner judges it: a rollback of this change could start now and would act
+        // on the host.
+        if crate::plan::revertible_change(state, change.number, Trigger::Manual).is_ok()
+            && crate::plan::revertible_hosts(change).any(|host| host == host_id)
+        {
+            return Err(in_use(format!(
+                "change {} of {}, which a rollback would still restore there: roll it back, or \
+                 deploy a newer change of {} to its other hosts",
                 change_id(change.number),
+                change.service,
                 change.service
             )));
         }

@@ -62,7 +62,19 @@ impl Harness {
 
     /// A service `web` with a release v1 and v2 and hosts web-1, web-2.
     pub(super) fn with_fleet() -> Self {
+        Self::new().fleet()
+    }
+
+    /// A cluster from before versions (its state has none).
+    pub(super) fn legacy() -> Self {
         let mut harness = Self::new();
+        harness.state.cluster_version = 0;
+        harness
+    }
+
+    /// This cluster with the fleet of [`Harness::with_fleet`].
+    pub(super) fn fleet(self) -> Self {
+        let mut harness = self;
         for host in ["web-1", "web-2"] {
             harness.register_host(host, "web");
         }
@@ -1158,7 +1170,8 @@ fn a_host_is_forgotten_only_when_nothing_can_still_act_on_it_by_name() {
     // The latest change of web could still be rolled back on web-2.
     let busy = harness.run(forget("web-2")).unwrap_err();
     assert!(
-        busy.to_string().contains("change ch-1, the latest of web"),
+        busy.to_string()
+            .contains("change ch-1 of web, which a rollback would still restore there"),
         "{busy}"
     );
     // A change leaving web-2 out: in progress, it holds web-1 only.
@@ -1183,11 +1196,21 @@ fn a_host_is_forgotten_only_when_nothing_can_still_act_on_it_by_name() {
     ] {
         harness.finish(target, true);
     }
+    // Deployed, ch-2 could be rolled back on web-1.
+    let busy = harness.run(forget("web-1")).unwrap_err();
+    assert!(
+        busy.to_string().contains(&format!(
+            "change {} of web, which a rollback would still restore",
+            change_id(change)
+        )),
+        "{busy}"
+    );
     let rollback = harness.must_start_rollback(change, Trigger::Manual);
     let busy = harness.run(forget("web-1")).unwrap_err();
-    assert!(busy.to_string().contains(&change_id(change)), "{busy}");
-    // web-2's latest change of web is ch-1 still: a rollback of ch-1 would restore it.
-    assert!(harness.run(forget("web-2")).is_err());
+    assert!(busy.to_string().contains(&rollback_id(rollback)), "{busy}");
+    // ch-1 can no longer be rolled back (ch-2 is the latest on its hosts), so nothing would act
+    // on web-2, which died before ch-2: it is forgotten.
+    harness.must(forget("web-2"));
     harness.must(CommandKind::ControlRollback {
         rollback,
         action: RollbackAction::Abort,
@@ -1289,8 +1312,19 @@ fn version_2_commands_are_refused_at_version_1_and_applied_after_it_is_raised() 
     });
     let raise = |version| CommandKind::SetClusterVersion {
         version,
+        members: vec![],
         reason: "upgraded".into(),
     };
+    // Refused if the members asked are not the registry's (one joined in between).
+    let stale = harness
+        .run(CommandKind::SetClusterVersion {
+            version: 2,
+            members: vec![4],
+            reason: "upgraded".into(),
+        })
+        .unwrap_err();
+    assert!(stale.to_string().contains("the members changed"), "{stale}");
+    assert_eq!(harness.state.cluster_version(), 1);
     harness.must(raise(2));
     assert_eq!(harness.state.cluster_version(), 2);
     let last = harness.state.audit.entries().last().unwrap();

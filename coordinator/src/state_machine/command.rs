@@ -234,6 +234,8 @@ pub enum CommandKind {
     /// supports it).
     SetClusterVersion {
         version: u32,
+        /// The members asked whether they support it: refused if the registry differs now.
+        members: Vec<u64>,
         reason: String,
     },
     /// Removes a host from the fleet's record (an admin's call); with `release_name`, also its

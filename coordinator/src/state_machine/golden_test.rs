@@ -66,11 +66,49 @@ fn replay(initial_cluster_version: u32, entries: &[GoldenEntry]) -> (String, Str
     )
 }
 
-/// The current release's scenario: a fleet deploys twice, flips a flag, rolls back with every
-/// step and gate, retries a request, applies a policy with host rules, forgets a host, and is
-/// refused along the way (refusals are in the log too).
+/// The current release's scenario, from a cluster of the release before versions: at version 1
+/// what needs version 2 is refused and hosts still change services; the version is raised; then
+/// a fleet deploys twice, flips a flag, rolls back with every step and gate, retries a request,
+/// applies a policy with host rules, forgets a host, floods the request log, and is refused
+/// along the way (refusals are in the log too).
 fn current_release_log() -> Harness {
-    let mut harness = Harness::with_fleet();
+    let mut harness = Harness::legacy().fleet();
+    let forget = |host: &str| CommandKind::ForgetHost {
+        host_id: host.into(),
+        release_name: false,
+        reason: "retired".into(),
+    };
+    // Refused at version 1.
+    let _ = harness.run(forget("web-2"));
+    let _ = harness.run(CommandKind::SetClusterVersion {
+        version: 2,
+        members: vec![9],
+        reason: "a member list that is not the registry's".into(),
+    });
+    harness.must(CommandKind::RegisterHost {
+        host_id: "cache-1".into(),
+        labels: Labels::default(),
+        services: vec!["cache".into()],
+        agent_version: "test".into(),
+    });
+    harness.must(CommandKind::RegisterHost {
+        host_id: "cache-1".into(),
+        labels: Labels::default(),
+        services: vec!["cache".into(), "payments".into()],
+        agent_version: "test".into(),
+    });
+    harness.must(CommandKind::SetClusterVersion {
+        version: 2,
+        members: vec![],
+        reason: "every member on this release".into(),
+    });
+    // Refused at version 2: the pin.
+    let _ = harness.run(CommandKind::RegisterHost {
+        host_id: "web-1".into(),
+        labels: Labels::default(),
+        services: vec!["web".into(), "payments".into()],
+        agent_version: "test".into(),
+    });
     harness.deploy("v1");
     let change = harness.deploy("v2");
     harness.must(CommandKind::SetFlag {
@@ -123,7 +161,7 @@ fn current_release_log() -> Harness {
         release_name: false,
         reason: "again".into(),
     });
-    // Refused: web-1 is pinned to web by the host rules.
+    // Refused: no host rule assigns payments to web-1.
     let _ = harness.run(CommandKind::RegisterHost {
         host_id: "web-1".into(),
         labels: Labels::default(),
@@ -148,7 +186,12 @@ fn current_release_log() -> Harness {
 #[test]
 fn every_golden_log_replays_to_its_recorded_state_and_audit_head() {
     let current = golden_dir().join(format!("v{}.json.zst", version::CURRENT));
-    if std::env::var_os("REWIND_WRITE_GOLDEN").is_some() && !current.exists() {
+    if std::env::var_os("REWIND_WRITE_GOLDEN").is_some() {
+        assert!(
+            !current.exists(),
+            "{} exists: a golden log is never rewritten (a new release adds one)",
+            current.display()
+        );
         let harness = current_release_log();
         let entries: Vec<GoldenEntry> = harness
             .log
@@ -158,10 +201,10 @@ fn every_golden_log_replays_to_its_recorded_state_and_audit_head() {
                 data: String::from_utf8(data.clone()).expect("entries are JSON text"),
             })
             .collect();
-        let (state_digest, audit_head, audit_entries) = replay(version::CURRENT, &entries);
+        let (state_digest, audit_head, audit_entries) = replay(0, &entries);
         let golden = GoldenLog {
             release: env!("CARGO_PKG_VERSION").into(),
-            initial_cluster_version: version::CURRENT,
+            initial_cluster_version: 0,
             entries,
             state_digest,
             audit_head,
@@ -170,14 +213,20 @@ fn every_golden_log_replays_to_its_recorded_state_and_audit_head() {
         std::fs::create_dir_all(golden_dir()).unwrap();
         let text = serde_json::to_string_pretty(&golden).unwrap() + "\n";
         std::fs::write(&current, zstd::encode_all(text.as_bytes(), 19).unwrap()).unwrap();
+        panic!(
+            "wrote {}: commit it and run again without REWIND_WRITE_GOLDEN",
+            current.display()
+        );
     }
-    assert!(
-        current.exists(),
-        "no golden log for cluster version {} ({}): write it with REWIND_WRITE_GOLDEN=1 \
-         cargo test -p rewind-coordinator golden, and commit it",
-        version::CURRENT,
-        current.display()
-    );
+    for version in version::LEGACY..=version::CURRENT {
+        let path = golden_dir().join(format!("v{version}.json.zst"));
+        assert!(
+            path.exists(),
+            "no golden log for cluster version {version} ({}): each release adds its own \
+             (REWIND_WRITE_GOLDEN=1 cargo test -p rewind-coordinator golden) and none is removed",
+            path.display()
+        );
+    }
     let mut replayed = 0;
     for file in std::fs::read_dir(golden_dir()).unwrap() {
         let path = file.unwrap().path();
@@ -189,7 +238,7 @@ fn every_golden_log_replays_to_its_recorded_state_and_audit_head() {
         } else if name.ends_with(".json") {
             bytes
         } else {
-            continue;
+            panic!("{name}: golden logs are v<N>.json.zst (or .json)");
         };
         let golden: GoldenLog = serde_json::from_slice(&text).unwrap();
         let (state_digest, audit_head, audit_entries) =
@@ -204,5 +253,5 @@ fn every_golden_log_replays_to_its_recorded_state_and_audit_head() {
         );
         replayed += 1;
     }
-    assert!(replayed >= 2, "the v1 and current golden logs");
+    assert!(replayed > version::CURRENT - version::LEGACY);
 }

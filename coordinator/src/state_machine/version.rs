@@ -27,19 +27,29 @@ pub const CHANGES: &[(u32, &str)] = &[
     (1, "the log as released before cluster versions"),
     (
         2,
-        "versioned log entries (a member stops on one it cannot read); host.forget; [[hosts]] \
-         rules in the access policy; a request log that forgets the busiest identity's ids first",
+        "versioned log entries and snapshots (a member stops on one it cannot read); \
+         host.forget; [[hosts]] rules in the access policy; a host keeps the services it \
+         registered with, and host rules hold, in apply() too; a request log that forgets the \
+         busiest identity's ids first",
     ),
 ];
 
-/// A log entry's bytes from version 2 on: the command inside an envelope naming the encoding.
-#[derive(Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// A log entry's bytes from version 2 on: the command inside an envelope naming the version it
+/// was written at.
+#[derive(Serialize)]
 struct Envelope<'a> {
-    /// The cluster version the entry was written at.
     v: u32,
-    #[serde(borrow)]
     command: &'a serde_json::value::RawValue,
+}
+
+/// How an entry is recognised as versioned: any JSON object with a `v`, whatever else a later
+/// release puts beside it (a bare command has no `v`). Read leniently so that a later envelope
+/// this binary does not fully understand stops the member instead of being skipped.
+#[derive(Deserialize)]
+struct EnvelopeProbe<'a> {
+    v: Option<u64>,
+    #[serde(borrow)]
+    command: Option<&'a serde_json::value::RawValue>,
 }
 
 /// Encodes `command` as a log entry for a cluster at `cluster_version`: bare JSON at the legacy
@@ -70,28 +80,35 @@ pub enum Decoded {
     SkipLegacy(String),
 }
 
-/// Decodes a committed entry. An entry written at a version above [`CURRENT`], or a versioned
-/// entry whose command this binary does not know, is an error: the member must stop.
+/// Decodes a committed entry. A versioned entry written at a version above [`CURRENT`], or one
+/// whose command this binary does not know, is an error: the member must stop.
 pub fn decode_entry(index: u64, data: &[u8]) -> Result<Decoded, CoordinatorError> {
-    if let Ok(envelope) = serde_json::from_slice::<Envelope>(data) {
-        if envelope.v > CURRENT {
-            return Err(CoordinatorError::CannotApply {
-                index,
-                why: format!(
-                    "it was written at cluster version {}, and this binary applies versions up to \
-                     {CURRENT}: run a release that supports version {} on this member",
-                    envelope.v, envelope.v
-                ),
-            });
+    let cannot = |why: String| CoordinatorError::CannotApply {
+        what: format!("entry {index}"),
+        why,
+    };
+    if let Ok(EnvelopeProbe {
+        v: Some(v),
+        command,
+    }) = serde_json::from_slice(data)
+    {
+        if v > u64::from(CURRENT) {
+            return Err(cannot(format!(
+                "it was written at cluster version {v}, and this binary applies versions up to \
+                 {CURRENT}: run a release that supports version {v} on this member"
+            )));
         }
-        return serde_json::from_str::<Command>(envelope.command.get())
+        let Some(command) = command else {
+            return Err(cannot(format!(
+                "its envelope (cluster version {v}) carries no command"
+            )));
+        };
+        return serde_json::from_str::<Command>(command.get())
             .map(|command| Decoded::Command(Box::new(command)))
-            .map_err(|error| CoordinatorError::CannotApply {
-                index,
-                why: format!(
-                    "its command (cluster version {}) does not decode here: {error}",
-                    envelope.v
-                ),
+            .map_err(|error| {
+                cannot(format!(
+                    "its command (cluster version {v}) does not decode here: {error}"
+                ))
             });
     }
     Ok(match serde_json::from_slice::<Command>(data) {
@@ -106,7 +123,7 @@ pub fn check_command(command: &Command, index: u64) -> Result<(), CoordinatorErr
     match command.kind {
         super::CommandKind::SetClusterVersion { version, .. } if version > CURRENT => {
             Err(CoordinatorError::CannotApply {
-                index,
+                what: format!("entry {index}"),
                 why: format!(
                     "it raises the cluster to version {version}, and this binary applies \
                      versions up to {CURRENT}: run a release that supports it on this member"
@@ -117,17 +134,16 @@ pub fn check_command(command: &Command, index: u64) -> Result<(), CoordinatorErr
     }
 }
 
-/// Refuses a state (a snapshot at `index`) whose cluster version is above [`CURRENT`].
-pub fn check_state(state: &State, index: u64) -> Result<(), CoordinatorError> {
-    if state.cluster_version() <= CURRENT {
+/// Refuses a snapshot whose state is at a cluster version above [`CURRENT`].
+pub fn check_snapshot_version(cluster_version: u32) -> Result<(), CoordinatorError> {
+    if cluster_version <= CURRENT {
         return Ok(());
     }
     Err(CoordinatorError::CannotApply {
-        index,
+        what: "a snapshot".into(),
         why: format!(
-            "the snapshot is at cluster version {}, and this binary applies versions up to \
-             {CURRENT}: run a release that supports it on this member",
-            state.cluster_version()
+            "it is at cluster version {cluster_version}, and this binary applies versions up to \
+             {CURRENT}: run a release that supports it on this member"
         ),
     })
 }
