@@ -1,0 +1,443 @@
+//! `apply()`: the pure transition function of the replicated state.
+//!
+//! No clock, no randomness, no I/O: everything comes from the command. A rejected command changes
+//! nothing (each handler checks before it mutates) except `applied_index`.
+
+use super::approvals;
+use super::command::{Command, CommandKind, MembershipChange, Outcome, RollbackAction, StepTarget};
+use super::state::*;
+use super::version;
+use crate::errors::{CoordinatorError, known_list};
+
+mod change;
+mod registry;
+mod rollback_control;
+mod rollback_settle;
+mod rollback_start;
+mod schema_stage;
+mod step;
+mod trigger;
+
+use change::*;
+use registry::*;
+use rollback_control::*;
+use rollback_settle::*;
+use rollback_start::*;
+use schema_stage::*;
+use step::*;
+use trigger::*;
+
+pub use change::current_version;
+pub(super) use change::select_hosts;
+
+type Result<T> = std::result::Result<T, CoordinatorError>;
+
+/// Identity used for the engine's own commands.
+pub const COORDINATOR_IDENTITY: &str = "coordinator";
+
+/// Applies the command at log position `index`.
+pub fn apply(state: &mut State, index: u64, command: &Command) -> Result<Outcome> {
+    if let CommandKind::ChangeMembership { .. } = command.kind {
+        state.applied_index = index;
+        return Err(CoordinatorError::invalid(
+            "command",
+            "a membership change travels only as a Raft configuration change",
+        ));
+    }
+    record(state, index, command, apply_kind)
+}
+
+/// Applies the membership command carried by the Raft conf change at `index` (Raft has changed
+/// its own voters already): the member registry follows, and the audit log records who asked.
+pub fn apply_membership(state: &mut State, index: u64, command: &Command) -> Result<Outcome> {
+    record(state, index, command, |state, command| {
+        let CommandKind::ChangeMembership {
+            change,
+            member,
+            reason,
+        } = &command.kind
+        else {
+            return Err(CoordinatorError::invalid(
+                "command",
+                format!("a conf change carried {:?}", command.kind.action()),
+            ));
+        };
+        match change {
+            MembershipChange::AddLearner | MembershipChange::Promote => {
+                state.members.insert(member.id, member.clone());
+            }
+            MembershipChange::Remove => {
+                state.members.remove(&member.id);
+            }
+        }
+        Ok((
+            Outcome::Done,
+            format!("member-{}", member.id),
+            format!(
+                "ok: {} in {} ({}): {reason}",
+                member.address, member.region, member.name
+            ),
+        ))
+    })
+}
+
+/// Runs `kind_apply` unless the request was seen before, then audits and remembers it.
+fn record(
+    state: &mut State,
+    index: u64,
+    command: &Command,
+    kind_apply: impl FnOnce(&mut State, &Command) -> Result<(Outcome, String, String)>,
+) -> Result<Outcome> {
+    state.applied_index = index;
+    let request_key = request_key(command);
+    if let Some(outcome) = request_key
+        .as_deref()
+        .and_then(|key| state.requests.get(key))
+    {
+        return Ok(outcome.clone());
+    }
+    let (outcome, target, audit_outcome) = kind_apply(state, command)?;
+    state.audit.append(
+        command.at_ms,
+        &command.identity,
+        command.kind.action(),
+        &target,
+        &audit_outcome,
+    );
+    if let Some(key) = request_key {
+        let fair = state.cluster_version() >= 2;
+        state.requests.remember(&key, outcome.clone(), fair);
+    }
+    Ok(outcome)
+}
+
+/// Request ids are the client's own, so they are scoped by who sent them.
+fn request_key(command: &Command) -> Option<String> {
+    (!command.request_id.is_empty()).then(|| format!("{}/{}", command.identity, command.request_id))
+}
+
+/// Returns the outcome, the audit target and the audit outcome text.
+fn apply_kind(state: &mut State, command: &Command) -> Result<(Outcome, String, String)> {
+    let at_ms = command.at_ms;
+    match &command.kind {
+        CommandKind::RegisterHost {
+            host_id,
+            labels,
+            services,
+            agent_version,
+        } => {
+            super::join_tokens::check_enrollment(&state.enrollments, host_id, &labels.environment)?;
+            if state.cluster_version() >= 2 {
+                check_service_pin(state, host_id, services)?;
+            }
+            let host = HostRecord {
+                host_id: host_id.clone(),
+                labels: labels.clone(),
+                services: services.clone(),
+                agent_version: agent_version.clone(),
+                identity: command.identity.clone(),
+                registered_at_ms: at_ms,
+                last_offline: state
+                    .hosts
+                    .get(host_id)
+                    .and_then(|known| known.last_offline.clone()),
+            };
+            state.hosts.insert(host_id.clone(), host);
+            Ok((
+                Outcome::Done,
+                host_id.clone(),
+                format!("ok: services {}", services.join(",")),
+            ))
+        }
+        CommandKind::ForgetHost {
+            host_id,
+            release_name,
+            reason,
+        } => {
+            version::require(state, 2, "host.forget")?;
+            forget_host(state, host_id, *release_name, reason)
+        }
+        CommandKind::PutService { service } => {
+            check_no_cycle(state, service)?;
+            state.services.insert(service.name.clone(), service.clone());
+            Ok((Outcome::Done, service.name.clone(), "ok".into()))
+        }
+        CommandKind::RegisterRelease { release } => register_release(state, release, at_ms),
+        CommandKind::RegisterMigration { migration } => {
+            register_migration(state, migration, &command.identity, at_ms)
+        }
+        CommandKind::StartChange { .. } => request_change(state, command),
+        CommandKind::SetFlag {
+            environment,
+            service,
+            name,
+            enabled,
+            kill,
+            reason,
+        } => {
+            require_service(state, service)?;
+            if *kill && *enabled {
+                return Err(CoordinatorError::invalid(
+                    "enabled",
+                    "a kill switch turns a flag off",
+                ));
+            }
+            state.put_flag(
+                [environment, service, name],
+                FlagRecord {
+                    enabled: *enabled,
+                    killed: *kill,
+                    updated_at_ms: at_ms,
+                    updated_by: command.identity.clone(),
+                    reason: reason.to_string(),
+                    changed_at_index: 0,
+                    by_change: 0,
+                },
+            );
+            Ok((
+                Outcome::Done,
+                format!("{environment}/{service}/{name}"),
+                format!("ok: {}: {reason}", if *enabled { "on" } else { "off" }),
+            ))
+        }
+        CommandKind::StepStarted { step } => start_step(state, step, at_ms),
+        CommandKind::StartSchemaTxn { owner } => start_schema_txn(state, command, *owner),
+        CommandKind::StartDrill {
+            change,
+            environment,
+        } => {
+            let (number, summary) =
+                super::schema::start_drill(state, *change, environment, &command.identity, at_ms)?;
+            Ok((
+                Outcome::Drill(number),
+                drill_id(number),
+                format!("ok: {} on {environment}: {summary}", change_id(*change)),
+            ))
+        }
+        CommandKind::DecideSchemaTxn {
+            txn,
+            commit,
+            reason,
+        } => {
+            let outcome = super::schema::decide(state, *txn, *commit, reason, at_ms)?;
+            settle_schema_owner(state, *txn, at_ms);
+            Ok((Outcome::Done, schema_txn_id(*txn), format!("ok: {outcome}")))
+        }
+        CommandKind::SchemaStepFinished {
+            step,
+            ok,
+            detail,
+            report,
+        } => finish_schema_step(state, step, *ok, detail, report.clone(), at_ms),
+        CommandKind::StepFinished {
+            step,
+            ok,
+            detail,
+            snapshot_id,
+        } => finish_step(state, step, *ok, detail, snapshot_id, at_ms),
+        CommandKind::StartRollback {
+            changes,
+            options,
+            plan_hash,
+            reason,
+            trigger,
+            break_glass,
+        } => request_rollback(
+            state,
+            command,
+            changes,
+            options,
+            plan_hash,
+            reason,
+            *trigger,
+            *break_glass,
+        ),
+        CommandKind::DecideRequest {
+            request,
+            decision,
+            plan_hash,
+            reason,
+            baseline,
+        } => decide_request(
+            state, command, *request, *decision, plan_hash, reason, *baseline,
+        ),
+        CommandKind::SkipHost {
+            rollback,
+            host_id,
+            reason,
+        } => skip_host(state, *rollback, host_id, reason, at_ms),
+        CommandKind::ResolvedByHand {
+            txn,
+            host_id,
+            reason,
+        } => {
+            super::schema::resolved_by_hand(state, *txn, host_id, reason, &command.identity)?;
+            super::schema::settle(state, *txn, at_ms);
+            settle_schema_owner(state, *txn, at_ms);
+            Ok((
+                Outcome::Done,
+                format!("{}/resolve/{host_id}", schema_txn_id(*txn)),
+                format!("ok: {reason}"),
+            ))
+        }
+        CommandKind::RecordSelfRevert { host_id, report } => {
+            record_self_revert(state, host_id, report)
+        }
+        CommandKind::RecordOfflineHealth { host_id, summary } => {
+            let host =
+                state
+                    .hosts
+                    .get_mut(host_id)
+                    .ok_or_else(|| CoordinatorError::UnknownHost {
+                        host_id: host_id.clone(),
+                    })?;
+            host.last_offline = Some(summary.clone());
+            Ok((Outcome::Done, host_id.clone(), format!("ok: {summary}")))
+        }
+        CommandKind::IsolateService {
+            rollback,
+            service,
+            reason,
+        } => isolate_service(state, *rollback, service, reason, at_ms),
+        CommandKind::Stall { rollback, evidence } => {
+            let record = live_rollback_mut(state, *rollback, "stall")?;
+            if record.status != RollbackStatus::Running {
+                return Err(CoordinatorError::RollbackNotControllable {
+                    rollback_id: record.id(),
+                    status: record.status,
+                    action: "stall".into(),
+                });
+            }
+            let wave = record.current_wave().unwrap_or(0);
+            let id = record.id();
+            pause_for_a_person(state, *rollback, wave, evidence.clone(), at_ms);
+            Ok((
+                Outcome::Rollback(*rollback),
+                id,
+                format!("paused: {evidence}"),
+            ))
+        }
+        CommandKind::EscalationDelivered {
+            escalation,
+            ok,
+            detail,
+        } => escalation_delivered(state, *escalation, *ok, detail),
+        CommandKind::AutoTrigger { .. } => auto_trigger(state, command),
+        CommandKind::ResetBreaker { reason } => {
+            let Some(breaker) = state.breaker.take() else {
+                return Err(CoordinatorError::invalid(
+                    "breaker",
+                    "the global breaker is not open",
+                ));
+            };
+            Ok((
+                Outcome::Done,
+                "breaker".into(),
+                format!(
+                    "ok: closed (open since {} ms for {}): {reason}",
+                    breaker.tripped_at_ms,
+                    breaker.services.join(", ")
+                ),
+            ))
+        }
+        CommandKind::ControlRollback {
+            rollback,
+            action,
+            reason,
+        } => control_rollback(state, command, *rollback, *action, reason),
+        CommandKind::TransferLeader { to, reason } => Ok((
+            Outcome::Done,
+            format!("member-{to}"),
+            format!("ok: {reason}"),
+        )),
+        CommandKind::ApplyPolicy {
+            policy,
+            bootstrap,
+            expected_hash,
+            reason,
+        } => {
+            if !policy.host_rules.is_empty() {
+                version::require(state, 2, "[[hosts]] rules in the access policy")?;
+            }
+            apply_policy(state, policy, *bootstrap, expected_hash, reason)
+        }
+        CommandKind::SetClusterVersion {
+            version,
+            members,
+            reason,
+        } => set_cluster_version(state, *version, members, reason),
+        CommandKind::RecordRefusal {
+            action,
+            target,
+            reason,
+        } => Ok((
+            Outcome::Done,
+            target.clone(),
+            format!("refused: {action}: {reason}"),
+        )),
+        CommandKind::CreateJoinToken {
+            secret_sha256,
+            scope,
+            reason,
+        } => super::join_tokens::create(
+            state,
+            &command.identity,
+            secret_sha256,
+            scope,
+            reason,
+            at_ms,
+        ),
+        CommandKind::UseJoinToken {
+            token,
+            secret_sha256,
+            kind,
+            name,
+            key_sha256,
+        } => super::join_tokens::use_token(
+            state,
+            *token,
+            secret_sha256,
+            kind,
+            name,
+            key_sha256,
+            at_ms,
+        ),
+        CommandKind::RevokeJoinToken { token, reason } => {
+            super::join_tokens::revoke(state, *token, reason)
+        }
+        CommandKind::CertificateRenewed { not_after_s } => Ok((
+            Outcome::Done,
+            command.identity.clone(),
+            format!("ok: valid until {not_after_s} s"),
+        )),
+        // Refused by apply(); kept exhaustive so a new kind is not forgotten here.
+        CommandKind::ChangeMembership { .. } => Err(CoordinatorError::invalid(
+            "command",
+            "a membership change travels only as a Raft configuration change",
+        )),
+    }
+}
+
+fn require_service(state: &State, service: &str) -> Result<()> {
+    if state.services.contains_key(service) {
+        return Ok(());
+    }
+    Err(CoordinatorError::UnknownService {
+        service: service.to_string(),
+        known: known_list(state.services.keys().cloned()),
+    })
+}
+
+pub fn unknown_change(state: &State, number: u64) -> CoordinatorError {
+    CoordinatorError::UnknownChange {
+        change_id: change_id(number),
+        known: known_list(state.changes.keys().map(|&number| change_id(number))),
+    }
+}
+
+pub fn unknown_rollback(state: &State, number: u64) -> CoordinatorError {
+    CoordinatorError::UnknownRollback {
+        rollback_id: rollback_id(number),
+        known: known_list(state.rollbacks.keys().map(|&number| rollback_id(number))),
+    }
+}

@@ -1,0 +1,312 @@
+//! Controlling a running rollback: pause, resume, abort, skip a host, isolate a service.
+
+use super::*;
+
+pub(super) fn control_rollback(
+    state: &mut State,
+    command: &Command,
+    number: u64,
+    action: RollbackAction,
+    reason: &str,
+) -> Result<(Outcome, String, String)> {
+    let rollback = live_rollback_mut(state, number, action.name())?;
+    match (action, rollback.status) {
+        (RollbackAction::Pause, RollbackStatus::Running) => {
+            rollback.status = RollbackStatus::Paused;
+            rollback.paused_reason = format!("paused by {}: {reason}", command.identity);
+        }
+        (RollbackAction::Resume, RollbackStatus::Paused) => {
+            // A person looked at what failed: the current wave's failed steps and gate get a
+            // fresh set of attempts. Only a person can do this, so it cannot loop on its own.
+            if let Some(wave) = rollback.current_wave() {
+                let mut retried = Vec::new();
+                for step in rollback.steps.iter_mut().filter(|step| step.wave == wave) {
+                    if step.progress.status == StepStatus::Failed {
+                        retried.push(step.host_id.clone());
+                        step.progress = StepProgress::default();
+                    }
+                }
+                rollback.failed_hosts.retain(|host| !retried.contains(host));
+                let gate = &mut rollback.waves[wave as usize].gate;
+                if gate.status == StepStatus::Failed {
+                    *gate = StepProgress::default();
+                }
+            }
+            rollback.status = RollbackStatus::Running;
+            rollback.paused_reason.clear();
+            if rollback.current_wave().is_none() {
+                let mut stages = std::mem::take(&mut rollback.schema);
+                for stage in &mut stages {
+                    super::super::schema::retry_stage(state, stage);
+                }
+                if let Some(rollback) = state.rollbacks.get_mut(&number) {
+                    rollback.schema = stages;
+                }
+            }
+        }
+        (RollbackAction::Abort, RollbackStatus::Running | RollbackStatus::Paused) => {
+            rollback.status = RollbackStatus::Aborted;
+            rollback.finished_at_ms = command.at_ms;
+            let open = left_open(rollback);
+            rollback.outcome_detail = if open.is_empty() {
+                format!("aborted: {reason}")
+            } else {
+                format!(
+                    "aborted: {reason}; left drained or with jobs paused (not put back): {}",
+                    open.join(", ")
+                )
+            };
+            skip_pending(rollback);
+            // A schema transaction not yet decided is aborted with it (one decided finishes).
+            let stage_txns: Vec<u64> = rollback.schema.iter().map(|stage| stage.txn).collect();
+            super::super::schema::abort_undecided(
+                state,
+                stage_txns,
+                "the rollback was aborted",
+                command.at_ms,
+            );
+        }
+        (_, status) => {
+            return Err(CoordinatorError::RollbackNotControllable {
+                rollback_id: rollback.id(),
+                status,
+                action: action.name().into(),
+            });
+        }
+    }
+    Ok((
+        Outcome::Rollback(number),
+        rollback_id(number),
+        format!("ok: {reason}"),
+    ))
+}
+
+/// The rollback, if it has not ended.
+pub(super) fn live_rollback_mut<'a>(
+    state: &'a mut State,
+    number: u64,
+    action: &str,
+) -> Result<&'a mut RollbackRecord> {
+    let known = known_list(state.rollbacks.keys().map(|&number| rollback_id(number)));
+    let rollback =
+        state
+            .rollbacks
+            .get_mut(&number)
+            .ok_or_else(|| CoordinatorError::UnknownRollback {
+                rollback_id: rollback_id(number),
+                known,
+            })?;
+    if rollback.status.is_terminal() {
+        return Err(CoordinatorError::RollbackNotControllable {
+            rollback_id: rollback.id(),
+            status: rollback.status,
+            action: action.into(),
+        });
+    }
+    Ok(rollback)
+}
+
+pub(super) fn skip_host(
+    state: &mut State,
+    number: u64,
+    host_id: &str,
+    reason: &str,
+    at_ms: u64,
+) -> Result<(Outcome, String, String)> {
+    let rollback = live_rollback_mut(state, number, "skip a host")?;
+    let first_open_wave = rollback.current_wave().unwrap_or(u32::MAX);
+    let mut skipped = 0;
+    // A host taken out of rotation is put back, and job processors paused are resumed: the
+    // step closing each one attempted stays to be run.
+    let keep_closing: Vec<(u32, String, RollbackStepKind)> = attempted_openings(rollback)
+        .filter(|(opened, _)| opened.host_id == host_id)
+        .map(|(opened, closing)| (opened.wave, opened.service.clone(), closing))
+        .collect();
+    for step in rollback
+        .steps
+        .iter_mut()
+        .filter(|step| step.host_id == host_id && step.wave >= first_open_wave)
+    {
+        let closing = keep_closing.contains(&(step.wave, step.service.clone(), step.kind));
+        if closing {
+            if step.progress.status == StepStatus::Failed {
+                step.progress = StepProgress::default();
+            }
+            continue;
+        }
+        if step.progress.status != StepStatus::Succeeded {
+            step.progress.status = StepStatus::Skipped;
+            step.progress.detail = format!("skipped by an operator: {reason}");
+            skipped += 1;
+        }
+    }
+    if skipped == 0 {
+        let hosts: std::collections::BTreeSet<String> = rollback
+            .steps
+            .iter()
+            .map(|step| step.host_id.clone())
+            .collect();
+        return Err(CoordinatorError::invalid(
+            "host_id",
+            format!(
+                "{host_id} has nothing left to skip in {}: its hosts are {}",
+                rollback.id(),
+                known_list(hosts)
+            ),
+        ));
+    }
+    rollback.failed_hosts.retain(|host| host != host_id);
+    if !rollback.skipped_hosts.iter().any(|host| host == host_id) {
+        rollback.skipped_hosts.push(host_id.to_string());
+    }
+    // A wave left with no host to revert has nothing for its gate to judge.
+    for (index, wave) in rollback.waves.iter_mut().enumerate() {
+        let all_skipped = rollback
+            .steps
+            .iter()
+            .filter(|step| step.wave == index as u32)
+            .all(|step| step.progress.status == StepStatus::Skipped);
+        if all_skipped && !wave.gate.status.is_terminal() {
+            wave.gate.status = StepStatus::Skipped;
+        }
+    }
+    let id = rollback.id();
+    settle_rollback(state, number, at_ms);
+    Ok((
+        Outcome::Rollback(number),
+        id,
+        format!("ok: {host_id} left unreverted ({skipped} steps skipped): {reason}"),
+    ))
+}
+
+pub(super) fn isolate_service(
+    state: &mut State,
+    number: u64,
+    service: &str,
+    reason: &str,
+    at_ms: u64,
+) -> Result<(Outcome, String, String)> {
+    let hosts: Vec<String> = state
+        .hosts
+        .values()
+        .filter(|host| host.services.iter().any(|name| name == service))
+        .map(|host| host.host_id.clone())
+        .collect();
+    let rollback = live_rollback_mut(state, number, "isolate a service")?;
+    let id = rollback.id();
+    if !rollback.services.iter().any(|name| name == service) {
+        return Err(CoordinatorError::invalid(
+            "service",
+            format!(
+                "{id} does not revert {service}: it reverts {}",
+                rollback.services.join(", ")
+            ),
+        ));
+    }
+    if rollback.isolated.iter().any(|name| name == service) {
+        return Err(CoordinatorError::invalid(
+            "service",
+            format!("{service} is already isolated in {id}"),
+        ));
+    }
+    let Some(first_open) = rollback.current_wave() else {
+        return Err(CoordinatorError::invalid(
+            "service",
+            format!("every wave of {id} is done: there is nothing left to isolate"),
+        ));
+    };
+    let change = rollback
+        .waves
+        .iter()
+        .find(|wave| wave.service == service)
+        .map_or(0, |wave| wave.change);
+    // Stop reverting the service: its steps and gates not yet done are skipped.
+    for step in rollback
+        .steps
+        .iter_mut()
+        .filter(|step| step.service == service && step.wave >= first_open)
+    {
+        if !step.progress.status.is_terminal() || step.progress.status == StepStatus::Failed {
+            step.progress.status = StepStatus::Skipped;
+            step.progress.detail = format!("isolated instead: {reason}");
+        }
+    }
+    for wave in rollback
+        .waves
+        .iter_mut()
+        .skip(first_open as usize)
+        .filter(|wave| wave.service == service)
+    {
+        if !wave.gate.status.is_terminal() || wave.gate.status == StepStatus::Failed {
+            wave.gate.status = StepStatus::Skipped;
+            wave.gate.detail = format!("isolated instead: {reason}");
+        }
+    }
+    // Then drain all its hosts, before anything else the rollback still has to do.
+    for step in rollback
+        .steps
+        .iter_mut()
+        .filter(|step| step.wave >= first_open)
+    {
+        step.wave += 1;
+    }
+    let skipped_gate = StepProgress {
+        status: StepStatus::Skipped,
+        detail: "an isolation is not gated".into(),
+        ..StepProgress::default()
+    };
+    rollback.waves.insert(
+        first_open as usize,
+        WaveRecord {
+            service: service.to_string(),
+            change,
+            region: "all".into(),
+            canary: false,
+            hosts: hosts.clone(),
+            gate: skipped_gate,
+            isolation: true,
+        },
+    );
+    rollback
+        .steps
+        .extend(hosts.iter().map(|host_id| RollbackStepRecord {
+            wave: first_open,
+            service: service.to_string(),
+            host_id: host_id.clone(),
+            kind: RollbackStepKind::Isolate,
+            progress: StepProgress::default(),
+        }));
+    rollback.isolated.push(service.to_string());
+    rollback.failed_hosts.clear();
+    rollback.paused_reason.clear();
+    rollback.status = RollbackStatus::Running;
+    settle_rollback(state, number, at_ms);
+    Ok((
+        Outcome::Rollback(number),
+        id,
+        format!(
+            "ok: {service} isolated: {} drained instead of reverted: {reason}",
+            crate::plan::plural(hosts.len(), "host")
+        ),
+    ))
+}
+
+pub(super) fn escalation_delivered(
+    state: &mut State,
+    id: u64,
+    ok: bool,
+    detail: &str,
+) -> Result<(Outcome, String, String)> {
+    let record = state.escalations.get_mut(&id).ok_or_else(|| {
+        CoordinatorError::invalid("escalation", format!("no escalation {id} is kept"))
+    })?;
+    record.attempts += 1;
+    record.delivered = ok;
+    record.delivery_detail = detail.to_string();
+    let outcome = if ok { "delivered" } else { "not delivered" };
+    Ok((
+        Outcome::Done,
+        format!("escalation-{id}"),
+        format!("{outcome}: {detail}"),
+    ))
+}

@@ -1,0 +1,235 @@
+//! Settling a rollback after each step and gate: the next wave, a pause for a person, the end.
+
+use super::*;
+
+/// Ends a rollback once every wave passed its gate; pauses it for a person when a host failed
+/// in the current wave and no other host of that wave is still on its way.
+pub(super) fn settle_rollback(state: &mut State, number: u64, at_ms: u64) {
+    let Some(rollback) = state.rollbacks.get_mut(&number) else {
+        return;
+    };
+    if rollback.status.is_terminal() {
+        return;
+    }
+    let Some(wave) = rollback.current_wave() else {
+        // Every wave is done: then the schema reverts, one database at a time.
+        let own: Vec<(usize, SchemaStage)> = rollback
+            .schema_stages()
+            .map(|(index, stage)| (index, stage.clone()))
+            .collect();
+        let last_wave = rollback.waves.len().saturating_sub(1) as u32;
+        let running = rollback.status == RollbackStatus::Running;
+        let stages = super::super::schema::stages_state(
+            state,
+            own.iter().map(|(index, stage)| (*index, stage)),
+        );
+        match stages {
+            super::super::schema::StagesState::Done => {}
+            super::super::schema::StagesState::Waiting { .. } => return,
+            super::super::schema::StagesState::Failed { detail, .. }
+            | super::super::schema::StagesState::Stuck { detail, .. } => {
+                if running {
+                    let evidence = format!(
+                        "schema revert failed, the app is reverted: {detail}; resume retries it"
+                    );
+                    pause_for_a_person(state, number, last_wave, evidence, at_ms);
+                }
+                return;
+            }
+        }
+        let Some(rollback) = state.rollbacks.get_mut(&number) else {
+            return;
+        };
+        let schema_detail: Vec<String> = rollback
+            .schema
+            .iter()
+            .map(|stage| {
+                if rollback.isolated.contains(&stage.service) {
+                    format!(
+                        "{} not reverted ({}): {} was isolated",
+                        stage.database,
+                        stage.versions.join(", "),
+                        stage.service
+                    )
+                } else {
+                    format!(
+                        "{} reverted on every shard ({})",
+                        stage.database,
+                        stage.versions.join(", ")
+                    )
+                }
+            })
+            .collect();
+        let hosts: std::collections::BTreeSet<&str> = rollback
+            .steps
+            .iter()
+            .filter(|step| step.progress.status == StepStatus::Succeeded)
+            .map(|step| step.host_id.as_str())
+            .collect();
+        let mut detail = format!(
+            "{} reverted and verified healthy in {} waves",
+            crate::plan::plural(hosts.len(), "host"),
+            rollback.waves.len()
+        );
+        if !rollback.skipped_hosts.is_empty() {
+            detail += &format!(
+                "; left unreverted by an operator: {}",
+                rollback.skipped_hosts.join(", ")
+            );
+        }
+        if !rollback.isolated.is_empty() {
+            detail += &format!(
+                "; isolated (drained, not reverted): {}",
+                rollback.isolated.join(", ")
+            );
+            let paused: Vec<String> = left_open(rollback)
+                .into_iter()
+                .filter(|host| host.ends_with("(jobs paused)"))
+                .collect();
+            if !paused.is_empty() {
+                detail += &format!("; left with jobs paused: {}", paused.join(", "));
+            }
+        }
+        if !schema_detail.is_empty() {
+            detail += &format!("; {}", schema_detail.join("; "));
+        }
+        rollback.status = RollbackStatus::Succeeded;
+        rollback.finished_at_ms = at_ms;
+        rollback.outcome_detail = detail;
+        let isolated = rollback.isolated.clone();
+        let id = rollback.id();
+        for number in rollback.changes.clone() {
+            if let Some(change) = state.changes.get_mut(&number) {
+                if isolated.contains(&change.service) {
+                    change.reason = format!("isolated by {id}: drained, not reverted");
+                } else {
+                    change.status = ChangeStatus::RolledBack;
+                }
+            }
+        }
+        return;
+    };
+    let failed: Vec<&RollbackStepRecord> = rollback
+        .wave_steps(wave)
+        .filter(|step| step.progress.status == StepStatus::Failed)
+        .collect();
+    if failed.is_empty()
+        || hosts_in_progress(rollback, wave)
+        || rollback.status != RollbackStatus::Running
+    {
+        return;
+    }
+    let mut failed_hosts: Vec<String> = failed.iter().map(|step| step.host_id.clone()).collect();
+    failed_hosts.dedup();
+    let evidence = format!(
+        "{} {} on {} failed: {}",
+        failed[0].service,
+        failed[0].kind.name(),
+        failed[0].host_id,
+        failed[0].progress.detail
+    );
+    rollback.failed_hosts = failed_hosts;
+    pause_for_a_person(state, number, wave, evidence, at_ms);
+}
+
+/// Pauses the rollback and opens an escalation; the engine delivers it by webhook.
+pub(super) fn pause_for_a_person(
+    state: &mut State,
+    number: u64,
+    wave: u32,
+    evidence: String,
+    at_ms: u64,
+) {
+    let Some(service) = state
+        .rollbacks
+        .get(&number)
+        .and_then(|rollback| rollback.waves.get(wave as usize))
+        .map(|wave| wave.service.clone())
+    else {
+        return;
+    };
+    let escalation = state.escalate(at_ms, number, wave, &service, evidence.clone());
+    if let Some(rollback) = state.rollbacks.get_mut(&number) {
+        rollback.status = RollbackStatus::Paused;
+        rollback.paused_reason = evidence;
+        rollback.escalations.push(escalation);
+    }
+}
+
+/// Whether a step of the wave runs, or a host of it that began and has not failed still has
+/// steps to take (the engine finishes such hosts even after another host failed).
+pub(super) fn hosts_in_progress(rollback: &RollbackRecord, wave: u32) -> bool {
+    let steps: Vec<&RollbackStepRecord> = rollback.wave_steps(wave).collect();
+    if steps
+        .iter()
+        .any(|step| step.progress.status == StepStatus::Running)
+    {
+        return true;
+    }
+    let mut hosts: Vec<(&str, &str)> = steps
+        .iter()
+        .map(|step| (step.service.as_str(), step.host_id.as_str()))
+        .collect();
+    hosts.dedup();
+    hosts.into_iter().any(|(service, host_id)| {
+        let of_host = || {
+            steps
+                .iter()
+                .filter(move |step| step.service == service && step.host_id == host_id)
+        };
+        let began = of_host().any(|step| step.progress.attempts > 0);
+        let failed = of_host().any(|step| step.progress.status == StepStatus::Failed);
+        began && !failed && of_host().any(|step| step.progress.status == StepStatus::Pending)
+    })
+}
+
+/// Hosts the rollback drained or paused the job processors of (a step that opens something was
+/// attempted) and did not put back, as `service/host (drained)` or `service/host (jobs
+/// paused)`.
+pub(super) fn left_open(rollback: &RollbackRecord) -> Vec<String> {
+    attempted_openings(rollback)
+        .filter(|(opened, closing)| {
+            !rollback.steps.iter().any(|step| {
+                step.kind == *closing
+                    && step.wave == opened.wave
+                    && step.host_id == opened.host_id
+                    && step.service == opened.service
+                    && step.progress.status == StepStatus::Succeeded
+            })
+        })
+        .map(|(opened, _)| {
+            let what = if opened.kind == RollbackStepKind::PauseJobs {
+                "jobs paused"
+            } else {
+                "drained"
+            };
+            format!("{}/{} ({what})", opened.service, opened.host_id)
+        })
+        .collect()
+}
+
+/// Steps that opened something (a drain, a pause) and were attempted, with the step closing
+/// each. Attempted, not only succeeded: one that failed half-way may have acted anyway, and
+/// putting back is idempotent.
+pub(super) fn attempted_openings(
+    rollback: &RollbackRecord,
+) -> impl Iterator<Item = (&RollbackStepRecord, RollbackStepKind)> {
+    rollback
+        .steps
+        .iter()
+        .filter(|opened| opened.progress.attempts > 0)
+        .filter_map(|opened| Some((opened, opened.kind.closed_by()?)))
+}
+
+pub(super) fn skip_pending(rollback: &mut RollbackRecord) {
+    for step in &mut rollback.steps {
+        if step.progress.status == StepStatus::Pending {
+            step.progress.status = StepStatus::Skipped;
+        }
+    }
+    for wave in &mut rollback.waves {
+        if wave.gate.status == StepStatus::Pending {
+            wave.gate.status = StepStatus::Skipped;
+        }
+    }
+}

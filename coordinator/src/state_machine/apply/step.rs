@@ -1,0 +1,280 @@
+//! Steps of changes and rollbacks: started, finished, and what settles after them.
+
+use super::*;
+
+pub(super) fn start_step(
+    state: &mut State,
+    step: &StepTarget,
+    at_ms: u64,
+) -> Result<(Outcome, String, String)> {
+    let step_id = step.step_id();
+    let not_startable = |reason: String| CoordinatorError::StepNotStartable {
+        step_id: step_id.clone(),
+        reason,
+    };
+    let progress = match step {
+        StepTarget::Capture { change, .. } | StepTarget::Activate { change, .. } => {
+            let record = state
+                .changes
+                .get(change)
+                .ok_or_else(|| unknown_change(state, *change))?;
+            let wanted = if matches!(step, StepTarget::Capture { .. }) {
+                ChangeStatus::Capturing
+            } else {
+                ChangeStatus::Deploying
+            };
+            if record.status != wanted {
+                return Err(not_startable(format!(
+                    "change {} is {}",
+                    record.id(),
+                    record.status
+                )));
+            }
+            change_step_mut(state, step)?
+        }
+        StepTarget::Rollback { rollback, .. } | StepTarget::Gate { rollback, .. } => {
+            let record = state
+                .rollbacks
+                .get(rollback)
+                .ok_or_else(|| unknown_rollback(state, *rollback))?;
+            if record.status != RollbackStatus::Running {
+                return Err(not_startable(format!(
+                    "rollback {} is {}",
+                    record.id(),
+                    record.status
+                )));
+            }
+            if let StepTarget::Gate { wave, .. } = step {
+                if record.current_wave() != Some(*wave) {
+                    return Err(not_startable(format!(
+                        "wave {wave} is not the current wave of {}",
+                        record.id()
+                    )));
+                }
+                if let Some(unfinished) = record.wave_steps(*wave).find(|step| {
+                    step.progress.status != StepStatus::Succeeded
+                        && step.progress.status != StepStatus::Skipped
+                }) {
+                    return Err(not_startable(format!(
+                        "{} {} on {} is {}",
+                        unfinished.service,
+                        unfinished.kind.name(),
+                        unfinished.host_id,
+                        unfinished.progress.status
+                    )));
+                }
+            }
+            rollback_step_mut(state, step)?
+        }
+        StepTarget::Schema {
+            txn,
+            phase,
+            host_id,
+        } => {
+            super::super::schema::startable(state, *txn, *phase)?;
+            let progress = super::super::schema::step_mut(state, *txn, *phase, host_id)?;
+            // A resolve that failed is tried again (see `schema::RESOLVE_RETRY_MS`): the
+            // shard holds its prepared transaction until one succeeds.
+            if *phase == ShardPhase::Resolve && progress.status == StepStatus::Failed {
+                progress.status = StepStatus::Pending;
+            }
+            progress
+        }
+    };
+    if progress.status.is_terminal() {
+        return Err(not_startable(format!(
+            "it already ended {}",
+            progress.status
+        )));
+    }
+    progress.status = StepStatus::Running;
+    progress.attempts += 1;
+    progress.started_at_ms = at_ms;
+    let attempt = progress.attempts;
+    Ok((Outcome::Done, step_id, format!("ok: attempt {attempt}")))
+}
+
+pub(super) fn finish_step(
+    state: &mut State,
+    step: &StepTarget,
+    ok: bool,
+    detail: &str,
+    snapshot_id: &str,
+    at_ms: u64,
+) -> Result<(Outcome, String, String)> {
+    if let StepTarget::Schema { .. } = step {
+        // The engine's timeout of a shard's step: no report.
+        return finish_schema_step(state, step, ok, detail, ShardReportRecord::default(), at_ms);
+    }
+    let step_id = step.step_id();
+    let progress = match step {
+        StepTarget::Rollback { .. } | StepTarget::Gate { .. } => rollback_step_mut(state, step)?,
+        _ => change_step_mut(state, step)?,
+    };
+    end_step(progress, &step_id, ok, detail, at_ms)?;
+    match step {
+        StepTarget::Capture { change, host_id } => {
+            if let Some(host) = change_host_mut(state, *change, host_id) {
+                host.snapshot_id = snapshot_id.to_string();
+            }
+            settle_change(state, *change, at_ms);
+        }
+        StepTarget::Activate { change, .. } => settle_change(state, *change, at_ms),
+        StepTarget::Rollback { rollback, .. } => settle_rollback(state, *rollback, at_ms),
+        StepTarget::Gate { rollback, wave } if !ok => {
+            // A result that lands after an abort changes nothing more.
+            if let Some(record) = state
+                .rollbacks
+                .get(rollback)
+                .filter(|record| !record.status.is_terminal())
+            {
+                let wave_record = &record.waves[*wave as usize];
+                // Waves are numbered from 1 for people, as `explain` and `watch` show them.
+                let evidence = format!(
+                    "gate after wave {} ({} in {}) failed: {detail}",
+                    wave + 1,
+                    wave_record.service,
+                    wave_record.region
+                );
+                pause_for_a_person(state, *rollback, *wave, evidence, at_ms);
+            }
+        }
+        StepTarget::Gate { rollback, .. } => settle_rollback(state, *rollback, at_ms),
+        StepTarget::Schema { .. } => {}
+    }
+    let outcome = if ok {
+        format!("ok: {detail}")
+    } else {
+        format!("failed: {detail}")
+    };
+    Ok((Outcome::Done, step_id, outcome))
+}
+
+/// Records how a running step ended; refused for a step that is not running (a late or
+/// duplicate result).
+pub(super) fn end_step(
+    progress: &mut StepProgress,
+    step_id: &str,
+    ok: bool,
+    detail: &str,
+    at_ms: u64,
+) -> Result<()> {
+    if progress.status != StepStatus::Running {
+        return Err(CoordinatorError::StepNotRunning {
+            step_id: step_id.to_string(),
+            status: progress.status.to_string(),
+        });
+    }
+    progress.status = if ok {
+        StepStatus::Succeeded
+    } else {
+        StepStatus::Failed
+    };
+    progress.finished_at_ms = at_ms;
+    progress.detail = detail.to_string();
+    Ok(())
+}
+
+/// Moves a change on once its current phase has ended on every host.
+pub(super) fn settle_change(state: &mut State, number: u64, at_ms: u64) {
+    let Some(change) = state.changes.get_mut(&number) else {
+        return;
+    };
+    let phase = |host: &ChangeHostRecord| match change.status {
+        ChangeStatus::Capturing => host.capture.clone(),
+        _ => host.activate.clone(),
+    };
+    if !matches!(
+        change.status,
+        ChangeStatus::Capturing | ChangeStatus::Deploying
+    ) {
+        return;
+    }
+    if let Some(failed) = change
+        .hosts
+        .iter()
+        .find(|host| phase(host).status == StepStatus::Failed)
+    {
+        let what = if change.status == ChangeStatus::Capturing {
+            "capture"
+        } else {
+            "activation"
+        };
+        change.reason = format!(
+            "{what} failed on {}: {}",
+            failed.host_id,
+            phase(failed).detail
+        );
+        change.status = ChangeStatus::Failed;
+        return;
+    }
+    if change
+        .hosts
+        .iter()
+        .all(|host| phase(host).status == StepStatus::Succeeded)
+    {
+        // The phase's migrations (expand ones after capture, the rest after activation) must
+        // have committed too.
+        let after_activation = change.status == ChangeStatus::Deploying;
+        let own = change.schema.clone();
+        let stages = own
+            .iter()
+            .enumerate()
+            .filter(|(_, stage)| stage.after_activation == after_activation);
+        let stages = super::super::schema::stages_state(state, stages);
+        let Some(change) = state.changes.get_mut(&number) else {
+            return;
+        };
+        match stages {
+            // A stuck resolve is retried until it succeeds; the change waits for it.
+            super::super::schema::StagesState::Waiting { .. }
+            | super::super::schema::StagesState::Stuck { .. } => {}
+            super::super::schema::StagesState::Failed { detail, .. } => {
+                change.reason = format!("migrations failed: {detail}");
+                change.status = ChangeStatus::Failed;
+            }
+            super::super::schema::StagesState::Done if change.status == ChangeStatus::Capturing => {
+                change.status = ChangeStatus::Deploying;
+            }
+            super::super::schema::StagesState::Done => {
+                change.status = ChangeStatus::Deployed;
+                change.deployed_at_ms = at_ms;
+            }
+        }
+    }
+}
+
+pub(super) fn rollback_step_mut<'a>(
+    state: &'a mut State,
+    step: &StepTarget,
+) -> Result<&'a mut StepProgress> {
+    let unknown = || CoordinatorError::UnknownStep {
+        step_id: step.step_id(),
+    };
+    match step {
+        StepTarget::Rollback {
+            rollback,
+            service,
+            host_id,
+            kind,
+        } => state
+            .rollbacks
+            .get_mut(rollback)
+            .and_then(|record| {
+                record.steps.iter_mut().find(|candidate| {
+                    &candidate.service == service
+                        && &candidate.host_id == host_id
+                        && candidate.kind == *kind
+                })
+            })
+            .map(|record| &mut record.progress)
+            .ok_or_else(unknown),
+        StepTarget::Gate { rollback, wave } => state
+            .rollbacks
+            .get_mut(rollback)
+            .and_then(|record| record.waves.get_mut(*wave as usize))
+            .map(|wave| &mut wave.gate)
+            .ok_or_else(unknown),
+        _ => Err(unknown()),
+    }
+}
