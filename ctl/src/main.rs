@@ -6,6 +6,7 @@
 mod output;
 mod access;
 mod client;
+mod cmd;
 mod commands;
 mod demo;
 mod flags;

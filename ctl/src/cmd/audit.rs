@@ -1,0 +1,91 @@
+//! `rewindctl audit`: the hash-chained audit log.
+
+use std::process::ExitCode;
+
+use clap::Subcommand;
+use rewind_proto::v1 as pb;
+
+use crate::client::{self, explain};
+use crate::output::{Format, json, table, time};
+
+#[derive(Clone, Subcommand)]
+pub enum AuditCommand {
+    List {
+        /// First entry (numbered from 1).
+        #[arg(long, default_value_t = 1)]
+        from: u64,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Recompute the hash chain; exit 0 only if it is intact.
+    Verify,
+}
+
+pub(crate) async fn audit(
+    client: &mut client::Client,
+    format: Format,
+    command: AuditCommand,
+) -> anyhow::Result<ExitCode> {
+    match command {
+        AuditCommand::List { from, limit } => {
+            let entries = client
+                .list_audit(pb::ListAuditRequest {
+                    from_index: from,
+                    limit,
+                })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            if format == Format::Json {
+                json(&entries)?;
+            } else {
+                let rows = entries
+                    .entries
+                    .iter()
+                    .map(|entry| {
+                        vec![
+                            entry.index.to_string(),
+                            time(entry.at_ms),
+                            entry.identity.clone(),
+                            entry.action.clone(),
+                            entry.target.clone(),
+                            entry.outcome.clone(),
+                        ]
+                    })
+                    .collect();
+                table(
+                    &["#", "AT", "IDENTITY", "ACTION", "TARGET", "OUTCOME"],
+                    rows,
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditCommand::Verify => {
+            let verification = client
+                .verify_audit(pb::VerifyAuditRequest {})
+                .await
+                .map_err(explain)?
+                .into_inner();
+            if format == Format::Json {
+                json(&verification)?;
+            } else if verification.ok {
+                say!(
+                    "audit chain intact: {} entries, head {}",
+                    verification.entries,
+                    verification.head_hash
+                );
+            } else {
+                say!(
+                    "audit chain BROKEN at entry {}: {}",
+                    verification.first_broken_index,
+                    verification.detail
+                );
+            }
+            Ok(if verification.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! `rewindctl change`: deploying a release, and following the change.
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Subcommand;
+use rewind_proto::v1 as pb;
+
+use crate::client::{self, explain, request_id};
+use crate::commands::{PageArgs, next_page};
+use crate::output::{self, Format, json, table, time};
+
+#[derive(Clone, Subcommand)]
+pub enum ChangeCommand {
+    /// Deploy a release: snapshot every host, then switch it to the release.
+    Start {
+        service: String,
+        version: String,
+        /// Limit to these hosts (repeat); default: every host of the service.
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// A flag of the service this change turns on (repeat); its rollback turns it back first.
+        #[arg(long = "flag-on", value_name = "FLAG")]
+        flags_on: Vec<String>,
+        /// A registered migration it applies, as database@version (repeat, in order): expand
+        /// ones on every shard before activation, contract and data ones after, all or nothing.
+        #[arg(long = "migration", value_name = "DATABASE@VERSION")]
+        migrations: Vec<String>,
+        /// Deploy at once where the policy asks for approvals (if it allows break-glass; needs
+        /// --reason): escalated, and marked until someone else reviews it.
+        #[arg(long)]
+        break_glass: bool,
+    },
+    Status {
+        change_id: String,
+    },
+    /// Changes, newest first, a page at a time.
+    List {
+        #[arg(long, default_value = "")]
+        service: String,
+        #[command(flatten)]
+        page: PageArgs,
+    },
+}
+
+pub(crate) async fn change(
+    client: &mut client::Client,
+    format: Format,
+    command: ChangeCommand,
+) -> anyhow::Result<ExitCode> {
+    let change = match command {
+        ChangeCommand::Start {
+            service,
+            version,
+            hosts,
+            reason,
+            flags_on,
+            migrations,
+            break_glass,
+        } => {
+            let request = pb::StartChangeRequest {
+                request_id: request_id(),
+                service,
+                version,
+                host_ids: hosts,
+                reason,
+                flags_on,
+                migrations,
+                break_glass,
+            };
+            let answer = client
+                .start_change(request)
+                .await
+                .map_err(explain)?
+                .into_inner();
+            if answer.change.is_none() {
+                if format == Format::Json {
+                    json(&answer)?;
+                } else {
+                    crate::requests::print_filed(answer.request)?;
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            answer.change
+        }
+        ChangeCommand::Status { change_id } => {
+            client
+                .get_change(pb::GetChangeRequest { change_id })
+                .await
+                .map_err(explain)?
+                .into_inner()
+                .change
+        }
+        ChangeCommand::List { service, page } => {
+            let command = if service.is_empty() {
+                "change list".to_string()
+            } else {
+                format!("change list --service {service}")
+            };
+            let changes = client
+                .list_changes(pb::ListChangesRequest {
+                    service,
+                    limit: page.limit,
+                    before: page.before,
+                })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            if format == Format::Json {
+                json(&changes)?;
+            } else {
+                let rows = changes
+                    .changes
+                    .iter()
+                    .map(|change| {
+                        vec![
+                            change.change_id.clone(),
+                            change.service.clone(),
+                            format!("{} -> {}", change.previous_version, change.version),
+                            output::change_state(change).into(),
+                            change.hosts.len().to_string(),
+                            time(change.started_at_ms),
+                            change.rollback_id.clone(),
+                        ]
+                    })
+                    .collect();
+                table(
+                    &[
+                        "CHANGE", "SERVICE", "VERSIONS", "STATE", "HOSTS", "STARTED", "ROLLBACK",
+                    ],
+                    rows,
+                );
+                next_page(&command, page.limit, &changes.next_before);
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+    let change = change.context("the coordinator answered without a change")?;
+    if format == Format::Json {
+        json(&change)?;
+    } else {
+        output::print_change(&change);
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,83 @@
+//! `rewindctl fleet`: the hosts the coordinator knows and how they are.
+
+use std::process::ExitCode;
+
+use clap::Subcommand;
+use rewind_proto::v1 as pb;
+
+use crate::client::{self, explain};
+use crate::output::{Format, json, table};
+
+#[derive(Clone, Subcommand)]
+pub enum FleetCommand {
+    /// Registered hosts, whether connected, and their latest health.
+    List,
+}
+
+pub(crate) async fn fleet_list(
+    client: &mut client::Client,
+    format: Format,
+) -> anyhow::Result<ExitCode> {
+    let mut hosts = pb::ListHostsResponse::default();
+    loop {
+        let page = client
+            .list_hosts(pb::ListHostsRequest {
+                page_token: hosts.next_page_token.clone(),
+                page_size: 0,
+            })
+            .await
+            .map_err(explain)?
+            .into_inner();
+        hosts.hosts.extend(page.hosts);
+        hosts.next_page_token = page.next_page_token;
+        if hosts.next_page_token.is_empty() {
+            break;
+        }
+    }
+    if format == Format::Json {
+        json(&hosts)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows = hosts
+        .hosts
+        .iter()
+        .map(|host| {
+            let labels = host.labels.clone().unwrap_or_default();
+            let health = host.last_health.as_ref().map_or_else(
+                || "-".to_string(),
+                |report| {
+                    let failing = report.probes.iter().filter(|probe| !probe.ok).count();
+                    format!(
+                        "{}/{} probes ok",
+                        report.probes.len() - failing,
+                        report.probes.len()
+                    )
+                },
+            );
+            vec![
+                host.host_id.clone(),
+                if host.connected {
+                    "connected".into()
+                } else {
+                    "disconnected".into()
+                },
+                labels.region,
+                labels.environment,
+                host.services.join(","),
+                health,
+            ]
+        })
+        .collect();
+    table(
+        &["HOST", "AGENT", "REGION", "ENV", "SERVICES", "HEALTH"],
+        rows,
+    );
+    for host in hosts
+        .hosts
+        .iter()
+        .filter(|host| !host.last_offline.is_empty())
+    {
+        say!("{} was {}", host.host_id, host.last_offline);
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,10 @@
+//! One file per noun of the command tree; `commands.rs` holds the tree's root and dispatch.
+
+pub mod audit;
+pub mod change;
+pub mod cluster;
+pub mod fleet;
+pub mod release;
+pub mod rollback;
+pub mod service;
+pub mod trigger;

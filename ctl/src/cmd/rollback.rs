@@ -1,0 +1,296 @@
+//! `rewindctl rollback`: planning, starting, watching and controlling rollbacks.
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Subcommand;
+use rewind_proto::v1 as pb;
+
+use crate::client::{self, explain, request_id};
+use crate::commands::{EXIT_ROLLBACK_FAILED, PageArgs, next_page};
+use crate::output::{self, Format, json, table, time};
+use crate::watch;
+
+#[derive(Clone, Subcommand)]
+pub enum RollbackCommand {
+    /// Show what a rollback would do, without doing it: waves, hosts, steps, gates, readiness.
+    Plan {
+        #[command(flatten)]
+        selection: crate::plans::SelectionArgs,
+        #[command(flatten)]
+        options: crate::plans::PlanArgs,
+    },
+    /// Roll changes back to the state captured before them, as `rollback plan` shows.
+    Start {
+        /// One change to roll back (the same as --change).
+        change_id: Option<String>,
+        #[command(flatten)]
+        selection: crate::plans::SelectionArgs,
+        #[command(flatten)]
+        options: crate::plans::PlanArgs,
+        /// Run only if the plan is still the one `rollback plan` showed with this hash.
+        #[arg(long, default_value = "")]
+        plan_hash: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// Run at once where the policy requires approvals (needs --reason): escalated, marked
+        /// in the audit and every listing, and left for an approver to review.
+        #[arg(long, requires = "reason")]
+        break_glass: bool,
+        /// Follow it until it ends.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Where a rollback is, why it stopped, the evidence and the commands that move it on.
+    Explain {
+        rollback_id: String,
+    },
+    /// Leave one host unreverted (audited); resume afterwards if the rollback is paused.
+    SkipHost {
+        rollback_id: String,
+        host_id: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Circuit breaker: drain every host of a failing service instead of reverting it (audited);
+    /// the rollback goes on with its other services.
+    Isolate {
+        rollback_id: String,
+        service: String,
+        #[arg(long)]
+        reason: String,
+    },
+    Status {
+        rollback_id: String,
+    },
+    /// Rollbacks, newest first, a page at a time (`status` shows one's steps).
+    List {
+        #[command(flatten)]
+        page: PageArgs,
+    },
+    /// Follow a rollback live until it ends; exit 0 only if it succeeded.
+    Watch {
+        rollback_id: String,
+    },
+    Pause {
+        rollback_id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    Resume {
+        rollback_id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    Abort {
+        rollback_id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
+pub(crate) async fn rollback(
+    client: &mut client::Client,
+    format: Format,
+    command: RollbackCommand,
+) -> anyhow::Result<ExitCode> {
+    let action = |rollback_id: String, reason: String| pb::RollbackActionRequest {
+        request_id: request_id(),
+        rollback_id,
+        reason,
+        host_id: String::new(),
+        service: String::new(),
+    };
+    let rollback = match command {
+        RollbackCommand::Plan { selection, options } => {
+            let plan = client
+                .plan_rollback(pb::PlanRollbackRequest {
+                    selection: Some(selection.into_selection(None)?),
+                    options: Some(options.into_options()),
+                })
+                .await
+                .map_err(explain)?
+                .into_inner()
+                .plan
+                .context("no plan in the answer")?;
+            if format == Format::Json {
+                json(&plan)?;
+            } else {
+                crate::plans::print_plan(&plan);
+            }
+            return Ok(if plan.runnable {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_ROLLBACK_FAILED)
+            });
+        }
+        RollbackCommand::Explain { rollback_id } => {
+            let answer = client
+                .explain_rollback(pb::GetRollbackRequest { rollback_id })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            if format == Format::Json {
+                json(&answer)?;
+            } else {
+                say!("{}", answer.explanation);
+                if !answer.next_commands.is_empty() {
+                    say!("\nTo move it on:");
+                    for command in &answer.next_commands {
+                        say!("  {command}");
+                    }
+                }
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        RollbackCommand::SkipHost {
+            rollback_id,
+            host_id,
+            reason,
+        } => client
+            .skip_host(pb::RollbackActionRequest {
+                host_id,
+                ..action(rollback_id, reason)
+            })
+            .await
+            .map_err(explain)?
+            .into_inner()
+            .rollback
+            .context("no rollback")?,
+        RollbackCommand::Isolate {
+            rollback_id,
+            service,
+            reason,
+        } => client
+            .isolate_service(pb::RollbackActionRequest {
+                service,
+                ..action(rollback_id, reason)
+            })
+            .await
+            .map_err(explain)?
+            .into_inner()
+            .rollback
+            .context("no rollback")?,
+        RollbackCommand::Start {
+            change_id,
+            selection,
+            options,
+            plan_hash,
+            reason,
+            break_glass,
+            watch: follow,
+        } => {
+            let request = pb::StartRollbackRequest {
+                request_id: request_id(),
+                change_id: String::new(),
+                reason,
+                max_parallel: 0,
+                selection: Some(selection.into_selection(change_id)?),
+                options: Some(options.into_options()),
+                plan_hash,
+                break_glass,
+            };
+            let answer = client
+                .start_rollback(request)
+                .await
+                .map_err(explain)?
+                .into_inner();
+            let Some(rollback) = answer.rollback else {
+                if format == Format::Json {
+                    json(&answer)?;
+                } else {
+                    crate::requests::print_filed(answer.request)?;
+                }
+                return Ok(ExitCode::SUCCESS);
+            };
+            if follow {
+                return watch::follow(client, format, &rollback.rollback_id).await;
+            }
+            rollback
+        }
+        RollbackCommand::Status { rollback_id } => client
+            .get_rollback(pb::GetRollbackRequest { rollback_id })
+            .await
+            .map_err(explain)?
+            .into_inner()
+            .rollback
+            .context("no rollback in the answer")?,
+        RollbackCommand::List { page } => {
+            let rollbacks = client
+                .list_rollbacks(pb::ListRollbacksRequest {
+                    limit: page.limit,
+                    before: page.before,
+                })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            if format == Format::Json {
+                json(&rollbacks)?;
+            } else {
+                let rows = rollbacks
+                    .rollbacks
+                    .iter()
+                    .map(|rollback| {
+                        vec![
+                            rollback.rollback_id.clone(),
+                            rollback.change_ids.join(","),
+                            rollback.services.join(","),
+                            output::rollback_state(rollback).into(),
+                            output::trigger_of(rollback),
+                            time(rollback.started_at_ms),
+                            time(rollback.finished_at_ms),
+                        ]
+                    })
+                    .collect();
+                table(
+                    &[
+                        "ROLLBACK", "CHANGES", "SERVICES", "STATE", "TRIGGER", "STARTED",
+                        "FINISHED",
+                    ],
+                    rows,
+                );
+                next_page("rollback list", page.limit, &rollbacks.next_before);
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        RollbackCommand::Watch { rollback_id } => {
+            return watch::follow(client, format, &rollback_id).await;
+        }
+        RollbackCommand::Pause {
+            rollback_id,
+            reason,
+        } => client
+            .pause_rollback(action(rollback_id, reason))
+            .await
+            .map_err(explain)?
+            .into_inner()
+            .rollback
+            .context("no rollback")?,
+        RollbackCommand::Resume {
+            rollback_id,
+            reason,
+        } => client
+            .resume_rollback(action(rollback_id, reason))
+            .await
+            .map_err(explain)?
+            .into_inner()
+            .rollback
+            .context("no rollback")?,
+        RollbackCommand::Abort {
+            rollback_id,
+            reason,
+        } => client
+            .abort_rollback(action(rollback_id, reason))
+            .await
+            .map_err(explain)?
+            .into_inner()
+            .rollback
+            .context("no rollback")?,
+    };
+    if format == Format::Json {
+        json(&rollback)?;
+    } else {
+        output::print_rollback(&rollback);
+    }
+    Ok(ExitCode::SUCCESS)
+}
