@@ -184,7 +184,7 @@ pub async fn remove_member(
     identity: &str,
     request: pb::RemoveMemberRequest,
 ) -> Result<(), Status> {
-    super::control::validate_reason(&request.reason)?;
+    super::validate::validate_reason(&request.reason)?;
     let Some(member) = context.directory.get(request.member_id) else {
         return Err(not_a_member(context, request.member_id));
     };
@@ -303,7 +303,7 @@ fn member_record(request: &pb::AddMemberRequest) -> Result<MemberRecord, Status>
         request.name.clone()
     };
     names::validate_name("name", &name).map_err(|error| to_status(error.into()))?;
-    super::control::validate_reason(&request.reason)?;
+    super::validate::validate_reason(&request.reason)?;
     Ok(MemberRecord {
         id: request.member_id,
         address: address.clone(),

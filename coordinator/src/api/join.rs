@@ -14,8 +14,8 @@ use sha2::Digest;
 use tonic::Status;
 
 use super::Context;
-use super::control::{parse_id, validate_reason};
 use super::status::{invalid, to_status};
+use super::validate::{parse_id, validate_reason};
 use crate::access::Caller;
 use crate::errors::CoordinatorError;
 use crate::state_machine::join_tokens::{DEFAULT_TOKEN_TTL_MS, MAX_TOKEN_TTL_MS, MAX_TOKEN_USES};

@@ -17,6 +17,7 @@ mod requests;
 pub mod status;
 mod targets;
 mod upgrade;
+mod validate;
 
 use std::sync::Arc;
 

@@ -42,7 +42,7 @@ pub async fn apply(
         ));
     }
     // One check for every reason: it reaches terminals and the audit log.
-    super::control::validate_reason(&request.reason)?;
+    super::validate::validate_reason(&request.reason)?;
     if !request.expected_hash.is_empty()
         && (request.expected_hash.len() != 64
             || !request.expected_hash.chars().all(|c| c.is_ascii_hexdigit()))

@@ -6,8 +6,8 @@
 use rewind_proto::v1 as pb;
 use tonic::Status;
 
-use super::control::{parse_id, validate_reason};
 use super::status::{invalid, to_status};
+use super::validate::{parse_id, validate_reason};
 use super::{Context, convert, targets};
 use crate::access::Caller;
 use crate::errors::CoordinatorError;

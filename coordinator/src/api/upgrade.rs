@@ -6,8 +6,8 @@ use tonic::Status;
 use tracing::info;
 
 use super::Context;
-use super::control::validate_reason;
 use super::status::invalid;
+use super::validate::validate_reason;
 use crate::state_machine::{CommandKind, version};
 
 /// The cluster version, what each member supports (asked now, a second at most each), and the

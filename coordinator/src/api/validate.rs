@@ -1,0 +1,421 @@
+//! Validation of what arrives over the control API: every field checked and bounded, and
+//! refused naming it, before anything is proposed. The bounds are named here.
+
+use rewind_proto::v1 as pb;
+use rewind_shared::names;
+use tonic::Status;
+
+use super::status::{invalid, to_status};
+use crate::state_machine::*;
+
+/// Longest free-text reason accepted.
+pub(super) const MAX_REASON_BYTES: usize = 1024;
+/// Most hosts one change may name explicitly.
+pub(super) const MAX_HOSTS_PER_REQUEST: usize = 10_000;
+/// Most synthetic checks one service may have.
+pub(super) const MAX_SYNTHETICS: usize = 16;
+/// Most flags one change may turn on.
+pub(super) const MAX_FLAGS_PER_CHANGE: usize = 64;
+/// Longest `InspectHostRequest.compare_token`.
+pub(super) const MAX_COMPARE_TOKEN_BYTES: usize = 64;
+/// The most audit entries, changes or rollbacks one list answer holds.
+pub(super) const MAX_LIST_PAGE: u32 = 1000;
+/// The most hosts one `ListHosts` page holds.
+pub(super) const MAX_HOSTS_PER_PAGE: usize = 1000;
+/// About the most bytes one `ListHosts` page holds (a single host larger than this still
+/// gets a page of its own: its report is bounded well under the message limit).
+pub(super) const MAX_LIST_PAGE_BYTES: usize = 2 << 20;
+
+pub(super) const MAX_CONDITIONS: usize = 8;
+
+pub(super) fn validate_condition(
+    position: usize,
+    condition: &pb::PolicyCondition,
+) -> Result<PolicyCondition, Status> {
+    let field = |name: &str| format!("service.policy.conditions[{position}].{name}");
+    let figure = match pb::HealthFigure::try_from(condition.figure) {
+        Ok(pb::HealthFigure::ProbeFailureRatio) => HealthFigure::ProbeFailureRatio,
+        Ok(pb::HealthFigure::ErrorRatio) => HealthFigure::ErrorRatio,
+        Ok(pb::HealthFigure::P99LatencyMs) => HealthFigure::P99LatencyMs,
+        _ => {
+            return Err(invalid(
+                &field("figure"),
+                "name one: probe_failure_ratio, error_ratio or p99_latency_ms",
+            ));
+        }
+    };
+    let threshold = condition.threshold;
+    let allowed = if condition.relative_to_baseline {
+        (threshold > 0.0 && threshold <= 1000.0)
+            .then_some(())
+            .ok_or("as a multiple of the baseline it must be within (0, 1000]")
+    } else if figure == HealthFigure::P99LatencyMs {
+        (threshold > 0.0 && threshold <= 3_600_000.0)
+            .then_some(())
+            .ok_or("as milliseconds it must be within (0, 3600000]")
+    } else {
+        (0.0..=1.0)
+            .contains(&threshold)
+            .then_some(())
+            .ok_or("as a ratio it must be within 0..=1")
+    };
+    if let Err(why) = allowed {
+        return Err(invalid(
+            &field("threshold"),
+            format!("is {threshold}; {why}"),
+        ));
+    }
+    if condition.for_s == 0 || condition.for_s > 3600 {
+        return Err(invalid(
+            &field("for_s"),
+            format!("is {}, must be within 1..=3600 s", condition.for_s),
+        ));
+    }
+    Ok(PolicyCondition {
+        figure,
+        threshold,
+        relative_to_baseline: condition.relative_to_baseline,
+        for_s: condition.for_s,
+    })
+}
+
+pub(super) fn validate_service(service: pb::Service) -> Result<ServiceRecord, Status> {
+    names::validate_name("service.name", &service.name).map_err(field_error)?;
+    if service.depends_on.len() > 256 {
+        return Err(invalid(
+            "service.depends_on",
+            "names more than 256 services",
+        ));
+    }
+    for provider in &service.depends_on {
+        names::validate_name("service.depends_on", provider).map_err(field_error)?;
+    }
+    let policy = match service.policy {
+        None => HealthPolicy::default(),
+        Some(policy) => {
+            if !(0.0..=1.0).contains(&policy.max_probe_failure_ratio) {
+                return Err(invalid(
+                    "service.policy.max_probe_failure_ratio",
+                    format!(
+                        "is {}, must be within 0..=1",
+                        policy.max_probe_failure_ratio
+                    ),
+                ));
+            }
+            if policy.for_s > 3600 {
+                return Err(invalid(
+                    "service.policy.for_s",
+                    format!("is {}, at most 3600 s is allowed", policy.for_s),
+                ));
+            }
+            if policy.watch_s == 0 || policy.watch_s > 7 * 86_400 {
+                return Err(invalid(
+                    "service.policy.watch_s",
+                    format!("is {}, must be within 1..=604800 s", policy.watch_s),
+                ));
+            }
+            if policy.conditions.len() > MAX_CONDITIONS {
+                return Err(invalid(
+                    "service.policy.conditions",
+                    format!("names more than {MAX_CONDITIONS} conditions"),
+                ));
+            }
+            let conditions = policy
+                .conditions
+                .iter()
+                .enumerate()
+                .map(|(position, condition)| validate_condition(position, condition))
+                .collect::<Result<Vec<_>, Status>>()?;
+            HealthPolicy {
+                max_probe_failure_ratio: policy.max_probe_failure_ratio,
+                for_s: policy.for_s,
+                watch_s: policy.watch_s,
+                auto_rollback: policy.auto_rollback,
+                conditions,
+            }
+        }
+    };
+    if service.synthetics.len() > MAX_SYNTHETICS {
+        return Err(invalid(
+            "service.synthetics",
+            format!("names more than {MAX_SYNTHETICS} checks"),
+        ));
+    }
+    let synthetics = service
+        .synthetics
+        .into_iter()
+        .map(validate_synthetic)
+        .collect::<Result<Vec<_>, Status>>()?;
+    let rollback_steps = crate::recipe::parse(&service.rollback_steps)
+        .map_err(|problem| invalid("service.rollback_steps", problem))?;
+    Ok(ServiceRecord {
+        name: service.name,
+        depends_on: service.depends_on,
+        policy,
+        synthetics,
+        rollback_steps,
+    })
+}
+
+/// Most migrations one change may apply.
+pub(super) const MAX_MIGRATIONS_PER_CHANGE: usize = 64;
+
+/// Largest script a migration may carry.
+pub(super) const MAX_SCRIPT_BYTES: usize = 256 * 1024;
+
+pub(super) fn validate_migration(migration: pb::Migration) -> Result<MigrationRecord, Status> {
+    names::validate_name("migration.database", &migration.database).map_err(field_error)?;
+    names::validate_version("migration.version", &migration.version).map_err(field_error)?;
+    let class = match pb::MigrationClass::try_from(migration.class) {
+        Ok(pb::MigrationClass::Expand) => MigrationClass::Expand,
+        Ok(pb::MigrationClass::Contract) => MigrationClass::Contract,
+        Ok(pb::MigrationClass::Data) => MigrationClass::Data,
+        _ => {
+            return Err(invalid(
+                "migration.class",
+                "must be expand, contract or data",
+            ));
+        }
+    };
+    for (field, script) in [
+        ("migration.up_sql", &migration.up_sql),
+        ("migration.down_sql", &migration.down_sql),
+        ("migration.verify_sql", &migration.verify_sql),
+    ] {
+        if script.len() > MAX_SCRIPT_BYTES {
+            return Err(invalid(
+                field,
+                format!("is {} bytes, at most {MAX_SCRIPT_BYTES}", script.len()),
+            ));
+        }
+        // rewind runs every script inside its own transaction (prepared, across shards): a
+        // script that commits on its own would escape the all-or-nothing.
+        if let Some(statement) = rewind_shared::sql::transaction_control(script) {
+            return Err(invalid(
+                field,
+                format!(
+                    "ends or begins a transaction ({}): rewind runs the script inside its own \
+                     transaction; remove the transaction control",
+                    rewind_shared::names::truncate(&statement, 60)
+                ),
+            ));
+        }
+    }
+    if migration.up_sql.trim().is_empty() {
+        return Err(invalid("migration.up_sql", "is empty"));
+    }
+    if migration.down_sql.trim().is_empty() {
+        return Err(invalid(
+            "migration.down_sql",
+            format!(
+                "{}@{} has no down script: a migration that cannot be undone is refused",
+                migration.database, migration.version
+            ),
+        ));
+    }
+    let checksum = migration_checksum(
+        &migration.up_sql,
+        &migration.down_sql,
+        &migration.verify_sql,
+    );
+    Ok(MigrationRecord {
+        database: migration.database,
+        version: migration.version,
+        class,
+        up_sql: migration.up_sql,
+        down_sql: migration.down_sql,
+        verify_sql: migration.verify_sql,
+        checksum,
+        registered_at_ms: 0,
+        registered_by: String::new(),
+    })
+}
+
+pub(super) fn validate_synthetic(check: pb::SyntheticCheck) -> Result<SyntheticCheck, Status> {
+    names::validate_name("service.synthetics.name", &check.name).map_err(field_error)?;
+    let field = |what: &str| format!("service.synthetics[{}].{what}", check.name);
+    if !check.url.starts_with("http://") || check.url.len() > 2048 {
+        return Err(invalid(
+            &field("url"),
+            format!(
+                "{:?} must be an http:// URL of at most 2048 bytes",
+                check.url
+            ),
+        ));
+    }
+    let method = match check.method.to_ascii_uppercase().as_str() {
+        "" | "GET" => "GET",
+        "POST" => "POST",
+        other => {
+            return Err(invalid(
+                &field("method"),
+                format!("{other:?} is not GET or POST"),
+            ));
+        }
+    };
+    if check.body.len() > 65_536 || check.body_contains.len() > 1024 {
+        return Err(invalid(
+            &field("body"),
+            "at most 64 KiB of body and 1 KiB of expected text",
+        ));
+    }
+    let expect_status = match check.expect_status {
+        0 => 200,
+        status @ 100..=599 => status as u16,
+        other => {
+            return Err(invalid(
+                &field("expect_status"),
+                format!("{other} is not an HTTP status"),
+            ));
+        }
+    };
+    let max_latency_ms = match check.max_latency_ms {
+        0 => 2000,
+        latency @ 1..=60_000 => latency,
+        other => {
+            return Err(invalid(
+                &field("max_latency_ms"),
+                format!("is {other}, must be within 1..=60000"),
+            ));
+        }
+    };
+    Ok(SyntheticCheck {
+        name: check.name,
+        url: check.url,
+        method: method.to_string(),
+        body: check.body,
+        expect_status,
+        body_contains: check.body_contains,
+        max_latency_ms,
+    })
+}
+
+pub(super) fn validate_reason(reason: &str) -> Result<(), Status> {
+    if reason.len() > MAX_REASON_BYTES {
+        return Err(invalid(
+            "reason",
+            format!(
+                "is {} bytes, at most {MAX_REASON_BYTES} are allowed",
+                reason.len()
+            ),
+        ));
+    }
+    // Reasons are shown on terminals and in the audit log: no escape sequences, one line.
+    if reason.chars().any(char::is_control) {
+        return Err(invalid(
+            "reason",
+            "must not hold control characters (newlines, tabs, escapes)",
+        ));
+    }
+    Ok(())
+}
+
+/// A list page's size (0: 100, at most 1000) and the number below which it starts (`before`,
+/// an id like `ch-12`; empty: from the newest).
+pub(super) fn page(limit: u32, prefix: &str, before: &str) -> Result<(usize, u64), Status> {
+    let limit = page_limit(limit)?;
+    let before = if before.is_empty() {
+        u64::MAX
+    } else {
+        parse_id("before", prefix, before)?
+    };
+    Ok((limit, before))
+}
+
+/// A page's size: 0 means 100, at most [`MAX_LIST_PAGE`] (audit entries, changes, rollbacks).
+pub(super) fn page_limit(limit: u32) -> Result<usize, Status> {
+    match limit {
+        0 => Ok(100),
+        limit if limit > MAX_LIST_PAGE => Err(invalid(
+            "limit",
+            format!("is {limit}, at most {MAX_LIST_PAGE} are returned at once"),
+        )),
+        limit => Ok(limit as usize),
+    }
+}
+
+/// Parses `ch-12` / `rb-3`, naming the field and the expected shape when it is not one.
+pub(super) fn parse_id(field: &str, prefix: &str, id: &str) -> Result<u64, Status> {
+    if id.is_empty() {
+        return Err(invalid(field, "must not be empty"));
+    }
+    if id.len() > names::MAX_NAME_LEN {
+        return Err(invalid(
+            field,
+            format!("is {} bytes, not an id like {prefix}-12", id.len()),
+        ));
+    }
+    parse_numbered_id(prefix, id)
+        .ok_or_else(|| invalid(field, format!("{id:?} is not an id like {prefix}-12")))
+}
+
+pub(super) fn field_error(error: rewind_shared::SharedError) -> Status {
+    to_status(error.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_migrations_are_refused_naming_the_field() {
+        let good = pb::Migration {
+            database: "orders".into(),
+            version: "0001".into(),
+            class: pb::MigrationClass::Expand.into(),
+            up_sql: "ALTER TABLE t ADD COLUMN c int".into(),
+            down_sql: "ALTER TABLE t DROP COLUMN c".into(),
+            ..Default::default()
+        };
+        let record = validate_migration(good.clone()).unwrap();
+        assert_eq!(
+            record.checksum,
+            migration_checksum(&good.up_sql, &good.down_sql, "")
+        );
+        for (migration, why) in [
+            (
+                pb::Migration {
+                    class: 0,
+                    ..good.clone()
+                },
+                "migration.class",
+            ),
+            (
+                pb::Migration {
+                    database: "Orders".into(),
+                    ..good.clone()
+                },
+                "migration.database",
+            ),
+            (
+                pb::Migration {
+                    up_sql: " ".into(),
+                    ..good.clone()
+                },
+                "migration.up_sql",
+            ),
+            (
+                pb::Migration {
+                    down_sql: String::new(),
+                    ..good.clone()
+                },
+                "has no down script",
+            ),
+            (
+                pb::Migration {
+                    verify_sql: "x".repeat(MAX_SCRIPT_BYTES + 1),
+                    ..good.clone()
+                },
+                "migration.verify_sql",
+            ),
+        ] {
+            let status = validate_migration(migration).unwrap_err();
+            assert_eq!(status.code(), tonic::Code::InvalidArgument);
+            assert!(
+                status.message().contains(why),
+                "{why}: {}",
+                status.message()
+            );
+        }
+    }
+}
