@@ -23,11 +23,18 @@ const DELIVERY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// `sha256=<hex>` over `"<timestamp_ms>.<body>"`.
 pub fn sign(secret: &[u8], timestamp_ms: u64, body: &[u8]) -> String {
+    let mac = webhook_mac(secret, timestamp_ms, body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// HMAC-SHA256 of `"<timestamp_ms>.<body>"`: what escalations are signed with and generic
+/// webhooks are checked against.
+pub fn webhook_mac(secret: &[u8], timestamp_ms: u64, body: &[u8]) -> Hmac<Sha256> {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes a key of any length");
     mac.update(timestamp_ms.to_string().as_bytes());
     mac.update(b".");
     mac.update(body);
-    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    mac
 }
 
 #[derive(Serialize)]

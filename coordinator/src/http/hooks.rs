@@ -18,7 +18,7 @@ use axum::body::Bytes;
 use axum::extract::State as Extract;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use hmac::{Hmac, Mac};
+use hmac::Mac;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tracing::info;
@@ -300,11 +300,8 @@ fn check_signature(
         .strip_prefix("sha256=")
         .and_then(|hex_text| hex::decode(hex_text).ok())
         .ok_or_else(|| format!("{SIGNATURE_HEADER} must be sha256=<hex>"))?;
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes a key of any length");
-    mac.update(timestamp.to_string().as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    mac.verify_slice(&signature)
+    crate::engine::webhook_mac(secret, timestamp, body)
+        .verify_slice(&signature)
         .map_err(|_| "the signature does not match the body and the shared secret".to_string())?;
     Ok(signature)
 }
