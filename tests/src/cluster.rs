@@ -1,0 +1,541 @@
+//! Clusters of coordinator processes: start, kill, upgrade, partition, compare members.
+
+use crate::*;
+
+/// How a [`ClusterHarness`] is set up.
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    /// `storage.snapshot-every` of every member.
+    pub snapshot_every: u64,
+    /// A member that listens apart from the address the others dial (a proxy the test runs in
+    /// front of it). Loopback clusters only.
+    pub listen_apart: Option<ListenApart>,
+    /// The coordinator binary members start from (another release's); this build's if None.
+    pub coordinator_binary: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ListenApart {
+    pub member: u64,
+    /// Where it listens.
+    pub listen: String,
+    /// What peers, agents and clients dial.
+    pub advertised: String,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        Self {
+            // Small, so snapshots, compaction and snapshot installs happen in every test run.
+            snapshot_every: 50,
+            listen_apart: None,
+            coordinator_binary: None,
+        }
+    }
+}
+
+/// A multi-member coordinator cluster of real processes on loopback, with its own CA.
+pub struct ClusterHarness {
+    pub dir: PathBuf,
+    pub tls_dir: PathBuf,
+    pub ca: DevCa,
+    /// What peers, agents and clients dial, by member (id - 1).
+    pub addresses: Vec<String>,
+    /// Where each member listens: its address, unless the test put something in between.
+    listens: Vec<String>,
+    /// Each member's `/metrics` and webhooks (plain HTTP).
+    pub http_addresses: Vec<String>,
+    members: Vec<Option<Process>>,
+    /// Members run in their own network namespaces here, when the cluster can be partitioned.
+    network: Option<PrivateNet>,
+    /// Members cut off from the network right now.
+    cut: Vec<u64>,
+    /// `storage.snapshot-every` of every member: small in tests so snapshots happen.
+    snapshot_every: u64,
+    /// The binary each member (id - 1) starts from.
+    binaries: Vec<PathBuf>,
+}
+
+impl ClusterHarness {
+    /// Starts `size` members (ids 1..=size) that bootstrap one cluster, on loopback.
+    pub fn must_start(dir: &Path, size: u64) -> Self {
+        Self::must_start_with(dir, size, None, ClusterOptions::default())
+    }
+
+    /// Like [`ClusterHarness::must_start`], with these options.
+    pub fn must_start_with_options(dir: &Path, size: u64, options: ClusterOptions) -> Self {
+        Self::must_start_with(dir, size, None, options)
+    }
+
+    /// Like [`ClusterHarness::must_start`], each member in its own network namespace on a
+    /// private network, so [`ClusterHarness::cut`] can partition it. Needs root.
+    pub fn must_start_partitionable(dir: &Path, size: u64) -> Self {
+        let network = PrivateNet::create(size)
+            .unwrap_or_else(|error| panic!("build a private network: {error}"));
+        Self::must_start_with(dir, size, Some(network), ClusterOptions::default())
+    }
+
+    /// Like [`ClusterHarness::must_start`] with the production snapshot interval, for
+    /// benchmarks.
+    pub fn must_start_for_benchmark(dir: &Path, size: u64) -> Self {
+        let options = ClusterOptions {
+            snapshot_every: 10_000,
+            ..ClusterOptions::default()
+        };
+        Self::must_start_with(dir, size, None, options)
+    }
+
+    fn must_start_with(
+        dir: &Path,
+        size: u64,
+        network: Option<PrivateNet>,
+        options: ClusterOptions,
+    ) -> Self {
+        let tls_dir = dir.join("tls");
+        std::fs::create_dir_all(&tls_dir).unwrap();
+        let ca = DevCa::generate("test cluster CA").unwrap();
+        ca.save(&tls_dir).unwrap();
+        ca.write_identity(&tls_dir, &Subject::new(Kind::User, dev_ca::OPERATOR), &[])
+            .unwrap();
+        // The operator administers the cluster, as `--dev` makes it.
+        let policy = format!(
+            "[[binding]]\nname = \"operator-admin\"\nrole = \"admin\"\nidentities = [\"user:{}\"]\nscopes = [\"*\"]\n\n\
+             [[binding]]\nname = \"monitoring\"\nrole = \"operator\"\n\
+             identities = [\"automation:alertmanager\", \"automation:webhook\"]\nscopes = [\"*\"]\n",
+            dev_ca::OPERATOR
+        );
+        std::fs::write(dir.join("policy.toml"), policy).unwrap();
+        let addresses: Vec<String> = match &network {
+            Some(network) => (1..=size)
+                .map(|id| format!("{}:7443", network.address(id)))
+                .collect(),
+            None => {
+                // Reserve distinct free ports, then release them for the members to bind.
+                let listeners: Vec<std::net::TcpListener> = (0..size)
+                    .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+                    .collect();
+                listeners
+                    .iter()
+                    .map(|listener| listener.local_addr().unwrap().to_string())
+                    .collect()
+            }
+        };
+        let mut listens = addresses.clone();
+        let mut addresses = addresses;
+        if let Some(apart) = options.listen_apart {
+            addresses[apart.member as usize - 1] = apart.advertised;
+            listens[apart.member as usize - 1] = apart.listen;
+        }
+        let http_addresses = listens
+            .iter()
+            .map(|listen| {
+                let host = listen
+                    .rsplit_once(':')
+                    .map_or("127.0.0.1", |(host, _)| host);
+                format!("{host}:{}", free_port())
+            })
+            .collect();
+        let mut harness = Self {
+            dir: dir.to_path_buf(),
+            tls_dir,
+            ca,
+            addresses,
+            listens,
+            http_addresses,
+            members: Vec::new(),
+            network,
+            cut: Vec::new(),
+            snapshot_every: options.snapshot_every,
+            binaries: Vec::new(),
+        };
+        let binary = options
+            .coordinator_binary
+            .unwrap_or_else(|| must_binary("rewind-coordinator"));
+        for id in 1..=size {
+            harness.must_write_identity(id);
+            harness.write_config(id, false);
+            harness.members.push(None);
+            harness.binaries.push(binary.clone());
+            harness.must_start_member(id);
+        }
+        harness
+    }
+
+    /// Member `id`'s certificate: its CN, and the host of its address as a SAN.
+    fn must_write_identity(&self, id: u64) {
+        let host = self.addresses[id as usize - 1]
+            .rsplit_once(':')
+            .map(|(host, _)| host.to_string())
+            .unwrap();
+        self.ca
+            .write_identity(
+                &self.tls_dir,
+                &Subject::member(id, &format!("coordinator-{id}")),
+                &["localhost", "127.0.0.1", &host],
+            )
+            .unwrap();
+    }
+
+    /// Prepares a host for each of `ids` whose agent dials this cluster's members (not started).
+    pub fn must_prepare_hosts(&self, dir: &Path, ids: &[&str]) -> Vec<TestHost> {
+        ids.iter()
+            .map(|id| TestHost::must_prepare_for(dir, id, &self.ca, &self.tls_dir, &self.addresses))
+            .collect()
+    }
+
+    /// Cuts member `id` off from every peer, agent and client (needs a partitionable cluster).
+    pub fn cut(&mut self, id: u64) {
+        let network = self.network.as_ref().expect("a partitionable cluster");
+        network.cut(id).unwrap();
+        self.cut.push(id);
+    }
+
+    /// Reconnects member `id`.
+    pub fn heal(&mut self, id: u64) {
+        let network = self.network.as_ref().expect("a partitionable cluster");
+        network.heal(id).unwrap();
+        self.cut.retain(|&cut| cut != id);
+    }
+
+    /// Members cut off right now.
+    pub fn cut_members(&self) -> &[u64] {
+        &self.cut
+    }
+
+    fn config_path(&self, id: u64) -> PathBuf {
+        self.dir.join(format!("member-{id}.toml"))
+    }
+
+    /// Starts one more member (the next id) that joins the running cluster: its config sets
+    /// `cluster.join` and lists every member so far. Returns its id; the cluster still has to add
+    /// it (`rewindctl cluster add`).
+    pub fn must_start_joining(&mut self) -> u64 {
+        self.must_start_joining_from(&must_binary("rewind-coordinator"))
+    }
+
+    /// Like [`ClusterHarness::must_start_joining`], from `binary` (another release's).
+    pub fn must_start_joining_from(&mut self, binary: &Path) -> u64 {
+        assert!(
+            self.network.is_none(),
+            "a joining member runs on loopback only"
+        );
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        drop(listener);
+        self.addresses.push(address.clone());
+        self.listens.push(address);
+        self.http_addresses
+            .push(format!("127.0.0.1:{}", free_port()));
+        let id = self.addresses.len() as u64;
+        self.must_write_identity(id);
+        self.write_config(id, true);
+        self.members.push(None);
+        self.binaries.push(binary.to_path_buf());
+        self.must_start_member(id);
+        id
+    }
+
+    /// Runs `rewindctl` as the operator against member `id`, and returns what it printed.
+    pub fn rewindctl(&self, id: u64, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(must_binary("rewindctl"))
+            .args(["--coordinator", &self.addresses[id as usize - 1]])
+            .args(args)
+            .env("REWIND_TLS_DIR", &self.tls_dir)
+            .env("REWIND_SERVER_NAME", "localhost")
+            .output()
+            .expect("run rewindctl")
+    }
+
+    fn write_config(&self, id: u64, join: bool) {
+        let members: String = self
+            .addresses
+            .iter()
+            .enumerate()
+            .map(|(index, address)| format!("[[cluster.member]]\nid = {}\naddress = \"{address}\"\nregion = \"region-{}\"\n", index + 1, index + 1))
+            .collect();
+        let tls = self.tls_dir.display();
+        let config = format!(
+            r#"listen = "{listen}"
+data-dir = "{data}"
+[tls]
+ca = "{tls}/ca.pem"
+cert = "{tls}/coordinator-{id}.pem"
+key = "{tls}/coordinator-{id}.key"
+[engine]
+step-timeout-s = 5
+verify-timeout-s = 20
+tick-ms = 100
+[health]
+report-interval-ms = 300
+window-s = 3
+[storage]
+snapshot-every = {snapshot_every}
+[http]
+listen = "{http}"
+[access]
+bootstrap-policy-file = "{policy}"
+[cluster]
+id = "test-cluster"
+member-id = {id}
+tick-ms = 50
+join = {join}
+{members}"#,
+            listen = self.listens[id as usize - 1],
+            http = self.http_addresses[id as usize - 1],
+            snapshot_every = self.snapshot_every,
+            data = self.dir.join(format!("member-{id}")).display(),
+            policy = self.dir.join("policy.toml").display(),
+        );
+        std::fs::write(self.config_path(id), config).unwrap();
+    }
+
+    pub fn must_start_member(&mut self, id: u64) {
+        let config = self.config_path(id);
+        let log = self.dir.join(format!("member-{id}.log"));
+        let namespace = self.network.as_ref().map(|network| network.namespace(id));
+        let process = spawn_in(
+            namespace.as_deref(),
+            &self.binaries[id as usize - 1],
+            &["--config", config.to_str().unwrap()],
+            &log,
+        );
+        self.members[id as usize - 1] = Some(process);
+    }
+
+    /// Starts member `id` from `binary` (another release's), as it will be started from now on:
+    /// an upgrade in place when it ran another binary on the same data directory.
+    pub fn must_start_member_from(&mut self, id: u64, binary: &Path) {
+        self.binaries[id as usize - 1] = binary.to_path_buf();
+        self.must_start_member(id);
+    }
+
+    /// If member `id` exited on its own: its status (and it counts as stopped from now on).
+    pub fn exited(&mut self, id: u64) -> Option<std::process::ExitStatus> {
+        let slot = &mut self.members[id as usize - 1];
+        let status = slot.as_mut()?.child.try_wait().ok().flatten()?;
+        *slot = None;
+        Some(status)
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill(&mut self, id: u64) {
+        if let Some(mut process) = self.members[id as usize - 1].take() {
+            process.kill();
+        }
+    }
+
+    pub async fn client_for(&self, address: &str) -> Result<ControlServiceClient<Channel>, String> {
+        Ok(ControlServiceClient::new(self.channel_for(address).await?))
+    }
+
+    /// A channel to one member, authenticated as the operator.
+    pub async fn channel_for(&self, address: &str) -> Result<Channel, String> {
+        operator_channel(&self.tls_dir, address).await
+    }
+
+    /// A channel to one member with member 1's certificate: only members call
+    /// `MemberService` and `RaftService`.
+    pub async fn member_channel_for(&self, address: &str) -> Result<Channel, String> {
+        tls_channel(&TlsFiles::in_dir(&self.tls_dir, "coordinator-1"), address).await
+    }
+
+    /// Ids of the members currently running.
+    pub fn live_members(&self) -> Vec<u64> {
+        (1..=self.members.len() as u64)
+            .filter(|&id| self.members[id as usize - 1].is_some())
+            .collect()
+    }
+
+    /// Member `id`'s latest state snapshot on disk: the index it covers and its size in bytes.
+    pub fn latest_snapshot(&self, id: u64) -> Option<(u64, u64)> {
+        let dir = self
+            .dir
+            .join(format!("member-{id}"))
+            .join("raft")
+            .join("state-snapshots");
+        std::fs::read_dir(dir)
+            .ok()?
+            .flatten()
+            .filter_map(|file| {
+                let name = file.file_name().into_string().ok()?;
+                let index = name.strip_suffix(".state")?.parse().ok()?;
+                Some((index, file.metadata().ok()?.len()))
+            })
+            .max()
+    }
+
+    /// What member `id` holds (`MemberService`; `brief` leaves out the state digest and the
+    /// audit check), or why it did not say.
+    pub async fn member_status(
+        &self,
+        id: u64,
+        brief: bool,
+    ) -> Result<rewind_proto::v1::MemberStatus, String> {
+        use rewind_proto::v1::member_service_client::MemberServiceClient;
+        let channel = self
+            .member_channel_for(&self.addresses[id as usize - 1])
+            .await?;
+        MemberServiceClient::new(channel)
+            .get_member_status(rewind_proto::v1::GetMemberStatusRequest { brief })
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|status| status.to_string())
+    }
+
+    /// Waits up to `limit` until member `id` has applied at least what member `leader` had
+    /// applied when asked; with `same_state`, until both are at one index with one state
+    /// digest. Returns the index reached, or says how far it got.
+    pub async fn catch_up(
+        &self,
+        id: u64,
+        leader: u64,
+        limit: Duration,
+        same_state: bool,
+    ) -> Result<u64, String> {
+        let started = Instant::now();
+        let target = self
+            .member_status(leader, true)
+            .await
+            .map_err(|error| format!("ask the leader, member {leader}: {error}"))?
+            .applied_index;
+        let mut reached = 0;
+        while started.elapsed() < limit {
+            if let Ok(behind) = self.member_status(id, !same_state).await {
+                reached = behind.applied_index;
+                let agrees = || async {
+                    let ahead = self.member_status(leader, false).await.ok()?;
+                    (ahead.applied_index == behind.applied_index
+                        && ahead.state_digest == behind.state_digest)
+                        .then_some(())
+                };
+                if reached >= target && (!same_state || agrees().await.is_some()) {
+                    return Ok(reached);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Err(format!(
+            "member {id} reached index {reached} within {} s, not the leader's {target}{}",
+            limit.as_secs(),
+            if same_state {
+                " with the leader's state"
+            } else {
+                ""
+            }
+        ))
+    }
+
+    /// [`ClusterHarness::catch_up`] to the leader's index and state, or panics.
+    pub async fn must_catch_up(&self, id: u64, leader: u64, limit: Duration) -> u64 {
+        self.catch_up(id, leader, limit, true)
+            .await
+            .unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    /// The live member that serves (the caught-up leader), and a client to it.
+    pub async fn must_leader(&self) -> (u64, ControlServiceClient<Channel>) {
+        must_wait_async(Duration::from_secs(30), "a leader", || async {
+            for (index, member) in self.members.iter().enumerate() {
+                if member.is_none() || self.cut.contains(&(index as u64 + 1)) {
+                    continue;
+                }
+                let Ok(mut client) = self.client_for(&self.addresses[index]).await else {
+                    continue;
+                };
+                let request = rewind_proto::v1::ListServicesRequest {};
+                if client.list_services(request).await.is_ok() {
+                    return Some((index as u64 + 1, client));
+                }
+            }
+            None
+        })
+        .await
+    }
+}
+
+/// Grows the replicated state until the leader's latest snapshot file is larger than `bytes`:
+/// registers releases of a service `big` whose `requires` name 256 providers each, 120
+/// random-looking characters a name (about 30 KiB a write, which compresses little), four
+/// writers at once, through whichever member leads. Returns the number of writes.
+pub async fn must_grow_state_past(cluster: &ClusterHarness, bytes: u64) -> u64 {
+    use rewind_proto::v1 as pb;
+    let service = plain_service("big");
+    let started = Instant::now();
+    let mut writes: u64 = 0;
+    loop {
+        let (leader, client) = cluster.must_leader().await;
+        if cluster
+            .latest_snapshot(leader)
+            .is_some_and(|(_, size)| size > bytes)
+        {
+            return writes;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "the leader's snapshot stayed under {bytes} bytes after {writes} writes"
+        );
+        let mut batch = tokio::task::JoinSet::new();
+        // Numbered across calls, so a later call adds releases rather than repeating them.
+        let first_of_batch = NEXT_LARGE_RELEASE.fetch_add(100, std::sync::atomic::Ordering::SeqCst);
+        for writer in 0..4 {
+            let mut client = client.clone();
+            let first = first_of_batch + writer * 25;
+            let service = service.clone();
+            batch.spawn(async move {
+                let put = pb::PutServiceRequest {
+                    request_id: "big".into(),
+                    service: Some(service),
+                };
+                client.put_service(put).await?;
+                for number in first..first + 25 {
+                    let release = pb::Release {
+                        service: "big".into(),
+                        version: format!("big-{number}"),
+                        artifact_digest: format!(
+                            "sha256:{}",
+                            rewind_shared::digest::sha256_hex(&number.to_be_bytes())
+                        ),
+                        commit: "c0ffee".into(),
+                        requires: (0..256)
+                            .map(|provider| (random_name(number, provider), 1))
+                            .collect(),
+                        ..Default::default()
+                    };
+                    client
+                        .register_release(pb::RegisterReleaseRequest {
+                            request_id: format!("big-{number}"),
+                            release: Some(release),
+                        })
+                        .await?;
+                }
+                Ok::<(), tonic::Status>(())
+            });
+        }
+        while let Some(done) = batch.join_next().await {
+            match done.expect("a writer") {
+                Ok(()) => {}
+                // Leadership moved: the next round writes through the new leader.
+                Err(status) if status.code() == tonic::Code::Unavailable => {}
+                Err(status) => panic!("register a large release: {status}"),
+            }
+        }
+        writes += 100;
+    }
+}
+
+pub(crate) static NEXT_LARGE_RELEASE: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(0);
+
+/// 120 characters of `[a-z0-9]` that depend on both numbers and repeat nothing: a provider
+/// name that compresses about as little as a name can.
+pub(crate) fn random_name(release: u64, provider: u64) -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    (0u64..4)
+        .flat_map(|part| {
+            let seed = [release, provider, part].map(u64::to_be_bytes).concat();
+            hex::decode(rewind_shared::digest::sha256_hex(&seed)).unwrap_or_default()
+        })
+        .take(120)
+        .map(|byte| ALPHABET[usize::from(byte) % ALPHABET.len()] as char)
+        .collect()
+}
