@@ -36,10 +36,10 @@ pub struct Cli {
 
 #[derive(Clone, Subcommand)]
 pub enum Command {
-    /// Hosts and their agents.
-    #[command(subcommand)]
+    /// The old spelling of `host list` (kept for a release).
+    #[command(subcommand, hide = true)]
     Fleet(FleetCommand),
-    /// Compare hosts' captured or live state, and show drift from the last snapshot.
+    /// Hosts: list them, compare their captured or live state, show drift, forget one.
     #[command(subcommand)]
     Host(crate::hosts::HostCommand),
     /// Services, their dependencies and health policies.

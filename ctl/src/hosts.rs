@@ -12,6 +12,8 @@ use crate::output::{Format, json, time};
 
 #[derive(Clone, Subcommand)]
 pub enum HostCommand {
+    /// Registered hosts, whether connected, and their latest health.
+    List,
     /// Compare two hosts' services: release, release digest, config files (content, mode,
     /// owner) and facts (unit, packages, container image). Exit 1 when they differ.
     Diff {
@@ -53,6 +55,7 @@ pub async fn run(
     command: HostCommand,
 ) -> anyhow::Result<ExitCode> {
     match command {
+        HostCommand::List => crate::cmd::fleet::fleet_list(client, format).await,
         HostCommand::Diff {
             first,
             second,

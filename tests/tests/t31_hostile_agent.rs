@@ -226,7 +226,7 @@ async fn a_few_hosts_with_the_largest_reports_do_not_break_fleet_list() {
         .into_inner();
     assert!(!first.next_page_token.is_empty(), "the answer is paged");
     assert!(first.hosts.len() < 5);
-    let listed = run_ok(&coordinator.rewindctl(&["fleet", "list"]));
+    let listed = run_ok(&coordinator.rewindctl(&["host", "list"]));
     for index in 0..5 {
         assert!(listed.contains(&format!("big-{index}")), "{listed}");
     }
@@ -282,7 +282,7 @@ async fn what_a_host_says_reaches_a_terminal_without_escape_sequences() {
         }
     });
     for args in [
-        &["fleet", "list"][..],
+        &["host", "list"][..],
         &["audit", "list"][..],
         &["host", "drift", "web-1", "--service", "web"][..],
     ] {
