@@ -47,7 +47,7 @@ async fn the_cluster_version_rises_only_when_every_member_answers_and_supports_i
     );
     assert!(!too_new.status.success());
     assert!(
-        stderr_of(&too_new).contains("applies cluster versions 1 up to 2: upgrade it"),
+        stderr_of(&too_new).contains("applies cluster versions 1 to 2: upgrade it"),
         "{}",
         stderr_of(&too_new)
     );

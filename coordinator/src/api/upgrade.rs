@@ -120,14 +120,17 @@ pub async fn finalize(
         } else {
             "it cannot run at"
         };
+        let range = if older.min_cluster_version == older.max_cluster_version {
+            format!("only cluster version {}", older.max_cluster_version)
+        } else {
+            format!(
+                "cluster versions {} to {}",
+                older.min_cluster_version, older.max_cluster_version
+            )
+        };
         return Err(Status::failed_precondition(format!(
-            "member {} ({}) runs release {}, which applies cluster versions {} up to {}: {fix} \
-             version {target}",
-            older.id,
-            older.address,
-            older.release,
-            older.min_cluster_version,
-            older.max_cluster_version
+            "member {} ({}) runs release {}, which applies {range}: {fix} version {target}",
+            older.id, older.address, older.release
         )));
     }
     context
