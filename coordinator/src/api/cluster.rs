@@ -25,25 +25,17 @@ const MAX_CATCH_UP_S: u32 = 600;
 const CAUGHT_UP_LAG: u64 = 10;
 const CATCH_UP_POLL: Duration = Duration::from_millis(200);
 /// How long `cluster list` waits for each member to say what it has applied.
-pub(super) const ASK_MEMBER_TIMEOUT: Duration = Duration::from_secs(1);
+const ASK_MEMBER_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Members with their role and replication progress as this member (the leader) sees them, and
 /// the applied index each reports when asked (at most a second each, all at once).
 pub async fn list(context: &Context) -> pb::ListMembersResponse {
     let status = context.status.borrow().clone();
-    let members = context.directory.members();
-    let applied = futures::future::join_all(members.iter().map(|member| async {
-        if member.id == status.id {
-            return Some(status.applied_index);
-        }
-        let asked = tokio::time::timeout(ASK_MEMBER_TIMEOUT, applied_index_of(context, member));
-        asked.await.ok().flatten()
-    }))
-    .await;
-    let members = members
+    let members = ask_members(context)
+        .await
         .into_iter()
-        .zip(applied)
-        .map(|(member, applied)| {
+        .map(|(member, answer)| {
+            let applied = answer.map(|answer| answer.applied_index);
             let progress = status.peers.iter().find(|peer| peer.id == member.id);
             let matched_index = progress.map_or(0, |peer| peer.matched_index);
             let role = match progress {
@@ -74,18 +66,28 @@ pub async fn list(context: &Context) -> pb::ListMembersResponse {
     }
 }
 
-/// Asks a member for its applied index over `MemberService`, with this member's certificate.
-async fn applied_index_of(context: &Context, member: &MemberRecord) -> Option<u64> {
-    member_status(context, member)
-        .await
-        .map(|status| status.applied_index)
+/// Every member of the registry with its brief status (this member's own, the others' asked
+/// all at once, at most [`ASK_MEMBER_TIMEOUT`] each; `None` when one did not answer).
+pub(super) async fn ask_members(
+    context: &Context,
+) -> Vec<(MemberRecord, Option<pb::MemberStatus>)> {
+    let own_id = context.status.borrow().id;
+    let members = context.directory.members();
+    let answers = futures::future::join_all(members.iter().map(|member| async move {
+        if member.id == own_id {
+            return Some(super::member::brief_status(context));
+        }
+        tokio::time::timeout(ASK_MEMBER_TIMEOUT, member_status(context, member))
+            .await
+            .ok()
+            .flatten()
+    }))
+    .await;
+    members.into_iter().zip(answers).collect()
 }
 
 /// Asks a member for its brief status over `MemberService`, with this member's certificate.
-pub(super) async fn member_status(
-    context: &Context,
-    member: &MemberRecord,
-) -> Option<pb::MemberStatus> {
+async fn member_status(context: &Context, member: &MemberRecord) -> Option<pb::MemberStatus> {
     let connector = rewind_shared::member_tls::MemberConnector::for_member(
         &context.tls,
         member.id,

@@ -88,13 +88,10 @@ impl ControlService for Control {
         let caller = caller(&request)?;
         let request = request.into_inner();
         names::validate_name("host_id", &request.host_id).map_err(field_error)?;
-        validate_reason(&request.reason)?;
-        if request.reason.trim().is_empty() {
-            return Err(invalid(
-                "reason",
-                "say why the host leaves the fleet's record: it goes into the audit log",
-            ));
-        }
+        required_reason(
+            &request.reason,
+            "say why the host leaves the fleet's record: it goes into the audit log",
+        )?;
         // Checked before proposing too: a member of an older release could not read it.
         self.context
             .node
@@ -258,13 +255,10 @@ impl ControlService for Control {
         let request = request.into_inner();
         let number = parse_id("txn_id", "st", &request.txn_id)?;
         names::validate_name("host_id", &request.host_id).map_err(field_error)?;
-        validate_reason(&request.reason)?;
-        if request.reason.trim().is_empty() {
-            return Err(invalid(
-                "reason",
-                "say what was done to the shard, and by whom: it goes into the audit log",
-            ));
-        }
+        required_reason(
+            &request.reason,
+            "say what was done to the shard, and by whom: it goes into the audit log",
+        )?;
         self.context.current().await?;
         // A resolve running on a connected agent may still succeed: wait for it. One whose agent
         // is away (the host is being rebuilt) can be taken over.
@@ -1065,13 +1059,10 @@ impl ControlService for Control {
         let caller = caller(&request)?;
         let identity = caller.id();
         let request = request.into_inner();
-        validate_reason(&request.reason)?;
-        if request.reason.trim().is_empty() {
-            return Err(invalid(
-                "reason",
-                "say why monitoring can be trusted again: it goes into the audit log",
-            ));
-        }
+        required_reason(
+            &request.reason,
+            "say why monitoring can be trusted again: it goes into the audit log",
+        )?;
         self.context
             .propose(
                 &identity,
@@ -1458,10 +1449,7 @@ impl Control {
         let number = parse_id("rollback_id", "rb", &request.rollback_id)?;
         let name = named(&request);
         names::validate_name(field, &name).map_err(field_error)?;
-        validate_reason(&request.reason)?;
-        if request.reason.trim().is_empty() {
-            return Err(invalid("reason", reason_needed));
-        }
+        required_reason(&request.reason, reason_needed)?;
         self.authorize_rollback(&caller, number).await?;
         let kind = kind(number, name.clone(), request.reason);
         let action = kind.action();

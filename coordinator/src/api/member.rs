@@ -17,20 +17,7 @@ impl MemberService for Member {
         &self,
         request: Request<pb::GetMemberStatusRequest>,
     ) -> Result<Response<pb::MemberStatus>, Status> {
-        let status = self.context.status.borrow().clone();
-        let brief = pb::MemberStatus {
-            member_id: status.id,
-            is_leader: status.is_leader,
-            term: status.term,
-            applied_index: status.applied_index,
-            commit_index: status.commit_index,
-            cluster_id: self.context.cluster_id.clone(),
-            min_cluster_version: version::LEGACY,
-            max_cluster_version: version::CURRENT,
-            release: env!("CARGO_PKG_VERSION").into(),
-            cluster_version: self.context.node.read(|state| state.cluster_version()),
-            ..pb::MemberStatus::default()
-        };
+        let brief = brief_status(&self.context);
         if request.into_inner().brief {
             return Ok(Response::new(brief));
         }
@@ -50,5 +37,23 @@ impl MemberService for Member {
             audit_entries: audit.entries,
             ..brief
         }))
+    }
+}
+
+/// What this member says of itself cheaply (id, role, term, indexes, versions).
+pub(super) fn brief_status(context: &Context) -> pb::MemberStatus {
+    let status = context.status.borrow().clone();
+    pb::MemberStatus {
+        member_id: status.id,
+        is_leader: status.is_leader,
+        term: status.term,
+        applied_index: status.applied_index,
+        commit_index: status.commit_index,
+        cluster_id: context.cluster_id.clone(),
+        min_cluster_version: version::LEGACY,
+        max_cluster_version: version::CURRENT,
+        release: env!("CARGO_PKG_VERSION").into(),
+        cluster_version: context.node.read(|state| state.cluster_version()),
+        ..pb::MemberStatus::default()
     }
 }

@@ -7,48 +7,38 @@ use tracing::info;
 
 use super::Context;
 use super::status::invalid;
-use super::validate::validate_reason;
+use super::validate::required_reason;
 use crate::state_machine::{CommandKind, version};
 
 /// The cluster version, what each member supports (asked now, a second at most each), and the
 /// highest version all of them support.
 pub async fn show(context: &Context) -> pb::ClusterVersion {
-    let own_id = context.status.borrow().id;
-    let members = context.directory.members();
-    let answers = futures::future::join_all(members.iter().map(|member| async move {
-        if member.id == own_id {
-            return Some((
-                version::LEGACY,
-                version::CURRENT,
-                env!("CARGO_PKG_VERSION").into(),
-            ));
-        }
-        let asked = tokio::time::timeout(
-            super::cluster::ASK_MEMBER_TIMEOUT,
-            super::cluster::member_status(context, member),
-        );
-        asked.await.ok().flatten().map(|status| {
-            // A release from before versions answers zeros: it applies version 1 only.
-            let max = status.max_cluster_version.max(version::LEGACY);
-            let min = status.min_cluster_version.max(version::LEGACY);
-            let release = if status.release.is_empty() {
-                "before cluster versions".to_string()
-            } else {
-                status.release
-            };
-            (min, max, release)
+    let asked = super::cluster::ask_members(context).await;
+    let answers: Vec<Option<(u32, u32, String)>> = asked
+        .iter()
+        .map(|(_, answer)| {
+            answer.as_ref().map(|status| {
+                // A release from before versions answers zeros: it applies version 1 only.
+                let max = status.max_cluster_version.max(version::LEGACY);
+                let min = status.min_cluster_version.max(version::LEGACY);
+                let release = if status.release.is_empty() {
+                    "before cluster versions".to_string()
+                } else {
+                    status.release.clone()
+                };
+                (min, max, release)
+            })
         })
-    }))
-    .await;
+        .collect();
     let finalizable_to = answers
         .iter()
         .map(|answer| answer.as_ref().map_or(0, |(_, max, _)| *max))
         .min()
         .unwrap_or(0);
-    let members = members
+    let members = asked
         .into_iter()
         .zip(answers)
-        .map(|(member, answer)| {
+        .map(|((member, _), answer)| {
             let (min, max, release) = answer.clone().unwrap_or_default();
             pb::MemberVersion {
                 id: member.id,
@@ -81,13 +71,10 @@ pub async fn finalize(
     identity: &str,
     request: pb::FinalizeUpgradeRequest,
 ) -> Result<pb::ClusterVersion, Status> {
-    validate_reason(&request.reason)?;
-    if request.reason.trim().is_empty() {
-        return Err(invalid(
-            "reason",
-            "say why the cluster's version is raised now: it goes into the audit log",
-        ));
-    }
+    required_reason(
+        &request.reason,
+        "say why the cluster's version is raised now: it goes into the audit log",
+    )?;
     context.current().await?;
     let before = show(context).await;
     if let Some(silent) = before.members.iter().find(|member| !member.answered) {

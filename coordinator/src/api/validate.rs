@@ -290,6 +290,16 @@ pub(super) fn validate_synthetic(check: pb::SyntheticCheck) -> Result<SyntheticC
     })
 }
 
+/// A reason that must be given (the action is audited): within bounds and not blank; `why`
+/// tells the caller what to write.
+pub(super) fn required_reason(reason: &str, why: &str) -> Result<(), Status> {
+    validate_reason(reason)?;
+    if reason.trim().is_empty() {
+        return Err(invalid("reason", why));
+    }
+    Ok(())
+}
+
 pub(super) fn validate_reason(reason: &str) -> Result<(), Status> {
     if reason.len() > MAX_REASON_BYTES {
         return Err(invalid(
