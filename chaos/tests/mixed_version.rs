@@ -2,7 +2,8 @@
 //! previous release (built from its commit by `chaos/build-previous-release`, or taken from
 //! `REWIND_PREVIOUS_RELEASE_BIN`) is upgraded one member at a time, leader last, while a
 //! rollback runs; the cluster version stays 1 until every member runs this release, is raised,
-//! and every member ends at one applied index with one state digest.
+//! a rollback the leader plans runs, and every member ends at one applied index with one state
+//! digest.
 //!
 //! A long mode, not in CI's default run (the previous release's build takes about 10 minutes):
 //! `cargo test -p rewind-chaos --test mixed_version -- --ignored`.
@@ -12,11 +13,15 @@ use std::time::Duration;
 
 use rewind_proto::v1 as pb;
 use rewind_tests::{
-    ClusterHarness, ClusterOptions, must_agents_connected, must_binary, must_deploy_v1_then_v2,
-    must_have_rolled_back_v2_once, must_start_rollback_of_v2, must_wait_async, run_ok,
+    ClusterHarness, ClusterOptions, must_agents_connected, must_binary, must_change,
+    must_change_where, must_deploy_v1_then_v2, must_have_rolled_back_v2_once, must_rollback_end,
+    must_start_rollback_of_v2, must_wait_async, run_ok,
 };
 
 const LONG: Duration = Duration::from_secs(120);
+
+/// The cluster version this release's binaries apply (`state_machine::version::CURRENT`).
+const CURRENT: u32 = 3;
 
 /// The directory holding the previous release's binaries.
 fn previous_release() -> PathBuf {
@@ -148,8 +153,12 @@ async fn a_cluster_upgraded_member_by_member_during_a_rollback_ends_with_one_sta
             "every member on this release",
         ],
     ));
-    assert!(raised.contains("cluster version 1 -> 2"), "{raised}");
-    // Entries written at version 2 reach every member.
+    assert!(
+        raised.contains(&format!("cluster version 1 -> {CURRENT}")),
+        "{raised}"
+    );
+    // Entries written at the new version reach every member, a rollback the leader planned
+    // (version 3) among them.
     client
         .put_service(pb::PutServiceRequest {
             request_id: "after-upgrade".into(),
@@ -157,6 +166,30 @@ async fn a_cluster_upgraded_member_by_member_during_a_rollback_ends_with_one_sta
         })
         .await
         .unwrap();
+    let change_id = must_change(&mut client, "v2").await;
+    must_change_where(&client, &change_id, "the change to deploy", |change| {
+        change.state == pb::ChangeState::Deployed as i32
+    })
+    .await;
+    let start = pb::StartRollbackRequest {
+        request_id: "after-upgrade".into(),
+        change_id: change_id.clone(),
+        reason: "bad release again".into(),
+        ..Default::default()
+    };
+    let planned = client
+        .start_rollback(start)
+        .await
+        .unwrap()
+        .into_inner()
+        .rollback
+        .unwrap();
+    let ended = must_rollback_end(&client, &planned.rollback_id).await;
+    assert_eq!(
+        ended.state,
+        pb::RollbackState::Succeeded as i32,
+        "{ended:?}"
+    );
     let mut digests = Vec::new();
     for id in 1..=3 {
         if id == leader {
@@ -167,7 +200,7 @@ async fn a_cluster_upgraded_member_by_member_during_a_rollback_ends_with_one_sta
             .await
             .unwrap_or_else(|error| panic!("member {id} differs from the leader: {error}"));
         let status = cluster.member_status(id, false).await.unwrap();
-        assert_eq!(status.cluster_version, 2);
+        assert_eq!(status.cluster_version, CURRENT);
         digests.push((id, index, status.state_digest));
     }
     eprintln!("after the upgrade, members at one index and digest: {digests:?}");
@@ -188,8 +221,9 @@ async fn a_cluster_upgraded_member_by_member_during_a_rollback_ends_with_one_sta
         ],
     );
     assert!(
-        stderr_of(&refused)
-            .contains("applies cluster versions up to 1, and the cluster runs version 2"),
+        stderr_of(&refused).contains(&format!(
+            "applies cluster versions up to 1, and the cluster runs version {CURRENT}"
+        )),
         "{}",
         stderr_of(&refused)
     );

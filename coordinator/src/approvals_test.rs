@@ -53,6 +53,7 @@ fn rollback_of(change: u64, break_glass: bool) -> CommandKind {
         reason: "bad v2".into(),
         trigger: Trigger::Manual,
         break_glass,
+        planned: None,
     }
 }
 
@@ -63,6 +64,7 @@ fn decide(decision: RequestDecision, plan_hash: &str) -> CommandKind {
         decision,
         plan_hash: plan_hash.into(),
         reason: "looked at it".into(),
+        planned: None,
     }
 }
 
@@ -192,6 +194,7 @@ fn a_request_lapses_when_its_plan_changes_and_expires_after_its_time() {
         decision: RequestDecision::Approve,
         plan_hash: hash,
         reason: String::new(),
+        planned: None,
     };
     let why = refusal(fleet.apply_as("user:bob", AT + 3 + 600_001, late));
     assert!(why.contains("expired with 0 of 2 approvals"), "{why}");
@@ -241,6 +244,7 @@ fn a_denied_request_never_runs_and_break_glass_runs_at_once_escalated_for_review
         decision: RequestDecision::Review,
         plan_hash: String::new(),
         reason: "it was down".into(),
+        planned: None,
     };
     let own = refusal(fleet.apply_as("user:alice", AT + 4, review(2)));
     assert!(own.contains("cannot review their own"), "{own}");
@@ -265,6 +269,7 @@ fn automatic_rollbacks_run_at_once_approved_by_policy_unless_the_environment_say
         reason: "HighErrorRate".into(),
         options: PlanOptions::default(),
         throttle: ThrottleLimits::default(),
+        decided: None,
     };
     let Ok(Outcome::Triggered {
         outcome, rollback, ..
@@ -431,6 +436,7 @@ fn a_prod_deploy_waits_for_two_approvals_of_its_exact_plan_and_lapses_when_its_h
             plan_hash: hash,
             reason: "ok".into(),
             baseline: None,
+            planned: None,
         },
     ));
     assert!(
@@ -528,6 +534,7 @@ fn approvals_by_identities_revoked_since_no_longer_count() {
             plan_hash: hash,
             reason: "ok".into(),
             baseline: None,
+            planned: None,
         },
     ));
     assert!(

@@ -116,6 +116,10 @@ pub enum CoordinatorError {
         needed: u32,
         running: u32,
     },
+    /// The state moved between the leader's decision (a rollback's plan, a trigger's verdict)
+    /// and its entry applying; the leader decides again.
+    #[error("the {what} is stale: {why}; retry")]
+    StaleDecision { what: String, why: String },
     #[error("the coordinator is shutting down")]
     ShuttingDown,
     #[error("the coordinator is overloaded: {0}")]
@@ -158,6 +162,7 @@ impl CoordinatorError {
             Self::Storage(_) => "storage",
             Self::CannotApply { .. } => "cannot_apply",
             Self::NeedsClusterVersion { .. } => "needs_cluster_version",
+            Self::StaleDecision { .. } => "stale_decision",
             Self::ShuttingDown => "shutting_down",
             Self::Overloaded(_) => "overloaded",
         }
@@ -171,6 +176,7 @@ impl CoordinatorError {
                 | Self::ShuttingDown
                 | Self::Overloaded(_)
                 | Self::ChangeInProgress { .. }
+                | Self::StaleDecision { .. }
         )
     }
 

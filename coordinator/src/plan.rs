@@ -1,8 +1,9 @@
 //! Rollback planning: which changes are reverted, in which order, on which hosts, gated how.
 //!
-//! A plan is a pure function of the replicated state and the request, so the member that shows a
-//! plan and `apply()` on every member compute the same one: `rollback start` carries the hash of
-//! the plan the operator saw and `apply()` refuses to run a different one.
+//! A plan is a pure function of the replicated state and the request. The leader computes it
+//! when it proposes a rollback, and the entry carries it (`state_machine/decision.rs`; before
+//! cluster version 3 `apply()` built it again on every member). `rollback start` carries the hash
+//! of the plan the operator saw, and a different one is refused.
 //!
 //! Order: services in reverse dependency order (a consumer is reverted before the provider it
 //! calls, so nothing still running needs an API that has gone), then per service region by
@@ -76,6 +77,12 @@ pub struct Plan {
     pub hash: String,
 }
 
+#[cfg(test)]
+thread_local! {
+    /// How often this thread planned: tests check `apply()` never does from cluster version 3.
+    pub static BUILDS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
 /// Plans the rollback of `changes` (in any order). Refuses unknown or superseded changes, two
 /// changes of one service, changes already being or having been rolled back, and dependency
 /// cycles. Incompatibilities are returned in the plan, not as an error: the caller decides.
@@ -85,6 +92,8 @@ pub fn build(
     options: &PlanOptions,
     trigger: Trigger,
 ) -> Result<Plan> {
+    #[cfg(test)]
+    BUILDS.with(|builds| builds.set(builds.get() + 1));
     if changes.is_empty() {
         return Err(CoordinatorError::invalid(
             "change_ids",

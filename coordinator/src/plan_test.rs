@@ -204,15 +204,11 @@ fn reverting_a_provider_under_a_consumer_that_stays_is_refused_unless_forced() {
         reason: "r".into(),
         trigger: Trigger::Manual,
         break_glass: false,
+        planned: None,
     };
-    fleet.index += 1;
-    let command = Command {
-        at_ms: 0,
-        identity: "operator".into(),
-        request_id: String::new(),
-        kind: start(PlanOptions::default()),
-    };
-    let error = apply(&mut fleet.state, fleet.index, &command).unwrap_err();
+    let error = fleet
+        .apply_at(0, start(PlanOptions::default()))
+        .unwrap_err();
     assert!(
         matches!(error, CoordinatorError::Incompatible { .. }),
         "{error}"

@@ -11,9 +11,13 @@ pub struct Fleet {
 }
 
 impl Fleet {
+    /// A new cluster, at this binary's cluster version.
     pub fn new() -> Self {
         Self {
-            state: State::default(),
+            state: State {
+                cluster_version: version::CURRENT,
+                ..State::default()
+            },
             index: 0,
         }
     }
@@ -26,7 +30,7 @@ impl Fleet {
             request_id: String::new(),
             kind,
         };
-        apply(&mut self.state, self.index, &command).expect("applies")
+        apply_as_leader(&mut self.state, self.index, command).expect("applies")
     }
 
     /// Applies at a chosen time; the error when it is refused.
@@ -48,7 +52,7 @@ impl Fleet {
             request_id: String::new(),
             kind,
         };
-        apply(&mut self.state, self.index, &command)
+        apply_as_leader(&mut self.state, self.index, command)
     }
 
     pub fn service(&mut self, name: &str, depends_on: &[&str]) {

@@ -52,6 +52,7 @@ fn ask(fleet: &mut Fleet, at_ms: u64, service: &str) -> (TriggerOutcome, String)
                 reason: "HighErrorRate".into(),
                 options: PlanOptions::default(),
                 throttle: throttle(),
+                decided: None,
             },
         )
         .expect("a trigger of a known service applies");
@@ -118,6 +119,7 @@ fn an_unknown_service_is_refused_and_nothing_is_recorded() {
                 reason: "x".into(),
                 options: PlanOptions::default(),
                 throttle: throttle(),
+                decided: None,
             },
         )
         .unwrap_err();
@@ -307,6 +309,7 @@ fn a_change_turns_its_flags_on_and_its_rollback_turns_them_back_first() {
         reason: "bad".into(),
         trigger: Trigger::Manual,
         break_glass: false,
+        planned: None,
     });
     let rollback = fleet.state.rollbacks.values().last().unwrap();
     assert_eq!(rollback.flags_reverted, vec!["prod/a/new-checkout -> off"]);

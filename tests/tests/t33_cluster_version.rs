@@ -3,6 +3,9 @@
 
 use rewind_tests::{ClusterHarness, run_ok};
 
+/// The cluster version this release's binaries apply (`state_machine::version::CURRENT`).
+const CURRENT: u32 = 3;
+
 fn stderr_of(output: &std::process::Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
@@ -15,39 +18,49 @@ async fn the_cluster_version_rises_only_when_every_member_answers_and_supports_i
 
     // A new cluster starts at its binary's version; every member says what it supports.
     let shown = run_ok(&cluster.rewindctl(leader, &["cluster", "version"]));
-    assert!(shown.contains("cluster version 2"), "{shown}");
-    assert_eq!(shown.matches("1..2").count(), 3, "{shown}");
+    assert!(
+        shown.contains(&format!("cluster version {CURRENT}")),
+        "{shown}"
+    );
+    assert_eq!(
+        shown.matches(&format!("1..{CURRENT}")).count(),
+        3,
+        "{shown}"
+    );
     assert!(
         shown.contains("no member supports a higher version"),
         "{shown}"
     );
     let json = run_ok(&cluster.rewindctl(leader, &["--output", "json", "cluster", "version"]));
     let parsed: serde_json::Value = serde_json::from_str(&json).unwrap();
-    assert_eq!(parsed["clusterVersion"], 2, "{json}");
+    assert_eq!(parsed["clusterVersion"], CURRENT, "{json}");
     assert_eq!(parsed["members"].as_array().unwrap().len(), 3);
 
     // Nothing to raise; a version no member supports is refused naming a member.
     let nothing = cluster.rewindctl(leader, &["cluster", "upgrade-finalize", "--reason", "try"]);
     assert!(!nothing.status.success());
     assert!(
-        stderr_of(&nothing).contains("already runs version 2"),
+        stderr_of(&nothing).contains(&format!("already runs version {CURRENT}")),
         "{}",
         stderr_of(&nothing)
     );
+    let next = (CURRENT + 1).to_string();
     let too_new = cluster.rewindctl(
         leader,
         &[
             "cluster",
             "upgrade-finalize",
             "--to",
-            "3",
+            &next,
             "--reason",
             "try",
         ],
     );
     assert!(!too_new.status.success());
     assert!(
-        stderr_of(&too_new).contains("applies cluster versions 1 to 2: upgrade it"),
+        stderr_of(&too_new).contains(&format!(
+            "applies cluster versions 1 to {CURRENT}: upgrade it"
+        )),
         "{}",
         stderr_of(&too_new)
     );

@@ -708,6 +708,7 @@ impl ControlService for Control {
             reason,
             trigger: Trigger::Manual,
             break_glass: request.break_glass,
+            planned: None,
         };
         match self
             .context

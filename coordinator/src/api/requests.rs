@@ -124,6 +124,7 @@ pub async fn decide(
         plan_hash: request.plan_hash,
         reason: request.reason,
         baseline,
+        planned: None,
     };
     let outcome = context
         .propose(&caller.id(), &request.idempotency_key, kind)

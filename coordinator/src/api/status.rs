@@ -40,6 +40,7 @@ pub fn to_status(error: CoordinatorError) -> Status {
         | CoordinatorError::NeedsClusterVersion { .. }
         | CoordinatorError::MembershipConflict(_) => Code::FailedPrecondition,
         CoordinatorError::Storage(_) | CoordinatorError::CannotApply { .. } => Code::Internal,
+        CoordinatorError::StaleDecision { .. } => Code::Aborted,
         CoordinatorError::ShuttingDown
         | CoordinatorError::Overloaded(_)
         | CoordinatorError::NotLeader { .. } => Code::Unavailable,

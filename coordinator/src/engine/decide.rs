@@ -1051,6 +1051,7 @@ fn check_triggers(
             reason,
             options: limits.automatic_plan(),
             throttle: limits.throttle.clone(),
+            decided: None,
         }));
     }
     memory.triggered.retain(|number, _| {

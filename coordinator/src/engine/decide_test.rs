@@ -135,7 +135,7 @@ impl World {
             request_id: String::new(),
             kind,
         };
-        apply(&mut self.state, self.index, &command).expect("applies");
+        apply_as_leader(&mut self.state, self.index, command).expect("applies");
     }
 
     /// Starts the rollback of change 1 with `max_parallel` hosts at a time.
@@ -152,6 +152,7 @@ impl World {
             reason: String::new(),
             trigger: Trigger::Manual,
             break_glass: false,
+            planned: None,
         });
     }
 
@@ -399,6 +400,7 @@ fn max_unavailable_counts_hosts_that_are_already_down() {
         reason: String::new(),
         trigger: Trigger::Manual,
         break_glass: false,
+        planned: None,
     });
     world.seen.sessions.remove("web-3");
     world.run_tick(1_000);

@@ -344,6 +344,7 @@ async fn trigger(
             reason,
             options: http.limits.automatic_plan(),
             throttle: http.limits.throttle.clone(),
+            decided: None,
         },
     };
     match http.node.propose(command).await {

@@ -349,6 +349,7 @@ mod tests {
             reason: "test".into(),
             trigger: Trigger::Manual,
             break_glass: false,
+            planned: None,
         });
         let drain = crate::state_machine::StepTarget::Rollback {
             rollback: 1,

@@ -15,7 +15,7 @@ use std::sync::{Arc, RwLock};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::errors::CoordinatorError;
-use crate::state_machine::{Command, Outcome, State};
+use crate::state_machine::{Command, Outcome, State, decision};
 
 /// Proposals waiting for the node; more are refused as overloaded.
 const PROPOSAL_QUEUE: usize = 1024;
@@ -76,8 +76,27 @@ pub struct NodeHandle {
 }
 
 impl NodeHandle {
-    /// Proposes a command and waits until it is committed and applied here.
+    /// Proposes a command and waits until it is committed and applied here. A rollback's plan
+    /// or a trigger's verdict that went stale before its entry applied is decided again, a
+    /// bounded number of times (see `state_machine::decision`).
     pub async fn propose(&self, command: Command) -> Result<Outcome, CoordinatorError> {
+        if !decision::decided_on_leader(&command.kind) {
+            return self.propose_once(command).await;
+        }
+        let mut attempts = 1;
+        loop {
+            match self.propose_once(command.clone()).await {
+                Err(CoordinatorError::StaleDecision { .. })
+                    if attempts < decision::DECISION_ATTEMPTS =>
+                {
+                    attempts += 1;
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+
+    async fn propose_once(&self, command: Command) -> Result<Outcome, CoordinatorError> {
         let (reply, answer) = oneshot::channel();
         self.send(Request::Propose(Proposal { command, reply }))?;
         answer.await.map_err(|_| CoordinatorError::ShuttingDown)?

@@ -27,6 +27,7 @@ use tracing::{debug, error, info, warn};
 
 use super::{NodeHandle, PROPOSAL_QUEUE, PeerReport, Proposal, Request};
 use crate::errors::CoordinatorError;
+use crate::state_machine::decision;
 use crate::state_machine::version::{self, Decoded};
 use crate::state_machine::{
     CommandKind, MemberRecord, MembershipChange, Outcome, State, apply, apply_membership,
@@ -501,13 +502,25 @@ impl<T: Transport> Driver<T> {
             }));
             return;
         }
-        let data = match version::encode_entry(&proposal.command, self.cluster_version()) {
+        let Proposal { mut command, reply } = proposal;
+        let data = {
+            let state = self
+                .state
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            // The leader plans a rollback or judges a trigger here, on the state it has applied;
+            // `apply()` checks that state has not moved by the time the entry applies.
+            decision::prepare(&state, &mut command)
+                .and_then(|()| version::encode_entry(&command, state.cluster_version()))
+        };
+        let data = match data {
             Ok(data) => data,
             Err(error) => {
-                let _ = proposal.reply.send(Err(error));
+                let _ = reply.send(Err(error));
                 return;
             }
         };
+        let proposal = Proposal { command, reply };
         let (number, context) = self.next_proposal_context();
         match self.raw.propose(context, data) {
             Ok(()) => {

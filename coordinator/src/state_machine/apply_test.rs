@@ -29,17 +29,36 @@ impl Harness {
         request_id: &str,
         kind: CommandKind,
     ) -> Result<Outcome, CoordinatorError> {
+        let index = self.index + 1;
+        let mut command = Command {
+            at_ms: 1_000 * index,
+            identity: identity.into(),
+            request_id: request_id.into(),
+            kind,
+        };
+        // As the leader proposes: decided first; refused there, it never reaches the log.
+        super::decision::prepare(&self.state, &mut command)?;
+        self.index = index;
+        let entry =
+            version::encode_entry(&command, self.state.cluster_version()).expect("commands encode");
+        self.log.push((self.index, entry));
+        super::apply_checked(&mut self.state, self.index, &command)
+    }
+
+    /// Logs and applies `kind` as it is, undecided by a leader (as an entry proposed before the
+    /// version was raised, or decided on a state that has moved since).
+    pub(super) fn run_raw(&mut self, kind: CommandKind) -> Result<Outcome, CoordinatorError> {
         self.index += 1;
         let command = Command {
             at_ms: 1_000 * self.index,
-            identity: identity.into(),
-            request_id: request_id.into(),
+            identity: "operator".into(),
+            request_id: String::new(),
             kind,
         };
         let entry =
             version::encode_entry(&command, self.state.cluster_version()).expect("commands encode");
         self.log.push((self.index, entry));
-        apply(&mut self.state, self.index, &command)
+        super::apply_checked(&mut self.state, self.index, &command)
     }
 
     pub(super) fn run(&mut self, kind: CommandKind) -> Result<Outcome, CoordinatorError> {
@@ -160,6 +179,7 @@ pub(super) fn rollback_of(change: u64, trigger: Trigger) -> CommandKind {
         reason: "bad".into(),
         trigger,
         break_glass: false,
+        planned: None,
     }
 }
 
@@ -406,6 +426,7 @@ fn a_rollback_refuses_a_plan_that_changed_since_it_was_shown() {
             reason: "r".into(),
             trigger: Trigger::Manual,
             break_glass: false,
+            planned: None,
         })
         .unwrap_err();
     assert!(
@@ -419,6 +440,7 @@ fn a_rollback_refuses_a_plan_that_changed_since_it_was_shown() {
         reason: "r".into(),
         trigger: Trigger::Manual,
         break_glass: false,
+        planned: None,
     });
     assert_eq!(harness.state.rollbacks[&1].plan_hash, shown);
 }

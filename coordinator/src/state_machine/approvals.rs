@@ -7,6 +7,8 @@
 //! Everything here runs inside `apply()`: the clock is the command's, the policy is the
 //! replicated one, so every member decides alike.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use super::command::{Command, Outcome};
@@ -343,15 +345,22 @@ pub fn plan_drift(state: &State, request: &ApprovalRequest) -> Option<String> {
     if let Some(spec) = &request.deploy {
         return deploy_drift(state, request, spec);
     }
-    let plan = match crate::plan::build(state, &request.changes, &request.options, request.trigger)
-    {
+    let plan = crate::plan::build(state, &request.changes, &request.options, request.trigger)
+        .map_err(|error| error.to_string());
+    drift_from(request, plan.as_ref().map_err(String::as_str))
+}
+
+/// How the plan of a rollback request differs from `plan`, its plan now (or why it can no
+/// longer be planned), or `None`.
+fn drift_from(request: &ApprovalRequest, plan: std::result::Result<&Plan, &str>) -> Option<String> {
+    let plan = match plan {
         Ok(plan) => plan,
         Err(error) => return Some(format!("it can no longer be planned: {error}")),
     };
     if plan.hash == request.plan_hash {
         return None;
     }
-    let now = outline(&plan);
+    let now = outline(plan);
     let mut differences: Vec<String> = Vec::new();
     for line in &request.plan {
         if !now.contains(line) {
@@ -380,7 +389,7 @@ pub fn plan_drift(state: &State, request: &ApprovalRequest) -> Option<String> {
 /// Why the policy's rules for a request's changes are no longer those it was filed under (more
 /// or fewer approvals, other environments), or `None`. A request is judged by the rules in force
 /// when it is approved, never by older, looser ones.
-fn requirement_drift(state: &State, request: &ApprovalRequest) -> Option<String> {
+pub fn requirement_drift(state: &State, request: &ApprovalRequest) -> Option<String> {
     let now = requirement_of(state, request);
     (now.approvals != request.needed || now.environments != request.environments).then(|| {
         format!(
@@ -498,15 +507,19 @@ pub fn file(
     requirement: &Requirement,
     reason: &str,
     trigger: Trigger,
+    drifted: Option<&BTreeMap<u64, String>>,
 ) -> Result<(Outcome, String, String)> {
     let at_ms = command.at_ms;
     expire(state, at_ms);
     for number in pending_over(state, &plan.changes) {
         let request = &state.approval_requests[&number];
-        // One that can no longer be approved does not block a request for the plan as it is.
-        if let Some(drift) =
-            plan_drift(state, request).or_else(|| requirement_drift(state, request))
-        {
+        // One that can no longer be approved does not block a request for the plan as it is:
+        // as the leader found (from cluster version 3), or judged here (before).
+        let drift = match drifted {
+            Some(drifted) => drifted.get(&number).cloned(),
+            None => plan_drift(state, request).or_else(|| requirement_drift(state, request)),
+        };
+        if let Some(drift) = drift {
             lapse(state, number, at_ms, &drift);
             continue;
         }
@@ -825,12 +838,17 @@ pub fn decide(
     decision: Decision,
     plan_hash: &str,
     reason: &str,
+    plan_now: Option<&std::result::Result<Plan, String>>,
 ) -> Result<Decided> {
     let at_ms = command.at_ms;
     expire(state, at_ms);
+    // A rollback request's plan now: the leader's (from cluster version 3), or planned here.
     let (drift, policy_drift) = match state.approval_requests.get(&number) {
         Some(request) if decision == Decision::Approve => (
-            plan_drift(state, request),
+            match plan_now {
+                Some(plan) => drift_from(request, plan.as_ref().map_err(String::as_str)),
+                None => plan_drift(state, request),
+            },
             requirement_drift(state, request),
         ),
         _ => (None, None),

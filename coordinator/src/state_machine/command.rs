@@ -114,6 +114,9 @@ pub enum CommandKind {
         /// Run at once where the policy would ask for approvals (escalated, reviewed later).
         #[serde(default)]
         break_glass: bool,
+        /// The leader's plan (from cluster version 3; see `decision.rs`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        planned: Option<Box<super::decision::LeaderPlan>>,
     },
     /// A person approves, denies or (after break-glass) reviews a request for approval.
     DecideRequest {
@@ -126,6 +129,9 @@ pub enum CommandKind {
         /// not when it was requested); `None` keeps the requested one.
         #[serde(default)]
         baseline: Option<HealthAggregate>,
+        /// The leader's plan of an approved rollback request (from cluster version 3).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        planned: Option<Box<super::decision::LeaderPlan>>,
     },
     /// Asks for an automatic rollback of the service's latest change. `apply()` records what
     /// became of it: started, ignored (nothing to do) or throttled (and a person called).
@@ -136,6 +142,9 @@ pub enum CommandKind {
         reason: String,
         options: PlanOptions,
         throttle: ThrottleLimits,
+        /// The leader's verdict (from cluster version 3).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        decided: Option<Box<super::decision::TriggerDecision>>,
     },
     /// Closes the global breaker so automatic rollbacks may start again.
     ResetBreaker {

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::apply_test::{Harness, pass_gate, rollback_of, rollback_step};
 use super::*;
 use crate::access::Policy;
+use crate::errors::CoordinatorError;
 
 #[derive(Serialize, Deserialize)]
 struct GoldenLog {
@@ -180,7 +181,141 @@ fn current_release_log() -> Harness {
         let _ = harness.run_as("automation:pager", &format!("page-{n}"), noted("p"));
     }
     let _ = harness.run_as("user:bob", "bob-1", noted("b"));
+    version_three(&mut harness);
     harness
+}
+
+/// From version 3 the leader decides: a person's rollback and an automatic one run on the
+/// leader's plan, a trigger opens the breaker by the leader's verdict, an approval starts the
+/// plan the leader made of its request, and entries decided on a state that moved, or not
+/// decided at all, are refused.
+fn version_three(harness: &mut Harness) {
+    // Refused at version 2: a decision only version 3 records.
+    let mut decided = rollback_of(1, Trigger::Manual);
+    if let CommandKind::StartRollback { planned, .. } = &mut decided {
+        *planned = Some(Box::new(super::decision::LeaderPlan {
+            plan: Err("decided by a leader of version 3".into()),
+            drifted: Default::default(),
+            basis: String::new(),
+        }));
+    }
+    let refused = harness.run_raw(decided);
+    assert!(
+        matches!(refused, Err(CoordinatorError::NeedsClusterVersion { .. })),
+        "{refused:?}"
+    );
+    harness.must(CommandKind::SetClusterVersion {
+        version: 3,
+        members: vec![],
+        reason: "every member on this release".into(),
+    });
+    // A person's rollback, run to the end on the leader's plan.
+    let change = harness.deploy("v2");
+    let rollback = harness.must_start_rollback(change, Trigger::Manual);
+    for host in ["web-1", "web-2"] {
+        for kind in RollbackStepKind::ALL {
+            harness.finish(rollback_step(rollback, host, kind), true);
+        }
+    }
+    pass_gate(harness, rollback, 0);
+    let change = harness.deploy("v2");
+    // A plan decided before a service changed: stale, refused without a trace.
+    let mut stale = Command {
+        at_ms: 0,
+        identity: "operator".into(),
+        request_id: String::new(),
+        kind: rollback_of(change, Trigger::Manual),
+    };
+    super::decision::prepare(&harness.state, &mut stale).expect("the leader plans it");
+    harness.must(CommandKind::PutService {
+        service: ServiceRecord {
+            name: "cache".into(),
+            depends_on: vec![],
+            policy: HealthPolicy::default(),
+            synthetics: vec![],
+            rollback_steps: Vec::new(),
+        },
+    });
+    let refused = harness.run_raw(stale.kind);
+    assert!(
+        matches!(refused, Err(CoordinatorError::StaleDecision { .. })),
+        "{refused:?}"
+    );
+    // Not decided at all: refused.
+    let refused = harness.run_raw(rollback_of(change, Trigger::Manual));
+    assert!(
+        matches!(refused, Err(CoordinatorError::StaleDecision { .. })),
+        "{refused:?}"
+    );
+    // An automatic one, then a second alert ignored by the leader's verdict.
+    let trigger = |breaker_services: u32| CommandKind::AutoTrigger {
+        service: "web".into(),
+        environment: String::new(),
+        source: TriggerSource::Alertmanager,
+        reason: "error rate".into(),
+        options: PlanOptions::default(),
+        throttle: ThrottleLimits {
+            breaker_services,
+            ..ThrottleLimits::default()
+        },
+        decided: None,
+    };
+    for expected in [TriggerOutcome::Started, TriggerOutcome::Ignored] {
+        let judged = harness.must(trigger(4));
+        assert!(
+            matches!(judged, Outcome::Triggered { outcome, .. } if outcome == expected),
+            "{judged:?}"
+        );
+    }
+    let automatic = harness.state.rollbacks.len() as u64;
+    for host in ["web-1", "web-2"] {
+        for kind in RollbackStepKind::ALL {
+            harness.finish(rollback_step(automatic, host, kind), true);
+        }
+    }
+    pass_gate(harness, automatic, 0);
+    // One alert for a service opens the breaker when the limit is one service.
+    harness.deploy("v1");
+    let judged = harness.must(trigger(1));
+    assert!(harness.state.breaker.is_some(), "{judged:?}");
+    harness.must(CommandKind::ResetBreaker {
+        reason: "monitoring fixed".into(),
+    });
+    // Approvals: the request carries the leader's plan, and so does its approval.
+    let change = harness.deploy("v2");
+    let policy = Policy::from_toml(
+        "[[binding]]\nname = \"admins\"\nrole = \"admin\"\nidentities = [\"user:ada\"]\n\
+         scopes = [\"*\"]\n\n[[hosts]]\nnames = [\"web-*\"]\nservices = [\"web\"]\n\n\
+         [environment.default]\napprovals = 1\n",
+    )
+    .expect("the scenario's policy");
+    harness.must(CommandKind::ApplyPolicy {
+        policy,
+        bootstrap: false,
+        expected_hash: String::new(),
+        reason: "one approval".into(),
+    });
+    let Outcome::Request(request) = harness.must(rollback_of(change, Trigger::Manual)) else {
+        panic!("a request for approval")
+    };
+    let plan_hash = harness.state.approval_requests[&request].plan_hash.clone();
+    let approved = harness.run_as(
+        "user:ada",
+        "",
+        CommandKind::DecideRequest {
+            request,
+            decision: RequestDecision::Approve,
+            plan_hash,
+            reason: "looked at it".into(),
+            baseline: None,
+            planned: None,
+        },
+    );
+    assert!(
+        matches!(approved, Ok(Outcome::Request(_)))
+            && harness.state.approval_requests[&request].status == RequestStatus::Approved,
+        "{approved:?}"
+    );
 }
 
 #[test]

@@ -5,6 +5,7 @@ mod apply;
 pub mod approvals;
 mod audit;
 mod command;
+pub mod decision;
 pub mod join_tokens;
 pub mod schema;
 mod state;
@@ -13,12 +14,48 @@ pub mod version;
 #[cfg(test)]
 mod apply_test;
 #[cfg(test)]
+mod decision_test;
+#[cfg(test)]
 mod golden_test;
 
 pub use apply::{
     COORDINATOR_IDENTITY, apply, apply_membership, current_version, unknown_change,
     unknown_rollback,
 };
+/// Proposes `command` as the leader does in tests: decided on `state` (see [`decision`]), then
+/// applied at `index`. Refused by the leader, it never reaches the log.
+#[cfg(test)]
+pub fn apply_as_leader(
+    state: &mut State,
+    index: u64,
+    mut command: Command,
+) -> Result<Outcome, crate::errors::CoordinatorError> {
+    decision::prepare(state, &mut command)?;
+    apply_checked(state, index, &command)
+}
+
+/// `apply()`, checking that from cluster version 3 it never plans (the leader has).
+#[cfg(test)]
+pub fn apply_checked(
+    state: &mut State,
+    index: u64,
+    command: &Command,
+) -> Result<Outcome, crate::errors::CoordinatorError> {
+    let decided = state.cluster_version() >= decision::DECIDED_ON_LEADER;
+    let planned_before = crate::plan::BUILDS.with(std::cell::Cell::get);
+    let outcome = apply(state, index, command);
+    if decided {
+        assert_eq!(
+            crate::plan::BUILDS.with(std::cell::Cell::get),
+            planned_before,
+            "apply() planned {} at cluster version {}",
+            command.kind.action(),
+            state.cluster_version()
+        );
+    }
+    outcome
+}
+
 pub use audit::{AuditEntry, AuditLog, AuditVerification, GENESIS_HASH};
 pub use command::{Command, CommandKind, MembershipChange, Outcome, RollbackAction, StepTarget};
 pub use state::*;

@@ -20,7 +20,7 @@ use crate::errors::CoordinatorError;
 pub const LEGACY: u32 = 1;
 
 /// The highest cluster version this binary can apply.
-pub const CURRENT: u32 = 2;
+pub const CURRENT: u32 = 3;
 
 /// What each version brought, for `rewindctl cluster version` and the README.
 pub const CHANGES: &[(u32, &str)] = &[
@@ -31,6 +31,12 @@ pub const CHANGES: &[(u32, &str)] = &[
          host.forget; [[hosts]] rules in the access policy; a host keeps the services it \
          registered with, and host rules hold, in apply() too; a request log that forgets the \
          busiest identity's ids first",
+    ),
+    (
+        3,
+        "the leader plans a rollback, approves a request's plan and judges an automatic \
+         trigger, and the log carries the result: apply() checks the state it was decided on is \
+         unchanged and records it, never planning itself",
     ),
 ];
 

@@ -29,6 +29,7 @@ use trigger::*;
 
 pub use change::current_version;
 pub(super) use change::select_hosts;
+pub(super) use trigger::judge_trigger;
 
 type Result<T> = std::result::Result<T, CoordinatorError>;
 
@@ -109,6 +110,12 @@ fn record(
         state.requests.remember(&key, outcome.clone(), fair);
     }
     Ok(outcome)
+}
+
+/// Whether the request log already answers `command` (a retry): its entry only repeats the
+/// answer, so the leader decides nothing for it.
+pub(super) fn answered(state: &State, command: &Command) -> bool {
+    request_key(command).is_some_and(|key| state.requests.get(&key).is_some())
 }
 
 /// Request ids are the client's own, so they are scoped by who sent them.
@@ -235,32 +242,10 @@ fn apply_kind(state: &mut State, command: &Command) -> Result<(Outcome, String, 
             detail,
             snapshot_id,
         } => finish_step(state, step, *ok, detail, snapshot_id, at_ms),
-        CommandKind::StartRollback {
-            changes,
-            options,
-            plan_hash,
-            reason,
-            trigger,
-            break_glass,
-        } => request_rollback(
-            state,
-            command,
-            changes,
-            options,
-            plan_hash,
-            reason,
-            *trigger,
-            *break_glass,
-        ),
-        CommandKind::DecideRequest {
-            request,
-            decision,
-            plan_hash,
-            reason,
-            baseline,
-        } => decide_request(
-            state, command, *request, *decision, plan_hash, reason, *baseline,
-        ),
+        CommandKind::StartRollback { planned, .. } => {
+            request_rollback(state, command, planned.as_deref())
+        }
+        CommandKind::DecideRequest { .. } => decide_request(state, command),
         CommandKind::SkipHost {
             rollback,
             host_id,

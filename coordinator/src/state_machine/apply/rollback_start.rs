@@ -1,36 +1,47 @@
 //! Starting rollbacks: from a person, a trigger or an approved request, with the plan checked.
 
 use super::*;
+use crate::state_machine::decision::{self, LeaderPlan};
 
 /// A person's rollback: at once where the policy asks for no approvals, as a request for them
 /// where it does, or at once anyway by break-glass (escalated, and left for a review).
-#[allow(clippy::too_many_arguments)]
 pub(super) fn request_rollback(
     state: &mut State,
     command: &Command,
-    changes: &[u64],
-    options: &PlanOptions,
-    plan_hash: &str,
-    reason: &str,
-    trigger: Trigger,
-    break_glass: bool,
+    planned: Option<&LeaderPlan>,
 ) -> Result<(Outcome, String, String)> {
+    let CommandKind::StartRollback {
+        changes,
+        options,
+        plan_hash,
+        reason,
+        trigger,
+        break_glass,
+        ..
+    } = &command.kind
+    else {
+        unreachable!("called for StartRollback commands only");
+    };
+    let (trigger, break_glass) = (*trigger, *break_glass);
+    if let Some(planned) = planned {
+        decision::given_basis(state, planned, changes)?;
+    }
     let requirement = approvals::requirement(state, changes);
     if requirement.approvals == 0 {
-        return start_rollback(state, command, changes, options, plan_hash, reason, trigger);
+        let plan = plan_of(state, planned, changes, options, plan_hash, trigger)?;
+        let (number, target, audit) = start_planned(state, command, &plan, reason, trigger);
+        return Ok((Outcome::Rollback(number), target, audit));
     }
+    let drift = planned.map(|planned| &planned.drifted);
     if !break_glass {
-        let plan = checked_plan(state, changes, options, plan_hash, trigger)?;
-        return approvals::file(state, command, &plan, &requirement, reason, trigger);
+        let plan = plan_of(state, planned, changes, options, plan_hash, trigger)?;
+        return approvals::file(state, command, &plan, &requirement, reason, trigger, drift);
     }
     if !requirement.break_glass {
         return Err(no_break_glass(&requirement));
     }
-    let plan = checked_plan(state, changes, options, plan_hash, trigger)?;
-    let (outcome, target, audit) = start_planned(state, command, &plan, reason, trigger);
-    let Outcome::Rollback(number) = outcome else {
-        unreachable!("start_rollback answers with a rollback");
-    };
+    let plan = plan_of(state, planned, changes, options, plan_hash, trigger)?;
+    let (number, target, audit) = start_planned(state, command, &plan, reason, trigger);
     let request =
         approvals::record_break_glass(state, command, &plan, &requirement, reason, number);
     let service = plan.services.first().cloned().unwrap_or_default();
@@ -50,7 +61,11 @@ pub(super) fn request_rollback(
     if let Some(rollback) = state.rollbacks.get_mut(&number) {
         rollback.escalations.push(escalation);
     }
-    Ok((outcome, target, break_glass_audit(request, &audit)))
+    Ok((
+        Outcome::Rollback(number),
+        target,
+        break_glass_audit(request, &audit),
+    ))
 }
 
 /// A person's decision on a request; the last approval needed starts its rollback, run as the
@@ -58,14 +73,40 @@ pub(super) fn request_rollback(
 pub(super) fn decide_request(
     state: &mut State,
     command: &Command,
-    number: u64,
-    decision: approvals::Decision,
-    plan_hash: &str,
-    reason: &str,
-    baseline: Option<HealthAggregate>,
 ) -> Result<(Outcome, String, String)> {
+    let CommandKind::DecideRequest {
+        request: number,
+        decision,
+        plan_hash,
+        reason,
+        baseline,
+        planned,
+    } = &command.kind
+    else {
+        unreachable!("called for DecideRequest commands only");
+    };
+    let (number, decision, baseline) = (*number, *decision, *baseline);
+    let planned = planned.as_deref();
     let target = approvals::request_id(number);
-    match approvals::decide(state, command, number, decision, plan_hash, reason)? {
+    // From version 3 the approval of a rollback request carries the leader's plan of it.
+    let plan_now = match state.approval_requests.get(&number) {
+        Some(request) if decision == approvals::Decision::Approve && request.deploy.is_none() => {
+            match planned {
+                Some(planned) => {
+                    decision::given_basis(state, planned, &request.changes)?;
+                    Some(&planned.plan)
+                }
+                None => {
+                    decision::require_decided(state, "plan of the approved rollback")?;
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    match approvals::decide(
+        state, command, number, decision, plan_hash, reason, plan_now,
+    )? {
         approvals::Decided::Recorded(text) => {
             Ok((Outcome::Request(number), target, format!("ok: {text}")))
         }
@@ -84,18 +125,16 @@ pub(super) fn decide_request(
             let request = state.approval_requests[&number].clone();
             // Starting it lapses every pending request over its changes, this one too; it is
             // recorded as approved just after.
-            let (Outcome::Rollback(rollback), rollback_target, started) = start_rollback(
+            let plan = plan_of(
                 state,
-                command,
+                planned,
                 &request.changes,
                 &request.options,
                 &request.plan_hash,
-                &request.reason,
                 request.trigger,
-            )?
-            else {
-                unreachable!("start_rollback answers with a rollback");
-            };
+            )?;
+            let (rollback, rollback_target, started) =
+                start_planned(state, command, &plan, &request.reason, request.trigger);
             let approved_by = approvals::record_approved(
                 state,
                 command,
@@ -203,56 +242,36 @@ pub(super) fn audit_approved_start(
     )
 }
 
-/// The plan of `changes` as it is now, refused if it is not the one shown (`plan_hash`, when
-/// given) or would break consumers without `force`.
-pub(super) fn checked_plan(
+/// The plan of `changes`: the leader's (from cluster version 3; its basis checked by the
+/// caller), or planned here on the state as it is (before); refused if it is not the one shown
+/// (`plan_hash`, when given) or would break consumers without `force`.
+pub(super) fn plan_of(
     state: &State,
+    planned: Option<&LeaderPlan>,
     changes: &[u64],
     options: &PlanOptions,
     plan_hash: &str,
     trigger: Trigger,
 ) -> Result<crate::plan::Plan> {
-    let plan = crate::plan::build(state, changes, options, trigger)?;
-    if !plan_hash.is_empty() && plan.hash != plan_hash {
-        return Err(CoordinatorError::PlanChanged {
-            shown: plan_hash.to_string(),
-            now: plan.hash,
-        });
-    }
-    if !plan.incompatibilities.is_empty() && !options.force {
-        return Err(CoordinatorError::Incompatible {
-            problems: plan
-                .incompatibilities
-                .iter()
-                .map(|problem| problem.detail.clone())
-                .collect::<Vec<_>>()
-                .join("; "),
-        });
-    }
+    let plan = match planned {
+        Some(planned) => decision::matching_plan(planned, changes, options)?.clone(),
+        None => {
+            decision::require_decided(state, "rollback plan")?;
+            crate::plan::build(state, changes, options, trigger)?
+        }
+    };
+    decision::check_shown(&plan, plan_hash, options)?;
     Ok(plan)
 }
 
-pub(super) fn start_rollback(
-    state: &mut State,
-    command: &Command,
-    changes: &[u64],
-    options: &PlanOptions,
-    plan_hash: &str,
-    reason: &str,
-    trigger: Trigger,
-) -> Result<(Outcome, String, String)> {
-    let plan = checked_plan(state, changes, options, plan_hash, trigger)?;
-    Ok(start_planned(state, command, &plan, reason, trigger))
-}
-
-/// Starts the rollback of a plan [`checked_plan`] accepted.
+/// Starts the rollback of a plan [`plan_of`] accepted: its number, audit target and outcome.
 pub(super) fn start_planned(
     state: &mut State,
     command: &Command,
     plan: &crate::plan::Plan,
     reason: &str,
     trigger: Trigger,
-) -> (Outcome, String, String) {
+) -> (u64, String, String) {
     let options = &plan.options;
     let forced: Vec<String> = plan
         .incompatibilities
@@ -407,5 +426,5 @@ pub(super) fn start_planned(
             }
         }
     }
-    (Outcome::Rollback(number), rollback_id(number), audit)
+    (number, rollback_id(number), audit)
 }

@@ -1,9 +1,11 @@
 //! Automatic triggers: judged against throttles, and the rollback they start.
 
 use super::*;
+use crate::state_machine::decision::{self, TriggerDecision, TriggerVerdict};
 
-/// Judges a request for an automatic rollback: start it, or record why not. Refuses (as an
-/// error, recording nothing) only a service that does not exist.
+/// Acts on a request for an automatic rollback: starts it, or records why not. From cluster
+/// version 3 the leader's verdict is recorded (see `decision.rs`); before, it is judged here.
+/// Refuses (as an error, recording nothing) only a service that does not exist.
 pub(super) fn auto_trigger(
     state: &mut State,
     command: &Command,
@@ -15,54 +17,42 @@ pub(super) fn auto_trigger(
         reason,
         options,
         throttle,
+        decided,
     } = &command.kind
     else {
         unreachable!("called for AutoTrigger commands only");
     };
-    let (service, environment, source) = (service.as_str(), environment.as_str(), *source);
-    require_service(state, service)?;
-    let at_ms = command.at_ms;
-    // The latest change of the service in the alert's environment (any, when it names none).
-    let latest = state
-        .changes
-        .values()
-        .rev()
-        .find(|change| {
-            change.service == service
-                && (environment.is_empty()
-                    || crate::plan::environment_of(state, change) == environment)
-        })
-        .map(|change| change.number);
-    let environment = match latest {
-        Some(number) if environment.is_empty() => {
-            crate::plan::environment_of(state, &state.changes[&number])
+    let decision = match decided {
+        Some(decided) => {
+            require_service(state, service)?;
+            decision::given_verdict(state, decided)?.clone()
         }
-        _ => environment.to_string(),
+        None => {
+            decision::require_decided(state, "trigger verdict")?;
+            judge_trigger(
+                state,
+                command.at_ms,
+                service,
+                environment,
+                options,
+                throttle,
+            )?
+        }
     };
-    let environment = environment.as_str();
-    let verdict = match latest {
-        None => Verdict::Ignored(format!(
-            "{service} has had no change{} to roll back",
-            if environment.is_empty() {
-                String::new()
-            } else {
-                format!(" in environment {environment}")
+    let (service, source) = (service.as_str(), *source);
+    let at_ms = command.at_ms;
+    let change = decision.change;
+    let environment = decision.environment.as_str();
+    let (outcome, detail, rollback) = match decision.verdict {
+        TriggerVerdict::Ignored { why } => (TriggerOutcome::Ignored, why, 0),
+        TriggerVerdict::Throttled {
+            why,
+            call_a_person,
+            trip_breaker,
+        } => {
+            if trip_breaker.is_some() {
+                state.breaker = trip_breaker;
             }
-        )),
-        Some(change) => judge_trigger(
-            state,
-            at_ms,
-            service,
-            environment,
-            change,
-            options,
-            throttle,
-        ),
-    };
-    let change = latest.unwrap_or(0);
-    let (outcome, detail, rollback) = match verdict {
-        Verdict::Ignored(why) => (TriggerOutcome::Ignored, why, 0),
-        Verdict::Throttled { why, call_a_person } => {
             if let Some(refused) = state.changes.get_mut(&change) {
                 refused.auto_refused = true;
             }
@@ -76,7 +66,21 @@ pub(super) fn auto_trigger(
             }
             (TriggerOutcome::Throttled, why, 0)
         }
-        Verdict::Start => {
+        TriggerVerdict::Start => {
+            let Some(planned) = &decision.plan else {
+                return Err(CoordinatorError::invalid(
+                    "decided",
+                    "a verdict to start carries the plan",
+                ));
+            };
+            let plan = planned.plan.as_ref().map_err(|why| {
+                CoordinatorError::invalid(
+                    "decided",
+                    format!("a verdict to start has no plan: {why}"),
+                )
+            })?;
+            // The leader's drift of pending requests; judged here before version 3.
+            let drift = decided.as_ref().map(|_| &planned.drifted);
             let requirement = approvals::requirement(state, &[change]);
             approvals::expire(state, at_ms);
             let waits = requirement.approvals > 0 && !requirement.automatic_at_once;
@@ -92,14 +96,14 @@ pub(super) fn auto_trigger(
                     0,
                 )
             } else if waits {
-                let plan = checked_plan(state, &[change], options, "", Trigger::Automatic)?;
                 let (Outcome::Request(number), target, filed) = approvals::file(
                     state,
                     command,
-                    &plan,
+                    plan,
                     &requirement,
                     reason,
                     Trigger::Automatic,
+                    drift,
                 )?
                 else {
                     unreachable!("approvals::file answers with a request");
@@ -118,18 +122,8 @@ pub(super) fn auto_trigger(
                     0,
                 )
             } else {
-                let (Outcome::Rollback(number), target, mut started) = start_rollback(
-                    state,
-                    command,
-                    &[change],
-                    options,
-                    "",
-                    reason,
-                    Trigger::Automatic,
-                )?
-                else {
-                    unreachable!("start_rollback answers with a rollback");
-                };
+                let (number, target, mut started) =
+                    start_planned(state, command, plan, reason, Trigger::Automatic);
                 if requirement.approvals > 0 {
                     // Mitigation does not wait for a meeting: the policy approved it.
                     let by_policy = format!(
@@ -190,25 +184,93 @@ pub(super) fn auto_trigger(
     ))
 }
 
-pub(super) enum Verdict {
-    Start,
-    Ignored(String),
-    Throttled { why: String, call_a_person: bool },
+/// Judges a request for an automatic rollback of `service`'s latest change (in `environment`,
+/// or any when it names none) at `at_ms`: on the leader from cluster version 3, in `apply()`
+/// before. Refuses only a service that does not exist.
+pub(crate) fn judge_trigger(
+    state: &State,
+    at_ms: u64,
+    service: &str,
+    environment: &str,
+    options: &PlanOptions,
+    throttle: &ThrottleLimits,
+) -> Result<TriggerDecision> {
+    require_service(state, service)?;
+    // The latest change of the service in the alert's environment (any, when it names none).
+    let latest = state
+        .changes
+        .values()
+        .rev()
+        .find(|change| {
+            change.service == service
+                && (environment.is_empty()
+                    || crate::plan::environment_of(state, change) == environment)
+        })
+        .map(|change| change.number);
+    let environment = match latest {
+        Some(number) if environment.is_empty() => {
+            crate::plan::environment_of(state, &state.changes[&number])
+        }
+        _ => environment.to_string(),
+    };
+    let (verdict, plan) = match latest {
+        None => (
+            TriggerVerdict::Ignored {
+                why: format!(
+                    "{service} has had no change{} to roll back",
+                    if environment.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" in environment {environment}")
+                    }
+                ),
+            },
+            None,
+        ),
+        Some(change) => throttles(
+            state,
+            at_ms,
+            service,
+            &environment,
+            change,
+            options,
+            throttle,
+        ),
+    };
+    let change = latest.unwrap_or(0);
+    let changes: Vec<u64> = latest.into_iter().collect();
+    Ok(TriggerDecision {
+        change,
+        environment,
+        verdict,
+        plan: plan.map(|plan| decision::leader_plan(state, &changes, Ok(plan))),
+        basis: decision::basis(state, &changes, true),
+    })
 }
 
-/// The throttles, cheapest first. Trips the breaker as a side effect.
-pub(super) fn judge_trigger(
-    state: &mut State,
+/// The throttles, cheapest first, and the plan when they let it start. A verdict that opens the
+/// global breaker says so; `apply()` opens it.
+fn throttles(
+    state: &State,
     at_ms: u64,
     service: &str,
     environment: &str,
     change_number: u64,
     options: &PlanOptions,
     throttle: &ThrottleLimits,
-) -> Verdict {
+) -> (TriggerVerdict, Option<crate::plan::Plan>) {
+    let ignored = |why: String| (TriggerVerdict::Ignored { why }, None);
+    let throttled = |why: String, call_a_person: bool| {
+        let verdict = TriggerVerdict::Throttled {
+            why,
+            call_a_person,
+            trip_breaker: None,
+        };
+        (verdict, None)
+    };
     let change = &state.changes[&change_number];
     if let Some(rollback) = state.rollbacks.get(&change.rollback) {
-        return Verdict::Ignored(format!(
+        return ignored(format!(
             "{} is already being or was rolled back by {} ({})",
             change.id(),
             rollback.id(),
@@ -216,20 +278,20 @@ pub(super) fn judge_trigger(
         ));
     }
     if change.auto_refused {
-        return Verdict::Ignored(format!(
+        return ignored(format!(
             "an automatic rollback of {} was already refused; a person decides",
             change.id()
         ));
     }
     if let Some(breaker) = &state.breaker {
-        return Verdict::Throttled {
-            why: format!(
+        return throttled(
+            format!(
                 "the global breaker is open since {} ms ({} triggered together); reset it with `rewindctl trigger reset-breaker` once monitoring is trusted",
                 breaker.tripped_at_ms,
                 breaker.services.join(", ")
             ),
-            call_a_person: false,
-        };
+            false,
+        );
     }
     let within = |since_s: u32| at_ms.saturating_sub(u64::from(since_s) * 1000);
     let mut recent: std::collections::BTreeSet<String> = state
@@ -247,14 +309,15 @@ pub(super) fn judge_trigger(
             throttle.breaker_window_s,
             services.join(", ")
         );
-        state.breaker = Some(BreakerRecord {
-            tripped_at_ms: at_ms,
-            services,
-        });
-        return Verdict::Throttled {
+        let verdict = TriggerVerdict::Throttled {
             why,
             call_a_person: true,
+            trip_breaker: Some(BreakerRecord {
+                tripped_at_ms: at_ms,
+                services,
+            }),
         };
+        return (verdict, None);
     }
     let rollbacks_of_service = state
         .rollbacks
@@ -265,13 +328,13 @@ pub(super) fn judge_trigger(
         .filter(|old| old.started_at_ms >= within(throttle.flap_window_s))
         .count() as u32;
     if flaps >= throttle.flap_rollbacks {
-        return Verdict::Throttled {
-            why: format!(
+        return throttled(
+            format!(
                 "{service} is flapping: rolled back {flaps} times within {} s; it is no longer rolled back automatically",
                 throttle.flap_window_s
             ),
-            call_a_person: true,
-        };
+            true,
+        );
     }
     if let Some(last) = rollbacks_of_service
         .filter(|old| old.trigger == Trigger::Automatic)
@@ -279,14 +342,14 @@ pub(super) fn judge_trigger(
         .max()
         && last >= within(throttle.cooldown_s)
     {
-        return Verdict::Throttled {
-            why: format!(
+        return throttled(
+            format!(
                 "{service} was rolled back automatically {} s ago, within its {} s cooldown",
                 at_ms.saturating_sub(last) / 1000,
                 throttle.cooldown_s
             ),
-            call_a_person: true,
-        };
+            true,
+        );
     }
     // Counted from the rollbacks themselves, which are never forgotten.
     let spent = state
@@ -303,25 +366,24 @@ pub(super) fn judge_trigger(
         })
         .count() as u32;
     if spent >= throttle.budget {
-        return Verdict::Throttled {
-            why: format!(
+        return throttled(
+            format!(
                 "the budget of {} automatic rollbacks per {} s in environment {environment} is spent",
                 throttle.budget, throttle.budget_window_s
             ),
-            call_a_person: true,
-        };
+            true,
+        );
     }
     match crate::plan::build(state, &[change_number], options, Trigger::Automatic) {
-        Err(error) => Verdict::Ignored(error.to_string()),
-        Ok(plan) if !plan.incompatibilities.is_empty() => Verdict::Throttled {
-            why: plan
-                .incompatibilities
+        Err(error) => ignored(error.to_string()),
+        Ok(plan) if !plan.incompatibilities.is_empty() => throttled(
+            plan.incompatibilities
                 .iter()
                 .map(|problem| problem.detail.clone())
                 .collect::<Vec<_>>()
                 .join("; "),
-            call_a_person: true,
-        },
-        Ok(_) => Verdict::Start,
+            true,
+        ),
+        Ok(plan) => (TriggerVerdict::Start, Some(plan)),
     }
 }

@@ -1,0 +1,180 @@
+//! Tests of decisions made on the leader and recorded by `apply()` (cluster version 3).
+
+use super::apply_test::{Harness, rollback_of};
+use super::decision::{self, TriggerVerdict};
+use super::*;
+use crate::errors::CoordinatorError;
+
+/// A fleet at this binary's version with `web` deployed v1 then v2; the v2 change.
+fn deployed() -> (Harness, u64) {
+    let mut harness = Harness::with_fleet();
+    harness.deploy("v1");
+    let change = harness.deploy("v2");
+    (harness, change)
+}
+
+fn command(kind: CommandKind) -> Command {
+    Command {
+        at_ms: 1_000_000,
+        identity: "operator".into(),
+        request_id: String::new(),
+        kind,
+    }
+}
+
+fn trigger() -> CommandKind {
+    CommandKind::AutoTrigger {
+        service: "web".into(),
+        environment: String::new(),
+        source: TriggerSource::Alertmanager,
+        reason: "error rate".into(),
+        options: PlanOptions::default(),
+        throttle: ThrottleLimits::default(),
+        decided: None,
+    }
+}
+
+fn digest(state: &State) -> String {
+    let mut state = state.clone();
+    state.applied_index = 0;
+    rewind_shared::digest::sha256_digest(&serde_json::to_vec(&state).unwrap())
+}
+
+#[test]
+fn apply_records_the_leaders_plan_and_never_plans_again() {
+    let (mut harness, change) = deployed();
+    let mut start = command(rollback_of(change, Trigger::Manual));
+    decision::prepare(&harness.state, &mut start).unwrap();
+    // A plan the planner would not make (it reverts both hosts): apply must take it as given.
+    let CommandKind::StartRollback {
+        planned: Some(planned),
+        ..
+    } = &mut start.kind
+    else {
+        panic!("the leader plans a rollback")
+    };
+    let plan = planned.plan.as_mut().unwrap();
+    assert_eq!(plan.waves[0].hosts(), vec!["web-1", "web-2"]);
+    plan.waves[0].batches = vec![vec!["web-1".into()]];
+    let Outcome::Rollback(number) = harness.run_raw(start.kind).unwrap() else {
+        panic!("a rollback")
+    };
+    let hosts: std::collections::BTreeSet<&str> = harness.state.rollbacks[&number]
+        .steps
+        .iter()
+        .map(|step| step.host_id.as_str())
+        .collect();
+    assert_eq!(hosts.into_iter().collect::<Vec<_>>(), vec!["web-1"]);
+}
+
+#[test]
+fn a_decision_on_a_state_that_moved_is_refused_and_changes_nothing() {
+    let (mut harness, change) = deployed();
+    let mut start = command(rollback_of(change, Trigger::Manual));
+    decision::prepare(&harness.state, &mut start).unwrap();
+    let mut judged = command(trigger());
+    decision::prepare(&harness.state, &mut judged).unwrap();
+    // A host of the change moves region: the plan's waves would differ.
+    harness.must(CommandKind::RegisterHost {
+        host_id: "web-2".into(),
+        labels: Labels {
+            region: "us".into(),
+            ..Labels::default()
+        },
+        services: vec!["web".into()],
+        agent_version: "test".into(),
+    });
+    let before = digest(&harness.state);
+    for stale in [start.kind, judged.kind] {
+        let refused = harness.run_raw(stale).unwrap_err();
+        assert!(
+            matches!(refused, CoordinatorError::StaleDecision { .. }) && refused.is_retriable(),
+            "{refused}"
+        );
+        assert!(
+            refused.to_string().contains("changed before it applied"),
+            "{refused}"
+        );
+    }
+    assert_eq!(digest(&harness.state), before);
+    // Decided again on the state as it is, it applies.
+    harness.must_start_rollback(change, Trigger::Manual);
+}
+
+#[test]
+fn from_version_three_an_undecided_rollback_or_trigger_is_refused() {
+    let (mut harness, change) = deployed();
+    let before = digest(&harness.state);
+    for undecided in [rollback_of(change, Trigger::Manual), trigger()] {
+        let refused = harness.run_raw(undecided).unwrap_err();
+        assert!(
+            refused
+                .to_string()
+                .contains("the entry carries no decision"),
+            "{refused}"
+        );
+    }
+    assert_eq!(digest(&harness.state), before);
+}
+
+#[test]
+fn before_version_three_a_decided_entry_is_refused_and_apply_plans_itself() {
+    let mut harness = Harness::legacy().fleet();
+    harness.deploy("v1");
+    let change = harness.deploy("v2");
+    let mut start = command(rollback_of(change, Trigger::Manual));
+    harness.state.cluster_version = 3;
+    decision::prepare(&harness.state, &mut start).unwrap();
+    harness.state.cluster_version = 0;
+    let refused = harness.run_raw(start.kind).unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            CoordinatorError::NeedsClusterVersion { needed: 3, .. }
+        ),
+        "{refused}"
+    );
+    // Undecided, as every member of a version-1 cluster proposes it, apply() plans it.
+    harness.must_start_rollback(change, Trigger::Manual);
+}
+
+#[test]
+fn the_leaders_trigger_verdict_is_recorded_as_given() {
+    let (mut harness, _) = deployed();
+    let mut judged = command(trigger());
+    decision::prepare(&harness.state, &mut judged).unwrap();
+    let CommandKind::AutoTrigger {
+        decided: Some(decided),
+        ..
+    } = &mut judged.kind
+    else {
+        panic!("the leader judges a trigger")
+    };
+    assert_eq!(decided.verdict, TriggerVerdict::Start);
+    decided.verdict = TriggerVerdict::Ignored {
+        why: "the leader saw no reason".into(),
+    };
+    let outcome = harness.run_raw(judged.kind).unwrap();
+    assert!(
+        matches!(&outcome, Outcome::Triggered { outcome: TriggerOutcome::Ignored, detail, .. }
+            if detail == "the leader saw no reason"),
+        "{outcome:?}"
+    );
+    assert!(harness.state.rollbacks.is_empty());
+}
+
+#[test]
+fn the_leader_refuses_what_the_planner_refuses_and_nothing_reaches_the_log() {
+    let (mut harness, change) = deployed();
+    let logged = harness.log.len();
+    let mut start = rollback_of(change, Trigger::Manual);
+    if let CommandKind::StartRollback { plan_hash, .. } = &mut start {
+        *plan_hash = "sha256:not-the-plan".into();
+    }
+    let refused = harness.run(start).unwrap_err();
+    assert!(
+        matches!(refused, CoordinatorError::PlanChanged { .. }),
+        "{refused}"
+    );
+    assert_eq!(harness.log.len(), logged);
+}
