@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use rewind_proto::v1 as pb;
 use rewind_tests::{
-    ClusterHarness, ClusterOptions, must_agents_connected, must_binary, must_change,
-    must_change_where, must_deploy_v1_then_v2, must_have_rolled_back_v2_once, must_rollback_end,
+    ClusterHarness, ClusterOptions, must_agents_connected, must_binary, must_change_where,
+    must_deploy_v1_then_v2, must_have_rolled_back_v2_once, must_rollback_end,
     must_start_rollback_of_v2, must_wait_async, run_ok,
 };
 
@@ -166,13 +166,28 @@ async fn a_cluster_upgraded_member_by_member_during_a_rollback_ends_with_one_sta
         })
         .await
         .unwrap();
-    let change_id = must_change(&mut client, "v2").await;
+    // Fresh request ids: the ones used before the upgrade are answered from the request log.
+    let redeploy = pb::StartChangeRequest {
+        request_id: "redeploy-v2".into(),
+        service: "web".into(),
+        version: "v2".into(),
+        reason: "v2 again, after the upgrade".into(),
+        ..Default::default()
+    };
+    let change_id = client
+        .start_change(redeploy)
+        .await
+        .unwrap()
+        .into_inner()
+        .change
+        .unwrap()
+        .change_id;
     must_change_where(&client, &change_id, "the change to deploy", |change| {
         change.state == pb::ChangeState::Deployed as i32
     })
     .await;
     let start = pb::StartRollbackRequest {
-        request_id: "after-upgrade".into(),
+        request_id: "rollback-after-upgrade".into(),
         change_id: change_id.clone(),
         reason: "bad release again".into(),
         ..Default::default()

@@ -5,7 +5,7 @@ use crate::errors::CoordinatorError;
 
 pub(super) struct Harness {
     pub(super) state: State,
-    index: u64,
+    pub(super) index: u64,
     /// Every command run, as the log would hold it: the golden log is written from this.
     pub(super) log: Vec<(u64, Vec<u8>)>,
 }
@@ -55,6 +55,16 @@ impl Harness {
             request_id: String::new(),
             kind,
         };
+        let entry =
+            version::encode_entry(&command, self.state.cluster_version()).expect("commands encode");
+        self.log.push((self.index, entry));
+        super::apply_checked(&mut self.state, self.index, &command)
+    }
+
+    /// Logs and applies `command` as it is, at the time it carries (one a test decided with
+    /// `decision::prepare` and perhaps altered).
+    pub(super) fn run_prepared(&mut self, command: Command) -> Result<Outcome, CoordinatorError> {
+        self.index += 1;
         let entry =
             version::encode_entry(&command, self.state.cluster_version()).expect("commands encode");
         self.log.push((self.index, entry));

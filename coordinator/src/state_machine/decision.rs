@@ -27,7 +27,7 @@ type Result<T> = std::result::Result<T, CoordinatorError>;
 pub const DECIDED_ON_LEADER: u32 = 3;
 
 /// How often a member proposes a command again whose decision went stale in flight.
-pub const DECISION_ATTEMPTS: usize = 3;
+pub const DECISION_ATTEMPTS: usize = 5;
 
 /// A rollback plan as the leader computed it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -211,6 +211,13 @@ pub(super) fn matching_plan<'a>(
             "the leader's plan is not of the rollback this entry asks for",
         ));
     }
+    // The hash an operator approves or names must be of the plan that runs.
+    if crate::plan::plan_hash(plan) != plan.hash {
+        return Err(CoordinatorError::invalid(
+            "plan",
+            "the leader's plan does not match its own hash",
+        ));
+    }
     Ok(plan)
 }
 
@@ -262,8 +269,8 @@ fn check_basis(
         what: what.to_string(),
         why: format!(
             "the state it was decided on changed before it applied (basis {} -> {})",
-            &expected[..expected.len().min(19)],
-            &now[..now.len().min(19)]
+            expected.chars().take(19).collect::<String>(),
+            now.chars().take(19).collect::<String>()
         ),
     })
 }
@@ -288,7 +295,9 @@ fn pending_requests_over<'a>(
 /// of what moves), the records themselves where they are small. Equal bases mean the planner
 /// would decide the same, so `apply()` records the leader's decision without re-making it.
 ///
-/// What it covers is part of how entries apply: changing it needs a new cluster version.
+/// What it covers is part of how entries apply: changing it needs a new cluster version. It
+/// hashes some records whole (a change, the services, the policy), so a field added to them
+/// changes it too; such a field already changes the state digest, and needs a version anyway.
 pub fn basis(state: &State, changes: &[u64], trigger: bool) -> String {
     let mut hasher = Sha256::new();
     let mut put = |label: &str, value: &dyn erased::Value| {
@@ -334,7 +343,14 @@ pub fn basis(state: &State, changes: &[u64], trigger: bool) -> String {
         .map(|txn| (txn.number, txn.status.name()))
         .collect();
     put("schema", &schema_now);
-    for number in changes {
+    // The named changes, and those of pending requests over them (their drift is judged too).
+    let mut covered: Vec<u64> = changes.to_vec();
+    for request in pending_requests_over(state, changes) {
+        covered.extend(&request.changes);
+    }
+    covered.sort_unstable();
+    covered.dedup();
+    for number in &covered {
         let change = state.changes.get(number);
         put("change", &change);
         let Some(change) = change else { continue };

@@ -13,9 +13,10 @@ fn deployed() -> (Harness, u64) {
     (harness, change)
 }
 
-fn command(kind: CommandKind) -> Command {
+/// A command as the harness would stamp its next one.
+fn command(harness: &Harness, kind: CommandKind) -> Command {
     Command {
-        at_ms: 1_000_000,
+        at_ms: 1_000 * (harness.index + 1),
         identity: "operator".into(),
         request_id: String::new(),
         kind,
@@ -43,7 +44,7 @@ fn digest(state: &State) -> String {
 #[test]
 fn apply_records_the_leaders_plan_and_never_plans_again() {
     let (mut harness, change) = deployed();
-    let mut start = command(rollback_of(change, Trigger::Manual));
+    let mut start = command(&harness, rollback_of(change, Trigger::Manual));
     decision::prepare(&harness.state, &mut start).unwrap();
     // A plan the planner would not make (it reverts both hosts): apply must take it as given.
     let CommandKind::StartRollback {
@@ -56,7 +57,8 @@ fn apply_records_the_leaders_plan_and_never_plans_again() {
     let plan = planned.plan.as_mut().unwrap();
     assert_eq!(plan.waves[0].hosts(), vec!["web-1", "web-2"]);
     plan.waves[0].batches = vec![vec!["web-1".into()]];
-    let Outcome::Rollback(number) = harness.run_raw(start.kind).unwrap() else {
+    plan.hash = crate::plan::plan_hash(plan);
+    let Outcome::Rollback(number) = harness.run_prepared(start).unwrap() else {
         panic!("a rollback")
     };
     let hosts: std::collections::BTreeSet<&str> = harness.state.rollbacks[&number]
@@ -70,9 +72,9 @@ fn apply_records_the_leaders_plan_and_never_plans_again() {
 #[test]
 fn a_decision_on_a_state_that_moved_is_refused_and_changes_nothing() {
     let (mut harness, change) = deployed();
-    let mut start = command(rollback_of(change, Trigger::Manual));
+    let mut start = command(&harness, rollback_of(change, Trigger::Manual));
     decision::prepare(&harness.state, &mut start).unwrap();
-    let mut judged = command(trigger());
+    let mut judged = command(&harness, trigger());
     decision::prepare(&harness.state, &mut judged).unwrap();
     // A host of the change moves region: the plan's waves would differ.
     harness.must(CommandKind::RegisterHost {
@@ -85,8 +87,8 @@ fn a_decision_on_a_state_that_moved_is_refused_and_changes_nothing() {
         agent_version: "test".into(),
     });
     let before = digest(&harness.state);
-    for stale in [start.kind, judged.kind] {
-        let refused = harness.run_raw(stale).unwrap_err();
+    for stale in [start, judged] {
+        let refused = harness.run_prepared(stale).unwrap_err();
         assert!(
             matches!(refused, CoordinatorError::StaleDecision { .. }) && refused.is_retriable(),
             "{refused}"
@@ -122,11 +124,11 @@ fn before_version_three_a_decided_entry_is_refused_and_apply_plans_itself() {
     let mut harness = Harness::legacy().fleet();
     harness.deploy("v1");
     let change = harness.deploy("v2");
-    let mut start = command(rollback_of(change, Trigger::Manual));
+    let mut start = command(&harness, rollback_of(change, Trigger::Manual));
     harness.state.cluster_version = 3;
     decision::prepare(&harness.state, &mut start).unwrap();
     harness.state.cluster_version = 0;
-    let refused = harness.run_raw(start.kind).unwrap_err();
+    let refused = harness.run_prepared(start).unwrap_err();
     assert!(
         matches!(
             refused,
@@ -141,7 +143,7 @@ fn before_version_three_a_decided_entry_is_refused_and_apply_plans_itself() {
 #[test]
 fn the_leaders_trigger_verdict_is_recorded_as_given() {
     let (mut harness, _) = deployed();
-    let mut judged = command(trigger());
+    let mut judged = command(&harness, trigger());
     decision::prepare(&harness.state, &mut judged).unwrap();
     let CommandKind::AutoTrigger {
         decided: Some(decided),
@@ -154,7 +156,7 @@ fn the_leaders_trigger_verdict_is_recorded_as_given() {
     decided.verdict = TriggerVerdict::Ignored {
         why: "the leader saw no reason".into(),
     };
-    let outcome = harness.run_raw(judged.kind).unwrap();
+    let outcome = harness.run_prepared(judged).unwrap();
     assert!(
         matches!(&outcome, Outcome::Triggered { outcome: TriggerOutcome::Ignored, detail, .. }
             if detail == "the leader saw no reason"),
@@ -177,4 +179,78 @@ fn the_leader_refuses_what_the_planner_refuses_and_nothing_reaches_the_log() {
         "{refused}"
     );
     assert_eq!(harness.log.len(), logged);
+}
+
+#[test]
+fn a_plan_that_does_not_match_its_own_hash_is_refused() {
+    let (mut harness, change) = deployed();
+    let mut start = command(&harness, rollback_of(change, Trigger::Manual));
+    decision::prepare(&harness.state, &mut start).unwrap();
+    if let CommandKind::StartRollback {
+        planned: Some(planned),
+        ..
+    } = &mut start.kind
+    {
+        planned.plan.as_mut().unwrap().waves[0].batches = vec![vec!["web-1".into()]];
+    }
+    let refused = harness.run_prepared(start).unwrap_err();
+    assert!(refused.to_string().contains("its own hash"), "{refused}");
+    assert!(harness.state.rollbacks.is_empty());
+}
+
+#[test]
+fn an_approval_decided_on_a_state_that_moved_is_refused_and_the_request_stands() {
+    let (mut harness, change) = deployed();
+    harness.state.access.policy = Some(std::sync::Arc::new(
+        crate::access::Policy::from_toml(
+            "[[binding]]\nname = \"admins\"\nrole = \"admin\"\nidentities = [\"user:ada\"]\n\
+             scopes = [\"*\"]\n\n[environment.default]\napprovals = 1\n",
+        )
+        .unwrap(),
+    ));
+    let Outcome::Request(request) = harness.must(rollback_of(change, Trigger::Manual)) else {
+        panic!("a request for approval")
+    };
+    let plan_hash = harness.state.approval_requests[&request].plan_hash.clone();
+    let approve = CommandKind::DecideRequest {
+        request,
+        decision: RequestDecision::Approve,
+        plan_hash,
+        reason: "looked at it".into(),
+        baseline: None,
+        planned: None,
+    };
+    let mut approval = Command {
+        identity: "user:ada".into(),
+        ..command(&harness, approve.clone())
+    };
+    decision::prepare(&harness.state, &mut approval).unwrap();
+    // A host of the change moves region: the plan's waves would differ.
+    harness.must(CommandKind::RegisterHost {
+        host_id: "web-2".into(),
+        labels: Labels {
+            region: "us".into(),
+            ..Labels::default()
+        },
+        services: vec!["web".into()],
+        agent_version: "test".into(),
+    });
+    let before = digest(&harness.state);
+    let refused = harness.run_prepared(approval).unwrap_err();
+    assert!(
+        matches!(refused, CoordinatorError::StaleDecision { .. }),
+        "{refused}"
+    );
+    assert_eq!(digest(&harness.state), before);
+    assert_eq!(
+        harness.state.approval_requests[&request].status,
+        RequestStatus::Pending
+    );
+    // Decided again on the state as it is, the approval finds the plan changed: it lapses.
+    let lapsed = harness.run_as("user:ada", "", approve).unwrap();
+    assert!(
+        matches!(&lapsed, Outcome::RequestRefused { why, .. } if why.contains("the plan changed")),
+        "{lapsed:?}"
+    );
+    assert!(harness.state.rollbacks.is_empty());
 }

@@ -73,12 +73,8 @@ pub(super) fn auto_trigger(
                     "a verdict to start carries the plan",
                 ));
             };
-            let plan = planned.plan.as_ref().map_err(|why| {
-                CoordinatorError::invalid(
-                    "decided",
-                    format!("a verdict to start has no plan: {why}"),
-                )
-            })?;
+            let plan = decision::matching_plan(planned, &[change], options)?;
+            decision::check_shown(plan, "", options)?;
             // The leader's drift of pending requests; judged here before version 3.
             let drift = decided.as_ref().map(|_| &planned.drifted);
             let requirement = approvals::requirement(state, &[change]);
@@ -239,6 +235,22 @@ pub(crate) fn judge_trigger(
     };
     let change = latest.unwrap_or(0);
     let changes: Vec<u64> = latest.into_iter().collect();
+    // What only the leader's decision needs is left out where apply() judges (before version 3).
+    if state.cluster_version() < decision::DECIDED_ON_LEADER {
+        let plan = plan.map(|plan| decision::LeaderPlan {
+            plan: Ok(plan),
+            drifted: Default::default(),
+            basis: String::new(),
+        });
+        let basis = String::new();
+        return Ok(TriggerDecision {
+            change,
+            environment,
+            verdict,
+            plan,
+            basis,
+        });
+    }
     Ok(TriggerDecision {
         change,
         environment,
