@@ -132,6 +132,19 @@ impl Context {
         })
     }
 
+    /// The skeleton of every write: proposes `kind` for `identity`, then answers from the state
+    /// it left (`read` gets the command's outcome too), on this member, right after it applied.
+    async fn propose_and_read<R>(
+        &self,
+        identity: &str,
+        request_id: &str,
+        kind: CommandKind,
+        read: impl FnOnce(&crate::state_machine::State, &Outcome) -> R,
+    ) -> Result<R, Status> {
+        let outcome = self.propose(identity, request_id, kind).await?;
+        Ok(self.node.read(|state| read(state, &outcome)))
+    }
+
     /// The status for a refused proposal or read: a redirect to the leader, or the error.
     fn refusal(&self, error: CoordinatorError) -> Status {
         match error {

@@ -1,0 +1,414 @@
+//! Rollbacks: planning, starting, steering and watching them.
+
+use super::*;
+
+pub(super) async fn plan_rollback(
+    control: &Control,
+    request: Request<pb::PlanRollbackRequest>,
+) -> Result<Response<pb::PlanRollbackResponse>, Status> {
+    let caller = caller(&request)?;
+    control.context.current().await?;
+    let request = request.into_inner();
+    let options = plans::options_from(request.options, 0, control.context.default_max_parallel)?;
+    let view = plans::LiveHosts {
+        sessions: &control.context.sessions,
+        health: &control.context.health,
+    };
+    let plan = control.context.node.read(|state| {
+        let changes = plans::selected_changes(state, request.selection, "")?;
+        control
+            .context
+            .authorize(&caller, &targets::changes(state, &changes))?;
+        plans::preview(state, &changes, &options, &view)
+    })?;
+    Ok(Response::new(pb::PlanRollbackResponse { plan: Some(plan) }))
+}
+
+pub(super) async fn start_rollback(
+    control: &Control,
+    request: Request<pb::StartRollbackRequest>,
+) -> Result<Response<pb::StartRollbackResponse>, Status> {
+    let caller = caller(&request)?;
+    let identity = caller.id();
+    let request = request.into_inner();
+    validate_reason(&request.reason)?;
+    if !request.plan_hash.is_empty() {
+        names::validate_digest("plan_hash", &request.plan_hash).map_err(field_error)?;
+    }
+    let options = plans::options_from(
+        request.options,
+        request.max_parallel,
+        control.context.default_max_parallel,
+    )?;
+    control.context.current().await?;
+    let (changes, targets) = control.context.node.read(|state| {
+        let changes = plans::selected_changes(state, request.selection, &request.change_id)?;
+        let targets = targets::changes(state, &changes);
+        Ok::<_, Status>((changes, targets))
+    })?;
+    if request.break_glass && request.reason.trim().is_empty() {
+        return Err(invalid(
+            "reason",
+            "break-glass needs a reason: it goes into the escalation and the review",
+        ));
+    }
+    control.context.authorize(&caller, &targets)?;
+    let reason = if request.reason.is_empty() {
+        "requested by an operator".to_string()
+    } else {
+        request.reason
+    };
+    let kind = CommandKind::StartRollback {
+        changes,
+        options,
+        plan_hash: request.plan_hash,
+        reason,
+        trigger: Trigger::Manual,
+        break_glass: request.break_glass,
+        planned: None,
+    };
+    match control
+        .context
+        .propose(&identity, &request.request_id, kind)
+        .await?
+    {
+        Outcome::Rollback(number) => {
+            info!(
+                identity,
+                rollback_id = rollback_id(number),
+                break_glass = request.break_glass,
+                "Rollback started."
+            );
+            let rollback = control.context.node.read(|state| {
+                state
+                    .rollbacks
+                    .get(&number)
+                    .map(|record| convert::rollback(state, record))
+            });
+            Ok(Response::new(pb::StartRollbackResponse {
+                rollback,
+                request: None,
+            }))
+        }
+        Outcome::Request(number) => {
+            info!(
+                identity,
+                request_id = request_id(number),
+                "Rollback waits for approval."
+            );
+            let request = control.context.node.read(|state| {
+                state
+                    .approval_requests
+                    .get(&number)
+                    .map(|record| convert::approval_request(state, record, true))
+            });
+            Ok(Response::new(pb::StartRollbackResponse {
+                rollback: None,
+                request,
+            }))
+        }
+        _ => Err(Status::internal("start rollback produced no rollback")),
+    }
+}
+
+pub(super) async fn skip_host(
+    control: &Control,
+    request: Request<pb::RollbackActionRequest>,
+) -> Result<Response<pb::GetRollbackResponse>, Status> {
+    let named = |request: &pb::RollbackActionRequest| request.host_id.clone();
+    control
+        .decide_for(
+            request,
+            ("host_id", named),
+            "say why the host is left unreverted: it goes into the audit log",
+            |rollback, host_id, reason| CommandKind::SkipHost {
+                rollback,
+                host_id,
+                reason,
+            },
+        )
+        .await
+}
+
+pub(super) async fn isolate_service(
+    control: &Control,
+    request: Request<pb::RollbackActionRequest>,
+) -> Result<Response<pb::GetRollbackResponse>, Status> {
+    let named = |request: &pb::RollbackActionRequest| request.service.clone();
+    control
+        .decide_for(
+            request,
+            ("service", named),
+            "say why the service is isolated instead of reverted: it goes into the audit log",
+            |rollback, service, reason| CommandKind::IsolateService {
+                rollback,
+                service,
+                reason,
+            },
+        )
+        .await
+}
+
+pub(super) async fn explain_rollback(
+    control: &Control,
+    request: Request<pb::GetRollbackRequest>,
+) -> Result<Response<pb::ExplainRollbackResponse>, Status> {
+    let number = control.visible_rollback(request).await?;
+    let services = control.context.node.read(|state| {
+        state
+            .rollbacks
+            .get(&number)
+            .map(|record| record.services.clone())
+            .ok_or_else(|| to_status(unknown_rollback(state, number)))
+    })?;
+    // Read outside the state lock: health aggregation reads the state too.
+    let health: std::collections::BTreeMap<String, HealthAggregate> = services
+        .into_iter()
+        .map(|service| {
+            let aggregate = control.context.service_health(&service);
+            (service, aggregate)
+        })
+        .collect();
+    let (rollback, explanation, next_commands) = control.context.node.read(|state| {
+        let record = state
+            .rollbacks
+            .get(&number)
+            .ok_or_else(|| to_status(unknown_rollback(state, number)))?;
+        let (text, next) = plans::explain(state, record, |service| {
+            health.get(service).copied().unwrap_or_default()
+        });
+        Ok::<_, Status>((convert::rollback(state, record), text, next))
+    })?;
+    Ok(Response::new(pb::ExplainRollbackResponse {
+        rollback: Some(rollback),
+        explanation,
+        next_commands,
+    }))
+}
+
+pub(super) async fn get_rollback(
+    control: &Control,
+    request: Request<pb::GetRollbackRequest>,
+) -> Result<Response<pb::GetRollbackResponse>, Status> {
+    let number = control.visible_rollback(request).await?;
+    Ok(Response::new(pb::GetRollbackResponse {
+        rollback: Some(control.context.rollback(number)?),
+    }))
+}
+
+pub(super) async fn list_rollbacks(
+    control: &Control,
+    request: Request<pb::ListRollbacksRequest>,
+) -> Result<Response<pb::ListRollbacksResponse>, Status> {
+    let caller = caller(&request)?;
+    let request = request.into_inner();
+    let (limit, before) = page(request.limit, "rb", &request.before)?;
+    control.context.current().await?;
+    let (rollbacks, more) = control.context.node.read(|state| {
+        let mut older = state
+            .rollbacks
+            .range(..before)
+            .rev()
+            .filter(|(number, _)| caller.may_see(&targets::rollback(state, **number)));
+        let rollbacks: Vec<pb::Rollback> = older
+            .by_ref()
+            .take(limit)
+            .map(|(_, record)| pb::Rollback {
+                steps: Vec::new(),
+                ..convert::rollback(state, record)
+            })
+            .collect();
+        (rollbacks, older.next().is_some())
+    });
+    let next_before = match rollbacks.last() {
+        Some(last) if more => last.rollback_id.clone(),
+        _ => String::new(),
+    };
+    Ok(Response::new(pb::ListRollbacksResponse {
+        rollbacks,
+        next_before,
+    }))
+}
+
+pub(super) async fn watch_rollback(
+    control: &Control,
+    request: Request<pb::GetRollbackRequest>,
+) -> Result<Response<WatchStream>, Status> {
+    let watcher = caller(&request)?;
+    let number = control.visible_rollback(request).await?;
+    let first = control.context.rollback(number)?;
+    let context = control.context.clone();
+    let (sender, receiver) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        let mut applied = context.node.subscribe();
+        let mut last = first;
+        loop {
+            let ended =
+                pb::RollbackState::try_from(last.state).is_ok_and(|state| state.is_terminal());
+            if sender
+                .send(Ok(pb::GetRollbackResponse {
+                    rollback: Some(last.clone()),
+                }))
+                .await
+                .is_err()
+                || ended
+            {
+                return;
+            }
+            // Wait for a change of this rollback; a closed client ends the task.
+            loop {
+                tokio::select! {
+                    changed = applied.changed() => if changed.is_err() { return },
+                    _ = sender.closed() => return,
+                }
+                // The policy may have changed since the watch began: a watcher revoked or
+                // moved out of this rollback's scope stops seeing it.
+                if let Err(refusal) = still_allowed(&context, &watcher, number) {
+                    let _ = sender.send(Err(context.gate.refuse(refusal))).await;
+                    return;
+                }
+                let Ok(current) = context.rollback(number) else {
+                    return;
+                };
+                if current != last {
+                    last = current;
+                    break;
+                }
+            }
+        }
+    });
+    Ok(Response::new(Box::pin(
+        tokio_stream::wrappers::ReceiverStream::new(receiver),
+    )))
+}
+
+/// Whether `caller` may still do its call's action on rollback `number` under the policy in
+/// force now (not the one its call was admitted under).
+fn still_allowed(
+    context: &Context,
+    caller: &crate::access::Caller,
+    number: u64,
+) -> Result<(), crate::access::Refusal> {
+    context.node.read(|state| {
+        let now = crate::access::Caller {
+            policy: state.access.policy.clone(),
+            ..caller.clone()
+        };
+        // The policy's decision refuses a denied identity first.
+        now.authorize_all(&targets::rollback(state, number))
+    })
+}
+
+impl Control {
+    /// A person's decision about one named thing (a host, a service) in a rollback; the reason
+    /// is required, since it goes into the audit log.
+    pub(super) async fn decide_for(
+        &self,
+        request: Request<pb::RollbackActionRequest>,
+        (field, named): (&str, fn(&pb::RollbackActionRequest) -> String),
+        reason_needed: &str,
+        kind: impl FnOnce(u64, String, String) -> CommandKind,
+    ) -> Result<Response<pb::GetRollbackResponse>, Status> {
+        let caller = caller(&request)?;
+        let identity = caller.id();
+        let request = request.into_inner();
+        let number = parse_id("rollback_id", "rb", &request.rollback_id)?;
+        let name = named(&request);
+        names::validate_name(field, &name).map_err(field_error)?;
+        required_reason(&request.reason, reason_needed)?;
+        self.authorize_rollback(&caller, number).await?;
+        let kind = kind(number, name.clone(), request.reason);
+        let action = kind.action();
+        let rollback = self
+            .context
+            .propose_and_read(&identity, &request.request_id, kind, |state, _| {
+                rollback_answer(state, number)
+            })
+            .await??;
+        info!(
+            identity,
+            rollback_id = rollback_id(number),
+            action,
+            name,
+            "Rollback decision recorded."
+        );
+        Ok(Response::new(rollback))
+    }
+
+    /// The rollback a read names, once the caller may see it.
+    pub(super) async fn visible_rollback(
+        &self,
+        request: Request<pb::GetRollbackRequest>,
+    ) -> Result<u64, Status> {
+        let caller = caller(&request)?;
+        let number = parse_id("rollback_id", "rb", &request.into_inner().rollback_id)?;
+        self.authorize_rollback(&caller, number).await?;
+        Ok(number)
+    }
+
+    /// Allows the caller's action on rollback `number` (after a read barrier, so a rollback
+    /// committed before the call is seen), or answers `NOT_FOUND` / `PERMISSION_DENIED`.
+    pub(super) async fn authorize_rollback(
+        &self,
+        caller: &crate::access::Caller,
+        number: u64,
+    ) -> Result<(), Status> {
+        self.context.current().await?;
+        let targets = self
+            .context
+            .node
+            .read(|state| targets::rollback(state, number));
+        self.context.authorize_found(caller, &targets, || {
+            self.context
+                .node
+                .read(|state| to_status(unknown_rollback(state, number)))
+        })
+    }
+
+    pub(super) async fn control(
+        &self,
+        request: Request<pb::RollbackActionRequest>,
+        action: RollbackAction,
+    ) -> Result<Response<pb::GetRollbackResponse>, Status> {
+        let caller = caller(&request)?;
+        let identity = caller.id();
+        let request = request.into_inner();
+        let number = parse_id("rollback_id", "rb", &request.rollback_id)?;
+        validate_reason(&request.reason)?;
+        let reason = if request.reason.is_empty() {
+            format!("{} requested by {identity}", action.name())
+        } else {
+            request.reason
+        };
+        self.authorize_rollback(&caller, number).await?;
+        let kind = CommandKind::ControlRollback {
+            rollback: number,
+            action,
+            reason,
+        };
+        let rollback = self
+            .context
+            .propose_and_read(&identity, &request.request_id, kind, |state, _| {
+                rollback_answer(state, number)
+            })
+            .await??;
+        info!(
+            identity,
+            rollback_id = rollback_id(number),
+            action = action.name(),
+            "Rollback controlled."
+        );
+        Ok(Response::new(rollback))
+    }
+}
+
+/// The answer to a write on rollback `number`: the rollback as it stands now.
+fn rollback_answer(state: &State, number: u64) -> Result<pb::GetRollbackResponse, Status> {
+    let record = state
+        .rollbacks
+        .get(&number)
+        .ok_or_else(|| to_status(unknown_rollback(state, number)))?;
+    Ok(pb::GetRollbackResponse {
+        rollback: Some(convert::rollback(state, record)),
+    })
+}
