@@ -46,7 +46,7 @@ fn fleet() -> Fleet {
 }
 
 fn rollback_of(change: u64, break_glass: bool) -> CommandKind {
-    CommandKind::StartRollback {
+    CommandKind::StartRollback(StartRollback {
         changes: vec![change],
         options: PlanOptions::default(),
         plan_hash: String::new(),
@@ -54,18 +54,18 @@ fn rollback_of(change: u64, break_glass: bool) -> CommandKind {
         trigger: Trigger::Manual,
         break_glass,
         planned: None,
-    }
+    })
 }
 
 fn decide(decision: RequestDecision, plan_hash: &str) -> CommandKind {
-    CommandKind::DecideRequest {
+    CommandKind::DecideRequest(DecideRequest {
         baseline: None,
         request: 1,
         decision,
         plan_hash: plan_hash.into(),
         reason: "looked at it".into(),
         planned: None,
-    }
+    })
 }
 
 fn refusal(result: Result<Outcome, CoordinatorError>) -> String {
@@ -188,14 +188,14 @@ fn a_request_lapses_when_its_plan_changes_and_expires_after_its_time() {
         .apply_as("user:alice", AT + 3, rollback_of(2, false))
         .unwrap();
     let hash = fleet.state.approval_requests[&2].plan_hash.clone();
-    let late = CommandKind::DecideRequest {
+    let late = CommandKind::DecideRequest(DecideRequest {
         baseline: None,
         request: 2,
         decision: RequestDecision::Approve,
         plan_hash: hash,
         reason: String::new(),
         planned: None,
-    };
+    });
     let why = refusal(fleet.apply_as("user:bob", AT + 3 + 600_001, late));
     assert!(why.contains("expired with 0 of 2 approvals"), "{why}");
     assert_eq!(
@@ -238,13 +238,15 @@ fn a_denied_request_never_runs_and_break_glass_runs_at_once_escalated_for_review
         "{}",
         escalation.evidence
     );
-    let review = |request| CommandKind::DecideRequest {
-        baseline: None,
-        request,
-        decision: RequestDecision::Review,
-        plan_hash: String::new(),
-        reason: "it was down".into(),
-        planned: None,
+    let review = |request| {
+        CommandKind::DecideRequest(DecideRequest {
+            baseline: None,
+            request,
+            decision: RequestDecision::Review,
+            plan_hash: String::new(),
+            reason: "it was down".into(),
+            planned: None,
+        })
     };
     let own = refusal(fleet.apply_as("user:alice", AT + 4, review(2)));
     assert!(own.contains("cannot review their own"), "{own}");
@@ -262,14 +264,16 @@ fn a_denied_request_never_runs_and_break_glass_runs_at_once_escalated_for_review
 #[test]
 fn automatic_rollbacks_run_at_once_approved_by_policy_unless_the_environment_says_wait() {
     let mut fleet = fleet();
-    let ask = |service: &str, environment: &str| CommandKind::AutoTrigger {
-        service: service.into(),
-        environment: environment.into(),
-        source: TriggerSource::Alertmanager,
-        reason: "HighErrorRate".into(),
-        options: PlanOptions::default(),
-        throttle: ThrottleLimits::default(),
-        decided: None,
+    let ask = |service: &str, environment: &str| {
+        CommandKind::AutoTrigger(AutoTrigger {
+            service: service.into(),
+            environment: environment.into(),
+            source: TriggerSource::Alertmanager,
+            reason: "HighErrorRate".into(),
+            options: PlanOptions::default(),
+            throttle: ThrottleLimits::default(),
+            decided: None,
+        })
     };
     let Ok(Outcome::Triggered {
         outcome, rollback, ..
@@ -344,7 +348,7 @@ fn a_pending_request_lapses_when_another_rollback_reverts_its_change_or_the_poli
 }
 
 fn deploy_of(service: &str, version: &str, break_glass: bool) -> CommandKind {
-    CommandKind::StartChange {
+    CommandKind::StartChange(StartChange {
         service: service.into(),
         version: version.into(),
         host_ids: vec![],
@@ -353,7 +357,7 @@ fn deploy_of(service: &str, version: &str, break_glass: bool) -> CommandKind {
         flags_on: vec![],
         migrations: vec![],
         break_glass,
-    }
+    })
 }
 
 #[test]
@@ -430,14 +434,14 @@ fn a_prod_deploy_waits_for_two_approvals_of_its_exact_plan_and_lapses_when_its_h
     let lapsed = refusal(fleet.apply_as(
         "user:bob",
         AT + 11,
-        CommandKind::DecideRequest {
+        CommandKind::DecideRequest(DecideRequest {
             request: second,
             decision: RequestDecision::Approve,
             plan_hash: hash,
             reason: "ok".into(),
             baseline: None,
             planned: None,
-        },
+        }),
     ));
     assert!(
         lapsed.contains("its hosts were web-1, web-2 and are now web-1, web-2, web-3"),
@@ -528,14 +532,14 @@ fn approvals_by_identities_revoked_since_no_longer_count() {
     let lapsed = refusal(fleet.apply_as(
         "user:carol",
         AT + 11,
-        CommandKind::DecideRequest {
+        CommandKind::DecideRequest(DecideRequest {
             request: number,
             decision: RequestDecision::Approve,
             plan_hash: hash,
             reason: "ok".into(),
             baseline: None,
             planned: None,
-        },
+        }),
     ));
     assert!(
         lapsed.contains("user:eve is on the policy's deny list"),

@@ -1,6 +1,9 @@
 //! Coordinator configuration: TOML file -> [`RawConfig`] -> `validate()` -> [`Config`].
 //!
 //! Precedence: defaults < file < `REWIND_*` environment < flags (the binary applies the last two).
+//!
+//! Kept in one file (over 700 lines): the whole config file's schema, defaults and checks, section
+//! by section, so the README's table and the code compare in one read.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -197,14 +197,16 @@ fn reverting_a_provider_under_a_consumer_that_stays_is_refused_unless_forced() {
         "reverting api to v1 (API 1) breaks web v2, which needs api API 2 or later: \
          add web's change to the plan, or force it"
     );
-    let start = |options: PlanOptions| CommandKind::StartRollback {
-        changes: vec![api],
-        options,
-        plan_hash: String::new(),
-        reason: "r".into(),
-        trigger: Trigger::Manual,
-        break_glass: false,
-        planned: None,
+    let start = |options: PlanOptions| {
+        CommandKind::StartRollback(StartRollback {
+            changes: vec![api],
+            options,
+            plan_hash: String::new(),
+            reason: "r".into(),
+            trigger: Trigger::Manual,
+            break_glass: false,
+            planned: None,
+        })
     };
     let error = fleet
         .apply_at(0, start(PlanOptions::default()))
@@ -380,7 +382,7 @@ fn hosts_without_a_usable_snapshot_are_named_and_left_out() {
     fleet.host("web-1", "eu", &["web"]);
     fleet.host("web-2", "eu", &["web"]);
     fleet.release("web", "v1", 0, &[]);
-    let Outcome::Change(change) = fleet.apply(CommandKind::StartChange {
+    let Outcome::Change(change) = fleet.apply(CommandKind::StartChange(StartChange {
         break_glass: false,
         service: "web".into(),
         version: "v1".into(),
@@ -389,7 +391,7 @@ fn hosts_without_a_usable_snapshot_are_named_and_left_out() {
         baseline: HealthAggregate::default(),
         flags_on: vec![],
         migrations: vec![],
-    }) else {
+    })) else {
         panic!("a change")
     };
     // web-2's capture finishes without a snapshot id.

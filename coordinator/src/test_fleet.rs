@@ -1,17 +1,21 @@
-//! A fleet built through `apply()` for planning and trigger tests.
+//! The one state-machine test fixture: a fleet built through `apply()` as the coordinator
+//! would hold it, each command proposed as the leader proposes it (decided first, see
+//! `state_machine::decision`) and kept as the log would hold it (golden logs are written from
+//! it).
 
 use crate::errors::CoordinatorError;
 use crate::plan;
 use crate::state_machine::*;
 
-/// A fleet built through `apply()`, as the coordinator would hold it.
 pub struct Fleet {
     pub state: State,
     pub index: u64,
+    /// Every command that reached the log, as the log holds it.
+    pub log: Vec<(u64, Vec<u8>)>,
 }
 
 impl Fleet {
-    /// A new cluster, at this binary's cluster version.
+    /// A new cluster, at this binary's cluster version, as a bootstrapped one starts.
     pub fn new() -> Self {
         Self {
             state: State {
@@ -19,23 +23,64 @@ impl Fleet {
                 ..State::default()
             },
             index: 0,
+            log: Vec::new(),
         }
     }
 
-    pub fn apply(&mut self, kind: CommandKind) -> Outcome {
-        self.index += 1;
-        let command = Command {
-            at_ms: 1_000 * self.index,
-            identity: "operator".into(),
-            request_id: String::new(),
+    /// Proposes `kind` for `identity` at `at_ms` as the leader does: decided first (refused
+    /// there, it never reaches the log), then logged and applied.
+    pub fn propose(
+        &mut self,
+        identity: &str,
+        request_id: &str,
+        at_ms: u64,
+        kind: CommandKind,
+    ) -> Result<Outcome, CoordinatorError> {
+        let mut command = Command {
+            at_ms,
+            identity: identity.into(),
+            request_id: request_id.into(),
             kind,
         };
-        apply_as_leader(&mut self.state, self.index, command).expect("applies")
+        decision::prepare(&self.state, &mut command)?;
+        self.index += 1;
+        self.record(&command)
+    }
+
+    /// Logs and applies `command` as it is at the next index.
+    fn record(&mut self, command: &Command) -> Result<Outcome, CoordinatorError> {
+        let entry =
+            version::encode_entry(command, self.state.cluster_version()).expect("commands encode");
+        self.log.push((self.index, entry));
+        apply_checked(&mut self.state, self.index, command)
+    }
+
+    /// The time of the next command: a second per index.
+    fn next_at_ms(&self) -> u64 {
+        1_000 * (self.index + 1)
+    }
+
+    pub fn run_as(
+        &mut self,
+        identity: &str,
+        request_id: &str,
+        kind: CommandKind,
+    ) -> Result<Outcome, CoordinatorError> {
+        self.propose(identity, request_id, self.next_at_ms(), kind)
+    }
+
+    pub fn run(&mut self, kind: CommandKind) -> Result<Outcome, CoordinatorError> {
+        self.run_as("operator", "", kind)
+    }
+
+    /// Applies `kind`, which must be accepted.
+    pub fn apply(&mut self, kind: CommandKind) -> Outcome {
+        self.run(kind).expect("command applies")
     }
 
     /// Applies at a chosen time; the error when it is refused.
     pub fn apply_at(&mut self, at_ms: u64, kind: CommandKind) -> Result<Outcome, CoordinatorError> {
-        self.apply_as("operator", at_ms, kind)
+        self.propose("operator", "", at_ms, kind)
     }
 
     /// Applies as `identity` at a chosen time.
@@ -45,14 +90,116 @@ impl Fleet {
         at_ms: u64,
         kind: CommandKind,
     ) -> Result<Outcome, CoordinatorError> {
-        self.index += 1;
+        self.propose(identity, "", at_ms, kind)
+    }
+
+    /// Logs and applies `kind` as it is, undecided by a leader (as an entry proposed before the
+    /// version was raised).
+    pub fn run_raw(&mut self, kind: CommandKind) -> Result<Outcome, CoordinatorError> {
         let command = Command {
-            at_ms,
-            identity: identity.into(),
+            at_ms: self.next_at_ms(),
+            identity: "operator".into(),
             request_id: String::new(),
             kind,
         };
-        apply_as_leader(&mut self.state, self.index, command)
+        self.index += 1;
+        self.record(&command)
+    }
+
+    /// Logs and applies `command` as it is, at the time it carries (one a test decided with
+    /// `decision::prepare` and perhaps altered, or decided on a state that has moved since).
+    pub fn run_prepared(&mut self, command: Command) -> Result<Outcome, CoordinatorError> {
+        self.index += 1;
+        self.record(&command)
+    }
+
+    /// Registers (or re-registers) `host` running one service, with no labels.
+    pub fn register_host(&mut self, host: &str, service: &str) {
+        self.apply(CommandKind::RegisterHost {
+            host_id: host.into(),
+            labels: Labels::default(),
+            services: vec![service.into()],
+            agent_version: "test".into(),
+        });
+    }
+
+    /// A service `web` with a release v1 and v2 and hosts web-1, web-2.
+    pub fn with_web() -> Self {
+        Self::new().web()
+    }
+
+    /// A cluster from before versions (its state has none).
+    pub fn legacy() -> Self {
+        let mut fleet = Self::new();
+        fleet.state.cluster_version = 0;
+        fleet
+    }
+
+    /// This cluster with the fleet of [`Fleet::with_web`].
+    pub fn web(self) -> Self {
+        let mut fleet = self;
+        for host in ["web-1", "web-2"] {
+            fleet.register_host(host, "web");
+        }
+        fleet.apply(CommandKind::PutService {
+            service: ServiceRecord {
+                name: "web".into(),
+                depends_on: vec![],
+                policy: HealthPolicy::default(),
+                synthetics: vec![],
+                rollback_steps: Vec::new(),
+            },
+        });
+        for version in ["v1", "v2"] {
+            fleet.apply(CommandKind::RegisterRelease {
+                release: release(version, 'a'),
+            });
+        }
+        fleet
+    }
+
+    pub fn finish(&mut self, step: StepTarget, ok: bool) {
+        self.apply(CommandKind::StepStarted { step: step.clone() });
+        self.apply(CommandKind::StepFinished {
+            step,
+            ok,
+            detail: if ok { "done".into() } else { "boom".into() },
+            snapshot_id: "snap-1".into(),
+        });
+    }
+
+    /// Starts a change to `version` and runs it to Deployed.
+    pub fn deploy_web(&mut self, version: &str) -> u64 {
+        let Outcome::Change(change) = self.apply(start_change(version)) else {
+            panic!("change outcome")
+        };
+        for host in ["web-1", "web-2"] {
+            self.finish(
+                StepTarget::Capture {
+                    change,
+                    host_id: host.into(),
+                },
+                true,
+            );
+        }
+        for host in ["web-1", "web-2"] {
+            self.finish(
+                StepTarget::Activate {
+                    change,
+                    host_id: host.into(),
+                },
+                true,
+            );
+        }
+        change
+    }
+
+    pub fn must_start_rollback(&mut self, change: u64, trigger: Trigger) -> u64 {
+        let kind = rollback_of(change, trigger);
+        let Outcome::Rollback(rollback) = self.apply(kind) else {
+            panic!("rollback outcome")
+        };
+        rollback
     }
 
     pub fn service(&mut self, name: &str, depends_on: &[&str]) {
@@ -103,7 +250,7 @@ impl Fleet {
 
     /// Deploys `version` of `service` on all its hosts; returns the change number.
     pub fn deploy(&mut self, service: &str, version: &str) -> u64 {
-        let Outcome::Change(change) = self.apply(CommandKind::StartChange {
+        let Outcome::Change(change) = self.apply(CommandKind::StartChange(StartChange {
             break_glass: false,
             service: service.into(),
             version: version.into(),
@@ -112,7 +259,7 @@ impl Fleet {
             baseline: HealthAggregate::default(),
             flags_on: vec![],
             migrations: vec![],
-        }) else {
+        })) else {
             panic!("a change")
         };
         let hosts: Vec<String> = self.state.changes[&change]
@@ -161,4 +308,41 @@ impl Fleet {
     ) -> Result<plan::Plan, CoordinatorError> {
         plan::build(&self.state, changes, options, Trigger::Manual)
     }
+}
+
+pub fn release(version: &str, digit: char) -> ReleaseRecord {
+    ReleaseRecord {
+        service: "web".into(),
+        version: version.into(),
+        artifact_digest: format!("sha256:{}", digit.to_string().repeat(64)),
+        commit: "abc".into(),
+        registered_at_ms: 0,
+        api_version: 0,
+        requires: Default::default(),
+    }
+}
+
+pub fn rollback_of(change: u64, trigger: Trigger) -> CommandKind {
+    CommandKind::StartRollback(StartRollback {
+        changes: vec![change],
+        options: PlanOptions::default(),
+        plan_hash: String::new(),
+        reason: "bad".into(),
+        trigger,
+        break_glass: false,
+        planned: None,
+    })
+}
+
+pub fn start_change(version: &str) -> CommandKind {
+    CommandKind::StartChange(StartChange {
+        break_glass: false,
+        service: "web".into(),
+        version: version.into(),
+        host_ids: vec![],
+        reason: "release".into(),
+        baseline: HealthAggregate::default(),
+        flags_on: vec![],
+        migrations: vec![],
+    })
 }

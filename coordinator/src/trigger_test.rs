@@ -45,7 +45,7 @@ fn ask(fleet: &mut Fleet, at_ms: u64, service: &str) -> (TriggerOutcome, String)
     let outcome = fleet
         .apply_at(
             at_ms,
-            CommandKind::AutoTrigger {
+            CommandKind::AutoTrigger(AutoTrigger {
                 service: service.into(),
                 environment: environment.into(),
                 source: TriggerSource::Alertmanager,
@@ -53,7 +53,7 @@ fn ask(fleet: &mut Fleet, at_ms: u64, service: &str) -> (TriggerOutcome, String)
                 options: PlanOptions::default(),
                 throttle: throttle(),
                 decided: None,
-            },
+            }),
         )
         .expect("a trigger of a known service applies");
     let Outcome::Triggered {
@@ -112,7 +112,7 @@ fn an_unknown_service_is_refused_and_nothing_is_recorded() {
     let error = fleet
         .apply_at(
             1_000,
-            CommandKind::AutoTrigger {
+            CommandKind::AutoTrigger(AutoTrigger {
                 service: "nope".into(),
                 environment: "prod".into(),
                 source: TriggerSource::Webhook,
@@ -120,7 +120,7 @@ fn an_unknown_service_is_refused_and_nothing_is_recorded() {
                 options: PlanOptions::default(),
                 throttle: throttle(),
                 decided: None,
-            },
+            }),
         )
         .unwrap_err();
     assert!(
@@ -248,7 +248,7 @@ fn a_change_turns_its_flags_on_and_its_rollback_turns_them_back_first() {
         kill: false,
         reason: "retired".into(),
     });
-    fleet.apply(CommandKind::StartChange {
+    fleet.apply(CommandKind::StartChange(StartChange {
         break_glass: false,
         service: "a".into(),
         version: "v2".into(),
@@ -257,7 +257,7 @@ fn a_change_turns_its_flags_on_and_its_rollback_turns_them_back_first() {
         baseline: HealthAggregate::default(),
         flags_on: vec!["new-checkout".into(), "old-ui".into()],
         migrations: vec![],
-    });
+    }));
     let change = *fleet.state.changes.keys().last().unwrap();
     let record = &fleet.state.changes[&change];
     assert_eq!(record.environment, "prod");
@@ -302,7 +302,7 @@ fn a_change_turns_its_flags_on_and_its_rollback_turns_them_back_first() {
     let plan = fleet.plan(&[change], &PlanOptions::default()).unwrap();
     assert_eq!(plan.flags, vec!["prod/a/new-checkout -> off"]);
     let index_before = fleet.state.applied_index;
-    fleet.apply(CommandKind::StartRollback {
+    fleet.apply(CommandKind::StartRollback(StartRollback {
         changes: vec![change],
         options: PlanOptions::default(),
         plan_hash: String::new(),
@@ -310,7 +310,7 @@ fn a_change_turns_its_flags_on_and_its_rollback_turns_them_back_first() {
         trigger: Trigger::Manual,
         break_glass: false,
         planned: None,
-    });
+    }));
     let rollback = fleet.state.rollbacks.values().last().unwrap();
     assert_eq!(rollback.flags_reverted, vec!["prod/a/new-checkout -> off"]);
     assert!(fleet.state.flag("prod", "a", "old-ui").unwrap().killed);

@@ -28,6 +28,9 @@
 //! names = ["web-*"]
 //! services = ["web", "web-static"]
 //! ```
+//!
+//! Kept in one file (over 700 lines): parsing, validation and the decision of one policy format, so
+//! a review of an access change reads one file.
 
 use std::collections::BTreeMap;
 

@@ -2,6 +2,9 @@
 //!
 //! These live with the API rather than in `proto/` because the domain types are the
 //! coordinator's own; nothing outside the coordinator needs them.
+//!
+//! Kept in one file (over 700 lines) on purpose: every mapping between the domain and the wire
+//! types sits together, so a field added to either is mapped here, or visibly not.
 
 use rewind_proto::v1 as pb;
 

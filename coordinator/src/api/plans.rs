@@ -311,7 +311,7 @@ pub(crate) fn explain(
                     comparison.figures,
                 ));
             }
-            next.push(format!("rewindctl rollback status {id}"));
+            next.push(format!("rewindctl rollback show {id}"));
         }
         RollbackStatus::Running | RollbackStatus::Paused => {
             describe_current_wave(rollback, &mut lines);

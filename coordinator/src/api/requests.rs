@@ -118,14 +118,14 @@ pub async fn decide(
         (Some(service), RequestDecision::Approve) => Some(context.change_baseline(service)),
         _ => None,
     };
-    let kind = CommandKind::DecideRequest {
+    let kind = CommandKind::DecideRequest(crate::state_machine::DecideRequest {
         request: number,
         decision,
         plan_hash: request.plan_hash,
         reason: request.reason,
         baseline,
         planned: None,
-    };
+    });
     let outcome = context
         .propose(&caller.id(), &request.idempotency_key, kind)
         .await?;

@@ -3,6 +3,9 @@
 //!
 //! `decide()` returns actions; `engine::run` carries them out. Tests feed states and observations
 //! and assert the actions.
+//!
+//! Kept in one file (over 700 lines): `decide()` is one pure function with its helpers, and one
+//! read shows every action the engine can take.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
@@ -1044,15 +1047,17 @@ fn check_triggers(
             continue;
         }
         memory.triggered.insert(change.number, now_ms);
-        actions.push(Action::Propose(CommandKind::AutoTrigger {
-            service: service.name.clone(),
-            environment: crate::plan::environment_of(state, change),
-            source: TriggerSource::Policy,
-            reason,
-            options: limits.automatic_plan(),
-            throttle: limits.throttle.clone(),
-            decided: None,
-        }));
+        actions.push(Action::Propose(CommandKind::AutoTrigger(
+            crate::state_machine::AutoTrigger {
+                service: service.name.clone(),
+                environment: crate::plan::environment_of(state, change),
+                source: TriggerSource::Policy,
+                reason,
+                options: limits.automatic_plan(),
+                throttle: limits.throttle.clone(),
+                decided: None,
+            },
+        )));
     }
     memory.triggered.retain(|number, _| {
         state

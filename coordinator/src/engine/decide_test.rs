@@ -1,18 +1,22 @@
 //! Tests of `decide()`: a state built through `apply()`, fake observations, asserted actions.
+//!
+//! Over 700 lines: the shared fixture and the step and wave tests; what health decides is in
+//! `decide_health_test.rs`.
 
 use std::collections::HashMap;
 
 use super::decide::*;
 use crate::state_machine::*;
+use crate::test_fleet::Fleet;
 
 #[derive(Default)]
-struct Seen {
-    sessions: HashMap<String, u64>,
-    verdicts: HashMap<String, (bool, String)>,
-    failure_ratio: f64,
-    error_ratio: Option<f64>,
-    p99_latency_ms: Option<f64>,
-    synthetic: Option<SyntheticVerdict>,
+pub(super) struct Seen {
+    pub(super) sessions: HashMap<String, u64>,
+    pub(super) verdicts: HashMap<String, (bool, String)>,
+    pub(super) failure_ratio: f64,
+    pub(super) error_ratio: Option<f64>,
+    pub(super) p99_latency_ms: Option<f64>,
+    pub(super) synthetic: Option<SyntheticVerdict>,
 }
 
 impl Observations for Seen {
@@ -49,7 +53,7 @@ impl Observations for Seen {
     }
 }
 
-const LIMITS: EngineLimits = EngineLimits {
+pub(super) const LIMITS: EngineLimits = EngineLimits {
     step_timeout_ms: 1_000,
     max_attempts: 2,
     verify_timeout_ms: 5_000,
@@ -71,20 +75,18 @@ const LIMITS: EngineLimits = EngineLimits {
         breaker_window_s: 120,
     },
 };
-const HOSTS: [&str; 3] = ["web-1", "web-2", "web-3"];
+pub(super) const HOSTS: [&str; 3] = ["web-1", "web-2", "web-3"];
 
-struct World {
-    state: State,
-    index: u64,
-    seen: Seen,
-    memory: EngineMemory,
+pub(super) struct World {
+    pub(super) fleet: Fleet,
+    pub(super) seen: Seen,
+    pub(super) memory: EngineMemory,
 }
 
 impl World {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         let mut world = Self {
-            state: State::default(),
-            index: 0,
+            fleet: Fleet::new(),
             seen: Seen::default(),
             memory: EngineMemory::default(),
         };
@@ -127,20 +129,13 @@ impl World {
         world
     }
 
-    fn apply(&mut self, kind: CommandKind) {
-        self.index += 1;
-        let command = Command {
-            at_ms: 1_000,
-            identity: "t".into(),
-            request_id: String::new(),
-            kind,
-        };
-        apply_as_leader(&mut self.state, self.index, command).expect("applies");
+    pub(super) fn apply(&mut self, kind: CommandKind) {
+        self.fleet.apply_at(1_000, kind).expect("applies");
     }
 
     /// Starts the rollback of change 1 with `max_parallel` hosts at a time.
-    fn start_rollback(&mut self, max_parallel: u32) {
-        self.apply(CommandKind::StartRollback {
+    pub(super) fn start_rollback(&mut self, max_parallel: u32) {
+        self.apply(CommandKind::StartRollback(StartRollback {
             changes: vec![1],
             options: PlanOptions {
                 max_parallel,
@@ -153,18 +148,18 @@ impl World {
             trigger: Trigger::Manual,
             break_glass: false,
             planned: None,
-        });
+        }));
     }
 
     /// Runs one rollback step of `host` through start and a result.
-    fn step(&mut self, host: &str, kind: RollbackStepKind, ok: bool) {
+    pub(super) fn step(&mut self, host: &str, kind: RollbackStepKind, ok: bool) {
         let step = StepTarget::Rollback {
             rollback: 1,
             service: "web".into(),
             host_id: host.into(),
             kind,
         };
-        if self.state.rollbacks[&1].steps.iter().any(|s| {
+        if self.fleet.state.rollbacks[&1].steps.iter().any(|s| {
             s.host_id == host && s.kind == kind && s.progress.status == StepStatus::Pending
         }) {
             self.apply(CommandKind::StepStarted { step: step.clone() });
@@ -181,12 +176,18 @@ impl World {
         });
     }
 
-    fn decide(&mut self, now_ms: u64) -> Vec<Action> {
-        decide(&self.state, &self.seen, &mut self.memory, &LIMITS, now_ms)
+    pub(super) fn decide(&mut self, now_ms: u64) -> Vec<Action> {
+        decide(
+            &self.fleet.state,
+            &self.seen,
+            &mut self.memory,
+            &LIMITS,
+            now_ms,
+        )
     }
 
     /// Applies every proposal and returns the sends, the way the runtime would.
-    fn run_tick(&mut self, now_ms: u64) -> Vec<Action> {
+    pub(super) fn run_tick(&mut self, now_ms: u64) -> Vec<Action> {
         let actions = self.decide(now_ms);
         let mut sends = Vec::new();
         for action in actions {
@@ -199,13 +200,13 @@ impl World {
     }
 
     /// A deployed change of v2 on every host.
-    fn deployed(&mut self) -> u64 {
+    pub(super) fn deployed(&mut self) -> u64 {
         self.deployed_from(HealthAggregate::default())
     }
 
     /// A deployed change of v2 on every host, whose service had `baseline` before it.
-    fn deployed_from(&mut self, baseline: HealthAggregate) -> u64 {
-        self.apply(CommandKind::StartChange {
+    pub(super) fn deployed_from(&mut self, baseline: HealthAggregate) -> u64 {
+        self.apply(CommandKind::StartChange(StartChange {
             break_glass: false,
             service: "web".into(),
             version: "v2".into(),
@@ -214,7 +215,7 @@ impl World {
             baseline,
             flags_on: vec![],
             migrations: vec![],
-        });
+        }));
         for phase in ["capture", "activate"] {
             for host in HOSTS {
                 let step = match phase {
@@ -240,7 +241,7 @@ impl World {
     }
 }
 
-fn sends_of(actions: &[Action]) -> Vec<(String, AgentAction)> {
+pub(super) fn sends_of(actions: &[Action]) -> Vec<(String, AgentAction)> {
     actions
         .iter()
         .filter_map(|action| match action {
@@ -254,7 +255,7 @@ fn sends_of(actions: &[Action]) -> Vec<(String, AgentAction)> {
 fn a_new_change_starts_every_capture_and_sends_each_to_connected_hosts_once() {
     let mut world = World::new();
     world.seen.sessions.remove("web-3");
-    world.apply(CommandKind::StartChange {
+    world.apply(CommandKind::StartChange(StartChange {
         break_glass: false,
         service: "web".into(),
         version: "v2".into(),
@@ -263,7 +264,7 @@ fn a_new_change_starts_every_capture_and_sends_each_to_connected_hosts_once() {
         baseline: HealthAggregate::default(),
         flags_on: vec![],
         migrations: vec![],
-    });
+    }));
     assert!(
         world.run_tick(1_000).is_empty(),
         "the first tick only records the starts"
@@ -296,7 +297,7 @@ fn a_new_change_starts_every_capture_and_sends_each_to_connected_hosts_once() {
 #[test]
 fn a_timed_out_step_is_retried_within_bounds_then_failed() {
     let mut world = World::new();
-    world.apply(CommandKind::StartChange {
+    world.apply(CommandKind::StartChange(StartChange {
         break_glass: false,
         service: "web".into(),
         version: "v2".into(),
@@ -305,17 +306,17 @@ fn a_timed_out_step_is_retried_within_bounds_then_failed() {
         baseline: HealthAggregate::default(),
         flags_on: vec![],
         migrations: vec![],
-    });
+    }));
     world.run_tick(1_000);
     world.run_tick(1_000);
     world.run_tick(2_500); // attempt 2 (started_at_ms is the command's 1_000)
-    assert_eq!(world.state.changes[&1].hosts[0].capture.attempts, 2);
+    assert_eq!(world.fleet.state.changes[&1].hosts[0].capture.attempts, 2);
     world.run_tick(2_500);
     assert_eq!(
-        world.state.changes[&1].hosts[0].capture.status,
+        world.fleet.state.changes[&1].hosts[0].capture.status,
         StepStatus::Failed
     );
-    assert_eq!(world.state.changes[&1].status, ChangeStatus::Failed);
+    assert_eq!(world.fleet.state.changes[&1].status, ChangeStatus::Failed);
 }
 
 #[test]
@@ -369,7 +370,7 @@ fn a_rollback_reverts_hosts_one_batch_at_a_time_drain_to_undrain() {
     world.run_tick(1_000); // web-1 verified
     world.step("web-1", RollbackStepKind::Undrain, true);
     assert!(
-        world.state.rollbacks[&1]
+        world.fleet.state.rollbacks[&1]
             .steps
             .iter()
             .filter(|step| step.host_id == "web-3")
@@ -377,7 +378,7 @@ fn a_rollback_reverts_hosts_one_batch_at_a_time_drain_to_undrain() {
         "web-3 waits while two hosts are out"
     );
     world.run_tick(1_000); // web-1 is done, so web-3 may begin
-    let web3_drain = world.state.rollbacks[&1]
+    let web3_drain = world.fleet.state.rollbacks[&1]
         .steps
         .iter()
         .find(|step| step.host_id == "web-3" && step.kind == RollbackStepKind::Drain)
@@ -389,7 +390,7 @@ fn a_rollback_reverts_hosts_one_batch_at_a_time_drain_to_undrain() {
 fn max_unavailable_counts_hosts_that_are_already_down() {
     let mut world = World::new();
     world.deployed();
-    world.apply(CommandKind::StartRollback {
+    world.apply(CommandKind::StartRollback(StartRollback {
         changes: vec![1],
         options: PlanOptions {
             max_parallel: 3,
@@ -401,10 +402,10 @@ fn max_unavailable_counts_hosts_that_are_already_down() {
         trigger: Trigger::Manual,
         break_glass: false,
         planned: None,
-    });
+    }));
     world.seen.sessions.remove("web-3");
     world.run_tick(1_000);
-    let started: Vec<&str> = world.state.rollbacks[&1]
+    let started: Vec<&str> = world.fleet.state.rollbacks[&1]
         .steps
         .iter()
         .filter(|step| step.progress.attempts > 0)
@@ -419,7 +420,7 @@ fn max_unavailable_counts_hosts_that_are_already_down() {
 }
 
 /// Takes every host of the single wave through its steps.
-fn revert_every_host(world: &mut World) {
+pub(super) fn revert_every_host(world: &mut World) {
     for host in HOSTS {
         world.step(host, RollbackStepKind::Drain, true);
         world.step(host, RollbackStepKind::Restore, true);
@@ -427,176 +428,6 @@ fn revert_every_host(world: &mut World) {
         world.step(host, RollbackStepKind::Verify, true);
         world.step(host, RollbackStepKind::Undrain, true);
     }
-}
-
-#[test]
-fn a_wave_passes_its_gate_once_health_settles_near_the_baseline() {
-    let mut world = World::new();
-    world.deployed();
-    world.start_rollback(3);
-    revert_every_host(&mut world);
-    world.seen.failure_ratio = 0.04;
-    world.run_tick(1_000);
-    assert_eq!(
-        world.state.rollbacks[&1].waves[0].gate.status,
-        StepStatus::Running
-    );
-    world.run_tick(2_000);
-    assert_eq!(
-        world.state.rollbacks[&1].status,
-        RollbackStatus::Running,
-        "the gate waits settle_s before judging"
-    );
-    world.run_tick(3_500);
-    let rollback = &world.state.rollbacks[&1];
-    assert_eq!(rollback.status, RollbackStatus::Succeeded);
-    assert!(
-        rollback.waves[0].gate.detail.contains("healthy"),
-        "{}",
-        rollback.waves[0].gate.detail
-    );
-    assert_eq!(world.state.changes[&1].status, ChangeStatus::RolledBack);
-}
-
-#[test]
-fn a_gate_with_synthetic_checks_runs_them_after_health_settles_and_needs_them_to_pass() {
-    let mut world = World::new();
-    let mut service = world.state.services["web"].clone();
-    service.synthetics = vec![SyntheticCheck {
-        name: "checkout".into(),
-        url: "http://127.0.0.1:1/checkout".into(),
-        method: "GET".into(),
-        body: String::new(),
-        expect_status: 200,
-        body_contains: "ok".into(),
-        max_latency_ms: 500,
-    }];
-    world.apply(CommandKind::PutService { service });
-    world.deployed();
-    world.start_rollback(3);
-    revert_every_host(&mut world);
-    world.run_tick(1_000); // the gate starts
-    let runs = |actions: &[Action]| {
-        actions
-            .iter()
-            .filter(|action| matches!(action, Action::RunSynthetics { .. }))
-            .count()
-    };
-    assert_eq!(runs(&world.run_tick(3_500)), 1, "asked once health settled");
-    assert_eq!(
-        runs(&world.run_tick(4_000)),
-        0,
-        "not again while the run is under way"
-    );
-    assert_eq!(world.state.rollbacks[&1].status, RollbackStatus::Running);
-    world.seen.synthetic = Some(SyntheticVerdict {
-        ok: false,
-        detail: "checkout: expected 200, got 503".into(),
-        at_ms: 3_500,
-    });
-    assert_eq!(
-        runs(&world.run_tick(5_000)),
-        0,
-        "a failed run waits before the next"
-    );
-    assert_eq!(runs(&world.run_tick(5_600)), 1, "then runs again");
-    world.seen.synthetic = Some(SyntheticVerdict {
-        ok: true,
-        detail: "checkout: 200 in 12 ms".into(),
-        at_ms: 5_600,
-    });
-    world.run_tick(6_000);
-    let rollback = &world.state.rollbacks[&1];
-    assert_eq!(rollback.status, RollbackStatus::Succeeded);
-    assert!(
-        rollback.waves[0]
-            .gate
-            .detail
-            .contains("synthetic checks pass: checkout: 200 in 12 ms"),
-        "{}",
-        rollback.waves[0].gate.detail
-    );
-}
-
-#[test]
-fn failing_synthetic_checks_fail_the_gate_at_its_timeout() {
-    let mut world = World::new();
-    let mut service = world.state.services["web"].clone();
-    service.synthetics = vec![SyntheticCheck {
-        name: "login".into(),
-        url: "http://127.0.0.1:1/login".into(),
-        method: "POST".into(),
-        body: "{}".into(),
-        expect_status: 200,
-        body_contains: String::new(),
-        max_latency_ms: 500,
-    }];
-    world.apply(CommandKind::PutService { service });
-    world.deployed();
-    world.start_rollback(3);
-    revert_every_host(&mut world);
-    world.run_tick(1_000);
-    world.seen.synthetic = Some(SyntheticVerdict {
-        ok: false,
-        detail: "login: expected 200, got 500".into(),
-        at_ms: 3_000,
-    });
-    world.run_tick(5_000);
-    assert_eq!(world.state.rollbacks[&1].status, RollbackStatus::Running);
-    world.run_tick(12_000);
-    let rollback = &world.state.rollbacks[&1];
-    assert_eq!(rollback.status, RollbackStatus::Paused);
-    assert!(
-        rollback
-            .paused_reason
-            .contains("synthetic checks fail: login: expected 200, got 500"),
-        "{}",
-        rollback.paused_reason
-    );
-}
-
-#[test]
-fn a_failing_gate_pauses_escalates_once_and_never_loops() {
-    let mut world = World::new();
-    world.deployed();
-    world.start_rollback(3);
-    revert_every_host(&mut world);
-    world.seen.failure_ratio = 0.5;
-    world.run_tick(1_000);
-    world.run_tick(5_000);
-    assert_eq!(world.state.rollbacks[&1].status, RollbackStatus::Running);
-    world.run_tick(12_000);
-    let rollback = &world.state.rollbacks[&1];
-    assert_eq!(rollback.status, RollbackStatus::Paused);
-    assert!(
-        rollback.paused_reason.contains("not within tolerance"),
-        "{}",
-        rollback.paused_reason
-    );
-    assert_eq!(rollback.escalations.len(), 1);
-    let escalate = |actions: &[Action]| {
-        actions
-            .iter()
-            .filter(|action| matches!(action, Action::Escalate { .. }))
-            .count()
-    };
-    assert_eq!(escalate(&world.run_tick(12_000)), 1);
-    assert_eq!(
-        escalate(&world.run_tick(13_000)),
-        0,
-        "not again before the retry interval"
-    );
-    world.apply(CommandKind::EscalationDelivered {
-        escalation: 1,
-        ok: true,
-        detail: "200 OK".into(),
-    });
-    for now in [30_000, 60_000, 120_000] {
-        let actions = world.run_tick(now);
-        assert_eq!(escalate(&actions), 0);
-        assert!(actions.is_empty(), "a paused rollback waits: {actions:?}");
-    }
-    assert_eq!(world.state.rollbacks[&1].status, RollbackStatus::Paused);
 }
 
 #[test]
@@ -618,12 +449,12 @@ fn a_host_that_stays_unhealthy_pauses_the_rollback_and_can_be_skipped() {
         .insert("web-1".into(), (false, "http: status 500".into()));
     world.run_tick(3_000);
     assert_eq!(
-        world.state.rollbacks[&1].status,
+        world.fleet.state.rollbacks[&1].status,
         RollbackStatus::Running,
         "still within the verify timeout"
     );
     world.run_tick(7_000);
-    let rollback = &world.state.rollbacks[&1];
+    let rollback = &world.fleet.state.rollbacks[&1];
     assert_eq!(rollback.status, RollbackStatus::Paused);
     assert_eq!(rollback.failed_hosts, vec!["web-1".to_string()]);
     assert!(
@@ -642,7 +473,7 @@ fn a_host_that_stays_unhealthy_pauses_the_rollback_and_can_be_skipped() {
         reason: String::new(),
     });
     world.run_tick(7_000);
-    let rollback = &world.state.rollbacks[&1];
+    let rollback = &world.fleet.state.rollbacks[&1];
     assert_eq!(rollback.skipped_hosts, vec!["web-1".to_string()]);
     let undrain = rollback
         .steps
@@ -656,54 +487,13 @@ fn a_host_that_stays_unhealthy_pauses_the_rollback_and_can_be_skipped() {
     );
     world.step("web-1", RollbackStepKind::Undrain, true);
     world.run_tick(7_000);
-    let rollback = &world.state.rollbacks[&1];
+    let rollback = &world.fleet.state.rollbacks[&1];
     let web2 = rollback
         .steps
         .iter()
         .find(|step| step.host_id == "web-2" && step.kind == RollbackStepKind::Drain)
         .unwrap();
     assert_eq!(web2.progress.status, StepStatus::Running, "web-2 goes on");
-}
-
-#[test]
-fn the_trigger_fires_once_after_the_breach_lasts_its_window() {
-    let mut world = World::new();
-    world.deployed();
-    world.seen.failure_ratio = 1.0;
-    world.run_tick(1_500);
-    assert!(
-        world.state.rollbacks.is_empty(),
-        "the breach must last for_s"
-    );
-    world.run_tick(3_600);
-    let rollback = &world.state.rollbacks[&1];
-    assert_eq!(rollback.trigger, Trigger::Automatic);
-    assert!(
-        rollback.reason.contains(
-            "probe_failure_ratio 1.000 breached `probe_failure_ratio > 0.5 for 2s` (limit 0.500)"
-        ),
-        "{}",
-        rollback.reason
-    );
-    world.run_tick(9_000);
-    assert_eq!(world.state.rollbacks.len(), 1);
-}
-
-#[test]
-fn a_healthy_or_unwatched_service_does_not_trigger() {
-    let mut world = World::new();
-    world.deployed();
-    world.seen.failure_ratio = 0.2;
-    world.run_tick(1_500);
-    world.run_tick(9_000);
-    assert!(world.state.rollbacks.is_empty());
-    world.seen.failure_ratio = 1.0;
-    world.run_tick(70_000);
-    world.run_tick(75_000);
-    assert!(
-        world.state.rollbacks.is_empty(),
-        "past watch_s the policy no longer applies"
-    );
 }
 
 #[test]
@@ -731,7 +521,7 @@ fn a_paused_rollback_leaves_an_overdue_step_alone_until_resumed() {
         reason: String::new(),
     });
     world.run_tick(9_000);
-    let first = &world.state.rollbacks[&1].steps[0];
+    let first = &world.fleet.state.rollbacks[&1].steps[0];
     assert_eq!(
         (first.progress.status, first.progress.attempts),
         (StepStatus::Running, 2),
@@ -742,7 +532,7 @@ fn a_paused_rollback_leaves_an_overdue_step_alone_until_resumed() {
 #[test]
 fn an_activation_left_running_by_an_interrupted_change_is_timed_out_not_resent() {
     let mut world = World::new();
-    world.apply(CommandKind::StartChange {
+    world.apply(CommandKind::StartChange(StartChange {
         break_glass: false,
         service: "web".into(),
         version: "v2".into(),
@@ -751,7 +541,7 @@ fn an_activation_left_running_by_an_interrupted_change_is_timed_out_not_resent()
         baseline: HealthAggregate::default(),
         flags_on: vec![],
         migrations: vec![],
-    });
+    }));
     let capture = StepTarget::Capture {
         change: 1,
         host_id: "web-1".into(),
@@ -777,7 +567,7 @@ fn an_activation_left_running_by_an_interrupted_change_is_timed_out_not_resent()
         "neither the activation nor the restore is sent yet"
     );
     assert!(
-        world.state.rollbacks[&1]
+        world.fleet.state.rollbacks[&1]
             .steps
             .iter()
             .all(|step| step.progress.attempts == 0),
@@ -785,20 +575,20 @@ fn an_activation_left_running_by_an_interrupted_change_is_timed_out_not_resent()
     );
     world.run_tick(2_500);
     assert_eq!(
-        world.state.changes[&1].hosts[0].activate.status,
+        world.fleet.state.changes[&1].hosts[0].activate.status,
         StepStatus::Failed
     );
     world.run_tick(2_500);
     world.run_tick(2_500);
     assert_eq!(
-        world.state.rollbacks[&1].steps[0].progress.status,
+        world.fleet.state.rollbacks[&1].steps[0].progress.status,
         StepStatus::Running,
         "then the restore goes ahead"
     );
 }
 
 /// web-1 alone in region `aa`, so the plan is wave 0 = web-1, wave 1 = web-2 and web-3.
-fn two_region_world() -> World {
+pub(super) fn two_region_world() -> World {
     let mut world = World::new();
     world.apply(CommandKind::RegisterHost {
         host_id: "web-1".into(),
@@ -819,7 +609,7 @@ fn a_wave_that_can_never_start_a_host_pauses_instead_of_waiting_forever() {
     world.start_rollback(1);
     world.seen.sessions.remove("web-3"); // down, in the second wave
     world.run_tick(1_000);
-    let rollback = &world.state.rollbacks[&1];
+    let rollback = &world.fleet.state.rollbacks[&1];
     assert_eq!(rollback.status, RollbackStatus::Paused);
     assert!(
         rollback
@@ -851,7 +641,10 @@ fn skipping_a_drained_host_still_puts_it_back_into_rotation() {
     world.start_rollback(1);
     world.step("web-1", RollbackStepKind::Drain, true);
     world.step("web-1", RollbackStepKind::Restore, false);
-    assert_eq!(world.state.rollbacks[&1].status, RollbackStatus::Paused);
+    assert_eq!(
+        world.fleet.state.rollbacks[&1].status,
+        RollbackStatus::Paused
+    );
     world.apply(CommandKind::SkipHost {
         rollback: 1,
         host_id: "web-1".into(),
@@ -863,7 +656,7 @@ fn skipping_a_drained_host_still_puts_it_back_into_rotation() {
         reason: String::new(),
     });
     world.run_tick(1_000);
-    let undrain = world.state.rollbacks[&1]
+    let undrain = world.fleet.state.rollbacks[&1]
         .steps
         .iter()
         .find(|step| step.host_id == "web-1" && step.kind == RollbackStepKind::Undrain)
@@ -881,13 +674,16 @@ fn isolating_a_failing_service_drains_all_its_hosts_instead_of_reverting_them() 
     world.start_rollback(1);
     world.step("web-1", RollbackStepKind::Drain, true);
     world.step("web-1", RollbackStepKind::Restore, false);
-    assert_eq!(world.state.rollbacks[&1].status, RollbackStatus::Paused);
+    assert_eq!(
+        world.fleet.state.rollbacks[&1].status,
+        RollbackStatus::Paused
+    );
     world.apply(CommandKind::IsolateService {
         rollback: 1,
         service: "web".into(),
         reason: "v1 cannot start either: take web out".into(),
     });
-    let rollback = &world.state.rollbacks[&1];
+    let rollback = &world.fleet.state.rollbacks[&1];
     assert_eq!(rollback.status, RollbackStatus::Running);
     assert!(rollback.waves[0].isolation, "the isolation comes first");
     assert_eq!(rollback.waves.len(), 3);
@@ -904,7 +700,7 @@ fn isolating_a_failing_service_drains_all_its_hosts_instead_of_reverting_them() 
     for host in HOSTS {
         world.step(host, RollbackStepKind::Isolate, true);
     }
-    let rollback = &world.state.rollbacks[&1];
+    let rollback = &world.fleet.state.rollbacks[&1];
     assert_eq!(rollback.status, RollbackStatus::Succeeded, "{rollback:?}");
     assert!(
         rollback
@@ -914,172 +710,9 @@ fn isolating_a_failing_service_drains_all_its_hosts_instead_of_reverting_them() 
         rollback.outcome_detail
     );
     assert_eq!(
-        world.state.changes[&1].status,
+        world.fleet.state.changes[&1].status,
         ChangeStatus::Deployed,
         "an isolated change is not rolled back"
-    );
-}
-
-/// A baseline measured before the change: healthy probes, 1 % errors, p99 200 ms.
-fn app_baseline() -> HealthAggregate {
-    HealthAggregate {
-        probe_failure_ratio: 0.0,
-        samples: 10,
-        hosts_reporting: 3,
-        error_ratio: Some(0.01),
-        p99_latency_ms: Some(200.0),
-        requests: 1000.0,
-        scrape_failures: 0,
-    }
-}
-
-fn with_conditions(world: &mut World, conditions: Vec<PolicyCondition>) {
-    let mut service = world.state.services["web"].clone();
-    service.policy.conditions = conditions;
-    world.apply(CommandKind::PutService { service });
-}
-
-#[test]
-fn an_error_ratio_condition_relative_to_the_baseline_fires_only_above_its_multiple() {
-    let mut world = World::new();
-    with_conditions(
-        &mut world,
-        vec![PolicyCondition {
-            figure: HealthFigure::ErrorRatio,
-            threshold: 3.0,
-            relative_to_baseline: true,
-            for_s: 2,
-        }],
-    );
-    world.deployed_from(app_baseline());
-    // Probes pass; errors at 2x the baseline are under the 3x limit.
-    world.seen.error_ratio = Some(0.02);
-    world.run_tick(1_500);
-    world.run_tick(5_000);
-    assert!(world.state.rollbacks.is_empty(), "2x is within 3x");
-    world.seen.error_ratio = Some(0.08);
-    world.run_tick(6_000);
-    assert!(
-        world.state.rollbacks.is_empty(),
-        "the breach must last for_s"
-    );
-    world.run_tick(8_100);
-    let rollback = &world.state.rollbacks[&1];
-    assert_eq!(rollback.trigger, Trigger::Automatic);
-    assert!(
-        rollback.reason.contains(
-            "error_ratio 0.080 breached `error_ratio > 3x baseline for 2s` (limit 0.030)"
-        ) && rollback.reason.contains("baseline 0.010"),
-        "{}",
-        rollback.reason
-    );
-}
-
-#[test]
-fn a_p99_latency_condition_fires_and_is_not_judged_without_figures() {
-    let mut world = World::new();
-    with_conditions(
-        &mut world,
-        vec![PolicyCondition {
-            figure: HealthFigure::P99LatencyMs,
-            threshold: 300.0,
-            relative_to_baseline: false,
-            for_s: 2,
-        }],
-    );
-    world.deployed_from(app_baseline());
-    // No histogram reported: nothing to judge, nothing fires.
-    world.run_tick(1_500);
-    world.run_tick(5_000);
-    assert!(world.state.rollbacks.is_empty());
-    world.seen.p99_latency_ms = Some(450.0);
-    world.run_tick(6_000);
-    world.run_tick(8_100);
-    let rollback = &world.state.rollbacks[&1];
-    assert!(
-        rollback
-            .reason
-            .contains("p99_latency_ms 450 ms breached `p99_latency_ms > 300 for 2s`"),
-        "{}",
-        rollback.reason
-    );
-}
-
-#[test]
-fn a_gate_holds_error_ratio_and_p99_latency_to_the_baseline() {
-    for (error_ratio, p99, expected) in [
-        (Some(0.2), Some(210.0), "error ratio 0.200 > 0.060"),
-        (Some(0.01), Some(400.0), "p99 latency 400 ms > 250 ms"),
-    ] {
-        let mut world = World::new();
-        world.deployed_from(app_baseline());
-        world.start_rollback(3);
-        revert_every_host(&mut world);
-        world.seen.error_ratio = error_ratio;
-        world.seen.p99_latency_ms = p99;
-        world.run_tick(1_000); // the gate starts
-        world.run_tick(4_000);
-        assert_eq!(
-            world.state.rollbacks[&1].status,
-            RollbackStatus::Running,
-            "probes pass, but {expected}"
-        );
-        world.run_tick(12_000);
-        let rollback = &world.state.rollbacks[&1];
-        assert_eq!(rollback.status, RollbackStatus::Paused);
-        let detail = &rollback.waves[0].gate.detail;
-        assert!(detail.contains(expected), "{detail}");
-    }
-    // Within both tolerances, the gate passes.
-    let mut world = World::new();
-    world.deployed_from(app_baseline());
-    world.start_rollback(3);
-    revert_every_host(&mut world);
-    (world.seen.error_ratio, world.seen.p99_latency_ms) = (Some(0.03), Some(240.0));
-    world.run_tick(1_000);
-    world.run_tick(3_500);
-    let rollback = &world.state.rollbacks[&1];
-    assert_eq!(rollback.status, RollbackStatus::Succeeded);
-    assert!(
-        rollback.waves[0].gate.detail.contains(
-            "error ratio 0.030 (baseline 0.010, 100 requests); p99 latency 240 ms (baseline 200 ms)"
-        ),
-        "{}",
-        rollback.waves[0].gate.detail
-    );
-}
-
-#[test]
-fn a_relative_condition_over_a_zero_baseline_needs_a_real_margin() {
-    let mut world = World::new();
-    with_conditions(
-        &mut world,
-        vec![PolicyCondition {
-            figure: HealthFigure::ErrorRatio,
-            threshold: 5.0,
-            relative_to_baseline: true,
-            for_s: 2,
-        }],
-    );
-    world.deployed_from(HealthAggregate {
-        error_ratio: Some(0.0),
-        ..app_baseline()
-    });
-    // 5x zero is zero, but the limit is at least the baseline plus one point of ratio.
-    world.seen.error_ratio = Some(0.005);
-    world.run_tick(1_500);
-    world.run_tick(5_000);
-    assert!(
-        world.state.rollbacks.is_empty(),
-        "0.5 % errors over a 0 % baseline"
-    );
-    world.seen.error_ratio = Some(0.03);
-    world.run_tick(6_000);
-    world.run_tick(8_100);
-    assert!(
-        world.state.rollbacks[&1].reason.contains("(limit 0.010)"),
-        "{}",
-        world.state.rollbacks[&1].reason
     );
 }
 
@@ -1114,12 +747,12 @@ fn a_service_recipe_sets_each_hosts_steps_and_a_run_step_carries_its_command() {
         "resume-jobs".into(),
     ])
     .unwrap();
-    let mut service = world.state.services["web"].clone();
+    let mut service = world.fleet.state.services["web"].clone();
     service.rollback_steps = recipe;
     world.apply(CommandKind::PutService { service });
     world.deployed();
     world.start_rollback(1);
-    let kinds: Vec<RollbackStepKind> = world.state.rollbacks[&1]
+    let kinds: Vec<RollbackStepKind> = world.fleet.state.rollbacks[&1]
         .steps
         .iter()
         .filter(|step| step.host_id == "web-1")

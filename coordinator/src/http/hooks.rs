@@ -336,7 +336,7 @@ async fn trigger(
         at_ms: rewind_shared::time::now_ms(),
         identity: principal.id(),
         request_id: asked.request_id,
-        kind: CommandKind::AutoTrigger {
+        kind: CommandKind::AutoTrigger(crate::state_machine::AutoTrigger {
             service: asked.service.to_string(),
             // Empty: the service's latest change, wherever it ran.
             environment: asked.environment.to_string(),
@@ -345,7 +345,7 @@ async fn trigger(
             options: http.limits.automatic_plan(),
             throttle: http.limits.throttle.clone(),
             decided: None,
-        },
+        }),
     };
     match http.node.propose(command).await {
         Ok(Outcome::Triggered {

@@ -342,15 +342,17 @@ mod tests {
         fleet.release("web", "v2", 0, &[]);
         fleet.deploy("web", "v1");
         let change = fleet.deploy("web", "v2");
-        fleet.apply(CommandKind::StartRollback {
-            changes: vec![change],
-            options: PlanOptions::default(),
-            plan_hash: String::new(),
-            reason: "test".into(),
-            trigger: Trigger::Manual,
-            break_glass: false,
-            planned: None,
-        });
+        fleet.apply(CommandKind::StartRollback(
+            crate::state_machine::StartRollback {
+                changes: vec![change],
+                options: PlanOptions::default(),
+                plan_hash: String::new(),
+                reason: "test".into(),
+                trigger: Trigger::Manual,
+                break_glass: false,
+                planned: None,
+            },
+        ));
         let drain = crate::state_machine::StepTarget::Rollback {
             rollback: 1,
             service: "web".into(),

@@ -11,6 +11,9 @@
 //! [`CommandKind::ChangeMembership`]; applying one updates Raft's voters, the replicated member
 //! registry and the audit log together, then takes a snapshot so a member that joins receives
 //! a snapshot that already counts it as a member.
+//!
+//! Kept in one file (over 700 lines): the Ready loop's ordering rules are the point, and they span
+//! proposing, persisting, applying and snapshotting.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -6,6 +6,9 @@
 //!
 //! Everything here runs inside `apply()`: the clock is the command's, the policy is the
 //! replicated one, so every member decides alike.
+//!
+//! Kept in one file (over 700 lines): a request's life (filed, approved, denied, lapsed, expired,
+//! broken glass, reviewed) is one state machine whose steps refer to each other.
 
 use std::collections::BTreeMap;
 
@@ -499,7 +502,8 @@ pub fn expire(state: &mut State, at_ms: u64) {
     refuse_automatic(state, &refused);
 }
 
-/// Files a request for a rollback of `plan` that `requirement` says needs approvals.
+/// Files a request for a rollback of `plan` that `requirement` says needs approvals: its
+/// number, audit target and outcome.
 pub fn file(
     state: &mut State,
     command: &Command,
@@ -508,7 +512,7 @@ pub fn file(
     reason: &str,
     trigger: Trigger,
     drifted: Option<&BTreeMap<u64, String>>,
-) -> Result<(Outcome, String, String)> {
+) -> Result<(u64, String, String)> {
     let at_ms = command.at_ms;
     expire(state, at_ms);
     for number in pending_over(state, &plan.changes) {
@@ -546,7 +550,7 @@ pub fn file(
     );
     state.approval_requests.insert(number, request);
     prune(state);
-    Ok((Outcome::Request(number), request_id(number), audit))
+    Ok((number, request_id(number), audit))
 }
 
 /// Files a request for a deploy that `requirement` says needs approvals; one pending request

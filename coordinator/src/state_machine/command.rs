@@ -40,23 +40,8 @@ pub enum CommandKind {
     RegisterMigration {
         migration: MigrationRecord,
     },
-    StartChange {
-        service: String,
-        version: String,
-        /// Empty: every registered host that runs the service.
-        host_ids: Vec<String>,
-        reason: String,
-        baseline: HealthAggregate,
-        /// Flags of the service the change turns on.
-        #[serde(default)]
-        flags_on: Vec<String>,
-        /// Registered migrations it applies: (database, version), in order per database.
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        migrations: Vec<(String, String)>,
-        /// Run at once where the policy would ask for approvals (escalated, reviewed later).
-        #[serde(default)]
-        break_glass: bool,
-    },
+    /// Deploys a release, or files it for approval.
+    StartChange(StartChange),
     /// Drills a change's migrations on another environment's shards: up, down, up, with the
     /// fingerprints checked at each step.
     StartDrill {
@@ -103,49 +88,12 @@ pub enum CommandKind {
         snapshot_id: String,
     },
     /// Plans (see `crate::plan`) and starts the rollback of `changes`.
-    StartRollback {
-        changes: Vec<u64>,
-        options: PlanOptions,
-        /// Hash of the plan the operator was shown; apply refuses a plan that differs.
-        /// Empty: run the plan as it is now (automatic rollbacks).
-        plan_hash: String,
-        reason: String,
-        trigger: Trigger,
-        /// Run at once where the policy would ask for approvals (escalated, reviewed later).
-        #[serde(default)]
-        break_glass: bool,
-        /// The leader's plan (from cluster version 3; see `decision.rs`).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        planned: Option<Box<super::decision::LeaderPlan>>,
-    },
+    StartRollback(StartRollback),
     /// A person approves, denies or (after break-glass) reviews a request for approval.
-    DecideRequest {
-        request: u64,
-        decision: super::approvals::Decision,
-        /// The plan hash the approver was shown; an approval must name the request's.
-        plan_hash: String,
-        reason: String,
-        /// A deploy request's baseline, measured when the last approval is given (its health then,
-        /// not when it was requested); `None` keeps the requested one.
-        #[serde(default)]
-        baseline: Option<HealthAggregate>,
-        /// The leader's plan of an approved rollback request (from cluster version 3).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        planned: Option<Box<super::decision::LeaderPlan>>,
-    },
+    DecideRequest(DecideRequest),
     /// Asks for an automatic rollback of the service's latest change. `apply()` records what
     /// became of it: started, ignored (nothing to do) or throttled (and a person called).
-    AutoTrigger {
-        service: String,
-        environment: String,
-        source: TriggerSource,
-        reason: String,
-        options: PlanOptions,
-        throttle: ThrottleLimits,
-        /// The leader's verdict (from cluster version 3).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        decided: Option<Box<super::decision::TriggerDecision>>,
-    },
+    AutoTrigger(AutoTrigger),
     /// Closes the global breaker so automatic rollbacks may start again.
     ResetBreaker {
         reason: String,
@@ -268,6 +216,75 @@ pub enum CommandKind {
         member: MemberRecord,
         reason: String,
     },
+}
+
+/// A deploy of a release to a service's hosts (or a request for approvals to run it).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StartChange {
+    pub service: String,
+    pub version: String,
+    /// Empty: every registered host that runs the service.
+    pub host_ids: Vec<String>,
+    pub reason: String,
+    pub baseline: HealthAggregate,
+    /// Flags of the service the change turns on.
+    #[serde(default)]
+    pub flags_on: Vec<String>,
+    /// Registered migrations it applies: (database, version), in order per database.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub migrations: Vec<(String, String)>,
+    /// Run at once where the policy would ask for approvals (escalated, reviewed later).
+    #[serde(default)]
+    pub break_glass: bool,
+}
+
+/// A rollback of changes, as a person (or an approved request) asks for it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StartRollback {
+    pub changes: Vec<u64>,
+    pub options: PlanOptions,
+    /// Hash of the plan the operator was shown; apply refuses a plan that differs.
+    /// Empty: run the plan as it is now (automatic rollbacks).
+    pub plan_hash: String,
+    pub reason: String,
+    pub trigger: Trigger,
+    /// Run at once where the policy would ask for approvals (escalated, reviewed later).
+    #[serde(default)]
+    pub break_glass: bool,
+    /// The leader's plan (from cluster version 3; see `decision.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub planned: Option<Box<super::decision::LeaderPlan>>,
+}
+
+/// A person's decision on a request for approval.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DecideRequest {
+    pub request: u64,
+    pub decision: super::approvals::Decision,
+    /// The plan hash the approver was shown; an approval must name the request's.
+    pub plan_hash: String,
+    pub reason: String,
+    /// A deploy request's baseline, measured when the last approval is given (its health then,
+    /// not when it was requested); `None` keeps the requested one.
+    #[serde(default)]
+    pub baseline: Option<HealthAggregate>,
+    /// The leader's plan of an approved rollback request (from cluster version 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub planned: Option<Box<super::decision::LeaderPlan>>,
+}
+
+/// A request for an automatic rollback of a service's latest change.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AutoTrigger {
+    pub service: String,
+    pub environment: String,
+    pub source: TriggerSource,
+    pub reason: String,
+    pub options: PlanOptions,
+    pub throttle: ThrottleLimits,
+    /// The leader's verdict (from cluster version 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided: Option<Box<super::decision::TriggerDecision>>,
 }
 
 /// A step of a membership change. A member joins as a learner (it receives the log but does not
@@ -452,7 +469,7 @@ impl CommandKind {
             Self::PutService { .. } => "service.put",
             Self::RegisterRelease { .. } => "release.register",
             Self::RegisterMigration { .. } => "migration.register",
-            Self::StartChange { .. } => "change.start",
+            Self::StartChange(_) => "change.start",
             Self::StartSchemaTxn { .. } => "schema.start",
             Self::StartDrill { .. } => "drill.start",
             Self::DecideSchemaTxn { commit: true, .. } => "schema.commit",
@@ -461,8 +478,8 @@ impl CommandKind {
             Self::ResolvedByHand { .. } => "schema.resolved-by-hand",
             Self::StepStarted { .. } => "step.start",
             Self::StepFinished { .. } => "step.finish",
-            Self::StartRollback { .. } => "rollback.start",
-            Self::DecideRequest { decision, .. } => decision.action(),
+            Self::StartRollback(_) => "rollback.start",
+            Self::DecideRequest(decide) => decide.decision.action(),
             Self::SkipHost { .. } => "rollback.skip-host",
             Self::RecordSelfRevert { .. } => "host.self-revert",
             Self::ForgetHost { .. } => "host.forget",
@@ -470,7 +487,7 @@ impl CommandKind {
             Self::RecordOfflineHealth { .. } => "host.offline-health",
             Self::IsolateService { .. } => "rollback.isolate",
             Self::Stall { .. } => "rollback.stall",
-            Self::AutoTrigger { .. } => "trigger",
+            Self::AutoTrigger(_) => "trigger",
             Self::SetFlag { kill: true, .. } => "flag.kill",
             Self::SetFlag { .. } => "flag.set",
             Self::ResetBreaker { .. } => "trigger.reset-breaker",

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::approvals::{self, Decision, RequestStatus};
-use super::command::{Command, CommandKind};
+use super::command::{AutoTrigger, Command, CommandKind, DecideRequest, StartRollback};
 use super::state::{BreakerRecord, PlanOptions, State};
 use super::version;
 use crate::errors::CoordinatorError;
@@ -78,12 +78,12 @@ pub enum TriggerVerdict {
 pub fn decided_on_leader(kind: &CommandKind) -> bool {
     matches!(
         kind,
-        CommandKind::StartRollback { .. }
-            | CommandKind::DecideRequest {
+        CommandKind::StartRollback(StartRollback { .. })
+            | CommandKind::DecideRequest(DecideRequest {
                 decision: Decision::Approve,
                 ..
-            }
-            | CommandKind::AutoTrigger { .. }
+            })
+            | CommandKind::AutoTrigger(AutoTrigger { .. })
     )
 }
 
@@ -97,24 +97,24 @@ pub fn prepare(state: &State, command: &mut Command) -> Result<()> {
     }
     let at_ms = command.at_ms;
     match &mut command.kind {
-        CommandKind::StartRollback {
+        CommandKind::StartRollback(StartRollback {
             changes,
             options,
             plan_hash,
             trigger,
             planned,
             ..
-        } => {
+        }) => {
             let plan = crate::plan::build(state, changes, options, *trigger)?;
             check_shown(&plan, plan_hash, options)?;
             *planned = Some(Box::new(leader_plan(state, changes, Ok(plan))));
         }
-        CommandKind::DecideRequest {
+        CommandKind::DecideRequest(DecideRequest {
             request,
             decision: Decision::Approve,
             planned,
             ..
-        } => {
+        }) => {
             // A deploy request carries its own spec; only a rollback's plan is decided here.
             if let Some(request) = state.approval_requests.get(request)
                 && request.deploy.is_none()
@@ -125,14 +125,14 @@ pub fn prepare(state: &State, command: &mut Command) -> Result<()> {
                 *planned = Some(Box::new(leader_plan(state, &request.changes, plan)));
             }
         }
-        CommandKind::AutoTrigger {
+        CommandKind::AutoTrigger(AutoTrigger {
             service,
             environment,
             options,
             throttle,
             decided,
             ..
-        } => {
+        }) => {
             let decision =
                 super::apply::judge_trigger(state, at_ms, service, environment, options, throttle)?;
             *decided = Some(Box::new(decision));

@@ -1,20 +1,20 @@
 //! Tests of decisions made on the leader and recorded by `apply()` (cluster version 3).
 
-use super::apply_test::{Harness, rollback_of};
 use super::decision::{self, TriggerVerdict};
 use super::*;
 use crate::errors::CoordinatorError;
+use crate::test_fleet::{Fleet, rollback_of};
 
 /// A fleet at this binary's version with `web` deployed v1 then v2; the v2 change.
-fn deployed() -> (Harness, u64) {
-    let mut harness = Harness::with_fleet();
-    harness.deploy("v1");
-    let change = harness.deploy("v2");
+fn deployed() -> (Fleet, u64) {
+    let mut harness = Fleet::with_web();
+    harness.deploy_web("v1");
+    let change = harness.deploy_web("v2");
     (harness, change)
 }
 
 /// A command as the harness would stamp its next one.
-fn command(harness: &Harness, kind: CommandKind) -> Command {
+fn command(harness: &Fleet, kind: CommandKind) -> Command {
     Command {
         at_ms: 1_000 * (harness.index + 1),
         identity: "operator".into(),
@@ -24,7 +24,7 @@ fn command(harness: &Harness, kind: CommandKind) -> Command {
 }
 
 fn trigger() -> CommandKind {
-    CommandKind::AutoTrigger {
+    CommandKind::AutoTrigger(AutoTrigger {
         service: "web".into(),
         environment: String::new(),
         source: TriggerSource::Alertmanager,
@@ -32,7 +32,7 @@ fn trigger() -> CommandKind {
         options: PlanOptions::default(),
         throttle: ThrottleLimits::default(),
         decided: None,
-    }
+    })
 }
 
 fn digest(state: &State) -> String {
@@ -47,10 +47,10 @@ fn apply_records_the_leaders_plan_and_never_plans_again() {
     let mut start = command(&harness, rollback_of(change, Trigger::Manual));
     decision::prepare(&harness.state, &mut start).unwrap();
     // A plan the planner would not make (it reverts both hosts): apply must take it as given.
-    let CommandKind::StartRollback {
+    let CommandKind::StartRollback(StartRollback {
         planned: Some(planned),
         ..
-    } = &mut start.kind
+    }) = &mut start.kind
     else {
         panic!("the leader plans a rollback")
     };
@@ -77,7 +77,7 @@ fn a_decision_on_a_state_that_moved_is_refused_and_changes_nothing() {
     let mut judged = command(&harness, trigger());
     decision::prepare(&harness.state, &mut judged).unwrap();
     // A host of the change moves region: the plan's waves would differ.
-    harness.must(CommandKind::RegisterHost {
+    harness.apply(CommandKind::RegisterHost {
         host_id: "web-2".into(),
         labels: Labels {
             region: "us".into(),
@@ -121,9 +121,9 @@ fn from_version_three_an_undecided_rollback_or_trigger_is_refused() {
 
 #[test]
 fn before_version_three_a_decided_entry_is_refused_and_apply_plans_itself() {
-    let mut harness = Harness::legacy().fleet();
-    harness.deploy("v1");
-    let change = harness.deploy("v2");
+    let mut harness = Fleet::legacy().web();
+    harness.deploy_web("v1");
+    let change = harness.deploy_web("v2");
     let mut start = command(&harness, rollback_of(change, Trigger::Manual));
     harness.state.cluster_version = 3;
     decision::prepare(&harness.state, &mut start).unwrap();
@@ -145,10 +145,10 @@ fn the_leaders_trigger_verdict_is_recorded_as_given() {
     let (mut harness, _) = deployed();
     let mut judged = command(&harness, trigger());
     decision::prepare(&harness.state, &mut judged).unwrap();
-    let CommandKind::AutoTrigger {
+    let CommandKind::AutoTrigger(AutoTrigger {
         decided: Some(decided),
         ..
-    } = &mut judged.kind
+    }) = &mut judged.kind
     else {
         panic!("the leader judges a trigger")
     };
@@ -170,7 +170,7 @@ fn the_leader_refuses_what_the_planner_refuses_and_nothing_reaches_the_log() {
     let (mut harness, change) = deployed();
     let logged = harness.log.len();
     let mut start = rollback_of(change, Trigger::Manual);
-    if let CommandKind::StartRollback { plan_hash, .. } = &mut start {
+    if let CommandKind::StartRollback(StartRollback { plan_hash, .. }) = &mut start {
         *plan_hash = "sha256:not-the-plan".into();
     }
     let refused = harness.run(start).unwrap_err();
@@ -186,10 +186,10 @@ fn a_plan_that_does_not_match_its_own_hash_is_refused() {
     let (mut harness, change) = deployed();
     let mut start = command(&harness, rollback_of(change, Trigger::Manual));
     decision::prepare(&harness.state, &mut start).unwrap();
-    if let CommandKind::StartRollback {
+    if let CommandKind::StartRollback(StartRollback {
         planned: Some(planned),
         ..
-    } = &mut start.kind
+    }) = &mut start.kind
     {
         planned.plan.as_mut().unwrap().waves[0].batches = vec![vec!["web-1".into()]];
     }
@@ -208,25 +208,25 @@ fn an_approval_decided_on_a_state_that_moved_is_refused_and_the_request_stands()
         )
         .unwrap(),
     ));
-    let Outcome::Request(request) = harness.must(rollback_of(change, Trigger::Manual)) else {
+    let Outcome::Request(request) = harness.apply(rollback_of(change, Trigger::Manual)) else {
         panic!("a request for approval")
     };
     let plan_hash = harness.state.approval_requests[&request].plan_hash.clone();
-    let approve = CommandKind::DecideRequest {
+    let approve = CommandKind::DecideRequest(DecideRequest {
         request,
         decision: RequestDecision::Approve,
         plan_hash,
         reason: "looked at it".into(),
         baseline: None,
         planned: None,
-    };
+    });
     let mut approval = Command {
         identity: "user:ada".into(),
         ..command(&harness, approve.clone())
     };
     decision::prepare(&harness.state, &mut approval).unwrap();
     // A host of the change moves region: the plan's waves would differ.
-    harness.must(CommandKind::RegisterHost {
+    harness.apply(CommandKind::RegisterHost {
         host_id: "web-2".into(),
         labels: Labels {
             region: "us".into(),

@@ -6,17 +6,18 @@
 //! `REWIND_WRITE_GOLDEN=1 cargo test -p rewind-coordinator golden` writes the current
 //! release's file (`v<cluster version>.json.zst`, JSON compressed with zstd: `zstd -d` reads
 //! it) when it does not exist yet. `v1.json.zst` was
-//! written by the release before cluster versions (commit f2b3436, its own `Harness`), so it
+//! written by the release before cluster versions (commit f2b3436, its own test harness), so it
 //! checks that this binary applies a version-1 log as that release did.
 
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::apply_test::{Harness, pass_gate, rollback_of, rollback_step};
+use super::apply_test::{pass_gate, rollback_step};
 use super::*;
 use crate::access::Policy;
 use crate::errors::CoordinatorError;
+use crate::test_fleet::{Fleet, rollback_of};
 
 #[derive(Serialize, Deserialize)]
 struct GoldenLog {
@@ -72,8 +73,8 @@ fn replay(initial_cluster_version: u32, entries: &[GoldenEntry]) -> (String, Str
 /// a fleet deploys twice, flips a flag, rolls back with every step and gate, retries a request,
 /// applies a policy with host rules, forgets a host, floods the request log, and is refused
 /// along the way (refusals are in the log too).
-fn current_release_log() -> Harness {
-    let mut harness = Harness::legacy().fleet();
+fn current_release_log() -> Fleet {
+    let mut harness = Fleet::legacy().web();
     let forget = |host: &str| CommandKind::ForgetHost {
         host_id: host.into(),
         release_name: false,
@@ -86,19 +87,19 @@ fn current_release_log() -> Harness {
         members: vec![9],
         reason: "a member list that is not the registry's".into(),
     });
-    harness.must(CommandKind::RegisterHost {
+    harness.apply(CommandKind::RegisterHost {
         host_id: "cache-1".into(),
         labels: Labels::default(),
         services: vec!["cache".into()],
         agent_version: "test".into(),
     });
-    harness.must(CommandKind::RegisterHost {
+    harness.apply(CommandKind::RegisterHost {
         host_id: "cache-1".into(),
         labels: Labels::default(),
         services: vec!["cache".into(), "payments".into()],
         agent_version: "test".into(),
     });
-    harness.must(CommandKind::SetClusterVersion {
+    harness.apply(CommandKind::SetClusterVersion {
         version: 2,
         members: vec![],
         reason: "every member on this release".into(),
@@ -110,9 +111,9 @@ fn current_release_log() -> Harness {
         services: vec!["web".into(), "payments".into()],
         agent_version: "test".into(),
     });
-    harness.deploy("v1");
-    let change = harness.deploy("v2");
-    harness.must(CommandKind::SetFlag {
+    harness.deploy_web("v1");
+    let change = harness.deploy_web("v2");
+    harness.apply(CommandKind::SetFlag {
         environment: "default".into(),
         service: "web".into(),
         name: "new-checkout".into(),
@@ -144,14 +145,14 @@ fn current_release_log() -> Harness {
          scopes = [\"*\"]\n\n[[hosts]]\nnames = [\"web-*\"]\nservices = [\"web\"]\n",
     )
     .expect("the scenario's policy");
-    harness.must(CommandKind::ApplyPolicy {
+    harness.apply(CommandKind::ApplyPolicy {
         policy,
         bootstrap: false,
         expected_hash: String::new(),
         reason: "host rules".into(),
     });
     harness.register_host("web-3", "web");
-    harness.must(CommandKind::ForgetHost {
+    harness.apply(CommandKind::ForgetHost {
         host_id: "web-3".into(),
         release_name: false,
         reason: "retired".into(),
@@ -189,10 +190,10 @@ fn current_release_log() -> Harness {
 /// leader's plan, a trigger opens the breaker by the leader's verdict, an approval starts the
 /// plan the leader made of its request, and entries decided on a state that moved, or not
 /// decided at all, are refused.
-fn version_three(harness: &mut Harness) {
+fn version_three(harness: &mut Fleet) {
     // Refused at version 2: a decision only version 3 records.
     let mut decided = rollback_of(1, Trigger::Manual);
-    if let CommandKind::StartRollback { planned, .. } = &mut decided {
+    if let CommandKind::StartRollback(StartRollback { planned, .. }) = &mut decided {
         *planned = Some(Box::new(super::decision::LeaderPlan {
             plan: Err("decided by a leader of version 3".into()),
             drifted: Default::default(),
@@ -204,13 +205,13 @@ fn version_three(harness: &mut Harness) {
         matches!(refused, Err(CoordinatorError::NeedsClusterVersion { .. })),
         "{refused:?}"
     );
-    harness.must(CommandKind::SetClusterVersion {
+    harness.apply(CommandKind::SetClusterVersion {
         version: 3,
         members: vec![],
         reason: "every member on this release".into(),
     });
     // A person's rollback, run to the end on the leader's plan.
-    let change = harness.deploy("v2");
+    let change = harness.deploy_web("v2");
     let rollback = harness.must_start_rollback(change, Trigger::Manual);
     for host in ["web-1", "web-2"] {
         for kind in RollbackStepKind::ALL {
@@ -218,7 +219,7 @@ fn version_three(harness: &mut Harness) {
         }
     }
     pass_gate(harness, rollback, 0);
-    let change = harness.deploy("v2");
+    let change = harness.deploy_web("v2");
     // A plan decided before a service changed: stale, refused without a trace.
     let mut stale = Command {
         at_ms: 0,
@@ -227,7 +228,7 @@ fn version_three(harness: &mut Harness) {
         kind: rollback_of(change, Trigger::Manual),
     };
     super::decision::prepare(&harness.state, &mut stale).expect("the leader plans it");
-    harness.must(CommandKind::PutService {
+    harness.apply(CommandKind::PutService {
         service: ServiceRecord {
             name: "cache".into(),
             depends_on: vec![],
@@ -248,20 +249,22 @@ fn version_three(harness: &mut Harness) {
         "{refused:?}"
     );
     // An automatic one, then a second alert ignored by the leader's verdict.
-    let trigger = |breaker_services: u32| CommandKind::AutoTrigger {
-        service: "web".into(),
-        environment: String::new(),
-        source: TriggerSource::Alertmanager,
-        reason: "error rate".into(),
-        options: PlanOptions::default(),
-        throttle: ThrottleLimits {
-            breaker_services,
-            ..ThrottleLimits::default()
-        },
-        decided: None,
+    let trigger = |breaker_services: u32| {
+        CommandKind::AutoTrigger(AutoTrigger {
+            service: "web".into(),
+            environment: String::new(),
+            source: TriggerSource::Alertmanager,
+            reason: "error rate".into(),
+            options: PlanOptions::default(),
+            throttle: ThrottleLimits {
+                breaker_services,
+                ..ThrottleLimits::default()
+            },
+            decided: None,
+        })
     };
     for expected in [TriggerOutcome::Started, TriggerOutcome::Ignored] {
-        let judged = harness.must(trigger(4));
+        let judged = harness.apply(trigger(4));
         assert!(
             matches!(judged, Outcome::Triggered { outcome, .. } if outcome == expected),
             "{judged:?}"
@@ -275,41 +278,41 @@ fn version_three(harness: &mut Harness) {
     }
     pass_gate(harness, automatic, 0);
     // One alert for a service opens the breaker when the limit is one service.
-    harness.deploy("v1");
-    let judged = harness.must(trigger(1));
+    harness.deploy_web("v1");
+    let judged = harness.apply(trigger(1));
     assert!(harness.state.breaker.is_some(), "{judged:?}");
-    harness.must(CommandKind::ResetBreaker {
+    harness.apply(CommandKind::ResetBreaker {
         reason: "monitoring fixed".into(),
     });
     // Approvals: the request carries the leader's plan, and so does its approval.
-    let change = harness.deploy("v2");
+    let change = harness.deploy_web("v2");
     let policy = Policy::from_toml(
         "[[binding]]\nname = \"admins\"\nrole = \"admin\"\nidentities = [\"user:ada\"]\n\
          scopes = [\"*\"]\n\n[[hosts]]\nnames = [\"web-*\"]\nservices = [\"web\"]\n\n\
          [environment.default]\napprovals = 1\n",
     )
     .expect("the scenario's policy");
-    harness.must(CommandKind::ApplyPolicy {
+    harness.apply(CommandKind::ApplyPolicy {
         policy,
         bootstrap: false,
         expected_hash: String::new(),
         reason: "one approval".into(),
     });
-    let Outcome::Request(request) = harness.must(rollback_of(change, Trigger::Manual)) else {
+    let Outcome::Request(request) = harness.apply(rollback_of(change, Trigger::Manual)) else {
         panic!("a request for approval")
     };
     let plan_hash = harness.state.approval_requests[&request].plan_hash.clone();
     let approved = harness.run_as(
         "user:ada",
         "",
-        CommandKind::DecideRequest {
+        CommandKind::DecideRequest(DecideRequest {
             request,
             decision: RequestDecision::Approve,
             plan_hash,
             reason: "looked at it".into(),
             baseline: None,
             planned: None,
-        },
+        }),
     );
     assert!(
         matches!(approved, Ok(Outcome::Request(_)))

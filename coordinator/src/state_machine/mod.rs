@@ -17,23 +17,15 @@ mod apply_test;
 mod decision_test;
 #[cfg(test)]
 mod golden_test;
+#[cfg(test)]
+mod refusal_test;
+#[cfg(test)]
+mod schema_test;
 
 pub use apply::{
     COORDINATOR_IDENTITY, apply, apply_membership, current_version, unknown_change,
     unknown_rollback,
 };
-/// Proposes `command` as the leader does in tests: decided on `state` (see [`decision`]), then
-/// applied at `index`. Refused by the leader, it never reaches the log.
-#[cfg(test)]
-pub fn apply_as_leader(
-    state: &mut State,
-    index: u64,
-    mut command: Command,
-) -> Result<Outcome, crate::errors::CoordinatorError> {
-    decision::prepare(state, &mut command)?;
-    apply_checked(state, index, &command)
-}
-
 /// `apply()`, checking that from cluster version 3 it never plans (the leader has).
 #[cfg(test)]
 pub fn apply_checked(
@@ -57,5 +49,8 @@ pub fn apply_checked(
 }
 
 pub use audit::{AuditEntry, AuditLog, AuditVerification, GENESIS_HASH};
-pub use command::{Command, CommandKind, MembershipChange, Outcome, RollbackAction, StepTarget};
+pub use command::{
+    AutoTrigger, Command, CommandKind, DecideRequest, MembershipChange, Outcome, RollbackAction,
+    StartChange, StartRollback, StepTarget,
+};
 pub use state::*;

@@ -21,6 +21,9 @@
 //! 4. **Verify** (after a commit): every shard reports version and fingerprint; all must agree,
 //!    and equal the fingerprint the transaction expects (for a revert, the one recorded before
 //!    the change it undoes), with no prepared transaction of it left.
+//!
+//! Kept in one file (over 700 lines): the four phases are one state machine whose transitions refer
+//! to each other.
 
 use serde::{Deserialize, Serialize};
 

@@ -6,6 +6,9 @@
 //! before the metadata naming it is stored): a value of many megabytes rewritten into sled
 //! stalled every flush of the log behind it. Writers call [`RaftStore::flush`] before anything
 //! that depends on the write is sent or acknowledged.
+//!
+//! Kept in one file (over 700 lines): the storage invariants (log, hard state, snapshot, and the
+//! order they reach disk) are checked by reading them together.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};

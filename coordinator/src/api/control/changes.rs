@@ -64,7 +64,7 @@ pub(super) async fn start_change(
         ));
     }
     let baseline = control.context.change_baseline(&request.service);
-    let kind = CommandKind::StartChange {
+    let kind = CommandKind::StartChange(StartChange {
         break_glass: request.break_glass,
         migrations,
         service: request.service,
@@ -73,7 +73,7 @@ pub(super) async fn start_change(
         reason: request.reason,
         baseline,
         flags_on: request.flags_on,
-    };
+    });
     let number = match control
         .context
         .propose(&identity, &request.request_id, kind)

@@ -58,7 +58,7 @@ pub(super) async fn start_rollback(
     } else {
         request.reason
     };
-    let kind = CommandKind::StartRollback {
+    let kind = CommandKind::StartRollback(StartRollback {
         changes,
         options,
         plan_hash: request.plan_hash,
@@ -66,7 +66,7 @@ pub(super) async fn start_rollback(
         trigger: Trigger::Manual,
         break_glass: request.break_glass,
         planned: None,
-    };
+    });
     match control
         .context
         .propose(&identity, &request.request_id, kind)
@@ -374,17 +374,18 @@ impl Control {
         let identity = caller.id();
         let request = request.into_inner();
         let number = parse_id("rollback_id", "rb", &request.rollback_id)?;
-        validate_reason(&request.reason)?;
-        let reason = if request.reason.is_empty() {
-            format!("{} requested by {identity}", action.name())
-        } else {
-            request.reason
-        };
+        required_reason(
+            &request.reason,
+            &format!(
+                "say why you {} it: it goes into the audit log",
+                action.name()
+            ),
+        )?;
         self.authorize_rollback(&caller, number).await?;
         let kind = CommandKind::ControlRollback {
             rollback: number,
             action,
-            reason,
+            reason: request.reason,
         };
         let rollback = self
             .context

@@ -5,8 +5,9 @@ use super::*;
 pub(super) fn start_change(
     state: &mut State,
     command: &Command,
-) -> Result<(Outcome, String, String)> {
-    let CommandKind::StartChange {
+    start: &StartChange,
+) -> Result<(u64, String, String)> {
+    let StartChange {
         service,
         version,
         host_ids: requested_hosts,
@@ -15,10 +16,7 @@ pub(super) fn start_change(
         flags_on,
         migrations,
         break_glass: _,
-    } = &command.kind
-    else {
-        unreachable!("called for StartChange commands only");
-    };
+    } = start;
     let (service, version, baseline) = (service.as_str(), version.as_str(), *baseline);
     require_release(state, service, version)?;
     if let Some(active) = state.changes.values().find(|change| {
@@ -126,7 +124,7 @@ pub(super) fn start_change(
             .collect();
         audit += &format!("; migrations {}", named.join(", "));
     }
-    Ok((Outcome::Change(number), change_id(number), audit))
+    Ok((number, change_id(number), audit))
 }
 
 /// A deploy: started at once where the hosts' environments ask for no approvals; otherwise
@@ -134,8 +132,9 @@ pub(super) fn start_change(
 pub(super) fn request_change(
     state: &mut State,
     command: &Command,
+    start: &StartChange,
 ) -> Result<(Outcome, String, String)> {
-    let CommandKind::StartChange {
+    let StartChange {
         service,
         version,
         host_ids: requested_hosts,
@@ -144,10 +143,7 @@ pub(super) fn request_change(
         flags_on,
         migrations,
         break_glass,
-    } = &command.kind
-    else {
-        unreachable!("called for StartChange commands only");
-    };
+    } = start;
     require_release(state, service, version)?;
     let spec = approvals::DeploySpec {
         service: service.clone(),
@@ -161,7 +157,8 @@ pub(super) fn request_change(
     };
     let requirement = approvals::deploy_requirement(state, &spec);
     if requirement.approvals == 0 {
-        return start_change(state, command);
+        let (number, target, audit) = start_change(state, command, start)?;
+        return Ok((Outcome::Change(number), target, audit));
     }
     if !break_glass {
         // What start_change would refuse about its migrations is refused now, not after the
@@ -178,10 +175,7 @@ pub(super) fn request_change(
     if !requirement.break_glass {
         return Err(no_break_glass(&requirement));
     }
-    let (outcome, target, audit) = start_change(state, command)?;
-    let Outcome::Change(number) = outcome else {
-        unreachable!("start_change answers with a change");
-    };
+    let (number, target, audit) = start_change(state, command, start)?;
     let request =
         approvals::record_break_glass_deploy(state, command, spec, &requirement, reason, number);
     if let Some(change) = state.changes.get_mut(&number) {
@@ -197,7 +191,11 @@ pub(super) fn request_change(
         service,
         reason,
     );
-    Ok((outcome, target, break_glass_audit(request, &audit)))
+    Ok((
+        Outcome::Change(number),
+        target,
+        break_glass_audit(request, &audit),
+    ))
 }
 
 /// Opens the escalation of a break-glass start (`started`, recorded as `request`); answers the

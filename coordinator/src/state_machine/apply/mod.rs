@@ -4,7 +4,10 @@
 //! nothing (each handler checks before it mutates) except `applied_index`.
 
 use super::approvals;
-use super::command::{Command, CommandKind, MembershipChange, Outcome, RollbackAction, StepTarget};
+use super::command::{
+    AutoTrigger, Command, CommandKind, DecideRequest, MembershipChange, Outcome, RollbackAction,
+    StartChange, StartRollback, StepTarget,
+};
 use super::state::*;
 use super::version;
 use crate::errors::{CoordinatorError, known_list};
@@ -173,7 +176,7 @@ fn apply_kind(state: &mut State, command: &Command) -> Result<(Outcome, String, 
         CommandKind::RegisterMigration { migration } => {
             register_migration(state, migration, &command.identity, at_ms)
         }
-        CommandKind::StartChange { .. } => request_change(state, command),
+        CommandKind::StartChange(start) => request_change(state, command, start),
         CommandKind::SetFlag {
             environment,
             service,
@@ -242,10 +245,8 @@ fn apply_kind(state: &mut State, command: &Command) -> Result<(Outcome, String, 
             detail,
             snapshot_id,
         } => finish_step(state, step, *ok, detail, snapshot_id, at_ms),
-        CommandKind::StartRollback { planned, .. } => {
-            request_rollback(state, command, planned.as_deref())
-        }
-        CommandKind::DecideRequest { .. } => decide_request(state, command),
+        CommandKind::StartRollback(start) => request_rollback(state, command, start),
+        CommandKind::DecideRequest(decide) => decide_request(state, command, decide),
         CommandKind::SkipHost {
             rollback,
             host_id,
@@ -307,7 +308,7 @@ fn apply_kind(state: &mut State, command: &Command) -> Result<(Outcome, String, 
             ok,
             detail,
         } => escalation_delivered(state, *escalation, *ok, detail),
-        CommandKind::AutoTrigger { .. } => auto_trigger(state, command),
+        CommandKind::AutoTrigger(trigger) => auto_trigger(state, command, trigger),
         CommandKind::ResetBreaker { reason } => {
             let Some(breaker) = state.breaker.take() else {
                 return Err(CoordinatorError::invalid(

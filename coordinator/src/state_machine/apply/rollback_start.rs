@@ -8,20 +8,18 @@ use crate::state_machine::decision::{self, LeaderPlan};
 pub(super) fn request_rollback(
     state: &mut State,
     command: &Command,
-    planned: Option<&LeaderPlan>,
+    start: &StartRollback,
 ) -> Result<(Outcome, String, String)> {
-    let CommandKind::StartRollback {
+    let StartRollback {
         changes,
         options,
         plan_hash,
         reason,
         trigger,
         break_glass,
-        ..
-    } = &command.kind
-    else {
-        unreachable!("called for StartRollback commands only");
-    };
+        planned,
+    } = start;
+    let planned = planned.as_deref();
     let (trigger, break_glass) = (*trigger, *break_glass);
     if let Some(planned) = planned {
         decision::given_basis(state, planned, changes)?;
@@ -35,7 +33,9 @@ pub(super) fn request_rollback(
     let drift = planned.map(|planned| &planned.drifted);
     if !break_glass {
         let plan = plan_of(state, planned, changes, options, plan_hash, trigger)?;
-        return approvals::file(state, command, &plan, &requirement, reason, trigger, drift);
+        let (number, target, audit) =
+            approvals::file(state, command, &plan, &requirement, reason, trigger, drift)?;
+        return Ok((Outcome::Request(number), target, audit));
     }
     if !requirement.break_glass {
         return Err(no_break_glass(&requirement));
@@ -73,18 +73,16 @@ pub(super) fn request_rollback(
 pub(super) fn decide_request(
     state: &mut State,
     command: &Command,
+    decide: &DecideRequest,
 ) -> Result<(Outcome, String, String)> {
-    let CommandKind::DecideRequest {
+    let DecideRequest {
         request: number,
         decision,
         plan_hash,
         reason,
         baseline,
         planned,
-    } = &command.kind
-    else {
-        unreachable!("called for DecideRequest commands only");
-    };
+    } = decide;
     let (number, decision, baseline) = (*number, *decision, *baseline);
     let planned = planned.as_deref();
     let target = approvals::request_id(number);
@@ -118,11 +116,11 @@ pub(super) fn decide_request(
             target,
             format!("refused: {why}"),
         )),
-        approvals::Decided::Approved if state.approval_requests[&number].deploy.is_some() => {
-            approve_deploy(state, command, number, baseline, reason)
-        }
         approvals::Decided::Approved => {
             let request = state.approval_requests[&number].clone();
+            if let Some(spec) = &request.deploy {
+                return approve_deploy(state, command, &request, spec, baseline, reason);
+            }
             // Starting it lapses every pending request over its changes, this one too; it is
             // recorded as approved just after.
             let plan = plan_of(
@@ -164,33 +162,30 @@ pub(super) fn decide_request(
 pub(super) fn approve_deploy(
     state: &mut State,
     command: &Command,
-    number: u64,
+    request: &approvals::ApprovalRequest,
+    spec: &approvals::DeploySpec,
     baseline: Option<HealthAggregate>,
     reason: &str,
 ) -> Result<(Outcome, String, String)> {
-    let request = state.approval_requests[&number].clone();
-    let Some(spec) = &request.deploy else {
-        unreachable!("called for deploy requests only");
+    let number = request.number;
+    let deploy = StartChange {
+        service: spec.service.clone(),
+        version: spec.version.clone(),
+        // The hosts approved (the drift check above found them unchanged).
+        host_ids: spec.hosts.clone(),
+        reason: request.reason.clone(),
+        baseline: baseline.unwrap_or(spec.baseline),
+        flags_on: spec.flags_on.clone(),
+        migrations: spec.migrations.clone(),
+        break_glass: false,
     };
-    let start = Command {
+    let as_requester = Command {
         at_ms: command.at_ms,
         identity: request.requester.clone(),
         request_id: String::new(),
-        kind: CommandKind::StartChange {
-            service: spec.service.clone(),
-            version: spec.version.clone(),
-            // The hosts approved (the drift check above found them unchanged).
-            host_ids: spec.hosts.clone(),
-            reason: request.reason.clone(),
-            baseline: baseline.unwrap_or(spec.baseline),
-            flags_on: spec.flags_on.clone(),
-            migrations: spec.migrations.clone(),
-            break_glass: false,
-        },
+        kind: CommandKind::StartChange(deploy.clone()),
     };
-    let (Outcome::Change(change), change_target, started) = start_change(state, &start)? else {
-        unreachable!("start_change answers with a change");
-    };
+    let (change, change_target, started) = start_change(state, &as_requester, &deploy)?;
     let approved_by = approvals::record_approved(
         state,
         command,
@@ -205,7 +200,7 @@ pub(super) fn approve_deploy(
     Ok(audit_approved_start(
         state,
         command,
-        &request,
+        request,
         ("change.start", &change_target, &started),
         &approved_by,
         approvals::Started::Change(change),

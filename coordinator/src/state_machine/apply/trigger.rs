@@ -9,8 +9,9 @@ use crate::state_machine::decision::{self, TriggerDecision, TriggerVerdict};
 pub(super) fn auto_trigger(
     state: &mut State,
     command: &Command,
+    trigger: &AutoTrigger,
 ) -> Result<(Outcome, String, String)> {
-    let CommandKind::AutoTrigger {
+    let AutoTrigger {
         service,
         environment,
         source,
@@ -18,10 +19,7 @@ pub(super) fn auto_trigger(
         options,
         throttle,
         decided,
-    } = &command.kind
-    else {
-        unreachable!("called for AutoTrigger commands only");
-    };
+    } = trigger;
     let decision = match decided {
         Some(decided) => {
             require_service(state, service)?;
@@ -92,7 +90,7 @@ pub(super) fn auto_trigger(
                     0,
                 )
             } else if waits {
-                let (Outcome::Request(number), target, filed) = approvals::file(
+                let (number, target, filed) = approvals::file(
                     state,
                     command,
                     plan,
@@ -100,10 +98,7 @@ pub(super) fn auto_trigger(
                     reason,
                     Trigger::Automatic,
                     drift,
-                )?
-                else {
-                    unreachable!("approvals::file answers with a request");
-                };
+                )?;
                 state
                     .audit
                     .append(at_ms, &command.identity, "rollback.start", &target, &filed);
