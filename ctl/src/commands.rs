@@ -22,7 +22,7 @@ pub const EXIT_ROLLBACK_FAILED: u8 = 3;
 #[command(
     name = "rewindctl",
     version,
-    about = "Drive rewind: fleets, releases, changes, rollbacks, audit"
+    about = "Drive rewind: hosts, releases, changes, rollbacks, audit"
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -167,5 +167,71 @@ async fn execute(
         Command::JoinToken(command) => crate::join::run_tokens(client, format, command).await,
         Command::Cluster(command) => crate::cmd::cluster::run(client, format, command).await,
         Command::Demo(_) | Command::Cert(_) => unreachable!("handled above"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// Every command and subcommand says what it does in `--help`.
+    #[test]
+    fn every_command_has_help_text() {
+        fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for sub in command.get_subcommands() {
+                let path = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() && !sub.is_hide_set() {
+                    missing.push(path.clone());
+                }
+                walk(sub, &path, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "rewindctl", &mut missing);
+        assert!(missing.is_empty(), "no help text: {}", missing.join("; "));
+    }
+
+    /// The spellings before the command tree was made consistent still parse, for a release.
+    #[test]
+    fn old_spellings_are_hidden_aliases_of_the_new_ones() {
+        // The chain of subcommands a line resolves to: an alias resolves to its command's name.
+        let resolve = |line: &str| {
+            let mut matches = Cli::command()
+                .try_get_matches_from(line.split(' '))
+                .unwrap_or_else(|error| panic!("{line}: {error}"));
+            let mut chain = Vec::new();
+            while let Some((name, sub)) = matches.remove_subcommand() {
+                chain.push(name);
+                matches = sub;
+            }
+            chain
+        };
+        let pairs = [
+            ("rewindctl rollback status rb-1", "rollback show"),
+            ("rewindctl change status ch-1", "change show"),
+            ("rewindctl flag get web f", "flag show"),
+            ("rewindctl service health web", "service show"),
+            (
+                "rewindctl drill migrations --change ch-1 --env staging",
+                "drill start",
+            ),
+            ("rewindctl drill status dr-1", "drill show"),
+        ];
+        for (old, new) in pairs {
+            assert_eq!(resolve(old).join(" "), new, "{old}");
+        }
+        // Hidden: `--help` names only the new spellings.
+        let help = Cli::command().render_long_help().to_string();
+        assert!(!help.contains("fleet"), "{help}");
+        let rollback_help = Cli::command()
+            .find_subcommand_mut("rollback")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        assert!(!rollback_help.contains("status"), "{rollback_help}");
+        // What is audited needs a reason.
+        assert!(Cli::try_parse_from(["rewindctl", "rollback", "abort", "rb-1"]).is_err());
     }
 }

@@ -28,12 +28,14 @@ pub enum FlagCommand {
         reason: String,
     },
     /// Show one flag; exit 1 when it is not set.
-    Get {
+    #[command(alias = "get")]
+    Show {
         service: String,
         flag: String,
         #[arg(long = "env", default_value = "")]
         environment: String,
     },
+    /// Flags, by environment and service.
     List {
         #[arg(long = "env", default_value = "")]
         environment: String,
@@ -85,7 +87,7 @@ pub async fn run(
             let flag = set(client, environment, service, flag, false, true, reason).await?;
             (vec![flag], ExitCode::SUCCESS)
         }
-        FlagCommand::Get {
+        FlagCommand::Show {
             service,
             flag,
             environment,

@@ -40,6 +40,7 @@ pub enum MigrationCommand {
         #[arg(long)]
         verify: Option<PathBuf>,
     },
+    /// Registered migrations, by database (with their scripts on request).
     List {
         #[arg(long, default_value = "")]
         database: String,
@@ -337,7 +338,8 @@ pub enum DrillCommand {
     /// shards (staging), each step all or nothing, checking the schema fingerprint after each:
     /// the revert must give back the schema before, the second apply the schema after the
     /// first. Prints the timings; exits 1 when the drill fails.
-    Migrations {
+    #[command(alias = "migrations")]
+    Start {
         /// The change whose migrations to drill.
         #[arg(long = "change", value_name = "CHANGE_ID")]
         change: String,
@@ -348,6 +350,9 @@ pub enum DrillCommand {
         #[arg(long)]
         no_wait: bool,
     },
+    /// One drill: its steps and timings; exits 1 when it failed.
+    #[command(alias = "status")]
+    Show { drill_id: String },
 }
 
 /// Longest a drill is waited for.
@@ -358,21 +363,32 @@ pub async fn drill(
     format: Format,
     command: DrillCommand,
 ) -> anyhow::Result<ExitCode> {
-    let DrillCommand::Migrations {
-        change,
-        environment,
-        no_wait,
-    } = command;
-    let mut drill = client
-        .start_drill(pb::StartDrillRequest {
-            request_id: request_id(),
-            change_id: change,
+    let (mut drill, no_wait) = match command {
+        DrillCommand::Start {
+            change,
             environment,
-        })
-        .await
-        .map_err(explain)?
-        .into_inner()
-        .drill
+            no_wait,
+        } => {
+            let started = client
+                .start_drill(pb::StartDrillRequest {
+                    request_id: request_id(),
+                    change_id: change,
+                    environment,
+                })
+                .await
+                .map_err(explain)?;
+            (started.into_inner().drill, no_wait)
+        }
+        DrillCommand::Show { drill_id } => {
+            let shown = client
+                .get_drill(pb::GetDrillRequest { drill_id })
+                .await
+                .map_err(explain)?;
+            (shown.into_inner().drill, true)
+        }
+    };
+    let mut drill = drill
+        .take()
         .context("the coordinator answered without the drill")?;
     let started = std::time::Instant::now();
     while !no_wait && drill.status == "running" {

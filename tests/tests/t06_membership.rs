@@ -104,7 +104,7 @@ async fn a_member_joins_is_promoted_and_a_founder_is_removed() {
                 "5",
                 "--address",
                 "127.0.0.1:2",
-                "--catch-up-timeout",
+                "--catch-up-timeout-s",
                 "601",
             ],
             "catch_up_timeout_s: is 601",

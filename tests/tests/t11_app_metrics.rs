@@ -116,10 +116,10 @@ async fn an_error_ratio_breach_from_the_apps_own_metrics_rolls_back_and_the_gate
 
     // The baseline needs v1's figures: 1 % errors, p99 under 50 ms. A change's baseline counts
     // only reports sent since the previous change was deployed, so let a health window of them
-    // (4 s) come in first; what `service health` shows before then may predate v1.
+    // (4 s) come in first; what `service show` shows before then may predate v1.
     tokio::time::sleep(Duration::from_secs(4)).await;
     let health = must_wait(Duration::from_secs(60), "v1's figures", || {
-        let text = run_ok(coordinator.rewindctl(&["service", "health", "web"]));
+        let text = run_ok(coordinator.rewindctl(&["service", "show", "web"]));
         text.contains("from its own metrics: error ratio 0.010")
             .then_some(text)
     });

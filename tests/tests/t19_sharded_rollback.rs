@@ -455,14 +455,9 @@ async fn a_drill_applies_reverts_and_applies_again_on_staging_and_catches_a_bad_
     must_agents_connected(&shards.client, 4).await;
     shards.change_hosts = vec!["db-1".into(), "db-2".into()];
 
-    let output = shards.coordinator.rewindctl(&[
-        "drill",
-        "migrations",
-        "--change",
-        "ch-2",
-        "--env",
-        "staging",
-    ]);
+    let output = shards
+        .coordinator
+        .rewindctl(&["drill", "start", "--change", "ch-2", "--env", "staging"]);
     let shown = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
@@ -492,7 +487,7 @@ async fn a_drill_applies_reverts_and_applies_again_on_staging_and_catches_a_bad_
     assert_eq!(change.state, pb::ChangeState::Deployed as i32, "{change:?}");
     let output = shards.coordinator.rewindctl(&[
         "drill",
-        "migrations",
+        "start",
         "--change",
         &change.change_id,
         "--env",
@@ -505,26 +500,12 @@ async fn a_drill_applies_reverts_and_applies_again_on_staging_and_catches_a_bad_
         "{shown}"
     );
     // A drill is refused where there is no shard, and for a change without migrations.
-    let refused = shards.rewindctl(&[
-        "drill",
-        "migrations",
-        "--change",
-        "ch-2",
-        "--env",
-        "nowhere",
-    ]);
+    let refused = shards.rewindctl(&["drill", "start", "--change", "ch-2", "--env", "nowhere"]);
     assert!(
         refused.contains("no host in environment \"nowhere\" runs orders-db"),
         "{refused}"
     );
-    let refused = shards.rewindctl(&[
-        "drill",
-        "migrations",
-        "--change",
-        "ch-1",
-        "--env",
-        "staging",
-    ]);
+    let refused = shards.rewindctl(&["drill", "start", "--change", "ch-1", "--env", "staging"]);
     assert!(refused.contains("ch-1 applies no migrations"), "{refused}");
 }
 

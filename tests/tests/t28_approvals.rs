@@ -116,7 +116,7 @@ async fn must_deploy_approved(
         let shown = run_ok(&rewindctl_as(
             coordinator,
             "alice",
-            &["change", "status", &change_id],
+            &["change", "show", &change_id],
         ));
         assert!(
             shown.contains("started by user:alice")

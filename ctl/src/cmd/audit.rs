@@ -10,6 +10,7 @@ use crate::output::{Format, json, table, time};
 
 #[derive(Clone, Subcommand)]
 pub enum AuditCommand {
+    /// Audit entries in order, from an index, a page at a time.
     List {
         /// First entry (numbered from 1).
         #[arg(long, default_value_t = 1)]

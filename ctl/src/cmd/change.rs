@@ -33,9 +33,9 @@ pub enum ChangeCommand {
         #[arg(long)]
         break_glass: bool,
     },
-    Status {
-        change_id: String,
-    },
+    /// One change: its hosts, steps, snapshots and flags, and where it stands.
+    #[command(alias = "status")]
+    Show { change_id: String },
     /// Changes, newest first, a page at a time.
     List {
         #[arg(long, default_value = "")]
@@ -85,7 +85,7 @@ pub(crate) async fn change(
             }
             answer.change
         }
-        ChangeCommand::Status { change_id } => {
+        ChangeCommand::Show { change_id } => {
             client
                 .get_change(pb::GetChangeRequest { change_id })
                 .await

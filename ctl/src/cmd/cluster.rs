@@ -31,7 +31,11 @@ pub enum ClusterCommand {
         #[arg(long, default_value = "")]
         name: String,
         /// Seconds to wait for it to catch up before promoting it (1..=600).
-        #[arg(long, default_value_t = 60)]
+        #[arg(
+            long = "catch-up-timeout-s",
+            alias = "catch-up-timeout",
+            default_value_t = 60
+        )]
         catch_up_timeout: u32,
         /// Leave it a learner (it receives the log but does not vote).
         #[arg(long)]

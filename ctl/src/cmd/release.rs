@@ -34,6 +34,7 @@ pub enum ReleaseCommand {
         #[arg(long = "requires", value_name = "PROVIDER=VERSION", value_parser = parse_requirement)]
         requires: Vec<(String, u32)>,
     },
+    /// Registered releases, by service.
     List {
         #[arg(long, default_value = "")]
         service: String,

@@ -42,9 +42,7 @@ pub enum RollbackCommand {
         watch: bool,
     },
     /// Where a rollback is, why it stopped, the evidence and the commands that move it on.
-    Explain {
-        rollback_id: String,
-    },
+    Explain { rollback_id: String },
     /// Leave one host unreverted (audited); resume afterwards if the rollback is paused.
     SkipHost {
         rollback_id: String,
@@ -60,31 +58,32 @@ pub enum RollbackCommand {
         #[arg(long)]
         reason: String,
     },
-    Status {
-        rollback_id: String,
-    },
-    /// Rollbacks, newest first, a page at a time (`status` shows one's steps).
+    /// One rollback: its waves, hosts, steps and gates, and where it stands.
+    #[command(alias = "status")]
+    Show { rollback_id: String },
+    /// Rollbacks, newest first, a page at a time (`show` shows one's steps).
     List {
         #[command(flatten)]
         page: PageArgs,
     },
     /// Follow a rollback live until it ends; exit 0 only if it succeeded.
-    Watch {
-        rollback_id: String,
-    },
+    Watch { rollback_id: String },
+    /// Hold a rollback before its next step (audited); `resume` goes on.
     Pause {
         rollback_id: String,
-        #[arg(long, default_value = "")]
+        #[arg(long)]
         reason: String,
     },
+    /// Go on with a paused rollback (audited).
     Resume {
         rollback_id: String,
-        #[arg(long, default_value = "")]
+        #[arg(long)]
         reason: String,
     },
+    /// Stop a rollback for good: no further step starts (audited).
     Abort {
         rollback_id: String,
-        #[arg(long, default_value = "")]
+        #[arg(long)]
         reason: String,
     },
 }
@@ -208,7 +207,7 @@ pub(crate) async fn rollback(
             }
             rollback
         }
-        RollbackCommand::Status { rollback_id } => client
+        RollbackCommand::Show { rollback_id } => client
             .get_rollback(pb::GetRollbackRequest { rollback_id })
             .await
             .map_err(explain)?

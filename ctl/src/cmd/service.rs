@@ -44,11 +44,11 @@ pub enum ServiceCommand {
         #[arg(long = "rollback-step", value_name = "STEP")]
         rollback_steps: Vec<String>,
     },
+    /// Registered services, with what they depend on.
     List,
-    /// Current health figures of a service over the coordinator's window.
-    Health {
-        name: String,
-    },
+    /// One service's current health figures over the coordinator's window.
+    #[command(alias = "health")]
+    Show { name: String },
 }
 
 pub(crate) fn parse_synthetic(text: &str) -> Result<pb::SyntheticCheck, String> {
@@ -177,7 +177,7 @@ pub(crate) async fn service(
                 .into_inner();
             print_services(format, response.services)?;
         }
-        ServiceCommand::Health { name } => {
+        ServiceCommand::Show { name } => {
             let response = client
                 .get_service_health(pb::GetServiceHealthRequest { service: name })
                 .await
