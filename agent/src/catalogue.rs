@@ -34,7 +34,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use regex::Regex;
 use rewind_shared::config::Problems;
@@ -56,7 +56,6 @@ const MAX_CHECKS: usize = 32;
 const MAX_STAGES: usize = 10;
 const MAX_WAIT_MS: u64 = 600_000;
 const MAX_CHECKPOINT_BYTES: u64 = 64 * 1024;
-const MAX_CHECK_BODY_BYTES: usize = 1 << 20;
 /// Attempts of one HTTP request (purge, check) before the step fails.
 const MAX_HTTP_ATTEMPTS_LIMIT: u32 = 10;
 const RETRY_BACKOFF: Duration = Duration::from_millis(500);
@@ -700,41 +699,16 @@ pub async fn run_checks(prober: &Prober, service: &ServiceConfig) -> Result<Stri
 }
 
 async fn run_check(client: &reqwest::Client, check: &Check) -> Result<u128, String> {
-    let started = Instant::now();
-    let request = match &check.post_body {
-        Some(body) => client.post(&check.url).body(body.clone()),
-        None => client.get(&check.url),
+    let http = rewind_shared::http_check::HttpCheck {
+        url: &check.url,
+        post_body: check.post_body.as_deref(),
+        expect_status: check.expect_status,
+        body_contains: check.body_contains.as_deref(),
+        max_latency: check.max_latency,
+        timeout: check.timeout,
     };
-    let mut response = request
-        .timeout(check.timeout)
-        .send()
-        .await
-        .map_err(|error| format!("{}: {error}", check.url))?;
-    let status = response.status().as_u16();
-    if status != check.expect_status {
-        return Err(format!("status {status}, expected {}", check.expect_status));
-    }
-    let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(|error| error.to_string())? {
-        body.extend_from_slice(&chunk);
-        if body.len() > MAX_CHECK_BODY_BYTES {
-            return Err(format!("body larger than {MAX_CHECK_BODY_BYTES} bytes"));
-        }
-    }
-    let latency = started.elapsed();
-    if let Some(wanted) = &check.body_contains
-        && !String::from_utf8_lossy(&body).contains(wanted.as_str())
-    {
-        return Err(format!("body does not contain {wanted:?}"));
-    }
-    if let Some(max) = check.max_latency.filter(|max| latency > *max) {
-        return Err(format!(
-            "took {} ms, more than {} ms",
-            latency.as_millis(),
-            max.as_millis()
-        ));
-    }
-    Ok(latency.as_millis())
+    let passed = rewind_shared::http_check::run(client, &http).await?;
+    Ok(passed.latency.as_millis())
 }
 
 /// Pauses the job processors, then keeps a copy of their checkpoint (bytes, mode and owner)

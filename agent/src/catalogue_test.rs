@@ -420,7 +420,7 @@ attempts = 1
     assert!(
         checked
             .detail
-            .contains("login: body does not contain \"token\"")
+            .contains("login: the body lacks \"token\"")
             && !checked.detail.contains("cart:"),
         "{}",
         checked.detail

@@ -13,6 +13,8 @@
 //! - [`dev_ca`]: a throw-away CA and certificates for `--dev` and tests (rcgen).
 //! - [`digest`]: sha256 of bytes and of a directory tree (release artifacts).
 //! - [`histogram`]: cumulative histograms: merging different bucket layouts, quantiles.
+//! - `http_check` (feature `http-check`): one HTTP check, for the agent's checks and the
+//!   coordinator's synthetics.
 //! - [`config`]: TOML loading that warns about unknown keys, and an error collector.
 //! - [`logging`]: `REWIND_LOG` / `REWIND_LOG_FORMAT` tracing set-up, and the slog bridge raft-rs logs through.
 //! - [`signals`]: shutdown on SIGINT / SIGTERM.
@@ -28,6 +30,8 @@ pub mod enroll;
 pub mod errors;
 pub mod failpoint;
 pub mod histogram;
+#[cfg(feature = "http-check")]
+pub mod http_check;
 pub mod identity;
 pub mod logging;
 pub mod member_tls;

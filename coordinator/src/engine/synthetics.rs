@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tracing::{debug, info};
 
@@ -12,7 +12,6 @@ use super::decide::SyntheticVerdict;
 use crate::state_machine::{SyntheticCheck, rollback_id};
 
 /// Most bytes of an answer's body read to look for the expected text.
-const MAX_BODY_BYTES: usize = 1 << 20;
 
 #[derive(Default)]
 pub struct SyntheticRuns {
@@ -96,45 +95,21 @@ impl SyntheticRuns {
 async fn run_check(client: &reqwest::Client, check: &SyntheticCheck) -> Result<String, String> {
     let name = &check.name;
     let limit = Duration::from_millis(u64::from(check.max_latency_ms));
-    let request = if check.method == "POST" {
-        client.post(&check.url).body(check.body.clone())
-    } else {
-        client.get(&check.url)
+    let http = rewind_shared::http_check::HttpCheck {
+        url: &check.url,
+        post_body: (check.method == "POST").then_some(check.body.as_str()),
+        expect_status: check.expect_status,
+        body_contains: Some(&check.body_contains),
+        max_latency: Some(limit),
+        // A little past the limit, so a slow answer is reported as slow rather than as a timeout.
+        timeout: limit + Duration::from_secs(1),
     };
-    let started = Instant::now();
-    // A little past the limit, so a slow answer is reported as slow rather than as a timeout.
-    let response = request
-        .timeout(limit + Duration::from_secs(1))
-        .send()
+    let passed = rewind_shared::http_check::run(client, &http)
         .await
-        .map_err(|error| format!("{name}: {} {}: {error}", check.method, check.url))?;
-    let status = response.status().as_u16();
-    let mut body = Vec::new();
-    let mut response = response;
-    while let Ok(Some(chunk)) = response.chunk().await {
-        body.extend_from_slice(&chunk);
-        if body.len() >= MAX_BODY_BYTES {
-            break;
-        }
-    }
-    let took = started.elapsed();
-    if status != check.expect_status {
-        return Err(format!(
-            "{name}: expected {}, got {status}",
-            check.expect_status
-        ));
-    }
-    if !check.body_contains.is_empty()
-        && !String::from_utf8_lossy(&body).contains(&check.body_contains)
-    {
-        return Err(format!("{name}: the body lacks {:?}", check.body_contains));
-    }
-    if took > limit {
-        return Err(format!(
-            "{name}: {status} in {} ms, slower than {} ms",
-            took.as_millis(),
-            check.max_latency_ms
-        ));
-    }
-    Ok(format!("{name}: {status} in {} ms", took.as_millis()))
+        .map_err(|why| format!("{name}: {why}"))?;
+    Ok(format!(
+        "{name}: {} in {} ms",
+        passed.status,
+        passed.latency.as_millis()
+    ))
 }

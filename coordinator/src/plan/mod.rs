@@ -122,11 +122,7 @@ pub fn build(
             ));
         }
     }
-    let graph: BTreeMap<String, Vec<String>> = state
-        .services
-        .values()
-        .map(|service| (service.name.clone(), service.depends_on.clone()))
-        .collect();
+    let graph = dependency_graph(state);
     let planned: Vec<String> = by_service.keys().cloned().collect();
     let order =
         revert_order(&graph, &planned).map_err(|cycle| CoordinatorError::DependencyCycle {
@@ -489,6 +485,24 @@ fn reachable<'a>(graph: &'a BTreeMap<String, Vec<String>>, from: &str) -> BTreeS
         }
     }
     seen
+}
+
+/// Every service's providers, by name.
+pub fn dependency_graph(state: &State) -> BTreeMap<String, Vec<String>> {
+    state
+        .services
+        .values()
+        .map(|service| (service.name.clone(), service.depends_on.clone()))
+        .collect()
+}
+
+/// The cycle a service closes when it can reach itself through its providers, as the path that
+/// closes it (`[a, b, a]`); `None` when it cannot.
+pub fn cycle_through(graph: &BTreeMap<String, Vec<String>>, service: &str) -> Option<Vec<String>> {
+    if !reachable(graph, service).iter().any(|reached| *reached == service) {
+        return None;
+    }
+    find_cycle(graph, &[service.to_string()])
 }
 
 /// A dependency cycle reachable from `starts`, as the path that closes it.

@@ -56,30 +56,15 @@ pub(super) fn apply_policy(
 }
 
 pub(super) fn check_no_cycle(state: &State, service: &ServiceRecord) -> Result<()> {
-    // Depth-first walk from the new edges; bounded by the number of services.
-    let mut stack: Vec<(String, String)> = service
-        .depends_on
-        .iter()
-        .map(|provider| (provider.clone(), format!("{} -> {provider}", service.name)))
-        .collect();
-    let mut visited = std::collections::BTreeSet::new();
-    while let Some((current, path)) = stack.pop() {
-        if current == service.name {
-            return Err(CoordinatorError::DependencyCycle {
-                service: service.name.clone(),
-                path,
-            });
-        }
-        if !visited.insert(current.clone()) {
-            continue;
-        }
-        if let Some(provider) = state.services.get(&current) {
-            for next in &provider.depends_on {
-                stack.push((next.clone(), format!("{path} -> {next}")));
-            }
-        }
+    let mut graph = crate::plan::dependency_graph(state);
+    graph.insert(service.name.clone(), service.depends_on.clone());
+    match crate::plan::cycle_through(&graph, &service.name) {
+        Some(cycle) => Err(CoordinatorError::DependencyCycle {
+            service: service.name.clone(),
+            path: cycle.join(" -> "),
+        }),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Registers a migration once; the same one again is a no-op, a different one under a version
