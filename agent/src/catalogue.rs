@@ -852,7 +852,8 @@ where
             Err(error) => last = format!("{error} (attempt {tried} of {attempts})"),
         }
         if tried < attempts {
-            tokio::time::sleep(RETRY_BACKOFF).await;
+            tokio::time::sleep(rewind_shared::backoff::Backoff::fixed(RETRY_BACKOFF).delay(tried))
+                .await;
         }
     }
     Err(last)

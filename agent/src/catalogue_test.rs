@@ -418,9 +418,7 @@ attempts = 1
     .await;
     assert!(!checked.ok);
     assert!(
-        checked
-            .detail
-            .contains("login: the body lacks \"token\"")
+        checked.detail.contains("login: the body lacks \"token\"")
             && !checked.detail.contains("cart:"),
         "{}",
         checked.detail

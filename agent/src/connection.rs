@@ -9,11 +9,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use rand::Rng;
 use rewind_proto::MAX_MESSAGE_BYTES;
 use rewind_proto::v1::{
     self as pb, agent_message, agent_service_client::AgentServiceClient, coordinator_message,
 };
+use rewind_shared::backoff::Backoff;
 use rewind_shared::member_tls::MemberConnector;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt;
@@ -31,6 +31,12 @@ const OUTBOUND_QUEUE: usize = 256;
 const HEALTH_HISTORY: usize = 720;
 const BACKOFF_BASE: Duration = Duration::from_millis(200);
 const BACKOFF_CAP: Duration = Duration::from_secs(10);
+/// Reconnects spread out, so a fleet does not come back in step after a coordinator restart.
+const RECONNECT: Backoff = Backoff {
+    first: BACKOFF_BASE,
+    max: BACKOFF_CAP,
+    jitter: true,
+};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Inspections (host diff, drift) running at once.
 const MAX_INSPECTIONS: usize = 2;
@@ -525,13 +531,9 @@ fn message(body: agent_message::Body) -> pb::AgentMessage {
     pb::AgentMessage { body: Some(body) }
 }
 
-/// Capped exponential backoff with "equal jitter": half fixed, half random.
+/// The wait before reconnecting after `failures` failed attempts.
 pub fn backoff(failures: u32) -> Duration {
-    let exponential = BACKOFF_BASE
-        .saturating_mul(1u32 << failures.min(16))
-        .min(BACKOFF_CAP);
-    let half = exponential / 2;
-    half + Duration::from_millis(rand::rng().random_range(0..=half.as_millis() as u64))
+    RECONNECT.delay(failures)
 }
 
 #[cfg(test)]

@@ -41,7 +41,11 @@ pub async fn run(client: &reqwest::Client, check: &HttpCheck<'_>) -> Result<Pass
         .send()
         .await
         .map_err(|error| {
-            let method = if check.post_body.is_some() { "POST" } else { "GET" };
+            let method = if check.post_body.is_some() {
+                "POST"
+            } else {
+                "GET"
+            };
             format!("{method} {}: {error}", check.url)
         })?;
     let status = response.status().as_u16();

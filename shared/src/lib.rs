@@ -3,6 +3,7 @@
 //! and content digests. Depends on no server crate, so `rewindctl` stays small.
 //!
 //! # Layout
+//! - [`backoff`]: the one retry policy (capped exponential backoff, with jitter).
 //! - [`errors`]: the crate's error type.
 //! - [`names`]: validation of ids, names and versions, with the field named in every error.
 //! - [`tls`]: PEM files to tonic TLS configs; the caller's identity from its certificate.
@@ -22,6 +23,7 @@
 //! - [`sql`]: splitting PostgreSQL scripts into statements; finding transaction control.
 //! - [`failpoint`]: `REWIND_FAILPOINTS` crash points for recovery tests.
 
+pub mod backoff;
 pub mod bounds;
 pub mod config;
 pub mod dev_ca;

@@ -65,8 +65,11 @@ struct Refused {
     next_at_ms: u64,
 }
 
-const REFUSED_FIRST_BACKOFF_MS: u64 = 1_000;
-const REFUSED_MAX_BACKOFF_MS: u64 = 10_000;
+const REFUSED_BACKOFF: rewind_shared::backoff::Backoff = rewind_shared::backoff::Backoff {
+    first: Duration::from_secs(1),
+    max: Duration::from_secs(10),
+    jitter: false,
+};
 
 impl RefusedProposals {
     fn key(kind: &CommandKind) -> String {
@@ -88,10 +91,10 @@ impl RefusedProposals {
         refused.times += 1;
         // The first repeat goes at the next tick, as a lost race should.
         let backoff = match refused.times {
-            1 => 0,
-            times => (REFUSED_FIRST_BACKOFF_MS << (times - 2).min(6)).min(REFUSED_MAX_BACKOFF_MS),
+            1 => Duration::ZERO,
+            times => REFUSED_BACKOFF.delay(times - 2),
         };
-        refused.next_at_ms = now_ms + backoff;
+        refused.next_at_ms = now_ms + backoff.as_millis() as u64;
         refused.times
     }
 

@@ -62,8 +62,11 @@ const RETRY_PAUSE: Duration = Duration::from_millis(200);
 /// snapshot in memory and a share of the bandwidth.
 pub const MAX_CONCURRENT_SNAPSHOT_SENDS: usize = 2;
 /// Wait before the next snapshot to a peer after one failed, doubled after each failure.
-const SNAPSHOT_RETRY_FIRST: Duration = Duration::from_secs(1);
-const SNAPSHOT_RETRY_MAX: Duration = Duration::from_secs(60);
+const SNAPSHOT_RETRY: rewind_shared::backoff::Backoff = rewind_shared::backoff::Backoff {
+    first: Duration::from_secs(1),
+    max: Duration::from_secs(60),
+    jitter: false,
+};
 /// A snapshot send may take this long, plus a second per MiB (a floor of 1 MiB/s).
 const SNAPSHOT_SEND_BASE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -418,7 +421,7 @@ impl PeerSender {
             .max_decoding_message_size(MAX_RAFT_BATCH_BYTES)
             .max_encoding_message_size(SNAPSHOT_CHUNK_BYTES + 64 * 1024);
         let mut episode = FailureEpisode::default();
-        let mut retry_wait = SNAPSHOT_RETRY_FIRST;
+        let mut failures = 0;
         let mut not_before = tokio::time::Instant::now();
         // Ends when the route is dropped (the peer left the registry or moved).
         while slot.changed().await.is_ok() {
@@ -445,7 +448,7 @@ impl PeerSender {
                 Ok(bytes) => {
                     SnapshotStats::outcome(&stats.sends, "sent");
                     stats.sent_bytes.inc_by(bytes);
-                    retry_wait = SNAPSHOT_RETRY_FIRST;
+                    failures = 0;
                     episode.ended(&self.peer, "Snapshots reach a peer again.");
                     info!(
                         peer = self.peer.id,
@@ -458,9 +461,10 @@ impl PeerSender {
                 Err(reason) => {
                     SnapshotStats::outcome(&stats.sends, "failed");
                     episode.failed(&self.peer, "send a snapshot", &reason);
+                    let retry_wait = SNAPSHOT_RETRY.delay(failures);
+                    failures += 1;
                     debug!(peer = self.peer.id, index, %reason, retry_in_ms = retry_wait.as_millis() as u64, "A snapshot send failed; it will be retried.");
                     not_before = tokio::time::Instant::now() + retry_wait;
-                    retry_wait = (retry_wait * 2).min(SNAPSHOT_RETRY_MAX);
                 }
             }
             // Never dropped: raft-rs sends this peer nothing more until it hears.

@@ -499,7 +499,10 @@ pub fn dependency_graph(state: &State) -> BTreeMap<String, Vec<String>> {
 /// The cycle a service closes when it can reach itself through its providers, as the path that
 /// closes it (`[a, b, a]`); `None` when it cannot.
 pub fn cycle_through(graph: &BTreeMap<String, Vec<String>>, service: &str) -> Option<Vec<String>> {
-    if !reachable(graph, service).iter().any(|reached| *reached == service) {
+    if !reachable(graph, service)
+        .iter()
+        .any(|reached| *reached == service)
+    {
         return None;
     }
     find_cycle(graph, &[service.to_string()])
