@@ -104,8 +104,19 @@ pub enum CoordinatorError {
     NotLeader { leader_id: u64 },
     #[error("membership change refused: {0}")]
     MembershipConflict(String),
+    // Everything above is a refusal: the request, or the state it meets, says no (see
+    // `is_refusal`). Everything below is the infrastructure failing.
+    /// The disk or the store under the Raft log and snapshots failed, or holds what does not
+    /// decode.
     #[error("storage: {0}")]
     Storage(String),
+    /// raft-rs refused to start or to take a configuration change.
+    #[error("raft: {0}")]
+    Raft(String),
+    /// This process failed at something that does not depend on the request: a thread that did
+    /// not start or panicked, a listener that would not serve, a value that would not encode.
+    #[error("internal: {0}")]
+    Internal(String),
     #[error("{what} cannot be applied by this member: {why}")]
     CannotApply { what: String, why: String },
     #[error(
@@ -160,6 +171,8 @@ impl CoordinatorError {
             Self::NotLeader { .. } => "not_leader",
             Self::MembershipConflict(_) => "membership_conflict",
             Self::Storage(_) => "storage",
+            Self::Raft(_) => "raft",
+            Self::Internal(_) => "internal",
             Self::CannotApply { .. } => "cannot_apply",
             Self::NeedsClusterVersion { .. } => "needs_cluster_version",
             Self::StaleDecision { .. } => "stale_decision",
@@ -180,6 +193,32 @@ impl CoordinatorError {
         )
     }
 
+    /// True when the request (or the state it met) was refused, as opposed to the
+    /// infrastructure failing: a refusal is the caller's to fix, and changed nothing.
+    pub fn is_refusal(&self) -> bool {
+        !matches!(
+            self,
+            Self::Storage(_)
+                | Self::Raft(_)
+                | Self::Internal(_)
+                | Self::CannotApply { .. }
+                | Self::NotLeader { .. }
+                | Self::ShuttingDown
+                | Self::Overloaded(_)
+                | Self::StaleDecision { .. }
+        )
+    }
+
+    /// True when something broke (storage, Raft, this process, an entry this binary cannot
+    /// apply): worth an operator's attention, unlike a refusal or a member that is busy, not
+    /// leading or stopping.
+    pub fn is_failure(&self) -> bool {
+        matches!(
+            self,
+            Self::Storage(_) | Self::Raft(_) | Self::Internal(_) | Self::CannotApply { .. }
+        )
+    }
+
     pub fn invalid(field: &str, message: impl Into<String>) -> Self {
         Self::InvalidArgument {
             field: field.to_string(),
@@ -194,7 +233,7 @@ impl From<rewind_shared::SharedError> for CoordinatorError {
             rewind_shared::SharedError::Invalid { field, message } => {
                 Self::InvalidArgument { field, message }
             }
-            other => Self::Storage(other.to_string()),
+            other => Self::Internal(other.to_string()),
         }
     }
 }
@@ -206,5 +245,30 @@ pub fn known_list<I: IntoIterator<Item = String>>(names: I) -> String {
         0 => "none".to_string(),
         1..=10 => names.join(", "),
         more => format!("{} and {} more", names[more - 10..].join(", "), more - 10),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_failures_and_a_busy_member_are_told_apart() {
+        let refused = CoordinatorError::invalid("reason", "is required");
+        assert!(refused.is_refusal() && !refused.is_failure());
+        for failed in [
+            CoordinatorError::Storage("disk".into()),
+            CoordinatorError::Raft("config".into()),
+            CoordinatorError::Internal("thread".into()),
+        ] {
+            assert!(!failed.is_refusal() && failed.is_failure(), "{failed}");
+        }
+        for busy in [
+            CoordinatorError::NotLeader { leader_id: 2 },
+            CoordinatorError::Overloaded("queue".into()),
+            CoordinatorError::ShuttingDown,
+        ] {
+            assert!(!busy.is_refusal() && !busy.is_failure(), "{busy}");
+        }
     }
 }

@@ -125,8 +125,8 @@ impl Context {
             kind,
         };
         self.node.propose(command).await.map_err(|error| {
-            if let CoordinatorError::Storage(_) = &error {
-                warn!(%error, action, identity, "Command failed in storage.");
+            if error.is_failure() {
+                warn!(%error, action, identity, "Command failed, not refused.");
             }
             self.refusal(error)
         })
@@ -303,5 +303,5 @@ pub async fn serve(
             shutdown,
         )
         .await
-        .map_err(|error| CoordinatorError::Storage(format!("serve: {error}")))
+        .map_err(|error| CoordinatorError::Internal(format!("serve: {error}")))
 }

@@ -39,7 +39,10 @@ pub fn to_status(error: CoordinatorError) -> Status {
         | CoordinatorError::StepNotStartable { .. }
         | CoordinatorError::NeedsClusterVersion { .. }
         | CoordinatorError::MembershipConflict(_) => Code::FailedPrecondition,
-        CoordinatorError::Storage(_) | CoordinatorError::CannotApply { .. } => Code::Internal,
+        CoordinatorError::Storage(_)
+        | CoordinatorError::Raft(_)
+        | CoordinatorError::Internal(_)
+        | CoordinatorError::CannotApply { .. } => Code::Internal,
         CoordinatorError::StaleDecision { .. } => Code::Aborted,
         CoordinatorError::ShuttingDown
         | CoordinatorError::Overloaded(_)

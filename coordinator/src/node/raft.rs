@@ -184,13 +184,13 @@ pub fn start_member(
     };
     config
         .validate()
-        .map_err(|error| CoordinatorError::Storage(format!("raft config: {error}")))?;
+        .map_err(|error| CoordinatorError::Raft(format!("config: {error}")))?;
     let raw = RawNode::new(
         &config,
         store.clone(),
         &rewind_shared::logging::slog_logger(),
     )
-    .map_err(|error| CoordinatorError::Storage(format!("start raft: {error}")))?;
+    .map_err(|error| CoordinatorError::Raft(format!("start: {error}")))?;
     let mut raw = raw;
     if raw
         .raft
@@ -203,7 +203,7 @@ pub fn start_member(
     {
         // Alone in the cluster: no one to wait for, lead at once.
         raw.campaign()
-            .map_err(|error| CoordinatorError::Storage(format!("campaign: {error}")))?;
+            .map_err(|error| CoordinatorError::Raft(format!("campaign: {error}")))?;
     }
     let term = Arc::new(AtomicU64::new(raw.raft.term));
 
@@ -247,7 +247,7 @@ pub fn start_member(
                 stop_receiver,
             )
         })
-        .map_err(|error| CoordinatorError::Storage(format!("spawn the raft thread: {error}")))?;
+        .map_err(|error| CoordinatorError::Internal(format!("spawn the raft thread: {error}")))?;
     let node = NodeHandle {
         requests,
         state,
@@ -764,12 +764,12 @@ impl<T: Transport> Driver<T> {
                 })
             }
             .map_err(|error| {
-                CoordinatorError::Storage(format!("decode conf change {}: {error}", entry.index))
+                CoordinatorError::Raft(format!("decode conf change {}: {error}", entry.index))
             })?;
         // Read before Raft's voters change: a member that cannot read it stops before either.
         let decoded = version::decode_entry(entry.index, &registry_context)?;
         let conf_state = self.raw.apply_conf_change(&change).map_err(|error| {
-            CoordinatorError::Storage(format!("apply conf change {}: {error}", entry.index))
+            CoordinatorError::Raft(format!("apply conf change {}: {error}", entry.index))
         })?;
         self.store.set_conf_state(&conf_state)?;
         // Durable now: the store is flushed only when asked (sled's own flusher is off).
@@ -859,7 +859,7 @@ impl<T: Transport> Driver<T> {
                 Ok(())
             })
             .map_err(|error| {
-                CoordinatorError::Storage(format!("spawn the snapshot thread: {error}"))
+                CoordinatorError::Internal(format!("spawn the snapshot thread: {error}"))
             })?;
         self.snapshot_in_progress = Some((applied, thread));
         Ok(())
@@ -876,7 +876,7 @@ impl<T: Transport> Driver<T> {
                 Ok(())
             }
             Ok(Err(error)) => Err(error),
-            Err(_) => Err(CoordinatorError::Storage(
+            Err(_) => Err(CoordinatorError::Internal(
                 "the snapshot thread panicked".into(),
             )),
         }

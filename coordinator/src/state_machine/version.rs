@@ -62,7 +62,7 @@ struct EnvelopeProbe<'a> {
 /// version (members of the older release read only that), an envelope after.
 pub fn encode_entry(command: &Command, cluster_version: u32) -> Result<Vec<u8>, CoordinatorError> {
     let encode_error = |error: serde_json::Error| {
-        CoordinatorError::Storage(format!("encode the command: {error}"))
+        CoordinatorError::Internal(format!("encode the command: {error}"))
     };
     let command = serde_json::to_vec(command).map_err(encode_error)?;
     if cluster_version <= LEGACY {
