@@ -492,7 +492,6 @@ fn drive_schema_txn(
                 .iter()
                 .all(|shard| shard.prepare.status == StepStatus::Succeeded)
             {
-                rewind_shared::failpoint::crash_if_armed("coordinator.before-decision");
                 let (commit, reason) = match schema::prepared_problems(txn) {
                     None => (true, format!("all {} shards prepared", txn.shards.len())),
                     Some(problem) => (false, format!("every shard prepared, but {problem}")),
@@ -504,15 +503,9 @@ fn drive_schema_txn(
                 });
                 return;
             }
-            if txn.shards.iter().all(|shard| shard.prepare.attempts == 0) {
-                rewind_shared::failpoint::crash_if_armed("coordinator.before-prepare");
-            }
             ShardPhase::Prepare
         }
-        SchemaTxnStatus::Resolving => {
-            rewind_shared::failpoint::crash_if_armed("coordinator.after-decision");
-            ShardPhase::Resolve
-        }
+        SchemaTxnStatus::Resolving => ShardPhase::Resolve,
         SchemaTxnStatus::Verifying => ShardPhase::Verify,
         SchemaTxnStatus::Done => return,
     };

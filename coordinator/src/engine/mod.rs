@@ -202,6 +202,7 @@ impl Engine {
         let mut refused = false;
         let mut decided = HashSet::new();
         for action in actions {
+            crash_point(&action);
             match action {
                 Action::Propose(kind) => {
                     let key = RefusedProposals::key(&kind);
@@ -405,6 +406,33 @@ fn step_message(
             action: Some(action),
         })),
     }
+}
+
+/// Crash points for recovery tests (`REWIND_FAILPOINTS`) at a schema transaction's phase
+/// boundaries, as the engine carries out what `decide()` chose (kept out of the pure function):
+/// before a prepare starts, before the decision is proposed, and as the first resolve
+/// is sent once it is recorded.
+fn crash_point(action: &Action) {
+    let point = match action {
+        Action::Propose(CommandKind::DecideSchemaTxn { .. }) => "coordinator.before-decision",
+        Action::Propose(CommandKind::StepStarted {
+            step:
+                StepTarget::Schema {
+                    phase: ShardPhase::Prepare,
+                    ..
+                },
+        }) => "coordinator.before-prepare",
+        Action::Send {
+            step:
+                StepTarget::Schema {
+                    phase: ShardPhase::Resolve,
+                    ..
+                },
+            ..
+        } => "coordinator.after-decision",
+        _ => return,
+    };
+    rewind_shared::failpoint::crash_if_armed(point);
 }
 
 #[cfg(test)]
