@@ -11,7 +11,6 @@ use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
-use axum::http::StatusCode;
 use rewind_proto::v1 as pb;
 use rewind_shared::dev_ca::DevCa;
 use tokio::process::{Child, Command};
@@ -51,13 +50,38 @@ impl Processes {
         args: &[&str],
         log: &Path,
     ) -> anyhow::Result<()> {
+        self.start(name, program, args, Stdio::null(), log)
+    }
+
+    /// As [`Processes::spawn`], with its standard output written to `stdout`.
+    fn spawn_with_stdout(
+        &mut self,
+        name: &str,
+        program: &Path,
+        args: &[&str],
+        stdout: &Path,
+        log: &Path,
+    ) -> anyhow::Result<()> {
+        let stdout_file = std::fs::File::create(stdout)
+            .with_context(|| format!("create {}", stdout.display()))?;
+        self.start(name, program, args, stdout_file.into(), log)
+    }
+
+    fn start(
+        &mut self,
+        name: &str,
+        program: &Path,
+        args: &[&str],
+        stdout: Stdio,
+        log: &Path,
+    ) -> anyhow::Result<()> {
         let log_file =
             std::fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
         let child = Command::new(program)
             .args(args)
             .env("REWIND_LOG", "info")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(log_file)
             .kill_on_drop(true)
             .spawn()
@@ -93,14 +117,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     }
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("create {}", logs.display()))?;
-    let (coordinator_bin, agent_bin) = binaries().await?;
+    let [coordinator_bin, agent_bin, app_bin] = binaries().await?;
     let mut processes = Processes::default();
     let outcome = run_loop(
         &dir,
         &logs,
         args.hosts,
-        &coordinator_bin,
-        &agent_bin,
+        [&coordinator_bin, &agent_bin, &app_bin],
         &mut processes,
     )
     .await;
@@ -121,8 +144,7 @@ async fn run_loop(
     dir: &Path,
     logs: &Path,
     host_count: u8,
-    coordinator_bin: &Path,
-    agent_bin: &Path,
+    [coordinator_bin, agent_bin, app_bin]: [&Path; 3],
     processes: &mut Processes,
 ) -> anyhow::Result<()> {
     say("Starting a dev coordinator (single member, mutual TLS with a fresh CA)");
@@ -161,7 +183,7 @@ async fn run_loop(
     let mut hosts = Vec::new();
     for number in 1..=host_count {
         let host = prepare_host(dir, number)?;
-        let port = serve_sample_app(host.root.clone()).await?;
+        let port = start_sample_app(processes, app_bin, &host, logs).await?;
         let subject =
             rewind_shared::dev_ca::Subject::new(rewind_shared::identity::Kind::Agent, &host.id);
         ca.write_identity(&tls_dir, &subject, &[])
@@ -480,31 +502,35 @@ timeout-ms = 1000
     Ok(path)
 }
 
-/// The sample service: answers /health with the status its `current` release declares,
-/// resolving the link on every request like an app served from `current`.
-async fn serve_sample_app(root: PathBuf) -> anyhow::Result<u16> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .context("bind the sample app")?;
-    let port = listener.local_addr()?.port();
-    let app = axum::Router::new().route(
-        "/health",
-        axum::routing::get(move || {
-            let current = root.join("current");
-            async move {
-                let status = std::fs::read_to_string(current.join("health_status"))
-                    .ok()
-                    .and_then(|text| text.trim().parse::<u16>().ok());
-                let version = std::fs::read_to_string(current.join("VERSION")).unwrap_or_default();
-                let status = status
-                    .and_then(|code| StatusCode::from_u16(code).ok())
-                    .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-                (status, format!("version {version}\n"))
-            }
-        }),
-    );
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    Ok(port)
+/// Starts the sample service of `host` (`rewind-demo-app`, a process of its own) and returns
+/// the port it listens on.
+async fn start_sample_app(
+    processes: &mut Processes,
+    app_bin: &Path,
+    host: &Host,
+    logs: &Path,
+) -> anyhow::Result<u16> {
+    // Beside the host's service, not among the logs: it is not a log.
+    let port_file = host
+        .root
+        .parent()
+        .context("a service root has a parent")?
+        .join("app.port");
+    let name = format!("{}-app", host.id);
+    processes.spawn_with_stdout(
+        &name,
+        app_bin,
+        &[path_str(&host.root)?],
+        &port_file,
+        &logs.join(format!("{name}.log")),
+    )?;
+    wait_for(Duration::from_secs(10), "the sample app to listen", || {
+        processes.check_alive(logs)?;
+        Ok(std::fs::read_to_string(&port_file)
+            .ok()
+            .and_then(|text| text.lines().next()?.trim().parse::<u16>().ok()))
+    })
+    .await
 }
 
 async fn start_change(client: &mut Client, version: &str, reason: &str) -> anyhow::Result<String> {
@@ -618,9 +644,10 @@ async fn wait_for_async<T, F: std::future::Future<Output = anyhow::Result<Option
     }
 }
 
-/// Paths of `rewind-coordinator` and `rewind-agent` next to this binary. When run from the
-/// source tree (`cargo run`), they are built first with the same profile, so they match it.
-async fn binaries() -> anyhow::Result<(PathBuf, PathBuf)> {
+/// Paths of `rewind-coordinator`, `rewind-agent` and `rewind-demo-app` next to this binary.
+/// When run from the source tree (`cargo run`), they are built first with the same profile, so
+/// they match it.
+async fn binaries() -> anyhow::Result<[PathBuf; 3]> {
     let exe = std::env::current_exe().context("find this executable")?;
     let bin_dir = exe
         .parent()
@@ -628,7 +655,7 @@ async fn binaries() -> anyhow::Result<(PathBuf, PathBuf)> {
         .to_path_buf();
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     if workspace.join("Cargo.toml").exists() {
-        say("Building rewind-coordinator and rewind-agent");
+        say("Building rewind-coordinator, rewind-agent and rewind-demo-app");
         let cargo = std::env::var_os("CARGO")
             .unwrap_or_else(|| option_env!("CARGO").unwrap_or("cargo").into());
         let mut build = Command::new(cargo);
@@ -638,6 +665,8 @@ async fn binaries() -> anyhow::Result<(PathBuf, PathBuf)> {
             "rewind-coordinator",
             "--bin",
             "rewind-agent",
+            "--bin",
+            "rewind-demo-app",
         ]);
         if bin_dir.ends_with("release") {
             build.arg("--release");
@@ -645,17 +674,17 @@ async fn binaries() -> anyhow::Result<(PathBuf, PathBuf)> {
         let status = build.status().await.context("run cargo build")?;
         ensure!(
             status.success(),
-            "cargo build of the coordinator and agent failed"
+            "cargo build of the coordinator, agent and sample app failed"
         );
     }
-    let coordinator = bin_dir.join("rewind-coordinator");
-    let agent = bin_dir.join("rewind-agent");
-    for binary in [&coordinator, &agent] {
+    let binaries =
+        ["rewind-coordinator", "rewind-agent", "rewind-demo-app"].map(|name| bin_dir.join(name));
+    for binary in &binaries {
         ensure!(
             binary.exists(),
             "{} is missing: build it (cargo build --release) or install it next to rewindctl",
             binary.display()
         );
     }
-    Ok((coordinator, agent))
+    Ok(binaries)
 }
