@@ -198,6 +198,19 @@ fn a_request_lapses_when_its_plan_changes_and_expires_after_its_time() {
     });
     let why = refusal(fleet.apply_as("user:bob", AT + 3 + 600_001, late));
     assert!(why.contains("expired with 0 of 2 approvals"), "{why}");
+    // Refused, the approval takes back the expiry it found on its way (from cluster version 3
+    // a refused command changes nothing): the request reads as expired, and the next command
+    // that goes through records it.
+    assert_eq!(
+        fleet.state.approval_requests[&2].status,
+        RequestStatus::Pending
+    );
+    assert!(crate::api::convert::is_overdue(
+        &fleet.state.approval_requests[&2]
+    ));
+    fleet
+        .apply_as("user:alice", AT + 3 + 600_002, rollback_of(2, false))
+        .unwrap();
     assert_eq!(
         fleet.state.approval_requests[&2].status,
         RequestStatus::Expired

@@ -186,6 +186,8 @@ impl CoordinatorError {
         matches!(
             self,
             Self::Storage(_)
+                | Self::Raft(_)
+                | Self::Internal(_)
                 | Self::ShuttingDown
                 | Self::Overloaded(_)
                 | Self::ChangeInProgress { .. }

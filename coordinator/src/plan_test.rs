@@ -408,7 +408,7 @@ fn hosts_without_a_usable_snapshot_are_named_and_left_out() {
 }
 
 /// Records that `change` applied `versions` on orders-db in schema transaction `txn`, committed,
-/// as if its stage had run (the transaction's phases are tested in apply_test).
+/// as if its stage had run (the transaction's phases are tested in schema_test).
 fn applied_on_orders_db(fleet: &mut Fleet, change: u64, txn: u64, versions: &[&str]) {
     applied_on(fleet, "orders-db", change, txn, versions);
 }

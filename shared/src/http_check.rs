@@ -1,6 +1,6 @@
 //! One HTTP check, as the agent's `check` step and the coordinator's wave-gate synthetics both
-//! run it: a GET (or a POST with a body), judged on its status, what the body holds and how
-//! long it took, with the body read only up to a bound.
+//! run it: a GET (or a POST with a body), judged on its status (as soon as the headers arrive),
+//! then on what the body holds (its first MiB) and on how long the whole answer took.
 
 use std::time::{Duration, Instant};
 
@@ -49,33 +49,43 @@ pub async fn run(client: &reqwest::Client, check: &HttpCheck<'_>) -> Result<Pass
             format!("{method} {}: {error}", check.url)
         })?;
     let status = response.status().as_u16();
-    let mut body = Vec::new();
-    while let Some(chunk) = response
-        .chunk()
-        .await
-        .map_err(|error| format!("reading the body: {error}"))?
-    {
-        body.extend_from_slice(&chunk);
-        if body.len() >= MAX_CHECK_BODY_BYTES {
-            body.truncate(MAX_CHECK_BODY_BYTES);
-            break;
-        }
-    }
-    let latency = started.elapsed();
     if status != check.expect_status {
         return Err(format!("status {status}, expected {}", check.expect_status));
     }
+    let slow = |latency: Duration| {
+        let max = check.max_latency.filter(|max| latency > *max)?;
+        Some(format!(
+            "status {status} in {} ms, slower than {} ms",
+            latency.as_millis(),
+            max.as_millis()
+        ))
+    };
+    let mut body = Vec::new();
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                body.extend_from_slice(&chunk);
+                if body.len() >= MAX_CHECK_BODY_BYTES {
+                    body.truncate(MAX_CHECK_BODY_BYTES);
+                    break;
+                }
+            }
+            Ok(None) => break,
+            // A body cut off by the timeout is reported as the slow answer it is.
+            Err(error) => {
+                return Err(slow(started.elapsed())
+                    .unwrap_or_else(|| format!("reading the body: {error}")));
+            }
+        }
+    }
+    let latency = started.elapsed();
     if let Some(wanted) = check.body_contains.filter(|wanted| !wanted.is_empty())
         && !String::from_utf8_lossy(&body).contains(wanted)
     {
         return Err(format!("the body lacks {wanted:?}"));
     }
-    if let Some(max) = check.max_latency.filter(|max| latency > *max) {
-        return Err(format!(
-            "status {status} in {} ms, slower than {} ms",
-            latency.as_millis(),
-            max.as_millis()
-        ));
+    if let Some(slow) = slow(latency) {
+        return Err(slow);
     }
     Ok(Passed { status, latency })
 }

@@ -73,7 +73,7 @@ fn a_gate_with_synthetic_checks_runs_them_after_health_settles_and_needs_them_to
     );
     world.seen.synthetic = Some(SyntheticVerdict {
         ok: false,
-        detail: "checkout: expected 200, got 503".into(),
+        detail: "checkout: status 503, expected 200".into(),
         at_ms: 3_500,
     });
     assert_eq!(
@@ -120,7 +120,7 @@ fn failing_synthetic_checks_fail_the_gate_at_its_timeout() {
     world.run_tick(1_000);
     world.seen.synthetic = Some(SyntheticVerdict {
         ok: false,
-        detail: "login: expected 200, got 500".into(),
+        detail: "login: status 500, expected 200".into(),
         at_ms: 3_000,
     });
     world.run_tick(5_000);
@@ -134,7 +134,7 @@ fn failing_synthetic_checks_fail_the_gate_at_its_timeout() {
     assert!(
         rollback
             .paused_reason
-            .contains("synthetic checks fail: login: expected 200, got 500"),
+            .contains("synthetic checks fail: login: status 500, expected 200"),
         "{}",
         rollback.paused_reason
     );

@@ -410,8 +410,8 @@ fn step_message(
 
 /// Crash points for recovery tests (`REWIND_FAILPOINTS`) at a schema transaction's phase
 /// boundaries, as the engine carries out what `decide()` chose (kept out of the pure function):
-/// before a prepare starts, before the decision is proposed, and as the first resolve
-/// is sent once it is recorded.
+/// before a prepare starts, before a decision is proposed, and once it is recorded, before a
+/// resolve starts.
 fn crash_point(action: &Action) {
     let point = match action {
         Action::Propose(CommandKind::DecideSchemaTxn { .. }) => "coordinator.before-decision",
@@ -422,14 +422,13 @@ fn crash_point(action: &Action) {
                     ..
                 },
         }) => "coordinator.before-prepare",
-        Action::Send {
+        Action::Propose(CommandKind::StepStarted {
             step:
                 StepTarget::Schema {
                     phase: ShardPhase::Resolve,
                     ..
                 },
-            ..
-        } => "coordinator.after-decision",
+        }) => "coordinator.after-decision",
         _ => return,
     };
     rewind_shared::failpoint::crash_if_armed(point);

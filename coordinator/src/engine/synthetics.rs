@@ -11,8 +11,6 @@ use tracing::{debug, info};
 use super::decide::SyntheticVerdict;
 use crate::state_machine::{SyntheticCheck, rollback_id};
 
-/// Most bytes of an answer's body read to look for the expected text.
-
 #[derive(Default)]
 pub struct SyntheticRuns {
     results: Mutex<HashMap<(u64, u32), SyntheticVerdict>>,

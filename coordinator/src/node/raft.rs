@@ -764,7 +764,7 @@ impl<T: Transport> Driver<T> {
                 })
             }
             .map_err(|error| {
-                CoordinatorError::Raft(format!("decode conf change {}: {error}", entry.index))
+                CoordinatorError::Storage(format!("decode conf change {}: {error}", entry.index))
             })?;
         // Read before Raft's voters change: a member that cannot read it stops before either.
         let decoded = version::decode_entry(entry.index, &registry_context)?;

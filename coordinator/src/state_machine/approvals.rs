@@ -977,6 +977,37 @@ pub fn decide(
     )))
 }
 
+/// What expiring and lapsing requests may change, saved before a command that may still be
+/// refused afterwards, so that a refusal can take it back.
+pub struct Housekeeping {
+    requests: BTreeMap<u64, ApprovalRequest>,
+    /// Changes not yet marked `auto_refused` (an expired or denied automatic request marks them).
+    not_auto_refused: Vec<u64>,
+}
+
+impl Housekeeping {
+    pub fn save(state: &State) -> Self {
+        Self {
+            requests: state.approval_requests.clone(),
+            not_auto_refused: state
+                .changes
+                .values()
+                .filter(|change| !change.auto_refused)
+                .map(|change| change.number)
+                .collect(),
+        }
+    }
+
+    pub fn restore(self, state: &mut State) {
+        state.approval_requests = self.requests;
+        for number in self.not_auto_refused {
+            if let Some(change) = state.changes.get_mut(&number) {
+                change.auto_refused = false;
+            }
+        }
+    }
+}
+
 /// Identities on the policy's deny list: their approvals no longer count.
 fn revoked_identities(state: &State) -> Vec<String> {
     state

@@ -140,30 +140,58 @@ fn command() -> impl Strategy<Value = CommandKind> {
     ]
 }
 
+/// Applies `command` as the log would; if it is refused, the state must be as before.
+fn applies_or_changes_nothing(fleet: &mut Fleet, command: Command) -> Result<(), TestCaseError> {
+    let before = fleet.state.clone();
+    if let Err(error) = fleet.run_prepared(command.clone()) {
+        let mut after = fleet.state.clone();
+        after.applied_index = before.applied_index;
+        prop_assert!(
+            after == before,
+            "{} was refused ({error}) but changed the state",
+            command.kind.action()
+        );
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
+    /// From a fleet with two deployed changes (so rollbacks, gates and requests can happen):
+    /// random commands from two identities, time jumping ahead (requests expire), some decided
+    /// on the leader and applied only after the next command (so decisions go stale).
     #[test]
     fn a_refused_command_changes_nothing_but_the_applied_index(
-        commands in proptest::collection::vec(command(), 1..60),
+        commands in proptest::collection::vec((command(), any::<bool>(), 0u64..900), 1..60),
         approvals in any::<bool>(),
     ) {
         let mut fleet = Fleet::with_web();
-        fleet.register_host("web-3", "web");
+        fleet.deploy_web("v1");
+        fleet.deploy_web("v2");
         if approvals {
             fleet.state.access.policy = Some(std::sync::Arc::new(
                 crate::access::Policy::from_toml(
                     "[[binding]]\nname = \"admins\"\nrole = \"admin\"\nidentities = [\"user:ada\"]\n\
-                     scopes = [\"*\"]\n\n[environment.default]\napprovals = 1\n",
+                     scopes = [\"*\"]\n\n[environment.default]\napprovals = 1\nrequest-ttl-s = 600\n",
                 )
                 .unwrap(),
             ));
         }
-        for (n, kind) in commands.into_iter().enumerate() {
-            // Half of them from another identity, so approvals can be given.
+        let mut at_ms = 1_000 * fleet.index;
+        let mut late: Option<Command> = None;
+        for (n, (mut kind, defer, advance_s)) in commands.into_iter().enumerate() {
+            at_ms += 1_000 + advance_s * 1_000;
+            // An approval names the plan its request shows, as a person's would.
+            if let CommandKind::DecideRequest(decide) = &mut kind
+                && let Some(request) = fleet.state.approval_requests.get(&decide.request)
+            {
+                decide.plan_hash = request.plan_hash.clone();
+            }
+            // Half of them from another identity, so requests can be approved.
             let identity = if n % 2 == 0 { "operator" } else { "user:ada" };
             let mut command = Command {
-                at_ms: 1_000 * (fleet.index + 1),
+                at_ms,
                 identity: identity.into(),
                 request_id: String::new(),
                 kind,
@@ -172,15 +200,13 @@ proptest! {
             if decision::prepare(&fleet.state, &mut command).is_err() {
                 continue;
             }
-            let before = fleet.state.clone();
-            if let Err(error) = fleet.run_prepared(command.clone()) {
-                let mut after = fleet.state.clone();
-                after.applied_index = before.applied_index;
-                prop_assert!(
-                    after == before,
-                    "{} was refused ({error}) but changed the state",
-                    command.kind.action()
-                );
+            if defer && late.is_none() {
+                late = Some(command);
+                continue;
+            }
+            applies_or_changes_nothing(&mut fleet, command)?;
+            if let Some(late) = late.take() {
+                applies_or_changes_nothing(&mut fleet, late)?;
             }
         }
     }

@@ -22,6 +22,10 @@ pub const LEGACY: u32 = 1;
 /// The highest cluster version this binary can apply.
 pub const CURRENT: u32 = 3;
 
+/// From this version a refused command takes back the requests for approval it expired or
+/// lapsed on its way to the refusal.
+pub const REFUSAL_UNDOES_EXPIRY: u32 = 3;
+
 /// What each version brought, for `rewindctl cluster version` and the README.
 pub const CHANGES: &[(u32, &str)] = &[
     (1, "the log as released before cluster versions"),
@@ -36,7 +40,8 @@ pub const CHANGES: &[(u32, &str)] = &[
         3,
         "the leader plans a rollback, approves a request's plan and judges an automatic \
          trigger, and the log carries the result: apply() checks the state it was decided on is \
-         unchanged and records it, never planning itself",
+         unchanged and records it, never planning itself; a refused command takes back the \
+         requests for approval it expired on its way to the refusal",
     ),
 ];
 

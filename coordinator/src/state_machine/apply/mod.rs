@@ -100,7 +100,21 @@ fn record(
     {
         return Ok(outcome.clone());
     }
-    let (outcome, target, audit_outcome) = kind_apply(state, command)?;
+    // Requests for approval expire (and drifted ones lapse) as a side effect of the commands
+    // that look at them, before those commands may still be refused. From version 3 a refused
+    // command takes that housekeeping back with it, so that it changes nothing.
+    let housekeeping = (state.cluster_version() >= version::REFUSAL_UNDOES_EXPIRY
+        && touches_requests(&command.kind))
+    .then(|| approvals::Housekeeping::save(state));
+    let (outcome, target, audit_outcome) = match kind_apply(state, command) {
+        Ok(applied) => applied,
+        Err(error) => {
+            if let Some(saved) = housekeeping {
+                saved.restore(state);
+            }
+            return Err(error);
+        }
+    };
     state.audit.append(
         command.at_ms,
         &command.identity,
@@ -119,6 +133,17 @@ fn record(
 /// answer, so the leader decides nothing for it.
 pub(super) fn answered(state: &State, command: &Command) -> bool {
     request_key(command).is_some_and(|key| state.requests.get(&key).is_some())
+}
+
+/// Commands whose handling may expire or lapse requests for approval before it refuses.
+fn touches_requests(kind: &CommandKind) -> bool {
+    matches!(
+        kind,
+        CommandKind::StartChange(_)
+            | CommandKind::StartRollback(_)
+            | CommandKind::DecideRequest(_)
+            | CommandKind::AutoTrigger(_)
+    )
 }
 
 /// Request ids are the client's own, so they are scoped by who sent them.
