@@ -35,6 +35,19 @@ fn trigger() -> CommandKind {
     })
 }
 
+/// Registers web-2 again, in region `us`.
+fn move_web_2_to_us(fleet: &mut Fleet) {
+    fleet.apply(CommandKind::RegisterHost {
+        host_id: "web-2".into(),
+        labels: Labels {
+            region: "us".into(),
+            ..Labels::default()
+        },
+        services: vec!["web".into()],
+        agent_version: "test".into(),
+    });
+}
+
 fn digest(state: &State) -> String {
     let mut state = state.clone();
     state.applied_index = 0;
@@ -77,15 +90,7 @@ fn a_decision_on_a_state_that_moved_is_refused_and_changes_nothing() {
     let mut judged = command(&harness, trigger());
     decision::prepare(&harness.state, &mut judged).unwrap();
     // A host of the change moves region: the plan's waves would differ.
-    harness.apply(CommandKind::RegisterHost {
-        host_id: "web-2".into(),
-        labels: Labels {
-            region: "us".into(),
-            ..Labels::default()
-        },
-        services: vec!["web".into()],
-        agent_version: "test".into(),
-    });
+    move_web_2_to_us(&mut harness);
     let before = digest(&harness.state);
     for stale in [start, judged] {
         let refused = harness.run_prepared(stale).unwrap_err();
@@ -226,15 +231,7 @@ fn an_approval_decided_on_a_state_that_moved_is_refused_and_the_request_stands()
     };
     decision::prepare(&harness.state, &mut approval).unwrap();
     // A host of the change moves region: the plan's waves would differ.
-    harness.apply(CommandKind::RegisterHost {
-        host_id: "web-2".into(),
-        labels: Labels {
-            region: "us".into(),
-            ..Labels::default()
-        },
-        services: vec!["web".into()],
-        agent_version: "test".into(),
-    });
+    move_web_2_to_us(&mut harness);
     let before = digest(&harness.state);
     let refused = harness.run_prepared(approval).unwrap_err();
     assert!(
