@@ -558,27 +558,30 @@ pub fn render_command(
             .keys()
             .map(String::as_str)
             .collect();
-        AgentError::Refused(format!(
-            "command {:?} is not in the allow-list of {} (allowed: {})",
-            truncate(name, 64),
-            service.name,
-            if known.is_empty() {
-                "none".to_string()
-            } else {
-                known.join(", ")
-            }
-        ))
+        AgentError::refused(
+            "command",
+            format!(
+                "command {:?} is not in the allow-list of {} (allowed: {})",
+                truncate(name, 64),
+                service.name,
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            ),
+        )
     })?;
     if let Some(given) = args.keys().find(|key| !command.args.contains_key(*key)) {
-        return Err(AgentError::Refused(format!(
-            "command {name} takes no argument {:?}",
-            truncate(given, 64)
-        )));
+        return Err(AgentError::refused(
+            "argument",
+            format!("command {name} takes no argument {:?}", truncate(given, 64)),
+        ));
     }
     for (arg, pattern) in &command.args {
-        let value = args
-            .get(arg)
-            .ok_or_else(|| AgentError::Refused(format!("command {name} needs argument {arg}")))?;
+        let value = args.get(arg).ok_or_else(|| {
+            AgentError::refused("argument", format!("command {name} needs argument {arg}"))
+        })?;
         let problem = if value.len() > MAX_ARG_BYTES {
             Some(format!("is longer than {MAX_ARG_BYTES} bytes"))
         } else if value.contains(['\0', '\n']) {
@@ -589,10 +592,13 @@ pub fn render_command(
             None
         };
         if let Some(problem) = problem {
-            return Err(AgentError::Refused(format!(
-                "argument {arg}={:?} of command {name} {problem}",
-                truncate(value, 64)
-            )));
+            return Err(AgentError::refused(
+                "argument",
+                format!(
+                    "argument {arg}={:?} of command {name} {problem}",
+                    truncate(value, 64)
+                ),
+            ));
         }
     }
     Ok((substitute(&command.argv, args), command.timeout))
@@ -614,10 +620,13 @@ pub async fn scale_up(
         for probe in &service.probes {
             let result = prober.probe(host, &service.name, probe).await;
             if !result.ok {
-                return Err(AgentError::Refused(format!(
-                    "scale-up stopped at {stage}%: probe {} failed: {}",
-                    result.probe, result.detail
-                )));
+                return Err(AgentError::refused(
+                    "scale-up",
+                    format!(
+                        "scale-up stopped at {stage}%: probe {} failed: {}",
+                        result.probe, result.detail
+                    ),
+                ));
             }
         }
     }
@@ -637,10 +646,10 @@ pub async fn scale_up(
 pub async fn purge(prober: &Prober, service: &ServiceConfig) -> Result<String, AgentError> {
     let purges = &service.catalogue.purges;
     if purges.is_empty() {
-        return Err(AgentError::Refused(format!(
-            "service {} has no purge configured",
-            service.name
-        )));
+        return Err(AgentError::refused(
+            "purge",
+            format!("service {} has no purge configured", service.name),
+        ));
     }
     let client = prober.http_client();
     let mut done = Vec::new();
@@ -664,7 +673,7 @@ pub async fn purge(prober: &Prober, service: &ServiceConfig) -> Result<String, A
             }
         })
         .await
-        .map_err(AgentError::Refused)?;
+        .map_err(|why| AgentError::refused("purge", why))?;
         done.push(format!("{} {} -> {status}", purge.method, purge.url));
     }
     Ok(done.join("; "))
@@ -674,10 +683,10 @@ pub async fn purge(prober: &Prober, service: &ServiceConfig) -> Result<String, A
 pub async fn run_checks(prober: &Prober, service: &ServiceConfig) -> Result<String, AgentError> {
     let checks = &service.catalogue.checks;
     if checks.is_empty() {
-        return Err(AgentError::Refused(format!(
-            "service {} has no check configured",
-            service.name
-        )));
+        return Err(AgentError::refused(
+            "checks",
+            format!("service {} has no check configured", service.name),
+        ));
     }
     let client = prober.http_client();
     let mut passed = Vec::new();
@@ -691,10 +700,10 @@ pub async fn run_checks(prober: &Prober, service: &ServiceConfig) -> Result<Stri
     if failed.is_empty() {
         Ok(format!("checks passed: {}", passed.join(", ")))
     } else {
-        Err(AgentError::Refused(format!(
-            "checks failed: {}",
-            failed.join("; ")
-        )))
+        Err(AgentError::refused(
+            "checks",
+            format!("checks failed: {}", failed.join("; ")),
+        ))
     }
 }
 
@@ -729,11 +738,14 @@ pub async fn pause_jobs(
     let root = crate::paths::ServiceRoot::open(service)?;
     let kept = match root.read_regular(relative, MAX_CHECKPOINT_BYTES)? {
         Some((bytes, _)) if bytes.len() as u64 > MAX_CHECKPOINT_BYTES => {
-            return Err(AgentError::Refused(format!(
-                "checkpoint {} is {} bytes, more than {MAX_CHECKPOINT_BYTES}",
-                root.path().join(relative).display(),
-                bytes.len()
-            )));
+            return Err(AgentError::refused(
+                "checkpoint",
+                format!(
+                    "checkpoint {} is {} bytes, more than {MAX_CHECKPOINT_BYTES}",
+                    root.path().join(relative).display(),
+                    bytes.len()
+                ),
+            ));
         }
         Some((bytes, metadata)) => Some(KeptFile {
             bytes,
@@ -832,10 +844,10 @@ fn not_configured<'a, T>(
     section: Option<&'a T>,
 ) -> Result<&'a T, AgentError> {
     section.ok_or_else(|| {
-        AgentError::Refused(format!(
-            "service {} has no {what} configured on this host",
-            service.name
-        ))
+        AgentError::refused(
+            what,
+            format!("not configured for service {} on this host", service.name),
+        )
     })
 }
 

@@ -56,11 +56,13 @@ pub enum AgentError {
     Superseded { step_id: String, owner: String },
     #[error("restore of {service} did not take: {detail}")]
     RestoreMismatch { service: String, detail: String },
-    #[error("{0}")]
-    Invalid(String),
-    /// A step the host's config does not allow, or one that found the service unwell.
-    #[error("{0}")]
-    Refused(String),
+    /// Input the agent cannot use (a step, a file, a value), naming the field at fault.
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+    /// A step the host's config does not allow, or one that found the service unwell, naming
+    /// what refused it.
+    #[error("{field}: {message}")]
+    Refused { field: String, message: String },
 }
 
 impl AgentError {
@@ -78,8 +80,8 @@ impl AgentError {
             Self::Fenced { .. } => "fenced",
             Self::Superseded { .. } => "superseded",
             Self::RestoreMismatch { .. } => "restore_mismatch",
-            Self::Invalid(_) => "invalid",
-            Self::Refused(_) => "refused",
+            Self::Invalid { .. } => "invalid",
+            Self::Refused { .. } => "refused",
         }
     }
 
@@ -89,6 +91,20 @@ impl AgentError {
             self,
             Self::Io { .. } | Self::Store(_) | Self::Command { .. }
         )
+    }
+
+    pub fn invalid(field: &str, message: impl Into<String>) -> Self {
+        Self::Invalid {
+            field: field.to_string(),
+            message: message.into(),
+        }
+    }
+
+    pub fn refused(field: &str, message: impl Into<String>) -> Self {
+        Self::Refused {
+            field: field.to_string(),
+            message: message.into(),
+        }
     }
 
     pub fn io(
@@ -123,6 +139,11 @@ impl From<sled::Error> for AgentError {
 
 impl From<rewind_shared::SharedError> for AgentError {
     fn from(error: rewind_shared::SharedError) -> Self {
-        Self::Invalid(error.to_string())
+        match error {
+            rewind_shared::SharedError::Invalid { field, message } => {
+                Self::Invalid { field, message }
+            }
+            other => Self::invalid("input", other.to_string()),
+        }
     }
 }

@@ -23,7 +23,7 @@ impl Host for LocalHost {
         let shown = argv.join(" ");
         let (program, args) = argv
             .split_first()
-            .ok_or_else(|| AgentError::Invalid("empty command".into()))?;
+            .ok_or_else(|| AgentError::invalid("command", "is empty"))?;
         let mut command = tokio::process::Command::new(program);
         // SAFETY: the closure only calls umask, which is async-signal-safe.
         unsafe {

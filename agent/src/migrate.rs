@@ -28,7 +28,7 @@ pub fn class_name(class: i32) -> &'static str {
 }
 
 pub(crate) fn refused(detail: String) -> AgentError {
-    AgentError::Refused(detail)
+    AgentError::refused("database", detail)
 }
 
 pub(crate) fn failed(what: &str) -> impl Fn(postgres::Error) -> AgentError + '_ {
@@ -37,7 +37,7 @@ pub(crate) fn failed(what: &str) -> impl Fn(postgres::Error) -> AgentError + '_ 
             || error.to_string(),
             |db| format!("{}: {}", db.code().code(), db.message()),
         );
-        AgentError::Refused(format!("{what}: {detail}"))
+        AgentError::refused(what, detail)
     }
 }
 

@@ -246,15 +246,18 @@ impl ServiceRoot {
                     "is not a regular file (a symlink, directory, FIFO or device is never read)",
                 ));
             }
-            Err(error) => return Err(AgentError::Invalid(error.to_string())),
+            Err(error) => return Err(AgentError::invalid("path", error.to_string())),
         };
         let metadata = file.metadata().map_err(AgentError::io("inspect", &shown))?;
         if metadata.len() > max_bytes {
-            return Err(AgentError::Refused(format!(
-                "{} is {} bytes, more than the {max_bytes} rewind reads",
-                shown.display(),
-                metadata.len()
-            )));
+            return Err(AgentError::refused(
+                "file",
+                format!(
+                    "{} is {} bytes, more than the {max_bytes} rewind reads",
+                    shown.display(),
+                    metadata.len()
+                ),
+            ));
         }
         let mut bytes = Vec::with_capacity(metadata.len() as usize);
         // Bounded again while reading: the file may grow under us.
@@ -263,10 +266,13 @@ impl ServiceRoot {
             .read_to_end(&mut bytes)
             .map_err(AgentError::io("read", &shown))?;
         if bytes.len() as u64 > max_bytes {
-            return Err(AgentError::Refused(format!(
-                "{} grew past {max_bytes} bytes while it was read",
-                shown.display()
-            )));
+            return Err(AgentError::refused(
+                "file",
+                format!(
+                    "{} grew past {max_bytes} bytes while it was read",
+                    shown.display()
+                ),
+            ));
         }
         Ok(Some((bytes, metadata)))
     }

@@ -45,10 +45,13 @@ pub fn plan(
         return Ok(None);
     };
     let versions = retained_releases(&service.root).ok_or_else(|| {
-        AgentError::Invalid(format!(
-            "cannot list {}/{RELEASES_DIR} (or it holds more than 256 entries): nothing pruned",
-            service.root.display()
-        ))
+        AgentError::invalid(
+            "keep-releases",
+            format!(
+                "cannot list {}/{RELEASES_DIR} (or it holds more than 256 entries): nothing pruned",
+                service.root.display()
+            ),
+        )
     })?;
     let version_of = |link: &str| {
         link.strip_prefix(RELEASES_DIR)

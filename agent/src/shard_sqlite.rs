@@ -31,11 +31,11 @@ use crate::store::Store;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn refused(detail: String) -> AgentError {
-    AgentError::Refused(detail)
+    AgentError::refused("database", detail)
 }
 
 fn failed(what: &str) -> impl Fn(rusqlite::Error) -> AgentError + '_ {
-    move |error| AgentError::Refused(format!("{what}: {error}"))
+    move |error| AgentError::refused(what, error.to_string())
 }
 
 /// Opens the database file, which must exist (a wrong path must not create an empty database

@@ -349,10 +349,13 @@ pub fn restore(
     let record = store.snapshot(snapshot_id)?;
     let manifest = &record.manifest;
     if manifest.service != service.name {
-        return Err(AgentError::Invalid(format!(
-            "snapshot {snapshot_id} belongs to service {}, not {}",
-            manifest.service, service.name
-        )));
+        return Err(AgentError::invalid(
+            "snapshot_id",
+            format!(
+                "snapshot {snapshot_id} belongs to service {}, not {}",
+                manifest.service, service.name
+            ),
+        ));
     }
     // Check everything before writing anything: a bad manifest must not leave a half-restored
     // host. Every write goes through the root opened once, so a directory swapped for a link

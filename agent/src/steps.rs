@@ -240,7 +240,7 @@ impl Executor {
         let action = command
             .action
             .as_ref()
-            .ok_or_else(|| AgentError::Invalid("step has no action".into()))?;
+            .ok_or_else(|| AgentError::invalid("action", "the step has none"))?;
         let step_timeout = if command.timeout_ms == 0 {
             DEFAULT_STEP_TIMEOUT
         } else {
@@ -271,10 +271,13 @@ impl Executor {
         tokio::time::timeout(step_timeout, act)
             .await
             .unwrap_or_else(|_| {
-                Err(AgentError::Refused(format!(
-                    "did not finish within the step's {} ms and was stopped",
-                    step_timeout.as_millis()
-                )))
+                Err(AgentError::refused(
+                    "timeout_ms",
+                    format!(
+                        "did not finish within the step's {} ms and was stopped",
+                        step_timeout.as_millis()
+                    ),
+                ))
             })
             .map(acted)
     }
@@ -289,10 +292,13 @@ impl Executor {
         step: &SchemaStep,
     ) -> Result<Acted, AgentError> {
         let database = service.database.clone().ok_or_else(|| {
-            AgentError::Refused(format!(
-                "service {} has no [service.database] on this host: it is not a shard",
-                service.name
-            ))
+            AgentError::refused(
+                "database",
+                format!(
+                    "service {} has no [service.database] on this host: it is not a shard",
+                    service.name
+                ),
+            )
         })?;
         names::validate_name("txn_id", &step.txn_id)?;
         let migrations = step
@@ -320,7 +326,7 @@ impl Executor {
         let phase = SchemaPhase::try_from(step.phase).unwrap_or(SchemaPhase::Unspecified);
         let store = self.store.clone();
         if phase == SchemaPhase::Unspecified {
-            return Err(AgentError::Invalid("schema step names no phase".into()));
+            return Err(AgentError::invalid("phase", "the schema step names none"));
         }
         let (detail, report) = blocking(move || match &database.engine {
             Engine::Postgres(_) => match phase {
@@ -468,10 +474,13 @@ impl Executor {
             }
             Action::Reload(_) => {
                 let argv = service.catalogue.reload_command.as_ref().ok_or_else(|| {
-                    AgentError::Refused(format!(
-                        "service {} has no reload-command on this host",
-                        service.name
-                    ))
+                    AgentError::refused(
+                        "reload-command",
+                        format!(
+                            "service {} has no reload-command on this host",
+                            service.name
+                        ),
+                    )
                 })?;
                 self.host.run(argv, restart_timeout).await?;
                 Ok((format!("ran {}", argv.join(" ")), String::new()))
@@ -506,8 +515,9 @@ impl Executor {
                 String::new(),
             )),
             // Taken by `act` to `act_on_shard` before this is reached.
-            Action::Schema(_) => Err(AgentError::Invalid(
-                "a schema step reached the service step path".into(),
+            Action::Schema(_) => Err(AgentError::invalid(
+                "action",
+                "a schema step reached the service step path",
             )),
         }
     }
@@ -555,10 +565,13 @@ impl Executor {
         let mut flags: BTreeMap<String, bool> =
             match root.read_regular(relative, crate::paths::MAX_SERVICE_FILE_BYTES)? {
                 Some((bytes, _)) => serde_json::from_slice(&bytes).map_err(|error| {
-                    AgentError::Invalid(format!(
-                        "flags file {} is not a JSON object of booleans: {error}",
-                        root.path().join(relative).display()
-                    ))
+                    AgentError::invalid(
+                        "flags-file",
+                        format!(
+                            "flags file {} is not a JSON object of booleans: {error}",
+                            root.path().join(relative).display()
+                        ),
+                    )
                 })?,
                 None => BTreeMap::new(),
             };
@@ -584,10 +597,10 @@ impl Executor {
     fn flags_file(&self, service: &str) -> Result<(ServiceRoot, &str), AgentError> {
         let service = self.service(service)?;
         let relative = service.flags_file.as_deref().ok_or_else(|| {
-            AgentError::Invalid(format!(
-                "service {} has no flags-file configured",
-                service.name
-            ))
+            AgentError::invalid(
+                "flags-file",
+                format!("service {} has no flags-file configured", service.name),
+            )
         })?;
         Ok((ServiceRoot::open(service)?, relative))
     }
@@ -637,8 +650,8 @@ fn write_flags(
     relative: &str,
     flags: &impl serde::Serialize,
 ) -> Result<(), AgentError> {
-    let bytes =
-        serde_json::to_vec_pretty(flags).map_err(|error| AgentError::Invalid(error.to_string()))?;
+    let bytes = serde_json::to_vec_pretty(flags)
+        .map_err(|error| AgentError::invalid("flags", error.to_string()))?;
     root.write_atomically(relative, &bytes, 0o644, None)
 }
 
@@ -671,10 +684,10 @@ fn journal_key(command: &StepCommand) -> Result<String, AgentError> {
         || step_id.len() > MAX_STEP_ID_BYTES
         || !step_id.chars().all(|c| c.is_ascii_graphic())
     {
-        return Err(AgentError::Invalid(format!(
-            "step_id: {:?} is not a valid step id",
-            truncate(step_id, 64)
-        )));
+        return Err(AgentError::invalid(
+            "step_id",
+            format!("{:?} is not a valid step id", truncate(step_id, 64)),
+        ));
     }
     if !command.cluster_id.is_empty() {
         names::validate_name("cluster_id", &command.cluster_id)?;
@@ -721,7 +734,7 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T, AgentError> {
     tokio::task::spawn_blocking(work)
         .await
-        .map_err(|error| AgentError::Invalid(format!("step task failed: {error}")))?
+        .map_err(|error| AgentError::invalid("step", format!("step task failed: {error}")))?
 }
 
 #[cfg(test)]

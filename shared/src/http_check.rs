@@ -73,8 +73,9 @@ pub async fn run(client: &reqwest::Client, check: &HttpCheck<'_>) -> Result<Pass
             Ok(None) => break,
             // A body cut off by the timeout is reported as the slow answer it is.
             Err(error) => {
-                return Err(slow(started.elapsed())
-                    .unwrap_or_else(|| format!("reading the body: {error}")));
+                return Err(
+                    slow(started.elapsed()).unwrap_or_else(|| format!("reading the body: {error}"))
+                );
             }
         }
     }
