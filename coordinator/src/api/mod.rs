@@ -164,15 +164,7 @@ impl Context {
     }
 
     fn rollback(&self, number: u64) -> Result<rewind_proto::v1::Rollback, Status> {
-        self.node.read(|state| {
-            state
-                .rollbacks
-                .get(&number)
-                .map(|record: &RollbackRecord| convert::rollback(state, record))
-                .ok_or_else(|| {
-                    status::to_status(crate::state_machine::unknown_rollback(state, number))
-                })
-        })
+        self.node.read(|state| rollback_in(state, number))
     }
 
     /// The service's health now, over every registered host that runs it.
@@ -304,4 +296,16 @@ pub async fn serve(
         )
         .await
         .map_err(|error| CoordinatorError::Internal(format!("serve: {error}")))
+}
+
+/// Rollback `number` as the API shows it, or `NOT_FOUND` naming the known ones.
+fn rollback_in(
+    state: &crate::state_machine::State,
+    number: u64,
+) -> Result<rewind_proto::v1::Rollback, Status> {
+    state
+        .rollbacks
+        .get(&number)
+        .map(|record: &RollbackRecord| convert::rollback(state, record))
+        .ok_or_else(|| status::to_status(crate::state_machine::unknown_rollback(state, number)))
 }

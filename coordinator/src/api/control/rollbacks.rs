@@ -322,7 +322,7 @@ impl Control {
         let rollback = self
             .context
             .propose_and_read(&identity, &request.request_id, kind, |state, _| {
-                rollback_answer(state, number)
+                crate::api::rollback_in(state, number)
             })
             .await??;
         info!(
@@ -332,7 +332,9 @@ impl Control {
             name,
             "Rollback decision recorded."
         );
-        Ok(Response::new(rollback))
+        Ok(Response::new(pb::GetRollbackResponse {
+            rollback: Some(rollback),
+        }))
     }
 
     /// The rollback a read names, once the caller may see it.
@@ -390,7 +392,7 @@ impl Control {
         let rollback = self
             .context
             .propose_and_read(&identity, &request.request_id, kind, |state, _| {
-                rollback_answer(state, number)
+                crate::api::rollback_in(state, number)
             })
             .await??;
         info!(
@@ -399,17 +401,8 @@ impl Control {
             action = action.name(),
             "Rollback controlled."
         );
-        Ok(Response::new(rollback))
+        Ok(Response::new(pb::GetRollbackResponse {
+            rollback: Some(rollback),
+        }))
     }
-}
-
-/// The answer to a write on rollback `number`: the rollback as it stands now.
-fn rollback_answer(state: &State, number: u64) -> Result<pb::GetRollbackResponse, Status> {
-    let record = state
-        .rollbacks
-        .get(&number)
-        .ok_or_else(|| to_status(unknown_rollback(state, number)))?;
-    Ok(pb::GetRollbackResponse {
-        rollback: Some(convert::rollback(state, record)),
-    })
 }
