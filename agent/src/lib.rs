@@ -13,8 +13,8 @@
 //! - [`catalogue`]: the optional steps (reload, named commands, jobs, purges, scale-up, checks).
 //! - [`inspect`]: describing services for `rewindctl host diff` and `host drift`.
 //! - [`migrate`]: applying and reverting schema migrations, recorded in the history table.
-//! - [`shard`]: this host's steps of a schema transaction across shards (check, prepare, resolve, verify).
-//! - [`shard_sqlite`]: the same on an SQLite file (a trial run, then the commit).
+//! - [`shard`]: this host's steps of a schema transaction across shards (check, prepare, resolve,
+//!   verify), one protocol over a PostgreSQL and an SQLite engine.
 //! - [`schema`]: the schema version of a service's database, from its schema history table.
 //! - [`facts`]: unit state, package versions and container image, recorded in snapshots.
 //! - [`probes`]: HTTP, TCP and command health probes.
@@ -44,7 +44,6 @@ pub mod retention;
 pub mod schema;
 pub mod self_revert;
 pub mod shard;
-pub mod shard_sqlite;
 pub mod snapshot;
 pub mod steps;
 pub mod store;

@@ -36,7 +36,7 @@ pub struct DatabaseConfig {
 #[derive(Clone, Debug)]
 pub enum Engine {
     Postgres(Box<postgres::Config>),
-    /// A database file, for small setups and the demo (see `shard_sqlite`).
+    /// A database file, for small setups and the demo (see `shard::sqlite`).
     Sqlite(std::path::PathBuf),
 }
 
@@ -206,7 +206,7 @@ fn read(database: &DatabaseConfig) -> Result<String, String> {
     let postgres = match &database.engine {
         Engine::Postgres(postgres) => postgres,
         Engine::Sqlite(path) => {
-            return crate::shard_sqlite::schema_version(path, &database.history_table);
+            return crate::shard::sqlite_schema_version(path, &database.history_table);
         }
     };
     let mut client = connect_within(postgres, HANDSHAKE_TIMEOUT)?;

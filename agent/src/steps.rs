@@ -22,9 +22,7 @@ use crate::config::{Hook, ServiceConfig};
 use crate::host::Host;
 use crate::paths::ServiceRoot;
 use crate::probes::Prober;
-use crate::schema::Engine;
 use crate::shard;
-use crate::shard_sqlite;
 use crate::snapshot::{self, ProbeState, RELEASES_DIR};
 use crate::store::{JournalRecord, StepOutcome, Store};
 
@@ -328,35 +326,14 @@ impl Executor {
         if phase == SchemaPhase::Unspecified {
             return Err(AgentError::invalid("phase", "the schema step names none"));
         }
-        let (detail, report) = blocking(move || match &database.engine {
-            Engine::Postgres(_) => match phase {
-                SchemaPhase::Check => shard::check(&database, &shard_step),
-                SchemaPhase::Prepare => shard::prepare(&database, &shard_step, &prepared, &store),
-                SchemaPhase::Resolve => shard::resolve(&database, &shard_step, &prepared, &store),
-                _ => shard::verify(&database, &prefix),
-            },
-            Engine::Sqlite(file) => {
-                let history = &database.history_table;
-                match phase {
-                    SchemaPhase::Check => shard_sqlite::check(file, history, &shard_step),
-                    SchemaPhase::Prepare => {
-                        shard_sqlite::prepare(file, history, &shard_step, &prepared, &store)
-                    }
-                    SchemaPhase::Resolve => {
-                        let exports = store
-                            .exports_dir()
-                            .join(format!("{prepared}-{}", rewind_shared::time::now_ms()));
-                        shard_sqlite::resolve(
-                            file,
-                            history,
-                            &shard_step,
-                            &prepared,
-                            &store,
-                            &exports,
-                        )
-                    }
-                    _ => shard_sqlite::verify(file, history),
-                }
+        let (detail, report) = blocking(move || {
+            let mut engine = shard::open(&database)?;
+            let engine = engine.as_mut();
+            match phase {
+                SchemaPhase::Check => shard::check(engine, &shard_step),
+                SchemaPhase::Prepare => shard::prepare(engine, &shard_step, &prepared, &store),
+                SchemaPhase::Resolve => shard::resolve(engine, &shard_step, &prepared, &store),
+                _ => shard::verify(engine, &prefix),
             }
         })
         .await?;

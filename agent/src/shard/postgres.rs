@@ -1,21 +1,6 @@
-//! This host's part of a schema transaction: the coordinator applies or reverts a set of
-//! migrations on every shard of a database, all or nothing, in four phases, and each phase is one
-//! step here.
-//!
-//! - **check** (read only): every migration stands where the transaction expects (applied, for a
-//!   revert, with the checksum its scripts hash to; nothing later still applied), the schema
-//!   fingerprint before, and for a revert what data it would destroy. A revert that would destroy
-//!   data is refused unless the operator accepted the loss.
-//! - **prepare**: in one transaction, run every script statement by statement (each logged with
-//!   the rows it affected), each verify script after its down script, a foreign-key check, and
-//!   the history rows; then `PREPARE TRANSACTION`. Rows a revert destroys are first exported to
-//!   `<data-dir>/exports/<txn>/` as CSV. The report is kept in the store before the prepare, so a
-//!   prepare redelivered after a crash answers with it.
-//! - **resolve**: `COMMIT PREPARED` or `ROLLBACK PREPARED`, as the coordinator recorded. The
-//!   transaction is marked resolved first, and steps of one service run one at a time, so a
-//!   prepare arriving late can never leave a transaction prepared after its resolution.
-//! - **verify** (read only): version, fingerprint, and any of rewind's prepared transactions
-//!   still open on this database.
+//! The PostgreSQL engine of a schema transaction's shard side (the protocol is the parent
+//! module's): the prepare ends in `PREPARE TRANSACTION`, the resolve is `COMMIT PREPARED` or
+//! `ROLLBACK PREPARED`, and rows a revert destroys are exported as CSV first.
 
 use std::io::Write;
 use std::path::Path;
@@ -24,121 +9,137 @@ use postgres::{Client, GenericClient, SimpleQueryMessage};
 use rewind_proto::v1::{ShardReport, StatementLog};
 use rewind_shared::names::truncate;
 
+use super::{ShardEngine, ShardStep, Unprepared, all_taken_effect, expect_standing};
+use super::{file_safe, refuse_unaccepted_loss, unique_path};
 use crate::AgentError;
-use crate::migrate::{self, Migration, Recorded, failed, refused};
+use crate::migrate::{self, Migration, failed, refused};
 use crate::schema::{DatabaseConfig, quoted_table};
-use crate::store::Store;
-
-/// A schema transaction as this shard sees it.
-#[derive(Clone, Debug)]
-pub struct ShardStep {
-    pub txn_id: String,
-    pub down: bool,
-    /// In the order they run: newest first for a revert.
-    pub migrations: Vec<Migration>,
-    pub commit: bool,
-    pub accept_data_loss: bool,
-    pub by: String,
-}
 
 /// Statements logged per prepare; the rest are counted.
 const MAX_LOGGED_STATEMENTS: usize = 64;
 /// Longest statement text kept in a log entry.
 const MAX_STATEMENT_BYTES: usize = 200;
 
-/// The prepared transaction's name: unique per coordinator cluster and transaction, made only of
-/// characters that need no quoting.
-pub fn prepared_name(cluster_id: &str, txn_id: &str) -> String {
-    format!("{}{txn_id}", prepared_prefix(cluster_id))
+/// One connection to a shard's PostgreSQL database.
+pub struct Postgres {
+    client: Client,
+    database: DatabaseConfig,
+    /// The schema history table, quoted.
+    table: String,
 }
 
-/// The start of every prepared transaction name of one coordinator cluster.
-pub fn prepared_prefix(cluster_id: &str) -> String {
-    let cluster = rewind_shared::digest::sha256_hex(cluster_id.as_bytes());
-    format!("rewind-{}-", &cluster[..12])
+impl Postgres {
+    pub fn connect(database: &DatabaseConfig) -> Result<Self, AgentError> {
+        Ok(Self {
+            client: migrate::connect(database)?,
+            table: quoted_table(&database.history_table),
+            database: database.clone(),
+        })
+    }
 }
 
-/// Read only: where the migrations stand, the fingerprint, and what a revert would destroy.
-pub fn check(
-    database: &DatabaseConfig,
-    step: &ShardStep,
-) -> Result<(String, ShardReport), AgentError> {
-    let mut client = migrate::connect(database)?;
-    let identity = database_identity(&mut client);
-    check_prepare_capacity(&mut client)?;
-    let mut transaction = client.transaction().map_err(failed("begin"))?;
-    migrate::lock_history(&mut transaction, &database.history_table)?;
-    let table = quoted_table(&database.history_table);
-    check_standing(&mut transaction, &table, step)?;
-    let mut report = describe(&mut transaction, &table)?;
-    if step.down {
-        let at_risk = data_at_risk(&mut transaction, &table, step)?;
-        report.data_loss = at_risk.iter().map(Finding::describe).collect();
-        refuse_unaccepted_loss(step, &report.data_loss)?;
+impl ShardEngine for Postgres {
+    fn holds_prepared(&self) -> bool {
+        true
     }
-    transaction.rollback().map_err(failed("end the check"))?;
-    report.database_identity = identity;
-    let mut detail = format!(
-        "ready to {} {} at version {}; fingerprint {}",
-        if step.down { "revert" } else { "apply" },
-        versions(step),
-        display_version(&report.version),
-        short(&report.fingerprint)
-    );
-    if !report.data_loss.is_empty() {
-        detail += &format!(
-            "; will destroy (accepted, exported first): {}",
-            report.data_loss.join("; ")
-        );
-    }
-    Ok((detail, report))
-}
 
-/// Runs the scripts in one transaction and prepares it (see the module docs).
-pub fn prepare(
-    database: &DatabaseConfig,
-    step: &ShardStep,
-    prepared: &str,
-    store: &Store,
-) -> Result<(String, ShardReport), AgentError> {
-    refuse_if_resolved(store, prepared, step)?;
-    let mut client = migrate::connect(database)?;
-    if is_prepared(&mut client, prepared)? {
-        // Prepared before a crash or a lost answer: the report was kept before the prepare.
-        let report = store.prepared_report(prepared)?.unwrap_or_default();
-        return Ok((format!("{} was already prepared here", step.txn_id), report));
-    }
-    client.batch_execute("BEGIN").map_err(failed("begin"))?;
-    let report = match run_in_open_transaction(&mut client, database, step, store, prepared) {
-        Ok(report) => report,
-        Err(error) => {
-            // Whatever ran is undone; the connection closes right after anyway.
-            let _ = client.batch_execute("ROLLBACK");
-            return Err(error);
+    fn check(&mut self, step: &ShardStep) -> Result<ShardReport, AgentError> {
+        let identity = database_identity(&mut self.client);
+        check_prepare_capacity(&mut self.client)?;
+        let table = &self.table;
+        let mut transaction = self.client.transaction().map_err(failed("begin"))?;
+        migrate::lock_history(&mut transaction, &self.database.history_table)?;
+        check_standing(&mut transaction, table, step)?;
+        let mut report = describe(&mut transaction, table)?;
+        if step.down {
+            let at_risk = data_at_risk(&mut transaction, table, step)?;
+            report.data_loss = at_risk.iter().map(Finding::describe).collect();
         }
-    };
-    store.put_prepared_report(prepared, &report)?;
-    client
-        .batch_execute(&format!("PREPARE TRANSACTION '{prepared}'"))
-        .map_err(failed("prepare the transaction"))?;
-    rewind_shared::failpoint::crash_if_armed("agent.after-prepare");
-    let detail = format!(
-        "prepared {} of {} ({} statements, {} rows); fingerprint after {}",
-        if step.down { "the revert" } else { "the apply" },
-        versions(step),
-        report.statements.len(),
-        report.statements.iter().map(|log| log.rows).sum::<u64>(),
-        short(&report.fingerprint)
-    );
-    Ok((detail, report))
+        transaction.rollback().map_err(failed("end the check"))?;
+        report.database_identity = identity;
+        Ok(report)
+    }
+
+    fn is_prepared(&mut self, prepared: &str) -> Result<bool, AgentError> {
+        Ok(self
+            .client
+            .query_opt(
+                "SELECT 1 FROM pg_prepared_xacts WHERE gid = $1 AND database = current_database()",
+                &[&prepared],
+            )
+            .map_err(failed("list prepared transactions"))?
+            .is_some())
+    }
+
+    fn prepare(
+        &mut self,
+        step: &ShardStep,
+        prepared: &str,
+        exports: &Path,
+        keep: &mut dyn FnMut(&ShardReport) -> Result<(), AgentError>,
+    ) -> Result<ShardReport, AgentError> {
+        let client = &mut self.client;
+        client.batch_execute("BEGIN").map_err(failed("begin"))?;
+        let report = run_in_open_transaction(client, &self.database, step, exports)
+            .and_then(|report| keep(&report).map(|()| report));
+        let report = match report {
+            Ok(report) => report,
+            Err(error) => {
+                // Whatever ran is undone; the connection closes right after anyway.
+                let _ = client.batch_execute("ROLLBACK");
+                return Err(error);
+            }
+        };
+        client
+            .batch_execute(&format!("PREPARE TRANSACTION '{prepared}'"))
+            .map_err(failed("prepare the transaction"))?;
+        Ok(report)
+    }
+
+    fn finish_prepared(&mut self, prepared: &str, commit: bool) -> Result<(), AgentError> {
+        let statement = if commit { "COMMIT" } else { "ROLLBACK" };
+        self.client
+            .batch_execute(&format!("{statement} PREPARED '{prepared}'"))
+            .map_err(failed("resolve the prepared transaction"))
+    }
+
+    fn commit_unprepared(
+        &mut self,
+        step: &ShardStep,
+        _exports: &Path,
+    ) -> Result<Unprepared, AgentError> {
+        // Committed by an earlier delivery, or never prepared here: the history tells.
+        if has_taken_effect(&mut self.client, &self.table, step)? {
+            Ok(Unprepared::AlreadyDone(self.describe()?))
+        } else {
+            Ok(Unprepared::Missing)
+        }
+    }
+
+    fn describe(&mut self) -> Result<ShardReport, AgentError> {
+        describe(&mut self.client, &self.table)
+    }
+
+    fn in_doubt(&mut self, prefix: &str) -> Result<Vec<String>, AgentError> {
+        Ok(self
+            .client
+            .query(
+                "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() \
+                 AND starts_with(gid, $1) ORDER BY gid",
+                &[&prefix],
+            )
+            .map_err(failed("list prepared transactions"))?
+            .iter()
+            .map(|row| row.get(0))
+            .collect())
+    }
 }
 
 fn run_in_open_transaction(
     client: &mut Client,
     database: &DatabaseConfig,
     step: &ShardStep,
-    store: &Store,
-    prepared: &str,
+    exports: &Path,
 ) -> Result<ShardReport, AgentError> {
     migrate::lock_history(client, &database.history_table)?;
     let table = quoted_table(&database.history_table);
@@ -149,12 +150,7 @@ fn run_in_open_transaction(
         report.data_loss = at_risk.iter().map(Finding::describe).collect();
         refuse_unaccepted_loss(step, &report.data_loss)?;
         if !at_risk.is_empty() {
-            // Named by the prepared transaction (cluster and transaction) and the time, so no
-            // export ever overwrites another: each may be the only copy of those rows.
-            let dir = store
-                .exports_dir()
-                .join(format!("{prepared}-{}", rewind_shared::time::now_ms()));
-            report.exported = export(client, &at_risk, &dir)?;
+            report.exported = export(client, &at_risk, exports)?;
         }
     }
     let mut unlogged = 0;
@@ -206,113 +202,6 @@ fn run_in_open_transaction(
     Ok(report)
 }
 
-/// Commits or rolls back the prepared transaction, as recorded. Idempotent.
-pub fn resolve(
-    database: &DatabaseConfig,
-    step: &ShardStep,
-    prepared: &str,
-    store: &Store,
-) -> Result<(String, ShardReport), AgentError> {
-    // First, so a prepare of this transaction that arrives later is refused.
-    store.mark_resolved(prepared)?;
-    let mut client = migrate::connect(database)?;
-    let detail = if is_prepared(&mut client, prepared)? {
-        let statement = if step.commit { "COMMIT" } else { "ROLLBACK" };
-        client
-            .batch_execute(&format!("{statement} PREPARED '{prepared}'"))
-            .map_err(failed("resolve the prepared transaction"))?;
-        if step.commit {
-            format!("committed {}", step.txn_id)
-        } else {
-            format!("rolled {} back", step.txn_id)
-        }
-    } else if step.commit {
-        // Committed by an earlier delivery, or never prepared here: the history tells.
-        let table = quoted_table(&database.history_table);
-        if !has_taken_effect(&mut client, &table, step)? {
-            return Err(refused(format!(
-                "no prepared transaction {prepared} on this database, and the schema history does \
-                 not show {} done: check this shard by hand",
-                step.txn_id
-            )));
-        }
-        format!("{} was already committed", step.txn_id)
-    } else {
-        format!("nothing of {} was prepared here", step.txn_id)
-    };
-    let table = quoted_table(&database.history_table);
-    let report = describe(&mut client, &table)?;
-    Ok((detail, report))
-}
-
-/// Read only: the version and fingerprint now, and this cluster's prepared transactions still
-/// open (`prefix` is the start of their names, see [`prepared_name`]).
-pub fn verify(
-    database: &DatabaseConfig,
-    prefix: &str,
-) -> Result<(String, ShardReport), AgentError> {
-    let mut client = migrate::connect(database)?;
-    let table = quoted_table(&database.history_table);
-    let mut report = describe(&mut client, &table)?;
-    report.in_doubt = client
-        .query(
-            "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() \
-             AND starts_with(gid, $1) ORDER BY gid",
-            &[&prefix],
-        )
-        .map_err(failed("list prepared transactions"))?
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
-    let mut detail = format!(
-        "at version {}; fingerprint {}",
-        display_version(&report.version),
-        short(&report.fingerprint)
-    );
-    if !report.in_doubt.is_empty() {
-        detail += &format!(
-            "; prepared transactions open: {}",
-            report.in_doubt.join(", ")
-        );
-    }
-    Ok((detail, report))
-}
-
-fn versions(step: &ShardStep) -> String {
-    step.migrations
-        .iter()
-        .map(|migration| migration.version.as_str())
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-pub(crate) fn display_version(version: &str) -> &str {
-    if version.is_empty() {
-        "(none)"
-    } else {
-        version
-    }
-}
-
-pub(crate) fn short(fingerprint: &str) -> &str {
-    truncate(fingerprint, 19)
-}
-
-pub(crate) fn refuse_unaccepted_loss(
-    step: &ShardStep,
-    data_loss: &[String],
-) -> Result<(), AgentError> {
-    if data_loss.is_empty() || step.accept_data_loss {
-        return Ok(());
-    }
-    Err(refused(format!(
-        "reverting {} would destroy data written under the new schema: {}; rerun with \
-         --accept-data-loss and a reason to export those rows to the agent's store and proceed",
-        versions(step),
-        data_loss.join("; ")
-    )))
-}
-
 /// Which database this is, whatever the host calls it: `<system identifier>/<database>`, so
 /// two shards configured with the same database are caught. Empty when the server does not let
 /// this user read its control data.
@@ -354,31 +243,6 @@ fn check_prepare_capacity(client: &mut Client) -> Result<(), AgentError> {
     Ok(())
 }
 
-/// A transaction resolved here is never prepared again (a prepare delivered late).
-pub(crate) fn refuse_if_resolved(
-    store: &Store,
-    prepared: &str,
-    step: &ShardStep,
-) -> Result<(), AgentError> {
-    if store.is_resolved(prepared)? {
-        return Err(refused(format!(
-            "{} was already resolved on this host: it is never prepared again",
-            step.txn_id
-        )));
-    }
-    Ok(())
-}
-
-fn is_prepared(client: &mut Client, prepared: &str) -> Result<bool, AgentError> {
-    Ok(client
-        .query_opt(
-            "SELECT 1 FROM pg_prepared_xacts WHERE gid = $1 AND database = current_database()",
-            &[&prepared],
-        )
-        .map_err(failed("list prepared transactions"))?
-        .is_some())
-}
-
 /// Refuses unless every migration stands where the transaction expects.
 fn check_standing(
     client: &mut impl GenericClient,
@@ -402,52 +266,6 @@ fn check_standing(
     })
 }
 
-/// The standing rules, whatever the database: each migration's scripts hash to their checksum
-/// and it is applied (for a revert) or not (for an apply), and, newest first, nothing applied
-/// after the oldest one reverted may stay applied. `recorded` reads where a migration stands;
-/// `applied_later` names a migration applied after `oldest` that is not among `reverted`.
-pub(crate) fn expect_standing<C>(
-    connection: &mut C,
-    step: &ShardStep,
-    mut recorded: impl FnMut(&mut C, &Migration) -> Result<Recorded, AgentError>,
-    applied_later: impl FnOnce(&mut C, &str, Vec<&str>) -> Result<Option<String>, AgentError>,
-) -> Result<(), AgentError> {
-    if step.migrations.is_empty() {
-        return Err(refused(format!("{} names no migration", step.txn_id)));
-    }
-    for migration in &step.migrations {
-        migrate::check_scripts(migration)?;
-        let version = &migration.version;
-        match (step.down, recorded(connection, migration)?) {
-            (true, Recorded::Applied) | (false, Recorded::Never | Recorded::Reverted) => {}
-            (true, Recorded::Never) => {
-                return Err(refused(format!("{version} never ran on this shard")));
-            }
-            (true, Recorded::Reverted) => {
-                return Err(refused(format!(
-                    "{version} is already reverted on this shard"
-                )));
-            }
-            (false, Recorded::Applied) => {
-                return Err(refused(format!(
-                    "{version} is already applied on this shard"
-                )));
-            }
-        }
-    }
-    if step.down {
-        let oldest = &step.migrations[step.migrations.len() - 1].version;
-        let reverted: Vec<&str> = step.migrations.iter().map(|m| m.version.as_str()).collect();
-        if let Some(later) = applied_later(connection, oldest, reverted)? {
-            return Err(refused(format!(
-                "{later} was applied after {oldest} and is not part of this rollback: it would \
-                 have to be reverted first"
-            )));
-        }
-    }
-    Ok(())
-}
-
 /// Whether the transaction's migrations all stand as it leaves them.
 fn has_taken_effect(
     client: &mut impl GenericClient,
@@ -457,24 +275,6 @@ fn has_taken_effect(
     all_taken_effect(step, |migration| {
         migrate::recorded(client, table, migration)
     })
-}
-
-/// Whether `recorded` shows every migration of the step as it leaves them.
-pub(crate) fn all_taken_effect(
-    step: &ShardStep,
-    mut recorded: impl FnMut(&Migration) -> Result<Recorded, AgentError>,
-) -> Result<bool, AgentError> {
-    for migration in &step.migrations {
-        let done = match recorded(migration)? {
-            Recorded::Reverted => step.down,
-            Recorded::Applied => !step.down,
-            Recorded::Never => false,
-        };
-        if !done {
-            return Ok(false);
-        }
-    }
-    Ok(true)
 }
 
 fn record_history(
@@ -905,29 +705,6 @@ fn export(
         .and_then(|handle| handle.sync_all())
         .map_err(AgentError::io("sync", dir))?;
     Ok(files)
-}
-
-/// `dir/name.ext`, or `dir/name-2.ext`... when two tables or columns map to one file name.
-pub(crate) fn unique_path(dir: &Path, name: &str, extension: &str) -> std::path::PathBuf {
-    let mut path = dir.join(format!("{name}.{extension}"));
-    let mut n = 2;
-    while path.exists() {
-        path = dir.join(format!("{name}-{n}.{extension}"));
-        n += 1;
-    }
-    path
-}
-
-pub(crate) fn file_safe(name: &str) -> String {
-    name.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '_' || c == '.' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
 }
 
 /// Foreign keys whose rows reference nothing (PostgreSQL keeps them, but a script can disable

@@ -1,7 +1,7 @@
 //! A schema transaction's steps on an SQLite database file, for small setups and the demo.
 //!
 //! SQLite has no two-phase commit, so the phases mean a little less than on PostgreSQL (see
-//! `shard`): **prepare** runs everything (scripts, verify, `PRAGMA foreign_key_check`, history)
+//! the parent module): **prepare** runs everything (scripts, verify, `PRAGMA foreign_key_check`, history)
 //! in one transaction and rolls it back, a trial that must pass on every shard before the
 //! decision; **resolve** with commit runs it again in one `BEGIN IMMEDIATE` transaction and
 //! commits (answering "already committed" when the history says so); abort has nothing to undo.
@@ -17,15 +17,12 @@ use rewind_proto::v1::{ShardReport, StatementLog};
 use rewind_shared::names::truncate;
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::{ShardEngine, ShardStep, Unprepared, all_taken_effect, expect_standing};
+use super::{file_safe, refuse_unaccepted_loss, unique_path};
 use crate::AgentError;
 use crate::migrate::Migration;
 use crate::migrate::Recorded;
 use crate::schema::quoted_table;
-use crate::shard::{
-    ShardStep, all_taken_effect, display_version, expect_standing, file_safe, refuse_if_resolved,
-    refuse_unaccepted_loss, short, unique_path,
-};
-use crate::store::Store;
 
 /// How long a statement waits for another writer of the file.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -500,125 +497,123 @@ fn run(
     Ok(report)
 }
 
-/// Read only: standing, fingerprint, data at risk.
-pub fn check(
-    path: &Path,
-    history: &str,
-    step: &ShardStep,
-) -> Result<(String, ShardReport), AgentError> {
-    let table = quoted_table(history);
-    let connection = open(path)?;
-    // Immediate: a revert's trial writes, and must wait for the app's writers, not fail.
-    connection
-        .execute_batch("BEGIN IMMEDIATE")
-        .map_err(failed("begin"))?;
-    let result = (|| {
-        create_history(&connection, &table)?;
-        check_standing(&connection, &table, step)?;
-        let mut report = describe(&connection, &table)?;
-        if step.down {
-            report.data_loss = describe_loss(&data_at_risk(&connection, &table, step)?);
-        }
-        Ok::<_, AgentError>(report)
-    })();
-    let _ = connection.execute_batch("ROLLBACK");
-    let report = result?;
-    refuse_unaccepted_loss(step, &report.data_loss)?;
-    // No identity: every host names its own file, usually by the same path, so a path would
-    // look like one database shared by every shard.
-    let detail = format!(
-        "ready at version {}; fingerprint {}",
-        display_version(&report.version),
-        short(&report.fingerprint)
-    );
-    Ok((detail, report))
+/// One connection to a shard's SQLite file.
+pub struct Sqlite {
+    connection: Connection,
+    /// The schema history table, quoted.
+    table: String,
 }
 
-/// The trial run: everything in one transaction, rolled back.
-pub fn prepare(
-    path: &Path,
-    history: &str,
-    step: &ShardStep,
-    key: &str,
-    store: &Store,
-) -> Result<(String, ShardReport), AgentError> {
-    refuse_if_resolved(store, key, step)?;
-    let table = quoted_table(history);
-    let connection = open(path)?;
-    connection
-        .execute_batch("BEGIN IMMEDIATE")
-        .map_err(failed("begin"))?;
-    let result = run(&connection, &table, step, None);
-    let _ = connection.execute_batch("ROLLBACK");
-    let report = result?;
-    store.put_prepared_report(key, &report)?;
-    Ok((
-        format!(
-            "trial run passed and was rolled back ({} statements; SQLite has no two-phase commit: \
-             the commit runs it again); fingerprint after {}",
-            report.statements.len(),
-            truncate(&report.fingerprint, 19)
-        ),
-        report,
-    ))
-}
-
-/// Commit: run it again for real, in one transaction. Abort: nothing was kept.
-pub fn resolve(
-    path: &Path,
-    history: &str,
-    step: &ShardStep,
-    key: &str,
-    store: &Store,
-    exports: &Path,
-) -> Result<(String, ShardReport), AgentError> {
-    store.mark_resolved(key)?;
-    let table = quoted_table(history);
-    let connection = open(path)?;
-    if !step.commit {
-        return Ok((
-            format!(
-                "nothing of {} was kept here (its prepare was a trial run)",
-                step.txn_id
-            ),
-            describe(&connection, &table)?,
-        ));
+impl Sqlite {
+    pub fn open(path: &Path, history: &str) -> Result<Self, AgentError> {
+        Ok(Self {
+            connection: open(path)?,
+            table: quoted_table(history),
+        })
     }
-    connection
-        .execute_batch("BEGIN IMMEDIATE")
-        .map_err(failed("begin"))?;
-    create_history(&connection, &table)?;
-    if has_taken_effect(&connection, &table, step)? {
-        let _ = connection.execute_batch("ROLLBACK");
-        return Ok((
-            format!("{} was already committed", step.txn_id),
-            describe(&connection, &table)?,
-        ));
+
+    /// Runs `work` in a `BEGIN IMMEDIATE` transaction (a revert's trial writes, and must wait
+    /// for the app's writers, not fail) and rolls it back whatever happened.
+    fn trial<T>(
+        &self,
+        work: impl FnOnce(&Connection) -> Result<T, AgentError>,
+    ) -> Result<T, AgentError> {
+        self.connection
+            .execute_batch("BEGIN IMMEDIATE")
+            .map_err(failed("begin"))?;
+        let result = work(&self.connection);
+        let _ = self.connection.execute_batch("ROLLBACK");
+        result
     }
-    let result = run(&connection, &table, step, Some(exports));
-    let report = match result {
-        Ok(report) => report,
-        Err(error) => {
-            let _ = connection.execute_batch("ROLLBACK");
-            return Err(error);
-        }
-    };
-    connection
-        .execute_batch("COMMIT")
-        .map_err(failed("commit"))?;
-    Ok((format!("committed {}", step.txn_id), report))
 }
 
-pub fn verify(path: &Path, history: &str) -> Result<(String, ShardReport), AgentError> {
-    let table = quoted_table(history);
-    let connection = open(path)?;
-    let report = describe(&connection, &table)?;
-    let detail = format!(
-        "at version {}; fingerprint {}",
-        display_version(&report.version),
-        short(&report.fingerprint)
-    );
-    Ok((detail, report))
+impl ShardEngine for Sqlite {
+    fn holds_prepared(&self) -> bool {
+        false
+    }
+
+    fn check(&mut self, step: &ShardStep) -> Result<ShardReport, AgentError> {
+        let table = &self.table;
+        // No identity: every host names its own file, usually by the same path, so a path would
+        // look like one database shared by every shard.
+        self.trial(|connection| {
+            create_history(connection, table)?;
+            check_standing(connection, table, step)?;
+            let mut report = describe(connection, table)?;
+            if step.down {
+                report.data_loss = describe_loss(&data_at_risk(connection, table, step)?);
+            }
+            Ok(report)
+        })
+    }
+
+    fn is_prepared(&mut self, _prepared: &str) -> Result<bool, AgentError> {
+        Ok(false)
+    }
+
+    /// The trial run: everything in one transaction, rolled back; nothing is exported, as
+    /// nothing is destroyed until the commit runs it again.
+    fn prepare(
+        &mut self,
+        step: &ShardStep,
+        _prepared: &str,
+        _exports: &Path,
+        keep: &mut dyn FnMut(&ShardReport) -> Result<(), AgentError>,
+    ) -> Result<ShardReport, AgentError> {
+        let table = &self.table;
+        let report = self.trial(|connection| run(connection, table, step, None))?;
+        keep(&report)?;
+        Ok(report)
+    }
+
+    fn finish_prepared(&mut self, prepared: &str, _commit: bool) -> Result<(), AgentError> {
+        Err(refused(format!(
+            "SQLite holds no prepared transaction, yet {prepared} was found prepared"
+        )))
+    }
+
+    /// Runs it again for real, in one transaction, unless the history shows it done.
+    fn commit_unprepared(
+        &mut self,
+        step: &ShardStep,
+        exports: &Path,
+    ) -> Result<Unprepared, AgentError> {
+        let (connection, table) = (&self.connection, &self.table);
+        connection
+            .execute_batch("BEGIN IMMEDIATE")
+            .map_err(failed("begin"))?;
+        let result = (|| {
+            create_history(connection, table)?;
+            if has_taken_effect(connection, table, step)? {
+                return Ok(None);
+            }
+            run(connection, table, step, Some(exports)).map(Some)
+        })();
+        match result {
+            Ok(Some(report)) => {
+                connection
+                    .execute_batch("COMMIT")
+                    .map_err(failed("commit"))?;
+                Ok(Unprepared::Committed(report))
+            }
+            Ok(None) => {
+                let _ = connection.execute_batch("ROLLBACK");
+                Ok(Unprepared::AlreadyDone(self.describe()?))
+            }
+            Err(error) => {
+                let _ = connection.execute_batch("ROLLBACK");
+                Err(error)
+            }
+        }
+    }
+
+    fn describe(&mut self) -> Result<ShardReport, AgentError> {
+        describe(&self.connection, &self.table)
+    }
+
+    fn in_doubt(&mut self, _prefix: &str) -> Result<Vec<String>, AgentError> {
+        Ok(Vec::new())
+    }
 }
 
 /// The schema version fact for snapshots: `version (checksum)` or why there is none.
