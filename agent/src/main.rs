@@ -92,6 +92,10 @@ fn main() -> ExitCode {
     rewind_shared::config::private_umask();
     rewind_shared::logging::init("info");
     rewind_shared::tls::install_crypto_provider();
+    if let Err(error) = rewind_shared::failpoint::setup() {
+        eprintln!("error: {error}");
+        return ExitCode::FAILURE;
+    }
     let cli = Cli::parse();
     let Some(path) = cli.config.clone() else {
         eprintln!("error: --config (or REWIND_AGENT_CONFIG) is required");

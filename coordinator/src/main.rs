@@ -102,6 +102,10 @@ fn main() -> ExitCode {
     rewind_shared::config::private_umask();
     rewind_shared::logging::init("info");
     rewind_shared::tls::install_crypto_provider();
+    if let Err(error) = rewind_shared::failpoint::setup() {
+        eprintln!("error: {error}");
+        return ExitCode::FAILURE;
+    }
     let cli = Cli::parse();
     match cli.command {
         Some(Command::CheckConfig { ref path, no_files }) => check_config(path, no_files),

@@ -670,6 +670,9 @@ async fn binaries() -> anyhow::Result<[PathBuf; 3]> {
         ]);
         if bin_dir.ends_with("release") {
             build.arg("--release");
+        } else {
+            // As the tests build them, so neither rebuilds (or replaces) the other's binaries.
+            build.args(["--features", rewind_shared::failpoint::BUILD_FEATURES]);
         }
         let status = build.status().await.context("run cargo build")?;
         ensure!(

@@ -19,21 +19,25 @@ pub fn must_binary(name: &str) -> PathBuf {
     let release = profile_dir.ends_with("release");
     BUILD.call_once(|| {
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let status = Command::new(env!("CARGO"))
-            .current_dir(&workspace)
-            .args([
-                "build",
-                "--quiet",
-                "--bin",
-                "rewind-coordinator",
-                "--bin",
-                "rewind-agent",
-                "--bin",
-                "rewindctl",
-            ])
-            .args(release.then_some("--release"))
-            .status()
-            .expect("run cargo build");
+        let mut build = Command::new(env!("CARGO"));
+        build.current_dir(&workspace).args([
+            "build",
+            "--quiet",
+            "--bin",
+            "rewind-coordinator",
+            "--bin",
+            "rewind-agent",
+            "--bin",
+            "rewindctl",
+        ]);
+        if release {
+            // Benchmarks measure release builds as shipped, without crash points.
+            build.arg("--release");
+        } else {
+            // Debug builds carry the crash points the recovery tests arm.
+            build.args(["--features", rewind_shared::failpoint::BUILD_FEATURES]);
+        }
+        let status = build.status().expect("run cargo build");
         assert!(status.success(), "cargo build of the binaries failed");
     });
     let path = profile_dir.join(name);

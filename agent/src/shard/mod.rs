@@ -166,7 +166,7 @@ pub fn prepare(
     let report = engine.prepare(step, prepared, &exports, &mut |report| {
         store.put_prepared_report(prepared, report)
     })?;
-    rewind_shared::failpoint::crash_if_armed("agent.after-prepare");
+    rewind_shared::crash_point!("agent.after-prepare");
     let statements = report.statements.len();
     let detail = if engine.holds_prepared() {
         format!(

@@ -408,30 +408,31 @@ fn step_message(
     }
 }
 
-/// Crash points for recovery tests (`REWIND_FAILPOINTS`) at a schema transaction's phase
-/// boundaries, as the engine carries out what `decide()` chose (kept out of the pure function):
-/// before a prepare starts, before a decision is proposed, and once it is recorded, before a
-/// resolve starts.
+/// Crash points for recovery tests (`REWIND_FAILPOINTS`, compiled in only with the `failpoints`
+/// feature) at a schema transaction's phase boundaries, as the engine carries out what
+/// `decide()` chose (kept out of the pure function): before a prepare starts, before a decision
+/// is proposed, and once it is recorded, before a resolve starts.
 fn crash_point(action: &Action) {
-    let point = match action {
-        Action::Propose(CommandKind::DecideSchemaTxn { .. }) => "coordinator.before-decision",
+    match action {
+        Action::Propose(CommandKind::DecideSchemaTxn { .. }) => {
+            rewind_shared::crash_point!("coordinator.before-decision")
+        }
         Action::Propose(CommandKind::StepStarted {
             step:
                 StepTarget::Schema {
                     phase: ShardPhase::Prepare,
                     ..
                 },
-        }) => "coordinator.before-prepare",
+        }) => rewind_shared::crash_point!("coordinator.before-prepare"),
         Action::Propose(CommandKind::StepStarted {
             step:
                 StepTarget::Schema {
                     phase: ShardPhase::Resolve,
                     ..
                 },
-        }) => "coordinator.after-decision",
-        _ => return,
-    };
-    rewind_shared::failpoint::crash_if_armed(point);
+        }) => rewind_shared::crash_point!("coordinator.after-decision"),
+        _ => {}
+    }
 }
 
 #[cfg(test)]
