@@ -409,8 +409,8 @@ pub async fn agent_disk_fills(dir: &Path) -> anyhow::Result<()> {
     let change = client
         .list_changes(pb::ListChangesRequest {
             service: "web".into(),
-            limit: 1,
-            before: String::new(),
+            page_size: 1,
+            ..Default::default()
         })
         .await?
         .into_inner()

@@ -40,7 +40,8 @@ pub enum PolicyCommand {
         /// Refuse if the policy in force is no longer this one (its hash from `show`).
         #[arg(long, default_value = "")]
         expected_hash: String,
-        #[arg(long, default_value = "")]
+        /// Why (required: it goes into the audit log).
+        #[arg(long)]
         reason: String,
     },
 }

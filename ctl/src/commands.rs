@@ -94,21 +94,22 @@ pub enum Command {
     Demo(crate::demo::DemoArgs),
 }
 
-/// A page of a list: how many, and where it starts.
+/// A page of a list. Every list pages alike: `--page-size`, and the `--page-token` the
+/// previous page ended with (`--limit` and `--before` are the spellings before 0.3, hidden).
 #[derive(Clone, clap::Args)]
 pub struct PageArgs {
     /// At most this many (at most 1000).
-    #[arg(long, default_value_t = 100)]
-    pub limit: u32,
-    /// Only those older than this id (the previous page's last, as the list says).
-    #[arg(long, default_value = "")]
-    pub before: String,
+    #[arg(long, alias = "limit", default_value_t = 100)]
+    pub page_size: u32,
+    /// Continue where the previous page ended (the token it printed); empty: the first page.
+    #[arg(long, alias = "before", default_value = "")]
+    pub page_token: String,
 }
 
-/// Says how to get the next page, when there is one: the same command, filters and limit.
-pub(crate) fn next_page(command: &str, limit: u32, next_before: &str) {
-    if !next_before.is_empty() {
-        say!("(more: rewindctl {command} --limit {limit} --before {next_before})");
+/// Says how to get the next page, when there is one: the same command, filters and size.
+pub(crate) fn next_page(command: &str, page_size: u32, next_page_token: &str) {
+    if !next_page_token.is_empty() {
+        say!("(more: rewindctl {command} --page-size {page_size} --page-token {next_page_token})");
     }
 }
 
@@ -150,7 +151,9 @@ async fn execute(
 ) -> anyhow::Result<ExitCode> {
     let client = &mut *client;
     match command {
-        Command::Fleet(FleetCommand::List) => crate::cmd::fleet::fleet_list(client, format).await,
+        Command::Fleet(FleetCommand::List { page }) => {
+            crate::cmd::fleet::fleet_list(client, format, page).await
+        }
         Command::Host(command) => crate::hosts::run(client, format, command).await,
         Command::Service(command) => crate::cmd::service::service(client, format, command).await,
         Command::Release(command) => crate::cmd::release::release(client, format, command).await,
@@ -233,5 +236,69 @@ mod tests {
         assert!(!rollback_help.contains("status"), "{rollback_help}");
         // What is audited needs a reason.
         assert!(Cli::try_parse_from(["rewindctl", "rollback", "abort", "rb-1"]).is_err());
+    }
+
+    #[test]
+    fn every_action_that_is_audited_needs_a_reason() {
+        let actions = [
+            "change start web v2",
+            "rollback start ch-1",
+            "rollback pause rb-1",
+            "rollback resume rb-1",
+            "rollback abort rb-1",
+            "rollback skip-host rb-1 web-1",
+            "rollback isolate rb-1 web",
+            "flag set web f on",
+            "flag kill web f",
+            "trigger reset-breaker",
+            "request approve req-1 --plan-hash h",
+            "request deny req-1",
+            "request review req-1",
+            "access policy apply policy.toml",
+            "join-token create --kind user --name carol",
+            "join-token revoke jt-1",
+            "host forget web-1",
+            "schema resolved st-1 --shard db-1",
+            "cluster transfer-leader 2",
+            "cluster add 4 --address a:1",
+            "cluster remove 4",
+            "cluster upgrade-finalize",
+        ];
+        for action in actions {
+            let line = format!("rewindctl {action}");
+            let error = match Cli::try_parse_from(line.split(' ')) {
+                Ok(_) => panic!("{action}: accepted without --reason"),
+                Err(error) => error.to_string(),
+            };
+            assert!(error.contains("--reason"), "{action}: {error}");
+            Cli::try_parse_from(format!("{line} --reason why").split(' '))
+                .unwrap_or_else(|error| panic!("{action} --reason why: {error}"));
+        }
+    }
+
+    #[test]
+    fn every_list_pages_alike_and_the_old_page_flags_still_parse() {
+        for list in ["host list", "change list", "rollback list", "audit list"] {
+            let line = format!("rewindctl {list} --page-size 5 --page-token t");
+            Cli::try_parse_from(line.split(' ')).unwrap_or_else(|error| panic!("{line}: {error}"));
+        }
+        for old in [
+            "rewindctl change list --limit 5 --before ch-3",
+            "rewindctl rollback list --limit 5 --before rb-3",
+            "rewindctl audit list --from 7 --limit 5",
+            "rewindctl trigger list --limit 5",
+        ] {
+            Cli::try_parse_from(old.split(' ')).unwrap_or_else(|error| panic!("{old}: {error}"));
+        }
+        let help = Cli::command()
+            .find_subcommand_mut("change")
+            .and_then(|change| change.find_subcommand_mut("list"))
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        assert!(
+            help.contains("--page-token") && !help.contains("--before"),
+            "{help}"
+        );
     }
 }

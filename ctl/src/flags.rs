@@ -24,7 +24,8 @@ pub enum FlagCommand {
         /// Environment (default: `default`).
         #[arg(long = "env", default_value = "")]
         environment: String,
-        #[arg(long, default_value = "")]
+        /// Why (required: it goes into the audit log).
+        #[arg(long)]
         reason: String,
     },
     /// Show one flag; exit 1 when it is not set.
@@ -48,6 +49,7 @@ pub enum FlagCommand {
         flag: String,
         #[arg(long = "env", default_value = "")]
         environment: String,
+        /// Why (required: it goes into the audit log).
         #[arg(long)]
         reason: String,
     },

@@ -12,8 +12,11 @@ use crate::output::{Format, json, time};
 
 #[derive(Clone, Subcommand)]
 pub enum HostCommand {
-    /// Registered hosts, whether connected, and their latest health.
-    List,
+    /// Registered hosts, whether connected, and their latest health, a page at a time.
+    List {
+        #[command(flatten)]
+        page: crate::commands::PageArgs,
+    },
     /// Compare two hosts' services: release, release digest, config files (content, mode,
     /// owner) and facts (unit, packages, container image). Exit 1 when they differ.
     Diff {
@@ -55,7 +58,7 @@ pub async fn run(
     command: HostCommand,
 ) -> anyhow::Result<ExitCode> {
     match command {
-        HostCommand::List => crate::cmd::fleet::fleet_list(client, format).await,
+        HostCommand::List { page } => crate::cmd::fleet::fleet_list(client, format, page).await,
         HostCommand::Diff {
             first,
             second,

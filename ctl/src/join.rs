@@ -37,7 +37,8 @@ pub enum JoinTokenCommand {
         /// A group the issued certificates carry (users and automation); at most two.
         #[arg(long)]
         group: Vec<String>,
-        #[arg(long, default_value = "")]
+        /// Why (required: it goes into the audit log).
+        #[arg(long)]
         reason: String,
     },
     /// Tokens, newest first, with who used them.
@@ -45,7 +46,8 @@ pub enum JoinTokenCommand {
     /// Make a token unusable at once.
     Revoke {
         token_id: String,
-        #[arg(long, default_value = "")]
+        /// Why (required: it goes into the audit log).
+        #[arg(long)]
         reason: String,
     },
 }

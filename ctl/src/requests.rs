@@ -26,18 +26,21 @@ pub enum RequestCommand {
         request_id: String,
         #[arg(long)]
         plan_hash: String,
-        #[arg(long, default_value = "")]
+        /// Why (required: it goes into the audit log).
+        #[arg(long)]
         reason: String,
     },
     /// Refuse it: it will not run.
     Deny {
         request_id: String,
+        /// Why (required: it goes into the audit log).
         #[arg(long)]
         reason: String,
     },
     /// Review a break-glass rollback afterwards (someone other than who ran it).
     Review {
         request_id: String,
+        /// Why (required: it goes into the audit log).
         #[arg(long)]
         reason: String,
     },

@@ -11,7 +11,10 @@ cd "$(dirname "$0")/../.."
 profile="${1:-release}"
 case "$profile" in
   release) cargo build --release --bin rewind-coordinator --bin rewind-agent --bin rewindctl ;;
-  debug) cargo build --bin rewind-coordinator --bin rewind-agent --bin rewindctl ;;
+  # Debug builds carry the crash points, as the tests build them (rewind_shared::failpoint::
+  # BUILD_FEATURES), so building an image does not replace the tests' binaries with others.
+  debug) cargo build --features rewind-coordinator/failpoints,rewind-agent/failpoints \
+    --bin rewind-coordinator --bin rewind-agent --bin rewindctl ;;
   *) echo "usage: $0 [release|debug]" >&2; exit 64 ;;
 esac
 

@@ -53,8 +53,8 @@ pub async fn must_list_audit(
     client
         .clone()
         .list_audit(rewind_proto::v1::ListAuditRequest {
-            from_index: 0,
-            limit: 1000,
+            page_size: 1000,
+            ..Default::default()
         })
         .await
         .expect("list the audit log")

@@ -5,7 +5,7 @@ use std::time::Duration;
 use rewind_proto::v1 as pb;
 use rewind_tests::{
     Coordinator, TestHost, config_for, must_agents_connected, must_change, must_change_where,
-    must_register_web, must_rollback_end,
+    must_register_web, must_rollback_end, run_ok,
 };
 
 async fn must_setup(
@@ -34,7 +34,7 @@ async fn must_setup(
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_health_after_a_change_rolls_every_host_back_to_its_exact_state() {
     let dir = tempfile::tempdir().unwrap();
-    let (_coordinator, hosts, mut client) = must_setup(dir.path(), &["web-1", "web-2"], true).await;
+    let (coordinator, hosts, mut client) = must_setup(dir.path(), &["web-1", "web-2"], true).await;
 
     let first = must_change(&mut client, "v1").await;
     must_change_where(&client, &first, "v1 deployed", |change| {
@@ -116,7 +116,7 @@ async fn bad_health_after_a_change_rolls_every_host_back_to_its_exact_state() {
     let again = pb::StartRollbackRequest {
         request_id: "again".into(),
         change_id: second.clone(),
-        reason: String::new(),
+        reason: "again".into(),
         max_parallel: 0,
         ..Default::default()
     };
@@ -125,31 +125,49 @@ async fn bad_health_after_a_change_rolls_every_host_back_to_its_exact_state() {
 
     // Lists go newest first, a page at a time; a listed rollback comes without its steps.
     let mut pages = Vec::new();
-    let mut before = String::new();
+    let mut page_token = String::new();
     loop {
         let page = client
             .list_changes(pb::ListChangesRequest {
                 service: "web".into(),
-                limit: 1,
-                before: before.clone(),
+                page_size: 1,
+                page_token: page_token.clone(),
+                ..Default::default()
             })
             .await
             .unwrap()
             .into_inner();
         pages.extend(page.changes.into_iter().map(|change| change.change_id));
-        if page.next_before.is_empty() {
+        if page.next_page_token.is_empty() {
             break;
         }
-        before = page.next_before;
+        page_token = page.next_page_token;
     }
     assert_eq!(pages, vec![second.clone(), first.clone()]);
+    // rewindctl pages alike and says how to ask for the next page.
+    let page =
+        run_ok(&coordinator.rewindctl(&["change", "list", "--service", "web", "--page-size", "1"]));
+    let more =
+        format!("(more: rewindctl change list --service web --page-size 1 --page-token {second})");
+    assert!(page.contains(&second) && page.contains(&more), "{page}");
+    let last = run_ok(&coordinator.rewindctl(&[
+        "change",
+        "list",
+        "--service",
+        "web",
+        "--page-size",
+        "1",
+        "--page-token",
+        &second,
+    ]));
+    assert!(last.contains(&first) && !last.contains("(more:"), "{last}");
     let listed = client
         .list_rollbacks(pb::ListRollbacksRequest::default())
         .await
         .unwrap()
         .into_inner();
     assert_eq!(listed.rollbacks.len(), 1);
-    assert!(listed.rollbacks[0].steps.is_empty() && listed.next_before.is_empty());
+    assert!(listed.rollbacks[0].steps.is_empty() && listed.next_page_token.is_empty());
 
     let verification = client
         .verify_audit(pb::VerifyAuditRequest {})
@@ -159,8 +177,8 @@ async fn bad_health_after_a_change_rolls_every_host_back_to_its_exact_state() {
     assert!(verification.ok, "{verification:?}");
     let audit = client
         .list_audit(pb::ListAuditRequest {
-            from_index: 1,
-            limit: 1000,
+            page_size: 1000,
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -84,8 +84,8 @@ async fn clients_without_a_certificate_or_from_another_ca_are_refused() {
         .unwrap();
     let audit = client
         .list_audit(pb::ListAuditRequest {
-            from_index: 1,
-            limit: 10,
+            page_size: 10,
+            ..Default::default()
         })
         .await
         .unwrap()

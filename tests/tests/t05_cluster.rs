@@ -106,8 +106,8 @@ async fn a_rollback_survives_the_leader_being_killed_and_no_step_runs_twice() {
     assert_eq!(handed_to, old_leader);
     let audit = client
         .list_audit(pb::ListAuditRequest {
-            from_index: 1,
-            limit: 1000,
+            page_size: 1000,
+            ..Default::default()
         })
         .await
         .unwrap()

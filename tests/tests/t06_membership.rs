@@ -122,14 +122,18 @@ async fn a_member_joins_is_promoted_and_a_founder_is_removed() {
             "region",
         ),
     ];
-    for (args, expected) in refusals {
+    for (mut args, expected) in refusals {
+        args.extend(["--reason", "test"]);
         let output = cluster.rewindctl(leader, &args);
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(!output.status.success(), "{args:?} succeeded");
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
     let leader_id = leader.to_string();
-    let output = cluster.rewindctl(leader, &["cluster", "remove", &leader_id]);
+    let output = cluster.rewindctl(
+        leader,
+        &["cluster", "remove", &leader_id, "--reason", "test"],
+    );
     assert!(
         String::from_utf8_lossy(&output.stderr).contains("transfer-leader"),
         "{output:?}"
@@ -185,8 +189,8 @@ async fn a_member_joins_is_promoted_and_a_founder_is_removed() {
     .await;
     let audit = client
         .list_audit(pb::ListAuditRequest {
-            from_index: 1,
-            limit: 1000,
+            page_size: 1000,
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -232,7 +232,7 @@ async fn a_plan_reverts_consumers_first_region_by_region_and_a_failing_gate_esca
         text.contains("reverting api to v1 (API 1) breaks web v2, which needs api API 2"),
         "{text}"
     );
-    let refused = coordinator.rewindctl(&["rollback", "start", "ch-5"]);
+    let refused = coordinator.rewindctl(&["rollback", "start", "ch-5", "--reason", "test"]);
     assert!(!refused.status.success());
     assert!(
         String::from_utf8_lossy(&refused.stderr).contains("the plan would break consumers"),
@@ -319,7 +319,7 @@ async fn a_plan_reverts_consumers_first_region_by_region_and_a_failing_gate_esca
     let stale_hash = format!("sha256:{}", "0".repeat(64));
     let stale = coordinator.rewindctl(
         &[
-            &["rollback", "start", "--plan-hash"][..],
+            &["rollback", "start", "--reason", "test", "--plan-hash"][..],
             &[stale_hash.as_str()][..],
             &selection[..],
         ]

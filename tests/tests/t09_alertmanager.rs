@@ -63,7 +63,10 @@ async fn trigger_count(
 ) -> usize {
     client
         .clone()
-        .list_triggers(pb::ListTriggersRequest { limit: 1000 })
+        .list_triggers(pb::ListTriggersRequest {
+            page_size: 1000,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
@@ -252,7 +255,10 @@ silence-lease-s = 30
 
     // Alertmanager may notify again; the change is already rolled back, so nothing more starts.
     let triggers = client
-        .list_triggers(pb::ListTriggersRequest { limit: 10 })
+        .list_triggers(pb::ListTriggersRequest {
+            page_size: 10,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();

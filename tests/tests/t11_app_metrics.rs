@@ -68,15 +68,6 @@ async fn start_service_metrics(hosts: &[&TestHost]) -> String {
     address
 }
 
-fn run_ok(output: std::process::Output) -> String {
-    assert!(
-        output.status.success(),
-        "rewindctl failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn an_error_ratio_breach_from_the_apps_own_metrics_rolls_back_and_the_gate_holds_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -97,7 +88,7 @@ async fn an_error_ratio_breach_from_the_apps_own_metrics_rolls_back_and_the_gate
     must_agents_connected(&client, 2).await;
     must_register_web(&mut client, &hosts[0], true).await;
     // Probes alone never trigger (a ratio cannot exceed 1): only the app's error ratio can.
-    run_ok(coordinator.rewindctl(&[
+    run_ok(&coordinator.rewindctl(&[
         "service",
         "set",
         "web",
@@ -119,7 +110,7 @@ async fn an_error_ratio_breach_from_the_apps_own_metrics_rolls_back_and_the_gate
     // (4 s) come in first; what `service show` shows before then may predate v1.
     tokio::time::sleep(Duration::from_secs(4)).await;
     let health = must_wait(Duration::from_secs(60), "v1's figures", || {
-        let text = run_ok(coordinator.rewindctl(&["service", "show", "web"]));
+        let text = run_ok(&coordinator.rewindctl(&["service", "show", "web"]));
         text.contains("from its own metrics: error ratio 0.010")
             .then_some(text)
     });
@@ -164,7 +155,7 @@ async fn an_error_ratio_breach_from_the_apps_own_metrics_rolls_back_and_the_gate
         "the report to show web back",
         || {
             let report =
-                run_ok(coordinator.rewindctl(&["rollback", "explain", &change.rollback_id]));
+                run_ok(&coordinator.rewindctl(&["rollback", "explain", &change.rollback_id]));
             report
                 .lines()
                 .any(|line| {

@@ -65,8 +65,8 @@ async fn a_change_applies_migrations_on_four_shards_and_its_rollback_reverts_the
     let audit = shards
         .client
         .list_audit(pb::ListAuditRequest {
-            from_index: 0,
-            limit: 1000,
+            page_size: 1000,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -278,7 +278,7 @@ async fn edited_scripts_and_data_loss_are_refused_before_anything_changes() {
         rows, "id,customer_id,amount,discount\n2,2,20.00,1.25\n",
         "{rows}"
     );
-    let audit = shards.rewindctl(&["audit", "list", "--limit", "1000"]);
+    let audit = shards.rewindctl(&["audit", "list", "--page-size", "1000"]);
     assert!(
         audit.contains("data loss accepted: discounts were a test campaign"),
         "{audit}"

@@ -64,7 +64,10 @@ async fn must_redeploy_v2(client: &mut ControlServiceClient<Channel>, round: u32
 /// How many triggers are recorded.
 async fn trigger_count(client: &mut ControlServiceClient<Channel>) -> usize {
     client
-        .list_triggers(pb::ListTriggersRequest { limit: 1000 })
+        .list_triggers(pb::ListTriggersRequest {
+            page_size: 1000,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
@@ -75,7 +78,10 @@ async fn trigger_count(client: &mut ControlServiceClient<Channel>) -> usize {
 /// The latest recorded trigger's outcome and detail.
 async fn latest_trigger(client: &mut ControlServiceClient<Channel>) -> (String, String) {
     let triggers = client
-        .list_triggers(pb::ListTriggersRequest { limit: 1000 })
+        .list_triggers(pb::ListTriggersRequest {
+            page_size: 1000,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()

@@ -370,8 +370,8 @@ async fn a_scoped_role_acts_and_reads_only_in_its_environment_and_refusals_are_a
             async move {
                 let entries = admin
                     .list_audit(pb::ListAuditRequest {
-                        from_index: 1,
-                        limit: 1000,
+                        page_size: 1000,
+                        ..Default::default()
                     })
                     .await
                     .ok()?
@@ -414,6 +414,7 @@ async fn a_policy_that_leaves_no_admin_or_has_changed_since_it_was_read_is_refus
     let refused = admin
         .apply_policy(pb::ApplyPolicyRequest {
             toml: no_admin,
+            reason: "test".into(),
             ..Default::default()
         })
         .await
@@ -428,6 +429,7 @@ async fn a_policy_that_leaves_no_admin_or_has_changed_since_it_was_read_is_refus
         .apply_policy(pb::ApplyPolicyRequest {
             toml: POLICY.into(),
             expected_hash: before.hash.clone(),
+            reason: "test".into(),
             ..Default::default()
         })
         .await
@@ -443,6 +445,7 @@ async fn a_policy_that_leaves_no_admin_or_has_changed_since_it_was_read_is_refus
         .apply_policy(pb::ApplyPolicyRequest {
             toml: POLICY.into(),
             expected_hash: before.hash,
+            reason: "test".into(),
             ..Default::default()
         })
         .await
@@ -485,6 +488,7 @@ async fn only_a_member_in_the_configuration_speaks_raft_and_only_as_itself() {
         address: "127.0.0.1:1".into(),
         name: "web-2".into(),
         learner_only: true,
+        reason: "test".into(),
         ..Default::default()
     };
     let refused = pb::control_service_client::ControlServiceClient::new(agent.clone())
@@ -548,6 +552,7 @@ async fn only_a_member_in_the_configuration_speaks_raft_and_only_as_itself() {
             member_id: 7,
             address: coordinator.address.clone(),
             learner_only: true,
+            reason: "test".into(),
             ..Default::default()
         })
         .await
@@ -585,6 +590,7 @@ async fn a_webhook_acts_as_its_automation_identity_and_only_where_bound() {
     admin
         .apply_policy(pb::ApplyPolicyRequest {
             toml: policy,
+            reason: "test".into(),
             ..Default::default()
         })
         .await
@@ -612,7 +618,10 @@ async fn a_webhook_acts_as_its_automation_identity_and_only_where_bound() {
     let (status, answer) = ask("staging").await;
     assert_eq!(status, 200, "{answer}");
     let triggers = admin
-        .list_triggers(pb::ListTriggersRequest { limit: 10 })
+        .list_triggers(pb::ListTriggersRequest {
+            page_size: 10,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
@@ -829,6 +838,7 @@ async fn a_staging_operator_neither_sees_nor_reverts_prod_changes() {
         .clone()
         .apply_policy(pb::ApplyPolicyRequest {
             toml: policy,
+            reason: "test".into(),
             ..Default::default()
         })
         .await

@@ -90,7 +90,15 @@ async fn must_deploy_approved(
         let own = rewindctl_as(
             coordinator,
             "alice",
-            &["request", "approve", &id, "--plan-hash", &hash],
+            &[
+                "request",
+                "approve",
+                &id,
+                "--plan-hash",
+                &hash,
+                "--reason",
+                "ok",
+            ],
         );
         must_fail_with(&own, "the requester cannot approve");
     }
@@ -98,7 +106,15 @@ async fn must_deploy_approved(
         run_ok(&rewindctl_as(
             coordinator,
             approver,
-            &["request", "approve", &id, "--plan-hash", &hash],
+            &[
+                "request",
+                "approve",
+                &id,
+                "--plan-hash",
+                &hash,
+                "--reason",
+                "ok",
+            ],
         ));
     }
     let change_id = request_json(coordinator, "bob", &id)["changeId"]
@@ -201,7 +217,7 @@ async fn a_prod_rollback_waits_for_two_other_approvers_and_break_glass_escalates
             "alice",
             &["change", "start", "web", "v2", "--break-glass"],
         ),
-        "say why break-glass is needed",
+        "--reason",
     );
     let bad = must_deploy_approved(&coordinator, &admin, "v2", true).await;
 
@@ -329,7 +345,15 @@ async fn a_prod_rollback_waits_for_two_other_approvers_and_break_glass_escalates
     let lapsed = rewindctl_as(
         &coordinator,
         "bob",
-        &["request", "approve", "req-4", "--plan-hash", &hash],
+        &[
+            "request",
+            "approve",
+            "req-4",
+            "--plan-hash",
+            &hash,
+            "--reason",
+            "ok",
+        ],
     );
     must_fail_with(&lapsed, "lapsed with 0 of 2 approvals");
     assert_eq!(
@@ -363,7 +387,15 @@ async fn a_prod_rollback_waits_for_two_other_approvers_and_break_glass_escalates
         &rewindctl_as(
             &coordinator,
             "bob",
-            &["request", "approve", "req-7", "--plan-hash", &hash],
+            &[
+                "request",
+                "approve",
+                "req-7",
+                "--plan-hash",
+                &hash,
+                "--reason",
+                "ok",
+            ],
         ),
         "it is denied: denied by user:carol",
     );
@@ -394,7 +426,7 @@ async fn a_prod_rollback_waits_for_two_other_approvers_and_break_glass_escalates
         .unwrap_err();
     assert_eq!(blank.code(), Code::InvalidArgument, "{blank:?}");
     assert!(
-        blank.message().contains("break-glass needs a reason"),
+        blank.message().contains("say why you roll back"),
         "{blank:?}"
     );
     let started = run_ok(&rewindctl_as(

@@ -110,6 +110,7 @@ async fn an_agent_joins_with_a_token_and_renews_before_expiry_without_a_restart(
             name_pattern: "web-*".into(),
             environment: "prod".into(),
             ttl_s: 600,
+            reason: "test".into(),
             ..Default::default()
         },
     )
@@ -208,6 +209,7 @@ async fn joins_outside_a_tokens_scope_or_life_are_refused_naming_why() {
             kind: "user".into(),
             name_pattern: "alice".into(),
             groups: vec!["sre".into()],
+            reason: "test".into(),
             ..Default::default()
         },
     )
@@ -280,6 +282,7 @@ async fn joins_outside_a_tokens_scope_or_life_are_refused_naming_why() {
         pb::CreateJoinTokenRequest {
             kind: "agent".into(),
             name_pattern: "web-1".into(),
+            reason: "test".into(),
             ..Default::default()
         },
     )
@@ -294,6 +297,7 @@ async fn joins_outside_a_tokens_scope_or_life_are_refused_naming_why() {
             name_pattern: "web-*".into(),
             environment: "staging".into(),
             uses: 5,
+            reason: "test".into(),
             ..Default::default()
         },
     )
@@ -314,6 +318,7 @@ async fn joins_outside_a_tokens_scope_or_life_are_refused_naming_why() {
             kind: "agent".into(),
             name_pattern: "web-*".into(),
             ttl_s: 1,
+            reason: "test".into(),
             ..Default::default()
         },
     )
@@ -329,6 +334,7 @@ async fn joins_outside_a_tokens_scope_or_life_are_refused_naming_why() {
         pb::CreateJoinTokenRequest {
             kind: "agent".into(),
             name_pattern: "web-*".into(),
+            reason: "test".into(),
             ..Default::default()
         },
     )
@@ -362,6 +368,7 @@ async fn joins_outside_a_tokens_scope_or_life_are_refused_naming_why() {
                 kind: kind.into(),
                 name_pattern: name_pattern.into(),
                 environment: environment.into(),
+                reason: "test".into(),
                 ..Default::default()
             })
             .await
@@ -389,6 +396,7 @@ async fn a_host_that_joined_for_prod_cannot_register_elsewhere() {
             kind: "agent".into(),
             name_pattern: "db-1".into(),
             environment: "prod".into(),
+            reason: "test".into(),
             ..Default::default()
         },
     )
@@ -429,6 +437,8 @@ async fn a_person_joins_and_renews_with_rewindctl_and_a_revoked_one_cannot_renew
         "carol",
         "--ttl",
         "5m",
+        "--reason",
+        "carol joins",
     ]));
     let zero = coordinator.rewindctl(&[
         "join-token",
@@ -439,6 +449,8 @@ async fn a_person_joins_and_renews_with_rewindctl_and_a_revoked_one_cannot_renew
         "carol",
         "--ttl",
         "0s",
+        "--reason",
+        "carol joins",
     ]);
     assert!(
         !zero.status.success()

@@ -123,7 +123,7 @@ pub async fn add_member(
             ));
         }
     };
-    let reason = reason_or_default(request.reason, identity);
+    let reason = request.reason;
     let known = context.directory.members();
     if let Some(clash) = known
         .iter()
@@ -186,11 +186,14 @@ pub async fn remove_member(
     identity: &str,
     request: pb::RemoveMemberRequest,
 ) -> Result<(), Status> {
-    super::validate::validate_reason(&request.reason)?;
+    super::validate::required_reason(
+        &request.reason,
+        "say why the member leaves: it goes into the audit log",
+    )?;
     let Some(member) = context.directory.get(request.member_id) else {
         return Err(not_a_member(context, request.member_id));
     };
-    let reason = reason_or_default(request.reason, identity);
+    let reason = request.reason;
     propose(
         context,
         identity,
@@ -305,21 +308,16 @@ fn member_record(request: &pb::AddMemberRequest) -> Result<MemberRecord, Status>
         request.name.clone()
     };
     names::validate_name("name", &name).map_err(|error| to_status(error.into()))?;
-    super::validate::validate_reason(&request.reason)?;
+    super::validate::required_reason(
+        &request.reason,
+        "say why the member joins: it goes into the audit log",
+    )?;
     Ok(MemberRecord {
         id: request.member_id,
         address: address.clone(),
         region: request.region.clone(),
         name,
     })
-}
-
-fn reason_or_default(reason: String, identity: &str) -> String {
-    if reason.is_empty() {
-        format!("requested by {identity}")
-    } else {
-        reason
-    }
 }
 
 fn is_learner(context: &Context, id: u64) -> bool {

@@ -15,7 +15,7 @@ use tonic::Status;
 
 use super::Context;
 use super::status::{invalid, to_status};
-use super::validate::{parse_id, validate_reason};
+use super::validate::{parse_id, required_reason};
 use crate::access::Caller;
 use crate::errors::CoordinatorError;
 use crate::state_machine::join_tokens::{DEFAULT_TOKEN_TTL_MS, MAX_TOKEN_TTL_MS, MAX_TOKEN_USES};
@@ -310,15 +310,14 @@ pub async fn create_token(
     request: pb::CreateJoinTokenRequest,
 ) -> Result<pb::CreateJoinTokenResponse, Status> {
     let scope = scope(&request)?;
-    validate_reason(&request.reason)?;
+    required_reason(
+        &request.reason,
+        "say what the token is for: it goes into the token and the audit log",
+    )?;
     let mut secret = [0u8; SECRET_BYTES];
     rand::fill(&mut secret);
     let secret = hex::encode(secret);
-    let reason = if request.reason.trim().is_empty() {
-        format!("created by {}", caller.id())
-    } else {
-        request.reason
-    };
+    let reason = request.reason;
     let request_id_shown = request.request_id.clone();
     let kind = CommandKind::CreateJoinToken {
         secret_sha256: secret_hash(&secret),
@@ -381,12 +380,11 @@ pub async fn revoke_token(
     request: pb::RevokeJoinTokenRequest,
 ) -> Result<pb::JoinToken, Status> {
     let number = parse_id("token_id", "jt", &request.token_id)?;
-    validate_reason(&request.reason)?;
-    let reason = if request.reason.trim().is_empty() {
-        format!("revoked by {}", caller.id())
-    } else {
-        request.reason
-    };
+    required_reason(
+        &request.reason,
+        "say why the token is revoked: it goes into the audit log",
+    )?;
+    let reason = request.reason;
     context
         .propose(
             &caller.id(),

@@ -41,8 +41,10 @@ pub async fn apply(
             ),
         ));
     }
-    // One check for every reason: it reaches terminals and the audit log.
-    super::validate::validate_reason(&request.reason)?;
+    super::validate::required_reason(
+        &request.reason,
+        "say why the policy changes: it goes into the audit log",
+    )?;
     if !request.expected_hash.is_empty()
         && (request.expected_hash.len() != 64
             || !request.expected_hash.chars().all(|c| c.is_ascii_hexdigit()))

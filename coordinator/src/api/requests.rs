@@ -7,7 +7,7 @@ use rewind_proto::v1 as pb;
 use tonic::Status;
 
 use super::status::{invalid, to_status};
-use super::validate::{parse_id, validate_reason};
+use super::validate::{parse_id, required_reason};
 use super::{Context, convert, targets};
 use crate::access::Caller;
 use crate::errors::CoordinatorError;
@@ -86,13 +86,10 @@ pub async fn decide(
     request: pb::RequestDecision,
 ) -> Result<pb::ApprovalRequest, Status> {
     let number = parse_id("request_id", "req", &request.request_id)?;
-    validate_reason(&request.reason)?;
-    if request.reason.trim().is_empty() && decision != RequestDecision::Approve {
-        return Err(invalid(
-            "reason",
-            "say why: it goes into the audit log and the request",
-        ));
-    }
+    required_reason(
+        &request.reason,
+        "say why: it goes into the audit log and the request",
+    )?;
     if decision == RequestDecision::Approve {
         if request.plan_hash.is_empty() {
             return Err(invalid(

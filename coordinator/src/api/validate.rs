@@ -18,10 +18,10 @@ pub(super) const MAX_SYNTHETICS: usize = 16;
 pub(super) const MAX_FLAGS_PER_CHANGE: usize = 64;
 /// Longest `InspectHostRequest.compare_token`.
 pub(super) const MAX_COMPARE_TOKEN_BYTES: usize = 64;
-/// The most audit entries, changes or rollbacks one list answer holds.
+/// The most audit entries, changes, rollbacks or triggers one list answer holds.
 pub(super) const MAX_LIST_PAGE: u32 = 1000;
-/// The most hosts one `ListHosts` page holds.
-pub(super) const MAX_HOSTS_PER_PAGE: usize = 1000;
+/// A list page's size when the request names none.
+pub(super) const DEFAULT_LIST_PAGE: usize = 100;
 /// About the most bytes one `ListHosts` page holds (a single host larger than this still
 /// gets a page of its own: its report is bounded well under the message limit).
 pub(super) const MAX_LIST_PAGE_BYTES: usize = 2 << 20;
@@ -320,27 +320,47 @@ pub(super) fn validate_reason(reason: &str) -> Result<(), Status> {
     Ok(())
 }
 
-/// A list page's size (0: 100, at most 1000) and the number below which it starts (`before`,
-/// an id like `ch-12`; empty: from the newest).
-pub(super) fn page(limit: u32, prefix: &str, before: &str) -> Result<(usize, u64), Status> {
-    let limit = page_limit(limit)?;
-    let before = if before.is_empty() {
-        u64::MAX
-    } else {
-        parse_id("before", prefix, before)?
-    };
-    Ok((limit, before))
+/// One paging style for every list (as Google's AIP-158): `page_size` and the previous page's
+/// `next_page_token` as `page_token`. The names before 0.3 (`limit`, `before`, `from_index`)
+/// are still read when the new ones are unset, for one release.
+pub(super) struct PageRequest<'a> {
+    pub size: u32,
+    pub legacy_size: u32,
+    pub token: &'a str,
+    pub legacy_token: (&'static str, &'a str),
 }
 
-/// A page's size: 0 means 100, at most [`MAX_LIST_PAGE`] (audit entries, changes, rollbacks).
-pub(super) fn page_limit(limit: u32) -> Result<usize, Status> {
-    match limit {
-        0 => Ok(100),
-        limit if limit > MAX_LIST_PAGE => Err(invalid(
-            "limit",
-            format!("is {limit}, at most {MAX_LIST_PAGE} are returned at once"),
-        )),
-        limit => Ok(limit as usize),
+impl PageRequest<'_> {
+    /// The page's size: 0 means 100, at most [`MAX_LIST_PAGE`].
+    pub fn size(&self) -> Result<usize, Status> {
+        let (field, size) = match self.size {
+            0 => ("limit", self.legacy_size),
+            size => ("page_size", size),
+        };
+        match size {
+            0 => Ok(DEFAULT_LIST_PAGE),
+            size if size > MAX_LIST_PAGE => Err(invalid(
+                field,
+                format!("is {size}, at most {MAX_LIST_PAGE} are returned at once"),
+            )),
+            size => Ok(size as usize),
+        }
+    }
+
+    /// The token the page continues from (the field it came in, and its text); empty: the first.
+    pub fn token(&self) -> (&'static str, &str) {
+        match self.token {
+            "" => self.legacy_token,
+            token => ("page_token", token),
+        }
+    }
+
+    /// For lists newest first by number (`ch-12`): the number below which the page starts.
+    pub fn before(&self, prefix: &str) -> Result<u64, Status> {
+        match self.token() {
+            (_, "") => Ok(u64::MAX),
+            (field, token) => parse_id(field, prefix, token),
+        }
     }
 }
 

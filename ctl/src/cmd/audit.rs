@@ -10,13 +10,14 @@ use crate::output::{Format, json, table, time};
 
 #[derive(Clone, Subcommand)]
 pub enum AuditCommand {
-    /// Audit entries in order, from an index, a page at a time.
+    /// Audit entries in order, oldest first, a page at a time (`--page-token N` starts at entry
+    /// N, numbered from 1).
     List {
-        /// First entry (numbered from 1).
-        #[arg(long, default_value_t = 1)]
-        from: u64,
-        #[arg(long, default_value_t = 100)]
-        limit: u32,
+        #[command(flatten)]
+        page: crate::commands::PageArgs,
+        /// The spelling before 0.3 of `--page-token N`.
+        #[arg(long, hide = true)]
+        from: Option<u64>,
     },
     /// Recompute the hash chain; exit 0 only if it is intact.
     Verify,
@@ -28,11 +29,16 @@ pub(crate) async fn audit(
     command: AuditCommand,
 ) -> anyhow::Result<ExitCode> {
     match command {
-        AuditCommand::List { from, limit } => {
+        AuditCommand::List { page, from } => {
+            let page_token = match from {
+                Some(index) => index.to_string(),
+                None => page.page_token,
+            };
             let entries = client
                 .list_audit(pb::ListAuditRequest {
-                    from_index: from,
-                    limit,
+                    page_size: page.page_size,
+                    page_token,
+                    ..Default::default()
                 })
                 .await
                 .map_err(explain)?
@@ -58,6 +64,7 @@ pub(crate) async fn audit(
                     &["#", "AT", "IDENTITY", "ACTION", "TARGET", "OUTCOME"],
                     rows,
                 );
+                crate::commands::next_page("audit list", page.page_size, &entries.next_page_token);
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -19,7 +19,8 @@ pub enum ChangeCommand {
         /// Limit to these hosts (repeat); default: every host of the service.
         #[arg(long = "host")]
         hosts: Vec<String>,
-        #[arg(long, default_value = "")]
+        /// Why (required: it goes into the audit log).
+        #[arg(long)]
         reason: String,
         /// A flag of the service this change turns on (repeat); its rollback turns it back first.
         #[arg(long = "flag-on", value_name = "FLAG")]
@@ -102,8 +103,9 @@ pub(crate) async fn change(
             let changes = client
                 .list_changes(pb::ListChangesRequest {
                     service,
-                    limit: page.limit,
-                    before: page.before,
+                    page_size: page.page_size,
+                    page_token: page.page_token,
+                    ..Default::default()
                 })
                 .await
                 .map_err(explain)?
@@ -132,7 +134,7 @@ pub(crate) async fn change(
                     ],
                     rows,
                 );
-                next_page(&command, page.limit, &changes.next_before);
+                next_page(&command, page.page_size, &changes.next_page_token);
             }
             return Ok(ExitCode::SUCCESS);
         }

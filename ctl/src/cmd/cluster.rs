@@ -15,7 +15,8 @@ pub enum ClusterCommand {
     /// Hand leadership to another member (before maintenance on the leader's host).
     TransferLeader {
         member_id: u64,
-        #[arg(long, default_value = "")]
+        /// Why (required: it goes into the audit log).
+        #[arg(long)]
         reason: String,
     },
     /// Add a member: start it first with `cluster.join = true`. It joins as a learner and is
@@ -40,14 +41,16 @@ pub enum ClusterCommand {
         /// Leave it a learner (it receives the log but does not vote).
         #[arg(long)]
         learner_only: bool,
-        #[arg(long, default_value = "")]
+        /// Why (required: it goes into the audit log).
+        #[arg(long)]
         reason: String,
     },
     /// Remove a member that does not lead (hand leadership over first). Stop its process
     /// afterwards and wipe its data directory before it ever rejoins.
     Remove {
         member_id: u64,
-        #[arg(long, default_value = "")]
+        /// Why (required: it goes into the audit log).
+        #[arg(long)]
         reason: String,
     },
     /// The cluster version the members apply the log at, and the versions each member's

@@ -11,29 +11,26 @@ use crate::output::{Format, json, table};
 #[derive(Clone, Subcommand)]
 pub enum FleetCommand {
     /// Registered hosts, whether connected, and their latest health.
-    List,
+    List {
+        #[command(flatten)]
+        page: crate::commands::PageArgs,
+    },
 }
 
 pub(crate) async fn fleet_list(
     client: &mut client::Client,
     format: Format,
+    page: crate::commands::PageArgs,
 ) -> anyhow::Result<ExitCode> {
-    let mut hosts = pb::ListHostsResponse::default();
-    loop {
-        let page = client
-            .list_hosts(pb::ListHostsRequest {
-                page_token: hosts.next_page_token.clone(),
-                page_size: 0,
-            })
-            .await
-            .map_err(explain)?
-            .into_inner();
-        hosts.hosts.extend(page.hosts);
-        hosts.next_page_token = page.next_page_token;
-        if hosts.next_page_token.is_empty() {
-            break;
-        }
-    }
+    let page_size = page.page_size;
+    let hosts = client
+        .list_hosts(pb::ListHostsRequest {
+            page_token: page.page_token,
+            page_size,
+        })
+        .await
+        .map_err(explain)?
+        .into_inner();
     if format == Format::Json {
         json(&hosts)?;
         return Ok(ExitCode::SUCCESS);
@@ -79,5 +76,6 @@ pub(crate) async fn fleet_list(
     {
         say!("{} was {}", host.host_id, host.last_offline);
     }
+    crate::commands::next_page("host list", page_size, &hosts.next_page_token);
     Ok(ExitCode::SUCCESS)
 }

@@ -31,7 +31,8 @@ pub enum RollbackCommand {
         /// Run only if the plan is still the one `rollback plan` showed with this hash.
         #[arg(long, default_value = "")]
         plan_hash: String,
-        #[arg(long, default_value = "")]
+        /// Why (required: it goes into the audit log).
+        #[arg(long)]
         reason: String,
         /// Run at once where the policy requires approvals (needs --reason): escalated, marked
         /// in the audit and every listing, and left for an approver to review.
@@ -47,6 +48,7 @@ pub enum RollbackCommand {
     SkipHost {
         rollback_id: String,
         host_id: String,
+        /// Why (required: it goes into the audit log).
         #[arg(long)]
         reason: String,
     },
@@ -55,6 +57,7 @@ pub enum RollbackCommand {
     Isolate {
         rollback_id: String,
         service: String,
+        /// Why (required: it goes into the audit log).
         #[arg(long)]
         reason: String,
     },
@@ -71,18 +74,21 @@ pub enum RollbackCommand {
     /// Hold a rollback before its next step (audited); `resume` goes on.
     Pause {
         rollback_id: String,
+        /// Why (required: it goes into the audit log).
         #[arg(long)]
         reason: String,
     },
     /// Go on with a paused rollback (audited).
     Resume {
         rollback_id: String,
+        /// Why (required: it goes into the audit log).
         #[arg(long)]
         reason: String,
     },
     /// Stop a rollback for good: no further step starts (audited).
     Abort {
         rollback_id: String,
+        /// Why (required: it goes into the audit log).
         #[arg(long)]
         reason: String,
     },
@@ -217,8 +223,9 @@ pub(crate) async fn rollback(
         RollbackCommand::List { page } => {
             let rollbacks = client
                 .list_rollbacks(pb::ListRollbacksRequest {
-                    limit: page.limit,
-                    before: page.before,
+                    page_size: page.page_size,
+                    page_token: page.page_token,
+                    ..Default::default()
                 })
                 .await
                 .map_err(explain)?
@@ -248,7 +255,7 @@ pub(crate) async fn rollback(
                     ],
                     rows,
                 );
-                next_page("rollback list", page.limit, &rollbacks.next_before);
+                next_page("rollback list", page.page_size, &rollbacks.next_page_token);
             }
             return Ok(ExitCode::SUCCESS);
         }

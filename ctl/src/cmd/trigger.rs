@@ -12,11 +12,13 @@ use crate::output::{Format, json, table, time};
 pub enum TriggerCommand {
     /// Recent requests for an automatic rollback and what became of each.
     List {
-        #[arg(long, default_value_t = 100)]
-        limit: u32,
+        /// The newest this many (at most 1000; the cluster keeps a bounded window of them).
+        #[arg(long, alias = "limit", default_value_t = 100)]
+        page_size: u32,
     },
     /// Close the global breaker so automatic rollbacks may start again (audited).
     ResetBreaker {
+        /// Why (required: it goes into the audit log).
         #[arg(long)]
         reason: String,
     },
@@ -28,8 +30,11 @@ pub(crate) async fn trigger(
     command: TriggerCommand,
 ) -> anyhow::Result<ExitCode> {
     let answer = match command {
-        TriggerCommand::List { limit } => client
-            .list_triggers(pb::ListTriggersRequest { limit })
+        TriggerCommand::List { page_size } => client
+            .list_triggers(pb::ListTriggersRequest {
+                page_size,
+                ..Default::default()
+            })
             .await
             .map_err(explain)?
             .into_inner(),

@@ -23,7 +23,10 @@ pub(super) async fn start_change(
     for host_id in &request.host_ids {
         names::validate_name("host_ids", host_id).map_err(field_error)?;
     }
-    validate_reason(&request.reason)?;
+    required_reason(
+        &request.reason,
+        "say why this change: it goes into the change record and the audit log",
+    )?;
     if request.flags_on.len() > MAX_FLAGS_PER_CHANGE {
         return Err(invalid(
             "flags_on",
@@ -57,12 +60,6 @@ pub(super) async fn start_change(
         .node
         .read(|state| targets::new_change(state, &request.service, &request.host_ids));
     control.context.authorize(&caller, &targets)?;
-    if request.break_glass && request.reason.trim().is_empty() {
-        return Err(invalid(
-            "reason",
-            "say why break-glass is needed: it goes into the escalation and the audit log",
-        ));
-    }
     let baseline = control.context.change_baseline(&request.service);
     let kind = CommandKind::StartChange(StartChange {
         break_glass: request.break_glass,
@@ -147,7 +144,14 @@ pub(super) async fn list_changes(
 ) -> Result<Response<pb::ListChangesResponse>, Status> {
     let caller = caller(&request)?;
     let request = request.into_inner();
-    let (limit, before) = page(request.limit, "ch", &request.before)?;
+    #[allow(deprecated)] // The names before 0.3, read for one release.
+    let page = PageRequest {
+        size: request.page_size,
+        legacy_size: request.limit,
+        token: &request.page_token,
+        legacy_token: ("before", &request.before),
+    };
+    let (limit, before) = (page.size()?, page.before("ch")?);
     control.context.current().await?;
     let service = request.service;
     let (changes, more) = control.context.node.read(|state| {
@@ -161,12 +165,14 @@ pub(super) async fn list_changes(
         let changes: Vec<pb::Change> = matching.by_ref().take(limit).map(convert::change).collect();
         (changes, matching.next().is_some())
     });
-    let next_before = match changes.last() {
+    let next_page_token = match changes.last() {
         Some(last) if more => last.change_id.clone(),
         _ => String::new(),
     };
+    #[allow(deprecated)] // Set for clients before 0.3.
     Ok(Response::new(pb::ListChangesResponse {
         changes,
-        next_before,
+        next_before: next_page_token.clone(),
+        next_page_token,
     }))
 }

@@ -17,7 +17,10 @@ pub(super) async fn set_flag(
     names::validate_name("environment", &environment).map_err(field_error)?;
     names::validate_name("service", &request.service).map_err(field_error)?;
     names::validate_name("name", &request.name).map_err(field_error)?;
-    validate_reason(&request.reason)?;
+    required_reason(
+        &request.reason,
+        "say why you set the flag: it goes into the audit log",
+    )?;
     if request.kill && request.enabled {
         return Err(invalid("enabled", "a kill switch turns a flag off"));
     }
@@ -92,10 +95,15 @@ pub(super) async fn list_triggers(
 ) -> Result<Response<pb::ListTriggersResponse>, Status> {
     let caller = caller(&request)?;
     control.context.current().await?;
-    let limit = match request.into_inner().limit {
-        0 => 100,
-        limit => limit.min(1000),
-    } as usize;
+    let request = request.into_inner();
+    #[allow(deprecated)] // The name before 0.3, read for one release.
+    let limit = PageRequest {
+        size: request.page_size,
+        legacy_size: request.limit,
+        token: "",
+        legacy_token: ("", ""),
+    }
+    .size()?;
     let mut answer = control
         .context
         .node

@@ -9,10 +9,13 @@ pub(super) async fn list_hosts(
     let caller = caller(&request)?;
     control.context.current().await?;
     let request = request.into_inner();
-    let page_size = match request.page_size {
-        0 => MAX_HOSTS_PER_PAGE,
-        size => (size as usize).min(MAX_HOSTS_PER_PAGE),
-    };
+    let page_size = PageRequest {
+        size: request.page_size,
+        legacy_size: 0,
+        token: &request.page_token,
+        legacy_token: ("", ""),
+    }
+    .size()?;
     if !request.page_token.is_empty() {
         names::validate_name("page_token", &request.page_token)
             .map_err(|error| invalid("page_token", error.to_string()))?;

@@ -265,7 +265,10 @@ impl ControlService for Control {
         let caller = caller(&request)?;
         let identity = caller.id();
         let request = request.into_inner();
-        validate_reason(&request.reason)?;
+        required_reason(
+            &request.reason,
+            "say why leadership moves: it goes into the audit log",
+        )?;
         let to = request.member_id;
         if self.context.directory.get(to).is_none() {
             return Err(super::cluster::not_a_member(&self.context, to));
@@ -273,11 +276,7 @@ impl ControlService for Control {
         if to == self.context.status.borrow().id {
             return Err(invalid("member_id", format!("member {to} already leads")));
         }
-        let reason = if request.reason.is_empty() {
-            format!("requested by {identity}")
-        } else {
-            request.reason
-        };
+        let reason = request.reason;
         self.context
             .propose(
                 &identity,
@@ -338,19 +337,46 @@ impl ControlService for Control {
     ) -> Result<Response<pb::ListAuditResponse>, Status> {
         self.context.current().await?;
         let request = request.into_inner();
-        let limit = page_limit(request.limit)?;
-        let skip = request.from_index.saturating_sub(1) as usize;
-        let entries = self.context.node.read(|state| {
-            state
-                .audit
-                .entries()
+        #[allow(deprecated)] // The names before 0.3, read for one release.
+        let (from_index, limit) = (request.from_index.to_string(), request.limit);
+        let page = PageRequest {
+            size: request.page_size,
+            legacy_size: limit,
+            token: &request.page_token,
+            legacy_token: ("from_index", &from_index),
+        };
+        let size = page.size()?;
+        // The token is the index (from 1) of the entry the page starts at.
+        let first = match page.token() {
+            (_, "") | (_, "0") => 1,
+            (field, token) => token.parse::<u64>().map_err(|_| {
+                invalid(
+                    field,
+                    format!("{token:?} is not an audit index (a number from 1)"),
+                )
+            })?,
+        };
+        let skip = usize::try_from(first.saturating_sub(1)).unwrap_or(usize::MAX);
+        let (entries, total) = self.context.node.read(|state| {
+            let all = state.audit.entries();
+            let entries: Vec<pb::AuditEntry> = all
                 .iter()
                 .skip(skip)
-                .take(limit)
+                .take(size)
                 .map(|entry| convert::audit_entry(entry))
-                .collect()
+                .collect();
+            (entries, all.len())
         });
-        Ok(Response::new(pb::ListAuditResponse { entries }))
+        let next = skip + entries.len();
+        let next_page_token = if next < total {
+            (next + 1).to_string()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListAuditResponse {
+            entries,
+            next_page_token,
+        }))
     }
 
     async fn verify_audit(

@@ -31,7 +31,10 @@ pub(super) async fn start_rollback(
     let caller = caller(&request)?;
     let identity = caller.id();
     let request = request.into_inner();
-    validate_reason(&request.reason)?;
+    required_reason(
+        &request.reason,
+        "say why you roll back: it goes into the rollback, its escalations and the audit log",
+    )?;
     if !request.plan_hash.is_empty() {
         names::validate_digest("plan_hash", &request.plan_hash).map_err(field_error)?;
     }
@@ -46,18 +49,8 @@ pub(super) async fn start_rollback(
         let targets = targets::changes(state, &changes);
         Ok::<_, Status>((changes, targets))
     })?;
-    if request.break_glass && request.reason.trim().is_empty() {
-        return Err(invalid(
-            "reason",
-            "break-glass needs a reason: it goes into the escalation and the review",
-        ));
-    }
     control.context.authorize(&caller, &targets)?;
-    let reason = if request.reason.is_empty() {
-        "requested by an operator".to_string()
-    } else {
-        request.reason
-    };
+    let reason = request.reason;
     let kind = CommandKind::StartRollback(StartRollback {
         changes,
         options,
@@ -202,7 +195,14 @@ pub(super) async fn list_rollbacks(
 ) -> Result<Response<pb::ListRollbacksResponse>, Status> {
     let caller = caller(&request)?;
     let request = request.into_inner();
-    let (limit, before) = page(request.limit, "rb", &request.before)?;
+    #[allow(deprecated)] // The names before 0.3, read for one release.
+    let page = PageRequest {
+        size: request.page_size,
+        legacy_size: request.limit,
+        token: &request.page_token,
+        legacy_token: ("before", &request.before),
+    };
+    let (limit, before) = (page.size()?, page.before("rb")?);
     control.context.current().await?;
     let (rollbacks, more) = control.context.node.read(|state| {
         let mut older = state
@@ -220,13 +220,15 @@ pub(super) async fn list_rollbacks(
             .collect();
         (rollbacks, older.next().is_some())
     });
-    let next_before = match rollbacks.last() {
+    let next_page_token = match rollbacks.last() {
         Some(last) if more => last.rollback_id.clone(),
         _ => String::new(),
     };
+    #[allow(deprecated)] // Set for clients before 0.3.
     Ok(Response::new(pb::ListRollbacksResponse {
         rollbacks,
-        next_before,
+        next_before: next_page_token.clone(),
+        next_page_token,
     }))
 }
 
