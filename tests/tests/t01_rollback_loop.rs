@@ -184,6 +184,33 @@ async fn bad_health_after_a_change_rolls_every_host_back_to_its_exact_state() {
         .unwrap()
         .into_inner()
         .entries;
+    // The audit log pages oldest first; a page's token is the index it starts at.
+    let mut paged = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .list_audit(pb::ListAuditRequest {
+                page_size: 7,
+                page_token: page_token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.entries.len() <= 7);
+        paged.extend(page.entries);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        assert_eq!(page.next_page_token, (paged.len() + 1).to_string());
+        page_token = page.next_page_token;
+    }
+    // (Entries appended since the first read may follow.)
+    assert_eq!(
+        paged[..audit.len()],
+        audit[..],
+        "the pages hold the whole log once, in order"
+    );
     for action in [
         "change.start",
         "rollback.start",

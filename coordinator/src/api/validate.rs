@@ -356,12 +356,28 @@ impl PageRequest<'_> {
     }
 
     /// For lists newest first by number (`ch-12`): the number below which the page starts.
+    /// [`one_page`] then takes the page and names the next.
     pub fn before(&self, prefix: &str) -> Result<u64, Status> {
         match self.token() {
             (_, "") => Ok(u64::MAX),
             (field, token) => parse_id(field, prefix, token),
         }
     }
+}
+
+/// A page of `items` (in list order, from where the page starts): the first `size`, and the
+/// next page's token (the last one's `id`) when more follow.
+pub(super) fn one_page<T>(
+    size: usize,
+    mut items: impl Iterator<Item = T>,
+    id: impl Fn(&T) -> String,
+) -> (Vec<T>, String) {
+    let page: Vec<T> = items.by_ref().take(size).collect();
+    let next_page_token = match page.last() {
+        Some(last) if items.next().is_some() => id(last),
+        _ => String::new(),
+    };
+    (page, next_page_token)
 }
 
 /// Parses `ch-12` / `rb-3`, naming the field and the expected shape when it is not one.

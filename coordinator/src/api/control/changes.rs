@@ -154,21 +154,17 @@ pub(super) async fn list_changes(
     let (limit, before) = (page.size()?, page.before("ch")?);
     control.context.current().await?;
     let service = request.service;
-    let (changes, more) = control.context.node.read(|state| {
-        let mut matching = state
+    let (changes, next_page_token) = control.context.node.read(|state| {
+        let matching = state
             .changes
             .range(..before)
             .rev()
             .map(|(_, change)| change)
             .filter(|change| service.is_empty() || change.service == service)
-            .filter(|change| caller.may_see(&targets::change(state, change.number)));
-        let changes: Vec<pb::Change> = matching.by_ref().take(limit).map(convert::change).collect();
-        (changes, matching.next().is_some())
+            .filter(|change| caller.may_see(&targets::change(state, change.number)))
+            .map(convert::change);
+        one_page(limit, matching, |change| change.change_id.clone())
     });
-    let next_page_token = match changes.last() {
-        Some(last) if more => last.change_id.clone(),
-        _ => String::new(),
-    };
     #[allow(deprecated)] // Set for clients before 0.3.
     Ok(Response::new(pb::ListChangesResponse {
         changes,

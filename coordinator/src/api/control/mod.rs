@@ -357,22 +357,11 @@ impl ControlService for Control {
             })?,
         };
         let skip = usize::try_from(first.saturating_sub(1)).unwrap_or(usize::MAX);
-        let (entries, total) = self.context.node.read(|state| {
-            let all = state.audit.entries();
-            let entries: Vec<pb::AuditEntry> = all
-                .iter()
-                .skip(skip)
-                .take(size)
-                .map(|entry| convert::audit_entry(entry))
-                .collect();
-            (entries, all.len())
+        let (entries, next_page_token) = self.context.node.read(|state| {
+            let entries = state.audit.entries().iter().skip(skip);
+            let entries = entries.map(|entry| convert::audit_entry(entry));
+            one_page(size, entries, |last| (last.index + 1).to_string())
         });
-        let next = skip + entries.len();
-        let next_page_token = if next < total {
-            (next + 1).to_string()
-        } else {
-            String::new()
-        };
         Ok(Response::new(pb::ListAuditResponse {
             entries,
             next_page_token,

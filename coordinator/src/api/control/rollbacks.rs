@@ -204,26 +204,18 @@ pub(super) async fn list_rollbacks(
     };
     let (limit, before) = (page.size()?, page.before("rb")?);
     control.context.current().await?;
-    let (rollbacks, more) = control.context.node.read(|state| {
-        let mut older = state
+    let (rollbacks, next_page_token) = control.context.node.read(|state| {
+        let older = state
             .rollbacks
             .range(..before)
             .rev()
-            .filter(|(number, _)| caller.may_see(&targets::rollback(state, **number)));
-        let rollbacks: Vec<pb::Rollback> = older
-            .by_ref()
-            .take(limit)
+            .filter(|(number, _)| caller.may_see(&targets::rollback(state, **number)))
             .map(|(_, record)| pb::Rollback {
                 steps: Vec::new(),
                 ..convert::rollback(state, record)
-            })
-            .collect();
-        (rollbacks, older.next().is_some())
+            });
+        one_page(limit, older, |rollback| rollback.rollback_id.clone())
     });
-    let next_page_token = match rollbacks.last() {
-        Some(last) if more => last.rollback_id.clone(),
-        _ => String::new(),
-    };
     #[allow(deprecated)] // Set for clients before 0.3.
     Ok(Response::new(pb::ListRollbacksResponse {
         rollbacks,
