@@ -364,6 +364,22 @@ pub(crate) fn all_taken_effect(
     Ok(true)
 }
 
+/// A script's statements, refusing one that ends or begins a transaction itself: rewind runs
+/// every script inside its own transaction, all or nothing.
+pub(crate) fn script_statements(label: &str, script: &str) -> Result<Vec<String>, AgentError> {
+    let statements = rewind_shared::sql::statements(script);
+    if let Some(statement) = statements
+        .iter()
+        .find(|statement| rewind_shared::sql::transaction_control(statement).is_some())
+    {
+        return Err(refused(format!(
+            "{label} ends or begins a transaction itself ({}): rewind runs it inside its own",
+            truncate(statement, 80)
+        )));
+    }
+    Ok(statements)
+}
+
 /// `dir/name.ext`, or `dir/name-2.ext`... when two tables or columns map to one file name.
 pub(crate) fn unique_path(dir: &Path, name: &str, extension: &str) -> PathBuf {
     let mut path = dir.join(format!("{name}.{extension}"));

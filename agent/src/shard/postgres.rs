@@ -10,7 +10,7 @@ use rewind_proto::v1::{ShardReport, StatementLog};
 use rewind_shared::names::truncate;
 
 use super::{ShardEngine, ShardStep, Unprepared, all_taken_effect, expect_standing};
-use super::{file_safe, refuse_unaccepted_loss, unique_path};
+use super::{file_safe, refuse_unaccepted_loss, script_statements, unique_path};
 use crate::AgentError;
 use crate::migrate::{self, Migration, failed, refused};
 use crate::schema::{DatabaseConfig, quoted_table};
@@ -322,13 +322,7 @@ fn run_logged(
     unlogged: &mut usize,
 ) -> Result<(), AgentError> {
     let before = migrate::txid(client, label)?;
-    for statement in rewind_shared::sql::statements(script) {
-        if rewind_shared::sql::transaction_control(&statement).is_some() {
-            return Err(refused(format!(
-                "{label} ends or begins a transaction itself ({}): rewind runs it inside its own",
-                truncate(&statement, 80)
-            )));
-        }
+    for statement in script_statements(label, script)? {
         let what = format!("{label}: {}", truncate(&statement, 80));
         let messages = client.simple_query(&statement).map_err(failed(&what))?;
         let rows = messages

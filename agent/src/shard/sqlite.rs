@@ -18,7 +18,7 @@ use rewind_shared::names::truncate;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{ShardEngine, ShardStep, Unprepared, all_taken_effect, expect_standing};
-use super::{file_safe, refuse_unaccepted_loss, unique_path};
+use super::{file_safe, refuse_unaccepted_loss, script_statements, unique_path};
 use crate::AgentError;
 use crate::migrate::Migration;
 use crate::migrate::Recorded;
@@ -242,13 +242,7 @@ fn run_logged(
     script: &str,
     log: &mut Vec<StatementLog>,
 ) -> Result<(), AgentError> {
-    for statement in rewind_shared::sql::statements(script) {
-        if rewind_shared::sql::transaction_control(&statement).is_some() {
-            return Err(refused(format!(
-                "{label} ends or begins a transaction itself ({}): rewind runs it inside its own",
-                truncate(&statement, 80)
-            )));
-        }
+    for statement in script_statements(label, script)? {
         let what = format!("{label}: {}", truncate(&statement, 80));
         let mut prepared = connection.prepare(&statement).map_err(failed(&what))?;
         let rows = if prepared.column_count() == 0 {
