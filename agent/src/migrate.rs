@@ -37,7 +37,7 @@ pub(crate) fn failed(what: &str) -> impl Fn(postgres::Error) -> AgentError + '_ 
             || error.to_string(),
             |db| format!("{}: {}", db.code().code(), db.message()),
         );
-        AgentError::refused(what, detail)
+        AgentError::refused("database", format!("{what}: {detail}"))
     }
 }
 

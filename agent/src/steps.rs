@@ -327,8 +327,8 @@ impl Executor {
             return Err(AgentError::invalid("phase", "the schema step names none"));
         }
         let (detail, report) = blocking(move || {
-            let mut engine = shard::open(&database)?;
-            let engine = engine.as_mut();
+            let mut connection = shard::open(&database);
+            let engine = &mut connection;
             match phase {
                 SchemaPhase::Check => shard::check(engine, &shard_step),
                 SchemaPhase::Prepare => shard::prepare(engine, &shard_step, &prepared, &store),

@@ -59,6 +59,8 @@ pub struct FakeShard {
     pub scripts_fail: bool,
     /// Rows a revert of any migration would destroy.
     pub rows_at_risk: u64,
+    /// The database cannot be reached: every call fails, as a connection would.
+    pub unreachable: bool,
 }
 
 impl FakeShard {
@@ -89,12 +91,36 @@ impl FakeShard {
             crash: None,
             scripts_fail: false,
             rows_at_risk: 0,
+            unreachable: false,
         }
     }
 
     /// Versions applied and not reverted, in the order they ran.
     pub fn applied(&self) -> Vec<String> {
         applied(&self.history)
+    }
+
+    /// Holds a transaction of another coordinator cluster, as a shared database might.
+    pub fn hold_for_another(&mut self, prepared: &str) {
+        self.held.insert(prepared.to_string(), self.history.clone());
+    }
+
+    fn reachable(&self) -> Result<(), AgentError> {
+        if self.unreachable {
+            return Err(AgentError::refused("database", "connection refused"));
+        }
+        Ok(())
+    }
+
+    /// Like rewind's advisory lock on PostgreSQL: a transaction held prepared keeps the
+    /// migration lock until it is resolved, so nothing else can check or prepare meanwhile.
+    fn migration_lock(&self) -> Result<(), AgentError> {
+        match self.held.keys().next() {
+            Some(holder) => Err(refused(format!(
+                "take the migration lock: the prepared transaction {holder} holds it"
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Strikes the armed crash if it is `point`.
@@ -111,6 +137,7 @@ impl FakeShard {
 
     /// Runs the step's scripts against a copy of the history: the history they leave.
     fn run(&mut self, step: &ShardStep) -> Result<(History, ShardReport), AgentError> {
+        self.migration_lock()?;
         let mut history = self.history.clone();
         expect_standing(&mut history, step, recorded, applied_later)?;
         let mut report = ShardReport::default();
@@ -162,6 +189,8 @@ impl ShardEngine for FakeShard {
     }
 
     fn check(&mut self, step: &ShardStep) -> Result<ShardReport, AgentError> {
+        self.reachable()?;
+        self.migration_lock()?;
         let mut history = self.history.clone();
         expect_standing(&mut history, step, recorded, applied_later)?;
         let mut report = describe(&self.history);
@@ -172,6 +201,7 @@ impl ShardEngine for FakeShard {
     }
 
     fn is_prepared(&mut self, prepared: &str) -> Result<bool, AgentError> {
+        self.reachable()?;
         Ok(self.held.contains_key(prepared))
     }
 
@@ -182,6 +212,7 @@ impl ShardEngine for FakeShard {
         _exports: &Path,
         keep: &mut dyn FnMut(&ShardReport) -> Result<(), AgentError>,
     ) -> Result<ShardReport, AgentError> {
+        self.reachable()?;
         let (history, report) = self.run(step)?;
         keep(&report)?;
         self.crash_at(Crash::BeforeHold)?;
@@ -193,6 +224,7 @@ impl ShardEngine for FakeShard {
     }
 
     fn finish_prepared(&mut self, prepared: &str, commit: bool) -> Result<(), AgentError> {
+        self.reachable()?;
         self.crash_at(Crash::BeforeFinish)?;
         let history = self
             .held
@@ -209,6 +241,7 @@ impl ShardEngine for FakeShard {
         step: &ShardStep,
         _exports: &Path,
     ) -> Result<Unprepared, AgentError> {
+        self.reachable()?;
         let mut history = self.history.clone();
         if all_taken_effect(step, |migration| recorded(&mut history, migration))? {
             return Ok(Unprepared::AlreadyDone(describe(&self.history)));
@@ -224,10 +257,12 @@ impl ShardEngine for FakeShard {
     }
 
     fn describe(&mut self) -> Result<ShardReport, AgentError> {
+        self.reachable()?;
         Ok(describe(&self.history))
     }
 
     fn in_doubt(&mut self, prefix: &str) -> Result<Vec<String>, AgentError> {
+        self.reachable()?;
         Ok(self
             .held
             .keys()

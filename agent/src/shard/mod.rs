@@ -9,7 +9,8 @@
 //! - **prepare**: in one transaction, run every script statement by statement (each logged with
 //!   the rows it affected), each verify script after its down script, a foreign-key check, and
 //!   the history rows; then hold the transaction prepared. Rows a revert destroys are first
-//!   exported to `<data-dir>/exports/`. The report is kept in the store before the transaction is
+//!   exported to `<data-dir>/exports/` (by the engine that holds them: PostgreSQL in its
+//!   prepare, SQLite, whose prepare is only a trial, in its commit). The report is kept in the store before the transaction is
 //!   held, so a prepare redelivered after a crash answers with it.
 //! - **resolve**: commit or roll back what is held, as the coordinator recorded. The transaction
 //!   is marked resolved first, and steps of one service run one at a time, so a prepare arriving
@@ -106,12 +107,79 @@ pub trait ShardEngine {
     fn in_doubt(&mut self, prefix: &str) -> Result<Vec<String>, AgentError>;
 }
 
-/// Connects to the service's database with the engine it is configured with.
-pub fn open(database: &DatabaseConfig) -> Result<Box<dyn ShardEngine>, AgentError> {
-    Ok(match &database.engine {
-        Engine::Postgres(_) => Box::new(postgres::Postgres::connect(database)?),
-        Engine::Sqlite(file) => Box::new(sqlite::Sqlite::open(file, &database.history_table)?),
-    })
+/// The service's database with the engine it is configured with, connected on first use: so
+/// what the protocol does first (a resolve marks its transaction resolved, a late prepare is
+/// refused) holds even when the database cannot be reached.
+pub fn open(database: &DatabaseConfig) -> OnFirstUse {
+    OnFirstUse {
+        database: database.clone(),
+        engine: None,
+    }
+}
+
+/// See [`open`].
+pub struct OnFirstUse {
+    database: DatabaseConfig,
+    engine: Option<Box<dyn ShardEngine>>,
+}
+
+impl OnFirstUse {
+    fn engine(&mut self) -> Result<&mut dyn ShardEngine, AgentError> {
+        if self.engine.is_none() {
+            let database = &self.database;
+            self.engine = Some(match &database.engine {
+                Engine::Postgres(_) => Box::new(postgres::Postgres::connect(database)?),
+                Engine::Sqlite(file) => {
+                    Box::new(sqlite::Sqlite::open(file, &database.history_table)?)
+                }
+            });
+        }
+        Ok(self.engine.as_deref_mut().expect("connected just now"))
+    }
+}
+
+impl ShardEngine for OnFirstUse {
+    fn holds_prepared(&self) -> bool {
+        matches!(self.database.engine, Engine::Postgres(_))
+    }
+
+    fn check(&mut self, step: &ShardStep) -> Result<ShardReport, AgentError> {
+        self.engine()?.check(step)
+    }
+
+    fn is_prepared(&mut self, prepared: &str) -> Result<bool, AgentError> {
+        self.engine()?.is_prepared(prepared)
+    }
+
+    fn prepare(
+        &mut self,
+        step: &ShardStep,
+        prepared: &str,
+        exports: &Path,
+        keep: &mut dyn FnMut(&ShardReport) -> Result<(), AgentError>,
+    ) -> Result<ShardReport, AgentError> {
+        self.engine()?.prepare(step, prepared, exports, keep)
+    }
+
+    fn finish_prepared(&mut self, prepared: &str, commit: bool) -> Result<(), AgentError> {
+        self.engine()?.finish_prepared(prepared, commit)
+    }
+
+    fn commit_unprepared(
+        &mut self,
+        step: &ShardStep,
+        exports: &Path,
+    ) -> Result<Unprepared, AgentError> {
+        self.engine()?.commit_unprepared(step, exports)
+    }
+
+    fn describe(&mut self) -> Result<ShardReport, AgentError> {
+        self.engine()?.describe()
+    }
+
+    fn in_doubt(&mut self, prefix: &str) -> Result<Vec<String>, AgentError> {
+        self.engine()?.in_doubt(prefix)
+    }
 }
 
 /// The prepared transaction's name: unique per coordinator cluster and transaction, made only of

@@ -32,7 +32,7 @@ fn refused(detail: String) -> AgentError {
 }
 
 fn failed(what: &str) -> impl Fn(rusqlite::Error) -> AgentError + '_ {
-    move |error| AgentError::refused(what, error.to_string())
+    move |error| AgentError::refused("database", format!("{what}: {error}"))
 }
 
 /// Opens the database file, which must exist (a wrong path must not create an empty database
