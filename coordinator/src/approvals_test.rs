@@ -319,6 +319,48 @@ fn automatic_rollbacks_run_at_once_approved_by_policy_unless_the_environment_say
 }
 
 #[test]
+fn an_automatic_request_that_expires_as_its_alert_repeats_refuses_the_rollback_from_version_4() {
+    for (version, asks_again) in [(3, true), (4, false)] {
+        let mut fleet = fleet();
+        fleet.state.cluster_version = version;
+        let ask = || {
+            CommandKind::AutoTrigger(AutoTrigger {
+                service: "api".into(),
+                environment: "locked".into(),
+                source: TriggerSource::Alertmanager,
+                reason: "HighErrorRate".into(),
+                options: PlanOptions::default(),
+                throttle: ThrottleLimits::default(),
+                decided: None,
+            })
+        };
+        fleet
+            .apply_as("automation:alertmanager", AT, ask())
+            .unwrap();
+        // Nobody approved within the request's time; the alert fires again after it.
+        let after_expiry = AT + 3_600_000 + 1;
+        let Ok(Outcome::Triggered {
+            outcome, detail, ..
+        }) = fleet.apply_as("automation:alertmanager", after_expiry, ask())
+        else {
+            panic!("a trigger outcome")
+        };
+        assert_eq!(
+            fleet.state.approval_requests[&1].status,
+            approvals::RequestStatus::Expired,
+            "version {version}"
+        );
+        if asks_again {
+            assert_eq!(outcome, TriggerOutcome::AwaitingApproval, "{detail}");
+        } else {
+            assert_eq!(outcome, TriggerOutcome::Ignored, "{detail}");
+            assert!(detail.contains("was already refused"), "{detail}");
+            assert_eq!(fleet.state.approval_requests.len(), 1, "no second request");
+        }
+    }
+}
+
+#[test]
 fn a_pending_request_lapses_when_another_rollback_reverts_its_change_or_the_policy_tightens() {
     let mut fleet = fleet();
     fleet

@@ -48,11 +48,16 @@ impl Fleet {
     }
 
     /// Logs and applies `command` as it is at the next index.
+    /// Logs `command` and applies it as a member would: decoded from the entry's bytes.
     fn record(&mut self, command: &Command) -> Result<Outcome, CoordinatorError> {
         let entry =
             version::encode_entry(command, self.state.cluster_version()).expect("commands encode");
+        let decoded = match version::decode_entry(self.index, &entry) {
+            Ok(version::Decoded::Command(decoded)) => decoded,
+            other => panic!("entry {} does not decode as written: {other:?}", self.index),
+        };
         self.log.push((self.index, entry));
-        apply_checked(&mut self.state, self.index, command)
+        apply_checked(&mut self.state, self.index, &decoded)
     }
 
     /// The time of the next command: a second per index.
@@ -190,6 +195,42 @@ impl Fleet {
                 },
                 true,
             );
+        }
+        change
+    }
+
+    /// Deploys `from` to web-1, web-2 and web-3 (registered), then `to` half way: every host
+    /// captured, web-1 activated, web-2's activation `started` or not, web-3's not. The `to`
+    /// change.
+    pub fn deploy_web_half_way(&mut self, from: &str, to: &str, started: bool) -> u64 {
+        let hosts = ["web-1", "web-2", "web-3"];
+        let activation = |change, host: &str| StepTarget::Activate {
+            change,
+            host_id: host.into(),
+        };
+        let mut change = 0;
+        for version in [from, to] {
+            let Outcome::Change(started) = self.apply(start_change(version)) else {
+                panic!("change outcome")
+            };
+            change = started;
+            for host in hosts {
+                let host_id = host.to_string();
+                self.finish(StepTarget::Capture { change, host_id }, true);
+            }
+            let activated = if version == from {
+                &hosts[..]
+            } else {
+                &hosts[..1]
+            };
+            for host in activated {
+                self.finish(activation(change, host), true);
+            }
+        }
+        if started {
+            self.apply(CommandKind::StepStarted {
+                step: activation(change, "web-2"),
+            });
         }
         change
     }

@@ -83,13 +83,16 @@ impl NodeHandle {
         if !decision::decided_on_leader(&command.kind) {
             return self.propose_once(command).await;
         }
-        let mut attempts = 1;
+        let mut retries = 0;
         loop {
             match self.propose_once(command.clone()).await {
                 Err(CoordinatorError::StaleDecision { .. })
-                    if attempts < decision::DECISION_ATTEMPTS =>
+                    if retries < decision::DECISION_RETRIES =>
                 {
-                    attempts += 1;
+                    // Let the entries that moved the state apply first; spread at random, so
+                    // that two decisions that keep staling each other part.
+                    tokio::time::sleep(decision::DECISION_BACKOFF.delay(retries)).await;
+                    retries += 1;
                 }
                 outcome => return outcome,
             }

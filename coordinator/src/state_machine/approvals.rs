@@ -4,8 +4,10 @@
 //! another change) the request lapses and says why; it expires after the environment's
 //! `request-ttl-s`. Break-glass runs at once and leaves a request to review afterwards.
 //!
-//! Everything here runs inside `apply()`: the clock is the command's, the policy is the
-//! replicated one, so every member decides alike.
+//! Everything here runs inside `apply()` (the clock is the command's, the policy is the
+//! replicated one, so every member decides alike), except, from cluster version 3, the plan an
+//! approval starts and whether pending requests drifted: the leader works those out and the
+//! entry carries them (`decision.rs`).
 //!
 //! Kept in one file (over 700 lines): a request's life (filed, approved, denied, lapsed, expired,
 //! broken glass, reviewed) is one state machine whose steps refer to each other.

@@ -87,7 +87,8 @@ pub enum CommandKind {
         /// Set when a capture step finishes.
         snapshot_id: String,
     },
-    /// Plans (see `crate::plan`) and starts the rollback of `changes`.
+    /// Starts the rollback of `changes` on the plan the leader made (from cluster version 3;
+    /// before, `apply()` plans it itself, see `crate::plan`).
     StartRollback(StartRollback),
     /// A person approves, denies or (after break-glass) reviews a request for approval.
     DecideRequest(DecideRequest),

@@ -7,7 +7,7 @@
 //! hands its plan to the plan applier, the leader computes the plan ([`prepare`]) and `apply()`
 //! only checks that the state it was computed from has not changed in the parts the planner
 //! reads (the [`basis`]) before recording it. A stale decision is refused without a trace and
-//! the leader decides again ([`DECISION_ATTEMPTS`] times at most).
+//! the leader decides again ([`DECISION_RETRIES`] times at most, after a short backoff).
 
 use std::collections::BTreeMap;
 
@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 
 use super::approvals::{self, Decision, RequestStatus};
 use super::command::{AutoTrigger, Command, CommandKind, DecideRequest, StartRollback};
-use super::state::{BreakerRecord, PlanOptions, State};
+use super::state::{BreakerRecord, ChangeRecord, PlanOptions, State, StepProgress, StepStatus};
 use super::version;
 use crate::errors::CoordinatorError;
 use crate::plan::Plan;
@@ -27,7 +27,15 @@ type Result<T> = std::result::Result<T, CoordinatorError>;
 pub const DECIDED_ON_LEADER: u32 = 3;
 
 /// How often a member proposes a command again whose decision went stale in flight.
-pub const DECISION_ATTEMPTS: usize = 5;
+pub const DECISION_RETRIES: u32 = 5;
+
+/// The wait before each of those retries: 20 ms doubling to 320 ms, jittered (at most about
+/// 0.6 s in all).
+pub const DECISION_BACKOFF: rewind_shared::backoff::Backoff = rewind_shared::backoff::Backoff {
+    first: std::time::Duration::from_millis(20),
+    max: std::time::Duration::from_millis(320),
+    jitter: true,
+};
 
 /// A rollback plan as the leader computed it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -94,6 +102,12 @@ pub fn decided_on_leader(kind: &CommandKind) -> bool {
 pub fn prepare(state: &State, command: &mut Command) -> Result<()> {
     if state.cluster_version() < DECIDED_ON_LEADER || super::apply::answered(state, command) {
         return Ok(());
+    }
+    if decided_on_leader(&command.kind) {
+        // Decide on the command as the members will read it from the log: a value that does
+        // not survive encoding exactly (a tolerance's last digit) would otherwise make a plan
+        // whose hash no member can reproduce.
+        *command = as_replicated(command)?;
     }
     let at_ms = command.at_ms;
     match &mut command.kind {
@@ -206,16 +220,15 @@ pub(super) fn matching_plan<'a>(
     let mut covered = plan.changes.clone();
     covered.sort_unstable();
     if asked != covered || &plan.options != options {
-        return Err(CoordinatorError::invalid(
-            "plan",
-            "the leader's plan is not of the rollback this entry asks for",
+        // The leader and this member disagree about the entry itself: not the caller's doing.
+        return Err(CoordinatorError::Internal(
+            "the leader's plan is not of the rollback this entry asks for".into(),
         ));
     }
     // The hash an operator approves or names must be of the plan that runs.
     if crate::plan::plan_hash(plan) != plan.hash {
-        return Err(CoordinatorError::invalid(
-            "plan",
-            "the leader's plan does not match its own hash",
+        return Err(CoordinatorError::Internal(
+            "the leader's plan does not match its own hash".into(),
         ));
     }
     Ok(plan)
@@ -294,8 +307,9 @@ fn pending_requests_over<'a>(
 /// would decide the same, so `apply()` records the leader's decision without re-making it.
 ///
 /// What it covers is part of how entries apply: changing it needs a new cluster version. It
-/// hashes some records whole (a change, the services, the policy), so a field added to them
-/// changes it too; such a field already changes the state digest, and needs a version anyway.
+/// hashes some records whole (the services, the policy, a change as [`plan_inputs`] leaves it),
+/// so a field added to them changes it too; such a field already changes the state digest, and
+/// needs a version anyway.
 pub fn basis(state: &State, changes: &[u64], trigger: bool) -> String {
     let mut hasher = Sha256::new();
     // New changes, rollbacks, schema transactions and requests; registries that only grow.
@@ -345,9 +359,17 @@ pub fn basis(state: &State, changes: &[u64], trigger: bool) -> String {
     }
     covered.sort_unstable();
     covered.dedup();
+    // From version 4 a person's rollback or approval hashes a change as the planner reads it,
+    // so that its deploy's step progress elsewhere does not make the decision stale; the
+    // throttles of a trigger read more of it (its timing, its baseline).
+    let of_inputs = !trigger && state.cluster_version() >= version::PLAN_BASIS_OF_INPUTS;
     for number in &covered {
         let change = state.changes.get(number);
-        put(&mut hasher, "change", &change);
+        if of_inputs {
+            put(&mut hasher, "change", &change.map(plan_inputs));
+        } else {
+            put(&mut hasher, "change", &change);
+        }
         let Some(change) = change else { continue };
         for host in &change.hosts {
             put(
@@ -380,6 +402,35 @@ pub fn basis(state: &State, changes: &[u64], trigger: bool) -> String {
         );
     }
     format!("sha256:{}", hex::encode(hasher.finalize()))
+}
+
+/// A change as the rollback planner reads it: of each host's steps only whether its activation
+/// is still pending (it never reached the release) and the snapshot it left, not its attempts,
+/// times or details; not the health baseline, which only triggers and gates read.
+fn plan_inputs(change: &ChangeRecord) -> ChangeRecord {
+    let mut inputs = change.clone();
+    inputs.baseline = Default::default();
+    for host in &mut inputs.hosts {
+        let pending = host.activate.status == StepStatus::Pending;
+        host.capture = StepProgress::default();
+        host.activate = StepProgress {
+            status: if pending {
+                StepStatus::Pending
+            } else {
+                StepStatus::Succeeded
+            },
+            ..StepProgress::default()
+        };
+    }
+    inputs
+}
+
+/// `command` as members decode it from the log.
+fn as_replicated(command: &Command) -> Result<Command> {
+    let failed = |error: serde_json::Error| {
+        CoordinatorError::Internal(format!("encode the command for its decision: {error}"))
+    };
+    serde_json::from_slice(&serde_json::to_vec(command).map_err(failed)?).map_err(failed)
 }
 
 /// Adds `value` to a basis under `label`, as JSON (the state's own types serialise infallibly:

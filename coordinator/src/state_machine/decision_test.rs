@@ -1,4 +1,4 @@
-//! Tests of decisions made on the leader and recorded by `apply()` (cluster version 3).
+//! Tests of decisions made on the leader and recorded by `apply()` (cluster versions 3 and 4).
 
 use super::decision::{self, TriggerVerdict};
 use super::*;
@@ -250,4 +250,100 @@ fn an_approval_decided_on_a_state_that_moved_is_refused_and_the_request_stands()
         "{lapsed:?}"
     );
     assert!(harness.state.rollbacks.is_empty());
+}
+
+/// A fleet at cluster `version` with web on three hosts, v1 deployed and v2 half way (see
+/// [`Fleet::deploy_web_half_way`]); the v2 change.
+fn half_deployed_at(version: u32, started: bool) -> (Fleet, u64) {
+    let mut harness = Fleet::legacy().web();
+    for step in 2..=version {
+        harness.apply(CommandKind::SetClusterVersion {
+            version: step,
+            members: vec![],
+            reason: "every member on this release".into(),
+        });
+    }
+    harness.register_host("web-3", "web");
+    let change = harness.deploy_web_half_way("v1", "v2", started);
+    (harness, change)
+}
+
+fn activation(change: u64, host: &str) -> StepTarget {
+    StepTarget::Activate {
+        change,
+        host_id: host.into(),
+    }
+}
+
+#[test]
+fn from_version_four_a_deploys_step_progress_does_not_stale_a_persons_rollback() {
+    for (version, stale) in [(3, true), (4, false)] {
+        let (mut harness, change) = half_deployed_at(version, true);
+        let mut start = command(&harness, rollback_of(change, Trigger::Manual));
+        decision::prepare(&harness.state, &mut start).unwrap();
+        // The deploy goes on: web-2's activation, already under way, finishes (web-3's has not
+        // begun, so the change is still deploying). The plan reverts web-2 either way.
+        harness.apply(CommandKind::StepFinished {
+            step: activation(change, "web-2"),
+            ok: true,
+            detail: "done".into(),
+            snapshot_id: String::new(),
+        });
+        let outcome = harness.run_prepared(start);
+        if stale {
+            assert!(
+                matches!(outcome, Err(CoordinatorError::StaleDecision { .. })),
+                "version {version}: {outcome:?}"
+            );
+        } else {
+            assert!(
+                matches!(outcome, Ok(Outcome::Rollback(_))),
+                "version {version}: {outcome:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn from_version_four_what_the_planner_reads_still_stales_a_decision() {
+    let (mut harness, change) = half_deployed_at(4, false);
+    let mut start = command(&harness, rollback_of(change, Trigger::Manual));
+    decision::prepare(&harness.state, &mut start).unwrap();
+    // web-2 begins to take the release: the plan would now revert it too.
+    harness.apply(CommandKind::StepStarted {
+        step: activation(change, "web-2"),
+    });
+    let refused = harness.run_prepared(start).unwrap_err();
+    assert!(
+        matches!(refused, CoordinatorError::StaleDecision { .. }),
+        "{refused}"
+    );
+}
+
+#[test]
+fn a_plan_whose_options_change_on_their_way_through_the_log_still_starts() {
+    // 0.9277233515696905 decodes as ...904 (serde_json's parser without float_roundtrip): the
+    // leader decides on the decoded value, so the plan's hash holds on every member.
+    let (mut harness, change) = deployed();
+    let mut kind = rollback_of(change, Trigger::Manual);
+    if let CommandKind::StartRollback(StartRollback { options, .. }) = &mut kind {
+        options.gate.tolerance = 0.927_723_351_569_690_5;
+    }
+    let mut start = command(&harness, kind);
+    decision::prepare(&harness.state, &mut start).unwrap();
+    let outcome = harness.run_prepared(start);
+    assert!(matches!(outcome, Ok(Outcome::Rollback(_))), "{outcome:?}");
+}
+
+#[test]
+fn a_value_that_went_through_the_log_once_goes_through_again_unchanged() {
+    // Deciding on the decoded command helps only if decoding what was decoded once gives it
+    // back exactly.
+    let mut value = 0.1_f64;
+    for _ in 0..200_000 {
+        value = (value * 1.618_033_988_749_895 + 0.000_123_456_789) % 1.0;
+        let once: f64 = serde_json::from_str(&serde_json::to_string(&value).unwrap()).unwrap();
+        let twice: f64 = serde_json::from_str(&serde_json::to_string(&once).unwrap()).unwrap();
+        assert_eq!(once.to_bits(), twice.to_bits(), "{value:e}");
+    }
 }

@@ -183,6 +183,7 @@ fn current_release_log() -> Fleet {
     }
     let _ = harness.run_as("user:bob", "bob-1", noted("b"));
     version_three(&mut harness);
+    version_four(&mut harness);
     harness
 }
 
@@ -319,6 +320,55 @@ fn version_three(harness: &mut Fleet) {
             && harness.state.approval_requests[&request].status == RequestStatus::Approved,
         "{approved:?}"
     );
+}
+
+/// From version 4 a person's rollback decided while its change was still deploying applies
+/// although the deploy went on, as long as it went on only where the planner does not look.
+fn version_four(harness: &mut Fleet) {
+    // The approved rollback of version 3's scenario runs to its end first.
+    let approved = harness.state.rollbacks.len() as u64;
+    for host in ["web-1", "web-2"] {
+        for kind in RollbackStepKind::ALL {
+            harness.finish(rollback_step(approved, host, kind), true);
+        }
+    }
+    pass_gate(harness, approved, 0);
+    harness.apply(CommandKind::SetClusterVersion {
+        version: 4,
+        members: vec![],
+        reason: "every member on this release".into(),
+    });
+    let policy = Policy::from_toml(
+        "[[binding]]\nname = \"admins\"\nrole = \"admin\"\nidentities = [\"user:ada\"]\n\
+         scopes = [\"*\"]\n\n[[hosts]]\nnames = [\"web-*\"]\nservices = [\"web\"]\n",
+    )
+    .expect("the scenario's policy");
+    harness.apply(CommandKind::ApplyPolicy {
+        policy,
+        bootstrap: false,
+        expected_hash: String::new(),
+        reason: "no approvals".into(),
+    });
+    harness.register_host("web-3", "web");
+    let change = harness.deploy_web_half_way("v1", "v2", true);
+    let mut decided = Command {
+        at_ms: 0,
+        identity: "operator".into(),
+        request_id: String::new(),
+        kind: rollback_of(change, Trigger::Manual),
+    };
+    super::decision::prepare(&harness.state, &mut decided).expect("the leader plans it");
+    harness.apply(CommandKind::StepFinished {
+        step: StepTarget::Activate {
+            change,
+            host_id: "web-2".into(),
+        },
+        ok: true,
+        detail: "done".into(),
+        snapshot_id: String::new(),
+    });
+    let started = harness.run_raw(decided.kind);
+    assert!(matches!(started, Ok(Outcome::Rollback(_))), "{started:?}");
 }
 
 #[test]

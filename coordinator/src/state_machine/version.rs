@@ -20,11 +20,20 @@ use crate::errors::CoordinatorError;
 pub const LEGACY: u32 = 1;
 
 /// The highest cluster version this binary can apply.
-pub const CURRENT: u32 = 3;
+pub const CURRENT: u32 = 4;
 
 /// From this version a refused command takes back the requests for approval it expired or
 /// lapsed on its way to the refusal.
 pub const REFUSAL_UNDOES_EXPIRY: u32 = 3;
+
+/// From this version a person's rollback or approval is decided on a change as the planner
+/// reads it (`decision::plan_inputs`), so that the change's step progress elsewhere does not
+/// make it stale.
+pub const PLAN_BASIS_OF_INPUTS: u32 = 4;
+
+/// From this version an automatic request for approval that expires while an alert repeats
+/// refuses the rollback there and then: the alert does not file a new request.
+pub const EXPIRY_REFUSES_AT_ONCE: u32 = 4;
 
 /// What each version brought, for `rewindctl cluster version` and the README.
 pub const CHANGES: &[(u32, &str)] = &[
@@ -42,6 +51,12 @@ pub const CHANGES: &[(u32, &str)] = &[
          trigger, and the log carries the result: apply() checks the state it was decided on is \
          unchanged and records it, never planning itself; a refused command takes back the \
          requests for approval it expired on its way to the refusal",
+    ),
+    (
+        4,
+        "a person's rollback or approval is checked against a change as the planner reads it, \
+         so its deploy's step progress does not make the decision stale; an automatic request \
+         that expires as its alert repeats refuses the rollback instead of asking again",
     ),
 ];
 

@@ -1,7 +1,8 @@
 //! `apply()`: the pure transition function of the replicated state.
 //!
 //! No clock, no randomness, no I/O: everything comes from the command. A rejected command changes
-//! nothing (each handler checks before it mutates) except `applied_index`.
+//! nothing but `applied_index` (each handler checks before it mutates; from cluster version 3
+//! what a refused command expired on its way is taken back too, see `REFUSAL_UNDOES_EXPIRY`).
 
 use super::approvals;
 use super::command::{

@@ -5,7 +5,8 @@ use crate::state_machine::decision::{self, TriggerDecision, TriggerVerdict};
 
 /// Acts on a request for an automatic rollback: starts it, or records why not. From cluster
 /// version 3 the leader's verdict is recorded (see `decision.rs`); before, it is judged here.
-/// Refuses (as an error, recording nothing) only a service that does not exist.
+/// Refuses (as an error, recording nothing) a service that does not exist and, from version
+/// 3, a verdict that went stale or does not fit the entry (see `decision::given_verdict`).
 pub(super) fn auto_trigger(
     state: &mut State,
     command: &Command,
@@ -66,9 +67,8 @@ pub(super) fn auto_trigger(
         }
         TriggerVerdict::Start => {
             let Some(planned) = &decision.plan else {
-                return Err(CoordinatorError::invalid(
-                    "decided",
-                    "a verdict to start carries the plan",
+                return Err(CoordinatorError::Internal(
+                    "the leader's verdict to start carries no plan".into(),
                 ));
             };
             let plan = decision::matching_plan(planned, &[change], options)?;
@@ -77,10 +77,26 @@ pub(super) fn auto_trigger(
             let drift = decided.as_ref().map(|_| &planned.drifted);
             let requirement = approvals::requirement(state, &[change]);
             approvals::expire(state, at_ms);
+            // An automatic request of this change that expired just now refuses it, as a
+            // person's no would: the verdict was judged before the expiry was recorded.
+            let expired_just_now = state.cluster_version() >= version::EXPIRY_REFUSES_AT_ONCE
+                && state
+                    .changes
+                    .get(&change)
+                    .is_some_and(|record| record.auto_refused);
             let waits = requirement.approvals > 0 && !requirement.automatic_at_once;
             // Where automatic rollbacks wait, a repeated alert does not ask twice; where they
             // run at once, they run, and a person's pending request lapses.
-            if let Some(pending) = approvals::pending_for(state, change).filter(|_| waits) {
+            if expired_just_now {
+                (
+                    TriggerOutcome::Ignored,
+                    format!(
+                        "an automatic rollback of {} was already refused; a person decides",
+                        change_id(change)
+                    ),
+                    0,
+                )
+            } else if let Some(pending) = approvals::pending_for(state, change).filter(|_| waits) {
                 (
                     TriggerOutcome::Ignored,
                     format!(
