@@ -95,15 +95,39 @@ pub enum Command {
 }
 
 /// A page of a list. Every list pages alike: `--page-size`, and the `--page-token` the
-/// previous page ended with (`--limit` and `--before` are the spellings before 0.3, hidden).
+/// previous page ended with (`--limit` is the spelling before 0.3, hidden).
 #[derive(Clone, clap::Args)]
 pub struct PageArgs {
     /// At most this many (at most 1000).
     #[arg(long, alias = "limit", default_value_t = 100)]
     pub page_size: u32,
     /// Continue where the previous page ended (the token it printed); empty: the first page.
-    #[arg(long, alias = "before", default_value = "")]
+    #[arg(long, default_value = "")]
     pub page_token: String,
+}
+
+/// A page of a list kept newest first by id (changes, rollbacks), where the spelling before
+/// 0.3 of `--page-token` was `--before`.
+#[derive(Clone, clap::Args)]
+pub struct NewestPageArgs {
+    #[command(flatten)]
+    pub page: PageArgs,
+    /// The spelling before 0.3 of `--page-token`.
+    #[arg(long, hide = true, conflicts_with = "page_token")]
+    pub before: Option<String>,
+}
+
+impl NewestPageArgs {
+    /// The page asked for, by whichever spelling.
+    pub fn page(self) -> PageArgs {
+        match self.before {
+            Some(before) => PageArgs {
+                page_token: before,
+                ..self.page
+            },
+            None => self.page,
+        }
+    }
 }
 
 /// Says how to get the next page, when there is one: the same command, filters and size.
@@ -278,7 +302,15 @@ mod tests {
 
     #[test]
     fn every_list_pages_alike_and_the_old_page_flags_still_parse() {
-        for list in ["host list", "change list", "rollback list", "audit list"] {
+        for list in [
+            "host list",
+            "change list",
+            "rollback list",
+            "audit list",
+            "schema list",
+            "join-token list",
+            "request list",
+        ] {
             let line = format!("rewindctl {list} --page-size 5 --page-token t");
             Cli::try_parse_from(line.split(' ')).unwrap_or_else(|error| panic!("{line}: {error}"));
         }
@@ -289,6 +321,13 @@ mod tests {
             "rewindctl trigger list --limit 5",
         ] {
             Cli::try_parse_from(old.split(' ')).unwrap_or_else(|error| panic!("{old}: {error}"));
+        }
+        // An old spelling and the new one at once is a mistake, not a choice.
+        for both in [
+            "rewindctl change list --before ch-3 --page-token ch-9",
+            "rewindctl audit list --from 7 --page-token 9",
+        ] {
+            assert!(Cli::try_parse_from(both.split(' ')).is_err(), "{both}");
         }
         let help = Cli::command()
             .find_subcommand_mut("change")

@@ -41,8 +41,11 @@ pub enum JoinTokenCommand {
         #[arg(long)]
         reason: String,
     },
-    /// Tokens, newest first, with who used them.
-    List,
+    /// Tokens, newest first, with who used them, a page at a time.
+    List {
+        #[command(flatten)]
+        page: crate::commands::PageArgs,
+    },
     /// Make a token unusable at once.
     Revoke {
         token_id: String,
@@ -103,9 +106,12 @@ pub async fn run_tokens(
                 say!("{}", created.token);
             }
         }
-        JoinTokenCommand::List => {
+        JoinTokenCommand::List { page } => {
             let listed = client
-                .list_join_tokens(pb::ListJoinTokensRequest {})
+                .list_join_tokens(pb::ListJoinTokensRequest {
+                    page_size: page.page_size,
+                    page_token: page.page_token,
+                })
                 .await
                 .map_err(explain)?
                 .into_inner();
@@ -138,6 +144,11 @@ pub async fn run_tokens(
                         "EXPIRES",
                     ],
                     rows,
+                );
+                crate::commands::next_page(
+                    "join-token list",
+                    page.page_size,
+                    &listed.next_page_token,
                 );
             }
         }

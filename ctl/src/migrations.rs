@@ -148,8 +148,11 @@ pub async fn run(
 
 #[derive(Clone, Subcommand)]
 pub enum SchemaCommand {
-    /// Schema transactions, newest first.
-    List,
+    /// Schema transactions, newest first, a page at a time.
+    List {
+        #[command(flatten)]
+        page: crate::commands::PageArgs,
+    },
     /// One transaction: its decision, each shard's phases, versions and fingerprints, data at
     /// risk and exports, and every statement it ran with the rows affected.
     Show { txn_id: String },
@@ -172,9 +175,16 @@ pub async fn schema(
     format: Format,
     command: SchemaCommand,
 ) -> anyhow::Result<ExitCode> {
-    let (txn_id, detailed) = match command {
-        SchemaCommand::List => (String::new(), false),
-        SchemaCommand::Show { txn_id } => (txn_id, true),
+    let (txn_id, detailed, page) = match command {
+        SchemaCommand::List { page } => (String::new(), false, page),
+        SchemaCommand::Show { txn_id } => (
+            txn_id,
+            true,
+            crate::commands::PageArgs {
+                page_size: 1,
+                page_token: String::new(),
+            },
+        ),
         SchemaCommand::Resolved {
             txn_id,
             shard,
@@ -198,16 +208,21 @@ pub async fn schema(
             return Ok(ExitCode::SUCCESS);
         }
     };
-    let txns = client
-        .list_schema_txns(pb::ListSchemaTxnsRequest { txn_id, detailed })
+    let listed = client
+        .list_schema_txns(pb::ListSchemaTxnsRequest {
+            txn_id,
+            detailed,
+            page_size: page.page_size,
+            page_token: page.page_token,
+        })
         .await
         .map_err(explain)?
-        .into_inner()
-        .txns;
+        .into_inner();
     if format == Format::Json {
-        json(&pb::ListSchemaTxnsResponse { txns })?;
+        json(&listed)?;
         return Ok(ExitCode::SUCCESS);
     }
+    let txns = listed.txns;
     if !detailed {
         let rows = txns
             .iter()
@@ -241,6 +256,7 @@ pub async fn schema(
             ],
             rows,
         );
+        crate::commands::next_page("schema list", page.page_size, &listed.next_page_token);
         return Ok(ExitCode::SUCCESS);
     }
     txns.iter().for_each(print_txn);
@@ -394,9 +410,10 @@ pub async fn drill(
     while !no_wait && drill.status == "running" {
         if started.elapsed() > DRILL_WAIT {
             anyhow::bail!(
-                "{} still runs after {} s; see rewindctl schema list",
+                "{} still runs after {} s; see rewindctl drill show {}",
                 drill.drill_id,
-                DRILL_WAIT.as_secs()
+                DRILL_WAIT.as_secs(),
+                drill.drill_id
             );
         }
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;

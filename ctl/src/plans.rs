@@ -211,7 +211,7 @@ pub fn print_plan(plan: &pb::RollbackPlan) {
     }
     if plan.runnable {
         say!(
-            "\nRun exactly this plan: rewindctl rollback start --plan-hash {} <same selection and options>",
+            "\nRun exactly this plan: rewindctl rollback start --plan-hash {} --reason \"...\" <same selection and options>",
             plan.plan_hash
         );
     } else {

@@ -16,6 +16,8 @@ pub enum RequestCommand {
         /// Only those waiting: pending, and break-glass rollbacks not yet reviewed.
         #[arg(long)]
         open: bool,
+        #[command(flatten)]
+        page: crate::commands::PageArgs,
     },
     /// One request: its plan, approvals, and whether the plan is still the one requested.
     Show { request_id: String },
@@ -58,9 +60,18 @@ pub async fn run(
         reason,
     };
     let request = match command {
-        RequestCommand::List { open } => {
+        RequestCommand::List { open, page } => {
+            let command = if open {
+                "request list --open"
+            } else {
+                "request list"
+            };
             let listed = client
-                .list_requests(pb::ListRequestsRequest { open_only: open })
+                .list_requests(pb::ListRequestsRequest {
+                    open_only: open,
+                    page_size: page.page_size,
+                    page_token: page.page_token,
+                })
                 .await
                 .map_err(explain)?
                 .into_inner();
@@ -100,6 +111,7 @@ pub async fn run(
                     ],
                     rows,
                 );
+                crate::commands::next_page(command, page.page_size, &listed.next_page_token);
             }
             return Ok(ExitCode::SUCCESS);
         }
@@ -193,7 +205,7 @@ pub fn print_request(request: &pb::ApprovalRequest) {
     }
     if request.status == "pending" {
         say!(
-            "expires at {}; approve with: rewindctl request approve {} --plan-hash {}",
+            "expires at {}; approve with: rewindctl request approve {} --plan-hash {} --reason \"...\"",
             time(request.expires_at_ms),
             request.request_id,
             request.plan_hash

@@ -15,8 +15,9 @@ pub fn must_binary(name: &str) -> PathBuf {
     } else {
         exe_dir
     };
-    // Benchmarks run from target/release and measure release binaries.
     let release = profile_dir.ends_with("release");
+    // `cargo bench` runs a benchmark with `--bench`: it measures the binaries as shipped.
+    let benchmark = std::env::args().any(|arg| arg == "--bench");
     BUILD.call_once(|| {
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let mut build = Command::new(env!("CARGO"));
@@ -31,10 +32,10 @@ pub fn must_binary(name: &str) -> PathBuf {
             "rewindctl",
         ]);
         if release {
-            // Benchmarks measure release builds as shipped, without crash points.
             build.arg("--release");
-        } else {
-            // Debug builds carry the crash points the recovery tests arm.
+        }
+        if !benchmark {
+            // Tests build them with the crash points the recovery tests arm.
             build.args(["--features", rewind_shared::failpoint::BUILD_FEATURES]);
         }
         let status = build.status().expect("run cargo build");

@@ -213,6 +213,7 @@ impl Shards {
             .list_schema_txns(pb::ListSchemaTxnsRequest {
                 txn_id: txn_id.into(),
                 detailed: true,
+                ..Default::default()
             })
             .await
             .unwrap()

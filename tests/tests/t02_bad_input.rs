@@ -179,559 +179,78 @@ async fn bad_requests_are_refused_with_the_field_named_and_change_nothing() {
     use Code::{AlreadyExists, FailedPrecondition, InvalidArgument, NotFound};
     let c = &client;
     // One row per case, kept on one line each so the table reads as one.
-    #[rustfmt::skip]
     // Clients before 0.3 name the page by its old fields, still read for one release.
     #[allow(deprecated)]
     let (legacy_changes, legacy_rollbacks) = (
-        pb::ListChangesRequest { limit: 1001, ..Default::default() },
-        pb::ListRollbacksRequest { before: "ch-3".into(), ..Default::default() },
+        pb::ListChangesRequest {
+            limit: 1001,
+            ..Default::default()
+        },
+        pb::ListRollbacksRequest {
+            before: "ch-3".into(),
+            ..Default::default()
+        },
     );
+    #[rustfmt::skip]
     let cases = vec![
-        case(
-            "a service is required",
-            call!(
-                c,
-                put_service,
-                pb::PutServiceRequest {
-                    request_id: String::new(),
-                    service: None
-                }
-            ),
-            InvalidArgument,
-            "service: is required",
-        ),
-        case(
-            "a service has a name",
-            call!(c, put_service, service("", None, vec![])),
-            InvalidArgument,
-            "service.name: must not be empty",
-        ),
-        case(
-            "a probe failure ratio is a ratio",
-            call!(
-                c,
-                put_service,
-                service(
-                    "api",
-                    Some(pb::HealthPolicy {
-                        max_probe_failure_ratio: 3.0,
-                        for_s: 1,
-                        watch_s: 1,
-                        auto_rollback: true,
-                        ..Default::default()
-                    }),
-                    vec![]
-                )
-            ),
-            InvalidArgument,
-            "service.policy.max_probe_failure_ratio",
-        ),
-        case(
-            "a condition names a figure",
-            call!(
-                c,
-                put_service,
-                condition(pb::PolicyCondition {
-                    figure: 0,
-                    threshold: 0.1,
-                    for_s: 5,
-                    ..Default::default()
-                })
-            ),
-            InvalidArgument,
-            "service.policy.conditions[0].figure",
-        ),
-        case(
-            "a ratio threshold is within 0..=1",
-            call!(
-                c,
-                put_service,
-                condition(pb::PolicyCondition {
-                    figure: error_ratio,
-                    threshold: 1.5,
-                    for_s: 5,
-                    ..Default::default()
-                })
-            ),
-            InvalidArgument,
-            "service.policy.conditions[0].threshold: is 1.5; as a ratio it must be within 0..=1",
-        ),
-        case(
-            "a baseline multiple is positive",
-            call!(
-                c,
-                put_service,
-                condition(pb::PolicyCondition {
-                    figure: error_ratio,
-                    threshold: 0.0,
-                    relative_to_baseline: true,
-                    for_s: 5
-                })
-            ),
-            InvalidArgument,
-            "service.policy.conditions[0].threshold: is 0; as a multiple of the baseline",
-        ),
-        case(
-            "a condition holds for a while",
-            call!(
-                c,
-                put_service,
-                condition(pb::PolicyCondition {
-                    figure: error_ratio,
-                    threshold: 0.1,
-                    for_s: 0,
-                    ..Default::default()
-                })
-            ),
-            InvalidArgument,
-            "service.policy.conditions[0].for_s: is 0, must be within 1..=3600 s",
-        ),
-        case(
-            "a synthetic check is plain HTTP",
-            call!(
-                c,
-                put_service,
-                login(pb::SyntheticCheck {
-                    url: "https://x".into(),
-                    ..Default::default()
-                })
-            ),
-            InvalidArgument,
-            "service.synthetics[login].url",
-        ),
-        case(
-            "a synthetic check GETs or POSTs",
-            call!(
-                c,
-                put_service,
-                login(pb::SyntheticCheck {
-                    url: "http://x".into(),
-                    method: "DELETE".into(),
-                    ..Default::default()
-                })
-            ),
-            InvalidArgument,
-            "service.synthetics[login].method: \"DELETE\" is not GET or POST",
-        ),
-        case(
-            "a synthetic check expects an HTTP status",
-            call!(
-                c,
-                put_service,
-                login(pb::SyntheticCheck {
-                    url: "http://x".into(),
-                    expect_status: 99,
-                    ..Default::default()
-                })
-            ),
-            InvalidArgument,
-            "service.synthetics[login].expect_status: 99 is not an HTTP status",
-        ),
-        case(
-            "a synthetic check's latency is bounded",
-            call!(
-                c,
-                put_service,
-                login(pb::SyntheticCheck {
-                    url: "http://x".into(),
-                    max_latency_ms: 70_000,
-                    ..Default::default()
-                })
-            ),
-            InvalidArgument,
-            "service.synthetics[login].max_latency_ms: is 70000",
-        ),
-        case(
-            "a release requires providers by name",
-            call!(c, register_release, needs_bad_provider),
-            InvalidArgument,
-            "release.requires:",
-        ),
-        case(
-            "a release version is a name",
-            call!(c, register_release, release("web", "v 2", &digest)),
-            InvalidArgument,
-            "release.version:",
-        ),
-        case(
-            "a release digest is sha256",
-            call!(c, register_release, release("web", "v2", "md5:abc")),
-            InvalidArgument,
-            "release.artifact_digest:",
-        ),
-        case(
-            "a release is of a known service",
-            call!(c, register_release, release("nope", "v2", &digest)),
-            NotFound,
-            "no service nope: known services are web",
-        ),
-        case(
-            "a release is registered once",
-            call!(
-                c,
-                register_release,
-                release("web", "v1", &format!("sha256:{}", "cd".repeat(32)))
-            ),
-            AlreadyExists,
-            "release web v1 is already registered",
-        ),
-        case(
-            "a change is of a known release",
-            call!(c, start_change, change("web", "v9")),
-            NotFound,
-            "no release v9 of service web: known versions are v1",
-        ),
-        case(
-            "a change names its service",
-            call!(c, start_change, change("", "v1")),
-            InvalidArgument,
-            "service: must not be empty",
-        ),
-        case(
-            "a change needs hosts",
-            call!(c, start_change, change("web", "v1")),
-            FailedPrecondition,
-            "no registered host runs service web",
-        ),
-        case(
-            "a change names registered hosts",
-            call!(c, start_change, with_ghost),
-            NotFound,
-            "no host ghost is registered",
-        ),
-        case(
-            "a change migration is database@version",
-            call!(c, start_change, bad_migration),
-            InvalidArgument,
-            "migrations: \"orders-0042\" is not database@version",
-        ),
-        case(
-            "a change's request id is a name",
-            call!(c, start_change, spaced_change),
-            InvalidArgument,
-            "request_id:",
-        ),
-        case(
-            "a change id is given",
-            call!(c, get_change, get_change("")),
-            InvalidArgument,
-            "change_id: must not be empty",
-        ),
-        case(
-            "a change id looks like one",
-            call!(c, get_change, get_change("banana")),
-            InvalidArgument,
-            "change_id: \"banana\" is not an id like ch-12",
-        ),
-        case(
-            "a change id names a change",
-            call!(c, get_change, get_change("ch-99")),
-            NotFound,
-            "no change ch-99: known changes are none",
-        ),
-        case(
-            "a rollback id names a rollback",
-            call!(
-                c,
-                get_rollback,
-                pb::GetRollbackRequest {
-                    rollback_id: "rb-4".into()
-                }
-            ),
-            NotFound,
-            "no rollback rb-4",
-        ),
-        case(
-            "a rollback selects changes by change id",
-            call!(c, start_rollback, rollback("rb-1", "test".into())),
-            InvalidArgument,
-            "selection.change_ids: \"rb-1\" is not an id like ch-12",
-        ),
-        case(
-            "a gate tolerance is within 0..=1",
-            call!(c, start_rollback, bad_gate),
-            InvalidArgument,
-            "options.gate.tolerance: is 2, must be within 0..=1",
-        ),
-        case(
-            "accepting data loss says why",
-            call!(c, start_rollback, unexplained_loss),
-            InvalidArgument,
-            "options.accept_data_loss: say why losing that data is acceptable",
-        ),
-        case(
-            "a plan hash is sha256",
-            call!(c, start_rollback, bad_hash),
-            InvalidArgument,
-            "plan_hash:",
-        ),
-        case(
-            "a reason is bounded",
-            call!(c, start_rollback, rollback("ch-1", "x".repeat(2000))),
-            InvalidArgument,
-            "reason: is 2000 bytes, at most 1024",
-        ),
-        case(
-            "a change says why",
-            call!(
-                c,
-                start_change,
-                pb::StartChangeRequest {
-                    reason: " ".into(),
-                    ..change("web", "v1")
-                }
-            ),
-            InvalidArgument,
-            "reason: say why this change",
-        ),
-        case(
-            "a rollback says why",
-            call!(c, start_rollback, rollback("ch-1", String::new())),
-            InvalidArgument,
-            "reason: say why you roll back",
-        ),
-        case(
-            "a rollback's request id is a name",
-            call!(c, start_rollback, spaced_rollback),
-            InvalidArgument,
-            "request_id: \"has space\" contains ' '",
-        ),
-        case(
-            "a plan names known services",
-            call!(
-                c,
-                plan_rollback,
-                pb::PlanRollbackRequest {
-                    selection: Some(pb::RollbackSelection {
-                        services: vec!["nope".into()],
-                        ..Default::default()
-                    }),
-                    options: None
-                }
-            ),
-            NotFound,
-            "no service nope",
-        ),
-        case(
-            "skipping a host says why",
-            call!(
-                c,
-                skip_host,
-                pb::RollbackActionRequest {
-                    rollback_id: "rb-1".into(),
-                    host_id: "web-1".into(),
-                    ..Default::default()
-                }
-            ),
-            InvalidArgument,
-            "reason: say why the host is left unreverted",
-        ),
-        case(
-            "aborting says why",
-            call!(
-                c,
-                abort_rollback,
-                pb::RollbackActionRequest {
-                    rollback_id: "rb-1".into(),
-                    ..Default::default()
-                }
-            ),
-            InvalidArgument,
-            "reason: say why you abort it",
-        ),
-        case(
-            "a schema transaction id looks like one",
-            call!(
-                c,
-                list_schema_txns,
-                pb::ListSchemaTxnsRequest {
-                    txn_id: "tx-1".into(),
-                    detailed: false
-                }
-            ),
-            InvalidArgument,
-            "txn_id: \"tx-1\" is not an id like st-12",
-        ),
-        case(
-            "a schema transaction id names one",
-            call!(
-                c,
-                list_schema_txns,
-                pb::ListSchemaTxnsRequest {
-                    txn_id: "st-9".into(),
-                    detailed: true
-                }
-            ),
-            NotFound,
-            "no schema transaction st-9",
-        ),
-        case(
-            "a resolved shard names its transaction",
-            call!(c, resolved_by_hand, by_hand("tx-1", "db-1", "done")),
-            InvalidArgument,
-            "txn_id: \"tx-1\" is not an id like st-12",
-        ),
-        case(
-            "a resolved shard is a host name",
-            call!(c, resolved_by_hand, by_hand("st-1", "bad host", "done")),
-            InvalidArgument,
-            "host_id:",
-        ),
-        case(
-            "a resolved shard says what was done",
-            call!(c, resolved_by_hand, by_hand("st-1", "db-1", " ")),
-            InvalidArgument,
-            "reason: say what was done to the shard",
-        ),
-        case(
-            "a resolved shard's transaction exists",
-            call!(c, resolved_by_hand, by_hand("st-9", "db-1", "done")),
-            InvalidArgument,
-            "txn_id: no schema transaction st-9",
-        ),
-        case(
-            "a drill id names a drill",
-            call!(
-                c,
-                get_drill,
-                pb::GetDrillRequest {
-                    drill_id: "dr-9".into()
-                }
-            ),
-            NotFound,
-            "no drill dr-9",
-        ),
-        case(
-            "a drill is of a known change",
-            call!(
-                c,
-                start_drill,
-                pb::StartDrillRequest {
-                    request_id: String::new(),
-                    change_id: "ch-9".into(),
-                    environment: "staging".into()
-                }
-            ),
-            InvalidArgument,
-            "change_id: no change ch-9",
-        ),
-        case(
-            "a drill's environment is a name",
-            call!(
-                c,
-                start_drill,
-                pb::StartDrillRequest {
-                    request_id: String::new(),
-                    change_id: "ch-1".into(),
-                    environment: "bad env".into()
-                }
-            ),
-            InvalidArgument,
-            "environment:",
-        ),
-        case(
-            "a change list is bounded",
-            call!(
-                c,
-                list_changes,
-                pb::ListChangesRequest {
-                    page_size: 1001,
-                    ..Default::default()
-                }
-            ),
-            InvalidArgument,
-            "page_size: is 1001, at most 1000 are returned at once",
-        ),
-        case(
-            "a change list reads its old page size",
-            call!(c, list_changes, legacy_changes),
-            InvalidArgument,
-            "limit: is 1001, at most 1000 are returned at once",
-        ),
-        case(
-            "a rollback list pages by rollback id",
-            call!(
-                c,
-                list_rollbacks,
-                pb::ListRollbacksRequest {
-                    page_token: "ch-3".into(),
-                    ..Default::default()
-                }
-            ),
-            InvalidArgument,
-            "page_token: \"ch-3\" is not an id like rb-12",
-        ),
-        case(
-            "a rollback list reads its old page token",
-            call!(c, list_rollbacks, legacy_rollbacks),
-            InvalidArgument,
-            "before: \"ch-3\" is not an id like rb-12",
-        ),
-        case(
-            "an audit page is bounded",
-            call!(
-                c,
-                list_audit,
-                pb::ListAuditRequest {
-                    page_size: 5000,
-                    ..Default::default()
-                }
-            ),
-            InvalidArgument,
-            "page_size: is 5000",
-        ),
-        case(
-            "an audit page token is an index",
-            call!(
-                c,
-                list_audit,
-                pb::ListAuditRequest {
-                    page_token: "x".into(),
-                    ..Default::default()
-                }
-            ),
-            InvalidArgument,
-            "page_token: \"x\" is not an audit index",
-        ),
-        case(
-            "a host page is bounded",
-            call!(
-                c,
-                list_hosts,
-                pb::ListHostsRequest {
-                    page_size: 5000,
-                    page_token: String::new()
-                }
-            ),
-            InvalidArgument,
-            "page_size: is 5000",
-        ),
-        case(
-            "a trigger list is bounded",
-            call!(
-                c,
-                list_triggers,
-                pb::ListTriggersRequest {
-                    page_size: 1001,
-                    ..Default::default()
-                }
-            ),
-            InvalidArgument,
-            "page_size: is 1001",
-        ),
-        case(
-            "a host page token is a host id",
-            call!(
-                c,
-                list_hosts,
-                pb::ListHostsRequest {
-                    page_token: "Web 1!".into(),
-                    page_size: 0
-                }
-            ),
-            InvalidArgument,
-            "page_token",
-        ),
+        case("a service is required", call!(c, put_service, pb::PutServiceRequest { request_id: String::new(), service: None }), InvalidArgument, "service: is required"),
+        case("a service has a name", call!(c, put_service, service("", None, vec![])), InvalidArgument, "service.name: must not be empty"),
+        case("a probe failure ratio is a ratio", call!(c, put_service, service("api", Some(pb::HealthPolicy { max_probe_failure_ratio: 3.0, for_s: 1, watch_s: 1, auto_rollback: true, ..Default::default() }), vec![])), InvalidArgument, "service.policy.max_probe_failure_ratio"),
+        case("a condition names a figure", call!(c, put_service, condition(pb::PolicyCondition { figure: 0, threshold: 0.1, for_s: 5, ..Default::default() })), InvalidArgument, "service.policy.conditions[0].figure"),
+        case("a ratio threshold is within 0..=1", call!(c, put_service, condition(pb::PolicyCondition { figure: error_ratio, threshold: 1.5, for_s: 5, ..Default::default() })), InvalidArgument, "service.policy.conditions[0].threshold: is 1.5; as a ratio it must be within 0..=1"),
+        case("a baseline multiple is positive", call!(c, put_service, condition(pb::PolicyCondition { figure: error_ratio, threshold: 0.0, relative_to_baseline: true, for_s: 5 })), InvalidArgument, "service.policy.conditions[0].threshold: is 0; as a multiple of the baseline"),
+        case("a condition holds for a while", call!(c, put_service, condition(pb::PolicyCondition { figure: error_ratio, threshold: 0.1, for_s: 0, ..Default::default() })), InvalidArgument, "service.policy.conditions[0].for_s: is 0, must be within 1..=3600 s"),
+        case("a synthetic check is plain HTTP", call!(c, put_service, login(pb::SyntheticCheck { url: "https://x".into(), ..Default::default() })), InvalidArgument, "service.synthetics[login].url"),
+        case("a synthetic check GETs or POSTs", call!(c, put_service, login(pb::SyntheticCheck { url: "http://x".into(), method: "DELETE".into(), ..Default::default() })), InvalidArgument, "service.synthetics[login].method: \"DELETE\" is not GET or POST"),
+        case("a synthetic check expects an HTTP status", call!(c, put_service, login(pb::SyntheticCheck { url: "http://x".into(), expect_status: 99, ..Default::default() })), InvalidArgument, "service.synthetics[login].expect_status: 99 is not an HTTP status"),
+        case("a synthetic check's latency is bounded", call!(c, put_service, login(pb::SyntheticCheck { url: "http://x".into(), max_latency_ms: 70_000, ..Default::default() })), InvalidArgument, "service.synthetics[login].max_latency_ms: is 70000"),
+        case("a release requires providers by name", call!(c, register_release, needs_bad_provider), InvalidArgument, "release.requires:"),
+        case("a release version is a name", call!(c, register_release, release("web", "v 2", &digest)), InvalidArgument, "release.version:"),
+        case("a release digest is sha256", call!(c, register_release, release("web", "v2", "md5:abc")), InvalidArgument, "release.artifact_digest:"),
+        case("a release is of a known service", call!(c, register_release, release("nope", "v2", &digest)), NotFound, "no service nope: known services are web"),
+        case("a release is registered once", call!(c, register_release, release("web", "v1", &format!("sha256:{}", "cd".repeat(32)))), AlreadyExists, "release web v1 is already registered"),
+        case("a change is of a known release", call!(c, start_change, change("web", "v9")), NotFound, "no release v9 of service web: known versions are v1"),
+        case("a change names its service", call!(c, start_change, change("", "v1")), InvalidArgument, "service: must not be empty"),
+        case("a change needs hosts", call!(c, start_change, change("web", "v1")), FailedPrecondition, "no registered host runs service web"),
+        case("a change names registered hosts", call!(c, start_change, with_ghost), NotFound, "no host ghost is registered"),
+        case("a change migration is database@version", call!(c, start_change, bad_migration), InvalidArgument, "migrations: \"orders-0042\" is not database@version"),
+        case("a change's request id is a name", call!(c, start_change, spaced_change), InvalidArgument, "request_id:"),
+        case("a change id is given", call!(c, get_change, get_change("")), InvalidArgument, "change_id: must not be empty"),
+        case("a change id looks like one", call!(c, get_change, get_change("banana")), InvalidArgument, "change_id: \"banana\" is not an id like ch-12"),
+        case("a change id names a change", call!(c, get_change, get_change("ch-99")), NotFound, "no change ch-99: known changes are none"),
+        case("a rollback id names a rollback", call!(c, get_rollback, pb::GetRollbackRequest { rollback_id: "rb-4".into() }), NotFound, "no rollback rb-4"),
+        case("a rollback selects changes by change id", call!(c, start_rollback, rollback("rb-1", "test".into())), InvalidArgument, "selection.change_ids: \"rb-1\" is not an id like ch-12"),
+        case("a gate tolerance is within 0..=1", call!(c, start_rollback, bad_gate), InvalidArgument, "options.gate.tolerance: is 2, must be within 0..=1"),
+        case("accepting data loss says why", call!(c, start_rollback, unexplained_loss), InvalidArgument, "options.accept_data_loss: say why losing that data is acceptable"),
+        case("a plan hash is sha256", call!(c, start_rollback, bad_hash), InvalidArgument, "plan_hash:"),
+        case("a reason is bounded", call!(c, start_rollback, rollback("ch-1", "x".repeat(2000))), InvalidArgument, "reason: is 2000 bytes, at most 1024"),
+        case("a change says why", call!(c, start_change, pb::StartChangeRequest { reason: " ".into(), ..change("web", "v1") }), InvalidArgument, "reason: say why this change"),
+        case("a rollback says why", call!(c, start_rollback, rollback("ch-1", String::new())), InvalidArgument, "reason: say why you roll back"),
+        case("a rollback's request id is a name", call!(c, start_rollback, spaced_rollback), InvalidArgument, "request_id: \"has space\" contains ' '"),
+        case("a plan names known services", call!(c, plan_rollback, pb::PlanRollbackRequest { selection: Some(pb::RollbackSelection { services: vec!["nope".into()], ..Default::default() }), options: None }), NotFound, "no service nope"),
+        case("skipping a host says why", call!(c, skip_host, pb::RollbackActionRequest { rollback_id: "rb-1".into(), host_id: "web-1".into(), ..Default::default() }), InvalidArgument, "reason: say why the host is left unreverted"),
+        case("aborting says why", call!(c, abort_rollback, pb::RollbackActionRequest { rollback_id: "rb-1".into(), ..Default::default() }), InvalidArgument, "reason: say why you abort it"),
+        case("a schema transaction id looks like one", call!(c, list_schema_txns, pb::ListSchemaTxnsRequest { txn_id: "tx-1".into(), ..Default::default() }), InvalidArgument, "txn_id: \"tx-1\" is not an id like st-12"),
+        case("a schema transaction id names one", call!(c, list_schema_txns, pb::ListSchemaTxnsRequest { txn_id: "st-9".into(), detailed: true, ..Default::default() }), NotFound, "no schema transaction st-9"),
+        case("a resolved shard names its transaction", call!(c, resolved_by_hand, by_hand("tx-1", "db-1", "done")), InvalidArgument, "txn_id: \"tx-1\" is not an id like st-12"),
+        case("a resolved shard is a host name", call!(c, resolved_by_hand, by_hand("st-1", "bad host", "done")), InvalidArgument, "host_id:"),
+        case("a resolved shard says what was done", call!(c, resolved_by_hand, by_hand("st-1", "db-1", " ")), InvalidArgument, "reason: say what was done to the shard"),
+        case("a resolved shard's transaction exists", call!(c, resolved_by_hand, by_hand("st-9", "db-1", "done")), InvalidArgument, "txn_id: no schema transaction st-9"),
+        case("a drill id names a drill", call!(c, get_drill, pb::GetDrillRequest { drill_id: "dr-9".into() }), NotFound, "no drill dr-9"),
+        case("a drill is of a known change", call!(c, start_drill, pb::StartDrillRequest { request_id: String::new(), change_id: "ch-9".into(), environment: "staging".into() }), InvalidArgument, "change_id: no change ch-9"),
+        case("a drill's environment is a name", call!(c, start_drill, pb::StartDrillRequest { request_id: String::new(), change_id: "ch-1".into(), environment: "bad env".into() }), InvalidArgument, "environment:"),
+        case("a change list is bounded", call!(c, list_changes, pb::ListChangesRequest { page_size: 1001, ..Default::default() }), InvalidArgument, "page_size: is 1001, at most 1000 are returned at once"),
+        case("a change list reads its old page size", call!(c, list_changes, legacy_changes), InvalidArgument, "limit: is 1001, at most 1000 are returned at once"),
+        case("a rollback list pages by rollback id", call!(c, list_rollbacks, pb::ListRollbacksRequest { page_token: "ch-3".into(), ..Default::default() }), InvalidArgument, "page_token: \"ch-3\" is not an id like rb-12"),
+        case("a rollback list reads its old page token", call!(c, list_rollbacks, legacy_rollbacks), InvalidArgument, "before: \"ch-3\" is not an id like rb-12"),
+        case("an audit page is bounded", call!(c, list_audit, pb::ListAuditRequest { page_size: 5000, ..Default::default() }), InvalidArgument, "page_size: is 5000"),
+        case("an audit page token is an index", call!(c, list_audit, pb::ListAuditRequest { page_token: "x".into(), ..Default::default() }), InvalidArgument, "page_token: \"x\" is not an audit index"),
+        case("a host page is bounded", call!(c, list_hosts, pb::ListHostsRequest { page_size: 5000, page_token: String::new() }), InvalidArgument, "page_size: is 5000"),
+        case("a trigger list is bounded", call!(c, list_triggers, pb::ListTriggersRequest { page_size: 1001, ..Default::default() }), InvalidArgument, "page_size: is 1001"),
+        case("a schema transaction page token is one", call!(c, list_schema_txns, pb::ListSchemaTxnsRequest { page_token: "rb-1".into(), ..Default::default() }), InvalidArgument, "page_token: \"rb-1\" is not an id like st-12"),
+        case("a join token page is bounded", call!(c, list_join_tokens, pb::ListJoinTokensRequest { page_size: 1001, page_token: String::new() }), InvalidArgument, "page_size: is 1001"),
+        case("a request page token is one", call!(c, list_requests, pb::ListRequestsRequest { page_token: "req-x".into(), ..Default::default() }), InvalidArgument, "page_token: \"req-x\" is not an id like req-12"),
+        case("a host page token is a host id", call!(c, list_hosts, pb::ListHostsRequest { page_token: "Web 1!".into(), page_size: 0 }), InvalidArgument, "page_token"),
     ];
     let mut wrong = Vec::new();
     for case in cases {

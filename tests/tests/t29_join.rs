@@ -148,7 +148,7 @@ async fn an_agent_joins_with_a_token_and_renews_before_expiry_without_a_restart(
         "the token is used",
     );
     let listed = admin
-        .list_join_tokens(pb::ListJoinTokensRequest {})
+        .list_join_tokens(pb::ListJoinTokensRequest::default())
         .await
         .unwrap()
         .into_inner()

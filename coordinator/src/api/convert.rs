@@ -661,14 +661,24 @@ pub fn audit_entry(entry: &AuditEntry) -> pb::AuditEntry {
     }
 }
 
-/// The newest `limit` trigger records, oldest first, and the breaker.
-pub fn triggers(state: &State, limit: usize) -> pb::ListTriggersResponse {
-    let skip = state.triggers.len().saturating_sub(limit);
+/// The newest `limit` trigger records of services (environment, service) that `visible`
+/// admits, oldest first, and the breaker.
+pub fn triggers(
+    state: &State,
+    limit: usize,
+    visible: impl Fn(&str, &str) -> bool,
+) -> pb::ListTriggersResponse {
+    let mut newest: Vec<_> = state
+        .triggers
+        .iter()
+        .rev()
+        .filter(|record| visible(&record.environment, &record.service))
+        .take(limit)
+        .collect();
+    newest.reverse();
     pb::ListTriggersResponse {
-        triggers: state
-            .triggers
-            .iter()
-            .skip(skip)
+        triggers: newest
+            .into_iter()
             .map(|record| pb::TriggerEvent {
                 at_ms: record.at_ms,
                 service: record.service.clone(),

@@ -15,7 +15,7 @@ use tonic::Status;
 
 use super::Context;
 use super::status::{invalid, to_status};
-use super::validate::{parse_id, required_reason};
+use super::validate::{PageRequest, one_page, parse_id, required_reason};
 use crate::access::Caller;
 use crate::errors::CoordinatorError;
 use crate::state_machine::join_tokens::{DEFAULT_TOKEN_TTL_MS, MAX_TOKEN_TTL_MS, MAX_TOKEN_USES};
@@ -356,22 +356,24 @@ pub async fn create_token(
     })
 }
 
-/// Most tokens one list answers (the newest).
-const MAX_LISTED: usize = 200;
-
-pub async fn list_tokens(context: &Context) -> Result<pb::ListJoinTokensResponse, Status> {
+/// Join tokens, newest first, a page at a time.
+pub async fn list_tokens(
+    context: &Context,
+    request: pb::ListJoinTokensRequest,
+) -> Result<pb::ListJoinTokensResponse, Status> {
+    let page = PageRequest::new(request.page_size, &request.page_token);
+    let (size, before) = (page.size()?, page.before("jt")?);
     context.current().await?;
     let now = rewind_shared::time::now_ms();
-    let tokens = context.node.read(|state| {
-        state
-            .join_tokens
-            .values()
-            .rev()
-            .take(MAX_LISTED)
-            .map(|token| converted(token, now))
-            .collect()
+    let (tokens, next_page_token) = context.node.read(|state| {
+        let tokens = state.join_tokens.range(..before).rev();
+        let tokens = tokens.map(|(_, token)| converted(token, now));
+        one_page(size, tokens, |token| token.token_id.clone())
     });
-    Ok(pb::ListJoinTokensResponse { tokens })
+    Ok(pb::ListJoinTokensResponse {
+        tokens,
+        next_page_token,
+    })
 }
 
 pub async fn revoke_token(

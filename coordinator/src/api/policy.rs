@@ -41,10 +41,15 @@ pub async fn apply(
             ),
         ));
     }
-    super::validate::required_reason(
-        &request.reason,
-        "say why the policy changes: it goes into the audit log",
-    )?;
+    if request.dry_run {
+        // A diff changes nothing and audits nothing: no reason to give.
+        super::validate::validate_reason(&request.reason)?;
+    } else {
+        super::validate::required_reason(
+            &request.reason,
+            "say why the policy changes: it goes into the audit log",
+        )?;
+    }
     if !request.expected_hash.is_empty()
         && (request.expected_hash.len() != 64
             || !request.expected_hash.chars().all(|c| c.is_ascii_hexdigit()))

@@ -7,16 +7,13 @@ use rewind_proto::v1 as pb;
 use tonic::Status;
 
 use super::status::{invalid, to_status};
-use super::validate::{parse_id, required_reason};
+use super::validate::{PageRequest, one_page, parse_id, required_reason};
 use super::{Context, convert, targets};
 use crate::access::Caller;
 use crate::errors::CoordinatorError;
 use crate::state_machine::{
     ApprovalRequest, CommandKind, Outcome, RequestDecision, State, request_id,
 };
-
-/// Most requests one list answers (the newest).
-const MAX_LISTED: usize = 200;
 
 /// Everything a request acts on (see [`targets::request`]).
 fn request_targets(state: &State, number: u64) -> Vec<crate::access::Target> {
@@ -42,21 +39,26 @@ pub async fn list(
     caller: &Caller,
     request: pb::ListRequestsRequest,
 ) -> Result<pb::ListRequestsResponse, Status> {
+    let page = PageRequest::new(request.page_size, &request.page_token);
+    let (size, before) = (page.size()?, page.before("req")?);
     context.current().await?;
-    let requests = context.node.read(|state| {
-        state
+    let (requests, next_page_token) = context.node.read(|state| {
+        let requests = state
             .approval_requests
-            .values()
+            .range(..before)
             .rev()
+            .map(|(_, record)| record)
             .filter(|record| {
                 !request.open_only || (record.is_open() && !convert::is_overdue(record))
             })
             .filter(|record| caller.may_see(&targets::request(state, record)))
-            .take(MAX_LISTED)
-            .map(|record| convert::approval_request(state, record, false))
-            .collect()
+            .map(|record| convert::approval_request(state, record, false));
+        one_page(size, requests, |listed| listed.request_id.clone())
     });
-    Ok(pb::ListRequestsResponse { requests })
+    Ok(pb::ListRequestsResponse {
+        requests,
+        next_page_token,
+    })
 }
 
 pub async fn get(

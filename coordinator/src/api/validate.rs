@@ -330,7 +330,17 @@ pub(super) struct PageRequest<'a> {
     pub legacy_token: (&'static str, &'a str),
 }
 
-impl PageRequest<'_> {
+impl<'a> PageRequest<'a> {
+    /// A list with no names before 0.3 to read.
+    pub fn new(size: u32, token: &'a str) -> Self {
+        Self {
+            size,
+            legacy_size: 0,
+            token,
+            legacy_token: ("", ""),
+        }
+    }
+
     /// The page's size: 0 means 100, at most [`MAX_LIST_PAGE`].
     pub fn size(&self) -> Result<usize, Status> {
         let (field, size) = match self.size {

@@ -16,7 +16,7 @@ pub enum AuditCommand {
         #[command(flatten)]
         page: crate::commands::PageArgs,
         /// The spelling before 0.3 of `--page-token N`.
-        #[arg(long, hide = true)]
+        #[arg(long, hide = true, conflicts_with = "page_token")]
         from: Option<u64>,
     },
     /// Recompute the hash chain; exit 0 only if it is intact.
@@ -34,12 +34,16 @@ pub(crate) async fn audit(
                 Some(index) => index.to_string(),
                 None => page.page_token,
             };
+            // The old fields too, for a coordinator before 0.3 (the new ones win on a newer).
+            #[allow(deprecated)]
+            let request = pb::ListAuditRequest {
+                from_index: page_token.parse().unwrap_or(1),
+                limit: page.page_size,
+                page_size: page.page_size,
+                page_token,
+            };
             let entries = client
-                .list_audit(pb::ListAuditRequest {
-                    page_size: page.page_size,
-                    page_token,
-                    ..Default::default()
-                })
+                .list_audit(request)
                 .await
                 .map_err(explain)?
                 .into_inner();

@@ -7,7 +7,7 @@ use clap::Subcommand;
 use rewind_proto::v1 as pb;
 
 use crate::client::{self, explain, request_id};
-use crate::commands::{PageArgs, next_page};
+use crate::commands::{NewestPageArgs, next_page};
 use crate::output::{self, Format, json, table, time};
 
 #[derive(Clone, Subcommand)]
@@ -42,7 +42,7 @@ pub enum ChangeCommand {
         #[arg(long, default_value = "")]
         service: String,
         #[command(flatten)]
-        page: PageArgs,
+        page: NewestPageArgs,
     },
 }
 
@@ -95,18 +95,23 @@ pub(crate) async fn change(
                 .change
         }
         ChangeCommand::List { service, page } => {
+            let page = page.page();
             let command = if service.is_empty() {
                 "change list".to_string()
             } else {
                 format!("change list --service {service}")
             };
+            // The old fields too, for a coordinator before 0.3 (the new ones win on a newer).
+            #[allow(deprecated)]
+            let request = pb::ListChangesRequest {
+                service,
+                limit: page.page_size,
+                before: page.page_token.clone(),
+                page_size: page.page_size,
+                page_token: page.page_token.clone(),
+            };
             let changes = client
-                .list_changes(pb::ListChangesRequest {
-                    service,
-                    page_size: page.page_size,
-                    page_token: page.page_token,
-                    ..Default::default()
-                })
+                .list_changes(request)
                 .await
                 .map_err(explain)?
                 .into_inner();
@@ -134,7 +139,12 @@ pub(crate) async fn change(
                     ],
                     rows,
                 );
-                next_page(&command, page.page_size, &changes.next_page_token);
+                #[allow(deprecated)]
+                let next = match changes.next_page_token.as_str() {
+                    "" => &changes.next_before,
+                    next => next,
+                };
+                next_page(&command, page.page_size, next);
             }
             return Ok(ExitCode::SUCCESS);
         }

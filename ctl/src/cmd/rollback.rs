@@ -7,7 +7,7 @@ use clap::Subcommand;
 use rewind_proto::v1 as pb;
 
 use crate::client::{self, explain, request_id};
-use crate::commands::{EXIT_ROLLBACK_FAILED, PageArgs, next_page};
+use crate::commands::{EXIT_ROLLBACK_FAILED, NewestPageArgs, next_page};
 use crate::output::{self, Format, json, table, time};
 use crate::watch;
 
@@ -67,7 +67,7 @@ pub enum RollbackCommand {
     /// Rollbacks, newest first, a page at a time (`show` shows one's steps).
     List {
         #[command(flatten)]
-        page: PageArgs,
+        page: NewestPageArgs,
     },
     /// Follow a rollback live until it ends; exit 0 only if it succeeded.
     Watch { rollback_id: String },
@@ -221,12 +221,17 @@ pub(crate) async fn rollback(
             .rollback
             .context("no rollback in the answer")?,
         RollbackCommand::List { page } => {
+            let page = page.page();
+            // The old fields too, for a coordinator before 0.3 (the new ones win on a newer).
+            #[allow(deprecated)]
+            let request = pb::ListRollbacksRequest {
+                limit: page.page_size,
+                before: page.page_token.clone(),
+                page_size: page.page_size,
+                page_token: page.page_token.clone(),
+            };
             let rollbacks = client
-                .list_rollbacks(pb::ListRollbacksRequest {
-                    page_size: page.page_size,
-                    page_token: page.page_token,
-                    ..Default::default()
-                })
+                .list_rollbacks(request)
                 .await
                 .map_err(explain)?
                 .into_inner();
@@ -255,7 +260,12 @@ pub(crate) async fn rollback(
                     ],
                     rows,
                 );
-                next_page("rollback list", page.page_size, &rollbacks.next_page_token);
+                #[allow(deprecated)]
+                let next = match rollbacks.next_page_token.as_str() {
+                    "" => &rollbacks.next_before,
+                    next => next,
+                };
+                next_page("rollback list", page.page_size, next);
             }
             return Ok(ExitCode::SUCCESS);
         }

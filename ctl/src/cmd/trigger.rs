@@ -31,9 +31,14 @@ pub(crate) async fn trigger(
 ) -> anyhow::Result<ExitCode> {
     let answer = match command {
         TriggerCommand::List { page_size } => client
-            .list_triggers(pb::ListTriggersRequest {
-                page_size,
-                ..Default::default()
+            .list_triggers({
+                // The old field too, for a coordinator before 0.3.
+                #[allow(deprecated)]
+                let request = pb::ListTriggersRequest {
+                    limit: page_size,
+                    page_size,
+                };
+                request
             })
             .await
             .map_err(explain)?

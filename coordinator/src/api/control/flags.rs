@@ -99,23 +99,33 @@ pub(super) async fn list_triggers(
     #[allow(deprecated)] // The name before 0.3, read for one release.
     let limit = PageRequest {
         size: request.page_size,
-        legacy_size: request.limit,
+        // Before 0.3 a larger limit was cut to the most, not refused.
+        legacy_size: request.limit.min(MAX_LIST_PAGE),
         token: "",
         legacy_token: ("", ""),
     }
     .size()?;
-    let mut answer = control
+    let answer = control
         .context
         .node
-        .read(|state| convert::triggers(state, limit));
-    answer.triggers.retain(|trigger| {
-        caller.may_see(&[Target::scoped(&trigger.environment, &trigger.service)])
+        .read(|state| visible_triggers(state, &caller, limit));
+    Ok(Response::new(answer))
+}
+
+/// The newest `limit` triggers the caller may see, and the breaker.
+fn visible_triggers(
+    state: &State,
+    caller: &crate::api::Caller,
+    limit: usize,
+) -> pb::ListTriggersResponse {
+    let mut answer = convert::triggers(state, limit, |environment, service| {
+        caller.may_see(&[Target::scoped(environment, service)])
     });
     // Which services tripped the breaker is the whole cluster's business.
     if !caller.may_see(&[Target::Cluster]) {
         answer.breaker_services.clear();
     }
-    Ok(Response::new(answer))
+    answer
 }
 
 pub(super) async fn reset_breaker(
@@ -135,7 +145,7 @@ pub(super) async fn reset_breaker(
     let triggers = control
         .context
         .propose_and_read(&identity, &request.request_id, kind, |state, _| {
-            convert::triggers(state, 100)
+            visible_triggers(state, &caller, DEFAULT_LIST_PAGE)
         })
         .await?;
     info!(identity, "Global breaker reset.");

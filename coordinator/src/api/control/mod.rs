@@ -460,9 +460,9 @@ impl ControlService for Control {
 
     async fn list_join_tokens(
         &self,
-        _request: Request<pb::ListJoinTokensRequest>,
+        request: Request<pb::ListJoinTokensRequest>,
     ) -> Result<Response<pb::ListJoinTokensResponse>, Status> {
-        super::join::list_tokens(&self.context)
+        super::join::list_tokens(&self.context, request.into_inner())
             .await
             .map(Response::new)
     }

@@ -39,17 +39,19 @@ pub(super) async fn list_schema_txns(
     } else {
         Some(parse_id("txn_id", "st", &request.txn_id)?)
     };
+    let page = PageRequest::new(request.page_size, &request.page_token);
+    let (size, before) = (page.size()?, page.before("st")?);
     control.context.current().await?;
-    let txns: Vec<pb::SchemaTxn> = control.context.node.read(|state| {
-        state
+    let (txns, next_page_token) = control.context.node.read(|state| {
+        let txns = state
             .schema_txns
-            .values()
+            .range(..before)
             .rev()
+            .map(|(_, txn)| txn)
             .filter(|txn| wanted.is_none_or(|number| txn.number == number))
             .filter(|txn| caller.may_see(&targets::schema_txn(state, txn.number)))
-            .take(MAX_LISTED_SCHEMA_TXNS)
-            .map(|txn| convert::schema_txn(txn, request.detailed))
-            .collect()
+            .map(|txn| convert::schema_txn(txn, request.detailed));
+        one_page(size, txns, |txn| txn.txn_id.clone())
     });
     if let (Some(number), true) = (wanted, txns.is_empty()) {
         return Err(Status::not_found(format!(
@@ -57,7 +59,10 @@ pub(super) async fn list_schema_txns(
             schema_txn_id(number)
         )));
     }
-    Ok(Response::new(pb::ListSchemaTxnsResponse { txns }))
+    Ok(Response::new(pb::ListSchemaTxnsResponse {
+        txns,
+        next_page_token,
+    }))
 }
 
 pub(super) async fn resolved_by_hand(
@@ -214,6 +219,3 @@ pub(super) async fn list_migrations(
     });
     Ok(Response::new(pb::ListMigrationsResponse { migrations }))
 }
-
-/// Most schema transactions one list answers (newest first).
-const MAX_LISTED_SCHEMA_TXNS: usize = 200;
