@@ -425,6 +425,37 @@ async fn a_policy_that_leaves_no_admin_or_has_changed_since_it_was_read_is_refus
         "{refused:?}"
     );
 
+    // A diff (a dry run) changes and audits nothing: it needs no reason, and applies nothing.
+    let diff = admin
+        .apply_policy(pb::ApplyPolicyRequest {
+            toml: POLICY.into(),
+            dry_run: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(diff.summary.contains("bindings added: admins"), "{diff:?}");
+    let unapplied = admin
+        .get_policy(pb::GetPolicyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(unapplied.version, 1, "a diff applies nothing");
+    let unexplained = admin
+        .apply_policy(pb::ApplyPolicyRequest {
+            toml: POLICY.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        unexplained
+            .message()
+            .starts_with("reason: say why the policy changes"),
+        "{unexplained:?}"
+    );
+
     let applied = admin
         .apply_policy(pb::ApplyPolicyRequest {
             toml: POLICY.into(),
