@@ -178,7 +178,12 @@ impl Fleet {
         let Outcome::Change(change) = self.apply(start_change(version)) else {
             panic!("change outcome")
         };
-        for host in ["web-1", "web-2"] {
+        let hosts: Vec<String> = self.state.changes[&change]
+            .hosts
+            .iter()
+            .map(|host| host.host_id.clone())
+            .collect();
+        for host in &hosts {
             self.finish(
                 StepTarget::Capture {
                     change,
@@ -187,7 +192,7 @@ impl Fleet {
                 true,
             );
         }
-        for host in ["web-1", "web-2"] {
+        for host in &hosts {
             self.finish(
                 StepTarget::Activate {
                     change,

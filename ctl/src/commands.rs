@@ -241,7 +241,7 @@ mod tests {
             ("rewindctl flag get web f", "flag show"),
             ("rewindctl service health web", "service show"),
             (
-                "rewindctl drill migrations --change ch-1 --env staging",
+                "rewindctl drill migrations --change ch-1 --env staging --reason why",
                 "drill start",
             ),
             ("rewindctl drill status dr-1", "drill show"),
@@ -283,6 +283,7 @@ mod tests {
             "join-token revoke jt-1",
             "host forget web-1",
             "schema resolved st-1 --shard db-1",
+            "drill start --change ch-1 --env staging",
             "cluster transfer-leader 2",
             "cluster add 4 --address a:1",
             "cluster remove 4",

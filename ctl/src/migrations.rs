@@ -365,6 +365,9 @@ pub enum DrillCommand {
         /// Start it and print its id without waiting for the end.
         #[arg(long)]
         no_wait: bool,
+        /// Why (required: it goes into the audit log).
+        #[arg(long)]
+        reason: String,
     },
     /// One drill: its steps and timings; exits 1 when it failed.
     #[command(alias = "status")]
@@ -384,12 +387,14 @@ pub async fn drill(
             change,
             environment,
             no_wait,
+            reason,
         } => {
             let started = client
                 .start_drill(pb::StartDrillRequest {
                     request_id: request_id(),
                     change_id: change,
                     environment,
+                    reason,
                 })
                 .await
                 .map_err(explain)?;

@@ -455,9 +455,9 @@ async fn a_drill_applies_reverts_and_applies_again_on_staging_and_catches_a_bad_
     must_agents_connected(&shards.client, 4).await;
     shards.change_hosts = vec!["db-1".into(), "db-2".into()];
 
-    let output = shards
-        .coordinator
-        .rewindctl(&["drill", "start", "--change", "ch-2", "--env", "staging"]);
+    let output = shards.coordinator.rewindctl(&[
+        "drill", "start", "--change", "ch-2", "--env", "staging", "--reason", "rehearse",
+    ]);
     let shown = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
@@ -465,6 +465,14 @@ async fn a_drill_applies_reverts_and_applies_again_on_staging_and_catches_a_bad_
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(shown.contains("dr-1  passed of ch-2 on staging"), "{shown}");
+    // Audited with its reason (cluster version 4).
+    let audit = must_list_audit(&shards.client).await;
+    assert!(
+        audit
+            .iter()
+            .any(|entry| entry.action == "drill.start" && entry.outcome.contains(": rehearse: ")),
+        "{audit:?}"
+    );
     for step in ["apply 0001, 0002", "revert 0002, 0001"] {
         assert!(shown.contains(step), "{step}: {shown}");
     }
@@ -492,6 +500,8 @@ async fn a_drill_applies_reverts_and_applies_again_on_staging_and_catches_a_bad_
         &change.change_id,
         "--env",
         "staging",
+        "--reason",
+        "rehearse",
     ]);
     let shown = String::from_utf8_lossy(&output.stdout);
     assert_eq!(output.status.code(), Some(1), "{shown}");
@@ -500,12 +510,16 @@ async fn a_drill_applies_reverts_and_applies_again_on_staging_and_catches_a_bad_
         "{shown}"
     );
     // A drill is refused where there is no shard, and for a change without migrations.
-    let refused = shards.rewindctl(&["drill", "start", "--change", "ch-2", "--env", "nowhere"]);
+    let refused = shards.rewindctl(&[
+        "drill", "start", "--change", "ch-2", "--env", "nowhere", "--reason", "rehearse",
+    ]);
     assert!(
         refused.contains("no host in environment \"nowhere\" runs orders-db"),
         "{refused}"
     );
-    let refused = shards.rewindctl(&["drill", "start", "--change", "ch-1", "--env", "staging"]);
+    let refused = shards.rewindctl(&[
+        "drill", "start", "--change", "ch-1", "--env", "staging", "--reason", "rehearse",
+    ]);
     assert!(refused.contains("ch-1 applies no migrations"), "{refused}");
 }
 

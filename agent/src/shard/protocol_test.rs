@@ -267,6 +267,39 @@ fn a_held_transaction_keeps_every_other_prepare_out_until_it_is_resolved() {
 }
 
 #[test]
+fn a_resolve_is_recorded_even_when_the_real_database_cannot_be_opened() {
+    // Through `open`, as the agent's step does: the SQLite file is missing, so the engine cannot
+    // connect; the resolve must still have marked the transaction resolved.
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    let database = DatabaseConfig {
+        engine: Engine::Sqlite(dir.path().join("missing.db")),
+        history_table: crate::schema::DEFAULT_HISTORY_TABLE.into(),
+    };
+    let name = prepared_name(CLUSTER, "tx-1");
+    let error = resolve(
+        &mut open(&database),
+        &step("tx-1", false, false),
+        &name,
+        &store,
+    )
+    .unwrap_err();
+    assert!(error.to_string().contains("cannot open"), "{error}");
+    assert!(store.is_resolved(&name).unwrap());
+    let error = prepare(
+        &mut open(&database),
+        &step("tx-1", false, false),
+        &name,
+        &store,
+    )
+    .unwrap_err();
+    assert!(
+        error.to_string().contains("already resolved on this host"),
+        "{error}"
+    );
+}
+
+#[test]
 fn a_resolve_is_recorded_before_the_database_is_reached() {
     for engine in both_engines() {
         let mut shard = Shard::new(engine);

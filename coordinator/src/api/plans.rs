@@ -83,7 +83,7 @@ pub(super) fn options_from(
         defaults.latency_tolerance,
         10.0,
     )?;
-    Ok(PlanOptions {
+    let options = PlanOptions {
         max_parallel: max_parallel.max(1),
         max_unavailable: if options.max_unavailable == 0 {
             max_parallel.max(1)
@@ -100,7 +100,9 @@ pub(super) fn options_from(
         },
         revert_expand: options.revert_expand,
         accept_data_loss: accept_data_loss(options.accept_data_loss)?,
-    })
+    };
+    // As the leader will plan them, so a preview's hash is the one a start can name.
+    crate::state_machine::decision::as_replicated(&options).map_err(to_status)
 }
 
 /// The reason given for accepting data loss: audited, so it must say something.

@@ -375,6 +375,28 @@ impl<'a> PageRequest<'a> {
     }
 }
 
+/// Cuts a page where its encoded size passes [`MAX_LIST_PAGE_BYTES`] (keeping at least one
+/// item, whose own size the transport bounds), and names the next page from the last kept.
+pub(super) fn within_bytes<T: prost::Message>(
+    page: &mut Vec<T>,
+    next_page_token: &mut String,
+    id: impl Fn(&T) -> String,
+) {
+    let mut bytes = 0;
+    let fits = page
+        .iter()
+        .take_while(|item| {
+            bytes += item.encoded_len();
+            bytes <= MAX_LIST_PAGE_BYTES
+        })
+        .count()
+        .max(1);
+    if fits < page.len() {
+        page.truncate(fits);
+        *next_page_token = page.last().map(&id).unwrap_or_default();
+    }
+}
+
 /// A page of `items` (in list order, from where the page starts): the first `size`, and the
 /// next page's token (the last one's `id`) when more follow.
 pub(super) fn one_page<T>(
@@ -473,5 +495,36 @@ mod tests {
                 status.message()
             );
         }
+    }
+
+    #[test]
+    fn a_page_names_the_next_only_when_more_follow_and_stops_at_its_bytes() {
+        let ids =
+            |page: &[pb::Change]| page.iter().map(|c| c.change_id.clone()).collect::<Vec<_>>();
+        let changes = |n: usize, detail_bytes: usize| {
+            (1..=n).rev().map(move |number| pb::Change {
+                change_id: format!("ch-{number}"),
+                reason: "x".repeat(detail_bytes),
+                ..Default::default()
+            })
+        };
+        let (page, next) = one_page(2, changes(3, 0), |c| c.change_id.clone());
+        assert_eq!(
+            (ids(&page), next.as_str()),
+            (vec!["ch-3".into(), "ch-2".into()], "ch-2")
+        );
+        let (page, next) = one_page(3, changes(3, 0), |c| c.change_id.clone());
+        assert_eq!((page.len(), next.as_str()), (3, ""));
+        // Three of 900 KiB each: the page keeps two and names the next from the second.
+        let (mut page, mut next) = one_page(3, changes(3, 900 << 10), |c| c.change_id.clone());
+        within_bytes(&mut page, &mut next, |c| c.change_id.clone());
+        assert_eq!(
+            (ids(&page), next.as_str()),
+            (vec!["ch-3".into(), "ch-2".into()], "ch-2")
+        );
+        // One larger than a page is still answered, alone.
+        let (mut page, mut next) = one_page(3, changes(3, 3 << 20), |c| c.change_id.clone());
+        within_bytes(&mut page, &mut next, |c| c.change_id.clone());
+        assert_eq!((ids(&page), next.as_str()), (vec!["ch-3".into()], "ch-3"));
     }
 }

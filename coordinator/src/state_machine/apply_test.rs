@@ -1,4 +1,8 @@
 //! Tests of `apply()`: feed commands, assert the state.
+//!
+//! Kept in one file (a little over 700 lines): the common paths of changes, steps and
+//! rollbacks, whose helpers (`pass_gate`, `rollback_step`) the golden scenario shares; schema,
+//! decision, refusal and approval tests live in files of their own.
 
 use super::*;
 use crate::errors::CoordinatorError;

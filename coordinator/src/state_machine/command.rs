@@ -47,6 +47,9 @@ pub enum CommandKind {
     StartDrill {
         change: u64,
         environment: String,
+        /// Why, audited from cluster version 4 (empty in entries of older releases).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        reason: String,
     },
     /// Begins the schema transaction of a change's or a rollback's stage (the engine asks when
     /// the stage is due).

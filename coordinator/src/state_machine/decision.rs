@@ -220,15 +220,16 @@ pub(super) fn matching_plan<'a>(
     let mut covered = plan.changes.clone();
     covered.sort_unstable();
     if asked != covered || &plan.options != options {
-        // The leader and this member disagree about the entry itself: not the caller's doing.
-        return Err(CoordinatorError::Internal(
-            "the leader's plan is not of the rollback this entry asks for".into(),
+        return Err(CoordinatorError::invalid(
+            "plan",
+            "the leader's plan is not of the rollback this entry asks for",
         ));
     }
     // The hash an operator approves or names must be of the plan that runs.
     if crate::plan::plan_hash(plan) != plan.hash {
-        return Err(CoordinatorError::Internal(
-            "the leader's plan does not match its own hash".into(),
+        return Err(CoordinatorError::invalid(
+            "plan",
+            "the leader's plan does not match its own hash",
         ));
     }
     Ok(plan)
@@ -359,14 +360,17 @@ pub fn basis(state: &State, changes: &[u64], trigger: bool) -> String {
     }
     covered.sort_unstable();
     covered.dedup();
-    // From version 4 a person's rollback or approval hashes a change as the planner reads it,
-    // so that its deploy's step progress elsewhere does not make the decision stale; the
-    // throttles of a trigger read more of it (its timing, its baseline).
-    let of_inputs = !trigger && state.cluster_version() >= version::PLAN_BASIS_OF_INPUTS;
+    // From version 4 a decision hashes a change as the planner (and a trigger's throttles)
+    // read it, so that its deploy's step progress elsewhere does not make the decision stale.
+    let of_inputs = state.cluster_version() >= version::PLAN_BASIS_OF_INPUTS;
     for number in &covered {
         let change = state.changes.get(number);
         if of_inputs {
-            put(&mut hasher, "change", &change.map(plan_inputs));
+            put(
+                &mut hasher,
+                "change",
+                &change.map(|change| plan_inputs(change, trigger)),
+            );
         } else {
             put(&mut hasher, "change", &change);
         }
@@ -406,10 +410,16 @@ pub fn basis(state: &State, changes: &[u64], trigger: bool) -> String {
 
 /// A change as the rollback planner reads it: of each host's steps only whether its activation
 /// is still pending (it never reached the release) and the snapshot it left, not its attempts,
-/// times or details; not the health baseline, which only triggers and gates read.
-fn plan_inputs(change: &ChangeRecord) -> ChangeRecord {
+/// times or details; not its times or health baseline; whether an automatic rollback of it was
+/// refused only for a `trigger`, whose throttles read that.
+fn plan_inputs(change: &ChangeRecord, trigger: bool) -> ChangeRecord {
     let mut inputs = change.clone();
     inputs.baseline = Default::default();
+    inputs.started_at_ms = 0;
+    inputs.deployed_at_ms = 0;
+    if !trigger {
+        inputs.auto_refused = false;
+    }
     for host in &mut inputs.hosts {
         let pending = host.activate.status == StepStatus::Pending;
         host.capture = StepProgress::default();
@@ -425,12 +435,14 @@ fn plan_inputs(change: &ChangeRecord) -> ChangeRecord {
     inputs
 }
 
-/// `command` as members decode it from the log.
-fn as_replicated(command: &Command) -> Result<Command> {
+/// `value` (a command, its options) as members decode it from the log: a float's last digit
+/// may change on the way (serde_json parses without `float_roundtrip`, and turning that on would
+/// change how old entries decode).
+pub fn as_replicated<T: Serialize + serde::de::DeserializeOwned>(value: &T) -> Result<T> {
     let failed = |error: serde_json::Error| {
-        CoordinatorError::Internal(format!("encode the command for its decision: {error}"))
+        CoordinatorError::Internal(format!("encode for the log: {error}"))
     };
-    serde_json::from_slice(&serde_json::to_vec(command).map_err(failed)?).map_err(failed)
+    serde_json::from_slice(&serde_json::to_vec(value).map_err(failed)?).map_err(failed)
 }
 
 /// Adds `value` to a basis under `label`, as JSON (the state's own types serialise infallibly:

@@ -276,10 +276,20 @@ fn activation(change: u64, host: &str) -> StepTarget {
 }
 
 #[test]
-fn from_version_four_a_deploys_step_progress_does_not_stale_a_persons_rollback() {
-    for (version, stale) in [(3, true), (4, false)] {
+fn from_version_four_a_deploys_step_progress_does_not_stale_a_rollback_or_a_trigger() {
+    for (version, stale, automatic) in [
+        (3, true, false),
+        (4, false, false),
+        (3, true, true),
+        (4, false, true),
+    ] {
         let (mut harness, change) = half_deployed_at(version, true);
-        let mut start = command(&harness, rollback_of(change, Trigger::Manual));
+        let kind = if automatic {
+            trigger()
+        } else {
+            rollback_of(change, Trigger::Manual)
+        };
+        let mut start = command(&harness, kind);
         decision::prepare(&harness.state, &mut start).unwrap();
         // The deploy goes on: web-2's activation, already under way, finishes (web-3's has not
         // begun, so the change is still deploying). The plan reverts web-2 either way.
@@ -293,6 +303,17 @@ fn from_version_four_a_deploys_step_progress_does_not_stale_a_persons_rollback()
         if stale {
             assert!(
                 matches!(outcome, Err(CoordinatorError::StaleDecision { .. })),
+                "version {version}: {outcome:?}"
+            );
+        } else if automatic {
+            assert!(
+                matches!(
+                    outcome,
+                    Ok(Outcome::Triggered {
+                        outcome: TriggerOutcome::Started,
+                        ..
+                    })
+                ),
                 "version {version}: {outcome:?}"
             );
         } else {

@@ -368,7 +368,65 @@ fn version_four(harness: &mut Fleet) {
         snapshot_id: String::new(),
     });
     let started = harness.run_raw(decided.kind);
-    assert!(matches!(started, Ok(Outcome::Rollback(_))), "{started:?}");
+    let Ok(Outcome::Rollback(rollback)) = started else {
+        panic!("a rollback: {started:?}")
+    };
+    for host in ["web-1", "web-2"] {
+        for kind in RollbackStepKind::ALL {
+            harness.finish(rollback_step(rollback, host, kind), true);
+        }
+    }
+    pass_gate(harness, rollback, 0);
+    // Where automatic rollbacks wait for approval, a request that expires as its alert repeats
+    // refuses the rollback: the repeat is ignored and files nothing.
+    harness.deploy_web("v2");
+    let policy = Policy::from_toml(
+        "[[binding]]\nname = \"admins\"\nrole = \"admin\"\nidentities = [\"user:ada\"]\n\
+         scopes = [\"*\"]\n\n[[hosts]]\nnames = [\"web-*\"]\nservices = [\"web\"]\n\n\
+         [environment.default]\napprovals = 1\nrequest-ttl-s = 60\n\
+         automatic-rollbacks = \"await-approval\"\n",
+    )
+    .expect("the scenario's policy");
+    harness.apply(CommandKind::ApplyPolicy {
+        policy,
+        bootstrap: false,
+        expected_hash: String::new(),
+        reason: "automatic rollbacks wait".into(),
+    });
+    let alert = || {
+        CommandKind::AutoTrigger(AutoTrigger {
+            service: "web".into(),
+            environment: String::new(),
+            source: TriggerSource::Alertmanager,
+            reason: "error rate".into(),
+            options: PlanOptions::default(),
+            // The scenario rolled web back often: no flapping, budget or cooldown limit here.
+            throttle: ThrottleLimits {
+                budget: 100,
+                flap_rollbacks: 100,
+                cooldown_s: 0,
+                ..ThrottleLimits::default()
+            },
+            decided: None,
+        })
+    };
+    let asked = harness.apply(alert());
+    assert!(
+        matches!(asked, Outcome::Triggered { outcome, .. } if outcome == TriggerOutcome::AwaitingApproval),
+        "{asked:?}"
+    );
+    let requests = harness.state.approval_requests.len();
+    let later = 1_000 * (harness.index + 1) + 61_000;
+    let repeated = harness.apply_at(later, alert());
+    assert!(
+        matches!(&repeated, Ok(Outcome::Triggered { outcome, .. }) if *outcome == TriggerOutcome::Ignored),
+        "{repeated:?}"
+    );
+    assert_eq!(
+        harness.state.approval_requests.len(),
+        requests,
+        "nothing filed again"
+    );
 }
 
 #[test]

@@ -26,7 +26,7 @@ pub const CURRENT: u32 = 4;
 /// lapsed on its way to the refusal.
 pub const REFUSAL_UNDOES_EXPIRY: u32 = 3;
 
-/// From this version a person's rollback or approval is decided on a change as the planner
+/// From this version a rollback, an approval or a trigger is decided on a change as the planner
 /// reads it (`decision::plan_inputs`), so that the change's step progress elsewhere does not
 /// make it stale.
 pub const PLAN_BASIS_OF_INPUTS: u32 = 4;
@@ -34,6 +34,9 @@ pub const PLAN_BASIS_OF_INPUTS: u32 = 4;
 /// From this version an automatic request for approval that expires while an alert repeats
 /// refuses the rollback there and then: the alert does not file a new request.
 pub const EXPIRY_REFUSES_AT_ONCE: u32 = 4;
+
+/// From this version the reason a drill was started with goes into its audit entry.
+pub const DRILL_REASON_AUDITED: u32 = 4;
 
 /// What each version brought, for `rewindctl cluster version` and the README.
 pub const CHANGES: &[(u32, &str)] = &[
@@ -54,9 +57,10 @@ pub const CHANGES: &[(u32, &str)] = &[
     ),
     (
         4,
-        "a person's rollback or approval is checked against a change as the planner reads it, \
-         so its deploy's step progress does not make the decision stale; an automatic request \
-         that expires as its alert repeats refuses the rollback instead of asking again",
+        "a rollback, an approval or a trigger is checked against a change as the planner reads \
+         it, so its deploy's step progress does not make the decision stale; an automatic request \
+         that expires as its alert repeats refuses the rollback instead of asking again; a \
+         drill's reason is audited",
     ),
 ];
 

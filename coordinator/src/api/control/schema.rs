@@ -39,10 +39,16 @@ pub(super) async fn list_schema_txns(
     } else {
         Some(parse_id("txn_id", "st", &request.txn_id)?)
     };
-    let page = PageRequest::new(request.page_size, &request.page_token);
+    // One transaction asked for by id is the whole answer, whatever the page token says.
+    let token = if wanted.is_some() {
+        ""
+    } else {
+        &request.page_token
+    };
+    let page = PageRequest::new(request.page_size, token);
     let (size, before) = (page.size()?, page.before("st")?);
     control.context.current().await?;
-    let (txns, next_page_token) = control.context.node.read(|state| {
+    let (mut txns, mut next_page_token) = control.context.node.read(|state| {
         let txns = state
             .schema_txns
             .range(..before)
@@ -53,6 +59,8 @@ pub(super) async fn list_schema_txns(
             .map(|txn| convert::schema_txn(txn, request.detailed));
         one_page(size, txns, |txn| txn.txn_id.clone())
     });
+    // With every shard's statements a transaction is large: a page also stops at ~2 MiB.
+    within_bytes(&mut txns, &mut next_page_token, |txn| txn.txn_id.clone());
     if let (Some(number), true) = (wanted, txns.is_empty()) {
         return Err(Status::not_found(format!(
             "no schema transaction {}",
@@ -139,6 +147,10 @@ pub(super) async fn start_drill(
     let request = request.into_inner();
     let change = parse_id("change_id", "ch", &request.change_id)?;
     names::validate_name("environment", &request.environment).map_err(field_error)?;
+    required_reason(
+        &request.reason,
+        "say why you drill it: it goes into the audit log",
+    )?;
     control.context.current().await?;
     let targets = control
         .context
@@ -150,6 +162,7 @@ pub(super) async fn start_drill(
     let kind = CommandKind::StartDrill {
         change,
         environment: request.environment,
+        reason: request.reason,
     };
     let Outcome::Drill(number) = control
         .context

@@ -241,14 +241,17 @@ fn apply_kind(state: &mut State, command: &Command) -> Result<(Outcome, String, 
         CommandKind::StartDrill {
             change,
             environment,
+            reason,
         } => {
             let (number, summary) =
                 super::schema::start_drill(state, *change, environment, &command.identity, at_ms)?;
-            Ok((
-                Outcome::Drill(number),
-                drill_id(number),
-                format!("ok: {} on {environment}: {summary}", change_id(*change)),
-            ))
+            let change = change_id(*change);
+            let detail = if state.cluster_version() >= version::DRILL_REASON_AUDITED {
+                format!("ok: {change} on {environment}: {reason}: {summary}")
+            } else {
+                format!("ok: {change} on {environment}: {summary}")
+            };
+            Ok((Outcome::Drill(number), drill_id(number), detail))
         }
         CommandKind::DecideSchemaTxn {
             txn,
