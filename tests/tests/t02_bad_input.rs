@@ -239,6 +239,7 @@ async fn bad_requests_are_refused_with_the_field_named_and_change_nothing() {
         case("a drill id names a drill", call!(c, get_drill, pb::GetDrillRequest { drill_id: "dr-9".into() }), NotFound, "no drill dr-9"),
         case("a drill is of a known change", call!(c, start_drill, pb::StartDrillRequest { request_id: String::new(), change_id: "ch-9".into(), environment: "staging".into(), reason: "test".into() }), InvalidArgument, "change_id: no change ch-9"),
         case("a drill's environment is a name", call!(c, start_drill, pb::StartDrillRequest { request_id: String::new(), change_id: "ch-1".into(), environment: "bad env".into(), reason: "test".into() }), InvalidArgument, "environment:"),
+        case("a drill says why", call!(c, start_drill, pb::StartDrillRequest { request_id: String::new(), change_id: "ch-1".into(), environment: "staging".into(), reason: " ".into() }), InvalidArgument, "reason: say why you drill it"),
         case("a change list is bounded", call!(c, list_changes, pb::ListChangesRequest { page_size: 1001, ..Default::default() }), InvalidArgument, "page_size: is 1001, at most 1000 are returned at once"),
         case("a change list reads its old page size", call!(c, list_changes, legacy_changes), InvalidArgument, "limit: is 1001, at most 1000 are returned at once"),
         case("a rollback list pages by rollback id", call!(c, list_rollbacks, pb::ListRollbacksRequest { page_token: "ch-3".into(), ..Default::default() }), InvalidArgument, "page_token: \"ch-3\" is not an id like rb-12"),

@@ -142,8 +142,14 @@ fn tolerance_or_default(
             format!("is {value}, must be within {range}"),
         ));
     }
-    Ok(value)
+    // To a millionth: such a value goes through the log's JSON unchanged however often, so the
+    // plan hash a preview shows is the one the leader and every member compute. (A full 17-digit
+    // value may move a step on each trip.)
+    Ok((value * TOLERANCE_STEPS).round() / TOLERANCE_STEPS)
 }
+
+/// A tolerance's resolution: a millionth.
+const TOLERANCE_STEPS: f64 = 1e6;
 
 /// The changes a selection names: change ids as given, and each named service's latest change
 /// (rolling it back returns the service to the version it ran before, its last good one).
@@ -470,5 +476,39 @@ fn describe_current_wave(rollback: &RollbackRecord, lines: &mut Vec<String>) {
         )),
         StepStatus::Failed => lines.push(format!("  Health gate FAILED: {}", wave.gate.detail)),
         _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tolerances_are_kept_to_a_millionth_so_they_cross_the_log_unchanged() {
+        for (given, kept) in [
+            (0.927_723_351_569_690_5, 0.927_723),
+            (2.357_642_565_320_517_2e-7, 0.0),
+            (0.05, 0.05),
+        ] {
+            let options = options_from(
+                Some(pb::PlanOptions {
+                    gate: Some(pb::GateOptions {
+                        tolerance: given,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                0,
+                1,
+            )
+            .unwrap();
+            assert_eq!(options.gate.tolerance, kept, "{given:e}");
+            let crossed = crate::state_machine::decision::as_replicated(&options).unwrap();
+            assert_eq!(
+                crossed.gate.tolerance.to_bits(),
+                kept.to_bits(),
+                "{given:e}"
+            );
+        }
     }
 }

@@ -246,11 +246,12 @@ fn apply_kind(state: &mut State, command: &Command) -> Result<(Outcome, String, 
             let (number, summary) =
                 super::schema::start_drill(state, *change, environment, &command.identity, at_ms)?;
             let change = change_id(*change);
-            let detail = if state.cluster_version() >= version::DRILL_REASON_AUDITED {
-                format!("ok: {change} on {environment}: {reason}: {summary}")
-            } else {
-                format!("ok: {change} on {environment}: {summary}")
-            };
+            let detail =
+                if state.cluster_version() >= version::DRILL_REASON_AUDITED && !reason.is_empty() {
+                    format!("ok: {change} on {environment}: {reason}: {summary}")
+                } else {
+                    format!("ok: {change} on {environment}: {summary}")
+                };
             Ok((Outcome::Drill(number), drill_id(number), detail))
         }
         CommandKind::DecideSchemaTxn {

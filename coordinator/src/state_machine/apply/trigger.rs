@@ -80,13 +80,14 @@ pub(super) fn auto_trigger(
             approvals::expire(state, at_ms);
             // An automatic request of this change that expired just now refuses it, as a
             // person's no would: the verdict was judged before the expiry was recorded.
-            let waits = requirement.approvals > 0 && !requirement.automatic_at_once;
-            let expired_just_now = waits
-                && state.cluster_version() >= version::EXPIRY_REFUSES_AT_ONCE
+            // (Wherever it expired: the throttles treat an expiry noticed by any earlier command
+            // alike, so the outcome does not depend on which command noticed it first.)
+            let expired_just_now = state.cluster_version() >= version::EXPIRY_REFUSES_AT_ONCE
                 && state
                     .changes
                     .get(&change)
                     .is_some_and(|record| record.auto_refused);
+            let waits = requirement.approvals > 0 && !requirement.automatic_at_once;
             // Where automatic rollbacks wait, a repeated alert does not ask twice; where they
             // run at once, they run, and a person's pending request lapses.
             if expired_just_now {
