@@ -130,6 +130,16 @@ impl NewestPageArgs {
     }
 }
 
+/// The next page's token from an answer: `next_page_token`, or from a coordinator before 0.3
+/// the `next_before` it sent instead.
+pub(crate) fn next_or_legacy<'a>(next_page_token: &'a str, next_before: &'a str) -> &'a str {
+    if next_page_token.is_empty() {
+        next_before
+    } else {
+        next_page_token
+    }
+}
+
 /// Says how to get the next page, when there is one: the same command, filters and size.
 pub(crate) fn next_page(command: &str, page_size: u32, next_page_token: &str) {
     if !next_page_token.is_empty() {

@@ -331,6 +331,16 @@ pub(super) struct PageRequest<'a> {
 }
 
 impl<'a> PageRequest<'a> {
+    /// A list newest first by number whose fields before 0.3 were `limit` and `before`.
+    pub fn with_before(size: u32, limit: u32, token: &'a str, before: &'a str) -> Self {
+        Self {
+            size,
+            legacy_size: limit,
+            token,
+            legacy_token: ("before", before),
+        }
+    }
+
     /// A list with no names before 0.3 to read.
     pub fn new(size: u32, token: &'a str) -> Self {
         Self {

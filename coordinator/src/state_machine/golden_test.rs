@@ -73,6 +73,21 @@ fn replay(initial_cluster_version: u32, entries: &[GoldenEntry]) -> (String, Str
 /// a fleet deploys twice, flips a flag, rolls back with every step and gate, retries a request,
 /// applies a policy with host rules, forgets a host, floods the request log, and is refused
 /// along the way (refusals are in the log too).
+/// Applies the scenario's policy (ada is admin; web-* hosts run web) with `extra` TOML after it.
+fn apply_policy(harness: &mut Fleet, extra: &str, reason: &str) {
+    let policy = Policy::from_toml(&format!(
+        "[[binding]]\nname = \"admins\"\nrole = \"admin\"\nidentities = [\"user:ada\"]\n\
+         scopes = [\"*\"]\n\n[[hosts]]\nnames = [\"web-*\"]\nservices = [\"web\"]\n{extra}"
+    ))
+    .expect("the scenario's policy");
+    harness.apply(CommandKind::ApplyPolicy {
+        policy,
+        bootstrap: false,
+        expected_hash: String::new(),
+        reason: reason.into(),
+    });
+}
+
 fn current_release_log() -> Fleet {
     let mut harness = Fleet::legacy().web();
     let forget = |host: &str| CommandKind::ForgetHost {
@@ -140,17 +155,7 @@ fn current_release_log() -> Fleet {
     pass_gate(&mut harness, rollback, 0);
     // Refused: the change was rolled back already.
     let _ = harness.run(rollback_of(change, Trigger::Automatic));
-    let policy = Policy::from_toml(
-        "[[binding]]\nname = \"admins\"\nrole = \"admin\"\nidentities = [\"user:ada\"]\n\
-         scopes = [\"*\"]\n\n[[hosts]]\nnames = [\"web-*\"]\nservices = [\"web\"]\n",
-    )
-    .expect("the scenario's policy");
-    harness.apply(CommandKind::ApplyPolicy {
-        policy,
-        bootstrap: false,
-        expected_hash: String::new(),
-        reason: "host rules".into(),
-    });
+    apply_policy(&mut harness, "", "host rules");
     harness.register_host("web-3", "web");
     harness.apply(CommandKind::ForgetHost {
         host_id: "web-3".into(),
@@ -287,18 +292,11 @@ fn version_three(harness: &mut Fleet) {
     });
     // Approvals: the request carries the leader's plan, and so does its approval.
     let change = harness.deploy_web("v2");
-    let policy = Policy::from_toml(
-        "[[binding]]\nname = \"admins\"\nrole = \"admin\"\nidentities = [\"user:ada\"]\n\
-         scopes = [\"*\"]\n\n[[hosts]]\nnames = [\"web-*\"]\nservices = [\"web\"]\n\n\
-         [environment.default]\napprovals = 1\n",
-    )
-    .expect("the scenario's policy");
-    harness.apply(CommandKind::ApplyPolicy {
-        policy,
-        bootstrap: false,
-        expected_hash: String::new(),
-        reason: "one approval".into(),
-    });
+    apply_policy(
+        harness,
+        "\n[environment.default]\napprovals = 1\n",
+        "one approval",
+    );
     let Outcome::Request(request) = harness.apply(rollback_of(change, Trigger::Manual)) else {
         panic!("a request for approval")
     };
@@ -338,17 +336,7 @@ fn version_four(harness: &mut Fleet) {
         members: vec![],
         reason: "every member on this release".into(),
     });
-    let policy = Policy::from_toml(
-        "[[binding]]\nname = \"admins\"\nrole = \"admin\"\nidentities = [\"user:ada\"]\n\
-         scopes = [\"*\"]\n\n[[hosts]]\nnames = [\"web-*\"]\nservices = [\"web\"]\n",
-    )
-    .expect("the scenario's policy");
-    harness.apply(CommandKind::ApplyPolicy {
-        policy,
-        bootstrap: false,
-        expected_hash: String::new(),
-        reason: "no approvals".into(),
-    });
+    apply_policy(harness, "", "no approvals");
     harness.register_host("web-3", "web");
     let change = harness.deploy_web_half_way("v1", "v2", true);
     let mut decided = Command {
@@ -380,19 +368,11 @@ fn version_four(harness: &mut Fleet) {
     // Where automatic rollbacks wait for approval, a request that expires as its alert repeats
     // refuses the rollback: the repeat is ignored and files nothing.
     harness.deploy_web("v2");
-    let policy = Policy::from_toml(
-        "[[binding]]\nname = \"admins\"\nrole = \"admin\"\nidentities = [\"user:ada\"]\n\
-         scopes = [\"*\"]\n\n[[hosts]]\nnames = [\"web-*\"]\nservices = [\"web\"]\n\n\
-         [environment.default]\napprovals = 1\nrequest-ttl-s = 60\n\
-         automatic-rollbacks = \"await-approval\"\n",
-    )
-    .expect("the scenario's policy");
-    harness.apply(CommandKind::ApplyPolicy {
-        policy,
-        bootstrap: false,
-        expected_hash: String::new(),
-        reason: "automatic rollbacks wait".into(),
-    });
+    apply_policy(
+        harness,
+        "\n[environment.default]\napprovals = 1\nrequest-ttl-s = 60\nautomatic-rollbacks = \"await-approval\"\n",
+        "automatic rollbacks wait",
+    );
     let alert = || {
         CommandKind::AutoTrigger(AutoTrigger {
             service: "web".into(),

@@ -7,7 +7,7 @@ use clap::Subcommand;
 use rewind_proto::v1 as pb;
 
 use crate::client::{self, explain, request_id};
-use crate::commands::{NewestPageArgs, next_page};
+use crate::commands::{NewestPageArgs, next_or_legacy, next_page};
 use crate::output::{self, Format, json, table, time};
 
 #[derive(Clone, Subcommand)]
@@ -140,10 +140,7 @@ pub(crate) async fn change(
                     rows,
                 );
                 #[allow(deprecated)]
-                let next = match changes.next_page_token.as_str() {
-                    "" => &changes.next_before,
-                    next => next,
-                };
+                let next = next_or_legacy(&changes.next_page_token, &changes.next_before);
                 next_page(&command, page.page_size, next);
             }
             return Ok(ExitCode::SUCCESS);

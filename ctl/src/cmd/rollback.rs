@@ -7,7 +7,7 @@ use clap::Subcommand;
 use rewind_proto::v1 as pb;
 
 use crate::client::{self, explain, request_id};
-use crate::commands::{EXIT_ROLLBACK_FAILED, NewestPageArgs, next_page};
+use crate::commands::{EXIT_ROLLBACK_FAILED, NewestPageArgs, next_or_legacy, next_page};
 use crate::output::{self, Format, json, table, time};
 use crate::watch;
 
@@ -261,10 +261,7 @@ pub(crate) async fn rollback(
                     rows,
                 );
                 #[allow(deprecated)]
-                let next = match rollbacks.next_page_token.as_str() {
-                    "" => &rollbacks.next_before,
-                    next => next,
-                };
+                let next = next_or_legacy(&rollbacks.next_page_token, &rollbacks.next_before);
                 next_page("rollback list", page.page_size, next);
             }
             return Ok(ExitCode::SUCCESS);

@@ -196,12 +196,12 @@ pub(super) async fn list_rollbacks(
     let caller = caller(&request)?;
     let request = request.into_inner();
     #[allow(deprecated)] // The names before 0.3, read for one release.
-    let page = PageRequest {
-        size: request.page_size,
-        legacy_size: request.limit,
-        token: &request.page_token,
-        legacy_token: ("before", &request.before),
-    };
+    let page = PageRequest::with_before(
+        request.page_size,
+        request.limit,
+        &request.page_token,
+        &request.before,
+    );
     let (limit, before) = (page.size()?, page.before("rb")?);
     control.context.current().await?;
     let (rollbacks, next_page_token) = control.context.node.read(|state| {
