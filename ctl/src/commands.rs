@@ -154,6 +154,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Demo(args) => return crate::demo::run(args).await,
         Command::Cert(command) => return crate::join::run_cert(&cli.connect, command).await,
+        // Offline: an export is verified with no cluster.
+        Command::Audit(AuditCommand::Verify { files }) if !files.is_empty() => {
+            return crate::cmd::audit::verify_files(&files, cli.output);
+        }
         _ => {}
     }
     let mut options = cli.connect.clone();

@@ -3,6 +3,7 @@
 //! and content digests. Depends on no server crate, so `rewindctl` stays small.
 //!
 //! # Layout
+//! - [`audit`]: the audit chain's entries, hashes, verification, redaction and export manifest.
 //! - [`backoff`]: the one retry policy (capped exponential backoff, with jitter).
 //! - [`errors`]: the crate's error type.
 //! - [`names`]: validation of ids, names and versions, with the field named in every error.
@@ -23,6 +24,7 @@
 //! - [`sql`]: splitting PostgreSQL scripts into statements; finding transaction control.
 //! - [`failpoint`]: `REWIND_FAILPOINTS` crash points for recovery tests.
 
+pub mod audit;
 pub mod backoff;
 pub mod bounds;
 pub mod config;

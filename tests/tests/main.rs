@@ -34,3 +34,4 @@ mod t30_connection_bounds;
 mod t31_hostile_agent;
 mod t32_bad_files;
 mod t33_cluster_version;
+mod t34_audit_export;

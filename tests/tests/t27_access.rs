@@ -134,7 +134,7 @@ fn level_of(method: &str) -> &'static str {
     ];
     let approvals = ["ApproveRequest", "DenyRequest", "ReviewRequest"];
     let reads = [
-        "List", "Get", "Plan", "Watch", "Explain", "Verify", "Inspect", "Check",
+        "List", "Get", "Plan", "Watch", "Explain", "Verify", "Inspect", "Check", "Export",
     ];
     if administer.contains(&name) {
         ADMINISTER

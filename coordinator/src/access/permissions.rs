@@ -147,6 +147,7 @@ const CONTROL: &[Permission] = control_table![
     ("ListFlags", "flag.list", Read, Listed),
     ("ListAudit", "audit.list", Read, Cluster),
     ("VerifyAudit", "audit.verify", Read, Cluster),
+    ("ExportAudit", "audit.export", Read, Cluster),
     ("ListMembers", "cluster.list", Read, Cluster),
     (
         "TransferLeader",

@@ -649,16 +649,7 @@ pub fn plan(
 }
 
 pub fn audit_entry(entry: &AuditEntry) -> pb::AuditEntry {
-    pb::AuditEntry {
-        index: entry.index,
-        at_ms: entry.at_ms,
-        identity: entry.identity.clone(),
-        action: entry.action.clone(),
-        target: entry.target.clone(),
-        outcome: entry.outcome.clone(),
-        prev_hash: entry.prev_hash.clone(),
-        hash: entry.hash.clone(),
-    }
+    entry.into()
 }
 
 /// The newest `limit` trigger records of services (environment, service) that `visible`

@@ -48,7 +48,7 @@ pub fn apply_checked(
     outcome
 }
 
-pub use audit::{AuditEntry, AuditLog, AuditVerification, GENESIS_HASH};
+pub use audit::{AuditEntry, AuditLog, AuditVerification};
 pub use command::{
     AutoTrigger, Command, CommandKind, DecideRequest, MembershipChange, Outcome, RollbackAction,
     StartChange, StartRollback, StepTarget,

@@ -1,9 +1,14 @@
-//! `rewindctl audit`: the hash-chained audit log.
+//! `rewindctl audit`: the hash-chained audit log: list, verify (the cluster's chain, or an
+//! export offline), export.
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use clap::Subcommand;
 use rewind_proto::v1 as pb;
+use rewind_shared::audit::{self as chain, ChainCheck, ExportWriter, Manifest, Redaction};
+use tokio_stream::StreamExt as _;
 
 use crate::client::{self, explain};
 use crate::output::{Format, json, table, time};
@@ -19,8 +24,35 @@ pub enum AuditCommand {
         #[arg(long, hide = true, conflicts_with = "page_token")]
         from: Option<u64>,
     },
-    /// Recompute the hash chain; exit 0 only if it is intact.
-    Verify,
+    /// Recompute the hash chain; exit 0 only if it is intact. With `--file`, verify exports
+    /// offline instead (no cluster): each against its manifest (`FILE.manifest.json`), and
+    /// several in order as one chain; the first line that does not verify is named.
+    Verify {
+        /// An export's entries file; repeat for consecutive exports, oldest first.
+        #[arg(long = "file", value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
+    /// Write a range of the audit log to FILE (JSON lines) and FILE.manifest.json (the range,
+    /// the hashes at both ends, counts). Verify it with `rewindctl audit verify --file FILE`;
+    /// continue the series with `--after` the manifest's last index.
+    Export {
+        /// Where to write the entries; refused if it exists.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Entries after this index (the last of the previous export).
+        #[arg(long, value_name = "ID", conflicts_with_all = ["since", "until"])]
+        after: Option<u64>,
+        /// Entries from this time on: RFC 3339 (2026-12-01T00:00:00Z) or an age (30d, 12h).
+        #[arg(long, value_name = "TIME")]
+        since: Option<String>,
+        /// Entries before this time (same forms as --since).
+        #[arg(long, value_name = "TIME")]
+        until: Option<String>,
+        /// Erase these before the entries leave the cluster: identities, reasons. The chain
+        /// still verifies. Entries written before cluster version 5 cannot be redacted.
+        #[arg(long, value_delimiter = ',', value_name = "WHAT")]
+        redact: Vec<String>,
+    },
 }
 
 pub(crate) async fn audit(
@@ -72,7 +104,27 @@ pub(crate) async fn audit(
             }
             Ok(ExitCode::SUCCESS)
         }
-        AuditCommand::Verify => {
+        AuditCommand::Verify { files } if !files.is_empty() => verify_files(&files, format),
+        AuditCommand::Export {
+            out,
+            after,
+            since,
+            until,
+            redact,
+        } => {
+            let now_ms = rewind_shared::time::now_ms();
+            let request = pb::ExportAuditRequest {
+                after_index: after.unwrap_or(0),
+                since_ms: since.as_deref().map_or(Ok(0), |text| when(text, now_ms))?,
+                until_ms: until.as_deref().map_or(Ok(0), |text| when(text, now_ms))?,
+                redact: redact.clone(),
+            };
+            for what in &redact {
+                Redaction::parse(what).map_err(|why| anyhow::anyhow!("--redact: {why}"))?;
+            }
+            export(client, format, request, &out, redact).await
+        }
+        AuditCommand::Verify { .. } => {
             let verification = client
                 .verify_audit(pb::VerifyAuditRequest {})
                 .await
@@ -100,4 +152,176 @@ pub(crate) async fn audit(
             })
         }
     }
+}
+
+/// A time from `--since`/`--until`: RFC 3339, or an age before `now_ms` (`30d`, `12h`).
+fn when(text: &str, now_ms: u64) -> anyhow::Result<u64> {
+    if let Ok(at) = humantime::parse_rfc3339_weak(text) {
+        let since_epoch = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        return Ok(u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX));
+    }
+    let age = humantime::parse_duration(text).map_err(|_| {
+        anyhow::anyhow!("{text:?} is neither a time (2026-12-01T00:00:00Z) nor an age (30d, 12h)")
+    })?;
+    Ok(now_ms.saturating_sub(u64::try_from(age.as_millis()).unwrap_or(u64::MAX)))
+}
+
+/// `FILE.manifest.json` beside `FILE`.
+fn manifest_path(entries: &Path) -> PathBuf {
+    beside(entries, ".manifest.json")
+}
+
+/// `path` with `suffix` added to its name.
+fn beside(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+async fn export(
+    client: &mut client::Client,
+    format: Format,
+    request: pb::ExportAuditRequest,
+    out: &Path,
+    redacted: Vec<String>,
+) -> anyhow::Result<ExitCode> {
+    let manifest_out = manifest_path(out);
+    for path in [out, &manifest_out] {
+        if path.exists() {
+            anyhow::bail!(
+                "{} exists: an export never overwrites one (choose another --out)",
+                path.display()
+            );
+        }
+    }
+    let mut stream = client
+        .export_audit(request)
+        .await
+        .map_err(explain)?
+        .into_inner();
+    // Written beside the target and renamed into place once complete: a failed export leaves
+    // no file that looks whole.
+    let partial = beside(out, ".partial");
+    let file =
+        std::fs::File::create(&partial).with_context(|| format!("create {}", partial.display()))?;
+    let mut writer = ExportWriter::new(std::io::BufWriter::new(file));
+    let mut received = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(explain)?;
+        for entry in chunk.entries {
+            let entry = chain::AuditEntry::try_from(entry).map_err(|why| anyhow::anyhow!(why))?;
+            writer
+                .write(&entry)
+                .with_context(|| format!("write {}", partial.display()))?;
+            received += 1;
+        }
+    }
+    let exported = writer
+        .finish(redacted, rewind_shared::time::now_ms())
+        .with_context(|| format!("write {}", partial.display()))?;
+    if received == 0 {
+        let _ = std::fs::remove_file(&partial);
+        anyhow::bail!("no audit entries in that range: nothing was written");
+    }
+    std::fs::rename(&partial, out).with_context(|| format!("write {}", out.display()))?;
+    let Some(manifest) = exported.manifest else {
+        // Kept as received (nothing is thrown away), but with no manifest to vouch for it.
+        say!(
+            "audit chain BROKEN in the export: {}; the {received} entries received are in {},              and no manifest was written",
+            exported.problem.unwrap_or_default(),
+            out.display()
+        );
+        return Ok(ExitCode::FAILURE);
+    };
+    let text = serde_json::to_string_pretty(&manifest)? + "\n";
+    std::fs::write(&manifest_out, text)
+        .with_context(|| format!("write {}", manifest_out.display()))?;
+    if format == Format::Json {
+        json(&manifest)?;
+    } else {
+        say!(
+            "exported entries {}..{} ({}) to {}, manifest {}",
+            manifest.first_index,
+            manifest.last_index,
+            manifest.entries,
+            out.display(),
+            manifest_out.display()
+        );
+        say!("manifest hash {}", manifest.manifest_hash);
+        say!(
+            "next: rewindctl audit export --after {} --out NEXT_FILE",
+            manifest.last_index
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Verifies exports offline, in order, as one chain.
+pub(crate) fn verify_files(files: &[PathBuf], format: Format) -> anyhow::Result<ExitCode> {
+    let mut chain: Option<ChainCheck> = None;
+    let mut results = Vec::new();
+    for file in files {
+        let manifest_file = manifest_path(file);
+        let manifest = read_manifest(&manifest_file)?;
+        let entries =
+            std::fs::File::open(file).with_context(|| format!("open {}", file.display()))?;
+        let chain = chain.get_or_insert_with(|| {
+            ChainCheck::continuing(manifest.first_index, &manifest.anchor_hash)
+        });
+        let outcome = chain::verify_export(std::io::BufReader::new(entries), &manifest, chain);
+        let ok = outcome.is_ok();
+        results.push(serde_json::json!({
+            "file": file.display().to_string(),
+            "ok": ok,
+            "first_index": manifest.first_index,
+            "last_index": manifest.last_index,
+            "problem": outcome.as_ref().err().map(ToString::to_string),
+        }));
+        match outcome {
+            Ok(()) if format != Format::Json => say!(
+                "{}: entries {}..{} intact, last hash {}",
+                file.display(),
+                manifest.first_index,
+                manifest.last_index,
+                manifest.last_hash
+            ),
+            Ok(()) => {}
+            Err(problem) => {
+                if format == Format::Json {
+                    json(&results)?;
+                } else {
+                    say!("{}: BROKEN: {problem}", file.display());
+                }
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    if format == Format::Json {
+        json(&results)?;
+    } else if files.len() > 1 {
+        say!("{} exports chain into each other", files.len());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn read_manifest(path: &Path) -> anyhow::Result<Manifest> {
+    use std::io::Read as _;
+    let file = std::fs::File::open(path).with_context(|| {
+        format!(
+            "open {} (an export is verified against the manifest written beside it)",
+            path.display()
+        )
+    })?;
+    let mut text = String::new();
+    file.take(chain::MAX_MANIFEST_BYTES + 1)
+        .read_to_string(&mut text)
+        .with_context(|| format!("read {}", path.display()))?;
+    if text.len() as u64 > chain::MAX_MANIFEST_BYTES {
+        anyhow::bail!(
+            "{} is larger than {} bytes: not a manifest",
+            path.display(),
+            chain::MAX_MANIFEST_BYTES
+        );
+    }
+    serde_json::from_str(&text).with_context(|| format!("{} is not a manifest", path.display()))
 }

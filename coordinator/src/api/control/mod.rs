@@ -6,7 +6,7 @@
 //!
 //! The trait is implemented here in one place, each method handing over to the module of its
 //! resource: `hosts`, `services` (and releases), `schema` (migrations, transactions, drills),
-//! `changes`, `rollbacks`, `flags` (and triggers). Cluster, policy, requests and join tokens have
+//! `changes`, `rollbacks`, `flags` (and triggers), `audit`. Cluster, policy, requests and join tokens have
 //! their own modules beside this one (`api/cluster.rs`, `api/policy.rs`, ...).
 
 use std::pin::Pin;
@@ -24,6 +24,7 @@ use super::{Context, convert, plans, targets};
 use crate::access::Target;
 use crate::state_machine::*;
 
+mod audit;
 mod changes;
 mod flags;
 mod hosts;
@@ -335,52 +336,23 @@ impl ControlService for Control {
         &self,
         request: Request<pb::ListAuditRequest>,
     ) -> Result<Response<pb::ListAuditResponse>, Status> {
-        self.context.current().await?;
-        let request = request.into_inner();
-        #[allow(deprecated)] // The names before 0.3, read for one release.
-        let (from_index, limit) = (request.from_index.to_string(), request.limit);
-        let page = PageRequest {
-            size: request.page_size,
-            legacy_size: limit,
-            token: &request.page_token,
-            legacy_token: ("from_index", &from_index),
-        };
-        let size = page.size()?;
-        // The token is the index (from 1) of the entry the page starts at.
-        let first = match page.token() {
-            (_, "") | (_, "0") => 1,
-            (field, token) => token.parse::<u64>().map_err(|_| {
-                invalid(
-                    field,
-                    format!("{token:?} is not an audit index (a number from 1)"),
-                )
-            })?,
-        };
-        let skip = usize::try_from(first.saturating_sub(1)).unwrap_or(usize::MAX);
-        let (entries, next_page_token) = self.context.node.read(|state| {
-            let entries = state.audit.entries().iter().skip(skip);
-            let entries = entries.map(|entry| convert::audit_entry(entry));
-            one_page(size, entries, |last| (last.index + 1).to_string())
-        });
-        Ok(Response::new(pb::ListAuditResponse {
-            entries,
-            next_page_token,
-        }))
+        audit::list_audit(self, request).await
     }
 
     async fn verify_audit(
         &self,
-        _request: Request<pb::VerifyAuditRequest>,
+        request: Request<pb::VerifyAuditRequest>,
     ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
-        self.context.current().await?;
-        let verification = self.context.node.read(|state| state.audit.verify());
-        Ok(Response::new(pb::VerifyAuditResponse {
-            ok: verification.first_broken.is_none(),
-            entries: verification.entries,
-            first_broken_index: verification.first_broken.unwrap_or(0),
-            detail: verification.detail,
-            head_hash: verification.head_hash,
-        }))
+        audit::verify_audit(self, request).await
+    }
+
+    type ExportAuditStream = audit::ExportStream;
+
+    async fn export_audit(
+        &self,
+        request: Request<pb::ExportAuditRequest>,
+    ) -> Result<Response<audit::ExportStream>, Status> {
+        audit::export_audit(self, request).await
     }
 
     async fn inspect_host(

@@ -116,11 +116,10 @@ fn record(
             return Err(error);
         }
     };
-    state.audit.append(
-        command.at_ms,
-        &command.identity,
-        command.kind.action(),
-        &target,
+    append_audit(
+        state,
+        command,
+        (&command.identity, command.kind.action(), &target),
         &audit_outcome,
     );
     if let Some(key) = request_key {
@@ -128,6 +127,24 @@ fn record(
         state.requests.remember(&key, outcome.clone(), fair);
     }
     Ok(outcome)
+}
+
+/// Appends `command`'s audit entry: `who` did `action` on `target`, with `outcome`.
+pub(super) fn append_audit(
+    state: &mut State,
+    command: &Command,
+    (who, action, target): (&str, &str, &str),
+    outcome: &str,
+) {
+    let record = rewind_shared::audit::Record {
+        at_ms: command.at_ms,
+        identity: who,
+        action,
+        target,
+        outcome,
+        reason: "",
+    };
+    state.audit.append(&record, None);
 }
 
 /// Whether the request log already answers `command` (a retry): its entry only repeats the

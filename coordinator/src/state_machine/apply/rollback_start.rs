@@ -218,11 +218,10 @@ pub(super) fn audit_approved_start(
     approved_by: &[String],
     what: approvals::Started,
 ) -> (Outcome, String, String) {
-    state.audit.append(
-        command.at_ms,
-        &request.requester,
-        action,
-        target,
+    super::append_audit(
+        state,
+        command,
+        (&request.requester, action, target),
         &format!("{started}; approved by {}", approved_by.join(", ")),
     );
     (

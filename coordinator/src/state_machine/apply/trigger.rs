@@ -118,9 +118,12 @@ pub(super) fn auto_trigger(
                     Trigger::Automatic,
                     drift,
                 )?;
-                state
-                    .audit
-                    .append(at_ms, &command.identity, "rollback.start", &target, &filed);
+                super::append_audit(
+                    state,
+                    command,
+                    (&command.identity, "rollback.start", &target),
+                    &filed,
+                );
                 (
                     TriggerOutcome::AwaitingApproval,
                     format!(
@@ -146,11 +149,10 @@ pub(super) fn auto_trigger(
                     }
                 }
                 // The rollback's own entry, as for one a person starts; the trigger's follows.
-                state.audit.append(
-                    at_ms,
-                    &command.identity,
-                    "rollback.start",
-                    &target,
+                super::append_audit(
+                    state,
+                    command,
+                    (&command.identity, "rollback.start", &target),
                     &started,
                 );
                 (
