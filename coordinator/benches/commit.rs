@@ -45,6 +45,7 @@ fn command(index: usize) -> Command {
         at_ms: index as u64,
         identity: "bench".into(),
         request_id: String::new(),
+        audit_seed: String::new(),
         kind: CommandKind::RegisterHost {
             host_id: format!("host-{}", index % 10_000),
             labels: Labels::default(),

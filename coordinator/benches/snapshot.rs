@@ -40,6 +40,7 @@ fn command(index: u64) -> Command {
         at_ms: 1_764_000_000_000 + index * 7,
         identity: "operator".into(),
         request_id: format!("req-{index}"),
+        audit_seed: String::new(),
         kind,
     }
 }
@@ -66,6 +67,7 @@ fn main() {
             at_ms: 1_764_000_000_000,
             identity: "operator".into(),
             request_id: String::new(),
+            audit_seed: String::new(),
             kind: CommandKind::PutService {
                 service: ServiceRecord {
                     name: format!("service-{service}"),

@@ -230,7 +230,13 @@ fn reverting_a_provider_under_a_consumer_that_stays_is_refused_unless_forced() {
     }));
     let rollback = &fleet.state.rollbacks[&1];
     assert_eq!(rollback.forced.len(), 1);
-    let audit = fleet.state.audit.entries().last().unwrap().outcome.clone();
+    let audit = fleet
+        .state
+        .audit
+        .entries()
+        .last()
+        .unwrap()
+        .readable_outcome();
     assert!(audit.contains("forced past: reverting api"), "{audit}");
 }
 

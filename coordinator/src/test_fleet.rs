@@ -40,8 +40,14 @@ impl Fleet {
             at_ms,
             identity: identity.into(),
             request_id: request_id.into(),
+            audit_seed: String::new(),
             kind,
         };
+        if self.state.cluster_version() >= version::SALTED_AUDIT {
+            // As a leader chooses it, but the same on every run: fleets built twice compare.
+            let seed = rewind_shared::digest::sha256_hex(&(self.index + 1).to_be_bytes());
+            command.audit_seed = seed;
+        }
         decision::prepare(&self.state, &mut command)?;
         self.index += 1;
         self.record(&command)
@@ -105,6 +111,7 @@ impl Fleet {
             at_ms: self.next_at_ms(),
             identity: "operator".into(),
             request_id: String::new(),
+            audit_seed: String::new(),
             kind,
         };
         self.index += 1;

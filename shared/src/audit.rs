@@ -135,6 +135,25 @@ pub struct AuditEntry {
     pub redacted: BTreeMap<Field, String>,
 }
 
+/// Where a salted entry's outcome named its reason.
+pub const REASON_MARK: &str = "{reason}";
+/// Where a salted entry's outcome named its identity.
+pub const IDENTITY_MARK: &str = "{identity}";
+
+/// The outcome text a salted entry stores: the reason and the identity replaced by their marks,
+/// so that each lives only in its own (redactable) field. [`AuditEntry::readable_outcome`]
+/// puts them back.
+pub fn outcome_template(outcome: &str, identity: &str, reason: &str) -> String {
+    let mut template = outcome.to_string();
+    if !reason.is_empty() {
+        template = template.replace(reason, REASON_MARK);
+    }
+    if !identity.is_empty() {
+        template = template.replace(identity, IDENTITY_MARK);
+    }
+    template
+}
+
 /// An entry's content before it is linked into the chain.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Record<'a> {
@@ -181,6 +200,28 @@ impl AuditEntry {
             salts: BTreeMap::new(),
             redacted: BTreeMap::new(),
         }
+    }
+
+    /// The outcome as a person reads it: in a salted entry the outcome names the entry's
+    /// reason and identity by [`REASON_MARK`] and [`IDENTITY_MARK`] (so that redacting them
+    /// leaves no copy behind), filled in here, or shown as redacted.
+    pub fn readable_outcome(&self) -> String {
+        if self.format == FORMAT_PLAIN {
+            return self.outcome.clone();
+        }
+        let fill = |text: String, mark: &str, field: Field| {
+            if !text.contains(mark) {
+                return text;
+            }
+            let value = if self.redacted.contains_key(&field) {
+                "[redacted]"
+            } else {
+                self.value(field)
+            };
+            text.replace(mark, value)
+        };
+        let text = fill(self.outcome.clone(), IDENTITY_MARK, Field::Identity);
+        fill(text, REASON_MARK, Field::Reason)
     }
 
     pub fn value(&self, field: Field) -> &str {
@@ -802,6 +843,30 @@ mod tests {
             error.contains("entry 1") && error.contains("cluster version 5"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn a_salted_outcome_keeps_its_reason_and_identity_only_in_their_fields() {
+        let template = outcome_template(
+            "denied by user:ada: INC-42 bad deploy",
+            "user:ada",
+            "INC-42 bad deploy",
+        );
+        assert_eq!(template, "denied by {identity}: {reason}");
+        let record = Record {
+            outcome: &template,
+            ..record(3)
+        };
+        let mut entry = AuditEntry::salted(3, GENESIS_HASH, &record, &[1; 32]);
+        assert_eq!(
+            entry.readable_outcome(),
+            "denied by user:ada: INC-42 bad deploy"
+        );
+        entry.redact(Field::Reason).unwrap();
+        assert_eq!(entry.readable_outcome(), "denied by user:ada: [redacted]");
+        // A plain entry's outcome is what it always was, marks or not.
+        let plain = AuditEntry::plain(1, GENESIS_HASH, &record);
+        assert_eq!(plain.readable_outcome(), template);
     }
 
     #[test]

@@ -46,6 +46,14 @@ pub fn plain_service(name: &str) -> rewind_proto::v1::Service {
     }
 }
 
+/// An audit entry's outcome as a person reads it (from cluster version 5 the outcome names its
+/// reason and identity by marks, each kept in its own field).
+pub fn readable_outcome(entry: &rewind_proto::v1::AuditEntry) -> String {
+    rewind_shared::audit::AuditEntry::try_from(entry.clone())
+        .expect("an audit entry as the coordinator sends it")
+        .readable_outcome()
+}
+
 /// The audit log's first 1000 entries.
 pub async fn must_list_audit(
     client: &ControlServiceClient<Channel>,

@@ -78,7 +78,7 @@ async fn an_agent_cut_off_from_its_coordinator_reverts_a_failing_change_and_repo
         .collect();
     assert_eq!(entries.len(), 1, "{:?}", audit.entries);
     assert!(
-        entries[0].outcome.contains("web-1 reverted ch-2 of web"),
+        rewind_tests::readable_outcome(entries[0]).contains("web-1 reverted ch-2 of web"),
         "{:?}",
         entries[0]
     );

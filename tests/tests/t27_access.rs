@@ -725,7 +725,7 @@ async fn a_revoked_agent_is_cut_off_at_once_and_cannot_reconnect() {
                 .any(|entry| {
                     entry.identity == "agent:web-1"
                         && entry.action == "access.refused"
-                        && entry.outcome.contains("deny list")
+                        && rewind_tests::readable_outcome(entry).contains("deny list")
                 })
                 .then_some(())
         }

@@ -317,7 +317,7 @@ async fn a_prod_rollback_waits_for_two_other_approvers_and_break_glass_escalates
         audit.iter().any(|entry| entry.identity == "user:alice"
             && entry.action == "rollback.start"
             && entry.target == "rb-1"
-            && entry.outcome.contains("approved by user:bob, user:carol")),
+            && rewind_tests::readable_outcome(entry).contains("approved by user:bob, user:carol")),
         "the start of rb-1, as alice's, naming its approvers"
     );
 

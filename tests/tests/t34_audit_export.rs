@@ -1,6 +1,6 @@
 //! Audit exports with the real `rewindctl` against a real coordinator: export, offline verify,
-//! tamper detection that names the line, consecutive exports that chain, and a redaction the
-//! entries' format cannot take refused rather than half done.
+//! tamper detection that names the line, consecutive exports that chain, and a redacted export
+//! that keeps no name or reason and still verifies.
 
 use std::path::{Path, PathBuf};
 
@@ -180,28 +180,77 @@ async fn exports_verify_offline_chain_and_name_the_first_tampered_line() {
     );
     assert!(!empty.exists());
 
-    // This cluster's entries were written plain (before version 5): a redaction is refused
-    // outright rather than leaving the names in an export that claims to be redacted.
+    // A cluster of this release salts its entries: an export can erase who and why, and
+    // still verifies against the same chain.
+    client
+        .set_flag(pb::SetFlagRequest {
+            request_id: "flag".into(),
+            service: "svc-0".into(),
+            name: "new-checkout".into(),
+            enabled: true,
+            reason: "Ada Lovelace said so, INC-1815".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let entries = rewind_tests::must_list_audit(&client).await;
+    let reset = entries.last().unwrap();
+    assert_eq!(reset.format, 2, "{reset:?}");
+    assert_eq!(reset.reason, "Ada Lovelace said so, INC-1815");
+    assert!(!reset.outcome.contains("Lovelace"), "{reset:?}");
+    let listed = text(&coordinator.rewindctl(&["audit", "list", "--page-size", "1000"]));
+    assert!(listed.contains("Ada Lovelace said so"), "{listed}");
+
     let redacted = dir.path().join("redacted.jsonl");
-    let output = coordinator.rewindctl(&[
-        "audit",
-        "export",
-        "--out",
-        redacted.to_str().unwrap(),
-        "--redact",
-        "identities",
-    ]);
-    let said = text(&output);
-    assert!(
-        !output.status.success() && said.contains("cannot be redacted"),
-        "{said}"
+    let plain_before = entries
+        .iter()
+        .filter(|entry| entry.format != 2)
+        .map(|entry| entry.index)
+        .max()
+        .unwrap_or(0);
+    must_export(
+        &coordinator,
+        &redacted,
+        &[
+            "--after",
+            &plain_before.to_string(),
+            "--redact",
+            "identities,reasons",
+        ],
     );
-    assert!(!redacted.exists());
+    let body = std::fs::read_to_string(&redacted).unwrap();
+    assert!(
+        !body.contains("Lovelace") && !body.contains("INC-1815"),
+        "{body}"
+    );
+    let identity = &reset.identity;
+    assert!(!body.contains(identity.as_str()), "{identity} in {body}");
+    let output = verify_offline(&[&redacted]);
+    assert!(output.status.success(), "redacted: {}", text(&output));
+    let manifest =
+        std::fs::read_to_string(format!("{}.manifest.json", redacted.display())).unwrap();
+    let manifest: serde_json::Value = serde_json::from_str(&manifest).unwrap();
+    assert_eq!(manifest["last_hash"], reset.hash.as_str(), "{manifest}");
+    assert!(
+        manifest["redacted_entries"].as_u64().unwrap() > 0,
+        "{manifest}"
+    );
+    // A redacted line whose commitment is changed does not verify.
+    let forged = tampered(&redacted, "forged.jsonl", |lines| {
+        let last = lines.len() - 1;
+        let mut entry: serde_json::Value = serde_json::from_str(&lines[last]).unwrap();
+        entry["redacted"]["reason"] = serde_json::Value::String("00".repeat(32));
+        lines[last] = entry.to_string();
+    });
+    let output = verify_offline(&[&forged]);
+    assert!(!output.status.success(), "{}", text(&output));
+
+    let refused = dir.path().join("refused.jsonl");
     let output = coordinator.rewindctl(&[
         "audit",
         "export",
         "--out",
-        redacted.to_str().unwrap(),
+        refused.to_str().unwrap(),
         "--redact",
         "salaries",
     ]);

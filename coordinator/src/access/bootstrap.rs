@@ -39,6 +39,7 @@ pub async fn run(
                 at_ms: rewind_shared::time::now_ms(),
                 identity: COORDINATOR_IDENTITY.into(),
                 request_id: String::new(),
+                audit_seed: String::new(),
                 kind: CommandKind::ApplyPolicy {
                     policy: Policy::clone(policy),
                     bootstrap: true,

@@ -349,6 +349,7 @@ async fn propose(
         at_ms: rewind_shared::time::now_ms(),
         identity: identity.to_string(),
         request_id: String::new(),
+        audit_seed: String::new(),
         kind: CommandKind::ChangeMembership {
             change,
             member: member.clone(),

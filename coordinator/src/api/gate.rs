@@ -353,6 +353,7 @@ impl Gate {
                 at_ms: rewind_shared::time::now_ms(),
                 identity: refusal.identity,
                 request_id: String::new(),
+                audit_seed: String::new(),
                 kind: CommandKind::RecordRefusal {
                     action: refusal.action.to_string(),
                     target: refusal.target,

@@ -122,6 +122,7 @@ impl Context {
             at_ms: rewind_shared::time::now_ms(),
             identity: identity.to_string(),
             request_id: request_id.to_string(),
+            audit_seed: String::new(),
             kind,
         };
         self.node.propose(command).await.map_err(|error| {

@@ -171,6 +171,7 @@ impl Delivery {
             at_ms: rewind_shared::time::now_ms(),
             identity: COORDINATOR_IDENTITY.to_string(),
             request_id: String::new(),
+            audit_seed: String::new(),
             kind: CommandKind::EscalationDelivered {
                 escalation: self.escalation,
                 ok,

@@ -279,6 +279,7 @@ impl Engine {
             at_ms: rewind_shared::time::now_ms(),
             identity: COORDINATOR_IDENTITY.to_string(),
             request_id: String::new(),
+            audit_seed: String::new(),
             kind,
         };
         match self.node.propose(command).await {

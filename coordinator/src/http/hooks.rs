@@ -336,6 +336,7 @@ async fn trigger(
         at_ms: rewind_shared::time::now_ms(),
         identity: principal.id(),
         request_id: asked.request_id,
+        audit_seed: String::new(),
         kind: CommandKind::AutoTrigger(crate::state_machine::AutoTrigger {
             service: asked.service.to_string(),
             // Empty: the service's latest change, wherever it ran.

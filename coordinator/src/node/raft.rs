@@ -513,6 +513,7 @@ impl<T: Transport> Driver<T> {
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
             // The leader plans a rollback or judges a trigger here, on the state it has applied;
             // `apply()` checks that state has not moved by the time the entry applies.
+            command.choose_audit_seed(state.cluster_version());
             decision::prepare(&state, &mut command)
                 .and_then(|()| version::encode_entry(&command, state.cluster_version()))
         };
@@ -541,7 +542,7 @@ impl<T: Transport> Driver<T> {
 
     /// Proposes a conf change carrying `proposal.command` (a `ChangeMembership`). One change at
     /// a time: raft-rs would silently turn a second pending one into an empty entry.
-    fn propose_membership(&mut self, proposal: Proposal) {
+    fn propose_membership(&mut self, mut proposal: Proposal) {
         let refuse = |proposal: Proposal, error: CoordinatorError| {
             let _ = proposal.reply.send(Err(error));
         };
@@ -595,6 +596,7 @@ impl<T: Transport> Driver<T> {
             node_id: member_id,
             ..ConfChange::default()
         };
+        proposal.command.choose_audit_seed(self.cluster_version());
         match version::encode_entry(&proposal.command, self.cluster_version()) {
             Ok(context) => conf_change.context = context.into(),
             Err(error) => return refuse(proposal, error),

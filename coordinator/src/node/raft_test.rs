@@ -174,6 +174,7 @@ impl Cluster {
             at_ms: 1,
             identity: "test".into(),
             request_id: String::new(),
+            audit_seed: String::new(),
             kind: CommandKind::RegisterHost {
                 host_id: host.into(),
                 labels: Labels::default(),
@@ -194,6 +195,7 @@ impl Cluster {
             at_ms: 1,
             identity: "test".into(),
             request_id: String::new(),
+            audit_seed: String::new(),
             kind: CommandKind::ChangeMembership {
                 change,
                 member: record(id),

@@ -501,7 +501,7 @@ fn an_offline_self_revert_is_recorded_on_its_change_once_and_audited() {
     assert_eq!(entry.action, "host.self-revert");
     assert!(
         entry
-            .outcome
+            .readable_outcome()
             .contains("web-1 reverted ch-2 of web to snap-1 on its own"),
         "{}",
         entry.outcome
@@ -625,7 +625,8 @@ fn a_host_is_forgotten_only_when_nothing_can_still_act_on_it_by_name() {
     );
     let last = harness.state.audit.entries().last().unwrap();
     assert_eq!(last.action, "host.forget");
-    assert!(last.outcome.contains("services web") && last.outcome.contains("retired"));
+    let outcome = last.readable_outcome();
+    assert!(outcome.contains("services web") && outcome.contains("retired"));
     // Finished changes keep their record of the host.
     assert!(
         harness.state.changes[&first]

@@ -19,7 +19,32 @@ pub struct Command {
     pub identity: String,
     /// Client-chosen id; a repeat returns the recorded outcome. Empty: no de-duplication.
     pub request_id: String,
+    /// Random bytes (hex) the proposer chose, from cluster version 5: the salts of the
+    /// command's audit entries derive from them, so every member writes the same ones and no
+    /// one can guess a redacted field from its salted hash (`rewind_shared::audit`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub audit_seed: String,
     pub kind: CommandKind,
+}
+
+/// Bytes of a command's audit seed.
+const AUDIT_SEED_BYTES: usize = 32;
+
+impl Command {
+    /// Chooses the command's audit seed as its proposer, before it is replicated (as its time
+    /// is), where the cluster salts its audit entries.
+    pub fn choose_audit_seed(&mut self, cluster_version: u32) {
+        if cluster_version >= super::version::SALTED_AUDIT && self.audit_seed.is_empty() {
+            self.audit_seed = hex::encode(rand::random::<[u8; AUDIT_SEED_BYTES]>());
+        }
+    }
+
+    /// The seed as bytes, if the proposer chose a well-formed one.
+    pub fn audit_seed_bytes(&self) -> Option<Vec<u8>> {
+        hex::decode(&self.audit_seed)
+            .ok()
+            .filter(|seed| seed.len() == AUDIT_SEED_BYTES)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -466,6 +491,48 @@ pub enum Outcome {
 }
 
 impl CommandKind {
+    /// The reason the command carries (a person's, or the system's for a refusal), empty if
+    /// none: from cluster version 5 its audit entry keeps it in a field of its own, so that it
+    /// can be redacted.
+    pub fn reason(&self) -> &str {
+        match self {
+            Self::StartChange(StartChange { reason, .. })
+            | Self::StartRollback(StartRollback { reason, .. })
+            | Self::DecideRequest(DecideRequest { reason, .. })
+            | Self::AutoTrigger(AutoTrigger { reason, .. })
+            | Self::StartDrill { reason, .. }
+            | Self::DecideSchemaTxn { reason, .. }
+            | Self::SetFlag { reason, .. }
+            | Self::ResetBreaker { reason }
+            | Self::IsolateService { reason, .. }
+            | Self::ResolvedByHand { reason, .. }
+            | Self::SkipHost { reason, .. }
+            | Self::ControlRollback { reason, .. }
+            | Self::TransferLeader { reason, .. }
+            | Self::ApplyPolicy { reason, .. }
+            | Self::CreateJoinToken { reason, .. }
+            | Self::RevokeJoinToken { reason, .. }
+            | Self::SetClusterVersion { reason, .. }
+            | Self::ForgetHost { reason, .. }
+            | Self::RecordRefusal { reason, .. }
+            | Self::ChangeMembership { reason, .. } => reason,
+            Self::RegisterHost { .. }
+            | Self::PutService { .. }
+            | Self::RegisterRelease { .. }
+            | Self::RegisterMigration { .. }
+            | Self::StartSchemaTxn { .. }
+            | Self::SchemaStepFinished { .. }
+            | Self::StepStarted { .. }
+            | Self::StepFinished { .. }
+            | Self::Stall { .. }
+            | Self::RecordSelfRevert { .. }
+            | Self::RecordOfflineHealth { .. }
+            | Self::EscalationDelivered { .. }
+            | Self::UseJoinToken { .. }
+            | Self::CertificateRenewed { .. } => "",
+        }
+    }
+
     /// Audit action name.
     pub fn action(&self) -> &'static str {
         match self {

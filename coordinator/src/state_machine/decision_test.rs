@@ -19,6 +19,7 @@ fn command(harness: &Fleet, kind: CommandKind) -> Command {
         at_ms: 1_000 * (harness.index + 1),
         identity: "operator".into(),
         request_id: String::new(),
+        audit_seed: String::new(),
         kind,
     }
 }

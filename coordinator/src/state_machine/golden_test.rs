@@ -189,6 +189,7 @@ fn current_release_log() -> Fleet {
     let _ = harness.run_as("user:bob", "bob-1", noted("b"));
     version_three(&mut harness);
     version_four(&mut harness);
+    version_five(&mut harness);
     harness
 }
 
@@ -231,6 +232,7 @@ fn version_three(harness: &mut Fleet) {
         at_ms: 0,
         identity: "operator".into(),
         request_id: String::new(),
+        audit_seed: String::new(),
         kind: rollback_of(change, Trigger::Manual),
     };
     super::decision::prepare(&harness.state, &mut stale).expect("the leader plans it");
@@ -343,6 +345,7 @@ fn version_four(harness: &mut Fleet) {
         at_ms: 0,
         identity: "operator".into(),
         request_id: String::new(),
+        audit_seed: String::new(),
         kind: rollback_of(change, Trigger::Manual),
     };
     super::decision::prepare(&harness.state, &mut decided).expect("the leader plans it");
@@ -407,6 +410,57 @@ fn version_four(harness: &mut Fleet) {
         requests,
         "nothing filed again"
     );
+}
+
+/// From version 5 audit entries are salted with the proposer's seed and keep their reason
+/// apart; an entry proposed before the raise (no seed) is still written plain.
+fn version_five(harness: &mut Fleet) {
+    let flag = |enabled: bool, reason: &str| CommandKind::SetFlag {
+        environment: "default".into(),
+        service: "web".into(),
+        name: "new-checkout".into(),
+        enabled,
+        kill: !enabled,
+        reason: reason.into(),
+    };
+    harness.apply(flag(false, "checkout errors, INC-7"));
+    let plain = harness.state.audit.len();
+    harness.apply(CommandKind::SetClusterVersion {
+        version: 5,
+        members: vec![],
+        reason: "every member on this release".into(),
+    });
+    harness
+        .run_as("user:ada", "", flag(true, "fixed in INC-7"))
+        .unwrap();
+    // Proposed before the raise: no seed, so plain.
+    harness.run_raw(flag(false, "again")).unwrap();
+    // Refused, and the refusal audited with its reason apart.
+    harness.apply(CommandKind::RecordRefusal {
+        action: "rollback.start".into(),
+        target: "web".into(),
+        reason: "user:eve is not allowed".into(),
+    });
+    let entries = harness.state.audit.entries();
+    let formats: Vec<u32> = entries[plain - 1..]
+        .iter()
+        .map(|entry| entry.format)
+        .collect();
+    // The raise itself was proposed at version 4.
+    assert_eq!(formats, [1, 1, 2, 1, 2], "{formats:?}");
+    let on = &entries[plain + 1];
+    assert_eq!(on.identity, "user:ada");
+    assert_eq!(on.reason, "fixed in INC-7");
+    assert!(!on.outcome.contains("INC-7"), "{}", on.outcome);
+    assert!(
+        on.readable_outcome().ends_with(": fixed in INC-7"),
+        "{on:?}"
+    );
+    let mut redacted = AuditEntry::clone(on);
+    redacted
+        .redact(rewind_shared::audit::Field::Reason)
+        .unwrap();
+    assert_eq!(redacted.compute_hash(), on.hash);
 }
 
 #[test]

@@ -194,6 +194,7 @@ proptest! {
                 at_ms,
                 identity: identity.into(),
                 request_id: String::new(),
+                audit_seed: String::new(),
                 kind,
             };
             // What the leader refuses never reaches the log.

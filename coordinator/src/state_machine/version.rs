@@ -20,7 +20,7 @@ use crate::errors::CoordinatorError;
 pub const LEGACY: u32 = 1;
 
 /// The highest cluster version this binary can apply.
-pub const CURRENT: u32 = 4;
+pub const CURRENT: u32 = 5;
 
 /// From this version a refused command takes back the requests for approval it expired or
 /// lapsed on its way to the refusal.
@@ -37,6 +37,11 @@ pub const EXPIRY_REFUSES_AT_ONCE: u32 = 4;
 
 /// From this version the reason a drill was started with goes into its audit entry.
 pub const DRILL_REASON_AUDITED: u32 = 4;
+
+/// From this version each audit entry commits to its fields through salts the proposer's seed
+/// derives (`Command::audit_seed`), and keeps the command's reason in a field of its own, so
+/// that an identity or a reason can be redacted and the chain still verifies.
+pub const SALTED_AUDIT: u32 = 5;
 
 /// What each version brought, for `rewindctl cluster version` and the README.
 pub const CHANGES: &[(u32, &str)] = &[
@@ -61,6 +66,12 @@ pub const CHANGES: &[(u32, &str)] = &[
          it, so its deploy's step progress does not make the decision stale; an automatic request \
          that expires as its alert repeats refuses the rollback instead of asking again; a \
          drill's reason is audited",
+    ),
+    (
+        5,
+        "audit entries commit to each field through a random salt the proposer chose, and keep \
+         the reason in a field of its own, so an identity or a reason can be redacted (in an \
+         export) while the chain still verifies",
     ),
 ];
 
@@ -201,6 +212,7 @@ mod tests {
             at_ms: 7,
             identity: "user:ada".into(),
             request_id: "r-1".into(),
+            audit_seed: String::new(),
             kind: CommandKind::ResetBreaker {
                 reason: "test".into(),
             },

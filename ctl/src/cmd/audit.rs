@@ -92,7 +92,11 @@ pub(crate) async fn audit(
                             entry.identity.clone(),
                             entry.action.clone(),
                             entry.target.clone(),
-                            entry.outcome.clone(),
+                            // Salted entries name their reason apart: put it back.
+                            chain::AuditEntry::try_from(entry.clone()).map_or_else(
+                                |_| entry.outcome.clone(),
+                                |entry| entry.readable_outcome(),
+                            ),
                         ]
                     })
                     .collect();

@@ -139,6 +139,27 @@ fn select(entries: &[Arc<AuditEntry>], range: &ExportRange) -> std::ops::Range<u
     start..end
 }
 
+/// Refuses a redaction of entries written plain (before cluster version 5): their hashes cover
+/// the fields as they are, so an export could not be both redacted and verifiable.
+fn redactable(entries: &[Arc<AuditEntry>], redact: &[Field]) -> Result<(), Status> {
+    if redact.is_empty() {
+        return Ok(());
+    }
+    let last_plain = entries
+        .iter()
+        .rev()
+        .find(|entry| entry.format == FORMAT_PLAIN);
+    let Some(index) = last_plain.map(|entry| entry.index) else {
+        return Ok(());
+    };
+    Err(Status::failed_precondition(format!(
+        "entries up to {index} were written before cluster version 5: their fields are hashed \
+         as they are, so they cannot be redacted without breaking the chain; export them \
+         without redact, or redact from entry {} on (after_index {index})",
+        index + 1
+    )))
+}
+
 pub(super) async fn export_audit(
     control: &Control,
     request: Request<pb::ExportAuditRequest>,
@@ -146,25 +167,11 @@ pub(super) async fn export_audit(
     let range = export_range(request.get_ref())?;
     control.context.current().await?;
     // The range is fixed here: entries appended while the export streams belong to the next.
-    let selected = control.context.node.read(|state| {
+    let positions = control.context.node.read(|state| {
         let entries = state.audit.entries();
         let positions = select(entries, &range);
-        let last_plain = entries[positions.clone()]
-            .iter()
-            .rev()
-            .find(|entry| entry.format == FORMAT_PLAIN)
-            .map(|entry| entry.index);
-        (positions, last_plain)
-    });
-    let (positions, last_plain) = selected;
-    if let (Some(index), false) = (last_plain, range.redact.is_empty()) {
-        return Err(Status::failed_precondition(format!(
-            "entries up to {index} were written before cluster version 5: their fields are \
-             hashed as they are, so they cannot be redacted without breaking the chain; export \
-             them without redact, or redact from entry {} on (after_index {index})",
-            index + 1
-        )));
-    }
+        redactable(&entries[positions.clone()], &range.redact).map(|()| positions)
+    })?;
     let context = control.context.clone();
     let (sender, receiver) = tokio::sync::mpsc::channel(4);
     tokio::spawn(async move {
@@ -207,17 +214,38 @@ mod tests {
     use crate::state_machine::AuditLog;
     use rewind_shared::audit::Record;
 
-    fn log(times: &[u64]) -> AuditLog {
+    /// Entries at `times`, salted from the `salted_from`th on.
+    fn log_salted_from(times: &[u64], salted_from: usize) -> AuditLog {
         let mut log = AuditLog::default();
-        for &at_ms in times {
+        for (position, &at_ms) in times.iter().enumerate() {
             let record = Record {
                 at_ms,
                 action: "test",
                 ..Record::default()
             };
-            log.append(&record, None);
+            log.append(&record, (position >= salted_from).then_some(&[7u8; 32][..]));
         }
         log
+    }
+
+    fn log(times: &[u64]) -> AuditLog {
+        log_salted_from(times, times.len())
+    }
+
+    #[test]
+    fn a_redaction_is_refused_where_any_entry_is_plain_and_says_where_to_start() {
+        let log = log_salted_from(&[1, 2, 3, 4, 5], 3);
+        let entries = log.entries();
+        let redact = [Field::Identity];
+        let error = redactable(entries, &redact).unwrap_err();
+        assert_eq!(error.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            error.message().contains("entries up to 3")
+                && error.message().contains("after_index 3"),
+            "{error:?}"
+        );
+        assert!(redactable(&entries[3..], &redact).is_ok());
+        assert!(redactable(entries, &[]).is_ok());
     }
 
     fn range(after_index: u64, since_ms: u64, until_ms: u64) -> ExportRange {

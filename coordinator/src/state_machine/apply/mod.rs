@@ -12,6 +12,7 @@ use super::command::{
 use super::state::*;
 use super::version;
 use crate::errors::{CoordinatorError, known_list};
+use rewind_shared::audit::Record;
 
 mod change;
 mod registry;
@@ -129,22 +130,41 @@ fn record(
     Ok(outcome)
 }
 
-/// Appends `command`'s audit entry: `who` did `action` on `target`, with `outcome`.
+/// Appends `command`'s audit entry: `who` did `action` on `target`, with `outcome`. From
+/// version 5 the entry is salted with the proposer's seed and keeps the command's reason in a
+/// field of its own (the outcome names it and `who` by marks), so either can be redacted; a
+/// command proposed just before the version was raised has no seed and is written plain.
 pub(super) fn append_audit(
     state: &mut State,
     command: &Command,
     (who, action, target): (&str, &str, &str),
     outcome: &str,
 ) {
-    let record = rewind_shared::audit::Record {
+    let seed = (state.cluster_version() >= version::SALTED_AUDIT)
+        .then(|| command.audit_seed_bytes())
+        .flatten();
+    let Some(seed) = seed else {
+        let record = Record {
+            at_ms: command.at_ms,
+            identity: who,
+            action,
+            target,
+            outcome,
+            reason: "",
+        };
+        return state.audit.append(&record, None);
+    };
+    let reason = command.kind.reason();
+    let outcome = rewind_shared::audit::outcome_template(outcome, who, reason);
+    let record = Record {
         at_ms: command.at_ms,
         identity: who,
         action,
         target,
-        outcome,
-        reason: "",
+        outcome: &outcome,
+        reason,
     };
-    state.audit.append(&record, None);
+    state.audit.append(&record, Some(&seed));
 }
 
 /// Whether the request log already answers `command` (a retry): its entry only repeats the

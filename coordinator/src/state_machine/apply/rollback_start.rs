@@ -183,6 +183,7 @@ pub(super) fn approve_deploy(
         at_ms: command.at_ms,
         identity: request.requester.clone(),
         request_id: String::new(),
+        audit_seed: command.audit_seed.clone(),
         kind: CommandKind::StartChange(deploy.clone()),
     };
     let (change, change_target, started) = start_change(state, &as_requester, &deploy)?;
