@@ -32,6 +32,19 @@ pub struct RawConfig {
     pub alertmanager: RawAlertmanager,
     pub access: RawAccess,
     pub issuer: RawIssuer,
+    pub audit: RawAudit,
+}
+
+/// `[audit]`: how long archived audit entries stay in the cluster. Off unless set; the
+/// leader's applies, so set it alike on every member. Nothing is dropped that no confirmed
+/// export covers (`rewindctl audit archived`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct RawAudit {
+    /// Archived entries older than this many days go.
+    pub retain_days: Option<u64>,
+    /// The newest this many entries stay, archived or not.
+    pub retain_entries: Option<u64>,
 }
 
 /// The issuing CA this member signs joins and renewals with (an intermediate of the cluster's
@@ -482,6 +495,12 @@ impl RawConfig {
             1_000_000,
         );
         let cluster = validate_cluster(&self.cluster, &mut problems);
+        if let Some(days) = self.audit.retain_days {
+            check_range(&mut problems, "audit.retain-days", days, 1, 36_500);
+        }
+        if let Some(entries) = self.audit.retain_entries {
+            check_range(&mut problems, "audit.retain-entries", entries, 1, 1 << 40);
+        }
         problems.into_result()?;
         let (Some(listen), Some(data_dir), Some(tls), Some(cluster)) =
             (listen, self.data_dir, self.tls, cluster)
@@ -505,6 +524,10 @@ impl RawConfig {
                 },
                 escalation_webhook: escalation.is_some(),
                 throttle: self.throttle.limits(),
+                audit_retention: crate::state_machine::AuditRetention {
+                    days: self.audit.retain_days,
+                    entries: self.audit.retain_entries,
+                },
             },
             tick: Duration::from_millis(engine.tick_ms),
             health_interval_ms: self.health.report_interval_ms,

@@ -78,6 +78,8 @@ pub enum CoordinatorError {
     UnknownRequest { request_id: String },
     #[error("{request_id}: {why}")]
     RequestRefused { request_id: String, why: String },
+    #[error("audit {what} refused: {why}")]
+    AuditRefused { what: String, why: String },
     #[error("join refused ({token_id}): {why}")]
     JoinRefused { token_id: String, why: String },
     #[error("no join token {token_id}")]
@@ -161,6 +163,7 @@ impl CoordinatorError {
             Self::Incompatible { .. } => "incompatible",
             Self::UnknownRequest { .. } => "unknown_request",
             Self::RequestRefused { .. } => "request_refused",
+            Self::AuditRefused { .. } => "audit_refused",
             Self::JoinRefused { .. } => "join_refused",
             Self::UnknownJoinToken { .. } => "unknown_join_token",
             Self::AlreadyRequested { .. } => "already_requested",

@@ -35,3 +35,4 @@ mod t31_hostile_agent;
 mod t32_bad_files;
 mod t33_cluster_version;
 mod t34_audit_export;
+mod t35_audit_retention;

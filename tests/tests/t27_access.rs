@@ -131,6 +131,8 @@ fn level_of(method: &str) -> &'static str {
         "AddMember",
         "RemoveMember",
         "ApplyPolicy",
+        "ConfirmAuditArchive",
+        "RedactAudit",
     ];
     let approvals = ["ApproveRequest", "DenyRequest", "ReviewRequest"];
     let reads = [

@@ -148,6 +148,8 @@ const CONTROL: &[Permission] = control_table![
     ("ListAudit", "audit.list", Read, Cluster),
     ("VerifyAudit", "audit.verify", Read, Cluster),
     ("ExportAudit", "audit.export", Read, Cluster),
+    ("ConfirmAuditArchive", "audit.archived", Administer, Cluster),
+    ("RedactAudit", "audit.redact", Administer, Cluster),
     ("ListMembers", "cluster.list", Read, Cluster),
     (
         "TransferLeader",

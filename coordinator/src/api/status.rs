@@ -35,6 +35,7 @@ pub fn to_status(error: CoordinatorError) -> Status {
         | CoordinatorError::PolicyChanged { .. }
         | CoordinatorError::Incompatible { .. }
         | CoordinatorError::RequestRefused { .. }
+        | CoordinatorError::AuditRefused { .. }
         | CoordinatorError::StepNotRunning { .. }
         | CoordinatorError::StepNotStartable { .. }
         | CoordinatorError::NeedsClusterVersion { .. }

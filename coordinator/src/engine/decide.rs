@@ -35,6 +35,8 @@ pub struct EngineLimits {
     pub escalation_webhook: bool,
     /// Bounds on automatic rollbacks.
     pub throttle: ThrottleLimits,
+    /// How long archived audit entries stay (`[audit]`).
+    pub audit_retention: crate::state_machine::AuditRetention,
 }
 
 impl EngineLimits {
@@ -230,6 +232,12 @@ pub fn decide(
                 .is_some_and(|gate| gate.gate.status == StepStatus::Running)
         })
     });
+    // Archived audit entries past retention leave the cluster (never one no export covers).
+    if state.cluster_version() >= crate::state_machine::version::AUDIT_ARCHIVE
+        && let Some(through) = state.audit.prunable_through(limits.audit_retention, now_ms)
+    {
+        driver.propose(CommandKind::PruneAudit { through });
+    }
     // Forget sends of steps that are no longer running, so the memory stays bounded.
     let running = std::mem::take(&mut driver.running);
     driver

@@ -74,6 +74,10 @@ pub(super) const LIMITS: EngineLimits = EngineLimits {
         breaker_services: 4,
         breaker_window_s: 120,
     },
+    audit_retention: AuditRetention {
+        days: None,
+        entries: None,
+    },
 };
 pub(super) const HOSTS: [&str; 3] = ["web-1", "web-2", "web-3"];
 

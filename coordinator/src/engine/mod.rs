@@ -432,6 +432,10 @@ fn crash_point(action: &Action) {
                     ..
                 },
         }) => rewind_shared::crash_point!("coordinator.after-decision"),
+        // Between an archive's confirmation and the pruning it allows.
+        Action::Propose(CommandKind::PruneAudit { .. }) => {
+            rewind_shared::crash_point!("coordinator.before-audit-prune")
+        }
         _ => {}
     }
 }

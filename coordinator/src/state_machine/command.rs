@@ -238,6 +238,26 @@ pub enum CommandKind {
         target: String,
         reason: String,
     },
+    /// An admin confirms that the export of audit entries `first..=through` (its manifest hash)
+    /// is archived outside the cluster: retention may then drop them (from version 5).
+    ConfirmAuditArchive {
+        first: u64,
+        through: u64,
+        manifest_hash: String,
+        reason: String,
+    },
+    /// The leader's audit retention drops the archived entries up to `through` (from version
+    /// 5).
+    PruneAudit {
+        through: u64,
+    },
+    /// An admin erases fields of a salted audit entry (a GDPR erasure); the chain still
+    /// verifies (from version 5).
+    RedactAudit {
+        index: u64,
+        fields: Vec<rewind_shared::audit::Field>,
+        reason: String,
+    },
     /// Travels in the context of a Raft conf change and is applied with it, never as a normal
     /// entry: the member registry and Raft's own membership change together.
     ChangeMembership {
@@ -515,6 +535,8 @@ impl CommandKind {
             | Self::SetClusterVersion { reason, .. }
             | Self::ForgetHost { reason, .. }
             | Self::RecordRefusal { reason, .. }
+            | Self::ConfirmAuditArchive { reason, .. }
+            | Self::RedactAudit { reason, .. }
             | Self::ChangeMembership { reason, .. } => reason,
             Self::RegisterHost { .. }
             | Self::PutService { .. }
@@ -529,7 +551,8 @@ impl CommandKind {
             | Self::RecordOfflineHealth { .. }
             | Self::EscalationDelivered { .. }
             | Self::UseJoinToken { .. }
-            | Self::CertificateRenewed { .. } => "",
+            | Self::CertificateRenewed { .. }
+            | Self::PruneAudit { .. } => "",
         }
     }
 
@@ -573,6 +596,9 @@ impl CommandKind {
             Self::UseJoinToken { .. } => "join-token.use",
             Self::RevokeJoinToken { .. } => "join-token.revoke",
             Self::CertificateRenewed { .. } => "certificate.renew",
+            Self::ConfirmAuditArchive { .. } => "audit.archived",
+            Self::PruneAudit { .. } => "audit.prune",
+            Self::RedactAudit { .. } => "audit.redact",
             Self::ChangeMembership { change, .. } => match change {
                 MembershipChange::AddLearner => "cluster.add-learner",
                 MembershipChange::Promote => "cluster.promote",

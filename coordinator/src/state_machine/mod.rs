@@ -48,7 +48,7 @@ pub fn apply_checked(
     outcome
 }
 
-pub use audit::{AuditEntry, AuditLog, AuditVerification};
+pub use audit::{AuditEntry, AuditLog, AuditRetention, AuditVerification};
 pub use command::{
     AutoTrigger, Command, CommandKind, DecideRequest, MembershipChange, Outcome, RollbackAction,
     StartChange, StartRollback, StepTarget,

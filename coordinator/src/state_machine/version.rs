@@ -43,6 +43,11 @@ pub const DRILL_REASON_AUDITED: u32 = 4;
 /// that an identity or a reason can be redacted and the chain still verifies.
 pub const SALTED_AUDIT: u32 = 5;
 
+/// From this version an admin can confirm an audit export archived, the leader's retention
+/// drops archived entries (the log then starts from the last one's hash), and an admin can
+/// redact a field of a salted entry in the cluster.
+pub const AUDIT_ARCHIVE: u32 = 5;
+
 /// What each version brought, for `rewindctl cluster version` and the README.
 pub const CHANGES: &[(u32, &str)] = &[
     (1, "the log as released before cluster versions"),
@@ -71,7 +76,8 @@ pub const CHANGES: &[(u32, &str)] = &[
         5,
         "audit entries commit to each field through a random salt the proposer chose, and keep \
          the reason in a field of its own, so an identity or a reason can be redacted (in an \
-         export) while the chain still verifies",
+         export or in the cluster) while the chain still verifies; confirmed audit archives, and \
+         a retention that drops archived entries only",
     ),
 ];
 

@@ -32,6 +32,32 @@ pub enum AuditCommand {
         #[arg(long = "file", value_name = "FILE")]
         files: Vec<PathBuf>,
     },
+    /// Confirm that an export is archived outside the cluster (admin): with `[audit]
+    /// retain-days` or `retain-entries` set, the cluster may then drop the entries it covers,
+    /// and only those. The cluster checks the manifest hash against its own entries.
+    Archived {
+        /// The export's last index (its manifest's `last_index`).
+        #[arg(long, value_name = "ID")]
+        through: u64,
+        /// The export's manifest hash (`manifest_hash` in FILE.manifest.json).
+        #[arg(long, value_name = "H")]
+        manifest_hash: String,
+        /// Where the archive is kept (required: audited).
+        #[arg(long)]
+        reason: String,
+    },
+    /// Erase fields of an audit entry in the cluster (admin; a GDPR erasure). The chain still
+    /// verifies. Entries written before cluster version 5 cannot be redacted.
+    Redact {
+        /// The entry's index.
+        index: u64,
+        /// Fields to erase: identity, reason (also target, outcome, action).
+        #[arg(long, value_delimiter = ',', required = true)]
+        fields: Vec<String>,
+        /// The erasure request this answers (required: audited).
+        #[arg(long)]
+        reason: String,
+    },
     /// Write a range of the audit log to FILE (JSON lines) and FILE.manifest.json (the range,
     /// the hashes at both ends, counts). Verify it with `rewindctl audit verify --file FILE`;
     /// continue the series with `--after` the manifest's last index.
@@ -128,6 +154,65 @@ pub(crate) async fn audit(
             }
             export(client, format, request, &out, redact).await
         }
+        AuditCommand::Archived {
+            through,
+            manifest_hash,
+            reason,
+        } => {
+            let verification = client
+                .confirm_audit_archive(pb::ConfirmAuditArchiveRequest {
+                    request_id: client::request_id(),
+                    through_index: through,
+                    manifest_hash,
+                    reason,
+                })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            if format == Format::Json {
+                json(&verification)?;
+            } else {
+                say!(
+                    "archived through entry {}; the cluster holds entries {}..{}",
+                    verification.archived_through,
+                    verification.first_index,
+                    verification.first_index + verification.entries.saturating_sub(1)
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditCommand::Redact {
+            index,
+            fields,
+            reason,
+        } => {
+            let entry = client
+                .redact_audit(pb::RedactAuditRequest {
+                    request_id: client::request_id(),
+                    index,
+                    fields,
+                    reason,
+                })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            if format == Format::Json {
+                json(&entry)?;
+            } else {
+                let mut erased: Vec<&String> = entry.redacted.keys().collect();
+                erased.sort();
+                say!(
+                    "entry {} now keeps only the salted hash of: {}",
+                    entry.index,
+                    erased
+                        .iter()
+                        .map(|name| name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         AuditCommand::Verify { .. } => {
             let verification = client
                 .verify_audit(pb::VerifyAuditRequest {})
@@ -142,6 +227,17 @@ pub(crate) async fn audit(
                     verification.entries,
                     verification.head_hash
                 );
+                if verification.first_index > 1 {
+                    say!(
+                        "entries before {} were archived and dropped; the chain goes on from {} \
+                         (the archive's last hash)",
+                        verification.first_index,
+                        verification.anchor_hash
+                    );
+                }
+                if verification.archived_through > 0 {
+                    say!("archived through entry {}", verification.archived_through);
+                }
             } else {
                 say!(
                     "audit chain BROKEN at entry {}: {}",

@@ -11,15 +11,16 @@ use tonic::{Request, Response, Status};
 
 use super::Control;
 use crate::api::convert;
+use crate::api::gate::caller;
 use crate::api::status::invalid;
-use crate::api::validate::{PageRequest, one_page};
-use crate::state_machine::AuditEntry;
+use crate::api::validate::{PageRequest, one_page, required_reason};
+use crate::state_machine::{AuditEntry, AuditLog, AuditVerification, CommandKind};
 
 pub(super) type ExportStream =
     Pin<Box<dyn Stream<Item = Result<pb::ExportAuditResponse, Status>> + Send>>;
 
 /// Entries per message of an export: a few hundred KiB at most, well inside gRPC's 4 MiB.
-const EXPORT_CHUNK: usize = 256;
+const EXPORT_CHUNK: u64 = 256;
 
 pub(super) async fn list_audit(
     control: &Control,
@@ -46,9 +47,8 @@ pub(super) async fn list_audit(
             )
         })?,
     };
-    let skip = usize::try_from(first.saturating_sub(1)).unwrap_or(usize::MAX);
     let (entries, next_page_token) = control.context.node.read(|state| {
-        let entries = state.audit.entries().iter().skip(skip);
+        let entries = state.audit.from_index(first).iter();
         let entries = entries.map(|entry| convert::audit_entry(entry));
         one_page(size, entries, |last| (last.index + 1).to_string())
     });
@@ -64,13 +64,117 @@ pub(super) async fn verify_audit(
 ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
     control.context.current().await?;
     let verification = control.context.node.read(|state| state.audit.verify());
-    Ok(Response::new(pb::VerifyAuditResponse {
+    Ok(Response::new(verification_message(verification)))
+}
+
+fn verification_message(verification: AuditVerification) -> pb::VerifyAuditResponse {
+    pb::VerifyAuditResponse {
         ok: verification.first_broken.is_none(),
         entries: verification.entries,
         first_broken_index: verification.first_broken.unwrap_or(0),
         detail: verification.detail,
         head_hash: verification.head_hash,
-    }))
+        first_index: verification.first_index,
+        anchor_hash: verification.anchor_hash,
+        archived_through: verification.archived_through,
+    }
+}
+
+pub(super) async fn confirm_audit_archive(
+    control: &Control,
+    request: Request<pb::ConfirmAuditArchiveRequest>,
+) -> Result<Response<pb::VerifyAuditResponse>, Status> {
+    let identity = caller(&request)?.id();
+    let request = request.into_inner();
+    required_reason(
+        &request.reason,
+        "say where the archive is kept: it goes into the audit log",
+    )?;
+    let manifest_hash = request.manifest_hash.trim().to_ascii_lowercase();
+    if manifest_hash.len() != 64 || !manifest_hash.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(invalid(
+            "manifest_hash",
+            "not a manifest hash (64 hex digits, the manifest's manifest_hash)",
+        ));
+    }
+    let through = request.through_index;
+    control.context.current().await?;
+    // Which entry the export starts at: the cluster checks the hash against its own entries.
+    let first = control
+        .context
+        .node
+        .read(|state| state.audit.find_export_start(through, &manifest_hash));
+    let Some(first) = first else {
+        return Err(Status::failed_precondition(format!(
+            "no export of this cluster's audit entries that ends at entry {through} and \
+             continues what is archived has manifest hash {manifest_hash}: it is of another \
+             range or chain, was altered, or leaves a gap after the last confirmed archive"
+        )));
+    };
+    let kind = CommandKind::ConfirmAuditArchive {
+        first,
+        through,
+        manifest_hash,
+        reason: request.reason,
+    };
+    let verification = control
+        .context
+        .propose_and_read(&identity, &request.request_id, kind, |state, _| {
+            state.audit.verify()
+        })
+        .await?;
+    Ok(Response::new(verification_message(verification)))
+}
+
+pub(super) async fn redact_audit(
+    control: &Control,
+    request: Request<pb::RedactAuditRequest>,
+) -> Result<Response<pb::AuditEntry>, Status> {
+    let identity = caller(&request)?.id();
+    let request = request.into_inner();
+    required_reason(
+        &request.reason,
+        "say why (the erasure request it answers): it goes into the audit log",
+    )?;
+    if request.fields.is_empty() || request.fields.len() > Field::ALL.len() {
+        return Err(invalid(
+            "fields",
+            format!("name one to {} fields to erase", Field::ALL.len()),
+        ));
+    }
+    let mut fields = Vec::new();
+    for name in &request.fields {
+        let field = Field::parse(name.trim()).ok_or_else(|| {
+            invalid(
+                "fields",
+                format!(
+                    "{name:?} is not a field of an audit entry (identity, action, target, \
+                     outcome, reason)"
+                ),
+            )
+        })?;
+        if !fields.contains(&field) {
+            fields.push(field);
+        }
+    }
+    let index = request.index;
+    let kind = CommandKind::RedactAudit {
+        index,
+        fields,
+        reason: request.reason,
+    };
+    let entry = control
+        .context
+        .propose_and_read(&identity, &request.request_id, kind, |state, _| {
+            state
+                .audit
+                .get(index)
+                .map(|entry| convert::audit_entry(entry))
+        })
+        .await?;
+    entry
+        .map(Response::new)
+        .ok_or_else(|| Status::not_found(format!("audit entry {index} is no longer held")))
 }
 
 /// What an export request asks for, checked.
@@ -118,23 +222,24 @@ fn export_range(request: &pb::ExportAuditRequest) -> Result<ExportRange, Status>
     })
 }
 
-/// Positions (from 0) of the run of entries `range` selects: after `after_index`, from the first
-/// written at or after `since_ms`, up to the first written at or after `until_ms`. One run of
-/// consecutive entries even if a leader's clock stepped back, so it verifies as a chain.
-fn select(entries: &[Arc<AuditEntry>], range: &ExportRange) -> std::ops::Range<usize> {
-    let after = usize::try_from(range.after_index)
-        .unwrap_or(usize::MAX)
-        .min(entries.len());
-    let start = entries[after..]
+/// The indexes (`start..end`) of the run of entries `range` selects among those held: after
+/// `after_index`, from the first written at or after `since_ms`, up to the first written at or
+/// after `until_ms`. One run of consecutive entries even if a leader's clock stepped back, so
+/// it verifies as a chain.
+fn select(log: &AuditLog, range: &ExportRange) -> std::ops::Range<u64> {
+    let held = log.from_index(range.after_index.saturating_add(1));
+    let end_of_log = log.next_index();
+    let start = held
         .iter()
-        .position(|entry| entry.at_ms >= range.since_ms)
-        .map_or(entries.len(), |offset| after + offset);
+        .find(|entry| entry.at_ms >= range.since_ms)
+        .map_or(end_of_log, |entry| entry.index);
     let end = match range.until_ms {
-        0 => entries.len(),
-        until => entries[start..]
+        0 => end_of_log,
+        until => log
+            .from_index(start)
             .iter()
-            .position(|entry| entry.at_ms >= until)
-            .map_or(entries.len(), |offset| start + offset),
+            .find(|entry| entry.at_ms >= until)
+            .map_or(end_of_log, |entry| entry.index),
     };
     start..end
 }
@@ -167,21 +272,32 @@ pub(super) async fn export_audit(
     let range = export_range(request.get_ref())?;
     control.context.current().await?;
     // The range is fixed here: entries appended while the export streams belong to the next.
-    let positions = control.context.node.read(|state| {
-        let entries = state.audit.entries();
-        let positions = select(entries, &range);
-        redactable(&entries[positions.clone()], &range.redact).map(|()| positions)
+    let indexes = control.context.node.read(|state| {
+        let indexes = select(&state.audit, &range);
+        let selected = state.audit.from_index(indexes.start);
+        let selected = &selected[..selected.len().min((indexes.end - indexes.start) as usize)];
+        redactable(selected, &range.redact).map(|()| indexes)
     })?;
     let context = control.context.clone();
     let (sender, receiver) = tokio::sync::mpsc::channel(4);
     tokio::spawn(async move {
-        let mut next = positions.start;
-        while next < positions.end {
-            let chunk_end = (next + EXPORT_CHUNK).min(positions.end);
+        let mut next = indexes.start;
+        while next < indexes.end {
+            let chunk_end = (next + EXPORT_CHUNK).min(indexes.end);
             // Shared entries: the read lock is held only to copy pointers.
-            let chunk: Vec<Arc<AuditEntry>> = context
-                .node
-                .read(|state| state.audit.entries()[next..chunk_end].to_vec());
+            let chunk: Option<Vec<Arc<AuditEntry>>> = context.node.read(|state| {
+                let held = state.audit.from_index(next);
+                let chunk = &held[..held.len().min((chunk_end - next) as usize)];
+                (chunk.first().map(|entry| entry.index) == Some(next)).then(|| chunk.to_vec())
+            });
+            let Some(chunk) = chunk else {
+                let gone = Status::failed_precondition(format!(
+                    "audit entry {next} was dropped by retention while the export ran: export \
+                     again from after the archive that covers it"
+                ));
+                let _ = sender.send(Err(gone)).await;
+                return;
+            };
             let entries = chunk
                 .iter()
                 .map(|entry| {
@@ -261,14 +377,13 @@ mod tests {
     fn a_range_is_one_run_of_consecutive_entries() {
         // The fourth entry's leader clock stepped back.
         let log = log(&[10, 20, 30, 25, 40, 50]);
-        let entries = log.entries();
-        assert_eq!(select(entries, &range(0, 0, 0)), 0..6);
-        assert_eq!(select(entries, &range(2, 0, 0)), 2..6);
-        assert_eq!(select(entries, &range(0, 20, 40)), 1..4);
+        assert_eq!(select(&log, &range(0, 0, 0)), 1..7);
+        assert_eq!(select(&log, &range(2, 0, 0)), 3..7);
+        assert_eq!(select(&log, &range(0, 20, 40)), 2..5);
         // Past the end, or nothing at or after since: empty, not a panic.
-        assert!(select(entries, &range(9, 0, 0)).is_empty());
-        assert!(select(entries, &range(0, 60, 0)).is_empty());
-        assert_eq!(select(entries, &range(3, 0, 45)), 3..5);
+        assert!(select(&log, &range(9, 0, 0)).is_empty());
+        assert!(select(&log, &range(0, 60, 0)).is_empty());
+        assert_eq!(select(&log, &range(3, 0, 45)), 4..6);
     }
 
     #[test]

@@ -346,6 +346,20 @@ impl ControlService for Control {
         audit::verify_audit(self, request).await
     }
 
+    async fn confirm_audit_archive(
+        &self,
+        request: Request<pb::ConfirmAuditArchiveRequest>,
+    ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
+        audit::confirm_audit_archive(self, request).await
+    }
+
+    async fn redact_audit(
+        &self,
+        request: Request<pb::RedactAuditRequest>,
+    ) -> Result<Response<pb::AuditEntry>, Status> {
+        audit::redact_audit(self, request).await
+    }
+
     type ExportAuditStream = audit::ExportStream;
 
     async fn export_audit(

@@ -463,11 +463,67 @@ fn apply_kind(state: &mut State, command: &Command) -> Result<(Outcome, String, 
             command.identity.clone(),
             format!("ok: valid until {not_after_s} s"),
         )),
+        CommandKind::ConfirmAuditArchive {
+            first,
+            through,
+            manifest_hash,
+            reason,
+        } => {
+            version::require(state, version::AUDIT_ARCHIVE, "audit archive confirmations")?;
+            state
+                .audit
+                .confirm_archive(*first, *through, manifest_hash)
+                .map_err(|why| audit_refused("archive confirmation", why))?;
+            Ok((
+                Outcome::Done,
+                format!("audit/{first}..{through}"),
+                format!("ok: archived through {through}, manifest {manifest_hash}: {reason}"),
+            ))
+        }
+        CommandKind::PruneAudit { through } => {
+            version::require(state, version::AUDIT_ARCHIVE, "audit retention")?;
+            let first = state.audit.first_index();
+            let pruned = state
+                .audit
+                .prune_through(*through)
+                .map_err(|why| audit_refused("prune", why))?;
+            Ok((
+                Outcome::Done,
+                format!("audit/{first}..{through}"),
+                format!(
+                    "ok: {pruned} archived entries dropped; the chain goes on from entry {through}'s hash"
+                ),
+            ))
+        }
+        CommandKind::RedactAudit {
+            index,
+            fields,
+            reason,
+        } => {
+            version::require(state, version::AUDIT_ARCHIVE, "audit redaction")?;
+            state
+                .audit
+                .redact(*index, fields)
+                .map_err(|why| audit_refused("redaction", why))?;
+            let names: Vec<&str> = fields.iter().map(|field| field.name()).collect();
+            Ok((
+                Outcome::Done,
+                format!("audit/{index}"),
+                format!("ok: {} erased: {reason}", names.join(", ")),
+            ))
+        }
         // Refused by apply(); kept exhaustive so a new kind is not forgotten here.
         CommandKind::ChangeMembership { .. } => Err(CoordinatorError::invalid(
             "command",
             "a membership change travels only as a Raft configuration change",
         )),
+    }
+}
+
+fn audit_refused(what: &str, why: String) -> CoordinatorError {
+    CoordinatorError::AuditRefused {
+        what: what.to_string(),
+        why,
     }
 }
 

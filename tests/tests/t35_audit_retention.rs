@@ -1,0 +1,218 @@
+//! Audit retention on a real coordinator: nothing is dropped before an export covering it is
+//! confirmed, a confirmation that does not match the cluster's chain is refused, a crash
+//! between the confirmation and the pruning loses nothing, and after pruning the archive and
+//! the cluster's entries verify as one chain. An entry is redacted in the cluster too.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rewind_proto::v1 as pb;
+use rewind_tests::{Coordinator, plain_service};
+
+fn text(output: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+fn must_ctl(coordinator: &Coordinator, args: &[&str]) -> String {
+    let output = coordinator.rewindctl(args);
+    assert!(output.status.success(), "{args:?}: {}", text(&output));
+    text(&output)
+}
+
+fn manifest(file: &Path) -> serde_json::Value {
+    serde_json::from_str(
+        &std::fs::read_to_string(format!("{}.manifest.json", file.display())).unwrap(),
+    )
+    .unwrap()
+}
+
+async fn must_verify(
+    client: &mut rewind_proto::v1::control_service_client::ControlServiceClient<
+        tonic::transport::Channel,
+    >,
+) -> pb::VerifyAuditResponse {
+    let verification = client
+        .verify_audit(pb::VerifyAuditRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(verification.ok, "{verification:?}");
+    verification
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn archived_entries_alone_leave_and_the_chain_verifies_across_the_gap() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut coordinator = Coordinator::must_start_with(
+        &dir.path().join("coordinator"),
+        "[audit]\nretain-entries = 3\n",
+    );
+    let mut client = coordinator.must_client().await;
+    for number in 0..10 {
+        client
+            .put_service(pb::PutServiceRequest {
+                request_id: format!("svc-{number}"),
+                service: Some(plain_service(&format!("svc-{number}"))),
+            })
+            .await
+            .unwrap();
+    }
+    // Retention is on, but nothing is archived: everything stays.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(must_verify(&mut client).await.first_index, 1);
+
+    let archive = dir.path().join("archive.jsonl");
+    must_ctl(
+        &coordinator,
+        &["audit", "export", "--out", archive.to_str().unwrap()],
+    );
+    let archived = manifest(&archive);
+    let through = archived["last_index"].as_u64().unwrap();
+    let hash = archived["manifest_hash"].as_str().unwrap().to_string();
+
+    // A hash that is not this export's, and one past what exists, are refused.
+    for (through, hash) in [(through, "ab".repeat(32)), (through + 100, hash.clone())] {
+        let output = coordinator.rewindctl(&[
+            "audit",
+            "archived",
+            "--through",
+            &through.to_string(),
+            "--manifest-hash",
+            &hash,
+            "--reason",
+            "s3://audit/2026",
+        ]);
+        assert!(!output.status.success(), "{}", text(&output));
+        assert!(text(&output).contains("manifest hash"), "{}", text(&output));
+    }
+    assert_eq!(must_verify(&mut client).await.archived_through, 0);
+
+    // Confirmed with a crash point armed before the pruning: the coordinator dies there.
+    coordinator.must_restart_with_failpoints("coordinator.before-audit-prune");
+    // The engine may reach its crash point before the answer is sent: the answer is not what
+    // this checks, the confirmation's survival is.
+    let _ = coordinator.rewindctl(&[
+        "audit",
+        "archived",
+        "--through",
+        &through.to_string(),
+        "--manifest-hash",
+        &hash,
+        "--reason",
+        "s3://audit/2026",
+    ]);
+    coordinator.must_exit_within(Duration::from_secs(60));
+    // Back up: the confirmation held, and the pruning happens now.
+    coordinator.must_restart();
+    client = coordinator.must_client().await;
+    let mut verification = must_verify(&mut client).await;
+    for _ in 0..60 {
+        verification = must_verify(&mut client).await;
+        if verification.first_index > 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        verification.first_index > 1,
+        "never pruned: {verification:?}"
+    );
+    assert_eq!(verification.archived_through, through);
+    // Only archived entries went, and the cluster goes on from the archive's hash there.
+    let pruned_through = verification.first_index - 1;
+    assert!(pruned_through <= through, "{verification:?}");
+    let archive_lines: Vec<serde_json::Value> = std::fs::read_to_string(&archive)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(
+        archive_lines[pruned_through as usize - 1]["hash"],
+        verification.anchor_hash.as_str()
+    );
+    let shown = must_ctl(&coordinator, &["audit", "verify"]);
+    assert!(shown.contains("archived and dropped"), "{shown}");
+
+    // The archive and an export of what the cluster holds after it verify as one chain.
+    let rest = dir.path().join("rest.jsonl");
+    must_ctl(
+        &coordinator,
+        &[
+            "audit",
+            "export",
+            "--out",
+            rest.to_str().unwrap(),
+            "--after",
+            &through.to_string(),
+        ],
+    );
+    let output = std::process::Command::new(rewind_tests::must_binary("rewindctl"))
+        .args(["--coordinator", "127.0.0.1:9", "audit", "verify"])
+        .arg("--file")
+        .arg(&archive)
+        .arg("--file")
+        .arg(&rest)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", text(&output));
+    // An export from the start now begins where the cluster does, from the archive's hash.
+    let held = dir.path().join("held.jsonl");
+    must_ctl(
+        &coordinator,
+        &["audit", "export", "--out", held.to_str().unwrap()],
+    );
+    assert_eq!(manifest(&held)["first_index"], verification.first_index);
+    assert_eq!(
+        manifest(&held)["anchor_hash"],
+        verification.anchor_hash.as_str()
+    );
+
+    // A GDPR erasure in the cluster: the entry keeps only the salted hashes, and the chain
+    // still verifies.
+    let newest = rewind_tests::must_list_audit(&client).await;
+    let entry = newest
+        .iter()
+        .rev()
+        .find(|entry| entry.format == 2 && !entry.identity.is_empty())
+        .expect("a salted entry")
+        .clone();
+    let said = must_ctl(
+        &coordinator,
+        &[
+            "audit",
+            "redact",
+            &entry.index.to_string(),
+            "--fields",
+            "identity,reason",
+            "--reason",
+            "erasure request 77",
+        ],
+    );
+    assert!(said.contains("identity, reason"), "{said}");
+    let after = rewind_tests::must_list_audit(&client).await;
+    let redacted = after
+        .iter()
+        .find(|listed| listed.index == entry.index)
+        .unwrap();
+    assert!(
+        redacted.identity.is_empty() && redacted.reason.is_empty(),
+        "{redacted:?}"
+    );
+    assert_eq!(redacted.hash, entry.hash);
+    must_verify(&mut client).await;
+    // Refused: an entry the cluster no longer holds.
+    let output = coordinator.rewindctl(&[
+        "audit",
+        "redact",
+        "1",
+        "--fields",
+        "identity",
+        "--reason",
+        "erasure request 78",
+    ]);
+    assert!(!output.status.success(), "{}", text(&output));
+}
