@@ -19,6 +19,10 @@ pub enum CoordinatorError {
     UnknownChange { change_id: String, known: String },
     #[error("no rollback {rollback_id}: known rollbacks are {known}")]
     UnknownRollback { rollback_id: String, known: String },
+    #[error("no incident {incident_id}: each rollback opens one (in-N for rb-N); known: {known}")]
+    UnknownIncident { incident_id: String, known: String },
+    #[error("incident {incident_id}: {why}")]
+    IncidentRefused { incident_id: String, why: String },
     #[error("no host {host_id} is registered")]
     UnknownHost { host_id: String },
     #[error("host {host_id} cannot be forgotten: it is in {by}")]
@@ -147,6 +151,8 @@ impl CoordinatorError {
             Self::UnknownRelease { .. } => "unknown_release",
             Self::UnknownChange { .. } => "unknown_change",
             Self::UnknownRollback { .. } => "unknown_rollback",
+            Self::UnknownIncident { .. } => "unknown_incident",
+            Self::IncidentRefused { .. } => "incident_refused",
             Self::UnknownHost { .. } => "unknown_host",
             Self::HostWithoutService { .. } => "host_without_service",
             Self::HostInUse { .. } => "host_in_use",

@@ -64,6 +64,10 @@ pub enum Command {
     /// Rollbacks of changes.
     #[command(subcommand)]
     Rollback(RollbackCommand),
+    /// Incidents: each rollback as one (in-N for rb-N), with times, timeline, notes and its
+    /// root-cause analysis.
+    #[command(subcommand)]
+    Incident(crate::cmd::incident::IncidentCommand),
     /// Feature flags per environment and service, pushed to agents' flags files.
     #[command(subcommand)]
     Flag(crate::flags::FlagCommand),
@@ -201,6 +205,7 @@ async fn execute(
         Command::Change(command) => crate::cmd::change::change(client, format, command).await,
         Command::Rollback(command) => crate::cmd::rollback::rollback(client, format, command).await,
         Command::Audit(command) => crate::cmd::audit::audit(client, format, command).await,
+        Command::Incident(command) => crate::cmd::incident::incident(client, format, command).await,
         Command::Trigger(command) => crate::cmd::trigger::trigger(client, format, command).await,
         Command::Flag(command) => crate::flags::run(client, format, command).await,
         Command::Access(command) => crate::access::run(client, format, command).await,

@@ -422,6 +422,40 @@ async fn run_loop(
         audit.entries,
         audit.head_hash
     );
+    let incident_id = rollback_id.replacen("rb-", "in-", 1);
+    let incident = client
+        .get_incident(pb::GetIncidentRequest {
+            incident_id: incident_id.clone(),
+        })
+        .await
+        .map_err(explain)?
+        .into_inner();
+    ensure!(
+        incident.recovered_at_ms == rollback.finished_at_ms
+            && incident.detected_at_ms >= incident.impact_started_at_ms
+            && incident.mitigated_at_ms >= incident.detected_at_ms
+            && incident.mitigated_at_ms <= incident.recovered_at_ms
+            && incident
+                .timeline
+                .iter()
+                .any(|event| event.action == "rollback.start"),
+        "incident {incident_id} does not tell the rollback as it happened: {incident:?}"
+    );
+    let after = |at_ms: u64| {
+        format!(
+            "{:.1} s",
+            at_ms.saturating_sub(incident.impact_started_at_ms) as f64 / 1000.0
+        )
+    };
+    say!(
+        "Incident {incident_id}: detected after {}, mitigated after {} ({}), recovered after {}; \
+         {} timeline events (rewindctl incident export {incident_id})",
+        after(incident.detected_at_ms),
+        after(incident.mitigated_at_ms),
+        incident.mitigated_by,
+        after(incident.recovered_at_ms),
+        incident.timeline.len()
+    );
     say!(
         "The demo stops its processes now. To look around afterwards:\n  rewind-coordinator --dev --data-dir {} --listen 127.0.0.1:7443 &\n  rewindctl --tls-dir {} audit list",
         coordinator_dir.display(),

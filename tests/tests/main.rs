@@ -36,3 +36,4 @@ mod t32_bad_files;
 mod t33_cluster_version;
 mod t34_audit_export;
 mod t35_audit_retention;
+mod t36_incidents;

@@ -29,6 +29,9 @@ fn the_demo_rolls_back_for_real_and_its_processes_log_json_with_the_rollback_id(
         "rollback rb-1 succeeded",
         "service health back to baseline",
         "hash chain intact",
+        // The demo checks the incident's times and timeline against the rollback itself.
+        "Incident in-1: detected after",
+        "rewindctl incident export in-1",
     ] {
         assert!(stdout.contains(expected), "{expected:?} in:\n{stdout}");
     }

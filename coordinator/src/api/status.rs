@@ -16,6 +16,7 @@ pub fn to_status(error: CoordinatorError) -> Status {
         | CoordinatorError::UnknownRelease { .. }
         | CoordinatorError::UnknownChange { .. }
         | CoordinatorError::UnknownRollback { .. }
+        | CoordinatorError::UnknownIncident { .. }
         | CoordinatorError::UnknownHost { .. }
         | CoordinatorError::UnknownStep { .. }
         | CoordinatorError::UnknownRequest { .. }
@@ -36,6 +37,7 @@ pub fn to_status(error: CoordinatorError) -> Status {
         | CoordinatorError::Incompatible { .. }
         | CoordinatorError::RequestRefused { .. }
         | CoordinatorError::AuditRefused { .. }
+        | CoordinatorError::IncidentRefused { .. }
         | CoordinatorError::StepNotRunning { .. }
         | CoordinatorError::StepNotStartable { .. }
         | CoordinatorError::NeedsClusterVersion { .. }

@@ -258,6 +258,19 @@ pub enum CommandKind {
         fields: Vec<rewind_shared::audit::Field>,
         reason: String,
     },
+    /// A note on incident `incident` (the incident of that rollback), from version 5.
+    NoteIncident {
+        incident: u64,
+        text: String,
+    },
+    /// Closes an incident with its root-cause analysis, from version 5. Its action items and
+    /// lessons (the analysis's bullets under those headings) are kept for the runbook.
+    CloseIncident {
+        incident: u64,
+        rca_markdown: String,
+        action_items: Vec<String>,
+        lessons: Vec<String>,
+    },
     /// Travels in the context of a Raft conf change and is applied with it, never as a normal
     /// entry: the member registry and Raft's own membership change together.
     ChangeMembership {
@@ -552,7 +565,9 @@ impl CommandKind {
             | Self::EscalationDelivered { .. }
             | Self::UseJoinToken { .. }
             | Self::CertificateRenewed { .. }
-            | Self::PruneAudit { .. } => "",
+            | Self::PruneAudit { .. }
+            | Self::NoteIncident { .. }
+            | Self::CloseIncident { .. } => "",
         }
     }
 
@@ -599,6 +614,8 @@ impl CommandKind {
             Self::ConfirmAuditArchive { .. } => "audit.archived",
             Self::PruneAudit { .. } => "audit.prune",
             Self::RedactAudit { .. } => "audit.redact",
+            Self::NoteIncident { .. } => "incident.note",
+            Self::CloseIncident { .. } => "incident.close",
             Self::ChangeMembership { change, .. } => match change {
                 MembershipChange::AddLearner => "cluster.add-learner",
                 MembershipChange::Promote => "cluster.promote",

@@ -24,7 +24,7 @@ mod schema_test;
 
 pub use apply::{
     COORDINATOR_IDENTITY, apply, apply_membership, current_version, unknown_change,
-    unknown_rollback,
+    unknown_incident, unknown_rollback,
 };
 /// `apply()`, checking that from cluster version 3 it never plans (the leader has).
 #[cfg(test)]

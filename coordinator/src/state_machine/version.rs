@@ -48,6 +48,9 @@ pub const SALTED_AUDIT: u32 = 5;
 /// redact a field of a salted entry in the cluster.
 pub const AUDIT_ARCHIVE: u32 = 5;
 
+/// From this version notes and root-cause analyses are recorded on incidents.
+pub const INCIDENTS: u32 = 5;
+
 /// What each version brought, for `rewindctl cluster version` and the README.
 pub const CHANGES: &[(u32, &str)] = &[
     (1, "the log as released before cluster versions"),
@@ -77,7 +80,7 @@ pub const CHANGES: &[(u32, &str)] = &[
         "audit entries commit to each field through a random salt the proposer chose, and keep \
          the reason in a field of its own, so an identity or a reason can be redacted (in an \
          export or in the cluster) while the chain still verifies; confirmed audit archives, and \
-         a retention that drops archived entries only",
+         a retention that drops archived entries only; incident notes and root-cause analyses",
     ),
 ];
 

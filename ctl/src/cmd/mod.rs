@@ -4,6 +4,7 @@ pub mod audit;
 pub mod change;
 pub mod cluster;
 pub mod fleet;
+pub mod incident;
 pub mod release;
 pub mod rollback;
 pub mod service;

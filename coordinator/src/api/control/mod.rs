@@ -28,6 +28,7 @@ mod audit;
 mod changes;
 mod flags;
 mod hosts;
+mod incidents;
 mod rollbacks;
 mod schema;
 mod services;
@@ -344,6 +345,34 @@ impl ControlService for Control {
         request: Request<pb::VerifyAuditRequest>,
     ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
         audit::verify_audit(self, request).await
+    }
+
+    async fn list_incidents(
+        &self,
+        request: Request<pb::ListIncidentsRequest>,
+    ) -> Result<Response<pb::ListIncidentsResponse>, Status> {
+        incidents::list_incidents(self, request).await
+    }
+
+    async fn get_incident(
+        &self,
+        request: Request<pb::GetIncidentRequest>,
+    ) -> Result<Response<pb::Incident>, Status> {
+        incidents::get_incident(self, request).await
+    }
+
+    async fn note_incident(
+        &self,
+        request: Request<pb::NoteIncidentRequest>,
+    ) -> Result<Response<pb::Incident>, Status> {
+        incidents::note_incident(self, request).await
+    }
+
+    async fn close_incident(
+        &self,
+        request: Request<pb::CloseIncidentRequest>,
+    ) -> Result<Response<pb::Incident>, Status> {
+        incidents::close_incident(self, request).await
     }
 
     async fn confirm_audit_archive(

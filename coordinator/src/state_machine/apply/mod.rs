@@ -15,6 +15,7 @@ use crate::errors::{CoordinatorError, known_list};
 use rewind_shared::audit::Record;
 
 mod change;
+mod incident;
 mod registry;
 mod rollback_control;
 mod rollback_settle;
@@ -24,6 +25,7 @@ mod step;
 mod trigger;
 
 use change::*;
+use incident::*;
 use registry::*;
 use rollback_control::*;
 use rollback_settle::*;
@@ -512,6 +514,24 @@ fn apply_kind(state: &mut State, command: &Command) -> Result<(Outcome, String, 
                 format!("ok: {} erased: {reason}", names.join(", ")),
             ))
         }
+        CommandKind::NoteIncident { incident, text } => {
+            version::require(state, version::INCIDENTS, "incident notes")?;
+            note_incident(state, *incident, &command.identity, text, at_ms)
+        }
+        CommandKind::CloseIncident {
+            incident,
+            rca_markdown,
+            action_items,
+            lessons,
+        } => {
+            version::require(state, version::INCIDENTS, "closing incidents")?;
+            let closure = Closure {
+                rca_markdown,
+                action_items,
+                lessons,
+            };
+            close_incident(state, *incident, &command.identity, closure, at_ms)
+        }
         // Refused by apply(); kept exhaustive so a new kind is not forgotten here.
         CommandKind::ChangeMembership { .. } => Err(CoordinatorError::invalid(
             "command",
@@ -541,6 +561,13 @@ pub fn unknown_change(state: &State, number: u64) -> CoordinatorError {
     CoordinatorError::UnknownChange {
         change_id: change_id(number),
         known: known_list(state.changes.keys().map(|&number| change_id(number))),
+    }
+}
+
+pub fn unknown_incident(state: &State, number: u64) -> CoordinatorError {
+    CoordinatorError::UnknownIncident {
+        incident_id: incident_id(number),
+        known: known_list(state.rollbacks.keys().map(|&number| incident_id(number))),
     }
 }
 

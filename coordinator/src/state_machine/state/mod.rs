@@ -12,6 +12,7 @@ use super::command::Outcome;
 
 mod change;
 mod fleet;
+mod incident;
 mod request_log;
 mod rollback;
 mod trigger;
@@ -19,6 +20,7 @@ mod trigger;
 pub use change::*;
 use fleet::is_zero;
 pub use fleet::*;
+pub use incident::*;
 pub use request_log::*;
 pub use rollback::*;
 pub use trigger::*;
@@ -116,6 +118,9 @@ pub struct State {
     /// versions existed, read as [`super::version::LEGACY`].
     #[serde(default, skip_serializing_if = "is_zero")]
     pub cluster_version: u32,
+    /// Notes and closures of incidents (from version 5), by rollback number.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub incidents: BTreeMap<u64, IncidentRecord>,
 }
 impl State {
     /// The cluster version in force.

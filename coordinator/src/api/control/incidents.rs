@@ -1,0 +1,431 @@
+//! Incidents: every rollback, automatic or manual, is one (`in-N` for `rb-N`). Its times,
+//! people and timeline are read from the rollback, its changes, triggers and escalations and
+//! the audit log; only what people add (notes, the root-cause analysis) is recorded for it.
+
+use std::collections::BTreeSet;
+
+use rewind_proto::v1 as pb;
+use tonic::{Request, Response, Status};
+
+use super::Control;
+use crate::api::gate::caller;
+use crate::api::status::{invalid, to_status};
+use crate::api::targets;
+use crate::api::validate::{PageRequest, one_page};
+use crate::state_machine::*;
+
+/// Most events an incident's timeline shows (the audit log has them all).
+const MAX_TIMELINE_EVENTS: usize = 1000;
+
+/// The incident of rollback `record`; `detailed` adds the timeline, notes and analysis.
+pub fn incident(state: &State, record: &RollbackRecord, detailed: bool) -> pb::Incident {
+    let number = record.number;
+    let changes: Vec<&ChangeRecord> = record
+        .changes
+        .iter()
+        .filter_map(|change| state.changes.get(change))
+        .collect();
+    let impact_started_at_ms = changes
+        .iter()
+        .map(|change| change.started_at_ms)
+        .min()
+        .unwrap_or(record.started_at_ms);
+    let alerts: Vec<&TriggerRecord> = state
+        .triggers
+        .iter()
+        .filter(|trigger| trigger.rollback == number)
+        .collect();
+    let request = state.approval_requests.get(&record.request);
+    // Detected when something asked for the rollback: an alert, a request, or the start.
+    let detected_at_ms = alerts
+        .iter()
+        .map(|alert| alert.at_ms)
+        .chain(request.map(|request| request.created_at_ms))
+        .chain([record.started_at_ms])
+        .min()
+        .unwrap_or(record.started_at_ms);
+    let events = if detected_at_ms > 0 {
+        timeline(state, record, impact_started_at_ms)
+    } else {
+        Vec::new()
+    };
+    let (mitigated_at_ms, mitigated_by) = mitigation(record, &events);
+    let recovered_at_ms = if record.status == RollbackStatus::Succeeded {
+        record.finished_at_ms
+    } else {
+        0
+    };
+    let mut hosts = BTreeSet::new();
+    for step in &record.steps {
+        hosts.insert(step.host_id.clone());
+    }
+    let mut operators = BTreeSet::new();
+    if is_person(&record.started_by) {
+        operators.insert(record.started_by.clone());
+    }
+    for event in &events {
+        if is_person(&event.identity) {
+            operators.insert(event.identity.clone());
+        }
+    }
+    let environments: BTreeSet<String> = changes
+        .iter()
+        .map(|change| change.environment.clone())
+        .collect();
+    let escalations = record
+        .escalations
+        .iter()
+        .filter_map(|id| state.escalations.get(id))
+        .map(|escalation| {
+            format!(
+                "wave {} of {}: {} ({})",
+                escalation.wave + 1,
+                escalation.service,
+                escalation.evidence,
+                if escalation.delivered {
+                    "delivered".to_string()
+                } else {
+                    format!("not delivered after {} attempts", escalation.attempts)
+                }
+            )
+        })
+        .collect();
+    let noted = state.incidents.get(&number);
+    let closed = noted.is_some_and(|noted| noted.closed_at_ms != 0);
+    let mut incident = pb::Incident {
+        incident_id: incident_id(number),
+        rollback_id: record.id(),
+        status: if closed { "closed" } else { "open" }.into(),
+        rollback_state: record.status.name().to_lowercase(),
+        trigger: record.trigger.name().to_lowercase(),
+        evidence: record.reason.clone(),
+        alerts: alerts
+            .iter()
+            .map(|alert| {
+                format!(
+                    "{} at {} ms: {}",
+                    alert.source.name().to_lowercase(),
+                    alert.at_ms,
+                    alert.reason
+                )
+            })
+            .collect(),
+        services: record.services.clone(),
+        environments: environments.into_iter().collect(),
+        change_ids: record
+            .changes
+            .iter()
+            .map(|&change| change_id(change))
+            .collect(),
+        hosts: hosts.into_iter().collect(),
+        impact_started_at_ms,
+        detected_at_ms,
+        mitigated_at_ms,
+        recovered_at_ms,
+        mitigated_by,
+        operators: operators.into_iter().collect(),
+        approvers: record.approved_by.clone(),
+        escalations,
+        closed_at_ms: noted.map_or(0, |noted| noted.closed_at_ms),
+        closed_by: noted
+            .map(|noted| noted.closed_by.clone())
+            .unwrap_or_default(),
+        action_items: noted
+            .map(|noted| noted.action_items.clone())
+            .unwrap_or_default(),
+        lessons: noted.map(|noted| noted.lessons.clone()).unwrap_or_default(),
+        ..pb::Incident::default()
+    };
+    if detailed {
+        incident.timeline = events;
+        if let Some(noted) = noted {
+            incident.notes = noted
+                .notes
+                .iter()
+                .map(|note| pb::IncidentNote {
+                    at_ms: note.at_ms,
+                    identity: note.identity.clone(),
+                    text: note.text.clone(),
+                })
+                .collect();
+            incident.rca_markdown = noted.rca_markdown.clone();
+        }
+    }
+    incident
+}
+
+/// People and automation, not hosts or the coordinator itself.
+fn is_person(identity: &str) -> bool {
+    identity.starts_with("user:") || identity.starts_with("automation:")
+}
+
+/// The audit entries about the rollback, its request, its changes and the flags of its services
+/// since the impact began, in order.
+fn timeline(state: &State, record: &RollbackRecord, since_ms: u64) -> Vec<pb::IncidentEvent> {
+    let rollback = record.id();
+    let rollback_steps = format!("{rollback}/");
+    let request = (record.request != 0).then(|| request_id(record.request));
+    let incident = incident_id(record.number);
+    let changes: Vec<String> = record
+        .changes
+        .iter()
+        .map(|&change| change_id(change))
+        .collect();
+    let about = |target: &str, action: &str, at_ms: u64| {
+        if target == rollback || target.starts_with(&rollback_steps) || target == incident {
+            return true;
+        }
+        if request.as_deref() == Some(target) {
+            return true;
+        }
+        if changes
+            .iter()
+            .any(|change| target == change || target.starts_with(&format!("{change}/")))
+        {
+            return true;
+        }
+        // A kill switch or flag of one of its services, from the impact on.
+        action.starts_with("flag.")
+            && at_ms >= since_ms
+            && target
+                .split('/')
+                .nth(1)
+                .is_some_and(|service| record.services.iter().any(|own| own == service))
+    };
+    state
+        .audit
+        .entries()
+        .iter()
+        .filter(|entry| entry.at_ms >= since_ms && about(&entry.target, &entry.action, entry.at_ms))
+        .take(MAX_TIMELINE_EVENTS)
+        .map(|entry| pb::IncidentEvent {
+            at_ms: entry.at_ms,
+            audit_index: entry.index,
+            identity: entry.identity.clone(),
+            action: entry.action.clone(),
+            target: entry.target.clone(),
+            outcome: entry.readable_outcome(),
+        })
+        .collect()
+}
+
+/// When the harm was first reduced, and by what: a flag turned back as the rollback started, a
+/// kill switch thrown, or the first host restored.
+fn mitigation(record: &RollbackRecord, events: &[pb::IncidentEvent]) -> (u64, String) {
+    let mut candidates: Vec<(u64, String)> = Vec::new();
+    if !record.flags_reverted.is_empty() {
+        candidates.push((
+            record.started_at_ms,
+            format!("flags turned back: {}", record.flags_reverted.join(", ")),
+        ));
+    }
+    if let Some(kill) = events.iter().find(|event| event.action == "flag.kill") {
+        candidates.push((kill.at_ms, format!("kill switch {}", kill.target)));
+    }
+    if let Some(step) = record
+        .steps
+        .iter()
+        .filter(|step| {
+            step.kind == RollbackStepKind::Restore && step.progress.status == StepStatus::Succeeded
+        })
+        .min_by_key(|step| step.progress.finished_at_ms)
+    {
+        candidates.push((
+            step.progress.finished_at_ms,
+            format!("{} restored on {}", step.service, step.host_id),
+        ));
+    }
+    candidates
+        .into_iter()
+        .min_by_key(|(at_ms, _)| *at_ms)
+        .unwrap_or_default()
+}
+
+/// The bullets under `## Action items` and `## Lessons` of a root-cause analysis.
+pub fn lessons_of(rca_markdown: &str) -> (Vec<String>, Vec<String>) {
+    let (mut action_items, mut lessons) = (Vec::new(), Vec::new());
+    let mut section: Option<&mut Vec<String>> = None;
+    for line in rca_markdown.lines() {
+        let trimmed = line.trim();
+        if let Some(heading) = trimmed.strip_prefix('#') {
+            let heading = heading.trim_start_matches('#').trim().to_ascii_lowercase();
+            section = match heading.as_str() {
+                "action items" => Some(&mut action_items),
+                "lessons" | "lessons learned" | "lessons learnt" => Some(&mut lessons),
+                _ => None,
+            };
+            continue;
+        }
+        let bullet = trimmed
+            .strip_prefix("- ")
+            .or_else(|| trimmed.strip_prefix("* "))
+            .map(|text| {
+                text.trim_start_matches("[ ] ")
+                    .trim_start_matches("[x] ")
+                    .trim()
+            });
+        if let (Some(section), Some(text)) = (section.as_deref_mut(), bullet)
+            && !text.is_empty()
+            && section.len() < MAX_LESSONS
+        {
+            section.push(rewind_shared::names::truncate(text, MAX_LESSON_BYTES).to_string());
+        }
+    }
+    (action_items, lessons)
+}
+
+fn parse_incident(text: &str) -> Result<u64, Status> {
+    crate::api::validate::parse_id("incident_id", "in", text)
+}
+
+/// Allows the caller's action on incident `number` as on its rollback (after a read barrier),
+/// or answers `NOT_FOUND` naming the incidents there are.
+async fn authorize_incident(
+    control: &Control,
+    caller: &crate::access::Caller,
+    number: u64,
+) -> Result<(), Status> {
+    control.context.current().await?;
+    let targets = control
+        .context
+        .node
+        .read(|state| targets::rollback(state, number));
+    control.context.authorize_found(caller, &targets, || {
+        control
+            .context
+            .node
+            .read(|state| to_status(unknown_incident(state, number)))
+    })
+}
+
+pub(super) async fn list_incidents(
+    control: &Control,
+    request: Request<pb::ListIncidentsRequest>,
+) -> Result<Response<pb::ListIncidentsResponse>, Status> {
+    let caller = caller(&request)?;
+    let request = request.into_inner();
+    let page = PageRequest::new(request.page_size, &request.page_token);
+    let (limit, before) = (page.size()?, page.before("in")?);
+    control.context.current().await?;
+    let (incidents, next_page_token) = control.context.node.read(|state| {
+        let older = state
+            .rollbacks
+            .range(..before)
+            .rev()
+            .filter(|(number, _)| caller.may_see(&targets::rollback(state, **number)))
+            .map(|(_, record)| incident(state, record, false));
+        one_page(limit, older, |incident| incident.incident_id.clone())
+    });
+    Ok(Response::new(pb::ListIncidentsResponse {
+        incidents,
+        next_page_token,
+    }))
+}
+
+pub(super) async fn get_incident(
+    control: &Control,
+    request: Request<pb::GetIncidentRequest>,
+) -> Result<Response<pb::Incident>, Status> {
+    let caller = caller(&request)?;
+    let number = parse_incident(&request.get_ref().incident_id)?;
+    authorize_incident(control, &caller, number).await?;
+    control.context.node.read(|state| {
+        state
+            .rollbacks
+            .get(&number)
+            .map(|record| Response::new(incident(state, record, true)))
+            .ok_or_else(|| Status::not_found(format!("no incident {}", incident_id(number))))
+    })
+}
+
+pub(super) async fn note_incident(
+    control: &Control,
+    request: Request<pb::NoteIncidentRequest>,
+) -> Result<Response<pb::Incident>, Status> {
+    let caller = caller(&request)?;
+    let request = request.into_inner();
+    let number = parse_incident(&request.incident_id)?;
+    let text = request.text.trim();
+    if text.is_empty() || text.len() > MAX_INCIDENT_NOTE_BYTES {
+        return Err(invalid(
+            "text",
+            format!(
+                "is {} bytes: a note says something, in at most {MAX_INCIDENT_NOTE_BYTES}",
+                text.len()
+            ),
+        ));
+    }
+    authorize_incident(control, &caller, number).await?;
+    let kind = CommandKind::NoteIncident {
+        incident: number,
+        text: text.to_string(),
+    };
+    answer(control, &caller.id(), &request.request_id, kind, number).await
+}
+
+pub(super) async fn close_incident(
+    control: &Control,
+    request: Request<pb::CloseIncidentRequest>,
+) -> Result<Response<pb::Incident>, Status> {
+    let caller = caller(&request)?;
+    let request = request.into_inner();
+    let number = parse_incident(&request.incident_id)?;
+    let rca = request.rca_markdown.trim();
+    if rca.is_empty() || rca.len() > MAX_RCA_BYTES {
+        return Err(invalid(
+            "rca_markdown",
+            format!(
+                "is {} bytes: an incident closes with its root-cause analysis (rewindctl \
+                 incident rca-template prints one), at most {MAX_RCA_BYTES}",
+                rca.len()
+            ),
+        ));
+    }
+    let (action_items, lessons) = lessons_of(rca);
+    authorize_incident(control, &caller, number).await?;
+    let kind = CommandKind::CloseIncident {
+        incident: number,
+        rca_markdown: rca.to_string(),
+        action_items,
+        lessons,
+    };
+    answer(control, &caller.id(), &request.request_id, kind, number).await
+}
+
+async fn answer(
+    control: &Control,
+    identity: &str,
+    request_id: &str,
+    kind: CommandKind,
+    number: u64,
+) -> Result<Response<pb::Incident>, Status> {
+    let incident = control
+        .context
+        .propose_and_read(identity, request_id, kind, |state, _| {
+            state
+                .rollbacks
+                .get(&number)
+                .map(|record| incident(state, record, true))
+        })
+        .await?;
+    incident
+        .map(Response::new)
+        .ok_or_else(|| Status::not_found(format!("no incident {}", incident_id(number))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn action_items_and_lessons_are_the_bullets_under_their_headings() {
+        let rca = "# RCA in-3\n## Summary\n- not this\n## Action items\n- [ ] add a canary \
+                   gate\n* page the owner\n\n## What went well\n- fast\n### Lessons\n- flags \
+                   first, then hosts\n-\n";
+        let (action_items, lessons) = lessons_of(rca);
+        assert_eq!(action_items, ["add a canary gate", "page the owner"]);
+        assert_eq!(lessons, ["flags first, then hosts"]);
+        let many = format!("## Lessons\n{}", "- again\n".repeat(80));
+        assert_eq!(lessons_of(&many).1.len(), MAX_LESSONS);
+    }
+}
