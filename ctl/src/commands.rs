@@ -159,8 +159,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo(args) => return crate::demo::run(args).await,
         Command::Cert(command) => return crate::join::run_cert(&cli.connect, command).await,
         // Offline: an export is verified with no cluster.
-        Command::Audit(AuditCommand::Verify { files }) if !files.is_empty() => {
-            return crate::cmd::audit::verify_files(&files, cli.output);
+        Command::Audit(AuditCommand::Verify {
+            files,
+            manifest_hash,
+        }) if !files.is_empty() => {
+            return crate::cmd::audit::verify_files(&files, manifest_hash.as_deref(), cli.output);
         }
         _ => {}
     }

@@ -89,7 +89,8 @@ impl Redaction {
             "identities" | "identity" => Ok(Self::Identities),
             "reasons" | "reason" => Ok(Self::Reasons),
             other => Err(format!(
-                "{other:?} is not something an export can redact (one of: {})",
+                "{:?} is not something that can be redacted (one of: {})",
+                crate::names::truncate(other, 64),
                 Self::NAMES
             )),
         }
@@ -140,18 +141,49 @@ pub const REASON_MARK: &str = "{reason}";
 /// Where a salted entry's outcome named its identity.
 pub const IDENTITY_MARK: &str = "{identity}";
 
-/// The outcome text a salted entry stores: the reason and the identity replaced by their marks,
-/// so that each lives only in its own (redactable) field. [`AuditEntry::readable_outcome`]
-/// puts them back.
+/// The outcome text a salted entry stores: where it last says `: <reason>` the reason, and wherever
+/// the identity stands as a whole word the identity, replaced by their marks, so that each lives
+/// only in its own (redactable) field. Braces of the text itself are doubled, so a mark is only
+/// ever one put here. [`AuditEntry::readable_outcome`] puts it all back.
 pub fn outcome_template(outcome: &str, identity: &str, reason: &str) -> String {
-    let mut template = outcome.to_string();
-    if !reason.is_empty() {
-        template = template.replace(reason, REASON_MARK);
+    let escape = |text: &str| text.replace('{', "{{").replace('}', "}}");
+    let mut template = escape(outcome);
+    // Every outcome gives the reason once, after a colon, and last or nearly: the last such
+    // occurrence is it (an earlier one is other text that happens to match).
+    let given = format!(": {}", escape(reason));
+    if let (false, Some(at)) = (reason.is_empty(), template.rfind(&given)) {
+        template.replace_range(at..at + given.len(), &format!(": {REASON_MARK}"));
     }
     if !identity.is_empty() {
-        template = template.replace(identity, IDENTITY_MARK);
+        template = replace_word(&template, &escape(identity), IDENTITY_MARK);
     }
     template
+}
+
+/// `text` with every occurrence of `word` that is not part of a longer name replaced (a name
+/// goes on through letters, digits and `:_-.@`; a `:` or `.` that ends a sentence does not).
+fn replace_word(text: &str, word: &str, by: &str) -> String {
+    let in_name = |c: char| c.is_alphanumeric() || matches!(c, ':' | '_' | '-' | '.' | '@');
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(word) {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + word.len()..];
+        let mut next = after.chars();
+        let continues = match (next.next(), next.next()) {
+            (Some(':' | '.'), following) => following.is_some_and(char::is_alphanumeric),
+            (Some(c), _) => in_name(c),
+            (None, _) => false,
+        };
+        if out.chars().last().is_some_and(in_name) || continues {
+            out.push_str(word);
+        } else {
+            out.push_str(by);
+        }
+        rest = after;
+    }
+    out.push_str(rest);
+    out
 }
 
 /// An entry's content before it is linked into the chain.
@@ -166,9 +198,11 @@ pub struct Record<'a> {
 }
 
 impl AuditEntry {
-    /// A plain-format entry (cluster versions 1-4), linked to `prev_hash`.
+    /// A plain-format entry (cluster versions 1-4), linked to `prev_hash`. It has no reason
+    /// of its own (its hash would not cover one): `record.reason` is left out.
     pub fn plain(index: u64, prev_hash: &str, record: &Record<'_>) -> Self {
         let mut entry = Self::unlinked(index, prev_hash, record, FORMAT_PLAIN);
+        entry.reason.clear();
         entry.hash = entry.compute_hash();
         entry
     }
@@ -209,19 +243,34 @@ impl AuditEntry {
         if self.format == FORMAT_PLAIN {
             return self.outcome.clone();
         }
-        let fill = |text: String, mark: &str, field: Field| {
-            if !text.contains(mark) {
-                return text;
-            }
-            let value = if self.redacted.contains_key(&field) {
+        let value = |field: Field| {
+            if self.redacted.contains_key(&field) {
                 "[redacted]"
             } else {
                 self.value(field)
-            };
-            text.replace(mark, value)
+            }
         };
-        let text = fill(self.outcome.clone(), IDENTITY_MARK, Field::Identity);
-        fill(text, REASON_MARK, Field::Reason)
+        let mut out = String::with_capacity(self.outcome.len());
+        let mut rest = self.outcome.as_str();
+        while let Some(at) = rest.find(['{', '}']) {
+            out.push_str(&rest[..at]);
+            rest = &rest[at..];
+            let (text, length) = if rest.starts_with("{{") {
+                ("{", 2)
+            } else if rest.starts_with("}}") {
+                ("}", 2)
+            } else if rest.starts_with(REASON_MARK) {
+                (value(Field::Reason), REASON_MARK.len())
+            } else if rest.starts_with(IDENTITY_MARK) {
+                (value(Field::Identity), IDENTITY_MARK.len())
+            } else {
+                (&rest[..1], 1)
+            };
+            out.push_str(text);
+            rest = &rest[length..];
+        }
+        out.push_str(rest);
+        out
     }
 
     pub fn value(&self, field: Field) -> &str {
@@ -289,6 +338,39 @@ impl AuditEntry {
             }
         }
         hex::encode(hasher.finalize())
+    }
+
+    /// Checks that nothing in the entry escapes its hash: a plain entry has no reason, salts or
+    /// redactions (its hash covers none); in a salted one every field has exactly one of a
+    /// salt or a commitment, and a redacted field no value left.
+    fn check_shape(&self) -> Result<(), String> {
+        let index = self.index;
+        let hex = |text: &str, length: usize| {
+            text.len() == length && text.bytes().all(|byte| byte.is_ascii_hexdigit())
+        };
+        if self.format == FORMAT_PLAIN {
+            if !self.reason.is_empty() || !self.salts.is_empty() || !self.redacted.is_empty() {
+                return Err(format!(
+                    "entry {index} is plain, yet carries a reason, salts or redactions its hash \
+                     does not cover: it was altered"
+                ));
+            }
+            return Ok(());
+        }
+        for field in Field::ALL {
+            let shaped = match (self.salts.get(&field), self.redacted.get(&field)) {
+                (Some(salt), None) => hex(salt, 2 * SALT_BYTES),
+                (None, Some(commitment)) => hex(commitment, 64) && self.value(field).is_empty(),
+                _ => false,
+            };
+            if !shaped {
+                return Err(format!(
+                    "entry {index}'s {field} has not exactly one salt or one redaction, or is \
+                     redacted yet holds a value: it was altered"
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Erases `field`: its value and salt give way to their commitment, and the hash is
@@ -362,6 +444,7 @@ impl ChainCheck {
                 entry.format
             ));
         }
+        entry.check_shape()?;
         if entry.prev_hash != self.expected_prev {
             return Err(format!(
                 "entry {expected} does not link to the hash of the entry before it: that entry \
@@ -506,9 +589,9 @@ impl TryFrom<rewind_proto::v1::AuditEntry> for AuditEntry {
     }
 }
 
-/// Longest line an export may hold: an entry is a few KiB at most (its fields are bounded where
-/// they enter the cluster), so a longer line is not one.
-pub const MAX_EXPORT_LINE_BYTES: usize = 1 << 20;
+/// Longest line an export may hold, its newline included: an entry travels in one gRPC message
+/// (4 MiB at most), so a longer line is not one. The writer refuses to write a longer one.
+pub const MAX_EXPORT_LINE_BYTES: usize = 4 << 20;
 /// Largest manifest file read.
 pub const MAX_MANIFEST_BYTES: u64 = 64 << 10;
 
@@ -538,7 +621,11 @@ impl Manifest {
                 self.manifest_format
             ));
         }
-        if self.entries == 0 || self.last_index + 1 != self.first_index + self.entries {
+        let holds = self
+            .first_index
+            .checked_add(self.entries)
+            .zip(self.last_index.checked_add(1));
+        if self.first_index == 0 || self.entries == 0 || holds.is_none_or(|(a, b)| a != b) {
             return Err(format!(
                 "the manifest's range {}..={} does not hold its {} entries",
                 self.first_index, self.last_index, self.entries
@@ -551,7 +638,7 @@ impl Manifest {
             &self.last_hash,
         );
         if self.manifest_hash != expected {
-            return Err("the manifest's hash does not match its range and chain ends: the                         manifest was altered"
+            return Err("the manifest's hash does not match its range and chain ends: the manifest was altered"
                 .into());
         }
         Ok(())
@@ -593,6 +680,14 @@ impl<W: std::io::Write> ExportWriter<W> {
     pub fn write(&mut self, entry: &AuditEntry) -> std::io::Result<()> {
         let mut line = serde_json::to_vec(entry).map_err(std::io::Error::other)?;
         line.push(b'\n');
+        if line.len() > MAX_EXPORT_LINE_BYTES {
+            return Err(std::io::Error::other(format!(
+                "entry {} is {} bytes as a line, more than an export may hold \
+                 ({MAX_EXPORT_LINE_BYTES})",
+                entry.index,
+                line.len()
+            )));
+        }
         self.out.write_all(&line)?;
         self.file_hash.update(&line);
         let chain = self
@@ -658,7 +753,7 @@ pub fn verify_export(
     manifest.check().map_err(whole)?;
     if chain.next_index() != manifest.first_index || chain.head_hash() != manifest.anchor_hash {
         return Err(whole(format!(
-            "the export starts at entry {} from hash {}, which does not continue the chain              before it (entry {} from hash {}): an export is missing or out of order",
+            "the export starts at entry {} from hash {}, which does not continue the chain before it (entry {} from hash {}): an export is missing or out of order",
             manifest.first_index,
             manifest.anchor_hash,
             chain.next_index(),
@@ -668,6 +763,8 @@ pub fn verify_export(
     let mut file_hash = Sha256::new();
     let mut line = Vec::new();
     let mut number = 0u64;
+    let mut redacted_entries = 0u64;
+    let mut at_ms: (Option<u64>, u64) = (None, 0);
     loop {
         line.clear();
         let read = std::io::Read::take(&mut entries, MAX_EXPORT_LINE_BYTES as u64 + 1)
@@ -686,22 +783,44 @@ pub fn verify_export(
         file_hash.update(&line);
         let entry: AuditEntry = serde_json::from_slice(&line)
             .map_err(|error| at(format!("not an audit entry: {error}")))?;
+        // Written exactly as rewind writes an entry: no key its hash does not cover, nothing
+        // reformatted.
+        let mut canonical = serde_json::to_vec(&entry).map_err(|error| at(error.to_string()))?;
+        canonical.push(b'\n');
+        if canonical != line {
+            return Err(at(
+                "not written as rewind writes an entry (a key its hash does not cover, or \
+                 reformatted): it was altered"
+                    .into(),
+            ));
+        }
         chain.next(&entry).map_err(at)?;
+        redacted_entries += u64::from(!entry.redacted.is_empty());
+        at_ms = (at_ms.0.or(Some(entry.at_ms)), entry.at_ms);
     }
     let checked_to = chain.next_index() - 1;
     if checked_to != manifest.last_index || chain.head_hash() != manifest.last_hash {
         return Err(ExportProblem {
             line: number + 1,
             why: format!(
-                "the file ends after entry {checked_to}, and the manifest says it runs to                  entry {}: entries were removed from its end",
+                "the file ends after entry {checked_to}, and the manifest says it runs to entry {}: entries were removed from its end",
                 manifest.last_index
             ),
         });
     }
+    if redacted_entries != manifest.redacted_entries
+        || at_ms != (Some(manifest.first_at_ms), manifest.last_at_ms)
+    {
+        return Err(whole(
+            "the manifest's redaction count or times are not those of its entries: it was \
+             altered"
+                .into(),
+        ));
+    }
     let file_hash = hex::encode(file_hash.finalize());
     if file_hash != manifest.entries_sha256 {
         return Err(whole(format!(
-            "every entry verifies, but the file's bytes (sha256 {file_hash}) are not those              exported ({}): it was rewritten",
+            "every entry verifies, but the file's bytes (sha256 {file_hash}) are not those exported ({}): it was rewritten",
             manifest.entries_sha256
         )));
     }
@@ -785,10 +904,6 @@ mod tests {
             for (which, tamper) in tamperings.iter().enumerate() {
                 let mut entries = chain();
                 tamper(&mut entries[position]);
-                // A plain entry does not commit to a reason (it has none of its own).
-                if which == 5 && position < 2 {
-                    continue;
-                }
                 let found = first_broken(&entries).map(|(at, _)| at);
                 assert_eq!(found, Some(position), "tampering {which} at {position}");
             }
@@ -837,6 +952,21 @@ mod tests {
         entries[3].redacted.insert(Field::Identity, "00".repeat(32));
         assert_eq!(first_broken(&entries).unwrap().0, 3);
 
+        // A value moved back beside its commitment, as a forger would: the entry's shape
+        // gives it away, though the hash still matches.
+        let mut forged = chain();
+        let commitment = forged[2].commitment(Field::Identity);
+        forged[2].salts.remove(&Field::Identity);
+        forged[2].redacted.insert(Field::Identity, commitment);
+        forged[2].identity = "user:mallory".into();
+        assert_eq!(forged[2].compute_hash(), forged[2].hash);
+        let (at, why) = first_broken(&forged).unwrap();
+        assert!(at == 2 && why.contains("identity"), "{why}");
+        // A reason slipped into a plain entry, which does not commit to one.
+        let mut slipped = chain();
+        slipped[0].reason = "made up later".into();
+        assert_eq!(first_broken(&slipped).unwrap().0, 0);
+
         // A plain entry refuses: its hash covers the value itself.
         let error = chain()[0].redact(Field::Identity).unwrap_err();
         assert!(
@@ -853,6 +983,39 @@ mod tests {
             "INC-42 bad deploy",
         );
         assert_eq!(template, "denied by {identity}: {reason}");
+        // Only the reason where it is given, the identity as a whole name, braces kept.
+        let cases = [
+            (
+                "ok: web on web-1: web",
+                "user:ada",
+                "web",
+                "ok: web on web-1: {reason}",
+            ),
+            (
+                "user:adam {x}: ada",
+                "user:ada",
+                "ada",
+                "user:adam {{x}}: {reason}",
+            ),
+            (
+                "by user:ada, {reason}",
+                "user:ada",
+                "",
+                "by {identity}, {{reason}}",
+            ),
+        ];
+        for (outcome, identity, reason, expected) in cases {
+            let template = outcome_template(outcome, identity, reason);
+            assert_eq!(template, expected);
+            let record = Record {
+                outcome: &template,
+                identity,
+                reason,
+                ..record(1)
+            };
+            let entry = AuditEntry::salted(1, GENESIS_HASH, &record, &[1; 32]);
+            assert_eq!(entry.readable_outcome(), outcome);
+        }
         let record = Record {
             outcome: &template,
             ..record(3)
@@ -957,10 +1120,25 @@ mod tests {
         let problem = verify_alone(&cut, &manifest).unwrap_err();
         assert_eq!(problem.line, 4);
         assert!(problem.why.contains("removed from its end"), "{problem}");
-        // The same entries, written differently: the bytes no longer match.
+        // The same entries written differently, or with a key their hash does not cover.
         let respaced = edit_lines(&bytes, |lines| lines[0] = lines[0].replace(",", ", "));
         let problem = verify_alone(&respaced, &manifest).unwrap_err();
-        assert!(problem.why.contains("rewritten"), "{problem}");
+        assert!(
+            problem.line == 1 && problem.why.contains("not written as"),
+            "{problem}"
+        );
+        let extra = edit_lines(&bytes, |lines| {
+            lines[3] = lines[3].replacen('{', "{\"note\":1,", 1)
+        });
+        assert_eq!(verify_alone(&extra, &manifest).unwrap_err().line, 4);
+        // A manifest whose counts or times differ from its entries.
+        let mut recounted = manifest.clone();
+        recounted.redacted_entries += 1;
+        let problem = verify_alone(&bytes, &recounted).unwrap_err();
+        assert!(
+            problem.why.contains("redaction count or times"),
+            "{problem}"
+        );
         // A manifest moved to cover less does not match its hash.
         let mut shorter = manifest.clone();
         shorter.last_index = 4;

@@ -261,9 +261,9 @@ async fn bad_requests_are_refused_with_the_field_named_and_change_nothing() {
         case("an archive confirmation says where it is kept", call!(c, confirm_audit_archive, pb::ConfirmAuditArchiveRequest { through_index: 1, manifest_hash: "ab".repeat(32), ..Default::default() }), InvalidArgument, "reason: say where the archive is kept"),
         case("an archive confirmation names a manifest hash", call!(c, confirm_audit_archive, pb::ConfirmAuditArchiveRequest { through_index: 1, manifest_hash: "not-hex".into(), reason: "s3".into(), ..Default::default() }), InvalidArgument, "manifest_hash: not a manifest hash"),
         case("a redaction says why", call!(c, redact_audit, pb::RedactAuditRequest { index: 1, fields: vec!["identity".into()], ..Default::default() }), InvalidArgument, "reason: say why"),
-        case("a redaction names real fields", call!(c, redact_audit, pb::RedactAuditRequest { index: 1, fields: vec!["salary".into()], reason: "gdpr".into(), ..Default::default() }), InvalidArgument, "fields: \"salary\" is not a field"),
+        case("a redaction names real fields", call!(c, redact_audit, pb::RedactAuditRequest { index: 1, fields: vec!["salary".into()], reason: "gdpr".into(), ..Default::default() }), InvalidArgument, "fields: \"salary\" is not something that can be redacted"),
         case("an export's range is not empty", call!(c, export_audit, pb::ExportAuditRequest { since_ms: 50, until_ms: 40, ..Default::default() }), InvalidArgument, "until_ms: 40 is not after since_ms 50"),
-        case("an export redacts what it knows", call!(c, export_audit, pb::ExportAuditRequest { redact: vec!["salaries".into()], ..Default::default() }), InvalidArgument, "redact: \"salaries\" is not something an export can redact"),
+        case("an export redacts what it knows", call!(c, export_audit, pb::ExportAuditRequest { redact: vec!["salaries".into()], ..Default::default() }), InvalidArgument, "redact: \"salaries\" is not something that can be redacted"),
     ];
     let mut wrong = Vec::new();
     for case in cases {

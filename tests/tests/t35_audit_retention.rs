@@ -159,6 +159,30 @@ async fn archived_entries_alone_leave_and_the_chain_verifies_across_the_gap() {
         .output()
         .unwrap();
     assert!(output.status.success(), "{}", text(&output));
+    // The archive against the hash the cluster confirmed; another hash does not pass.
+    let against = |hash: &str| {
+        std::process::Command::new(rewind_tests::must_binary("rewindctl"))
+            .args([
+                "--coordinator",
+                "127.0.0.1:9",
+                "audit",
+                "verify",
+                "--manifest-hash",
+                hash,
+            ])
+            .arg("--file")
+            .arg(&archive)
+            .output()
+            .unwrap()
+    };
+    let confirmed = against(&hash);
+    assert!(confirmed.status.success(), "{}", text(&confirmed));
+    let other = against(&"cd".repeat(32));
+    assert!(
+        !other.status.success() && text(&other).contains("not the export the cluster confirmed"),
+        "{}",
+        text(&other)
+    );
     // An export from the start now begins where the cluster does, from the archive's hash.
     let held = dir.path().join("held.jsonl");
     must_ctl(
@@ -214,5 +238,9 @@ async fn archived_entries_alone_leave_and_the_chain_verifies_across_the_gap() {
         "--reason",
         "erasure request 78",
     ]);
-    assert!(!output.status.success(), "{}", text(&output));
+    assert!(
+        !output.status.success() && text(&output).contains("not 1"),
+        "{}",
+        text(&output)
+    );
 }

@@ -102,7 +102,15 @@ pub struct EngineMemory {
     /// began its prepare under another leader (or before a restart): without a recorded
     /// decision it is aborted, never committed.
     pub schema_checked: HashSet<u64>,
+    /// When this leader last proposed to prune the audit log (0: not yet).
+    pub audit_pruned_at_ms: u64,
 }
+
+/// Archived audit entries are dropped in batches: at once when this many may go, else at most
+/// once an interval. Each pruning is an audit entry itself, so pruning whatever just aged out
+/// at every tick would fill the log with prunes of one entry.
+pub const AUDIT_PRUNE_BATCH: u64 = 1000;
+pub const AUDIT_PRUNE_INTERVAL_MS: u64 = 60 * 60 * 1000;
 
 /// What an agent is asked to do.
 #[derive(Clone, Debug, PartialEq)]
@@ -236,7 +244,12 @@ pub fn decide(
     if state.cluster_version() >= crate::state_machine::version::AUDIT_ARCHIVE
         && let Some(through) = state.audit.prunable_through(limits.audit_retention, now_ms)
     {
-        driver.propose(CommandKind::PruneAudit { through });
+        let batch = through + 1 - state.audit.first_index() >= AUDIT_PRUNE_BATCH;
+        let last = driver.memory.audit_pruned_at_ms;
+        if batch || last == 0 || now_ms.saturating_sub(last) >= AUDIT_PRUNE_INTERVAL_MS {
+            driver.memory.audit_pruned_at_ms = now_ms;
+            driver.propose(CommandKind::PruneAudit { through });
+        }
     }
     // Forget sends of steps that are no longer running, so the memory stays bounded.
     let running = std::mem::take(&mut driver.running);

@@ -800,3 +800,62 @@ fn a_service_recipe_sets_each_hosts_steps_and_a_run_step_carries_its_command() {
     assert_eq!(sent[2].1, AgentAction::Reload);
     assert_eq!(sent[4].1, AgentAction::ResumeJobs);
 }
+
+#[test]
+fn archived_audit_entries_are_pruned_in_batches_never_past_the_archive() {
+    let mut world = World::new();
+    let limits = EngineLimits {
+        audit_retention: AuditRetention {
+            days: None,
+            entries: Some(1),
+        },
+        ..LIMITS
+    };
+    let prunes = |world: &mut World, now_ms: u64| -> Vec<u64> {
+        decide(
+            &world.fleet.state,
+            &world.seen,
+            &mut world.memory,
+            &limits,
+            now_ms,
+        )
+        .into_iter()
+        .filter_map(|action| match action {
+            Action::Propose(CommandKind::PruneAudit { through }) => Some(through),
+            _ => None,
+        })
+        .collect()
+    };
+    // Retention is on, nothing is archived: nothing goes.
+    assert!(prunes(&mut world, 10_000).is_empty());
+    let confirm = |world: &mut World| {
+        let audit = &world.fleet.state.audit;
+        let through = audit.next_index() - 1;
+        let first = audit.first_index().max(audit.archived_through() + 1);
+        // The hash the export's first entry links to: the one before, or where the log starts.
+        let anchor = match audit.get(first - 1) {
+            Some(before) => before.hash.clone(),
+            None => audit.verify().anchor_hash,
+        };
+        let last = audit.get(through).unwrap().hash.clone();
+        world.apply(CommandKind::ConfirmAuditArchive {
+            first,
+            through,
+            manifest_hash: rewind_shared::audit::manifest_hash(first, through, &anchor, &last),
+            reason: "archive".into(),
+        });
+        through
+    };
+    let archived = confirm(&mut world);
+    // The first pruning goes at once, up to the archive (the newest entry, the confirmation's
+    // own, is not archived).
+    assert_eq!(prunes(&mut world, 20_000), [archived]);
+    world.apply(CommandKind::PruneAudit { through: archived });
+    // Entries archived a little later wait for the interval, not the next tick.
+    let archived = confirm(&mut world);
+    assert!(prunes(&mut world, 30_000).is_empty());
+    assert_eq!(
+        prunes(&mut world, 20_000 + AUDIT_PRUNE_INTERVAL_MS),
+        [archived]
+    );
+}

@@ -514,7 +514,9 @@ impl<T: Transport> Driver<T> {
             // The leader plans a rollback or judges a trigger here, on the state it has applied;
             // `apply()` checks that state has not moved by the time the entry applies.
             command.choose_audit_seed(state.cluster_version());
-            decision::prepare(&state, &mut command)
+            // A member of an older release could not decode a newer kind: never proposed.
+            version::proposable(&state, &command.kind)
+                .and_then(|()| decision::prepare(&state, &mut command))
                 .and_then(|()| version::encode_entry(&command, state.cluster_version()))
         };
         let data = match data {

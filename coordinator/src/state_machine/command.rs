@@ -571,6 +571,20 @@ impl CommandKind {
         }
     }
 
+    /// The cluster version that introduced this kind: a member of an older release cannot
+    /// decode it, so it is never proposed while the cluster runs below it.
+    pub fn introduced_in(&self) -> u32 {
+        match self {
+            Self::ForgetHost { .. } => 2,
+            Self::ConfirmAuditArchive { .. }
+            | Self::PruneAudit { .. }
+            | Self::RedactAudit { .. }
+            | Self::NoteIncident { .. }
+            | Self::CloseIncident { .. } => 5,
+            _ => super::version::LEGACY,
+        }
+    }
+
     /// Audit action name.
     pub fn action(&self) -> &'static str {
         match self {

@@ -413,7 +413,8 @@ fn version_four(harness: &mut Fleet) {
 }
 
 /// From version 5 audit entries are salted with the proposer's seed and keep their reason
-/// apart; an entry proposed before the raise (no seed) is still written plain.
+/// apart; an entry proposed before the raise (no seed) is still written plain. Then an archive
+/// is confirmed, archived entries pruned, an entry redacted, and an incident noted and closed.
 fn version_five(harness: &mut Fleet) {
     let flag = |enabled: bool, reason: &str| CommandKind::SetFlag {
         environment: "default".into(),
@@ -461,6 +462,80 @@ fn version_five(harness: &mut Fleet) {
         .redact(rewind_shared::audit::Field::Reason)
         .unwrap();
     assert_eq!(redacted.compute_hash(), on.hash);
+    let on_index = on.index;
+
+    // An archive of the first entries confirmed, then only those pruned; an entry erased.
+    let through = plain as u64;
+    let manifest_hash = |state: &State, first: u64| {
+        let anchor = match state.audit.get(first - 1) {
+            Some(before) => before.hash.clone(),
+            None => rewind_shared::audit::GENESIS_HASH.to_string(),
+        };
+        let last = &state.audit.get(through).unwrap().hash;
+        rewind_shared::audit::manifest_hash(first, through, &anchor, last)
+    };
+    let confirm = |first: u64, hash: String| CommandKind::ConfirmAuditArchive {
+        first,
+        through,
+        manifest_hash: hash,
+        reason: "s3://audit/2026".into(),
+    };
+    // Refused: a gap before the export, then a hash of another range.
+    let _ = harness.run(confirm(2, manifest_hash(&harness.state, 2)));
+    let _ = harness.run(confirm(1, manifest_hash(&harness.state, 2)));
+    // Refused: nothing is archived yet.
+    let _ = harness.run(CommandKind::PruneAudit { through: 3 });
+    harness.apply(confirm(1, manifest_hash(&harness.state, 1)));
+    let _ = harness.run(CommandKind::PruneAudit {
+        through: through + 1,
+    });
+    harness.apply(CommandKind::PruneAudit {
+        through: through - 2,
+    });
+    harness.apply(CommandKind::RedactAudit {
+        index: on_index,
+        fields: vec![
+            rewind_shared::audit::Field::Identity,
+            rewind_shared::audit::Field::Reason,
+        ],
+        reason: "erasure request 1".into(),
+    });
+    // Incidents: a note and a close on the first rollback's; refused twice, and for one that
+    // does not exist.
+    harness
+        .run_as(
+            "user:ada",
+            "",
+            CommandKind::NoteIncident {
+                incident: 1,
+                text: "paged the web team".into(),
+            },
+        )
+        .unwrap();
+    let close = |incident: u64| CommandKind::CloseIncident {
+        incident,
+        rca_markdown: "## Action items\n- canary gate\n## Lessons\n- flags first\n".into(),
+        action_items: vec!["canary gate".into()],
+        lessons: vec!["flags first".into()],
+    };
+    harness.apply(close(1));
+    let _ = harness.run(close(1));
+    let _ = harness.run(close(999));
+    assert_eq!(harness.state.incidents[&1].lessons, ["flags first"]);
+    let audit = harness.state.audit.verify();
+    assert_eq!(audit.first_broken, None, "{}", audit.detail);
+    assert_eq!(audit.first_index, through - 1);
+    assert_eq!(audit.archived_through, through);
+    assert!(
+        harness
+            .state
+            .audit
+            .get(on_index)
+            .unwrap()
+            .identity
+            .is_empty(),
+        "redacted in the state"
+    );
 }
 
 #[test]

@@ -198,6 +198,12 @@ pub fn check_snapshot_version(cluster_version: u32) -> Result<(), CoordinatorErr
     })
 }
 
+/// Refuses to propose a kind the cluster's version does not have yet: members of the older
+/// release would fail to decode the entry and stop.
+pub fn proposable(state: &State, kind: &super::CommandKind) -> Result<(), CoordinatorError> {
+    require(state, kind.introduced_in(), kind.action())
+}
+
 /// Refuses `what` while the cluster runs below `needed`, naming how to raise it.
 pub fn require(state: &State, needed: u32, what: &str) -> Result<(), CoordinatorError> {
     let running = state.cluster_version();
@@ -226,6 +232,35 @@ mod tests {
                 reason: "test".into(),
             },
         }
+    }
+
+    #[test]
+    fn a_kind_of_a_later_version_is_not_proposed_before_the_cluster_runs_it() {
+        let at = |cluster_version| State {
+            cluster_version,
+            ..State::default()
+        };
+        let note = CommandKind::NoteIncident {
+            incident: 1,
+            text: "x".into(),
+        };
+        let prune = CommandKind::PruneAudit { through: 1 };
+        for kind in [&note, &prune] {
+            let error = proposable(&at(4), kind).unwrap_err();
+            assert!(
+                matches!(
+                    error,
+                    CoordinatorError::NeedsClusterVersion {
+                        needed: 5,
+                        running: 4,
+                        ..
+                    }
+                ),
+                "{error:?}"
+            );
+            proposable(&at(5), kind).unwrap();
+        }
+        proposable(&at(1), &command().kind).unwrap();
     }
 
     #[test]

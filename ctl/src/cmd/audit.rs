@@ -31,6 +31,11 @@ pub enum AuditCommand {
         /// An export's entries file; repeat for consecutive exports, oldest first.
         #[arg(long = "file", value_name = "FILE")]
         files: Vec<PathBuf>,
+        /// The manifest hash the last file's manifest must have: the one the cluster's
+        /// `audit.archived` entry names. Without it, a file and a manifest rewritten together
+        /// (cut short, say) are told apart only by the exports around them.
+        #[arg(long, value_name = "H", requires = "files")]
+        manifest_hash: Option<String>,
     },
     /// Confirm that an export is archived outside the cluster (admin): with `[audit]
     /// retain-days` or `retain-entries` set, the cluster may then drop the entries it covers,
@@ -51,7 +56,7 @@ pub enum AuditCommand {
     Redact {
         /// The entry's index.
         index: u64,
-        /// Fields to erase: identity, reason (also target, outcome, action).
+        /// What to erase: identity, reason (personal data; what was done, and to what, stay).
         #[arg(long, value_delimiter = ',', required = true)]
         fields: Vec<String>,
         /// The erasure request this answers (required: audited).
@@ -134,7 +139,10 @@ pub(crate) async fn audit(
             }
             Ok(ExitCode::SUCCESS)
         }
-        AuditCommand::Verify { files } if !files.is_empty() => verify_files(&files, format),
+        AuditCommand::Verify {
+            files,
+            manifest_hash,
+        } if !files.is_empty() => verify_files(&files, manifest_hash.as_deref(), format),
         AuditCommand::Export {
             out,
             after,
@@ -266,6 +274,21 @@ fn when(text: &str, now_ms: u64) -> anyhow::Result<u64> {
     Ok(now_ms.saturating_sub(u64::try_from(age.as_millis()).unwrap_or(u64::MAX)))
 }
 
+/// Syncs `partial` to disk and links it as `path`, which must not exist; then removes
+/// `partial`.
+fn put_in_place(partial: &Path, path: &Path) -> anyhow::Result<()> {
+    std::fs::File::open(partial)
+        .and_then(|file| file.sync_all())
+        .with_context(|| format!("sync {}", partial.display()))?;
+    std::fs::hard_link(partial, path).with_context(|| {
+        format!(
+            "put {} in place (an export never overwrites a file)",
+            path.display()
+        )
+    })?;
+    std::fs::remove_file(partial).with_context(|| format!("remove {}", partial.display()))
+}
+
 /// `FILE.manifest.json` beside `FILE`.
 fn manifest_path(entries: &Path) -> PathBuf {
     beside(entries, ".manifest.json")
@@ -299,11 +322,19 @@ async fn export(
         .await
         .map_err(explain)?
         .into_inner();
-    // Written beside the target and renamed into place once complete: a failed export leaves
-    // no file that looks whole.
+    // Written beside the target and linked into place once complete and on disk: a failed
+    // export leaves no file that looks whole, and the link fails rather than overwrite.
     let partial = beside(out, ".partial");
-    let file =
-        std::fs::File::create(&partial).with_context(|| format!("create {}", partial.display()))?;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&partial)
+        .with_context(|| {
+            format!(
+                "create {} (left by an export that did not finish? remove it)",
+                partial.display()
+            )
+        })?;
     let mut writer = ExportWriter::new(std::io::BufWriter::new(file));
     let mut received = 0u64;
     while let Some(chunk) = stream.next().await {
@@ -323,19 +354,33 @@ async fn export(
         let _ = std::fs::remove_file(&partial);
         anyhow::bail!("no audit entries in that range: nothing was written");
     }
-    std::fs::rename(&partial, out).with_context(|| format!("write {}", out.display()))?;
     let Some(manifest) = exported.manifest else {
         // Kept as received (nothing is thrown away), but with no manifest to vouch for it.
+        put_in_place(&partial, out)?;
         say!(
-            "audit chain BROKEN in the export: {}; the {received} entries received are in {},              and no manifest was written",
+            "audit chain BROKEN in the export: {}; the {received} entries received are in {}, \
+             and no manifest was written",
             exported.problem.unwrap_or_default(),
             out.display()
         );
         return Ok(ExitCode::FAILURE);
     };
+    let manifest_partial = beside(&manifest_out, ".partial");
     let text = serde_json::to_string_pretty(&manifest)? + "\n";
-    std::fs::write(&manifest_out, text)
-        .with_context(|| format!("write {}", manifest_out.display()))?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&manifest_partial)
+        .and_then(|mut file| {
+            use std::io::Write as _;
+            file.write_all(text.as_bytes())
+        })
+        .with_context(|| format!("write {}", manifest_partial.display()))?;
+    put_in_place(&manifest_partial, &manifest_out)?;
+    if let Err(error) = put_in_place(&partial, out) {
+        let _ = std::fs::remove_file(&manifest_out);
+        return Err(error);
+    }
     if format == Format::Json {
         json(&manifest)?;
     } else {
@@ -357,7 +402,11 @@ async fn export(
 }
 
 /// Verifies exports offline, in order, as one chain.
-pub(crate) fn verify_files(files: &[PathBuf], format: Format) -> anyhow::Result<ExitCode> {
+pub(crate) fn verify_files(
+    files: &[PathBuf],
+    manifest_hash: Option<&str>,
+    format: Format,
+) -> anyhow::Result<ExitCode> {
     let mut chain: Option<ChainCheck> = None;
     let mut results = Vec::new();
     for file in files {
@@ -368,7 +417,20 @@ pub(crate) fn verify_files(files: &[PathBuf], format: Format) -> anyhow::Result<
         let chain = chain.get_or_insert_with(|| {
             ChainCheck::continuing(manifest.first_index, &manifest.anchor_hash)
         });
-        let outcome = chain::verify_export(std::io::BufReader::new(entries), &manifest, chain);
+        let last = std::ptr::eq(file, &files[files.len() - 1]);
+        let outcome = match manifest_hash {
+            Some(expected) if last && !expected.eq_ignore_ascii_case(&manifest.manifest_hash) => {
+                Err(chain::ExportProblem {
+                    line: 0,
+                    why: format!(
+                        "its manifest hash is {}, not {expected}: it is not the export the \
+                         cluster confirmed",
+                        manifest.manifest_hash
+                    ),
+                })
+            }
+            _ => chain::verify_export(std::io::BufReader::new(entries), &manifest, chain),
+        };
         let ok = outcome.is_ok();
         results.push(serde_json::json!({
             "file": file.display().to_string(),

@@ -19,8 +19,10 @@ use crate::state_machine::{AuditEntry, AuditLog, AuditVerification, CommandKind}
 pub(super) type ExportStream =
     Pin<Box<dyn Stream<Item = Result<pb::ExportAuditResponse, Status>> + Send>>;
 
-/// Entries per message of an export: a few hundred KiB at most, well inside gRPC's 4 MiB.
+/// Entries per message of an export, and the bytes a message holds (one entry more only if it
+/// is the first): inside gRPC's 4 MiB.
 const EXPORT_CHUNK: u64 = 256;
+const MAX_EXPORT_MESSAGE_BYTES: usize = 2 << 20;
 
 pub(super) async fn list_audit(
     control: &Control,
@@ -136,23 +138,18 @@ pub(super) async fn redact_audit(
         &request.reason,
         "say why (the erasure request it answers): it goes into the audit log",
     )?;
+    // Personal data only: erasing what was done, or to what, would hide the record itself.
     if request.fields.is_empty() || request.fields.len() > Field::ALL.len() {
         return Err(invalid(
             "fields",
-            format!("name one to {} fields to erase", Field::ALL.len()),
+            format!("name what to erase: {}", Redaction::NAMES),
         ));
     }
     let mut fields = Vec::new();
     for name in &request.fields {
-        let field = Field::parse(name.trim()).ok_or_else(|| {
-            invalid(
-                "fields",
-                format!(
-                    "{name:?} is not a field of an audit entry (identity, action, target, \
-                     outcome, reason)"
-                ),
-            )
-        })?;
+        let field = Redaction::parse(name)
+            .map_err(|why| invalid("fields", why))?
+            .field();
         if !fields.contains(&field) {
             fields.push(field);
         }
@@ -298,17 +295,23 @@ pub(super) async fn export_audit(
                 let _ = sender.send(Err(gone)).await;
                 return;
             };
-            let entries = chunk
-                .iter()
-                .map(|entry| {
-                    let mut entry = AuditEntry::clone(entry);
-                    for field in &range.redact {
-                        // Every entry was checked to be salted above.
-                        let _ = entry.redact(*field);
-                    }
-                    convert::audit_entry(&entry)
-                })
-                .collect();
+            // At most a message's worth: a change over many hosts makes a large entry.
+            let mut entries = Vec::new();
+            let mut bytes = 0;
+            for entry in &chunk {
+                let mut entry = AuditEntry::clone(entry);
+                for field in &range.redact {
+                    // Every entry was checked to be salted above.
+                    let _ = entry.redact(*field);
+                }
+                let entry = convert::audit_entry(&entry);
+                bytes += prost::Message::encoded_len(&entry);
+                if bytes > MAX_EXPORT_MESSAGE_BYTES && !entries.is_empty() {
+                    break;
+                }
+                entries.push(entry);
+            }
+            let sent = entries.len() as u64;
             if sender
                 .send(Ok(pb::ExportAuditResponse { entries }))
                 .await
@@ -316,7 +319,7 @@ pub(super) async fn export_audit(
             {
                 return; // The client went away.
             }
-            next = chunk_end;
+            next += sent;
         }
     });
     Ok(Response::new(Box::pin(

@@ -123,7 +123,7 @@ fn record(
         state,
         command,
         (&command.identity, command.kind.action(), &target),
-        &audit_outcome,
+        (&audit_outcome, command.kind.reason()),
     );
     if let Some(key) = request_key {
         let fair = state.cluster_version() >= 2;
@@ -132,15 +132,15 @@ fn record(
     Ok(outcome)
 }
 
-/// Appends `command`'s audit entry: `who` did `action` on `target`, with `outcome`. From
-/// version 5 the entry is salted with the proposer's seed and keeps the command's reason in a
-/// field of its own (the outcome names it and `who` by marks), so either can be redacted; a
+/// Appends `command`'s audit entry: `who` did `action` on `target`, with `outcome` given for
+/// `reason`. From version 5 the entry is salted with the proposer's seed and keeps the reason in
+/// a field of its own (the outcome names it and `who` by marks), so either can be redacted; a
 /// command proposed just before the version was raised has no seed and is written plain.
 pub(super) fn append_audit(
     state: &mut State,
     command: &Command,
     (who, action, target): (&str, &str, &str),
-    outcome: &str,
+    (outcome, reason): (&str, &str),
 ) {
     let seed = (state.cluster_version() >= version::SALTED_AUDIT)
         .then(|| command.audit_seed_bytes())
@@ -156,7 +156,6 @@ pub(super) fn append_audit(
         };
         return state.audit.append(&record, None);
     };
-    let reason = command.kind.reason();
     let outcome = rewind_shared::audit::outcome_template(outcome, who, reason);
     let record = Record {
         at_ms: command.at_ms,

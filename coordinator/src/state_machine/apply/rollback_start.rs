@@ -223,7 +223,11 @@ pub(super) fn audit_approved_start(
         state,
         command,
         (&request.requester, action, target),
-        &format!("{started}; approved by {}", approved_by.join(", ")),
+        // The requester's entry: the requester's reason, which `started` gives.
+        (
+            &format!("{started}; approved by {}", approved_by.join(", ")),
+            &request.reason,
+        ),
     );
     (
         Outcome::Request(request.number),

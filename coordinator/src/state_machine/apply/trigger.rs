@@ -122,7 +122,7 @@ pub(super) fn auto_trigger(
                     state,
                     command,
                     (&command.identity, "rollback.start", &target),
-                    &filed,
+                    (&filed, command.kind.reason()),
                 );
                 (
                     TriggerOutcome::AwaitingApproval,
@@ -153,7 +153,7 @@ pub(super) fn auto_trigger(
                     state,
                     command,
                     (&command.identity, "rollback.start", &target),
-                    &started,
+                    (&started, command.kind.reason()),
                 );
                 (
                     TriggerOutcome::Started,
