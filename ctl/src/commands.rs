@@ -68,6 +68,10 @@ pub enum Command {
     /// root-cause analysis.
     #[command(subcommand)]
     Incident(crate::cmd::incident::IncidentCommand),
+    /// A service's rollback runbook: its recipe, policy and gates, and the lessons of its past
+    /// incidents.
+    #[command(subcommand)]
+    Runbook(crate::cmd::runbook::RunbookCommand),
     /// Feature flags per environment and service, pushed to agents' flags files.
     #[command(subcommand)]
     Flag(crate::flags::FlagCommand),
@@ -209,6 +213,7 @@ async fn execute(
         Command::Rollback(command) => crate::cmd::rollback::rollback(client, format, command).await,
         Command::Audit(command) => crate::cmd::audit::audit(client, format, command).await,
         Command::Incident(command) => crate::cmd::incident::incident(client, format, command).await,
+        Command::Runbook(command) => crate::cmd::runbook::runbook(client, format, command).await,
         Command::Trigger(command) => crate::cmd::trigger::trigger(client, format, command).await,
         Command::Flag(command) => crate::flags::run(client, format, command).await,
         Command::Access(command) => crate::access::run(client, format, command).await,

@@ -1,6 +1,7 @@
 //! A rollback on real agents as an incident, through the real `rewindctl`: its times and
 //! timeline, a note, closing refused while the rollback runs, the RCA template, closing with an
-//! analysis whose action items and lessons are kept, and the markdown export.
+//! analysis whose action items and lessons are kept, the markdown export, and the service's
+//! runbook that carries those lessons.
 
 use rewind_proto::v1 as pb;
 use rewind_tests::{
@@ -192,6 +193,37 @@ async fn a_rollback_is_an_incident_with_its_times_timeline_notes_and_analysis() 
     assert_eq!(
         json["lessons"][0], "web's v2 config is not backward compatible",
         "{json}"
+    );
+
+    // The service's runbook carries what the incident taught, beside its recipe and policy.
+    let runbook = text(&coordinator.rewindctl(&["runbook", "show", "web"]));
+    for expected in [
+        "# Rollback runbook: web".to_string(),
+        "drain → restore → restart → verify → undrain".to_string(),
+        format!("web's v2 config is not backward compatible ({incident_id}"),
+        format!("canary gate on web (owner: sre) ({incident_id})"),
+    ] {
+        assert!(runbook.contains(&expected), "{expected} in {runbook}");
+    }
+    let written = dir.path().join("runbook.md");
+    let exported = coordinator.rewindctl(&[
+        "runbook",
+        "export",
+        "web",
+        "--out",
+        written.to_str().unwrap(),
+    ]);
+    assert!(exported.status.success(), "{}", text(&exported));
+    assert!(
+        std::fs::read_to_string(&written)
+            .unwrap()
+            .contains("## Lessons from past incidents")
+    );
+    let unknown = coordinator.rewindctl(&["runbook", "show", "nope"]);
+    assert!(
+        !unknown.status.success() && text(&unknown).contains("nope"),
+        "{}",
+        text(&unknown)
     );
 
     // Bad input names what is wrong.

@@ -152,6 +152,7 @@ const CONTROL: &[Permission] = control_table![
     ("GetIncident", "incident.show", Read, Scoped),
     ("NoteIncident", "incident.note", Operate, Scoped),
     ("CloseIncident", "incident.close", Operate, Scoped),
+    ("GetRunbook", "runbook.show", Read, Service),
     ("ConfirmAuditArchive", "audit.archived", Administer, Cluster),
     ("RedactAudit", "audit.redact", Administer, Cluster),
     ("ListMembers", "cluster.list", Read, Cluster),

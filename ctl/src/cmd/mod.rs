@@ -7,5 +7,6 @@ pub mod fleet;
 pub mod incident;
 pub mod release;
 pub mod rollback;
+pub mod runbook;
 pub mod service;
 pub mod trigger;

@@ -413,6 +413,54 @@ async fn answer(
         .ok_or_else(|| Status::not_found(format!("no incident {}", incident_id(number))))
 }
 
+/// Most incidents a runbook lists.
+const MAX_RUNBOOK_INCIDENTS: usize = 100;
+
+pub(super) async fn get_runbook(
+    control: &Control,
+    request: Request<pb::GetRunbookRequest>,
+) -> Result<Response<pb::Runbook>, Status> {
+    let caller = caller(&request)?;
+    let service = request.into_inner().service;
+    rewind_shared::names::validate_name("service", &service)
+        .map_err(|error| to_status(error.into()))?;
+    control.context.current().await?;
+    control
+        .context
+        .authorize(&caller, &[crate::access::Target::Service(service.clone())])?;
+    control.context.node.read(|state| {
+        let Some(record) = state.services.get(&service) else {
+            return Err(to_status(crate::errors::CoordinatorError::UnknownService {
+                service: service.clone(),
+                known: crate::errors::known_list(state.services.keys().cloned()),
+            }));
+        };
+        let consumers = state
+            .services
+            .values()
+            .filter(|other| other.depends_on.contains(&service))
+            .map(|other| other.name.clone())
+            .collect();
+        // Closed incidents of the service, newest first, where the caller may see them.
+        let incidents = state
+            .incidents
+            .iter()
+            .rev()
+            .filter(|(_, noted)| noted.closed_at_ms != 0)
+            .filter_map(|(number, _)| state.rollbacks.get(number))
+            .filter(|rollback| rollback.services.contains(&service))
+            .filter(|rollback| caller.may_see(&targets::rollback(state, rollback.number)))
+            .take(MAX_RUNBOOK_INCIDENTS)
+            .map(|rollback| incident(state, rollback, false))
+            .collect();
+        Ok(Response::new(pb::Runbook {
+            service: Some(crate::api::convert::service(record)),
+            consumers,
+            incidents,
+        }))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -375,6 +375,13 @@ impl ControlService for Control {
         incidents::close_incident(self, request).await
     }
 
+    async fn get_runbook(
+        &self,
+        request: Request<pb::GetRunbookRequest>,
+    ) -> Result<Response<pb::Runbook>, Status> {
+        incidents::get_runbook(self, request).await
+    }
+
     async fn confirm_audit_archive(
         &self,
         request: Request<pb::ConfirmAuditArchiveRequest>,
