@@ -141,18 +141,27 @@ pub const REASON_MARK: &str = "{reason}";
 /// Where a salted entry's outcome named its identity.
 pub const IDENTITY_MARK: &str = "{identity}";
 
-/// The outcome text a salted entry stores: where it last says `: <reason>` the reason, and wherever
+/// The outcome text a salted entry stores: where it gives `: <reason>` the reason, and wherever
 /// the identity stands as a whole word the identity, replaced by their marks, so that each lives
 /// only in its own (redactable) field. Braces of the text itself are doubled, so a mark is only
 /// ever one put here. [`AuditEntry::readable_outcome`] puts it all back.
 pub fn outcome_template(outcome: &str, identity: &str, reason: &str) -> String {
     let escape = |text: &str| text.replace('{', "{{").replace('}', "}}");
     let mut template = escape(outcome);
-    // Every outcome gives the reason once, after a colon, and last or nearly: the last such
-    // occurrence is it (an earlier one is other text that happens to match).
-    let given = format!(": {}", escape(reason));
-    if let (false, Some(at)) = (reason.is_empty(), template.rfind(&given)) {
-        template.replace_range(at..at + given.len(), &format!(": {REASON_MARK}"));
+    // Every outcome gives the reason once, after a colon, and then ends or goes on after `;`,
+    // `)`, `:` or ` (`: the first such occurrence is it (another may be text that matches).
+    if !reason.is_empty() {
+        let given = format!(": {}", escape(reason));
+        let ends_there = |after: &str| {
+            after.is_empty() || after.starts_with([';', ')', ':']) || after.starts_with(" (")
+        };
+        let found = template
+            .match_indices(&given)
+            .map(|(at, _)| at)
+            .find(|&at| ends_there(&template[at + given.len()..]));
+        if let Some(at) = found {
+            template.replace_range(at..at + given.len(), &format!(": {REASON_MARK}"));
+        }
     }
     if !identity.is_empty() {
         template = replace_word(&template, &escape(identity), IDENTITY_MARK);

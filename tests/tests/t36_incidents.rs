@@ -26,7 +26,15 @@ async fn a_rollback_is_an_incident_with_its_times_timeline_notes_and_analysis() 
     let rollback_id = must_start_rollback_of_v2(&mut client).await;
     let incident_id = rollback_id.replacen("rb-", "in-", 1);
 
-    // While the rollback runs: a note is taken, closing is refused.
+    // While the rollback is paused (so it cannot end under the check): a note is taken, and
+    // closing is refused.
+    let action = |request_id: &str| pb::RollbackActionRequest {
+        rollback_id: rollback_id.clone(),
+        request_id: request_id.into(),
+        reason: "look before it goes on".into(),
+        ..Default::default()
+    };
+    client.pause_rollback(action("pause")).await.unwrap();
     let noted = coordinator.rewindctl(&["incident", "note", &incident_id, "paged db team"]);
     assert!(noted.status.success(), "{}", text(&noted));
     let rca = dir.path().join("rca.md");
@@ -41,6 +49,7 @@ async fn a_rollback_is_an_incident_with_its_times_timeline_notes_and_analysis() 
     let said = text(&early);
     assert!(!early.status.success() && said.contains("still"), "{said}");
 
+    client.resume_rollback(action("resume")).await.unwrap();
     let rollback = must_rollback_end(&client, &rollback_id).await;
     assert_eq!(
         rollback.state,

@@ -274,19 +274,40 @@ fn when(text: &str, now_ms: u64) -> anyhow::Result<u64> {
     Ok(now_ms.saturating_sub(u64::try_from(age.as_millis()).unwrap_or(u64::MAX)))
 }
 
-/// Syncs `partial` to disk and links it as `path`, which must not exist; then removes
-/// `partial`.
+/// A file removed when this goes out of scope (it is gone already once put in place).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Syncs `partial` to disk and moves it to `path`, which must not exist: by a hard link, which
+/// fails rather than overwrite, or where the file system has none (vfat, many FUSE stores) by
+/// a rename after checking `path` is free.
 fn put_in_place(partial: &Path, path: &Path) -> anyhow::Result<()> {
     std::fs::File::open(partial)
         .and_then(|file| file.sync_all())
         .with_context(|| format!("sync {}", partial.display()))?;
-    std::fs::hard_link(partial, path).with_context(|| {
+    let placed = match std::fs::hard_link(partial, path) {
+        Ok(()) => std::fs::remove_file(partial),
+        Err(error)
+            if matches!(
+                error.kind(),
+                std::io::ErrorKind::Unsupported | std::io::ErrorKind::PermissionDenied
+            ) && !path.exists() =>
+        {
+            std::fs::rename(partial, path)
+        }
+        Err(error) => Err(error),
+    };
+    placed.with_context(|| {
         format!(
             "put {} in place (an export never overwrites a file)",
             path.display()
         )
-    })?;
-    std::fs::remove_file(partial).with_context(|| format!("remove {}", partial.display()))
+    })
 }
 
 /// `FILE.manifest.json` beside `FILE`.
@@ -325,6 +346,10 @@ async fn export(
     // Written beside the target and linked into place once complete and on disk: a failed
     // export leaves no file that looks whole, and the link fails rather than overwrite.
     let partial = beside(out, ".partial");
+    // Removed on any failure below: a rerun must not find it in its way.
+    let _cleanup = RemoveOnDrop(partial.clone());
+    let manifest_partial = beside(&manifest_out, ".partial");
+    let _cleanup_manifest = RemoveOnDrop(manifest_partial.clone());
     let file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -365,7 +390,6 @@ async fn export(
         );
         return Ok(ExitCode::FAILURE);
     };
-    let manifest_partial = beside(&manifest_out, ".partial");
     let text = serde_json::to_string_pretty(&manifest)? + "\n";
     std::fs::OpenOptions::new()
         .write(true)
@@ -376,11 +400,9 @@ async fn export(
             file.write_all(text.as_bytes())
         })
         .with_context(|| format!("write {}", manifest_partial.display()))?;
+    // The entries first: a manifest never stands without the file it describes.
+    put_in_place(&partial, out)?;
     put_in_place(&manifest_partial, &manifest_out)?;
-    if let Err(error) = put_in_place(&partial, out) {
-        let _ = std::fs::remove_file(&manifest_out);
-        return Err(error);
-    }
     if format == Format::Json {
         json(&manifest)?;
     } else {

@@ -15,6 +15,8 @@ use crate::output::{Format, json, table, time};
 
 /// Largest analysis file read (the coordinator keeps at most 64 KiB).
 const MAX_RCA_FILE_BYTES: u64 = 64 * 1024;
+/// Timeline events the analysis template lists: it must stay well within that size.
+const MAX_SUMMARY_EVENTS: usize = 100;
 
 #[derive(Clone, Subcommand)]
 pub enum IncidentCommand {
@@ -261,8 +263,27 @@ fn facts(incident: &pb::Incident, out: &mut String) {
     let _ = writeln!(out, "- Escalations: {}", or_none(&incident.escalations));
 }
 
-fn timeline(incident: &pb::Incident, out: &mut String) {
-    for event in &incident.timeline {
+/// A note's text, its lines after the first quoted, so that no line of it reads as a heading
+/// or a bullet of the document it is in.
+fn quoted(text: &str) -> String {
+    text.replace('\n', "\n  > ")
+}
+
+/// The timeline; `summary` leaves out step-level events (the template must stay within what
+/// `incident close` accepts) and stops after [`MAX_SUMMARY_EVENTS`].
+fn timeline(incident: &pb::Incident, summary: bool, out: &mut String) {
+    let steps = format!("{}/", incident.rollback_id);
+    let shown: Vec<&pb::IncidentEvent> = incident
+        .timeline
+        .iter()
+        .filter(|event| !summary || !event.target.starts_with(&steps))
+        .collect();
+    let cut = if summary {
+        MAX_SUMMARY_EVENTS
+    } else {
+        usize::MAX
+    };
+    for event in shown.iter().take(cut) {
         let _ = writeln!(
             out,
             "- {} {} {} {}: {}",
@@ -276,6 +297,15 @@ fn timeline(incident: &pb::Incident, out: &mut String) {
     if incident.timeline.is_empty() {
         let _ = writeln!(out, "- (no audit entries)");
     }
+    let left_out =
+        (incident.timeline.len() - shown.len().min(cut)) as u64 + incident.timeline_omitted;
+    if left_out > 0 {
+        let _ = writeln!(
+            out,
+            "- ... {left_out} more events (steps and flags): rewindctl incident export {}, or the audit log",
+            incident.incident_id
+        );
+    }
 }
 
 /// The whole incident as a markdown document.
@@ -286,7 +316,7 @@ fn markdown(incident: &pb::Incident) -> String {
     );
     facts(incident, &mut out);
     out.push_str("\n## Timeline\n\n");
-    timeline(incident, &mut out);
+    timeline(incident, false, &mut out);
     if !incident.notes.is_empty() {
         out.push_str("\n## Notes\n\n");
         for note in &incident.notes {
@@ -295,7 +325,7 @@ fn markdown(incident: &pb::Incident) -> String {
                 "- {} {}: {}",
                 time(note.at_ms),
                 note.identity,
-                note.text
+                quoted(&note.text)
             );
         }
     }
@@ -321,14 +351,14 @@ fn rca_template(incident: &pb::Incident) -> String {
     );
     facts(incident, &mut out);
     out.push_str("\n## Timeline\n\n");
-    timeline(incident, &mut out);
+    timeline(incident, true, &mut out);
     for note in &incident.notes {
         let _ = writeln!(
             out,
             "- {} note by {}: {}",
             time(note.at_ms),
             note.identity,
-            note.text
+            quoted(&note.text)
         );
     }
     out.push_str(

@@ -3,6 +3,7 @@
 //! the audit log; only what people add (notes, the root-cause analysis) is recorded for it.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use rewind_proto::v1 as pb;
 use tonic::{Request, Response, Status};
@@ -11,11 +12,17 @@ use super::Control;
 use crate::api::gate::caller;
 use crate::api::status::{invalid, to_status};
 use crate::api::targets;
-use crate::api::validate::{PageRequest, one_page};
+use crate::api::validate::{PageRequest, one_page, within_bytes};
 use crate::state_machine::*;
 
-/// Most events an incident's timeline shows (the audit log has them all).
-const MAX_TIMELINE_EVENTS: usize = 1000;
+/// Most step-level and flag events an incident's timeline shows; the rest are counted, and the
+/// audit log has them all. The rollback's own, its request's, its changes' and the incident's
+/// entries are always shown.
+const MAX_DETAIL_EVENTS: usize = 1000;
+
+/// How far back a leader's clock may have stepped: the audit is searched from this long before
+/// the impact began (entries are in index order; times only nearly so).
+const CLOCK_SLACK_MS: u64 = 10 * 60 * 1000;
 
 /// The incident of rollback `record`; `detailed` adds the timeline, notes and analysis.
 pub fn incident(state: &State, record: &RollbackRecord, detailed: bool) -> pb::Incident {
@@ -30,27 +37,52 @@ pub fn incident(state: &State, record: &RollbackRecord, detailed: bool) -> pb::I
         .map(|change| change.started_at_ms)
         .min()
         .unwrap_or(record.started_at_ms);
+    let environments: BTreeSet<String> = changes
+        .iter()
+        .map(|change| change.environment.clone())
+        .collect();
+    let scope = Scope::of(record, &environments, impact_started_at_ms);
     let alerts: Vec<&TriggerRecord> = state
         .triggers
         .iter()
         .filter(|trigger| trigger.rollback == number)
         .collect();
     let request = state.approval_requests.get(&record.request);
-    // Detected when something asked for the rollback: an alert, a request, or the start.
+    let audit = state.audit.entries();
+    let from = audit
+        .partition_point(|entry| entry.at_ms.saturating_add(CLOCK_SLACK_MS) < impact_started_at_ms);
+    // A summary reads only the rollback's own stretch of the log; the detail reads on to the
+    // incident's notes and close.
+    let to = match (detailed, record.status.is_terminal()) {
+        (false, true) => audit.partition_point(|entry| {
+            entry.at_ms <= record.finished_at_ms.saturating_add(CLOCK_SLACK_MS)
+        }),
+        _ => audit.len(),
+    }
+    .max(from);
+    let window = &audit[from..to];
+    let thrown = |entry: &&Arc<AuditEntry>| {
+        entry.action == "flag.kill" && scope.flag(&entry.target, entry.at_ms)
+    };
+    let kill_switch = window.iter().find(thrown);
+    let isolated = window
+        .iter()
+        .find(|entry| entry.action == "rollback.isolate" && entry.target == scope.rollback);
+    // Detected when something asked for the rollback, or a person threw a kill switch first.
     let detected_at_ms = alerts
         .iter()
         .map(|alert| alert.at_ms)
         .chain(request.map(|request| request.created_at_ms))
+        .chain(kill_switch.map(|entry| entry.at_ms))
         .chain([record.started_at_ms])
         .min()
         .unwrap_or(record.started_at_ms);
-    let events = if detected_at_ms > 0 {
-        timeline(state, record, impact_started_at_ms)
-    } else {
-        Vec::new()
-    };
-    let (mitigated_at_ms, mitigated_by) = mitigation(record, &events);
-    let recovered_at_ms = if record.status == RollbackStatus::Succeeded {
+    let (mitigated_at_ms, mitigated_by) = mitigation(record, kill_switch, isolated);
+    // Recovered only when every host was reverted and verified: none skipped or isolated.
+    let recovered_at_ms = if record.status == RollbackStatus::Succeeded
+        && record.skipped_hosts.is_empty()
+        && record.isolated.is_empty()
+    {
         record.finished_at_ms
     } else {
         0
@@ -59,19 +91,20 @@ pub fn incident(state: &State, record: &RollbackRecord, detailed: bool) -> pb::I
     for step in &record.steps {
         hosts.insert(step.host_id.clone());
     }
+    let (timeline, omitted) = if detailed {
+        timeline(window, &scope)
+    } else {
+        (Vec::new(), 0)
+    };
     let mut operators = BTreeSet::new();
-    if is_person(&record.started_by) {
-        operators.insert(record.started_by.clone());
-    }
-    for event in &events {
-        if is_person(&event.identity) {
-            operators.insert(event.identity.clone());
+    for identity in std::iter::once(&record.started_by)
+        .chain(timeline.iter().map(|event| &event.identity))
+        .chain(kill_switch.map(|entry| &entry.identity))
+    {
+        if is_person(identity) {
+            operators.insert(identity.clone());
         }
     }
-    let environments: BTreeSet<String> = changes
-        .iter()
-        .map(|change| change.environment.clone())
-        .collect();
     let escalations = record
         .escalations
         .iter()
@@ -134,22 +167,21 @@ pub fn incident(state: &State, record: &RollbackRecord, detailed: bool) -> pb::I
             .map(|noted| noted.action_items.clone())
             .unwrap_or_default(),
         lessons: noted.map(|noted| noted.lessons.clone()).unwrap_or_default(),
+        timeline,
+        timeline_omitted: omitted,
         ..pb::Incident::default()
     };
-    if detailed {
-        incident.timeline = events;
-        if let Some(noted) = noted {
-            incident.notes = noted
-                .notes
-                .iter()
-                .map(|note| pb::IncidentNote {
-                    at_ms: note.at_ms,
-                    identity: note.identity.clone(),
-                    text: note.text.clone(),
-                })
-                .collect();
-            incident.rca_markdown = noted.rca_markdown.clone();
-        }
+    if detailed && let Some(noted) = noted {
+        incident.notes = noted
+            .notes
+            .iter()
+            .map(|note| pb::IncidentNote {
+                at_ms: note.at_ms,
+                identity: note.identity.clone(),
+                text: note.text.clone(),
+            })
+            .collect();
+        incident.rca_markdown = noted.rca_markdown.clone();
     }
     incident
 }
@@ -159,59 +191,101 @@ fn is_person(identity: &str) -> bool {
     identity.starts_with("user:") || identity.starts_with("automation:")
 }
 
-/// The audit entries about the rollback, its request, its changes and the flags of its services
-/// since the impact began, in order.
-fn timeline(state: &State, record: &RollbackRecord, since_ms: u64) -> Vec<pb::IncidentEvent> {
-    let rollback = record.id();
-    let rollback_steps = format!("{rollback}/");
-    let request = (record.request != 0).then(|| request_id(record.request));
-    let incident = incident_id(record.number);
-    let changes: Vec<String> = record
-        .changes
-        .iter()
-        .map(|&change| change_id(change))
-        .collect();
-    let about = |target: &str, action: &str, at_ms: u64| {
-        if target == rollback || target.starts_with(&rollback_steps) || target == incident {
-            return true;
+/// What an incident's audit entries are about: its rollback, request, changes and itself, and
+/// the flags of its services in its environments from the impact on.
+struct Scope<'a> {
+    rollback: String,
+    rollback_steps: String,
+    request: Option<String>,
+    incident: String,
+    changes: Vec<String>,
+    services: &'a [String],
+    environments: &'a BTreeSet<String>,
+    since_ms: u64,
+}
+
+impl<'a> Scope<'a> {
+    fn of(record: &'a RollbackRecord, environments: &'a BTreeSet<String>, since_ms: u64) -> Self {
+        let rollback = record.id();
+        Self {
+            rollback_steps: format!("{rollback}/"),
+            rollback,
+            request: (record.request != 0).then(|| request_id(record.request)),
+            incident: incident_id(record.number),
+            changes: record
+                .changes
+                .iter()
+                .map(|&change| change_id(change))
+                .collect(),
+            services: &record.services,
+            environments,
+            since_ms,
         }
-        if request.as_deref() == Some(target) {
-            return true;
-        }
-        if changes
-            .iter()
-            .any(|change| target == change || target.starts_with(&format!("{change}/")))
+    }
+
+    /// A flag (`environment/service/name`) of this incident's, changed since the impact began.
+    fn flag(&self, target: &str, at_ms: u64) -> bool {
+        let mut parts = target.splitn(3, '/');
+        let (Some(environment), Some(service)) = (parts.next(), parts.next()) else {
+            return false;
+        };
+        at_ms >= self.since_ms
+            && self.environments.contains(environment)
+            && self.services.iter().any(|own| own == service)
+    }
+
+    /// Whether the entry is always shown (`Some(true)`), shown as a detail (`Some(false)`), or
+    /// not about the incident.
+    fn about(&self, entry: &AuditEntry) -> Option<bool> {
+        let target = entry.target.as_str();
+        if target == self.rollback
+            || target == self.incident
+            || self.request.as_deref() == Some(target)
+            || self.changes.iter().any(|change| change == target)
+            || (entry.action == "flag.kill" && self.flag(target, entry.at_ms))
         {
-            return true;
+            return Some(true);
         }
-        // A kill switch or flag of one of its services, from the impact on.
-        action.starts_with("flag.")
-            && at_ms >= since_ms
-            && target
-                .split('/')
-                .nth(1)
-                .is_some_and(|service| record.services.iter().any(|own| own == service))
-    };
-    state
-        .audit
-        .entries()
-        .iter()
-        .filter(|entry| entry.at_ms >= since_ms && about(&entry.target, &entry.action, entry.at_ms))
-        .take(MAX_TIMELINE_EVENTS)
-        .map(|entry| pb::IncidentEvent {
+        let detail = target.starts_with(&self.rollback_steps)
+            || (entry.action.starts_with("flag.") && self.flag(target, entry.at_ms));
+        detail.then_some(false)
+    }
+}
+
+/// The audit entries about the incident, in order: every one that is always shown, and the
+/// first [`MAX_DETAIL_EVENTS`] details; how many details were left out.
+fn timeline(window: &[Arc<AuditEntry>], scope: &Scope<'_>) -> (Vec<pb::IncidentEvent>, u64) {
+    let (mut events, mut details, mut omitted) = (Vec::new(), 0, 0);
+    for entry in window {
+        let Some(always) = scope.about(entry) else {
+            continue;
+        };
+        if !always {
+            if details == MAX_DETAIL_EVENTS {
+                omitted += 1;
+                continue;
+            }
+            details += 1;
+        }
+        events.push(pb::IncidentEvent {
             at_ms: entry.at_ms,
             audit_index: entry.index,
             identity: entry.identity.clone(),
             action: entry.action.clone(),
             target: entry.target.clone(),
             outcome: entry.readable_outcome(),
-        })
-        .collect()
+        });
+    }
+    (events, omitted)
 }
 
 /// When the harm was first reduced, and by what: a flag turned back as the rollback started, a
-/// kill switch thrown, or the first host restored.
-fn mitigation(record: &RollbackRecord, events: &[pb::IncidentEvent]) -> (u64, String) {
+/// kill switch thrown, a service isolated, or the first host restored.
+fn mitigation(
+    record: &RollbackRecord,
+    kill_switch: Option<&Arc<AuditEntry>>,
+    isolated: Option<&Arc<AuditEntry>>,
+) -> (u64, String) {
     let mut candidates: Vec<(u64, String)> = Vec::new();
     if !record.flags_reverted.is_empty() {
         candidates.push((
@@ -219,8 +293,11 @@ fn mitigation(record: &RollbackRecord, events: &[pb::IncidentEvent]) -> (u64, St
             format!("flags turned back: {}", record.flags_reverted.join(", ")),
         ));
     }
-    if let Some(kill) = events.iter().find(|event| event.action == "flag.kill") {
+    if let Some(kill) = kill_switch {
         candidates.push((kill.at_ms, format!("kill switch {}", kill.target)));
+    }
+    if let Some(isolated) = isolated {
+        candidates.push((isolated.at_ms, "a service isolated (drained)".into()));
     }
     if let Some(step) = record
         .steps
@@ -241,14 +318,28 @@ fn mitigation(record: &RollbackRecord, events: &[pb::IncidentEvent]) -> (u64, St
         .unwrap_or_default()
 }
 
-/// The bullets under `## Action items` and `## Lessons` of a root-cause analysis.
+/// The bullets under `## Action items` and `## Lessons` of a root-cause analysis (`-`, `*`, `+`
+/// or numbered; checkboxes dropped), outside code fences; a template's `<...>` placeholders are
+/// not kept.
 pub fn lessons_of(rca_markdown: &str) -> (Vec<String>, Vec<String>) {
     let (mut action_items, mut lessons) = (Vec::new(), Vec::new());
     let mut section: Option<&mut Vec<String>> = None;
+    let mut fenced = false;
     for line in rca_markdown.lines() {
         let trimmed = line.trim();
-        if let Some(heading) = trimmed.strip_prefix('#') {
-            let heading = heading.trim_start_matches('#').trim().to_ascii_lowercase();
+        if trimmed.starts_with("```") || trimmed.starts_with("~~~") {
+            fenced = !fenced;
+            continue;
+        }
+        if fenced {
+            continue;
+        }
+        let level = trimmed.chars().take_while(|&c| c == '#').count();
+        if level > 0 && trimmed[level..].starts_with(' ') {
+            let heading = trimmed[level..]
+                .trim()
+                .trim_end_matches(':')
+                .to_ascii_lowercase();
             section = match heading.as_str() {
                 "action items" => Some(&mut action_items),
                 "lessons" | "lessons learned" | "lessons learnt" => Some(&mut lessons),
@@ -256,16 +347,26 @@ pub fn lessons_of(rca_markdown: &str) -> (Vec<String>, Vec<String>) {
             };
             continue;
         }
-        let bullet = trimmed
-            .strip_prefix("- ")
-            .or_else(|| trimmed.strip_prefix("* "))
+        let numbered = trimmed
+            .split_once(". ")
+            .filter(|(number, _)| !number.is_empty() && number.bytes().all(|b| b.is_ascii_digit()))
+            .map(|(_, text)| text);
+        let bullet = ["- ", "* ", "+ "]
+            .iter()
+            .find_map(|mark| trimmed.strip_prefix(mark))
+            .or(numbered)
             .map(|text| {
-                text.trim_start_matches("[ ] ")
-                    .trim_start_matches("[x] ")
+                let text = text.trim();
+                ["[ ]", "[x]", "[X]"]
+                    .iter()
+                    .find_map(|box_| text.strip_prefix(box_))
+                    .unwrap_or(text)
                     .trim()
             });
+        let placeholder = |text: &str| text.starts_with('<') && text.ends_with('>');
         if let (Some(section), Some(text)) = (section.as_deref_mut(), bullet)
             && !text.is_empty()
+            && !placeholder(text)
             && section.len() < MAX_LESSONS
         {
             section.push(rewind_shared::names::truncate(text, MAX_LESSON_BYTES).to_string());
@@ -316,6 +417,10 @@ pub(super) async fn list_incidents(
             .map(|(_, record)| incident(state, record, false));
         one_page(limit, older, |incident| incident.incident_id.clone())
     });
+    let (mut incidents, mut next_page_token) = (incidents, next_page_token);
+    within_bytes(&mut incidents, &mut next_page_token, |incident| {
+        incident.incident_id.clone()
+    });
     Ok(Response::new(pb::ListIncidentsResponse {
         incidents,
         next_page_token,
@@ -353,6 +458,15 @@ pub(super) async fn note_incident(
                 "is {} bytes: a note says something, in at most {MAX_INCIDENT_NOTE_BYTES}",
                 text.len()
             ),
+        ));
+    }
+    if text
+        .chars()
+        .any(|c| c != '\n' && rewind_shared::names::unsafe_on_terminal(c))
+    {
+        return Err(invalid(
+            "text",
+            "holds control characters (other than new lines) or bidirectional overrides",
         ));
     }
     authorize_incident(control, &caller, number).await?;
@@ -467,11 +581,20 @@ mod tests {
 
     #[test]
     fn action_items_and_lessons_are_the_bullets_under_their_headings() {
-        let rca = "# RCA in-3\n## Summary\n- not this\n## Action items\n- [ ] add a canary \
-                   gate\n* page the owner\n\n## What went well\n- fast\n### Lessons\n- flags \
-                   first, then hosts\n-\n";
+        let rca = "# RCA in-3\n## Summary\n- not this\n## Action items:\n- [ ] add a canary \
+                   gate\n* page the owner\n+ [X] done one\n2. numbered\n- [ ] <action, owner>\n\
+                   ```\n# not a heading\n- not a bullet\n```\n## What went well\n- fast\n\
+                   ### Lessons\n- flags first, then hosts\n-\n";
         let (action_items, lessons) = lessons_of(rca);
-        assert_eq!(action_items, ["add a canary gate", "page the owner"]);
+        assert_eq!(
+            action_items,
+            [
+                "add a canary gate",
+                "page the owner",
+                "done one",
+                "numbered"
+            ]
+        );
         assert_eq!(lessons, ["flags first, then hosts"]);
         let many = format!("## Lessons\n{}", "- again\n".repeat(80));
         assert_eq!(lessons_of(&many).1.len(), MAX_LESSONS);
