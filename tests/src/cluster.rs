@@ -110,14 +110,8 @@ impl ClusterHarness {
                 .map(|id| format!("{}:7443", network.address(id)))
                 .collect(),
             None => {
-                // Reserve distinct free ports, then release them for the members to bind.
-                let listeners: Vec<std::net::TcpListener> = (0..size)
-                    .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-                    .collect();
-                listeners
-                    .iter()
-                    .map(|listener| listener.local_addr().unwrap().to_string())
-                    .collect()
+                // Distinct free ports, outside the range outgoing connections take theirs from.
+                (0..size).map(|_| free_address()).collect()
             }
         };
         let mut listens = addresses.clone();
@@ -219,9 +213,7 @@ impl ClusterHarness {
             self.network.is_none(),
             "a joining member runs on loopback only"
         );
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let address = listener.local_addr().unwrap().to_string();
-        drop(listener);
+        let address = free_address();
         self.addresses.push(address.clone());
         self.listens.push(address);
         self.http_addresses

@@ -18,7 +18,8 @@ impl Coordinator {
 
     /// A dev coordinator whose config file holds `config` (TOML), e.g. an `[escalation]`.
     pub fn must_start_with(dir: &Path, config: &str) -> Self {
-        Self::must_start_listening(dir, config, "127.0.0.1:0")
+        // A port a restart can have back (see `free_port`).
+        Self::must_start_listening(dir, config, &free_address())
     }
 
     /// Starts this coordinator again (after `process.kill()`) on the same data and address,

@@ -162,14 +162,29 @@ pub(crate) fn spawn_launched(
     }
 }
 
-/// A free loopback port (bound then released: another process could take it in between, which
-/// on a test machine does not happen in practice).
+/// A free loopback port for a process that may be restarted on it. Taken below the kernel's
+/// ephemeral range (32768-60999 by default), from which every outgoing connection gets its
+/// local port: a port from that range, released while its process is down, can be taken by any
+/// other test's connection, and the restart then fails with "address in use" (seen in CI).
+/// Ports are handed out in turn from an offset of this process's own, each checked free.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const COUNT: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let offset = std::process::id().wrapping_mul(7_919);
+    for _ in 0..COUNT {
+        let port = FIRST + (offset.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)) % COUNT);
+        if std::net::TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return port as u16;
+        }
+    }
+    panic!("no free loopback port in {FIRST}..{}", FIRST + COUNT)
+}
+
+/// A free loopback `host:port` (see [`free_port`]).
+pub fn free_address() -> String {
+    format!("127.0.0.1:{}", free_port())
 }
 
 /// The stdout of a `rewindctl` run that must have succeeded.
@@ -214,4 +229,23 @@ where
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// What a finished command printed, stdout then stderr, for assertions and failure messages.
+pub fn output_text(output: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// `rewindctl` with no cluster to talk to (an address nothing listens on): for what it does
+/// offline, such as `audit verify --file`.
+pub fn rewindctl_offline(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(must_binary("rewindctl"))
+        .args(["--coordinator", "127.0.0.1:9"])
+        .args(args)
+        .output()
+        .expect("run rewindctl")
 }

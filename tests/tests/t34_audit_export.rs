@@ -7,22 +7,15 @@ use std::path::{Path, PathBuf};
 use rewind_proto::v1 as pb;
 use rewind_tests::{Coordinator, plain_service};
 
-fn text(output: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
+use rewind_tests::output_text as text;
 
-/// `rewindctl audit verify --file ...` with no cluster at all: an address nothing listens on.
+/// `rewindctl audit verify --file ...` with no cluster at all.
 fn verify_offline(files: &[&Path]) -> std::process::Output {
-    let mut command = std::process::Command::new(rewind_tests::must_binary("rewindctl"));
-    command.args(["--coordinator", "127.0.0.1:9", "audit", "verify"]);
+    let mut args = vec!["audit", "verify"];
     for file in files {
-        command.arg("--file").arg(file);
+        args.extend(["--file", file.to_str().unwrap()]);
     }
-    command.output().expect("run rewindctl")
+    rewind_tests::rewindctl_offline(&args)
 }
 
 fn must_export(coordinator: &Coordinator, out: &Path, extra: &[&str]) -> String {

@@ -9,13 +9,7 @@ use std::time::Duration;
 use rewind_proto::v1 as pb;
 use rewind_tests::{Coordinator, plain_service};
 
-fn text(output: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
+use rewind_tests::output_text as text;
 
 fn must_ctl(coordinator: &Coordinator, args: &[&str]) -> String {
     let output = coordinator.rewindctl(args);
@@ -75,17 +69,21 @@ async fn archived_entries_alone_leave_and_the_chain_verifies_across_the_gap() {
     let hash = archived["manifest_hash"].as_str().unwrap().to_string();
 
     // A hash that is not this export's, and one past what exists, are refused.
-    for (through, hash) in [(through, "ab".repeat(32)), (through + 100, hash.clone())] {
-        let output = coordinator.rewindctl(&[
+    let confirm = |coordinator: &Coordinator, through: u64, hash: &str| {
+        let through = through.to_string();
+        coordinator.rewindctl(&[
             "audit",
             "archived",
             "--through",
-            &through.to_string(),
+            &through,
             "--manifest-hash",
-            &hash,
+            hash,
             "--reason",
             "s3://audit/2026",
-        ]);
+        ])
+    };
+    for (through, hash) in [(through, "ab".repeat(32)), (through + 100, hash.clone())] {
+        let output = confirm(&coordinator, through, &hash);
         assert!(!output.status.success(), "{}", text(&output));
         assert!(text(&output).contains("manifest hash"), "{}", text(&output));
     }
@@ -95,16 +93,7 @@ async fn archived_entries_alone_leave_and_the_chain_verifies_across_the_gap() {
     coordinator.must_restart_with_failpoints("coordinator.before-audit-prune");
     // The engine may reach its crash point before the answer is sent: the answer is not what
     // this checks, the confirmation's survival is.
-    let _ = coordinator.rewindctl(&[
-        "audit",
-        "archived",
-        "--through",
-        &through.to_string(),
-        "--manifest-hash",
-        &hash,
-        "--reason",
-        "s3://audit/2026",
-    ]);
+    let _ = confirm(&coordinator, through, &hash);
     coordinator.must_exit_within(Duration::from_secs(60));
     // Back up: the confirmation held, and the pruning happens now.
     coordinator.must_restart();
@@ -150,30 +139,26 @@ async fn archived_entries_alone_leave_and_the_chain_verifies_across_the_gap() {
             &through.to_string(),
         ],
     );
-    let output = std::process::Command::new(rewind_tests::must_binary("rewindctl"))
-        .args(["--coordinator", "127.0.0.1:9", "audit", "verify"])
-        .arg("--file")
-        .arg(&archive)
-        .arg("--file")
-        .arg(&rest)
-        .output()
-        .unwrap();
+    let output = rewind_tests::rewindctl_offline(&[
+        "audit",
+        "verify",
+        "--file",
+        archive.to_str().unwrap(),
+        "--file",
+        rest.to_str().unwrap(),
+    ]);
     assert!(output.status.success(), "{}", text(&output));
     // The archive against the hash the cluster confirmed; another hash does not pass.
     let against = |hash: &str| {
-        std::process::Command::new(rewind_tests::must_binary("rewindctl"))
-            .args([
-                "--coordinator",
-                "127.0.0.1:9",
-                "audit",
-                "verify",
-                "--manifest-hash",
-                hash,
-            ])
-            .arg("--file")
-            .arg(&archive)
-            .output()
-            .unwrap()
+        let file = archive.to_str().unwrap();
+        rewind_tests::rewindctl_offline(&[
+            "audit",
+            "verify",
+            "--manifest-hash",
+            hash,
+            "--file",
+            file,
+        ])
     };
     let confirmed = against(&hash);
     assert!(confirmed.status.success(), "{}", text(&confirmed));

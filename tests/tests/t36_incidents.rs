@@ -9,13 +9,7 @@ use rewind_tests::{
     must_start_rollback_of_v2,
 };
 
-fn text(output: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
+use rewind_tests::output_text as text;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rollback_is_an_incident_with_its_times_timeline_notes_and_analysis() {

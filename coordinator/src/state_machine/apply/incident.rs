@@ -16,6 +16,17 @@ fn refused(number: u64, why: impl Into<String>) -> CoordinatorError {
     }
 }
 
+/// The incident's record, made on its first note or close.
+fn record_of(state: &mut State, number: u64) -> &mut IncidentRecord {
+    state
+        .incidents
+        .entry(number)
+        .or_insert_with(|| IncidentRecord {
+            number,
+            ..IncidentRecord::default()
+        })
+}
+
 pub(super) fn note_incident(
     state: &mut State,
     number: u64,
@@ -26,13 +37,7 @@ pub(super) fn note_incident(
     if !state.rollbacks.contains_key(&number) {
         return Err(unknown_incident(state, number));
     }
-    let record = state
-        .incidents
-        .entry(number)
-        .or_insert_with(|| IncidentRecord {
-            number,
-            ..IncidentRecord::default()
-        });
+    let record = record_of(state, number);
     if record.notes.len() >= MAX_INCIDENT_NOTES {
         return Err(refused(
             number,
@@ -73,13 +78,7 @@ pub(super) fn close_incident(
             ),
         ));
     }
-    let record = state
-        .incidents
-        .entry(number)
-        .or_insert_with(|| IncidentRecord {
-            number,
-            ..IncidentRecord::default()
-        });
+    let record = record_of(state, number);
     if record.closed_at_ms != 0 {
         return Err(refused(
             number,
