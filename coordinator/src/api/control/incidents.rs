@@ -578,6 +578,100 @@ pub(super) async fn get_runbook(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_fleet::Fleet;
+
+    #[test]
+    fn an_incident_reads_its_own_scope_and_counts_an_earlier_kill_switch() {
+        let mut fleet = Fleet::with_web();
+        fleet.deploy_web("v1");
+        let change = fleet.deploy_web("v2");
+        let kill = |environment: &str| CommandKind::SetFlag {
+            environment: environment.into(),
+            service: "web".into(),
+            name: "checkout".into(),
+            enabled: false,
+            kill: true,
+            reason: "errors".into(),
+        };
+        let last_at = |fleet: &Fleet| fleet.state.audit.entries().last().unwrap().at_ms;
+        // Another environment's kill switch is not this incident's.
+        fleet.apply(kill("staging"));
+        let staging_at = last_at(&fleet);
+        fleet.apply(kill("default"));
+        let killed_at = last_at(&fleet);
+        let rollback = fleet.must_start_rollback(change, Trigger::Manual);
+        let waves = fleet.state.rollbacks[&rollback].waves.len() as u32;
+        for wave in 0..waves {
+            let hosts: Vec<String> = fleet.state.rollbacks[&rollback]
+                .steps
+                .iter()
+                .filter(|step| step.wave == wave)
+                .map(|step| step.host_id.clone())
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            for host in hosts {
+                for kind in RollbackStepKind::ALL {
+                    let step = StepTarget::Rollback {
+                        rollback,
+                        service: "web".into(),
+                        host_id: host.clone(),
+                        kind,
+                    };
+                    fleet.finish(step, true);
+                }
+            }
+            fleet.finish(StepTarget::Gate { rollback, wave }, true);
+        }
+        let record = &fleet.state.rollbacks[&rollback];
+        assert_eq!(record.status, RollbackStatus::Succeeded);
+        let detail = incident(&fleet.state, record, true);
+        // Thrown before the rollback was asked for: it detected and mitigated.
+        assert_eq!(detail.detected_at_ms, killed_at);
+        assert_eq!(detail.mitigated_at_ms, killed_at);
+        assert_eq!(detail.mitigated_by, "kill switch default/web/checkout");
+        assert_eq!(detail.recovered_at_ms, record.finished_at_ms);
+        assert!(staging_at < killed_at);
+        let targets: Vec<&str> = detail
+            .timeline
+            .iter()
+            .map(|event| event.target.as_str())
+            .collect();
+        assert!(
+            !targets.iter().any(|target| target.starts_with("staging/")),
+            "{targets:?}"
+        );
+        assert!(
+            !targets.iter().any(|target| target.starts_with("ch-2/")),
+            "{targets:?}"
+        );
+        for expected in ["ch-2", "default/web/checkout", "rb-1"] {
+            assert!(targets.contains(&expected), "{expected} in {targets:?}");
+        }
+        assert!(
+            targets.iter().any(|target| target.starts_with("rb-1/")),
+            "{targets:?}"
+        );
+        // A summary reads the same times without a timeline.
+        let summary = incident(&fleet.state, record, false);
+        assert!(summary.timeline.is_empty());
+        assert_eq!(
+            (
+                summary.detected_at_ms,
+                summary.mitigated_at_ms,
+                summary.recovered_at_ms
+            ),
+            (
+                detail.detected_at_ms,
+                detail.mitigated_at_ms,
+                detail.recovered_at_ms
+            )
+        );
+        // A host left unreverted: never recovered.
+        let mut skipped = record.clone();
+        skipped.skipped_hosts.push("web-2".into());
+        assert_eq!(incident(&fleet.state, &skipped, false).recovered_at_ms, 0);
+    }
 
     #[test]
     fn action_items_and_lessons_are_the_bullets_under_their_headings() {
