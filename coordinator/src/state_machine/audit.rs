@@ -125,6 +125,17 @@ impl AuditLog {
         &self.entries[skip.min(self.entries.len())..]
     }
 
+    /// Entries held with indexes in `indexes` (those pruned are not).
+    pub fn range(&self, indexes: std::ops::Range<u64>) -> &[Arc<AuditEntry>] {
+        let held = self.from_index(indexes.start);
+        let wanted = indexes
+            .end
+            .saturating_sub(indexes.start.max(self.first_index));
+        &held[..held
+            .len()
+            .min(usize::try_from(wanted).unwrap_or(usize::MAX))]
+    }
+
     pub fn get(&self, index: u64) -> Option<&Arc<AuditEntry>> {
         let position = usize::try_from(index.checked_sub(self.first_index)?).ok()?;
         self.entries.get(position)

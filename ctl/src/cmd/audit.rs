@@ -431,7 +431,7 @@ pub(crate) fn verify_files(
 ) -> anyhow::Result<ExitCode> {
     let mut chain: Option<ChainCheck> = None;
     let mut results = Vec::new();
-    for file in files {
+    for (position, file) in files.iter().enumerate() {
         let manifest_file = manifest_path(file);
         let manifest = read_manifest(&manifest_file)?;
         let entries =
@@ -439,7 +439,7 @@ pub(crate) fn verify_files(
         let chain = chain.get_or_insert_with(|| {
             ChainCheck::continuing(manifest.first_index, &manifest.anchor_hash)
         });
-        let last = std::ptr::eq(file, &files[files.len() - 1]);
+        let last = position + 1 == files.len();
         let outcome = match manifest_hash {
             Some(expected) if last && !expected.eq_ignore_ascii_case(&manifest.manifest_hash) => {
                 Err(chain::ExportProblem {

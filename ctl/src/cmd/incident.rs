@@ -57,7 +57,6 @@ pub(crate) async fn incident(
     format: Format,
     command: IncidentCommand,
 ) -> anyhow::Result<ExitCode> {
-    let get = |incident_id: String| pb::GetIncidentRequest { incident_id };
     match command {
         IncidentCommand::List { page } => {
             let listed = client
@@ -99,11 +98,7 @@ pub(crate) async fn incident(
             Ok(ExitCode::SUCCESS)
         }
         IncidentCommand::Show { incident_id } => {
-            let incident = client
-                .get_incident(get(incident_id))
-                .await
-                .map_err(explain)?
-                .into_inner();
+            let incident = fetch(client, incident_id).await?;
             if format == Format::Json {
                 json(&incident)?;
             } else {
@@ -133,11 +128,7 @@ pub(crate) async fn incident(
             Ok(ExitCode::SUCCESS)
         }
         IncidentCommand::RcaTemplate { incident_id } => {
-            let incident = client
-                .get_incident(get(incident_id))
-                .await
-                .map_err(explain)?
-                .into_inner();
+            let incident = fetch(client, incident_id).await?;
             say!("{}", rca_template(&incident));
             Ok(ExitCode::SUCCESS)
         }
@@ -169,11 +160,7 @@ pub(crate) async fn incident(
             incident_id,
             format: export,
         } => {
-            let incident = client
-                .get_incident(get(incident_id))
-                .await
-                .map_err(explain)?
-                .into_inner();
+            let incident = fetch(client, incident_id).await?;
             match export {
                 ExportFormat::Json => json(&incident)?,
                 ExportFormat::Markdown => say!("{}", markdown(&incident)),
@@ -181,6 +168,15 @@ pub(crate) async fn incident(
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+async fn fetch(client: &mut client::Client, incident_id: String) -> anyhow::Result<pb::Incident> {
+    let request = pb::GetIncidentRequest { incident_id };
+    Ok(client
+        .get_incident(request)
+        .await
+        .map_err(explain)?
+        .into_inner())
 }
 
 fn read_rca(path: &PathBuf) -> anyhow::Result<String> {

@@ -271,9 +271,7 @@ pub(super) async fn export_audit(
     // The range is fixed here: entries appended while the export streams belong to the next.
     let indexes = control.context.node.read(|state| {
         let indexes = select(&state.audit, &range);
-        let selected = state.audit.from_index(indexes.start);
-        let selected = &selected[..selected.len().min((indexes.end - indexes.start) as usize)];
-        redactable(selected, &range.redact).map(|()| indexes)
+        redactable(state.audit.range(indexes.clone()), &range.redact).map(|()| indexes)
     })?;
     let context = control.context.clone();
     let (sender, receiver) = tokio::sync::mpsc::channel(4);
@@ -283,8 +281,7 @@ pub(super) async fn export_audit(
             let chunk_end = (next + EXPORT_CHUNK).min(indexes.end);
             // Shared entries: the read lock is held only to copy pointers.
             let chunk: Option<Vec<Arc<AuditEntry>>> = context.node.read(|state| {
-                let held = state.audit.from_index(next);
-                let chunk = &held[..held.len().min((chunk_end - next) as usize)];
+                let chunk = state.audit.range(next..chunk_end);
                 (chunk.first().map(|entry| entry.index) == Some(next)).then(|| chunk.to_vec())
             });
             let Some(chunk) = chunk else {

@@ -408,7 +408,7 @@ pub(super) async fn list_incidents(
     let page = PageRequest::new(request.page_size, &request.page_token);
     let (limit, before) = (page.size()?, page.before("in")?);
     control.context.current().await?;
-    let (incidents, next_page_token) = control.context.node.read(|state| {
+    let (mut incidents, mut next_page_token) = control.context.node.read(|state| {
         let older = state
             .rollbacks
             .range(..before)
@@ -417,7 +417,6 @@ pub(super) async fn list_incidents(
             .map(|(_, record)| incident(state, record, false));
         one_page(limit, older, |incident| incident.incident_id.clone())
     });
-    let (mut incidents, mut next_page_token) = (incidents, next_page_token);
     within_bytes(&mut incidents, &mut next_page_token, |incident| {
         incident.incident_id.clone()
     });
