@@ -5,6 +5,7 @@
 //! Kept in one file (over 700 lines): the whole config file's schema, defaults and checks, section
 //! by section, so the README's table and the code compare in one read.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -27,6 +28,7 @@ pub struct RawConfig {
     pub storage: RawStorage,
     pub cluster: RawCluster,
     pub escalation: RawEscalation,
+    pub incidents: RawIncidents,
     pub throttle: RawThrottle,
     pub http: RawHttp,
     pub alertmanager: RawAlertmanager,
@@ -241,6 +243,78 @@ pub struct RawEscalation {
     pub secret_file: Option<PathBuf>,
 }
 
+/// `[incidents]`: where an incident system hears of incidents (trigger when a rollback starts,
+/// acknowledge when a person acts on it, resolve when it succeeds).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct RawIncidents {
+    /// http:// URL that receives a JSON POST per event.
+    pub webhook_url: Option<String>,
+    /// File holding the shared secret the signature is made with (at least 16 bytes).
+    pub secret_file: Option<PathBuf>,
+    /// `pagerduty` (Events API v2) or `json`.
+    pub format: Option<String>,
+    /// `pagerduty`: file holding the integration's routing key.
+    pub routing_key_file: Option<PathBuf>,
+    /// Environment -> PagerDuty severity (critical, error, warning, info). Unlisted: critical
+    /// for `prod` and `production`, warning otherwise.
+    pub severity: BTreeMap<String, String>,
+}
+
+/// The severities PagerDuty's Events API v2 accepts, gravest first.
+pub const SEVERITIES: [&str; 4] = ["critical", "error", "warning", "info"];
+
+#[derive(Clone)]
+pub struct IncidentWebhookConfig {
+    pub url: String,
+    pub secret: Vec<u8>,
+    pub format: IncidentFormat,
+    pub severity: BTreeMap<String, String>,
+}
+
+#[derive(Clone)]
+pub enum IncidentFormat {
+    PagerDuty { routing_key: String },
+    Json,
+}
+
+impl IncidentWebhookConfig {
+    /// The gravest severity of `environments` (warning without one).
+    pub fn severity_of<'a>(
+        &self,
+        environments: impl IntoIterator<Item = &'a String>,
+    ) -> &'static str {
+        let rank = |environment: &String| -> usize {
+            let named = match self.severity.get(environment) {
+                Some(severity) => severity.as_str(),
+                None if matches!(environment.as_str(), "prod" | "production") => "critical",
+                None => "warning",
+            };
+            SEVERITIES
+                .iter()
+                .position(|severity| *severity == named)
+                .unwrap_or(2)
+        };
+        let gravest = environments.into_iter().map(rank).min().unwrap_or(2);
+        SEVERITIES[gravest]
+    }
+}
+
+impl std::fmt::Debug for IncidentWebhookConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let format = match self.format {
+            IncidentFormat::PagerDuty { .. } => "pagerduty",
+            IncidentFormat::Json => "json",
+        };
+        f.debug_struct("IncidentWebhookConfig")
+            .field("url", &self.url)
+            .field("secret", &"<redacted>")
+            .field("format", &format)
+            .field("severity", &self.severity)
+            .finish()
+    }
+}
+
 #[derive(Clone)]
 pub struct EscalationConfig {
     pub webhook_url: String,
@@ -379,6 +453,7 @@ pub struct Config {
     pub snapshot_every: u64,
     pub cluster: ClusterConfig,
     pub escalation: Option<EscalationConfig>,
+    pub incidents: Option<IncidentWebhookConfig>,
     pub http: Option<HttpConfig>,
     pub alertmanager: Option<AlertmanagerConfig>,
     pub access: AccessConfig,
@@ -468,6 +543,7 @@ impl RawConfig {
             );
         }
         let escalation = validate_escalation(&self.escalation, &mut problems);
+        let incidents = validate_incidents(&self.incidents, &mut problems);
         let http = validate_http(&self.http, &mut problems);
         let alertmanager = validate_alertmanager(&self.alertmanager, &mut problems);
         let access = validate_access(&self.access, &mut problems);
@@ -523,6 +599,7 @@ impl RawConfig {
                     latency_tolerance: engine.gate_latency_tolerance,
                 },
                 escalation_webhook: escalation.is_some(),
+                incident_webhook: incidents.is_some(),
                 throttle: self.throttle.limits(),
                 audit_retention: crate::state_machine::AuditRetention {
                     days: self.audit.retain_days,
@@ -535,6 +612,7 @@ impl RawConfig {
             snapshot_every: self.storage.snapshot_every,
             cluster,
             escalation,
+            incidents,
             http,
             alertmanager,
             access,
@@ -710,14 +788,19 @@ fn read_secret(field: &str, path: &Path, problems: &mut Problems) -> Option<Vec<
     }
 }
 
-fn validate_escalation(raw: &RawEscalation, problems: &mut Problems) -> Option<EscalationConfig> {
-    let url = raw.webhook_url.as_ref()?;
+/// Webhooks are plain http:// for now (a relay on the host adds TLS).
+fn check_webhook_url(field: &str, url: &str, problems: &mut Problems) {
     if !url.starts_with("http://") || url.len() <= "http://".len() {
         problems.add(
-            "escalation.webhook-url",
+            field,
             format!("{url:?} must be an http:// URL (https is not supported yet)"),
         );
     }
+}
+
+fn validate_escalation(raw: &RawEscalation, problems: &mut Problems) -> Option<EscalationConfig> {
+    let url = raw.webhook_url.as_ref()?;
+    check_webhook_url("escalation.webhook-url", url, problems);
     let Some(path) = &raw.secret_file else {
         problems.add(
             "escalation.secret-file",
@@ -729,6 +812,84 @@ fn validate_escalation(raw: &RawEscalation, problems: &mut Problems) -> Option<E
     Some(EscalationConfig {
         webhook_url: url.clone(),
         secret,
+    })
+}
+
+fn validate_incidents(
+    raw: &RawIncidents,
+    problems: &mut Problems,
+) -> Option<IncidentWebhookConfig> {
+    for (environment, severity) in &raw.severity {
+        if !SEVERITIES.contains(&severity.as_str()) {
+            problems.add(
+                format!("incidents.severity.{environment}"),
+                format!("{severity:?} must be one of {}", SEVERITIES.join(", ")),
+            );
+        }
+    }
+    let Some(url) = &raw.webhook_url else {
+        if raw.secret_file.is_some() || raw.format.is_some() || raw.routing_key_file.is_some() {
+            problems.add(
+                "incidents.webhook-url",
+                "is required with the other incidents keys",
+            );
+        }
+        return None;
+    };
+    check_webhook_url("incidents.webhook-url", url, problems);
+    let format = match raw.format.as_deref().unwrap_or("pagerduty") {
+        "pagerduty" => {
+            let Some(path) = &raw.routing_key_file else {
+                problems.add(
+                    "incidents.routing-key-file",
+                    "is required with format pagerduty: it names the PagerDuty integration",
+                );
+                return None;
+            };
+            let routing_key = match std::fs::read_to_string(path) {
+                Ok(text) => text.trim().to_string(),
+                Err(error) => {
+                    problems.add(
+                        "incidents.routing-key-file",
+                        format!("cannot read {}: {error}", path.display()),
+                    );
+                    return None;
+                }
+            };
+            if routing_key.len() != 32 || !routing_key.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                problems.add(
+                    "incidents.routing-key-file",
+                    format!(
+                        "{} must hold a PagerDuty integration key: 32 letters and digits",
+                        path.display()
+                    ),
+                );
+                return None;
+            }
+            IncidentFormat::PagerDuty { routing_key }
+        }
+        "json" => IncidentFormat::Json,
+        other => {
+            problems.add(
+                "incidents.format",
+                format!("{other:?} must be pagerduty or json"),
+            );
+            return None;
+        }
+    };
+    let Some(path) = &raw.secret_file else {
+        problems.add(
+            "incidents.secret-file",
+            "is required with a webhook-url: receivers check the signature made with it",
+        );
+        return None;
+    };
+    let secret = read_secret("incidents.secret-file", path, problems)?;
+    Some(IncidentWebhookConfig {
+        url: url.clone(),
+        secret,
+        format,
+        severity: raw.severity.clone(),
     })
 }
 
@@ -891,6 +1052,58 @@ silence-lease-s = 1
             "alertmanager.url",
             "alertmanager.silence-lease-s: is 1",
         ] {
+            assert!(
+                joined.contains(expected),
+                "{expected} missing from:\n{joined}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_incident_webhook_settings_are_each_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("pagerduty.key");
+        std::fs::write(&key, "not-a-key").unwrap();
+        let with = |incidents: &str| {
+            let text = format!("[incidents]\n{incidents}");
+            let raw: RawConfig = rewind_shared::config::parse_toml(Path::new("c.toml"), &text)
+                .unwrap()
+                .value;
+            raw.validate().unwrap_err().join("\n")
+        };
+        let key = key.display();
+        for (incidents, expected) in [
+            (
+                format!("webhook-url = \"http://h/\"\nrouting-key-file = \"{key}\"\n"),
+                "incidents.routing-key-file: ",
+            ),
+            (
+                "webhook-url = \"http://h/\"\n".to_string(),
+                "incidents.routing-key-file: is required with format pagerduty",
+            ),
+            (
+                "webhook-url = \"http://h/\"\nformat = \"opsgenie\"\n".to_string(),
+                "incidents.format: \"opsgenie\" must be pagerduty or json",
+            ),
+            (
+                "webhook-url = \"http://h/\"\nformat = \"json\"\n".to_string(),
+                "incidents.secret-file: is required",
+            ),
+            (
+                "webhook-url = \"https://events.pagerduty.com/v2/enqueue\"\nformat = \"json\"\n"
+                    .to_string(),
+                "incidents.webhook-url: ",
+            ),
+            (
+                "format = \"json\"\n".to_string(),
+                "incidents.webhook-url: is required",
+            ),
+            (
+                "[incidents.severity]\nprod = \"fatal\"\n".to_string(),
+                "incidents.severity.prod: \"fatal\" must be one of critical, error, warning, info",
+            ),
+        ] {
+            let joined = with(&incidents);
             assert!(
                 joined.contains(expected),
                 "{expected} missing from:\n{joined}"

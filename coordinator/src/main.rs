@@ -546,6 +546,7 @@ async fn serve(
         limits: config.limits.clone(),
         tick: config.tick,
         escalation: config.escalation.clone(),
+        incidents: config.incidents.clone(),
     };
     let mut engine_stop = stop.clone();
     let engine_task = tokio::spawn(engine.run(async move {

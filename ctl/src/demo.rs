@@ -147,11 +147,17 @@ async fn run_loop(
     [coordinator_bin, agent_bin, app_bin]: [&Path; 3],
     processes: &mut Processes,
 ) -> anyhow::Result<()> {
+    say("Starting a stand-in for PagerDuty (Events API v2 rules, signed deliveries)");
+    let pager = IncidentReceiver::start(dir).await?;
+    say!("  listening on {}", pager.receiver.address);
+
     say("Starting a dev coordinator (single member, mutual TLS with a fresh CA)");
     let addr_file = dir.join("coordinator.addr");
     let coordinator_dir = dir.join("coordinator");
     let coordinator_args = [
         "--dev",
+        "--config",
+        path_str(&pager.config)?,
         "--data-dir",
         path_str(&coordinator_dir)?,
         "--listen",
@@ -456,12 +462,70 @@ async fn run_loop(
         after(incident.recovered_at_ms),
         incident.timeline.len()
     );
+    let told = wait_for(
+        Duration::from_secs(60),
+        "the incident system to hear of the rollback's end",
+        || {
+            let events = pager.receiver.events();
+            Ok(events
+                .iter()
+                .any(|event| event.action == "resolve")
+                .then_some(events))
+        },
+    )
+    .await?;
+    let actions: Vec<&str> = told.iter().map(|event| event.action.as_str()).collect();
+    ensure!(
+        actions == ["trigger", "resolve"]
+            && told.iter().all(|event| event.dedup_key == incident_id),
+        "the incident system heard {told:?}, not a trigger then a resolve of {incident_id}"
+    );
+    say!(
+        "PagerDuty stand-in: {} for {incident_id} (severity {}), then {}, both accepted under the \
+         Events API v2 rules",
+        told[0].action,
+        told[0].severity,
+        told[1].action
+    );
     say!(
         "The demo stops its processes now. To look around afterwards:\n  rewind-coordinator --dev --data-dir {} --listen 127.0.0.1:7443 &\n  rewindctl --tls-dir {} audit list",
         coordinator_dir.display(),
         tls_dir.display()
     );
     Ok(())
+}
+
+/// The demo's incident system: a PagerDuty Events API v2 stand-in on loopback, and the
+/// coordinator config that sends incidents to it.
+struct IncidentReceiver {
+    receiver: rewind_shared::pagerduty::Receiver,
+    config: PathBuf,
+}
+
+impl IncidentReceiver {
+    async fn start(dir: &Path) -> anyhow::Result<Self> {
+        let secret = rewind_shared::digest::sha256_hex(&rand::random::<[u8; 32]>());
+        let receiver = rewind_shared::pagerduty::Receiver::start(secret.clone().into_bytes())
+            .await
+            .context("start the PagerDuty stand-in")?;
+        let secret_file = dir.join("incident.secret");
+        std::fs::write(&secret_file, &secret)?;
+        let key_file = dir.join("pagerduty.key");
+        // A made-up integration key: 32 letters and digits, as PagerDuty's are.
+        std::fs::write(&key_file, "DEMO0000000000000000000000000KEY")?;
+        let config = dir.join("coordinator.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[incidents]\nwebhook-url = \"http://{}/v2/enqueue\"\nformat = \"pagerduty\"\n\
+                 routing-key-file = {:?}\nsecret-file = {:?}\n",
+                receiver.address,
+                path_str(&key_file)?,
+                path_str(&secret_file)?
+            ),
+        )?;
+        Ok(Self { receiver, config })
+    }
 }
 
 fn say(text: &str) {

@@ -40,6 +40,7 @@ pub mod identity;
 pub mod logging;
 pub mod member_tls;
 pub mod names;
+pub mod pagerduty;
 pub mod pki;
 pub mod signals;
 pub mod sql;

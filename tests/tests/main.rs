@@ -37,3 +37,4 @@ mod t33_cluster_version;
 mod t34_audit_export;
 mod t35_audit_retention;
 mod t36_incidents;
+mod t37_incident_webhook;

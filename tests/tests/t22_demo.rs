@@ -32,6 +32,8 @@ fn the_demo_rolls_back_for_real_and_its_processes_log_json_with_the_rollback_id(
         // The demo checks the incident's times and timeline against the rollback itself.
         "Incident in-1: detected after",
         "rewindctl incident export in-1",
+        // And that the PagerDuty stand-in accepted a trigger then a resolve of in-1.
+        "PagerDuty stand-in: trigger for in-1 (severity warning), then resolve",
     ] {
         assert!(stdout.contains(expected), "{expected:?} in:\n{stdout}");
     }

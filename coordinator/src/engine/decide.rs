@@ -33,6 +33,8 @@ pub struct EngineLimits {
     pub default_gate: GateOptions,
     /// Whether escalations are delivered by webhook (one is configured).
     pub escalation_webhook: bool,
+    /// Whether incidents are told to an incident system by webhook (one is configured).
+    pub incident_webhook: bool,
     /// Bounds on automatic rollbacks.
     pub throttle: ThrottleLimits,
     /// How long archived audit entries stay (`[audit]`).
@@ -102,6 +104,8 @@ pub struct EngineMemory {
     /// began its prepare under another leader (or before a restart): without a recorded
     /// decision it is aborted, never committed.
     pub schema_checked: HashSet<u64>,
+    /// (incident, event) -> when its delivery to the incident webhook was last tried.
+    pub notices: HashMap<(u64, crate::state_machine::NoticeEvent), u64>,
     /// When this leader last proposed to prune the audit log (0: not yet).
     pub audit_pruned_at_ms: u64,
 }
@@ -160,6 +164,11 @@ pub enum Action {
         attempt: u32,
         service: String,
         action: AgentAction,
+    },
+    /// Tell the incident webhook of an incident's event.
+    NotifyIncident {
+        incident: u64,
+        event: crate::state_machine::NoticeEvent,
     },
     /// Deliver an escalation by webhook.
     Escalate {
@@ -260,6 +269,9 @@ pub fn decide(
     let mut actions = driver.actions;
     if limits.escalation_webhook {
         escalate(state, memory, now_ms, &mut actions);
+    }
+    if limits.incident_webhook {
+        super::incident_webhook::due(state, &mut memory.notices, now_ms, &mut actions);
     }
     check_triggers(state, seen, memory, limits, now_ms, &mut actions);
     actions

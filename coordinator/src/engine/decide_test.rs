@@ -65,6 +65,7 @@ pub(super) const LIMITS: EngineLimits = EngineLimits {
         latency_tolerance: 0.25,
     },
     escalation_webhook: true,
+    incident_webhook: false,
     throttle: ThrottleLimits {
         budget: 5,
         budget_window_s: 3600,

@@ -11,6 +11,7 @@ mod decide_health_test;
 #[cfg(test)]
 mod decide_test;
 mod escalation;
+mod incident_webhook;
 pub mod silences;
 mod synthetics;
 
@@ -47,6 +48,8 @@ pub struct Engine {
     pub tick: Duration,
     /// Where escalations go; None: they stay visible in `rollback explain` only.
     pub escalation: Option<crate::config::EscalationConfig>,
+    /// Where incidents' events go; None: only `incident show` tells them.
+    pub incidents: Option<crate::config::IncidentWebhookConfig>,
 }
 
 /// Engine proposals the state machine refused, by their exact command. Losing a race is normal
@@ -237,6 +240,14 @@ impl Engine {
                     wave,
                     checks,
                 } => synthetics.spawn_run(rollback, wave, checks),
+                Action::NotifyIncident { incident, event } => {
+                    if let Some(config) = &self.incidents
+                        && let Some(notice) =
+                            incident_webhook::Notice::new(&self.node, config, incident, event)
+                    {
+                        tokio::spawn(notice.run(self.node.clone()));
+                    }
+                }
                 Action::Escalate { escalation } => {
                     if let Some(config) = &self.escalation {
                         let delivery =

@@ -165,6 +165,15 @@ pub enum CommandKind {
         host_id: String,
         reason: String,
     },
+    /// Records a delivery attempt of an incident's event to the incident webhook (from version
+    /// 6). `permanent`: the receiver refused it for good, so it is not tried again.
+    IncidentNotified {
+        incident: u64,
+        event: super::state::NoticeEvent,
+        ok: bool,
+        permanent: bool,
+        detail: String,
+    },
     /// Records a webhook delivery attempt of a rollback's escalation.
     EscalationDelivered {
         escalation: u64,
@@ -563,6 +572,7 @@ impl CommandKind {
             | Self::RecordSelfRevert { .. }
             | Self::RecordOfflineHealth { .. }
             | Self::EscalationDelivered { .. }
+            | Self::IncidentNotified { .. }
             | Self::UseJoinToken { .. }
             | Self::CertificateRenewed { .. }
             | Self::PruneAudit { .. }
@@ -581,6 +591,7 @@ impl CommandKind {
             | Self::RedactAudit { .. }
             | Self::NoteIncident { .. }
             | Self::CloseIncident { .. } => 5,
+            Self::IncidentNotified { .. } => 6,
             _ => super::version::LEGACY,
         }
     }
@@ -630,6 +641,7 @@ impl CommandKind {
             Self::RedactAudit { .. } => "audit.redact",
             Self::NoteIncident { .. } => "incident.note",
             Self::CloseIncident { .. } => "incident.close",
+            Self::IncidentNotified { .. } => "incident.notify",
             Self::ChangeMembership { change, .. } => match change {
                 MembershipChange::AddLearner => "cluster.add-learner",
                 MembershipChange::Promote => "cluster.promote",

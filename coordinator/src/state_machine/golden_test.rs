@@ -190,6 +190,7 @@ fn current_release_log() -> Fleet {
     version_three(&mut harness);
     version_four(&mut harness);
     version_five(&mut harness);
+    version_six(&mut harness);
     harness
 }
 
@@ -535,6 +536,55 @@ fn version_five(harness: &mut Fleet) {
             .identity
             .is_empty(),
         "redacted in the state"
+    );
+}
+
+/// From version 6 the incident webhook's deliveries are recorded on the incident: refused
+/// before the raise and for an incident that does not exist; a failure then a success; a
+/// permanent refusal given up at once; a late result for a settled event changing nothing.
+fn version_six(harness: &mut Fleet) {
+    let notified = |incident: u64, event: NoticeEvent, ok: bool, permanent: bool| {
+        CommandKind::IncidentNotified {
+            incident,
+            event,
+            ok,
+            permanent,
+            detail: format!(
+                "http://pager/v2/enqueue answered {}",
+                if ok { 202 } else { 503 }
+            ),
+        }
+    };
+    // Refused at version 5.
+    let _ = harness.run(notified(1, NoticeEvent::Trigger, true, false));
+    harness.apply(CommandKind::SetClusterVersion {
+        version: 6,
+        members: vec![],
+        reason: "every member on this release".into(),
+    });
+    let _ = harness.run(notified(999, NoticeEvent::Trigger, true, false));
+    harness.apply(notified(1, NoticeEvent::Trigger, false, false));
+    harness.apply(notified(1, NoticeEvent::Trigger, true, false));
+    harness.apply(notified(1, NoticeEvent::Resolve, false, true));
+    harness.apply(notified(1, NoticeEvent::Resolve, true, false));
+    let notices = &harness.state.incidents[&1].notices;
+    let seen: Vec<(NoticeEvent, u32, bool, bool)> = notices
+        .iter()
+        .map(|notice| {
+            (
+                notice.event,
+                notice.attempts,
+                notice.delivered_at_ms != 0,
+                notice.given_up,
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (NoticeEvent::Trigger, 2, true, false),
+            (NoticeEvent::Resolve, 1, false, true)
+        ]
     );
 }
 

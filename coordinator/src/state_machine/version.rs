@@ -20,7 +20,7 @@ use crate::errors::CoordinatorError;
 pub const LEGACY: u32 = 1;
 
 /// The highest cluster version this binary can apply.
-pub const CURRENT: u32 = 5;
+pub const CURRENT: u32 = 6;
 
 /// From this version a refused command takes back the requests for approval it expired or
 /// lapsed on its way to the refusal.
@@ -50,6 +50,10 @@ pub const AUDIT_ARCHIVE: u32 = 5;
 
 /// From this version notes and root-cause analyses are recorded on incidents.
 pub const INCIDENTS: u32 = 5;
+
+/// From this version the deliveries of an incident's events to the incident webhook are
+/// recorded on the incident.
+pub const INCIDENT_NOTICES: u32 = 6;
 
 /// What each version brought, for `rewindctl cluster version` and the README.
 pub const CHANGES: &[(u32, &str)] = &[
@@ -81,6 +85,11 @@ pub const CHANGES: &[(u32, &str)] = &[
          the reason in a field of its own, so an identity or a reason can be redacted (in an \
          export or in the cluster) while the chain still verifies; confirmed audit archives, and \
          a retention that drops archived entries only; incident notes and root-cause analyses",
+    ),
+    (
+        6,
+        "incident webhook deliveries (PagerDuty Events API v2 or generic JSON) recorded on the \
+         incident",
     ),
 ];
 

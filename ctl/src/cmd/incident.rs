@@ -257,6 +257,24 @@ fn facts(incident: &pb::Incident, out: &mut String) {
     let _ = writeln!(out, "- Operators: {}", or_none(&incident.operators));
     let _ = writeln!(out, "- Approvers: {}", or_none(&incident.approvers));
     let _ = writeln!(out, "- Escalations: {}", or_none(&incident.escalations));
+    let notices: Vec<String> = incident.notices.iter().map(notice).collect();
+    let _ = writeln!(out, "- Incident system: {}", or_none(&notices));
+}
+
+/// How one event reached the incident webhook: `trigger delivered at ... (1 attempt)`.
+fn notice(notice: &pb::IncidentNotice) -> String {
+    let state = if notice.delivered_at_ms != 0 {
+        format!("delivered at {}", time(notice.delivered_at_ms))
+    } else if notice.given_up {
+        format!("given up: {}", notice.detail)
+    } else {
+        format!("not yet delivered: {}", notice.detail)
+    };
+    let plural = if notice.attempts == 1 { "" } else { "s" };
+    format!(
+        "{} {state} ({} attempt{plural})",
+        notice.event, notice.attempts
+    )
 }
 
 /// A note's text, its lines after the first quoted, so that no line of it reads as a heading

@@ -169,6 +169,9 @@ pub fn incident(state: &State, record: &RollbackRecord, detailed: bool) -> pb::I
         lessons: noted.map(|noted| noted.lessons.clone()).unwrap_or_default(),
         timeline,
         timeline_omitted: omitted,
+        notices: noted
+            .map(|noted| noted.notices.iter().map(notice_view).collect())
+            .unwrap_or_default(),
         ..pb::Incident::default()
     };
     if detailed && let Some(noted) = noted {
@@ -186,9 +189,14 @@ pub fn incident(state: &State, record: &RollbackRecord, detailed: bool) -> pb::I
     incident
 }
 
-/// People and automation, not hosts or the coordinator itself.
-fn is_person(identity: &str) -> bool {
-    identity.starts_with("user:") || identity.starts_with("automation:")
+fn notice_view(notice: &NoticeRecord) -> pb::IncidentNotice {
+    pb::IncidentNotice {
+        event: notice.event.name().into(),
+        attempts: notice.attempts,
+        delivered_at_ms: notice.delivered_at_ms,
+        given_up: notice.given_up,
+        detail: notice.detail.clone(),
+    }
 }
 
 /// What an incident's audit entries are about: its rollback, request, changes and itself, and

@@ -100,3 +100,69 @@ pub(super) fn close_incident(
         ),
     ))
 }
+
+/// How one delivery to the incident webhook went.
+pub(super) struct Delivery<'a> {
+    pub ok: bool,
+    pub permanent: bool,
+    pub detail: &'a str,
+}
+
+/// Records a delivery attempt of an incident's event (from version 6). A result that arrives
+/// for an event already settled (a new leader resent it) changes nothing.
+pub(super) fn incident_notified(
+    state: &mut State,
+    number: u64,
+    event: NoticeEvent,
+    delivery: Delivery<'_>,
+    at_ms: u64,
+) -> Result<(Outcome, String, String)> {
+    if !state.rollbacks.contains_key(&number) {
+        return Err(unknown_incident(state, number));
+    }
+    let record = record_of(state, number);
+    let position = match record
+        .notices
+        .iter()
+        .position(|notice| notice.event == event)
+    {
+        Some(position) => position,
+        None => {
+            record.notices.push(NoticeRecord {
+                event,
+                attempts: 0,
+                delivered_at_ms: 0,
+                given_up: false,
+                detail: String::new(),
+            });
+            record.notices.len() - 1
+        }
+    };
+    let notice = &mut record.notices[position];
+    let detail = rewind_shared::names::truncate(delivery.detail, MAX_NOTICE_DETAIL_BYTES);
+    if notice.settled() {
+        return Ok((
+            Outcome::Done,
+            incident_id(number),
+            format!("ok: {event} settled already; a later attempt answered {detail}"),
+        ));
+    }
+    notice.attempts += 1;
+    notice.detail = detail.to_string();
+    let outcome = if delivery.ok {
+        notice.delivered_at_ms = at_ms;
+        format!("ok: {event} delivered: {detail}")
+    } else {
+        notice.given_up = delivery.permanent || notice.attempts >= MAX_NOTICE_ATTEMPTS;
+        let next = if notice.given_up {
+            "given up"
+        } else {
+            "will retry"
+        };
+        format!(
+            "failed: {event} attempt {} not delivered ({next}): {detail}",
+            notice.attempts
+        )
+    };
+    Ok((Outcome::Done, incident_id(number), outcome))
+}

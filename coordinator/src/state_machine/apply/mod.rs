@@ -376,6 +376,25 @@ fn apply_kind(state: &mut State, command: &Command) -> Result<(Outcome, String, 
             ok,
             detail,
         } => escalation_delivered(state, *escalation, *ok, detail),
+        CommandKind::IncidentNotified {
+            incident,
+            event,
+            ok,
+            permanent,
+            detail,
+        } => {
+            version::require(
+                state,
+                version::INCIDENT_NOTICES,
+                "incident webhook deliveries",
+            )?;
+            let delivery = Delivery {
+                ok: *ok,
+                permanent: *permanent,
+                detail,
+            };
+            incident_notified(state, *incident, *event, delivery, at_ms)
+        }
         CommandKind::AutoTrigger(trigger) => auto_trigger(state, command, trigger),
         CommandKind::ResetBreaker { reason } => {
             let Some(breaker) = state.breaker.take() else {

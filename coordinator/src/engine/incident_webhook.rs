@@ -1,0 +1,318 @@
+//! Incidents told to an incident system: every rollback is an incident (`in-N`), and the leader
+//! sends its events to the incident webhook in PagerDuty's Events API v2 format or a generic
+//! JSON one: `trigger` when the rollback starts, `acknowledge` when a person acts on it (starts
+//! it, approves, pauses, notes...), `resolve` when it succeeds. A failed or aborted rollback is
+//! left triggered: someone has work to do.
+//!
+//! Each delivery is signed like an escalation (`X-Rewind-Signature`, `X-Rewind-Timestamp`),
+//! tried at most [`MAX_NOTICE_ATTEMPTS`] times [`NOTICE_RETRY_MS`] apart (a 4xx other than 408
+//! and 429 is not retried), and recorded on the incident, so `incident show` says how it went.
+//! Events go in order: the next waits until the one before was delivered or given up.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde_json::json;
+use tracing::{info, warn};
+
+use super::decide::Action;
+use super::escalation::{SIGNATURE_HEADER, TIMESTAMP_HEADER, sign};
+use crate::config::{IncidentFormat, IncidentWebhookConfig};
+use crate::node::NodeHandle;
+use crate::state_machine::version::INCIDENT_NOTICES;
+use crate::state_machine::*;
+
+/// Wait between two deliveries of one event.
+pub const NOTICE_RETRY_MS: u64 = 10_000;
+/// How long after its rollback ended an incident is still told of: a rollback that ended before
+/// the webhook was configured (or before the cluster reached version 6) is not, beyond this.
+pub const NOTICE_WINDOW_MS: u64 = 15 * 60 * 1000;
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(5);
+/// PagerDuty's bound on a trigger's summary.
+const MAX_SUMMARY_BYTES: usize = 1024;
+/// How far back a leader's clock may have stepped: a person's action on a rollback is looked for
+/// in the audit from this long before it started.
+const CLOCK_SLACK_MS: u64 = 60 * 1000;
+
+/// Asks for the next event of every incident that has one due.
+pub fn due(
+    state: &State,
+    memory: &mut HashMap<(u64, NoticeEvent), u64>,
+    now_ms: u64,
+    actions: &mut Vec<Action>,
+) {
+    if state.cluster_version() < INCIDENT_NOTICES {
+        return;
+    }
+    let mut pending = Vec::new();
+    for record in state.rollbacks.values() {
+        if record.status.is_terminal()
+            && record.finished_at_ms.saturating_add(NOTICE_WINDOW_MS) < now_ms
+        {
+            continue;
+        }
+        let notices = state
+            .incidents
+            .get(&record.number)
+            .map_or(&[][..], |incident| &incident.notices[..]);
+        let Some(event) = next_event(state, record, notices) else {
+            continue;
+        };
+        let key = (record.number, event);
+        pending.push(key);
+        let due = memory
+            .get(&key)
+            .is_none_or(|&last| now_ms.saturating_sub(last) >= NOTICE_RETRY_MS);
+        if due {
+            memory.insert(key, now_ms);
+            actions.push(Action::NotifyIncident {
+                incident: record.number,
+                event,
+            });
+        }
+    }
+    memory.retain(|key, _| pending.contains(key));
+}
+
+/// The first event the incident should have told and has not settled, if any.
+fn next_event(
+    state: &State,
+    record: &RollbackRecord,
+    notices: &[NoticeRecord],
+) -> Option<NoticeEvent> {
+    let notice = |event| notices.iter().find(|notice| notice.event == event);
+    let resolve_sent = notice(NoticeEvent::Resolve).is_some();
+    for event in NoticeEvent::ALL {
+        let wanted = match event {
+            NoticeEvent::Trigger => true,
+            // Not after a resolve: an incident system drops an acknowledge of a resolved incident.
+            NoticeEvent::Acknowledge => !resolve_sent && person_acted(state, record),
+            NoticeEvent::Resolve => record.status == RollbackStatus::Succeeded,
+        };
+        if wanted && !notice(event).is_some_and(NoticeRecord::settled) {
+            return Some(event);
+        }
+    }
+    None
+}
+
+/// Whether a person started the rollback or acted on it, its request or its incident since.
+fn person_acted(state: &State, record: &RollbackRecord) -> bool {
+    if is_person(&record.started_by) {
+        return true;
+    }
+    let targets = [
+        record.id(),
+        incident_id(record.number),
+        request_id(record.request),
+    ];
+    let entries = state.audit.entries();
+    let from = entries
+        .partition_point(|entry| entry.at_ms.saturating_add(CLOCK_SLACK_MS) < record.started_at_ms);
+    entries[from..].iter().any(|entry| {
+        is_person(&entry.identity)
+            && entry.action != "incident.notify"
+            && targets.contains(&entry.target)
+    })
+}
+
+/// One event of one incident, ready to post.
+pub struct Notice {
+    url: String,
+    secret: Vec<u8>,
+    incident: u64,
+    event: NoticeEvent,
+    body: serde_json::Value,
+}
+
+impl Notice {
+    /// Reads what to say from the state; None if the rollback is gone.
+    pub fn new(
+        node: &NodeHandle,
+        config: &IncidentWebhookConfig,
+        incident: u64,
+        event: NoticeEvent,
+    ) -> Option<Self> {
+        let cluster_id = node.cluster_id().to_string();
+        let body = node.read(|state| {
+            let record = state.rollbacks.get(&incident)?;
+            Some(body(state, record, config, event, &cluster_id))
+        })?;
+        Some(Self {
+            url: config.url.clone(),
+            secret: config.secret.clone(),
+            incident,
+            event,
+            body,
+        })
+    }
+
+    /// Posts once and records the attempt on the incident; the engine asks again if it failed.
+    pub async fn run(self, node: NodeHandle) {
+        let delivery = self.post().await;
+        let id = incident_id(self.incident);
+        if delivery.ok {
+            info!(incident_id = id, event = %self.event, "Incident event delivered.");
+        } else {
+            warn!(
+                incident_id = id,
+                event = %self.event,
+                detail = delivery.detail,
+                "Incident event not delivered."
+            );
+        }
+        let command = Command {
+            at_ms: rewind_shared::time::now_ms(),
+            identity: COORDINATOR_IDENTITY.to_string(),
+            request_id: String::new(),
+            audit_seed: String::new(),
+            kind: CommandKind::IncidentNotified {
+                incident: self.incident,
+                event: self.event,
+                ok: delivery.ok,
+                permanent: delivery.permanent,
+                detail: delivery.detail,
+            },
+        };
+        if let Err(error) = node.propose(command).await {
+            warn!(%error, incident_id = id, "Could not record the incident event's delivery.");
+        }
+    }
+
+    async fn post(&self) -> Posted {
+        let failed = |detail: String| Posted {
+            ok: false,
+            permanent: false,
+            detail,
+        };
+        let body = match serde_json::to_vec(&self.body) {
+            Ok(body) => body,
+            Err(error) => return failed(format!("cannot encode the event: {error}")),
+        };
+        let timestamp = rewind_shared::time::now_ms();
+        let client = match reqwest::Client::builder()
+            .timeout(DELIVERY_TIMEOUT)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+        {
+            Ok(client) => client,
+            Err(error) => return failed(format!("cannot build an HTTP client: {error}")),
+        };
+        let response = client
+            .post(&self.url)
+            .header("content-type", "application/json")
+            .header(TIMESTAMP_HEADER, timestamp.to_string())
+            .header(SIGNATURE_HEADER, sign(&self.secret, timestamp, &body))
+            .body(body)
+            .send()
+            .await;
+        match response {
+            Ok(response) => {
+                let status = response.status();
+                Posted {
+                    ok: status.is_success(),
+                    // The receiver refused this event as it is: sending it again cannot help.
+                    permanent: status.is_client_error() && !matches!(status.as_u16(), 408 | 429),
+                    detail: format!("{} answered {status}", self.url),
+                }
+            }
+            Err(error) => failed(format!("{}: {error}", self.url)),
+        }
+    }
+}
+
+struct Posted {
+    ok: bool,
+    permanent: bool,
+    detail: String,
+}
+
+/// The event as the configured format has it.
+fn body(
+    state: &State,
+    record: &RollbackRecord,
+    config: &IncidentWebhookConfig,
+    event: NoticeEvent,
+    cluster_id: &str,
+) -> serde_json::Value {
+    let id = incident_id(record.number);
+    let environments: Vec<String> = record
+        .changes
+        .iter()
+        .filter_map(|change| state.changes.get(change))
+        .map(|change| change.environment.clone())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let severity = config.severity_of(&environments);
+    let services = record.services.join(", ");
+    let summary = rewind_shared::names::truncate(
+        &format!(
+            "Rollback {} of {services} in {}: {}",
+            record.id(),
+            environments.join(", "),
+            record.reason
+        ),
+        MAX_SUMMARY_BYTES,
+    )
+    .to_string();
+    let show = format!("rewindctl incident show {id}");
+    match &config.format {
+        IncidentFormat::PagerDuty { routing_key } => {
+            let mut body = json!({
+                "routing_key": routing_key,
+                "event_action": event.name(),
+                "dedup_key": id,
+                "client": "rewind",
+            });
+            if event == NoticeEvent::Trigger {
+                body["payload"] = json!({
+                    "summary": summary,
+                    "source": format!("rewind cluster {cluster_id}"),
+                    "severity": severity,
+                    "timestamp": rfc3339(record.started_at_ms),
+                    "component": services,
+                    "group": environments.join(", "),
+                    "class": format!("rollback/{}", record.trigger.name().to_lowercase()),
+                    "custom_details": {
+                        "incident_id": id,
+                        "rollback_id": record.id(),
+                        "services": record.services,
+                        "environments": environments,
+                        "changes": record.changes.iter().map(|&change| change_id(change)).collect::<Vec<_>>(),
+                        "evidence": record.reason,
+                        "started_by": record.started_by,
+                        "show": show,
+                    },
+                });
+            }
+            body
+        }
+        IncidentFormat::Json => json!({
+            "kind": "rewind.incident",
+            "event": event.name(),
+            "cluster_id": cluster_id,
+            "incident_id": id,
+            "rollback_id": record.id(),
+            "rollback_state": record.status.name().to_lowercase(),
+            "severity": severity,
+            "summary": summary,
+            "services": record.services,
+            "environments": environments,
+            "trigger": record.trigger.name().to_lowercase(),
+            "evidence": record.reason,
+            "started_at_ms": record.started_at_ms,
+            "finished_at_ms": record.finished_at_ms,
+            "show": show,
+        }),
+    }
+}
+
+fn rfc3339(at_ms: u64) -> String {
+    let at = std::time::UNIX_EPOCH + Duration::from_millis(at_ms);
+    humantime::format_rfc3339_millis(at).to_string()
+}
+
+#[cfg(test)]
+#[path = "incident_webhook_test.rs"]
+mod tests;
