@@ -75,6 +75,8 @@ fn main() {
                     policy: HealthPolicy::default(),
                     synthetics: Vec::new(),
                     rollback_steps: Vec::new(),
+                    rto_s: 0,
+                    freeze: Vec::new(),
                 },
             },
         };

@@ -601,3 +601,64 @@ fn approvals_by_identities_revoked_since_no_longer_count() {
         "{lapsed}"
     );
 }
+
+/// Freezes `service` on Thursdays, all day (AT falls on 1970-01-01, a Thursday).
+fn freeze_thursdays(fleet: &mut Fleet, service: &str) {
+    let mut record = fleet.state.services[service].clone();
+    record.rto_s = 600;
+    record.freeze =
+        vec![rewind_shared::freeze::FreezeWindow::parse("Thu 00:00-24:00 UTC").unwrap()];
+    fleet.apply(CommandKind::PutService { service: record });
+}
+
+#[test]
+fn a_freeze_refuses_changes_and_approvals_to_start_them_but_never_a_rollback() {
+    let mut fleet = fleet();
+    fleet.release("web", "v3", 0, &[]);
+    fleet.release("api", "v3", 0, &[]);
+    // A deploy request filed before the freeze, approved once.
+    fleet
+        .apply_as("user:alice", AT, deploy_of("web", "v3", false))
+        .unwrap();
+    let hash = fleet.state.approval_requests[&1].plan_hash.clone();
+    fleet
+        .apply_as("user:bob", AT + 1, decide(RequestDecision::Approve, &hash))
+        .unwrap();
+    freeze_thursdays(&mut fleet, "web");
+    freeze_thursdays(&mut fleet, "api");
+    let changes_before = fleet.state.changes.len();
+    // The last approval cannot start it inside the window.
+    let approved = fleet.apply_as(
+        "user:carol",
+        AT + 2,
+        decide(RequestDecision::Approve, &hash),
+    );
+    let said = format!("{approved:?}");
+    assert!(
+        said.contains("ServiceFrozen") && said.contains("Thu 00:00-24:00 UTC"),
+        "{said}"
+    );
+    assert_eq!(fleet.state.changes.len(), changes_before);
+    // api's environment does not allow break-glass: frozen for good until the window ends.
+    let refused = fleet.apply_as("user:alice", AT + 3, deploy_of("api", "v3", true));
+    assert!(
+        refused.as_ref().is_err_and(|error| error
+            .to_string()
+            .contains("api is frozen (Thu 00:00-24:00 UTC)")),
+        "{refused:?}"
+    );
+    let refused = fleet.apply_as("user:alice", AT + 3, deploy_of("api", "v3", false));
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|error| error.to_string().contains("until 1970-01-02T00:00:00Z")),
+        "{refused:?}"
+    );
+    // A rollback is never frozen.
+    let started = fleet.apply_as("user:alice", AT + 4, rollback_of(2, true));
+    assert!(matches!(started, Ok(Outcome::Rollback(_))), "{started:?}");
+    // Friday: the window is over.
+    let friday = 86_400_000 + AT;
+    let filed = fleet.apply_as("user:alice", friday, deploy_of("web", "v3", false));
+    assert!(filed.is_ok(), "{filed:?}");
+}

@@ -49,6 +49,16 @@ pub enum CoordinatorError {
         service: String,
         status: ChangeStatus,
     },
+    #[error(
+        "service {service} is frozen ({window}) until {until}: changes wait, or run with \
+         --break-glass --reason (rollbacks are never frozen)"
+    )]
+    ServiceFrozen {
+        service: String,
+        window: String,
+        /// RFC 3339, UTC.
+        until: String,
+    },
     #[error("change {change_id} was already rolled back by {rollback_id}")]
     AlreadyRolledBack {
         change_id: String,
@@ -160,6 +170,7 @@ impl CoordinatorError {
             Self::ReleaseConflict { .. } => "release_conflict",
             Self::DependencyCycle { .. } => "dependency_cycle",
             Self::ChangeInProgress { .. } => "change_in_progress",
+            Self::ServiceFrozen { .. } => "service_frozen",
             Self::AlreadyRolledBack { .. } => "already_rolled_back",
             Self::RollbackInProgress { .. } => "rollback_in_progress",
             Self::NothingToRevert { .. } => "nothing_to_revert",

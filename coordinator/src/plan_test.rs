@@ -577,3 +577,83 @@ fn interleaved_migrations_of_two_changes_are_reverted_newest_first() {
         both.notes
     );
 }
+
+#[test]
+fn the_estimate_says_whether_the_rto_fits_and_what_max_parallel_would() {
+    let (mut fleet, change) = regional_fleet();
+    let plan = fleet.plan(&[change], &PlanOptions::default()).unwrap();
+    let estimate = |fleet: &Fleet, rto_s: u64| {
+        let mut state = fleet.state.clone();
+        state.services.get_mut("web").unwrap().rto_s = rto_s;
+        plan::readiness(&state, &plan, &AllConnected).estimate
+    };
+    // Nothing in the history: 20 s a host, 5 s a gate; 6 hosts one at a time in 3 regions.
+    let none = estimate(&fleet, 0);
+    assert_eq!((none.p50_ms, none.p90_ms), (135_000, 135_000));
+    assert_eq!(none.verdict, "no RTO declared for its services");
+    assert!(
+        none.basis
+            .iter()
+            .any(|line| line == "web restore: p50 2s, p90 2s (assumed)")
+    );
+    let fits = estimate(&fleet, 200);
+    assert!(fits.fits() && fits.verdict.starts_with("fits web's RTO of 3m 20s"));
+    // Two at a time: eu in 2 batches, us and ap in 1: 4 x 20 s + 3 x 5 s = 95 s.
+    let tight = estimate(&fleet, 100);
+    assert!(!tight.fits());
+    assert_eq!(tight.suggested_max_parallel, 2, "{}", tight.verdict);
+    assert!(
+        tight
+            .verdict
+            .contains("--max-parallel 2 would (p90 1m 35s)"),
+        "{}",
+        tight.verdict
+    );
+    let impossible = estimate(&fleet, 30);
+    assert_eq!(impossible.suggested_max_parallel, 0);
+    assert!(
+        impossible
+            .verdict
+            .contains("not even with every host of a wave at once (p90 1m 15s)")
+    );
+
+    // A rollback that ran: web's own step and gate times (a second each here) replace the
+    // assumptions.
+    let rollback = fleet.must_start_rollback(change, Trigger::Manual);
+    let record = fleet.state.rollbacks[&rollback].clone();
+    for step in &record.steps {
+        fleet.finish(
+            StepTarget::Rollback {
+                rollback,
+                service: step.service.clone(),
+                host_id: step.host_id.clone(),
+                kind: step.kind,
+            },
+            true,
+        );
+    }
+    for wave in 0..record.waves.len() as u32 {
+        fleet.finish(StepTarget::Gate { rollback, wave }, true);
+    }
+    let learned = estimate(&fleet, 0);
+    assert!(
+        learned
+            .basis
+            .iter()
+            .any(|line| line == "web restore: p50 1s, p90 1s (its own, 6 runs)"),
+        "{:?}",
+        learned.basis
+    );
+    assert!(learned.p50_ms < none.p50_ms);
+}
+
+struct AllConnected;
+
+impl plan::HostView for AllConnected {
+    fn connected(&self, _host: &str) -> bool {
+        true
+    }
+    fn retained(&self, _host: &str, _service: &str) -> Option<Vec<String>> {
+        None
+    }
+}

@@ -155,6 +155,8 @@ impl Fleet {
         }
         fleet.apply(CommandKind::PutService {
             service: ServiceRecord {
+                rto_s: 0,
+                freeze: Vec::new(),
                 name: "web".into(),
                 depends_on: vec![],
                 policy: HealthPolicy::default(),
@@ -258,6 +260,8 @@ impl Fleet {
     pub fn service(&mut self, name: &str, depends_on: &[&str]) {
         self.apply(CommandKind::PutService {
             service: ServiceRecord {
+                rto_s: 0,
+                freeze: Vec::new(),
                 name: name.into(),
                 depends_on: depends_on.iter().map(|name| name.to_string()).collect(),
                 policy: HealthPolicy::default(),

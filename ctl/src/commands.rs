@@ -72,6 +72,10 @@ pub enum Command {
     /// incidents.
     #[command(subcommand)]
     Runbook(crate::cmd::runbook::RunbookCommand),
+    /// Reports over the fleet's history: `report sla` measures incidents against each
+    /// service's RTO.
+    #[command(subcommand)]
+    Report(crate::cmd::report::ReportCommand),
     /// Feature flags per environment and service, pushed to agents' flags files.
     #[command(subcommand)]
     Flag(crate::flags::FlagCommand),
@@ -214,6 +218,7 @@ async fn execute(
         Command::Audit(command) => crate::cmd::audit::audit(client, format, command).await,
         Command::Incident(command) => crate::cmd::incident::incident(client, format, command).await,
         Command::Runbook(command) => crate::cmd::runbook::runbook(client, format, command).await,
+        Command::Report(command) => crate::cmd::report::report(client, format, command).await,
         Command::Trigger(command) => crate::cmd::trigger::trigger(client, format, command).await,
         Command::Flag(command) => crate::flags::run(client, format, command).await,
         Command::Access(command) => crate::access::run(client, format, command).await,

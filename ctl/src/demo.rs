@@ -254,6 +254,9 @@ async fn run_loop(
         policy: Some(policy),
         synthetics: vec![],
         rollback_steps: vec![],
+        // A minute to recover: `rollback plan` measures its estimate against it.
+        rto_s: 60,
+        freeze_windows: vec![],
     };
     client
         .put_service(pb::PutServiceRequest {

@@ -192,12 +192,19 @@ pub fn print_plan(plan: &pb::RollbackPlan) {
             if value.is_empty() { "none" } else { &value }
         );
     }
+    let duration = |ms: u64| {
+        humantime::format_duration(std::time::Duration::from_secs(ms.div_ceil(1000))).to_string()
+    };
+    let estimate = plan.estimate.clone().unwrap_or_default();
     say!(
-        "  expected duration: about {}",
-        humantime::format_duration(std::time::Duration::from_secs(
-            plan.expected_duration_ms.div_ceil(1000)
-        ))
+        "  expected duration: about {} (p90 {}); {}",
+        duration(plan.expected_duration_ms),
+        duration(estimate.p90_ms),
+        estimate.verdict
     );
+    for line in &estimate.basis {
+        say!("    {line}");
+    }
     for note in &plan.notes {
         say!("  note: {note}");
     }

@@ -33,6 +33,7 @@ pub mod digest;
 pub mod enroll;
 pub mod errors;
 pub mod failpoint;
+pub mod freeze;
 pub mod histogram;
 #[cfg(feature = "http-check")]
 pub mod http_check;

@@ -98,6 +98,8 @@ async fn rollback_of_a_fleet(
         .put_service(pb::PutServiceRequest {
             request_id: "svc".into(),
             service: Some(pb::Service {
+                rto_s: 0,
+                freeze_windows: vec![],
                 name: "web".into(),
                 depends_on: vec![],
                 policy: Some(pb::HealthPolicy {

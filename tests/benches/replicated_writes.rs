@@ -90,6 +90,8 @@ async fn bench_rewind(dir: &Path, writes: usize) -> Vec<(usize, Figures)> {
     let cluster = ClusterHarness::must_start_for_benchmark(dir, 3);
     let (_, mut client) = cluster.must_leader().await;
     let service = pb::Service {
+        rto_s: 0,
+        freeze_windows: vec![],
         name: "bench".into(),
         depends_on: vec![],
         policy: None,

@@ -86,6 +86,8 @@ pub async fn must_register_web(
         conditions: vec![],
     };
     let service = pb::Service {
+        rto_s: 0,
+        freeze_windows: vec![],
         name: "web".into(),
         depends_on: vec![],
         policy: Some(policy),

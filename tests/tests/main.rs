@@ -38,3 +38,4 @@ mod t34_audit_export;
 mod t35_audit_retention;
 mod t36_incidents;
 mod t37_incident_webhook;
+mod t38_service_objectives;

@@ -58,6 +58,8 @@ fn service(
     pb::PutServiceRequest {
         request_id: String::new(),
         service: Some(pb::Service {
+            rto_s: 0,
+            freeze_windows: vec![],
             name: name.into(),
             depends_on: vec![],
             policy,
@@ -65,6 +67,15 @@ fn service(
             rollback_steps: Vec::new(),
         }),
     }
+}
+
+/// Service `api` with a recovery time objective and freeze windows.
+fn objectives(rto_s: u64, freeze: &[&str]) -> pb::PutServiceRequest {
+    let mut request = service("api", None, vec![]);
+    let service = request.service.as_mut().unwrap();
+    service.rto_s = rto_s;
+    service.freeze_windows = freeze.iter().map(|window| window.to_string()).collect();
+    request
 }
 
 fn with_condition(condition: pb::PolicyCondition) -> pb::PutServiceRequest {
@@ -204,6 +215,12 @@ async fn bad_requests_are_refused_with_the_field_named_and_change_nothing() {
         case("a synthetic check GETs or POSTs", call!(c, put_service, login(pb::SyntheticCheck { url: "http://x".into(), method: "DELETE".into(), ..Default::default() })), InvalidArgument, "service.synthetics[login].method: \"DELETE\" is not GET or POST"),
         case("a synthetic check expects an HTTP status", call!(c, put_service, login(pb::SyntheticCheck { url: "http://x".into(), expect_status: 99, ..Default::default() })), InvalidArgument, "service.synthetics[login].expect_status: 99 is not an HTTP status"),
         case("a synthetic check's latency is bounded", call!(c, put_service, login(pb::SyntheticCheck { url: "http://x".into(), max_latency_ms: 70_000, ..Default::default() })), InvalidArgument, "service.synthetics[login].max_latency_ms: is 70000"),
+        case("an RTO is bounded", call!(c, put_service, objectives(31 * 86_400, &[])), InvalidArgument, "service.rto_s: is 2678400 s, at most 2592000 s"),
+        case("a freeze window is UTC", call!(c, put_service, objectives(600, &["Sat 00:00-06:00 CET"])), InvalidArgument, "service.freeze_windows: \"Sat 00:00-06:00 CET\" must end in UTC"),
+        case("a freeze window names days", call!(c, put_service, objectives(600, &["Caturday 00:00-06:00 UTC"])), InvalidArgument, "service.freeze_windows: \"Caturday 00:00-06:00 UTC\": \"Caturday\" is not a day"),
+        case("a freeze window's text is bounded", call!(c, put_service, objectives(600, &[&format!("Sat 00:00-06:00 UTC{}", " ".repeat(10) + &"x".repeat(70))])), InvalidArgument, "service.freeze_windows: \"Sat 00:00-06:00 UTC xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\" is longer than 64 bytes"),
+        case("freeze windows are counted", call!(c, put_service, objectives(600, &["Sat 00:00-06:00 UTC"; 17])), InvalidArgument, "service.freeze_windows: names more than 16 windows"),
+        case("a freeze window's control characters are escaped", call!(c, put_service, objectives(600, &["Sat\u{1b}[31m 00:00-06:00 UTC"])), InvalidArgument, "service.freeze_windows: \"Sat\\u{1b}[31m 00:00-06:00 UTC\""),
         case("a release requires providers by name", call!(c, register_release, needs_bad_provider), InvalidArgument, "release.requires:"),
         case("a release version is a name", call!(c, register_release, release("web", "v 2", &digest)), InvalidArgument, "release.version:"),
         case("a release digest is sha256", call!(c, register_release, release("web", "v2", "md5:abc")), InvalidArgument, "release.artifact_digest:"),

@@ -69,6 +69,8 @@ async fn clients_without_a_certificate_or_from_another_ca_are_refused() {
     // log.
     let mut client = coordinator.must_client().await;
     let service = pb::Service {
+        rto_s: 0,
+        freeze_windows: vec![],
         name: "web".into(),
         depends_on: vec![],
         policy: None,

@@ -10,6 +10,8 @@ async fn acknowledged_writes_survive_kill_9_and_the_audit_chain_still_verifies()
     let mut client = coordinator.must_client().await;
     for index in 0..20 {
         let service = pb::Service {
+            rto_s: 0,
+            freeze_windows: vec![],
             name: format!("svc-{index}"),
             depends_on: vec![],
             policy: None,
@@ -50,6 +52,8 @@ async fn acknowledged_writes_survive_kill_9_and_the_audit_chain_still_verifies()
 
     // A retried request id from before the crash still does not act twice.
     let service = pb::Service {
+        rto_s: 0,
+        freeze_windows: vec![],
         name: "svc-0".into(),
         depends_on: vec!["svc-1".into()],
         policy: None,

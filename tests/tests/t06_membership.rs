@@ -14,6 +14,8 @@ fn put_service(name: &str) -> pb::PutServiceRequest {
     pb::PutServiceRequest {
         request_id: format!("put-{name}"),
         service: Some(pb::Service {
+            rto_s: 0,
+            freeze_windows: vec![],
             name: name.into(),
             depends_on: vec![],
             policy: None,

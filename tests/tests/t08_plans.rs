@@ -69,6 +69,8 @@ async fn must_register(
             .put_service(pb::PutServiceRequest {
                 request_id: format!("svc-{service}"),
                 service: Some(pb::Service {
+                    rto_s: 0,
+                    freeze_windows: vec![],
                     name: service.into(),
                     depends_on: depends_on.into_iter().map(String::from).collect(),
                     policy: Some(pb::HealthPolicy {

@@ -79,6 +79,12 @@ pub fn service(service: &ServiceRecord) -> pb::Service {
             })
             .collect(),
         rollback_steps: recipe_texts(&service.rollback_steps),
+        rto_s: service.rto_s,
+        freeze_windows: service
+            .freeze
+            .iter()
+            .map(|window| window.text.clone())
+            .collect(),
     }
 }
 
@@ -643,6 +649,16 @@ pub fn plan(
         missing_releases: readiness.missing_releases.clone(),
         missing_artifacts: readiness.missing_artifacts.clone(),
         expected_duration_ms: readiness.expected_duration_ms,
+        estimate: Some(pb::DurationEstimate {
+            p50_ms: readiness.estimate.p50_ms,
+            p90_ms: readiness.estimate.p90_ms,
+            rto_ms: readiness.estimate.rto_ms,
+            rto_service: readiness.estimate.rto_service.clone(),
+            fits: readiness.estimate.fits(),
+            suggested_max_parallel: readiness.estimate.suggested_max_parallel,
+            basis: readiness.estimate.basis.clone(),
+            verdict: readiness.estimate.verdict.clone(),
+        }),
         runnable: plan.incompatibilities.is_empty() || plan.options.force,
         flags: plan.flags.clone(),
     }

@@ -27,6 +27,7 @@ pub fn to_status(error: CoordinatorError) -> Status {
         | CoordinatorError::AlreadyRequested { .. } => Code::AlreadyExists,
         CoordinatorError::NoHosts { .. }
         | CoordinatorError::ChangeInProgress { .. }
+        | CoordinatorError::ServiceFrozen { .. }
         | CoordinatorError::HostInUse { .. }
         | CoordinatorError::RollbackInProgress { .. }
         | CoordinatorError::NothingToRevert { .. }

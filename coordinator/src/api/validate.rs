@@ -2,7 +2,7 @@
 //! refused naming it, before anything is proposed. The bounds are named here.
 
 use rewind_proto::v1 as pb;
-use rewind_shared::names;
+use rewind_shared::{freeze, names};
 use tonic::Status;
 
 use super::status::{invalid, to_status};
@@ -27,6 +27,8 @@ pub(super) const DEFAULT_LIST_PAGE: usize = 100;
 pub(super) const MAX_LIST_PAGE_BYTES: usize = 2 << 20;
 
 pub(super) const MAX_CONDITIONS: usize = 8;
+/// Longest recovery time objective a service may declare.
+pub(super) const MAX_RTO_S: u64 = 30 * 86_400;
 
 pub(super) fn validate_condition(
     position: usize,
@@ -148,12 +150,35 @@ pub(super) fn validate_service(service: pb::Service) -> Result<ServiceRecord, St
         .collect::<Result<Vec<_>, Status>>()?;
     let rollback_steps = crate::recipe::parse(&service.rollback_steps)
         .map_err(|problem| invalid("service.rollback_steps", problem))?;
+    if service.rto_s > MAX_RTO_S {
+        return Err(invalid(
+            "service.rto_s",
+            format!("is {} s, at most {MAX_RTO_S} s (30 days)", service.rto_s),
+        ));
+    }
+    if service.freeze_windows.len() > freeze::MAX_WINDOWS {
+        return Err(invalid(
+            "service.freeze_windows",
+            format!("names more than {} windows", freeze::MAX_WINDOWS),
+        ));
+    }
+    let freeze = service
+        .freeze_windows
+        .iter()
+        .map(|text| {
+            freeze::FreezeWindow::parse(text).map_err(|problem| {
+                invalid("service.freeze_windows", names::printable(&problem, 300))
+            })
+        })
+        .collect::<Result<Vec<_>, Status>>()?;
     Ok(ServiceRecord {
         name: service.name,
         depends_on: service.depends_on,
         policy,
         synthetics,
         rollback_steps,
+        rto_s: service.rto_s,
+        freeze,
     })
 }
 

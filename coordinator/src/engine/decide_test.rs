@@ -113,6 +113,8 @@ impl World {
         };
         world.apply(CommandKind::PutService {
             service: ServiceRecord {
+                rto_s: 0,
+                freeze: Vec::new(),
                 name: "web".into(),
                 depends_on: vec![],
                 policy,

@@ -23,9 +23,11 @@ use crate::state_machine::{
     change_id, current_version, unknown_change,
 };
 
+mod estimate;
 mod readiness;
 mod schema;
 
+pub use estimate::Estimate;
 pub use readiness::*;
 use schema::{Applied, applied_migrations, schema_reverts};
 

@@ -13,17 +13,10 @@ pub struct Readiness {
     /// "host: service release V is gone": the release a host's restore would point `current`
     /// at, which the host's agent last reported it no longer holds.
     pub missing_artifacts: Vec<String>,
+    /// The estimate's p50.
     pub expected_duration_ms: u64,
+    pub estimate: super::Estimate,
 }
-
-/// Per-step durations assumed when the history has none.
-const DEFAULT_STEP_MS: [(RollbackStepKind, u64); 5] = [
-    (RollbackStepKind::Drain, 2_000),
-    (RollbackStepKind::Restore, 2_000),
-    (RollbackStepKind::Restart, 5_000),
-    (RollbackStepKind::Verify, 10_000),
-    (RollbackStepKind::Undrain, 1_000),
-];
 
 /// What the answering member knows of a host beyond the replicated state.
 pub trait HostView {
@@ -82,42 +75,12 @@ pub fn readiness(state: &State, plan: &Plan, view: &impl HostView) -> Readiness 
             }
         }
     }
-    let per_host: u64 = DEFAULT_STEP_MS
-        .iter()
-        .map(|&(kind, default)| typical_step_ms(state, kind).unwrap_or(default))
-        .sum();
-    let gate_ms = u64::from(plan.options.gate.settle_s) * 1000;
-    let expected_duration_ms = plan
-        .waves
-        .iter()
-        .map(|wave| wave.batches.len() as u64 * per_host + gate_ms)
-        .sum();
+    let estimate = super::estimate::estimate(state, plan);
     Readiness {
         disconnected_hosts: disconnected,
         missing_releases,
         missing_artifacts,
-        expected_duration_ms,
+        expected_duration_ms: estimate.p50_ms,
+        estimate,
     }
-}
-
-/// Median duration of the last 100 succeeded steps of this kind, if any ran.
-fn typical_step_ms(state: &State, kind: RollbackStepKind) -> Option<u64> {
-    let mut durations: Vec<u64> = state
-        .rollbacks
-        .values()
-        .rev()
-        .flat_map(|rollback| rollback.steps.iter())
-        .filter(|step| step.kind == kind && step.progress.status == StepStatus::Succeeded)
-        .map(|step| {
-            step.progress
-                .finished_at_ms
-                .saturating_sub(step.progress.started_at_ms)
-        })
-        .take(100)
-        .collect();
-    if durations.is_empty() {
-        return None;
-    }
-    durations.sort_unstable();
-    Some(durations[durations.len() / 2])
 }

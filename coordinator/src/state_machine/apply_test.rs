@@ -353,6 +353,8 @@ fn rejected_commands_change_nothing_but_the_applied_index() {
         },
         CommandKind::PutService {
             service: ServiceRecord {
+                rto_s: 0,
+                freeze: Vec::new(),
                 name: "db".into(),
                 depends_on: vec!["db".into()],
                 policy: HealthPolicy::default(),
@@ -423,6 +425,8 @@ fn dependency_cycles_are_refused_with_the_path() {
     let mut harness = Fleet::new();
     let service = |name: &str, depends_on: &[&str]| CommandKind::PutService {
         service: ServiceRecord {
+            rto_s: 0,
+            freeze: Vec::new(),
             name: name.into(),
             depends_on: depends_on.iter().map(|name| name.to_string()).collect(),
             policy: HealthPolicy::default(),

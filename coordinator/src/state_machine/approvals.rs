@@ -178,7 +178,7 @@ impl DeploySpec {
     }
 
     /// The environments its hosts are in.
-    fn environments<'a>(&self, state: &'a State) -> Vec<&'a str> {
+    pub fn environments<'a>(&self, state: &'a State) -> Vec<&'a str> {
         self.hosts
             .iter()
             .filter_map(|host| state.hosts.get(host))

@@ -592,6 +592,8 @@ impl CommandKind {
             | Self::NoteIncident { .. }
             | Self::CloseIncident { .. } => 5,
             Self::IncidentNotified { .. } => 6,
+            // A member of an older release would drop these fields and keep the rest.
+            Self::PutService { service } if service.rto_s != 0 || !service.freeze.is_empty() => 6,
             _ => super::version::LEGACY,
         }
     }

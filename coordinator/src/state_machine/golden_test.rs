@@ -17,7 +17,7 @@ use super::apply_test::{pass_gate, rollback_step};
 use super::*;
 use crate::access::Policy;
 use crate::errors::CoordinatorError;
-use crate::test_fleet::{Fleet, rollback_of};
+use crate::test_fleet::{Fleet, rollback_of, start_change};
 
 #[derive(Serialize, Deserialize)]
 struct GoldenLog {
@@ -239,6 +239,8 @@ fn version_three(harness: &mut Fleet) {
     super::decision::prepare(&harness.state, &mut stale).expect("the leader plans it");
     harness.apply(CommandKind::PutService {
         service: ServiceRecord {
+            rto_s: 0,
+            freeze: Vec::new(),
             name: "cache".into(),
             depends_on: vec![],
             policy: HealthPolicy::default(),
@@ -555,7 +557,14 @@ fn version_six(harness: &mut Fleet) {
             ),
         }
     };
+    // Objectives: an RTO and a freeze window over every moment of this log (its clock runs from
+    // 1970-01-01, a Thursday).
+    let mut web = harness.state.services["web"].clone();
+    web.rto_s = 600;
+    web.freeze = vec![rewind_shared::freeze::FreezeWindow::parse("Thu 00:00-24:00 UTC").unwrap()];
+    let objectives = CommandKind::PutService { service: web };
     // Refused at version 5.
+    let _ = harness.run(objectives.clone());
     let _ = harness.run(notified(1, NoticeEvent::Trigger, true, false));
     harness.apply(CommandKind::SetClusterVersion {
         version: 6,
@@ -567,6 +576,30 @@ fn version_six(harness: &mut Fleet) {
     harness.apply(notified(1, NoticeEvent::Trigger, true, false));
     harness.apply(notified(1, NoticeEvent::Resolve, false, true));
     harness.apply(notified(1, NoticeEvent::Resolve, true, false));
+    // Frozen: a change is refused, a break-glass one starts and waits for review.
+    harness.apply(objectives);
+    let refused = harness.run(start_change("v1"));
+    assert!(
+        matches!(refused, Err(CoordinatorError::ServiceFrozen { .. })),
+        "{refused:?}"
+    );
+    let CommandKind::StartChange(mut glass) = start_change("v1") else {
+        unreachable!()
+    };
+    glass.break_glass = true;
+    let Outcome::Change(change) = harness.apply(CommandKind::StartChange(glass)) else {
+        panic!("a break-glass change starts in a freeze")
+    };
+    let record = &harness.state.changes[&change];
+    assert!(record.break_glass && record.request != 0);
+    let review = &harness.state.approval_requests[&record.request];
+    assert!(
+        review
+            .detail
+            .contains("inside web's freeze window (Thu 00:00-24:00 UTC)"),
+        "{}",
+        review.detail
+    );
     let notices = &harness.state.incidents[&1].notices;
     let seen: Vec<(NoticeEvent, u32, bool, bool)> = notices
         .iter()

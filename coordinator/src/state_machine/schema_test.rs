@@ -77,6 +77,8 @@ fn activated_sharded_change() -> (Fleet, u64) {
     }
     harness.apply(CommandKind::PutService {
         service: ServiceRecord {
+            rto_s: 0,
+            freeze: Vec::new(),
             name: "orders-db".into(),
             depends_on: vec![],
             policy: HealthPolicy::default(),

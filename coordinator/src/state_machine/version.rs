@@ -55,6 +55,10 @@ pub const INCIDENTS: u32 = 5;
 /// recorded on the incident.
 pub const INCIDENT_NOTICES: u32 = 6;
 
+/// From this version a service may declare a recovery time objective and freeze windows, and a
+/// change inside one of its freeze windows is refused unless break-glass.
+pub const SERVICE_OBJECTIVES: u32 = 6;
+
 /// What each version brought, for `rewindctl cluster version` and the README.
 pub const CHANGES: &[(u32, &str)] = &[
     (1, "the log as released before cluster versions"),
@@ -89,7 +93,8 @@ pub const CHANGES: &[(u32, &str)] = &[
     (
         6,
         "incident webhook deliveries (PagerDuty Events API v2 or generic JSON) recorded on the \
-         incident",
+         incident; a service's RTO and freeze windows, and changes refused inside a freeze \
+         window unless break-glass",
     ),
 ];
 

@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod fleet;
 pub mod incident;
 pub mod release;
+pub mod report;
 pub mod rollback;
 pub mod runbook;
 pub mod service;

@@ -43,12 +43,36 @@ pub enum ServiceCommand {
         /// check, and `run:COMMAND ARG=VALUE...` for a command the agents' allow-list names.
         #[arg(long = "rollback-step", value_name = "STEP")]
         rollback_steps: Vec<String>,
+        /// Recovery time objective (`10m`, `1h`): `rollback plan` says whether its estimate
+        /// fits, `report sla` measures incidents against it.
+        #[arg(long, value_name = "DURATION", value_parser = parse_rto)]
+        rto: Option<u64>,
+        /// When changes are refused unless break-glass (repeatable; rollbacks never are), in
+        /// UTC: `Sat 00:00-06:00 UTC`, `Mon-Fri 09:00-17:00 UTC`,
+        /// `2026-12-24 00:00 - 2027-01-02 00:00 UTC`.
+        #[arg(long = "freeze", value_name = "WINDOW", value_parser = parse_freeze)]
+        freeze_windows: Vec<String>,
     },
     /// Registered services, with what they depend on.
     List,
     /// One service's current health figures over the coordinator's window.
     #[command(alias = "health")]
     Show { name: String },
+}
+
+/// `--rto 10m` as whole seconds.
+fn parse_rto(text: &str) -> Result<u64, String> {
+    let duration = humantime::parse_duration(text)
+        .map_err(|error| format!("{text:?} is not a duration like 10m or 1h: {error}"))?;
+    match duration.as_secs() {
+        0 => Err("an RTO must be at least 1s".into()),
+        seconds => Ok(seconds),
+    }
+}
+
+/// A freeze window, checked here so a typo is named before anything is sent.
+fn parse_freeze(text: &str) -> Result<String, String> {
+    rewind_shared::freeze::FreezeWindow::parse(text).map(|window| window.text)
 }
 
 pub(crate) fn parse_synthetic(text: &str) -> Result<pb::SyntheticCheck, String> {
@@ -144,6 +168,8 @@ pub(crate) async fn service(
             synthetics,
             conditions,
             rollback_steps,
+            rto,
+            freeze_windows,
         } => {
             let service = pb::Service {
                 name,
@@ -157,6 +183,8 @@ pub(crate) async fn service(
                 }),
                 synthetics,
                 rollback_steps,
+                rto_s: rto.unwrap_or(0),
+                freeze_windows,
             };
             let request = pb::PutServiceRequest {
                 request_id: request_id(),
@@ -266,11 +294,19 @@ pub(crate) fn print_services(format: Format, services: Vec<pb::Service>) -> anyh
             } else {
                 service.rollback_steps.join(" -> ")
             };
+            let rto = match service.rto_s {
+                0 => "-".to_string(),
+                seconds => {
+                    humantime::format_duration(std::time::Duration::from_secs(seconds)).to_string()
+                }
+            };
             vec![
                 service.name.clone(),
                 service.depends_on.join(","),
                 trigger,
                 steps,
+                rto,
+                service.freeze_windows.join("; "),
             ]
         })
         .collect();
@@ -280,6 +316,8 @@ pub(crate) fn print_services(format: Format, services: Vec<pb::Service>) -> anyh
             "DEPENDS ON",
             "AUTOMATIC ROLLBACK",
             "ROLLBACK STEPS",
+            "RTO",
+            "FREEZE WINDOWS",
         ],
         rows,
     );

@@ -156,7 +156,27 @@ pub(super) fn request_change(
         baseline: *baseline,
     };
     let requirement = approvals::deploy_requirement(state, &spec);
-    if requirement.approvals == 0 {
+    let frozen = freeze_of(state, service, command.at_ms);
+    if let Some((window, until_ms)) = &frozen {
+        if !break_glass {
+            return Err(frozen_error(service, window, *until_ms));
+        }
+        if let Some(environment) = spec
+            .environments(state)
+            .into_iter()
+            .find(|environment| !break_glass_allowed(state, environment))
+        {
+            return Err(CoordinatorError::invalid(
+                "break_glass",
+                format!(
+                    "the policy of {environment} does not allow break-glass: {service} is frozen \
+                     ({window}) until {}",
+                    rfc3339(*until_ms)
+                ),
+            ));
+        }
+    }
+    if requirement.approvals == 0 && frozen.is_none() {
         let (number, target, audit) = start_change(state, command, start)?;
         return Ok((Outcome::Change(number), target, audit));
     }
@@ -172,7 +192,7 @@ pub(super) fn request_change(
         )?;
         return approvals::file_deploy(state, command, spec, &requirement, reason);
     }
-    if !requirement.break_glass {
+    if requirement.approvals > 0 && !requirement.break_glass {
         return Err(no_break_glass(&requirement));
     }
     let (number, target, audit) = start_change(state, command, start)?;
@@ -182,10 +202,24 @@ pub(super) fn request_change(
         change.break_glass = true;
         change.request = request;
     }
+    let mut bypassed = Vec::new();
+    if requirement.approvals > 0 {
+        bypassed.push(without_approvals(&requirement));
+    }
+    if let Some((window, _)) = &frozen {
+        bypassed.push(format!("inside {service}'s freeze window ({window})"));
+        if let Some(record) = state.approval_requests.get_mut(&request) {
+            record.detail = format!(
+                "ran at once {}: {}",
+                bypassed.join(" and "),
+                change_id(number)
+            );
+        }
+    }
     escalate_break_glass(
         state,
         command,
-        &requirement,
+        &bypassed.join(" and "),
         request,
         approvals::Started::Change(number),
         service,
@@ -203,7 +237,7 @@ pub(super) fn request_change(
 pub(super) fn escalate_break_glass(
     state: &mut State,
     command: &Command,
-    requirement: &approvals::Requirement,
+    bypassed: &str,
     request: u64,
     started: approvals::Started,
     service: &str,
@@ -211,17 +245,55 @@ pub(super) fn escalate_break_glass(
 ) -> u64 {
     let review = approvals::request_id(request);
     let evidence = format!(
-        "break-glass: {} started {} without the {} approvals {} requires ({review} to review: rewindctl request review {review}): {reason}",
+        "break-glass: {} started {} {bypassed} ({review} to review: rewindctl request review {review}): {reason}",
         command.identity,
         started.id(),
-        requirement.approvals,
-        requirement.environments.join(", "),
     );
     let rollback = match started {
         approvals::Started::Rollback(rollback) => rollback,
         approvals::Started::Change(_) => 0,
     };
     state.escalate(command.at_ms, rollback, 0, service, evidence)
+}
+
+/// What a break-glass start went without: `without the 2 approvals prod requires`.
+pub(super) fn without_approvals(requirement: &approvals::Requirement) -> String {
+    format!(
+        "without the {} approvals {} requires",
+        requirement.approvals,
+        requirement.environments.join(", ")
+    )
+}
+
+/// The freeze window `service` is in at `at_ms` (from version 6), and when it ends.
+pub(super) fn freeze_of(state: &State, service: &str, at_ms: u64) -> Option<(String, u64)> {
+    if state.cluster_version() < version::SERVICE_OBJECTIVES {
+        return None;
+    }
+    let (window, until_ms) = state.services.get(service)?.frozen_at(at_ms)?;
+    Some((window.to_string(), until_ms))
+}
+
+pub(super) fn frozen_error(service: &str, window: &str, until_ms: u64) -> CoordinatorError {
+    CoordinatorError::ServiceFrozen {
+        service: service.to_string(),
+        window: window.to_string(),
+        until: rfc3339(until_ms),
+    }
+}
+
+fn rfc3339(at_ms: u64) -> String {
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(at_ms);
+    humantime::format_rfc3339_seconds(at).to_string()
+}
+
+/// Whether the policy lets an operator run without approvals in `environment` (no policy: yes).
+fn break_glass_allowed(state: &State, environment: &str) -> bool {
+    state
+        .access
+        .policy
+        .as_deref()
+        .is_none_or(|policy| policy.environment(environment).break_glass)
 }
 
 /// The audit outcome of a break-glass start.

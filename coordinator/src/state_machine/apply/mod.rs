@@ -232,9 +232,31 @@ fn apply_kind(state: &mut State, command: &Command) -> Result<(Outcome, String, 
             forget_host(state, host_id, *release_name, reason)
         }
         CommandKind::PutService { service } => {
+            let objectives = service.rto_s != 0 || !service.freeze.is_empty();
+            if objectives {
+                version::require(state, version::SERVICE_OBJECTIVES, "RTO and freeze windows")?;
+            }
             check_no_cycle(state, service)?;
             state.services.insert(service.name.clone(), service.clone());
-            Ok((Outcome::Done, service.name.clone(), "ok".into()))
+            let outcome = if objectives {
+                let windows: Vec<&str> = service
+                    .freeze
+                    .iter()
+                    .map(|window| window.text.as_str())
+                    .collect();
+                format!(
+                    "ok: RTO {} s; freeze windows: {}",
+                    service.rto_s,
+                    if windows.is_empty() {
+                        "none".to_string()
+                    } else {
+                        windows.join("; ")
+                    }
+                )
+            } else {
+                "ok".into()
+            };
+            Ok((Outcome::Done, service.name.clone(), outcome))
         }
         CommandKind::RegisterRelease { release } => register_release(state, release, at_ms),
         CommandKind::RegisterMigration { migration } => {

@@ -52,7 +52,7 @@ pub(super) fn request_rollback(
     let escalation = escalate_break_glass(
         state,
         command,
-        &requirement,
+        &without_approvals(&requirement),
         request,
         approvals::Started::Rollback(number),
         &service,
@@ -168,6 +168,10 @@ pub(super) fn approve_deploy(
     reason: &str,
 ) -> Result<(Outcome, String, String)> {
     let number = request.number;
+    // Approved or not, a change waits out its service's freeze window.
+    if let Some((window, until_ms)) = freeze_of(state, &spec.service, command.at_ms) {
+        return Err(frozen_error(&spec.service, &window, until_ms));
+    }
     let deploy = StartChange {
         service: spec.service.clone(),
         version: spec.version.clone(),

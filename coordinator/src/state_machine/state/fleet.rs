@@ -216,6 +216,22 @@ pub struct ServiceRecord {
     /// The steps each host goes through in a rollback; empty: the default recipe.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rollback_steps: Vec<crate::recipe::RecipeStep>,
+    /// Recovery time objective, seconds; 0: none (from version 6).
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub rto_s: u64,
+    /// When changes are refused unless break-glass (from version 6).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub freeze: Vec<rewind_shared::freeze::FreezeWindow>,
+}
+
+impl ServiceRecord {
+    /// The freeze window holding `at_ms`, and when it ends.
+    pub fn frozen_at(&self, at_ms: u64) -> Option<(&str, u64)> {
+        self.freeze
+            .iter()
+            .filter_map(|window| Some((window.text.as_str(), window.frozen_until(at_ms)?)))
+            .max_by_key(|&(_, until)| until)
+    }
 }
 /// A synthetic transaction: one HTTP request and what its answer must be.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -262,5 +278,9 @@ pub struct HealthAggregate {
     pub scrape_failures: u32,
 }
 pub(super) fn is_zero(value: &u32) -> bool {
+    *value == 0
+}
+
+fn is_zero_u64(value: &u64) -> bool {
     *value == 0
 }
