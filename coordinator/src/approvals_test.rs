@@ -644,7 +644,7 @@ fn a_freeze_refuses_changes_and_approvals_to_start_them_but_never_a_rollback() {
     assert!(
         refused.as_ref().is_err_and(|error| error
             .to_string()
-            .contains("api is frozen (Thu 00:00-24:00 UTC)")),
+            .contains("does not allow break-glass: api is frozen (Thu 00:00-24:00 UTC)")),
         "{refused:?}"
     );
     let refused = fleet.apply_as("user:alice", AT + 3, deploy_of("api", "v3", false));

@@ -237,10 +237,13 @@ impl RawThrottle {
 #[derive(Debug, Default, Deserialize)]
 #[serde(default, rename_all = "kebab-case")]
 pub struct RawEscalation {
-    /// http:// URL that receives a JSON POST per escalation.
+    /// http:// or https:// URL that receives a JSON POST per escalation.
     pub webhook_url: Option<String>,
     /// File holding the shared secret the signature is made with (at least 16 bytes).
     pub secret_file: Option<PathBuf>,
+    /// PEM certificates an https:// receiver's chain may end in, besides the Mozilla roots
+    /// built in (a private CA).
+    pub ca_file: Option<PathBuf>,
 }
 
 /// `[incidents]`: where an incident system hears of incidents (trigger when a rollback starts,
@@ -248,8 +251,11 @@ pub struct RawEscalation {
 #[derive(Debug, Default, Deserialize)]
 #[serde(default, rename_all = "kebab-case")]
 pub struct RawIncidents {
-    /// http:// URL that receives a JSON POST per event.
+    /// http:// or https:// URL that receives a JSON POST per event.
     pub webhook_url: Option<String>,
+    /// PEM certificates an https:// receiver's chain may end in, besides the Mozilla roots
+    /// built in (a private CA).
+    pub ca_file: Option<PathBuf>,
     /// File holding the shared secret the signature is made with (at least 16 bytes).
     pub secret_file: Option<PathBuf>,
     /// `pagerduty` (Events API v2) or `json`.
@@ -268,6 +274,8 @@ pub const SEVERITIES: [&str; 4] = ["critical", "error", "warning", "info"];
 pub struct IncidentWebhookConfig {
     pub url: String,
     pub secret: Vec<u8>,
+    /// Extra trust anchors for an https:// receiver (PEM).
+    pub ca_pem: Option<Vec<u8>>,
     pub format: IncidentFormat,
     pub severity: BTreeMap<String, String>,
 }
@@ -319,6 +327,8 @@ impl std::fmt::Debug for IncidentWebhookConfig {
 pub struct EscalationConfig {
     pub webhook_url: String,
     pub secret: Vec<u8>,
+    /// Extra trust anchors for an https:// receiver (PEM).
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for EscalationConfig {
@@ -788,13 +798,54 @@ fn read_secret(field: &str, path: &Path, problems: &mut Problems) -> Option<Vec<
     }
 }
 
-/// Webhooks are plain http:// for now (a relay on the host adds TLS).
 fn check_webhook_url(field: &str, url: &str, problems: &mut Problems) {
-    if !url.starts_with("http://") || url.len() <= "http://".len() {
-        problems.add(
-            field,
-            format!("{url:?} must be an http:// URL (https is not supported yet)"),
-        );
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"));
+    match rest {
+        None | Some("") => {
+            problems.add(field, format!("{url:?} must be an http:// or https:// URL"));
+        }
+        // Delivery details (in the replicated state, the audit, `incident show`) name the URL.
+        Some(rest)
+            if rest
+                .split('/')
+                .next()
+                .is_some_and(|host| host.contains('@')) =>
+        {
+            problems.add(
+                field,
+                "must not carry a user or password: the receiver checks the signature instead",
+            );
+        }
+        Some(_) => {}
+    }
+}
+
+/// A webhook's extra trust anchors: PEM certificates, at least one.
+fn read_webhook_ca(
+    field: &str,
+    path: Option<&PathBuf>,
+    problems: &mut Problems,
+) -> Option<Vec<u8>> {
+    let path = path?;
+    match std::fs::read(path) {
+        Ok(pem)
+            if reqwest::Certificate::from_pem_bundle(&pem).is_ok_and(|certs| !certs.is_empty()) =>
+        {
+            Some(pem)
+        }
+        Ok(_) => {
+            problems.add(
+                field,
+                format!("{} holds no PEM certificate", path.display()),
+            );
+            None
+        }
+        Err(error) => {
+            problems.add(field, format!("cannot read {}: {error}", path.display()));
+            None
+        }
     }
 }
 
@@ -808,10 +859,12 @@ fn validate_escalation(raw: &RawEscalation, problems: &mut Problems) -> Option<E
         );
         return None;
     };
+    let ca_pem = read_webhook_ca("escalation.ca-file", raw.ca_file.as_ref(), problems);
     let secret = read_secret("escalation.secret-file", path, problems)?;
     Some(EscalationConfig {
         webhook_url: url.clone(),
         secret,
+        ca_pem,
     })
 }
 
@@ -828,7 +881,11 @@ fn validate_incidents(
         }
     }
     let Some(url) = &raw.webhook_url else {
-        if raw.secret_file.is_some() || raw.format.is_some() || raw.routing_key_file.is_some() {
+        if raw.secret_file.is_some()
+            || raw.format.is_some()
+            || raw.routing_key_file.is_some()
+            || raw.ca_file.is_some()
+        {
             problems.add(
                 "incidents.webhook-url",
                 "is required with the other incidents keys",
@@ -846,7 +903,13 @@ fn validate_incidents(
                 );
                 return None;
             };
-            let routing_key = match std::fs::read_to_string(path) {
+            let read = std::fs::File::open(path).and_then(|file| {
+                use std::io::Read as _;
+                // A key is 32 characters: a large file is not one, and is not read whole.
+                let mut text = String::new();
+                file.take(1024).read_to_string(&mut text).map(|_| text)
+            });
+            let routing_key = match read {
                 Ok(text) => text.trim().to_string(),
                 Err(error) => {
                     problems.add(
@@ -877,6 +940,7 @@ fn validate_incidents(
             return None;
         }
     };
+    let ca_pem = read_webhook_ca("incidents.ca-file", raw.ca_file.as_ref(), problems);
     let Some(path) = &raw.secret_file else {
         problems.add(
             "incidents.secret-file",
@@ -888,6 +952,7 @@ fn validate_incidents(
     Some(IncidentWebhookConfig {
         url: url.clone(),
         secret,
+        ca_pem,
         format,
         severity: raw.severity.clone(),
     })
@@ -1022,7 +1087,7 @@ gate-timeout-s = 5
 budget = 0
 breaker-services = 1
 [escalation]
-webhook-url = "https://pager.example"
+webhook-url = "ftp://pager.example"
 [http]
 listen = "nowhere"
 alertmanager-token-file = "{short}"
@@ -1090,13 +1155,21 @@ silence-lease-s = 1
                 "incidents.secret-file: is required",
             ),
             (
-                "webhook-url = \"https://events.pagerduty.com/v2/enqueue\"\nformat = \"json\"\n"
+                "webhook-url = \"ftp://events.pagerduty.com/v2/enqueue\"\nformat = \"json\"\n"
                     .to_string(),
                 "incidents.webhook-url: ",
             ),
             (
+                format!("webhook-url = \"https://h/\"\nformat = \"json\"\nca-file = \"{key}\"\n"),
+                "incidents.ca-file: ",
+            ),
+            (
                 "format = \"json\"\n".to_string(),
                 "incidents.webhook-url: is required",
+            ),
+            (
+                "webhook-url = \"https://bob:hunter2@h/\"\nformat = \"json\"\n".to_string(),
+                "incidents.webhook-url: must not carry a user or password",
             ),
             (
                 "[incidents.severity]\nprod = \"fatal\"\n".to_string(),

@@ -605,7 +605,7 @@ fn the_estimate_says_whether_the_rto_fits_and_what_max_parallel_would() {
     assert!(
         tight
             .verdict
-            .contains("--max-parallel 2 would (p90 1m 35s)"),
+            .contains("--max-parallel 2 --max-unavailable 2 would (p90 1m 35s)"),
         "{}",
         tight.verdict
     );

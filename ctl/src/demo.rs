@@ -480,7 +480,8 @@ async fn run_loop(
     let actions: Vec<&str> = told.iter().map(|event| event.action.as_str()).collect();
     ensure!(
         actions == ["trigger", "resolve"]
-            && told.iter().all(|event| event.dedup_key == incident_id),
+            && told[0].dedup_key.starts_with(&format!("{incident_id}@"))
+            && told[1].dedup_key == told[0].dedup_key,
         "the incident system heard {told:?}, not a trigger then a resolve of {incident_id}"
     );
     say!(

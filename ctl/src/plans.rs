@@ -195,15 +195,23 @@ pub fn print_plan(plan: &pb::RollbackPlan) {
     let duration = |ms: u64| {
         humantime::format_duration(std::time::Duration::from_secs(ms.div_ceil(1000))).to_string()
     };
-    let estimate = plan.estimate.clone().unwrap_or_default();
-    say!(
-        "  expected duration: about {} (p90 {}); {}",
-        duration(plan.expected_duration_ms),
-        duration(estimate.p90_ms),
-        estimate.verdict
-    );
-    for line in &estimate.basis {
-        say!("    {line}");
+    match &plan.estimate {
+        Some(estimate) => {
+            say!(
+                "  expected duration: about {} (p90 {}); {}",
+                duration(plan.expected_duration_ms),
+                duration(estimate.p90_ms),
+                estimate.verdict
+            );
+            for line in &estimate.basis {
+                say!("    {line}");
+            }
+        }
+        // A coordinator from before estimates.
+        None => say!(
+            "  expected duration: about {}",
+            duration(plan.expected_duration_ms)
+        ),
     }
     for note in &plan.notes {
         say!("  note: {note}");

@@ -113,10 +113,11 @@ impl FreezeWindow {
                     .filter_map(|&day| {
                         let start = u64::from(day) * MINUTES_PER_DAY + u64::from(*start_minute);
                         let since = (into_week + MINUTES_PER_WEEK - start) % MINUTES_PER_WEEK;
-                        (since < u64::from(*minutes)).then(|| {
-                            let window_start_ms = (minute - since) * 60_000;
-                            window_start_ms + u64::from(*minutes) * 60_000
-                        })
+                        if since >= u64::from(*minutes) {
+                            return None;
+                        }
+                        let window_start = minute.checked_sub(since)?;
+                        Some((window_start + u64::from(*minutes)) * 60_000)
                     })
                     .max()
             }
@@ -181,6 +182,26 @@ fn parse_moment(day: &str, time_of_day: &str) -> Result<u64, String> {
     Ok(seconds * 1000)
 }
 
+/// When the freeze holding `at_ms` ends, following windows that meet or overlap (`Sat,Sun
+/// 00:00-24:00 UTC` on a Saturday holds until Monday), and the window that held `at_ms`.
+pub fn frozen_until(windows: &[FreezeWindow], at_ms: u64) -> Option<(&str, u64)> {
+    let holding = |at_ms: u64| {
+        windows
+            .iter()
+            .filter_map(|window| Some((window.text.as_str(), window.frozen_until(at_ms)?)))
+            .max_by_key(|&(_, until)| until)
+    };
+    let (text, mut until) = holding(at_ms)?;
+    // Bounded: a freeze that never ends (`daily 00:00-24:00 UTC`) is followed a few weeks.
+    for _ in 0..MAX_WINDOWS * 7 {
+        match holding(until) {
+            Some((_, later)) if later > until => until = later,
+            _ => break,
+        }
+    }
+    Some((text, until))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -218,11 +239,23 @@ mod tests {
         assert!(office.frozen_until(at("2026-12-07", "09:00")).is_some());
         assert!(office.frozen_until(at("2026-12-05", "10:00")).is_none());
         let weekend = FreezeWindow::parse("Sat,Sun 00:00-24:00 UTC").unwrap();
-        // Saturday's and Sunday's windows meet: frozen until Sunday's ends.
         assert_eq!(
             weekend.frozen_until(at("2026-12-06", "12:00")),
             Some(at("2026-12-07", "00:00"))
         );
+        // Saturday's and Sunday's windows meet, and Monday's follows: on Saturday, frozen until
+        // Monday's ends.
+        let windows = [weekend, FreezeWindow::parse("Mon 00:00-01:00 UTC").unwrap()];
+        assert_eq!(
+            frozen_until(&windows, at("2026-12-05", "12:00")),
+            Some(("Sat,Sun 00:00-24:00 UTC", at("2026-12-07", "01:00")))
+        );
+        let always = [FreezeWindow::parse("daily 00:00-24:00 UTC").unwrap()];
+        let (_, until) = frozen_until(&always, at("2026-12-05", "12:00")).unwrap();
+        assert!(until > at("2026-12-20", "00:00"), "followed, and bounded");
+        // Near the epoch, a window that began before it holds nothing rather than underflowing.
+        let night = FreezeWindow::parse("Wed 22:00-02:00 UTC").unwrap();
+        assert_eq!(night.frozen_until(60_000), None);
         let daily = FreezeWindow::parse("daily 12:00-13:00 UTC").unwrap();
         assert!(daily.frozen_until(at("2026-12-09", "12:30")).is_some());
     }

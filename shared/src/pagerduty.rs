@@ -169,13 +169,52 @@ mod receiver {
     /// A PagerDuty Events API v2 stand-in on loopback that also checks rewind's signature.
     pub struct Receiver {
         pub address: std::net::SocketAddr,
+        /// With [`Receiver::start_tls`]: the CA its certificate chains to (PEM).
+        pub ca_pem: Option<String>,
         book: Arc<Mutex<Book>>,
         task: tokio::task::JoinHandle<()>,
     }
 
     impl Receiver {
-        /// Listens on 127.0.0.1 (a free port); events must be signed with `secret`.
+        /// Listens on 127.0.0.1 (a free port) over plain HTTP; events must be signed with
+        /// `secret`.
         pub async fn start(secret: Vec<u8>) -> std::io::Result<Self> {
+            Self::listen(secret, None).await
+        }
+
+        /// Like [`Receiver::start`] over HTTPS, with a certificate for 127.0.0.1 from a CA of
+        /// its own (`ca_pem`).
+        pub async fn start_tls(secret: Vec<u8>) -> std::io::Result<Self> {
+            use rustls::pki_types::pem::PemObject as _;
+            crate::tls::install_crypto_provider();
+            let ca = crate::dev_ca::DevCa::generate("rewind pager stand-in CA")
+                .map_err(std::io::Error::other)?;
+            let subject = crate::dev_ca::Subject::new(crate::identity::Kind::Member, "pager");
+            let (cert_pem, key_pem) = ca
+                .issue(&subject, &["127.0.0.1", "localhost"])
+                .map_err(std::io::Error::other)?;
+            let bad_pem = |error: rustls::pki_types::pem::Error| {
+                std::io::Error::other(format!("the stand-in's certificate: {error}"))
+            };
+            let chain = rustls::pki_types::CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(bad_pem)?;
+            let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+                .map_err(bad_pem)?;
+            let config = rustls::ServerConfig::builder()
+                .with_no_client_auth()
+                .with_single_cert(chain, key)
+                .map_err(std::io::Error::other)?;
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+            let mut receiver = Self::listen(secret, Some(acceptor)).await?;
+            receiver.ca_pem = Some(ca.cert_pem().to_string());
+            Ok(receiver)
+        }
+
+        async fn listen(
+            secret: Vec<u8>,
+            tls: Option<tokio_rustls::TlsAcceptor>,
+        ) -> std::io::Result<Self> {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             let address = listener.local_addr()?;
             let book: Arc<Mutex<Book>> = Arc::default();
@@ -185,18 +224,35 @@ mod receiver {
                 while let Ok((stream, _)) = listener.accept().await {
                     let book = Arc::clone(&shared);
                     let secret = Arc::clone(&secret);
+                    let tls = tls.clone();
                     tokio::spawn(async move {
                         let service = hyper::service::service_fn(move |request| {
                             answer(request, Arc::clone(&book), Arc::clone(&secret))
                         });
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                            .await;
+                        let http = hyper::server::conn::http1::Builder::new();
+                        // A client that goes away mid-request is no concern of the stand-in's.
+                        let _ = match tls {
+                            None => {
+                                http.serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                                    .await
+                            }
+                            Some(tls) => match tls.accept(stream).await {
+                                Ok(stream) => {
+                                    http.serve_connection(
+                                        hyper_util::rt::TokioIo::new(stream),
+                                        service,
+                                    )
+                                    .await
+                                }
+                                Err(_) => return,
+                            },
+                        };
                     });
                 }
             });
             Ok(Self {
                 address,
+                ca_pem: None,
                 book,
                 task,
             })

@@ -104,8 +104,8 @@ pub struct EngineMemory {
     /// began its prepare under another leader (or before a restart): without a recorded
     /// decision it is aborted, never committed.
     pub schema_checked: HashSet<u64>,
-    /// (incident, event) -> when its delivery to the incident webhook was last tried.
-    pub notices: HashMap<(u64, crate::state_machine::NoticeEvent), u64>,
+    /// What this leader tried of the incident webhook's deliveries.
+    pub notices: super::incident_webhook::NoticeMemory,
     /// When this leader last proposed to prune the audit log (0: not yet).
     pub audit_pruned_at_ms: u64,
 }

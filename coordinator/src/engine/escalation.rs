@@ -37,6 +37,24 @@ pub fn webhook_mac(secret: &[u8], timestamp_ms: u64, body: &[u8]) -> Hmac<Sha256
     mac
 }
 
+/// The client a webhook is posted with: bounded in time, never redirected (a redirect could
+/// carry the signed body elsewhere), https:// trusting the Mozilla roots and `ca_pem`'s.
+pub(super) fn webhook_client(ca_pem: Option<&[u8]>) -> Result<reqwest::Client, String> {
+    let mut builder = reqwest::Client::builder()
+        .timeout(DELIVERY_TIMEOUT)
+        .redirect(reqwest::redirect::Policy::none());
+    if let Some(pem) = ca_pem {
+        let certificates = reqwest::Certificate::from_pem_bundle(pem)
+            .map_err(|error| format!("cannot read the webhook's CA certificates: {error}"))?;
+        for certificate in certificates {
+            builder = builder.add_root_certificate(certificate);
+        }
+    }
+    builder
+        .build()
+        .map_err(|error| format!("cannot build an HTTP client: {error}"))
+}
+
 #[derive(Serialize)]
 struct Payload {
     kind: &'static str,
@@ -60,6 +78,7 @@ struct Payload {
 pub struct Delivery {
     url: String,
     secret: Vec<u8>,
+    ca_pem: Option<Vec<u8>>,
     escalation: u64,
     payload: Payload,
 }
@@ -144,6 +163,7 @@ impl Delivery {
         Some(Self {
             url: config.webhook_url.clone(),
             secret: config.secret.clone(),
+            ca_pem: config.ca_pem.clone(),
             escalation,
             payload,
         })
@@ -189,13 +209,9 @@ impl Delivery {
             Err(error) => return (false, format!("cannot encode the payload: {error}")),
         };
         let timestamp = rewind_shared::time::now_ms();
-        let client = match reqwest::Client::builder()
-            .timeout(DELIVERY_TIMEOUT)
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-        {
+        let client = match webhook_client(self.ca_pem.as_deref()) {
             Ok(client) => client,
-            Err(error) => return (false, format!("cannot build an HTTP client: {error}")),
+            Err(error) => return (false, error),
         };
         let response = client
             .post(&self.url)

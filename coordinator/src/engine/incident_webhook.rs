@@ -1,12 +1,12 @@
 //! Incidents told to an incident system: every rollback is an incident (`in-N`), and the leader
 //! sends its events to the incident webhook in PagerDuty's Events API v2 format or a generic
-//! JSON one: `trigger` when the rollback starts, `acknowledge` when a person acts on it (starts
-//! it, approves, pauses, notes...), `resolve` when it succeeds. A failed or aborted rollback is
-//! left triggered: someone has work to do.
+//! JSON one: `trigger` when the rollback starts, `acknowledge` when a person (a `user:`
+//! identity) acts on it (starts it, approves, pauses, notes...), `resolve` when it succeeds. A
+//! failed or aborted rollback is left triggered: someone has work to do.
 //!
 //! Each delivery is signed like an escalation (`X-Rewind-Signature`, `X-Rewind-Timestamp`),
-//! tried at most [`MAX_NOTICE_ATTEMPTS`] times [`NOTICE_RETRY_MS`] apart (a 4xx other than 408
-//! and 429 is not retried), and recorded on the incident, so `incident show` says how it went.
+//! tried at most [`MAX_NOTICE_ATTEMPTS`] times with a doubling wait (a 4xx other than 408 and 429
+//! is not retried), and recorded on the incident, so `incident show` says how it went.
 //! Events go in order: the next waits until the one before was delivered or given up.
 
 use std::collections::HashMap;
@@ -16,62 +16,89 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use super::decide::Action;
-use super::escalation::{SIGNATURE_HEADER, TIMESTAMP_HEADER, sign};
+use super::escalation::{SIGNATURE_HEADER, TIMESTAMP_HEADER, sign, webhook_client};
 use crate::config::{IncidentFormat, IncidentWebhookConfig};
 use crate::node::NodeHandle;
 use crate::state_machine::version::INCIDENT_NOTICES;
 use crate::state_machine::*;
 
-/// Wait between two deliveries of one event.
+/// Wait after an event's first failed delivery; it doubles with each failure, up to
+/// [`MAX_NOTICE_RETRY_MS`], so [`MAX_NOTICE_ATTEMPTS`] ride out an outage of about 11 hours.
 pub const NOTICE_RETRY_MS: u64 = 10_000;
-/// How long after its rollback ended an incident is still told of: a rollback that ended before
-/// the webhook was configured (or before the cluster reached version 6) is not, beyond this.
+pub const MAX_NOTICE_RETRY_MS: u64 = 60 * 60 * 1000;
+/// How long after its rollback ended an incident is still told of, unless a delivery is still
+/// under way: a rollback that ended before the webhook was configured (or before the cluster
+/// reached version 6) is not, beyond this.
 pub const NOTICE_WINDOW_MS: u64 = 15 * 60 * 1000;
-const DELIVERY_TIMEOUT: Duration = Duration::from_secs(5);
 /// PagerDuty's bound on a trigger's summary.
 const MAX_SUMMARY_BYTES: usize = 1024;
 /// How far back a leader's clock may have stepped: a person's action on a rollback is looked for
 /// in the audit from this long before it started.
 const CLOCK_SLACK_MS: u64 = 60 * 1000;
 
+/// What the leader remembers of incident deliveries (not replicated: a new leader may send an
+/// event again, which the dedup key makes harmless).
+#[derive(Default)]
+pub struct NoticeMemory {
+    /// (incident, event) -> when its delivery was last tried.
+    tried: HashMap<(u64, NoticeEvent), u64>,
+    /// incident -> the audit index read through looking for a person's action, and whether one
+    /// was found: each tick reads only what was appended since.
+    scanned: HashMap<u64, (u64, bool)>,
+}
+
+/// Wait before the next attempt after `attempts` failed ones: 10 s, doubling, at most an hour.
+pub fn retry_after_ms(attempts: u32) -> u64 {
+    NOTICE_RETRY_MS
+        .saturating_mul(1 << attempts.saturating_sub(1).min(20))
+        .min(MAX_NOTICE_RETRY_MS)
+}
+
 /// Asks for the next event of every incident that has one due.
-pub fn due(
-    state: &State,
-    memory: &mut HashMap<(u64, NoticeEvent), u64>,
-    now_ms: u64,
-    actions: &mut Vec<Action>,
-) {
+pub fn due(state: &State, memory: &mut NoticeMemory, now_ms: u64, actions: &mut Vec<Action>) {
     if state.cluster_version() < INCIDENT_NOTICES {
         return;
     }
     let mut pending = Vec::new();
+    let mut considered = Vec::new();
     for record in state.rollbacks.values() {
-        if record.status.is_terminal()
-            && record.finished_at_ms.saturating_add(NOTICE_WINDOW_MS) < now_ms
-        {
-            continue;
-        }
         let notices = state
             .incidents
             .get(&record.number)
             .map_or(&[][..], |incident| &incident.notices[..]);
-        let Some(event) = next_event(state, record, notices) else {
+        // Long over and nothing left to deliver: not told (again).
+        if record.status.is_terminal()
+            && record.finished_at_ms.saturating_add(NOTICE_WINDOW_MS) < now_ms
+            && notices.iter().all(NoticeRecord::settled)
+        {
+            continue;
+        }
+        considered.push(record.number);
+        let Some(event) = next_event(state, record, notices, &mut memory.scanned) else {
             continue;
         };
         let key = (record.number, event);
         pending.push(key);
+        let attempts = notices
+            .iter()
+            .find(|notice| notice.event == event)
+            .map_or(0, |notice| notice.attempts);
         let due = memory
+            .tried
             .get(&key)
-            .is_none_or(|&last| now_ms.saturating_sub(last) >= NOTICE_RETRY_MS);
+            .is_none_or(|&last| now_ms.saturating_sub(last) >= retry_after_ms(attempts));
         if due {
-            memory.insert(key, now_ms);
+            memory.tried.insert(key, now_ms);
             actions.push(Action::NotifyIncident {
                 incident: record.number,
                 event,
             });
         }
     }
-    memory.retain(|key, _| pending.contains(key));
+    memory.tried.retain(|key, _| pending.contains(key));
+    memory
+        .scanned
+        .retain(|number, _| considered.contains(number));
 }
 
 /// The first event the incident should have told and has not settled, if any.
@@ -79,6 +106,7 @@ fn next_event(
     state: &State,
     record: &RollbackRecord,
     notices: &[NoticeRecord],
+    scanned: &mut HashMap<u64, (u64, bool)>,
 ) -> Option<NoticeEvent> {
     let notice = |event| notices.iter().find(|notice| notice.event == event);
     let resolve_sent = notice(NoticeEvent::Resolve).is_some();
@@ -86,7 +114,7 @@ fn next_event(
         let wanted = match event {
             NoticeEvent::Trigger => true,
             // Not after a resolve: an incident system drops an acknowledge of a resolved incident.
-            NoticeEvent::Acknowledge => !resolve_sent && person_acted(state, record),
+            NoticeEvent::Acknowledge => !resolve_sent && person_acted(state, record, scanned),
             NoticeEvent::Resolve => record.status == RollbackStatus::Succeeded,
         };
         if wanted && !notice(event).is_some_and(NoticeRecord::settled) {
@@ -96,9 +124,20 @@ fn next_event(
     None
 }
 
-/// Whether a person started the rollback or acted on it, its request or its incident since.
-fn person_acted(state: &State, record: &RollbackRecord) -> bool {
-    if is_person(&record.started_by) {
+/// Whether a person (a `user:`, never automation such as an alert) started the rollback or acted
+/// on it, its request or its incident since: what acknowledging means to an incident system,
+/// whose escalation an acknowledgement stops.
+fn person_acted(
+    state: &State,
+    record: &RollbackRecord,
+    scanned: &mut HashMap<u64, (u64, bool)>,
+) -> bool {
+    let by_a_person = |identity: &str| identity.starts_with("user:");
+    if by_a_person(&record.started_by) {
+        return true;
+    }
+    let (through, found) = scanned.get(&record.number).copied().unwrap_or((0, false));
+    if found {
         return true;
     }
     let targets = [
@@ -107,19 +146,34 @@ fn person_acted(state: &State, record: &RollbackRecord) -> bool {
         request_id(record.request),
     ];
     let entries = state.audit.entries();
-    let from = entries
-        .partition_point(|entry| entry.at_ms.saturating_add(CLOCK_SLACK_MS) < record.started_at_ms);
-    entries[from..].iter().any(|entry| {
-        is_person(&entry.identity)
+    let from = if through == 0 {
+        entries.partition_point(|entry| {
+            entry.at_ms.saturating_add(CLOCK_SLACK_MS) < record.started_at_ms
+        })
+    } else {
+        entries.partition_point(|entry| entry.index <= through)
+    };
+    let acted = entries[from..].iter().any(|entry| {
+        by_a_person(&entry.identity)
             && entry.action != "incident.notify"
             && targets.contains(&entry.target)
-    })
+    });
+    let read_through = entries.last().map_or(through, |entry| entry.index);
+    scanned.insert(record.number, (read_through, acted));
+    acted
+}
+
+/// The dedup key of an incident: its id and the cluster's, so that two clusters on one
+/// integration (or a cluster rebuilt, its numbering restarted) never merge incidents.
+pub fn dedup_key(cluster_id: &str, number: u64) -> String {
+    format!("{}@{cluster_id}", incident_id(number))
 }
 
 /// One event of one incident, ready to post.
 pub struct Notice {
     url: String,
     secret: Vec<u8>,
+    ca_pem: Option<Vec<u8>>,
     incident: u64,
     event: NoticeEvent,
     body: serde_json::Value,
@@ -141,6 +195,7 @@ impl Notice {
         Some(Self {
             url: config.url.clone(),
             secret: config.secret.clone(),
+            ca_pem: config.ca_pem.clone(),
             incident,
             event,
             body,
@@ -190,13 +245,9 @@ impl Notice {
             Err(error) => return failed(format!("cannot encode the event: {error}")),
         };
         let timestamp = rewind_shared::time::now_ms();
-        let client = match reqwest::Client::builder()
-            .timeout(DELIVERY_TIMEOUT)
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-        {
+        let client = match webhook_client(self.ca_pem.as_deref()) {
             Ok(client) => client,
-            Err(error) => return failed(format!("cannot build an HTTP client: {error}")),
+            Err(error) => return failed(error),
         };
         let response = client
             .post(&self.url)
@@ -262,7 +313,7 @@ fn body(
             let mut body = json!({
                 "routing_key": routing_key,
                 "event_action": event.name(),
-                "dedup_key": id,
+                "dedup_key": dedup_key(cluster_id, record.number),
                 "client": "rewind",
             });
             if event == NoticeEvent::Trigger {
@@ -293,6 +344,7 @@ fn body(
             "event": event.name(),
             "cluster_id": cluster_id,
             "incident_id": id,
+            "dedup_key": dedup_key(cluster_id, record.number),
             "rollback_id": record.id(),
             "rollback_state": record.status.name().to_lowercase(),
             "severity": severity,

@@ -1,7 +1,5 @@
 //! Which incident events are due, in what order and how often; and how deliveries are recorded.
 
-use std::collections::HashMap;
-
 use super::*;
 use crate::test_fleet::{Fleet, rollback_of};
 
@@ -44,11 +42,7 @@ fn notified(fleet: &mut Fleet, incident: u64, event: NoticeEvent, ok: bool, perm
 }
 
 /// The events `due` asks for at `now_ms`.
-fn asked(
-    fleet: &Fleet,
-    memory: &mut HashMap<(u64, NoticeEvent), u64>,
-    now_ms: u64,
-) -> Vec<NoticeEvent> {
+fn asked(fleet: &Fleet, memory: &mut NoticeMemory, now_ms: u64) -> Vec<NoticeEvent> {
     let mut actions = Vec::new();
     due(&fleet.state, memory, now_ms, &mut actions);
     actions
@@ -63,7 +57,7 @@ fn asked(
 #[test]
 fn an_automatic_rollback_triggers_then_resolves_and_a_person_acknowledges_between() {
     let (mut fleet, rollback) = rolling_back();
-    let mut memory = HashMap::new();
+    let mut memory = NoticeMemory::default();
     let now = fleet.state.rollbacks[&rollback].started_at_ms + 1_000;
     assert_eq!(asked(&fleet, &mut memory, now), [NoticeEvent::Trigger]);
     // Not again before the retry interval, even undelivered.
@@ -98,7 +92,7 @@ fn an_automatic_rollback_triggers_then_resolves_and_a_person_acknowledges_betwee
     );
     notified(&mut fleet, rollback, NoticeEvent::Resolve, true, false);
     assert_eq!(asked(&fleet, &mut memory, now + 6 * NOTICE_RETRY_MS), []);
-    assert!(memory.is_empty(), "settled events are forgotten");
+    assert!(memory.tried.is_empty(), "settled events are forgotten");
     let notices = &fleet.state.incidents[&rollback].notices;
     let attempts: Vec<(NoticeEvent, u32)> = notices
         .iter()
@@ -119,7 +113,7 @@ fn an_automatic_rollback_triggers_then_resolves_and_a_person_acknowledges_betwee
 fn a_resolve_waits_for_the_trigger_and_no_acknowledge_follows_it() {
     let (mut fleet, rollback) = rolling_back();
     succeed(&mut fleet, rollback);
-    let mut memory = HashMap::new();
+    let mut memory = NoticeMemory::default();
     let now = fleet.state.rollbacks[&rollback].finished_at_ms;
     assert_eq!(asked(&fleet, &mut memory, now), [NoticeEvent::Trigger]);
     notified(&mut fleet, rollback, NoticeEvent::Trigger, true, false);
@@ -149,7 +143,7 @@ fn a_refused_event_is_given_up_at_once_and_a_failing_one_after_its_attempts() {
     let trigger = &fleet.state.incidents[&rollback].notices[0];
     assert!(trigger.given_up && trigger.attempts == 1, "{trigger:?}");
     succeed(&mut fleet, rollback);
-    let mut memory = HashMap::new();
+    let mut memory = NoticeMemory::default();
     let now = fleet.state.rollbacks[&rollback].finished_at_ms;
     // The trigger was given up: the resolve still goes.
     assert_eq!(asked(&fleet, &mut memory, now), [NoticeEvent::Resolve]);
@@ -158,7 +152,7 @@ fn a_refused_event_is_given_up_at_once_and_a_failing_one_after_its_attempts() {
     }
     let resolve = &fleet.state.incidents[&rollback].notices[1];
     assert!(resolve.given_up, "{resolve:?}");
-    assert_eq!(asked(&fleet, &mut memory, now + NOTICE_RETRY_MS), []);
+    assert_eq!(asked(&fleet, &mut memory, now + MAX_NOTICE_RETRY_MS), []);
     // A late success of a settled event changes nothing.
     notified(&mut fleet, rollback, NoticeEvent::Resolve, true, false);
     let resolve = &fleet.state.incidents[&rollback].notices[1];
@@ -180,7 +174,7 @@ fn a_manual_rollback_is_acknowledged_by_the_person_who_started_it() {
         panic!("rollback outcome")
     };
     notified(&mut fleet, rollback, NoticeEvent::Trigger, true, false);
-    let mut memory = HashMap::new();
+    let mut memory = NoticeMemory::default();
     let now = fleet.state.rollbacks[&rollback].started_at_ms;
     assert_eq!(asked(&fleet, &mut memory, now), [NoticeEvent::Acknowledge]);
 }
@@ -188,7 +182,7 @@ fn a_manual_rollback_is_acknowledged_by_the_person_who_started_it() {
 #[test]
 fn nothing_is_told_below_version_6_or_of_a_rollback_that_ended_long_ago() {
     let (mut fleet, rollback) = rolling_back();
-    let mut memory = HashMap::new();
+    let mut memory = NoticeMemory::default();
     let now = fleet.state.rollbacks[&rollback].started_at_ms;
     fleet.state.cluster_version = version::INCIDENT_NOTICES - 1;
     assert_eq!(asked(&fleet, &mut memory, now), []);
@@ -216,6 +210,7 @@ fn severity_is_the_gravest_of_the_environments() {
     let config = IncidentWebhookConfig {
         url: "http://127.0.0.1:1/".into(),
         secret: vec![0; 16],
+        ca_pem: None,
         format: IncidentFormat::Json,
         severity: [("staging".to_string(), "info".to_string())].into(),
     };
@@ -236,6 +231,7 @@ fn each_format_says_what_its_receiver_needs() {
     let mut config = IncidentWebhookConfig {
         url: "http://127.0.0.1:1/".into(),
         secret: vec![0; 16],
+        ca_pem: None,
         format: IncidentFormat::PagerDuty {
             routing_key: "k".repeat(32),
         },
@@ -246,7 +242,7 @@ fn each_format_says_what_its_receiver_needs() {
         let checked = rewind_shared::pagerduty::check_event(sent.to_string().as_bytes())
             .unwrap_or_else(|errors| panic!("{event}: {errors:?}"));
         assert_eq!(checked.action, event.name());
-        assert_eq!(checked.dedup_key, incident_id(rollback));
+        assert_eq!(checked.dedup_key, format!("in-{rollback}@c-1"));
         assert_eq!(sent.get("payload").is_some(), event == NoticeEvent::Trigger);
     }
     config.format = IncidentFormat::Json;
@@ -259,5 +255,85 @@ fn each_format_says_what_its_receiver_needs() {
     assert_eq!(
         sent["show"],
         format!("rewindctl incident show {}", incident_id(rollback))
+    );
+}
+
+#[test]
+fn automation_does_not_acknowledge_and_retries_back_off() {
+    let mut fleet = Fleet::with_web();
+    fleet.deploy_web("v1");
+    let change = fleet.deploy_web("v2");
+    // Asked for by an alert: automation, not a person.
+    let Outcome::Rollback(rollback) = fleet
+        .run_as(
+            "automation:alertmanager",
+            "",
+            rollback_of(change, Trigger::Automatic),
+        )
+        .unwrap()
+    else {
+        panic!("rollback outcome")
+    };
+    fleet
+        .run_as(
+            "automation:pager",
+            "",
+            CommandKind::NoteIncident {
+                incident: rollback,
+                text: "a bot wrote this".into(),
+            },
+        )
+        .unwrap();
+    let mut memory = NoticeMemory::default();
+    let now = fleet.state.rollbacks[&rollback].started_at_ms;
+    assert_eq!(asked(&fleet, &mut memory, now), [NoticeEvent::Trigger]);
+    for _ in 0..3 {
+        notified(&mut fleet, rollback, NoticeEvent::Trigger, false, false);
+    }
+    // Three failures: the next waits 40 s, not 10.
+    assert_eq!(retry_after_ms(3), 40_000);
+    assert_eq!(asked(&fleet, &mut memory, now + 39_999), []);
+    assert_eq!(
+        asked(&fleet, &mut memory, now + 40_000),
+        [NoticeEvent::Trigger]
+    );
+    assert_eq!(retry_after_ms(MAX_NOTICE_ATTEMPTS), MAX_NOTICE_RETRY_MS);
+    notified(&mut fleet, rollback, NoticeEvent::Trigger, true, false);
+    assert_eq!(
+        asked(&fleet, &mut memory, now + 100_000),
+        [],
+        "no person acted"
+    );
+    // A person's note acknowledges it; read from where the last look stopped.
+    fleet
+        .run_as(
+            "user:ada",
+            "",
+            CommandKind::NoteIncident {
+                incident: rollback,
+                text: "on it".into(),
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        asked(&fleet, &mut memory, now + 100_001),
+        [NoticeEvent::Acknowledge]
+    );
+}
+
+#[test]
+fn a_delivery_under_way_goes_on_after_the_window() {
+    let (mut fleet, rollback) = rolling_back();
+    notified(&mut fleet, rollback, NoticeEvent::Trigger, true, false);
+    succeed(&mut fleet, rollback);
+    notified(&mut fleet, rollback, NoticeEvent::Resolve, false, false);
+    let mut memory = NoticeMemory::default();
+    let late = fleet.state.rollbacks[&rollback].finished_at_ms + NOTICE_WINDOW_MS + 1;
+    assert_eq!(asked(&fleet, &mut memory, late), [NoticeEvent::Resolve]);
+    notified(&mut fleet, rollback, NoticeEvent::Resolve, true, false);
+    assert_eq!(asked(&fleet, &mut memory, late + MAX_NOTICE_RETRY_MS), []);
+    assert!(
+        memory.scanned.is_empty(),
+        "nothing kept of an incident told in full"
     );
 }

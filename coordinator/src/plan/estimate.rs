@@ -14,6 +14,8 @@ use crate::state_machine::StepProgress;
 const MAX_SAMPLES: usize = 200;
 /// Rollbacks read for history, newest first: bounds the work on a long history.
 const MAX_ROLLBACKS_READ: usize = 500;
+/// The most hosts at once a suggestion names (the API's bound on `max_parallel`).
+const MAX_SUGGESTED_PARALLEL: usize = 1000;
 /// Assumed per step when nothing in the history says (ms).
 const DEFAULT_STEP_MS: u64 = 5_000;
 
@@ -107,10 +109,8 @@ impl History {
                 let Some(ms) = took(&step.progress) else {
                     continue;
                 };
-                let samples = history
-                    .steps
-                    .entry((step.service.clone(), step.kind))
-                    .or_default();
+                let key = (step.service.clone(), step.kind);
+                let samples = history.steps.entry(key).or_default();
                 if samples.len() < MAX_SAMPLES {
                     samples.push(ms);
                 }
@@ -243,16 +243,28 @@ pub fn estimate(state: &State, plan: &Plan) -> Estimate {
         .iter()
         .map(|wave| wave.batches.iter().map(Vec::len).sum::<usize>())
         .max()
-        .unwrap_or(1) as u32;
-    let suggestion = (plan.options.max_parallel.saturating_add(1)..=widest)
+        .unwrap_or(1)
+        .min(MAX_SUGGESTED_PARALLEL) as u32;
+    // Batches are cut at the smaller of the two limits: a suggestion raises both.
+    let batch = plan
+        .options
+        .max_parallel
+        .min(plan.options.max_unavailable)
+        .max(1);
+    let suggestion = (batch.saturating_add(1)..=widest)
         .map(|parallel| (parallel, total(Some(parallel)).1))
         .find(|&(_, p90)| p90 <= rto_ms);
     estimate.verdict = match suggestion {
         Some((parallel, p90)) => {
             estimate.suggested_max_parallel = parallel;
+            let unavailable = if plan.options.max_unavailable < parallel {
+                format!(" --max-unavailable {parallel}")
+            } else {
+                String::new()
+            };
             format!(
-                "does NOT fit {rto_service}'s RTO of {rto} (p90 {}): --max-parallel {parallel} \
-                 would (p90 {})",
+                "does NOT fit {rto_service}'s RTO of {rto} (p90 {}): --max-parallel {parallel}\
+                 {unavailable} would (p90 {})",
                 duration(p90_ms),
                 duration(p90)
             )

@@ -35,11 +35,12 @@ struct ServiceSla {
     service: String,
     rto_ms: u64,
     incidents: u32,
-    /// Rollbacks still running or paused: not counted in the times.
+    /// Rollbacks still running or paused: not counted in the times (over the RTO when they
+    /// have run longer than it).
     open: u32,
     /// Ended without recovering (failed, aborted, hosts skipped or isolated).
     not_recovered: u32,
-    /// Recovered later than the RTO after detection, or not at all.
+    /// Recovered later than the RTO after detection, not at all, or still open past it.
     breached_rto: u32,
     detect_p50_ms: i64,
     detect_max_ms: i64,
@@ -53,12 +54,15 @@ struct ServiceSla {
 }
 
 impl ServiceSla {
-    fn add(&mut self, incident: &pb::Incident) {
+    fn add(&mut self, incident: &pb::Incident, now_ms: u64) {
         self.incidents += 1;
         self.incident_ids.push(incident.incident_id.clone());
         let ended = !matches!(incident.rollback_state.as_str(), "running" | "paused");
         if !ended {
             self.open += 1;
+            // Still running past its objective counts against it already.
+            let running_for = now_ms.saturating_sub(incident.detected_at_ms);
+            self.breached_rto += u32::from(self.rto_ms > 0 && running_for > self.rto_ms);
             return;
         }
         let start = incident.impact_started_at_ms;
@@ -103,7 +107,16 @@ pub(crate) async fn report(
     command: ReportCommand,
 ) -> anyhow::Result<ExitCode> {
     let ReportCommand::Sla { since } = command;
-    let from_ms = rewind_shared::time::now_ms().saturating_sub(u64::try_from(since.as_millis())?);
+    let now_ms = rewind_shared::time::now_ms();
+    let from_ms = u64::try_from(since.as_millis())
+        .ok()
+        .and_then(|since_ms| now_ms.checked_sub(since_ms))
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "--since {}: reaches before 1970",
+                humantime::format_duration(since)
+            )
+        })?;
     let services = client
         .list_services(pb::ListServicesRequest {})
         .await
@@ -121,9 +134,11 @@ pub(crate) async fn report(
             (service.name.clone(), sla)
         })
         .collect();
+    // Every incident is read (detection times do not follow incident numbers: a request may be
+    // filed long before its rollback), up to a bound that is said when reached.
     let mut page_token = String::new();
     let mut read = 0;
-    'pages: loop {
+    let truncated = loop {
         let page = client
             .list_incidents(pb::ListIncidentsRequest {
                 page_size: 1000,
@@ -132,12 +147,12 @@ pub(crate) async fn report(
             .await
             .map_err(explain)?
             .into_inner();
-        for incident in &page.incidents {
-            read += 1;
-            // Newest first: once one was detected before the window, the rest were too.
-            if incident.detected_at_ms < from_ms || read > MAX_INCIDENTS {
-                break 'pages;
-            }
+        read += page.incidents.len();
+        for incident in page
+            .incidents
+            .iter()
+            .filter(|incident| incident.detected_at_ms >= from_ms)
+        {
             for service in &incident.services {
                 report
                     .entry(service.clone())
@@ -145,13 +160,22 @@ pub(crate) async fn report(
                         service: service.clone(),
                         ..ServiceSla::default()
                     })
-                    .add(incident);
+                    .add(incident, now_ms);
             }
         }
         if page.next_page_token.is_empty() {
-            break;
+            break false;
+        }
+        if read >= MAX_INCIDENTS {
+            break true;
         }
         page_token = page.next_page_token;
+    };
+    if truncated {
+        say_err!(
+            "warning: only the newest {read} incidents were read (at most {MAX_INCIDENTS}): \
+             older ones in the window are not counted"
+        );
     }
     let mut rows: Vec<ServiceSla> = report.into_values().collect();
     rows.iter_mut().for_each(ServiceSla::finish);
@@ -233,22 +257,21 @@ mod tests {
             rto_ms: 60_000,
             ..ServiceSla::default()
         };
-        sla.add(&incident(
-            "in-1",
-            "succeeded",
-            [1_000, 11_000, 21_000, 61_000],
-        ));
-        sla.add(&incident(
-            "in-2",
-            "succeeded",
-            [0, 100_000, 110_000, 200_000],
-        ));
-        sla.add(&incident("in-3", "failed", [0, 5_000, 0, 0]));
-        sla.add(&incident("in-4", "running", [0, 5_000, 0, 0]));
+        let now = 300_000;
+        let cases = [
+            ("in-1", "succeeded", [1_000, 11_000, 21_000, 61_000]),
+            ("in-2", "succeeded", [0, 100_000, 110_000, 200_000]),
+            ("in-3", "failed", [0, 5_000, 0, 0]),
+            ("in-4", "running", [0, 5_000, 0, 0]),
+            ("in-5", "paused", [0, 290_000, 0, 0]),
+        ];
+        for (id, state, times) in cases {
+            sla.add(&incident(id, state, times), now);
+        }
         sla.finish();
-        assert_eq!((sla.incidents, sla.open, sla.not_recovered), (4, 1, 1));
-        // in-2 took 100 s from detection, in-3 never recovered.
-        assert_eq!(sla.breached_rto, 2);
+        assert_eq!((sla.incidents, sla.open, sla.not_recovered), (5, 2, 1));
+        // in-2 took 100 s from detection, in-3 never recovered, in-4 has run for 295 s.
+        assert_eq!(sla.breached_rto, 3);
         assert_eq!((sla.recover_p50_ms, sla.recover_max_ms), (50_000, 100_000));
         assert_eq!((sla.detect_p50_ms, sla.detect_max_ms), (10_000, 100_000));
         assert_eq!(

@@ -225,12 +225,9 @@ pub struct ServiceRecord {
 }
 
 impl ServiceRecord {
-    /// The freeze window holding `at_ms`, and when it ends.
+    /// The freeze window holding `at_ms`, and when the freeze ends (windows that meet chained).
     pub fn frozen_at(&self, at_ms: u64) -> Option<(&str, u64)> {
-        self.freeze
-            .iter()
-            .filter_map(|window| Some((window.text.as_str(), window.frozen_until(at_ms)?)))
-            .max_by_key(|&(_, until)| until)
+        rewind_shared::freeze::frozen_until(&self.freeze, at_ms)
     }
 }
 /// A synthetic transaction: one HTTP request and what its answer must be.

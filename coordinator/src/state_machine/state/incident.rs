@@ -73,8 +73,9 @@ impl NoticeRecord {
     }
 }
 
-/// Deliveries tried per incident event before it is given up.
-pub const MAX_NOTICE_ATTEMPTS: u32 = 5;
+/// Deliveries tried per incident event before it is given up (about 11 hours of attempts, see
+/// `engine::incident_webhook`).
+pub const MAX_NOTICE_ATTEMPTS: u32 = 20;
 /// Longest receiver answer kept with a delivery.
 pub const MAX_NOTICE_DETAIL_BYTES: usize = 512;
 
