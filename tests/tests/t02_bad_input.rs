@@ -281,6 +281,13 @@ async fn bad_requests_are_refused_with_the_field_named_and_change_nothing() {
         case("a redaction names real fields", call!(c, redact_audit, pb::RedactAuditRequest { index: 1, fields: vec!["salary".into()], reason: "gdpr".into(), ..Default::default() }), InvalidArgument, "fields: \"salary\" is not something that can be redacted"),
         case("an export's range is not empty", call!(c, export_audit, pb::ExportAuditRequest { since_ms: 50, until_ms: 40, ..Default::default() }), InvalidArgument, "until_ms: 40 is not after since_ms 50"),
         case("an export redacts what it knows", call!(c, export_audit, pb::ExportAuditRequest { redact: vec!["salaries".into()], ..Default::default() }), InvalidArgument, "redact: \"salaries\" is not something that can be redacted"),
+        case("a note names an incident", call!(c, note_incident, pb::NoteIncidentRequest { incident_id: "rb-1".into(), text: "hi".into(), ..Default::default() }), InvalidArgument, "incident_id: \"rb-1\" is not an id like in-12"),
+        case("a note says something", call!(c, note_incident, pb::NoteIncidentRequest { incident_id: "in-1".into(), text: " \n ".into(), ..Default::default() }), InvalidArgument, "text: is 0 bytes: a note says something"),
+        case("a note is bounded", call!(c, note_incident, pb::NoteIncidentRequest { incident_id: "in-1".into(), text: "n".repeat(5000), ..Default::default() }), InvalidArgument, "text: is 5000 bytes"),
+        case("a note cannot steer a terminal", call!(c, note_incident, pb::NoteIncidentRequest { incident_id: "in-1".into(), text: "ok\u{1b}[2J".into(), ..Default::default() }), InvalidArgument, "text: holds control characters"),
+        case("an incident closes with an analysis", call!(c, close_incident, pb::CloseIncidentRequest { incident_id: "in-1".into(), rca_markdown: "  ".into(), ..Default::default() }), InvalidArgument, "rca_markdown: is 0 bytes"),
+        case("an analysis is bounded", call!(c, close_incident, pb::CloseIncidentRequest { incident_id: "in-1".into(), rca_markdown: "r".repeat(64 * 1024 + 1), ..Default::default() }), InvalidArgument, "rca_markdown: is 65537 bytes"),
+        case("an incident id names an incident", call!(c, get_incident, pb::GetIncidentRequest { incident_id: "in-99".into() }), NotFound, "no incident in-99"),
     ];
     let mut wrong = Vec::new();
     for case in cases {

@@ -63,7 +63,10 @@ async fn a_rollback_is_triggered_acknowledged_and_resolved_with_one_dedup_key() 
     // One dedup key: the incident's id at this cluster's.
     let key = &events[0].dedup_key;
     assert!(key.starts_with(&format!("{incident_id}@")), "{key}");
-    assert!(events.iter().all(|event| &event.dedup_key == key), "{events:?}");
+    assert!(
+        events.iter().all(|event| &event.dedup_key == key),
+        "{events:?}"
+    );
     let trigger = &events[0];
     assert_eq!(trigger.severity, "error", "the environment's severity");
     assert!(

@@ -55,6 +55,28 @@ pub(super) fn webhook_client(ca_pem: Option<&[u8]>) -> Result<reqwest::Client, S
         .map_err(|error| format!("cannot build an HTTP client: {error}"))
 }
 
+/// POSTs `payload` as JSON signed with `secret`: the receiver's status, or why none came.
+pub(super) async fn post_signed(
+    url: &str,
+    secret: &[u8],
+    ca_pem: Option<&[u8]>,
+    payload: &impl Serialize,
+) -> Result<reqwest::StatusCode, String> {
+    let body = serde_json::to_vec(payload)
+        .map_err(|error| format!("cannot encode the payload: {error}"))?;
+    let timestamp = rewind_shared::time::now_ms();
+    webhook_client(ca_pem)?
+        .post(url)
+        .header("content-type", "application/json")
+        .header(TIMESTAMP_HEADER, timestamp.to_string())
+        .header(SIGNATURE_HEADER, sign(secret, timestamp, &body))
+        .body(body)
+        .send()
+        .await
+        .map(|response| response.status())
+        .map_err(|error| format!("{url}: {error}"))
+}
+
 #[derive(Serialize)]
 struct Payload {
     kind: &'static str,
@@ -204,32 +226,19 @@ impl Delivery {
     }
 
     async fn post(&self) -> (bool, String) {
-        let body = match serde_json::to_vec(&self.payload) {
-            Ok(body) => body,
-            Err(error) => return (false, format!("cannot encode the payload: {error}")),
-        };
-        let timestamp = rewind_shared::time::now_ms();
-        let client = match webhook_client(self.ca_pem.as_deref()) {
-            Ok(client) => client,
-            Err(error) => return (false, error),
-        };
-        let response = client
-            .post(&self.url)
-            .header("content-type", "application/json")
-            .header(TIMESTAMP_HEADER, timestamp.to_string())
-            .header(SIGNATURE_HEADER, sign(&self.secret, timestamp, &body))
-            .body(body)
-            .send()
-            .await;
-        match response {
-            Ok(response) if response.status().is_success() => {
-                (true, format!("{} answered {}", self.url, response.status()))
-            }
-            Ok(response) => (
-                false,
-                format!("{} answered {}", self.url, response.status()),
+        let posted = post_signed(
+            &self.url,
+            &self.secret,
+            self.ca_pem.as_deref(),
+            &self.payload,
+        )
+        .await;
+        match posted {
+            Ok(status) => (
+                status.is_success(),
+                format!("{} answered {status}", self.url),
             ),
-            Err(error) => (false, format!("{}: {error}", self.url)),
+            Err(error) => (false, error),
         }
     }
 }

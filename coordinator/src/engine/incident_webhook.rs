@@ -16,7 +16,7 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use super::decide::Action;
-use super::escalation::{SIGNATURE_HEADER, TIMESTAMP_HEADER, sign, webhook_client};
+use super::escalation::post_signed;
 use crate::config::{IncidentFormat, IncidentWebhookConfig};
 use crate::node::NodeHandle;
 use crate::state_machine::version::INCIDENT_NOTICES;
@@ -235,39 +235,19 @@ impl Notice {
     }
 
     async fn post(&self) -> Posted {
-        let failed = |detail: String| Posted {
-            ok: false,
-            permanent: false,
-            detail,
-        };
-        let body = match serde_json::to_vec(&self.body) {
-            Ok(body) => body,
-            Err(error) => return failed(format!("cannot encode the event: {error}")),
-        };
-        let timestamp = rewind_shared::time::now_ms();
-        let client = match webhook_client(self.ca_pem.as_deref()) {
-            Ok(client) => client,
-            Err(error) => return failed(error),
-        };
-        let response = client
-            .post(&self.url)
-            .header("content-type", "application/json")
-            .header(TIMESTAMP_HEADER, timestamp.to_string())
-            .header(SIGNATURE_HEADER, sign(&self.secret, timestamp, &body))
-            .body(body)
-            .send()
-            .await;
-        match response {
-            Ok(response) => {
-                let status = response.status();
-                Posted {
-                    ok: status.is_success(),
-                    // The receiver refused this event as it is: sending it again cannot help.
-                    permanent: status.is_client_error() && !matches!(status.as_u16(), 408 | 429),
-                    detail: format!("{} answered {status}", self.url),
-                }
-            }
-            Err(error) => failed(format!("{}: {error}", self.url)),
+        let posted = post_signed(&self.url, &self.secret, self.ca_pem.as_deref(), &self.body).await;
+        match posted {
+            Ok(status) => Posted {
+                ok: status.is_success(),
+                // The receiver refused this event as it is: sending it again cannot help.
+                permanent: status.is_client_error() && !matches!(status.as_u16(), 408 | 429),
+                detail: format!("{} answered {status}", self.url),
+            },
+            Err(detail) => Posted {
+                ok: false,
+                permanent: false,
+                detail,
+            },
         }
     }
 }
