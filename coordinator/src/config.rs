@@ -799,58 +799,79 @@ fn read_secret(field: &str, path: &Path, problems: &mut Problems) -> Option<Vec<
 }
 
 fn check_webhook_url(field: &str, url: &str, problems: &mut Problems) {
-    let rest = url
-        .strip_prefix("https://")
-        .or_else(|| url.strip_prefix("http://"));
-    match rest {
-        None | Some("") => {
-            problems.add(field, format!("{url:?} must be an http:// or https:// URL"));
+    let parsed = match reqwest::Url::parse(url) {
+        Ok(parsed) => parsed,
+        Err(error) => {
+            problems.add(field, format!("{url:?} is not a URL: {error}"));
+            return;
         }
-        // Delivery details (in the replicated state, the audit, `incident show`) name the URL.
-        Some(rest)
-            if rest
-                .split('/')
-                .next()
-                .is_some_and(|host| host.contains('@')) =>
-        {
-            problems.add(
-                field,
-                "must not carry a user or password: the receiver checks the signature instead",
-            );
-        }
-        Some(_) => {}
+    };
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
+        problems.add(
+            field,
+            format!("{url:?} must be an http:// or https:// URL with a host"),
+        );
+    }
+    // Delivery details (in the replicated state, the audit, `incident show`) name the URL.
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        problems.add(
+            field,
+            "must not carry a user or password: the receiver checks the signature instead",
+        );
     }
 }
 
-/// A webhook's extra trust anchors: PEM certificates, at least one.
+/// Largest `ca-file` read.
+const MAX_CA_FILE_BYTES: u64 = 1 << 20;
+
+/// A webhook's extra trust anchors: PEM certificates that a client can be built with.
 fn read_webhook_ca(
     field: &str,
     path: Option<&PathBuf>,
     problems: &mut Problems,
 ) -> Option<Vec<u8>> {
+    use std::io::Read as _;
     let path = path?;
-    match std::fs::read(path) {
-        Ok(pem)
-            if reqwest::Certificate::from_pem_bundle(&pem).is_ok_and(|certs| !certs.is_empty()) =>
-        {
-            Some(pem)
-        }
-        Ok(_) => {
-            problems.add(
-                field,
-                format!("{} holds no PEM certificate", path.display()),
-            );
-            None
-        }
-        Err(error) => {
-            problems.add(field, format!("cannot read {}: {error}", path.display()));
-            None
-        }
+    let mut pem = Vec::new();
+    let read = std::fs::File::open(path)
+        .and_then(|file| file.take(MAX_CA_FILE_BYTES + 1).read_to_end(&mut pem));
+    if let Err(error) = read {
+        problems.add(field, format!("cannot read {}: {error}", path.display()));
+        return None;
     }
+    if pem.len() as u64 > MAX_CA_FILE_BYTES {
+        problems.add(
+            field,
+            format!(
+                "{} is larger than {MAX_CA_FILE_BYTES} bytes",
+                path.display()
+            ),
+        );
+        return None;
+    }
+    let usable = reqwest::Certificate::from_pem_bundle(&pem)
+        .is_ok_and(|certificates| !certificates.is_empty())
+        && crate::engine::webhook_client(Some(&pem)).is_ok();
+    if !usable {
+        problems.add(
+            field,
+            format!("{} holds no usable PEM certificate", path.display()),
+        );
+        return None;
+    }
+    Some(pem)
 }
 
 fn validate_escalation(raw: &RawEscalation, problems: &mut Problems) -> Option<EscalationConfig> {
-    let url = raw.webhook_url.as_ref()?;
+    let Some(url) = &raw.webhook_url else {
+        if raw.secret_file.is_some() || raw.ca_file.is_some() {
+            problems.add(
+                "escalation.webhook-url",
+                "is required with the other escalation keys",
+            );
+        }
+        return None;
+    };
     check_webhook_url("escalation.webhook-url", url, problems);
     let Some(path) = &raw.secret_file else {
         problems.add(
@@ -1170,6 +1191,14 @@ silence-lease-s = 1
             (
                 "webhook-url = \"https://bob:hunter2@h/\"\nformat = \"json\"\n".to_string(),
                 "incidents.webhook-url: must not carry a user or password",
+            ),
+            (
+                "webhook-url = \"http:///bob:pw@h/\"\nformat = \"json\"\n".to_string(),
+                "incidents.webhook-url: must not carry a user or password",
+            ),
+            (
+                "webhook-url = \"http://h:99999/\"\nformat = \"json\"\n".to_string(),
+                "incidents.webhook-url: \"http://h:99999/\" is not a URL",
             ),
             (
                 "[incidents.severity]\nprod = \"fatal\"\n".to_string(),

@@ -182,8 +182,12 @@ fn parse_moment(day: &str, time_of_day: &str) -> Result<u64, String> {
     Ok(seconds * 1000)
 }
 
+/// A freeze whose windows leave no gap as far as they are followed: it has no end.
+pub const NO_END: u64 = u64::MAX;
+
 /// When the freeze holding `at_ms` ends, following windows that meet or overlap (`Sat,Sun
-/// 00:00-24:00 UTC` on a Saturday holds until Monday), and the window that held `at_ms`.
+/// 00:00-24:00 UTC` on a Saturday holds until Monday), and the window that held `at_ms`;
+/// [`NO_END`] when they leave no gap for weeks (`daily 00:00-24:00 UTC`).
 pub fn frozen_until(windows: &[FreezeWindow], at_ms: u64) -> Option<(&str, u64)> {
     let holding = |at_ms: u64| {
         windows
@@ -192,14 +196,15 @@ pub fn frozen_until(windows: &[FreezeWindow], at_ms: u64) -> Option<(&str, u64)>
             .max_by_key(|&(_, until)| until)
     };
     let (text, mut until) = holding(at_ms)?;
-    // Bounded: a freeze that never ends (`daily 00:00-24:00 UTC`) is followed a few weeks.
+    // Bounded: every window recurs weekly, so a freeze still unbroken after as many steps as
+    // there can be windows in a week never breaks.
     for _ in 0..MAX_WINDOWS * 7 {
         match holding(until) {
             Some((_, later)) if later > until => until = later,
-            _ => break,
+            _ => return Some((text, until)),
         }
     }
-    Some((text, until))
+    Some((text, NO_END))
 }
 
 #[cfg(test)]
@@ -251,8 +256,10 @@ mod tests {
             Some(("Sat,Sun 00:00-24:00 UTC", at("2026-12-07", "01:00")))
         );
         let always = [FreezeWindow::parse("daily 00:00-24:00 UTC").unwrap()];
-        let (_, until) = frozen_until(&always, at("2026-12-05", "12:00")).unwrap();
-        assert!(until > at("2026-12-20", "00:00"), "followed, and bounded");
+        assert_eq!(
+            frozen_until(&always, at("2026-12-05", "12:00")),
+            Some(("daily 00:00-24:00 UTC", NO_END))
+        );
         // Near the epoch, a window that began before it holds nothing rather than underflowing.
         let night = FreezeWindow::parse("Wed 22:00-02:00 UTC").unwrap();
         assert_eq!(night.frozen_until(60_000), None);

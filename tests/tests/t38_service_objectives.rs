@@ -48,7 +48,7 @@ async fn a_freeze_holds_changes_but_not_rollbacks_and_plans_and_reports_use_the_
     let said = output_text(&refused);
     assert!(!refused.status.success(), "{said}");
     assert!(
-        said.contains("service web is frozen (daily 00:00-24:00 UTC)")
+        said.contains("service web is frozen (daily 00:00-24:00 UTC) until further notice")
             && said.contains("--break-glass"),
         "{said}"
     );

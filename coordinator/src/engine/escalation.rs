@@ -39,7 +39,7 @@ pub fn webhook_mac(secret: &[u8], timestamp_ms: u64, body: &[u8]) -> Hmac<Sha256
 
 /// The client a webhook is posted with: bounded in time, never redirected (a redirect could
 /// carry the signed body elsewhere), https:// trusting the Mozilla roots and `ca_pem`'s.
-pub(super) fn webhook_client(ca_pem: Option<&[u8]>) -> Result<reqwest::Client, String> {
+pub fn webhook_client(ca_pem: Option<&[u8]>) -> Result<reqwest::Client, String> {
     let mut builder = reqwest::Client::builder()
         .timeout(DELIVERY_TIMEOUT)
         .redirect(reqwest::redirect::Policy::none());

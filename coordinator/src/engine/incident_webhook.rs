@@ -26,9 +26,9 @@ use crate::state_machine::*;
 /// [`MAX_NOTICE_RETRY_MS`], so [`MAX_NOTICE_ATTEMPTS`] ride out an outage of about 11 hours.
 pub const NOTICE_RETRY_MS: u64 = 10_000;
 pub const MAX_NOTICE_RETRY_MS: u64 = 60 * 60 * 1000;
-/// How long after its rollback ended an incident is still told of, unless a delivery is still
-/// under way: a rollback that ended before the webhook was configured (or before the cluster
-/// reached version 6) is not, beyond this.
+/// How long after its rollback ended, or after its last delivery attempt, an incident is still
+/// told of: a rollback that ended before the webhook was configured (or before the cluster
+/// reached version 6) is not, beyond this; one whose trigger got through late still resolves.
 pub const NOTICE_WINDOW_MS: u64 = 15 * 60 * 1000;
 /// PagerDuty's bound on a trigger's summary.
 const MAX_SUMMARY_BYTES: usize = 1024;
@@ -66,9 +66,13 @@ pub fn due(state: &State, memory: &mut NoticeMemory, now_ms: u64, actions: &mut 
             .incidents
             .get(&record.number)
             .map_or(&[][..], |incident| &incident.notices[..]);
-        // Long over and nothing left to deliver: not told (again).
+        // Long over, and nothing tried for as long: not told (again).
+        let last_activity = notices
+            .iter()
+            .map(|notice| notice.last_attempt_at_ms)
+            .fold(record.finished_at_ms, u64::max);
         if record.status.is_terminal()
-            && record.finished_at_ms.saturating_add(NOTICE_WINDOW_MS) < now_ms
+            && last_activity.saturating_add(NOTICE_WINDOW_MS) < now_ms
             && notices.iter().all(NoticeRecord::settled)
         {
             continue;
@@ -79,14 +83,19 @@ pub fn due(state: &State, memory: &mut NoticeMemory, now_ms: u64, actions: &mut 
         };
         let key = (record.number, event);
         pending.push(key);
-        let attempts = notices
+        // The backoff runs from the last recorded attempt, so a new leader keeps it; this
+        // leader's own memory only keeps it from sending again while an attempt is in flight.
+        let backed_off = notices
             .iter()
             .find(|notice| notice.event == event)
-            .map_or(0, |notice| notice.attempts);
-        let due = memory
+            .is_none_or(|notice| {
+                now_ms.saturating_sub(notice.last_attempt_at_ms) >= retry_after_ms(notice.attempts)
+            });
+        let in_flight = memory
             .tried
             .get(&key)
-            .is_none_or(|&last| now_ms.saturating_sub(last) >= retry_after_ms(attempts));
+            .is_some_and(|&last| now_ms.saturating_sub(last) < NOTICE_RETRY_MS);
+        let due = backed_off && !in_flight;
         if due {
             memory.tried.insert(key, now_ms);
             actions.push(Action::NotifyIncident {
@@ -163,10 +172,15 @@ fn person_acted(
     acted
 }
 
-/// The dedup key of an incident: its id and the cluster's, so that two clusters on one
-/// integration (or a cluster rebuilt, its numbering restarted) never merge incidents.
-pub fn dedup_key(cluster_id: &str, number: u64) -> String {
-    format!("{}@{cluster_id}", incident_id(number))
+/// The dedup key of an incident: its id, the cluster's and when its rollback started, so that
+/// two clusters on one integration, or a cluster rebuilt under the same id with its numbering
+/// restarted, never merge incidents: `in-7@prod-eu/1764950400123`.
+pub fn dedup_key(cluster_id: &str, record: &RollbackRecord) -> String {
+    format!(
+        "{}@{cluster_id}/{}",
+        incident_id(record.number),
+        record.started_at_ms
+    )
 }
 
 /// One event of one incident, ready to post.
@@ -293,7 +307,7 @@ fn body(
             let mut body = json!({
                 "routing_key": routing_key,
                 "event_action": event.name(),
-                "dedup_key": dedup_key(cluster_id, record.number),
+                "dedup_key": dedup_key(cluster_id, record),
                 "client": "rewind",
             });
             if event == NoticeEvent::Trigger {
@@ -324,7 +338,7 @@ fn body(
             "event": event.name(),
             "cluster_id": cluster_id,
             "incident_id": id,
-            "dedup_key": dedup_key(cluster_id, record.number),
+            "dedup_key": dedup_key(cluster_id, record),
             "rollback_id": record.id(),
             "rollback_state": record.status.name().to_lowercase(),
             "severity": severity,

@@ -41,6 +41,11 @@ fn notified(fleet: &mut Fleet, incident: u64, event: NoticeEvent, ok: bool, perm
     });
 }
 
+/// `ms` after the fleet's last command (the fleet's clock runs a second per command).
+fn after(fleet: &Fleet, ms: u64) -> u64 {
+    1_000 * fleet.index + ms
+}
+
 /// The events `due` asks for at `now_ms`.
 fn asked(fleet: &Fleet, memory: &mut NoticeMemory, now_ms: u64) -> Vec<NoticeEvent> {
     let mut actions = Vec::new();
@@ -58,18 +63,26 @@ fn asked(fleet: &Fleet, memory: &mut NoticeMemory, now_ms: u64) -> Vec<NoticeEve
 fn an_automatic_rollback_triggers_then_resolves_and_a_person_acknowledges_between() {
     let (mut fleet, rollback) = rolling_back();
     let mut memory = NoticeMemory::default();
-    let now = fleet.state.rollbacks[&rollback].started_at_ms + 1_000;
+    let now = after(&fleet, 0);
     assert_eq!(asked(&fleet, &mut memory, now), [NoticeEvent::Trigger]);
-    // Not again before the retry interval, even undelivered.
+    // Not again while it is in flight.
     assert_eq!(asked(&fleet, &mut memory, now + 1), []);
     notified(&mut fleet, rollback, NoticeEvent::Trigger, false, false);
+    // Not before the backoff after the failure either, then again.
     assert_eq!(
-        asked(&fleet, &mut memory, now + NOTICE_RETRY_MS),
+        asked(&fleet, &mut memory, after(&fleet, NOTICE_RETRY_MS - 1)),
+        []
+    );
+    assert_eq!(
+        asked(&fleet, &mut memory, after(&fleet, NOTICE_RETRY_MS)),
         [NoticeEvent::Trigger]
     );
     notified(&mut fleet, rollback, NoticeEvent::Trigger, true, false);
     // Nobody has acted and the rollback runs: nothing to say.
-    assert_eq!(asked(&fleet, &mut memory, now + 3 * NOTICE_RETRY_MS), []);
+    assert_eq!(
+        asked(&fleet, &mut memory, after(&fleet, 3 * NOTICE_RETRY_MS)),
+        []
+    );
     fleet
         .run_as(
             "user:ada",
@@ -81,17 +94,20 @@ fn an_automatic_rollback_triggers_then_resolves_and_a_person_acknowledges_betwee
         )
         .unwrap();
     assert_eq!(
-        asked(&fleet, &mut memory, now + 4 * NOTICE_RETRY_MS),
+        asked(&fleet, &mut memory, after(&fleet, 1)),
         [NoticeEvent::Acknowledge]
     );
     notified(&mut fleet, rollback, NoticeEvent::Acknowledge, true, false);
     succeed(&mut fleet, rollback);
     assert_eq!(
-        asked(&fleet, &mut memory, now + 5 * NOTICE_RETRY_MS),
+        asked(&fleet, &mut memory, after(&fleet, 1)),
         [NoticeEvent::Resolve]
     );
     notified(&mut fleet, rollback, NoticeEvent::Resolve, true, false);
-    assert_eq!(asked(&fleet, &mut memory, now + 6 * NOTICE_RETRY_MS), []);
+    assert_eq!(
+        asked(&fleet, &mut memory, after(&fleet, NOTICE_RETRY_MS)),
+        []
+    );
     assert!(memory.tried.is_empty(), "settled events are forgotten");
     let notices = &fleet.state.incidents[&rollback].notices;
     let attempts: Vec<(NoticeEvent, u32)> = notices
@@ -114,10 +130,15 @@ fn a_resolve_waits_for_the_trigger_and_no_acknowledge_follows_it() {
     let (mut fleet, rollback) = rolling_back();
     succeed(&mut fleet, rollback);
     let mut memory = NoticeMemory::default();
-    let now = fleet.state.rollbacks[&rollback].finished_at_ms;
-    assert_eq!(asked(&fleet, &mut memory, now), [NoticeEvent::Trigger]);
+    assert_eq!(
+        asked(&fleet, &mut memory, after(&fleet, 0)),
+        [NoticeEvent::Trigger]
+    );
     notified(&mut fleet, rollback, NoticeEvent::Trigger, true, false);
-    assert_eq!(asked(&fleet, &mut memory, now + 1), [NoticeEvent::Resolve]);
+    assert_eq!(
+        asked(&fleet, &mut memory, after(&fleet, 1)),
+        [NoticeEvent::Resolve]
+    );
     notified(&mut fleet, rollback, NoticeEvent::Resolve, false, false);
     // A person acts once the resolve went out: no acknowledge of a resolved incident.
     fleet
@@ -131,7 +152,7 @@ fn a_resolve_waits_for_the_trigger_and_no_acknowledge_follows_it() {
         )
         .unwrap();
     assert_eq!(
-        asked(&fleet, &mut memory, now + NOTICE_RETRY_MS + 1),
+        asked(&fleet, &mut memory, after(&fleet, NOTICE_RETRY_MS)),
         [NoticeEvent::Resolve]
     );
 }
@@ -144,15 +165,20 @@ fn a_refused_event_is_given_up_at_once_and_a_failing_one_after_its_attempts() {
     assert!(trigger.given_up && trigger.attempts == 1, "{trigger:?}");
     succeed(&mut fleet, rollback);
     let mut memory = NoticeMemory::default();
-    let now = fleet.state.rollbacks[&rollback].finished_at_ms;
     // The trigger was given up: the resolve still goes.
-    assert_eq!(asked(&fleet, &mut memory, now), [NoticeEvent::Resolve]);
+    assert_eq!(
+        asked(&fleet, &mut memory, after(&fleet, 0)),
+        [NoticeEvent::Resolve]
+    );
     for _ in 0..MAX_NOTICE_ATTEMPTS {
         notified(&mut fleet, rollback, NoticeEvent::Resolve, false, false);
     }
     let resolve = &fleet.state.incidents[&rollback].notices[1];
     assert!(resolve.given_up, "{resolve:?}");
-    assert_eq!(asked(&fleet, &mut memory, now + MAX_NOTICE_RETRY_MS), []);
+    assert_eq!(
+        asked(&fleet, &mut memory, after(&fleet, MAX_NOTICE_RETRY_MS)),
+        []
+    );
     // A late success of a settled event changes nothing.
     notified(&mut fleet, rollback, NoticeEvent::Resolve, true, false);
     let resolve = &fleet.state.incidents[&rollback].notices[1];
@@ -175,8 +201,10 @@ fn a_manual_rollback_is_acknowledged_by_the_person_who_started_it() {
     };
     notified(&mut fleet, rollback, NoticeEvent::Trigger, true, false);
     let mut memory = NoticeMemory::default();
-    let now = fleet.state.rollbacks[&rollback].started_at_ms;
-    assert_eq!(asked(&fleet, &mut memory, now), [NoticeEvent::Acknowledge]);
+    assert_eq!(
+        asked(&fleet, &mut memory, after(&fleet, 1)),
+        [NoticeEvent::Acknowledge]
+    );
 }
 
 #[test]
@@ -242,7 +270,10 @@ fn each_format_says_what_its_receiver_needs() {
         let checked = rewind_shared::pagerduty::check_event(sent.to_string().as_bytes())
             .unwrap_or_else(|errors| panic!("{event}: {errors:?}"));
         assert_eq!(checked.action, event.name());
-        assert_eq!(checked.dedup_key, format!("in-{rollback}@c-1"));
+        assert_eq!(
+            checked.dedup_key,
+            format!("in-{rollback}@c-1/{}", record.started_at_ms)
+        );
         assert_eq!(sent.get("payload").is_some(), event == NoticeEvent::Trigger);
     }
     config.format = IncidentFormat::Json;
@@ -259,7 +290,7 @@ fn each_format_says_what_its_receiver_needs() {
 }
 
 #[test]
-fn automation_does_not_acknowledge_and_retries_back_off() {
+fn automation_does_not_acknowledge_and_retries_back_off_on_any_leader() {
     let mut fleet = Fleet::with_web();
     fleet.deploy_web("v1");
     let change = fleet.deploy_web("v2");
@@ -274,66 +305,93 @@ fn automation_does_not_acknowledge_and_retries_back_off() {
     else {
         panic!("rollback outcome")
     };
+    let note = |text: &str| CommandKind::NoteIncident {
+        incident: rollback,
+        text: text.into(),
+    };
     fleet
-        .run_as(
-            "automation:pager",
-            "",
-            CommandKind::NoteIncident {
-                incident: rollback,
-                text: "a bot wrote this".into(),
-            },
-        )
+        .run_as("automation:pager", "", note("a bot wrote this"))
         .unwrap();
     let mut memory = NoticeMemory::default();
-    let now = fleet.state.rollbacks[&rollback].started_at_ms;
-    assert_eq!(asked(&fleet, &mut memory, now), [NoticeEvent::Trigger]);
+    assert_eq!(
+        asked(&fleet, &mut memory, after(&fleet, 0)),
+        [NoticeEvent::Trigger]
+    );
     for _ in 0..3 {
         notified(&mut fleet, rollback, NoticeEvent::Trigger, false, false);
     }
-    // Three failures: the next waits 40 s, not 10.
+    // Three failures: the next waits 40 s, not 10, on this leader or a new one.
     assert_eq!(retry_after_ms(3), 40_000);
-    assert_eq!(asked(&fleet, &mut memory, now + 39_999), []);
+    assert_eq!(asked(&fleet, &mut memory, after(&fleet, 39_999)), []);
+    let mut new_leader = NoticeMemory::default();
+    assert_eq!(asked(&fleet, &mut new_leader, after(&fleet, 39_999)), []);
     assert_eq!(
-        asked(&fleet, &mut memory, now + 40_000),
+        asked(&fleet, &mut new_leader, after(&fleet, 40_000)),
         [NoticeEvent::Trigger]
     );
     assert_eq!(retry_after_ms(MAX_NOTICE_ATTEMPTS), MAX_NOTICE_RETRY_MS);
     notified(&mut fleet, rollback, NoticeEvent::Trigger, true, false);
     assert_eq!(
-        asked(&fleet, &mut memory, now + 100_000),
+        asked(&fleet, &mut memory, after(&fleet, 1)),
         [],
         "no person acted"
     );
-    // A person's note acknowledges it; read from where the last look stopped.
-    fleet
-        .run_as(
-            "user:ada",
-            "",
-            CommandKind::NoteIncident {
-                incident: rollback,
-                text: "on it".into(),
-            },
-        )
-        .unwrap();
+    // A person's note acknowledges it; found reading on from where the last look stopped.
+    assert!(memory.scanned.contains_key(&rollback));
+    fleet.run_as("user:ada", "", note("on it")).unwrap();
     assert_eq!(
-        asked(&fleet, &mut memory, now + 100_001),
+        asked(&fleet, &mut memory, after(&fleet, 1)),
         [NoticeEvent::Acknowledge]
     );
 }
 
 #[test]
-fn a_delivery_under_way_goes_on_after_the_window() {
+fn a_trigger_that_got_through_late_is_still_resolved() {
     let (mut fleet, rollback) = rolling_back();
-    notified(&mut fleet, rollback, NoticeEvent::Trigger, true, false);
     succeed(&mut fleet, rollback);
-    notified(&mut fleet, rollback, NoticeEvent::Resolve, false, false);
+    // The receiver was down until long after the rollback ended.
+    let late = fleet.state.rollbacks[&rollback].finished_at_ms + 2 * NOTICE_WINDOW_MS;
+    fleet
+        .apply_at(
+            late,
+            CommandKind::IncidentNotified {
+                incident: rollback,
+                event: NoticeEvent::Trigger,
+                ok: true,
+                permanent: false,
+                detail: "answered 202".into(),
+            },
+        )
+        .unwrap();
     let mut memory = NoticeMemory::default();
-    let late = fleet.state.rollbacks[&rollback].finished_at_ms + NOTICE_WINDOW_MS + 1;
-    assert_eq!(asked(&fleet, &mut memory, late), [NoticeEvent::Resolve]);
+    assert_eq!(asked(&fleet, &mut memory, late + 1), [NoticeEvent::Resolve]);
+    // Once everything is settled and the window has passed, the incident is left alone.
     notified(&mut fleet, rollback, NoticeEvent::Resolve, true, false);
-    assert_eq!(asked(&fleet, &mut memory, late + MAX_NOTICE_RETRY_MS), []);
-    assert!(
-        memory.scanned.is_empty(),
-        "nothing kept of an incident told in full"
-    );
+    assert_eq!(asked(&fleet, &mut memory, late + NOTICE_WINDOW_MS + 1), []);
+    assert!(memory.tried.is_empty());
+}
+
+#[tokio::test]
+async fn https_receivers_must_chain_to_a_trusted_root() {
+    let secret = b"a-shared-secret-for-the-test".to_vec();
+    let receiver = rewind_shared::pagerduty::Receiver::start_tls(secret.clone())
+        .await
+        .unwrap();
+    let url = format!("https://{}/v2/enqueue", receiver.address);
+    let event = serde_json::json!({
+        "routing_key": "k".repeat(32),
+        "event_action": "resolve",
+        "dedup_key": "in-1@c-1/1",
+    });
+    // Its CA is not among the Mozilla roots: refused, nothing delivered.
+    let untrusted = super::super::escalation::post_signed(&url, &secret, None, &event).await;
+    let error = untrusted.unwrap_err();
+    assert!(error.contains(&url), "{error}");
+    assert!(receiver.events().is_empty());
+    // Trusting it through ca-file: delivered and accepted.
+    let ca = receiver.ca_pem.clone().unwrap();
+    let trusted =
+        super::super::escalation::post_signed(&url, &secret, Some(ca.as_bytes()), &event).await;
+    assert_eq!(trusted.unwrap(), reqwest::StatusCode::ACCEPTED);
+    assert_eq!(receiver.events().len(), 1);
 }

@@ -37,8 +37,8 @@ pub struct Estimate {
     /// whose it is.
     pub rto_ms: u64,
     pub rto_service: String,
-    /// When the p90 does not fit the RTO: the smallest `max_parallel` whose p90 would (0: none
-    /// would, or it fits).
+    /// When the p90 does not fit the RTO: the smallest batch (`max_parallel` and
+    /// `max_unavailable` both at least this) whose p90 would (0: none would, or it fits).
     pub suggested_max_parallel: u32,
     /// What the figures rest on, one line per service and kind.
     pub basis: Vec<String>,
@@ -257,15 +257,19 @@ pub fn estimate(state: &State, plan: &Plan) -> Estimate {
     estimate.verdict = match suggestion {
         Some((parallel, p90)) => {
             estimate.suggested_max_parallel = parallel;
-            let unavailable = if plan.options.max_unavailable < parallel {
-                format!(" --max-unavailable {parallel}")
-            } else {
-                String::new()
-            };
+            // Name only the limits that hold the batches below it (never lower one).
+            let flags: Vec<String> = [
+                ("--max-parallel", plan.options.max_parallel),
+                ("--max-unavailable", plan.options.max_unavailable),
+            ]
+            .into_iter()
+            .filter(|&(_, now)| now < parallel)
+            .map(|(flag, _)| format!("{flag} {parallel}"))
+            .collect();
             format!(
-                "does NOT fit {rto_service}'s RTO of {rto} (p90 {}): --max-parallel {parallel}\
-                 {unavailable} would (p90 {})",
+                "does NOT fit {rto_service}'s RTO of {rto} (p90 {}): {} would (p90 {})",
                 duration(p90_ms),
+                flags.join(" "),
                 duration(p90)
             )
         }

@@ -282,7 +282,11 @@ pub(super) fn frozen_error(service: &str, window: &str, until_ms: u64) -> Coordi
     }
 }
 
+/// When a freeze ends, for people: RFC 3339, or that it does not.
 fn rfc3339(at_ms: u64) -> String {
+    if at_ms == rewind_shared::freeze::NO_END {
+        return "further notice (its windows leave no gap)".into();
+    }
     let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(at_ms);
     humantime::format_rfc3339_seconds(at).to_string()
 }

@@ -131,6 +131,7 @@ pub(super) fn incident_notified(
             record.notices.push(NoticeRecord {
                 event,
                 attempts: 0,
+                last_attempt_at_ms: 0,
                 delivered_at_ms: 0,
                 given_up: false,
                 detail: String::new(),
@@ -148,6 +149,7 @@ pub(super) fn incident_notified(
         ));
     }
     notice.attempts += 1;
+    notice.last_attempt_at_ms = at_ms;
     notice.detail = detail.to_string();
     let outcome = if delivery.ok {
         notice.delivered_at_ms = at_ms;

@@ -58,6 +58,8 @@ impl NoticeEvent {
 pub struct NoticeRecord {
     pub event: NoticeEvent,
     pub attempts: u32,
+    /// When the last attempt's result was recorded: the backoff runs from it, on any leader.
+    pub last_attempt_at_ms: u64,
     /// When the receiver accepted it; 0 while not delivered.
     pub delivered_at_ms: u64,
     /// No more attempts: the receiver refused it for good, or every attempt failed.
