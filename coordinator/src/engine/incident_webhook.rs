@@ -9,7 +9,7 @@
 //! is not retried), and recorded on the incident, so `incident show` says how it went.
 //! Events go in order: the next waits until the one before was delivered or given up.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use serde_json::json;
@@ -59,8 +59,8 @@ pub fn due(state: &State, memory: &mut NoticeMemory, now_ms: u64, actions: &mut 
     if state.cluster_version() < INCIDENT_NOTICES {
         return;
     }
-    let mut pending = Vec::new();
-    let mut considered = Vec::new();
+    let mut pending = HashSet::new();
+    let mut considered = HashSet::new();
     for record in state.rollbacks.values() {
         let notices = state
             .incidents
@@ -77,12 +77,12 @@ pub fn due(state: &State, memory: &mut NoticeMemory, now_ms: u64, actions: &mut 
         {
             continue;
         }
-        considered.push(record.number);
+        considered.insert(record.number);
         let Some(event) = next_event(state, record, notices, &mut memory.scanned) else {
             continue;
         };
         let key = (record.number, event);
-        pending.push(key);
+        pending.insert(key);
         // The backoff runs from the last recorded attempt, so a new leader keeps it; this
         // leader's own memory only keeps it from sending again while an attempt is in flight.
         let backed_off = notices
