@@ -72,7 +72,7 @@ pub enum Command {
     /// incidents.
     #[command(subcommand)]
     Runbook(crate::cmd::runbook::RunbookCommand),
-    /// Reports over the fleet's history: `report sla` measures incidents against each
+    /// Reports over the cluster's history: `report sla` measures incidents against each
     /// service's RTO.
     #[command(subcommand)]
     Report(crate::cmd::report::ReportCommand),
