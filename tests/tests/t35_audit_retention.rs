@@ -125,6 +125,21 @@ async fn archived_entries_alone_leave_and_the_chain_verifies_across_the_gap() {
     );
     let shown = must_ctl(&coordinator, &["audit", "verify"]);
     assert!(shown.contains("archived and dropped"), "{shown}");
+    // A listing from the start says where the archived entries went and starts where the
+    // cluster's do.
+    let listed = coordinator.rewindctl(&["audit", "list", "--page-size", "1"]);
+    let said = text(&listed);
+    assert!(listed.status.success(), "{said}");
+    assert!(
+        said.contains(&format!(
+            "entries 1..{pruned_through} were archived and pruned from the cluster"
+        )),
+        "{said}"
+    );
+    assert!(
+        said.contains(&format!("│ {}", pruned_through + 1)),
+        "{said}"
+    );
 
     // The archive and an export of what the cluster holds after it verify as one chain.
     let rest = dir.path().join("rest.jsonl");

@@ -97,6 +97,7 @@ pub(crate) async fn audit(
                 Some(index) => index.to_string(),
                 None => page.page_token,
             };
+            let asked = page_token.parse::<u64>().unwrap_or(1).max(1);
             // The old fields too, for a coordinator before 0.3 (the new ones win on a newer).
             #[allow(deprecated)]
             let request = pb::ListAuditRequest {
@@ -113,6 +114,14 @@ pub(crate) async fn audit(
             if format == Format::Json {
                 json(&entries)?;
             } else {
+                if asked < entries.first_index {
+                    say_err!(
+                        "entries {asked}..{} were archived and pruned from the cluster: read them \
+                         in the archive (rewindctl audit verify --file ARCHIVE ...); listing from {}",
+                        entries.first_index - 1,
+                        entries.first_index
+                    );
+                }
                 let rows = entries
                     .entries
                     .iter()

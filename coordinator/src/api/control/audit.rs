@@ -49,14 +49,16 @@ pub(super) async fn list_audit(
             )
         })?,
     };
-    let (entries, next_page_token) = control.context.node.read(|state| {
+    let (entries, next_page_token, first_index) = control.context.node.read(|state| {
         let entries = state.audit.from_index(first).iter();
         let entries = entries.map(|entry| convert::audit_entry(entry));
-        one_page(size, entries, |last| (last.index + 1).to_string())
+        let (entries, next) = one_page(size, entries, |last| (last.index + 1).to_string());
+        (entries, next, state.audit.first_index())
     });
     Ok(Response::new(pb::ListAuditResponse {
         entries,
         next_page_token,
+        first_index,
     }))
 }
 
