@@ -242,4 +242,52 @@ async fn a_rollback_is_an_incident_with_its_times_timeline_notes_and_analysis() 
         "{}",
         text(&empty)
     );
+
+    // Someone who may read only staging does not see the incident in the list.
+    coordinator
+        .ca()
+        .write_identity(
+            &coordinator.tls_dir(),
+            &rewind_shared::dev_ca::Subject::new(rewind_shared::identity::Kind::User, "sam"),
+            &[],
+        )
+        .unwrap();
+    client
+        .apply_policy(pb::ApplyPolicyRequest {
+            toml: STAGING_VIEWER_POLICY.into(),
+            reason: "sam reads staging".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let as_sam =
+        |args: &[&str]| coordinator.rewindctl(&[&["--identity", "sam"][..], args].concat());
+    let listed = as_sam(&["incident", "list"]);
+    assert!(listed.status.success(), "{}", text(&listed));
+    assert!(!text(&listed).contains(&incident_id), "{}", text(&listed));
+    // Asked for by id, it is refused as any rollback of that scope is.
+    let shown = as_sam(&["incident", "show", &incident_id]);
+    assert!(
+        !shown.status.success() && text(&shown).contains("user:sam may not incident.show"),
+        "{}",
+        text(&shown)
+    );
+    let noted = as_sam(&["incident", "note", &incident_id, "me too"]);
+    assert!(!noted.status.success(), "{}", text(&noted));
 }
+
+/// The operator administers everything; sam may read staging only (the test's hosts are in
+/// `default`).
+const STAGING_VIEWER_POLICY: &str = r#"
+[[binding]]
+name = "operator-admin"
+role = "admin"
+identities = ["user:operator"]
+scopes = ["*"]
+
+[[binding]]
+name = "staging-viewers"
+role = "viewer"
+identities = ["user:sam"]
+scopes = ["staging/*"]
+"#;
