@@ -1,7 +1,9 @@
 //! The agent's side of the session: dial out to a coordinator, register, stream health reports
 //! and step results up, run the steps that come down. On any failure, move to the next
 //! coordinator address after a capped exponential backoff with jitter, forever: an agent must
-//! keep trying, but never faster than the backoff allows.
+//! keep trying, but never faster than the backoff allows. The backoff grows with each round
+//! through the addresses, not with each address, so a dead leader among them does not push
+//! the agent to the cap before it has tried the members that are still up.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -143,7 +145,7 @@ impl Agent {
                     }
                 },
             }
-            tokio::time::sleep(backoff(failures)).await;
+            tokio::time::sleep(round_backoff(failures, self.config.coordinators.len())).await;
             failures = failures.saturating_add(1);
         }
     }
@@ -536,6 +538,13 @@ pub fn backoff(failures: u32) -> Duration {
     RECONNECT.delay(failures)
 }
 
+/// The wait before the next address after `failures` failed attempts across `addresses`
+/// coordinator addresses: it grows once per round through them.
+fn round_backoff(failures: u32, addresses: usize) -> Duration {
+    let addresses = u32::try_from(addresses.max(1)).unwrap_or(u32::MAX);
+    backoff(failures / addresses)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -551,5 +560,22 @@ mod tests {
                 "{delay:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_backoff_grows_per_round_through_the_addresses() {
+        for failures in 0..3 {
+            assert!(round_backoff(failures, 3) <= BACKOFF_BASE, "first round");
+        }
+        assert!(round_backoff(3, 3) > BACKOFF_BASE / 2 && round_backoff(3, 3) <= BACKOFF_BASE * 2);
+        assert!(round_backoff(9, 3) >= BACKOFF_BASE * 4);
+        assert!(
+            round_backoff(3, 1) >= BACKOFF_BASE * 4,
+            "one address: as before"
+        );
+        assert!(
+            round_backoff(5, 0) >= BACKOFF_BASE * 8,
+            "no address counts as one"
+        );
     }
 }

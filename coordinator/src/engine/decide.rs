@@ -108,7 +108,16 @@ pub struct EngineMemory {
     pub notices: super::incident_webhook::NoticeMemory,
     /// When this leader last proposed to prune the audit log (0: not yet).
     pub audit_pruned_at_ms: u64,
+    /// Verify step id -> when this leader last saw its host's agent offline.
+    pub verify_offline_at_ms: HashMap<String, u64>,
 }
+
+/// A verify whose host's agent is away (a leader change, a network cut) waits past its timeout
+/// for the agent to come back and report, at most this much longer: the agent keeps its health
+/// history while offline and reconnects within its backoff cap (10 s).
+pub const VERIFY_OFFLINE_GRACE_MS: u64 = 60_000;
+/// After the agent is back, the wait for its first report before judging the host.
+pub const VERIFY_REPORT_AFTER_RECONNECT_MS: u64 = 5_000;
 
 /// Archived audit entries are dropped in batches: at once when this many may go, else at most
 /// once an interval. Each pruning is an audit entry itself, so pruning whatever just aged out
@@ -260,11 +269,15 @@ pub fn decide(
             driver.propose(CommandKind::PruneAudit { through });
         }
     }
-    // Forget sends of steps that are no longer running, so the memory stays bounded.
+    // Forget sends and absences of steps that are no longer running, so the memory stays bounded.
     let running = std::mem::take(&mut driver.running);
     driver
         .memory
         .sent
+        .retain(|step_id, _| running.contains(step_id));
+    driver
+        .memory
+        .verify_offline_at_ms
         .retain(|step_id, _| running.contains(step_id));
     let mut actions = driver.actions;
     if limits.escalation_webhook {
@@ -965,15 +978,34 @@ fn verify_host(
     progress: &StepProgress,
     driver: &mut Driver<'_, impl Observations>,
 ) {
+    let step_id = step.step_id();
+    driver.running.push(step_id.clone());
+    if driver.seen.session(step.host_id()).is_none() {
+        driver
+            .memory
+            .verify_offline_at_ms
+            .insert(step_id.clone(), driver.now_ms);
+    }
     let verdict = driver
         .seen
         .verdict_since(step.host_id(), service, progress.started_at_ms);
     let waited_ms = driver.now_ms.saturating_sub(progress.started_at_ms);
+    // No report from an agent that was away is no evidence: give it time to come back.
+    let offline_at = driver.memory.verify_offline_at_ms.get(&step_id).copied();
+    let awaiting_agent = verdict.is_none()
+        && offline_at
+            .is_some_and(|at| driver.now_ms.saturating_sub(at) <= VERIFY_REPORT_AFTER_RECONNECT_MS)
+        && waited_ms <= driver.limits.verify_timeout_ms + VERIFY_OFFLINE_GRACE_MS;
     let (ok, detail) = match verdict {
         Some((true, why)) => (true, why),
-        _ if waited_ms > driver.limits.verify_timeout_ms => {
-            let why =
-                verdict.map_or_else(|| "no health report arrived".to_string(), |(_, why)| why);
+        _ if waited_ms > driver.limits.verify_timeout_ms && !awaiting_agent => {
+            let why = verdict.map_or_else(
+                || match offline_at {
+                    Some(_) => "no health report arrived (its agent was offline)".to_string(),
+                    None => "no health report arrived".to_string(),
+                },
+                |(_, why)| why,
+            );
             (
                 false,
                 format!(

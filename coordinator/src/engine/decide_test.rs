@@ -503,6 +503,91 @@ fn a_host_that_stays_unhealthy_pauses_the_rollback_and_can_be_skipped() {
     assert_eq!(web2.progress.status, StepStatus::Running, "web-2 goes on");
 }
 
+/// A rollback whose web-1 has been restarted and is being verified (started at 1 000 ms, with
+/// the 5 000 ms verify timeout), its agent gone since 3 000 ms.
+fn verifying_web1_with_its_agent_away() -> World {
+    let mut world = World::new();
+    world.deployed();
+    world.start_rollback(1);
+    for kind in [
+        RollbackStepKind::Drain,
+        RollbackStepKind::Restore,
+        RollbackStepKind::Restart,
+    ] {
+        world.step("web-1", kind, true);
+    }
+    world.run_tick(1_000);
+    world.seen.sessions.remove("web-1");
+    world.run_tick(3_000);
+    world
+}
+
+fn web1_verify(world: &World) -> StepProgress {
+    world.fleet.state.rollbacks[&1]
+        .steps
+        .iter()
+        .find(|step| step.host_id == "web-1" && step.kind == RollbackStepKind::Verify)
+        .unwrap()
+        .progress
+        .clone()
+}
+
+#[test]
+fn a_verify_waits_past_its_timeout_for_an_agent_that_was_away_to_report() {
+    let mut world = verifying_web1_with_its_agent_away();
+    world.run_tick(7_000);
+    assert_eq!(
+        web1_verify(&world).status,
+        StepStatus::Running,
+        "past the timeout, but the agent is away: no report is no evidence"
+    );
+    // Back (a new leader, a healed network), not yet reported: it gets a moment.
+    world.seen.sessions.insert("web-1".into(), 2);
+    world.run_tick(9_000);
+    assert_eq!(web1_verify(&world).status, StepStatus::Running);
+    world
+        .seen
+        .verdicts
+        .insert("web-1".into(), (true, "1 probes pass".into()));
+    world.run_tick(10_000);
+    assert_eq!(web1_verify(&world).status, StepStatus::Succeeded);
+    assert_eq!(
+        world.fleet.state.rollbacks[&1].status,
+        RollbackStatus::Running
+    );
+}
+
+#[test]
+fn a_verify_fails_when_its_agent_returns_without_a_report_or_stays_away() {
+    let mut world = verifying_web1_with_its_agent_away();
+    world.seen.sessions.insert("web-1".into(), 2);
+    world.run_tick(8_000);
+    assert_eq!(web1_verify(&world).status, StepStatus::Running);
+    world.run_tick(9_000);
+    let progress = web1_verify(&world);
+    assert_eq!(
+        progress.status,
+        StepStatus::Failed,
+        "back for more than the reconnect allowance and still silent"
+    );
+    assert!(
+        progress.detail.contains("its agent was offline"),
+        "{}",
+        progress.detail
+    );
+
+    let mut world = verifying_web1_with_its_agent_away();
+    let limit = 1_000 + LIMITS.verify_timeout_ms + VERIFY_OFFLINE_GRACE_MS;
+    world.run_tick(limit);
+    assert_eq!(web1_verify(&world).status, StepStatus::Running);
+    world.run_tick(limit + 1);
+    assert_eq!(
+        web1_verify(&world).status,
+        StepStatus::Failed,
+        "the grace for an absent agent is bounded"
+    );
+}
+
 #[test]
 fn a_paused_rollback_leaves_an_overdue_step_alone_until_resumed() {
     let mut world = World::new();
