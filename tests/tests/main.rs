@@ -39,3 +39,4 @@ mod t35_audit_retention;
 mod t36_incidents;
 mod t37_incident_webhook;
 mod t38_service_objectives;
+mod t39_audit_store;

@@ -26,9 +26,11 @@ impl MemberService for Member {
             (
                 state.applied_index,
                 rewind_shared::digest::sha256_digest(&bytes),
-                state.audit.verify(),
+                state.audit.clone(),
             )
         });
+        // Verified off the state's lock: the entries are shared, or in the store.
+        let audit = audit.verify();
         Ok(Response::new(pb::MemberStatus {
             // Applied index and digest from the same read, so they describe the same state.
             applied_index,

@@ -259,9 +259,18 @@ pub fn decide(
         })
     });
     // Archived audit entries past retention leave the cluster (never one no export covers).
-    if state.cluster_version() >= crate::state_machine::version::AUDIT_ARCHIVE
-        && let Some(through) = state.audit.prunable_through(limits.audit_retention, now_ms)
-    {
+    let prunable = if state.cluster_version() >= crate::state_machine::version::AUDIT_ARCHIVE {
+        state
+            .audit
+            .prunable_through(limits.audit_retention, now_ms)
+            .unwrap_or_else(|error| {
+                tracing::warn!(%error, "The audit store cannot be read; nothing is pruned.");
+                None
+            })
+    } else {
+        None
+    };
+    if let Some(through) = prunable {
         let batch = through + 1 - state.audit.first_index() >= AUDIT_PRUNE_BATCH;
         let last = driver.memory.audit_pruned_at_ms;
         if batch || last == 0 || now_ms.saturating_sub(last) >= AUDIT_PRUNE_INTERVAL_MS {

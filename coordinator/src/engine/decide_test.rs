@@ -921,11 +921,11 @@ fn archived_audit_entries_are_pruned_in_batches_never_past_the_archive() {
         let through = audit.next_index() - 1;
         let first = audit.first_index().max(audit.archived_through() + 1);
         // The hash the export's first entry links to: the one before, or where the log starts.
-        let anchor = match audit.get(first - 1) {
+        let anchor = match audit.get(first - 1).unwrap() {
             Some(before) => before.hash.clone(),
             None => audit.verify().anchor_hash,
         };
-        let last = audit.get(through).unwrap().hash.clone();
+        let last = audit.get(through).unwrap().unwrap().hash.clone();
         world.apply(CommandKind::ConfirmAuditArchive {
             first,
             through,

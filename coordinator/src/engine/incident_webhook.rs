@@ -154,20 +154,28 @@ fn person_acted(
         incident_id(record.number),
         request_id(record.request),
     ];
-    let entries = state.audit.entries();
+    let audit = &state.audit;
     let from = if through == 0 {
-        entries.partition_point(|entry| {
+        audit.partition_point(|entry| {
             entry.at_ms.saturating_add(CLOCK_SLACK_MS) < record.started_at_ms
         })
     } else {
-        entries.partition_point(|entry| entry.index <= through)
+        Ok(through + 1)
     };
-    let acted = entries[from..].iter().any(|entry| {
+    // A page a tick at most: the scan goes on from where it stopped.
+    let page = match from.and_then(|from| audit.range(from..audit.next_index())) {
+        Ok(page) => page,
+        Err(error) => {
+            tracing::warn!(%error, "The audit store cannot be read; no acknowledgement this tick.");
+            return false;
+        }
+    };
+    let acted = page.iter().any(|entry| {
         by_a_person(&entry.identity)
             && entry.action != "incident.notify"
             && targets.contains(&entry.target)
     });
-    let read_through = entries.last().map_or(through, |entry| entry.index);
+    let read_through = page.last().map_or(through, |entry| entry.index);
     scanned.insert(record.number, (read_through, acted));
     acted
 }

@@ -143,11 +143,17 @@ impl NodeHandle {
 
     /// Reads the state as applied on this member. Callers that need the committed state serve
     /// reads on the leader only (see `api::LeaderOnly`).
+    ///
+    /// Panics once the member has stopped because an entry could not be audited: nothing may
+    /// read (and act on) a state that holds an unaudited command. The process exits at once.
     pub fn read<R>(&self, reader: impl FnOnce(&State) -> R) -> R {
         let state = self
             .state
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(why) = state.audit.failure() {
+            panic!("this member stopped: its audit store failed ({why})");
+        }
         reader(&state)
     }
 

@@ -153,7 +153,7 @@ pub fn start_member(
 ) -> Result<RaftMember, CoordinatorError> {
     if !store.is_initialized()? && !founding_members.is_empty() {
         // A new cluster starts at this binary's version: its founders run one release.
-        let initial = State {
+        let mut initial = State {
             members: founding_members
                 .iter()
                 .map(|member| (member.id, member.clone()))
@@ -161,16 +161,21 @@ pub fn start_member(
             cluster_version: version::CURRENT,
             ..State::default()
         };
+        if version::CURRENT >= version::AUDIT_STORE {
+            // Nothing to move yet: the log starts in its store.
+            initial.audit.move_to_store();
+        }
         let data = snapshot_codec::encode(&initial)?;
         let voters: Vec<u64> = founding_members.iter().map(|member| member.id).collect();
         store.bootstrap(&voters, data)?;
     }
     let snapshot = store.latest_snapshot()?;
-    let state: State = if snapshot.get_data().is_empty() {
+    let mut state: State = if snapshot.get_data().is_empty() {
         State::default()
     } else {
         snapshot_codec::decode(snapshot.get_data())?
     };
+    state.audit.attach(audit_store(&store));
     let config = raft::Config {
         id: settings.id,
         election_tick: settings.election_ticks,
@@ -384,6 +389,8 @@ impl<T: Transport> Driver<T> {
             if let Err(error) = self.finish_snapshot() {
                 warn!(%error, "The last snapshot was not written; the log still holds its entries.");
             }
+            // The state and the transport hold the audit store: let go of the database.
+            self.store.audit_store().close();
             info!(id = self.settings.id, "Raft member stopped.");
         });
     }
@@ -666,10 +673,17 @@ impl<T: Transport> Driver<T> {
     }
 
     fn install_snapshot(&mut self, snapshot: Snapshot) -> Result<(), CoordinatorError> {
-        let state = snapshot_codec::decode(snapshot.get_data())?;
+        // A bundle (cluster version 7 on) carries the audit entries beside the state: they go
+        // to the audit store, and the state's data alone is kept as the snapshot.
+        let (state_data, audit) = snapshot_codec::split_bundle(snapshot.get_data())?;
+        let mut state = snapshot_codec::decode(state_data)?;
+        let mut kept = Snapshot::default();
+        kept.set_metadata(snapshot.get_metadata().clone());
+        kept.set_data(state_data.to_vec().into());
         let index = snapshot.get_metadata().index;
-        self.store.apply_snapshot(&snapshot)?;
+        self.store.apply_snapshot(&kept, audit.as_deref())?;
         self.store.flush()?;
+        state.audit.attach(audit_store(&self.store));
         *self
             .state
             .write()
@@ -712,7 +726,9 @@ impl<T: Transport> Driver<T> {
         let outcome = match version::decode_entry(entry.index, &entry.data)? {
             Decoded::Command(command) => {
                 version::check_command(&command, entry.index)?;
-                apply(&mut state, entry.index, &command)
+                let outcome = apply(&mut state, entry.index, &command);
+                audited(&state, entry.index)?;
+                outcome
             }
             Decoded::SkipLegacy(error) => {
                 // Members of the legacy release skipped such an entry; so does this one.
@@ -784,7 +800,11 @@ impl<T: Transport> Driver<T> {
                 .write()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
             match decoded {
-                Decoded::Command(command) => apply_membership(&mut state, entry.index, &command),
+                Decoded::Command(command) => {
+                    let outcome = apply_membership(&mut state, entry.index, &command);
+                    audited(&state, entry.index)?;
+                    outcome
+                }
                 Decoded::SkipLegacy(error) => {
                     // Raft's voters changed regardless; every member skips the same context.
                     state.applied_index = entry.index;
@@ -1004,6 +1024,24 @@ fn peer_progress(raft: &raft::Raft<RaftStore>) -> Vec<PeerProgress> {
 }
 
 /// Entry context: the proposing member and its proposal number, so only that member answers.
+/// This member's audit store, as the state carries it.
+fn audit_store(store: &RaftStore) -> crate::state_machine::StoreHandle {
+    crate::state_machine::StoreHandle(Arc::new(store.audit_store()))
+}
+
+/// Fails closed: an entry whose audit could not be written stops this member, under the
+/// state's write lock, before it answers the proposer or anyone reads the state (reads of a
+/// failed state refuse, see `NodeHandle::read`). The process exits on the storage failure and,
+/// restarted, applies the entry again with its audit.
+fn audited(state: &State, index: u64) -> Result<(), CoordinatorError> {
+    match state.audit.failure() {
+        None => Ok(()),
+        Some(why) => Err(CoordinatorError::Storage(format!(
+            "entry {index} cannot be audited ({why}); nothing acts on it unaudited"
+        ))),
+    }
+}
+
 fn proposal_context(member: u64, number: u64) -> Vec<u8> {
     let mut context = member.to_be_bytes().to_vec();
     context.extend_from_slice(&number.to_be_bytes());

@@ -145,6 +145,8 @@ impl Cluster {
 
     fn stop_member(&mut self, id: u64) {
         self.net.peers.lock().unwrap().remove(&id);
+        // Its snapshot files hold its database open (the audit tree), as its process would.
+        self.net.files.lock().unwrap().remove(&id);
         self.members.remove(&id).unwrap().stop();
     }
 
@@ -381,9 +383,8 @@ async fn a_member_joins_as_learner_is_promoted_and_removed_with_registry_and_aud
     cluster.propose(leader, "host-10").await.unwrap();
     let state = cluster.members[&leader].node.read(State::clone);
     assert_eq!(state.members.keys().copied().collect::<Vec<_>>(), [leader]);
-    let actions: Vec<&str> = state
-        .audit
-        .entries()
+    let entries = state.audit.entries();
+    let actions: Vec<&str> = entries
         .iter()
         .map(|entry| entry.action.as_str())
         .filter(|action| action.starts_with("cluster."))

@@ -627,7 +627,8 @@ fn a_host_is_forgotten_only_when_nothing_can_still_act_on_it_by_name() {
         harness.state.enrollments.contains_key("web-2"),
         "the name stays pinned unless released"
     );
-    let last = harness.state.audit.entries().last().unwrap();
+    let entries = harness.state.audit.entries();
+    let last = entries.last().unwrap();
     assert_eq!(last.action, "host.forget");
     let outcome = last.readable_outcome();
     assert!(outcome.contains("services web") && outcome.contains("retired"));
@@ -703,7 +704,8 @@ fn version_2_commands_are_refused_at_version_1_and_applied_after_it_is_raised() 
     assert_eq!(harness.state.cluster_version(), 1);
     harness.apply(raise(2));
     assert_eq!(harness.state.cluster_version(), 2);
-    let last = harness.state.audit.entries().last().unwrap();
+    let entries = harness.state.audit.entries();
+    let last = entries.last().unwrap();
     assert_eq!(last.action, "cluster.upgrade-finalize");
     assert!(last.outcome.contains("1 -> 2"), "{}", last.outcome);
     assert!(harness.run(raise(2)).is_err(), "a version is only raised");

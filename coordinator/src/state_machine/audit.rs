@@ -1,8 +1,17 @@
 //! The hash-chained audit log, as the replicated state holds it. How entries are hashed,
 //! verified and redacted is in [`rewind_shared::audit`], shared with `rewindctl audit verify
 //! --file`. Every member holds the same chain and can verify it.
+//!
+//! Up to cluster version 6 the entries live inside the state, so every snapshot carries the
+//! whole history. From version 7 they live in an [`AuditStore`] beside it (a sled tree on a
+//! member) and the state keeps only the chain's head: where it starts, the hash it links to,
+//! the next index and the last hash. `apply()` still appends every entry as part of applying its
+//! command; a store that fails is recorded ([`AuditLog::failure`]) and the member stops
+//! before anything sees the command applied (see `node::raft`).
 
 use std::sync::Arc;
+
+pub use super::audit_store::{AuditStore, MemoryAuditStore, StoreHandle};
 
 use rewind_shared::audit::{ChainCheck, Field, GENESIS_HASH, Record};
 use serde::{Deserialize, Serialize};
@@ -10,7 +19,8 @@ use serde::{Deserialize, Serialize};
 pub use rewind_shared::audit::AuditEntry;
 
 /// Entries are immutable once appended, so they are shared (`Arc`): copying the state for a
-/// snapshot then costs a pointer per entry, not a copy of the whole history.
+/// snapshot then costs a pointer per entry, not a copy of the whole history. From cluster
+/// version 7 (`stored`) none are held here: they are in `store`.
 ///
 /// From cluster version 5 the oldest entries can leave the cluster, but only once an export
 /// that covers them was confirmed (`archived_through`): the log then starts at `first_index`
@@ -32,6 +42,25 @@ pub struct AuditLog {
     /// The manifest hash of the export that confirmed `archived_through`.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     archived_manifest: String,
+    /// From cluster version 7: the entries are in `store`, and this is the chain's head.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    stored: Option<StoredHead>,
+    /// Where the entries are from version 7: never replicated nor snapshotted; a member
+    /// attaches its own (`attach`), tests an in-memory one.
+    #[serde(skip)]
+    store: StoreHandle,
+    /// A store operation that failed while applying: the member must stop (fail closed).
+    #[serde(skip)]
+    failure: Option<String>,
+}
+
+/// The chain's head when its entries are in the store.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StoredHead {
+    /// The index the next entry will have.
+    pub next_index: u64,
+    /// The last entry's hash (the anchor hash while there is none).
+    pub head_hash: String,
 }
 
 fn first() -> u64 {
@@ -62,9 +91,15 @@ impl Default for AuditLog {
             anchor_hash: genesis(),
             archived_through: 0,
             archived_manifest: String::new(),
+            stored: None,
+            store: StoreHandle::default(),
+            failure: None,
         }
     }
 }
+
+/// Most entries one read of the store returns; longer reads go in pages.
+pub const MAX_ENTRIES_PER_READ: usize = 10_000;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AuditVerification {
@@ -102,52 +137,173 @@ impl AuditLog {
     /// Links `record` into the chain: salted (redactable) when the proposer chose a seed for
     /// it, plain as before cluster version 5 otherwise.
     pub fn append(&mut self, record: &Record<'_>, seed: Option<&[u8]>) {
-        let prev_hash = self
-            .entries
-            .last()
-            .map_or(self.anchor_hash.as_str(), |last| last.hash.as_str());
         let index = self.next_index();
+        let prev_hash = self.head_hash();
         let entry = match seed {
             Some(seed) => AuditEntry::salted(index, prev_hash, record, seed),
             None => AuditEntry::plain(index, prev_hash, record),
         };
-        self.entries.push(Arc::new(entry));
+        match &mut self.stored {
+            None => self.entries.push(Arc::new(entry)),
+            Some(head) => {
+                // The head moves whatever the store says: on a failure the member stops before
+                // anything reads this state, and applies the entry again when it restarts.
+                head.next_index = index + 1;
+                head.head_hash = entry.hash.clone();
+                if let Err(error) = self.store.put(&entry) {
+                    self.fail(format!("append audit entry {index}: {error}"));
+                }
+            }
+        }
     }
 
-    /// The entries held, oldest first (the first is `first_index`).
-    pub fn entries(&self) -> &[Arc<AuditEntry>] {
-        &self.entries
+    /// Moves the entries held into `store`, from where they are read from now on (the cluster
+    /// version rising to 7). Every member does it at the same entry of the log.
+    pub fn move_to_store(&mut self) {
+        if self.stored.is_some() {
+            return;
+        }
+        let head = StoredHead {
+            next_index: self.next_index(),
+            head_hash: self.head_hash().to_string(),
+        };
+        for entry in std::mem::take(&mut self.entries) {
+            if let Err(error) = self.store.put(&entry) {
+                self.fail(format!(
+                    "move audit entry {} to its store: {error}",
+                    entry.index
+                ));
+                break;
+            }
+        }
+        self.stored = Some(head);
     }
 
-    /// Entries held from index `from` on (all held if `from` was pruned).
-    pub fn from_index(&self, from: u64) -> &[Arc<AuditEntry>] {
-        let skip = usize::try_from(from.saturating_sub(self.first_index)).unwrap_or(usize::MAX);
-        &self.entries[skip.min(self.entries.len())..]
+    /// Whether the entries are in the store (cluster version 7 and later).
+    pub fn is_stored(&self) -> bool {
+        self.stored.is_some()
     }
 
-    /// Entries held with indexes in `indexes` (those pruned are not).
-    pub fn range(&self, indexes: std::ops::Range<u64>) -> &[Arc<AuditEntry>] {
-        let held = self.from_index(indexes.start);
-        let wanted = indexes
-            .end
-            .saturating_sub(indexes.start.max(self.first_index));
-        &held[..held
-            .len()
-            .min(usize::try_from(wanted).unwrap_or(usize::MAX))]
+    /// Gives this log the store its entries are in: a member's own, once, when it loads or
+    /// installs a state.
+    pub fn attach(&mut self, store: StoreHandle) {
+        self.store = store;
     }
 
-    pub fn get(&self, index: u64) -> Option<&Arc<AuditEntry>> {
-        let position = usize::try_from(index.checked_sub(self.first_index)?).ok()?;
-        self.entries.get(position)
+    pub fn store(&self) -> &StoreHandle {
+        &self.store
+    }
+
+    /// A store operation that failed while applying: nothing may act on this state any more
+    /// (the member stops, and applies the log again with its audit when it restarts).
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.as_deref()
+    }
+
+    fn fail(&mut self, why: String) {
+        if self.failure.is_none() {
+            self.failure = Some(why);
+        }
+    }
+
+    /// The last entry's hash, or the anchor hash while the log holds none.
+    pub fn head_hash(&self) -> &str {
+        match &self.stored {
+            Some(head) => &head.head_hash,
+            None => self
+                .entries
+                .last()
+                .map_or(self.anchor_hash.as_str(), |last| last.hash.as_str()),
+        }
+    }
+
+    /// Every entry held, oldest first. For tests: a cluster's log can be long.
+    #[cfg(test)]
+    pub fn entries(&self) -> Vec<Arc<AuditEntry>> {
+        self.range_all(self.first_index..self.next_index())
+            .expect("the store reads")
+    }
+
+    /// Every entry held with an index in `indexes`, read a page at a time: for a caller that
+    /// bounds the range itself.
+    pub fn range_all(&self, indexes: std::ops::Range<u64>) -> Result<Vec<Arc<AuditEntry>>, String> {
+        let mut all = Vec::new();
+        let mut from = indexes.start;
+        while from < indexes.end {
+            let page = self.range(from..indexes.end)?;
+            let Some(last) = page.last() else { break };
+            from = last.index + 1;
+            all.extend(page);
+        }
+        Ok(all)
+    }
+
+    /// Entries held with indexes in `indexes` (those pruned are not), oldest first: at most
+    /// [`MAX_ENTRIES_PER_READ`] of them from the store, so a caller wanting more reads on from
+    /// the last one returned.
+    pub fn range(&self, indexes: std::ops::Range<u64>) -> Result<Vec<Arc<AuditEntry>>, String> {
+        let start = indexes.start.max(self.first_index);
+        let end = indexes.end.min(self.next_index());
+        if start >= end {
+            return Ok(Vec::new());
+        }
+        if self.stored.is_some() {
+            return Ok(self
+                .store
+                .range(start, end, MAX_ENTRIES_PER_READ)?
+                .into_iter()
+                .map(Arc::new)
+                .collect());
+        }
+        let from = (start - self.first_index) as usize;
+        let to = (end - self.first_index) as usize;
+        Ok(self.entries[from..to].to_vec())
+    }
+
+    pub fn get(&self, index: u64) -> Result<Option<Arc<AuditEntry>>, String> {
+        if index < self.first_index || index >= self.next_index() {
+            return Ok(None);
+        }
+        if self.stored.is_some() {
+            return match self.store.get(index)? {
+                Some(entry) => Ok(Some(Arc::new(entry))),
+                None => Err(format!("audit entry {index} is missing from its store")),
+            };
+        }
+        Ok(self
+            .entries
+            .get((index - self.first_index) as usize)
+            .cloned())
+    }
+
+    /// The first index from which `before` is false, over entries in index order (as
+    /// `slice::partition_point`): a binary search, so a timeline finds its start in a long log
+    /// by reading a few entries.
+    pub fn partition_point(&self, before: impl Fn(&AuditEntry) -> bool) -> Result<u64, String> {
+        let (mut low, mut high) = (self.first_index, self.next_index());
+        while low < high {
+            let middle = low + (high - low) / 2;
+            let entry = self
+                .get(middle)?
+                .ok_or_else(|| format!("audit entry {middle} is missing"))?;
+            if before(&entry) {
+                low = middle + 1;
+            } else {
+                high = middle;
+            }
+        }
+        Ok(low)
     }
 
     /// The hash the entry at `index` links to, if the cluster still knows it.
-    fn hash_before(&self, index: u64) -> Option<&str> {
+    fn hash_before(&self, index: u64) -> Result<Option<String>, String> {
         if index == self.first_index {
-            return Some(&self.anchor_hash);
+            return Ok(Some(self.anchor_hash.clone()));
         }
-        self.get(index.checked_sub(1)?)
-            .map(|entry| entry.hash.as_str())
+        let Some(previous) = index.checked_sub(1) else {
+            return Ok(None);
+        };
+        Ok(self.get(previous)?.map(|entry| entry.hash.clone()))
     }
 
     pub fn first_index(&self) -> u64 {
@@ -156,33 +312,46 @@ impl AuditLog {
 
     /// The index the next entry will have.
     pub fn next_index(&self) -> u64 {
-        self.first_index + self.entries.len() as u64
+        match &self.stored {
+            Some(head) => head.next_index,
+            None => self.first_index + self.entries.len() as u64,
+        }
     }
 
     pub fn archived_through(&self) -> u64 {
         self.archived_through
     }
 
+    /// Entries held.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        usize::try_from(self.next_index() - self.first_index).unwrap_or(usize::MAX)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.len() == 0
     }
 
     /// Where an export that ends at `through` with `manifest_hash` starts, if it is one of this
     /// chain that continues what is archived already: the leader finds it before proposing the
     /// confirmation, which `apply()` then checks at once. Scans the entries that could start it.
-    pub fn find_export_start(&self, through: u64, manifest_hash: &str) -> Option<u64> {
-        let last_hash = &self.get(through)?.hash;
+    pub fn find_export_start(
+        &self,
+        through: u64,
+        manifest_hash: &str,
+    ) -> Result<Option<u64>, String> {
+        let Some(last) = self.get(through)? else {
+            return Ok(None);
+        };
         let latest_start = (self.archived_through + 1).min(through);
-        (self.first_index..=latest_start).find(|&first| {
-            self.hash_before(first).is_some_and(|anchor| {
-                rewind_shared::audit::manifest_hash(first, through, anchor, last_hash)
+        for first in self.first_index..=latest_start {
+            if let Some(anchor) = self.hash_before(first)?
+                && rewind_shared::audit::manifest_hash(first, through, &anchor, &last.hash)
                     == manifest_hash
-            })
-        })
+            {
+                return Ok(Some(first));
+            }
+        }
+        Ok(None)
     }
 
     /// Records that the export of `first..=through` with `manifest_hash` is archived. Refused
@@ -214,15 +383,29 @@ impl AuditLog {
                 first - 1
             ));
         }
-        let (Some(anchor), Some(last_entry)) = (self.hash_before(first), self.get(through)) else {
+        let read = |result: Result<Option<String>, String>| {
+            result.map_err(|error| format!("the audit store cannot be read: {error}"))
+        };
+        let anchor = read(self.hash_before(first));
+        let last_hash = read(
+            self.get(through)
+                .map(|entry| entry.map(|entry| entry.hash.clone())),
+        );
+        let (anchor, last_hash) = match (anchor, last_hash) {
+            (Ok(anchor), Ok(last_hash)) => (anchor, last_hash),
+            (Err(error), _) | (_, Err(error)) => {
+                self.fail(error.clone());
+                return Err(error);
+            }
+        };
+        let (Some(anchor), Some(last_hash)) = (anchor, last_hash) else {
             return Err(format!(
                 "the export starts at entry {first}, which the cluster no longer holds (it \
                  starts at {}): confirm an export made since",
                 self.first_index
             ));
         };
-        let expected =
-            rewind_shared::audit::manifest_hash(first, through, anchor, &last_entry.hash);
+        let expected = rewind_shared::audit::manifest_hash(first, through, &anchor, &last_hash);
         if expected != manifest_hash {
             return Err(format!(
                 "the manifest hash does not match this cluster's entries {first}..{through}: \
@@ -236,13 +419,16 @@ impl AuditLog {
 
     /// The newest index that `retention` lets go at `now_ms`, if any entry may: only archived
     /// entries, oldest first, each older than the days and outside the newest entries kept.
-    pub fn prunable_through(&self, retention: AuditRetention, now_ms: u64) -> Option<u64> {
+    pub fn prunable_through(
+        &self,
+        retention: AuditRetention,
+        now_ms: u64,
+    ) -> Result<Option<u64>, String> {
         if retention.is_off() {
-            return None;
+            return Ok(None);
         }
         let last = self.next_index().saturating_sub(1);
-        let mut through = None;
-        for entry in &self.entries {
+        let may_go = |entry: &AuditEntry| {
             let archived = entry.index <= self.archived_through;
             let old = retention.days.is_none_or(|days| {
                 entry.at_ms.saturating_add(days.saturating_mul(DAY_MS)) <= now_ms
@@ -250,12 +436,11 @@ impl AuditLog {
             let outside_newest = retention
                 .entries
                 .is_none_or(|keep| entry.index.saturating_add(keep) <= last);
-            if !(archived && old && outside_newest) {
-                break;
-            }
-            through = Some(entry.index);
-        }
-        through
+            archived && old && outside_newest
+        };
+        // Entries are in time order, so those that may go are a prefix.
+        let first_kept = self.partition_point(may_go)?;
+        Ok((first_kept > self.first_index).then(|| first_kept - 1))
     }
 
     /// Drops the entries up to `through`, all confirmed archived; the chain goes on from the
@@ -274,8 +459,21 @@ impl AuditLog {
             ));
         }
         let count = through + 1 - self.first_index;
-        let last_pruned = self.get(through).map(|entry| entry.hash.clone());
-        self.entries.drain(..count as usize);
+        let last_pruned = match self.get(through) {
+            Ok(entry) => entry.map(|entry| entry.hash.clone()),
+            Err(error) => {
+                let error = format!("the audit store cannot be read: {error}");
+                self.fail(error.clone());
+                return Err(error);
+            }
+        };
+        if self.stored.is_some() {
+            if let Err(error) = self.store.remove_through(through) {
+                self.fail(format!("drop audit entries through {through}: {error}"));
+            }
+        } else {
+            self.entries.drain(..count as usize);
+        }
         self.anchor_hash = last_pruned.unwrap_or_default();
         self.first_index = through + 1;
         Ok(count)
@@ -284,19 +482,33 @@ impl AuditLog {
     /// Erases `fields` of entry `index` (salted entries only): the chain still verifies.
     pub fn redact(&mut self, index: u64, fields: &[Field]) -> Result<(), String> {
         let first_index = self.first_index;
-        let position = index
-            .checked_sub(first_index)
-            .and_then(|position| usize::try_from(position).ok())
-            .filter(|&position| position < self.entries.len())
-            .ok_or_else(|| {
-                format!(
-                    "the cluster holds audit entries {first_index}..{}, not {index}",
-                    self.next_index().saturating_sub(1)
-                )
-            })?;
-        let entry = Arc::make_mut(&mut self.entries[position]);
+        if index < first_index || index >= self.next_index() {
+            return Err(format!(
+                "the cluster holds audit entries {first_index}..{}, not {index}",
+                self.next_index().saturating_sub(1)
+            ));
+        }
+        if self.stored.is_none() {
+            let entry = Arc::make_mut(&mut self.entries[(index - first_index) as usize]);
+            for field in fields {
+                entry.redact(*field)?;
+            }
+            return Ok(());
+        }
+        let mut entry = match self.get(index) {
+            Ok(Some(entry)) => Arc::unwrap_or_clone(entry),
+            Ok(None) => return Err(format!("audit entry {index} is missing")),
+            Err(error) => {
+                let error = format!("the audit store cannot be read: {error}");
+                self.fail(error.clone());
+                return Err(error);
+            }
+        };
         for field in fields {
             entry.redact(*field)?;
+        }
+        if let Err(error) = self.store.put(&entry) {
+            self.fail(format!("redact audit entry {index}: {error}"));
         }
         Ok(())
     }
@@ -305,13 +517,34 @@ impl AuditLog {
     pub fn verify(&self) -> AuditVerification {
         let mut check = ChainCheck::continuing(self.first_index, &self.anchor_hash);
         let mut broken = None;
-        for entry in &self.entries {
-            if let Err(detail) = check.next(entry) {
-                broken = Some((check.next_index(), detail));
-                break;
+        let mut from = self.first_index;
+        'pages: while from < self.next_index() {
+            let page = match self.range(from..self.next_index()) {
+                Ok(page) if !page.is_empty() => page,
+                Ok(_) => {
+                    broken = Some((from, format!("entry {from} is missing from the store")));
+                    break;
+                }
+                Err(error) => {
+                    broken = Some((from, format!("the store cannot be read: {error}")));
+                    break;
+                }
+            };
+            for entry in &page {
+                if let Err(detail) = check.next(entry) {
+                    broken = Some((check.next_index(), detail));
+                    break 'pages;
+                }
             }
+            from = page.last().map_or(u64::MAX, |entry| entry.index + 1);
         }
-        let held = self.entries.len() as u64;
+        if broken.is_none() && check.head_hash() != self.head_hash() {
+            broken = Some((
+                self.next_index(),
+                "the entries end before the head the cluster recorded".to_string(),
+            ));
+        }
+        let held = self.len() as u64;
         let (first_broken, detail, head_hash) = match broken {
             Some((index, detail)) => (Some(index), detail, String::new()),
             None if self.first_index > 1 => (
@@ -339,6 +572,7 @@ impl AuditLog {
         }
     }
 
+    /// Test-only: the in-state entries (before version 7).
     #[cfg(test)]
     pub(crate) fn entries_mut(&mut self) -> &mut Vec<Arc<AuditEntry>> {
         &mut self.entries
@@ -404,12 +638,12 @@ mod tests {
     }
 
     fn manifest_of(log: &AuditLog, first: u64, through: u64) -> String {
-        let anchor = log.hash_before(first).unwrap().to_string();
+        let anchor = log.hash_before(first).unwrap().unwrap();
         rewind_shared::audit::manifest_hash(
             first,
             through,
             &anchor,
-            &log.get(through).unwrap().hash,
+            &log.get(through).unwrap().unwrap().hash,
         )
     }
 
@@ -421,40 +655,40 @@ mod tests {
             entries: Some(2),
         };
         // Nothing archived: nothing may go, whatever the retention.
-        assert_eq!(log.prunable_through(retention, u64::MAX), None);
+        assert_eq!(log.prunable_through(retention, u64::MAX), Ok(None));
         let error = log.prune_through(3).unwrap_err();
         assert!(error.contains("nothing unexported is dropped"), "{error}");
 
         // An export of 1..=6 confirmed: found from its hash, then the first four may go (the
         // newest two of ten stay anyway; 5 and 6 would too if more were kept).
         let hash = manifest_of(&log, 1, 6);
-        assert_eq!(log.find_export_start(6, &hash), Some(1));
+        assert_eq!(log.find_export_start(6, &hash), Ok(Some(1)));
         log.confirm_archive(1, 6, &hash).unwrap();
-        assert_eq!(log.prunable_through(retention, u64::MAX), Some(6));
+        assert_eq!(log.prunable_through(retention, u64::MAX), Ok(Some(6)));
         let keep_five = AuditRetention {
             entries: Some(5),
             ..retention
         };
-        assert_eq!(log.prunable_through(keep_five, u64::MAX), Some(5));
+        assert_eq!(log.prunable_through(keep_five, u64::MAX), Ok(Some(5)));
         let by_age = AuditRetention {
             days: Some(1),
             entries: None,
         };
-        assert_eq!(log.prunable_through(by_age, 1_000), None, "too young");
-        assert_eq!(log.prunable_through(by_age, DAY_MS + 3_000), Some(3));
+        assert_eq!(log.prunable_through(by_age, 1_000), Ok(None), "too young");
+        assert_eq!(log.prunable_through(by_age, DAY_MS + 3_000), Ok(Some(3)));
 
         let before = log.verify();
-        let sixth = log.get(6).unwrap().hash.clone();
+        let sixth = log.get(6).unwrap().unwrap().hash.clone();
         assert_eq!(log.prune_through(6).unwrap(), 6);
         assert_eq!((log.first_index(), log.len()), (7, 4));
         let after = log.verify();
         assert_eq!(after.first_broken, None, "{}", after.detail);
         assert_eq!(after.head_hash, before.head_hash);
         assert_eq!(after.anchor_hash, sixth);
-        assert!(log.get(6).is_none() && log.get(7).is_some());
+        assert!(log.get(6).unwrap().is_none() && log.get(7).unwrap().is_some());
         // The next entry continues the chain as if nothing had gone.
         log.append(&Record::default(), None);
-        assert_eq!(log.get(11).unwrap().prev_hash, before.head_hash);
+        assert_eq!(log.get(11).unwrap().unwrap().prev_hash, before.head_hash);
         assert_eq!(log.verify().first_broken, None);
         // Gone is gone: pruning again, or confirming an export that starts before, is refused.
         assert!(log.prune_through(6).is_err());
@@ -466,13 +700,13 @@ mod tests {
     fn a_confirmation_must_match_this_chain_and_leave_no_gap() {
         let mut log = salted_log();
         // Another range's hash, an altered one, one past the end.
-        assert_eq!(log.find_export_start(6, &manifest_of(&log, 1, 5)), None);
+        assert_eq!(log.find_export_start(6, &manifest_of(&log, 1, 5)), Ok(None));
         let error = log.confirm_archive(1, 6, &"ab".repeat(32)).unwrap_err();
         assert!(error.contains("does not match"), "{error}");
         assert!(log.confirm_archive(1, 11, &"ab".repeat(32)).is_err());
         // An export of 4..=6 would leave 1..=3 in no archive.
         let later = manifest_of(&log, 4, 6);
-        assert_eq!(log.find_export_start(6, &later), None);
+        assert_eq!(log.find_export_start(6, &later), Ok(None));
         let error = log.confirm_archive(4, 6, &later).unwrap_err();
         assert!(
             error.contains("entries 1..3 are in no confirmed export"),
@@ -480,7 +714,7 @@ mod tests {
         );
         // In order, consecutive exports are each confirmed.
         log.confirm_archive(1, 3, &manifest_of(&log, 1, 3)).unwrap();
-        assert_eq!(log.find_export_start(6, &later), Some(4));
+        assert_eq!(log.find_export_start(6, &later), Ok(Some(4)));
         log.confirm_archive(4, 6, &later).unwrap();
         assert_eq!(log.archived_through(), 6);
         let error = log
@@ -489,11 +723,71 @@ mod tests {
         assert!(error.contains("already"), "{error}");
     }
 
+    /// The salted log moved to a store of its own, as the raise to version 7 does.
+    fn stored_log() -> (AuditLog, Arc<MemoryAuditStore>) {
+        let store = Arc::new(MemoryAuditStore::default());
+        let mut log = salted_log();
+        log.attach(StoreHandle(store.clone()));
+        log.move_to_store();
+        (log, store)
+    }
+
+    #[test]
+    fn a_stored_log_reads_verifies_archives_and_prunes_as_one_held() {
+        let held = salted_log();
+        let (mut log, _) = stored_log();
+        assert!(log.is_stored() && log.failure().is_none());
+        assert_eq!(log.entries(), held.entries());
+        assert_eq!(log.verify(), held.verify());
+        let replicated = serde_json::to_string(&log).unwrap();
+        assert!(!replicated.contains("user:ada"), "{replicated}");
+        assert_eq!(log.partition_point(|entry| entry.at_ms < 4_500), Ok(5));
+        let hash = manifest_of(&log, 1, 6);
+        assert_eq!(log.find_export_start(6, &hash), Ok(Some(1)));
+        log.confirm_archive(1, 6, &hash).unwrap();
+        let retention = AuditRetention {
+            days: None,
+            entries: Some(2),
+        };
+        assert_eq!(log.prunable_through(retention, u64::MAX), Ok(Some(6)));
+        log.prune_through(4).unwrap();
+        assert_eq!(log.store().get(4).unwrap(), None);
+        assert_eq!(log.range(1..7).unwrap().len(), 2);
+        log.append(&Record::default(), Some(&[1; 32]));
+        log.redact(8, &[Field::Identity]).unwrap();
+        assert!(log.get(8).unwrap().unwrap().identity.is_empty());
+        let verification = log.verify();
+        assert_eq!(verification.first_broken, None, "{}", verification.detail);
+        assert_eq!(verification.entries, 7);
+    }
+
+    #[test]
+    fn a_store_that_fails_or_loses_an_entry_is_found() {
+        let (mut log, store) = stored_log();
+        store.fail_writes(Some("disk full"));
+        log.append(&Record::default(), Some(&[1; 32]));
+        assert!(
+            log.failure().unwrap().contains("disk full"),
+            "{:?}",
+            log.failure()
+        );
+        // A store missing an entry the head counts does not verify.
+        let (log, store) = stored_log();
+        store.remove_through(3).unwrap();
+        let verification = log.verify();
+        assert_eq!(
+            verification.first_broken,
+            Some(1),
+            "{}",
+            verification.detail
+        );
+    }
+
     #[test]
     fn a_redaction_in_the_cluster_keeps_the_chain_and_refuses_what_it_cannot() {
         let mut log = salted_log();
         log.redact(4, &[Field::Identity, Field::Reason]).unwrap();
-        let entry = log.get(4).unwrap();
+        let entry = log.get(4).unwrap().unwrap();
         assert!(entry.identity.is_empty() && entry.reason.is_empty());
         assert_eq!(entry.readable_outcome(), "ok: [redacted]");
         assert_eq!(log.verify().first_broken, None);

@@ -191,6 +191,7 @@ fn current_release_log() -> Fleet {
     version_four(&mut harness);
     version_five(&mut harness);
     version_six(&mut harness);
+    version_seven(&mut harness);
     harness
 }
 
@@ -470,11 +471,11 @@ fn version_five(harness: &mut Fleet) {
     // An archive of the first entries confirmed, then only those pruned; an entry erased.
     let through = plain as u64;
     let manifest_hash = |state: &State, first: u64| {
-        let anchor = match state.audit.get(first - 1) {
+        let anchor = match state.audit.get(first - 1).unwrap() {
             Some(before) => before.hash.clone(),
             None => rewind_shared::audit::GENESIS_HASH.to_string(),
         };
-        let last = &state.audit.get(through).unwrap().hash;
+        let last = &state.audit.get(through).unwrap().unwrap().hash;
         rewind_shared::audit::manifest_hash(first, through, &anchor, last)
     };
     let confirm = |first: u64, hash: String| CommandKind::ConfirmAuditArchive {
@@ -534,6 +535,7 @@ fn version_five(harness: &mut Fleet) {
             .state
             .audit
             .get(on_index)
+            .unwrap()
             .unwrap()
             .identity
             .is_empty(),
@@ -619,6 +621,79 @@ fn version_six(harness: &mut Fleet) {
             (NoticeEvent::Resolve, 1, false, true)
         ]
     );
+}
+
+/// From version 7 the audit entries move out of the state into its store at the raise: the
+/// chain goes on from the same head; confirmation, pruning and redaction read and write the
+/// store; the state keeps only the head.
+fn version_seven(harness: &mut Fleet) {
+    let before = harness.state.audit.verify();
+    let held = harness.state.audit.entries();
+    harness.apply(CommandKind::SetClusterVersion {
+        version: 7,
+        members: vec![],
+        reason: "every member on this release".into(),
+    });
+    assert!(harness.state.audit.is_stored());
+    let moved = harness.state.audit.entries();
+    assert_eq!(moved[..held.len()], held[..], "moved as they were");
+    assert_eq!(moved[held.len()].prev_hash, before.head_hash);
+    let replicated = serde_json::to_value(&harness.state.audit).unwrap();
+    assert_eq!(replicated["entries"], serde_json::json!([]), "{replicated}");
+    for n in 0..3 {
+        harness
+            .run_as(
+                "user:ada",
+                "",
+                CommandKind::SetFlag {
+                    environment: "default".into(),
+                    service: "web".into(),
+                    name: "new-checkout".into(),
+                    enabled: n % 2 == 0,
+                    kill: false,
+                    reason: format!("step {n} of INC-9"),
+                },
+            )
+            .unwrap();
+    }
+    let audit = &harness.state.audit;
+    let first = audit.archived_through() + 1;
+    let through = audit.next_index() - 2;
+    let anchor = audit.get(first - 1).unwrap().unwrap().hash.clone();
+    let last = audit.get(through).unwrap().unwrap().hash.clone();
+    let hash = rewind_shared::audit::manifest_hash(first, through, &anchor, &last);
+    // Refused: an altered hash. Then confirmed, pruned, and the newest flag entry erased.
+    let _ = harness.run(CommandKind::ConfirmAuditArchive {
+        first,
+        through,
+        manifest_hash: "ab".repeat(32),
+        reason: "s3://audit/2027".into(),
+    });
+    harness.apply(CommandKind::ConfirmAuditArchive {
+        first,
+        through,
+        manifest_hash: hash,
+        reason: "s3://audit/2027".into(),
+    });
+    harness.apply(CommandKind::PruneAudit {
+        through: through - 1,
+    });
+    let erased = harness.state.audit.next_index() - 3;
+    harness.apply(CommandKind::RedactAudit {
+        index: erased,
+        fields: vec![rewind_shared::audit::Field::Reason],
+        reason: "erasure request 2".into(),
+    });
+    let audit = &harness.state.audit;
+    assert_eq!(audit.first_index(), through);
+    let store = audit.store();
+    assert!(
+        store.get(through - 1).unwrap().is_none(),
+        "pruned from the store"
+    );
+    assert!(store.get(erased).unwrap().unwrap().reason.is_empty());
+    let verification = audit.verify();
+    assert_eq!(verification.first_broken, None, "{}", verification.detail);
 }
 
 #[test]

@@ -4,6 +4,7 @@
 mod apply;
 pub mod approvals;
 mod audit;
+mod audit_store;
 mod command;
 pub mod decision;
 pub mod join_tokens;
@@ -48,7 +49,10 @@ pub fn apply_checked(
     outcome
 }
 
-pub use audit::{AuditEntry, AuditLog, AuditRetention, AuditVerification};
+pub use audit::{
+    AuditEntry, AuditLog, AuditRetention, AuditStore, AuditVerification, MemoryAuditStore,
+    StoreHandle,
+};
 pub use command::{
     AutoTrigger, Command, CommandKind, DecideRequest, MembershipChange, Outcome, RollbackAction,
     StartChange, StartRollback, StepTarget,

@@ -20,7 +20,7 @@ use crate::errors::CoordinatorError;
 pub const LEGACY: u32 = 1;
 
 /// The highest cluster version this binary can apply.
-pub const CURRENT: u32 = 6;
+pub const CURRENT: u32 = 7;
 
 /// From this version a refused command takes back the requests for approval it expired or
 /// lapsed on its way to the refusal.
@@ -59,6 +59,10 @@ pub const INCIDENT_NOTICES: u32 = 6;
 /// change inside one of its freeze windows is refused unless break-glass.
 pub const SERVICE_OBJECTIVES: u32 = 6;
 
+/// From this version the audit entries live in a store beside the state (the state keeps the
+/// chain's head), so snapshots no longer grow with the history; raising to it moves them there.
+pub const AUDIT_STORE: u32 = 7;
+
 /// What each version brought, for `rewindctl cluster version` and the README.
 pub const CHANGES: &[(u32, &str)] = &[
     (1, "the log as released before cluster versions"),
@@ -95,6 +99,12 @@ pub const CHANGES: &[(u32, &str)] = &[
         "incident webhook deliveries (PagerDuty Events API v2 or generic JSON) recorded on the \
          incident; a service's RTO and freeze windows, and changes refused inside a freeze \
          window unless break-glass",
+    ),
+    (
+        7,
+        "audit entries in a store of their own beside the state, which keeps the chain's head: \
+         snapshots stay the same size however long the history; a snapshot sent to a member \
+         that is behind carries the entries",
     ),
 ];
 

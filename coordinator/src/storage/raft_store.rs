@@ -1,7 +1,9 @@
 //! raft-rs [`Storage`] on sled: the Raft log, hard state, conf state and the latest snapshot.
 //!
 //! Trees: `raft-log` (big-endian index -> protobuf `Entry`) and `raft-meta` (`hard-state`,
-//! `conf-state`, `snapshot`: protobuf messages). The snapshot's data, the replicated state at its
+//! `conf-state`, `snapshot`: protobuf messages), and `audit` (the audit entries from cluster
+//! version 7, see [`super::SledAuditStore`]; flushed with the rest, so a compaction never
+//! drops log entries whose audit entries are not on disk). The snapshot's data, the replicated state at its
 //! index (encoded by [`super::snapshot_codec`]), is a file of its own in `state-snapshots/` (written, fsynced and renamed
 //! before the metadata naming it is stored): a value of many megabytes rewritten into sled
 //! stalled every flush of the log behind it. Writers call [`RaftStore::flush`] before anything
@@ -31,6 +33,7 @@ pub struct RaftStore {
     db: sled::Db,
     log: sled::Tree,
     meta: sled::Tree,
+    audit: super::SledAuditStore,
     /// The latest snapshot's index and term, kept in memory: raft-rs asks for the first index
     /// and terms constantly, and decoding the whole snapshot (the state) each time made commits
     /// slow once a snapshot existed.
@@ -66,10 +69,13 @@ impl RaftStore {
         let meta = db
             .open_tree("raft-meta")
             .map_err(|error| storage_error("open tree", "raft-meta", error))?;
+        let audit = super::SledAuditStore::open(&db)
+            .map_err(|error| storage_error("open tree", "audit", error))?;
         let mut store = Self {
             db,
             log,
             meta,
+            audit,
             snapshot_metadata: Arc::default(),
             snapshot_writes: Arc::default(),
             snapshot_dir: dir.join("state-snapshots"),
@@ -226,7 +232,14 @@ impl RaftStore {
     /// to its own file first (nothing names it yet); then the log's removal and the snapshot
     /// record, commit index and membership are one sled transaction, so a crash leaves either
     /// the old store or the new one, never a commit index past the log.
-    pub fn apply_snapshot(&self, snapshot: &Snapshot) -> Result<(), CoordinatorError> {
+    ///
+    /// With `audit` (a snapshot from cluster version 7 on), the audit tree is replaced by those
+    /// entries in the same transaction.
+    pub fn apply_snapshot(
+        &self,
+        snapshot: &Snapshot,
+        audit: Option<&[rewind_shared::audit::AuditEntry]>,
+    ) -> Result<(), CoordinatorError> {
         let metadata = snapshot.get_metadata();
         self.write_snapshot_file(metadata.index, snapshot.get_data())?;
         let _writing = self
@@ -245,10 +258,31 @@ impl RaftStore {
             .keys()
             .collect::<Result<Vec<_>, _>>()
             .map_err(|error| storage_error("read", "raft-log", error))?;
-        (&self.log, &self.meta)
-            .transaction(|(log, meta)| {
+        let audit_tree = self
+            .audit
+            .tree()
+            .map_err(|error| storage_error("install", "a snapshot", error))?;
+        let audit_keys = audit_tree
+            .iter()
+            .keys()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|error| storage_error("read", "audit", error))?;
+        let audit_entries = audit
+            .unwrap_or_default()
+            .iter()
+            .map(super::audit_tree::encoded)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|error| storage_error("install", "the audit entries", error))?;
+        (&self.log, &self.meta, &audit_tree)
+            .transaction(|(log, meta, audit)| {
                 for key in &log_keys {
                     log.remove(key.clone())?;
+                }
+                for key in &audit_keys {
+                    audit.remove(key.clone())?;
+                }
+                for (key, bytes) in &audit_entries {
+                    audit.insert(&key[..], bytes.clone())?;
                 }
                 meta.insert(SNAPSHOT_KEY, record.clone())?;
                 meta.insert(HARD_STATE_KEY, hard_state_bytes.clone())?;
@@ -339,7 +373,13 @@ impl RaftStore {
     pub fn snapshot_files(&self) -> SnapshotFiles {
         SnapshotFiles {
             dir: self.snapshot_dir.clone(),
+            audit: self.audit.clone(),
         }
+    }
+
+    /// The audit entries' store (cluster version 7 on).
+    pub fn audit_store(&self) -> super::SledAuditStore {
+        self.audit.clone()
     }
 
     /// Writes a snapshot's data to its file durably: a partial file, fsynced, renamed, and the
@@ -546,15 +586,44 @@ impl Storage for RaftStore {
 }
 
 /// Opens the data of stored snapshots, by index: cheap to clone, for use off the Raft thread.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct SnapshotFiles {
     dir: PathBuf,
+    audit: super::SledAuditStore,
 }
 
 impl SnapshotFiles {
     /// The data of the snapshot at `index`, in its current name or, for a snapshot an earlier
     /// version wrote, its JSON. An open file stays readable after a newer snapshot removes it.
     pub fn open(&self, index: u64) -> std::io::Result<std::fs::File> {
+        let file = self.open_state(index)?;
+        if self.audit.is_empty() {
+            return Ok(file);
+        }
+        self.bundle(file)
+    }
+
+    /// The snapshot's state with the audit entries held now, as a bundle in an unnamed
+    /// file (see `snapshot_codec`): the member it goes to is behind, and from cluster version
+    /// 7 the state alone does not carry the history. Entries newer than the snapshot may be
+    /// in it too; the member writes them again, the same, as it applies the log after it.
+    fn bundle(&self, mut state: std::fs::File) -> std::io::Result<std::fs::File> {
+        use std::io::{Read as _, Seek as _, Write as _};
+        let mut state_data = Vec::new();
+        (&mut state)
+            .take(rewind_proto::MAX_SNAPSHOT_BYTES + 1)
+            .read_to_end(&mut state_data)?;
+        let entries = crate::state_machine::AuditStore::range(&self.audit, 0, u64::MAX, usize::MAX)
+            .map_err(std::io::Error::other)?;
+        let bundle = super::snapshot_codec::encode_bundle(&state_data, &entries)
+            .map_err(std::io::Error::other)?;
+        let mut file = tempfile::tempfile_in(&self.dir)?;
+        file.write_all(&bundle)?;
+        file.rewind()?;
+        Ok(file)
+    }
+
+    fn open_state(&self, index: u64) -> std::io::Result<std::fs::File> {
         match std::fs::File::open(self.dir.join(format!("{index:020}.state"))) {
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
                 std::fs::File::open(self.dir.join(format!("{index:020}.json")))
@@ -717,7 +786,7 @@ mod tests {
         received.mut_metadata().index = 20;
         received.mut_metadata().term = 3;
         received.mut_metadata().set_conf_state(conf_state);
-        store.apply_snapshot(&received).unwrap();
+        store.apply_snapshot(&received, None).unwrap();
         drop(store);
         let store = reopen(dir.path());
         assert_eq!(

@@ -12,6 +12,13 @@
 //! on its own, so a state from a newer release stops this member (`CannotApply`) rather than
 //! fail as a disk error.
 //!
+//! Version 3 is a snapshot **bundle**, sent to a member that is behind once the audit entries
+//! live in their own store (cluster version 7): the magic, 3, the length of the state's data
+//! (8 bytes, big-endian), the state's data (version 2), then one zstd frame of the audit entries
+//! in MessagePack. Only the wire carries bundles: the receiver writes the entries to its store
+//! and keeps the state's data alone as its snapshot, so snapshots on disk stay the size of the
+//! state.
+//!
 //! Measured by `cargo bench -p rewind-coordinator --bench snapshot` (numbers in the README):
 //! on a state of 60,000 commands it is 5x smaller than the JSON, at about the same encode and
 //! decode time.
@@ -33,6 +40,10 @@ const MAGIC: &[u8; 6] = b"RWSNAP";
 const VERSION_LEGACY: u8 = 1;
 /// Written for states at cluster version 2 or later.
 const VERSION: u8 = 2;
+/// A state's data followed by the audit entries (to a member that is behind).
+const VERSION_BUNDLE: u8 = 3;
+/// Most bytes a bundle's audit entries may decode to.
+pub const MAX_DECODED_AUDIT_BYTES: u64 = 4 << 30;
 /// zstd's fastest level: on the benchmark's state it was also smaller than level 3 (the
 /// state's digests and hashes do not compress, the rest compresses well at any level).
 const ZSTD_LEVEL: i32 = 1;
@@ -63,9 +74,73 @@ pub fn encode(state: &State) -> Result<Vec<u8>, CoordinatorError> {
         .map_err(|error| encoding_error("compress the state", error))
 }
 
+/// A bundle of a state's snapshot data (`state_data`, as [`encode`] wrote it) and the audit
+/// entries it continues from.
+pub fn encode_bundle(
+    state_data: &[u8],
+    entries: &[rewind_shared::audit::AuditEntry],
+) -> Result<Vec<u8>, CoordinatorError> {
+    let mut data = Vec::with_capacity(state_data.len() + 64 + entries.len() * 256);
+    data.extend_from_slice(MAGIC);
+    data.push(VERSION_BUNDLE);
+    data.extend_from_slice(&(state_data.len() as u64).to_be_bytes());
+    data.extend_from_slice(state_data);
+    let encoder = zstd::Encoder::new(data, ZSTD_LEVEL)
+        .map_err(|error| encoding_error("start compressing the audit entries", error))?;
+    let mut buffered = std::io::BufWriter::with_capacity(1 << 20, encoder);
+    rmp_serde::encode::write_named(&mut buffered, entries)
+        .map_err(|error| encoding_error("encode the audit entries", error))?;
+    buffered
+        .into_inner()
+        .map_err(|error| encoding_error("compress the audit entries", error.error()))?
+        .finish()
+        .map_err(|error| encoding_error("compress the audit entries", error))
+}
+
+/// Snapshot data split into the state's data and, for a bundle, its audit entries.
+pub fn split_bundle(
+    data: &[u8],
+) -> Result<(&[u8], Option<Vec<rewind_shared::audit::AuditEntry>>), CoordinatorError> {
+    let Some(rest) = data
+        .strip_prefix(MAGIC)
+        .and_then(|rest| rest.strip_prefix(&[VERSION_BUNDLE]))
+    else {
+        return Ok((data, None));
+    };
+    let Some((length, rest)) = rest.split_first_chunk::<8>() else {
+        return Err(decoding_error("the bundle ends before its state's length"));
+    };
+    let length = usize::try_from(u64::from_be_bytes(*length)).unwrap_or(usize::MAX);
+    if length > rest.len() {
+        return Err(decoding_error(format!(
+            "the bundle's state is {length} bytes, but only {} follow",
+            rest.len()
+        )));
+    }
+    let (state_data, frame) = rest.split_at(length);
+    let mut plain = Vec::new();
+    zstd::Decoder::new(frame)
+        .map_err(|error| decoding_error(format!("start decompressing the audit: {error}")))?
+        .take(MAX_DECODED_AUDIT_BYTES + 1)
+        .read_to_end(&mut plain)
+        .map_err(|error| decoding_error(format!("decompress the audit: {error}")))?;
+    if plain.len() as u64 > MAX_DECODED_AUDIT_BYTES {
+        return Err(decoding_error(format!(
+            "its audit entries decompress to more than {MAX_DECODED_AUDIT_BYTES} bytes"
+        )));
+    }
+    let entries = rmp_serde::from_slice(&plain)
+        .map_err(|error| decoding_error(format!("decode the audit entries: {error}")))?;
+    Ok((state_data, Some(entries)))
+}
+
 /// Decodes snapshot data in any encoding this binary knows (the current one, and the JSON of
-/// earlier versions), naming what is wrong with data it cannot read.
+/// earlier versions), naming what is wrong with data it cannot read. A bundle's state only.
 pub fn decode(data: &[u8]) -> Result<State, CoordinatorError> {
+    if data.starts_with(MAGIC) && data.get(MAGIC.len()) == Some(&VERSION_BUNDLE) {
+        let (state_data, _) = split_bundle(data)?;
+        return decode(state_data);
+    }
     if let Some(rest) = data.strip_prefix(MAGIC) {
         let Some((&version, frame)) = rest.split_first() else {
             return Err(decoding_error("it ends after its magic"));
@@ -157,6 +232,41 @@ mod tests {
         let data = encode(&state).unwrap();
         assert!(data.starts_with(b"RWSNAP\x01"));
         assert_eq!(decode(&data).unwrap(), state);
+    }
+
+    #[test]
+    fn a_bundle_carries_the_state_and_its_audit_entries() {
+        let state = sample_state();
+        let state_data = encode(&state).unwrap();
+        let record = rewind_shared::audit::Record {
+            at_ms: 5,
+            identity: "user:ada",
+            action: "flag.set",
+            target: "web",
+            outcome: "ok",
+            reason: "INC-1",
+        };
+        let entries: Vec<_> = (1..=3)
+            .map(|index| rewind_shared::audit::AuditEntry::salted(index, "00", &record, &[1; 32]))
+            .collect();
+        let bundle = encode_bundle(&state_data, &entries).unwrap();
+        assert!(bundle.starts_with(b"RWSNAP\x03"));
+        assert_eq!(decode(&bundle).unwrap(), state);
+        let (inner, carried) = split_bundle(&bundle).unwrap();
+        assert_eq!(inner, &state_data[..]);
+        assert_eq!(carried.unwrap(), entries);
+        // Not a bundle: the data whole, no entries.
+        let (whole, none) = split_bundle(&state_data).unwrap();
+        assert_eq!((whole.len(), none), (state_data.len(), None));
+        // Cut short, or lying about its state's length: refused by name.
+        let error = split_bundle(&bundle[..bundle.len() - 3])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("audit"), "{error}");
+        let mut lying = bundle.clone();
+        lying[7..15].copy_from_slice(&u64::MAX.to_be_bytes());
+        let error = split_bundle(&lying).unwrap_err().to_string();
+        assert!(error.contains("only"), "{error}");
     }
 
     #[test]

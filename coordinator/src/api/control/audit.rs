@@ -49,12 +49,15 @@ pub(super) async fn list_audit(
             )
         })?,
     };
-    let (entries, next_page_token, first_index) = control.context.node.read(|state| {
-        let entries = state.audit.from_index(first).iter();
-        let entries = entries.map(|entry| convert::audit_entry(entry));
-        let (entries, next) = one_page(size, entries, |last| (last.index + 1).to_string());
-        (entries, next, state.audit.first_index())
-    });
+    let audit = control.context.node.read(|state| state.audit.clone());
+    // Archived and pruned entries are no longer held: the page starts at the first held.
+    let first = first.max(audit.first_index());
+    // One more than the page, so the page knows whether another follows.
+    let wanted = first.saturating_add(size as u64 + 1);
+    let held = audit.range(first..wanted).map_err(store_unreadable)?;
+    let entries = held.iter().map(|entry| convert::audit_entry(entry));
+    let (entries, next_page_token) = one_page(size, entries, |last| (last.index + 1).to_string());
+    let first_index = audit.first_index();
     Ok(Response::new(pb::ListAuditResponse {
         entries,
         next_page_token,
@@ -67,8 +70,15 @@ pub(super) async fn verify_audit(
     _request: Request<pb::VerifyAuditRequest>,
 ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
     control.context.current().await?;
-    let verification = control.context.node.read(|state| state.audit.verify());
-    Ok(Response::new(verification_message(verification)))
+    // A copy of the head: the entries are read from the store (or shared) without holding the
+    // state, so a long chain does not hold up applying.
+    let audit = control.context.node.read(|state| state.audit.clone());
+    Ok(Response::new(verification_message(audit.verify())))
+}
+
+/// The audit store failed a read: the member's disk, not the request.
+pub(in crate::api) fn store_unreadable(error: String) -> Status {
+    Status::internal(format!("the audit store cannot be read: {error}"))
 }
 
 fn verification_message(verification: AuditVerification) -> pb::VerifyAuditResponse {
@@ -104,10 +114,10 @@ pub(super) async fn confirm_audit_archive(
     let through = request.through_index;
     control.context.current().await?;
     // Which entry the export starts at: the cluster checks the hash against its own entries.
-    let first = control
-        .context
-        .node
-        .read(|state| state.audit.find_export_start(through, &manifest_hash));
+    let audit = control.context.node.read(|state| state.audit.clone());
+    let first = audit
+        .find_export_start(through, &manifest_hash)
+        .map_err(store_unreadable)?;
     let Some(first) = first else {
         return Err(Status::failed_precondition(format!(
             "no export of this cluster's audit entries that ends at entry {through} and \
@@ -124,9 +134,10 @@ pub(super) async fn confirm_audit_archive(
     let verification = control
         .context
         .propose_and_read(&identity, &request.request_id, kind, |state, _| {
-            state.audit.verify()
+            state.audit.clone()
         })
-        .await?;
+        .await?
+        .verify();
     Ok(Response::new(verification_message(verification)))
 }
 
@@ -165,14 +176,12 @@ pub(super) async fn redact_audit(
     let entry = control
         .context
         .propose_and_read(&identity, &request.request_id, kind, |state, _| {
-            state
-                .audit
-                .get(index)
-                .map(|entry| convert::audit_entry(entry))
+            state.audit.get(index)
         })
-        .await?;
+        .await?
+        .map_err(store_unreadable)?;
     entry
-        .map(Response::new)
+        .map(|entry| Response::new(convert::audit_entry(&entry)))
         .ok_or_else(|| Status::not_found(format!("audit entry {index} is no longer held")))
 }
 
@@ -223,37 +232,44 @@ fn export_range(request: &pb::ExportAuditRequest) -> Result<ExportRange, Status>
 
 /// The indexes (`start..end`) of the run of entries `range` selects among those held: after
 /// `after_index`, from the first written at or after `since_ms`, up to the first written at or
-/// after `until_ms`. One run of consecutive entries even if a leader's clock stepped back, so
-/// it verifies as a chain.
-fn select(log: &AuditLog, range: &ExportRange) -> std::ops::Range<u64> {
-    let held = log.from_index(range.after_index.saturating_add(1));
-    let end_of_log = log.next_index();
-    let start = held
-        .iter()
-        .find(|entry| entry.at_ms >= range.since_ms)
-        .map_or(end_of_log, |entry| entry.index);
+/// after `until_ms` (found by binary search: entries are in time order, and where a leader's
+/// clock stepped back it still finds a boundary). One run of consecutive entries, so it
+/// verifies as a chain.
+fn select(log: &AuditLog, range: &ExportRange) -> Result<std::ops::Range<u64>, Status> {
+    let after = range.after_index;
+    let start = log
+        .partition_point(|entry| entry.index <= after || entry.at_ms < range.since_ms)
+        .map_err(store_unreadable)?;
     let end = match range.until_ms {
-        0 => end_of_log,
+        0 => log.next_index(),
         until => log
-            .from_index(start)
-            .iter()
-            .find(|entry| entry.at_ms >= until)
-            .map_or(end_of_log, |entry| entry.index),
+            .partition_point(|entry| entry.index < start || entry.at_ms < until)
+            .map_err(store_unreadable)?,
     };
-    start..end
+    Ok(start..end.max(start))
 }
 
 /// Refuses a redaction of entries written plain (before cluster version 5): their hashes cover
 /// the fields as they are, so an export could not be both redacted and verifiable.
-fn redactable(entries: &[Arc<AuditEntry>], redact: &[Field]) -> Result<(), Status> {
+fn redactable(
+    log: &AuditLog,
+    indexes: std::ops::Range<u64>,
+    redact: &[Field],
+) -> Result<(), Status> {
     if redact.is_empty() {
         return Ok(());
     }
-    let last_plain = entries
-        .iter()
-        .rev()
-        .find(|entry| entry.format == FORMAT_PLAIN);
-    let Some(index) = last_plain.map(|entry| entry.index) else {
+    let mut last_plain = None;
+    let mut next = indexes.start;
+    while next < indexes.end {
+        let page = log.range(next..indexes.end).map_err(store_unreadable)?;
+        let Some(last) = page.last() else { break };
+        next = last.index + 1;
+        if let Some(plain) = page.iter().rev().find(|entry| entry.format == FORMAT_PLAIN) {
+            last_plain = Some(plain.index);
+        }
+    }
+    let Some(index) = last_plain else {
         return Ok(());
     };
     Err(Status::failed_precondition(format!(
@@ -271,21 +287,27 @@ pub(super) async fn export_audit(
     let range = export_range(request.get_ref())?;
     control.context.current().await?;
     // The range is fixed here: entries appended while the export streams belong to the next.
-    let indexes = control.context.node.read(|state| {
-        let indexes = select(&state.audit, &range);
-        redactable(state.audit.range(indexes.clone()), &range.redact).map(|()| indexes)
-    })?;
+    let audit = control.context.node.read(|state| state.audit.clone());
+    let indexes = select(&audit, &range)?;
+    redactable(&audit, indexes.clone(), &range.redact)?;
     let context = control.context.clone();
     let (sender, receiver) = tokio::sync::mpsc::channel(4);
     tokio::spawn(async move {
         let mut next = indexes.start;
         while next < indexes.end {
             let chunk_end = (next + EXPORT_CHUNK).min(indexes.end);
-            // Shared entries: the read lock is held only to copy pointers.
-            let chunk: Option<Vec<Arc<AuditEntry>>> = context.node.read(|state| {
-                let chunk = state.audit.range(next..chunk_end);
-                (chunk.first().map(|entry| entry.index) == Some(next)).then(|| chunk.to_vec())
-            });
+            // Read from a copy of the head (shared entries, or the store): the state is held
+            // only to copy it.
+            let audit = context.node.read(|state| state.audit.clone());
+            let chunk = match audit.range(next..chunk_end) {
+                Ok(chunk) => chunk,
+                Err(error) => {
+                    let _ = sender.send(Err(store_unreadable(error))).await;
+                    return;
+                }
+            };
+            let chunk: Option<Vec<Arc<AuditEntry>>> =
+                (chunk.first().map(|entry| entry.index) == Some(next)).then_some(chunk);
             let Some(chunk) = chunk else {
                 let gone = Status::failed_precondition(format!(
                     "audit entry {next} was dropped by retention while the export ran: export \
@@ -353,17 +375,16 @@ mod tests {
     #[test]
     fn a_redaction_is_refused_where_any_entry_is_plain_and_says_where_to_start() {
         let log = log_salted_from(&[1, 2, 3, 4, 5], 3);
-        let entries = log.entries();
         let redact = [Field::Identity];
-        let error = redactable(entries, &redact).unwrap_err();
+        let error = redactable(&log, 1..6, &redact).unwrap_err();
         assert_eq!(error.code(), tonic::Code::FailedPrecondition);
         assert!(
             error.message().contains("entries up to 3")
                 && error.message().contains("after_index 3"),
             "{error:?}"
         );
-        assert!(redactable(&entries[3..], &redact).is_ok());
-        assert!(redactable(entries, &[]).is_ok());
+        assert!(redactable(&log, 4..6, &redact).is_ok());
+        assert!(redactable(&log, 1..6, &[]).is_ok());
     }
 
     fn range(after_index: u64, since_ms: u64, until_ms: u64) -> ExportRange {
@@ -375,17 +396,21 @@ mod tests {
         }
     }
 
+    fn select_ok(log: &AuditLog, range: &ExportRange) -> std::ops::Range<u64> {
+        select(log, range).unwrap()
+    }
+
     #[test]
     fn a_range_is_one_run_of_consecutive_entries() {
         // The fourth entry's leader clock stepped back.
         let log = log(&[10, 20, 30, 25, 40, 50]);
-        assert_eq!(select(&log, &range(0, 0, 0)), 1..7);
-        assert_eq!(select(&log, &range(2, 0, 0)), 3..7);
-        assert_eq!(select(&log, &range(0, 20, 40)), 2..5);
+        assert_eq!(select_ok(&log, &range(0, 0, 0)), 1..7);
+        assert_eq!(select_ok(&log, &range(2, 0, 0)), 3..7);
+        assert_eq!(select_ok(&log, &range(0, 20, 40)), 2..5);
         // Past the end, or nothing at or after since: empty, not a panic.
-        assert!(select(&log, &range(9, 0, 0)).is_empty());
-        assert!(select(&log, &range(0, 60, 0)).is_empty());
-        assert_eq!(select(&log, &range(3, 0, 45)), 4..6);
+        assert!(select_ok(&log, &range(9, 0, 0)).is_empty());
+        assert!(select_ok(&log, &range(0, 60, 0)).is_empty());
+        assert_eq!(select_ok(&log, &range(3, 0, 45)), 4..6);
     }
 
     #[test]

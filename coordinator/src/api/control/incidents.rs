@@ -25,7 +25,11 @@ const MAX_DETAIL_EVENTS: usize = 1000;
 const CLOCK_SLACK_MS: u64 = 10 * 60 * 1000;
 
 /// The incident of rollback `record`; `detailed` adds the timeline, notes and analysis.
-pub fn incident(state: &State, record: &RollbackRecord, detailed: bool) -> pb::Incident {
+pub fn incident(
+    state: &State,
+    record: &RollbackRecord,
+    detailed: bool,
+) -> Result<pb::Incident, Status> {
     let number = record.number;
     let changes: Vec<&ChangeRecord> = record
         .changes
@@ -48,19 +52,25 @@ pub fn incident(state: &State, record: &RollbackRecord, detailed: bool) -> pb::I
         .filter(|trigger| trigger.rollback == number)
         .collect();
     let request = state.approval_requests.get(&record.request);
-    let audit = state.audit.entries();
+    let audit = &state.audit;
     let from = audit
-        .partition_point(|entry| entry.at_ms.saturating_add(CLOCK_SLACK_MS) < impact_started_at_ms);
+        .partition_point(|entry| entry.at_ms.saturating_add(CLOCK_SLACK_MS) < impact_started_at_ms)
+        .map_err(super::audit::store_unreadable)?;
     // A summary reads only the rollback's own stretch of the log; the detail reads on to the
     // incident's notes and close.
     let to = match (detailed, record.status.is_terminal()) {
-        (false, true) => audit.partition_point(|entry| {
-            entry.at_ms <= record.finished_at_ms.saturating_add(CLOCK_SLACK_MS)
-        }),
-        _ => audit.len(),
+        (false, true) => audit
+            .partition_point(|entry| {
+                entry.at_ms <= record.finished_at_ms.saturating_add(CLOCK_SLACK_MS)
+            })
+            .map_err(super::audit::store_unreadable)?,
+        _ => audit.next_index(),
     }
     .max(from);
-    let window = &audit[from..to];
+    let window = audit
+        .range_all(from..to)
+        .map_err(super::audit::store_unreadable)?;
+    let window = window.as_slice();
     let thrown = |entry: &&Arc<AuditEntry>| {
         entry.action == "flag.kill" && scope.flag(&entry.target, entry.at_ms)
     };
@@ -186,7 +196,7 @@ pub fn incident(state: &State, record: &RollbackRecord, detailed: bool) -> pb::I
             .collect();
         incident.rca_markdown = noted.rca_markdown.clone();
     }
-    incident
+    Ok(incident)
 }
 
 fn notice_view(notice: &NoticeRecord) -> pb::IncidentNotice {
@@ -416,15 +426,22 @@ pub(super) async fn list_incidents(
     let page = PageRequest::new(request.page_size, &request.page_token);
     let (limit, before) = (page.size()?, page.before("in")?);
     control.context.current().await?;
-    let (mut incidents, mut next_page_token) = control.context.node.read(|state| {
+    let (incidents, mut next_page_token) = control.context.node.read(|state| {
         let older = state
             .rollbacks
             .range(..before)
             .rev()
             .filter(|(number, _)| caller.may_see(&targets::rollback(state, **number)))
-            .map(|(_, record)| incident(state, record, false));
-        one_page(limit, older, |incident| incident.incident_id.clone())
+            .map(|(number, record)| incident(state, record, false).map(|view| (*number, view)));
+        one_page(limit, older, |item| {
+            item.as_ref()
+                .map_or_else(|_| String::new(), |(number, _)| incident_id(*number))
+        })
     });
+    let mut incidents = incidents
+        .into_iter()
+        .map(|item| item.map(|(_, view)| view))
+        .collect::<Result<Vec<_>, Status>>()?;
     within_bytes(&mut incidents, &mut next_page_token, |incident| {
         incident.incident_id.clone()
     });
@@ -445,8 +462,8 @@ pub(super) async fn get_incident(
         state
             .rollbacks
             .get(&number)
-            .map(|record| Response::new(incident(state, record, true)))
-            .ok_or_else(|| Status::not_found(format!("no incident {}", incident_id(number))))
+            .map(|record| incident(state, record, true).map(Response::new))
+            .ok_or_else(|| Status::not_found(format!("no incident {}", incident_id(number))))?
     })
 }
 
@@ -528,7 +545,8 @@ async fn answer(
                 .get(&number)
                 .map(|record| incident(state, record, true))
         })
-        .await?;
+        .await?
+        .transpose()?;
     incident
         .map(Response::new)
         .ok_or_else(|| Status::not_found(format!("no incident {}", incident_id(number))))
@@ -573,7 +591,7 @@ pub(super) async fn get_runbook(
             .filter(|rollback| caller.may_see(&targets::rollback(state, rollback.number)))
             .take(MAX_RUNBOOK_INCIDENTS)
             .map(|rollback| incident(state, rollback, false))
-            .collect();
+            .collect::<Result<_, _>>()?;
         Ok(Response::new(pb::Runbook {
             service: Some(crate::api::convert::service(record)),
             consumers,
@@ -632,7 +650,7 @@ mod tests {
         }
         let record = &fleet.state.rollbacks[&rollback];
         assert_eq!(record.status, RollbackStatus::Succeeded);
-        let detail = incident(&fleet.state, record, true);
+        let detail = incident(&fleet.state, record, true).unwrap();
         // Thrown before the rollback was asked for: it detected and mitigated.
         assert_eq!(detail.detected_at_ms, killed_at);
         assert_eq!(detail.mitigated_at_ms, killed_at);
@@ -660,7 +678,7 @@ mod tests {
             "{targets:?}"
         );
         // A summary reads the same times without a timeline.
-        let summary = incident(&fleet.state, record, false);
+        let summary = incident(&fleet.state, record, false).unwrap();
         assert!(summary.timeline.is_empty());
         assert_eq!(
             (
@@ -677,7 +695,12 @@ mod tests {
         // A host left unreverted: never recovered.
         let mut skipped = record.clone();
         skipped.skipped_hosts.push("web-2".into());
-        assert_eq!(incident(&fleet.state, &skipped, false).recovered_at_ms, 0);
+        assert_eq!(
+            incident(&fleet.state, &skipped, false)
+                .unwrap()
+                .recovered_at_ms,
+            0
+        );
     }
 
     #[test]

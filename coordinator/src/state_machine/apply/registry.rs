@@ -271,6 +271,10 @@ pub(super) fn set_cluster_version(
         ));
     }
     state.cluster_version = to;
+    if to >= version::AUDIT_STORE {
+        // Every member moves its entries at this same entry of the log.
+        state.audit.move_to_store();
+    }
     Ok((
         Outcome::Done,
         "cluster".into(),
