@@ -441,12 +441,17 @@ impl Default for RawHealth {
 #[serde(default, rename_all = "kebab-case")]
 pub struct RawStorage {
     pub snapshot_every: u64,
+    /// The cluster version a new cluster is founded at (0: this binary's). An older one for a
+    /// cluster that must take members of an older release before it is raised, and for the
+    /// benchmark that compares versions. Ignored once the cluster exists.
+    pub initial_cluster_version: u32,
 }
 
 impl Default for RawStorage {
     fn default() -> Self {
         Self {
             snapshot_every: 10_000,
+            initial_cluster_version: 0,
         }
     }
 }
@@ -461,6 +466,8 @@ pub struct Config {
     pub health_interval_ms: u64,
     pub health_window_ms: u64,
     pub snapshot_every: u64,
+    /// The cluster version a new cluster is founded at.
+    pub initial_cluster_version: u32,
     pub cluster: ClusterConfig,
     pub escalation: Option<EscalationConfig>,
     pub incidents: Option<IncidentWebhookConfig>,
@@ -580,6 +587,16 @@ impl RawConfig {
             10,
             1_000_000,
         );
+        let current = crate::state_machine::version::CURRENT;
+        if self.storage.initial_cluster_version != 0 {
+            check_range(
+                &mut problems,
+                "storage.initial-cluster-version",
+                u64::from(self.storage.initial_cluster_version),
+                u64::from(crate::state_machine::version::LEGACY),
+                u64::from(current),
+            );
+        }
         let cluster = validate_cluster(&self.cluster, &mut problems);
         if let Some(days) = self.audit.retain_days {
             check_range(&mut problems, "audit.retain-days", days, 1, 36_500);
@@ -620,6 +637,10 @@ impl RawConfig {
             health_interval_ms: self.health.report_interval_ms,
             health_window_ms: self.health.window_s * 1000,
             snapshot_every: self.storage.snapshot_every,
+            initial_cluster_version: match self.storage.initial_cluster_version {
+                0 => current,
+                version => version,
+            },
             cluster,
             escalation,
             incidents,

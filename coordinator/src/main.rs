@@ -448,6 +448,7 @@ async fn serve(
     settings.tick = cluster.tick;
     settings.election_ticks = cluster.election_ticks;
     settings.snapshot_every = config.snapshot_every;
+    settings.initial_cluster_version = config.initial_cluster_version;
     // A joining member founds nothing: it waits for the cluster to add it.
     let founding: &[rewind_coordinator::config::Member] =
         if cluster.join { &[] } else { &cluster.members };

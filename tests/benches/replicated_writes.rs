@@ -6,6 +6,12 @@
 //!
 //! Run: `cargo bench -p rewind-tests --bench replicated_writes`
 //! (`REWIND_BENCH_WRITES` sets the writes per run, default 20,000.)
+//!
+//! With `REWIND_BENCH_AUDIT_HISTORY=100000` it also compares, in the same run, a cluster founded
+//! at cluster version 6 (audit entries inside the state) with one at version 7 (entries in their
+//! own store): each first takes that many audited writes (flag changes, which leave the rest of
+//! the state as it is), then the same write runs, and the size of the leader's newest snapshot
+//! on disk is printed beside the figures.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -87,7 +93,18 @@ fn release_request(run: &str, number: usize) -> pb::RegisterReleaseRequest {
 }
 
 async fn bench_rewind(dir: &Path, writes: usize) -> Vec<(usize, Figures)> {
-    let cluster = ClusterHarness::must_start_for_benchmark(dir, 3);
+    bench_rewind_at(dir, writes, 0, 0).await.0
+}
+
+/// The write runs on a cluster founded at `cluster_version` (0: the binary's) that first took
+/// `history` audited flag changes; and the size of the leader's newest snapshot file after.
+async fn bench_rewind_at(
+    dir: &Path,
+    writes: usize,
+    cluster_version: u32,
+    history: usize,
+) -> (Vec<(usize, Figures)>, u64) {
+    let cluster = ClusterHarness::must_start_for_benchmark(dir, 3, cluster_version);
     let (_, mut client) = cluster.must_leader().await;
     let service = pb::Service {
         rto_s: 0,
@@ -109,6 +126,32 @@ async fn bench_rewind(dir: &Path, writes: usize) -> Vec<(usize, Figures)> {
         "rewind request size: {} bytes",
         release_request("r1", 0).encoded_len()
     );
+    if history > 0 {
+        let client = client.clone();
+        let started = Instant::now();
+        measure(CLIENTS, history, move |number| {
+            let mut client = client.clone();
+            async move {
+                client
+                    .set_flag(pb::SetFlagRequest {
+                        request_id: format!("history-{number}"),
+                        service: "bench".into(),
+                        name: "history".into(),
+                        enabled: number % 2 == 0,
+                        reason: "benchmark history".into(),
+                        ..Default::default()
+                    })
+                    .await
+                    .map(|_| ())
+                    .map_err(|status| status.to_string())
+            }
+        })
+        .await;
+        println!(
+            "cluster version {cluster_version}: {history} audited flag changes in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
     // The floor under every write: one gRPC call over mutual TLS that does not touch Raft.
     let (leader, _) = cluster.must_leader().await;
     let channel = cluster
@@ -147,7 +190,66 @@ async fn bench_rewind(dir: &Path, writes: usize) -> Vec<(usize, Figures)> {
         .await;
         results.push((clients, figures));
     }
-    results
+    let (leader, _) = cluster.must_leader().await;
+    let snapshot_bytes = newest_snapshot_bytes(&dir.join(format!("member-{leader}")));
+    (results, snapshot_bytes)
+}
+
+/// The size of the newest `*.state` snapshot file under `dir` (0 if none).
+fn newest_snapshot_bytes(dir: &Path) -> u64 {
+    let mut newest: Option<(std::time::SystemTime, u64)> = None;
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(metadata) = entry.metadata() else {
+                continue;
+            };
+            if metadata.is_dir() {
+                pending.push(path);
+            } else if path
+                .extension()
+                .is_some_and(|extension| extension == "state")
+            {
+                let modified = metadata.modified().unwrap_or(std::time::UNIX_EPOCH);
+                if newest.is_none_or(|(time, _)| modified > time) {
+                    newest = Some((modified, metadata.len()));
+                }
+            }
+        }
+    }
+    newest.map_or(0, |(_, bytes)| bytes)
+}
+
+/// Version 6 (entries in the state) against version 7 (entries in their store), after
+/// `history` audited writes each.
+async fn bench_audit_history(dir: &Path, writes: usize, history: usize) {
+    let mut rows = Vec::new();
+    for version in [6, 7] {
+        let (figures, snapshot_bytes) =
+            bench_rewind_at(&dir.join(format!("v{version}")), writes, version, history).await;
+        rows.push((version, figures, snapshot_bytes));
+    }
+    println!(
+        "\n{history} audit entries first, then {writes} writes per run, 3 members on loopback\n"
+    );
+    println!(
+        "| cluster version | clients | p50 | p99 | writes/s | newest snapshot |\n| --- | --- | --- | --- | --- | --- |"
+    );
+    for (version, figures, snapshot_bytes) in &rows {
+        for (clients, figures) in figures {
+            println!(
+                "| {version} | {clients} | {:.2} ms | {:.2} ms | {:.0} | {:.2} MiB |",
+                figures.p50.as_secs_f64() * 1000.0,
+                figures.p99.as_secs_f64() * 1000.0,
+                figures.writes_per_s,
+                *snapshot_bytes as f64 / (1024.0 * 1024.0)
+            );
+        }
+    }
 }
 
 /// A three-member etcd cluster on loopback, stopped when dropped.
@@ -288,6 +390,13 @@ fn main() {
     let runtime = tokio::runtime::Runtime::new().expect("a runtime");
     runtime.block_on(async {
         let dir = tempfile::tempdir().expect("a temp dir");
+        let history: usize = std::env::var("REWIND_BENCH_AUDIT_HISTORY")
+            .ok()
+            .and_then(|history| history.parse().ok())
+            .unwrap_or(0);
+        if history > 0 {
+            bench_audit_history(&dir.path().join("history"), writes, history).await;
+        }
         let rewind = bench_rewind(&dir.path().join("rewind"), writes).await;
         let etcd_dir = dir.path().join("etcd");
         std::fs::create_dir_all(&etcd_dir).expect("etcd dir");

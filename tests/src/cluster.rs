@@ -12,6 +12,8 @@ pub struct ClusterOptions {
     pub listen_apart: Option<ListenApart>,
     /// The coordinator binary members start from (another release's); this build's if None.
     pub coordinator_binary: Option<PathBuf>,
+    /// `storage.initial-cluster-version` (0: not written, the binary's own).
+    pub initial_cluster_version: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -30,6 +32,7 @@ impl Default for ClusterOptions {
             snapshot_every: 50,
             listen_apart: None,
             coordinator_binary: None,
+            initial_cluster_version: 0,
         }
     }
 }
@@ -52,6 +55,8 @@ pub struct ClusterHarness {
     cut: Vec<u64>,
     /// `storage.snapshot-every` of every member: small in tests so snapshots happen.
     snapshot_every: u64,
+    /// `storage.initial-cluster-version` (0: not written).
+    initial_cluster_version: u32,
     /// The binary each member (id - 1) starts from.
     binaries: Vec<PathBuf>,
 }
@@ -77,9 +82,11 @@ impl ClusterHarness {
 
     /// Like [`ClusterHarness::must_start`] with the production snapshot interval, for
     /// benchmarks.
-    pub fn must_start_for_benchmark(dir: &Path, size: u64) -> Self {
+    /// Founded at `cluster_version` (0: the binary's own).
+    pub fn must_start_for_benchmark(dir: &Path, size: u64, cluster_version: u32) -> Self {
         let options = ClusterOptions {
             snapshot_every: 10_000,
+            initial_cluster_version: cluster_version,
             ..ClusterOptions::default()
         };
         Self::must_start_with(dir, size, None, options)
@@ -140,6 +147,7 @@ impl ClusterHarness {
             network,
             cut: Vec::new(),
             snapshot_every: options.snapshot_every,
+            initial_cluster_version: options.initial_cluster_version,
             binaries: Vec::new(),
         };
         let binary = options
@@ -262,6 +270,7 @@ report-interval-ms = 300
 window-s = 3
 [storage]
 snapshot-every = {snapshot_every}
+{initial_version}
 [http]
 listen = "{http}"
 [access]
@@ -275,6 +284,10 @@ join = {join}
             listen = self.listens[id as usize - 1],
             http = self.http_addresses[id as usize - 1],
             snapshot_every = self.snapshot_every,
+            initial_version = match self.initial_cluster_version {
+                0 => String::new(),
+                version => format!("initial-cluster-version = {version}"),
+            },
             data = self.dir.join(format!("member-{id}")).display(),
             policy = self.dir.join("policy.toml").display(),
         );

@@ -60,6 +60,8 @@ pub struct RaftSettings {
     pub heartbeat_ticks: usize,
     /// Applied entries between state snapshots (the log is compacted to each).
     pub snapshot_every: u64,
+    /// The cluster version a cluster this member founds starts at.
+    pub initial_cluster_version: u32,
 }
 
 impl RaftSettings {
@@ -70,6 +72,7 @@ impl RaftSettings {
             election_ticks: 10,
             heartbeat_ticks: 3,
             snapshot_every: 10_000,
+            initial_cluster_version: version::CURRENT,
         }
     }
 }
@@ -152,16 +155,17 @@ pub fn start_member(
     cluster_id: Arc<str>,
 ) -> Result<RaftMember, CoordinatorError> {
     if !store.is_initialized()? && !founding_members.is_empty() {
-        // A new cluster starts at this binary's version: its founders run one release.
+        // A new cluster starts at this binary's version (its founders run one release), unless
+        // configured older.
         let mut initial = State {
             members: founding_members
                 .iter()
                 .map(|member| (member.id, member.clone()))
                 .collect(),
-            cluster_version: version::CURRENT,
+            cluster_version: settings.initial_cluster_version,
             ..State::default()
         };
-        if version::CURRENT >= version::AUDIT_STORE {
+        if initial.cluster_version >= version::AUDIT_STORE {
             // Nothing to move yet: the log starts in its store.
             initial.audit.move_to_store();
         }

@@ -86,6 +86,7 @@ fn settings(id: u64) -> RaftSettings {
         election_ticks: 10,
         heartbeat_ticks: 2,
         snapshot_every: 5,
+        initial_cluster_version: crate::state_machine::version::CURRENT,
     }
 }
 
