@@ -593,7 +593,8 @@ impl RawConfig {
                 &mut problems,
                 "storage.initial-cluster-version",
                 u64::from(self.storage.initial_cluster_version),
-                u64::from(crate::state_machine::version::LEGACY),
+                // Not 1: the legacy log, whose members skip what they cannot read.
+                u64::from(crate::state_machine::version::LEGACY + 1),
                 u64::from(current),
             );
         }
@@ -618,6 +619,7 @@ impl RawConfig {
                 step_timeout_ms: engine.step_timeout_s * 1000,
                 max_attempts: engine.max_attempts,
                 verify_timeout_ms: engine.verify_timeout_s * 1000,
+                report_interval_ms: self.health.report_interval_ms,
                 default_max_parallel: engine.default_max_parallel,
                 default_gate: crate::state_machine::GateOptions {
                     settle_s: engine.gate_settle_s,

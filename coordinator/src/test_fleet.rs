@@ -17,11 +17,15 @@ pub struct Fleet {
 impl Fleet {
     /// A new cluster, at this binary's cluster version, as a bootstrapped one starts.
     pub fn new() -> Self {
+        let mut state = State {
+            cluster_version: version::CURRENT,
+            ..State::default()
+        };
+        if version::CURRENT >= version::AUDIT_STORE {
+            state.audit.move_to_store();
+        }
         Self {
-            state: State {
-                cluster_version: version::CURRENT,
-                ..State::default()
-            },
+            state,
             index: 0,
             log: Vec::new(),
         }

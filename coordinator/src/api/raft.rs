@@ -205,7 +205,7 @@ fn check_snapshot_data(data: Vec<u8>, expected: &str) -> Result<Vec<u8>, Status>
             "data: sha256 {checksum} is not the {expected} the header declared"
         )));
     }
-    snapshot_codec::decode(&data)
+    snapshot_codec::check_received(&data)
         .map_err(|error| Status::invalid_argument(format!("data: {error}")))?;
     Ok(data)
 }

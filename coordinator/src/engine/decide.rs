@@ -27,6 +27,9 @@ pub struct EngineLimits {
     pub step_timeout_ms: u64,
     pub max_attempts: u32,
     pub verify_timeout_ms: u64,
+    /// How often agents report health (`health.report-interval-ms`): a verify waits at least
+    /// two of these for a returning agent's first report.
+    pub report_interval_ms: u64,
     /// Hosts reverted at once by rollbacks that do not say.
     pub default_max_parallel: u32,
     /// Gate used by automatic rollbacks.
@@ -108,15 +111,24 @@ pub struct EngineMemory {
     pub notices: super::incident_webhook::NoticeMemory,
     /// When this leader last proposed to prune the audit log (0: not yet).
     pub audit_pruned_at_ms: u64,
-    /// Verify step id -> when this leader last saw its host's agent offline.
-    pub verify_offline_at_ms: HashMap<String, u64>,
+    /// Verify step id -> what this leader saw of its host's agent.
+    pub verify_watch: HashMap<String, VerifyWatch>,
+}
+
+/// What a leader saw of a verify's host: when it first looked (a new leader knows nothing of
+/// before), and when it last found the host's agent offline.
+#[derive(Clone, Copy, Debug)]
+pub struct VerifyWatch {
+    pub first_seen_ms: u64,
+    pub offline_at_ms: Option<u64>,
 }
 
 /// A verify whose host's agent is away (a leader change, a network cut) waits past its timeout
-/// for the agent to come back and report, at most this much longer: the agent keeps its health
-/// history while offline and reconnects within its backoff cap (10 s).
+/// for the agent to come back and report live, at most this much longer: an agent reconnects
+/// within its backoff cap (10 s), and only reports received count.
 pub const VERIFY_OFFLINE_GRACE_MS: u64 = 60_000;
-/// After the agent is back, the wait for its first report before judging the host.
+/// After the agent is back (or a new leader first looks), the least wait for its first report
+/// before judging the host; two report intervals if those are longer.
 pub const VERIFY_REPORT_AFTER_RECONNECT_MS: u64 = 5_000;
 
 /// Archived audit entries are dropped in batches: at once when this many may go, else at most
@@ -286,7 +298,7 @@ pub fn decide(
         .retain(|step_id, _| running.contains(step_id));
     driver
         .memory
-        .verify_offline_at_ms
+        .verify_watch
         .retain(|step_id, _| running.contains(step_id));
     let mut actions = driver.actions;
     if limits.escalation_webhook {
@@ -989,21 +1001,30 @@ fn verify_host(
 ) {
     let step_id = step.step_id();
     driver.running.push(step_id.clone());
+    let now_ms = driver.now_ms;
+    let watch = driver
+        .memory
+        .verify_watch
+        .entry(step_id)
+        .or_insert(VerifyWatch {
+            first_seen_ms: now_ms,
+            offline_at_ms: None,
+        });
     if driver.seen.session(step.host_id()).is_none() {
-        driver
-            .memory
-            .verify_offline_at_ms
-            .insert(step_id.clone(), driver.now_ms);
+        watch.offline_at_ms = Some(now_ms);
     }
+    let watch = *watch;
     let verdict = driver
         .seen
         .verdict_since(step.host_id(), service, progress.started_at_ms);
-    let waited_ms = driver.now_ms.saturating_sub(progress.started_at_ms);
-    // No report from an agent that was away is no evidence: give it time to come back.
-    let offline_at = driver.memory.verify_offline_at_ms.get(&step_id).copied();
+    let waited_ms = now_ms.saturating_sub(progress.started_at_ms);
+    // No report from an agent that was away, or that this leader has not watched long enough
+    // to have heard from, is no evidence: give it time to report.
+    let allowance = VERIFY_REPORT_AFTER_RECONNECT_MS.max(2 * driver.limits.report_interval_ms);
+    let recently = |at_ms: u64| now_ms.saturating_sub(at_ms) <= allowance;
+    let offline_at = watch.offline_at_ms;
     let awaiting_agent = verdict.is_none()
-        && offline_at
-            .is_some_and(|at| driver.now_ms.saturating_sub(at) <= VERIFY_REPORT_AFTER_RECONNECT_MS)
+        && (offline_at.is_some_and(recently) || recently(watch.first_seen_ms))
         && waited_ms <= driver.limits.verify_timeout_ms + VERIFY_OFFLINE_GRACE_MS;
     let (ok, detail) = match verdict {
         Some((true, why)) => (true, why),

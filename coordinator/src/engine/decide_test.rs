@@ -57,6 +57,7 @@ pub(super) const LIMITS: EngineLimits = EngineLimits {
     step_timeout_ms: 1_000,
     max_attempts: 2,
     verify_timeout_ms: 5_000,
+    report_interval_ms: 500,
     default_max_parallel: 1,
     default_gate: GateOptions {
         settle_s: 2,
@@ -586,6 +587,19 @@ fn a_verify_fails_when_its_agent_returns_without_a_report_or_stays_away() {
         StepStatus::Failed,
         "the grace for an absent agent is bounded"
     );
+}
+
+#[test]
+fn a_new_leader_gives_a_verify_time_to_hear_from_its_host() {
+    let mut world = verifying_web1_with_its_agent_away();
+    world.seen.sessions.insert("web-1".into(), 2);
+    // Elected after the timeout, with the agent already back: this leader has heard nothing
+    // yet, which is no evidence.
+    world.memory = EngineMemory::default();
+    world.run_tick(20_000);
+    assert_eq!(web1_verify(&world).status, StepStatus::Running);
+    world.run_tick(20_000 + VERIFY_REPORT_AFTER_RECONNECT_MS + 1);
+    assert_eq!(web1_verify(&world).status, StepStatus::Failed);
 }
 
 #[test]

@@ -35,6 +35,8 @@ const MAX_SUMMARY_BYTES: usize = 1024;
 /// How far back a leader's clock may have stepped: a person's action on a rollback is looked for
 /// in the audit from this long before it started.
 const CLOCK_SLACK_MS: u64 = 60 * 1000;
+/// Audit entries read a tick per incident waiting for a person to act.
+const ACK_SCAN_PAGE: u64 = 1000;
 
 /// What the leader remembers of incident deliveries (not replicated: a new leader may send an
 /// event again, which the dedup key makes harmless).
@@ -162,8 +164,11 @@ fn person_acted(
     } else {
         Ok(through + 1)
     };
-    // A page a tick at most: the scan goes on from where it stopped.
-    let page = match from.and_then(|from| audit.range(from..audit.next_index())) {
+    // A bounded page a tick: the scan goes on from where it stopped.
+    let page = from.and_then(|from| {
+        audit.range(from..audit.next_index().min(from.saturating_add(ACK_SCAN_PAGE)))
+    });
+    let page = match page {
         Ok(page) => page,
         Err(error) => {
             tracing::warn!(%error, "The audit store cannot be read; no acknowledgement this tick.");

@@ -145,7 +145,8 @@ impl NodeHandle {
     /// reads on the leader only (see `api::LeaderOnly`).
     ///
     /// Panics once the member has stopped because an entry could not be audited: nothing may
-    /// read (and act on) a state that holds an unaudited command. The process exits at once.
+    /// read (and act on) a state that holds an unaudited command. The panic ends the calling
+    /// task; the process exits on the Raft thread's storage failure.
     pub fn read<R>(&self, reader: impl FnOnce(&State) -> R) -> R {
         let state = self
             .state

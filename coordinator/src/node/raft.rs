@@ -878,6 +878,11 @@ impl<T: Transport> Driver<T> {
                 let data = snapshot_codec::encode(&state)?;
                 let bytes = data.len();
                 store.compact(applied, &conf_state, data)?;
+                // The snapshot is on disk: what it pruned is never read again.
+                state
+                    .audit
+                    .drop_pruned()
+                    .map_err(|error| CoordinatorError::Storage(format!("audit: {error}")))?;
                 debug!(
                     applied,
                     bytes,

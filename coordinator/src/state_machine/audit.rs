@@ -428,19 +428,40 @@ impl AuditLog {
             return Ok(None);
         }
         let last = self.next_index().saturating_sub(1);
-        let may_go = |entry: &AuditEntry| {
-            let archived = entry.index <= self.archived_through;
-            let old = retention.days.is_none_or(|days| {
-                entry.at_ms.saturating_add(days.saturating_mul(DAY_MS)) <= now_ms
-            });
-            let outside_newest = retention
-                .entries
-                .is_none_or(|keep| entry.index.saturating_add(keep) <= last);
-            archived && old && outside_newest
+        // Archived and outside the newest kept: a prefix by index.
+        let mut bound = self.archived_through.min(last);
+        if let Some(keep) = retention.entries {
+            bound = bound.min(last.saturating_sub(keep));
+        }
+        if bound < self.first_index {
+            return Ok(None);
+        }
+        // Old enough: read in order (a leader's clock may have stepped back), a few at a time
+        // so the common answer (the first is young) costs one small read, and at most
+        // `MAX_ENTRIES_PER_READ` a call (the next pruning goes on from there).
+        let young = |entry: &Arc<AuditEntry>| {
+            retention.days.is_some_and(|days| {
+                entry.at_ms.saturating_add(days.saturating_mul(DAY_MS)) > now_ms
+            })
         };
-        // Entries are in time order, so those that may go are a prefix.
-        let first_kept = self.partition_point(may_go)?;
-        Ok((first_kept > self.first_index).then(|| first_kept - 1))
+        const STEP: u64 = 256;
+        let mut through = None;
+        let mut next = self.first_index;
+        let limit = bound.min(self.first_index + MAX_ENTRIES_PER_READ as u64 - 1);
+        while next <= limit {
+            let page = self.range(next..(next + STEP).min(limit + 1))?;
+            let Some(last) = page.last() else { break };
+            next = last.index + 1;
+            match page.iter().position(young) {
+                Some(0) => break,
+                Some(position) => {
+                    through = Some(page[position - 1].index);
+                    break;
+                }
+                None => through = Some(last.index),
+            }
+        }
+        Ok(through)
     }
 
     /// Drops the entries up to `through`, all confirmed archived; the chain goes on from the
@@ -467,16 +488,24 @@ impl AuditLog {
                 return Err(error);
             }
         };
-        if self.stored.is_some() {
-            if let Err(error) = self.store.remove_through(through) {
-                self.fail(format!("drop audit entries through {through}: {error}"));
-            }
-        } else {
+        // In the store, the entries stay until a snapshot that starts after them is on disk
+        // (`drop_pruned`): a member that restarts replays its log from its snapshot, and the
+        // entries that log reads (the pruning itself) must still be there.
+        if self.stored.is_none() {
             self.entries.drain(..count as usize);
         }
         self.anchor_hash = last_pruned.unwrap_or_default();
         self.first_index = through + 1;
         Ok(count)
+    }
+
+    /// Drops from the store what this (snapshotted) log has pruned: called once a snapshot of
+    /// it is durable, so no replay will read those entries again.
+    pub fn drop_pruned(&self) -> Result<(), String> {
+        match (&self.stored, self.first_index.checked_sub(1)) {
+            (Some(_), Some(through)) if through > 0 => self.store.remove_through(through),
+            _ => Ok(()),
+        }
     }
 
     /// Erases `fields` of entry `index` (salted entries only): the chain still verifies.
@@ -750,9 +779,22 @@ mod tests {
             entries: Some(2),
         };
         assert_eq!(log.prunable_through(retention, u64::MAX), Ok(Some(6)));
+        // A snapshot taken before the pruning, as a member restarting would load it.
+        let snapshot = serde_json::to_string(&log).unwrap();
         log.prune_through(4).unwrap();
-        assert_eq!(log.store().get(4).unwrap(), None);
+        assert_eq!(log.get(4), Ok(None), "no longer held");
         assert_eq!(log.range(1..7).unwrap().len(), 2);
+        // Restarted from that snapshot, the member applies the pruning again: the entries it
+        // reads are still in the store until a snapshot after the pruning is on disk.
+        let mut replayed: AuditLog = serde_json::from_str(&snapshot).unwrap();
+        replayed.attach(log.store().clone());
+        replayed.prune_through(4).unwrap();
+        assert_eq!(replayed.failure(), None);
+        assert_eq!(replayed.verify(), log.verify());
+        assert!(log.store().get(4).unwrap().is_some());
+        log.drop_pruned().unwrap();
+        assert_eq!(log.store().get(4).unwrap(), None);
+        assert!(log.store().get(5).unwrap().is_some());
         log.append(&Record::default(), Some(&[1; 32]));
         log.redact(8, &[Field::Identity]).unwrap();
         assert!(log.get(8).unwrap().unwrap().identity.is_empty());

@@ -39,8 +39,8 @@ impl SledAuditStore {
     }
 
     /// Whether it holds any entry: none until the cluster runs version 7.
-    pub fn is_empty(&self) -> bool {
-        self.tree().map_or(true, |tree| tree.is_empty())
+    pub fn is_empty(&self) -> Result<bool, String> {
+        Ok(self.tree()?.is_empty())
     }
 
     /// Lets go of the tree, for every clone: the member stopped.
@@ -64,8 +64,13 @@ fn decode(index: u64, bytes: &[u8]) -> Result<AuditEntry, String> {
         .map_err(|error| format!("audit entry {index} does not decode: {error}"))
 }
 
-fn index_of(key: &[u8]) -> u64 {
-    key.try_into().map(u64::from_be_bytes).unwrap_or(u64::MAX)
+fn index_of(key: &[u8]) -> Result<u64, String> {
+    key.try_into().map(u64::from_be_bytes).map_err(|_| {
+        format!(
+            "the audit tree holds a key of {} bytes, not an index",
+            key.len()
+        )
+    })
 }
 
 impl AuditStore for SledAuditStore {
@@ -109,7 +114,7 @@ impl AuditStore for SledAuditStore {
             .map(|item| {
                 let (key, bytes) =
                     item.map_err(|error| format!("read audit entries from {from}: {error}"))?;
-                decode(index_of(&key), &bytes)
+                decode(index_of(&key)?, &bytes)
             })
             .collect()
     }

@@ -597,7 +597,8 @@ impl SnapshotFiles {
     /// version wrote, its JSON. An open file stays readable after a newer snapshot removes it.
     pub fn open(&self, index: u64) -> std::io::Result<std::fs::File> {
         let file = self.open_state(index)?;
-        if self.audit.is_empty() {
+        // A closed or failing store fails the send (it is retried), never sends the state alone.
+        if self.audit.is_empty().map_err(std::io::Error::other)? {
             return Ok(file);
         }
         self.bundle(file)
@@ -613,6 +614,8 @@ impl SnapshotFiles {
         (&mut state)
             .take(rewind_proto::MAX_SNAPSHOT_BYTES + 1)
             .read_to_end(&mut state_data)?;
+        // Entries the snapshot has pruned may still be here (they go at this member's next
+        // snapshot); the receiver's next snapshot drops them too.
         let entries = crate::state_machine::AuditStore::range(&self.audit, 0, u64::MAX, usize::MAX)
             .map_err(std::io::Error::other)?;
         let bundle = super::snapshot_codec::encode_bundle(&state_data, &entries)

@@ -97,15 +97,16 @@ pub fn encode_bundle(
         .map_err(|error| encoding_error("compress the audit entries", error))
 }
 
-/// Snapshot data split into the state's data and, for a bundle, its audit entries.
-pub fn split_bundle(
-    data: &[u8],
-) -> Result<(&[u8], Option<Vec<rewind_shared::audit::AuditEntry>>), CoordinatorError> {
+/// A bundle's state data and its compressed entries, undecoded.
+type BundleParts<'a> = (&'a [u8], &'a [u8]);
+
+/// A bundle's parts; None if `data` is no bundle.
+fn bundle_parts(data: &[u8]) -> Result<Option<BundleParts<'_>>, CoordinatorError> {
     let Some(rest) = data
         .strip_prefix(MAGIC)
         .and_then(|rest| rest.strip_prefix(&[VERSION_BUNDLE]))
     else {
-        return Ok((data, None));
+        return Ok(None);
     };
     let Some((length, rest)) = rest.split_first_chunk::<8>() else {
         return Err(decoding_error("the bundle ends before its state's length"));
@@ -117,7 +118,16 @@ pub fn split_bundle(
             rest.len()
         )));
     }
-    let (state_data, frame) = rest.split_at(length);
+    Ok(Some(rest.split_at(length)))
+}
+
+/// Snapshot data split into the state's data and, for a bundle, its audit entries.
+pub fn split_bundle(
+    data: &[u8],
+) -> Result<(&[u8], Option<Vec<rewind_shared::audit::AuditEntry>>), CoordinatorError> {
+    let Some((state_data, frame)) = bundle_parts(data)? else {
+        return Ok((data, None));
+    };
     let mut plain = Vec::new();
     zstd::Decoder::new(frame)
         .map_err(|error| decoding_error(format!("start decompressing the audit: {error}")))?
@@ -134,13 +144,31 @@ pub fn split_bundle(
     Ok((state_data, Some(entries)))
 }
 
-/// Decodes snapshot data in any encoding this binary knows (the current one, and the JSON of
-/// earlier versions), naming what is wrong with data it cannot read. A bundle's state only.
-pub fn decode(data: &[u8]) -> Result<State, CoordinatorError> {
-    if data.starts_with(MAGIC) && data.get(MAGIC.len()) == Some(&VERSION_BUNDLE) {
-        let (state_data, _) = split_bundle(data)?;
-        return decode(state_data);
+/// Checks snapshot data received from a member, whole: its state decodes, a bundle's entries
+/// decode too, and a state whose audit entries are in their store (cluster version 7) comes
+/// with them, since installing it replaces this member's.
+pub fn check_received(data: &[u8]) -> Result<(), CoordinatorError> {
+    let (state_data, entries) = split_bundle(data)?;
+    let state = decode(state_data)?;
+    if entries.is_none() && state.audit.is_stored() && !state.audit.is_empty() {
+        return Err(decoding_error(
+            "its state keeps the audit entries in their store, but they did not come with it",
+        ));
     }
+    Ok(())
+}
+
+/// Decodes snapshot data in any encoding this binary knows (the current one, and the JSON of
+/// earlier versions), naming what is wrong with data it cannot read. A bundle's state only
+/// (a bundle inside a bundle is refused as an unknown version).
+pub fn decode(data: &[u8]) -> Result<State, CoordinatorError> {
+    if let Some((state_data, _)) = bundle_parts(data)? {
+        return decode_state(state_data);
+    }
+    decode_state(data)
+}
+
+fn decode_state(data: &[u8]) -> Result<State, CoordinatorError> {
     if let Some(rest) = data.strip_prefix(MAGIC) {
         let Some((&version, frame)) = rest.split_first() else {
             return Err(decoding_error("it ends after its magic"));
@@ -267,6 +295,20 @@ mod tests {
         lying[7..15].copy_from_slice(&u64::MAX.to_be_bytes());
         let error = split_bundle(&lying).unwrap_err().to_string();
         assert!(error.contains("only"), "{error}");
+        // A bundle inside a bundle is no state.
+        let nested = encode_bundle(&bundle, &entries).unwrap();
+        let error = decode(&nested).unwrap_err().to_string();
+        assert!(error.contains("version 3"), "{error}");
+        // A stored state that arrives without its entries is refused; with them it is not.
+        let mut stored = sample_state();
+        stored.audit.move_to_store();
+        stored.audit.append(&record, Some(&[1; 32]));
+        let alone = encode(&stored).unwrap();
+        let error = check_received(&alone).unwrap_err().to_string();
+        assert!(error.contains("did not come with it"), "{error}");
+        let entries = stored.audit.entries();
+        let entries: Vec<_> = entries.iter().map(|entry| (**entry).clone()).collect();
+        check_received(&encode_bundle(&alone, &entries).unwrap()).unwrap();
     }
 
     #[test]

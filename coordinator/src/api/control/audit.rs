@@ -49,15 +49,17 @@ pub(super) async fn list_audit(
             )
         })?,
     };
-    let audit = control.context.node.read(|state| state.audit.clone());
-    // Archived and pruned entries are no longer held: the page starts at the first held.
-    let first = first.max(audit.first_index());
-    // One more than the page, so the page knows whether another follows.
-    let wanted = first.saturating_add(size as u64 + 1);
-    let held = audit.range(first..wanted).map_err(store_unreadable)?;
+    // One page (and one more entry, so the page knows whether another follows), read under
+    // the state's lock: shared entries, or a page of the store.
+    let (held, first_index) = control.context.node.read(|state| {
+        // Archived and pruned entries are no longer held: the page starts at the first held.
+        let first = first.max(state.audit.first_index());
+        let wanted = first.saturating_add(size as u64 + 1);
+        (state.audit.range(first..wanted), state.audit.first_index())
+    });
+    let held = held.map_err(store_unreadable)?;
     let entries = held.iter().map(|entry| convert::audit_entry(entry));
     let (entries, next_page_token) = one_page(size, entries, |last| (last.index + 1).to_string());
-    let first_index = audit.first_index();
     Ok(Response::new(pb::ListAuditResponse {
         entries,
         next_page_token,
@@ -296,10 +298,11 @@ pub(super) async fn export_audit(
         let mut next = indexes.start;
         while next < indexes.end {
             let chunk_end = (next + EXPORT_CHUNK).min(indexes.end);
-            // Read from a copy of the head (shared entries, or the store): the state is held
-            // only to copy it.
-            let audit = context.node.read(|state| state.audit.clone());
-            let chunk = match audit.range(next..chunk_end) {
+            // A chunk of shared entries, or of the store, read under the state's lock.
+            let chunk = context
+                .node
+                .read(|state| state.audit.range(next..chunk_end));
+            let chunk = match chunk {
                 Ok(chunk) => chunk,
                 Err(error) => {
                     let _ = sender.send(Err(store_unreadable(error))).await;
