@@ -88,6 +88,14 @@ async fn a_member_down_across_a_compaction_of_a_large_state_catches_up_by_a_stre
     cluster.must_start_member(BEHIND);
     let caught_up = cluster.must_catch_up(BEHIND, leader, CATCH_UP).await;
     assert!(caught_up >= snapshot_index);
+    // The snapshot brought the audit entries too (cluster version 7: they are not in the
+    // state): the member's own store holds the whole chain the leader has.
+    let behind = cluster.member_status(BEHIND, false).await.unwrap();
+    let ahead = cluster.member_status(leader, false).await.unwrap();
+    assert!(
+        behind.audit_ok && behind.audit_entries > 0 && behind.audit_entries == ahead.audit_entries,
+        "member {BEHIND}: {behind:?}, the leader: {ahead:?}"
+    );
     let (sent, _) = snapshot_sends(&cluster).await;
     let sent_bytes = leaders_metric(&cluster, "rewind_raft_snapshot_sent_bytes_total").await;
     assert!(sent >= 1.0, "the leader counts the snapshot it sent");

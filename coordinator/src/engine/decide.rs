@@ -1023,9 +1023,13 @@ fn verify_host(
     let allowance = VERIFY_REPORT_AFTER_RECONNECT_MS.max(2 * driver.limits.report_interval_ms);
     let recently = |at_ms: u64| now_ms.saturating_sub(at_ms) <= allowance;
     let offline_at = watch.offline_at_ms;
+    // A leader gives every verify it first sees the allowance (however late it was elected);
+    // an agent seen away, up to the grace past the timeout. Both end: `first_seen_ms` and
+    // `started_at_ms` do not move.
     let awaiting_agent = verdict.is_none()
-        && (offline_at.is_some_and(recently) || recently(watch.first_seen_ms))
-        && waited_ms <= driver.limits.verify_timeout_ms + VERIFY_OFFLINE_GRACE_MS;
+        && (recently(watch.first_seen_ms)
+            || (offline_at.is_some_and(recently)
+                && waited_ms <= driver.limits.verify_timeout_ms + VERIFY_OFFLINE_GRACE_MS));
     let (ok, detail) = match verdict {
         Some((true, why)) => (true, why),
         _ if waited_ms > driver.limits.verify_timeout_ms && !awaiting_agent => {
@@ -1038,10 +1042,7 @@ fn verify_host(
             );
             (
                 false,
-                format!(
-                    "not healthy {} ms after the restart: {why}",
-                    driver.limits.verify_timeout_ms
-                ),
+                format!("not healthy {waited_ms} ms after the restart: {why}"),
             )
         }
         _ => return,

@@ -438,8 +438,9 @@ pub(super) fn revert_every_host(world: &mut World) {
     }
 }
 
-#[test]
-fn a_host_that_stays_unhealthy_pauses_the_rollback_and_can_be_skipped() {
+/// A rollback whose web-1 has been drained, restored and restarted, its verify started at
+/// 1 000 ms.
+fn verifying_web1() -> World {
     let mut world = World::new();
     world.deployed();
     world.start_rollback(1);
@@ -451,6 +452,12 @@ fn a_host_that_stays_unhealthy_pauses_the_rollback_and_can_be_skipped() {
         world.step("web-1", kind, true);
     }
     world.run_tick(1_000);
+    world
+}
+
+#[test]
+fn a_host_that_stays_unhealthy_pauses_the_rollback_and_can_be_skipped() {
+    let mut world = verifying_web1();
     world
         .seen
         .verdicts
@@ -507,17 +514,7 @@ fn a_host_that_stays_unhealthy_pauses_the_rollback_and_can_be_skipped() {
 /// A rollback whose web-1 has been restarted and is being verified (started at 1 000 ms, with
 /// the 5 000 ms verify timeout), its agent gone since 3 000 ms.
 fn verifying_web1_with_its_agent_away() -> World {
-    let mut world = World::new();
-    world.deployed();
-    world.start_rollback(1);
-    for kind in [
-        RollbackStepKind::Drain,
-        RollbackStepKind::Restore,
-        RollbackStepKind::Restart,
-    ] {
-        world.step("web-1", kind, true);
-    }
-    world.run_tick(1_000);
+    let mut world = verifying_web1();
     world.seen.sessions.remove("web-1");
     world.run_tick(3_000);
     world

@@ -166,6 +166,8 @@ fn person_acted(
     };
     // A bounded page a tick: the scan goes on from where it stopped.
     let page = from.and_then(|from| {
+        // Pruned meanwhile: go on from the first entry held.
+        let from = from.max(audit.first_index());
         audit.range(from..audit.next_index().min(from.saturating_add(ACK_SCAN_PAGE)))
     });
     let page = match page {

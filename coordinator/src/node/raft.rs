@@ -878,11 +878,11 @@ impl<T: Transport> Driver<T> {
                 let data = snapshot_codec::encode(&state)?;
                 let bytes = data.len();
                 store.compact(applied, &conf_state, data)?;
-                // The snapshot is on disk: what it pruned is never read again.
-                state
-                    .audit
-                    .drop_pruned()
-                    .map_err(|error| CoordinatorError::Storage(format!("audit: {error}")))?;
+                // The snapshot is on disk: what it pruned is never read again. Only a clean-up:
+                // on failure the entries go at the next snapshot.
+                if let Err(error) = state.audit.drop_pruned() {
+                    warn!(%error, "Pruned audit entries stay until the next snapshot.");
+                }
                 debug!(
                     applied,
                     bytes,

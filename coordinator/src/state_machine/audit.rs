@@ -444,12 +444,17 @@ impl AuditLog {
                 entry.at_ms.saturating_add(days.saturating_mul(DAY_MS)) > now_ms
             })
         };
-        const STEP: u64 = 256;
+        let limit = bound.min(self.first_index + MAX_ENTRIES_PER_READ as u64 - 1);
+        if retention.days.is_none() {
+            return Ok(Some(limit));
+        }
         let mut through = None;
         let mut next = self.first_index;
-        let limit = bound.min(self.first_index + MAX_ENTRIES_PER_READ as u64 - 1);
+        // The first entry alone, then 256 at a time.
+        let mut step = 1;
         while next <= limit {
-            let page = self.range(next..(next + STEP).min(limit + 1))?;
+            let page = self.range(next..(next + step).min(limit + 1))?;
+            step = 256;
             let Some(last) = page.last() else { break };
             next = last.index + 1;
             match page.iter().position(young) {

@@ -357,7 +357,7 @@ impl RaftStore {
             let index = snapshot.get_metadata().index;
             let mut data = Vec::new();
             self.snapshot_files()
-                .open(index)
+                .open_state(index)
                 .and_then(|mut file| std::io::Read::read_to_end(&mut file, &mut data))
                 .map_err(|error| storage_error("read the snapshot at", index, error))?;
             snapshot.set_data(data.into());
@@ -626,7 +626,8 @@ impl SnapshotFiles {
         Ok(file)
     }
 
-    fn open_state(&self, index: u64) -> std::io::Result<std::fs::File> {
+    /// The state's data of the snapshot at `index` alone, as this member keeps it.
+    pub fn open_state(&self, index: u64) -> std::io::Result<std::fs::File> {
         match std::fs::File::open(self.dir.join(format!("{index:020}.state"))) {
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
                 std::fs::File::open(self.dir.join(format!("{index:020}.json")))

@@ -61,17 +61,26 @@ pub fn encode(state: &State) -> Result<Vec<u8>, CoordinatorError> {
     } else {
         VERSION_LEGACY
     });
+    append_frame(data, state, "the state")
+}
+
+/// `data` followed by one zstd frame of `value` in MessagePack with named fields.
+fn append_frame(
+    data: Vec<u8>,
+    value: &impl serde::Serialize,
+    what: &str,
+) -> Result<Vec<u8>, CoordinatorError> {
     let encoder = zstd::Encoder::new(data, ZSTD_LEVEL)
-        .map_err(|error| encoding_error("start compressing the state", error))?;
+        .map_err(|error| encoding_error(&format!("start compressing {what}"), error))?;
     // MessagePack writes many small pieces; zstd is much faster fed in large ones.
     let mut buffered = std::io::BufWriter::with_capacity(1 << 20, encoder);
-    rmp_serde::encode::write_named(&mut buffered, state)
-        .map_err(|error| encoding_error("encode the state", error))?;
+    rmp_serde::encode::write_named(&mut buffered, value)
+        .map_err(|error| encoding_error(&format!("encode {what}"), error))?;
     buffered
         .into_inner()
-        .map_err(|error| encoding_error("compress the state", error.error()))?
+        .map_err(|error| encoding_error(&format!("compress {what}"), error.error()))?
         .finish()
-        .map_err(|error| encoding_error("compress the state", error))
+        .map_err(|error| encoding_error(&format!("compress {what}"), error))
 }
 
 /// A bundle of a state's snapshot data (`state_data`, as [`encode`] wrote it) and the audit
@@ -85,16 +94,7 @@ pub fn encode_bundle(
     data.push(VERSION_BUNDLE);
     data.extend_from_slice(&(state_data.len() as u64).to_be_bytes());
     data.extend_from_slice(state_data);
-    let encoder = zstd::Encoder::new(data, ZSTD_LEVEL)
-        .map_err(|error| encoding_error("start compressing the audit entries", error))?;
-    let mut buffered = std::io::BufWriter::with_capacity(1 << 20, encoder);
-    rmp_serde::encode::write_named(&mut buffered, entries)
-        .map_err(|error| encoding_error("encode the audit entries", error))?;
-    buffered
-        .into_inner()
-        .map_err(|error| encoding_error("compress the audit entries", error.error()))?
-        .finish()
-        .map_err(|error| encoding_error("compress the audit entries", error))
+    append_frame(data, &entries, "the audit entries")
 }
 
 /// A bundle's state data and its compressed entries, undecoded.
@@ -128,6 +128,9 @@ pub fn split_bundle(
     let Some((state_data, frame)) = bundle_parts(data)? else {
         return Ok((data, None));
     };
+    if bundle_parts(state_data)?.is_some() {
+        return Err(decoding_error("a bundle holds another bundle, not a state"));
+    }
     let mut plain = Vec::new();
     zstd::Decoder::new(frame)
         .map_err(|error| decoding_error(format!("start decompressing the audit: {error}")))?
@@ -150,12 +153,31 @@ pub fn split_bundle(
 pub fn check_received(data: &[u8]) -> Result<(), CoordinatorError> {
     let (state_data, entries) = split_bundle(data)?;
     let state = decode(state_data)?;
-    if entries.is_none() && state.audit.is_stored() && !state.audit.is_empty() {
-        return Err(decoding_error(
+    let audit = &state.audit;
+    match entries {
+        None if audit.is_stored() && !audit.is_empty() => Err(decoding_error(
             "its state keeps the audit entries in their store, but they did not come with it",
-        ));
+        )),
+        // Sent while the sender dropped entries a newer snapshot pruned: refused, and sent
+        // again from that newer snapshot, rather than installed with a hole.
+        Some(entries) if audit.is_stored() => {
+            let held: Vec<u64> = entries
+                .iter()
+                .map(|entry| entry.index)
+                .filter(|index| (audit.first_index()..audit.next_index()).contains(index))
+                .collect();
+            let expected = audit.first_index()..audit.next_index();
+            if held.iter().copied().ne(expected.clone()) {
+                return Err(decoding_error(format!(
+                    "its audit entries do not run whole from {} to {}",
+                    expected.start,
+                    expected.end.saturating_sub(1)
+                )));
+            }
+            Ok(())
+        }
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// Decodes snapshot data in any encoding this binary knows (the current one, and the JSON of
@@ -309,6 +331,22 @@ mod tests {
         let entries = stored.audit.entries();
         let entries: Vec<_> = entries.iter().map(|entry| (**entry).clone()).collect();
         check_received(&encode_bundle(&alone, &entries).unwrap()).unwrap();
+        // With a hole where a newer snapshot's pruning took entries away: refused.
+        let mut more = stored.clone();
+        more.audit.append(&record, Some(&[2; 32]));
+        more.audit.append(&record, Some(&[3; 32]));
+        let all = more.audit.entries();
+        let holed: Vec<_> = [&all[0], &all[2]]
+            .iter()
+            .map(|entry| (***entry).clone())
+            .collect();
+        let error = check_received(&encode_bundle(&encode(&more).unwrap(), &holed).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("do not run whole from 1 to 3"), "{error}");
+        // A bundle inside a bundle, whichever way it is read.
+        let error = check_received(&nested).unwrap_err().to_string();
+        assert!(error.contains("another bundle"), "{error}");
     }
 
     #[test]
