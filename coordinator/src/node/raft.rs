@@ -1032,7 +1032,6 @@ fn peer_progress(raft: &raft::Raft<RaftStore>) -> Vec<PeerProgress> {
     peers
 }
 
-/// Entry context: the proposing member and its proposal number, so only that member answers.
 /// This member's audit store, as the state carries it.
 fn audit_store(store: &RaftStore) -> crate::state_machine::StoreHandle {
     crate::state_machine::StoreHandle(Arc::new(store.audit_store()))
@@ -1051,6 +1050,7 @@ fn audited(state: &State, index: u64) -> Result<(), CoordinatorError> {
     }
 }
 
+/// Entry context: the proposing member and its proposal number, so only that member answers.
 fn proposal_context(member: u64, number: u64) -> Vec<u8> {
     let mut context = member.to_be_bytes().to_vec();
     context.extend_from_slice(&number.to_be_bytes());
