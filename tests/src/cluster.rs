@@ -410,8 +410,12 @@ join = {join}
                 let agrees = || async {
                     let ahead = self.member_status(leader, false).await.ok()?;
                     (ahead.applied_index == behind.applied_index
-                        && ahead.state_digest == behind.state_digest)
-                        .then_some(())
+                        && ahead.state_digest == behind.state_digest
+                        // A release before the audit digest reports none.
+                        && (ahead.audit_digest == behind.audit_digest
+                            || ahead.audit_digest.is_empty()
+                            || behind.audit_digest.is_empty()))
+                    .then_some(())
                 };
                 if reached >= target && (!same_state || agrees().await.is_some()) {
                     return Ok(reached);

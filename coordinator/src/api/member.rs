@@ -37,6 +37,7 @@ impl MemberService for Member {
             state_digest,
             audit_ok: audit.first_broken.is_none(),
             audit_entries: audit.entries,
+            audit_digest: audit.content_digest,
             ..brief
         }))
     }

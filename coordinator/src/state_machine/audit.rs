@@ -113,6 +113,9 @@ pub struct AuditVerification {
     pub first_index: u64,
     pub anchor_hash: String,
     pub archived_through: u64,
+    /// sha256 over the entries held as stored (each one's JSON, in order): what members compare
+    /// beyond the chain's hashes, which a redaction leaves as they were.
+    pub content_digest: String,
 }
 
 /// How long audit entries stay in the cluster once archived (`[audit]` in the coordinator's
@@ -550,6 +553,7 @@ impl AuditLog {
     /// Recomputes the chain held and reports the first entry that does not match.
     pub fn verify(&self) -> AuditVerification {
         let mut check = ChainCheck::continuing(self.first_index, &self.anchor_hash);
+        let mut content = <sha2::Sha256 as sha2::Digest>::new();
         let mut broken = None;
         let mut from = self.first_index;
         'pages: while from < self.next_index() {
@@ -569,6 +573,8 @@ impl AuditLog {
                     broken = Some((check.next_index(), detail));
                     break 'pages;
                 }
+                let stored = serde_json::to_vec(entry.as_ref()).unwrap_or_default();
+                sha2::Digest::update(&mut content, &stored);
             }
             from = page.last().map_or(u64::MAX, |entry| entry.index + 1);
         }
@@ -603,6 +609,7 @@ impl AuditLog {
             first_index: self.first_index,
             anchor_hash: self.anchor_hash.clone(),
             archived_through: self.archived_through,
+            content_digest: hex::encode(sha2::Digest::finalize(content)),
         }
     }
 
