@@ -199,6 +199,53 @@ pub fn incident(
     Ok(incident)
 }
 
+/// What the detailed view of incident `number` reads of the state, copied (with the audit log's
+/// head, which shares or reads its entries), so its timeline, from the impact to now, is read
+/// without holding the state; None if there is no such rollback.
+fn detail_parts(state: &State, number: u64) -> Option<(State, RollbackRecord)> {
+    let record = state.rollbacks.get(&number)?.clone();
+    let mut parts = State {
+        cluster_version: state.cluster_version,
+        audit: state.audit.clone(),
+        ..State::default()
+    };
+    for change in &record.changes {
+        if let Some(found) = state.changes.get(change) {
+            parts.changes.insert(*change, found.clone());
+        }
+    }
+    parts.triggers = state
+        .triggers
+        .iter()
+        .filter(|trigger| trigger.rollback == number)
+        .cloned()
+        .collect();
+    if let Some(request) = state.approval_requests.get(&record.request) {
+        parts
+            .approval_requests
+            .insert(record.request, request.clone());
+    }
+    for id in &record.escalations {
+        if let Some(escalation) = state.escalations.get(id) {
+            parts.escalations.insert(*id, escalation.clone());
+        }
+    }
+    if let Some(noted) = state.incidents.get(&number) {
+        parts.incidents.insert(number, noted.clone());
+    }
+    Some((parts, record))
+}
+
+/// The detailed view of incident `number`, its timeline read off the state's lock.
+fn detailed_incident(
+    parts: Option<(State, RollbackRecord)>,
+    number: u64,
+) -> Result<pb::Incident, Status> {
+    let (parts, record) =
+        parts.ok_or_else(|| Status::not_found(format!("no incident {}", incident_id(number))))?;
+    incident(&parts, &record, true)
+}
+
 fn notice_view(notice: &NoticeRecord) -> pb::IncidentNotice {
     pb::IncidentNotice {
         event: notice.event.name().into(),
@@ -458,13 +505,11 @@ pub(super) async fn get_incident(
     let caller = caller(&request)?;
     let number = parse_incident(&request.get_ref().incident_id)?;
     authorize_incident(control, &caller, number).await?;
-    control.context.node.read(|state| {
-        state
-            .rollbacks
-            .get(&number)
-            .map(|record| incident(state, record, true).map(Response::new))
-            .ok_or_else(|| Status::not_found(format!("no incident {}", incident_id(number))))?
-    })
+    let parts = control
+        .context
+        .node
+        .read(|state| detail_parts(state, number));
+    detailed_incident(parts, number).map(Response::new)
 }
 
 pub(super) async fn note_incident(
@@ -537,19 +582,13 @@ async fn answer(
     kind: CommandKind,
     number: u64,
 ) -> Result<Response<pb::Incident>, Status> {
-    let incident = control
+    let parts = control
         .context
         .propose_and_read(identity, request_id, kind, |state, _| {
-            state
-                .rollbacks
-                .get(&number)
-                .map(|record| incident(state, record, true))
+            detail_parts(state, number)
         })
-        .await?
-        .transpose()?;
-    incident
-        .map(Response::new)
-        .ok_or_else(|| Status::not_found(format!("no incident {}", incident_id(number))))
+        .await?;
+    detailed_incident(parts, number).map(Response::new)
 }
 
 /// Most incidents a runbook lists.
@@ -651,6 +690,12 @@ mod tests {
         let record = &fleet.state.rollbacks[&rollback];
         assert_eq!(record.status, RollbackStatus::Succeeded);
         let detail = incident(&fleet.state, record, true).unwrap();
+        // The view served (from a copy of what it reads, off the state's lock) is the same.
+        assert_eq!(
+            detailed_incident(detail_parts(&fleet.state, rollback), rollback).unwrap(),
+            detail
+        );
+        assert!(detailed_incident(detail_parts(&fleet.state, 999), 999).is_err());
         // Thrown before the rollback was asked for: it detected and mitigated.
         assert_eq!(detail.detected_at_ms, killed_at);
         assert_eq!(detail.mitigated_at_ms, killed_at);
