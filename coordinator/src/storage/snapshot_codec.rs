@@ -131,17 +131,7 @@ pub fn split_bundle(
     if bundle_parts(state_data)?.is_some() {
         return Err(decoding_error("a bundle holds another bundle, not a state"));
     }
-    let mut plain = Vec::new();
-    zstd::Decoder::new(frame)
-        .map_err(|error| decoding_error(format!("start decompressing the audit: {error}")))?
-        .take(MAX_DECODED_AUDIT_BYTES + 1)
-        .read_to_end(&mut plain)
-        .map_err(|error| decoding_error(format!("decompress the audit: {error}")))?;
-    if plain.len() as u64 > MAX_DECODED_AUDIT_BYTES {
-        return Err(decoding_error(format!(
-            "its audit entries decompress to more than {MAX_DECODED_AUDIT_BYTES} bytes"
-        )));
-    }
+    let plain = decompress(frame, MAX_DECODED_AUDIT_BYTES, "the audit entries")?;
     let entries = rmp_serde::from_slice(&plain)
         .map_err(|error| decoding_error(format!("decode the audit entries: {error}")))?;
     Ok((state_data, Some(entries)))
@@ -201,17 +191,7 @@ fn decode_state(data: &[u8]) -> Result<State, CoordinatorError> {
                  {VERSION_LEGACY} and {VERSION} (upgrade it to the version that wrote the snapshot)"
             )));
         }
-        let mut plain = Vec::new();
-        zstd::Decoder::new(frame)
-            .map_err(|error| decoding_error(format!("start decompressing: {error}")))?
-            .take(MAX_DECODED_STATE_BYTES + 1)
-            .read_to_end(&mut plain)
-            .map_err(|error| decoding_error(format!("decompress: {error}")))?;
-        if plain.len() as u64 > MAX_DECODED_STATE_BYTES {
-            return Err(decoding_error(format!(
-                "it decompresses to more than {MAX_DECODED_STATE_BYTES} bytes"
-            )));
-        }
+        let plain = decompress(frame, MAX_DECODED_STATE_BYTES, "the state")?;
         return checked(rmp_serde::from_slice(&plain), || {
             rmp_serde::from_slice::<VersionProbe>(&plain).ok()
         });
@@ -224,6 +204,23 @@ fn decode_state(data: &[u8]) -> Result<State, CoordinatorError> {
     Err(decoding_error(
         "it starts with neither the snapshot magic nor JSON",
     ))
+}
+
+/// One zstd frame decompressed, refused past `max` bytes (a frame of a few KiB can expand to
+/// gigabytes).
+fn decompress(frame: &[u8], max: u64, what: &str) -> Result<Vec<u8>, CoordinatorError> {
+    let mut plain = Vec::new();
+    zstd::Decoder::new(frame)
+        .map_err(|error| decoding_error(format!("start decompressing {what}: {error}")))?
+        .take(max + 1)
+        .read_to_end(&mut plain)
+        .map_err(|error| decoding_error(format!("decompress {what}: {error}")))?;
+    if plain.len() as u64 > max {
+        return Err(decoding_error(format!(
+            "{what} decompresses to more than {max} bytes"
+        )));
+    }
+    Ok(plain)
 }
 
 /// A decoded state, if its cluster version is one this binary applies; a state that does not
