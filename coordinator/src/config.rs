@@ -1169,6 +1169,31 @@ silence-lease-s = 1
     }
 
     #[test]
+    fn an_initial_cluster_version_outside_what_this_binary_founds_is_named() {
+        let validate = |version: u32| {
+            let text = format!(
+                "listen = \"127.0.0.1:7443\"\n[storage]\ninitial-cluster-version = {version}\n"
+            );
+            let raw: RawConfig = rewind_shared::config::parse_toml(Path::new("c.toml"), &text)
+                .unwrap()
+                .value;
+            raw.validate().map(|_| ()).unwrap_err().join("\n")
+        };
+        let current = crate::state_machine::version::CURRENT;
+        for refused in [1, current + 1] {
+            let joined = validate(refused);
+            assert!(
+                joined.contains(&format!(
+                    "storage.initial-cluster-version: is {refused}, must be within 2..={current}"
+                )),
+                "{joined}"
+            );
+        }
+        // Within the range it is not among the problems (the others are the missing files).
+        assert!(!validate(6).contains("initial-cluster-version"));
+    }
+
+    #[test]
     fn bad_incident_webhook_settings_are_each_named() {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("pagerduty.key");

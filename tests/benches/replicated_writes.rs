@@ -382,19 +382,25 @@ fn print_row(system: &str, clients: usize, figures: &Figures) {
     );
 }
 
+/// A count from the variable `name`, `default` when unset; anything else than a number stops
+/// the run naming it, rather than measuring something other than what was asked.
+fn count_from_env(name: &str, default: usize) -> usize {
+    match std::env::var(name) {
+        Err(_) => default,
+        Ok(text) => text
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={text:?} is not a count (a whole number)")),
+    }
+}
+
 fn main() {
     rewind_shared::tls::install_crypto_provider();
-    let writes: usize = std::env::var("REWIND_BENCH_WRITES")
-        .ok()
-        .and_then(|writes| writes.parse().ok())
-        .unwrap_or(20_000);
+    let writes = count_from_env("REWIND_BENCH_WRITES", 20_000);
     let runtime = tokio::runtime::Runtime::new().expect("a runtime");
     runtime.block_on(async {
         let dir = tempfile::tempdir().expect("a temp dir");
-        let history: usize = std::env::var("REWIND_BENCH_AUDIT_HISTORY")
-            .ok()
-            .and_then(|history| history.parse().ok())
-            .unwrap_or(0);
+        let history = count_from_env("REWIND_BENCH_AUDIT_HISTORY", 0);
         if history > 0 {
             bench_audit_history(&dir.path().join("history"), writes, history).await;
         }

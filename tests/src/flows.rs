@@ -70,6 +70,20 @@ pub async fn must_list_audit(
         .entries
 }
 
+/// The cluster's own check of its audit chain, which must hold.
+pub async fn must_verify_audit(
+    client: &ControlServiceClient<Channel>,
+) -> rewind_proto::v1::VerifyAuditResponse {
+    let verification = client
+        .clone()
+        .verify_audit(rewind_proto::v1::VerifyAuditRequest {})
+        .await
+        .expect("verify the audit log")
+        .into_inner();
+    assert!(verification.ok, "{verification:?}");
+    verification
+}
+
 /// Registers service `web` (rolled back automatically when more than half its probes fail for
 /// 1 s, if `auto_rollback`) and its releases v1 and v2, digested from `host`'s release dirs.
 pub async fn must_register_web(

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use rewind_proto::v1 as pb;
-use rewind_tests::{Coordinator, plain_service};
+use rewind_tests::{Coordinator, must_verify_audit, plain_service};
 
 use rewind_tests::output_text as text;
 
@@ -22,20 +22,6 @@ fn manifest(file: &Path) -> serde_json::Value {
         &std::fs::read_to_string(format!("{}.manifest.json", file.display())).unwrap(),
     )
     .unwrap()
-}
-
-async fn must_verify(
-    client: &mut rewind_proto::v1::control_service_client::ControlServiceClient<
-        tonic::transport::Channel,
-    >,
-) -> pb::VerifyAuditResponse {
-    let verification = client
-        .verify_audit(pb::VerifyAuditRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(verification.ok, "{verification:?}");
-    verification
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -57,7 +43,7 @@ async fn archived_entries_alone_leave_and_the_chain_verifies_across_the_gap() {
     }
     // Retention is on, but nothing is archived: everything stays.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(must_verify(&mut client).await.first_index, 1);
+    assert_eq!(must_verify_audit(&client).await.first_index, 1);
 
     let archive = dir.path().join("archive.jsonl");
     must_ctl(
@@ -87,7 +73,7 @@ async fn archived_entries_alone_leave_and_the_chain_verifies_across_the_gap() {
         assert!(!output.status.success(), "{}", text(&output));
         assert!(text(&output).contains("manifest hash"), "{}", text(&output));
     }
-    assert_eq!(must_verify(&mut client).await.archived_through, 0);
+    assert_eq!(must_verify_audit(&client).await.archived_through, 0);
 
     // Confirmed with a crash point armed before the pruning: the coordinator dies there.
     coordinator.must_restart_with_failpoints("coordinator.before-audit-prune");
@@ -98,9 +84,9 @@ async fn archived_entries_alone_leave_and_the_chain_verifies_across_the_gap() {
     // Back up: the confirmation held, and the pruning happens now.
     coordinator.must_restart();
     client = coordinator.must_client().await;
-    let mut verification = must_verify(&mut client).await;
+    let mut verification = must_verify_audit(&client).await;
     for _ in 0..60 {
-        verification = must_verify(&mut client).await;
+        verification = must_verify_audit(&client).await;
         if verification.first_index > 1 {
             break;
         }
@@ -227,7 +213,7 @@ async fn archived_entries_alone_leave_and_the_chain_verifies_across_the_gap() {
         "{redacted:?}"
     );
     assert_eq!(redacted.hash, entry.hash);
-    must_verify(&mut client).await;
+    must_verify_audit(&client).await;
     // Refused: an entry the cluster no longer holds.
     let output = coordinator.rewindctl(&[
         "audit",

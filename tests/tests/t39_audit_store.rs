@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use rewind_proto::v1 as pb;
-use rewind_tests::{Coordinator, output_text, plain_service};
+use rewind_tests::{Coordinator, must_list_audit, must_verify_audit, output_text, plain_service};
 
 fn put(name: &str) -> pb::PutServiceRequest {
     pb::PutServiceRequest {
@@ -51,25 +51,12 @@ async fn an_entry_that_cannot_be_written_stops_the_member_and_nothing_is_lost() 
         .map(|service| service.name.as_str())
         .collect();
     assert!(names.contains(&"audit-fails"), "{names:?}");
-    let entries = client
-        .list_audit(pb::ListAuditRequest {
-            page_size: 1000,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .entries;
+    let entries = must_list_audit(&client).await;
     let puts = entries
         .iter()
         .filter(|entry| entry.action == "service.put" && entry.target == "audit-fails")
         .count();
     assert_eq!(puts, 1, "{entries:?}");
-    let verification = client
-        .verify_audit(pb::VerifyAuditRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(verification.ok, "{verification:?}");
+    let verification = must_verify_audit(&client).await;
     assert_eq!(verification.entries, entries.len() as u64);
 }

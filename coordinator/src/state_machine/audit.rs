@@ -231,14 +231,30 @@ impl AuditLog {
     /// bounds the range itself.
     pub fn range_all(&self, indexes: std::ops::Range<u64>) -> Result<Vec<Arc<AuditEntry>>, String> {
         let mut all = Vec::new();
+        self.for_each_page(indexes, |page| {
+            all.extend_from_slice(page);
+            std::ops::ControlFlow::Continue(())
+        })?;
+        Ok(all)
+    }
+
+    /// Calls `visit` with the entries held in `indexes`, a page ([`Self::range`]) at a time,
+    /// until it breaks or they end: a long range without holding all of it.
+    pub fn for_each_page(
+        &self,
+        indexes: std::ops::Range<u64>,
+        mut visit: impl FnMut(&[Arc<AuditEntry>]) -> std::ops::ControlFlow<()>,
+    ) -> Result<(), String> {
         let mut from = indexes.start;
         while from < indexes.end {
             let page = self.range(from..indexes.end)?;
             let Some(last) = page.last() else { break };
             from = last.index + 1;
-            all.extend(page);
+            if visit(&page).is_break() {
+                break;
+            }
         }
-        Ok(all)
+        Ok(())
     }
 
     /// Entries held with indexes in `indexes` (those pruned are not), oldest first: at most
@@ -555,28 +571,24 @@ impl AuditLog {
         let mut check = ChainCheck::continuing(self.first_index, &self.anchor_hash);
         let mut content = <sha2::Sha256 as sha2::Digest>::new();
         let mut broken = None;
-        let mut from = self.first_index;
-        'pages: while from < self.next_index() {
-            let page = match self.range(from..self.next_index()) {
-                Ok(page) if !page.is_empty() => page,
-                Ok(_) => {
-                    broken = Some((from, format!("entry {from} is missing from the store")));
-                    break;
-                }
-                Err(error) => {
-                    broken = Some((from, format!("the store cannot be read: {error}")));
-                    break;
-                }
-            };
-            for entry in &page {
+        // An entry missing from the store shows as the next one in its place, or as a chain
+        // that ends before the head.
+        let read = self.for_each_page(self.first_index..self.next_index(), |page| {
+            for entry in page {
                 if let Err(detail) = check.next(entry) {
                     broken = Some((check.next_index(), detail));
-                    break 'pages;
+                    return std::ops::ControlFlow::Break(());
                 }
                 let stored = serde_json::to_vec(entry.as_ref()).unwrap_or_default();
                 sha2::Digest::update(&mut content, &stored);
             }
-            from = page.last().map_or(u64::MAX, |entry| entry.index + 1);
+            std::ops::ControlFlow::Continue(())
+        });
+        if let Err(error) = read {
+            broken = Some((
+                check.next_index(),
+                format!("the store cannot be read: {error}"),
+            ));
         }
         if broken.is_none() && check.head_hash() != self.head_hash() {
             broken = Some((

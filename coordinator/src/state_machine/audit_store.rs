@@ -20,8 +20,6 @@ pub trait AuditStore: Send + Sync {
     fn range(&self, from: u64, to: u64, limit: usize) -> Result<Vec<AuditEntry>, String>;
     /// Drops every entry up to `through` (pruned after their archive was confirmed).
     fn remove_through(&self, through: u64) -> Result<(), String>;
-    /// Holds exactly `entries` from now on (a snapshot from the leader installed).
-    fn replace_all(&self, entries: &[AuditEntry]) -> Result<(), String>;
 }
 
 /// A shared handle to a store: what the state carries (never serialised). Two handles are
@@ -118,15 +116,6 @@ impl AuditStore for MemoryAuditStore {
         let mut entries = self.entries();
         let kept = entries.split_off(&through.saturating_add(1));
         *entries = kept;
-        Ok(())
-    }
-
-    fn replace_all(&self, entries: &[AuditEntry]) -> Result<(), String> {
-        self.check_writable()?;
-        *self.entries() = entries
-            .iter()
-            .map(|entry| (entry.index, entry.clone()))
-            .collect();
         Ok(())
     }
 }

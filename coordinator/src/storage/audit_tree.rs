@@ -17,7 +17,7 @@ pub struct SledAuditStore {
 }
 
 /// The tree's name in the Raft store's database.
-pub(super) const AUDIT_TREE: &str = "audit";
+const AUDIT_TREE: &str = "audit";
 
 impl SledAuditStore {
     pub fn open(db: &sled::Db) -> Result<Self, String> {
@@ -77,13 +77,6 @@ impl AuditStore for SledAuditStore {
     fn put(&self, entry: &AuditEntry) -> Result<(), String> {
         let tree = self.tree()?;
         let (key, bytes) = encoded(entry)?;
-        // A member replaying its log after a restart finds most entries written already.
-        let held = tree
-            .get(key)
-            .map_err(|error| format!("read audit entry {}: {error}", entry.index))?;
-        if held.is_some_and(|held| held == bytes.as_slice()) {
-            return Ok(());
-        }
         // A disk that refuses the write, for the fail-closed test: of entries about the target
         // `audit-fails` only, so that the member starts (and replays its log) before it fails.
         rewind_shared::failpoint::fail::fail_point!(
@@ -128,20 +121,6 @@ impl AuditStore for SledAuditStore {
         tree.apply_batch(batch)
             .map_err(|error| format!("drop audit entries through {through}: {error}"))
     }
-
-    fn replace_all(&self, entries: &[AuditEntry]) -> Result<(), String> {
-        let tree = self.tree()?;
-        let mut batch = sled::Batch::default();
-        for key in tree.iter().keys() {
-            batch.remove(key.map_err(|error| format!("read the audit tree: {error}"))?);
-        }
-        for entry in entries {
-            let (key, bytes) = encoded(entry)?;
-            batch.insert(&key, bytes);
-        }
-        tree.apply_batch(batch)
-            .map_err(|error| format!("replace the audit entries: {error}"))
-    }
 }
 
 #[cfg(test)]
@@ -150,7 +129,7 @@ mod tests {
     use rewind_shared::audit::Record;
 
     #[test]
-    fn entries_round_trip_page_prune_and_are_replaced_whole() {
+    fn entries_round_trip_page_and_prune() {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().path(dir.path()).open().unwrap();
         let store = SledAuditStore::open(&db).unwrap();
@@ -178,8 +157,5 @@ mod tests {
         store.remove_through(100).unwrap();
         assert!(store.get(100).unwrap().is_none());
         assert_eq!(store.range(0, 1000, 1).unwrap()[0].index, 101);
-        store.replace_all(&written[9..12]).unwrap();
-        let all = store.range(0, u64::MAX, 1000).unwrap();
-        assert_eq!(all, written[9..12].to_vec());
     }
 }

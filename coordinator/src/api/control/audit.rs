@@ -262,15 +262,13 @@ fn redactable(
         return Ok(());
     }
     let mut last_plain = None;
-    let mut next = indexes.start;
-    while next < indexes.end {
-        let page = log.range(next..indexes.end).map_err(store_unreadable)?;
-        let Some(last) = page.last() else { break };
-        next = last.index + 1;
+    log.for_each_page(indexes, |page| {
         if let Some(plain) = page.iter().rev().find(|entry| entry.format == FORMAT_PLAIN) {
             last_plain = Some(plain.index);
         }
-    }
+        std::ops::ControlFlow::Continue(())
+    })
+    .map_err(store_unreadable)?;
     let Some(index) = last_plain else {
         return Ok(());
     };
