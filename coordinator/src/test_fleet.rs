@@ -253,6 +253,27 @@ impl Fleet {
         change
     }
 
+    /// Confirms every audit entry but the newest archived, as an admin does after an export;
+    /// the last entry confirmed.
+    pub fn confirm_archive_all(&mut self) -> u64 {
+        let audit = &self.state.audit;
+        let through = audit.next_index() - 1;
+        let first = audit.first_index().max(audit.archived_through() + 1);
+        // The hash the export's first entry links to: the one before, or where the log starts.
+        let anchor = match audit.get(first - 1).unwrap() {
+            Some(before) => before.hash.clone(),
+            None => audit.verify().anchor_hash,
+        };
+        let last = audit.get(through).unwrap().unwrap().hash.clone();
+        self.apply(CommandKind::ConfirmAuditArchive {
+            first,
+            through,
+            manifest_hash: rewind_shared::audit::manifest_hash(first, through, &anchor, &last),
+            reason: "archive".into(),
+        });
+        through
+    }
+
     pub fn must_start_rollback(&mut self, change: u64, trigger: Trigger) -> u64 {
         let kind = rollback_of(change, trigger);
         let Outcome::Rollback(rollback) = self.apply(kind) else {

@@ -927,24 +927,7 @@ fn archived_audit_entries_are_pruned_in_batches_never_past_the_archive() {
     };
     // Retention is on, nothing is archived: nothing goes.
     assert!(prunes(&mut world, 10_000).is_empty());
-    let confirm = |world: &mut World| {
-        let audit = &world.fleet.state.audit;
-        let through = audit.next_index() - 1;
-        let first = audit.first_index().max(audit.archived_through() + 1);
-        // The hash the export's first entry links to: the one before, or where the log starts.
-        let anchor = match audit.get(first - 1).unwrap() {
-            Some(before) => before.hash.clone(),
-            None => audit.verify().anchor_hash,
-        };
-        let last = audit.get(through).unwrap().unwrap().hash.clone();
-        world.apply(CommandKind::ConfirmAuditArchive {
-            first,
-            through,
-            manifest_hash: rewind_shared::audit::manifest_hash(first, through, &anchor, &last),
-            reason: "archive".into(),
-        });
-        through
-    };
+    let confirm = |world: &mut World| world.fleet.confirm_archive_all();
     let archived = confirm(&mut world);
     // The first pruning goes at once, up to the archive (the newest entry, the confirmation's
     // own, is not archived).

@@ -677,15 +677,16 @@ impl<T: Transport> Driver<T> {
     }
 
     fn install_snapshot(&mut self, snapshot: Snapshot) -> Result<(), CoordinatorError> {
-        // A bundle (cluster version 7 on) carries the audit entries beside the state: they go
-        // to the audit store, and the state's data alone is kept as the snapshot.
-        let (state_data, audit) = snapshot_codec::split_bundle(snapshot.get_data())?;
+        // A bundle (cluster version 7 on) carries the audit entries, and from version 8 the
+        // archive, beside the state: they go to their store, and the state's data alone is kept
+        // as the snapshot.
+        let (state_data, bundled) = snapshot_codec::split_bundle(snapshot.get_data())?;
         let mut state = snapshot_codec::decode(state_data)?;
         let mut kept = Snapshot::default();
         kept.set_metadata(snapshot.get_metadata().clone());
         kept.set_data(state_data.to_vec().into());
         let index = snapshot.get_metadata().index;
-        self.store.apply_snapshot(&kept, audit.as_deref())?;
+        self.store.apply_snapshot(&kept, bundled.as_ref())?;
         self.store.flush()?;
         state.audit.attach(audit_store(&self.store));
         *self

@@ -203,6 +203,14 @@ impl AuditLog {
         self.failure.as_deref()
     }
 
+    /// Writes a change or rollback that leaves the state to the archive; a store that fails
+    /// stops the member, as a failed audit write does.
+    pub fn archive(&mut self, record: &super::archive::ArchivedRecord) {
+        if let Err(error) = self.store.put_archived(record) {
+            self.fail(format!("archive record {}: {error}", record.number()));
+        }
+    }
+
     fn fail(&mut self, why: String) {
         if self.failure.is_none() {
             self.failure = Some(why);
@@ -489,8 +497,8 @@ impl AuditLog {
     }
 
     /// Drops the entries up to `through`, all confirmed archived; the chain goes on from the
-    /// last one's hash. Returns how many went.
-    pub fn prune_through(&mut self, through: u64) -> Result<u64, String> {
+    /// last one's hash. Returns how many went, and the time of the last.
+    pub fn prune_through(&mut self, through: u64) -> Result<(u64, u64), String> {
         if through > self.archived_through {
             return Err(format!(
                 "entries after {} are in no confirmed export: nothing unexported is dropped",
@@ -505,7 +513,7 @@ impl AuditLog {
         }
         let count = through + 1 - self.first_index;
         let last_pruned = match self.get(through) {
-            Ok(entry) => entry.map(|entry| entry.hash.clone()),
+            Ok(entry) => entry.map(|entry| (entry.hash.clone(), entry.at_ms)),
             Err(error) => {
                 let error = format!("the audit store cannot be read: {error}");
                 self.fail(error.clone());
@@ -518,9 +526,10 @@ impl AuditLog {
         if self.stored.is_none() {
             self.entries.drain(..count as usize);
         }
-        self.anchor_hash = last_pruned.unwrap_or_default();
+        let (anchor_hash, last_at_ms) = last_pruned.unwrap_or_default();
+        self.anchor_hash = anchor_hash;
         self.first_index = through + 1;
-        Ok(count)
+        Ok((count, last_at_ms))
     }
 
     /// Drops from the store what this (snapshotted) log has pruned: called once a snapshot of
@@ -732,7 +741,7 @@ mod tests {
 
         let before = log.verify();
         let sixth = log.get(6).unwrap().unwrap().hash.clone();
-        assert_eq!(log.prune_through(6).unwrap(), 6);
+        assert_eq!(log.prune_through(6).unwrap().0, 6);
         assert_eq!((log.first_index(), log.len()), (7, 4));
         let after = log.verify();
         assert_eq!(after.first_broken, None, "{}", after.detail);

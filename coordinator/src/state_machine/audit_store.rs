@@ -1,5 +1,6 @@
-//! Where the audit entries live from cluster version 7: beside the replicated state, not in it,
-//! so snapshots stay the same size however long the history grows. A member keeps them in a
+//! Where the audit entries live from cluster version 7, and from version 8 the archived changes
+//! and rollbacks (see `archive`): beside the replicated state, not in it, so snapshots stay the
+//! same size however long the history grows. A member keeps them in a
 //! sled tree of its Raft store ([`crate::storage::SledAuditStore`]); tests and the golden log
 //! keep them in memory ([`MemoryAuditStore`]). Every member's store holds the same entries at the
 //! same applied index: `apply()` writes each entry as it applies its command, and a member
@@ -9,6 +10,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use rewind_shared::audit::AuditEntry;
+
+use super::archive::{ArchiveKind, ArchivedRecord};
 
 /// Audit entries by index. Errors are the store's own (a disk), named for the operator.
 pub trait AuditStore: Send + Sync {
@@ -20,6 +23,18 @@ pub trait AuditStore: Send + Sync {
     fn range(&self, from: u64, to: u64, limit: usize) -> Result<Vec<AuditEntry>, String>;
     /// Drops every entry up to `through` (pruned after their archive was confirmed).
     fn remove_through(&self, through: u64) -> Result<(), String>;
+
+    /// Writes an archived change or rollback, replacing one of the same kind and number (a
+    /// member replaying its log writes the same record again).
+    fn put_archived(&self, record: &ArchivedRecord) -> Result<(), String>;
+    fn archived(&self, kind: ArchiveKind, number: u64) -> Result<Option<ArchivedRecord>, String>;
+    /// Archived records of `kind` numbered below `before`, newest first, at most `limit`.
+    fn archived_before(
+        &self,
+        kind: ArchiveKind,
+        before: u64,
+        limit: usize,
+    ) -> Result<Vec<ArchivedRecord>, String>;
 }
 
 /// A shared handle to a store: what the state carries (never serialised). Two handles are
@@ -56,6 +71,7 @@ impl PartialEq for StoreHandle {
 #[derive(Default)]
 pub struct MemoryAuditStore {
     entries: Mutex<BTreeMap<u64, AuditEntry>>,
+    archive: Mutex<BTreeMap<(ArchiveKind, u64), ArchivedRecord>>,
     /// Test-only: every write fails with this, as a full or broken disk would.
     failing: Mutex<Option<String>>,
 }
@@ -63,6 +79,12 @@ pub struct MemoryAuditStore {
 impl MemoryAuditStore {
     fn entries(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, AuditEntry>> {
         self.entries
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn archive(&self) -> std::sync::MutexGuard<'_, BTreeMap<(ArchiveKind, u64), ArchivedRecord>> {
+        self.archive
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -117,5 +139,31 @@ impl AuditStore for MemoryAuditStore {
         let kept = entries.split_off(&through.saturating_add(1));
         *entries = kept;
         Ok(())
+    }
+
+    fn put_archived(&self, record: &ArchivedRecord) -> Result<(), String> {
+        self.check_writable()?;
+        self.archive()
+            .insert((record.kind(), record.number()), record.clone());
+        Ok(())
+    }
+
+    fn archived(&self, kind: ArchiveKind, number: u64) -> Result<Option<ArchivedRecord>, String> {
+        Ok(self.archive().get(&(kind, number)).cloned())
+    }
+
+    fn archived_before(
+        &self,
+        kind: ArchiveKind,
+        before: u64,
+        limit: usize,
+    ) -> Result<Vec<ArchivedRecord>, String> {
+        Ok(self
+            .archive()
+            .range((kind, 0)..(kind, before))
+            .rev()
+            .take(limit)
+            .map(|(_, record)| record.clone())
+            .collect())
     }
 }

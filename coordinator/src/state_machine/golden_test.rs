@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::apply_test::{pass_gate, rollback_step};
+use super::archive::ArchiveKind;
 use super::*;
 use crate::access::Policy;
 use crate::errors::CoordinatorError;
@@ -34,6 +35,9 @@ struct GoldenLog {
     /// digest no longer covers them.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     audit_digest: String,
+    /// The archived changes and rollbacks; from version 8's file on.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    archive_digest: String,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -49,7 +53,7 @@ fn golden_dir() -> PathBuf {
 /// What a member that applied `entries` from a state at `initial_cluster_version` holds: the
 /// state's digest (as `MemberStatus` reports it), the audit head, its length and the digest of
 /// the entries as stored.
-fn replay(initial_cluster_version: u32, entries: &[GoldenEntry]) -> (String, String, u64, String) {
+fn replay(initial_cluster_version: u32, entries: &[GoldenEntry]) -> Replayed {
     let mut state = State {
         cluster_version: initial_cluster_version,
         ..State::default()
@@ -66,13 +70,27 @@ fn replay(initial_cluster_version: u32, entries: &[GoldenEntry]) -> (String, Str
     }
     let audit = state.audit.verify();
     assert!(audit.first_broken.is_none(), "{}", audit.detail);
+    let mut archive = Vec::new();
+    for kind in [ArchiveKind::Change, ArchiveKind::Rollback] {
+        archive.extend(state.archived_before(kind, u64::MAX, usize::MAX).unwrap());
+    }
+    let archive_digest = if archive.is_empty() {
+        String::new()
+    } else {
+        rewind_shared::digest::sha256_digest(&serde_json::to_vec(&archive).unwrap())
+    };
     (
         rewind_shared::digest::sha256_digest(&serde_json::to_vec(&state).unwrap()),
         audit.head_hash,
         audit.entries,
         audit.content_digest,
+        archive_digest,
     )
 }
+
+/// What a replay ends with: the state's digest, the audit head, its length, the digest of its
+/// entries as stored, and the digest of the archive.
+type Replayed = (String, String, u64, String, String);
 
 /// The current release's scenario, from a cluster of the release before versions: at version 1
 /// what needs version 2 is refused and hosts still change services; the version is raised; then
@@ -198,6 +216,7 @@ fn current_release_log() -> Fleet {
     version_five(&mut harness);
     version_six(&mut harness);
     version_seven(&mut harness);
+    version_eight(&mut harness);
     harness
 }
 
@@ -704,6 +723,53 @@ fn version_seven(harness: &mut Fleet) {
     assert_eq!(verification.first_broken, None, "{}", verification.detail);
 }
 
+/// From version 8 a pruning moves the changes and rollbacks that ended by its last entry to the
+/// archive: at version 7 it moves none.
+fn version_eight(harness: &mut Fleet) {
+    let through = harness.confirm_archive_all();
+    harness.apply(CommandKind::PruneAudit { through });
+    assert!(harness.state.archived.is_empty(), "nothing moves at 7");
+    harness.apply(CommandKind::SetClusterVersion {
+        version: 8,
+        members: vec![],
+        reason: "every member on this release".into(),
+    });
+    let changes = harness.state.changes.len() as u64;
+    let rollbacks = harness.state.rollbacks.len() as u64;
+    let through = harness.confirm_archive_all();
+    harness.apply(CommandKind::PruneAudit { through });
+    let archived = harness.state.archived.clone();
+    assert!(
+        archived.changes > 0 && archived.rollbacks > 0,
+        "{archived:?}"
+    );
+    assert_eq!(
+        harness.state.changes.len() as u64 + archived.changes,
+        changes
+    );
+    assert_eq!(
+        harness.state.rollbacks.len() as u64 + archived.rollbacks,
+        rollbacks
+    );
+    // Each service's latest change stays: the one a rollback would revert.
+    for change in harness.state.changes.values() {
+        assert!(
+            harness
+                .state
+                .archived_change(change.number)
+                .unwrap()
+                .is_none()
+        );
+    }
+    let latest_of_web = harness
+        .state
+        .changes
+        .values()
+        .rev()
+        .find(|change| change.service == "web");
+    assert!(latest_of_web.is_some(), "web's latest change is kept");
+}
+
 #[test]
 fn the_current_release_scenario_does_what_it_says() {
     // Its assertions (what is refused, what starts) hold on every build, not only when written.
@@ -729,7 +795,8 @@ fn every_golden_log_replays_to_its_recorded_state_and_audit_head() {
                 data: String::from_utf8(data.clone()).expect("entries are JSON text"),
             })
             .collect();
-        let (state_digest, audit_head, audit_entries, audit_digest) = replay(0, &entries);
+        let (state_digest, audit_head, audit_entries, audit_digest, archive_digest) =
+            replay(0, &entries);
         let golden = GoldenLog {
             release: env!("CARGO_PKG_VERSION").into(),
             initial_cluster_version: 0,
@@ -738,6 +805,7 @@ fn every_golden_log_replays_to_its_recorded_state_and_audit_head() {
             audit_head,
             audit_entries,
             audit_digest,
+            archive_digest,
         };
         std::fs::create_dir_all(golden_dir()).unwrap();
         let text = serde_json::to_string_pretty(&golden).unwrap() + "\n";
@@ -770,21 +838,33 @@ fn every_golden_log_replays_to_its_recorded_state_and_audit_head() {
             panic!("{name}: golden logs are v<N>.json.zst (or .json)");
         };
         let golden: GoldenLog = serde_json::from_slice(&text).unwrap();
-        let (state_digest, audit_head, audit_entries, audit_digest) =
+        let (state_digest, audit_head, audit_entries, audit_digest, archive_digest) =
             replay(golden.initial_cluster_version, &golden.entries);
-        // Files before version 7's do not record the entries' digest: their state covers them.
-        let audit_digest = if golden.audit_digest.is_empty() {
-            String::new()
-        } else {
-            audit_digest
+        // Files before version 7's do not record the entries' digest (their state covers
+        // them), nor files before version 8's the archive's.
+        let recorded = |digest: String, golden: &str| {
+            if golden.is_empty() {
+                String::new()
+            } else {
+                digest
+            }
         };
+        let audit_digest = recorded(audit_digest, &golden.audit_digest);
+        let archive_digest = recorded(archive_digest, &golden.archive_digest);
         assert_eq!(
-            (state_digest, audit_head, audit_entries, audit_digest),
+            (
+                state_digest,
+                audit_head,
+                audit_entries,
+                audit_digest,
+                archive_digest
+            ),
             (
                 golden.state_digest,
                 golden.audit_head,
                 golden.audit_entries,
-                golden.audit_digest
+                golden.audit_digest,
+                golden.archive_digest
             ),
             "{} (written by release {}) replays differently: a change to apply() must be gated \
              on a new cluster version",

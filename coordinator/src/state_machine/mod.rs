@@ -3,6 +3,7 @@
 
 mod apply;
 pub mod approvals;
+pub mod archive;
 mod audit;
 mod audit_store;
 mod command;

@@ -20,7 +20,7 @@ use crate::errors::CoordinatorError;
 pub const LEGACY: u32 = 1;
 
 /// The highest cluster version this binary can apply.
-pub const CURRENT: u32 = 7;
+pub const CURRENT: u32 = 8;
 
 /// From this version a refused command takes back the requests for approval it expired or
 /// lapsed on its way to the refusal.
@@ -62,6 +62,10 @@ pub const SERVICE_OBJECTIVES: u32 = 6;
 /// From this version the audit entries live in a store beside the state (the state keeps the
 /// chain's head), so snapshots no longer grow with the history; raising to it moves them there.
 pub const AUDIT_STORE: u32 = 7;
+
+/// From this version finished changes and rollbacks whose audit entries were pruned move from
+/// the state to the archive beside it (see `archive`), with the pruning that passes them.
+pub const ARCHIVE: u32 = 8;
 
 /// What each version brought, for `rewindctl cluster version` and the README.
 pub const CHANGES: &[(u32, &str)] = &[
@@ -105,6 +109,12 @@ pub const CHANGES: &[(u32, &str)] = &[
         "audit entries in a store of their own beside the state, which keeps the chain's head: \
          snapshots stay the same size however long the history; a snapshot sent to a member \
          that is behind carries the entries",
+    ),
+    (
+        8,
+        "finished changes and rollbacks whose audit entries were pruned move from the state to \
+         an archive beside it (`change list`/`rollback list --archived`), except what the \
+         cluster still acts on; a snapshot sent to a member that is behind carries the archive",
     ),
 ];
 

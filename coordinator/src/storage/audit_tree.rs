@@ -1,55 +1,115 @@
 //! The audit entries of a member from cluster version 7, in the `audit` tree of its Raft store's
-//! sled database: big-endian index -> the entry's JSON. Written as entries are applied, flushed
-//! with the Raft store (before the log is compacted past them, so a replay can always rebuild
-//! what a crash lost).
+//! sled database: big-endian index -> the entry's JSON; and from version 8 the archived changes
+//! and rollbacks in its `archive` tree: a kind byte (`c`, `r`) and the big-endian number -> the
+//! record's JSON. Written as commands are applied, flushed with the Raft store (before the log
+//! is compacted past them, so a replay can always rebuild what a crash lost).
 
 use std::sync::{Arc, RwLock};
 
 use rewind_shared::audit::AuditEntry;
 
 use crate::state_machine::AuditStore;
+use crate::state_machine::archive::{ArchiveKind, ArchivedRecord};
 
 /// Clones share the tree, and [`SledAuditStore::close`] closes it for all: the state and the
 /// transport hold one, and a stopped member must not keep its database open.
 #[derive(Clone)]
 pub struct SledAuditStore {
-    tree: Arc<RwLock<Option<sled::Tree>>>,
+    trees: Arc<RwLock<Option<Trees>>>,
 }
 
-/// The tree's name in the Raft store's database.
+#[derive(Clone)]
+pub(super) struct Trees {
+    pub audit: sled::Tree,
+    pub archive: sled::Tree,
+}
+
+/// The trees' names in the Raft store's database.
 const AUDIT_TREE: &str = "audit";
+const ARCHIVE_TREE: &str = "archive";
 
 impl SledAuditStore {
     pub fn open(db: &sled::Db) -> Result<Self, String> {
-        let tree = db
-            .open_tree(AUDIT_TREE)
-            .map_err(|error| format!("open the audit tree: {error}"))?;
+        let open = |name: &str| {
+            db.open_tree(name)
+                .map_err(|error| format!("open the {name} tree: {error}"))
+        };
+        let trees = Trees {
+            audit: open(AUDIT_TREE)?,
+            archive: open(ARCHIVE_TREE)?,
+        };
         Ok(Self {
-            tree: Arc::new(RwLock::new(Some(tree))),
+            trees: Arc::new(RwLock::new(Some(trees))),
         })
     }
 
-    /// The tree, unless the member stopped.
-    pub(super) fn tree(&self) -> Result<sled::Tree, String> {
-        self.tree
+    /// The trees, unless the member stopped.
+    pub(super) fn trees(&self) -> Result<Trees, String> {
+        self.trees
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .clone()
             .ok_or_else(|| "the member stopped: its audit store is closed".to_string())
     }
 
-    /// Whether it holds any entry: none until the cluster runs version 7.
-    pub fn is_empty(&self) -> Result<bool, String> {
-        Ok(self.tree()?.is_empty())
+    fn tree(&self) -> Result<sled::Tree, String> {
+        Ok(self.trees()?.audit)
     }
 
-    /// Lets go of the tree, for every clone: the member stopped.
+    /// Whether it holds no entry and no archived record: so until the cluster runs version 7.
+    pub fn is_empty(&self) -> Result<bool, String> {
+        let trees = self.trees()?;
+        Ok(trees.audit.is_empty() && trees.archive.is_empty())
+    }
+
+    /// Every archived record, oldest of each kind first (for a snapshot bundle).
+    pub fn all_archived(&self) -> Result<Vec<ArchivedRecord>, String> {
+        self.trees()?
+            .archive
+            .iter()
+            .map(|item| {
+                let (key, bytes) = item.map_err(|error| format!("read the archive: {error}"))?;
+                decode_archived(&key, &bytes)
+            })
+            .collect()
+    }
+
+    /// Lets go of the trees, for every clone: the member stopped.
     pub fn close(&self) {
         *self
-            .tree
+            .trees
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
     }
+}
+
+fn kind_byte(kind: ArchiveKind) -> u8 {
+    match kind {
+        ArchiveKind::Change => b'c',
+        ArchiveKind::Rollback => b'r',
+    }
+}
+
+fn archive_key(kind: ArchiveKind, number: u64) -> [u8; 9] {
+    let mut key = [kind_byte(kind); 9];
+    key[1..].copy_from_slice(&number.to_be_bytes());
+    key
+}
+
+/// An archived record as the tree keeps it: its key and value.
+pub(super) fn encoded_archived(record: &ArchivedRecord) -> Result<([u8; 9], Vec<u8>), String> {
+    let bytes = serde_json::to_vec(record)
+        .map_err(|error| format!("encode archived record {}: {error}", record.number()))?;
+    Ok((archive_key(record.kind(), record.number()), bytes))
+}
+
+fn decode_archived(key: &[u8], bytes: &[u8]) -> Result<ArchivedRecord, String> {
+    serde_json::from_slice(bytes).map_err(|error| {
+        format!(
+            "the archived record at key {} does not decode: {error}",
+            String::from_utf8_lossy(key).escape_debug()
+        )
+    })
 }
 
 /// An entry as the tree keeps it: its key and value.
@@ -120,6 +180,43 @@ impl AuditStore for SledAuditStore {
         }
         tree.apply_batch(batch)
             .map_err(|error| format!("drop audit entries through {through}: {error}"))
+    }
+
+    fn put_archived(&self, record: &ArchivedRecord) -> Result<(), String> {
+        let (key, bytes) = encoded_archived(record)?;
+        self.trees()?
+            .archive
+            .insert(key, bytes)
+            .map(|_| ())
+            .map_err(|error| format!("archive record {}: {error}", record.number()))
+    }
+
+    fn archived(&self, kind: ArchiveKind, number: u64) -> Result<Option<ArchivedRecord>, String> {
+        let key = archive_key(kind, number);
+        self.trees()?
+            .archive
+            .get(key)
+            .map_err(|error| format!("read the archive: {error}"))?
+            .map(|bytes| decode_archived(&key, &bytes))
+            .transpose()
+    }
+
+    fn archived_before(
+        &self,
+        kind: ArchiveKind,
+        before: u64,
+        limit: usize,
+    ) -> Result<Vec<ArchivedRecord>, String> {
+        self.trees()?
+            .archive
+            .range(archive_key(kind, 0)..archive_key(kind, before))
+            .rev()
+            .take(limit)
+            .map(|item| {
+                let (key, bytes) = item.map_err(|error| format!("read the archive: {error}"))?;
+                decode_archived(&key, &bytes)
+            })
+            .collect()
     }
 }
 

@@ -233,12 +233,12 @@ impl RaftStore {
     /// record, commit index and membership are one sled transaction, so a crash leaves either
     /// the old store or the new one, never a commit index past the log.
     ///
-    /// With `audit` (a snapshot from cluster version 7 on), the audit tree is replaced by those
-    /// entries in the same transaction.
+    /// With what a bundle carries (a snapshot from cluster version 7 on), the audit and archive
+    /// trees are replaced by its entries and records in the same transaction.
     pub fn apply_snapshot(
         &self,
         snapshot: &Snapshot,
-        audit: Option<&[rewind_shared::audit::AuditEntry]>,
+        bundled: Option<&super::snapshot_codec::Bundled>,
     ) -> Result<(), CoordinatorError> {
         let metadata = snapshot.get_metadata();
         self.write_snapshot_file(metadata.index, snapshot.get_data())?;
@@ -258,31 +258,49 @@ impl RaftStore {
             .keys()
             .collect::<Result<Vec<_>, _>>()
             .map_err(|error| storage_error("read", "raft-log", error))?;
-        let audit_tree = self
+        let trees = self
             .audit
-            .tree()
+            .trees()
             .map_err(|error| storage_error("install", "a snapshot", error))?;
-        let audit_keys = audit_tree
+        let keys_of = |tree: &sled::Tree, name: &str| {
+            tree.iter()
+                .keys()
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|error| storage_error("read", name, error))
+        };
+        let audit_keys = keys_of(&trees.audit, "audit")?;
+        let archive_keys = keys_of(&trees.archive, "archive")?;
+        let (entries, archive) = bundled.map_or((&[][..], &[][..]), |bundled| {
+            (&bundled.entries[..], &bundled.archive[..])
+        });
+        let audit_entries = entries
             .iter()
-            .keys()
+            .map(|entry| {
+                super::audit_tree::encoded(entry).map(|(key, bytes)| (key.to_vec(), bytes))
+            })
+            .chain(archive.iter().map(|record| {
+                super::audit_tree::encoded_archived(record)
+                    .map(|(key, bytes)| (key.to_vec(), bytes))
+            }))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|error| storage_error("read", "audit", error))?;
-        let audit_entries = audit
-            .unwrap_or_default()
-            .iter()
-            .map(super::audit_tree::encoded)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|error| storage_error("install", "the audit entries", error))?;
-        (&self.log, &self.meta, &audit_tree)
-            .transaction(|(log, meta, audit)| {
+            .map_err(|error| storage_error("install", "the audit entries and archive", error))?;
+        let (audit_entries, archived) = audit_entries.split_at(entries.len());
+        (&self.log, &self.meta, &trees.audit, &trees.archive)
+            .transaction(|(log, meta, audit, archive)| {
                 for key in &log_keys {
                     log.remove(key.clone())?;
                 }
                 for key in &audit_keys {
                     audit.remove(key.clone())?;
                 }
-                for (key, bytes) in &audit_entries {
+                for key in &archive_keys {
+                    archive.remove(key.clone())?;
+                }
+                for (key, bytes) in audit_entries {
                     audit.insert(&key[..], bytes.clone())?;
+                }
+                for (key, bytes) in archived {
+                    archive.insert(&key[..], bytes.clone())?;
                 }
                 meta.insert(SNAPSHOT_KEY, record.clone())?;
                 meta.insert(HARD_STATE_KEY, hard_state_bytes.clone())?;
@@ -604,7 +622,7 @@ impl SnapshotFiles {
         self.bundle(file)
     }
 
-    /// The snapshot's state with the audit entries held now, as a bundle in an unnamed
+    /// The snapshot's state with the audit entries and archive held now, as a bundle in an unnamed
     /// file (see `snapshot_codec`): the member it goes to is behind, and from cluster version
     /// 7 the state alone does not carry the history. Entries newer than the snapshot may be
     /// in it too; the member writes them again, the same, as it applies the log after it.
@@ -618,7 +636,10 @@ impl SnapshotFiles {
         // snapshot); the receiver's next snapshot drops them too.
         let entries = crate::state_machine::AuditStore::range(&self.audit, 0, u64::MAX, usize::MAX)
             .map_err(std::io::Error::other)?;
-        let bundle = super::snapshot_codec::encode_bundle(&state_data, &entries)
+        // Records archived after the snapshot may be here too: the member archives them again,
+        // the same, as it applies the log after it.
+        let archive = self.audit.all_archived().map_err(std::io::Error::other)?;
+        let bundle = super::snapshot_codec::encode_bundle(&state_data, &entries, &archive)
             .map_err(std::io::Error::other)?;
         let mut file = tempfile::tempfile_in(&self.dir)?;
         file.write_all(&bundle)?;
@@ -800,5 +821,52 @@ mod tests {
         assert_eq!(store.hard_state().unwrap().commit, 20);
         assert_eq!(store.latest_snapshot().unwrap().get_data(), b"state@20");
         assert_eq!(files(&store), 1);
+    }
+
+    #[test]
+    fn an_installed_bundle_replaces_the_archive_and_a_sent_one_carries_it() {
+        use crate::state_machine::AuditStore as _;
+        use crate::state_machine::archive::{ArchiveKind, ArchivedChange, ArchivedRecord};
+        let dir = tempfile::tempdir().unwrap();
+        let store = reopen(dir.path());
+        store.bootstrap(&[1], b"founding".to_vec()).unwrap();
+        let mut fleet = crate::test_fleet::Fleet::with_web();
+        let first = fleet.deploy_web("v1");
+        let second = fleet.deploy_web("v2");
+        let archived = |number: u64| {
+            ArchivedRecord::Change(ArchivedChange {
+                archived_at_ms: 7,
+                change: fleet.state.changes[&number].clone(),
+            })
+        };
+        let archive = store.audit_store();
+        archive.put_archived(&archived(first)).unwrap();
+        let mut received = Snapshot::default();
+        received.set_data(b"state@20".to_vec().into());
+        received.mut_metadata().index = 20;
+        received.mut_metadata().term = 3;
+        received
+            .mut_metadata()
+            .set_conf_state(store.conf_state().unwrap());
+        let bundled = super::super::snapshot_codec::Bundled {
+            entries: Vec::new(),
+            archive: vec![archived(second)],
+        };
+        store.apply_snapshot(&received, Some(&bundled)).unwrap();
+        drop((archive, store));
+        let store = reopen(dir.path());
+        let archive = store.audit_store();
+        assert_eq!(archive.archived(ArchiveKind::Change, first).unwrap(), None);
+        assert_eq!(
+            archive.archived(ArchiveKind::Change, second).unwrap(),
+            Some(archived(second))
+        );
+        // What this member sends on is a bundle of version 4, with the archive.
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut store.snapshot_files().open(20).unwrap(), &mut data)
+            .unwrap();
+        assert!(data.starts_with(b"RWSNAP\x04"));
+        let (_, carried) = super::super::snapshot_codec::split_bundle(&data).unwrap();
+        assert_eq!(carried.unwrap().archive, [archived(second)]);
     }
 }

@@ -19,6 +19,11 @@
 //! and keeps the state's data alone as its snapshot, so snapshots on disk stay the size of the
 //! state.
 //!
+//! Version 4 is a bundle that carries the archive too (cluster version 8, once anything was
+//! archived): as version 3, but its zstd frame holds the audit entries and the archived changes
+//! and rollbacks. A member sends version 3 while its archive is empty, so a member of the
+//! previous release still reads what it gets until the cluster runs version 8.
+//!
 //! Measured by `cargo bench -p rewind-coordinator --bench snapshot` (numbers in the README):
 //! on a state of 60,000 commands it is 5x smaller than the JSON, at about the same encode and
 //! decode time.
@@ -26,7 +31,8 @@
 use std::io::Read as _;
 
 use crate::errors::CoordinatorError;
-use crate::state_machine::{State, version};
+use crate::state_machine::archive::{ArchiveKind, ArchivedRecord};
+use crate::state_machine::{AuditEntry, State, version};
 
 /// A state's cluster version alone (every other field ignored).
 #[derive(serde::Deserialize)]
@@ -42,6 +48,8 @@ const VERSION_LEGACY: u8 = 1;
 const VERSION: u8 = 2;
 /// A state's data followed by the audit entries (to a member that is behind).
 const VERSION_BUNDLE: u8 = 3;
+/// A state's data followed by the audit entries and the archive.
+const VERSION_BUNDLE_ARCHIVE: u8 = 4;
 /// Most bytes a bundle's audit entries may decode to.
 pub const MAX_DECODED_AUDIT_BYTES: u64 = 4 << 30;
 /// zstd's fastest level: on the benchmark's state it was also smaller than level 3 (the
@@ -83,28 +91,56 @@ fn append_frame(
         .map_err(|error| encoding_error(&format!("compress {what}"), error))
 }
 
-/// A bundle of a state's snapshot data (`state_data`, as [`encode`] wrote it) and the audit
-/// entries it continues from.
+/// What a bundle carries beside the state: the audit entries, and (version 4) the archive.
+#[derive(Debug, Default, PartialEq, serde::Deserialize)]
+pub struct Bundled {
+    pub entries: Vec<AuditEntry>,
+    pub archive: Vec<ArchivedRecord>,
+}
+
+/// How version 4 writes [`Bundled`], without copying the records.
+#[derive(serde::Serialize)]
+struct BundledRef<'a> {
+    entries: &'a [AuditEntry],
+    archive: &'a [ArchivedRecord],
+}
+
+/// A bundle of a state's snapshot data (`state_data`, as [`encode`] wrote it), the audit
+/// entries it continues from and the archive: version 3 while the archive is empty.
 pub fn encode_bundle(
     state_data: &[u8],
-    entries: &[rewind_shared::audit::AuditEntry],
+    entries: &[AuditEntry],
+    archive: &[ArchivedRecord],
 ) -> Result<Vec<u8>, CoordinatorError> {
     let mut data = Vec::with_capacity(state_data.len() + 64 + entries.len() * 256);
     data.extend_from_slice(MAGIC);
-    data.push(VERSION_BUNDLE);
+    data.push(if archive.is_empty() {
+        VERSION_BUNDLE
+    } else {
+        VERSION_BUNDLE_ARCHIVE
+    });
     data.extend_from_slice(&(state_data.len() as u64).to_be_bytes());
     data.extend_from_slice(state_data);
-    append_frame(data, &entries, "the audit entries")
+    if archive.is_empty() {
+        append_frame(data, &entries, "the audit entries")
+    } else {
+        append_frame(
+            data,
+            &BundledRef { entries, archive },
+            "the audit entries and archive",
+        )
+    }
 }
 
-/// A bundle's state data and its compressed entries, undecoded.
-type BundleParts<'a> = (&'a [u8], &'a [u8]);
+/// A bundle's version, state data and compressed frame, undecoded.
+type BundleParts<'a> = (u8, &'a [u8], &'a [u8]);
 
 /// A bundle's parts; None if `data` is no bundle.
 fn bundle_parts(data: &[u8]) -> Result<Option<BundleParts<'_>>, CoordinatorError> {
-    let Some(rest) = data
+    let Some((&version, rest)) = data
         .strip_prefix(MAGIC)
-        .and_then(|rest| rest.strip_prefix(&[VERSION_BUNDLE]))
+        .and_then(|rest| rest.split_first())
+        .filter(|(version, _)| [VERSION_BUNDLE, VERSION_BUNDLE_ARCHIVE].contains(version))
     else {
         return Ok(None);
     };
@@ -118,63 +154,95 @@ fn bundle_parts(data: &[u8]) -> Result<Option<BundleParts<'_>>, CoordinatorError
             rest.len()
         )));
     }
-    Ok(Some(rest.split_at(length)))
+    let (state_data, frame) = rest.split_at(length);
+    Ok(Some((version, state_data, frame)))
 }
 
-/// Snapshot data split into the state's data and, for a bundle, its audit entries.
-pub fn split_bundle(
-    data: &[u8],
-) -> Result<(&[u8], Option<Vec<rewind_shared::audit::AuditEntry>>), CoordinatorError> {
-    let Some((state_data, frame)) = bundle_parts(data)? else {
+/// Snapshot data split into the state's data and, for a bundle, what it carries beside it.
+pub fn split_bundle(data: &[u8]) -> Result<(&[u8], Option<Bundled>), CoordinatorError> {
+    let Some((version, state_data, frame)) = bundle_parts(data)? else {
         return Ok((data, None));
     };
     if bundle_parts(state_data)?.is_some() {
         return Err(decoding_error("a bundle holds another bundle, not a state"));
     }
-    let plain = decompress(frame, MAX_DECODED_AUDIT_BYTES, "the audit entries")?;
-    let entries = rmp_serde::from_slice(&plain)
-        .map_err(|error| decoding_error(format!("decode the audit entries: {error}")))?;
-    Ok((state_data, Some(entries)))
+    let what = if version == VERSION_BUNDLE {
+        "the audit entries"
+    } else {
+        "the audit entries and archive"
+    };
+    let plain = decompress(frame, MAX_DECODED_AUDIT_BYTES, what)?;
+    let decoded = if version == VERSION_BUNDLE {
+        rmp_serde::from_slice(&plain).map(|entries| Bundled {
+            entries,
+            archive: Vec::new(),
+        })
+    } else {
+        rmp_serde::from_slice(&plain)
+    };
+    let bundled = decoded.map_err(|error| decoding_error(format!("decode {what}: {error}")))?;
+    Ok((state_data, Some(bundled)))
 }
 
 /// Checks snapshot data received from a member, whole: its state decodes, a bundle's entries
-/// decode too, and a state whose audit entries are in their store (cluster version 7) comes
-/// with them, since installing it replaces this member's.
+/// and archive decode too, a state whose audit entries are in their store (cluster version 7)
+/// comes with them, and one that archived records (version 8) with at least those, since
+/// installing it replaces this member's.
 pub fn check_received(data: &[u8]) -> Result<(), CoordinatorError> {
-    let (state_data, entries) = split_bundle(data)?;
+    let (state_data, bundled) = split_bundle(data)?;
     let state = decode(state_data)?;
     let audit = &state.audit;
-    match entries {
-        None if audit.is_stored() && !audit.is_empty() => Err(decoding_error(
-            "its state keeps the audit entries in their store, but they did not come with it",
-        )),
+    let Some(bundled) = bundled else {
+        if audit.is_stored() && !audit.is_empty() {
+            return Err(decoding_error(
+                "its state keeps the audit entries in their store, but they did not come with it",
+            ));
+        }
+        if !state.archived.is_empty() {
+            return Err(decoding_error(
+                "its state archived changes and rollbacks, but the archive did not come with it",
+            ));
+        }
+        return Ok(());
+    };
+    for kind in [ArchiveKind::Change, ArchiveKind::Rollback] {
+        let carried = bundled
+            .archive
+            .iter()
+            .filter(|record| record.kind() == kind)
+            .count() as u64;
+        if carried < state.archived.of(kind) {
+            return Err(decoding_error(format!(
+                "its state archived {} {kind:?} records, but only {carried} came with it",
+                state.archived.of(kind)
+            )));
+        }
+    }
+    if audit.is_stored() {
         // Sent while the sender dropped entries a newer snapshot pruned: refused, and sent
         // again from that newer snapshot, rather than installed with a hole.
-        Some(entries) if audit.is_stored() => {
-            let held: Vec<u64> = entries
-                .iter()
-                .map(|entry| entry.index)
-                .filter(|index| (audit.first_index()..audit.next_index()).contains(index))
-                .collect();
-            let expected = audit.first_index()..audit.next_index();
-            if held.iter().copied().ne(expected.clone()) {
-                return Err(decoding_error(format!(
-                    "its audit entries do not run whole from {} to {}",
-                    expected.start,
-                    expected.end.saturating_sub(1)
-                )));
-            }
-            Ok(())
+        let expected = audit.first_index()..audit.next_index();
+        let held = bundled
+            .entries
+            .iter()
+            .map(|entry| entry.index)
+            .filter(|index| expected.contains(index));
+        if held.ne(expected.clone()) {
+            return Err(decoding_error(format!(
+                "its audit entries do not run whole from {} to {}",
+                expected.start,
+                expected.end.saturating_sub(1)
+            )));
         }
-        _ => Ok(()),
     }
+    Ok(())
 }
 
 /// Decodes snapshot data in any encoding this binary knows (the current one, and the JSON of
 /// earlier versions), naming what is wrong with data it cannot read. A bundle's state only
 /// (a bundle inside a bundle is refused as an unknown version).
 pub fn decode(data: &[u8]) -> Result<State, CoordinatorError> {
-    if let Some((state_data, _)) = bundle_parts(data)? {
+    if let Some((_, state_data, _)) = bundle_parts(data)? {
         return decode_state(state_data);
     }
     decode_state(data)
@@ -296,12 +364,12 @@ mod tests {
         let entries: Vec<_> = (1..=3)
             .map(|index| rewind_shared::audit::AuditEntry::salted(index, "00", &record, &[1; 32]))
             .collect();
-        let bundle = encode_bundle(&state_data, &entries).unwrap();
+        let bundle = encode_bundle(&state_data, &entries, &[]).unwrap();
         assert!(bundle.starts_with(b"RWSNAP\x03"));
         assert_eq!(decode(&bundle).unwrap(), state);
         let (inner, carried) = split_bundle(&bundle).unwrap();
         assert_eq!(inner, &state_data[..]);
-        assert_eq!(carried.unwrap(), entries);
+        assert_eq!(carried.unwrap().entries, entries);
         // Not a bundle: the data whole, no entries.
         let (whole, none) = split_bundle(&state_data).unwrap();
         assert_eq!((whole.len(), none), (state_data.len(), None));
@@ -315,7 +383,7 @@ mod tests {
         let error = split_bundle(&lying).unwrap_err().to_string();
         assert!(error.contains("only"), "{error}");
         // A bundle inside a bundle is no state.
-        let nested = encode_bundle(&bundle, &entries).unwrap();
+        let nested = encode_bundle(&bundle, &entries, &[]).unwrap();
         let error = decode(&nested).unwrap_err().to_string();
         assert!(error.contains("version 3"), "{error}");
         // A stored state that arrives without its entries is refused; with them it is not.
@@ -327,7 +395,7 @@ mod tests {
         assert!(error.contains("did not come with it"), "{error}");
         let entries = stored.audit.entries();
         let entries: Vec<_> = entries.iter().map(|entry| (**entry).clone()).collect();
-        check_received(&encode_bundle(&alone, &entries).unwrap()).unwrap();
+        check_received(&encode_bundle(&alone, &entries, &[]).unwrap()).unwrap();
         // With a hole where a newer snapshot's pruning took entries away: refused.
         let mut more = stored.clone();
         more.audit.append(&record, Some(&[2; 32]));
@@ -337,13 +405,45 @@ mod tests {
             .iter()
             .map(|entry| (***entry).clone())
             .collect();
-        let error = check_received(&encode_bundle(&encode(&more).unwrap(), &holed).unwrap())
+        let error = check_received(&encode_bundle(&encode(&more).unwrap(), &holed, &[]).unwrap())
             .unwrap_err()
             .to_string();
         assert!(error.contains("do not run whole from 1 to 3"), "{error}");
         // A bundle inside a bundle, whichever way it is read.
         let error = check_received(&nested).unwrap_err().to_string();
         assert!(error.contains("another bundle"), "{error}");
+    }
+
+    #[test]
+    fn a_bundle_carries_the_archive_its_state_counts() {
+        use crate::state_machine::archive::{ArchiveCounts, ArchivedChange};
+        let mut state = sample_state();
+        state.audit.move_to_store();
+        state.archived = ArchiveCounts {
+            changes: 1,
+            rollbacks: 0,
+        };
+        let mut fleet = crate::test_fleet::Fleet::with_web();
+        let number = fleet.deploy_web("v1");
+        let change = fleet.state.changes[&number].clone();
+        let archive = [ArchivedRecord::Change(ArchivedChange {
+            archived_at_ms: 9,
+            change,
+        })];
+        let state_data = encode(&state).unwrap();
+        let bundle = encode_bundle(&state_data, &[], &archive).unwrap();
+        assert!(bundle.starts_with(b"RWSNAP\x04"));
+        assert_eq!(decode(&bundle).unwrap(), state);
+        let (_, carried) = split_bundle(&bundle).unwrap();
+        assert_eq!(carried.unwrap().archive, archive);
+        check_received(&bundle).unwrap();
+        // Without the archive its state counts: refused, alone or in a version 3 bundle.
+        let error = check_received(&state_data).unwrap_err().to_string();
+        assert!(error.contains("archive did not come with it"), "{error}");
+        let error = check_received(&encode_bundle(&state_data, &[], &[]).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("only 0 came with it"), "{error}");
     }
 
     #[test]

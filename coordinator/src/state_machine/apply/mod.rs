@@ -525,17 +525,23 @@ fn apply_kind(state: &mut State, command: &Command) -> Result<(Outcome, String, 
         CommandKind::PruneAudit { through } => {
             version::require(state, version::AUDIT_ARCHIVE, "audit retention")?;
             let first = state.audit.first_index();
-            let pruned = state
+            let (pruned, last_at_ms) = state
                 .audit
                 .prune_through(*through)
                 .map_err(|why| audit_refused("prune", why))?;
-            Ok((
-                Outcome::Done,
-                format!("audit/{first}..{through}"),
-                format!(
-                    "ok: {pruned} archived entries dropped; the chain goes on from entry {through}'s hash"
-                ),
-            ))
+            let mut outcome = format!(
+                "ok: {pruned} archived entries dropped; the chain goes on from entry {through}'s hash"
+            );
+            if state.cluster_version() >= version::ARCHIVE {
+                let (changes, rollbacks) =
+                    super::archive::archive_finished(state, last_at_ms, at_ms);
+                if changes + rollbacks > 0 {
+                    outcome.push_str(&format!(
+                        "; {changes} changes and {rollbacks} rollbacks that ended by then moved to the archive"
+                    ));
+                }
+            }
+            Ok((Outcome::Done, format!("audit/{first}..{through}"), outcome))
         }
         CommandKind::RedactAudit {
             index,

@@ -121,6 +121,12 @@ pub struct State {
     /// Notes and closures of incidents (from version 5), by rollback number.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub incidents: BTreeMap<u64, IncidentRecord>,
+    /// How many changes and rollbacks moved to the archive beside the state (from version 8).
+    #[serde(
+        default,
+        skip_serializing_if = "super::archive::ArchiveCounts::is_empty"
+    )]
+    pub archived: super::archive::ArchiveCounts,
 }
 impl State {
     /// The cluster version in force.
