@@ -22,8 +22,8 @@ use super::state::{ChangeRecord, ChangeStatus, IncidentRecord, RollbackRecord, S
 /// What the archive holds: a change, or a rollback with its incident's notes and analysis.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum ArchivedRecord {
-    Change(ArchivedChange),
-    Rollback(ArchivedRollback),
+    Change(Box<ArchivedChange>),
+    Rollback(Box<ArchivedRollback>),
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -195,10 +195,12 @@ pub fn archive_finished(state: &mut State, ended_by_ms: u64, at_ms: u64) -> (u64
         let Some(change) = state.changes.remove(number) else {
             continue;
         };
-        state.audit.archive(&ArchivedRecord::Change(ArchivedChange {
-            archived_at_ms: at_ms,
-            change,
-        }));
+        state
+            .audit
+            .archive(&ArchivedRecord::Change(Box::new(ArchivedChange {
+                archived_at_ms: at_ms,
+                change,
+            })));
         state.archived.changes += 1;
     }
     for number in &rollbacks {
@@ -208,11 +210,11 @@ pub fn archive_finished(state: &mut State, ended_by_ms: u64, at_ms: u64) -> (u64
         let incident = state.incidents.remove(number);
         state
             .audit
-            .archive(&ArchivedRecord::Rollback(ArchivedRollback {
+            .archive(&ArchivedRecord::Rollback(Box::new(ArchivedRollback {
                 archived_at_ms: at_ms,
                 rollback,
                 incident,
-            }));
+            })));
         state.archived.rollbacks += 1;
     }
     (changes.len() as u64, rollbacks.len() as u64)
@@ -223,7 +225,7 @@ impl State {
     pub fn archived_change(&self, number: u64) -> Result<Option<ArchivedChange>, String> {
         Ok(
             match self.audit.store().archived(ArchiveKind::Change, number)? {
-                Some(ArchivedRecord::Change(archived)) => Some(archived),
+                Some(ArchivedRecord::Change(archived)) => Some(*archived),
                 _ => None,
             },
         )
@@ -233,7 +235,7 @@ impl State {
     pub fn archived_rollback(&self, number: u64) -> Result<Option<ArchivedRollback>, String> {
         Ok(
             match self.audit.store().archived(ArchiveKind::Rollback, number)? {
-                Some(ArchivedRecord::Rollback(archived)) => Some(archived),
+                Some(ArchivedRecord::Rollback(archived)) => Some(*archived),
                 _ => None,
             },
         )

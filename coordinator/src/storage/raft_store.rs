@@ -834,10 +834,10 @@ mod tests {
         let first = fleet.deploy_web("v1");
         let second = fleet.deploy_web("v2");
         let archived = |number: u64| {
-            ArchivedRecord::Change(ArchivedChange {
+            ArchivedRecord::Change(Box::new(ArchivedChange {
                 archived_at_ms: 7,
                 change: fleet.state.changes[&number].clone(),
-            })
+            }))
         };
         let archive = store.audit_store();
         archive.put_archived(&archived(first)).unwrap();

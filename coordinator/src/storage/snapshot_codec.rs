@@ -426,10 +426,10 @@ mod tests {
         let mut fleet = crate::test_fleet::Fleet::with_web();
         let number = fleet.deploy_web("v1");
         let change = fleet.state.changes[&number].clone();
-        let archive = [ArchivedRecord::Change(ArchivedChange {
+        let archive = [ArchivedRecord::Change(Box::new(ArchivedChange {
             archived_at_ms: 9,
             change,
-        })];
+        }))];
         let state_data = encode(&state).unwrap();
         let bundle = encode_bundle(&state_data, &[], &archive).unwrap();
         assert!(bundle.starts_with(b"RWSNAP\x04"));
