@@ -115,6 +115,33 @@ pub fn trigger_of(rollback: &pb::Rollback) -> String {
     }
 }
 
+/// With `archived`, an ARCHIVED column (when each row's record moved to the archive, from
+/// `archived_at_ms(row index)`) after the others.
+pub fn with_archived_column(
+    archived: bool,
+    headers: &mut Vec<&str>,
+    mut rows: Vec<Vec<String>>,
+    archived_at_ms: impl Fn(usize) -> u64,
+) -> Vec<Vec<String>> {
+    if archived {
+        headers.push("ARCHIVED");
+        for (index, row) in rows.iter_mut().enumerate() {
+            row.push(time(archived_at_ms(index)));
+        }
+    }
+    rows
+}
+
+/// Says when a record moved to the archive, if it did.
+fn say_archived(archived_at_ms: u64) {
+    if archived_at_ms != 0 {
+        say!(
+            "archived at {} (it ended before the audit retention; read only)",
+            time(archived_at_ms)
+        );
+    }
+}
+
 pub fn print_rollback(rollback: &pb::Rollback) {
     say!(
         "{}  {}  of {} ({})  trigger: {}  started by {} at {}",
@@ -127,6 +154,7 @@ pub fn print_rollback(rollback: &pb::Rollback) {
         time(rollback.started_at_ms)
     );
     say!("reason: {}", rollback.reason);
+    say_archived(rollback.archived_at_ms);
     if !rollback.approved_by.is_empty() {
         say!(
             "approved by {}{}",
@@ -226,6 +254,7 @@ pub fn print_change(change: &pb::Change) {
     if !change.reason.is_empty() {
         say!("reason: {}", change.reason);
     }
+    say_archived(change.archived_at_ms);
     if !change.approved_by.is_empty() {
         say!(
             "approved by {} ({})",

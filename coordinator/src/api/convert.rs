@@ -187,6 +187,7 @@ pub fn change(change: &ChangeRecord) -> pb::Change {
             })
             .collect(),
         change_id: change.id(),
+        archived_at_ms: 0,
         service: change.service.clone(),
         version: change.version.clone(),
         previous_version: change.previous_version.clone(),
@@ -329,6 +330,7 @@ pub fn rollback(state: &State, rollback: &RollbackRecord) -> pb::Rollback {
             .collect(),
         outcome_detail: rollback.outcome_detail.clone(),
         failed_hosts: rollback.failed_hosts.clone(),
+        archived_at_ms: 0,
         change_ids,
         services: rollback.services.clone(),
         options: Some(plan_options(&rollback.options)),

@@ -9,9 +9,16 @@ pub use crate::plan::host_environment as environment_of;
 
 /// A change's service in every environment it touches (see [`crate::plan::change_environments`]).
 pub fn change(state: &State, number: u64) -> Vec<Target> {
-    let Some(change) = state.changes.get(&number) else {
-        return Vec::new();
-    };
+    state
+        .changes
+        .get(&number)
+        .map(|change| of_change(state, change))
+        .unwrap_or_default()
+}
+
+/// A change's service in every environment it touches, for a record the state need not hold
+/// (an archived one).
+pub fn of_change(state: &State, change: &crate::state_machine::ChangeRecord) -> Vec<Target> {
     crate::plan::change_environments(state, change)
         .into_iter()
         .map(|environment| Target::scoped(environment, &change.service))

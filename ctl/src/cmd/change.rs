@@ -8,7 +8,7 @@ use rewind_proto::v1 as pb;
 
 use crate::client::{self, explain, request_id};
 use crate::commands::{NewestPageArgs, next_or_legacy, next_page};
-use crate::output::{self, Format, json, table, time};
+use crate::output::{self, Format, json, table, time, with_archived_column};
 
 #[derive(Clone, Subcommand)]
 pub enum ChangeCommand {
@@ -41,6 +41,10 @@ pub enum ChangeCommand {
     List {
         #[arg(long, default_value = "")]
         service: String,
+        /// List the archive instead: changes that ended before the audit retention and left
+        /// the cluster's state.
+        #[arg(long)]
+        archived: bool,
         #[command(flatten)]
         page: NewestPageArgs,
     },
@@ -94,13 +98,19 @@ pub(crate) async fn change(
                 .into_inner()
                 .change
         }
-        ChangeCommand::List { service, page } => {
+        ChangeCommand::List {
+            service,
+            archived,
+            page,
+        } => {
             let page = page.page();
-            let command = if service.is_empty() {
-                "change list".to_string()
-            } else {
-                format!("change list --service {service}")
-            };
+            let mut command = "change list".to_string();
+            if !service.is_empty() {
+                command.push_str(&format!(" --service {service}"));
+            }
+            if archived {
+                command.push_str(" --archived");
+            }
             // The old fields too, for a coordinator before 0.3 (the new ones win on a newer).
             #[allow(deprecated)]
             let request = pb::ListChangesRequest {
@@ -109,6 +119,7 @@ pub(crate) async fn change(
                 before: page.page_token.clone(),
                 page_size: page.page_size,
                 page_token: page.page_token.clone(),
+                archived,
             };
             let changes = client
                 .list_changes(request)
@@ -133,12 +144,13 @@ pub(crate) async fn change(
                         ]
                     })
                     .collect();
-                table(
-                    &[
-                        "CHANGE", "SERVICE", "VERSIONS", "STATE", "HOSTS", "STARTED", "ROLLBACK",
-                    ],
-                    rows,
-                );
+                let mut headers = vec![
+                    "CHANGE", "SERVICE", "VERSIONS", "STATE", "HOSTS", "STARTED", "ROLLBACK",
+                ];
+                let rows = with_archived_column(archived, &mut headers, rows, |index| {
+                    changes.changes[index].archived_at_ms
+                });
+                table(&headers, rows);
                 #[allow(deprecated)]
                 let next = next_or_legacy(&changes.next_page_token, &changes.next_before);
                 next_page(&command, page.page_size, next);

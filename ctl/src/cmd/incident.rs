@@ -220,6 +220,13 @@ fn facts(incident: &pb::Incident, out: &mut String) {
         "- Rollback: {} ({}, {})",
         incident.rollback_id, incident.trigger, incident.rollback_state
     );
+    if incident.archived_at_ms != 0 {
+        let _ = writeln!(
+            out,
+            "- Archived: {} (read only: it takes no more notes)",
+            time(incident.archived_at_ms)
+        );
+    }
     let _ = writeln!(out, "- Evidence: {}", incident.evidence);
     for alert in &incident.alerts {
         let _ = writeln!(out, "  - alert: {alert}");

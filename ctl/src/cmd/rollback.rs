@@ -8,7 +8,7 @@ use rewind_proto::v1 as pb;
 
 use crate::client::{self, explain, request_id};
 use crate::commands::{EXIT_ROLLBACK_FAILED, NewestPageArgs, next_or_legacy, next_page};
-use crate::output::{self, Format, json, table, time};
+use crate::output::{self, Format, json, table, time, with_archived_column};
 use crate::watch;
 
 #[derive(Clone, Subcommand)]
@@ -66,6 +66,10 @@ pub enum RollbackCommand {
     Show { rollback_id: String },
     /// Rollbacks, newest first, a page at a time (`show` shows one's steps).
     List {
+        /// List the archive instead: rollbacks that ended before the audit retention and left
+        /// the cluster's state.
+        #[arg(long)]
+        archived: bool,
         #[command(flatten)]
         page: NewestPageArgs,
     },
@@ -220,7 +224,7 @@ pub(crate) async fn rollback(
             .into_inner()
             .rollback
             .context("no rollback in the answer")?,
-        RollbackCommand::List { page } => {
+        RollbackCommand::List { archived, page } => {
             let page = page.page();
             // The old fields too, for a coordinator before 0.3 (the new ones win on a newer).
             #[allow(deprecated)]
@@ -229,6 +233,7 @@ pub(crate) async fn rollback(
                 before: page.page_token.clone(),
                 page_size: page.page_size,
                 page_token: page.page_token.clone(),
+                archived,
             };
             let rollbacks = client
                 .list_rollbacks(request)
@@ -253,16 +258,21 @@ pub(crate) async fn rollback(
                         ]
                     })
                     .collect();
-                table(
-                    &[
-                        "ROLLBACK", "CHANGES", "SERVICES", "STATE", "TRIGGER", "STARTED",
-                        "FINISHED",
-                    ],
-                    rows,
-                );
+                let mut headers = vec![
+                    "ROLLBACK", "CHANGES", "SERVICES", "STATE", "TRIGGER", "STARTED", "FINISHED",
+                ];
+                let rows = with_archived_column(archived, &mut headers, rows, |index| {
+                    rollbacks.rollbacks[index].archived_at_ms
+                });
+                table(&headers, rows);
                 #[allow(deprecated)]
                 let next = next_or_legacy(&rollbacks.next_page_token, &rollbacks.next_before);
-                next_page("rollback list", page.page_size, next);
+                let command = if archived {
+                    "rollback list --archived"
+                } else {
+                    "rollback list"
+                };
+                next_page(command, page.page_size, next);
             }
             return Ok(ExitCode::SUCCESS);
         }

@@ -116,6 +116,20 @@ pub(super) async fn get_change(
     let caller = caller(&request)?;
     control.context.current().await?;
     let number = parse_id("change_id", "ch", &request.into_inner().change_id)?;
+    let archived = control.context.node.read(|state| {
+        Ok::<_, Status>(archive::change(state, number)?.map(|archived| {
+            let targets = archive::change_targets(state, &archived.change);
+            (targets, archive::change_view(&archived))
+        }))
+    })?;
+    if let Some((targets, change)) = archived {
+        control.context.authorize_found(&caller, &targets, || {
+            Status::not_found(format!("no change {}", change_id(number)))
+        })?;
+        return Ok(Response::new(pb::GetChangeResponse {
+            change: Some(change),
+        }));
+    }
     let targets = control
         .context
         .node
@@ -154,6 +168,35 @@ pub(super) async fn list_changes(
     let (limit, before) = (page.size()?, page.before("ch")?);
     control.context.current().await?;
     let service = request.service;
+    if request.archived {
+        let (changes, next_page_token) = control.context.node.read(|state| {
+            let matching = archive::newest_first(state, ArchiveKind::Change, before)
+                .filter_map(|record| match record {
+                    Ok(ArchivedRecord::Change(archived)) => Some(Ok(archived)),
+                    Ok(ArchivedRecord::Rollback(_)) => None,
+                    Err(error) => Some(Err(error)),
+                })
+                .filter(|archived| {
+                    archived.as_ref().map_or(true, |archived| {
+                        (service.is_empty() || archived.change.service == service)
+                            && caller.may_see(&archive::change_targets(state, &archived.change))
+                    })
+                })
+                .map(|archived| archived.map(|archived| archive::change_view(&archived)));
+            one_page(limit, matching, |change| {
+                change
+                    .as_ref()
+                    .map_or_else(|_| String::new(), |change| change.change_id.clone())
+            })
+        });
+        let changes = changes.into_iter().collect::<Result<Vec<_>, Status>>()?;
+        #[allow(deprecated)] // Set for clients before 0.3.
+        return Ok(Response::new(pb::ListChangesResponse {
+            changes,
+            next_before: next_page_token.clone(),
+            next_page_token,
+        }));
+    }
     let (changes, next_page_token) = control.context.node.read(|state| {
         let matching = state
             .changes

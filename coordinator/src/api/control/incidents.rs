@@ -8,11 +8,12 @@ use std::sync::Arc;
 use rewind_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
-use super::Control;
+use super::{Control, archive};
 use crate::api::gate::caller;
 use crate::api::status::{invalid, to_status};
 use crate::api::targets;
 use crate::api::validate::{PageRequest, one_page, within_bytes};
+use crate::state_machine::archive::{ArchiveKind, ArchivedRecord, ArchivedRollback};
 use crate::state_machine::*;
 
 /// Most step-level and flag events an incident's timeline shows; the rest are counted, and the
@@ -199,19 +200,63 @@ pub fn incident(
     Ok(incident)
 }
 
-/// What the detailed view of incident `number` reads of the state, copied (with the audit log's
-/// head, which shares or reads its entries), so its timeline, from the impact to now, is read
-/// without holding the state; None if there is no such rollback.
-fn detail_parts(state: &State, number: u64) -> Option<(State, RollbackRecord)> {
-    let record = state.rollbacks.get(&number)?.clone();
+/// What the view of an incident reads of the state, copied (with the audit log's head, which
+/// shares or reads its entries), so that its timeline, from the impact to now, is read without
+/// holding the state.
+struct IncidentParts {
+    state: State,
+    record: RollbackRecord,
+    /// When its rollback moved to the archive; 0 while the state holds it.
+    archived_at_ms: u64,
+}
+
+/// The parts of incident `number`, from the state or (its rollback archived) the archive; None
+/// if there is no such rollback.
+fn detail_parts(state: &State, number: u64) -> Result<Option<IncidentParts>, Status> {
+    match state.rollbacks.get(&number) {
+        Some(record) => assemble(
+            state,
+            record.clone(),
+            state.incidents.get(&number).cloned(),
+            0,
+        )
+        .map(Some),
+        None => match archive::rollback(state, number)? {
+            Some(archived) => detail_parts_of(state, archived).map(Some),
+            None => Ok(None),
+        },
+    }
+}
+
+/// The parts of an archived incident.
+fn detail_parts_of(state: &State, archived: ArchivedRollback) -> Result<IncidentParts, Status> {
+    assemble(
+        state,
+        archived.rollback,
+        archived.incident,
+        archived.archived_at_ms,
+    )
+}
+
+fn assemble(
+    state: &State,
+    record: RollbackRecord,
+    noted: Option<IncidentRecord>,
+    archived_at_ms: u64,
+) -> Result<IncidentParts, Status> {
+    let number = record.number;
     let mut parts = State {
         cluster_version: state.cluster_version,
         audit: state.audit.clone(),
         ..State::default()
     };
-    for change in &record.changes {
-        if let Some(found) = state.changes.get(change) {
-            parts.changes.insert(*change, found.clone());
+    for &change in &record.changes {
+        let found = match state.changes.get(&change) {
+            Some(found) => Some(found.clone()),
+            None => archive::change(state, change)?.map(|archived| archived.change),
+        };
+        if let Some(found) = found {
+            parts.changes.insert(change, found);
         }
     }
     parts.triggers = state
@@ -230,20 +275,30 @@ fn detail_parts(state: &State, number: u64) -> Option<(State, RollbackRecord)> {
             parts.escalations.insert(*id, escalation.clone());
         }
     }
-    if let Some(noted) = state.incidents.get(&number) {
-        parts.incidents.insert(number, noted.clone());
+    if let Some(noted) = noted {
+        parts.incidents.insert(number, noted);
     }
-    Some((parts, record))
+    Ok(IncidentParts {
+        state: parts,
+        record,
+        archived_at_ms,
+    })
+}
+
+impl IncidentParts {
+    fn view(&self, detailed: bool) -> Result<pb::Incident, Status> {
+        Ok(pb::Incident {
+            archived_at_ms: self.archived_at_ms,
+            ..incident(&self.state, &self.record, detailed)?
+        })
+    }
 }
 
 /// The detailed view of incident `number`, its timeline read off the state's lock.
-fn detailed_incident(
-    parts: Option<(State, RollbackRecord)>,
-    number: u64,
-) -> Result<pb::Incident, Status> {
-    let (parts, record) =
-        parts.ok_or_else(|| Status::not_found(format!("no incident {}", incident_id(number))))?;
-    incident(&parts, &record, true)
+fn detailed_incident(parts: Option<IncidentParts>, number: u64) -> Result<pb::Incident, Status> {
+    parts
+        .ok_or_else(|| Status::not_found(format!("no incident {}", incident_id(number))))?
+        .view(true)
 }
 
 fn notice_view(notice: &NoticeRecord) -> pb::IncidentNotice {
@@ -445,17 +500,39 @@ fn parse_incident(text: &str) -> Result<u64, Status> {
 }
 
 /// Allows the caller's action on incident `number` as on its rollback (after a read barrier),
-/// or answers `NOT_FOUND` naming the incidents there are.
+/// or answers `NOT_FOUND` naming the incidents there are. An archived incident may be read
+/// (`reading`), but takes no notes and is not closed: `FAILED_PRECONDITION`.
 async fn authorize_incident(
     control: &Control,
     caller: &crate::access::Caller,
     number: u64,
+    reading: bool,
 ) -> Result<(), Status> {
     control.context.current().await?;
-    let targets = control
-        .context
-        .node
-        .read(|state| targets::rollback(state, number));
+    let targets = control.context.node.read(|state| {
+        if state.rollbacks.contains_key(&number) {
+            return Ok::<_, Status>(targets::rollback(state, number));
+        }
+        match archive::rollback(state, number)? {
+            Some(archived) => archive::rollback_targets(state, &archived.rollback),
+            None => Ok(Vec::new()),
+        }
+    })?;
+    let archived = !targets.is_empty()
+        && control
+            .context
+            .node
+            .read(|state| !state.rollbacks.contains_key(&number));
+    if archived && !reading {
+        control.context.authorize(caller, &targets)?;
+        return Err(Status::failed_precondition(format!(
+            "{} is archived: its rollback ended before the audit retention and left the \
+             cluster's state, so it takes no more notes and cannot be closed (rewindctl \
+             incident show {} reads it)",
+            incident_id(number),
+            incident_id(number)
+        )));
+    }
     control.context.authorize_found(caller, &targets, || {
         control
             .context
@@ -474,12 +551,16 @@ pub(super) async fn list_incidents(
     let (limit, before) = (page.size()?, page.before("in")?);
     control.context.current().await?;
     let (incidents, mut next_page_token) = control.context.node.read(|state| {
-        let older = state
+        let held = state
             .rollbacks
             .range(..before)
             .rev()
             .filter(|(number, _)| caller.may_see(&targets::rollback(state, **number)))
             .map(|(number, record)| incident(state, record, false).map(|view| (*number, view)));
+        let archived = archived_incidents(state, before, |archived| {
+            Ok(caller.may_see(&archive::rollback_targets(state, &archived.rollback)?))
+        });
+        let older = newest_of_both(held, archived);
         one_page(limit, older, |item| {
             item.as_ref()
                 .map_or_else(|_| String::new(), |(number, _)| incident_id(*number))
@@ -504,11 +585,11 @@ pub(super) async fn get_incident(
 ) -> Result<Response<pb::Incident>, Status> {
     let caller = caller(&request)?;
     let number = parse_incident(&request.get_ref().incident_id)?;
-    authorize_incident(control, &caller, number).await?;
+    authorize_incident(control, &caller, number, true).await?;
     let parts = control
         .context
         .node
-        .read(|state| detail_parts(state, number));
+        .read(|state| detail_parts(state, number))?;
     detailed_incident(parts, number).map(Response::new)
 }
 
@@ -538,7 +619,7 @@ pub(super) async fn note_incident(
             "holds control characters (other than new lines) or bidirectional overrides",
         ));
     }
-    authorize_incident(control, &caller, number).await?;
+    authorize_incident(control, &caller, number, false).await?;
     let kind = CommandKind::NoteIncident {
         incident: number,
         text: text.to_string(),
@@ -565,7 +646,7 @@ pub(super) async fn close_incident(
         ));
     }
     let (action_items, lessons) = lessons_of(rca);
-    authorize_incident(control, &caller, number).await?;
+    authorize_incident(control, &caller, number, false).await?;
     let kind = CommandKind::CloseIncident {
         incident: number,
         rca_markdown: rca.to_string(),
@@ -587,12 +668,55 @@ async fn answer(
         .propose_and_read(identity, request_id, kind, |state, _| {
             detail_parts(state, number)
         })
-        .await?;
+        .await??;
     detailed_incident(parts, number).map(Response::new)
 }
 
 /// Most incidents a runbook lists.
 const MAX_RUNBOOK_INCIDENTS: usize = 100;
+/// Most archived incidents a runbook reads, newest first, for the service's closed ones.
+const MAX_RUNBOOK_ARCHIVE_SCAN: usize = 10_000;
+
+/// An incident's number and summary, or why it could not be read.
+type NumberedIncident = Result<(u64, pb::Incident), Status>;
+
+/// Summaries of the archived incidents numbered below `before` that `wanted` keeps, newest
+/// first.
+fn archived_incidents<'a>(
+    state: &'a State,
+    before: u64,
+    wanted: impl Fn(&ArchivedRollback) -> Result<bool, Status> + 'a,
+) -> impl Iterator<Item = NumberedIncident> + 'a {
+    archive::newest_first(state, ArchiveKind::Rollback, before).filter_map(move |record| {
+        let summary = || {
+            let ArchivedRecord::Rollback(archived) = record? else {
+                return Ok(None);
+            };
+            if !wanted(&archived)? {
+                return Ok(None);
+            }
+            let number = archived.rollback.number;
+            let parts = detail_parts_of(state, *archived)?;
+            Ok(Some((number, parts.view(false)?)))
+        };
+        summary().transpose()
+    })
+}
+
+/// Two lists of incidents, each newest first, as one (an error first, as soon as met).
+fn newest_of_both(
+    held: impl Iterator<Item = NumberedIncident>,
+    archived: impl Iterator<Item = NumberedIncident>,
+) -> impl Iterator<Item = NumberedIncident> {
+    let number = |item: &NumberedIncident| item.as_ref().map_or(u64::MAX, |(number, _)| *number);
+    let (mut held, mut archived) = (held.peekable(), archived.peekable());
+    std::iter::from_fn(move || match (held.peek(), archived.peek()) {
+        (Some(a), Some(b)) if number(a) >= number(b) => held.next(),
+        (Some(_), Some(_)) | (None, Some(_)) => archived.next(),
+        (Some(_), None) => held.next(),
+        (None, None) => None,
+    })
+}
 
 pub(super) async fn get_runbook(
     control: &Control,
@@ -619,8 +743,9 @@ pub(super) async fn get_runbook(
             .filter(|other| other.depends_on.contains(&service))
             .map(|other| other.name.clone())
             .collect();
-        // Closed incidents of the service, newest first, where the caller may see them.
-        let incidents = state
+        // Closed incidents of the service, newest first, where the caller may see them: those
+        // the state holds, and the archived ones (the newest MAX_RUNBOOK_ARCHIVE_SCAN read).
+        let held = state
             .incidents
             .iter()
             .rev()
@@ -628,8 +753,20 @@ pub(super) async fn get_runbook(
             .filter_map(|(number, _)| state.rollbacks.get(number))
             .filter(|rollback| rollback.services.contains(&service))
             .filter(|rollback| caller.may_see(&targets::rollback(state, rollback.number)))
+            .map(|rollback| incident(state, rollback, false).map(|view| (rollback.number, view)));
+        let archived = archived_incidents(state, u64::MAX, |archived| {
+            let closed = archived
+                .incident
+                .as_ref()
+                .is_some_and(|noted| noted.closed_at_ms != 0);
+            Ok(closed
+                && archived.rollback.services.contains(&service)
+                && caller.may_see(&archive::rollback_targets(state, &archived.rollback)?))
+        })
+        .take(MAX_RUNBOOK_ARCHIVE_SCAN);
+        let incidents = newest_of_both(held, archived)
             .take(MAX_RUNBOOK_INCIDENTS)
-            .map(|rollback| incident(state, rollback, false))
+            .map(|item| item.map(|(_, view)| view))
             .collect::<Result<_, _>>()?;
         Ok(Response::new(pb::Runbook {
             service: Some(crate::api::convert::service(record)),
@@ -692,10 +829,10 @@ mod tests {
         let detail = incident(&fleet.state, record, true).unwrap();
         // The view served (from a copy of what it reads, off the state's lock) is the same.
         assert_eq!(
-            detailed_incident(detail_parts(&fleet.state, rollback), rollback).unwrap(),
+            detailed_incident(detail_parts(&fleet.state, rollback).unwrap(), rollback).unwrap(),
             detail
         );
-        assert!(detailed_incident(detail_parts(&fleet.state, 999), 999).is_err());
+        assert!(detailed_incident(detail_parts(&fleet.state, 999).unwrap(), 999).is_err());
         // Thrown before the rollback was asked for: it detected and mitigated.
         assert_eq!(detail.detected_at_ms, killed_at);
         assert_eq!(detail.mitigated_at_ms, killed_at);

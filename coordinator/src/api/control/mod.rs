@@ -22,8 +22,10 @@ use super::status::{invalid, to_status};
 use super::validate::*;
 use super::{Context, convert, plans, targets};
 use crate::access::Target;
+use crate::state_machine::archive::{ArchiveKind, ArchivedRecord};
 use crate::state_machine::*;
 
+mod archive;
 mod audit;
 mod changes;
 mod flags;

@@ -183,6 +183,24 @@ pub(super) async fn get_rollback(
     control: &Control,
     request: Request<pb::GetRollbackRequest>,
 ) -> Result<Response<pb::GetRollbackResponse>, Status> {
+    let caller = caller(&request)?;
+    let number = parse_id("rollback_id", "rb", &request.get_ref().rollback_id)?;
+    control.context.current().await?;
+    let archived = control.context.node.read(|state| {
+        let Some(archived) = archive::rollback(state, number)? else {
+            return Ok::<_, Status>(None);
+        };
+        let targets = archive::rollback_targets(state, &archived.rollback)?;
+        Ok(Some((targets, archive::rollback_view(state, &archived))))
+    })?;
+    if let Some((targets, rollback)) = archived {
+        control.context.authorize_found(&caller, &targets, || {
+            Status::not_found(format!("no rollback {}", rollback_id(number)))
+        })?;
+        return Ok(Response::new(pb::GetRollbackResponse {
+            rollback: Some(rollback),
+        }));
+    }
     let number = control.visible_rollback(request).await?;
     Ok(Response::new(pb::GetRollbackResponse {
         rollback: Some(control.context.rollback(number)?),
@@ -204,6 +222,41 @@ pub(super) async fn list_rollbacks(
     );
     let (limit, before) = (page.size()?, page.before("rb")?);
     control.context.current().await?;
+    if request.archived {
+        let (rollbacks, next_page_token) = control.context.node.read(|state| {
+            let older = archive::newest_first(state, ArchiveKind::Rollback, before)
+                .filter_map(|record| match record {
+                    Ok(ArchivedRecord::Rollback(archived)) => Some(Ok(archived)),
+                    Ok(ArchivedRecord::Change(_)) => None,
+                    Err(error) => Some(Err(error)),
+                })
+                .filter_map(|archived| {
+                    let visible = archived.and_then(|archived| {
+                        let targets = archive::rollback_targets(state, &archived.rollback)?;
+                        Ok(caller.may_see(&targets).then_some(archived))
+                    });
+                    visible.transpose()
+                })
+                .map(|archived| {
+                    archived.map(|archived| pb::Rollback {
+                        steps: Vec::new(),
+                        ..archive::rollback_view(state, &archived)
+                    })
+                });
+            one_page(limit, older, |rollback| {
+                rollback
+                    .as_ref()
+                    .map_or_else(|_| String::new(), |rollback| rollback.rollback_id.clone())
+            })
+        });
+        let rollbacks = rollbacks.into_iter().collect::<Result<Vec<_>, Status>>()?;
+        #[allow(deprecated)] // Set for clients before 0.3.
+        return Ok(Response::new(pb::ListRollbacksResponse {
+            rollbacks,
+            next_before: next_page_token.clone(),
+            next_page_token,
+        }));
+    }
     let (rollbacks, next_page_token) = control.context.node.read(|state| {
         let older = state
             .rollbacks
