@@ -40,3 +40,4 @@ mod t36_incidents;
 mod t37_incident_webhook;
 mod t38_service_objectives;
 mod t39_audit_store;
+mod t40_archive;

@@ -22,7 +22,13 @@ async fn an_entry_that_cannot_be_written_stops_the_member_and_nothing_is_lost() 
     let mut client = coordinator.must_client().await;
     client.put_service(put("web")).await.unwrap();
     let versions = output_text(&coordinator.rewindctl(&["cluster", "version"]));
-    assert!(versions.contains("cluster version 7"), "{versions}");
+    // A new cluster starts at this release's version, which keeps the audit in its store.
+    let running: u32 = versions
+        .split_whitespace()
+        .nth(2)
+        .and_then(|number| number.parse().ok())
+        .unwrap_or_default();
+    assert!(running >= 7, "{versions}");
 
     // The disk refuses the audit (of entries about `audit-fails`): the command that needs an
     // entry is not acted on.

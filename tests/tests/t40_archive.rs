@@ -1,0 +1,157 @@
+//! Finished changes and rollbacks move to the archive once their audit entries are pruned
+//! (cluster version 8), on a real coordinator with real agents, read through the real
+//! `rewindctl`: listed with `--archived` and no longer without, shown by id, their incident
+//! read but not noted, the service's latest change kept, and all of it still there after a
+//! restart (the archive is on disk, not in the state).
+
+use std::time::Duration;
+
+use rewind_proto::v1 as pb;
+use rewind_tests::{
+    Coordinator, must_change_where, must_deploy_v1_then_v2, must_rollback_end, must_start_hosts,
+    must_start_rollback_of_v2, must_verify_audit,
+};
+
+use rewind_tests::output_text as text;
+
+fn must_ctl(coordinator: &Coordinator, args: &[&str]) -> String {
+    let output = coordinator.rewindctl(args);
+    assert!(output.status.success(), "{args:?}: {}", text(&output));
+    text(&output)
+}
+
+/// Exports the whole audit log, confirms it archived, and waits until the cluster pruned it.
+async fn must_archive_and_prune(coordinator: &Coordinator, dir: &std::path::Path) {
+    let client = coordinator.must_client().await;
+    let before = must_verify_audit(&client).await.first_index;
+    let export = dir.join(format!("export-{before}.jsonl"));
+    must_ctl(
+        coordinator,
+        &["audit", "export", "--out", export.to_str().unwrap()],
+    );
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{}.manifest.json", export.display())).unwrap(),
+    )
+    .unwrap();
+    must_ctl(
+        coordinator,
+        &[
+            "audit",
+            "archived",
+            "--through",
+            &manifest["last_index"].to_string(),
+            "--manifest-hash",
+            manifest["manifest_hash"].as_str().unwrap(),
+            "--reason",
+            "s3://audit/2026",
+        ],
+    );
+    for _ in 0..120 {
+        if must_verify_audit(&client).await.first_index > before {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    panic!("the audit was never pruned past {before}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn finished_changes_and_rollbacks_move_to_the_archive_and_stay_readable() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut coordinator = Coordinator::must_start_with(
+        &dir.path().join("coordinator"),
+        "[audit]\nretain-entries = 3\n",
+    );
+    let (hosts, mut client) = must_start_hosts(dir.path(), &coordinator, &["web-1", "web-2"]).await;
+    must_deploy_v1_then_v2(&mut client, &hosts).await;
+    let rollback_id = must_start_rollback_of_v2(&mut client).await;
+    assert_eq!(rollback_id, "rb-1");
+    must_rollback_end(&client, &rollback_id).await;
+    // v2 again, fixed: the service's latest change from now on.
+    let latest = client
+        .start_change(pb::StartChangeRequest {
+            request_id: "change-v2-fixed".into(),
+            service: "web".into(),
+            version: "v2".into(),
+            reason: "the fix".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .change
+        .unwrap()
+        .change_id;
+    assert_eq!(latest, "ch-3");
+    must_change_where(&client, &latest, "the fix to deploy", |change| {
+        change.state == pb::ChangeState::Deployed as i32
+    })
+    .await;
+
+    must_archive_and_prune(&coordinator, dir.path()).await;
+
+    // Not in the state any more: the default listings hold only the latest change.
+    let listed = must_ctl(&coordinator, &["change", "list"]);
+    assert!(listed.contains("ch-3"), "{listed}");
+    assert!(
+        !listed.contains("ch-1") && !listed.contains("ch-2"),
+        "{listed}"
+    );
+    let listed = must_ctl(&coordinator, &["rollback", "list"]);
+    assert!(!listed.contains("rb-1"), "{listed}");
+    for restarted in [false, true] {
+        if restarted {
+            // The archive is on disk: a restart (replaying its log) finds it whole.
+            coordinator.must_restart();
+        }
+        let archived = must_ctl(&coordinator, &["change", "list", "--archived"]);
+        assert!(archived.contains("ARCHIVED"), "{archived}");
+        let rows: Vec<&str> = archived
+            .lines()
+            .filter(|line| line.contains("ch-"))
+            .collect();
+        assert_eq!(rows.len(), 2, "{archived}");
+        assert!(
+            rows[0].contains("ch-2") && rows[1].contains("ch-1"),
+            "{archived}"
+        );
+        // Paged: one at a time, the next page's command given.
+        let paged = must_ctl(
+            &coordinator,
+            &["change", "list", "--archived", "--page-size", "1"],
+        );
+        assert!(
+            paged.contains("ch-2") && paged.contains("--archived --page-size 1 --page-token ch-2"),
+            "{paged}"
+        );
+        let archived = must_ctl(&coordinator, &["rollback", "list", "--archived"]);
+        assert!(archived.contains("rb-1"), "{archived}");
+        let shown = must_ctl(&coordinator, &["rollback", "show", "rb-1"]);
+        assert!(shown.contains("archived at"), "{shown}");
+        let shown = must_ctl(&coordinator, &["change", "show", "ch-1"]);
+        assert!(shown.contains("archived at"), "{shown}");
+        let shown = must_ctl(&coordinator, &["change", "show", "ch-3"]);
+        assert!(!shown.contains("archived at"), "{shown}");
+        // Its incident is still listed and shown, read only.
+        let incidents = must_ctl(&coordinator, &["incident", "list"]);
+        assert!(incidents.contains("in-1"), "{incidents}");
+        let incident = must_ctl(&coordinator, &["incident", "show", "in-1"]);
+        assert!(incident.contains("- Archived: "), "{incident}");
+        assert!(incident.contains("- Services: web"), "{incident}");
+        let noted = coordinator.rewindctl(&["incident", "note", "in-1", "late thought"]);
+        let said = text(&noted);
+        assert!(
+            !noted.status.success() && said.contains("in-1 is archived"),
+            "{said}"
+        );
+    }
+    // An id that never existed is still not found.
+    let missing = coordinator.rewindctl(&["rollback", "show", "rb-9"]);
+    assert!(!missing.status.success(), "{}", text(&missing));
+    // The pruning said what moved.
+    let audit = must_ctl(&coordinator, &["audit", "list", "--page-size", "1000"]);
+    assert!(
+        audit.contains("2 changes and 1 rollbacks that ended by then moved to the archive"),
+        "{audit}"
+    );
+}
