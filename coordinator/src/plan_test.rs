@@ -7,6 +7,7 @@ use proptest::prelude::*;
 
 use crate::errors::CoordinatorError;
 use crate::plan::{self, revert_order};
+use crate::state_machine::archive::ArchivedRecord;
 use crate::state_machine::*;
 use crate::test_fleet::Fleet;
 
@@ -645,6 +646,21 @@ fn the_estimate_says_whether_the_rto_fits_and_what_max_parallel_would() {
         learned.basis
     );
     assert!(learned.p50_ms < none.p50_ms);
+
+    // Archived (cluster version 8), the rollback still counts.
+    let record = fleet.state.rollbacks.remove(&rollback).unwrap();
+    fleet
+        .state
+        .audit
+        .archive(&ArchivedRecord::Rollback(Box::new(
+            crate::state_machine::archive::ArchivedRollback {
+                archived_at_ms: 1,
+                rollback: record,
+                incident: None,
+            },
+        )));
+    fleet.state.archived.rollbacks += 1;
+    assert_eq!(estimate(&fleet, 0), learned);
 }
 
 struct AllConnected;

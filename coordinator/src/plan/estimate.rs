@@ -8,7 +8,8 @@
 use std::collections::HashMap;
 
 use super::*;
-use crate::state_machine::StepProgress;
+use crate::state_machine::archive::{ArchiveKind, ArchivedRecord};
+use crate::state_machine::{RollbackRecord, StepProgress};
 
 /// Step and gate durations kept per (service, kind): the most recent this many.
 const MAX_SAMPLES: usize = 200;
@@ -104,7 +105,31 @@ impl History {
                     .saturating_sub(progress.started_at_ms)
             })
         };
-        for rollback in state.rollbacks.values().rev().take(MAX_ROLLBACKS_READ) {
+        // The rollbacks in the state, then (from cluster version 8) the archived ones, newest
+        // first; an archive that cannot be read leaves the estimate to the state's history.
+        let held: Vec<&RollbackRecord> = state
+            .rollbacks
+            .values()
+            .rev()
+            .take(MAX_ROLLBACKS_READ)
+            .collect();
+        let archived: Vec<RollbackRecord> = state
+            .archived_before(
+                ArchiveKind::Rollback,
+                u64::MAX,
+                MAX_ROLLBACKS_READ - held.len(),
+            )
+            .unwrap_or_else(|error| {
+                tracing::warn!(%error, "The archive cannot be read: estimates use the state's history.");
+                Vec::new()
+            })
+            .into_iter()
+            .filter_map(|record| match record {
+                ArchivedRecord::Rollback(archived) => Some(archived.rollback),
+                ArchivedRecord::Change(_) => None,
+            })
+            .collect();
+        for rollback in held.into_iter().chain(&archived) {
             for step in &rollback.steps {
                 let Some(ms) = took(&step.progress) else {
                     continue;
