@@ -5,19 +5,26 @@
 //! A record moves when the audit entries up to its end have been pruned (an export that covers
 //! them was confirmed, and they are past retention): `apply()` moves it as part of the
 //! `PruneAudit` command, so every member moves the same records at the same log index. What the
-//! cluster still acts on stays: a service's latest change (the one a rollback would revert), a
-//! change or rollback that has not ended, one a request waiting for approval or review names, one
-//! a schema transaction still runs for, an incident someone is writing up (notes, not closed),
-//! an incident whose webhook events are still being delivered, and the changes and rollbacks
-//! these name. `apply()` never reads the archive: what it holds cannot change a decision.
+//! cluster still acts on stays: a service's newest change overall, in each environment, on each
+//! host, and the newest deployed or rolled back (what rollbacks, alerts and the version it runs
+//! are read from); a change or rollback that has not ended, or with a step still running; one a
+//! request waiting for approval or review names, one a schema transaction or a drill still runs
+//! for; an incident someone is writing up (notes, not closed), or whose webhook events are still
+//! being delivered; and the changes and rollbacks these name. `apply()` never reads the
+//! archive: what it holds cannot change what it records. The trigger throttles, judged on the
+//! leader, count archived rollbacks too ([`State::rollbacks_started_since`]).
 
-use std::collections::BTreeSet;
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
 use super::approvals::RequestStatus;
-use super::schema::{SchemaOwner, SchemaTxnStatus};
-use super::state::{ChangeRecord, ChangeStatus, IncidentRecord, RollbackRecord, State};
+use super::schema::{DrillStatus, SchemaOwner, SchemaTxnStatus};
+use super::state::{
+    ChangeRecord, ChangeStatus, IncidentRecord, NoticeEvent, RollbackRecord, RollbackStatus, State,
+    StepStatus,
+};
 
 /// What the archive holds: a change, or a rollback with its incident's notes and analysis.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -106,12 +113,45 @@ fn change_ended_at_ms(change: &ChangeRecord) -> u64 {
 fn movable(state: &State, ended_by_ms: u64) -> (BTreeSet<u64>, BTreeSet<u64>) {
     let mut kept_changes = BTreeSet::new();
     let mut kept_rollbacks = BTreeSet::new();
-    // Each service's latest change: what a rollback of the service reverts.
-    let mut latest = std::collections::BTreeMap::new();
+    // A service's newest change by every way the cluster looks one up: per service, per
+    // environment (what an alert there rolls back), per host (a revert must never undo a newer
+    // change on the same host), and the newest deployed or rolled back (the version it runs).
+    let mut newest: BTreeMap<(Newest, &str, String), u64> = BTreeMap::new();
     for change in state.changes.values() {
-        latest.insert(change.service.as_str(), change.number);
+        let service = change.service.as_str();
+        let mut latest = |by: Newest, key: &str| {
+            newest.insert((by, service, key.to_string()), change.number);
+        };
+        latest(Newest::OfService, "");
+        latest(
+            Newest::InEnvironment,
+            &crate::plan::environment_of(state, change),
+        );
+        for host in &change.hosts {
+            latest(Newest::OnHost, &host.host_id);
+        }
+        if matches!(
+            change.status,
+            ChangeStatus::Deployed | ChangeStatus::RolledBack
+        ) {
+            latest(Newest::Running, "");
+        }
+        // A step still running: the engine times it out.
+        let running = change.hosts.iter().any(|host| {
+            [&host.capture, &host.activate]
+                .iter()
+                .any(|step| step.status == StepStatus::Running)
+        });
+        if running {
+            kept_changes.insert(change.number);
+        }
     }
-    kept_changes.extend(latest.values());
+    kept_changes.extend(newest.values());
+    for drill in state.drills.values() {
+        if drill.status == DrillStatus::Running {
+            kept_changes.insert(drill.change);
+        }
+    }
     for request in state.approval_requests.values() {
         let waiting = request.status == RequestStatus::Pending
             || (request.status == RequestStatus::BreakGlass && request.review.is_none());
@@ -153,8 +193,17 @@ fn movable(state: &State, ended_by_ms: u64) -> (BTreeSet<u64>, BTreeSet<u64>) {
             let incident = state.incidents.get(&rollback.number);
             let being_written_up =
                 incident.is_some_and(|noted| noted.closed_at_ms == 0 && !noted.notes.is_empty());
-            let delivering =
-                incident.is_some_and(|noted| noted.notices.iter().any(|notice| !notice.settled()));
+            // Told to an incident system, which has yet to hear all it will: an event still
+            // being delivered, or the resolve a success sends.
+            let delivering = incident.is_some_and(|noted| {
+                noted.notices.iter().any(|notice| !notice.settled())
+                    || (rollback.status == RollbackStatus::Succeeded
+                        && !noted.notices.is_empty()
+                        && !noted
+                            .notices
+                            .iter()
+                            .any(|notice| notice.event == NoticeEvent::Resolve))
+            });
             rollback.status.is_terminal()
                 && rollback.finished_at_ms <= ended_by_ms
                 && !being_written_up
@@ -163,8 +212,8 @@ fn movable(state: &State, ended_by_ms: u64) -> (BTreeSet<u64>, BTreeSet<u64>) {
         })
         .map(|rollback| rollback.number)
         .collect();
-    // A rollback goes with the changes it reverted, and a change with the rollback that
-    // reverted it: neither leaves while the other must stay.
+    // A rollback goes with the changes it reverted, and a change with every rollback that names
+    // it: neither leaves while the other must stay.
     loop {
         let before = (changes.len(), rollbacks.len());
         rollbacks.retain(|number| {
@@ -173,16 +222,32 @@ fn movable(state: &State, ended_by_ms: u64) -> (BTreeSet<u64>, BTreeSet<u64>) {
                 .iter()
                 .all(|change| changes.contains(change) || !state.changes.contains_key(change))
         });
+        let named_by_staying: BTreeSet<u64> = state
+            .rollbacks
+            .values()
+            .filter(|rollback| !rollbacks.contains(&rollback.number))
+            .flat_map(|rollback| rollback.changes.iter().copied())
+            .collect();
         changes.retain(|number| {
             let rollback = state.changes[number].rollback;
-            rollback == 0
-                || rollbacks.contains(&rollback)
-                || !state.rollbacks.contains_key(&rollback)
+            !named_by_staying.contains(number)
+                && (rollback == 0
+                    || rollbacks.contains(&rollback)
+                    || !state.rollbacks.contains_key(&rollback))
         });
         if (changes.len(), rollbacks.len()) == before {
             return (changes, rollbacks);
         }
     }
+}
+
+/// The ways a service's newest change is looked up (see `movable`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Newest {
+    OfService,
+    InEnvironment,
+    OnHost,
+    Running,
 }
 
 /// Moves to the archive the finished changes and rollbacks whose audit entries up to their end
@@ -220,7 +285,61 @@ pub fn archive_finished(state: &mut State, ended_by_ms: u64, at_ms: u64) -> (u64
     (changes.len() as u64, rollbacks.len() as u64)
 }
 
+/// How much earlier than a newer rollback an older one may have started (a leader's clock
+/// stepping back): archived rollbacks are read newest first until one started this long before
+/// the time asked for.
+const START_SLACK_MS: u64 = 60 * 60 * 1000;
+
+/// Archived records read from the store at a time, when scanning.
+const SCAN_BATCH: usize = 256;
+
 impl State {
+    /// The rollbacks started at or after `since_ms`: the state's, and (cluster version 8) the
+    /// archived ones it does not hold. For the trigger throttles, judged on the leader.
+    pub fn rollbacks_started_since(
+        &self,
+        since_ms: u64,
+    ) -> Result<Vec<Cow<'_, RollbackRecord>>, String> {
+        let mut found: Vec<Cow<'_, RollbackRecord>> = self
+            .rollbacks
+            .values()
+            .filter(|rollback| rollback.started_at_ms >= since_ms)
+            .map(Cow::Borrowed)
+            .collect();
+        let mut before = u64::MAX;
+        loop {
+            let page = self.archived_before(ArchiveKind::Rollback, before, SCAN_BATCH)?;
+            let Some(last) = page.last() else {
+                return Ok(found);
+            };
+            before = last.number();
+            for record in page {
+                let ArchivedRecord::Rollback(archived) = record else {
+                    continue;
+                };
+                let rollback = archived.rollback;
+                if rollback.started_at_ms.saturating_add(START_SLACK_MS) < since_ms {
+                    return Ok(found);
+                }
+                if rollback.started_at_ms >= since_ms
+                    && !self.rollbacks.contains_key(&rollback.number)
+                {
+                    found.push(Cow::Owned(rollback));
+                }
+            }
+        }
+    }
+
+    /// A change from the state, or else from the archive.
+    pub fn change_or_archived(&self, number: u64) -> Result<Option<Cow<'_, ChangeRecord>>, String> {
+        if let Some(change) = self.changes.get(&number) {
+            return Ok(Some(Cow::Borrowed(change)));
+        }
+        Ok(self
+            .archived_change(number)?
+            .map(|archived| Cow::Owned(archived.change)))
+    }
+
     /// An archived change, if the archive holds it.
     pub fn archived_change(&self, number: u64) -> Result<Option<ArchivedChange>, String> {
         Ok(
@@ -258,7 +377,7 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state_machine::{CommandKind, RollbackAction, Trigger};
+    use crate::state_machine::{CommandKind, Outcome, RollbackAction, StepTarget, Trigger};
     use crate::test_fleet::Fleet;
 
     /// Confirms the audit archived and prunes all of it: what ended by then may move.
@@ -366,6 +485,86 @@ mod tests {
             "{}",
             pruning.outcome
         );
+    }
+
+    #[test]
+    fn what_decisions_read_stays_the_newest_deployed_and_changes_a_staying_rollback_names() {
+        let mut fleet = web_fleet(Fleet::new());
+        let first = fleet.deploy_web("v1");
+        let deployed = fleet.deploy_web("v2");
+        // v3 fails its capture on web-1: the newest change, but web runs v2.
+        let Outcome::Change(failed) = fleet.apply(crate::test_fleet::start_change("v3")) else {
+            panic!("a change")
+        };
+        fleet.finish(
+            StepTarget::Capture {
+                change: failed,
+                host_id: "web-1".into(),
+            },
+            false,
+        );
+        assert_eq!(fleet.state.changes[&failed].status, ChangeStatus::Failed);
+        prune_all(&mut fleet);
+        assert!(!fleet.state.changes.contains_key(&first));
+        assert!(
+            fleet.state.changes.contains_key(&deployed),
+            "the version web runs"
+        );
+        assert!(fleet.state.changes.contains_key(&failed));
+        assert_eq!(
+            crate::state_machine::current_version(&fleet.state, "web"),
+            "v2"
+        );
+
+        // v4 reverted twice: an aborted rollback someone is writing up, then another. The
+        // change (whose `rollback` names only the second) stays with the first, and so does the
+        // second, which names it.
+        let reverted = fleet.deploy_web("v4");
+        let written_up = fleet.must_start_rollback(reverted, Trigger::Manual);
+        abort(&mut fleet, written_up);
+        fleet.apply(CommandKind::NoteIncident {
+            incident: written_up,
+            text: "why did the canary pass?".into(),
+        });
+        let again = fleet.must_start_rollback(reverted, Trigger::Manual);
+        abort(&mut fleet, again);
+        assert_eq!(fleet.state.changes[&reverted].rollback, again);
+        fleet.deploy_web("v1");
+        prune_all(&mut fleet);
+        for number in [written_up, again] {
+            assert!(fleet.state.rollbacks.contains_key(&number), "rb-{number}");
+        }
+        assert!(fleet.state.changes.contains_key(&reverted));
+
+        // The throttles still count archived rollbacks, within their window.
+        fleet.apply(CommandKind::CloseIncident {
+            incident: written_up,
+            rca_markdown: "# RCA".into(),
+            action_items: vec![],
+            lessons: vec![],
+        });
+        prune_all(&mut fleet);
+        assert!(!fleet.state.rollbacks.contains_key(&written_up));
+        let started = fleet
+            .state
+            .archived_rollback(written_up)
+            .unwrap()
+            .unwrap()
+            .rollback
+            .started_at_ms;
+        let counted = |since_ms: u64| -> Vec<u64> {
+            let mut numbers: Vec<u64> = fleet
+                .state
+                .rollbacks_started_since(since_ms)
+                .unwrap()
+                .iter()
+                .map(|rollback| rollback.number)
+                .collect();
+            numbers.sort();
+            numbers
+        };
+        assert_eq!(counted(started), [written_up, again]);
+        assert_eq!(counted(started + 1), [again]);
     }
 
     #[test]

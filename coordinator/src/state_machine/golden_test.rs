@@ -736,6 +736,13 @@ fn version_eight(harness: &mut Fleet) {
     });
     let changes = harness.state.changes.len() as u64;
     let rollbacks = harness.state.rollbacks.len() as u64;
+    // Each service's newest change, which must stay: what a rollback of it reverts.
+    let newest: std::collections::BTreeMap<String, u64> = harness
+        .state
+        .changes
+        .values()
+        .map(|change| (change.service.clone(), change.number))
+        .collect();
     let through = harness.confirm_archive_all();
     harness.apply(CommandKind::PruneAudit { through });
     let archived = harness.state.archived.clone();
@@ -751,23 +758,22 @@ fn version_eight(harness: &mut Fleet) {
         harness.state.rollbacks.len() as u64 + archived.rollbacks,
         rollbacks
     );
-    // Each service's latest change stays: the one a rollback would revert.
-    for change in harness.state.changes.values() {
+    for (service, number) in newest {
         assert!(
-            harness
-                .state
-                .archived_change(change.number)
-                .unwrap()
-                .is_none()
+            harness.state.changes.contains_key(&number),
+            "{service}'s newest change ch-{number} stays"
         );
     }
-    let latest_of_web = harness
+    let moved = harness
         .state
-        .changes
-        .values()
-        .rev()
-        .find(|change| change.service == "web");
-    assert!(latest_of_web.is_some(), "web's latest change is kept");
+        .archived_before(ArchiveKind::Change, u64::MAX, usize::MAX)
+        .unwrap();
+    assert_eq!(moved.len() as u64, archived.changes);
+    assert!(
+        moved
+            .iter()
+            .all(|record| !harness.state.changes.contains_key(&record.number()))
+    );
 }
 
 #[test]

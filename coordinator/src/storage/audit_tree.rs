@@ -188,7 +188,7 @@ impl AuditStore for SledAuditStore {
             .archive
             .insert(key, bytes)
             .map(|_| ())
-            .map_err(|error| format!("archive record {}: {error}", record.number()))
+            .map_err(|error| format!("write to the archive tree: {error}"))
     }
 
     fn archived(&self, kind: ArchiveKind, number: u64) -> Result<Option<ArchivedRecord>, String> {

@@ -347,9 +347,25 @@ fn throttles(
         };
         return (verdict, None);
     }
-    let rollbacks_of_service = state
-        .rollbacks
-        .values()
+    // Counted from the rollbacks themselves: those in the state and (cluster version 8) the
+    // archived ones, which still count within a window.
+    let longest = throttle
+        .flap_window_s
+        .max(throttle.cooldown_s)
+        .max(throttle.budget_window_s);
+    let recent = match state.rollbacks_started_since(within(longest)) {
+        Ok(recent) => recent,
+        Err(error) => {
+            return throttled(
+                format!(
+                    "the archived rollbacks cannot be read ({error}), so the throttles cannot be counted"
+                ),
+                true,
+            );
+        }
+    };
+    let rollbacks_of_service = recent
+        .iter()
         .filter(|old| old.services.iter().any(|name| name == service));
     let flaps = rollbacks_of_service
         .clone()
@@ -379,20 +395,28 @@ fn throttles(
             true,
         );
     }
-    // Counted from the rollbacks themselves, which are never forgotten.
-    let spent = state
-        .rollbacks
-        .values()
-        .filter(|old| {
-            old.trigger == Trigger::Automatic
-                && old.started_at_ms >= within(throttle.budget_window_s)
-                && old
-                    .changes
-                    .first()
-                    .and_then(|number| state.changes.get(number))
-                    .is_some_and(|change| crate::plan::environment_of(state, change) == environment)
-        })
-        .count() as u32;
+    let mut spent = 0u32;
+    for old in recent.iter().filter(|old| {
+        old.trigger == Trigger::Automatic && old.started_at_ms >= within(throttle.budget_window_s)
+    }) {
+        let Some(&number) = old.changes.first() else {
+            continue;
+        };
+        match state.change_or_archived(number) {
+            Ok(Some(change)) if crate::plan::environment_of(state, &change) == environment => {
+                spent += 1;
+            }
+            Ok(_) => {}
+            Err(error) => {
+                return throttled(
+                    format!(
+                        "an archived change cannot be read ({error}), so the budget cannot be counted"
+                    ),
+                    true,
+                );
+            }
+        }
+    }
     if spent >= throttle.budget {
         return throttled(
             format!(
