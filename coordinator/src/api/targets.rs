@@ -7,13 +7,15 @@ use crate::state_machine::{HostRecord, SchemaOwner, State};
 
 pub use crate::plan::host_environment as environment_of;
 
-/// A change's service in every environment it touches (see [`crate::plan::change_environments`]).
+/// A change's service in every environment it touches (see [`crate::plan::change_environments`]),
+/// in the state or (cluster version 8) archived.
 pub fn change(state: &State, number: u64) -> Vec<Target> {
-    state
-        .changes
-        .get(&number)
-        .map(|change| of_change(state, change))
-        .unwrap_or_default()
+    match state.change_or_archived(number) {
+        Ok(Some(change)) => of_change(state, &change),
+        Ok(None) => Vec::new(),
+        // An archive that cannot be read: only whoever may act on the whole cluster sees it.
+        Err(_) => vec![Target::Cluster],
+    }
 }
 
 /// A change's service in every environment it touches, for a record the state need not hold
@@ -25,13 +27,16 @@ pub fn of_change(state: &State, change: &crate::state_machine::ChangeRecord) -> 
         .collect()
 }
 
-/// Every change a rollback reverts.
+/// Every change a rollback reverts, in the state or archived.
 pub fn rollback(state: &State, number: u64) -> Vec<Target> {
-    state
-        .rollbacks
-        .get(&number)
-        .map(|record| changes(state, &record.changes))
-        .unwrap_or_default()
+    if let Some(record) = state.rollbacks.get(&number) {
+        return changes(state, &record.changes);
+    }
+    match state.archived_rollback(number) {
+        Ok(Some(archived)) => changes(state, &archived.rollback.changes),
+        Ok(None) => Vec::new(),
+        Err(_) => vec![Target::Cluster],
+    }
 }
 
 pub fn changes(state: &State, numbers: &[u64]) -> Vec<Target> {

@@ -1,49 +1,88 @@
 //! Reading the archive (cluster version 8): changes and rollbacks that left the state once
 //! their audit entries were pruned. Lists page through it with `--archived`; a change, rollback
 //! or incident asked for by id is found there when the state no longer holds it, read only, and
-//! allowed to whoever may see it as it was.
+//! allowed to whoever may see its changes (`targets` looks in the archive too).
 
 use rewind_proto::v1 as pb;
 use tonic::Status;
 
 use super::audit::store_unreadable;
-use crate::access::Target;
-use crate::api::{convert, targets};
+use crate::api::convert;
 use crate::state_machine::archive::{
     ArchiveKind, ArchivedChange, ArchivedRecord, ArchivedRollback,
 };
 use crate::state_machine::*;
 
-/// Records read from the store at a time while paging.
+/// Records read from the store at a time while scanning.
 const ARCHIVE_READ_BATCH: usize = 256;
+/// Most archived records one page (or runbook) reads under the state's lock: a page that
+/// reaches it ends early, with a page token to go on from.
+pub(super) const MAX_ARCHIVE_SCAN: usize = 10_000;
 
-/// Archived records of `kind` numbered below `before`, newest first, read in batches.
-pub(super) fn newest_first(
+/// What a scan of the archive kept, newest first with its numbers, and where to go on from
+/// (None: the archive below was read to its end).
+pub(super) struct Scanned<T> {
+    pub items: Vec<(u64, T)>,
+    pub resume: Option<u64>,
+}
+
+/// Scans archived records of `kind` numbered below `before`, newest first, until `want` were
+/// kept, [`MAX_ARCHIVE_SCAN`] read or none are left. Skips what the state still holds: a member
+/// that installed a snapshot bundle holds records archived after the snapshot in both until it
+/// applies the log after it.
+pub(super) fn scan<T>(
     state: &State,
     kind: ArchiveKind,
     before: u64,
-) -> impl Iterator<Item = Result<ArchivedRecord, Status>> + '_ {
+    want: usize,
+    mut keep: impl FnMut(ArchivedRecord) -> Result<Option<T>, Status>,
+) -> Result<Scanned<T>, Status> {
+    let mut items = Vec::new();
     let mut cursor = before;
-    let mut batch = std::collections::VecDeque::new();
-    let mut failed = false;
-    std::iter::from_fn(move || {
-        if failed {
-            return None;
+    let mut read = 0;
+    loop {
+        let page = state
+            .archived_before(kind, cursor, ARCHIVE_READ_BATCH)
+            .map_err(store_unreadable)?;
+        if page.is_empty() {
+            return Ok(Scanned {
+                items,
+                resume: None,
+            });
         }
-        if batch.is_empty() && cursor > 1 {
-            match state.archived_before(kind, cursor, ARCHIVE_READ_BATCH) {
-                Ok(records) => {
-                    cursor = records.last().map_or(0, ArchivedRecord::number);
-                    batch.extend(records);
-                }
-                Err(error) => {
-                    failed = true;
-                    return Some(Err(store_unreadable(error)));
-                }
+        for record in page {
+            let number = record.number();
+            cursor = number;
+            read += 1;
+            let held = match kind {
+                ArchiveKind::Change => state.changes.contains_key(&number),
+                ArchiveKind::Rollback => state.rollbacks.contains_key(&number),
+            };
+            if !held && let Some(item) = keep(record)? {
+                items.push((number, item));
+            }
+            if items.len() >= want || read >= MAX_ARCHIVE_SCAN {
+                return Ok(Scanned {
+                    items,
+                    resume: Some(number),
+                });
             }
         }
-        batch.pop_front().map(Ok)
-    })
+    }
+}
+
+/// One page of a scan asked for `limit + 1`: at most `limit` items, and the token of the next
+/// page (`<prefix>-<n>`, empty when there is none).
+pub(super) fn page<T>(scanned: Scanned<T>, limit: usize, prefix: &str) -> (Vec<T>, String) {
+    let mut items = scanned.items;
+    let next = if items.len() > limit {
+        items.truncate(limit);
+        items.last().map(|(number, _)| *number)
+    } else {
+        scanned.resume
+    };
+    let token = next.map_or_else(String::new, |number| format!("{prefix}-{number}"));
+    (items.into_iter().map(|(_, item)| item).collect(), token)
 }
 
 /// A change the archive holds, if the state does not.
@@ -60,30 +99,6 @@ pub(super) fn rollback(state: &State, number: u64) -> Result<Option<ArchivedRoll
         return Ok(None);
     }
     state.archived_rollback(number).map_err(store_unreadable)
-}
-
-/// Who may see an archived change: as for the change when it was in the state.
-pub(super) fn change_targets(state: &State, record: &ChangeRecord) -> Vec<Target> {
-    targets::of_change(state, record)
-}
-
-/// Who may see an archived rollback: as for each change it reverted, in the state or archived.
-pub(super) fn rollback_targets(
-    state: &State,
-    record: &RollbackRecord,
-) -> Result<Vec<Target>, Status> {
-    let mut found = Vec::new();
-    for &number in &record.changes {
-        match state.changes.get(&number) {
-            Some(change) => found.extend(targets::of_change(state, change)),
-            None => {
-                if let Some(archived) = state.archived_change(number).map_err(store_unreadable)? {
-                    found.extend(targets::of_change(state, &archived.change));
-                }
-            }
-        }
-    }
-    Ok(found)
 }
 
 pub(super) fn change_view(archived: &ArchivedChange) -> pb::Change {

@@ -118,7 +118,7 @@ pub(super) async fn get_change(
     let number = parse_id("change_id", "ch", &request.into_inner().change_id)?;
     let archived = control.context.node.read(|state| {
         Ok::<_, Status>(archive::change(state, number)?.map(|archived| {
-            let targets = archive::change_targets(state, &archived.change);
+            let targets = targets::of_change(state, &archived.change);
             (targets, archive::change_view(&archived))
         }))
     })?;
@@ -169,27 +169,17 @@ pub(super) async fn list_changes(
     control.context.current().await?;
     let service = request.service;
     if request.archived {
-        let (changes, next_page_token) = control.context.node.read(|state| {
-            let matching = archive::newest_first(state, ArchiveKind::Change, before)
-                .filter_map(|record| match record {
-                    Ok(ArchivedRecord::Change(archived)) => Some(Ok(archived)),
-                    Ok(ArchivedRecord::Rollback(_)) => None,
-                    Err(error) => Some(Err(error)),
-                })
-                .filter(|archived| {
-                    archived.as_ref().map_or(true, |archived| {
-                        (service.is_empty() || archived.change.service == service)
-                            && caller.may_see(&archive::change_targets(state, &archived.change))
-                    })
-                })
-                .map(|archived| archived.map(|archived| archive::change_view(&archived)));
-            one_page(limit, matching, |change| {
-                change
-                    .as_ref()
-                    .map_or_else(|_| String::new(), |change| change.change_id.clone())
+        let scanned = control.context.node.read(|state| {
+            archive::scan(state, ArchiveKind::Change, before, limit + 1, |record| {
+                let ArchivedRecord::Change(archived) = record else {
+                    return Ok(None);
+                };
+                let wanted = (service.is_empty() || archived.change.service == service)
+                    && caller.may_see(&targets::of_change(state, &archived.change));
+                Ok(wanted.then(|| archive::change_view(&archived)))
             })
-        });
-        let changes = changes.into_iter().collect::<Result<Vec<_>, Status>>()?;
+        })?;
+        let (changes, next_page_token) = archive::page(scanned, limit, "ch");
         #[allow(deprecated)] // Set for clients before 0.3.
         return Ok(Response::new(pb::ListChangesResponse {
             changes,

@@ -12,7 +12,7 @@ use super::{Control, archive};
 use crate::api::gate::caller;
 use crate::api::status::{invalid, to_status};
 use crate::api::targets;
-use crate::api::validate::{PageRequest, one_page, within_bytes};
+use crate::api::validate::{PageRequest, within_bytes};
 use crate::state_machine::archive::{ArchiveKind, ArchivedRecord, ArchivedRollback};
 use crate::state_machine::*;
 
@@ -509,20 +509,11 @@ async fn authorize_incident(
     reading: bool,
 ) -> Result<(), Status> {
     control.context.current().await?;
-    let targets = control.context.node.read(|state| {
-        if state.rollbacks.contains_key(&number) {
-            return Ok::<_, Status>(targets::rollback(state, number));
-        }
-        match archive::rollback(state, number)? {
-            Some(archived) => archive::rollback_targets(state, &archived.rollback),
-            None => Ok(Vec::new()),
-        }
-    })?;
-    let archived = !targets.is_empty()
-        && control
-            .context
-            .node
-            .read(|state| !state.rollbacks.contains_key(&number));
+    let (targets, archived) = control.context.node.read(|state| {
+        let targets = targets::rollback(state, number);
+        let archived = !targets.is_empty() && !state.rollbacks.contains_key(&number);
+        (targets, archived)
+    });
     if archived && !reading {
         control.context.authorize(caller, &targets)?;
         return Err(Status::failed_precondition(format!(
@@ -550,26 +541,32 @@ pub(super) async fn list_incidents(
     let page = PageRequest::new(request.page_size, &request.page_token);
     let (limit, before) = (page.size()?, page.before("in")?);
     control.context.current().await?;
-    let (incidents, mut next_page_token) = control.context.node.read(|state| {
+    let (mut incidents, mut next_page_token) = control.context.node.read(|state| {
+        // The archived ones first, as far as a page may read; then those the state holds above
+        // where that read stopped, so that the next page misses none of either.
+        let archived = archived_incidents(state, before, limit + 1, |archived| {
+            caller.may_see(&targets::changes(state, &archived.rollback.changes))
+        })?;
+        let floor = archived.resume.unwrap_or(0);
         let held = state
             .rollbacks
-            .range(..before)
+            .range(floor + 1..before)
             .rev()
             .filter(|(number, _)| caller.may_see(&targets::rollback(state, **number)))
+            .take(limit + 1)
             .map(|(number, record)| incident(state, record, false).map(|view| (*number, view)));
-        let archived = archived_incidents(state, before, |archived| {
-            Ok(caller.may_see(&archive::rollback_targets(state, &archived.rollback)?))
-        });
-        let older = newest_of_both(held, archived);
-        one_page(limit, older, |item| {
-            item.as_ref()
-                .map_or_else(|_| String::new(), |(number, _)| incident_id(*number))
-        })
-    });
-    let mut incidents = incidents
-        .into_iter()
-        .map(|item| item.map(|(_, view)| view))
-        .collect::<Result<Vec<_>, Status>>()?;
+        let merged = newest_of_both(held, archived.items.into_iter().map(Ok))
+            .take(limit + 1)
+            .collect::<Result<Vec<_>, Status>>()?;
+        Ok::<_, Status>(archive::page(
+            archive::Scanned {
+                items: merged,
+                resume: archived.resume,
+            },
+            limit,
+            "in",
+        ))
+    })?;
     within_bytes(&mut incidents, &mut next_page_token, |incident| {
         incident.incident_id.clone()
     });
@@ -674,32 +671,26 @@ async fn answer(
 
 /// Most incidents a runbook lists.
 const MAX_RUNBOOK_INCIDENTS: usize = 100;
-/// Most archived incidents a runbook reads, newest first, for the service's closed ones.
-const MAX_RUNBOOK_ARCHIVE_SCAN: usize = 10_000;
 
 /// An incident's number and summary, or why it could not be read.
 type NumberedIncident = Result<(u64, pb::Incident), Status>;
 
 /// Summaries of the archived incidents numbered below `before` that `wanted` keeps, newest
-/// first.
-fn archived_incidents<'a>(
-    state: &'a State,
+/// first: at most `want`, from at most [`archive::MAX_ARCHIVE_SCAN`] read.
+fn archived_incidents(
+    state: &State,
     before: u64,
-    wanted: impl Fn(&ArchivedRollback) -> Result<bool, Status> + 'a,
-) -> impl Iterator<Item = NumberedIncident> + 'a {
-    archive::newest_first(state, ArchiveKind::Rollback, before).filter_map(move |record| {
-        let summary = || {
-            let ArchivedRecord::Rollback(archived) = record? else {
-                return Ok(None);
-            };
-            if !wanted(&archived)? {
-                return Ok(None);
-            }
-            let number = archived.rollback.number;
-            let parts = detail_parts_of(state, *archived)?;
-            Ok(Some((number, parts.view(false)?)))
+    want: usize,
+    wanted: impl Fn(&ArchivedRollback) -> bool,
+) -> Result<archive::Scanned<pb::Incident>, Status> {
+    archive::scan(state, ArchiveKind::Rollback, before, want, |record| {
+        let ArchivedRecord::Rollback(archived) = record else {
+            return Ok(None);
         };
-        summary().transpose()
+        if !wanted(&archived) {
+            return Ok(None);
+        }
+        detail_parts_of(state, *archived)?.view(false).map(Some)
     })
 }
 
@@ -744,7 +735,7 @@ pub(super) async fn get_runbook(
             .map(|other| other.name.clone())
             .collect();
         // Closed incidents of the service, newest first, where the caller may see them: those
-        // the state holds, and the archived ones (the newest MAX_RUNBOOK_ARCHIVE_SCAN read).
+        // the state holds, and the archived ones (of the newest MAX_ARCHIVE_SCAN).
         let held = state
             .incidents
             .iter()
@@ -754,17 +745,16 @@ pub(super) async fn get_runbook(
             .filter(|rollback| rollback.services.contains(&service))
             .filter(|rollback| caller.may_see(&targets::rollback(state, rollback.number)))
             .map(|rollback| incident(state, rollback, false).map(|view| (rollback.number, view)));
-        let archived = archived_incidents(state, u64::MAX, |archived| {
+        let archived = archived_incidents(state, u64::MAX, MAX_RUNBOOK_INCIDENTS, |archived| {
             let closed = archived
                 .incident
                 .as_ref()
                 .is_some_and(|noted| noted.closed_at_ms != 0);
-            Ok(closed
+            closed
                 && archived.rollback.services.contains(&service)
-                && caller.may_see(&archive::rollback_targets(state, &archived.rollback)?))
-        })
-        .take(MAX_RUNBOOK_ARCHIVE_SCAN);
-        let incidents = newest_of_both(held, archived)
+                && caller.may_see(&targets::changes(state, &archived.rollback.changes))
+        })?;
+        let incidents = newest_of_both(held, archived.items.into_iter().map(Ok))
             .take(MAX_RUNBOOK_INCIDENTS)
             .map(|item| item.map(|(_, view)| view))
             .collect::<Result<_, _>>()?;

@@ -190,7 +190,7 @@ pub(super) async fn get_rollback(
         let Some(archived) = archive::rollback(state, number)? else {
             return Ok::<_, Status>(None);
         };
-        let targets = archive::rollback_targets(state, &archived.rollback)?;
+        let targets = targets::changes(state, &archived.rollback.changes);
         Ok(Some((targets, archive::rollback_view(state, &archived))))
     })?;
     if let Some((targets, rollback)) = archived {
@@ -223,33 +223,19 @@ pub(super) async fn list_rollbacks(
     let (limit, before) = (page.size()?, page.before("rb")?);
     control.context.current().await?;
     if request.archived {
-        let (rollbacks, next_page_token) = control.context.node.read(|state| {
-            let older = archive::newest_first(state, ArchiveKind::Rollback, before)
-                .filter_map(|record| match record {
-                    Ok(ArchivedRecord::Rollback(archived)) => Some(Ok(archived)),
-                    Ok(ArchivedRecord::Change(_)) => None,
-                    Err(error) => Some(Err(error)),
-                })
-                .filter_map(|archived| {
-                    let visible = archived.and_then(|archived| {
-                        let targets = archive::rollback_targets(state, &archived.rollback)?;
-                        Ok(caller.may_see(&targets).then_some(archived))
-                    });
-                    visible.transpose()
-                })
-                .map(|archived| {
-                    archived.map(|archived| pb::Rollback {
-                        steps: Vec::new(),
-                        ..archive::rollback_view(state, &archived)
-                    })
-                });
-            one_page(limit, older, |rollback| {
-                rollback
-                    .as_ref()
-                    .map_or_else(|_| String::new(), |rollback| rollback.rollback_id.clone())
+        let scanned = control.context.node.read(|state| {
+            archive::scan(state, ArchiveKind::Rollback, before, limit + 1, |record| {
+                let ArchivedRecord::Rollback(archived) = record else {
+                    return Ok(None);
+                };
+                let visible = caller.may_see(&targets::changes(state, &archived.rollback.changes));
+                Ok(visible.then(|| pb::Rollback {
+                    steps: Vec::new(),
+                    ..archive::rollback_view(state, &archived)
+                }))
             })
-        });
-        let rollbacks = rollbacks.into_iter().collect::<Result<Vec<_>, Status>>()?;
+        })?;
+        let (rollbacks, next_page_token) = archive::page(scanned, limit, "rb");
         #[allow(deprecated)] // Set for clients before 0.3.
         return Ok(Response::new(pb::ListRollbacksResponse {
             rollbacks,
