@@ -14,6 +14,8 @@ pub struct ClusterOptions {
     pub coordinator_binary: Option<PathBuf>,
     /// `storage.initial-cluster-version` (0: not written, the binary's own).
     pub initial_cluster_version: u32,
+    /// Appended to every member's config: whole tables (`[audit]\nretain-entries = 3\n`).
+    pub extra_config: String,
 }
 
 #[derive(Clone, Debug)]
@@ -33,6 +35,7 @@ impl Default for ClusterOptions {
             listen_apart: None,
             coordinator_binary: None,
             initial_cluster_version: 0,
+            extra_config: String::new(),
         }
     }
 }
@@ -57,6 +60,7 @@ pub struct ClusterHarness {
     snapshot_every: u64,
     /// `storage.initial-cluster-version` (0: not written).
     initial_cluster_version: u32,
+    extra_config: String,
     /// The binary each member (id - 1) starts from.
     binaries: Vec<PathBuf>,
 }
@@ -148,6 +152,7 @@ impl ClusterHarness {
             cut: Vec::new(),
             snapshot_every: options.snapshot_every,
             initial_cluster_version: options.initial_cluster_version,
+            extra_config: options.extra_config,
             binaries: Vec::new(),
         };
         let binary = options
@@ -280,7 +285,7 @@ id = "test-cluster"
 member-id = {id}
 tick-ms = 50
 join = {join}
-{members}"#,
+{members}{extra}"#,
             listen = self.listens[id as usize - 1],
             http = self.http_addresses[id as usize - 1],
             snapshot_every = self.snapshot_every,
@@ -290,6 +295,7 @@ join = {join}
             },
             data = self.dir.join(format!("member-{id}")).display(),
             policy = self.dir.join("policy.toml").display(),
+            extra = self.extra_config,
         );
         std::fs::write(self.config_path(id), config).unwrap();
     }
