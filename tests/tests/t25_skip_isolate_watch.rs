@@ -7,8 +7,8 @@ use std::time::Duration;
 use rewind_proto::v1 as pb;
 use rewind_proto::v1::control_service_client::ControlServiceClient;
 use rewind_tests::{
-    Coordinator, TestHost, must_change_where, must_deploy_v1_then_v2, must_list_audit,
-    must_rollback_end, must_start_hosts, must_wait_async,
+    Coordinator, TestHost, must_deploy_v1_then_v2, must_list_audit, must_rollback_end,
+    must_start_hosts, must_wait_async,
 };
 use tonic::transport::Channel;
 
@@ -190,24 +190,7 @@ async fn a_person_skips_a_host_watches_the_rollback_end_and_isolates_a_service()
     );
 
     // Isolate: every host of web is drained through its hook and none is reverted further.
-    let change = client
-        .start_change(pb::StartChangeRequest {
-            request_id: "v2-again".into(),
-            service: "web".into(),
-            version: "v2".into(),
-            reason: "v2 again".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .change
-        .unwrap()
-        .change_id;
-    must_change_where(&client, &change, "v2 deployed again", |change| {
-        change.state == pb::ChangeState::Deployed as i32
-    })
-    .await;
+    let change = rewind_tests::must_deploy_web(&client, "v2", &[]).await;
     // Hosts whose state before this change is v1: a revert would put them back on v1.
     let paused = must_start_paused(&mut client, &change, "isolate").await;
     let reverts_to_v1: Vec<&str> = HOSTS

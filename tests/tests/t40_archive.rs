@@ -10,8 +10,8 @@ use std::time::Duration;
 use rewind_proto::v1 as pb;
 use rewind_proto::v1::control_service_client::ControlServiceClient;
 use rewind_tests::{
-    ClusterHarness, ClusterOptions, Coordinator, must_agents_connected, must_change_where,
-    must_deploy_v1_then_v2, must_rollback_end, must_start_hosts, must_start_rollback_of_v2,
+    ClusterHarness, ClusterOptions, Coordinator, must_agents_connected, must_deploy_v1_then_v2,
+    must_deploy_web, must_rollback_end, must_start_hosts, must_start_rollback_of_v2,
     must_verify_audit,
 };
 use tonic::transport::Channel;
@@ -76,25 +76,8 @@ async fn finished_changes_and_rollbacks_move_to_the_archive_and_stay_readable() 
     assert_eq!(rollback_id, "rb-1");
     must_rollback_end(&client, &rollback_id).await;
     // v2 again, fixed: the service's latest change from now on.
-    let latest = client
-        .start_change(pb::StartChangeRequest {
-            request_id: "change-v2-fixed".into(),
-            service: "web".into(),
-            version: "v2".into(),
-            reason: "the fix".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .change
-        .unwrap()
-        .change_id;
+    let latest = must_deploy_web(&client, "v2", &[]).await;
     assert_eq!(latest, "ch-3");
-    must_change_where(&client, &latest, "the fix to deploy", |change| {
-        change.state == pb::ChangeState::Deployed as i32
-    })
-    .await;
 
     must_archive_and_prune(|args| coordinator.rewindctl(args), &client, dir.path()).await;
 
