@@ -170,6 +170,33 @@ fn a_service_rolled_back_again_and_again_is_flapping() {
 }
 
 #[test]
+fn archived_rollbacks_still_count_towards_flapping() {
+    let mut fleet = fleet();
+    let mut at = 1_000_000;
+    for _ in 0..3 {
+        fleet.deploy("a", "v2");
+        assert_eq!(ask(&mut fleet, at, "a").0, TriggerOutcome::Started);
+        abort_running(&mut fleet);
+        at += 4_000_000;
+    }
+    fleet.deploy("a", "v2");
+    // The audit archived and pruned (cluster version 8): the ended rollbacks leave the state.
+    let through = fleet.confirm_archive_all();
+    fleet.apply(CommandKind::PruneAudit { through });
+    assert_eq!(
+        fleet.state.archived.rollbacks, 3,
+        "{:?}",
+        fleet.state.archived
+    );
+    let (outcome, detail) = ask(&mut fleet, at, "a");
+    assert_eq!(outcome, TriggerOutcome::Throttled, "{detail}");
+    assert!(
+        detail.contains("a is flapping: rolled back 3 times"),
+        "{detail}"
+    );
+}
+
+#[test]
 fn the_budget_is_per_environment() {
     let mut fleet = fleet();
     for service in ["a", "b", "c", "d"] {

@@ -136,6 +136,18 @@ async fn finished_changes_and_rollbacks_move_to_the_archive_and_stay_readable() 
             "{said}"
         );
     }
+    // Archived records are read only: acting on one is refused, naming it.
+    for args in [
+        &["rollback", "abort", "rb-1", "--reason", "late"][..],
+        &["rollback", "start", "--change", "ch-1", "--reason", "again"][..],
+    ] {
+        let refused = coordinator.rewindctl(args);
+        let said = text(&refused);
+        assert!(
+            !refused.status.success() && said.contains(" is archived: "),
+            "{args:?}: {said}"
+        );
+    }
     // An id that never existed is still not found.
     let missing = coordinator.rewindctl(&["rollback", "show", "rb-9"]);
     assert!(!missing.status.success(), "{}", text(&missing));

@@ -178,6 +178,11 @@ pub(super) fn selected_changes(
                 format!("{id:?} is not an id like ch-12"),
             )
         })?;
+        super::control::archive::refuse_archived(
+            state,
+            crate::state_machine::archive::ArchiveKind::Change,
+            number,
+        )?;
         changes.push(number);
     }
     for service in &selection.services {

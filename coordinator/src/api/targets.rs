@@ -80,8 +80,10 @@ pub fn drill(state: &State, number: u64) -> Vec<Target> {
 /// Drilling `change`'s migrations in `environment`.
 pub fn drill_of(state: &State, change: u64, environment: &str) -> Vec<Target> {
     let mut targets = self::change(state, change);
-    if let Some(record) = state.changes.get(&change) {
-        targets.push(Target::scoped(environment, &record.service));
+    match state.change_or_archived(change) {
+        Ok(Some(record)) => targets.push(Target::scoped(environment, &record.service)),
+        Ok(None) => {}
+        Err(_) => targets.push(Target::Cluster),
     }
     targets
 }

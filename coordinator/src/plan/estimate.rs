@@ -125,8 +125,14 @@ impl History {
             })
             .into_iter()
             .filter_map(|record| match record {
-                ArchivedRecord::Rollback(archived) => Some(archived.rollback),
-                ArchivedRecord::Change(_) => None,
+                // One the state holds too (a member that installed a snapshot bundle, until it
+                // applies the log after it) is counted once.
+                ArchivedRecord::Rollback(archived)
+                    if !state.rollbacks.contains_key(&archived.rollback.number) =>
+                {
+                    Some(archived.rollback)
+                }
+                _ => None,
             })
             .collect();
         for rollback in held.into_iter().chain(&archived) {

@@ -109,8 +109,15 @@ fn change_ended_at_ms(change: &ChangeRecord) -> u64 {
         .unwrap_or(0)
 }
 
-/// The records that may move, given that the audit entries up to `ended_by_ms` are pruned.
-fn movable(state: &State, ended_by_ms: u64) -> (BTreeSet<u64>, BTreeSet<u64>) {
+/// How long an incident system's events keep their rollback in the state after its last
+/// delivery attempt (or its end, for the resolve a success sends): past the engine's retries
+/// (20 attempts backing off to an hour, about 11 hours), so a webhook switched off never keeps
+/// one for good.
+const NOTICE_HOLD_MS: u64 = 12 * 60 * 60 * 1000;
+
+/// The records that may move at `at_ms`, given that the audit entries up to `ended_by_ms` are
+/// pruned.
+fn movable(state: &State, ended_by_ms: u64, at_ms: u64) -> (BTreeSet<u64>, BTreeSet<u64>) {
     let mut kept_changes = BTreeSet::new();
     let mut kept_rollbacks = BTreeSet::new();
     // A service's newest change by every way the cluster looks one up: per service, per
@@ -195,14 +202,20 @@ fn movable(state: &State, ended_by_ms: u64) -> (BTreeSet<u64>, BTreeSet<u64>) {
                 incident.is_some_and(|noted| noted.closed_at_ms == 0 && !noted.notes.is_empty());
             // Told to an incident system, which has yet to hear all it will: an event still
             // being delivered, or the resolve a success sends.
+            let recent = |since_ms: u64| since_ms.saturating_add(NOTICE_HOLD_MS) >= at_ms;
             let delivering = incident.is_some_and(|noted| {
-                noted.notices.iter().any(|notice| !notice.settled())
-                    || (rollback.status == RollbackStatus::Succeeded
-                        && !noted.notices.is_empty()
-                        && !noted
-                            .notices
-                            .iter()
-                            .any(|notice| notice.event == NoticeEvent::Resolve))
+                let retrying = noted
+                    .notices
+                    .iter()
+                    .any(|notice| !notice.settled() && recent(notice.last_attempt_at_ms));
+                let resolve_due = rollback.status == RollbackStatus::Succeeded
+                    && !noted.notices.is_empty()
+                    && !noted
+                        .notices
+                        .iter()
+                        .any(|notice| notice.event == NoticeEvent::Resolve)
+                    && recent(rollback.finished_at_ms);
+                retrying || resolve_due
             });
             rollback.status.is_terminal()
                 && rollback.finished_at_ms <= ended_by_ms
@@ -255,7 +268,7 @@ enum Newest {
 /// many changes and rollbacks moved. A store that fails stops the member (see
 /// [`super::AuditLog::failure`]) as a failed audit write does.
 pub fn archive_finished(state: &mut State, ended_by_ms: u64, at_ms: u64) -> (u64, u64) {
-    let (changes, rollbacks) = movable(state, ended_by_ms);
+    let (changes, rollbacks) = movable(state, ended_by_ms, at_ms);
     for number in &changes {
         let Some(change) = state.changes.remove(number) else {
             continue;
@@ -340,8 +353,11 @@ impl State {
             .map(|archived| Cow::Owned(archived.change)))
     }
 
-    /// An archived change, if the archive holds it.
+    /// An archived change, if the archive holds it (the store is not read while it holds none).
     pub fn archived_change(&self, number: u64) -> Result<Option<ArchivedChange>, String> {
+        if self.archived.changes == 0 {
+            return Ok(None);
+        }
         Ok(
             match self.audit.store().archived(ArchiveKind::Change, number)? {
                 Some(ArchivedRecord::Change(archived)) => Some(*archived),
@@ -352,6 +368,9 @@ impl State {
 
     /// An archived rollback, with its incident's record.
     pub fn archived_rollback(&self, number: u64) -> Result<Option<ArchivedRollback>, String> {
+        if self.archived.rollbacks == 0 {
+            return Ok(None);
+        }
         Ok(
             match self.audit.store().archived(ArchiveKind::Rollback, number)? {
                 Some(ArchivedRecord::Rollback(archived)) => Some(*archived),

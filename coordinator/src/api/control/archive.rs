@@ -85,6 +85,42 @@ pub(super) fn page<T>(scanned: Scanned<T>, limit: usize, prefix: &str) -> (Vec<T
     (items.into_iter().map(|(_, item)| item).collect(), token)
 }
 
+/// Refuses to act on a change or rollback that the archive holds and the state does not:
+/// archived records are read only. An archive that cannot be read is an internal error.
+pub(in crate::api) fn refuse_archived(
+    state: &State,
+    kind: ArchiveKind,
+    number: u64,
+) -> Result<(), Status> {
+    let (held, id, noun) = match kind {
+        ArchiveKind::Change => (
+            state.changes.contains_key(&number),
+            change_id(number),
+            "change",
+        ),
+        ArchiveKind::Rollback => (
+            state.rollbacks.contains_key(&number),
+            rollback_id(number),
+            "rollback",
+        ),
+    };
+    if held {
+        return Ok(());
+    }
+    let archived = match kind {
+        ArchiveKind::Change => state.archived_change(number).map(|found| found.is_some()),
+        ArchiveKind::Rollback => state.archived_rollback(number).map(|found| found.is_some()),
+    }
+    .map_err(store_unreadable)?;
+    if archived {
+        return Err(Status::failed_precondition(format!(
+            "{id} is archived: it ended before the audit retention and left the cluster's \
+             state, so it is read only (rewindctl {noun} show {id} reads it)"
+        )));
+    }
+    Ok(())
+}
+
 /// A change the archive holds, if the state does not.
 pub(super) fn change(state: &State, number: u64) -> Result<Option<ArchivedChange>, Status> {
     if state.changes.contains_key(&number) {

@@ -510,10 +510,9 @@ async fn authorize_incident(
 ) -> Result<(), Status> {
     control.context.current().await?;
     let (targets, archived) = control.context.node.read(|state| {
-        let targets = targets::rollback(state, number);
-        let archived = !targets.is_empty() && !state.rollbacks.contains_key(&number);
-        (targets, archived)
-    });
+        let archived = archive::rollback(state, number)?.is_some();
+        Ok::<_, Status>((targets::rollback(state, number), archived))
+    })?;
     if archived && !reading {
         control.context.authorize(caller, &targets)?;
         return Err(Status::failed_precondition(format!(
@@ -548,9 +547,10 @@ pub(super) async fn list_incidents(
             caller.may_see(&targets::changes(state, &archived.rollback.changes))
         })?;
         let floor = archived.resume.unwrap_or(0);
+        // From the floor itself: the scan may have stopped on a record the state holds too.
         let held = state
             .rollbacks
-            .range(floor + 1..before)
+            .range(floor..before)
             .rev()
             .filter(|(number, _)| caller.may_see(&targets::rollback(state, **number)))
             .take(limit + 1)

@@ -25,7 +25,7 @@ use crate::access::Target;
 use crate::state_machine::archive::{ArchiveKind, ArchivedRecord};
 use crate::state_machine::*;
 
-mod archive;
+pub(super) mod archive;
 mod audit;
 mod changes;
 mod flags;

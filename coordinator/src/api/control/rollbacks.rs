@@ -389,6 +389,9 @@ impl Control {
         number: u64,
     ) -> Result<(), Status> {
         self.context.current().await?;
+        self.context
+            .node
+            .read(|state| archive::refuse_archived(state, ArchiveKind::Rollback, number))?;
         let targets = self
             .context
             .node

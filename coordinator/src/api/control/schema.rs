@@ -152,6 +152,10 @@ pub(super) async fn start_drill(
         "say why you drill it: it goes into the audit log",
     )?;
     control.context.current().await?;
+    control
+        .context
+        .node
+        .read(|state| archive::refuse_archived(state, ArchiveKind::Change, change))?;
     let targets = control
         .context
         .node

@@ -355,13 +355,11 @@ fn throttles(
         .max(throttle.budget_window_s);
     let recent = match state.rollbacks_started_since(within(longest)) {
         Ok(recent) => recent,
+        // Not judged (an alert that repeats is judged again), never refused for good.
         Err(error) => {
-            return throttled(
-                format!(
-                    "the archived rollbacks cannot be read ({error}), so the throttles cannot be counted"
-                ),
-                true,
-            );
+            return ignored(format!(
+                "the archived rollbacks cannot be read ({error}), so the throttles cannot be counted"
+            ));
         }
     };
     let rollbacks_of_service = recent
@@ -408,12 +406,9 @@ fn throttles(
             }
             Ok(_) => {}
             Err(error) => {
-                return throttled(
-                    format!(
-                        "an archived change cannot be read ({error}), so the budget cannot be counted"
-                    ),
-                    true,
-                );
+                return ignored(format!(
+                    "an archived change cannot be read ({error}), so the budget cannot be counted"
+                ));
             }
         }
     }
