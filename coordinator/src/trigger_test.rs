@@ -150,17 +150,24 @@ fn a_second_automatic_rollback_within_the_cooldown_is_throttled_and_escalated_on
     assert_eq!(fleet.state.escalations.len(), 1);
 }
 
-#[test]
-fn a_service_rolled_back_again_and_again_is_flapping() {
-    let mut fleet = fleet();
+/// Rolls `a` back automatically three times, each past the cooldown and the budget window, and
+/// deploys it again; the time of the next alert.
+fn rolled_back_three_times(fleet: &mut Fleet) -> u64 {
     let mut at = 1_000_000;
     for _ in 0..3 {
         fleet.deploy("a", "v2");
-        assert_eq!(ask(&mut fleet, at, "a").0, TriggerOutcome::Started);
-        abort_running(&mut fleet);
-        at += 4_000_000; // past the cooldown and the budget window each time
+        assert_eq!(ask(fleet, at, "a").0, TriggerOutcome::Started);
+        abort_running(fleet);
+        at += 4_000_000;
     }
     fleet.deploy("a", "v2");
+    at
+}
+
+#[test]
+fn a_service_rolled_back_again_and_again_is_flapping() {
+    let mut fleet = fleet();
+    let at = rolled_back_three_times(&mut fleet);
     let (outcome, detail) = ask(&mut fleet, at, "a");
     assert_eq!(outcome, TriggerOutcome::Throttled);
     assert!(
@@ -172,14 +179,7 @@ fn a_service_rolled_back_again_and_again_is_flapping() {
 #[test]
 fn archived_rollbacks_still_count_towards_flapping() {
     let mut fleet = fleet();
-    let mut at = 1_000_000;
-    for _ in 0..3 {
-        fleet.deploy("a", "v2");
-        assert_eq!(ask(&mut fleet, at, "a").0, TriggerOutcome::Started);
-        abort_running(&mut fleet);
-        at += 4_000_000;
-    }
-    fleet.deploy("a", "v2");
+    let at = rolled_back_three_times(&mut fleet);
     // The audit archived and pruned (cluster version 8): the ended rollbacks leave the state.
     let through = fleet.confirm_archive_all();
     fleet.apply(CommandKind::PruneAudit { through });
