@@ -75,12 +75,20 @@ async fn a_rollback_is_triggered_acknowledged_and_resolved_with_one_dedup_key() 
     );
     assert_eq!(receiver.refusals(), Vec::<String>::new());
 
-    let shown = coordinator.rewindctl(&["incident", "show", &incident_id]);
-    let said = output_text(&shown);
-    assert!(shown.status.success(), "{said}");
+    // The receiver answers before the coordinator records the delivery (a replicated command
+    // after the answer): the resolve shows once that has applied.
+    let said = must_wait(
+        Duration::from_secs(30),
+        "the resolve's delivery recorded",
+        || {
+            let shown = coordinator.rewindctl(&["incident", "show", &incident_id]);
+            let said = output_text(&shown);
+            assert!(shown.status.success(), "{said}");
+            said.contains("resolve delivered at").then_some(said)
+        },
+    );
     assert!(said.contains("trigger delivered at"), "{said}");
     assert!(said.contains("(2 attempts)"), "the retried trigger: {said}");
-    assert!(said.contains("resolve delivered at"), "{said}");
     // Each attempt is audited, the failed one with what the receiver answered.
     let audit = coordinator.rewindctl(&["audit", "list", "--page-size", "1000"]);
     let said = output_text(&audit);
