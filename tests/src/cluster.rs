@@ -417,11 +417,13 @@ join = {join}
                     let ahead = self.member_status(leader, false).await.ok()?;
                     (ahead.applied_index == behind.applied_index
                         && ahead.state_digest == behind.state_digest
-                        // A release before the audit digest reports none.
+                        // A release before the audit digest reports none, nor one before
+                        // the archive's.
                         && (ahead.audit_digest == behind.audit_digest
                             || ahead.audit_digest.is_empty()
-                            || behind.audit_digest.is_empty()))
-                    .then_some(())
+                            || behind.audit_digest.is_empty())
+                        && ahead.archive_digest == behind.archive_digest)
+                        .then_some(())
                 };
                 if reached >= target && (!same_state || agrees().await.is_some()) {
                     return Ok(reached);

@@ -201,6 +201,15 @@ async fn a_member_behind_a_compaction_gets_the_archive_with_its_snapshot() {
     cluster
         .must_catch_up(behind, leader, Duration::from_secs(120))
         .await;
+    // Caught up with the same state and the same archive as stored: both digests agree.
+    let (ahead, caught) = (
+        cluster.member_status(leader, false).await.unwrap(),
+        cluster.member_status(behind, false).await.unwrap(),
+    );
+    assert!(
+        !caught.archive_digest.is_empty() && caught.archive_digest == ahead.archive_digest,
+        "member {behind}: {caught:?}, the leader: {ahead:?}"
+    );
     let log = std::fs::read_to_string(dir.path().join(format!("member-{behind}.log"))).unwrap();
     assert!(
         log.contains("Installed a snapshot from the leader"),

@@ -21,16 +21,20 @@ impl MemberService for Member {
         if request.into_inner().brief {
             return Ok(Response::new(brief));
         }
-        let (applied_index, state_digest, audit) = self.context.node.read(|state| {
+        let (applied_index, state_digest, audit, archive) = self.context.node.read(|state| {
             let bytes = serde_json::to_vec(state).unwrap_or_default();
             (
                 state.applied_index,
                 rewind_shared::digest::sha256_digest(&bytes),
                 state.audit.clone(),
+                state.archive_snapshot(),
             )
         });
         // Verified off the state's lock: the entries are shared, or in the store.
         let audit = audit.verify();
+        let archive_digest = archive
+            .digest()
+            .map_err(|error| Status::internal(format!("the archive cannot be read: {error}")))?;
         Ok(Response::new(pb::MemberStatus {
             // Applied index and digest from the same read, so they describe the same state.
             applied_index,
@@ -38,6 +42,7 @@ impl MemberService for Member {
             audit_ok: audit.first_broken.is_none(),
             audit_entries: audit.entries,
             audit_digest: audit.content_digest,
+            archive_digest,
             ..brief
         }))
     }

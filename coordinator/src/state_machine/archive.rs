@@ -298,6 +298,42 @@ pub fn archive_finished(state: &mut State, ended_by_ms: u64, at_ms: u64) -> (u64
     (changes.len() as u64, rollbacks.len() as u64)
 }
 
+/// What a digest of the archive needs of a state, copied so that the archive is read off the
+/// state's lock.
+pub struct ArchiveSnapshot {
+    store: super::StoreHandle,
+    counts: ArchiveCounts,
+    held_changes: BTreeSet<u64>,
+    held_rollbacks: BTreeSet<u64>,
+}
+
+impl ArchiveSnapshot {
+    /// sha256 over the archived records (changes then rollbacks, newest first, as stored) that
+    /// the state counts: records a member holds in its state too (archived after the snapshot
+    /// bundle it installed, before it applied the log after it) are left out. Empty while none
+    /// are archived, as on members of earlier releases.
+    pub fn digest(&self) -> Result<String, String> {
+        if self.counts.is_empty() {
+            return Ok(String::new());
+        }
+        let mut records = Vec::new();
+        for (kind, held) in [
+            (ArchiveKind::Change, &self.held_changes),
+            (ArchiveKind::Rollback, &self.held_rollbacks),
+        ] {
+            records.extend(
+                self.store
+                    .archived_before(kind, u64::MAX, usize::MAX)?
+                    .into_iter()
+                    .filter(|record| !held.contains(&record.number())),
+            );
+        }
+        let bytes = serde_json::to_vec(&records)
+            .map_err(|error| format!("encode the archive for its digest: {error}"))?;
+        Ok(rewind_shared::digest::sha256_digest(&bytes))
+    }
+}
+
 /// How much earlier than a newer rollback an older one may have started (a leader's clock
 /// stepping back): archived rollbacks are read newest first until one started this long before
 /// the time asked for.
@@ -307,6 +343,16 @@ const START_SLACK_MS: u64 = 60 * 60 * 1000;
 const SCAN_BATCH: usize = 256;
 
 impl State {
+    /// What [`ArchiveSnapshot::digest`] reads, copied.
+    pub fn archive_snapshot(&self) -> ArchiveSnapshot {
+        ArchiveSnapshot {
+            store: self.audit.store().clone(),
+            counts: self.archived.clone(),
+            held_changes: self.changes.keys().copied().collect(),
+            held_rollbacks: self.rollbacks.keys().copied().collect(),
+        }
+    }
+
     /// The rollbacks started at or after `since_ms`: the state's, and (cluster version 8) the
     /// archived ones it does not hold. For the trigger throttles, judged on the leader.
     pub fn rollbacks_started_since(

@@ -70,15 +70,7 @@ fn replay(initial_cluster_version: u32, entries: &[GoldenEntry]) -> Replayed {
     }
     let audit = state.audit.verify();
     assert!(audit.first_broken.is_none(), "{}", audit.detail);
-    let mut archive = Vec::new();
-    for kind in [ArchiveKind::Change, ArchiveKind::Rollback] {
-        archive.extend(state.archived_before(kind, u64::MAX, usize::MAX).unwrap());
-    }
-    let archive_digest = if archive.is_empty() {
-        String::new()
-    } else {
-        rewind_shared::digest::sha256_digest(&serde_json::to_vec(&archive).unwrap())
-    };
+    let archive_digest = state.archive_snapshot().digest().unwrap();
     (
         rewind_shared::digest::sha256_digest(&serde_json::to_vec(&state).unwrap()),
         audit.head_hash,
