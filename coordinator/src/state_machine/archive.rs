@@ -343,6 +343,14 @@ const START_SLACK_MS: u64 = 60 * 60 * 1000;
 const SCAN_BATCH: usize = 256;
 
 impl State {
+    /// Whether the state (not the archive) holds the change or rollback `number`.
+    pub fn holds(&self, kind: ArchiveKind, number: u64) -> bool {
+        match kind {
+            ArchiveKind::Change => self.changes.contains_key(&number),
+            ArchiveKind::Rollback => self.rollbacks.contains_key(&number),
+        }
+    }
+
     /// What [`ArchiveSnapshot::digest`] reads, copied.
     pub fn archive_snapshot(&self) -> ArchiveSnapshot {
         ArchiveSnapshot {

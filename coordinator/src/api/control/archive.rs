@@ -54,11 +54,9 @@ pub(super) fn scan<T>(
             let number = record.number();
             cursor = number;
             read += 1;
-            let held = match kind {
-                ArchiveKind::Change => state.changes.contains_key(&number),
-                ArchiveKind::Rollback => state.rollbacks.contains_key(&number),
-            };
-            if !held && let Some(item) = keep(record)? {
+            if !state.holds(kind, number)
+                && let Some(item) = keep(record)?
+            {
                 items.push((number, item));
             }
             if items.len() >= want || read >= MAX_ARCHIVE_SCAN {
@@ -92,26 +90,18 @@ pub(in crate::api) fn refuse_archived(
     kind: ArchiveKind,
     number: u64,
 ) -> Result<(), Status> {
-    let (held, id, noun) = match kind {
+    let (archived, id, noun) = match kind {
         ArchiveKind::Change => (
-            state.changes.contains_key(&number),
+            change(state, number)?.is_some(),
             change_id(number),
             "change",
         ),
         ArchiveKind::Rollback => (
-            state.rollbacks.contains_key(&number),
+            rollback(state, number)?.is_some(),
             rollback_id(number),
             "rollback",
         ),
     };
-    if held {
-        return Ok(());
-    }
-    let archived = match kind {
-        ArchiveKind::Change => state.archived_change(number).map(|found| found.is_some()),
-        ArchiveKind::Rollback => state.archived_rollback(number).map(|found| found.is_some()),
-    }
-    .map_err(store_unreadable)?;
     if archived {
         return Err(Status::failed_precondition(format!(
             "{id} is archived: it ended before the audit retention and left the cluster's \

@@ -509,9 +509,12 @@ async fn authorize_incident(
     reading: bool,
 ) -> Result<(), Status> {
     control.context.current().await?;
+    // One read of the archive: an archived rollback's scope is its changes'.
     let (targets, archived) = control.context.node.read(|state| {
-        let archived = archive::rollback(state, number)?.is_some();
-        Ok::<_, Status>((targets::rollback(state, number), archived))
+        Ok::<_, Status>(match archive::rollback(state, number)? {
+            Some(archived) => (targets::changes(state, &archived.rollback.changes), true),
+            None => (targets::rollback(state, number), false),
+        })
     })?;
     if archived && !reading {
         control.context.authorize(caller, &targets)?;
