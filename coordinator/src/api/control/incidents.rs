@@ -251,12 +251,11 @@ fn assemble(
         ..State::default()
     };
     for &change in &record.changes {
-        let found = match state.changes.get(&change) {
-            Some(found) => Some(found.clone()),
-            None => archive::change(state, change)?.map(|archived| archived.change),
-        };
-        if let Some(found) = found {
-            parts.changes.insert(change, found);
+        if let Some(found) = state
+            .change_or_archived(change)
+            .map_err(super::audit::store_unreadable)?
+        {
+            parts.changes.insert(change, found.into_owned());
         }
     }
     parts.triggers = state
