@@ -199,11 +199,21 @@ pub fn apply(
         if let Recorded::Applied = state {
             return Ok(format!("{} already applied", migration.version));
         }
+        let expand = migration.class == "expand";
+        let catalog_before = if expand {
+            crate::shard::postgres::catalog_lines(transaction, table)?
+        } else {
+            Vec::new()
+        };
         run_script(
             transaction,
             &format!("up script of {}", migration.version),
             &migration.up_sql,
         )?;
+        if expand {
+            let catalog_after = crate::shard::postgres::catalog_lines(transaction, table)?;
+            crate::shard::check_expand(migration, &catalog_before, &catalog_after)?;
+        }
         let recorded = match state {
             Recorded::Reverted => transaction.execute(
                 &format!(

@@ -77,6 +77,23 @@ fn migrations_apply_and_revert_once_each_and_edited_scripts_are_refused() {
         schema::schema_version(&database),
         format!("0001 ({})", first.checksum)
     );
+    // An "expand" migration that drops what the release before it reads is refused, and
+    // nothing it did is kept.
+    let dropping = migration(
+        "0004",
+        "ALTER TABLE orders DROP COLUMN note",
+        "ALTER TABLE orders ADD COLUMN note text",
+        "",
+    );
+    let refused = migrate::apply(&database, &dropping, "rb-test")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("0004 is declared expand")
+            && refused.contains("drops column public.orders.note text"),
+        "{refused}"
+    );
+    assert_eq!(columns(&database), ["id", "note"]);
 
     // Scripts that are not what their checksum says are refused before anything runs.
     let forged = Migration {

@@ -793,3 +793,51 @@ async fn a_revert_that_breaks_a_foreign_key_is_refused_in_prepare_and_changes_no
     }
     shards.must_have_nothing_prepared();
 }
+
+/// A migration registered as expand that drops a column is not one: the shards refuse it in
+/// prepare (the catalog before and after its up script differ by more than additions), the
+/// change fails naming the dropped column, and no shard changed. A real expand one, adding a
+/// table and a column with a default, runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_expand_migration_that_drops_a_column_is_refused_where_it_first_runs() {
+    const MISCLASSED: [Migration; 2] = [
+        (
+            "0005",
+            pb::MigrationClass::Expand,
+            "ALTER TABLE orders ADD COLUMN currency text NOT NULL DEFAULT 'EUR'; \
+             CREATE TABLE refunds (id int PRIMARY KEY);",
+            "DROP TABLE refunds; ALTER TABLE orders DROP COLUMN currency;",
+            "",
+        ),
+        (
+            "0006",
+            pb::MigrationClass::Expand,
+            "ALTER TABLE orders DROP COLUMN total;",
+            "ALTER TABLE orders ADD COLUMN total numeric(10, 2);",
+            "",
+        ),
+    ];
+    let mut shards = Shards::must_start(2, &MISCLASSED).await;
+    shards.must_change("v1", &[]).await;
+    let change = shards.must_change("v2", &["0005"]).await;
+    assert_eq!(change.state, pb::ChangeState::Deployed as i32, "{change:?}");
+
+    let change = shards.must_change("v1", &["0006"]).await;
+    assert_eq!(change.state, pb::ChangeState::Failed as i32, "{change:?}");
+    let txn = shards.must_schema_txn("st-2").await;
+    assert_eq!(txn.decision, "abort", "{txn:#?}");
+    let told = format!("{txn:?}");
+    assert!(
+        told.contains("0006 is declared expand but does more than add")
+            && told.contains("drops column public.orders.total numeric(10,2)")
+            && told.contains("register it as contract"),
+        "{told}"
+    );
+    for columns in shards.columns() {
+        assert_eq!(columns, "currency,customer_id,id,total");
+    }
+    for shard in 0..2 {
+        assert_eq!(shards.history(shard, "0006"), "", "db-{}", shard + 1);
+    }
+    shards.must_have_nothing_prepared();
+}

@@ -34,9 +34,10 @@ use crate::migrate::{self, Migration, Recorded, refused};
 use crate::schema::{DatabaseConfig, Engine};
 use crate::store::Store;
 
+mod expand_check;
 #[cfg(test)]
 mod fake;
-mod postgres;
+pub(crate) mod postgres;
 #[cfg(test)]
 mod protocol_test;
 mod sqlite;
@@ -340,6 +341,27 @@ pub(crate) fn display_version(version: &str) -> &str {
 
 pub(crate) fn short(fingerprint: &str) -> &str {
     truncate(fingerprint, 19)
+}
+
+/// `sha256:` over a shard's sorted catalog lines: its schema fingerprint.
+fn fingerprint_of(lines: &[String]) -> String {
+    format!(
+        "sha256:{}",
+        rewind_shared::digest::sha256_hex(lines.join("\n").as_bytes())
+    )
+}
+
+/// Refuses an "expand" migration whose up script did more than add (see [`expand_check`]).
+pub(crate) fn check_expand(
+    migration: &Migration,
+    catalog_before: &[String],
+    catalog_after: &[String],
+) -> Result<(), AgentError> {
+    let findings = expand_check::expand_breaks(catalog_before, catalog_after);
+    if findings.is_empty() {
+        return Ok(());
+    }
+    Err(refused(expand_check::describe(&migration.version, &findings)))
 }
 
 pub(crate) fn refuse_unaccepted_loss(

@@ -161,6 +161,12 @@ fn run_in_open_transaction(
             ("up", &migration.up_sql)
         };
         let label = format!("{label} {}", migration.version);
+        let expand = !step.down && migration.class == "expand";
+        let catalog_before = if expand {
+            catalog_lines(client, &table)?
+        } else {
+            Vec::new()
+        };
         run_logged(
             client,
             &label,
@@ -168,6 +174,9 @@ fn run_in_open_transaction(
             &mut report.statements,
             &mut unlogged,
         )?;
+        if expand {
+            super::check_expand(migration, &catalog_before, &catalog_lines(client, &table)?)?;
+        }
         if step.down && !migration.verify_sql.trim().is_empty() {
             let label = format!("verify {}", migration.version);
             run_logged(
@@ -381,6 +390,14 @@ fn describe(client: &mut impl GenericClient, table: &str) -> Result<ShardReport,
 /// security policies. Leaves out the schema history table, PostgreSQL's own schemas and what
 /// extensions own. Names print schema-qualified whatever the session's search_path.
 pub fn fingerprint(client: &mut impl GenericClient, table: &str) -> Result<String, AgentError> {
+    Ok(super::fingerprint_of(&catalog_lines(client, table)?))
+}
+
+/// The catalog lines [`fingerprint`] hashes, sorted.
+pub fn catalog_lines(
+    client: &mut impl GenericClient,
+    table: &str,
+) -> Result<Vec<String>, AgentError> {
     // The history table's oid, looked up before search_path is pinned below (its name resolves
     // only under the session's own path).
     let own = "c.oid::int8 IS DISTINCT FROM $1";
@@ -474,10 +491,7 @@ pub fn fingerprint(client: &mut impl GenericClient, table: &str) -> Result<Strin
         .map_err(failed("restore search_path"))?;
     let mut lines: Vec<String> = lines.iter().map(|row| row.get(0)).collect();
     lines.sort();
-    Ok(format!(
-        "sha256:{}",
-        rewind_shared::digest::sha256_hex(lines.join("\n").as_bytes())
-    ))
+    Ok(lines)
 }
 
 /// Data a revert would destroy, found by running its down scripts under a savepoint and

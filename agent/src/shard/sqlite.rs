@@ -172,6 +172,11 @@ fn columns(connection: &Connection, table: &str) -> Result<Columns, AgentError> 
 /// `sha256:` over tables with their columns (by name: type, not null, default, primary key),
 /// indexes, views and triggers, leaving out the history table and SQLite's own.
 fn fingerprint(connection: &Connection, table: &str) -> Result<String, AgentError> {
+    Ok(super::fingerprint_of(&catalog_lines(connection, table)?))
+}
+
+/// The catalog lines [`fingerprint`] hashes, sorted.
+fn catalog_lines(connection: &Connection, table: &str) -> Result<Vec<String>, AgentError> {
     let own = unqualified(table);
     let mut lines: Vec<String> = Vec::new();
     let mut statement = connection
@@ -196,10 +201,7 @@ fn fingerprint(connection: &Connection, table: &str) -> Result<String, AgentErro
         lines.push(line.map_err(failed("read the catalog for the fingerprint"))?);
     }
     lines.sort();
-    Ok(format!(
-        "sha256:{}",
-        rewind_shared::digest::sha256_hex(lines.join("\n").as_bytes())
-    ))
+    Ok(lines)
 }
 
 fn version(connection: &Connection, table: &str) -> Result<String, AgentError> {
@@ -462,12 +464,21 @@ fn run(
         } else {
             ("up", &migration.up_sql)
         };
+        let expand = !step.down && migration.class == "expand";
+        let catalog_before = if expand {
+            catalog_lines(connection, table)?
+        } else {
+            Vec::new()
+        };
         run_logged(
             connection,
             &format!("{label} {}", migration.version),
             script,
             &mut report.statements,
         )?;
+        if expand {
+            super::check_expand(migration, &catalog_before, &catalog_lines(connection, table)?)?;
+        }
         if step.down && !migration.verify_sql.trim().is_empty() {
             let label = format!("verify {}", migration.version);
             run_logged(
@@ -627,4 +638,56 @@ pub fn schema_version(path: &Path, history: &str) -> Result<String, String> {
         .optional()
         .map(|latest| latest.unwrap_or_else(|| "no migration applied".into()))
         .map_err(|error| format!("cannot read the schema history: {error}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(version: &str, up: &str) -> ShardStep {
+        let down = "SELECT 1";
+        ShardStep {
+            txn_id: "st-1".into(),
+            down: false,
+            migrations: vec![Migration {
+                version: version.into(),
+                checksum: rewind_shared::digest::migration_checksum(up, down, ""),
+                class: "expand".into(),
+                up_sql: up.into(),
+                down_sql: down.into(),
+                verify_sql: String::new(),
+            }],
+            commit: false,
+            accept_data_loss: false,
+            by: "test".into(),
+        }
+    }
+
+    /// The expand check holds for SQLite's catalog too: a column added passes, a dropped one is
+    /// refused by name.
+    #[test]
+    fn an_expand_migration_may_only_add() {
+        let connection = Connection::open_in_memory().unwrap();
+        connection
+            .execute_batch("CREATE TABLE orders (id INTEGER PRIMARY KEY, total NUMERIC)")
+            .unwrap();
+        let table = "\"rewind_schema_history\"";
+        let adds = step(
+            "0001",
+            "ALTER TABLE orders ADD COLUMN currency TEXT NOT NULL DEFAULT 'EUR'",
+        );
+        // `run` works inside the caller's transaction.
+        connection.execute_batch("BEGIN").unwrap();
+        run(&connection, table, &adds, None).unwrap();
+        connection.execute_batch("COMMIT; BEGIN").unwrap();
+        let drops = step("0002", "ALTER TABLE orders DROP COLUMN total");
+        let refused = run(&connection, table, &drops, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.contains("0002 is declared expand")
+                && refused.contains("drops column orders.total NUMERIC"),
+            "{refused}"
+        );
+    }
 }
