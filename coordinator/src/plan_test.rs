@@ -421,6 +421,18 @@ fn applied_on_orders_db(fleet: &mut Fleet, change: u64, txn: u64, versions: &[&s
 }
 
 fn applied_on(fleet: &mut Fleet, database: &str, change: u64, txn: u64, versions: &[&str]) {
+    applied_at(fleet, database, (change, true), txn, versions);
+}
+
+/// As [`applied_on`], by a stage that ran after activation (contract and data migrations) or
+/// before it (expand ones).
+fn applied_at(
+    fleet: &mut Fleet,
+    database: &str,
+    (change, after_activation): (u64, bool),
+    txn: u64,
+    versions: &[&str],
+) {
     let record = fleet.state.changes.get_mut(&change).unwrap();
     record.schema.push(SchemaStage {
         database: database.into(),
@@ -429,7 +441,7 @@ fn applied_on(fleet: &mut Fleet, database: &str, change: u64, txn: u64, versions
         environment: "default".into(),
         versions: versions.iter().map(|version| version.to_string()).collect(),
         down: false,
-        after_activation: true,
+        after_activation,
         txn,
         expected_fingerprint: String::new(),
     });
@@ -576,6 +588,105 @@ fn interleaved_migrations_of_two_changes_are_reverted_newest_first() {
         !both.notes.iter().any(|note| note.contains("will refuse")),
         "{:?}",
         both.notes
+    );
+}
+
+/// Registers `version` of `database` with `class` (scripts do not matter to a plan).
+fn registered(fleet: &mut Fleet, database: &str, version: &str, class: MigrationClass) {
+    fleet
+        .state
+        .migrations
+        .entry(database.into())
+        .or_default()
+        .insert(
+            version.into(),
+            std::sync::Arc::new(MigrationRecord {
+                database: database.into(),
+                version: version.into(),
+                class,
+                up_sql: String::new(),
+                down_sql: String::new(),
+                verify_sql: String::new(),
+                checksum: String::new(),
+                registered_at_ms: 0,
+                registered_by: String::new(),
+            }),
+        );
+}
+
+/// (versions, before the app waves) of each schema revert, in the order they run.
+fn placed(plan: &plan::Plan) -> Vec<(Vec<String>, bool)> {
+    plan.schema
+        .iter()
+        .map(|stage| (stage.versions.clone(), !stage.after_activation))
+        .collect()
+}
+
+#[test]
+fn contract_reverts_run_before_the_app_waves_and_expand_ones_after() {
+    let (mut fleet, orders, _) = two_services();
+    registered(&mut fleet, "orders-db", "e1", MigrationClass::Expand);
+    registered(&mut fleet, "orders-db", "c1", MigrationClass::Contract);
+    registered(&mut fleet, "orders-db", "d1", MigrationClass::Data);
+    applied_at(&mut fleet, "orders-db", (orders, false), 1, &["e1"]);
+    applied_at(&mut fleet, "orders-db", (orders, true), 2, &["c1", "d1"]);
+    let options = PlanOptions {
+        revert_expand: true,
+        ..PlanOptions::default()
+    };
+    let versions = |versions: &[&str]| -> Vec<String> {
+        versions.iter().map(|version| version.to_string()).collect()
+    };
+    let plan = fleet.plan(&[orders], &options).unwrap();
+    assert_eq!(
+        placed(&plan),
+        vec![(versions(&["d1", "c1"]), true), (versions(&["e1"]), false)],
+        "the contract and data ones first, in a transaction of their own; the expand one after"
+    );
+    // Each expects the fingerprint from before the transaction it undoes.
+    let expected: Vec<&str> = plan
+        .schema
+        .iter()
+        .map(|stage| stage.expected_fingerprint.as_str())
+        .collect();
+    assert_eq!(expected, ["sha256:before-st-2", "sha256:before-st-1"]);
+    // Below cluster version 9 every revert runs after the waves, in one transaction.
+    fleet.state.cluster_version = version::SCHEMA_ORDER_BY_CLASS - 1;
+    let plan = fleet.plan(&[orders], &options).unwrap();
+    assert_eq!(placed(&plan), vec![(versions(&["d1", "c1", "e1"]), false)]);
+}
+
+#[test]
+fn a_contract_revert_older_than_an_expand_revert_waits_for_it_after_the_waves() {
+    let (mut fleet, orders, billing) = two_services();
+    registered(&mut fleet, "orders-db", "c1", MigrationClass::Contract);
+    registered(&mut fleet, "orders-db", "e2", MigrationClass::Expand);
+    registered(&mut fleet, "orders-db", "c2", MigrationClass::Contract);
+    // orders' contract ran, then billing's expand and contract.
+    applied_at(&mut fleet, "orders-db", (orders, true), 1, &["c1"]);
+    applied_at(&mut fleet, "orders-db", (billing, false), 2, &["e2"]);
+    applied_at(&mut fleet, "orders-db", (billing, true), 3, &["c2"]);
+    let options = PlanOptions {
+        revert_expand: true,
+        ..PlanOptions::default()
+    };
+    let plan = fleet.plan(&[orders, billing], &options).unwrap();
+    let one = |version: &str, before: bool| (vec![version.to_string()], before);
+    assert_eq!(
+        placed(&plan),
+        vec![one("c2", true), one("e2", false), one("c1", false)],
+        "c1 cannot be reverted while e2, applied after it, is still there"
+    );
+    assert!(
+        plan.notes.iter().any(|note| note
+            == &format!(
+                "c1 of orders-db ({}) is reverted after the app waves, not before them as a \
+                 contract or data migration would be: e2, applied after it, is reverted first, \
+                 and only after the waves",
+                change_id(orders)
+            )),
+        "{:?}",
+        plan.notes
     );
 }
 

@@ -383,6 +383,43 @@ impl Fleet {
         }
     }
 
+    /// Runs schema transaction `txn` through its four phases on `shards`, committing: each
+    /// checks at `before` and prepares and verifies at `after`.
+    pub fn commit_schema_txn(&mut self, txn: u64, shards: &[&str], (before, after): (&str, &str)) {
+        let report = |host: &str, fingerprint: &str| ShardReportRecord {
+            database_identity: host.into(),
+            fingerprint: fingerprint.into(),
+            ..ShardReportRecord::default()
+        };
+        let phase = |fleet: &mut Self, phase: ShardPhase, fingerprint: &str| {
+            for host in shards {
+                let step = StepTarget::Schema {
+                    txn,
+                    phase,
+                    host_id: host.to_string(),
+                };
+                fleet.apply(CommandKind::StepStarted { step: step.clone() });
+                fleet.apply(CommandKind::SchemaStepFinished {
+                    step,
+                    ok: true,
+                    detail: "done".into(),
+                    report: report(host, fingerprint),
+                });
+            }
+        };
+        phase(self, ShardPhase::Check, before);
+        phase(self, ShardPhase::Prepare, after);
+        self.apply(CommandKind::DecideSchemaTxn {
+            txn,
+            commit: true,
+            reason: "every shard prepared alike".into(),
+        });
+        phase(self, ShardPhase::Resolve, "");
+        phase(self, ShardPhase::Verify, after);
+        let record = &self.state.schema_txns[&txn];
+        assert!(record.ok(), "{record:?}");
+    }
+
     pub fn plan(
         &self,
         changes: &[u64],

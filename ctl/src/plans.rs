@@ -129,6 +129,13 @@ pub fn print_plan(plan: &pb::RollbackPlan) {
             recipe.steps.join(" -> ")
         );
     }
+    let (before_waves, after_waves): (Vec<_>, Vec<_>) = plan
+        .schema
+        .iter()
+        .partition(|revert| revert.before_app_waves);
+    for revert in before_waves {
+        say_schema_revert("first", revert);
+    }
     let rows = plan
         .waves
         .iter()
@@ -155,24 +162,8 @@ pub fn print_plan(plan: &pb::RollbackPlan) {
         &["WAVE", "SERVICE", "CHANGE", "REGION", "HOST BATCHES"],
         rows,
     );
-    for revert in &plan.schema {
-        say!(
-            "then revert {} on {} ({} of {}), all or nothing across its shards {}; expects fingerprint {}",
-            revert.versions.join(", "),
-            revert.database,
-            if revert.versions.len() == 1 {
-                "migration"
-            } else {
-                "migrations"
-            },
-            revert.change_id,
-            revert.shards.join(", "),
-            if revert.expected_fingerprint.is_empty() {
-                "(agreement only)"
-            } else {
-                &revert.expected_fingerprint
-            }
-        );
+    for revert in after_waves {
+        say_schema_revert("then", revert);
     }
     if !options.accept_data_loss.is_empty() {
         say!("data loss accepted: {}", options.accept_data_loss);
@@ -231,5 +222,29 @@ pub fn print_plan(plan: &pb::RollbackPlan) {
         );
     } else {
         say!("\nREFUSED: fix the incompatibilities above, or add --force (audited).");
+    }
+}
+
+/// One schema revert of a plan: what, where, and why it sits before or after the app waves.
+fn say_schema_revert(when: &str, revert: &pb::PlannedSchemaRevert) {
+    say!(
+        "{when} revert {} on {} ({} of {}), all or nothing across its shards {}; expects fingerprint {}",
+        revert.versions.join(", "),
+        revert.database,
+        if revert.versions.len() == 1 {
+            "migration"
+        } else {
+            "migrations"
+        },
+        revert.change_id,
+        revert.shards.join(", "),
+        if revert.expected_fingerprint.is_empty() {
+            "(agreement only)"
+        } else {
+            &revert.expected_fingerprint
+        }
+    );
+    if !revert.placement.is_empty() {
+        say!("  {}", revert.placement);
     }
 }

@@ -1,7 +1,8 @@
 //! Sharded database rollbacks against real PostgreSQL servers, one per shard, each with its own
 //! agent: a change applies migrations on every shard (expand before activation, contract after),
-//! and its rollback reverts them after the app, all or nothing: check, PREPARE TRANSACTION on
-//! every shard, the decision in the Raft log, COMMIT or ROLLBACK PREPARED, verify fingerprints.
+//! and its rollback reverts the contract ones before the app and expand ones after, all or
+//! nothing: check, PREPARE TRANSACTION on every shard, the decision in the Raft log, COMMIT or
+//! ROLLBACK PREPARED, verify fingerprints.
 
 use std::time::Duration;
 
@@ -80,10 +81,14 @@ async fn a_change_applies_migrations_on_four_shards_and_its_rollback_reverts_the
     }
 
     let plan = shards.rewindctl(&["rollback", "plan", "--change", "ch-2"]);
+    // 0002 is a contract migration: the release the waves restore needs the column it renamed,
+    // so its revert runs before them.
     assert!(
-        plan.contains("then revert 0002 on orders-db (migration of ch-2), all or nothing"),
+        plan.contains("first revert 0002 on orders-db (migration of ch-2), all or nothing")
+            && plan.contains("before the app waves: contract or data migrations"),
         "{plan}"
     );
+    assert!(plan.find("first revert 0002") < plan.find("WAVE"), "{plan}");
     assert!(
         plan.contains("expand migration 0001 of orders-db (ch-2) stays"),
         "{plan}"
@@ -113,6 +118,28 @@ async fn a_change_applies_migrations_on_four_shards_and_its_rollback_reverts_the
         (txn.direction.as_str(), txn.decision.as_str()),
         ("revert", "commit")
     );
+    // Committed before any host of the rollback took a step.
+    let audit = shards
+        .client
+        .list_audit(pb::ListAuditRequest {
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    let revert_committed = audit_position(&audit, "schema.commit", "st-3");
+    let first_host_step = audit
+        .iter()
+        .position(|entry| {
+            entry.action == "step.start"
+                && entry
+                    .target
+                    .starts_with(&format!("{rollback_id}/orders-db/"))
+        })
+        .expect("the rollback's host steps are audited");
+    assert!(revert_committed < first_host_step, "{audit:#?}");
     assert!(txn.committed && txn.verified, "{txn:#?}");
     // The fingerprint every shard has now is the one recorded before the contract migration.
     let before_contract = shards.must_schema_txn("st-2").await.fingerprint_before;
@@ -246,8 +273,10 @@ async fn edited_scripts_and_data_loss_are_refused_before_anything_changes() {
         "{}",
         paused.paused_reason
     );
+    // The contract migration was reverted before the app waves (st-4); the expand one, after
+    // them, is what refused.
     for columns in shards.columns() {
-        assert_eq!(columns, "amount,customer_id,discount,id");
+        assert_eq!(columns, "customer_id,discount,id,total");
     }
     shards.must_have_nothing_prepared();
     shards.must_control(&rollback_id, "abort").await;
@@ -275,7 +304,7 @@ async fn edited_scripts_and_data_loss_are_refused_before_anything_changes() {
         .join("orders.discount.csv");
     let rows = std::fs::read_to_string(&exported).unwrap();
     assert_eq!(
-        rows, "id,customer_id,amount,discount\n2,2,20.00,1.25\n",
+        rows, "id,customer_id,total,discount\n2,2,20.00,1.25\n",
         "{rows}"
     );
     let audit = shards.rewindctl(&["audit", "list", "--page-size", "1000"]);
@@ -430,10 +459,17 @@ async fn a_shard_that_cannot_resolve_is_resolved_by_hand_and_then_verified() {
         "{shown}"
     );
 
-    // Back in rotation, verify judges both shards as they are, and the rollback, paused for
-    // the stuck shard, ends with nothing left to do.
+    // Back in rotation, verify judges both shards as they are. The revert (of a contract
+    // migration) ran before the app waves, so the rollback, paused for the stuck shard, still
+    // has its hosts to revert: a person's resume lets it go on.
     shards.hosts[1].must_start_agent();
     must_agents_connected(&shards.client, 2).await;
+    shards
+        .must_rollback_where(&rollback_id, "the revert to be verified", |rollback| {
+            rollback.schema.iter().any(|stage| stage.contains("done"))
+        })
+        .await;
+    shards.must_control(&rollback_id, "resume").await;
     shards.must_succeed(&rollback_id).await;
     let txn = shards.must_schema_txn(&txn_id).await;
     assert_eq!(txn.status, "done", "{txn:?}");
@@ -613,7 +649,9 @@ async fn an_sqlite_database_is_migrated_and_reverted_with_the_same_guards() {
         "{}",
         paused.paused_reason
     );
-    assert_eq!(columns(), "amount,customer_id,discount,id");
+    // The contract migration was reverted before the app waves; the expand one, after them,
+    // is what refused.
+    assert_eq!(columns(), "customer_id,discount,id,total");
     shards.must_control(&rollback_id, "abort").await;
     let accepted = pb::PlanOptions {
         accept_data_loss: "test discounts".into(),
@@ -645,14 +683,19 @@ async fn an_sqlite_database_is_migrated_and_reverted_with_the_same_guards() {
         rows.contains("\"discount\":1.25") && rows.contains("\"id\":2"),
         "{rows}"
     );
-    // st-3 was the refused revert; st-4 the accepted one.
+    // st-3 reverted the contract migration before the waves, st-4 was the refused revert of
+    // the expand one after them, st-5 the accepted one.
+    let txn = shards.must_schema_txn("st-3").await;
+    assert!(txn.committed && txn.verified, "{txn:#?}");
     let txn = shards.must_schema_txn("st-4").await;
+    assert!(!txn.committed, "{txn:#?}");
+    let txn = shards.must_schema_txn("st-5").await;
     assert!(txn.committed && txn.verified, "{txn:#?}");
 }
 
 /// The app and its database are different services: `web` runs on its own hosts, and its
 /// change carries migrations of `orders-db`, whose hosts are the shards. The rollback reverts
-/// the app's hosts first, then the database on every shard, all or nothing.
+/// the contract migration on every shard, all or nothing, then the app's hosts.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_change_of_an_app_migrates_another_services_database_and_its_rollback_reverts_both() {
     let mut shards = Shards::must_start(2, &MIGRATIONS).await;
@@ -726,12 +769,13 @@ async fn a_change_of_an_app_migrates_another_services_database_and_its_rollback_
         "{:?}",
         ended.schema
     );
-    // The app's hosts were reverted before the database.
+    // 0002 is a contract migration: the database was reverted before the app's hosts, whose
+    // old release needs what it renamed.
     let audit = must_list_audit(&shards.client).await;
-    // The rollback's schema transaction is the last one started.
-    let schema_started = audit
+    // The rollback's schema transaction is the last one committed.
+    let schema_committed = audit
         .iter()
-        .rposition(|entry| entry.action == "schema.start")
+        .rposition(|entry| entry.action == "schema.commit")
         .unwrap();
     for host in ["web-1", "web-2"] {
         let restored = audit
@@ -744,8 +788,8 @@ async fn a_change_of_an_app_migrates_another_services_database_and_its_rollback_
             })
             .unwrap_or_else(|| panic!("no restore of {host} audited"));
         assert!(
-            restored < schema_started,
-            "{host} restored before the schema revert"
+            schema_committed < restored,
+            "the schema revert committed before {host} was restored"
         );
     }
 }

@@ -183,6 +183,9 @@ mod tests {
     fn many_findings_are_counted() {
         let before: Vec<String> = (0..9).map(|n| format!("column t.c{n} int")).collect();
         let refusal = describe("v", &expand_breaks(&before, &[]));
-        assert!(refusal.contains("drops column t.c4 int; 4 more"), "{refusal}");
+        assert!(
+            refusal.contains("drops column t.c4 int; 4 more"),
+            "{refusal}"
+        );
     }
 }

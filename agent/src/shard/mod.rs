@@ -361,7 +361,10 @@ pub(crate) fn check_expand(
     if findings.is_empty() {
         return Ok(());
     }
-    Err(refused(expand_check::describe(&migration.version, &findings)))
+    Err(refused(expand_check::describe(
+        &migration.version,
+        &findings,
+    )))
 }
 
 pub(crate) fn refuse_unaccepted_loss(

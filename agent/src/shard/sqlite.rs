@@ -477,7 +477,11 @@ fn run(
             &mut report.statements,
         )?;
         if expand {
-            super::check_expand(migration, &catalog_before, &catalog_lines(connection, table)?)?;
+            super::check_expand(
+                migration,
+                &catalog_before,
+                &catalog_lines(connection, table)?,
+            )?;
         }
         if step.down && !migration.verify_sql.trim().is_empty() {
             let label = format!("verify {}", migration.version);

@@ -471,7 +471,11 @@ pub fn approval_request(
 
 /// "orders-db: 0003, 0002 (revert) -> st-4 done, committed and verified".
 fn schema_stage(state: &State, stage: &SchemaStage) -> String {
-    let direction = if stage.down { "revert" } else { "apply" };
+    let direction = match (stage.down, stage.after_activation) {
+        (true, false) => "revert, before the app waves",
+        (true, true) => "revert",
+        (false, _) => "apply",
+    };
     let mut text = format!(
         "{}: {} ({direction})",
         stage.database,
@@ -584,6 +588,37 @@ pub fn schema_txn(txn: &SchemaTxnRecord, detailed: bool) -> pb::SchemaTxn {
     }
 }
 
+/// Why a rollback's schema revert runs before or after its app waves.
+fn placement(state: &State, stage: &SchemaStage) -> String {
+    if !stage.after_activation {
+        return "before the app waves: contract or data migrations, and the release the waves \
+                restore needs what they removed"
+            .into();
+    }
+    let all_expand = stage.versions.iter().all(|version| {
+        state
+            .migrations
+            .get(&stage.database)
+            .and_then(|versions| versions.get(version))
+            .is_some_and(|migration| migration.class == MigrationClass::Expand)
+    });
+    if all_expand {
+        "after the app waves: expand migrations, and the release being reverted needs what they \
+         added until its hosts are reverted"
+            .into()
+    } else if state.cluster_version() < crate::state_machine::version::SCHEMA_ORDER_BY_CLASS {
+        format!(
+            "after the app waves: at cluster version {} every revert runs after them (9 reverts \
+             contract and data migrations first)",
+            state.cluster_version()
+        )
+    } else {
+        "after the app waves: a revert applied after it on this database runs only then, and \
+         this one must follow it (see the notes)"
+            .into()
+    }
+}
+
 pub fn plan(
     state: &State,
     plan: &crate::plan::Plan,
@@ -644,6 +679,8 @@ pub fn plan(
                     &stage.database,
                     &stage.environment,
                 ),
+                before_app_waves: !stage.after_activation,
+                placement: placement(state, stage),
             })
             .collect(),
         plan_hash: plan.hash.clone(),

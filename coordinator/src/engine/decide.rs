@@ -635,6 +635,39 @@ fn drive_schema_txn(
     }
 }
 
+/// Begins a running rollback's schema stage that is due, once its database is free.
+fn begin_rollback_schema(
+    state: &State,
+    rollback: &RollbackRecord,
+    stage: usize,
+    driver: &mut Driver<'_, impl Observations>,
+) {
+    let planned = &rollback.schema[stage];
+    if rollback.status != RollbackStatus::Running || !may_begin(state, planned) {
+        return;
+    }
+    if schema::shards_of(state, &planned.database, &planned.environment).is_empty() {
+        // Proposing again would be refused again: a person must look.
+        driver.propose(CommandKind::Stall {
+            rollback: rollback.number,
+            evidence: format!(
+                "no host in environment {:?} runs {} any more: its schema revert ({}) has no \
+                 shard to run on",
+                planned.environment,
+                planned.database,
+                planned.versions.join(", ")
+            ),
+        });
+    } else {
+        driver.propose(CommandKind::StartSchemaTxn {
+            owner: SchemaOwner::Rollback {
+                rollback: rollback.number,
+                stage,
+            },
+        });
+    }
+}
+
 fn is_current_phase(change: &ChangeRecord, step: &StepTarget) -> bool {
     match step {
         StepTarget::Capture { .. } => change.status == ChangeStatus::Capturing,
@@ -650,36 +683,27 @@ fn drive_rollback(
     rollback: &RollbackRecord,
     driver: &mut Driver<'_, impl Observations>,
 ) {
+    // Contract and data migrations are reverted before any wave (cluster version 9): the waves
+    // wait for them, one database at a time.
+    let before_waves = rollback
+        .schema_stages()
+        .filter(|(_, stage)| !stage.after_activation);
+    match schema::stages_state(state, before_waves) {
+        StagesState::Done => {}
+        StagesState::Waiting {
+            stage,
+            begun: false,
+        } => return begin_rollback_schema(state, rollback, stage, driver),
+        _ => return,
+    }
     let Some(wave_index) = rollback.current_wave() else {
-        // Every wave is done: the schema reverts follow, one database at a time.
-        if rollback.status == RollbackStatus::Running
-            && let StagesState::Waiting {
-                stage,
-                begun: false,
-            } = schema::stages_state(state, rollback.schema_stages())
-            && may_begin(state, &rollback.schema[stage])
+        // Every wave is done: the other schema reverts follow, one database at a time.
+        if let StagesState::Waiting {
+            stage,
+            begun: false,
+        } = schema::stages_state(state, rollback.schema_stages())
         {
-            let planned = &rollback.schema[stage];
-            if schema::shards_of(state, &planned.database, &planned.environment).is_empty() {
-                // Proposing again would be refused again: a person must look.
-                driver.propose(CommandKind::Stall {
-                    rollback: rollback.number,
-                    evidence: format!(
-                        "no host in environment {:?} runs {} any more: its schema revert ({}) \
-                         has no shard to run on",
-                        planned.environment,
-                        planned.database,
-                        planned.versions.join(", ")
-                    ),
-                });
-            } else {
-                driver.propose(CommandKind::StartSchemaTxn {
-                    owner: SchemaOwner::Rollback {
-                        rollback: rollback.number,
-                        stage,
-                    },
-                });
-            }
+            begin_rollback_schema(state, rollback, stage, driver);
         }
         return;
     };

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
 
 use super::*;
+use crate::state_machine::version;
 
 /// What one change applied on one database and its rollback may revert: its committed stages
 /// there in the order they ran, what each reverts, and what the plan notes.
@@ -107,12 +108,19 @@ pub(super) fn applied_migrations<'a>(
     found
 }
 
-/// The schema stages of a rollback, after every app wave (an app version that needs a contract
-/// migration is gone by then): per database, what was applied last is reverted first. Usually
-/// that is one stage per change and database, newer changes first, each reverting the change's
-/// migrations there newest first in one transaction. When changes' migrations on a database
-/// interleaved (one change's contract ran after another change's migrations), each change's
-/// stages are cut where another change's ran, so the reverts still go newest first.
+/// The schema stages of a rollback: per database, what was applied last is reverted first.
+/// Usually that is one stage per change and database, newer changes first, each reverting the
+/// change's migrations there newest first in one transaction. When changes' migrations on a
+/// database interleaved (one change's contract ran after another change's migrations), each
+/// change's stages are cut where another change's ran, so the reverts still go newest first.
+///
+/// Where they sit: before cluster version 9 every revert runs after the app waves. From 9
+/// (`version::SCHEMA_ORDER_BY_CLASS`) a change's contract and data migrations (the stage it ran
+/// after activation) are reverted in a stage of their own before any wave, as the release the
+/// waves restore needs what they removed, and its expand ones after the waves, as the release
+/// being reverted needs what they added until its hosts are reverted. A contract revert that
+/// would have to wait for an expand one applied after it on the same database stays after the
+/// waves, and the plan says so.
 pub(super) fn schema_reverts(
     state: &State,
     applied: &[Applied<'_>],
@@ -172,6 +180,17 @@ pub(super) fn schema_reverts(
         }
         runs.extend(cut);
     }
+    let by_class = state.cluster_version() >= version::SCHEMA_ORDER_BY_CLASS;
+    if by_class {
+        runs = runs
+            .into_iter()
+            .flat_map(|(at, run)| {
+                run.chunk_by(|one, other| one.0.after_activation == other.0.after_activation)
+                    .map(|part| (at, part.to_vec()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+    }
     let mut reverts: Vec<(usize, u64, SchemaStage)> = runs
         .into_iter()
         .filter_map(|(at, run)| {
@@ -182,13 +201,22 @@ pub(super) fn schema_reverts(
                 .filter(|each| each.database == applied[at].database)
                 .flat_map(|each| each.reverted.iter().copied())
                 .collect();
-            let stage = revert_stage(state, &applied[at], &run, &planned, notes)?;
+            let mut stage = revert_stage(state, &applied[at], &run, &planned, notes)?;
+            // The change ran these after activation: contract or data migrations.
+            stage.after_activation = !(by_class && run[0].0.after_activation);
             Some((at, newest, stage))
         })
         .collect();
-    // Newer changes first (each change's databases in the order it used them), as plans always
-    // were; then, within each reordered database, whatever was applied last goes first.
-    reverts.sort_by_key(|(at, _, _)| (std::cmp::Reverse(applied[*at].change.number), *at));
+    // Newer changes first (each change's databases in the order it used them, and a change's
+    // reverts on one database newest first), as plans always were; then, within each reordered
+    // database, whatever was applied last goes first.
+    reverts.sort_by_key(|(at, newest, _)| {
+        (
+            std::cmp::Reverse(applied[*at].change.number),
+            *at,
+            std::cmp::Reverse(*newest),
+        )
+    });
     let mut by_database: BTreeMap<String, Vec<(u64, SchemaStage)>> = BTreeMap::new();
     let mut slots = Vec::new();
     for (_, newest, stage) in reverts {
@@ -207,10 +235,41 @@ pub(super) fn schema_reverts(
             stages.reverse();
         }
     }
-    slots
+    let mut ordered: Vec<SchemaStage> = slots
         .into_iter()
         .filter_map(|database| Some(by_database.get_mut(&database)?.pop()?.1))
-        .collect()
+        .collect();
+    if by_class {
+        hold_behind_later_expands(&mut ordered, notes);
+        // Stable: each database's reverts keep their order.
+        ordered.sort_by_key(|stage| stage.after_activation);
+    }
+    ordered
+}
+
+/// Each database's reverts run newest first, so one placed before the app waves cannot wait
+/// for one after them: a contract revert older than an expand revert on its database moves
+/// after the waves too, with a note.
+fn hold_behind_later_expands(ordered: &mut [SchemaStage], notes: &mut Vec<String>) {
+    // Database -> the first revert placed after the waves.
+    let mut after_waves: BTreeMap<String, String> = BTreeMap::new();
+    for stage in ordered.iter_mut() {
+        if let Some(later) = after_waves.get(&stage.database) {
+            if !stage.after_activation {
+                stage.after_activation = true;
+                notes.push(format!(
+                    "{} of {} ({}) is reverted after the app waves, not before them as a \
+                     contract or data migration would be: {later}, applied after it, is \
+                     reverted first, and only after the waves",
+                    stage.versions.join(", "),
+                    stage.database,
+                    change_id(stage.change),
+                ));
+            }
+        } else if stage.after_activation {
+            after_waves.insert(stage.database.clone(), stage.versions.join(", "));
+        }
+    }
 }
 
 /// One revert of `run`, some of a change's stages on a database (oldest first): their versions

@@ -209,6 +209,7 @@ fn current_release_log() -> Fleet {
     version_six(&mut harness);
     version_seven(&mut harness);
     version_eight(&mut harness);
+    version_nine(&mut harness);
     harness
 }
 
@@ -765,6 +766,177 @@ fn version_eight(harness: &mut Fleet) {
         moved
             .iter()
             .all(|record| !harness.state.changes.contains_key(&record.number()))
+    );
+}
+
+const SHARDS: [&str; 2] = ["db-1", "db-2"];
+
+/// Deploys `version` of orders-db applying `migrations`, each stage's transaction committing
+/// from fingerprint `fp-<n>` to `fp-<n+1>` as it goes; returns the change.
+fn migrated_change(harness: &mut Fleet, version: &str, migrations: &[&str]) -> u64 {
+    let Outcome::Change(change) = harness.apply(CommandKind::StartChange(StartChange {
+        break_glass: false,
+        service: "orders-db".into(),
+        version: version.into(),
+        host_ids: vec![],
+        reason: "release".into(),
+        baseline: HealthAggregate::default(),
+        flags_on: vec![],
+        migrations: migrations
+            .iter()
+            .map(|migration| ("orders-db".to_string(), migration.to_string()))
+            .collect(),
+    })) else {
+        panic!("a change")
+    };
+    let stages = harness.state.changes[&change].schema.clone();
+    for activate in [false, true] {
+        for host in SHARDS {
+            let host_id = host.to_string();
+            harness.finish(
+                if activate {
+                    StepTarget::Activate { change, host_id }
+                } else {
+                    StepTarget::Capture { change, host_id }
+                },
+                true,
+            );
+        }
+        for (stage, planned) in stages.iter().enumerate() {
+            if planned.after_activation == activate {
+                harness.apply(CommandKind::StartSchemaTxn {
+                    owner: SchemaOwner::Change { change, stage },
+                });
+                let txn = harness.state.changes[&change].schema[stage].txn;
+                let (before, after) = (format!("fp-{}", txn - 1), format!("fp-{txn}"));
+                harness.commit_schema_txn(txn, &SHARDS, (&before, &after));
+            }
+        }
+    }
+    assert_eq!(
+        harness.state.changes[&change].status,
+        ChangeStatus::Deployed
+    );
+    change
+}
+
+/// Reverts every host of orders-db in `rollback`'s only wave and passes its gate.
+fn revert_shard_hosts(harness: &mut Fleet, rollback: u64) {
+    for host in SHARDS {
+        for kind in RollbackStepKind::ALL {
+            harness.finish(
+                StepTarget::Rollback {
+                    rollback,
+                    service: "orders-db".into(),
+                    host_id: host.into(),
+                    kind,
+                },
+                true,
+            );
+        }
+    }
+    pass_gate(harness, rollback, 0);
+}
+
+/// Begins the rollback's schema stage and commits its transaction back to the fingerprint
+/// from before the transaction it undoes.
+fn revert_schema(harness: &mut Fleet, rollback: u64, stage: usize) -> Result<(), CoordinatorError> {
+    harness.run(CommandKind::StartSchemaTxn {
+        owner: SchemaOwner::Rollback { rollback, stage },
+    })?;
+    let planned = harness.state.rollbacks[&rollback].schema[stage].clone();
+    let txn = planned.txn;
+    let before = harness.state.schema_txns[&(txn - 1)].shards[0]
+        .after
+        .fingerprint
+        .clone();
+    harness.commit_schema_txn(txn, &SHARDS, (&before, &planned.expected_fingerprint));
+    Ok(())
+}
+
+/// From version 9 a rollback reverts contract migrations before its app waves: at 8 the revert
+/// waits for the waves, at 9 the waves wait for it.
+fn version_nine(harness: &mut Fleet) {
+    apply_policy(
+        harness,
+        "\n[[hosts]]\nnames = [\"db-*\"]\nservices = [\"orders-db\"]\n",
+        "shard hosts, no approvals",
+    );
+    for host in SHARDS {
+        harness.register_host(host, "orders-db");
+    }
+    harness.service("orders-db", &[]);
+    for version in ["v1", "v2", "v3"] {
+        harness.release("orders-db", version, 0, &[]);
+    }
+    for (version, class) in [
+        ("0001", MigrationClass::Expand),
+        ("0002", MigrationClass::Contract),
+        ("0003", MigrationClass::Contract),
+    ] {
+        let (up, down) = (format!("-- up {version}"), format!("-- down {version}"));
+        harness.apply(CommandKind::RegisterMigration {
+            migration: MigrationRecord {
+                database: "orders-db".into(),
+                version: version.into(),
+                class,
+                checksum: migration_checksum(&up, &down, ""),
+                up_sql: up,
+                down_sql: down,
+                verify_sql: String::new(),
+                registered_at_ms: 0,
+                registered_by: String::new(),
+            },
+        });
+    }
+    harness.deploy("orders-db", "v1");
+
+    // At 8: the contract revert waits until every wave passed its gate.
+    let change = migrated_change(harness, "v2", &["0001", "0002"]);
+    let rollback = harness.must_start_rollback(change, Trigger::Manual);
+    let planned = &harness.state.rollbacks[&rollback].schema;
+    assert_eq!(planned.len(), 1, "the expand migration stays");
+    assert!(planned[0].after_activation);
+    let early = revert_schema(harness, rollback, 0).unwrap_err().to_string();
+    assert!(early.contains("not due"), "{early}");
+    revert_shard_hosts(harness, rollback);
+    revert_schema(harness, rollback, 0).unwrap();
+    assert_eq!(
+        harness.state.rollbacks[&rollback].status,
+        RollbackStatus::Succeeded
+    );
+
+    harness.apply(CommandKind::SetClusterVersion {
+        version: 9,
+        members: vec![],
+        reason: "every member on this release".into(),
+    });
+    // At 9: the contract revert runs first, and no host step starts before it is done.
+    let change = migrated_change(harness, "v3", &["0003"]);
+    let rollback = harness.must_start_rollback(change, Trigger::Manual);
+    assert!(!harness.state.rollbacks[&rollback].schema[0].after_activation);
+    let first_step = StepTarget::Rollback {
+        rollback,
+        service: "orders-db".into(),
+        host_id: "db-1".into(),
+        kind: RollbackStepKind::ALL[0],
+    };
+    let held = harness
+        .run(CommandKind::StepStarted {
+            step: first_step.clone(),
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(held.contains("before its app waves are not done"), "{held}");
+    revert_schema(harness, rollback, 0).unwrap();
+    assert_eq!(
+        harness.state.rollbacks[&rollback].status,
+        RollbackStatus::Running
+    );
+    revert_shard_hosts(harness, rollback);
+    assert_eq!(
+        harness.state.rollbacks[&rollback].status,
+        RollbackStatus::Succeeded
     );
 }
 

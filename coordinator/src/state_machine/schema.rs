@@ -353,7 +353,9 @@ pub struct SchemaStage {
     pub versions: Vec<String>,
     pub down: bool,
     /// A change's contract and data migrations run after its hosts are activated; expand ones
-    /// before. Always true for a rollback's (app reverts come first).
+    /// before. A rollback's reverts run after its app waves, except, from cluster version 9
+    /// (`version::SCHEMA_ORDER_BY_CLASS`), those of contract and data migrations, which run
+    /// before any wave (false here): the release the waves restore needs what they removed.
     pub after_activation: bool,
     pub txn: u64,
     /// The fingerprint every shard must have afterwards; empty: they must only agree.

@@ -20,7 +20,7 @@ use crate::errors::CoordinatorError;
 pub const LEGACY: u32 = 1;
 
 /// The highest cluster version this binary can apply.
-pub const CURRENT: u32 = 8;
+pub const CURRENT: u32 = 9;
 
 /// From this version a refused command takes back the requests for approval it expired or
 /// lapsed on its way to the refusal.
@@ -66,6 +66,11 @@ pub const AUDIT_STORE: u32 = 7;
 /// From this version finished changes and rollbacks whose audit entries were pruned move from
 /// the state to the archive beside it (see `archive`), with the pruning that passes them.
 pub const ARCHIVE: u32 = 8;
+
+/// From this version a rollback reverts contract and data migrations before its app waves (the
+/// release it restores needs what they removed) and expand ones after them (the release it
+/// reverts needs what they added), each database's reverts still newest first.
+pub const SCHEMA_ORDER_BY_CLASS: u32 = 9;
 
 /// What each version brought, for `rewindctl cluster version` and the README.
 pub const CHANGES: &[(u32, &str)] = &[
@@ -115,6 +120,10 @@ pub const CHANGES: &[(u32, &str)] = &[
         "finished changes and rollbacks whose audit entries were pruned move from the state to \
          an archive beside it (`change list`/`rollback list --archived`), except what the \
          cluster still acts on; a snapshot sent to a member that is behind carries the archive",
+    ),
+    (
+        9,
+        "a rollback reverts contract and data migrations before its app waves and expand ones          after them (a revert held after the waves by one applied later says why in the plan)",
     ),
 ];
 

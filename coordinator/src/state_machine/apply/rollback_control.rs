@@ -34,10 +34,15 @@ pub(super) fn control_rollback(
             }
             rollback.status = RollbackStatus::Running;
             rollback.paused_reason.clear();
-            if rollback.current_wave().is_none() {
+            let waves_done = rollback.current_wave().is_none();
+            // Reverts before the app waves (cluster version 9) are retried while waves wait.
+            let before_waves = |stage: &SchemaStage| !stage.after_activation;
+            if waves_done || rollback.schema.iter().any(before_waves) {
                 let mut stages = std::mem::take(&mut rollback.schema);
                 for stage in &mut stages {
-                    super::super::schema::retry_stage(state, stage);
+                    if waves_done || before_waves(stage) {
+                        super::super::schema::retry_stage(state, stage);
+                    }
                 }
                 if let Some(rollback) = state.rollbacks.get_mut(&number) {
                     rollback.schema = stages;

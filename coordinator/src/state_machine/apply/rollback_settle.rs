@@ -5,6 +5,17 @@ use super::*;
 /// Ends a rollback once every wave passed its gate; pauses it for a person when a host failed
 /// in the current wave and no other host of that wave is still on its way.
 pub(super) fn settle_rollback(state: &mut State, number: u64, at_ms: u64) {
+    // A revert the waves wait for (cluster version 9) that failed: no host has been reverted.
+    let before_waves_failed = state.rollbacks.get(&number).and_then(|rollback| {
+        let before_waves = rollback
+            .schema_stages()
+            .filter(|(_, stage)| !stage.after_activation);
+        match super::super::schema::stages_state(state, before_waves) {
+            super::super::schema::StagesState::Failed { detail, .. }
+            | super::super::schema::StagesState::Stuck { detail, .. } => Some(detail),
+            _ => None,
+        }
+    });
     let Some(rollback) = state.rollbacks.get_mut(&number) else {
         return;
     };
@@ -109,6 +120,16 @@ pub(super) fn settle_rollback(state: &mut State, number: u64, at_ms: u64) {
         }
         return;
     };
+    if let Some(detail) = before_waves_failed {
+        if rollback.status == RollbackStatus::Running {
+            let evidence = format!(
+                "schema revert before the app waves failed, no host is reverted yet: {detail}; \
+                 resume retries it"
+            );
+            pause_for_a_person(state, number, wave, evidence, at_ms);
+        }
+        return;
+    }
     let failed: Vec<&RollbackStepRecord> = rollback
         .wave_steps(wave)
         .filter(|step| step.progress.status == StepStatus::Failed)

@@ -119,8 +119,14 @@ pub(super) fn start_schema_txn(
                 .get(&rollback)
                 .ok_or_else(|| unknown_rollback(state, rollback))?;
             let waiting = super::super::schema::stages_state(state, record.schema_stages());
+            // Contract and data reverts run before the waves (cluster version 9), the rest after.
+            let after_waves = state.cluster_version() < version::SCHEMA_ORDER_BY_CLASS
+                || record
+                    .schema
+                    .get(stage)
+                    .is_none_or(|planned| planned.after_activation);
             if record.status != RollbackStatus::Running
-                || record.current_wave().is_some()
+                || (after_waves && record.current_wave().is_some())
                 || waiting
                     != (super::super::schema::StagesState::Waiting {
                         stage,

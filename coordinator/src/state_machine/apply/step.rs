@@ -44,6 +44,20 @@ pub(super) fn start_step(
                     record.status
                 )));
             }
+            let before_waves = || {
+                record
+                    .schema_stages()
+                    .filter(|(_, stage)| !stage.after_activation)
+            };
+            if state.cluster_version() >= version::SCHEMA_ORDER_BY_CLASS
+                && super::super::schema::stages_state(state, before_waves())
+                    != super::super::schema::StagesState::Done
+            {
+                return Err(not_startable(format!(
+                    "the schema reverts {} runs before its app waves are not done",
+                    record.id()
+                )));
+            }
             if let StepTarget::Gate { wave, .. } = step {
                 if record.current_wave() != Some(*wave) {
                     return Err(not_startable(format!(
