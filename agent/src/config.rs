@@ -61,6 +61,8 @@ pub struct RawConfig {
     pub health_interval_ms: Option<u64>,
     /// How often the agent hands back the code pages it no longer runs (`resident.rs`); 0 never.
     pub code_release_interval_s: Option<u64>,
+    /// How often each service's drift from its desired state is checked and reported (0: never).
+    pub drift_check_interval_s: Option<u64>,
     #[serde(rename = "service")]
     pub services: Vec<RawService>,
 }
@@ -188,6 +190,8 @@ pub struct Config {
     pub health_interval: Duration,
     /// `None` when code pages are never released.
     pub code_release_interval: Option<Duration>,
+    /// `None` when drift is never checked on its own (`host drift` still asks).
+    pub drift_check_interval: Option<Duration>,
     pub services: Vec<ServiceConfig>,
 }
 
@@ -343,6 +347,13 @@ impl RawConfig {
                 format!("is {interval_ms}, must be within 100..=60000"),
             );
         }
+        let drift_s = self.drift_check_interval_s.unwrap_or(60);
+        if drift_s != 0 && !(5..=86_400).contains(&drift_s) {
+            problems.add(
+                "drift-check-interval-s",
+                format!("is {drift_s}, must be 0 (never) or within 5..=86400"),
+            );
+        }
         let release_s = self.code_release_interval_s.unwrap_or(300);
         if release_s != 0 && !(10..=86_400).contains(&release_s) {
             problems.add(
@@ -401,6 +412,7 @@ impl RawConfig {
             labels: self.labels,
             health_interval: Duration::from_millis(interval_ms),
             code_release_interval: (release_s != 0).then(|| Duration::from_secs(release_s)),
+            drift_check_interval: (drift_s != 0).then(|| Duration::from_secs(drift_s)),
             services,
         })
     }

@@ -346,7 +346,26 @@ impl Agent {
         let mut app = AppScraper::new(self.executor.prober().http_client());
         let services: Vec<_> = self.executor.services().cloned().collect();
         let mut offline_watch = crate::self_revert::Watch::default();
+        // The latest drift check's findings, sent with every report until the next one.
+        let mut drift: Vec<pb::ServiceDrift> = Vec::new();
+        let mut next_drift_check = tokio::time::Instant::now();
         loop {
+            if let Some(interval) = self.config.drift_check_interval
+                && tokio::time::Instant::now() >= next_drift_check
+            {
+                // On the blocking pool: it reads every tracked file (and hashes a release tree
+                // whose files changed since the cache saw them).
+                let (store, checked) = (self.executor.store().clone(), services.clone());
+                match tokio::task::spawn_blocking(move || {
+                    crate::drift::summaries(&store, &checked, rewind_shared::time::now_ms())
+                })
+                .await
+                {
+                    Ok(found) => drift = found,
+                    Err(error) => warn!(%error, "The drift check stopped."),
+                }
+                next_drift_check = tokio::time::Instant::now() + interval;
+            }
             let (probes, app) = tokio::join!(
                 self.executor
                     .prober()
@@ -367,6 +386,7 @@ impl Agent {
                         })
                     })
                     .collect(),
+                drift: drift.clone(),
             };
             // Cut to what the coordinator accepts, so a long error is shortened, not refused.
             rewind_shared::bounds::fit_health_report(&mut report);

@@ -1,5 +1,6 @@
 //! Describing a host's services for the coordinator: the latest snapshot, the live state, or
-//! the drift between them (`rewindctl host diff` and `rewindctl host drift`).
+//! the drift since rewind last put them there (`rewindctl host diff` and `rewindctl host
+//! drift`; see `drift`).
 
 use rewind_proto::v1::{self as pb, InspectMode};
 
@@ -81,18 +82,19 @@ fn describe(
             ))
         }
         InspectMode::InspectDrift => {
-            let Some(record) = latest else {
+            let Some(baseline) = crate::drift::baseline(store, service)? else {
                 return Ok(no_snapshot());
             };
             let live = snapshot::live_manifest(service, Some(store))?;
             let live_facts = crate::facts::collect(service);
             let mut state = state_of(&service.name, &live, &live_facts, env_key);
-            state.snapshot_id = record.id.clone();
-            state.captured_at_ms = record.captured_at_ms;
-            state.drift = snapshot::diff(&record.manifest, &live);
-            state
-                .drift
-                .extend(crate::facts::diff(&record.facts, &live_facts));
+            if let Some((id, captured_at_ms)) = &baseline.snapshot {
+                state.snapshot_id = id.clone();
+                state.captured_at_ms = *captured_at_ms;
+            }
+            state.drift = crate::drift::lines(service, &baseline, &live, &live_facts);
+            state.drift_against = baseline.described;
+            state.drift_against_at_ms = baseline.at_ms;
             Ok(state)
         }
     }
@@ -172,7 +174,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn drift_names_what_changed_since_the_latest_snapshot() {
+    fn drift_names_what_changed_since_rewind_last_set_the_service() {
         let root = tempfile::tempdir().unwrap();
         let data = tempfile::tempdir().unwrap();
         for version in ["v1", "v2"] {
@@ -181,7 +183,8 @@ mod tests {
         fs::write(root.path().join("app.toml"), "workers = 4").unwrap();
         snapshot::switch_link(root.path(), "releases/v1").unwrap();
         let service = ServiceConfig {
-            config_files: vec!["app.toml".into()],
+            config_files: vec!["app.toml".into(), "flags.json".into()],
+            flags_file: Some("flags.json".into()),
             ..ServiceConfig::bare("web", root.path())
         };
         let store = Store::open(&data.path().join("store")).unwrap();
@@ -211,6 +214,29 @@ mod tests {
         let live = inspect(&store, &services, "", InspectMode::InspectLive, b"k").unwrap();
         assert_eq!(live[0].release_link, "releases/v2");
         assert_ne!(captured[0].files[0].sha256, live[0].files[0].sha256);
+
+        // An activation records what it put there: from then on only what changed since is
+        // drift, and the flags file (rewind's own) never is.
+        crate::drift::record_desired(&store, &service, "ch-2/activate/web-1", 2_000).unwrap();
+        let settled = drift(&store);
+        assert!(settled.drift.is_empty(), "{:?}", settled.drift);
+        assert_eq!(
+            settled.drift_against,
+            "the state rewind last set (ch-2/activate/web-1)"
+        );
+        assert_eq!(settled.drift_against_at_ms, 2_000);
+        fs::write(root.path().join("app.toml"), "workers = 8").unwrap();
+        fs::write(root.path().join("flags.json"), "{\"new\": true}").unwrap();
+        let hotfixed = drift(&store);
+        assert_eq!(hotfixed.drift.len(), 1, "{:?}", hotfixed.drift);
+        assert!(
+            hotfixed.drift[0].starts_with("app.toml: "),
+            "{:?}",
+            hotfixed.drift
+        );
+        let reported = crate::drift::summaries(&store, &services, 3_000);
+        assert_eq!(reported[0].changes, hotfixed.drift);
+        assert_eq!(reported[0].checked_at_ms, 3_000);
 
         let unknown =
             inspect(&store, &services, "api", InspectMode::InspectLive, b"k").unwrap_err();

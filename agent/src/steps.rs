@@ -262,7 +262,11 @@ impl Executor {
             owner,
         );
         if !is_catalogue_step(action) {
-            return act.await.map(acted);
+            let done = act.await?;
+            if matches!(action, Action::Activate(_) | Action::Restore(_)) {
+                self.record_desired(service, &command.step_id).await;
+            }
+            return Ok(acted(done));
         }
         // The catalogue's own steps (scale-up waits, checks and purges retry) are bounded by
         // the step's timeout as a whole; a command still running then is killed.
@@ -496,6 +500,18 @@ impl Executor {
                 "action",
                 "a schema step reached the service step path",
             )),
+        }
+    }
+
+    /// Records what an activation or a restore just put on the service as its desired state
+    /// (see `drift`). A failure to record does not fail the step, which is done: drift is then
+    /// measured against the state before, and the log says why.
+    async fn record_desired(&self, service: &ServiceConfig, step_id: &str) {
+        let (store, owned, set_by) = (self.store.clone(), service.clone(), step_id.to_string());
+        let recorded =
+            blocking(move || crate::drift::record_desired(&store, &owned, &set_by, now_ms())).await;
+        if let Err(error) = recorded {
+            warn!(%error, service = %service.name, step_id, "Could not record the desired state; drift is measured against the one before.");
         }
     }
 

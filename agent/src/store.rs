@@ -40,6 +40,8 @@ pub struct Store {
     self_reverts: sled::Tree,
     /// Schema transactions' prepared reports and resolutions (see `shard`).
     schema: sled::Tree,
+    /// Service -> [`DesiredState`]: what rewind last put there (drift is measured against it).
+    desired: sled::Tree,
     /// `<data-dir>/exports`.
     exports_dir: std::path::PathBuf,
     /// Encrypts the bytes of env files at rest.
@@ -105,6 +107,20 @@ fn store_key(data_dir: &Path) -> Result<ring::aead::LessSafeKey, AgentError> {
     Ok(ring::aead::LessSafeKey::new(key))
 }
 
+/// What rewind last put on a service here: the manifest after an activation, or the snapshot a
+/// restore brought back. Whatever differs from it later was changed by something else (a hotfix
+/// by hand, a config tool): that is drift.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DesiredState {
+    pub manifest: crate::snapshot::Manifest,
+    /// Unit state, packages, container image as they were then.
+    #[serde(default)]
+    pub facts: crate::facts::ServiceFacts,
+    pub set_at_ms: u64,
+    /// The step that set it (`ch-3/activate/web-1`, `rb-2/web/restore/web-1`).
+    pub set_by: String,
+}
+
 /// A step's journal entry.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JournalRecord {
@@ -167,6 +183,7 @@ impl Store {
             checkpoints: db.open_tree("checkpoints")?,
             self_reverts: db.open_tree("self-reverts")?,
             schema: db.open_tree("schema")?,
+            desired: db.open_tree("desired")?,
             exports_dir: dir
                 .parent()
                 .map_or_else(|| dir.join("exports"), |data_dir| data_dir.join("exports")),
@@ -351,6 +368,20 @@ impl Store {
     pub fn forget_self_revert(&self, id: &str) -> Result<(), AgentError> {
         self.self_reverts.remove(id.as_bytes())?;
         self.flush()
+    }
+
+    /// Records what rewind just put on `service` (flushed: it is what drift is judged by).
+    pub fn put_desired(&self, service: &str, desired: &DesiredState) -> Result<(), AgentError> {
+        self.desired.insert(service.as_bytes(), to_json(desired)?)?;
+        self.flush()
+    }
+
+    /// What rewind last put on `service`, if it has since this agent recorded it.
+    pub fn desired(&self, service: &str) -> Result<Option<DesiredState>, AgentError> {
+        self.desired
+            .get(service.as_bytes())?
+            .map(|bytes| from_json(&bytes))
+            .transpose()
     }
 
     /// The file hashes last computed for a release tree (`service/releases/v1`); empty if none.

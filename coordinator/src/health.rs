@@ -348,6 +348,7 @@ mod tests {
                 .collect(),
             app: vec![],
             retained: vec![],
+            drift: vec![],
         }
     }
 

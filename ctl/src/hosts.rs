@@ -29,8 +29,9 @@ pub enum HostCommand {
         #[arg(long)]
         live: bool,
     },
-    /// What changed on a host since its latest snapshot of each service (the state before the
-    /// latest change). Exit 1 when something drifted.
+    /// What changed on a host since rewind last put each service there (its latest activation
+    /// or restore; before any, its latest snapshot): hotfixes by hand, edits outside rewind.
+    /// Exit 1 when something drifted.
     Drift {
         host: String,
         #[arg(long, default_value = "")]
@@ -140,20 +141,26 @@ pub async fn run(
                 for state in &answer.services {
                     if !state.note.is_empty() {
                         say!("{}: {}", state.service, state.note);
-                    } else if state.drift.is_empty() {
-                        say!(
-                            "{}: no drift since {} (captured {})",
-                            state.service,
+                        continue;
+                    }
+                    // An agent of an earlier release compares with its latest snapshot only.
+                    let against = if state.drift_against.is_empty() {
+                        format!(
+                            "{} (captured {})",
                             state.snapshot_id,
                             time(state.captured_at_ms)
-                        );
+                        )
                     } else {
-                        say!(
-                            "{}: drifted since {} (captured {}):",
-                            state.service,
-                            state.snapshot_id,
-                            time(state.captured_at_ms)
-                        );
+                        format!(
+                            "{}, {}",
+                            state.drift_against,
+                            time(state.drift_against_at_ms)
+                        )
+                    };
+                    if state.drift.is_empty() {
+                        say!("{}: no drift since {against}", state.service);
+                    } else {
+                        say!("{}: drifted since {against}:", state.service);
                         for line in &state.drift {
                             say!("  {line}");
                         }

@@ -29,6 +29,10 @@ pub const MAX_SCRAPE_ERROR_BYTES: usize = 512;
 pub const MAX_LATENCY_BUCKETS: usize = 64;
 /// Most release versions reported retained for one service.
 pub const MAX_RETAINED_PER_SERVICE: usize = 256;
+/// Most drift lines reported for one service (the rest are counted).
+pub const MAX_DRIFT_LINES_PER_SERVICE: usize = 32;
+/// Longest drift line (and text saying what drift was measured against, or why it could not be).
+pub const MAX_DRIFT_LINE_BYTES: usize = 512;
 /// Largest health report, encoded. Whatever its fields hold, no report is larger.
 pub const MAX_HEALTH_REPORT_BYTES: usize = 1 << 20;
 /// Most bytes of health history the coordinator keeps per host (encoded); the oldest reports
@@ -235,12 +239,33 @@ pub fn check_health_report(
                 .map_err(|error| out_of_bounds("health.retained.versions", error.to_string()))?;
         }
     }
+    at_most(
+        "health.drift",
+        report.drift.len(),
+        MAX_SERVICES_PER_HOST,
+        "services' drift",
+    )?;
+    for drift in &report.drift {
+        own("health.drift.service", &drift.service)?;
+        at_most(
+            "health.drift.changes",
+            drift.changes.len(),
+            MAX_DRIFT_LINES_PER_SERVICE,
+            "lines",
+        )?;
+        for line in &drift.changes {
+            text_at_most("health.drift.changes", line, MAX_DRIFT_LINE_BYTES)?;
+        }
+        text_at_most("health.drift.against", &drift.against, MAX_DRIFT_LINE_BYTES)?;
+        text_at_most("health.drift.error", &drift.error, MAX_DRIFT_LINE_BYTES)?;
+    }
     Ok(())
 }
 
 /// Cuts what an honest agent's report may carry to the bounds the coordinator checks: texts
 /// cut (on a character boundary), lists shortened, and if the whole is still too large, the
-/// retained releases left out (they are the largest part and the least urgent).
+/// retained releases left out (they are the largest part and the least urgent), then the drift
+/// lines (counted in `more` instead).
 pub fn fit_health_report(report: &mut pb::HealthReport) {
     use prost::Message;
     report.probes.truncate(MAX_PROBES_PER_REPORT);
@@ -261,8 +286,29 @@ pub fn fit_health_report(report: &mut pb::HealthReport) {
             .retain(|version| names::validate_version("version", version).is_ok());
         retained.versions.truncate(MAX_RETAINED_PER_SERVICE);
     }
+    report.drift.truncate(MAX_SERVICES_PER_HOST);
+    for drift in &mut report.drift {
+        let beyond = drift
+            .changes
+            .len()
+            .saturating_sub(MAX_DRIFT_LINES_PER_SERVICE);
+        drift.more = drift.more.saturating_add(beyond as u32);
+        drift.changes.truncate(MAX_DRIFT_LINES_PER_SERVICE);
+        for line in &mut drift.changes {
+            cut(line, MAX_DRIFT_LINE_BYTES);
+        }
+        cut(&mut drift.against, MAX_DRIFT_LINE_BYTES);
+        cut(&mut drift.error, MAX_DRIFT_LINE_BYTES);
+    }
     if report.encoded_len() > MAX_HEALTH_REPORT_BYTES {
         report.retained.clear();
+    }
+    // Then drift lines, counted instead of named.
+    if report.encoded_len() > MAX_HEALTH_REPORT_BYTES {
+        for drift in &mut report.drift {
+            drift.more = drift.more.saturating_add(drift.changes.len() as u32);
+            drift.changes.clear();
+        }
     }
 }
 
@@ -348,6 +394,11 @@ mod tests {
                 service: "web".into(),
                 versions: vec!["v1".into(), "v2".into()],
             }],
+            drift: vec![pb::ServiceDrift {
+                service: "web".into(),
+                changes: vec!["config/app.toml: 4 bytes -> 5 bytes".into()],
+                ..Default::default()
+            }],
             ..Default::default()
         }
     }
@@ -359,7 +410,7 @@ mod tests {
         let cases: Vec<Case<pb::HealthReport>> = vec![
             (
                 Box::new(|r| r.app[0].error = "e".repeat(3_900_000)),
-                "health: 39000",
+                "health: 3900",
             ),
             (
                 Box::new(|r| r.app[0].error = "e".repeat(513)),
@@ -376,6 +427,22 @@ mod tests {
             (
                 Box::new(|r| r.retained[0].versions = vec!["v1".into(); 257]),
                 "health.retained.versions: 257 versions, at most 256",
+            ),
+            (
+                Box::new(|r| r.drift[0].service = "payments".into()),
+                "health.drift.service: \"payments\" is not one of this host's services",
+            ),
+            (
+                Box::new(|r| r.drift[0].changes = vec!["x".into(); 33]),
+                "health.drift.changes: 33 lines, at most 32",
+            ),
+            (
+                Box::new(|r| r.drift[0].changes[0] = "x".repeat(513)),
+                "health.drift.changes: 513 bytes, at most 512",
+            ),
+            (
+                Box::new(|r| r.drift[0].against = "x".repeat(513)),
+                "health.drift.against: 513 bytes, at most 512",
             ),
             (
                 Box::new(|r| r.app = vec![pb::AppMetrics::default(); 300]),
@@ -423,5 +490,28 @@ mod tests {
         fit_health_report(&mut big);
         assert_eq!(check_health_report(&big, &services), Ok(()));
         assert!(big.probes[0].detail.len() <= MAX_PROBE_DETAIL_BYTES);
+        // Drift lines beyond the bounds are counted, and when the report would still be too
+        // large, all of them are.
+        let mut drifted = report();
+        drifted.drift[0].changes = vec!["é".repeat(400); 40];
+        fit_health_report(&mut drifted);
+        assert_eq!(check_health_report(&drifted, &services), Ok(()));
+        assert_eq!(
+            (drifted.drift[0].changes.len(), drifted.drift[0].more),
+            (MAX_DRIFT_LINES_PER_SERVICE, 8)
+        );
+        drifted.drift = (0..MAX_SERVICES_PER_HOST)
+            .map(|_| pb::ServiceDrift {
+                service: "web".into(),
+                changes: vec!["x".repeat(MAX_DRIFT_LINE_BYTES); MAX_DRIFT_LINES_PER_SERVICE],
+                ..Default::default()
+            })
+            .collect();
+        fit_health_report(&mut drifted);
+        assert_eq!(check_health_report(&drifted, &services), Ok(()));
+        assert!(
+            drifted.drift.iter().all(|drift| drift.changes.is_empty()
+                && drift.more == MAX_DRIFT_LINES_PER_SERVICE as u32)
+        );
     }
 }

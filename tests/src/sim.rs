@@ -97,6 +97,7 @@ impl SimAgent {
                             }],
                             app: vec![],
                             retained: vec![],
+                            drift: vec![],
                         };
                         if outbound.send(message(agent_message::Body::Health(health))).await.is_err() {
                             return;

@@ -1,6 +1,8 @@
 //! `rewindctl host diff` and `host drift` through the coordinator to real agents: captured
-//! state matches across replicas, live state shows a hand-edited config, drift shows what the
-//! latest change did, and a host that is unknown or not connected is named in the error.
+//! state matches across replicas, live state shows a hand-edited config, drift shows what
+//! changed since rewind last put a service there (from `host drift`, and from the agents' own
+//! checks in `service drift` and `host list`), and a host that is unknown or not connected is
+//! named in the error.
 
 use rewind_proto::v1 as pb;
 use rewind_tests::*;
@@ -40,14 +42,56 @@ async fn host_diff_and_drift_compare_real_hosts() {
         stdout(&live)
     );
 
+    // Drift is measured against what rewind last put there (the v2 activation), not against
+    // the snapshot from before it: the deploy itself is no drift, the config written after it
+    // (by the test, as a config tool would) is.
     let drift = coordinator.rewindctl(&["host", "drift", "web-1", "--service", "web"]);
     assert_eq!(drift.status.code(), Some(1), "{}", stdout(&drift));
     let shown = stdout(&drift);
-    assert!(shown.contains("web: drifted since snap-"), "{shown}");
     assert!(
-        shown.contains("releases/v1") && shown.contains("releases/v2"),
+        shown.contains("web: drifted since the state rewind last set (ch-2/activate/web-1)"),
         "{shown}"
     );
+    assert!(shown.contains("config/app.toml"), "{shown}");
+    assert!(
+        !shown.contains("releases/v1"),
+        "the deploy is not drift: {shown}"
+    );
+
+    // The agents check on their own and report with health: web-2 restarts checking every 5 s
+    // and its hand edit shows per service, then a later edit too.
+    hosts[1].agent = None;
+    let config = std::fs::read_to_string(&hosts[1].config_path)
+        .unwrap()
+        .replace("[tls]\n", "drift-check-interval-s = 5\n[tls]\n");
+    std::fs::write(&hosts[1].config_path, config).unwrap();
+    hosts[1].must_start_agent();
+    must_agents_connected(&client, 2).await;
+    let service_drift = |wanted: &'static str| {
+        let coordinator = &coordinator;
+        must_wait(
+            std::time::Duration::from_secs(60),
+            "web-2's drift to be reported",
+            move || {
+                let output = coordinator.rewindctl(&["service", "drift", "web"]);
+                let shown = stdout(&output);
+                (output.status.code() == Some(1) && shown.contains(wanted)).then_some(shown)
+            },
+        )
+    };
+    let shown = service_drift("config/app.toml");
+    assert!(
+        shown.contains("web-2: 1 change since the state rewind last set (ch-2/activate/web-2)")
+            && shown.contains("config/app.toml"),
+        "{shown}"
+    );
+    let listed = stdout(&coordinator.rewindctl(&["host", "list"]));
+    assert!(
+        listed.contains("DRIFT") && listed.contains("web (1)"),
+        "{listed}"
+    );
+    std::fs::remove_file(hosts[1].root.join("config/app.toml")).unwrap();
+    let shown = service_drift("-> absent");
     assert!(shown.contains("config/app.toml"), "{shown}");
 
     for (request, why) in [

@@ -51,6 +51,29 @@ pub(crate) async fn fleet_list(
                     )
                 },
             );
+            // Drift from what rewind last put there, over the host's services.
+            let drift = host.last_health.as_ref().map_or_else(
+                || "-".to_string(),
+                |report| {
+                    let drifted: Vec<String> = report
+                        .drift
+                        .iter()
+                        .filter(|drift| !drift.changes.is_empty() || drift.more > 0)
+                        .map(|drift| {
+                            format!(
+                                "{} ({})",
+                                drift.service,
+                                drift.changes.len() + drift.more as usize
+                            )
+                        })
+                        .collect();
+                    match (report.drift.is_empty(), drifted.is_empty()) {
+                        (true, _) => "-".into(),
+                        (false, true) => "none".into(),
+                        (false, false) => drifted.join(","),
+                    }
+                },
+            );
             vec![
                 host.host_id.clone(),
                 if host.connected {
@@ -62,11 +85,14 @@ pub(crate) async fn fleet_list(
                 labels.environment,
                 host.services.join(","),
                 health,
+                drift,
             ]
         })
         .collect();
     table(
-        &["HOST", "AGENT", "REGION", "ENV", "SERVICES", "HEALTH"],
+        &[
+            "HOST", "AGENT", "REGION", "ENV", "SERVICES", "HEALTH", "DRIFT",
+        ],
         rows,
     );
     for host in hosts

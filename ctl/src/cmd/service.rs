@@ -58,6 +58,15 @@ pub enum ServiceCommand {
     /// One service's current health figures over the coordinator's window.
     #[command(alias = "health")]
     Show { name: String },
+    /// Each host of a service and what changed there since rewind last put it there (from the
+    /// agents' periodic drift checks): hotfixes by hand, edits outside rewind. Exit 1 when a
+    /// host drifted.
+    Drift {
+        name: String,
+        /// Only hosts of this environment.
+        #[arg(long, default_value = "")]
+        env: String,
+    },
 }
 
 /// `--rto 10m` as whole seconds.
@@ -205,6 +214,7 @@ pub(crate) async fn service(
                 .into_inner();
             print_services(format, response.services)?;
         }
+        ServiceCommand::Drift { name, env } => return drift(client, format, &name, &env).await,
         ServiceCommand::Show { name } => {
             let response = client
                 .get_service_health(pb::GetServiceHealthRequest { service: name })
@@ -322,6 +332,118 @@ pub(crate) fn print_services(format: Format, services: Vec<pb::Service>) -> anyh
         rows,
     );
     Ok(())
+}
+
+/// Most pages of hosts `service drift` reads (of the largest page size: every host of a
+/// fleet of 100,000).
+const MAX_DRIFT_PAGES: usize = 100;
+
+/// `service drift`: every host of the service with its latest reported drift.
+async fn drift(
+    client: &mut client::Client,
+    format: Format,
+    service: &str,
+    env: &str,
+) -> anyhow::Result<ExitCode> {
+    let mut hosts = Vec::new();
+    let mut page_token = String::new();
+    for _ in 0..MAX_DRIFT_PAGES {
+        let page = client
+            .list_hosts(pb::ListHostsRequest {
+                page_token,
+                page_size: 1000,
+            })
+            .await
+            .map_err(explain)?
+            .into_inner();
+        hosts.extend(page.hosts.into_iter().filter(|host| {
+            host.services.iter().any(|name| name == service)
+                && (env.is_empty()
+                    || host
+                        .labels
+                        .as_ref()
+                        .is_some_and(|labels| labels.environment == env))
+        }));
+        page_token = page.next_page_token;
+        if page_token.is_empty() {
+            break;
+        }
+    }
+    let of_service = |host: &pb::Host| -> Option<pb::ServiceDrift> {
+        host.last_health
+            .as_ref()?
+            .drift
+            .iter()
+            .find(|drift| drift.service == service)
+            .cloned()
+    };
+    if format == Format::Json {
+        let found: Vec<(String, Option<pb::ServiceDrift>)> = hosts
+            .iter()
+            .map(|host| (host.host_id.clone(), of_service(host)))
+            .collect();
+        json(&found)?;
+    }
+    let mut drifted = 0;
+    if hosts.is_empty() && format != Format::Json {
+        say!(
+            "no host runs {service}{}",
+            if env.is_empty() {
+                String::new()
+            } else {
+                format!(" in {env}")
+            }
+        );
+    }
+    for host in &hosts {
+        let Some(found) = of_service(host) else {
+            if format != Format::Json {
+                say!(
+                    "{}: no drift check reported (agent not connected, of an earlier release, or checks off)",
+                    host.host_id
+                );
+            }
+            continue;
+        };
+        let changed = found.changes.len() + found.more as usize;
+        drifted += usize::from(changed > 0);
+        if format == Format::Json {
+            continue;
+        }
+        let checked = crate::output::time(found.checked_at_ms);
+        if !found.error.is_empty() {
+            say!(
+                "{}: could not check ({checked}): {}",
+                host.host_id,
+                found.error
+            );
+        } else if changed == 0 {
+            say!(
+                "{}: no drift since {} (checked {checked})",
+                host.host_id,
+                found.against
+            );
+        } else {
+            say!(
+                "{}: {changed} change{} since {}, {} (checked {checked}):",
+                host.host_id,
+                if changed == 1 { "" } else { "s" },
+                found.against,
+                crate::output::time(found.against_at_ms)
+            );
+            for line in &found.changes {
+                say!("  {line}");
+            }
+            if found.more > 0 {
+                say!("  and {} more", found.more);
+            }
+        }
+    }
+    Ok(if drifted == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 #[cfg(test)]

@@ -1,0 +1,149 @@
+//! Drift: what changed on a service since rewind last put it there. After an activation or a
+//! restore succeeds the agent records the service's state as its *desired state*
+//! ([`record_desired`]); anything that differs from it later (a config edited by hand, a hotfix,
+//! a link switched outside rewind) is drift, named file by file. Before any such record exists
+//! (a host that has not been deployed to since this agent), drift is measured against the
+//! latest snapshot, and the answer says so.
+//!
+//! The flags file is left out: rewind writes it whenever a flag changes, and a flag's state is
+//! shown by the coordinator, not as drift.
+
+use rewind_proto::v1 as pb;
+use rewind_shared::names::truncate;
+
+use crate::AgentError;
+use crate::config::ServiceConfig;
+use crate::facts::ServiceFacts;
+use crate::snapshot::{self, Manifest};
+use crate::store::{DesiredState, Store};
+
+/// Records the service's live state as what rewind put there, by the step `set_by`.
+pub fn record_desired(
+    store: &Store,
+    service: &ServiceConfig,
+    set_by: &str,
+    now_ms: u64,
+) -> Result<(), AgentError> {
+    let manifest = snapshot::live_manifest(service, Some(store))?;
+    store.put_desired(
+        &service.name,
+        &DesiredState {
+            manifest,
+            facts: crate::facts::collect(service),
+            set_at_ms: now_ms,
+            set_by: set_by.to_string(),
+        },
+    )
+}
+
+/// What drift is measured against: the desired state, or the latest snapshot before one
+/// exists. `None` when there is neither.
+pub struct Baseline {
+    pub manifest: Manifest,
+    pub facts: ServiceFacts,
+    /// "the state rewind last set (ch-3/activate/web-1)" or "the latest snapshot ...".
+    pub described: String,
+    /// When that state was set, or the snapshot captured.
+    pub at_ms: u64,
+    /// The snapshot compared against, when that is what it is.
+    pub snapshot: Option<(String, u64)>,
+}
+
+pub fn baseline(store: &Store, service: &ServiceConfig) -> Result<Option<Baseline>, AgentError> {
+    if let Some(desired) = store.desired(&service.name)? {
+        return Ok(Some(Baseline {
+            manifest: desired.manifest,
+            facts: desired.facts,
+            described: format!("the state rewind last set ({})", desired.set_by),
+            at_ms: desired.set_at_ms,
+            snapshot: None,
+        }));
+    }
+    let latest = store
+        .snapshots()?
+        .into_iter()
+        .filter(|record| record.manifest.service == service.name)
+        .max_by_key(|record| record.captured_at_ms);
+    Ok(latest.map(|record| Baseline {
+        described: format!(
+            "the latest snapshot {} (no activation or restore recorded here since this agent \
+             began recording them)",
+            record.id
+        ),
+        at_ms: record.captured_at_ms,
+        snapshot: Some((record.id.clone(), record.captured_at_ms)),
+        manifest: record.manifest,
+        facts: record.facts,
+    }))
+}
+
+/// One line per difference between `baseline` and what is live, the flags file left out.
+pub fn lines(
+    service: &ServiceConfig,
+    baseline: &Baseline,
+    live: &Manifest,
+    live_facts: &ServiceFacts,
+) -> Vec<String> {
+    let without_flags = |manifest: &Manifest| {
+        let mut manifest = manifest.clone();
+        manifest
+            .files
+            .retain(|file| Some(&file.path) != service.flags_file.as_ref());
+        manifest
+    };
+    let mut lines = snapshot::diff(&without_flags(&baseline.manifest), &without_flags(live));
+    let facts_without_flags = |facts: &ServiceFacts| ServiceFacts {
+        flags: None,
+        ..facts.clone()
+    };
+    lines.extend(crate::facts::diff(
+        &facts_without_flags(&baseline.facts),
+        &facts_without_flags(live_facts),
+    ));
+    lines
+}
+
+/// Each service's drift as the health report carries it, its lines cut to the bounds.
+pub fn summaries(store: &Store, services: &[ServiceConfig], now_ms: u64) -> Vec<pb::ServiceDrift> {
+    use rewind_shared::bounds::{MAX_DRIFT_LINE_BYTES, MAX_DRIFT_LINES_PER_SERVICE};
+    services
+        .iter()
+        .map(|service| {
+            let mut summary = pb::ServiceDrift {
+                service: service.name.clone(),
+                checked_at_ms: now_ms,
+                ..Default::default()
+            };
+            let found = baseline(store, service).and_then(|baseline| {
+                let Some(baseline) = baseline else {
+                    return Ok(None);
+                };
+                let live = snapshot::live_manifest(service, Some(store))?;
+                let live_facts = crate::facts::collect(service);
+                Ok(Some((
+                    lines(service, &baseline, &live, &live_facts),
+                    baseline,
+                )))
+            });
+            match found {
+                Ok(None) => {
+                    summary.against = "nothing yet (no snapshot, activation or restore)".into()
+                }
+                Ok(Some((lines, baseline))) => {
+                    summary.against = truncate(&baseline.described, MAX_DRIFT_LINE_BYTES).into();
+                    summary.against_at_ms = baseline.at_ms;
+                    summary.more = lines.len().saturating_sub(MAX_DRIFT_LINES_PER_SERVICE) as u32;
+                    summary.changes = lines
+                        .iter()
+                        .take(MAX_DRIFT_LINES_PER_SERVICE)
+                        .map(|line| truncate(line, MAX_DRIFT_LINE_BYTES).to_string())
+                        .collect();
+                }
+                Err(error) => {
+                    summary.error = truncate(&error.to_string(), MAX_DRIFT_LINE_BYTES).into()
+                }
+            }
+            summary
+        })
+        .collect()
+}
