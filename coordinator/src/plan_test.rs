@@ -656,6 +656,39 @@ fn contract_reverts_run_before_the_app_waves_and_expand_ones_after() {
     assert_eq!(placed(&plan), vec![(versions(&["d1", "c1", "e1"]), false)]);
 }
 
+/// A contract revert every shard will refuse (an expand migration applied after it stays) would
+/// stop the rollback before any host: it waits after the waves. `--schema-after-waves` puts every
+/// revert there.
+#[test]
+fn a_revert_the_shards_will_refuse_and_one_asked_later_wait_after_the_waves() {
+    let (mut fleet, orders, billing) = two_services();
+    registered(&mut fleet, "orders-db", "c1", MigrationClass::Contract);
+    registered(&mut fleet, "orders-db", "e2", MigrationClass::Expand);
+    registered(&mut fleet, "orders-db", "c2", MigrationClass::Contract);
+    applied_at(&mut fleet, "orders-db", (orders, true), 1, &["c1"]);
+    applied_at(&mut fleet, "orders-db", (billing, false), 2, &["e2"]);
+    applied_at(&mut fleet, "orders-db", (billing, true), 3, &["c2"]);
+    // e2 is kept (no --revert-expand): c1's revert would be refused at check.
+    let plan = fleet
+        .plan(&[orders, billing], &PlanOptions::default())
+        .unwrap();
+    let one = |version: &str, before: bool| (vec![version.to_string()], before);
+    assert_eq!(placed(&plan), vec![one("c2", true), one("c1", false)]);
+    assert!(
+        plan.notes
+            .iter()
+            .any(|note| note.contains("every shard will refuse")),
+        "{:?}",
+        plan.notes
+    );
+    let later = PlanOptions {
+        schema_after_waves: true,
+        ..PlanOptions::default()
+    };
+    let plan = fleet.plan(&[orders, billing], &later).unwrap();
+    assert_eq!(placed(&plan), vec![one("c2", false), one("c1", false)]);
+}
+
 #[test]
 fn a_contract_revert_older_than_an_expand_revert_waits_for_it_after_the_waves() {
     let (mut fleet, orders, billing) = two_services();

@@ -76,6 +76,10 @@ pub struct PlanArgs {
     /// why (audited); the rows are exported to each shard agent's store first.
     #[arg(long, value_name = "REASON", default_value = "")]
     pub accept_data_loss: String,
+    /// Revert every migration after the app waves (contract and data ones otherwise go before
+    /// them): for a revert that cannot succeed first when the app must be reverted anyway.
+    #[arg(long)]
+    pub schema_after_waves: bool,
 }
 
 impl PlanArgs {
@@ -87,6 +91,7 @@ impl PlanArgs {
             force: self.force,
             revert_expand: self.revert_expand,
             accept_data_loss: self.accept_data_loss,
+            schema_after_waves: self.schema_after_waves,
             gate: Some(pb::GateOptions {
                 settle_s: self.gate_settle_s,
                 timeout_s: self.gate_timeout_s,

@@ -466,7 +466,10 @@ async fn a_shard_that_cannot_resolve_is_resolved_by_hand_and_then_verified() {
     must_agents_connected(&shards.client, 2).await;
     shards
         .must_rollback_where(&rollback_id, "the revert to be verified", |rollback| {
-            rollback.schema.iter().any(|stage| stage.contains("done"))
+            rollback
+                .schema
+                .iter()
+                .any(|stage| stage.contains(" done: committed"))
         })
         .await;
     shards.must_control(&rollback_id, "resume").await;
@@ -840,8 +843,9 @@ async fn a_revert_that_breaks_a_foreign_key_is_refused_in_prepare_and_changes_no
 
 /// A migration registered as expand that drops a column is not one: the shards refuse it in
 /// prepare (the catalog before and after its up script differ by more than additions), the
-/// change fails naming the dropped column, and no shard changed. A real expand one, adding a
-/// table and a column with a default, runs.
+/// change fails naming the dropped column, and no shard changed. A real expand one runs: a
+/// column with a default, new tables (one with a quoted name and a required column of its own),
+/// and a `NOT NULL` dropped.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_expand_migration_that_drops_a_column_is_refused_where_it_first_runs() {
     const MISCLASSED: [Migration; 2] = [
@@ -849,8 +853,13 @@ async fn an_expand_migration_that_drops_a_column_is_refused_where_it_first_runs(
             "0005",
             pb::MigrationClass::Expand,
             "ALTER TABLE orders ADD COLUMN currency text NOT NULL DEFAULT 'EUR'; \
-             CREATE TABLE refunds (id int PRIMARY KEY);",
-            "DROP TABLE refunds; ALTER TABLE orders DROP COLUMN currency;",
+             CREATE TABLE refunds (id int PRIMARY KEY); \
+             CREATE TABLE \"order items\" (id int PRIMARY KEY); \
+             ALTER TABLE \"order items\" ADD COLUMN \"due at\" date NOT NULL; \
+             ALTER TABLE customers ALTER COLUMN name DROP NOT NULL;",
+            "ALTER TABLE customers ALTER COLUMN name SET NOT NULL; \
+             DROP TABLE \"order items\"; DROP TABLE refunds; \
+             ALTER TABLE orders DROP COLUMN currency;",
             "",
         ),
         (

@@ -2,13 +2,22 @@
 //! against the schema after it, which is why a rollback leaves expand migrations applied. The
 //! class is declared by whoever registers the migration; this checks it where the migration
 //! first runs, from the catalog lines the shard's fingerprint is made of (`<kind> <name> ...`),
-//! taken before and after its up script in the same transaction.
+//! taken before the transaction's first migration (the schema the release before knows) and
+//! after each expand one, in the same transaction.
 //!
-//! Broken by: a line that is gone (a dropped column, table, index, constraint, view, trigger,
-//! function or policy), a column or table whose description changed (type, nullability,
-//! default), an enum that lost or reordered labels (adding labels is fine), and a `not null`
-//! column without a default added to a table that already existed (the old release's inserts
-//! leave it out and fail).
+//! Broken by: a line that is gone (a dropped column, table, index, constraint, trigger,
+//! function or policy), a column or table whose description changed (type, identity, a default
+//! changed or removed, `not null` added), an enum that lost or reordered labels, and a
+//! `not null` column without a default added to a table that already existed (the old
+//! release's inserts leave it out and fail). Allowed besides additions: enum labels added,
+//! `not null` dropped or a default added to a column (the usual first steps of retiring it),
+//! and a view redefined (its columns are lines of their own, checked as a table's).
+//!
+//! Names are read as PostgreSQL prints them: an identifier with a space or a dot is double
+//! quoted (`public."order items"."due at"`), an enum label single quoted (`'a,b'`). Not caught:
+//! constraints or unique indexes added over existing columns (the old release's writes may
+//! break them), and a column dropped and added again alike in one migration (its data is lost,
+//! its line the same).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -19,31 +28,83 @@ const MAX_NAMED: usize = 5;
 
 /// Catalog lines whose object keeps its identity when its description changes: the kind and
 /// name are the first two words (`column <table>.<column> <type> ...`). Other kinds' lines are
-/// compared whole, so a changed index, constraint or view reads as dropped.
-const NAMED_KINDS: [&str; 3] = ["column", "relation", "enum"];
+/// compared whole, so a changed index, constraint or trigger reads as dropped.
+const NAMED_KINDS: [&str; 4] = ["column", "relation", "enum", "view"];
 
+/// Where `text` may be cut at `separator`: not inside double quotes (identifiers) or single
+/// quotes (literals), each escaped by doubling.
+fn split_points(text: &str, separator: char) -> Vec<usize> {
+    let mut points = Vec::new();
+    let mut quote: Option<char> = None;
+    for (at, character) in text.char_indices() {
+        match quote {
+            // A doubled quote inside a quoted part toggles twice: out and back in.
+            Some(open) if character == open => quote = None,
+            Some(_) => {}
+            None if character == '"' || character == '\'' => quote = Some(character),
+            None if character == separator => points.push(at),
+            None => {}
+        }
+    }
+    points
+}
+
+/// The kind and name of a line of a named kind (`column public."a b".c`).
 fn key(line: &str) -> Option<&str> {
     let kind = line.split(' ').next()?;
     if !NAMED_KINDS.contains(&kind) {
         return None;
     }
-    let mut spaces = line.match_indices(' ').map(|(at, _)| at);
-    spaces.next()?;
-    Some(spaces.next().map_or(line, |end| &line[..end]))
+    let spaces = split_points(line, ' ');
+    Some(spaces.get(1).map_or(line, |&end| &line[..end]))
 }
 
 /// The table a `column <table>.<column>` key names.
 fn table_of(key: &str) -> Option<&str> {
     let name = key.strip_prefix("column ")?;
-    name.rsplit_once('.').map(|(table, _)| table)
+    let dot = *split_points(name, '.').last()?;
+    Some(&name[..dot])
 }
 
 /// An enum line's labels (`enum <type> 'a','b'`), in order.
-fn labels(line: &str) -> Vec<&str> {
-    line.splitn(3, ' ')
-        .nth(2)
-        .map(|labels| labels.split(',').collect())
-        .unwrap_or_default()
+fn labels(line: &str, key: &str) -> Vec<String> {
+    let text = line[key.len()..].trim_start();
+    let mut labels = Vec::new();
+    let mut start = 0;
+    for cut in split_points(text, ',').into_iter().chain([text.len()]) {
+        labels.push(text[start..cut].to_string());
+        start = cut + 1;
+    }
+    labels
+}
+
+/// A column's description: `<type>[ not null][ identity][ generated][ default <expr>]`.
+struct Column<'a> {
+    rest: &'a str,
+    not_null: bool,
+    default: Option<&'a str>,
+}
+
+fn column(body: &str) -> Column<'_> {
+    let (rest, default) = match body.find(" default ") {
+        Some(at) => (&body[..at], Some(&body[at + " default ".len()..])),
+        None => (body, None),
+    };
+    let not_null = rest.contains(" not null");
+    Column {
+        rest,
+        not_null,
+        default,
+    }
+}
+
+/// Whether a column's description only loosened: `not null` dropped, or a default added.
+fn only_loosened(old: &str, new: &str) -> bool {
+    let (old, new) = (column(old), column(new));
+    let kept = |column: &Column<'_>| column.rest.replace(" not null", "");
+    kept(&old) == kept(&new)
+        && (old.not_null || !new.not_null)
+        && (old.default.is_none() || old.default == new.default)
 }
 
 /// What in `after` (the catalog once the migration ran) is not an expansion of `before`: one
@@ -61,14 +122,10 @@ pub fn expand_breaks(before: &[String], after: &[String]) -> Vec<String> {
         }
         match key(line).and_then(|key| Some((key, *after_by_key.get(key)?))) {
             Some((key, now)) if key.starts_with("enum ") => {
-                let (old, new) = (labels(line), labels(now));
+                let (old, new) = (labels(line, key), labels(now, key));
                 // Labels only added: the old ones are still there, in the same order.
-                let kept: Vec<&str> = new
-                    .iter()
-                    .copied()
-                    .filter(|label| old.contains(label))
-                    .collect();
-                if kept != old {
+                let kept: Vec<&String> = new.iter().filter(|label| old.contains(label)).collect();
+                if kept != old.iter().collect::<Vec<_>>() {
                     findings.push(format!(
                         "changes {key}: labels {} -> {}",
                         old.join(","),
@@ -76,6 +133,11 @@ pub fn expand_breaks(before: &[String], after: &[String]) -> Vec<String> {
                     ));
                 }
             }
+            // Its columns are lines of their own.
+            Some((key, _)) if key.starts_with("view ") => {}
+            Some((key, now))
+                if key.starts_with("column ")
+                    && only_loosened(line[key.len()..].trim(), now[key.len()..].trim()) => {}
             Some((key, now)) => findings.push(format!(
                 "changes {key} from `{}` to `{}`",
                 line[key.len()..].trim(),
@@ -92,14 +154,12 @@ pub fn expand_breaks(before: &[String], after: &[String]) -> Vec<String> {
         .collect();
     for line in after {
         let Some(key) = key(line) else { continue };
-        let new_column = !keys_before.contains(key);
-        let body = &line[key.len()..];
-        if new_column
+        let body = column(line[key.len()..].trim());
+        if !keys_before.contains(key)
             && table_of(key).is_some_and(|table| existing.contains(table))
-            && body.contains(" not null")
-            && !(body.contains(" default ")
-                || body.contains(" identity")
-                || body.contains(" generated"))
+            && body.not_null
+            && body.default.is_none()
+            && !(body.rest.contains(" identity") || body.rest.contains(" generated"))
         {
             findings.push(format!(
                 "adds {key} not null without a default: the old release's inserts leave it out \
@@ -135,22 +195,27 @@ mod tests {
         text.iter().map(|line| line.to_string()).collect()
     }
 
-    const BEFORE: [&str; 5] = [
+    const BEFORE: [&str; 7] = [
         "column public.orders.id integer not null",
         "column public.orders.note text",
+        "column public.orders.state text not null",
         "enum public.status 'new','paid'",
         "index CREATE INDEX orders_note ON public.orders USING btree (note)",
         "relation public.orders r p",
+        "view public.open_orders  SELECT id FROM orders",
     ];
 
     #[test]
-    fn adding_is_expand() {
+    fn adding_and_loosening_is_expand() {
         let mut after = lines(&BEFORE);
         after.push("column public.orders.total bigint not null default 0".into());
         after.push("column public.orders.ref text".into());
         after.push("relation public.audit r p".into());
         after.push("column public.audit.id integer not null".into());
-        after[2] = "enum public.status 'new','paid','refunded'".into();
+        after[2] = "column public.orders.state text default 'new'::text".into();
+        after[3] = "enum public.status 'new','paid','refunded'".into();
+        after[6] = "view public.open_orders  SELECT id, total FROM orders".into();
+        after.push("column public.open_orders.total bigint".into());
         assert_eq!(expand_breaks(&lines(&BEFORE), &after), Vec::<String>::new());
     }
 
@@ -159,6 +224,7 @@ mod tests {
         let after = lines(&[
             "column public.orders.id bigint not null",
             "column public.orders.due date not null",
+            "column public.orders.state text not null default 'x'::text",
             "enum public.status 'paid','new'",
             "relation public.orders r p",
         ]);
@@ -170,6 +236,7 @@ mod tests {
                 "drops column public.orders.note text",
                 "changes enum public.status: labels 'new','paid' -> 'paid','new'",
                 "drops index CREATE INDEX orders_note ON public.orders USING btree (note)",
+                "drops view public.open_orders  SELECT id FROM orders",
                 "adds column public.orders.due not null without a default: the old release's \
                  inserts leave it out and fail",
             ]
@@ -177,6 +244,49 @@ mod tests {
         let refusal = describe("2026_02_drop_note", &findings);
         assert!(refusal.starts_with("2026_02_drop_note is declared expand"));
         assert!(refusal.contains("drops column public.orders.note"));
+    }
+
+    #[test]
+    fn quoted_names_and_labels_are_read_whole() {
+        let before = lines(&[
+            "relation public.\"order items\" r p",
+            "column public.\"order items\".\"due at\" date",
+            "column public.\"order items\".\"a.b\" text",
+            "enum public.kind 'a,b','c'",
+        ]);
+        let mut after = before.clone();
+        // A label with a comma added between: still only an addition.
+        after[3] = "enum public.kind 'a,b','x,y','c'".into();
+        // A new column whose name shares a first word with an existing one.
+        after.push("column public.\"order items\".\"due by\" date not null".into());
+        assert_eq!(
+            expand_breaks(&before, &after),
+            vec![
+                "adds column public.\"order items\".\"due by\" not null without a default: the \
+                 old release's inserts leave it out and fail"
+            ]
+        );
+        after.pop();
+        after[3] = "enum public.kind 'a','b,c'".into();
+        assert_eq!(
+            expand_breaks(&before, &after),
+            vec!["changes enum public.kind: labels 'a,b','c' -> 'a','b,c'"]
+        );
+    }
+
+    /// Checked against the schema before the transaction: a table an earlier migration of it
+    /// created is the new release's, so a required column added to it breaks nothing.
+    #[test]
+    fn what_the_same_transaction_created_is_the_new_releases() {
+        let old_release = lines(&BEFORE);
+        let mut after_both = old_release.clone();
+        after_both.push("relation public.refunds r p".into());
+        after_both.push("column public.refunds.id integer not null".into());
+        after_both.push("column public.refunds.reason text not null".into());
+        assert_eq!(
+            expand_breaks(&old_release, &after_both),
+            Vec::<String>::new()
+        );
     }
 
     #[test]

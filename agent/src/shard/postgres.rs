@@ -154,6 +154,18 @@ fn run_in_open_transaction(
         }
     }
     let mut unlogged = 0;
+    // The schema the release before knows: each expand migration is checked against it, so
+    // what an earlier one in the same transaction added is the new release's to change.
+    let old_release_schema = if !step.down
+        && step
+            .migrations
+            .iter()
+            .any(|migration| migration.class == "expand")
+    {
+        Some(catalog_lines(client, &table)?)
+    } else {
+        None
+    };
     for migration in &step.migrations {
         let (label, script) = if step.down {
             ("down", &migration.down_sql)
@@ -162,11 +174,6 @@ fn run_in_open_transaction(
         };
         let label = format!("{label} {}", migration.version);
         let expand = !step.down && migration.class == "expand";
-        let catalog_before = if expand {
-            catalog_lines(client, &table)?
-        } else {
-            Vec::new()
-        };
         run_logged(
             client,
             &label,
@@ -174,8 +181,8 @@ fn run_in_open_transaction(
             &mut report.statements,
             &mut unlogged,
         )?;
-        if expand {
-            super::check_expand(migration, &catalog_before, &catalog_lines(client, &table)?)?;
+        if let (true, Some(before)) = (expand, &old_release_schema) {
+            super::check_expand(migration, before, &catalog_lines(client, &table)?)?;
         }
         if step.down && !migration.verify_sql.trim().is_empty() {
             let label = format!("verify {}", migration.version);

@@ -458,6 +458,18 @@ fn run(
             report.exported = export(connection, &at_risk, dir)?;
         }
     }
+    // The schema the release before knows: each expand migration is checked against it, so
+    // what an earlier one in the same transaction added is the new release's to change.
+    let old_release_schema = if !step.down
+        && step
+            .migrations
+            .iter()
+            .any(|migration| migration.class == "expand")
+    {
+        Some(catalog_lines(connection, table)?)
+    } else {
+        None
+    };
     for migration in &step.migrations {
         let (label, script) = if step.down {
             ("down", &migration.down_sql)
@@ -465,23 +477,14 @@ fn run(
             ("up", &migration.up_sql)
         };
         let expand = !step.down && migration.class == "expand";
-        let catalog_before = if expand {
-            catalog_lines(connection, table)?
-        } else {
-            Vec::new()
-        };
         run_logged(
             connection,
             &format!("{label} {}", migration.version),
             script,
             &mut report.statements,
         )?;
-        if expand {
-            super::check_expand(
-                migration,
-                &catalog_before,
-                &catalog_lines(connection, table)?,
-            )?;
+        if let (true, Some(before)) = (expand, &old_release_schema) {
+            super::check_expand(migration, before, &catalog_lines(connection, table)?)?;
         }
         if step.down && !migration.verify_sql.trim().is_empty() {
             let label = format!("verify {}", migration.version);

@@ -272,6 +272,7 @@ pub fn plan_options(options: &PlanOptions) -> pb::PlanOptions {
         force: options.force,
         revert_expand: options.revert_expand,
         accept_data_loss: options.accept_data_loss.clone(),
+        schema_after_waves: options.schema_after_waves,
         gate: Some(pb::GateOptions {
             settle_s: options.gate.settle_s,
             timeout_s: options.gate.timeout_s,
@@ -613,8 +614,8 @@ fn placement(state: &State, stage: &SchemaStage) -> String {
             state.cluster_version()
         )
     } else {
-        "after the app waves: a revert applied after it on this database runs only then, and \
-         this one must follow it (see the notes)"
+        "after the app waves: a migration applied after it on this database is reverted only \
+         then or stays, or --schema-after-waves was asked (see the notes)"
             .into()
     }
 }

@@ -100,6 +100,7 @@ pub(super) fn options_from(
         },
         revert_expand: options.revert_expand,
         accept_data_loss: accept_data_loss(options.accept_data_loss)?,
+        schema_after_waves: options.schema_after_waves,
     };
     // As the leader will plan them, so a preview's hash is the one a start can name.
     crate::state_machine::decision::as_replicated(&options).map_err(to_status)

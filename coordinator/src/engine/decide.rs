@@ -55,6 +55,7 @@ impl EngineLimits {
             gate: self.default_gate.clone(),
             revert_expand: false,
             accept_data_loss: String::new(),
+            schema_after_waves: false,
         }
     }
 }

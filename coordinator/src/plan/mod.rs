@@ -79,7 +79,8 @@ pub struct Plan {
     pub incompatibilities: Vec<Incompatibility>,
     /// Things the operator should know that do not stop the plan.
     pub notes: Vec<String>,
-    /// Schema reverts after every wave, one database at a time (see `schema_reverts`).
+    /// Schema reverts, one database at a time, those before the app waves first (see
+    /// `schema_reverts`).
     pub schema: Vec<SchemaStage>,
     pub hash: String,
 }
@@ -216,7 +217,7 @@ pub fn build(
         .iter()
         .flat_map(|service| applied_migrations(state, by_service[service], options, &mut notes))
         .collect();
-    let schema = schema_reverts(state, &applied, &mut notes);
+    let schema = schema_reverts(state, &applied, options.schema_after_waves, &mut notes);
     let recipes: BTreeMap<String, Vec<RecipeStep>> = order
         .iter()
         .filter_map(|service| {

@@ -1,5 +1,5 @@
 //! The schema half of a plan: which migrations a rollback reverts, on which database, in which
-//! order, after every app wave.
+//! order, and whether before the app waves or after them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
@@ -119,11 +119,13 @@ pub(super) fn applied_migrations<'a>(
 /// after activation) are reverted in a stage of their own before any wave, as the release the
 /// waves restore needs what they removed, and its expand ones after the waves, as the release
 /// being reverted needs what they added until its hosts are reverted. A contract revert that
-/// would have to wait for an expand one applied after it on the same database stays after the
-/// waves, and the plan says so.
+/// would have to wait for an expand one applied after it on the same database, or that every
+/// shard will refuse (a migration applied after it stays), stays after the waves, and the plan
+/// says so; `all_after_waves` (`--schema-after-waves`) puts every revert there.
 pub(super) fn schema_reverts(
     state: &State,
     applied: &[Applied<'_>],
+    all_after_waves: bool,
     notes: &mut Vec<String>,
 ) -> Vec<SchemaStage> {
     // Runs of stages to revert together: (position of the change and database, stages).
@@ -180,7 +182,7 @@ pub(super) fn schema_reverts(
         }
         runs.extend(cut);
     }
-    let by_class = state.cluster_version() >= version::SCHEMA_ORDER_BY_CLASS;
+    let by_class = state.cluster_version() >= version::SCHEMA_ORDER_BY_CLASS && !all_after_waves;
     if by_class {
         runs = runs
             .into_iter()
@@ -201,9 +203,11 @@ pub(super) fn schema_reverts(
                 .filter(|each| each.database == applied[at].database)
                 .flat_map(|each| each.reverted.iter().copied())
                 .collect();
-            let mut stage = revert_stage(state, &applied[at], &run, &planned, notes)?;
-            // The change ran these after activation: contract or data migrations.
-            stage.after_activation = !(by_class && run[0].0.after_activation);
+            let (mut stage, refused) = revert_stage(state, &applied[at], &run, &planned, notes)?;
+            // The change ran these after activation: contract or data migrations. One every
+            // shard will refuse (a later migration stays) would stop the rollback before any
+            // host: it waits after the waves, where the app is reverted whatever it does.
+            stage.after_activation = !(by_class && run[0].0.after_activation && !refused);
             Some((at, newest, stage))
         })
         .collect();
@@ -274,14 +278,15 @@ fn hold_behind_later_expands(ordered: &mut [SchemaStage], notes: &mut Vec<String
 
 /// One revert of `run`, some of a change's stages on a database (oldest first): their versions
 /// newest first, less those kept. It expects the fingerprint recorded before the first stage it
-/// undoes in full; it only checks agreement when it undoes part of one.
+/// undoes in full; it only checks agreement when it undoes part of one. True besides when a
+/// migration applied after it stays, so every shard will refuse it (the plan notes it).
 fn revert_stage(
     state: &State,
     applied: &Applied<'_>,
     run: &[(&SchemaStage, &SchemaTxnRecord)],
     planned: &BTreeSet<&str>,
     notes: &mut Vec<String>,
-) -> Option<SchemaStage> {
+) -> Option<(SchemaStage, bool)> {
     let versions: Vec<String> = run
         .iter()
         .flat_map(|(stage, _)| stage.versions.iter())
@@ -316,6 +321,7 @@ fn revert_stage(
                 .any(|version| reverted.contains(version.as_str()))
         })
         .map(|(_, txn)| txn.number);
+    let mut refused = false;
     if let (Some(oldest), Some((_, last))) = (oldest, run.last()) {
         // Version -> the transaction that applied it, as it stands after `oldest`.
         let mut staying: BTreeMap<&str, String> = BTreeMap::new();
@@ -338,7 +344,8 @@ fn revert_stage(
             }
         }
         staying.retain(|version, _| !planned.contains(version));
-        if !staying.is_empty() {
+        refused = !staying.is_empty();
+        if refused {
             let named: Vec<String> = staying
                 .iter()
                 .map(|(version, txn)| format!("{version} ({txn})"))
@@ -360,7 +367,7 @@ fn revert_stage(
             ));
         }
     }
-    Some(SchemaStage {
+    let stage = SchemaStage {
         database: applied.database.to_string(),
         change: change.number,
         service: change.service.clone(),
@@ -370,5 +377,6 @@ fn revert_stage(
         after_activation: true,
         txn: 0,
         expected_fingerprint,
-    })
+    };
+    Some((stage, refused))
 }

@@ -594,6 +594,9 @@ impl CommandKind {
             Self::IncidentNotified { .. } => 6,
             // A member of an older release would drop these fields and keep the rest.
             Self::PutService { service } if service.rto_s != 0 || !service.freeze.is_empty() => 6,
+            Self::StartRollback(start) if start.options.schema_after_waves => {
+                super::version::SCHEMA_ORDER_BY_CLASS
+            }
             _ => super::version::LEGACY,
         }
     }

@@ -927,7 +927,10 @@ fn version_nine(harness: &mut Fleet) {
         })
         .unwrap_err()
         .to_string();
-    assert!(held.contains("before its app waves are not done"), "{held}");
+    assert!(
+        held.contains("reverts 0003 of orders-db before its app waves, and that is not done"),
+        "{held}"
+    );
     revert_schema(harness, rollback, 0).unwrap();
     assert_eq!(
         harness.state.rollbacks[&rollback].status,

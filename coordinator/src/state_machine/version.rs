@@ -123,7 +123,8 @@ pub const CHANGES: &[(u32, &str)] = &[
     ),
     (
         9,
-        "a rollback reverts contract and data migrations before its app waves and expand ones          after them (a revert held after the waves by one applied later says why in the plan)",
+        "a rollback reverts contract and data migrations before its app waves and expand ones \
+         after them (a revert held after the waves by one applied later says why in the plan)",
     ),
 ];
 
@@ -304,6 +305,31 @@ mod tests {
             proposable(&at(5), kind).unwrap();
         }
         proposable(&at(1), &command().kind).unwrap();
+        // A member of an older release would drop the option and keep the rest.
+        let later = |schema_after_waves| {
+            CommandKind::StartRollback(super::super::StartRollback {
+                changes: vec![1],
+                options: super::super::PlanOptions {
+                    schema_after_waves,
+                    ..Default::default()
+                },
+                plan_hash: String::new(),
+                reason: "x".into(),
+                trigger: super::super::Trigger::Manual,
+                break_glass: false,
+                planned: None,
+            })
+        };
+        let error = proposable(&at(8), &later(true)).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                CoordinatorError::NeedsClusterVersion { needed: 9, .. }
+            ),
+            "{error:?}"
+        );
+        proposable(&at(8), &later(false)).unwrap();
+        proposable(&at(9), &later(true)).unwrap();
     }
 
     #[test]

@@ -49,14 +49,21 @@ pub(super) fn start_step(
                     .schema_stages()
                     .filter(|(_, stage)| !stage.after_activation)
             };
-            if state.cluster_version() >= version::SCHEMA_ORDER_BY_CLASS
-                && super::super::schema::stages_state(state, before_waves())
-                    != super::super::schema::StagesState::Done
-            {
-                return Err(not_startable(format!(
-                    "the schema reverts {} runs before its app waves are not done",
-                    record.id()
-                )));
+            if state.cluster_version() >= version::SCHEMA_ORDER_BY_CLASS {
+                let waiting = super::super::schema::stages_state(state, before_waves());
+                if let super::super::schema::StagesState::Waiting { stage, .. }
+                | super::super::schema::StagesState::Failed { stage, .. }
+                | super::super::schema::StagesState::Stuck { stage, .. } = waiting
+                {
+                    let planned = &record.schema[stage];
+                    return Err(not_startable(format!(
+                        "{} reverts {} of {} before its app waves, and that is not done \
+                         ({waiting:?})",
+                        record.id(),
+                        planned.versions.join(", "),
+                        planned.database
+                    )));
+                }
             }
             if let StepTarget::Gate { wave, .. } = step {
                 if record.current_wave() != Some(*wave) {

@@ -154,6 +154,10 @@ pub struct PlanOptions {
     /// empty: a revert that would destroy data is refused.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub accept_data_loss: String,
+    /// Revert every migration after the app waves (as before cluster version 9). Left out of
+    /// the JSON when false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub schema_after_waves: bool,
 }
 impl Default for PlanOptions {
     fn default() -> Self {
@@ -165,6 +169,7 @@ impl Default for PlanOptions {
             gate: GateOptions::default(),
             revert_expand: false,
             accept_data_loss: String::new(),
+            schema_after_waves: false,
         }
     }
 }
