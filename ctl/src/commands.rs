@@ -45,6 +45,9 @@ pub enum Command {
     /// Services, their dependencies and health policies.
     #[command(subcommand)]
     Service(ServiceCommand),
+    /// Environments: compare two for parity (releases, config, schema, flags).
+    #[command(subcommand)]
+    Env(crate::cmd::env::EnvCommand),
     /// Releases (immutable versions with an artifact digest).
     #[command(subcommand)]
     Release(ReleaseCommand),
@@ -209,6 +212,7 @@ async fn execute(
         }
         Command::Host(command) => crate::hosts::run(client, format, command).await,
         Command::Service(command) => crate::cmd::service::service(client, format, command).await,
+        Command::Env(command) => crate::cmd::env::env(client, format, command).await,
         Command::Release(command) => crate::cmd::release::release(client, format, command).await,
         Command::Migration(command) => crate::migrations::run(client, format, command).await,
         Command::Schema(command) => crate::migrations::schema(client, format, command).await,

@@ -79,6 +79,15 @@ pub fn table(header: &[&str], rows: Vec<Vec<String>>) {
     say!("{table}");
 }
 
+/// "1 host", "3 hosts".
+pub fn plural(count: usize, noun: &str) -> String {
+    if count == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{count} {noun}s")
+    }
+}
+
 /// RFC 3339 UTC with milliseconds, or `-` for 0.
 pub fn time(ms: u64) -> String {
     if ms == 0 {

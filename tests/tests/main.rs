@@ -41,3 +41,4 @@ mod t37_incident_webhook;
 mod t38_service_objectives;
 mod t39_audit_store;
 mod t40_archive;
+mod t41_env_diff;

@@ -105,3 +105,41 @@ pub(crate) async fn fleet_list(
     crate::commands::next_page("host list", page_size, &hosts.next_page_token);
     Ok(ExitCode::SUCCESS)
 }
+
+/// Most pages of hosts read at once (of the largest page size: every host of a fleet of
+/// 100,000).
+const MAX_HOST_PAGES: usize = 100;
+
+/// Every registered host, page after page.
+pub(crate) async fn all_hosts(client: &mut client::Client) -> anyhow::Result<Vec<pb::Host>> {
+    let mut hosts = Vec::new();
+    let mut page_token = String::new();
+    for _ in 0..MAX_HOST_PAGES {
+        let page = client
+            .list_hosts(pb::ListHostsRequest {
+                page_token,
+                page_size: 1000,
+            })
+            .await
+            .map_err(explain)?
+            .into_inner();
+        hosts.extend(page.hosts);
+        page_token = page.next_page_token;
+        if page_token.is_empty() {
+            break;
+        }
+    }
+    Ok(hosts)
+}
+
+/// A host's environment, `default` when it carries none (as plans count it).
+pub(crate) fn environment_of(host: &pb::Host) -> &str {
+    match host
+        .labels
+        .as_ref()
+        .map(|labels| labels.environment.as_str())
+    {
+        None | Some("") => "default",
+        Some(environment) => environment,
+    }
+}

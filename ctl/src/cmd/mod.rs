@@ -3,6 +3,7 @@
 pub mod audit;
 pub mod change;
 pub mod cluster;
+pub mod env;
 pub mod fleet;
 pub mod incident;
 pub mod release;

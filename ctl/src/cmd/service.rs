@@ -334,10 +334,6 @@ pub(crate) fn print_services(format: Format, services: Vec<pb::Service>) -> anyh
     Ok(())
 }
 
-/// Most pages of hosts `service drift` reads (of the largest page size: every host of a
-/// fleet of 100,000).
-const MAX_DRIFT_PAGES: usize = 100;
-
 /// `service drift`: every host of the service with its latest reported drift.
 async fn drift(
     client: &mut client::Client,
@@ -345,30 +341,14 @@ async fn drift(
     service: &str,
     env: &str,
 ) -> anyhow::Result<ExitCode> {
-    let mut hosts = Vec::new();
-    let mut page_token = String::new();
-    for _ in 0..MAX_DRIFT_PAGES {
-        let page = client
-            .list_hosts(pb::ListHostsRequest {
-                page_token,
-                page_size: 1000,
-            })
-            .await
-            .map_err(explain)?
-            .into_inner();
-        hosts.extend(page.hosts.into_iter().filter(|host| {
+    let hosts: Vec<pb::Host> = crate::cmd::fleet::all_hosts(client)
+        .await?
+        .into_iter()
+        .filter(|host| {
             host.services.iter().any(|name| name == service)
-                && (env.is_empty()
-                    || host
-                        .labels
-                        .as_ref()
-                        .is_some_and(|labels| labels.environment == env))
-        }));
-        page_token = page.next_page_token;
-        if page_token.is_empty() {
-            break;
-        }
-    }
+                && (env.is_empty() || crate::cmd::fleet::environment_of(host) == env)
+        })
+        .collect();
     let of_service = |host: &pb::Host| -> Option<pb::ServiceDrift> {
         host.last_health
             .as_ref()?
@@ -425,9 +405,9 @@ async fn drift(
             );
         } else {
             say!(
-                "{}: {changed} change{} since {}, {} (checked {checked}):",
+                "{}: {} since {}, {} (checked {checked}):",
                 host.host_id,
-                if changed == 1 { "" } else { "s" },
+                crate::output::plural(changed, "change"),
                 found.against,
                 crate::output::time(found.against_at_ms)
             );
