@@ -22,6 +22,12 @@
 //! url = "http://127.0.0.1:6081/"
 //! method = "BAN"
 //! headers = { "X-Ban-Url" = "^/api/" }
+//! [[service.purge]]                          # a CDN's purge API, over HTTPS
+//! url = "https://api.cdn.example/v1/zones/web/purge"
+//! method = "POST"
+//! headers = { "Authorization" = "Bearer ...", "Content-Type" = "application/json" }
+//! body = '{"tags": ["web-assets"]}'
+//! ca-file = "/etc/rewind/cdn-ca.pem"         # only for a CA of its own
 //! [service.scale-up]
 //! command = ["/usr/local/bin/set-capacity", "{percent}"]
 //! stages = [25, 50, 100]
@@ -58,6 +64,11 @@ const MAX_WAIT_MS: u64 = 600_000;
 const MAX_CHECKPOINT_BYTES: u64 = 64 * 1024;
 /// Attempts of one HTTP request (purge, check) before the step fails.
 const MAX_HTTP_ATTEMPTS_LIMIT: u32 = 10;
+/// Headers and body of one purge or check request.
+const MAX_HTTP_HEADERS: usize = 32;
+const MAX_HTTP_BODY_BYTES: usize = 64 * 1024;
+/// A CA bundle trusted by one purge or check.
+const MAX_CA_FILE_BYTES: u64 = 1 << 20;
 const RETRY_BACKOFF: Duration = Duration::from_millis(500);
 
 /// Config of a service's optional steps, as written.
@@ -84,9 +95,13 @@ pub struct RawJobs {
 #[serde(default, rename_all = "kebab-case")]
 pub struct RawPurge {
     pub url: String,
-    /// `PURGE` (default) or `BAN`.
+    /// `PURGE` (default), `BAN`, or for a CDN's purge API `POST`, `PUT` or `DELETE`.
     pub method: Option<String>,
     pub headers: BTreeMap<String, String>,
+    /// Sent with a `POST`, `PUT` or `DELETE` (a CDN's purge API takes the URLs or tags in JSON).
+    pub body: Option<String>,
+    /// A PEM file of CAs trusted for an `https://` URL besides the public ones.
+    pub ca_file: Option<std::path::PathBuf>,
     pub timeout_ms: Option<u64>,
     /// Attempts before the step fails (default 3).
     pub attempts: Option<u32>,
@@ -111,6 +126,9 @@ pub struct RawCheck {
     /// `GET` (default) or `POST`.
     pub method: Option<String>,
     pub body: Option<String>,
+    pub headers: BTreeMap<String, String>,
+    /// A PEM file of CAs trusted for an `https://` URL besides the public ones.
+    pub ca_file: Option<std::path::PathBuf>,
     pub expect_status: Option<u16>,
     pub body_contains: Option<String>,
     pub max_latency_ms: Option<u64>,
@@ -148,6 +166,9 @@ pub struct Purge {
     pub url: String,
     pub method: reqwest::Method,
     pub headers: BTreeMap<String, String>,
+    pub body: Option<String>,
+    /// Its own client when it trusts a CA of its own (`ca-file`); else the prober's.
+    pub client: Option<reqwest::Client>,
     pub timeout: Duration,
     pub attempts: u32,
 }
@@ -165,6 +186,9 @@ pub struct Check {
     pub name: String,
     pub url: String,
     pub post_body: Option<String>,
+    pub headers: Vec<(String, String)>,
+    /// Its own client when it trusts a CA of its own (`ca-file`); else the prober's.
+    pub client: Option<reqwest::Client>,
     pub expect_status: u16,
     pub body_contains: Option<String>,
     pub max_latency: Option<Duration>,
@@ -278,32 +302,34 @@ pub fn validate(
     for (position, purge) in raw.purges.iter().enumerate() {
         let purge_field = format!("{field}.purge[{position}]");
         check_url(&format!("{purge_field}.url"), &purge.url, problems);
-        let method = match purge.method.as_deref().unwrap_or("PURGE") {
-            "PURGE" => reqwest::Method::from_bytes(b"PURGE"),
-            "BAN" => reqwest::Method::from_bytes(b"BAN"),
+        let method_name = purge.method.as_deref().unwrap_or("PURGE");
+        let method = match method_name {
+            "PURGE" | "BAN" | "POST" | "PUT" | "DELETE" => {
+                reqwest::Method::from_bytes(method_name.as_bytes())
+            }
             other => {
                 problems.add(
                     format!("{purge_field}.method"),
-                    format!("{other:?} must be PURGE or BAN"),
+                    format!("{other:?} must be PURGE, BAN, POST, PUT or DELETE"),
                 );
                 reqwest::Method::from_bytes(b"PURGE")
             }
         }
-        .expect("PURGE and BAN are valid method tokens");
-        for (name, value) in &purge.headers {
-            if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err()
-                || reqwest::header::HeaderValue::from_str(value).is_err()
-            {
-                problems.add(
-                    format!("{purge_field}.headers.{name}"),
-                    "is not a valid HTTP header (name and visible ASCII value)",
-                );
-            }
+        .expect("the purge methods are valid method tokens");
+        check_headers(&purge_field, &purge.headers, problems);
+        if purge.body.is_some() && !matches!(method_name, "POST" | "PUT" | "DELETE") {
+            problems.add(
+                format!("{purge_field}.body"),
+                "only a POST, PUT or DELETE sends a body",
+            );
         }
+        check_body(&purge_field, purge.body.as_deref(), problems);
         catalogue.purges.push(Purge {
             url: purge.url.clone(),
             method,
             headers: purge.headers.clone(),
+            body: purge.body.clone(),
+            client: own_client(&purge_field, purge.ca_file.as_deref(), problems),
             timeout: bounded_ms(
                 &format!("{purge_field}.timeout-ms"),
                 purge.timeout_ms,
@@ -387,10 +413,18 @@ pub fn validate(
                 None
             }
         };
+        check_headers(&check_field, &check.headers, problems);
+        check_body(&check_field, post_body.as_deref(), problems);
         catalogue.checks.push(Check {
             name: check.name.clone(),
             url: check.url.clone(),
             post_body,
+            headers: check
+                .headers
+                .iter()
+                .map(|(name, value)| (name.clone(), value.clone()))
+                .collect(),
+            client: own_client(&check_field, check.ca_file.as_deref(), problems),
             expect_status: check.expect_status.unwrap_or(200),
             body_contains: check.body_contains.clone(),
             max_latency: check.max_latency_ms.map(Duration::from_millis),
@@ -479,8 +513,92 @@ pub fn check_program(field: &str, root: &Path, argv: &[String], problems: &mut P
 }
 
 fn check_url(field: &str, url: &str, problems: &mut Problems) {
-    if !url.starts_with("http://") || reqwest::Url::parse(url).is_err() {
-        problems.add(field, format!("{url:?} must be an http:// URL"));
+    let scheme_ok = url.starts_with("http://") || url.starts_with("https://");
+    if !scheme_ok || reqwest::Url::parse(url).is_err() {
+        problems.add(field, format!("{url:?} must be an http:// or https:// URL"));
+    }
+}
+
+fn check_headers(field: &str, headers: &BTreeMap<String, String>, problems: &mut Problems) {
+    if headers.len() > MAX_HTTP_HEADERS {
+        problems.add(
+            format!("{field}.headers"),
+            format!("{} headers, at most {MAX_HTTP_HEADERS}", headers.len()),
+        );
+    }
+    for (name, value) in headers {
+        if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err()
+            || reqwest::header::HeaderValue::from_str(value).is_err()
+        {
+            problems.add(
+                format!("{field}.headers.{name}"),
+                "is not a valid HTTP header (name and visible ASCII value)",
+            );
+        }
+    }
+}
+
+fn check_body(field: &str, body: Option<&str>, problems: &mut Problems) {
+    if let Some(body) = body.filter(|body| body.len() > MAX_HTTP_BODY_BYTES) {
+        problems.add(
+            format!("{field}.body"),
+            format!("is {} bytes, at most {MAX_HTTP_BODY_BYTES}", body.len()),
+        );
+    }
+}
+
+/// A client trusting the CAs of `ca_file` besides the public ones, for an endpoint whose
+/// certificate a private CA issued; `None` without one (the prober's client serves).
+fn own_client(
+    field: &str,
+    ca_file: Option<&Path>,
+    problems: &mut Problems,
+) -> Option<reqwest::Client> {
+    let path = ca_file?;
+    let field = format!("{field}.ca-file");
+    let pem = match std::fs::read(path) {
+        Ok(pem) if pem.len() as u64 <= MAX_CA_FILE_BYTES => pem,
+        Ok(pem) => {
+            problems.add(
+                field,
+                format!(
+                    "{} is {} bytes, at most {MAX_CA_FILE_BYTES}",
+                    path.display(),
+                    pem.len()
+                ),
+            );
+            return None;
+        }
+        Err(error) => {
+            problems.add(field, format!("cannot read {}: {error}", path.display()));
+            return None;
+        }
+    };
+    let certificates = match reqwest::Certificate::from_pem_bundle(&pem) {
+        Ok(certificates) if !certificates.is_empty() => certificates,
+        Ok(_) => {
+            problems.add(field, format!("{} holds no certificate", path.display()));
+            return None;
+        }
+        Err(error) => {
+            problems.add(
+                field,
+                format!("{} is not PEM certificates: {error}", path.display()),
+            );
+            return None;
+        }
+    };
+    let builder = certificates
+        .into_iter()
+        .fold(reqwest::Client::builder(), |builder, certificate| {
+            builder.add_root_certificate(certificate)
+        });
+    match builder.redirect(reqwest::redirect::Policy::none()).build() {
+        Ok(client) => Some(client),
+        Err(error) => {
+            problems.add(field, format!("no HTTPS client with it: {error}"));
+            None
+        }
     }
 }
 
@@ -651,15 +769,19 @@ pub async fn purge(prober: &Prober, service: &ServiceConfig) -> Result<String, A
             format!("service {} has no purge configured", service.name),
         ));
     }
-    let client = prober.http_client();
+    let shared = prober.http_client();
     let mut done = Vec::new();
     for purge in purges {
+        let client = purge.client.as_ref().unwrap_or(&shared);
         let status = with_attempts(purge.attempts, || async {
             let mut request = client
                 .request(purge.method.clone(), &purge.url)
                 .timeout(purge.timeout);
             for (name, value) in &purge.headers {
                 request = request.header(name, value);
+            }
+            if let Some(body) = &purge.body {
+                request = request.body(body.clone());
             }
             let response = request
                 .send()
@@ -688,11 +810,12 @@ pub async fn run_checks(prober: &Prober, service: &ServiceConfig) -> Result<Stri
             format!("service {} has no check configured", service.name),
         ));
     }
-    let client = prober.http_client();
+    let shared = prober.http_client();
     let mut passed = Vec::new();
     let mut failed = Vec::new();
     for check in checks {
-        match with_attempts(check.attempts, || run_check(&client, check)).await {
+        let client = check.client.as_ref().unwrap_or(&shared);
+        match with_attempts(check.attempts, || run_check(client, check)).await {
             Ok(latency_ms) => passed.push(format!("{} ({latency_ms} ms)", check.name)),
             Err(error) => failed.push(format!("{}: {error}", check.name)),
         }
@@ -711,6 +834,7 @@ async fn run_check(client: &reqwest::Client, check: &Check) -> Result<u128, Stri
     let http = rewind_shared::http_check::HttpCheck {
         url: &check.url,
         post_body: check.post_body.as_deref(),
+        headers: &check.headers,
         expect_status: check.expect_status,
         body_contains: check.body_contains.as_deref(),
         max_latency: check.max_latency,

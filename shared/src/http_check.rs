@@ -12,6 +12,8 @@ pub struct HttpCheck<'a> {
     pub url: &'a str,
     /// A POST with this body; `None` for a GET.
     pub post_body: Option<&'a str>,
+    /// Sent with the request (`Authorization`, `Host`...).
+    pub headers: &'a [(String, String)],
     pub expect_status: u16,
     /// Text the body must contain; `None` or empty for any body.
     pub body_contains: Option<&'a str>,
@@ -31,10 +33,13 @@ pub struct Passed {
 /// Runs `check`: `Ok` with the status and latency, `Err` saying what failed (callers add the
 /// check's name).
 pub async fn run(client: &reqwest::Client, check: &HttpCheck<'_>) -> Result<Passed, String> {
-    let request = match check.post_body {
+    let mut request = match check.post_body {
         Some(body) => client.post(check.url).body(body.to_string()),
         None => client.get(check.url),
     };
+    for (name, value) in check.headers {
+        request = request.header(name, value);
+    }
     let started = Instant::now();
     let mut response = request
         .timeout(check.timeout)

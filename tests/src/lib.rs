@@ -14,6 +14,7 @@ use rewind_shared::identity::Kind;
 use rewind_shared::tls::TlsFiles;
 use tonic::transport::{Channel, Endpoint};
 
+pub mod https;
 pub mod netns;
 pub mod pg;
 pub mod proxy;

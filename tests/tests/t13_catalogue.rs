@@ -218,3 +218,97 @@ async fn a_recipe_that_cannot_roll_back_safely_is_refused_with_the_reason() {
         );
     }
 }
+
+/// A CDN's purge API and a synthetic check over HTTPS, each endpoint's certificate from a CA of
+/// its own named by `ca-file`: the purge POSTs its JSON body with its authorization header, the
+/// check sends its header, and the rollback that runs them succeeds.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cdn_purge_and_a_check_over_https_carry_their_body_and_headers() {
+    let endpoint = rewind_tests::https::HttpsRecorder::must_start(
+        &["authorization", "content-type", "x-check"],
+        "cart: 3 items",
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("endpoint-ca.pem");
+    std::fs::write(&ca_file, &endpoint.ca_pem).unwrap();
+    let coordinator = Coordinator::must_start(&dir.path().join("coordinator"));
+    let mut host = TestHost::must_prepare(dir.path(), "web-1", &coordinator);
+    let catalogue = format!(
+        r#"
+[[service.purge]]
+url = "{url}/v1/zones/web/purge"
+method = "POST"
+headers = {{ "Authorization" = "Bearer cdn-token", "Content-Type" = "application/json" }}
+body = '{{"tags": ["web-assets"]}}'
+ca-file = "{ca}"
+[[service.check]]
+name = "cart"
+url = "{url}/api/cart"
+headers = {{ "X-Check" = "rewind" }}
+body-contains = "items"
+ca-file = "{ca}"
+"#,
+        url = endpoint.url,
+        ca = ca_file.display()
+    );
+    let config = std::fs::read_to_string(&host.config_path).unwrap() + &catalogue;
+    std::fs::write(&host.config_path, config).unwrap();
+    host.must_start_agent();
+    let mut client = coordinator.must_client().await;
+    must_agents_connected(&client, 1).await;
+    must_deploy_v1_then_v2(&mut client, std::slice::from_ref(&host)).await;
+    let mut args = vec!["service", "set", "web", "--no-auto-rollback"];
+    for step in [
+        "drain",
+        "restore",
+        "restart",
+        "verify",
+        "purge-cache",
+        "check",
+        "undrain",
+    ] {
+        args.extend(["--rollback-step", step]);
+    }
+    let set = coordinator.rewindctl(&args);
+    assert!(
+        set.status.success(),
+        "{}",
+        String::from_utf8_lossy(&set.stderr)
+    );
+    let rollback_id = must_start_rollback_of_v2(&mut client).await;
+    let rollback = must_rollback_end(&client, &rollback_id).await;
+    assert_eq!(
+        rollback.state,
+        pb::RollbackState::Succeeded as i32,
+        "{rollback:?}"
+    );
+    let received = endpoint.received();
+    let purge = received
+        .iter()
+        .find(|request| request.path == "/v1/zones/web/purge")
+        .unwrap_or_else(|| panic!("no purge: {received:?}"));
+    assert_eq!(purge.method, "POST");
+    assert_eq!(purge.body, r#"{"tags": ["web-assets"]}"#);
+    assert_eq!(
+        purge.headers,
+        [
+            "authorization: Bearer cdn-token",
+            "content-type: application/json"
+        ]
+    );
+    let check = received
+        .iter()
+        .find(|request| request.path == "/api/cart")
+        .unwrap_or_else(|| panic!("no check: {received:?}"));
+    assert_eq!(
+        (check.method.as_str(), &check.headers[..]),
+        ("GET", &["x-check: rewind".to_string()][..])
+    );
+    // The purge ran before the check, as the recipe says.
+    let position = |path: &str| received.iter().position(|request| request.path == path);
+    assert!(
+        position("/v1/zones/web/purge") < position("/api/cart"),
+        "{received:?}"
+    );
+}

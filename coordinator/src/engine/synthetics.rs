@@ -96,6 +96,7 @@ async fn run_check(client: &reqwest::Client, check: &SyntheticCheck) -> Result<S
     let http = rewind_shared::http_check::HttpCheck {
         url: &check.url,
         post_body: (check.method == "POST").then_some(check.body.as_str()),
+        headers: &[],
         expect_status: check.expect_status,
         body_contains: Some(&check.body_contains),
         max_latency: Some(limit),
