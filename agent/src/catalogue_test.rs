@@ -111,10 +111,15 @@ argv = ["releases/v1/migrate.sh"]
 pause = {{ command = ["/usr/bin/jobs", "pause"] }}
 checkpoint-file = "../outside"
 [[service.purge]]
-url = "https://cdn"
-method = "DELETE"
+url = "ftp://cdn"
+method = "PATCH"
 headers = {{ "bad header" = "x" }}
 attempts = 0
+[[service.purge]]
+url = "https://cdn.example/purge"
+method = "BAN"
+body = "x"
+ca-file = "/no/such/ca.pem"
 [service.scale-up]
 command = ["/usr/bin/capacity"]
 stages = [50, 25, 200]
@@ -137,8 +142,10 @@ body = "x"
         "service.web.command[1].argv: \"releases/v1/migrate.sh\" runs or reads",
         "service.web.jobs.resume: is required",
         "service.web.jobs.checkpoint-file",
-        "service.web.purge[0].url",
-        "service.web.purge[0].method: \"DELETE\" must be PURGE or BAN",
+        "service.web.purge[0].url: \"ftp://cdn\" must be an http:// or https:// URL",
+        "service.web.purge[0].method: \"PATCH\" must be PURGE, BAN, POST, PUT or DELETE",
+        "service.web.purge[1].body: only a POST, PUT or DELETE sends a body",
+        "service.web.purge[1].ca-file: cannot read /no/such/ca.pem",
         "service.web.purge[0].headers.bad header",
         "service.web.purge[0].attempts: is 0",
         "service.web.scale-up.command: must use {percent}",

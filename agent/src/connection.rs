@@ -40,6 +40,8 @@ const RECONNECT: Backoff = Backoff {
     jitter: true,
 };
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Drift rides on a report at least this often even when unchanged, with when it was checked.
+const DRIFT_RESEND: Duration = Duration::from_secs(300);
 /// Inspections (host diff, drift) running at once.
 const MAX_INSPECTIONS: usize = 2;
 
@@ -69,6 +71,8 @@ pub struct Agent {
     outbound: Mutex<Option<mpsc::Sender<pb::AgentMessage>>>,
     /// Inspections may hash release trees: a few at a time.
     inspections: Arc<tokio::sync::Semaphore>,
+    /// Each service's latest drift finding (see `check_drift`).
+    drift: watch::Sender<Vec<pb::ServiceDrift>>,
 }
 
 impl Agent {
@@ -83,6 +87,7 @@ impl Agent {
             offline_since_ms: AtomicU64::new(rewind_shared::time::now_ms()),
             outbound: Mutex::new(None),
             inspections: Arc::new(tokio::sync::Semaphore::new(MAX_INSPECTIONS)),
+            drift: watch::Sender::new(Vec::new()),
         })
     }
 
@@ -93,12 +98,19 @@ impl Agent {
         shutdown: impl std::future::Future<Output = ()>,
     ) -> anyhow::Result<()> {
         let reporter = tokio::spawn(Arc::clone(&self).report_health());
+        let drift_checks = self
+            .config
+            .drift_check_interval
+            .map(|interval| tokio::spawn(Arc::clone(&self).check_drift(interval)));
         tokio::pin!(shutdown);
         let result = tokio::select! {
             _ = &mut shutdown => Ok(()),
             stopped = Arc::clone(&self).stay_connected() => stopped,
         };
         reporter.abort();
+        if let Some(checks) = drift_checks {
+            checks.abort();
+        }
         info!("Agent stopped.");
         result
     }
@@ -218,7 +230,11 @@ impl Agent {
         }
         *lock(&self.outbound) = Some(outbound.clone());
 
-        let forwarder = tokio::spawn(forward_health(self.latest.subscribe(), outbound.clone()));
+        let forwarder = tokio::spawn(forward_health(
+            self.latest.subscribe(),
+            self.drift.subscribe(),
+            outbound.clone(),
+        ));
         let result = self.serve_inbound(&mut inbound, &outbound).await;
         forwarder.abort();
         result
@@ -340,32 +356,64 @@ impl Agent {
         }
     }
 
+    /// Checks each service's drift every `drift-check-interval-s`, one service at a time on the
+    /// blocking pool (it reads every tracked file, runs the fact commands, and hashes a release
+    /// tree whose files changed), apart from the health reports so a slow check never delays
+    /// one. A service a step is acting on is left for the next round (its last finding stays).
+    async fn check_drift(self: Arc<Self>, interval: Duration) {
+        let services: Vec<_> = self.executor.services().cloned().collect();
+        loop {
+            let mut found: Vec<pb::ServiceDrift> = self.drift.borrow().clone();
+            for service in &services {
+                let Some(_no_step_meanwhile) = self.executor.try_lock_service(&service.name) else {
+                    continue;
+                };
+                let (store, owned) = (self.executor.store().clone(), service.clone());
+                let checked = tokio::task::spawn_blocking(move || {
+                    crate::drift::summary(&store, &owned, rewind_shared::time::now_ms())
+                })
+                .await;
+                match checked {
+                    Ok(summary) => {
+                        found.retain(|earlier| earlier.service != summary.service);
+                        found.push(summary);
+                    }
+                    Err(error) => {
+                        warn!(%error, service = %service.name, "The drift check stopped.")
+                    }
+                }
+            }
+            found.sort_by(|a, b| a.service.cmp(&b.service));
+            // Told to the reports only when a finding changed, not its time alone.
+            let without_times = |drift: &[pb::ServiceDrift]| -> Vec<pb::ServiceDrift> {
+                drift
+                    .iter()
+                    .map(|each| pb::ServiceDrift {
+                        checked_at_ms: 0,
+                        ..each.clone()
+                    })
+                    .collect()
+            };
+            self.drift.send_if_modified(|current| {
+                let changed = without_times(current) != without_times(&found);
+                *current = found;
+                changed
+            });
+            tokio::time::sleep(interval).await;
+        }
+    }
+
     /// Probes and measures every interval, connected or not, keeping a bounded history.
     async fn report_health(self: Arc<Self>) {
         let mut metrics = MetricsReader::default();
         let mut app = AppScraper::new(self.executor.prober().http_client());
         let services: Vec<_> = self.executor.services().cloned().collect();
         let mut offline_watch = crate::self_revert::Watch::default();
-        // The latest drift check's findings, sent with every report until the next one.
-        let mut drift: Vec<pb::ServiceDrift> = Vec::new();
-        let mut next_drift_check = tokio::time::Instant::now();
+        // Drift rides on a report when a check found something new, and again now and then
+        // (with when it was checked): not on every report, which would crowd out the history.
+        let mut drift = self.drift.subscribe();
+        let mut drift_sent_at: Option<tokio::time::Instant> = None;
         loop {
-            if let Some(interval) = self.config.drift_check_interval
-                && tokio::time::Instant::now() >= next_drift_check
-            {
-                // On the blocking pool: it reads every tracked file (and hashes a release tree
-                // whose files changed since the cache saw them).
-                let (store, checked) = (self.executor.store().clone(), services.clone());
-                match tokio::task::spawn_blocking(move || {
-                    crate::drift::summaries(&store, &checked, rewind_shared::time::now_ms())
-                })
-                .await
-                {
-                    Ok(found) => drift = found,
-                    Err(error) => warn!(%error, "The drift check stopped."),
-                }
-                next_drift_check = tokio::time::Instant::now() + interval;
-            }
             let (probes, app) = tokio::join!(
                 self.executor
                     .prober()
@@ -386,8 +434,13 @@ impl Agent {
                         })
                     })
                     .collect(),
-                drift: drift.clone(),
+                drift: Vec::new(),
             };
+            let resend_due = drift_sent_at.is_none_or(|at| at.elapsed() >= DRIFT_RESEND);
+            if drift.has_changed().unwrap_or(false) || resend_due {
+                report.drift = drift.borrow_and_update().clone();
+                drift_sent_at = Some(tokio::time::Instant::now());
+            }
             // Cut to what the coordinator accepts, so a long error is shortened, not refused.
             rewind_shared::bounds::fit_health_report(&mut report);
             {
@@ -514,12 +567,20 @@ async fn inspect(executor: &Arc<Executor>, request: pb::InspectRequest) -> pb::I
 
 async fn forward_health(
     mut latest: watch::Receiver<Option<pb::HealthReport>>,
+    drift: watch::Receiver<Vec<pb::ServiceDrift>>,
     outbound: mpsc::Sender<pb::AgentMessage>,
 ) {
+    // A session's first report carries the latest drift, whatever the reports between sessions
+    // carried: the coordinator on the other end may never have heard it.
+    let mut first = true;
     while latest.changed().await.is_ok() {
-        let Some(report) = latest.borrow_and_update().clone() else {
+        let Some(mut report) = latest.borrow_and_update().clone() else {
             continue;
         };
+        if std::mem::take(&mut first) && report.drift.is_empty() {
+            report.drift = drift.borrow().clone();
+            rewind_shared::bounds::fit_health_report(&mut report);
+        }
         // Health is soft state: when the queue is full a report is dropped, never a step result.
         if let Err(mpsc::error::TrySendError::Closed(_)) =
             outbound.try_send(message(agent_message::Body::Health(report)))

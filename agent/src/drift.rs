@@ -5,8 +5,10 @@
 //! (a host that has not been deployed to since this agent), drift is measured against the
 //! latest snapshot, and the answer says so.
 //!
-//! The flags file is left out: rewind writes it whenever a flag changes, and a flag's state is
-//! shown by the coordinator, not as drift.
+//! Left out: the flags file (rewind writes it whenever a flag changes, and a flag's state is
+//! shown by the coordinator) and whether the unit is running now (that is health). The schema
+//! version is rewind's too: a schema step that succeeds here moves the desired one with it
+//! ([`record_schema_version`]), so only a migration run by hand reads as drift.
 
 use rewind_proto::v1 as pb;
 use rewind_shared::names::truncate;
@@ -34,6 +36,17 @@ pub fn record_desired(
             set_by: set_by.to_string(),
         },
     )
+}
+
+/// After a schema step succeeded on this host's database: the desired state's schema version
+/// is whatever the database now says (nothing to do before a desired state exists).
+pub fn record_schema_version(store: &Store, service: &ServiceConfig) -> Result<(), AgentError> {
+    let (Some(database), Some(mut desired)) = (&service.database, store.desired(&service.name)?)
+    else {
+        return Ok(());
+    };
+    desired.facts.schema_version = Some(crate::schema::schema_version(database));
+    store.put_desired(&service.name, &desired)
 }
 
 /// What drift is measured against: the desired state, or the latest snapshot before one
@@ -84,66 +97,79 @@ pub fn lines(
     live: &Manifest,
     live_facts: &ServiceFacts,
 ) -> Vec<String> {
+    let is_flags_file = |path: &str| {
+        service.flags_file.as_deref().is_some_and(|flags| {
+            std::path::Path::new(flags)
+                .components()
+                .eq(std::path::Path::new(path).components())
+        })
+    };
     let without_flags = |manifest: &Manifest| {
         let mut manifest = manifest.clone();
-        manifest
-            .files
-            .retain(|file| Some(&file.path) != service.flags_file.as_ref());
+        manifest.files.retain(|file| !is_flags_file(&file.path));
         manifest
     };
     let mut lines = snapshot::diff(&without_flags(&baseline.manifest), &without_flags(live));
-    let facts_without_flags = |facts: &ServiceFacts| ServiceFacts {
-        flags: None,
-        ..facts.clone()
-    };
     lines.extend(crate::facts::diff(
-        &facts_without_flags(&baseline.facts),
-        &facts_without_flags(live_facts),
+        &comparable(&baseline.facts),
+        &comparable(live_facts),
     ));
     lines
 }
 
+/// The facts drift compares: not the flags (rewind's own), not whether the unit is running
+/// now (health, not drift: a restore is recorded before its restart).
+fn comparable(facts: &ServiceFacts) -> ServiceFacts {
+    ServiceFacts {
+        flags: None,
+        unit: facts.unit.clone().map(|unit| crate::facts::UnitFacts {
+            active: String::new(),
+            ..unit
+        }),
+        ..facts.clone()
+    }
+}
+
 /// Each service's drift as the health report carries it, its lines cut to the bounds.
 pub fn summaries(store: &Store, services: &[ServiceConfig], now_ms: u64) -> Vec<pb::ServiceDrift> {
-    use rewind_shared::bounds::{MAX_DRIFT_LINE_BYTES, MAX_DRIFT_LINES_PER_SERVICE};
     services
         .iter()
-        .map(|service| {
-            let mut summary = pb::ServiceDrift {
-                service: service.name.clone(),
-                checked_at_ms: now_ms,
-                ..Default::default()
-            };
-            let found = baseline(store, service).and_then(|baseline| {
-                let Some(baseline) = baseline else {
-                    return Ok(None);
-                };
-                let live = snapshot::live_manifest(service, Some(store))?;
-                let live_facts = crate::facts::collect(service);
-                Ok(Some((
-                    lines(service, &baseline, &live, &live_facts),
-                    baseline,
-                )))
-            });
-            match found {
-                Ok(None) => {
-                    summary.against = "nothing yet (no snapshot, activation or restore)".into()
-                }
-                Ok(Some((lines, baseline))) => {
-                    summary.against = truncate(&baseline.described, MAX_DRIFT_LINE_BYTES).into();
-                    summary.against_at_ms = baseline.at_ms;
-                    summary.more = lines.len().saturating_sub(MAX_DRIFT_LINES_PER_SERVICE) as u32;
-                    summary.changes = lines
-                        .iter()
-                        .take(MAX_DRIFT_LINES_PER_SERVICE)
-                        .map(|line| truncate(line, MAX_DRIFT_LINE_BYTES).to_string())
-                        .collect();
-                }
-                Err(error) => {
-                    summary.error = truncate(&error.to_string(), MAX_DRIFT_LINE_BYTES).into()
-                }
-            }
-            summary
-        })
+        .map(|service| summary(store, service, now_ms))
         .collect()
+}
+
+/// One service's drift as the health report carries it.
+pub fn summary(store: &Store, service: &ServiceConfig, now_ms: u64) -> pb::ServiceDrift {
+    use rewind_shared::bounds::{MAX_DRIFT_LINE_BYTES, MAX_DRIFT_LINES_PER_SERVICE};
+    let mut summary = pb::ServiceDrift {
+        service: service.name.clone(),
+        checked_at_ms: now_ms,
+        ..Default::default()
+    };
+    let found = baseline(store, service).and_then(|baseline| {
+        let Some(baseline) = baseline else {
+            return Ok(None);
+        };
+        let live = snapshot::live_manifest(service, Some(store))?;
+        let live_facts = crate::facts::collect(service);
+        Ok(Some((
+            lines(service, &baseline, &live, &live_facts),
+            baseline,
+        )))
+    });
+    match found {
+        Ok(None) => summary.against = "nothing yet (no snapshot, activation or restore)".into(),
+        Ok(Some((lines, baseline))) => {
+            summary.against = truncate(&baseline.described, MAX_DRIFT_LINE_BYTES).into();
+            summary.against_at_ms = baseline.at_ms;
+            summary.more = lines.len().saturating_sub(MAX_DRIFT_LINES_PER_SERVICE) as u32;
+            summary.changes = lines
+                .iter()
+                .take(MAX_DRIFT_LINES_PER_SERVICE)
+                .map(|line| truncate(line, MAX_DRIFT_LINE_BYTES).to_string())
+                .collect();
+        }
+        Err(error) => summary.error = truncate(&error.to_string(), MAX_DRIFT_LINE_BYTES).into(),
+    }
+    summary
 }

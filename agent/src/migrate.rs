@@ -212,7 +212,12 @@ pub fn apply(
         )?;
         if expand {
             let catalog_after = crate::shard::postgres::catalog_lines(transaction, table)?;
-            crate::shard::check_expand(migration, &catalog_before, &catalog_after)?;
+            crate::shard::check_expand(
+                migration,
+                (&catalog_before, &catalog_before),
+                &catalog_after,
+                true,
+            )?;
         }
         let recorded = match state {
             Recorded::Reverted => transaction.execute(

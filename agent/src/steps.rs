@@ -68,6 +68,12 @@ impl Executor {
         }
     }
 
+    /// Holds the service's step lock if no step runs on it now (a drift check must not read a
+    /// service half-way through a restore); `None` while one runs.
+    pub fn try_lock_service(&self, service: &str) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        self.service_locks.get(service)?.try_lock().ok()
+    }
+
     pub fn store(&self) -> &Store {
         &self.store
     }
@@ -247,7 +253,14 @@ impl Executor {
         let lock = &self.service_locks[&service.name];
         let _one_at_a_time = lock.lock().await;
         if let Action::Schema(step) = action {
-            return self.act_on_shard(service, command, step).await;
+            let acted = self.act_on_shard(service, command, step).await?;
+            let (store, owned) = (self.store.clone(), service.clone());
+            if let Err(error) =
+                blocking(move || crate::drift::record_schema_version(&store, &owned)).await
+            {
+                warn!(%error, service = %service.name, "Could not record the schema version as desired; drift may show it.");
+            }
+            return Ok(acted);
         }
         let owner = command.step_id.split('/').next().unwrap_or_default();
         let acted = |(detail, snapshot_id)| Acted {

@@ -30,6 +30,9 @@ struct ReceivedReport {
 struct History {
     reports: VecDeque<ReceivedReport>,
     bytes: usize,
+    /// The latest drift the host reported (agents send it when it changes, and now and then):
+    /// kept apart, so it neither crowds the history out nor goes with it.
+    drift: Vec<rewind_proto::v1::ServiceDrift>,
 }
 
 #[derive(Default)]
@@ -38,12 +41,15 @@ pub struct HealthBook {
 }
 
 impl HealthBook {
-    pub fn record(&self, host_id: &str, report: HealthReport, received_at_ms: u64) {
+    pub fn record(&self, host_id: &str, mut report: HealthReport, received_at_ms: u64) {
         let mut hosts = self
             .hosts
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let history = hosts.entry(host_id.to_string()).or_default();
+        if !report.drift.is_empty() {
+            history.drift = std::mem::take(&mut report.drift);
+        }
         let bytes = prost::Message::encoded_len(&report);
         history.bytes += bytes;
         history.reports.push_back(ReceivedReport {
@@ -69,16 +75,16 @@ impl HealthBook {
             .remove(host_id);
     }
 
+    /// The host's latest report, with the latest drift it reported.
     pub fn latest(&self, host_id: &str) -> Option<HealthReport> {
         let hosts = self
             .hosts
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        hosts
-            .get(host_id)?
-            .reports
-            .back()
-            .map(|received| received.report.clone())
+        let history = hosts.get(host_id)?;
+        let mut report = history.reports.back()?.report.clone();
+        report.drift = history.drift.clone();
+        Some(report)
     }
 
     /// `service`'s figures from the reports `hosts` sent at or after `since_ms`: failed probe
@@ -370,6 +376,29 @@ mod tests {
         large.probes[0].detail = "x".repeat(3 << 20);
         book.record("a", large, 20);
         assert_eq!(book.hosts.lock().unwrap()["a"].reports.len(), 1);
+    }
+
+    /// Drift comes now and then; the latest stays with the host, outside the history, and
+    /// goes with its latest report.
+    #[test]
+    fn the_latest_drift_is_kept_apart_from_the_history() {
+        let book = HealthBook::default();
+        let mut drifted = report(&[true]);
+        drifted.drift = vec![rewind_proto::v1::ServiceDrift {
+            service: "web".into(),
+            changes: vec!["config/app.toml: 4 bytes -> 5 bytes".into()],
+            ..Default::default()
+        }];
+        book.record("a", drifted.clone(), 1);
+        book.record("a", report(&[true]), 2);
+        assert_eq!(book.latest("a").unwrap().drift, drifted.drift);
+        let hosts = book.hosts.lock().unwrap();
+        assert!(
+            hosts["a"]
+                .reports
+                .iter()
+                .all(|kept| kept.report.drift.is_empty())
+        );
     }
 
     #[test]

@@ -264,8 +264,8 @@ pub fn check_health_report(
 
 /// Cuts what an honest agent's report may carry to the bounds the coordinator checks: texts
 /// cut (on a character boundary), lists shortened, and if the whole is still too large, the
-/// retained releases left out (they are the largest part and the least urgent), then the drift
-/// lines (counted in `more` instead).
+/// drift lines left out (counted in `more` instead), then the retained releases (the largest
+/// part, and less urgent than probes and metrics).
 pub fn fit_health_report(report: &mut pb::HealthReport) {
     use prost::Message;
     report.probes.truncate(MAX_PROBES_PER_REPORT);
@@ -300,15 +300,16 @@ pub fn fit_health_report(report: &mut pb::HealthReport) {
         cut(&mut drift.against, MAX_DRIFT_LINE_BYTES);
         cut(&mut drift.error, MAX_DRIFT_LINE_BYTES);
     }
-    if report.encoded_len() > MAX_HEALTH_REPORT_BYTES {
-        report.retained.clear();
-    }
-    // Then drift lines, counted instead of named.
+    // Drift lines first, counted instead of named: they only inform, while readiness reads
+    // the retained releases.
     if report.encoded_len() > MAX_HEALTH_REPORT_BYTES {
         for drift in &mut report.drift {
             drift.more = drift.more.saturating_add(drift.changes.len() as u32);
             drift.changes.clear();
         }
+    }
+    if report.encoded_len() > MAX_HEALTH_REPORT_BYTES {
+        report.retained.clear();
     }
 }
 
@@ -512,6 +513,10 @@ mod tests {
         assert!(
             drifted.drift.iter().all(|drift| drift.changes.is_empty()
                 && drift.more == MAX_DRIFT_LINES_PER_SERVICE as u32)
+        );
+        assert!(
+            !drifted.retained.is_empty(),
+            "drift goes before retained releases"
         );
     }
 }

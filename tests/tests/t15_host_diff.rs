@@ -94,6 +94,27 @@ async fn host_diff_and_drift_compare_real_hosts() {
     let shown = service_drift("-> absent");
     assert!(shown.contains("config/app.toml"), "{shown}");
 
+    // A rollback's restore is what rewind put there last: no drift after it, the hand edit and
+    // the deleted file undone with the rest.
+    let rollback_id = must_start_rollback_of_v2(&mut client).await;
+    let rollback = must_rollback_end(&client, &rollback_id).await;
+    assert_eq!(
+        rollback.state,
+        pb::RollbackState::Succeeded as i32,
+        "{rollback:?}"
+    );
+    for host in ["web-1", "web-2"] {
+        let drift = coordinator.rewindctl(&["host", "drift", host, "--service", "web"]);
+        let shown = stdout(&drift);
+        assert!(drift.status.success(), "{shown}");
+        assert!(
+            shown.contains(&format!(
+                "web: no drift since the state rewind last set ({rollback_id}/web/restore/{host})"
+            )),
+            "{shown}"
+        );
+    }
+
     for (request, why) in [
         (
             pb::InspectHostRequest {

@@ -11,10 +11,13 @@
 //! `not null` column without a default added to a table that already existed (the old
 //! release's inserts leave it out and fail). Allowed besides additions: enum labels added,
 //! `not null` dropped or a default added to a column (the usual first steps of retiring it),
-//! and a view redefined (its columns are lines of their own, checked as a table's).
+//! and in PostgreSQL a view redefined (its columns are lines of their own, checked as a
+//! table's; SQLite's catalog has none, so there a redefined view is a break).
 //!
 //! Names are read as PostgreSQL prints them: an identifier with a space or a dot is double
-//! quoted (`public."order items"."due at"`), an enum label single quoted (`'a,b'`). Not caught:
+//! quoted (`public."order items"."due at"`), an enum label single quoted (`'a,b'`); SQLite's
+//! lines name objects unquoted, so there a name with a space or a dot may be misread. A
+//! migration is blamed only for objects it changed itself. Not caught:
 //! constraints or unique indexes added over existing columns (the old release's writes may
 //! break them), and a column dropped and added again alike in one migration (its data is lost,
 //! its line the same).
@@ -109,7 +112,46 @@ fn only_loosened(old: &str, new: &str) -> bool {
 
 /// What in `after` (the catalog once the migration ran) is not an expansion of `before`: one
 /// finding per broken object, empty when the migration only added.
+#[cfg(test)]
 pub fn expand_breaks(before: &[String], after: &[String]) -> Vec<String> {
+    breaks(before, after, true)
+        .into_iter()
+        .map(|(_, finding)| finding)
+        .collect()
+}
+
+/// What one expand migration broke: the breaks of `after` against `old_release` (the schema
+/// before the transaction) on objects this migration itself changed (from `before_this` to
+/// `after`), so an earlier migration of the transaction (a contract one a drill runs first) is
+/// never blamed on it. `views_have_columns`: the catalog lists a view's columns (PostgreSQL),
+/// so a redefined view is judged by them; without (SQLite) a redefined view is a break.
+pub fn breaks_of_migration(
+    old_release: &[String],
+    before_this: &[String],
+    after: &[String],
+    views_have_columns: bool,
+) -> Vec<String> {
+    let touched = touched(before_this, after);
+    breaks(old_release, after, views_have_columns)
+        .into_iter()
+        .filter(|(subject, _)| touched.contains(subject.as_str()))
+        .map(|(_, finding)| finding)
+        .collect()
+}
+
+/// The objects (keys of named kinds, whole lines of others) whose lines differ.
+fn touched<'a>(before: &'a [String], after: &'a [String]) -> BTreeSet<&'a str> {
+    let (old, new): (BTreeSet<&str>, BTreeSet<&str>) = (
+        before.iter().map(String::as_str).collect(),
+        after.iter().map(String::as_str).collect(),
+    );
+    old.symmetric_difference(&new)
+        .map(|line| key(line).unwrap_or(line))
+        .collect()
+}
+
+/// Each break with its subject (the key of a named kind, else the line).
+fn breaks(before: &[String], after: &[String], views_have_columns: bool) -> Vec<(String, String)> {
     let after_lines: BTreeSet<&str> = after.iter().map(String::as_str).collect();
     let after_by_key: BTreeMap<&str, &str> = after
         .iter()
@@ -120,30 +162,36 @@ pub fn expand_breaks(before: &[String], after: &[String]) -> Vec<String> {
         if after_lines.contains(line.as_str()) {
             continue;
         }
-        match key(line).and_then(|key| Some((key, *after_by_key.get(key)?))) {
+        let finding = match key(line).and_then(|key| Some((key, *after_by_key.get(key)?))) {
             Some((key, now)) if key.starts_with("enum ") => {
                 let (old, new) = (labels(line, key), labels(now, key));
                 // Labels only added: the old ones are still there, in the same order.
                 let kept: Vec<&String> = new.iter().filter(|label| old.contains(label)).collect();
-                if kept != old.iter().collect::<Vec<_>>() {
-                    findings.push(format!(
+                (kept != old.iter().collect::<Vec<_>>()).then(|| {
+                    format!(
                         "changes {key}: labels {} -> {}",
                         old.join(","),
                         new.join(",")
-                    ));
-                }
+                    )
+                })
             }
             // Its columns are lines of their own.
-            Some((key, _)) if key.starts_with("view ") => {}
+            Some((key, _)) if key.starts_with("view ") && views_have_columns => None,
             Some((key, now))
                 if key.starts_with("column ")
-                    && only_loosened(line[key.len()..].trim(), now[key.len()..].trim()) => {}
-            Some((key, now)) => findings.push(format!(
+                    && only_loosened(line[key.len()..].trim(), now[key.len()..].trim()) =>
+            {
+                None
+            }
+            Some((key, now)) => Some(format!(
                 "changes {key} from `{}` to `{}`",
                 line[key.len()..].trim(),
                 now[key.len()..].trim()
             )),
-            None => findings.push(format!("drops {line}")),
+            None => Some(format!("drops {line}")),
+        };
+        if let Some(finding) = finding {
+            findings.push((key(line).unwrap_or(line).to_string(), finding));
         }
     }
     let keys_before: BTreeSet<&str> = before.iter().filter_map(|line| key(line)).collect();
@@ -161,9 +209,12 @@ pub fn expand_breaks(before: &[String], after: &[String]) -> Vec<String> {
             && body.default.is_none()
             && !(body.rest.contains(" identity") || body.rest.contains(" generated"))
         {
-            findings.push(format!(
-                "adds {key} not null without a default: the old release's inserts leave it out \
-                 and fail"
+            findings.push((
+                key.to_string(),
+                format!(
+                    "adds {key} not null without a default: the old release's inserts leave it \
+                     out and fail"
+                ),
             ));
         }
     }
@@ -286,6 +337,35 @@ mod tests {
         assert_eq!(
             expand_breaks(&old_release, &after_both),
             Vec::<String>::new()
+        );
+    }
+
+    /// A drill runs a contract migration and then an expand one in one transaction: what the
+    /// contract one dropped is not the expand one's doing. SQLite lists no view columns, so a
+    /// redefined view is a break there.
+    #[test]
+    fn a_migration_is_blamed_only_for_what_it_changed() {
+        let old_release = lines(&BEFORE);
+        let mut after_contract = old_release.clone();
+        after_contract.retain(|line| !line.starts_with("column public.orders.note"));
+        let mut after_expand = after_contract.clone();
+        after_expand.push("column public.orders.ref text".into());
+        assert_eq!(
+            breaks_of_migration(&old_release, &after_contract, &after_expand, true),
+            Vec::<String>::new()
+        );
+        let mut narrowed = after_expand.clone();
+        narrowed.retain(|line| !line.starts_with("column public.orders.ref"));
+        narrowed.retain(|line| !line.starts_with("column public.orders.id"));
+        assert_eq!(
+            breaks_of_migration(&old_release, &after_expand, &narrowed, true),
+            vec!["drops column public.orders.id integer not null"]
+        );
+        let sqlite_before = lines(&["view v on t CREATE VIEW v AS SELECT a, b FROM t"]);
+        let sqlite_after = lines(&["view v on t CREATE VIEW v AS SELECT a FROM t"]);
+        assert_eq!(
+            breaks_of_migration(&sqlite_before, &sqlite_before, &sqlite_after, false).len(),
+            1
         );
     }
 

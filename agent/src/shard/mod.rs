@@ -354,10 +354,16 @@ fn fingerprint_of(lines: &[String]) -> String {
 /// Refuses an "expand" migration whose up script did more than add (see [`expand_check`]).
 pub(crate) fn check_expand(
     migration: &Migration,
-    catalog_before: &[String],
+    (old_release, before_this): (&[String], &[String]),
     catalog_after: &[String],
+    views_have_columns: bool,
 ) -> Result<(), AgentError> {
-    let findings = expand_check::expand_breaks(catalog_before, catalog_after);
+    let findings = expand_check::breaks_of_migration(
+        old_release,
+        before_this,
+        catalog_after,
+        views_have_columns,
+    );
     if findings.is_empty() {
         return Ok(());
     }

@@ -166,6 +166,8 @@ fn run_in_open_transaction(
     } else {
         None
     };
+    // The catalog before each migration, so a migration answers only for what it changed.
+    let mut catalog_now = old_release_schema.clone();
     for migration in &step.migrations {
         let (label, script) = if step.down {
             ("down", &migration.down_sql)
@@ -181,8 +183,12 @@ fn run_in_open_transaction(
             &mut report.statements,
             &mut unlogged,
         )?;
-        if let (true, Some(before)) = (expand, &old_release_schema) {
-            super::check_expand(migration, before, &catalog_lines(client, &table)?)?;
+        if let (Some(old_release), Some(before_this)) = (&old_release_schema, &catalog_now) {
+            let after = catalog_lines(client, &table)?;
+            if expand {
+                super::check_expand(migration, (old_release, before_this), &after, true)?;
+            }
+            catalog_now = Some(after);
         }
         if step.down && !migration.verify_sql.trim().is_empty() {
             let label = format!("verify {}", migration.version);

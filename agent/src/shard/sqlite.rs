@@ -470,6 +470,8 @@ fn run(
     } else {
         None
     };
+    // The catalog before each migration, so a migration answers only for what it changed.
+    let mut catalog_now = old_release_schema.clone();
     for migration in &step.migrations {
         let (label, script) = if step.down {
             ("down", &migration.down_sql)
@@ -483,8 +485,12 @@ fn run(
             script,
             &mut report.statements,
         )?;
-        if let (true, Some(before)) = (expand, &old_release_schema) {
-            super::check_expand(migration, before, &catalog_lines(connection, table)?)?;
+        if let (Some(old_release), Some(before_this)) = (&old_release_schema, &catalog_now) {
+            let after = catalog_lines(connection, table)?;
+            if expand {
+                super::check_expand(migration, (old_release, before_this), &after, false)?;
+            }
+            catalog_now = Some(after);
         }
         if step.down && !migration.verify_sql.trim().is_empty() {
             let label = format!("verify {}", migration.version);

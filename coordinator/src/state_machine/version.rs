@@ -124,7 +124,8 @@ pub const CHANGES: &[(u32, &str)] = &[
     (
         9,
         "a rollback reverts contract and data migrations before its app waves and expand ones \
-         after them (a revert held after the waves by one applied later says why in the plan)",
+         after them (a revert held after the waves by one applied later, or that every shard \
+         would refuse, says why in the plan); `--schema-after-waves` puts every revert after",
     ),
 ];
 

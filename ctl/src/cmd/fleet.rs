@@ -58,13 +58,19 @@ pub(crate) async fn fleet_list(
                     let drifted: Vec<String> = report
                         .drift
                         .iter()
-                        .filter(|drift| !drift.changes.is_empty() || drift.more > 0)
+                        .filter(|drift| {
+                            !drift.changes.is_empty() || drift.more > 0 || !drift.error.is_empty()
+                        })
                         .map(|drift| {
-                            format!(
-                                "{} ({})",
-                                drift.service,
-                                drift.changes.len() + drift.more as usize
-                            )
+                            if drift.error.is_empty() {
+                                format!(
+                                    "{} ({})",
+                                    drift.service,
+                                    drift.changes.len() + drift.more as usize
+                                )
+                            } else {
+                                format!("{} (error)", drift.service)
+                            }
                         })
                         .collect();
                     match (report.drift.is_empty(), drifted.is_empty()) {
@@ -106,9 +112,8 @@ pub(crate) async fn fleet_list(
     Ok(ExitCode::SUCCESS)
 }
 
-/// Most pages of hosts read at once (of the largest page size: every host of a fleet of
-/// 100,000).
-const MAX_HOST_PAGES: usize = 100;
+/// Most pages of hosts read at once (a page is at most 1,000 hosts and 2 MiB).
+const MAX_HOST_PAGES: usize = 1000;
 
 /// Every registered host, page after page.
 pub(crate) async fn all_hosts(client: &mut client::Client) -> anyhow::Result<Vec<pb::Host>> {
@@ -126,10 +131,13 @@ pub(crate) async fn all_hosts(client: &mut client::Client) -> anyhow::Result<Vec
         hosts.extend(page.hosts);
         page_token = page.next_page_token;
         if page_token.is_empty() {
-            break;
+            return Ok(hosts);
         }
     }
-    Ok(hosts)
+    anyhow::bail!(
+        "more hosts than {MAX_HOST_PAGES} pages hold ({} read): not all of them could be read",
+        hosts.len()
+    )
 }
 
 /// A host's environment, `default` when it carries none (as plans count it).

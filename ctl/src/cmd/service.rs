@@ -60,7 +60,7 @@ pub enum ServiceCommand {
     Show { name: String },
     /// Each host of a service and what changed there since rewind last put it there (from the
     /// agents' periodic drift checks): hotfixes by hand, edits outside rewind. Exit 1 when a
-    /// host drifted.
+    /// host drifted, 2 when none did but a host could not tell (no report, a failed check).
     Drift {
         name: String,
         /// Only hosts of this environment.
@@ -334,7 +334,8 @@ pub(crate) fn print_services(format: Format, services: Vec<pb::Service>) -> anyh
     Ok(())
 }
 
-/// `service drift`: every host of the service with its latest reported drift.
+/// `service drift`: every host of the service with its latest reported drift. Exit 1 when a
+/// host drifted, else 2 when a host could not tell (no report, or its check failed).
 async fn drift(
     client: &mut client::Client,
     format: Format,
@@ -349,6 +350,16 @@ async fn drift(
                 && (env.is_empty() || crate::cmd::fleet::environment_of(host) == env)
         })
         .collect();
+    if hosts.is_empty() {
+        anyhow::bail!(
+            "no host runs service {service:?}{}",
+            if env.is_empty() {
+                String::new()
+            } else {
+                format!(" in environment {env:?}")
+            }
+        );
+    }
     let of_service = |host: &pb::Host| -> Option<pb::ServiceDrift> {
         host.last_health
             .as_ref()?
@@ -358,25 +369,16 @@ async fn drift(
             .cloned()
     };
     if format == Format::Json {
-        let found: Vec<(String, Option<pb::ServiceDrift>)> = hosts
+        let found: Vec<serde_json::Value> = hosts
             .iter()
-            .map(|host| (host.host_id.clone(), of_service(host)))
+            .map(|host| serde_json::json!({ "host": host.host_id, "drift": of_service(host) }))
             .collect();
         json(&found)?;
     }
-    let mut drifted = 0;
-    if hosts.is_empty() && format != Format::Json {
-        say!(
-            "no host runs {service}{}",
-            if env.is_empty() {
-                String::new()
-            } else {
-                format!(" in {env}")
-            }
-        );
-    }
+    let (mut drifted, mut unknown) = (0, 0);
     for host in &hosts {
         let Some(found) = of_service(host) else {
+            unknown += 1;
             if format != Format::Json {
                 say!(
                     "{}: no drift check reported (agent not connected, of an earlier release, or checks off)",
@@ -387,6 +389,7 @@ async fn drift(
         };
         let changed = found.changes.len() + found.more as usize;
         drifted += usize::from(changed > 0);
+        unknown += usize::from(!found.error.is_empty());
         if format == Format::Json {
             continue;
         }
@@ -419,10 +422,10 @@ async fn drift(
             }
         }
     }
-    Ok(if drifted == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
+    Ok(match (drifted, unknown) {
+        (0, 0) => ExitCode::SUCCESS,
+        (0, _) => ExitCode::from(2),
+        _ => ExitCode::from(1),
     })
 }
 

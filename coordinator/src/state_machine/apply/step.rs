@@ -56,9 +56,17 @@ pub(super) fn start_step(
                 | super::super::schema::StagesState::Stuck { stage, .. } = waiting
                 {
                     let planned = &record.schema[stage];
+                    let how = match &waiting {
+                        super::super::schema::StagesState::Waiting { begun: false, .. } => {
+                            "not begun".to_string()
+                        }
+                        super::super::schema::StagesState::Waiting { .. } => "running".into(),
+                        super::super::schema::StagesState::Failed { detail, .. }
+                        | super::super::schema::StagesState::Stuck { detail, .. } => detail.clone(),
+                        super::super::schema::StagesState::Done => String::new(),
+                    };
                     return Err(not_startable(format!(
-                        "{} reverts {} of {} before its app waves, and that is not done \
-                         ({waiting:?})",
+                        "{} reverts {} of {} before its app waves, and that is not done ({how})",
                         record.id(),
                         planned.versions.join(", "),
                         planned.database
