@@ -48,7 +48,9 @@ use rewind_shared::names::{self, truncate};
 use serde::Deserialize;
 
 use crate::AgentError;
-use crate::config::{Hook, HookKind, RawHook, ServiceConfig, validate_hook};
+use crate::config::{
+    Hook, HookKind, RawHook, ServiceConfig, Sessions, SessionsSource, validate_hook,
+};
 use crate::host::Host;
 use crate::probes::Prober;
 use crate::store::{KeptFile, Store};
@@ -952,6 +954,10 @@ pub async fn run_hook(
             format!("POST {url} answered {status}")
         }
     };
+    if let Some(sessions) = &hook.sessions {
+        let waited = wait_for_sessions(prober, sessions, hook).await;
+        return Ok(format!("{done}; {waited}"));
+    }
     if hook.grace.is_zero() {
         return Ok(done);
     }
@@ -960,6 +966,126 @@ pub async fn run_hook(
         "{done}, then waited {} ms for sessions",
         hook.grace.as_millis()
     ))
+}
+
+/// Reads the active sessions every `poll` until they are at most `below`, for at most the
+/// hook's grace; then goes on either way, as a load balancer's connection draining does, and
+/// says how it ended.
+async fn wait_for_sessions(prober: &Prober, sessions: &Sessions, hook: &Hook) -> String {
+    let started = tokio::time::Instant::now();
+    let mut first: Option<u64> = None;
+    let mut last_error = String::new();
+    loop {
+        match count_sessions(prober, &sessions.source, hook.timeout).await {
+            Ok(count) => {
+                let from = *first.get_or_insert(count);
+                if count <= sessions.below {
+                    return format!(
+                        "sessions {from} -> {count} in {} ms",
+                        started.elapsed().as_millis()
+                    );
+                }
+                last_error.clear();
+                if started.elapsed() + sessions.poll > hook.grace {
+                    return format!(
+                        "sessions {from} -> still {count} after {} ms (grace-ms), went on",
+                        started.elapsed().as_millis()
+                    );
+                }
+            }
+            Err(error) => {
+                last_error = error;
+                if started.elapsed() + sessions.poll > hook.grace {
+                    return format!(
+                        "sessions could not be read ({}) for {} ms (grace-ms), went on",
+                        truncate(&last_error, 256),
+                        started.elapsed().as_millis()
+                    );
+                }
+            }
+        }
+        tokio::time::sleep(sessions.poll).await;
+    }
+}
+
+/// Most bytes of a sessions page or of a sessions command's output read.
+const MAX_SESSIONS_OUTPUT_BYTES: usize = 4 << 20;
+
+async fn count_sessions(
+    prober: &Prober,
+    source: &SessionsSource,
+    timeout: Duration,
+) -> Result<u64, String> {
+    match source {
+        SessionsSource::Metric { url, name } => {
+            let page = prober
+                .http_client()
+                .get(url)
+                .timeout(timeout)
+                .send()
+                .await
+                .and_then(reqwest::Response::error_for_status)
+                .map_err(|error| format!("GET {url}: {error}"))?
+                .text()
+                .await
+                .map_err(|error| format!("GET {url}: {error}"))?;
+            if page.len() > MAX_SESSIONS_OUTPUT_BYTES {
+                return Err(format!(
+                    "{url} answered more than {MAX_SESSIONS_OUTPUT_BYTES} bytes"
+                ));
+            }
+            sessions_on_page(&page, name)
+        }
+        SessionsSource::Command { argv } => {
+            let mut command = tokio::process::Command::new(&argv[0]);
+            command.args(&argv[1..]).kill_on_drop(true);
+            let output = tokio::time::timeout(timeout, command.output())
+                .await
+                .map_err(|_| {
+                    format!(
+                        "{} did not answer within {} ms",
+                        argv[0],
+                        timeout.as_millis()
+                    )
+                })?
+                .map_err(|error| format!("{}: {error}", argv[0]))?;
+            if !output.status.success() {
+                return Err(format!("{} exited with {}", argv[0], output.status));
+            }
+            let stdout = &output.stdout[..output.stdout.len().min(MAX_SESSIONS_OUTPUT_BYTES)];
+            let text = String::from_utf8_lossy(stdout);
+            let line = text.lines().next().unwrap_or("").trim();
+            line.parse::<u64>()
+                .map_err(|_| format!("{} printed {:?}, not a count", argv[0], truncate(line, 64)))
+        }
+    }
+}
+
+/// The sum of a gauge's series on a Prometheus text page (a fraction rounds up: a session is
+/// open until it is not).
+fn sessions_on_page(page: &str, name: &str) -> Result<u64, String> {
+    let scrape = prometheus_parse::Scrape::parse(page.lines().map(|line| Ok(line.to_string())))
+        .map_err(|error| format!("not a Prometheus text page: {error}"))?;
+    let mut found = false;
+    let mut total = 0.0;
+    for sample in scrape.samples.iter().filter(|sample| sample.metric == name) {
+        let value = match sample.value {
+            prometheus_parse::Value::Gauge(value) | prometheus_parse::Value::Untyped(value) => {
+                value
+            }
+            prometheus_parse::Value::Counter(value) => value,
+            _ => return Err(format!("{name} is a histogram or summary, not a count")),
+        };
+        if !value.is_finite() || value < 0.0 {
+            return Err(format!("{name} is {value}, not a count"));
+        }
+        found = true;
+        total += value;
+    }
+    if !found {
+        return Err(format!("no {name} on the page"));
+    }
+    Ok(total.ceil() as u64)
 }
 
 fn not_configured<'a, T>(

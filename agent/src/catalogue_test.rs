@@ -503,3 +503,82 @@ fn a_self_revert_policy_without_probes_is_refused() {
         );
     }
 }
+
+/// A drain waits for the service's own count of active sessions (a command here, reading a
+/// file another task empties) instead of a fixed grace, and goes on, saying so, when they
+/// outlast it.
+#[tokio::test]
+async fn a_drain_waits_for_the_sessions_to_end_within_its_grace() {
+    let root = tempfile::tempdir().unwrap();
+    let count = root.path().join("sessions");
+    fs::write(&count, "3\n").unwrap();
+    let sections = format!(
+        r#"[service.drain]
+command = ["true"]
+grace-ms = 5000
+sessions = {{ command = ["cat", "{count}"], poll-ms = 50 }}
+"#,
+        count = count.display()
+    );
+    let service = service_from_toml(root.path(), &sections).unwrap();
+    let (executor, _data) = executor_for(service);
+    let ends = {
+        let count = count.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            fs::write(&count, "0\n").unwrap();
+        })
+    };
+    let drained = run_step(
+        &executor,
+        "rb-1/web/drain/h1",
+        Action::Drain(Default::default()),
+    )
+    .await;
+    ends.await.unwrap();
+    assert!(drained.ok, "{}", drained.detail);
+    assert!(
+        drained.detail.contains("ran true; sessions 3 -> 0 in "),
+        "{}",
+        drained.detail
+    );
+
+    // Sessions that outlast the grace: the drain goes on and says so.
+    fs::write(&count, "2\n").unwrap();
+    let sections = sections.replace("grace-ms = 5000", "grace-ms = 200");
+    let (executor, _data) = executor_for(service_from_toml(root.path(), &sections).unwrap());
+    let drained = run_step(
+        &executor,
+        "rb-2/web/drain/h1",
+        Action::Drain(Default::default()),
+    )
+    .await;
+    assert!(drained.ok, "{}", drained.detail);
+    assert!(
+        drained.detail.contains("sessions 2 -> still 2 after"),
+        "{}",
+        drained.detail
+    );
+}
+
+#[test]
+fn sessions_are_read_from_a_gauge_summed_over_its_series() {
+    let page = "# TYPE active_sessions gauge\nactive_sessions{pool=\"a\"} 2\n\
+                active_sessions{pool=\"b\"} 1.5\nother 9\n";
+    assert_eq!(sessions_on_page(page, "active_sessions"), Ok(4));
+    assert_eq!(
+        sessions_on_page(page, "missing"),
+        Err("no missing on the page".to_string())
+    );
+    let problems = service_from_toml(
+        Path::new("/srv/web"),
+        "[service.drain]\ncommand = [\"true\"]\nsessions = { metric = \"active_sessions\" }\n",
+    )
+    .unwrap_err();
+    assert!(
+        problems
+            .iter()
+            .any(|problem| problem.contains("service.web.drain.sessions: set url and metric")),
+        "{problems:?}"
+    );
+}

@@ -158,8 +158,27 @@ pub struct RawHook {
     pub command: Option<Vec<String>>,
     pub http: Option<String>,
     pub timeout_ms: Option<u64>,
-    /// Wait after the hook so open sessions can finish (drain only).
+    /// Wait after the hook so open sessions can finish (drain only); with `sessions`, the most
+    /// it waits for them (default 30 s).
     pub grace_ms: Option<u64>,
+    /// Wait for the service's own count of active sessions instead of a fixed grace.
+    pub sessions: Option<RawSessions>,
+}
+
+/// Where a drain reads the service's active sessions: a gauge on a Prometheus text page, or a
+/// command printing the number.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct RawSessions {
+    /// The page (`http://127.0.0.1:9090/metrics`) and the gauge on it, summed over its series.
+    pub url: Option<String>,
+    pub metric: Option<String>,
+    /// Or a command printing the count on its first line.
+    pub command: Option<Vec<String>>,
+    /// Done once the count is at most this (default 0).
+    pub below: Option<u64>,
+    /// How often the count is read (default 500 ms).
+    pub poll_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -274,6 +293,21 @@ pub struct Hook {
     pub kind: HookKind,
     pub timeout: Duration,
     pub grace: Duration,
+    /// Wait (at most `grace`) until the service's active sessions are at most `below`.
+    pub sessions: Option<Sessions>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sessions {
+    pub source: SessionsSource,
+    pub below: u64,
+    pub poll: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum SessionsSource {
+    Metric { url: String, name: String },
+    Command { argv: Vec<String> },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -702,7 +736,9 @@ pub(crate) fn validate_hook(field: &str, raw: &RawHook, problems: &mut Problems)
             format!("is {timeout_ms}, must be within 1..={MAX_TIMEOUT_MS}"),
         );
     }
-    let grace_ms = raw.grace_ms.unwrap_or(0);
+    let grace_ms = raw
+        .grace_ms
+        .unwrap_or(if raw.sessions.is_some() { 30_000 } else { 0 });
     if grace_ms > MAX_TIMEOUT_MS {
         problems.add(
             format!("{field}.grace-ms"),
@@ -730,10 +766,63 @@ pub(crate) fn validate_hook(field: &str, raw: &RawHook, problems: &mut Problems)
             return None;
         }
     };
+    let sessions = raw
+        .sessions
+        .as_ref()
+        .and_then(|sessions| validate_sessions(&format!("{field}.sessions"), sessions, problems));
+    if sessions.is_some() && grace_ms == 0 {
+        problems.add(
+            format!("{field}.grace-ms"),
+            "is 0: with sessions it is the most the drain waits for them",
+        );
+    }
     Some(Hook {
         kind,
         timeout: Duration::from_millis(timeout_ms),
         grace: Duration::from_millis(grace_ms),
+        sessions,
+    })
+}
+
+fn validate_sessions(field: &str, raw: &RawSessions, problems: &mut Problems) -> Option<Sessions> {
+    let poll_ms = raw.poll_ms.unwrap_or(500);
+    if !(50..=60_000).contains(&poll_ms) {
+        problems.add(
+            format!("{field}.poll-ms"),
+            format!("is {poll_ms}, must be within 50..=60000"),
+        );
+    }
+    let source = match (&raw.url, &raw.metric, &raw.command) {
+        (Some(url), Some(metric), None) => {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                problems.add(
+                    format!("{field}.url"),
+                    format!("{url:?} must be an http:// or https:// URL"),
+                );
+            }
+            if let Err(error) = names::validate_name(&format!("{field}.metric"), metric) {
+                problems.add_error(error);
+            }
+            SessionsSource::Metric {
+                url: url.clone(),
+                name: metric.clone(),
+            }
+        }
+        (None, None, Some(argv)) if !argv.is_empty() => {
+            SessionsSource::Command { argv: argv.clone() }
+        }
+        _ => {
+            problems.add(
+                field,
+                "set url and metric (a gauge on a Prometheus page), or command (printing the count)",
+            );
+            return None;
+        }
+    };
+    Some(Sessions {
+        source,
+        below: raw.below.unwrap_or(0),
+        poll: Duration::from_millis(poll_ms),
     })
 }
 

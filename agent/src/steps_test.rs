@@ -400,6 +400,7 @@ async fn drain_and_undrain_run_their_hooks_and_a_service_without_hooks_has_nothi
             },
             timeout: Duration::from_secs(5),
             grace: Duration::from_millis(50),
+            sessions: None,
         }),
         undrain: Some(Hook {
             kind: HookKind::HttpPost {
@@ -407,6 +408,7 @@ async fn drain_and_undrain_run_their_hooks_and_a_service_without_hooks_has_nothi
             },
             timeout: Duration::from_secs(2),
             grace: Duration::ZERO,
+            sessions: None,
         }),
         ..ServiceConfig::bare("web", fixture.root.path())
     };
