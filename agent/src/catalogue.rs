@@ -68,6 +68,7 @@ const MAX_CHECKPOINT_BYTES: u64 = 64 * 1024;
 const MAX_HTTP_ATTEMPTS_LIMIT: u32 = 10;
 /// Headers and body of one purge or check request.
 const MAX_HTTP_HEADERS: usize = 32;
+const MAX_HTTP_HEADER_BYTES: usize = 8 * 1024;
 const MAX_HTTP_BODY_BYTES: usize = 64 * 1024;
 /// A CA bundle trusted by one purge or check.
 const MAX_CA_FILE_BYTES: u64 = 1 << 20;
@@ -451,6 +452,7 @@ fn validate_jobs(field: &str, root: &Path, raw: &RawJobs, problems: &mut Problem
         if let Some(argv) = &hook.command {
             check_program(&format!("{field}.{key}.command"), root, argv, problems);
         }
+        crate::config::refuse_sessions(&format!("{field}.{key}"), hook, problems);
         validate_hook(&format!("{field}.{key}"), hook, problems)
     };
     let pause = hook("pause", raw.pause.as_ref());
@@ -529,7 +531,12 @@ fn check_headers(field: &str, headers: &BTreeMap<String, String>, problems: &mut
         );
     }
     for (name, value) in headers {
-        if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err()
+        if name.len() + value.len() > MAX_HTTP_HEADER_BYTES {
+            problems.add(
+                format!("{field}.headers.{}", truncate(name, 64)),
+                format!("is longer than {MAX_HTTP_HEADER_BYTES} bytes"),
+            );
+        } else if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err()
             || reqwest::header::HeaderValue::from_str(value).is_err()
         {
             problems.add(
@@ -549,6 +556,31 @@ fn check_body(field: &str, body: Option<&str>, problems: &mut Problems) {
     }
 }
 
+/// A CA bundle's bytes: a regular file (not a FIFO or a device), at most
+/// [`MAX_CA_FILE_BYTES`].
+fn read_ca_file(path: &Path) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)
+        .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
+    let metadata = file
+        .metadata()
+        .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
+    if !metadata.is_file() {
+        return Err(format!("{} is not a regular file", path.display()));
+    }
+    let mut pem = Vec::new();
+    file.take(MAX_CA_FILE_BYTES + 1)
+        .read_to_end(&mut pem)
+        .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
+    if pem.len() as u64 > MAX_CA_FILE_BYTES {
+        return Err(format!(
+            "{} is larger than {MAX_CA_FILE_BYTES} bytes",
+            path.display()
+        ));
+    }
+    Ok(pem)
+}
+
 /// A client trusting the CAs of `ca_file` besides the public ones, for an endpoint whose
 /// certificate a private CA issued; `None` without one (the prober's client serves).
 fn own_client(
@@ -558,21 +590,14 @@ fn own_client(
 ) -> Option<reqwest::Client> {
     let path = ca_file?;
     let field = format!("{field}.ca-file");
-    let pem = match std::fs::read(path) {
-        Ok(pem) if pem.len() as u64 <= MAX_CA_FILE_BYTES => pem,
-        Ok(pem) => {
-            problems.add(
-                field,
-                format!(
-                    "{} is {} bytes, at most {MAX_CA_FILE_BYTES}",
-                    path.display(),
-                    pem.len()
-                ),
-            );
-            return None;
-        }
-        Err(error) => {
-            problems.add(field, format!("cannot read {}: {error}", path.display()));
+    if !path.is_absolute() {
+        problems.add(field, format!("{} must be an absolute path", path.display()));
+        return None;
+    }
+    let pem = match read_ca_file(path) {
+        Ok(pem) => pem,
+        Err(why) => {
+            problems.add(field, why);
             return None;
         }
     };
@@ -976,7 +1001,11 @@ async fn wait_for_sessions(prober: &Prober, sessions: &Sessions, hook: &Hook) ->
     let mut first: Option<u64> = None;
     let mut last_error = String::new();
     loop {
-        match count_sessions(prober, &sessions.source, hook.timeout).await {
+        // No read may outlast the grace: the drain as a whole takes at most the hook, then
+        // grace-ms (and the step's timeout cuts it anyway).
+        let left = hook.grace.saturating_sub(started.elapsed());
+        let read_timeout = hook.timeout.min(left).max(Duration::from_millis(1));
+        match count_sessions(prober, &sessions.source, read_timeout).await {
             Ok(count) => {
                 let from = *first.get_or_insert(count);
                 if count <= sessions.below {
@@ -1008,8 +1037,8 @@ async fn wait_for_sessions(prober: &Prober, sessions: &Sessions, hook: &Hook) ->
     }
 }
 
-/// Most bytes of a sessions page or of a sessions command's output read.
-const MAX_SESSIONS_OUTPUT_BYTES: usize = 4 << 20;
+/// Most bytes of a sessions page read.
+const MAX_SESSIONS_PAGE_BYTES: usize = 4 << 20;
 
 async fn count_sessions(
     prober: &Prober,
@@ -1018,43 +1047,75 @@ async fn count_sessions(
 ) -> Result<u64, String> {
     match source {
         SessionsSource::Metric { url, name } => {
-            let page = prober
-                .http_client()
-                .get(url)
-                .timeout(timeout)
-                .send()
-                .await
-                .and_then(reqwest::Response::error_for_status)
-                .map_err(|error| format!("GET {url}: {error}"))?
-                .text()
-                .await
-                .map_err(|error| format!("GET {url}: {error}"))?;
-            if page.len() > MAX_SESSIONS_OUTPUT_BYTES {
-                return Err(format!(
-                    "{url} answered more than {MAX_SESSIONS_OUTPUT_BYTES} bytes"
-                ));
-            }
-            sessions_on_page(&page, name)
+            let read = async {
+                let mut response = prober
+                    .http_client()
+                    .get(url)
+                    .send()
+                    .await
+                    .and_then(reqwest::Response::error_for_status)
+                    .map_err(|error| format!("GET {url}: {error}"))?;
+                let mut page = Vec::new();
+                while let Some(chunk) = response
+                    .chunk()
+                    .await
+                    .map_err(|error| format!("GET {url}: {error}"))?
+                {
+                    page.extend_from_slice(&chunk);
+                    if page.len() > MAX_SESSIONS_PAGE_BYTES {
+                        return Err(format!(
+                            "{url} answered more than {MAX_SESSIONS_PAGE_BYTES} bytes"
+                        ));
+                    }
+                }
+                sessions_on_page(&String::from_utf8_lossy(&page), name)
+            };
+            tokio::time::timeout(timeout, read).await.unwrap_or_else(|_| {
+                Err(format!(
+                    "GET {url}: no answer within {} ms",
+                    timeout.as_millis()
+                ))
+            })
         }
         SessionsSource::Command { argv } => {
-            let mut command = tokio::process::Command::new(&argv[0]);
-            command.args(&argv[1..]).kill_on_drop(true);
-            let output = tokio::time::timeout(timeout, command.output())
-                .await
-                .map_err(|_| {
-                    format!(
-                        "{} did not answer within {} ms",
-                        argv[0],
-                        timeout.as_millis()
-                    )
-                })?
+            use tokio::io::AsyncBufReadExt;
+            let mut child = tokio::process::Command::new(&argv[0])
+                .args(&argv[1..])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
                 .map_err(|error| format!("{}: {error}", argv[0]))?;
-            if !output.status.success() {
-                return Err(format!("{} exited with {}", argv[0], output.status));
+            let stdout = child.stdout.take().expect("stdout is piped");
+            let read = async {
+                // Only the first line, and only so much of it: the rest is never read.
+                let mut line = Vec::new();
+                let mut limited =
+                    tokio::io::BufReader::new(tokio::io::AsyncReadExt::take(stdout, 256));
+                limited
+                    .read_until(b'\n', &mut line)
+                    .await
+                    .map_err(|error| format!("{}: {error}", argv[0]))?;
+                drop(limited);
+                let status = child
+                    .wait()
+                    .await
+                    .map_err(|error| format!("{}: {error}", argv[0]))?;
+                Ok::<_, String>((line, status))
+            };
+            let (line, status) = tokio::time::timeout(timeout, read).await.map_err(|_| {
+                format!(
+                    "{} did not answer within {} ms",
+                    argv[0],
+                    timeout.as_millis()
+                )
+            })??;
+            if !status.success() {
+                return Err(format!("{} exited with {status}", argv[0]));
             }
-            let stdout = &output.stdout[..output.stdout.len().min(MAX_SESSIONS_OUTPUT_BYTES)];
-            let text = String::from_utf8_lossy(stdout);
-            let line = text.lines().next().unwrap_or("").trim();
+            let text = String::from_utf8_lossy(&line);
+            let line = text.trim();
             line.parse::<u64>()
                 .map_err(|_| format!("{} printed {:?}, not a count", argv[0], truncate(line, 64)))
         }
@@ -1073,8 +1134,8 @@ fn sessions_on_page(page: &str, name: &str) -> Result<u64, String> {
             prometheus_parse::Value::Gauge(value) | prometheus_parse::Value::Untyped(value) => {
                 value
             }
-            prometheus_parse::Value::Counter(value) => value,
-            _ => return Err(format!("{name} is a histogram or summary, not a count")),
+            // A counter never falls: the drain would always wait out its grace.
+            _ => return Err(format!("{name} is not a gauge: it cannot count open sessions")),
         };
         if !value.is_finite() || value < 0.0 {
             return Err(format!("{name} is {value}, not a count"));

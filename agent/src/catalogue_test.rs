@@ -120,6 +120,9 @@ url = "https://cdn.example/purge"
 method = "BAN"
 body = "x"
 ca-file = "/no/such/ca.pem"
+[[service.purge]]
+url = "https://cdn.example/purge"
+ca-file = "relative/ca.pem"
 [service.scale-up]
 command = ["/usr/bin/capacity"]
 stages = [50, 25, 200]
@@ -146,6 +149,7 @@ body = "x"
         "service.web.purge[0].method: \"PATCH\" must be PURGE, BAN, POST, PUT or DELETE",
         "service.web.purge[1].body: only a POST, PUT or DELETE sends a body",
         "service.web.purge[1].ca-file: cannot read /no/such/ca.pem",
+        "service.web.purge[2].ca-file: relative/ca.pem must be an absolute path",
         "service.web.purge[0].headers.bad header",
         "service.web.purge[0].attempts: is 0",
         "service.web.scale-up.command: must use {percent}",
@@ -570,15 +574,39 @@ fn sessions_are_read_from_a_gauge_summed_over_its_series() {
         sessions_on_page(page, "missing"),
         Err("no missing on the page".to_string())
     );
+    assert_eq!(
+        sessions_on_page("# TYPE served counter\nserved 3\n", "served"),
+        Err("served is not a gauge: it cannot count open sessions".to_string())
+    );
     let problems = service_from_toml(
         Path::new("/srv/web"),
-        "[service.drain]\ncommand = [\"true\"]\nsessions = { metric = \"active_sessions\" }\n",
+        "[service.drain]\ncommand = [\"true\"]\nsessions = { metric = \"active_sessions\" }\n\
+         [service.undrain]\ncommand = [\"true\"]\n\
+         sessions = { url = \"http://127.0.0.1:1/m\", metric = \"s\" }\n",
     )
     .unwrap_err();
-    assert!(
-        problems
-            .iter()
-            .any(|problem| problem.contains("service.web.drain.sessions: set url and metric")),
-        "{problems:?}"
-    );
+    for expected in [
+        "service.web.drain.sessions: set url and metric",
+        "service.web.undrain.sessions: only a drain waits for sessions to end",
+    ] {
+        assert!(
+            problems.iter().any(|problem| problem.contains(expected)),
+            "{expected}: {problems:?}"
+        );
+    }
+    let problems = service_from_toml(
+        Path::new("/srv/web"),
+        "[service.drain]\ncommand = [\"true\"]\ngrace-ms = 100\n\
+         sessions = { command = [\"/srv/web/current/bin/count\"], poll-ms = 500 }\n",
+    )
+    .unwrap_err();
+    for expected in [
+        "service.web.drain.sessions.poll-ms: is 500 ms, longer than grace-ms (100)",
+        "service.web.drain.sessions.command: ",
+    ] {
+        assert!(
+            problems.iter().any(|problem| problem.contains(expected)),
+            "{expected}: {problems:?}"
+        );
+    }
 }

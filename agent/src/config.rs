@@ -516,6 +516,22 @@ fn validate_service(
             );
         }
     }
+    if let Some(argv) = raw
+        .drain
+        .as_ref()
+        .and_then(|hook| hook.sessions.as_ref())
+        .and_then(|sessions| sessions.command.as_ref())
+    {
+        crate::catalogue::check_program(
+            &format!("{field}.drain.sessions.command"),
+            &raw.root,
+            argv,
+            problems,
+        );
+    }
+    if let Some(undrain) = &raw.undrain {
+        refuse_sessions(&format!("{field}.undrain"), undrain, problems);
+    }
     let restart_timeout_s = raw.restart_timeout_s.unwrap_or(60);
     if !(1..=3600).contains(&restart_timeout_s) {
         problems.add(
@@ -770,11 +786,21 @@ pub(crate) fn validate_hook(field: &str, raw: &RawHook, problems: &mut Problems)
         .sessions
         .as_ref()
         .and_then(|sessions| validate_sessions(&format!("{field}.sessions"), sessions, problems));
-    if sessions.is_some() && grace_ms == 0 {
-        problems.add(
-            format!("{field}.grace-ms"),
-            "is 0: with sessions it is the most the drain waits for them",
-        );
+    if let Some(sessions) = &sessions {
+        if grace_ms == 0 {
+            problems.add(
+                format!("{field}.grace-ms"),
+                "is 0: with sessions it is the most the drain waits for them",
+            );
+        } else if sessions.poll.as_millis() > u128::from(grace_ms) {
+            problems.add(
+                format!("{field}.sessions.poll-ms"),
+                format!(
+                    "is {} ms, longer than grace-ms ({grace_ms}): the count would be read once",
+                    sessions.poll.as_millis()
+                ),
+            );
+        }
     }
     Some(Hook {
         kind,
@@ -782,6 +808,16 @@ pub(crate) fn validate_hook(field: &str, raw: &RawHook, problems: &mut Problems)
         grace: Duration::from_millis(grace_ms),
         sessions,
     })
+}
+
+/// Only a drain waits for sessions: after an undrain, or around jobs, the count would not fall.
+pub(crate) fn refuse_sessions(field: &str, hook: &RawHook, problems: &mut Problems) {
+    if hook.sessions.is_some() {
+        problems.add(
+            format!("{field}.sessions"),
+            "only a drain waits for sessions to end",
+        );
+    }
 }
 
 fn validate_sessions(field: &str, raw: &RawSessions, problems: &mut Problems) -> Option<Sessions> {
@@ -800,8 +836,11 @@ fn validate_sessions(field: &str, raw: &RawSessions, problems: &mut Problems) ->
                     format!("{url:?} must be an http:// or https:// URL"),
                 );
             }
-            if let Err(error) = names::validate_name(&format!("{field}.metric"), metric) {
-                problems.add_error(error);
+            if !is_metric_name(metric) {
+                problems.add(
+                    format!("{field}.metric"),
+                    format!("{metric:?} is not a Prometheus metric name"),
+                );
             }
             SessionsSource::Metric {
                 url: url.clone(),

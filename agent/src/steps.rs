@@ -274,15 +274,16 @@ impl Executor {
             service.restart_timeout.min(step_timeout),
             owner,
         );
-        if !is_catalogue_step(action) {
+        if !bounded_by_step_timeout(action) {
             let done = act.await?;
             if matches!(action, Action::Activate(_) | Action::Restore(_)) {
                 self.record_desired(service, &command.step_id).await;
             }
             return Ok(acted(done));
         }
-        // The catalogue's own steps (scale-up waits, checks and purges retry) are bounded by
-        // the step's timeout as a whole; a command still running then is killed.
+        // The catalogue's own steps (scale-up waits, checks and purges retry) and a drain
+        // (waiting for sessions) are bounded by the step's timeout as a whole; a command still
+        // running then is killed.
         tokio::time::timeout(step_timeout, act)
             .await
             .unwrap_or_else(|_| {
@@ -672,10 +673,13 @@ fn is_retried_after_failure(command: &StepCommand) -> bool {
     )
 }
 
-fn is_catalogue_step(action: &Action) -> bool {
+/// The catalogue's own steps, and a drain (which may wait for sessions): cut at the step's
+/// timeout as a whole, so the coordinator never retries one the agent is still running.
+fn bounded_by_step_timeout(action: &Action) -> bool {
     matches!(
         action,
-        Action::Run(_)
+        Action::Drain(_)
+            | Action::Run(_)
             | Action::PauseJobs(_)
             | Action::ResumeJobs(_)
             | Action::PurgeCache(_)

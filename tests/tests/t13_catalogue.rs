@@ -305,6 +305,8 @@ ca-file = "{ca}"
         (check.method.as_str(), &check.headers[..]),
         ("GET", &["x-check: rewind".to_string()][..])
     );
+    // The token went to the CDN, and nowhere into the rollback's record.
+    assert!(!format!("{rollback:?}").contains("cdn-token"), "{rollback:?}");
     // The purge ran before the check, as the recipe says.
     let position = |path: &str| received.iter().position(|request| request.path == path);
     assert!(
