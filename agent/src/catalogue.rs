@@ -591,7 +591,10 @@ fn own_client(
     let path = ca_file?;
     let field = format!("{field}.ca-file");
     if !path.is_absolute() {
-        problems.add(field, format!("{} must be an absolute path", path.display()));
+        problems.add(
+            field,
+            format!("{} must be an absolute path", path.display()),
+        );
         return None;
     }
     let pem = match read_ca_file(path) {
@@ -1070,12 +1073,14 @@ async fn count_sessions(
                 }
                 sessions_on_page(&String::from_utf8_lossy(&page), name)
             };
-            tokio::time::timeout(timeout, read).await.unwrap_or_else(|_| {
-                Err(format!(
-                    "GET {url}: no answer within {} ms",
-                    timeout.as_millis()
-                ))
-            })
+            tokio::time::timeout(timeout, read)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(format!(
+                        "GET {url}: no answer within {} ms",
+                        timeout.as_millis()
+                    ))
+                })
         }
         SessionsSource::Command { argv } => {
             use tokio::io::AsyncBufReadExt;
@@ -1135,7 +1140,11 @@ fn sessions_on_page(page: &str, name: &str) -> Result<u64, String> {
                 value
             }
             // A counter never falls: the drain would always wait out its grace.
-            _ => return Err(format!("{name} is not a gauge: it cannot count open sessions")),
+            _ => {
+                return Err(format!(
+                    "{name} is not a gauge: it cannot count open sessions"
+                ));
+            }
         };
         if !value.is_finite() || value < 0.0 {
             return Err(format!("{name} is {value}, not a count"));

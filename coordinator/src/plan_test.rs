@@ -656,11 +656,8 @@ fn contract_reverts_run_before_the_app_waves_and_expand_ones_after() {
     assert_eq!(placed(&plan), vec![(versions(&["d1", "c1", "e1"]), false)]);
 }
 
-/// A contract revert every shard will refuse (an expand migration applied after it stays) would
-/// stop the rollback before any host: it waits after the waves. `--schema-after-waves` puts every
-/// revert there.
-#[test]
-fn a_revert_the_shards_will_refuse_and_one_asked_later_wait_after_the_waves() {
+/// orders' contract c1 ran on orders-db, then billing's expand e2 and contract c2.
+fn contract_then_expand_and_contract() -> (Fleet, u64, u64) {
     let (mut fleet, orders, billing) = two_services();
     registered(&mut fleet, "orders-db", "c1", MigrationClass::Contract);
     registered(&mut fleet, "orders-db", "e2", MigrationClass::Expand);
@@ -668,6 +665,15 @@ fn a_revert_the_shards_will_refuse_and_one_asked_later_wait_after_the_waves() {
     applied_at(&mut fleet, "orders-db", (orders, true), 1, &["c1"]);
     applied_at(&mut fleet, "orders-db", (billing, false), 2, &["e2"]);
     applied_at(&mut fleet, "orders-db", (billing, true), 3, &["c2"]);
+    (fleet, orders, billing)
+}
+
+/// A contract revert every shard will refuse (an expand migration applied after it stays) would
+/// stop the rollback before any host: it waits after the waves. `--schema-after-waves` puts every
+/// revert there.
+#[test]
+fn a_revert_the_shards_will_refuse_and_one_asked_later_wait_after_the_waves() {
+    let (fleet, orders, billing) = contract_then_expand_and_contract();
     // e2 is kept (no --revert-expand): c1's revert would be refused at check.
     let plan = fleet
         .plan(&[orders, billing], &PlanOptions::default())
@@ -691,14 +697,7 @@ fn a_revert_the_shards_will_refuse_and_one_asked_later_wait_after_the_waves() {
 
 #[test]
 fn a_contract_revert_older_than_an_expand_revert_waits_for_it_after_the_waves() {
-    let (mut fleet, orders, billing) = two_services();
-    registered(&mut fleet, "orders-db", "c1", MigrationClass::Contract);
-    registered(&mut fleet, "orders-db", "e2", MigrationClass::Expand);
-    registered(&mut fleet, "orders-db", "c2", MigrationClass::Contract);
-    // orders' contract ran, then billing's expand and contract.
-    applied_at(&mut fleet, "orders-db", (orders, true), 1, &["c1"]);
-    applied_at(&mut fleet, "orders-db", (billing, false), 2, &["e2"]);
-    applied_at(&mut fleet, "orders-db", (billing, true), 3, &["c2"]);
+    let (fleet, orders, billing) = contract_then_expand_and_contract();
     let options = PlanOptions {
         revert_expand: true,
         ..PlanOptions::default()

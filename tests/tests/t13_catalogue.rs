@@ -306,7 +306,10 @@ ca-file = "{ca}"
         ("GET", &["x-check: rewind".to_string()][..])
     );
     // The token went to the CDN, and nowhere into the rollback's record.
-    assert!(!format!("{rollback:?}").contains("cdn-token"), "{rollback:?}");
+    assert!(
+        !format!("{rollback:?}").contains("cdn-token"),
+        "{rollback:?}"
+    );
     // The purge ran before the check, as the recipe says.
     let position = |path: &str| received.iter().position(|request| request.path == path);
     assert!(

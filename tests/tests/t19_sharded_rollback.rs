@@ -119,16 +119,7 @@ async fn a_change_applies_migrations_on_four_shards_and_its_rollback_reverts_the
         ("revert", "commit")
     );
     // Committed before any host of the rollback took a step.
-    let audit = shards
-        .client
-        .list_audit(pb::ListAuditRequest {
-            page_size: 1000,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .entries;
+    let audit = must_list_audit(&shards.client).await;
     let revert_committed = audit_position(&audit, "schema.commit", "st-3");
     let first_host_step = audit
         .iter()
