@@ -618,12 +618,11 @@ fn own_client(
             return None;
         }
     };
-    let builder = certificates
-        .into_iter()
-        .fold(reqwest::Client::builder(), |builder, certificate| {
-            builder.add_root_certificate(certificate)
-        });
-    match builder.redirect(reqwest::redirect::Policy::none()).build() {
+    let builder = certificates.into_iter().fold(
+        crate::probes::http_client_builder(),
+        |builder, certificate| builder.add_root_certificate(certificate),
+    );
+    match builder.build() {
         Ok(client) => Some(client),
         Err(error) => {
             problems.add(field, format!("no HTTPS client with it: {error}"));

@@ -16,7 +16,7 @@ use rewind_shared::names::truncate;
 use crate::AgentError;
 use crate::config::ServiceConfig;
 use crate::facts::ServiceFacts;
-use crate::snapshot::{self, Manifest};
+use crate::snapshot::{self, Manifest, SnapshotRecord};
 use crate::store::{DesiredState, Store};
 
 /// Records the service's live state as what rewind put there, by the step `set_by`.
@@ -50,7 +50,7 @@ pub fn record_schema_version(store: &Store, service: &ServiceConfig) -> Result<(
 }
 
 /// What drift is measured against: the desired state, or the latest snapshot before one
-/// exists. `None` when there is neither.
+/// exists.
 pub struct Baseline {
     pub manifest: Manifest,
     pub facts: ServiceFacts,
@@ -59,39 +59,75 @@ pub struct Baseline {
     /// When that state was set, or the snapshot captured.
     pub at_ms: u64,
     /// The snapshot compared against, when that is what it is.
-    pub snapshot: Option<(String, u64)>,
+    pub snapshot_id: Option<String>,
 }
 
-pub fn baseline(store: &Store, service: &ServiceConfig) -> Result<Option<Baseline>, AgentError> {
-    if let Some(desired) = store.desired(&service.name)? {
-        return Ok(Some(Baseline {
+/// A service's drift as measured now: against what, the live state, and what differs.
+pub struct Measured {
+    pub baseline: Baseline,
+    pub live: Manifest,
+    pub live_facts: ServiceFacts,
+    pub lines: Vec<String>,
+}
+
+/// Measures `service`'s drift: `None` when there is nothing to measure against. `latest`
+/// gives the service's latest snapshot, asked only when no desired state is recorded (a caller
+/// that already read the snapshots passes what it found).
+pub fn measure(
+    store: &Store,
+    service: &ServiceConfig,
+    latest: impl FnOnce() -> Result<Option<SnapshotRecord>, AgentError>,
+) -> Result<Option<Measured>, AgentError> {
+    let baseline = match store.desired(&service.name)? {
+        Some(desired) => Baseline {
             manifest: desired.manifest,
             facts: desired.facts,
             described: format!("the state rewind last set ({})", desired.set_by),
             at_ms: desired.set_at_ms,
-            snapshot: None,
-        }));
-    }
-    let latest = store
-        .snapshots()?
-        .into_iter()
-        .filter(|record| record.manifest.service == service.name)
-        .max_by_key(|record| record.captured_at_ms);
-    Ok(latest.map(|record| Baseline {
-        described: format!(
-            "the latest snapshot {} (no activation or restore recorded here since this agent \
-             began recording them)",
-            record.id
-        ),
-        at_ms: record.captured_at_ms,
-        snapshot: Some((record.id.clone(), record.captured_at_ms)),
-        manifest: record.manifest,
-        facts: record.facts,
+            snapshot_id: None,
+        },
+        None => {
+            let Some(record) = latest()? else {
+                return Ok(None);
+            };
+            Baseline {
+                described: format!(
+                    "the latest snapshot {} (no activation or restore recorded here since this \
+                     agent began recording them)",
+                    record.id
+                ),
+                at_ms: record.captured_at_ms,
+                snapshot_id: Some(record.id),
+                manifest: record.manifest,
+                facts: record.facts,
+            }
+        }
+    };
+    let live = snapshot::live_manifest(service, Some(store))?;
+    let live_facts = crate::facts::collect(service);
+    let lines = lines(service, &baseline, &live, &live_facts);
+    Ok(Some(Measured {
+        baseline,
+        live,
+        live_facts,
+        lines,
     }))
 }
 
+/// The service's latest snapshot in the store.
+fn latest_snapshot(
+    store: &Store,
+    service: &ServiceConfig,
+) -> Result<Option<SnapshotRecord>, AgentError> {
+    Ok(store
+        .snapshots()?
+        .into_iter()
+        .filter(|record| record.manifest.service == service.name)
+        .max_by_key(|record| record.captured_at_ms))
+}
+
 /// One line per difference between `baseline` and what is live, the flags file left out.
-pub fn lines(
+fn lines(
     service: &ServiceConfig,
     baseline: &Baseline,
     live: &Manifest,
@@ -130,15 +166,7 @@ fn comparable(facts: &ServiceFacts) -> ServiceFacts {
     }
 }
 
-/// Each service's drift as the health report carries it, its lines cut to the bounds.
-pub fn summaries(store: &Store, services: &[ServiceConfig], now_ms: u64) -> Vec<pb::ServiceDrift> {
-    services
-        .iter()
-        .map(|service| summary(store, service, now_ms))
-        .collect()
-}
-
-/// One service's drift as the health report carries it.
+/// One service's drift as the health report carries it, its lines cut to the bounds.
 pub fn summary(store: &Store, service: &ServiceConfig, now_ms: u64) -> pb::ServiceDrift {
     use rewind_shared::bounds::{MAX_DRIFT_LINE_BYTES, MAX_DRIFT_LINES_PER_SERVICE};
     let mut summary = pb::ServiceDrift {
@@ -146,20 +174,12 @@ pub fn summary(store: &Store, service: &ServiceConfig, now_ms: u64) -> pb::Servi
         checked_at_ms: now_ms,
         ..Default::default()
     };
-    let found = baseline(store, service).and_then(|baseline| {
-        let Some(baseline) = baseline else {
-            return Ok(None);
-        };
-        let live = snapshot::live_manifest(service, Some(store))?;
-        let live_facts = crate::facts::collect(service);
-        Ok(Some((
-            lines(service, &baseline, &live, &live_facts),
-            baseline,
-        )))
-    });
+    let found = measure(store, service, || latest_snapshot(store, service));
     match found {
         Ok(None) => summary.against = "nothing yet (no snapshot, activation or restore)".into(),
-        Ok(Some((lines, baseline))) => {
+        Ok(Some(Measured {
+            lines, baseline, ..
+        })) => {
             summary.against = truncate(&baseline.described, MAX_DRIFT_LINE_BYTES).into();
             summary.against_at_ms = baseline.at_ms;
             summary.more = lines.len().saturating_sub(MAX_DRIFT_LINES_PER_SERVICE) as u32;

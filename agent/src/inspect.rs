@@ -82,17 +82,17 @@ fn describe(
             ))
         }
         InspectMode::InspectDrift => {
-            let Some(baseline) = crate::drift::baseline(store, service)? else {
+            let Some(measured) = crate::drift::measure(store, service, || Ok(latest.cloned()))?
+            else {
                 return Ok(no_snapshot());
             };
-            let live = snapshot::live_manifest(service, Some(store))?;
-            let live_facts = crate::facts::collect(service);
-            let mut state = state_of(&service.name, &live, &live_facts, env_key);
-            if let Some((id, captured_at_ms)) = &baseline.snapshot {
-                state.snapshot_id = id.clone();
-                state.captured_at_ms = *captured_at_ms;
+            let baseline = measured.baseline;
+            let mut state = state_of(&service.name, &measured.live, &measured.live_facts, env_key);
+            if let Some(id) = baseline.snapshot_id {
+                state.snapshot_id = id;
+                state.captured_at_ms = baseline.at_ms;
             }
-            state.drift = crate::drift::lines(service, &baseline, &live, &live_facts);
+            state.drift = measured.lines;
             state.drift_against = baseline.described;
             state.drift_against_at_ms = baseline.at_ms;
             Ok(state)
@@ -234,9 +234,9 @@ mod tests {
             "{:?}",
             hotfixed.drift
         );
-        let reported = crate::drift::summaries(&store, &services, 3_000);
-        assert_eq!(reported[0].changes, hotfixed.drift);
-        assert_eq!(reported[0].checked_at_ms, 3_000);
+        let reported = crate::drift::summary(&store, &service, 3_000);
+        assert_eq!(reported.changes, hotfixed.drift);
+        assert_eq!(reported.checked_at_ms, 3_000);
 
         let unknown =
             inspect(&store, &services, "api", InspectMode::InspectLive, b"k").unwrap_err();

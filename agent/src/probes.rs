@@ -14,12 +14,17 @@ pub struct Prober {
 
 impl Default for Prober {
     fn default() -> Self {
-        let http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
+        let http = http_client_builder()
             .build()
             .unwrap_or_else(|_| reqwest::Client::new());
         Self { http }
     }
+}
+
+/// How every agent HTTP client is built (the prober's, and a purge's or check's with a CA of
+/// its own): no redirects followed.
+pub fn http_client_builder() -> reqwest::ClientBuilder {
+    reqwest::Client::builder().redirect(reqwest::redirect::Policy::none())
 }
 
 impl Prober {

@@ -351,6 +351,16 @@ fn fingerprint_of(lines: &[String]) -> String {
     )
 }
 
+/// Whether a step applies an expand migration, so its engine reads the catalog before the
+/// first migration and after each (see [`check_expand`]).
+fn checks_expand(step: &ShardStep) -> bool {
+    !step.down
+        && step
+            .migrations
+            .iter()
+            .any(|migration| migration.class == "expand")
+}
+
 /// Refuses an "expand" migration whose up script did more than add (see [`expand_check`]).
 pub(crate) fn check_expand(
     migration: &Migration,

@@ -156,12 +156,7 @@ fn run_in_open_transaction(
     let mut unlogged = 0;
     // The schema the release before knows: each expand migration is checked against it, so
     // what an earlier one in the same transaction added is the new release's to change.
-    let old_release_schema = if !step.down
-        && step
-            .migrations
-            .iter()
-            .any(|migration| migration.class == "expand")
-    {
+    let old_release_schema = if super::checks_expand(step) {
         Some(catalog_lines(client, &table)?)
     } else {
         None
