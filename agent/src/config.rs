@@ -927,6 +927,7 @@ host-id = "Web 1"
 coordinators = ["https://x"]
 health-interval-ms = 5
 code-release-interval-s = 5
+drift-check-interval-s = 2
 [[service]]
 name = "web"
 root = "relative/dir"
@@ -975,6 +976,7 @@ sqlite = "/var/lib/twice.db"
             "tls",
             "health-interval-ms",
             "code-release-interval-s: is 5, must be 0 (never) or within 10..=86400",
+            "drift-check-interval-s: is 2, must be 0 (never) or within 5..=86400",
             "service.web.root",
             "'..'",
             "absolute",

@@ -85,6 +85,13 @@ async fn host_diff_and_drift_compare_real_hosts() {
             && shown.contains("config/app.toml"),
         "{shown}"
     );
+    let unknown = coordinator.rewindctl(&["service", "drift", "api"]);
+    assert!(!unknown.status.success());
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("no host runs service \"api\""),
+        "{}",
+        String::from_utf8_lossy(&unknown.stderr)
+    );
     let listed = stdout(&coordinator.rewindctl(&["host", "list"]));
     assert!(
         listed.contains("DRIFT") && listed.contains("web (1)"),
