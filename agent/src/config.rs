@@ -39,6 +39,8 @@ use crate::catalogue::{
 use crate::paths::check_relative;
 use crate::self_revert::SelfRevertPolicy;
 
+/// Most files one service's `drift-ignore` may name.
+const MAX_DRIFT_IGNORED: usize = 256;
 #[derive(Debug, Default, Deserialize)]
 #[serde(default, rename_all = "kebab-case")]
 pub struct RawConfig {
@@ -85,6 +87,9 @@ pub struct RawService {
     /// files, shown as their own category, never with a content hash.
     pub env_files: Vec<String>,
     pub flags_file: Option<String>,
+    /// Config or env files the service writes itself (a cursor, a cache): captured and
+    /// restored, never counted as drift. The jobs checkpoint file is left out already.
+    pub drift_ignore: Vec<String>,
     pub restart_command: Vec<String>,
     pub restart_timeout_s: Option<u64>,
     #[serde(rename = "probe")]
@@ -221,6 +226,8 @@ pub struct ServiceConfig {
     pub config_files: Vec<String>,
     pub env_files: Vec<String>,
     pub flags_file: Option<String>,
+    /// Files drift leaves out (see `RawService::drift_ignore`).
+    pub drift_ignore: Vec<String>,
     pub restart_command: Vec<String>,
     pub restart_timeout: Duration,
     pub probes: Vec<Probe>,
@@ -253,6 +260,7 @@ impl ServiceConfig {
             config_files: vec![],
             env_files: vec![],
             flags_file: None,
+            drift_ignore: vec![],
             restart_command: vec!["true".into()],
             restart_timeout: Duration::from_secs(5),
             probes: vec![],
@@ -483,6 +491,25 @@ fn validate_service(
             }
         }
     }
+    if raw.drift_ignore.len() > MAX_DRIFT_IGNORED {
+        problems.add(
+            format!("{field}.drift-ignore"),
+            format!("names more than {MAX_DRIFT_IGNORED} files"),
+        );
+    }
+    if let Some(unknown) = raw
+        .drift_ignore
+        .iter()
+        .find(|path| !raw.config_files.contains(path) && !raw.env_files.contains(path))
+    {
+        problems.add(
+            format!("{field}.drift-ignore"),
+            format!(
+                "{:?} is not one of the service's config-files or env-files",
+                names::printable(unknown, 256)
+            ),
+        );
+    }
     if let Some(both) = raw
         .env_files
         .iter()
@@ -654,6 +681,7 @@ fn validate_service(
         config_files: raw.config_files.clone(),
         env_files: raw.env_files.clone(),
         flags_file: raw.flags_file.clone(),
+        drift_ignore: raw.drift_ignore.clone(),
         restart_command: raw.restart_command.clone(),
         restart_timeout: Duration::from_secs(restart_timeout_s),
         probes,

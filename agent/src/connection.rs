@@ -399,7 +399,10 @@ impl Agent {
                 *current = found;
                 changed
             });
-            tokio::time::sleep(interval).await;
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = self.executor.desired_changed_since() => {}
+            }
         }
     }
 
@@ -542,6 +545,9 @@ impl Agent {
     }
 }
 
+/// How long an adoption waits for a step on the service to end.
+const ADOPT_LOCK_WAIT: Duration = Duration::from_secs(20);
+
 /// Answers an inspect request from the blocking pool (it reads files and runs fact commands).
 async fn inspect(executor: &Arc<Executor>, request: pb::InspectRequest) -> pb::InspectAnswer {
     let store = executor.store().clone();
@@ -549,6 +555,33 @@ async fn inspect(executor: &Arc<Executor>, request: pb::InspectRequest) -> pb::I
     let mode = request.mode();
     let service = request.service.clone();
     let env_key = request.env_key.clone();
+    // Adopting records a new desired state: not while a step works on the service. (Locks are
+    // taken in the services' order, as nothing else takes more than one.)
+    let mut held = Vec::new();
+    if mode == pb::InspectMode::InspectAdopt {
+        for name in &services {
+            if !service.is_empty() && name.name != service {
+                continue;
+            }
+            // Bounded below the coordinator's 30 s wait for the answer, so nothing is adopted
+            // after it gave up (and audited nothing).
+            match tokio::time::timeout(ADOPT_LOCK_WAIT, executor.lock_service(&name.name)).await {
+                Ok(guard) => held.extend(guard),
+                Err(_) => {
+                    return pb::InspectAnswer {
+                        request_id: request.request_id,
+                        services: Vec::new(),
+                        error: format!(
+                            "a step has been running on {} for over {} s: nothing was adopted; \
+                             try again once it ends",
+                            name.name,
+                            ADOPT_LOCK_WAIT.as_secs()
+                        ),
+                    };
+                }
+            }
+        }
+    }
     let described = tokio::task::spawn_blocking(move || {
         crate::inspect::inspect(&store, &services, &service, mode, &env_key)
     })
@@ -558,6 +591,10 @@ async fn inspect(executor: &Arc<Executor>, request: pb::InspectRequest) -> pb::I
         Ok(Err(error)) => (Vec::new(), error.to_string()),
         Err(error) => (Vec::new(), format!("inspect task failed: {error}")),
     };
+    drop(held);
+    if mode == pb::InspectMode::InspectAdopt && error.is_empty() {
+        executor.desired_changed();
+    }
     pb::InspectAnswer {
         request_id: request.request_id,
         services,

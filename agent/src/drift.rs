@@ -49,6 +49,16 @@ pub fn record_schema_version(store: &Store, service: &ServiceConfig) -> Result<(
     store.put_desired(&service.name, &desired)
 }
 
+/// What changed on `service` since rewind last put it there; empty when nothing did, or when
+/// no desired state is recorded (the latest snapshot is the state *before* a change: against
+/// it every deploy would read as a hand-made change).
+pub fn since_desired(store: &Store, service: &ServiceConfig) -> Result<Vec<String>, AgentError> {
+    let measured = measure(store, service, || Ok(None))?;
+    Ok(measured
+        .map(|measured| measured.wiped_since_desired().to_vec())
+        .unwrap_or_default())
+}
+
 /// What drift is measured against: the desired state, or the latest snapshot before one
 /// exists.
 pub struct Baseline {
@@ -68,6 +78,22 @@ pub struct Measured {
     pub live: Manifest,
     pub live_facts: ServiceFacts,
     pub lines: Vec<String>,
+    /// Of `lines`, the files and release link: what a restore would wipe (facts such as
+    /// package versions it does not touch).
+    pub wiped_by_restore: Vec<String>,
+}
+
+impl Measured {
+    /// What a restore would wipe of a change made since rewind last put the service there;
+    /// empty when measured against a snapshot (the state before a change: against it every
+    /// deploy would read as a hand-made change).
+    pub fn wiped_since_desired(&self) -> &[String] {
+        if self.baseline.snapshot_id.is_some() {
+            &[]
+        } else {
+            &self.wiped_by_restore
+        }
+    }
 }
 
 /// Measures `service`'s drift: `None` when there is nothing to measure against. `latest`
@@ -105,12 +131,18 @@ pub fn measure(
     };
     let live = snapshot::live_manifest(service, Some(store))?;
     let live_facts = crate::facts::collect(service);
-    let lines = lines(service, &baseline, &live, &live_facts);
+    let wiped_by_restore = file_lines(service, &baseline.manifest, &live);
+    let mut lines = wiped_by_restore.clone();
+    lines.extend(crate::facts::diff(
+        &comparable(&baseline.facts),
+        &comparable(&live_facts),
+    ));
     Ok(Some(Measured {
         baseline,
         live,
         live_facts,
         lines,
+        wiped_by_restore,
     }))
 }
 
@@ -126,31 +158,35 @@ fn latest_snapshot(
         .max_by_key(|record| record.captured_at_ms))
 }
 
-/// One line per difference between `baseline` and what is live, the flags file left out.
-fn lines(
-    service: &ServiceConfig,
-    baseline: &Baseline,
-    live: &Manifest,
-    live_facts: &ServiceFacts,
-) -> Vec<String> {
-    let is_flags_file = |path: &str| {
-        service.flags_file.as_deref().is_some_and(|flags| {
-            std::path::Path::new(flags)
-                .components()
-                .eq(std::path::Path::new(path).components())
-        })
+/// One line per difference in files and release link between `baseline` and what is live,
+/// leaving out the files the agent or the service itself writes: the flags file, the jobs
+/// checkpoint, `drift-ignore`.
+fn file_lines(service: &ServiceConfig, baseline: &Manifest, live: &Manifest) -> Vec<String> {
+    let same_path = |a: &str, b: &str| {
+        std::path::Path::new(a)
+            .components()
+            .eq(std::path::Path::new(b).components())
     };
-    let without_flags = |manifest: &Manifest| {
+    let checkpoint = service
+        .catalogue
+        .jobs
+        .as_ref()
+        .and_then(|jobs| jobs.checkpoint_file.as_deref());
+    let left_out = |path: &str| {
+        service
+            .flags_file
+            .iter()
+            .map(String::as_str)
+            .chain(checkpoint)
+            .chain(service.drift_ignore.iter().map(String::as_str))
+            .any(|ignored| same_path(ignored, path))
+    };
+    let compared = |manifest: &Manifest| {
         let mut manifest = manifest.clone();
-        manifest.files.retain(|file| !is_flags_file(&file.path));
+        manifest.files.retain(|file| !left_out(&file.path));
         manifest
     };
-    let mut lines = snapshot::diff(&without_flags(&baseline.manifest), &without_flags(live));
-    lines.extend(crate::facts::diff(
-        &comparable(&baseline.facts),
-        &comparable(live_facts),
-    ));
-    lines
+    snapshot::diff(&compared(baseline), &compared(live))
 }
 
 /// The facts drift compares: not the flags (rewind's own), not whether the unit is running
@@ -177,17 +213,22 @@ pub fn summary(store: &Store, service: &ServiceConfig, now_ms: u64) -> pb::Servi
     let found = measure(store, service, || latest_snapshot(store, service));
     match found {
         Ok(None) => summary.against = "nothing yet (no snapshot, activation or restore)".into(),
-        Ok(Some(Measured {
-            lines, baseline, ..
-        })) => {
+        Ok(Some(measured)) => {
+            let bounded = |lines: &[String]| -> Vec<String> {
+                lines
+                    .iter()
+                    .take(MAX_DRIFT_LINES_PER_SERVICE)
+                    .map(|line| truncate(line, MAX_DRIFT_LINE_BYTES).to_string())
+                    .collect()
+            };
+            summary.wiped_by_restore = bounded(measured.wiped_since_desired());
+            let Measured {
+                lines, baseline, ..
+            } = measured;
             summary.against = truncate(&baseline.described, MAX_DRIFT_LINE_BYTES).into();
             summary.against_at_ms = baseline.at_ms;
             summary.more = lines.len().saturating_sub(MAX_DRIFT_LINES_PER_SERVICE) as u32;
-            summary.changes = lines
-                .iter()
-                .take(MAX_DRIFT_LINES_PER_SERVICE)
-                .map(|line| truncate(line, MAX_DRIFT_LINE_BYTES).to_string())
-                .collect();
+            summary.changes = bounded(&lines);
         }
         Err(error) => summary.error = truncate(&error.to_string(), MAX_DRIFT_LINE_BYTES).into(),
     }

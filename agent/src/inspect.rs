@@ -10,6 +10,10 @@ use crate::facts::ServiceFacts;
 use crate::snapshot::{self, Manifest, SnapshotRecord};
 use crate::store::Store;
 
+/// Who set a desired state adopted by hand; an ADOPT answer says it in `drift_against` (an
+/// agent of an earlier release answers ADOPT as a CAPTURED, without it).
+pub const ADOPTED: &str = "host adopt";
+
 /// Describes `service` (empty: every service) in `mode`. Reads files and runs the fact
 /// commands, so callers run it on the blocking pool.
 pub fn inspect(
@@ -80,6 +84,27 @@ fn describe(
                 &crate::facts::collect(service),
                 env_key,
             ))
+        }
+        InspectMode::InspectAdopt => {
+            // A person accepted what changed by hand: measured, then recorded as the desired
+            // state, under the service's lock (the caller holds it); the answer names what was
+            // accepted, for the coordinator's audit entry.
+            let accepted = crate::drift::measure(store, service, || Ok(latest.cloned()))?
+                .map(|measured| measured.lines)
+                .unwrap_or_default();
+            let now_ms = rewind_shared::time::now_ms();
+            crate::drift::record_desired(store, service, ADOPTED, now_ms)?;
+            let manifest = snapshot::live_manifest(service, Some(store))?;
+            let mut state = state_of(
+                &service.name,
+                &manifest,
+                &crate::facts::collect(service),
+                env_key,
+            );
+            state.drift = accepted;
+            state.drift_against = ADOPTED.into();
+            state.drift_against_at_ms = now_ms;
+            Ok(state)
         }
         InspectMode::InspectDrift => {
             let Some(measured) = crate::drift::measure(store, service, || Ok(latest.cloned()))?
@@ -172,6 +197,60 @@ mod tests {
     use std::fs;
 
     use super::*;
+
+    #[test]
+    fn adopting_accepts_what_changed_and_files_the_service_writes_are_never_drift() {
+        let root = tempfile::tempdir().unwrap();
+        let data = tempfile::tempdir().unwrap();
+        fs::create_dir_all(root.path().join("releases/v1")).unwrap();
+        fs::write(root.path().join("app.toml"), "workers = 4").unwrap();
+        fs::write(root.path().join("cursor"), "1").unwrap();
+        snapshot::switch_link(root.path(), "releases/v1").unwrap();
+        let service = ServiceConfig {
+            config_files: vec!["app.toml".into(), "cursor".into()],
+            drift_ignore: vec!["cursor".into()],
+            ..ServiceConfig::bare("web", root.path())
+        };
+        let store = Store::open(&data.path().join("store")).unwrap();
+        crate::drift::record_desired(&store, &service, "ch-1/activate/h", 1).unwrap();
+        let services = [service.clone()];
+        let ask = |mode| inspect(&store, &services, "web", mode, b"k").unwrap()[0].clone();
+
+        // The service moves its own cursor on: no drift, and nothing a restore would wipe.
+        fs::write(root.path().join("cursor"), "2").unwrap();
+        assert!(ask(InspectMode::InspectDrift).drift.is_empty());
+        assert!(
+            crate::drift::since_desired(&store, &service)
+                .unwrap()
+                .is_empty()
+        );
+
+        // A hand edit is drift until adopted; adopting names what it accepted.
+        fs::write(root.path().join("app.toml"), "workers = 1").unwrap();
+        assert_eq!(
+            crate::drift::since_desired(&store, &service).unwrap().len(),
+            1
+        );
+        let adopted = ask(InspectMode::InspectAdopt);
+        assert_eq!(adopted.drift_against, ADOPTED);
+        assert!(
+            adopted.drift.len() == 1 && adopted.drift[0].contains("app.toml"),
+            "{:?}",
+            adopted.drift
+        );
+        let after = ask(InspectMode::InspectDrift);
+        assert!(after.drift.is_empty(), "{:?}", after.drift);
+        assert!(
+            after.drift_against.contains(ADOPTED),
+            "{}",
+            after.drift_against
+        );
+        assert!(
+            crate::drift::since_desired(&store, &service)
+                .unwrap()
+                .is_empty()
+        );
+    }
 
     #[test]
     fn drift_names_what_changed_since_rewind_last_set_the_service() {

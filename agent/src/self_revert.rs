@@ -275,6 +275,9 @@ pub async fn revert(
         let restore = Action::Restore(pb::RestoreSnapshot {
             snapshot_id: change.snapshot_id.clone(),
             supersedes: change.change_id.clone(),
+            // The host's own policy allowed reverting it while cut off: what it restores is
+            // what that policy names, drift or not.
+            refuse_drift: false,
         });
         ok = run("restore", restore).await
             && run("restart", Action::Restart(pb::RestartService {})).await;

@@ -41,6 +41,9 @@ pub struct Executor {
     /// Per service: coordinator steps hold it shared, a self-revert exclusively, so none of
     /// them runs between the self-revert's steps.
     self_revert_locks: HashMap<String, tokio::sync::RwLock<()>>,
+    /// Told when a service's desired state is recorded anew (an activation, a restore, an
+    /// adoption): the drift check runs at once rather than report stale drift for a while.
+    desired_changed: tokio::sync::Notify,
 }
 
 impl Executor {
@@ -65,7 +68,24 @@ impl Executor {
             service_locks,
             in_flight: Mutex::new(HashSet::new()),
             self_revert_locks,
+            desired_changed: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Says a desired state was recorded anew (see `desired_changed`).
+    pub fn desired_changed(&self) {
+        self.desired_changed.notify_one();
+    }
+
+    /// Resolves once a desired state was recorded anew since the last call.
+    pub async fn desired_changed_since(&self) {
+        self.desired_changed.notified().await;
+    }
+
+    /// Waits for the service's step lock (adopting a service's state must not interleave with
+    /// a step on it); `None` for a service this agent does not manage.
+    pub async fn lock_service(&self, service: &str) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        Some(self.service_locks.get(service)?.lock().await)
     }
 
     /// Holds the service's step lock if no step runs on it now (a drift check must not read a
@@ -163,7 +183,14 @@ impl Executor {
                 );
                 unfinished.runs
             }
-            Ok(None) => 0,
+            Ok(None) => {
+                // Only on the first run: a journal record means an earlier run passed this
+                // check and may have restored part of the state, which must be finished.
+                if let Err(error) = self.refuse_drift(&command).await {
+                    return Some(refuse(error));
+                }
+                0
+            }
         };
         let record = JournalRecord {
             step_id: step_id.clone(),
@@ -175,7 +202,15 @@ impl Executor {
         if let Err(error) = self.store.put_journal(&key, &record) {
             return Some(refuse(error));
         }
-        let outcome = match self.act(&command).await {
+        let acted = self.act(&command).await;
+        if matches!(
+            command.action,
+            Some(Action::Activate(_) | Action::Restore(_))
+        ) {
+            // After `act` let go of the service's lock: the drift check, woken, can read it.
+            self.desired_changed();
+        }
+        let outcome = match acted {
             Ok(Acted {
                 detail,
                 snapshot_id,
@@ -237,6 +272,33 @@ impl Executor {
         Ok(())
     }
 
+    /// Refuses a restore told to refuse drift when the service changed since rewind last put
+    /// it there: restoring would wipe a hand-made change without a word.
+    async fn refuse_drift(&self, command: &StepCommand) -> Result<(), AgentError> {
+        let Some(Action::Restore(restore)) = &command.action else {
+            return Ok(());
+        };
+        if !restore.refuse_drift {
+            return Ok(());
+        }
+        let service = self.service(&command.service)?.clone();
+        let store = self.store.clone();
+        let lines = blocking(move || crate::drift::since_desired(&store, &service)).await?;
+        if lines.is_empty() {
+            return Ok(());
+        }
+        Err(AgentError::refused(
+            "drift",
+            format!(
+                "{} changed since rewind last put it there, and restoring would wipe that: {}. \
+                 Nothing was restored. Skip the host, or let the rollback wipe the change \
+                 (`rewindctl host adopt`, then resume; or roll back with --overwrite-drift)",
+                command.service,
+                lines.join("; ")
+            ),
+        ))
+    }
+
     /// Acts under the service's lock. The work is never abandoned half-way: commands carry
     /// their own timeouts (capped by the step's), and file work runs to completion.
     async fn act(&self, command: &StepCommand) -> Result<Acted, AgentError> {
@@ -262,7 +324,6 @@ impl Executor {
             }
             return Ok(acted);
         }
-        let owner = command.step_id.split('/').next().unwrap_or_default();
         let acted = |(detail, snapshot_id)| Acted {
             detail,
             snapshot_id,
@@ -272,14 +333,20 @@ impl Executor {
             service,
             action,
             service.restart_timeout.min(step_timeout),
-            owner,
+            &command.step_id,
         );
         if !bounded_by_step_timeout(action) {
-            let done = act.await?;
-            if matches!(action, Action::Activate(_) | Action::Restore(_)) {
+            let done = act.await;
+            // What rewind left there is rewind's, not a hand-made change: after an activation
+            // that succeeded (one whose restart failed recorded it at its switch), and after
+            // any restore, even one that failed half-way (it passed the drift guard, or was
+            // told to overwrite), so the next rollback does not take it for drift.
+            if matches!(action, Action::Restore(_))
+                || (matches!(action, Action::Activate(_)) && done.is_ok())
+            {
                 self.record_desired(service, &command.step_id).await;
             }
-            return Ok(acted(done));
+            return done.map(acted);
         }
         // The catalogue's own steps (scale-up waits, checks and purges retry) and a drain
         // (waiting for sessions) are bounded by the step's timeout as a whole; a command still
@@ -367,8 +434,9 @@ impl Executor {
         service: &ServiceConfig,
         action: &Action,
         restart_timeout: Duration,
-        owner: &str,
+        step_id: &str,
     ) -> Result<(String, String), AgentError> {
+        let owner = step_id.split('/').next().unwrap_or_default();
         match action {
             Action::Capture(_) => {
                 let probes = self.probe_states(service).await;
@@ -411,6 +479,8 @@ impl Executor {
                 let root = service.root.clone();
                 let link_target = target.clone();
                 blocking(move || snapshot::switch_link(&root, &link_target)).await?;
+                // The link is rewind's now, whatever the restart does.
+                self.record_desired(service, step_id).await;
                 self.host
                     .run(&service.restart_command, restart_timeout)
                     .await?;

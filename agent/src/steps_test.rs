@@ -144,6 +144,7 @@ async fn capture_activate_restore_round_trip() {
     let restore = RestoreSnapshot {
         supersedes: "ch-2".into(),
         snapshot_id: captured.snapshot_id.clone(),
+        refuse_drift: false,
     };
     let restored = fixture
         .executor
@@ -151,6 +152,90 @@ async fn capture_activate_restore_round_trip() {
         .await
         .unwrap();
     assert!(restored.ok, "{}", restored.detail);
+    assert_eq!(link(&fixture), "releases/v1");
+    assert_eq!(
+        fs::read(fixture.root.path().join("app.toml")).unwrap(),
+        b"mode = 'v1'"
+    );
+}
+
+#[tokio::test]
+async fn a_restore_told_to_refuse_drift_leaves_a_hand_made_change_alone() {
+    let fixture = fixture();
+    let captured = fixture
+        .executor
+        .execute(step(
+            "ch-2/capture/web-1",
+            1,
+            Action::Capture(CaptureSnapshot {}),
+        ))
+        .await
+        .unwrap();
+    assert!(captured.ok, "{}", captured.detail);
+    let digest =
+        rewind_shared::digest::tree_digest(&fixture.root.path().join("releases/v2")).unwrap();
+    let activate = ActivateRelease {
+        version: "v2".into(),
+        artifact_digest: digest,
+    };
+    let activated = fixture
+        .executor
+        .execute(step("ch-2/activate/web-1", 1, Action::Activate(activate)))
+        .await
+        .unwrap();
+    assert!(activated.ok, "{}", activated.detail);
+    // The activation recorded the desired state. Now a hotfix by hand.
+    fs::write(fixture.root.path().join("app.toml"), b"hotfix = true").unwrap();
+    let restore = |refuse_drift| {
+        Action::Restore(RestoreSnapshot {
+            supersedes: "ch-2".into(),
+            snapshot_id: captured.snapshot_id.clone(),
+            refuse_drift,
+        })
+    };
+    // Refused, and refused again when delivered again: a refusal journals nothing.
+    for _delivery in 0..2 {
+        let refused = fixture
+            .executor
+            .execute(step("rb-1/restore/web-1", 1, restore(true)))
+            .await
+            .unwrap();
+        assert!(!refused.ok);
+        assert!(
+            refused
+                .detail
+                .contains("changed since rewind last put it there")
+                && refused.detail.contains("app.toml")
+                && refused.detail.contains("Nothing was restored"),
+            "{}",
+            refused.detail
+        );
+        assert_eq!(link(&fixture), "releases/v2");
+        assert_eq!(
+            fs::read(fixture.root.path().join("app.toml")).unwrap(),
+            b"hotfix = true"
+        );
+    }
+
+    // A restore that began before (the agent stopped half-way) is finished, not refused: the
+    // drift it would see may be its own half-done work.
+    let begun = step("rb-2/restore/web-1", 1, restore(true));
+    fixture
+        .executor
+        .store
+        .put_journal(
+            &journal_key(&begun).unwrap(),
+            &JournalRecord {
+                step_id: begun.step_id.clone(),
+                term: 1,
+                started_at_ms: 1,
+                outcome: None,
+                runs: 1,
+            },
+        )
+        .unwrap();
+    let finished = fixture.executor.execute(begun).await.unwrap();
+    assert!(finished.ok, "{}", finished.detail);
     assert_eq!(link(&fixture), "releases/v1");
     assert_eq!(
         fs::read(fixture.root.path().join("app.toml")).unwrap(),
@@ -217,6 +302,7 @@ async fn bad_commands_fail_with_a_reason_and_change_nothing() {
         Action::Restore(RestoreSnapshot {
             supersedes: String::new(),
             snapshot_id: "snap-nope".into(),
+            refuse_drift: false,
         }),
     );
     let result = fixture.executor.execute(no_snapshot).await.unwrap();
@@ -278,6 +364,7 @@ async fn a_restore_closes_its_change_so_a_late_activation_is_refused() {
     let restore = RestoreSnapshot {
         snapshot_id: captured.snapshot_id,
         supersedes: "ch-2".into(),
+        refuse_drift: false,
     };
     assert!(
         fixture

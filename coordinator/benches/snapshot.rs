@@ -34,6 +34,8 @@ fn command(index: u64) -> Command {
                 registered_at_ms: 0,
                 api_version: 3,
                 requires: [("db".to_string(), 2)].into_iter().collect(),
+                produces: Default::default(),
+                consumes: Default::default(),
             },
         }
     };
@@ -78,6 +80,7 @@ fn main() {
                     rollback_steps: Vec::new(),
                     rto_s: 0,
                     freeze: Vec::new(),
+                    drift_policy: Default::default(),
                 },
             },
         };

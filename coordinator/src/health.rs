@@ -67,6 +67,46 @@ impl HealthBook {
         }
     }
 
+    /// What the host last reported a restore of `service` would wipe of a change made since
+    /// rewind last put it there (files and the release link): empty when nothing changed, or
+    /// the agent has not said (one that has not checked yet, or of a release before version
+    /// 10, which neither reports nor refuses it).
+    pub fn drift(&self, host_id: &str, service: &str) -> Vec<String> {
+        let hosts = self
+            .hosts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let Some(drift) = hosts
+            .get(host_id)
+            .and_then(|history| history.drift.iter().find(|drift| drift.service == service))
+        else {
+            return Vec::new();
+        };
+        drift.wiped_by_restore.clone()
+    }
+
+    /// Forgets what the host last reported changed on `service`: rewind just put it there
+    /// (an activation or a restore succeeded, or its state was adopted), so until the agent's
+    /// next check says otherwise there is no drift to act on.
+    pub fn clear_drift(&self, host_id: &str, service: &str) {
+        let mut hosts = self
+            .hosts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let Some(history) = hosts.get_mut(host_id) else {
+            return;
+        };
+        for drift in history
+            .drift
+            .iter_mut()
+            .filter(|drift| drift.service == service)
+        {
+            drift.changes.clear();
+            drift.wiped_by_restore.clear();
+            drift.more = 0;
+        }
+    }
+
     /// Forgets a host (it was removed from the fleet).
     pub fn forget(&self, host_id: &str) {
         self.hosts

@@ -581,6 +581,7 @@ async fn serve(
             node: member.node.clone(),
             status: member.status.clone(),
             sessions: Arc::clone(&sessions),
+            health: Arc::clone(&health),
             limits: config.limits.clone(),
             alertmanager_token: http.alertmanager_token.clone().map(Arc::new),
             webhook_secret: http.webhook_secret.clone().map(Arc::new),

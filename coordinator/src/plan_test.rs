@@ -294,9 +294,19 @@ fn readiness_names_disconnected_hosts_and_estimates_the_duration() {
                 _ => Some(vec!["v1".into(), "v2".into()]),
             }
         }
+        fn drift(&self, host: &str, _service: &str) -> Vec<String> {
+            match host {
+                "eu-1" => vec!["config/app.toml: content differs".into()],
+                _ => Vec::new(),
+            }
+        }
     }
     let readiness = plan::readiness(&fleet.state, &plan, &View);
     assert_eq!(readiness.disconnected_hosts, vec!["eu-2"]);
+    assert_eq!(
+        readiness.drifted_hosts,
+        vec!["eu-1: web: config/app.toml: content differs"]
+    );
     assert!(readiness.missing_releases.is_empty());
     assert_eq!(
         readiness.missing_artifacts,
@@ -815,4 +825,117 @@ impl plan::HostView for AllConnected {
     fn retained(&self, _host: &str, _service: &str) -> Option<Vec<String>> {
         None
     }
+    fn drift(&self, _host: &str, _service: &str) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+#[test]
+fn hosts_left_out_are_named_in_the_notes_and_must_be_the_changes_own() {
+    let (fleet, change) = regional_fleet();
+    let leave_out = |hosts: &[&str]| PlanOptions {
+        exclude_hosts: hosts.iter().map(|host| host.to_string()).collect(),
+        ..PlanOptions::default()
+    };
+    let plan = fleet
+        .plan(&[change], &leave_out(&["us-1", "eu-2"]))
+        .unwrap();
+    let planned: Vec<String> = plan
+        .waves
+        .iter()
+        .flat_map(plan::PlannedWave::hosts)
+        .collect();
+    assert!(!planned.iter().any(|host| host == "us-1" || host == "eu-2"));
+    assert_eq!(planned.len(), 4);
+    assert!(
+        !plan.waves.iter().any(|wave| wave.region == "us"),
+        "a region left with no host has no wave"
+    );
+    assert!(
+        plan.notes
+            .iter()
+            .any(|note| note.contains("2 hosts left out as asked") && note.contains("eu-2, us-1")),
+        "{:?}",
+        plan.notes
+    );
+    let unknown = fleet
+        .plan(&[change], &leave_out(&["db-9"]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        unknown.contains("db-9 is not among the hosts this plan would revert")
+            && unknown.contains("eu-1"),
+        "{unknown}"
+    );
+    let everyone = ["eu-1", "eu-2", "eu-3", "us-1", "ap-1", "ap-2"];
+    let nothing = fleet
+        .plan(&[change], &leave_out(&everyone))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        nothing.contains("leaves no host of ch-2 (web) to revert"),
+        "{nothing}"
+    );
+}
+
+#[test]
+fn a_consumer_is_not_left_reading_less_than_a_producer_writes_to_a_topic() {
+    let mut fleet = Fleet::new();
+    fleet.service("api", &[]);
+    fleet.service("web", &["api"]);
+    fleet.host("api-1", "eu", &["api"]);
+    fleet.host("web-1", "eu", &["web"]);
+    for (version, schema) in [("v1", 1), ("v2", 2)] {
+        for (service, produces, consumes) in [("api", true, false), ("web", false, true)] {
+            let topics = || [("orders.created".to_string(), schema)].into();
+            fleet.apply(CommandKind::RegisterRelease {
+                release: ReleaseRecord {
+                    service: service.into(),
+                    produces: if produces {
+                        topics()
+                    } else {
+                        Default::default()
+                    },
+                    consumes: if consumes {
+                        topics()
+                    } else {
+                        Default::default()
+                    },
+                    ..crate::test_fleet::release(version, 'a')
+                },
+            });
+        }
+    }
+    for version in ["v1", "v2"] {
+        fleet.deploy("api", version);
+    }
+    fleet.deploy("web", "v1");
+    let web = fleet.deploy("web", "v2");
+    // web alone back to v1: it reads schema 1, api v2 stays and writes 2.
+    let plan = fleet.plan(&[web], &PlanOptions::default()).unwrap();
+    assert_eq!(plan.incompatibilities.len(), 1, "{plan:?}");
+    assert!(
+        plan.incompatibilities[0].detail.contains(
+            "topic orders.created: web v1 reads message schema up to 1, but api v2 writes 2"
+        ),
+        "{}",
+        plan.incompatibilities[0].detail
+    );
+    // Both back: compatible, with a word on what api v2 may have queued.
+    let api = fleet
+        .state
+        .changes
+        .values()
+        .rev()
+        .find(|change| change.service == "api")
+        .unwrap()
+        .number;
+    let plan = fleet.plan(&[web, api], &PlanOptions::default()).unwrap();
+    assert!(plan.incompatibilities.is_empty(), "{plan:?}");
+    assert!(
+        plan.notes.iter().any(|note| note
+            .contains("topic orders.created: messages api v2 already queued may carry schema 2")),
+        "{:?}",
+        plan.notes
+    );
 }

@@ -161,6 +161,7 @@ impl Fleet {
             service: ServiceRecord {
                 rto_s: 0,
                 freeze: Vec::new(),
+                drift_policy: Default::default(),
                 name: "web".into(),
                 depends_on: vec![],
                 policy: HealthPolicy::default(),
@@ -287,6 +288,7 @@ impl Fleet {
             service: ServiceRecord {
                 rto_s: 0,
                 freeze: Vec::new(),
+                drift_policy: Default::default(),
                 name: name.into(),
                 depends_on: depends_on.iter().map(|name| name.to_string()).collect(),
                 policy: HealthPolicy::default(),
@@ -326,6 +328,8 @@ impl Fleet {
                     .iter()
                     .map(|(provider, version)| (provider.to_string(), *version))
                     .collect(),
+                produces: Default::default(),
+                consumes: Default::default(),
             },
         });
     }
@@ -438,6 +442,8 @@ pub fn release(version: &str, digit: char) -> ReleaseRecord {
         registered_at_ms: 0,
         api_version: 0,
         requires: Default::default(),
+        produces: Default::default(),
+        consumes: Default::default(),
     }
 }
 

@@ -257,6 +257,7 @@ async fn run_loop(
         // A minute to recover: `rollback plan` measures its estimate against it.
         rto_s: 60,
         freeze_windows: vec![],
+        drift_policy: String::new(),
     };
     client
         .put_service(pb::PutServiceRequest {
@@ -306,10 +307,20 @@ async fn run_loop(
     })
     .await?;
     for host in &hosts {
-        // What a deploy tool would do alongside the release: rewrite the app's config.
+        // What a deploy tool would do alongside the release: rewrite the app's config, and
+        // tell rewind that is how the host should be (else a rollback would take it for a
+        // hotfix made by hand, and leave the host alone rather than wipe it).
         std::fs::write(host.root.join(CONFIG_FILE), V2_CONFIG)?;
+        client
+            .adopt_host_state(pb::AdoptHostStateRequest {
+                host_id: host.id.clone(),
+                service: SERVICE.into(),
+                reason: "demo: the deploy tool wrote v2's config".into(),
+            })
+            .await
+            .map_err(explain)?;
     }
-    say!("  the deploy tool rewrote {CONFIG_FILE} on every host");
+    say!("  the deploy tool rewrote {CONFIG_FILE} on every host (and told rewind: host adopt)");
     let deployed = wait_for_change(&client, &second, |change| {
         change.deployed_at_ms > 0 || !change.rollback_id.is_empty()
     })

@@ -37,6 +37,18 @@ pub enum HostCommand {
         #[arg(long, default_value = "")]
         service: String,
     },
+    /// Accept what changed on a host by hand as what rewind put there (audited, with the
+    /// drift accepted): a rollback then no longer refuses the host for it (its restore still
+    /// reverts the service to the snapshot taken before the change).
+    Adopt {
+        host: String,
+        /// Only this service (default: every service of the host).
+        #[arg(long, default_value = "")]
+        service: String,
+        /// Why (required: audited).
+        #[arg(long)]
+        reason: String,
+    },
     /// Remove a host from the fleet's record (admin): it stops being a default target and may
     /// register anew with other services. Its certificate stays valid (revoke it with the
     /// policy's deny list). Refused while a change, rollback or schema transaction could still
@@ -127,6 +139,33 @@ pub async fn run(
                     "{} forgotten (it ran {services}){enrollment}",
                     forgotten.host_id
                 );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        HostCommand::Adopt {
+            host,
+            service,
+            reason,
+        } => {
+            let adopted = client
+                .adopt_host_state(pb::AdoptHostStateRequest {
+                    host_id: host,
+                    service,
+                    reason,
+                })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            if format == Format::Json {
+                json(&adopted)?;
+            } else {
+                for state in &adopted.services {
+                    say!(
+                        "{} on {}: its state now is what rewind put there",
+                        state.service,
+                        adopted.host_id
+                    );
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -80,6 +80,14 @@ pub struct PlanArgs {
     /// them): for a revert that cannot succeed first when the app must be reverted anyway.
     #[arg(long)]
     pub schema_after_waves: bool,
+    /// Revert hosts whose service changed since rewind last put it there (a hotfix by hand),
+    /// wiping that change (audited). Without it such hosts are refused.
+    #[arg(long)]
+    pub overwrite_drift: bool,
+    /// Leave a host out of the plan, as it is (repeatable): a later rollback of the same
+    /// change reverts the hosts left out.
+    #[arg(long = "exclude-host", value_name = "HOST")]
+    pub exclude_hosts: Vec<String>,
 }
 
 impl PlanArgs {
@@ -92,6 +100,8 @@ impl PlanArgs {
             revert_expand: self.revert_expand,
             accept_data_loss: self.accept_data_loss,
             schema_after_waves: self.schema_after_waves,
+            overwrite_drift: self.overwrite_drift,
+            exclude_hosts: self.exclude_hosts,
             gate: Some(pb::GateOptions {
                 settle_s: self.gate_settle_s,
                 timeout_s: self.gate_timeout_s,
@@ -187,6 +197,21 @@ pub fn print_plan(plan: &pb::RollbackPlan) {
             "  {label}: {}",
             if value.is_empty() { "none" } else { &value }
         );
+    }
+    // Each drifted host on a line of its own: what changed is what a person reads before
+    // deciding to wipe it.
+    if plan.drifted_hosts.is_empty() {
+        say!("  changed by hand since rewind put them there: none");
+    } else if options.overwrite_drift {
+        say!("  changed by hand since rewind put them there (--overwrite-drift: wiped):");
+    } else {
+        say!(
+            "  changed by hand since rewind put them there (refused unless --overwrite-drift \
+             or --exclude-host):"
+        );
+        for line in &plan.drifted_hosts {
+            say!("    {line}");
+        }
     }
     let duration = |ms: u64| {
         humantime::format_duration(std::time::Duration::from_secs(ms.div_ceil(1000))).to_string()

@@ -256,6 +256,15 @@ pub fn check_health_report(
         for line in &drift.changes {
             text_at_most("health.drift.changes", line, MAX_DRIFT_LINE_BYTES)?;
         }
+        at_most(
+            "health.drift.wiped_by_restore",
+            drift.wiped_by_restore.len(),
+            MAX_DRIFT_LINES_PER_SERVICE,
+            "lines",
+        )?;
+        for line in &drift.wiped_by_restore {
+            text_at_most("health.drift.wiped_by_restore", line, MAX_DRIFT_LINE_BYTES)?;
+        }
         text_at_most("health.drift.against", &drift.against, MAX_DRIFT_LINE_BYTES)?;
         text_at_most("health.drift.error", &drift.error, MAX_DRIFT_LINE_BYTES)?;
     }
@@ -440,6 +449,10 @@ mod tests {
             (
                 Box::new(|r| r.drift[0].changes[0] = "x".repeat(513)),
                 "health.drift.changes: 513 bytes, at most 512",
+            ),
+            (
+                Box::new(|r| r.drift[0].wiped_by_restore = vec!["x".into(); 33]),
+                "health.drift.wiped_by_restore: 33 lines, at most 32",
             ),
             (
                 Box::new(|r| r.drift[0].against = "x".repeat(513)),

@@ -100,6 +100,7 @@ async fn rollback_of_a_fleet(
             service: Some(pb::Service {
                 rto_s: 0,
                 freeze_windows: vec![],
+                drift_policy: String::new(),
                 name: "web".into(),
                 depends_on: vec![],
                 policy: Some(pb::HealthPolicy {

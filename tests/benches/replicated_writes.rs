@@ -109,6 +109,7 @@ async fn bench_rewind_at(
     let service = pb::Service {
         rto_s: 0,
         freeze_windows: vec![],
+        drift_policy: String::new(),
         name: "bench".into(),
         depends_on: vec![],
         policy: None,

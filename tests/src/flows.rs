@@ -102,6 +102,7 @@ pub async fn must_register_web(
     let service = pb::Service {
         rto_s: 0,
         freeze_windows: vec![],
+        drift_policy: String::new(),
         name: "web".into(),
         depends_on: vec![],
         policy: Some(policy),
@@ -224,8 +225,31 @@ pub async fn must_deploy_v1_then_v2(
         })
         .await;
     }
+    must_write_v2_config(client, hosts).await;
+}
+
+/// What a deploy tool does beside the release: rewrites each host's config to v2's, and tells
+/// rewind that is how the hosts should be (`host adopt`), so a rollback does not take it for a
+/// hand-made change.
+pub async fn must_write_v2_config(client: &mut ControlServiceClient<Channel>, hosts: &[TestHost]) {
     for host in hosts {
         std::fs::write(host.root.join("config/app.toml"), config_for("v2")).unwrap();
+        let adopted = client
+            .adopt_host_state(rewind_proto::v1::AdoptHostStateRequest {
+                host_id: host.id.clone(),
+                service: "web".into(),
+                reason: "the deploy tool wrote v2's config".into(),
+            })
+            .await;
+        match adopted {
+            Ok(_) => {}
+            // A coordinator of an earlier release (the mixed-version run), or a cluster below
+            // version 10: no drift guard either, so nothing to tell.
+            Err(status)
+                if status.code() == tonic::Code::Unimplemented
+                    || status.message().contains("needs cluster version") => {}
+            Err(status) => panic!("adopt the config the deploy wrote: {status}"),
+        }
     }
 }
 

@@ -42,3 +42,4 @@ mod t38_service_objectives;
 mod t39_audit_store;
 mod t40_archive;
 mod t41_env_diff;
+mod t42_drift_guard;

@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use rewind_proto::v1 as pb;
 use rewind_tests::{
-    Coordinator, TestHost, config_for, must_agents_connected, must_change, must_change_where,
-    must_register_web, must_rollback_end, run_ok,
+    Coordinator, TestHost, must_agents_connected, must_change, must_change_where,
+    must_register_web, must_rollback_end, must_write_v2_config, run_ok,
 };
 
 async fn must_setup(
@@ -46,9 +46,7 @@ async fn bad_health_after_a_change_rolls_every_host_back_to_its_exact_state() {
         change.state != pb::ChangeState::Capturing as i32
     })
     .await;
-    for host in &hosts {
-        std::fs::write(host.root.join("config/app.toml"), config_for("v2")).unwrap();
-    }
+    must_write_v2_config(&mut client, &hosts).await;
     let change = must_change_where(&client, &second, "the automatic rollback", |change| {
         !change.rollback_id.is_empty()
     })

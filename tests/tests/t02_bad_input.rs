@@ -60,6 +60,7 @@ fn service(
         service: Some(pb::Service {
             rto_s: 0,
             freeze_windows: vec![],
+            drift_policy: String::new(),
             name: name.into(),
             depends_on: vec![],
             policy,

@@ -71,6 +71,7 @@ async fn clients_without_a_certificate_or_from_another_ca_are_refused() {
     let service = pb::Service {
         rto_s: 0,
         freeze_windows: vec![],
+        drift_policy: String::new(),
         name: "web".into(),
         depends_on: vec![],
         policy: None,

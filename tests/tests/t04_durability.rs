@@ -12,6 +12,7 @@ async fn acknowledged_writes_survive_kill_9_and_the_audit_chain_still_verifies()
         let service = pb::Service {
             rto_s: 0,
             freeze_windows: vec![],
+            drift_policy: String::new(),
             name: format!("svc-{index}"),
             depends_on: vec![],
             policy: None,
@@ -54,6 +55,7 @@ async fn acknowledged_writes_survive_kill_9_and_the_audit_chain_still_verifies()
     let service = pb::Service {
         rto_s: 0,
         freeze_windows: vec![],
+        drift_policy: String::new(),
         name: "svc-0".into(),
         depends_on: vec!["svc-1".into()],
         policy: None,

@@ -16,6 +16,7 @@ fn put_service(name: &str) -> pb::PutServiceRequest {
         service: Some(pb::Service {
             rto_s: 0,
             freeze_windows: vec![],
+            drift_policy: String::new(),
             name: name.into(),
             depends_on: vec![],
             policy: None,

@@ -71,6 +71,7 @@ async fn must_register(
                 service: Some(pb::Service {
                     rto_s: 0,
                     freeze_windows: vec![],
+                    drift_policy: String::new(),
                     name: service.into(),
                     depends_on: depends_on.into_iter().map(String::from).collect(),
                     policy: Some(pb::HealthPolicy {
@@ -105,10 +106,17 @@ async fn must_register(
             let dir = host.root.join("releases").join(version);
             let artifact_digest = rewind_shared::digest::tree_digest(&dir).unwrap();
             // web of each version needs the api of the same version; api says which it offers.
+            // api writes its events in the schema of its version, web reads up to its own.
             let (api_version, requires) = match service {
                 "api" => (api, BTreeMap::new()),
                 "web" => (0, BTreeMap::from([("api".to_string(), api)])),
                 _ => (0, BTreeMap::new()),
+            };
+            let topic = || BTreeMap::from([("orders.created".to_string(), api)]);
+            let (produces, consumes) = match service {
+                "api" => (topic(), BTreeMap::new()),
+                "web" => (BTreeMap::new(), topic()),
+                _ => (BTreeMap::new(), BTreeMap::new()),
             };
             client
                 .register_release(pb::RegisterReleaseRequest {
@@ -119,6 +127,8 @@ async fn must_register(
                         artifact_digest,
                         api_version,
                         requires: requires.into_iter().collect(),
+                        produces: produces.into_iter().collect(),
+                        consumes: consumes.into_iter().collect(),
                         ..Default::default()
                     }),
                 })
@@ -240,6 +250,16 @@ async fn a_plan_reverts_consumers_first_region_by_region_and_a_failing_gate_esca
         String::from_utf8_lossy(&refused.stderr).contains("the plan would break consumers"),
         "{refused:?}"
     );
+    // Reverting web alone would leave it unable to read what api v2 writes to the topic.
+    let refused = coordinator.rewindctl(&["rollback", "plan", "--change", "ch-6"]);
+    assert!(!refused.status.success());
+    let text = String::from_utf8_lossy(&refused.stdout);
+    assert!(
+        text.contains(
+            "topic orders.created: web v1 reads message schema up to 1, but api v2 writes 2"
+        ),
+        "{text}"
+    );
 
     let selection = [
         "--service",
@@ -288,6 +308,14 @@ async fn a_plan_reverts_consumers_first_region_by_region_and_a_failing_gate_esca
         run_ok(&coordinator.rewindctl(&[&["rollback", "plan"][..], &selection[..]].concat()));
     assert!(
         table.contains(&hash) && table.contains("expected duration"),
+        "{table}"
+    );
+    // Both reverted: compatible, but what api v2 already queued may still be in the topic.
+    assert!(
+        table.contains(
+            "topic orders.created: messages api v2 already queued may carry schema 2, which web \
+             v1 does not read"
+        ),
         "{table}"
     );
     // A host that pruned the release its restore would point at is named in the readiness.

@@ -42,14 +42,21 @@ async fn host_diff_and_drift_compare_real_hosts() {
         stdout(&live)
     );
 
-    // Drift is measured against what rewind last put there (the v2 activation), not against
-    // the snapshot from before it: the deploy itself is no drift, the config written after it
-    // (by the test, as a config tool would) is.
-    let drift = coordinator.rewindctl(&["host", "drift", "web-1", "--service", "web"]);
+    // Drift is measured against what rewind last put there (the v2 activation, then the
+    // config the deploy tool wrote and adopted), not against the snapshot from before it: the
+    // deploy itself is no drift, the hand edit after it is.
+    let clean = coordinator.rewindctl(&["host", "drift", "web-1", "--service", "web"]);
+    assert!(clean.status.success(), "{}", stdout(&clean));
+    assert!(
+        stdout(&clean).contains("web: no drift since the state rewind last set (host adopt)"),
+        "{}",
+        stdout(&clean)
+    );
+    let drift = coordinator.rewindctl(&["host", "drift", "web-2", "--service", "web"]);
     assert_eq!(drift.status.code(), Some(1), "{}", stdout(&drift));
     let shown = stdout(&drift);
     assert!(
-        shown.contains("web: drifted since the state rewind last set (ch-2/activate/web-1)"),
+        shown.contains("web: drifted since the state rewind last set (host adopt)"),
         "{shown}"
     );
     assert!(shown.contains("config/app.toml"), "{shown}");
@@ -81,7 +88,7 @@ async fn host_diff_and_drift_compare_real_hosts() {
     };
     let shown = service_drift("config/app.toml");
     assert!(
-        shown.contains("web-2: 1 change since the state rewind last set (ch-2/activate/web-2)")
+        shown.contains("web-2: 1 change since the state rewind last set (host adopt)")
             && shown.contains("config/app.toml"),
         "{shown}"
     );
@@ -102,8 +109,25 @@ async fn host_diff_and_drift_compare_real_hosts() {
     assert!(shown.contains("config/app.toml"), "{shown}");
 
     // A rollback's restore is what rewind put there last: no drift after it, the hand edit and
-    // the deleted file undone with the rest.
-    let rollback_id = must_start_rollback_of_v2(&mut client).await;
+    // the deleted file undone with the rest (it is told to: a hand edit is not wiped without a
+    // word, see t42).
+    let rollback_id = client
+        .start_rollback(pb::StartRollbackRequest {
+            change_id: "ch-2".into(),
+            reason: "bad release".into(),
+            options: Some(pb::PlanOptions {
+                max_parallel: 1,
+                overwrite_drift: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("start the rollback")
+        .into_inner()
+        .rollback
+        .expect("started")
+        .rollback_id;
     let rollback = must_rollback_end(&client, &rollback_id).await;
     assert_eq!(
         rollback.state,

@@ -110,6 +110,7 @@ macro_rules! control_table {
 const CONTROL: &[Permission] = control_table![
     ("ListHosts", "host.list", Read, Listed),
     ("InspectHost", "host.inspect", Read, Scoped),
+    ("AdoptHostState", "host.adopt", Operate, Scoped),
     ("ForgetHost", "host.forget", Administer, Cluster),
     ("PutService", "service.put", Operate, Service),
     ("ListServices", "service.list", Read, Listed),

@@ -340,6 +340,25 @@ async fn record_step_result(context: &Context, host_id: &str, result: pb::StepRe
     if result.replayed {
         detail = format!("{detail} (answered from the agent's journal)");
     }
+    // Rewind just put the service there: the drift the agent last reported is gone (its own
+    // next check, which runs at once, says so too).
+    let put_there = match &step {
+        StepTarget::Activate { change, .. } if ok => context.node.read(|state| {
+            state
+                .changes
+                .get(change)
+                .map(|change| change.service.clone())
+        }),
+        StepTarget::Rollback {
+            service,
+            kind: RollbackStepKind::Restore,
+            ..
+        } if ok => Some(service.clone()),
+        _ => None,
+    };
+    if let Some(service) = put_there {
+        context.health.clear_drift(host_id, &service);
+    }
     let snapshot_id = if ok {
         result.snapshot_id
     } else {

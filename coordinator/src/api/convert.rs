@@ -85,6 +85,7 @@ pub fn service(service: &ServiceRecord) -> pb::Service {
             .iter()
             .map(|window| window.text.clone())
             .collect(),
+        drift_policy: service.drift_policy.name().to_string(),
     }
 }
 
@@ -131,6 +132,8 @@ pub fn release(release: &ReleaseRecord) -> pb::Release {
             .iter()
             .map(|(service, version)| (service.clone(), *version))
             .collect(),
+        produces: release.produces.clone().into_iter().collect(),
+        consumes: release.consumes.clone().into_iter().collect(),
     }
 }
 
@@ -273,6 +276,8 @@ pub fn plan_options(options: &PlanOptions) -> pb::PlanOptions {
         revert_expand: options.revert_expand,
         accept_data_loss: options.accept_data_loss.clone(),
         schema_after_waves: options.schema_after_waves,
+        overwrite_drift: options.overwrite_drift,
+        exclude_hosts: options.exclude_hosts.clone(),
         gate: Some(pb::GateOptions {
             settle_s: options.gate.settle_s,
             timeout_s: options.gate.timeout_s,
@@ -688,6 +693,7 @@ pub fn plan(
         disconnected_hosts: readiness.disconnected_hosts.clone(),
         missing_releases: readiness.missing_releases.clone(),
         missing_artifacts: readiness.missing_artifacts.clone(),
+        drifted_hosts: readiness.drifted_hosts.clone(),
         expected_duration_ms: readiness.expected_duration_ms,
         estimate: Some(pb::DurationEstimate {
             p50_ms: readiness.estimate.p50_ms,

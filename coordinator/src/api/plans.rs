@@ -101,9 +101,33 @@ pub(super) fn options_from(
         revert_expand: options.revert_expand,
         accept_data_loss: accept_data_loss(options.accept_data_loss)?,
         schema_after_waves: options.schema_after_waves,
+        overwrite_drift: options.overwrite_drift,
+        exclude_hosts: excluded_hosts(options.exclude_hosts)?,
     };
     // As the leader will plan them, so a preview's hash is the one a start can name.
     crate::state_machine::decision::as_replicated(&options).map_err(to_status)
+}
+
+/// Most hosts one plan may leave out.
+pub const MAX_EXCLUDED_HOSTS: usize = 1024;
+
+/// Hosts to leave out: names, at most [`MAX_EXCLUDED_HOSTS`], sorted and without repeats (so
+/// the same set always makes the same plan).
+fn excluded_hosts(hosts: Vec<String>) -> Result<Vec<String>, Status> {
+    let field = "options.exclude_hosts";
+    if hosts.len() > MAX_EXCLUDED_HOSTS {
+        return Err(invalid(
+            field,
+            format!("names {} hosts, at most {MAX_EXCLUDED_HOSTS}", hosts.len()),
+        ));
+    }
+    for host in &hosts {
+        names::validate_name(field, host).map_err(super::validate::field_error)?;
+    }
+    let mut hosts = hosts;
+    hosts.sort();
+    hosts.dedup();
+    Ok(hosts)
 }
 
 /// The reason given for accepting data loss: audited, so it must say something.
@@ -237,6 +261,10 @@ impl plan::HostView for LiveHosts<'_> {
             .into_iter()
             .find(|retained| retained.service == service)
             .map(|retained| retained.versions)
+    }
+
+    fn drift(&self, host_id: &str, service: &str) -> Vec<String> {
+        self.health.drift(host_id, service)
     }
 }
 

@@ -171,7 +171,10 @@ pub(super) fn validate_service(service: pb::Service) -> Result<ServiceRecord, St
             })
         })
         .collect::<Result<Vec<_>, Status>>()?;
+    let drift_policy = crate::state_machine::DriftPolicy::parse(&service.drift_policy)
+        .map_err(|problem| invalid("service.drift_policy", problem))?;
     Ok(ServiceRecord {
+        drift_policy,
         name: service.name,
         depends_on: service.depends_on,
         policy,

@@ -56,6 +56,8 @@ impl EngineLimits {
             revert_expand: false,
             accept_data_loss: String::new(),
             schema_after_waves: false,
+            overwrite_drift: false,
+            exclude_hosts: Vec::new(),
         }
     }
 }
@@ -67,6 +69,8 @@ pub trait Observations {
     /// First report after `since_ms`: do all of the service's probes pass, and why.
     fn verdict_since(&self, host_id: &str, service: &str, since_ms: u64) -> Option<(bool, String)>;
     fn aggregate(&self, service: &str, hosts: &[String], since_ms: u64) -> HealthAggregate;
+    /// What the host last reported changed on `service` since rewind last put it there.
+    fn drift(&self, host_id: &str, service: &str) -> Vec<String>;
     /// The latest result of the synthetic checks run for this gate since `since_ms`.
     fn synthetics(&self, rollback: u64, wave: u32, since_ms: u64) -> Option<SyntheticVerdict>;
 }
@@ -151,6 +155,8 @@ pub enum AgentAction {
     Restore {
         snapshot_id: String,
         supersedes: String,
+        /// The agent refuses when the host drifted since rewind last put it there.
+        refuse_drift: bool,
     },
     Restart,
     Drain,
@@ -801,6 +807,11 @@ fn drive_rollback(
                 AgentAction::Restore {
                     snapshot_id,
                     supersedes: change.id(),
+                    // From version 10 a hand-made change is not wiped unless the rollback
+                    // was told to overwrite drift.
+                    refuse_drift: state.cluster_version()
+                        >= crate::state_machine::version::DRIFT_GUARD
+                        && !rollback.options.overwrite_drift,
                 }
             }
             RollbackStepKind::Restart => AgentAction::Restart,
@@ -1161,13 +1172,20 @@ fn check_triggers(
             continue;
         }
         memory.triggered.insert(change.number, now_ms);
+        let environment = crate::plan::environment_of(state, change);
         actions.push(Action::Propose(CommandKind::AutoTrigger(
             crate::state_machine::AutoTrigger {
                 service: service.name.clone(),
-                environment: crate::plan::environment_of(state, change),
+                environment: environment.clone(),
                 source: TriggerSource::Policy,
                 reason,
-                options: limits.automatic_plan(),
+                options: crate::plan::with_drift_policy(
+                    state,
+                    &service.name,
+                    &environment,
+                    limits.automatic_plan(),
+                    |host, service| seen.drift(host, service),
+                ),
                 throttle: limits.throttle.clone(),
                 decided: None,
             },

@@ -395,3 +395,62 @@ fn a_relative_condition_over_a_zero_baseline_needs_a_real_margin() {
         world.fleet.state.rollbacks[&1].reason
     );
 }
+
+#[test]
+fn an_automatic_rollback_follows_the_services_drift_policy() {
+    // Skip (the default): the drifted host is left out and a person called.
+    let mut world = World::new();
+    world.deployed();
+    world.seen.drift.insert(
+        "web-2".into(),
+        vec!["config/app.toml: content differs".into()],
+    );
+    world.seen.failure_ratio = 1.0;
+    world.run_tick(1_500);
+    world.run_tick(3_600);
+    let rollback = &world.fleet.state.rollbacks[&1];
+    assert_eq!(rollback.options.exclude_hosts, vec!["web-2"]);
+    assert!(rollback.steps.iter().all(|step| step.host_id != "web-2"));
+    assert!(!rollback.options.overwrite_drift);
+    let escalation = &world.fleet.state.escalations[&rollback.escalations[0]];
+    assert!(
+        escalation.evidence.contains("left web-2 untouched"),
+        "{}",
+        escalation.evidence
+    );
+
+    // Overwrite: every host is reverted, told to wipe the drift.
+    let mut world = World::new();
+    let mut service = world.fleet.state.services["web"].clone();
+    service.drift_policy = DriftPolicy::Overwrite;
+    world.apply(CommandKind::PutService { service });
+    world.deployed();
+    world.seen.drift.insert(
+        "web-2".into(),
+        vec!["config/app.toml: content differs".into()],
+    );
+    world.seen.failure_ratio = 1.0;
+    world.run_tick(1_500);
+    world.run_tick(3_600);
+    let rollback = &world.fleet.state.rollbacks[&1];
+    assert!(rollback.options.exclude_hosts.is_empty());
+    assert!(rollback.options.overwrite_drift);
+    assert!(rollback.steps.iter().any(|step| step.host_id == "web-2"));
+
+    // Every host drifted: none is left out (the rollback would revert nothing), so each
+    // agent refuses its restore and the paused rollback calls a person.
+    let mut world = World::new();
+    world.deployed();
+    for host in ["web-1", "web-2", "web-3"] {
+        world
+            .seen
+            .drift
+            .insert(host.into(), vec!["config/app.toml: content differs".into()]);
+    }
+    world.seen.failure_ratio = 1.0;
+    world.run_tick(1_500);
+    world.run_tick(3_600);
+    let rollback = &world.fleet.state.rollbacks[&1];
+    assert!(rollback.options.exclude_hosts.is_empty());
+    assert!(!rollback.options.overwrite_drift);
+}

@@ -17,9 +17,14 @@ pub(super) struct Seen {
     pub(super) error_ratio: Option<f64>,
     pub(super) p99_latency_ms: Option<f64>,
     pub(super) synthetic: Option<SyntheticVerdict>,
+    /// What each host reported changed by hand (any service).
+    pub(super) drift: HashMap<String, Vec<String>>,
 }
 
 impl Observations for Seen {
+    fn drift(&self, host_id: &str, _service: &str) -> Vec<String> {
+        self.drift.get(host_id).cloned().unwrap_or_default()
+    }
     fn session(&self, host_id: &str) -> Option<u64> {
         self.sessions.get(host_id).copied()
     }
@@ -116,6 +121,7 @@ impl World {
             service: ServiceRecord {
                 rto_s: 0,
                 freeze: Vec::new(),
+                drift_policy: Default::default(),
                 name: "web".into(),
                 depends_on: vec![],
                 policy,
@@ -132,6 +138,8 @@ impl World {
                 registered_at_ms: 0,
                 api_version: 0,
                 requires: Default::default(),
+                produces: Default::default(),
+                consumes: Default::default(),
             },
         });
         world
@@ -353,14 +361,16 @@ fn a_rollback_reverts_hosts_one_batch_at_a_time_drain_to_undrain() {
                 "rb-1/web/restore/web-1".into(),
                 AgentAction::Restore {
                     snapshot_id: "snap-web-1".into(),
-                    supersedes: "ch-1".into()
+                    supersedes: "ch-1".into(),
+                    refuse_drift: true,
                 }
             ),
             (
                 "rb-1/web/restore/web-2".into(),
                 AgentAction::Restore {
                     snapshot_id: "snap-web-2".into(),
-                    supersedes: "ch-1".into()
+                    supersedes: "ch-1".into(),
+                    refuse_drift: true,
                 }
             ),
         ],

@@ -126,6 +126,10 @@ impl Observations for Live<'_> {
         self.health.aggregate(service, hosts, since_ms)
     }
 
+    fn drift(&self, host_id: &str, service: &str) -> Vec<String> {
+        self.health.drift(host_id, service)
+    }
+
     fn synthetics(&self, rollback: u64, wave: u32, since_ms: u64) -> Option<SyntheticVerdict> {
         self.synthetics.latest(rollback, wave, since_ms)
     }
@@ -364,9 +368,11 @@ fn step_message(
         AgentAction::Restore {
             snapshot_id,
             supersedes,
+            refuse_drift,
         } => step_command::Action::Restore(pb::RestoreSnapshot {
             snapshot_id,
             supersedes,
+            refuse_drift,
         }),
         AgentAction::Restart => step_command::Action::Restart(pb::RestartService {}),
         AgentAction::Drain => step_command::Action::Drain(pb::Drain {}),

@@ -332,6 +332,15 @@ async fn trigger(
 ) -> Result<TriggerAnswer, Refusal> {
     let principal = Principal::new(Kind::Automation, asked.identity);
     authorize(http, &principal, asked.service, asked.environment).await?;
+    let options = http.node.read(|state| {
+        crate::plan::with_drift_policy(
+            state,
+            asked.service,
+            asked.environment,
+            http.limits.automatic_plan(),
+            |host, service| http.health.drift(host, service),
+        )
+    });
     let command = Command {
         at_ms: rewind_shared::time::now_ms(),
         identity: principal.id(),
@@ -343,7 +352,7 @@ async fn trigger(
             environment: asked.environment.to_string(),
             source: asked.source,
             reason,
-            options: http.limits.automatic_plan(),
+            options,
             throttle: http.limits.throttle.clone(),
             decided: None,
         }),

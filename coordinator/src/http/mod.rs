@@ -32,6 +32,8 @@ pub struct HttpState {
     pub node: NodeHandle,
     pub status: watch::Receiver<RaftStatus>,
     pub sessions: Arc<Sessions>,
+    /// Agents' latest reports: an automatic rollback follows the services' drift policy.
+    pub health: Arc<crate::health::HealthBook>,
     /// Plan options and throttles for the automatic rollbacks the receivers ask for.
     pub limits: EngineLimits,
     /// Bearer token Alertmanager must send; None: the receiver is off.

@@ -18,9 +18,9 @@ use sha2::{Digest, Sha256};
 use crate::errors::{CoordinatorError, known_list};
 use crate::recipe::RecipeStep;
 use crate::state_machine::{
-    ChangeRecord, HostRecord, MigrationClass, PlanOptions, ReleaseRecord, RollbackStatus,
-    RollbackStepKind, SchemaOwner, SchemaStage, SchemaTxnRecord, State, StepStatus, Trigger,
-    change_id, current_version, unknown_change,
+    ChangeRecord, DriftPolicy, HostRecord, MigrationClass, PlanOptions, ReleaseRecord,
+    RollbackRecord, RollbackStatus, RollbackStepKind, SchemaOwner, SchemaStage, SchemaTxnRecord,
+    State, StepStatus, Trigger, change_id, current_version, unknown_change,
 };
 
 mod estimate;
@@ -149,9 +149,33 @@ pub fn build(
             ));
         }
     }
+    // The hosts each change's waves may revert, then less those left out as asked: each left
+    // out must be one of them (a typo, a host already reverted or never activated is named).
+    let mut notes = Vec::new();
+    let mut candidates: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    for change in by_service.values() {
+        candidates.insert(&change.service, hosts_to_revert(state, change, &mut notes)?);
+    }
+    let excluded: BTreeSet<&str> = options.exclude_hosts.iter().map(String::as_str).collect();
+    let unknown: Vec<&str> = excluded
+        .iter()
+        .copied()
+        .filter(|host| !candidates.values().any(|hosts| hosts.contains(host)))
+        .collect();
+    if !unknown.is_empty() {
+        let hosts: BTreeSet<&str> = candidates.values().flatten().copied().collect();
+        return Err(CoordinatorError::invalid(
+            "options.exclude_hosts",
+            format!(
+                "{} {} not among the hosts this plan would revert: they are {}",
+                unknown.join(", "),
+                if unknown.len() == 1 { "is" } else { "are" },
+                known_list(hosts.iter().map(|host| host.to_string()))
+            ),
+        ));
+    }
     let batch = options.max_parallel.min(options.max_unavailable).max(1) as usize;
     let mut waves = Vec::new();
-    let mut notes = Vec::new();
     for service in &order {
         let change = by_service[service];
         let skipped: Vec<&str> = change
@@ -202,7 +226,8 @@ pub fn build(
                 self_reverted.join(", ")
             ));
         }
-        for (region, hosts, is_canary) in regions_in_order(state, change, canary) {
+        let reverted = less_excluded(change, &candidates[service.as_str()], &excluded, &mut notes)?;
+        for (region, hosts, is_canary) in regions_in_order(state, &reverted, canary) {
             waves.push(PlannedWave {
                 service: service.clone(),
                 change: change.number,
@@ -313,8 +338,13 @@ pub(crate) fn revertible_change(
                 status: previous.status,
             });
         }
-        // One automatic rollback per change: after that a person decides.
-        if previous.status == RollbackStatus::Succeeded || trigger == Trigger::Automatic {
+        // One automatic rollback per change: after that a person decides. A person may revert
+        // the hosts a rollback that succeeded left out.
+        let left_out =
+            previous.status == RollbackStatus::Succeeded && left_out_of(state, change).is_some();
+        if (previous.status == RollbackStatus::Succeeded && !left_out)
+            || trigger == Trigger::Automatic
+        {
             return Err(CoordinatorError::AlreadyRolledBack {
                 change_id: change.id(),
                 rollback_id: previous.id(),
@@ -327,6 +357,84 @@ pub(crate) fn revertible_change(
         });
     }
     Ok(change)
+}
+
+/// The latest rollback of `change` that succeeded, and the hosts of the change it left out
+/// (its `exclude_hosts` it could have reverted), when it left any: a later rollback of the
+/// change reverts only those.
+fn left_out_of<'a>(
+    state: &'a State,
+    change: &'a ChangeRecord,
+) -> Option<(&'a RollbackRecord, BTreeSet<&'a str>)> {
+    let succeeded = state.rollbacks.values().rev().find(|rollback| {
+        rollback.status == RollbackStatus::Succeeded && rollback.changes.contains(&change.number)
+    })?;
+    let revertible: BTreeSet<&str> = revertible_hosts(change).collect();
+    let left_out: BTreeSet<&str> = succeeded
+        .options
+        .exclude_hosts
+        .iter()
+        .map(String::as_str)
+        .filter(|host| revertible.contains(host))
+        .collect();
+    (!left_out.is_empty()).then_some((succeeded, left_out))
+}
+
+/// The hosts of `change` a plan may revert: those it may have altered; after a rollback of it
+/// that succeeded and left hosts out, only those (`notes` says so).
+fn hosts_to_revert<'a>(
+    state: &'a State,
+    change: &'a ChangeRecord,
+    notes: &mut Vec<String>,
+) -> Result<BTreeSet<&'a str>> {
+    let Some((previous, left_out)) = left_out_of(state, change) else {
+        return Ok(revertible_hosts(change).collect());
+    };
+    notes.push(format!(
+        "{} left out {} of {}, which this reverts alone: {}",
+        previous.id(),
+        plural(left_out.len(), "host"),
+        change.id(),
+        known_list(left_out.iter().map(|host| host.to_string()))
+    ));
+    Ok(left_out)
+}
+
+/// `hosts` less those `excluded` (a note names them); refused when none is left.
+fn less_excluded<'a>(
+    change: &ChangeRecord,
+    hosts: &BTreeSet<&'a str>,
+    excluded: &BTreeSet<&str>,
+    notes: &mut Vec<String>,
+) -> Result<BTreeSet<&'a str>> {
+    let (left_out, reverted): (BTreeSet<&str>, BTreeSet<&str>) =
+        hosts.iter().partition(|host| excluded.contains(*host));
+    if left_out.is_empty() {
+        return Ok(reverted);
+    }
+    if reverted.is_empty() {
+        return Err(CoordinatorError::invalid(
+            "options.exclude_hosts",
+            format!(
+                "leaves no host of {} ({}) to revert: leave that change out of the plan instead",
+                change.id(),
+                change.service
+            ),
+        ));
+    }
+    notes.push(format!(
+        "{} left out as asked: they stay as they are, on {} {}{}: {}",
+        plural(left_out.len(), "host"),
+        change.service,
+        change.version,
+        if change.schema.is_empty() && change.flags.is_empty() {
+            ""
+        } else {
+            " (while the plan turns its flags and schema back under them)"
+        },
+        known_list(left_out.iter().map(|host| host.to_string()))
+    ));
+    Ok(reverted)
 }
 
 /// Hosts a change may have altered: activation was attempted there, after a snapshot.
@@ -403,11 +511,11 @@ pub fn region_of(state: &State, host_id: &str) -> String {
 /// service has hosts there, else its smallest region), then the others by name.
 fn regions_in_order(
     state: &State,
-    change: &ChangeRecord,
+    hosts: &BTreeSet<&str>,
     requested_canary: &str,
 ) -> Vec<(String, Vec<String>, bool)> {
     let mut regions: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for host in revertible_hosts(change) {
+    for &host in hosts {
         regions
             .entry(region_of(state, host))
             .or_default()
@@ -613,8 +721,79 @@ fn incompatibilities(
                 });
             }
         }
+        message_incompatibilities(
+            state,
+            planned,
+            (consumer, &consumer_version, consumer_release),
+            &mut found,
+            notes,
+        );
     }
     found
+}
+
+/// Message topics: each topic `consumer` reads (as the plan leaves it) must not be written by a
+/// producer (as the plan leaves it) in a newer schema than it reads, where the plan moves
+/// either. Messages a producer the plan reverts already queued may carry its current release's
+/// schema: noted, since the queue's contents are not known here.
+fn message_incompatibilities(
+    state: &State,
+    planned: &BTreeMap<String, &ChangeRecord>,
+    (consumer, consumer_version, consumer_release): (&str, &str, &ReleaseRecord),
+    found: &mut Vec<Incompatibility>,
+    notes: &mut Vec<String>,
+) {
+    let release = |service: &str, version: &str| -> Option<&ReleaseRecord> {
+        state
+            .releases
+            .get(service)?
+            .get(version)
+            .map(|r| r.as_ref())
+    };
+    for (topic, &reads) in &consumer_release.consumes {
+        for producer in state
+            .services
+            .keys()
+            .filter(|producer| *producer != consumer)
+        {
+            let reverted = planned.get(producer.as_str());
+            if reverted.is_none() && !planned.contains_key(consumer) {
+                continue;
+            }
+            let producer_version = match reverted {
+                Some(change) => change.previous_version.clone(),
+                None => current_version(state, producer),
+            };
+            if let Some(&writes) =
+                release(producer, &producer_version).and_then(|release| release.produces.get(topic))
+                && writes > reads
+            {
+                found.push(Incompatibility {
+                    provider: producer.clone(),
+                    consumer: consumer.to_string(),
+                    detail: format!(
+                        "topic {topic}: {consumer} {consumer_version} reads message schema up \
+                         to {reads}, but {producer} {producer_version} writes {writes}: add \
+                         {producer}'s change to the plan (or {consumer}'s out of it), or force \
+                         it"
+                    ),
+                });
+            }
+            // What the producer's reverted release wrote may still wait in the queue.
+            if let Some(change) = reverted
+                && let Some(&wrote) = release(producer, &change.version)
+                    .and_then(|release| release.produces.get(topic))
+                && wrote > reads
+            {
+                notes.push(format!(
+                    "topic {topic}: messages {producer} {} already queued may carry schema \
+                     {wrote}, which {consumer} {consumer_version} does not read (it reads up to \
+                     {reads}): let the topic drain before its wave",
+                    change.version
+                ));
+            }
+        }
+    }
 }
 
 /// sha256 over what the plan does (changes, options, waves, flags) and the problems it would be

@@ -13,6 +13,9 @@ pub struct Readiness {
     /// "host: service release V is gone": the release a host's restore would point `current`
     /// at, which the host's agent last reported it no longer holds.
     pub missing_artifacts: Vec<String>,
+    /// "host: service: what changed" for each host of the plan whose service changed since
+    /// rewind last put it there (its restore would wipe that), as its agent last reported.
+    pub drifted_hosts: Vec<String>,
     /// The estimate's p50.
     pub expected_duration_ms: u64,
     pub estimate: super::Estimate,
@@ -23,6 +26,31 @@ pub trait HostView {
     fn connected(&self, host_id: &str) -> bool;
     /// Release versions the host last reported holding for `service`; `None` without a report.
     fn retained(&self, host_id: &str, service: &str) -> Option<Vec<String>>;
+    /// What the host last reported changed on `service` since rewind last put it there.
+    fn drift(&self, host_id: &str, service: &str) -> Vec<String>;
+}
+
+/// Each host of the plan whose service drifted, with what changed (hosts left out are not in
+/// the plan's waves).
+pub fn drifted_hosts(plan: &Plan, view: &impl HostView) -> Vec<(String, String, Vec<String>)> {
+    let mut drifted = Vec::new();
+    for wave in &plan.waves {
+        for host in wave.hosts() {
+            let lines = view.drift(&host, &wave.service);
+            if !lines.is_empty() {
+                drifted.push((host, wave.service.clone(), lines));
+            }
+        }
+    }
+    drifted
+}
+
+/// One line per drifted host: "web-2: web: config/app.toml: content differs; ...".
+pub fn drift_lines(drifted: &[(String, String, Vec<String>)]) -> Vec<String> {
+    drifted
+        .iter()
+        .map(|(host, service, lines)| format!("{host}: {service}: {}", lines.join("; ")))
+        .collect()
 }
 
 pub fn readiness(state: &State, plan: &Plan, view: &impl HostView) -> Readiness {
@@ -77,10 +105,51 @@ pub fn readiness(state: &State, plan: &Plan, view: &impl HostView) -> Readiness 
     }
     let estimate = super::estimate::estimate(state, plan);
     Readiness {
+        drifted_hosts: drift_lines(&drifted_hosts(plan, view)),
         disconnected_hosts: disconnected,
         missing_releases,
         missing_artifacts,
         expected_duration_ms: estimate.p50_ms,
         estimate,
     }
+}
+
+/// The options of an automatic rollback of `service` (its latest change in `environment`), as
+/// the service's drift policy says what to do with hosts whose service drifted (`drift` gives
+/// what a host last reported changed): `skip` leaves them out, unless every host of the change
+/// drifted (their agents then refuse each restore, and the paused rollback calls a person);
+/// `overwrite` reverts them anyway. Below cluster version 10, or with no drift, unchanged.
+pub fn with_drift_policy(
+    state: &State,
+    service: &str,
+    environment: &str,
+    mut options: PlanOptions,
+    drift: impl Fn(&str, &str) -> Vec<String>,
+) -> PlanOptions {
+    if state.cluster_version() < crate::state_machine::version::DRIFT_GUARD {
+        return options;
+    }
+    let Some(change) = crate::state_machine::latest_change(state, service, environment) else {
+        return options;
+    };
+    let hosts: Vec<&str> = revertible_hosts(change).collect();
+    let drifted: Vec<String> = hosts
+        .iter()
+        .filter(|host| !drift(host, service).is_empty())
+        .map(|host| host.to_string())
+        .collect();
+    if drifted.is_empty() {
+        return options;
+    }
+    let policy = state
+        .services
+        .get(service)
+        .map(|record| record.drift_policy)
+        .unwrap_or_default();
+    match policy {
+        DriftPolicy::Overwrite => options.overwrite_drift = true,
+        DriftPolicy::Skip if drifted.len() < hosts.len() => options.exclude_hosts = drifted,
+        DriftPolicy::Skip => {}
+    }
+    options
 }

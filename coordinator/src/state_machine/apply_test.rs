@@ -355,6 +355,7 @@ fn rejected_commands_change_nothing_but_the_applied_index() {
             service: ServiceRecord {
                 rto_s: 0,
                 freeze: Vec::new(),
+                drift_policy: Default::default(),
                 name: "db".into(),
                 depends_on: vec!["db".into()],
                 policy: HealthPolicy::default(),
@@ -427,6 +428,7 @@ fn dependency_cycles_are_refused_with_the_path() {
         service: ServiceRecord {
             rto_s: 0,
             freeze: Vec::new(),
+            drift_policy: Default::default(),
             name: name.into(),
             depends_on: depends_on.iter().map(|name| name.to_string()).collect(),
             policy: HealthPolicy::default(),

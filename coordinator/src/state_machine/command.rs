@@ -221,6 +221,14 @@ pub enum CommandKind {
         token: u64,
         reason: String,
     },
+    /// A person accepted a host's drift: its agent records the state now as what rewind put
+    /// there. Audit only (from version 10): `accepted` is the drift as the agent measured it
+    /// just before, "service: what changed".
+    AdoptHostState {
+        host_id: String,
+        accepted: Vec<String>,
+        reason: String,
+    },
     /// The proposer renewed its caller's certificate, valid until `not_after_s`; audit only.
     CertificateRenewed {
         not_after_s: i64,
@@ -557,6 +565,7 @@ impl CommandKind {
             | Self::SetClusterVersion { reason, .. }
             | Self::ForgetHost { reason, .. }
             | Self::RecordRefusal { reason, .. }
+            | Self::AdoptHostState { reason, .. }
             | Self::ConfirmAuditArchive { reason, .. }
             | Self::RedactAudit { reason, .. }
             | Self::ChangeMembership { reason, .. } => reason,
@@ -592,6 +601,19 @@ impl CommandKind {
             | Self::NoteIncident { .. }
             | Self::CloseIncident { .. } => 5,
             Self::IncidentNotified { .. } => 6,
+            Self::AdoptHostState { .. } => super::version::DRIFT_GUARD,
+            Self::RegisterRelease { release } if release.declares_topics() => {
+                super::version::MESSAGE_TOPICS
+            }
+            Self::StartRollback(start) if start.options.drift_guarded() => {
+                super::version::DRIFT_GUARD
+            }
+            Self::AutoTrigger(trigger) if trigger.options.drift_guarded() => {
+                super::version::DRIFT_GUARD
+            }
+            Self::PutService { service } if !service.drift_policy.is_default() => {
+                super::version::DRIFT_GUARD
+            }
             // A member of an older release would drop these fields and keep the rest.
             Self::PutService { service } if service.rto_s != 0 || !service.freeze.is_empty() => 6,
             Self::StartRollback(start) if start.options.schema_after_waves => {
@@ -641,6 +663,7 @@ impl CommandKind {
             Self::UseJoinToken { .. } => "join-token.use",
             Self::RevokeJoinToken { .. } => "join-token.revoke",
             Self::CertificateRenewed { .. } => "certificate.renew",
+            Self::AdoptHostState { .. } => "host.adopt",
             Self::ConfirmAuditArchive { .. } => "audit.archived",
             Self::PruneAudit { .. } => "audit.prune",
             Self::RedactAudit { .. } => "audit.redact",

@@ -210,6 +210,7 @@ fn current_release_log() -> Fleet {
     version_seven(&mut harness);
     version_eight(&mut harness);
     version_nine(&mut harness);
+    version_ten(&mut harness);
     harness
 }
 
@@ -260,6 +261,7 @@ fn version_three(harness: &mut Fleet) {
         service: ServiceRecord {
             rto_s: 0,
             freeze: Vec::new(),
+            drift_policy: Default::default(),
             name: "cache".into(),
             depends_on: vec![],
             policy: HealthPolicy::default(),
@@ -820,19 +822,20 @@ fn migrated_change(harness: &mut Fleet, version: &str, migrations: &[&str]) -> u
     change
 }
 
+fn shard_step(rollback: u64, host: &str, kind: RollbackStepKind) -> StepTarget {
+    StepTarget::Rollback {
+        rollback,
+        service: "orders-db".into(),
+        host_id: host.into(),
+        kind,
+    }
+}
+
 /// Reverts every host of orders-db in `rollback`'s only wave and passes its gate.
 fn revert_shard_hosts(harness: &mut Fleet, rollback: u64) {
     for host in SHARDS {
         for kind in RollbackStepKind::ALL {
-            harness.finish(
-                StepTarget::Rollback {
-                    rollback,
-                    service: "orders-db".into(),
-                    host_id: host.into(),
-                    kind,
-                },
-                true,
-            );
+            harness.finish(shard_step(rollback, host, kind), true);
         }
     }
     pass_gate(harness, rollback, 0);
@@ -941,6 +944,129 @@ fn version_nine(harness: &mut Fleet) {
         harness.state.rollbacks[&rollback].status,
         RollbackStatus::Succeeded
     );
+}
+
+/// From version 10 a rollback leaves out the hosts it names (a later one reverts them), may be
+/// told to overwrite drift, and an automatic one that leaves hosts out calls a person; a host's
+/// drift is adopted (audited); a service may declare its drift policy.
+fn version_ten(harness: &mut Fleet) {
+    let change = harness.deploy("orders-db", "v2");
+    let with_options = |trigger, options: PlanOptions| {
+        CommandKind::StartRollback(StartRollback {
+            options,
+            ..match rollback_of(change, trigger) {
+                CommandKind::StartRollback(start) => start,
+                _ => unreachable!(),
+            }
+        })
+    };
+    let leave_out = |host: &str| PlanOptions {
+        exclude_hosts: vec![host.into()],
+        ..PlanOptions::default()
+    };
+    let adopt = CommandKind::AdoptHostState {
+        host_id: "db-2".into(),
+        accepted: vec!["orders-db: config/db.toml: content differs".into()],
+        reason: "the hotfix stays".into(),
+    };
+    let with_topics = |version: &str| CommandKind::RegisterRelease {
+        release: ReleaseRecord {
+            service: "orders-db".into(),
+            produces: [("orders.created".to_string(), 2)].into(),
+            ..crate::test_fleet::release(version, 'd')
+        },
+    };
+    let mut overwrite = harness.state.services["orders-db"].clone();
+    overwrite.drift_policy = DriftPolicy::Overwrite;
+    // At 9: each refused.
+    let refused = harness
+        .run(with_options(Trigger::Manual, leave_out("db-2")))
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("cluster version 10"), "{refused}");
+    harness.run(adopt.clone()).unwrap_err();
+    harness
+        .run(CommandKind::PutService {
+            service: overwrite.clone(),
+        })
+        .unwrap_err();
+    harness.run(with_topics("v4")).unwrap_err();
+
+    harness.apply(CommandKind::SetClusterVersion {
+        version: 10,
+        members: vec![],
+        reason: "every member on this release".into(),
+    });
+    // db-2 left out: db-1 alone is reverted.
+    let Outcome::Rollback(first) = harness.apply(with_options(Trigger::Manual, leave_out("db-2")))
+    else {
+        panic!("a rollback")
+    };
+    let hosts: Vec<&str> = harness.state.rollbacks[&first]
+        .steps
+        .iter()
+        .map(|step| step.host_id.as_str())
+        .collect();
+    assert!(hosts.iter().all(|host| *host == "db-1"), "{hosts:?}");
+    for kind in RollbackStepKind::ALL {
+        harness.finish(shard_step(first, "db-1", kind), true);
+    }
+    pass_gate(harness, first, 0);
+    let done = &harness.state.rollbacks[&first];
+    assert_eq!(done.status, RollbackStatus::Succeeded);
+    assert!(
+        done.outcome_detail
+            .contains("left out by its plan, as they were: db-2"),
+        "{}",
+        done.outcome_detail
+    );
+    // A second rollback of the change reverts what the first left out, wiping its drift.
+    let Outcome::Rollback(second) = harness.apply(with_options(
+        Trigger::Manual,
+        PlanOptions {
+            overwrite_drift: true,
+            ..PlanOptions::default()
+        },
+    )) else {
+        panic!("a rollback")
+    };
+    for kind in RollbackStepKind::ALL {
+        harness.finish(shard_step(second, "db-2", kind), true);
+    }
+    pass_gate(harness, second, 0);
+    assert_eq!(
+        harness.state.rollbacks[&second].status,
+        RollbackStatus::Succeeded
+    );
+    // Nothing is left out now: a third is refused.
+    harness
+        .run(with_options(Trigger::Manual, PlanOptions::default()))
+        .unwrap_err();
+
+    // An automatic rollback that leaves a drifted host out calls a person.
+    let change = harness.deploy("orders-db", "v2");
+    let escalations = harness.state.escalations.len();
+    let Outcome::Rollback(automatic) = harness.apply(CommandKind::StartRollback(StartRollback {
+        options: leave_out("db-1"),
+        ..match rollback_of(change, Trigger::Automatic) {
+            CommandKind::StartRollback(start) => start,
+            _ => unreachable!(),
+        }
+    })) else {
+        panic!("a rollback")
+    };
+    assert_eq!(harness.state.escalations.len(), escalations + 1);
+    let escalation = harness.state.rollbacks[&automatic].escalations[0];
+    assert!(
+        harness.state.escalations[&escalation]
+            .evidence
+            .contains("left db-1 untouched"),
+        "{:?}",
+        harness.state.escalations[&escalation]
+    );
+    harness.apply(adopt);
+    harness.apply(CommandKind::PutService { service: overwrite });
+    harness.apply(with_topics("v4"));
 }
 
 #[test]

@@ -25,7 +25,7 @@ mod refusal_test;
 mod schema_test;
 
 pub use apply::{
-    COORDINATOR_IDENTITY, apply, apply_membership, current_version, unknown_change,
+    COORDINATOR_IDENTITY, apply, apply_membership, current_version, latest_change, unknown_change,
     unknown_incident, unknown_rollback,
 };
 /// `apply()`, checking that from cluster version 3 it never plans (the leader has).

@@ -79,6 +79,7 @@ fn activated_sharded_change() -> (Fleet, u64) {
         service: ServiceRecord {
             rto_s: 0,
             freeze: Vec::new(),
+            drift_policy: Default::default(),
             name: "orders-db".into(),
             depends_on: vec![],
             policy: HealthPolicy::default(),

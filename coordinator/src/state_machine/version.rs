@@ -20,7 +20,7 @@ use crate::errors::CoordinatorError;
 pub const LEGACY: u32 = 1;
 
 /// The highest cluster version this binary can apply.
-pub const CURRENT: u32 = 9;
+pub const CURRENT: u32 = 10;
 
 /// From this version a refused command takes back the requests for approval it expired or
 /// lapsed on its way to the refusal.
@@ -71,6 +71,17 @@ pub const ARCHIVE: u32 = 8;
 /// release it restores needs what they removed) and expand ones after them (the release it
 /// reverts needs what they added), each database's reverts still newest first.
 pub const SCHEMA_ORDER_BY_CLASS: u32 = 9;
+
+/// From this version a rollback leaves out hosts it is told to (`exclude_hosts`), may be told
+/// to overwrite drift, and an automatic one leaves a drifted host untouched and calls a person
+/// (a service's `drift_policy` may say overwrite instead); a host's drift can be adopted as its
+/// desired state (audited).
+pub const DRIFT_GUARD: u32 = 10;
+
+/// From this version a release may declare the message schema versions it writes and reads per
+/// topic, and a rollback plan that leaves a consumer reading less than a producer writes is
+/// refused like one that breaks an API.
+pub const MESSAGE_TOPICS: u32 = 10;
 
 /// What each version brought, for `rewindctl cluster version` and the README.
 pub const CHANGES: &[(u32, &str)] = &[
@@ -126,6 +137,17 @@ pub const CHANGES: &[(u32, &str)] = &[
         "a rollback reverts contract and data migrations before its app waves and expand ones \
          after them (a revert held after the waves by one applied later, or that every shard \
          would refuse, says why in the plan); `--schema-after-waves` puts every revert after",
+    ),
+    (
+        10,
+        "a host whose service changed since rewind last put it there (a hotfix by hand) is not \
+         reverted without a word: a rollback leaves out the hosts it names (`--exclude-host`) \
+         and is told to overwrite drift (`--overwrite-drift`, audited), agents refuse such a \
+         restore otherwise, an automatic rollback leaves drifted hosts untouched and calls a \
+         person (or overwrites, as the service's drift policy says); `host adopt` accepts a \
+         host's drift as its desired state (audited); releases declare the message schemas \
+         they write and read per topic, and a plan that leaves a consumer reading less than a \
+         producer writes is refused",
     ),
 ];
 
@@ -331,6 +353,69 @@ mod tests {
         );
         proposable(&at(8), &later(false)).unwrap();
         proposable(&at(9), &later(true)).unwrap();
+    }
+
+    #[test]
+    fn what_version_ten_brought_is_not_proposed_below_it() {
+        use super::super::{DriftPolicy, PlanOptions, ReleaseRecord, ServiceRecord, StartRollback};
+        let at = |cluster_version| State {
+            cluster_version,
+            ..State::default()
+        };
+        let rollback = |options: PlanOptions| {
+            CommandKind::StartRollback(StartRollback {
+                changes: vec![1],
+                options,
+                plan_hash: String::new(),
+                reason: "x".into(),
+                trigger: super::super::Trigger::Manual,
+                break_glass: false,
+                planned: None,
+            })
+        };
+        let service = ServiceRecord {
+            name: "web".into(),
+            depends_on: vec![],
+            policy: Default::default(),
+            synthetics: vec![],
+            rollback_steps: vec![],
+            rto_s: 0,
+            freeze: vec![],
+            drift_policy: DriftPolicy::Overwrite,
+        };
+        let release = ReleaseRecord {
+            consumes: [("orders.created".to_string(), 1)].into(),
+            ..crate::test_fleet::release("v1", 'a')
+        };
+        let kinds = [
+            rollback(PlanOptions {
+                exclude_hosts: vec!["web-1".into()],
+                ..Default::default()
+            }),
+            rollback(PlanOptions {
+                overwrite_drift: true,
+                ..Default::default()
+            }),
+            CommandKind::PutService { service },
+            CommandKind::RegisterRelease { release },
+            CommandKind::AdoptHostState {
+                host_id: "web-1".into(),
+                accepted: vec![],
+                reason: "x".into(),
+            },
+        ];
+        for kind in &kinds {
+            let error = proposable(&at(9), kind).unwrap_err();
+            assert!(
+                matches!(
+                    error,
+                    CoordinatorError::NeedsClusterVersion { needed: 10, .. }
+                ),
+                "{kind:?}: {error:?}"
+            );
+            proposable(&at(10), kind).unwrap();
+        }
+        proposable(&at(9), &rollback(PlanOptions::default())).unwrap();
     }
 
     #[test]

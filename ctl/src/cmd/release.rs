@@ -33,6 +33,14 @@ pub enum ReleaseCommand {
         /// PROVIDER=VERSION: the lowest API version of a provider this release needs; repeatable.
         #[arg(long = "requires", value_name = "PROVIDER=VERSION", value_parser = parse_requirement)]
         requires: Vec<(String, u32)>,
+        /// TOPIC=VERSION: the message schema version this release writes to a topic;
+        /// repeatable. A rollback that leaves a consumer reading less is refused.
+        #[arg(long = "produces", value_name = "TOPIC=VERSION", value_parser = parse_topic)]
+        produces: Vec<(String, u32)>,
+        /// TOPIC=VERSION: the newest message schema version this release reads from a topic;
+        /// repeatable.
+        #[arg(long = "consumes", value_name = "TOPIC=VERSION", value_parser = parse_topic)]
+        consumes: Vec<(String, u32)>,
     },
     /// Registered releases, by service.
     List {
@@ -42,13 +50,22 @@ pub enum ReleaseCommand {
 }
 
 pub(crate) fn parse_requirement(text: &str) -> Result<(String, u32), String> {
-    let (provider, version) = text
+    name_and_number(text, "PROVIDER=VERSION, like api=3")
+}
+
+fn parse_topic(text: &str) -> Result<(String, u32), String> {
+    name_and_number(text, "TOPIC=VERSION, like orders.created=2")
+}
+
+/// `NAME=NUMBER`, as `shape` describes it.
+fn name_and_number(text: &str, shape: &str) -> Result<(String, u32), String> {
+    let (name, number) = text
         .split_once('=')
-        .ok_or_else(|| format!("{text:?} must be PROVIDER=VERSION, like api=3"))?;
-    let version = version
+        .ok_or_else(|| format!("{text:?} must be {shape}"))?;
+    let number = number
         .parse()
-        .map_err(|_| format!("{version:?} in {text:?} is not a whole number"))?;
-    Ok((provider.to_string(), version))
+        .map_err(|_| format!("{number:?} in {text:?} is not a whole number"))?;
+    Ok((name.to_string(), number))
 }
 
 pub(crate) async fn release(
@@ -65,6 +82,8 @@ pub(crate) async fn release(
             commit,
             api_version,
             requires,
+            produces,
+            consumes,
         } => {
             let artifact_digest = match (digest, from_dir) {
                 (Some(digest), _) => digest,
@@ -80,6 +99,8 @@ pub(crate) async fn release(
                 registered_at_ms: 0,
                 api_version,
                 requires: requires.into_iter().collect(),
+                produces: produces.into_iter().collect(),
+                consumes: consumes.into_iter().collect(),
             };
             let request = pb::RegisterReleaseRequest {
                 request_id: request_id(),

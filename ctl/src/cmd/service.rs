@@ -52,6 +52,11 @@ pub enum ServiceCommand {
         /// `2026-12-24 00:00 - 2027-01-02 00:00 UTC`.
         #[arg(long = "freeze", value_name = "WINDOW", value_parser = parse_freeze)]
         freeze_windows: Vec<String>,
+        /// What an automatic rollback does with a host changed by hand since rewind put it
+        /// there: skip (revert the others, leave it and call a person) or overwrite.
+        #[arg(long, value_name = "POLICY", default_value = "skip",
+              value_parser = ["skip", "overwrite"])]
+        drift_policy: String,
     },
     /// Registered services, with what they depend on.
     List,
@@ -179,6 +184,7 @@ pub(crate) async fn service(
             rollback_steps,
             rto,
             freeze_windows,
+            drift_policy,
         } => {
             let service = pb::Service {
                 name,
@@ -194,6 +200,7 @@ pub(crate) async fn service(
                 rollback_steps,
                 rto_s: rto.unwrap_or(0),
                 freeze_windows,
+                drift_policy,
             };
             let request = pb::PutServiceRequest {
                 request_id: request_id(),

@@ -414,6 +414,13 @@ impl ControlService for Control {
         hosts::inspect_host(self, request).await
     }
 
+    async fn adopt_host_state(
+        &self,
+        request: Request<pb::AdoptHostStateRequest>,
+    ) -> Result<Response<pb::InspectHostResponse>, Status> {
+        hosts::adopt_host_state(self, request).await
+    }
+
     async fn get_policy(
         &self,
         _request: Request<pb::GetPolicyRequest>,

@@ -15,6 +15,15 @@ pub(super) async fn plan_rollback(
         health: &control.context.health,
     };
     let plan = control.context.node.read(|state| {
+        if options.drift_guarded() {
+            // A plan no start could run: say so now.
+            version::require(
+                state,
+                version::DRIFT_GUARD,
+                "hosts left out of a rollback or drift overwritten",
+            )
+            .map_err(to_status)?;
+        }
         let changes = plans::selected_changes(state, request.selection, "")?;
         control
             .context
@@ -50,6 +59,7 @@ pub(super) async fn start_rollback(
         Ok::<_, Status>((changes, targets))
     })?;
     control.context.authorize(&caller, &targets)?;
+    refuse_drifted_hosts(control, &changes, &options)?;
     let reason = request.reason;
     let kind = CommandKind::StartRollback(StartRollback {
         changes,
@@ -102,6 +112,46 @@ pub(super) async fn start_rollback(
         }
         _ => Err(Status::internal("start rollback produced no rollback")),
     }
+}
+
+/// Refuses a rollback that would wipe a hand-made change: a host of the plan whose agent
+/// reported drift, unless the rollback overwrites drift or leaves the host out. (The agent
+/// itself refuses such a restore too, for drift found later.) From cluster version 10.
+fn refuse_drifted_hosts(
+    control: &Control,
+    changes: &[u64],
+    options: &crate::state_machine::PlanOptions,
+) -> Result<(), Status> {
+    if options.overwrite_drift {
+        return Ok(());
+    }
+    let view = plans::LiveHosts {
+        sessions: &control.context.sessions,
+        health: &control.context.health,
+    };
+    let drifted = control.context.node.read(|state| {
+        if state.cluster_version() < version::DRIFT_GUARD {
+            return Vec::new();
+        }
+        // A plan the planner refuses is refused with its own reason by the proposal.
+        crate::plan::build(state, changes, options, Trigger::Manual)
+            .map(|plan| crate::plan::drifted_hosts(&plan, &view))
+            .unwrap_or_default()
+    });
+    if drifted.is_empty() {
+        return Ok(());
+    }
+    let hosts: Vec<&str> = drifted.iter().map(|(host, ..)| host.as_str()).collect();
+    Err(Status::failed_precondition(format!(
+        "{} changed since rewind last put {} there, and reverting would wipe that: {}. Look \
+         (`rewindctl host drift HOST`), then leave {} out (--exclude-host {}), or let the \
+         rollback wipe it (--overwrite-drift, or `rewindctl host adopt` first; both audited)",
+        crate::plan::plural(hosts.len(), "host"),
+        if hosts.len() == 1 { "it" } else { "them" },
+        names::printable(&crate::plan::drift_lines(&drifted).join(" | "), 2048),
+        if hosts.len() == 1 { "it" } else { "them" },
+        hosts.join(" --exclude-host "),
+    )))
 }
 
 pub(super) async fn skip_host(

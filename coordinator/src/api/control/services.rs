@@ -44,6 +44,9 @@ pub(super) async fn list_services(
     Ok(Response::new(pb::ListServicesResponse { services }))
 }
 
+/// Most topics a release may declare it produces, and most it consumes.
+const MAX_TOPICS_PER_RELEASE: usize = 256;
+
 pub(super) async fn register_release(
     control: &Control,
     request: Request<pb::RegisterReleaseRequest>,
@@ -72,6 +75,26 @@ pub(super) async fn register_release(
     for provider in release.requires.keys() {
         names::validate_name("release.requires", provider).map_err(field_error)?;
     }
+    for (field, topics) in [
+        ("release.produces", &release.produces),
+        ("release.consumes", &release.consumes),
+    ] {
+        if topics.len() > MAX_TOPICS_PER_RELEASE {
+            return Err(invalid(
+                field,
+                format!("names more than {MAX_TOPICS_PER_RELEASE} topics"),
+            ));
+        }
+        for (topic, &version) in topics {
+            names::validate_name(field, topic).map_err(field_error)?;
+            if version == 0 {
+                return Err(invalid(
+                    field,
+                    format!("topic {topic}: a message schema version is 1 or more"),
+                ));
+            }
+        }
+    }
     let record = ReleaseRecord {
         service: release.service.clone(),
         version: release.version.clone(),
@@ -80,6 +103,8 @@ pub(super) async fn register_release(
         registered_at_ms: 0,
         api_version: release.api_version,
         requires: release.requires.into_iter().collect(),
+        produces: release.produces.into_iter().collect(),
+        consumes: release.consumes.into_iter().collect(),
     };
     // The target is the request's own: no read barrier (a quorum round per write).
     control

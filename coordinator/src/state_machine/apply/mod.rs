@@ -37,11 +37,16 @@ use trigger::*;
 pub use change::current_version;
 pub(super) use change::select_hosts;
 pub(super) use trigger::judge_trigger;
+pub use trigger::latest_change;
 
 type Result<T> = std::result::Result<T, CoordinatorError>;
 
 /// Identity used for the engine's own commands.
 pub const COORDINATOR_IDENTITY: &str = "coordinator";
+
+/// Longest line of an adoption's accepted drift: a service's name and its 32 changes of at
+/// most 512 bytes each, with their separators and a count of the rest.
+const MAX_ACCEPTED_LINE_BYTES: usize = 17 * 1024;
 
 /// Applies the command at log position `index`.
 pub fn apply(state: &mut State, index: u64, command: &Command) -> Result<Outcome> {
@@ -236,6 +241,9 @@ fn apply_kind(state: &mut State, command: &Command) -> Result<(Outcome, String, 
             if objectives {
                 version::require(state, version::SERVICE_OBJECTIVES, "RTO and freeze windows")?;
             }
+            if !service.drift_policy.is_default() {
+                version::require(state, version::DRIFT_GUARD, "a service's drift policy")?;
+            }
             check_no_cycle(state, service)?;
             state.services.insert(service.name.clone(), service.clone());
             let outcome = if objectives {
@@ -255,6 +263,11 @@ fn apply_kind(state: &mut State, command: &Command) -> Result<(Outcome, String, 
                 )
             } else {
                 "ok".into()
+            };
+            let outcome = if service.drift_policy.is_default() {
+                outcome
+            } else {
+                format!("{outcome}; drift policy {}", service.drift_policy.name())
             };
             Ok((Outcome::Done, service.name.clone(), outcome))
         }
@@ -499,6 +512,32 @@ fn apply_kind(state: &mut State, command: &Command) -> Result<(Outcome, String, 
         ),
         CommandKind::RevokeJoinToken { token, reason } => {
             super::join_tokens::revoke(state, *token, reason)
+        }
+        CommandKind::AdoptHostState {
+            host_id, accepted, ..
+        } => {
+            version::require(state, version::DRIFT_GUARD, "host.adopt")?;
+            // As the API bounds it: a service per line, 32 changes of 512 bytes each.
+            let too_long = accepted
+                .iter()
+                .any(|line| line.len() > MAX_ACCEPTED_LINE_BYTES);
+            if accepted.len() > rewind_shared::bounds::MAX_SERVICES_PER_HOST || too_long {
+                return Err(CoordinatorError::invalid(
+                    "accepted",
+                    "an adoption names at most 256 services, each in at most 17 KiB",
+                ));
+            }
+            if !state.hosts.contains_key(host_id) {
+                return Err(CoordinatorError::UnknownHost {
+                    host_id: host_id.clone(),
+                });
+            }
+            let outcome = if accepted.is_empty() {
+                "ok: no drift to accept".to_string()
+            } else {
+                format!("ok: accepted {}", accepted.join("; "))
+            };
+            Ok((Outcome::Done, host_id.clone(), outcome))
         }
         CommandKind::CertificateRenewed { not_after_s } => Ok((
             Outcome::Done,

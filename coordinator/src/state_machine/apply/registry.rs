@@ -157,6 +157,9 @@ pub(super) fn register_release(
     at_ms: u64,
 ) -> Result<(Outcome, String, String)> {
     require_service(state, &release.service)?;
+    if release.declares_topics() {
+        version::require(state, version::MESSAGE_TOPICS, "a release's message topics")?;
+    }
     let target = format!("{}@{}", release.service, release.version);
     let versions = state.releases.entry(release.service.clone()).or_default();
     if let Some(existing) = versions.get(&release.version) {

@@ -88,6 +88,12 @@ pub(super) fn settle_rollback(state: &mut State, number: u64, at_ms: u64) {
                 rollback.skipped_hosts.join(", ")
             );
         }
+        if !rollback.options.exclude_hosts.is_empty() {
+            detail += &format!(
+                "; left out by its plan, as they were: {}",
+                rollback.options.exclude_hosts.join(", ")
+            );
+        }
         if !rollback.isolated.is_empty() {
             detail += &format!(
                 "; isolated (drained, not reverted): {}",

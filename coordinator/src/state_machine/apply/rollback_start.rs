@@ -256,6 +256,13 @@ pub(super) fn plan_of(
     plan_hash: &str,
     trigger: Trigger,
 ) -> Result<crate::plan::Plan> {
+    if options.drift_guarded() {
+        version::require(
+            state,
+            version::DRIFT_GUARD,
+            "hosts left out of a rollback or drift overwritten",
+        )?;
+    }
     let plan = match planned {
         Some(planned) => decision::matching_plan(planned, changes, options)?.clone(),
         None => {
@@ -334,6 +341,12 @@ pub(super) fn start_planned(
     if !options.accept_data_loss.is_empty() {
         audit += &format!("; data loss accepted: {}", options.accept_data_loss);
     }
+    if !options.exclude_hosts.is_empty() {
+        audit += &format!("; left out: {}", options.exclude_hosts.join(", "));
+    }
+    if options.overwrite_drift {
+        audit += "; drift overwritten";
+    }
     let rollback = RollbackRecord {
         number,
         changes: plan.changes.clone(),
@@ -363,6 +376,24 @@ pub(super) fn start_planned(
         break_glass: false,
     };
     state.rollbacks.insert(number, rollback);
+    if trigger == Trigger::Automatic && !options.exclude_hosts.is_empty() {
+        // The service's drift policy left hosts a person changed by hand as they are: someone
+        // decides what becomes of them.
+        let service = plan.services.first().cloned().unwrap_or_default();
+        let evidence = format!(
+            "{} left {} untouched on the release it reverts: they changed since rewind last put \
+             them there (see `rewindctl service drift {service}`). Look, then revert them too \
+             once the rest is done (`rewindctl rollback start --change {} --overwrite-drift`), \
+             or leave them as they are",
+            rollback_id(number),
+            options.exclude_hosts.join(", "),
+            crate::plan::change_list(&plan.changes),
+        );
+        let escalation = state.escalate(command.at_ms, number, 0, &service, evidence);
+        if let Some(rollback) = state.rollbacks.get_mut(&number) {
+            rollback.escalations.push(escalation);
+        }
+    }
     approvals::supersede(state, &plan.changes, number, command.at_ms);
     // A change's migrations not yet decided are aborted: the plan reverts only what was decided
     // to commit, so nothing may commit underneath the rollback.

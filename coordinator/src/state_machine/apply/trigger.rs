@@ -199,6 +199,19 @@ pub(super) fn auto_trigger(
 /// Judges a request for an automatic rollback of `service`'s latest change (in `environment`,
 /// or any when it names none) at `at_ms`: on the leader from cluster version 3, in `apply()`
 /// before. Refuses only a service that does not exist.
+/// The change an automatic rollback of `service` reverts: its latest in the alert's
+/// `environment` (any, when it names none).
+pub fn latest_change<'a>(
+    state: &'a State,
+    service: &str,
+    environment: &str,
+) -> Option<&'a crate::state_machine::ChangeRecord> {
+    state.changes.values().rev().find(|change| {
+        change.service == service
+            && (environment.is_empty() || crate::plan::environment_of(state, change) == environment)
+    })
+}
+
 pub(crate) fn judge_trigger(
     state: &State,
     at_ms: u64,
@@ -208,17 +221,7 @@ pub(crate) fn judge_trigger(
     throttle: &ThrottleLimits,
 ) -> Result<TriggerDecision> {
     require_service(state, service)?;
-    // The latest change of the service in the alert's environment (any, when it names none).
-    let latest = state
-        .changes
-        .values()
-        .rev()
-        .find(|change| {
-            change.service == service
-                && (environment.is_empty()
-                    || crate::plan::environment_of(state, change) == environment)
-        })
-        .map(|change| change.number);
+    let latest = latest_change(state, service, environment).map(|change| change.number);
     let environment = match latest {
         Some(number) if environment.is_empty() => {
             crate::plan::environment_of(state, &state.changes[&number])

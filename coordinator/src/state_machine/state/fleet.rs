@@ -222,6 +222,46 @@ pub struct ServiceRecord {
     /// When changes are refused unless break-glass (from version 6).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub freeze: Vec<rewind_shared::freeze::FreezeWindow>,
+    /// What an automatic rollback does with a drifted host (from version 10).
+    #[serde(default, skip_serializing_if = "DriftPolicy::is_default")]
+    pub drift_policy: DriftPolicy,
+}
+
+/// What an automatic rollback does with a host whose service changed since rewind last put it
+/// there (a hotfix by hand): its restore would wipe that change.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DriftPolicy {
+    /// Revert the other hosts, leave the drifted ones untouched, and call a person.
+    #[default]
+    Skip,
+    /// Revert it anyway, wiping the change.
+    Overwrite,
+}
+
+impl DriftPolicy {
+    pub fn is_default(&self) -> bool {
+        *self == Self::Skip
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Skip => "skip",
+            Self::Overwrite => "overwrite",
+        }
+    }
+
+    /// Parses a policy as the API and the CLI take it; empty is the default.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text {
+            "" | "skip" => Ok(Self::Skip),
+            "overwrite" => Ok(Self::Overwrite),
+            other => Err(format!(
+                "is {:?}; it may be skip (the default) or overwrite",
+                rewind_shared::names::printable(other, 40)
+            )),
+        }
+    }
 }
 
 impl ServiceRecord {
@@ -256,6 +296,19 @@ pub struct ReleaseRecord {
     /// Provider service -> the lowest API version of it this release needs.
     #[serde(default)]
     pub requires: BTreeMap<String, u32>,
+    /// Topic -> the message schema version this release writes (from version 10).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub produces: BTreeMap<String, u32>,
+    /// Topic -> the newest message schema version this release reads (from version 10).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub consumes: BTreeMap<String, u32>,
+}
+
+impl ReleaseRecord {
+    /// Whether it declares message topics, which cluster version 10 brought.
+    pub fn declares_topics(&self) -> bool {
+        !self.produces.is_empty() || !self.consumes.is_empty()
+    }
 }
 /// Per-service health figures over the coordinator's window.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -158,7 +158,22 @@ pub struct PlanOptions {
     /// the JSON when false.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub schema_after_waves: bool,
+    /// Revert hosts that drifted since rewind last put them there, wiping the change (from
+    /// version 10; the agents refuse such a restore otherwise). Left out of the JSON when false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub overwrite_drift: bool,
+    /// Hosts left out of the plan, as they are (from version 10).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude_hosts: Vec<String>,
 }
+impl PlanOptions {
+    /// Whether these options use what cluster version 10 brought (drift overwritten, hosts
+    /// left out): a member of an older release would drop them.
+    pub fn drift_guarded(&self) -> bool {
+        self.overwrite_drift || !self.exclude_hosts.is_empty()
+    }
+}
+
 impl Default for PlanOptions {
     fn default() -> Self {
         Self {
@@ -170,6 +185,8 @@ impl Default for PlanOptions {
             revert_expand: false,
             accept_data_loss: String::new(),
             schema_after_waves: false,
+            overwrite_drift: false,
+            exclude_hosts: Vec::new(),
         }
     }
 }
