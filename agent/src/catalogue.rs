@@ -28,6 +28,12 @@
 //! headers = { "Authorization" = "Bearer ...", "Content-Type" = "application/json" }
 //! body = '{"tags": ["web-assets"]}'
 //! ca-file = "/etc/rewind/cdn-ca.pem"         # only for a CA of its own
+//! [service.reconcile]                       # after the restore: sessions, caches of its state
+//! command = ["/usr/local/bin/reconcile-sessions"]
+//! [service.client-cache]                    # clients drop what the reverted release cached
+//! on = { http = "http://127.0.0.1:8080/admin/clear-site-data/on" }
+//! off = { http = "http://127.0.0.1:8080/admin/clear-site-data/off" }
+//! window-s = 3600
 //! [service.scale-up]
 //! command = ["/usr/local/bin/set-capacity", "{percent}"]
 //! stages = [25, 50, 100]
@@ -139,10 +145,33 @@ pub struct RawCheck {
     pub attempts: Option<u32>,
 }
 
+/// The client-cache switch, as written: `on` makes the service (or its proxy) tell clients to
+/// drop what they cached (a `Clear-Site-Data` header), `off` stops it after `window-s`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct RawClientCache {
+    pub on: Option<RawHook>,
+    pub off: Option<RawHook>,
+    pub window_s: Option<u64>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ClientCache {
+    pub on: Hook,
+    pub off: Hook,
+    pub window: Duration,
+}
+
+/// Longest client-cache window: a day.
+const MAX_CLIENT_CACHE_WINDOW_S: u64 = 86_400;
+
 /// A service's optional steps, validated.
 #[derive(Clone, Debug, Default)]
 pub struct Catalogue {
     pub reload_command: Option<Vec<String>>,
+    /// Run after a restore (session stores, caches of the reverted release's state).
+    pub reconcile: Option<Hook>,
+    pub client_cache: Option<ClientCache>,
     pub commands: BTreeMap<String, NamedCommand>,
     pub jobs: Option<Jobs>,
     pub purges: Vec<Purge>,
@@ -202,6 +231,8 @@ pub struct Check {
 /// The optional-step sections of one service, as the config file holds them.
 pub struct RawSections<'a> {
     pub reload_command: Option<&'a Vec<String>>,
+    pub reconcile: Option<&'a RawHook>,
+    pub client_cache: Option<&'a RawClientCache>,
     pub commands: &'a [RawCommand],
     pub jobs: Option<&'a RawJobs>,
     pub purges: &'a [RawPurge],
@@ -295,6 +326,18 @@ pub fn validate(
     }
     if let Some(jobs) = raw.jobs {
         catalogue.jobs = validate_jobs(&format!("{field}.jobs"), root, jobs, problems);
+    }
+    if let Some(reconcile) = raw.reconcile {
+        catalogue.reconcile =
+            validate_step_hook(&format!("{field}.reconcile"), root, reconcile, problems);
+    }
+    if let Some(client_cache) = raw.client_cache {
+        catalogue.client_cache = validate_client_cache(
+            &format!("{field}.client-cache"),
+            root,
+            client_cache,
+            problems,
+        );
     }
     if raw.purges.len() > MAX_PURGES {
         problems.add(
@@ -443,18 +486,60 @@ pub fn validate(
     catalogue
 }
 
-fn validate_jobs(field: &str, root: &Path, raw: &RawJobs, problems: &mut Problems) -> Option<Jobs> {
-    let mut hook = |key: &str, hook: Option<&RawHook>| {
-        let Some(hook) = hook else {
-            problems.add(format!("{field}.{key}"), "is required (command or http)");
-            return None;
-        };
-        if let Some(argv) = &hook.command {
-            check_program(&format!("{field}.{key}.command"), root, argv, problems);
-        }
-        crate::config::refuse_sessions(&format!("{field}.{key}"), hook, problems);
-        validate_hook(&format!("{field}.{key}"), hook, problems)
+/// A hook a catalogue step runs (a command or an HTTP POST), with no sessions to wait for.
+fn validate_step_hook(
+    field: &str,
+    root: &Path,
+    hook: &RawHook,
+    problems: &mut Problems,
+) -> Option<Hook> {
+    if let Some(argv) = &hook.command {
+        check_program(&format!("{field}.command"), root, argv, problems);
+    }
+    crate::config::refuse_sessions(field, hook, problems);
+    validate_hook(field, hook, problems)
+}
+
+/// A section's required hook (`key`), validated.
+fn required_hook(
+    field: &str,
+    root: &Path,
+    key: &str,
+    hook: Option<&RawHook>,
+    problems: &mut Problems,
+) -> Option<Hook> {
+    let Some(hook) = hook else {
+        problems.add(format!("{field}.{key}"), "is required (command or http)");
+        return None;
     };
+    validate_step_hook(&format!("{field}.{key}"), root, hook, problems)
+}
+
+fn validate_client_cache(
+    field: &str,
+    root: &Path,
+    raw: &RawClientCache,
+    problems: &mut Problems,
+) -> Option<ClientCache> {
+    let on = required_hook(field, root, "on", raw.on.as_ref(), problems);
+    let off = required_hook(field, root, "off", raw.off.as_ref(), problems);
+    let window_s = raw.window_s.unwrap_or(3_600);
+    if !(1..=MAX_CLIENT_CACHE_WINDOW_S).contains(&window_s) {
+        problems.add(
+            format!("{field}.window-s"),
+            format!("is {window_s}, must be within 1..={MAX_CLIENT_CACHE_WINDOW_S}"),
+        );
+    }
+    Some(ClientCache {
+        on: on?,
+        off: off?,
+        window: Duration::from_secs(window_s),
+    })
+}
+
+fn validate_jobs(field: &str, root: &Path, raw: &RawJobs, problems: &mut Problems) -> Option<Jobs> {
+    let mut hook =
+        |key: &str, hook: Option<&RawHook>| required_hook(field, root, key, hook, problems);
     let pause = hook("pause", raw.pause.as_ref());
     let resume = hook("resume", raw.resume.as_ref());
     if let Some(path) = &raw.checkpoint_file
@@ -956,6 +1041,77 @@ pub async fn resume_jobs(
 }
 
 /// Runs a hook (command or HTTP POST), then waits its grace period.
+/// Runs the service's reconcile hook (after a restore).
+pub async fn reconcile(
+    host: &dyn Host,
+    prober: &Prober,
+    service: &ServiceConfig,
+) -> Result<String, AgentError> {
+    let hook = not_configured(service, "reconcile", service.catalogue.reconcile.as_ref())?;
+    run_hook(host, prober, service, "reconcile", hook).await
+}
+
+/// Switches the service's client-cache clearing on, and records when its window ends: the
+/// agent's timer runs `off` then ([`close_client_cache_windows`]), across restarts.
+pub async fn clear_client_caches(
+    host: &dyn Host,
+    prober: &Prober,
+    store: &Store,
+    service: &ServiceConfig,
+    now_ms: u64,
+) -> Result<String, AgentError> {
+    let switch = not_configured(
+        service,
+        "client-cache",
+        service.catalogue.client_cache.as_ref(),
+    )?;
+    // Recorded first: if the agent stops right after `on`, `off` still runs.
+    let due_ms = now_ms + switch.window.as_millis() as u64;
+    store.put_client_cache_off(&service.name, due_ms)?;
+    let ran = run_hook(host, prober, service, "client-cache.on", &switch.on).await?;
+    Ok(format!(
+        "{ran}; clients told to drop their caches for {} s (off at {due_ms} ms)",
+        switch.window.as_secs()
+    ))
+}
+
+/// Runs `off` for each service whose client-cache window has ended; one that fails is tried
+/// again at the next call. Returns what it did, for the log.
+pub async fn close_client_cache_windows(
+    host: &dyn Host,
+    prober: &Prober,
+    store: &Store,
+    services: &[ServiceConfig],
+    now_ms: u64,
+) -> Vec<Result<String, String>> {
+    let due = match store.client_cache_offs() {
+        Ok(due) => due,
+        Err(error) => return vec![Err(format!("read the client-cache windows: {error}"))],
+    };
+    let mut done = Vec::new();
+    for (name, due_ms) in due.into_iter().filter(|(_, due_ms)| *due_ms <= now_ms) {
+        let Some(service) = services.iter().find(|service| service.name == name) else {
+            // A service no longer configured here: nothing to switch off.
+            let _ = store.clear_client_cache_off(&name, due_ms);
+            continue;
+        };
+        let Some(switch) = &service.catalogue.client_cache else {
+            let _ = store.clear_client_cache_off(&name, due_ms);
+            continue;
+        };
+        match run_hook(host, prober, service, "client-cache.off", &switch.off).await {
+            Ok(ran) => {
+                let _ = store.clear_client_cache_off(&name, due_ms);
+                done.push(Ok(format!("{name}: client-cache window closed: {ran}")));
+            }
+            Err(error) => done.push(Err(format!(
+                "{name}: client-cache off failed, tried again shortly: {error}"
+            ))),
+        }
+    }
+    done
+}
+
 pub async fn run_hook(
     host: &dyn Host,
     prober: &Prober,

@@ -111,6 +111,10 @@ pub struct RawService {
     #[serde(rename = "command")]
     pub commands: Vec<RawCommand>,
     pub jobs: Option<RawJobs>,
+    /// Run by a recipe's `reconcile` step after a restore.
+    pub reconcile: Option<RawHook>,
+    /// Switched on by a recipe's `clear-client-caches` step, off after its window.
+    pub client_cache: Option<crate::catalogue::RawClientCache>,
     #[serde(rename = "purge")]
     pub purges: Vec<RawPurge>,
     pub scale_up: Option<RawScaleUp>,
@@ -629,6 +633,8 @@ fn validate_service(
         &raw.root,
         RawSections {
             reload_command: raw.reload_command.as_ref(),
+            reconcile: raw.reconcile.as_ref(),
+            client_cache: raw.client_cache.as_ref(),
             commands: &raw.commands,
             jobs: raw.jobs.as_ref(),
             purges: &raw.purges,

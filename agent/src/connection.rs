@@ -102,12 +102,14 @@ impl Agent {
             .config
             .drift_check_interval
             .map(|interval| tokio::spawn(Arc::clone(&self).check_drift(interval)));
+        let client_caches = tokio::spawn(Arc::clone(&self).close_client_cache_windows());
         tokio::pin!(shutdown);
         let result = tokio::select! {
             _ = &mut shutdown => Ok(()),
             stopped = Arc::clone(&self).stay_connected() => stopped,
         };
         reporter.abort();
+        client_caches.abort();
         if let Some(checks) = drift_checks {
             checks.abort();
         }
@@ -356,6 +358,35 @@ impl Agent {
         }
     }
 
+    /// Switches client-cache clearing off once each window a `clear-client-caches` step opened
+    /// has passed: checked every second, connected or not; a failed `off` is tried again 30 s
+    /// later (and said so each time).
+    async fn close_client_cache_windows(self: Arc<Self>) {
+        let services: Vec<_> = self.executor.services().cloned().collect();
+        loop {
+            let mut failed = false;
+            let closed = crate::catalogue::close_client_cache_windows(
+                self.executor.host(),
+                self.executor.prober(),
+                self.executor.store(),
+                &services,
+                rewind_shared::time::now_ms(),
+            )
+            .await;
+            for outcome in closed {
+                match outcome {
+                    Ok(done) => info!("{done}"),
+                    Err(problem) => {
+                        failed = true;
+                        warn!("{problem}");
+                    }
+                }
+            }
+            let next = if failed { 30 } else { 1 };
+            tokio::time::sleep(Duration::from_secs(next)).await;
+        }
+    }
+
     /// Checks each service's drift every `drift-check-interval-s`, one service at a time on the
     /// blocking pool (it reads every tracked file, runs the fact commands, and hashes a release
     /// tree whose files changed), apart from the health reports so a slow check never delays
@@ -545,8 +576,9 @@ impl Agent {
     }
 }
 
-/// How long an adoption waits for a step on the service to end.
-const ADOPT_LOCK_WAIT: Duration = Duration::from_secs(20);
+/// How long an adoption waits, in all, for steps on its services to end: well below the
+/// coordinator's 30 s wait for the answer, leaving time to measure and record.
+const ADOPT_LOCK_WAIT: Duration = Duration::from_secs(15);
 
 /// Answers an inspect request from the blocking pool (it reads files and runs fact commands).
 async fn inspect(executor: &Arc<Executor>, request: pb::InspectRequest) -> pb::InspectAnswer {
@@ -559,20 +591,21 @@ async fn inspect(executor: &Arc<Executor>, request: pb::InspectRequest) -> pb::I
     // taken in the services' order, as nothing else takes more than one.)
     let mut held = Vec::new();
     if mode == pb::InspectMode::InspectAdopt {
+        let deadline = tokio::time::Instant::now() + ADOPT_LOCK_WAIT;
         for name in &services {
             if !service.is_empty() && name.name != service {
                 continue;
             }
             // Bounded below the coordinator's 30 s wait for the answer, so nothing is adopted
             // after it gave up (and audited nothing).
-            match tokio::time::timeout(ADOPT_LOCK_WAIT, executor.lock_service(&name.name)).await {
+            match tokio::time::timeout_at(deadline, executor.lock_service(&name.name)).await {
                 Ok(guard) => held.extend(guard),
                 Err(_) => {
                     return pb::InspectAnswer {
                         request_id: request.request_id,
                         services: Vec::new(),
                         error: format!(
-                            "a step has been running on {} for over {} s: nothing was adopted; \
+                            "a step was still running on {} after {} s: nothing was adopted; \
                              try again once it ends",
                             name.name,
                             ADOPT_LOCK_WAIT.as_secs()

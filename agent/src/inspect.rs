@@ -45,14 +45,57 @@ pub fn inspect(
         });
     }
     let snapshots = store.snapshots()?;
+    let latest = |service: &ServiceConfig| {
+        snapshots
+            .iter()
+            .filter(|record| record.manifest.service == service.name)
+            .max_by_key(|record| record.captured_at_ms)
+    };
+    if mode == InspectMode::InspectAdopt {
+        return adopt(store, &chosen, latest, env_key);
+    }
     chosen
         .into_iter()
+        .map(|service| describe(store, service, latest(service), mode, env_key))
+        .collect()
+}
+
+/// A person accepted what changed by hand: every service measured first (a failure adopts
+/// nothing), then each recorded as its desired state; the caller holds their step locks. The
+/// answer names what was accepted, for the coordinator's audit entry.
+fn adopt<'a>(
+    store: &Store,
+    chosen: &[&ServiceConfig],
+    latest: impl Fn(&ServiceConfig) -> Option<&'a SnapshotRecord>,
+    env_key: &[u8],
+) -> Result<Vec<pb::ServiceState>, AgentError> {
+    let accepted: Vec<Vec<String>> = chosen
+        .iter()
         .map(|service| {
-            let latest = snapshots
-                .iter()
-                .filter(|record| record.manifest.service == service.name)
-                .max_by_key(|record| record.captured_at_ms);
-            describe(store, service, latest, mode, env_key)
+            Ok(
+                crate::drift::measure(store, service, || Ok(latest(service).cloned()))?
+                    .map(|measured| measured.lines)
+                    .unwrap_or_default(),
+            )
+        })
+        .collect::<Result<_, AgentError>>()?;
+    let now_ms = rewind_shared::time::now_ms();
+    chosen
+        .iter()
+        .zip(accepted)
+        .map(|(service, accepted)| {
+            crate::drift::record_desired(store, service, ADOPTED, now_ms)?;
+            let manifest = snapshot::live_manifest(service, Some(store))?;
+            let mut state = state_of(
+                &service.name,
+                &manifest,
+                &crate::facts::collect(service),
+                env_key,
+            );
+            state.drift = accepted;
+            state.drift_against = ADOPTED.into();
+            state.drift_against_at_ms = now_ms;
+            Ok(state)
         })
         .collect()
 }
@@ -85,27 +128,11 @@ fn describe(
                 env_key,
             ))
         }
-        InspectMode::InspectAdopt => {
-            // A person accepted what changed by hand: measured, then recorded as the desired
-            // state, under the service's lock (the caller holds it); the answer names what was
-            // accepted, for the coordinator's audit entry.
-            let accepted = crate::drift::measure(store, service, || Ok(latest.cloned()))?
-                .map(|measured| measured.lines)
-                .unwrap_or_default();
-            let now_ms = rewind_shared::time::now_ms();
-            crate::drift::record_desired(store, service, ADOPTED, now_ms)?;
-            let manifest = snapshot::live_manifest(service, Some(store))?;
-            let mut state = state_of(
-                &service.name,
-                &manifest,
-                &crate::facts::collect(service),
-                env_key,
-            );
-            state.drift = accepted;
-            state.drift_against = ADOPTED.into();
-            state.drift_against_at_ms = now_ms;
-            Ok(state)
-        }
+        // Answered by `adopt` before this is reached.
+        InspectMode::InspectAdopt => Err(AgentError::invalid(
+            "mode",
+            "an adoption reached the describe path",
+        )),
         InspectMode::InspectDrift => {
             let Some(measured) = crate::drift::measure(store, service, || Ok(latest.cloned()))?
             else {

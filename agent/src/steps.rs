@@ -338,12 +338,16 @@ impl Executor {
         if !bounded_by_step_timeout(action) {
             let done = act.await;
             // What rewind left there is rewind's, not a hand-made change: after an activation
-            // that succeeded (one whose restart failed recorded it at its switch), and after
-            // any restore, even one that failed half-way (it passed the drift guard, or was
-            // told to overwrite), so the next rollback does not take it for drift.
-            if matches!(action, Action::Restore(_))
-                || (matches!(action, Action::Activate(_)) && done.is_ok())
-            {
+            // that succeeded (one whose restart failed recorded it at its switch), and after a
+            // restore, even one that failed half-way if it passed the drift guard (there was
+            // no hand-made change to adopt by mistake), so the next rollback does not take its
+            // own half-done work for drift.
+            let restored = match action {
+                Action::Restore(restore) => done.is_ok() || restore.refuse_drift,
+                Action::Activate(_) => done.is_ok(),
+                _ => false,
+            };
+            if restored {
                 self.record_desired(service, &command.step_id).await;
             }
             return done.map(acted);
@@ -579,6 +583,21 @@ impl Executor {
                 catalogue::run_checks(&self.prober, service).await?,
                 String::new(),
             )),
+            Action::Reconcile(_) => Ok((
+                catalogue::reconcile(self.host(), &self.prober, service).await?,
+                String::new(),
+            )),
+            Action::ClearClientCaches(_) => Ok((
+                catalogue::clear_client_caches(
+                    self.host(),
+                    &self.prober,
+                    &self.store,
+                    service,
+                    now_ms(),
+                )
+                .await?,
+                String::new(),
+            )),
             // Taken by `act` to `act_on_shard` before this is reached.
             Action::Schema(_) => Err(AgentError::invalid(
                 "action",
@@ -755,6 +774,8 @@ fn bounded_by_step_timeout(action: &Action) -> bool {
             | Action::PurgeCache(_)
             | Action::ScaleUp(_)
             | Action::Checks(_)
+            | Action::Reconcile(_)
+            | Action::ClearClientCaches(_)
     )
 }
 

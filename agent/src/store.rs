@@ -42,6 +42,8 @@ pub struct Store {
     schema: sled::Tree,
     /// Service -> [`DesiredState`]: what rewind last put there (drift is measured against it).
     desired: sled::Tree,
+    /// Service -> when its client-cache window ends (ms): the `off` hook is due then.
+    client_cache_off: sled::Tree,
     /// `<data-dir>/exports`.
     exports_dir: std::path::PathBuf,
     /// Encrypts the bytes of env files at rest.
@@ -184,6 +186,7 @@ impl Store {
             self_reverts: db.open_tree("self-reverts")?,
             schema: db.open_tree("schema")?,
             desired: db.open_tree("desired")?,
+            client_cache_off: db.open_tree("client_cache_off")?,
             exports_dir: dir
                 .parent()
                 .map_or_else(|| dir.join("exports"), |data_dir| data_dir.join("exports")),
@@ -373,6 +376,40 @@ impl Store {
     /// Records what rewind just put on `service` (flushed: it is what drift is judged by).
     pub fn put_desired(&self, service: &str, desired: &DesiredState) -> Result<(), AgentError> {
         self.desired.insert(service.as_bytes(), to_json(desired)?)?;
+        self.flush()
+    }
+
+    /// Remembers that `service`'s client-cache window ends at `due_ms` (a later step moves it).
+    pub fn put_client_cache_off(&self, service: &str, due_ms: u64) -> Result<(), AgentError> {
+        self.client_cache_off
+            .insert(service.as_bytes(), &due_ms.to_be_bytes())?;
+        self.flush()
+    }
+
+    /// Each service whose client-cache window is open, with when it ends.
+    pub fn client_cache_offs(&self) -> Result<Vec<(String, u64)>, AgentError> {
+        self.client_cache_off
+            .iter()
+            .map(|entry| {
+                let (service, due) = entry?;
+                let due: [u8; 8] = due.as_ref().try_into().map_err(|_| {
+                    AgentError::invalid("client_cache_off", "a due time of the wrong length")
+                })?;
+                Ok((
+                    String::from_utf8_lossy(&service).into_owned(),
+                    u64::from_be_bytes(due),
+                ))
+            })
+            .collect()
+    }
+
+    /// Forgets `service`'s window once its `off` hook ran, unless a later step moved it on.
+    pub fn clear_client_cache_off(&self, service: &str, due_ms: u64) -> Result<(), AgentError> {
+        let _ = self.client_cache_off.compare_and_swap(
+            service.as_bytes(),
+            Some(&due_ms.to_be_bytes()[..]),
+            None as Option<&[u8]>,
+        )?;
         self.flush()
     }
 

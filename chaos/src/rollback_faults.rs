@@ -119,9 +119,24 @@ pub async fn run(
         let fault = possible[random.random_range(0..possible.len())];
         let heal_after = Duration::from_millis(random.random_range(500..3000));
         let change_id = deploy(&cluster, "v2", &format!("round-{round}")).await?;
+        // The deploy tool's config, told to rewind (else the rollback refuses to wipe it).
         for host in &hosts {
             std::fs::write(host.root.join("config/app.toml"), config_for("v2"))
                 .context("rewrite config")?;
+            let adopt = pb::AdoptHostStateRequest {
+                host_id: host.id.clone(),
+                service: "web".into(),
+                reason: "the deploy tool wrote v2's config".into(),
+            };
+            on_leader(
+                &cluster,
+                "adopt the config the deploy wrote",
+                |mut client| {
+                    let adopt = adopt.clone();
+                    async move { client.adopt_host_state(adopt).await }
+                },
+            )
+            .await?;
         }
         let start = pb::StartRollbackRequest {
             request_id: format!("rollback-{round}"),

@@ -939,3 +939,29 @@ fn a_consumer_is_not_left_reading_less_than_a_producer_writes_to_a_topic() {
         plan.notes
     );
 }
+
+#[test]
+fn hosts_are_not_left_out_of_a_plan_that_reverts_their_changes_schema() {
+    let mut fleet = Fleet::new();
+    fleet.service("orders", &[]);
+    for host in ["orders-1", "orders-2"] {
+        fleet.host(host, "eu", &["orders"]);
+    }
+    fleet.release("orders", "v1", 1, &[]);
+    fleet.release("orders", "v2", 1, &[]);
+    fleet.deploy("orders", "v1");
+    let orders = fleet.deploy("orders", "v2");
+    let leave_out = PlanOptions {
+        exclude_hosts: vec!["orders-2".into()],
+        ..PlanOptions::default()
+    };
+    // No schema: orders-2 may stay on v2.
+    fleet.plan(&[orders], &leave_out).unwrap();
+    applied_on(&mut fleet, "a-db", orders, 1, &["a1"]);
+    let refused = fleet.plan(&[orders], &leave_out).unwrap_err().to_string();
+    assert!(
+        refused.contains("reverts a1 of a-db, and the hosts left out would keep running orders"),
+        "{refused}"
+    );
+    fleet.plan(&[orders], &PlanOptions::default()).unwrap();
+}

@@ -6,7 +6,7 @@
 //! what each one executes is configured on the agents (the coordinator never sends a program).
 //!
 //! Rules, checked when the service is stored: exactly one `restore`, followed by a `restart` or
-//! `reload`; `verify` after those; `drain` and `undrain`, `pause-jobs` and `resume-jobs` come in
+//! `reload`; `verify` after those; `reconcile` and `clear-client-caches` after the restore; `drain` and `undrain`, `pause-jobs` and `resume-jobs` come in
 //! pairs around the restore; each step other than `run:` at most once.
 
 use std::collections::BTreeMap;
@@ -133,6 +133,17 @@ fn check_order(steps: &[RecipeStep]) -> Result<(), String> {
     };
     before(RollbackStepKind::Drain, restore, "before restore")?;
     before(RollbackStepKind::PauseJobs, restore, "before restore")?;
+    for undoes in [
+        RollbackStepKind::Reconcile,
+        RollbackStepKind::ClearClientCaches,
+    ] {
+        if position(undoes).is_some_and(|at| at < restore) {
+            return Err(format!(
+                "{} must come after restore: it undoes what the reverted release left",
+                undoes.name()
+            ));
+        }
+    }
     let pairs = [
         (RollbackStepKind::Drain, RollbackStepKind::Undrain),
         (RollbackStepKind::PauseJobs, RollbackStepKind::ResumeJobs),
@@ -272,6 +283,14 @@ mod tests {
             (
                 vec!["restore", "verify", "restart"],
                 "verify must come after restart",
+            ),
+            (
+                vec!["reconcile", "restore", "restart"],
+                "reconcile must come after restore",
+            ),
+            (
+                vec!["clear-client-caches", "restore", "restart"],
+                "clear-client-caches must come after restore",
             ),
             (vec!["restore", "restart", "run:Bad"], "run: command"),
             (

@@ -202,12 +202,14 @@ pub fn print_plan(plan: &pb::RollbackPlan) {
     // deciding to wipe it.
     if plan.drifted_hosts.is_empty() {
         say!("  changed by hand since rewind put them there: none");
-    } else if options.overwrite_drift {
-        say!("  changed by hand since rewind put them there (--overwrite-drift: wiped):");
     } else {
         say!(
-            "  changed by hand since rewind put them there (refused unless --overwrite-drift \
-             or --exclude-host):"
+            "  changed by hand since rewind put them there ({}):",
+            if options.overwrite_drift {
+                "--overwrite-drift: wiped"
+            } else {
+                "refused unless --overwrite-drift or --exclude-host"
+            }
         );
         for line in &plan.drifted_hosts {
             say!("    {line}");

@@ -306,6 +306,10 @@ pub fn fit_health_report(report: &mut pb::HealthReport) {
         for line in &mut drift.changes {
             cut(line, MAX_DRIFT_LINE_BYTES);
         }
+        drift.wiped_by_restore.truncate(MAX_DRIFT_LINES_PER_SERVICE);
+        for line in &mut drift.wiped_by_restore {
+            cut(line, MAX_DRIFT_LINE_BYTES);
+        }
         cut(&mut drift.against, MAX_DRIFT_LINE_BYTES);
         cut(&mut drift.error, MAX_DRIFT_LINE_BYTES);
     }
@@ -317,10 +321,21 @@ pub fn fit_health_report(report: &mut pb::HealthReport) {
             drift.changes.clear();
         }
     }
+    // What a restore would wipe holds rollbacks up: kept, but shortened to the file's name.
+    if report.encoded_len() > MAX_HEALTH_REPORT_BYTES {
+        for drift in &mut report.drift {
+            for line in &mut drift.wiped_by_restore {
+                cut(line, SHORT_DRIFT_LINE_BYTES);
+            }
+        }
+    }
     if report.encoded_len() > MAX_HEALTH_REPORT_BYTES {
         report.retained.clear();
     }
 }
+
+/// How much of a line a restore would wipe survives in a report that is still too large.
+const SHORT_DRIFT_LINE_BYTES: usize = 64;
 
 /// What is kept of a text from outside: its control characters escaped (it may reach a
 /// terminal from the audit log) and cut to `max_bytes`.
@@ -531,5 +546,19 @@ mod tests {
             !drifted.retained.is_empty(),
             "drift goes before retained releases"
         );
+        // What a restore would wipe stays, shortened, when the report is still too large.
+        for drift in &mut drifted.drift {
+            drift.changes = vec!["x".repeat(MAX_DRIFT_LINE_BYTES); MAX_DRIFT_LINES_PER_SERVICE];
+            drift.wiped_by_restore = drift.changes.clone();
+        }
+        fit_health_report(&mut drifted);
+        assert_eq!(check_health_report(&drifted, &services), Ok(()));
+        assert!(drifted.drift.iter().all(|drift| {
+            drift.wiped_by_restore.len() == MAX_DRIFT_LINES_PER_SERVICE
+                && drift
+                    .wiped_by_restore
+                    .iter()
+                    .all(|line| line.len() <= SHORT_DRIFT_LINE_BYTES)
+        }));
     }
 }

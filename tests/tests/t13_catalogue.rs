@@ -65,6 +65,12 @@ args = {{ region = "[a-z]+-[a-z]+" }}
 pause = {{ command = ["sh", "-c", "echo pause-jobs >> {root}/steps.log"] }}
 resume = {{ command = ["sh", "-c", "echo resume-jobs-from-$(cat {root}/config/jobs.checkpoint) >> {root}/steps.log"] }}
 checkpoint-file = "config/jobs.checkpoint"
+[service.reconcile]
+command = ["sh", "-c", "echo reconcile >> {root}/steps.log"]
+[service.client-cache]
+on = {{ command = ["sh", "-c", "echo client-cache-on >> {root}/steps.log"] }}
+off = {{ command = ["sh", "-c", "echo client-cache-off >> {root}/steps.log"] }}
+window-s = 1
 [[service.purge]]
 url = "{endpoint}/"
 method = "BAN"
@@ -92,8 +98,10 @@ body-contains = "items"
         "drain",
         "restore",
         "reload",
+        "reconcile",
         "verify",
         "purge-cache",
+        "clear-client-caches",
         "check",
         "scale-up",
         "run:warm-cache region=eu-west",
@@ -120,8 +128,9 @@ body-contains = "items"
     );
     assert!(
         shown.contains(
-            "steps per host of web: pause-jobs -> drain -> restore -> reload -> verify -> \
-             purge-cache -> check -> scale-up -> run:warm-cache region=eu-west -> undrain -> resume-jobs"
+            "steps per host of web: pause-jobs -> drain -> restore -> reload -> reconcile -> \
+             verify -> purge-cache -> clear-client-caches -> check -> scale-up -> \
+             run:warm-cache region=eu-west -> undrain -> resume-jobs"
         ),
         "{shown}"
     );
@@ -139,12 +148,30 @@ body-contains = "items"
         2,
         "two activations; the rollback reloaded instead"
     );
-    let steps_log = std::fs::read_to_string(host.root.join("steps.log")).unwrap();
+    // The client-cache window (1 s) closes on the agent's own timer, whenever it ends.
+    let steps_log = must_wait(
+        std::time::Duration::from_secs(30),
+        "the client-cache window to close",
+        || {
+            let log = std::fs::read_to_string(host.root.join("steps.log")).unwrap();
+            log.contains("client-cache-off").then_some(log)
+        },
+    );
+    let position = |line: &str| steps_log.lines().position(|logged| logged == line);
+    assert!(
+        position("client-cache-off") > position("client-cache-on"),
+        "{steps_log}"
+    );
     assert_eq!(
-        steps_log.lines().collect::<Vec<_>>(),
+        steps_log
+            .lines()
+            .filter(|line| *line != "client-cache-off")
+            .collect::<Vec<_>>(),
         [
             "pause-jobs",
             "reload",
+            "reconcile",
+            "client-cache-on",
             "scale-up 50",
             "scale-up 100",
             "warm-cache eu-west",

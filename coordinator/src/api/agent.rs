@@ -342,7 +342,9 @@ async fn record_step_result(context: &Context, host_id: &str, result: pb::StepRe
     }
     // Rewind just put the service there: the drift the agent last reported is gone (its own
     // next check, which runs at once, says so too).
+    // (Not for an answer from the agent's journal: that step ran long ago.)
     let put_there = match &step {
+        _ if result.replayed => None,
         StepTarget::Activate { change, .. } if ok => context.node.read(|state| {
             state
                 .changes

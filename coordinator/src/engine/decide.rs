@@ -167,6 +167,8 @@ pub enum AgentAction {
     PurgeCache,
     ScaleUp,
     Checks,
+    Reconcile,
+    ClearClientCaches,
     /// A command of the agent's allow-list, by name, with argument values.
     Run {
         command: String,
@@ -823,6 +825,8 @@ fn drive_rollback(
             RollbackStepKind::PurgeCache => AgentAction::PurgeCache,
             RollbackStepKind::ScaleUp => AgentAction::ScaleUp,
             RollbackStepKind::Check => AgentAction::Checks,
+            RollbackStepKind::Reconcile => AgentAction::Reconcile,
+            RollbackStepKind::ClearClientCaches => AgentAction::ClearClientCaches,
             RollbackStepKind::Run(_) => {
                 let run = rollback
                     .recipes

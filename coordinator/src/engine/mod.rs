@@ -383,6 +383,10 @@ fn step_message(
         AgentAction::PurgeCache => step_command::Action::PurgeCache(pb::PurgeCache {}),
         AgentAction::ScaleUp => step_command::Action::ScaleUp(pb::ScaleUp {}),
         AgentAction::Checks => step_command::Action::Checks(pb::RunChecks {}),
+        AgentAction::Reconcile => step_command::Action::Reconcile(pb::Reconcile {}),
+        AgentAction::ClearClientCaches => {
+            step_command::Action::ClearClientCaches(pb::ClearClientCaches {})
+        }
         AgentAction::Run { command, args } => step_command::Action::Run(pb::RunCommand {
             name: command,
             args: args.into_iter().collect(),

@@ -176,6 +176,8 @@ pub fn build(
     }
     let batch = options.max_parallel.min(options.max_unavailable).max(1) as usize;
     let mut waves = Vec::new();
+    // Changes some of whose hosts are left out: they keep running its release.
+    let mut partial: BTreeSet<u64> = BTreeSet::new();
     for service in &order {
         let change = by_service[service];
         let skipped: Vec<&str> = change
@@ -226,7 +228,11 @@ pub fn build(
                 self_reverted.join(", ")
             ));
         }
-        let reverted = less_excluded(change, &candidates[service.as_str()], &excluded, &mut notes)?;
+        let candidates = &candidates[service.as_str()];
+        let reverted = less_excluded(change, candidates, &excluded, &mut notes)?;
+        if reverted.len() < candidates.len() {
+            partial.insert(change.number);
+        }
         for (region, hosts, is_canary) in regions_in_order(state, &reverted, canary) {
             waves.push(PlannedWave {
                 service: service.clone(),
@@ -237,12 +243,39 @@ pub fn build(
             });
         }
     }
-    let incompatibilities = incompatibilities(state, &by_service, &mut notes);
+    let mut incompatibilities = incompatibilities(state, &by_service, &mut notes);
+    if !partial.is_empty() {
+        // Hosts left out keep running the newer release: it must fit with the rest too, so
+        // the checks run again with those services where they are now.
+        let staying: BTreeMap<String, &ChangeRecord> = by_service
+            .iter()
+            .filter(|(_, change)| !partial.contains(&change.number))
+            .map(|(service, change)| (service.clone(), *change))
+            .collect();
+        for problem in self::incompatibilities(state, &staying, &mut Vec::new()) {
+            if !incompatibilities.contains(&problem) {
+                incompatibilities.push(problem);
+            }
+        }
+    }
     let applied: Vec<Applied<'_>> = order
         .iter()
         .flat_map(|service| applied_migrations(state, by_service[service], options, &mut notes))
         .collect();
     let schema = schema_reverts(state, &applied, options.schema_after_waves, &mut notes);
+    if let Some(stage) = schema.iter().find(|stage| partial.contains(&stage.change)) {
+        return Err(CoordinatorError::invalid(
+            "options.exclude_hosts",
+            format!(
+                "{} reverts {} of {}, and the hosts left out would keep running {} on the new \
+                 release against the reverted schema: leave them in (with --overwrite-drift)",
+                change_id(stage.change),
+                stage.versions.join(", "),
+                stage.database,
+                stage.service
+            ),
+        ));
+    }
     let recipes: BTreeMap<String, Vec<RecipeStep>> = order
         .iter()
         .filter_map(|service| {
@@ -360,8 +393,9 @@ pub(crate) fn revertible_change(
 }
 
 /// The latest rollback of `change` that succeeded, and the hosts of the change it left out
-/// (its `exclude_hosts` it could have reverted), when it left any: a later rollback of the
-/// change reverts only those.
+/// (its `exclude_hosts`, and from cluster version 10 hosts a person skipped before their
+/// restore, that it could have reverted), when it left any: a later rollback of the change
+/// reverts only those.
 fn left_out_of<'a>(
     state: &'a State,
     change: &'a ChangeRecord,
@@ -370,10 +404,24 @@ fn left_out_of<'a>(
         rollback.status == RollbackStatus::Succeeded && rollback.changes.contains(&change.number)
     })?;
     let revertible: BTreeSet<&str> = revertible_hosts(change).collect();
+    let restored = |host: &str| {
+        succeeded.steps.iter().any(|step| {
+            step.host_id == host
+                && step.service == change.service
+                && step.kind == RollbackStepKind::Restore
+                && step.progress.status == StepStatus::Succeeded
+        })
+    };
+    let skipped = succeeded
+        .skipped_hosts
+        .iter()
+        .filter(|_| state.cluster_version() >= crate::state_machine::version::DRIFT_GUARD)
+        .filter(|host| !restored(host));
     let left_out: BTreeSet<&str> = succeeded
         .options
         .exclude_hosts
         .iter()
+        .chain(skipped)
         .map(String::as_str)
         .filter(|host| revertible.contains(host))
         .collect();

@@ -117,7 +117,8 @@ pub fn readiness(state: &State, plan: &Plan, view: &impl HostView) -> Readiness 
 /// The options of an automatic rollback of `service` (its latest change in `environment`), as
 /// the service's drift policy says what to do with hosts whose service drifted (`drift` gives
 /// what a host last reported changed): `skip` leaves them out, unless every host of the change
-/// drifted (their agents then refuse each restore, and the paused rollback calls a person);
+/// drifted or the change migrated a schema (their agents then refuse each restore, and the
+/// paused rollback calls a person);
 /// `overwrite` reverts them anyway. Below cluster version 10, or with no drift, unchanged.
 pub fn with_drift_policy(
     state: &State,
@@ -141,15 +142,23 @@ pub fn with_drift_policy(
     if drifted.is_empty() {
         return options;
     }
-    let policy = state
-        .services
-        .get(service)
-        .map(|record| record.drift_policy)
-        .unwrap_or_default();
-    match policy {
+    match policy_of(state, service) {
         DriftPolicy::Overwrite => options.overwrite_drift = true,
-        DriftPolicy::Skip if drifted.len() < hosts.len() => options.exclude_hosts = drifted,
+        // Hosts left out would run the new release against the reverted schema, and leaving
+        // every host out reverts nothing: none is left out, so each drifted host's agent
+        // refuses its restore and the paused rollback calls a person.
+        DriftPolicy::Skip if drifted.len() < hosts.len() && change.schema.is_empty() => {
+            options.exclude_hosts = drifted
+        }
         DriftPolicy::Skip => {}
     }
     options
+}
+
+fn policy_of(state: &State, service: &str) -> DriftPolicy {
+    state
+        .services
+        .get(service)
+        .map(|record| record.drift_policy)
+        .unwrap_or_default()
 }

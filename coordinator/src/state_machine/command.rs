@@ -611,7 +611,7 @@ impl CommandKind {
             Self::AutoTrigger(trigger) if trigger.options.drift_guarded() => {
                 super::version::DRIFT_GUARD
             }
-            Self::PutService { service } if !service.drift_policy.is_default() => {
+            Self::PutService { service } if service.from_version_ten() => {
                 super::version::DRIFT_GUARD
             }
             // A member of an older release would drop these fields and keep the rest.

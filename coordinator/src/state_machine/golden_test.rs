@@ -978,6 +978,19 @@ fn version_ten(harness: &mut Fleet) {
     };
     let mut overwrite = harness.state.services["orders-db"].clone();
     overwrite.drift_policy = DriftPolicy::Overwrite;
+    overwrite.rollback_steps = crate::recipe::parse(
+        &[
+            "drain",
+            "restore",
+            "restart",
+            "reconcile",
+            "clear-client-caches",
+            "verify",
+            "undrain",
+        ]
+        .map(String::from),
+    )
+    .unwrap();
     // At 9: each refused.
     let refused = harness
         .run(with_options(Trigger::Manual, leave_out("db-2")))

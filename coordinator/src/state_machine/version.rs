@@ -147,7 +147,7 @@ pub const CHANGES: &[(u32, &str)] = &[
          person (or overwrites, as the service's drift policy says); `host adopt` accepts a \
          host's drift as its desired state (audited); releases declare the message schemas \
          they write and read per topic, and a plan that leaves a consumer reading less than a \
-         producer writes is refused",
+         producer writes is refused; `reconcile` and `clear-client-caches` recipe steps",
     ),
 ];
 

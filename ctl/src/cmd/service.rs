@@ -40,7 +40,8 @@ pub enum ServiceCommand {
         /// A step each host goes through in a rollback, in order (repeat for each); none: drain,
         /// restore, restart, verify, undrain. From the agents' catalogue: drain, restore,
         /// restart, reload, verify, undrain, pause-jobs, resume-jobs, purge-cache, scale-up,
-        /// check, and `run:COMMAND ARG=VALUE...` for a command the agents' allow-list names.
+        /// check, reconcile, clear-client-caches, and `run:COMMAND ARG=VALUE...` for a command
+        /// the agents' allow-list names.
         #[arg(long = "rollback-step", value_name = "STEP")]
         rollback_steps: Vec<String>,
         /// Recovery time objective (`10m`, `1h`): `rollback plan` says whether its estimate

@@ -256,7 +256,11 @@ fn accepted_drift(services: &[pb::ServiceState]) -> Vec<String> {
                 .drift
                 .iter()
                 .take(MAX_DRIFT_LINES_PER_SERVICE)
-                .map(|line| names::printable(line, MAX_DRIFT_LINE_BYTES))
+                // Cut after escaping: an escaped control character takes several bytes.
+                .map(|line| {
+                    names::truncate(&names::printable(line, usize::MAX), MAX_DRIFT_LINE_BYTES)
+                        .to_string()
+                })
                 .collect();
             let more = state
                 .drift
@@ -267,7 +271,7 @@ fn accepted_drift(services: &[pb::ServiceState]) -> Vec<String> {
             }
             format!(
                 "{}: {}",
-                names::printable(&state.service, 128),
+                names::truncate(&names::printable(&state.service, usize::MAX), 128),
                 lines.join("; ")
             )
         })

@@ -145,12 +145,13 @@ fn refuse_drifted_hosts(
     Err(Status::failed_precondition(format!(
         "{} changed since rewind last put {} there, and reverting would wipe that: {}. Look \
          (`rewindctl host drift HOST`), then leave {} out (--exclude-host {}), or let the \
-         rollback wipe it (--overwrite-drift, or `rewindctl host adopt` first; both audited)",
+         rollback wipe {} (--overwrite-drift, or `rewindctl host adopt` first; both audited)",
         crate::plan::plural(hosts.len(), "host"),
         if hosts.len() == 1 { "it" } else { "them" },
         names::printable(&crate::plan::drift_lines(&drifted).join(" | "), 2048),
         if hosts.len() == 1 { "it" } else { "them" },
         hosts.join(" --exclude-host "),
+        if hosts.len() == 1 { "it" } else { "them" },
     )))
 }
 

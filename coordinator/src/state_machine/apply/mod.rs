@@ -241,8 +241,12 @@ fn apply_kind(state: &mut State, command: &Command) -> Result<(Outcome, String, 
             if objectives {
                 version::require(state, version::SERVICE_OBJECTIVES, "RTO and freeze windows")?;
             }
-            if !service.drift_policy.is_default() {
-                version::require(state, version::DRIFT_GUARD, "a service's drift policy")?;
+            if service.from_version_ten() {
+                version::require(
+                    state,
+                    version::DRIFT_GUARD,
+                    "a service's drift policy, or its reconcile and clear-client-caches steps",
+                )?;
             }
             check_no_cycle(state, service)?;
             state.services.insert(service.name.clone(), service.clone());

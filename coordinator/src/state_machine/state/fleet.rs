@@ -265,6 +265,16 @@ impl DriftPolicy {
 }
 
 impl ServiceRecord {
+    /// Whether it uses what cluster version 10 brought: a drift policy, or a recipe step a
+    /// member of an older release cannot read.
+    pub fn from_version_ten(&self) -> bool {
+        !self.drift_policy.is_default()
+            || self
+                .rollback_steps
+                .iter()
+                .any(|step| step.kind.from_version_ten())
+    }
+
     /// The freeze window holding `at_ms`, and when the freeze ends (windows that meet chained).
     pub fn frozen_at(&self, at_ms: u64) -> Option<(&str, u64)> {
         rewind_shared::freeze::frozen_until(&self.freeze, at_ms)

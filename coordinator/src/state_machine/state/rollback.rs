@@ -52,6 +52,12 @@ pub enum RollbackStepKind {
     Check,
     /// The n-th (from 1) `run:` step of the service's recipe, which holds its command.
     Run(u8),
+    /// The service's reconcile hook after a restore: session stores and caches of state the
+    /// reverted release wrote (from version 10).
+    Reconcile,
+    /// Makes clients drop what the reverted release had them cache: the service's client-cache
+    /// hook switched on for a window (from version 10).
+    ClearClientCaches,
 }
 impl RollbackStepKind {
     /// The default recipe.
@@ -64,7 +70,7 @@ impl RollbackStepKind {
     ];
 
     /// Every step a recipe may name (besides `run:`).
-    pub const CATALOGUE: [Self; 11] = [
+    pub const CATALOGUE: [Self; 13] = [
         Self::Drain,
         Self::Restore,
         Self::Restart,
@@ -76,7 +82,14 @@ impl RollbackStepKind {
         Self::PurgeCache,
         Self::ScaleUp,
         Self::Check,
+        Self::Reconcile,
+        Self::ClearClientCaches,
     ];
+
+    /// Whether cluster version 10 brought it: a member of an older release cannot read it.
+    pub fn from_version_ten(self) -> bool {
+        matches!(self, Self::Reconcile | Self::ClearClientCaches)
+    }
 
     pub fn name(self) -> std::borrow::Cow<'static, str> {
         std::borrow::Cow::Borrowed(match self {
@@ -92,6 +105,8 @@ impl RollbackStepKind {
             Self::PurgeCache => "purge-cache",
             Self::ScaleUp => "scale-up",
             Self::Check => "check",
+            Self::Reconcile => "reconcile",
+            Self::ClearClientCaches => "clear-client-caches",
             Self::Run(n) => return std::borrow::Cow::Owned(format!("run-{n}")),
         })
     }
