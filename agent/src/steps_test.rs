@@ -114,30 +114,8 @@ async fn a_step_from_an_older_term_is_fenced_and_does_nothing() {
 #[tokio::test]
 async fn capture_activate_restore_round_trip() {
     let fixture = fixture();
-    let captured = fixture
-        .executor
-        .execute(step(
-            "ch-2/capture/web-1",
-            1,
-            Action::Capture(CaptureSnapshot {}),
-        ))
-        .await
-        .unwrap();
-    assert!(captured.ok, "{}", captured.detail);
+    let captured = must_capture_then_activate_v2(&fixture).await;
     assert!(captured.snapshot_id.starts_with("snap-"));
-
-    let digest =
-        rewind_shared::digest::tree_digest(&fixture.root.path().join("releases/v2")).unwrap();
-    let activate = ActivateRelease {
-        version: "v2".into(),
-        artifact_digest: digest,
-    };
-    let activated = fixture
-        .executor
-        .execute(step("ch-2/activate/web-1", 1, Action::Activate(activate)))
-        .await
-        .unwrap();
-    assert!(activated.ok, "{}", activated.detail);
     assert_eq!(link(&fixture), "releases/v2");
     fs::write(fixture.root.path().join("app.toml"), b"mode = 'v2'").unwrap();
 
@@ -159,9 +137,8 @@ async fn capture_activate_restore_round_trip() {
     );
 }
 
-#[tokio::test]
-async fn a_restore_told_to_refuse_drift_leaves_a_hand_made_change_alone() {
-    let fixture = fixture();
+/// Captures web (ch-2) then activates v2, both succeeding: the capture's result.
+async fn must_capture_then_activate_v2(fixture: &Fixture) -> StepResult {
     let captured = fixture
         .executor
         .execute(step(
@@ -184,6 +161,13 @@ async fn a_restore_told_to_refuse_drift_leaves_a_hand_made_change_alone() {
         .await
         .unwrap();
     assert!(activated.ok, "{}", activated.detail);
+    captured
+}
+
+#[tokio::test]
+async fn a_restore_told_to_refuse_drift_leaves_a_hand_made_change_alone() {
+    let fixture = fixture();
+    let captured = must_capture_then_activate_v2(&fixture).await;
     // The activation recorded the desired state. Now a hotfix by hand.
     fs::write(fixture.root.path().join("app.toml"), b"hotfix = true").unwrap();
     let restore = |refuse_drift| {

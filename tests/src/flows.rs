@@ -191,10 +191,25 @@ pub async fn must_rollback_end(
     client: &ControlServiceClient<Channel>,
     rollback_id: &str,
 ) -> rewind_proto::v1::Rollback {
-    // Generous: rollbacks now pass a health gate per wave, and CI is loaded.
-    must_wait_async(Duration::from_secs(180), "the rollback to end", || {
+    must_rollback_where(client, rollback_id, "the rollback to end", |rollback| {
+        rewind_proto::v1::RollbackState::try_from(rollback.state)
+            .is_ok_and(|state| state.is_terminal())
+    })
+    .await
+}
+
+/// Waits until the rollback is as `done` wants it (`what` names that), and returns it.
+pub async fn must_rollback_where(
+    client: &ControlServiceClient<Channel>,
+    rollback_id: &str,
+    what: &str,
+    done: impl Fn(&rewind_proto::v1::Rollback) -> bool,
+) -> rewind_proto::v1::Rollback {
+    // Generous: rollbacks pass a health gate per wave, and CI is loaded.
+    must_wait_async(Duration::from_secs(180), what, || {
         let mut client = client.clone();
         let rollback_id = rollback_id.to_string();
+        let done = &done;
         async move {
             let rollback = client
                 .get_rollback(rewind_proto::v1::GetRollbackRequest { rollback_id })
@@ -202,10 +217,7 @@ pub async fn must_rollback_end(
                 .ok()?
                 .into_inner()
                 .rollback?;
-            rewind_proto::v1::RollbackState::try_from(rollback.state)
-                .ok()?
-                .is_terminal()
-                .then_some(rollback)
+            done(&rollback).then_some(rollback)
         }
     })
     .await

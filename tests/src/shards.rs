@@ -2,8 +2,6 @@
 //! PostgreSQL server and a host whose agent runs service `orders-db` as a shard of it
 //! (`[service.database]`). Changes and rollbacks go through the coordinator's API.
 
-use std::time::Duration;
-
 use rewind_proto::v1 as pb;
 use rewind_proto::v1::control_service_client::ControlServiceClient;
 use tonic::transport::Channel;
@@ -150,21 +148,7 @@ impl Shards {
         what: &str,
         done: impl Fn(&pb::Rollback) -> bool,
     ) -> pb::Rollback {
-        must_wait_async(Duration::from_secs(180), what, || {
-            let mut client = self.client.clone();
-            let rollback_id = rollback_id.to_string();
-            let done = &done;
-            async move {
-                let rollback = client
-                    .get_rollback(pb::GetRollbackRequest { rollback_id })
-                    .await
-                    .ok()?
-                    .into_inner()
-                    .rollback?;
-                done(&rollback).then_some(rollback)
-            }
-        })
-        .await
+        crate::must_rollback_where(&self.client, rollback_id, what, done).await
     }
 
     pub async fn must_pause(&self, rollback_id: &str) -> pb::Rollback {

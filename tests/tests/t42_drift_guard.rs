@@ -54,29 +54,6 @@ async fn must_start(
         .rollback_id
 }
 
-async fn must_rollback_where(
-    client: &pb::control_service_client::ControlServiceClient<tonic::transport::Channel>,
-    rollback_id: &str,
-    what: &str,
-    done: impl Fn(&pb::Rollback) -> bool,
-) -> pb::Rollback {
-    must_wait_async(Duration::from_secs(180), what, || {
-        let mut client = client.clone();
-        let rollback_id = rollback_id.to_string();
-        let done = &done;
-        async move {
-            let rollback = client
-                .get_rollback(pb::GetRollbackRequest { rollback_id })
-                .await
-                .ok()?
-                .into_inner()
-                .rollback?;
-            done(&rollback).then_some(rollback)
-        }
-    })
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_hotfix_by_hand_is_not_wiped_without_a_word() {
     let dir = tempfile::tempdir().unwrap();

@@ -396,18 +396,30 @@ fn a_relative_condition_over_a_zero_baseline_needs_a_real_margin() {
     );
 }
 
-#[test]
-fn an_automatic_rollback_follows_the_services_drift_policy() {
-    // Skip (the default): the drifted host is left out and a person called.
+/// A deployed world where `drifted` hosts reported a hand edit and health then breached long
+/// enough for the automatic rollback, under `policy`: the rollback it started.
+fn rolled_back_with_drift(policy: DriftPolicy, drifted: &[&str]) -> World {
     let mut world = World::new();
+    let mut service = world.fleet.state.services["web"].clone();
+    service.drift_policy = policy;
+    world.apply(CommandKind::PutService { service });
     world.deployed();
-    world.seen.drift.insert(
-        "web-2".into(),
-        vec!["config/app.toml: content differs".into()],
-    );
+    for host in drifted {
+        world.seen.drift.insert(
+            host.to_string(),
+            vec!["config/app.toml: content differs".into()],
+        );
+    }
     world.seen.failure_ratio = 1.0;
     world.run_tick(1_500);
     world.run_tick(3_600);
+    world
+}
+
+#[test]
+fn an_automatic_rollback_follows_the_services_drift_policy() {
+    // Skip (the default): the drifted host is left out and a person called.
+    let world = rolled_back_with_drift(DriftPolicy::Skip, &["web-2"]);
     let rollback = &world.fleet.state.rollbacks[&1];
     assert_eq!(rollback.options.exclude_hosts, vec!["web-2"]);
     assert!(rollback.steps.iter().all(|step| step.host_id != "web-2"));
@@ -420,18 +432,7 @@ fn an_automatic_rollback_follows_the_services_drift_policy() {
     );
 
     // Overwrite: every host is reverted, told to wipe the drift.
-    let mut world = World::new();
-    let mut service = world.fleet.state.services["web"].clone();
-    service.drift_policy = DriftPolicy::Overwrite;
-    world.apply(CommandKind::PutService { service });
-    world.deployed();
-    world.seen.drift.insert(
-        "web-2".into(),
-        vec!["config/app.toml: content differs".into()],
-    );
-    world.seen.failure_ratio = 1.0;
-    world.run_tick(1_500);
-    world.run_tick(3_600);
+    let world = rolled_back_with_drift(DriftPolicy::Overwrite, &["web-2"]);
     let rollback = &world.fleet.state.rollbacks[&1];
     assert!(rollback.options.exclude_hosts.is_empty());
     assert!(rollback.options.overwrite_drift);
@@ -439,18 +440,9 @@ fn an_automatic_rollback_follows_the_services_drift_policy() {
 
     // Every host drifted: none is left out (the rollback would revert nothing), so each
     // agent refuses its restore and the paused rollback calls a person.
-    let mut world = World::new();
-    world.deployed();
-    for host in ["web-1", "web-2", "web-3"] {
-        world
-            .seen
-            .drift
-            .insert(host.into(), vec!["config/app.toml: content differs".into()]);
-    }
-    world.seen.failure_ratio = 1.0;
-    world.run_tick(1_500);
-    world.run_tick(3_600);
+    let world = rolled_back_with_drift(DriftPolicy::Skip, &["web-1", "web-2", "web-3"]);
     let rollback = &world.fleet.state.rollbacks[&1];
     assert!(rollback.options.exclude_hosts.is_empty());
     assert!(!rollback.options.overwrite_drift);
+    assert_eq!(rollback.steps.len(), 15, "every host's five steps");
 }

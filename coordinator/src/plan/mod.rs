@@ -724,13 +724,7 @@ fn incompatibilities(
         Some(change) => change.previous_version.clone(),
         None => current_version(state, service),
     };
-    let release = |service: &str, version: &str| -> Option<&ReleaseRecord> {
-        state
-            .releases
-            .get(service)?
-            .get(version)
-            .map(|r| r.as_ref())
-    };
+    let release = |service: &str, version: &str| release_of(state, service, version);
     let mut found = Vec::new();
     for consumer in state.services.keys() {
         let consumer_version = version_after(consumer);
@@ -780,6 +774,15 @@ fn incompatibilities(
     found
 }
 
+/// The release record of `service` at `version`, if registered.
+fn release_of<'a>(state: &'a State, service: &str, version: &str) -> Option<&'a ReleaseRecord> {
+    state
+        .releases
+        .get(service)?
+        .get(version)
+        .map(|release| release.as_ref())
+}
+
 /// Message topics: each topic `consumer` reads (as the plan leaves it) must not be written by a
 /// producer (as the plan leaves it) in a newer schema than it reads, where the plan moves
 /// either. Messages a producer the plan reverts already queued may carry its current release's
@@ -791,13 +794,7 @@ fn message_incompatibilities(
     found: &mut Vec<Incompatibility>,
     notes: &mut Vec<String>,
 ) {
-    let release = |service: &str, version: &str| -> Option<&ReleaseRecord> {
-        state
-            .releases
-            .get(service)?
-            .get(version)
-            .map(|r| r.as_ref())
-    };
+    let release = |service: &str, version: &str| release_of(state, service, version);
     for (topic, &reads) in &consumer_release.consumes {
         for producer in state
             .services
