@@ -81,6 +81,7 @@ fn main() {
                     rto_s: 0,
                     freeze: Vec::new(),
                     drift_policy: Default::default(),
+                    isolate_after_failures: 0,
                 },
             },
         };

@@ -258,6 +258,7 @@ async fn run_loop(
         rto_s: 60,
         freeze_windows: vec![],
         drift_policy: String::new(),
+        isolate_after_failures: 0,
     };
     client
         .put_service(pb::PutServiceRequest {

@@ -101,6 +101,7 @@ async fn rollback_of_a_fleet(
                 rto_s: 0,
                 freeze_windows: vec![],
                 drift_policy: String::new(),
+                isolate_after_failures: 0,
                 name: "web".into(),
                 depends_on: vec![],
                 policy: Some(pb::HealthPolicy {

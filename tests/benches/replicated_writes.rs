@@ -110,6 +110,7 @@ async fn bench_rewind_at(
         rto_s: 0,
         freeze_windows: vec![],
         drift_policy: String::new(),
+        isolate_after_failures: 0,
         name: "bench".into(),
         depends_on: vec![],
         policy: None,

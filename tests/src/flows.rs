@@ -103,6 +103,7 @@ pub async fn must_register_web(
         rto_s: 0,
         freeze_windows: vec![],
         drift_policy: String::new(),
+        isolate_after_failures: 0,
         name: "web".into(),
         depends_on: vec![],
         policy: Some(policy),

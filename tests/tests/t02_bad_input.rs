@@ -61,6 +61,7 @@ fn service(
             rto_s: 0,
             freeze_windows: vec![],
             drift_policy: String::new(),
+            isolate_after_failures: 0,
             name: name.into(),
             depends_on: vec![],
             policy,

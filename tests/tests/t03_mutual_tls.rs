@@ -72,6 +72,7 @@ async fn clients_without_a_certificate_or_from_another_ca_are_refused() {
         rto_s: 0,
         freeze_windows: vec![],
         drift_policy: String::new(),
+        isolate_after_failures: 0,
         name: "web".into(),
         depends_on: vec![],
         policy: None,

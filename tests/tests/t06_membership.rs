@@ -17,6 +17,7 @@ fn put_service(name: &str) -> pb::PutServiceRequest {
             rto_s: 0,
             freeze_windows: vec![],
             drift_policy: String::new(),
+            isolate_after_failures: 0,
             name: name.into(),
             depends_on: vec![],
             policy: None,

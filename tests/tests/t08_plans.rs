@@ -72,6 +72,7 @@ async fn must_register(
                     rto_s: 0,
                     freeze_windows: vec![],
                     drift_policy: String::new(),
+                    isolate_after_failures: 0,
                     name: service.into(),
                     depends_on: depends_on.into_iter().map(String::from).collect(),
                     policy: Some(pb::HealthPolicy {

@@ -189,7 +189,8 @@ async fn a_person_skips_a_host_watches_the_rollback_end_and_isolates_a_service()
         "the skip is audited"
     );
 
-    // Isolate: every host of web is drained through its hook and none is reverted further.
+    // Isolate: web stops being reverted; nothing failed, so the person names the region to
+    // take out, and max_unavailable (1) of its hosts is drained through its hook.
     let change = rewind_tests::must_deploy_web(&client, "v2", &[]).await;
     // Hosts whose state before this change is v1: a revert would put them back on v1.
     let paused = must_start_paused(&mut client, &change, "isolate").await;
@@ -200,9 +201,23 @@ async fn a_person_skips_a_host_watches_the_rollback_end_and_isolates_a_service()
         .collect();
     let untouched = untouched_hosts(&paused, &reverts_to_v1);
     let restarts_before: Vec<usize> = hosts.iter().map(TestHost::restarts).collect();
+    let nothing_failed = client
+        .isolate_service(pb::RollbackActionRequest {
+            service: "web".into(),
+            ..action(&paused.rollback_id, "isolate")
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        nothing_failed
+            .message()
+            .contains("no host of web has failed"),
+        "{nothing_failed:?}"
+    );
     client
         .isolate_service(pb::RollbackActionRequest {
             service: "web".into(),
+            region: "test-1".into(),
             ..action(&paused.rollback_id, "isolate")
         })
         .await
@@ -214,11 +229,36 @@ async fn a_person_skips_a_host_watches_the_rollback_end_and_isolates_a_service()
         pb::RollbackState::Succeeded as i32,
         "{ended:?}"
     );
-    for host in &hosts {
+    let isolation = ended
+        .waves
+        .iter()
+        .find(|wave| wave.isolation)
+        .expect("an isolation wave");
+    assert_eq!(isolation.region, "test-1");
+    assert_eq!(
+        isolation.hosts.len(),
+        1,
+        "within max_unavailable: {isolation:?}"
+    );
+    for host in hosts
+        .iter()
+        .filter(|host| isolation.hosts.contains(&host.id))
+    {
         must_wait_async(Duration::from_secs(60), "the drain hook", || async {
             (rotation(host).last().map(String::as_str) == Some("drain")).then_some(())
         })
         .await;
+    }
+    for host in hosts
+        .iter()
+        .filter(|host| !isolation.hosts.contains(&host.id))
+    {
+        assert_ne!(
+            rotation(host).last().map(String::as_str),
+            Some("drain"),
+            "{} keeps serving",
+            host.id
+        );
     }
     for (host, restarts) in hosts.iter().zip(restarts_before) {
         if !untouched.contains(&host.id) {

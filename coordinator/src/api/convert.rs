@@ -86,6 +86,7 @@ pub fn service(service: &ServiceRecord) -> pb::Service {
             .map(|window| window.text.clone())
             .collect(),
         drift_policy: service.drift_policy.name().to_string(),
+        isolate_after_failures: service.isolate_after_failures,
     }
 }
 

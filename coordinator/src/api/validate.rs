@@ -173,7 +173,17 @@ pub(super) fn validate_service(service: pb::Service) -> Result<ServiceRecord, St
         .collect::<Result<Vec<_>, Status>>()?;
     let drift_policy = crate::state_machine::DriftPolicy::parse(&service.drift_policy)
         .map_err(|problem| invalid("service.drift_policy", problem))?;
+    if service.isolate_after_failures > MAX_ISOLATE_AFTER_FAILURES {
+        return Err(invalid(
+            "service.isolate_after_failures",
+            format!(
+                "is {}, at most {MAX_ISOLATE_AFTER_FAILURES}",
+                service.isolate_after_failures
+            ),
+        ));
+    }
     Ok(ServiceRecord {
+        isolate_after_failures: service.isolate_after_failures,
         drift_policy,
         name: service.name,
         depends_on: service.depends_on,
@@ -184,6 +194,9 @@ pub(super) fn validate_service(service: pb::Service) -> Result<ServiceRecord, St
         freeze,
     })
 }
+
+/// Most failures of a wave a service's policy may wait for before isolating it.
+const MAX_ISOLATE_AFTER_FAILURES: u32 = 10;
 
 /// Most migrations one change may apply.
 pub(super) const MAX_MIGRATIONS_PER_CHANGE: usize = 64;

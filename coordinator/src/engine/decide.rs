@@ -236,6 +236,7 @@ pub fn decide(
         .filter(|rollback| !rollback.status.is_terminal())
     {
         drive_rollback(state, rollback, &mut driver);
+        trip_breaker(state, rollback, &mut driver);
     }
     for drill in state
         .drills
@@ -687,6 +688,55 @@ fn is_current_phase(change: &ChangeRecord, step: &StepTarget) -> bool {
 
 /// Drives the rollback's current wave: hosts start within `max_parallel` and `max_unavailable`,
 /// each goes through its steps, and once all are done the wave's health gate runs.
+/// A rollback paused on a wave of a service whose policy trips the circuit breaker after that
+/// many failures (`isolate_after_failures`, counted by the escalations each failure opened):
+/// the service is isolated (its failing hosts, within max_unavailable) and the rollback goes
+/// on with the rest, instead of waiting for a person again.
+fn trip_breaker(
+    state: &State,
+    rollback: &RollbackRecord,
+    driver: &mut Driver<'_, impl Observations>,
+) {
+    if rollback.status != RollbackStatus::Paused
+        || state.cluster_version() < crate::state_machine::version::ISOLATION_WITHIN_BUDGET
+    {
+        return;
+    }
+    let Some(wave) = rollback.current_wave() else {
+        return;
+    };
+    let service = &rollback.waves[wave as usize].service;
+    let Some(limit) = state
+        .services
+        .get(service)
+        .map(|record| record.isolate_after_failures)
+        .filter(|&limit| limit > 0)
+    else {
+        return;
+    };
+    if rollback.isolated.contains(service) {
+        return;
+    }
+    let failures = rollback
+        .escalations
+        .iter()
+        .filter_map(|id| state.escalations.get(id))
+        .filter(|escalation| escalation.wave == wave && &escalation.service == service)
+        .count();
+    if failures >= limit as usize {
+        driver.propose(CommandKind::IsolateService {
+            rollback: rollback.number,
+            service: service.clone(),
+            reason: format!(
+                "tripped by {service}'s policy: wave {} failed {failures} times (isolate after \
+                 {limit})",
+                wave + 1
+            ),
+            region: String::new(),
+        });
+    }
+}
+
 fn drive_rollback(
     state: &State,
     rollback: &RollbackRecord,

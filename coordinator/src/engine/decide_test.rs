@@ -122,6 +122,7 @@ impl World {
                 rto_s: 0,
                 freeze: Vec::new(),
                 drift_policy: Default::default(),
+                isolate_after_failures: 0,
                 name: "web".into(),
                 depends_on: vec![],
                 policy,
@@ -782,7 +783,7 @@ fn skipping_a_drained_host_still_puts_it_back_into_rotation() {
 }
 
 #[test]
-fn isolating_a_failing_service_drains_all_its_hosts_instead_of_reverting_them() {
+fn isolating_a_failing_service_takes_out_only_its_failing_hosts() {
     let mut world = two_region_world();
     world.start_rollback(1);
     world.step("web-1", RollbackStepKind::Drain, true);
@@ -794,25 +795,26 @@ fn isolating_a_failing_service_drains_all_its_hosts_instead_of_reverting_them() 
     world.apply(CommandKind::IsolateService {
         rollback: 1,
         service: "web".into(),
-        reason: "v1 cannot start either: take web out".into(),
+        reason: "v1 cannot start either: take web-1 out".into(),
+        region: String::new(),
     });
     let rollback = &world.fleet.state.rollbacks[&1];
     assert_eq!(rollback.status, RollbackStatus::Running);
     assert!(rollback.waves[0].isolation, "the isolation comes first");
+    assert_eq!(
+        rollback.waves[0].hosts,
+        vec!["web-1"],
+        "only the failing host"
+    );
     assert_eq!(rollback.waves.len(), 3);
     world.run_tick(1_000);
     let sends = sends_of(&world.run_tick(1_000));
     assert_eq!(
         sends,
-        HOSTS
-            .iter()
-            .map(|host| (format!("rb-1/web/isolate/{host}"), AgentAction::Drain))
-            .collect::<Vec<_>>(),
-        "every host of web is drained at once"
+        vec![("rb-1/web/isolate/web-1".to_string(), AgentAction::Drain)],
+        "the others keep serving"
     );
-    for host in HOSTS {
-        world.step(host, RollbackStepKind::Isolate, true);
-    }
+    world.step("web-1", RollbackStepKind::Isolate, true);
     let rollback = &world.fleet.state.rollbacks[&1];
     assert_eq!(rollback.status, RollbackStatus::Succeeded, "{rollback:?}");
     assert!(
@@ -826,6 +828,82 @@ fn isolating_a_failing_service_drains_all_its_hosts_instead_of_reverting_them() 
         world.fleet.state.changes[&1].status,
         ChangeStatus::Deployed,
         "an isolated change is not rolled back"
+    );
+}
+
+#[test]
+fn a_services_policy_trips_the_breaker_once_its_wave_failed_that_often() {
+    let mut world = two_region_world();
+    let mut service = world.fleet.state.services["web"].clone();
+    service.isolate_after_failures = 2;
+    world.apply(CommandKind::PutService { service });
+    world.start_rollback(1);
+    world.step("web-1", RollbackStepKind::Drain, true);
+    world.step("web-1", RollbackStepKind::Restore, false);
+    world.run_tick(1_000);
+    assert_eq!(
+        world.fleet.state.rollbacks[&1].status,
+        RollbackStatus::Paused,
+        "one failure: a person is called, the breaker holds"
+    );
+    world.apply(CommandKind::ControlRollback {
+        rollback: 1,
+        action: RollbackAction::Resume,
+        reason: "try again".into(),
+    });
+    world.step("web-1", RollbackStepKind::Restore, false);
+    world.run_tick(2_000);
+    let rollback = &world.fleet.state.rollbacks[&1];
+    assert_eq!(rollback.isolated, vec!["web"], "{rollback:?}");
+    assert_eq!(rollback.status, RollbackStatus::Running);
+    assert_eq!(rollback.waves[0].hosts, vec!["web-1"]);
+
+    // A region (here web-2's and web-3's) is taken out within max_unavailable: one host. web-1,
+    // drained by the rollback already and not isolated, is put back into rotation.
+    let mut world = two_region_world();
+    world.start_rollback(1);
+    world.step("web-1", RollbackStepKind::Drain, true);
+    world.apply(CommandKind::ControlRollback {
+        rollback: 1,
+        action: RollbackAction::Pause,
+        reason: "look".into(),
+    });
+    let region = crate::plan::region_of(&world.fleet.state, "web-2");
+    let refused = world
+        .fleet
+        .run(CommandKind::IsolateService {
+            rollback: 1,
+            service: "web".into(),
+            reason: "nothing failed".into(),
+            region: String::new(),
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("no host of web has failed"), "{refused}");
+    world.apply(CommandKind::IsolateService {
+        rollback: 1,
+        service: "web".into(),
+        reason: "take that region out".into(),
+        region: region.clone(),
+    });
+    let rollback = &world.fleet.state.rollbacks[&1];
+    assert_eq!(
+        rollback.waves[0].hosts,
+        vec!["web-2"],
+        "max_unavailable is 1"
+    );
+    assert_eq!(rollback.waves[0].region, region);
+    world.run_tick(1_000);
+    assert_eq!(
+        sends_of(&world.run_tick(1_000)),
+        vec![("rb-1/web/isolate/web-2".to_string(), AgentAction::Drain)]
+    );
+    world.step("web-2", RollbackStepKind::Isolate, true);
+    world.run_tick(1_000);
+    assert_eq!(
+        sends_of(&world.run_tick(1_000)),
+        vec![("rb-1/web/undrain/web-1".to_string(), AgentAction::Undrain)],
+        "web-1 is put back"
     );
 }
 

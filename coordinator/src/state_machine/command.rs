@@ -133,6 +133,10 @@ pub enum CommandKind {
         rollback: u64,
         service: String,
         reason: String,
+        /// From version 10: take this region's hosts of the service out too (besides the
+        /// failing ones), within `max_unavailable`.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        region: String,
     },
     /// The engine found a wave that can neither go on nor fail (max_unavailable is used up by
     /// hosts that are down): the rollback pauses and calls a person.
@@ -602,6 +606,9 @@ impl CommandKind {
             | Self::CloseIncident { .. } => 5,
             Self::IncidentNotified { .. } => 6,
             Self::AdoptHostState { .. } => super::version::DRIFT_GUARD,
+            Self::IsolateService { region, .. } if !region.is_empty() => {
+                super::version::ISOLATION_WITHIN_BUDGET
+            }
             Self::RegisterRelease { release } if release.declares_topics() => {
                 super::version::MESSAGE_TOPICS
             }

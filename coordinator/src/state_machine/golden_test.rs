@@ -262,6 +262,7 @@ fn version_three(harness: &mut Fleet) {
             rto_s: 0,
             freeze: Vec::new(),
             drift_policy: Default::default(),
+            isolate_after_failures: 0,
             name: "cache".into(),
             depends_on: vec![],
             policy: HealthPolicy::default(),
@@ -1004,6 +1005,14 @@ fn version_ten(harness: &mut Fleet) {
         })
         .unwrap_err();
     harness.run(with_topics("v4")).unwrap_err();
+    harness
+        .run(CommandKind::IsolateService {
+            rollback: 1,
+            service: "orders-db".into(),
+            reason: "a region out".into(),
+            region: "eu".into(),
+        })
+        .unwrap_err();
 
     harness.apply(CommandKind::SetClusterVersion {
         version: 10,
@@ -1076,6 +1085,23 @@ fn version_ten(harness: &mut Fleet) {
             .contains("left db-1 untouched"),
         "{:?}",
         harness.state.escalations[&escalation]
+    );
+    // The circuit breaker takes out a region's hosts within max_unavailable, not every host.
+    harness.apply(CommandKind::ControlRollback {
+        rollback: automatic,
+        action: RollbackAction::Pause,
+        reason: "look first".into(),
+    });
+    let region = crate::plan::region_of(&harness.state, "db-2");
+    harness.apply(CommandKind::IsolateService {
+        rollback: automatic,
+        service: "orders-db".into(),
+        reason: "take db-2's region out".into(),
+        region,
+    });
+    assert_eq!(
+        harness.state.rollbacks[&automatic].waves[0].hosts,
+        vec!["db-2"]
     );
     harness.apply(adopt);
     harness.apply(CommandKind::PutService { service: overwrite });

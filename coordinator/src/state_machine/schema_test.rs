@@ -80,6 +80,7 @@ fn activated_sharded_change() -> (Fleet, u64) {
             rto_s: 0,
             freeze: Vec::new(),
             drift_policy: Default::default(),
+            isolate_after_failures: 0,
             name: "orders-db".into(),
             depends_on: vec![],
             policy: HealthPolicy::default(),

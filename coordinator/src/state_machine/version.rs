@@ -83,6 +83,11 @@ pub const DRIFT_GUARD: u32 = 10;
 /// refused like one that breaks an API.
 pub const MESSAGE_TOPICS: u32 = 10;
 
+/// From this version isolating a service (the circuit breaker) takes out only its failing
+/// hosts, or a region's, within `max_unavailable`, instead of every host at once; a service's
+/// policy may trip it when a wave fails repeatedly.
+pub const ISOLATION_WITHIN_BUDGET: u32 = 10;
+
 /// What each version brought, for `rewindctl cluster version` and the README.
 pub const CHANGES: &[(u32, &str)] = &[
     (1, "the log as released before cluster versions"),
@@ -147,7 +152,9 @@ pub const CHANGES: &[(u32, &str)] = &[
          person (or overwrites, as the service's drift policy says); `host adopt` accepts a \
          host's drift as its desired state (audited); releases declare the message schemas \
          they write and read per topic, and a plan that leaves a consumer reading less than a \
-         producer writes is refused; `reconcile` and `clear-client-caches` recipe steps",
+         producer writes is refused; `reconcile` and `clear-client-caches` recipe steps; \
+         isolating a service takes out only its failing hosts (or a region's) within \
+         max_unavailable, and a service's policy may trip it after repeated wave failures",
     ),
 ];
 
@@ -382,6 +389,7 @@ mod tests {
             rto_s: 0,
             freeze: vec![],
             drift_policy: DriftPolicy::Overwrite,
+            isolate_after_failures: 0,
         };
         let release = ReleaseRecord {
             consumes: [("orders.created".to_string(), 1)].into(),
@@ -396,8 +404,23 @@ mod tests {
                 overwrite_drift: true,
                 ..Default::default()
             }),
-            CommandKind::PutService { service },
+            CommandKind::PutService {
+                service: service.clone(),
+            },
+            CommandKind::PutService {
+                service: ServiceRecord {
+                    drift_policy: DriftPolicy::Skip,
+                    isolate_after_failures: 2,
+                    ..service
+                },
+            },
             CommandKind::RegisterRelease { release },
+            CommandKind::IsolateService {
+                rollback: 1,
+                service: "web".into(),
+                reason: "x".into(),
+                region: "eu".into(),
+            },
             CommandKind::AdoptHostState {
                 host_id: "web-1".into(),
                 accepted: vec![],

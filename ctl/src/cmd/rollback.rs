@@ -52,11 +52,15 @@ pub enum RollbackCommand {
         #[arg(long)]
         reason: String,
     },
-    /// Circuit breaker: drain every host of a failing service instead of reverting it (audited);
-    /// the rollback goes on with its other services.
+    /// Circuit breaker: stop reverting a failing service and take its failing hosts out of
+    /// rotation, within max_unavailable (audited); the rollback goes on with its other
+    /// services. (Before cluster version 10: every host of the service at once.)
     Isolate {
         rollback_id: String,
         service: String,
+        /// Also take this region's hosts of the service out (still within max_unavailable).
+        #[arg(long, default_value = "")]
+        region: String,
         /// Why (required: it goes into the audit log).
         #[arg(long)]
         reason: String,
@@ -109,6 +113,7 @@ pub(crate) async fn rollback(
         reason,
         host_id: String::new(),
         service: String::new(),
+        region: String::new(),
     };
     let rollback = match command {
         RollbackCommand::Plan { selection, options } => {
@@ -169,10 +174,12 @@ pub(crate) async fn rollback(
         RollbackCommand::Isolate {
             rollback_id,
             service,
+            region,
             reason,
         } => client
             .isolate_service(pb::RollbackActionRequest {
                 service,
+                region,
                 ..action(rollback_id, reason)
             })
             .await

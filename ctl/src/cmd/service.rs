@@ -58,6 +58,10 @@ pub enum ServiceCommand {
         #[arg(long, value_name = "POLICY", default_value = "skip",
               value_parser = ["skip", "overwrite"])]
         drift_policy: String,
+        /// Isolate the service (its failing hosts, within max_unavailable) instead of pausing
+        /// again once a rollback's wave of it failed this many times (0: never).
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        isolate_after_failures: u32,
     },
     /// Registered services, with what they depend on.
     List,
@@ -186,6 +190,7 @@ pub(crate) async fn service(
             rto,
             freeze_windows,
             drift_policy,
+            isolate_after_failures,
         } => {
             let service = pb::Service {
                 name,
@@ -202,6 +207,7 @@ pub(crate) async fn service(
                 rto_s: rto.unwrap_or(0),
                 freeze_windows,
                 drift_policy,
+                isolate_after_failures,
             };
             let request = pb::PutServiceRequest {
                 request_id: request_id(),

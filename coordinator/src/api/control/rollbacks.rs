@@ -179,6 +179,21 @@ pub(super) async fn isolate_service(
     request: Request<pb::RollbackActionRequest>,
 ) -> Result<Response<pb::GetRollbackResponse>, Status> {
     let named = |request: &pb::RollbackActionRequest| request.service.clone();
+    let region = request.get_ref().region.clone();
+    if !region.is_empty() {
+        // Regions are host labels: names of at most 63 bytes.
+        if region.len() > rewind_shared::bounds::MAX_LABEL_BYTES {
+            return Err(invalid(
+                "region",
+                format!(
+                    "is {} bytes, at most {}",
+                    region.len(),
+                    rewind_shared::bounds::MAX_LABEL_BYTES
+                ),
+            ));
+        }
+        names::validate_name("region", &region).map_err(field_error)?;
+    }
     control
         .decide_for(
             request,
@@ -188,6 +203,7 @@ pub(super) async fn isolate_service(
                 rollback,
                 service,
                 reason,
+                region,
             },
         )
         .await

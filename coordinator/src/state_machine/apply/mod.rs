@@ -391,7 +391,17 @@ fn apply_kind(state: &mut State, command: &Command) -> Result<(Outcome, String, 
             rollback,
             service,
             reason,
-        } => isolate_service(state, *rollback, service, reason, at_ms),
+            region,
+        } => {
+            if !region.is_empty() {
+                version::require(
+                    state,
+                    version::ISOLATION_WITHIN_BUDGET,
+                    "isolating a region's hosts",
+                )?;
+            }
+            isolate_service(state, *rollback, (service, region), reason, at_ms)
+        }
         CommandKind::Stall { rollback, evidence } => {
             let record = live_rollback_mut(state, *rollback, "stall")?;
             if record.status != RollbackStatus::Running {

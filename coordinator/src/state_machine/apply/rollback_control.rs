@@ -1,5 +1,7 @@
 //! Controlling a running rollback: pause, resume, abort, skip a host, isolate a service.
 
+use std::collections::BTreeMap;
+
 use super::*;
 
 pub(super) fn control_rollback(
@@ -187,7 +189,7 @@ pub(super) fn skip_host(
 pub(super) fn isolate_service(
     state: &mut State,
     number: u64,
-    service: &str,
+    (service, region): (&str, &str),
     reason: &str,
     at_ms: u64,
 ) -> Result<(Outcome, String, String)> {
@@ -196,6 +198,12 @@ pub(super) fn isolate_service(
         .values()
         .filter(|host| host.services.iter().any(|name| name == service))
         .map(|host| host.host_id.clone())
+        .collect();
+    // From version 10 only the failing hosts, or a region's, within max_unavailable.
+    let within_budget = state.cluster_version() >= version::ISOLATION_WITHIN_BUDGET;
+    let regions: BTreeMap<String, String> = hosts
+        .iter()
+        .map(|host| (host.clone(), crate::plan::region_of(state, host)))
         .collect();
     let rollback = live_rollback_mut(state, number, "isolate a service")?;
     let id = rollback.id();
@@ -220,17 +228,47 @@ pub(super) fn isolate_service(
             format!("every wave of {id} is done: there is nothing left to isolate"),
         ));
     };
+    let (hosts, left_serving) = if within_budget {
+        // Only hosts this rollback reverts: one it left out is not its to take out.
+        let mut regions = regions;
+        regions.retain(|host, _| {
+            rollback
+                .steps
+                .iter()
+                .any(|step| step.service == service && &step.host_id == host)
+        });
+        isolation_hosts(rollback, service, region, &regions)?
+    } else {
+        (hosts, Vec::new())
+    };
     let change = rollback
         .waves
         .iter()
         .find(|wave| wave.service == service)
         .map_or(0, |wave| wave.change);
+    // From version 10 a host not isolated that the rollback drained (or whose jobs it paused)
+    // is put back: its closing step stays to be run, as when a host is skipped. (Before, every
+    // host was drained anyway.)
+    let keep_closing: Vec<(u32, String, RollbackStepKind)> = if within_budget {
+        attempted_openings(rollback)
+            .filter(|(opened, _)| opened.service == service && !hosts.contains(&opened.host_id))
+            .map(|(opened, closing)| (opened.wave, opened.host_id.clone(), closing))
+            .collect()
+    } else {
+        Vec::new()
+    };
     // Stop reverting the service: its steps and gates not yet done are skipped.
     for step in rollback
         .steps
         .iter_mut()
         .filter(|step| step.service == service && step.wave >= first_open)
     {
+        if keep_closing.contains(&(step.wave, step.host_id.clone(), step.kind)) {
+            if step.progress.status == StepStatus::Failed {
+                step.progress = StepProgress::default();
+            }
+            continue;
+        }
         if !step.progress.status.is_terminal() || step.progress.status == StepStatus::Failed {
             step.progress.status = StepStatus::Skipped;
             step.progress.detail = format!("isolated instead: {reason}");
@@ -265,7 +303,13 @@ pub(super) fn isolate_service(
         WaveRecord {
             service: service.to_string(),
             change,
-            region: "all".into(),
+            region: if !within_budget {
+                "all".into()
+            } else if region.is_empty() {
+                "failing".into()
+            } else {
+                region.to_string()
+            },
             canary: false,
             hosts: hosts.clone(),
             gate: skipped_gate,
@@ -286,14 +330,86 @@ pub(super) fn isolate_service(
     rollback.paused_reason.clear();
     rollback.status = RollbackStatus::Running;
     settle_rollback(state, number, at_ms);
-    Ok((
-        Outcome::Rollback(number),
-        id,
+    let outcome = if within_budget {
+        let serving = if left_serving.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; left serving, past max_unavailable: {}",
+                left_serving.join(", ")
+            )
+        };
+        format!(
+            "ok: {service} isolated: {} drained instead of reverted ({}){serving}: {reason}",
+            crate::plan::plural(hosts.len(), "host"),
+            hosts.join(", ")
+        )
+    } else {
         format!(
             "ok: {service} isolated: {} drained instead of reverted: {reason}",
             crate::plan::plural(hosts.len(), "host")
-        ),
-    ))
+        )
+    };
+    Ok((Outcome::Rollback(number), id, outcome))
+}
+
+/// The hosts an isolation takes out (from version 10): those of `service` that failed in the
+/// rollback's current wave (a failed step, or the wave's failed gate), and those of `region`
+/// when one is named, at most `max_unavailable` of them; and the ones left serving past that.
+fn isolation_hosts(
+    rollback: &RollbackRecord,
+    service: &str,
+    region: &str,
+    of_service: &BTreeMap<String, String>,
+) -> Result<(Vec<String>, Vec<String>)> {
+    let mut chosen: std::collections::BTreeSet<String> = rollback
+        .failed_hosts
+        .iter()
+        .filter(|host| of_service.contains_key(*host))
+        .cloned()
+        .collect();
+    if let Some(wave) = rollback
+        .current_wave()
+        .and_then(|wave| rollback.waves.get(wave as usize))
+        && wave.service == service
+        && wave.gate.status == StepStatus::Failed
+    {
+        chosen.extend(wave.hosts.iter().cloned());
+    }
+    if !region.is_empty() {
+        let in_region: Vec<&String> = of_service
+            .iter()
+            .filter(|(_, host_region)| *host_region == region)
+            .map(|(host, _)| host)
+            .collect();
+        if in_region.is_empty() {
+            let regions: std::collections::BTreeSet<String> =
+                of_service.values().cloned().collect();
+            return Err(CoordinatorError::invalid(
+                "region",
+                format!(
+                    "no host of {service} is in region {region}: its regions are {}",
+                    known_list(regions)
+                ),
+            ));
+        }
+        chosen.extend(in_region.into_iter().cloned());
+    }
+    if chosen.is_empty() {
+        return Err(CoordinatorError::invalid(
+            "region",
+            format!(
+                "no host of {service} has failed in {}: name a region to take out, whose hosts \
+                 go within max_unavailable ({})",
+                rollback.id(),
+                rollback.options.max_unavailable.max(1)
+            ),
+        ));
+    }
+    let mut chosen: Vec<String> = chosen.into_iter().collect();
+    let budget = rollback.options.max_unavailable.max(1) as usize;
+    let left_serving = chosen.split_off(budget.min(chosen.len()));
+    Ok((chosen, left_serving))
 }
 
 pub(super) fn escalation_delivered(

@@ -225,6 +225,14 @@ pub struct ServiceRecord {
     /// What an automatic rollback does with a drifted host (from version 10).
     #[serde(default, skip_serializing_if = "DriftPolicy::is_default")]
     pub drift_policy: DriftPolicy,
+    /// Trip the circuit breaker (isolate the service) once a rollback's wave of it failed this
+    /// many times; 0: never (from version 10).
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub isolate_after_failures: u32,
+}
+
+fn is_zero_u32(value: &u32) -> bool {
+    *value == 0
 }
 
 /// What an automatic rollback does with a host whose service changed since rewind last put it
@@ -269,6 +277,7 @@ impl ServiceRecord {
     /// member of an older release cannot read.
     pub fn from_version_ten(&self) -> bool {
         !self.drift_policy.is_default()
+            || self.isolate_after_failures != 0
             || self
                 .rollback_steps
                 .iter()
