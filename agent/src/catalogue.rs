@@ -1040,7 +1040,6 @@ pub async fn resume_jobs(
     Ok(format!("{restored}{ran}"))
 }
 
-/// Runs a hook (command or HTTP POST), then waits its grace period.
 /// Runs the service's reconcile hook (after a restore).
 pub async fn reconcile(
     host: &dyn Host,
@@ -1052,7 +1051,7 @@ pub async fn reconcile(
 }
 
 /// Switches the service's client-cache clearing on, and records when its window ends: the
-/// agent's timer runs `off` then ([`close_client_cache_windows`]), across restarts.
+/// agent's timer runs `off` then ([`close_client_cache_window`]), across restarts.
 pub async fn clear_client_caches(
     host: &dyn Host,
     prober: &Prober,
@@ -1075,43 +1074,30 @@ pub async fn clear_client_caches(
     ))
 }
 
-/// Runs `off` for each service whose client-cache window has ended; one that fails is tried
-/// again at the next call. Returns what it did, for the log.
-pub async fn close_client_cache_windows(
+/// Closes `service`'s client-cache window that ends at `due_ms`: runs `off`, then forgets the
+/// window, unless a later step moved its end (then nothing runs now). The caller holds the
+/// service's step lock, so no `clear-client-caches` step runs in between.
+pub async fn close_client_cache_window(
     host: &dyn Host,
     prober: &Prober,
     store: &Store,
-    services: &[ServiceConfig],
-    now_ms: u64,
-) -> Vec<Result<String, String>> {
-    let due = match store.client_cache_offs() {
-        Ok(due) => due,
-        Err(error) => return vec![Err(format!("read the client-cache windows: {error}"))],
-    };
-    let mut done = Vec::new();
-    for (name, due_ms) in due.into_iter().filter(|(_, due_ms)| *due_ms <= now_ms) {
-        let Some(service) = services.iter().find(|service| service.name == name) else {
-            // A service no longer configured here: nothing to switch off.
-            let _ = store.clear_client_cache_off(&name, due_ms);
-            continue;
-        };
-        let Some(switch) = &service.catalogue.client_cache else {
-            let _ = store.clear_client_cache_off(&name, due_ms);
-            continue;
-        };
-        match run_hook(host, prober, service, "client-cache.off", &switch.off).await {
-            Ok(ran) => {
-                let _ = store.clear_client_cache_off(&name, due_ms);
-                done.push(Ok(format!("{name}: client-cache window closed: {ran}")));
-            }
-            Err(error) => done.push(Err(format!(
-                "{name}: client-cache off failed, tried again shortly: {error}"
-            ))),
-        }
+    service: &ServiceConfig,
+    due_ms: u64,
+) -> Result<Option<String>, AgentError> {
+    if store.client_cache_off(&service.name)? != Some(due_ms) {
+        return Ok(None);
     }
-    done
+    let switch = not_configured(
+        service,
+        "client-cache",
+        service.catalogue.client_cache.as_ref(),
+    )?;
+    let ran = run_hook(host, prober, service, "client-cache.off", &switch.off).await?;
+    store.clear_client_cache_off(&service.name, due_ms)?;
+    Ok(Some(ran))
 }
 
+/// Runs a hook (command or HTTP POST), then waits its grace period.
 pub async fn run_hook(
     host: &dyn Host,
     prober: &Prober,

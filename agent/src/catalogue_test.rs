@@ -610,3 +610,63 @@ fn sessions_are_read_from_a_gauge_summed_over_its_series() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_client_cache_window_opens_with_its_step_and_closes_once_past_its_end() {
+    let root = tempfile::tempdir().unwrap();
+    let log = root.path().join("switch.log");
+    let hook = |word: &str| {
+        format!(
+            "{{ command = [\"sh\", \"-c\", \"echo {word} >> {}\"] }}",
+            log.display()
+        )
+    };
+    let refused = service_from_toml(
+        root.path(),
+        "[service.client-cache]\non = { command = [\"true\"] }\nwindow-s = 0\n",
+    )
+    .unwrap_err()
+    .join("\n");
+    assert!(
+        refused.contains("client-cache.off: is required")
+            && refused.contains("client-cache.window-s: is 0, must be within 1..=86400"),
+        "{refused}"
+    );
+    let service = service_from_toml(
+        root.path(),
+        &format!(
+            "[service.client-cache]\non = {}\noff = {}\nwindow-s = 60\n",
+            hook("on"),
+            hook("off")
+        ),
+    )
+    .unwrap();
+    let (executor, _data) = executor_for(service.clone());
+    let opened = run_step(
+        &executor,
+        "rb-1/web/clear-client-caches/h1",
+        Action::ClearClientCaches(Default::default()),
+    )
+    .await;
+    assert!(opened.ok, "{}", opened.detail);
+    let store = executor.store();
+    let due = store
+        .client_cache_off("web")
+        .unwrap()
+        .expect("a window is open");
+    // A later, shorter window does not end it sooner.
+    store.put_client_cache_off("web", due - 30_000).unwrap();
+    assert_eq!(store.client_cache_off("web").unwrap(), Some(due));
+    // Closing a window whose end moved on does nothing; closing the one recorded runs `off`.
+    let host = crate::host::LocalHost;
+    let moved = close_client_cache_window(&host, executor.prober(), store, &service, due - 1)
+        .await
+        .unwrap();
+    assert_eq!(moved, None);
+    let closed = close_client_cache_window(&host, executor.prober(), store, &service, due)
+        .await
+        .unwrap();
+    assert!(closed.is_some());
+    assert_eq!(store.client_cache_off("web").unwrap(), None);
+    assert_eq!(fs::read_to_string(&log).unwrap(), "on\noff\n");
+}

@@ -5,7 +5,7 @@
 //! through the addresses, not with each address, so a dead leader among them does not push
 //! the agent to the cap before it has tried the members that are still up.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -359,31 +359,77 @@ impl Agent {
     }
 
     /// Switches client-cache clearing off once each window a `clear-client-caches` step opened
-    /// has passed: checked every second, connected or not; a failed `off` is tried again 30 s
-    /// later (and said so each time).
+    /// has passed: checked every second, connected or not, under the service's step lock. A
+    /// failed `off` is tried again 30 s later, at most [`CLIENT_CACHE_OFF_ATTEMPTS`] times, then
+    /// given up with an error naming the service (its switch must then be turned off by hand).
     async fn close_client_cache_windows(self: Arc<Self>) {
-        let services: Vec<_> = self.executor.services().cloned().collect();
+        let mut failures: HashMap<String, (u32, u64)> = HashMap::new();
         loop {
-            let mut failed = false;
-            let closed = crate::catalogue::close_client_cache_windows(
-                self.executor.host(),
-                self.executor.prober(),
-                self.executor.store(),
-                &services,
-                rewind_shared::time::now_ms(),
-            )
-            .await;
-            for outcome in closed {
-                match outcome {
-                    Ok(done) => info!("{done}"),
-                    Err(problem) => {
-                        failed = true;
-                        warn!("{problem}");
+            let now_ms = rewind_shared::time::now_ms();
+            let open = self
+                .executor
+                .store()
+                .client_cache_offs()
+                .unwrap_or_else(|error| {
+                    warn!(%error, "Could not read the client-cache windows.");
+                    Vec::new()
+                });
+            for (name, due_ms) in open {
+                let store = self.executor.store();
+                let Some(due_ms) = due_ms else {
+                    warn!(service = %name, "A client-cache window's end could not be read; forgotten: switch it off by hand if it is on.");
+                    let _ = store.remove_client_cache_off(&name);
+                    continue;
+                };
+                let waiting = failures.get(&name).is_some_and(|(_, next)| *next > now_ms);
+                if due_ms > now_ms || waiting {
+                    continue;
+                }
+                let Some(service) = self
+                    .executor
+                    .services()
+                    .find(|service| {
+                        service.name == name && service.catalogue.client_cache.is_some()
+                    })
+                    .cloned()
+                else {
+                    warn!(service = %name, due_ms, "A client-cache window ended for a service whose client-cache this agent no longer has: its off hook cannot run; switch it off by hand.");
+                    let _ = store.remove_client_cache_off(&name);
+                    continue;
+                };
+                let Some(_no_step_meanwhile) = self.executor.lock_service(&name).await else {
+                    continue;
+                };
+                let closed = crate::catalogue::close_client_cache_window(
+                    self.executor.host(),
+                    self.executor.prober(),
+                    store,
+                    &service,
+                    due_ms,
+                )
+                .await;
+                match closed {
+                    Ok(Some(ran)) => {
+                        failures.remove(&name);
+                        info!(service = %name, "Client-cache window closed: {ran}");
+                    }
+                    Ok(None) => {
+                        failures.remove(&name);
+                    }
+                    Err(error) => {
+                        let attempts = failures.get(&name).map_or(0, |(attempts, _)| *attempts) + 1;
+                        if attempts >= CLIENT_CACHE_OFF_ATTEMPTS {
+                            tracing::error!(service = %name, %error, attempts, "The client-cache off hook kept failing; given up: switch it off by hand.");
+                            failures.remove(&name);
+                            let _ = store.remove_client_cache_off(&name);
+                        } else {
+                            warn!(service = %name, %error, attempts, "The client-cache off hook failed; trying again in 30 s.");
+                            failures.insert(name, (attempts, now_ms + 30_000));
+                        }
                     }
                 }
             }
-            let next = if failed { 30 } else { 1 };
-            tokio::time::sleep(Duration::from_secs(next)).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
 
@@ -575,6 +621,9 @@ impl Agent {
             .collect()
     }
 }
+
+/// How often a client-cache window's `off` hook is tried before the agent gives up on it.
+const CLIENT_CACHE_OFF_ATTEMPTS: u32 = 20;
 
 /// How long an adoption waits, in all, for steps on its services to end: well below the
 /// coordinator's 30 s wait for the answer, leaving time to measure and record.

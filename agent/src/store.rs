@@ -137,6 +137,11 @@ pub struct JournalRecord {
     pub runs: u32,
 }
 
+/// A client-cache window's end as stored (big-endian milliseconds).
+fn due_of(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.try_into().ok()?))
+}
+
 fn one() -> u32 {
     1
 }
@@ -379,28 +384,35 @@ impl Store {
         self.flush()
     }
 
-    /// Remembers that `service`'s client-cache window ends at `due_ms` (a later step moves it).
+    /// Remembers that `service`'s client-cache window ends at `due_ms`; a window already open
+    /// that ends later keeps its end.
     pub fn put_client_cache_off(&self, service: &str, due_ms: u64) -> Result<(), AgentError> {
         self.client_cache_off
-            .insert(service.as_bytes(), &due_ms.to_be_bytes())?;
+            .fetch_and_update(service.as_bytes(), |old| {
+                let old = old.and_then(due_of).unwrap_or(0);
+                Some(old.max(due_ms).to_be_bytes().to_vec())
+            })?;
         self.flush()
     }
 
-    /// Each service whose client-cache window is open, with when it ends.
-    pub fn client_cache_offs(&self) -> Result<Vec<(String, u64)>, AgentError> {
+    /// Each service with a client-cache window open, with when it ends (`None`: an entry that
+    /// does not read as a time).
+    pub fn client_cache_offs(&self) -> Result<Vec<(String, Option<u64>)>, AgentError> {
         self.client_cache_off
             .iter()
             .map(|entry| {
                 let (service, due) = entry?;
-                let due: [u8; 8] = due.as_ref().try_into().map_err(|_| {
-                    AgentError::invalid("client_cache_off", "a due time of the wrong length")
-                })?;
-                Ok((
-                    String::from_utf8_lossy(&service).into_owned(),
-                    u64::from_be_bytes(due),
-                ))
+                Ok((String::from_utf8_lossy(&service).into_owned(), due_of(&due)))
             })
             .collect()
+    }
+
+    /// When `service`'s client-cache window ends, if one is open.
+    pub fn client_cache_off(&self, service: &str) -> Result<Option<u64>, AgentError> {
+        Ok(self
+            .client_cache_off
+            .get(service.as_bytes())?
+            .and_then(|due| due_of(&due)))
     }
 
     /// Forgets `service`'s window once its `off` hook ran, unless a later step moved it on.
@@ -410,6 +422,12 @@ impl Store {
             Some(&due_ms.to_be_bytes()[..]),
             None as Option<&[u8]>,
         )?;
+        self.flush()
+    }
+
+    /// Forgets `service`'s window whatever it holds (unreadable, or nothing can close it).
+    pub fn remove_client_cache_off(&self, service: &str) -> Result<(), AgentError> {
+        self.client_cache_off.remove(service.as_bytes())?;
         self.flush()
     }
 

@@ -6,7 +6,8 @@
 //! what each one executes is configured on the agents (the coordinator never sends a program).
 //!
 //! Rules, checked when the service is stored: exactly one `restore`, followed by a `restart` or
-//! `reload`; `verify` after those; `reconcile` and `clear-client-caches` after the restore; `drain` and `undrain`, `pause-jobs` and `resume-jobs` come in
+//! `reload`; `verify` after those; `reconcile` after the restart or reload, `clear-client-caches`
+//! after the restore; `drain` and `undrain`, `pause-jobs` and `resume-jobs` come in
 //! pairs around the restore; each step other than `run:` at most once.
 
 use std::collections::BTreeMap;
@@ -143,6 +144,18 @@ fn check_order(steps: &[RecipeStep]) -> Result<(), String> {
                 undoes.name()
             ));
         }
+    }
+    // Sessions and caches are brought in line with the restored release once it runs.
+    let running_again = [RollbackStepKind::Restart, RollbackStepKind::Reload]
+        .into_iter()
+        .filter_map(position)
+        .min();
+    if let (Some(reconcile), Some(running)) = (position(RollbackStepKind::Reconcile), running_again)
+        && reconcile < running
+    {
+        return Err(
+            "reconcile must come after restart or reload: the restored release runs by then".into(),
+        );
     }
     let pairs = [
         (RollbackStepKind::Drain, RollbackStepKind::Undrain),
@@ -287,6 +300,10 @@ mod tests {
             (
                 vec!["reconcile", "restore", "restart"],
                 "reconcile must come after restore",
+            ),
+            (
+                vec!["restore", "reconcile", "restart"],
+                "reconcile must come after restart or reload",
             ),
             (
                 vec!["clear-client-caches", "restore", "restart"],

@@ -392,10 +392,19 @@ pub(crate) fn explain(
                     .and_then(|wave| rollback.waves.get(wave as usize))
                     .filter(|wave| !rollback.isolated.contains(&wave.service))
                 {
-                    next.push(format!(
-                        "rewindctl rollback isolate {id} {} --reason \"<why>\"   # drain every {} host instead of reverting it; the rest goes on",
-                        wave.service, wave.service
-                    ));
+                    let within_budget = state.cluster_version()
+                        >= crate::state_machine::version::ISOLATION_WITHIN_BUDGET;
+                    next.push(if within_budget {
+                        format!(
+                            "rewindctl rollback isolate {id} {} [--region R] --reason \"<why>\"   # stop reverting {}: drain its failing hosts (and R's), within max_unavailable; the rest goes on",
+                            wave.service, wave.service
+                        )
+                    } else {
+                        format!(
+                            "rewindctl rollback isolate {id} {} --reason \"<why>\"   # drain every {} host instead of reverting it; the rest goes on",
+                            wave.service, wave.service
+                        )
+                    });
                 }
                 next.push(format!(
                     "rewindctl rollback abort {id} --reason \"<why>\"   # stop here; reverted hosts stay reverted"

@@ -686,8 +686,6 @@ fn is_current_phase(change: &ChangeRecord, step: &StepTarget) -> bool {
     }
 }
 
-/// Drives the rollback's current wave: hosts start within `max_parallel` and `max_unavailable`,
-/// each goes through its steps, and once all are done the wave's health gate runs.
 /// A rollback paused on a wave of a service whose policy trips the circuit breaker after that
 /// many failures (`isolate_after_failures`, counted by the escalations each failure opened):
 /// the service is isolated (its failing hosts, within max_unavailable) and the rollback goes
@@ -717,6 +715,17 @@ fn trip_breaker(
     if rollback.isolated.contains(service) {
         return;
     }
+    // Only a pause on a failure of this wave (a host's step or its gate), which the isolation
+    // takes out; not a person's pause, a stall or a schema revert's.
+    let wave_record = &rollback.waves[wave as usize];
+    let failed = wave_record.gate.status == StepStatus::Failed
+        || rollback
+            .failed_hosts
+            .iter()
+            .any(|host| wave_record.hosts.contains(host));
+    if !failed {
+        return;
+    }
     let failures = rollback
         .escalations
         .iter()
@@ -737,6 +746,8 @@ fn trip_breaker(
     }
 }
 
+/// Drives the rollback's current wave: hosts start within `max_parallel` and `max_unavailable`,
+/// each goes through its steps, and once all are done the wave's health gate runs.
 fn drive_rollback(
     state: &State,
     rollback: &RollbackRecord,
@@ -813,7 +824,8 @@ fn drive_rollback(
             let mut unavailable: BTreeSet<&str> =
                 in_progress.union(&disconnected).copied().collect();
             unavailable.insert(host_id);
-            // An isolation takes the whole service out of rotation at once: that is its point.
+            // An isolation's hosts were chosen within max_unavailable when it was recorded
+            // (before cluster version 10: the whole service, at once, by design).
             let bounded = !wave.isolation;
             let over_unavailable =
                 bounded && unavailable.len() > rollback.options.max_unavailable as usize;

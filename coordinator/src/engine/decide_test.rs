@@ -858,8 +858,8 @@ fn a_services_policy_trips_the_breaker_once_its_wave_failed_that_often() {
     assert_eq!(rollback.status, RollbackStatus::Running);
     assert_eq!(rollback.waves[0].hosts, vec!["web-1"]);
 
-    // A region (here web-2's and web-3's) is taken out within max_unavailable: one host. web-1,
-    // drained by the rollback already and not isolated, is put back into rotation.
+    // A region (here web-2's and web-3's) is taken out within max_unavailable: one more host.
+    // web-1, drained by the rollback and not finished, stays out (it may be half-reverted).
     let mut world = two_region_world();
     world.start_rollback(1);
     world.step("web-1", RollbackStepKind::Drain, true);
@@ -869,7 +869,15 @@ fn a_services_policy_trips_the_breaker_once_its_wave_failed_that_often() {
         reason: "look".into(),
     });
     let region = crate::plan::region_of(&world.fleet.state, "web-2");
-    let refused = world
+    // (With nothing failed and no host begun, an isolation must name a region.)
+    let mut idle = two_region_world();
+    idle.start_rollback(1);
+    idle.apply(CommandKind::ControlRollback {
+        rollback: 1,
+        action: RollbackAction::Pause,
+        reason: "look".into(),
+    });
+    let refused = idle
         .fleet
         .run(CommandKind::IsolateService {
             rollback: 1,
@@ -889,21 +897,25 @@ fn a_services_policy_trips_the_breaker_once_its_wave_failed_that_often() {
     let rollback = &world.fleet.state.rollbacks[&1];
     assert_eq!(
         rollback.waves[0].hosts,
-        vec!["web-2"],
-        "max_unavailable is 1"
+        vec!["web-1", "web-2"],
+        "web-1 already out, and max_unavailable (1) more"
     );
     assert_eq!(rollback.waves[0].region, region);
-    world.run_tick(1_000);
-    assert_eq!(
-        sends_of(&world.run_tick(1_000)),
-        vec![("rb-1/web/isolate/web-2".to_string(), AgentAction::Drain)]
+    assert!(
+        rollback
+            .steps
+            .iter()
+            .filter(|step| step.host_id == "web-1" && step.kind == RollbackStepKind::Undrain)
+            .all(|step| step.progress.status == StepStatus::Skipped),
+        "web-1 is not put back half-reverted"
     );
-    world.step("web-2", RollbackStepKind::Isolate, true);
     world.run_tick(1_000);
     assert_eq!(
         sends_of(&world.run_tick(1_000)),
-        vec![("rb-1/web/undrain/web-1".to_string(), AgentAction::Undrain)],
-        "web-1 is put back"
+        vec![
+            ("rb-1/web/isolate/web-1".to_string(), AgentAction::Drain),
+            ("rb-1/web/isolate/web-2".to_string(), AgentAction::Drain)
+        ]
     );
 }
 
@@ -1028,4 +1040,32 @@ fn archived_audit_entries_are_pruned_in_batches_never_past_the_archive() {
         prunes(&mut world, 20_000 + AUDIT_PRUNE_INTERVAL_MS),
         [archived]
     );
+}
+
+#[test]
+fn below_version_ten_an_isolation_drains_every_host_and_no_policy_trips_it() {
+    let mut world = two_region_world();
+    let mut service = world.fleet.state.services["web"].clone();
+    service.isolate_after_failures = 1;
+    world.apply(CommandKind::PutService { service });
+    // A cluster still at 9 (the policy came from a member already at 10 in this test only).
+    world.fleet.state.cluster_version = 9;
+    world.start_rollback(1);
+    world.step("web-1", RollbackStepKind::Drain, true);
+    world.step("web-1", RollbackStepKind::Restore, false);
+    world.run_tick(1_000);
+    assert!(world.fleet.state.rollbacks[&1].isolated.is_empty());
+    world.apply(CommandKind::IsolateService {
+        rollback: 1,
+        service: "web".into(),
+        reason: "take web out".into(),
+        region: String::new(),
+    });
+    let rollback = &world.fleet.state.rollbacks[&1];
+    assert_eq!(
+        rollback.waves[0].hosts,
+        HOSTS.to_vec(),
+        "every host, as before"
+    );
+    assert_eq!(rollback.waves[0].region, "all");
 }

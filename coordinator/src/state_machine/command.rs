@@ -127,7 +127,8 @@ pub enum CommandKind {
     ResetBreaker {
         reason: String,
     },
-    /// The circuit breaker: drains every host of `service` and stops reverting it, instead of
+    /// The circuit breaker: stops reverting `service` and drains its hosts (before version 10
+    /// every one; from 10 the failing ones and `region`'s, within max_unavailable), instead of
     /// reverting everything; the rollback goes on with its other services.
     IsolateService {
         rollback: u64,

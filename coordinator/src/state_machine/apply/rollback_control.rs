@@ -246,29 +246,12 @@ pub(super) fn isolate_service(
         .iter()
         .find(|wave| wave.service == service)
         .map_or(0, |wave| wave.change);
-    // From version 10 a host not isolated that the rollback drained (or whose jobs it paused)
-    // is put back: its closing step stays to be run, as when a host is skipped. (Before, every
-    // host was drained anyway.)
-    let keep_closing: Vec<(u32, String, RollbackStepKind)> = if within_budget {
-        attempted_openings(rollback)
-            .filter(|(opened, _)| opened.service == service && !hosts.contains(&opened.host_id))
-            .map(|(opened, closing)| (opened.wave, opened.host_id.clone(), closing))
-            .collect()
-    } else {
-        Vec::new()
-    };
     // Stop reverting the service: its steps and gates not yet done are skipped.
     for step in rollback
         .steps
         .iter_mut()
         .filter(|step| step.service == service && step.wave >= first_open)
     {
-        if keep_closing.contains(&(step.wave, step.host_id.clone(), step.kind)) {
-            if step.progress.status == StepStatus::Failed {
-                step.progress = StepProgress::default();
-            }
-            continue;
-        }
         if !step.progress.status.is_terminal() || step.progress.status == StepStatus::Failed {
             step.progress.status = StepStatus::Skipped;
             step.progress.detail = format!("isolated instead: {reason}");
@@ -353,28 +336,48 @@ pub(super) fn isolate_service(
     Ok((Outcome::Rollback(number), id, outcome))
 }
 
-/// The hosts an isolation takes out (from version 10): those of `service` that failed in the
-/// rollback's current wave (a failed step, or the wave's failed gate), and those of `region`
-/// when one is named, at most `max_unavailable` of them; and the ones left serving past that.
+/// The hosts an isolation takes out (from version 10), and those left serving past the
+/// budget. Hosts of `service` the rollback began and has not finished (drained, or stopped
+/// half-way through their revert) stay out whatever the budget: putting one back could serve
+/// a half-reverted host. Then, up to `max_unavailable` more, failing ones first (of the current
+/// wave, when it is the service's: a failed step's host, or every host of a failed gate), then
+/// those of `region` when one is named.
 fn isolation_hosts(
     rollback: &RollbackRecord,
     service: &str,
     region: &str,
     of_service: &BTreeMap<String, String>,
 ) -> Result<(Vec<String>, Vec<String>)> {
-    let mut chosen: std::collections::BTreeSet<String> = rollback
-        .failed_hosts
-        .iter()
-        .filter(|host| of_service.contains_key(*host))
+    let begun_unfinished: Vec<String> = of_service
+        .keys()
+        .filter(|host| {
+            let steps = || {
+                rollback
+                    .steps
+                    .iter()
+                    .filter(|step| step.service == service && &&step.host_id == host)
+            };
+            steps().any(|step| step.progress.attempts > 0)
+                && steps().any(|step| !step.progress.status.is_terminal())
+        })
         .cloned()
         .collect();
+    let mut wanted: Vec<String> = Vec::new();
     if let Some(wave) = rollback
         .current_wave()
         .and_then(|wave| rollback.waves.get(wave as usize))
         && wave.service == service
-        && wave.gate.status == StepStatus::Failed
     {
-        chosen.extend(wave.hosts.iter().cloned());
+        wanted.extend(
+            rollback
+                .failed_hosts
+                .iter()
+                .filter(|host| of_service.contains_key(*host))
+                .cloned(),
+        );
+        if wave.gate.status == StepStatus::Failed {
+            wanted.extend(wave.hosts.iter().cloned());
+        }
     }
     if !region.is_empty() {
         let in_region: Vec<&String> = of_service
@@ -393,9 +396,15 @@ fn isolation_hosts(
                 ),
             ));
         }
-        chosen.extend(in_region.into_iter().cloned());
+        wanted.extend(in_region.into_iter().cloned());
     }
-    if chosen.is_empty() {
+    let mut fresh: Vec<String> = Vec::new();
+    for host in wanted {
+        if !begun_unfinished.contains(&host) && !fresh.contains(&host) {
+            fresh.push(host);
+        }
+    }
+    if fresh.is_empty() && begun_unfinished.is_empty() {
         return Err(CoordinatorError::invalid(
             "region",
             format!(
@@ -406,10 +415,11 @@ fn isolation_hosts(
             ),
         ));
     }
-    let mut chosen: Vec<String> = chosen.into_iter().collect();
     let budget = rollback.options.max_unavailable.max(1) as usize;
-    let left_serving = chosen.split_off(budget.min(chosen.len()));
-    Ok((chosen, left_serving))
+    let left_serving = fresh.split_off(budget.min(fresh.len()));
+    let mut hosts = begun_unfinished;
+    hosts.extend(fresh);
+    Ok((hosts, left_serving))
 }
 
 pub(super) fn escalation_delivered(

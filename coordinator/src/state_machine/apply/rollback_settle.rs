@@ -5,6 +5,8 @@ use super::*;
 /// Ends a rollback once every wave passed its gate; pauses it for a person when a host failed
 /// in the current wave and no other host of that wave is still on its way.
 pub(super) fn settle_rollback(state: &mut State, number: u64, at_ms: u64) {
+    // From version 10 an isolation takes out some hosts only: the outcome names them.
+    let isolation_names_hosts = state.cluster_version() >= version::ISOLATION_WITHIN_BUDGET;
     // A revert the waves wait for (cluster version 9) that failed: no host has been reverted.
     let before_waves_failed = state.rollbacks.get(&number).and_then(|rollback| {
         let before_waves = rollback
@@ -95,9 +97,25 @@ pub(super) fn settle_rollback(state: &mut State, number: u64, at_ms: u64) {
             );
         }
         if !rollback.isolated.is_empty() {
+            let isolated: Vec<String> = rollback
+                .isolated
+                .iter()
+                .map(|service| {
+                    if !isolation_names_hosts {
+                        return service.clone();
+                    }
+                    let hosts: Vec<&str> = rollback
+                        .waves
+                        .iter()
+                        .filter(|wave| wave.isolation && &wave.service == service)
+                        .flat_map(|wave| wave.hosts.iter().map(String::as_str))
+                        .collect();
+                    format!("{service} ({})", hosts.join(", "))
+                })
+                .collect();
             detail += &format!(
                 "; isolated (drained, not reverted): {}",
-                rollback.isolated.join(", ")
+                isolated.join(", ")
             );
             let paused: Vec<String> = left_open(rollback)
                 .into_iter()
