@@ -132,23 +132,6 @@ pub fn build(
             service: cycle[0].clone(),
             path: cycle.join(" -> "),
         })?;
-    let canary = options.canary_region.as_str();
-    if !canary.is_empty() {
-        let regions: BTreeSet<String> = by_service
-            .values()
-            .flat_map(|change| revertible_hosts(change))
-            .map(|host| region_of(state, host))
-            .collect();
-        if !regions.contains(canary) {
-            return Err(CoordinatorError::invalid(
-                "canary_region",
-                format!(
-                    "no host of the plan is in region {canary}: its regions are {}",
-                    known_list(regions)
-                ),
-            ));
-        }
-    }
     // The hosts each change's waves may revert, then less those left out as asked: each left
     // out must be one of them (a typo, a host already reverted or never activated is named).
     let mut notes = Vec::new();
@@ -173,6 +156,25 @@ pub fn build(
                 known_list(hosts.iter().map(|host| host.to_string()))
             ),
         ));
+    }
+    // The canary region must hold a host the plan reverts (not one left out).
+    let canary = options.canary_region.as_str();
+    if !canary.is_empty() {
+        let regions: BTreeSet<String> = candidates
+            .values()
+            .flatten()
+            .filter(|host| !excluded.contains(*host))
+            .map(|host| region_of(state, host))
+            .collect();
+        if !regions.contains(canary) {
+            return Err(CoordinatorError::invalid(
+                "canary_region",
+                format!(
+                    "no host of the plan is in region {canary}: its regions are {}",
+                    known_list(regions)
+                ),
+            ));
+        }
     }
     let batch = options.max_parallel.min(options.max_unavailable).max(1) as usize;
     let mut waves = Vec::new();

@@ -313,6 +313,18 @@ pub(crate) fn print_services(format: Format, services: Vec<pb::Service>) -> anyh
             } else {
                 "manual only".into()
             };
+            // What an automatic rollback does with hand-made changes, and when the breaker
+            // trips, where not the defaults.
+            let mut trigger = trigger;
+            if service.drift_policy == "overwrite" {
+                trigger += "; overwrites drift";
+            }
+            if service.isolate_after_failures > 0 {
+                trigger += &format!(
+                    "; isolates after {} failures of a wave",
+                    service.isolate_after_failures
+                );
+            }
             let steps = if service.rollback_steps.is_empty() {
                 "default".to_string()
             } else {
