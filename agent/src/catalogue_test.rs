@@ -670,3 +670,27 @@ async fn a_client_cache_window_opens_with_its_step_and_closes_once_past_its_end(
     assert_eq!(store.client_cache_off("web").unwrap(), None);
     assert_eq!(fs::read_to_string(&log).unwrap(), "on\noff\n");
 }
+
+#[test]
+fn drift_ignore_names_the_services_own_files_and_reconcile_needs_a_hook() {
+    let root = tempfile::tempdir().unwrap();
+    let refused = service_from_toml(
+        root.path(),
+        "config-files = [\"app.toml\"]\ndrift-ignore = [\"cursor\"]\n[service.reconcile]\ntimeout-ms = 1000\n",
+    )
+    .unwrap_err()
+    .join("\n");
+    assert!(
+        refused.contains(
+            "drift-ignore: \"cursor\" is not one of the service's config-files or env-files"
+        ),
+        "{refused}"
+    );
+    assert!(refused.contains("reconcile"), "{refused}");
+    let service = service_from_toml(
+        root.path(),
+        "config-files = [\"app.toml\", \"cursor\"]\ndrift-ignore = [\"cursor\"]\n",
+    )
+    .unwrap();
+    assert_eq!(service.drift_ignore, vec!["cursor"]);
+}

@@ -185,6 +185,36 @@ async fn bad_requests_are_refused_with_the_field_named_and_change_nothing() {
     spaced_rollback.request_id = "has space".into();
     let mut spaced_change = change("web", "v1");
     spaced_change.request_id = "has space".into();
+    // What cluster version 10 brought: hand-made changes, topics, the breaker.
+    let with_service = |edit: fn(&mut pb::Service)| {
+        let mut request = service("web", None, vec![]);
+        edit(request.service.as_mut().unwrap());
+        request
+    };
+    let with_release = |edit: fn(&mut pb::Release)| {
+        let mut request = release("web", "v9", &digest);
+        edit(request.release.as_mut().unwrap());
+        request
+    };
+    let excluding = |hosts: Vec<String>| pb::StartRollbackRequest {
+        options: Some(pb::PlanOptions {
+            exclude_hosts: hosts,
+            ..Default::default()
+        }),
+        ..rollback("ch-1", "test".into())
+    };
+    let isolate_in = |region: &str| pb::RollbackActionRequest {
+        rollback_id: "rb-1".into(),
+        service: "web".into(),
+        region: region.into(),
+        reason: "test".into(),
+        ..Default::default()
+    };
+    let adopt = |host_id: &str, reason: &str| pb::AdoptHostStateRequest {
+        host_id: host_id.into(),
+        service: String::new(),
+        reason: reason.into(),
+    };
     let get_change = |change_id: &str| pb::GetChangeRequest {
         change_id: change_id.into(),
     };
@@ -290,6 +320,17 @@ async fn bad_requests_are_refused_with_the_field_named_and_change_nothing() {
         case("an incident closes with an analysis", call!(c, close_incident, pb::CloseIncidentRequest { incident_id: "in-1".into(), rca_markdown: "  ".into(), ..Default::default() }), InvalidArgument, "rca_markdown: is 0 bytes"),
         case("an analysis is bounded", call!(c, close_incident, pb::CloseIncidentRequest { incident_id: "in-1".into(), rca_markdown: "r".repeat(64 * 1024 + 1), ..Default::default() }), InvalidArgument, "rca_markdown: is 65537 bytes"),
         case("an incident id names an incident", call!(c, get_incident, pb::GetIncidentRequest { incident_id: "in-99".into() }), NotFound, "no incident in-99"),
+        case("a drift policy is skip or overwrite", call!(c, put_service, with_service(|service| service.drift_policy = "ignore".into())), InvalidArgument, "service.drift_policy: is \"ignore\"; it may be skip (the default) or overwrite"),
+        case("a breaker trips after at most 10 failures", call!(c, put_service, with_service(|service| service.isolate_after_failures = 11)), InvalidArgument, "service.isolate_after_failures: is 11, at most 10"),
+        case("a topic is a name", call!(c, register_release, with_release(|release| { release.produces.insert("Orders Created".into(), 1); })), InvalidArgument, "release.produces:"),
+        case("a message schema version is 1 or more", call!(c, register_release, with_release(|release| { release.consumes.insert("orders.created".into(), 0); })), InvalidArgument, "release.consumes: topic orders.created: a message schema version is 1 or more"),
+        case("topics are counted", call!(c, register_release, with_release(|release| { release.produces = (0..257).map(|n| (format!("t{n}"), 1)).collect(); })), InvalidArgument, "release.produces: names more than 256 topics"),
+        case("a host left out is a name", call!(c, start_rollback, excluding(vec!["bad host".into()])), InvalidArgument, "options.exclude_hosts:"),
+        case("hosts left out are counted", call!(c, start_rollback, excluding((0..1025).map(|n| format!("h{n}")).collect())), InvalidArgument, "options.exclude_hosts: names 1025 hosts, at most 1024"),
+        case("an isolated region is a name", call!(c, isolate_service, isolate_in("Bad Region")), InvalidArgument, "region:"),
+        case("an isolated region is bounded", call!(c, isolate_service, isolate_in(&"r".repeat(64))), InvalidArgument, "region: is 64 bytes, at most 63"),
+        case("an adoption says why", call!(c, adopt_host_state, adopt("web-1", " ")), InvalidArgument, "reason: say why the host's state is accepted"),
+        case("an adoption names a registered host", call!(c, adopt_host_state, adopt("ghost", "hotfix stays")), NotFound, "host ghost is not registered"),
     ];
     let mut wrong = Vec::new();
     for case in cases {

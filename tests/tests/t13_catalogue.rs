@@ -36,6 +36,20 @@ async fn start_cache_and_app() -> (String, Arc<Mutex<Vec<String>>>) {
     (url, seen)
 }
 
+/// Sets web's recipe (and no automatic rollback) with `rewindctl service set`.
+fn must_set_recipe(coordinator: &Coordinator, recipe: &[&str]) {
+    let mut args = vec!["service", "set", "web", "--no-auto-rollback"];
+    for step in recipe {
+        args.extend(["--rollback-step", step]);
+    }
+    let set = coordinator.rewindctl(&args);
+    assert!(
+        set.status.success(),
+        "{}",
+        String::from_utf8_lossy(&set.stderr)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_services_recipe_runs_each_catalogue_step_in_order_with_what_the_host_allows() {
     let (endpoint, requests) = start_cache_and_app().await;
@@ -108,16 +122,7 @@ body-contains = "items"
         "undrain",
         "resume-jobs",
     ];
-    let mut args = vec!["service", "set", "web", "--no-auto-rollback"];
-    for step in recipe {
-        args.extend(["--rollback-step", step]);
-    }
-    let set = coordinator.rewindctl(&args);
-    assert!(
-        set.status.success(),
-        "{}",
-        String::from_utf8_lossy(&set.stderr)
-    );
+    must_set_recipe(&coordinator, &recipe);
 
     let plan = coordinator.rewindctl(&["rollback", "plan", "--change", "ch-2"]);
     let shown = String::from_utf8_lossy(&plan.stdout);
@@ -285,23 +290,17 @@ ca-file = "{ca}"
     let mut client = coordinator.must_client().await;
     must_agents_connected(&client, 1).await;
     must_deploy_v1_then_v2(&mut client, std::slice::from_ref(&host)).await;
-    let mut args = vec!["service", "set", "web", "--no-auto-rollback"];
-    for step in [
-        "drain",
-        "restore",
-        "restart",
-        "verify",
-        "purge-cache",
-        "check",
-        "undrain",
-    ] {
-        args.extend(["--rollback-step", step]);
-    }
-    let set = coordinator.rewindctl(&args);
-    assert!(
-        set.status.success(),
-        "{}",
-        String::from_utf8_lossy(&set.stderr)
+    must_set_recipe(
+        &coordinator,
+        &[
+            "drain",
+            "restore",
+            "restart",
+            "verify",
+            "purge-cache",
+            "check",
+            "undrain",
+        ],
     );
     let rollback_id = must_start_rollback_of_v2(&mut client).await;
     let rollback = must_rollback_end(&client, &rollback_id).await;

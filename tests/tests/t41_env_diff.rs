@@ -36,24 +36,7 @@ async fn env_diff_names_what_differs_between_staging_and_prod() {
         ("v1", vec!["stg-1", "prod-1", "prod-2"]),
         ("v2", vec!["stg-1"]),
     ] {
-        let change_id = client
-            .start_change(pb::StartChangeRequest {
-                service: "web".into(),
-                version: version.into(),
-                host_ids: host_ids.iter().map(|host| host.to_string()).collect(),
-                reason: "test".into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .change
-            .unwrap()
-            .change_id;
-        must_change_where(&client, &change_id, "the change to deploy", |change| {
-            change.state == pb::ChangeState::Deployed as i32
-        })
-        .await;
+        must_deploy_web(&client, version, &host_ids).await;
     }
     client
         .set_flag(pb::SetFlagRequest {

@@ -796,7 +796,6 @@ fn message_incompatibilities(
     found: &mut Vec<Incompatibility>,
     notes: &mut Vec<String>,
 ) {
-    let release = |service: &str, version: &str| release_of(state, service, version);
     for (topic, &reads) in &consumer_release.consumes {
         for producer in state
             .services
@@ -811,8 +810,8 @@ fn message_incompatibilities(
                 Some(change) => change.previous_version.clone(),
                 None => current_version(state, producer),
             };
-            if let Some(&writes) =
-                release(producer, &producer_version).and_then(|release| release.produces.get(topic))
+            if let Some(&writes) = release_of(state, producer, &producer_version)
+                .and_then(|release| release.produces.get(topic))
                 && writes > reads
             {
                 found.push(Incompatibility {
@@ -828,7 +827,7 @@ fn message_incompatibilities(
             }
             // What the producer's reverted release wrote may still wait in the queue.
             if let Some(change) = reverted
-                && let Some(&wrote) = release(producer, &change.version)
+                && let Some(&wrote) = release_of(state, producer, &change.version)
                     .and_then(|release| release.produces.get(topic))
                 && wrote > reads
             {

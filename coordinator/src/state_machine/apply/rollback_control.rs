@@ -201,10 +201,14 @@ pub(super) fn isolate_service(
         .collect();
     // From version 10 only the failing hosts, or a region's, within max_unavailable.
     let within_budget = state.cluster_version() >= version::ISOLATION_WITHIN_BUDGET;
-    let regions: BTreeMap<String, String> = hosts
-        .iter()
-        .map(|host| (host.clone(), crate::plan::region_of(state, host)))
-        .collect();
+    let regions: BTreeMap<String, String> = if within_budget {
+        hosts
+            .iter()
+            .map(|host| (host.clone(), crate::plan::region_of(state, host)))
+            .collect()
+    } else {
+        BTreeMap::new()
+    };
     let rollback = live_rollback_mut(state, number, "isolate a service")?;
     let id = rollback.id();
     if !rollback.services.iter().any(|name| name == service) {
