@@ -115,6 +115,15 @@ impl HealthBook {
             .remove(host_id);
     }
 
+    /// When the host's latest report arrived.
+    pub fn last_heard_ms(&self, host_id: &str) -> Option<u64> {
+        let hosts = self
+            .hosts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        Some(hosts.get(host_id)?.reports.back()?.received_at_ms)
+    }
+
     /// The host's latest report, with the latest drift it reported.
     pub fn latest(&self, host_id: &str) -> Option<HealthReport> {
         let hosts = self

@@ -190,6 +190,12 @@ pub fn print_rollback(rollback: &pb::Rollback) {
     if !rollback.outcome_detail.is_empty() {
         say!("outcome: {}", rollback.outcome_detail);
     }
+    if !rollback.deferred_hosts.is_empty() {
+        say!(
+            "deferred (their region was lost; reverted once back): {}",
+            rollback.deferred_hosts.join(", ")
+        );
+    }
     for stage in &rollback.schema {
         say!("schema: {stage}");
     }

@@ -16,6 +16,11 @@ pub struct ClusterOptions {
     pub initial_cluster_version: u32,
     /// Appended to every member's config: whole tables (`[audit]\nretain-entries = 3\n`).
     pub extra_config: String,
+    /// Each member's region (id - 1); `region-<id>` when not given.
+    pub member_regions: Vec<String>,
+    /// Namespaces on a partitionable cluster's network beyond the members', for agents the
+    /// test cuts off with members ([`ClusterHarness::spare_namespace`]).
+    pub spare_namespaces: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -36,6 +41,8 @@ impl Default for ClusterOptions {
             coordinator_binary: None,
             initial_cluster_version: 0,
             extra_config: String::new(),
+            member_regions: Vec::new(),
+            spare_namespaces: 0,
         }
     }
 }
@@ -61,6 +68,7 @@ pub struct ClusterHarness {
     /// `storage.initial-cluster-version` (0: not written).
     initial_cluster_version: u32,
     extra_config: String,
+    member_regions: Vec<String>,
     /// The binary each member (id - 1) starts from.
     binaries: Vec<PathBuf>,
 }
@@ -79,9 +87,33 @@ impl ClusterHarness {
     /// Like [`ClusterHarness::must_start`], each member in its own network namespace on a
     /// private network, so [`ClusterHarness::cut`] can partition it. Needs root.
     pub fn must_start_partitionable(dir: &Path, size: u64) -> Self {
-        let network = PrivateNet::create(size)
+        Self::must_start_partitionable_with(dir, size, ClusterOptions::default())
+    }
+
+    /// Like [`ClusterHarness::must_start_partitionable`], with these options.
+    pub fn must_start_partitionable_with(dir: &Path, size: u64, options: ClusterOptions) -> Self {
+        let network = PrivateNet::create(size + options.spare_namespaces)
             .unwrap_or_else(|error| panic!("build a private network: {error}"));
-        Self::must_start_with(dir, size, Some(network), ClusterOptions::default())
+        Self::must_start_with(dir, size, Some(network), options)
+    }
+
+    /// The `index`th (from 1) namespace beyond the members', for processes the test starts in
+    /// it (agents); [`ClusterHarness::cut_spare`] cuts it off.
+    pub fn spare_namespace(&self, index: u64) -> String {
+        let network = self.network.as_ref().expect("a partitionable cluster");
+        network.namespace(self.members.len() as u64 + index)
+    }
+
+    /// Cuts the `index`th spare namespace off the network (every process in it).
+    pub fn cut_spare(&self, index: u64) {
+        let network = self.network.as_ref().expect("a partitionable cluster");
+        network.cut(self.members.len() as u64 + index).unwrap();
+    }
+
+    /// Plugs the `index`th spare namespace back in.
+    pub fn heal_spare(&self, index: u64) {
+        let network = self.network.as_ref().expect("a partitionable cluster");
+        network.heal(self.members.len() as u64 + index).unwrap();
     }
 
     /// Like [`ClusterHarness::must_start`] with the production snapshot interval, for
@@ -153,6 +185,7 @@ impl ClusterHarness {
             snapshot_every: options.snapshot_every,
             initial_cluster_version: options.initial_cluster_version,
             extra_config: options.extra_config,
+            member_regions: options.member_regions,
             binaries: Vec::new(),
         };
         let binary = options
@@ -256,7 +289,17 @@ impl ClusterHarness {
             .addresses
             .iter()
             .enumerate()
-            .map(|(index, address)| format!("[[cluster.member]]\nid = {}\naddress = \"{address}\"\nregion = \"region-{}\"\n", index + 1, index + 1))
+            .map(|(index, address)| {
+                let region = self
+                    .member_regions
+                    .get(index)
+                    .cloned()
+                    .unwrap_or_else(|| format!("region-{}", index + 1));
+                format!(
+                    "[[cluster.member]]\nid = {}\naddress = \"{address}\"\nregion = \"{region}\"\n",
+                    index + 1
+                )
+            })
             .collect();
         let tls = self.tls_dir.display();
         let config = format!(

@@ -43,3 +43,4 @@ mod t39_audit_store;
 mod t40_archive;
 mod t41_env_diff;
 mod t42_drift_guard;
+mod t43_region_loss;

@@ -374,6 +374,7 @@ pub fn rollback(state: &State, rollback: &RollbackRecord) -> pb::Rollback {
             })
             .collect(),
         skipped_hosts: rollback.skipped_hosts.clone(),
+        deferred_hosts: rollback.deferred_hosts.clone(),
         current_wave: rollback
             .current_wave()
             .unwrap_or(rollback.waves.len() as u32),

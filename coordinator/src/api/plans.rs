@@ -430,6 +430,14 @@ pub(crate) fn explain(
             }
         }
     }
+    let waiting = rollback.deferred_unfinished();
+    if !waiting.is_empty() {
+        lines.push(format!(
+            "Their region was lost: {} wait for their agents to return, then are reverted \
+             (`rollback skip-host` leaves one unreverted).",
+            waiting.join(", ")
+        ));
+    }
     if !rollback.skipped_hosts.is_empty() {
         lines.push(format!(
             "Left unreverted by an operator: {}.",

@@ -12,9 +12,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use crate::state_machine::schema::{self, StagesState};
 use crate::state_machine::{
     ChangeRecord, ChangeStatus, CommandKind, DrillStatus, GateOptions, HealthAggregate,
-    MigrationRecord, PlanOptions, RollbackRecord, RollbackStatus, RollbackStepKind, SchemaOwner,
-    SchemaStage, SchemaTxnRecord, SchemaTxnStatus, ShardPhase, State, StepProgress, StepStatus,
-    StepTarget, SyntheticCheck, ThrottleLimits, TriggerSource,
+    MigrationRecord, PlanOptions, RollbackRecord, RollbackStatus, RollbackStepKind,
+    RollbackStepRecord, SchemaOwner, SchemaStage, SchemaTxnRecord, SchemaTxnStatus, ShardPhase,
+    State, StepProgress, StepStatus, StepTarget, SyntheticCheck, ThrottleLimits, TriggerSource,
+    WaveRecord,
 };
 
 pub use crate::state_machine::MAX_ESCALATION_ATTEMPTS;
@@ -73,7 +74,18 @@ pub trait Observations {
     fn drift(&self, host_id: &str, service: &str) -> Vec<String>;
     /// The latest result of the synthetic checks run for this gate since `since_ms`.
     fn synthetics(&self, rollback: u64, wave: u32, since_ms: u64) -> Option<SyntheticVerdict>;
+    /// When the host's latest health report arrived, if one has since this leader began.
+    fn last_heard_ms(&self, host_id: &str) -> Option<u64>;
 }
+
+/// Report intervals without a report after which a connected agent counts as gone when
+/// judging a lost region: a session whose network vanished lives on until its keepalives give
+/// up (tens of seconds), its reports stop at once.
+pub const SILENT_REPORTS: u64 = 5;
+
+/// Step timeouts a region must stay gone before its hosts are deferred: agents reconnecting to
+/// a new leader, or a blip, do not move a healthy region behind the last wave.
+pub const LOST_REGION_AFTER_STEP_TIMEOUTS: u64 = 2;
 
 /// How a run of a service's synthetic checks went.
 #[derive(Clone, Debug, PartialEq)]
@@ -118,6 +130,9 @@ pub struct EngineMemory {
     pub audit_pruned_at_ms: u64,
     /// Verify step id -> what this leader saw of its host's agent.
     pub verify_watch: HashMap<String, VerifyWatch>,
+    /// (rollback, region) -> since when this leader has seen every agent of the region gone
+    /// while other regions' were connected.
+    pub lost_since: HashMap<(u64, String), u64>,
 }
 
 /// What a leader saw of a verify's host: when it first looked (a new leader knows nothing of
@@ -310,6 +325,12 @@ pub fn decide(
         .memory
         .verify_watch
         .retain(|step_id, _| running.contains(step_id));
+    driver.memory.lost_since.retain(|(rollback, _), _| {
+        state
+            .rollbacks
+            .get(rollback)
+            .is_some_and(|record| !record.status.is_terminal())
+    });
     let mut actions = driver.actions;
     if limits.escalation_webhook {
         escalate(state, memory, now_ms, &mut actions);
@@ -753,6 +774,15 @@ fn drive_rollback(
     rollback: &RollbackRecord,
     driver: &mut Driver<'_, impl Observations>,
 ) {
+    // A region whose every agent is gone while others' are there is lost (cluster version
+    // 11): its hosts do not count against max_unavailable, and once gone for a step timeout
+    // they are deferred until they return.
+    let lost = if state.cluster_version() >= crate::state_machine::version::REGION_LOSS {
+        lost_regions(rollback, driver)
+    } else {
+        BTreeMap::new()
+    };
+    defer_lost_regions(rollback, &lost, driver);
     // Contract and data migrations are reverted before any wave (cluster version 9): the waves
     // wait for them, one database at a time.
     let before_waves = rollback
@@ -767,7 +797,9 @@ fn drive_rollback(
         _ => return,
     }
     let Some(wave_index) = rollback.current_wave() else {
-        // Every wave is done: the other schema reverts follow, one database at a time.
+        // Every wave is done: hosts of a lost region are reverted as they return, and the
+        // other schema reverts follow, one database at a time.
+        drive_deferred_hosts(state, rollback, driver);
         if let StagesState::Waiting {
             stage,
             begun: false,
@@ -778,11 +810,20 @@ fn drive_rollback(
         return;
     };
     let wave = &rollback.waves[wave_index as usize];
+    if lost.contains_key(&wave.region) {
+        // Its agents are gone: nothing can be sent, and no attempt is spent timing out while
+        // the region is deferred.
+        return;
+    }
     let Some(change) = state.changes.get(&wave.change) else {
         return;
     };
     let running = rollback.status == RollbackStatus::Running;
-    let steps: Vec<_> = rollback.wave_steps(wave_index).collect();
+    // A deferred host waits for its region, after the last wave: it holds no wave up.
+    let steps: Vec<_> = rollback
+        .wave_steps(wave_index)
+        .filter(|step| !rollback.is_deferred(step))
+        .collect();
     let any_failed = steps
         .iter()
         .any(|step| step.progress.status == StepStatus::Failed);
@@ -792,7 +833,14 @@ fn drive_rollback(
         .waves
         .iter()
         .filter(|other| other.service == wave.service)
+        .filter(|other| !lost.contains_key(&other.region))
         .flat_map(|other| other.hosts.iter().map(String::as_str))
+        .filter(|host_id| {
+            !rollback
+                .deferred_hosts
+                .iter()
+                .any(|deferred| deferred == host_id)
+        })
         .filter(|host_id| driver.seen.session(host_id).is_none())
         .collect();
     let mut in_progress: BTreeSet<&str> = BTreeSet::new();
@@ -839,75 +887,7 @@ fn drive_rollback(
         // A host already begun is taken to the end of its steps even after another host failed,
         // so no host is left drained or restored but not restarted.
         in_progress.insert(host_id);
-        let target = StepTarget::Rollback {
-            rollback: rollback.number,
-            service: wave.service.clone(),
-            host_id: host_id.clone(),
-            kind: next.kind,
-        };
-        if next.progress.status == StepStatus::Pending {
-            if running {
-                driver.propose(CommandKind::StepStarted { step: target });
-            }
-            continue;
-        }
-        let on_timeout = if running {
-            OnTimeout::Retry
-        } else {
-            OnTimeout::Wait
-        };
-        let action = match next.kind {
-            RollbackStepKind::Verify => {
-                verify_host(&wave.service, target, &next.progress, driver);
-                continue;
-            }
-            RollbackStepKind::Restore => {
-                let snapshot_id = change
-                    .hosts
-                    .iter()
-                    .find(|host| &host.host_id == host_id)
-                    .map(|host| host.snapshot_id.clone())
-                    .unwrap_or_default();
-                AgentAction::Restore {
-                    snapshot_id,
-                    supersedes: change.id(),
-                    // From version 10 a hand-made change is not wiped unless the rollback
-                    // was told to overwrite drift.
-                    refuse_drift: state.cluster_version()
-                        >= crate::state_machine::version::DRIFT_GUARD
-                        && !rollback.options.overwrite_drift,
-                }
-            }
-            RollbackStepKind::Restart => AgentAction::Restart,
-            RollbackStepKind::Drain | RollbackStepKind::Isolate => AgentAction::Drain,
-            RollbackStepKind::Undrain => AgentAction::Undrain,
-            RollbackStepKind::Reload => AgentAction::Reload,
-            RollbackStepKind::PauseJobs => AgentAction::PauseJobs,
-            RollbackStepKind::ResumeJobs => AgentAction::ResumeJobs,
-            RollbackStepKind::PurgeCache => AgentAction::PurgeCache,
-            RollbackStepKind::ScaleUp => AgentAction::ScaleUp,
-            RollbackStepKind::Check => AgentAction::Checks,
-            RollbackStepKind::Reconcile => AgentAction::Reconcile,
-            RollbackStepKind::ClearClientCaches => AgentAction::ClearClientCaches,
-            RollbackStepKind::Run(_) => {
-                let run = rollback
-                    .recipes
-                    .get(&wave.service)
-                    .and_then(|recipe| recipe.iter().find(|step| step.kind == next.kind))
-                    .and_then(|step| step.run.clone())
-                    .unwrap_or_else(|| crate::recipe::RunSpec {
-                        // Cannot happen: run steps are made from the recipe. The agent refuses
-                        // an empty name, so the step fails visibly rather than hanging.
-                        command: String::new(),
-                        args: BTreeMap::new(),
-                    });
-                AgentAction::Run {
-                    command: run.command,
-                    args: run.args,
-                }
-            }
-        };
-        driver.drive_running(target, &next.progress, &wave.service, action, on_timeout);
+        drive_host_step(state, rollback, (change, wave), next, driver);
     }
     if held_by_unavailable && in_progress.is_empty() {
         // Nothing runs and nothing may start: hosts of the plan that are down already use the
@@ -950,6 +930,7 @@ fn drive_rollback(
                 .hosts
                 .iter()
                 .filter(|host_id| !rollback.skipped_hosts.contains(host_id))
+                .filter(|host_id| !rollback.deferred_hosts.contains(host_id))
                 .filter(|host_id| {
                     steps.iter().any(|step| {
                         &step.host_id == *host_id
@@ -973,6 +954,254 @@ fn drive_rollback(
         }
         _ => {}
     }
+}
+
+/// Regions of the rollback whose every host's agent is gone (no session, or silent for
+/// [`SILENT_REPORTS`] report intervals) while another region's are there, each with when this
+/// leader first saw it so (a new leader starts counting anew, so agents reconnecting to it are
+/// not taken for a lost region).
+fn lost_regions(
+    rollback: &RollbackRecord,
+    driver: &mut Driver<'_, impl Observations>,
+) -> BTreeMap<String, u64> {
+    let silent_ms = SILENT_REPORTS * driver.limits.report_interval_ms;
+    let there = |host_id: &str| {
+        driver.seen.session(host_id).is_some()
+            && driver
+                .seen
+                .last_heard_ms(host_id)
+                .is_none_or(|heard| driver.now_ms.saturating_sub(heard) <= silent_ms)
+    };
+    let mut connected: BTreeMap<&str, bool> = BTreeMap::new();
+    for wave in &rollback.waves {
+        let any = wave.hosts.iter().any(|host_id| there(host_id));
+        *connected.entry(wave.region.as_str()).or_default() |= any;
+    }
+    let mut lost = BTreeMap::new();
+    for (region, any_connected) in &connected {
+        let others_there = connected
+            .iter()
+            .any(|(other, there)| other != region && *there);
+        let key = (rollback.number, region.to_string());
+        if !any_connected && others_there {
+            let since = *driver.memory.lost_since.entry(key).or_insert(driver.now_ms);
+            lost.insert(region.to_string(), since);
+        } else {
+            driver.memory.lost_since.remove(&key);
+        }
+    }
+    lost
+}
+
+/// Defers the unfinished hosts of each region lost for a step timeout (and skips its gates
+/// that cannot be judged), so the rollback goes on with the other regions.
+fn defer_lost_regions(
+    rollback: &RollbackRecord,
+    lost: &BTreeMap<String, u64>,
+    driver: &mut Driver<'_, impl Observations>,
+) {
+    if rollback.status != RollbackStatus::Running {
+        return;
+    }
+    for (region, since) in lost {
+        let gone_ms = driver.now_ms.saturating_sub(*since);
+        if gone_ms < LOST_REGION_AFTER_STEP_TIMEOUTS * driver.limits.step_timeout_ms {
+            continue;
+        }
+        let in_region: BTreeSet<&str> = rollback
+            .waves
+            .iter()
+            .filter(|wave| &wave.region == region)
+            .flat_map(|wave| wave.hosts.iter().map(String::as_str))
+            .collect();
+        let hosts: BTreeSet<&str> = rollback
+            .steps
+            .iter()
+            .filter(|step| in_region.contains(step.host_id.as_str()))
+            .filter(|step| !step.progress.status.is_terminal() && !rollback.is_deferred(step))
+            .map(|step| step.host_id.as_str())
+            .collect();
+        let gate_waiting = rollback.waves.iter().enumerate().any(|(index, wave)| {
+            &wave.region == region
+                && !wave.gate.status.is_terminal()
+                && rollback.wave_steps(index as u32).all(|step| {
+                    step.progress.status.is_terminal()
+                        || rollback.is_deferred(step)
+                        || hosts.contains(step.host_id.as_str())
+                })
+        });
+        if hosts.is_empty() && !gate_waiting {
+            continue;
+        }
+        driver.propose(CommandKind::DeferRegion {
+            rollback: rollback.number,
+            region: region.clone(),
+            hosts: hosts.iter().map(|host| host.to_string()).collect(),
+            evidence: format!(
+                "no agent of region {region} in this rollback ({}) has been connected for {} s, \
+                 while other regions' are",
+                in_region.iter().copied().collect::<Vec<_>>().join(", "),
+                gone_ms / 1000
+            ),
+        });
+    }
+}
+
+/// Once every wave is done, reverts the deferred hosts that are back, a wave's after the
+/// earlier waves' of their region, at most max_parallel begun at once; the others wait.
+fn drive_deferred_hosts(
+    state: &State,
+    rollback: &RollbackRecord,
+    driver: &mut Driver<'_, impl Observations>,
+) {
+    if rollback.deferred_hosts.is_empty() {
+        return;
+    }
+    let running = rollback.status == RollbackStatus::Running;
+    let unfinished = |host_id: &str, wave: u32| {
+        rollback
+            .wave_steps(wave)
+            .any(|step| step.host_id == host_id && !step.progress.status.is_terminal())
+    };
+    let mut begun = rollback
+        .deferred_unfinished()
+        .into_iter()
+        .filter(|host_id| {
+            rollback
+                .steps
+                .iter()
+                .any(|step| &step.host_id == host_id && step.progress.attempts > 0)
+        })
+        .count();
+    let mut regions_held: BTreeSet<&str> = BTreeSet::new();
+    for (index, wave) in rollback.waves.iter().enumerate() {
+        let index = index as u32;
+        let Some(change) = state.changes.get(&wave.change) else {
+            continue;
+        };
+        let deferred: Vec<&String> = wave
+            .hosts
+            .iter()
+            .filter(|host_id| rollback.deferred_hosts.contains(host_id))
+            .filter(|host_id| unfinished(host_id, index))
+            .collect();
+        if deferred.is_empty() || regions_held.contains(wave.region.as_str()) {
+            continue;
+        }
+        // A later wave of this region (another service, in the plan's order) waits for it.
+        regions_held.insert(wave.region.as_str());
+        for host_id in deferred {
+            let host_steps: Vec<&RollbackStepRecord> = rollback
+                .wave_steps(index)
+                .filter(|step| &step.host_id == host_id)
+                .collect();
+            if host_steps
+                .iter()
+                .any(|step| step.progress.status == StepStatus::Failed)
+            {
+                continue;
+            }
+            let Some(next) = host_steps
+                .iter()
+                .find(|step| !step.progress.status.is_terminal())
+            else {
+                continue;
+            };
+            // While its agent is away nothing is sent and nothing times out: it waits.
+            if driver.seen.session(host_id).is_none() {
+                continue;
+            }
+            let started = host_steps.iter().any(|step| step.progress.attempts > 0);
+            if !started {
+                if !running || begun >= rollback.options.max_parallel as usize {
+                    continue;
+                }
+                begun += 1;
+            }
+            drive_host_step(state, rollback, (change, wave), next, driver);
+        }
+    }
+}
+
+/// Takes a host's next rollback step: starts it, (re)sends it to the host's agent, or judges
+/// it (a verify).
+fn drive_host_step(
+    state: &State,
+    rollback: &RollbackRecord,
+    (change, wave): (&ChangeRecord, &WaveRecord),
+    next: &RollbackStepRecord,
+    driver: &mut Driver<'_, impl Observations>,
+) {
+    let running = rollback.status == RollbackStatus::Running;
+    let host_id = &next.host_id;
+    let target = StepTarget::Rollback {
+        rollback: rollback.number,
+        service: wave.service.clone(),
+        host_id: host_id.clone(),
+        kind: next.kind,
+    };
+    if next.progress.status == StepStatus::Pending {
+        if running {
+            driver.propose(CommandKind::StepStarted { step: target });
+        }
+        return;
+    }
+    let on_timeout = if running {
+        OnTimeout::Retry
+    } else {
+        OnTimeout::Wait
+    };
+    let action = match next.kind {
+        RollbackStepKind::Verify => {
+            verify_host(&wave.service, target, &next.progress, driver);
+            return;
+        }
+        RollbackStepKind::Restore => {
+            let snapshot_id = change
+                .hosts
+                .iter()
+                .find(|host| &host.host_id == host_id)
+                .map(|host| host.snapshot_id.clone())
+                .unwrap_or_default();
+            AgentAction::Restore {
+                snapshot_id,
+                supersedes: change.id(),
+                // From version 10 a hand-made change is not wiped unless the rollback
+                // was told to overwrite drift.
+                refuse_drift: state.cluster_version() >= crate::state_machine::version::DRIFT_GUARD
+                    && !rollback.options.overwrite_drift,
+            }
+        }
+        RollbackStepKind::Restart => AgentAction::Restart,
+        RollbackStepKind::Drain | RollbackStepKind::Isolate => AgentAction::Drain,
+        RollbackStepKind::Undrain => AgentAction::Undrain,
+        RollbackStepKind::Reload => AgentAction::Reload,
+        RollbackStepKind::PauseJobs => AgentAction::PauseJobs,
+        RollbackStepKind::ResumeJobs => AgentAction::ResumeJobs,
+        RollbackStepKind::PurgeCache => AgentAction::PurgeCache,
+        RollbackStepKind::ScaleUp => AgentAction::ScaleUp,
+        RollbackStepKind::Check => AgentAction::Checks,
+        RollbackStepKind::Reconcile => AgentAction::Reconcile,
+        RollbackStepKind::ClearClientCaches => AgentAction::ClearClientCaches,
+        RollbackStepKind::Run(_) => {
+            let run = rollback
+                .recipes
+                .get(&wave.service)
+                .and_then(|recipe| recipe.iter().find(|step| step.kind == next.kind))
+                .and_then(|step| step.run.clone())
+                .unwrap_or_else(|| crate::recipe::RunSpec {
+                    // Cannot happen: run steps are made from the recipe. The agent refuses
+                    // an empty name, so the step fails visibly rather than hanging.
+                    command: String::new(),
+                    args: BTreeMap::new(),
+                });
+            AgentAction::Run {
+                command: run.command,
+                args: run.args,
+            }
+        }
+    };
+    driver.drive_running(target, &next.progress, &wave.service, action, on_timeout);
 }
 
 /// The gate after a wave: the wave's reverted hosts must report a probe failure ratio within

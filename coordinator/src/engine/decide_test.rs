@@ -19,6 +19,8 @@ pub(super) struct Seen {
     pub(super) synthetic: Option<SyntheticVerdict>,
     /// What each host reported changed by hand (any service).
     pub(super) drift: HashMap<String, Vec<String>>,
+    /// When each host last reported (none: not since this leader began).
+    pub(super) heard: HashMap<String, u64>,
 }
 
 impl Observations for Seen {
@@ -27,6 +29,9 @@ impl Observations for Seen {
     }
     fn session(&self, host_id: &str) -> Option<u64> {
         self.sessions.get(host_id).copied()
+    }
+    fn last_heard_ms(&self, host_id: &str) -> Option<u64> {
+        self.heard.get(host_id).copied()
     }
     fn verdict_since(
         &self,

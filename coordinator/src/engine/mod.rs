@@ -9,6 +9,8 @@ mod decide;
 #[cfg(test)]
 mod decide_health_test;
 #[cfg(test)]
+mod decide_region_test;
+#[cfg(test)]
 mod decide_test;
 mod escalation;
 mod incident_webhook;
@@ -128,6 +130,10 @@ impl Observations for Live<'_> {
 
     fn drift(&self, host_id: &str, service: &str) -> Vec<String> {
         self.health.drift(host_id, service)
+    }
+
+    fn last_heard_ms(&self, host_id: &str) -> Option<u64> {
+        self.health.last_heard_ms(host_id)
     }
 
     fn synthetics(&self, rollback: u64, wave: u32, since_ms: u64) -> Option<SyntheticVerdict> {

@@ -145,6 +145,16 @@ pub enum CommandKind {
         rollback: u64,
         evidence: String,
     },
+    /// Every agent of `region` in the rollback has been gone for a step timeout while other
+    /// regions' were there (cluster version 11): its unfinished `hosts` wait for their return
+    /// and the rollback goes on with the other regions; the region's gates not yet passed are
+    /// skipped (nothing there can be judged).
+    DeferRegion {
+        rollback: u64,
+        region: String,
+        hosts: Vec<String>,
+        evidence: String,
+    },
     /// A host reverted a service on its own while it could not reach a coordinator (its local
     /// policy allowed it); recorded on the change it reverted, and audited.
     RecordSelfRevert {
@@ -583,6 +593,7 @@ impl CommandKind {
             | Self::StepStarted { .. }
             | Self::StepFinished { .. }
             | Self::Stall { .. }
+            | Self::DeferRegion { .. }
             | Self::RecordSelfRevert { .. }
             | Self::RecordOfflineHealth { .. }
             | Self::EscalationDelivered { .. }
@@ -607,6 +618,7 @@ impl CommandKind {
             | Self::CloseIncident { .. } => 5,
             Self::IncidentNotified { .. } => 6,
             Self::AdoptHostState { .. } => super::version::DRIFT_GUARD,
+            Self::DeferRegion { .. } => super::version::REGION_LOSS,
             Self::IsolateService { region, .. } if !region.is_empty() => {
                 super::version::ISOLATION_WITHIN_BUDGET
             }
@@ -656,6 +668,7 @@ impl CommandKind {
             Self::RecordOfflineHealth { .. } => "host.offline-health",
             Self::IsolateService { .. } => "rollback.isolate",
             Self::Stall { .. } => "rollback.stall",
+            Self::DeferRegion { .. } => "rollback.defer-region",
             Self::AutoTrigger(_) => "trigger",
             Self::SetFlag { kill: true, .. } => "flag.kill",
             Self::SetFlag { .. } => "flag.set",

@@ -20,7 +20,7 @@ use crate::errors::CoordinatorError;
 pub const LEGACY: u32 = 1;
 
 /// The highest cluster version this binary can apply.
-pub const CURRENT: u32 = 10;
+pub const CURRENT: u32 = 11;
 
 /// From this version a refused command takes back the requests for approval it expired or
 /// lapsed on its way to the refusal.
@@ -87,6 +87,12 @@ pub const MESSAGE_TOPICS: u32 = 10;
 /// hosts, or a region's, within `max_unavailable`, instead of every host at once; a service's
 /// policy may trip it when a wave fails repeatedly.
 pub const ISOLATION_WITHIN_BUDGET: u32 = 10;
+
+/// From this version a rollback that loses a whole region (every agent of it gone while other
+/// regions' are there) defers that region's hosts and goes on with the others, then reverts
+/// them after its last wave once they return; a lost region's hosts do not count against
+/// `max_unavailable`.
+pub const REGION_LOSS: u32 = 11;
 
 /// What each version brought, for `rewindctl cluster version` and the README.
 pub const CHANGES: &[(u32, &str)] = &[
@@ -155,6 +161,12 @@ pub const CHANGES: &[(u32, &str)] = &[
          producer writes is refused; `reconcile` and `clear-client-caches` recipe steps; \
          isolating a service takes out only its failing hosts (or a region's) within \
          max_unavailable, and a service's policy may trip it after repeated wave failures",
+    ),
+    (
+        11,
+        "a rollback that loses a whole region goes on with the other regions (the lost \
+         region's hosts no longer count against max_unavailable) and reverts the lost hosts \
+         after its last wave once they return",
     ),
 ];
 

@@ -420,6 +420,19 @@ fn apply_kind(state: &mut State, command: &Command) -> Result<(Outcome, String, 
                 format!("paused: {evidence}"),
             ))
         }
+        CommandKind::DeferRegion {
+            rollback,
+            region,
+            hosts,
+            evidence,
+        } => {
+            version::require(
+                state,
+                version::REGION_LOSS,
+                "deferring a lost region's hosts",
+            )?;
+            defer_region(state, *rollback, (region, hosts), evidence, at_ms)
+        }
         CommandKind::EscalationDelivered {
             escalation,
             ok,

@@ -1,6 +1,6 @@
 //! Controlling a running rollback: pause, resume, abort, skip a host, isolate a service.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::*;
 
@@ -33,6 +33,19 @@ pub(super) fn control_rollback(
                 if gate.status == StepStatus::Failed {
                     *gate = StepProgress::default();
                 }
+            } else {
+                // Every wave is done: what failed is a deferred host's step after its return.
+                let deferred = rollback.deferred_hosts.clone();
+                for step in &mut rollback.steps {
+                    if deferred.contains(&step.host_id)
+                        && step.progress.status == StepStatus::Failed
+                    {
+                        step.progress = StepProgress::default();
+                    }
+                }
+                rollback
+                    .failed_hosts
+                    .retain(|host| !deferred.contains(host));
             }
             rollback.status = RollbackStatus::Running;
             rollback.paused_reason.clear();
@@ -183,6 +196,88 @@ pub(super) fn skip_host(
         Outcome::Rollback(number),
         id,
         format!("ok: {host_id} left unreverted ({skipped} steps skipped): {reason}"),
+    ))
+}
+
+/// Defers the unfinished hosts of a region lost during the rollback: their steps wait for
+/// their return (after the last wave), and the region's gates not yet passed are skipped, as
+/// nothing there can be judged. Only ever the engine's proposal; checked all the same.
+pub(super) fn defer_region(
+    state: &mut State,
+    number: u64,
+    (region, hosts): (&str, &[String]),
+    evidence: &str,
+    at_ms: u64,
+) -> Result<(Outcome, String, String)> {
+    let rollback = live_rollback_mut(state, number, "defer a region of")?;
+    let in_region: BTreeSet<&str> = rollback
+        .waves
+        .iter()
+        .filter(|wave| wave.region == region)
+        .flat_map(|wave| wave.hosts.iter().map(String::as_str))
+        .collect();
+    if in_region.is_empty() {
+        return Err(CoordinatorError::invalid(
+            "region",
+            format!("{} has no wave in region {region:?}", rollback.id()),
+        ));
+    }
+    if let Some(stranger) = hosts.iter().find(|host| !in_region.contains(host.as_str())) {
+        return Err(CoordinatorError::invalid(
+            "hosts",
+            format!(
+                "{stranger} is not a host of {} in region {region}: its hosts there are {}",
+                rollback.id(),
+                known_list(in_region.iter().map(|host| host.to_string()))
+            ),
+        ));
+    }
+    let mut changed = false;
+    for host in hosts {
+        if !rollback.deferred_hosts.contains(host) {
+            rollback.deferred_hosts.push(host.clone());
+            changed = true;
+        }
+    }
+    // The region's gates not yet passed whose hosts are all done or deferred: even one whose
+    // hosts finished before the loss cannot be judged on hosts that report nothing.
+    for index in 0..rollback.waves.len() {
+        let wave = &rollback.waves[index];
+        if wave.region != region || wave.gate.status.is_terminal() {
+            continue;
+        }
+        let rest_done = rollback
+            .wave_steps(index as u32)
+            .all(|step| rollback.is_deferred(step) || step.progress.status.is_terminal());
+        if rest_done {
+            let gate = &mut rollback.waves[index].gate;
+            gate.status = StepStatus::Skipped;
+            gate.detail = format!("region {region} lost: {evidence}");
+            changed = true;
+        }
+    }
+    if !changed {
+        return Err(CoordinatorError::invalid(
+            "hosts",
+            format!(
+                "nothing of {} in region {region} is left to defer",
+                rollback.id()
+            ),
+        ));
+    }
+    let id = rollback.id();
+    settle_rollback(state, number, at_ms);
+    Ok((
+        Outcome::Rollback(number),
+        id,
+        format!(
+            "ok: region {region} lost; {} wait for their return: {evidence}",
+            if hosts.is_empty() {
+                "no hosts".to_string()
+            } else {
+                hosts.join(", ")
+            }
+        ),
     ))
 }
 

@@ -50,6 +50,11 @@ pub(super) fn settle_rollback(state: &mut State, number: u64, at_ms: u64) {
                 return;
             }
         }
+        // Hosts of a lost region (cluster version 11) are reverted once they return: a failure
+        // there calls a person when no other of them is on its way; until then it waits.
+        if settle_deferred(state, number, last_wave, at_ms) {
+            return;
+        }
         let Some(rollback) = state.rollbacks.get_mut(&number) else {
             return;
         };
@@ -88,6 +93,12 @@ pub(super) fn settle_rollback(state: &mut State, number: u64, at_ms: u64) {
             detail += &format!(
                 "; left unreverted by an operator: {}",
                 rollback.skipped_hosts.join(", ")
+            );
+        }
+        if !rollback.deferred_hosts.is_empty() {
+            detail += &format!(
+                "; reverted after their region returned: {}",
+                rollback.deferred_hosts.join(", ")
             );
         }
         if !rollback.options.exclude_hosts.is_empty() {
@@ -156,7 +167,7 @@ pub(super) fn settle_rollback(state: &mut State, number: u64, at_ms: u64) {
     }
     let failed: Vec<&RollbackStepRecord> = rollback
         .wave_steps(wave)
-        .filter(|step| step.progress.status == StepStatus::Failed)
+        .filter(|step| step.progress.status == StepStatus::Failed && !rollback.is_deferred(step))
         .collect();
     if failed.is_empty()
         || hosts_in_progress(rollback, wave)
@@ -175,6 +186,45 @@ pub(super) fn settle_rollback(state: &mut State, number: u64, at_ms: u64) {
     );
     rollback.failed_hosts = failed_hosts;
     pause_for_a_person(state, number, wave, evidence, at_ms);
+}
+
+/// Whether deferred hosts still hold the rollback open once every wave is done; pauses it for
+/// a person when one failed after its return and no other deferred host is on its way.
+fn settle_deferred(state: &mut State, number: u64, last_wave: u32, at_ms: u64) -> bool {
+    let Some(rollback) = state.rollbacks.get_mut(&number) else {
+        return true;
+    };
+    let unfinished = rollback.deferred_unfinished();
+    if unfinished.is_empty() {
+        return false;
+    }
+    let failed: Option<&RollbackStepRecord> = rollback
+        .steps
+        .iter()
+        .find(|step| rollback.is_deferred(step) && step.progress.status == StepStatus::Failed);
+    let on_their_way = rollback.steps.iter().any(|step| {
+        rollback.is_deferred(step)
+            && step.progress.status == StepStatus::Running
+            && failed.is_none_or(|failed| failed.host_id != step.host_id)
+    });
+    if let Some(failed) = failed
+        && !on_their_way
+        && rollback.status == RollbackStatus::Running
+    {
+        let evidence = format!(
+            "{} {} on {} failed after its region returned: {}",
+            failed.service,
+            failed.kind.name(),
+            failed.host_id,
+            failed.progress.detail
+        );
+        let host = failed.host_id.clone();
+        if !rollback.failed_hosts.contains(&host) {
+            rollback.failed_hosts.push(host);
+        }
+        pause_for_a_person(state, number, last_wave, evidence, at_ms);
+    }
+    true
 }
 
 /// Pauses the rollback and opens an escalation; the engine delivers it by webhook.
@@ -204,7 +254,11 @@ pub(super) fn pause_for_a_person(
 /// Whether a step of the wave runs, or a host of it that began and has not failed still has
 /// steps to take (the engine finishes such hosts even after another host failed).
 pub(super) fn hosts_in_progress(rollback: &RollbackRecord, wave: u32) -> bool {
-    let steps: Vec<&RollbackStepRecord> = rollback.wave_steps(wave).collect();
+    // A deferred host waits for its region: it is not on its way.
+    let steps: Vec<&RollbackStepRecord> = rollback
+        .wave_steps(wave)
+        .filter(|step| !rollback.is_deferred(step))
+        .collect();
     if steps
         .iter()
         .any(|step| step.progress.status == StepStatus::Running)

@@ -367,6 +367,7 @@ pub(super) fn start_planned(
         outcome_detail: String::new(),
         failed_hosts: Vec::new(),
         skipped_hosts: Vec::new(),
+        deferred_hosts: Vec::new(),
         flags_reverted: Vec::new(),
         isolated: Vec::new(),
         recipes: plan.recipes.clone(),

@@ -320,6 +320,11 @@ pub struct RollbackRecord {
     /// Ran without the approvals its environments require.
     #[serde(default)]
     pub break_glass: bool,
+    /// Hosts of a region lost during it (cluster version 11): every agent of the region was
+    /// gone while other regions' were there. Their unfinished steps wait, the waves go on
+    /// without them, and they are reverted after the last wave once they return.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deferred_hosts: Vec<String>,
 }
 impl RollbackRecord {
     pub fn id(&self) -> String {
@@ -337,8 +342,28 @@ impl RollbackRecord {
             !gate_done
                 || self
                     .wave_steps(wave)
-                    .any(|step| !step.progress.status.is_terminal())
+                    .any(|step| !step.progress.status.is_terminal() && !self.is_deferred(step))
         })
+    }
+
+    /// Whether the step's host was deferred with its lost region: it waits for the host's
+    /// return, after the last wave, and holds no wave up.
+    pub fn is_deferred(&self, step: &RollbackStepRecord) -> bool {
+        self.deferred_hosts.contains(&step.host_id)
+    }
+
+    /// Deferred hosts with steps left to take (waiting for their region, or being reverted
+    /// since it returned).
+    pub fn deferred_unfinished(&self) -> Vec<&str> {
+        let mut hosts: Vec<&str> = self
+            .steps
+            .iter()
+            .filter(|step| self.is_deferred(step) && !step.progress.status.is_terminal())
+            .map(|step| step.host_id.as_str())
+            .collect();
+        hosts.sort_unstable();
+        hosts.dedup();
+        hosts
     }
 
     pub fn wave_steps(&self, wave: u32) -> impl Iterator<Item = &RollbackStepRecord> {
