@@ -23,6 +23,10 @@ pub enum CoordinatorError {
     UnknownIncident { incident_id: String, known: String },
     #[error("incident {incident_id}: {why}")]
     IncidentRefused { incident_id: String, why: String },
+    #[error("no fire drill {drill_id}: known drills are {known}")]
+    UnknownFireDrill { drill_id: String, known: String },
+    #[error("drill refused: {why}")]
+    DrillRefused { why: String },
     #[error("no host {host_id} is registered")]
     UnknownHost { host_id: String },
     #[error("host {host_id} cannot be forgotten: it is in {by}")]
@@ -163,6 +167,8 @@ impl CoordinatorError {
             Self::UnknownRollback { .. } => "unknown_rollback",
             Self::UnknownIncident { .. } => "unknown_incident",
             Self::IncidentRefused { .. } => "incident_refused",
+            Self::UnknownFireDrill { .. } => "unknown_fire_drill",
+            Self::DrillRefused { .. } => "drill_refused",
             Self::UnknownHost { .. } => "unknown_host",
             Self::HostWithoutService { .. } => "host_without_service",
             Self::HostInUse { .. } => "host_in_use",

@@ -268,6 +268,9 @@ pub struct EnvironmentRules {
     /// How long a request waits for its approvals.
     #[serde(default = "default_request_ttl_s")]
     pub request_ttl_s: u32,
+    /// Whether rollback fire drills may deploy a known-bad release here (cluster version 11).
+    #[serde(default = "yes", skip_serializing_if = "is_yes")]
+    pub drills: bool,
 }
 
 impl Default for EnvironmentRules {
@@ -277,12 +280,17 @@ impl Default for EnvironmentRules {
             automatic_rollbacks: AutomaticRollbacks::AtOnce,
             break_glass: true,
             request_ttl_s: DEFAULT_REQUEST_TTL_S,
+            drills: true,
         }
     }
 }
 
 fn yes() -> bool {
     true
+}
+
+fn is_yes(value: &bool) -> bool {
+    *value
 }
 
 fn default_request_ttl_s() -> u32 {

@@ -20,7 +20,8 @@ pub fn to_status(error: CoordinatorError) -> Status {
         | CoordinatorError::UnknownHost { .. }
         | CoordinatorError::UnknownStep { .. }
         | CoordinatorError::UnknownRequest { .. }
-        | CoordinatorError::UnknownJoinToken { .. } => Code::NotFound,
+        | CoordinatorError::UnknownJoinToken { .. }
+        | CoordinatorError::UnknownFireDrill { .. } => Code::NotFound,
         CoordinatorError::JoinRefused { .. } => Code::PermissionDenied,
         CoordinatorError::ReleaseConflict { .. }
         | CoordinatorError::AlreadyRolledBack { .. }
@@ -39,6 +40,7 @@ pub fn to_status(error: CoordinatorError) -> Status {
         | CoordinatorError::RequestRefused { .. }
         | CoordinatorError::AuditRefused { .. }
         | CoordinatorError::IncidentRefused { .. }
+        | CoordinatorError::DrillRefused { .. }
         | CoordinatorError::StepNotRunning { .. }
         | CoordinatorError::StepNotStartable { .. }
         | CoordinatorError::NeedsClusterVersion { .. }

@@ -11,11 +11,11 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use crate::state_machine::schema::{self, StagesState};
 use crate::state_machine::{
-    ChangeRecord, ChangeStatus, CommandKind, DrillStatus, GateOptions, HealthAggregate,
-    MigrationRecord, PlanOptions, RollbackRecord, RollbackStatus, RollbackStepKind,
-    RollbackStepRecord, SchemaOwner, SchemaStage, SchemaTxnRecord, SchemaTxnStatus, ShardPhase,
-    State, StepProgress, StepStatus, StepTarget, SyntheticCheck, ThrottleLimits, TriggerSource,
-    WaveRecord,
+    ChangeRecord, ChangeStatus, CommandKind, DrillStatus, FireDrillStatus, GateOptions,
+    HealthAggregate, MigrationRecord, PlanOptions, RollbackRecord, RollbackStatus,
+    RollbackStepKind, RollbackStepRecord, SchemaOwner, SchemaStage, SchemaTxnRecord,
+    SchemaTxnStatus, ShardPhase, State, StepProgress, StepStatus, StepTarget, SyntheticCheck,
+    ThrottleLimits, TriggerSource, WaveRecord,
 };
 
 pub use crate::state_machine::MAX_ESCALATION_ATTEMPTS;
@@ -339,7 +339,83 @@ pub fn decide(
         super::incident_webhook::due(state, &mut memory.notices, now_ms, &mut actions);
     }
     check_triggers(state, seen, memory, limits, now_ms, &mut actions);
+    drive_fire_drills(state, seen, memory, limits, now_ms, &mut actions);
     actions
+}
+
+/// Rollback fire drills: scores each whose end came (its rollback ended, was refused, or its
+/// change failed), and reverts what a drill deployed when nothing else will: the bad release
+/// went undetected through the policy's watch, or a person aborted the drill. That revert is an
+/// automatic rollback like any other, so the throttles judge it too.
+fn drive_fire_drills(
+    state: &State,
+    seen: &impl Observations,
+    memory: &mut EngineMemory,
+    limits: &EngineLimits,
+    now_ms: u64,
+    actions: &mut Vec<Action>,
+) {
+    for drill in state.fire_drills.values() {
+        let running = drill.status == FireDrillStatus::Running;
+        if running && crate::state_machine::drill_end(state, drill).is_some() {
+            actions.push(Action::Propose(CommandKind::FinishFireDrill {
+                drill: drill.number,
+            }));
+            continue;
+        }
+        if !running && drill.status != FireDrillStatus::Aborted {
+            continue;
+        }
+        let Some(change) = state.changes.get(&drill.change) else {
+            continue;
+        };
+        if change.status != ChangeStatus::Deployed || change.rollback != 0 || change.auto_refused {
+            continue;
+        }
+        let watch_ms = state
+            .services
+            .get(&drill.service)
+            .map_or(0, |service| u64::from(service.policy.watch_s) * 1000);
+        let undetected = now_ms > change.deployed_at_ms + watch_ms;
+        let why = if !running {
+            format!("{} was aborted by {}", drill.id(), drill.aborted_by)
+        } else if undetected {
+            format!(
+                "{}: {} {} was not detected within the policy's watch of {} s",
+                drill.id(),
+                drill.service,
+                drill.version,
+                watch_ms / 1000
+            )
+        } else {
+            continue;
+        };
+        let asked_lately = memory
+            .triggered
+            .get(&change.number)
+            .is_some_and(|&asked| now_ms.saturating_sub(asked) < TRIGGER_RETRY_MS);
+        if asked_lately {
+            continue;
+        }
+        memory.triggered.insert(change.number, now_ms);
+        actions.push(Action::Propose(CommandKind::AutoTrigger(
+            crate::state_machine::AutoTrigger {
+                service: drill.service.clone(),
+                environment: drill.environment.clone(),
+                source: TriggerSource::Policy,
+                reason: format!("{why}; the drill reverts the release it deployed"),
+                options: crate::plan::with_drift_policy(
+                    state,
+                    &drill.service,
+                    &drill.environment,
+                    limits.automatic_plan(),
+                    |host, service| seen.drift(host, service),
+                ),
+                throttle: limits.throttle.clone(),
+                decided: None,
+            },
+        )));
+    }
 }
 
 /// Asks for delivery of every escalation not yet delivered, at most

@@ -7,6 +7,8 @@
 
 mod decide;
 #[cfg(test)]
+mod decide_drill_test;
+#[cfg(test)]
 mod decide_health_test;
 #[cfg(test)]
 mod decide_region_test;

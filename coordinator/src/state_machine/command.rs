@@ -145,6 +145,23 @@ pub enum CommandKind {
         rollback: u64,
         evidence: String,
     },
+    /// A rollback fire drill (version 11): deploys `start.version`, a known-bad release, to
+    /// `environment`'s hosts of the service as a change marked as the drill's, so that the
+    /// service's health policy detects it and its automatic rollback reverts it.
+    StartFireDrill {
+        environment: String,
+        start: StartChange,
+    },
+    /// The engine saw a drill's end (its rollback ended, was refused, or its change failed):
+    /// apply scores it from the records.
+    FinishFireDrill {
+        drill: u64,
+    },
+    /// A person stops a drill; what it deployed is reverted all the same.
+    AbortFireDrill {
+        drill: u64,
+        reason: String,
+    },
     /// Every agent of `region` in the rollback has been gone for a step timeout while other
     /// regions' were there (cluster version 11): its unfinished `hosts` wait for their return
     /// and the rollback goes on with the other regions; the region's gates not yet passed are
@@ -529,6 +546,8 @@ pub enum Outcome {
     Change(u64),
     Rollback(u64),
     Drill(u64),
+    /// A rollback fire drill (`rd-<n>`).
+    FireDrill(u64),
     /// A request for approval was filed or decided (`req-<n>`).
     Request(u64),
     /// A join token was created or revoked (`jt-<n>`).
@@ -581,6 +600,11 @@ impl CommandKind {
             | Self::ForgetHost { reason, .. }
             | Self::RecordRefusal { reason, .. }
             | Self::AdoptHostState { reason, .. }
+            | Self::AbortFireDrill { reason, .. }
+            | Self::StartFireDrill {
+                start: StartChange { reason, .. },
+                ..
+            }
             | Self::ConfirmAuditArchive { reason, .. }
             | Self::RedactAudit { reason, .. }
             | Self::ChangeMembership { reason, .. } => reason,
@@ -594,6 +618,7 @@ impl CommandKind {
             | Self::StepFinished { .. }
             | Self::Stall { .. }
             | Self::DeferRegion { .. }
+            | Self::FinishFireDrill { .. }
             | Self::RecordSelfRevert { .. }
             | Self::RecordOfflineHealth { .. }
             | Self::EscalationDelivered { .. }
@@ -619,6 +644,14 @@ impl CommandKind {
             Self::IncidentNotified { .. } => 6,
             Self::AdoptHostState { .. } => super::version::DRIFT_GUARD,
             Self::DeferRegion { .. } => super::version::REGION_LOSS,
+            Self::StartFireDrill { .. }
+            | Self::FinishFireDrill { .. }
+            | Self::AbortFireDrill { .. } => super::version::FIRE_DRILLS,
+            Self::ApplyPolicy { policy, .. }
+                if policy.environments.values().any(|rules| !rules.drills) =>
+            {
+                super::version::FIRE_DRILLS
+            }
             Self::IsolateService { region, .. } if !region.is_empty() => {
                 super::version::ISOLATION_WITHIN_BUDGET
             }
@@ -669,6 +702,9 @@ impl CommandKind {
             Self::IsolateService { .. } => "rollback.isolate",
             Self::Stall { .. } => "rollback.stall",
             Self::DeferRegion { .. } => "rollback.defer-region",
+            Self::StartFireDrill { .. } => "drill.rollback",
+            Self::FinishFireDrill { .. } => "drill.finish",
+            Self::AbortFireDrill { .. } => "drill.abort",
             Self::AutoTrigger(_) => "trigger",
             Self::SetFlag { kill: true, .. } => "flag.kill",
             Self::SetFlag { .. } => "flag.set",

@@ -25,8 +25,8 @@ mod refusal_test;
 mod schema_test;
 
 pub use apply::{
-    COORDINATOR_IDENTITY, apply, apply_membership, current_version, latest_change, unknown_change,
-    unknown_incident, unknown_rollback,
+    COORDINATOR_IDENTITY, apply, apply_membership, current_version, drill_end, latest_change,
+    unknown_change, unknown_incident, unknown_rollback,
 };
 /// `apply()`, checking that from cluster version 3 it never plans (the leader has).
 #[cfg(test)]

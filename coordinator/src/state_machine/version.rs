@@ -94,6 +94,10 @@ pub const ISOLATION_WITHIN_BUDGET: u32 = 10;
 /// `max_unavailable`.
 pub const REGION_LOSS: u32 = 11;
 
+/// From this version a rollback fire drill deploys a known-bad release where the environment's
+/// policy allows drills, lets detection and the automatic rollback run, and scores them.
+pub const FIRE_DRILLS: u32 = 11;
+
 /// What each version brought, for `rewindctl cluster version` and the README.
 pub const CHANGES: &[(u32, &str)] = &[
     (1, "the log as released before cluster versions"),
@@ -166,7 +170,9 @@ pub const CHANGES: &[(u32, &str)] = &[
         11,
         "a rollback that loses a whole region goes on with the other regions (the lost \
          region's hosts no longer count against max_unavailable) and reverts the lost hosts \
-         after its last wave once they return",
+         after its last wave once they return; rollback fire drills (a known-bad release \
+         deployed where the environment allows drills, detected and rolled back for real, and \
+         scored)",
     ),
 ];
 

@@ -111,6 +111,7 @@ pub(super) fn start_change(
             approved_by: Vec::new(),
             request: 0,
             break_glass: false,
+            drill: 0,
         },
     );
     let mut audit = format!(

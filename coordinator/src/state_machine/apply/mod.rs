@@ -15,6 +15,7 @@ use crate::errors::{CoordinatorError, known_list};
 use rewind_shared::audit::Record;
 
 mod change;
+mod fire_drill;
 mod incident;
 mod registry;
 mod rollback_control;
@@ -25,6 +26,7 @@ mod step;
 mod trigger;
 
 use change::*;
+use fire_drill::*;
 use incident::*;
 use registry::*;
 use rollback_control::*;
@@ -36,6 +38,7 @@ use trigger::*;
 
 pub use change::current_version;
 pub(super) use change::select_hosts;
+pub use fire_drill::drill_end;
 pub(super) use trigger::judge_trigger;
 pub use trigger::latest_change;
 
@@ -419,6 +422,18 @@ fn apply_kind(state: &mut State, command: &Command) -> Result<(Outcome, String, 
                 id,
                 format!("paused: {evidence}"),
             ))
+        }
+        CommandKind::StartFireDrill { environment, start } => {
+            version::require(state, version::FIRE_DRILLS, "rollback fire drills")?;
+            start_fire_drill(state, command, environment, start)
+        }
+        CommandKind::FinishFireDrill { drill } => {
+            version::require(state, version::FIRE_DRILLS, "rollback fire drills")?;
+            finish_fire_drill(state, command, *drill)
+        }
+        CommandKind::AbortFireDrill { drill, reason } => {
+            version::require(state, version::FIRE_DRILLS, "rollback fire drills")?;
+            abort_fire_drill(state, command, *drill, reason)
         }
         CommandKind::DeferRegion {
             rollback,

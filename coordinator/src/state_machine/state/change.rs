@@ -142,6 +142,12 @@ pub struct ChangeRecord {
     /// Ran without the approvals its environment requires.
     #[serde(default)]
     pub break_glass: bool,
+    /// The fire drill that deployed it (`rd-<n>`, from version 11), 0 if none.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub drill: u64,
+}
+fn is_zero_u64(value: &u64) -> bool {
+    *value == 0
 }
 impl ChangeRecord {
     pub fn id(&self) -> String {

@@ -11,6 +11,7 @@ use super::audit::AuditLog;
 use super::command::Outcome;
 
 mod change;
+mod fire_drill;
 mod fleet;
 mod incident;
 mod request_log;
@@ -18,6 +19,7 @@ mod rollback;
 mod trigger;
 
 pub use change::*;
+pub use fire_drill::*;
 use fleet::is_zero;
 pub use fleet::*;
 pub use incident::*;
@@ -127,7 +129,16 @@ pub struct State {
         skip_serializing_if = "super::archive::ArchiveCounts::is_empty"
     )]
     pub archived: super::archive::ArchiveCounts,
+    /// Rollback fire drills (from version 11), keyed by the number in `rd-<n>`; bounded.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub fire_drills: BTreeMap<u64, FireDrillRecord>,
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub next_fire_drill: u64,
 }
+fn is_zero_u64(value: &u64) -> bool {
+    *value == 0
+}
+
 impl State {
     /// The cluster version in force.
     pub fn cluster_version(&self) -> u32 {
