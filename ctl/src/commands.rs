@@ -178,6 +178,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         _ => {}
     }
+    let junit_drill = matches!(
+        &cli.command,
+        Command::Drill(
+            crate::migrations::DrillCommand::Rollback { .. }
+                | crate::migrations::DrillCommand::List { .. }
+        )
+    ) || matches!(&cli.command, Command::Drill(crate::migrations::DrillCommand::Show { drill_id }) if drill_id.starts_with("rd-"));
+    if cli.output == Format::Junit && !junit_drill {
+        anyhow::bail!(
+            "--output junit is for rollback fire drills only (drill rollback, drill show rd-N, \
+             drill list); use table or json here"
+        );
+    }
     let mut options = cli.connect.clone();
     let mut redirects = 0;
     loop {

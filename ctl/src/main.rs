@@ -9,6 +9,7 @@ mod client;
 mod cmd;
 mod commands;
 mod demo;
+mod fire_drills;
 mod flags;
 mod hosts;
 mod join;

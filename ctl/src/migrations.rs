@@ -203,7 +203,7 @@ pub async fn schema(
                 .txn;
             match format {
                 Format::Json => json(&pb::SchemaTxnResponse { txn })?,
-                Format::Table => txn.iter().for_each(print_txn),
+                Format::Table | Format::Junit => txn.iter().for_each(print_txn),
             }
             return Ok(ExitCode::SUCCESS);
         }
@@ -369,9 +369,49 @@ pub enum DrillCommand {
         #[arg(long)]
         reason: String,
     },
-    /// One drill: its steps and timings; exits 1 when it failed.
+    /// One drill: a migration drill (dr-N) with its steps and timings, or a rollback fire
+    /// drill (rd-N) with its scorecard; exits 1 when it failed.
     #[command(alias = "status")]
     Show { drill_id: String },
+    /// Rehearse the automatic rollback for real (cluster version 11): deploy a known-bad
+    /// release to every host of the service in the environment (its policy must allow drills
+    /// and need no approvals), let the service's health policy detect it and its automatic
+    /// rollback revert it, then print a scorecard (times to detect, to the first host reverted,
+    /// to every host verified; gates, retries, escalations) against the service's RTO and its
+    /// previous drill. Exits 1 when the drill fails; `--output json|junit` for pipelines.
+    Rollback {
+        #[arg(long)]
+        service: String,
+        #[arg(long = "env", value_name = "ENVIRONMENT")]
+        environment: String,
+        /// The known-bad release to deploy (registered; not the one running).
+        #[arg(long, value_name = "VERSION")]
+        release: String,
+        /// Why (required: it goes into the drill, its change and the audit log).
+        #[arg(long)]
+        reason: String,
+        /// Start it and print its id without waiting for the end.
+        #[arg(long)]
+        no_wait: bool,
+        /// Longest to wait for its end (it goes on after; follow it with drill show).
+        #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+        timeout_s: u64,
+    },
+    /// Rollback fire drills, newest first, with their times.
+    List {
+        #[arg(long)]
+        service: Option<String>,
+        #[command(flatten)]
+        page: crate::commands::PageArgs,
+    },
+    /// Stop a rollback fire drill at once; what it deployed is reverted all the same (its
+    /// rollback goes on if it began; if not, the engine starts one).
+    Abort {
+        drill_id: String,
+        /// Why (required: it goes into the drill and the audit log).
+        #[arg(long)]
+        reason: String,
+    },
 }
 
 /// Longest a drill is waited for.
@@ -383,6 +423,33 @@ pub async fn drill(
     command: DrillCommand,
 ) -> anyhow::Result<ExitCode> {
     let (mut drill, no_wait) = match command {
+        DrillCommand::Show { drill_id } if drill_id.starts_with("rd-") => {
+            return crate::fire_drills::show(client, format, drill_id).await;
+        }
+        DrillCommand::Rollback {
+            service,
+            environment,
+            release,
+            reason,
+            no_wait,
+            timeout_s,
+        } => {
+            let request = crate::fire_drills::DrillRequest {
+                service,
+                environment,
+                release,
+                reason,
+                no_wait,
+                timeout: std::time::Duration::from_secs(timeout_s),
+            };
+            return crate::fire_drills::start(client, format, request).await;
+        }
+        DrillCommand::List { service, page } => {
+            return crate::fire_drills::list(client, format, service, page).await;
+        }
+        DrillCommand::Abort { drill_id, reason } => {
+            return crate::fire_drills::abort(client, format, drill_id, reason).await;
+        }
         DrillCommand::Start {
             change,
             environment,

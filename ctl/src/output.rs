@@ -38,6 +38,8 @@ pub enum Format {
     #[default]
     Table,
     Json,
+    /// A JUnit XML report: `drill rollback`, `drill show rd-N` and `drill list` only.
+    Junit,
 }
 
 pub fn json<T: Serialize>(value: &T) -> anyhow::Result<()> {
@@ -115,12 +117,26 @@ pub fn step_state(state: i32) -> &'static str {
         .short_name()
 }
 
-/// "manual", "automatic", or "manual, BREAK-GLASS" for one that ran without its approvals.
+/// "manual", "automatic", or "manual, BREAK-GLASS" for one that ran without its approvals;
+/// ", DRILL rd-N" after it for one that reverts a fire drill's release.
 pub fn trigger_of(rollback: &pb::Rollback) -> String {
+    let mut trigger = rollback.trigger.clone();
     if rollback.break_glass {
-        format!("{}, BREAK-GLASS", rollback.trigger)
+        trigger += ", BREAK-GLASS";
+    }
+    if !rollback.drill_id.is_empty() {
+        trigger += &format!(", DRILL {}", rollback.drill_id);
+    }
+    trigger
+}
+
+/// "v1 -> v2", with " (DRILL rd-N)" for a fire drill's known-bad release.
+pub fn versions_of(change: &pb::Change) -> String {
+    let versions = format!("{} -> {}", change.previous_version, change.version);
+    if change.drill_id.is_empty() {
+        versions
     } else {
-        rollback.trigger.clone()
+        format!("{versions} (DRILL {})", change.drill_id)
     }
 }
 
@@ -266,6 +282,13 @@ pub fn print_change(change: &pb::Change) {
             format!("  rolled back by {}", change.rollback_id)
         }
     );
+    if !change.drill_id.is_empty() {
+        say!(
+            "DRILL {}: a known-bad release deployed on purpose (rewindctl drill show {})",
+            change.drill_id,
+            change.drill_id
+        );
+    }
     if !change.reason.is_empty() {
         say!("reason: {}", change.reason);
     }

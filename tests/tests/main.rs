@@ -44,3 +44,4 @@ mod t40_archive;
 mod t41_env_diff;
 mod t42_drift_guard;
 mod t43_region_loss;
+mod t44_fire_drill;

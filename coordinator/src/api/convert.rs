@@ -192,6 +192,11 @@ pub fn change(change: &ChangeRecord) -> pb::Change {
             .collect(),
         change_id: change.id(),
         archived_at_ms: 0,
+        drill_id: if change.drill == 0 {
+            String::new()
+        } else {
+            fire_drill_id(change.drill)
+        },
         service: change.service.clone(),
         version: change.version.clone(),
         previous_version: change.previous_version.clone(),
@@ -375,6 +380,13 @@ pub fn rollback(state: &State, rollback: &RollbackRecord) -> pb::Rollback {
             .collect(),
         skipped_hosts: rollback.skipped_hosts.clone(),
         deferred_hosts: rollback.deferred_hosts.clone(),
+        drill_id: rollback
+            .changes
+            .iter()
+            .filter_map(|number| state.changes.get(number))
+            .find(|change| change.drill != 0)
+            .map(|change| fire_drill_id(change.drill))
+            .unwrap_or_default(),
         current_wave: rollback
             .current_wave()
             .unwrap_or(rollback.waves.len() as u32),
@@ -788,5 +800,63 @@ pub fn drill(state: &State, drill: &DrillRecord) -> pb::Drill {
             .filter_map(|stage| state.schema_txns.get(&stage.txn))
             .map(|txn| schema_txn(txn, false))
             .collect(),
+    }
+}
+
+/// A rollback fire drill, with its service's previous scored drill in the same environment.
+pub fn fire_drill(state: &State, drill: &FireDrillRecord) -> pb::RollbackDrill {
+    let rollback = state
+        .changes
+        .get(&drill.change)
+        .map_or(0, |change| change.rollback);
+    let rollback = drill
+        .scorecard
+        .as_ref()
+        .map_or(rollback, |card| card.rollback.max(rollback));
+    let previous = drill
+        .scorecard
+        .as_ref()
+        .map(|card| card.previous)
+        .filter(|&number| number != 0)
+        .and_then(|number| state.fire_drills.get(&number));
+    pb::RollbackDrill {
+        drill_id: drill.id(),
+        service: drill.service.clone(),
+        environment: drill.environment.clone(),
+        version: drill.version.clone(),
+        previous_version: drill.previous_version.clone(),
+        change_id: change_id(drill.change),
+        rollback_id: if rollback == 0 {
+            String::new()
+        } else {
+            rollback_id(rollback)
+        },
+        state: drill.status.name().to_string(),
+        reason: drill.reason.clone(),
+        started_by: drill.started_by.clone(),
+        started_at_ms: drill.started_at_ms,
+        finished_at_ms: drill.finished_at_ms,
+        outcome: drill.outcome.clone(),
+        aborted_by: drill.aborted_by.clone(),
+        scorecard: drill.scorecard.as_ref().map(scorecard),
+        previous_drill_id: previous.map(FireDrillRecord::id).unwrap_or_default(),
+        previous_scorecard: previous
+            .and_then(|previous| previous.scorecard.as_ref())
+            .map(scorecard),
+    }
+}
+
+fn scorecard(card: &Scorecard) -> pb::DrillScorecard {
+    pb::DrillScorecard {
+        detected: card.detected,
+        live_at_ms: card.live_at_ms,
+        detect_ms: card.detect_ms,
+        first_reverted_ms: card.first_reverted_ms,
+        all_verified_ms: card.all_verified_ms,
+        gates_passed: card.gates_passed,
+        gates: card.gates,
+        steps_retried: card.steps_retried,
+        escalations: card.escalations,
+        rto_s: card.rto_s,
     }
 }

@@ -138,3 +138,12 @@ pub fn new_change(state: &State, service: &str, host_ids: &[String]) -> Vec<Targ
         .map(|environment| Target::scoped(environment, service))
         .collect()
 }
+
+/// What a rollback fire drill acts on: its service in its environment.
+pub fn fire_drill(state: &State, number: u64) -> Vec<Target> {
+    state
+        .fire_drills
+        .get(&number)
+        .map(|drill| vec![Target::scoped(&drill.environment, &drill.service)])
+        .unwrap_or_default()
+}

@@ -136,7 +136,7 @@ pub(crate) async fn change(
                         vec![
                             change.change_id.clone(),
                             change.service.clone(),
-                            format!("{} -> {}", change.previous_version, change.version),
+                            output::versions_of(change),
                             output::change_state(change).into(),
                             change.hosts.len().to_string(),
                             time(change.started_at_ms),

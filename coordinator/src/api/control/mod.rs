@@ -28,6 +28,7 @@ use crate::state_machine::*;
 pub(super) mod archive;
 mod audit;
 mod changes;
+mod drills;
 mod flags;
 mod hosts;
 mod incidents;
@@ -97,6 +98,34 @@ impl ControlService for Control {
         request: Request<pb::StartDrillRequest>,
     ) -> Result<Response<pb::DrillResponse>, Status> {
         schema::start_drill(self, request).await
+    }
+
+    async fn start_rollback_drill(
+        &self,
+        request: Request<pb::StartRollbackDrillRequest>,
+    ) -> Result<Response<pb::RollbackDrillResponse>, Status> {
+        drills::start_rollback_drill(self, request).await
+    }
+
+    async fn get_rollback_drill(
+        &self,
+        request: Request<pb::GetRollbackDrillRequest>,
+    ) -> Result<Response<pb::RollbackDrillResponse>, Status> {
+        drills::get_rollback_drill(self, request).await
+    }
+
+    async fn list_rollback_drills(
+        &self,
+        request: Request<pb::ListRollbackDrillsRequest>,
+    ) -> Result<Response<pb::ListRollbackDrillsResponse>, Status> {
+        drills::list_rollback_drills(self, request).await
+    }
+
+    async fn abort_rollback_drill(
+        &self,
+        request: Request<pb::AbortRollbackDrillRequest>,
+    ) -> Result<Response<pb::RollbackDrillResponse>, Status> {
+        drills::abort_rollback_drill(self, request).await
     }
 
     async fn get_drill(

@@ -67,7 +67,8 @@ pub(super) fn start_fire_drill(
         .values()
         .filter(|host| host.services.iter().any(|name| name == service))
         .filter(|host| {
-            crate::plan::environment_of_hosts(state, &[host.host_id.clone()]) == environment
+            crate::plan::environment_of_hosts(state, std::slice::from_ref(&host.host_id))
+                == environment
         })
         .map(|host| host.host_id.clone())
         .collect();
