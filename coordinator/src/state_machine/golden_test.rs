@@ -211,6 +211,7 @@ fn current_release_log() -> Fleet {
     version_eight(&mut harness);
     version_nine(&mut harness);
     version_ten(&mut harness);
+    version_eleven(&mut harness);
     harness
 }
 
@@ -1106,6 +1107,174 @@ fn version_ten(harness: &mut Fleet) {
     harness.apply(adopt);
     harness.apply(CommandKind::PutService { service: overwrite });
     harness.apply(with_topics("v4"));
+}
+
+/// Version 11: a rollback loses a region and reverts it on return; fire drills are started,
+/// scored, aborted, and refused where the policy forbids them.
+fn version_eleven(harness: &mut Fleet) {
+    let step = |rollback, host: &str, kind| StepTarget::Rollback {
+        rollback,
+        service: "shop".into(),
+        host_id: host.into(),
+        kind,
+    };
+    let hosts = "\n[[hosts]]\nnames = [\"db-*\"]\nservices = [\"orders-db\"]\n\
+                 [[hosts]]\nnames = [\"shop-*\"]\nservices = [\"shop\"]\n";
+    apply_policy(harness, hosts, "shop hosts");
+    harness.service("shop", &[]);
+    harness.host("shop-1", "north", &["shop"]);
+    harness.host("shop-2", "south", &["shop"]);
+    harness.host("shop-3", "south", &["shop"]);
+    for version in ["v1", "v2"] {
+        harness.release("shop", version, 0, &[]);
+    }
+    harness.deploy("shop", "v1");
+    let change = harness.deploy("shop", "v2");
+    let Outcome::Rollback(rollback) = harness.apply(rollback_of(change, Trigger::Manual)) else {
+        panic!("a rollback")
+    };
+    let defer = CommandKind::DeferRegion {
+        rollback,
+        region: "south".into(),
+        hosts: vec!["shop-2".into(), "shop-3".into()],
+        evidence: "no agent of region south for 10 s".into(),
+    };
+    let drill = |version: &str, reason: &str| CommandKind::StartFireDrill {
+        environment: crate::plan::DEFAULT_ENVIRONMENT.into(),
+        start: StartChange {
+            service: "shop".into(),
+            version: version.into(),
+            host_ids: ["shop-1", "shop-2", "shop-3"].map(String::from).to_vec(),
+            reason: reason.into(),
+            baseline: HealthAggregate::default(),
+            flags_on: vec![],
+            migrations: vec![],
+            break_glass: false,
+        },
+    };
+    // At 10: each refused.
+    let refused = harness.run(defer.clone()).unwrap_err().to_string();
+    assert!(refused.contains("cluster version 11"), "{refused}");
+    harness.run(drill("v2", "too early")).unwrap_err();
+    harness.apply(CommandKind::SetClusterVersion {
+        version: 11,
+        members: vec![],
+        reason: "every member on this release".into(),
+    });
+
+    // The south is lost before its wave: deferred, the north goes on, the south on return.
+    harness.apply(defer);
+    // Refused: nothing left to defer.
+    harness
+        .run(CommandKind::DeferRegion {
+            rollback,
+            region: "south".into(),
+            hosts: vec![],
+            evidence: "again".into(),
+        })
+        .unwrap_err();
+    for kind in RollbackStepKind::ALL {
+        harness.finish(step(rollback, "shop-1", kind), true);
+    }
+    pass_gate(harness, rollback, 0);
+    assert_eq!(
+        harness.state.rollbacks[&rollback].status,
+        RollbackStatus::Running,
+        "waits for the south"
+    );
+    for host in ["shop-2", "shop-3"] {
+        for kind in RollbackStepKind::ALL {
+            harness.finish(step(rollback, host, kind), true);
+        }
+    }
+    let done = &harness.state.rollbacks[&rollback];
+    assert_eq!(done.status, RollbackStatus::Succeeded);
+    assert!(
+        done.outcome_detail
+            .contains("reverted after their region returned: shop-2, shop-3"),
+        "{}",
+        done.outcome_detail
+    );
+
+    // Refused while shop does not roll back on its own.
+    let mut service = harness.state.services["shop"].clone();
+    service.policy.auto_rollback = false;
+    harness.apply(CommandKind::PutService {
+        service: service.clone(),
+    });
+    harness.run(drill("v2", "not automatic")).unwrap_err();
+    service.policy.auto_rollback = true;
+    harness.apply(CommandKind::PutService { service });
+    // A drill detected and rolled back passes.
+    let Outcome::FireDrill(first) = harness.apply(drill("v2", "game day")) else {
+        panic!("a drill")
+    };
+    let drilled = harness.state.fire_drills[&first].change;
+    for capture in [true, false] {
+        for host in ["shop-1", "shop-2", "shop-3"] {
+            let host_id = host.to_string();
+            harness.finish(
+                if capture {
+                    StepTarget::Capture {
+                        change: drilled,
+                        host_id,
+                    }
+                } else {
+                    StepTarget::Activate {
+                        change: drilled,
+                        host_id,
+                    }
+                },
+                true,
+            );
+        }
+    }
+    // Refused: it has not ended.
+    harness
+        .run(CommandKind::FinishFireDrill { drill: first })
+        .unwrap_err();
+    let Outcome::Rollback(reverting) = harness.apply(rollback_of(drilled, Trigger::Automatic))
+    else {
+        panic!("a rollback")
+    };
+    for (wave, hosts) in [(0, &["shop-1"][..]), (1, &["shop-2", "shop-3"][..])] {
+        for host in hosts {
+            for kind in RollbackStepKind::ALL {
+                harness.finish(step(reverting, host, kind), true);
+            }
+        }
+        pass_gate(harness, reverting, wave);
+    }
+    harness.apply(CommandKind::FinishFireDrill { drill: first });
+    assert_eq!(
+        harness.state.fire_drills[&first].status,
+        FireDrillStatus::Passed,
+        "{}",
+        harness.state.fire_drills[&first].outcome
+    );
+    // Forbidden by the policy; then allowed again, started and aborted.
+    apply_policy(
+        harness,
+        &format!("{hosts}[environment.default]\ndrills = false\n"),
+        "no drills",
+    );
+    let refused = harness
+        .run(drill("v2", "forbidden"))
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("forbids drills"), "{refused}");
+    apply_policy(harness, hosts, "drills again");
+    let Outcome::FireDrill(second) = harness.apply(drill("v2", "abort me")) else {
+        panic!("a drill")
+    };
+    harness.apply(CommandKind::AbortFireDrill {
+        drill: second,
+        reason: "a real incident".into(),
+    });
+    assert_eq!(
+        harness.state.fire_drills[&second].status,
+        FireDrillStatus::Aborted
+    );
 }
 
 #[test]
