@@ -128,6 +128,8 @@ async fn a_drill_deploys_a_bad_release_is_detected_rolled_back_and_scored() {
         "again",
     ]);
     let scorecard = output_text(&second);
+    // The README shows this output.
+    eprintln!("{scorecard}");
     assert!(second.status.success(), "{scorecard}");
     assert!(
         scorecard.contains("rd-2  PASSED  DRILL of web in staging"),
