@@ -166,18 +166,6 @@ pub(crate) fn next_page(command: &str, page_size: u32, next_page_token: &str) {
 const MAX_REDIRECTS: usize = 3;
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    match cli.command {
-        Command::Demo(args) => return crate::demo::run(args).await,
-        Command::Cert(command) => return crate::join::run_cert(&cli.connect, command).await,
-        // Offline: an export is verified with no cluster.
-        Command::Audit(AuditCommand::Verify {
-            files,
-            manifest_hash,
-        }) if !files.is_empty() => {
-            return crate::cmd::audit::verify_files(&files, manifest_hash.as_deref(), cli.output);
-        }
-        _ => {}
-    }
     let junit_drill = matches!(
         &cli.command,
         Command::Drill(
@@ -190,6 +178,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             "--output junit is for rollback fire drills only (drill rollback, drill show rd-N, \
              drill list); use table or json here"
         );
+    }
+    match cli.command {
+        Command::Demo(args) => return crate::demo::run(args).await,
+        Command::Cert(command) => return crate::join::run_cert(&cli.connect, command).await,
+        // Offline: an export is verified with no cluster.
+        Command::Audit(AuditCommand::Verify {
+            files,
+            manifest_hash,
+        }) if !files.is_empty() => {
+            return crate::cmd::audit::verify_files(&files, manifest_hash.as_deref(), cli.output);
+        }
+        _ => {}
     }
     let mut options = cli.connect.clone();
     let mut redirects = 0;

@@ -62,7 +62,7 @@ pub async fn start(
     } else {
         follow(client, format, started, request.timeout).await?
     };
-    report(format, &[drill])
+    report(format, &[drill], !request.no_wait)
 }
 
 /// Polls the drill until it ends, saying each phase once (table output only).
@@ -92,7 +92,8 @@ async fn follow(
             said = phase;
         }
         if began.elapsed() > timeout {
-            anyhow::bail!(
+            // Reported as it is (a JUnit report fails its "ended" check); exit 1.
+            say_err!(
                 "{} still runs after {} s; follow it with rewindctl drill show {}, or stop it \
                  with rewindctl drill abort {} --reason R",
                 drill.drill_id,
@@ -100,6 +101,7 @@ async fn follow(
                 drill.drill_id,
                 drill.drill_id
             );
+            return Ok(drill);
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
         drill = get(client, &drill.drill_id).await?;
@@ -125,7 +127,7 @@ pub async fn show(
     drill_id: String,
 ) -> anyhow::Result<ExitCode> {
     let drill = get(client, &drill_id).await?;
-    report(format, &[drill])
+    report(format, &[drill], false)
 }
 
 pub async fn list(
@@ -218,7 +220,7 @@ pub async fn abort(
 }
 
 /// Prints drills in the format asked for; exits 1 if any failed or was aborted.
-fn report(format: Format, drills: &[pb::RollbackDrill]) -> anyhow::Result<ExitCode> {
+fn report(format: Format, drills: &[pb::RollbackDrill], waited: bool) -> anyhow::Result<ExitCode> {
     match format {
         Format::Json => match drills {
             [drill] => json(drill)?,
@@ -227,9 +229,10 @@ fn report(format: Format, drills: &[pb::RollbackDrill]) -> anyhow::Result<ExitCo
         Format::Junit => println!("{}", junit(drills)),
         Format::Table => drills.iter().for_each(print_scorecard),
     }
-    let failed = drills
-        .iter()
-        .any(|drill| matches!(drill.state.as_str(), "failed" | "aborted"));
+    // A drill followed past its timeout has not passed either.
+    let failed = drills.iter().any(|drill| {
+        matches!(drill.state.as_str(), "failed" | "aborted") || (waited && drill.state == "running")
+    });
     Ok(if failed {
         ExitCode::from(1)
     } else {
@@ -394,13 +397,17 @@ pub fn junit(drills: &[pb::RollbackDrill]) -> String {
         failures += failed;
         let _ = writeln!(
             suites,
-            r#"  <testsuite name="{}" tests="{}" failures="{failed}" timestamp="{}">"#,
+            r#"  <testsuite name="{}" tests="{}" failures="{failed}"{}>"#,
             xml(&format!(
                 "{} {} of {} in {}",
                 drill.drill_id, drill.version, drill.service, drill.environment
             )),
             cases.len(),
-            xml(&time(drill.started_at_ms)),
+            if drill.started_at_ms == 0 {
+                String::new()
+            } else {
+                format!(r#" timestamp="{}""#, xml(&time(drill.started_at_ms)))
+            },
         );
         for (name, ms, failure) in cases {
             let time = ms.map_or(0.0, |ms| ms as f64 / 1000.0);

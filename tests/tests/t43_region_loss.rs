@@ -58,13 +58,22 @@ async fn losing_a_region_mid_rollback_finishes_the_others_and_reverts_it_on_retu
         .into_inner()
         .rollback
         .unwrap();
-    let first_region = begun.waves[0].region.clone();
-    // A two-member region the rollback has not begun: lost before its turn.
+    // The two-member region whose wave comes last (one host at a time: not begun yet) is
+    // lost before its turn.
+    let last_wave_of = |region: &str| {
+        begun
+            .waves
+            .iter()
+            .rposition(|wave| wave.region == region)
+            .unwrap()
+    };
     let (lost_index, (lost_region, lost_members, lost_hosts)) = REGIONS
         .iter()
         .enumerate()
-        .find(|(_, (region, members, _))| members.len() == 2 && *region != first_region)
+        .filter(|(_, (_, members, _))| members.len() == 2)
+        .max_by_key(|(_, (region, _, _))| last_wave_of(region))
         .unwrap();
+    assert_ne!(last_wave_of(lost_region), 0, "{begun:?}");
     let acknowledged = audit(&mut client).await;
 
     let lost_at = std::time::Instant::now();

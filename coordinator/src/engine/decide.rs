@@ -74,7 +74,7 @@ pub trait Observations {
     fn drift(&self, host_id: &str, service: &str) -> Vec<String>;
     /// The latest result of the synthetic checks run for this gate since `since_ms`.
     fn synthetics(&self, rollback: u64, wave: u32, since_ms: u64) -> Option<SyntheticVerdict>;
-    /// When the host's latest health report arrived, if one has since this leader began.
+    /// When the host's latest health report arrived, if this member has one (reports go to the leader).
     fn last_heard_ms(&self, host_id: &str) -> Option<u64>;
 }
 
@@ -86,6 +86,10 @@ pub const SILENT_REPORTS: u64 = 5;
 /// Step timeouts a region must stay gone before its hosts are deferred: agents reconnecting to
 /// a new leader, or a blip, do not move a healthy region behind the last wave.
 pub const LOST_REGION_AFTER_STEP_TIMEOUTS: u64 = 2;
+
+/// Step timeouts the rollback waits, every wave done, for deferred hosts none of which is back,
+/// before it calls a person (30 minutes at the default step timeout).
+pub const DEFERRED_WAIT_STEP_TIMEOUTS: u64 = 30;
 
 /// How a run of a service's synthetic checks went.
 #[derive(Clone, Debug, PartialEq)]
@@ -133,6 +137,9 @@ pub struct EngineMemory {
     /// (rollback, region) -> since when this leader has seen every agent of the region gone
     /// while other regions' were connected.
     pub lost_since: HashMap<(u64, String), u64>,
+    /// Rollback -> since when it has waited, every wave done, for deferred hosts none of which
+    /// is back.
+    pub deferred_since: HashMap<u64, u64>,
 }
 
 /// What a leader saw of a verify's host: when it first looked (a new leader knows nothing of
@@ -325,12 +332,20 @@ pub fn decide(
         .memory
         .verify_watch
         .retain(|step_id, _| running.contains(step_id));
-    driver.memory.lost_since.retain(|(rollback, _), _| {
+    let live = |rollback: &u64| {
         state
             .rollbacks
             .get(rollback)
             .is_some_and(|record| !record.status.is_terminal())
-    });
+    };
+    driver
+        .memory
+        .lost_since
+        .retain(|(rollback, _), _| live(rollback));
+    driver
+        .memory
+        .deferred_since
+        .retain(|rollback, _| live(rollback));
     let mut actions = driver.actions;
     if limits.escalation_webhook {
         escalate(state, memory, now_ms, &mut actions);
@@ -370,6 +385,17 @@ fn drive_fire_drills(
             continue;
         };
         if change.status != ChangeStatus::Deployed || change.rollback != 0 || change.auto_refused {
+            continue;
+        }
+        // Never a later change (a person deployed over the drill), and asked once: what became
+        // of the request is recorded, and the drill ends on it.
+        let latest = crate::state_machine::latest_change(state, &drill.service, &drill.environment)
+            .map(|latest| latest.number);
+        let recorded = state
+            .triggers
+            .iter()
+            .any(|trigger| trigger.change == change.number);
+        if latest != Some(change.number) || recorded {
             continue;
         }
         let watch_ms = state
@@ -851,7 +877,7 @@ fn drive_rollback(
     driver: &mut Driver<'_, impl Observations>,
 ) {
     // A region whose every agent is gone while others' are there is lost (cluster version
-    // 11): its hosts do not count against max_unavailable, and once gone for a step timeout
+    // 11): its hosts do not count against max_unavailable, and once gone for two step timeouts
     // they are deferred until they return.
     let lost = if state.cluster_version() >= crate::state_machine::version::REGION_LOSS {
         lost_regions(rollback, driver)
@@ -875,7 +901,7 @@ fn drive_rollback(
     let Some(wave_index) = rollback.current_wave() else {
         // Every wave is done: hosts of a lost region are reverted as they return, and the
         // other schema reverts follow, one database at a time.
-        drive_deferred_hosts(state, rollback, driver);
+        drive_deferred_hosts(state, rollback, &lost, driver);
         if let StagesState::Waiting {
             stage,
             begun: false,
@@ -1069,7 +1095,7 @@ fn lost_regions(
     lost
 }
 
-/// Defers the unfinished hosts of each region lost for a step timeout (and skips its gates
+/// Defers the unfinished hosts of each region lost for two step timeouts (and skips its gates
 /// that cannot be judged), so the rollback goes on with the other regions.
 fn defer_lost_regions(
     rollback: &RollbackRecord,
@@ -1123,17 +1149,25 @@ fn defer_lost_regions(
     }
 }
 
-/// Once every wave is done, reverts the deferred hosts that are back, a wave's after the
-/// earlier waves' of their region, at most max_parallel begun at once; the others wait.
+/// Once every wave is done, reverts the deferred hosts that are back (their region no longer
+/// lost), a wave's after the earlier waves' of their region, at most max_parallel begun at
+/// once, none begun after one of them failed; the others wait. A person is called once they
+/// have waited [`DEFERRED_WAIT_STEP_TIMEOUTS`] step timeouts with none of them back.
 fn drive_deferred_hosts(
     state: &State,
     rollback: &RollbackRecord,
+    lost: &BTreeMap<String, u64>,
     driver: &mut Driver<'_, impl Observations>,
 ) {
-    if rollback.deferred_hosts.is_empty() {
+    if rollback.deferred_unfinished().is_empty() {
         return;
     }
     let running = rollback.status == RollbackStatus::Running;
+    let any_failed = rollback
+        .steps
+        .iter()
+        .any(|step| rollback.is_deferred(step) && step.progress.status == StepStatus::Failed);
+    let mut driven = false;
     let unfinished = |host_id: &str, wave: u32| {
         rollback
             .wave_steps(wave)
@@ -1161,7 +1195,10 @@ fn drive_deferred_hosts(
             .filter(|host_id| rollback.deferred_hosts.contains(host_id))
             .filter(|host_id| unfinished(host_id, index))
             .collect();
-        if deferred.is_empty() || regions_held.contains(wave.region.as_str()) {
+        if deferred.is_empty()
+            || regions_held.contains(wave.region.as_str())
+            || lost.contains_key(&wave.region)
+        {
             continue;
         }
         // A later wave of this region (another service, in the plan's order) waits for it.
@@ -1189,13 +1226,39 @@ fn drive_deferred_hosts(
             }
             let started = host_steps.iter().any(|step| step.progress.attempts > 0);
             if !started {
-                if !running || begun >= rollback.options.max_parallel as usize {
+                if !running || any_failed || begun >= rollback.options.max_parallel as usize {
                     continue;
                 }
                 begun += 1;
             }
+            driven = true;
             drive_host_step(state, rollback, (change, wave), next, driver);
         }
+    }
+    // Waiting with none of them back: bounded, then a person decides (resume waits again,
+    // skip-host leaves one unreverted).
+    let key = rollback.number;
+    if driven || !running {
+        driver.memory.deferred_since.remove(&key);
+        return;
+    }
+    let since = *driver
+        .memory
+        .deferred_since
+        .entry(key)
+        .or_insert(driver.now_ms);
+    let waited_ms = driver.now_ms.saturating_sub(since);
+    if waited_ms >= DEFERRED_WAIT_STEP_TIMEOUTS * driver.limits.step_timeout_ms {
+        driver.memory.deferred_since.remove(&key);
+        driver.propose(CommandKind::Stall {
+            rollback: rollback.number,
+            evidence: format!(
+                "every wave is done, but {} of a lost region have not returned for {} s: resume \
+                 to wait again, or leave each unreverted with rollback skip-host",
+                rollback.deferred_unfinished().join(", "),
+                waited_ms / 1000
+            ),
+        });
     }
 }
 

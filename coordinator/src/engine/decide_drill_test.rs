@@ -252,3 +252,97 @@ fn drills_are_refused_where_they_may_not_run() {
         "nothing was started"
     );
 }
+
+#[test]
+fn a_drill_deployed_over_ends_failed_and_the_later_change_is_never_reverted() {
+    let mut world = world_with_v3();
+    drill_deployed(&mut world);
+    world.apply(CommandKind::AbortFireDrill {
+        drill: 1,
+        reason: "fixing by hand".into(),
+    });
+    // A person deploys v2 again over the drill before its revert.
+    world.apply(CommandKind::StartChange(StartChange {
+        service: "web".into(),
+        version: "v2".into(),
+        host_ids: vec![],
+        reason: "back to v2".into(),
+        baseline: HealthAggregate::default(),
+        flags_on: vec![],
+        migrations: vec![],
+        break_glass: false,
+    }));
+    let actions = world.decide(200_000);
+    assert!(
+        !actions
+            .iter()
+            .any(|action| matches!(action, Action::Propose(CommandKind::AutoTrigger(_)))),
+        "{actions:?}"
+    );
+
+    // A running drill deployed over ends failed, naming the later change.
+    let mut world = world_with_v3();
+    drill_deployed(&mut world);
+    world.apply(CommandKind::StartChange(StartChange {
+        service: "web".into(),
+        version: "v2".into(),
+        host_ids: vec![],
+        reason: "back to v2".into(),
+        baseline: HealthAggregate::default(),
+        flags_on: vec![],
+        migrations: vec![],
+        break_glass: false,
+    }));
+    world.run_tick(2_000);
+    let drill = &world.fleet.state.fire_drills[&1];
+    assert_eq!(drill.status, FireDrillStatus::Failed);
+    assert!(
+        drill.outcome.starts_with("superseded by ch-3"),
+        "{}",
+        drill.outcome
+    );
+}
+
+#[test]
+fn a_drill_whose_automatic_rollback_was_not_started_ends_failed_and_is_asked_once() {
+    let mut world = world_with_v3();
+    drill_deployed(&mut world);
+    world.fleet.state.triggers.push_back(TriggerRecord {
+        at_ms: 1_000,
+        service: "web".into(),
+        environment: crate::plan::DEFAULT_ENVIRONMENT.into(),
+        source: TriggerSource::Policy,
+        reason: "probe failure ratio".into(),
+        outcome: TriggerOutcome::Ignored,
+        detail: "waits for approval".into(),
+        rollback: 0,
+        change: 2,
+    });
+    let deployed = world.fleet.state.changes[&2].deployed_at_ms;
+    let actions = world.run_tick(deployed + 61_000);
+    assert!(
+        !actions
+            .iter()
+            .any(|action| matches!(action, Action::Propose(CommandKind::AutoTrigger(_)))),
+        "{actions:?}"
+    );
+    let drill = &world.fleet.state.fire_drills[&1];
+    assert_eq!(drill.status, FireDrillStatus::Failed);
+    assert!(
+        drill.outcome.contains("not started (waits for approval)")
+            && drill.outcome.contains("rewindctl rollback start ch-2"),
+        "{}",
+        drill.outcome
+    );
+}
+
+#[test]
+fn a_drill_is_refused_inside_a_freeze_window() {
+    let mut world = world_with_v3();
+    let mut service = world.fleet.state.services["web"].clone();
+    service.freeze =
+        vec![rewind_shared::freeze::FreezeWindow::parse("daily 00:00-00:00 UTC").unwrap()];
+    world.apply(CommandKind::PutService { service });
+    let refused = refusal(&mut world, start_drill("v3"));
+    assert!(refused.contains("frozen"), "{refused}");
+}

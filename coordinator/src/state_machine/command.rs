@@ -162,7 +162,7 @@ pub enum CommandKind {
         drill: u64,
         reason: String,
     },
-    /// Every agent of `region` in the rollback has been gone for a step timeout while other
+    /// Every agent of `region` in the rollback has been gone for two step timeouts while other
     /// regions' were there (cluster version 11): its unfinished `hosts` wait for their return
     /// and the rollback goes on with the other regions; the region's gates not yet passed are
     /// skipped (nothing there can be judged).

@@ -45,6 +45,9 @@ pub(super) fn start_fire_drill(
              --auto-rollback"
         ));
     }
+    if let Some((window, until_ms)) = freeze_of(state, service, command.at_ms) {
+        return Err(frozen_error(service, &window, until_ms));
+    }
     let running = current_version(state, service);
     if running == start.version {
         return refuse(format!(
@@ -77,11 +80,14 @@ pub(super) fn start_fire_drill(
             "no registered host runs {service} in environment {environment}"
         ));
     }
-    if start.host_ids != in_environment {
+    let mut asked = start.host_ids.clone();
+    asked.sort_unstable();
+    if asked != in_environment {
         return Err(CoordinatorError::invalid(
             "host_ids",
             format!(
-                "a drill deploys to every host of {service} in {environment}: {}",
+                "a drill deploys to every host of {service} in {environment}: {} (did a host \
+                 register or leave meanwhile? start it again)",
                 in_environment.join(", ")
             ),
         ));
@@ -132,13 +138,21 @@ pub(super) fn start_fire_drill(
     ))
 }
 
-/// Keeps at most [`MAX_FIRE_DRILLS`]: the oldest finished ones go.
+/// Keeps at most [`MAX_FIRE_DRILLS`]: the oldest that ended go, never one whose release the
+/// engine may still have to revert (running, or aborted before its revert began).
 fn forget_old_drills(state: &mut State) {
     while state.fire_drills.len() > MAX_FIRE_DRILLS {
         let Some(oldest) = state
             .fire_drills
             .values()
-            .find(|drill| drill.status != FireDrillStatus::Running)
+            .find(|drill| match drill.status {
+                FireDrillStatus::Running => false,
+                FireDrillStatus::Aborted => state
+                    .changes
+                    .get(&drill.change)
+                    .is_none_or(|change| change.rollback != 0),
+                FireDrillStatus::Passed | FireDrillStatus::Failed => true,
+            })
             .map(|drill| drill.number)
         else {
             return;
@@ -168,19 +182,27 @@ pub(super) fn finish_fire_drill(
     let scorecard = score(state, drill);
     let rto_ms = scorecard.rto_s * 1000;
     let within_rto = rto_ms == 0 || scorecard.all_verified_ms.is_some_and(|ms| ms <= rto_ms);
-    let passed =
-        ended.is_ok() && scorecard.detected && scorecard.all_verified_ms.is_some() && within_rto;
+    let unattended = scorecard.escalations == 0 && scorecard.gates_passed == scorecard.gates;
+    let passed = ended.is_ok()
+        && scorecard.detected
+        && scorecard.all_verified_ms.is_some()
+        && within_rto
+        && unattended;
     let outcome = match ended {
         Err(why) => why,
-        Ok(()) if !scorecard.detected => {
+        Ok(()) if !scorecard.detected => format!(
             "not detected: the service's health policy did not start a rollback within its \
-             watch; the drill reverted the release itself"
-                .to_string()
-        }
+             watch; {} reverted the release",
+            rollback_id(scorecard.rollback)
+        ),
         Ok(()) if !within_rto => format!(
             "verified after {} s, over the service's RTO of {} s",
             scorecard.all_verified_ms.unwrap_or_default() / 1000,
             scorecard.rto_s
+        ),
+        Ok(()) if !unattended => format!(
+            "rolled back, but not on its own: {} of {} gates passed, {} escalations",
+            scorecard.gates_passed, scorecard.gates, scorecard.escalations
         ),
         Ok(()) => format!(
             "detected after {:.1} s, every host verified after {:.1} s",
@@ -250,6 +272,17 @@ pub fn drill_end(
     drill: &FireDrillRecord,
 ) -> Option<std::result::Result<(), String>> {
     let change = state.changes.get(&drill.change)?;
+    if let Some(newer) = super::trigger::latest_change(state, &drill.service, &drill.environment)
+        .filter(|latest| latest.number != drill.change)
+    {
+        return Some(Err(format!(
+            "superseded by {} ({} {}) before it was scored; a later change is never reverted \
+             for a drill",
+            newer.id(),
+            newer.service,
+            newer.version
+        )));
+    }
     if change.rollback != 0 {
         let rollback = state.rollbacks.get(&change.rollback)?;
         return match rollback.status {
@@ -264,7 +297,28 @@ pub fn drill_end(
     }
     if change.status == ChangeStatus::Failed {
         return Some(Err(format!(
-            "its change {} failed before the release went live everywhere",
+            "its change {} failed before the release went live everywhere; where it did go \
+             live it stays: roll it back: rewindctl rollback start {}",
+            change.id(),
+            change.id()
+        )));
+    }
+    // An automatic rollback asked for and not started (ignored, or waiting for approvals):
+    // nothing will revert it on its own.
+    if change.status == ChangeStatus::Deployed
+        && let Some(trigger) = state
+            .triggers
+            .iter()
+            .rev()
+            .find(|trigger| trigger.change == drill.change && trigger.rollback == 0)
+    {
+        return Some(Err(format!(
+            "its automatic rollback was not started ({}): {} is still on {} in {}; roll it \
+             back: rewindctl rollback start {}",
+            trigger.detail,
+            drill.service,
+            drill.version,
+            drill.environment,
             change.id()
         )));
     }
@@ -319,12 +373,12 @@ fn score(state: &State, drill: &FireDrillRecord) -> Scorecard {
         .services
         .get(&drill.service)
         .map_or(0, |service| u64::from(service.policy.watch_s) * 1000);
-    let before_abort = drill.aborted_at_ms == 0 || rollback.started_at_ms < drill.aborted_at_ms;
     card.rollback = rollback.number;
+    // Started automatically within the watch: the policy's (the drill's own revert of an
+    // undetected release starts after the watch; an aborted drill is never scored).
     card.detected = rollback.trigger == Trigger::Automatic
-        && rollback.started_at_ms <= change.deployed_at_ms + watch_ms
-        && before_abort;
-    card.detect_ms = Some(since_live(rollback.started_at_ms));
+        && rollback.started_at_ms <= change.deployed_at_ms + watch_ms;
+    card.detect_ms = card.detected.then(|| since_live(rollback.started_at_ms));
     let finished = |kind: RollbackStepKind| {
         rollback
             .steps

@@ -135,17 +135,21 @@ pub(super) fn skip_host(
 ) -> Result<(Outcome, String, String)> {
     let rollback = live_rollback_mut(state, number, "skip a host")?;
     let first_open_wave = rollback.current_wave().unwrap_or(u32::MAX);
+    // A host deferred with its lost region (version 11) waits in a wave already passed, and
+    // may never return: all it has left is skipped, closing steps too (undrain it by hand if
+    // it comes back drained).
+    let deferred = rollback.deferred_hosts.iter().any(|host| host == host_id);
     let mut skipped = 0;
     // A host taken out of rotation is put back, and job processors paused are resumed: the
     // step closing each one attempted stays to be run.
     let keep_closing: Vec<(u32, String, RollbackStepKind)> = attempted_openings(rollback)
-        .filter(|(opened, _)| opened.host_id == host_id)
+        .filter(|(opened, _)| opened.host_id == host_id && !deferred)
         .map(|(opened, closing)| (opened.wave, opened.service.clone(), closing))
         .collect();
     for step in rollback
         .steps
         .iter_mut()
-        .filter(|step| step.host_id == host_id && step.wave >= first_open_wave)
+        .filter(|step| step.host_id == host_id && (deferred || step.wave >= first_open_wave))
     {
         let closing = keep_closing.contains(&(step.wave, step.service.clone(), step.kind));
         if closing {
@@ -249,7 +253,11 @@ pub(super) fn defer_region(
         let rest_done = rollback
             .wave_steps(index as u32)
             .all(|step| rollback.is_deferred(step) || step.progress.status.is_terminal());
-        if rest_done {
+        // A failure there is a person's to judge (the wave pauses), not a gate to skip.
+        let failed = rollback
+            .wave_steps(index as u32)
+            .any(|step| !rollback.is_deferred(step) && step.progress.status == StepStatus::Failed);
+        if rest_done && !failed {
             let gate = &mut rollback.waves[index].gate;
             gate.status = StepStatus::Skipped;
             gate.detail = format!("region {region} lost: {evidence}");

@@ -52,7 +52,7 @@ pub(super) fn settle_rollback(state: &mut State, number: u64, at_ms: u64) {
         }
         // Hosts of a lost region (cluster version 11) are reverted once they return: a failure
         // there calls a person when no other of them is on its way; until then it waits.
-        if settle_deferred(state, number, last_wave, at_ms) {
+        if settle_deferred(state, number, at_ms) {
             return;
         }
         let Some(rollback) = state.rollbacks.get_mut(&number) else {
@@ -188,24 +188,32 @@ pub(super) fn settle_rollback(state: &mut State, number: u64, at_ms: u64) {
     pause_for_a_person(state, number, wave, evidence, at_ms);
 }
 
-/// Whether deferred hosts still hold the rollback open once every wave is done; pauses it for
-/// a person when one failed after its return and no other deferred host is on its way.
-fn settle_deferred(state: &mut State, number: u64, last_wave: u32, at_ms: u64) -> bool {
+/// Whether deferred hosts still hold the rollback open once every wave is done (one has steps
+/// left, or one failed); pauses it for a person when one failed after its return and no other
+/// deferred host is on its way (a step runs, or it began and has steps left).
+fn settle_deferred(state: &mut State, number: u64, at_ms: u64) -> bool {
     let Some(rollback) = state.rollbacks.get_mut(&number) else {
         return true;
     };
-    let unfinished = rollback.deferred_unfinished();
-    if unfinished.is_empty() {
-        return false;
-    }
     let failed: Option<&RollbackStepRecord> = rollback
         .steps
         .iter()
         .find(|step| rollback.is_deferred(step) && step.progress.status == StepStatus::Failed);
-    let on_their_way = rollback.steps.iter().any(|step| {
-        rollback.is_deferred(step)
-            && step.progress.status == StepStatus::Running
-            && failed.is_none_or(|failed| failed.host_id != step.host_id)
+    if rollback.deferred_unfinished().is_empty() && failed.is_none() {
+        return false;
+    }
+    let on_their_way = rollback.deferred_hosts.iter().any(|host| {
+        let of_host = || {
+            rollback
+                .steps
+                .iter()
+                .filter(move |step| &step.host_id == host)
+        };
+        let status = |wanted| of_host().any(|step| step.progress.status == wanted);
+        status(StepStatus::Running)
+            || (!status(StepStatus::Failed)
+                && of_host().any(|step| step.progress.attempts > 0)
+                && status(StepStatus::Pending))
     });
     if let Some(failed) = failed
         && !on_their_way
@@ -218,11 +226,11 @@ fn settle_deferred(state: &mut State, number: u64, last_wave: u32, at_ms: u64) -
             failed.host_id,
             failed.progress.detail
         );
-        let host = failed.host_id.clone();
+        let (host, wave) = (failed.host_id.clone(), failed.wave);
         if !rollback.failed_hosts.contains(&host) {
             rollback.failed_hosts.push(host);
         }
-        pause_for_a_person(state, number, last_wave, evidence, at_ms);
+        pause_for_a_person(state, number, wave, evidence, at_ms);
     }
     true
 }

@@ -17,8 +17,8 @@ pub enum FireDrillStatus {
     Running,
     /// Detected, rolled back and verified, within the service's RTO if it has one.
     Passed,
-    /// Not detected within the policy's watch, its rollback refused, paused past its end, or
-    /// not within the RTO: the scorecard says which.
+    /// Not detected within the policy's watch, its rollback refused, aborted or needing a
+    /// person, its change failed or superseded, or not within the RTO: the outcome says which.
     Failed,
     /// A person stopped it; what it deployed is reverted all the same.
     Aborted,
@@ -69,13 +69,13 @@ impl FireDrillRecord {
 /// first host.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Scorecard {
-    /// The rollback was started by the service's health policy within its watch (not by the
-    /// drill's own clean-up after the watch or an abort).
+    /// The rollback started automatically within the policy's watch (not the drill's own
+    /// revert after the watch, nor a person's).
     pub detected: bool,
     /// The rollback that reverted it (0: none).
     pub rollback: u64,
     pub live_at_ms: u64,
-    /// To the automatic rollback's start.
+    /// To the automatic rollback's start, when detected.
     pub detect_ms: Option<u64>,
     /// To the first host restored.
     pub first_reverted_ms: Option<u64>,
