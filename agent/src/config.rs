@@ -104,6 +104,11 @@ pub struct RawService {
     pub unit: Option<String>,
     pub packages: Vec<String>,
     pub container: Option<String>,
+    /// The container is the service: captured and restored by image digest, activated from the
+    /// release's digest (see `container`).
+    pub manage_container: bool,
+    /// The Docker Engine's socket (default /var/run/docker.sock).
+    pub docker_socket: Option<String>,
     /// Releases kept in `releases/` (see `retention`); absent: all.
     pub keep_releases: Option<u32>,
     /// The optional steps of the reversion catalogue (see `catalogue`).
@@ -244,6 +249,10 @@ pub struct ServiceConfig {
     pub packages: Vec<String>,
     /// Container whose image snapshots record.
     pub container: Option<String>,
+    /// The container is the service, managed by image digest (`manage-container = true`).
+    pub manage_container: bool,
+    /// Where the Docker Engine listens, for a managed container.
+    pub docker_socket: std::path::PathBuf,
     /// How many recently live releases to keep besides the protected ones; `None` keeps all.
     pub keep_releases: Option<u32>,
     /// What the optional reversion steps run on this host.
@@ -274,6 +283,8 @@ impl ServiceConfig {
             unit: None,
             packages: vec![],
             container: None,
+            manage_container: false,
+            docker_socket: crate::container::DOCKER_SOCKET.into(),
             keep_releases: None,
             catalogue: Catalogue::default(),
             self_revert: None,
@@ -616,6 +627,20 @@ fn validate_service(
             );
         }
     }
+    if raw.manage_container && raw.container.is_none() {
+        problems.add(
+            format!("{field}.manage-container"),
+            "names no container: set container = \"NAME\" beside it",
+        );
+    }
+    if let Some(socket) = &raw.docker_socket
+        && !(socket.starts_with('/') && socket.len() <= 256 && !socket.contains('\0'))
+    {
+        problems.add(
+            format!("{field}.docker-socket"),
+            format!("{socket:?} is not an absolute path of at most 256 bytes"),
+        );
+    }
     if let Some(keep) = raw.keep_releases.filter(|keep| !(1..=1000).contains(keep)) {
         problems.add(
             format!("{field}.keep-releases"),
@@ -697,6 +722,12 @@ fn validate_service(
         unit: raw.unit.clone(),
         packages: raw.packages.clone(),
         container: raw.container.clone(),
+        manage_container: raw.manage_container,
+        docker_socket: raw
+            .docker_socket
+            .as_deref()
+            .unwrap_or(crate::container::DOCKER_SOCKET)
+            .into(),
         keep_releases: raw.keep_releases,
         catalogue,
         self_revert,
@@ -994,6 +1025,8 @@ timeout-ms = 0
 name = "twice"
 root = "/srv/twice"
 restart-command = ["true"]
+manage-container = true
+docker-socket = "relative.sock"
 [service.database]
 postgres = "host=db"
 sqlite = "/var/lib/twice.db"
@@ -1031,6 +1064,8 @@ sqlite = "/var/lib/twice.db"
             "service.web.self-revert.failing-for-s: is 0",
             "service.web.database: postgres: not a libpq connection string",
             "service.twice.database: set one of postgres (a libpq connection string) or sqlite",
+            "service.twice.manage-container: names no container",
+            "service.twice.docker-socket: \"relative.sock\" is not an absolute path",
         ] {
             assert!(
                 joined.contains(expected),

@@ -500,20 +500,34 @@ impl Agent {
                     .probe_all(self.executor.host(), &services),
                 app.scrape_all(&services)
             );
+            // A managed container's releases are images: asking the engine may block.
+            let retained = {
+                let (services, store) = (services.clone(), self.executor.store().clone());
+                tokio::task::spawn_blocking(move || {
+                    services
+                        .iter()
+                        .filter_map(|service| {
+                            let versions = if service.manage_container {
+                                crate::container::retained_versions(service, &store)?
+                            } else {
+                                crate::snapshot::retained_releases(&service.root)?
+                            };
+                            Some(pb::RetainedReleases {
+                                service: service.name.clone(),
+                                versions,
+                            })
+                        })
+                        .collect()
+                })
+                .await
+                .unwrap_or_default()
+            };
             let mut report = pb::HealthReport {
                 at_ms: rewind_shared::time::now_ms(),
                 metrics: Some(metrics.read()),
                 probes,
                 app,
-                retained: services
-                    .iter()
-                    .filter_map(|service| {
-                        Some(pb::RetainedReleases {
-                            service: service.name.clone(),
-                            versions: crate::snapshot::retained_releases(&service.root)?,
-                        })
-                    })
-                    .collect(),
+                retained,
                 drift: Vec::new(),
             };
             let resend_due = drift_sent_at.is_none_or(|at| at.elapsed() >= DRIFT_RESEND);

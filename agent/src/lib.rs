@@ -29,6 +29,7 @@ pub mod app_metrics;
 pub mod catalogue;
 pub mod config;
 pub mod connection;
+pub mod container;
 pub mod drift;
 pub mod enroll;
 pub mod errors;

@@ -61,6 +61,11 @@ pub struct Manifest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub release_digest: Option<String>,
     pub files: Vec<FileState>,
+    /// A managed container (`manage-container`): its image id and spec. Left out of the JSON
+    /// for other services, so their snapshot ids are unchanged; `None` for a managed service
+    /// whose container did not exist.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<crate::container::ContainerState>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -259,12 +264,24 @@ fn read_manifest(
             env,
         });
     }
+    let container = if service.manage_container {
+        match crate::container::inspect(service)? {
+            Some((mut state, spec)) => {
+                state.spec = keep(&spec, false)?;
+                Some(state)
+            }
+            None => None,
+        }
+    } else {
+        None
+    };
     Ok((
         Manifest {
             service: service.name.clone(),
             release_link,
             release_digest,
             files,
+            container,
         },
         tree,
     ))
@@ -389,6 +406,15 @@ pub fn restore(
             }
         }
     }
+    // A managed container comes back from the captured image id, never a tag: the image and
+    // the spec must be here before anything is written.
+    let container = match (&manifest.container, service.manage_container) {
+        (Some(state), true) => {
+            crate::container::require_image(service, &state.image)?;
+            Some((state, store.blob(&state.spec)?))
+        }
+        _ => None,
+    };
     for (relative, content, mode, owner) in writes {
         match content {
             Some(bytes) => root.write_atomically(relative, &bytes, mode, Some(owner))?,
@@ -398,6 +424,12 @@ pub fn restore(
     match &manifest.release_link {
         Some(target) => root.switch_link(CURRENT_LINK, target)?,
         None => root.remove_file(CURRENT_LINK)?,
+    }
+    if service.manage_container {
+        let wanted = container
+            .as_ref()
+            .map(|(state, spec)| (state.image.as_str(), spec.as_slice(), state.running));
+        crate::container::recreate(service, wanted)?;
     }
     let after = live_manifest(service, Some(store))?;
     if after != *manifest {
@@ -421,6 +453,23 @@ pub fn switch_link(root: &Path, target: &str) -> Result<(), AgentError> {
 /// Lines describing how two manifests differ; empty when equal.
 pub fn diff(before: &Manifest, after: &Manifest) -> Vec<String> {
     let mut lines = Vec::new();
+    if before.container != after.container {
+        let show = |state: &Option<crate::container::ContainerState>| match state {
+            None => "no container".to_string(),
+            Some(state) => format!(
+                "{} image {} spec sha256:{}{}",
+                state.name,
+                state.image,
+                &state.spec[..12.min(state.spec.len())],
+                if state.running { "" } else { " (stopped)" }
+            ),
+        };
+        lines.push(format!(
+            "container: {} -> {}",
+            show(&before.container),
+            show(&after.container)
+        ));
+    }
     if before.release_link != after.release_link {
         lines.push(format!(
             "current: {} -> {}",

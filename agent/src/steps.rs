@@ -458,6 +458,38 @@ impl Executor {
                 );
                 Ok((detail, record.id))
             }
+            Action::Activate(activate) if service.manage_container => {
+                names::validate_version("version", &activate.version)?;
+                if activate.artifact_digest.is_empty() {
+                    return Err(AgentError::Refused {
+                        field: "artifact_digest".into(),
+                        message: format!(
+                            "{} is a container: its release {} must be registered with its \
+                             image digest (sha256:<image id>)",
+                            service.name, activate.version
+                        ),
+                    });
+                }
+                let (owned, image) = (service.clone(), activate.artifact_digest.clone());
+                let name = blocking(move || crate::container::switch_image(&owned, &image)).await?;
+                self.store.put_container_version(
+                    &service.name,
+                    &activate.version,
+                    &activate.artifact_digest,
+                )?;
+                // The container is rewind's now, whatever the restart does.
+                self.record_desired(service, step_id).await;
+                self.host
+                    .run(&service.restart_command, restart_timeout)
+                    .await?;
+                Ok((
+                    format!(
+                        "container {name} re-created from {} ({})",
+                        activate.artifact_digest, activate.version
+                    ),
+                    String::new(),
+                ))
+            }
             Action::Activate(activate) => {
                 names::validate_version("version", &activate.version)?;
                 let target = format!("{RELEASES_DIR}/{}", activate.version);
@@ -511,13 +543,19 @@ impl Executor {
                     restore.snapshot_id.clone(),
                 );
                 let record = blocking(move || snapshot::restore(&store, &owned, &id)).await?;
+                let container = record
+                    .manifest
+                    .container
+                    .as_ref()
+                    .map(|state| format!(", container {} from {}", state.name, state.image))
+                    .unwrap_or_default();
                 let link = record
                     .manifest
                     .release_link
                     .unwrap_or_else(|| "no release link".into());
                 Ok((
                     format!(
-                        "restored {} (current -> {link}, {} files)",
+                        "restored {} (current -> {link}, {} files{container})",
                         record.id,
                         record.manifest.files.len()
                     ),

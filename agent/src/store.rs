@@ -44,6 +44,8 @@ pub struct Store {
     desired: sled::Tree,
     /// Service -> when its client-cache window ends (ms): the `off` hook is due then.
     client_cache_off: sled::Tree,
+    /// `service/version` -> the image id a managed container's release was activated from.
+    container_versions: sled::Tree,
     /// `<data-dir>/exports`.
     exports_dir: std::path::PathBuf,
     /// Encrypts the bytes of env files at rest.
@@ -192,6 +194,7 @@ impl Store {
             schema: db.open_tree("schema")?,
             desired: db.open_tree("desired")?,
             client_cache_off: db.open_tree("client_cache_off")?,
+            container_versions: db.open_tree("container_versions")?,
             exports_dir: dir
                 .parent()
                 .map_or_else(|| dir.join("exports"), |data_dir| data_dir.join("exports")),
@@ -429,6 +432,36 @@ impl Store {
     pub fn remove_client_cache_off(&self, service: &str) -> Result<(), AgentError> {
         self.client_cache_off.remove(service.as_bytes())?;
         self.flush()
+    }
+
+    /// Remembers that `service`'s release `version` is the image `image` (a managed container
+    /// activated from it), so the agent can say which releases it still holds.
+    pub fn put_container_version(
+        &self,
+        service: &str,
+        version: &str,
+        image: &str,
+    ) -> Result<(), AgentError> {
+        let key = format!("{service}/{version}");
+        self.container_versions
+            .insert(key.as_bytes(), image.as_bytes())?;
+        self.flush()
+    }
+
+    /// `service`'s releases activated here as containers: (version, image id), by version.
+    pub fn container_versions(&self, service: &str) -> Result<Vec<(String, String)>, AgentError> {
+        let prefix = format!("{service}/");
+        self.container_versions
+            .scan_prefix(prefix.as_bytes())
+            .map(|entry| {
+                let (key, image) = entry?;
+                let key = String::from_utf8_lossy(&key);
+                Ok((
+                    key[prefix.len()..].to_string(),
+                    String::from_utf8_lossy(&image).into_owned(),
+                ))
+            })
+            .collect()
     }
 
     /// What rewind last put on `service`, if it has since this agent recorded it.

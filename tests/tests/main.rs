@@ -45,3 +45,4 @@ mod t41_env_diff;
 mod t42_drift_guard;
 mod t43_region_loss;
 mod t44_fire_drill;
+mod t45_containers;
