@@ -948,23 +948,9 @@ fn drive_rollback(
     let mut in_progress: BTreeSet<&str> = BTreeSet::new();
     let mut held_by_unavailable = false;
     for host_id in &wave.hosts {
-        let host_steps: Vec<_> = steps
-            .iter()
-            .filter(|step| &step.host_id == host_id)
-            .collect();
-        if host_steps
-            .iter()
-            .any(|step| step.progress.status == StepStatus::Failed)
-        {
-            continue;
-        }
-        let Some(next) = host_steps
-            .iter()
-            .find(|step| !step.progress.status.is_terminal())
-        else {
+        let Some((next, started)) = next_step(steps.iter().copied(), host_id) else {
             continue;
         };
-        let started = host_steps.iter().any(|step| step.progress.attempts > 0);
         if !started {
             // A host not yet begun starts only within the bounds, never after a failure, and
             // never while the change's own activation may still run there.
@@ -1204,27 +1190,13 @@ fn drive_deferred_hosts(
         // A later wave of this region (another service, in the plan's order) waits for it.
         regions_held.insert(wave.region.as_str());
         for host_id in deferred {
-            let host_steps: Vec<&RollbackStepRecord> = rollback
-                .wave_steps(index)
-                .filter(|step| &step.host_id == host_id)
-                .collect();
-            if host_steps
-                .iter()
-                .any(|step| step.progress.status == StepStatus::Failed)
-            {
-                continue;
-            }
-            let Some(next) = host_steps
-                .iter()
-                .find(|step| !step.progress.status.is_terminal())
-            else {
+            let Some((next, started)) = next_step(rollback.wave_steps(index), host_id) else {
                 continue;
             };
             // While its agent is away nothing is sent and nothing times out: it waits.
             if driver.seen.session(host_id).is_none() {
                 continue;
             }
-            let started = host_steps.iter().any(|step| step.progress.attempts > 0);
             if !started {
                 if !running || any_failed || begun >= rollback.options.max_parallel as usize {
                     continue;
@@ -1260,6 +1232,27 @@ fn drive_deferred_hosts(
             ),
         });
     }
+}
+
+/// A host's next step among a wave's `steps`, and whether it began any: `None` when one of its
+/// steps failed (a person decides) or all ended.
+fn next_step<'a>(
+    steps: impl Iterator<Item = &'a RollbackStepRecord>,
+    host_id: &str,
+) -> Option<(&'a RollbackStepRecord, bool)> {
+    let host_steps: Vec<&RollbackStepRecord> =
+        steps.filter(|step| step.host_id == host_id).collect();
+    if host_steps
+        .iter()
+        .any(|step| step.progress.status == StepStatus::Failed)
+    {
+        return None;
+    }
+    let next = host_steps
+        .iter()
+        .find(|step| !step.progress.status.is_terminal())?;
+    let started = host_steps.iter().any(|step| step.progress.attempts > 0);
+    Some((next, started))
 }
 
 /// Takes a host's next rollback step: starts it, (re)sends it to the host's agent, or judges

@@ -253,6 +253,20 @@ fn drills_are_refused_where_they_may_not_run() {
     );
 }
 
+/// A person deploys v2 again, over the drill.
+fn back_to_v2() -> CommandKind {
+    CommandKind::StartChange(StartChange {
+        service: "web".into(),
+        version: "v2".into(),
+        host_ids: vec![],
+        reason: "back to v2".into(),
+        baseline: HealthAggregate::default(),
+        flags_on: vec![],
+        migrations: vec![],
+        break_glass: false,
+    })
+}
+
 #[test]
 fn a_drill_deployed_over_ends_failed_and_the_later_change_is_never_reverted() {
     let mut world = world_with_v3();
@@ -262,16 +276,7 @@ fn a_drill_deployed_over_ends_failed_and_the_later_change_is_never_reverted() {
         reason: "fixing by hand".into(),
     });
     // A person deploys v2 again over the drill before its revert.
-    world.apply(CommandKind::StartChange(StartChange {
-        service: "web".into(),
-        version: "v2".into(),
-        host_ids: vec![],
-        reason: "back to v2".into(),
-        baseline: HealthAggregate::default(),
-        flags_on: vec![],
-        migrations: vec![],
-        break_glass: false,
-    }));
+    world.apply(back_to_v2());
     let actions = world.decide(200_000);
     assert!(
         !actions
@@ -283,16 +288,7 @@ fn a_drill_deployed_over_ends_failed_and_the_later_change_is_never_reverted() {
     // A running drill deployed over ends failed, naming the later change.
     let mut world = world_with_v3();
     drill_deployed(&mut world);
-    world.apply(CommandKind::StartChange(StartChange {
-        service: "web".into(),
-        version: "v2".into(),
-        host_ids: vec![],
-        reason: "back to v2".into(),
-        baseline: HealthAggregate::default(),
-        flags_on: vec![],
-        migrations: vec![],
-        break_glass: false,
-    }));
+    world.apply(back_to_v2());
     world.run_tick(2_000);
     let drill = &world.fleet.state.fire_drills[&1];
     assert_eq!(drill.status, FireDrillStatus::Failed);

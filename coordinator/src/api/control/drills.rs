@@ -69,7 +69,17 @@ pub(super) async fn get_rollback_drill(
     request: Request<pb::GetRollbackDrillRequest>,
 ) -> Result<Response<pb::RollbackDrillResponse>, Status> {
     let caller = caller(&request)?;
-    let number = parse_id("drill_id", "rd", &request.into_inner().drill_id)?;
+    let number = authorized_drill(control, &caller, &request.into_inner().drill_id).await?;
+    drill_response(control, number)
+}
+
+/// The drill `drill_id` names, once the caller may act on it (unknown to those who may not).
+async fn authorized_drill(
+    control: &Control,
+    caller: &crate::access::Caller,
+    drill_id: &str,
+) -> Result<u64, Status> {
+    let number = parse_id("drill_id", "rd", drill_id)?;
     control.context.current().await?;
     let targets = control
         .context
@@ -77,8 +87,8 @@ pub(super) async fn get_rollback_drill(
         .read(|state| targets::fire_drill(state, number));
     control
         .context
-        .authorize_found(&caller, &targets, || unknown_drill(control, number))?;
-    drill_response(control, number)
+        .authorize_found(caller, &targets, || unknown_drill(control, number))?;
+    Ok(number)
 }
 
 pub(super) async fn list_rollback_drills(
@@ -117,19 +127,11 @@ pub(super) async fn abort_rollback_drill(
     let caller = caller(&request)?;
     let identity = caller.id();
     let request = request.into_inner();
-    let number = parse_id("drill_id", "rd", &request.drill_id)?;
     required_reason(
         &request.reason,
         "say why you stop the drill: it goes into the drill and the audit log",
     )?;
-    control.context.current().await?;
-    let targets = control
-        .context
-        .node
-        .read(|state| targets::fire_drill(state, number));
-    control
-        .context
-        .authorize_found(&caller, &targets, || unknown_drill(control, number))?;
+    let number = authorized_drill(control, &caller, &request.drill_id).await?;
     let kind = CommandKind::AbortFireDrill {
         drill: number,
         reason: request.reason,
