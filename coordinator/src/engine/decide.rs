@@ -381,23 +381,12 @@ fn drive_fire_drills(
         if !running && drill.status != FireDrillStatus::Aborted {
             continue;
         }
+        if !crate::state_machine::revert_pending(state, drill) {
+            continue;
+        }
         let Some(change) = state.changes.get(&drill.change) else {
             continue;
         };
-        if change.status != ChangeStatus::Deployed || change.rollback != 0 || change.auto_refused {
-            continue;
-        }
-        // Never a later change (a person deployed over the drill), and asked once: what became
-        // of the request is recorded, and the drill ends on it.
-        let latest = crate::state_machine::latest_change(state, &drill.service, &drill.environment)
-            .map(|latest| latest.number);
-        let recorded = state
-            .triggers
-            .iter()
-            .any(|trigger| trigger.change == change.number);
-        if latest != Some(change.number) || recorded {
-            continue;
-        }
         let watch_ms = state
             .services
             .get(&drill.service)

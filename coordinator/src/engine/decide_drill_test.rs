@@ -303,18 +303,36 @@ fn a_drill_deployed_over_ends_failed_and_the_later_change_is_never_reverted() {
 fn a_drill_whose_automatic_rollback_was_not_started_ends_failed_and_is_asked_once() {
     let mut world = world_with_v3();
     drill_deployed(&mut world);
+    let deployed = world.fleet.state.changes[&2].deployed_at_ms;
+    // An alert before the release was deployed does not count; one after that waits for
+    // approvals does.
     world.fleet.state.triggers.push_back(TriggerRecord {
         at_ms: 1_000,
         service: "web".into(),
         environment: crate::plan::DEFAULT_ENVIRONMENT.into(),
         source: TriggerSource::Policy,
-        reason: "probe failure ratio".into(),
+        reason: "early".into(),
         outcome: TriggerOutcome::Ignored,
+        detail: "nothing to revert yet".into(),
+        rollback: 0,
+        change: 2,
+    });
+    world.run_tick(deployed + 1_000);
+    assert_eq!(
+        world.fleet.state.fire_drills[&1].status,
+        FireDrillStatus::Running
+    );
+    world.fleet.state.triggers.push_back(TriggerRecord {
+        at_ms: deployed + 2_000,
+        service: "web".into(),
+        environment: crate::plan::DEFAULT_ENVIRONMENT.into(),
+        source: TriggerSource::Policy,
+        reason: "probe failure ratio".into(),
+        outcome: TriggerOutcome::AwaitingApproval,
         detail: "waits for approval".into(),
         rollback: 0,
         change: 2,
     });
-    let deployed = world.fleet.state.changes[&2].deployed_at_ms;
     let actions = world.run_tick(deployed + 61_000);
     assert!(
         !actions

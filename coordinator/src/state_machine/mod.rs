@@ -26,7 +26,7 @@ mod schema_test;
 
 pub use apply::{
     COORDINATOR_IDENTITY, apply, apply_membership, current_version, drill_end, latest_change,
-    unknown_change, unknown_incident, unknown_rollback,
+    revert_pending, unknown_change, unknown_incident, unknown_rollback,
 };
 /// `apply()`, checking that from cluster version 3 it never plans (the leader has).
 #[cfg(test)]

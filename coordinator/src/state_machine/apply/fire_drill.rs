@@ -147,10 +147,7 @@ fn forget_old_drills(state: &mut State) {
             .values()
             .find(|drill| match drill.status {
                 FireDrillStatus::Running => false,
-                FireDrillStatus::Aborted => state
-                    .changes
-                    .get(&drill.change)
-                    .is_none_or(|change| change.rollback != 0),
+                FireDrillStatus::Aborted => !revert_pending(state, drill),
                 FireDrillStatus::Passed | FireDrillStatus::Failed => true,
             })
             .map(|drill| drill.number)
@@ -272,17 +269,6 @@ pub fn drill_end(
     drill: &FireDrillRecord,
 ) -> Option<std::result::Result<(), String>> {
     let change = state.changes.get(&drill.change)?;
-    if let Some(newer) = super::trigger::latest_change(state, &drill.service, &drill.environment)
-        .filter(|latest| latest.number != drill.change)
-    {
-        return Some(Err(format!(
-            "superseded by {} ({} {}) before it was scored; a later change is never reverted \
-             for a drill",
-            newer.id(),
-            newer.service,
-            newer.version
-        )));
-    }
     if change.rollback != 0 {
         let rollback = state.rollbacks.get(&change.rollback)?;
         return match rollback.status {
@@ -295,6 +281,15 @@ pub fn drill_end(
             _ => None,
         };
     }
+    if let Some(newer) = superseded_by(state, drill) {
+        return Some(Err(format!(
+            "superseded by {} ({} {}) before it was rolled back; a later change is never \
+             reverted for a drill",
+            newer.id(),
+            newer.service,
+            newer.version
+        )));
+    }
     if change.status == ChangeStatus::Failed {
         return Some(Err(format!(
             "its change {} failed before the release went live everywhere; where it did go \
@@ -303,29 +298,10 @@ pub fn drill_end(
             change.id()
         )));
     }
-    // An automatic rollback asked for and not started (ignored, or waiting for approvals):
-    // nothing will revert it on its own.
-    if change.status == ChangeStatus::Deployed
-        && let Some(trigger) = state
-            .triggers
-            .iter()
-            .rev()
-            .find(|trigger| trigger.change == drill.change && trigger.rollback == 0)
-    {
+    if let Some(why) = revert_refused(state, change) {
         return Some(Err(format!(
-            "its automatic rollback was not started ({}): {} is still on {} in {}; roll it \
+            "its automatic rollback was not started ({why}): {} is still on {} in {}; roll it \
              back: rewindctl rollback start {}",
-            trigger.detail,
-            drill.service,
-            drill.version,
-            drill.environment,
-            change.id()
-        )));
-    }
-    if change.auto_refused {
-        return Some(Err(format!(
-            "its automatic rollback was refused (a throttle or the breaker): {} is still on {} \
-             in {}; roll it back: rewindctl rollback start {}",
             drill.service,
             drill.version,
             drill.environment,
@@ -333,6 +309,46 @@ pub fn drill_end(
         )));
     }
     None
+}
+
+/// A later change of the drill's service in its environment, deployed over the drill.
+fn superseded_by<'a>(state: &'a State, drill: &FireDrillRecord) -> Option<&'a ChangeRecord> {
+    super::trigger::latest_change(state, &drill.service, &drill.environment)
+        .filter(|latest| latest.number != drill.change)
+}
+
+/// Why an automatic rollback of the deployed `change` will not start on its own: a throttle
+/// refused it, or one asked after it was deployed waits for approvals. (An ignored request is
+/// not final: asked again, it may start.)
+fn revert_refused(state: &State, change: &ChangeRecord) -> Option<String> {
+    if change.auto_refused {
+        return Some("a throttle or the breaker refused it".to_string());
+    }
+    state
+        .triggers
+        .iter()
+        .rev()
+        .find(|trigger| {
+            trigger.change == change.number
+                && trigger.at_ms >= change.deployed_at_ms
+                && matches!(
+                    trigger.outcome,
+                    TriggerOutcome::AwaitingApproval | TriggerOutcome::Throttled
+                )
+        })
+        .map(|trigger| trigger.detail.clone())
+}
+
+/// Whether the engine still has to revert what a drill deployed itself (the policy's watch
+/// passed undetected, or it was aborted): its release is live, nothing reverts it, no later
+/// change went over it, and no request for it was refused.
+pub fn revert_pending(state: &State, drill: &FireDrillRecord) -> bool {
+    state.changes.get(&drill.change).is_some_and(|change| {
+        change.status == ChangeStatus::Deployed
+            && change.rollback == 0
+            && superseded_by(state, drill).is_none()
+            && revert_refused(state, change).is_none()
+    })
 }
 
 /// The drill's scorecard from its change and rollback as they are.

@@ -38,7 +38,7 @@ use trigger::*;
 
 pub use change::current_version;
 pub(super) use change::select_hosts;
-pub use fire_drill::drill_end;
+pub use fire_drill::{drill_end, revert_pending};
 pub(super) use trigger::judge_trigger;
 pub use trigger::latest_change;
 
@@ -414,7 +414,19 @@ fn apply_kind(state: &mut State, command: &Command) -> Result<(Outcome, String, 
                     action: "stall".into(),
                 });
             }
-            let wave = record.current_wave().unwrap_or(0);
+            // Every wave done, deferred hosts waiting (version 11): the first one's wave.
+            let wave = record
+                .current_wave()
+                .or_else(|| {
+                    record
+                        .steps
+                        .iter()
+                        .find(|step| {
+                            record.is_deferred(step) && !step.progress.status.is_terminal()
+                        })
+                        .map(|step| step.wave)
+                })
+                .unwrap_or(0);
             let id = record.id();
             pause_for_a_person(state, *rollback, wave, evidence.clone(), at_ms);
             Ok((
