@@ -633,6 +633,26 @@ fn validate_service(
             "names no container: set container = \"NAME\" beside it",
         );
     }
+    // A managed container's name goes into the engine's URLs: Docker's own rule.
+    let docker_name = |name: &str| {
+        name.len() >= 2
+            && name.len() <= 128
+            && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+    };
+    if let Some(name) = raw.container.as_ref().filter(|_| raw.manage_container)
+        && !docker_name(name)
+    {
+        problems.add(
+            format!("{field}.container"),
+            format!(
+                "{name:?} is not a container name Docker accepts (a letter or digit, then \
+                 letters, digits, _ . -)"
+            ),
+        );
+    }
     if let Some(socket) = &raw.docker_socket
         && !(socket.starts_with('/') && socket.len() <= 256 && !socket.contains('\0'))
     {
@@ -1030,6 +1050,15 @@ docker-socket = "relative.sock"
 [service.database]
 postgres = "host=db"
 sqlite = "/var/lib/twice.db"
+[[service]]
+name = "boxed"
+root = "/srv/boxed"
+restart-command = ["true"]
+container = "+x"
+manage-container = true
+[service.database]
+postgres = "host=db"
+sqlite = "/var/lib/twice.db"
 "#;
         let raw: RawConfig = rewind_shared::config::parse_toml(Path::new("a.toml"), text)
             .unwrap()
@@ -1066,6 +1095,7 @@ sqlite = "/var/lib/twice.db"
             "service.twice.database: set one of postgres (a libpq connection string) or sqlite",
             "service.twice.manage-container: names no container",
             "service.twice.docker-socket: \"relative.sock\" is not an absolute path",
+            "service.boxed.container: \"+x\" is not a container name Docker accepts",
         ] {
             assert!(
                 joined.contains(expected),

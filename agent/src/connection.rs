@@ -493,6 +493,17 @@ impl Agent {
         // (with when it was checked): not on every report, which would crowd out the history.
         let mut drift = self.drift.subscribe();
         let mut drift_sent_at: Option<tokio::time::Instant> = None;
+        // A managed container's releases are images, known by asking the engine: asked on a
+        // slower clock of their own, so a slow engine never holds a report up.
+        let images = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::<
+            String,
+            Vec<String>,
+        >::new()));
+        let _images_task = AbortOnDrop(tokio::spawn(watch_container_releases(
+            Arc::clone(&self.executor),
+            services.clone(),
+            Arc::clone(&images),
+        )));
         loop {
             let (probes, app) = tokio::join!(
                 self.executor
@@ -500,27 +511,24 @@ impl Agent {
                     .probe_all(self.executor.host(), &services),
                 app.scrape_all(&services)
             );
-            // A managed container's releases are images: asking the engine may block.
             let retained = {
-                let (services, store) = (services.clone(), self.executor.store().clone());
-                tokio::task::spawn_blocking(move || {
-                    services
-                        .iter()
-                        .filter_map(|service| {
-                            let versions = if service.manage_container {
-                                crate::container::retained_versions(service, &store)?
-                            } else {
-                                crate::snapshot::retained_releases(&service.root)?
-                            };
-                            Some(pb::RetainedReleases {
-                                service: service.name.clone(),
-                                versions,
-                            })
+                let images = images
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                services
+                    .iter()
+                    .filter_map(|service| {
+                        let versions = if service.manage_container {
+                            images.get(&service.name)?.clone()
+                        } else {
+                            crate::snapshot::retained_releases(&service.root)?
+                        };
+                        Some(pb::RetainedReleases {
+                            service: service.name.clone(),
+                            versions,
                         })
-                        .collect()
-                })
-                .await
-                .unwrap_or_default()
+                    })
+                    .collect()
             };
             let mut report = pb::HealthReport {
                 at_ms: rewind_shared::time::now_ms(),
@@ -757,6 +765,57 @@ pub fn backoff(failures: u32) -> Duration {
 fn round_backoff(failures: u32, addresses: usize) -> Duration {
     let addresses = u32::try_from(addresses.max(1)).unwrap_or(u32::MAX);
     backoff(failures / addresses)
+}
+
+/// How often a managed container's releases still on the host are asked of the engine (and
+/// after each activation or restore).
+const CONTAINER_RELEASES_EVERY: Duration = Duration::from_secs(30);
+
+/// Keeps `images` (service -> releases whose image is on the host) up to date for the managed
+/// containers among `services`; a service the engine did not answer for keeps its last list.
+async fn watch_container_releases(
+    executor: Arc<crate::steps::Executor>,
+    services: Vec<crate::config::ServiceConfig>,
+    images: Arc<std::sync::Mutex<std::collections::BTreeMap<String, Vec<String>>>>,
+) {
+    let managed: Vec<_> = services
+        .into_iter()
+        .filter(|service| service.manage_container)
+        .collect();
+    if managed.is_empty() {
+        return;
+    }
+    loop {
+        let (asked, store_now) = (managed.clone(), executor.store().clone());
+        let found = tokio::task::spawn_blocking(move || {
+            asked
+                .iter()
+                .filter_map(|service| {
+                    let versions = crate::container::retained_versions(service, &store_now)?;
+                    Some((service.name.clone(), versions))
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        images
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .extend(found);
+        tokio::select! {
+            _ = tokio::time::sleep(CONTAINER_RELEASES_EVERY) => {}
+            _ = executor.releases_changed_since() => {}
+        }
+    }
+}
+
+/// Aborts a background task when its owner ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 #[cfg(test)]

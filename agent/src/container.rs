@@ -24,6 +24,10 @@ const API: &str = "/v1.41";
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Largest answer read from the engine.
 const MAX_ANSWER_BYTES: usize = 4 << 20;
+/// Longest a container is given to stop before it is killed (its own stop timeout, at most).
+const MAX_STOP_S: u64 = 30;
+/// Longest engine error kept in a step's detail.
+const MAX_ERROR_BYTES: usize = 512;
 
 /// A managed container as a snapshot records it: what is restored and compared.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,20 +41,37 @@ pub struct ContainerState {
     pub running: bool,
 }
 
-/// The container `name` as it is now, with its spec's bytes; `None` when there is none.
+/// The container `name` as it is now, with its spec's bytes; `None` when there is none (the
+/// engine also answers an id prefix: a container of another name is none of ours).
 pub fn inspect(service: &ServiceConfig) -> Result<Option<(ContainerState, Vec<u8>)>, AgentError> {
+    Ok(inspect_with_id(service)?.map(|(state, spec, _)| (state, spec)))
+}
+
+/// [`inspect`], with the container's id.
+fn inspect_with_id(
+    service: &ServiceConfig,
+) -> Result<Option<(ContainerState, Vec<u8>, String)>, AgentError> {
     let name = managed_name(service)?;
     let (status, body) = call(service, "GET", &format!("/containers/{name}/json"), None)?;
     if status == 404 {
         return Ok(None);
     }
     let inspected: Value = answer(service, status, &body, "inspect the container")?;
-    let id = inspected["Id"].as_str().unwrap_or_default();
+    if inspected["Name"].as_str() != Some(&format!("/{name}")) {
+        return Ok(None);
+    }
+    let id = inspected["Id"].as_str().unwrap_or_default().to_string();
     let image = inspected["Image"].as_str().unwrap_or_default().to_string();
+    check_image_id(service, &image)?;
     let mut config = inspected["Config"].as_object().cloned().unwrap_or_default();
-    // Made up by the engine per container, or replaced by the image id on re-creation.
+    // Made up by the engine per container (or the host's, or another container's, for those
+    // sharing a network namespace), or replaced by the image id on re-creation.
     config.remove("Image");
-    if config.get("Hostname").and_then(Value::as_str) == id.get(..12) {
+    let network_mode = inspected["HostConfig"]["NetworkMode"]
+        .as_str()
+        .unwrap_or_default();
+    let shares_network = network_mode == "host" || network_mode.starts_with("container:");
+    if shares_network || config.get("Hostname").and_then(Value::as_str) == id.get(..12) {
         config.remove("Hostname");
     }
     let spec = serde_json::json!({
@@ -64,18 +85,7 @@ pub fn inspect(service: &ServiceConfig) -> Result<Option<(ContainerState, Vec<u8
         spec: rewind_shared::digest::sha256_hex(&bytes),
         running: inspected["State"]["Running"].as_bool().unwrap_or(false),
     };
-    Ok(Some((state, bytes)))
-}
-
-/// Whether the image `id` is on this host.
-pub fn image_present(service: &ServiceConfig, id: &str) -> Result<bool, AgentError> {
-    check_image_id(service, id)?;
-    let (status, body) = call(service, "GET", &format!("/images/{id}/json"), None)?;
-    if status == 404 {
-        return Ok(false);
-    }
-    let _: Value = answer(service, status, &body, "inspect the image")?;
-    Ok(true)
+    Ok(Some((state, bytes, id)))
 }
 
 /// The releases of a managed container activated here whose image is still on this host
@@ -101,6 +111,17 @@ pub fn retained_versions(
     Some(versions)
 }
 
+/// Whether the image `id` is on this host.
+pub fn image_present(service: &ServiceConfig, id: &str) -> Result<bool, AgentError> {
+    check_image_id(service, id)?;
+    let (status, body) = call(service, "GET", &format!("/images/{id}/json"), None)?;
+    if status == 404 {
+        return Ok(false);
+    }
+    let _: Value = answer(service, status, &body, "inspect the image")?;
+    Ok(true)
+}
+
 /// Refuses, before anything changes, an image that is not on this host.
 pub fn require_image(service: &ServiceConfig, id: &str) -> Result<(), AgentError> {
     if image_present(service, id)? {
@@ -117,34 +138,34 @@ pub fn require_image(service: &ServiceConfig, id: &str) -> Result<(), AgentError
 }
 
 /// Replaces the container with one created from `image` and `spec` (as [`inspect`] gave it),
-/// started if `running`. `None` removes it.
+/// started if `running`: the old one is stopped as `docker stop` would (its stop signal, then
+/// its stop timeout, at most 30 s) and removed by id.
 pub fn recreate(
     service: &ServiceConfig,
-    wanted: Option<(&str, &[u8], bool)>,
+    image: &str,
+    spec: &[u8],
+    running: bool,
 ) -> Result<(), AgentError> {
     let name = managed_name(service)?;
-    let (status, body) = call(
-        service,
-        "DELETE",
-        &format!("/containers/{name}?force=true"),
-        None,
-    )?;
-    if status != 404 {
-        answer::<Value>(service, status, &body, "remove the container").or_else(|error| {
-            // A 204 has no body to read.
-            if status == 204 {
-                Ok(Value::Null)
-            } else {
-                Err(error)
-            }
-        })?;
-    }
-    let Some((image, spec, running)) = wanted else {
-        return Ok(());
-    };
     check_image_id(service, image)?;
     let spec: Value =
         serde_json::from_slice(spec).map_err(|error| invalid(service, error.to_string()))?;
+    if let Some((_, old_spec, id)) = inspect_with_id(service)? {
+        let old_spec: Value = serde_json::from_slice(&old_spec).unwrap_or(Value::Null);
+        let grace = old_spec["Config"]["StopTimeout"]
+            .as_u64()
+            .unwrap_or(10)
+            .min(MAX_STOP_S);
+        let stop = format!("/containers/{id}/stop?t={grace}");
+        let (status, body) = call(service, "POST", &stop, None)?;
+        if !matches!(status, 204 | 304 | 404) {
+            answer::<Value>(service, status, &body, "stop the container")?;
+        }
+        let (status, body) = call(service, "DELETE", &format!("/containers/{id}"), None)?;
+        if !matches!(status, 204 | 404) {
+            answer::<Value>(service, status, &body, "remove the container")?;
+        }
+    }
     let mut create: Map<String, Value> = spec["Config"].as_object().cloned().unwrap_or_default();
     create.insert("Image".into(), Value::String(image.to_string()));
     create.insert("HostConfig".into(), spec["HostConfig"].clone());
@@ -155,10 +176,11 @@ pub fn recreate(
         &format!("/containers/create?name={name}"),
         Some(body),
     )?;
-    let _: Value = answer(service, status, &answer_body, "create the container")?;
+    let created: Value = answer(service, status, &answer_body, "create the container")?;
     if running {
-        let (status, body) = call(service, "POST", &format!("/containers/{name}/start"), None)?;
-        if status != 204 && status != 304 {
+        let id = created["Id"].as_str().unwrap_or(name);
+        let (status, body) = call(service, "POST", &format!("/containers/{id}/start"), None)?;
+        if !matches!(status, 204 | 304) {
             answer::<Value>(service, status, &body, "start the container")?;
         }
     }
@@ -168,38 +190,51 @@ pub fn recreate(
 /// An activation: re-creates the container from `image` with the settings it was given
 /// itself, not those its old image supplied (`inspect` merges the image's environment, command,
 /// labels and the like into its config: carried over, they would override the new image's).
-/// Returns the container's name.
-pub fn switch_image(service: &ServiceConfig, image: &str) -> Result<String, AgentError> {
+/// Safe to run again after a crash: the spec it creates from is kept in the store until the
+/// container runs, and a container already running `image` is left alone. Returns the
+/// container's name.
+pub fn switch_image(
+    service: &ServiceConfig,
+    store: &crate::store::Store,
+    image: &str,
+) -> Result<String, AgentError> {
     require_image(service, image)?;
-    let Some((state, spec)) = inspect(service)? else {
-        return Err(AgentError::Refused {
-            field: "container".into(),
-            message: format!(
-                "{} has no container to activate a release in: create it once (docker create \
-                 or run), rewind re-creates it from then on",
-                service.name
-            ),
-        });
+    let name = managed_name(service)?.to_string();
+    let spec = match inspect(service)? {
+        Some((state, _)) if state.image == image && state.running => return Ok(name),
+        Some((state, spec)) => {
+            let old = format!("/images/{}/json", state.image);
+            let (status, body) = call(service, "GET", &old, None)?;
+            let old_image: Value = answer(service, status, &body, "inspect the running image")?;
+            let mut spec: Value = serde_json::from_slice(&spec)
+                .map_err(|error| invalid(service, error.to_string()))?;
+            if let Some(config) = spec["Config"].as_object_mut() {
+                strip_image_defaults(config, &old_image["Config"]);
+            }
+            let spec =
+                serde_json::to_vec(&spec).map_err(|error| invalid(service, error.to_string()))?;
+            store.put_container_pending(&service.name, image, &spec)?;
+            spec
+        }
+        // Removed and not yet created again (an earlier run stopped there): what it was
+        // creating.
+        None => match store.container_pending(&service.name)? {
+            Some((pending, spec)) if pending == image => spec,
+            _ => {
+                return Err(AgentError::Refused {
+                    field: "container".into(),
+                    message: format!(
+                        "{} has no container {name} to activate a release in: create it once \
+                         (docker create or run), rewind re-creates it from then on",
+                        service.name
+                    ),
+                });
+            }
+        },
     };
-    let (status, body) = call(
-        service,
-        "GET",
-        &format!("/images/{}/json", state.image),
-        None,
-    )?;
-    let old_image: Value = if status == 404 {
-        Value::Null
-    } else {
-        answer(service, status, &body, "inspect the running image")?
-    };
-    let mut spec: Value =
-        serde_json::from_slice(&spec).map_err(|error| invalid(service, error.to_string()))?;
-    if let Some(config) = spec["Config"].as_object_mut() {
-        strip_image_defaults(config, &old_image["Config"]);
-    }
-    let spec = serde_json::to_vec(&spec).map_err(|error| invalid(service, error.to_string()))?;
-    recreate(service, Some((image, &spec, true)))?;
-    Ok(state.name)
+    recreate(service, image, &spec, true)?;
+    store.clear_container_pending(&service.name)?;
+    Ok(name)
 }
 
 /// Takes out of a container's config what its image supplied, so that another image's own
@@ -248,7 +283,11 @@ fn managed_name(service: &ServiceConfig) -> Result<&str, AgentError> {
 
 fn check_image_id(service: &ServiceConfig, id: &str) -> Result<(), AgentError> {
     let hex = id.strip_prefix("sha256:").unwrap_or_default();
-    if hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit()) {
+    if hex.len() == 64
+        && hex
+            .chars()
+            .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+    {
         return Ok(());
     }
     Err(AgentError::Invalid {
@@ -280,20 +319,26 @@ fn answer<T: serde::de::DeserializeOwned>(
             .ok()
             .and_then(|value| value["message"].as_str().map(str::to_string))
             .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
+        let mut message = rewind_shared::names::for_terminal(&message).into_owned();
+        if message.len() > MAX_ERROR_BYTES {
+            let mut cut = MAX_ERROR_BYTES;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push_str("...");
+        }
         return Err(invalid(
             service,
-            format!(
-                "{what}: HTTP {status}: {}",
-                rewind_shared::names::for_terminal(&message)
-            ),
+            format!("{what}: HTTP {status}: {message}"),
         ));
     }
     serde_json::from_slice(body).map_err(|error| invalid(service, format!("{what}: {error}")))
 }
 
-/// One request to the engine, from synchronous code (captures and restores run on blocking
-/// threads, drift checks inside the runtime): a thread of its own with a small runtime, bounded
-/// by [`CALL_TIMEOUT`] and [`MAX_ANSWER_BYTES`].
+/// One request to the engine, from synchronous code (captures, restores and drift checks run
+/// on blocking threads): a thread of its own with a small runtime, bounded by [`CALL_TIMEOUT`]
+/// and [`MAX_ANSWER_BYTES`].
 fn call(
     service: &ServiceConfig,
     method: &str,

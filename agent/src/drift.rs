@@ -184,6 +184,11 @@ fn file_lines(service: &ServiceConfig, baseline: &Manifest, live: &Manifest) -> 
     let compared = |manifest: &Manifest| {
         let mut manifest = manifest.clone();
         manifest.files.retain(|file| !left_out(&file.path));
+        // Whether the container runs is health, not drift (a crashed release must not block
+        // its own rollback).
+        if let Some(container) = &mut manifest.container {
+            container.running = false;
+        }
         manifest
     };
     snapshot::diff(&compared(baseline), &compared(live))

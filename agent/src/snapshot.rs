@@ -264,14 +264,23 @@ fn read_manifest(
             env,
         });
     }
+    // A managed service always has its container: one that is not there is refused here
+    // rather than recorded as "none" (which a restore would have to delete).
     let container = if service.manage_container {
-        match crate::container::inspect(service)? {
-            Some((mut state, spec)) => {
-                state.spec = keep(&spec, false)?;
-                Some(state)
-            }
-            None => None,
-        }
+        let Some((mut state, spec)) = crate::container::inspect(service)? else {
+            return Err(AgentError::Refused {
+                field: "container".into(),
+                message: format!(
+                    "{} manages container {} and there is none: create it once (docker create \
+                     or run)",
+                    service.name,
+                    service.container.as_deref().unwrap_or_default()
+                ),
+            });
+        };
+        // Its environment often holds secrets: kept like an env file.
+        state.spec = keep(&spec, true)?;
+        Some(state)
     } else {
         None
     };
@@ -413,7 +422,27 @@ pub fn restore(
             crate::container::require_image(service, &state.image)?;
             Some((state, store.blob(&state.spec)?))
         }
-        _ => None,
+        (None, false) => None,
+        (None, true) => {
+            return Err(AgentError::Refused {
+                field: "container".into(),
+                message: format!(
+                    "snapshot {snapshot_id} holds no container (taken before {} managed one): \
+                     restoring it would not put the container back",
+                    service.name
+                ),
+            });
+        }
+        (Some(_), false) => {
+            return Err(AgentError::Refused {
+                field: "container".into(),
+                message: format!(
+                    "snapshot {snapshot_id} holds a container, and {} no longer manages one \
+                     (manage-container)",
+                    service.name
+                ),
+            });
+        }
     };
     for (relative, content, mode, owner) in writes {
         match content {
@@ -425,11 +454,8 @@ pub fn restore(
         Some(target) => root.switch_link(CURRENT_LINK, target)?,
         None => root.remove_file(CURRENT_LINK)?,
     }
-    if service.manage_container {
-        let wanted = container
-            .as_ref()
-            .map(|(state, spec)| (state.image.as_str(), spec.as_slice(), state.running));
-        crate::container::recreate(service, wanted)?;
+    if let Some((state, spec)) = &container {
+        crate::container::recreate(service, &state.image, spec, state.running)?;
     }
     let after = live_manifest(service, Some(store))?;
     if after != *manifest {

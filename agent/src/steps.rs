@@ -44,6 +44,8 @@ pub struct Executor {
     /// Told when a service's desired state is recorded anew (an activation, a restore, an
     /// adoption): the drift check runs at once rather than report stale drift for a while.
     desired_changed: tokio::sync::Notify,
+    /// Told at the same moments, for the watch of managed containers' images.
+    releases_changed: tokio::sync::Notify,
 }
 
 impl Executor {
@@ -69,12 +71,19 @@ impl Executor {
             in_flight: Mutex::new(HashSet::new()),
             self_revert_locks,
             desired_changed: tokio::sync::Notify::new(),
+            releases_changed: tokio::sync::Notify::new(),
         }
     }
 
     /// Says a desired state was recorded anew (see `desired_changed`).
     pub fn desired_changed(&self) {
         self.desired_changed.notify_one();
+        self.releases_changed.notify_one();
+    }
+
+    /// Resolves once an activation, restore or adoption happened since the last call.
+    pub async fn releases_changed_since(&self) {
+        self.releases_changed.notified().await;
     }
 
     /// Resolves once a desired state was recorded anew since the last call.
@@ -470,8 +479,13 @@ impl Executor {
                         ),
                     });
                 }
-                let (owned, image) = (service.clone(), activate.artifact_digest.clone());
-                let name = blocking(move || crate::container::switch_image(&owned, &image)).await?;
+                let (owned, store, image) = (
+                    service.clone(),
+                    self.store.clone(),
+                    activate.artifact_digest.clone(),
+                );
+                let name = blocking(move || crate::container::switch_image(&owned, &store, &image))
+                    .await?;
                 self.store.put_container_version(
                     &service.name,
                     &activate.version,

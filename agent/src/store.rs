@@ -159,6 +159,12 @@ pub struct StepOutcome {
     pub schema: Option<rewind_proto::v1::ShardReport>,
 }
 
+/// Where a service's pending container is kept beside its `service/version` entries (a
+/// service name never starts with a NUL).
+fn pending_key(service: &str) -> String {
+    format!("\0pending/{service}")
+}
+
 impl Store {
     pub fn open(dir: &Path) -> Result<Self, AgentError> {
         // Every write that matters is flushed by its caller (journal, snapshot, fence), so sled's
@@ -445,6 +451,44 @@ impl Store {
         let key = format!("{service}/{version}");
         self.container_versions
             .insert(key.as_bytes(), image.as_bytes())?;
+        self.flush()
+    }
+
+    /// Keeps what an activation is about to create `service`'s container from (the image and
+    /// spec), until it runs: a run cut off between removing the old container and creating the
+    /// new one finishes from it.
+    pub fn put_container_pending(
+        &self,
+        service: &str,
+        image: &str,
+        spec: &[u8],
+    ) -> Result<(), AgentError> {
+        let value = to_json(&(image, hex::encode(spec)))?;
+        self.container_versions
+            .insert(pending_key(service).as_bytes(), value)?;
+        self.flush()
+    }
+
+    /// What an activation of `service`'s container was creating it from, if one was cut off.
+    pub fn container_pending(
+        &self,
+        service: &str,
+    ) -> Result<Option<(String, Vec<u8>)>, AgentError> {
+        let Some(bytes) = self
+            .container_versions
+            .get(pending_key(service).as_bytes())?
+        else {
+            return Ok(None);
+        };
+        let (image, spec): (String, String) = from_json(&bytes)?;
+        let spec = hex::decode(spec).map_err(|error| AgentError::Store(error.to_string()))?;
+        Ok(Some((image, spec)))
+    }
+
+    /// Forgets `service`'s pending container once it runs.
+    pub fn clear_container_pending(&self, service: &str) -> Result<(), AgentError> {
+        self.container_versions
+            .remove(pending_key(service).as_bytes())?;
         self.flush()
     }
 

@@ -229,6 +229,9 @@ timeout-ms = 5000
     leftovers.tags.push(kept.clone());
     docker(&["tag", &image_v1, &kept]);
     docker(&["rmi", &tag_v1]);
+    // v2 crashed: a container that stopped is health, not a hand-made change, so it does not
+    // hold its own rollback up.
+    docker(&["kill", &container]);
     let plan = client
         .plan_rollback(pb::PlanRollbackRequest {
             selection: Some(pb::RollbackSelection {
@@ -298,7 +301,8 @@ timeout-ms = 5000
     .await;
     docker(&["rmi", &kept]);
     let gone = must_wait_async(
-        Duration::from_secs(60),
+        // The agent asks the engine which images are left every 30 s.
+        Duration::from_secs(120),
         "readiness to miss v1's image",
         || {
             let mut client = client.clone();
