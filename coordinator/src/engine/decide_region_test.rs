@@ -360,3 +360,51 @@ fn a_deferred_host_that_never_returns_calls_a_person_and_can_be_skipped() {
         rollback.outcome_detail
     );
 }
+
+#[test]
+fn no_returning_host_begins_after_another_failed_and_a_resume_waits_the_full_time_again() {
+    let mut world = deferred_and_back();
+    world
+        .fleet
+        .state
+        .rollbacks
+        .get_mut(&1)
+        .unwrap()
+        .options
+        .max_parallel = 2;
+    world.step("web-2", RollbackStepKind::Drain, true);
+    world.step("web-2", RollbackStepKind::Restore, false);
+    world.run_tick(40_000);
+    assert_eq!(
+        attempts(&world, "web-3"),
+        0,
+        "web-3 is not begun after web-2 failed"
+    );
+    assert_eq!(
+        world.fleet.state.rollbacks[&1].status,
+        RollbackStatus::Paused
+    );
+
+    // The region goes again; a person resumes: the wait starts afresh, no stall at once.
+    world.seen.sessions.remove("web-2");
+    world.seen.sessions.remove("web-3");
+    world.apply(CommandKind::ControlRollback {
+        rollback: 1,
+        action: RollbackAction::Resume,
+        reason: String::new(),
+    });
+    world.run_tick(41_000);
+    world.run_tick(42_000);
+    assert_eq!(
+        world.fleet.state.rollbacks[&1].status,
+        RollbackStatus::Running,
+        "{}",
+        world.fleet.state.rollbacks[&1].paused_reason
+    );
+    world.run_tick(42_000 + 30_000);
+    assert_eq!(
+        world.fleet.state.rollbacks[&1].status,
+        RollbackStatus::Paused,
+        "called again after the full wait"
+    );
+}
