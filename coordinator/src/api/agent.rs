@@ -388,10 +388,55 @@ async fn record_step_result(context: &Context, host_id: &str, result: pb::StepRe
         } => Some(crate::state_machine::rollback_id(*rollback)),
         _ => None,
     };
-    match context.propose(&agent_identity(host_id), "", kind).await {
+    let identity = agent_identity(host_id);
+    // A full proposal queue is waited out, not a reason to drop the result: the session reads
+    // nothing more from this agent meanwhile (backpressure on its stream).
+    let proposed = with_patience(STEP_RESULT_PATIENCE, || {
+        context.propose(&identity, "", kind.clone())
+    })
+    .await;
+    match proposed {
         Ok(_) => info!(step_id = %result.step_id, ok, rollback_id, "Step result recorded."),
+        Err(status) if is_overloaded(&status) => warn!(
+            %status,
+            step_id = %result.step_id,
+            patience_s = STEP_RESULT_PATIENCE.as_secs(),
+            "Step result not recorded: the proposal queue stayed full; the step times out and \
+             is sent again, and the agent answers from its journal."
+        ),
         // A duplicate result (the step already ended) is expected after redelivery.
         Err(status) => debug!(%status, step_id = %result.step_id, "Step result not recorded."),
+    }
+}
+
+/// How long a step result waits for room in a full proposal queue before it is given up.
+const STEP_RESULT_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Whether a refusal says the member is overloaded (its proposal queue is full).
+fn is_overloaded(status: &Status) -> bool {
+    status
+        .metadata()
+        .get(super::status::ERROR_CODE_KEY)
+        .is_some_and(|code| code == "overloaded")
+}
+
+/// Runs `attempt` again while it is refused as overloaded, waiting 20 ms, doubling to 1 s, for
+/// at most `patience` in all; any other answer is returned at once.
+async fn with_patience<T, F, Fut>(patience: Duration, mut attempt: F) -> Result<T, Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Status>>,
+{
+    let started = tokio::time::Instant::now();
+    let mut wait = Duration::from_millis(20);
+    loop {
+        match attempt().await {
+            Err(status) if is_overloaded(&status) && started.elapsed() + wait <= patience => {
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(1));
+            }
+            other => return other,
+        }
     }
 }
 
@@ -547,6 +592,53 @@ fn check_self_revert(report: &pb::SelfRevert) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_step_result_waits_out_a_full_queue_within_its_patience_and_no_longer() {
+        let overloaded = || {
+            super::super::status::to_status(crate::errors::CoordinatorError::Overloaded(
+                "1024 requests are queued".into(),
+            ))
+        };
+        // Full three times, then room: recorded.
+        let mut tries = 0;
+        let recorded = with_patience(Duration::from_secs(30), || {
+            tries += 1;
+            let answer = if tries <= 3 {
+                Err(overloaded())
+            } else {
+                Ok(tries)
+            };
+            async move { answer }
+        })
+        .await;
+        assert_eq!(recorded.unwrap(), 4);
+        // Full for good: given up after the patience, not before, and not in a tight loop.
+        let started = tokio::time::Instant::now();
+        let mut tries = 0;
+        let given_up: Result<(), Status> = with_patience(Duration::from_secs(30), || {
+            tries += 1;
+            let answer = Err(overloaded());
+            async move { answer }
+        })
+        .await;
+        assert!(is_overloaded(&given_up.unwrap_err()));
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_secs(29) && waited <= Duration::from_secs(30),
+            "{waited:?}"
+        );
+        assert!(tries < 40, "{tries} tries");
+        // Another refusal (a duplicate result) is not waited on.
+        let mut tries = 0;
+        let refused: Result<(), Status> = with_patience(Duration::from_secs(30), || {
+            tries += 1;
+            async { Err(Status::failed_precondition("step not running")) }
+        })
+        .await;
+        assert!(refused.is_err());
+        assert_eq!(tries, 1);
+    }
 
     #[test]
     fn malformed_self_revert_reports_and_offline_summaries_are_refused_by_name() {

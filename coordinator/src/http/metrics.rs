@@ -61,6 +61,7 @@ pub async fn serve(Extract(http): Extract<HttpState>) -> impl IntoResponse {
             state,
             &status,
             connected,
+            http.node.queue_full_total(),
             &http.snapshots,
             &http.connections,
         )
@@ -87,6 +88,7 @@ fn render(
     state: &State,
     status: &crate::node::raft::RaftStatus,
     agents_connected: i64,
+    proposal_queue_full: u64,
     snapshots: &SnapshotStats,
     connections: &crate::admission::ConnectionStats,
 ) -> Result<String, std::fmt::Error> {
@@ -232,6 +234,14 @@ fn render(
         "Agents with a session on this member",
         agents,
     );
+    let queue_full = Counter::<u64>::default();
+    queue_full.inc_by(proposal_queue_full);
+    registry.register(
+        "proposal_queue_full",
+        "Requests refused because the queue to the Raft thread was full (step results wait \
+         for room instead)",
+        queue_full,
+    );
     register_replication(&mut registry, status, snapshots);
 
     let mut text = String::new();
@@ -374,6 +384,7 @@ mod tests {
                 state,
                 &status,
                 1,
+                7,
                 &SnapshotStats::default(),
                 &Default::default(),
             )
@@ -382,6 +393,7 @@ mod tests {
         let text = rendered(&fleet.state);
         for expected in [
             r#"rewind_rollback_steps{rollback_id="rb-1",state="pending"} 4"#,
+            "rewind_proposal_queue_full_total 7",
             r#"rewind_rollback_steps{rollback_id="rb-1",state="succeeded"} 1"#,
             r#"rewind_rollback_current_wave{rollback_id="rb-1"} 1"#,
             r#"rewind_rollbacks_active{outcome="running",trigger="manual"} 1"#,

@@ -14,6 +14,8 @@ use std::sync::{Arc, RwLock};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
+use tracing::warn;
+
 use crate::errors::CoordinatorError;
 use crate::state_machine::{Command, Outcome, State, decision};
 
@@ -73,9 +75,24 @@ pub struct NodeHandle {
     applied: watch::Receiver<u64>,
     term: Arc<AtomicU64>,
     cluster_id: Arc<str>,
+    /// Requests refused because the queue to the Raft thread was full, since this process
+    /// began (`rewind_proposal_queue_full_total`), and when that was last logged.
+    queue_full: Arc<QueueFull>,
+}
+
+/// Counts requests refused by a full proposal queue, and logs them at most every 10 s.
+#[derive(Debug, Default)]
+pub struct QueueFull {
+    pub total: AtomicU64,
+    logged_at_ms: AtomicU64,
 }
 
 impl NodeHandle {
+    /// Requests refused so far because the proposal queue was full.
+    pub fn queue_full_total(&self) -> u64 {
+        self.queue_full.total.load(Ordering::Relaxed)
+    }
+
     /// Proposes a command and waits until it is committed and applied here. A rollback's plan
     /// or a trigger's verdict that went stale before its entry applied is decided again, a
     /// bounded number of times (see `state_machine::decision`).
@@ -135,6 +152,23 @@ impl NodeHandle {
             .try_send(request)
             .map_err(|error| match error {
                 mpsc::error::TrySendError::Full(_) => {
+                    let total = self.queue_full.total.fetch_add(1, Ordering::Relaxed) + 1;
+                    let now_ms = rewind_shared::time::now_ms();
+                    let last = self.queue_full.logged_at_ms.load(Ordering::Relaxed);
+                    if now_ms.saturating_sub(last) >= 10_000
+                        && self
+                            .queue_full
+                            .logged_at_ms
+                            .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                            .is_ok()
+                    {
+                        warn!(
+                            queued = PROPOSAL_QUEUE,
+                            refused_total = total,
+                            "The proposal queue is full: requests wait or are refused \
+                             (logged at most every 10 s)."
+                        );
+                    }
                     CoordinatorError::Overloaded(format!("{PROPOSAL_QUEUE} requests are queued"))
                 }
                 mpsc::error::TrySendError::Closed(_) => CoordinatorError::ShuttingDown,

@@ -263,6 +263,7 @@ pub fn start_member(
         applied,
         term,
         cluster_id,
+        queue_full: Arc::default(),
     };
     Ok(RaftMember {
         node,
