@@ -33,6 +33,9 @@ const OUTBOUND_QUEUE: usize = 256;
 const HEALTH_HISTORY: usize = 720;
 const BACKOFF_BASE: Duration = Duration::from_millis(200);
 const BACKOFF_CAP: Duration = Duration::from_secs(10);
+/// How often a managed container's releases still on the host are asked of the engine (and
+/// after each activation, restore or adoption).
+const CONTAINER_RELEASES_EVERY: Duration = Duration::from_secs(30);
 /// Reconnects spread out, so a fleet does not come back in step after a coordinator restart.
 const RECONNECT: Backoff = Backoff {
     first: BACKOFF_BASE,
@@ -73,6 +76,9 @@ pub struct Agent {
     inspections: Arc<tokio::sync::Semaphore>,
     /// Each service's latest drift finding (see `check_drift`).
     drift: watch::Sender<Vec<pb::ServiceDrift>>,
+    /// Per managed container: the releases whose image is still on the host (see
+    /// `watch_container_releases`).
+    container_releases: Mutex<std::collections::BTreeMap<String, Vec<String>>>,
 }
 
 impl Agent {
@@ -88,6 +94,7 @@ impl Agent {
             outbound: Mutex::new(None),
             inspections: Arc::new(tokio::sync::Semaphore::new(MAX_INSPECTIONS)),
             drift: watch::Sender::new(Vec::new()),
+            container_releases: Mutex::new(std::collections::BTreeMap::new()),
         })
     }
 
@@ -103,6 +110,7 @@ impl Agent {
             .drift_check_interval
             .map(|interval| tokio::spawn(Arc::clone(&self).check_drift(interval)));
         let client_caches = tokio::spawn(Arc::clone(&self).close_client_cache_windows());
+        let container_releases = tokio::spawn(Arc::clone(&self).watch_container_releases());
         tokio::pin!(shutdown);
         let result = tokio::select! {
             _ = &mut shutdown => Ok(()),
@@ -110,6 +118,7 @@ impl Agent {
         };
         reporter.abort();
         client_caches.abort();
+        container_releases.abort();
         if let Some(checks) = drift_checks {
             checks.abort();
         }
@@ -483,6 +492,43 @@ impl Agent {
         }
     }
 
+    /// Keeps `container_releases` up to date for the managed containers: asked of the engine
+    /// every [`CONTAINER_RELEASES_EVERY`] and after each activation, restore or adoption; a
+    /// service the engine did not answer for keeps its last list.
+    async fn watch_container_releases(self: Arc<Self>) {
+        let managed: Vec<_> = self
+            .executor
+            .services()
+            .filter(|service| service.manage_container)
+            .cloned()
+            .collect();
+        if managed.is_empty() {
+            return;
+        }
+        loop {
+            let (asked, store) = (managed.clone(), self.executor.store().clone());
+            let found = tokio::task::spawn_blocking(move || {
+                asked
+                    .iter()
+                    .filter_map(|service| {
+                        let versions = crate::container::retained_versions(service, &store)?;
+                        Some((service.name.clone(), versions))
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .unwrap_or_default();
+            self.container_releases
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .extend(found);
+            tokio::select! {
+                _ = tokio::time::sleep(CONTAINER_RELEASES_EVERY) => {}
+                _ = self.executor.releases_changed_since() => {}
+            }
+        }
+    }
+
     /// Probes and measures every interval, connected or not, keeping a bounded history.
     async fn report_health(self: Arc<Self>) {
         let mut metrics = MetricsReader::default();
@@ -493,17 +539,6 @@ impl Agent {
         // (with when it was checked): not on every report, which would crowd out the history.
         let mut drift = self.drift.subscribe();
         let mut drift_sent_at: Option<tokio::time::Instant> = None;
-        // A managed container's releases are images, known by asking the engine: asked on a
-        // slower clock of their own, so a slow engine never holds a report up.
-        let images = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::<
-            String,
-            Vec<String>,
-        >::new()));
-        let _images_task = AbortOnDrop(tokio::spawn(watch_container_releases(
-            Arc::clone(&self.executor),
-            services.clone(),
-            Arc::clone(&images),
-        )));
         loop {
             let (probes, app) = tokio::join!(
                 self.executor
@@ -512,7 +547,10 @@ impl Agent {
                 app.scrape_all(&services)
             );
             let retained = {
-                let images = images
+                // Asked of the engine on a clock of their own: a slow engine never holds a
+                // report up.
+                let images = self
+                    .container_releases
                     .lock()
                     .unwrap_or_else(|poisoned| poisoned.into_inner());
                 services
@@ -765,57 +803,6 @@ pub fn backoff(failures: u32) -> Duration {
 fn round_backoff(failures: u32, addresses: usize) -> Duration {
     let addresses = u32::try_from(addresses.max(1)).unwrap_or(u32::MAX);
     backoff(failures / addresses)
-}
-
-/// How often a managed container's releases still on the host are asked of the engine (and
-/// after each activation or restore).
-const CONTAINER_RELEASES_EVERY: Duration = Duration::from_secs(30);
-
-/// Keeps `images` (service -> releases whose image is on the host) up to date for the managed
-/// containers among `services`; a service the engine did not answer for keeps its last list.
-async fn watch_container_releases(
-    executor: Arc<crate::steps::Executor>,
-    services: Vec<crate::config::ServiceConfig>,
-    images: Arc<std::sync::Mutex<std::collections::BTreeMap<String, Vec<String>>>>,
-) {
-    let managed: Vec<_> = services
-        .into_iter()
-        .filter(|service| service.manage_container)
-        .collect();
-    if managed.is_empty() {
-        return;
-    }
-    loop {
-        let (asked, store_now) = (managed.clone(), executor.store().clone());
-        let found = tokio::task::spawn_blocking(move || {
-            asked
-                .iter()
-                .filter_map(|service| {
-                    let versions = crate::container::retained_versions(service, &store_now)?;
-                    Some((service.name.clone(), versions))
-                })
-                .collect::<Vec<_>>()
-        })
-        .await
-        .unwrap_or_default();
-        images
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .extend(found);
-        tokio::select! {
-            _ = tokio::time::sleep(CONTAINER_RELEASES_EVERY) => {}
-            _ = executor.releases_changed_since() => {}
-        }
-    }
-}
-
-/// Aborts a background task when its owner ends.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 #[cfg(test)]

@@ -15,6 +15,28 @@ use rewind_tests::{
 
 const HOSTS: [&str; 2] = ["web-1", "web-2"];
 
+/// `rewindctl drill rollback` of web in staging to `release`, with `extra` arguments.
+fn drill_rollback(
+    coordinator: &Coordinator,
+    release: &str,
+    reason: &str,
+    extra: &[&str],
+) -> std::process::Output {
+    let args = [
+        "drill",
+        "rollback",
+        "--service",
+        "web",
+        "--env",
+        "staging",
+        "--release",
+        release,
+        "--reason",
+        reason,
+    ];
+    coordinator.rewindctl(&[&args[..], extra].concat())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_drill_deploys_a_bad_release_is_detected_rolled_back_and_scored() {
     let dir = tempfile::tempdir().unwrap();
@@ -43,18 +65,7 @@ async fn a_drill_deploys_a_bad_release_is_detected_rolled_back_and_scored() {
     .await;
 
     // The release that runs is no drill.
-    let refused = coordinator.rewindctl(&[
-        "drill",
-        "rollback",
-        "--service",
-        "web",
-        "--env",
-        "staging",
-        "--release",
-        "v1",
-        "--reason",
-        "game day",
-    ]);
+    let refused = drill_rollback(&coordinator, "v1", "game day", &[]);
     assert!(!refused.status.success());
     assert!(
         output_text(&refused).contains("web already runs v1: name the known-bad release"),
@@ -63,20 +74,7 @@ async fn a_drill_deploys_a_bad_release_is_detected_rolled_back_and_scored() {
     );
 
     // The drill: deploy v2, detected, rolled back, scored; JUnit for the pipeline.
-    let drilled = coordinator.rewindctl(&[
-        "drill",
-        "rollback",
-        "--service",
-        "web",
-        "--env",
-        "staging",
-        "--release",
-        "v2",
-        "--reason",
-        "game day",
-        "--output",
-        "junit",
-    ]);
+    let drilled = drill_rollback(&coordinator, "v2", "game day", &["--output", "junit"]);
     let junit = String::from_utf8_lossy(&drilled.stdout).to_string();
     assert!(drilled.status.success(), "{}", output_text(&drilled));
     assert!(junit.starts_with("<?xml"), "{junit}");
@@ -115,18 +113,7 @@ async fn a_drill_deploys_a_bad_release_is_detected_rolled_back_and_scored() {
     assert!(rollback_shown.contains("DRILL rd-1"), "{rollback_shown}");
 
     // A second drill compares with the first.
-    let second = coordinator.rewindctl(&[
-        "drill",
-        "rollback",
-        "--service",
-        "web",
-        "--env",
-        "staging",
-        "--release",
-        "v2",
-        "--reason",
-        "again",
-    ]);
+    let second = drill_rollback(&coordinator, "v2", "again", &[]);
     let scorecard = output_text(&second);
     // The README shows this output.
     eprintln!("{scorecard}");
@@ -142,19 +129,7 @@ async fn a_drill_deploys_a_bad_release_is_detected_rolled_back_and_scored() {
     );
 
     // A third, aborted at once: it ends aborted (exit 1) and v2 is reverted all the same.
-    let started = coordinator.rewindctl(&[
-        "drill",
-        "rollback",
-        "--service",
-        "web",
-        "--env",
-        "staging",
-        "--release",
-        "v2",
-        "--reason",
-        "abort me",
-        "--no-wait",
-    ]);
+    let started = drill_rollback(&coordinator, "v2", "abort me", &["--no-wait"]);
     assert!(started.status.success(), "{}", output_text(&started));
     let aborted = coordinator.rewindctl(&["drill", "abort", "rd-3", "--reason", "a real incident"]);
     assert!(aborted.status.success(), "{}", output_text(&aborted));

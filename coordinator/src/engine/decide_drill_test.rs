@@ -5,16 +5,8 @@
 use std::sync::Arc;
 
 use super::decide::*;
-use super::decide_test::{HOSTS, World};
+use super::decide_test::{HOSTS, World, revert_every_host};
 use crate::state_machine::*;
-
-const RECIPE: [RollbackStepKind; 5] = [
-    RollbackStepKind::Drain,
-    RollbackStepKind::Restore,
-    RollbackStepKind::Restart,
-    RollbackStepKind::Verify,
-    RollbackStepKind::Undrain,
-];
 
 fn start_drill(version: &str) -> CommandKind {
     CommandKind::StartFireDrill {
@@ -85,11 +77,7 @@ fn a_drill_detected_and_rolled_back_passes_with_its_scorecard() {
 
     // The health policy's trigger starts the automatic rollback; it reverts every host.
     world.apply(crate::test_fleet::rollback_of(2, Trigger::Automatic));
-    for host in HOSTS {
-        for kind in RECIPE {
-            world.step(host, kind, true);
-        }
-    }
+    revert_every_host(&mut world);
     world.fleet.finish(
         StepTarget::Gate {
             rollback: 1,
@@ -147,11 +135,7 @@ fn an_undetected_drill_is_reverted_by_the_engine_and_fails() {
             crate::test_fleet::rollback_of(2, Trigger::Automatic),
         )
         .unwrap();
-    for host in HOSTS {
-        for kind in RECIPE {
-            world.step(host, kind, true);
-        }
-    }
+    revert_every_host(&mut world);
     world.fleet.finish(
         StepTarget::Gate {
             rollback: 1,

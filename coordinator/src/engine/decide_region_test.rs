@@ -272,17 +272,16 @@ fn a_returning_host_whose_last_step_fails_never_lets_the_rollback_succeed() {
     );
 }
 
+/// Lets the rollback revert two hosts at once.
+fn two_at_a_time(world: &mut World) {
+    let rollback = world.fleet.state.rollbacks.get_mut(&1).unwrap();
+    rollback.options.max_parallel = 2;
+}
+
 #[test]
 fn a_failure_waits_for_another_returning_host_between_its_steps() {
     let mut world = deferred_and_back();
-    world
-        .fleet
-        .state
-        .rollbacks
-        .get_mut(&1)
-        .unwrap()
-        .options
-        .max_parallel = 2;
+    two_at_a_time(&mut world);
     world.step("web-3", RollbackStepKind::Drain, true);
     world.step("web-3", RollbackStepKind::Restore, true);
     // web-3 is between its restore and its restart when web-2 fails.
@@ -364,14 +363,7 @@ fn a_deferred_host_that_never_returns_calls_a_person_and_can_be_skipped() {
 #[test]
 fn no_returning_host_begins_after_another_failed_and_a_resume_waits_the_full_time_again() {
     let mut world = deferred_and_back();
-    world
-        .fleet
-        .state
-        .rollbacks
-        .get_mut(&1)
-        .unwrap()
-        .options
-        .max_parallel = 2;
+    two_at_a_time(&mut world);
     world.step("web-2", RollbackStepKind::Drain, true);
     world.step("web-2", RollbackStepKind::Restore, false);
     world.run_tick(40_000);

@@ -507,6 +507,17 @@ pub fn host_environment(host: &HostRecord) -> &str {
     }
 }
 
+/// The hosts that run `service` in `environment`, by id.
+pub fn hosts_in_environment(state: &State, service: &str, environment: &str) -> Vec<String> {
+    state
+        .hosts
+        .values()
+        .filter(|host| host.services.iter().any(|name| name == service))
+        .filter(|host| host_environment(host) == environment)
+        .map(|host| host.host_id.clone())
+        .collect()
+}
+
 /// Every environment a change touches, sorted: its hosts' (a change may span several; its
 /// recorded environment is only the first) and its recorded one. Access is judged on all.
 pub fn change_environments<'a>(state: &'a State, change: &'a ChangeRecord) -> Vec<&'a str> {

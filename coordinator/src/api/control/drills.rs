@@ -23,17 +23,8 @@ pub(super) async fn start_rollback_drill(
     )?;
     // The hosts it deploys to: every host of the service in the environment (apply checks
     // the list is exactly that).
-    let host_ids: Vec<String> = control.context.node.read(|state| {
-        state
-            .hosts
-            .values()
-            .filter(|host| host.services.contains(&request.service))
-            .filter(|host| {
-                crate::plan::environment_of_hosts(state, std::slice::from_ref(&host.host_id))
-                    == request.environment
-            })
-            .map(|host| host.host_id.clone())
-            .collect()
+    let host_ids = control.context.node.read(|state| {
+        crate::plan::hosts_in_environment(state, &request.service, &request.environment)
     });
     let baseline = control.context.change_baseline(&request.service);
     let kind = CommandKind::StartFireDrill {

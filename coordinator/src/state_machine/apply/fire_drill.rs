@@ -65,16 +65,7 @@ pub(super) fn start_fire_drill(
             open.id()
         ));
     }
-    let in_environment: Vec<String> = state
-        .hosts
-        .values()
-        .filter(|host| host.services.iter().any(|name| name == service))
-        .filter(|host| {
-            crate::plan::environment_of_hosts(state, std::slice::from_ref(&host.host_id))
-                == environment
-        })
-        .map(|host| host.host_id.clone())
-        .collect();
+    let in_environment = crate::plan::hosts_in_environment(state, service, environment);
     if in_environment.is_empty() {
         return refuse(format!(
             "no registered host runs {service} in environment {environment}"
