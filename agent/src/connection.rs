@@ -47,6 +47,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const DRIFT_RESEND: Duration = Duration::from_secs(300);
 /// Inspections (host diff, drift) running at once.
 const MAX_INSPECTIONS: usize = 2;
+/// How often the agent reports while a service it was asked about (a verify) is not healthy yet.
+const QUICK_REPORT_EVERY: Duration = Duration::from_millis(200);
+/// The longest it keeps that pace for one ask, whatever the coordinator says.
+const QUICK_REPORT_MAX: Duration = Duration::from_secs(60);
 
 use rewind_shared::LEADER_METADATA_KEY as LEADER_KEY;
 
@@ -79,6 +83,11 @@ pub struct Agent {
     /// Per managed container: the releases whose image is still on the host (see
     /// `watch_container_releases`).
     container_releases: Mutex<std::collections::BTreeMap<String, Vec<String>>>,
+    /// Wakes the health loop for a report now (the coordinator asked: a verify began).
+    report_now: tokio::sync::Notify,
+    /// Services a verify waits on, with until when: reported every [`QUICK_REPORT_EVERY`]
+    /// while their probes do not all pass. At most one entry per configured service.
+    quick_reports: Mutex<HashMap<String, tokio::time::Instant>>,
 }
 
 impl Agent {
@@ -95,6 +104,8 @@ impl Agent {
             inspections: Arc::new(tokio::sync::Semaphore::new(MAX_INSPECTIONS)),
             drift: watch::Sender::new(Vec::new()),
             container_releases: Mutex::new(std::collections::BTreeMap::new()),
+            report_now: tokio::sync::Notify::new(),
+            quick_reports: Mutex::new(HashMap::new()),
         })
     }
 
@@ -340,6 +351,7 @@ impl Agent {
                         }
                     }
                 }
+                Some(coordinator_message::Body::ReportNow(ask)) => self.ask_report(&ask),
                 Some(coordinator_message::Body::Registered(_)) | None => {
                     debug!("Ignored an unexpected message.")
                 }
@@ -595,12 +607,49 @@ impl Agent {
             }
             self.consider_self_revert(&mut offline_watch, &services, &report)
                 .await;
+            let pause = if self.keep_reporting_quickly(&report) {
+                QUICK_REPORT_EVERY
+            } else {
+                Duration::from_millis(self.interval_ms.load(Ordering::Relaxed))
+            };
             self.latest.send_replace(Some(report));
-            tokio::time::sleep(Duration::from_millis(
-                self.interval_ms.load(Ordering::Relaxed),
-            ))
-            .await;
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = self.report_now.notified() => {}
+            }
         }
+    }
+
+    /// The coordinator asks for a report now (a verify began on `ask.service`): one at once,
+    /// then quickly until the service is healthy or the ask's time is up.
+    fn ask_report(&self, ask: &pb::ReportHealthNow) {
+        if !self.executor.services().any(|service| service.name == ask.service) {
+            debug!(service = %ask.service, "Asked to report on a service this host does not run.");
+            return;
+        }
+        let within = Duration::from_millis(u64::from(ask.within_ms)).min(QUICK_REPORT_MAX);
+        lock(&self.quick_reports).insert(
+            ask.service.clone(),
+            tokio::time::Instant::now() + within,
+        );
+        self.report_now.notify_one();
+    }
+
+    /// Whether a service a verify waits on is still not healthy in `report` (and its ask's time
+    /// not up): then the next report comes in [`QUICK_REPORT_EVERY`], not at the interval.
+    fn keep_reporting_quickly(&self, report: &pb::HealthReport) -> bool {
+        let now = tokio::time::Instant::now();
+        let mut quick = lock(&self.quick_reports);
+        quick.retain(|service, until| {
+            // A service without probes has nothing to wait for.
+            let healthy = report
+                .probes
+                .iter()
+                .filter(|probe| probe.service == *service)
+                .all(|probe| probe.ok);
+            now < *until && !healthy
+        });
+        !quick.is_empty()
     }
 
     /// Feeds a report to the offline watch and reverts a service whose policy says so.

@@ -35,13 +35,67 @@ struct History {
     drift: Vec<rewind_proto::v1::ServiceDrift>,
 }
 
+/// How long a host asked for a report stays awaited (the agent keeps its quick pace as long
+/// at most): one that never answers healthy (an agent before the ask existed, or gone) is
+/// forgotten, so the set stays bounded by the hosts asked lately.
+const ASKED_REPORT_KEPT_MS: u64 = 60_000;
+
 #[derive(Default)]
 pub struct HealthBook {
     hosts: Mutex<HashMap<String, History>>,
+    /// Hosts asked for a report now (a verify began there): the service and when. The engine
+    /// wakes as each reports instead of at its next tick (only these wake it: every report
+    /// would make its work grow with the fleet), until one says the service is healthy.
+    asked: Mutex<HashMap<String, (String, u64)>>,
+    asked_answered: tokio::sync::Notify,
 }
 
 impl HealthBook {
+    /// Notes that `host_id` was asked for a report on `service` now: its reports wake
+    /// [`HealthBook::asked_report_arrived`] until one has the service healthy.
+    pub fn ask(&self, host_id: &str, service: &str, now_ms: u64) {
+        let mut asked = self
+            .asked
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        asked.retain(|_, (_, at_ms)| now_ms.saturating_sub(*at_ms) <= ASKED_REPORT_KEPT_MS);
+        asked.insert(host_id.to_string(), (service.to_string(), now_ms));
+    }
+
+    /// Whether `host_id` was asked for reports and has not reported its service healthy yet:
+    /// its reports may then come faster than the interval allows.
+    pub fn is_asked(&self, host_id: &str, now_ms: u64) -> bool {
+        self.asked
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(host_id)
+            .is_some_and(|(_, at_ms)| now_ms.saturating_sub(*at_ms) <= ASKED_REPORT_KEPT_MS)
+    }
+
+    /// Resolves once a host asked with [`HealthBook::ask`] has reported since (at once if one
+    /// did while nobody waited).
+    pub async fn asked_report_arrived(&self) {
+        self.asked_answered.notified().await;
+    }
+
     pub fn record(&self, host_id: &str, mut report: HealthReport, received_at_ms: u64) {
+        let answered = {
+            let mut asked = self
+                .asked
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let healthy = asked.get(host_id).map(|(service, _)| {
+                report
+                    .probes
+                    .iter()
+                    .filter(|probe| probe.service == *service)
+                    .all(|probe| probe.ok)
+            });
+            if healthy == Some(true) {
+                asked.remove(host_id);
+            }
+            healthy.is_some()
+        };
         let mut hosts = self
             .hosts
             .lock()
@@ -64,6 +118,11 @@ impl HealthBook {
             if let Some(oldest) = history.reports.pop_front() {
                 history.bytes -= oldest.bytes;
             }
+        }
+        drop(hosts);
+        // After the report is in the book: the engine reads it as soon as it wakes.
+        if answered {
+            self.asked_answered.notify_one();
         }
     }
 
@@ -405,6 +464,32 @@ mod tests {
             retained: vec![],
             drift: vec![],
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_report_from_a_host_asked_wakes_the_engine_and_others_do_not() {
+        let book = HealthBook::default();
+        let woken = |book: &HealthBook| {
+            futures::FutureExt::now_or_never(book.asked_report_arrived()).is_some()
+        };
+        book.record("web-2", report(&[true]), 10);
+        assert!(!woken(&book), "web-2 was not asked");
+        book.ask("web-1", "web", 20);
+        assert!(!woken(&book), "web-1 has not answered yet");
+        assert!(book.is_asked("web-1", 25));
+        book.record("web-1", report(&[true, false]), 30);
+        assert!(woken(&book), "web-1 answered, not healthy yet");
+        assert!(book.is_asked("web-1", 35), "so it may report again soon");
+        book.record("web-1", report(&[true, true]), 40);
+        assert!(woken(&book), "web-1 answered healthy");
+        assert!(!book.is_asked("web-1", 45), "which ends the ask");
+        book.record("web-1", report(&[true]), 50);
+        assert!(!woken(&book), "later reports wake nobody");
+        book.ask("web-3", "web", 60);
+        book.ask("web-4", "web", 60 + ASKED_REPORT_KEPT_MS + 1);
+        assert!(!book.is_asked("web-3", 60 + ASKED_REPORT_KEPT_MS + 1));
+        book.record("web-3", report(&[true]), 70 + ASKED_REPORT_KEPT_MS);
+        assert!(!woken(&book), "an ask left unanswered is forgotten");
     }
 
     #[test]

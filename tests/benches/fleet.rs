@@ -1,5 +1,6 @@
 //! Fleet-scale figures with simulated agents (real gRPC sessions over real mutual TLS against a
-//! release `rewind-coordinator`; the agents answer every step at once and report healthy probes):
+//! release `rewind-coordinator`; the agents answer every step at once and report healthy probes,
+//! at their interval and whenever a verify asks):
 //!
 //! 1. Plan and execute the rollback of one change on `REWIND_BENCH_HOSTS` hosts (default 1,000)
 //!    over four regions, `max_parallel` 100, each host going through drain, restore, restart,

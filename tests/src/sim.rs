@@ -123,6 +123,8 @@ impl SimAgent {
                                     return;
                                 }
                             }
+                            // A verify began: report now, as a real agent does.
+                            Some(coordinator_message::Body::ReportNow(_)) => report.reset_immediately(),
                             Some(coordinator_message::Body::Flag(update)) => {
                                 flags.lock().unwrap().push((host.clone(), update.flag, update.enabled, Instant::now()));
                             }

@@ -46,3 +46,4 @@ mod t42_drift_guard;
 mod t43_region_loss;
 mod t44_fire_drill;
 mod t45_containers;
+mod t46_verify_reports;

@@ -27,6 +27,9 @@ use crate::state_machine::{
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 /// After the first refused health report of a session, only every this many is logged.
 const LOG_REFUSED_REPORT_EVERY: u64 = 100;
+/// The gap kept between reports of a host a verify asked for them (the agent sends one every
+/// 200 ms until its service is healthy): bounded for as long as the ask lasts.
+const ASKED_MIN_GAP: Duration = Duration::from_millis(150);
 
 pub struct Agents {
     pub context: Context,
@@ -242,9 +245,14 @@ async fn read_session(
                         .collect(),
                     None => services.to_vec(),
                 };
-                if last_kept.is_some_and(|kept| kept.elapsed() < min_gap) {
+                // A host a verify asked may report quickly until it says it is healthy.
+                let asked = context
+                    .health
+                    .is_asked(host_id, rewind_shared::time::now_ms());
+                let gap = if asked { ASKED_MIN_GAP } else { min_gap };
+                if last_kept.is_some_and(|kept| kept.elapsed() < gap) {
                     debug!(
-                        min_gap_ms = min_gap.as_millis() as u64,
+                        min_gap_ms = gap.as_millis() as u64,
                         "Dropped a health report sent too soon after the last one."
                     );
                     continue;

@@ -8,6 +8,7 @@
 //! read shows every action the engine can take.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::hash_map::Entry;
 
 use crate::state_machine::schema::{self, StagesState};
 use crate::state_machine::{
@@ -226,6 +227,9 @@ pub enum Action {
     Escalate {
         escalation: u64,
     },
+    /// Ask a host's agent for a health report now: a verify began there, and waiting for its
+    /// next periodic report would make every batch pay up to a report interval.
+    AskReport { host_id: String, service: String },
     /// Run a gate's synthetic checks; the result comes back through `Observations::synthetics`.
     RunSynthetics {
         rollback: u64,
@@ -1454,14 +1458,19 @@ fn verify_host(
     let step_id = step.step_id();
     driver.running.push(step_id.clone());
     let now_ms = driver.now_ms;
-    let watch = driver
-        .memory
-        .verify_watch
-        .entry(step_id)
-        .or_insert(VerifyWatch {
-            first_seen_ms: now_ms,
-            offline_at_ms: None,
-        });
+    let watch = match driver.memory.verify_watch.entry(step_id) {
+        Entry::Occupied(seen) => seen.into_mut(),
+        Entry::Vacant(first) => {
+            driver.actions.push(Action::AskReport {
+                host_id: step.host_id().to_string(),
+                service: service.to_string(),
+            });
+            first.insert(VerifyWatch {
+                first_seen_ms: now_ms,
+                offline_at_ms: None,
+            })
+        }
+    };
     if driver.seen.session(step.host_id()).is_none() {
         watch.offline_at_ms = Some(now_ms);
     }

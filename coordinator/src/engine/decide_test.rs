@@ -472,6 +472,24 @@ fn verifying_web1() -> World {
 }
 
 #[test]
+fn a_verify_asks_its_host_for_a_report_once() {
+    let mut world = verifying_web1();
+    let asks = |actions: &[Action]| {
+        actions
+            .iter()
+            .filter(|action| {
+                matches!(action, Action::AskReport { host_id, service }
+                    if host_id == "web-1" && service == "web")
+            })
+            .count()
+    };
+    let first = world.run_tick(1_100);
+    assert_eq!(asks(&first), 1, "the verify's first look asks: {first:?}");
+    let later = world.run_tick(1_200);
+    assert_eq!(asks(&later), 0, "and only once: {later:?}");
+}
+
+#[test]
 fn a_host_that_stays_unhealthy_pauses_the_rollback_and_can_be_skipped() {
     let mut world = verifying_web1();
     world

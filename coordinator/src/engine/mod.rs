@@ -186,6 +186,7 @@ impl Engine {
                 _ = &mut shutdown => break,
                 _ = tokio::time::sleep(self.tick) => {}
                 changed = applied.changed() => if changed.is_err() { break },
+                _ = self.health.asked_report_arrived() => {}
             }
         }
         info!("Engine stopped.");
@@ -245,6 +246,20 @@ impl Engine {
                             }
                             decided.insert(key);
                         }
+                    }
+                }
+                Action::AskReport { host_id, service } => {
+                    self.health.ask(&host_id, &service, now_ms);
+                    let ask = pb::CoordinatorMessage {
+                        body: Some(Body::ReportNow(pb::ReportHealthNow {
+                            service,
+                            within_ms: u32::try_from(self.limits.verify_timeout_ms)
+                                .unwrap_or(u32::MAX),
+                        })),
+                    };
+                    // Not sent (no session): its periodic reports still count, as before.
+                    if let Err(error) = self.sessions.send(&host_id, ask) {
+                        debug!(%error, host_id, "Report not asked for.");
                     }
                 }
                 Action::RunSynthetics {
