@@ -623,15 +623,16 @@ impl Agent {
     /// The coordinator asks for a report now (a verify began on `ask.service`): one at once,
     /// then quickly until the service is healthy or the ask's time is up.
     fn ask_report(&self, ask: &pb::ReportHealthNow) {
-        if !self.executor.services().any(|service| service.name == ask.service) {
+        if !self
+            .executor
+            .services()
+            .any(|service| service.name == ask.service)
+        {
             debug!(service = %ask.service, "Asked to report on a service this host does not run.");
             return;
         }
         let within = Duration::from_millis(u64::from(ask.within_ms)).min(QUICK_REPORT_MAX);
-        lock(&self.quick_reports).insert(
-            ask.service.clone(),
-            tokio::time::Instant::now() + within,
-        );
+        lock(&self.quick_reports).insert(ask.service.clone(), tokio::time::Instant::now() + within);
         self.report_now.notify_one();
     }
 

@@ -623,6 +623,7 @@ impl RawConfig {
                 default_max_parallel: engine.default_max_parallel,
                 default_gate: crate::state_machine::GateOptions {
                     settle_s: engine.gate_settle_s,
+                    settle_ms: 0,
                     timeout_s: engine.gate_timeout_s,
                     tolerance: engine.gate_tolerance,
                     latency_tolerance: engine.gate_latency_tolerance,

@@ -59,6 +59,9 @@ pub struct PlanArgs {
     /// Seconds a wave's health must stay near the baseline before the next wave.
     #[arg(long, default_value_t = 0)]
     pub gate_settle_s: u32,
+    /// The same in milliseconds, for a gate under a second (cluster version 12).
+    #[arg(long, default_value_t = 0, conflicts_with = "gate_settle_s")]
+    pub gate_settle_ms: u32,
     /// Seconds after which a gate that has not passed pauses the rollback.
     #[arg(long, default_value_t = 0)]
     pub gate_timeout_s: u32,
@@ -104,6 +107,7 @@ impl PlanArgs {
             exclude_hosts: self.exclude_hosts,
             gate: Some(pb::GateOptions {
                 settle_s: self.gate_settle_s,
+                settle_ms: self.gate_settle_ms,
                 timeout_s: self.gate_timeout_s,
                 tolerance: self.gate_tolerance.unwrap_or(0.0),
                 zero_tolerance: self.gate_tolerance == Some(0.0),
@@ -125,12 +129,16 @@ pub fn print_plan(plan: &pb::RollbackPlan) {
         plan.waves.len()
     );
     say!(
-        "max parallel {}, max unavailable {}; gate after each wave: ratios within {:.2} and p99 within {:.0} % of baseline for {} s (timeout {} s)",
+        "max parallel {}, max unavailable {}; gate after each wave: ratios within {:.2} and p99 within {:.0} % of baseline for {} (timeout {} s)",
         options.max_parallel,
         options.max_unavailable,
         gate.tolerance,
         gate.latency_tolerance * 100.0,
-        gate.settle_s,
+        if gate.settle_ms > 0 {
+            format!("{} ms", gate.settle_ms)
+        } else {
+            format!("{} s", gate.settle_s)
+        },
         gate.timeout_s
     );
     if !plan.flags.is_empty() {

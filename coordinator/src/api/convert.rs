@@ -286,6 +286,7 @@ pub fn plan_options(options: &PlanOptions) -> pb::PlanOptions {
         exclude_hosts: options.exclude_hosts.clone(),
         gate: Some(pb::GateOptions {
             settle_s: options.gate.settle_s,
+            settle_ms: options.gate.settle_ms,
             timeout_s: options.gate.timeout_s,
             tolerance: options.gate.tolerance,
             zero_tolerance: options.gate.tolerance == 0.0,

@@ -46,7 +46,24 @@ pub(super) fn options_from(
     }
     let defaults = GateOptions::default();
     let gate = options.gate.unwrap_or_default();
-    let settle_s = if gate.settle_s == 0 {
+    if gate.settle_ms > 0 && gate.settle_s > 0 {
+        return Err(invalid(
+            "options.gate.settle_ms",
+            format!(
+                "is {} with settle_s {}: give the settle time one way",
+                gate.settle_ms, gate.settle_s
+            ),
+        ));
+    }
+    if gate.settle_ms > 3_600_000 {
+        return Err(invalid(
+            "options.gate.settle_ms",
+            format!("is {}, at most 3600000 ms is allowed", gate.settle_ms),
+        ));
+    }
+    let settle_s = if gate.settle_ms > 0 {
+        gate.settle_ms.div_ceil(1000)
+    } else if gate.settle_s == 0 {
         defaults.settle_s
     } else {
         gate.settle_s
@@ -65,7 +82,7 @@ pub(super) fn options_from(
     if timeout_s < settle_s || timeout_s > 86_400 {
         return Err(invalid(
             "options.gate.timeout_s",
-            format!("is {timeout_s}, must be within settle_s ({settle_s})..=86400 s"),
+            format!("is {timeout_s}, must be within the settle time ({settle_s} s)..=86400 s"),
         ));
     }
     let tolerance = tolerance_or_default(
@@ -94,6 +111,7 @@ pub(super) fn options_from(
         force: options.force,
         gate: GateOptions {
             settle_s,
+            settle_ms: gate.settle_ms,
             timeout_s,
             tolerance,
             latency_tolerance,
@@ -519,10 +537,10 @@ fn describe_current_wave(rollback: &RollbackRecord, lines: &mut Vec<String>) {
     }
     match wave.gate.status {
         StepStatus::Running => lines.push(format!(
-            "  Health gate: waiting for {} to settle within {:.2} of its baseline for {} s (gives up after {} s).",
+            "  Health gate: waiting for {} to settle within {:.2} of its baseline for {} (gives up after {} s).",
             wave.service,
             rollback.options.gate.tolerance,
-            rollback.options.gate.settle_s,
+            rollback.options.gate.settle_text(),
             rollback.options.gate.timeout_s
         )),
         StepStatus::Failed => lines.push(format!("  Health gate FAILED: {}", wave.gate.detail)),

@@ -7,8 +7,8 @@
 //! Kept in one file (over 700 lines): `decide()` is one pure function with its helpers, and one
 //! read shows every action the engine can take.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use crate::state_machine::schema::{self, StagesState};
 use crate::state_machine::{
@@ -135,6 +135,8 @@ pub struct EngineMemory {
     pub audit_pruned_at_ms: u64,
     /// Verify step id -> what this leader saw of its host's agent.
     pub verify_watch: HashMap<String, VerifyWatch>,
+    /// Gates (rollback, wave) whose hosts this leader asked for a report as the gate began.
+    pub gates_asked: HashSet<(u64, u32)>,
     /// (rollback, region) -> since when this leader has seen every agent of the region gone
     /// while other regions' were connected.
     pub lost_since: HashMap<(u64, String), u64>,
@@ -229,7 +231,10 @@ pub enum Action {
     },
     /// Ask a host's agent for a health report now: a verify began there, and waiting for its
     /// next periodic report would make every batch pay up to a report interval.
-    AskReport { host_id: String, service: String },
+    AskReport {
+        host_id: String,
+        service: String,
+    },
     /// Run a gate's synthetic checks; the result comes back through `Observations::synthetics`.
     RunSynthetics {
         rollback: u64,
@@ -346,6 +351,10 @@ pub fn decide(
         .memory
         .lost_since
         .retain(|(rollback, _), _| live(rollback));
+    driver
+        .memory
+        .gates_asked
+        .retain(|(rollback, _)| live(rollback));
     driver
         .memory
         .deferred_since
@@ -1330,7 +1339,7 @@ fn drive_host_step(
 }
 
 /// The gate after a wave: the wave's reverted hosts must report a probe failure ratio within
-/// the tolerance of the change's baseline over the last `settle_s`, and the service's synthetic
+/// the tolerance of the change's baseline over the last settle time, and the service's synthetic
 /// checks (if any) must pass after that, before `timeout_s` passes.
 fn judge_gate(
     rollback: &RollbackRecord,
@@ -1347,7 +1356,17 @@ fn judge_gate(
     let progress = &rollback.waves[wave as usize].gate;
     let service = &rollback.waves[wave as usize].service;
     let waited_ms = driver.now_ms.saturating_sub(progress.started_at_ms);
-    let settle_ms = u64::from(options.settle_s) * 1000;
+    // Evidence from inside the window at once, however short it is and however long the
+    // hosts' report interval.
+    if driver.memory.gates_asked.insert((rollback.number, wave)) {
+        for host_id in hosts {
+            driver.actions.push(Action::AskReport {
+                host_id: host_id.clone(),
+                service: service.clone(),
+            });
+        }
+    }
+    let settle_ms = options.settle_ms();
     if waited_ms < settle_ms {
         return;
     }
@@ -1358,8 +1377,8 @@ fn judge_gate(
     let health = driver.seen.aggregate(service, hosts, window_start);
     let comparison = crate::health::compare(&health, &change.baseline, options);
     let figures = format!(
-        "over the last {} s from {} of {} hosts: {}; tolerance {:.2}, latency {:.0} %",
-        options.settle_s,
+        "over the last {} from {} of {} hosts: {}; tolerance {:.2}, latency {:.0} %",
+        options.settle_text(),
         health.hosts_reporting,
         hosts.len(),
         comparison.figures,

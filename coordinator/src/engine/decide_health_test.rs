@@ -38,6 +38,52 @@ fn a_wave_passes_its_gate_once_health_settles_near_the_baseline() {
 }
 
 #[test]
+fn a_gate_asks_its_hosts_for_a_report_as_it_begins_and_may_settle_in_milliseconds() {
+    let mut world = World::new();
+    world.deployed();
+    world.start_rollback(3);
+    if let Some(rollback) = world.fleet.state.rollbacks.get_mut(&1) {
+        rollback.options.gate.settle_ms = 300;
+    }
+    revert_every_host(&mut world);
+    world.seen.failure_ratio = 0.0;
+    world.run_tick(1_000);
+    assert_eq!(
+        world.fleet.state.rollbacks[&1].waves[0].gate.status,
+        StepStatus::Running
+    );
+    let asked = |actions: &[Action]| -> Vec<String> {
+        actions
+            .iter()
+            .filter_map(|action| match action {
+                Action::AskReport { host_id, .. } => Some(host_id.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    let first = world.run_tick(1_100);
+    let mut hosts = asked(&first);
+    hosts.sort();
+    assert_eq!(hosts, HOSTS.map(String::from).to_vec(), "{first:?}");
+    assert!(asked(&world.run_tick(1_200)).is_empty(), "once per gate");
+    world.run_tick(1_350);
+    let rollback = &world.fleet.state.rollbacks[&1];
+    assert_eq!(
+        rollback.status,
+        RollbackStatus::Succeeded,
+        "300 ms, not 2 s"
+    );
+    assert!(
+        rollback.waves[0]
+            .gate
+            .detail
+            .contains("over the last 300 ms"),
+        "{}",
+        rollback.waves[0].gate.detail
+    );
+}
+
+#[test]
 fn a_gate_with_synthetic_checks_runs_them_after_health_settles_and_needs_them_to_pass() {
     let mut world = World::new();
     let mut service = world.fleet.state.services["web"].clone();

@@ -71,6 +71,7 @@ pub(super) const LIMITS: EngineLimits = EngineLimits {
     default_max_parallel: 1,
     default_gate: GateOptions {
         settle_s: 2,
+        settle_ms: 0,
         timeout_s: 10,
         tolerance: 0.05,
         latency_tolerance: 0.25,

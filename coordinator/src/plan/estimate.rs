@@ -200,7 +200,7 @@ struct ServiceTimes {
 
 pub fn estimate(state: &State, plan: &Plan) -> Estimate {
     let history = History::read(state);
-    let settle_ms = u64::from(plan.options.gate.settle_s) * 1000;
+    let settle_ms = plan.options.gate.settle_ms();
     let mut basis = Vec::new();
     let mut times: BTreeMap<&str, ServiceTimes> = BTreeMap::new();
     for service in &plan.services {

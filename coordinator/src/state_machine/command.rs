@@ -659,10 +659,13 @@ impl CommandKind {
                 super::version::MESSAGE_TOPICS
             }
             Self::StartRollback(start) if start.options.drift_guarded() => {
-                super::version::DRIFT_GUARD
+                start.options.required_version().0
             }
             Self::AutoTrigger(trigger) if trigger.options.drift_guarded() => {
-                super::version::DRIFT_GUARD
+                trigger.options.required_version().0
+            }
+            Self::StartRollback(start) if start.options.gate.settle_ms > 0 => {
+                super::version::SUBSECOND_GATES
             }
             Self::PutService { service } if service.from_version_ten() => {
                 super::version::DRIFT_GUARD

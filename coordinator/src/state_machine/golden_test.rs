@@ -212,6 +212,7 @@ fn current_release_log() -> Fleet {
     version_nine(&mut harness);
     version_ten(&mut harness);
     version_eleven(&mut harness);
+    version_twelve(&mut harness);
     harness
 }
 
@@ -1274,6 +1275,64 @@ fn version_eleven(harness: &mut Fleet) {
     assert_eq!(
         harness.state.fire_drills[&second].status,
         FireDrillStatus::Aborted
+    );
+}
+
+/// From version 12 a rollback's gate may settle for a time in milliseconds.
+fn version_twelve(harness: &mut Fleet) {
+    let hosts = "\n[[hosts]]\nnames = [\"db-*\"]\nservices = [\"orders-db\"]\n\
+                 [[hosts]]\nnames = [\"shop-*\"]\nservices = [\"shop\"]\n\
+                 [[hosts]]\nnames = [\"cart-*\"]\nservices = [\"cart\"]\n";
+    apply_policy(harness, hosts, "cart hosts");
+    harness.service("cart", &[]);
+    harness.host("cart-1", "north", &["cart"]);
+    harness.host("cart-2", "south", &["cart"]);
+    harness.host("cart-3", "south", &["cart"]);
+    for version in ["v1", "v2"] {
+        harness.release("cart", version, 0, &[]);
+    }
+    harness.deploy("cart", "v1");
+    let change = harness.deploy("cart", "v2");
+    let mut quick = rollback_of(change, Trigger::Manual);
+    if let CommandKind::StartRollback(StartRollback { options, .. }) = &mut quick {
+        options.max_parallel = 2;
+        options.gate.settle_s = 1;
+        options.gate.settle_ms = 300;
+    }
+    // At 11: refused.
+    let refused = harness.run(quick.clone()).unwrap_err().to_string();
+    assert!(refused.contains("cluster version 12"), "{refused}");
+    harness.apply(CommandKind::SetClusterVersion {
+        version: 12,
+        members: vec![],
+        reason: "every member on this release".into(),
+    });
+    let Outcome::Rollback(rollback) = harness.apply(quick) else {
+        panic!("a rollback")
+    };
+    assert_eq!(
+        harness.state.rollbacks[&rollback].options.gate.settle_ms(),
+        300
+    );
+    for (wave, hosts) in [(0, &["cart-1"][..]), (1, &["cart-2", "cart-3"][..])] {
+        for host in hosts {
+            for kind in RollbackStepKind::ALL {
+                harness.finish(
+                    StepTarget::Rollback {
+                        rollback,
+                        service: "cart".into(),
+                        host_id: host.to_string(),
+                        kind,
+                    },
+                    true,
+                );
+            }
+        }
+        pass_gate(harness, rollback, wave);
+    }
+    assert_eq!(
+        harness.state.rollbacks[&rollback].status,
+        RollbackStatus::Succeeded
     );
 }
 

@@ -20,7 +20,7 @@ use crate::errors::CoordinatorError;
 pub const LEGACY: u32 = 1;
 
 /// The highest cluster version this binary can apply.
-pub const CURRENT: u32 = 11;
+pub const CURRENT: u32 = 12;
 
 /// From this version a refused command takes back the requests for approval it expired or
 /// lapsed on its way to the refusal.
@@ -98,6 +98,10 @@ pub const REGION_LOSS: u32 = 11;
 /// policy allows drills, lets detection and the automatic rollback run, and scores them.
 pub const FIRE_DRILLS: u32 = 11;
 
+/// From this version a rollback's health gate may settle for a time in milliseconds (under a
+/// second, where asked).
+pub const SUBSECOND_GATES: u32 = 12;
+
 /// What each version brought, for `rewindctl cluster version` and the README.
 pub const CHANGES: &[(u32, &str)] = &[
     (1, "the log as released before cluster versions"),
@@ -173,6 +177,11 @@ pub const CHANGES: &[(u32, &str)] = &[
          after its last wave once they return; rollback fire drills (a known-bad release \
          deployed where the environment allows drills, detected and rolled back for real, and \
          scored)",
+    ),
+    (
+        12,
+        "a rollback's health gate may settle for a time given in milliseconds (under a second \
+         where asked), not only in whole seconds",
     ),
 ];
 

@@ -15,15 +15,9 @@ pub(super) async fn plan_rollback(
         health: &control.context.health,
     };
     let plan = control.context.node.read(|state| {
-        if options.drift_guarded() {
-            // A plan no start could run: say so now.
-            version::require(
-                state,
-                version::DRIFT_GUARD,
-                "hosts left out of a rollback or drift overwritten",
-            )
-            .map_err(to_status)?;
-        }
+        // A plan no start could run: say so now.
+        let (needed, what) = options.required_version();
+        version::require(state, needed, what).map_err(to_status)?;
         let changes = plans::selected_changes(state, request.selection, "")?;
         control
             .context

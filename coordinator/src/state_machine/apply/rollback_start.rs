@@ -256,13 +256,8 @@ pub(super) fn plan_of(
     plan_hash: &str,
     trigger: Trigger,
 ) -> Result<crate::plan::Plan> {
-    if options.drift_guarded() {
-        version::require(
-            state,
-            version::DRIFT_GUARD,
-            "hosts left out of a rollback or drift overwritten",
-        )?;
-    }
+    let (needed, what) = options.required_version();
+    version::require(state, needed, what)?;
     let plan = match planned {
         Some(planned) => decision::matching_plan(planned, changes, options)?.clone(),
         None => {

@@ -187,6 +187,25 @@ impl PlanOptions {
     pub fn drift_guarded(&self) -> bool {
         self.overwrite_drift || !self.exclude_hosts.is_empty()
     }
+
+    /// The cluster version these options need (a member of an older release would drop what
+    /// they use), with what needs it; `LEGACY` for options every release reads.
+    pub fn required_version(&self) -> (u32, &'static str) {
+        use crate::state_machine::version;
+        if self.gate.settle_ms > 0 {
+            (
+                version::SUBSECOND_GATES,
+                "a gate settle time in milliseconds",
+            )
+        } else if self.drift_guarded() {
+            (
+                version::DRIFT_GUARD,
+                "hosts left out of a rollback or drift overwritten",
+            )
+        } else {
+            (version::LEGACY, "")
+        }
+    }
 }
 
 impl Default for PlanOptions {
@@ -207,10 +226,16 @@ impl Default for PlanOptions {
 }
 /// The health gate after each wave: the service's probe failure ratio and error ratio on the
 /// wave's hosts must stay within `tolerance` of the change's baseline, and their p99 latency
-/// within `latency_tolerance` (a fraction) above it, for `settle_s`, within `timeout_s`.
+/// within `latency_tolerance` (a fraction) above it, for `settle_s` (or `settle_ms`), within
+/// `timeout_s`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GateOptions {
     pub settle_s: u32,
+    /// The settle time in milliseconds when one under a second, or not a whole number of
+    /// seconds, was asked (cluster version 12); 0: `settle_s`. Left out of the JSON at 0, so
+    /// plans of earlier versions hash as they did.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub settle_ms: u32,
     pub timeout_s: u32,
     pub tolerance: f64,
     /// Left out of the JSON at its default, so plan hashes of rollbacks started before it
@@ -228,10 +253,33 @@ fn default_latency_tolerance() -> f64 {
 fn is_default_latency_tolerance(value: &f64) -> bool {
     *value == DEFAULT_LATENCY_TOLERANCE
 }
+fn is_zero(value: &u32) -> bool {
+    *value == 0
+}
+impl GateOptions {
+    /// How long a wave's health must hold, in milliseconds.
+    pub fn settle_ms(&self) -> u64 {
+        if self.settle_ms > 0 {
+            u64::from(self.settle_ms)
+        } else {
+            u64::from(self.settle_s) * 1000
+        }
+    }
+
+    /// The settle time for people: "5 s", or "200 ms" when it was asked in milliseconds.
+    pub fn settle_text(&self) -> String {
+        if self.settle_ms > 0 {
+            format!("{} ms", self.settle_ms)
+        } else {
+            format!("{} s", self.settle_s)
+        }
+    }
+}
 impl Default for GateOptions {
     fn default() -> Self {
         Self {
             settle_s: 5,
+            settle_ms: 0,
             timeout_s: 120,
             tolerance: 0.05,
             latency_tolerance: DEFAULT_LATENCY_TOLERANCE,
