@@ -62,14 +62,15 @@ impl HealthBook {
         asked.insert(host_id.to_string(), (service.to_string(), now_ms));
     }
 
-    /// Whether `host_id` was asked for reports and has not reported its service healthy yet:
+    /// When `host_id` was asked for reports, if it has not reported its service healthy since:
     /// its reports may then come faster than the interval allows.
-    pub fn is_asked(&self, host_id: &str, now_ms: u64) -> bool {
+    pub fn asked_at(&self, host_id: &str, now_ms: u64) -> Option<u64> {
         self.asked
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .get(host_id)
-            .is_some_and(|(_, at_ms)| now_ms.saturating_sub(*at_ms) <= ASKED_REPORT_KEPT_MS)
+            .map(|(_, at_ms)| *at_ms)
+            .filter(|at_ms| now_ms.saturating_sub(*at_ms) <= ASKED_REPORT_KEPT_MS)
     }
 
     /// Resolves once a host asked with [`HealthBook::ask`] has reported since (at once if one
@@ -476,18 +477,22 @@ mod tests {
         assert!(!woken(&book), "web-2 was not asked");
         book.ask("web-1", "web", 20);
         assert!(!woken(&book), "web-1 has not answered yet");
-        assert!(book.is_asked("web-1", 25));
+        assert_eq!(book.asked_at("web-1", 25), Some(20));
         book.record("web-1", report(&[true, false]), 30);
         assert!(woken(&book), "web-1 answered, not healthy yet");
-        assert!(book.is_asked("web-1", 35), "so it may report again soon");
+        assert_eq!(
+            book.asked_at("web-1", 35),
+            Some(20),
+            "so it may report again soon"
+        );
         book.record("web-1", report(&[true, true]), 40);
         assert!(woken(&book), "web-1 answered healthy");
-        assert!(!book.is_asked("web-1", 45), "which ends the ask");
+        assert_eq!(book.asked_at("web-1", 45), None, "which ends the ask");
         book.record("web-1", report(&[true]), 50);
         assert!(!woken(&book), "later reports wake nobody");
         book.ask("web-3", "web", 60);
         book.ask("web-4", "web", 60 + ASKED_REPORT_KEPT_MS + 1);
-        assert!(!book.is_asked("web-3", 60 + ASKED_REPORT_KEPT_MS + 1));
+        assert_eq!(book.asked_at("web-3", 60 + ASKED_REPORT_KEPT_MS + 1), None);
         book.record("web-3", report(&[true]), 70 + ASKED_REPORT_KEPT_MS);
         assert!(!woken(&book), "an ask left unanswered is forgotten");
     }

@@ -27,9 +27,9 @@ use crate::state_machine::{
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 /// After the first refused health report of a session, only every this many is logged.
 const LOG_REFUSED_REPORT_EVERY: u64 = 100;
-/// The gap kept between reports of a host a verify asked for them (the agent sends one every
-/// 200 ms until its service is healthy): bounded for as long as the ask lasts.
-const ASKED_MIN_GAP: Duration = Duration::from_millis(150);
+/// The gap kept between reports of a host the engine asked for them after the first (the agent
+/// sends one every 200 ms until its service is healthy): bounded for as long as the ask lasts.
+const ASKED_MIN_GAP_MS: u64 = 150;
 
 pub struct Agents {
     pub context: Context,
@@ -213,8 +213,9 @@ async fn read_session(
     let mut refused_reports = 0u64;
     // A host's reports are weighed by how many it sends: no faster than half the interval it
     // was asked for, or one host could outweigh the fleet in its services' figures.
-    let min_gap = Duration::from_millis(context.health_interval_ms / 2);
-    let mut last_kept: Option<tokio::time::Instant> = None;
+    let min_gap_ms = context.health_interval_ms / 2;
+    // Wall-clock ms, to compare with when the engine asked this host for a report.
+    let mut last_kept_ms: Option<u64> = None;
     let (mut offline_summaries, mut self_reverts) = (0u32, 0u32);
     while let Some(message) = inbound.next().await {
         let message = match message {
@@ -245,21 +246,24 @@ async fn read_session(
                         .collect(),
                     None => services.to_vec(),
                 };
-                // A host a verify asked may report quickly until it says it is healthy.
-                let asked = context
-                    .health
-                    .is_asked(host_id, rewind_shared::time::now_ms());
-                let gap = if asked { ASKED_MIN_GAP } else { min_gap };
-                if last_kept.is_some_and(|kept| kept.elapsed() < gap) {
+                // A host the engine asked (a verify, a gate) is heard at once, then every
+                // ASKED_MIN_GAP_MS until it says it is healthy.
+                let now_ms = rewind_shared::time::now_ms();
+                let gap = match context.health.asked_at(host_id, now_ms) {
+                    Some(asked_ms) if last_kept_ms.is_none_or(|kept| kept < asked_ms) => 0,
+                    Some(_) => ASKED_MIN_GAP_MS,
+                    None => min_gap_ms,
+                };
+                if last_kept_ms.is_some_and(|kept| now_ms.saturating_sub(kept) < gap) {
                     debug!(
-                        min_gap_ms = gap.as_millis() as u64,
+                        min_gap_ms = gap,
                         "Dropped a health report sent too soon after the last one."
                     );
                     continue;
                 }
                 match bounds::check_health_report(&report, &assigned) {
                     Ok(()) => {
-                        last_kept = Some(tokio::time::Instant::now());
+                        last_kept_ms = Some(now_ms);
                         context
                             .health
                             .record(host_id, report, rewind_shared::time::now_ms())

@@ -77,7 +77,13 @@ pub trait Observations {
     fn synthetics(&self, rollback: u64, wave: u32, since_ms: u64) -> Option<SyntheticVerdict>;
     /// When the host's latest health report arrived, if this member has one (reports go to the leader).
     fn last_heard_ms(&self, host_id: &str) -> Option<u64>;
+    /// Whether the host was asked for a report (`Action::AskReport`) and has not yet reported
+    /// its service healthy since.
+    fn awaiting_report(&self, host_id: &str, now_ms: u64) -> bool;
 }
+
+/// How long a gate whose settle time has passed waits for the reports it asked its hosts for.
+pub const GATE_ANSWER_WAIT_MS: u64 = 1_000;
 
 /// Report intervals without a report after which a connected agent counts as gone when
 /// judging a lost region: a session whose network vanished lives on until its keepalives give
@@ -135,8 +141,9 @@ pub struct EngineMemory {
     pub audit_pruned_at_ms: u64,
     /// Verify step id -> what this leader saw of its host's agent.
     pub verify_watch: HashMap<String, VerifyWatch>,
-    /// Gates (rollback, wave) whose hosts this leader asked for a report as the gate began.
-    pub gates_asked: HashSet<(u64, u32)>,
+    /// Gates (rollback, wave) whose hosts this leader asked for a report as their settle time
+    /// ended, and when.
+    pub gates_asked: HashMap<(u64, u32), u64>,
     /// (rollback, region) -> since when this leader has seen every agent of the region gone
     /// while other regions' were connected.
     pub lost_since: HashMap<(u64, String), u64>,
@@ -354,7 +361,7 @@ pub fn decide(
     driver
         .memory
         .gates_asked
-        .retain(|(rollback, _)| live(rollback));
+        .retain(|(rollback, _), _| live(rollback));
     driver
         .memory
         .deferred_since
@@ -1356,18 +1363,30 @@ fn judge_gate(
     let progress = &rollback.waves[wave as usize].gate;
     let service = &rollback.waves[wave as usize].service;
     let waited_ms = driver.now_ms.saturating_sub(progress.started_at_ms);
-    // Evidence from inside the window at once, however short it is and however long the
-    // hosts' report interval.
-    if driver.memory.gates_asked.insert((rollback.number, wave)) {
-        for host_id in hosts {
-            driver.actions.push(Action::AskReport {
-                host_id: host_id.clone(),
-                service: service.clone(),
-            });
-        }
-    }
     let settle_ms = options.settle_ms();
     if waited_ms < settle_ms {
+        return;
+    }
+    // Evidence from the end of the settle time, however short it is and however long the
+    // hosts' report interval: ask each host once, and judge when they have answered (or
+    // GATE_ANSWER_WAIT_MS later: an unhealthy or silent host is judged on what there is).
+    let asked_at = match driver.memory.gates_asked.entry((rollback.number, wave)) {
+        Entry::Occupied(asked) => *asked.get(),
+        Entry::Vacant(first) => {
+            first.insert(driver.now_ms);
+            for host_id in hosts {
+                driver.actions.push(Action::AskReport {
+                    host_id: host_id.clone(),
+                    service: service.clone(),
+                });
+            }
+            return;
+        }
+    };
+    let answering = hosts
+        .iter()
+        .any(|host_id| driver.seen.awaiting_report(host_id, driver.now_ms));
+    if answering && driver.now_ms.saturating_sub(asked_at) < GATE_ANSWER_WAIT_MS {
         return;
     }
     let window_start = driver

@@ -23,6 +23,7 @@ fn a_wave_passes_its_gate_once_health_settles_near_the_baseline() {
         RollbackStatus::Running,
         "the gate waits settle_s before judging"
     );
+    world.run_tick(3_000); // settled: asks its hosts for a report
     world.run_tick(3_500);
     let rollback = &world.fleet.state.rollbacks[&1];
     assert_eq!(rollback.status, RollbackStatus::Succeeded);
@@ -38,7 +39,7 @@ fn a_wave_passes_its_gate_once_health_settles_near_the_baseline() {
 }
 
 #[test]
-fn a_gate_asks_its_hosts_for_a_report_as_it_begins_and_may_settle_in_milliseconds() {
+fn a_gate_settles_in_milliseconds_then_asks_its_hosts_and_judges_on_their_answers() {
     let mut world = World::new();
     world.deployed();
     world.start_rollback(3);
@@ -53,25 +54,30 @@ fn a_gate_asks_its_hosts_for_a_report_as_it_begins_and_may_settle_in_millisecond
         StepStatus::Running
     );
     let asked = |actions: &[Action]| -> Vec<String> {
-        actions
+        let mut hosts: Vec<String> = actions
             .iter()
             .filter_map(|action| match action {
                 Action::AskReport { host_id, .. } => Some(host_id.clone()),
                 _ => None,
             })
-            .collect()
+            .collect();
+        hosts.sort();
+        hosts
     };
-    let first = world.run_tick(1_100);
-    let mut hosts = asked(&first);
-    hosts.sort();
-    assert_eq!(hosts, HOSTS.map(String::from).to_vec(), "{first:?}");
-    assert!(asked(&world.run_tick(1_200)).is_empty(), "once per gate");
-    world.run_tick(1_350);
+    let gate = |world: &World| world.fleet.state.rollbacks[&1].waves[0].gate.status;
+    assert!(asked(&world.run_tick(1_100)).is_empty(), "settling");
+    let at_settle = world.run_tick(1_300);
+    assert_eq!(asked(&at_settle), HOSTS.map(String::from).to_vec());
+    assert_eq!(gate(&world), StepStatus::Running, "judged on the answers");
+    world.seen.awaiting.insert("web-2".into());
+    assert!(asked(&world.run_tick(1_400)).is_empty(), "once per gate");
+    assert_eq!(gate(&world), StepStatus::Running, "web-2 has not answered");
+    world.run_tick(2_300);
     let rollback = &world.fleet.state.rollbacks[&1];
     assert_eq!(
         rollback.status,
         RollbackStatus::Succeeded,
-        "300 ms, not 2 s"
+        "judged on what there is after GATE_ANSWER_WAIT_MS"
     );
     assert!(
         rollback.waves[0]
@@ -80,6 +86,28 @@ fn a_gate_asks_its_hosts_for_a_report_as_it_begins_and_may_settle_in_millisecond
             .contains("over the last 300 ms"),
         "{}",
         rollback.waves[0].gate.detail
+    );
+}
+
+#[test]
+fn a_gate_judges_as_soon_as_every_asked_host_has_answered() {
+    let mut world = World::new();
+    world.deployed();
+    world.start_rollback(3);
+    revert_every_host(&mut world);
+    world.run_tick(1_000);
+    world.seen.awaiting.insert("web-1".into());
+    world.run_tick(3_000); // settled (2 s): asks
+    world.run_tick(3_100);
+    assert_eq!(
+        world.fleet.state.rollbacks[&1].status,
+        RollbackStatus::Running
+    );
+    world.seen.awaiting.clear();
+    world.run_tick(3_150);
+    assert_eq!(
+        world.fleet.state.rollbacks[&1].status,
+        RollbackStatus::Succeeded
     );
 }
 
@@ -101,6 +129,7 @@ fn a_gate_with_synthetic_checks_runs_them_after_health_settles_and_needs_them_to
     world.start_rollback(3);
     revert_every_host(&mut world);
     world.run_tick(1_000); // the gate starts
+    world.run_tick(3_000); // settled: asks its hosts for a report
     let runs = |actions: &[Action]| {
         actions
             .iter()
@@ -394,6 +423,7 @@ fn a_gate_holds_error_ratio_and_p99_latency_to_the_baseline() {
     revert_every_host(&mut world);
     (world.seen.error_ratio, world.seen.p99_latency_ms) = (Some(0.03), Some(240.0));
     world.run_tick(1_000);
+    world.run_tick(3_000);
     world.run_tick(3_500);
     let rollback = &world.fleet.state.rollbacks[&1];
     assert_eq!(rollback.status, RollbackStatus::Succeeded);

@@ -3,7 +3,7 @@
 //! Over 700 lines: the shared fixture and the step and wave tests; what health decides is in
 //! `decide_health_test.rs`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use super::decide::*;
 use crate::state_machine::*;
@@ -21,6 +21,8 @@ pub(super) struct Seen {
     pub(super) drift: HashMap<String, Vec<String>>,
     /// When each host last reported (none: not since this leader began).
     pub(super) heard: HashMap<String, u64>,
+    /// Hosts asked for a report that have not answered healthy.
+    pub(super) awaiting: HashSet<String>,
 }
 
 impl Observations for Seen {
@@ -32,6 +34,9 @@ impl Observations for Seen {
     }
     fn last_heard_ms(&self, host_id: &str) -> Option<u64> {
         self.heard.get(host_id).copied()
+    }
+    fn awaiting_report(&self, host_id: &str, _now_ms: u64) -> bool {
+        self.awaiting.contains(host_id)
     }
     fn verdict_since(
         &self,

@@ -138,6 +138,10 @@ impl Observations for Live<'_> {
         self.health.last_heard_ms(host_id)
     }
 
+    fn awaiting_report(&self, host_id: &str, now_ms: u64) -> bool {
+        self.health.asked_at(host_id, now_ms).is_some()
+    }
+
     fn synthetics(&self, rollback: u64, wave: u32, since_ms: u64) -> Option<SyntheticVerdict> {
         self.synthetics.latest(rollback, wave, since_ms)
     }
