@@ -446,6 +446,7 @@ pub async fn agent_disk_fills(dir: &Path) -> anyhow::Result<()> {
     let during = client
         .get_rollback(pb::GetRollbackRequest {
             rollback_id: rollback.rollback_id.clone(),
+            ..Default::default()
         })
         .await?
         .into_inner()

@@ -150,6 +150,7 @@ pub async fn acknowledged_present(
         let rollback = client
             .get_rollback(pb::GetRollbackRequest {
                 rollback_id: rollback_id.clone(),
+                ..Default::default()
             })
             .await?
             .into_inner()

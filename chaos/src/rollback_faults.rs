@@ -158,6 +158,7 @@ pub async fn run(
         let rollback = client
             .get_rollback(pb::GetRollbackRequest {
                 rollback_id: rollback_id.clone(),
+                ..Default::default()
             })
             .await
             .ok()
@@ -370,6 +371,7 @@ async fn wait_rollback(
         let rollback = client
             .get_rollback(pb::GetRollbackRequest {
                 rollback_id: rollback_id.to_string(),
+                ..Default::default()
             })
             .await
             .ok()?

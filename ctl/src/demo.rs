@@ -342,6 +342,7 @@ async fn run_loop(
     let rollback = client
         .get_rollback(pb::GetRollbackRequest {
             rollback_id: rollback_id.clone(),
+            ..Default::default()
         })
         .await
         .map_err(explain)?

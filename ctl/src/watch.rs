@@ -20,6 +20,7 @@ pub async fn follow(
     let mut stream = client
         .watch_rollback(pb::GetRollbackRequest {
             rollback_id: rollback_id.to_string(),
+            changes_only: true,
         })
         .await
         .map_err(explain)?
@@ -35,13 +36,20 @@ pub async fn follow(
     let mut seen: Vec<(String, i32)> = Vec::new();
     let mut last = None;
     while let Some(update) = stream.next().await {
-        let rollback = update.map_err(explain)?.rollback.unwrap_or_default();
+        let update = update.map_err(explain)?;
+        let received = update.rollback.unwrap_or_default();
         if format == Format::Json {
+            // As received: the whole rollback first, then what changed.
             println!(
                 "{}",
-                output::json_for_terminal(&serde_json::to_string(&rollback)?)
+                output::json_for_terminal(&serde_json::to_string(&received)?)
             );
-        } else {
+        }
+        let rollback = match last.take() {
+            Some(previous) if update.changes_only => with_changes(previous, received),
+            _ => received,
+        };
+        if format != Format::Json {
             report_transitions(&bar, &rollback, &mut seen);
         }
         last = Some(rollback);
@@ -66,6 +74,33 @@ pub async fn follow(
     } else {
         ExitCode::from(EXIT_ROLLBACK_FAILED)
     })
+}
+
+/// `previous` with a watch's update applied: changed steps replaced by id (new ones added), the
+/// waves if the update carries them, every other field as the update has it.
+fn with_changes(previous: pb::Rollback, changes: pb::Rollback) -> pb::Rollback {
+    let mut steps = previous.steps;
+    let position: std::collections::HashMap<String, usize> = steps
+        .iter()
+        .enumerate()
+        .map(|(index, step)| (step.step_id.clone(), index))
+        .collect();
+    for step in changes.steps.iter().cloned() {
+        match position.get(&step.step_id) {
+            Some(&index) => steps[index] = step,
+            None => steps.push(step),
+        }
+    }
+    let waves = if changes.waves.is_empty() {
+        previous.waves
+    } else {
+        changes.waves.clone()
+    };
+    pb::Rollback {
+        steps,
+        waves,
+        ..changes
+    }
 }
 
 fn report_transitions(bar: &ProgressBar, rollback: &pb::Rollback, seen: &mut Vec<(String, i32)>) {
@@ -142,5 +177,54 @@ fn print_line(bar: &ProgressBar, line: String) {
         say!("{line}")
     } else {
         bar.println(rewind_shared::names::for_terminal(&line))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(id: &str, state: pb::StepState) -> pb::RollbackStep {
+        pb::RollbackStep {
+            step_id: id.into(),
+            state: state as i32,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_update_replaces_the_steps_it_names_and_keeps_the_rest() {
+        let wave = pb::RollbackWave {
+            region: "eu".into(),
+            ..Default::default()
+        };
+        let previous = pb::Rollback {
+            state: pb::RollbackState::Running as i32,
+            steps: vec![
+                step("a", pb::StepState::Running),
+                step("b", pb::StepState::Pending),
+            ],
+            waves: vec![wave.clone()],
+            ..Default::default()
+        };
+        let changes = pb::Rollback {
+            state: pb::RollbackState::Paused as i32,
+            steps: vec![
+                step("a", pb::StepState::Succeeded),
+                step("c", pb::StepState::Pending),
+            ],
+            ..Default::default()
+        };
+        let merged = with_changes(previous, changes);
+        assert_eq!(merged.state, pb::RollbackState::Paused as i32);
+        assert_eq!(
+            merged.steps,
+            vec![
+                step("a", pb::StepState::Succeeded),
+                step("b", pb::StepState::Pending),
+                step("c", pb::StepState::Pending),
+            ]
+        );
+        assert_eq!(merged.waves, vec![wave], "no waves in an update: unchanged");
     }
 }

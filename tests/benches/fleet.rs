@@ -219,12 +219,40 @@ async fn rollback_of_a_fleet(
         .into_inner()
         .rollback
         .unwrap();
+    // What a person watching pays: one watch asking for changes only, one for the whole
+    // rollback on every update (as before changes_only), bytes on the wire counted.
+    let watchers: Vec<_> = [true, false]
+        .into_iter()
+        .map(|changes_only| {
+            let mut client = client.clone();
+            let rollback_id = rollback.rollback_id.clone();
+            tokio::spawn(async move {
+                let mut stream = client
+                    .watch_rollback(pb::GetRollbackRequest {
+                        rollback_id,
+                        changes_only,
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                let (mut updates, mut bytes) = (0usize, 0usize);
+                while let Some(Ok(update)) = tokio_stream::StreamExt::next(&mut stream).await {
+                    updates += 1;
+                    bytes += prost::Message::encoded_len(&update);
+                }
+                (updates, bytes)
+            })
+        })
+        .collect();
     let done = must_wait_async(Duration::from_secs(1800), "the rollback to end", || {
         let mut client = client.clone();
         let rollback_id = rollback.rollback_id.clone();
         async move {
             let rollback = client
-                .get_rollback(pb::GetRollbackRequest { rollback_id })
+                .get_rollback(pb::GetRollbackRequest {
+                    rollback_id,
+                    ..Default::default()
+                })
                 .await
                 .ok()?
                 .into_inner()
@@ -242,6 +270,10 @@ async fn rollback_of_a_fleet(
     );
     let gates = Duration::from_secs(u64::from(SETTLE_S) * plan.waves.len() as u64);
     let steps = done.steps.len();
+    let mut watched = Vec::new();
+    for watcher in watchers {
+        watched.push(watcher.await.unwrap());
+    }
     println!(
         "fleet rollback: {hosts} hosts in {} waves, max_parallel {parallel}",
         plan.waves.len()
@@ -261,6 +293,13 @@ async fn rollback_of_a_fleet(
         total.as_secs_f64(),
         steps as f64 / total.as_secs_f64(),
         gates.as_secs_f64()
+    );
+    println!(
+        "  rollback watch: {} updates, {:.2} MB with changes_only; {} updates, {:.1} MB whole",
+        watched[0].0,
+        watched[0].1 as f64 / 1e6,
+        watched[1].0,
+        watched[1].1 as f64 / 1e6
     );
     println!(
         "  rewind itself (total minus the gates' settle time): {:.1} s",

@@ -213,7 +213,10 @@ pub async fn must_rollback_where(
         let done = &done;
         async move {
             let rollback = client
-                .get_rollback(rewind_proto::v1::GetRollbackRequest { rollback_id })
+                .get_rollback(rewind_proto::v1::GetRollbackRequest {
+                    rollback_id,
+                    ..Default::default()
+                })
                 .await
                 .ok()?
                 .into_inner()
@@ -290,7 +293,10 @@ pub async fn must_start_rollback_of_v2(client: &mut ControlServiceClient<Channel
         let rollback_id = rollback_id.clone();
         async move {
             let rollback = client
-                .get_rollback(pb::GetRollbackRequest { rollback_id })
+                .get_rollback(pb::GetRollbackRequest {
+                    rollback_id,
+                    ..Default::default()
+                })
                 .await
                 .ok()?
                 .into_inner()

@@ -293,6 +293,7 @@ async fn an_operator_rollback_can_be_paused_resumed_and_runs_one_host_at_a_time(
     let still = client
         .get_rollback(pb::GetRollbackRequest {
             rollback_id: rollback.rollback_id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()

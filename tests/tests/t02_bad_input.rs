@@ -267,7 +267,7 @@ async fn bad_requests_are_refused_with_the_field_named_and_change_nothing() {
         case("a change id is given", call!(c, get_change, get_change("")), InvalidArgument, "change_id: must not be empty"),
         case("a change id looks like one", call!(c, get_change, get_change("banana")), InvalidArgument, "change_id: \"banana\" is not an id like ch-12"),
         case("a change id names a change", call!(c, get_change, get_change("ch-99")), NotFound, "no change ch-99: known changes are none"),
-        case("a rollback id names a rollback", call!(c, get_rollback, pb::GetRollbackRequest { rollback_id: "rb-4".into() }), NotFound, "no rollback rb-4"),
+        case("a rollback id names a rollback", call!(c, get_rollback, pb::GetRollbackRequest { rollback_id: "rb-4".into(), ..Default::default() }), NotFound, "no rollback rb-4"),
         case("a rollback selects changes by change id", call!(c, start_rollback, rollback("rb-1", "test".into())), InvalidArgument, "selection.change_ids: \"rb-1\" is not an id like ch-12"),
         case("a gate tolerance is within 0..=1", call!(c, start_rollback, bad_gate), InvalidArgument, "options.gate.tolerance: is 2, must be within 0..=1"),
         case("accepting data loss says why", call!(c, start_rollback, unexplained_loss), InvalidArgument, "options.accept_data_loss: say why losing that data is acceptable"),

@@ -385,6 +385,7 @@ async fn a_plan_reverts_consumers_first_region_by_region_and_a_failing_gate_esca
             let rollback = client
                 .get_rollback(pb::GetRollbackRequest {
                     rollback_id: "rb-1".into(),
+                    ..Default::default()
                 })
                 .await
                 .ok()?

@@ -42,7 +42,10 @@ async fn must_start_paused(
         let rollback_id = rollback.rollback_id.clone();
         async move {
             let rollback = client
-                .get_rollback(pb::GetRollbackRequest { rollback_id })
+                .get_rollback(pb::GetRollbackRequest {
+                    rollback_id,
+                    ..Default::default()
+                })
                 .await
                 .ok()?
                 .into_inner()
@@ -130,6 +133,22 @@ async fn a_person_skips_a_host_watches_the_rollback_end_and_isolates_a_service()
             .expect("rollback watch ends when the rollback does")
             .expect("run rewindctl rollback watch")
     });
+    // And through the API, asking for changes only.
+    let mut changes = client
+        .watch_rollback(pb::GetRollbackRequest {
+            rollback_id: paused.rollback_id.clone(),
+            changes_only: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let changes = tokio::spawn(async move {
+        let mut updates = Vec::new();
+        while let Some(update) = tokio_stream::StreamExt::next(&mut changes).await {
+            updates.push(update.unwrap());
+        }
+        updates
+    });
     tokio::time::sleep(Duration::from_secs(1)).await;
     client
         .resume_rollback(action(&paused.rollback_id, "resume"))
@@ -155,6 +174,40 @@ async fn a_person_skips_a_host_watches_the_rollback_end_and_isolates_a_service()
         pb::RollbackState::Succeeded as i32,
         "{ended:?}"
     );
+    // The first update is the whole rollback; each later one only the steps that changed, and
+    // the waves only when one did; applied in order they give the rollback as it ended.
+    let updates = changes.await.unwrap();
+    assert!(updates.len() > 3, "{updates:?}");
+    let first = updates[0].rollback.clone().unwrap();
+    assert!(!updates[0].changes_only);
+    assert_eq!(first.steps.len(), ended.steps.len());
+    let mut steps: std::collections::HashMap<String, pb::RollbackStep> = first
+        .steps
+        .into_iter()
+        .map(|step| (step.step_id.clone(), step))
+        .collect();
+    let mut waves = first.waves;
+    for update in &updates[1..] {
+        assert!(update.changes_only, "{update:?}");
+        let changed = update.rollback.clone().unwrap();
+        assert!(
+            changed.steps.len() < ended.steps.len(),
+            "an update carries what changed, not every step: {changed:?}"
+        );
+        for step in changed.steps {
+            assert_ne!(steps.get(&step.step_id), Some(&step), "unchanged: {step:?}");
+            steps.insert(step.step_id.clone(), step);
+        }
+        if !changed.waves.is_empty() {
+            waves = changed.waves;
+        }
+    }
+    let last = updates.last().unwrap().rollback.clone().unwrap();
+    assert_eq!(last.state, ended.state);
+    assert_eq!(waves, ended.waves);
+    for step in &ended.steps {
+        assert_eq!(steps.get(&step.step_id), Some(step));
+    }
     for host in &hosts {
         if host.id == skipped {
             assert_eq!(

@@ -863,6 +863,7 @@ async fn a_staging_operator_neither_sees_nor_reverts_prod_changes() {
     let mut watch = pb::control_service_client::ControlServiceClient::new(vic)
         .watch_rollback(pb::GetRollbackRequest {
             rollback_id: rollback,
+            ..Default::default()
         })
         .await
         .unwrap()

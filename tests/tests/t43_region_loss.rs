@@ -52,6 +52,7 @@ async fn losing_a_region_mid_rollback_finishes_the_others_and_reverts_it_on_retu
     let begun = client
         .get_rollback(pb::GetRollbackRequest {
             rollback_id: rollback_id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()

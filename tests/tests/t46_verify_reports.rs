@@ -76,7 +76,10 @@ async fn a_verify_asks_for_a_report_and_ends_once_the_restarted_host_is_healthy(
         let rollback_id = rollback_id.clone();
         async move {
             let rollback = client
-                .get_rollback(pb::GetRollbackRequest { rollback_id })
+                .get_rollback(pb::GetRollbackRequest {
+                    rollback_id,
+                    ..Default::default()
+                })
                 .await
                 .ok()?
                 .into_inner()

@@ -140,7 +140,10 @@ pub(crate) async fn rollback(
         }
         RollbackCommand::Explain { rollback_id } => {
             let answer = client
-                .explain_rollback(pb::GetRollbackRequest { rollback_id })
+                .explain_rollback(pb::GetRollbackRequest {
+                    rollback_id,
+                    ..Default::default()
+                })
                 .await
                 .map_err(explain)?
                 .into_inner();
@@ -225,7 +228,10 @@ pub(crate) async fn rollback(
             rollback
         }
         RollbackCommand::Show { rollback_id } => client
-            .get_rollback(pb::GetRollbackRequest { rollback_id })
+            .get_rollback(pb::GetRollbackRequest {
+                rollback_id,
+                ..Default::default()
+            })
             .await
             .map_err(explain)?
             .into_inner()

@@ -260,11 +260,13 @@ pub(super) async fn get_rollback(
         })?;
         return Ok(Response::new(pb::GetRollbackResponse {
             rollback: Some(rollback),
+            changes_only: false,
         }));
     }
     let number = control.visible_rollback(request).await?;
     Ok(Response::new(pb::GetRollbackResponse {
         rollback: Some(control.context.rollback(number)?),
+        changes_only: false,
     }))
 }
 
@@ -329,6 +331,7 @@ pub(super) async fn watch_rollback(
     request: Request<pb::GetRollbackRequest>,
 ) -> Result<Response<WatchStream>, Status> {
     let watcher = caller(&request)?;
+    let changes_only = request.get_ref().changes_only;
     let number = control.visible_rollback(request).await?;
     let first = control.context.rollback(number)?;
     let context = control.context.clone();
@@ -336,17 +339,14 @@ pub(super) async fn watch_rollback(
     tokio::spawn(async move {
         let mut applied = context.node.subscribe();
         let mut last = first;
+        let mut update = pb::GetRollbackResponse {
+            rollback: Some(last.clone()),
+            changes_only: false,
+        };
         loop {
             let ended =
                 pb::RollbackState::try_from(last.state).is_ok_and(|state| state.is_terminal());
-            if sender
-                .send(Ok(pb::GetRollbackResponse {
-                    rollback: Some(last.clone()),
-                }))
-                .await
-                .is_err()
-                || ended
-            {
+            if sender.send(Ok(update)).await.is_err() || ended {
                 return;
             }
             // Wait for a change of this rollback; a closed client ends the task.
@@ -365,6 +365,17 @@ pub(super) async fn watch_rollback(
                     return;
                 };
                 if current != last {
+                    update = if changes_only {
+                        pb::GetRollbackResponse {
+                            rollback: Some(changes_since(&last, &current)),
+                            changes_only: true,
+                        }
+                    } else {
+                        pb::GetRollbackResponse {
+                            rollback: Some(current.clone()),
+                            changes_only: false,
+                        }
+                    };
                     last = current;
                     break;
                 }
@@ -374,6 +385,30 @@ pub(super) async fn watch_rollback(
     Ok(Response::new(Box::pin(
         tokio_stream::wrappers::ReceiverStream::new(receiver),
     )))
+}
+
+/// `now` with only the steps that differ from `before` (by id), and its waves only if any
+/// changed: a watch's update costs what changed, not the fleet.
+fn changes_since(before: &pb::Rollback, now: &pb::Rollback) -> pb::Rollback {
+    let earlier: std::collections::HashMap<&str, &pb::RollbackStep> = before
+        .steps
+        .iter()
+        .map(|step| (step.step_id.as_str(), step))
+        .collect();
+    pb::Rollback {
+        steps: now
+            .steps
+            .iter()
+            .filter(|step| earlier.get(step.step_id.as_str()) != Some(step))
+            .cloned()
+            .collect(),
+        waves: if before.waves == now.waves {
+            Vec::new()
+        } else {
+            now.waves.clone()
+        },
+        ..now.clone()
+    }
 }
 
 /// Whether `caller` may still do its call's action on rollback `number` under the policy in
@@ -428,6 +463,7 @@ impl Control {
         );
         Ok(Response::new(pb::GetRollbackResponse {
             rollback: Some(rollback),
+            changes_only: false,
         }))
     }
 
@@ -500,6 +536,7 @@ impl Control {
         );
         Ok(Response::new(pb::GetRollbackResponse {
             rollback: Some(rollback),
+            changes_only: false,
         }))
     }
 }
