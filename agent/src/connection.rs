@@ -85,9 +85,10 @@ pub struct Agent {
     container_releases: Mutex<std::collections::BTreeMap<String, Vec<String>>>,
     /// Wakes the health loop for a report now (the coordinator asked: a verify began).
     report_now: tokio::sync::Notify,
-    /// Services a verify waits on, with until when: reported every [`QUICK_REPORT_EVERY`]
-    /// while their probes do not all pass. At most one entry per configured service.
-    quick_reports: Mutex<HashMap<String, tokio::time::Instant>>,
+    /// Services the coordinator asked about (a verify, a gate), with until when and the ask's
+    /// id: reported every [`QUICK_REPORT_EVERY`] while their probes do not all pass, each report
+    /// naming the ask. At most one entry per configured service.
+    quick_reports: Mutex<HashMap<String, (tokio::time::Instant, u64)>>,
 }
 
 impl Agent {
@@ -587,6 +588,7 @@ impl Agent {
                 app,
                 retained,
                 drift: Vec::new(),
+                answers_ask: self.open_ask(),
             };
             let resend_due = drift_sent_at.is_none_or(|at| at.elapsed() >= DRIFT_RESEND);
             if drift.has_changed().unwrap_or(false) || resend_due {
@@ -632,16 +634,29 @@ impl Agent {
             return;
         }
         let within = Duration::from_millis(u64::from(ask.within_ms)).min(QUICK_REPORT_MAX);
-        lock(&self.quick_reports).insert(ask.service.clone(), tokio::time::Instant::now() + within);
+        lock(&self.quick_reports).insert(
+            ask.service.clone(),
+            (tokio::time::Instant::now() + within, ask.ask_id),
+        );
         self.report_now.notify_one();
     }
 
-    /// Whether a service a verify waits on is still not healthy in `report` (and its ask's time
-    /// not up): then the next report comes in [`QUICK_REPORT_EVERY`], not at the interval.
+    /// The id of the latest ask still open here (0: none), for the next report to carry.
+    fn open_ask(&self) -> u64 {
+        lock(&self.quick_reports)
+            .values()
+            .map(|(_, ask_id)| *ask_id)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Whether a service the coordinator asked about is still not healthy in `report` (and its
+    /// ask's time not up): then the next report comes in [`QUICK_REPORT_EVERY`], not at the
+    /// interval.
     fn keep_reporting_quickly(&self, report: &pb::HealthReport) -> bool {
         let now = tokio::time::Instant::now();
         let mut quick = lock(&self.quick_reports);
-        quick.retain(|service, until| {
+        quick.retain(|service, (until, _)| {
             // A service without probes has nothing to wait for.
             let healthy = report
                 .probes

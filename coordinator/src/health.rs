@@ -2,7 +2,7 @@
 //! talk to. Raw samples are never written to disk; what matters (a rollback's trigger evidence,
 //! a change's baseline, a verified host) goes into commands.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 
 use rewind_proto::v1::HealthReport;
@@ -21,6 +21,8 @@ struct ReceivedReport {
     received_at_ms: u64,
     /// Its encoded size, counted against the host's history.
     bytes: usize,
+    /// Kept only because it answered an ask (see `HealthBook::record_report`).
+    quick: bool,
     report: HealthReport,
 }
 
@@ -40,63 +42,168 @@ struct History {
 /// forgotten, so the set stays bounded by the hosts asked lately.
 const ASKED_REPORT_KEPT_MS: u64 = 60_000;
 
+/// An open ask: a host was asked for a report on `service` (a verify began, a gate settled).
+struct Ask {
+    id: u64,
+    service: String,
+    at_ms: u64,
+    /// The host's first report answering this ask was let through the gap already.
+    first_answer_seen: bool,
+}
+
+#[derive(Default)]
+struct Asks {
+    open: HashMap<String, Ask>,
+    last_id: u64,
+    /// Hosts whose agent has answered an ask (agents before asks existed never do): only
+    /// these are waited for.
+    answering: HashSet<String>,
+}
+
+/// How the agent session treats a report against the gap it keeps between a host's reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AskedReport {
+    /// Not an answer: the usual gap applies.
+    No,
+    /// The first report answering an open ask: kept whatever the gap.
+    FirstAnswer,
+    /// A later answer to the same ask (the service is still coming up): a short gap.
+    LaterAnswer,
+}
+
 #[derive(Default)]
 pub struct HealthBook {
     hosts: Mutex<HashMap<String, History>>,
-    /// Hosts asked for a report now (a verify began there): the service and when. The engine
-    /// wakes as each reports instead of at its next tick (only these wake it: every report
-    /// would make its work grow with the fleet), until one says the service is healthy.
-    asked: Mutex<HashMap<String, (String, u64)>>,
-    asked_answered: tokio::sync::Notify,
+    /// Hosts asked for a report. The engine wakes when one reports its service healthy, rather
+    /// than at its next tick; no other report wakes it (its work would grow with the fleet).
+    asks: Mutex<Asks>,
+    ask_closed: tokio::sync::Notify,
 }
 
 impl HealthBook {
-    /// Notes that `host_id` was asked for a report on `service` now: its reports wake
-    /// [`HealthBook::asked_report_arrived`] until one has the service healthy.
-    pub fn ask(&self, host_id: &str, service: &str, now_ms: u64) {
-        let mut asked = self
-            .asked
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        asked.retain(|_, (_, at_ms)| now_ms.saturating_sub(*at_ms) <= ASKED_REPORT_KEPT_MS);
-        asked.insert(host_id.to_string(), (service.to_string(), now_ms));
+    /// Opens an ask of `host_id` for a report on `service` (replacing any earlier one) and
+    /// returns its id, which the agent's answers carry (`HealthReport.answers_ask`). Ids grow
+    /// across restarts (they start from the clock), so an answer to an older member's ask does
+    /// not match.
+    pub fn ask(&self, host_id: &str, service: &str, now_ms: u64) -> u64 {
+        let mut asks = self.lock_asks();
+        asks.open
+            .retain(|_, ask| now_ms.saturating_sub(ask.at_ms) <= ASKED_REPORT_KEPT_MS);
+        let id = (asks.last_id + 1).max(now_ms.saturating_mul(1000));
+        asks.last_id = id;
+        asks.open.insert(
+            host_id.to_string(),
+            Ask {
+                id,
+                service: service.to_string(),
+                at_ms: now_ms,
+                first_answer_seen: false,
+            },
+        );
+        id
     }
 
-    /// When `host_id` was asked for reports, if it has not reported its service healthy since:
-    /// its reports may then come faster than the interval allows.
-    pub fn asked_at(&self, host_id: &str, now_ms: u64) -> Option<u64> {
-        self.asked
+    /// Closes ask `id` of `host_id` unanswered (it could not be sent).
+    pub fn forget_ask(&self, host_id: &str, id: u64) {
+        let mut asks = self.lock_asks();
+        if asks.open.get(host_id).is_some_and(|ask| ask.id == id) {
+            asks.open.remove(host_id);
+        }
+    }
+
+    /// Whether `host_id` has an open ask its agent is known to answer (it answered one before):
+    /// a gate waits for such hosts, not for agents that ignore asks.
+    pub fn awaiting_answer(&self, host_id: &str, now_ms: u64) -> bool {
+        let asks = self.lock_asks();
+        asks.answering.contains(host_id)
+            && asks
+                .open
+                .get(host_id)
+                .is_some_and(|ask| now_ms.saturating_sub(ask.at_ms) <= ASKED_REPORT_KEPT_MS)
+    }
+
+    /// Whether a report of `host_id` answering ask `answers_ask` (0: none) is an answer to its
+    /// open ask, and the first one: the first is kept whatever the gap, later ones a short gap
+    /// apart. Only the id of the ask open now counts, each first answer once.
+    pub fn asked_report(&self, host_id: &str, answers_ask: u64, now_ms: u64) -> AskedReport {
+        let mut asks = self.lock_asks();
+        let Some(ask) = asks.open.get_mut(host_id) else {
+            return AskedReport::No;
+        };
+        if answers_ask == 0
+            || ask.id != answers_ask
+            || now_ms.saturating_sub(ask.at_ms) > ASKED_REPORT_KEPT_MS
+        {
+            return AskedReport::No;
+        }
+        if std::mem::replace(&mut ask.first_answer_seen, true) {
+            AskedReport::LaterAnswer
+        } else {
+            AskedReport::FirstAnswer
+        }
+    }
+
+    /// Resolves once an ask has been closed by a healthy report since (at once if one was
+    /// while nobody waited).
+    pub async fn asked_report_arrived(&self) {
+        self.ask_closed.notified().await;
+    }
+
+    fn lock_asks(&self) -> std::sync::MutexGuard<'_, Asks> {
+        self.asks
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .get(host_id)
-            .map(|(_, at_ms)| *at_ms)
-            .filter(|at_ms| now_ms.saturating_sub(*at_ms) <= ASKED_REPORT_KEPT_MS)
     }
 
-    /// Resolves once a host asked with [`HealthBook::ask`] has reported since (at once if one
-    /// did while nobody waited).
-    pub async fn asked_report_arrived(&self) {
-        self.asked_answered.notified().await;
-    }
-
-    pub fn record(&self, host_id: &str, mut report: HealthReport, received_at_ms: u64) {
-        let answered = {
-            let mut asked = self
-                .asked
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            let healthy = asked.get(host_id).map(|(service, _)| {
-                report
-                    .probes
-                    .iter()
-                    .filter(|probe| probe.service == *service)
-                    .all(|probe| probe.ok)
-            });
-            if healthy == Some(true) {
-                asked.remove(host_id);
-            }
-            healthy.is_some()
+    /// Records a report that arrived at `received_at_ms`. `quick`: it was kept only because it
+    /// answers an ask (inside the gap other reports keep), so it weighs no more in aggregates
+    /// than the host's latest report does.
+    pub fn record_report(
+        &self,
+        host_id: &str,
+        report: HealthReport,
+        received_at_ms: u64,
+        quick: bool,
+    ) {
+        let answered = report.answers_ask != 0;
+        let healthy_for = |service: &str| {
+            report
+                .probes
+                .iter()
+                .filter(|probe| probe.service == service)
+                .all(|probe| probe.ok)
         };
+        let closes = {
+            let asks = self.lock_asks();
+            asks.open
+                .get(host_id)
+                .filter(|ask| {
+                    healthy_for(&ask.service)
+                        || received_at_ms.saturating_sub(ask.at_ms) > ASKED_REPORT_KEPT_MS
+                })
+                .map(|ask| ask.id)
+        };
+        self.store(host_id, report, received_at_ms, quick);
+        // After the report is in the book: whoever sees the ask closed sees the report too.
+        let mut asks = self.lock_asks();
+        if answered {
+            asks.answering.insert(host_id.to_string());
+        }
+        // Unless another ask replaced it meanwhile.
+        if let Some(id) = closes
+            && asks.open.get(host_id).is_some_and(|ask| ask.id == id)
+        {
+            asks.open.remove(host_id);
+            drop(asks);
+            self.ask_closed.notify_one();
+        }
+    }
+
+    pub fn record(&self, host_id: &str, report: HealthReport, received_at_ms: u64) {
+        self.record_report(host_id, report, received_at_ms, false);
+    }
+
+    fn store(&self, host_id: &str, mut report: HealthReport, received_at_ms: u64, quick: bool) {
         let mut hosts = self
             .hosts
             .lock()
@@ -110,6 +217,7 @@ impl HealthBook {
         history.reports.push_back(ReceivedReport {
             received_at_ms,
             bytes,
+            quick,
             report,
         });
         // The oldest go first; the latest always stays.
@@ -119,11 +227,6 @@ impl HealthBook {
             if let Some(oldest) = history.reports.pop_front() {
                 history.bytes -= oldest.bytes;
             }
-        }
-        drop(hosts);
-        // After the report is in the book: the engine reads it as soon as it wakes.
-        if answered {
-            self.asked_answered.notify_one();
         }
     }
 
@@ -169,6 +272,11 @@ impl HealthBook {
 
     /// Forgets a host (it was removed from the fleet).
     pub fn forget(&self, host_id: &str) {
+        {
+            let mut asks = self.lock_asks();
+            asks.open.remove(host_id);
+            asks.answering.remove(host_id);
+        }
         self.hosts
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -213,9 +321,13 @@ impl HealthBook {
                 continue;
             };
             let mut reported = false;
-            for received in reports
+            // A host's quick answers (its service coming up) count as one report: its latest.
+            let latest = reports.len().saturating_sub(1);
+            for (_, received) in reports
                 .iter()
-                .filter(|received| received.received_at_ms >= since_ms)
+                .enumerate()
+                .filter(|(index, received)| !received.quick || *index == latest)
+                .filter(|(_, received)| received.received_at_ms >= since_ms)
             {
                 for probe in received
                     .report
@@ -464,37 +576,101 @@ mod tests {
             app: vec![],
             retained: vec![],
             drift: vec![],
+            answers_ask: 0,
         }
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_report_from_a_host_asked_wakes_the_engine_and_others_do_not() {
+    fn answer(ok: &[bool], ask: u64) -> HealthReport {
+        HealthReport {
+            answers_ask: ask,
+            ..report(ok)
+        }
+    }
+
+    #[test]
+    fn an_ask_lets_its_first_answer_through_once_and_a_healthy_answer_closes_it() {
         let book = HealthBook::default();
         let woken = |book: &HealthBook| {
             futures::FutureExt::now_or_never(book.asked_report_arrived()).is_some()
         };
         book.record("web-2", report(&[true]), 10);
         assert!(!woken(&book), "web-2 was not asked");
-        book.ask("web-1", "web", 20);
-        assert!(!woken(&book), "web-1 has not answered yet");
-        assert_eq!(book.asked_at("web-1", 25), Some(20));
-        book.record("web-1", report(&[true, false]), 30);
-        assert!(woken(&book), "web-1 answered, not healthy yet");
+        let ask = book.ask("web-1", "web", 20);
         assert_eq!(
-            book.asked_at("web-1", 35),
-            Some(20),
-            "so it may report again soon"
+            book.asked_report("web-1", 0, 21),
+            AskedReport::No,
+            "periodic"
         );
-        book.record("web-1", report(&[true, true]), 40);
-        assert!(woken(&book), "web-1 answered healthy");
-        assert_eq!(book.asked_at("web-1", 45), None, "which ends the ask");
-        book.record("web-1", report(&[true]), 50);
-        assert!(!woken(&book), "later reports wake nobody");
-        book.ask("web-3", "web", 60);
-        book.ask("web-4", "web", 60 + ASKED_REPORT_KEPT_MS + 1);
-        assert_eq!(book.asked_at("web-3", 60 + ASKED_REPORT_KEPT_MS + 1), None);
-        book.record("web-3", report(&[true]), 70 + ASKED_REPORT_KEPT_MS);
-        assert!(!woken(&book), "an ask left unanswered is forgotten");
+        assert_eq!(
+            book.asked_report("web-1", ask + 1, 21),
+            AskedReport::No,
+            "not ours"
+        );
+        assert_eq!(
+            book.asked_report("web-1", ask, 22),
+            AskedReport::FirstAnswer
+        );
+        assert_eq!(
+            book.asked_report("web-1", ask, 23),
+            AskedReport::LaterAnswer
+        );
+        assert!(
+            !book.awaiting_answer("web-1", 24),
+            "not known to answer yet"
+        );
+        book.record_report("web-1", answer(&[true, false], ask), 30, true);
+        assert!(!woken(&book), "an unhealthy answer closes nothing");
+        assert!(
+            book.awaiting_answer("web-1", 35),
+            "it answers asks: awaited"
+        );
+        book.record_report("web-1", answer(&[true, true], ask), 40, true);
+        assert!(woken(&book), "a healthy answer closes the ask");
+        assert!(!book.awaiting_answer("web-1", 45));
+        assert_eq!(
+            book.asked_report("web-1", ask, 46),
+            AskedReport::No,
+            "closed"
+        );
+        // A new ask starts over, with a new id.
+        let again = book.ask("web-1", "web", 50);
+        assert!(again > ask);
+        assert_eq!(
+            book.asked_report("web-1", again, 51),
+            AskedReport::FirstAnswer
+        );
+        // An ask nobody answers (an agent before asks) is forgotten, and never awaited.
+        let ignored = book.ask("web-3", "web", 60);
+        assert!(!book.awaiting_answer("web-3", 61));
+        book.forget_ask("web-3", ignored);
+        assert_eq!(book.asked_report("web-3", ignored, 62), AskedReport::No);
+        let expired = book.ask("web-4", "web", 70);
+        assert_eq!(
+            book.asked_report("web-4", expired, 71 + ASKED_REPORT_KEPT_MS),
+            AskedReport::No
+        );
+    }
+
+    #[test]
+    fn quick_answers_weigh_as_one_report_in_aggregates() {
+        let book = HealthBook::default();
+        let hosts = ["web-1".to_string()];
+        book.record("web-1", report(&[true]), 10);
+        for at in [20, 30, 40] {
+            book.record_report("web-1", report(&[false]), at, true);
+        }
+        let figures = book.aggregate("web", &hosts, 0);
+        assert_eq!(
+            figures.samples, 2,
+            "the periodic one and the latest answer, not three failing answers: {figures:?}"
+        );
+        book.record_report("web-1", report(&[true]), 50, true);
+        let figures = book.aggregate("web", &hosts, 0);
+        assert_eq!(figures.samples, 2, "{figures:?}");
+        assert_eq!(
+            figures.probe_failure_ratio, 0.0,
+            "the latest answer is healthy"
+        );
     }
 
     #[test]

@@ -82,6 +82,8 @@ impl SimAgent {
         let (host, service) = (host_id.to_string(), service.to_string());
         let task = tokio::spawn(async move {
             let mut report = tokio::time::interval(report_every);
+            // The ask the next report answers (always healthy: one answer closes it).
+            let mut asked = 0u64;
             loop {
                 tokio::select! {
                     _ = report.tick() => {
@@ -98,7 +100,9 @@ impl SimAgent {
                             app: vec![],
                             retained: vec![],
                             drift: vec![],
+                            answers_ask: asked,
                         };
+                        asked = 0;
                         if outbound.send(message(agent_message::Body::Health(health))).await.is_err() {
                             return;
                         }
@@ -124,7 +128,10 @@ impl SimAgent {
                                 }
                             }
                             // A verify began: report now, as a real agent does.
-                            Some(coordinator_message::Body::ReportNow(_)) => report.reset_immediately(),
+                            Some(coordinator_message::Body::ReportNow(ask)) => {
+                                asked = ask.ask_id;
+                                report.reset_immediately();
+                            }
                             Some(coordinator_message::Body::Flag(update)) => {
                                 flags.lock().unwrap().push((host.clone(), update.flag, update.enabled, Instant::now()));
                             }

@@ -19,6 +19,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::gate::caller;
 use super::status::invalid;
 use super::{Context, convert};
+use crate::health::AskedReport;
 use crate::state_machine::{
     CommandKind, RollbackStepKind, ShardReportRecord, StatementRecord, StepTarget,
 };
@@ -29,7 +30,7 @@ const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 const LOG_REFUSED_REPORT_EVERY: u64 = 100;
 /// The gap kept between reports of a host the engine asked for them after the first (the agent
 /// sends one every 200 ms until its service is healthy): bounded for as long as the ask lasts.
-const ASKED_MIN_GAP_MS: u64 = 150;
+const ASKED_MIN_GAP: Duration = Duration::from_millis(150);
 
 pub struct Agents {
     pub context: Context,
@@ -213,9 +214,8 @@ async fn read_session(
     let mut refused_reports = 0u64;
     // A host's reports are weighed by how many it sends: no faster than half the interval it
     // was asked for, or one host could outweigh the fleet in its services' figures.
-    let min_gap_ms = context.health_interval_ms / 2;
-    // Wall-clock ms, to compare with when the engine asked this host for a report.
-    let mut last_kept_ms: Option<u64> = None;
+    let min_gap = Duration::from_millis(context.health_interval_ms / 2);
+    let mut last_kept: Option<tokio::time::Instant> = None;
     let (mut offline_summaries, mut self_reverts) = (0u32, 0u32);
     while let Some(message) = inbound.next().await {
         let message = match message {
@@ -247,26 +247,30 @@ async fn read_session(
                     None => services.to_vec(),
                 };
                 // A host the engine asked (a verify, a gate) is heard at once, then every
-                // ASKED_MIN_GAP_MS until it says it is healthy.
+                // ASKED_MIN_GAP until it says it is healthy.
                 let now_ms = rewind_shared::time::now_ms();
-                let gap = match context.health.asked_at(host_id, now_ms) {
-                    Some(asked_ms) if last_kept_ms.is_none_or(|kept| kept < asked_ms) => 0,
-                    Some(_) => ASKED_MIN_GAP_MS,
-                    None => min_gap_ms,
+                let since_kept = last_kept.map(|kept| kept.elapsed());
+                let gap = match context
+                    .health
+                    .asked_report(host_id, report.answers_ask, now_ms)
+                {
+                    AskedReport::FirstAnswer => Duration::ZERO,
+                    AskedReport::LaterAnswer => ASKED_MIN_GAP,
+                    AskedReport::No => min_gap,
                 };
-                if last_kept_ms.is_some_and(|kept| now_ms.saturating_sub(kept) < gap) {
+                if since_kept.is_some_and(|since| since < gap) {
                     debug!(
-                        min_gap_ms = gap,
+                        min_gap_ms = gap.as_millis() as u64,
                         "Dropped a health report sent too soon after the last one."
                     );
                     continue;
                 }
                 match bounds::check_health_report(&report, &assigned) {
                     Ok(()) => {
-                        last_kept_ms = Some(now_ms);
-                        context
-                            .health
-                            .record(host_id, report, rewind_shared::time::now_ms())
+                        last_kept = Some(tokio::time::Instant::now());
+                        // Kept inside the usual gap only as an answer: weighed as one report.
+                        let quick = since_kept.is_some_and(|since| since < min_gap);
+                        context.health.record_report(host_id, report, now_ms, quick)
                     }
                     Err(refused) => {
                         if refused_reports.is_multiple_of(LOG_REFUSED_REPORT_EVERY) {

@@ -16,6 +16,9 @@ use crate::state_machine::{
 /// Largest number of changes or services one plan may name.
 const MAX_SELECTED: usize = 256;
 
+/// The shortest gate settle time: time for the wave's agents to answer the gate's ask.
+const MIN_SETTLE_MS: u32 = 100;
+
 /// The plan options a request asks for, validated; zero fields take the defaults.
 pub(super) fn options_from(
     options: Option<pb::PlanOptions>,
@@ -46,7 +49,8 @@ pub(super) fn options_from(
     }
     let defaults = GateOptions::default();
     let gate = options.gate.unwrap_or_default();
-    if gate.settle_ms > 0 && gate.settle_s > 0 {
+    // A plan's options carry both (settle_s rounded up): given back, they mean the same.
+    if gate.settle_ms > 0 && gate.settle_s > 0 && gate.settle_s != gate.settle_ms.div_ceil(1000) {
         return Err(invalid(
             "options.gate.settle_ms",
             format!(
@@ -55,12 +59,21 @@ pub(super) fn options_from(
             ),
         ));
     }
-    if gate.settle_ms > 3_600_000 {
+    if gate.settle_ms > 0 && !(MIN_SETTLE_MS..=3_600_000).contains(&gate.settle_ms) {
         return Err(invalid(
             "options.gate.settle_ms",
-            format!("is {}, at most 3600000 ms is allowed", gate.settle_ms),
+            format!(
+                "is {}, must be within {MIN_SETTLE_MS}..=3600000 ms",
+                gate.settle_ms
+            ),
         ));
     }
+    // Whole seconds stay in seconds: no newer cluster version needed for them.
+    let settle_ms = if gate.settle_ms.is_multiple_of(1000) {
+        0
+    } else {
+        gate.settle_ms
+    };
     let settle_s = if gate.settle_ms > 0 {
         gate.settle_ms.div_ceil(1000)
     } else if gate.settle_s == 0 {
@@ -111,7 +124,7 @@ pub(super) fn options_from(
         force: options.force,
         gate: GateOptions {
             settle_s,
-            settle_ms: gate.settle_ms,
+            settle_ms,
             timeout_s,
             tolerance,
             latency_tolerance,
@@ -579,5 +592,60 @@ mod tests {
                 "{given:e}"
             );
         }
+    }
+
+    #[test]
+    fn a_settle_time_in_milliseconds_is_checked_and_kept_in_seconds_when_whole() {
+        let gate = |settle_s, settle_ms| {
+            options_from(
+                Some(pb::PlanOptions {
+                    gate: Some(pb::GateOptions {
+                        settle_s,
+                        settle_ms,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                0,
+                1,
+            )
+            .map(|options| options.gate)
+        };
+        let quick = gate(0, 250).unwrap();
+        assert_eq!(
+            (quick.settle_s, quick.settle_ms, quick.settle_ms()),
+            (1, 250, 250)
+        );
+        let options = PlanOptions {
+            gate: quick.clone(),
+            ..PlanOptions::default()
+        };
+        assert_eq!(
+            options.required_version().0,
+            crate::state_machine::version::SUBSECOND_GATES
+        );
+        let echoed = gate(1, 250).unwrap();
+        assert_eq!(echoed, quick, "a plan's options given back mean the same");
+        let whole = gate(0, 3000).unwrap();
+        assert_eq!(
+            (whole.settle_s, whole.settle_ms),
+            (3, 0),
+            "no newer version needed"
+        );
+        for (settle_s, settle_ms, problem) in [
+            (2, 250, "give the settle time one way"),
+            (0, 50, "must be within 100..=3600000 ms"),
+            (0, 3_600_001, "must be within 100..=3600000 ms"),
+        ] {
+            let refused = gate(settle_s, settle_ms).unwrap_err();
+            assert!(
+                refused.message().contains("options.gate.settle_ms")
+                    && refused.message().contains(problem),
+                "{settle_s} s, {settle_ms} ms: {refused:?}"
+            );
+        }
+        // Left out of the JSON at 0, so plans of earlier versions hash as they did.
+        let json = serde_json::to_string(&gate(5, 0).unwrap()).unwrap();
+        assert!(!json.contains("settle_ms"), "{json}");
     }
 }

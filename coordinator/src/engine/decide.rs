@@ -77,8 +77,8 @@ pub trait Observations {
     fn synthetics(&self, rollback: u64, wave: u32, since_ms: u64) -> Option<SyntheticVerdict>;
     /// When the host's latest health report arrived, if this member has one (reports go to the leader).
     fn last_heard_ms(&self, host_id: &str) -> Option<u64>;
-    /// Whether the host was asked for a report (`Action::AskReport`) and has not yet reported
-    /// its service healthy since.
+    /// Whether the host was asked for a report (`Action::AskReport`), its agent answers asks,
+    /// and it has not reported its service healthy since.
     fn awaiting_report(&self, host_id: &str, now_ms: u64) -> bool;
 }
 
@@ -358,10 +358,14 @@ pub fn decide(
         .memory
         .lost_since
         .retain(|(rollback, _), _| live(rollback));
-    driver
-        .memory
-        .gates_asked
-        .retain(|(rollback, _), _| live(rollback));
+    // A gate asks again each time it runs (a resumed rollback retries a failed one).
+    driver.memory.gates_asked.retain(|(rollback, wave), _| {
+        state
+            .rollbacks
+            .get(rollback)
+            .and_then(|record| record.waves.get(*wave as usize))
+            .is_some_and(|wave| wave.gate.status == StepStatus::Running)
+    });
     driver
         .memory
         .deferred_since
@@ -1389,10 +1393,16 @@ fn judge_gate(
     if answering && driver.now_ms.saturating_sub(asked_at) < GATE_ANSWER_WAIT_MS {
         return;
     }
-    let window_start = driver
-        .now_ms
-        .saturating_sub(settle_ms)
-        .max(progress.started_at_ms);
+    // The settle time before now; while the answers are being waited for, those too, however
+    // long they took (later, a gate that has not passed judges a sliding window: what it saw
+    // unhealthy then must not hold it for ever).
+    let settled_since = driver.now_ms.saturating_sub(settle_ms);
+    let window_start = if driver.now_ms.saturating_sub(asked_at) <= GATE_ANSWER_WAIT_MS {
+        settled_since.min(asked_at)
+    } else {
+        settled_since
+    }
+    .max(progress.started_at_ms);
     let health = driver.seen.aggregate(service, hosts, window_start);
     let comparison = crate::health::compare(&health, &change.baseline, options);
     let figures = format!(

@@ -139,7 +139,7 @@ impl Observations for Live<'_> {
     }
 
     fn awaiting_report(&self, host_id: &str, now_ms: u64) -> bool {
-        self.health.asked_at(host_id, now_ms).is_some()
+        self.health.awaiting_answer(host_id, now_ms)
     }
 
     fn synthetics(&self, rollback: u64, wave: u32, since_ms: u64) -> Option<SyntheticVerdict> {
@@ -253,16 +253,19 @@ impl Engine {
                     }
                 }
                 Action::AskReport { host_id, service } => {
-                    self.health.ask(&host_id, &service, now_ms);
+                    let ask_id = self.health.ask(&host_id, &service, now_ms);
                     let ask = pb::CoordinatorMessage {
                         body: Some(Body::ReportNow(pb::ReportHealthNow {
                             service,
                             within_ms: u32::try_from(self.limits.verify_timeout_ms)
                                 .unwrap_or(u32::MAX),
+                            ask_id,
                         })),
                     };
-                    // Not sent (no session): its periodic reports still count, as before.
+                    // Not sent (no session, a full queue): nothing to wait for; its periodic
+                    // reports still count, as before.
                     if let Err(error) = self.sessions.send(&host_id, ask) {
+                        self.health.forget_ask(&host_id, ask_id);
                         debug!(%error, host_id, "Report not asked for.");
                     }
                 }

@@ -658,14 +658,15 @@ impl CommandKind {
             Self::RegisterRelease { release } if release.declares_topics() => {
                 super::version::MESSAGE_TOPICS
             }
-            Self::StartRollback(start) if start.options.drift_guarded() => {
+            Self::StartRollback(start)
+                if start.options.required_version().0 > super::version::LEGACY =>
+            {
                 start.options.required_version().0
             }
-            Self::AutoTrigger(trigger) if trigger.options.drift_guarded() => {
+            Self::AutoTrigger(trigger)
+                if trigger.options.required_version().0 > super::version::LEGACY =>
+            {
                 trigger.options.required_version().0
-            }
-            Self::StartRollback(start) if start.options.gate.settle_ms > 0 => {
-                super::version::SUBSECOND_GATES
             }
             Self::PutService { service } if service.from_version_ten() => {
                 super::version::DRIFT_GUARD
