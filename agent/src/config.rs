@@ -61,7 +61,8 @@ pub struct RawConfig {
     pub labels: RawLabels,
     /// Report interval used until a coordinator asks for another.
     pub health_interval_ms: Option<u64>,
-    /// How often the agent hands back the code pages it no longer runs (`resident.rs`); 0 never.
+    /// No longer used (earlier agents dropped their code pages from RSS every so often):
+    /// accepted so that configs written for them still load, with a warning.
     pub code_release_interval_s: Option<u64>,
     /// How often each service's drift from its desired state is checked and reported (0: never).
     pub drift_check_interval_s: Option<u64>,
@@ -221,8 +222,8 @@ pub struct Config {
     pub join_token_file: Option<PathBuf>,
     pub labels: RawLabels,
     pub health_interval: Duration,
-    /// `None` when code pages are never released.
-    pub code_release_interval: Option<Duration>,
+    /// The config still sets `code-release-interval-s`, which no longer does anything.
+    pub obsolete_code_release_interval: bool,
     /// `None` when drift is never checked on its own (`host drift` still asks).
     pub drift_check_interval: Option<Duration>,
     pub services: Vec<ServiceConfig>,
@@ -411,13 +412,6 @@ impl RawConfig {
                 format!("is {drift_s}, must be 0 (never) or within 5..=86400"),
             );
         }
-        let release_s = self.code_release_interval_s.unwrap_or(300);
-        if release_s != 0 && !(10..=86_400).contains(&release_s) {
-            problems.add(
-                "code-release-interval-s",
-                format!("is {release_s}, must be 0 (never) or within 10..=86400"),
-            );
-        }
         let mut services = Vec::new();
         for (position, raw) in self.services.iter().enumerate() {
             let field = if raw.name.is_empty() {
@@ -468,7 +462,7 @@ impl RawConfig {
             join_token_file: self.join_token_file,
             labels: self.labels,
             health_interval: Duration::from_millis(interval_ms),
-            code_release_interval: (release_s != 0).then(|| Duration::from_secs(release_s)),
+            obsolete_code_release_interval: self.code_release_interval_s.is_some(),
             drift_check_interval: (drift_s != 0).then(|| Duration::from_secs(drift_s)),
             services,
         })
@@ -1011,7 +1005,6 @@ mod tests {
 host-id = "Web 1"
 coordinators = ["https://x"]
 health-interval-ms = 5
-code-release-interval-s = 5
 drift-check-interval-s = 2
 [[service]]
 name = "web"
@@ -1071,7 +1064,6 @@ sqlite = "/var/lib/twice.db"
             "data-dir",
             "tls",
             "health-interval-ms",
-            "code-release-interval-s: is 5, must be 0 (never) or within 10..=86400",
             "drift-check-interval-s: is 2, must be 0 (never) or within 5..=86400",
             "service.web.root",
             "'..'",
@@ -1105,11 +1097,29 @@ sqlite = "/var/lib/twice.db"
     }
 
     #[test]
+    fn a_config_of_an_earlier_agent_with_code_release_interval_still_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent.toml");
+        let text = std::fs::read_to_string(example).unwrap();
+        let (head, rest) = text.split_once("\n[").unwrap();
+        std::fs::write(
+            &path,
+            format!("{head}\ncode-release-interval-s = 300\n[{rest}"),
+        )
+        .unwrap();
+        let (raw, unknown) = RawConfig::load(&path).unwrap();
+        assert!(unknown.is_empty(), "{unknown:?}");
+        assert!(raw.validate().unwrap().obsolete_code_release_interval);
+    }
+
+    #[test]
     fn the_shipped_example_config_loads_without_unknown_keys() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent.toml");
         let (raw, unknown) = RawConfig::load(&path).unwrap();
         assert!(unknown.is_empty(), "{unknown:?}");
         let config = raw.validate().unwrap();
+        assert!(!config.obsolete_code_release_interval);
         assert_eq!(config.services[0].probes.len(), 3);
         assert_eq!(
             config.services[0].probes[0].kind,

@@ -41,7 +41,6 @@ pub mod migrate;
 pub mod offline;
 pub mod paths;
 pub mod probes;
-pub mod resident;
 pub mod retention;
 pub mod schema;
 pub mod self_revert;

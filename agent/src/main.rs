@@ -242,8 +242,11 @@ fn run(config: Config) -> anyhow::Result<()> {
     runtime.block_on(async move {
         rewind_agent::enroll::join_if_needed(&config).await?;
         tokio::spawn(rewind_agent::enroll::renew_when_due(config.clone()));
-        if let Some(interval) = config.code_release_interval {
-            tokio::spawn(rewind_agent::resident::release_code_pages_every(interval));
+        if config.obsolete_code_release_interval {
+            warn!(
+                "code-release-interval-s is no longer used (the agent no longer drops its code \
+                 pages from its resident memory): remove it from the config"
+            );
         }
         let executor = Arc::new(Executor::new(
             store,

@@ -5,12 +5,12 @@
 //! The agent is the one shipped: built with the workspace's `agent` profile (opt-level "s",
 //! fat LTO, one codegen unit, symbols stripped), as the .deb is.
 //!
-//! 1. Idle: resident memory (VmRSS, sampled every second) and CPU time (utime + stime) over
-//!    `REWIND_BENCH_IDLE_S` seconds (default 60) after a 30 s warm-up, that is after the agent's
-//!    first release of the code pages it no longer runs (see `agent/src/resident.rs`); the
-//!    resident memory before that release is shown too.
-//! 2. During a change: peak resident memory while the agent captures a snapshot and activates
-//!    a release, and the CPU it spent on that.
+//! 1. Idle, over `REWIND_BENCH_IDLE_S` seconds (default 60) after a 30 s warm-up: what it holds
+//!    of the host's memory (`/proc/PID/smaps_rollup`: private dirty memory, the pages only it
+//!    has and has written; PSS, its share of every page it maps; RSS), its threads, and the
+//!    CPU time (utime + stime) per report and per second.
+//! 2. During a change: peak RSS while the agent captures a snapshot and activates a release,
+//!    and the CPU it spent on that; then, 20 s later, its memory and threads by name.
 //!
 //! Run: `cargo bench -p rewind-tests --bench agent_footprint`
 
@@ -24,11 +24,7 @@ use rewind_tests::*;
 /// (resident KiB, CPU ticks so far) of a process.
 fn sample(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the agent runs");
-    let rss_kib = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/PID/status");
+    let rss_kib = kib_field(&status, "VmRSS:");
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the agent runs");
     // Fields after the command name (which may hold spaces) start at field 3; utime and stime
     // are fields 14 and 15.
@@ -38,6 +34,65 @@ fn sample(pid: u32) -> (u64, u64) {
         .map(|field| field.parse().unwrap_or(0))
         .collect();
     (rss_kib, fields[11] + fields[12])
+}
+
+/// A `Name:   123 kB` line's number.
+fn kib_field(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} in {text}"))
+}
+
+/// What the process holds of the host's memory, from `smaps_rollup`.
+struct Memory {
+    rss: u64,
+    pss: u64,
+    /// Pages only it has and has written (`Private_Dirty`: heap, stacks, relocated data): what
+    /// the kernel cannot take back without swap.
+    private: u64,
+    /// Its share of the binary's and libraries' pages: page cache, reclaimable.
+    file: u64,
+}
+
+fn memory(pid: u32) -> Memory {
+    let rollup =
+        std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).expect("the agent runs");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the agent runs");
+    Memory {
+        rss: kib_field(&rollup, "Rss:"),
+        pss: kib_field(&rollup, "Pss:"),
+        private: kib_field(&rollup, "Private_Dirty:"),
+        file: kib_field(&status, "RssFile:"),
+    }
+}
+
+fn print_memory(memory: &Memory) {
+    println!(
+        "  private (dirty) {:.1} MiB, PSS {:.1} MiB, RSS {:.1} MiB (of which {:.1} MiB the binary's \
+         and libraries' pages)",
+        mib(memory.private),
+        mib(memory.pss),
+        mib(memory.rss),
+        mib(memory.file)
+    );
+}
+
+/// Its threads by name, counted: "tokio-runtime-w x2, sled-io-0 x1".
+fn threads(pid: u32) -> String {
+    let mut names = std::collections::BTreeMap::<String, u32>::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("the agent runs") {
+        let comm = std::fs::read_to_string(task.unwrap().path().join("comm")).unwrap_or_default();
+        // sled numbers its IO threads: count them as one kind.
+        let name = comm.trim().trim_end_matches(|c: char| c.is_ascii_digit());
+        *names.entry(name.to_string()).or_default() += 1;
+    }
+    let total: u32 = names.values().sum();
+    let each: Vec<String> = names
+        .iter()
+        .map(|(name, count)| format!("{name} x{count}"))
+        .collect();
+    format!("{total} ({})", each.join(", "))
 }
 
 fn clock_ticks_per_second() -> f64 {
@@ -75,6 +130,9 @@ fn shipped_agent() -> std::path::PathBuf {
     target.join("agent").join("rewind-agent")
 }
 
+/// The report interval the coordinator asks of the agent.
+const REPORT_EVERY_S: u64 = 5;
+
 fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
@@ -89,7 +147,7 @@ async fn main() {
     let dir = tempfile::tempdir().unwrap();
     let coordinator = Coordinator::must_start_with(
         &dir.path().join("coordinator"),
-        "[health]\nreport-interval-ms = 5000\n",
+        &format!("[health]\nreport-interval-ms = {}\n", REPORT_EVERY_S * 1000),
     );
     let mut host = TestHost::must_prepare(dir.path(), "web-1", &coordinator);
     let agent = shipped_agent();
@@ -100,11 +158,6 @@ async fn main() {
     must_agents_connected(&client, 1).await;
     must_register_web(&mut client, &host, false).await;
 
-    // The agent hands back the code pages it no longer runs 20 s after it starts, then every
-    // 5 min (`code-release-interval-s`, resident.rs): sample before and measure after.
-    tokio::time::sleep_until((spawned + Duration::from_secs(15)).into()).await;
-    let before_release = sample(pid).0;
-    let sampled_in_time = spawned.elapsed() < rewind_agent::resident::FIRST_RELEASE_AFTER;
     tokio::time::sleep_until((spawned + Duration::from_secs(30)).into()).await;
     let (_, cpu_before) = sample(pid);
     let started = Instant::now();
@@ -114,37 +167,26 @@ async fn main() {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let (_, cpu_after) = sample(pid);
-    let cpu_percent =
-        (cpu_after - cpu_before) as f64 / ticks / started.elapsed().as_secs_f64() * 100.0;
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu_s = (cpu_after - cpu_before) as f64 / ticks;
     rss.sort_unstable();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix(name))
-            .map_or(String::from("?"), |value| value.trim().to_string())
-    };
-    if sampled_in_time {
-        println!(
-            "Agent footprint, 15 s after it started, before its first code release: {:.1} MiB",
-            mib(before_release)
-        );
-    } else {
-        println!("(registering took too long: no figure from before the first code release)");
-    }
-    println!("Agent footprint, idle, 5 s reports, over {idle_s} s after the first release:");
+    let binary = std::fs::metadata(&agent).unwrap().len();
     println!(
-        "  now: heap and other anonymous memory {}, mapped files (the binary's pages) {}, {} threads",
-        field("RssAnon:"),
-        field("RssFile:"),
-        field("Threads:")
+        "Agent footprint, idle, {REPORT_EVERY_S} s reports, over {idle_s} s after a 30 s warm-up (binary {:.1} MiB):",
+        binary as f64 / 1024.0 / 1024.0
     );
+    print_memory(&memory(pid));
     println!(
-        "  resident memory: median {:.1} MiB, max {:.1} MiB",
+        "  RSS over the window: median {:.1} MiB, max {:.1} MiB; threads {}",
         mib(rss[rss.len() / 2]),
-        mib(*rss.last().unwrap())
+        mib(*rss.last().unwrap()),
+        threads(pid)
     );
-    println!("  CPU: {cpu_percent:.3} % of one core");
+    println!(
+        "  CPU: {:.3} % of one core, {:.1} ms per report",
+        cpu_s / elapsed * 100.0,
+        cpu_s * 1000.0 / (elapsed / REPORT_EVERY_S as f64)
+    );
 
     // A change: capture then activate, resident memory watched every 20 ms.
     let (_, cpu_before) = sample(pid);
@@ -167,8 +209,12 @@ async fn main() {
     let (_, cpu_after) = sample(pid);
     println!("During a change (capture + activate, {took:.1?} end to end):");
     println!(
-        "  resident memory peak: {:.1} MiB; CPU spent: {:.0} ms",
+        "  RSS peak: {:.1} MiB; CPU spent: {:.0} ms",
         mib(peak.load(Ordering::Relaxed)),
         (cpu_after - cpu_before) as f64 / ticks * 1000.0
     );
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    println!("20 s after the change:");
+    print_memory(&memory(pid));
+    println!("  threads {}", threads(pid));
 }

@@ -146,24 +146,7 @@ fn main() {
     for round in 0..rounds {
         if round > 0 {
             runtime.block_on(async {
-                let change_id = client
-                    .start_change(pb::StartChangeRequest {
-                        request_id: format!("bench-v2-{round}"),
-                        service: "web".into(),
-                        version: "v2".into(),
-                        reason: "the bad release again".into(),
-                        ..Default::default()
-                    })
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .change
-                    .unwrap()
-                    .change_id;
-                must_change_where(&client, &change_id, "v2 to deploy", |change| {
-                    change.state == pb::ChangeState::Deployed as i32
-                })
-                .await;
+                must_deploy_again(&mut client, "v2", &format!("bench-v2-{round}")).await;
                 must_write_v2_config(&mut client, &hosts).await;
             });
         }

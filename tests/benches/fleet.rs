@@ -53,12 +53,20 @@ async fn connect(
         );
         pending.spawn(async move {
             let host_id = format!("sim-{number:05}");
+            // 127.1.0.1, 127.1.0.2, ...: every simulated host from an address of its own.
+            let from = std::net::IpAddr::V4(std::net::Ipv4Addr::new(
+                127,
+                1,
+                (number / 250) as u8,
+                (number % 250 + 1) as u8,
+            ));
             let region = REGIONS[number % REGIONS.len()];
             SimAgent::connect(
                 &ca,
                 &tls_dir,
                 &address,
                 &host_id,
+                from,
                 "web",
                 region,
                 report_every,
@@ -78,13 +86,24 @@ async fn must_connected(client: &ControlServiceClient<Channel>, count: usize) {
     must_wait_async(Duration::from_secs(300), "the agents to register", || {
         let mut client = client.clone();
         async move {
-            let hosts = client
-                .list_hosts(pb::ListHostsRequest::default())
-                .await
-                .ok()?
-                .into_inner()
-                .hosts;
-            (hosts.iter().filter(|host| host.connected).count() >= count).then_some(())
+            // Hosts come a page at a time (at most 1,000).
+            let (mut connected, mut page_token) = (0, String::new());
+            loop {
+                let page = client
+                    .list_hosts(pb::ListHostsRequest {
+                        page_token,
+                        page_size: 1000,
+                    })
+                    .await
+                    .ok()?
+                    .into_inner();
+                connected += page.hosts.iter().filter(|host| host.connected).count();
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
+            (connected >= count).then_some(())
         }
     })
     .await;
@@ -219,31 +238,56 @@ async fn rollback_of_a_fleet(
         .into_inner()
         .rollback
         .unwrap();
-    // What a person watching pays: one watch asking for changes only, one for the whole
-    // rollback on every update (as before changes_only), bytes on the wire counted.
-    let watchers: Vec<_> = [true, false]
-        .into_iter()
-        .map(|changes_only| {
-            let mut client = client.clone();
-            let rollback_id = rollback.rollback_id.clone();
-            tokio::spawn(async move {
-                let mut stream = client
-                    .watch_rollback(pb::GetRollbackRequest {
-                        rollback_id,
-                        changes_only,
-                    })
-                    .await
-                    .unwrap()
-                    .into_inner();
-                let (mut updates, mut bytes) = (0usize, 0usize);
-                while let Some(Ok(update)) = tokio_stream::StreamExt::next(&mut stream).await {
-                    updates += 1;
-                    bytes += prost::Message::encoded_len(&update);
+    // What a person watching pays: the bytes of a watch asking for changes only, beside those
+    // the same updates would have cost as whole rollbacks (the watch before changes_only),
+    // counted on the merged rollback rather than asked of the coordinator, whose encoding of
+    // 1.5 GB would slow the rollback being measured.
+    let watcher = {
+        let mut client = client.clone();
+        let rollback_id = rollback.rollback_id.clone();
+        tokio::spawn(async move {
+            let mut stream = client
+                .watch_rollback(pb::GetRollbackRequest {
+                    rollback_id,
+                    changes_only: true,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let (mut updates, mut bytes, mut whole_bytes) = (0usize, 0usize, 0usize);
+            let mut merged = pb::Rollback::default();
+            while let Some(Ok(update)) = tokio_stream::StreamExt::next(&mut stream).await {
+                updates += 1;
+                bytes += prost::Message::encoded_len(&update);
+                let changes = update.rollback.unwrap_or_default();
+                if !update.changes_only {
+                    merged = changes;
+                } else {
+                    for step in &changes.steps {
+                        match merged.steps.iter_mut().find(|s| s.step_id == step.step_id) {
+                            Some(known) => *known = step.clone(),
+                            None => merged.steps.push(step.clone()),
+                        }
+                    }
+                    let (steps, waves) = (std::mem::take(&mut merged.steps), merged.waves.clone());
+                    merged = pb::Rollback {
+                        steps,
+                        waves: if changes.waves.is_empty() {
+                            waves
+                        } else {
+                            changes.waves.clone()
+                        },
+                        ..changes
+                    };
                 }
-                (updates, bytes)
-            })
+                whole_bytes += prost::Message::encoded_len(&pb::GetRollbackResponse {
+                    rollback: Some(merged.clone()),
+                    changes_only: false,
+                });
+            }
+            (updates, bytes, whole_bytes)
         })
-        .collect();
+    };
     let done = must_wait_async(Duration::from_secs(1800), "the rollback to end", || {
         let mut client = client.clone();
         let rollback_id = rollback.rollback_id.clone();
@@ -270,10 +314,7 @@ async fn rollback_of_a_fleet(
     );
     let gates = Duration::from_secs(u64::from(SETTLE_S) * plan.waves.len() as u64);
     let steps = done.steps.len();
-    let mut watched = Vec::new();
-    for watcher in watchers {
-        watched.push(watcher.await.unwrap());
-    }
+    let (updates, bytes, whole_bytes) = watcher.await.unwrap();
     println!(
         "fleet rollback: {hosts} hosts in {} waves, max_parallel {parallel}",
         plan.waves.len()
@@ -295,11 +336,10 @@ async fn rollback_of_a_fleet(
         gates.as_secs_f64()
     );
     println!(
-        "  rollback watch: {} updates, {:.2} MB with changes_only; {} updates, {:.1} MB whole",
-        watched[0].0,
-        watched[0].1 as f64 / 1e6,
-        watched[1].0,
-        watched[1].1 as f64 / 1e6
+        "  rollback watch: {updates} updates, {:.2} MB with changes_only, {:.1} MB as whole \
+         rollbacks",
+        bytes as f64 / 1e6,
+        whole_bytes as f64 / 1e6
     );
     println!(
         "  rewind itself (total minus the gates' settle time): {:.1} s",

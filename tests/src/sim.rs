@@ -28,14 +28,17 @@ impl Drop for SimAgent {
 }
 
 impl SimAgent {
-    /// Connects `host_id` (its certificate written into `tls_dir` from `ca`) to `address`,
-    /// running `service` in `region`, reporting every `report_every`.
+    /// Connects `host_id` (its certificate written into `tls_dir` from `ca`) to `address` from
+    /// the loopback address `from` (one per simulated host, as real hosts each have theirs: the
+    /// coordinator bounds handshakes per address), running `service` in `region`, reporting
+    /// every `report_every`.
     #[allow(clippy::too_many_arguments)]
     pub async fn connect(
         ca: &DevCa,
         tls_dir: &Path,
         address: &str,
         host_id: &str,
+        from: std::net::IpAddr,
         service: &str,
         region: &str,
         report_every: Duration,
@@ -55,6 +58,7 @@ impl SimAgent {
             .map_err(|error| error.to_string())?
             .tls_config(tls)
             .map_err(|error| error.to_string())?
+            .local_address(Some(from))
             .connect_timeout(Duration::from_secs(10))
             .connect()
             .await

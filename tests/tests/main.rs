@@ -20,7 +20,6 @@ mod t16_schema_version;
 mod t17_migrations;
 mod t18_migrate;
 mod t19_sharded_rollback;
-mod t20_code_release;
 mod t21_snapshot_transfer;
 mod t22_demo;
 mod t23_five_members;

@@ -13,7 +13,7 @@ use rewind_shared::dev_ca::Subject;
 use rewind_shared::identity::Kind;
 use rewind_tests::{
     Coordinator, TestHost, must_agents_connected, must_change, must_change_where,
-    must_rollback_end, must_wait_async,
+    must_deploy_again, must_rollback_end, must_wait_async,
 };
 
 /// Runs docker; its stdout, trimmed. Fails naming docker when it is not there.
@@ -281,24 +281,7 @@ timeout-ms = 5000
 
     // v2 again, then v1's image leaves the host: readiness says so and the restore is refused
     // before the container is touched.
-    let change = client
-        .start_change(pb::StartChangeRequest {
-            request_id: "change-v2-again".into(),
-            service: "web".into(),
-            version: "v2".into(),
-            reason: "v2 again".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .change
-        .unwrap()
-        .change_id;
-    must_change_where(&client, &change, "v2 deployed again", |change| {
-        change.state == pb::ChangeState::Deployed as i32
-    })
-    .await;
+    let change = must_deploy_again(&mut client, "v2", "change-v2-again").await;
     docker(&["rmi", &kept]);
     let gone = must_wait_async(
         // The agent asks the engine which images are left every 30 s.

@@ -48,20 +48,7 @@ async fn a_verify_asks_for_a_report_and_ends_once_the_restarted_host_is_healthy(
     must_agents_connected(&client, hosts.len()).await;
     must_deploy_v1_then_v2(&mut client, &hosts).await;
 
-    let rollback_id = client
-        .start_rollback(pb::StartRollbackRequest {
-            request_id: "rb".into(),
-            change_id: "ch-2".into(),
-            reason: "bad release".into(),
-            max_parallel: 1,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .rollback
-        .unwrap()
-        .rollback_id;
+    let rollback_id = must_start_rollback_of_v2(&mut client).await;
     // Well inside the 60 s report interval: only reports asked for can end these verifies.
     let verifies = |rollback: &pb::Rollback| -> Vec<pb::RollbackStep> {
         rollback
