@@ -553,6 +553,8 @@ impl Agent {
         let mut drift = self.drift.subscribe();
         let mut drift_sent_at: Option<tokio::time::Instant> = None;
         loop {
+            // Read before probing: a report whose probes ran before an ask came does not answer it.
+            let answers_ask = self.open_ask();
             let (probes, app) = tokio::join!(
                 self.executor
                     .prober()
@@ -588,7 +590,7 @@ impl Agent {
                 app,
                 retained,
                 drift: Vec::new(),
-                answers_ask: self.open_ask(),
+                answers_ask,
             };
             let resend_due = drift_sent_at.is_none_or(|at| at.elapsed() >= DRIFT_RESEND);
             if drift.has_changed().unwrap_or(false) || resend_due {

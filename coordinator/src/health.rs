@@ -136,10 +136,13 @@ impl HealthBook {
         {
             return AskedReport::No;
         }
-        if std::mem::replace(&mut ask.first_answer_seen, true) {
-            AskedReport::LaterAnswer
-        } else {
+        let first = !std::mem::replace(&mut ask.first_answer_seen, true);
+        // It answers asks: from now on a gate waits for its answers.
+        asks.answering.insert(host_id.to_string());
+        if first {
             AskedReport::FirstAnswer
+        } else {
+            AskedReport::LaterAnswer
         }
     }
 
@@ -165,7 +168,6 @@ impl HealthBook {
         received_at_ms: u64,
         quick: bool,
     ) {
-        let answered = report.answers_ask != 0;
         let healthy_for = |service: &str| {
             report
                 .probes
@@ -173,12 +175,16 @@ impl HealthBook {
                 .filter(|probe| probe.service == service)
                 .all(|probe| probe.ok)
         };
+        // A healthy answer closes the ask; from an agent that does not answer asks, any healthy
+        // report does. A periodic report racing the ask does not: the answer is still to come.
         let closes = {
             let asks = self.lock_asks();
+            let answers = asks.answering.contains(host_id);
             asks.open
                 .get(host_id)
                 .filter(|ask| {
-                    healthy_for(&ask.service)
+                    let answer = !answers || report.answers_ask == ask.id;
+                    (answer && healthy_for(&ask.service))
                         || received_at_ms.saturating_sub(ask.at_ms) > ASKED_REPORT_KEPT_MS
                 })
                 .map(|ask| ask.id)
@@ -186,9 +192,6 @@ impl HealthBook {
         self.store(host_id, report, received_at_ms, quick);
         // After the report is in the book: whoever sees the ask closed sees the report too.
         let mut asks = self.lock_asks();
-        if answered {
-            asks.answering.insert(host_id.to_string());
-        }
         // Unless another ask replaced it meanwhile.
         if let Some(id) = closes
             && asks.open.get(host_id).is_some_and(|ask| ask.id == id)
@@ -596,6 +599,10 @@ mod tests {
         book.record("web-2", report(&[true]), 10);
         assert!(!woken(&book), "web-2 was not asked");
         let ask = book.ask("web-1", "web", 20);
+        assert!(
+            !book.awaiting_answer("web-1", 20),
+            "not known to answer asks yet"
+        );
         assert_eq!(
             book.asked_report("web-1", 0, 21),
             AskedReport::No,
@@ -614,10 +621,9 @@ mod tests {
             book.asked_report("web-1", ask, 23),
             AskedReport::LaterAnswer
         );
-        assert!(
-            !book.awaiting_answer("web-1", 24),
-            "not known to answer yet"
-        );
+        // A healthy periodic report probed before the ask arrived does not close it.
+        book.record_report("web-1", report(&[true, true]), 25, false);
+        assert!(!woken(&book), "not the answer");
         book.record_report("web-1", answer(&[true, false], ask), 30, true);
         assert!(!woken(&book), "an unhealthy answer closes nothing");
         assert!(

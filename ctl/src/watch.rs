@@ -38,18 +38,17 @@ pub async fn follow(
     while let Some(update) = stream.next().await {
         let update = update.map_err(explain)?;
         let received = update.rollback.unwrap_or_default();
-        if format == Format::Json {
-            // As received: the whole rollback first, then what changed.
-            println!(
-                "{}",
-                output::json_for_terminal(&serde_json::to_string(&received)?)
-            );
-        }
         let rollback = match last.take() {
             Some(previous) if update.changes_only => with_changes(previous, received),
             _ => received,
         };
-        if format != Format::Json {
+        if format == Format::Json {
+            // The whole rollback each time, as before changes came alone: scripts read lines.
+            println!(
+                "{}",
+                output::json_for_terminal(&serde_json::to_string(&rollback)?)
+            );
+        } else {
             report_transitions(&bar, &rollback, &mut seen);
         }
         last = Some(rollback);

@@ -53,13 +53,9 @@ async fn connect(
         );
         pending.spawn(async move {
             let host_id = format!("sim-{number:05}");
-            // 127.1.0.1, 127.1.0.2, ...: every simulated host from an address of its own.
-            let from = std::net::IpAddr::V4(std::net::Ipv4Addr::new(
-                127,
-                1,
-                (number / 250) as u8,
-                (number % 250 + 1) as u8,
-            ));
+            // 127.1.0.1, 127.1.0.2, ...: every simulated host from an address of its own, all
+            // inside 127.0.0.0/8 (Linux answers on all of it) for up to 16 million hosts.
+            let from = std::net::IpAddr::V4(std::net::Ipv4Addr::from(0x7F01_0001 + number as u32));
             let region = REGIONS[number % REGIONS.len()];
             SimAgent::connect(
                 &ca,

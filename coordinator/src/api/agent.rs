@@ -255,7 +255,7 @@ async fn read_session(
                     .asked_report(host_id, report.answers_ask, now_ms)
                 {
                     AskedReport::FirstAnswer => Duration::ZERO,
-                    AskedReport::LaterAnswer => ASKED_MIN_GAP,
+                    AskedReport::LaterAnswer => ASKED_MIN_GAP.min(min_gap),
                     AskedReport::No => min_gap,
                 };
                 if since_kept.is_some_and(|since| since < gap) {

@@ -16,7 +16,8 @@ use crate::state_machine::{
 /// Largest number of changes or services one plan may name.
 const MAX_SELECTED: usize = 256;
 
-/// The shortest gate settle time: time for the wave's agents to answer the gate's ask.
+/// The shortest gate settle time: shorter would be judged on the gate's asked answers alone,
+/// with no window before them.
 const MIN_SETTLE_MS: u32 = 100;
 
 /// The plan options a request asks for, validated; zero fields take the defaults.

@@ -1378,12 +1378,7 @@ fn judge_gate(
         Entry::Occupied(asked) => *asked.get(),
         Entry::Vacant(first) => {
             first.insert(driver.now_ms);
-            for host_id in hosts {
-                driver.actions.push(Action::AskReport {
-                    host_id: host_id.clone(),
-                    service: service.clone(),
-                });
-            }
+            ask_for_reports(driver, hosts, service);
             return;
         }
     };
@@ -1393,16 +1388,14 @@ fn judge_gate(
     if answering && driver.now_ms.saturating_sub(asked_at) < GATE_ANSWER_WAIT_MS {
         return;
     }
-    // The settle time before now; while the answers are being waited for, those too, however
-    // long they took (later, a gate that has not passed judges a sliding window: what it saw
-    // unhealthy then must not hold it for ever).
-    let settled_since = driver.now_ms.saturating_sub(settle_ms);
-    let window_start = if driver.now_ms.saturating_sub(asked_at) <= GATE_ANSWER_WAIT_MS {
-        settled_since.min(asked_at)
-    } else {
-        settled_since
-    }
-    .max(progress.started_at_ms);
+    // The settle time before now, and the answers to the latest ask however long they took: a
+    // gate that has not passed asks again every GATE_ANSWER_WAIT_MS (below), so the window
+    // moves on and what it saw unhealthy then does not hold it for ever.
+    let window_start = driver
+        .now_ms
+        .saturating_sub(settle_ms)
+        .min(asked_at)
+        .max(progress.started_at_ms);
     let health = driver.seen.aggregate(service, hosts, window_start);
     let comparison = crate::health::compare(&health, &change.baseline, options);
     let figures = format!(
@@ -1477,7 +1470,17 @@ fn judge_gate(
             };
             (false, format!("after {} s, {why}", options.timeout_s))
         }
-        _ => return,
+        _ => {
+            // Not passing yet: fresh answers for the next look.
+            if driver.now_ms.saturating_sub(asked_at) >= GATE_ANSWER_WAIT_MS {
+                driver
+                    .memory
+                    .gates_asked
+                    .insert((rollback.number, wave), driver.now_ms);
+                ask_for_reports(driver, hosts, service);
+            }
+            return;
+        }
     };
     driver.propose(CommandKind::StepFinished {
         step: StepTarget::Gate {
@@ -1495,6 +1498,16 @@ struct GateTarget<'a> {
     wave: u32,
     hosts: &'a [String],
     checks: &'a [SyntheticCheck],
+}
+
+/// Asks each of `hosts` for a report on `service` now (`Action::AskReport`).
+fn ask_for_reports(driver: &mut Driver<'_, impl Observations>, hosts: &[String], service: &str) {
+    for host_id in hosts {
+        driver.actions.push(Action::AskReport {
+            host_id: host_id.clone(),
+            service: service.to_string(),
+        });
+    }
 }
 
 fn verify_host(

@@ -90,6 +90,37 @@ fn a_gate_settles_in_milliseconds_then_asks_its_hosts_and_judges_on_their_answer
 }
 
 #[test]
+fn a_gate_that_is_not_passing_asks_its_hosts_again_every_second() {
+    let mut world = World::new();
+    world.deployed();
+    world.start_rollback(3);
+    revert_every_host(&mut world);
+    world.seen.failure_ratio = 0.9;
+    world.run_tick(1_000); // the gate starts
+    let asks = |actions: &[Action]| {
+        actions
+            .iter()
+            .filter(|action| matches!(action, Action::AskReport { .. }))
+            .count()
+    };
+    assert_eq!(asks(&world.run_tick(3_000)), 3, "settled: asks");
+    assert_eq!(
+        asks(&world.run_tick(3_500)),
+        0,
+        "unhealthy, within the answer wait"
+    );
+    assert_eq!(
+        asks(&world.run_tick(4_000)),
+        3,
+        "still unhealthy: asks again"
+    );
+    assert_eq!(
+        world.fleet.state.rollbacks[&1].status,
+        RollbackStatus::Running
+    );
+}
+
+#[test]
 fn a_gate_judges_as_soon_as_every_asked_host_has_answered() {
     let mut world = World::new();
     world.deployed();
