@@ -146,7 +146,7 @@ fn main() {
     for round in 0..rounds {
         if round > 0 {
             runtime.block_on(async {
-                must_deploy_again(&mut client, "v2", &format!("bench-v2-{round}")).await;
+                must_deploy_web(&client, "v2", &[]).await;
                 must_write_v2_config(&mut client, &hosts).await;
             });
         }

@@ -162,34 +162,6 @@ pub async fn must_change(client: &mut ControlServiceClient<Channel>, version: &s
         .change_id
 }
 
-/// Deploys `web` at `version` again under a request id of its own (`must_change` reuses one per
-/// version, which answers with the first change) and waits until it is deployed; returns its id.
-pub async fn must_deploy_again(
-    client: &mut ControlServiceClient<Channel>,
-    version: &str,
-    request_id: &str,
-) -> String {
-    let change_id = client
-        .start_change(rewind_proto::v1::StartChangeRequest {
-            request_id: request_id.into(),
-            service: "web".into(),
-            version: version.into(),
-            reason: format!("{version} again"),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .change
-        .unwrap()
-        .change_id;
-    must_change_where(client, &change_id, "the change to deploy again", |change| {
-        change.state == rewind_proto::v1::ChangeState::Deployed as i32
-    })
-    .await;
-    change_id
-}
-
 /// Waits until the change satisfies `done`: up to 180 s, as a loaded CI machine runs four
 /// integration tests at once on two cores (60 s was once too short for an automatic rollback).
 pub async fn must_change_where(

@@ -12,8 +12,8 @@ use rewind_proto::v1 as pb;
 use rewind_shared::dev_ca::Subject;
 use rewind_shared::identity::Kind;
 use rewind_tests::{
-    Coordinator, TestHost, must_agents_connected, must_change, must_change_where,
-    must_deploy_again, must_rollback_end, must_wait_async,
+    Coordinator, TestHost, must_agents_connected, must_change, must_change_where, must_deploy_web,
+    must_rollback_end, must_wait_async,
 };
 
 /// Runs docker; its stdout, trimmed. Fails naming docker when it is not there.
@@ -281,7 +281,7 @@ timeout-ms = 5000
 
     // v2 again, then v1's image leaves the host: readiness says so and the restore is refused
     // before the container is touched.
-    let change = must_deploy_again(&mut client, "v2", "change-v2-again").await;
+    let change = must_deploy_web(&client, "v2", &[]).await;
     docker(&["rmi", &kept]);
     let gone = must_wait_async(
         // The agent asks the engine which images are left every 30 s.
