@@ -236,8 +236,8 @@ pub enum Action {
     Escalate {
         escalation: u64,
     },
-    /// Ask a host's agent for a health report now: a verify began there, and waiting for its
-    /// next periodic report would make every batch pay up to a report interval.
+    /// Ask a host's agent for a health report now: a verify began there or a gate's settle time
+    /// ended, and waiting for its next periodic report would cost up to a report interval.
     AskReport {
         host_id: String,
         service: String,
@@ -1372,7 +1372,7 @@ fn judge_gate(
         return;
     }
     // Evidence from the end of the settle time, however short it is and however long the
-    // hosts' report interval: ask each host once, and judge when they have answered (or
+    // hosts' report interval: ask each host, and judge when they have answered (or
     // GATE_ANSWER_WAIT_MS later: an unhealthy or silent host is judged on what there is).
     let asked_at = match driver.memory.gates_asked.entry((rollback.number, wave)) {
         Entry::Occupied(asked) => *asked.get(),
