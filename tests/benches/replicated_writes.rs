@@ -1,8 +1,9 @@
 //! Replicated write latency and throughput on a local three-member cluster of real processes:
 //! rewind (gRPC with mutual TLS, `ControlService.RegisterRelease`, about 256 bytes per request)
-//! and, when Debian's `etcd-server` is installed, etcd (its JSON gateway `/v3/kv/put`, plain
-//! HTTP, 256-byte values) under the same load, side by side. Each does one client writing one
-//! at a time, then 64 clients at once.
+//! and, when Debian's `etcd-server` is installed, etcd under the same load, side by side, twice:
+//! like for like (its gRPC `KV/Put` with mutual TLS to clients and between members, 256-byte
+//! values), then as earlier runs measured it (its JSON gateway `/v3/kv/put`, plain HTTP). Each
+//! does one client writing one at a time, then 64 clients at once.
 //!
 //! Run: `cargo bench -p rewind-tests --bench replicated_writes`
 //! (`REWIND_BENCH_WRITES` sets the writes per run, default 20,000.)
@@ -22,8 +23,12 @@ use base64::Engine as _;
 use prost::Message as _;
 use rewind_proto::v1 as pb;
 use rewind_proto::v1::member_service_client::MemberServiceClient;
+use rewind_shared::dev_ca::{DevCa, Subject};
+use rewind_shared::identity::Kind;
+use rewind_shared::tls::TlsFiles;
 use rewind_tests::ClusterHarness;
 use tokio::task::JoinSet;
+use tonic::transport::Channel;
 
 const CLIENTS: usize = 64;
 const PAYLOAD_BYTES: usize = 256;
@@ -255,45 +260,86 @@ async fn bench_audit_history(dir: &Path, writes: usize, history: usize) {
     }
 }
 
-/// A three-member etcd cluster on loopback, stopped when dropped.
+/// Mutual TLS for an etcd cluster, from a CA of its own: one certificate per member (serving
+/// clients and peers, naming 127.0.0.1) and one for the benchmark's client.
+struct EtcdPki {
+    members: Vec<TlsFiles>,
+    client: TlsFiles,
+}
+
+impl EtcdPki {
+    fn write(dir: &Path) -> Result<Self, String> {
+        std::fs::create_dir_all(dir).map_err(|error| error.to_string())?;
+        let ca = DevCa::generate("etcd bench CA").map_err(|error| error.to_string())?;
+        ca.save(dir).map_err(|error| error.to_string())?;
+        let members = (1..=3)
+            .map(|id| {
+                let subject = Subject::member(id, &format!("e{id}"));
+                ca.write_identity(dir, &subject, &["127.0.0.1", "localhost"])
+                    .map_err(|error| error.to_string())
+            })
+            .collect::<Result<_, _>>()?;
+        let client = ca
+            .write_identity(dir, &Subject::new(Kind::User, "bench"), &[])
+            .map_err(|error| error.to_string())?;
+        Ok(Self { members, client })
+    }
+}
+
+/// A three-member etcd cluster on loopback (mutual TLS between members and with clients when
+/// `pki` is given, plain HTTP otherwise), stopped when dropped.
 struct Etcd {
     members: Vec<Child>,
     client_urls: Vec<String>,
 }
 
 impl Etcd {
-    fn start(dir: &Path) -> Result<Self, String> {
+    fn start(dir: &Path, pki: Option<&EtcdPki>, port_base: u16) -> Result<Self, String> {
+        let scheme = if pki.is_some() { "https" } else { "http" };
         let ports = |base: u16| (1..=3).map(move |id| base + id).collect::<Vec<_>>();
-        let peer_ports = ports(23800);
-        let client_ports = ports(23790);
+        let peer_ports = ports(port_base + 10);
+        let client_ports = ports(port_base);
         let cluster: Vec<String> = peer_ports
             .iter()
             .enumerate()
-            .map(|(index, port)| format!("e{}=http://127.0.0.1:{port}", index + 1))
+            .map(|(index, port)| format!("e{}={scheme}://127.0.0.1:{port}", index + 1))
             .collect();
         let mut members = Vec::new();
         for index in 0..3 {
             let name = format!("e{}", index + 1);
             let log = std::fs::File::create(dir.join(format!("{name}.log")))
                 .map_err(|error| error.to_string())?;
-            let child = Command::new("etcd")
+            let client_url = format!("{scheme}://127.0.0.1:{}", client_ports[index]);
+            let peer_url = format!("{scheme}://127.0.0.1:{}", peer_ports[index]);
+            let mut command = Command::new("etcd");
+            command
                 .args(["--name", &name])
                 .arg("--data-dir")
                 .arg(dir.join(&name))
-                .args([
-                    "--listen-client-urls",
-                    &format!("http://127.0.0.1:{}", client_ports[index]),
-                    "--advertise-client-urls",
-                    &format!("http://127.0.0.1:{}", client_ports[index]),
-                    "--listen-peer-urls",
-                    &format!("http://127.0.0.1:{}", peer_ports[index]),
-                    "--initial-advertise-peer-urls",
-                    &format!("http://127.0.0.1:{}", peer_ports[index]),
-                    "--initial-cluster",
-                    &cluster.join(","),
-                    "--initial-cluster-state",
-                    "new",
-                ])
+                .args(["--listen-client-urls", &client_url])
+                .args(["--advertise-client-urls", &client_url])
+                .args(["--listen-peer-urls", &peer_url])
+                .args(["--initial-advertise-peer-urls", &peer_url])
+                .args(["--initial-cluster", &cluster.join(",")])
+                .args(["--initial-cluster-state", "new"]);
+            if let Some(pki) = pki {
+                let own = &pki.members[index];
+                command
+                    .args(["--client-cert-auth", "--peer-client-cert-auth"])
+                    .arg("--trusted-ca-file")
+                    .arg(&own.ca)
+                    .arg("--cert-file")
+                    .arg(&own.cert)
+                    .arg("--key-file")
+                    .arg(&own.key)
+                    .arg("--peer-trusted-ca-file")
+                    .arg(&own.ca)
+                    .arg("--peer-cert-file")
+                    .arg(&own.cert)
+                    .arg("--peer-key-file")
+                    .arg(&own.key);
+            }
+            let child = command
                 .stdout(Stdio::null())
                 .stderr(log)
                 .spawn()
@@ -304,38 +350,9 @@ impl Etcd {
             members,
             client_urls: client_ports
                 .iter()
-                .map(|port| format!("http://127.0.0.1:{port}"))
+                .map(|port| format!("{scheme}://127.0.0.1:{port}"))
                 .collect(),
         })
-    }
-
-    /// The leader's client URL, once the cluster has one.
-    async fn leader(&self, http: &reqwest::Client) -> Result<String, String> {
-        let started = Instant::now();
-        while started.elapsed() < Duration::from_secs(30) {
-            for url in &self.client_urls {
-                let Ok(response) = http
-                    .post(format!("{url}/v3/maintenance/status"))
-                    .body("{}")
-                    .send()
-                    .await
-                else {
-                    continue;
-                };
-                let Ok(body) = response.bytes().await else {
-                    continue;
-                };
-                let Ok(status) = serde_json::from_slice::<serde_json::Value>(&body) else {
-                    continue;
-                };
-                let own = &status["header"]["member_id"];
-                if !own.is_null() && *own == status["leader"] {
-                    return Ok(url.clone());
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        Err("etcd elected no leader within 30 s".into())
     }
 }
 
@@ -348,10 +365,151 @@ impl Drop for Etcd {
     }
 }
 
-async fn bench_etcd(dir: &Path, writes: usize) -> Result<Vec<(usize, Figures)>, String> {
-    let etcd = Etcd::start(dir)?;
+/// The two etcd messages the benchmark sends, as etcd's `rpc.proto` numbers their fields (the
+/// rest of each response is skipped when decoding).
+mod etcd_proto {
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct PutRequest {
+        #[prost(bytes = "vec", tag = "1")]
+        pub key: Vec<u8>,
+        #[prost(bytes = "vec", tag = "2")]
+        pub value: Vec<u8>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct PutResponse {}
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct StatusRequest {}
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ResponseHeader {
+        #[prost(uint64, tag = "2")]
+        pub member_id: u64,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct StatusResponse {
+        #[prost(message, optional, tag = "1")]
+        pub header: Option<ResponseHeader>,
+        #[prost(uint64, tag = "4")]
+        pub leader: u64,
+    }
+}
+
+/// One unary call to etcd's gRPC API at `path` (`/etcdserverpb.KV/Put`).
+async fn etcd_call<Request, Response>(
+    channel: Channel,
+    path: &'static str,
+    request: Request,
+) -> Result<Response, String>
+where
+    Request: prost::Message + Send + Sync + 'static,
+    Response: prost::Message + Default + Send + Sync + 'static,
+{
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.map_err(|error| error.to_string())?;
+    grpc.unary(
+        tonic::Request::new(request),
+        http::uri::PathAndQuery::from_static(path),
+        tonic_prost::ProstCodec::default(),
+    )
+    .await
+    .map(tonic::Response::into_inner)
+    .map_err(|status| status.to_string())
+}
+
+/// A channel to the member that leads, once the cluster has one: gRPC with mutual TLS.
+async fn etcd_leader_channel(etcd: &Etcd, pki: &EtcdPki) -> Result<Channel, String> {
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(30) {
+        for url in &etcd.client_urls {
+            let address = url.trim_start_matches("https://");
+            let tls = pki
+                .client
+                .client_config_for_address(address)
+                .map_err(|error| error.to_string())?;
+            let Ok(endpoint) = Channel::from_shared(url.clone()) else {
+                continue;
+            };
+            let Ok(channel) = endpoint.tls_config(tls).map_err(|e| e.to_string()) else {
+                continue;
+            };
+            let channel = channel.connect_lazy();
+            let status: Result<etcd_proto::StatusResponse, _> = etcd_call(
+                channel.clone(),
+                "/etcdserverpb.Maintenance/Status",
+                etcd_proto::StatusRequest {},
+            )
+            .await;
+            if let Ok(status) = status
+                && status.leader != 0
+                && status.header.map(|header| header.member_id) == Some(status.leader)
+            {
+                return Ok(channel);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Err("etcd (TLS) elected no leader within 30 s".into())
+}
+
+/// etcd as its clients use it in production: gRPC with mutual TLS, members talking TLS.
+async fn bench_etcd_tls(dir: &Path, writes: usize) -> Result<Vec<(usize, Figures)>, String> {
+    let pki = EtcdPki::write(&dir.join("tls"))?;
+    let etcd = Etcd::start(dir, Some(&pki), 23790)?;
+    let channel = etcd_leader_channel(&etcd, &pki).await?;
+    let mut results = Vec::new();
+    for (run, clients) in [("r1", 1), ("r64", CLIENTS)] {
+        let channel = channel.clone();
+        let figures = measure(clients, writes, move |number| {
+            let request = etcd_proto::PutRequest {
+                key: format!("{run}/{number}").into_bytes(),
+                value: vec![b'v'; PAYLOAD_BYTES],
+            };
+            let channel = channel.clone();
+            async move {
+                etcd_call::<_, etcd_proto::PutResponse>(channel, "/etcdserverpb.KV/Put", request)
+                    .await
+                    .map(|_| ())
+            }
+        })
+        .await;
+        results.push((clients, figures));
+    }
+    Ok(results)
+}
+
+/// The leader's client URL over the plain-HTTP JSON gateway, once the cluster has one.
+async fn etcd_gateway_leader(etcd: &Etcd, http: &reqwest::Client) -> Result<String, String> {
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(30) {
+        for url in &etcd.client_urls {
+            let Ok(response) = http
+                .post(format!("{url}/v3/maintenance/status"))
+                .body("{}")
+                .send()
+                .await
+            else {
+                continue;
+            };
+            let Ok(body) = response.bytes().await else {
+                continue;
+            };
+            let Ok(status) = serde_json::from_slice::<serde_json::Value>(&body) else {
+                continue;
+            };
+            let own = &status["header"]["member_id"];
+            if !own.is_null() && *own == status["leader"] {
+                return Ok(url.clone());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Err("etcd (plain HTTP) elected no leader within 30 s".into())
+}
+
+/// The second row: etcd's JSON gateway over plain HTTP, as earlier runs measured it.
+async fn bench_etcd_gateway(dir: &Path, writes: usize) -> Result<Vec<(usize, Figures)>, String> {
+    let etcd = Etcd::start(dir, None, 23890)?;
     let http = reqwest::Client::new();
-    let leader = Arc::new(etcd.leader(&http).await?);
+    let leader = Arc::new(etcd_gateway_leader(&etcd, &http).await?);
     let value = base64::engine::general_purpose::STANDARD.encode([b'v'; PAYLOAD_BYTES]);
     let mut results = Vec::new();
     for (run, clients) in [("r1", 1), ("r64", CLIENTS)] {
@@ -373,6 +531,26 @@ async fn bench_etcd(dir: &Path, writes: usize) -> Result<Vec<(usize, Figures)>, 
         results.push((clients, figures));
     }
     Ok(results)
+}
+
+fn make_dir(dir: &Path) -> Result<std::path::PathBuf, String> {
+    std::fs::create_dir_all(dir).map_err(|error| format!("{}: {error}", dir.display()))?;
+    Ok(dir.to_path_buf())
+}
+
+/// `etcd --version`'s first line, so a table says what it was measured against.
+fn etcd_version() -> String {
+    Command::new("etcd")
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|output| {
+            String::from_utf8_lossy(&output.stdout)
+                .lines()
+                .next()
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| "etcd not found".into())
 }
 
 fn print_row(system: &str, clients: usize, figures: &Figures) {
@@ -407,27 +585,42 @@ fn main() {
             bench_audit_history(&dir.path().join("history"), writes, history).await;
         }
         let rewind = bench_rewind(&dir.path().join("rewind"), writes).await;
-        let etcd_dir = dir.path().join("etcd");
-        std::fs::create_dir_all(&etcd_dir).expect("etcd dir");
-        let etcd = bench_etcd(&etcd_dir, writes).await;
-        println!("\n{writes} writes per run, 3 members on loopback\n");
+        let etcd_tls = match make_dir(&dir.path().join("etcd-tls")) {
+            Ok(etcd_dir) => bench_etcd_tls(&etcd_dir, writes).await,
+            Err(error) => Err(error),
+        };
+        let etcd_gateway = match make_dir(&dir.path().join("etcd-http")) {
+            Ok(etcd_dir) => bench_etcd_gateway(&etcd_dir, writes).await,
+            Err(error) => Err(error),
+        };
+        println!("\n{writes} writes per run, 3 members on loopback, {}\n", etcd_version());
         println!("| system | clients | p50 | p99 | writes/s |\n| --- | --- | --- | --- | --- |");
         for (clients, figures) in &rewind {
-            print_row("rewind", *clients, figures);
+            print_row("rewind (gRPC, mTLS)", *clients, figures);
         }
-        match &etcd {
-            Ok(etcd) => {
-                for (clients, figures) in etcd {
-                    print_row("etcd", *clients, figures);
+        for (label, etcd) in [
+            ("etcd (gRPC, mTLS, peer TLS)", &etcd_tls),
+            ("etcd (JSON gateway, plain HTTP)", &etcd_gateway),
+        ] {
+            match etcd {
+                Ok(etcd) => {
+                    for (clients, figures) in etcd {
+                        print_row(label, *clients, figures);
+                    }
                 }
-                for ((clients, ours), (_, theirs)) in rewind.iter().zip(etcd) {
-                    println!(
-                        "{clients} client(s): rewind/etcd throughput ratio {:.2}",
-                        ours.writes_per_s / theirs.writes_per_s
-                    );
-                }
+                Err(error) => println!("{label} not measured: {error} (apt-get install etcd-server)"),
             }
-            Err(error) => println!("etcd not measured: {error} (apt-get install etcd-server)"),
+        }
+        for (label, etcd) in [("TLS", &etcd_tls), ("plain-HTTP gateway", &etcd_gateway)] {
+            let Ok(etcd) = etcd else { continue };
+            for ((clients, ours), (_, theirs)) in rewind.iter().zip(etcd) {
+                println!(
+                    "{clients} client(s): rewind/etcd ({label}) throughput {:.2}x, p50 {:.2} ms against {:.2} ms",
+                    ours.writes_per_s / theirs.writes_per_s,
+                    ours.p50.as_secs_f64() * 1000.0,
+                    theirs.p50.as_secs_f64() * 1000.0,
+                );
+            }
         }
     });
 }
