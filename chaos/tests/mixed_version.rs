@@ -135,6 +135,13 @@ async fn a_cluster_upgraded_member_by_member_during_a_rollback_ends_with_one_sta
             panic!("the previous release's member differs from the upgraded leader: {error}")
         });
     eprintln!("mixed versions: the previous release's member has the leader's state at {index}");
+    // The upgraded leader reaches the previous release's member batch by batch (it answers
+    // DeliverStream with UNIMPLEMENTED) and its upgraded peer on a stream.
+    for outcome in ["unary", "stream"] {
+        let series = format!("rewind_raft_message_batches_total{{outcome=\"{outcome}\"}}");
+        let sent = cluster.metric(leader, &series).await;
+        assert!(sent > 0.0, "the upgraded leader sent no {outcome} batch");
+    }
 
     cluster.kill(old_leader);
     cluster.must_start_member_from(old_leader, &new_coordinator);

@@ -393,6 +393,21 @@ join = {join}
         tls_channel(&TlsFiles::in_dir(&self.tls_dir, "coordinator-1"), address).await
     }
 
+    /// A counter or gauge from member `id`'s `/metrics` (0 when the series is not there yet).
+    pub async fn metric(&self, id: u64, series: &str) -> f64 {
+        let url = format!("http://{}/metrics", self.http_addresses[id as usize - 1]);
+        let text = reqwest::get(&url)
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .unwrap_or_else(|error| panic!("scrape {url}: {error}"))
+            .text()
+            .await
+            .unwrap_or_else(|error| panic!("read {url}: {error}"));
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
     /// Ids of the members currently running.
     pub fn live_members(&self) -> Vec<u64> {
         (1..=self.members.len() as u64)

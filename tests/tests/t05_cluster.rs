@@ -90,6 +90,18 @@ async fn a_rollback_survives_the_leader_being_killed_and_no_step_runs_twice() {
         leader_after, new_leader,
         "pre-vote keeps a rejoining member from deposing the leader"
     );
+    // Members talk over long-lived streams, reopened when a peer comes back (the returning
+    // member caught up over them); never batch by batch, which is for earlier releases.
+    for id in [new_leader, old_leader] {
+        let streamed = cluster
+            .metric(id, "rewind_raft_message_batches_total{outcome=\"stream\"}")
+            .await;
+        let unary = cluster
+            .metric(id, "rewind_raft_message_batches_total{outcome=\"unary\"}")
+            .await;
+        assert!(streamed > 0.0, "member {id} sent no batch on a stream");
+        assert_eq!(unary, 0.0, "member {id} sent batches one call each");
+    }
 
     // Leadership can be handed back on purpose, and the hand-over is audited.
     let transfer = pb::TransferLeaderRequest {

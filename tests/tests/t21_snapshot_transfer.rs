@@ -24,7 +24,7 @@ const BEHIND: u64 = 3;
 async fn leaders_metric(cluster: &ClusterHarness, series: &str) -> f64 {
     let mut total = 0.0;
     for id in (1..=3).filter(|&id| id != BEHIND) {
-        total += metric(cluster, id, series).await;
+        total += cluster.metric(id, series).await;
     }
     total
 }
@@ -43,21 +43,6 @@ async fn snapshot_sends(cluster: &ClusterHarness) -> (f64, f64) {
         )
         .await,
     )
-}
-
-/// A counter or gauge from member `id`'s `/metrics` (0 when the series is not there yet).
-async fn metric(cluster: &ClusterHarness, id: u64, series: &str) -> f64 {
-    let url = format!("http://{}/metrics", cluster.http_addresses[id as usize - 1]);
-    let text = reqwest::get(&url)
-        .await
-        .and_then(reqwest::Response::error_for_status)
-        .unwrap_or_else(|error| panic!("scrape {url}: {error}"))
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -103,12 +88,12 @@ async fn a_member_down_across_a_compaction_of_a_large_state_catches_up_by_a_stre
         sent_bytes > LARGE_SNAPSHOT_BYTES as f64,
         "{sent_bytes} bytes sent: the whole large snapshot"
     );
-    let received = metric(
-        &cluster,
-        BEHIND,
-        r#"rewind_raft_snapshot_receives_total{outcome="received"}"#,
-    )
-    .await;
+    let received = cluster
+        .metric(
+            BEHIND,
+            r#"rewind_raft_snapshot_receives_total{outcome="received"}"#,
+        )
+        .await;
     assert!(
         received >= 1.0,
         "member {BEHIND} counts the snapshot it received"
@@ -143,12 +128,12 @@ async fn a_member_down_across_a_compaction_of_a_large_state_catches_up_by_a_stre
         sent_again > sent_before,
         "and the snapshot was sent again, whole ({sent_again})"
     );
-    let cut_short = metric(
-        &cluster,
-        BEHIND,
-        r#"rewind_raft_snapshot_receives_total{outcome="failed"}"#,
-    )
-    .await;
+    let cut_short = cluster
+        .metric(
+            BEHIND,
+            r#"rewind_raft_snapshot_receives_total{outcome="failed"}"#,
+        )
+        .await;
     assert!(
         cut_short >= 1.0,
         "the cut stream was the snapshot's: member {BEHIND} saw it end short"

@@ -19,6 +19,7 @@ async fn call(channel: Channel, method: &str) -> Code {
     let codec = tonic_prost::ProstCodec::<(), ()>::default();
     let streaming = method.ends_with("/Session")
         || method.ends_with("/SendSnapshot")
+        || method.ends_with("/DeliverStream")
         || method.ends_with("/WatchRollback");
     let result = if streaming {
         let request = tonic::Request::new(tokio_stream::iter(vec![()]));
@@ -536,46 +537,80 @@ async fn only_a_member_in_the_configuration_speaks_raft_and_only_as_itself() {
         "{refused:?}"
     );
 
-    let deliver = |channel: Channel, from_member: u64| {
-        let batch = pb::RaftBatch {
-            cluster_id: cluster_id.clone(),
-            from_member,
-            messages: vec![],
+    // Batch by batch (Deliver) and on a stream (DeliverStream), the same checks.
+    for streamed in [false, true] {
+        let deliver = |channel: Channel, from_member: u64| {
+            let batch = pb::RaftBatch {
+                cluster_id: cluster_id.clone(),
+                from_member,
+                messages: vec![],
+            };
+            async move {
+                let mut client = pb::raft_service_client::RaftServiceClient::new(channel);
+                if !streamed {
+                    return client.deliver(batch).await.map(|_| ());
+                }
+                // A refused batch ends the stream's answer with the refusal.
+                let mut answer = client
+                    .deliver_stream(tokio_stream::iter(vec![batch]))
+                    .await?
+                    .into_inner();
+                while answer.message().await?.is_some() {}
+                Ok(())
+            }
         };
-        async move {
-            pb::raft_service_client::RaftServiceClient::new(channel)
-                .deliver(batch)
+        let as_agent = deliver(agent.clone(), 7).await.unwrap_err();
+        assert_eq!(as_agent.code(), Code::PermissionDenied);
+        assert!(
+            as_agent
+                .message()
+                .contains("RaftService takes member certificates only"),
+            "{as_agent:?}"
+        );
+        let seven = channel_as(&coordinator, &Subject::member(7, "member-7")).await;
+        let outside = deliver(seven.clone(), 7).await.unwrap_err();
+        assert_eq!(outside.code(), Code::PermissionDenied);
+        assert!(
+            outside
+                .message()
+                .contains("member 7 is not in this cluster's configuration"),
+            "{outside:?}"
+        );
+        let posing = deliver(seven, 1).await.unwrap_err();
+        assert_eq!(posing.code(), Code::PermissionDenied);
+        assert!(
+            posing.message().contains("member:7 is not member 1's"),
+            "{posing:?}"
+        );
+        let itself = channel_as(&coordinator, &Subject::member(1, "coordinator-copy")).await;
+        deliver(itself.clone(), 1)
+            .await
+            .expect("member 1's certificate speaks for member 1");
+        if streamed {
+            // A snapshot never travels on the stream, even from a member as itself.
+            let mut snapshot = raft_proto::eraftpb::Message::default();
+            snapshot.set_msg_type(raft_proto::eraftpb::MessageType::MsgSnapshot);
+            snapshot.from = 1;
+            let batch = pb::RaftBatch {
+                cluster_id: cluster_id.clone(),
+                from_member: 1,
+                messages: vec![protobuf::Message::write_to_bytes(&snapshot).unwrap()],
+            };
+            let mut answer = pb::raft_service_client::RaftServiceClient::new(itself)
+                .deliver_stream(tokio_stream::iter(vec![batch]))
                 .await
-                .map(|_| ())
+                .unwrap()
+                .into_inner();
+            let refused = answer.message().await.unwrap_err();
+            assert_eq!(refused.code(), Code::InvalidArgument);
+            assert!(
+                refused
+                    .message()
+                    .contains("snapshots travel by SendSnapshot"),
+                "{refused:?}"
+            );
         }
-    };
-    let as_agent = deliver(agent, 7).await.unwrap_err();
-    assert_eq!(as_agent.code(), Code::PermissionDenied);
-    assert!(
-        as_agent
-            .message()
-            .contains("RaftService takes member certificates only"),
-        "{as_agent:?}"
-    );
-    let seven = channel_as(&coordinator, &Subject::member(7, "member-7")).await;
-    let outside = deliver(seven.clone(), 7).await.unwrap_err();
-    assert_eq!(outside.code(), Code::PermissionDenied);
-    assert!(
-        outside
-            .message()
-            .contains("member 7 is not in this cluster's configuration"),
-        "{outside:?}"
-    );
-    let posing = deliver(seven, 1).await.unwrap_err();
-    assert_eq!(posing.code(), Code::PermissionDenied);
-    assert!(
-        posing.message().contains("member:7 is not member 1's"),
-        "{posing:?}"
-    );
-    let itself = channel_as(&coordinator, &Subject::member(1, "coordinator-copy")).await;
-    deliver(itself, 1)
-        .await
-        .expect("member 1's certificate speaks for member 1");
+    }
 
     // Even an admin cannot add a member whose address does not answer with that member's
     // certificate: here an address that leads to member 1 (a proxy to it, since member 1's own

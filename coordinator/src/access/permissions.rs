@@ -201,6 +201,11 @@ const PEERS: &[Permission] = &[
         "raft.deliver",
     ),
     peer(
+        "/rewind.v1.RaftService/DeliverStream",
+        CallerKind::Member,
+        "raft.deliver-stream",
+    ),
+    peer(
         "/rewind.v1.RaftService/SendSnapshot",
         CallerKind::Member,
         "raft.send-snapshot",

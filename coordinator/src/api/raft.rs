@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::StreamExt as _;
 use protobuf::Message as _;
 use raft::eraftpb::{Message, MessageType};
 use rewind_proto::v1::{
@@ -39,10 +40,7 @@ const CHUNK_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 const INBOX_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct RaftPeers {
-    cluster_id: String,
-    /// Which certificate name each member must present.
-    directory: crate::membership::Directory,
-    inbox: mpsc::Sender<Message>,
+    door: Door,
     /// Where snapshots being received are written (emptied at start).
     incoming_dir: PathBuf,
     receiving: Arc<Semaphore>,
@@ -62,49 +60,17 @@ impl RaftPeers {
         stats: Arc<SnapshotStats>,
     ) -> Self {
         Self {
-            cluster_id,
-            directory,
-            inbox,
+            door: Door {
+                cluster_id,
+                directory,
+                inbox,
+            },
             incoming_dir,
             receiving: Arc::new(Semaphore::new(MAX_CONCURRENT_SNAPSHOT_RECEIVES)),
             receiving_from: Arc::default(),
             next_file: AtomicU64::new(0),
             stats,
         }
-    }
-
-    /// The sender is a member of this cluster and presents that member's certificate.
-    /// The sender is member `from_member` of this cluster: its certificate is of kind member
-    /// and names that id (the gate let only member certificates through), and the id is in the
-    /// current configuration.
-    fn check_sender(
-        &self,
-        caller: &crate::access::Caller,
-        cluster_id: &str,
-        from_member: u64,
-    ) -> Result<(), Status> {
-        if cluster_id != self.cluster_id {
-            return Err(Status::failed_precondition(format!(
-                "cluster_id: this member belongs to cluster {:?}, not {:?}",
-                self.cluster_id, cluster_id
-            )));
-        }
-        let identity = caller.id();
-        let named = caller.principal.name == from_member.to_string();
-        if named && self.directory.get(from_member).is_some() {
-            return Ok(());
-        }
-        // Worth a warning: a joining member whose config does not list the current leader
-        // refuses it here until it holds the member registry.
-        warn!(
-            identity,
-            from_member, "Refused Raft traffic from a certificate that is not that member's."
-        );
-        Err(Status::permission_denied(if named {
-            format!("member {from_member} is not in this cluster's configuration")
-        } else {
-            format!("certificate {identity} is not member {from_member}'s")
-        }))
     }
 
     /// Receives one snapshot's data into a file, checks it, and returns the Raft message with
@@ -181,6 +147,83 @@ impl RaftPeers {
     }
 }
 
+/// Who may send Raft messages to this member and where they go: shared by `Deliver`, the
+/// streams of `DeliverStream` and `SendSnapshot`.
+#[derive(Clone)]
+struct Door {
+    cluster_id: String,
+    /// Which certificate name each member must present.
+    directory: crate::membership::Directory,
+    inbox: mpsc::Sender<Message>,
+}
+
+impl Door {
+    /// The sender is member `from_member` of this cluster: its certificate is of kind member
+    /// and names that id (the gate let only member certificates through), and the id is in the
+    /// current configuration.
+    fn check_sender(
+        &self,
+        caller: &crate::access::Caller,
+        cluster_id: &str,
+        from_member: u64,
+    ) -> Result<(), Status> {
+        if cluster_id != self.cluster_id {
+            return Err(Status::failed_precondition(format!(
+                "cluster_id: this member belongs to cluster {:?}, not {:?}",
+                self.cluster_id, cluster_id
+            )));
+        }
+        let identity = caller.id();
+        let named = caller.principal.name == from_member.to_string();
+        if named && self.directory.get(from_member).is_some() {
+            return Ok(());
+        }
+        // Worth a warning: a joining member whose config does not list the current leader
+        // refuses it here until it holds the member registry.
+        warn!(
+            identity,
+            from_member, "Refused Raft traffic from a certificate that is not that member's."
+        );
+        Err(Status::permission_denied(if named {
+            format!("member {from_member} is not in this cluster's configuration")
+        } else {
+            format!("certificate {identity} is not member {from_member}'s")
+        }))
+    }
+
+    /// The batch's messages, decoded and checked: from a member of this cluster, each from the
+    /// member whose certificate sent the batch.
+    fn open_batch(
+        &self,
+        caller: &crate::access::Caller,
+        batch: &RaftBatch,
+    ) -> Result<Vec<Message>, Status> {
+        self.check_sender(caller, &batch.cluster_id, batch.from_member)?;
+        batch
+            .messages
+            .iter()
+            .map(|bytes| {
+                let message = decode_raft_message(bytes, MAX_RAFT_BATCH_BYTES, "messages")?;
+                if message.from != batch.from_member {
+                    return Err(Status::invalid_argument(format!(
+                        "messages: a message from member {} in a batch from member {}",
+                        message.from, batch.from_member
+                    )));
+                }
+                Ok(message)
+            })
+            .collect()
+    }
+
+    /// Hands an ordinary message to the member; dropped when its inbox is full (Raft
+    /// retransmits what matters).
+    fn pass(&self, message: Message) {
+        if self.inbox.try_send(message).is_err() {
+            debug!("The Raft inbox is full; dropped a message (Raft retransmits).");
+        }
+    }
+}
+
 /// A snapshot being received from a member: frees its places when dropped.
 struct ReceiveClaim {
     from: u64,
@@ -245,15 +288,7 @@ impl RaftService for RaftPeers {
     async fn deliver(&self, request: Request<RaftBatch>) -> Result<Response<RaftAck>, Status> {
         let caller = caller(&request)?;
         let batch = request.into_inner();
-        self.check_sender(&caller, &batch.cluster_id, batch.from_member)?;
-        for bytes in batch.messages {
-            let message = decode_raft_message(&bytes, MAX_RAFT_BATCH_BYTES, "messages")?;
-            if message.from != batch.from_member {
-                return Err(Status::invalid_argument(format!(
-                    "messages: a message from member {} in a batch from member {}",
-                    message.from, batch.from_member
-                )));
-            }
+        for message in self.door.open_batch(&caller, &batch)? {
             if message.get_msg_type() == MessageType::MsgSnapshot {
                 // A leader of an earlier version sends its snapshot inside a batch: taken only
                 // if it decodes, and never dropped on a full inbox (raft-rs would wait for it).
@@ -265,11 +300,45 @@ impl RaftService for RaftPeers {
                 self.take_snapshot(message).await?;
                 continue;
             }
-            if self.inbox.try_send(message).is_err() {
-                debug!("The Raft inbox is full; dropped a message (Raft retransmits).");
-            }
+            self.door.pass(message);
         }
         Ok(Response::new(RaftAck {}))
+    }
+
+    type DeliverStreamStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<RaftAck, Status>> + Send + 'static>>;
+
+    /// The batches are taken as they arrive, by the answer's body: the response headers go out
+    /// at once (the sender's proof that the stream is open), the body yields nothing and ends
+    /// when the sender ends the stream, or with the status of the first batch refused. A stream
+    /// cut off by the sender's side ends here too, as its body is dropped.
+    async fn deliver_stream(
+        &self,
+        request: Request<Streaming<RaftBatch>>,
+    ) -> Result<Response<Self::DeliverStreamStream>, Status> {
+        let caller = caller(&request)?;
+        let mut batches = request.into_inner();
+        let door = self.door.clone();
+        let taking = async move {
+            while let Some(batch) = batches.message().await? {
+                for message in door.open_batch(&caller, &batch)? {
+                    if message.get_msg_type() == MessageType::MsgSnapshot {
+                        return Err(Status::invalid_argument(
+                            "messages: a snapshot; snapshots travel by SendSnapshot",
+                        ));
+                    }
+                    door.pass(message);
+                }
+            }
+            Ok(())
+        };
+        let answer = futures::stream::once(taking).filter_map(|taken: Result<(), Status>| {
+            futures::future::ready(taken.err().map(|status| {
+                debug!(%status, "A stream of Raft messages from a peer ended.");
+                Err(status)
+            }))
+        });
+        Ok(Response::new(Box::pin(answer)))
     }
 
     async fn send_snapshot(
@@ -280,7 +349,7 @@ impl RaftService for RaftPeers {
         let identity = caller.id();
         // Who sends is settled before anything is held for the stream.
         let sender: Option<u64> = caller.principal.name.parse().ok();
-        if sender.is_none_or(|id| self.directory.get(id).is_none()) {
+        if sender.is_none_or(|id| self.door.directory.get(id).is_none()) {
             return Err(Status::permission_denied(format!(
                 "{identity} is not a member of this cluster: only members send snapshots"
             )));
@@ -292,7 +361,8 @@ impl RaftService for RaftPeers {
             .ok_or_else(|| {
                 Status::invalid_argument("header: the first chunk must carry the header")
             })?;
-        self.check_sender(&caller, &header.cluster_id, header.from_member)?;
+        self.door
+            .check_sender(&caller, &header.cluster_id, header.from_member)?;
         let _claim = self.claim_receive(header.from_member)?;
         let started = std::time::Instant::now();
         let message = match self.receive_snapshot(header, &mut chunks).await {
@@ -323,7 +393,7 @@ impl RaftPeers {
     async fn take_snapshot(&self, message: Message) -> Result<(), Status> {
         let bytes = message.get_snapshot().get_data().len() as u64;
         if !matches!(
-            tokio::time::timeout(INBOX_TIMEOUT, self.inbox.send(message)).await,
+            tokio::time::timeout(INBOX_TIMEOUT, self.door.inbox.send(message)).await,
             Ok(Ok(()))
         ) {
             SnapshotStats::outcome(&self.stats.receives, "failed");

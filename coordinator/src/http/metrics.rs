@@ -283,6 +283,12 @@ fn register_replication(
         in_flight,
     );
     registry.register(
+        "raft_message_batches",
+        "Batches of Raft messages this member sent to peers, by how (stream: on a peer's \
+         long-lived stream; unary: one call each, to a member of an earlier release) or failed",
+        snapshots.message_batches.clone(),
+    );
+    registry.register(
         "raft_snapshot_sends",
         "Snapshots this member streamed to a follower, by outcome (sent, failed)",
         snapshots.sends.clone(),

@@ -56,6 +56,17 @@ const MAX_BATCH: usize = 256;
 /// Most bytes of messages in one delivery: a batch is cut before it would pass this (a single
 /// message larger than this goes alone). Under the 4 MiB that members of earlier versions take.
 const MAX_BATCH_BYTES: usize = 3 * 1024 * 1024;
+/// Batches queued on a peer's stream before the sender waits for it to take them.
+const STREAM_WINDOW: usize = 16;
+/// Longest wait for a peer to answer a batch, take a stream, or take a queued batch from it.
+const UNARY_TIMEOUT: Duration = Duration::from_secs(5);
+/// A peer that did not know `DeliverStream` is asked again this long after (it may have been
+/// upgraded).
+const STREAM_PROBE_EVERY: Duration = Duration::from_secs(60);
+/// HTTP/2 pings on a peer's message connection, and how long an answer may take before the
+/// connection is given up (its stream fails, and the sender reconnects).
+const KEEPALIVE_EVERY: Duration = Duration::from_secs(2);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Pause after a failed delivery, so a dead peer is not hammered.
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
 /// Snapshots being sent at once by this member, to all peers together: each holds the whole
@@ -112,10 +123,12 @@ struct PeerRoute {
     snapshot: watch::Sender<Option<Message>>,
 }
 
-/// Snapshots sent and received by this member, for `/metrics`. The metric handles are shared,
-/// so a scrape registers clones of them.
+/// Snapshots sent and received by this member, and the batches of messages it sent, for
+/// `/metrics`. The metric handles are shared, so a scrape registers clones of them.
 #[derive(Debug)]
 pub struct SnapshotStats {
+    /// Batches of Raft messages sent, by how (`stream`, `unary`) or `failed`.
+    pub message_batches: Family<OutcomeLabels, Counter>,
     pub sends: Family<OutcomeLabels, Counter>,
     pub sent_bytes: Counter,
     pub send_seconds: Histogram,
@@ -131,6 +144,7 @@ pub struct OutcomeLabels {
 impl Default for SnapshotStats {
     fn default() -> Self {
         Self {
+            message_batches: Family::default(),
             sends: Family::default(),
             sent_bytes: Counter::default(),
             // 0.05 s to about 14 minutes.
@@ -222,6 +236,7 @@ impl GrpcTransport {
                 cluster_id: routes.cluster_id.clone(),
                 own_id,
                 reports: routes.reports.clone(),
+                stats: Arc::clone(&routes.stats),
             };
             routes.runtime.spawn(
                 sender.clone().deliver(
@@ -337,7 +352,13 @@ fn endpoint(tls: &PeerTls, peer: &Peer) -> Result<PeerEndpoint, String> {
         .map(|endpoint| endpoint.connect_timeout(Duration::from_secs(2)))
         .map_err(|error| error.to_string())?;
     Ok(PeerEndpoint {
-        messages: snapshots.clone().timeout(Duration::from_secs(5)),
+        // No timeout on the channel (it would end a stream): each call bounds its own wait, and
+        // pings find a connection that went silent.
+        messages: snapshots
+            .clone()
+            .http2_keep_alive_interval(KEEPALIVE_EVERY)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true),
         snapshots,
         connector,
     })
@@ -357,58 +378,127 @@ struct PeerSender {
     cluster_id: String,
     own_id: u64,
     reports: mpsc::Sender<PeerReport>,
+    stats: Arc<SnapshotStats>,
 }
 
 impl PeerSender {
+    /// Sends the peer's queued messages in batches, over one long-lived `DeliverStream` while
+    /// the peer takes it, batch by batch with `Deliver` to a member of an earlier release.
     async fn deliver(self, channel: Channel, mut queue: mpsc::Receiver<Message>) {
         let mut client = RaftServiceClient::new(channel)
             .max_decoding_message_size(MAX_RAFT_BATCH_BYTES)
             .max_encoding_message_size(MAX_RAFT_BATCH_BYTES);
         let mut episode = FailureEpisode::default();
         let mut next = None;
-        loop {
-            let first = match next.take() {
-                Some(message) => message,
-                None => match queue.recv().await {
-                    Some(message) => message,
-                    None => return,
-                },
-            };
-            let mut encoded = Vec::new();
-            let mut bytes = 0;
-            let mut candidate = Some(first);
-            while let Some(message) = candidate.take() {
-                if let Ok(message_bytes) = message.write_to_bytes() {
-                    if !encoded.is_empty() && bytes + message_bytes.len() > MAX_BATCH_BYTES {
-                        // The next batch starts with it.
-                        next = Some(message);
-                        break;
+        let mut stream: Option<OpenStream> = None;
+        // Set while the peer does not know DeliverStream: batch by batch until then.
+        let mut unary_until: Option<Instant> = None;
+        while let Some(batch) = self.next_batch(&mut queue, &mut next).await {
+            if unary_until.is_some_and(|until| Instant::now() < until) {
+                let delivered = tokio::time::timeout(UNARY_TIMEOUT, client.deliver(batch)).await;
+                match delivered {
+                    Ok(Ok(_)) => {
+                        self.count("unary");
+                        episode.ended(&self.peer, "Raft messages are delivered to a peer again.")
                     }
-                    bytes += message_bytes.len();
-                    encoded.push(message_bytes);
+                    Ok(Err(status)) => self.failed(&mut episode, &status.to_string()).await,
+                    Err(_) => self.failed(&mut episode, "no answer within 5 s").await,
                 }
-                if encoded.len() < MAX_BATCH {
-                    candidate = queue.try_recv().ok();
+                continue;
+            }
+            if stream.is_none() {
+                match OpenStream::open(&mut client).await {
+                    Ok(opened) => {
+                        unary_until = None;
+                        episode.ended(&self.peer, "Raft messages are delivered to a peer again.");
+                        stream = Some(opened);
+                    }
+                    Err(status) if status.code() == tonic::Code::Unimplemented => {
+                        info!(
+                            peer = self.peer.id,
+                            "The peer does not take a stream of Raft messages (an earlier release); delivering batch by batch."
+                        );
+                        unary_until = Some(Instant::now() + STREAM_PROBE_EVERY);
+                        // This batch goes the old way at once.
+                        let delivered =
+                            tokio::time::timeout(UNARY_TIMEOUT, client.deliver(batch)).await;
+                        match delivered {
+                            Ok(Ok(_)) => self.count("unary"),
+                            _ => {
+                                self.failed(&mut episode, "the batch-by-batch delivery failed")
+                                    .await
+                            }
+                        }
+                        continue;
+                    }
+                    Err(status) => {
+                        self.failed(&mut episode, &status.to_string()).await;
+                        continue;
+                    }
                 }
             }
-            let batch = RaftBatch {
-                cluster_id: self.cluster_id.clone(),
-                from_member: self.own_id,
-                messages: encoded,
+            let Some(open) = stream.as_mut() else {
+                continue;
             };
-            match client.deliver(batch).await {
-                Ok(_) => episode.ended(&self.peer, "Raft messages are delivered to a peer again."),
-                Err(status) => {
-                    episode.failed(&self.peer, "deliver Raft messages", &status.to_string());
-                    // Dropping the report when the queue is full is harmless: the next failure
-                    // reports again.
-                    let _ = self
-                        .reports
-                        .try_send(PeerReport::Unreachable { peer: self.peer.id });
-                    tokio::time::sleep(RETRY_PAUSE).await;
+            match open.send(batch).await {
+                Ok(()) => self.count("stream"),
+                Err(reason) => {
+                    stream = None;
+                    self.failed(&mut episode, &reason).await;
                 }
             }
         }
+    }
+
+    /// The next batch from the queue (`None` once the route is gone): the first message waited
+    /// for, then whatever else is queued, up to [`MAX_BATCH`] messages and [`MAX_BATCH_BYTES`].
+    /// A message that would pass the byte bound is left in `next`, to start the next batch.
+    async fn next_batch(
+        &self,
+        queue: &mut mpsc::Receiver<Message>,
+        next: &mut Option<Message>,
+    ) -> Option<RaftBatch> {
+        let first = match next.take() {
+            Some(message) => message,
+            None => queue.recv().await?,
+        };
+        let mut encoded = Vec::new();
+        let mut bytes = 0;
+        let mut candidate = Some(first);
+        while let Some(message) = candidate.take() {
+            if let Ok(message_bytes) = message.write_to_bytes() {
+                if !encoded.is_empty() && bytes + message_bytes.len() > MAX_BATCH_BYTES {
+                    *next = Some(message);
+                    break;
+                }
+                bytes += message_bytes.len();
+                encoded.push(message_bytes);
+            }
+            if encoded.len() < MAX_BATCH {
+                candidate = queue.try_recv().ok();
+            }
+        }
+        Some(RaftBatch {
+            cluster_id: self.cluster_id.clone(),
+            from_member: self.own_id,
+            messages: encoded,
+        })
+    }
+
+    fn count(&self, outcome: &str) {
+        SnapshotStats::outcome(&self.stats.message_batches, outcome);
+    }
+
+    /// A batch was lost: logged once per episode, the peer reported unreachable (so raft-rs
+    /// probes it rather than stream to it blindly), and a pause before the next attempt.
+    async fn failed(&self, episode: &mut FailureEpisode, reason: &str) {
+        self.count("failed");
+        episode.failed(&self.peer, "deliver Raft messages", reason);
+        // Dropping the report when the queue is full is harmless: the next failure reports again.
+        let _ = self
+            .reports
+            .try_send(PeerReport::Unreachable { peer: self.peer.id });
+        tokio::time::sleep(RETRY_PAUSE).await;
     }
 
     async fn send_snapshots(
@@ -540,6 +630,65 @@ impl PeerSender {
             .await
             .map(|_| data_bytes)
             .map_err(|status| status.to_string())
+    }
+}
+
+/// An open `DeliverStream` to a peer: batches go into `batches`, which the call's request body
+/// drains; `answer` reads the peer's answer until the stream ends, so the reason is known.
+struct OpenStream {
+    batches: mpsc::Sender<RaftBatch>,
+    answer: tokio::task::JoinHandle<String>,
+}
+
+impl OpenStream {
+    /// Opens a stream and waits (at most [`UNARY_TIMEOUT`]) for the peer's response headers,
+    /// which say it took the stream.
+    async fn open(client: &mut RaftServiceClient<Channel>) -> Result<Self, tonic::Status> {
+        let (batches, queued) = mpsc::channel(STREAM_WINDOW);
+        let call = client.deliver_stream(tokio_stream::wrappers::ReceiverStream::new(queued));
+        let mut answers = tokio::time::timeout(UNARY_TIMEOUT, call)
+            .await
+            .map_err(|_| {
+                tonic::Status::deadline_exceeded("the peer did not take the stream within 5 s")
+            })??
+            .into_inner();
+        let answer = tokio::spawn(async move {
+            loop {
+                match answers.message().await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => return "the peer ended the stream".to_string(),
+                    Err(status) => return status.to_string(),
+                }
+            }
+        });
+        Ok(Self { batches, answer })
+    }
+
+    /// Queues `batch` on the stream: an error (the reason) if the stream has ended, or if the
+    /// peer has not taken [`STREAM_WINDOW`] batches for [`UNARY_TIMEOUT`].
+    async fn send(&mut self, batch: RaftBatch) -> Result<(), String> {
+        if self.answer.is_finished() {
+            return Err(self.reason().await);
+        }
+        match tokio::time::timeout(UNARY_TIMEOUT, self.batches.send(batch)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(self.reason().await),
+            Err(_) => Err("the peer took no batch for 5 s".to_string()),
+        }
+    }
+
+    /// Why the stream ended, once its answer is in (waiting a moment for it).
+    async fn reason(&mut self) -> String {
+        match tokio::time::timeout(Duration::from_secs(1), &mut self.answer).await {
+            Ok(Ok(reason)) => reason,
+            _ => "the stream ended".to_string(),
+        }
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.answer.abort();
     }
 }
 
