@@ -1,0 +1,191 @@
+//! The Raft log's storage alone, sled (as `RaftStore` keeps it today) against TiKV's
+//! `raft-engine`, in one run: what a member pays to make appended entries durable before it
+//! acknowledges them. Each append writes the entries and the hard state (its commit index
+//! moves) and then waits for the disk: `RaftStore::append`, `set_hard_state` and `flush` for
+//! sled; one `LogBatch` written with `sync` for raft-engine. Entries are 256 bytes of data, as
+//! in the replicated-writes benchmark; appends of 1 entry (one client at a time) and of 64 (a
+//! batch under load). Reported: latency per append (p50, p99), entries per second, CPU time of
+//! the process per append (user + system, from getrusage, so the engines' own threads count),
+//! and the threads each engine keeps.
+//!
+//! Run: `cargo bench -p rewind-coordinator --bench raft_log`
+//! (`REWIND_BENCH_APPENDS` sets the appends per run, default 5,000.)
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use raft::eraftpb::{Entry, HardState};
+use raft_engine::{Config, Engine, LogBatch, MessageExt, ReadableSize};
+use rewind_coordinator::storage::RaftStore;
+
+const ENTRY_BYTES: usize = 256;
+const RAFT_GROUP: u64 = 1;
+
+#[derive(Clone)]
+struct EntryExt;
+
+impl MessageExt for EntryExt {
+    type Entry = Entry;
+
+    fn index(entry: &Entry) -> u64 {
+        entry.index
+    }
+}
+
+/// One way to keep the log: appends `entries` and the hard state, durable on return.
+trait Log {
+    fn append_durably(&mut self, entries: &[Entry], hard_state: &HardState);
+}
+
+struct Sled(RaftStore);
+
+impl Log for Sled {
+    fn append_durably(&mut self, entries: &[Entry], hard_state: &HardState) {
+        self.0.append(entries).expect("sled append");
+        self.0.set_hard_state(hard_state).expect("sled hard state");
+        self.0.flush().expect("sled flush");
+    }
+}
+
+struct RaftEngine(Engine);
+
+impl Log for RaftEngine {
+    fn append_durably(&mut self, entries: &[Entry], hard_state: &HardState) {
+        let mut batch = LogBatch::default();
+        batch
+            .add_entries::<EntryExt>(RAFT_GROUP, entries)
+            .expect("raft-engine entries");
+        batch
+            .put_message(RAFT_GROUP, b"hard-state".to_vec(), hard_state)
+            .expect("raft-engine hard state");
+        self.0.write(&mut batch, true).expect("raft-engine write");
+    }
+}
+
+fn open_raft_engine(dir: &Path) -> RaftEngine {
+    let config = Config {
+        dir: dir.display().to_string(),
+        // Its default for TiKV; files are purged once the log is compacted below them.
+        target_file_size: ReadableSize::mb(128),
+        ..Config::default()
+    };
+    RaftEngine(Engine::open(config).expect("open raft-engine"))
+}
+
+struct Figures {
+    p50: Duration,
+    p99: Duration,
+    entries_per_s: f64,
+    cpu_per_append: Duration,
+}
+
+fn cpu_time() -> Duration {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::uninit();
+    // SAFETY: getrusage fills the struct it is given; RUSAGE_SELF covers all threads.
+    let usage = unsafe {
+        assert_eq!(libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()), 0);
+        usage.assume_init()
+    };
+    let of = |time: libc::timeval| {
+        Duration::from_secs(time.tv_sec as u64) + Duration::from_micros(time.tv_usec as u64)
+    };
+    of(usage.ru_utime) + of(usage.ru_stime)
+}
+
+fn threads() -> usize {
+    std::fs::read_dir("/proc/self/task").map_or(0, Iterator::count)
+}
+
+/// `appends` appends of `per_append` entries each, from index `first`.
+fn run(log: &mut dyn Log, first: u64, appends: usize, per_append: usize) -> Figures {
+    let data = vec![b'e'; ENTRY_BYTES];
+    let mut latencies = Vec::with_capacity(appends);
+    let mut index = first;
+    let cpu_before = cpu_time();
+    let started = Instant::now();
+    for _ in 0..appends {
+        let entries: Vec<Entry> = (0..per_append)
+            .map(|offset| Entry {
+                index: index + offset as u64,
+                term: 1,
+                data: data.clone().into(),
+                ..Default::default()
+            })
+            .collect();
+        index += per_append as u64;
+        let hard_state = HardState {
+            term: 1,
+            commit: index - 1,
+            ..Default::default()
+        };
+        let begun = Instant::now();
+        log.append_durably(&entries, &hard_state);
+        latencies.push(begun.elapsed());
+    }
+    let elapsed = started.elapsed();
+    let cpu = cpu_time().saturating_sub(cpu_before);
+    latencies.sort();
+    let at = |share: f64| latencies[((latencies.len() as f64 * share) as usize).min(appends - 1)];
+    Figures {
+        p50: at(0.5),
+        p99: at(0.99),
+        entries_per_s: (appends * per_append) as f64 / elapsed.as_secs_f64(),
+        cpu_per_append: cpu / appends as u32,
+    }
+}
+
+/// Which engine this process measures, when it is one of the runs (see `main`).
+const ENGINE_VARIABLE: &str = "REWIND_BENCH_RAFT_LOG_ENGINE";
+
+fn main() {
+    let appends: usize = match std::env::var("REWIND_BENCH_APPENDS") {
+        Err(_) => 5_000,
+        Ok(text) => text.trim().parse().unwrap_or_else(|_| {
+            panic!("REWIND_BENCH_APPENDS={text:?} is not a count (a whole number)")
+        }),
+    };
+    if let Ok(engine) = std::env::var(ENGINE_VARIABLE) {
+        measure_one(&engine, appends);
+        return;
+    }
+    println!(
+        "{appends} appends per run, {ENTRY_BYTES}-byte entries, each append durable before the next"
+    );
+    println!(
+        "| engine | entries per append | p50 | p99 | entries/s | CPU per append | threads |\n| --- | --- | --- | --- | --- | --- | --- |"
+    );
+    // Each engine in a process of its own (sled keeps its IO threads for the process's life),
+    // each first once so neither always has the warmer disk: sled, raft-engine, raft-engine, sled.
+    let this = std::env::current_exe().expect("this benchmark's path");
+    for engine in ["sled", "raft-engine", "raft-engine", "sled"] {
+        let status = std::process::Command::new(&this)
+            .env(ENGINE_VARIABLE, engine)
+            .status()
+            .expect("run one engine's pass");
+        assert!(status.success(), "the {engine} pass failed");
+    }
+}
+
+/// One engine's rows, in a fresh directory.
+fn measure_one(engine: &str, appends: usize) {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let threads_before = threads();
+    let mut log: Box<dyn Log> = match engine {
+        "sled" => Box::new(Sled(RaftStore::open(dir.path()).expect("open sled"))),
+        "raft-engine" => Box::new(open_raft_engine(dir.path())),
+        other => panic!("{ENGINE_VARIABLE}={other:?}: sled or raft-engine"),
+    };
+    let mut first = 1;
+    for per_append in [1, 64] {
+        let figures = run(log.as_mut(), first, appends, per_append);
+        first += (appends * per_append) as u64;
+        println!(
+            "| {engine} | {per_append} | {:.3} ms | {:.3} ms | {:.0} | {:.3} ms | {} |",
+            figures.p50.as_secs_f64() * 1000.0,
+            figures.p99.as_secs_f64() * 1000.0,
+            figures.entries_per_s,
+            figures.cpu_per_append.as_secs_f64() * 1000.0,
+            threads() - threads_before,
+        );
+    }
+}
