@@ -623,7 +623,7 @@ async fn serve(
         default_max_parallel: config.limits.default_max_parallel,
         health_interval_ms: config.health_interval_ms,
         health_window_ms: config.health_window_ms,
-        gate,
+        gate: gate.clone(),
         env_key_secret: Arc::new(rand::random()),
         issuer: config.issuer.clone(),
     };
@@ -633,6 +633,8 @@ async fn serve(
         member.peer_messages.clone(),
         incoming_snapshots,
         snapshot_stats,
+        gate,
+        stop.clone(),
     );
     let mut api_stop = stop.clone();
     let server = api::serve(

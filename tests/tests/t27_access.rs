@@ -612,6 +612,50 @@ async fn only_a_member_in_the_configuration_speaks_raft_and_only_as_itself() {
         }
     }
 
+    // A stream outlives the gate's check at its start: a member the policy denies meanwhile is
+    // refused at its next batch.
+    let itself = channel_as(&coordinator, &Subject::member(1, "coordinator-copy")).await;
+    let (batches, queued) = tokio::sync::mpsc::channel(4);
+    let batch = pb::RaftBatch {
+        cluster_id: cluster_id.clone(),
+        from_member: 1,
+        messages: vec![],
+    };
+    batches.send(batch.clone()).await.unwrap();
+    let mut answer = pb::raft_service_client::RaftServiceClient::new(itself)
+        .deliver_stream(tokio_stream::wrappers::ReceiverStream::new(queued))
+        .await
+        .unwrap()
+        .into_inner();
+    let policy = admin
+        .get_policy(pb::GetPolicyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    admin
+        .apply_policy(pb::ApplyPolicyRequest {
+            toml: format!("deny = [\"member:1\"]\n{}", policy.toml),
+            reason: "member 1's key leaked".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    batches.send(batch).await.unwrap();
+    let refused = tokio::time::timeout(Duration::from_secs(10), answer.message())
+        .await
+        .expect("the denied member's stream is ended at its next batch")
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    assert!(refused.message().contains("deny list"), "{refused:?}");
+    admin
+        .apply_policy(pb::ApplyPolicyRequest {
+            toml: policy.toml,
+            reason: "a new key for member 1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
     // Even an admin cannot add a member whose address does not answer with that member's
     // certificate: here an address that leads to member 1 (a proxy to it, since member 1's own
     // address is refused as taken before anything is dialled).

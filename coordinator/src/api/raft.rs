@@ -38,6 +38,9 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 const CHUNK_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest wait for the member to take a received snapshot.
 const INBOX_TIMEOUT: Duration = Duration::from_secs(10);
+/// A stream of Raft messages that carries nothing for this long is ended (cleanly: the sender
+/// opens another when it has something to send), so an idle one holds nothing for ever.
+const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct RaftPeers {
     door: Door,
@@ -52,18 +55,26 @@ pub struct RaftPeers {
 }
 
 impl RaftPeers {
+    /// `gate` gives the access policy in force (a member it denies is cut off mid-stream too);
+    /// streams end when `stop` turns true, so a member shutting down is not held open by its
+    /// peers' streams.
     pub fn new(
         cluster_id: String,
         directory: crate::membership::Directory,
         inbox: mpsc::Sender<Message>,
         incoming_dir: PathBuf,
         stats: Arc<SnapshotStats>,
+        gate: super::gate::Gate,
+        stop: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
         Self {
             door: Door {
                 cluster_id,
                 directory,
                 inbox,
+                gate,
+                streams: Arc::default(),
+                stop,
             },
             incoming_dir,
             receiving: Arc::new(Semaphore::new(MAX_CONCURRENT_SNAPSHOT_RECEIVES)),
@@ -155,6 +166,62 @@ struct Door {
     /// Which certificate name each member must present.
     directory: crate::membership::Directory,
     inbox: mpsc::Sender<Message>,
+    /// The policy in force: a stream outlives the gate's check at its start.
+    gate: super::gate::Gate,
+    /// One stream per sending certificate: a newer one ends the older.
+    streams: Arc<StreamSlots>,
+    stop: tokio::sync::watch::Receiver<bool>,
+}
+
+/// The live `DeliverStream` of each sending certificate, by a number each new stream takes.
+#[derive(Default)]
+struct StreamSlots {
+    by_sender: Mutex<std::collections::HashMap<String, tokio::sync::watch::Sender<u64>>>,
+    opened: AtomicU64,
+}
+
+/// A stream's place: it ends when its sender opens a newer one; freed when the stream ends.
+struct StreamSlot {
+    slots: Arc<StreamSlots>,
+    sender: String,
+    number: u64,
+    newer: tokio::sync::watch::Receiver<u64>,
+}
+
+impl StreamSlots {
+    fn claim(self: &Arc<Self>, sender: &str) -> StreamSlot {
+        let number = self.opened.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut by_sender = self
+            .by_sender
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let latest = by_sender
+            .entry(sender.to_string())
+            .or_insert_with(|| tokio::sync::watch::channel(0).0);
+        latest.send_replace(number);
+        StreamSlot {
+            slots: Arc::clone(self),
+            sender: sender.to_string(),
+            number,
+            newer: latest.subscribe(),
+        }
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut by_sender = self
+            .slots
+            .by_sender
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if by_sender
+            .get(&self.sender)
+            .is_some_and(|latest| *latest.borrow() == self.number)
+        {
+            by_sender.remove(&self.sender);
+        }
+    }
 }
 
 impl Door {
@@ -199,6 +266,18 @@ impl Door {
         batch: &RaftBatch,
     ) -> Result<Vec<Message>, Status> {
         self.check_sender(caller, &batch.cluster_id, batch.from_member)?;
+        if let Some(policy) = self.gate.current_policy()
+            && policy.is_denied(&caller.principal)
+        {
+            warn!(
+                identity = caller.id(),
+                "Refused Raft traffic from a member the policy denies (revoked)."
+            );
+            return Err(Status::permission_denied(format!(
+                "{} is on the policy's deny list (revoked)",
+                caller.id()
+            )));
+        }
         batch
             .messages
             .iter()
@@ -310,8 +389,9 @@ impl RaftService for RaftPeers {
 
     /// The batches are taken as they arrive, by the answer's body: the response headers go out
     /// at once (the sender's proof that the stream is open), the body yields nothing and ends
-    /// when the sender ends the stream, or with the status of the first batch refused. A stream
-    /// cut off by the sender's side ends here too, as its body is dropped.
+    /// with the status of the first batch refused, or cleanly when the sender ends the stream,
+    /// opens a newer one, sends nothing for [`STREAM_IDLE_TIMEOUT`], or this member stops. A
+    /// stream cut off by the sender's side ends here too, as its body is dropped.
     async fn deliver_stream(
         &self,
         request: Request<Streaming<RaftBatch>>,
@@ -319,8 +399,23 @@ impl RaftService for RaftPeers {
         let caller = caller(&request)?;
         let mut batches = request.into_inner();
         let door = self.door.clone();
+        let mut slot = door.streams.claim(&caller.id());
+        let mut stop = door.stop.clone();
         let taking = async move {
-            while let Some(batch) = batches.message().await? {
+            loop {
+                let batch = tokio::select! {
+                    next = tokio::time::timeout(STREAM_IDLE_TIMEOUT, batches.message()) => {
+                        match next {
+                            Ok(next) => next?,
+                            Err(_) => None,
+                        }
+                    }
+                    _ = slot.newer.changed() => None,
+                    _ = stop.wait_for(|stopping| *stopping) => None,
+                };
+                let Some(batch) = batch else {
+                    return Ok(());
+                };
                 for message in door.open_batch(&caller, &batch)? {
                     if message.get_msg_type() == MessageType::MsgSnapshot {
                         return Err(Status::invalid_argument(
@@ -330,7 +425,6 @@ impl RaftService for RaftPeers {
                     door.pass(message);
                 }
             }
-            Ok(())
         };
         let answer = futures::stream::once(taking).filter_map(|taken: Result<(), Status>| {
             futures::future::ready(taken.err().map(|status| {

@@ -284,8 +284,10 @@ fn register_replication(
     );
     registry.register(
         "raft_message_batches",
-        "Batches of Raft messages this member sent to peers, by how (stream: on a peer's \
-         long-lived stream; unary: one call each, to a member of an earlier release) or failed",
+        "Batches of Raft messages this member sent to peers, by how (stream: queued on the \
+         peer's long-lived stream; unary: one call each, delivered, to a member of an earlier \
+         release) or failed (a failed call or stream; batches queued on a failed stream are lost \
+         with it)",
         snapshots.message_batches.clone(),
     );
     registry.register(

@@ -1,10 +1,14 @@
 //! Raft messages to peers over gRPC (`RaftService`), with mutual TLS.
 //!
-//! Two tasks per peer. One drains a bounded queue of ordinary messages into batches
-//! (`Deliver`, bounded in count and bytes); a batch that cannot be delivered is dropped, Raft
-//! retransmits what matters, and the peer is reported unreachable so raft-rs probes it again
-//! instead of streaming to it blindly. A full queue drops new messages the same way, so a dead
-//! peer costs bounded memory.
+//! Two tasks per peer. One drains a bounded queue of ordinary messages into batches (bounded in
+//! count and bytes) and sends them on one long-lived `DeliverStream` to the peer, at most
+//! [`STREAM_WINDOW`] batches queued on it; to a member of an earlier release, which does not
+//! know the stream, one `Deliver` call per batch. A batch that cannot be delivered is dropped
+//! (as are those queued on a stream that fails), Raft retransmits what matters, and the peer is
+//! reported unreachable so raft-rs probes it again instead of sending to it blindly. A full
+//! queue drops new messages the same way, so a dead peer costs bounded memory. When a stream is
+//! replaced, batches still queued on the old one may arrive after the new one's first: Raft
+//! takes messages lost, repeated or out of order.
 //!
 //! The other streams state snapshots (`SendSnapshot`) over a connection of its own, in chunks,
 //! so a snapshot of any size reaches a member that missed a compaction without holding up the
@@ -58,6 +62,9 @@ const MAX_BATCH: usize = 256;
 const MAX_BATCH_BYTES: usize = 3 * 1024 * 1024;
 /// Batches queued on a peer's stream before the sender waits for it to take them.
 const STREAM_WINDOW: usize = 16;
+/// A stream open this long (and still open) counts as delivering: only then does a failure
+/// episode end.
+const STREAM_PROVEN_AFTER: Duration = Duration::from_secs(1);
 /// Longest wait for a peer to answer a batch, take a stream, or take a queued batch from it.
 const UNARY_TIMEOUT: Duration = Duration::from_secs(5);
 /// A peer that did not know `DeliverStream` is asked again this long after (it may have been
@@ -65,8 +72,8 @@ const UNARY_TIMEOUT: Duration = Duration::from_secs(5);
 const STREAM_PROBE_EVERY: Duration = Duration::from_secs(60);
 /// HTTP/2 pings on a peer's message connection, and how long an answer may take before the
 /// connection is given up (its stream fails, and the sender reconnects).
-const KEEPALIVE_EVERY: Duration = Duration::from_secs(2);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
+const KEEPALIVE_EVERY: Duration = Duration::from_secs(5);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause after a failed delivery, so a dead peer is not hammered.
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
 /// Snapshots being sent at once by this member, to all peers together: each holds the whole
@@ -352,8 +359,9 @@ fn endpoint(tls: &PeerTls, peer: &Peer) -> Result<PeerEndpoint, String> {
         .map(|endpoint| endpoint.connect_timeout(Duration::from_secs(2)))
         .map_err(|error| error.to_string())?;
     Ok(PeerEndpoint {
-        // No timeout on the channel (it would end a stream): each call bounds its own wait, and
-        // pings find a connection that went silent.
+        // No timeout on the channel: each call bounds its own wait (a channel-wide one would
+        // bound only a stream's opening, not the batches after), and pings find a connection
+        // that went silent under a stream.
         messages: snapshots
             .clone()
             .http2_keep_alive_interval(KEEPALIVE_EVERY)
@@ -395,57 +403,75 @@ impl PeerSender {
         let mut unary_until: Option<Instant> = None;
         while let Some(batch) = self.next_batch(&mut queue, &mut next).await {
             if unary_until.is_some_and(|until| Instant::now() < until) {
-                let delivered = tokio::time::timeout(UNARY_TIMEOUT, client.deliver(batch)).await;
-                match delivered {
-                    Ok(Ok(_)) => {
-                        self.count("unary");
-                        episode.ended(&self.peer, "Raft messages are delivered to a peer again.")
-                    }
-                    Ok(Err(status)) => self.failed(&mut episode, &status.to_string()).await,
-                    Err(_) => self.failed(&mut episode, "no answer within 5 s").await,
-                }
+                self.deliver_unary(&mut client, batch, &mut episode).await;
                 continue;
             }
-            if stream.is_none() {
-                match OpenStream::open(&mut client).await {
-                    Ok(opened) => {
-                        unary_until = None;
-                        episode.ended(&self.peer, "Raft messages are delivered to a peer again.");
-                        stream = Some(opened);
-                    }
-                    Err(status) if status.code() == tonic::Code::Unimplemented => {
-                        info!(
-                            peer = self.peer.id,
-                            "The peer does not take a stream of Raft messages (an earlier release); delivering batch by batch."
-                        );
-                        unary_until = Some(Instant::now() + STREAM_PROBE_EVERY);
-                        // This batch goes the old way at once.
-                        let delivered =
-                            tokio::time::timeout(UNARY_TIMEOUT, client.deliver(batch)).await;
-                        match delivered {
-                            Ok(Ok(_)) => self.count("unary"),
-                            _ => {
-                                self.failed(&mut episode, "the batch-by-batch delivery failed")
-                                    .await
-                            }
+            // A stream the peer ended cleanly (idle, replaced, the peer stopping) hands the
+            // batch back and is reopened at once: two tries.
+            let mut pending = Some(batch);
+            for _ in 0..2 {
+                let Some(batch) = pending.take() else { break };
+                if stream.is_none() {
+                    match OpenStream::open(&mut client).await {
+                        Ok(opened) => {
+                            unary_until = None;
+                            stream = Some(opened);
                         }
-                        continue;
+                        Err(status) if status.code() == tonic::Code::Unimplemented => {
+                            if unary_until.is_none() {
+                                info!(
+                                    peer = self.peer.id,
+                                    "The peer does not take a stream of Raft messages (an earlier release); delivering batch by batch."
+                                );
+                            }
+                            unary_until = Some(Instant::now() + STREAM_PROBE_EVERY);
+                            self.deliver_unary(&mut client, batch, &mut episode).await;
+                            break;
+                        }
+                        Err(status) => {
+                            self.failed(&mut episode, &status.to_string()).await;
+                            break;
+                        }
                     }
-                    Err(status) => {
-                        self.failed(&mut episode, &status.to_string()).await;
-                        continue;
+                }
+                let Some(open) = stream.as_mut() else { break };
+                match open.send(batch).await {
+                    Ok(()) => {
+                        self.count("stream");
+                        if open.proven() {
+                            episode
+                                .ended(&self.peer, "Raft messages are delivered to a peer again.");
+                        }
+                    }
+                    Err(StreamEnded::Cleanly(returned)) => {
+                        stream = None;
+                        pending = returned;
+                    }
+                    Err(StreamEnded::Failed(reason)) => {
+                        stream = None;
+                        self.failed(&mut episode, &reason).await;
                     }
                 }
             }
-            let Some(open) = stream.as_mut() else {
-                continue;
-            };
-            match open.send(batch).await {
-                Ok(()) => self.count("stream"),
-                Err(reason) => {
-                    stream = None;
-                    self.failed(&mut episode, &reason).await;
-                }
+        }
+    }
+
+    /// One batch by `Deliver`, for a peer of an earlier release.
+    async fn deliver_unary(
+        &self,
+        client: &mut RaftServiceClient<Channel>,
+        batch: RaftBatch,
+        episode: &mut FailureEpisode,
+    ) {
+        match tokio::time::timeout(UNARY_TIMEOUT, client.deliver(batch)).await {
+            Ok(Ok(_)) => {
+                self.count("unary");
+                episode.ended(&self.peer, "Raft messages are delivered to a peer again.");
+            }
+            Ok(Err(status)) => self.failed(episode, &status.to_string()).await,
+            Err(_) => {
+                let reason = format!("no answer within {} s", UNARY_TIMEOUT.as_secs());
+                self.failed(episode, &reason).await
             }
         }
     }
@@ -637,7 +663,17 @@ impl PeerSender {
 /// drains; `answer` reads the peer's answer until the stream ends, so the reason is known.
 struct OpenStream {
     batches: mpsc::Sender<RaftBatch>,
-    answer: tokio::task::JoinHandle<String>,
+    /// How the stream ended: `Ok` when the peer ended it cleanly.
+    answer: tokio::task::JoinHandle<Result<(), String>>,
+    opened_at: Instant,
+}
+
+/// Why a batch did not go on a stream.
+enum StreamEnded {
+    /// The peer ended the stream cleanly; the batch, if it was not lost, to send on a new one.
+    Cleanly(Option<RaftBatch>),
+    /// The stream failed; the reason.
+    Failed(String),
 }
 
 impl OpenStream {
@@ -649,39 +685,56 @@ impl OpenStream {
         let mut answers = tokio::time::timeout(UNARY_TIMEOUT, call)
             .await
             .map_err(|_| {
-                tonic::Status::deadline_exceeded("the peer did not take the stream within 5 s")
+                tonic::Status::deadline_exceeded(format!(
+                    "the peer did not take the stream within {} s",
+                    UNARY_TIMEOUT.as_secs()
+                ))
             })??
             .into_inner();
         let answer = tokio::spawn(async move {
             loop {
                 match answers.message().await {
                     Ok(Some(_)) => continue,
-                    Ok(None) => return "the peer ended the stream".to_string(),
-                    Err(status) => return status.to_string(),
+                    Ok(None) => return Ok(()),
+                    Err(status) => return Err(status.to_string()),
                 }
             }
         });
-        Ok(Self { batches, answer })
+        Ok(Self {
+            batches,
+            answer,
+            opened_at: Instant::now(),
+        })
     }
 
-    /// Queues `batch` on the stream: an error (the reason) if the stream has ended, or if the
-    /// peer has not taken [`STREAM_WINDOW`] batches for [`UNARY_TIMEOUT`].
-    async fn send(&mut self, batch: RaftBatch) -> Result<(), String> {
+    /// Open long enough, and still open, to count as working (a peer that takes a stream and
+    /// then refuses every batch must not end a failure episode each time).
+    fn proven(&self) -> bool {
+        self.opened_at.elapsed() >= STREAM_PROVEN_AFTER && !self.answer.is_finished()
+    }
+
+    /// Queues `batch` on the stream; why not, if the stream has ended or the peer has not taken
+    /// [`STREAM_WINDOW`] queued batches for [`UNARY_TIMEOUT`].
+    async fn send(&mut self, batch: RaftBatch) -> Result<(), StreamEnded> {
         if self.answer.is_finished() {
-            return Err(self.reason().await);
+            return Err(self.ended(Some(batch)).await);
         }
         match tokio::time::timeout(UNARY_TIMEOUT, self.batches.send(batch)).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(self.reason().await),
-            Err(_) => Err("the peer took no batch for 5 s".to_string()),
+            Ok(Err(mpsc::error::SendError(batch))) => Err(self.ended(Some(batch)).await),
+            Err(_) => Err(StreamEnded::Failed(format!(
+                "the peer took no batch for {} s",
+                UNARY_TIMEOUT.as_secs()
+            ))),
         }
     }
 
-    /// Why the stream ended, once its answer is in (waiting a moment for it).
-    async fn reason(&mut self) -> String {
+    /// How the stream ended, once its answer is in (waiting a moment for it).
+    async fn ended(&mut self, batch: Option<RaftBatch>) -> StreamEnded {
         match tokio::time::timeout(Duration::from_secs(1), &mut self.answer).await {
-            Ok(Ok(reason)) => reason,
-            _ => "the stream ended".to_string(),
+            Ok(Ok(Ok(()))) => StreamEnded::Cleanly(batch),
+            Ok(Ok(Err(reason))) => StreamEnded::Failed(reason),
+            _ => StreamEnded::Failed("the stream ended".to_string()),
         }
     }
 }
