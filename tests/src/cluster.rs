@@ -371,6 +371,38 @@ join = {join}
         Some(status)
     }
 
+    /// SIGTERM, as a service manager stops a member; waits up to `limit` for it to exit, and
+    /// kills it if it has not.
+    pub fn terminate(
+        &mut self,
+        id: u64,
+        limit: Duration,
+    ) -> Result<std::process::ExitStatus, String> {
+        let Some(mut process) = self.members[id as usize - 1].take() else {
+            return Err(format!("member {id} is not running"));
+        };
+        let pid = process.child.id() as libc::pid_t;
+        // SAFETY: kill(2) with a pid this harness started and has not reaped yet.
+        if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+            return Err(format!(
+                "SIGTERM to member {id}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        let started = std::time::Instant::now();
+        while started.elapsed() < limit {
+            if let Ok(Some(status)) = process.child.try_wait() {
+                return Ok(status);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        process.kill();
+        Err(format!(
+            "member {id} did not stop within {} s of SIGTERM",
+            limit.as_secs()
+        ))
+    }
+
     /// SIGKILL, as a crash.
     pub fn kill(&mut self, id: u64) {
         if let Some(mut process) = self.members[id as usize - 1].take() {

@@ -140,4 +140,14 @@ async fn a_rollback_survives_the_leader_being_killed_and_no_step_runs_twice() {
         client.transfer_leader(bad).await.unwrap_err().code(),
         tonic::Code::InvalidArgument
     );
+
+    // SIGTERM stops a member cleanly and soon, its peers' streams and (on the leader) its
+    // agents' sessions open: a follower, then the leader.
+    let follower = (1..=3).find(|&id| id != handed_to).unwrap();
+    for id in [follower, handed_to] {
+        let status = cluster
+            .terminate(id, Duration::from_secs(20))
+            .unwrap_or_else(|error| panic!("{error}"));
+        assert!(status.success(), "member {id} stopped with {status}");
+    }
 }
