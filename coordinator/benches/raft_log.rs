@@ -3,8 +3,8 @@
 //! acknowledges them. Each append writes the entries and the hard state (its commit index
 //! moves) and then waits for the disk: `RaftStore::append`, `set_hard_state` and `flush` for
 //! sled; one `LogBatch` written with `sync` for raft-engine. Entries are 256 bytes of data, as
-//! in the replicated-writes benchmark; appends of 1 entry (one client at a time) and of 64 (a
-//! batch under load). Reported: latency per append (p50, p99), entries per second, CPU time of
+//! in the replicated-writes benchmark, random so that raft-engine's compression of large batches
+//! gains nothing; appends of 1 entry (one client at a time) and of 64 (a batch under load). Reported: latency per append (p50, p99), entries per second, CPU time of
 //! the process per append (user + system, from getrusage, so the engines' own threads count),
 //! and the threads each engine keeps.
 //!
@@ -96,30 +96,48 @@ fn threads() -> usize {
     std::fs::read_dir("/proc/self/task").map_or(0, Iterator::count)
 }
 
-/// `appends` appends of `per_append` entries each, from index `first`.
+/// `count` entries from index `first`, each with its own random data: nothing a compressor
+/// (raft-engine compresses batches over 8 KiB with LZ4) could shrink, as real commands would
+/// partly be (the data is xorshift output).
+fn entries(first: u64, count: usize, seed: &mut u64) -> Vec<Entry> {
+    (0..count)
+        .map(|offset| {
+            let data: Vec<u8> = (0..ENTRY_BYTES / 8)
+                .flat_map(|_| {
+                    *seed ^= *seed << 13;
+                    *seed ^= *seed >> 7;
+                    *seed ^= *seed << 17;
+                    seed.to_le_bytes()
+                })
+                .collect();
+            Entry {
+                index: first + offset as u64,
+                term: 1,
+                data: data.into(),
+                ..Default::default()
+            }
+        })
+        .collect()
+}
+
+/// `appends` appends of `per_append` entries each, from index `first`. The entries are made
+/// before the clock and the CPU count start.
 fn run(log: &mut dyn Log, first: u64, appends: usize, per_append: usize) -> Figures {
-    let data = vec![b'e'; ENTRY_BYTES];
+    let mut seed = 0x9E37_79B9_7F4A_7C15_u64 ^ first;
+    let batches: Vec<Vec<Entry>> = (0..appends)
+        .map(|number| entries(first + (number * per_append) as u64, per_append, &mut seed))
+        .collect();
     let mut latencies = Vec::with_capacity(appends);
-    let mut index = first;
     let cpu_before = cpu_time();
     let started = Instant::now();
-    for _ in 0..appends {
-        let entries: Vec<Entry> = (0..per_append)
-            .map(|offset| Entry {
-                index: index + offset as u64,
-                term: 1,
-                data: data.clone().into(),
-                ..Default::default()
-            })
-            .collect();
-        index += per_append as u64;
+    for batch in &batches {
         let hard_state = HardState {
             term: 1,
-            commit: index - 1,
+            commit: batch.last().map_or(0, |entry| entry.index),
             ..Default::default()
         };
         let begun = Instant::now();
-        log.append_durably(&entries, &hard_state);
+        log.append_durably(batch, &hard_state);
         latencies.push(begun.elapsed());
     }
     let elapsed = started.elapsed();
@@ -168,7 +186,8 @@ fn main() {
 
 /// One engine's rows, in a fresh directory.
 fn measure_one(engine: &str, appends: usize) {
-    let dir = tempfile::tempdir().expect("a temp dir");
+    // Under target/, not /tmp: a tmpfs would make every sync free.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("a temp dir");
     let threads_before = threads();
     let mut log: Box<dyn Log> = match engine {
         "sled" => Box::new(Sled(RaftStore::open(dir.path()).expect("open sled"))),
