@@ -263,7 +263,7 @@ pub fn decide(
         limits,
         now_ms,
         actions: Vec::new(),
-        running: Vec::new(),
+        running: HashSet::new(),
     };
     for change in state.changes.values() {
         drive_change(state, change, &mut driver);
@@ -497,8 +497,8 @@ struct Driver<'a, O: Observations> {
     limits: &'a EngineLimits,
     now_ms: u64,
     actions: Vec<Action>,
-    /// Step ids seen running this tick.
-    running: Vec<String>,
+    /// Step ids seen running this tick (a set: the memory is filtered by it every tick).
+    running: HashSet<String>,
 }
 
 impl<O: Observations> Driver<'_, O> {
@@ -519,7 +519,7 @@ impl<O: Observations> Driver<'_, O> {
         on_timeout: OnTimeout,
     ) {
         let step_id = step.step_id();
-        self.running.push(step_id.clone());
+        self.running.insert(step_id.clone());
         if self.now_ms.saturating_sub(progress.started_at_ms) > self.limits.step_timeout_ms {
             match on_timeout {
                 OnTimeout::Wait => {}
@@ -567,7 +567,15 @@ fn drive_change(state: &State, change: &ChangeRecord, driver: &mut Driver<'_, im
         change.status,
         ChangeStatus::Capturing | ChangeStatus::Deploying
     );
+    // Every change ever made is walked on every tick: a host with nothing pending or running
+    // costs two comparisons, not the allocations below.
+    let needs_driving = |progress: &StepProgress| {
+        progress.status == StepStatus::Running || (active && progress.status == StepStatus::Pending)
+    };
     for host in &change.hosts {
+        if !needs_driving(&host.capture) && !needs_driving(&host.activate) {
+            continue;
+        }
         let capture = StepTarget::Capture {
             change: change.number,
             host_id: host.host_id.clone(),
@@ -1517,7 +1525,7 @@ fn verify_host(
     driver: &mut Driver<'_, impl Observations>,
 ) {
     let step_id = step.step_id();
-    driver.running.push(step_id.clone());
+    driver.running.insert(step_id.clone());
     let now_ms = driver.now_ms;
     let watch = match driver.memory.verify_watch.entry(step_id) {
         Entry::Occupied(seen) => seen.into_mut(),
