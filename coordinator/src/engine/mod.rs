@@ -56,6 +56,11 @@ pub struct Engine {
     pub incidents: Option<crate::config::IncidentWebhookConfig>,
 }
 
+/// Engine proposals sent to the Raft thread at once (see `Engine::propose_together`): under
+/// `join_all`'s small-set size, so they keep their order, and a small share of the proposal
+/// queue, which agents' step results share.
+const PROPOSALS_TOGETHER: usize = 16;
+
 /// Engine proposals the state machine refused, by their exact command. Losing a race is normal
 /// and the next tick decides anew; but a decision the state keeps producing and refusing would
 /// be proposed at every tick, each time a Raft log entry. So the same command refused again is
@@ -221,37 +226,27 @@ impl Engine {
         synthetics.retain(|rollback, wave| memory.synthetics.contains_key(&(rollback, wave)));
         let mut refused = false;
         let mut decided = HashSet::new();
+        // Proposals in a row go to the Raft thread together (see `propose_together`); anything
+        // else the tick does waits until those before it are applied, as when they went one by
+        // one.
+        let mut proposals = Vec::new();
         for action in actions {
             crash_point(&action);
-            match action {
-                Action::Propose(kind) => {
-                    let key = RefusedProposals::key(&kind);
-                    if !refusals.due(&key, now_ms) {
-                        decided.insert(key);
-                        continue;
-                    }
-                    let action = kind.action();
-                    match self.propose(kind).await {
-                        Ok(()) => {}
-                        Err(error) => {
-                            refused = true;
-                            let by_the_state = !error.is_retriable()
-                                && !matches!(error, CoordinatorError::NotLeader { .. });
-                            if !by_the_state {
-                                continue;
-                            }
-                            if refusals.refused(key.clone(), now_ms) == 3 {
-                                warn!(
-                                    %error,
-                                    action,
-                                    "The engine keeps deciding a command that is refused; \
-                                     it tries again less and less often."
-                                );
-                            }
-                            decided.insert(key);
-                        }
-                    }
+            if let Action::Propose(kind) = action {
+                let key = RefusedProposals::key(&kind);
+                if refusals.due(&key, now_ms) {
+                    proposals.push((key, kind));
+                } else {
+                    decided.insert(key);
                 }
+                continue;
+            }
+            let before = std::mem::take(&mut proposals);
+            refused |= self
+                .propose_together(before, refusals, &mut decided, now_ms)
+                .await;
+            match action {
+                Action::Propose(_) => {}
                 Action::AskReport { host_id, service } => {
                     let ask_id = self.health.ask(&host_id, &service, now_ms);
                     let ask = pb::CoordinatorMessage {
@@ -310,7 +305,55 @@ impl Engine {
                 }
             }
         }
+        refused |= self
+            .propose_together(proposals, refusals, &mut decided, now_ms)
+            .await;
         refusals.keep_only(&decided);
+        refused
+    }
+
+    /// Proposes `proposals` (with their refusal keys) [`PROPOSALS_TOGETHER`] at a time without
+    /// waiting for each to apply before the next, so one Raft round (one append, one flush)
+    /// carries them, instead of one round each: a wave starting on a hundred hosts was a
+    /// hundred rounds in a row. `join_all` first polls its futures in order (under its
+    /// small-set size of 30), so they enter the Raft queue in the order `decide` chose. Returns
+    /// whether any was refused; refusals by the state are recorded for backoff.
+    async fn propose_together(
+        &self,
+        proposals: Vec<(String, CommandKind)>,
+        refusals: &mut RefusedProposals,
+        decided: &mut HashSet<String>,
+        now_ms: u64,
+    ) -> bool {
+        let mut refused = false;
+        let mut proposals = proposals.into_iter().peekable();
+        while proposals.peek().is_some() {
+            let together = proposals
+                .by_ref()
+                .take(PROPOSALS_TOGETHER)
+                .map(|(key, kind)| {
+                    let action = kind.action();
+                    async move { (key, action, self.propose(kind).await) }
+                });
+            for (key, action, outcome) in futures::future::join_all(together).await {
+                let Err(error) = outcome else { continue };
+                refused = true;
+                let by_the_state =
+                    !error.is_retriable() && !matches!(error, CoordinatorError::NotLeader { .. });
+                if !by_the_state {
+                    continue;
+                }
+                if refusals.refused(key.clone(), now_ms) == 3 {
+                    warn!(
+                        %error,
+                        action,
+                        "The engine keeps deciding a command that is refused; \
+                         it tries again less and less often."
+                    );
+                }
+                decided.insert(key);
+            }
+        }
         refused
     }
 
