@@ -373,7 +373,7 @@ join = {join}
 
     /// SIGTERM, as a service manager stops a member; waits up to `limit` for it to exit, and
     /// kills it if it has not.
-    pub fn terminate(
+    pub async fn terminate(
         &mut self,
         id: u64,
         limit: Duration,
@@ -394,7 +394,7 @@ join = {join}
             if let Ok(Some(status)) = process.child.try_wait() {
                 return Ok(status);
             }
-            std::thread::sleep(Duration::from_millis(100));
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         process.kill();
         Err(format!(

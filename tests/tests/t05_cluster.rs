@@ -142,11 +142,14 @@ async fn a_rollback_survives_the_leader_being_killed_and_no_step_runs_twice() {
     );
 
     // SIGTERM stops a member cleanly and soon, its peers' streams and (on the leader) its
-    // agents' sessions open: a follower, then the leader.
+    // agents' sessions open: a follower, then the leader, which still has its quorum (so no
+    // step-down closes the sessions for it).
+    must_agents_connected(&client, 2).await;
     let follower = (1..=3).find(|&id| id != handed_to).unwrap();
     for id in [follower, handed_to] {
         let status = cluster
             .terminate(id, Duration::from_secs(20))
+            .await
             .unwrap_or_else(|error| panic!("{error}"));
         assert!(status.success(), "member {id} stopped with {status}");
     }

@@ -569,11 +569,14 @@ fn drive_change(state: &State, change: &ChangeRecord, driver: &mut Driver<'_, im
     );
     // Every change ever made is walked on every tick: a host with nothing pending or running
     // costs two comparisons, not the allocations below.
-    let needs_driving = |progress: &StepProgress| {
-        progress.status == StepStatus::Running || (active && progress.status == StepStatus::Pending)
+    let needs_driving = |progress: &StepProgress, phase: ChangeStatus| {
+        progress.status == StepStatus::Running
+            || (progress.status == StepStatus::Pending && change.status == phase)
     };
     for host in &change.hosts {
-        if !needs_driving(&host.capture) && !needs_driving(&host.activate) {
+        if !needs_driving(&host.capture, ChangeStatus::Capturing)
+            && !needs_driving(&host.activate, ChangeStatus::Deploying)
+        {
             continue;
         }
         let capture = StepTarget::Capture {

@@ -234,10 +234,26 @@ impl Engine {
             crash_point(&action);
             if let Action::Propose(kind) = action {
                 let key = RefusedProposals::key(&kind);
-                if refusals.due(&key, now_ms) {
-                    proposals.push((key, kind));
-                } else {
+                if !refusals.due(&key, now_ms) {
                     decided.insert(key);
+                    continue;
+                }
+                // A decision the leader prepares from the applied state (an automatic trigger)
+                // goes alone, after those before it: prepared beside others it would be judged
+                // against a state they are about to change, and go stale.
+                let alone = crate::state_machine::decision::decided_on_leader(&kind);
+                if alone {
+                    let before = std::mem::take(&mut proposals);
+                    refused |= self
+                        .propose_together(before, refusals, &mut decided, now_ms)
+                        .await;
+                }
+                proposals.push((key, kind));
+                if alone {
+                    let this = std::mem::take(&mut proposals);
+                    refused |= self
+                        .propose_together(this, refusals, &mut decided, now_ms)
+                        .await;
                 }
                 continue;
             }
