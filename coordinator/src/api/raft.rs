@@ -190,11 +190,11 @@ struct StreamSlot {
 
 impl StreamSlots {
     fn claim(self: &Arc<Self>, sender: &str) -> StreamSlot {
-        let number = self.opened.fetch_add(1, Ordering::Relaxed) + 1;
         let mut by_sender = self
             .by_sender
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let number = self.opened.fetch_add(1, Ordering::Relaxed) + 1;
         let latest = by_sender
             .entry(sender.to_string())
             .or_insert_with(|| tokio::sync::watch::channel(0).0);
@@ -389,8 +389,9 @@ impl RaftService for RaftPeers {
 
     /// The batches are taken as they arrive, by the answer's body: the response headers go out
     /// at once (the sender's proof that the stream is open), the body yields nothing and ends
-    /// with the status of the first batch refused, or cleanly when the sender ends the stream,
-    /// opens a newer one, sends nothing for [`STREAM_IDLE_TIMEOUT`], or this member stops. A
+    /// with the status of the first batch refused or `ABORTED` when the same certificate opens a
+    /// newer stream, or cleanly when the sender ends the stream, sends nothing for
+    /// [`STREAM_IDLE_TIMEOUT`], or this member stops. A
     /// stream cut off by the sender's side ends here too, as its body is dropped.
     async fn deliver_stream(
         &self,
@@ -410,7 +411,11 @@ impl RaftService for RaftPeers {
                             Err(_) => None,
                         }
                     }
-                    _ = slot.newer.changed() => None,
+                    _ = slot.newer.changed() => {
+                        return Err(Status::aborted(
+                            "replaced by a newer stream from the same certificate",
+                        ));
+                    }
                     _ = stop.wait_for(|stopping| *stopping) => None,
                 };
                 let Some(batch) = batch else {

@@ -406,8 +406,8 @@ impl PeerSender {
                 self.deliver_unary(&mut client, batch, &mut episode).await;
                 continue;
             }
-            // A stream the peer ended cleanly (idle, replaced, the peer stopping) hands the
-            // batch back and is reopened at once: two tries.
+            // A stream the peer ended cleanly (idle, or the peer stopping) hands the batch back
+            // and is reopened at once, once; a new stream ended at once is a failure.
             let mut pending = Some(batch);
             for _ in 0..2 {
                 let Some(batch) = pending.take() else { break };
@@ -444,8 +444,14 @@ impl PeerSender {
                         }
                     }
                     Err(StreamEnded::Cleanly(returned)) => {
+                        let young = open.opened_at.elapsed() < STREAM_PROVEN_AFTER;
                         stream = None;
-                        pending = returned;
+                        if young {
+                            self.failed(&mut episode, "the peer ended a new stream at once")
+                                .await;
+                        } else {
+                            pending = returned;
+                        }
                     }
                     Err(StreamEnded::Failed(reason)) => {
                         stream = None;
