@@ -343,3 +343,27 @@ pub async fn must_have_rolled_back_v2_once(
         .into_inner();
     assert!(audit.ok, "{audit:?}");
 }
+
+/// Puts `identity` (`agent:web-1`, `member:1`) on the access policy's deny list, as an operator
+/// revoking a leaked key does; returns the policy as it was (to apply again) and the answer.
+pub async fn must_deny(
+    admin: &mut ControlServiceClient<Channel>,
+    identity: &str,
+    reason: &str,
+) -> (String, rewind_proto::v1::Policy) {
+    let policy = admin
+        .get_policy(rewind_proto::v1::GetPolicyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let applied = admin
+        .apply_policy(rewind_proto::v1::ApplyPolicyRequest {
+            toml: format!("deny = [\"{identity}\"]\n{}", policy.toml),
+            reason: reason.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|status| panic!("deny {identity}: {status}"))
+        .into_inner();
+    (policy.toml, applied)
+}

@@ -627,19 +627,8 @@ async fn only_a_member_in_the_configuration_speaks_raft_and_only_as_itself() {
         .await
         .unwrap()
         .into_inner();
-    let policy = admin
-        .get_policy(pb::GetPolicyRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    admin
-        .apply_policy(pb::ApplyPolicyRequest {
-            toml: format!("deny = [\"member:1\"]\n{}", policy.toml),
-            reason: "member 1's key leaked".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let (policy, _) =
+        rewind_tests::must_deny(&mut admin, "member:1", "member 1's key leaked").await;
     batches.send(batch).await.unwrap();
     let refused = tokio::time::timeout(Duration::from_secs(10), answer.message())
         .await
@@ -649,7 +638,7 @@ async fn only_a_member_in_the_configuration_speaks_raft_and_only_as_itself() {
     assert!(refused.message().contains("deny list"), "{refused:?}");
     admin
         .apply_policy(pb::ApplyPolicyRequest {
-            toml: policy.toml,
+            toml: policy,
             reason: "a new key for member 1".into(),
             ..Default::default()
         })
@@ -764,21 +753,8 @@ async fn a_revoked_agent_is_cut_off_at_once_and_cannot_reconnect() {
     let coordinator = Coordinator::must_start(&dir.path().join("coordinator"));
     let (_hosts, mut admin) =
         rewind_tests::must_start_hosts(dir.path(), &coordinator, &["web-1", "web-2"]).await;
-    let policy = admin
-        .get_policy(pb::GetPolicyRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    let revoked = format!("deny = [\"agent:web-1\"]\n{}", policy.toml);
-    let applied = admin
-        .apply_policy(pb::ApplyPolicyRequest {
-            toml: revoked,
-            reason: "web-1's key leaked".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let (_, applied) =
+        rewind_tests::must_deny(&mut admin, "agent:web-1", "web-1's key leaked").await;
     assert_eq!(applied.summary, "deny added: agent:web-1");
     rewind_tests::must_wait_async(Duration::from_secs(30), "web-1 to be cut off", || {
         let mut admin = admin.clone();

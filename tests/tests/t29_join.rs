@@ -512,19 +512,7 @@ async fn a_person_joins_and_renews_with_rewindctl_and_a_revoked_one_cannot_renew
 
     // Revoked through the policy's deny list: no renewal.
     let mut admin = coordinator.must_client().await;
-    let policy = admin
-        .get_policy(pb::GetPolicyRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    admin
-        .apply_policy(pb::ApplyPolicyRequest {
-            toml: format!("deny = [\"user:carol\"]\n{}", policy.toml),
-            reason: "carol left".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    rewind_tests::must_deny(&mut admin, "user:carol", "carol left").await;
     let refused = as_carol(&["cert", "renew"]);
     assert!(!refused.status.success());
     assert!(
