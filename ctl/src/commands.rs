@@ -390,4 +390,19 @@ mod tests {
             "{help}"
         );
     }
+
+    #[test]
+    fn a_gate_settles_in_seconds_or_in_milliseconds_never_both() {
+        let line = "rewindctl rollback start ch-1 --reason why";
+        for settle in ["--gate-settle-s 2", "--gate-settle-ms 200"] {
+            Cli::try_parse_from(format!("{line} {settle}").split(' '))
+                .unwrap_or_else(|error| panic!("{settle}: {error}"));
+        }
+        let both = format!("{line} --gate-settle-s 2 --gate-settle-ms 200");
+        let Err(error) = Cli::try_parse_from(both.split(' ')) else {
+            panic!("both settle flags were accepted");
+        };
+        assert_eq!(error.kind(), clap::error::ErrorKind::ArgumentConflict);
+        assert!(error.to_string().contains("--gate-settle-ms"), "{error}");
+    }
 }
