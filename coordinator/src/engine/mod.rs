@@ -241,18 +241,13 @@ impl Engine {
                 // A decision the leader prepares from the applied state (an automatic trigger)
                 // goes alone, after those before it: prepared beside others it would be judged
                 // against a state they are about to change, and go stale.
-                let alone = crate::state_machine::decision::decided_on_leader(&kind);
-                if alone {
-                    let before = std::mem::take(&mut proposals);
-                    refused |= self
-                        .propose_together(before, refusals, &mut decided, now_ms)
-                        .await;
+                if !crate::state_machine::decision::decided_on_leader(&kind) {
+                    proposals.push((key, kind));
+                    continue;
                 }
-                proposals.push((key, kind));
-                if alone {
-                    let this = std::mem::take(&mut proposals);
+                for run in [std::mem::take(&mut proposals), vec![(key, kind)]] {
                     refused |= self
-                        .propose_together(this, refusals, &mut decided, now_ms)
+                        .propose_together(run, refusals, &mut decided, now_ms)
                         .await;
                 }
                 continue;
