@@ -1,12 +1,14 @@
-//! The Raft log's storage alone, sled (as `RaftStore` keeps it today) against TiKV's
-//! `raft-engine`, in one run: what a member pays to make appended entries durable before it
-//! acknowledges them. Each append writes the entries and the hard state (its commit index
-//! moves) and then waits for the disk: `RaftStore::append`, `set_hard_state` and `flush` for
-//! sled; one `LogBatch` written with `sync` for raft-engine. Entries are 256 bytes of data, as
-//! in the replicated-writes benchmark, random so that raft-engine's compression of large batches
-//! gains nothing; appends of 1 entry (one client at a time) and of 64 (a batch under load). Reported: latency per append (p50, p99), entries per second, CPU time of
-//! the process per append (user + system, from getrusage, so the engines' own threads count),
-//! and the threads each engine keeps.
+//! The Raft log's storage alone, sled (as `RaftStore` kept it until the log moved) against
+//! TiKV's `raft-engine` (as `RaftStore` keeps it now), in one run: what a member pays to make
+//! appended entries durable before it acknowledges them. Each append writes the entries and the
+//! hard state (its commit index moves) and then waits for the disk: for sled, a batch into the
+//! `raft-log` tree (removing any conflicting suffix), the hard state into `raft-meta` and a
+//! `Db::flush`, the code `RaftStore` ran before; for raft-engine, `RaftStore::persist` (one
+//! `LogBatch`, written with `sync`). Entries are 256 bytes of data, as in the replicated-writes
+//! benchmark, random so that raft-engine's compression of large batches gains nothing; appends
+//! of 1 entry (one client at a time) and of 64 (a batch under load). Reported: latency per
+//! append (p50, p99), entries per second, CPU time of the process per append (user + system,
+//! from getrusage, so the engines' own threads count), and the threads each engine keeps.
 //!
 //! Run: `cargo bench -p rewind-coordinator --bench raft_log`
 //! (`REWIND_BENCH_APPENDS` sets the appends per run, default 5,000.)
@@ -14,62 +16,64 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use protobuf::Message as _;
 use raft::eraftpb::{Entry, HardState};
-use raft_engine::{Config, Engine, LogBatch, MessageExt, ReadableSize};
 use rewind_coordinator::storage::RaftStore;
 
 const ENTRY_BYTES: usize = 256;
-const RAFT_GROUP: u64 = 1;
-
-#[derive(Clone)]
-struct EntryExt;
-
-impl MessageExt for EntryExt {
-    type Entry = Entry;
-
-    fn index(entry: &Entry) -> u64 {
-        entry.index
-    }
-}
 
 /// One way to keep the log: appends `entries` and the hard state, durable on return.
 trait Log {
     fn append_durably(&mut self, entries: &[Entry], hard_state: &HardState);
 }
 
-struct Sled(RaftStore);
+/// The log as `RaftStore` kept it in sled before it moved to raft-engine.
+struct Sled {
+    db: sled::Db,
+    log: sled::Tree,
+    meta: sled::Tree,
+}
+
+impl Sled {
+    fn open(dir: &Path) -> Self {
+        let db = sled::Config::new()
+            .path(dir)
+            .flush_every_ms(None)
+            .open()
+            .expect("open sled");
+        let log = db.open_tree("raft-log").expect("sled tree");
+        let meta = db.open_tree("raft-meta").expect("sled tree");
+        Self { db, log, meta }
+    }
+}
 
 impl Log for Sled {
     fn append_durably(&mut self, entries: &[Entry], hard_state: &HardState) {
-        self.0.append(entries).expect("sled append");
-        self.0.set_hard_state(hard_state).expect("sled hard state");
-        self.0.flush().expect("sled flush");
+        let mut batch = sled::Batch::default();
+        for key in self.log.range(entries[0].index.to_be_bytes()..).keys() {
+            batch.remove(key.expect("sled read"));
+        }
+        for entry in entries {
+            let bytes = entry.write_to_bytes().expect("encode entry");
+            batch.insert(&entry.index.to_be_bytes(), bytes);
+        }
+        self.log.apply_batch(batch).expect("sled append");
+        let bytes = hard_state.write_to_bytes().expect("encode hard state");
+        self.meta
+            .insert(b"hard-state", bytes)
+            .expect("sled hard state");
+        self.db.flush().expect("sled flush");
     }
 }
 
-struct RaftEngine(Engine);
+struct RaftEngine(RaftStore);
 
 impl Log for RaftEngine {
     fn append_durably(&mut self, entries: &[Entry], hard_state: &HardState) {
-        let mut batch = LogBatch::default();
-        batch
-            .add_entries::<EntryExt>(RAFT_GROUP, entries)
-            .expect("raft-engine entries");
-        batch
-            .put_message(RAFT_GROUP, b"hard-state".to_vec(), hard_state)
-            .expect("raft-engine hard state");
-        self.0.write(&mut batch, true).expect("raft-engine write");
+        self.0
+            .persist(entries, Some(hard_state), true)
+            .expect("raft-engine append");
     }
-}
-
-fn open_raft_engine(dir: &Path) -> RaftEngine {
-    let config = Config {
-        dir: dir.display().to_string(),
-        // Its default for TiKV; files are purged once the log is compacted below them.
-        target_file_size: ReadableSize::mb(128),
-        ..Config::default()
-    };
-    RaftEngine(Engine::open(config).expect("open raft-engine"))
 }
 
 struct Figures {
@@ -190,8 +194,10 @@ fn measure_one(engine: &str, appends: usize) {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("a temp dir");
     let threads_before = threads();
     let mut log: Box<dyn Log> = match engine {
-        "sled" => Box::new(Sled(RaftStore::open(dir.path()).expect("open sled"))),
-        "raft-engine" => Box::new(open_raft_engine(dir.path())),
+        "sled" => Box::new(Sled::open(dir.path())),
+        "raft-engine" => Box::new(RaftEngine(
+            RaftStore::open(dir.path()).expect("open the Raft store"),
+        )),
         other => panic!("{ENGINE_VARIABLE}={other:?}: sled or raft-engine"),
     };
     let mut first = 1;

@@ -344,14 +344,21 @@ join = {join}
     }
 
     pub fn must_start_member(&mut self, id: u64) {
+        self.must_start_member_with_failpoints(id, "");
+    }
+
+    /// Starts member `id` with crash points armed (`REWIND_FAILPOINTS`, see
+    /// `rewind_shared::failpoint`): it exits at the first one it reaches ([`Self::exited`]).
+    pub fn must_start_member_with_failpoints(&mut self, id: u64, failpoints: &str) {
         let config = self.config_path(id);
         let log = self.dir.join(format!("member-{id}.log"));
         let namespace = self.network.as_ref().map(|network| network.namespace(id));
-        let process = spawn_in(
+        let process = spawn_with(
             namespace.as_deref(),
             &self.binaries[id as usize - 1],
             &["--config", config.to_str().unwrap()],
             &log,
+            failpoints,
         );
         self.members[id as usize - 1] = Some(process);
     }

@@ -164,6 +164,44 @@ async fn a_member_down_across_a_compaction_of_a_large_state_catches_up_by_a_stre
         0,
         "the cut stream left no file behind"
     );
+
+    // Down again; on its return it crashes (abort, as kill -9) between the installed
+    // snapshot's record and the log's removal, which live in two stores (sled, raft-engine).
+    // Started again, it repairs the log against the record at open and catches up.
+    cluster.kill(BEHIND);
+    let (leader, _) = cluster.must_leader().await;
+    let (before, before_bytes) = cluster.latest_snapshot(leader).unwrap();
+    must_grow_state_past(&cluster, before_bytes + (1 << 20)).await;
+    let (leader, _) = cluster.must_leader().await;
+    let (after, _) = cluster.latest_snapshot(leader).unwrap();
+    assert!(
+        after > before,
+        "the leader compacted past member {BEHIND}'s log"
+    );
+    cluster.must_start_member_with_failpoints(BEHIND, "coordinator.snapshot-recorded");
+    let crashed = rewind_tests::must_wait_async(CATCH_UP, "the crash point", || {
+        let exited = cluster.exited(BEHIND);
+        async move { exited }
+    })
+    .await;
+    assert!(
+        !crashed.success(),
+        "member {BEHIND} aborted at the crash point"
+    );
+    cluster.must_start_member(BEHIND);
+    cluster.must_catch_up(BEHIND, leader, CATCH_UP).await;
+    let behind_log =
+        std::fs::read_to_string(dir.path().join(format!("member-{BEHIND}.log"))).unwrap();
+    assert!(
+        behind_log.contains("failpoint coordinator.snapshot-recorded"),
+        "it crashed where asked"
+    );
+    assert!(
+        behind_log.contains("Repaired the Raft log against the snapshot after a crash"),
+        "and repaired its log at open"
+    );
+    let behind = cluster.member_status(BEHIND, false).await.unwrap();
+    assert!(behind.audit_ok, "member {BEHIND}: {behind:?}");
 }
 
 /// The logs of the members that may lead (each only grows).

@@ -645,18 +645,15 @@ impl<T: Transport> Driver<T> {
         let read_states = ready.take_read_states();
         // Flush only what promises depend on: new entries, and a new term or vote. A commit
         // index alone is learned again from the leader after a crash.
-        let mut must_flush = !ready.entries().is_empty();
-        if !ready.entries().is_empty() {
-            self.store.append(ready.entries())?;
-        }
+        let mut must_sync = !ready.entries().is_empty();
         if let Some(hard_state) = ready.hs() {
-            let term_and_vote = (hard_state.term, hard_state.vote);
-            must_flush |= term_and_vote != self.flushed_term_and_vote;
-            self.store.set_hard_state(hard_state)?;
-            self.flushed_term_and_vote = term_and_vote;
+            must_sync |= (hard_state.term, hard_state.vote) != self.flushed_term_and_vote;
         }
-        if must_flush || !ready.persisted_messages().is_empty() {
-            self.store.flush()?;
+        must_sync |= !ready.persisted_messages().is_empty();
+        // The entries and the hard state: one write, one fdatasync.
+        self.store.persist(ready.entries(), ready.hs(), must_sync)?;
+        if let Some(hard_state) = ready.hs() {
+            self.flushed_term_and_vote = (hard_state.term, hard_state.vote);
         }
         if !ready.persisted_messages().is_empty() {
             self.transport.send(ready.take_persisted_messages());

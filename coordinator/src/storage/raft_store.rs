@@ -1,25 +1,34 @@
-//! raft-rs [`Storage`] on sled: the Raft log, hard state, conf state and the latest snapshot.
+//! raft-rs [`Storage`]: the Raft log and hard state in TiKV's raft-engine, the rest in sled.
 //!
-//! Trees: `raft-log` (big-endian index -> protobuf `Entry`) and `raft-meta` (`hard-state`,
-//! `conf-state`, `snapshot`: protobuf messages), and `audit` (the audit entries from cluster
-//! version 7, see [`super::SledAuditStore`]; flushed with the rest, so a compaction never
-//! drops log entries whose audit entries are not on disk). The snapshot's data, the replicated state at its
-//! index (encoded by [`super::snapshot_codec`]), is a file of its own in `state-snapshots/` (written, fsynced and renamed
-//! before the metadata naming it is stored): a value of many megabytes rewritten into sled
-//! stalled every flush of the log behind it. Writers call [`RaftStore::flush`] before anything
-//! that depends on the write is sent or acknowledged.
+//! raft-engine (directory `raft-engine/`, one Raft group) holds the log and the hard state: a
+//! `Ready`'s entries and hard state are one write and one `fdatasync`. It was chosen over sled
+//! by measurement (`coordinator/benches/raft_log.rs`, docs/ARCHITECTURE.md §9). sled keeps the
+//! tree `raft-meta` (`conf-state`, `snapshot`, `cluster-id`: protobuf messages and bytes) and
+//! `audit`/`archive` (the audit entries from cluster version 7, see [`super::SledAuditStore`]).
+//! The snapshot's data, the replicated state at its index (encoded by
+//! [`super::snapshot_codec`]), is a file of its own in `state-snapshots/` (written, fsynced and
+//! renamed before the record naming it is stored).
+//!
+//! Two stores need an order where one transaction used to do: a snapshot's record (and the
+//! audit entries it covers) reach disk in sled before the log below it is dropped, and at open
+//! the log is repaired against the snapshot record (entries at or below it dropped, a log that
+//! does not follow it cleared, a commit index below it raised). Stores written before the move
+//! keep the log in sled's `raft-log` tree: copied into raft-engine once, at open.
 //!
 //! Kept in one file (over 700 lines): the storage invariants (log, hard state, snapshot, and the
 //! order they reach disk) are checked by reading them together.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use protobuf::Message as _;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
+use raft_engine::{Command, LogBatch, MessageExt, ReadableSize};
 use sled::Transactional as _;
 use sled::transaction::ConflictableTransactionError;
+use tracing::info;
 
 use crate::errors::CoordinatorError;
 
@@ -27,12 +36,78 @@ const HARD_STATE_KEY: &[u8] = b"hard-state";
 const CONF_STATE_KEY: &[u8] = b"conf-state";
 const SNAPSHOT_KEY: &[u8] = b"snapshot";
 const CLUSTER_ID_KEY: &[u8] = b"cluster-id";
+/// The sled tree that held the log before it moved to raft-engine (converted at open).
+const SLED_LOG_TREE: &[u8] = b"raft-log";
+/// raft-engine keeps many Raft groups; a member is one.
+const RAFT_GROUP: u64 = 1;
+/// Entries copied per write when an old store's log is converted.
+const CONVERT_CHUNK: usize = 1024;
+
+/// How raft-engine finds an entry's index.
+#[derive(Clone)]
+struct EntryIndexOf;
+
+impl MessageExt for EntryIndexOf {
+    type Entry = Entry;
+
+    fn index(entry: &Entry) -> u64 {
+        entry.index
+    }
+}
+
+/// The terms of the entries the log holds, from `first` on, in memory: raft-rs asks for terms
+/// on every append and acknowledgement, and raft-engine would read (and decompress) a block of
+/// its file for each. Changed only together with the log, under its lock, so it never
+/// disagrees with it. At most the entries between two snapshots (`storage.snapshot-every`).
+#[derive(Default)]
+struct LogTerms {
+    first: u64,
+    terms: VecDeque<u64>,
+}
+
+impl LogTerms {
+    fn get(&self, index: u64) -> Option<u64> {
+        let offset = index.checked_sub(self.first)?;
+        self.terms.get(usize::try_from(offset).ok()?).copied()
+    }
+
+    fn span(&self) -> Option<(u64, u64)> {
+        (!self.terms.is_empty()).then(|| (self.first, self.first + self.terms.len() as u64 - 1))
+    }
+
+    /// As raft-engine appends: a suffix from the first new index is replaced.
+    fn append(&mut self, entries: &[Entry]) {
+        let Some(first) = entries.first() else {
+            return;
+        };
+        if self.terms.is_empty() {
+            self.first = first.index;
+        } else {
+            self.terms.truncate((first.index - self.first) as usize);
+        }
+        self.terms.extend(entries.iter().map(|entry| entry.term));
+    }
+
+    /// Drops the entries below `index`.
+    fn compact_to(&mut self, index: u64) {
+        if index <= self.first {
+            return;
+        }
+        let dropped = ((index - self.first) as usize).min(self.terms.len());
+        self.terms.drain(..dropped);
+        self.first = index;
+    }
+}
+
+type LogEngine = raft_engine::Engine;
 
 #[derive(Clone)]
 pub struct RaftStore {
     db: sled::Db,
-    log: sled::Tree,
     meta: sled::Tree,
+    /// The log and the hard state. Writes go through [`Self::write_log`], under `terms`' lock.
+    log: Arc<LogEngine>,
+    terms: Arc<Mutex<LogTerms>>,
     audit: super::SledAuditStore,
     /// The latest snapshot's index and term, kept in memory: raft-rs asks for the first index
     /// and terms constantly, and decoding the whole snapshot (the state) each time made commits
@@ -47,9 +122,9 @@ pub struct RaftStore {
 
 impl RaftStore {
     pub fn open(dir: &Path) -> Result<Self, CoordinatorError> {
-        // Flushed only when asked, after each Ready and each record that must be durable:
-        // sled's own flusher (every 500 ms) would report a failed fsync only in its log, and
-        // could take the kernel's one report of it from the write path's next flush.
+        // Flushed only when asked, after each record that must be durable: sled's own flusher
+        // (every 500 ms) would report a failed fsync only in its log, and could take the
+        // kernel's one report of it from the next flush.
         let open = || sled::Config::new().path(dir).flush_every_ms(None).open();
         let db = match open() {
             // A snapshot sled left half written (a full disk) reads as corruption: without it,
@@ -63,18 +138,26 @@ impl RaftStore {
             opened => opened,
         }
         .map_err(|error| storage_error("open", dir.display(), error))?;
-        let log = db
-            .open_tree("raft-log")
-            .map_err(|error| storage_error("open tree", "raft-log", error))?;
         let meta = db
             .open_tree("raft-meta")
             .map_err(|error| storage_error("open tree", "raft-meta", error))?;
         let audit = super::SledAuditStore::open(&db)
             .map_err(|error| storage_error("open tree", "audit", error))?;
+        let log_dir = dir.join("raft-engine");
+        let log = LogEngine::open(raft_engine::Config {
+            dir: log_dir.display().to_string(),
+            // Files are purged once the log is compacted below them and all of them pass
+            // `purge_threshold`: a few snapshots' worth of log at most.
+            target_file_size: ReadableSize::mb(8),
+            purge_threshold: ReadableSize::mb(32),
+            ..raft_engine::Config::default()
+        })
+        .map_err(|error| storage_error("open", log_dir.display(), error))?;
         let mut store = Self {
             db,
-            log,
             meta,
+            log: Arc::new(log),
+            terms: Arc::default(),
             audit,
             snapshot_metadata: Arc::default(),
             snapshot_writes: Arc::default(),
@@ -96,6 +179,9 @@ impl RaftStore {
             .take_metadata();
         let current = metadata.index;
         store.snapshot_metadata = Arc::new(Mutex::new(metadata));
+        store.convert_sled_log()?;
+        store.load_terms()?;
+        store.repair_log()?;
         if store.is_initialized()? {
             // Partial files of writes a crash interrupted.
             let has_current = store.snapshot_file(current).exists();
@@ -106,15 +192,161 @@ impl RaftStore {
         Ok(store)
     }
 
+    /// A store written before the log moved to raft-engine keeps it in sled's `raft-log` tree
+    /// and the hard state in `raft-meta`: both are copied into raft-engine (synced), then the
+    /// tree is dropped and sled flushed, then the old hard state removed. A crash before the
+    /// tree is gone repeats the copy from a cleared log; after it, nothing reads the old key.
+    fn convert_sled_log(&self) -> Result<(), CoordinatorError> {
+        let has_sled_log = self
+            .db
+            .tree_names()
+            .iter()
+            .any(|name| name.as_ref() == SLED_LOG_TREE);
+        if has_sled_log {
+            let old = self
+                .db
+                .open_tree(SLED_LOG_TREE)
+                .map_err(|error| storage_error("open tree", "raft-log", error))?;
+            let mut batch = LogBatch::default();
+            batch.add_command(RAFT_GROUP, Command::Clean);
+            if let Some(hard_state) = self.get::<HardState>(HARD_STATE_KEY)? {
+                put_hard_state(&mut batch, &hard_state)?;
+            }
+            let mut chunk = Vec::with_capacity(CONVERT_CHUNK);
+            let mut copied = 0usize;
+            for item in old.iter().values() {
+                let bytes = item.map_err(|error| storage_error("read", "raft-log", error))?;
+                chunk.push(
+                    Entry::parse_from_bytes(&bytes)
+                        .map_err(|error| storage_error("decode", "an entry of raft-log", error))?,
+                );
+                if chunk.len() == CONVERT_CHUNK {
+                    copied += chunk.len();
+                    add_entries(&mut batch, &chunk)?;
+                    self.write_batch(&mut batch, false)?;
+                    chunk.clear();
+                }
+            }
+            copied += chunk.len();
+            add_entries(&mut batch, &chunk)?;
+            put_hard_state(
+                &mut batch,
+                &self.get::<HardState>(HARD_STATE_KEY)?.unwrap_or_default(),
+            )?;
+            self.write_batch(&mut batch, true)?;
+            drop(old);
+            self.db
+                .drop_tree(SLED_LOG_TREE)
+                .map_err(|error| storage_error("drop tree", "raft-log", error))?;
+            self.flush_sled()?;
+            info!(
+                entries = copied,
+                "Moved the Raft log from sled to raft-engine."
+            );
+        }
+        if self
+            .meta
+            .contains_key(HARD_STATE_KEY)
+            .map_err(|error| storage_error("read", "hard-state", error))?
+        {
+            self.meta
+                .remove(HARD_STATE_KEY)
+                .map_err(|error| storage_error("remove", "hard-state", error))?;
+            self.flush_sled()?;
+        }
+        Ok(())
+    }
+
+    /// Reads the terms of the log's entries into memory (once, at open).
+    fn load_terms(&self) -> Result<(), CoordinatorError> {
+        let mut terms = self.lock_terms();
+        *terms = LogTerms::default();
+        let (Some(first), Some(last)) = (
+            self.log.first_index(RAFT_GROUP),
+            self.log.last_index(RAFT_GROUP),
+        ) else {
+            return Ok(());
+        };
+        let mut index = first;
+        while index <= last {
+            let mut entries = Vec::new();
+            let end = (last + 1).min(index + CONVERT_CHUNK as u64);
+            self.log
+                .fetch_entries_to::<EntryIndexOf>(RAFT_GROUP, index, end, None, &mut entries)
+                .map_err(|error| storage_error("read", "the Raft log", error))?;
+            terms.append(&entries);
+            index = end;
+        }
+        Ok(())
+    }
+
+    /// Brings the log in line with the snapshot record after a crash between their writes:
+    /// entries at or below the snapshot go (a compaction the crash cut short); a log that does
+    /// not hold the snapshot's own entry with its term is cleared (an installed snapshot
+    /// replaces the log whole); and the commit index is at least the snapshot's. A log that
+    /// starts after the snapshot has lost entries: refused, never guessed at.
+    fn repair_log(&self) -> Result<(), CoordinatorError> {
+        let snapshot = self.snapshot_metadata()?;
+        let mut terms = self.lock_terms();
+        let mut batch = LogBatch::default();
+        let mut repaired = LogTerms::default();
+        let mut changed = false;
+        if let Some((first, last)) = terms.span() {
+            if first > snapshot.index + 1 {
+                return Err(storage_error(
+                    "open",
+                    "the Raft log",
+                    format!(
+                        "it starts at index {first} but the snapshot is at {}: entries {} to {} \
+                         are missing",
+                        snapshot.index,
+                        snapshot.index + 1,
+                        first - 1
+                    ),
+                ));
+            }
+            if first <= snapshot.index {
+                changed = true;
+                if last >= snapshot.index && terms.get(snapshot.index) == Some(snapshot.term) {
+                    batch.add_command(
+                        RAFT_GROUP,
+                        Command::Compact {
+                            index: snapshot.index + 1,
+                        },
+                    );
+                    repaired = std::mem::take(&mut *terms);
+                    repaired.compact_to(snapshot.index + 1);
+                } else {
+                    batch.add_command(RAFT_GROUP, Command::Clean);
+                }
+            } else {
+                repaired = std::mem::take(&mut *terms);
+            }
+        }
+        let mut hard_state = self.hard_state()?;
+        if hard_state.commit < snapshot.index {
+            hard_state.commit = snapshot.index;
+            hard_state.term = hard_state.term.max(snapshot.term);
+            changed = true;
+        }
+        if changed {
+            // A `Clean` takes the hard state with the log: it is written again after it.
+            put_hard_state(&mut batch, &hard_state)?;
+            self.write_batch(&mut batch, true)?;
+            info!(
+                snapshot = snapshot.index,
+                log = ?repaired.span(),
+                "Repaired the Raft log against the snapshot after a crash."
+            );
+        }
+        *terms = repaired;
+        Ok(())
+    }
+
     /// Where snapshots streamed from the leader are written while they arrive (the transport's;
     /// emptied at every open).
     pub fn incoming_snapshot_dir(&self) -> PathBuf {
         self.snapshot_dir.with_file_name("incoming-snapshots")
-    }
-
-    /// The underlying database, for trees that live beside the Raft log (generation, cluster id).
-    pub fn db(&self) -> &sled::Db {
-        &self.db
     }
 
     /// True once the store holds a membership (bootstrapped, or received from a leader).
@@ -184,7 +416,13 @@ impl RaftStore {
         Ok(id)
     }
 
+    /// Makes everything written so far durable: sled's trees and the log.
     pub fn flush(&self) -> Result<(), CoordinatorError> {
+        self.flush_sled()?;
+        self.persist(&[], None, true)
+    }
+
+    fn flush_sled(&self) -> Result<(), CoordinatorError> {
         self.db.flush().map(|_| ()).map_err(|error| {
             storage_error(
                 "flush",
@@ -202,26 +440,79 @@ impl RaftStore {
 
     /// Appends entries, replacing any conflicting suffix. Not durable until [`Self::flush`].
     pub fn append(&self, entries: &[Entry]) -> Result<(), CoordinatorError> {
-        let Some(first) = entries.first() else {
-            return Ok(());
-        };
-        let mut batch = sled::Batch::default();
-        for key in self.log.range(first.index.to_be_bytes()..).keys() {
-            batch.remove(key.map_err(|error| storage_error("read", "raft-log", error))?);
-        }
-        for entry in entries {
-            let bytes = entry
-                .write_to_bytes()
-                .map_err(|error| storage_error("encode entry", entry.index, error))?;
-            batch.insert(&entry.index.to_be_bytes(), bytes);
-        }
-        self.log
-            .apply_batch(batch)
-            .map_err(|error| storage_error("append", "raft-log", error))
+        self.persist(entries, None, false)
     }
 
+    /// Not durable until [`Self::flush`] (or a later synced write).
     pub fn set_hard_state(&self, hard_state: &HardState) -> Result<(), CoordinatorError> {
-        self.put(HARD_STATE_KEY, hard_state)
+        self.persist(&[], Some(hard_state), false)
+    }
+
+    /// One `Ready`'s entries and hard state as one write to the log, durable on return when
+    /// `sync` (one `fdatasync`, covering earlier unsynced writes too). Entries replace any
+    /// conflicting suffix; entries that would leave a hole or rewrite the snapshot's part of
+    /// the log are refused (raft-rs never asks for either).
+    pub fn persist(
+        &self,
+        entries: &[Entry],
+        hard_state: Option<&HardState>,
+        sync: bool,
+    ) -> Result<(), CoordinatorError> {
+        let mut terms = self.lock_terms();
+        let mut batch = LogBatch::default();
+        if let Some(first) = entries.first() {
+            let snapshot = self.snapshot_metadata()?.index;
+            let next = terms.span().map_or(snapshot + 1, |(_, last)| last + 1);
+            if first.index <= snapshot || first.index > next {
+                return Err(storage_error(
+                    "append",
+                    format!("entries from index {}", first.index),
+                    format!(
+                        "the log holds entries after the snapshot at {snapshot} up to {}",
+                        next - 1
+                    ),
+                ));
+            }
+            add_entries(&mut batch, entries)?;
+        }
+        match hard_state {
+            Some(hard_state) => put_hard_state(&mut batch, hard_state)?,
+            // raft-engine syncs only with a write: the hard state written again is the
+            // smallest one.
+            None if sync => put_hard_state(&mut batch, &self.hard_state()?)?,
+            None if entries.is_empty() => return Ok(()),
+            None => {}
+        }
+        self.write_batch(&mut batch, sync)?;
+        terms.append(entries);
+        Ok(())
+    }
+
+    /// Writes a batch to the log. raft-engine panics when an `fdatasync` fails (it will not
+    /// retry one, as the kernel may have dropped the pages): that is a storage failure like
+    /// any other here, so the member stops with the status its supervisor knows.
+    fn write_batch(&self, batch: &mut LogBatch, sync: bool) -> Result<(), CoordinatorError> {
+        let written =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.log.write(batch, sync)));
+        match written {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(error)) => Err(storage_error("write", "the Raft log", error)),
+            Err(panic) => Err(storage_error(
+                "sync",
+                "the Raft log",
+                panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("raft-engine panicked"),
+            )),
+        }
+    }
+
+    fn lock_terms(&self) -> MutexGuard<'_, LogTerms> {
+        self.terms
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn set_conf_state(&self, conf_state: &ConfState) -> Result<(), CoordinatorError> {
@@ -229,13 +520,35 @@ impl RaftStore {
     }
 
     /// Installs a snapshot received from the leader: it replaces the whole log. The data goes
-    /// to its own file first (nothing names it yet); then the log's removal and the snapshot
-    /// record, commit index and membership are one sled transaction, so a crash leaves either
-    /// the old store or the new one, never a commit index past the log.
-    ///
-    /// With what a bundle carries (a snapshot from cluster version 7 on), the audit and archive
-    /// trees are replaced by its entries and records in the same transaction.
+    /// to its own file first (nothing names it yet); then the snapshot record, membership and
+    /// (with a bundle, from cluster version 7) the audit and archive trees are one sled
+    /// transaction, flushed; then the log is cleared and the commit index set to the
+    /// snapshot's, synced. A crash between the last two is finished by [`Self::repair_log`]
+    /// at open, so a restart finds the old store or the new one, never a commit index past
+    /// the log.
     pub fn apply_snapshot(
+        &self,
+        snapshot: &Snapshot,
+        bundled: Option<&super::snapshot_codec::Bundled>,
+    ) -> Result<(), CoordinatorError> {
+        self.record_installed_snapshot(snapshot, bundled)?;
+        rewind_shared::crash_point!("coordinator.snapshot-recorded");
+        let metadata = snapshot.get_metadata();
+        let mut hard_state = self.hard_state()?;
+        hard_state.term = hard_state.term.max(metadata.term);
+        hard_state.commit = metadata.index;
+        let mut terms = self.lock_terms();
+        let mut batch = LogBatch::default();
+        batch.add_command(RAFT_GROUP, Command::Clean);
+        put_hard_state(&mut batch, &hard_state)?;
+        self.write_batch(&mut batch, true)?;
+        *terms = LogTerms::default();
+        Ok(())
+    }
+
+    /// The sled half of [`Self::apply_snapshot`]: the data's file, then record, membership,
+    /// audit and archive in one transaction, flushed.
+    fn record_installed_snapshot(
         &self,
         snapshot: &Snapshot,
         bundled: Option<&super::snapshot_codec::Bundled>,
@@ -246,18 +559,8 @@ impl RaftStore {
             .snapshot_writes
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let mut hard_state = self.hard_state()?;
-        hard_state.term = hard_state.term.max(metadata.term);
-        hard_state.commit = metadata.index;
         let record = encode(SNAPSHOT_KEY, &metadata_only(snapshot))?;
-        let hard_state_bytes = encode(HARD_STATE_KEY, &hard_state)?;
         let conf_state = encode(CONF_STATE_KEY, metadata.get_conf_state())?;
-        let log_keys = self
-            .log
-            .iter()
-            .keys()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|error| storage_error("read", "raft-log", error))?;
         let trees = self
             .audit
             .trees()
@@ -285,11 +588,8 @@ impl RaftStore {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|error| storage_error("install", "the audit entries and archive", error))?;
         let (audit_entries, archived) = audit_entries.split_at(entries.len());
-        (&self.log, &self.meta, &trees.audit, &trees.archive)
-            .transaction(|(log, meta, audit, archive)| {
-                for key in &log_keys {
-                    log.remove(key.clone())?;
-                }
+        (&self.meta, &trees.audit, &trees.archive)
+            .transaction(|(meta, audit, archive)| {
                 for key in &audit_keys {
                     audit.remove(key.clone())?;
                 }
@@ -303,12 +603,11 @@ impl RaftStore {
                     archive.insert(&key[..], bytes.clone())?;
                 }
                 meta.insert(SNAPSHOT_KEY, record.clone())?;
-                meta.insert(HARD_STATE_KEY, hard_state_bytes.clone())?;
                 meta.insert(CONF_STATE_KEY, conf_state.clone())?;
                 Ok::<(), ConflictableTransactionError<()>>(())
             })
             .map_err(|error| storage_error("install", "a snapshot", format!("{error:?}")))?;
-        self.flush()?;
+        self.flush_sled()?;
         self.remember_snapshot(metadata);
         Ok(())
     }
@@ -349,16 +648,22 @@ impl RaftStore {
         let mut record = Snapshot::default();
         record.set_metadata(metadata.clone());
         self.put(SNAPSHOT_KEY, &record)?;
-        self.flush()?;
+        // The record and the audit entries the dropped entries wrote reach disk first.
+        self.flush_sled()?;
         self.remember_snapshot(&metadata);
-        let mut batch = sled::Batch::default();
-        for key in self.log.range(..=index.to_be_bytes()).keys() {
-            batch.remove(key.map_err(|error| storage_error("read", "raft-log", error))?);
+        {
+            let mut terms = self.lock_terms();
+            let mut batch = LogBatch::default();
+            batch.add_command(RAFT_GROUP, Command::Compact { index: index + 1 });
+            // Not synced: a compaction lost in a crash is done again at open.
+            self.write_batch(&mut batch, false)?;
+            terms.compact_to(index + 1);
         }
+        // Removes the files wholly below the log; cheap until they pass `purge_threshold`.
         self.log
-            .apply_batch(batch)
-            .map_err(|error| storage_error("compact", "raft-log", error))?;
-        self.flush()
+            .purge_expired_files()
+            .map_err(|error| storage_error("purge", "the Raft log's old files", error))?;
+        Ok(())
     }
 
     /// The latest snapshot, with its data, or an empty one. Record and file are read under the
@@ -437,7 +742,10 @@ impl RaftStore {
     }
 
     pub fn hard_state(&self) -> Result<HardState, CoordinatorError> {
-        self.get(HARD_STATE_KEY).map(Option::unwrap_or_default)
+        self.log
+            .get_message::<HardState>(RAFT_GROUP, HARD_STATE_KEY)
+            .map(Option::unwrap_or_default)
+            .map_err(|error| storage_error("read", "the hard state", error))
     }
 
     pub fn conf_state(&self) -> Result<ConfState, CoordinatorError> {
@@ -471,29 +779,6 @@ impl RaftStore {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = metadata.clone();
         self.remove_other_snapshot_files(metadata.index, false);
-    }
-
-    fn last_log_index(&self) -> Result<Option<u64>, CoordinatorError> {
-        let last = self
-            .log
-            .last()
-            .map_err(|error| storage_error("read", "raft-log", error))?;
-        Ok(last
-            .and_then(|(key, _)| <[u8; 8]>::try_from(key.as_ref()).ok())
-            .map(u64::from_be_bytes))
-    }
-
-    fn entry(&self, index: u64) -> Result<Option<Entry>, CoordinatorError> {
-        let Some(bytes) = self
-            .log
-            .get(index.to_be_bytes())
-            .map_err(|error| storage_error("read", "raft-log", error))?
-        else {
-            return Ok(None);
-        };
-        Entry::parse_from_bytes(&bytes)
-            .map(Some)
-            .map_err(|error| storage_error("decode entry", index, error))
     }
 
     fn put(&self, key: &[u8], message: &impl protobuf::Message) -> Result<(), CoordinatorError> {
@@ -536,23 +821,32 @@ impl Storage for RaftStore {
         if low < self.first_index()? {
             return Err(raft::Error::Store(StorageError::Compacted));
         }
-        let mut entries = Vec::with_capacity((high - low) as usize);
-        for item in self.log.range(low.to_be_bytes()..high.to_be_bytes()) {
-            let (_, bytes) =
-                item.map_err(|error| raft_error(storage_error("read", "raft-log", error)))?;
-            entries.push(
-                Entry::parse_from_bytes(&bytes)
-                    .map_err(|error| raft_error(storage_error("decode", "entry", error)))?,
-            );
-        }
-        if entries.len() as u64 != high - low {
+        let max_size = max_size.into();
+        let mut entries = Vec::with_capacity((high - low).min(1024) as usize);
+        let fetched = self.log.fetch_entries_to::<EntryIndexOf>(
+            RAFT_GROUP,
+            low,
+            high,
+            max_size.map(|bytes| usize::try_from(bytes).unwrap_or(usize::MAX)),
+            &mut entries,
+        );
+        match fetched {
+            Ok(_) => {}
             // A snapshot taken on its own thread may have compacted the range meanwhile.
-            if low < self.first_index()? {
+            Err(raft_engine::Error::EntryCompacted) => {
                 return Err(raft::Error::Store(StorageError::Compacted));
             }
-            return Err(raft::Error::Store(StorageError::Unavailable));
+            Err(raft_engine::Error::EntryNotFound) if low < self.first_index()? => {
+                return Err(raft::Error::Store(StorageError::Compacted));
+            }
+            Err(raft_engine::Error::EntryNotFound) => {
+                return Err(raft::Error::Store(StorageError::Unavailable));
+            }
+            Err(error) => {
+                return Err(raft_error(storage_error("read", "the Raft log", error)));
+            }
         }
-        raft::util::limit_size(&mut entries, max_size.into());
+        raft::util::limit_size(&mut entries, max_size);
         Ok(entries)
     }
 
@@ -564,8 +858,8 @@ impl Storage for RaftStore {
         if index < snapshot.index {
             return Err(raft::Error::Store(StorageError::Compacted));
         }
-        match self.entry(index).map_err(raft_error)? {
-            Some(entry) => Ok(entry.term),
+        match self.lock_terms().get(index) {
+            Some(term) => Ok(term),
             None => Err(raft::Error::Store(StorageError::Unavailable)),
         }
     }
@@ -577,9 +871,9 @@ impl Storage for RaftStore {
     fn last_index(&self) -> raft::Result<u64> {
         let snapshot_index = self.snapshot_metadata().map_err(raft_error)?.index;
         Ok(self
-            .last_log_index()
-            .map_err(raft_error)?
-            .unwrap_or(snapshot_index)
+            .lock_terms()
+            .span()
+            .map_or(snapshot_index, |(_, last)| last)
             .max(snapshot_index))
     }
 
@@ -663,6 +957,18 @@ fn metadata_only(snapshot: &Snapshot) -> Snapshot {
     let mut record = Snapshot::default();
     record.set_metadata(snapshot.get_metadata().clone());
     record
+}
+
+fn add_entries(batch: &mut LogBatch, entries: &[Entry]) -> Result<(), CoordinatorError> {
+    batch
+        .add_entries::<EntryIndexOf>(RAFT_GROUP, entries)
+        .map_err(|error| storage_error("encode", "entries for the Raft log", error))
+}
+
+fn put_hard_state(batch: &mut LogBatch, hard_state: &HardState) -> Result<(), CoordinatorError> {
+    batch
+        .put_message(RAFT_GROUP, HARD_STATE_KEY.to_vec(), hard_state)
+        .map_err(|error| storage_error("encode", "the hard state", error))
 }
 
 fn encode(key: &[u8], message: &impl protobuf::Message) -> Result<Vec<u8>, CoordinatorError> {
@@ -782,6 +1088,157 @@ mod tests {
         assert!(
             store.cluster_id(Some("other")).is_err(),
             "a different configured id is refused"
+        );
+    }
+
+    /// Writes a store as releases before raft-engine kept it: log and hard state in sled.
+    fn write_sled_store(dir: &std::path::Path, entries: &[Entry], hard_state: &HardState) {
+        let db = sled::open(dir).unwrap();
+        let log = db.open_tree(SLED_LOG_TREE).unwrap();
+        for entry in entries {
+            log.insert(entry.index.to_be_bytes(), entry.write_to_bytes().unwrap())
+                .unwrap();
+        }
+        let meta = db.open_tree("raft-meta").unwrap();
+        meta.insert(HARD_STATE_KEY, hard_state.write_to_bytes().unwrap())
+            .unwrap();
+        let conf_state = ConfState {
+            voters: vec![1],
+            ..ConfState::default()
+        };
+        meta.insert(CONF_STATE_KEY, conf_state.write_to_bytes().unwrap())
+            .unwrap();
+        db.flush().unwrap();
+    }
+
+    #[test]
+    fn a_store_from_before_raft_engine_is_converted_once_and_again_after_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let entries: Vec<Entry> = (1..=2_500)
+            .map(|index| entry(index, 1 + index / 1000))
+            .collect();
+        let hard_state = HardState {
+            term: 3,
+            vote: 2,
+            commit: 2_400,
+            ..HardState::default()
+        };
+        write_sled_store(dir.path(), &entries, &hard_state);
+        let converted = |store: &RaftStore| {
+            assert_eq!(store.hard_state().unwrap(), hard_state);
+            assert_eq!(
+                (store.first_index().unwrap(), store.last_index().unwrap()),
+                (1, 2_500)
+            );
+            assert_eq!(store.term(2_500).unwrap(), 3);
+            assert_eq!(
+                store
+                    .entries(1, 2_501, None, GetEntriesContext::empty(false))
+                    .unwrap(),
+                entries
+            );
+            assert!(
+                !store
+                    .db
+                    .tree_names()
+                    .iter()
+                    .any(|name| name.as_ref() == SLED_LOG_TREE),
+                "the old tree is gone"
+            );
+            assert!(!store.meta.contains_key(HARD_STATE_KEY).unwrap());
+        };
+        let store = reopen(dir.path());
+        converted(&store);
+        drop(store);
+        // A crash after the copy but before the old tree was dropped: the copy is repeated
+        // over what raft-engine already holds (here, with one entry fewer), the same.
+        write_sled_store(dir.path(), &entries[..2_499], &hard_state);
+        let store = reopen(dir.path());
+        assert_eq!(store.last_index().unwrap(), 2_499, "the copy starts over");
+        store.append(&entries[2_499..]).unwrap();
+        store.flush().unwrap();
+        drop(store);
+        converted(&reopen(dir.path()));
+    }
+
+    #[test]
+    fn a_crash_between_the_snapshot_record_and_the_log_is_repaired_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = reopen(dir.path());
+        store.bootstrap(&[1], b"founding".to_vec()).unwrap();
+        store
+            .append(&(1..=10).map(|index| entry(index, 1)).collect::<Vec<_>>())
+            .unwrap();
+        store
+            .set_hard_state(&HardState {
+                term: 1,
+                commit: 8,
+                ..HardState::default()
+            })
+            .unwrap();
+        store.flush().unwrap();
+        // A compaction at 6 whose log half never ran: the record is newer than the log.
+        let mut record = Snapshot::default();
+        record.mut_metadata().index = 6;
+        record.mut_metadata().term = 1;
+        record
+            .mut_metadata()
+            .set_conf_state(store.conf_state().unwrap());
+        record.set_data(b"state@6".to_vec().into());
+        store.record_installed_snapshot(&record, None).unwrap();
+        drop(store);
+        let store = reopen(dir.path());
+        assert_eq!(
+            (store.first_index().unwrap(), store.last_index().unwrap()),
+            (7, 10),
+            "the log follows the snapshot: only the part below it goes"
+        );
+        assert_eq!(store.log.first_index(RAFT_GROUP), Some(7));
+        assert_eq!(store.hard_state().unwrap().commit, 8);
+
+        // An installed snapshot from a leader, at 20 in term 3, whose log half never ran: the
+        // log does not hold its entry, so it is cleared and the commit index raised to it.
+        let mut received = Snapshot::default();
+        received.set_data(b"state@20".to_vec().into());
+        received.mut_metadata().index = 20;
+        received.mut_metadata().term = 3;
+        received
+            .mut_metadata()
+            .set_conf_state(store.conf_state().unwrap());
+        store.record_installed_snapshot(&received, None).unwrap();
+        drop(store);
+        let store = reopen(dir.path());
+        assert_eq!(
+            (store.first_index().unwrap(), store.last_index().unwrap()),
+            (21, 20)
+        );
+        assert_eq!(store.log.first_index(RAFT_GROUP), None);
+        let hard_state = store.hard_state().unwrap();
+        assert_eq!((hard_state.term, hard_state.commit), (3, 20));
+        store.append(&[entry(21, 3)]).unwrap();
+        assert!(
+            store.append(&[entry(23, 3)]).is_err(),
+            "a hole in the log is refused"
+        );
+        assert!(
+            store.append(&[entry(20, 3)]).is_err(),
+            "the snapshot's part of the log is never rewritten"
+        );
+        store.flush().unwrap();
+        drop(store);
+
+        // A log that starts after the snapshot has lost entries: the member refuses to start.
+        let store = reopen(dir.path());
+        let mut batch = LogBatch::default();
+        batch.add_command(RAFT_GROUP, Command::Clean);
+        add_entries(&mut batch, &[entry(25, 3)]).unwrap();
+        put_hard_state(&mut batch, &store.hard_state().unwrap()).unwrap();
+        store.write_batch(&mut batch, true).unwrap();
+        drop(store);
+        let error = RaftStore::open(dir.path()).err().expect("refused");
+        assert!(
+            error.to_string().contains("entries 21 to 24 are missing"),
+            "{error}"
         );
     }
 
