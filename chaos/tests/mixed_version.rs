@@ -84,6 +84,12 @@ async fn a_cluster_upgraded_member_by_member_during_a_rollback_ends_with_one_sta
             .catch_up(id, old_leader, LONG, false)
             .await
             .unwrap_or_else(|error| panic!("upgraded member {id} did not catch up: {error}"));
+        // The previous release kept the Raft log in sled: this one moved it at open.
+        let log = std::fs::read_to_string(cluster.dir.join(format!("member-{id}.log"))).unwrap();
+        assert!(
+            log.contains("Moved the Raft log from sled to raft-engine"),
+            "member {id} converted its log"
+        );
         eprintln!("member {id} upgraded and caught up");
     }
     // Leadership to an upgraded member; it refuses to raise the version past the old one.
