@@ -168,15 +168,21 @@ async fn a_member_down_across_a_compaction_of_a_large_state_catches_up_by_a_stre
     // Down again; on its return it crashes (abort, as kill -9) between the installed
     // snapshot's record and the log's removal, which live in two stores (sled, raft-engine).
     // Started again, it repairs the log against the record at open and catches up.
+    let behind_at = cluster
+        .member_status(BEHIND, true)
+        .await
+        .unwrap()
+        .applied_index;
     cluster.kill(BEHIND);
     let (leader, _) = cluster.must_leader().await;
-    let (before, before_bytes) = cluster.latest_snapshot(leader).unwrap();
+    let (_, before_bytes) = cluster.latest_snapshot(leader).unwrap();
     must_grow_state_past(&cluster, before_bytes + (1 << 20)).await;
     let (leader, _) = cluster.must_leader().await;
     let (after, _) = cluster.latest_snapshot(leader).unwrap();
     assert!(
-        after > before,
-        "the leader compacted past member {BEHIND}'s log"
+        after > behind_at,
+        "the leader compacted past member {BEHIND}'s log (at {behind_at}), so it is sent a \
+         snapshot and reaches the crash point"
     );
     cluster.must_start_member_with_failpoints(BEHIND, "coordinator.snapshot-recorded");
     let crashed = rewind_tests::must_wait_async(CATCH_UP, "the crash point", || {

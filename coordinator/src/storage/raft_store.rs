@@ -40,6 +40,10 @@ const CLUSTER_ID_KEY: &[u8] = b"cluster-id";
 const SLED_LOG_TREE: &[u8] = b"raft-log";
 /// raft-engine keeps many Raft groups; a member is one.
 const RAFT_GROUP: u64 = 1;
+/// What sled's `hard-state` key holds once the log has moved: bytes no protobuf decoder accepts
+/// (field 0, wire type 7), so a previous release started on a converted directory refuses to
+/// start instead of reading an empty log and a blank term and vote.
+const MOVED_HARD_STATE: &[u8] = &[0x07];
 /// Entries copied per write when an old store's log is converted.
 const CONVERT_CHUNK: usize = 1024;
 
@@ -108,6 +112,10 @@ pub struct RaftStore {
     /// The log and the hard state. Writes go through [`Self::write_log`], under `terms`' lock.
     log: Arc<LogEngine>,
     terms: Arc<Mutex<LogTerms>>,
+    /// Set by the first failed write to the log, on any thread: a failed fsync is never
+    /// retried or followed by another (the kernel reports a lost page to one fsync only), so
+    /// every later write fails too and the member stops.
+    log_failed: Arc<std::sync::atomic::AtomicBool>,
     audit: super::SledAuditStore,
     /// The latest snapshot's index and term, kept in memory: raft-rs asks for the first index
     /// and terms constantly, and decoding the whole snapshot (the state) each time made commits
@@ -147,9 +155,12 @@ impl RaftStore {
         let log = LogEngine::open(raft_engine::Config {
             dir: log_dir.display().to_string(),
             // Files are purged once the log is compacted below them and all of them pass
-            // `purge_threshold`: a few snapshots' worth of log at most.
+            // `purge_threshold`: about 32 MiB of log files at most, beyond the live log.
             target_file_size: ReadableSize::mb(8),
             purge_threshold: ReadableSize::mb(32),
+            // Purged files are deleted, not kept for reuse (they would hold disk for nothing
+            // on a member that writes little).
+            enable_log_recycle: false,
             ..raft_engine::Config::default()
         })
         .map_err(|error| storage_error("open", log_dir.display(), error))?;
@@ -158,6 +169,7 @@ impl RaftStore {
             meta,
             log: Arc::new(log),
             terms: Arc::default(),
+            log_failed: Arc::default(),
             audit,
             snapshot_metadata: Arc::default(),
             snapshot_writes: Arc::default(),
@@ -194,24 +206,32 @@ impl RaftStore {
 
     /// A store written before the log moved to raft-engine keeps it in sled's `raft-log` tree
     /// and the hard state in `raft-meta`: both are copied into raft-engine (synced), then the
-    /// tree is dropped and sled flushed, then the old hard state removed. A crash before the
-    /// tree is gone repeats the copy from a cleared log; after it, nothing reads the old key.
+    /// tree is dropped and the old hard state replaced by [`MOVED_HARD_STATE`], flushed. A
+    /// crash before the tree is gone repeats the copy from a cleared log (with the hard state
+    /// already copied when sled's is gone); after it, the marker is written if missing.
     fn convert_sled_log(&self) -> Result<(), CoordinatorError> {
         let has_sled_log = self
             .db
             .tree_names()
             .iter()
             .any(|name| name.as_ref() == SLED_LOG_TREE);
+        let sled_hard_state = self
+            .meta
+            .get(HARD_STATE_KEY)
+            .map_err(|error| storage_error("read", "hard-state", error))?;
+        let moved = sled_hard_state.as_deref() == Some(MOVED_HARD_STATE);
         if has_sled_log {
+            let hard_state = match &sled_hard_state {
+                Some(bytes) if !moved => HardState::parse_from_bytes(bytes)
+                    .map_err(|error| storage_error("decode", "hard-state", error))?,
+                _ => self.hard_state()?,
+            };
             let old = self
                 .db
                 .open_tree(SLED_LOG_TREE)
                 .map_err(|error| storage_error("open tree", "raft-log", error))?;
             let mut batch = LogBatch::default();
             batch.add_command(RAFT_GROUP, Command::Clean);
-            if let Some(hard_state) = self.get::<HardState>(HARD_STATE_KEY)? {
-                put_hard_state(&mut batch, &hard_state)?;
-            }
             let mut chunk = Vec::with_capacity(CONVERT_CHUNK);
             let mut copied = 0usize;
             for item in old.iter().values() {
@@ -229,29 +249,21 @@ impl RaftStore {
             }
             copied += chunk.len();
             add_entries(&mut batch, &chunk)?;
-            put_hard_state(
-                &mut batch,
-                &self.get::<HardState>(HARD_STATE_KEY)?.unwrap_or_default(),
-            )?;
+            put_hard_state(&mut batch, &hard_state)?;
             self.write_batch(&mut batch, true)?;
             drop(old);
             self.db
                 .drop_tree(SLED_LOG_TREE)
                 .map_err(|error| storage_error("drop tree", "raft-log", error))?;
-            self.flush_sled()?;
             info!(
                 entries = copied,
                 "Moved the Raft log from sled to raft-engine."
             );
         }
-        if self
-            .meta
-            .contains_key(HARD_STATE_KEY)
-            .map_err(|error| storage_error("read", "hard-state", error))?
-        {
+        if has_sled_log || (sled_hard_state.is_some() && !moved) {
             self.meta
-                .remove(HARD_STATE_KEY)
-                .map_err(|error| storage_error("remove", "hard-state", error))?;
+                .insert(HARD_STATE_KEY, MOVED_HARD_STATE)
+                .map_err(|error| storage_error("write", "hard-state", error))?;
             self.flush_sled()?;
         }
         Ok(())
@@ -488,25 +500,40 @@ impl RaftStore {
         Ok(())
     }
 
-    /// Writes a batch to the log. raft-engine panics when an `fdatasync` fails (it will not
-    /// retry one, as the kernel may have dropped the pages): that is a storage failure like
-    /// any other here, so the member stops with the status its supervisor knows.
+    /// Writes a batch to the log.
     fn write_batch(&self, batch: &mut LogBatch, sync: bool) -> Result<(), CoordinatorError> {
-        let written =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.log.write(batch, sync)));
-        match written {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(error)) => Err(storage_error("write", "the Raft log", error)),
-            Err(panic) => Err(storage_error(
-                "sync",
+        self.guarded("write", || self.log.write(batch, sync).map(drop))
+    }
+
+    /// Runs one raft-engine operation that writes. raft-engine panics when an `fdatasync`
+    /// fails (it will not retry one, as the kernel may have dropped the pages, and rotating or
+    /// purging files syncs too): that is a storage failure like any other here, so the member
+    /// stops with the status its supervisor knows. After one failure every later write fails.
+    fn guarded(
+        &self,
+        action: &str,
+        operation: impl FnOnce() -> raft_engine::Result<()>,
+    ) -> Result<(), CoordinatorError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.log_failed.load(SeqCst) {
+            return Err(storage_error(
+                action,
                 "the Raft log",
-                panic
-                    .downcast_ref::<String>()
-                    .map(String::as_str)
-                    .or_else(|| panic.downcast_ref::<&str>().copied())
-                    .unwrap_or("raft-engine panicked"),
-            )),
+                "an earlier write to it failed; the member must restart",
+            ));
         }
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(operation));
+        let error = match outcome {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(error)) => error.to_string(),
+            Err(panic) => panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|text| text.to_string()))
+                .unwrap_or_else(|| "raft-engine panicked".into()),
+        };
+        self.log_failed.store(true, SeqCst);
+        Err(storage_error(action, "the Raft log", error))
     }
 
     fn lock_terms(&self) -> MutexGuard<'_, LogTerms> {
@@ -660,10 +687,9 @@ impl RaftStore {
             terms.compact_to(index + 1);
         }
         // Removes the files wholly below the log; cheap until they pass `purge_threshold`.
-        self.log
-            .purge_expired_files()
-            .map_err(|error| storage_error("purge", "the Raft log's old files", error))?;
-        Ok(())
+        self.guarded("purge old files of", || {
+            self.log.purge_expired_files().map(drop)
+        })
     }
 
     /// The latest snapshot, with its data, or an empty one. Record and file are read under the
@@ -721,12 +747,11 @@ impl RaftStore {
         write().map_err(|error| storage_error("write", path.display(), error))
     }
 
-    /// Removes every snapshot file but the current one's (best effort: a leftover only costs
-    /// disk until the next snapshot). With `partial_too`, also the partial files of writes
-    /// that never finished (only at open: otherwise one may be a write in progress on the
-    /// snapshot thread, or of a snapshot being installed).
-    fn remove_other_snapshot_files(&self, keep: u64, partial_too: bool) {
-        let keep = self.snapshot_file(keep);
+    /// Removes the files of snapshots older than the current one (best effort: a leftover only
+    /// costs disk until the next snapshot). Only older ones: a newer file may be a snapshot
+    /// being installed whose record is not written yet. At open (`at_open`), every file but
+    /// the current one's goes, partial writes and newer orphans of a crash included.
+    fn remove_other_snapshot_files(&self, keep: u64, at_open: bool) {
         let Ok(files) = std::fs::read_dir(&self.snapshot_dir) else {
             return;
         };
@@ -735,7 +760,13 @@ impl RaftStore {
             let partial = path
                 .extension()
                 .is_some_and(|extension| extension == "partial");
-            if path != keep && (partial_too || !partial) {
+            let index = path
+                .file_stem()
+                .and_then(|stem| stem.to_str())
+                .and_then(|stem| stem.parse::<u64>().ok());
+            let older = index.is_some_and(|index| index < keep);
+            let current = index == Some(keep) && !partial;
+            if (at_open && !current) || (older && !partial) {
                 let _ = std::fs::remove_file(path);
             }
         }
@@ -1145,7 +1176,12 @@ mod tests {
                     .any(|name| name.as_ref() == SLED_LOG_TREE),
                 "the old tree is gone"
             );
-            assert!(!store.meta.contains_key(HARD_STATE_KEY).unwrap());
+            assert_eq!(
+                store.meta.get(HARD_STATE_KEY).unwrap().as_deref(),
+                Some(MOVED_HARD_STATE),
+                "an earlier release cannot read the old hard state"
+            );
+            assert!(HardState::parse_from_bytes(MOVED_HARD_STATE).is_err());
         };
         let store = reopen(dir.path());
         converted(&store);
@@ -1158,6 +1194,16 @@ mod tests {
         store.append(&entries[2_499..]).unwrap();
         store.flush().unwrap();
         drop(store);
+        converted(&reopen(dir.path()));
+        // A crash after the marker reached disk but before the tree's drop did: the hard state
+        // copied is the one raft-engine already holds.
+        write_sled_store(dir.path(), &entries, &HardState::default());
+        {
+            let db = sled::open(dir.path()).unwrap();
+            let meta = db.open_tree("raft-meta").unwrap();
+            meta.insert(HARD_STATE_KEY, MOVED_HARD_STATE).unwrap();
+            db.flush().unwrap();
+        }
         converted(&reopen(dir.path()));
     }
 
