@@ -953,6 +953,15 @@ fn drive_rollback(
     let any_failed = steps
         .iter()
         .any(|step| step.progress.status == StepStatus::Failed);
+    // Each host's steps, in the plan's order: looked up per host below, so a tick costs the
+    // wave's steps once, not once per host (a 1,000-host wave was a million comparisons).
+    let mut steps_of: HashMap<&str, Vec<&RollbackStepRecord>> = HashMap::new();
+    for &step in &steps {
+        steps_of
+            .entry(step.host_id.as_str())
+            .or_default()
+            .push(step);
+    }
     // Hosts of the service already out of service: those of the plan that are not connected
     // (a registered host outside the plan may be long gone; it does not hold the plan up).
     let disconnected: BTreeSet<&str> = rollback
@@ -970,25 +979,36 @@ fn drive_rollback(
         .filter(|host_id| driver.seen.session(host_id).is_none())
         .collect();
     let mut in_progress: BTreeSet<&str> = BTreeSet::new();
+    // |in_progress ∪ disconnected|, kept as hosts begin rather than counted for every host.
+    let mut unavailable_count = disconnected.len();
+    let activating: HashSet<&str> = change
+        .hosts
+        .iter()
+        .filter(|host| host.activate.status == StepStatus::Running)
+        .map(|host| host.host_id.as_str())
+        .collect();
     let mut held_by_unavailable = false;
     for host_id in &wave.hosts {
-        let Some((next, started)) = next_step(steps.iter().copied(), host_id) else {
+        let host_steps = steps_of
+            .get(host_id.as_str())
+            .into_iter()
+            .flatten()
+            .copied();
+        let Some((next, started)) = next_step(host_steps, host_id) else {
             continue;
         };
         if !started {
             // A host not yet begun starts only within the bounds, never after a failure, and
             // never while the change's own activation may still run there.
-            let activating = change.hosts.iter().any(|host| {
-                &host.host_id == host_id && host.activate.status == StepStatus::Running
-            });
-            let mut unavailable: BTreeSet<&str> =
-                in_progress.union(&disconnected).copied().collect();
-            unavailable.insert(host_id);
+            let activating = activating.contains(host_id.as_str());
+            // This host would be unavailable too (it is not in progress: it has not begun).
+            let unavailable =
+                unavailable_count + usize::from(!disconnected.contains(host_id.as_str()));
             // An isolation's hosts were chosen within max_unavailable when it was recorded
             // (before cluster version 10: the whole service, at once, by design).
             let bounded = !wave.isolation;
             let over_unavailable =
-                bounded && unavailable.len() > rollback.options.max_unavailable as usize;
+                bounded && unavailable > rollback.options.max_unavailable as usize;
             let over_parallel =
                 bounded && in_progress.len() >= rollback.options.max_parallel as usize;
             if !running || any_failed || activating || over_parallel || over_unavailable {
@@ -998,7 +1018,9 @@ fn drive_rollback(
         }
         // A host already begun is taken to the end of its steps even after another host failed,
         // so no host is left drained or restored but not restarted.
-        in_progress.insert(host_id);
+        if in_progress.insert(host_id) && !disconnected.contains(host_id.as_str()) {
+            unavailable_count += 1;
+        }
         drive_host_step(state, rollback, (change, wave), next, driver);
     }
     if held_by_unavailable && in_progress.is_empty() {
@@ -1044,10 +1066,11 @@ fn drive_rollback(
                 .filter(|host_id| !rollback.skipped_hosts.contains(host_id))
                 .filter(|host_id| !rollback.deferred_hosts.contains(host_id))
                 .filter(|host_id| {
-                    steps.iter().any(|step| {
-                        &step.host_id == *host_id
-                            && step.kind == RollbackStepKind::Restore
-                            && step.progress.status == StepStatus::Succeeded
+                    steps_of.get(host_id.as_str()).is_some_and(|host_steps| {
+                        host_steps.iter().any(|step| {
+                            step.kind == RollbackStepKind::Restore
+                                && step.progress.status == StepStatus::Succeeded
+                        })
                     })
                 })
                 .cloned()

@@ -326,6 +326,9 @@ pub(super) async fn list_rollbacks(
     }))
 }
 
+/// The most often a watch reads its rollback again: what changed meanwhile is one update.
+const WATCH_UPDATE_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+
 pub(super) async fn watch_rollback(
     control: &Control,
     request: Request<pb::GetRollbackRequest>,
@@ -349,11 +352,22 @@ pub(super) async fn watch_rollback(
             if sender.send(Ok(update)).await.is_err() || ended {
                 return;
             }
+            let sent_at = std::time::Instant::now();
             // Wait for a change of this rollback; a closed client ends the task.
             loop {
                 tokio::select! {
                     changed = applied.changed() => if changed.is_err() { return },
                     _ = sender.closed() => return,
+                }
+                // Reading the rollback costs its size (every step, under the state's lock the
+                // Raft thread applies under), and a rollback moving at hundreds of entries a
+                // second would be read that often: changes are gathered for a moment instead.
+                let gather = WATCH_UPDATE_EVERY.saturating_sub(sent_at.elapsed());
+                if !gather.is_zero() {
+                    tokio::select! {
+                        _ = tokio::time::sleep(gather) => {}
+                        _ = sender.closed() => return,
+                    }
                 }
                 // The policy may have changed since the watch began: a watcher revoked or
                 // moved out of this rollback's scope stops seeing it.

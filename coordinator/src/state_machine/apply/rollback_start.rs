@@ -363,6 +363,7 @@ pub(super) fn start_planned(
         failed_hosts: Vec::new(),
         skipped_hosts: Vec::new(),
         deferred_hosts: Vec::new(),
+        step_lookup: Default::default(),
         flags_reverted: Vec::new(),
         isolated: Vec::new(),
         recipes: plan.recipes.clone(),

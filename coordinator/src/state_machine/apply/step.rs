@@ -290,11 +290,14 @@ pub(super) fn rollback_step_mut<'a>(
             .rollbacks
             .get_mut(rollback)
             .and_then(|record| {
-                record.steps.iter_mut().find(|candidate| {
-                    &candidate.service == service
-                        && &candidate.host_id == host_id
-                        && candidate.kind == *kind
-                })
+                let position = record
+                    .step_lookup
+                    .find(&record.steps, host_id, |candidate| {
+                        &candidate.service == service
+                            && &candidate.host_id == host_id
+                            && candidate.kind == *kind
+                    })?;
+                record.steps.get_mut(position)
             })
             .map(|record| &mut record.progress)
             .ok_or_else(unknown),
