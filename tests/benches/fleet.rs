@@ -1,27 +1,38 @@
 //! Fleet-scale figures with simulated agents (real gRPC sessions over real mutual TLS against a
-//! release `rewind-coordinator`; the agents answer every step at once and report healthy probes,
-//! at their interval and whenever a verify asks):
+//! cluster of release `rewind-coordinator` processes, three members by default; the agents
+//! answer every step at once, report healthy probes every 5 s, and at once when a verify asks):
 //!
-//! 1. Plan and execute the rollback of one change on `REWIND_BENCH_HOSTS` hosts (default 1,000)
-//!    over four regions, `max_parallel` 100, each host going through drain, restore, restart,
-//!    verify and undrain, with a 1 s health gate per wave: how long rewind itself takes.
-//! 2. Kill-switch propagation: `REWIND_BENCH_AGENTS` connected agents (default 2,000); the time
-//!    from the `flag kill` call until each agent has the update, over five kills.
+//! 1. Connect and register `REWIND_BENCH_AGENTS` agents (default 2,000) to the leader.
+//! 2. Steady state: the leader's CPU (over 20 s) and resident memory with every agent
+//!    connected and reporting, beside the same before any connected, per 1,000 agents.
+//! 3. Deploy a change to, then roll back, `REWIND_BENCH_HOSTS` of them (default 1,000) over four
+//!    regions, `max_parallel` `REWIND_BENCH_PARALLEL` (default 100), each host going through
+//!    drain, restore, restart, verify and undrain, with a 1 s health gate per wave: how long
+//!    rewind itself takes, and whether any step had to be sent twice (its result lost).
+//! 4. Kill-switch propagation to every agent: the time from the `flag kill` call until each
+//!    agent has the update, over five kills.
+//! 5. The leader's newest state snapshot: its size with this many hosts and this history.
 //!
-//! Run: `cargo bench -p rewind-tests --bench fleet`
+//! Run: `cargo bench -p rewind-tests --bench fleet` (`REWIND_BENCH_MEMBERS=1` for one member).
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rewind_proto::v1 as pb;
 use rewind_proto::v1::control_service_client::ControlServiceClient;
-use rewind_tests::sim::{FlagLog, SimAgent};
-use rewind_tests::{Coordinator, must_wait_async};
+use rewind_shared::dev_ca::DevCa;
+use rewind_tests::sim::{FlagLog, STEPS_RECEIVED, STEPS_RECEIVED_AGAIN, SimAgent};
+use rewind_tests::{ClusterHarness, ClusterOptions, must_wait_async};
 use tokio::task::JoinSet;
 use tonic::transport::Channel;
 
 const REGIONS: [&str; 4] = ["eu-west", "eu-central", "us-east", "ap-south"];
 const SETTLE_S: u32 = 1;
+/// How often every simulated agent reports, as the coordinator's default asks.
+const REPORT_EVERY: Duration = Duration::from_secs(5);
+/// How long the steady state is watched.
+const STEADY_FOR: Duration = Duration::from_secs(20);
 
 fn env_number(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -30,15 +41,44 @@ fn env_number(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-/// Connects agents `from..to`, 32 handshakes at a time.
+/// A process's CPU time so far and its resident memory, from /proc.
+fn process_figures(pid: u32) -> (Duration, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the leader's stat");
+    // Fields after the command's closing parenthesis: utime and stime are the 12th and 13th.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    // SAFETY: sysconf only reads a constant.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    let cpu_ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the leader's status");
+    let rss_kib = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0);
+    (Duration::from_millis(cpu_ticks * 1000 / ticks), rss_kib)
+}
+
+/// The leader's share of one core and its resident memory (MiB) over `STEADY_FOR`.
+async fn steady_state(pid: u32) -> (f64, f64) {
+    let (cpu_before, _) = process_figures(pid);
+    let begun = Instant::now();
+    tokio::time::sleep(STEADY_FOR).await;
+    let (cpu_after, rss_kib) = process_figures(pid);
+    (
+        (cpu_after - cpu_before).as_secs_f64() / begun.elapsed().as_secs_f64() * 100.0,
+        rss_kib as f64 / 1024.0,
+    )
+}
+
+/// Connects agents `from..to` to `address`, 32 handshakes at a time.
 async fn connect(
-    coordinator: &Coordinator,
+    ca: &Arc<DevCa>,
+    tls_dir: &std::path::Path,
+    address: &str,
     range: std::ops::Range<usize>,
-    report_every: Duration,
     flags: &FlagLog,
 ) -> Vec<SimAgent> {
-    let ca = Arc::new(coordinator.ca());
-    let tls_dir = coordinator.tls_dir();
     let mut agents = Vec::with_capacity(range.len());
     let mut pending = JoinSet::new();
     for number in range {
@@ -46,9 +86,9 @@ async fn connect(
             agents.push(pending.join_next().await.unwrap().unwrap());
         }
         let (ca, tls_dir, address, flags) = (
-            Arc::clone(&ca),
-            tls_dir.clone(),
-            coordinator.address.clone(),
+            Arc::clone(ca),
+            tls_dir.to_path_buf(),
+            address.to_string(),
             Arc::clone(flags),
         );
         pending.spawn(async move {
@@ -65,7 +105,7 @@ async fn connect(
                 from,
                 "web",
                 region,
-                report_every,
+                REPORT_EVERY,
                 flags,
             )
             .await
@@ -105,11 +145,71 @@ async fn must_connected(client: &ControlServiceClient<Channel>, count: usize) {
     .await;
 }
 
+/// Waits for the change to deploy, saying what it waits on: a failing read once (a 10,000-host
+/// change is a large message), and the steps done every 30 s.
+async fn must_deploy(client: &ControlServiceClient<Channel>, change_id: &str) -> pb::Change {
+    let begun = Instant::now();
+    let mut said_error = false;
+    let mut said_at = Instant::now();
+    loop {
+        assert!(
+            begun.elapsed() < Duration::from_secs(1800),
+            "the change did not deploy in 30 minutes"
+        );
+        let read = client
+            .clone()
+            .get_change(pb::GetChangeRequest {
+                change_id: change_id.to_string(),
+            })
+            .await;
+        match read.map(|response| response.into_inner().change) {
+            Ok(Some(change)) if change.state == pb::ChangeState::Deployed as i32 => return change,
+            Ok(Some(change)) if said_at.elapsed() > Duration::from_secs(30) => {
+                said_at = Instant::now();
+                let succeeded = pb::StepState::Succeeded as i32;
+                let count = |state: fn(&pb::ChangeHost) -> i32| {
+                    change
+                        .hosts
+                        .iter()
+                        .filter(|host| state(host) == succeeded)
+                        .count()
+                };
+                println!(
+                    "  deploying: of {} hosts, {} captured, {} activated",
+                    change.hosts.len(),
+                    count(|host| host.capture),
+                    count(|host| host.activate)
+                );
+            }
+            // The agents are connected to this member only: the run cannot go on.
+            Err(status) if status.message().contains("not the leader") => {
+                panic!("the leader lost its leadership during the deploy: {status}")
+            }
+            Err(status) if !said_error => {
+                said_error = true;
+                println!("  reading the change failed (retrying): {status}");
+            }
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Deploys a change to the first `hosts` agents and rolls it back; prints what it took.
 async fn rollback_of_a_fleet(
     client: &mut ControlServiceClient<Channel>,
     hosts: usize,
+    agents: usize,
     parallel: u32,
 ) {
+    // All of them, or the first `hosts` by name.
+    let host_ids = if hosts >= agents {
+        vec![]
+    } else {
+        (0..hosts)
+            .map(|number| format!("sim-{number:05}"))
+            .collect()
+    };
     client
         .put_service(pb::PutServiceRequest {
             request_id: "svc".into(),
@@ -154,7 +254,7 @@ async fn rollback_of_a_fleet(
             request_id: "change".into(),
             service: "web".into(),
             version: "v2".into(),
-            host_ids: vec![],
+            host_ids,
             reason: "bench".into(),
             flags_on: vec![],
             migrations: vec![],
@@ -164,13 +264,7 @@ async fn rollback_of_a_fleet(
         .into_inner()
         .change
         .unwrap();
-    let change = rewind_tests::must_change_where(
-        client,
-        &change.change_id,
-        "the change to deploy",
-        |change| change.state == pb::ChangeState::Deployed as i32,
-    )
-    .await;
+    let change = must_deploy(client, &change.change_id).await;
     let deploy = started.elapsed();
 
     let selection = pb::RollbackSelection {
@@ -404,30 +498,67 @@ async fn kill_switch(client: &mut ControlServiceClient<Channel>, agents: usize, 
 }
 
 fn main() {
+    let members = env_number("REWIND_BENCH_MEMBERS", 3) as u64;
     let hosts = env_number("REWIND_BENCH_HOSTS", 1000);
     let agents = env_number("REWIND_BENCH_AGENTS", 2000).max(hosts);
     let parallel = env_number("REWIND_BENCH_PARALLEL", 100) as u32;
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let coordinator = Coordinator::must_start_with(
-        &dir.path().join("coordinator"),
-        "[engine]\ntick-ms = 50\nstep-timeout-s = 120\nverify-timeout-s = 120\n[health]\nreport-interval-ms = 500\n",
-    );
+    let options = ClusterOptions {
+        snapshot_every: 10_000,
+        engine_and_health: "[engine]\ntick-ms = 50\nstep-timeout-s = 120\nverify-timeout-s = 120\n\
+                            [health]\nreport-interval-ms = 5000\nwindow-s = 30"
+            .into(),
+        // The default Raft tick, so elections time out as in production (1-2 s), not as in
+        // the tests (0.5-1 s).
+        cluster_tick_ms: 100,
+        ..ClusterOptions::default()
+    };
+    let cluster = ClusterHarness::must_start_with_options(dir.path(), members, options);
     runtime.block_on(async {
         let flags: FlagLog = Arc::new(Mutex::new(Vec::new()));
-        let mut client = coordinator.must_client().await;
+        let (leader, mut client) = cluster.must_leader().await;
+        let pid = cluster.pid(leader).unwrap();
+        let address = cluster.addresses[leader as usize - 1].clone();
+        let ca = Arc::new(DevCa::load(&cluster.tls_dir).expect("the cluster's CA"));
+        println!("{members}-member cluster, member {leader} leads");
+        let (idle_cpu, idle_rss) = steady_state(pid).await;
+
         let begun = Instant::now();
-        let mut fleet = connect(&coordinator, 0..hosts, Duration::from_millis(500), &flags).await;
-        must_connected(&client, hosts).await;
+        let fleet = connect(&ca, &cluster.tls_dir, &address, 0..agents, &flags).await;
+        must_connected(&client, agents).await;
         println!(
-            "{hosts} agents connected and registered in {:.1} s",
+            "{agents} agents connected and registered in {:.1} s",
             begun.elapsed().as_secs_f64()
         );
-        rollback_of_a_fleet(&mut client, hosts, parallel).await;
-        // The rest only listen for flags; they report rarely, like idle hosts.
-        fleet.extend(connect(&coordinator, hosts..agents, Duration::from_secs(10), &flags).await);
-        must_connected(&client, agents).await;
+        let (cpu, rss) = steady_state(pid).await;
+        let per_thousand = 1000.0 / agents as f64;
+        println!(
+            "steady state, reports every {} s: the leader at {cpu:.1} % of a core and {rss:.0} MiB \
+             resident (before any agent: {idle_cpu:.1} %, {idle_rss:.0} MiB); per 1,000 agents \
+             {:.1} % of a core and {:.1} MiB",
+            REPORT_EVERY.as_secs(),
+            (cpu - idle_cpu) * per_thousand,
+            (rss - idle_rss) * per_thousand
+        );
+        rollback_of_a_fleet(&mut client, hosts, agents, parallel).await;
+        println!(
+            "  steps received by agents: {}, of them a second time: {}",
+            STEPS_RECEIVED.load(Relaxed),
+            STEPS_RECEIVED_AGAIN.load(Relaxed)
+        );
         kill_switch(&mut client, agents, &flags).await;
+        let (_, rss_after) = process_figures(pid);
+        println!(
+            "the leader after the rollback: {:.0} MiB resident",
+            rss_after as f64 / 1024.0
+        );
+        if let Some((index, bytes)) = cluster.latest_snapshot(leader) {
+            println!(
+                "the leader's newest snapshot: {:.0} KB at index {index}",
+                bytes as f64 / 1e3
+            );
+        }
         drop(fleet);
     });
 }

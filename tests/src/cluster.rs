@@ -16,6 +16,10 @@ pub struct ClusterOptions {
     pub initial_cluster_version: u32,
     /// Appended to every member's config: whole tables (`[audit]\nretain-entries = 3\n`).
     pub extra_config: String,
+    /// Every member's `[engine]` and `[health]` tables (tests' short timeouts by default).
+    pub engine_and_health: String,
+    /// `cluster.tick-ms`: 50 in tests, so elections are quick (the default is 100).
+    pub cluster_tick_ms: u64,
     /// Each member's region (id - 1); `region-<id>` when not given.
     pub member_regions: Vec<String>,
     /// Namespaces on a partitionable cluster's network beyond the members', for agents the
@@ -41,6 +45,11 @@ impl Default for ClusterOptions {
             coordinator_binary: None,
             initial_cluster_version: 0,
             extra_config: String::new(),
+            engine_and_health:
+                "[engine]\nstep-timeout-s = 5\nverify-timeout-s = 20\ntick-ms = 100\n\
+                                [health]\nreport-interval-ms = 300\nwindow-s = 3"
+                    .into(),
+            cluster_tick_ms: 50,
             member_regions: Vec::new(),
             spare_namespaces: 0,
         }
@@ -68,6 +77,8 @@ pub struct ClusterHarness {
     /// `storage.initial-cluster-version` (0: not written).
     initial_cluster_version: u32,
     extra_config: String,
+    engine_and_health: String,
+    cluster_tick_ms: u64,
     member_regions: Vec<String>,
     /// The binary each member (id - 1) starts from.
     binaries: Vec<PathBuf>,
@@ -185,6 +196,8 @@ impl ClusterHarness {
             snapshot_every: options.snapshot_every,
             initial_cluster_version: options.initial_cluster_version,
             extra_config: options.extra_config,
+            engine_and_health: options.engine_and_health,
+            cluster_tick_ms: options.cluster_tick_ms,
             member_regions: options.member_regions,
             binaries: Vec::new(),
         };
@@ -309,13 +322,7 @@ data-dir = "{data}"
 ca = "{tls}/ca.pem"
 cert = "{tls}/coordinator-{id}.pem"
 key = "{tls}/coordinator-{id}.key"
-[engine]
-step-timeout-s = 5
-verify-timeout-s = 20
-tick-ms = 100
-[health]
-report-interval-ms = 300
-window-s = 3
+{engine_and_health}
 [storage]
 snapshot-every = {snapshot_every}
 {initial_version}
@@ -326,12 +333,14 @@ bootstrap-policy-file = "{policy}"
 [cluster]
 id = "test-cluster"
 member-id = {id}
-tick-ms = 50
+tick-ms = {cluster_tick_ms}
 join = {join}
 {members}{extra}"#,
             listen = self.listens[id as usize - 1],
             http = self.http_addresses[id as usize - 1],
             snapshot_every = self.snapshot_every,
+            engine_and_health = self.engine_and_health,
+            cluster_tick_ms = self.cluster_tick_ms,
             initial_version = match self.initial_cluster_version {
                 0 => String::new(),
                 version => format!("initial-cluster-version = {version}"),
@@ -452,6 +461,11 @@ join = {join}
         (1..=self.members.len() as u64)
             .filter(|&id| self.members[id as usize - 1].is_some())
             .collect()
+    }
+
+    /// Member `id`'s process id, while it runs (for benchmarks reading its /proc figures).
+    pub fn pid(&self, id: u64) -> Option<u32> {
+        Some(self.members[id as usize - 1].as_ref()?.child.id())
     }
 
     /// Member `id`'s latest state snapshot on disk: the index it covers and its size in bytes.

@@ -16,6 +16,12 @@ use tonic::transport::Endpoint;
 /// When a simulated agent received each flag update: (host, flag, enabled, at).
 pub type FlagLog = Arc<Mutex<Vec<(String, String, bool, Instant)>>>;
 
+/// Steps the simulated agents received, and of those, how many a second time (a step is sent
+/// again only when its result was not recorded within the step timeout).
+pub static STEPS_RECEIVED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+pub static STEPS_RECEIVED_AGAIN: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(0);
+
 pub struct SimAgent {
     pub host_id: String,
     task: tokio::task::JoinHandle<()>,
@@ -88,6 +94,7 @@ impl SimAgent {
             let mut report = tokio::time::interval(report_every);
             // The ask the next report answers (always healthy: one answer closes it).
             let mut asked = 0u64;
+            let mut steps_seen = std::collections::HashSet::new();
             loop {
                 tokio::select! {
                     _ = report.tick() => {
@@ -115,6 +122,11 @@ impl SimAgent {
                         let Some(Ok(received)) = next else { return };
                         match received.body {
                             Some(coordinator_message::Body::Step(step)) => {
+                                use std::sync::atomic::Ordering::Relaxed;
+                                STEPS_RECEIVED.fetch_add(1, Relaxed);
+                                if !steps_seen.insert(step.step_id.clone()) {
+                                    STEPS_RECEIVED_AGAIN.fetch_add(1, Relaxed);
+                                }
                                 let now = rewind_shared::time::now_ms();
                                 let capture = matches!(step.action, Some(pb::step_command::Action::Capture(_)));
                                 let result = pb::StepResult {
