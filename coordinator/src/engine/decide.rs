@@ -1001,9 +1001,10 @@ fn drive_rollback(
             // A host not yet begun starts only within the bounds, never after a failure, and
             // never while the change's own activation may still run there.
             let activating = activating.contains(host_id.as_str());
-            // This host would be unavailable too (it is not in progress: it has not begun).
-            let unavailable =
-                unavailable_count + usize::from(!disconnected.contains(host_id.as_str()));
+            // With this host: |in_progress ∪ disconnected ∪ {host}|.
+            let counted =
+                disconnected.contains(host_id.as_str()) || in_progress.contains(host_id.as_str());
+            let unavailable = unavailable_count + usize::from(!counted);
             // An isolation's hosts were chosen within max_unavailable when it was recorded
             // (before cluster version 10: the whole service, at once, by design).
             let bounded = !wave.isolation;

@@ -352,7 +352,7 @@ pub(super) async fn watch_rollback(
             if sender.send(Ok(update)).await.is_err() || ended {
                 return;
             }
-            let sent_at = std::time::Instant::now();
+            let mut read_at = std::time::Instant::now();
             // Wait for a change of this rollback; a closed client ends the task.
             loop {
                 tokio::select! {
@@ -362,7 +362,7 @@ pub(super) async fn watch_rollback(
                 // Reading the rollback costs its size (every step, under the state's lock the
                 // Raft thread applies under), and a rollback moving at hundreds of entries a
                 // second would be read that often: changes are gathered for a moment instead.
-                let gather = WATCH_UPDATE_EVERY.saturating_sub(sent_at.elapsed());
+                let gather = WATCH_UPDATE_EVERY.saturating_sub(read_at.elapsed());
                 if !gather.is_zero() {
                     tokio::select! {
                         _ = tokio::time::sleep(gather) => {}
@@ -378,6 +378,9 @@ pub(super) async fn watch_rollback(
                 let Ok(current) = context.rollback(number) else {
                     return;
                 };
+                // From the read, changed or not: entries of other work must not make a quiet
+                // rollback be read again for each of them.
+                read_at = std::time::Instant::now();
                 if current != last {
                     update = if changes_only {
                         pb::GetRollbackResponse {

@@ -381,9 +381,11 @@ pub struct RollbackRecord {
 /// Positions of each host's steps in a rollback's `steps`. `apply()` finds a step for every
 /// `StepStarted` and `StepFinished`, and a scan of a 5,000-host rollback's 25,000 steps each
 /// time made a rollback cost the square of its size. A hit is checked against the step itself
-/// and a miss falls back to the scan (rebuilding the positions when the scan finds it), so a
-/// stale or empty lookup changes what `apply()` finds never, only how fast: members agree
-/// whatever each one's lookup holds. Clones start empty (a snapshot's copy need not carry it).
+/// and a miss falls back to the scan (rebuilding the positions when the scan finds it). Steps
+/// are only ever appended (an isolation adds some), never reordered or removed, so stored
+/// positions stay right and a host's first match is the scan's first match: an empty or older
+/// lookup changes how fast `apply()` finds a step, never which, and members agree whatever
+/// each one's lookup holds. Clones start empty (a snapshot's copy need not carry it).
 #[derive(Default)]
 pub struct StepLookup(std::collections::HashMap<String, Vec<usize>>);
 
