@@ -260,6 +260,14 @@ pub fn print_rollback(rollback: &pb::Rollback) {
         ],
         rows,
     );
+    if rollback.steps.len() < rollback.steps_total as usize {
+        say!(
+            "the first {} of {} steps (all of them: rewindctl rollback show {})",
+            rollback.steps.len(),
+            rollback.steps_total,
+            rollback.rollback_id
+        );
+    }
 }
 
 pub fn print_change(change: &pb::Change) {

@@ -1,5 +1,6 @@
 //! `rollback watch`: a live view of a rollback until it ends.
 
+use std::collections::HashSet;
 use std::process::ExitCode;
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -21,6 +22,7 @@ pub async fn follow(
         .watch_rollback(pb::GetRollbackRequest {
             rollback_id: rollback_id.to_string(),
             changes_only: true,
+            ..Default::default()
         })
         .await
         .map_err(explain)?
@@ -33,7 +35,7 @@ pub async fn follow(
     if format == Format::Json {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
-    let mut seen: Vec<(String, i32)> = Vec::new();
+    let mut seen: HashSet<(String, i32)> = HashSet::new();
     let mut last = None;
     while let Some(update) = stream.next().await {
         let update = update.map_err(explain)?;
@@ -42,7 +44,13 @@ pub async fn follow(
             Some(previous) if update.changes_only => with_changes(previous, received),
             _ => received,
         };
+        // A rollback with more steps than one message holds arrives in pages first.
+        let complete = rollback.steps.len() >= rollback.steps_total as usize;
         if format == Format::Json {
+            if !complete {
+                last = Some(rollback);
+                continue;
+            }
             // The whole rollback each time, as before changes came alone: scripts read lines.
             println!(
                 "{}",
@@ -102,8 +110,12 @@ fn with_changes(previous: pb::Rollback, changes: pb::Rollback) -> pb::Rollback {
     }
 }
 
-fn report_transitions(bar: &ProgressBar, rollback: &pb::Rollback, seen: &mut Vec<(String, i32)>) {
-    bar.set_length(rollback.steps.len() as u64);
+fn report_transitions(
+    bar: &ProgressBar,
+    rollback: &pb::Rollback,
+    seen: &mut HashSet<(String, i32)>,
+) {
+    bar.set_length(rollback.steps.len().max(rollback.steps_total as usize) as u64);
     bar.set_prefix(format!(
         "{} {}",
         rollback.rollback_id,
@@ -120,10 +132,9 @@ fn report_transitions(bar: &ProgressBar, rollback: &pb::Rollback, seen: &mut Vec
     bar.set_position(done.count() as u64);
     for (index, wave) in rollback.waves.iter().enumerate() {
         let key = (format!("gate/{index}"), wave.gate);
-        if seen.contains(&key) || wave.gate == pb::StepState::Pending as i32 {
+        if wave.gate == pb::StepState::Pending as i32 || !seen.insert(key) {
             continue;
         }
-        seen.push(key);
         let line = format!(
             "{}  wave {} {} in {}: gate {} {}",
             output::time(wave.gate_finished_at_ms.max(wave.gate_started_at_ms)),
@@ -137,8 +148,7 @@ fn report_transitions(bar: &ProgressBar, rollback: &pb::Rollback, seen: &mut Vec
     }
     if !rollback.paused_reason.is_empty() {
         let key = (format!("paused/{}", rollback.paused_reason), 0);
-        if !seen.contains(&key) {
-            seen.push(key);
+        if seen.insert(key) {
             print_line(
                 bar,
                 format!(
@@ -150,10 +160,9 @@ fn report_transitions(bar: &ProgressBar, rollback: &pb::Rollback, seen: &mut Vec
     }
     for step in &rollback.steps {
         let key = (step.step_id.clone(), step.state);
-        if seen.contains(&key) || step.state == pb::StepState::Pending as i32 {
+        if step.state == pb::StepState::Pending as i32 || !seen.insert(key) {
             continue;
         }
-        seen.push(key);
         let line = format!(
             "{}  {:<8} {:<8} {:<8} {:<10} {}",
             output::time(if step.finished_at_ms > 0 {

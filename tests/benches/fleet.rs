@@ -15,6 +15,7 @@
 //!
 //! Run: `cargo bench -p rewind-tests --bench fleet` (`REWIND_BENCH_MEMBERS=1` for one member).
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -313,7 +314,7 @@ async fn rollback_of_a_fleet(
     }
     read_times.sort();
 
-    let begun = Instant::now();
+    let begun_ms = rewind_shared::time::now_ms();
     let rollback = client
         .start_rollback(pb::StartRollbackRequest {
             request_id: "rollback".into(),
@@ -328,83 +329,60 @@ async fn rollback_of_a_fleet(
         .into_inner()
         .rollback
         .unwrap();
-    // What a person watching pays: the bytes of a watch asking for changes only, beside those
-    // the same updates would have cost as whole rollbacks (the watch before changes_only),
-    // counted on the merged rollback rather than asked of the coordinator, whose encoding of
-    // 1.5 GB would slow the rollback being measured.
-    let watcher = {
-        let mut client = client.clone();
-        let rollback_id = rollback.rollback_id.clone();
-        tokio::spawn(async move {
-            let mut stream = client
-                .watch_rollback(pb::GetRollbackRequest {
-                    rollback_id,
-                    changes_only: true,
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            let (mut updates, mut bytes, mut whole_bytes) = (0usize, 0usize, 0usize);
-            let mut merged = pb::Rollback::default();
-            while let Some(Ok(update)) = tokio_stream::StreamExt::next(&mut stream).await {
-                updates += 1;
-                bytes += prost::Message::encoded_len(&update);
-                let changes = update.rollback.unwrap_or_default();
-                if !update.changes_only {
-                    merged = changes;
-                } else {
-                    for step in &changes.steps {
-                        match merged.steps.iter_mut().find(|s| s.step_id == step.step_id) {
-                            Some(known) => *known = step.clone(),
-                            None => merged.steps.push(step.clone()),
-                        }
-                    }
-                    let (steps, waves) = (std::mem::take(&mut merged.steps), merged.waves.clone());
-                    merged = pb::Rollback {
-                        steps,
-                        waves: if changes.waves.is_empty() {
-                            waves
-                        } else {
-                            changes.waves.clone()
-                        },
-                        ..changes
-                    };
-                }
-                whole_bytes += prost::Message::encoded_len(&pb::GetRollbackResponse {
-                    rollback: Some(merged.clone()),
-                    changes_only: false,
-                });
-            }
-            (updates, bytes, whole_bytes)
+    // Followed as a person would, with `rollback watch`: the watch ends with the rollback.
+    // What it pays is counted: the bytes asking for changes only, beside those the same
+    // updates would have cost as whole rollbacks (counted on the merged rollback rather than
+    // asked of the coordinator, whose encoding of them would slow the rollback measured).
+    let mut stream = client
+        .watch_rollback(pb::GetRollbackRequest {
+            rollback_id: rollback.rollback_id.clone(),
+            changes_only: true,
+            ..Default::default()
         })
-    };
-    let done = must_wait_async(Duration::from_secs(1800), "the rollback to end", || {
-        let mut client = client.clone();
-        let rollback_id = rollback.rollback_id.clone();
-        async move {
-            let rollback = client
-                .get_rollback(pb::GetRollbackRequest {
-                    rollback_id,
-                    ..Default::default()
-                })
-                .await
-                .ok()?
-                .into_inner()
-                .rollback?;
-            (rollback.finished_at_ms != 0).then_some(rollback)
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut updates, mut bytes, mut whole_bytes) = (0usize, 0usize, 0usize);
+    let mut done = pb::Rollback::default();
+    let mut position: HashMap<String, usize> = HashMap::new();
+    let watched = tokio::time::timeout(Duration::from_secs(1800), async {
+        while let Some(update) = tokio_stream::StreamExt::next(&mut stream).await {
+            let update = update.expect("the watch of the rollback");
+            updates += 1;
+            bytes += prost::Message::encoded_len(&update);
+            let mut changes = update.rollback.unwrap_or_default();
+            for step in std::mem::take(&mut changes.steps) {
+                match position.get(&step.step_id) {
+                    Some(&index) => done.steps[index] = step,
+                    None => {
+                        position.insert(step.step_id.clone(), done.steps.len());
+                        done.steps.push(step);
+                    }
+                }
+            }
+            if changes.waves.is_empty() {
+                changes.waves = std::mem::take(&mut done.waves);
+            }
+            changes.steps = std::mem::take(&mut done.steps);
+            done = changes;
+            // The whole rollback in a response: its length with the field's tag and prefix.
+            let length = prost::Message::encoded_len(&done);
+            whole_bytes += 1 + prost::encoding::encoded_len_varint(length as u64) + length;
         }
     })
     .await;
-    let total = begun.elapsed();
+    assert!(watched.is_ok(), "the rollback did not end in 30 minutes");
+    // By the coordinator's clock, which stamps the rollback's end (one machine: one clock).
+    let total = Duration::from_millis(done.finished_at_ms.saturating_sub(begun_ms));
     assert_eq!(
         done.state,
         pb::RollbackState::Succeeded as i32,
         "{}",
         done.outcome_detail
     );
+    assert_eq!(done.steps.len(), done.steps_total as usize);
     let gates = Duration::from_secs(u64::from(SETTLE_S) * plan.waves.len() as u64);
     let steps = done.steps.len();
-    let (updates, bytes, whole_bytes) = watcher.await.unwrap();
     println!(
         "fleet rollback: {hosts} hosts in {} waves, max_parallel {parallel}",
         plan.waves.len()

@@ -133,22 +133,44 @@ async fn a_person_skips_a_host_watches_the_rollback_end_and_isolates_a_service()
             .expect("rollback watch ends when the rollback does")
             .expect("run rewindctl rollback watch")
     });
-    // And through the API, asking for changes only.
-    let mut changes = client
+    // And through the API, asking for changes only; once more with pages of two steps, as a
+    // rollback of more steps than one message holds arrives.
+    let watch_changes = |steps_page_size| {
+        let mut client = client.clone();
+        let rollback_id = paused.rollback_id.clone();
+        tokio::spawn(async move {
+            let mut changes = client
+                .watch_rollback(pb::GetRollbackRequest {
+                    rollback_id,
+                    changes_only: true,
+                    steps_page_size,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let mut updates = Vec::new();
+            while let Some(update) = tokio_stream::StreamExt::next(&mut changes).await {
+                updates.push(update.unwrap());
+            }
+            updates
+        })
+    };
+    let changes = watch_changes(0);
+    let paged_changes = watch_changes(2);
+    let whole_refused = client
         .watch_rollback(pb::GetRollbackRequest {
             rollback_id: paused.rollback_id.clone(),
-            changes_only: true,
+            steps_page_size: 2,
+            ..Default::default()
         })
         .await
-        .unwrap()
-        .into_inner();
-    let changes = tokio::spawn(async move {
-        let mut updates = Vec::new();
-        while let Some(update) = tokio_stream::StreamExt::next(&mut changes).await {
-            updates.push(update.unwrap());
-        }
-        updates
-    });
+        .expect_err("a watch of whole rollbacks larger than a message is refused");
+    assert_eq!(whole_refused.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        whole_refused.message().contains("changes_only"),
+        "{whole_refused:?}"
+    );
     tokio::time::sleep(Duration::from_secs(1)).await;
     client
         .resume_rollback(action(&paused.rollback_id, "resume"))
@@ -181,33 +203,20 @@ async fn a_person_skips_a_host_watches_the_rollback_end_and_isolates_a_service()
     let first = updates[0].rollback.clone().unwrap();
     assert!(!updates[0].changes_only);
     assert_eq!(first.steps.len(), ended.steps.len());
-    let mut steps: std::collections::HashMap<String, pb::RollbackStep> = first
-        .steps
-        .into_iter()
-        .map(|step| (step.step_id.clone(), step))
-        .collect();
-    let mut waves = first.waves;
-    for update in &updates[1..] {
-        assert!(update.changes_only, "{update:?}");
-        let changed = update.rollback.clone().unwrap();
-        assert!(
-            changed.steps.len() < ended.steps.len(),
-            "an update carries what changed, not every step: {changed:?}"
-        );
-        for step in changed.steps {
-            assert_ne!(steps.get(&step.step_id), Some(&step), "unchanged: {step:?}");
-            steps.insert(step.step_id.clone(), step);
-        }
-        if !changed.waves.is_empty() {
-            waves = changed.waves;
-        }
-    }
-    let last = updates.last().unwrap().rollback.clone().unwrap();
-    assert_eq!(last.state, ended.state);
-    assert_eq!(waves, ended.waves);
-    for step in &ended.steps {
-        assert_eq!(steps.get(&step.step_id), Some(step));
-    }
+    must_add_up_to(&updates, &ended);
+    // In pages of two: the first message holds two steps and says how many there are.
+    let paged = paged_changes.await.unwrap();
+    let first_page = paged[0].rollback.clone().unwrap();
+    assert!(!paged[0].changes_only);
+    assert_eq!(first_page.steps.len(), 2, "{first_page:?}");
+    assert_eq!(first_page.steps_total as usize, ended.steps.len());
+    assert!(
+        paged
+            .iter()
+            .all(|update| update.rollback.as_ref().unwrap().steps.len() <= 2)
+    );
+    must_add_up_to(&paged, &ended);
+    must_read_in_pages(&client, &ended).await;
     for host in &hosts {
         if host.id == skipped {
             assert_eq!(
@@ -335,5 +344,86 @@ async fn a_person_skips_a_host_watches_the_rollback_end_and_isolates_a_service()
             "{}: no restore: {ended:?}",
             host.id
         );
+    }
+}
+
+/// Applied in order, a watch's updates give the rollback as it ended: after the first, each
+/// holds only steps that changed, and the waves only when one did.
+fn must_add_up_to(updates: &[pb::GetRollbackResponse], ended: &pb::Rollback) {
+    let first = updates[0].rollback.clone().unwrap();
+    let mut steps: std::collections::HashMap<String, pb::RollbackStep> = first
+        .steps
+        .into_iter()
+        .map(|step| (step.step_id.clone(), step))
+        .collect();
+    let mut waves = first.waves;
+    for update in &updates[1..] {
+        assert!(update.changes_only, "{update:?}");
+        let changed = update.rollback.clone().unwrap();
+        assert!(
+            changed.steps.len() < ended.steps.len(),
+            "an update carries what changed, not every step: {changed:?}"
+        );
+        for step in changed.steps {
+            assert_ne!(steps.get(&step.step_id), Some(&step), "unchanged: {step:?}");
+            steps.insert(step.step_id.clone(), step);
+        }
+        if !changed.waves.is_empty() {
+            waves = changed.waves;
+        }
+    }
+    let last = updates.last().unwrap().rollback.clone().unwrap();
+    assert_eq!(last.state, ended.state);
+    assert_eq!(waves, ended.waves);
+    assert_eq!(steps.len(), ended.steps.len());
+    for step in &ended.steps {
+        assert_eq!(steps.get(&step.step_id), Some(step));
+    }
+}
+
+/// GetRollback a page at a time: pages of two add up to every step, in order, each naming the
+/// next; a token from nowhere and an oversized page are refused naming their field.
+async fn must_read_in_pages(client: &ControlServiceClient<Channel>, ended: &pb::Rollback) {
+    assert_eq!(ended.steps_total as usize, ended.steps.len());
+    let mut steps = Vec::new();
+    let mut steps_page_token = String::new();
+    loop {
+        let page = client
+            .clone()
+            .get_rollback(pb::GetRollbackRequest {
+                rollback_id: ended.rollback_id.clone(),
+                steps_page_size: 2,
+                steps_page_token,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let rollback = page.rollback.unwrap();
+        assert!(rollback.steps.len() <= 2, "{rollback:?}");
+        steps.extend(rollback.steps);
+        if page.next_steps_page_token.is_empty() {
+            break;
+        }
+        steps_page_token = page.next_steps_page_token;
+    }
+    assert_eq!(steps, ended.steps);
+    for (steps_page_size, steps_page_token, field) in [
+        (0, "most", "steps_page_token"),
+        (0, "999", "steps_page_token"),
+        (10_001, "", "steps_page_size"),
+    ] {
+        let refused = client
+            .clone()
+            .get_rollback(pb::GetRollbackRequest {
+                rollback_id: ended.rollback_id.clone(),
+                steps_page_size,
+                steps_page_token: steps_page_token.into(),
+                ..Default::default()
+            })
+            .await
+            .expect_err(field);
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+        assert!(refused.message().contains(field), "{refused:?}");
     }
 }

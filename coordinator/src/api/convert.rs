@@ -10,6 +10,8 @@ use rewind_proto::v1 as pb;
 
 use crate::state_machine::*;
 
+use super::validate::{DEFAULT_STEPS_PAGE, MAX_ROLLBACK_BYTES};
+
 pub fn labels(labels: &Labels) -> pb::HostLabels {
     pb::HostLabels {
         region: labels.region.clone(),
@@ -296,7 +298,84 @@ pub fn plan_options(options: &PlanOptions) -> pb::PlanOptions {
     }
 }
 
+/// Rollback as the API shows it, with the first page of its steps (see [`rollback_page`]).
 pub fn rollback(state: &State, rollback: &RollbackRecord) -> pb::Rollback {
+    rollback_page(state, rollback, 0, DEFAULT_STEPS_PAGE)
+}
+
+/// Rollback as the API shows it with its steps from index `from` on: at most `page_size` of
+/// them, cut where the whole message passes [`MAX_ROLLBACK_BYTES`] (one step always fits:
+/// each is bounded). `steps_total` tells whether more follow. Only the page is converted, so
+/// an answer costs its page, not the fleet.
+pub fn rollback_page(
+    state: &State,
+    rollback: &RollbackRecord,
+    from: usize,
+    page_size: usize,
+) -> pb::Rollback {
+    let mut view = rollback_without_steps(state, rollback);
+    view.steps = (rollback.steps.iter().skip(from).take(page_size))
+        .map(|step| rollback_step(rollback, step))
+        .collect();
+    let fit = steps_that_fit(
+        prost::Message::encoded_len(&view) - steps_bytes(&view.steps),
+        &view.steps,
+    );
+    view.steps.truncate(fit);
+    view
+}
+
+/// How many of `steps`, in order, one answer holds beside a rollback whose other fields take
+/// `base_bytes`: up to [`MAX_ROLLBACK_BYTES`] in all, and always one (each step is bounded).
+pub fn steps_that_fit(base_bytes: usize, steps: &[pb::RollbackStep]) -> usize {
+    let mut bytes = base_bytes;
+    steps
+        .iter()
+        .take_while(|step| {
+            bytes += steps_bytes(std::slice::from_ref(step));
+            bytes <= MAX_ROLLBACK_BYTES
+        })
+        .count()
+        .max(1)
+        .min(steps.len())
+}
+
+/// What `steps` add to a rollback's message on the wire, each with its one-byte tag (field 11)
+/// and length prefix.
+fn steps_bytes(steps: &[pb::RollbackStep]) -> usize {
+    steps
+        .iter()
+        .map(|step| {
+            let length = prost::Message::encoded_len(step);
+            1 + prost::encoding::encoded_len_varint(length as u64) + length
+        })
+        .sum()
+}
+
+/// One of `rollback`'s steps as the API shows it.
+pub fn rollback_step(rollback: &RollbackRecord, step: &RollbackStepRecord) -> pb::RollbackStep {
+    pb::RollbackStep {
+        step_id: StepTarget::Rollback {
+            rollback: rollback.number,
+            service: step.service.clone(),
+            host_id: step.host_id.clone(),
+            kind: step.kind,
+        }
+        .step_id(),
+        host_id: step.host_id.clone(),
+        kind: step.kind.name().into(),
+        state: step_state(step.progress.status).into(),
+        attempts: step.progress.attempts,
+        started_at_ms: step.progress.started_at_ms,
+        finished_at_ms: step.progress.finished_at_ms,
+        detail: step.progress.detail.clone(),
+        wave: step.wave,
+        service: step.service.clone(),
+    }
+}
+
+/// Rollback as the API shows it with no steps (`steps_total` still counts them).
+pub fn rollback_without_steps(state: &State, rollback: &RollbackRecord) -> pb::Rollback {
     let status = match rollback.status {
         RollbackStatus::Running => pb::RollbackState::Running,
         RollbackStatus::Paused => pb::RollbackState::Paused,
@@ -319,28 +398,8 @@ pub fn rollback(state: &State, rollback: &RollbackRecord) -> pb::Rollback {
         started_at_ms: rollback.started_at_ms,
         finished_at_ms: rollback.finished_at_ms,
         max_parallel: rollback.options.max_parallel,
-        steps: rollback
-            .steps
-            .iter()
-            .map(|step| pb::RollbackStep {
-                step_id: StepTarget::Rollback {
-                    rollback: rollback.number,
-                    service: step.service.clone(),
-                    host_id: step.host_id.clone(),
-                    kind: step.kind,
-                }
-                .step_id(),
-                host_id: step.host_id.clone(),
-                kind: step.kind.name().into(),
-                state: step_state(step.progress.status).into(),
-                attempts: step.progress.attempts,
-                started_at_ms: step.progress.started_at_ms,
-                finished_at_ms: step.progress.finished_at_ms,
-                detail: step.progress.detail.clone(),
-                wave: step.wave,
-                service: step.service.clone(),
-            })
-            .collect(),
+        steps: Vec::new(),
+        steps_total: rollback.steps.len() as u32,
         outcome_detail: rollback.outcome_detail.clone(),
         failed_hosts: rollback.failed_hosts.clone(),
         archived_at_ms: 0,

@@ -164,10 +164,6 @@ impl Context {
             .map_err(|error| self.refusal(error))
     }
 
-    fn rollback(&self, number: u64) -> Result<rewind_proto::v1::Rollback, Status> {
-        self.node.read(|state| rollback_in(state, number))
-    }
-
     /// The service's health now, over every registered host that runs it.
     fn service_health(&self, service: &str) -> HealthAggregate {
         self.health_since(service, |_| 0)

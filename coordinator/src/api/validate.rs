@@ -25,6 +25,13 @@ pub(super) const DEFAULT_LIST_PAGE: usize = 100;
 /// About the most bytes one `ListHosts` page holds (a single host larger than this still
 /// gets a page of its own: its report is bounded well under the message limit).
 pub(super) const MAX_LIST_PAGE_BYTES: usize = 2 << 20;
+/// The most steps one rollback in an answer holds (`GetRollbackRequest.steps_page_size`).
+pub(super) const MAX_STEPS_PAGE: u32 = 10_000;
+/// The steps a rollback in an answer holds when the request names no page size.
+pub(super) const DEFAULT_STEPS_PAGE: usize = 1000;
+/// About the most bytes one rollback in an answer holds, steps included: a page of steps ends
+/// there whatever its size (well under a client's default 4 MiB limit).
+pub(super) const MAX_ROLLBACK_BYTES: usize = MAX_LIST_PAGE_BYTES;
 
 pub(super) const MAX_CONDITIONS: usize = 8;
 /// Longest recovery time objective a service may declare.
@@ -461,6 +468,42 @@ pub(super) fn one_page<T>(
         _ => String::new(),
     };
     (page, next_page_token)
+}
+
+/// The page of a rollback's steps a `GetRollbackRequest` asks for: the index of its first
+/// step and the most steps it may hold.
+pub(super) fn steps_page(request: &pb::GetRollbackRequest) -> Result<(usize, usize), Status> {
+    let size = match request.steps_page_size {
+        0 => DEFAULT_STEPS_PAGE,
+        size if size > MAX_STEPS_PAGE => {
+            return Err(invalid(
+                "steps_page_size",
+                format!("is {size}, at most {MAX_STEPS_PAGE} steps are returned at once"),
+            ));
+        }
+        size => size as usize,
+    };
+    let from = match request.steps_page_token.as_str() {
+        "" => 0,
+        token => token.parse::<u32>().map_err(|_| {
+            invalid(
+                "steps_page_token",
+                "is not a token a GetRollback answer gave (next_steps_page_token)",
+            )
+        })? as usize,
+    };
+    Ok((from, size))
+}
+
+/// The token of the page of `rollback`'s steps after `page`, which began at `from`; empty
+/// when none follows.
+pub(super) fn next_steps_page_token(rollback: &pb::Rollback, from: usize) -> String {
+    let next = from + rollback.steps.len();
+    if next < rollback.steps_total as usize {
+        next.to_string()
+    } else {
+        String::new()
+    }
 }
 
 /// Parses `ch-12` / `rb-3`, naming the field and the expected shape when it is not one.

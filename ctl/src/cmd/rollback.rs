@@ -11,6 +11,9 @@ use crate::commands::{EXIT_ROLLBACK_FAILED, NewestPageArgs, next_or_legacy, next
 use crate::output::{self, Format, json, table, time, with_archived_column};
 use crate::watch;
 
+/// The most steps a coordinator returns in one answer (its `MAX_STEPS_PAGE`).
+const MAX_STEPS_PAGE: u32 = 10_000;
+
 #[derive(Clone, Subcommand)]
 pub enum RollbackCommand {
     /// Show what a rollback would do, without doing it: waves, hosts, steps, gates, readiness.
@@ -227,16 +230,7 @@ pub(crate) async fn rollback(
             }
             rollback
         }
-        RollbackCommand::Show { rollback_id } => client
-            .get_rollback(pb::GetRollbackRequest {
-                rollback_id,
-                ..Default::default()
-            })
-            .await
-            .map_err(explain)?
-            .into_inner()
-            .rollback
-            .context("no rollback in the answer")?,
+        RollbackCommand::Show { rollback_id } => every_step(client, &rollback_id).await?,
         RollbackCommand::List { archived, page } => {
             let page = page.page();
             // The old fields too, for a coordinator before 0.3 (the new ones win on a newer).
@@ -329,4 +323,40 @@ pub(crate) async fn rollback(
         output::print_rollback(&rollback);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Rollback `rollback_id` with all its steps, read a page at a time (a 10,000-host rollback's
+/// steps are more than one answer holds).
+async fn every_step(
+    client: &mut client::Client,
+    rollback_id: &str,
+) -> anyhow::Result<pb::Rollback> {
+    let mut rollback: Option<pb::Rollback> = None;
+    let mut steps_page_token = String::new();
+    loop {
+        let answer = client
+            .get_rollback(pb::GetRollbackRequest {
+                rollback_id: rollback_id.to_string(),
+                steps_page_size: MAX_STEPS_PAGE,
+                steps_page_token,
+                ..Default::default()
+            })
+            .await
+            .map_err(explain)?
+            .into_inner();
+        let page = answer.rollback.context("no rollback in the answer")?;
+        // The rest as the last page has it: the rollback may move on while it is read.
+        rollback = Some(match rollback.take() {
+            Some(earlier) => {
+                let mut steps = earlier.steps;
+                steps.extend(page.steps);
+                pb::Rollback { steps, ..page }
+            }
+            None => page,
+        });
+        if answer.next_steps_page_token.is_empty() {
+            return rollback.context("no rollback in the answer");
+        }
+        steps_page_token = answer.next_steps_page_token;
+    }
 }

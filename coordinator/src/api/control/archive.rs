@@ -134,9 +134,15 @@ pub(super) fn change_view(archived: &ArchivedChange) -> pb::Change {
     }
 }
 
-pub(super) fn rollback_view(state: &State, archived: &ArchivedRollback) -> pb::Rollback {
+/// An archived rollback with the page of its steps from `from`, at most `page_size` of them.
+pub(super) fn rollback_view(
+    state: &State,
+    archived: &ArchivedRollback,
+    from: usize,
+    page_size: usize,
+) -> pb::Rollback {
     pb::Rollback {
         archived_at_ms: archived.archived_at_ms,
-        ..convert::rollback(state, &archived.rollback)
+        ..convert::rollback_page(state, &archived.rollback, from, page_size)
     }
 }

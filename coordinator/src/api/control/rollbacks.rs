@@ -246,26 +246,43 @@ pub(super) async fn get_rollback(
 ) -> Result<Response<pb::GetRollbackResponse>, Status> {
     let caller = caller(&request)?;
     let number = parse_id("rollback_id", "rb", &request.get_ref().rollback_id)?;
+    let (from, page_size) = steps_page(request.get_ref())?;
     control.context.current().await?;
     let archived = control.context.node.read(|state| {
         let Some(archived) = archive::rollback(state, number)? else {
             return Ok::<_, Status>(None);
         };
         let targets = targets::changes(state, &archived.rollback.changes);
-        Ok(Some((targets, archive::rollback_view(state, &archived))))
+        let view = archive::rollback_view(state, &archived, from, page_size);
+        Ok(Some((targets, view)))
     })?;
-    if let Some((targets, rollback)) = archived {
+    let rollback = if let Some((targets, rollback)) = archived {
         control.context.authorize_found(&caller, &targets, || {
             Status::not_found(format!("no rollback {}", rollback_id(number)))
         })?;
-        return Ok(Response::new(pb::GetRollbackResponse {
-            rollback: Some(rollback),
-            changes_only: false,
-        }));
+        rollback
+    } else {
+        let number = control.visible_rollback(request).await?;
+        control.context.node.read(|state| {
+            let record = state
+                .rollbacks
+                .get(&number)
+                .ok_or_else(|| to_status(unknown_rollback(state, number)))?;
+            Ok::<_, Status>(convert::rollback_page(state, record, from, page_size))
+        })?
+    };
+    if from > rollback.steps_total as usize {
+        return Err(invalid(
+            "steps_page_token",
+            format!(
+                "is past the last of {}'s {} steps",
+                rollback.rollback_id, rollback.steps_total
+            ),
+        ));
     }
-    let number = control.visible_rollback(request).await?;
     Ok(Response::new(pb::GetRollbackResponse {
-        rollback: Some(control.context.rollback(number)?),
+        next_steps_page_token: next_steps_page_token(&rollback, from),
+        rollback: Some(rollback),
         changes_only: false,
     }))
 }
@@ -292,10 +309,7 @@ pub(super) async fn list_rollbacks(
                     return Ok(None);
                 };
                 let visible = caller.may_see(&targets::changes(state, &archived.rollback.changes));
-                Ok(visible.then(|| pb::Rollback {
-                    steps: Vec::new(),
-                    ..archive::rollback_view(state, &archived)
-                }))
+                Ok(visible.then(|| archive::rollback_view(state, &archived, 0, 0)))
             })
         })?;
         let (rollbacks, next_page_token) = archive::page(scanned, limit, "rb");
@@ -312,10 +326,7 @@ pub(super) async fn list_rollbacks(
             .range(..before)
             .rev()
             .filter(|(number, _)| caller.may_see(&targets::rollback(state, **number)))
-            .map(|(_, record)| pb::Rollback {
-                steps: Vec::new(),
-                ..convert::rollback(state, record)
-            });
+            .map(|(_, record)| convert::rollback_without_steps(state, record));
         one_page(limit, older, |rollback| rollback.rollback_id.clone())
     });
     #[allow(deprecated)] // Set for clients before 0.3.
@@ -335,33 +346,44 @@ pub(super) async fn watch_rollback(
 ) -> Result<Response<WatchStream>, Status> {
     let watcher = caller(&request)?;
     let changes_only = request.get_ref().changes_only;
+    let (from, page_size) = steps_page(request.get_ref())?;
+    if from != 0 {
+        return Err(invalid(
+            "steps_page_token",
+            "is for GetRollback: a watch starts from the first step",
+        ));
+    }
     let number = control.visible_rollback(request).await?;
-    let first = control.context.rollback(number)?;
+    let (mut watched, first) = control
+        .context
+        .node
+        .read(|state| WatchedRollback::start(state, number))?;
+    let mut messages = watched.messages(first, page_size, changes_only)?;
     let context = control.context.clone();
     let (sender, receiver) = tokio::sync::mpsc::channel(16);
     tokio::spawn(async move {
         let mut applied = context.node.subscribe();
-        let mut last = first;
-        let mut update = pb::GetRollbackResponse {
-            rollback: Some(last.clone()),
-            changes_only: false,
-        };
         loop {
-            let ended =
-                pb::RollbackState::try_from(last.state).is_ok_and(|state| state.is_terminal());
-            if sender.send(Ok(update)).await.is_err() || ended {
+            let ended = pb::RollbackState::try_from(watched.rollback.state)
+                .is_ok_and(|state| state.is_terminal());
+            for message in messages {
+                if sender.send(Ok(message)).await.is_err() {
+                    return;
+                }
+            }
+            if ended {
                 return;
             }
             let mut read_at = std::time::Instant::now();
             // Wait for a change of this rollback; a closed client ends the task.
-            loop {
+            messages = loop {
                 tokio::select! {
                     changed = applied.changed() => if changed.is_err() { return },
                     _ = sender.closed() => return,
                 }
-                // Reading the rollback costs its size (every step, under the state's lock the
-                // Raft thread applies under), and a rollback moving at hundreds of entries a
-                // second would be read that often: changes are gathered for a moment instead.
+                // Reading the rollback costs its size (every step compared, under the state's
+                // lock the Raft thread applies under), and a rollback moving at hundreds of
+                // entries a second would be read that often: changes are gathered a moment.
                 let gather = WATCH_UPDATE_EVERY.saturating_sub(read_at.elapsed());
                 if !gather.is_zero() {
                     tokio::select! {
@@ -375,28 +397,22 @@ pub(super) async fn watch_rollback(
                     let _ = sender.send(Err(context.gate.refuse(refusal))).await;
                     return;
                 }
-                let Ok(current) = context.rollback(number) else {
+                let Ok(changes) = context.node.read(|state| watched.update(state)) else {
                     return;
                 };
                 // From the read, changed or not: entries of other work must not make a quiet
                 // rollback be read again for each of them.
                 read_at = std::time::Instant::now();
-                if current != last {
-                    update = if changes_only {
-                        pb::GetRollbackResponse {
-                            rollback: Some(changes_since(&last, &current)),
-                            changes_only: true,
+                if let Some(changes) = changes {
+                    match watched.messages(changes, page_size, changes_only) {
+                        Ok(messages) => break messages,
+                        Err(refusal) => {
+                            let _ = sender.send(Err(refusal)).await;
+                            return;
                         }
-                    } else {
-                        pb::GetRollbackResponse {
-                            rollback: Some(current.clone()),
-                            changes_only: false,
-                        }
-                    };
-                    last = current;
-                    break;
+                    }
                 }
-            }
+            };
         }
     });
     Ok(Response::new(Box::pin(
@@ -404,27 +420,145 @@ pub(super) async fn watch_rollback(
     )))
 }
 
-/// `now` with only the steps that differ from `before` (by id), and its waves only if any
-/// changed: a watch's update costs what changed, not the fleet.
-fn changes_since(before: &pb::Rollback, now: &pb::Rollback) -> pb::Rollback {
-    let earlier: std::collections::HashMap<&str, &pb::RollbackStep> = before
-        .steps
-        .iter()
-        .map(|step| (step.step_id.as_str(), step))
+/// What a watch has sent of its rollback: the rollback without its steps and each step's
+/// wave and progress as sent, so an update compares the record's steps in place and converts
+/// only those that changed (a 10,000-host rollback has some 50,000 steps), and the whole
+/// rollback for a watch without changes_only.
+struct WatchedRollback {
+    number: u64,
+    rollback: pb::Rollback,
+    steps: Vec<(u32, StepProgress)>,
+    whole: Vec<pb::RollbackStep>,
+    sent: bool,
+}
+
+impl WatchedRollback {
+    /// The watch of rollback `number` and its first update: the rollback with every step.
+    fn start(state: &State, number: u64) -> Result<(Self, pb::Rollback), Status> {
+        let record = state
+            .rollbacks
+            .get(&number)
+            .ok_or_else(|| to_status(unknown_rollback(state, number)))?;
+        let mut first = convert::rollback_without_steps(state, record);
+        first.steps = (record.steps.iter())
+            .map(|step| convert::rollback_step(record, step))
+            .collect();
+        let watched = Self {
+            number,
+            rollback: pb::Rollback {
+                steps: Vec::new(),
+                ..first.clone()
+            },
+            steps: (record.steps.iter())
+                .map(|step| (step.wave, step.progress.clone()))
+                .collect(),
+            whole: Vec::new(),
+            sent: false,
+        };
+        Ok((watched, first))
+    }
+
+    /// What changed since the last update: the rollback as it is now with only its changed
+    /// steps, and its waves only if any changed; None when nothing did, Err when the
+    /// rollback left the state (archived).
+    fn update(&mut self, state: &State) -> Result<Option<pb::Rollback>, ()> {
+        let record = state.rollbacks.get(&self.number).ok_or(())?;
+        let mut now = convert::rollback_without_steps(state, record);
+        for (index, step) in record.steps.iter().enumerate() {
+            let unchanged = self
+                .steps
+                .get(index)
+                .is_some_and(|(wave, progress)| *wave == step.wave && *progress == step.progress);
+            if unchanged {
+                continue;
+            }
+            let seen = (step.wave, step.progress.clone());
+            match self.steps.get_mut(index) {
+                Some(sent) => *sent = seen,
+                None => self.steps.push(seen),
+            }
+            now.steps.push(convert::rollback_step(record, step));
+        }
+        let changed_steps = std::mem::take(&mut now.steps);
+        if changed_steps.is_empty() && now == self.rollback {
+            return Ok(None);
+        }
+        let waves_changed = now.waves != self.rollback.waves;
+        self.rollback = now.clone();
+        if !waves_changed {
+            now.waves.clear();
+        }
+        now.steps = changed_steps;
+        Ok(Some(now))
+    }
+
+    /// The messages that send `update` (the first, whole, or a later one's changes). With
+    /// changes_only: pages of its steps, each within an answer's size, every one after the
+    /// first watch message marked as changes. Without: the whole rollback in one message, or
+    /// FAILED_PRECONDITION when its steps are more than one holds.
+    fn messages(
+        &mut self,
+        mut update: pb::Rollback,
+        page_size: usize,
+        changes_only: bool,
+    ) -> Result<Vec<pb::GetRollbackResponse>, Status> {
+        let first = !self.sent;
+        self.sent = true;
+        let mut steps = std::mem::take(&mut update.steps);
+        if !changes_only {
+            merge_steps(&mut self.whole, steps);
+            if update.waves.is_empty() {
+                update.waves = self.rollback.waves.clone();
+            }
+            let base_bytes = prost::Message::encoded_len(&update);
+            let whole = &self.whole;
+            if whole.len() > page_size || convert::steps_that_fit(base_bytes, whole) < whole.len() {
+                return Err(Status::failed_precondition(format!(
+                    "{} has {} steps, more than one message holds: watch with changes_only \
+                     (rewindctl does), or read it a page at a time with GetRollback",
+                    update.rollback_id,
+                    whole.len()
+                )));
+            }
+            return Ok(vec![pb::GetRollbackResponse {
+                rollback: Some(pb::Rollback {
+                    steps: self.whole.clone(),
+                    ..update
+                }),
+                ..Default::default()
+            }]);
+        }
+        let base_bytes = prost::Message::encoded_len(&update);
+        let mut messages = Vec::new();
+        loop {
+            let fit = convert::steps_that_fit(base_bytes, &steps[..steps.len().min(page_size)]);
+            let rest = steps.split_off(fit);
+            messages.push(pb::GetRollbackResponse {
+                rollback: Some(pb::Rollback {
+                    steps,
+                    ..update.clone()
+                }),
+                changes_only: !(first && messages.is_empty()),
+                ..Default::default()
+            });
+            if rest.is_empty() {
+                return Ok(messages);
+            }
+            steps = rest;
+        }
+    }
+}
+
+/// `whole` with `changes` put in place by step id (new steps added at the end).
+fn merge_steps(whole: &mut Vec<pb::RollbackStep>, changes: Vec<pb::RollbackStep>) {
+    let position: std::collections::HashMap<String, usize> = (whole.iter().enumerate())
+        .map(|(index, step)| (step.step_id.clone(), index))
         .collect();
-    pb::Rollback {
-        steps: now
-            .steps
-            .iter()
-            .filter(|step| earlier.get(step.step_id.as_str()) != Some(step))
-            .cloned()
-            .collect(),
-        waves: if before.waves == now.waves {
-            Vec::new()
-        } else {
-            now.waves.clone()
-        },
-        ..now.clone()
+    for step in changes {
+        match position.get(&step.step_id) {
+            Some(&index) => whole[index] = step,
+            None => whole.push(step),
+        }
     }
 }
 
@@ -479,6 +613,7 @@ impl Control {
             "Rollback decision recorded."
         );
         Ok(Response::new(pb::GetRollbackResponse {
+            next_steps_page_token: next_steps_page_token(&rollback, 0),
             rollback: Some(rollback),
             changes_only: false,
         }))
@@ -552,8 +687,106 @@ impl Control {
             "Rollback controlled."
         );
         Ok(Response::new(pb::GetRollbackResponse {
+            next_steps_page_token: next_steps_page_token(&rollback, 0),
             rollback: Some(rollback),
             changes_only: false,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn steps(count: usize, detail_bytes: usize) -> Vec<pb::RollbackStep> {
+        (0..count)
+            .map(|index| pb::RollbackStep {
+                step_id: format!("rb-1/web/host-{index:05}/restart"),
+                detail: "x".repeat(detail_bytes),
+                ..Default::default()
+            })
+            .collect()
+    }
+
+    fn watched() -> WatchedRollback {
+        WatchedRollback {
+            number: 1,
+            rollback: pb::Rollback {
+                rollback_id: "rb-1".into(),
+                ..Default::default()
+            },
+            steps: Vec::new(),
+            whole: Vec::new(),
+            sent: false,
+        }
+    }
+
+    #[test]
+    fn a_page_of_steps_ends_where_the_answer_would_pass_its_bytes() {
+        // 1,000 steps with details at their bound would be 4 MiB: the page stops near 2 MiB.
+        let many = steps(1000, rewind_shared::bounds::MAX_DETAIL_BYTES);
+        let fit = convert::steps_that_fit(1000, &many);
+        assert!(fit > 400 && fit < 1000, "{fit}");
+        let with = |count: usize| {
+            prost::Message::encoded_len(&pb::Rollback {
+                steps: many[..count].to_vec(),
+                ..Default::default()
+            }) + 1000
+        };
+        assert!(with(fit) <= MAX_ROLLBACK_BYTES && with(fit + 1) > MAX_ROLLBACK_BYTES);
+        // One step always fits, whatever else the rollback holds; none when there are none.
+        assert_eq!(convert::steps_that_fit(MAX_ROLLBACK_BYTES, &many), 1);
+        assert_eq!(convert::steps_that_fit(0, &[]), 0);
+    }
+
+    #[test]
+    fn a_watch_sends_a_large_first_update_in_pages_marked_as_changes() {
+        let mut watch = watched();
+        let first = pb::Rollback {
+            steps: steps(2500, 10),
+            ..watch.rollback.clone()
+        };
+        let messages = watch.messages(first.clone(), 1000, true).unwrap();
+        let sizes: Vec<usize> = (messages.iter())
+            .map(|message| message.rollback.as_ref().unwrap().steps.len())
+            .collect();
+        assert_eq!(sizes, [1000, 1000, 500]);
+        let marked: Vec<bool> = messages.iter().map(|message| message.changes_only).collect();
+        assert_eq!(marked, [false, true, true]);
+        let sent: Vec<pb::RollbackStep> = (messages.into_iter())
+            .flat_map(|message| message.rollback.unwrap().steps)
+            .collect();
+        assert_eq!(sent, first.steps);
+        // A later update of many changes is cut the same way, every message a change.
+        let later = watch.messages(first, 1000, true).unwrap();
+        assert!(later.len() == 3 && later.iter().all(|message| message.changes_only));
+    }
+
+    #[test]
+    fn a_watch_of_whole_rollbacks_merges_changes_and_refuses_more_than_a_message() {
+        let mut watch = watched();
+        let first = pb::Rollback {
+            steps: steps(3, 0),
+            ..watch.rollback.clone()
+        };
+        let sent = watch.messages(first.clone(), 10, false).unwrap();
+        assert_eq!(sent[0].rollback.as_ref().unwrap().steps, first.steps);
+        let mut changed = first.steps[1].clone();
+        changed.attempts = 1;
+        let update = pb::Rollback {
+            steps: vec![changed.clone()],
+            ..watch.rollback.clone()
+        };
+        let sent = watch.messages(update, 10, false).unwrap();
+        let whole = &sent[0].rollback.as_ref().unwrap().steps;
+        assert_eq!(whole.len(), 3);
+        assert_eq!(whole[1], changed);
+        assert!(!sent[0].changes_only);
+
+        let refused = watched()
+            .messages(first, 2, false)
+            .expect_err("three steps in pages of two");
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+        assert!(refused.message().contains("changes_only"), "{refused:?}");
     }
 }
