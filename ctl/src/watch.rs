@@ -37,20 +37,24 @@ pub async fn follow(
     }
     let mut seen: HashSet<(String, i32)> = HashSet::new();
     let mut last = None;
+    let mut pending_steps = Vec::new();
     while let Some(update) = stream.next().await {
         let update = update.map_err(explain)?;
         let received = update.rollback.unwrap_or_default();
+        if update.more_follows {
+            // A page of an update's steps alone: the update's last message holds the rest.
+            pending_steps.extend(received.steps);
+            continue;
+        }
+        let received = pb::Rollback {
+            steps: [std::mem::take(&mut pending_steps), received.steps].concat(),
+            ..received
+        };
         let rollback = match last.take() {
             Some(previous) if update.changes_only => with_changes(previous, received),
             _ => received,
         };
-        // A rollback with more steps than one message holds arrives in pages first.
-        let complete = rollback.steps.len() >= rollback.steps_total as usize;
         if format == Format::Json {
-            if !complete {
-                last = Some(rollback);
-                continue;
-            }
             // The whole rollback each time, as before changes came alone: scripts read lines.
             println!(
                 "{}",

@@ -360,6 +360,10 @@ async fn rollback_of_a_fleet(
                     }
                 }
             }
+            if update.more_follows {
+                // Steps alone: the update's last message holds the rest of the rollback.
+                continue;
+            }
             if changes.waves.is_empty() {
                 changes.waves = std::mem::take(&mut done.waves);
             }

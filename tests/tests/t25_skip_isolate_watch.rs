@@ -158,19 +158,24 @@ async fn a_person_skips_a_host_watches_the_rollback_end_and_isolates_a_service()
     };
     let changes = watch_changes(0);
     let paged_changes = watch_changes(2);
-    let whole_refused = client
+    // A watch of whole rollbacks sends each in one message (pages are for changes_only).
+    let mut whole = client
         .watch_rollback(pb::GetRollbackRequest {
             rollback_id: paused.rollback_id.clone(),
             steps_page_size: 2,
             ..Default::default()
         })
         .await
-        .expect_err("a watch of whole rollbacks larger than a message is refused");
-    assert_eq!(whole_refused.code(), tonic::Code::FailedPrecondition);
-    assert!(
-        whole_refused.message().contains("changes_only"),
-        "{whole_refused:?}"
-    );
+        .unwrap()
+        .into_inner();
+    let whole_first = tokio_stream::StreamExt::next(&mut whole)
+        .await
+        .unwrap()
+        .unwrap();
+    let whole_first = whole_first.rollback.unwrap();
+    assert_eq!(whole_first.steps.len(), whole_first.steps_total as usize);
+    assert!(whole_first.steps.len() > 2, "{whole_first:?}");
+    drop(whole);
     tokio::time::sleep(Duration::from_secs(1)).await;
     client
         .resume_rollback(action(&paused.rollback_id, "resume"))
@@ -204,12 +209,23 @@ async fn a_person_skips_a_host_watches_the_rollback_end_and_isolates_a_service()
     assert!(!updates[0].changes_only);
     assert_eq!(first.steps.len(), ended.steps.len());
     must_add_up_to(&updates, &ended);
-    // In pages of two: the first message holds two steps and says how many there are.
+    // In pages of two: the first update comes as messages of two steps alone, its last one
+    // holding the rest of the rollback and saying how many steps there are.
     let paged = paged_changes.await.unwrap();
     let first_page = paged[0].rollback.clone().unwrap();
-    assert!(!paged[0].changes_only);
+    assert!(!paged[0].changes_only && paged[0].more_follows);
     assert_eq!(first_page.steps.len(), 2, "{first_page:?}");
-    assert_eq!(first_page.steps_total as usize, ended.steps.len());
+    assert_eq!(first_page.state, 0, "steps alone: {first_page:?}");
+    let first_update = paged
+        .iter()
+        .position(|message| !message.more_follows)
+        .unwrap();
+    let last_of_first = paged[first_update].rollback.clone().unwrap();
+    assert_eq!(last_of_first.steps_total as usize, ended.steps.len());
+    let first_steps: usize = (paged[..=first_update].iter())
+        .map(|message| message.rollback.as_ref().unwrap().steps.len())
+        .sum();
+    assert_eq!(first_steps, ended.steps.len());
     assert!(
         paged
             .iter()

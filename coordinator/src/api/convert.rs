@@ -314,14 +314,15 @@ pub fn rollback_page(
     page_size: usize,
 ) -> pb::Rollback {
     let mut view = rollback_without_steps(state, rollback);
-    view.steps = (rollback.steps.iter().skip(from).take(page_size))
-        .map(|step| rollback_step(rollback, step))
-        .collect();
-    let fit = steps_that_fit(
-        prost::Message::encoded_len(&view) - steps_bytes(&view.steps),
-        &view.steps,
-    );
-    view.steps.truncate(fit);
+    let mut bytes = prost::Message::encoded_len(&view);
+    for step in rollback.steps.iter().skip(from).take(page_size) {
+        let step = rollback_step(rollback, step);
+        bytes += steps_bytes(std::slice::from_ref(&step));
+        if bytes > MAX_ROLLBACK_BYTES && !view.steps.is_empty() {
+            break;
+        }
+        view.steps.push(step);
+    }
     view
 }
 
@@ -342,7 +343,7 @@ pub fn steps_that_fit(base_bytes: usize, steps: &[pb::RollbackStep]) -> usize {
 
 /// What `steps` add to a rollback's message on the wire, each with its one-byte tag (field 11)
 /// and length prefix.
-fn steps_bytes(steps: &[pb::RollbackStep]) -> usize {
+pub fn steps_bytes(steps: &[pb::RollbackStep]) -> usize {
     steps
         .iter()
         .map(|step| {

@@ -326,37 +326,42 @@ pub(crate) async fn rollback(
 }
 
 /// Rollback `rollback_id` with all its steps, read a page at a time (a 10,000-host rollback's
-/// steps are more than one answer holds).
+/// steps are more than one answer holds). Read again from the start when its waves change
+/// meanwhile (an isolation renumbers later steps' waves), a few times at most.
 async fn every_step(
     client: &mut client::Client,
     rollback_id: &str,
 ) -> anyhow::Result<pb::Rollback> {
-    let mut rollback: Option<pb::Rollback> = None;
-    let mut steps_page_token = String::new();
-    loop {
-        let answer = client
-            .get_rollback(pb::GetRollbackRequest {
-                rollback_id: rollback_id.to_string(),
-                steps_page_size: MAX_STEPS_PAGE,
-                steps_page_token,
-                ..Default::default()
-            })
-            .await
-            .map_err(explain)?
-            .into_inner();
-        let page = answer.rollback.context("no rollback in the answer")?;
-        // The rest as the last page has it: the rollback may move on while it is read.
-        rollback = Some(match rollback.take() {
-            Some(earlier) => {
-                let mut steps = earlier.steps;
-                steps.extend(page.steps);
-                pb::Rollback { steps, ..page }
+    for _ in 0..3 {
+        let mut rollback: Option<pb::Rollback> = None;
+        let mut steps_page_token = String::new();
+        loop {
+            let answer = client
+                .get_rollback(pb::GetRollbackRequest {
+                    rollback_id: rollback_id.to_string(),
+                    steps_page_size: MAX_STEPS_PAGE,
+                    steps_page_token,
+                    ..Default::default()
+                })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            let page = answer.rollback.context("no rollback in the answer")?;
+            rollback = match rollback.take() {
+                None => Some(page),
+                Some(earlier) if earlier.waves == page.waves => {
+                    let mut steps = earlier.steps;
+                    steps.extend(page.steps);
+                    // The rest as the last page has it: the rollback moves on while it is read.
+                    Some(pb::Rollback { steps, ..page })
+                }
+                Some(_) => break,
+            };
+            if answer.next_steps_page_token.is_empty() {
+                return rollback.context("no rollback in the answer");
             }
-            None => page,
-        });
-        if answer.next_steps_page_token.is_empty() {
-            return rollback.context("no rollback in the answer");
+            steps_page_token = answer.next_steps_page_token;
         }
-        steps_page_token = answer.next_steps_page_token;
     }
+    anyhow::bail!("{rollback_id}'s waves kept changing while it was read; show it again")
 }

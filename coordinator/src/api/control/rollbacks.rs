@@ -207,6 +207,13 @@ pub(super) async fn explain_rollback(
     control: &Control,
     request: Request<pb::GetRollbackRequest>,
 ) -> Result<Response<pb::ExplainRollbackResponse>, Status> {
+    let (_, page_size) = steps_page(request.get_ref())?;
+    if !request.get_ref().steps_page_token.is_empty() {
+        return Err(invalid(
+            "steps_page_token",
+            "is for GetRollback: an explanation holds the first page of steps",
+        ));
+    }
     let number = control.visible_rollback(request).await?;
     let services = control.context.node.read(|state| {
         state
@@ -231,7 +238,8 @@ pub(super) async fn explain_rollback(
         let (text, next) = plans::explain(state, record, |service| {
             health.get(service).copied().unwrap_or_default()
         });
-        Ok::<_, Status>((convert::rollback(state, record), text, next))
+        let rollback = convert::rollback_page(state, record, 0, page_size);
+        Ok::<_, Status>((rollback, text, next))
     })?;
     Ok(Response::new(pb::ExplainRollbackResponse {
         rollback: Some(rollback),
@@ -283,7 +291,7 @@ pub(super) async fn get_rollback(
     Ok(Response::new(pb::GetRollbackResponse {
         next_steps_page_token: next_steps_page_token(&rollback, from),
         rollback: Some(rollback),
-        changes_only: false,
+        ..Default::default()
     }))
 }
 
@@ -309,10 +317,17 @@ pub(super) async fn list_rollbacks(
                     return Ok(None);
                 };
                 let visible = caller.may_see(&targets::changes(state, &archived.rollback.changes));
-                Ok(visible.then(|| archive::rollback_view(state, &archived, 0, 0)))
+                Ok(visible.then(|| pb::Rollback {
+                    archived_at_ms: archived.archived_at_ms,
+                    ..convert::rollback_without_steps(state, &archived.rollback)
+                }))
             })
         })?;
-        let (rollbacks, next_page_token) = archive::page(scanned, limit, "rb");
+        let (mut rollbacks, mut next_page_token) = archive::page(scanned, limit, "rb");
+        // A very large fleet's rollback lists every host in its waves: a page stops at ~2 MiB.
+        within_bytes(&mut rollbacks, &mut next_page_token, |rollback| {
+            rollback.rollback_id.clone()
+        });
         #[allow(deprecated)] // Set for clients before 0.3.
         return Ok(Response::new(pb::ListRollbacksResponse {
             rollbacks,
@@ -320,7 +335,7 @@ pub(super) async fn list_rollbacks(
             next_page_token,
         }));
     }
-    let (rollbacks, next_page_token) = control.context.node.read(|state| {
+    let (mut rollbacks, mut next_page_token) = control.context.node.read(|state| {
         let older = state
             .rollbacks
             .range(..before)
@@ -328,6 +343,9 @@ pub(super) async fn list_rollbacks(
             .filter(|(number, _)| caller.may_see(&targets::rollback(state, **number)))
             .map(|(_, record)| convert::rollback_without_steps(state, record));
         one_page(limit, older, |rollback| rollback.rollback_id.clone())
+    });
+    within_bytes(&mut rollbacks, &mut next_page_token, |rollback| {
+        rollback.rollback_id.clone()
     });
     #[allow(deprecated)] // Set for clients before 0.3.
     Ok(Response::new(pb::ListRollbacksResponse {
@@ -358,7 +376,10 @@ pub(super) async fn watch_rollback(
         .context
         .node
         .read(|state| WatchedRollback::start(state, number))?;
-    let mut messages = watched.messages(first, page_size, changes_only)?;
+    if !changes_only {
+        fits_one_message(&first)?;
+    }
+    let mut messages = watched.messages(first, page_size, changes_only);
     let context = control.context.clone();
     let (sender, receiver) = tokio::sync::mpsc::channel(16);
     tokio::spawn(async move {
@@ -404,13 +425,7 @@ pub(super) async fn watch_rollback(
                 // rollback be read again for each of them.
                 read_at = std::time::Instant::now();
                 if let Some(changes) = changes {
-                    match watched.messages(changes, page_size, changes_only) {
-                        Ok(messages) => break messages,
-                        Err(refusal) => {
-                            let _ = sender.send(Err(refusal)).await;
-                            return;
-                        }
-                    }
+                    break watched.messages(changes, page_size, changes_only);
                 }
             };
         }
@@ -493,60 +508,86 @@ impl WatchedRollback {
     }
 
     /// The messages that send `update` (the first, whole, or a later one's changes). With
-    /// changes_only: pages of its steps, each within an answer's size, every one after the
-    /// first watch message marked as changes. Without: the whole rollback in one message, or
-    /// FAILED_PRECONDITION when its steps are more than one holds.
+    /// changes_only: its steps in pages of at most `page_size` and an answer's size, all but
+    /// the last holding steps alone (`more_follows`), every message after the watch's first
+    /// marked as changes. Without: the whole rollback in one message.
     fn messages(
         &mut self,
         mut update: pb::Rollback,
         page_size: usize,
         changes_only: bool,
-    ) -> Result<Vec<pb::GetRollbackResponse>, Status> {
+    ) -> Vec<pb::GetRollbackResponse> {
         let first = !self.sent;
         self.sent = true;
-        let mut steps = std::mem::take(&mut update.steps);
+        let steps = std::mem::take(&mut update.steps);
         if !changes_only {
             merge_steps(&mut self.whole, steps);
             if update.waves.is_empty() {
                 update.waves = self.rollback.waves.clone();
             }
-            let base_bytes = prost::Message::encoded_len(&update);
-            let whole = &self.whole;
-            if whole.len() > page_size || convert::steps_that_fit(base_bytes, whole) < whole.len() {
-                return Err(Status::failed_precondition(format!(
-                    "{} has {} steps, more than one message holds: watch with changes_only \
-                     (rewindctl does), or read it a page at a time with GetRollback",
-                    update.rollback_id,
-                    whole.len()
-                )));
-            }
-            return Ok(vec![pb::GetRollbackResponse {
-                rollback: Some(pb::Rollback {
-                    steps: self.whole.clone(),
-                    ..update
-                }),
+            update.steps = self.whole.clone();
+            return vec![pb::GetRollbackResponse {
+                rollback: Some(update),
                 ..Default::default()
-            }]);
+            }];
         }
+        // Pages cut as if each held the rest of the rollback too, which only the last does.
         let base_bytes = prost::Message::encoded_len(&update);
-        let mut messages = Vec::new();
-        loop {
-            let fit = convert::steps_that_fit(base_bytes, &steps[..steps.len().min(page_size)]);
-            let rest = steps.split_off(fit);
-            messages.push(pb::GetRollbackResponse {
-                rollback: Some(pb::Rollback {
-                    steps,
-                    ..update.clone()
-                }),
-                changes_only: !(first && messages.is_empty()),
-                ..Default::default()
-            });
-            if rest.is_empty() {
-                return Ok(messages);
-            }
-            steps = rest;
+        let mut page_ends = Vec::new();
+        let mut end = 0;
+        while end < steps.len() {
+            let page = &steps[end..steps.len().min(end + page_size)];
+            end += convert::steps_that_fit(base_bytes, page);
+            page_ends.push(end);
         }
+        let pages = page_ends.len().max(1);
+        let mut steps = steps.into_iter();
+        let mut taken = 0;
+        (0..pages)
+            .map(|index| {
+                let page_end = page_ends.get(index).copied().unwrap_or(0);
+                let page: Vec<pb::RollbackStep> = steps.by_ref().take(page_end - taken).collect();
+                taken = page_end;
+                let more_follows = index + 1 < pages;
+                let rollback = if more_follows {
+                    pb::Rollback {
+                        rollback_id: update.rollback_id.clone(),
+                        steps: page,
+                        ..Default::default()
+                    }
+                } else {
+                    pb::Rollback {
+                        steps: page,
+                        ..std::mem::take(&mut update)
+                    }
+                };
+                pb::GetRollbackResponse {
+                    rollback: Some(rollback),
+                    changes_only: !(first && index == 0),
+                    more_follows,
+                    ..Default::default()
+                }
+            })
+            .collect()
     }
+}
+
+/// A watch of whole rollbacks sends each in one message: refused, naming changes_only, for a
+/// rollback of more steps or bytes than one answer holds.
+fn fits_one_message(rollback: &pb::Rollback) -> Result<(), Status> {
+    let steps = &rollback.steps;
+    let base_bytes = prost::Message::encoded_len(rollback) - convert::steps_bytes(steps);
+    if steps.len() > MAX_STEPS_PAGE as usize
+        || convert::steps_that_fit(base_bytes, steps) < steps.len()
+    {
+        return Err(Status::failed_precondition(format!(
+            "{} has {} steps, more than one message holds: watch with changes_only (rewindctl \
+             does), or read it a page at a time with GetRollback",
+            rollback.rollback_id,
+            steps.len()
+        )));
+    }
+    Ok(())
 }
 
 /// `whole` with `changes` put in place by step id (new steps added at the end).
@@ -615,7 +656,7 @@ impl Control {
         Ok(Response::new(pb::GetRollbackResponse {
             next_steps_page_token: next_steps_page_token(&rollback, 0),
             rollback: Some(rollback),
-            changes_only: false,
+            ..Default::default()
         }))
     }
 
@@ -689,7 +730,7 @@ impl Control {
         Ok(Response::new(pb::GetRollbackResponse {
             next_steps_page_token: next_steps_page_token(&rollback, 0),
             rollback: Some(rollback),
-            changes_only: false,
+            ..Default::default()
         }))
     }
 }
@@ -740,36 +781,60 @@ mod tests {
     }
 
     #[test]
-    fn a_watch_sends_a_large_first_update_in_pages_marked_as_changes() {
+    fn a_watch_sends_a_large_update_in_pages_the_last_holding_the_rest() {
         let mut watch = watched();
         let first = pb::Rollback {
             steps: steps(2500, 10),
+            state: pb::RollbackState::Running as i32,
+            waves: vec![pb::RollbackWave::default()],
             ..watch.rollback.clone()
         };
-        let messages = watch.messages(first.clone(), 1000, true).unwrap();
+        let messages = watch.messages(first.clone(), 1000, true);
         let sizes: Vec<usize> = (messages.iter())
             .map(|message| message.rollback.as_ref().unwrap().steps.len())
             .collect();
         assert_eq!(sizes, [1000, 1000, 500]);
-        let marked: Vec<bool> = messages.iter().map(|message| message.changes_only).collect();
-        assert_eq!(marked, [false, true, true]);
+        let marked: Vec<(bool, bool)> = (messages.iter())
+            .map(|message| (message.changes_only, message.more_follows))
+            .collect();
+        assert_eq!(marked, [(false, true), (true, true), (true, false)]);
+        // The pages before the last hold steps alone; the last holds everything else.
+        let rest = |index: usize| pb::Rollback {
+            steps: Vec::new(),
+            ..messages[index].rollback.clone().unwrap()
+        };
+        let steps_alone = pb::Rollback {
+            rollback_id: "rb-1".into(),
+            ..Default::default()
+        };
+        assert_eq!((rest(0), rest(1)), (steps_alone.clone(), steps_alone));
+        assert_eq!(
+            rest(2),
+            pb::Rollback {
+                steps: Vec::new(),
+                ..first.clone()
+            }
+        );
         let sent: Vec<pb::RollbackStep> = (messages.into_iter())
             .flat_map(|message| message.rollback.unwrap().steps)
             .collect();
         assert_eq!(sent, first.steps);
-        // A later update of many changes is cut the same way, every message a change.
-        let later = watch.messages(first, 1000, true).unwrap();
+        // A later update of many changes is cut the same way, every message a change; one
+        // without steps is one message.
+        let later = watch.messages(first.clone(), 1000, true);
         assert!(later.len() == 3 && later.iter().all(|message| message.changes_only));
+        let quiet = watch.messages(pb::Rollback::default(), 1000, true);
+        assert!(quiet.len() == 1 && quiet[0].changes_only && !quiet[0].more_follows);
     }
 
     #[test]
-    fn a_watch_of_whole_rollbacks_merges_changes_and_refuses_more_than_a_message() {
+    fn a_watch_of_whole_rollbacks_merges_the_changes_into_every_update() {
         let mut watch = watched();
         let first = pb::Rollback {
             steps: steps(3, 0),
             ..watch.rollback.clone()
         };
-        let sent = watch.messages(first.clone(), 10, false).unwrap();
+        let sent = watch.messages(first.clone(), 10, false);
         assert_eq!(sent[0].rollback.as_ref().unwrap().steps, first.steps);
         let mut changed = first.steps[1].clone();
         changed.attempts = 1;
@@ -777,16 +842,39 @@ mod tests {
             steps: vec![changed.clone()],
             ..watch.rollback.clone()
         };
-        let sent = watch.messages(update, 10, false).unwrap();
+        let sent = watch.messages(update, 10, false);
         let whole = &sent[0].rollback.as_ref().unwrap().steps;
         assert_eq!(whole.len(), 3);
         assert_eq!(whole[1], changed);
-        assert!(!sent[0].changes_only);
+        assert!(sent.len() == 1 && !sent[0].changes_only && !sent[0].more_follows);
+    }
 
-        let refused = watched()
-            .messages(first, 2, false)
-            .expect_err("three steps in pages of two");
-        assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
-        assert!(refused.message().contains("changes_only"), "{refused:?}");
+    #[test]
+    fn a_watch_of_whole_rollbacks_is_refused_beyond_one_message() {
+        let rollback = |steps| pb::Rollback {
+            rollback_id: "rb-1".into(),
+            steps,
+            ..Default::default()
+        };
+        assert!(fits_one_message(&rollback(steps(10_000, 0))).is_ok());
+        for too_many in [
+            steps(10_001, 0),
+            steps(600, rewind_shared::bounds::MAX_DETAIL_BYTES),
+        ] {
+            let refused = fits_one_message(&rollback(too_many)).expect_err("too large");
+            assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+            assert!(refused.message().contains("changes_only"), "{refused:?}");
+        }
+    }
+
+    #[test]
+    fn the_next_page_starts_after_the_steps_this_one_held() {
+        let page = pb::Rollback {
+            steps: steps(3, 0),
+            steps_total: 10,
+            ..Default::default()
+        };
+        assert_eq!(next_steps_page_token(&page, 5), "8");
+        assert_eq!(next_steps_page_token(&page, 7), "");
     }
 }
