@@ -348,7 +348,7 @@ async fn rollback_of_a_fleet(
     let watched = tokio::time::timeout(Duration::from_secs(1800), async {
         while let Some(update) = tokio_stream::StreamExt::next(&mut stream).await {
             let update = update.expect("the watch of the rollback");
-            updates += 1;
+            updates += usize::from(!update.more_follows);
             bytes += prost::Message::encoded_len(&update);
             let mut changes = update.rollback.unwrap_or_default();
             for step in std::mem::take(&mut changes.steps) {

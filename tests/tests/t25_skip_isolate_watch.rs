@@ -215,11 +215,15 @@ async fn a_person_skips_a_host_watches_the_rollback_end_and_isolates_a_service()
     let first_page = paged[0].rollback.clone().unwrap();
     assert!(!paged[0].changes_only && paged[0].more_follows);
     assert_eq!(first_page.steps.len(), 2, "{first_page:?}");
-    assert_eq!(first_page.state, 0, "steps alone: {first_page:?}");
     let first_update = paged
         .iter()
         .position(|message| !message.more_follows)
         .unwrap();
+    assert!(
+        paged[..=first_update]
+            .iter()
+            .all(|message| !message.changes_only)
+    );
     let last_of_first = paged[first_update].rollback.clone().unwrap();
     assert_eq!(last_of_first.steps_total as usize, ended.steps.len());
     let first_steps: usize = (paged[..=first_update].iter())
@@ -233,6 +237,33 @@ async fn a_person_skips_a_host_watches_the_rollback_end_and_isolates_a_service()
     );
     must_add_up_to(&paged, &ended);
     must_read_in_pages(&client, &ended).await;
+    // An explanation holds the page size it is asked for, and no later page.
+    let explained = client
+        .clone()
+        .explain_rollback(pb::GetRollbackRequest {
+            rollback_id: ended.rollback_id.clone(),
+            steps_page_size: 3,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .rollback
+        .unwrap();
+    assert_eq!(explained.steps, ended.steps[..3]);
+    let refused = client
+        .clone()
+        .explain_rollback(pb::GetRollbackRequest {
+            rollback_id: ended.rollback_id.clone(),
+            steps_page_token: "3".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("a token is for GetRollback");
+    assert!(
+        refused.message().contains("steps_page_token"),
+        "{refused:?}"
+    );
     for host in &hosts {
         if host.id == skipped {
             assert_eq!(
@@ -364,31 +395,51 @@ async fn a_person_skips_a_host_watches_the_rollback_end_and_isolates_a_service()
 }
 
 /// Applied in order, a watch's updates give the rollback as it ended: after the first, each
-/// holds only steps that changed, and the waves only when one did.
-fn must_add_up_to(updates: &[pb::GetRollbackResponse], ended: &pb::Rollback) {
-    let first = updates[0].rollback.clone().unwrap();
+/// holds only steps that changed, and the waves only when one did. An update of more steps
+/// than a message holds comes as pages of steps alone (`more_follows`), then its last message.
+fn must_add_up_to(messages: &[pb::GetRollbackResponse], ended: &pb::Rollback) {
+    let mut updates: Vec<(bool, pb::Rollback)> = Vec::new();
+    let mut pending = Vec::new();
+    for message in messages {
+        let rollback = message.rollback.clone().unwrap();
+        if message.more_follows {
+            let steps_alone = pb::Rollback {
+                rollback_id: rollback.rollback_id.clone(),
+                steps: rollback.steps.clone(),
+                ..Default::default()
+            };
+            assert_eq!(rollback, steps_alone, "a page holds steps alone");
+            pending.extend(rollback.steps);
+            continue;
+        }
+        let steps = [std::mem::take(&mut pending), rollback.steps.clone()].concat();
+        updates.push((message.changes_only, pb::Rollback { steps, ..rollback }));
+    }
+    assert!(pending.is_empty(), "the last message ends its update");
+    let (first_is_changes, first) = updates[0].clone();
+    assert!(!first_is_changes);
+    assert_eq!(first.steps.len(), ended.steps.len());
     let mut steps: std::collections::HashMap<String, pb::RollbackStep> = first
         .steps
         .into_iter()
         .map(|step| (step.step_id.clone(), step))
         .collect();
     let mut waves = first.waves;
-    for update in &updates[1..] {
-        assert!(update.changes_only, "{update:?}");
-        let changed = update.rollback.clone().unwrap();
+    for (changes_only, changed) in &updates[1..] {
+        assert!(changes_only, "{changed:?}");
         assert!(
             changed.steps.len() < ended.steps.len(),
             "an update carries what changed, not every step: {changed:?}"
         );
-        for step in changed.steps {
+        for step in changed.steps.iter().cloned() {
             assert_ne!(steps.get(&step.step_id), Some(&step), "unchanged: {step:?}");
             steps.insert(step.step_id.clone(), step);
         }
         if !changed.waves.is_empty() {
-            waves = changed.waves;
+            waves = changed.waves.clone();
         }
     }
-    let last = updates.last().unwrap().rollback.clone().unwrap();
+    let last = &updates.last().unwrap().1;
     assert_eq!(last.state, ended.state);
     assert_eq!(waves, ended.waves);
     assert_eq!(steps.len(), ended.steps.len());

@@ -349,7 +349,7 @@ async fn every_step(
             let page = answer.rollback.context("no rollback in the answer")?;
             rollback = match rollback.take() {
                 None => Some(page),
-                Some(earlier) if earlier.waves == page.waves => {
+                Some(earlier) if wave_layout(&earlier) == wave_layout(&page) => {
                     let mut steps = earlier.steps;
                     steps.extend(page.steps);
                     // The rest as the last page has it: the rollback moves on while it is read.
@@ -364,4 +364,20 @@ async fn every_step(
         }
     }
     anyhow::bail!("{rollback_id}'s waves kept changing while it was read; show it again")
+}
+
+/// A rollback's waves without their gates: what numbers its steps' waves (gates move on while
+/// the pages are read, and the last page has them as they are).
+fn wave_layout(rollback: &pb::Rollback) -> Vec<pb::RollbackWave> {
+    (rollback.waves.iter())
+        .map(|wave| pb::RollbackWave {
+            service: wave.service.clone(),
+            change_id: wave.change_id.clone(),
+            region: wave.region.clone(),
+            canary: wave.canary,
+            hosts: wave.hosts.clone(),
+            isolation: wave.isolation,
+            ..Default::default()
+        })
+        .collect()
 }

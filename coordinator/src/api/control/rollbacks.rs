@@ -376,10 +376,7 @@ pub(super) async fn watch_rollback(
         .context
         .node
         .read(|state| WatchedRollback::start(state, number))?;
-    if !changes_only {
-        fits_one_message(&first)?;
-    }
-    let mut messages = watched.messages(first, page_size, changes_only);
+    let mut messages = watched.messages(first, page_size, changes_only)?;
     let context = control.context.clone();
     let (sender, receiver) = tokio::sync::mpsc::channel(16);
     tokio::spawn(async move {
@@ -425,7 +422,13 @@ pub(super) async fn watch_rollback(
                 // rollback be read again for each of them.
                 read_at = std::time::Instant::now();
                 if let Some(changes) = changes {
-                    break watched.messages(changes, page_size, changes_only);
+                    match watched.messages(changes, page_size, changes_only) {
+                        Ok(messages) => break messages,
+                        Err(refusal) => {
+                            let _ = sender.send(Err(refusal)).await;
+                            return;
+                        }
+                    }
                 }
             };
         }
@@ -509,14 +512,15 @@ impl WatchedRollback {
 
     /// The messages that send `update` (the first, whole, or a later one's changes). With
     /// changes_only: its steps in pages of at most `page_size` and an answer's size, all but
-    /// the last holding steps alone (`more_follows`), every message after the watch's first
-    /// marked as changes. Without: the whole rollback in one message.
+    /// the last holding steps alone (`more_follows`), every message of an update after the
+    /// watch's first marked as changes. Without: the whole rollback in one message, or
+    /// FAILED_PRECONDITION once it has grown past what one holds (details, an isolation).
     fn messages(
         &mut self,
         mut update: pb::Rollback,
         page_size: usize,
         changes_only: bool,
-    ) -> Vec<pb::GetRollbackResponse> {
+    ) -> Result<Vec<pb::GetRollbackResponse>, Status> {
         let first = !self.sent;
         self.sent = true;
         let steps = std::mem::take(&mut update.steps);
@@ -526,49 +530,61 @@ impl WatchedRollback {
                 update.waves = self.rollback.waves.clone();
             }
             update.steps = self.whole.clone();
-            return vec![pb::GetRollbackResponse {
+            fits_one_message(&update)?;
+            return Ok(vec![pb::GetRollbackResponse {
                 rollback: Some(update),
                 ..Default::default()
-            }];
+            }]);
         }
-        // Pages cut as if each held the rest of the rollback too, which only the last does.
-        let base_bytes = prost::Message::encoded_len(&update);
+        // The last message holds the update's other fields and as many of its last steps as fit
+        // beside them; the pages before it hold steps alone, cut against an answer's size.
+        let mut tail_start = steps.len();
+        let mut bytes = prost::Message::encoded_len(&update);
+        while tail_start > 0 && steps.len() - tail_start < page_size {
+            bytes += convert::steps_bytes(&steps[tail_start - 1..tail_start]);
+            if bytes > MAX_ROLLBACK_BYTES {
+                break;
+            }
+            tail_start -= 1;
+        }
+        let steps_alone = pb::Rollback {
+            rollback_id: update.rollback_id.clone(),
+            ..Default::default()
+        };
+        let alone_bytes = prost::Message::encoded_len(&steps_alone);
         let mut page_ends = Vec::new();
         let mut end = 0;
-        while end < steps.len() {
-            let page = &steps[end..steps.len().min(end + page_size)];
-            end += convert::steps_that_fit(base_bytes, page);
+        while end < tail_start {
+            let page = &steps[end..tail_start.min(end + page_size)];
+            end += convert::steps_that_fit(alone_bytes, page);
             page_ends.push(end);
         }
-        let pages = page_ends.len().max(1);
+        page_ends.push(steps.len());
+        let pages = page_ends.len();
         let mut steps = steps.into_iter();
         let mut taken = 0;
-        (0..pages)
-            .map(|index| {
-                let page_end = page_ends.get(index).copied().unwrap_or(0);
+        let messages = (page_ends.into_iter().enumerate())
+            .map(|(index, page_end)| {
                 let page: Vec<pb::RollbackStep> = steps.by_ref().take(page_end - taken).collect();
                 taken = page_end;
                 let more_follows = index + 1 < pages;
-                let rollback = if more_follows {
-                    pb::Rollback {
-                        rollback_id: update.rollback_id.clone(),
-                        steps: page,
-                        ..Default::default()
-                    }
+                let fields = if more_follows {
+                    steps_alone.clone()
                 } else {
-                    pb::Rollback {
-                        steps: page,
-                        ..std::mem::take(&mut update)
-                    }
+                    std::mem::take(&mut update)
                 };
                 pb::GetRollbackResponse {
-                    rollback: Some(rollback),
-                    changes_only: !(first && index == 0),
+                    rollback: Some(pb::Rollback {
+                        steps: page,
+                        ..fields
+                    }),
+                    changes_only: !first,
                     more_follows,
                     ..Default::default()
                 }
             })
-            .collect()
+            .collect();
+        Ok(messages)
     }
 }
 
@@ -789,15 +805,16 @@ mod tests {
             waves: vec![pb::RollbackWave::default()],
             ..watch.rollback.clone()
         };
-        let messages = watch.messages(first.clone(), 1000, true);
+        let messages = watch.messages(first.clone(), 1000, true).unwrap();
         let sizes: Vec<usize> = (messages.iter())
             .map(|message| message.rollback.as_ref().unwrap().steps.len())
             .collect();
-        assert_eq!(sizes, [1000, 1000, 500]);
+        assert_eq!(sizes, [1000, 500, 1000]);
+        // The watch's first update, every message of it: the whole rollback, not changes.
         let marked: Vec<(bool, bool)> = (messages.iter())
             .map(|message| (message.changes_only, message.more_follows))
             .collect();
-        assert_eq!(marked, [(false, true), (true, true), (true, false)]);
+        assert_eq!(marked, [(false, true), (false, true), (false, false)]);
         // The pages before the last hold steps alone; the last holds everything else.
         let rest = |index: usize| pb::Rollback {
             steps: Vec::new(),
@@ -821,10 +838,39 @@ mod tests {
         assert_eq!(sent, first.steps);
         // A later update of many changes is cut the same way, every message a change; one
         // without steps is one message.
-        let later = watch.messages(first.clone(), 1000, true);
+        let later = watch.messages(first.clone(), 1000, true).unwrap();
         assert!(later.len() == 3 && later.iter().all(|message| message.changes_only));
-        let quiet = watch.messages(pb::Rollback::default(), 1000, true);
+        let quiet = watch.messages(pb::Rollback::default(), 1000, true).unwrap();
         assert!(quiet.len() == 1 && quiet[0].changes_only && !quiet[0].more_follows);
+    }
+
+    #[test]
+    fn every_message_of_a_watch_stays_within_an_answer_beside_large_fields() {
+        // Details at their bound and waves listing 20,000 hosts (about 1 MiB).
+        let waves = vec![pb::RollbackWave {
+            hosts: (0..20_000)
+                .map(|index| format!("host-{index:05}.eu"))
+                .collect(),
+            ..Default::default()
+        }];
+        let update = pb::Rollback {
+            steps: steps(2000, rewind_shared::bounds::MAX_DETAIL_BYTES),
+            waves: waves.clone(),
+            ..watched().rollback
+        };
+        let messages = watched().messages(update, 10_000, true).unwrap();
+        assert!(messages.len() > 4, "{}", messages.len());
+        for (index, message) in messages.iter().enumerate() {
+            let rollback = message.rollback.as_ref().unwrap();
+            assert!(prost::Message::encoded_len(rollback) <= MAX_ROLLBACK_BYTES);
+            let last = index + 1 == messages.len();
+            assert_eq!(message.more_follows, !last);
+            assert_eq!(rollback.waves.is_empty(), !last, "fields only in the last");
+        }
+        let sent: usize = (messages.iter())
+            .map(|message| message.rollback.as_ref().unwrap().steps.len())
+            .sum();
+        assert_eq!(sent, 2000);
     }
 
     #[test]
@@ -834,7 +880,7 @@ mod tests {
             steps: steps(3, 0),
             ..watch.rollback.clone()
         };
-        let sent = watch.messages(first.clone(), 10, false);
+        let sent = watch.messages(first.clone(), 10, false).unwrap();
         assert_eq!(sent[0].rollback.as_ref().unwrap().steps, first.steps);
         let mut changed = first.steps[1].clone();
         changed.attempts = 1;
@@ -842,11 +888,24 @@ mod tests {
             steps: vec![changed.clone()],
             ..watch.rollback.clone()
         };
-        let sent = watch.messages(update, 10, false);
+        let sent = watch.messages(update, 10, false).unwrap();
         let whole = &sent[0].rollback.as_ref().unwrap().steps;
         assert_eq!(whole.len(), 3);
         assert_eq!(whole[1], changed);
         assert!(sent.len() == 1 && !sent[0].changes_only && !sent[0].more_follows);
+        // Grown past one message (an isolation's details on every step): refused, by name.
+        let grown = pb::Rollback {
+            steps: (first.steps.iter())
+                .map(|step| pb::RollbackStep {
+                    detail: "y".repeat(1 << 20),
+                    ..step.clone()
+                })
+                .collect(),
+            ..watch.rollback.clone()
+        };
+        let refused = watch.messages(grown, 10, false).expect_err("too large now");
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+        assert!(refused.message().contains("changes_only"), "{refused:?}");
     }
 
     #[test]
