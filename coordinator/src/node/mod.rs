@@ -87,6 +87,9 @@ pub struct QueueFull {
     logged_at_ms: AtomicU64,
 }
 
+/// A read of the state longer than this is logged (see [`NodeHandle::read`]).
+const SLOW_READ: std::time::Duration = std::time::Duration::from_millis(100);
+
 impl NodeHandle {
     /// Requests refused so far because the proposal queue was full.
     pub fn queue_full_total(&self) -> u64 {
@@ -181,6 +184,7 @@ impl NodeHandle {
     /// Panics once the member has stopped because an entry could not be audited: nothing may
     /// read (and act on) a state that holds an unaudited command. The panic ends the calling
     /// task; the process exits on the Raft thread's storage failure.
+    #[track_caller]
     pub fn read<R>(&self, reader: impl FnOnce(&State) -> R) -> R {
         let state = self
             .state
@@ -189,7 +193,20 @@ impl NodeHandle {
         if let Some(why) = state.audit.failure() {
             panic!("this member stopped: its audit store failed ({why})");
         }
-        reader(&state)
+        let began = std::time::Instant::now();
+        let read = reader(&state);
+        drop(state);
+        // The Raft thread waits for the lock to apply: a long read delays every write, and
+        // past an election timeout the leadership. Named by the caller's place in the code.
+        let held = began.elapsed();
+        if held > SLOW_READ {
+            tracing::warn!(
+                ms = held.as_millis() as u64,
+                at = %std::panic::Location::caller(),
+                "A read held the state's lock for long: writes waited meanwhile."
+            );
+        }
+        read
     }
 
     /// Notified with the applied index after every applied batch.

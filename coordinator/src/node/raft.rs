@@ -335,6 +335,7 @@ impl<T: Transport> Driver<T> {
                     Some(message) = messages.recv() => self.step(message),
                     Some(report) = peer_reports.recv() => self.take_report(report),
                 }
+                let woken = std::time::Instant::now();
                 // Take whatever else is already waiting, so one Ready (one append, one flush,
                 // one round of messages) carries many proposals: batching is what makes
                 // concurrent writes cheap.
@@ -389,6 +390,15 @@ impl<T: Transport> Driver<T> {
                     break;
                 }
                 self.publish_status();
+                // A wake that keeps this thread past half an election timeout delays its
+                // heartbeats (or, on a follower, its votes) enough to lose leadership: say so.
+                let busy = woken.elapsed();
+                if busy > self.settings.tick * (self.settings.election_ticks as u32) / 2 {
+                    warn!(
+                        ms = busy.as_millis() as u64,
+                        "The Raft thread was busy for long in one wake: heartbeats waited meanwhile."
+                    );
+                }
             }
             self.fail_pending(|| CoordinatorError::ShuttingDown);
             if let Err(error) = self.finish_snapshot() {
@@ -702,49 +712,40 @@ impl<T: Transport> Driver<T> {
         let Some(last) = entries.last().map(|entry| entry.index) else {
             return Ok(());
         };
-        for entry in entries {
-            match entry.get_entry_type() {
-                EntryType::EntryNormal => self.apply_normal(&entry)?,
-                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
-                    self.apply_conf_change(&entry)?
-                }
+        let mut entries = entries.into_iter().peekable();
+        while let Some(entry) = entries.next() {
+            if entry.get_entry_type() != EntryType::EntryNormal {
+                self.apply_conf_change(&entry)?;
+                continue;
             }
+            // A run of normal entries is applied under one write lock: taken per entry, each
+            // would wait for the readers in between (a large fleet's engine, watches, reads),
+            // and a batch of a thousand would keep this thread, and its heartbeats, that long.
+            let mut run = vec![entry];
+            while let Some(next) =
+                entries.next_if(|next| next.get_entry_type() == EntryType::EntryNormal)
+            {
+                run.push(next);
+            }
+            let mut answers = Vec::with_capacity(run.len());
+            let applied = {
+                let mut state = self
+                    .state
+                    .write()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                run.iter().try_for_each(|entry| {
+                    let outcome = apply_normal(&mut state, entry)?;
+                    answers.push((&entry.context, outcome));
+                    Ok::<_, CoordinatorError>(())
+                })
+            };
+            // Those applied before a failure are answered all the same.
+            for (context, outcome) in answers {
+                self.answer(context, outcome);
+            }
+            applied?;
         }
         self.applied.send_replace(last);
-        Ok(())
-    }
-
-    /// Applies a normal entry. One this binary cannot read (written at a newer cluster version)
-    /// is an error: the member stops rather than skip it and drift from the others.
-    fn apply_normal(&mut self, entry: &Entry) -> Result<(), CoordinatorError> {
-        let mut state = self
-            .state
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if entry.data.is_empty() {
-            // A new leader's empty entry: nothing to apply, but it is applied.
-            state.applied_index = entry.index;
-            return Ok(());
-        }
-        let outcome = match version::decode_entry(entry.index, &entry.data)? {
-            Decoded::Command(command) => {
-                version::check_command(&command, entry.index)?;
-                let outcome = apply(&mut state, entry.index, &command);
-                audited(&state, entry.index)?;
-                outcome
-            }
-            Decoded::SkipLegacy(error) => {
-                // Members of the legacy release skipped such an entry; so does this one.
-                state.applied_index = entry.index;
-                warn!(%error, index = entry.index, "Skipped a committed entry that does not decode.");
-                Err(CoordinatorError::Storage(format!(
-                    "entry {} does not decode: {error}",
-                    entry.index
-                )))
-            }
-        };
-        drop(state);
-        self.answer(&entry.context, outcome);
         Ok(())
     }
 
@@ -1060,6 +1061,37 @@ fn own_proposal(member: u64, context: &[u8]) -> Option<u64> {
     let (proposer, number) = context.split_at_checked(8)?;
     (u64::from_be_bytes(proposer.try_into().ok()?) == member)
         .then_some(u64::from_be_bytes(number.try_into().ok()?))
+}
+
+/// Applies a normal entry to `state` and returns its outcome (a new leader's empty entry is
+/// applied as done; nobody waits on it). One this binary cannot read (written at a newer cluster
+/// version) is an error: the member stops rather than skip it and drift from the others.
+fn apply_normal(
+    state: &mut State,
+    entry: &Entry,
+) -> Result<Result<Outcome, CoordinatorError>, CoordinatorError> {
+    if entry.data.is_empty() {
+        // A new leader's empty entry: nothing to apply, but it is applied.
+        state.applied_index = entry.index;
+        return Ok(Ok(Outcome::Done));
+    }
+    Ok(match version::decode_entry(entry.index, &entry.data)? {
+        Decoded::Command(command) => {
+            version::check_command(&command, entry.index)?;
+            let outcome = apply(state, entry.index, &command);
+            audited(state, entry.index)?;
+            outcome
+        }
+        Decoded::SkipLegacy(error) => {
+            // Members of the legacy release skipped such an entry; so does this one.
+            state.applied_index = entry.index;
+            warn!(%error, index = entry.index, "Skipped a committed entry that does not decode.");
+            Err(CoordinatorError::Storage(format!(
+                "entry {} does not decode: {error}",
+                entry.index
+            )))
+        }
+    })
 }
 
 #[cfg(test)]

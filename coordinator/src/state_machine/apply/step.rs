@@ -209,10 +209,17 @@ pub(super) fn settle_change(state: &mut State, number: u64, at_ms: u64) {
     let Some(change) = state.changes.get_mut(&number) else {
         return;
     };
-    let phase = |host: &ChangeHostRecord| match change.status {
-        ChangeStatus::Capturing => host.capture.clone(),
-        _ => host.activate.clone(),
-    };
+    // Read in place: this runs for every result of a change, over all of its hosts (a copy of
+    // each host's progress here cost a 10,000-host deploy seconds of apply per batch).
+    let capturing = change.status == ChangeStatus::Capturing;
+    fn phase_of(capturing: bool, host: &ChangeHostRecord) -> &StepProgress {
+        if capturing {
+            &host.capture
+        } else {
+            &host.activate
+        }
+    }
+    let phase = |host| phase_of(capturing, host);
     if !matches!(
         change.status,
         ChangeStatus::Capturing | ChangeStatus::Deploying
@@ -229,11 +236,12 @@ pub(super) fn settle_change(state: &mut State, number: u64, at_ms: u64) {
         } else {
             "activation"
         };
-        change.reason = format!(
+        let reason = format!(
             "{what} failed on {}: {}",
             failed.host_id,
             phase(failed).detail
         );
+        change.reason = reason;
         change.status = ChangeStatus::Failed;
         return;
     }
