@@ -192,6 +192,7 @@ impl Context {
 
     /// The service's health over the window on every host that runs it, from no earlier than
     /// what `not_before_ms` reads off the state.
+    #[track_caller]
     fn health_since(
         &self,
         service: &str,

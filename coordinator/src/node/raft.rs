@@ -274,6 +274,9 @@ pub fn start_member(
     })
 }
 
+/// The most committed entries applied under one write lock of the state.
+const MAX_APPLY_RUN: usize = 256;
+
 struct Driver<T: Transport> {
     raw: RawNode<RaftStore>,
     store: RaftStore,
@@ -721,9 +724,13 @@ impl<T: Transport> Driver<T> {
             // A run of normal entries is applied under one write lock: taken per entry, each
             // would wait for the readers in between (a large fleet's engine, watches, reads),
             // and a batch of a thousand would keep this thread, and its heartbeats, that long.
+            // At most MAX_APPLY_RUN at once: a member catching up applies thousands of
+            // entries in one Ready, and readers (and the runtime's workers waiting on them)
+            // get in between runs.
             let mut run = vec![entry];
-            while let Some(next) =
-                entries.next_if(|next| next.get_entry_type() == EntryType::EntryNormal)
+            while run.len() < MAX_APPLY_RUN
+                && let Some(next) =
+                    entries.next_if(|next| next.get_entry_type() == EntryType::EntryNormal)
             {
                 run.push(next);
             }
