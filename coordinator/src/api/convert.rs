@@ -10,7 +10,7 @@ use rewind_proto::v1 as pb;
 
 use crate::state_machine::*;
 
-use super::validate::{DEFAULT_STEPS_PAGE, MAX_ROLLBACK_BYTES};
+use super::validate::{DEFAULT_STEPS_PAGE, MAX_ROLLBACK_BYTES, repeated_bytes};
 
 pub fn labels(labels: &Labels) -> pb::HostLabels {
     pb::HostLabels {
@@ -317,40 +317,13 @@ pub fn rollback_page(
     let mut bytes = prost::Message::encoded_len(&view);
     for step in rollback.steps.iter().skip(from).take(page_size) {
         let step = rollback_step(rollback, step);
-        bytes += steps_bytes(std::slice::from_ref(&step));
+        bytes += repeated_bytes(std::slice::from_ref(&step));
         if bytes > MAX_ROLLBACK_BYTES && !view.steps.is_empty() {
             break;
         }
         view.steps.push(step);
     }
     view
-}
-
-/// How many of `steps`, in order, one answer holds beside a rollback whose other fields take
-/// `base_bytes`: up to [`MAX_ROLLBACK_BYTES`] in all, and always one (each step is bounded).
-pub fn steps_that_fit(base_bytes: usize, steps: &[pb::RollbackStep]) -> usize {
-    let mut bytes = base_bytes;
-    steps
-        .iter()
-        .take_while(|step| {
-            bytes += steps_bytes(std::slice::from_ref(step));
-            bytes <= MAX_ROLLBACK_BYTES
-        })
-        .count()
-        .max(1)
-        .min(steps.len())
-}
-
-/// What `steps` add to a rollback's message on the wire, each with its one-byte tag (field 11)
-/// and length prefix.
-pub fn steps_bytes(steps: &[pb::RollbackStep]) -> usize {
-    steps
-        .iter()
-        .map(|step| {
-            let length = prost::Message::encoded_len(step);
-            1 + prost::encoding::encoded_len_varint(length as u64) + length
-        })
-        .sum()
 }
 
 /// One of `rollback`'s steps as the API shows it.

@@ -440,19 +440,38 @@ pub(super) fn within_bytes<T: prost::Message>(
     next_page_token: &mut String,
     id: impl Fn(&T) -> String,
 ) {
-    let mut bytes = 0;
-    let fits = page
-        .iter()
-        .take_while(|item| {
-            bytes += item.encoded_len();
-            bytes <= MAX_LIST_PAGE_BYTES
-        })
-        .count()
-        .max(1);
+    let fits = items_that_fit(0, page);
     if fits < page.len() {
         page.truncate(fits);
         *next_page_token = page.last().map(&id).unwrap_or_default();
     }
+}
+
+/// How many of `items`, in order, one answer holds beside `base_bytes` of its other fields: up
+/// to [`MAX_LIST_PAGE_BYTES`] in all, and always one when there is one (each is bounded).
+pub(super) fn items_that_fit<T: prost::Message>(base_bytes: usize, items: &[T]) -> usize {
+    let mut bytes = base_bytes;
+    items
+        .iter()
+        .take_while(|item| {
+            bytes += repeated_bytes(std::slice::from_ref(*item));
+            bytes <= MAX_LIST_PAGE_BYTES
+        })
+        .count()
+        .max(1)
+        .min(items.len())
+}
+
+/// What `items` add to a message as a repeated field: each with its tag (one byte: every
+/// repeated field paged here is numbered below 16) and length prefix.
+pub(super) fn repeated_bytes<T: prost::Message>(items: &[T]) -> usize {
+    items
+        .iter()
+        .map(|item| {
+            let length = item.encoded_len();
+            1 + prost::encoding::encoded_len_varint(length as u64) + length
+        })
+        .sum()
 }
 
 /// A page of `items` (in list order, from where the page starts): the first `size`, and the

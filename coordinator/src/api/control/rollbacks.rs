@@ -541,7 +541,7 @@ impl WatchedRollback {
         let mut tail_start = steps.len();
         let mut bytes = prost::Message::encoded_len(&update);
         while tail_start > 0 && steps.len() - tail_start < page_size {
-            bytes += convert::steps_bytes(&steps[tail_start - 1..tail_start]);
+            bytes += repeated_bytes(&steps[tail_start - 1..tail_start]);
             if bytes > MAX_ROLLBACK_BYTES {
                 break;
             }
@@ -556,7 +556,7 @@ impl WatchedRollback {
         let mut end = 0;
         while end < tail_start {
             let page = &steps[end..tail_start.min(end + page_size)];
-            end += convert::steps_that_fit(alone_bytes, page);
+            end += items_that_fit(alone_bytes, page);
             page_ends.push(end);
         }
         page_ends.push(steps.len());
@@ -592,10 +592,8 @@ impl WatchedRollback {
 /// rollback of more steps or bytes than one answer holds.
 fn fits_one_message(rollback: &pb::Rollback) -> Result<(), Status> {
     let steps = &rollback.steps;
-    let base_bytes = prost::Message::encoded_len(rollback) - convert::steps_bytes(steps);
-    if steps.len() > MAX_STEPS_PAGE as usize
-        || convert::steps_that_fit(base_bytes, steps) < steps.len()
-    {
+    let base_bytes = prost::Message::encoded_len(rollback) - repeated_bytes(steps);
+    if steps.len() > MAX_STEPS_PAGE as usize || items_that_fit(base_bytes, steps) < steps.len() {
         return Err(Status::failed_precondition(format!(
             "{} has {} steps, more than one message holds: watch with changes_only (rewindctl \
              does), or read it a page at a time with GetRollback",
@@ -782,7 +780,7 @@ mod tests {
     fn a_page_of_steps_ends_where_the_answer_would_pass_its_bytes() {
         // 1,000 steps with details at their bound would be 4 MiB: the page stops near 2 MiB.
         let many = steps(1000, rewind_shared::bounds::MAX_DETAIL_BYTES);
-        let fit = convert::steps_that_fit(1000, &many);
+        let fit = items_that_fit(1000, &many);
         assert!(fit > 400 && fit < 1000, "{fit}");
         let with = |count: usize| {
             prost::Message::encoded_len(&pb::Rollback {
@@ -792,8 +790,8 @@ mod tests {
         };
         assert!(with(fit) <= MAX_ROLLBACK_BYTES && with(fit + 1) > MAX_ROLLBACK_BYTES);
         // One step always fits, whatever else the rollback holds; none when there are none.
-        assert_eq!(convert::steps_that_fit(MAX_ROLLBACK_BYTES, &many), 1);
-        assert_eq!(convert::steps_that_fit(0, &[]), 0);
+        assert_eq!(items_that_fit(MAX_ROLLBACK_BYTES, &many), 1);
+        assert_eq!(items_that_fit::<pb::RollbackStep>(0, &[]), 0);
     }
 
     #[test]
