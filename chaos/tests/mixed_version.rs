@@ -21,7 +21,7 @@ use rewind_tests::{
 const LONG: Duration = Duration::from_secs(120);
 
 /// The cluster version this release's binaries apply (`state_machine::version::CURRENT`).
-const CURRENT: u32 = 12;
+const CURRENT: u32 = 13;
 
 /// The directory holding the previous release's binaries.
 fn previous_release() -> PathBuf {

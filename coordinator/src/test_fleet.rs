@@ -178,14 +178,43 @@ impl Fleet {
         fleet
     }
 
+    /// Runs `step` to its end: starts it unless it runs already (from cluster version 13 a
+    /// rollback step's success starts its host's next one), then finishes it.
     pub fn finish(&mut self, step: StepTarget, ok: bool) {
-        self.apply(CommandKind::StepStarted { step: step.clone() });
+        if !self.running(&step) {
+            self.apply(CommandKind::StepStarted { step: step.clone() });
+        }
         self.apply(CommandKind::StepFinished {
             step,
             ok,
             detail: if ok { "done".into() } else { "boom".into() },
             snapshot_id: "snap-1".into(),
         });
+    }
+
+    /// Whether `step`, a rollback's step of a host, is running.
+    pub fn running(&self, step: &StepTarget) -> bool {
+        let StepTarget::Rollback {
+            rollback,
+            service,
+            host_id,
+            kind,
+        } = step
+        else {
+            return false;
+        };
+        self.state.rollbacks.get(rollback).is_some_and(|record| {
+            // The first match, as `apply()` finds a step.
+            record
+                .steps
+                .iter()
+                .find(|candidate| {
+                    &candidate.service == service
+                        && &candidate.host_id == host_id
+                        && candidate.kind == *kind
+                })
+                .is_some_and(|found| found.progress.status == StepStatus::Running)
+        })
     }
 
     /// Starts a change to `version` and runs it to Deployed.

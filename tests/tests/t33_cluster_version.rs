@@ -4,7 +4,7 @@
 use rewind_tests::{ClusterHarness, run_ok};
 
 /// The cluster version this release's binaries apply (`state_machine::version::CURRENT`).
-const CURRENT: u32 = 12;
+const CURRENT: u32 = 13;
 
 fn stderr_of(output: &std::process::Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()

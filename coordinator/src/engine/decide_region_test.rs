@@ -272,6 +272,29 @@ fn a_returning_host_whose_last_step_fails_never_lets_the_rollback_succeed() {
     );
 }
 
+#[test]
+fn a_returning_hosts_next_step_is_started_by_the_engine_not_by_apply() {
+    let mut world = deferred_and_back();
+    world.run_tick(36_000);
+    world.step("web-2", RollbackStepKind::Drain, true);
+    let restore = |world: &World| {
+        let step = world.fleet.state.rollbacks[&1]
+            .steps
+            .iter()
+            .find(|step| step.host_id == "web-2" && step.kind == RollbackStepKind::Restore)
+            .unwrap();
+        (step.progress.status, step.progress.attempts)
+    };
+    assert_eq!(
+        restore(&world),
+        (StepStatus::Pending, 0),
+        "a deferred host's success starts nothing in apply() (cluster version 13 chains only \
+         the current wave's hosts): the engine drives returning hosts, region by region"
+    );
+    world.run_tick(36_100);
+    assert_eq!(restore(&world), (StepStatus::Running, 1));
+}
+
 /// Lets the rollback revert two hosts at once.
 fn two_at_a_time(world: &mut World) {
     let rollback = world.fleet.state.rollbacks.get_mut(&1).unwrap();

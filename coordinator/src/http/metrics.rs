@@ -400,7 +400,9 @@ mod tests {
         };
         let text = rendered(&fleet.state);
         for expected in [
-            r#"rewind_rollback_steps{rollback_id="rb-1",state="pending"} 4"#,
+            // The drain's success started the restore (cluster version 13).
+            r#"rewind_rollback_steps{rollback_id="rb-1",state="pending"} 3"#,
+            r#"rewind_rollback_steps{rollback_id="rb-1",state="running"} 1"#,
             "rewind_proposal_queue_full_total 7",
             r#"rewind_rollback_steps{rollback_id="rb-1",state="succeeded"} 1"#,
             r#"rewind_rollback_current_wave{rollback_id="rb-1"} 1"#,

@@ -213,6 +213,7 @@ fn current_release_log() -> Fleet {
     version_ten(&mut harness);
     version_eleven(&mut harness);
     version_twelve(&mut harness);
+    version_thirteen(&mut harness);
     harness
 }
 
@@ -1334,6 +1335,116 @@ fn version_twelve(harness: &mut Fleet) {
         harness.state.rollbacks[&rollback].status,
         RollbackStatus::Succeeded
     );
+}
+
+/// From version 13 a rollback step's success starts its host's next step of the wave in the
+/// same entry; a failure, or a rollback that is not running, starts nothing.
+fn version_thirteen(harness: &mut Fleet) {
+    let cart = |rollback: u64, host: &str, kind: RollbackStepKind| StepTarget::Rollback {
+        rollback,
+        service: "cart".into(),
+        host_id: host.into(),
+        kind,
+    };
+    let status = |harness: &Fleet, step: &StepTarget| {
+        let StepTarget::Rollback {
+            rollback,
+            host_id,
+            kind,
+            ..
+        } = step
+        else {
+            unreachable!()
+        };
+        harness.state.rollbacks[rollback]
+            .steps
+            .iter()
+            .find(|record| &record.host_id == host_id && record.kind == *kind)
+            .map(|record| (record.progress.status, record.progress.attempts))
+            .unwrap()
+    };
+    let change = harness.deploy("cart", "v2");
+    let Outcome::Rollback(rollback) = harness.apply(rollback_of(change, Trigger::Manual)) else {
+        panic!("a rollback")
+    };
+    // At 12 the next step waits for the engine.
+    harness.finish(cart(rollback, "cart-1", RollbackStepKind::Drain), true);
+    let restore = cart(rollback, "cart-1", RollbackStepKind::Restore);
+    assert_eq!(status(harness, &restore), (StepStatus::Pending, 0));
+    harness.apply(CommandKind::SetClusterVersion {
+        version: 13,
+        members: vec![],
+        reason: "every member on this release".into(),
+    });
+    harness.apply(CommandKind::StepStarted {
+        step: restore.clone(),
+    });
+    harness.apply(CommandKind::StepFinished {
+        step: restore,
+        ok: true,
+        detail: "restored".into(),
+        snapshot_id: String::new(),
+    });
+    let restart = cart(rollback, "cart-1", RollbackStepKind::Restart);
+    assert_eq!(status(harness, &restart), (StepStatus::Running, 1));
+    let outcome = harness
+        .state
+        .audit
+        .entries()
+        .last()
+        .unwrap()
+        .outcome
+        .clone();
+    assert!(
+        outcome.contains("restored; started ") && outcome.contains("restart"),
+        "{outcome}"
+    );
+    for kind in [
+        RollbackStepKind::Restart,
+        RollbackStepKind::Verify,
+        RollbackStepKind::Undrain,
+    ] {
+        harness.finish(cart(rollback, "cart-1", kind), true);
+    }
+    pass_gate(harness, rollback, 0);
+    // A failure starts nothing; a host begun before it is taken to the end of its steps (as the
+    // engine takes it), until a person pauses the rollback.
+    harness.finish(cart(rollback, "cart-3", RollbackStepKind::Drain), true);
+    harness.finish(cart(rollback, "cart-2", RollbackStepKind::Drain), false);
+    assert_eq!(
+        status(
+            harness,
+            &cart(rollback, "cart-2", RollbackStepKind::Restore)
+        ),
+        (StepStatus::Pending, 0)
+    );
+    harness.finish(cart(rollback, "cart-3", RollbackStepKind::Restore), true);
+    assert_eq!(
+        status(
+            harness,
+            &cart(rollback, "cart-3", RollbackStepKind::Restart)
+        ),
+        (StepStatus::Running, 1)
+    );
+    harness.apply(CommandKind::ControlRollback {
+        rollback,
+        action: RollbackAction::Pause,
+        reason: "look at cart-2".into(),
+    });
+    harness.finish(cart(rollback, "cart-3", RollbackStepKind::Restart), true);
+    assert_eq!(
+        status(harness, &cart(rollback, "cart-3", RollbackStepKind::Verify)),
+        (StepStatus::Pending, 0)
+    );
+    assert_eq!(
+        harness.state.rollbacks[&rollback].status,
+        RollbackStatus::Paused
+    );
+    harness.apply(CommandKind::ControlRollback {
+        rollback,
+        action: RollbackAction::Abort,
+        reason: "done with the scenario".into(),
+    });
 }
 
 #[test]

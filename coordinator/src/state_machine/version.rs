@@ -20,7 +20,7 @@ use crate::errors::CoordinatorError;
 pub const LEGACY: u32 = 1;
 
 /// The highest cluster version this binary can apply.
-pub const CURRENT: u32 = 12;
+pub const CURRENT: u32 = 13;
 
 /// From this version a refused command takes back the requests for approval it expired or
 /// lapsed on its way to the refusal.
@@ -101,6 +101,10 @@ pub const FIRE_DRILLS: u32 = 11;
 /// From this version a rollback's health gate may settle for a time in milliseconds (under a
 /// second, where asked).
 pub const SUBSECOND_GATES: u32 = 12;
+/// From this version a rollback step's success starts the same host's next step of its wave in
+/// the same entry (`apply::step::start_next_of_host`), as the engine would have decided on the
+/// next tick: one Raft round per step instead of two.
+pub const CHAINED_STEPS: u32 = 13;
 
 /// What each version brought, for `rewindctl cluster version` and the README.
 pub const CHANGES: &[(u32, &str)] = &[
@@ -182,6 +186,12 @@ pub const CHANGES: &[(u32, &str)] = &[
         12,
         "a rollback's health gate may settle for a time given in milliseconds (under a second \
          where asked), not only in whole seconds",
+    ),
+    (
+        13,
+        "a rollback step that succeeds starts its host's next step of the wave in the same log \
+         entry (the engine used to decide it in an entry of its own), halving the Raft rounds of \
+         a host's revert; the finished step's audit entry names the step it started",
     ),
 ];
 

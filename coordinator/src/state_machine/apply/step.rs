@@ -141,6 +141,7 @@ pub(super) fn finish_step(
         _ => change_step_mut(state, step)?,
     };
     end_step(progress, &step_id, ok, detail, at_ms)?;
+    let mut started_next = None;
     match step {
         StepTarget::Capture { change, host_id } => {
             if let Some(host) = change_host_mut(state, *change, host_id) {
@@ -149,7 +150,12 @@ pub(super) fn finish_step(
             settle_change(state, *change, at_ms);
         }
         StepTarget::Activate { change, .. } => settle_change(state, *change, at_ms),
-        StepTarget::Rollback { rollback, .. } => settle_rollback(state, *rollback, at_ms),
+        StepTarget::Rollback { rollback, .. } => {
+            settle_rollback(state, *rollback, at_ms);
+            if ok && state.cluster_version() >= version::CHAINED_STEPS {
+                started_next = start_next_of_host(state, step, at_ms);
+            }
+        }
         StepTarget::Gate { rollback, wave } if !ok => {
             // A result that lands after an abort changes nothing more.
             if let Some(record) = state
@@ -171,12 +177,75 @@ pub(super) fn finish_step(
         StepTarget::Gate { rollback, .. } => settle_rollback(state, *rollback, at_ms),
         StepTarget::Schema { .. } => {}
     }
-    let outcome = if ok {
+    let outcome = if let Some(next) = started_next {
+        format!("ok: {detail}; started {next}")
+    } else if ok {
         format!("ok: {detail}")
     } else {
         format!("failed: {detail}")
     };
     Ok((Outcome::Done, step_id, outcome))
+}
+
+/// After a rollback step succeeded (cluster version 13): starts its host's next step of the
+/// same wave in the same entry, as the engine would have decided on its next tick
+/// (`engine::decide::next_step`: the host's first step not ended, none failed), and returns
+/// that step's id. A host's steps of a wave lie together in the plan's order (steps are only
+/// ever appended, an isolation's in waves of their own), so they are found next to the one
+/// that ended, whatever a member's lookup holds. Nothing starts for a host deferred with its
+/// lost region (the engine drives those after the last wave), nor where `start_step` refuses
+/// (the rollback is not running).
+fn start_next_of_host(state: &mut State, finished: &StepTarget, at_ms: u64) -> Option<String> {
+    let StepTarget::Rollback {
+        rollback,
+        service,
+        host_id,
+        kind,
+    } = finished
+    else {
+        return None;
+    };
+    let record = state.rollbacks.get_mut(rollback)?;
+    let position = record
+        .step_lookup
+        .find(&record.steps, host_id, |candidate| {
+            &candidate.service == service
+                && &candidate.host_id == host_id
+                && candidate.kind == *kind
+        })?;
+    let steps = &record.steps;
+    let this = &steps[position];
+    if record.is_deferred(this) {
+        return None;
+    }
+    let same_block = |other: &RollbackStepRecord| {
+        other.wave == this.wave && other.host_id == this.host_id && other.service == this.service
+    };
+    let first = position
+        - steps[..position]
+            .iter()
+            .rev()
+            .take_while(|other| same_block(other))
+            .count();
+    let block = steps[first..].iter().take_while(|other| same_block(other));
+    if block
+        .clone()
+        .any(|other| other.progress.status == StepStatus::Failed)
+    {
+        return None;
+    }
+    let next = block
+        .clone()
+        .find(|other| !other.progress.status.is_terminal())
+        .filter(|next| next.progress.status == StepStatus::Pending)?;
+    let target = StepTarget::Rollback {
+        rollback: *rollback,
+        service: next.service.clone(),
+        host_id: next.host_id.clone(),
+        kind: next.kind,
+    };
+    start_step(state, &target, at_ms).ok()?;
+    Some(target.step_id())
 }
 
 /// Records how a running step ended; refused for a step that is not running (a late or
