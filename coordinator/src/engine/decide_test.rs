@@ -861,6 +861,48 @@ fn isolating_a_failing_service_takes_out_only_its_failing_hosts() {
 }
 
 #[test]
+fn a_step_that_ends_while_an_isolation_runs_first_leaves_its_hosts_next_step_to_the_engine() {
+    let mut world = two_region_world();
+    world.start_rollback(1);
+    world.run_tick(1_000); // web-1 (wave 1, region aa) begins its drain
+    // An isolation of another service put before the open waves, as `isolate_service` puts
+    // it: its gate skipped, its step not yet run.
+    let rollback = world.fleet.state.rollbacks.get_mut(&1).unwrap();
+    for step in &mut rollback.steps {
+        step.wave += 1;
+    }
+    let mut isolation = rollback.waves[1].clone();
+    isolation.isolation = true;
+    isolation.hosts = vec!["web-2".into()];
+    isolation.gate.status = StepStatus::Skipped;
+    rollback.waves.insert(0, isolation);
+    rollback.steps.push(RollbackStepRecord {
+        wave: 0,
+        service: "web".into(),
+        host_id: "web-2".into(),
+        kind: RollbackStepKind::Isolate,
+        progress: StepProgress::default(),
+    });
+    world.step("web-1", RollbackStepKind::Drain, true);
+    let restore = |world: &World| {
+        let step = world.fleet.state.rollbacks[&1]
+            .steps
+            .iter()
+            .find(|step| step.host_id == "web-1" && step.kind == RollbackStepKind::Restore)
+            .unwrap();
+        (step.progress.status, step.progress.attempts)
+    };
+    assert_eq!(
+        restore(&world),
+        (StepStatus::Pending, 0),
+        "web-1's wave is not the current one: apply() starts nothing the engine would not send"
+    );
+    world.step("web-2", RollbackStepKind::Isolate, true);
+    world.run_tick(1_000);
+    assert_eq!(restore(&world), (StepStatus::Running, 1));
+}
+
+#[test]
 fn a_services_policy_trips_the_breaker_once_its_wave_failed_that_often() {
     let mut world = two_region_world();
     let mut service = world.fleet.state.services["web"].clone();

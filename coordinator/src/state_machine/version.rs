@@ -103,7 +103,7 @@ pub const FIRE_DRILLS: u32 = 11;
 pub const SUBSECOND_GATES: u32 = 12;
 /// From this version a rollback step's success starts the same host's next step of its wave in
 /// the same entry (`apply::step::start_next_of_host`), as the engine would have decided on the
-/// next tick: one Raft round per step instead of two.
+/// next tick: a host's five steps take six entries (its first start, then each result), not ten.
 pub const CHAINED_STEPS: u32 = 13;
 
 /// What each version brought, for `rewindctl cluster version` and the README.
@@ -190,8 +190,8 @@ pub const CHANGES: &[(u32, &str)] = &[
     (
         13,
         "a rollback step that succeeds starts its host's next step of the wave in the same log \
-         entry (the engine used to decide it in an entry of its own), halving the Raft rounds of \
-         a host's revert; the finished step's audit entry names the step it started",
+         entry (the engine used to decide it in an entry of its own): a host's five steps take \
+         six entries, not ten; the finished step's audit entry names the step it started",
     ),
 ];
 
