@@ -52,6 +52,11 @@ fn main() {
     };
     let store_dir = tempfile::tempdir().unwrap();
     let store = Store::open(&store_dir.path().join("store")).unwrap();
+    // A release's files are written long before it is captured; the hash cache distrusts a file
+    // changed within 100 ms of being hashed (see `CachedHash::holds_for`), so without this wait
+    // the files written last would be read again by the next capture, as many as the store's
+    // open left time for.
+    std::thread::sleep(std::time::Duration::from_millis(200));
     println!(
         "Capturing a service whose release holds {files} files, {} MB (files in the page cache):",
         total_bytes / 1_000_000

@@ -120,23 +120,6 @@ impl AgentError {
     }
 }
 
-impl From<sled::Error> for AgentError {
-    /// An I/O error from the store (a failed write or fsync, a full disk) stops the agent: sled
-    /// keeps it until the store is reopened, and a retried fsync may report success for pages
-    /// the kernel dropped. Its supervisor starts it again, from what the disk holds.
-    fn from(error: sled::Error) -> Self {
-        if let sled::Error::Io(_) = &error {
-            tracing::error!(
-                %error,
-                "The agent's store failed (a read or write of its disk); exiting ({}). It recovers from what the disk holds when started again.",
-                rewind_shared::config::EXIT_STORAGE_FAILED
-            );
-            std::process::exit(i32::from(rewind_shared::config::EXIT_STORAGE_FAILED));
-        }
-        Self::Store(error.to_string())
-    }
-}
-
 impl From<rewind_shared::SharedError> for AgentError {
     fn from(error: rewind_shared::SharedError) -> Self {
         match error {

@@ -6,7 +6,7 @@
 //! - [`config`]: the agent's TOML config and its validation.
 //! - [`errors`]: the crate's error type.
 //! - [`paths`]: confinement of every path to a service's declared root.
-//! - [`store`]: sled-backed blobs (by sha256), snapshots, the step journal and fences.
+//! - [`store`]: blobs (by sha256), snapshots, the step journal and fences, over [`kv`] (SQLite).
 //! - [`snapshot`]: capture and exact restore of a service's state.
 //! - [`host`]: the [`host::Host`] trait for running commands; [`host::LocalHost`] is the real one.
 //! - [`steps`]: executes step commands idempotently: fence, journal, act, journal.
@@ -37,6 +37,7 @@ pub mod facts;
 pub mod host;
 pub mod host_metrics;
 pub mod inspect;
+pub mod kv;
 pub mod migrate;
 pub mod offline;
 pub mod paths;

@@ -127,7 +127,6 @@ pub fn capture(
         hashed_files: tree.hashed_files,
     };
     store.put_snapshot(&record)?;
-    store.flush()?;
     Ok(record)
 }
 
@@ -198,7 +197,8 @@ pub fn release_digest(
             Ok(sha256)
         },
     )?;
-    if let Some(store) = store {
+    // Unchanged (a drift check of a release nobody touched): nothing to write.
+    if let Some(store) = store.filter(|_| fresh != cached) {
         store.put_tree_hashes(&key, &fresh)?;
     }
     Ok((digest, stats))

@@ -482,7 +482,6 @@ fn env_files_are_kept_encrypted_and_restored_exactly() {
         ..fixture.service.clone()
     };
     let snapshot = capture(&fixture.store, &service, vec![], 1).unwrap();
-    fixture.store.flush().unwrap();
     let data_dir = fixture._store_dir.path();
     assert!(
         found_under(data_dir, config_marker),

@@ -1,4 +1,5 @@
-//! The agent's local store, in sled under `<data-dir>/store`.
+//! The agent's local store, in SQLite under `<data-dir>/store` (see [`crate::kv`]; until this
+//! release in sled there, copied in at the first start).
 //!
 //! Trees:
 //! - `blobs`: sha256 hex -> bytes. Identical content is stored once, across snapshots. The
@@ -6,7 +7,7 @@
 //!   (`<data-dir>/store.key`, 32 random bytes made at first start, mode 0600):
 //!   ChaCha20-Poly1305, a random nonce each, the content hash as associated data.
 //! - `snapshots`: snapshot id -> JSON [`SnapshotRecord`].
-//! - `journal`: step id -> JSON [`JournalRecord`]: written (and flushed) before a step acts and
+//! - `journal`: step id -> JSON [`JournalRecord`]: written (durably) before a step acts and
 //!   after it ends, so a redelivered step answers from here instead of acting twice.
 //! - `fences`: owner (change or rollback id) -> highest term seen.
 //! - `tree-hashes`: release tree -> JSON [`TreeHashes`], the file hashes capture reuses.
@@ -23,29 +24,15 @@ use serde::{Deserialize, Serialize};
 use crate::self_revert::SelfRevertRecord;
 
 use crate::AgentError;
+use crate::kv::{Kv, Tree};
 use crate::snapshot::SnapshotRecord;
 
 #[derive(Clone)]
 pub struct Store {
-    db: sled::Db,
-    blobs: sled::Tree,
-    snapshots: sled::Tree,
-    journal: sled::Tree,
-    fences: sled::Tree,
-    /// Release tree path -> [`TreeHashes`]: what capture need not hash again.
-    tree_hashes: sled::Tree,
-    /// Service -> its job checkpoint as kept at pause (see `catalogue::pause_jobs`).
-    checkpoints: sled::Tree,
-    /// Self-reverts not yet recorded by a coordinator (see `self_revert`).
-    self_reverts: sled::Tree,
-    /// Schema transactions' prepared reports and resolutions (see `shard`).
-    schema: sled::Tree,
-    /// Service -> [`DesiredState`]: what rewind last put there (drift is measured against it).
-    desired: sled::Tree,
-    /// Service -> when its client-cache window ends (ms): the `off` hook is due then.
-    client_cache_off: sled::Tree,
-    /// `service/version` -> the image id a managed container's release was activated from.
-    container_versions: sled::Tree,
+    /// The trees: blobs, snapshots, journal, fences, tree hashes, job checkpoints kept at
+    /// pause, self-reverts not yet recorded, schema transactions' reports, each service's
+    /// desired state, client-cache windows, and container images per release.
+    kv: Kv,
     /// `<data-dir>/exports`.
     exports_dir: std::path::PathBuf,
     /// Encrypts the bytes of env files at rest.
@@ -167,64 +154,29 @@ fn pending_key(service: &str) -> String {
 
 impl Store {
     pub fn open(dir: &Path) -> Result<Self, AgentError> {
-        // Every write that matters is flushed by its caller (journal, snapshot, fence), so sled's
-        // periodic flusher, which wakes every 500 ms, is off: an idle agent does nothing. A small
-        // page cache keeps the idle footprint small; blobs are read once per restore.
-        let open = || {
-            sled::Config::new()
-                .path(dir)
-                .cache_capacity(4 << 20)
-                .flush_every_ms(None)
-                .open()
-        };
-        let db = match open() {
-            // A snapshot sled left half written (a full disk) reads as corruption: without it,
-            // sled recovers from its log.
-            Err(sled::Error::Corruption { .. })
-                if rewind_shared::config::remove_unfinished_sled_snapshots(dir)
-                    .map_err(AgentError::io("clean", dir))? =>
-            {
-                open()
-            }
-            opened => opened,
-        }
-        .map_err(|error| AgentError::Store(format!("open {}: {error}", dir.display())))?;
         Ok(Self {
-            blobs: db.open_tree("blobs")?,
-            snapshots: db.open_tree("snapshots")?,
-            journal: db.open_tree("journal")?,
-            fences: db.open_tree("fences")?,
-            tree_hashes: db.open_tree("tree-hashes")?,
-            checkpoints: db.open_tree("checkpoints")?,
-            self_reverts: db.open_tree("self-reverts")?,
-            schema: db.open_tree("schema")?,
-            desired: db.open_tree("desired")?,
-            client_cache_off: db.open_tree("client_cache_off")?,
-            container_versions: db.open_tree("container_versions")?,
+            kv: Kv::open(dir)?,
             exports_dir: dir
                 .parent()
                 .map_or_else(|| dir.join("exports"), |data_dir| data_dir.join("exports")),
             secrets: store_key(dir.parent().unwrap_or(dir))?,
-            db,
         })
     }
 
-    /// Makes everything written so far durable.
-    pub fn flush(&self) -> Result<(), AgentError> {
-        self.db.flush()?;
-        Ok(())
-    }
-
     /// Stores `bytes` under their sha256 unless already present, encrypted if `secret`;
-    /// returns (hash, newly stored).
+    /// returns (hash, newly stored). Not synced: durable with the snapshot record that names
+    /// it, which is.
     pub fn put_blob(&self, bytes: &[u8], secret: bool) -> Result<(String, bool), AgentError> {
         let hash = rewind_shared::digest::sha256_hex(bytes);
-        if let Some(stored) = self.blobs.get(hash.as_bytes())? {
+        if let Some(stored) = self.kv.get(Tree::Blobs, hash.as_bytes())? {
             // Kept in the clear before env files were encrypted (or as a config file of the
             // same content): encrypted from now on.
             if secret && !stored.starts_with(ENCRYPTED_BLOB) {
-                self.blobs
-                    .insert(hash.as_bytes(), self.encrypt(&hash, bytes)?)?;
+                self.kv.insert_unsynced(
+                    Tree::Blobs,
+                    hash.as_bytes(),
+                    &self.encrypt(&hash, bytes)?,
+                )?;
             }
             return Ok((hash, false));
         }
@@ -233,10 +185,7 @@ impl Store {
         } else {
             bytes.to_vec()
         };
-        let inserted = self
-            .blobs
-            .compare_and_swap(hash.as_bytes(), None as Option<&[u8]>, Some(stored))?
-            .is_ok();
+        let inserted = self.kv.insert_new(Tree::Blobs, hash.as_bytes(), &stored)?;
         Ok((hash, inserted))
     }
 
@@ -279,13 +228,13 @@ impl Store {
 
     pub fn blob(&self, hash: &str) -> Result<Vec<u8>, AgentError> {
         let stored = self
-            .blobs
-            .get(hash.as_bytes())?
+            .kv
+            .get(Tree::Blobs, hash.as_bytes())?
             .ok_or_else(|| AgentError::Store(format!("blob {hash} is missing")))?;
         let bytes = if stored.starts_with(ENCRYPTED_BLOB) {
             self.decrypt(hash, &stored)?
         } else {
-            stored.to_vec()
+            stored
         };
         // Content addressing lets us catch a corrupted store before it is restored onto a host.
         let actual = rewind_shared::digest::sha256_hex(&bytes);
@@ -294,58 +243,49 @@ impl Store {
                 "blob {hash} is corrupt: its content hashes to {actual}"
             )));
         }
-        Ok(bytes.to_vec())
+        Ok(bytes)
     }
 
     pub fn put_snapshot(&self, record: &SnapshotRecord) -> Result<(), AgentError> {
-        self.snapshots
-            .insert(record.id.as_bytes(), to_json(record)?)?;
-        Ok(())
+        self.kv
+            .insert(Tree::Snapshots, record.id.as_bytes(), &to_json(record)?)
     }
 
     pub fn snapshot(&self, id: &str) -> Result<SnapshotRecord, AgentError> {
         let bytes = self
-            .snapshots
-            .get(id.as_bytes())?
+            .kv
+            .get(Tree::Snapshots, id.as_bytes())?
             .ok_or_else(|| AgentError::UnknownSnapshot(id.to_string()))?;
         from_json(&bytes)
     }
 
     pub fn snapshots(&self) -> Result<Vec<SnapshotRecord>, AgentError> {
-        self.snapshots
-            .iter()
-            .values()
-            .map(|bytes| from_json(&bytes?))
-            .collect()
+        values(self.kv.entries(Tree::Snapshots)?)
     }
 
     pub fn journal(&self, key: &str) -> Result<Option<JournalRecord>, AgentError> {
-        self.journal
-            .get(key.as_bytes())?
+        self.kv
+            .get(Tree::Journal, key.as_bytes())?
             .map(|bytes| from_json(&bytes))
             .transpose()
     }
 
-    /// Writes a journal record and flushes: the record is on disk before the caller acts.
+    /// Writes a journal record durably: the record is on disk before the caller acts.
     pub fn put_journal(&self, key: &str, record: &JournalRecord) -> Result<(), AgentError> {
-        self.journal.insert(key.as_bytes(), to_json(record)?)?;
-        self.flush()
+        self.kv
+            .insert(Tree::Journal, key.as_bytes(), &to_json(record)?)
     }
 
     pub fn journal_entries(&self) -> Result<Vec<JournalRecord>, AgentError> {
-        self.journal
-            .iter()
-            .values()
-            .map(|bytes| from_json(&bytes?))
-            .collect()
+        values(self.kv.entries(Tree::Journal)?)
     }
 
     /// Journal records with their keys (`cluster/step_id`).
     pub fn journal_with_keys(&self) -> Result<Vec<(String, JournalRecord)>, AgentError> {
-        self.journal
-            .iter()
-            .map(|entry| {
-                let (key, bytes) = entry?;
+        self.kv
+            .entries(Tree::Journal)?
+            .into_iter()
+            .map(|(key, bytes)| {
                 Ok((
                     String::from_utf8_lossy(&key).into_owned(),
                     from_json(&bytes)?,
@@ -357,87 +297,77 @@ impl Store {
     /// The highest term seen for `owner` (0 when none; `u64::MAX` once a restore closed it).
     pub fn fence(&self, owner: &str) -> Result<u64, AgentError> {
         Ok(self
-            .fences
-            .get(owner.as_bytes())?
-            .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_ref()).ok())
+            .kv
+            .get(Tree::Fences, owner.as_bytes())?
+            .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_slice()).ok())
             .map_or(0, u64::from_be_bytes))
     }
 
     pub fn put_self_revert(&self, record: &SelfRevertRecord) -> Result<(), AgentError> {
-        self.self_reverts
-            .insert(record.id.as_bytes(), to_json(record)?)?;
-        self.flush()
+        self.kv
+            .insert(Tree::SelfReverts, record.id.as_bytes(), &to_json(record)?)
     }
 
     /// Self-reverts no coordinator has recorded yet, oldest first.
     pub fn self_reverts(&self) -> Result<Vec<SelfRevertRecord>, AgentError> {
-        let mut records: Vec<SelfRevertRecord> = self
-            .self_reverts
-            .iter()
-            .values()
-            .map(|bytes| from_json(&bytes?))
-            .collect::<Result<_, _>>()?;
+        let mut records: Vec<SelfRevertRecord> = values(self.kv.entries(Tree::SelfReverts)?)?;
         records.sort_by_key(|record| record.at_ms);
         Ok(records)
     }
 
     /// A coordinator recorded the self-revert: it need not be reported again.
     pub fn forget_self_revert(&self, id: &str) -> Result<(), AgentError> {
-        self.self_reverts.remove(id.as_bytes())?;
-        self.flush()
+        self.kv.remove(Tree::SelfReverts, id.as_bytes())
     }
 
-    /// Records what rewind just put on `service` (flushed: it is what drift is judged by).
+    /// Records what rewind just put on `service` (durably: it is what drift is judged by).
     pub fn put_desired(&self, service: &str, desired: &DesiredState) -> Result<(), AgentError> {
-        self.desired.insert(service.as_bytes(), to_json(desired)?)?;
-        self.flush()
+        self.kv
+            .insert(Tree::Desired, service.as_bytes(), &to_json(desired)?)
     }
 
     /// Remembers that `service`'s client-cache window ends at `due_ms`; a window already open
     /// that ends later keeps its end.
     pub fn put_client_cache_off(&self, service: &str, due_ms: u64) -> Result<(), AgentError> {
-        self.client_cache_off
-            .fetch_and_update(service.as_bytes(), |old| {
+        self.kv
+            .update(Tree::ClientCacheOff, service.as_bytes(), |old| {
                 let old = old.and_then(due_of).unwrap_or(0);
-                Some(old.max(due_ms).to_be_bytes().to_vec())
+                old.max(due_ms).to_be_bytes().to_vec()
             })?;
-        self.flush()
+        Ok(())
     }
 
     /// Each service with a client-cache window open, with when it ends (`None`: an entry that
     /// does not read as a time).
     pub fn client_cache_offs(&self) -> Result<Vec<(String, Option<u64>)>, AgentError> {
-        self.client_cache_off
-            .iter()
-            .map(|entry| {
-                let (service, due) = entry?;
-                Ok((String::from_utf8_lossy(&service).into_owned(), due_of(&due)))
-            })
-            .collect()
+        Ok(self
+            .kv
+            .entries(Tree::ClientCacheOff)?
+            .into_iter()
+            .map(|(service, due)| (String::from_utf8_lossy(&service).into_owned(), due_of(&due)))
+            .collect())
     }
 
     /// When `service`'s client-cache window ends, if one is open.
     pub fn client_cache_off(&self, service: &str) -> Result<Option<u64>, AgentError> {
         Ok(self
-            .client_cache_off
-            .get(service.as_bytes())?
+            .kv
+            .get(Tree::ClientCacheOff, service.as_bytes())?
             .and_then(|due| due_of(&due)))
     }
 
     /// Forgets `service`'s window once its `off` hook ran, unless a later step moved it on.
     pub fn clear_client_cache_off(&self, service: &str, due_ms: u64) -> Result<(), AgentError> {
-        let _ = self.client_cache_off.compare_and_swap(
+        self.kv.remove_if(
+            Tree::ClientCacheOff,
             service.as_bytes(),
-            Some(&due_ms.to_be_bytes()[..]),
-            None as Option<&[u8]>,
-        )?;
-        self.flush()
+            &due_ms.to_be_bytes(),
+        )
     }
 
     /// Forgets `service`'s window whatever it holds (unreadable, or nothing can close it).
     pub fn remove_client_cache_off(&self, service: &str) -> Result<(), AgentError> {
-        self.client_cache_off.remove(service.as_bytes())?;
-        self.flush()
+        self.kv.remove(Tree::ClientCacheOff, service.as_bytes())
     }
 
     /// Remembers that `service`'s release `version` is the image `image` (a managed container
@@ -449,9 +379,8 @@ impl Store {
         image: &str,
     ) -> Result<(), AgentError> {
         let key = format!("{service}/{version}");
-        self.container_versions
-            .insert(key.as_bytes(), image.as_bytes())?;
-        self.flush()
+        self.kv
+            .insert(Tree::ContainerVersions, key.as_bytes(), image.as_bytes())
     }
 
     /// Keeps what an activation is about to create `service`'s container from (the image and
@@ -464,9 +393,11 @@ impl Store {
         spec: &[u8],
     ) -> Result<(), AgentError> {
         let value = to_json(&(image, hex::encode(spec)))?;
-        self.container_versions
-            .insert(pending_key(service).as_bytes(), value)?;
-        self.flush()
+        self.kv.insert(
+            Tree::ContainerVersions,
+            pending_key(service).as_bytes(),
+            &value,
+        )
     }
 
     /// What an activation of `service`'s container was creating it from, if one was cut off.
@@ -475,8 +406,8 @@ impl Store {
         service: &str,
     ) -> Result<Option<(String, Vec<u8>)>, AgentError> {
         let Some(bytes) = self
-            .container_versions
-            .get(pending_key(service).as_bytes())?
+            .kv
+            .get(Tree::ContainerVersions, pending_key(service).as_bytes())?
         else {
             return Ok(None);
         };
@@ -487,47 +418,47 @@ impl Store {
 
     /// Forgets `service`'s pending container once it runs.
     pub fn clear_container_pending(&self, service: &str) -> Result<(), AgentError> {
-        self.container_versions
-            .remove(pending_key(service).as_bytes())?;
-        self.flush()
+        self.kv
+            .remove(Tree::ContainerVersions, pending_key(service).as_bytes())
     }
 
     /// `service`'s releases activated here as containers: (version, image id), by version.
     pub fn container_versions(&self, service: &str) -> Result<Vec<(String, String)>, AgentError> {
         let prefix = format!("{service}/");
-        self.container_versions
-            .scan_prefix(prefix.as_bytes())
-            .map(|entry| {
-                let (key, image) = entry?;
+        Ok(self
+            .kv
+            .entries_with_prefix(Tree::ContainerVersions, prefix.as_bytes())?
+            .into_iter()
+            .map(|(key, image)| {
                 let key = String::from_utf8_lossy(&key);
-                Ok((
+                (
                     key[prefix.len()..].to_string(),
                     String::from_utf8_lossy(&image).into_owned(),
-                ))
+                )
             })
-            .collect()
+            .collect())
     }
 
     /// What rewind last put on `service`, if it has since this agent recorded it.
     pub fn desired(&self, service: &str) -> Result<Option<DesiredState>, AgentError> {
-        self.desired
-            .get(service.as_bytes())?
+        self.kv
+            .get(Tree::Desired, service.as_bytes())?
             .map(|bytes| from_json(&bytes))
             .transpose()
     }
 
     /// The file hashes last computed for a release tree (`service/releases/v1`); empty if none.
     pub fn tree_hashes(&self, tree: &str) -> Result<TreeHashes, AgentError> {
-        self.tree_hashes
-            .get(tree.as_bytes())?
+        self.kv
+            .get(Tree::TreeHashes, tree.as_bytes())?
             .map_or(Ok(TreeHashes::default()), |bytes| from_json(&bytes))
     }
 
-    /// Replaces a tree's file hashes (so entries of deleted files go with it). Not flushed: a
+    /// Replaces a tree's file hashes (so entries of deleted files go with it). Not synced: a
     /// lost cache only costs a re-hash.
     pub fn put_tree_hashes(&self, tree: &str, hashes: &TreeHashes) -> Result<(), AgentError> {
-        self.tree_hashes.insert(tree.as_bytes(), to_json(hashes)?)?;
-        Ok(())
+        self.kv
+            .insert_unsynced(Tree::TreeHashes, tree.as_bytes(), &to_json(hashes)?)
     }
 
     /// Keeps a service's job checkpoint as it was when `owner` (a rollback) paused its
@@ -538,9 +469,11 @@ impl Store {
         owner: &str,
         kept: Option<&KeptFile>,
     ) -> Result<(), AgentError> {
-        self.checkpoints
-            .insert(checkpoint_key(service, owner), to_json(&kept)?)?;
-        self.flush()
+        self.kv.insert(
+            Tree::Checkpoints,
+            &checkpoint_key(service, owner),
+            &to_json(&kept)?,
+        )
     }
 
     /// The checkpoint `owner` kept at pause: `None` when it paused nothing, `Some(None)` when
@@ -550,15 +483,15 @@ impl Store {
         service: &str,
         owner: &str,
     ) -> Result<Option<Option<KeptFile>>, AgentError> {
-        self.checkpoints
-            .get(checkpoint_key(service, owner))?
+        self.kv
+            .get(Tree::Checkpoints, &checkpoint_key(service, owner))?
             .map(|stored| from_json(&stored))
             .transpose()
     }
 
     pub fn remove_checkpoint(&self, service: &str, owner: &str) -> Result<(), AgentError> {
-        self.checkpoints.remove(checkpoint_key(service, owner))?;
-        self.flush()
+        self.kv
+            .remove(Tree::Checkpoints, &checkpoint_key(service, owner))
     }
 
     /// Where rows a down migration would destroy are exported: `<data-dir>/exports`.
@@ -566,49 +499,52 @@ impl Store {
         &self.exports_dir
     }
 
-    /// Keeps (flushed) the report of a transaction about to be prepared.
+    /// Keeps (durably) the report of a transaction about to be prepared.
     pub fn put_prepared_report(
         &self,
         key: &str,
         report: &rewind_proto::v1::ShardReport,
     ) -> Result<(), AgentError> {
-        self.schema
-            .insert(format!("prepared/{key}"), to_json(report)?)?;
-        self.flush()
+        self.kv.insert(
+            Tree::Schema,
+            format!("prepared/{key}").as_bytes(),
+            &to_json(report)?,
+        )
     }
 
     pub fn prepared_report(
         &self,
         key: &str,
     ) -> Result<Option<rewind_proto::v1::ShardReport>, AgentError> {
-        match self.schema.get(format!("prepared/{key}"))? {
+        match self
+            .kv
+            .get(Tree::Schema, format!("prepared/{key}").as_bytes())?
+        {
             Some(bytes) => Ok(Some(from_json(&bytes)?)),
             None => Ok(None),
         }
     }
 
-    /// Marks a transaction resolved (flushed): it is never prepared again.
+    /// Marks a transaction resolved (durably): it is never prepared again.
     pub fn mark_resolved(&self, key: &str) -> Result<(), AgentError> {
-        self.schema.insert(format!("resolved/{key}"), &[1u8])?;
-        self.flush()
+        self.kv
+            .insert(Tree::Schema, format!("resolved/{key}").as_bytes(), &[1u8])
     }
 
     pub fn is_resolved(&self, key: &str) -> Result<bool, AgentError> {
-        Ok(self.schema.contains_key(format!("resolved/{key}"))?)
+        self.kv
+            .contains(Tree::Schema, format!("resolved/{key}").as_bytes())
     }
 
     /// Records `term` for `owner` unless a higher one was seen; returns the highest seen.
     pub fn raise_fence(&self, owner: &str, term: u64) -> Result<u64, AgentError> {
-        let updated = self.fences.update_and_fetch(owner.as_bytes(), |old| {
+        let updated = self.kv.update(Tree::Fences, owner.as_bytes(), |old| {
             let seen = old
                 .and_then(|bytes| <[u8; 8]>::try_from(bytes).ok())
                 .map_or(0, u64::from_be_bytes);
-            Some(seen.max(term).to_be_bytes().to_vec())
+            seen.max(term).to_be_bytes().to_vec()
         })?;
-        self.flush()?;
-        Ok(updated
-            .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_ref()).ok())
-            .map_or(term, u64::from_be_bytes))
+        Ok(<[u8; 8]>::try_from(updated.as_slice()).map_or(term, u64::from_be_bytes))
     }
 }
 
@@ -684,6 +620,16 @@ mod hex_bytes {
 
 fn checkpoint_key(service: &str, owner: &str) -> Vec<u8> {
     format!("{service}/{owner}").into_bytes()
+}
+
+/// The values of `entries`, decoded.
+fn values<T: serde::de::DeserializeOwned>(
+    entries: crate::kv::Entries,
+) -> Result<Vec<T>, AgentError> {
+    entries
+        .into_iter()
+        .map(|(_, bytes)| from_json(&bytes))
+        .collect()
 }
 
 fn to_json<T: Serialize>(value: &T) -> Result<Vec<u8>, AgentError> {
