@@ -136,6 +136,37 @@ fn main() -> ExitCode {
     }
 }
 
+/// The runtime the Raft transport sends from: one worker thread, `raft-peers`. Shut down
+/// without waiting when dropped, as a runtime must be inside another's async context.
+struct PeerRuntime(Option<tokio::runtime::Runtime>);
+
+impl PeerRuntime {
+    fn start() -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("raft-peers")
+            .enable_all()
+            .build()?;
+        Ok(Self(Some(runtime)))
+    }
+
+    fn handle(&self) -> tokio::runtime::Handle {
+        self.0
+            .as_ref()
+            .expect("running until dropped")
+            .handle()
+            .clone()
+    }
+}
+
+impl Drop for PeerRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
 fn report(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -432,8 +463,11 @@ async fn serve(
     let incoming_snapshots = store.incoming_snapshot_dir();
     let snapshot_stats = Arc::new(node::transport::SnapshotStats::default());
     let (peer_reports, peer_report_receiver) = node::peer_report_channel();
+    // Member traffic goes out from a runtime of its own, so that a leader whose workers are busy
+    // with thousands of agents' streams still sends heartbeats and appends on time.
+    let peer_runtime = PeerRuntime::start().context("start the runtime for member traffic")?;
     let transport = node::transport::GrpcTransport::new(
-        tokio::runtime::Handle::current(),
+        peer_runtime.handle(),
         node::transport::PeerTls {
             files: config.tls.clone(),
             accept_legacy: config.access.legacy_certificates,

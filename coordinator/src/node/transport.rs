@@ -211,6 +211,9 @@ impl GrpcTransport {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let own_id = routes.own_id;
+        // The channels made below start their connection tasks on the transport's runtime.
+        let runtime = routes.runtime.clone();
+        let _on_runtime = runtime.enter();
         routes.peers.retain(|id, route| {
             peers
                 .iter()
@@ -769,5 +772,60 @@ impl FailureEpisode {
         if std::mem::take(&mut self.failing) {
             info!(peer = peer.id, address = %peer.address, "{message}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peers_senders_and_connections_run_on_the_runtime_the_transport_was_given() {
+        rewind_shared::tls::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        rewind_shared::dev_ca::ensure_dev_pki(&dir.path().join("tls")).unwrap();
+        let store = crate::storage::RaftStore::open(&dir.path().join("raft")).unwrap();
+        let runtime = |name: &str| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name(name)
+                .enable_all()
+                .build()
+                .unwrap()
+        };
+        let (agents, members) = (runtime("agents"), runtime("members"));
+        let (reports, _reports) = super::super::peer_report_channel();
+        let transport = GrpcTransport::new(
+            members.handle().clone(),
+            PeerTls {
+                files: TlsFiles::in_dir(
+                    &dir.path().join("tls"),
+                    rewind_shared::dev_ca::COORDINATOR,
+                ),
+                accept_legacy: false,
+            },
+            "cluster".into(),
+            1,
+            reports,
+            store.snapshot_files(),
+            Arc::default(),
+        );
+        // Routes are set from the server's runtime (membership changes), as in the coordinator.
+        agents.block_on(async {
+            transport.set_peers(&[Peer {
+                id: 2,
+                address: "127.0.0.1:9".into(),
+            }]);
+        });
+        // The message sender, the snapshot sender, and each lazy channel's connection worker.
+        let on_members = members.handle().metrics().num_alive_tasks();
+        let on_agents = agents.handle().metrics().num_alive_tasks();
+        assert!(
+            on_members >= 3,
+            "{on_members} tasks on the members' runtime"
+        );
+        assert_eq!(on_agents, 0, "nothing of the route on the agents' runtime");
+        agents.shutdown_background();
+        members.shutdown_background();
     }
 }

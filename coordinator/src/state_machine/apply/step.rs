@@ -265,9 +265,9 @@ fn wave_is_current(record: &RollbackRecord, wave: u32) -> bool {
         );
         gate_done
             && (!record_of.isolation
-                || record.wave_steps(earlier).all(|step| {
-                    step.progress.status.is_terminal() || record.is_deferred(step)
-                }))
+                || record
+                    .wave_steps(earlier)
+                    .all(|step| step.progress.status.is_terminal() || record.is_deferred(step)))
     })
 }
 
