@@ -102,9 +102,21 @@ pub type Entries = Vec<(Vec<u8>, Vec<u8>)>;
 /// One connection, shared by the agent's tasks (a step's few writes are short).
 #[derive(Clone)]
 pub struct Kv {
-    connection: Arc<Mutex<Connection>>,
+    db: Arc<Mutex<Db>>,
     path: std::path::PathBuf,
 }
+
+struct Db {
+    connection: Connection,
+    /// Commits since the last checkpoint (see [`CHECKPOINT_EVERY`]).
+    writes: u32,
+}
+
+/// How many commits go by between checkpoints (copying the write-ahead log into the database).
+/// The store checkpoints itself rather than leave it to SQLite's automatic one, which discards
+/// a checkpoint's error: a failed fsync there, of frames an unsynced write left, would go
+/// unseen (the kernel reports it once) while the next commit's fsync reported success.
+const CHECKPOINT_EVERY: u32 = 256;
 
 impl Kv {
     /// Opens (creating) the database in `dir`, copying in a sled store found there.
@@ -120,6 +132,7 @@ impl Kv {
                 "PRAGMA locking_mode = EXCLUSIVE;
                  PRAGMA journal_mode = WAL;
                  PRAGMA synchronous = FULL;
+                 PRAGMA wal_autocheckpoint = 0;
                  PRAGMA cache_size = -{CACHE_KIB};
                  PRAGMA journal_size_limit = {WAL_SIZE_LIMIT};
                  CREATE TABLE IF NOT EXISTS kv (
@@ -133,23 +146,69 @@ impl Kv {
             ))
             .map_err(failed(&path, "set up"))?;
         let kv = Self {
-            connection: Arc::new(Mutex::new(connection)),
+            db: Arc::new(Mutex::new(Db {
+                connection,
+                writes: 0,
+            })),
             path,
         };
+        kv.checkpoint()?;
         kv.migrate_from_sled(dir)?;
         Ok(kv)
     }
 
-    fn lock(&self) -> MutexGuard<'_, Connection> {
-        // A panic while holding it left no transaction open (each is one statement or
-        // committed before returning): the connection is still sound.
-        self.connection
+    fn lock(&self) -> MutexGuard<'_, Db> {
+        // A panic while holding it left no transaction open (each is one statement, or a
+        // transaction rolled back when dropped): the connection is still sound.
+        self.db
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Copies the write-ahead log into the database and shrinks it, failing (an I/O error:
+    /// exiting) as a commit would.
+    fn checkpoint(&self) -> Result<(), AgentError> {
+        let mut db = self.lock();
+        db.connection
+            .execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
+            .map_err(failed(&self.path, "checkpoint"))?;
+        db.writes = 0;
+        Ok(())
+    }
+
+    /// Runs one write (`durable`: its commit waits for the disk; otherwise it is durable with
+    /// the next that does, the log being appended in order) and checkpoints every
+    /// [`CHECKPOINT_EVERY`] writes.
+    fn write<T>(
+        &self,
+        durable: bool,
+        write: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, AgentError> {
+        let mut db = self.lock();
+        if !durable {
+            db.connection
+                .execute_batch("PRAGMA synchronous = NORMAL")
+                .map_err(failed(&self.path, "configure"))?;
+        }
+        let written = write(&mut db.connection).map_err(failed(&self.path, "write"));
+        if !durable && let Err(error) = db.connection.execute_batch("PRAGMA synchronous = FULL") {
+            // Every later commit would skip its fsync and still report success.
+            storage_failed(&self.path, &error);
+        }
+        let written = written?;
+        db.writes += 1;
+        if db.writes >= CHECKPOINT_EVERY {
+            db.connection
+                .execute_batch("PRAGMA wal_checkpoint(PASSIVE)")
+                .map_err(failed(&self.path, "checkpoint"))?;
+            db.writes = 0;
+        }
+        Ok(written)
+    }
+
     pub fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, AgentError> {
         self.lock()
+            .connection
             .prepare_cached("SELECT value FROM kv WHERE tree = ?1 AND key = ?2")
             .and_then(|mut statement| {
                 statement
@@ -159,71 +218,50 @@ impl Kv {
             .map_err(failed(&self.path, "read"))
     }
 
-    /// Sets `key` to `value` without waiting for the disk: durable with the next durable write
-    /// (the log is appended in order), or lost with a crash before it. For what a later write
-    /// refers to (a blob before its snapshot) or what costs only a recomputation (a cache).
-    pub fn insert_unsynced(&self, tree: Tree, key: &[u8], value: &[u8]) -> Result<(), AgentError> {
-        let connection = self.lock();
-        connection
-            .execute_batch("PRAGMA synchronous = NORMAL")
-            .map_err(failed(&self.path, "configure"))?;
-        let written = connection
-            .prepare_cached("INSERT OR REPLACE INTO kv (tree, key, value) VALUES (?1, ?2, ?3)")
-            .and_then(|mut statement| statement.execute(params![tree.name(), key, value]))
-            .map_err(failed(&self.path, "write"));
-        // Back to durable commits whatever the write did.
-        connection
-            .execute_batch("PRAGMA synchronous = FULL")
-            .map_err(failed(&self.path, "configure"))?;
-        written?;
-        Ok(())
-    }
-
     pub fn contains(&self, tree: Tree, key: &[u8]) -> Result<bool, AgentError> {
         Ok(self.get(tree, key)?.is_some())
     }
 
     /// Sets `key` to `value`, durably.
     pub fn insert(&self, tree: Tree, key: &[u8], value: &[u8]) -> Result<(), AgentError> {
-        self.lock()
-            .prepare_cached("INSERT OR REPLACE INTO kv (tree, key, value) VALUES (?1, ?2, ?3)")
-            .and_then(|mut statement| statement.execute(params![tree.name(), key, value]))
-            .map_err(failed(&self.path, "write"))?;
-        Ok(())
+        self.write(true, |connection| put(connection, tree, key, value))
+    }
+
+    /// Sets `key` to `value` without waiting for the disk: durable with the next durable write,
+    /// or lost with a crash before it. For what a later write refers to (a blob before its
+    /// snapshot) or what costs only a recomputation (a cache).
+    pub fn insert_unsynced(&self, tree: Tree, key: &[u8], value: &[u8]) -> Result<(), AgentError> {
+        self.write(false, |connection| put(connection, tree, key, value))
     }
 
     /// Sets `key` to `value` unless it holds something; whether it was set.
     /// Without waiting for the disk, as [`Kv::insert_unsynced`].
     pub fn insert_new(&self, tree: Tree, key: &[u8], value: &[u8]) -> Result<bool, AgentError> {
-        let connection = self.lock();
-        connection
-            .execute_batch("PRAGMA synchronous = NORMAL")
-            .map_err(failed(&self.path, "configure"))?;
-        let inserted = connection
-            .prepare_cached("INSERT OR IGNORE INTO kv (tree, key, value) VALUES (?1, ?2, ?3)")
-            .and_then(|mut statement| statement.execute(params![tree.name(), key, value]))
-            .map_err(failed(&self.path, "write"));
-        connection
-            .execute_batch("PRAGMA synchronous = FULL")
-            .map_err(failed(&self.path, "configure"))?;
-        Ok(inserted? == 1)
+        let inserted = self.write(false, |connection| {
+            connection
+                .prepare_cached("INSERT OR IGNORE INTO kv (tree, key, value) VALUES (?1, ?2, ?3)")?
+                .execute(params![tree.name(), key, value])
+        })?;
+        Ok(inserted == 1)
     }
 
     pub fn remove(&self, tree: Tree, key: &[u8]) -> Result<(), AgentError> {
-        self.lock()
-            .prepare_cached("DELETE FROM kv WHERE tree = ?1 AND key = ?2")
-            .and_then(|mut statement| statement.execute(params![tree.name(), key]))
-            .map_err(failed(&self.path, "write"))?;
-        Ok(())
+        self.write(true, |connection| {
+            connection
+                .prepare_cached("DELETE FROM kv WHERE tree = ?1 AND key = ?2")?
+                .execute(params![tree.name(), key])
+                .map(drop)
+        })
     }
 
     /// Removes `key` only while it holds `value`.
     pub fn remove_if(&self, tree: Tree, key: &[u8], value: &[u8]) -> Result<(), AgentError> {
-        self.lock()
-            .prepare_cached("DELETE FROM kv WHERE tree = ?1 AND key = ?2 AND value = ?3")
-            .and_then(|mut statement| statement.execute(params![tree.name(), key, value]))
-            .map_err(failed(&self.path, "write"))?;
-        Ok(())
+        self.write(true, |connection| {
+            connection
+                .prepare_cached("DELETE FROM kv WHERE tree = ?1 AND key = ?2 AND value = ?3")?
+                .execute(params![tree.name(), key, value])
+                .map(drop)
+        })
     }
 
     /// Sets `key` to what `change` makes of its value (`None`: absent), in one transaction;
@@ -234,33 +272,28 @@ impl Kv {
         key: &[u8],
         change: impl FnOnce(Option<&[u8]>) -> Vec<u8>,
     ) -> Result<Vec<u8>, AgentError> {
-        let mut connection = self.lock();
-        let transaction = connection
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(failed(&self.path, "begin"))?;
-        let old: Option<Vec<u8>> = transaction
-            .query_row(
-                "SELECT value FROM kv WHERE tree = ?1 AND key = ?2",
-                params![tree.name(), key],
-                |row| row.get(0),
-            )
-            .optional()
-            .map_err(failed(&self.path, "read"))?;
-        let new = change(old.as_deref());
-        transaction
-            .execute(
-                "INSERT OR REPLACE INTO kv (tree, key, value) VALUES (?1, ?2, ?3)",
-                params![tree.name(), key, new],
-            )
-            .map_err(failed(&self.path, "write"))?;
-        transaction.commit().map_err(failed(&self.path, "commit"))?;
-        Ok(new)
+        self.write(true, |connection| {
+            let transaction =
+                connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let old: Option<Vec<u8>> = transaction
+                .query_row(
+                    "SELECT value FROM kv WHERE tree = ?1 AND key = ?2",
+                    params![tree.name(), key],
+                    |row| row.get(0),
+                )
+                .optional()?;
+            let new = change(old.as_deref());
+            put(&transaction, tree, key, &new)?;
+            transaction.commit()?;
+            Ok(new)
+        })
     }
 
     /// Every row of `tree` whose key starts with `prefix`, by key.
     pub fn entries_with_prefix(&self, tree: Tree, prefix: &[u8]) -> Result<Entries, AgentError> {
-        let connection = self.lock();
-        let mut statement = connection
+        let db = self.lock();
+        let mut statement = db
+            .connection
             .prepare_cached("SELECT key, value FROM kv WHERE tree = ?1 AND key >= ?2 ORDER BY key")
             .map_err(failed(&self.path, "read"))?;
         let rows = statement
@@ -285,32 +318,32 @@ impl Kv {
         self.entries_with_prefix(tree, b"")
     }
 
-    /// Copies a store sled wrote in `dir` into the table, once: every tree in one transaction
-    /// with the row that marks it done, so a crash midway copies again from the start and a
-    /// crash after it never copies again over later writes. Then sled's files go, its `conf`
-    /// last, replaced by [`MOVED_CONF`]: until then the directory still reads as sled's, so a
-    /// crash partway through is finished at the next start.
+    /// Copies a store sled wrote in `dir` into the table, once, and marks the directory moved.
+    ///
+    /// The copy is one transaction with the row that marks it done, so a crash midway copies
+    /// again from the start, and none copies again over later writes. Straight after it (and
+    /// in a store this release made) sled's `conf` becomes [`MOVED_CONF`], which sled refuses:
+    /// from then on no earlier release writes here, and nothing is copied again. Then what is
+    /// left of sled's files goes, at this start or, after a crash, the next.
     fn migrate_from_sled(&self, dir: &Path) -> Result<(), AgentError> {
         let conf = dir.join("conf");
-        let moved_conf =
+        let moved =
             std::fs::read(&conf).is_ok_and(|bytes| bytes.starts_with(MOVED_CONF.as_bytes()));
-        let sled_there =
-            dir.join("db").exists() || dir.join("blobs").exists() || (conf.exists() && !moved_conf);
-        if !sled_there {
-            return Ok(());
-        }
-        if self.get(Tree::Meta, MIGRATED_FROM_SLED)?.is_none() {
-            let copied = self.copy_from_sled(dir)?;
-            // The copy went through the log in one transaction: fold it into the database and
-            // shrink the log back.
-            self.lock()
-                .execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
-                .map_err(failed(&self.path, "checkpoint"))?;
-            tracing::info!(
-                rows = copied,
-                dir = %dir.display(),
-                "Moved the agent's store from sled to SQLite."
-            );
+        if !moved {
+            let sled_there = conf.exists() || dir.join("db").exists();
+            if sled_there && self.get(Tree::Meta, MIGRATED_FROM_SLED)?.is_none() {
+                let copied = self.copy_from_sled(dir)?;
+                tracing::info!(
+                    rows = copied,
+                    dir = %dir.display(),
+                    "Moved the agent's store from sled to SQLite."
+                );
+            }
+            rewind_shared::pki::write_replacing(&conf, MOVED_CONF, 0o600)
+                .map_err(|error| AgentError::Store(error.to_string()))?;
+            // The copy went through the log in one transaction: into the database, and the
+            // log back to its bound.
+            self.checkpoint()?;
         }
         for entry in std::fs::read_dir(dir).map_err(AgentError::io("read", dir))? {
             let entry = entry.map_err(AgentError::io("read", dir))?;
@@ -333,8 +366,6 @@ impl Kv {
             }
             _ => {}
         }
-        rewind_shared::pki::write_replacing(&conf, MOVED_CONF, 0o600)
-            .map_err(|error| AgentError::Store(error.to_string()))?;
         Ok(())
     }
 
@@ -365,37 +396,45 @@ impl Kv {
         let sled_failed = |error: sled::Error| {
             AgentError::Store(format!("read the sled store {}: {error}", dir.display()))
         };
-        let mut connection = self.lock();
-        let transaction = connection
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(failed(&self.path, "begin"))?;
-        let mut copied = 0;
-        for tree in Tree::FROM_SLED {
-            let sled_tree = sled_store.open_tree(tree.name()).map_err(sled_failed)?;
-            for entry in sled_tree.iter() {
-                let (key, value) = entry.map_err(sled_failed)?;
-                transaction
-                    .execute(
-                        "INSERT OR REPLACE INTO kv (tree, key, value) VALUES (?1, ?2, ?3)",
-                        params![tree.name(), key.as_ref(), value.as_ref()],
-                    )
-                    .map_err(failed(&self.path, "write"))?;
-                copied += 1;
+        // Row by row inside the transaction (a sled error rolls it back): the store is not held
+        // in memory whole.
+        let copied = self.write(true, |connection| {
+            let transaction =
+                connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let mut copied = 0usize;
+            for tree in Tree::FROM_SLED {
+                let sled_tree = match sled_store.open_tree(tree.name()) {
+                    Ok(sled_tree) => sled_tree,
+                    Err(error) => return Ok(Err(sled_failed(error))),
+                };
+                for entry in sled_tree.iter() {
+                    let (key, value) = match entry {
+                        Ok(entry) => entry,
+                        Err(error) => return Ok(Err(sled_failed(error))),
+                    };
+                    put(&transaction, tree, &key, &value)?;
+                    copied += 1;
+                }
             }
-        }
-        transaction
-            .execute(
-                "INSERT OR REPLACE INTO kv (tree, key, value) VALUES (?1, ?2, ?3)",
-                params![
-                    Tree::Meta.name(),
-                    MIGRATED_FROM_SLED,
-                    copied.to_string().as_bytes()
-                ],
-            )
-            .map_err(failed(&self.path, "write"))?;
-        transaction.commit().map_err(failed(&self.path, "commit"))?;
+            put(
+                &transaction,
+                Tree::Meta,
+                MIGRATED_FROM_SLED,
+                copied.to_string().as_bytes(),
+            )?;
+            transaction.commit()?;
+            Ok(Ok(copied))
+        })??;
         Ok(copied)
     }
+}
+
+/// Sets `key` to `value` in `tree` (within the caller's transaction, if any).
+fn put(connection: &Connection, tree: Tree, key: &[u8], value: &[u8]) -> rusqlite::Result<()> {
+    connection
+        .prepare_cached("INSERT OR REPLACE INTO kv (tree, key, value) VALUES (?1, ?2, ?3)")?
+        .execute(params![tree.name(), key, value])
+        .map(drop)
 }
 
 /// The store's error for `action` on `path`. A failed read or write of the disk (I/O, a full
@@ -409,13 +448,7 @@ fn failed<'a>(path: &'a Path, action: &'a str) -> impl Fn(rusqlite::Error) -> Ag
             code,
             Some(rusqlite::ErrorCode::SystemIoFailure | rusqlite::ErrorCode::DiskFull)
         ) {
-            tracing::error!(
-                %error,
-                store = %path.display(),
-                "The agent's store failed (a read or write of its disk); exiting ({}). It recovers from what the disk holds when started again.",
-                rewind_shared::config::EXIT_STORAGE_FAILED
-            );
-            std::process::exit(i32::from(rewind_shared::config::EXIT_STORAGE_FAILED));
+            storage_failed(path, &error);
         }
         if code == Some(rusqlite::ErrorCode::DatabaseBusy) {
             return AgentError::Store(format!(
@@ -427,6 +460,18 @@ fn failed<'a>(path: &'a Path, action: &'a str) -> impl Fn(rusqlite::Error) -> Ag
         }
         AgentError::Store(format!("{action} {}: {error}", path.display()))
     }
+}
+
+/// Stops the agent on a failure of its store's disk: a write it could not make durable must
+/// not be acted on. Its supervisor starts it again, from what the disk holds.
+fn storage_failed(path: &Path, error: &rusqlite::Error) -> ! {
+    tracing::error!(
+        %error,
+        store = %path.display(),
+        "The agent's store failed (a read or write of its disk); exiting ({}). It recovers from what the disk holds when started again.",
+        rewind_shared::config::EXIT_STORAGE_FAILED
+    );
+    std::process::exit(i32::from(rewind_shared::config::EXIT_STORAGE_FAILED));
 }
 
 #[cfg(test)]
@@ -510,6 +555,41 @@ mod tests {
         // Opened again: nothing of sled's is left to move.
         let kv = Kv::open(&dir).unwrap();
         assert_eq!(kv.get(Tree::Fences, b"ch-1").unwrap(), Some(fence(9)));
+    }
+
+    #[test]
+    fn a_store_this_release_made_is_refused_by_sled_too() {
+        let data = tempfile::tempdir().unwrap();
+        let dir = data.path().join("store");
+        let kv = Kv::open(&dir).unwrap();
+        kv.insert(Tree::Fences, b"ch-1", &[1]).unwrap();
+        drop(kv);
+        assert!(
+            sled::Config::new().path(&dir).open().is_err(),
+            "an earlier release refuses it instead of starting an empty journal beside it"
+        );
+        // What that refusal left (sled makes `blobs/` before reading its conf) is cleared.
+        let kv = Kv::open(&dir).unwrap();
+        assert!(!dir.join("blobs").exists());
+        assert_eq!(kv.get(Tree::Fences, b"ch-1").unwrap(), Some(vec![1]));
+    }
+
+    #[test]
+    fn the_store_checkpoints_its_log_itself() {
+        let data = tempfile::tempdir().unwrap();
+        let dir = data.path().join("store");
+        let kv = Kv::open(&dir).unwrap();
+        let value = vec![7u8; 4096];
+        for number in 0u32..2_000 {
+            kv.insert_unsynced(Tree::Blobs, &number.to_be_bytes(), &value)
+                .unwrap();
+        }
+        // 8 MB written; SQLite's own checkpoint is off, so without the store's the log would
+        // hold all of it.
+        let log = std::fs::metadata(dir.join(format!("{DATABASE_FILE}-wal")))
+            .map_or(0, |metadata| metadata.len());
+        assert!(log < 2 * WAL_SIZE_LIMIT, "the log is {log} bytes");
+        assert_eq!(kv.entries(Tree::Blobs).unwrap().len(), 2_000);
     }
 
     #[test]

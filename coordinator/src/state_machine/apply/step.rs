@@ -206,13 +206,7 @@ fn start_next_of_host(state: &mut State, finished: &StepTarget, at_ms: u64) -> O
         return None;
     };
     let record = state.rollbacks.get_mut(rollback)?;
-    let position = record
-        .step_lookup
-        .find(&record.steps, host_id, |candidate| {
-            &candidate.service == service
-                && &candidate.host_id == host_id
-                && candidate.kind == *kind
-        })?;
+    let position = step_position(record, service, host_id, *kind)?;
     let steps = &record.steps;
     let this = &steps[position];
     if record.is_deferred(this) || !wave_is_current(record, this.wave) {
@@ -373,6 +367,21 @@ pub(super) fn settle_change(state: &mut State, number: u64, at_ms: u64) {
     }
 }
 
+/// Where a rollback's step of `host_id` of that kind sits in its steps: the first match, as a
+/// `StepTarget` names it.
+fn step_position(
+    record: &mut RollbackRecord,
+    service: &str,
+    host_id: &str,
+    kind: RollbackStepKind,
+) -> Option<usize> {
+    record
+        .step_lookup
+        .find(&record.steps, host_id, |candidate| {
+            candidate.service == service && candidate.host_id == host_id && candidate.kind == kind
+        })
+}
+
 pub(super) fn rollback_step_mut<'a>(
     state: &'a mut State,
     step: &StepTarget,
@@ -390,13 +399,7 @@ pub(super) fn rollback_step_mut<'a>(
             .rollbacks
             .get_mut(rollback)
             .and_then(|record| {
-                let position = record
-                    .step_lookup
-                    .find(&record.steps, host_id, |candidate| {
-                        &candidate.service == service
-                            && &candidate.host_id == host_id
-                            && candidate.kind == *kind
-                    })?;
+                let position = step_position(record, service, host_id, *kind)?;
                 record.steps.get_mut(position)
             })
             .map(|record| &mut record.progress)
