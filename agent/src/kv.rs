@@ -590,6 +590,13 @@ mod tests {
             .map_or(0, |metadata| metadata.len());
         assert!(log < 2 * WAL_SIZE_LIMIT, "the log is {log} bytes");
         assert_eq!(kv.entries(Tree::Blobs).unwrap().len(), 2_000);
+        // And SQLite's own, whose errors nobody would see, stays off.
+        let automatic: i64 = kv
+            .lock()
+            .connection
+            .query_row("PRAGMA wal_autocheckpoint", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(automatic, 0);
     }
 
     #[test]
@@ -605,7 +612,7 @@ mod tests {
     }
 
     #[test]
-    fn an_update_reads_and_writes_in_one_transaction_and_keys_sort_as_bytes() {
+    fn updates_and_compare_and_set_act_on_what_is_stored_and_keys_sort_as_bytes() {
         let data = tempfile::tempdir().unwrap();
         let kv = Kv::open(&data.path().join("store")).unwrap();
         let raised = |old: Option<&[u8]>| {

@@ -277,14 +277,7 @@ fn a_returning_hosts_next_step_is_started_by_the_engine_not_by_apply() {
     let mut world = deferred_and_back();
     world.run_tick(36_000);
     world.step("web-2", RollbackStepKind::Drain, true);
-    let restore = |world: &World| {
-        let step = world.fleet.state.rollbacks[&1]
-            .steps
-            .iter()
-            .find(|step| step.host_id == "web-2" && step.kind == RollbackStepKind::Restore)
-            .unwrap();
-        (step.progress.status, step.progress.attempts)
-    };
+    let restore = |world: &World| world.progress("web-2", RollbackStepKind::Restore);
     assert_eq!(
         restore(&world),
         (StepStatus::Pending, 0),

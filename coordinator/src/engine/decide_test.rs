@@ -204,6 +204,16 @@ impl World {
         });
     }
 
+    /// The status and attempts of `host`'s step of that kind in rollback 1.
+    pub(super) fn progress(&self, host: &str, kind: RollbackStepKind) -> (StepStatus, u32) {
+        let step = self.fleet.state.rollbacks[&1]
+            .steps
+            .iter()
+            .find(|step| step.host_id == host && step.kind == kind)
+            .expect("the rollback has that step");
+        (step.progress.status, step.progress.attempts)
+    }
+
     pub(super) fn decide(&mut self, now_ms: u64) -> Vec<Action> {
         decide(
             &self.fleet.state,
@@ -884,14 +894,7 @@ fn a_step_that_ends_while_an_isolation_runs_first_leaves_its_hosts_next_step_to_
         progress: StepProgress::default(),
     });
     world.step("web-1", RollbackStepKind::Drain, true);
-    let restore = |world: &World| {
-        let step = world.fleet.state.rollbacks[&1]
-            .steps
-            .iter()
-            .find(|step| step.host_id == "web-1" && step.kind == RollbackStepKind::Restore)
-            .unwrap();
-        (step.progress.status, step.progress.attempts)
-    };
+    let restore = |world: &World| world.progress("web-1", RollbackStepKind::Restore);
     assert_eq!(
         restore(&world),
         (StepStatus::Pending, 0),
