@@ -352,21 +352,15 @@ impl Kv {
                     .map_err(AgentError::io("remove", entry.path()))?;
             }
         }
-        let blobs = dir.join("blobs");
-        match std::fs::remove_dir_all(&blobs) {
+        let gone = |removed: std::io::Result<()>, path: &Path| match removed {
             Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
-                return Err(AgentError::io("remove", &blobs)(error));
+                Err(AgentError::io("remove", path)(error))
             }
-            _ => {}
-        }
-        let db = dir.join("db");
-        match std::fs::remove_file(&db) {
-            Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
-                return Err(AgentError::io("remove", &db)(error));
-            }
-            _ => {}
-        }
-        Ok(())
+            _ => Ok(()),
+        };
+        let (blobs, db) = (dir.join("blobs"), dir.join("db"));
+        gone(std::fs::remove_dir_all(&blobs), &blobs)?;
+        gone(std::fs::remove_file(&db), &db)
     }
 
     fn copy_from_sled(&self, dir: &Path) -> Result<usize, AgentError> {

@@ -217,6 +217,21 @@ impl Fleet {
         })
     }
 
+    /// The status and attempts of `host`'s first step of `kind` in `rollback`.
+    pub fn rollback_step_progress(
+        &self,
+        rollback: u64,
+        host: &str,
+        kind: RollbackStepKind,
+    ) -> (StepStatus, u32) {
+        let step = self.state.rollbacks[&rollback]
+            .steps
+            .iter()
+            .find(|step| step.host_id == host && step.kind == kind)
+            .expect("the rollback has that step");
+        (step.progress.status, step.progress.attempts)
+    }
+
     /// Starts a change to `version` and runs it to Deployed.
     pub fn deploy_web(&mut self, version: &str) -> u64 {
         let Outcome::Change(change) = self.apply(start_change(version)) else {

@@ -206,12 +206,7 @@ impl World {
 
     /// The status and attempts of `host`'s step of that kind in rollback 1.
     pub(super) fn progress(&self, host: &str, kind: RollbackStepKind) -> (StepStatus, u32) {
-        let step = self.fleet.state.rollbacks[&1]
-            .steps
-            .iter()
-            .find(|step| step.host_id == host && step.kind == kind)
-            .expect("the rollback has that step");
-        (step.progress.status, step.progress.attempts)
+        self.fleet.rollback_step_progress(1, host, kind)
     }
 
     pub(super) fn decide(&mut self, now_ms: u64) -> Vec<Action> {

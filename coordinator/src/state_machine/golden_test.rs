@@ -1356,12 +1356,7 @@ fn version_thirteen(harness: &mut Fleet) {
         else {
             unreachable!()
         };
-        harness.state.rollbacks[rollback]
-            .steps
-            .iter()
-            .find(|record| &record.host_id == host_id && record.kind == *kind)
-            .map(|record| (record.progress.status, record.progress.attempts))
-            .unwrap()
+        harness.rollback_step_progress(*rollback, host_id, *kind)
     };
     let change = harness.deploy("cart", "v2");
     let Outcome::Rollback(rollback) = harness.apply(rollback_of(change, Trigger::Manual)) else {

@@ -209,7 +209,7 @@ fn start_next_of_host(state: &mut State, finished: &StepTarget, at_ms: u64) -> O
     let position = step_position(record, service, host_id, *kind)?;
     let steps = &record.steps;
     let this = &steps[position];
-    if record.is_deferred(this) || !wave_is_current(record, this.wave) {
+    if record.is_deferred(this) || !record.is_current_wave(this.wave) {
         return None;
     }
     let same_block = |other: &RollbackStepRecord| {
@@ -240,29 +240,6 @@ fn start_next_of_host(state: &mut State, finished: &StepTarget, at_ms: u64) -> O
     };
     start_step(state, &target, at_ms).ok()?;
     Some(target.step_id())
-}
-
-/// Whether `wave`, which still has a step to run, is the rollback's current wave (the engine
-/// drives no other): every wave before it is done. A wave's gate starts only once all its steps
-/// have ended, and steps left unended after it (deferred hosts') hold no wave up, so a gate
-/// that passed or was skipped means its wave is done; but an isolation's wave, put before the
-/// open waves with its gate skipped, is done only once its steps have ended. The same answer as
-/// `current_wave() == Some(wave)` without reading every step of every wave for each result.
-fn wave_is_current(record: &RollbackRecord, wave: u32) -> bool {
-    (0..wave).all(|earlier| {
-        let Some(record_of) = record.waves.get(earlier as usize) else {
-            return false;
-        };
-        let gate_done = matches!(
-            record_of.gate.status,
-            StepStatus::Succeeded | StepStatus::Skipped
-        );
-        gate_done
-            && (!record_of.isolation
-                || record
-                    .wave_steps(earlier)
-                    .all(|step| step.progress.status.is_terminal() || record.is_deferred(step)))
-    })
 }
 
 /// Records how a running step ended; refused for a step that is not running (a late or

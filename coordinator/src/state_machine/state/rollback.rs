@@ -456,6 +456,30 @@ impl RollbackRecord {
         })
     }
 
+    /// Whether `wave`, which still has a step to run, is the current wave (the engine drives no
+    /// other): every wave before it is done. A wave's gate starts only once all its steps have
+    /// ended, and steps left unended after it (deferred hosts') hold no wave up, so a gate that
+    /// passed or was skipped means its wave is done; but an isolation's wave, put before the
+    /// open waves with its gate skipped, is done only once its steps have ended. The same answer
+    /// as `current_wave() == Some(wave)` without reading every step of every wave: `apply()`
+    /// asks it for each result (cluster version 13).
+    pub fn is_current_wave(&self, wave: u32) -> bool {
+        (0..wave).all(|earlier| {
+            let Some(record) = self.waves.get(earlier as usize) else {
+                return false;
+            };
+            let gate_done = matches!(
+                record.gate.status,
+                StepStatus::Succeeded | StepStatus::Skipped
+            );
+            gate_done
+                && (!record.isolation
+                    || self
+                        .wave_steps(earlier)
+                        .all(|step| step.progress.status.is_terminal() || self.is_deferred(step)))
+        })
+    }
+
     /// Whether the step's host was deferred with its lost region: it waits for the host's
     /// return, after the last wave, and holds no wave up.
     pub fn is_deferred(&self, step: &RollbackStepRecord) -> bool {
