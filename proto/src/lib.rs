@@ -24,9 +24,17 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 /// StartRollback`), read from [`FILE_DESCRIPTOR_SET`]: what a check that must cover every RPC
 /// walks, so a new RPC is covered without anyone listing it.
 pub fn methods() -> Vec<String> {
+    methods_in(FILE_DESCRIPTOR_SET)
+}
+
+/// Every method of every service in an encoded `FileDescriptorSet`, as gRPC paths.
+///
+/// # Panics
+/// If `descriptor_set` does not decode: it is one built into a binary, never input.
+pub fn methods_in(descriptor_set: &[u8]) -> Vec<String> {
     use prost::Message as _;
-    let set = prost_types::FileDescriptorSet::decode(FILE_DESCRIPTOR_SET)
-        .expect("the descriptor set built with this crate decodes");
+    let set = prost_types::FileDescriptorSet::decode(descriptor_set)
+        .expect("a descriptor set built into the binary decodes");
     let mut methods = Vec::new();
     for file in &set.file {
         for service in &file.service {

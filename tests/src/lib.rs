@@ -18,6 +18,7 @@ pub mod https;
 pub mod netns;
 pub mod pg;
 pub mod proxy;
+pub mod python;
 pub mod shards;
 pub mod sim;
 pub use netns::PrivateNet;

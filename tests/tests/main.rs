@@ -46,3 +46,4 @@ mod t43_region_loss;
 mod t44_fire_drill;
 mod t45_containers;
 mod t46_verify_reports;
+mod t47_standard_grpc;

@@ -49,6 +49,11 @@ pub enum CallerKind {
     /// Anyone, with or without a certificate: the request itself carries the credential (a
     /// join token).
     Anyone,
+    /// Anyone, with or without a certificate, on any member: health checks, which load
+    /// balancers and probes make without a client certificate.
+    Prober,
+    /// Any certificate of this cluster, with a kind, on any member: server reflection.
+    Certified,
 }
 
 impl CallerKind {
@@ -58,8 +63,19 @@ impl CallerKind {
             Self::Agent => kind == Kind::Agent,
             Self::Person => matches!(kind, Kind::User | Kind::Automation),
             Self::Holder => matches!(kind, Kind::Agent | Kind::User | Kind::Automation),
-            Self::Anyone => true,
+            Self::Anyone | Self::Prober | Self::Certified => true,
         }
+    }
+
+    /// Whether only the leader serves it (agents and people are sent there); members, probes
+    /// and reflection are answered by every member.
+    pub fn leader_only(self) -> bool {
+        !matches!(self, Self::Member | Self::Prober | Self::Certified)
+    }
+
+    /// Whether it is called without a certificate (the gate reads none).
+    pub fn needs_no_certificate(self) -> bool {
+        matches!(self, Self::Anyone | Self::Prober)
     }
 
     pub fn describe(self) -> &'static str {
@@ -69,6 +85,8 @@ impl CallerKind {
             Self::Person => "user and automation certificates",
             Self::Holder => "agent, user and automation certificates",
             Self::Anyone => "anyone",
+            Self::Prober => "anyone, on any member",
+            Self::Certified => "certificates of every kind",
         }
     }
 }
@@ -95,6 +113,17 @@ const fn peer(name: &'static str, kind: CallerKind, action: &'static str) -> Per
         action,
         // Members and agents are not bound to roles: their kind is their permission.
         level: Level::Operate,
+        reach: Reach::Cluster,
+    }
+}
+
+/// A standard service's method: reading only, open to its kind of caller.
+const fn probe(name: &'static str, kind: CallerKind, action: &'static str) -> Permission {
+    Permission {
+        method: name,
+        kind,
+        action,
+        level: Level::Read,
         reach: Reach::Cluster,
     }
 }
@@ -222,6 +251,27 @@ const PEERS: &[Permission] = &[
         CallerKind::Holder,
         "certificate.renew",
     ),
+    // The standard services (`api::probes`): read-only, and served by every member.
+    probe(
+        "/grpc.health.v1.Health/Check",
+        CallerKind::Prober,
+        "health.check",
+    ),
+    probe(
+        "/grpc.health.v1.Health/Watch",
+        CallerKind::Prober,
+        "health.watch",
+    ),
+    probe(
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        CallerKind::Certified,
+        "reflection.info",
+    ),
+    probe(
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        CallerKind::Certified,
+        "reflection.info-v1alpha",
+    ),
 ];
 
 /// What `method` (a gRPC path) needs, or `None` for a method nobody may call.
@@ -256,9 +306,21 @@ pub fn by_action(action: &str) -> Option<&'static Permission> {
 mod tests {
     use super::*;
     #[test]
-    fn every_method_of_the_protocol_has_exactly_one_permission() {
-        let methods = rewind_proto::methods();
+    fn every_method_served_has_exactly_one_permission() {
+        let methods: Vec<String> = crate::api::probes::DESCRIPTOR_SETS
+            .iter()
+            .flat_map(|set| rewind_proto::methods_in(set))
+            .collect();
         assert!(methods.len() > 40, "read {} methods", methods.len());
+        for standard in [
+            "/grpc.health.v1.Health/Watch",
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        ] {
+            assert!(
+                methods.iter().any(|method| method == standard),
+                "{standard}"
+            );
+        }
         for method in &methods {
             let found = all()
                 .filter(|permission| permission.method == method)

@@ -163,8 +163,10 @@ impl Gate {
                 rewind_shared::names::truncate(method, 128)
             ))
         })?;
-        if permission.kind == CallerKind::Anyone {
-            self.leader_only()?;
+        if permission.kind.needs_no_certificate() {
+            if permission.kind.leader_only() {
+                self.leader_only()?;
+            }
             return Ok(None);
         }
         let certificates = request
@@ -179,7 +181,7 @@ impl Gate {
         })?;
         let identity = self.identity(leaf.as_ref())?;
         let principal = self.principal(&identity, permission.kind)?;
-        if !matches!(permission.kind, CallerKind::Member) {
+        if permission.kind.leader_only() {
             self.leader_only()?;
         }
         let policy = self.current_policy();
@@ -243,10 +245,17 @@ impl Gate {
                     CallerKind::Member => Kind::Member,
                     CallerKind::Agent => Kind::Agent,
                     CallerKind::Person => Kind::User,
-                    CallerKind::Holder | CallerKind::Anyone => {
+                    CallerKind::Holder => {
                         return Err(Status::permission_denied(format!(
                             "certificate {:?} has no rewind:// identity, so it cannot be \
                              renewed: join with a token for a new one",
+                            identity.name
+                        )));
+                    }
+                    CallerKind::Certified | CallerKind::Anyone | CallerKind::Prober => {
+                        return Err(Status::permission_denied(format!(
+                            "certificate {:?} has no rewind:// identity, and only a \
+                             certificate with one may call this: re-enroll it",
                             identity.name
                         )));
                     }

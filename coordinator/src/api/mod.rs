@@ -12,6 +12,7 @@ pub mod listener;
 mod member;
 pub(crate) mod plans;
 mod policy;
+pub mod probes;
 pub mod raft;
 mod requests;
 pub mod status;
@@ -240,7 +241,8 @@ pub const MAX_STREAMS_PER_CONNECTION: u32 = 128;
 /// Metadata key carrying the leader's address on `UNAVAILABLE`.
 pub use rewind_shared::LEADER_METADATA_KEY as LEADER_KEY;
 
-/// Serves the agent, control and Raft services on `listener` with mutual TLS until `shutdown`.
+/// Serves the agent, control and Raft services, and the standard health and reflection ones
+/// ([`probes`]), on `listener` with mutual TLS until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
     tls: &TlsFiles,
@@ -268,11 +270,42 @@ pub async fn serve(
     let member = MemberServiceServer::new(member::Member {
         context: context.clone(),
     });
+    let status = context.status.clone();
     let agents = AgentServiceServer::new(agent::Agents { context })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let raft = RaftServiceServer::new(raft_peers)
         .max_decoding_message_size(rewind_proto::MAX_RAFT_BATCH_BYTES);
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let health = health.max_decoding_message_size(probes::MAX_HEALTH_REQUEST_BYTES);
+    let follower = probes::HealthFollower::start(reporter, status).await;
+    let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
+    let following = tokio::spawn(follower.follow(async move {
+        let _ = stopped.await;
+    }));
+    let reflection = || {
+        probes::DESCRIPTOR_SETS.iter().fold(
+            tonic_reflection::server::Builder::configure().include_reflection_service(false),
+            |builder, set| builder.register_encoded_file_descriptor_set(set),
+        )
+    };
+    let reflection_error =
+        |error| CoordinatorError::Internal(format!("the reflection service: {error}"));
+    let reflection_v1 = reflection()
+        .build_v1()
+        .map_err(reflection_error)?
+        .max_decoding_message_size(probes::MAX_REFLECTION_REQUEST_BYTES);
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .map_err(reflection_error)?
+        .max_decoding_message_size(probes::MAX_REFLECTION_REQUEST_BYTES);
+    // The health statuses turn NOT_SERVING and are cleared as shutdown begins, so open Watch
+    // streams end and do not hold up the graceful shutdown.
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stopping.send(());
+        let _ = following.await;
+    };
     tonic::transport::Server::builder()
         // A peer that stops answering is noticed and its connection closed.
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
@@ -288,6 +321,9 @@ pub async fn serve(
         .add_service(raft)
         .add_service(member)
         .add_service(joins)
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(
             listener::incoming(listener, tls_config, budget, stats),
             shutdown,

@@ -1,0 +1,211 @@
+//! The standard gRPC services, through clients that are not rewind's: grpcio's own health
+//! checking and reflection packages (Python), and the repository's Python client example
+//! (`docs/clients/python/rewind_status.py`) with stubs generated from `proto/`.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use rewind_proto::v1 as pb;
+use rewind_tests::python::{must_generate_stubs, must_python, run, workspace};
+use rewind_tests::*;
+use serde_json::Value;
+
+const PROBE: &str = "tests/python/standard_grpc.py";
+const CONTROL: &str = "rewind.v1.ControlService";
+
+/// The one JSON line `standard_grpc.py` prints for a call.
+fn probe(python: &std::path::Path, stubs: &std::path::Path, args: &[&str]) -> Value {
+    let output = run(python, stubs, PROBE, args);
+    assert!(
+        output.status.success(),
+        "{PROBE} {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|error| panic!("{stdout:?}: {error}"))
+}
+
+/// A `Watch` held open by grpcio, its answers read line by line.
+struct Watcher {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<Value>,
+}
+
+impl Watcher {
+    fn start(python: &std::path::Path, address: &str, tls: &str, service: &str) -> Self {
+        let mut child = Command::new(python)
+            .arg(workspace().join(PROBE))
+            .args([address, tls, "watch", service])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the watch");
+        let stdout = child.stdout.take().unwrap();
+        let (sender, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = sender.send(serde_json::from_str(&line).unwrap());
+            }
+        });
+        Self { child, lines }
+    }
+
+    fn must_next(&self, what: &str) -> Value {
+        self.lines
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("no answer on the watch: {what}"))
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_and_reflection_answer_standard_clients_and_follow_the_leader() {
+    let python = must_python();
+    let dir = tempfile::tempdir().unwrap();
+    let stubs = dir.path().join("stubs");
+    must_generate_stubs(&python, &stubs);
+    let mut cluster = ClusterHarness::must_start(dir.path(), 3);
+    let tls = cluster.tls_dir.display().to_string();
+    let (leader, mut client) = cluster.must_leader().await;
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let address = |id: u64| cluster.addresses[id as usize - 1].clone();
+    let check = |id: u64, service: &str| {
+        probe(&python, &stubs, &[&address(id), &tls, "check", service])["status"].clone()
+    };
+
+    // Every member is serving; only the leader serves people and agents. A follower learns
+    // its leader within an election or two.
+    must_wait(
+        Duration::from_secs(30),
+        "the follower to know its leader",
+        || (check(follower, "") == "SERVING").then_some(()),
+    );
+    assert_eq!(check(leader, ""), "SERVING");
+    assert_eq!(check(leader, CONTROL), "SERVING");
+    assert_eq!(check(follower, CONTROL), "NOT_SERVING");
+    assert_eq!(check(follower, "rewind.v1.RaftService"), "SERVING");
+    let unknown = probe(
+        &python,
+        &stubs,
+        &[&address(leader), &tls, "check", "rewind.v1.Nothing"],
+    );
+    assert_eq!(unknown["error"], "NOT_FOUND");
+    // A load balancer's probe needs no client certificate.
+    let anonymous = probe(
+        &python,
+        &stubs,
+        &[&address(leader), &tls, "check", CONTROL, "--no-certificate"],
+    );
+    assert_eq!(anonymous["status"], "SERVING");
+
+    // Reflection, both versions, on a follower too: every service and ControlService's methods.
+    let output = run(
+        &python,
+        &stubs,
+        PROBE,
+        &[&address(follower), &tls, "reflect"],
+    );
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let answers: Vec<Value> = stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(answers.len(), 2, "{stdout}");
+    for answer in &answers {
+        let services: Vec<&str> = answer["services"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{answer}"))
+            .iter()
+            .map(|service| service.as_str().unwrap())
+            .collect();
+        for expected in [
+            CONTROL,
+            "rewind.v1.AgentService",
+            "rewind.v1.RaftService",
+            "rewind.v1.MemberService",
+            "rewind.v1.JoinService",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+        ] {
+            assert!(
+                services.contains(&expected),
+                "{}: {services:?}",
+                answer["version"]
+            );
+        }
+        let methods = answer["control_methods"].as_array().unwrap();
+        assert!(
+            methods.iter().any(|method| method == "StartRollback"),
+            "{answer}"
+        );
+    }
+
+    // The client example, pointed at a follower: it follows the leader's address, and reads a
+    // real rollback and the audit chain.
+    let mut hosts = cluster.must_prepare_hosts(dir.path(), &["web-1"]);
+    hosts[0].must_start_agent();
+    must_agents_connected(&client, 1).await;
+    must_deploy_v1_then_v2(&mut client, &hosts).await;
+    let rollback_id = must_start_rollback_of_v2(&mut client).await;
+    must_rollback_end(&client, &rollback_id).await;
+    let output = run(
+        &python,
+        &stubs,
+        "docs/clients/python/rewind_status.py",
+        &["--coordinator", &address(follower), "--tls-dir", &tls],
+    );
+    assert!(
+        output.status.success(),
+        "the client example: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["control_service"], "NOT_SERVING", "{report}");
+    assert_eq!(report["leader"], address(leader), "{report}");
+    assert_eq!(report["members"].as_array().unwrap().len(), 3, "{report}");
+    let rollbacks = report["rollbacks"].as_array().unwrap();
+    assert_eq!(
+        rollbacks[0]["rollback_id"],
+        rollback_id.as_str(),
+        "{report}"
+    );
+    assert_eq!(
+        rollbacks[0]["state"], "ROLLBACK_STATE_SUCCEEDED",
+        "{report}"
+    );
+    assert_eq!(report["audit"]["ok"], true, "{report}");
+
+    // A watcher of ControlService on the leader hears leadership move away.
+    let watcher = Watcher::start(&python, &address(leader), &tls, CONTROL);
+    assert_eq!(watcher.must_next("the first status")["status"], "SERVING");
+    client
+        .transfer_leader(pb::TransferLeaderRequest {
+            request_id: "move".into(),
+            member_id: follower,
+            reason: "health watch test".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        watcher.must_next("leadership moved")["status"],
+        "NOT_SERVING"
+    );
+    let (new_leader, _) = cluster.must_leader().await;
+    assert_eq!(new_leader, follower);
+    assert_eq!(check(follower, CONTROL), "SERVING");
+
+    // A member stopping with a Watch open ends the watch rather than waiting on it.
+    cluster
+        .terminate(leader, Duration::from_secs(30))
+        .await
+        .expect("the member stops with a watch open");
+    let end = watcher.must_next("the member stopped");
+    assert!(end.get("end").is_some(), "{end}");
+}
