@@ -14,11 +14,11 @@ use rewind_shared::identity::Kind;
 use rewind_shared::tls::TlsFiles;
 use tonic::transport::{Channel, Endpoint};
 
+pub mod clients;
 pub mod https;
 pub mod netns;
 pub mod pg;
 pub mod proxy;
-pub mod python;
 pub mod shards;
 pub mod sim;
 pub use netns::PrivateNet;

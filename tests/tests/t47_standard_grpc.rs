@@ -1,13 +1,15 @@
 //! The standard gRPC services, through clients that are not rewind's: grpcio's own health
-//! checking and reflection packages (Python), and the repository's Python client example
-//! (`docs/clients/python/rewind_status.py`) with stubs generated from `proto/`.
+//! checking and reflection packages (Python), and the repository's client examples in Python
+//! and Go (`docs/clients/`) with stubs generated from `proto/`.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use rewind_proto::v1 as pb;
-use rewind_tests::python::{must_generate_stubs, must_python, run, workspace};
+use rewind_tests::clients::{
+    must_build_go_client, must_generate_python_stubs, must_python, run_python, workspace,
+};
 use rewind_tests::*;
 use serde_json::Value;
 
@@ -16,7 +18,7 @@ const CONTROL: &str = "rewind.v1.ControlService";
 
 /// The one JSON line `standard_grpc.py` prints for a call.
 fn probe(python: &std::path::Path, stubs: &std::path::Path, args: &[&str]) -> Value {
-    let output = run(python, stubs, PROBE, args);
+    let output = run_python(python, stubs, PROBE, args);
     assert!(
         output.status.success(),
         "{PROBE} {args:?}: {}",
@@ -69,7 +71,8 @@ async fn health_and_reflection_answer_standard_clients_and_follow_the_leader() {
     let python = must_python();
     let dir = tempfile::tempdir().unwrap();
     let stubs = dir.path().join("stubs");
-    must_generate_stubs(&python, &stubs);
+    must_generate_python_stubs(&python, &stubs);
+    let go_client = must_build_go_client(&dir.path().join("go"));
     let mut cluster = ClusterHarness::must_start(dir.path(), 3);
     let tls = cluster.tls_dir.display().to_string();
     let (leader, mut client) = cluster.must_leader().await;
@@ -105,7 +108,7 @@ async fn health_and_reflection_answer_standard_clients_and_follow_the_leader() {
     assert_eq!(anonymous["status"], "SERVING");
 
     // Reflection, both versions, on a follower too: every service and ControlService's methods.
-    let output = run(
+    let output = run_python(
         &python,
         &stubs,
         PROBE,
@@ -147,40 +150,43 @@ async fn health_and_reflection_answer_standard_clients_and_follow_the_leader() {
         );
     }
 
-    // The client example, pointed at a follower: it follows the leader's address, and reads a
-    // real rollback and the audit chain.
+    // The client examples, pointed at a follower: each follows the leader's address, and reads
+    // a real rollback and the audit chain.
     let mut hosts = cluster.must_prepare_hosts(dir.path(), &["web-1"]);
     hosts[0].must_start_agent();
     must_agents_connected(&client, 1).await;
     must_deploy_v1_then_v2(&mut client, &hosts).await;
     let rollback_id = must_start_rollback_of_v2(&mut client).await;
     must_rollback_end(&client, &rollback_id).await;
-    let output = run(
+    let python_run = run_python(
         &python,
         &stubs,
         "docs/clients/python/rewind_status.py",
         &["--coordinator", &address(follower), "--tls-dir", &tls],
     );
-    assert!(
-        output.status.success(),
-        "the client example: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
-    assert_eq!(report["control_service"], "NOT_SERVING", "{report}");
-    assert_eq!(report["leader"], address(leader), "{report}");
-    assert_eq!(report["members"].as_array().unwrap().len(), 3, "{report}");
-    let rollbacks = report["rollbacks"].as_array().unwrap();
-    assert_eq!(
-        rollbacks[0]["rollback_id"],
-        rollback_id.as_str(),
-        "{report}"
-    );
-    assert_eq!(
-        rollbacks[0]["state"], "ROLLBACK_STATE_SUCCEEDED",
-        "{report}"
-    );
-    assert_eq!(report["audit"]["ok"], true, "{report}");
+    let go_run = Command::new(&go_client)
+        .args(["-coordinator", &address(follower), "-tls-dir", &tls])
+        .output()
+        .unwrap();
+    for (language, output) in [("Python", python_run), ("Go", go_run)] {
+        assert!(
+            output.status.success(),
+            "the {language} client example: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+        let said = format!("{language}: {report}");
+        assert_eq!(report["health"], "SERVING", "{said}");
+        assert_eq!(report["control_service"], "NOT_SERVING", "{said}");
+        let services = report["services"].as_array().unwrap();
+        assert!(services.iter().any(|service| service == CONTROL), "{said}");
+        assert_eq!(report["leader"], address(leader), "{said}");
+        assert_eq!(report["members"].as_array().unwrap().len(), 3, "{said}");
+        let rollbacks = report["rollbacks"].as_array().unwrap();
+        assert_eq!(rollbacks[0]["rollback_id"], rollback_id.as_str(), "{said}");
+        assert_eq!(rollbacks[0]["state"], "ROLLBACK_STATE_SUCCEEDED", "{said}");
+        assert_eq!(report["audit"]["ok"], true, "{said}");
+    }
 
     // A watcher of ControlService on the leader hears leadership move away.
     let watcher = Watcher::start(&python, &address(leader), &tls, CONTROL);

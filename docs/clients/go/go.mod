@@ -1,0 +1,3 @@
+module rewindclient
+
+go 1.19
