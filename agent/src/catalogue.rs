@@ -51,6 +51,7 @@ use std::time::Duration;
 use regex::Regex;
 use rewind_shared::config::Problems;
 use rewind_shared::names::{self, truncate};
+use rewind_shared::outbound::HttpsFiles;
 use serde::Deserialize;
 
 use crate::AgentError;
@@ -76,8 +77,6 @@ const MAX_HTTP_ATTEMPTS_LIMIT: u32 = 10;
 const MAX_HTTP_HEADERS: usize = 32;
 const MAX_HTTP_HEADER_BYTES: usize = 8 * 1024;
 const MAX_HTTP_BODY_BYTES: usize = 64 * 1024;
-/// A CA bundle trusted by one purge or check.
-const MAX_CA_FILE_BYTES: u64 = 1 << 20;
 const RETRY_BACKOFF: Duration = Duration::from_millis(500);
 
 /// Config of a service's optional steps, as written.
@@ -109,8 +108,11 @@ pub struct RawPurge {
     pub headers: BTreeMap<String, String>,
     /// Sent with a `POST`, `PUT` or `DELETE` (a CDN's purge API takes the URLs or tags in JSON).
     pub body: Option<String>,
-    /// A PEM file of CAs trusted for an `https://` URL besides the public ones.
+    /// A PEM file of CAs trusted for an `https://` URL besides the system's and public ones.
     pub ca_file: Option<std::path::PathBuf>,
+    /// A PEM certificate chain and its key, presented to an endpoint that asks for one.
+    pub client_cert_file: Option<std::path::PathBuf>,
+    pub client_key_file: Option<std::path::PathBuf>,
     pub timeout_ms: Option<u64>,
     /// Attempts before the step fails (default 3).
     pub attempts: Option<u32>,
@@ -136,8 +138,11 @@ pub struct RawCheck {
     pub method: Option<String>,
     pub body: Option<String>,
     pub headers: BTreeMap<String, String>,
-    /// A PEM file of CAs trusted for an `https://` URL besides the public ones.
+    /// A PEM file of CAs trusted for an `https://` URL besides the system's and public ones.
     pub ca_file: Option<std::path::PathBuf>,
+    /// A PEM certificate chain and its key, presented to an endpoint that asks for one.
+    pub client_cert_file: Option<std::path::PathBuf>,
+    pub client_key_file: Option<std::path::PathBuf>,
     pub expect_status: Option<u16>,
     pub body_contains: Option<String>,
     pub max_latency_ms: Option<u64>,
@@ -375,7 +380,7 @@ pub fn validate(
             method,
             headers: purge.headers.clone(),
             body: purge.body.clone(),
-            client: own_client(&purge_field, purge.ca_file.as_deref(), problems),
+            client: own_client(&purge_field, purge.https_files(), problems),
             timeout: bounded_ms(
                 &format!("{purge_field}.timeout-ms"),
                 purge.timeout_ms,
@@ -470,7 +475,7 @@ pub fn validate(
                 .iter()
                 .map(|(name, value)| (name.clone(), value.clone()))
                 .collect(),
-            client: own_client(&check_field, check.ca_file.as_deref(), problems),
+            client: own_client(&check_field, check.https_files(), problems),
             expect_status: check.expect_status.unwrap_or(200),
             body_contains: check.body_contains.clone(),
             max_latency: check.max_latency_ms.map(Duration::from_millis),
@@ -641,79 +646,69 @@ fn check_body(field: &str, body: Option<&str>, problems: &mut Problems) {
     }
 }
 
-/// A CA bundle's bytes: a regular file (not a FIFO or a device), at most
-/// [`MAX_CA_FILE_BYTES`].
-fn read_ca_file(path: &Path) -> Result<Vec<u8>, String> {
-    use std::io::Read;
-    let file = std::fs::File::open(path)
-        .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
-    let metadata = file
-        .metadata()
-        .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
-    if !metadata.is_file() {
-        return Err(format!("{} is not a regular file", path.display()));
-    }
-    let mut pem = Vec::new();
-    file.take(MAX_CA_FILE_BYTES + 1)
-        .read_to_end(&mut pem)
-        .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
-    if pem.len() as u64 > MAX_CA_FILE_BYTES {
-        return Err(format!(
-            "{} is larger than {MAX_CA_FILE_BYTES} bytes",
-            path.display()
-        ));
-    }
-    Ok(pem)
+/// The TLS files a purge or a check names (`rewind_shared::outbound`).
+macro_rules! has_https_files {
+    ($($section:ty),*) => {$(
+        impl $section {
+            fn https_files(&self) -> HttpsFiles {
+                HttpsFiles {
+                    ca_file: self.ca_file.clone(),
+                    client_cert_file: self.client_cert_file.clone(),
+                    client_key_file: self.client_key_file.clone(),
+                }
+            }
+        }
+    )*};
 }
+has_https_files!(RawPurge, RawCheck);
 
-/// A client trusting the CAs of `ca_file` besides the public ones, for an endpoint whose
-/// certificate a private CA issued; `None` without one (the prober's client serves).
-fn own_client(
-    field: &str,
-    ca_file: Option<&Path>,
-    problems: &mut Problems,
-) -> Option<reqwest::Client> {
-    let path = ca_file?;
-    let field = format!("{field}.ca-file");
-    if !path.is_absolute() {
-        problems.add(
-            field,
-            format!("{} must be an absolute path", path.display()),
-        );
+/// A client of its own for an endpoint with TLS files of its own (a private CA, a client
+/// certificate); `None` without any (the prober's client serves, with the agent's `[https]`).
+fn own_client(field: &str, files: HttpsFiles, problems: &mut Problems) -> Option<reqwest::Client> {
+    if files.is_empty() {
         return None;
     }
-    let pem = match read_ca_file(path) {
-        Ok(pem) => pem,
-        Err(why) => {
-            problems.add(field, why);
-            return None;
-        }
-    };
-    let certificates = match reqwest::Certificate::from_pem_bundle(&pem) {
-        Ok(certificates) if !certificates.is_empty() => certificates,
-        Ok(_) => {
-            problems.add(field, format!("{} holds no certificate", path.display()));
-            return None;
-        }
-        Err(error) => {
-            problems.add(
-                field,
-                format!("{} is not PEM certificates: {error}", path.display()),
-            );
-            return None;
-        }
-    };
-    let builder = certificates.into_iter().fold(
-        crate::probes::http_client_builder(),
-        |builder, certificate| builder.add_root_certificate(certificate),
-    );
-    match builder.build() {
+    match https_trust(field, &files, problems)?.client() {
         Ok(client) => Some(client),
         Err(error) => {
-            problems.add(field, format!("no HTTPS client with it: {error}"));
+            problems.add(field, error);
             None
         }
     }
+}
+
+/// `files` (`ca-file`, `client-cert-file`, `client-key-file` under `field`, absolute paths:
+/// the agent may start from any directory) read and checked; `None` with the problems added.
+pub(crate) fn https_trust(
+    field: &str,
+    files: &HttpsFiles,
+    problems: &mut Problems,
+) -> Option<rewind_shared::outbound::HttpsTrust> {
+    let mut relative = false;
+    for (key, path) in [
+        ("ca-file", &files.ca_file),
+        ("client-cert-file", &files.client_cert_file),
+        ("client-key-file", &files.client_key_file),
+    ] {
+        if let Some(path) = path.as_ref().filter(|path| !path.is_absolute()) {
+            problems.add(
+                format!("{field}.{key}"),
+                format!("{} must be an absolute path", path.display()),
+            );
+            relative = true;
+        }
+    }
+    if relative {
+        return None;
+    }
+    files
+        .load(field)
+        .map_err(|found| {
+            for problem in found {
+                problems.add_error(problem);
+            }
+        })
+        .ok()
 }
 
 fn bounded_ms(field: &str, value: Option<u64>, default: u64, problems: &mut Problems) -> Duration {

@@ -66,6 +66,9 @@ pub struct RawConfig {
     pub code_release_interval_s: Option<u64>,
     /// How often each service's drift from its desired state is checked and reported (0: never).
     pub drift_check_interval_s: Option<u64>,
+    /// How the agent's HTTP probes, metrics scrapes and hooks reach https:// URLs: a CA file
+    /// besides the system's and public roots, a client certificate (see `rewind_shared::outbound`).
+    pub https: rewind_shared::outbound::HttpsFiles,
     #[serde(rename = "service")]
     pub services: Vec<RawService>,
 }
@@ -226,6 +229,8 @@ pub struct Config {
     pub obsolete_code_release_interval: bool,
     /// `None` when drift is never checked on its own (`host drift` still asks).
     pub drift_check_interval: Option<Duration>,
+    /// The `[https]` section, read and checked.
+    pub https: rewind_shared::outbound::HttpsTrust,
     pub services: Vec<ServiceConfig>,
 }
 
@@ -412,6 +417,8 @@ impl RawConfig {
                 format!("is {drift_s}, must be 0 (never) or within 5..=86400"),
             );
         }
+        let https =
+            crate::catalogue::https_trust("https", &self.https, &mut problems).unwrap_or_default();
         let mut services = Vec::new();
         for (position, raw) in self.services.iter().enumerate() {
             let field = if raw.name.is_empty() {
@@ -464,8 +471,47 @@ impl RawConfig {
             health_interval: Duration::from_millis(interval_ms),
             obsolete_code_release_interval: self.code_release_interval_s.is_some(),
             drift_check_interval: (drift_s != 0).then(|| Duration::from_secs(drift_s)),
+            https,
             services,
         })
+    }
+}
+
+impl Config {
+    /// What is allowed but unwise: a purge or check that sends a credential header
+    /// (`Authorization`, an API key) over plain http:// off this machine. Logged at start,
+    /// printed by `check-config`.
+    pub fn warnings(&self) -> Vec<String> {
+        use rewind_shared::outbound::is_credential_header;
+        let mut warnings = Vec::new();
+        for service in &self.services {
+            let field = format!("service.{}", service.name);
+            let purges = service
+                .catalogue
+                .purges
+                .iter()
+                .filter(|purge| purge.headers.keys().any(|name| is_credential_header(name)))
+                .map(|purge| ("purge", &purge.url));
+            let checks = service
+                .catalogue
+                .checks
+                .iter()
+                .filter(|check| {
+                    check
+                        .headers
+                        .iter()
+                        .any(|(name, _)| is_credential_header(name))
+                })
+                .map(|check| ("check", &check.url));
+            for (kind, url) in purges.chain(checks) {
+                warnings.extend(rewind_shared::outbound::plain_http_warning(
+                    &format!("{field}.{kind} {url}"),
+                    url,
+                    "a credential header",
+                ));
+            }
+        }
+        warnings
     }
 }
 
@@ -1111,6 +1157,47 @@ sqlite = "/var/lib/twice.db"
         let (raw, unknown) = RawConfig::load(&path).unwrap();
         assert!(unknown.is_empty(), "{unknown:?}");
         assert!(raw.validate().unwrap().obsolete_code_release_interval);
+    }
+
+    #[test]
+    fn https_files_must_be_absolute_and_usable_and_plain_http_headers_are_warned_about() {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent.toml");
+        let text = std::fs::read_to_string(example).unwrap();
+        let with = |added: &str| {
+            let text = format!("{text}\n{added}");
+            let raw: RawConfig = rewind_shared::config::parse_toml(Path::new("a.toml"), &text)
+                .unwrap()
+                .value;
+            raw.validate()
+        };
+        let problems =
+            with("[https]\nca-file = \"ca.pem\"\nclient-cert-file = \"/nonexistent.pem\"\n")
+                .map(|_| ())
+                .unwrap_err()
+                .join("\n");
+        assert!(
+            problems.contains("https.ca-file: ca.pem must be an absolute path"),
+            "{problems}"
+        );
+        let problems = with("[https]\nca-file = \"/nonexistent/ca.pem\"\n")
+            .map(|_| ())
+            .unwrap_err()
+            .join("\n");
+        assert!(
+            problems.contains("https.ca-file: cannot read /nonexistent/ca.pem"),
+            "{problems}"
+        );
+        let purge = "[[service.purge]]\nurl = \"http://cdn.internal/purge\"\n\
+                     headers = { \"Authorization\" = \"Bearer t\" }\n";
+        let config = with(purge).unwrap();
+        let warnings = config.warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("purge http://cdn.internal/purge is plain http://"),
+            "{warnings:?}"
+        );
+        let quiet = with(&purge.replace("http://", "https://")).unwrap();
+        assert!(quiet.warnings().is_empty());
     }
 
     #[test]

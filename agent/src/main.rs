@@ -114,6 +114,9 @@ fn main() -> ExitCode {
         };
     let result = match cli.command {
         Command::CheckConfig { .. } => {
+            for warning in config.warnings() {
+                eprintln!("{}: warning: {warning}", path.display());
+            }
             println!(
                 "{}: ok ({} services)",
                 path.display(),
@@ -248,11 +251,13 @@ fn run(config: Config) -> anyhow::Result<()> {
                  pages from its resident memory): remove it from the config"
             );
         }
-        let executor = Arc::new(Executor::new(
-            store,
-            config.services.clone(),
-            Arc::new(LocalHost),
-        ));
+        for warning in config.warnings() {
+            warn!("{warning}");
+        }
+        let prober = rewind_agent::probes::Prober::new(&config.https);
+        let executor = Arc::new(
+            Executor::new(store, config.services.clone(), Arc::new(LocalHost)).with_prober(prober),
+        );
         let agent = Agent::new(config, executor);
         agent.run(rewind_shared::signals::shutdown()).await
     })

@@ -14,20 +14,18 @@ pub struct Prober {
 
 impl Default for Prober {
     fn default() -> Self {
-        let http = http_client_builder()
-            .build()
-            .unwrap_or_else(|_| reqwest::Client::new());
-        Self { http }
+        Self::new(&rewind_shared::outbound::HttpsTrust::default())
     }
 }
 
-/// How every agent HTTP client is built (the prober's, and a purge's or check's with a CA of
-/// its own): no redirects followed.
-pub fn http_client_builder() -> reqwest::ClientBuilder {
-    reqwest::Client::builder().redirect(reqwest::redirect::Policy::none())
-}
-
 impl Prober {
+    /// A prober whose HTTP client (probes, metrics scrapes, hooks, purges and checks without
+    /// TLS files of their own) reaches https:// as the agent's `[https]` says; no redirects.
+    pub fn new(https: &rewind_shared::outbound::HttpsTrust) -> Self {
+        let http = https.client().unwrap_or_else(|_| reqwest::Client::new());
+        Self { http }
+    }
+
     /// The HTTP client (no redirects), shared with the metrics scraper.
     pub fn http_client(&self) -> reqwest::Client {
         self.http.clone()

@@ -115,6 +115,12 @@ impl Executor {
         self.host.as_ref()
     }
 
+    /// The executor with `prober` in place of the default one (the agent's `[https]`).
+    pub fn with_prober(mut self, prober: Prober) -> Self {
+        self.prober = prober;
+        self
+    }
+
     pub fn prober(&self) -> &Prober {
         &self.prober
     }

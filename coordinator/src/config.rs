@@ -15,6 +15,8 @@ use rewind_shared::config::{Problems, load_toml};
 use rewind_shared::tls::TlsFiles;
 use serde::Deserialize;
 
+use rewind_shared::outbound::{HttpsFiles, HttpsTrust};
+
 use crate::engine::EngineLimits;
 
 #[derive(Debug, Default, Deserialize)]
@@ -35,7 +37,27 @@ pub struct RawConfig {
     pub access: RawAccess,
     pub issuer: RawIssuer,
     pub audit: RawAudit,
+    /// How health gates' synthetic checks reach https:// URLs.
+    pub synthetics: HttpsFiles,
 }
+
+/// `[escalation]`, `[incidents]` and `[alertmanager]` write out the three keys of
+/// `rewind_shared::outbound::HttpsFiles` beside their URL (`serde(flatten)` would hide their
+/// unknown keys); this reads them back as one.
+macro_rules! https_of {
+    ($($section:ty),*) => {$(
+        impl $section {
+            fn https(&self) -> HttpsFiles {
+                HttpsFiles {
+                    ca_file: self.ca_file.clone(),
+                    client_cert_file: self.client_cert_file.clone(),
+                    client_key_file: self.client_key_file.clone(),
+                }
+            }
+        }
+    )*};
+}
+https_of!(RawAlertmanager, RawEscalation, RawIncidents);
 
 /// `[audit]`: how long archived audit entries stay in the cluster. Off unless set; the
 /// leader's applies, so set it alike on every member. Nothing is dropped that no confirmed
@@ -154,16 +176,25 @@ impl std::fmt::Debug for HttpConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(default, rename_all = "kebab-case")]
 pub struct RawAlertmanager {
-    /// Base URL, e.g. http://127.0.0.1:9093; silences are off without it.
+    /// Base URL, e.g. http://127.0.0.1:9093 or https://alertmanager.internal:9093; silences
+    /// are off without it.
     pub url: Option<String>,
     /// How long each silence lasts; it is renewed while the rollback runs.
     pub silence_lease_s: Option<u64>,
+    /// PEM certificates an https:// server's chain may end in, besides the system's store and
+    /// Mozilla's roots (a private CA).
+    pub ca_file: Option<PathBuf>,
+    /// PEM certificate chain presented to a server that asks for one (mutual TLS).
+    pub client_cert_file: Option<PathBuf>,
+    /// Its PEM private key.
+    pub client_key_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug)]
 pub struct AlertmanagerConfig {
     pub url: String,
     pub silence_lease: Duration,
+    pub tls: HttpsTrust,
 }
 
 /// Bounds on automatic rollbacks; see `ThrottleLimits`.
@@ -241,9 +272,13 @@ pub struct RawEscalation {
     pub webhook_url: Option<String>,
     /// File holding the shared secret the signature is made with (at least 16 bytes).
     pub secret_file: Option<PathBuf>,
-    /// PEM certificates an https:// receiver's chain may end in, besides the Mozilla roots
-    /// built in (a private CA).
+    /// PEM certificates an https:// server's chain may end in, besides the system's store and
+    /// Mozilla's roots (a private CA).
     pub ca_file: Option<PathBuf>,
+    /// PEM certificate chain presented to a server that asks for one (mutual TLS).
+    pub client_cert_file: Option<PathBuf>,
+    /// Its PEM private key.
+    pub client_key_file: Option<PathBuf>,
 }
 
 /// `[incidents]`: where an incident system hears of incidents (trigger when a rollback starts,
@@ -253,9 +288,13 @@ pub struct RawEscalation {
 pub struct RawIncidents {
     /// http:// or https:// URL that receives a JSON POST per event.
     pub webhook_url: Option<String>,
-    /// PEM certificates an https:// receiver's chain may end in, besides the Mozilla roots
-    /// built in (a private CA).
+    /// PEM certificates an https:// server's chain may end in, besides the system's store and
+    /// Mozilla's roots (a private CA).
     pub ca_file: Option<PathBuf>,
+    /// PEM certificate chain presented to a server that asks for one (mutual TLS).
+    pub client_cert_file: Option<PathBuf>,
+    /// Its PEM private key.
+    pub client_key_file: Option<PathBuf>,
     /// File holding the shared secret the signature is made with (at least 16 bytes).
     pub secret_file: Option<PathBuf>,
     /// `pagerduty` (Events API v2) or `json`.
@@ -274,8 +313,8 @@ pub const SEVERITIES: [&str; 4] = ["critical", "error", "warning", "info"];
 pub struct IncidentWebhookConfig {
     pub url: String,
     pub secret: Vec<u8>,
-    /// Extra trust anchors for an https:// receiver (PEM).
-    pub ca_pem: Option<Vec<u8>>,
+    /// How an https:// receiver is trusted and what this member presents to it.
+    pub tls: HttpsTrust,
     pub format: IncidentFormat,
     pub severity: BTreeMap<String, String>,
 }
@@ -327,8 +366,8 @@ impl std::fmt::Debug for IncidentWebhookConfig {
 pub struct EscalationConfig {
     pub webhook_url: String,
     pub secret: Vec<u8>,
-    /// Extra trust anchors for an https:// receiver (PEM).
-    pub ca_pem: Option<Vec<u8>>,
+    /// How an https:// receiver is trusted and what this member presents to it.
+    pub tls: HttpsTrust,
 }
 
 impl std::fmt::Debug for EscalationConfig {
@@ -475,6 +514,11 @@ pub struct Config {
     pub alertmanager: Option<AlertmanagerConfig>,
     pub access: AccessConfig,
     pub issuer: Option<IssuerConfig>,
+    /// How the synthetic checks of health gates reach https:// URLs.
+    pub synthetics_tls: HttpsTrust,
+    /// What is allowed but unwise (plain http:// carrying a secret): logged at start, printed
+    /// by `check-config`.
+    pub warnings: Vec<String>,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
@@ -563,6 +607,18 @@ impl RawConfig {
         let incidents = validate_incidents(&self.incidents, &mut problems);
         let http = validate_http(&self.http, &mut problems);
         let alertmanager = validate_alertmanager(&self.alertmanager, &mut problems);
+        let synthetics_tls = self.synthetics.load_noting("synthetics", &mut problems);
+        let warnings = incidents
+            .iter()
+            .filter(|incidents| matches!(incidents.format, IncidentFormat::PagerDuty { .. }))
+            .filter_map(|incidents| {
+                rewind_shared::outbound::plain_http_warning(
+                    "incidents.webhook-url",
+                    &incidents.url,
+                    "the PagerDuty routing key",
+                )
+            })
+            .collect();
         let access = validate_access(&self.access, &mut problems);
         let issuer = validate_issuer(&self.issuer, &mut problems);
         self.throttle.check(&mut problems);
@@ -651,6 +707,8 @@ impl RawConfig {
             alertmanager,
             access,
             issuer,
+            synthetics_tls,
+            warnings,
         })
     }
 }
@@ -782,11 +840,23 @@ fn validate_alertmanager(
     raw: &RawAlertmanager,
     problems: &mut Problems,
 ) -> Option<AlertmanagerConfig> {
-    let url = raw.url.as_ref()?;
-    if !url.starts_with("http://") || url.len() <= "http://".len() {
+    let Some(url) = raw.url.as_ref() else {
+        if !raw.https().is_empty() || raw.silence_lease_s.is_some() {
+            problems.add(
+                "alertmanager.url",
+                "is required with the other alertmanager keys",
+            );
+        }
+        return None;
+    };
+    let scheme_ends = ["http://", "https://"]
+        .iter()
+        .find(|scheme| url.starts_with(**scheme))
+        .map(|scheme| scheme.len());
+    if scheme_ends.is_none_or(|end| url.len() <= end) {
         problems.add(
             "alertmanager.url",
-            format!("{url:?} must be an http:// URL (https is not supported yet)"),
+            format!("{url:?} must be an http:// or https:// URL"),
         );
     }
     let lease = raw.silence_lease_s.unwrap_or(300);
@@ -794,6 +864,7 @@ fn validate_alertmanager(
     Some(AlertmanagerConfig {
         url: url.trim_end_matches('/').to_string(),
         silence_lease: Duration::from_secs(lease),
+        tls: raw.https().load_noting("alertmanager", problems),
     })
 }
 
@@ -845,50 +916,9 @@ fn check_webhook_url(field: &str, url: &str, problems: &mut Problems) {
     }
 }
 
-/// Largest `ca-file` read.
-const MAX_CA_FILE_BYTES: u64 = 1 << 20;
-
-/// A webhook's extra trust anchors: PEM certificates that a client can be built with.
-fn read_webhook_ca(
-    field: &str,
-    path: Option<&PathBuf>,
-    problems: &mut Problems,
-) -> Option<Vec<u8>> {
-    use std::io::Read as _;
-    let path = path?;
-    let mut pem = Vec::new();
-    let read = std::fs::File::open(path)
-        .and_then(|file| file.take(MAX_CA_FILE_BYTES + 1).read_to_end(&mut pem));
-    if let Err(error) = read {
-        problems.add(field, format!("cannot read {}: {error}", path.display()));
-        return None;
-    }
-    if pem.len() as u64 > MAX_CA_FILE_BYTES {
-        problems.add(
-            field,
-            format!(
-                "{} is larger than {MAX_CA_FILE_BYTES} bytes",
-                path.display()
-            ),
-        );
-        return None;
-    }
-    let usable = reqwest::Certificate::from_pem_bundle(&pem)
-        .is_ok_and(|certificates| !certificates.is_empty())
-        && crate::engine::webhook_client(Some(&pem)).is_ok();
-    if !usable {
-        problems.add(
-            field,
-            format!("{} holds no usable PEM certificate", path.display()),
-        );
-        return None;
-    }
-    Some(pem)
-}
-
 fn validate_escalation(raw: &RawEscalation, problems: &mut Problems) -> Option<EscalationConfig> {
     let Some(url) = &raw.webhook_url else {
-        if raw.secret_file.is_some() || raw.ca_file.is_some() {
+        if raw.secret_file.is_some() || !raw.https().is_empty() {
             problems.add(
                 "escalation.webhook-url",
                 "is required with the other escalation keys",
@@ -904,12 +934,12 @@ fn validate_escalation(raw: &RawEscalation, problems: &mut Problems) -> Option<E
         );
         return None;
     };
-    let ca_pem = read_webhook_ca("escalation.ca-file", raw.ca_file.as_ref(), problems);
+    let tls = raw.https().load_noting("escalation", problems);
     let secret = read_secret("escalation.secret-file", path, problems)?;
     Some(EscalationConfig {
         webhook_url: url.clone(),
         secret,
-        ca_pem,
+        tls,
     })
 }
 
@@ -929,7 +959,7 @@ fn validate_incidents(
         if raw.secret_file.is_some()
             || raw.format.is_some()
             || raw.routing_key_file.is_some()
-            || raw.ca_file.is_some()
+            || !raw.https().is_empty()
         {
             problems.add(
                 "incidents.webhook-url",
@@ -985,7 +1015,7 @@ fn validate_incidents(
             return None;
         }
     };
-    let ca_pem = read_webhook_ca("incidents.ca-file", raw.ca_file.as_ref(), problems);
+    let tls = raw.https().load_noting("incidents", problems);
     let Some(path) = &raw.secret_file else {
         problems.add(
             "incidents.secret-file",
@@ -997,7 +1027,7 @@ fn validate_incidents(
     Some(IncidentWebhookConfig {
         url: url.clone(),
         secret,
-        ca_pem,
+        tls,
         format,
         severity: raw.severity.clone(),
     })
@@ -1278,15 +1308,97 @@ silence-lease-s = 1
 
     #[test]
     fn unknown_keys_are_collected_not_fatal() {
-        let text = "data-dir = \"/d\"\nfuture-knob = 1\n[engine]\nnew-thing = true\n";
+        let text = "data-dir = \"/d\"\nfuture-knob = 1\n[engine]\nnew-thing = true\n\
+                    [escalation]\nca-file = \"/ca.pem\"\ncert-file = \"/c.pem\"\n";
         let loaded =
             rewind_shared::config::parse_toml::<RawConfig>(Path::new("c.toml"), text).unwrap();
         let mut unknown = loaded.unknown_keys;
         unknown.sort();
         assert_eq!(
             unknown,
-            vec!["engine.new-thing".to_string(), "future-knob".to_string()]
+            vec![
+                "engine.new-thing".to_string(),
+                "escalation.cert-file".to_string(),
+                "future-knob".to_string()
+            ]
         );
+    }
+
+    #[test]
+    fn outbound_https_files_are_checked_and_plain_http_carrying_a_key_is_warned_about() {
+        rewind_shared::tls::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let ca = rewind_shared::dev_ca::DevCa::generate("outbound").unwrap();
+        let subject =
+            rewind_shared::dev_ca::Subject::new(rewind_shared::identity::Kind::Member, "c-1");
+        let (cert, key) = ca.issue(&subject, &[]).unwrap();
+        let file = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path.display().to_string()
+        };
+        let (ca_file, cert_file, key_file) = (
+            file("ca.pem", ca.cert_pem()),
+            file("client.pem", &cert),
+            file("client.key", &key),
+        );
+        let (routing_key, secret) = (file("pd.key", &"k".repeat(32)), file("s", &"s".repeat(32)));
+        let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+        let shipped = std::fs::read_to_string(deploy.join("coordinator.toml"))
+            .unwrap()
+            .replace(
+                "/etc/rewind/policy.toml",
+                deploy.join("policy.toml").to_str().unwrap(),
+            );
+        let with = |sections: &str| {
+            let text = format!("{shipped}\n{sections}");
+            let raw: RawConfig = rewind_shared::config::parse_toml(Path::new("c.toml"), &text)
+                .unwrap()
+                .value;
+            raw.validate()
+        };
+        let config = with(&format!(
+            "[alertmanager]\nurl = \"https://am:9093\"\nca-file = \"{ca_file}\"\n\
+             client-cert-file = \"{cert_file}\"\nclient-key-file = \"{key_file}\"\n\
+             [incidents]\nwebhook-url = \"http://pd.internal/\"\nrouting-key-file = \"{routing_key}\"\n\
+             secret-file = \"{secret}\"\n[synthetics]\nca-file = \"{ca_file}\"\n"
+        ))
+        .unwrap();
+        assert!(config.alertmanager.unwrap().tls.has_client_certificate());
+        assert!(!config.synthetics_tls.has_client_certificate());
+        assert_eq!(
+            config.warnings,
+            [
+                "incidents.webhook-url is plain http:// and carries the PagerDuty routing key: \
+              anyone on the path can read it; use https://"
+            ]
+        );
+        for (sections, expected) in [
+            (
+                format!(
+                    "[alertmanager]\nurl = \"https://am\"\nclient-cert-file = \"{cert_file}\"\n"
+                ),
+                "alertmanager.client-key-file: is required with client-cert-file",
+            ),
+            (
+                format!(
+                    "[escalation]\nwebhook-url = \"https://p/\"\nsecret-file = \"{secret}\"\n\
+                         client-cert-file = \"{cert_file}\"\nclient-key-file = \"{ca_file}\"\n"
+                ),
+                "escalation.client-key-file: ",
+            ),
+            (
+                format!("[synthetics]\nca-file = \"{key_file}\"\n"),
+                "synthetics.ca-file: ",
+            ),
+            (
+                "[alertmanager]\nsilence-lease-s = 60\n".to_string(),
+                "alertmanager.url: is required with the other alertmanager keys",
+            ),
+        ] {
+            let problems = with(&sections).map(|_| ()).unwrap_err().join("\n");
+            assert!(problems.contains(expected), "{sections}: {problems}");
+        }
     }
 
     #[test]

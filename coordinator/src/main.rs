@@ -190,8 +190,14 @@ fn check_config(path: &std::path::Path, no_files: bool) -> ExitCode {
         .map(|key| format!("{key}: unknown key"))
         .collect();
     match raw.validate() {
-        Ok(config) if !no_files => problems.extend(files_problems(&config)),
-        Ok(_) => {}
+        Ok(config) => {
+            for warning in &config.warnings {
+                eprintln!("{}: warning: {warning}", path.display());
+            }
+            if !no_files {
+                problems.extend(files_problems(&config));
+            }
+        }
         Err(more) => problems.extend(more),
     }
     if problems.is_empty() {
@@ -364,6 +370,9 @@ fn run(cli: Cli) -> ExitCode {
             eprintln!("config: {problem}");
         }
         return ExitCode::from(EXIT_BAD_CONFIG);
+    }
+    for warning in &config.warnings {
+        warn!("{warning}");
     }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
@@ -582,6 +591,7 @@ async fn serve(
         tick: config.tick,
         escalation: config.escalation.clone(),
         incidents: config.incidents.clone(),
+        synthetics_tls: config.synthetics_tls.clone(),
     };
     let mut engine_stop = stop.clone();
     let engine_task = tokio::spawn(engine.run(async move {

@@ -17,6 +17,8 @@
 //! - [`histogram`]: cumulative histograms: merging different bucket layouts, quantiles.
 //! - `http_check` (feature `http-check`): one HTTP check, for the agent's checks and the
 //!   coordinator's synthetics.
+//! - `outbound` (feature `http-check`): HTTPS clients for every endpoint rewind calls: the
+//!   system's and a configured CA bundle, client certificates, no redirects.
 //! - [`config`]: TOML loading that warns about unknown keys, and an error collector.
 //! - [`logging`]: `REWIND_LOG` / `REWIND_LOG_FORMAT` tracing set-up, and the slog bridge raft-rs logs through.
 //! - [`signals`]: shutdown on SIGINT / SIGTERM.
@@ -41,6 +43,8 @@ pub mod identity;
 pub mod logging;
 pub mod member_tls;
 pub mod names;
+#[cfg(feature = "http-check")]
+pub mod outbound;
 pub mod pagerduty;
 pub mod pki;
 pub mod signals;

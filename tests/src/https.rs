@@ -32,6 +32,16 @@ impl HttpsRecorder {
     /// Listens on a free loopback port; keeps the values of `headers` from each request and
     /// answers `answer`.
     pub async fn must_start(headers: &[&str], answer: &'static str) -> Self {
+        Self::must_start_asking(headers, answer, None).await
+    }
+
+    /// Like [`Self::must_start`], refusing any client without a certificate from `client_ca`
+    /// (PEM) when one is given: mutual TLS, as an internal API behind a service mesh asks.
+    pub async fn must_start_asking(
+        headers: &[&str],
+        answer: &'static str,
+        client_ca: Option<&str>,
+    ) -> Self {
         rewind_shared::tls::install_crypto_provider();
         let ca = rewind_shared::dev_ca::DevCa::generate("rewind test endpoint CA").unwrap();
         let subject =
@@ -41,10 +51,22 @@ impl HttpsRecorder {
             .collect::<Result<Vec<_>, _>>()
             .unwrap();
         let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
-        let config = rustls::ServerConfig::builder()
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .unwrap();
+        let builder = rustls::ServerConfig::builder();
+        let builder = match client_ca {
+            None => builder.with_no_client_auth(),
+            Some(pem) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for certificate in rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+                {
+                    roots.add(certificate.unwrap()).unwrap();
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder(roots.into())
+                    .build()
+                    .unwrap();
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let config = builder.with_single_cert(chain, key).unwrap();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("https://{}", listener.local_addr().unwrap());

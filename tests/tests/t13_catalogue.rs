@@ -251,19 +251,30 @@ async fn a_recipe_that_cannot_roll_back_safely_is_refused_with_the_reason() {
     }
 }
 
-/// A CDN's purge API and a synthetic check over HTTPS, each endpoint's certificate from a CA of
-/// its own named by `ca-file`: the purge POSTs its JSON body with its authorization header, the
-/// check sends its header, and the rollback that runs them succeeds.
+/// A CDN's purge API and a synthetic check over HTTPS with mutual TLS: the endpoint's
+/// certificate comes from a CA of its own and it asks for a client certificate of another. The
+/// purge names its own (`ca-file`, `client-cert-file`, `client-key-file`), the check relies on
+/// the agent's `[https]`; the purge POSTs its JSON body with its authorization header, the check
+/// sends its header, and the rollback that runs them succeeds.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cdn_purge_and_a_check_over_https_carry_their_body_and_headers() {
-    let endpoint = rewind_tests::https::HttpsRecorder::must_start(
+    rewind_shared::tls::install_crypto_provider();
+    let client_ca = rewind_shared::dev_ca::DevCa::generate("clients of the endpoint").unwrap();
+    let endpoint = rewind_tests::https::HttpsRecorder::must_start_asking(
         &["authorization", "content-type", "x-check"],
         "cart: 3 items",
+        Some(client_ca.cert_pem()),
     )
     .await;
     let dir = tempfile::tempdir().unwrap();
     let ca_file = dir.path().join("endpoint-ca.pem");
     std::fs::write(&ca_file, &endpoint.ca_pem).unwrap();
+    let subject =
+        rewind_shared::dev_ca::Subject::new(rewind_shared::identity::Kind::Agent, "web-1");
+    let (client_cert, client_key) = client_ca.issue(&subject, &[]).unwrap();
+    let (cert_file, key_file) = (dir.path().join("client.pem"), dir.path().join("client.key"));
+    std::fs::write(&cert_file, client_cert).unwrap();
+    std::fs::write(&key_file, client_key).unwrap();
     let coordinator = Coordinator::must_start(&dir.path().join("coordinator"));
     let mut host = TestHost::must_prepare(dir.path(), "web-1", &coordinator);
     let catalogue = format!(
@@ -274,15 +285,23 @@ method = "POST"
 headers = {{ "Authorization" = "Bearer cdn-token", "Content-Type" = "application/json" }}
 body = '{{"tags": ["web-assets"]}}'
 ca-file = "{ca}"
+client-cert-file = "{cert}"
+client-key-file = "{key}"
 [[service.check]]
 name = "cart"
 url = "{url}/api/cart"
 headers = {{ "X-Check" = "rewind" }}
 body-contains = "items"
+
+[https]
 ca-file = "{ca}"
+client-cert-file = "{cert}"
+client-key-file = "{key}"
 "#,
         url = endpoint.url,
-        ca = ca_file.display()
+        ca = ca_file.display(),
+        cert = cert_file.display(),
+        key = key_file.display(),
     );
     let config = std::fs::read_to_string(&host.config_path).unwrap() + &catalogue;
     std::fs::write(&host.config_path, config).unwrap();

@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
+use rewind_shared::outbound::HttpsTrust;
 use serde::Serialize;
 use sha2::Sha256;
 use tracing::{info, warn};
@@ -38,19 +39,10 @@ pub fn webhook_mac(secret: &[u8], timestamp_ms: u64, body: &[u8]) -> Hmac<Sha256
 }
 
 /// The client a webhook is posted with: bounded in time, never redirected (a redirect could
-/// carry the signed body elsewhere), https:// trusting the Mozilla roots and `ca_pem`'s.
-pub fn webhook_client(ca_pem: Option<&[u8]>) -> Result<reqwest::Client, String> {
-    let mut builder = reqwest::Client::builder()
+/// carry the signed body elsewhere), https:// as `tls` says (`rewind_shared::outbound`).
+pub fn webhook_client(tls: &HttpsTrust) -> Result<reqwest::Client, String> {
+    tls.client_builder()
         .timeout(DELIVERY_TIMEOUT)
-        .redirect(reqwest::redirect::Policy::none());
-    if let Some(pem) = ca_pem {
-        let certificates = reqwest::Certificate::from_pem_bundle(pem)
-            .map_err(|error| format!("cannot read the webhook's CA certificates: {error}"))?;
-        for certificate in certificates {
-            builder = builder.add_root_certificate(certificate);
-        }
-    }
-    builder
         .build()
         .map_err(|error| format!("cannot build an HTTP client: {error}"))
 }
@@ -59,13 +51,13 @@ pub fn webhook_client(ca_pem: Option<&[u8]>) -> Result<reqwest::Client, String> 
 pub(super) async fn post_signed(
     url: &str,
     secret: &[u8],
-    ca_pem: Option<&[u8]>,
+    tls: &HttpsTrust,
     payload: &impl Serialize,
 ) -> Result<reqwest::StatusCode, String> {
     let body = serde_json::to_vec(payload)
         .map_err(|error| format!("cannot encode the payload: {error}"))?;
     let timestamp = rewind_shared::time::now_ms();
-    webhook_client(ca_pem)?
+    webhook_client(tls)?
         .post(url)
         .header("content-type", "application/json")
         .header(TIMESTAMP_HEADER, timestamp.to_string())
@@ -100,7 +92,7 @@ struct Payload {
 pub struct Delivery {
     url: String,
     secret: Vec<u8>,
-    ca_pem: Option<Vec<u8>>,
+    tls: HttpsTrust,
     escalation: u64,
     payload: Payload,
 }
@@ -185,7 +177,7 @@ impl Delivery {
         Some(Self {
             url: config.webhook_url.clone(),
             secret: config.secret.clone(),
-            ca_pem: config.ca_pem.clone(),
+            tls: config.tls.clone(),
             escalation,
             payload,
         })
@@ -226,13 +218,7 @@ impl Delivery {
     }
 
     async fn post(&self) -> (bool, String) {
-        let posted = post_signed(
-            &self.url,
-            &self.secret,
-            self.ca_pem.as_deref(),
-            &self.payload,
-        )
-        .await;
+        let posted = post_signed(&self.url, &self.secret, &self.tls, &self.payload).await;
         match posted {
             Ok(status) => (
                 status.is_success(),

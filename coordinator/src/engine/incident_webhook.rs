@@ -202,7 +202,7 @@ pub fn dedup_key(cluster_id: &str, record: &RollbackRecord) -> String {
 pub struct Notice {
     url: String,
     secret: Vec<u8>,
-    ca_pem: Option<Vec<u8>>,
+    tls: rewind_shared::outbound::HttpsTrust,
     incident: u64,
     event: NoticeEvent,
     body: serde_json::Value,
@@ -224,7 +224,7 @@ impl Notice {
         Some(Self {
             url: config.url.clone(),
             secret: config.secret.clone(),
-            ca_pem: config.ca_pem.clone(),
+            tls: config.tls.clone(),
             incident,
             event,
             body,
@@ -264,7 +264,7 @@ impl Notice {
     }
 
     async fn post(&self) -> Posted {
-        let posted = post_signed(&self.url, &self.secret, self.ca_pem.as_deref(), &self.body).await;
+        let posted = post_signed(&self.url, &self.secret, &self.tls, &self.body).await;
         match posted {
             Ok(status) => Posted {
                 ok: status.is_success(),

@@ -238,7 +238,7 @@ fn severity_is_the_gravest_of_the_environments() {
     let config = IncidentWebhookConfig {
         url: "http://127.0.0.1:1/".into(),
         secret: vec![0; 16],
-        ca_pem: None,
+        tls: rewind_shared::outbound::HttpsTrust::default(),
         format: IncidentFormat::Json,
         severity: [("staging".to_string(), "info".to_string())].into(),
     };
@@ -259,7 +259,7 @@ fn each_format_says_what_its_receiver_needs() {
     let mut config = IncidentWebhookConfig {
         url: "http://127.0.0.1:1/".into(),
         secret: vec![0; 16],
-        ca_pem: None,
+        tls: rewind_shared::outbound::HttpsTrust::default(),
         format: IncidentFormat::PagerDuty {
             routing_key: "k".repeat(32),
         },
@@ -384,14 +384,26 @@ async fn https_receivers_must_chain_to_a_trusted_root() {
         "dedup_key": "in-1@c-1/1",
     });
     // Its CA is not among the Mozilla roots: refused, nothing delivered.
-    let untrusted = super::super::escalation::post_signed(&url, &secret, None, &event).await;
+    let untrusted = super::super::escalation::post_signed(
+        &url,
+        &secret,
+        &rewind_shared::outbound::HttpsTrust::default(),
+        &event,
+    )
+    .await;
     let error = untrusted.unwrap_err();
     assert!(error.contains(&url), "{error}");
     assert!(receiver.events().is_empty());
     // Trusting it through ca-file: delivered and accepted.
-    let ca = receiver.ca_pem.clone().unwrap();
-    let trusted =
-        super::super::escalation::post_signed(&url, &secret, Some(ca.as_bytes()), &event).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.pem"), receiver.ca_pem.clone().unwrap()).unwrap();
+    let tls = rewind_shared::outbound::HttpsFiles {
+        ca_file: Some(dir.path().join("ca.pem")),
+        ..Default::default()
+    }
+    .load("incidents")
+    .unwrap();
+    let trusted = super::super::escalation::post_signed(&url, &secret, &tls, &event).await;
     assert_eq!(trusted.unwrap(), reqwest::StatusCode::ACCEPTED);
     assert_eq!(receiver.events().len(), 1);
 }

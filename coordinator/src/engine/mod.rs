@@ -54,6 +54,8 @@ pub struct Engine {
     pub escalation: Option<crate::config::EscalationConfig>,
     /// Where incidents' events go; None: only `incident show` tells them.
     pub incidents: Option<crate::config::IncidentWebhookConfig>,
+    /// How health gates' synthetic checks reach https:// URLs.
+    pub synthetics_tls: rewind_shared::outbound::HttpsTrust,
 }
 
 /// Engine proposals sent to the Raft thread at once (see `Engine::propose_together`): under
@@ -158,7 +160,7 @@ impl Engine {
         let mut status = self.status.clone();
         let mut memory = EngineMemory::default();
         let mut refusals = RefusedProposals::default();
-        let synthetics = Arc::new(synthetics::SyntheticRuns::default());
+        let synthetics = Arc::new(synthetics::SyntheticRuns::new(self.synthetics_tls.clone()));
         tokio::pin!(shutdown);
         info!("Engine started.");
         loop {

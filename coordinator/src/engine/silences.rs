@@ -38,9 +38,11 @@ struct Created {
 
 impl Silencer {
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
-        let client = match reqwest::Client::builder()
+        let client = match self
+            .config
+            .tls
+            .client_builder()
             .timeout(REQUEST_TIMEOUT)
-            .redirect(reqwest::redirect::Policy::none())
             .build()
         {
             Ok(client) => client,

@@ -14,9 +14,18 @@ use crate::state_machine::{SyntheticCheck, rollback_id};
 #[derive(Default)]
 pub struct SyntheticRuns {
     results: Mutex<HashMap<(u64, u32), SyntheticVerdict>>,
+    /// How https:// checks are made (`[synthetics]` in the config).
+    tls: rewind_shared::outbound::HttpsTrust,
 }
 
 impl SyntheticRuns {
+    pub fn new(tls: rewind_shared::outbound::HttpsTrust) -> Self {
+        Self {
+            results: Mutex::default(),
+            tls,
+        }
+    }
+
     fn results(&self) -> std::sync::MutexGuard<'_, HashMap<(u64, u32), SyntheticVerdict>> {
         self.results
             .lock()
@@ -42,10 +51,7 @@ impl SyntheticRuns {
         let runs = Arc::clone(self);
         tokio::spawn(async move {
             let at_ms = rewind_shared::time::now_ms();
-            let client = match reqwest::Client::builder()
-                .redirect(reqwest::redirect::Policy::none())
-                .build()
-            {
+            let client = match runs.tls.client_builder().build() {
                 Ok(client) => client,
                 Err(error) => {
                     let verdict = SyntheticVerdict {
