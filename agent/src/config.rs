@@ -804,17 +804,19 @@ fn is_metric_name(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
 }
 
+/// An `http://` or `https://` URL (https as the agent's `[https]` says).
+fn check_http_url(field: &str, url: &str, problems: &mut Problems) {
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        problems.add(field, format!("{url:?} must be an http:// or https:// URL"));
+    }
+}
+
 fn validate_metrics(
     field: &str,
     raw: &RawMetrics,
     problems: &mut Problems,
 ) -> Option<MetricsConfig> {
-    if !raw.url.starts_with("http://") {
-        problems.add(
-            format!("{field}.url"),
-            format!("{:?} must be an http:// URL", raw.url),
-        );
-    }
+    check_http_url(&format!("{field}.url"), &raw.url, problems);
     for (key, name) in [
         ("requests", Some(&raw.requests)),
         ("latency", raw.latency.as_ref()),
@@ -894,12 +896,7 @@ pub(crate) fn validate_hook(field: &str, raw: &RawHook, problems: &mut Problems)
             HookKind::Command { argv: argv.clone() }
         }
         (None, Some(url)) => {
-            if !url.starts_with("http://") {
-                problems.add(
-                    format!("{field}.http"),
-                    format!("{url:?} must be an http:// URL"),
-                );
-            }
+            check_http_url(&format!("{field}.http"), url, problems);
             HookKind::HttpPost { url: url.clone() }
         }
         _ => {
@@ -955,12 +952,7 @@ fn validate_sessions(field: &str, raw: &RawSessions, problems: &mut Problems) ->
     }
     let source = match (&raw.url, &raw.metric, &raw.command) {
         (Some(url), Some(metric), None) => {
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
-                problems.add(
-                    format!("{field}.url"),
-                    format!("{url:?} must be an http:// or https:// URL"),
-                );
-            }
+            check_http_url(&format!("{field}.url"), url, problems);
             if !is_metric_name(metric) {
                 problems.add(
                     format!("{field}.metric"),
@@ -1013,12 +1005,7 @@ fn validate_probe(field: &str, raw: &RawProbe, problems: &mut Problems) -> Optio
         return None;
     }
     let kind = if let Some(url) = &raw.http {
-        if !url.starts_with("http://") {
-            problems.add(
-                format!("{field}.http"),
-                format!("{url:?} must be an http:// URL"),
-            );
-        }
+        check_http_url(&format!("{field}.http"), url, problems);
         ProbeKind::Http {
             url: url.clone(),
             expect_status: raw.expect_status.unwrap_or(200),
@@ -1074,7 +1061,7 @@ http = "http://x"
 http = "http://x"
 grace-ms = 5
 [service.metrics]
-url = "https://x/metrics"
+url = "ftp://x/metrics"
 requests = "9requests"
 error-label = "a-b"
 error-values = []
