@@ -47,3 +47,4 @@ mod t44_fire_drill;
 mod t45_containers;
 mod t46_verify_reports;
 mod t47_standard_grpc;
+mod t48_formats;
