@@ -67,7 +67,6 @@ async fn a_client_written_from_the_document_reproduces_digests_and_audit_hashes(
     let releases = client
         .list_releases(pb::ListReleasesRequest {
             service: "web".into(),
-            ..Default::default()
         })
         .await
         .unwrap()
