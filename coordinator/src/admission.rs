@@ -5,8 +5,10 @@
 //! be at that stage at once, and how many of those one address may hold: a flood of idle or
 //! half-open connections from one address is closed at once instead of crowding out an operator
 //! or an agent arriving from another. The bounds follow the process's open-files limit, which
-//! is raised to its hard limit at start. Refusals are counted for `/metrics` and logged, at most
-//! one line per port and reason every [`LOG_EVERY`].
+//! is raised to its hard limit at start. Refusals are counted for `/metrics` and logged with the
+//! peer's address and why ([`PeerLog`]): once per peer and reason every [`PEER_LOG_EVERY`], at
+//! most [`MAX_LOG_LINES_PER_WINDOW`] lines per port every [`LOG_EVERY`], so a misconfigured
+//! client is visible from the server side and a flood cannot fill the log.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -19,8 +21,14 @@ use prometheus_client::metrics::family::Family;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::warn;
 
-/// How often a port says again that it is refusing connections for one reason.
+/// The window in which a port logs at most [`MAX_LOG_LINES_PER_WINDOW`] refusals.
 pub const LOG_EVERY: Duration = Duration::from_secs(10);
+/// Refusals one port logs per [`LOG_EVERY`]; further ones are counted in the next line.
+pub const MAX_LOG_LINES_PER_WINDOW: u32 = 32;
+/// How long one peer's refusal for one reason goes unlogged after it was logged.
+pub const PEER_LOG_EVERY: Duration = Duration::from_secs(600);
+/// Peers and reasons whose last logged refusal is remembered; past it, the memory starts over.
+const MAX_REMEMBERED_PEERS: usize = 4096;
 /// Descriptors kept for everything but client connections: the stores, Raft peers, snapshots.
 pub const RESERVED_FILES: u64 = 128;
 /// Most connections open on the gRPC port (each agent holds one).
@@ -104,8 +112,9 @@ pub enum Refusal {
     PortFull,
     /// This address holds as many as one address may.
     AddressFull,
-    /// The TLS handshake failed (a certificate not of this cluster, not TLS at all).
-    Handshake,
+    /// The TLS handshake failed, and why (a certificate not of this cluster, expired, not TLS
+    /// at all): see [`handshake_cause`].
+    Handshake(&'static str),
     /// The TLS handshake did not finish in time.
     HandshakeTimeout,
 }
@@ -115,8 +124,16 @@ impl Refusal {
         match self {
             Refusal::PortFull => "port_full",
             Refusal::AddressFull => "address_full",
-            Refusal::Handshake => "handshake_failed",
+            Refusal::Handshake(_) => "handshake_failed",
             Refusal::HandshakeTimeout => "handshake_timeout",
+        }
+    }
+
+    /// What exactly went wrong, where that is known (a handshake's cause).
+    fn cause(self) -> &'static str {
+        match self {
+            Refusal::Handshake(cause) => cause,
+            _ => "",
         }
     }
 
@@ -124,19 +141,109 @@ impl Refusal {
         match self {
             Refusal::PortFull => "the port holds as many connections at this stage as it may",
             Refusal::AddressFull => "the address holds as many connections as one address may",
-            Refusal::Handshake => "the TLS handshake failed",
+            Refusal::Handshake(_) => "the TLS handshake failed",
             Refusal::HandshakeTimeout => "the TLS handshake did not finish in time",
         }
     }
 }
 
-/// Counts and logs refusals on one port: every refusal is counted, one line per reason is
-/// logged every [`LOG_EVERY`] with how many were not logged since.
+/// Why a TLS handshake failed, as a log line and an operator put it: `unknown_ca` (a certificate
+/// of another CA), `expired_certificate`, `not_tls` (plain HTTP to the gRPC port)...
+pub fn handshake_cause(error: &std::io::Error) -> &'static str {
+    use rustls::{CertificateError as Certificate, Error as Tls};
+    match error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<Tls>())
+    {
+        Some(Tls::InvalidCertificate(Certificate::UnknownIssuer)) => "unknown_ca",
+        Some(Tls::InvalidCertificate(
+            Certificate::Expired | Certificate::ExpiredContext { .. },
+        )) => "expired_certificate",
+        Some(Tls::InvalidCertificate(
+            Certificate::NotValidYet | Certificate::NotValidYetContext { .. },
+        )) => "certificate_not_yet_valid",
+        Some(Tls::InvalidCertificate(Certificate::Revoked)) => "revoked_certificate",
+        Some(Tls::InvalidCertificate(_)) => "bad_certificate",
+        Some(Tls::NoCertificatesPresented) => "no_certificate",
+        Some(Tls::InvalidMessage(_)) => "not_tls",
+        Some(Tls::PeerIncompatible(_)) => "incompatible_tls",
+        // The client refused ours (it does not trust this cluster's CA, say).
+        Some(Tls::AlertReceived(_)) => "client_refused_server_certificate",
+        Some(_) => "tls_error",
+        None if error.kind() == std::io::ErrorKind::UnexpectedEof => "closed_during_handshake",
+        None => "io_error",
+    }
+}
+
+/// Decides which refusals are logged: each peer and reason once per [`PEER_LOG_EVERY`], and at
+/// most [`MAX_LOG_LINES_PER_WINDOW`] lines per [`LOG_EVERY`] in all; the rest are counted and
+/// the count goes with the next line logged.
+#[derive(Debug)]
+pub struct PeerLog {
+    state: Mutex<PeerLogState>,
+}
+
+#[derive(Debug)]
+struct PeerLogState {
+    logged: HashMap<(IpAddr, &'static str), Instant>,
+    window_start: Instant,
+    lines_in_window: u32,
+    not_logged: u64,
+}
+
+impl Default for PeerLog {
+    fn default() -> Self {
+        Self {
+            state: Mutex::new(PeerLogState {
+                logged: HashMap::new(),
+                window_start: Instant::now(),
+                lines_in_window: 0,
+                not_logged: 0,
+            }),
+        }
+    }
+}
+
+impl PeerLog {
+    /// `Some(refusals not logged since the last line)` when this one is to be logged.
+    pub fn admit(&self, peer: IpAddr, reason: &'static str) -> Option<u64> {
+        self.admit_at(peer, reason, Instant::now())
+    }
+
+    fn admit_at(&self, peer: IpAddr, reason: &'static str, now: Instant) -> Option<u64> {
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if now.duration_since(state.window_start) >= LOG_EVERY {
+            state.window_start = now;
+            state.lines_in_window = 0;
+        }
+        let key = (peer, reason);
+        let lately = state
+            .logged
+            .get(&key)
+            .is_some_and(|at| now.duration_since(*at) < PEER_LOG_EVERY);
+        if lately || state.lines_in_window >= MAX_LOG_LINES_PER_WINDOW {
+            state.not_logged += 1;
+            return None;
+        }
+        if state.logged.len() >= MAX_REMEMBERED_PEERS {
+            state.logged.clear();
+        }
+        state.logged.insert(key, now);
+        state.lines_in_window += 1;
+        Some(std::mem::take(&mut state.not_logged))
+    }
+}
+
+/// Counts and logs refusals on one port: every refusal is counted; it is logged with the peer's
+/// address as [`PeerLog`] allows.
 #[derive(Debug)]
 pub struct Refusals {
     port: &'static str,
     stats: ConnectionStats,
-    last_logged: Mutex<HashMap<Refusal, (Instant, u64)>>,
+    log: PeerLog,
 }
 
 impl Refusals {
@@ -144,7 +251,7 @@ impl Refusals {
         Self {
             port,
             stats,
-            last_logged: Mutex::new(HashMap::new()),
+            log: PeerLog::default(),
         }
     }
 
@@ -156,27 +263,20 @@ impl Refusals {
                 reason: refusal.as_str().to_string(),
             })
             .inc();
-        let now = Instant::now();
-        let mut last_logged = self
-            .last_logged
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let unlogged = match last_logged.get_mut(&refusal) {
-            Some((at, unlogged)) if now.duration_since(*at) < LOG_EVERY => {
-                *unlogged += 1;
-                return;
-            }
-            Some((_, unlogged)) => *unlogged,
-            None => 0,
+        let reason = match refusal.cause() {
+            "" => refusal.as_str(),
+            cause => cause,
         };
-        last_logged.insert(refusal, (now, 0));
-        drop(last_logged);
+        let Some(not_logged) = self.log.admit(remote, reason) else {
+            return;
+        };
         warn!(
             port = self.port,
             %remote,
             reason = refusal.as_str(),
+            cause = refusal.cause(),
             detail,
-            unlogged_since_last = unlogged,
+            not_logged_since_last = not_logged,
             "Connection closed before it was served: {}.",
             refusal.explain()
         );
@@ -302,6 +402,61 @@ fn address_key(address: IpAddr) -> IpAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_peer_and_reason_is_logged_once_a_while_and_a_flood_is_capped() {
+        let log = PeerLog::default();
+        let start = Instant::now();
+        let peer: IpAddr = "192.0.2.7".parse().unwrap();
+        assert_eq!(log.admit_at(peer, "unknown_ca", start), Some(0));
+        // The same peer and reason again: counted, not logged, until PEER_LOG_EVERY passed.
+        assert_eq!(log.admit_at(peer, "unknown_ca", start), None);
+        // Another reason of the same peer is news.
+        assert_eq!(log.admit_at(peer, "expired_certificate", start), Some(1));
+        let later = start + PEER_LOG_EVERY;
+        assert_eq!(log.admit_at(peer, "unknown_ca", later), Some(0));
+        // Many peers at once: MAX_LOG_LINES_PER_WINDOW lines a window, the rest counted.
+        let flood = later + LOG_EVERY;
+        let logged = (0..200u8)
+            .filter(|last| {
+                let peer = IpAddr::from([198, 51, 100, *last]);
+                log.admit_at(peer, "not_tls", flood).is_some()
+            })
+            .count();
+        assert_eq!(logged, MAX_LOG_LINES_PER_WINDOW as usize);
+        let next_window = flood + LOG_EVERY;
+        let told = log.admit_at(IpAddr::from([203, 0, 113, 1]), "not_tls", next_window);
+        assert_eq!(told, Some(200 - u64::from(MAX_LOG_LINES_PER_WINDOW)));
+    }
+
+    #[test]
+    fn handshake_failures_are_named_by_cause() {
+        use rustls::{CertificateError, Error};
+        let failed = |error: Error| std::io::Error::new(std::io::ErrorKind::InvalidData, error);
+        let cases = [
+            (
+                failed(Error::InvalidCertificate(CertificateError::UnknownIssuer)),
+                "unknown_ca",
+            ),
+            (
+                failed(Error::InvalidCertificate(CertificateError::Expired)),
+                "expired_certificate",
+            ),
+            (
+                failed(Error::InvalidMessage(
+                    rustls::InvalidMessage::InvalidContentType,
+                )),
+                "not_tls",
+            ),
+            (
+                std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
+                "closed_during_handshake",
+            ),
+        ];
+        for (error, cause) in cases {
+            assert_eq!(handshake_cause(&error), cause, "{error}");
+        }
+    }
 
     #[test]
     fn one_address_cannot_take_every_place() {

@@ -1,7 +1,8 @@
 //! Connections before authentication are bounded: a flood of idle connections from one address
 //! (more than the coordinator has file descriptors) does not stop an operator's call or a
 //! scrape from another; idle connections are closed on both ports; refused handshakes are logged
-//! and counted; and every client is told how many streams one connection may open.
+//! (with the peer's address and why: not TLS, a certificate of another CA, an expired one) and
+//! counted; and every client is told how many streams one connection may open.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -171,9 +172,98 @@ async fn idle_connections_are_closed_and_bad_handshakes_logged() {
                 .then_some(())
         },
     );
+
+    // A certificate of another CA, and an expired one of this cluster's: refused, each logged
+    // with its peer's address and cause, once however often the peer retries.
+    let stranger = rewind_shared::dev_ca::DevCa::generate("another cluster").unwrap();
+    let operator =
+        rewind_shared::dev_ca::Subject::new(rewind_shared::identity::Kind::User, "operator");
+    let (cert, key) = stranger.issue(&operator, &[]).unwrap();
+    for _ in 0..3 {
+        assert!(!handshake_from("127.0.0.5", &coordinator, &cert, &key).await);
+    }
+    let (cert, key) = coordinator.ca().issue_for(&operator, &[], 1).unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!handshake_from("127.0.0.6", &coordinator, &cert, &key).await);
+    let logged = |address: &str, cause: &str| {
+        std::fs::read_to_string(&log_path)
+            .unwrap()
+            .lines()
+            .filter(|line| line.contains(address) && line.contains(cause))
+            .count()
+    };
+    must_wait(Duration::from_secs(10), "the refusals logged", || {
+        (logged("127.0.0.5", "unknown_ca") > 0 && logged("127.0.0.6", "expired_certificate") > 0)
+            .then_some(())
+    });
+    assert_eq!(
+        logged("127.0.0.5", "unknown_ca"),
+        1,
+        "logged once, not per retry"
+    );
+    assert_eq!(logged("127.0.0.4", "not_tls"), 1);
+    // A call without a certificate (the handshake is allowed, for joins and health checks):
+    // refused, and said once for its peer too.
+    let anonymous = rewind_tests::anonymous_channel(
+        &coordinator.tls_dir().join("ca.pem"),
+        &coordinator.address,
+    )
+    .await
+    .unwrap();
+    let mut client = pb::control_service_client::ControlServiceClient::new(anonymous);
+    for _ in 0..3 {
+        let refused = client
+            .list_hosts(pb::ListHostsRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    }
+    must_wait(Duration::from_secs(10), "the anonymous call logged", || {
+        (logged("127.0.0.1", "without a client certificate") > 0).then_some(())
+    });
+    assert_eq!(logged("127.0.0.1", "without a client certificate"), 1);
+
     let metrics = scrape(&coordinator.http_address).await;
-    assert!(refused_count(&metrics, "grpc", "handshake_failed") >= 1.0);
+    assert!(refused_count(&metrics, "grpc", "handshake_failed") >= 5.0);
     assert!(refused_count(&metrics, "grpc", "handshake_timeout") >= 1.0);
+}
+
+/// A TLS handshake from `source` presenting `cert`/`key` (PEM), trusting the cluster's CA;
+/// whether the server accepted it (a refused client certificate shows on the first read).
+async fn handshake_from(source: &str, coordinator: &Coordinator, cert: &str, key: &str) -> bool {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in pem_certificates(&coordinator.tls_dir().join("ca.pem")).unwrap() {
+        roots.add(ca).unwrap();
+    }
+    let chain = CertificateDer::pem_slice_iter(cert.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(chain, key)
+    .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = connect_from(source, &coordinator.address).await.unwrap();
+    let Ok(mut tls) = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+    else {
+        return false;
+    };
+    // TLS 1.3: the server judges the client's certificate after the client thinks it is done.
+    let _ = tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+    let mut buffer = [0u8; 64];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buffer)).await,
+        Ok(Ok(read)) if read > 0
+    )
 }
 
 /// `SETTINGS_MAX_CONCURRENT_STREAMS`, as the server's first SETTINGS frame states it.

@@ -50,6 +50,8 @@ pub struct Gate {
     policy: Arc<std::sync::RwLock<CachedPolicy>>,
     /// Identities of certificates seen, by their DER: parsing X.509 on every call is waste.
     identities: Arc<Mutex<HashMap<Vec<u8>, PeerIdentity>>>,
+    /// Calls refused for want of a certificate, logged by peer a while apart.
+    anonymous_calls: Arc<crate::admission::PeerLog>,
 }
 
 #[derive(Default)]
@@ -82,6 +84,7 @@ impl Gate {
             refusals: Arc::default(),
             policy: Arc::default(),
             identities: Arc::default(),
+            anonymous_calls: Arc::default(),
         }
     }
 
@@ -169,13 +172,23 @@ impl Gate {
             }
             return Ok(None);
         }
-        let certificates = request
-            .extensions()
-            .get::<super::listener::PeerInfo>()
-            .and_then(|info| info.certificates.clone())
-            .ok_or_else(|| {
-                Status::unauthenticated("no client certificate: every call needs mutual TLS")
-            })?;
+        let peer = request.extensions().get::<super::listener::PeerInfo>();
+        let Some(certificates) = peer.and_then(|info| info.certificates.clone()) else {
+            // A client that forgot its certificate: visible on the server side, once a while.
+            if let Some(remote) = peer.and_then(|info| info.remote)
+                && let Some(not_logged) = self.anonymous_calls.admit(remote.ip(), "no_certificate")
+            {
+                warn!(
+                    %remote,
+                    method = rewind_shared::names::truncate(method, 128),
+                    not_logged_since_last = not_logged,
+                    "Refused a call without a client certificate (only joins and health checks may come without one)."
+                );
+            }
+            return Err(Status::unauthenticated(
+                "no client certificate: every call needs mutual TLS",
+            ));
+        };
         let leaf = certificates.first().ok_or_else(|| {
             Status::unauthenticated("no client certificate: every call needs mutual TLS")
         })?;

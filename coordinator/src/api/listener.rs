@@ -343,7 +343,8 @@ pub fn incoming(
                 let stream = match accepted {
                     Ok(Ok(stream)) => stream,
                     Ok(Err(error)) => {
-                        refusals.refuse(Refusal::Handshake, remote.ip(), &error.to_string());
+                        let cause = crate::admission::handshake_cause(&error);
+                        refusals.refuse(Refusal::Handshake(cause), remote.ip(), &error.to_string());
                         return;
                     }
                     Err(_) => {
