@@ -69,6 +69,9 @@ pub struct RawAudit {
     pub retain_days: Option<u64>,
     /// The newest this many entries stay, archived or not.
     pub retain_entries: Option<u64>,
+    /// How often this member re-verifies the chain it holds, for `rewind_audit_chain_ok`
+    /// (default 300; 0: never).
+    pub verify_every_s: Option<u64>,
 }
 
 /// The issuing CA this member signs joins and renewals with (an intermediate of the cluster's
@@ -516,6 +519,8 @@ pub struct Config {
     pub issuer: Option<IssuerConfig>,
     /// How the synthetic checks of health gates reach https:// URLs.
     pub synthetics_tls: HttpsTrust,
+    /// How often this member re-verifies its audit chain; `None`: never.
+    pub audit_verify_every: Option<Duration>,
     /// What is allowed but unwise (plain http:// carrying a secret): logged at start, printed
     /// by `check-config`.
     pub warnings: Vec<String>,
@@ -608,6 +613,13 @@ impl RawConfig {
         let http = validate_http(&self.http, &mut problems);
         let alertmanager = validate_alertmanager(&self.alertmanager, &mut problems);
         let synthetics_tls = self.synthetics.load_noting("synthetics", &mut problems);
+        let audit_verify_every_s = self.audit.verify_every_s.unwrap_or(300);
+        if audit_verify_every_s != 0 && !(10..=86_400).contains(&audit_verify_every_s) {
+            problems.add(
+                "audit.verify-every-s",
+                format!("is {audit_verify_every_s}, must be 0 (never) or within 10..=86400"),
+            );
+        }
         let warnings = incidents
             .iter()
             .filter(|incidents| matches!(incidents.format, IncidentFormat::PagerDuty { .. }))
@@ -708,6 +720,8 @@ impl RawConfig {
             access,
             issuer,
             synthetics_tls,
+            audit_verify_every: (audit_verify_every_s != 0)
+                .then(|| Duration::from_secs(audit_verify_every_s)),
             warnings,
         })
     }

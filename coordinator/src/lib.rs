@@ -26,6 +26,7 @@ pub mod admission;
 pub mod api;
 #[cfg(test)]
 mod approvals_test;
+pub mod audit_check;
 pub mod config;
 pub mod engine;
 pub mod errors;

@@ -620,6 +620,15 @@ async fn serve(
         config.access.legacy_certificates,
     );
     tokio::spawn(gate.clone().follow_policy());
+    let audit_check = Arc::new(rewind_coordinator::audit_check::AuditCheck::default());
+    if let Some(every) = config.audit_verify_every {
+        tokio::spawn(rewind_coordinator::audit_check::run(
+            member.node.clone(),
+            Arc::clone(&audit_check),
+            every,
+            stop.clone(),
+        ));
+    }
     if let (Some(listener), Some(http)) = (http_listener, &config.http) {
         let state = rewind_coordinator::http::HttpState {
             node: member.node.clone(),
@@ -634,6 +643,7 @@ async fn serve(
             alertmanager_identity: config.access.alertmanager_identity.as_str().into(),
             webhook_identity: config.access.webhook_identity.as_str().into(),
             connections: connection_stats.clone(),
+            audit_check: Arc::clone(&audit_check),
         };
         let mut http_stop = stop.clone();
         let stats = connection_stats.clone();

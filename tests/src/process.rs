@@ -55,6 +55,12 @@ pub struct Process {
 }
 
 impl Process {
+    /// A child started elsewhere (a third-party server a test runs), killed when dropped; its
+    /// `log` tail is printed if the test fails.
+    pub fn adopt(child: Child, log: PathBuf) -> Self {
+        Self { child, log }
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

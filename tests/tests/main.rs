@@ -48,3 +48,4 @@ mod t45_containers;
 mod t46_verify_reports;
 mod t47_standard_grpc;
 mod t48_formats;
+mod t49_monitoring;

@@ -64,6 +64,7 @@ pub async fn serve(Extract(http): Extract<HttpState>) -> impl IntoResponse {
             http.node.queue_full_total(),
             &http.snapshots,
             &http.connections,
+            &http.audit_check,
         )
     });
     match text {
@@ -91,8 +92,10 @@ fn render(
     proposal_queue_full: u64,
     snapshots: &SnapshotStats,
     connections: &crate::admission::ConnectionStats,
+    audit_check: &crate::audit_check::AuditCheck,
 ) -> Result<String, std::fmt::Error> {
     let mut registry = Registry::with_prefix("rewind");
+    register_audit_check(&mut registry, audit_check);
     registry.register(
         "connections_refused",
         "Connections closed before they were served, by port (grpc, http) and reason",
@@ -255,6 +258,34 @@ struct MemberLabels {
 }
 
 /// Followers' progress (on the leader) and the snapshots this member sent and received.
+/// This member's latest verification of its audit chain (`crate::audit_check`); the chain's
+/// state is not exported before the first one ends.
+fn register_audit_check(registry: &mut Registry, check: &crate::audit_check::AuditCheck) {
+    if let Some(intact) = check.intact() {
+        let ok = Gauge::<i64>::default();
+        ok.set(i64::from(intact));
+        registry.register(
+            "audit_chain_ok",
+            "1 when this member's audit chain verified at its last check, 0 when it did not",
+            ok,
+        );
+    }
+    let entries = Gauge::<i64>::default();
+    entries.set(check.entries() as i64);
+    registry.register(
+        "audit_verified_entries",
+        "Audit entries this member checked at its last verification",
+        entries,
+    );
+    let at = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+    at.set(check.at_ms() as f64 / 1000.0);
+    registry.register(
+        "audit_last_verified_timestamp_seconds",
+        "When this member last verified its audit chain (0: not yet)",
+        at,
+    );
+}
+
 fn register_replication(
     registry: &mut Registry,
     status: &crate::node::raft::RaftStatus,
@@ -351,6 +382,155 @@ mod tests {
     use crate::state_machine::{CommandKind, PlanOptions, Trigger};
     use crate::test_fleet::Fleet;
 
+    fn start_rollback(fleet: &mut Fleet, change: u64) {
+        fleet.apply(CommandKind::StartRollback(
+            crate::state_machine::StartRollback {
+                changes: vec![change],
+                options: PlanOptions::default(),
+                plan_hash: String::new(),
+                reason: "test".into(),
+                trigger: Trigger::Manual,
+                break_glass: false,
+                planned: None,
+            },
+        ));
+    }
+
+    fn finish_drain(fleet: &mut Fleet, rollback: u64) {
+        let drain = crate::state_machine::StepTarget::Rollback {
+            rollback,
+            service: "web".into(),
+            host_id: "web-1".into(),
+            kind: crate::state_machine::RollbackStepKind::Drain,
+        };
+        fleet.apply(CommandKind::StepStarted {
+            step: drain.clone(),
+        });
+        fleet.apply(CommandKind::StepFinished {
+            step: drain,
+            ok: true,
+            detail: String::new(),
+            snapshot_id: String::new(),
+        });
+    }
+
+    /// Every name in `text` that looks like one of the coordinator's series (`rewind_...`).
+    fn series_named(text: &str) -> std::collections::BTreeSet<String> {
+        let mut names = std::collections::BTreeSet::new();
+        let mut rest = text;
+        while let Some(at) = rest.find("rewind_") {
+            let name: String = rest[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            // `rewind_` inside another word (`x_rewind_y`) is not a name.
+            let inside = at > 0 && rest.as_bytes()[at - 1].is_ascii_alphanumeric();
+            if !inside {
+                names.insert(name.clone());
+            }
+            rest = &rest[at + name.len()..];
+        }
+        names
+    }
+
+    #[test]
+    fn every_metric_the_shipped_rules_and_dashboard_name_is_exported() {
+        // A state with every family populated: an ended rollback whose drain and gate were
+        // timed, a running one, a trigger, and a leader with a follower.
+        let mut fleet = Fleet::new();
+        fleet.service("web", &[]);
+        fleet.host("web-1", "eu", &["web"]);
+        for version in ["v1", "v2", "v3"] {
+            fleet.release("web", version, 0, &[]);
+        }
+        fleet.deploy("web", "v1");
+        let second = fleet.deploy("web", "v2");
+        start_rollback(&mut fleet, second);
+        finish_drain(&mut fleet, 1);
+        let gate = &mut fleet.state.rollbacks.get_mut(&1).unwrap().waves[0].gate;
+        gate.status = StepStatus::Succeeded;
+        gate.finished_at_ms = gate.started_at_ms + 5_000;
+        fleet.apply(CommandKind::ControlRollback {
+            rollback: 1,
+            action: crate::state_machine::RollbackAction::Abort,
+            reason: "test".into(),
+        });
+        let third = fleet.deploy("web", "v3");
+        start_rollback(&mut fleet, third);
+        fleet
+            .state
+            .trigger_totals
+            .insert("alertmanager/started".into(), 1);
+        let status = crate::node::raft::RaftStatus {
+            id: 1,
+            is_leader: true,
+            peers: vec![crate::node::raft::PeerProgress {
+                id: 2,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let connections = crate::admission::ConnectionStats::default();
+        connections
+            .refused
+            .get_or_create(&crate::admission::RefusedLabels {
+                port: "grpc".into(),
+                reason: "handshake_failed".into(),
+            })
+            .inc();
+        let audit_check = crate::audit_check::AuditCheck::default();
+        audit_check.record(true, 10, 1);
+        let text = render(
+            &fleet.state,
+            &status,
+            1,
+            0,
+            &SnapshotStats::default(),
+            &connections,
+            &audit_check,
+        )
+        .unwrap();
+        let exported: std::collections::BTreeSet<String> = text
+            .lines()
+            .filter(|line| !line.starts_with('#'))
+            .filter_map(|line| line.split(['{', ' ']).next())
+            .map(str::to_string)
+            .collect();
+
+        let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+        let rules = std::fs::read_to_string(deploy.join("prometheus/rewind.rules.yml")).unwrap();
+        let dashboard = std::fs::read_to_string(deploy.join("grafana/rewind.json")).unwrap();
+        let dashboard_json: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
+        let exprs: Vec<String> = dashboard_json["panels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|panel| panel["targets"].as_array().unwrap().clone())
+            .map(|target| target["expr"].as_str().unwrap().to_string())
+            .collect();
+        assert!(exprs.len() > 10, "{exprs:?}");
+        let named = series_named(&rules)
+            .into_iter()
+            .chain(exprs.iter().flat_map(|expr| series_named(expr)));
+        for name in named {
+            assert!(
+                exported.contains(&name),
+                "{name} is named by deploy/prometheus or deploy/grafana but not exported:\n{text}"
+            );
+        }
+        // The dashboard's recording-rule names are rules of the shipped file.
+        for expr in &exprs {
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':')) {
+                if word.starts_with("rewind:") {
+                    assert!(
+                        rules.contains(&format!("record: {word}\n")),
+                        "{word} is not a recording rule of rewind.rules.yml"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn a_running_rollback_has_series_of_its_own_and_an_ended_one_is_counted() {
         let mut fleet = Fleet::new();
@@ -394,6 +574,7 @@ mod tests {
                 1,
                 7,
                 &SnapshotStats::default(),
+                &Default::default(),
                 &Default::default(),
             )
             .unwrap()

@@ -49,6 +49,8 @@ pub struct HttpState {
     pub webhook_identity: Arc<str>,
     /// Connections refused before they were served, on both ports.
     pub connections: ConnectionStats,
+    /// This member's latest verification of its audit chain.
+    pub audit_check: Arc<crate::audit_check::AuditCheck>,
 }
 
 pub fn router(state: HttpState) -> Router {
