@@ -58,7 +58,7 @@ pub async fn run(
                 .await
                 .map_err(explain)?
                 .into_inner();
-            if format == Format::Json {
+            if format.is_structured() {
                 json(&policy)?;
             } else {
                 say!("# version {}, sha256 {}", policy.version, policy.hash);
@@ -72,7 +72,7 @@ pub async fn run(
                 .map_err(explain)?
                 .into_inner();
             let proposed = apply(client, &file, true, String::new(), String::new()).await?;
-            if format == Format::Json {
+            if format.is_structured() {
                 json(&proposed)?;
             } else {
                 say!("# {}", proposed.summary);
@@ -85,7 +85,7 @@ pub async fn run(
             reason,
         }) => {
             let applied = apply(client, &file, false, expected_hash, reason).await?;
-            if format == Format::Json {
+            if format.is_structured() {
                 json(&applied)?;
             } else {
                 say!(
@@ -112,7 +112,7 @@ pub async fn run(
                 .await
                 .map_err(explain)?
                 .into_inner();
-            if format == Format::Json {
+            if format.is_structured() {
                 json(&answer)?;
             } else {
                 let verdict = if answer.allowed { "allowed" } else { "denied" };

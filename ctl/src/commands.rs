@@ -30,6 +30,9 @@ pub struct Cli {
     /// Output format.
     #[arg(long, short, global = true, value_enum, default_value_t = Format::Table, env = "REWIND_OUTPUT")]
     pub output: Format,
+    /// The named cluster to use (`rewindctl config get-contexts`), instead of the current one.
+    #[arg(long, global = true, env = "REWIND_CONTEXT")]
+    pub context: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -107,6 +110,20 @@ pub enum Command {
     /// Run the whole loop on this machine: a dev coordinator, three agents, a bad release,
     /// an automatic rollback, verified.
     Demo(crate::demo::DemoArgs),
+    /// Named clusters and their certificates (contexts), so the connection flags need not be
+    /// typed every time.
+    #[command(subcommand)]
+    Config(crate::contexts::ConfigCommand),
+    /// Prints a shell completion script: `source <(rewindctl completion bash)`.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Writes a man page for rewindctl and each of its commands into a directory.
+    Man {
+        #[arg(long, default_value = ".")]
+        out_dir: std::path::PathBuf,
+    },
 }
 
 /// A page of a list. Every list pages alike: `--page-size`, and the `--page-token` the
@@ -165,7 +182,8 @@ pub(crate) fn next_page(command: &str, page_size: u32, next_page_token: &str) {
 /// How many times a command follows a redirect to the leader.
 const MAX_REDIRECTS: usize = 3;
 
-pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+pub async fn run(cli: Cli, given: crate::contexts::Given) -> anyhow::Result<ExitCode> {
+    crate::output::set_format(cli.output);
     let junit_drill = matches!(
         &cli.command,
         Command::Drill(
@@ -179,19 +197,45 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
              drill list); use table or json here"
         );
     }
-    match cli.command {
-        Command::Demo(args) => return crate::demo::run(args).await,
-        Command::Cert(command) => return crate::join::run_cert(&cli.connect, command).await,
+    let mut options = cli.connect.clone();
+    match &cli.command {
+        Command::Demo(args) => return crate::demo::run(args.clone()).await,
+        // Local: the contexts file, the shell, the manual.
+        Command::Config(command) => {
+            crate::contexts::run(command.clone(), &options, given, cli.output)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Completion { shell } => {
+            use clap::CommandFactory as _;
+            use std::io::Write as _;
+            // Into memory first: the generator panics on a write error (a closed pipe).
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "rewindctl", &mut script);
+            return match std::io::stdout().write_all(&script) {
+                Err(error) if error.kind() != std::io::ErrorKind::BrokenPipe => Err(error.into()),
+                _ => Ok(ExitCode::SUCCESS),
+            };
+        }
+        Command::Man { out_dir } => {
+            use clap::CommandFactory as _;
+            std::fs::create_dir_all(out_dir)?;
+            clap_mangen::generate_to(Cli::command(), out_dir)?;
+            say!("man pages written to {}", out_dir.display());
+            return Ok(ExitCode::SUCCESS);
+        }
         // Offline: an export is verified with no cluster.
         Command::Audit(AuditCommand::Verify {
             files,
             manifest_hash,
         }) if !files.is_empty() => {
-            return crate::cmd::audit::verify_files(&files, manifest_hash.as_deref(), cli.output);
+            return crate::cmd::audit::verify_files(files, manifest_hash.as_deref(), cli.output);
         }
         _ => {}
     }
-    let mut options = cli.connect.clone();
+    crate::contexts::apply(&mut options, given, cli.context.as_deref())?;
+    if let Command::Cert(command) = &cli.command {
+        return crate::join::run_cert(&options, command.clone()).await;
+    }
     let mut redirects = 0;
     loop {
         let mut client = client::connect(&options).await?;
@@ -242,7 +286,11 @@ async fn execute(
         Command::Request(command) => crate::requests::run(client, format, command).await,
         Command::JoinToken(command) => crate::join::run_tokens(client, format, command).await,
         Command::Cluster(command) => crate::cmd::cluster::run(client, format, command).await,
-        Command::Demo(_) | Command::Cert(_) => unreachable!("handled above"),
+        Command::Demo(_)
+        | Command::Cert(_)
+        | Command::Config(_)
+        | Command::Completion { .. }
+        | Command::Man { .. } => unreachable!("handled above"),
     }
 }
 

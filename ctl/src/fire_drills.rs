@@ -44,7 +44,7 @@ pub async fn start(
         .into_inner()
         .drill
         .context("the coordinator answered without the drill")?;
-    if format == Format::Table {
+    if format.is_table() {
         say_err!(
             "{} started: {} {} -> {} on {} ({}); waiting for detection and the automatic \
              rollback (stop it: rewindctl drill abort {} --reason R)",
@@ -83,7 +83,7 @@ async fn follow(
         } else {
             format!("detected: {} reverts it", drill.rollback_id)
         };
-        if format == Format::Table && phase != said {
+        if format.is_table() && phase != said {
             say_err!(
                 "{}: {phase} ({:.0} s)",
                 drill.drill_id,
@@ -146,9 +146,9 @@ pub async fn list(
         .map_err(explain)?
         .into_inner();
     match format {
-        Format::Json => json(&answer)?,
+        Format::Json | Format::Yaml => json(&answer)?,
         Format::Junit => println!("{}", junit(&answer.drills)),
-        Format::Table => {
+        Format::Table | Format::Wide => {
             let rows = answer
                 .drills
                 .iter()
@@ -201,7 +201,7 @@ pub async fn abort(
         .into_inner()
         .drill
         .context("the coordinator answered without the drill")?;
-    if format == Format::Json {
+    if format.is_structured() {
         json(&drill)?;
     } else {
         say!(
@@ -222,12 +222,12 @@ pub async fn abort(
 /// Prints drills in the format asked for; exits 1 if any failed or was aborted.
 fn report(format: Format, drills: &[pb::RollbackDrill], waited: bool) -> anyhow::Result<ExitCode> {
     match format {
-        Format::Json => match drills {
+        Format::Json | Format::Yaml => match drills {
             [drill] => json(drill)?,
             _ => json(&drills)?,
         },
         Format::Junit => println!("{}", junit(drills)),
-        Format::Table => drills.iter().for_each(print_scorecard),
+        Format::Table | Format::Wide => drills.iter().for_each(print_scorecard),
     }
     // A drill followed past its timeout has not passed either.
     let failed = drills.iter().any(|drill| {

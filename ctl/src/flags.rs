@@ -116,7 +116,7 @@ pub async fn run(
             service,
         } => (list(client, environment, service).await?, ExitCode::SUCCESS),
     };
-    if format == Format::Json {
+    if format.is_structured() {
         json(&pb::ListFlagsResponse { flags })?;
     } else {
         let rows = flags

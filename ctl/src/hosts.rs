@@ -88,11 +88,11 @@ pub async fn run(
             let compare_token: [u8; 32] = rand::random();
             let left = inspect(client, &first, &service, mode, &compare_token).await?;
             let right = inspect(client, &second, &service, mode, &compare_token).await?;
-            if format == Format::Json {
+            if format.is_structured() {
                 json(&vec![left.clone(), right.clone()])?;
             }
             let lines = diff_hosts(&left, &right);
-            if format != Format::Json {
+            if !format.is_structured() {
                 let what = if live {
                     "live state"
                 } else {
@@ -122,7 +122,7 @@ pub async fn run(
                 .await
                 .map_err(explain)?
                 .into_inner();
-            if format == Format::Json {
+            if format.is_structured() {
                 json(&forgotten)?;
             } else {
                 let services = if forgotten.services.is_empty() {
@@ -156,7 +156,7 @@ pub async fn run(
                 .await
                 .map_err(explain)?
                 .into_inner();
-            if format == Format::Json {
+            if format.is_structured() {
                 json(&adopted)?;
             } else {
                 for state in &adopted.services {
@@ -172,11 +172,11 @@ pub async fn run(
         HostCommand::Drift { host, service } => {
             let answer =
                 inspect(client, &host, &service, pb::InspectMode::InspectDrift, &[]).await?;
-            if format == Format::Json {
+            if format.is_structured() {
                 json(&answer)?;
             }
             let drifted = answer.services.iter().any(|state| !state.drift.is_empty());
-            if format != Format::Json {
+            if !format.is_structured() {
                 for state in &answer.services {
                     if !state.note.is_empty() {
                         say!("{}: {}", state.service, state.note);

@@ -91,7 +91,7 @@ pub async fn run_tokens(
                 .await
                 .map_err(explain)?
                 .into_inner();
-            if format == Format::Json {
+            if format.is_structured() {
                 json(&created)?;
             } else {
                 let details = created.details.unwrap_or_default();
@@ -115,7 +115,7 @@ pub async fn run_tokens(
                 .await
                 .map_err(explain)?
                 .into_inner();
-            if format == Format::Json {
+            if format.is_structured() {
                 json(&listed)?;
             } else {
                 let rows = listed
@@ -162,7 +162,7 @@ pub async fn run_tokens(
                 .await
                 .map_err(explain)?
                 .into_inner();
-            if format == Format::Json {
+            if format.is_structured() {
                 json(&token)?;
             } else {
                 say!("{} revoked", token.token_id);

@@ -8,6 +8,7 @@ mod access;
 mod client;
 mod cmd;
 mod commands;
+mod contexts;
 mod demo;
 mod fire_drills;
 mod flags;
@@ -21,14 +22,17 @@ mod watch;
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory as _, FromArgMatches as _};
 
 use crate::commands::Cli;
 
 fn main() -> ExitCode {
     rewind_shared::logging::init("warn");
     rewind_shared::tls::install_crypto_provider();
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
+    // Which connection flags the command line set: a context fills in only the others.
+    let given = contexts::Given::from_matches(&matches);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -36,7 +40,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(commands::run(cli)) {
+    match runtime.block_on(commands::run(cli, given)) {
         Ok(code) => code,
         Err(error) => {
             say_err!("error: {error:#}");

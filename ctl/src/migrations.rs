@@ -111,7 +111,7 @@ pub async fn run(
                 .migrations
         }
     };
-    if format == Format::Json {
+    if format.is_structured() {
         json(&pb::ListMigrationsResponse { migrations })?;
         return Ok(ExitCode::SUCCESS);
     }
@@ -202,8 +202,8 @@ pub async fn schema(
                 .into_inner()
                 .txn;
             match format {
-                Format::Json => json(&pb::SchemaTxnResponse { txn })?,
-                Format::Table | Format::Junit => txn.iter().for_each(print_txn),
+                Format::Json | Format::Yaml => json(&pb::SchemaTxnResponse { txn })?,
+                Format::Table | Format::Wide | Format::Junit => txn.iter().for_each(print_txn),
             }
             return Ok(ExitCode::SUCCESS);
         }
@@ -218,7 +218,7 @@ pub async fn schema(
         .await
         .map_err(explain)?
         .into_inner();
-    if format == Format::Json {
+    if format.is_structured() {
         json(&listed)?;
         return Ok(ExitCode::SUCCESS);
     }
@@ -500,7 +500,7 @@ pub async fn drill(
             .context("the coordinator answered without the drill")?;
     }
     let failed = drill.status == "failed";
-    if format == Format::Json {
+    if format.is_structured() {
         json(&pb::DrillResponse { drill: Some(drill) })?;
     } else {
         print_drill(&drill);

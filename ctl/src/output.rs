@@ -35,19 +35,76 @@ use serde::Serialize;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
+    /// Tables for people.
     #[default]
     Table,
+    /// Tables with more columns (lists of hosts, changes and rollbacks).
+    Wide,
+    /// The protobuf JSON mapping of the answer.
     Json,
+    /// The same as JSON, in YAML.
+    Yaml,
     /// A JUnit XML report: `drill rollback`, `drill show rd-N` and `drill list` only.
     Junit,
 }
 
+impl Format {
+    /// JSON or YAML: the answer itself, for scripts.
+    pub fn is_structured(self) -> bool {
+        matches!(self, Self::Json | Self::Yaml)
+    }
+
+    /// A table for people (wide or not).
+    pub fn is_table(self) -> bool {
+        matches!(self, Self::Table | Self::Wide)
+    }
+}
+
+/// The `--output` of this invocation, for [`json`].
+static FORMAT: std::sync::OnceLock<Format> = std::sync::OnceLock::new();
+
+/// Says which `--output` this invocation prints in (once, at start).
+pub fn set_format(format: Format) {
+    let _ = FORMAT.set(format);
+}
+
+/// The answer for scripts: JSON, or YAML under `--output yaml`.
 pub fn json<T: Serialize>(value: &T) -> anyhow::Result<()> {
+    structured(value)
+}
+
+/// [`json`] under its other name, for code that serves both formats.
+pub fn structured<T: Serialize>(value: &T) -> anyhow::Result<()> {
+    if FORMAT.get() == Some(&Format::Yaml) {
+        print!("{}", yaml_for_terminal(&yaml_serde::to_string(value)?));
+        return Ok(());
+    }
+    print_json(value)
+}
+
+/// One answer of a stream for scripts: a JSON line, or a YAML document under `--output yaml`.
+pub fn structured_line<T: Serialize>(value: &T) -> anyhow::Result<()> {
+    if FORMAT.get() == Some(&Format::Yaml) {
+        print!("---\n{}", yaml_for_terminal(&yaml_serde::to_string(value)?));
+        return Ok(());
+    }
+    println!("{}", json_for_terminal(&serde_json::to_string(value)?));
+    Ok(())
+}
+
+/// JSON whatever `--output` says (an export asked for in JSON).
+pub fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
     println!(
         "{}",
         json_for_terminal(&serde_json::to_string_pretty(value)?)
     );
     Ok(())
+}
+
+/// YAML as it may reach a terminal: the YAML writer double-quotes and escapes C0 controls
+/// itself; anything else a terminal acts on is shown escaped, as everywhere else.
+fn yaml_for_terminal(yaml: &str) -> String {
+    rewind_shared::names::for_terminal(yaml).into_owned()
 }
 
 /// JSON as it may reach a terminal and still parse: serde_json escapes C0 controls itself; the
@@ -79,6 +136,24 @@ pub fn table(header: &[&str], rows: Vec<Vec<String>>) {
         );
     }
     say!("{table}");
+}
+
+/// Under `--output wide`, more columns: `extra` headers after `headers`, and `cells(index)`
+/// after each row.
+pub fn with_wide_columns(
+    format: Format,
+    headers: &mut Vec<&'static str>,
+    rows: &mut [Vec<String>],
+    extra: &[&'static str],
+    cells: impl Fn(usize) -> Vec<String>,
+) {
+    if format != Format::Wide {
+        return;
+    }
+    headers.extend_from_slice(extra);
+    for (index, row) in rows.iter_mut().enumerate() {
+        row.extend(cells(index));
+    }
 }
 
 /// "1 host", "3 hosts".

@@ -75,7 +75,7 @@ pub async fn run(
                 .await
                 .map_err(explain)?
                 .into_inner();
-            if format == Format::Json {
+            if format.is_structured() {
                 json(&listed)?;
             } else {
                 let rows = listed
@@ -140,7 +140,7 @@ pub async fn run(
             .map_err(explain)?
             .into_inner(),
     };
-    if format == Format::Json {
+    if format.is_structured() {
         json(&request)?;
     } else {
         print_request(&request);

@@ -37,14 +37,14 @@ pub async fn finalize(
         .await
         .map_err(explain)?
         .into_inner();
-    if format != Format::Json {
+    if !format.is_structured() {
         say!("cluster version {before} -> {}", after.cluster_version);
     }
     print(&after, format)
 }
 
 fn print(version: &pb::ClusterVersion, format: Format) -> anyhow::Result<ExitCode> {
-    if format == Format::Json {
+    if format.is_structured() {
         json(version)?;
         return Ok(ExitCode::SUCCESS);
     }

@@ -1,4 +1,7 @@
-//! `rollback watch`: a live view of a rollback until it ends.
+//! `rollback watch` (and `rollback start --watch`): a live view of a rollback until it ends;
+//! `change start --watch`: the same for a change until it is deployed or fails. Each shows a
+//! progress line (the current wave's hosts done of its total, its gate, the time taken) above
+//! the transitions as they happen.
 
 use std::collections::HashSet;
 use std::process::ExitCode;
@@ -29,10 +32,12 @@ pub async fn follow(
         .into_inner();
     let bar = ProgressBar::new(0);
     bar.set_style(
-        ProgressStyle::with_template("{spinner} {prefix} [{bar:30}] {pos}/{len} steps {msg}")?
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{spinner} {prefix} [{bar:30}] {pos}/{len} steps, {elapsed} {msg}",
+        )?
+        .progress_chars("=> "),
     );
-    if format == Format::Json {
+    if format.is_structured() {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
     let mut seen: HashSet<(String, i32)> = HashSet::new();
@@ -54,12 +59,10 @@ pub async fn follow(
             Some(previous) if update.changes_only => with_changes(previous, received),
             _ => received,
         };
-        if format == Format::Json {
-            // The whole rollback each time, as before changes came alone: scripts read lines.
-            println!(
-                "{}",
-                output::json_for_terminal(&serde_json::to_string(&rollback)?)
-            );
+        if format.is_structured() {
+            // The whole rollback each time, as before changes came alone: scripts read lines
+            // (YAML: one document each).
+            output::structured_line(&rollback)?;
         } else {
             report_transitions(&bar, &rollback, &mut seen);
         }
@@ -68,7 +71,7 @@ pub async fn follow(
     bar.finish_and_clear();
     let rollback =
         last.ok_or_else(|| anyhow::anyhow!("the coordinator closed the watch without an update"))?;
-    if format == Format::Table {
+    if format.is_table() {
         say!();
         output::print_rollback(&rollback);
     }
@@ -134,6 +137,7 @@ fn report_transitions(
         })
     });
     bar.set_position(done.count() as u64);
+    bar.set_message(wave_progress(rollback));
     for (index, wave) in rollback.waves.iter().enumerate() {
         let key = (format!("gate/{index}"), wave.gate);
         if wave.gate == pb::StepState::Pending as i32 || !seen.insert(key) {
@@ -181,6 +185,126 @@ fn report_transitions(
             step.detail
         );
         print_line(bar, line);
+    }
+}
+
+/// "wave 2/3 (web in eu): 4/10 hosts done, gate running": where the rollback is.
+fn wave_progress(rollback: &pb::Rollback) -> String {
+    let total = rollback.waves.len();
+    let current = rollback.current_wave as usize;
+    let Some(wave) = rollback.waves.get(current) else {
+        return format!("all {total} waves done");
+    };
+    let ended = |state: i32| {
+        pb::StepState::try_from(state).is_ok_and(|state| {
+            matches!(
+                state,
+                pb::StepState::Succeeded | pb::StepState::Failed | pb::StepState::Skipped
+            )
+        })
+    };
+    let done = wave
+        .hosts
+        .iter()
+        .filter(|host| {
+            let mut steps = rollback
+                .steps
+                .iter()
+                .filter(|step| step.wave as usize == current && step.host_id == **host)
+                .peekable();
+            steps.peek().is_some() && steps.all(|step| ended(step.state))
+        })
+        .count();
+    let gate = match pb::StepState::try_from(wave.gate).unwrap_or_default() {
+        pb::StepState::Pending => String::new(),
+        state => format!(", gate {}", state.short_name()),
+    };
+    format!(
+        "wave {}/{total} ({} in {}): {done}/{} hosts done{gate}",
+        current + 1,
+        wave.service,
+        wave.region,
+        wave.hosts.len()
+    )
+}
+
+/// How often `change start --watch` asks where the change is.
+const CHANGE_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Follows a change until it is deployed (exit 0) or failed or rolled back (exit 1), with a
+/// progress line: hosts activated and captured of the total, and the time taken.
+pub async fn follow_change(
+    client: &mut Client,
+    format: Format,
+    change_id: &str,
+) -> anyhow::Result<ExitCode> {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} {prefix} [{bar:30}] {pos}/{len} hosts activated, {elapsed} {msg}",
+        )?
+        .progress_chars("=> "),
+    );
+    if format.is_structured() {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let mut seen: HashSet<(String, i32, i32)> = HashSet::new();
+    loop {
+        let change = client
+            .get_change(pb::GetChangeRequest {
+                change_id: change_id.to_string(),
+            })
+            .await
+            .map_err(explain)?
+            .into_inner()
+            .change
+            .ok_or_else(|| anyhow::anyhow!("the coordinator answered without a change"))?;
+        let state = pb::ChangeState::try_from(change.state).unwrap_or_default();
+        let count = |done: fn(&pb::ChangeHost) -> bool| {
+            change.hosts.iter().filter(|host| done(host)).count()
+        };
+        let activated = count(|host| host.activate == pb::StepState::Succeeded as i32);
+        let captured = count(|host| host.capture == pb::StepState::Succeeded as i32);
+        bar.set_length(change.hosts.len() as u64);
+        bar.set_position(activated as u64);
+        bar.set_prefix(format!("{} {}", change.change_id, state.short_name()));
+        bar.set_message(format!("{captured}/{} captured", change.hosts.len()));
+        if format.is_structured() {
+            output::structured_line(&change)?;
+        } else {
+            for host in &change.hosts {
+                let started = host.capture != pb::StepState::Pending as i32
+                    || host.activate != pb::StepState::Pending as i32;
+                if started && seen.insert((host.host_id.clone(), host.capture, host.activate)) {
+                    print_line(
+                        &bar,
+                        format!(
+                            "{}  capture {:<10} activate {}",
+                            host.host_id,
+                            output::step_state(host.capture),
+                            output::step_state(host.activate)
+                        ),
+                    );
+                }
+            }
+        }
+        let ended = matches!(
+            state,
+            pb::ChangeState::Deployed | pb::ChangeState::Failed | pb::ChangeState::RolledBack
+        );
+        if ended {
+            bar.finish_and_clear();
+            if format.is_table() {
+                say!();
+                output::print_change(&change);
+            }
+            return Ok(if state == pb::ChangeState::Deployed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
+        tokio::time::sleep(CHANGE_POLL).await;
     }
 }
 

@@ -49,3 +49,4 @@ mod t46_verify_reports;
 mod t47_standard_grpc;
 mod t48_formats;
 mod t49_monitoring;
+mod t50_cli;

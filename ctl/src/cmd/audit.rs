@@ -111,7 +111,7 @@ pub(crate) async fn audit(
                 .await
                 .map_err(explain)?
                 .into_inner();
-            if format == Format::Json {
+            if format.is_structured() {
                 json(&entries)?;
             } else {
                 if asked < entries.first_index {
@@ -186,7 +186,7 @@ pub(crate) async fn audit(
                 .await
                 .map_err(explain)?
                 .into_inner();
-            if format == Format::Json {
+            if format.is_structured() {
                 json(&verification)?;
             } else {
                 say!(
@@ -213,7 +213,7 @@ pub(crate) async fn audit(
                 .await
                 .map_err(explain)?
                 .into_inner();
-            if format == Format::Json {
+            if format.is_structured() {
                 json(&entry)?;
             } else {
                 let mut erased: Vec<&String> = entry.redacted.keys().collect();
@@ -236,7 +236,7 @@ pub(crate) async fn audit(
                 .await
                 .map_err(explain)?
                 .into_inner();
-            if format == Format::Json {
+            if format.is_structured() {
                 json(&verification)?;
             } else if verification.ok {
                 say!(
@@ -412,7 +412,7 @@ async fn export(
     // The entries first: a manifest never stands without the file it describes.
     put_in_place(&partial, out)?;
     put_in_place(&manifest_partial, &manifest_out)?;
-    if format == Format::Json {
+    if format.is_structured() {
         json(&manifest)?;
     } else {
         say!(
@@ -471,7 +471,7 @@ pub(crate) fn verify_files(
             "problem": outcome.as_ref().err().map(ToString::to_string),
         }));
         match outcome {
-            Ok(()) if format != Format::Json => say!(
+            Ok(()) if !format.is_structured() => say!(
                 "{}: entries {}..{} intact, last hash {}",
                 file.display(),
                 manifest.first_index,
@@ -480,7 +480,7 @@ pub(crate) fn verify_files(
             ),
             Ok(()) => {}
             Err(problem) => {
-                if format == Format::Json {
+                if format.is_structured() {
                     json(&results)?;
                 } else {
                     say!("{}: BROKEN: {problem}", file.display());
@@ -489,7 +489,7 @@ pub(crate) fn verify_files(
             }
         }
     }
-    if format == Format::Json {
+    if format.is_structured() {
         json(&results)?;
     } else if files.len() > 1 {
         say!("{} exports chain into each other", files.len());

@@ -33,6 +33,10 @@ pub enum ChangeCommand {
         /// --reason): escalated, and marked until someone else reviews it.
         #[arg(long)]
         break_glass: bool,
+        /// Follow the change until it is deployed or fails: hosts captured and activated, and
+        /// the time it has taken; exit 0 only if it deployed.
+        #[arg(long)]
+        watch: bool,
     },
     /// One change: its hosts, steps, snapshots and flags, and where it stands.
     #[command(alias = "status")]
@@ -64,6 +68,7 @@ pub(crate) async fn change(
             flags_on,
             migrations,
             break_glass,
+            watch,
         } => {
             let request = pb::StartChangeRequest {
                 request_id: request_id(),
@@ -81,12 +86,15 @@ pub(crate) async fn change(
                 .map_err(explain)?
                 .into_inner();
             if answer.change.is_none() {
-                if format == Format::Json {
+                if format.is_structured() {
                     json(&answer)?;
                 } else {
                     crate::requests::print_filed(answer.request)?;
                 }
                 return Ok(ExitCode::SUCCESS);
+            }
+            if watch && let Some(change) = &answer.change {
+                return crate::watch::follow_change(client, format, &change.change_id).await;
             }
             answer.change
         }
@@ -126,7 +134,7 @@ pub(crate) async fn change(
                 .await
                 .map_err(explain)?
                 .into_inner();
-            if format == Format::Json {
+            if format.is_structured() {
                 json(&changes)?;
             } else {
                 let rows = changes
@@ -147,9 +155,24 @@ pub(crate) async fn change(
                 let mut headers = vec![
                     "CHANGE", "SERVICE", "VERSIONS", "STATE", "HOSTS", "STARTED", "ROLLBACK",
                 ];
-                let rows = with_archived_column(archived, &mut headers, rows, |index| {
+                let mut rows = with_archived_column(archived, &mut headers, rows, |index| {
                     changes.changes[index].archived_at_ms
                 });
+                output::with_wide_columns(
+                    format,
+                    &mut headers,
+                    &mut rows,
+                    &["ENV", "STARTED BY", "DEPLOYED", "REASON"],
+                    |index| {
+                        let change = &changes.changes[index];
+                        vec![
+                            change.environment.clone(),
+                            change.started_by.clone(),
+                            time(change.deployed_at_ms),
+                            change.reason.clone(),
+                        ]
+                    },
+                );
                 table(&headers, rows);
                 #[allow(deprecated)]
                 let next = next_or_legacy(&changes.next_page_token, &changes.next_before);
@@ -159,7 +182,7 @@ pub(crate) async fn change(
         }
     };
     let change = change.context("the coordinator answered without a change")?;
-    if format == Format::Json {
+    if format.is_structured() {
         json(&change)?;
     } else {
         output::print_change(&change);

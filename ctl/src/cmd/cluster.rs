@@ -81,7 +81,7 @@ pub(crate) async fn cluster_list(
             .map_err(explain)?
             .into_inner(),
     };
-    if format == Format::Json {
+    if format.is_structured() {
         json(&members)?;
         return Ok(ExitCode::SUCCESS);
     }
@@ -147,7 +147,7 @@ pub(crate) async fn run(
                 .await
                 .map_err(explain)?
                 .into_inner();
-            if format == Format::Table {
+            if format.is_table() {
                 say!("asked member {member_id} to take over; it leads within an election timeout");
             }
             cluster_list(client, format, Some(members)).await
@@ -175,7 +175,7 @@ pub(crate) async fn run(
                 .await
                 .map_err(explain)?
                 .into_inner();
-            if format == Format::Table {
+            if format.is_table() {
                 let role = if learner_only { "learner" } else { "voter" };
                 say!("member {member_id} added as a {role}");
             }
@@ -188,7 +188,7 @@ pub(crate) async fn run(
                 .await
                 .map_err(explain)?
                 .into_inner();
-            if format == Format::Table {
+            if format.is_table() {
                 say!("member {member_id} removed; stop its process and wipe its data dir");
             }
             cluster_list(client, format, Some(members)).await

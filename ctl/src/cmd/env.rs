@@ -125,7 +125,7 @@ pub(crate) async fn env(
         report.push((name.clone(), differences(&profiles), profiles));
     }
     let differ = report.iter().any(|(_, lines, _)| !lines.is_empty());
-    if format == Format::Json {
+    if format.is_structured() {
         let shown: Vec<serde_json::Value> = report
             .iter()
             .map(|(name, lines, profiles)| {

@@ -31,7 +31,7 @@ pub(crate) async fn fleet_list(
         .await
         .map_err(explain)?
         .into_inner();
-    if format == Format::Json {
+    if format.is_structured() {
         json(&hosts)?;
         return Ok(ExitCode::SUCCESS);
     }
@@ -94,13 +94,27 @@ pub(crate) async fn fleet_list(
                 drift,
             ]
         })
-        .collect();
-    table(
-        &[
-            "HOST", "AGENT", "REGION", "ENV", "SERVICES", "HEALTH", "DRIFT",
-        ],
-        rows,
+        .collect::<Vec<_>>();
+    let mut headers = vec![
+        "HOST", "AGENT", "REGION", "ENV", "SERVICES", "HEALTH", "DRIFT",
+    ];
+    let mut rows = rows;
+    crate::output::with_wide_columns(
+        format,
+        &mut headers,
+        &mut rows,
+        &["ZONE", "AGENT VERSION", "IDENTITY", "REGISTERED"],
+        |index| {
+            let host = &hosts.hosts[index];
+            vec![
+                host.labels.clone().unwrap_or_default().zone,
+                host.agent_version.clone(),
+                host.identity.clone(),
+                crate::output::time(host.registered_at_ms),
+            ]
+        },
     );
+    table(&headers, rows);
     for host in hosts
         .hosts
         .iter()

@@ -67,7 +67,7 @@ pub(crate) async fn incident(
                 .await
                 .map_err(explain)?
                 .into_inner();
-            if format == Format::Json {
+            if format.is_structured() {
                 json(&listed)?;
                 return Ok(ExitCode::SUCCESS);
             }
@@ -99,7 +99,7 @@ pub(crate) async fn incident(
         }
         IncidentCommand::Show { incident_id } => {
             let incident = fetch(client, incident_id).await?;
-            if format == Format::Json {
+            if format.is_structured() {
                 json(&incident)?;
             } else {
                 say!("{}", markdown(&incident));
@@ -116,7 +116,7 @@ pub(crate) async fn incident(
                 .await
                 .map_err(explain)?
                 .into_inner();
-            if format == Format::Json {
+            if format.is_structured() {
                 json(&incident)?;
             } else {
                 say!(
@@ -143,7 +143,7 @@ pub(crate) async fn incident(
                 .await
                 .map_err(explain)?
                 .into_inner();
-            if format == Format::Json {
+            if format.is_structured() {
                 json(&incident)?;
             } else {
                 say!(
@@ -162,7 +162,7 @@ pub(crate) async fn incident(
         } => {
             let incident = fetch(client, incident_id).await?;
             match export {
-                ExportFormat::Json => json(&incident)?,
+                ExportFormat::Json => crate::output::print_json(&incident)?,
                 ExportFormat::Markdown => say!("{}", markdown(&incident)),
             }
             Ok(ExitCode::SUCCESS)

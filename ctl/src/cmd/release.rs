@@ -124,7 +124,7 @@ pub(crate) async fn release(
                 .releases
         }
     };
-    if format == Format::Json {
+    if format.is_structured() {
         json(&pb::ListReleasesResponse { releases })?;
         return Ok(ExitCode::SUCCESS);
     }

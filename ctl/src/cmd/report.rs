@@ -179,7 +179,7 @@ pub(crate) async fn report(
     }
     let mut rows: Vec<ServiceSla> = report.into_values().collect();
     rows.iter_mut().for_each(ServiceSla::finish);
-    if format == Format::Json {
+    if format.is_structured() {
         json(&rows)?;
         return Ok(ExitCode::SUCCESS);
     }

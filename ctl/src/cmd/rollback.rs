@@ -130,7 +130,7 @@ pub(crate) async fn rollback(
                 .into_inner()
                 .plan
                 .context("no plan in the answer")?;
-            if format == Format::Json {
+            if format.is_structured() {
                 json(&plan)?;
             } else {
                 crate::plans::print_plan(&plan);
@@ -150,7 +150,7 @@ pub(crate) async fn rollback(
                 .await
                 .map_err(explain)?
                 .into_inner();
-            if format == Format::Json {
+            if format.is_structured() {
                 json(&answer)?;
             } else {
                 say!("{}", answer.explanation);
@@ -218,7 +218,7 @@ pub(crate) async fn rollback(
                 .map_err(explain)?
                 .into_inner();
             let Some(rollback) = answer.rollback else {
-                if format == Format::Json {
+                if format.is_structured() {
                     json(&answer)?;
                 } else {
                     crate::requests::print_filed(answer.request)?;
@@ -247,7 +247,7 @@ pub(crate) async fn rollback(
                 .await
                 .map_err(explain)?
                 .into_inner();
-            if format == Format::Json {
+            if format.is_structured() {
                 json(&rollbacks)?;
             } else {
                 let rows = rollbacks
@@ -268,9 +268,24 @@ pub(crate) async fn rollback(
                 let mut headers = vec![
                     "ROLLBACK", "CHANGES", "SERVICES", "STATE", "TRIGGER", "STARTED", "FINISHED",
                 ];
-                let rows = with_archived_column(archived, &mut headers, rows, |index| {
+                let mut rows = with_archived_column(archived, &mut headers, rows, |index| {
                     rollbacks.rollbacks[index].archived_at_ms
                 });
+                output::with_wide_columns(
+                    format,
+                    &mut headers,
+                    &mut rows,
+                    &["STARTED BY", "MAX PARALLEL", "WAVES", "REASON"],
+                    |index| {
+                        let rollback = &rollbacks.rollbacks[index];
+                        vec![
+                            rollback.started_by.clone(),
+                            rollback.max_parallel.to_string(),
+                            rollback.waves.len().to_string(),
+                            rollback.reason.clone(),
+                        ]
+                    },
+                );
                 table(&headers, rows);
                 #[allow(deprecated)]
                 let next = next_or_legacy(&rollbacks.next_page_token, &rollbacks.next_before);
@@ -317,7 +332,7 @@ pub(crate) async fn rollback(
             .rollback
             .context("no rollback")?,
     };
-    if format == Format::Json {
+    if format.is_structured() {
         json(&rollback)?;
     } else {
         output::print_rollback(&rollback);

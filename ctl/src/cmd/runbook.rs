@@ -42,7 +42,7 @@ pub(crate) async fn runbook(
         .map_err(explain)?
         .into_inner();
     let Some(out) = out else {
-        if format == Format::Json {
+        if format.is_structured() {
             json(&runbook)?;
         } else {
             say!("{}", markdown(&runbook));

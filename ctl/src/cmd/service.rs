@@ -235,7 +235,7 @@ pub(crate) async fn service(
                 .await
                 .map_err(explain)?
                 .into_inner();
-            if format == Format::Json {
+            if format.is_structured() {
                 json(&response)?;
             } else {
                 let current = response.current.unwrap_or_default();
@@ -292,7 +292,7 @@ pub(crate) fn describe_condition(condition: &pb::PolicyCondition) -> String {
 }
 
 pub(crate) fn print_services(format: Format, services: Vec<pb::Service>) -> anyhow::Result<()> {
-    if format == Format::Json {
+    if format.is_structured() {
         return json(&pb::ListServicesResponse { services });
     }
     let rows = services
@@ -394,7 +394,7 @@ async fn drift(
             .find(|drift| drift.service == service)
             .cloned()
     };
-    if format == Format::Json {
+    if format.is_structured() {
         let found: Vec<serde_json::Value> = hosts
             .iter()
             .map(|host| serde_json::json!({ "host": host.host_id, "drift": of_service(host) }))
@@ -405,7 +405,7 @@ async fn drift(
     for host in &hosts {
         let Some(found) = of_service(host) else {
             unknown += 1;
-            if format != Format::Json {
+            if !format.is_structured() {
                 say!(
                     "{}: no drift check reported (agent not connected, of an earlier release, or checks off)",
                     host.host_id
@@ -416,7 +416,7 @@ async fn drift(
         let changed = found.changes.len() + found.more as usize;
         drifted += usize::from(changed > 0);
         unknown += usize::from(!found.error.is_empty());
-        if format == Format::Json {
+        if format.is_structured() {
             continue;
         }
         let checked = crate::output::time(found.checked_at_ms);

@@ -52,7 +52,7 @@ pub(crate) async fn trigger(
             .map_err(explain)?
             .into_inner(),
     };
-    if format == Format::Json {
+    if format.is_structured() {
         json(&answer)?;
         return Ok(ExitCode::SUCCESS);
     }
