@@ -23,6 +23,10 @@ struct Cli {
     /// Agent config file.
     #[arg(long, short, env = "REWIND_AGENT_CONFIG", global = true)]
     config: Option<PathBuf>,
+    /// This host's id, instead of the config's `host-id`: one config for every node of a
+    /// DaemonSet, each node's name given here.
+    #[arg(long, env = "REWIND_HOST_ID", global = true)]
+    host_id: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -102,16 +106,17 @@ fn main() -> ExitCode {
         return ExitCode::from(EXIT_BAD_CONFIG);
     };
     let strict = matches!(cli.command, Command::CheckConfig { .. });
-    let config =
-        match load_config(&path, strict).and_then(|config| files_usable(config, &cli.command)) {
-            Ok(config) => config,
-            Err(problems) => {
-                for problem in problems {
-                    eprintln!("{}: {problem}", path.display());
-                }
-                return ExitCode::from(EXIT_BAD_CONFIG);
+    let config = match load_config(&path, strict, cli.host_id.as_deref())
+        .and_then(|config| files_usable(config, &cli.command))
+    {
+        Ok(config) => config,
+        Err(problems) => {
+            for problem in problems {
+                eprintln!("{}: {problem}", path.display());
             }
-        };
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
     let result = match cli.command {
         Command::CheckConfig { .. } => {
             for warning in config.warnings() {
@@ -174,8 +179,11 @@ fn releases(config: &Config, command: ReleasesCommand) -> anyhow::Result<()> {
 }
 
 /// Loads and validates; `strict` also rejects unknown keys (for check-config).
-fn load_config(path: &Path, strict: bool) -> Result<Config, Vec<String>> {
-    let (raw, unknown) = RawConfig::load(path).map_err(|error| vec![error.to_string()])?;
+fn load_config(path: &Path, strict: bool, host_id: Option<&str>) -> Result<Config, Vec<String>> {
+    let (mut raw, unknown) = RawConfig::load(path).map_err(|error| vec![error.to_string()])?;
+    if let Some(host_id) = host_id {
+        raw.host_id = host_id.to_string();
+    }
     let mut problems = Vec::new();
     for key in unknown {
         if strict {

@@ -468,6 +468,9 @@ impl Default for RawEngine {
 pub struct RawHealth {
     pub report_interval_ms: u64,
     pub window_s: u64,
+    /// A plaintext port serving `grpc.health.v1.Health` alone, for Kubernetes' gRPC probes
+    /// (which cannot speak TLS); off unless set.
+    pub probe_listen: Option<String>,
 }
 
 impl Default for RawHealth {
@@ -475,6 +478,7 @@ impl Default for RawHealth {
         Self {
             report_interval_ms: 2000,
             window_s: 30,
+            probe_listen: None,
         }
     }
 }
@@ -519,6 +523,8 @@ pub struct Config {
     pub issuer: Option<IssuerConfig>,
     /// How the synthetic checks of health gates reach https:// URLs.
     pub synthetics_tls: HttpsTrust,
+    /// Where plaintext gRPC health checks are served (`health.probe-listen`); `None`: nowhere.
+    pub probe_listen: Option<SocketAddr>,
     /// How often this member re-verifies its audit chain; `None`: never.
     pub audit_verify_every: Option<Duration>,
     /// What is allowed but unwise (plain http:// carrying a secret): logged at start, printed
@@ -613,6 +619,11 @@ impl RawConfig {
         let http = validate_http(&self.http, &mut problems);
         let alertmanager = validate_alertmanager(&self.alertmanager, &mut problems);
         let synthetics_tls = self.synthetics.load_noting("synthetics", &mut problems);
+        let probe_listen = self.health.probe_listen.as_ref().and_then(|text| {
+            text.parse::<SocketAddr>()
+                .map_err(|error| problems.add("health.probe-listen", format!("{text:?}: {error}")))
+                .ok()
+        });
         let audit_verify_every_s = self.audit.verify_every_s.unwrap_or(300);
         if audit_verify_every_s != 0 && !(10..=86_400).contains(&audit_verify_every_s) {
             problems.add(
@@ -720,6 +731,7 @@ impl RawConfig {
             access,
             issuer,
             synthetics_tls,
+            probe_listen,
             audit_verify_every: (audit_verify_every_s != 0)
                 .then(|| Duration::from_secs(audit_verify_every_s)),
             warnings,

@@ -39,6 +39,13 @@ struct Cli {
     /// Write the bound HTTP address to this file once listening.
     #[arg(long)]
     http_addr_file: Option<PathBuf>,
+    /// Plaintext gRPC health checks alone, for Kubernetes' probes (overrides
+    /// health.probe-listen), e.g. 0.0.0.0:7444.
+    #[arg(long, env = "REWIND_PROBE_LISTEN")]
+    probe_listen: Option<String>,
+    /// Write the bound probe address to this file once listening.
+    #[arg(long)]
+    probe_addr_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -346,6 +353,9 @@ fn run(cli: Cli) -> ExitCode {
     if cli.data_dir.is_some() {
         raw.data_dir = cli.data_dir.clone();
     }
+    if cli.probe_listen.is_some() {
+        raw.health.probe_listen = cli.probe_listen.clone();
+    }
     if cli.http_listen.is_some() {
         raw.http.listen = cli.http_listen.clone();
     }
@@ -381,7 +391,12 @@ fn run(cli: Cli) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(config, cli.addr_file, cli.http_addr_file)) {
+    let files = AddressFiles {
+        grpc: cli.addr_file,
+        http: cli.http_addr_file,
+        probes: cli.probe_addr_file,
+    };
+    match runtime.block_on(serve(config, files)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             error!(error = format!("{error:#}"), "Coordinator stopped.");
@@ -440,10 +455,16 @@ fn prepare_dev(raw: &mut RawConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Files each bound address is written to, once listening (for scripts using port 0).
+struct AddressFiles {
+    grpc: Option<PathBuf>,
+    http: Option<PathBuf>,
+    probes: Option<PathBuf>,
+}
+
 async fn serve(
     config: rewind_coordinator::config::Config,
-    addr_file: Option<PathBuf>,
-    http_addr_file: Option<PathBuf>,
+    files: AddressFiles,
 ) -> anyhow::Result<()> {
     // The log, snapshots and the dev CA's keys: nobody else may read them.
     rewind_shared::config::make_private(&config.data_dir, 3)
@@ -568,15 +589,27 @@ async fn serve(
             let listener = tokio::net::TcpListener::bind(http.listen)
                 .await
                 .with_context(|| format!("listen for HTTP on {}", http.listen))?;
-            if let Some(path) = &http_addr_file {
+            if let Some(path) = &files.http {
                 write_address(path, listener.local_addr()?)?;
             }
             Some(listener)
         }
         None => None,
     };
-    if let Some(path) = addr_file {
-        write_address(&path, bound)?;
+    let probe_listener = match config.probe_listen {
+        Some(address) => {
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("listen for health probes on {address}"))?;
+            if let Some(path) = &files.probes {
+                write_address(path, listener.local_addr()?)?;
+            }
+            Some(listener)
+        }
+        None => None,
+    };
+    if let Some(path) = &files.grpc {
+        write_address(path, bound)?;
     }
     info!(address = %bound, member_id = cluster.member_id, cluster_id, data_dir = %config.data_dir.display(), "Coordinator listening.");
 
@@ -698,6 +731,7 @@ async fn serve(
         raft_peers,
         budget,
         connection_stats,
+        probe_listener,
         async move {
             let _ = api_stop.changed().await;
         },

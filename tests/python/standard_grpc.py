@@ -7,6 +7,8 @@ grpcio-reflection), never through rewind's code.
     standard_grpc.py ADDRESS TLS_DIR watch SERVICE
     standard_grpc.py ADDRESS TLS_DIR reflect
 
+TLS_DIR "-" means plaintext (the coordinator's `health.probe-listen` port).
+
 Prints one JSON object per line; a failed call prints {"error": CODE} and exits 0, so the test
 reads every answer the same way.
 """
@@ -26,6 +28,8 @@ def say(**fields):
 
 
 def channel(address, tls_dir, certificate=True):
+    if tls_dir == "-":
+        return grpc.insecure_channel(address)
     tls_dir = pathlib.Path(tls_dir)
     root = (tls_dir / "ca.pem").read_bytes()
     if certificate:

@@ -50,3 +50,4 @@ mod t47_standard_grpc;
 mod t48_formats;
 mod t49_monitoring;
 mod t50_cli;
+mod t51_kubernetes;

@@ -215,3 +215,32 @@ async fn health_and_reflection_answer_standard_clients_and_follow_the_leader() {
     let end = watcher.must_next("the member stopped");
     assert!(end.get("end").is_some(), "{end}");
 }
+
+/// Kubernetes' gRPC probes speak plaintext: `health.probe-listen` serves the health service
+/// alone there, with the same statuses, and nothing else.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_plaintext_probe_port_serves_health_and_nothing_else() {
+    let python = must_python();
+    let dir = tempfile::tempdir().unwrap();
+    let stubs = dir.path().join("stubs");
+    must_generate_python_stubs(&python, &stubs);
+    let probes = format!("127.0.0.1:{}", free_port());
+    let coordinator = Coordinator::must_start_with(
+        &dir.path().join("coordinator"),
+        &format!("[health]\nprobe-listen = \"{probes}\"\n"),
+    );
+    coordinator.must_client().await;
+    let check = |service: &str| probe(&python, &stubs, &[&probes, "-", "check", service]);
+    // The one member of a dev cluster leads.
+    assert_eq!(check("")["status"], "SERVING");
+    assert_eq!(check("rewind.v1.RaftService")["status"], "SERVING");
+    assert_eq!(check(CONTROL)["status"], "SERVING");
+    assert_eq!(check("rewind.v1.Nothing")["error"], "NOT_FOUND");
+    let output = run_python(&python, &stubs, PROBE, &[&probes, "-", "reflect"]);
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert_eq!(stdout.lines().count(), 2, "both versions asked: {stdout}");
+    for line in stdout.lines() {
+        let answer: Value = serde_json::from_str(line).unwrap();
+        assert_eq!(answer["error"], "UNIMPLEMENTED", "{stdout}");
+    }
+}

@@ -250,6 +250,7 @@ pub async fn serve(
     raft_peers: raft::RaftPeers,
     budget: crate::admission::ConnectionBudget,
     stats: crate::admission::ConnectionStats,
+    probe_listener: Option<TcpListener>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), CoordinatorError> {
     let tls_config = listener::server_config(tls)?;
@@ -276,12 +277,30 @@ pub async fn serve(
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let raft = RaftServiceServer::new(raft_peers)
         .max_decoding_message_size(rewind_proto::MAX_RAFT_BATCH_BYTES);
-    let (reporter, health) = tonic_health::server::health_reporter();
-    let health = health.max_decoding_message_size(probes::MAX_HEALTH_REQUEST_BYTES);
-    let follower = probes::HealthFollower::start(reporter, status).await;
-    let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
+    let reporter = tonic_health::server::HealthReporter::new();
+    let health_server = || {
+        tonic_health::pb::health_server::HealthServer::new(
+            tonic_health::server::HealthService::from_health_reporter(reporter.clone()),
+        )
+    };
+    let health = health_server().max_decoding_message_size(probes::MAX_HEALTH_REQUEST_BYTES);
+    let (stopping, stopped) = watch::channel(false);
+    // Plaintext health checks for Kubernetes' probes, if asked for; the same statuses.
+    if let Some(listener) = probe_listener {
+        let mut stopped = stopped.clone();
+        let served = probes::serve_probe_port(listener, health_server(), async move {
+            let _ = stopped.wait_for(|stopped| *stopped).await;
+        });
+        tokio::spawn(async move {
+            if let Err(error) = served.await {
+                warn!(%error, "The plaintext health probe port stopped.");
+            }
+        });
+    }
+    let follower = probes::HealthFollower::start(reporter.clone(), status).await;
+    let mut follower_stop = stopped.clone();
     let following = tokio::spawn(follower.follow(async move {
-        let _ = stopped.await;
+        let _ = follower_stop.wait_for(|stopped| *stopped).await;
     }));
     let reflection = || {
         probes::DESCRIPTOR_SETS.iter().fold(
@@ -303,7 +322,7 @@ pub async fn serve(
     // streams end and do not hold up the graceful shutdown.
     let shutdown = async move {
         shutdown.await;
-        let _ = stopping.send(());
+        let _ = stopping.send(true);
         let _ = following.await;
     };
     tonic::transport::Server::builder()

@@ -14,14 +14,27 @@
 //!
 //! On shutdown every status turns NOT_SERVING and then is cleared, so open `Watch` streams end
 //! and the graceful shutdown is not held up by them.
+//!
+//! Kubernetes' gRPC probes (and some load balancers) speak plaintext only, so the health
+//! service alone can also be served on a plaintext port of its own (`health.probe-listen`,
+//! [`serve_probe_port`]): the same statuses, nothing else, at most [`MAX_PROBE_CONNECTIONS`]
+//! connections, each for at most [`PROBE_CONNECTION_LIFETIME`].
 
 use rewind_proto::v1::agent_service_server::AgentServiceServer;
 use rewind_proto::v1::control_service_server::ControlServiceServer;
 use rewind_proto::v1::join_service_server::JoinServiceServer;
 use rewind_proto::v1::member_service_server::MemberServiceServer;
 use rewind_proto::v1::raft_service_server::RaftServiceServer;
-use tokio::sync::watch;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tonic::server::NamedService;
+use tonic::transport::server::Connected;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
@@ -40,6 +53,110 @@ pub const DESCRIPTOR_SETS: [&[u8]; 4] = [
 pub const MAX_HEALTH_REQUEST_BYTES: usize = 1024;
 /// Largest reflection request accepted (a symbol or file name, or an extension query).
 pub const MAX_REFLECTION_REQUEST_BYTES: usize = 16 * 1024;
+
+/// Most connections open at once on the plaintext probe port (a kubelet probes one at a time).
+pub const MAX_PROBE_CONNECTIONS: usize = 32;
+/// Longest one probe connection stays open (a `Watch` held open ends with it).
+pub const PROBE_CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
+/// Serves `health` alone, in plaintext, on `listener` until `shutdown`.
+pub async fn serve_probe_port(
+    listener: TcpListener,
+    health: tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    let places = Arc::new(Semaphore::new(MAX_PROBE_CONNECTIONS));
+    let incoming = futures::stream::unfold((listener, places), |(listener, places)| async move {
+        loop {
+            let Ok(slot) = Arc::clone(&places).acquire_owned().await else {
+                return None;
+            };
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    let connection = ProbeConnection {
+                        stream,
+                        _slot: slot,
+                        deadline: Box::pin(tokio::time::sleep(PROBE_CONNECTION_LIFETIME)),
+                    };
+                    return Some((Ok::<_, std::io::Error>(connection), (listener, places)));
+                }
+                // Out of descriptors, say: wait rather than spin.
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(4))
+        .add_service(health.max_decoding_message_size(MAX_HEALTH_REQUEST_BYTES))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+}
+
+/// A connection to the probe port: it holds its place until dropped and ends at its deadline.
+struct ProbeConnection {
+    stream: TcpStream,
+    _slot: OwnedSemaphorePermit,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl ProbeConnection {
+    fn expired(&mut self, context: &mut Context<'_>) -> bool {
+        self.deadline.as_mut().poll(context).is_ready()
+    }
+}
+
+fn expired() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "a probe connection lives 60 s",
+    )
+}
+
+impl Connected for ProbeConnection {
+    type ConnectInfo = ();
+
+    fn connect_info(&self) {}
+}
+
+impl AsyncRead for ProbeConnection {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+        buffer: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.expired(context) {
+            return Poll::Ready(Err(expired()));
+        }
+        Pin::new(&mut self.stream).poll_read(context, buffer)
+    }
+}
+
+impl AsyncWrite for ProbeConnection {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+        buffer: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if self.expired(context) {
+            return Poll::Ready(Err(expired()));
+        }
+        Pin::new(&mut self.stream).poll_write(context, buffer)
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(context)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(context)
+    }
+}
 
 /// What the member is, for its statuses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
