@@ -724,14 +724,17 @@ async fn serve(
         stop.clone(),
     );
     let mut api_stop = stop.clone();
+    let listeners = api::Listeners {
+        grpc: listener,
+        probes: probe_listener,
+    };
     let server = api::serve(
-        listener,
+        listeners,
         &config.tls,
         context,
         raft_peers,
         budget,
         connection_stats,
-        probe_listener,
         async move {
             let _ = api_stop.changed().await;
         },

@@ -241,18 +241,29 @@ pub const MAX_STREAMS_PER_CONNECTION: u32 = 128;
 /// Metadata key carrying the leader's address on `UNAVAILABLE`.
 pub use rewind_shared::LEADER_METADATA_KEY as LEADER_KEY;
 
+/// Where a member listens: the gRPC port (mutual TLS), and the plaintext health probe port if
+/// `health.probe-listen` asks for one.
+pub struct Listeners {
+    pub grpc: TcpListener,
+    pub probes: Option<TcpListener>,
+}
+
 /// Serves the agent, control and Raft services, and the standard health and reflection ones
-/// ([`probes`]), on `listener` with mutual TLS until `shutdown`.
+/// ([`probes`]), on the gRPC listener with mutual TLS (and health alone on the probe port)
+/// until `shutdown`.
 pub async fn serve(
-    listener: TcpListener,
+    listeners: Listeners,
     tls: &TlsFiles,
     context: Context,
     raft_peers: raft::RaftPeers,
     budget: crate::admission::ConnectionBudget,
     stats: crate::admission::ConnectionStats,
-    probe_listener: Option<TcpListener>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), CoordinatorError> {
+    let Listeners {
+        grpc: listener,
+        probes: probe_listener,
+    } = listeners;
     let tls_config = listener::server_config(tls)?;
     let gate = gate::GateLayer {
         gate: context.gate.clone(),
