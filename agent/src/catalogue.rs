@@ -646,21 +646,8 @@ fn check_body(field: &str, body: Option<&str>, problems: &mut Problems) {
     }
 }
 
-/// The TLS files a purge or a check names (`rewind_shared::outbound`).
-macro_rules! has_https_files {
-    ($($section:ty),*) => {$(
-        impl $section {
-            fn https_files(&self) -> HttpsFiles {
-                HttpsFiles {
-                    ca_file: self.ca_file.clone(),
-                    client_cert_file: self.client_cert_file.clone(),
-                    client_key_file: self.client_key_file.clone(),
-                }
-            }
-        }
-    )*};
-}
-has_https_files!(RawPurge, RawCheck);
+// The TLS files a purge or a check names.
+rewind_shared::https_files_of!(RawPurge, RawCheck);
 
 /// A client of its own for an endpoint with TLS files of its own (a private CA, a client
 /// certificate); `None` without any (the prober's client serves, with the agent's `[https]`).

@@ -55,6 +55,29 @@ impl AuditCheck {
     }
 }
 
+/// Most verifications one check runs while the chain's first entry keeps moving under it.
+const MAX_ATTEMPTS: usize = 3;
+
+/// Verifies a copy of the chain; a break found while retention dropped entries from the store
+/// meanwhile (the copy's first entry is gone) is not a break: it verifies again, a few times.
+async fn verify_settled(node: &NodeHandle) -> Option<crate::state_machine::AuditVerification> {
+    let mut verification = None;
+    for _ in 0..MAX_ATTEMPTS {
+        let audit = node.read(|state| state.audit.clone());
+        let first_index = audit.first_index();
+        let verified = tokio::task::spawn_blocking(move || audit.verify())
+            .await
+            .ok()?;
+        let moved = node.read(|state| state.audit.first_index()) != first_index;
+        let settled = verified.first_broken.is_none() || !moved;
+        verification = Some(verified);
+        if settled {
+            break;
+        }
+    }
+    verification
+}
+
 /// Verifies the chain this member holds now, then every `every`, until `stop` turns true.
 /// The work runs on a blocking thread over a copy of the audit head (the entries are read
 /// from the store), so it never holds up applying.
@@ -66,9 +89,7 @@ pub async fn run(
 ) {
     let mut was_intact = None;
     loop {
-        let audit = node.read(|state| state.audit.clone());
-        let verified = tokio::task::spawn_blocking(move || audit.verify()).await;
-        let Ok(verification) = verified else {
+        let Some(verification) = verify_settled(&node).await else {
             return;
         };
         let intact = verification.first_broken.is_none();

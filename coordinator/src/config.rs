@@ -41,23 +41,9 @@ pub struct RawConfig {
     pub synthetics: HttpsFiles,
 }
 
-/// `[escalation]`, `[incidents]` and `[alertmanager]` write out the three keys of
-/// `rewind_shared::outbound::HttpsFiles` beside their URL (`serde(flatten)` would hide their
-/// unknown keys); this reads them back as one.
-macro_rules! https_of {
-    ($($section:ty),*) => {$(
-        impl $section {
-            fn https(&self) -> HttpsFiles {
-                HttpsFiles {
-                    ca_file: self.ca_file.clone(),
-                    client_cert_file: self.client_cert_file.clone(),
-                    client_key_file: self.client_key_file.clone(),
-                }
-            }
-        }
-    )*};
-}
-https_of!(RawAlertmanager, RawEscalation, RawIncidents);
+// `[escalation]`, `[incidents]` and `[alertmanager]` write out the three TLS keys beside
+// their URL.
+rewind_shared::https_files_of!(RawAlertmanager, RawEscalation, RawIncidents);
 
 /// `[audit]`: how long archived audit entries stay in the cluster. Off unless set; the
 /// leader's applies, so set it alike on every member. Nothing is dropped that no confirmed
@@ -70,7 +56,7 @@ pub struct RawAudit {
     /// The newest this many entries stay, archived or not.
     pub retain_entries: Option<u64>,
     /// How often this member re-verifies the chain it holds, for `rewind_audit_chain_ok`
-    /// (default 300; 0: never).
+    /// (default 300, at most 3600; 0: never).
     pub verify_every_s: Option<u64>,
 }
 
@@ -625,10 +611,11 @@ impl RawConfig {
                 .ok()
         });
         let audit_verify_every_s = self.audit.verify_every_s.unwrap_or(300);
-        if audit_verify_every_s != 0 && !(10..=86_400).contains(&audit_verify_every_s) {
+        // At most an hour: the shipped alert calls an hour without a verification a problem.
+        if audit_verify_every_s != 0 && !(10..=3_600).contains(&audit_verify_every_s) {
             problems.add(
                 "audit.verify-every-s",
-                format!("is {audit_verify_every_s}, must be 0 (never) or within 10..=86400"),
+                format!("is {audit_verify_every_s}, must be 0 (never) or within 10..=3600"),
             );
         }
         let warnings = incidents
@@ -867,7 +854,7 @@ fn validate_alertmanager(
     problems: &mut Problems,
 ) -> Option<AlertmanagerConfig> {
     let Some(url) = raw.url.as_ref() else {
-        if !raw.https().is_empty() || raw.silence_lease_s.is_some() {
+        if !raw.https_files().is_empty() {
             problems.add(
                 "alertmanager.url",
                 "is required with the other alertmanager keys",
@@ -890,7 +877,7 @@ fn validate_alertmanager(
     Some(AlertmanagerConfig {
         url: url.trim_end_matches('/').to_string(),
         silence_lease: Duration::from_secs(lease),
-        tls: raw.https().load_noting("alertmanager", problems),
+        tls: raw.https_files().load_noting("alertmanager", problems),
     })
 }
 
@@ -944,7 +931,7 @@ fn check_webhook_url(field: &str, url: &str, problems: &mut Problems) {
 
 fn validate_escalation(raw: &RawEscalation, problems: &mut Problems) -> Option<EscalationConfig> {
     let Some(url) = &raw.webhook_url else {
-        if raw.secret_file.is_some() || !raw.https().is_empty() {
+        if raw.secret_file.is_some() || !raw.https_files().is_empty() {
             problems.add(
                 "escalation.webhook-url",
                 "is required with the other escalation keys",
@@ -960,7 +947,7 @@ fn validate_escalation(raw: &RawEscalation, problems: &mut Problems) -> Option<E
         );
         return None;
     };
-    let tls = raw.https().load_noting("escalation", problems);
+    let tls = raw.https_files().load_noting("escalation", problems);
     let secret = read_secret("escalation.secret-file", path, problems)?;
     Some(EscalationConfig {
         webhook_url: url.clone(),
@@ -985,7 +972,7 @@ fn validate_incidents(
         if raw.secret_file.is_some()
             || raw.format.is_some()
             || raw.routing_key_file.is_some()
-            || !raw.https().is_empty()
+            || !raw.https_files().is_empty()
         {
             problems.add(
                 "incidents.webhook-url",
@@ -1041,7 +1028,7 @@ fn validate_incidents(
             return None;
         }
     };
-    let tls = raw.https().load_noting("incidents", problems);
+    let tls = raw.https_files().load_noting("incidents", problems);
     let Some(path) = &raw.secret_file else {
         problems.add(
             "incidents.secret-file",
@@ -1418,7 +1405,7 @@ silence-lease-s = 1
                 "synthetics.ca-file: ",
             ),
             (
-                "[alertmanager]\nsilence-lease-s = 60\n".to_string(),
+                format!("[alertmanager]\nca-file = \"{ca_file}\"\n"),
                 "alertmanager.url: is required with the other alertmanager keys",
             ),
         ] {

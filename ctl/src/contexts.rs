@@ -79,9 +79,16 @@ pub fn file() -> anyhow::Result<PathBuf> {
     if let Some(path) = std::env::var_os("REWIND_CONTEXTS_FILE") {
         return Ok(PathBuf::from(path));
     }
+    // An empty or relative XDG_CONFIG_HOME is to be ignored (the XDG base directory spec).
     let config_home = std::env::var_os("XDG_CONFIG_HOME")
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".config")))
+        .filter(|path| path.is_absolute())
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .filter(|home| home.is_absolute())
+                .map(|home| home.join(".config"))
+        })
         .ok_or_else(|| anyhow!("neither REWIND_CONTEXTS_FILE, XDG_CONFIG_HOME nor HOME is set"))?;
     Ok(config_home.join("rewind").join("contexts.toml"))
 }
@@ -134,8 +141,14 @@ impl Contexts {
     /// Writes the file whole (a partial file is renamed into place), readable by its owner only.
     pub fn save(&self, path: &Path) -> anyhow::Result<()> {
         use std::io::Write as _;
-        use std::os::unix::fs::OpenOptionsExt as _;
+        use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
         self.check()?;
+        // Only a file is replaced: never a device or a directory named by mistake.
+        if let Ok(metadata) = std::fs::symlink_metadata(path)
+            && !metadata.is_file()
+        {
+            bail!("{} is not a regular file: not replacing it", path.display());
+        }
         let dir = path.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
         let text = toml::to_string(self).context("encode the contexts")?;
@@ -147,7 +160,9 @@ impl Contexts {
             .mode(0o600)
             .open(&partial)
             .with_context(|| format!("write {}", partial.display()))?;
-        file.write_all(text.as_bytes())
+        // A leftover partial file keeps its mode: set it, not only on create.
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .and_then(|()| file.write_all(text.as_bytes()))
             .and_then(|()| file.sync_all())
             .with_context(|| format!("write {}", partial.display()))?;
         std::fs::rename(&partial, path).with_context(|| format!("write {}", path.display()))?;
@@ -215,6 +230,12 @@ pub fn apply(
             path.display()
         )
     })?;
+    fill_in(options, given, context);
+    Ok(())
+}
+
+/// `options` with `context`'s values where the command line gave none.
+fn fill_in(options: &mut ConnectOptions, given: Given, context: &Context) {
     if let Some(value) = context.coordinator.as_ref().filter(|_| !given.coordinator) {
         options.coordinator = value.clone();
     }
@@ -224,16 +245,19 @@ pub fn apply(
     if let Some(value) = context.server_name.as_ref().filter(|_| !given.server_name) {
         options.server_name = value.clone();
     }
-    if !given.tls_dir && context.tls_dir.is_some() {
-        options.tls_dir = context.tls_dir.clone();
+    // Certificates come one way or the other: a directory, or three files. The command
+    // line's way, if it names either, wins whole over the context's.
+    let files_given = given.ca || given.cert || given.key;
+    if !given.tls_dir && !files_given {
+        if context.tls_dir.is_some() {
+            options.tls_dir = context.tls_dir.clone();
+        }
+        if context.ca.is_some() {
+            options.ca = context.ca.clone();
+            options.cert = context.cert.clone();
+            options.key = context.key.clone();
+        }
     }
-    // The explicit files go together: a command line that names none takes the context's.
-    if !(given.ca || given.cert || given.key) && context.ca.is_some() {
-        options.ca = context.ca.clone();
-        options.cert = context.cert.clone();
-        options.key = context.key.clone();
-    }
-    Ok(())
 }
 
 /// Runs a `config` command: it touches the contexts file only, never a cluster.
@@ -253,8 +277,10 @@ pub fn run(
             if given.coordinator {
                 context.coordinator = Some(options.coordinator.clone());
             }
+            // One way of naming certificates replaces the other.
             if given.tls_dir {
                 context.tls_dir = options.tls_dir.as_ref().map(absolute);
+                (context.ca, context.cert, context.key) = (None, None, None);
             }
             if given.identity {
                 context.identity = Some(options.identity.clone());
@@ -266,6 +292,7 @@ pub fn run(
                 context.ca = options.ca.as_ref().map(absolute);
                 context.cert = options.cert.as_ref().map(absolute);
                 context.key = options.key.as_ref().map(absolute);
+                context.tls_dir = None;
             }
             if use_it {
                 contexts.current_context = name.clone();
@@ -341,6 +368,42 @@ pub fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_command_line_wins_over_the_context_and_certificates_come_one_way() {
+        use clap::Parser as _;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            connect: ConnectOptions,
+        }
+        let context = Context {
+            coordinator: Some("rewind.internal:7443".into()),
+            ca: Some("/ctx/ca.pem".into()),
+            cert: Some("/ctx/me.pem".into()),
+            key: Some("/ctx/me.key".into()),
+            ..Context::default()
+        };
+        let with = |args: &[&str]| {
+            let matches = <Cli as clap::CommandFactory>::command()
+                .try_get_matches_from(std::iter::once("rewindctl").chain(args.iter().copied()))
+                .unwrap();
+            let mut options =
+                Cli::try_parse_from(std::iter::once("rewindctl").chain(args.iter().copied()))
+                    .unwrap()
+                    .connect;
+            fill_in(&mut options, Given::from_matches(&matches), &context);
+            options
+        };
+        let defaults = with(&[]);
+        assert_eq!(defaults.coordinator, "rewind.internal:7443");
+        assert_eq!(defaults.cert, Some(PathBuf::from("/ctx/me.pem")));
+        let flagged = with(&["--coordinator", "10.0.0.9:7443", "--tls-dir", "/mine"]);
+        assert_eq!(flagged.coordinator, "10.0.0.9:7443");
+        assert_eq!(flagged.tls_dir, Some(PathBuf::from("/mine")));
+        // The context's three files would otherwise win over the directory given.
+        assert_eq!((flagged.ca, flagged.cert, flagged.key), (None, None, None));
+    }
 
     #[test]
     fn a_contexts_file_round_trips_and_bad_ones_are_named() {

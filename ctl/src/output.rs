@@ -68,7 +68,7 @@ pub fn set_format(format: Format) {
     let _ = FORMAT.set(format);
 }
 
-/// The answer for scripts: JSON, or YAML under `--output yaml`.
+/// The answer for scripts: JSON, or YAML under `--output yaml` (see [`yaml`]).
 pub fn json<T: Serialize>(value: &T) -> anyhow::Result<()> {
     structured(value)
 }
@@ -76,7 +76,7 @@ pub fn json<T: Serialize>(value: &T) -> anyhow::Result<()> {
 /// [`json`] under its other name, for code that serves both formats.
 pub fn structured<T: Serialize>(value: &T) -> anyhow::Result<()> {
     if FORMAT.get() == Some(&Format::Yaml) {
-        print!("{}", yaml_for_terminal(&yaml_serde::to_string(value)?));
+        print!("{}", yaml(value)?);
         return Ok(());
     }
     print_json(value)
@@ -85,7 +85,7 @@ pub fn structured<T: Serialize>(value: &T) -> anyhow::Result<()> {
 /// One answer of a stream for scripts: a JSON line, or a YAML document under `--output yaml`.
 pub fn structured_line<T: Serialize>(value: &T) -> anyhow::Result<()> {
     if FORMAT.get() == Some(&Format::Yaml) {
-        print!("---\n{}", yaml_for_terminal(&yaml_serde::to_string(value)?));
+        print!("---\n{}", yaml(value)?);
         return Ok(());
     }
     println!("{}", json_for_terminal(&serde_json::to_string(value)?));
@@ -101,10 +101,17 @@ pub fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// YAML as it may reach a terminal: the YAML writer double-quotes and escapes C0 controls
-/// itself; anything else a terminal acts on is shown escaped, as everywhere else.
-fn yaml_for_terminal(yaml: &str) -> String {
-    rewind_shared::names::for_terminal(yaml).into_owned()
+/// `value` in YAML, as it may reach a terminal and still parse to the same value: the YAML
+/// writer escapes C0 controls itself but writes bidirectional controls and C1 raw, so an answer
+/// holding one is written as JSON instead (JSON is YAML), its strings `\uXXXX`-escaped.
+pub(crate) fn yaml<T: Serialize>(value: &T) -> anyhow::Result<String> {
+    let yaml = yaml_serde::to_string(value)?;
+    let unsafe_char =
+        |c: char| !matches!(c, '\n' | '\t') && rewind_shared::names::unsafe_on_terminal(c);
+    if !yaml.chars().any(unsafe_char) {
+        return Ok(yaml);
+    }
+    Ok(json_for_terminal(&serde_json::to_string_pretty(value)?) + "\n")
 }
 
 /// JSON as it may reach a terminal and still parse: serde_json escapes C0 controls itself; the
@@ -421,6 +428,17 @@ pub fn print_change(change: &pb::Change) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn yaml_of_text_a_terminal_would_act_on_still_parses_to_the_same_value() {
+        let hostile = serde_json::json!({"reason": "fine\u{202e}txt.exe", "ok": "plain"});
+        let text = yaml(&hostile).unwrap();
+        assert!(!text.contains('\u{202e}'), "{text}");
+        let parsed: serde_json::Value = yaml_serde::from_str(&text).unwrap();
+        assert_eq!(parsed, hostile);
+        let plain = serde_json::json!({"reason": "fine"});
+        assert_eq!(yaml(&plain).unwrap(), "reason: fine\n");
+    }
 
     #[test]
     fn times_are_utc_calendar_dates() {

@@ -123,11 +123,14 @@ fn report_transitions(
     seen: &mut HashSet<(String, i32)>,
 ) {
     bar.set_length(rollback.steps.len().max(rollback.steps_total as usize) as u64);
-    bar.set_prefix(format!(
-        "{} {}",
-        rollback.rollback_id,
-        output::rollback_state(rollback)
-    ));
+    bar.set_prefix(
+        rewind_shared::names::for_terminal(&format!(
+            "{} {}",
+            rollback.rollback_id,
+            output::rollback_state(rollback)
+        ))
+        .into_owned(),
+    );
     let done = rollback.steps.iter().filter(|step| {
         pb::StepState::try_from(step.state).is_ok_and(|state| {
             matches!(
@@ -137,7 +140,7 @@ fn report_transitions(
         })
     });
     bar.set_position(done.count() as u64);
-    bar.set_message(wave_progress(rollback));
+    bar.set_message(rewind_shared::names::for_terminal(&wave_progress(rollback)).into_owned());
     for (index, wave) in rollback.waves.iter().enumerate() {
         let key = (format!("gate/{index}"), wave.gate);
         if wave.gate == pb::StepState::Pending as i32 || !seen.insert(key) {
@@ -249,6 +252,7 @@ pub async fn follow_change(
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
     let mut seen: HashSet<(String, i32, i32)> = HashSet::new();
+    let mut last_printed: Option<pb::Change> = None;
     loop {
         let change = client
             .get_change(pb::GetChangeRequest {
@@ -267,10 +271,27 @@ pub async fn follow_change(
         let captured = count(|host| host.capture == pb::StepState::Succeeded as i32);
         bar.set_length(change.hosts.len() as u64);
         bar.set_position(activated as u64);
-        bar.set_prefix(format!("{} {}", change.change_id, state.short_name()));
+        if state == pb::ChangeState::Unspecified {
+            anyhow::bail!(
+                "{} is in a state this rewindctl does not know: upgrade rewindctl",
+                change.change_id
+            );
+        }
+        bar.set_prefix(
+            rewind_shared::names::for_terminal(&format!(
+                "{} {}",
+                change.change_id,
+                state.short_name()
+            ))
+            .into_owned(),
+        );
         bar.set_message(format!("{captured}/{} captured", change.hosts.len()));
         if format.is_structured() {
-            output::structured_line(&change)?;
+            // Each state of the change once, not every poll.
+            if last_printed.as_ref() != Some(&change) {
+                output::structured_line(&change)?;
+                last_printed = Some(change.clone());
+            }
         } else {
             for host in &change.hosts {
                 let started = host.capture != pb::StepState::Pending as i32

@@ -25,6 +25,24 @@ pub struct HttpsFiles {
     pub client_key_file: Option<PathBuf>,
 }
 
+/// Gives config sections that write out `ca-file`, `client-cert-file` and `client-key-file`
+/// beside their URL an `https_files()` reading them back as one [`HttpsFiles`] (written out
+/// rather than `serde(flatten)`ed, which would hide the section's unknown keys).
+#[macro_export]
+macro_rules! https_files_of {
+    ($($section:ty),*) => {$(
+        impl $section {
+            fn https_files(&self) -> $crate::outbound::HttpsFiles {
+                $crate::outbound::HttpsFiles {
+                    ca_file: self.ca_file.clone(),
+                    client_cert_file: self.client_cert_file.clone(),
+                    client_key_file: self.client_key_file.clone(),
+                }
+            }
+        }
+    )*};
+}
+
 /// What [`HttpsFiles`] hold, read and checked once: clients are built from it without touching
 /// the disk again.
 #[derive(Clone, Default)]

@@ -294,7 +294,7 @@ impl ClusterHarness {
             .env("REWIND_TLS_DIR", &self.tls_dir)
             .env("REWIND_SERVER_NAME", "localhost")
             // Never the contexts of whoever runs the tests.
-            .env("REWIND_CONTEXTS_FILE", "/dev/null")
+            .env("REWIND_CONTEXTS_FILE", "/nonexistent/rewind-contexts.toml")
             .output()
             .expect("run rewindctl")
     }

@@ -28,7 +28,10 @@ fn bash_completes_commands_and_man_renders_every_command() {
     let dir = tempfile::tempdir().unwrap();
     let script = dir.path().join("rewindctl.bash");
     let completion = must_succeed(
-        rewindctl(Path::new("/dev/null"), &["completion", "bash"]),
+        rewindctl(
+            Path::new("/nonexistent/rewind-contexts.toml"),
+            &["completion", "bash"],
+        ),
         "completion bash",
     );
     std::fs::write(&script, completion).unwrap();
@@ -53,7 +56,10 @@ fn bash_completes_commands_and_man_renders_every_command() {
     assert_eq!(complete("rewindctl config use").trim(), "use-context");
     for shell in ["zsh", "fish"] {
         let script = must_succeed(
-            rewindctl(Path::new("/dev/null"), &["completion", shell]),
+            rewindctl(
+                Path::new("/nonexistent/rewind-contexts.toml"),
+                &["completion", shell],
+            ),
             shell,
         );
         assert!(
@@ -65,7 +71,7 @@ fn bash_completes_commands_and_man_renders_every_command() {
     let pages = dir.path().join("man");
     must_succeed(
         rewindctl(
-            Path::new("/dev/null"),
+            Path::new("/nonexistent/rewind-contexts.toml"),
             &["man", "--out-dir", pages.to_str().unwrap()],
         ),
         "man",

@@ -2,7 +2,7 @@
 //!
 //! Client certificates are asked for but not required at the handshake: a host joining with a
 //! token has none yet. Whether a call needs one is the gate's to decide from the method's
-//! permission, and every method but `JoinService/Join` does. A presented certificate must chain
+//! permission, and every method but `JoinService/Join` and the health service's does. A presented certificate must chain
 //! to the cluster's CA, or the handshake fails. The coordinator's own certificate is read again
 //! when its files change, so a renewed certificate is served without a restart. Handshakes are
 //! bounded in time, in number and per address (see [`crate::admission`]), so idle or slow

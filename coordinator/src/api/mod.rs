@@ -296,6 +296,8 @@ pub async fn serve(
     };
     let health = health_server().max_decoding_message_size(probes::MAX_HEALTH_REQUEST_BYTES);
     let (stopping, stopped) = watch::channel(false);
+    // The statuses are set before any probe can ask.
+    let follower = probes::HealthFollower::start(reporter.clone(), status).await;
     // Plaintext health checks for Kubernetes' probes, if asked for; the same statuses.
     if let Some(listener) = probe_listener {
         let mut stopped = stopped.clone();
@@ -308,7 +310,6 @@ pub async fn serve(
             }
         });
     }
-    let follower = probes::HealthFollower::start(reporter.clone(), status).await;
     let mut follower_stop = stopped.clone();
     let following = tokio::spawn(follower.follow(async move {
         let _ = follower_stop.wait_for(|stopped| *stopped).await;

@@ -18,7 +18,8 @@
 //! Kubernetes' gRPC probes (and some load balancers) speak plaintext only, so the health
 //! service alone can also be served on a plaintext port of its own (`health.probe-listen`,
 //! [`serve_probe_port`]): the same statuses, nothing else, at most [`MAX_PROBE_CONNECTIONS`]
-//! connections, each for at most [`PROBE_CONNECTION_LIFETIME`].
+//! connections and [`PROBE_CONNECTIONS_PER_ADDRESS`] from one address (more are closed at
+//! once), each for at most [`PROBE_CONNECTION_LIFETIME`].
 
 use rewind_proto::v1::agent_service_server::AgentServiceServer;
 use rewind_proto::v1::control_service_server::ControlServiceServer;
@@ -26,18 +27,18 @@ use rewind_proto::v1::join_service_server::JoinServiceServer;
 use rewind_proto::v1::member_service_server::MemberServiceServer;
 use rewind_proto::v1::raft_service_server::RaftServiceServer;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::watch;
 use tonic::server::NamedService;
 use tonic::transport::server::Connected;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use crate::admission::{Admission, Admitted};
 use crate::node::raft::RaftStatus;
 
 /// Every descriptor set served, so reflection describes every service a member answers and the
@@ -54,10 +55,12 @@ pub const MAX_HEALTH_REQUEST_BYTES: usize = 1024;
 /// Largest reflection request accepted (a symbol or file name, or an extension query).
 pub const MAX_REFLECTION_REQUEST_BYTES: usize = 16 * 1024;
 
-/// Most connections open at once on the plaintext probe port (a kubelet probes one at a time).
-pub const MAX_PROBE_CONNECTIONS: usize = 32;
+/// Most connections open at once on the plaintext probe port.
+pub const MAX_PROBE_CONNECTIONS: usize = 256;
+/// Most of them from one address (a kubelet probes a pod one probe at a time).
+pub const PROBE_CONNECTIONS_PER_ADDRESS: usize = 4;
 /// Longest one probe connection stays open (a `Watch` held open ends with it).
-pub const PROBE_CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+pub const PROBE_CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
 
 /// Serves `health` alone, in plaintext, on `listener` until `shutdown`.
 pub async fn serve_probe_port(
@@ -65,14 +68,16 @@ pub async fn serve_probe_port(
     health: tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
-    let places = Arc::new(Semaphore::new(MAX_PROBE_CONNECTIONS));
+    let places = Admission::new(MAX_PROBE_CONNECTIONS, PROBE_CONNECTIONS_PER_ADDRESS);
     let incoming = futures::stream::unfold((listener, places), |(listener, places)| async move {
         loop {
-            let Ok(slot) = Arc::clone(&places).acquire_owned().await else {
-                return None;
-            };
             match listener.accept().await {
-                Ok((stream, _)) => {
+                // Over a bound: closed at once (dropped), so one address cannot hold the port
+                // and a flood does not queue the kubelet's probes behind it.
+                Ok((stream, remote)) => {
+                    let Ok(slot) = places.try_admit(remote.ip()) else {
+                        continue;
+                    };
                     let connection = ProbeConnection {
                         stream,
                         _slot: slot,
@@ -95,7 +100,7 @@ pub async fn serve_probe_port(
 /// A connection to the probe port: it holds its place until dropped and ends at its deadline.
 struct ProbeConnection {
     stream: TcpStream,
-    _slot: OwnedSemaphorePermit,
+    _slot: Admitted,
     deadline: Pin<Box<tokio::time::Sleep>>,
 }
 
@@ -108,7 +113,7 @@ impl ProbeConnection {
 fn expired() -> std::io::Error {
     std::io::Error::new(
         std::io::ErrorKind::TimedOut,
-        "a probe connection lives 60 s",
+        "a probe connection lives 30 s",
     )
 }
 

@@ -257,7 +257,6 @@ struct MemberLabels {
     member: String,
 }
 
-/// Followers' progress (on the leader) and the snapshots this member sent and received.
 /// This member's latest verification of its audit chain (`crate::audit_check`); the chain's
 /// state is not exported before the first one ends.
 fn register_audit_check(registry: &mut Registry, check: &crate::audit_check::AuditCheck) {
@@ -286,6 +285,7 @@ fn register_audit_check(registry: &mut Registry, check: &crate::audit_check::Aud
     );
 }
 
+/// Followers' progress (on the leader) and the snapshots this member sent and received.
 fn register_replication(
     registry: &mut Registry,
     status: &crate::node::raft::RaftStatus,

@@ -91,6 +91,11 @@ pub(crate) async fn change(
                 } else {
                     crate::requests::print_filed(answer.request)?;
                 }
+                // Filed for approval: nothing deployed yet, which --watch promised.
+                if watch {
+                    say_err!("not deployed: the change waits for approval (see above)");
+                    return Ok(ExitCode::FAILURE);
+                }
                 return Ok(ExitCode::SUCCESS);
             }
             if watch && let Some(change) = &answer.change {
