@@ -540,32 +540,8 @@ mod tests {
         fleet.release("web", "v2", 0, &[]);
         fleet.deploy("web", "v1");
         let change = fleet.deploy("web", "v2");
-        fleet.apply(CommandKind::StartRollback(
-            crate::state_machine::StartRollback {
-                changes: vec![change],
-                options: PlanOptions::default(),
-                plan_hash: String::new(),
-                reason: "test".into(),
-                trigger: Trigger::Manual,
-                break_glass: false,
-                planned: None,
-            },
-        ));
-        let drain = crate::state_machine::StepTarget::Rollback {
-            rollback: 1,
-            service: "web".into(),
-            host_id: "web-1".into(),
-            kind: crate::state_machine::RollbackStepKind::Drain,
-        };
-        fleet.apply(CommandKind::StepStarted {
-            step: drain.clone(),
-        });
-        fleet.apply(CommandKind::StepFinished {
-            step: drain,
-            ok: true,
-            detail: String::new(),
-            snapshot_id: String::new(),
-        });
+        start_rollback(&mut fleet, change);
+        finish_drain(&mut fleet, 1);
         let status = crate::node::raft::RaftStatus::default();
         let rendered = |state: &State| {
             render(
