@@ -51,6 +51,7 @@ pub mod signals;
 pub mod sql;
 pub mod time;
 pub mod tls;
+pub mod trace;
 
 pub use errors::SharedError;
 

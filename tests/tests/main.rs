@@ -51,3 +51,4 @@ mod t48_formats;
 mod t49_monitoring;
 mod t50_cli;
 mod t51_kubernetes;
+mod t52_trace_context;

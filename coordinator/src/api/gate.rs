@@ -462,7 +462,11 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        match self.gate.admit(&request) {
+        // Every line logged for a call of a person, an agent or a probe names its trace (the
+        // caller's traceparent, or a new one): members' Raft traffic goes without.
+        let span = call_span(&request);
+        let admitted = span.in_scope(|| self.gate.admit(&request));
+        match admitted {
             Ok(caller) => {
                 if let Some(caller) = caller {
                     request.extensions_mut().insert(caller);
@@ -470,11 +474,29 @@ where
                 // The clone is fresh and not ready; the ready one serves this call.
                 let clone = self.inner.clone();
                 let mut ready = std::mem::replace(&mut self.inner, clone);
-                Box::pin(ready.call(request))
+                Box::pin(tracing::Instrument::instrument(ready.call(request), span))
             }
             Err(status) => Box::pin(std::future::ready(Ok(status.into_http()))),
         }
     }
+}
+
+/// The span a call's log lines are made in: its method and trace id, from its `traceparent`
+/// (W3C Trace Context) or a new trace when it has none or one that does not parse (a call is
+/// never refused for it). Members' calls (Raft) get none.
+fn call_span<B>(request: &http::Request<B>) -> tracing::Span {
+    let method = request.uri().path();
+    let for_a_member = permissions::permission(method)
+        .is_some_and(|permission| permission.kind == CallerKind::Member);
+    if for_a_member {
+        return tracing::Span::none();
+    }
+    let trace = rewind_shared::trace::TraceParent::of_request(request.headers());
+    tracing::info_span!(
+        "call",
+        method = rewind_shared::names::truncate(method, 128),
+        trace_id = %trace.trace_id_hex()
+    )
 }
 
 /// The caller the gate admitted, for a handler.

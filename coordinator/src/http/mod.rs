@@ -60,7 +60,23 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/alertmanager", post(hooks::alertmanager))
         .route("/v1/webhook", post(hooks::webhook))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(traced))
         .with_state(state)
+}
+
+/// Each request's log lines name its trace (its `traceparent`, or a new trace), as gRPC calls'
+/// do: an Alertmanager or a webhook sender that traces finds rewind's side of its request.
+async fn traced(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let trace = rewind_shared::trace::TraceParent::of_request(request.headers());
+    let span = tracing::info_span!(
+        "request",
+        path = rewind_shared::names::truncate(request.uri().path(), 128),
+        trace_id = %trace.trace_id_hex()
+    );
+    tracing::Instrument::instrument(next.run(request), span).await
 }
 
 /// Longest a client may take to send a request's headers, and longest a kept-alive connection

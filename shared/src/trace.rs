@@ -1,0 +1,143 @@
+//! W3C Trace Context (`traceparent`): what a caller's tracing system sends so rewind's log lines
+//! for its request carry the same trace id (https://www.w3.org/TR/trace-context/).
+//!
+//! `traceparent: 00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`. A header that does not
+//! parse is ignored (a request is never refused for it); an all-zero id is invalid; a version
+//! other than `00` is read for its first four fields, as the spec asks, unless it is `ff`.
+
+/// Longest `traceparent` read: version 00 is 55 bytes; later versions may add fields.
+pub const MAX_TRACEPARENT_BYTES: usize = 256;
+
+/// A parsed `traceparent`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TraceParent {
+    pub trace_id: [u8; 16],
+    pub parent_id: [u8; 8],
+    pub flags: u8,
+}
+
+impl TraceParent {
+    /// The header's value, or `None` when it is not a valid `traceparent`.
+    pub fn parse(header: &str) -> Option<Self> {
+        if header.len() > MAX_TRACEPARENT_BYTES {
+            return None;
+        }
+        let mut parts = header.trim().split('-');
+        let version = hex_bytes::<1>(parts.next()?)?[0];
+        let trace_id = hex_bytes::<16>(parts.next()?)?;
+        let parent_id = hex_bytes::<8>(parts.next()?)?;
+        let flags = hex_bytes::<1>(parts.next()?)?[0];
+        // Version 00 has exactly four fields; a later one may have more, never 0xff.
+        let more = parts.next().is_some();
+        if version == 0xff || (version == 0 && more) {
+            return None;
+        }
+        if trace_id == [0; 16] || parent_id == [0; 8] {
+            return None;
+        }
+        Some(Self {
+            trace_id,
+            parent_id,
+            flags,
+        })
+    }
+
+    /// A new trace, for a request that came without one.
+    pub fn new_random() -> Self {
+        let mut trace_id: [u8; 16] = rand::random();
+        let mut parent_id: [u8; 8] = rand::random();
+        // All-zero ids are invalid; a random one is all-zero once in 2^128, but never is.
+        trace_id[15] |= 1;
+        parent_id[7] |= 1;
+        Self {
+            trace_id,
+            parent_id,
+            flags: 0,
+        }
+    }
+
+    /// The request's `traceparent` header, or a new trace when it has none or one that does not
+    /// parse (a request is never refused for it).
+    pub fn of_request(headers: &http::HeaderMap) -> Self {
+        headers
+            .get("traceparent")
+            .and_then(|value| value.to_str().ok())
+            .and_then(Self::parse)
+            .unwrap_or_else(Self::new_random)
+    }
+
+    /// The trace id as 32 lower-case hex digits, as logs and tracing systems show it.
+    pub fn trace_id_hex(&self) -> String {
+        hex::encode(self.trace_id)
+    }
+}
+
+impl std::fmt::Display for TraceParent {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            formatter,
+            "00-{}-{}-{:02x}",
+            hex::encode(self.trace_id),
+            hex::encode(self.parent_id),
+            self.flags
+        )
+    }
+}
+
+/// Exactly `N` bytes from `2N` lower-case hex digits (the spec allows no upper case).
+fn hex_bytes<const N: usize>(text: &str) -> Option<[u8; N]> {
+    if text.len() != 2 * N
+        || !text
+            .bytes()
+            .all(|byte| byte.is_ascii_digit() || (b'a'..=b'f').contains(&byte))
+    {
+        return None;
+    }
+    let mut bytes = [0u8; N];
+    hex::decode_to_slice(text, &mut bytes).ok()?;
+    Some(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[test]
+    fn the_specs_example_parses_and_prints_back() {
+        let parent = TraceParent::parse(EXAMPLE).unwrap();
+        assert_eq!(parent.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(parent.flags, 1);
+        assert_eq!(parent.to_string(), EXAMPLE);
+        // A later version's extra fields are ignored.
+        assert!(TraceParent::parse(&format!("01{}-extra", &EXAMPLE[2..])).is_some());
+    }
+
+    #[test]
+    fn invalid_headers_are_refused_by_field() {
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e47zz-00f067aa0ba902b7-01",
+        ] {
+            assert_eq!(TraceParent::parse(bad), None, "{bad:?}");
+        }
+        assert_eq!(
+            TraceParent::parse(&"0".repeat(MAX_TRACEPARENT_BYTES + 1)),
+            None
+        );
+    }
+
+    #[test]
+    fn a_new_trace_is_valid_and_prints_as_a_header() {
+        let new = TraceParent::new_random();
+        assert_eq!(TraceParent::parse(&new.to_string()), Some(new));
+    }
+}
