@@ -22,15 +22,11 @@ impl Prober {
     /// A prober whose HTTP client (probes, metrics scrapes, hooks, purges and checks without
     /// TLS files of their own) reaches https:// as the agent's `[https]` says; no redirects.
     pub fn new(https: &rewind_shared::outbound::HttpsTrust) -> Self {
-        let http = https.client().unwrap_or_else(|error| {
-            // Without the TLS backend nothing is reached over https anyway; never follow
-            // redirects, whatever else is lost.
-            tracing::error!(%error, "No HTTPS client with the configured files; using a plain one.");
-            reqwest::Client::builder()
-                .redirect(reqwest::redirect::Policy::none())
-                .build()
-                .unwrap_or_default()
-        });
+        // The files were checked when the config loaded; what fails here is the TLS backend
+        // itself, and an agent that cannot probe is of no use: say so and stop.
+        let http = https
+            .client()
+            .expect("the HTTP client builds (its TLS files were checked with the config)");
         Self { http }
     }
 

@@ -854,7 +854,7 @@ fn validate_alertmanager(
     problems: &mut Problems,
 ) -> Option<AlertmanagerConfig> {
     let Some(url) = raw.url.as_ref() else {
-        if !raw.https_files().is_empty() {
+        if !raw.https_files().is_empty() || raw.silence_lease_s.is_some() {
             problems.add(
                 "alertmanager.url",
                 "is required with the other alertmanager keys",
@@ -1406,6 +1406,10 @@ silence-lease-s = 1
             ),
             (
                 format!("[alertmanager]\nca-file = \"{ca_file}\"\n"),
+                "alertmanager.url: is required with the other alertmanager keys",
+            ),
+            (
+                "[alertmanager]\nsilence-lease-s = 60\n".to_string(),
                 "alertmanager.url: is required with the other alertmanager keys",
             ),
         ] {

@@ -182,7 +182,11 @@ pub(crate) fn next_page(command: &str, page_size: u32, next_page_token: &str) {
 /// How many times a command follows a redirect to the leader.
 const MAX_REDIRECTS: usize = 3;
 
-pub async fn run(cli: Cli, given: crate::contexts::Given) -> anyhow::Result<ExitCode> {
+pub async fn run(
+    cli: Cli,
+    given: crate::contexts::Given,
+    typed: crate::contexts::Given,
+) -> anyhow::Result<ExitCode> {
     crate::output::set_format(cli.output);
     let junit_drill = matches!(
         &cli.command,
@@ -202,7 +206,7 @@ pub async fn run(cli: Cli, given: crate::contexts::Given) -> anyhow::Result<Exit
         Command::Demo(args) => return crate::demo::run(args.clone()).await,
         // Local: the contexts file, the shell, the manual.
         Command::Config(command) => {
-            crate::contexts::run(command.clone(), &options, given, cli.output)?;
+            crate::contexts::run(command.clone(), &options, typed, cli.output)?;
             return Ok(ExitCode::SUCCESS);
         }
         Command::Completion { shell } => {

@@ -143,8 +143,11 @@ impl Contexts {
         use std::io::Write as _;
         use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
         self.check()?;
-        // Only a file is replaced: never a device or a directory named by mistake.
-        if let Ok(metadata) = std::fs::symlink_metadata(path)
+        // Only a file is replaced: never a device or a directory named by mistake. A link
+        // (a dotfile manager's) is followed, and its target replaced.
+        let resolved = std::fs::canonicalize(path).ok();
+        let path = resolved.as_deref().unwrap_or(path);
+        if let Ok(metadata) = std::fs::metadata(path)
             && !metadata.is_file()
         {
             bail!("{} is not a regular file: not replacing it", path.display());
@@ -184,14 +187,23 @@ pub struct Given {
 }
 
 impl Given {
+    /// What the command line or the environment set: a context fills in only the rest.
     pub fn from_matches(matches: &clap::ArgMatches) -> Self {
-        let given = |id: &str| {
-            matches!(
-                matches.value_source(id),
-                Some(
-                    clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable
-                )
-            )
+        Self::from(matches, true)
+    }
+
+    /// What the command line itself set: what `set-context` records (an exported
+    /// `REWIND_TLS_DIR` must not change a context by accident).
+    pub fn typed(matches: &clap::ArgMatches) -> Self {
+        Self::from(matches, false)
+    }
+
+    fn from(matches: &clap::ArgMatches, with_environment: bool) -> Self {
+        use clap::parser::ValueSource;
+        let given = |id: &str| match matches.value_source(id) {
+            Some(ValueSource::CommandLine) => true,
+            Some(ValueSource::EnvVariable) => with_environment,
+            _ => false,
         };
         Self {
             coordinator: given("coordinator"),

@@ -33,6 +33,7 @@ fn main() -> ExitCode {
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
     // Which connection flags the command line set: a context fills in only the others.
     let given = contexts::Given::from_matches(&matches);
+    let typed = contexts::Given::typed(&matches);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -40,7 +41,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(commands::run(cli, given)) {
+    match runtime.block_on(commands::run(cli, given, typed)) {
         Ok(code) => code,
         Err(error) => {
             say_err!("error: {error:#}");

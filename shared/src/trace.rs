@@ -56,14 +56,15 @@ impl TraceParent {
         }
     }
 
-    /// The request's `traceparent` header, or a new trace when it has none or one that does not
-    /// parse (a request is never refused for it).
+    /// The request's `traceparent` header, or a new trace when it has none, more than one, or
+    /// one that does not parse (a request is never refused for it).
     pub fn of_request(headers: &http::HeaderMap) -> Self {
-        headers
-            .get("traceparent")
-            .and_then(|value| value.to_str().ok())
-            .and_then(Self::parse)
-            .unwrap_or_else(Self::new_random)
+        let mut values = headers.get_all("traceparent").iter();
+        match (values.next(), values.next()) {
+            (Some(value), None) => value.to_str().ok().and_then(Self::parse),
+            _ => None,
+        }
+        .unwrap_or_else(Self::new_random)
     }
 
     /// The trace id as 32 lower-case hex digits, as logs and tracing systems show it.
@@ -132,6 +133,21 @@ mod tests {
         assert_eq!(
             TraceParent::parse(&"0".repeat(MAX_TRACEPARENT_BYTES + 1)),
             None
+        );
+    }
+
+    #[test]
+    fn a_request_with_two_traceparents_starts_a_new_trace() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("traceparent", EXAMPLE.parse().unwrap());
+        assert_eq!(
+            TraceParent::of_request(&headers).trace_id_hex(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        headers.append("traceparent", EXAMPLE.parse().unwrap());
+        assert_ne!(
+            TraceParent::of_request(&headers).trace_id_hex(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
         );
     }
 

@@ -474,7 +474,8 @@ where
                 // The clone is fresh and not ready; the ready one serves this call.
                 let clone = self.inner.clone();
                 let mut ready = std::mem::replace(&mut self.inner, clone);
-                Box::pin(tracing::Instrument::instrument(ready.call(request), span))
+                let answer = span.in_scope(|| ready.call(request));
+                Box::pin(tracing::Instrument::instrument(answer, span))
             }
             Err(status) => Box::pin(std::future::ready(Ok(status.into_http()))),
         }
@@ -492,7 +493,8 @@ fn call_span<B>(request: &http::Request<B>) -> tracing::Span {
         return tracing::Span::none();
     }
     let trace = rewind_shared::trace::TraceParent::of_request(request.headers());
-    tracing::info_span!(
+    // At WARN: enabled whenever refusals and warnings are logged (REWIND_LOG=warn too).
+    tracing::warn_span!(
         "call",
         method = rewind_shared::names::truncate(method, 128),
         trace_id = %trace.trace_id_hex()

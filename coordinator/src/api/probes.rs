@@ -69,21 +69,37 @@ pub async fn serve_probe_port(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
     let places = Admission::new(MAX_PROBE_CONNECTIONS, PROBE_CONNECTIONS_PER_ADDRESS);
-    let incoming = futures::stream::unfold((listener, places), |(listener, places)| async move {
+    let refusals = std::sync::Arc::new(crate::admission::PeerLog::default());
+    let state = (listener, places, refusals);
+    let incoming = futures::stream::unfold(state, |(listener, places, refusals)| async move {
         loop {
             match listener.accept().await {
                 // Over a bound: closed at once (dropped), so one address cannot hold the port
                 // and a flood does not queue the kubelet's probes behind it.
                 Ok((stream, remote)) => {
-                    let Ok(slot) = places.try_admit(remote.ip()) else {
-                        continue;
+                    let slot = match places.try_admit(remote.ip()) {
+                        Ok(slot) => slot,
+                        Err(refusal) => {
+                            if let Some(not_logged) = refusals.admit(remote.ip(), "probe_port") {
+                                tracing::warn!(
+                                    %remote,
+                                    ?refusal,
+                                    not_logged_since_last = not_logged,
+                                    "Closed a connection to the health probe port: over its bounds."
+                                );
+                            }
+                            continue;
+                        }
                     };
                     let connection = ProbeConnection {
                         stream,
                         _slot: slot,
                         deadline: Box::pin(tokio::time::sleep(PROBE_CONNECTION_LIFETIME)),
                     };
-                    return Some((Ok::<_, std::io::Error>(connection), (listener, places)));
+                    return Some((
+                        Ok::<_, std::io::Error>(connection),
+                        (listener, places, refusals),
+                    ));
                 }
                 // Out of descriptors, say: wait rather than spin.
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,

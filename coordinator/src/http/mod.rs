@@ -71,7 +71,7 @@ async fn traced(
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     let trace = rewind_shared::trace::TraceParent::of_request(request.headers());
-    let span = tracing::info_span!(
+    let span = tracing::warn_span!(
         "request",
         path = rewind_shared::names::truncate(request.uri().path(), 128),
         trace_id = %trace.trace_id_hex()
