@@ -47,6 +47,9 @@ macro_rules! https_files_of {
 /// the disk again.
 #[derive(Clone, Default)]
 pub struct HttpsTrust {
+    /// The client built from these, once (building one reads the system's store from disk),
+    /// shared by every clone.
+    built: std::sync::Arc<std::sync::OnceLock<reqwest::Client>>,
     /// Extra roots (PEM), checked to hold at least one certificate.
     ca_pem: Option<Vec<u8>>,
     /// The client's certificate chain and key (PEM, one after the other), checked to load.
@@ -136,11 +139,18 @@ impl HttpsTrust {
         builder
     }
 
-    /// [`Self::client_builder`], built; an error says why no client could be made.
+    /// [`Self::client_builder`], built the first time and the same client after (cheap to
+    /// clone); an error says why no client could be made. Bound each request's time on the
+    /// request.
     pub fn client(&self) -> Result<reqwest::Client, String> {
-        self.client_builder()
+        if let Some(client) = self.built.get() {
+            return Ok(client.clone());
+        }
+        let client = self
+            .client_builder()
             .build()
-            .map_err(|error| format!("cannot build an HTTPS client: {error}"))
+            .map_err(|error| format!("cannot build an HTTPS client: {error}"))?;
+        Ok(self.built.get_or_init(|| client).clone())
     }
 
     /// Whether a client certificate is presented.

@@ -38,15 +38,6 @@ pub fn webhook_mac(secret: &[u8], timestamp_ms: u64, body: &[u8]) -> Hmac<Sha256
     mac
 }
 
-/// The client a webhook is posted with: bounded in time, never redirected (a redirect could
-/// carry the signed body elsewhere), https:// as `tls` says (`rewind_shared::outbound`).
-pub fn webhook_client(tls: &HttpsTrust) -> Result<reqwest::Client, String> {
-    tls.client_builder()
-        .timeout(DELIVERY_TIMEOUT)
-        .build()
-        .map_err(|error| format!("cannot build an HTTP client: {error}"))
-}
-
 /// POSTs `payload` as JSON signed with `secret`: the receiver's status, or why none came.
 pub(super) async fn post_signed(
     url: &str,
@@ -57,8 +48,11 @@ pub(super) async fn post_signed(
     let body = serde_json::to_vec(payload)
         .map_err(|error| format!("cannot encode the payload: {error}"))?;
     let timestamp = rewind_shared::time::now_ms();
-    webhook_client(tls)?
+    // Never redirected (a redirect could carry the signed body elsewhere), https:// as `tls`
+    // says (`rewind_shared::outbound`), bounded in time.
+    tls.client()?
         .post(url)
+        .timeout(DELIVERY_TIMEOUT)
         .header("content-type", "application/json")
         .header(TIMESTAMP_HEADER, timestamp.to_string())
         .header(SIGNATURE_HEADER, sign(secret, timestamp, &body))

@@ -31,7 +31,7 @@ pub use decide::{
     Action, AgentAction, ESCALATION_RETRY_MS, EngineLimits, EngineMemory, MAX_ESCALATION_ATTEMPTS,
     Observations, SyntheticVerdict, decide,
 };
-pub use escalation::{SIGNATURE_HEADER, TIMESTAMP_HEADER, sign, webhook_client, webhook_mac};
+pub use escalation::{SIGNATURE_HEADER, TIMESTAMP_HEADER, sign, webhook_mac};
 
 use crate::errors::CoordinatorError;
 use crate::health::HealthBook;

@@ -51,12 +51,12 @@ impl SyntheticRuns {
         let runs = Arc::clone(self);
         tokio::spawn(async move {
             let at_ms = rewind_shared::time::now_ms();
-            let client = match runs.tls.client_builder().build() {
+            let client = match runs.tls.client() {
                 Ok(client) => client,
                 Err(error) => {
                     let verdict = SyntheticVerdict {
                         ok: false,
-                        detail: format!("cannot build an HTTP client: {error}"),
+                        detail: error,
                         at_ms,
                     };
                     runs.results().insert((rollback, wave), verdict);
