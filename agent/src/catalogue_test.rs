@@ -51,6 +51,7 @@ async fn run_step(executor: &Executor, id: &str, action: Action) -> rewind_proto
             service: "web".into(),
             timeout_ms: 30_000,
             cluster_id: "rw-test".into(),
+            traceparent: String::new(),
             action: Some(action),
         })
         .await

@@ -93,6 +93,13 @@ enum SnapshotCommand {
 }
 
 fn main() -> ExitCode {
+    let code = start();
+    // Spans still queued for export (REWIND_OTLP_ENDPOINT) leave before the process does.
+    rewind_shared::logging::shutdown();
+    code
+}
+
+fn start() -> ExitCode {
     rewind_shared::config::private_umask();
     rewind_shared::logging::init("info");
     rewind_shared::tls::install_crypto_provider();

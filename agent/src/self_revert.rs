@@ -254,6 +254,7 @@ pub async fn revert(
         service: service.name.clone(),
         timeout_ms: 0,
         cluster_id: change.cluster_id.clone(),
+        traceparent: String::new(),
         action: Some(action),
     };
     let mut done = Vec::new();

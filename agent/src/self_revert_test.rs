@@ -115,6 +115,7 @@ async fn host_after_change(service: impl Fn(&std::path::Path) -> ServiceConfig) 
                 service: "web".into(),
                 timeout_ms: 10_000,
                 cluster_id: "rw-test".into(),
+                traceparent: String::new(),
                 action: Some(action),
             })
             .await
@@ -180,6 +181,7 @@ async fn a_self_revert_restores_the_last_known_good_state_once_and_closes_the_ch
             service: "web".into(),
             timeout_ms: 10_000,
             cluster_id: "rw-test".into(),
+            traceparent: String::new(),
             action: Some(Action::Activate(ActivateRelease {
                 version: "v2".into(),
                 artifact_digest: String::new(),

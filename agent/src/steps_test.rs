@@ -58,6 +58,7 @@ fn fixture() -> Fixture {
 fn step(step_id: &str, term: u64, action: Action) -> StepCommand {
     StepCommand {
         cluster_id: "rw-test".into(),
+        traceparent: String::new(),
         step_id: step_id.into(),
         term,
         service: "web".into(),

@@ -8,6 +8,43 @@
 /// Longest `traceparent` read: version 00 is 55 bytes; later versions may add fields.
 pub const MAX_TRACEPARENT_BYTES: usize = 256;
 
+/// The `sampled` flag: the caller records this trace.
+const SAMPLED: u8 = 1;
+
+/// The operation a step belongs to (`rb-3` of `rb-3/web/restore/web-1`), and the name of the
+/// log field that carries it: `rollback_id`, `change_id` or `schema_txn_id`.
+pub fn operation_of_step(step_id: &str) -> (&str, Option<&'static str>) {
+    let operation = step_id.split('/').next().unwrap_or_default();
+    let field = match operation.split_once('-') {
+        Some(("rb", _)) => Some("rollback_id"),
+        Some(("ch", _)) => Some("change_id"),
+        Some(("st", _)) => Some("schema_txn_id"),
+        _ => None,
+    };
+    (operation, field)
+}
+
+/// The span a step's log lines are made in, on the coordinator and on the agent: the step's
+/// id, its operation's id (`rollback_id`, `change_id` or `schema_txn_id`) and the trace id, so
+/// one rollback's lines on every member and host are found by either id. At WARN, like calls'
+/// spans: present whenever warnings are logged.
+pub fn step_span(step_id: &str, trace: &TraceParent) -> tracing::Span {
+    let step_id = crate::names::truncate(step_id, 256);
+    let span = tracing::warn_span!(
+        "step",
+        step_id = %step_id,
+        rollback_id = tracing::field::Empty,
+        change_id = tracing::field::Empty,
+        schema_txn_id = tracing::field::Empty,
+        trace_id = %trace.trace_id_hex()
+    );
+    if let (operation, Some(field)) = operation_of_step(step_id) {
+        span.record(field, operation);
+    }
+    trace.adopt(&span);
+    span
+}
+
 /// A parsed `traceparent`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TraceParent {
@@ -65,6 +102,74 @@ impl TraceParent {
             _ => None,
         }
         .unwrap_or_else(Self::new_random)
+    }
+
+    /// The trace of a change, rollback or schema transaction (`ch-3`, `rb-3`, `st-3`): derived
+    /// from the cluster's id and the operation's, so every member and every agent names the
+    /// same trace for it, after a change of leader too, with nothing replicated for it. The
+    /// parent id stands for the operation as a whole; it is sampled, so an agent that exports
+    /// spans records its steps.
+    pub fn of_operation(cluster_id: &str, operation: &str) -> Self {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::new()
+            .chain_update(b"rewind operation trace\0")
+            .chain_update(cluster_id.as_bytes())
+            .chain_update([0])
+            .chain_update(operation.as_bytes())
+            .finalize();
+        let mut trace_id: [u8; 16] = digest[..16].try_into().expect("16 of 32 bytes");
+        let mut parent_id: [u8; 8] = digest[16..24].try_into().expect("8 of 32 bytes");
+        // All-zero ids are invalid (once in 2^128 from a digest, but never is).
+        trace_id[15] |= 1;
+        parent_id[7] |= 1;
+        Self {
+            trace_id,
+            parent_id,
+            flags: SAMPLED,
+        }
+    }
+
+    /// The same trace with `span` as the parent a callee sees: the span's own OpenTelemetry id
+    /// when spans are exported (so the callee's spans hang under it), else this one unchanged.
+    pub fn with_parent_span(self, span: &tracing::Span) -> Self {
+        #[cfg(feature = "otlp")]
+        {
+            use opentelemetry::trace::TraceContextExt;
+            use tracing_opentelemetry::OpenTelemetrySpanExt;
+            let context = span.context();
+            let own = context.span().span_context().clone();
+            if own.is_valid() && own.trace_id().to_bytes() == self.trace_id {
+                return Self {
+                    parent_id: own.span_id().to_bytes(),
+                    ..self
+                };
+            }
+        }
+        let _ = span;
+        self
+    }
+
+    /// Makes `span` part of this trace in exported spans (OpenTelemetry), as a child of the
+    /// parent id; the log lines name the trace by their `trace_id` field either way. Nothing to
+    /// do when spans are not exported.
+    pub fn adopt(&self, span: &tracing::Span) {
+        #[cfg(feature = "otlp")]
+        if crate::logging::exporting_spans() {
+            use opentelemetry::trace::{
+                SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
+            };
+            use tracing_opentelemetry::OpenTelemetrySpanExt;
+            let remote = SpanContext::new(
+                TraceId::from_bytes(self.trace_id),
+                SpanId::from_bytes(self.parent_id),
+                TraceFlags::new(self.flags),
+                true,
+                TraceState::default(),
+            );
+            // Refused only when the span was already entered: it then keeps its own trace.
+            let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(remote));
+        }
+        let _ = span;
     }
 
     /// The trace id as 32 lower-case hex digits, as logs and tracing systems show it.
@@ -149,6 +254,43 @@ mod tests {
             TraceParent::of_request(&headers).trace_id_hex(),
             "4bf92f3577b34da6a3ce929d0e0e4736"
         );
+    }
+
+    #[test]
+    fn an_operations_trace_is_the_same_everywhere_and_its_own() {
+        let rollback = TraceParent::of_operation("rw-1", "rb-3");
+        assert_eq!(rollback, TraceParent::of_operation("rw-1", "rb-3"));
+        assert_ne!(
+            rollback.trace_id,
+            TraceParent::of_operation("rw-1", "rb-4").trace_id
+        );
+        assert_ne!(
+            rollback.trace_id,
+            TraceParent::of_operation("rw-2", "rb-3").trace_id
+        );
+        assert_eq!(TraceParent::parse(&rollback.to_string()), Some(rollback));
+        assert_eq!(rollback.flags, SAMPLED);
+    }
+
+    #[test]
+    fn a_steps_operation_is_named_by_its_kind() {
+        assert_eq!(
+            operation_of_step("rb-3/web/restore/web-1"),
+            ("rb-3", Some("rollback_id"))
+        );
+        assert_eq!(
+            operation_of_step("rb-3/gate/0"),
+            ("rb-3", Some("rollback_id"))
+        );
+        assert_eq!(
+            operation_of_step("ch-2/capture/web-1"),
+            ("ch-2", Some("change_id"))
+        );
+        assert_eq!(
+            operation_of_step("st-1/prepare/db-1"),
+            ("st-1", Some("schema_txn_id"))
+        );
+        assert_eq!(operation_of_step("self-revert/x"), ("self-revert", None));
     }
 
     #[test]

@@ -62,6 +62,21 @@ impl Coordinator {
         )
     }
 
+    /// A dev coordinator started with these environment variables besides the usual ones.
+    pub fn must_start_with_environment(
+        dir: &Path,
+        config: &str,
+        variables: &[(&str, &str)],
+    ) -> Self {
+        Self::must_start_launched(
+            dir,
+            config,
+            "127.0.0.1:0",
+            "",
+            Launch::WithEnvironment(variables),
+        )
+    }
+
     fn must_start_listening_with(dir: &Path, config: &str, listen: &str, failpoints: &str) -> Self {
         Self::must_start_launched(dir, config, listen, failpoints, Launch::Direct)
     }

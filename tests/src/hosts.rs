@@ -151,6 +151,23 @@ region = "{region}"
         self.agent = Some(spawn_with(Some(namespace), &binary, &args, &log, ""));
     }
 
+    /// Starts the agent with these environment variables besides the usual ones.
+    pub fn must_start_agent_with_environment(&mut self, variables: &[(&str, &str)]) {
+        if let Some(mut agent) = self.agent.take() {
+            agent.kill();
+        }
+        let log = self.config_path.with_file_name("agent.log");
+        let args = ["--config", self.config_path.to_str().unwrap(), "run"];
+        let binary = must_binary("rewind-agent");
+        self.agent = Some(spawn_launched(
+            Launch::WithEnvironment(variables),
+            &binary,
+            &args,
+            &log,
+            "",
+        ));
+    }
+
     /// Starts the agent with crash points armed (`REWIND_FAILPOINTS`).
     pub fn must_start_agent_with_failpoints(&mut self, failpoints: &str) {
         self.must_start_agent_with_failpoints_from(&must_binary("rewind-agent"), failpoints);

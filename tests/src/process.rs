@@ -108,6 +108,8 @@ pub(crate) enum Launch<'a> {
     InNamespace(&'a str),
     /// `prlimit --nofile=N:N`: soft and hard limit both, so the process cannot raise it.
     WithOpenFiles(u64),
+    /// Directly, with these environment variables besides the usual ones.
+    WithEnvironment(&'a [(&'a str, &'a str)]),
 }
 
 /// Starts `binary`, inside network namespace `namespace` when given (`ip netns exec` execs it,
@@ -149,6 +151,11 @@ pub(crate) fn spawn_launched(
                 .arg(format!("--nofile={limit}:{limit}"))
                 .arg("--")
                 .arg(binary);
+            command
+        }
+        Launch::WithEnvironment(variables) => {
+            let mut command = Command::new(binary);
+            command.envs(variables.iter().copied());
             command
         }
         Launch::Direct => Command::new(binary),

@@ -285,7 +285,18 @@ async fn read_session(
                 }
             }
             Some(agent_message::Body::StepResult(result)) => {
-                record_step_result(context, host_id, result).await
+                // Under the step's trace only once the id parsed as one this cluster issues.
+                let span = match StepTarget::parse(&result.step_id) {
+                    Some(step) => {
+                        let step_id = step.step_id();
+                        let trace = crate::engine::step_trace(context.node.cluster_id(), &step_id);
+                        rewind_shared::trace::step_span(&step_id, &trace)
+                    }
+                    None => tracing::Span::none(),
+                };
+                record_step_result(context, host_id, result)
+                    .instrument(span)
+                    .await
             }
             Some(agent_message::Body::Inspected(answer)) => {
                 context.sessions.answered(host_id, answer)

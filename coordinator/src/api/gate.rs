@@ -370,7 +370,7 @@ impl Gate {
             return;
         }
         let node = self.node.clone();
-        tokio::spawn(async move {
+        tokio::spawn(tracing::Instrument::in_current_span(async move {
             let command = Command {
                 at_ms: rewind_shared::time::now_ms(),
                 identity: refusal.identity,
@@ -385,7 +385,7 @@ impl Gate {
             if let Err(error) = node.propose(command).await {
                 debug!(%error, "Could not audit a refusal.");
             }
-        });
+        }));
     }
 
     /// Counts a refusal; true when it is to be audited.
@@ -494,11 +494,13 @@ fn call_span<B>(request: &http::Request<B>) -> tracing::Span {
     }
     let trace = rewind_shared::trace::TraceParent::of_request(request.headers());
     // At WARN: enabled whenever refusals and warnings are logged (REWIND_LOG=warn too).
-    tracing::warn_span!(
+    let span = tracing::warn_span!(
         "call",
         method = rewind_shared::names::truncate(method, 128),
         trace_id = %trace.trace_id_hex()
-    )
+    );
+    trace.adopt(&span);
+    span
 }
 
 /// The caller the gate admitted, for a handler.

@@ -31,7 +31,7 @@ use rewind_shared::tls::TlsFiles;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::Status;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::access::{Caller, Target};
 use crate::errors::CoordinatorError;
@@ -126,12 +126,35 @@ impl Context {
             audit_seed: String::new(),
             kind,
         };
-        self.node.propose(command).await.map_err(|error| {
+        let outcome = self.node.propose(command).await.map_err(|error| {
             if error.is_failure() {
                 warn!(%error, action, identity, "Command failed, not refused.");
             }
             self.refusal(error)
-        })
+        })?;
+        self.log_operation_trace(&outcome);
+        Ok(outcome)
+    }
+
+    /// A change or rollback runs long after the call that started it, in a trace of its own
+    /// (see `engine::step_trace`): this line, in the call's span, ties the caller's trace to it.
+    fn log_operation_trace(&self, outcome: &Outcome) {
+        let operation = match outcome {
+            Outcome::Change(number) => crate::state_machine::change_id(*number),
+            Outcome::Rollback(number) => crate::state_machine::rollback_id(*number),
+            Outcome::Triggered { rollback, .. } if *rollback != 0 => {
+                crate::state_machine::rollback_id(*rollback)
+            }
+            _ => return,
+        };
+        let trace =
+            rewind_shared::trace::TraceParent::of_operation(self.node.cluster_id(), &operation);
+        info!(
+            operation,
+            operation_trace_id = %trace.trace_id_hex(),
+            "Started {operation}; its steps run in trace {}.",
+            trace.trace_id_hex()
+        );
     }
 
     /// The skeleton of every write: proposes `kind` for `identity`, then answers from the state

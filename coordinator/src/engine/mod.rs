@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use rewind_proto::v1::{self as pb, coordinator_message::Body, step_command};
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 pub use decide::{
     Action, AgentAction, ESCALATION_RETRY_MS, EngineLimits, EngineMemory, MAX_ESCALATION_ATTEMPTS,
@@ -306,13 +306,17 @@ impl Engine {
                     action,
                 } => {
                     let step_id = step.step_id();
-                    let message = step_message(&envelope, &step_id, &service, action);
+                    let trace = step_trace(envelope.cluster_id, &step_id);
+                    let span = rewind_shared::trace::step_span(&step_id, &trace);
+                    let _entered = span.enter();
+                    let trace = trace.with_parent_span(&span);
+                    let message = step_message(&envelope, &step_id, &trace, &service, action);
                     match self.sessions.send(step.host_id(), message) {
-                        Ok(_) => debug!(step_id, attempt, "Step sent."),
+                        Ok(_) => debug!(attempt, host_id = step.host_id(), "Step sent."),
                         Err(error) => {
                             // Forget the send so the next tick tries again; the step timeout bounds it.
                             memory.sent.remove(&step_id);
-                            debug!(%error, step_id, "Step not sent yet.");
+                            debug!(%error, "Step not sent yet.");
                         }
                     }
                 }
@@ -373,9 +377,21 @@ impl Engine {
     /// Proposes an engine decision; the refusal when it was not applied.
     async fn propose(&self, kind: CommandKind) -> Result<(), CoordinatorError> {
         let action = kind.action();
-        // Every line about a rollback carries its id, so one grep follows it.
-        let rollback_id = rollback_of(&kind).map(crate::state_machine::rollback_id);
-        let said = describe(&kind);
+        // Every line about a step or a rollback carries its id and its trace, so one grep
+        // follows it across members and hosts.
+        let about = match &kind {
+            CommandKind::StepStarted { step } | CommandKind::StepFinished { step, .. } => {
+                Some(step.step_id())
+            }
+            CommandKind::Stall { rollback, .. } => {
+                Some(crate::state_machine::rollback_id(*rollback))
+            }
+            _ => None,
+        };
+        let span = about.map_or_else(tracing::Span::none, |id| {
+            rewind_shared::trace::step_span(&id, &step_trace(self.node.cluster_id(), &id))
+        });
+        let said = rollback_of(&kind).and(describe(&kind));
         let command = Command {
             at_ms: rewind_shared::time::now_ms(),
             identity: COORDINATOR_IDENTITY.to_string(),
@@ -383,19 +399,23 @@ impl Engine {
             audit_seed: String::new(),
             kind,
         };
-        match self.node.propose(command).await {
-            Ok(_) => {
-                if let (Some(rollback_id), Some(said)) = (&rollback_id, said) {
-                    info!(rollback_id, action, "{said}");
+        async move {
+            match self.node.propose(command).await {
+                Ok(_) => {
+                    if let Some(said) = said {
+                        info!(action, "{said}");
+                    }
+                    Ok(())
                 }
-                Ok(())
-            }
-            Err(error) => {
-                // Losing a race with an agent's result or an operator's abort is normal.
-                debug!(%error, action, rollback_id, "Engine proposal refused.");
-                Err(error)
+                Err(error) => {
+                    // Losing a race with an agent's result or an operator's abort is normal.
+                    debug!(%error, action, "Engine proposal refused.");
+                    Err(error)
+                }
             }
         }
+        .instrument(span)
+        .await
     }
 }
 
@@ -429,6 +449,13 @@ fn describe(kind: &CommandKind) -> Option<String> {
     }
 }
 
+/// The trace a step runs in: its change's, rollback's or schema transaction's, derived from the
+/// cluster and the operation's id (the same on every member and agent).
+pub(crate) fn step_trace(cluster_id: &str, step_id: &str) -> rewind_shared::trace::TraceParent {
+    let (operation, _) = rewind_shared::trace::operation_of_step(step_id);
+    rewind_shared::trace::TraceParent::of_operation(cluster_id, operation)
+}
+
 /// Where and under which fencing token a step is sent.
 struct Envelope<'a> {
     cluster_id: &'a str,
@@ -439,6 +466,7 @@ struct Envelope<'a> {
 fn step_message(
     envelope: &Envelope<'_>,
     step_id: &str,
+    trace: &rewind_shared::trace::TraceParent,
     service: &str,
     action: AgentAction,
 ) -> pb::CoordinatorMessage {
@@ -511,6 +539,7 @@ fn step_message(
             service: service.to_string(),
             timeout_ms: envelope.timeout_ms,
             cluster_id: envelope.cluster_id.to_string(),
+            traceparent: trace.to_string(),
             action: Some(action),
         })),
     }

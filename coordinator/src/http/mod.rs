@@ -76,6 +76,7 @@ async fn traced(
         path = rewind_shared::names::truncate(request.uri().path(), 128),
         trace_id = %trace.trace_id_hex()
     );
+    trace.adopt(&span);
     tracing::Instrument::instrument(next.run(request), span).await
 }
 

@@ -292,7 +292,7 @@ pub(super) async fn export_audit(
     redactable(&audit, indexes.clone(), &range.redact)?;
     let context = control.context.clone();
     let (sender, receiver) = tokio::sync::mpsc::channel(4);
-    tokio::spawn(async move {
+    tokio::spawn(tracing::Instrument::in_current_span(async move {
         let mut next = indexes.start;
         while next < indexes.end {
             let chunk_end = (next + EXPORT_CHUNK).min(indexes.end);
@@ -343,7 +343,7 @@ pub(super) async fn export_audit(
             }
             next += sent;
         }
-    });
+    }));
     Ok(Response::new(Box::pin(
         tokio_stream::wrappers::ReceiverStream::new(receiver),
     )))

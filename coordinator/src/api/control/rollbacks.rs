@@ -379,7 +379,7 @@ pub(super) async fn watch_rollback(
     let mut messages = watched.messages(first, page_size, changes_only)?;
     let context = control.context.clone();
     let (sender, receiver) = tokio::sync::mpsc::channel(16);
-    tokio::spawn(async move {
+    tokio::spawn(tracing::Instrument::in_current_span(async move {
         let mut applied = context.node.subscribe();
         loop {
             let ended = pb::RollbackState::try_from(watched.rollback.state)
@@ -432,7 +432,7 @@ pub(super) async fn watch_rollback(
                 }
             };
         }
-    });
+    }));
     Ok(Response::new(Box::pin(
         tokio_stream::wrappers::ReceiverStream::new(receiver),
     )))
