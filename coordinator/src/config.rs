@@ -136,6 +136,8 @@ pub struct RawHttp {
     pub alertmanager_token_file: Option<PathBuf>,
     /// HMAC secret generic webhooks are signed with.
     pub webhook_secret_file: Option<PathBuf>,
+    /// The web view's viewers: their names, groups and the SHA-256 of their tokens.
+    pub viewer_tokens_file: Option<PathBuf>,
 }
 
 #[derive(Clone)]
@@ -143,6 +145,8 @@ pub struct HttpConfig {
     pub listen: SocketAddr,
     pub alertmanager_token: Option<Vec<u8>>,
     pub webhook_secret: Option<Vec<u8>>,
+    /// The web view's viewers; None: the web view is off.
+    pub viewers: Option<std::sync::Arc<crate::http::view::Viewers>>,
 }
 
 impl std::fmt::Debug for HttpConfig {
@@ -156,6 +160,10 @@ impl std::fmt::Debug for HttpConfig {
             .field(
                 "webhook_secret",
                 &self.webhook_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field(
+                "viewers",
+                &self.viewers.as_ref().map(|viewers| viewers.len()),
             )
             .finish()
     }
@@ -828,6 +836,9 @@ fn validate_http(raw: &RawHttp, problems: &mut Problems) -> Option<HttpConfig> {
         if raw.alertmanager_token_file.is_some() || raw.webhook_secret_file.is_some() {
             problems.add("http.listen", "is required for the webhook receivers");
         }
+        if raw.viewer_tokens_file.is_some() {
+            problems.add("http.listen", "is required for the web view");
+        }
         return None;
     };
     let listen = listen_text
@@ -842,10 +853,17 @@ fn validate_http(raw: &RawHttp, problems: &mut Problems) -> Option<HttpConfig> {
         .webhook_secret_file
         .as_ref()
         .and_then(|path| read_secret("http.webhook-secret-file", path, problems));
+    let viewers = raw.viewer_tokens_file.as_ref().and_then(|path| {
+        crate::http::view::Viewers::load(path)
+            .map(std::sync::Arc::new)
+            .map_err(|error| problems.add("http.viewer-tokens-file", error))
+            .ok()
+    });
     Some(HttpConfig {
         listen: listen?,
         alertmanager_token,
         webhook_secret,
+        viewers,
     })
 }
 

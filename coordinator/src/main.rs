@@ -669,6 +669,21 @@ async fn serve(
             stop.clone(),
         ));
     }
+    let context = api::Context {
+        node: member.node.clone(),
+        status: member.status.clone(),
+        directory: directory.clone(),
+        cluster_id: cluster_id.clone(),
+        tls: config.tls.clone(),
+        health: Arc::clone(&health),
+        sessions: Arc::clone(&sessions),
+        default_max_parallel: config.limits.default_max_parallel,
+        health_interval_ms: config.health_interval_ms,
+        health_window_ms: config.health_window_ms,
+        gate: gate.clone(),
+        env_key_secret: Arc::new(rand::random()),
+        issuer: config.issuer.clone(),
+    };
     if let (Some(listener), Some(http)) = (http_listener, &config.http) {
         let state = rewind_coordinator::http::HttpState {
             node: member.node.clone(),
@@ -684,6 +699,16 @@ async fn serve(
             webhook_identity: config.access.webhook_identity.as_str().into(),
             connections: connection_stats.clone(),
             audit_check: Arc::clone(&audit_check),
+            view: http.viewers.clone().map(|viewers| {
+                rewind_coordinator::http::view::WebView::new(
+                    viewers,
+                    api::control::Control {
+                        context: context.clone(),
+                    },
+                    Arc::clone(&audit_check),
+                    stop.clone(),
+                )
+            }),
         };
         let mut http_stop = stop.clone();
         let stats = connection_stats.clone();
@@ -706,21 +731,6 @@ async fn serve(
             "access.legacy-certificates is on: certificates without a rewind:// identity are accepted as the kind each service expects. Re-enroll them; the switch goes away in the next release."
         );
     }
-    let context = api::Context {
-        node: member.node.clone(),
-        status: member.status.clone(),
-        directory: directory.clone(),
-        cluster_id: cluster_id.clone(),
-        tls: config.tls.clone(),
-        health,
-        sessions,
-        default_max_parallel: config.limits.default_max_parallel,
-        health_interval_ms: config.health_interval_ms,
-        health_window_ms: config.health_window_ms,
-        gate: gate.clone(),
-        env_key_secret: Arc::new(rand::random()),
-        issuer: config.issuer.clone(),
-    };
     let raft_peers = api::raft::RaftPeers::new(
         cluster_id.clone(),
         directory,

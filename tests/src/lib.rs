@@ -14,6 +14,7 @@ use rewind_shared::identity::Kind;
 use rewind_shared::tls::TlsFiles;
 use tonic::transport::{Channel, Endpoint};
 
+pub mod browser;
 pub mod clients;
 pub mod https;
 pub mod netns;
@@ -21,6 +22,7 @@ pub mod pg;
 pub mod proxy;
 pub mod shards;
 pub mod sim;
+pub use browser::Browser;
 pub use netns::PrivateNet;
 pub use pg::Postgres;
 

@@ -52,3 +52,4 @@ mod t49_monitoring;
 mod t50_cli;
 mod t51_kubernetes;
 mod t52_trace_context;
+mod t53_web_view;

@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use tonic::Status;
 use tracing::{debug, warn};
 
-use crate::access::permissions::{self, CallerKind, Reach};
+use crate::access::permissions::{self, CallerKind, Permission, Reach};
 use crate::access::{Caller, Principal, Refusal, Target};
 use crate::membership::Directory;
 use crate::node::NodeHandle;
@@ -194,8 +194,44 @@ impl Gate {
         })?;
         let identity = self.identity(leaf.as_ref())?;
         let principal = self.principal(&identity, permission.kind)?;
+        self.judge(method, permission, principal)
+            .map(Some)
+            .map_err(|judged| self.answer(judged))
+    }
+
+    /// Judges a principal the web view named by a viewer's token, as a call of `method` (one
+    /// of ControlService's reads): the checks a certificate's holder passes once its
+    /// certificate is read, refusals audited alike. `Err` with the status to answer with.
+    pub fn admit_principal(&self, method: &str, principal: Principal) -> Result<Caller, Status> {
+        let permission = permissions::permission(method)
+            .ok_or_else(|| Status::unimplemented(format!("{method:?} is not a method")))?;
+        self.judge(method, permission, principal)
+            .map_err(|judged| self.answer(judged))
+    }
+
+    /// Whether `principal` may call `method`, with nothing audited or logged: for what a page
+    /// shows only to those allowed (the audit chain's status), not for what they asked for.
+    pub fn allows(&self, method: &str, principal: Principal) -> bool {
+        permissions::permission(method)
+            .is_some_and(|permission| self.judge(method, permission, principal).is_ok())
+    }
+
+    fn answer(&self, judged: Judged) -> Status {
+        match judged {
+            Judged::Answer(status) => status,
+            Judged::Refused(refusal) => self.refuse(refusal),
+        }
+    }
+
+    /// Everything [`Self::admit`] checks once it knows who is calling.
+    fn judge(
+        &self,
+        method: &str,
+        permission: &'static Permission,
+        principal: Principal,
+    ) -> Result<Caller, Judged> {
         if permission.kind.leader_only() {
-            self.leader_only()?;
+            self.leader_only().map_err(Judged::Answer)?;
         }
         let policy = self.current_policy();
         let caller = Caller {
@@ -219,7 +255,7 @@ impl Gate {
                     permission.kind.describe()
                 ),
             };
-            return Err(self.refuse(refusal));
+            return Err(Judged::Refused(refusal));
         }
         if let Some(policy) = &caller.policy
             && policy.is_denied(&caller.principal)
@@ -230,18 +266,16 @@ impl Gate {
                 target: "this cluster".into(),
                 reason: "it is on the policy's deny list (revoked)".into(),
             };
-            return Err(self.refuse(refusal));
+            return Err(Judged::Refused(refusal));
         }
         if permission.kind == CallerKind::Person {
             let target = match permission.reach {
                 Reach::Cluster => Target::Cluster,
                 Reach::Service | Reach::Scoped | Reach::Listed => Target::Anywhere,
             };
-            caller
-                .authorize(&target)
-                .map_err(|refusal| self.refuse(refusal))?;
+            caller.authorize(&target).map_err(Judged::Refused)?;
         }
-        Ok(Some(caller))
+        Ok(caller)
     }
 
     /// The principal a certificate names. One without a kind is taken as the kind the method
@@ -480,6 +514,13 @@ where
             Err(status) => Box::pin(std::future::ready(Ok(status.into_http()))),
         }
     }
+}
+
+/// Why [`Gate::judge`] did not admit a caller: an answer as it is (not the leader), or a
+/// refusal to audit.
+enum Judged {
+    Answer(Status),
+    Refused(Refusal),
 }
 
 /// The span a call's log lines are made in: its method and trace id, from its `traceparent`

@@ -4,7 +4,7 @@
 
 mod agent;
 mod cluster;
-mod control;
+pub mod control;
 pub mod convert;
 pub mod gate;
 mod join;

@@ -4,6 +4,7 @@
 
 mod hooks;
 mod metrics;
+pub mod view;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -51,6 +52,8 @@ pub struct HttpState {
     pub connections: ConnectionStats,
     /// This member's latest verification of its audit chain.
     pub audit_check: Arc<crate::audit_check::AuditCheck>,
+    /// The web view of changes and rollbacks; None: off (no `http.viewer-tokens-file`).
+    pub view: Option<view::WebView>,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -59,6 +62,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/v1/alertmanager", post(hooks::alertmanager))
         .route("/v1/webhook", post(hooks::webhook))
+        .merge(view::routes())
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(traced))
         .with_state(state)
@@ -97,7 +101,7 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let address: Option<SocketAddr> = listener.local_addr().ok();
-    info!(address = ?address, "HTTP listening (/metrics, /v1/alertmanager, /v1/webhook).");
+    info!(address = ?address, "HTTP listening (/metrics, /v1/alertmanager, /v1/webhook, /ui).");
     let router = router(state).layer(tower_http::timeout::TimeoutLayer::with_status_code(
         http::StatusCode::REQUEST_TIMEOUT,
         REQUEST_TIMEOUT,

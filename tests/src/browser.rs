@@ -1,0 +1,198 @@
+//! A real browser for the web view's tests: Debian's headless Chromium, driven over the
+//! DevTools protocol on a pipe (`--remote-debugging-pipe`: it reads commands on descriptor 3
+//! and writes answers and events on descriptor 4, each JSON message ending in a NUL byte), so
+//! no port and no client crate are needed.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::sync::mpsc;
+
+use serde_json::{Value, json};
+
+use crate::*;
+
+/// Longest one DevTools command may take to be answered.
+const ANSWER_WITHIN: Duration = Duration::from_secs(30);
+
+pub struct Browser {
+    child: Child,
+    commands: std::io::PipeWriter,
+    answers: mpsc::Receiver<Value>,
+    next_id: u64,
+    /// The page's session (`Target.attachToTarget`, flattened).
+    session: String,
+    _profile: tempfile::TempDir,
+}
+
+impl Browser {
+    /// Starts Chromium with one blank page; fails naming the package when it is missing.
+    pub fn must_start() -> Self {
+        let binary = ["chromium", "chromium-browser"]
+            .into_iter()
+            .find(|name| {
+                Command::new("sh")
+                    .args(["-c", &format!("command -v {name}")])
+                    .output()
+                    .is_ok_and(|output| output.status.success())
+            })
+            .unwrap_or_else(|| {
+                panic!("chromium is not installed: apt-get install chromium (tests/run-all does)")
+            });
+        let profile = tempfile::tempdir().unwrap();
+        let (their_commands, commands) = std::io::pipe().unwrap();
+        let (answers_from, their_answers) = std::io::pipe().unwrap();
+        let (command_fd, answer_fd) = (their_commands.as_raw_fd(), their_answers.as_raw_fd());
+        let mut command = Command::new(binary);
+        command
+            .args([
+                "--headless",
+                // Root in a container: Chromium's sandbox needs user namespaces it lacks here.
+                "--no-sandbox",
+                "--remote-debugging-pipe",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-dev-shm-usage",
+                "--hide-scrollbars",
+                "--window-size=1280,1000",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg("about:blank")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // SAFETY: between fork and exec only async-signal-safe calls (fcntl, dup2). Both ends
+        // are first moved above 10, so that neither is already 3 or 4 when dup2 puts them there
+        // (dup2 leaves those open across exec; the originals close on it).
+        unsafe {
+            command.pre_exec(move || {
+                let high_command = libc::fcntl(command_fd, libc::F_DUPFD_CLOEXEC, 10);
+                let high_answer = libc::fcntl(answer_fd, libc::F_DUPFD_CLOEXEC, 10);
+                if high_command < 0
+                    || high_answer < 0
+                    || libc::dup2(high_command, 3) < 0
+                    || libc::dup2(high_answer, 4) < 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command
+            .spawn()
+            .unwrap_or_else(|error| panic!("start {binary}: {error}"));
+        drop((their_commands, their_answers));
+        let (sender, answers) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(answers_from);
+            loop {
+                let mut message = Vec::new();
+                match reader.read_until(0, &mut message) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+                message.pop();
+                if let Ok(value) = serde_json::from_slice::<Value>(&message)
+                    && sender.send(value).is_err()
+                {
+                    return;
+                }
+            }
+        });
+        let mut browser = Self {
+            child,
+            commands,
+            answers,
+            next_id: 0,
+            session: String::new(),
+            _profile: profile,
+        };
+        let target = browser.call("Target.createTarget", json!({"url": "about:blank"}));
+        let attached = browser.call(
+            "Target.attachToTarget",
+            json!({"targetId": target["targetId"], "flatten": true}),
+        );
+        browser.session = attached["sessionId"].as_str().unwrap().to_string();
+        browser.call("Page.enable", json!({}));
+        browser
+    }
+
+    /// Sends one command (to the page once attached) and returns its result.
+    pub fn call(&mut self, method: &str, params: Value) -> Value {
+        self.next_id += 1;
+        let id = self.next_id;
+        let mut message = json!({"id": id, "method": method, "params": params});
+        if !self.session.is_empty() {
+            message["sessionId"] = json!(self.session);
+        }
+        let mut bytes = serde_json::to_vec(&message).unwrap();
+        bytes.push(0);
+        self.commands.write_all(&bytes).expect("write to chromium");
+        let deadline = Instant::now() + ANSWER_WITHIN;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let answer = self
+                .answers
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("chromium did not answer {method} within 30 s"));
+            // Events (no id) are not waited for.
+            if answer["id"] != json!(id) {
+                continue;
+            }
+            if let Some(error) = answer.get("error") {
+                panic!("{method}: {error}");
+            }
+            return answer["result"].clone();
+        }
+    }
+
+    /// Opens `url` and waits until the page has loaded.
+    pub fn must_open(&mut self, url: &str) {
+        self.call("Page.navigate", json!({"url": url}));
+        must_wait(Duration::from_secs(30), "the page to load", || {
+            (self.evaluate("document.readyState") == json!("complete")
+                && self.evaluate("location.href") != json!("about:blank"))
+            .then_some(())
+        });
+    }
+
+    /// The value of a JavaScript expression in the page.
+    pub fn evaluate(&mut self, expression: &str) -> Value {
+        let result = self.call(
+            "Runtime.evaluate",
+            json!({"expression": expression, "returnByValue": true, "awaitPromise": true}),
+        );
+        if let Some(exception) = result.get("exceptionDetails") {
+            panic!("{expression}: {exception}");
+        }
+        result["result"]["value"].clone()
+    }
+
+    /// Waits until `expression` is true in the page.
+    pub fn must_wait_for(&mut self, limit: Duration, what: &str, expression: &str) {
+        must_wait(limit, what, || {
+            (self.evaluate(expression) == json!(true)).then_some(())
+        });
+    }
+
+    /// A PNG of the whole page, written to `path`.
+    pub fn must_screenshot(&mut self, path: &Path) {
+        use base64::Engine as _;
+        let shot = self.call(
+            "Page.captureScreenshot",
+            json!({"format": "png", "captureBeyondViewport": true}),
+        );
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(shot["data"].as_str().unwrap())
+            .unwrap();
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, png).unwrap();
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,232 @@
+//! The web view, in a real browser: headless Chromium signs in with a viewer token, opens a
+//! rollback while it runs, and watches it move to succeeded with no reload (server-sent
+//! events); the page shows its waves, every host's steps, the gate and its evidence, the
+//! explanation, the timeline and the audit chain's status. A wrong token, no token, and a
+//! viewer whose scope does not reach the rollback are refused by the access policy as the API
+//! refuses them. The screenshots the README shows are taken here.
+
+use std::time::Duration;
+
+use rewind_proto::v1 as pb;
+use rewind_tests::clients::workspace;
+use rewind_tests::*;
+use sha2::{Digest, Sha256};
+
+/// Bound to the `auditors` group, which the policy lets read everything.
+const AUDITOR_TOKEN: &str = "auditor-0123456789abcdef0123456789abcdef";
+/// Stan may read `staging/*` only.
+const STAN_TOKEN: &str = "stan-0123456789abcdef0123456789abcdef0123";
+
+const POLICY: &str = r#"
+[[binding]]
+name = "operator-admin"
+role = "admin"
+identities = ["user:operator"]
+scopes = ["*"]
+
+[[binding]]
+name = "auditors"
+role = "viewer"
+groups = ["auditors"]
+scopes = ["*"]
+
+[[binding]]
+name = "staging-viewers"
+role = "viewer"
+identities = ["user:stan"]
+scopes = ["staging/*"]
+"#;
+
+fn viewer(name: &str, groups: &str, token: &str) -> String {
+    format!(
+        "[[viewer]]\nname = \"{name}\"\ngroups = [{groups}]\ntoken-sha256 = \"{}\"\n",
+        hex::encode(Sha256::digest(token.as_bytes()))
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_browser_watches_a_rollback_run_to_success_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let viewers = dir.path().join("viewers.toml");
+    std::fs::write(
+        &viewers,
+        viewer("ann", "\"auditors\"", AUDITOR_TOKEN) + &viewer("stan", "", STAN_TOKEN),
+    )
+    .unwrap();
+    let coordinator = Coordinator::must_start_with(
+        &dir.path().join("coordinator"),
+        &format!(
+            "[http]\nlisten = \"127.0.0.1:0\"\nviewer-tokens-file = \"{}\"\n\n[audit]\nverify-every-s = 10\n",
+            viewers.display()
+        ),
+    );
+    let base = format!("http://{}", coordinator.http_address);
+    let (hosts, mut client) = must_start_hosts(dir.path(), &coordinator, &["web-1", "web-2"]).await;
+    client
+        .apply_policy(pb::ApplyPolicyRequest {
+            toml: POLICY.into(),
+            reason: "the test's roles".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("apply the test policy");
+    must_deploy_v1_then_v2(&mut client, &hosts).await;
+
+    // Signed out, a page sends the browser to sign in; a wrong token is refused there.
+    let mut browser = Browser::must_start();
+    browser.must_open(&format!("{base}/ui"));
+    assert_eq!(browser.evaluate("location.pathname"), "/ui/sign-in");
+    let sign_in_with = |token: &str| {
+        format!(
+            "document.getElementById('token').value = {token:?}; \
+             document.querySelector('form[action=\"/ui/sign-in\"]').submit(); true"
+        )
+    };
+    browser.evaluate(&sign_in_with(&"x".repeat(40)));
+    browser.must_wait_for(
+        Duration::from_secs(10),
+        "the wrong token refused",
+        "document.getElementById('problem') !== null && \
+         document.getElementById('problem').textContent.includes('not one of this cluster')",
+    );
+    browser.evaluate(&sign_in_with(AUDITOR_TOKEN));
+    browser.must_wait_for(
+        Duration::from_secs(10),
+        "the overview after signing in",
+        "location.pathname === '/ui' && document.querySelector('.viewer') !== null",
+    );
+    assert!(
+        browser
+            .evaluate("document.querySelector('.viewer').textContent")
+            .as_str()
+            .unwrap()
+            .contains("user:ann")
+    );
+
+    // A rollback whose gate settles long enough to be seen running; its reason holds markup,
+    // which must reach the page as text.
+    let reason = "bad release <script>window.injected = true</script>";
+    let started = client
+        .start_rollback(pb::StartRollbackRequest {
+            request_id: "rb".into(),
+            change_id: "ch-2".into(),
+            reason: reason.into(),
+            options: Some(pb::PlanOptions {
+                gate: Some(pb::GateOptions {
+                    settle_s: 12,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let rollback_id = started.rollback.unwrap().rollback_id;
+    browser.must_open(&format!("{base}/ui/rollbacks/{rollback_id}"));
+    browser.must_wait_for(
+        Duration::from_secs(20),
+        "the page to show the rollback running, live",
+        "document.getElementById('state').dataset.state === 'running' && \
+         document.getElementById('stream-status').textContent.startsWith('live')",
+    );
+    // Set once: a reload would lose it.
+    browser.evaluate("window.loadedOnce = true");
+    let screenshots = workspace().join("target").join("screenshots");
+    browser.must_screenshot(&screenshots.join("web-view-running.png"));
+
+    browser.must_wait_for(
+        Duration::from_secs(90),
+        "the page to show the rollback succeeded",
+        "document.getElementById('state').dataset.state === 'succeeded'",
+    );
+    assert_eq!(
+        browser.evaluate("window.loadedOnce === true"),
+        true,
+        "the page reloaded"
+    );
+    browser.must_wait_for(
+        Duration::from_secs(10),
+        "the stream to end",
+        "document.getElementById('stream-status').textContent === 'ended'",
+    );
+    let text = browser
+        .evaluate("document.body.innerText")
+        .as_str()
+        .unwrap()
+        .to_string();
+    for expected in [
+        "Wave 0: web",
+        "web-1",
+        "web-2",
+        "Health gate: succeeded",
+        "healthy",
+        "Explanation",
+        "Timeline",
+        "started by user:operator",
+        reason,
+    ] {
+        assert!(
+            text.contains(expected),
+            "{expected:?} not on the page:\n{text}"
+        );
+    }
+    // Every host's every step shows, succeeded.
+    let steps = browser
+        .evaluate("Array.from(document.querySelectorAll('td.step')).map(cell => cell.className)");
+    let steps = steps.as_array().unwrap();
+    assert!(steps.len() >= 6, "{steps:?}");
+    assert!(
+        steps.iter().all(|class| class == "step succeeded"),
+        "{steps:?}"
+    );
+    // The reason's markup stayed text: the page runs its own script only.
+    assert_eq!(browser.evaluate("window.injected === undefined"), true);
+    assert_eq!(browser.evaluate("document.scripts.length"), 1);
+    // The audit chain's status (the viewer may verify it), once this member has checked.
+    browser.must_open(&format!("{base}/ui/rollbacks/{rollback_id}"));
+    let audit = browser.evaluate("document.getElementById('audit').dataset.intact");
+    assert!(audit == "yes" || audit == "unknown", "{audit}");
+    browser.must_screenshot(&screenshots.join("web-view-succeeded.png"));
+    browser.must_open(&format!("{base}/ui"));
+    assert!(
+        browser
+            .evaluate("document.getElementById('rollbacks').innerText")
+            .as_str()
+            .unwrap()
+            .contains(&rollback_id)
+    );
+    browser.must_screenshot(&screenshots.join("web-view-overview.png"));
+
+    // Without a browser: no token, a wrong one, and a viewer the policy keeps out.
+    let http = reqwest::Client::new();
+    let live = format!("{base}/ui/rollbacks/{rollback_id}/live");
+    let answer = http.get(&live).send().await.unwrap();
+    assert_eq!(answer.status(), 401);
+    let answer = http
+        .post(format!("{base}/ui/sign-in"))
+        .form(&[("token", "y".repeat(40))])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 401);
+    for url in [format!("{base}/ui/rollbacks/{rollback_id}"), live] {
+        let answer = http.get(&url).bearer_auth(STAN_TOKEN).send().await.unwrap();
+        assert_eq!(answer.status(), 403, "{url}");
+        let page = answer.text().await.unwrap();
+        assert!(page.contains("user:stan may not"), "{page}");
+    }
+    // The refusal is audited like a refused call.
+    must_wait_async(Duration::from_secs(10), "stan's refusal audited", || {
+        let client = client.clone();
+        async move {
+            let entries = must_list_audit(&client).await;
+            entries
+                .iter()
+                .any(|entry| entry.identity == "user:stan")
+                .then_some(())
+        }
+    })
+    .await;
+}
