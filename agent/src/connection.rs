@@ -277,7 +277,7 @@ impl Agent {
                 Some(coordinator_message::Body::Step(step)) => {
                     let executor = Arc::clone(&self.executor);
                     let outbound = outbound.clone();
-                    let span = step_span(&step);
+                    let span = span_of_step(&step);
                     tokio::spawn(
                         async move {
                             if let Some(result) = executor.execute(step).await {
@@ -875,12 +875,13 @@ fn round_backoff(failures: u32, addresses: usize) -> Duration {
 /// The span a step's lines are made in: its id, its rollback's (or change's, or schema
 /// transaction's) id and its trace, the one the coordinator sent (`traceparent`), or the same
 /// derived from the cluster and the step id when an older coordinator sent none.
-fn step_span(step: &pb::StepCommand) -> tracing::Span {
-    use rewind_shared::trace::{TraceParent, operation_of_step, step_span};
-    let trace = TraceParent::parse(&step.traceparent).unwrap_or_else(|| {
-        TraceParent::of_operation(&step.cluster_id, operation_of_step(&step.step_id).0)
-    });
-    step_span(&step.step_id, &trace)
+fn span_of_step(step: &pb::StepCommand) -> tracing::Span {
+    use rewind_shared::trace::{TraceParent, of_step, step_span};
+    let trace = TraceParent::parse(&step.traceparent)
+        .unwrap_or_else(|| of_step(&step.cluster_id, &step.step_id));
+    let span = step_span(&step.step_id, &trace);
+    span.record("term", step.term);
+    span
 }
 
 #[cfg(test)]

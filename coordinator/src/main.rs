@@ -706,6 +706,7 @@ async fn serve(
                         context: context.clone(),
                     },
                     Arc::clone(&audit_check),
+                    budget.http,
                     stop.clone(),
                 )
             }),

@@ -32,8 +32,11 @@ pub fn init(default_filter: &str) {
         lines.boxed()
     };
     let registry = tracing_subscriber::registry().with(lines.with_filter(filter));
+    // Exported spans' events are the log lines: filtered alike.
     #[cfg(feature = "otlp")]
-    let registry = registry.with(otlp::layer_from_environment());
+    let registry = registry.with(otlp::layer_from_environment(
+        EnvFilter::try_from_env("REWIND_LOG").unwrap_or_else(|_| EnvFilter::new(default_filter)),
+    ));
     // A second init (tests start several components in one process) keeps the first subscriber.
     let _ = registry.try_init();
 }
@@ -74,19 +77,31 @@ mod otlp {
     const MAX_ENDPOINT_BYTES: usize = 2048;
     /// Longest one export may take before it is given up (the batch is then dropped).
     const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
+    /// Most spans queued for export; beyond it new spans are dropped (the collector is slow or
+    /// gone), so export never holds more memory than this.
+    pub const MAX_QUEUED_SPANS: usize = 2048;
+    /// How a process stops on a bad endpoint, as on any bad configuration.
+    const EXIT_BAD_CONFIG: i32 = 64;
 
-    /// The export layer when `REWIND_OTLP_ENDPOINT` is set; a process started with one that
-    /// is not an `http://host:port` URL stops at once, naming it.
-    pub(super) fn layer_from_environment<S>() -> Option<impl Layer<S>>
+    /// The export layer when `REWIND_OTLP_ENDPOINT` is set (once per process); a process
+    /// started with one that is not an `http://host:port` URL stops at once, naming it.
+    pub(super) fn layer_from_environment<S>(
+        log_filter: tracing_subscriber::EnvFilter,
+    ) -> Option<impl Layer<S>>
     where
         S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
     {
+        use tracing_subscriber::filter::FilterExt;
         let endpoint = std::env::var(super::OTLP_ENDPOINT_VARIABLE).ok()?;
+        // A second init (tests in one process) keeps the first subscriber: no second exporter.
+        if PROVIDER.get().is_some() {
+            return None;
+        }
         let provider = match provider(&endpoint) {
             Ok(provider) => provider,
             Err(error) => {
                 eprintln!("{}: {error}", super::OTLP_ENDPOINT_VARIABLE);
-                std::process::exit(2);
+                std::process::exit(EXIT_BAD_CONFIG);
             }
         };
         let tracer = provider.tracer("rewind");
@@ -94,12 +109,12 @@ mod otlp {
         // rewind's own spans only: h2's, hyper's and tonic's would bury them, and the export's
         // own gRPC calls would be exported in turn.
         let ours = Targets::new()
-            .with_target("rewind", LevelFilter::INFO)
+            .with_target("rewind", LevelFilter::TRACE)
             .with_default(LevelFilter::OFF);
         Some(
             tracing_opentelemetry::layer()
                 .with_tracer(tracer)
-                .with_filter(ours),
+                .with_filter(ours.and(log_filter)),
         )
     }
 
@@ -164,8 +179,20 @@ mod otlp {
             .ok()
             .and_then(|path| path.file_name()?.to_str().map(str::to_string))
             .unwrap_or_else(|| "rewind".to_string());
+        let batches = opentelemetry_sdk::trace::BatchSpanProcessor::builder(exporter)
+            .with_batch_config(
+                opentelemetry_sdk::trace::BatchConfigBuilder::default()
+                    .with_max_queue_size(MAX_QUEUED_SPANS)
+                    .build(),
+            )
+            .build();
         Ok(SdkTracerProvider::builder()
-            .with_batch_exporter(exporter)
+            .with_span_processor(batches)
+            // Every span, but a caller's trace it chose not to sample: what to keep is the
+            // collector's to decide.
+            .with_sampler(opentelemetry_sdk::trace::Sampler::ParentBased(Box::new(
+                opentelemetry_sdk::trace::Sampler::AlwaysOn,
+            )))
             .with_resource(
                 opentelemetry_sdk::Resource::builder()
                     .with_service_name(service)

@@ -24,21 +24,33 @@ pub fn operation_of_step(step_id: &str) -> (&str, Option<&'static str>) {
     (operation, field)
 }
 
-/// The span a step's log lines are made in, on the coordinator and on the agent: the step's
+/// The trace a step runs in: its operation's (see [`TraceParent::of_operation`]); `step_id`
+/// may also be the operation's own id (`rb-3`).
+pub fn of_step(cluster_id: &str, step_id: &str) -> TraceParent {
+    TraceParent::of_operation(cluster_id, operation_of_step(step_id).0)
+}
+
+/// The span a step's lines are made in, on the coordinator and on the agent: the step's
 /// id, its operation's id (`rollback_id`, `change_id` or `schema_txn_id`) and the trace id, so
-/// one rollback's lines on every member and host are found by either id. At WARN, like calls'
-/// spans: present whenever warnings are logged.
+/// one rollback's lines on every member and host are found by either id. Given an operation's
+/// own id (`rb-3`: a rollback's stall), the span names the operation only. At WARN, like
+/// calls' spans: present whenever warnings are logged. `term` is for the agent to record.
 pub fn step_span(step_id: &str, trace: &TraceParent) -> tracing::Span {
     let step_id = crate::names::truncate(step_id, 256);
     let span = tracing::warn_span!(
         "step",
-        step_id = %step_id,
+        step_id = tracing::field::Empty,
         rollback_id = tracing::field::Empty,
         change_id = tracing::field::Empty,
         schema_txn_id = tracing::field::Empty,
+        term = tracing::field::Empty,
         trace_id = %trace.trace_id_hex()
     );
-    if let (operation, Some(field)) = operation_of_step(step_id) {
+    let (operation, field) = operation_of_step(step_id);
+    if operation != step_id {
+        span.record("step_id", step_id);
+    }
+    if let Some(field) = field {
         span.record(field, operation);
     }
     trace.adopt(&span);
@@ -79,7 +91,8 @@ impl TraceParent {
         })
     }
 
-    /// A new trace, for a request that came without one.
+    /// A new trace, for a request that came without one. Sampled: rewind records the traces
+    /// it starts (its parent id stands for the caller, which sent none, and is not exported).
     pub fn new_random() -> Self {
         let mut trace_id: [u8; 16] = rand::random();
         let mut parent_id: [u8; 8] = rand::random();
@@ -89,7 +102,7 @@ impl TraceParent {
         Self {
             trace_id,
             parent_id,
-            flags: 0,
+            flags: SAMPLED,
         }
     }
 
@@ -130,7 +143,8 @@ impl TraceParent {
     }
 
     /// The same trace with `span` as the parent a callee sees: the span's own OpenTelemetry id
-    /// when spans are exported (so the callee's spans hang under it), else this one unchanged.
+    /// and sampling decision when spans are exported (so the callee's spans hang under it, and
+    /// are recorded only if it was), else this one unchanged.
     pub fn with_parent_span(self, span: &tracing::Span) -> Self {
         #[cfg(feature = "otlp")]
         {
@@ -141,6 +155,7 @@ impl TraceParent {
             if own.is_valid() && own.trace_id().to_bytes() == self.trace_id {
                 return Self {
                     parent_id: own.span_id().to_bytes(),
+                    flags: own.trace_flags().to_u8(),
                     ..self
                 };
             }

@@ -146,14 +146,16 @@ impl Browser {
         }
     }
 
-    /// Opens `url` and waits until the page has loaded.
+    /// Opens `url` and waits until the new page has loaded (the old one, even of the same
+    /// address, is told apart by a mark only it carries).
     pub fn must_open(&mut self, url: &str) {
+        self.evaluate("window.previousPage = true");
         self.call("Page.navigate", json!({"url": url}));
-        must_wait(Duration::from_secs(30), "the page to load", || {
-            (self.evaluate("document.readyState") == json!("complete")
-                && self.evaluate("location.href") != json!("about:blank"))
-            .then_some(())
-        });
+        self.must_wait_for(
+            Duration::from_secs(30),
+            "the page to load",
+            "window.previousPage === undefined && document.readyState === 'complete'",
+        );
     }
 
     /// The value of a JavaScript expression in the page.

@@ -317,6 +317,15 @@ async fn a_rollbacks_trace_reaches_the_agents_logs_and_an_otlp_collector() {
         .expect("the call's span in the caller's trace");
     assert_eq!(call.name, "call");
     assert_eq!(call.parent_span_id, "00f067aa0ba902b7");
+    // Calls that came without a traceparent (the deploy's) are exported too, in traces of
+    // their own.
+    assert!(
+        spans.iter().any(|span| span.service == "rewind-coordinator"
+            && span.name == "call"
+            && span.trace_id != TRACE_ID
+            && span.trace_id != rollback_trace),
+        "{spans:#?}"
+    );
     let sent: Vec<&ReceivedSpan> = spans
         .iter()
         .filter(|span| span.service == "rewind-coordinator" && span.trace_id == rollback_trace)
@@ -329,8 +338,8 @@ async fn a_rollbacks_trace_reaches_the_agents_logs_and_an_otlp_collector() {
         assert_eq!(agents.name, "step");
         assert!(
             sent.iter()
-                .any(|span| span.span_id == agents.parent_span_id),
-            "{agents:?} under no span of the coordinator's: {sent:#?}"
+                .any(|span| span.name == "step" && span.span_id == agents.parent_span_id),
+            "{agents:?} under no step span of the coordinator's: {sent:#?}"
         );
     }
     // rewind's own spans only: not the gRPC libraries' beneath them.

@@ -16,6 +16,8 @@ use sha2::{Digest, Sha256};
 const AUDITOR_TOKEN: &str = "auditor-0123456789abcdef0123456789abcdef";
 /// Stan may read `staging/*` only.
 const STAN_TOKEN: &str = "stan-0123456789abcdef0123456789abcdef0123";
+/// Vic is bound to `watchers`, a binding the test takes away while Vic watches.
+const VIC_TOKEN: &str = "vic-0123456789abcdef0123456789abcdef01234";
 
 const POLICY: &str = r#"
 [[binding]]
@@ -37,6 +39,14 @@ identities = ["user:stan"]
 scopes = ["staging/*"]
 "#;
 
+const WATCHERS: &str = r#"
+[[binding]]
+name = "watchers"
+role = "viewer"
+groups = ["watchers"]
+scopes = ["*"]
+"#;
+
 fn viewer(name: &str, groups: &str, token: &str) -> String {
     format!(
         "[[viewer]]\nname = \"{name}\"\ngroups = [{groups}]\ntoken-sha256 = \"{}\"\n",
@@ -50,7 +60,9 @@ async fn a_browser_watches_a_rollback_run_to_success_live() {
     let viewers = dir.path().join("viewers.toml");
     std::fs::write(
         &viewers,
-        viewer("ann", "\"auditors\"", AUDITOR_TOKEN) + &viewer("stan", "", STAN_TOKEN),
+        viewer("ann", "\"auditors\"", AUDITOR_TOKEN)
+            + &viewer("stan", "", STAN_TOKEN)
+            + &viewer("vic", "\"watchers\"", VIC_TOKEN),
     )
     .unwrap();
     let coordinator = Coordinator::must_start_with(
@@ -64,7 +76,7 @@ async fn a_browser_watches_a_rollback_run_to_success_live() {
     let (hosts, mut client) = must_start_hosts(dir.path(), &coordinator, &["web-1", "web-2"]).await;
     client
         .apply_policy(pb::ApplyPolicyRequest {
-            toml: POLICY.into(),
+            toml: format!("{POLICY}{WATCHERS}"),
             reason: "the test's roles".into(),
             ..Default::default()
         })
@@ -136,6 +148,41 @@ async fn a_browser_watches_a_rollback_run_to_success_live() {
     let screenshots = workspace().join("target").join("screenshots");
     browser.must_screenshot(&screenshots.join("web-view-running.png"));
 
+    // Vic watches too, without a browser, until the policy stops binding Vic's group: the
+    // live view is judged again at its next update and ends, saying why.
+    let mut vic = reqwest::Client::new()
+        .get(format!("{base}/ui/rollbacks/{rollback_id}/live"))
+        .bearer_auth(VIC_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(vic.status(), 200);
+    assert_eq!(vic.headers()["content-type"], "text/event-stream");
+    let mut seen = String::new();
+    while !seen.contains("event: live") {
+        seen += &String::from_utf8_lossy(&vic.chunk().await.unwrap().expect("a live event"));
+    }
+    client
+        .apply_policy(pb::ApplyPolicyRequest {
+            toml: POLICY.into(),
+            reason: "vic no longer watches".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("apply the policy without watchers");
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(chunk) = vic.chunk().await.unwrap() {
+            seen += &String::from_utf8_lossy(&chunk);
+        }
+        seen
+    })
+    .await
+    .expect("vic's view to end");
+    assert!(
+        ended.contains("event: problem") && ended.contains("user:vic may not"),
+        "{ended}"
+    );
+
     browser.must_wait_for(
         Duration::from_secs(90),
         "the page to show the rollback succeeded",
@@ -200,10 +247,17 @@ async fn a_browser_watches_a_rollback_run_to_success_live() {
     browser.must_screenshot(&screenshots.join("web-view-overview.png"));
 
     // Without a browser: no token, a wrong one, and a viewer the policy keeps out.
-    let http = reqwest::Client::new();
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
     let live = format!("{base}/ui/rollbacks/{rollback_id}/live");
     let answer = http.get(&live).send().await.unwrap();
     assert_eq!(answer.status(), 401);
+    assert_eq!(
+        answer.headers()["www-authenticate"],
+        "Bearer realm=\"rewind\""
+    );
     let answer = http
         .post(format!("{base}/ui/sign-in"))
         .form(&[("token", "y".repeat(40))])
@@ -217,6 +271,80 @@ async fn a_browser_watches_a_rollback_run_to_success_live() {
         let page = answer.text().await.unwrap();
         assert!(page.contains("user:stan may not"), "{page}");
     }
+    // Stan may list (nothing of production) but not verify the audit chain: no status shown.
+    let overview = |token: &'static str| {
+        let http = http.clone();
+        let base = base.clone();
+        async move {
+            let answer = http
+                .get(format!("{base}/ui"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(answer.status(), 200);
+            answer.text().await.unwrap()
+        }
+    };
+    assert!(!overview(STAN_TOKEN).await.contains("id=\"audit\""));
+    assert!(overview(AUDITOR_TOKEN).await.contains("id=\"audit\""));
+
+    // Every answer forbids framing, caching and any script but the view's own.
+    let form = http.get(format!("{base}/ui/sign-in")).send().await.unwrap();
+    let policy = form.headers()["content-security-policy"].to_str().unwrap();
+    assert!(policy.contains("script-src 'self'") && policy.contains("frame-ancestors 'none'"));
+    assert_eq!(form.headers()["x-frame-options"], "DENY");
+    assert_eq!(form.headers()["cache-control"], "no-store");
+
+    // Signing in gives a session, not the token; signing out ends it on the server, so a
+    // copy of the cookie is refused after.
+    let host = coordinator.http_address.clone();
+    let signed_in = http
+        .post(format!("{base}/ui/sign-in"))
+        .header("origin", format!("http://{host}"))
+        .form(&[("token", AUDITOR_TOKEN), ("next", "/ui/changes/ch-2")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signed_in.status(), 303);
+    assert_eq!(signed_in.headers()["location"], "/ui/changes/ch-2");
+    let set_cookie = signed_in.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    for attribute in ["HttpOnly", "SameSite=Lax", "Path=/ui", "Max-Age=43200"] {
+        assert!(set_cookie.contains(attribute), "{set_cookie}");
+    }
+    assert!(!set_cookie.contains(AUDITOR_TOKEN), "{set_cookie}");
+    let cookie = set_cookie.split(';').next().unwrap().to_string();
+    let with_cookie = || {
+        http.get(format!("{base}/ui/changes/ch-2"))
+            .header("cookie", cookie.clone())
+            .send()
+    };
+    assert_eq!(with_cookie().await.unwrap().status(), 200);
+    let from_elsewhere = http
+        .post(format!("{base}/ui/sign-out"))
+        .header("cookie", cookie.clone())
+        .header("origin", "http://attacker.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(from_elsewhere.status(), 403);
+    assert_eq!(with_cookie().await.unwrap().status(), 200);
+    http.post(format!("{base}/ui/sign-out"))
+        .header("cookie", cookie.clone())
+        .header("origin", format!("http://{host}"))
+        .send()
+        .await
+        .unwrap();
+    let after = with_cookie().await.unwrap();
+    assert_eq!(after.status(), 303);
+    assert_eq!(
+        after.headers()["location"],
+        "/ui/sign-in?next=/ui/changes/ch-2"
+    );
+
     // The refusal is audited like a refused call.
     must_wait_async(Duration::from_secs(10), "stan's refusal audited", || {
         let client = client.clone();

@@ -289,7 +289,8 @@ async fn read_session(
                 let span = match StepTarget::parse(&result.step_id) {
                     Some(step) => {
                         let step_id = step.step_id();
-                        let trace = crate::engine::step_trace(context.node.cluster_id(), &step_id);
+                        let trace =
+                            rewind_shared::trace::of_step(context.node.cluster_id(), &step_id);
                         rewind_shared::trace::step_span(&step_id, &trace)
                     }
                     None => tracing::Span::none(),

@@ -42,6 +42,38 @@ use crate::node::raft::RaftStatus;
 use crate::sessions::Sessions;
 use crate::state_machine::{Command, CommandKind, HealthAggregate, Outcome, RollbackRecord};
 
+/// Whether a command may start a change or a rollback (an approval may, a trigger may).
+pub(crate) fn starts_an_operation(kind: &CommandKind) -> bool {
+    matches!(
+        kind,
+        CommandKind::StartChange(_)
+            | CommandKind::StartRollback(_)
+            | CommandKind::DecideRequest(_)
+            | CommandKind::AutoTrigger(_)
+    )
+}
+
+/// A change or rollback runs long after the call or request that started it, in a trace of
+/// its own (`rewind_shared::trace::of_step`): this line, in the call's span, ties the caller's
+/// trace to it. For the outcome of a command that [`starts_an_operation`].
+pub(crate) fn log_operation_trace(cluster_id: &str, outcome: &Outcome) {
+    let operation = match outcome {
+        Outcome::Change(number) => crate::state_machine::change_id(*number),
+        Outcome::Rollback(number) => crate::state_machine::rollback_id(*number),
+        Outcome::Triggered { rollback, .. } if *rollback != 0 => {
+            crate::state_machine::rollback_id(*rollback)
+        }
+        _ => return,
+    };
+    let trace = rewind_shared::trace::TraceParent::of_operation(cluster_id, &operation);
+    info!(
+        operation,
+        operation_trace_id = %trace.trace_id_hex(),
+        "Started {operation}; its steps run in trace {}.",
+        trace.trace_id_hex()
+    );
+}
+
 /// What every handler needs. Cheap to clone.
 #[derive(Clone)]
 pub struct Context {
@@ -119,6 +151,7 @@ impl Context {
         rewind_shared::names::validate_request_id(request_id)
             .map_err(|error| status::to_status(error.into()))?;
         let action = kind.action();
+        let starts_one = starts_an_operation(&kind);
         let command = Command {
             at_ms: rewind_shared::time::now_ms(),
             identity: identity.to_string(),
@@ -132,29 +165,10 @@ impl Context {
             }
             self.refusal(error)
         })?;
-        self.log_operation_trace(&outcome);
+        if starts_one {
+            log_operation_trace(self.node.cluster_id(), &outcome);
+        }
         Ok(outcome)
-    }
-
-    /// A change or rollback runs long after the call that started it, in a trace of its own
-    /// (see `engine::step_trace`): this line, in the call's span, ties the caller's trace to it.
-    fn log_operation_trace(&self, outcome: &Outcome) {
-        let operation = match outcome {
-            Outcome::Change(number) => crate::state_machine::change_id(*number),
-            Outcome::Rollback(number) => crate::state_machine::rollback_id(*number),
-            Outcome::Triggered { rollback, .. } if *rollback != 0 => {
-                crate::state_machine::rollback_id(*rollback)
-            }
-            _ => return,
-        };
-        let trace =
-            rewind_shared::trace::TraceParent::of_operation(self.node.cluster_id(), &operation);
-        info!(
-            operation,
-            operation_trace_id = %trace.trace_id_hex(),
-            "Started {operation}; its steps run in trace {}.",
-            trace.trace_id_hex()
-        );
     }
 
     /// The skeleton of every write: proposes `kind` for `identity`, then answers from the state

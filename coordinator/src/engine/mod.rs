@@ -306,17 +306,17 @@ impl Engine {
                     action,
                 } => {
                     let step_id = step.step_id();
-                    let trace = step_trace(envelope.cluster_id, &step_id);
+                    let trace = rewind_shared::trace::of_step(envelope.cluster_id, &step_id);
                     let span = rewind_shared::trace::step_span(&step_id, &trace);
                     let _entered = span.enter();
                     let trace = trace.with_parent_span(&span);
                     let message = step_message(&envelope, &step_id, &trace, &service, action);
                     match self.sessions.send(step.host_id(), message) {
-                        Ok(_) => debug!(attempt, host_id = step.host_id(), "Step sent."),
+                        Ok(_) => debug!(step_id, attempt, "Step sent."),
                         Err(error) => {
                             // Forget the send so the next tick tries again; the step timeout bounds it.
                             memory.sent.remove(&step_id);
-                            debug!(%error, "Step not sent yet.");
+                            debug!(%error, step_id, "Step not sent yet.");
                         }
                     }
                 }
@@ -388,8 +388,11 @@ impl Engine {
             }
             _ => None,
         };
-        let span = about.map_or_else(tracing::Span::none, |id| {
-            rewind_shared::trace::step_span(&id, &step_trace(self.node.cluster_id(), &id))
+        let span = about.as_deref().map_or_else(tracing::Span::none, |id| {
+            rewind_shared::trace::step_span(
+                id,
+                &rewind_shared::trace::of_step(self.node.cluster_id(), id),
+            )
         });
         let said = rollback_of(&kind).and(describe(&kind));
         let command = Command {
@@ -409,7 +412,7 @@ impl Engine {
                 }
                 Err(error) => {
                     // Losing a race with an agent's result or an operator's abort is normal.
-                    debug!(%error, action, "Engine proposal refused.");
+                    debug!(%error, action, about, "Engine proposal refused.");
                     Err(error)
                 }
             }
@@ -447,13 +450,6 @@ fn describe(kind: &CommandKind) -> Option<String> {
         CommandKind::Stall { evidence, .. } => Some(format!("Paused: {evidence}")),
         _ => None,
     }
-}
-
-/// The trace a step runs in: its change's, rollback's or schema transaction's, derived from the
-/// cluster and the operation's id (the same on every member and agent).
-pub(crate) fn step_trace(cluster_id: &str, step_id: &str) -> rewind_shared::trace::TraceParent {
-    let (operation, _) = rewind_shared::trace::operation_of_step(step_id);
-    rewind_shared::trace::TraceParent::of_operation(cluster_id, operation)
 }
 
 /// Where and under which fencing token a step is sent.

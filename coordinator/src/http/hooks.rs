@@ -357,7 +357,11 @@ async fn trigger(
             decided: None,
         }),
     };
-    match http.node.propose(command).await {
+    let proposed = http.node.propose(command).await;
+    if let Ok(outcome) = &proposed {
+        crate::api::log_operation_trace(http.node.cluster_id(), outcome);
+    }
+    match proposed {
         Ok(Outcome::Triggered {
             outcome,
             rollback,

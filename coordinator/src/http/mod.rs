@@ -1,6 +1,7 @@
-//! The HTTP edge, beside gRPC: Prometheus `/metrics`, the Alertmanager webhook receiver and a
-//! signed generic webhook for other monitors. Plain HTTP: bind it to loopback or a private
-//! network, or put TLS in front; the receivers authenticate every request themselves.
+//! The HTTP edge, beside gRPC: Prometheus `/metrics`, the Alertmanager webhook receiver, a
+//! signed generic webhook for other monitors, and the web view for people (`/ui`, see
+//! [`view`]). Plain HTTP: bind it to loopback or a private network, or put TLS in front; the
+//! receivers and the web view authenticate every request themselves.
 
 mod hooks;
 mod metrics;
@@ -92,7 +93,9 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Serves until `shutdown` resolves: at most `budget.http` connections, at most
 /// [`admission::HTTP_CONNECTIONS_PER_ADDRESS`] from one address (further ones are closed at
-/// once), headers within [`HEADER_READ_TIMEOUT`], each request within [`REQUEST_TIMEOUT`].
+/// once), headers within [`HEADER_READ_TIMEOUT`], each request's answer begun within
+/// [`REQUEST_TIMEOUT`] (a live view's event stream then goes on, bounded by its own limits:
+/// [`view::MAX_LIVE_VIEW`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: HttpState,

@@ -15,7 +15,7 @@ mod viewers;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Form, Path, State};
+use axum::extract::{Form, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Redirect, Response};
@@ -29,18 +29,19 @@ use super::HttpState;
 use crate::access::Principal;
 use crate::api::control::Control;
 
-pub use viewers::Viewers;
+pub use viewers::{Sessions, Viewers};
 
 /// The cookie a signed-in browser sends its viewer token in.
 pub const VIEWER_COOKIE: &str = "rewind_viewer";
-/// Most live views (server-sent event streams) open at once on one member: they hold HTTP
-/// connections, and Prometheus and Alertmanager need some left.
+/// Most live views (server-sent event streams) open at once on one member, and at most half
+/// the HTTP port's connections: they hold connections, and Prometheus and Alertmanager need
+/// some left.
 pub const MAX_LIVE_VIEWS: usize = 64;
 /// Longest one live view streams before it is ended; the browser's `EventSource` connects
 /// again by itself, so a tab left open holds no connection for days without being judged again.
 pub const MAX_LIVE_VIEW: Duration = Duration::from_secs(30 * 60);
-/// How long a sign-in lasts in the browser.
-const SIGN_IN_LASTS_S: u64 = 12 * 3600;
+/// At most one line about refused sign-ins this often (with how many there were).
+const SIGN_IN_REFUSALS_LOGGED_EVERY: Duration = Duration::from_secs(10);
 /// The most often a live view renders its rollback again (as `WatchRollback` reads it).
 const LIVE_UPDATE_EVERY: Duration = Duration::from_millis(250);
 /// A comment sent on an idle live view, so proxies keep the connection.
@@ -52,6 +53,8 @@ const OVERVIEW_ROWS: u32 = 25;
 #[derive(Clone)]
 pub struct WebView {
     pub viewers: Arc<Viewers>,
+    /// Sessions this member signed at sign-in.
+    pub sessions: Arc<Sessions>,
     /// The gRPC API's handlers, called in-process with the viewer as the caller.
     pub control: Arc<Control>,
     /// Live views left (of [`MAX_LIVE_VIEWS`]).
@@ -60,21 +63,59 @@ pub struct WebView {
     pub audit_check: Arc<crate::audit_check::AuditCheck>,
     /// Becomes true as the member stops: live views end so the HTTP server can.
     pub stopping: watch::Receiver<bool>,
+    /// Refused sign-ins not logged yet, and when the last line about them was.
+    refused_sign_ins: Arc<std::sync::Mutex<(u64, Option<std::time::Instant>)>>,
 }
 
 impl WebView {
+    /// `http_connections`: the HTTP port's connection budget, half of which live views may
+    /// hold at most.
     pub fn new(
         viewers: Arc<Viewers>,
         control: Control,
         audit_check: Arc<crate::audit_check::AuditCheck>,
+        http_connections: usize,
         stopping: watch::Receiver<bool>,
     ) -> Self {
+        let live_views = MAX_LIVE_VIEWS.min(http_connections / 2).max(1);
         Self {
             viewers,
+            sessions: Arc::new(Sessions::default()),
             control: Arc::new(control),
-            live_views: Arc::new(Semaphore::new(MAX_LIVE_VIEWS)),
+            live_views: Arc::new(Semaphore::new(live_views)),
             audit_check,
             stopping,
+            refused_sign_ins: Arc::default(),
+        }
+    }
+
+    /// The viewer a request's session cookie or bearer token names.
+    fn viewer_of(&self, headers: &HeaderMap) -> Option<Principal> {
+        match viewers::presented(headers)? {
+            viewers::Presented::Session(cookie) => {
+                self.sessions
+                    .check(&self.viewers, cookie, rewind_shared::time::now_ms() / 1000)
+            }
+            viewers::Presented::Token(token) => self.viewers.find(token),
+        }
+    }
+
+    /// Logs refused sign-ins, one line per [`SIGN_IN_REFUSALS_LOGGED_EVERY`] at most.
+    fn sign_in_refused(&self) {
+        let mut refused = self
+            .refused_sign_ins
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        refused.0 += 1;
+        let due = refused
+            .1
+            .is_none_or(|last| last.elapsed() >= SIGN_IN_REFUSALS_LOGGED_EVERY);
+        if due {
+            tracing::warn!(
+                refused = refused.0,
+                "Refused web view sign-ins: the token is no viewer's."
+            );
+            *refused = (0, Some(std::time::Instant::now()));
         }
     }
 
@@ -113,14 +154,35 @@ impl WebView {
             rollback_id: rollback_id.to_string(),
             ..Default::default()
         };
-        let explained = self
+        let explained = match self
             .call(
                 viewer,
                 "ExplainRollback",
                 asked.clone(),
                 |control, request| async move { control.explain_rollback(request).await },
             )
-            .await?;
+            .await
+        {
+            Ok(explained) => explained,
+            // An archived rollback is explained no more; GetRollback still reads it.
+            Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+                let kept = self
+                    .call(
+                        viewer,
+                        "GetRollback",
+                        asked,
+                        |control, request| async move { control.get_rollback(request).await },
+                    )
+                    .await
+                    .map_err(|_| status)?;
+                pb::ExplainRollbackResponse {
+                    rollback: kept.rollback,
+                    explanation: "Archived: its record is kept, its explanation is not.".into(),
+                    next_commands: Vec::new(),
+                }
+            }
+            Err(status) => return Err(status),
+        };
         let rollback = explained
             .rollback
             .clone()
@@ -176,7 +238,8 @@ async fn secure_headers(mut response: Response) -> Response {
         (header::CACHE_CONTROL, "no-store"),
         (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
         (header::X_FRAME_OPTIONS, "DENY"),
-        (header::REFERRER_POLICY, "no-referrer"),
+        // Not no-referrer: with it a browser sends `Origin: null` on the view's own forms.
+        (header::REFERRER_POLICY, "same-origin"),
     ];
     for (name, value) in fixed {
         headers.insert(name, HeaderValue::from_static(value));
@@ -213,10 +276,9 @@ impl From<Status> for Problem {
             tonic::Code::Unauthenticated => StatusCode::UNAUTHORIZED,
             tonic::Code::NotFound => StatusCode::NOT_FOUND,
             tonic::Code::InvalidArgument => StatusCode::BAD_REQUEST,
+            tonic::Code::FailedPrecondition => StatusCode::CONFLICT,
             // Not the leader (the message names it), or no quorum.
-            tonic::Code::Unavailable | tonic::Code::FailedPrecondition => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            tonic::Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Self::new(code, status.message())
@@ -233,30 +295,55 @@ impl IntoResponse for Problem {
 enum NotSignedIn {
     /// The web view is off on this member.
     Off,
-    /// No token, or one that is no viewer's: to the sign-in page.
-    SignIn,
+    /// No token, or one that is no viewer's: to the sign-in page, then back to this page.
+    SignIn(String),
+    /// The same, for what a script fetches (a live view): 401.
+    Unauthorized,
 }
 
 impl IntoResponse for NotSignedIn {
     fn into_response(self) -> Response {
         match self {
             Self::Off => Problem::off().into_response(),
-            Self::SignIn => Redirect::to("/ui/sign-in").into_response(),
+            Self::SignIn(page) => {
+                // Only a plain path goes along (nothing to escape in a query string).
+                let plain = page
+                    .bytes()
+                    .all(|byte| byte.is_ascii_alphanumeric() || b"/-_.".contains(&byte));
+                if plain {
+                    Redirect::to(&format!("/ui/sign-in?next={page}")).into_response()
+                } else {
+                    Redirect::to("/ui/sign-in").into_response()
+                }
+            }
+            Self::Unauthorized => {
+                let mut response =
+                    Problem::new(StatusCode::UNAUTHORIZED, "Sign in first.").into_response();
+                response.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"rewind\""),
+                );
+                response
+            }
         }
     }
 }
 
 /// The web view and the viewer the request's cookie (or `Authorization: Bearer`) names.
-fn signed_in(state: &HttpState, headers: &HeaderMap) -> Result<(WebView, Principal), NotSignedIn> {
+fn signed_in(
+    state: &HttpState,
+    headers: &HeaderMap,
+    page: &str,
+) -> Result<(WebView, Principal), NotSignedIn> {
     let view = state.view.clone().ok_or(NotSignedIn::Off)?;
-    match viewers::presented_token(headers).and_then(|token| view.viewers.find(token)) {
+    match view.viewer_of(headers) {
         Some(viewer) => Ok((view, viewer)),
-        None => Err(NotSignedIn::SignIn),
+        None => Err(NotSignedIn::SignIn(page.to_string())),
     }
 }
 
 async fn overview(State(state): State<HttpState>, headers: HeaderMap) -> Response {
-    let (view, viewer) = match signed_in(&state, &headers) {
+    let (view, viewer) = match signed_in(&state, &headers, "/ui") {
         Ok(signed_in) => signed_in,
         Err(not_signed_in) => return not_signed_in.into_response(),
     };
@@ -299,7 +386,8 @@ async fn rollback_page(
     Path(rollback_id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let (view, viewer) = match signed_in(&state, &headers) {
+    let (view, viewer) = match signed_in(&state, &headers, &format!("/ui/rollbacks/{rollback_id}"))
+    {
         Ok(signed_in) => signed_in,
         Err(not_signed_in) => return not_signed_in.into_response(),
     };
@@ -314,7 +402,7 @@ async fn change_page(
     Path(change_id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let (view, viewer) = match signed_in(&state, &headers) {
+    let (view, viewer) = match signed_in(&state, &headers, &format!("/ui/changes/{change_id}")) {
         Ok(signed_in) => signed_in,
         Err(not_signed_in) => return not_signed_in.into_response(),
     };
@@ -339,24 +427,21 @@ async fn change_page(
 
 /// The live part of a rollback's page, sent again (event `live`) each time it changes, until
 /// the rollback ends (event `end`), the viewer may no longer see it (event `problem`), the
-/// member stops, or [`MAX_LIVE_VIEW`] passes.
+/// member stops, or [`MAX_LIVE_VIEW`] passes; a client that stops reading is let go then too.
 async fn rollback_live_stream(
     State(state): State<HttpState>,
     Path(rollback_id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let Some(view) = state.view.clone() else {
-        return Problem::off().into_response();
-    };
-    let Some(viewer) =
-        viewers::presented_token(&headers).and_then(|token| view.viewers.find(token))
-    else {
-        return Problem::new(StatusCode::UNAUTHORIZED, "Sign in first.").into_response();
+    let (view, viewer) = match signed_in(&state, &headers, "") {
+        Ok(signed_in) => signed_in,
+        Err(NotSignedIn::SignIn(_)) => return NotSignedIn::Unauthorized.into_response(),
+        Err(not_signed_in) => return not_signed_in.into_response(),
     };
     let Ok(slot) = Arc::clone(&view.live_views).try_acquire_owned() else {
         return Problem::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("{MAX_LIVE_VIEWS} live views are open on this member already: reload later."),
+            "As many live views as this member serves are open already: reload later.",
         )
         .into_response();
     };
@@ -370,44 +455,47 @@ async fn rollback_live_stream(
         let _slot = slot;
         let deadline = tokio::time::sleep(MAX_LIVE_VIEW);
         tokio::pin!(deadline);
-        let mut applied = view.control.context.node.subscribe();
         let mut stopping = view.stopping.clone();
+        // Every wait ends at the deadline and when the member stops, sends too: a client that
+        // reads nothing must not hold its slot for ever.
+        macro_rules! or_end {
+            ($wait:expr) => {
+                tokio::select! {
+                    waited = $wait => waited,
+                    _ = &mut deadline => return,
+                    _ = stopping.changed() => return,
+                }
+            };
+        }
+        let mut applied = view.control.context.node.subscribe();
         let (mut markup, mut ended) = first;
         let mut sent = String::new();
         loop {
             let html = markup.into_string();
             if html != sent {
-                if events
-                    .send(Event::default().event("live").data(&html))
-                    .await
-                    .is_err()
-                {
+                let event = Event::default().event("live").data(&html);
+                if or_end!(events.send(event)).is_err() {
                     return;
                 }
                 sent = html;
             }
             if ended {
-                let _ = events
-                    .send(Event::default().event("end").data("ended"))
-                    .await;
+                let _ = or_end!(events.send(Event::default().event("end").data("ended")));
                 return;
             }
             tokio::select! {
                 changed = applied.changed() => if changed.is_err() { return },
-                _ = stopping.changed() => return,
                 _ = &mut deadline => return,
+                _ = stopping.changed() => return,
                 _ = events.closed() => return,
             }
             // Changes in a burst are one update.
-            tokio::select! {
-                _ = tokio::time::sleep(LIVE_UPDATE_EVERY) => {}
-                _ = events.closed() => return,
-            }
+            or_end!(tokio::time::sleep(LIVE_UPDATE_EVERY));
             (markup, ended) = match view.rollback_live(&viewer, &rollback_id).await {
                 Ok(live) => live,
                 Err(status) => {
                     let said = Event::default().event("problem").data(status.message());
-                    let _ = events.send(said).await;
+                    let _ = or_end!(events.send(said));
                     return;
                 }
             };
@@ -420,50 +508,136 @@ async fn rollback_live_stream(
         .into_response()
 }
 
-async fn sign_in_form(State(state): State<HttpState>) -> Response {
+#[derive(serde::Deserialize)]
+struct SignInQuery {
+    /// The page to go to once signed in (a path of the web view).
+    #[serde(default)]
+    next: String,
+}
+
+async fn sign_in_form(
+    State(state): State<HttpState>,
+    Query(query): Query<SignInQuery>,
+) -> Response {
     if state.view.is_none() {
         return Problem::off().into_response();
     }
-    pages::sign_in(None).into_response()
+    pages::sign_in(None, &next_page(&query.next)).into_response()
+}
+
+/// Where to go after signing in: a path of the web view, else the overview (never another
+/// site: `//host` and `/\host` are refused).
+fn next_page(next: &str) -> String {
+    let ours = next.starts_with("/ui")
+        && next.len() <= 256
+        && !next.contains("//")
+        && !next.contains('\\')
+        && next
+            .bytes()
+            .all(|byte| byte.is_ascii_graphic() && byte != b'"' && byte != b'<');
+    if ours { next } else { "/ui" }.to_string()
+}
+
+/// Refuses a form posted from another site (its browser says where from, in `Origin`).
+fn same_origin(headers: &HeaderMap) -> Result<(), Problem> {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return Ok(());
+    };
+    let host = headers
+        .get(header::HOST)
+        .and_then(|host| host.to_str().ok());
+    let origin_host = origin
+        .to_str()
+        .ok()
+        .and_then(|origin| origin.split_once("://"))
+        .map(|(_, host)| host);
+    if host.is_some() && origin_host == host {
+        return Ok(());
+    }
+    Err(Problem::new(
+        StatusCode::FORBIDDEN,
+        "A form of the web view was posted from another site.",
+    ))
+}
+
+/// `Secure` when a TLS proxy in front says the browser came over HTTPS.
+fn secure_attribute(headers: &HeaderMap) -> &'static str {
+    let over_https = headers
+        .get("x-forwarded-proto")
+        .and_then(|proto| proto.to_str().ok())
+        .is_some_and(|proto| proto.eq_ignore_ascii_case("https"));
+    if over_https { "; Secure" } else { "" }
 }
 
 #[derive(serde::Deserialize)]
 struct SignIn {
     token: String,
+    #[serde(default)]
+    next: String,
 }
 
-/// Checks the token against the viewers file and keeps it in an HttpOnly, SameSite=Strict
-/// cookie for `/ui` (an `EventSource` cannot send a header).
-async fn sign_in(State(state): State<HttpState>, Form(form): Form<SignIn>) -> Response {
+/// Checks the token against the viewers file and hands the browser a session this member
+/// signed, in an HttpOnly, SameSite=Lax cookie for `/ui` (an `EventSource` cannot send a
+/// header); the token itself is not kept.
+async fn sign_in(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    Form(form): Form<SignIn>,
+) -> Response {
     let Some(view) = state.view.clone() else {
         return Problem::off().into_response();
     };
-    if let Err(problem) = viewers::check_token_text(&form.token) {
-        return (StatusCode::UNAUTHORIZED, pages::sign_in(Some(&problem))).into_response();
+    if let Err(problem) = same_origin(&headers) {
+        return problem.into_response();
     }
-    let Some(viewer) = view.viewers.find(&form.token) else {
-        tracing::warn!("Refused a web view sign-in: the token is no viewer's.");
-        return (
-            StatusCode::UNAUTHORIZED,
-            pages::sign_in(Some("That token is not one of this cluster's viewers.")),
-        )
-            .into_response();
+    let next = next_page(&form.next);
+    let viewer = match viewers::check_token_text(&form.token) {
+        Err(problem) => Err(problem),
+        Ok(()) => view
+            .viewers
+            .find(&form.token)
+            .ok_or_else(|| "That token is not one of this cluster's viewers.".to_string()),
+    };
+    let viewer = match viewer {
+        Ok(viewer) => viewer,
+        Err(problem) => {
+            view.sign_in_refused();
+            let page = pages::sign_in(Some(&problem), &next);
+            return (StatusCode::UNAUTHORIZED, page).into_response();
+        }
     };
     tracing::info!(viewer = %viewer.id(), "Signed in to the web view.");
+    let session = view
+        .sessions
+        .sign(&viewer, rewind_shared::time::now_ms() / 1000);
     let cookie = format!(
-        "{VIEWER_COOKIE}={}; Path=/ui; HttpOnly; SameSite=Strict; Max-Age={SIGN_IN_LASTS_S}",
-        form.token
+        "{VIEWER_COOKIE}={session}; Path=/ui; HttpOnly; SameSite=Lax; Max-Age={}{}",
+        viewers::SESSION_LASTS_S,
+        secure_attribute(&headers)
     );
-    let mut response = Redirect::to("/ui").into_response();
+    let mut response = Redirect::to(&next).into_response();
     if let Ok(cookie) = HeaderValue::from_str(&cookie) {
         response.headers_mut().insert(header::SET_COOKIE, cookie);
     }
     response
 }
 
-async fn sign_out() -> Response {
+/// Ends the session on this member (a copy of the cookie no longer works) and in the browser.
+async fn sign_out(State(state): State<HttpState>, headers: HeaderMap) -> Response {
+    if let Err(problem) = same_origin(&headers) {
+        return problem.into_response();
+    }
+    if let (Some(view), Some(viewers::Presented::Session(cookie))) =
+        (&state.view, viewers::presented(&headers))
+    {
+        view.sessions
+            .sign_out(cookie, rewind_shared::time::now_ms() / 1000);
+    }
     let mut response = Redirect::to("/ui/sign-in").into_response();
-    let cookie = format!("{VIEWER_COOKIE}=; Path=/ui; HttpOnly; SameSite=Strict; Max-Age=0");
+    let cookie = format!(
+        "{VIEWER_COOKIE}=; Path=/ui; HttpOnly; SameSite=Lax; Max-Age=0{}",
+        secure_attribute(&headers)
+    );
     if let Ok(cookie) = HeaderValue::from_str(&cookie) {
         response.headers_mut().insert(header::SET_COOKIE, cookie);
     }

@@ -88,7 +88,7 @@ fn audit(status: Option<&AuditStatus>) -> Markup {
     }
 }
 
-pub fn sign_in(problem: Option<&str>) -> Markup {
+pub fn sign_in(problem: Option<&str>, next: &str) -> Markup {
     layout(
         "Sign in",
         None,
@@ -98,6 +98,7 @@ pub fn sign_in(problem: Option<&str>) -> Markup {
                 p.problem #problem { (problem) }
             }
             form method="post" action="/ui/sign-in" {
+                input type="hidden" name="next" value=(next);
                 label for="token" { "Viewer token" }
                 input #token type="password" name="token" autocomplete="off" required;
                 button type="submit" { "Sign in" }
@@ -246,16 +247,19 @@ pub fn rollback_live(
 
 fn wave_section(rollback: &pb::Rollback, index: usize, wave: &pb::RollbackWave) -> Markup {
     let wave_number = u32::try_from(index).unwrap_or(u32::MAX);
-    let steps: Vec<&pb::RollbackStep> = rollback
+    // Each cell looked up once: a wave of a thousand hosts renders in one pass.
+    let mut kinds: Vec<&str> = Vec::new();
+    let mut steps: std::collections::HashMap<(&str, &str), &pb::RollbackStep> =
+        std::collections::HashMap::new();
+    for step in rollback
         .steps
         .iter()
         .filter(|step| step.wave == wave_number && step.service == wave.service)
-        .collect();
-    let mut kinds: Vec<&str> = Vec::new();
-    for step in &steps {
+    {
         if !kinds.contains(&step.kind.as_str()) {
             kinds.push(&step.kind);
         }
+        steps.insert((step.host_id.as_str(), step.kind.as_str()), step);
     }
     let current = rollback.current_wave == wave_number;
     html! {
@@ -274,7 +278,7 @@ fn wave_section(rollback: &pb::Rollback, index: usize, wave: &pb::RollbackWave) 
                         tr data-host=(host) {
                             td { (host) }
                             @for kind in &kinds {
-                                @let step = steps.iter().find(|step| &step.host_id == host && step.kind == *kind);
+                                @let step = steps.get(&(host.as_str(), *kind));
                                 @match step {
                                     Some(step) => {
                                         td class={ "step " (step_state(step.state)) } title=(step.detail) {

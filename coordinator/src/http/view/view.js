@@ -22,10 +22,15 @@
   });
   source.addEventListener("problem", function (event) {
     source.close();
-    status.textContent = "stopped: " + event.data;
+    status.textContent = "stopped: " + event.data + " (reload to try again)";
   });
   source.addEventListener("error", function () {
-    // EventSource connects again by itself (the server ends a view after a while).
-    status.textContent = "reconnecting…";
+    // EventSource connects again by itself (the server ends a view after a while), unless the
+    // server refused the new connection (signed out, too many views, not the leader).
+    if (source.readyState === EventSource.CLOSED) {
+      status.textContent = "stopped (reload to try again)";
+    } else {
+      status.textContent = "reconnecting…";
+    }
   });
 })();

@@ -1,5 +1,8 @@
 //! Viewer tokens: `http.viewer-tokens-file` binds each token (by its SHA-256, so the file holds
 //! no secret) to a person's identity and groups, judged by the access policy as `user:<name>`.
+//! A browser signs in with the token once and then holds a session cookie this member signed
+//! (name and expiry under a key of its own), never the token; scripts may send the token
+//! itself as `Authorization: Bearer`.
 //!
 //! ```toml
 //! [[viewer]]
@@ -10,6 +13,9 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Mutex;
+
+use hmac::{Hmac, Mac};
 
 use axum::http::{HeaderMap, header};
 use rewind_shared::identity::Kind;
@@ -28,6 +34,13 @@ pub const MAX_VIEWER_GROUPS: usize = 32;
 /// guessing is hopeless, and safe in a cookie.
 pub const MIN_TOKEN_BYTES: usize = 32;
 pub const MAX_TOKEN_BYTES: usize = 256;
+/// How long a sign-in lasts: the session cookie's expiry, which this member checks.
+pub const SESSION_LASTS_S: u64 = 12 * 3600;
+/// Most sessions remembered as signed out before they expire (the earliest to expire go
+/// first when more sign out).
+pub const MAX_SIGNED_OUT: usize = 4096;
+/// Longest session cookie read.
+const MAX_SESSION_BYTES: usize = 256;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -49,6 +62,7 @@ struct RawViewer {
 #[derive(Debug, Default)]
 pub struct Viewers {
     by_digest: HashMap<[u8; 32], Principal>,
+    by_name: HashMap<String, Principal>,
 }
 
 impl Viewers {
@@ -77,6 +91,7 @@ impl Viewers {
             ));
         }
         let mut by_digest = HashMap::new();
+        let mut by_name = HashMap::new();
         for (index, raw) in file.viewer.into_iter().enumerate() {
             let at = format!(
                 "viewer {} ({:?})",
@@ -108,11 +123,17 @@ impl Viewers {
                 name: raw.name,
                 groups: raw.groups,
             };
+            if by_name
+                .insert(principal.name.clone(), principal.clone())
+                .is_some()
+            {
+                return Err(format!("{at}: another viewer has this name"));
+            }
             if by_digest.insert(digest, principal).is_some() {
                 return Err(format!("{at}: its token is another viewer's too"));
             }
         }
-        Ok(Self { by_digest })
+        Ok(Self { by_digest, by_name })
     }
 
     /// The viewer `token` belongs to.
@@ -120,6 +141,11 @@ impl Viewers {
         check_token_text(token).ok()?;
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         self.by_digest.get(&digest).cloned()
+    }
+
+    /// The viewer named so in the file (a session names its viewer).
+    fn named(&self, name: &str) -> Option<Principal> {
+        self.by_name.get(name).cloned()
     }
 
     pub fn len(&self) -> usize {
@@ -147,8 +173,104 @@ pub fn check_token_text(token: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The token a request presents: its viewer cookie, or `Authorization: Bearer <token>`.
-pub fn presented_token(headers: &HeaderMap) -> Option<&str> {
+/// Sessions this member signed: `v1:<expires, Unix seconds>:<HMAC-SHA256 hex>:<name>`,
+/// under a key made at start (a restart signs everyone out; each member signs its own, as
+/// each is its own web origin).
+pub struct Sessions {
+    key: [u8; 32],
+    /// Sessions signed out before they expire, by MAC: their expiry.
+    signed_out: Mutex<HashMap<[u8; 32], u64>>,
+}
+
+impl Default for Sessions {
+    fn default() -> Self {
+        Self {
+            key: rand::random(),
+            signed_out: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl Sessions {
+    fn mac(&self, name: &str, expires_s: u64) -> Hmac<Sha256> {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("any key length");
+        mac.update(b"rewind viewer session\0");
+        mac.update(name.as_bytes());
+        mac.update(&[0]);
+        mac.update(&expires_s.to_be_bytes());
+        mac
+    }
+
+    /// A new session's cookie value for `viewer`, valid for [`SESSION_LASTS_S`].
+    pub fn sign(&self, viewer: &Principal, now_s: u64) -> String {
+        let expires_s = now_s + SESSION_LASTS_S;
+        let mac = self.mac(&viewer.name, expires_s).finalize().into_bytes();
+        format!("v1:{expires_s}:{}:{}", hex::encode(mac), viewer.name)
+    }
+
+    /// The viewer a session names, as the file has it now, if this member signed it, it has
+    /// not expired and was not signed out.
+    pub fn check(&self, viewers: &Viewers, cookie: &str, now_s: u64) -> Option<Principal> {
+        let (expires_s, mac) = self.verified(cookie, now_s)?;
+        let signed_out = self
+            .signed_out
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if signed_out.contains_key(&mac) {
+            return None;
+        }
+        drop(signed_out);
+        let _ = expires_s;
+        viewers.named(cookie.splitn(4, ':').nth(3)?)
+    }
+
+    /// Ends a session this member signed, before its expiry.
+    pub fn sign_out(&self, cookie: &str, now_s: u64) {
+        let Some((expires_s, mac)) = self.verified(cookie, now_s) else {
+            return;
+        };
+        let mut signed_out = self
+            .signed_out
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        signed_out.retain(|_, expiry| *expiry > now_s);
+        if signed_out.len() >= MAX_SIGNED_OUT
+            && let Some(earliest) = signed_out
+                .iter()
+                .min_by_key(|(_, expiry)| **expiry)
+                .map(|(mac, _)| *mac)
+        {
+            signed_out.remove(&earliest);
+        }
+        signed_out.insert(mac, expires_s);
+    }
+
+    /// Expiry and MAC of a session this member signed that has not expired.
+    fn verified(&self, cookie: &str, now_s: u64) -> Option<(u64, [u8; 32])> {
+        if cookie.len() > MAX_SESSION_BYTES {
+            return None;
+        }
+        let mut parts = cookie.splitn(4, ':');
+        let (version, expires, mac_hex, name) =
+            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        let expires_s: u64 = expires.parse().ok()?;
+        if version != "v1" || expires_s <= now_s {
+            return None;
+        }
+        let mut mac = [0u8; 32];
+        hex::decode_to_slice(mac_hex, &mut mac).ok()?;
+        self.mac(name, expires_s).verify_slice(&mac).ok()?;
+        Some((expires_s, mac))
+    }
+}
+
+/// What a request presents: its session cookie, or else `Authorization: Bearer <token>`.
+pub enum Presented<'a> {
+    Session(&'a str),
+    Token(&'a str),
+}
+
+pub fn presented(headers: &HeaderMap) -> Option<Presented<'_>> {
     let from_cookie = headers
         .get_all(header::COOKIE)
         .iter()
@@ -156,13 +278,14 @@ pub fn presented_token(headers: &HeaderMap) -> Option<&str> {
         .flat_map(|value| value.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
         .find(|(name, _)| *name == super::VIEWER_COOKIE)
-        .map(|(_, token)| token);
+        .map(|(_, session)| Presented::Session(session));
     from_cookie.or_else(|| {
         headers
             .get(header::AUTHORIZATION)?
             .to_str()
             .ok()?
             .strip_prefix("Bearer ")
+            .map(Presented::Token)
     })
 }
 
@@ -214,21 +337,55 @@ mod tests {
     }
 
     #[test]
-    fn the_token_comes_from_the_cookie_or_the_bearer_header() {
+    fn the_session_comes_from_the_cookie_and_the_token_from_the_bearer_header() {
         let mut headers = HeaderMap::new();
         headers.insert(
             header::COOKIE,
-            format!("other=1; {}={TOKEN}", super::super::VIEWER_COOKIE)
+            format!("other=1; {}=v1:9:ab:ann", super::super::VIEWER_COOKIE)
                 .parse()
                 .unwrap(),
         );
-        assert_eq!(presented_token(&headers), Some(TOKEN));
+        assert!(matches!(
+            presented(&headers),
+            Some(Presented::Session("v1:9:ab:ann"))
+        ));
         let mut headers = HeaderMap::new();
         headers.insert(
             header::AUTHORIZATION,
             format!("Bearer {TOKEN}").parse().unwrap(),
         );
-        assert_eq!(presented_token(&headers), Some(TOKEN));
+        assert!(matches!(presented(&headers), Some(Presented::Token(TOKEN))));
         assert!(check_token_text("a;b=c").is_err());
+    }
+
+    #[test]
+    fn a_session_is_this_members_own_until_it_expires_or_signs_out() {
+        let viewers = Viewers::parse(&file_for(TOKEN)).unwrap();
+        let ann = viewers.find(TOKEN).unwrap();
+        let sessions = Sessions::default();
+        let cookie = sessions.sign(&ann, 1000);
+        assert_eq!(
+            sessions.check(&viewers, &cookie, 1000).unwrap().id(),
+            "user:alice"
+        );
+        // Expired, signed by another member, altered: refused.
+        assert!(
+            sessions
+                .check(&viewers, &cookie, 1000 + SESSION_LASTS_S)
+                .is_none()
+        );
+        assert!(Sessions::default().check(&viewers, &cookie, 1000).is_none());
+        let later = cookie.replacen(&(1000 + SESSION_LASTS_S).to_string(), "99999999999", 1);
+        assert!(sessions.check(&viewers, &later, 1000).is_none());
+        let renamed = format!("{}x", cookie);
+        assert!(sessions.check(&viewers, &renamed, 1000).is_none());
+        sessions.sign_out(&cookie, 1001);
+        assert!(sessions.check(&viewers, &cookie, 1002).is_none());
+        // Signing out again and again stays bounded.
+        for now_s in 0..(MAX_SIGNED_OUT as u64 + 10) {
+            let cookie = sessions.sign(&ann, 2000 + now_s);
+            sessions.sign_out(&cookie, 2000);
+        }
+        assert!(sessions.signed_out.lock().unwrap().len() <= MAX_SIGNED_OUT);
     }
 }
