@@ -22,6 +22,8 @@ pub struct Browser {
     next_id: u64,
     /// The page's session (`Target.attachToTarget`, flattened).
     session: String,
+    /// Chromium's own messages, for a failure to show.
+    log: PathBuf,
     _profile: tempfile::TempDir,
 }
 
@@ -40,6 +42,7 @@ impl Browser {
                 panic!("chromium is not installed: apt-get install chromium (tests/run-all does)")
             });
         let profile = tempfile::tempdir().unwrap();
+        let log = profile.path().join("chromium.log");
         let (their_commands, commands) = std::io::pipe().unwrap();
         let (answers_from, their_answers) = std::io::pipe().unwrap();
         let (command_fd, answer_fd) = (their_commands.as_raw_fd(), their_answers.as_raw_fd());
@@ -60,7 +63,7 @@ impl Browser {
             .arg("about:blank")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .stderr(std::fs::File::create(&log).unwrap());
         // SAFETY: between fork and exec only async-signal-safe calls (fcntl, dup2). Both ends
         // are first moved above 10, so that neither is already 3 or 4 when dup2 puts them there
         // (dup2 leaves those open across exec; the originals close on it).
@@ -105,6 +108,7 @@ impl Browser {
             answers,
             next_id: 0,
             session: String::new(),
+            log,
             _profile: profile,
         };
         let target = browser.call("Target.createTarget", json!({"url": "about:blank"}));
@@ -119,6 +123,13 @@ impl Browser {
 
     /// Sends one command (to the page once attached) and returns its result.
     pub fn call(&mut self, method: &str, params: Value) -> Value {
+        self.try_call(method, params)
+            .unwrap_or_else(|error| panic!("{method}: {error}"))
+    }
+
+    /// [`Self::call`], its protocol error returned (a page navigating away answers some with
+    /// "Execution context was destroyed"); Chromium gone or silent is still a panic.
+    fn try_call(&mut self, method: &str, params: Value) -> Result<Value, String> {
         self.next_id += 1;
         let id = self.next_id;
         let mut message = json!({"id": id, "method": method, "params": params});
@@ -131,25 +142,36 @@ impl Browser {
         let deadline = Instant::now() + ANSWER_WITHIN;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let answer = self
-                .answers
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("chromium did not answer {method} within 30 s"));
+            let answer = match self.answers.recv_timeout(left) {
+                Ok(answer) => answer,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    panic!("chromium did not answer {method} within 30 s")
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => panic!(
+                    "chromium exited ({:?}) during {method}:\n{}",
+                    self.child.try_wait(),
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                ),
+            };
             // Events (no id) are not waited for.
             if answer["id"] != json!(id) {
                 continue;
             }
             if let Some(error) = answer.get("error") {
-                panic!("{method}: {error}");
+                return Err(error.to_string());
             }
-            return answer["result"].clone();
+            return Ok(answer["result"].clone());
         }
     }
 
     /// Opens `url` and waits until the new page has loaded (the old one, even of the same
     /// address, is told apart by a mark only it carries).
     pub fn must_open(&mut self, url: &str) {
-        self.evaluate("window.previousPage = true");
+        self.must_wait_for(
+            Duration::from_secs(10),
+            "the current page to take a mark",
+            "window.previousPage = true",
+        );
         self.call("Page.navigate", json!({"url": url}));
         self.must_wait_for(
             Duration::from_secs(30),
@@ -160,20 +182,26 @@ impl Browser {
 
     /// The value of a JavaScript expression in the page.
     pub fn evaluate(&mut self, expression: &str) -> Value {
-        let result = self.call(
-            "Runtime.evaluate",
-            json!({"expression": expression, "returnByValue": true, "awaitPromise": true}),
-        );
-        if let Some(exception) = result.get("exceptionDetails") {
-            panic!("{expression}: {exception}");
-        }
-        result["result"]["value"].clone()
+        self.try_evaluate(expression)
+            .unwrap_or_else(|error| panic!("{expression}: {error}"))
     }
 
-    /// Waits until `expression` is true in the page.
+    fn try_evaluate(&mut self, expression: &str) -> Result<Value, String> {
+        let result = self.try_call(
+            "Runtime.evaluate",
+            json!({"expression": expression, "returnByValue": true, "awaitPromise": true}),
+        )?;
+        if let Some(exception) = result.get("exceptionDetails") {
+            return Err(exception.to_string());
+        }
+        Ok(result["result"]["value"].clone())
+    }
+
+    /// Waits until `expression` is true in the page; while a page is being replaced it may
+    /// not be evaluated at all, which counts as not yet.
     pub fn must_wait_for(&mut self, limit: Duration, what: &str, expression: &str) {
         must_wait(limit, what, || {
-            (self.evaluate(expression) == json!(true)).then_some(())
+            (self.try_evaluate(expression) == Ok(json!(true))).then_some(())
         });
     }
 

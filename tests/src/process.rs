@@ -153,17 +153,22 @@ pub(crate) fn spawn_launched(
                 .arg(binary);
             command
         }
-        Launch::WithEnvironment(variables) => {
-            let mut command = Command::new(binary);
-            command.envs(variables.iter().copied());
-            command
-        }
+        Launch::WithEnvironment(_) => Command::new(binary),
         Launch::Direct => Command::new(binary),
     };
     let child = command
         .args(args)
         .env("REWIND_LOG", "info,sled=warn")
         .env("REWIND_FAILPOINTS", failpoints)
+        // Last: they may set REWIND_LOG too.
+        .envs(
+            match launch {
+                Launch::WithEnvironment(variables) => variables,
+                _ => &[],
+            }
+            .iter()
+            .copied(),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log_file)

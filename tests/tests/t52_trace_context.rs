@@ -217,8 +217,17 @@ async fn a_rollbacks_trace_reaches_the_agents_logs_and_an_otlp_collector() {
         ("REWIND_LOG_FORMAT", "json"),
         ("REWIND_OTLP_ENDPOINT", endpoint.as_str()),
     ];
+    // The libraries' own spans logged too, so the export's filter is what keeps them out.
+    let noisy = [
+        environment[0],
+        environment[1],
+        (
+            "REWIND_LOG",
+            "info,sled=warn,h2=trace,hyper=trace,tonic=trace,tower=trace",
+        ),
+    ];
     let coordinator =
-        Coordinator::must_start_with_environment(&dir.path().join("coordinator"), "", &environment);
+        Coordinator::must_start_with_environment(&dir.path().join("coordinator"), "", &noisy);
     let mut hosts: Vec<TestHost> = ["web-1", "web-2"]
         .iter()
         .map(|id| TestHost::must_prepare(dir.path(), id, &coordinator))
@@ -303,13 +312,22 @@ async fn a_rollbacks_trace_reaches_the_agents_logs_and_an_otlp_collector() {
     // The collector has the call in the caller's trace, under the caller's span, and the
     // rollback's steps from the coordinator and from the agents in the rollback's trace, each
     // agent's step a child of the coordinator's span that sent it.
+    // Each process exports on its own schedule: wait until every agent step's parent is in.
     let spans = must_wait(Duration::from_secs(30), "the spans exported", || {
         let spans = collector.spans();
-        let agents_steps = spans
-            .iter()
-            .filter(|span| span.service == "rewind-agent" && span.trace_id == rollback_trace)
-            .count();
-        (agents_steps >= hosts.len()).then_some(spans)
+        let in_trace = |service: &str| {
+            spans
+                .iter()
+                .filter(|span| span.service == service && span.trace_id == rollback_trace)
+                .collect::<Vec<_>>()
+        };
+        let (agents, coordinators) = (in_trace("rewind-agent"), in_trace("rewind-coordinator"));
+        let parents_in = agents.iter().all(|agents| {
+            coordinators
+                .iter()
+                .any(|span| span.span_id == agents.parent_span_id)
+        });
+        (agents.len() >= hosts.len() && parents_in).then(|| spans.clone())
     });
     let call = spans
         .iter()

@@ -125,7 +125,7 @@ async fn a_browser_watches_a_rollback_run_to_success_live() {
             reason: reason.into(),
             options: Some(pb::PlanOptions {
                 gate: Some(pb::GateOptions {
-                    settle_s: 12,
+                    settle_s: 5,
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -148,20 +148,35 @@ async fn a_browser_watches_a_rollback_run_to_success_live() {
     let screenshots = workspace().join("target").join("screenshots");
     browser.must_screenshot(&screenshots.join("web-view-running.png"));
 
+    // Paused, so what follows happens while it runs, however slow the machine: the page
+    // follows the pause live.
+    client
+        .pause_rollback(pb::RollbackActionRequest {
+            request_id: "pause".into(),
+            rollback_id: rollback_id.clone(),
+            reason: "a look before it goes on".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("pause the rollback");
+    browser.must_wait_for(
+        Duration::from_secs(20),
+        "the page to show the rollback paused",
+        "document.getElementById('state').dataset.state === 'paused'",
+    );
+
     // Vic watches too, without a browser, until the policy stops binding Vic's group: the
     // live view is judged again at its next update and ends, saying why.
-    let mut vic = reqwest::Client::new()
-        .get(format!("{base}/ui/rollbacks/{rollback_id}/live"))
-        .bearer_auth(VIC_TOKEN)
-        .send()
-        .await
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
         .unwrap();
+    let live = format!("{base}/ui/rollbacks/{rollback_id}/live");
+    let mut vic = http.get(&live).bearer_auth(VIC_TOKEN).send().await.unwrap();
     assert_eq!(vic.status(), 200);
     assert_eq!(vic.headers()["content-type"], "text/event-stream");
-    let mut seen = String::new();
-    while !seen.contains("event: live") {
-        seen += &String::from_utf8_lossy(&vic.chunk().await.unwrap().expect("a live event"));
-    }
+    let seen = must_read_until(&mut vic, "event: live").await;
+    assert!(seen.contains("data-state=\"paused\""), "{seen}");
     client
         .apply_policy(pb::ApplyPolicyRequest {
             toml: POLICY.into(),
@@ -170,18 +185,39 @@ async fn a_browser_watches_a_rollback_run_to_success_live() {
         })
         .await
         .expect("apply the policy without watchers");
-    let ended = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(chunk) = vic.chunk().await.unwrap() {
-            seen += &String::from_utf8_lossy(&chunk);
-        }
-        seen
-    })
-    .await
-    .expect("vic's view to end");
-    assert!(
-        ended.contains("event: problem") && ended.contains("user:vic may not"),
-        "{ended}"
-    );
+    let ended = must_read_until(&mut vic, "event: problem").await;
+    assert!(ended.contains("user:vic may not"), "{ended}");
+
+    // A browser session's live view ends when it signs out, at the next update.
+    let host = coordinator.http_address.clone();
+    let cookie = must_sign_in(&http, &base, &host, AUDITOR_TOKEN).await;
+    let mut signed_in = http
+        .get(&live)
+        .header("cookie", cookie.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signed_in.status(), 200);
+    must_read_until(&mut signed_in, "event: live").await;
+    let signed_out = http
+        .post(format!("{base}/ui/sign-out"))
+        .header("cookie", cookie.clone())
+        .header("origin", format!("http://{host}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signed_out.status(), 303);
+    client
+        .resume_rollback(pb::RollbackActionRequest {
+            request_id: "resume".into(),
+            rollback_id: rollback_id.clone(),
+            reason: "looked".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("resume the rollback");
+    let ended = must_read_until(&mut signed_in, "event: problem").await;
+    assert!(ended.contains("signed out"), "{ended}");
 
     browser.must_wait_for(
         Duration::from_secs(90),
@@ -231,10 +267,12 @@ async fn a_browser_watches_a_rollback_run_to_success_live() {
     // The reason's markup stayed text: the page runs its own script only.
     assert_eq!(browser.evaluate("window.injected === undefined"), true);
     assert_eq!(browser.evaluate("document.scripts.length"), 1);
-    // The audit chain's status (the viewer may verify it), once this member has checked.
-    browser.must_open(&format!("{base}/ui/rollbacks/{rollback_id}"));
-    let audit = browser.evaluate("document.getElementById('audit').dataset.intact");
-    assert!(audit == "yes" || audit == "unknown", "{audit}");
+    // The audit chain as this member last checked it (every 10 s here): the viewer may verify it.
+    let page = format!("{base}/ui/rollbacks/{rollback_id}");
+    must_wait(Duration::from_secs(30), "the audit chain verified", || {
+        browser.must_open(&page);
+        (browser.evaluate("document.getElementById('audit').dataset.intact") == "yes").then_some(())
+    });
     browser.must_screenshot(&screenshots.join("web-view-succeeded.png"));
     browser.must_open(&format!("{base}/ui"));
     assert!(
@@ -247,11 +285,6 @@ async fn a_browser_watches_a_rollback_run_to_success_live() {
     browser.must_screenshot(&screenshots.join("web-view-overview.png"));
 
     // Without a browser: no token, a wrong one, and a viewer the policy keeps out.
-    let http = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
-    let live = format!("{base}/ui/rollbacks/{rollback_id}/live");
     let answer = http.get(&live).send().await.unwrap();
     assert_eq!(answer.status(), 401);
     assert_eq!(
@@ -296,9 +329,18 @@ async fn a_browser_watches_a_rollback_run_to_success_live() {
     assert_eq!(form.headers()["x-frame-options"], "DENY");
     assert_eq!(form.headers()["cache-control"], "no-store");
 
+    // A sign-in posted from another site is refused.
+    let elsewhere = http
+        .post(format!("{base}/ui/sign-in"))
+        .header("origin", "http://attacker.example")
+        .form(&[("token", AUDITOR_TOKEN)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(elsewhere.status(), 403);
+
     // Signing in gives a session, not the token; signing out ends it on the server, so a
     // copy of the cookie is refused after.
-    let host = coordinator.http_address.clone();
     let signed_in = http
         .post(format!("{base}/ui/sign-in"))
         .header("origin", format!("http://{host}"))
@@ -357,4 +399,34 @@ async fn a_browser_watches_a_rollback_run_to_success_live() {
         }
     })
     .await;
+}
+
+/// Reads a live view's events until `needle` shows, within 30 s; everything read so far.
+async fn must_read_until(stream: &mut reqwest::Response, needle: &str) -> String {
+    let mut seen = String::new();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while !seen.contains(needle) {
+            match stream.chunk().await.unwrap() {
+                Some(chunk) => seen += &String::from_utf8_lossy(&chunk),
+                None => panic!("the stream ended before {needle:?}:\n{seen}"),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no {needle:?} within 30 s:\n{seen}"));
+    seen
+}
+
+/// Signs in as a browser would; the session cookie (`name=value`).
+async fn must_sign_in(http: &reqwest::Client, base: &str, host: &str, token: &str) -> String {
+    let answer = http
+        .post(format!("{base}/ui/sign-in"))
+        .header("origin", format!("http://{host}"))
+        .form(&[("token", token)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 303);
+    let set_cookie = answer.headers()["set-cookie"].to_str().unwrap();
+    set_cookie.split(';').next().unwrap().to_string()
 }

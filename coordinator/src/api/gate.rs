@@ -525,12 +525,15 @@ enum Judged {
 
 /// The span a call's log lines are made in: its method and trace id, from its `traceparent`
 /// (W3C Trace Context) or a new trace when it has none or one that does not parse (a call is
-/// never refused for it). Members' calls (Raft) get none.
+/// never refused for it). Members' calls (Raft) and health checks get none.
 fn call_span<B>(request: &http::Request<B>) -> tracing::Span {
     let method = request.uri().path();
-    let for_a_member = permissions::permission(method)
-        .is_some_and(|permission| permission.kind == CallerKind::Member);
-    if for_a_member {
+    // Members' Raft traffic and health probes (every few seconds from every load balancer)
+    // would bury the calls worth following.
+    let untraced = permissions::permission(method).is_some_and(|permission| {
+        matches!(permission.kind, CallerKind::Member | CallerKind::Prober)
+    });
+    if untraced {
         return tracing::Span::none();
     }
     let trace = rewind_shared::trace::TraceParent::of_request(request.headers());

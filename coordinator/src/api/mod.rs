@@ -53,23 +53,44 @@ pub(crate) fn starts_an_operation(kind: &CommandKind) -> bool {
     )
 }
 
+/// The change or rollback a command's outcome names as started, if any (an approval's
+/// decision is read from its request: what it started, if it did).
+pub(crate) fn operation_started(
+    state: &crate::state_machine::State,
+    outcome: &Outcome,
+) -> Option<String> {
+    match outcome {
+        Outcome::Change(number) => Some(crate::state_machine::change_id(*number)),
+        Outcome::Rollback(number) => Some(crate::state_machine::rollback_id(*number)),
+        Outcome::Triggered { rollback, .. } if *rollback != 0 => {
+            Some(crate::state_machine::rollback_id(*rollback))
+        }
+        Outcome::Request(number) => {
+            let request = state.approval_requests.get(number)?;
+            if request.rollback != 0 {
+                Some(crate::state_machine::rollback_id(request.rollback))
+            } else if request.change != 0 {
+                Some(crate::state_machine::change_id(request.change))
+            } else {
+                None
+            }
+        }
+        _ => None,
+    }
+}
+
 /// A change or rollback runs long after the call or request that started it, in a trace of
 /// its own (`rewind_shared::trace::of_step`): this line, in the call's span, ties the caller's
-/// trace to it. For the outcome of a command that [`starts_an_operation`].
-pub(crate) fn log_operation_trace(cluster_id: &str, outcome: &Outcome) {
-    let operation = match outcome {
-        Outcome::Change(number) => crate::state_machine::change_id(*number),
-        Outcome::Rollback(number) => crate::state_machine::rollback_id(*number),
-        Outcome::Triggered { rollback, .. } if *rollback != 0 => {
-            crate::state_machine::rollback_id(*rollback)
-        }
-        _ => return,
+/// trace to it. Worded to stay true when a retried request is answered again.
+pub(crate) fn log_operation_trace(node: &crate::node::NodeHandle, outcome: &Outcome) {
+    let Some(operation) = node.read(|state| operation_started(state, outcome)) else {
+        return;
     };
-    let trace = rewind_shared::trace::TraceParent::of_operation(cluster_id, &operation);
+    let trace = rewind_shared::trace::TraceParent::of_operation(node.cluster_id(), &operation);
     info!(
         operation,
         operation_trace_id = %trace.trace_id_hex(),
-        "Started {operation}; its steps run in trace {}.",
+        "{operation} runs in trace {}.",
         trace.trace_id_hex()
     );
 }
@@ -166,7 +187,7 @@ impl Context {
             self.refusal(error)
         })?;
         if starts_one {
-            log_operation_trace(self.node.cluster_id(), &outcome);
+            log_operation_trace(&self.node, &outcome);
         }
         Ok(outcome)
     }

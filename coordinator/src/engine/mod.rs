@@ -395,6 +395,8 @@ impl Engine {
             )
         });
         let said = rollback_of(&kind).and(describe(&kind));
+        // A rollback the engine starts (a health policy's trigger) names its trace too.
+        let starts_one = crate::api::starts_an_operation(&kind);
         let command = Command {
             at_ms: rewind_shared::time::now_ms(),
             identity: COORDINATOR_IDENTITY.to_string(),
@@ -404,7 +406,10 @@ impl Engine {
         };
         async move {
             match self.node.propose(command).await {
-                Ok(_) => {
+                Ok(outcome) => {
+                    if starts_one {
+                        crate::api::log_operation_trace(&self.node, &outcome);
+                    }
                     if let Some(said) = said {
                         info!(action, "{said}");
                     }

@@ -359,7 +359,7 @@ async fn trigger(
     };
     let proposed = http.node.propose(command).await;
     if let Ok(outcome) = &proposed {
-        crate::api::log_operation_trace(http.node.cluster_id(), outcome);
+        crate::api::log_operation_trace(&http.node, outcome);
     }
     match proposed {
         Ok(Outcome::Triggered {

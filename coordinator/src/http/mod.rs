@@ -75,6 +75,11 @@ async fn traced(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
+    // Scrapes and liveness checks come every few seconds and log nothing: no span (it would
+    // be exported, a new trace each).
+    if matches!(request.uri().path(), "/metrics" | "/healthz") {
+        return next.run(request).await;
+    }
     let trace = rewind_shared::trace::TraceParent::of_request(request.headers());
     let span = tracing::warn_span!(
         "request",

@@ -37,6 +37,11 @@ pub const VIEWER_COOKIE: &str = "rewind_viewer";
 /// the HTTP port's connections: they hold connections, and Prometheus and Alertmanager need
 /// some left.
 pub const MAX_LIVE_VIEWS: usize = 64;
+/// Most live views one viewer holds at once: one person (or one script) cannot take them all.
+pub const MAX_LIVE_VIEWS_PER_VIEWER: usize = 8;
+/// How often an idle live view checks its session or token again (it does at every update
+/// too): a viewer signed out stops seeing it.
+const LIVE_CREDENTIAL_CHECK_EVERY: Duration = Duration::from_secs(60);
 /// Longest one live view streams before it is ended; the browser's `EventSource` connects
 /// again by itself, so a tab left open holds no connection for days without being judged again.
 pub const MAX_LIVE_VIEW: Duration = Duration::from_secs(30 * 60);
@@ -63,8 +68,51 @@ pub struct WebView {
     pub audit_check: Arc<crate::audit_check::AuditCheck>,
     /// Becomes true as the member stops: live views end so the HTTP server can.
     pub stopping: watch::Receiver<bool>,
-    /// Refused sign-ins not logged yet, and when the last line about them was.
-    refused_sign_ins: Arc<std::sync::Mutex<(u64, Option<std::time::Instant>)>>,
+    /// Refused sign-ins and bearer tokens not logged yet.
+    refused_sign_ins: Arc<std::sync::Mutex<Refused>>,
+    /// Live views open per viewer name (at most [`MAX_LIVE_VIEWS_PER_VIEWER`] each).
+    live_views_of: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+}
+
+/// Refused credentials counted since the last line about them.
+#[derive(Default)]
+struct Refused {
+    pending: u64,
+    last_logged: Option<std::time::Instant>,
+    flush_planned: bool,
+}
+
+impl Refused {
+    fn log(&mut self, what: &str) {
+        tracing::warn!(
+            refused = self.pending,
+            latest = what,
+            "Refused web view credentials: tokens that are no viewer's."
+        );
+        self.pending = 0;
+        self.last_logged = Some(std::time::Instant::now());
+    }
+}
+
+/// A viewer's share of the live views, given back when the view ends.
+struct LiveViewOf {
+    name: String,
+    counts: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+}
+
+impl Drop for LiveViewOf {
+    fn drop(&mut self) {
+        let mut counts = self
+            .counts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(count) = counts.get_mut(&self.name) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.name);
+            }
+        }
+    }
 }
 
 impl WebView {
@@ -86,36 +134,71 @@ impl WebView {
             audit_check,
             stopping,
             refused_sign_ins: Arc::default(),
+            live_views_of: Arc::default(),
         }
+    }
+
+    /// One of `viewer`'s [`MAX_LIVE_VIEWS_PER_VIEWER`] live views, if it has one left.
+    fn live_view_of(&self, viewer: &Principal) -> Option<LiveViewOf> {
+        let mut counts = self
+            .live_views_of
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let count = counts.entry(viewer.name.clone()).or_default();
+        if *count >= MAX_LIVE_VIEWS_PER_VIEWER {
+            return None;
+        }
+        *count += 1;
+        Some(LiveViewOf {
+            name: viewer.name.clone(),
+            counts: Arc::clone(&self.live_views_of),
+        })
     }
 
     /// The viewer a request's session cookie or bearer token names.
-    fn viewer_of(&self, headers: &HeaderMap) -> Option<Principal> {
-        match viewers::presented(headers)? {
-            viewers::Presented::Session(cookie) => {
-                self.sessions
-                    .check(&self.viewers, cookie, rewind_shared::time::now_ms() / 1000)
-            }
-            viewers::Presented::Token(token) => self.viewers.find(token),
+    fn viewer_of(&self, presented: &viewers::Presented) -> Option<Principal> {
+        let viewer = presented.viewer(
+            &self.viewers,
+            &self.sessions,
+            rewind_shared::time::now_ms() / 1000,
+        );
+        // A session may just have expired; a token that names no one was never good.
+        if viewer.is_none() && presented.token.is_some() {
+            self.refused("a bearer token");
         }
+        viewer
     }
 
-    /// Logs refused sign-ins, one line per [`SIGN_IN_REFUSALS_LOGGED_EVERY`] at most.
-    fn sign_in_refused(&self) {
+    /// Logs refused sign-ins and bearer tokens: one line per
+    /// [`SIGN_IN_REFUSALS_LOGGED_EVERY`] at most, with how many there were, the last ones
+    /// logged when that time is up.
+    fn refused(&self, what: &'static str) {
         let mut refused = self
             .refused_sign_ins
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        refused.0 += 1;
+        refused.pending += 1;
         let due = refused
-            .1
+            .last_logged
             .is_none_or(|last| last.elapsed() >= SIGN_IN_REFUSALS_LOGGED_EVERY);
         if due {
-            tracing::warn!(
-                refused = refused.0,
-                "Refused web view sign-ins: the token is no viewer's."
-            );
-            *refused = (0, Some(std::time::Instant::now()));
+            refused.log(what);
+        } else if !refused.flush_planned {
+            refused.flush_planned = true;
+            let wait = refused.last_logged.map_or(Duration::ZERO, |last| {
+                SIGN_IN_REFUSALS_LOGGED_EVERY.saturating_sub(last.elapsed())
+            });
+            let later = Arc::clone(&self.refused_sign_ins);
+            tokio::spawn(async move {
+                tokio::time::sleep(wait).await;
+                let mut refused = later
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                refused.flush_planned = false;
+                if refused.pending > 0 {
+                    refused.log(what);
+                }
+            });
         }
     }
 
@@ -173,8 +256,16 @@ impl WebView {
                         asked,
                         |control, request| async move { control.get_rollback(request).await },
                     )
-                    .await
-                    .map_err(|_| status)?;
+                    .await?;
+                // Its own answer above (a rollback out of scope is not found there either);
+                // another precondition is answered as it was.
+                if kept
+                    .rollback
+                    .as_ref()
+                    .is_none_or(|rollback| rollback.archived_at_ms == 0)
+                {
+                    return Err(status);
+                }
                 pb::ExplainRollbackResponse {
                     rollback: kept.rollback,
                     explanation: "Archived: its record is kept, its explanation is not.".into(),
@@ -336,8 +427,11 @@ fn signed_in(
     page: &str,
 ) -> Result<(WebView, Principal), NotSignedIn> {
     let view = state.view.clone().ok_or(NotSignedIn::Off)?;
-    match view.viewer_of(headers) {
+    let presented = viewers::Presented::of(headers);
+    match view.viewer_of(&presented) {
         Some(viewer) => Ok((view, viewer)),
+        // A script's token is wrong: say so, rather than send it to a form.
+        None if presented.token.is_some() => Err(NotSignedIn::Unauthorized),
         None => Err(NotSignedIn::SignIn(page.to_string())),
     }
 }
@@ -438,6 +532,18 @@ async fn rollback_live_stream(
         Err(NotSignedIn::SignIn(_)) => return NotSignedIn::Unauthorized.into_response(),
         Err(not_signed_in) => return not_signed_in.into_response(),
     };
+    // Kept: checked again at every update, so signing out ends the view.
+    let presented = viewers::Presented::of(&headers);
+    let Some(viewers_share) = view.live_view_of(&viewer) else {
+        return Problem::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "{} has {MAX_LIVE_VIEWS_PER_VIEWER} live views open already: close one.",
+                viewer.id()
+            ),
+        )
+        .into_response();
+    };
     let Ok(slot) = Arc::clone(&view.live_views).try_acquire_owned() else {
         return Problem::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -452,12 +558,12 @@ async fn rollback_live_stream(
     };
     let (events, receiver) = tokio::sync::mpsc::channel::<Event>(4);
     tokio::spawn(async move {
-        let _slot = slot;
+        let _held = (slot, viewers_share);
         let deadline = tokio::time::sleep(MAX_LIVE_VIEW);
         tokio::pin!(deadline);
         let mut stopping = view.stopping.clone();
-        // Every wait ends at the deadline and when the member stops, sends too: a client that
-        // reads nothing must not hold its slot for ever.
+        // Every wait, sends and reads included, ends at the deadline and when the member
+        // stops: a client that reads nothing must not hold its slot for ever.
         macro_rules! or_end {
             ($wait:expr) => {
                 tokio::select! {
@@ -483,15 +589,28 @@ async fn rollback_live_stream(
                 let _ = or_end!(events.send(Event::default().event("end").data("ended")));
                 return;
             }
-            tokio::select! {
-                changed = applied.changed() => if changed.is_err() { return },
-                _ = &mut deadline => return,
-                _ = stopping.changed() => return,
-                _ = events.closed() => return,
+            // The rollback changed, or it is time to check the session again.
+            let go_on = or_end!(async {
+                tokio::select! {
+                    changed = applied.changed() => changed.is_ok(),
+                    _ = tokio::time::sleep(LIVE_CREDENTIAL_CHECK_EVERY) => true,
+                    _ = events.closed() => false,
+                }
+            });
+            if !go_on {
+                return;
             }
             // Changes in a burst are one update.
             or_end!(tokio::time::sleep(LIVE_UPDATE_EVERY));
-            (markup, ended) = match view.rollback_live(&viewer, &rollback_id).await {
+            let still = view.viewer_of(&presented);
+            if still.is_none_or(|still| still.id() != viewer.id()) {
+                let said = Event::default()
+                    .event("problem")
+                    .data("signed out, or the session ended");
+                let _ = or_end!(events.send(said));
+                return;
+            }
+            (markup, ended) = match or_end!(view.rollback_live(&viewer, &rollback_id)) {
                 Ok(live) => live,
                 Err(status) => {
                     let said = Event::default().event("problem").data(status.message());
@@ -543,15 +662,18 @@ fn same_origin(headers: &HeaderMap) -> Result<(), Problem> {
     let Some(origin) = headers.get(header::ORIGIN) else {
         return Ok(());
     };
-    let host = headers
-        .get(header::HOST)
-        .and_then(|host| host.to_str().ok());
     let origin_host = origin
         .to_str()
         .ok()
         .and_then(|origin| origin.split_once("://"))
         .map(|(_, host)| host);
-    if host.is_some() && origin_host == host {
+    // The address the browser used: `Host`, or a proxy's `X-Forwarded-Host` when it rewrote
+    // `Host` (another site's form cannot set either).
+    let ours = [header::HOST.as_str(), "x-forwarded-host"]
+        .into_iter()
+        .filter_map(|name| headers.get(name)?.to_str().ok())
+        .any(|host| Some(host) == origin_host);
+    if ours {
         return Ok(());
     }
     Err(Problem::new(
@@ -601,7 +723,7 @@ async fn sign_in(
     let viewer = match viewer {
         Ok(viewer) => viewer,
         Err(problem) => {
-            view.sign_in_refused();
+            view.refused("a sign-in");
             let page = pages::sign_in(Some(&problem), &next);
             return (StatusCode::UNAUTHORIZED, page).into_response();
         }
@@ -627,11 +749,9 @@ async fn sign_out(State(state): State<HttpState>, headers: HeaderMap) -> Respons
     if let Err(problem) = same_origin(&headers) {
         return problem.into_response();
     }
-    if let (Some(view), Some(viewers::Presented::Session(cookie))) =
-        (&state.view, viewers::presented(&headers))
-    {
+    if let (Some(view), Some(cookie)) = (&state.view, viewers::Presented::of(&headers).session) {
         view.sessions
-            .sign_out(cookie, rewind_shared::time::now_ms() / 1000);
+            .sign_out(&cookie, rewind_shared::time::now_ms() / 1000);
     }
     let mut response = Redirect::to("/ui/sign-in").into_response();
     let cookie = format!(
@@ -656,4 +776,72 @@ async fn style() -> impl IntoResponse {
         [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
         include_str!("view.css"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_path_of_the_web_view_is_gone_to_after_signing_in() {
+        assert_eq!(next_page("/ui/rollbacks/rb-3"), "/ui/rollbacks/rb-3");
+        for elsewhere in [
+            "",
+            "//evil.example/ui",
+            "/ui//evil.example",
+            "/\\evil.example",
+            "/ui/\\evil",
+            "https://evil.example/ui",
+            "/metrics",
+            "/ui/\"><script>",
+        ] {
+            assert_eq!(next_page(elsewhere), "/ui", "{elsewhere:?}");
+        }
+    }
+
+    #[test]
+    fn a_form_from_another_site_is_refused() {
+        let headers = |pairs: &[(&'static str, &str)]| {
+            let mut headers = HeaderMap::new();
+            for (name, value) in pairs {
+                headers.insert(*name, value.parse().unwrap());
+            }
+            headers
+        };
+        let host = ("host", "rewind.internal:9443");
+        assert!(same_origin(&headers(&[host])).is_ok());
+        assert!(same_origin(&headers(&[host, ("origin", "http://rewind.internal:9443")])).is_ok());
+        let elsewhere = same_origin(&headers(&[host, ("origin", "https://evil.example")]));
+        assert_eq!(elsewhere.unwrap_err().status, StatusCode::FORBIDDEN);
+        assert!(same_origin(&headers(&[host, ("origin", "null")])).is_err());
+        // Behind a proxy that rewrote Host.
+        let proxied = [
+            ("host", "127.0.0.1:9443"),
+            ("x-forwarded-host", "rewind.example.com"),
+            ("origin", "https://rewind.example.com"),
+        ];
+        assert!(same_origin(&headers(&proxied)).is_ok());
+    }
+
+    #[test]
+    fn an_api_refusal_becomes_the_http_status_that_says_the_same() {
+        for (status, code) in [
+            (Status::permission_denied("x"), StatusCode::FORBIDDEN),
+            (Status::not_found("x"), StatusCode::NOT_FOUND),
+            (Status::invalid_argument("x"), StatusCode::BAD_REQUEST),
+            (Status::failed_precondition("x"), StatusCode::CONFLICT),
+            (Status::unavailable("x"), StatusCode::SERVICE_UNAVAILABLE),
+            (Status::internal("x"), StatusCode::INTERNAL_SERVER_ERROR),
+        ] {
+            assert_eq!(Problem::from(status).status, code);
+        }
+    }
+
+    #[test]
+    fn the_cookie_is_secure_when_a_tls_proxy_says_so() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(secure_attribute(&headers), "");
+        headers.insert("x-forwarded-proto", "https".parse().unwrap());
+        assert_eq!(secure_attribute(&headers), "; Secure");
+    }
 }

@@ -178,15 +178,23 @@ pub fn check_token_text(token: &str) -> Result<(), String> {
 /// each is its own web origin).
 pub struct Sessions {
     key: [u8; 32],
-    /// Sessions signed out before they expire, by MAC: their expiry.
-    signed_out: Mutex<HashMap<[u8; 32], u64>>,
+    signed_out: Mutex<SignedOut>,
+}
+
+/// Sessions signed out before they expire, by MAC: their expiry. When more are signed out
+/// than it holds, the one expiring soonest is let go and every session expiring no later is
+/// refused from then on (`floor_s`): some sessions end early, none signed out comes back.
+#[derive(Default)]
+struct SignedOut {
+    by_mac: HashMap<[u8; 32], u64>,
+    floor_s: u64,
 }
 
 impl Default for Sessions {
     fn default() -> Self {
         Self {
             key: rand::random(),
-            signed_out: Mutex::new(HashMap::new()),
+            signed_out: Mutex::default(),
         }
     }
 }
@@ -216,11 +224,10 @@ impl Sessions {
             .signed_out
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if signed_out.contains_key(&mac) {
+        if expires_s <= signed_out.floor_s || signed_out.by_mac.contains_key(&mac) {
             return None;
         }
         drop(signed_out);
-        let _ = expires_s;
         viewers.named(cookie.splitn(4, ':').nth(3)?)
     }
 
@@ -233,16 +240,18 @@ impl Sessions {
             .signed_out
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        signed_out.retain(|_, expiry| *expiry > now_s);
-        if signed_out.len() >= MAX_SIGNED_OUT
-            && let Some(earliest) = signed_out
+        signed_out.by_mac.retain(|_, expiry| *expiry > now_s);
+        if signed_out.by_mac.len() >= MAX_SIGNED_OUT
+            && let Some((earliest, expiry)) = signed_out
+                .by_mac
                 .iter()
                 .min_by_key(|(_, expiry)| **expiry)
-                .map(|(mac, _)| *mac)
+                .map(|(mac, expiry)| (*mac, *expiry))
         {
-            signed_out.remove(&earliest);
+            signed_out.by_mac.remove(&earliest);
+            signed_out.floor_s = signed_out.floor_s.max(expiry);
         }
-        signed_out.insert(mac, expires_s);
+        signed_out.by_mac.insert(mac, expires_s);
     }
 
     /// Expiry and MAC of a session this member signed that has not expired.
@@ -264,29 +273,43 @@ impl Sessions {
     }
 }
 
-/// What a request presents: its session cookie, or else `Authorization: Bearer <token>`.
-pub enum Presented<'a> {
-    Session(&'a str),
-    Token(&'a str),
+/// What a request presents to name its viewer: a session cookie, a bearer token, both or
+/// neither. Kept by a live view, which checks it again at every update.
+#[derive(Clone, Debug, Default)]
+pub struct Presented {
+    pub session: Option<String>,
+    pub token: Option<String>,
 }
 
-pub fn presented(headers: &HeaderMap) -> Option<Presented<'_>> {
-    let from_cookie = headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, _)| *name == super::VIEWER_COOKIE)
-        .map(|(_, session)| Presented::Session(session));
-    from_cookie.or_else(|| {
-        headers
-            .get(header::AUTHORIZATION)?
-            .to_str()
-            .ok()?
-            .strip_prefix("Bearer ")
-            .map(Presented::Token)
-    })
+impl Presented {
+    /// The request's `rewind_viewer` cookie and `Authorization: Bearer` token (each cut at
+    /// their bounds: longer ones cannot be valid).
+    pub fn of(headers: &HeaderMap) -> Self {
+        let session = headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(';'))
+            .filter_map(|pair| pair.trim().split_once('='))
+            .find(|(name, _)| *name == super::VIEWER_COOKIE)
+            .map(|(_, session)| rewind_shared::names::truncate(session, MAX_SESSION_BYTES + 1))
+            .map(str::to_string);
+        let token = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .map(|token| rewind_shared::names::truncate(token, MAX_TOKEN_BYTES + 1))
+            .map(str::to_string);
+        Self { session, token }
+    }
+
+    /// The viewer named: by the session if it is valid, else by the token.
+    pub fn viewer(&self, viewers: &Viewers, sessions: &Sessions, now_s: u64) -> Option<Principal> {
+        self.session
+            .as_deref()
+            .and_then(|session| sessions.check(viewers, session, now_s))
+            .or_else(|| viewers.find(self.token.as_deref()?))
+    }
 }
 
 #[cfg(test)]
@@ -345,16 +368,26 @@ mod tests {
                 .parse()
                 .unwrap(),
         );
-        assert!(matches!(
-            presented(&headers),
-            Some(Presented::Session("v1:9:ab:ann"))
-        ));
+        assert_eq!(
+            Presented::of(&headers).session.as_deref(),
+            Some("v1:9:ab:ann")
+        );
         let mut headers = HeaderMap::new();
         headers.insert(
             header::AUTHORIZATION,
             format!("Bearer {TOKEN}").parse().unwrap(),
         );
-        assert!(matches!(presented(&headers), Some(Presented::Token(TOKEN))));
+        let presented = Presented::of(&headers);
+        assert_eq!(presented.token.as_deref(), Some(TOKEN));
+        // No session: the token names the viewer; a stale session does not hide it.
+        let viewers = Viewers::parse(&file_for(TOKEN)).unwrap();
+        let sessions = Sessions::default();
+        assert!(presented.viewer(&viewers, &sessions, 1).is_some());
+        let stale = Presented {
+            session: Some("v1:9:ab:alice".into()),
+            ..presented
+        };
+        assert!(stale.viewer(&viewers, &sessions, 1).is_some());
         assert!(check_token_text("a;b=c").is_err());
     }
 
@@ -381,11 +414,12 @@ mod tests {
         assert!(sessions.check(&viewers, &renamed, 1000).is_none());
         sessions.sign_out(&cookie, 1001);
         assert!(sessions.check(&viewers, &cookie, 1002).is_none());
-        // Signing out again and again stays bounded.
+        // Signing out again and again stays bounded, and what it lets go stays signed out.
         for now_s in 0..(MAX_SIGNED_OUT as u64 + 10) {
             let cookie = sessions.sign(&ann, 2000 + now_s);
             sessions.sign_out(&cookie, 2000);
         }
-        assert!(sessions.signed_out.lock().unwrap().len() <= MAX_SIGNED_OUT);
+        assert!(sessions.signed_out.lock().unwrap().by_mac.len() <= MAX_SIGNED_OUT);
+        assert!(sessions.check(&viewers, &cookie, 1002).is_none());
     }
 }
