@@ -200,9 +200,24 @@ impl Browser {
     /// Waits until `expression` is true in the page; while a page is being replaced it may
     /// not be evaluated at all, which counts as not yet.
     pub fn must_wait_for(&mut self, limit: Duration, what: &str, expression: &str) {
-        must_wait(limit, what, || {
-            (self.try_evaluate(expression) == Ok(json!(true))).then_some(())
-        });
+        if let Err(shown) = self.wait_for(limit, expression) {
+            panic!("timed out after {limit:?} waiting for {what}; the page:\n{shown}");
+        }
+    }
+
+    /// [`Self::must_wait_for`], answering what the page showed instead when time is up.
+    pub fn wait_for(&mut self, limit: Duration, expression: &str) -> Result<(), String> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if self.try_evaluate(expression) == Ok(json!(true)) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err(format!(
+            "{:?}",
+            self.try_evaluate("location.href + '\\n' + document.body.innerText")
+        ))
     }
 
     /// A PNG of the whole page, written to `path`.

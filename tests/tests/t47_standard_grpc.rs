@@ -247,4 +247,63 @@ async fn the_plaintext_probe_port_serves_health_and_nothing_else() {
         let answer: Value = serde_json::from_str(line).unwrap();
         assert_eq!(answer["error"], "UNIMPLEMENTED", "{stdout}");
     }
+
+    // Its bounds: one address holds at most 4 connections (a fifth is closed at once), which
+    // does not keep the kubelet's probes from another address out; each connection ends
+    // after 30 s however idle.
+    let from_other_address = || async {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        socket.connect(probes.parse().unwrap()).await.unwrap()
+    };
+    let opened = std::time::Instant::now();
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(from_other_address().await);
+    }
+    let mut fifth = from_other_address().await;
+    let mut byte = [0u8; 1];
+    let closed = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read(&mut fifth, &mut byte),
+    )
+    .await
+    .expect("the fifth connection from one address closed at once");
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+    assert_eq!(
+        check("")["status"],
+        "SERVING",
+        "a probe from elsewhere still answered"
+    );
+    let log = dir.path().join("coordinator").join("coordinator.log");
+    must_wait(
+        Duration::from_secs(10),
+        "the closed connection logged",
+        || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("Closed a connection to the health probe port")
+                .then_some(())
+        },
+    );
+    // Served, they got the server's HTTP/2 settings; then nothing until they end.
+    for mut idle in held {
+        let ended = tokio::time::timeout(
+            Duration::from_secs(40).saturating_sub(opened.elapsed()),
+            async {
+                let mut buffer = [0u8; 1024];
+                while let Ok(read @ 1..) =
+                    tokio::io::AsyncReadExt::read(&mut idle, &mut buffer).await
+                {
+                    let _ = read;
+                }
+            },
+        )
+        .await;
+        assert!(
+            ended.is_ok(),
+            "an idle probe connection still open after 40 s"
+        );
+        assert!(opened.elapsed() >= Duration::from_secs(25), "ended early");
+    }
 }

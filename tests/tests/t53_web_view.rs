@@ -219,11 +219,21 @@ async fn a_browser_watches_a_rollback_run_to_success_live() {
     let ended = must_read_until(&mut signed_in, "event: problem").await;
     assert!(ended.contains("signed out"), "{ended}");
 
-    browser.must_wait_for(
-        Duration::from_secs(90),
-        "the page to show the rollback succeeded",
+    // Up to the gate's own timeout (120 s) and more: a loaded machine reports health late.
+    let succeeded = browser.wait_for(
+        Duration::from_secs(180),
         "document.getElementById('state').dataset.state === 'succeeded'",
     );
+    if let Err(shown) = succeeded {
+        let log =
+            std::fs::read_to_string(coordinator.dir.join("coordinator.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(60).collect();
+        panic!(
+            "the page did not show the rollback succeeded; it showed:\n{shown}\n\
+             the coordinator's last lines:\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
     assert_eq!(
         browser.evaluate("window.loadedOnce === true"),
         true,

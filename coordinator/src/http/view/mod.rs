@@ -2,7 +2,8 @@
 //! moves (server-sent events), on the HTTP side.
 //!
 //! A person signs in with a viewer token (`http.viewer-tokens-file`), bound to an identity the
-//! access policy judges as `user:<name>` with its groups, exactly as it judges that person's
+//! access policy judges as `user:<name>` with its groups (the browser then holds a session
+//! this member signed, not the token), exactly as it judges that person's
 //! certificate: every page is made from ControlService's own read handlers (GetRollback,
 //! ExplainRollback, ListRollbacks, GetChange, ListChanges), each call admitted by the gate
 //! first, refusals audited alike. The view changes nothing. Pages are rendered on the server
@@ -31,7 +32,7 @@ use crate::api::control::Control;
 
 pub use viewers::{Sessions, Viewers};
 
-/// The cookie a signed-in browser sends its viewer token in.
+/// The cookie a signed-in browser sends its session in (see [`Sessions`]).
 pub const VIEWER_COOKIE: &str = "rewind_viewer";
 /// Most live views (server-sent event streams) open at once on one member, and at most half
 /// the HTTP port's connections: they hold connections, and Prometheus and Alertmanager need
@@ -45,7 +46,7 @@ const LIVE_CREDENTIAL_CHECK_EVERY: Duration = Duration::from_secs(60);
 /// Longest one live view streams before it is ended; the browser's `EventSource` connects
 /// again by itself, so a tab left open holds no connection for days without being judged again.
 pub const MAX_LIVE_VIEW: Duration = Duration::from_secs(30 * 60);
-/// At most one line about refused sign-ins this often (with how many there were).
+/// At most one line about refused sign-ins and bearer tokens this often (with how many).
 const SIGN_IN_REFUSALS_LOGGED_EVERY: Duration = Duration::from_secs(10);
 /// The most often a live view renders its rollback again (as `WatchRollback` reads it).
 const LIVE_UPDATE_EVERY: Duration = Duration::from_millis(250);
