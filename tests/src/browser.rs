@@ -32,12 +32,7 @@ impl Browser {
     pub fn must_start() -> Self {
         let binary = ["chromium", "chromium-browser"]
             .into_iter()
-            .find(|name| {
-                Command::new("sh")
-                    .args(["-c", &format!("command -v {name}")])
-                    .output()
-                    .is_ok_and(|output| output.status.success())
-            })
+            .find(|name| on_path(name))
             .unwrap_or_else(|| {
                 panic!("chromium is not installed: apt-get install chromium (tests/run-all does)")
             });

@@ -6,6 +6,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use crate::on_path;
+
 /// The workspace's root.
 pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -73,11 +75,7 @@ pub fn must_build_go_client(into: &Path) -> PathBuf {
                            golang-github-golang-protobuf-1-5-dev protoc-gen-go \
                            protoc-gen-go-grpc protobuf-compiler (tests/run-all does)";
     for tool in ["go", "protoc", "protoc-gen-go", "protoc-gen-go-grpc"] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .is_ok_and(|output| output.status.success());
-        assert!(found, "{tool} is missing: {INSTALL}");
+        assert!(on_path(tool), "{tool} is missing: {INSTALL}");
     }
     assert!(
         Path::new("/usr/share/gocode/src/google.golang.org/grpc").is_dir(),

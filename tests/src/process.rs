@@ -180,6 +180,14 @@ pub(crate) fn spawn_launched(
     }
 }
 
+/// Whether a program of that name is on PATH.
+pub fn on_path(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|output| output.status.success())
+}
+
 /// A free loopback port for a process that may be restarted on it. Taken below the kernel's
 /// ephemeral range (32768-60999 by default), from which every outgoing connection gets its
 /// local port: a port from that range, released while its process is down, can be taken by any

@@ -75,6 +75,11 @@ pub struct WebView {
     live_views_of: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
 }
 
+/// Now, in the Unix seconds sessions expire in.
+fn now_s() -> u64 {
+    rewind_shared::time::now_ms() / 1000
+}
+
 /// Refused credentials counted since the last line about them.
 #[derive(Default)]
 struct Refused {
@@ -158,11 +163,7 @@ impl WebView {
 
     /// The viewer a request's session cookie or bearer token names.
     fn viewer_of(&self, presented: &viewers::Presented) -> Option<Principal> {
-        let viewer = presented.viewer(
-            &self.viewers,
-            &self.sessions,
-            rewind_shared::time::now_ms() / 1000,
-        );
+        let viewer = presented.viewer(&self.viewers, &self.sessions, now_s());
         // A session may just have expired; a token that names no one was never good.
         if viewer.is_none() && presented.token.is_some() {
             self.refused("a bearer token");
@@ -730,19 +731,8 @@ async fn sign_in(
         }
     };
     tracing::info!(viewer = %viewer.id(), "Signed in to the web view.");
-    let session = view
-        .sessions
-        .sign(&viewer, rewind_shared::time::now_ms() / 1000);
-    let cookie = format!(
-        "{VIEWER_COOKIE}={session}; Path=/ui; HttpOnly; SameSite=Lax; Max-Age={}{}",
-        viewers::SESSION_LASTS_S,
-        secure_attribute(&headers)
-    );
-    let mut response = Redirect::to(&next).into_response();
-    if let Ok(cookie) = HeaderValue::from_str(&cookie) {
-        response.headers_mut().insert(header::SET_COOKIE, cookie);
-    }
-    response
+    let session = view.sessions.sign(&viewer, now_s());
+    redirect_setting_cookie(&next, &session, viewers::SESSION_LASTS_S, &headers)
 }
 
 /// Ends the session on this member (a copy of the cookie no longer works) and in the browser.
@@ -751,14 +741,23 @@ async fn sign_out(State(state): State<HttpState>, headers: HeaderMap) -> Respons
         return problem.into_response();
     }
     if let (Some(view), Some(cookie)) = (&state.view, viewers::Presented::of(&headers).session) {
-        view.sessions
-            .sign_out(&cookie, rewind_shared::time::now_ms() / 1000);
+        view.sessions.sign_out(&cookie, now_s());
     }
-    let mut response = Redirect::to("/ui/sign-in").into_response();
+    redirect_setting_cookie("/ui/sign-in", "", 0, &headers)
+}
+
+/// A redirect to `to` that sets the viewer cookie to `session` for `max_age_s` (0: removes it).
+fn redirect_setting_cookie(
+    to: &str,
+    session: &str,
+    max_age_s: u64,
+    headers: &HeaderMap,
+) -> Response {
     let cookie = format!(
-        "{VIEWER_COOKIE}=; Path=/ui; HttpOnly; SameSite=Lax; Max-Age=0{}",
-        secure_attribute(&headers)
+        "{VIEWER_COOKIE}={session}; Path=/ui; HttpOnly; SameSite=Lax; Max-Age={max_age_s}{}",
+        secure_attribute(headers)
     );
+    let mut response = Redirect::to(to).into_response();
     if let Ok(cookie) = HeaderValue::from_str(&cookie) {
         response.headers_mut().insert(header::SET_COOKIE, cookie);
     }
