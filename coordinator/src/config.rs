@@ -1198,6 +1198,7 @@ webhook-url = "ftp://pager.example"
 listen = "nowhere"
 alertmanager-token-file = "{short}"
 webhook-secret-file = "/nonexistent/secret"
+viewer-tokens-file = "/nonexistent/viewers.toml"
 [alertmanager]
 url = "ftp://am"
 silence-lease-s = 1
@@ -1220,6 +1221,7 @@ silence-lease-s = 1
             "http.alertmanager-token-file",
             "use a secret of at least 16",
             "http.webhook-secret-file: cannot read /nonexistent/secret",
+            "http.viewer-tokens-file: cannot read /nonexistent/viewers.toml",
             "alertmanager.url",
             "alertmanager.silence-lease-s: is 1",
         ] {

@@ -370,3 +370,26 @@ async fn a_rollbacks_trace_reaches_the_agents_logs_and_an_otlp_collector() {
         assert!(module.starts_with("rewind_"), "{span:?}");
     }
 }
+
+/// An OTLP endpoint that is not `http://host:port` stops the process at start, naming the
+/// variable and what is wrong, with the exit code of a bad configuration.
+#[test]
+fn a_bad_otlp_endpoint_stops_the_process_naming_it() {
+    for (endpoint, wrong) in [
+        ("https://collector:4317", "only http://"),
+        ("http://collector", "names no host and port"),
+        ("not a url", "is not a URL"),
+    ] {
+        let output = std::process::Command::new(must_binary("rewind-coordinator"))
+            .args(["check-config", "/nonexistent.toml"])
+            .env("REWIND_OTLP_ENDPOINT", endpoint)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(64), "{endpoint}: {stderr}");
+        assert!(
+            stderr.contains("REWIND_OTLP_ENDPOINT") && stderr.contains(wrong),
+            "{endpoint}: {stderr}"
+        );
+    }
+}
